@@ -1,0 +1,3 @@
+from warmsocket.cli import main
+
+raise SystemExit(main())

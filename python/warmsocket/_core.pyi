@@ -1,0 +1,269 @@
+"""Type stubs for the Rust extension `warmsocket._core`.
+
+Exception tree (all raised from Rust, never a panic)::
+
+    WarmsocketError
+     └── CacheError
+          ├── ResponseNotFound (LookupError)    unknown id, wrong scope, evicted
+          │    └── OwnerMismatch                the id exists but belongs to another owner
+          ├── DuplicateResponseId (ValueError)
+          ├── InvalidItems (ValueError)         base of the bad-input errors below
+          │    ├── ItemNotJson                  not valid UTF-8 JSON / not a JSON array
+          │    ├── ItemNotObject                an array element is not a JSON object
+          │    └── ItemTooLarge                 one item is larger than max_item_bytes
+          ├── CacheFull (MemoryError)           an entry larger than the whole budget
+          └── SnapshotError (ValueError)        a snapshot that cannot be restored
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Literal
+
+__version__: Final[str]
+BUILD_PROFILE: Final[Literal["release", "debug"]]
+
+class WarmsocketError(Exception): ...
+class CacheError(WarmsocketError): ...
+class ResponseNotFound(CacheError, LookupError): ...
+class OwnerMismatch(ResponseNotFound): ...
+class DuplicateResponseId(CacheError, ValueError): ...
+class InvalidItems(CacheError, ValueError): ...
+class ItemNotJson(InvalidItems): ...
+class ItemNotObject(InvalidItems): ...
+class ItemTooLarge(InvalidItems): ...
+class CacheFull(CacheError, MemoryError): ...
+class SnapshotError(CacheError, ValueError): ...
+
+ItemsLike = Items | bytes | str | Sequence[Mapping[str, Any]]
+
+class Items:
+    """An immutable batch of validated items, each kept as canonical JSON bytes.
+
+    Canonical form: compact JSON, object keys sorted, strings re-escaped minimally.
+    The fields the server needs (type, id, role, call_id, name, byte size) are
+    extracted once, when the batch is built.
+    """
+
+    @staticmethod
+    def parse(data: bytes | str, *, max_item_bytes: int = 33554432) -> Items:
+        """Validate a JSON array of objects. Raises ItemNotJson, ItemNotObject, ItemTooLarge."""
+    @staticmethod
+    def from_objects(
+        items: Sequence[Mapping[str, Any]], *, max_item_bytes: int = 33554432
+    ) -> Items:
+        """Build a batch from Python dicts (str keys; str, int, float, bool, None, list, dict values)."""
+    def __len__(self) -> int: ...
+    @property
+    def nbytes(self) -> int:
+        """Total canonical JSON bytes of the items (without array brackets and commas)."""
+    def json(self) -> bytes:
+        """The batch as one JSON array."""
+    def to_objects(self) -> list[dict[str, Any]]: ...
+    def item_json(self, index: int) -> bytes:
+        """One item's canonical JSON. Raises IndexError."""
+    def item_meta(self, index: int) -> ItemMeta:
+        """One item's extracted fields. Raises IndexError."""
+    def concat(self, other: Items) -> Items:
+        """A batch holding this batch's items followed by `other`'s (items are shared, not copied)."""
+
+class ItemMeta:
+    """The few fields the server needs, extracted from one item once."""
+
+    @property
+    def type(self) -> str:
+        """The item's `type`; `"message"` when absent but `role` is present."""
+    @property
+    def id(self) -> str | None: ...
+    @property
+    def role(self) -> str | None: ...
+    @property
+    def call_id(self) -> str | None: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def nbytes(self) -> int: ...
+
+class ResponseInfo:
+    """What the cache knows about one cached response (a node of a chain)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def previous_response_id(self) -> str | None: ...
+    @property
+    def owner(self) -> str: ...
+    @property
+    def store(self) -> bool:
+        """The `store` flag the response was created with."""
+    @property
+    def connection(self) -> int | None:
+        """The connection whose lifetime bounds this entry, or None for a stored entry.
+
+        An entry is connection-local when it was created with `store=False` or when any
+        ancestor is connection-local (content sent with `store=false` never outlives
+        its connection, even through a stored descendant).
+        """
+    @property
+    def depth(self) -> int:
+        """Number of responses in the chain, this one included."""
+    @property
+    def items(self) -> int:
+        """Number of items in the full context (the whole chain)."""
+    @property
+    def bytes(self) -> int:
+        """Size of the full context as one JSON array, in bytes."""
+    @property
+    def tokens(self) -> int:
+        """Tokens of the full context (0 until a tokenizer is attached)."""
+    @property
+    def input_items(self) -> int:
+        """Items this response was sent (its own, not its ancestors')."""
+    @property
+    def output_items(self) -> int:
+        """Items this response produced."""
+    @property
+    def settings(self) -> bytes:
+        """The JSON object the response was created with as `settings`."""
+    @property
+    def meta(self) -> bytes:
+        """The JSON object the response was created with as `meta`."""
+
+class CacheStats:
+    @property
+    def entries(self) -> int:
+        """Responses addressable by id."""
+    @property
+    def stored_entries(self) -> int: ...
+    @property
+    def local_entries(self) -> int: ...
+    @property
+    def bytes(self) -> int:
+        """Bytes held by live nodes (addressable entries and the ancestors they need)."""
+    @property
+    def memory_budget(self) -> int: ...
+    @property
+    def hits(self) -> int:
+        """Lookups (get, bind, view, context, create's parent) that found their entry."""
+    @property
+    def misses(self) -> int: ...
+    @property
+    def evictions(self) -> int:
+        """Entries removed by the memory budget (not by evict/delete/close)."""
+    @property
+    def connections(self) -> int:
+        """Open connections."""
+    @property
+    def pinned(self) -> int:
+        """Entries with at least one live Binding."""
+    def as_dict(self) -> dict[str, int]: ...
+
+class ContextView:
+    """The full context of a chain (optionally followed by new items), frozen at creation.
+
+    Holds references to the chain's nodes, so it stays valid after the cache changes.
+    """
+
+    @property
+    def items(self) -> int: ...
+    @property
+    def nbytes(self) -> int:
+        """Size of `json()` in bytes."""
+    @property
+    def tokens(self) -> int: ...
+    def json(self) -> bytes:
+        """The whole context as one JSON array: one allocation, one copy of each item."""
+    def objects(self) -> list[dict[str, Any]]: ...
+    def tail(self, *, from_last_role: str = "user") -> bytes:
+        """JSON array from the last message with this role (inclusive) to the end.
+
+        The whole context when there is no such message. Costs O(items returned).
+        """
+
+class Binding:
+    """A pin on one cached response, held while a request builds on it.
+
+    A pinned response (and every ancestor it needs) is never evicted by the memory
+    budget. The binding keeps the chain alive even if the entry is evicted or
+    deleted meanwhile, so a running request can always finish and be stored.
+    """
+
+    @property
+    def response_id(self) -> str: ...
+    def info(self) -> ResponseInfo: ...
+    def view(self, extra: Items | None = None) -> ContextView: ...
+    def release(self) -> None:
+        """Drop the pin. Idempotent; also done when the binding is garbage-collected."""
+    def __enter__(self) -> Binding: ...
+    def __exit__(self, *exc_info: object) -> None: ...
+
+class SessionCache:
+    """Response chains with structural sharing, scopes, owners and an LRU memory budget.
+
+    Thread-safe: one instance may be shared by any number of threads.
+    """
+
+    def __init__(self, memory_budget: int = 1073741824, *, max_item_bytes: int = 33554432) -> None: ...
+    @property
+    def memory_budget(self) -> int: ...
+    @property
+    def max_item_bytes(self) -> int: ...
+    def open_connection(self) -> int:
+        """A new connection id for connection-local entries."""
+    def close_connection(self, connection: int) -> int:
+        """Remove every entry local to the connection and release its bindings.
+
+        Returns the number of entries removed. Unknown ids are a no-op.
+        """
+    def create(
+        self,
+        response_id: str,
+        *,
+        owner: str,
+        input: ItemsLike = ...,
+        output: ItemsLike = ...,
+        previous_response_id: str | Binding | None = None,
+        settings: bytes = b"{}",
+        meta: bytes = b"{}",
+        store: bool = True,
+        connection: int | None = None,
+    ) -> ResponseInfo:
+        """Add a response whose own items are `input` followed by `output`.
+
+        `previous_response_id` is a parent id (looked up like `get`) or a Binding.
+        `store=False` requires `connection`. Raises ResponseNotFound / OwnerMismatch
+        for the parent, DuplicateResponseId, InvalidItems subclasses, CacheFull; on
+        any error the cache is unchanged.
+        """
+    def get(self, response_id: str, *, owner: str, connection: int | None = None) -> ResponseInfo:
+        """Look up a response: stored entries of `owner`, plus entries local to `connection`."""
+    def bind(self, response_id: str, *, owner: str, connection: int | None = None) -> Binding: ...
+    def view(
+        self,
+        response_id: str | None,
+        *,
+        owner: str,
+        connection: int | None = None,
+        extra: Items | None = None,
+    ) -> ContextView:
+        """The context of `response_id` followed by `extra`; None gives just `extra`."""
+    def context(self, response_id: str, *, owner: str, connection: int | None = None) -> bytes:
+        """The full context of a response as one JSON array (`view(...).json()`)."""
+    def context_objects(
+        self, response_id: str, *, owner: str, connection: int | None = None
+    ) -> list[dict[str, Any]]: ...
+    def own_items(
+        self, response_id: str, *, owner: str, connection: int | None = None
+    ) -> tuple[Items, Items]:
+        """This response's own (input, output) items."""
+    def evict(self, response_id: str, *, owner: str, connection: int) -> bool:
+        """Remove a connection-local entry of `connection` (the failed-continuation rule).
+
+        Stored entries are left alone (they stay loadable). Descendants keep their
+        context. Returns whether an entry was removed.
+        """
+    def delete(self, response_id: str, *, owner: str) -> bool:
+        """Remove a stored entry (HTTP DELETE). Descendants keep their context."""
+    def stats(self) -> CacheStats: ...
+    def snapshot(self) -> bytes:
+        """The stored entries (and the nodes their chains need) as msgpack bytes."""
+    def restore(self, data: bytes) -> int:
+        """Add the entries of a snapshot, skipping ids already present. Returns entries added."""
