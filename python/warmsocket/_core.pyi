@@ -15,6 +15,7 @@ Exception tree (all raised from Rust, never a panic)::
           └── SnapshotError (ValueError)        a snapshot that cannot be restored
 """
 
+import builtins
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
 
@@ -33,8 +34,6 @@ class ItemTooLarge(InvalidItems): ...
 class CacheFull(CacheError, MemoryError): ...
 class SnapshotError(CacheError, ValueError): ...
 
-ItemsLike = Items | bytes | str | Sequence[Mapping[str, Any]]
-
 class Items:
     """An immutable batch of validated items, each kept as canonical JSON bytes.
 
@@ -45,12 +44,18 @@ class Items:
 
     @staticmethod
     def parse(data: bytes | str, *, max_item_bytes: int = 33554432) -> Items:
-        """Validate a JSON array of objects. Raises ItemNotJson, ItemNotObject, ItemTooLarge."""
+        """Validate a JSON array of objects.
+
+        Raises ItemNotJson, ItemNotObject or ItemTooLarge.
+        """
     @staticmethod
     def from_objects(
         items: Sequence[Mapping[str, Any]], *, max_item_bytes: int = 33554432
     ) -> Items:
-        """Build a batch from Python dicts (str keys; str, int, float, bool, None, list, dict values)."""
+        """Build a batch from Python dicts.
+
+        Keys must be str; values str, int, float, bool, None, list or dict.
+        """
     def __len__(self) -> int: ...
     @property
     def nbytes(self) -> int:
@@ -63,7 +68,9 @@ class Items:
     def item_meta(self, index: int) -> ItemMeta:
         """One item's extracted fields. Raises IndexError."""
     def concat(self, other: Items) -> Items:
-        """A batch holding this batch's items followed by `other`'s (items are shared, not copied)."""
+        """This batch's items followed by `other`'s (items are shared, not copied)."""
+
+ItemsLike = Items | bytes | str | Sequence[Mapping[str, Any]]
 
 class ItemMeta:
     """The few fields the server needs, extracted from one item once."""
@@ -121,10 +128,10 @@ class ResponseInfo:
     def output_items(self) -> int:
         """Items this response produced."""
     @property
-    def settings(self) -> bytes:
+    def settings(self) -> builtins.bytes:
         """The JSON object the response was created with as `settings`."""
     @property
-    def meta(self) -> bytes:
+    def meta(self) -> builtins.bytes:
         """The JSON object the response was created with as `meta`."""
 
 class CacheStats:
@@ -201,7 +208,9 @@ class SessionCache:
     Thread-safe: one instance may be shared by any number of threads.
     """
 
-    def __init__(self, memory_budget: int = 1073741824, *, max_item_bytes: int = 33554432) -> None: ...
+    def __init__(
+        self, memory_budget: int = 1073741824, *, max_item_bytes: int = 33554432
+    ) -> None: ...
     @property
     def memory_budget(self) -> int: ...
     @property

@@ -1,20 +1,267 @@
-"""The `warmsocket` command line."""
+"""The `warmsocket` command line.
+
+Every `serve` flag can also be set with an environment variable: `--max-lanes 8` is
+`WARMSOCKET_MAX_LANES=8`. A flag given on the command line wins.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import asyncio
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from warmsocket import __version__
 
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '1048576', '512k', '64MiB', '1G' (binary units)."""
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1048576, 512K, 64M, 1G)")
+    number, unit = match.groups()
+    factor = _SIZE_UNITS[(unit or "")[:1].lower()]
+    return int(float(number) * factor)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+    return value
+
+
+class _AppendReplacing(argparse.Action):
+    """Like action='append', but values given on the command line replace the default."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        marker = f"_{self.dest}_given"
+        current = getattr(namespace, self.dest) if getattr(namespace, marker, False) else []
+        setattr(namespace, self.dest, [*current, values])
+        setattr(namespace, marker, True)
+
+
+class _EnvDefaults:
+    """Adds options whose default comes from WARMSOCKET_<NAME>, and says so in --help."""
+
+    def __init__(self, parser: argparse.ArgumentParser | Any) -> None:
+        self.parser = parser
+
+    def add(
+        self,
+        flag: str,
+        *,
+        default: Any,
+        help: str,
+        type: Callable[[str], Any] | None = None,
+        env_split: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        env_name = "WARMSOCKET_" + flag.lstrip("-").replace("-", "_").upper()
+        raw = os.environ.get(env_name)
+        value = default
+        if raw is not None:
+            if env_split:
+                value = [part.strip() for part in raw.split(",") if part.strip()]
+            elif type is not None:
+                try:
+                    value = type(raw)
+                except (ValueError, argparse.ArgumentTypeError) as exc:
+                    raise SystemExit(f"warmsocket: invalid {env_name}={raw!r}: {exc}") from None
+            else:
+                value = raw
+        if kwargs.get("action") == "append":
+            kwargs["action"] = _AppendReplacing
+        shown = "" if default is None or default == [] else f" (default: {default})"
+        if type is not None:
+            kwargs["type"] = type
+        self.parser.add_argument(
+            flag, default=value, help=f"{help}{shown} [env: {env_name}]", **kwargs
+        )
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="warmsocket", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="warmsocket",
+        description="OpenAI Responses API WebSocket mode (and HTTP mode) with a Rust "
+        "session-state cache, in front of any OpenAI-compatible backend.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("--version", action="version", version=f"warmsocket {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the server (WebSocket mode and HTTP mode on one port)",
+        description="Serve the Responses API on one port: GET /v1/responses upgraded to a "
+        "WebSocket (WebSocket mode), POST /v1/responses (JSON or SSE), GET/DELETE "
+        "/v1/responses/{id}, GET /v1/responses/{id}/input_items, GET /v1/models, "
+        "GET /healthz and GET /metrics (Prometheus).",
+        epilog="Every flag can also be set with the environment variable shown.",
+    )
+    opt = _EnvDefaults(serve)
+    net = serve.add_argument_group("network")
+    opt.parser = net
+    opt.add("--host", default="127.0.0.1", help="address to listen on")
+    opt.add("--port", default=8080, type=int, help="port to listen on (0 picks a free one)")
+    opt.add(
+        "--api-key",
+        default=[],
+        action="append",
+        env_split=True,
+        help="accept this API key (repeatable; the env var takes a comma-separated list). "
+        "When any is given, 'Authorization: Bearer <key>' is required and a bad key gets "
+        "HTTP 401 before the WebSocket upgrade. Each key's responses are private to it",
+    )
+    limits = serve.add_argument_group("limits")
+    opt.parser = limits
+    opt.add(
+        "--max-message-bytes",
+        default="32M",
+        type=parse_size,
+        help="largest client message (WebSocket message or HTTP body); larger ones get a "
+        "'message_too_large' error and the connection stays usable",
+    )
+    opt.add(
+        "--max-item-bytes",
+        default="32M",
+        type=parse_size,
+        help="largest single input or output item",
+    )
+    opt.add(
+        "--connection-lifetime",
+        default=3600.0,
+        type=_positive_float,
+        help="seconds a WebSocket may live; then 'websocket_connection_limit_reached' and "
+        "a clean close once in-flight responses finish",
+    )
+    opt.add(
+        "--close-grace",
+        default=30.0,
+        type=_non_negative_float,
+        help="seconds in-flight responses get to finish after the lifetime ends",
+    )
+    opt.add(
+        "--max-lanes", default=32, type=_positive_int, help="named stream_id lanes per connection"
+    )
+    opt.add(
+        "--max-active-responses",
+        default=16,
+        type=_positive_int,
+        help="responses running at once per connection; more are queued, not rejected",
+    )
+    opt.add(
+        "--max-queued-requests",
+        default=1024,
+        type=_positive_int,
+        help="requests a connection may have waiting before 'server_is_overloaded'",
+    )
+    opt.add(
+        "--memory-budget",
+        default="1G",
+        type=parse_size,
+        help="session cache budget in bytes (LRU eviction; live lanes are never evicted)",
+    )
+    opt.add(
+        "--ws-ping-interval",
+        default=20.0,
+        type=_non_negative_float,
+        help="seconds between server pings to detect dead peers (0 disables)",
+    )
+    state = serve.add_argument_group("state")
+    opt.parser = state
+    opt.add(
+        "--snapshot",
+        default=None,
+        help="file to restore stored (store=true) responses from at start and save them "
+        "to at shutdown; store=false state is never written",
+    )
+    model = serve.add_argument_group("model backend")
+    opt.parser = model
+    opt.add(
+        "--model-backend",
+        default="mock",
+        choices=["mock"],
+        help="what answers: 'mock' is the built-in deterministic model (see README)",
+    )
+    opt.add(
+        "--model",
+        default=["warmsocket-mock"],
+        action="append",
+        env_split=True,
+        help="model name(s) listed by GET /v1/models (any name is accepted in requests)",
+    )
+    opt.add(
+        "--mock-ttft-ms",
+        default=0.0,
+        type=_non_negative_float,
+        help="built-in model: milliseconds before its first output",
+    )
+    opt.add(
+        "--mock-tokens-per-second",
+        default=0.0,
+        type=_non_negative_float,
+        help="built-in model: pace of output deltas (0 = as fast as possible)",
+    )
+    logs = serve.add_argument_group("logging")
+    opt.parser = logs
+    opt.add(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level",
+    )
+    opt.add(
+        "--log-format",
+        default="json",
+        choices=["json", "text"],
+        help="log format (logs never contain conversation content)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    parser.parse_args(argv)
-    return 0
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from warmsocket.serve import serve_command
+
+        return serve_command(args)
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def run_async(main_coro: Any) -> Any:
+    """Run a coroutine on uvloop when available."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        return asyncio.run(main_coro)
+    return uvloop.run(main_coro)

@@ -1,0 +1,100 @@
+"""What a model backend is: an async stream of model events for one turn.
+
+The turn engine turns these into Responses API events (item boundaries, indices,
+sequence numbers); a backend only says what the model produced. An item ends when
+an event of another item starts, or when the stream ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from warmsocket._core import ContextView
+    from warmsocket.errors import APIError
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """Assistant text; starts a message item when none is open."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallStart:
+    """Starts a function_call item."""
+
+    call_id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolArgumentsDelta:
+    """Arguments of the open function_call item."""
+
+    delta: str
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    """The backend's own token accounting; any field left None is computed by the server."""
+
+    input_tokens: int | None = None
+    cached_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnFailed:
+    """The model failed after the response started: it ends `response.failed`."""
+
+    error: APIError
+
+
+ModelEvent = TextDelta | ToolCallStart | ToolArgumentsDelta | UsageReport | TurnFailed
+
+
+@dataclass(frozen=True, slots=True)
+class TurnContext:
+    """What a backend gets for one turn."""
+
+    response_id: str
+    model: str
+    settings: dict[str, Any]
+    """The request's echoed settings: instructions, tools, tool_choice, sampling fields."""
+    view: ContextView
+    """The full context: the parent chain's items followed by this turn's new input."""
+    new_items: int
+    """How many items at the end of `view` are this turn's input."""
+    cached_tokens: int
+    """Tokens of the context that were cached before this turn."""
+
+    @property
+    def instructions(self) -> str | None:
+        value = self.settings.get("instructions")
+        return value if isinstance(value, str) else None
+
+    @property
+    def function_names(self) -> list[str]:
+        return [
+            tool["name"]
+            for tool in self.settings.get("tools", ())
+            if isinstance(tool, dict) and tool.get("type") == "function" and "name" in tool
+        ]
+
+
+class Backend(Protocol):
+    """A model that streams one turn."""
+
+    name: str
+
+    def stream(self, turn: TurnContext) -> AsyncIterator[ModelEvent]:
+        """The model events of one turn. Cancelling the iteration must stop the work."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release pooled connections."""
+        ...

@@ -1,0 +1,443 @@
+"""Validation of client requests: `response.create` (WebSocket and HTTP) and `response.steer`.
+
+`parse_client_event` is the first step of spec §2.1's processing order (JSON, type,
+stream_id); `validate_create` checks the body. Both raise `APIError` with the code the
+spec gives, and never echo conversation content in messages.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from warmsocket import errors
+from warmsocket.errors import APIError
+
+STREAM_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
+
+# Fields of a create body that are echoed on the Response object, with their defaults.
+ECHOED_DEFAULTS: dict[str, Any] = {
+    "instructions": None,
+    "tools": [],
+    "tool_choice": "auto",
+    "parallel_tool_calls": True,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_logprobs": 0,
+    "max_output_tokens": None,
+    "max_tool_calls": None,
+    "metadata": {},
+    "text": {"format": {"type": "text"}, "verbosity": "medium"},
+    "reasoning": {"effort": None, "summary": None},
+    "truncation": "disabled",
+    "service_tier": "default",
+    "user": None,
+    "safety_identifier": None,
+    "prompt_cache_key": None,
+    "prompt_cache_retention": None,
+}
+
+# Every body field the API knows; others are ignored (spec Q10) and counted.
+KNOWN_CREATE_FIELDS = frozenset(
+    {
+        *ECHOED_DEFAULTS,
+        "type",
+        "model",
+        "input",
+        "previous_response_id",
+        "store",
+        "stream",
+        "stream_options",
+        "stream_id",
+        "generate",
+        "background",
+        "background_options",
+        "conversation",
+        "include",
+        "prompt",
+        "prompt_cache_options",
+        "context_management",
+        "moderation",
+        "image",
+        "access_programs",
+    }
+)
+WEBSOCKET_ONLY_FIELDS = ("stream_id", "generate")
+
+MESSAGE_ROLES = frozenset({"user", "assistant", "system", "developer"})
+CONTENT_PART_TYPES = frozenset(
+    {
+        "input_text",
+        "input_image",
+        "input_file",
+        "input_audio",
+        "output_text",
+        "refusal",
+        "summary_text",
+        "reasoning_text",
+    }
+)
+ITEM_TYPES = frozenset(
+    {
+        "message",
+        "function_call",
+        "function_call_output",
+        "reasoning",
+        "custom_tool_call",
+        "custom_tool_call_output",
+        "compaction",
+        "web_search_call",
+        "file_search_call",
+        "computer_call",
+        "computer_call_output",
+        "code_interpreter_call",
+        "image_generation_call",
+        "local_shell_call",
+        "local_shell_call_output",
+        "shell_call",
+        "shell_call_output",
+        "apply_patch_call",
+        "apply_patch_call_output",
+        "mcp_call",
+        "mcp_list_tools",
+        "mcp_approval_request",
+        "mcp_approval_response",
+        "tool_search_call",
+        "tool_search_output",
+    }
+)
+_TEXT_PARTS = frozenset({"input_text", "output_text", "summary_text", "reasoning_text"})
+MAX_METADATA_PAIRS = 16
+
+
+@dataclass(slots=True)
+class CreateRequest:
+    """A validated `response.create` (or HTTP create body)."""
+
+    model: str
+    input_items: list[dict[str, Any]]
+    settings: dict[str, Any]
+    """The echoed fields of the Response object (instructions, tools, sampling, ...)."""
+    previous_response_id: str | None = None
+    stream_id: str | None = None
+    generate: bool = True
+    store: bool = True
+    stream: bool = False
+    ignored_fields: tuple[str, ...] = ()
+
+    @property
+    def instructions(self) -> str | None:
+        value = self.settings.get("instructions")
+        return value if isinstance(value, str) else None
+
+    @property
+    def function_names(self) -> frozenset[str]:
+        return frozenset(
+            tool["name"]
+            for tool in self.settings.get("tools", ())
+            if isinstance(tool, dict) and tool.get("type") == "function" and "name" in tool
+        )
+
+
+@dataclass(slots=True)
+class SteerRequest:
+    """A validated `response.steer`."""
+
+    previous_response_id: str
+    input_items: list[dict[str, Any]]
+    raw_input: Any = field(default=None)
+
+
+@dataclass(slots=True)
+class ClientEvent:
+    """The result of the first validation step of one WebSocket message."""
+
+    type: str
+    body: dict[str, Any]
+    stream_id: str | None = None
+
+
+def decode_json(data: bytes | str) -> Any:
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise errors.invalid_json(_json_error_detail(exc)) from None
+
+
+def parse_client_event(data: bytes | str) -> ClientEvent:
+    """Step 1 of a WebSocket message: JSON, `type` and `stream_id` syntax.
+
+    Raises `APIError`; an error carrying a valid `stream_id` is reported by the caller
+    on that lane.
+    """
+    body = decode_json(data)
+    if not isinstance(body, dict):
+        raise errors.invalid_type("event", "a JSON object")
+    event_type = body.get("type")
+    if event_type == "response.create":
+        stream_id = body.get("stream_id")
+        if stream_id is not None and not (
+            isinstance(stream_id, str) and STREAM_ID_RE.fullmatch(stream_id)
+        ):
+            raise errors.invalid_stream_id()
+        return ClientEvent("response.create", body, stream_id)
+    if event_type == "response.steer":
+        return ClientEvent("response.steer", body)
+    if event_type == "response.processed":
+        # Sent by Codex after each turn; not part of the API: ignored (spec §2.3).
+        return ClientEvent("response.processed", body)
+    if event_type is None:
+        raise errors.missing_parameter("type")
+    raise errors.unknown_event_type(event_type)
+
+
+def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
+    """Validate a create body (the WebSocket `response.create` or the HTTP POST body)."""
+    if not websocket:
+        for name in WEBSOCKET_ONLY_FIELDS:
+            if name in body:
+                raise errors.unknown_parameter(name)
+        if "type" in body:
+            raise errors.unknown_parameter("type")
+
+    model = body.get("model")
+    if model is None:
+        if body.get("prompt") is None:
+            raise errors.missing_parameter("model")
+        model = "default"
+    if not isinstance(model, str) or not model:
+        raise errors.invalid_type("model", "a non-empty string")
+
+    previous = body.get("previous_response_id")
+    if previous is not None and (not isinstance(previous, str) or not previous):
+        raise errors.invalid_type("previous_response_id", "a non-empty string or null")
+    if previous is not None and body.get("conversation") is not None:
+        raise errors.invalid_value(
+            "conversation",
+            "'previous_response_id' and 'conversation' cannot be used together.",
+        )
+    if body.get("conversation") is not None:
+        raise errors.unsupported_parameter(
+            "conversation",
+            "The Conversations API is not supported by this server; use previous_response_id.",
+        )
+    if body.get("background") is True:
+        raise errors.unsupported_parameter(
+            "background",
+            "background is not supported here; stream the response instead.",
+        )
+
+    store = _bool(body, "store", True)
+    stream = _bool(body, "stream", False)
+    generate = _bool(body, "generate", True) if websocket else True
+    cache_options = body.get("prompt_cache_options")
+    if isinstance(cache_options, dict) and cache_options.get("prewarm") is True:
+        generate = False
+
+    settings = _settings(body)
+    input_items = normalize_input(body.get("input"), param="input")
+    if not input_items and generate and previous is None:
+        raise errors.invalid_value("input", "Input must not be empty.")
+
+    return CreateRequest(
+        model=model,
+        input_items=input_items,
+        settings=settings,
+        previous_response_id=previous,
+        stream_id=body.get("stream_id") if websocket else None,
+        generate=generate,
+        store=store,
+        stream=stream,
+        ignored_fields=tuple(sorted(k for k in body if k not in KNOWN_CREATE_FIELDS)),
+    )
+
+
+def validate_steer(body: dict[str, Any]) -> SteerRequest:
+    """Validate a `response.steer` (spec §2.2): only user messages, no other fields."""
+    target = body.get("previous_response_id")
+    if not isinstance(target, str) or not target:
+        raise errors.steer_error(
+            "invalid_input", "'previous_response_id' must name the response to steer."
+        )
+    extra = sorted(k for k in body if k not in {"type", "previous_response_id", "input"})
+    if extra:
+        raise errors.steer_error(
+            "invalid_input", f"Unknown field '{extra[0][:64]}' in response.steer."
+        )
+    raw = body.get("input")
+    if isinstance(raw, str):
+        if not raw:
+            raise errors.steer_error("invalid_input", "Steering input must not be empty.")
+        return SteerRequest(target, [{"type": "message", "role": "user", "content": raw}], raw)
+    if not isinstance(raw, list) or not raw:
+        raise errors.steer_error(
+            "invalid_input", "Steering input must be a string or a non-empty array of messages."
+        )
+    items: list[dict[str, Any]] = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise errors.steer_error("invalid_input", f"input[{index}] must be an object.")
+        unknown = sorted(k for k in item if k not in {"type", "role", "content"})
+        if unknown or item.get("type", "message") != "message" or item.get("role") != "user":
+            raise errors.steer_error(
+                "invalid_input",
+                f"input[{index}] must be a user message: only 'type', 'role' and 'content'.",
+            )
+        try:
+            _check_content(item.get("content"), f"input[{index}].content", user=True)
+        except APIError as exc:
+            raise errors.steer_error("invalid_input", exc.message) from None
+        items.append({"type": "message", "role": "user", "content": item["content"]})
+    return SteerRequest(target, items, raw)
+
+
+def normalize_input(value: Any, *, param: str) -> list[dict[str, Any]]:
+    """The input items of a create: strings and "easy" messages become typed messages."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": value}]
+    if not isinstance(value, list):
+        raise errors.invalid_type(param, "a string or an array of input items")
+    items: list[dict[str, Any]] = []
+    for index, item in enumerate(value):
+        where = f"{param}[{index}]"
+        if not isinstance(item, dict):
+            raise errors.invalid_type(where, "an object")
+        item_type = item.get("type")
+        if item_type is None:
+            if "role" not in item:
+                raise errors.missing_parameter(f"{where}.type")
+            item = {"type": "message", **item}
+            item_type = "message"
+        if not isinstance(item_type, str):
+            raise errors.invalid_type(f"{where}.type", "a string")
+        _check_item(item, item_type, where)
+        items.append(item)
+    return items
+
+
+def _check_item(item: dict[str, Any], item_type: str, where: str) -> None:
+    if item_type == "message":
+        role = item.get("role")
+        if role not in MESSAGE_ROLES:
+            raise errors.invalid_value(
+                f"{where}.role",
+                f"Invalid value for '{where}.role': expected one of 'user', 'assistant', "
+                "'system', 'developer'.",
+            )
+        _check_content(item.get("content"), f"{where}.content", user=role != "assistant")
+    elif item_type == "function_call":
+        for name in ("call_id", "name", "arguments"):
+            _require_str(item, name, where)
+    elif item_type == "function_call_output":
+        _require_str(item, "call_id", where)
+        output = item.get("output")
+        if not isinstance(output, str | list):
+            raise errors.invalid_type(f"{where}.output", "a string or an array")
+    elif item_type == "item_reference":
+        raise errors.unsupported_parameter(
+            f"{where}.type",
+            "item_reference is not supported by this server; send the item itself.",
+        )
+    elif item_type not in ITEM_TYPES:
+        raise errors.invalid_value(
+            f"{where}.type", f"Invalid value for '{where}.type': unknown item type."
+        )
+
+
+def _check_content(content: Any, where: str, *, user: bool) -> None:
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise errors.invalid_type(where, "a string or an array of content parts")
+    for index, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise errors.invalid_type(f"{where}[{index}]", "an object")
+        part_type = part.get("type")
+        if part_type not in CONTENT_PART_TYPES:
+            raise errors.invalid_value(
+                f"{where}[{index}].type",
+                f"Invalid value for '{where}[{index}].type': unknown content part type.",
+            )
+        if part_type in _TEXT_PARTS and not isinstance(part.get("text"), str):
+            raise errors.invalid_type(f"{where}[{index}].text", "a string")
+
+
+def _require_str(item: dict[str, Any], name: str, where: str) -> None:
+    value = item.get(name)
+    if value is None:
+        raise errors.missing_parameter(f"{where}.{name}")
+    if not isinstance(value, str):
+        raise errors.invalid_type(f"{where}.{name}", "a string")
+
+
+def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise errors.invalid_type(name, "a boolean")
+    return value
+
+
+def _settings(body: dict[str, Any]) -> dict[str, Any]:
+    settings = {name: body.get(name, default) for name, default in ECHOED_DEFAULTS.items()}
+    for name, default in ECHOED_DEFAULTS.items():
+        if settings[name] is None and default is not None:
+            settings[name] = default
+
+    instructions = settings["instructions"]
+    if instructions is not None and not isinstance(instructions, str):
+        raise errors.invalid_type("instructions", "a string or null")
+    tools = settings["tools"]
+    if not isinstance(tools, list):
+        raise errors.invalid_type("tools", "an array")
+    for index, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
+            raise errors.invalid_type(f"tools[{index}]", "an object with a 'type'")
+        if tool["type"] == "function" and not isinstance(tool.get("name"), str):
+            raise errors.missing_parameter(f"tools[{index}].name")
+    choice = settings["tool_choice"]
+    if not (isinstance(choice, dict) or choice in {"auto", "none", "required"}):
+        raise errors.invalid_value(
+            "tool_choice",
+            "Invalid value for 'tool_choice': expected 'auto', 'none', 'required' or an object.",
+        )
+    if not isinstance(settings["parallel_tool_calls"], bool):
+        raise errors.invalid_type("parallel_tool_calls", "a boolean")
+    for name in ("temperature", "top_p"):
+        value = settings[name]
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise errors.invalid_type(name, "a number")
+    for name in ("max_output_tokens", "max_tool_calls", "top_logprobs"):
+        value = settings[name]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise errors.invalid_type(name, "an integer")
+        if isinstance(value, int) and value < 0:
+            raise errors.invalid_value(name, f"Invalid value for '{name}': must be >= 0.")
+    metadata = settings["metadata"]
+    if not isinstance(metadata, dict):
+        raise errors.invalid_type("metadata", "an object")
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise errors.invalid_value(
+            "metadata", f"Invalid 'metadata': at most {MAX_METADATA_PAIRS} key-value pairs."
+        )
+    if not all(isinstance(v, str) for v in metadata.values()):
+        raise errors.invalid_type("metadata", "an object of string values")
+    for name in ("text", "reasoning"):
+        if not isinstance(settings[name], dict):
+            raise errors.invalid_type(name, "an object")
+    if settings["truncation"] not in {"auto", "disabled"}:
+        raise errors.invalid_value(
+            "truncation", "Invalid value for 'truncation': expected 'auto' or 'disabled'."
+        )
+    return settings
+
+
+def _json_error_detail(exc: Exception) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    return "not UTF-8"

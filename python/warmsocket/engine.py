@@ -1,0 +1,346 @@
+"""The turn engine shared by WebSocket mode and HTTP mode.
+
+`Engine.prepare` resolves `previous_response_id` (connection-local entries, then
+stored ones), pins the parent, and returns a `Turn`; the turn turns model events into
+Responses events and, at its terminal event, stores the response in the cache.
+Neither knows about sockets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from warmsocket import _core, errors, ids
+from warmsocket._core import Binding, ContextView, Items, SessionCache
+from warmsocket.backends.base import (
+    Backend,
+    ModelEvent,
+    TextDelta,
+    ToolArgumentsDelta,
+    ToolCallStart,
+    TurnContext,
+    TurnFailed,
+    UsageReport,
+)
+from warmsocket.client_events import CreateRequest
+from warmsocket.errors import APIError
+from warmsocket.metrics import Metrics
+from warmsocket.response_stream import ResponseStream, dumps, usage_object
+
+BYTES_PER_TOKEN_ESTIMATE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-connection limits (spec §5.4, §5.6) and sizes."""
+
+    max_message_bytes: int = 32 * 1024 * 1024
+    connection_lifetime: float = 3600.0
+    max_named_lanes: int = 32
+    max_active_responses: int = 16
+    max_queued_requests: int = 1024
+    max_pending_steers: int = 8
+    close_grace: float = 30.0
+
+
+def estimate_tokens(nbytes: int) -> int:
+    return (nbytes + BYTES_PER_TOKEN_ESTIMATE - 1) // BYTES_PER_TOKEN_ESTIMATE
+
+
+class Engine:
+    """Services shared by every connection: the cache, the backend, metrics, the clock."""
+
+    def __init__(
+        self,
+        cache: SessionCache,
+        backend: Backend,
+        *,
+        metrics: Metrics | None = None,
+        limits: Limits | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cache = cache
+        self.backend = backend
+        self.metrics = metrics or Metrics()
+        self.limits = limits or Limits()
+        self.wall_clock = wall_clock
+
+    def prepare(
+        self,
+        request: CreateRequest,
+        *,
+        owner: str,
+        connection: int | None,
+        lookup_connection: int | None,
+        stream_id: str | None = None,
+        prepend: list[dict[str, Any]] | None = None,
+    ) -> Turn:
+        """Validate against state and bind the parent. Raises APIError; nothing is kept then.
+
+        `connection` scopes what the turn stores (connection-local for store=false);
+        `lookup_connection` is where `previous_response_id` may also be found besides
+        stored responses (the WebSocket connection; None over HTTP).
+        """
+        started = time.perf_counter()
+        input_items = request.input_items if not prepend else [*prepend, *request.input_items]
+        try:
+            items = Items.from_objects(input_items, max_item_bytes=self.cache.max_item_bytes)
+        except _core.ItemTooLarge as exc:
+            raise errors.invalid_value("input", f"Invalid 'input': {exc}") from None
+        except _core.InvalidItems as exc:
+            raise errors.invalid_value("input", f"Invalid 'input': {exc}") from None
+
+        binding: Binding | None = None
+        if request.previous_response_id is not None:
+            try:
+                binding = self.cache.bind(
+                    request.previous_response_id, owner=owner, connection=lookup_connection
+                )
+            except _core.ResponseNotFound:
+                self.metrics.cache_lookup(hit=False)
+                raise errors.previous_response_not_found(request.previous_response_id) from None
+            self.metrics.cache_lookup(hit=True)
+
+        try:
+            if binding is not None:
+                view = binding.view(items)
+                parent = binding.info()
+                cached_tokens = parent.tokens or estimate_tokens(parent.bytes)
+            else:
+                view = self.cache.view(None, owner=owner, connection=connection, extra=items)
+                cached_tokens = 0
+        except BaseException:
+            if binding is not None:
+                binding.release()
+            raise
+        response_id = ids.response_id()
+        turn = Turn(
+            engine=self,
+            request=request,
+            response_id=response_id,
+            owner=owner,
+            connection=connection,
+            binding=binding,
+            items=items,
+            view=view,
+            stream_id=stream_id,
+            cached_tokens=cached_tokens,
+        )
+        self.metrics.observe_rebuild(time.perf_counter() - started)
+        return turn
+
+    def successor_request(self, target: Turn, steer_items: list[dict[str, Any]]) -> CreateRequest:
+        """The automatic successor of a steered response: same settings, steering as input."""
+        return replace(
+            target.request,
+            input_items=list(steer_items),
+            previous_response_id=target.response_id,
+            generate=True,
+        )
+
+
+class Turn:
+    """One response being produced."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        request: CreateRequest,
+        response_id: str,
+        owner: str,
+        connection: int | None,
+        binding: Binding | None,
+        items: Items,
+        view: ContextView,
+        stream_id: str | None,
+        cached_tokens: int,
+    ) -> None:
+        self.engine = engine
+        self.request = request
+        self.response_id = response_id
+        self.owner = owner
+        self.connection = connection
+        self.binding = binding
+        self.items = items
+        self.view = view
+        self.stream_id = stream_id
+        self.cached_tokens = cached_tokens
+        self.started = time.perf_counter()
+        self.first_token: float | None = None
+        self.finished = False
+        self.usage_report: UsageReport | None = None
+        self.output_chars = 0
+        # Steering queued on this response (spec §3.7).
+        self.steers: list[tuple[str, list[dict[str, Any]]]] = []
+        self.interrupt_requested = False
+        self.stream = ResponseStream(
+            response_id=response_id,
+            model=request.model,
+            settings=request.settings,
+            previous_response_id=request.previous_response_id,
+            store=request.store,
+            created_at=int(engine.wall_clock()),
+            stream_id=stream_id,
+        )
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.request.previous_response_id
+
+    def context(self) -> TurnContext:
+        return TurnContext(
+            response_id=self.response_id,
+            model=self.request.model,
+            settings=self.request.settings,
+            view=self.view,
+            new_items=len(self.items),
+            cached_tokens=self.cached_tokens,
+        )
+
+    def start(self) -> list[bytes]:
+        return self.stream.start()
+
+    def feed(self, event: ModelEvent) -> list[bytes]:
+        """Encode one model event. A TurnFailed event is handled by `fail`, not here."""
+        if self.first_token is None and not isinstance(event, UsageReport):
+            self.first_token = time.perf_counter()
+            self.engine.metrics.observe_first_token(self.first_token - self.started)
+        if isinstance(event, TextDelta):
+            self.output_chars += len(event.text)
+            return self.stream.text_delta(event.text)
+        if isinstance(event, ToolArgumentsDelta):
+            self.output_chars += len(event.delta)
+            return self.stream.tool_arguments_delta(event.delta)
+        if isinstance(event, ToolCallStart):
+            self.output_chars += len(event.name)
+            return self.stream.tool_call_start(event.call_id, event.name)
+        if isinstance(event, UsageReport):
+            self.usage_report = event
+            return []
+        if isinstance(event, TurnFailed):
+            raise TypeError("TurnFailed goes to Turn.fail")
+        raise TypeError(f"unknown model event {type(event).__name__}")
+
+    def starts_new_item(self, event: ModelEvent) -> bool:
+        """Whether this event would close the open item and start another (steer point)."""
+        if isinstance(event, ToolCallStart):
+            return True
+        if isinstance(event, TextDelta):
+            return self.stream.open_kind != "message"
+        return False
+
+    def usage(self) -> dict[str, Any]:
+        report = self.usage_report or UsageReport()
+        view = self.view
+        input_tokens = report.input_tokens
+        if input_tokens is None:
+            input_tokens = view.tokens or estimate_tokens(view.nbytes)
+        cached = report.cached_tokens if report.cached_tokens is not None else self.cached_tokens
+        output = report.output_tokens
+        if output is None:
+            output = estimate_tokens(self.output_chars) if self.output_chars else 0
+        return usage_object(input_tokens, min(cached, input_tokens), output)
+
+    def complete(self) -> list[bytes]:
+        """`response.completed`; the response is stored. Raises APIError if storing fails."""
+        usage = self.usage()
+        frames = self.stream.close_item()
+        now = int(self.engine.wall_clock())
+        self._store("completed", now, usage)
+        frames += self.stream.complete(usage, now)
+        self._finish("completed")
+        return frames
+
+    def incomplete(self, reason: str) -> list[bytes]:
+        """`response.incomplete` (e.g. steered); the response is stored and chainable."""
+        usage = self.usage()
+        frames = self.stream.close_item()
+        now = int(self.engine.wall_clock())
+        self._store("incomplete", now, usage, incomplete={"reason": reason})
+        frames += self.stream.incomplete(reason, usage, now)
+        self._finish("incomplete")
+        return frames
+
+    def fail(self, error: APIError) -> list[bytes]:
+        """`response.failed`. Nothing is stored."""
+        frames = self.stream.fail(error.response_error(), self.usage())
+        self.engine.metrics.count_error(error.code or "server_error")
+        self._finish("failed")
+        return frames
+
+    def release(self) -> None:
+        if self.binding is not None:
+            self.binding.release()
+            self.binding = None
+
+    def _store(
+        self,
+        status: str,
+        completed_at: int,
+        usage: dict[str, Any],
+        incomplete: dict[str, Any] | None = None,
+    ) -> None:
+        stream = self.stream
+        meta = {
+            "status": status,
+            "created_at": stream.created_at,
+            "completed_at": completed_at,
+            "usage": usage,
+            "error": None,
+            "incomplete_details": incomplete,
+        }
+        settings = {"model": self.request.model, **self.request.settings}
+        cache = self.engine.cache
+        try:
+            cache.create(
+                self.response_id,
+                owner=self.owner,
+                input=self.items,
+                output=Items.from_objects(stream.output),
+                previous_response_id=self.binding,
+                settings=dumps(settings),
+                meta=dumps(meta),
+                store=self.request.store,
+                connection=self.connection,
+            )
+        except _core.CacheError as exc:
+            raise errors.server_overloaded(
+                f"The response could not be kept in the session cache ({type(exc).__name__})."
+            ) from None
+
+    def _finish(self, status: str) -> None:
+        self.finished = True
+        self.release()
+        metrics = self.engine.metrics
+        metrics.observe_turn(time.perf_counter() - self.started, status)
+
+
+def response_object(
+    info: _core.ResponseInfo, output: Items, *, include_output: bool = True
+) -> dict[str, Any]:
+    """A stored response as the Response object of `GET /v1/responses/{id}`."""
+    import json
+
+    settings: dict[str, Any] = json.loads(info.settings)
+    meta: dict[str, Any] = json.loads(info.meta)
+    model = settings.pop("model", None)
+    return {
+        "id": info.id,
+        "object": "response",
+        "created_at": meta.get("created_at"),
+        "status": meta.get("status", "completed"),
+        "completed_at": meta.get("completed_at"),
+        "error": meta.get("error"),
+        "incomplete_details": meta.get("incomplete_details"),
+        "model": model,
+        "output": output.to_objects() if include_output else [],
+        "usage": meta.get("usage"),
+        "previous_response_id": info.previous_response_id,
+        "store": info.store,
+        "background": False,
+        **settings,
+    }

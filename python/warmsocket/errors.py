@@ -1,0 +1,289 @@
+"""The protocol's error vocabulary, shared by the WebSocket and HTTP paths.
+
+Every error a client can see is an `APIError` built by one of the constructors
+below, so codes, statuses, params and messages are defined once. Messages never
+contain conversation content.
+
+Exception tree of the package::
+
+    Exception
+     ├── APIError                         a request-scoped protocol error (code, status, param)
+     └── WarmsocketError                  raised by the Rust core (warmsocket._core)
+          └── CacheError
+               ├── ResponseNotFound (LookupError)
+               │    └── OwnerMismatch
+               ├── DuplicateResponseId (ValueError)
+               ├── InvalidItems (ValueError)
+               │    ├── ItemNotJson
+               │    ├── ItemNotObject
+               │    └── ItemTooLarge
+               ├── CacheFull (MemoryError)
+               └── SnapshotError (ValueError)
+
+Wire shapes (spec §4.1, §6.2, §6.7):
+
+* WebSocket `error` event (nested): ``{"type": "error", "status": 400, "stream_id"?,
+  "error": {"type", "code", "message", "param"}}``
+* HTTP error body: ``{"error": {"message", "type", "param", "code"}}``
+* SSE `error` event (flat): ``{"type": "error", "code", "message", "param", "sequence_number"}``
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+INVALID_REQUEST = "invalid_request_error"
+SERVER_ERROR = "server_error"
+AUTHENTICATION = "authentication_error"
+NOT_FOUND = "not_found_error"
+RATE_LIMIT = "rate_limit_error"
+
+STEER_ERROR_CODES = frozenset(
+    {
+        "response_not_found",
+        "invalid_input",
+        "steering_not_supported",
+        "too_many_pending_steers",
+        "response_already_completed",
+        "response_not_active",
+        "successor_creation_failed",
+    }
+)
+
+
+class APIError(Exception):
+    """A request-scoped error: becomes an `error` event, an HTTP error or a failed steer."""
+
+    def __init__(
+        self,
+        code: str | None,
+        message: str,
+        *,
+        param: str | None = None,
+        status: int = 400,
+        type: str = INVALID_REQUEST,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+        self.status = status
+        self.type = type
+        self.headers = headers
+
+    def __repr__(self) -> str:
+        return f"APIError(code={self.code!r}, status={self.status}, param={self.param!r})"
+
+    # -- wire shapes -------------------------------------------------------------------
+
+    def ws_event(
+        self, stream_id: str | None = None, sequence_number: int | None = None
+    ) -> dict[str, Any]:
+        error: dict[str, Any] = {
+            "type": self.type,
+            "code": self.code,
+            "message": self.message,
+            "param": self.param,
+        }
+        event: dict[str, Any] = {"type": "error", "status": self.status, "error": error}
+        if self.headers:
+            error["headers"] = self.headers
+            event["headers"] = self.headers
+        if stream_id is not None:
+            event["stream_id"] = stream_id
+        if sequence_number is not None:
+            event["sequence_number"] = sequence_number
+        return event
+
+    def http_body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def sse_event(self, sequence_number: int) -> dict[str, Any]:
+        return {
+            "type": "error",
+            "code": self.code,
+            "message": self.message,
+            "param": self.param,
+            "sequence_number": sequence_number,
+        }
+
+    def response_error(self) -> dict[str, Any]:
+        """The `error` object of a failed Response."""
+        return {"code": self.code or SERVER_ERROR, "message": self.message}
+
+
+# -- constructors: one per error the protocol defines ------------------------------------
+
+
+def invalid_json(detail: str) -> APIError:
+    return APIError(
+        "invalid_json",
+        f"The message is not valid JSON ({detail}). Send one JSON object per message.",
+    )
+
+
+def invalid_type(param: str, expected: str) -> APIError:
+    return APIError(
+        "invalid_type",
+        f"Invalid type for '{param}': expected {expected}.",
+        param=param,
+    )
+
+
+def invalid_value(param: str, message: str) -> APIError:
+    return APIError("invalid_value", message, param=param)
+
+
+def missing_parameter(param: str) -> APIError:
+    return APIError(
+        "missing_required_parameter",
+        f"Missing required parameter: '{param}'.",
+        param=param,
+    )
+
+
+def unknown_parameter(param: str) -> APIError:
+    return APIError("unknown_parameter", f"Unknown parameter: '{param}'.", param=param)
+
+
+def unsupported_parameter(param: str, message: str) -> APIError:
+    return APIError("unsupported_parameter", message, param=param)
+
+
+def unknown_event_type(event_type: object) -> APIError:
+    shown = event_type if isinstance(event_type, str) and len(event_type) <= 64 else "..."
+    return APIError(
+        "invalid_value",
+        f"Unknown event type '{shown}'. Supported client events: 'response.create', "
+        "'response.steer'.",
+        param="type",
+    )
+
+
+def message_too_large(size: int, limit: int) -> APIError:
+    return APIError(
+        "message_too_large",
+        f"The message is {size} bytes, larger than this server's limit of {limit} bytes. "
+        "Send fewer items per message, or raise --max-message-bytes.",
+        status=413,
+    )
+
+
+def previous_response_not_found(response_id: str) -> APIError:
+    return APIError(
+        "previous_response_not_found",
+        f"Previous response with id '{_id(response_id)}' not found.",
+        param="previous_response_id",
+    )
+
+
+def response_not_found(response_id: str) -> APIError:
+    return APIError(
+        None,
+        f"Response with id '{_id(response_id)}' not found.",
+        param="response_id",
+        status=404,
+        type=INVALID_REQUEST,
+    )
+
+
+def invalid_stream_id() -> APIError:
+    return APIError(
+        "invalid_stream_id",
+        "Invalid 'stream_id': it must be 1 to 256 characters of A-Z, a-z, 0-9, '_', '.' or '-'.",
+        param="stream_id",
+    )
+
+
+def stream_limit_reached(limit: int) -> APIError:
+    return APIError(
+        "websocket_stream_limit_reached",
+        f"This connection already uses {limit} stream_id values, the limit per connection. "
+        "Reuse an existing stream_id or open a new connection.",
+        param="stream_id",
+    )
+
+
+def connection_limit_reached(minutes: float) -> APIError:
+    return APIError(
+        "websocket_connection_limit_reached",
+        f"Responses websocket connection limit reached ({_minutes(minutes)} minutes). "
+        "Create a new websocket connection to continue.",
+    )
+
+
+def too_many_queued(limit: int) -> APIError:
+    return APIError(
+        "server_is_overloaded",
+        f"This connection has {limit} requests waiting, the most it queues. "
+        "Wait for responses to finish before sending more.",
+        status=503,
+        type=SERVER_ERROR,
+    )
+
+
+def server_overloaded(reason: str) -> APIError:
+    return APIError("server_is_overloaded", reason, status=503, type=SERVER_ERROR)
+
+
+def server_error(
+    message: str = "The server had an error while processing your request.",
+) -> APIError:
+    return APIError("server_error", message, status=500, type=SERVER_ERROR)
+
+
+def model_failed(message: str = "The model failed to generate a response.") -> APIError:
+    return APIError("server_error", message, status=500, type=SERVER_ERROR)
+
+
+def invalid_api_key() -> APIError:
+    return APIError(
+        "invalid_api_key",
+        "Incorrect or missing API key. Send 'Authorization: Bearer <key>' with a key this "
+        "server was started with (--api-key).",
+        status=401,
+        type=AUTHENTICATION,
+    )
+
+
+def not_found_route(method: str, path: str) -> APIError:
+    return APIError(
+        "not_found",
+        f"No route for {method} {_path(path)}.",
+        status=404,
+        type=INVALID_REQUEST,
+    )
+
+
+def method_not_allowed(method: str, path: str) -> APIError:
+    return APIError(
+        "method_not_allowed",
+        f"Method {method} is not allowed for {_path(path)}.",
+        status=405,
+    )
+
+
+def steer_error(code: str, message: str) -> APIError:
+    assert code in STEER_ERROR_CODES, code
+    return APIError(code, message)
+
+
+def _id(value: str) -> str:
+    # Ids are echoed in messages; bound their length so a hostile id cannot bloat logs.
+    return value if len(value) <= 128 else value[:128] + "..."
+
+
+def _path(value: str) -> str:
+    return value if len(value) <= 128 else value[:128] + "..."
+
+
+def _minutes(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"

@@ -1,0 +1,245 @@
+"""A small Sans-I/O HTTP/1.1 server-side parser and response encoder.
+
+Why our own: one port serves WebSocket upgrades (handed to the `websockets` Sans-I/O
+protocol) and ordinary requests including `POST /v1/responses`, which the
+`websockets` server does not accept. It supports keep-alive, `Content-Length` and
+chunked request bodies, `Expect: 100-continue`, and chunked responses for SSE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from http import HTTPStatus
+from urllib.parse import parse_qs, unquote, urlsplit
+
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 128
+
+
+class HTTPError(Exception):
+    """A request that cannot be parsed; answer with `status` and close."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    target: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    """Header names lowercased; repeated headers joined with ', '."""
+    body: bytes
+    keep_alive: bool
+    head: bytes
+    """The raw request head, for handing an upgrade to the WebSocket protocol."""
+
+    def header(self, name: str, default: str = "") -> str:
+        return self.headers.get(name, default)
+
+    @property
+    def is_websocket_upgrade(self) -> bool:
+        return (
+            self.method == "GET"
+            and "websocket" in self.header("upgrade").lower()
+            and "upgrade" in self.header("connection").lower()
+        )
+
+    def query_value(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[-1] if values else None
+
+
+class RequestParser:
+    """Feed bytes in, take complete requests out."""
+
+    def __init__(self, *, max_body_bytes: int) -> None:
+        self.max_body_bytes = max_body_bytes
+        self._buffer = bytearray()
+        self._head: tuple[str, str, dict[str, str], bytes] | None = None
+        self._continue_sent = False
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def take_buffer(self) -> bytes:
+        """Everything buffered and not parsed (after an upgrade, the first frames)."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+    def wants_continue(self) -> bool:
+        """Whether a `100 Continue` should be sent now (once per request)."""
+        if self._head is None or self._continue_sent:
+            return False
+        if self._head[2].get("expect", "").lower() != "100-continue":
+            return False
+        self._continue_sent = True
+        return True
+
+    def next_request(self) -> Request | None:
+        """The next complete request, or None until more bytes arrive. Raises HTTPError."""
+        if self._head is None:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buffer) > MAX_HEAD_BYTES:
+                    raise HTTPError(431, "Request header fields too large.")
+                return None
+            if end > MAX_HEAD_BYTES:
+                raise HTTPError(431, "Request header fields too large.")
+            head = bytes(self._buffer[: end + 4])
+            del self._buffer[: end + 4]
+            method, target, headers = _parse_head(head)
+            self._head = (method, target, headers, head)
+            self._continue_sent = False
+        method, target, headers, head = self._head
+        body = self._take_body(headers)
+        if body is None:
+            return None
+        self._head = None
+        split = urlsplit(target)
+        connection = headers.get("connection", "").lower()
+        return Request(
+            method=method,
+            target=target,
+            path=unquote(split.path),
+            query=parse_qs(split.query, keep_blank_values=True),
+            headers=headers,
+            body=body,
+            keep_alive="close" not in connection,
+            head=head,
+        )
+
+    def _take_body(self, headers: dict[str, str]) -> bytes | None:
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            return self._take_chunked()
+        length_text = headers.get("content-length")
+        if length_text is None:
+            return b""
+        try:
+            length = int(length_text)
+        except ValueError:
+            raise HTTPError(400, "Invalid Content-Length.") from None
+        if length < 0:
+            raise HTTPError(400, "Invalid Content-Length.")
+        if length > self.max_body_bytes:
+            raise HTTPError(
+                413,
+                f"The request body is {length} bytes, larger than this server's limit of "
+                f"{self.max_body_bytes} bytes (--max-message-bytes).",
+            )
+        if len(self._buffer) < length:
+            return None
+        body = bytes(self._buffer[:length])
+        del self._buffer[:length]
+        return body
+
+    def _take_chunked(self) -> bytes | None:
+        # Parse without consuming until the whole body is present.
+        pos = 0
+        chunks: list[bytes] = []
+        total = 0
+        buffer = self._buffer
+        while True:
+            line_end = buffer.find(b"\r\n", pos)
+            if line_end < 0:
+                return None
+            size_text = bytes(buffer[pos:line_end]).split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise HTTPError(400, "Invalid chunk size.") from None
+            pos = line_end + 2
+            if size == 0:
+                # Trailers (ignored) end with an empty line.
+                trailer_end = buffer.find(b"\r\n", pos)
+                while trailer_end >= 0 and trailer_end != pos:
+                    pos = trailer_end + 2
+                    trailer_end = buffer.find(b"\r\n", pos)
+                if trailer_end < 0:
+                    return None
+                del buffer[: trailer_end + 2]
+                return b"".join(chunks)
+            total += size
+            if total > self.max_body_bytes:
+                raise HTTPError(413, "The request body is larger than this server's limit.")
+            if len(buffer) < pos + size + 2:
+                return None
+            chunks.append(bytes(buffer[pos : pos + size]))
+            pos += size + 2
+
+
+def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+        raise HTTPError(400, "Invalid request head.") from None
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise HTTPError(400, "Invalid request line.")
+    method, target = parts[0], parts[1]
+    if not method.isalpha() or not target.startswith("/"):
+        raise HTTPError(400, "Invalid request line.")
+    headers: dict[str, str] = {}
+    count = 0
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise HTTPError(400, "Invalid header line.")
+        count += 1
+        if count > MAX_HEADERS:
+            raise HTTPError(431, "Too many request headers.")
+        key = name.lower()
+        value = value.strip()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    if parts[2] == "HTTP/1.0" and "keep-alive" not in headers.get("connection", "").lower():
+        headers["connection"] = "close"
+    return method, target, headers
+
+
+def response_head(status: int, headers: list[tuple[str, str]]) -> bytes:
+    reason = _reason(status)
+    lines = [f"HTTP/1.1 {status} {reason}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def encode_response(
+    status: int,
+    body: bytes,
+    *,
+    content_type: str = "application/json",
+    headers: list[tuple[str, str]] | None = None,
+    keep_alive: bool = True,
+) -> bytes:
+    all_headers = [
+        ("content-type", content_type),
+        ("content-length", str(len(body))),
+        *(headers or ()),
+    ]
+    if not keep_alive:
+        all_headers.append(("connection", "close"))
+    return response_head(status, all_headers) + body
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked response body."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"

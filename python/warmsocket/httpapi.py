@@ -1,0 +1,401 @@
+"""HTTP mode: `POST /v1/responses` (JSON or SSE) and the stored-response endpoints.
+
+Handlers take a parsed request and a `ResponseWriter`; they never touch sockets.
+Every response carries `x-request-id`; errors use OpenAI's JSON error body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from warmsocket import _core, errors, ids
+from warmsocket.backends.base import TurnFailed
+from warmsocket.client_events import decode_json, validate_create
+from warmsocket.engine import Engine, Turn, response_object
+from warmsocket.errors import APIError
+from warmsocket.http11 import LAST_CHUNK, Request, chunk, encode_response, response_head
+from warmsocket.response_stream import dumps
+
+log = logging.getLogger("warmsocket.http")
+
+ANONYMOUS_OWNER = "anonymous"
+
+
+class ResponseWriter(Protocol):
+    """Where a handler writes its response bytes."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    @property
+    def closing(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """API keys and owners: an owner is the id of the API key a request used."""
+
+    api_keys: frozenset[str] = frozenset()
+
+    def owner(self, request: Request) -> str:
+        """The owner key of a request. Raises APIError(401) on a bad or missing key."""
+        header = request.header("authorization")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if self.api_keys and token not in self.api_keys:
+            raise errors.invalid_api_key()
+        if not token:
+            return ANONYMOUS_OWNER
+        return "key_" + hashlib.sha256(token.encode()).hexdigest()[:24]
+
+
+class HTTPApp:
+    """The HTTP routes of one server."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        auth: Auth,
+        models: Collection[str],
+        ready: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.engine = engine
+        self.auth = auth
+        self.models = tuple(models)
+        self.ready = ready
+
+    async def handle(self, request: Request, writer: ResponseWriter, *, connection: int) -> bool:
+        """Answer one request. Returns whether the connection may be kept alive."""
+        request_id = ids.request_id()
+        route, path_id, sub = route_of(request.path)
+        status = 500
+        try:
+            status = await self._dispatch(
+                request, writer, request_id, route, path_id, sub, connection
+            )
+        except APIError as error:
+            status = error.status
+            self.engine.metrics.count_error(error.code or error.type)
+            writer.write(
+                encode_response(
+                    error.status,
+                    dumps(error.http_body()),
+                    headers=[("x-request-id", request_id), *_error_headers(error)],
+                    keep_alive=request.keep_alive,
+                )
+            )
+        self.engine.metrics.http_request(route, status)
+        return request.keep_alive
+
+    async def _dispatch(
+        self,
+        request: Request,
+        writer: ResponseWriter,
+        request_id: str,
+        route: str,
+        path_id: str | None,
+        sub: str | None,
+        connection: int,
+    ) -> int:
+        method = request.method
+        if route == "healthz":
+            if method != "GET":
+                raise errors.method_not_allowed(method, request.path)
+            ok = self.ready()
+            body = dumps({"status": "ok" if ok else "starting"})
+            return self._json(writer, request, request_id, 200 if ok else 503, body)
+        if route == "metrics":
+            if method != "GET":
+                raise errors.method_not_allowed(method, request.path)
+            writer.write(
+                encode_response(
+                    200,
+                    self.engine.metrics.render().encode(),
+                    content_type="text/plain; version=0.0.4; charset=utf-8",
+                    headers=[("x-request-id", request_id)],
+                    keep_alive=request.keep_alive,
+                )
+            )
+            return 200
+        owner = self.auth.owner(request)
+        if route == "models":
+            if method != "GET":
+                raise errors.method_not_allowed(method, request.path)
+            return self._models(writer, request, request_id, path_id)
+        if route != "responses":
+            raise errors.not_found_route(method, request.path)
+        if path_id is None:
+            if method == "POST":
+                return await self._create(request, writer, request_id, owner, connection)
+            if method == "GET":
+                raise APIError(
+                    "websocket_upgrade_required",
+                    "GET /v1/responses is the WebSocket mode endpoint: send a WebSocket "
+                    "upgrade, or POST to create a response over HTTP.",
+                    status=400,
+                )
+            raise errors.method_not_allowed(method, request.path)
+        if sub is None:
+            if method == "GET":
+                if request.query_value("stream") in {"true", "1"}:
+                    raise errors.unsupported_parameter(
+                        "stream",
+                        "Streaming a stored response is only for background responses, which "
+                        "this server does not run.",
+                    )
+                return self._retrieve(writer, request, request_id, owner, path_id)
+            if method == "DELETE":
+                return self._delete(writer, request, request_id, owner, path_id)
+            raise errors.method_not_allowed(method, request.path)
+        if sub == "input_items" and method == "GET":
+            return self._input_items(writer, request, request_id, owner, path_id)
+        if sub == "cancel" and method == "POST":
+            raise APIError(
+                None,
+                "Only background responses can be cancelled; this server does not run "
+                "background responses.",
+                param="response_id",
+            )
+        raise errors.not_found_route(method, request.path)
+
+    # -- routes -----------------------------------------------------------------------------
+
+    async def _create(
+        self, request: Request, writer: ResponseWriter, request_id: str, owner: str, connection: int
+    ) -> int:
+        body = decode_json(request.body)
+        if not isinstance(body, dict):
+            raise errors.invalid_type("body", "a JSON object")
+        create = validate_create(body, websocket=False)
+        turn = self.engine.prepare(
+            create, owner=owner, connection=connection, lookup_connection=None
+        )
+        if create.stream:
+            await self._stream(request, writer, request_id, turn)
+        else:
+            await self._complete(request, writer, request_id, turn)
+        return 200
+
+    async def _stream(
+        self, request: Request, writer: ResponseWriter, request_id: str, turn: Turn
+    ) -> None:
+        headers = [
+            ("content-type", "text/event-stream; charset=utf-8"),
+            ("cache-control", "no-cache"),
+            ("transfer-encoding", "chunked"),
+            ("x-request-id", request_id),
+        ]
+        if not request.keep_alive:
+            headers.append(("connection", "close"))
+        writer.write(response_head(200, headers))
+
+        def emit(frames: list[bytes]) -> None:
+            if frames:
+                writer.write(chunk(b"".join(map(sse_event, frames))))
+
+        await run_turn(turn, emit, writer.drain, lambda: writer.closing)
+        writer.write(LAST_CHUNK)
+
+    async def _complete(
+        self, request: Request, writer: ResponseWriter, request_id: str, turn: Turn
+    ) -> None:
+        terminal: list[bytes] = []
+
+        def keep_last(frames: list[bytes]) -> None:
+            if frames:
+                terminal[:] = frames[-1:]
+
+        async def nothing() -> None:
+            return None
+
+        await run_turn(turn, keep_last, nothing, lambda: writer.closing)
+        event = json.loads(terminal[-1]) if terminal else {}
+        body = dumps(event.get("response", {}))
+        self._json(writer, request, request_id, 200, body)
+
+    def _retrieve(
+        self, writer: ResponseWriter, request: Request, request_id: str, owner: str, rid: str
+    ) -> int:
+        info, _input, output = self._stored(owner, rid)
+        return self._json(writer, request, request_id, 200, dumps(response_object(info, output)))
+
+    def _delete(
+        self, writer: ResponseWriter, request: Request, request_id: str, owner: str, rid: str
+    ) -> int:
+        if not self.engine.cache.delete(rid, owner=owner):
+            raise errors.response_not_found(rid)
+        body = dumps({"id": rid, "object": "response", "deleted": True})
+        return self._json(writer, request, request_id, 200, body)
+
+    def _input_items(
+        self, writer: ResponseWriter, request: Request, request_id: str, owner: str, rid: str
+    ) -> int:
+        _info, input_items, _output = self._stored(owner, rid)
+        limit_text = request.query_value("limit") or "20"
+        try:
+            limit = int(limit_text)
+        except ValueError:
+            raise errors.invalid_type("limit", "an integer") from None
+        if not 1 <= limit <= 100:
+            raise errors.invalid_value("limit", "Invalid 'limit': expected 1 to 100.")
+        order = request.query_value("order") or "desc"
+        if order not in {"asc", "desc"}:
+            raise errors.invalid_value("order", "Invalid 'order': expected 'asc' or 'desc'.")
+        items = [listed_input_item(item, rid, i) for i, item in enumerate(input_items.to_objects())]
+        if order == "desc":
+            items.reverse()
+        after = request.query_value("after")
+        if after is not None:
+            positions = [i for i, item in enumerate(items) if item["id"] == after]
+            if not positions:
+                raise errors.invalid_value("after", "Invalid 'after': no such item in this list.")
+            items = items[positions[0] + 1 :]
+        page = items[:limit]
+        body = dumps(
+            {
+                "object": "list",
+                "data": page,
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": len(items) > limit,
+            }
+        )
+        return self._json(writer, request, request_id, 200, body)
+
+    def _models(
+        self, writer: ResponseWriter, request: Request, request_id: str, model_id: str | None
+    ) -> int:
+        cards = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "warmsocket"}
+            for m in self.models
+        ]
+        if model_id is not None:
+            for card in cards:
+                if card["id"] == model_id:
+                    return self._json(writer, request, request_id, 200, dumps(card))
+            raise APIError(
+                "model_not_found", f"The model '{model_id[:128]}' does not exist.", status=404
+            )
+        return self._json(
+            writer, request, request_id, 200, dumps({"object": "list", "data": cards})
+        )
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _stored(self, owner: str, rid: str) -> tuple[_core.ResponseInfo, _core.Items, _core.Items]:
+        cache = self.engine.cache
+        try:
+            info = cache.get(rid, owner=owner)
+            input_items, output = cache.own_items(rid, owner=owner)
+        except _core.ResponseNotFound:
+            raise errors.response_not_found(rid) from None
+        return info, input_items, output
+
+    @staticmethod
+    def _json(
+        writer: ResponseWriter, request: Request, request_id: str, status: int, body: bytes
+    ) -> int:
+        writer.write(
+            encode_response(
+                status, body, headers=[("x-request-id", request_id)], keep_alive=request.keep_alive
+            )
+        )
+        return status
+
+
+async def run_turn(
+    turn: Turn,
+    emit: Callable[[list[bytes]], None],
+    drain: Callable[[], Awaitable[None]],
+    closing: Callable[[], bool],
+) -> None:
+    """Drive one HTTP-mode turn from `response.created` to its terminal event."""
+    emit(turn.start())
+    if not turn.request.generate:
+        emit(turn.complete())
+        return
+    engine = turn.engine
+    failed = False
+    stream = engine.backend.stream(turn.context())
+    try:
+        async for event in stream:
+            if isinstance(event, TurnFailed):
+                emit(turn.fail(event.error))
+                failed = True
+                break
+            emit(turn.feed(event))
+            await drain()
+            if closing():
+                turn.release()
+                turn.finished = True
+                return
+    except APIError as error:
+        emit(turn.fail(error))
+        return
+    except Exception:
+        log.exception("backend error")
+        emit(turn.fail(errors.model_failed()))
+        return
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        if not turn.finished and closing():
+            turn.release()
+    if failed:
+        return
+    try:
+        emit(turn.complete())
+    except APIError as error:
+        emit(turn.fail(error))
+
+
+def sse_event(frame: bytes) -> bytes:
+    """One event frame as an SSE event (`event:` line, `data:` line, blank line)."""
+    start = frame.find(b'"type":"') + 8
+    end = frame.find(b'"', start)
+    return b"event: " + frame[start:end] + b"\ndata: " + frame + b"\n\n"
+
+
+def listed_input_item(item: dict[str, Any], response_id: str, index: int) -> dict[str, Any]:
+    """An input item as `GET .../input_items` lists it: with an id, content as parts."""
+    listed = dict(item)
+    listed.setdefault("id", ids.input_item_id(response_id, index))
+    if listed.get("type") == "message":
+        content = listed.get("content")
+        if isinstance(content, str):
+            part_type = "output_text" if listed.get("role") == "assistant" else "input_text"
+            part: dict[str, Any] = {"type": part_type, "text": content}
+            if part_type == "output_text":
+                part["annotations"] = []
+            listed["content"] = [part]
+        listed.setdefault("status", "completed")
+    return listed
+
+
+def route_of(path: str) -> tuple[str, str | None, str | None]:
+    """(route, id, sub-resource) of a path; `/v1` is optional."""
+    parts = [p for p in path.split("/") if p]
+    if parts and parts[0] == "v1":
+        parts = parts[1:]
+    if not parts:
+        return ("root", None, None)
+    head = parts[0]
+    if head in {"healthz", "metrics"} and len(parts) == 1:
+        return (head, None, None)
+    if head in {"responses", "models"} and len(parts) <= 3:
+        return (head, parts[1] if len(parts) > 1 else None, parts[2] if len(parts) > 2 else None)
+    return ("unknown", None, None)
+
+
+def _error_headers(error: APIError) -> list[tuple[str, str]]:
+    return list(error.headers.items()) if error.headers else []
+
+
+__all__ = ["Auth", "HTTPApp", "route_of", "run_turn", "sse_event"]

@@ -1,0 +1,195 @@
+"""Counters and histograms, rendered in the Prometheus text exposition format.
+
+Labels never carry conversation content: only status names, error codes and routes.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+
+class Histogram:
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float] = LATENCY_BUCKETS) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def render(self, name: str, labels: str = "") -> Iterable[str]:
+        cumulative = 0
+        sep = "," if labels else ""
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            cumulative += count
+            yield f'{name}_bucket{{{labels}{sep}le="{bound:g}"}} {cumulative}'
+        yield f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}'
+        suffix = f"{{{labels}}}" if labels else ""
+        yield f"{name}_sum{suffix} {self.total:.9g}"
+        yield f"{name}_count{suffix} {self.count}"
+
+
+class Metrics:
+    """Process-wide metrics. Not thread-safe: the server updates it from its event loop."""
+
+    def __init__(self) -> None:
+        self.connections_opened = Counter[str]()
+        self.connections_active = Counter[str]()
+        self.turns = Counter[str]()
+        self.errors = Counter[str]()
+        self.http_requests = Counter[tuple[str, int]]()
+        self.lookups = Counter[str]()
+        self.prefix_matches = Counter[str]()
+        self.prefix_matched_items = 0
+        self.rebuild = Histogram()
+        self.first_token = Histogram()
+        self.turn_total = Histogram()
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.collectors: list[Callable[[], Iterable[str]]] = []
+
+    # -- recording ----------------------------------------------------------------------
+
+    def connection_opened(self, kind: str) -> None:
+        self.connections_opened[kind] += 1
+        self.connections_active[kind] += 1
+
+    def connection_closed(self, kind: str) -> None:
+        self.connections_active[kind] -= 1
+
+    def cache_lookup(self, *, hit: bool) -> None:
+        self.lookups["hit" if hit else "miss"] += 1
+
+    def count_error(self, code: str) -> None:
+        self.errors[code] += 1
+
+    def http_request(self, route: str, status: int) -> None:
+        self.http_requests[(route, status)] += 1
+
+    def observe_rebuild(self, seconds: float) -> None:
+        self.rebuild.observe(seconds)
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.first_token.observe(seconds)
+
+    def observe_turn(self, seconds: float, status: str) -> None:
+        self.turns[status] += 1
+        self.turn_total.observe(seconds)
+
+    # -- rendering ------------------------------------------------------------------------
+
+    def render(self) -> str:
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+
+        family("warmsocket_connections_opened_total", "counter", "Connections accepted, by kind.")
+        for kind in ("websocket", "http"):
+            value = self.connections_opened[kind]
+            lines.append(f'warmsocket_connections_opened_total{{kind="{kind}"}} {value}')
+        family("warmsocket_connections", "gauge", "Open connections, by kind.")
+        for kind in ("websocket", "http"):
+            value = self.connections_active[kind]
+            lines.append(f'warmsocket_connections{{kind="{kind}"}} {value}')
+        family("warmsocket_turns_total", "counter", "Responses finished, by terminal status.")
+        for status in ("completed", "incomplete", "failed"):
+            lines.append(f'warmsocket_turns_total{{status="{status}"}} {self.turns[status]}')
+        family("warmsocket_errors_total", "counter", "Errors sent to clients, by error code.")
+        for code, count in sorted(self.errors.items()):
+            lines.append(f'warmsocket_errors_total{{code="{_label(code)}"}} {count}')
+        family("warmsocket_http_requests_total", "counter", "HTTP requests, by route and status.")
+        for (route, http_status), count in sorted(self.http_requests.items()):
+            labels = f'route="{_label(route)}",status="{http_status}"'
+            lines.append(f"warmsocket_http_requests_total{{{labels}}} {count}")
+        family(
+            "warmsocket_previous_response_lookups_total",
+            "counter",
+            "previous_response_id lookups, by result.",
+        )
+        for result in ("hit", "miss"):
+            lines.append(
+                f'warmsocket_previous_response_lookups_total{{result="{result}"}} '
+                f"{self.lookups[result]}"
+            )
+        family(
+            "warmsocket_prefix_matches_total",
+            "counter",
+            "Full-history requests matched against cached chains, by result.",
+        )
+        for result in ("hit", "miss"):
+            lines.append(
+                f'warmsocket_prefix_matches_total{{result="{result}"}} '
+                f"{self.prefix_matches[result]}"
+            )
+        family(
+            "warmsocket_turn_context_rebuild_seconds",
+            "histogram",
+            "Time to validate a turn and rebuild its context from the cache.",
+        )
+        lines += self.rebuild.render("warmsocket_turn_context_rebuild_seconds")
+        family(
+            "warmsocket_turn_first_token_seconds",
+            "histogram",
+            "Time from the start of a turn to the backend's first event.",
+        )
+        lines += self.first_token.render("warmsocket_turn_first_token_seconds")
+        family(
+            "warmsocket_turn_seconds",
+            "histogram",
+            "Time from the start of a turn to its terminal event.",
+        )
+        lines += self.turn_total.render("warmsocket_turn_seconds")
+        for collect in self.collectors:
+            lines += collect()
+        lines.append("")
+        return "\n".join(lines)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")[:128]
+
+
+def cache_collector(stats: Callable[[], dict[str, int]]) -> Callable[[], Iterable[str]]:
+    """Render the session cache's stats as gauges and counters."""
+
+    def collect() -> Iterable[str]:
+        values = stats()
+        counters = {"hits", "misses", "evictions"}
+        for key, value in sorted(values.items()):
+            name = f"warmsocket_cache_{key}" + ("_total" if key in counters else "")
+            kind = "counter" if key in counters else "gauge"
+            yield f"# HELP {name} Session cache {key.replace('_', ' ')}."
+            yield f"# TYPE {name} {kind}"
+            yield f"{name} {value}"
+
+    return collect

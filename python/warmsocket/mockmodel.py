@@ -1,0 +1,215 @@
+"""The built-in deterministic model's decisions, as a pure function of the context.
+
+It answers only from the context the server rebuilt, so its replies show whether
+state handling is right. Read from the newest user message:
+
+* default: ``You said: <text of the newest user message>``
+* ``/call NAME JSON``: calls function NAME (one of the request's function tools) with
+  arguments JSON; once a matching ``function_call_output`` has come back, replies
+  ``NAME returned: <output>``
+* ``/repeat N NAME JSON``: calls NAME once per turn until N outputs for it have come back
+  after that user message, then replies ``done after N calls``
+* ``/transcript``: one line per item of the full context, in order:
+  ``instructions: <text>`` when set, ``<role>: <text>`` for messages,
+  ``function_call <name> <call_id>``, ``function_call_output <call_id> <output>``
+* ``/fail``: the response fails with ``server_error``
+* ``/sleep MS``: waits MS milliseconds before answering (combines with the others)
+
+The simulated upstream (`warmsocket simulate-upstream`) answers with the same rules.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+_WORD_RE = re.compile(r"\s*\S+")
+MAX_SLEEP_MS = 600_000
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What the model does this turn."""
+
+    kind: Literal["text", "call", "fail"]
+    text: str = ""
+    name: str = ""
+    arguments: str = ""
+    sleep_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Directive:
+    kind: Literal["call", "repeat", "transcript", "fail"]
+    name: str = ""
+    arguments: str = ""
+    times: int = 0
+
+
+def plan_reply(
+    tail: Sequence[dict[str, Any]],
+    *,
+    function_names: Iterable[str],
+    instructions: str | None,
+    full_context: Callable[[], Sequence[dict[str, Any]]],
+) -> Reply:
+    """Decide the reply.
+
+    `tail` is the context from the newest user message (inclusive) to the end; the
+    whole context when there is no user message. `full_context` is called only for
+    ``/transcript``, so a normal turn never reads the whole history.
+    """
+    user_index = _last_user_message(tail)
+    if user_index is None:
+        return Reply("text", "Nothing to answer: the context has no user message.")
+    text = message_text(tail[user_index])
+    after = tail[user_index + 1 :]
+
+    sleep_ms = 0
+    directive: _Directive | None = None
+    for line in text.splitlines():
+        words = line.strip().split(maxsplit=1)
+        if not words or not words[0].startswith("/"):
+            continue
+        command, rest = words[0], words[1] if len(words) > 1 else ""
+        if command == "/sleep":
+            sleep_ms = _parse_sleep(rest)
+        elif directive is None:
+            directive = _parse_directive(command, rest)
+
+    if directive is None:
+        return Reply("text", f"You said: {text}", sleep_ms=sleep_ms)
+    if directive.kind == "fail":
+        return Reply("fail", sleep_ms=sleep_ms)
+    if directive.kind == "transcript":
+        return Reply("text", transcript(full_context(), instructions), sleep_ms=sleep_ms)
+
+    names = set(function_names)
+    if directive.name not in names:
+        return Reply(
+            "text",
+            f"Cannot call {directive.name}: it is not one of this request's function tools.",
+            sleep_ms=sleep_ms,
+        )
+    try:
+        json.loads(directive.arguments)
+    except ValueError:
+        return Reply(
+            "text",
+            f"Cannot call {directive.name}: the arguments are not valid JSON.",
+            sleep_ms=sleep_ms,
+        )
+    outputs = _outputs_for(after, directive.name)
+    if directive.kind == "call":
+        if outputs:
+            return Reply("text", f"{directive.name} returned: {outputs[-1]}", sleep_ms=sleep_ms)
+        return Reply("call", name=directive.name, arguments=directive.arguments, sleep_ms=sleep_ms)
+    if len(outputs) >= directive.times:
+        return Reply("text", f"done after {directive.times} calls", sleep_ms=sleep_ms)
+    return Reply("call", name=directive.name, arguments=directive.arguments, sleep_ms=sleep_ms)
+
+
+def transcript(items: Sequence[dict[str, Any]], instructions: str | None) -> str:
+    lines = [] if instructions is None else [f"instructions: {instructions}"]
+    for item in items:
+        kind = item.get("type", "message")
+        if kind == "message":
+            lines.append(f"{item.get('role')}: {message_text(item)}")
+        elif kind == "function_call":
+            lines.append(f"function_call {item.get('name')} {item.get('call_id')}")
+        elif kind == "function_call_output":
+            lines.append(f"function_call_output {item.get('call_id')} {output_text(item)}")
+        else:
+            lines.append(str(kind))
+    return "\n".join(lines)
+
+
+def message_text(item: dict[str, Any]) -> str:
+    content = item.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part.get("text", "") if isinstance(part, dict) else ""
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def output_text(item: dict[str, Any]) -> str:
+    output = item.get("output")
+    if isinstance(output, str):
+        return output
+    if isinstance(output, list):
+        return message_text({"content": output})
+    return ""
+
+
+def text_deltas(text: str) -> list[str]:
+    """Split a reply into streamed deltas: one per word, with its leading whitespace."""
+    pieces = _WORD_RE.findall(text)
+    if not pieces:
+        return [text] if text else []
+    trailing = text[sum(map(len, pieces)) :]
+    if trailing:
+        pieces[-1] += trailing
+    return pieces
+
+
+def argument_deltas(arguments: str, parts: int = 3) -> list[str]:
+    """Split function-call arguments into a few deltas."""
+    if len(arguments) < parts:
+        return [arguments] if arguments else []
+    size = -(-len(arguments) // parts)
+    return [arguments[i : i + size] for i in range(0, len(arguments), size)]
+
+
+def _last_user_message(items: Sequence[dict[str, Any]]) -> int | None:
+    for index in range(len(items) - 1, -1, -1):
+        item = items[index]
+        if item.get("type", "message") == "message" and item.get("role") == "user":
+            return index
+    return None
+
+
+def _outputs_for(items: Sequence[dict[str, Any]], name: str) -> list[str]:
+    call_ids = {
+        item.get("call_id")
+        for item in items
+        if item.get("type") == "function_call" and item.get("name") == name
+    }
+    return [
+        output_text(item)
+        for item in items
+        if item.get("type") == "function_call_output" and item.get("call_id") in call_ids
+    ]
+
+
+def _parse_sleep(rest: str) -> int:
+    try:
+        value = int(rest.split()[0]) if rest else 0
+    except ValueError:
+        return 0
+    return max(0, min(value, MAX_SLEEP_MS))
+
+
+def _parse_directive(command: str, rest: str) -> _Directive | None:
+    if command == "/fail":
+        return _Directive("fail")
+    if command == "/transcript":
+        return _Directive("transcript")
+    if command == "/call":
+        parts = rest.split(maxsplit=1)
+        if parts:
+            return _Directive("call", parts[0], parts[1] if len(parts) > 1 else "{}")
+    if command == "/repeat":
+        parts = rest.split(maxsplit=2)
+        if len(parts) >= 2 and parts[0].isdigit():
+            return _Directive(
+                "repeat", parts[1], parts[2] if len(parts) > 2 else "{}", int(parts[0])
+            )
+    return None

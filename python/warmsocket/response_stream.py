@@ -1,0 +1,308 @@
+"""Encoding one response's events: lifecycle snapshots, items, deltas, indices.
+
+A `ResponseStream` owns the per-response `sequence_number` counter (starting at 0),
+assigns `output_index` / `content_index`, and encodes each event as JSON bytes the
+moment it is produced. The static part of the Response object (id, model, settings,
+tools) is encoded once; lifecycle events splice in status, output and usage.
+Events are identical on WebSocket and SSE except for `stream_id` (WebSocket named
+lanes only).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from warmsocket import ids
+
+Status = Literal["in_progress", "completed", "failed", "incomplete"]
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def dumps(value: Any) -> bytes:
+    return _dumps(value).encode()
+
+
+class ResponseStream:
+    """The event stream of one response."""
+
+    __slots__ = (
+        "_open",
+        "_prefix",
+        "_static",
+        "completed_at",
+        "created_at",
+        "output",
+        "response_id",
+        "sequence_number",
+        "status",
+        "stream_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        response_id: str,
+        model: str,
+        settings: dict[str, Any],
+        previous_response_id: str | None,
+        store: bool,
+        created_at: int,
+        stream_id: str | None = None,
+    ) -> None:
+        self.response_id = response_id
+        self.stream_id = stream_id
+        self.created_at = created_at
+        self.completed_at: int | None = None
+        self.sequence_number = 0
+        self.status: Status = "in_progress"
+        self.output: list[dict[str, Any]] = []
+        self._open: _OpenItem | None = None
+        static = {
+            "id": response_id,
+            "object": "response",
+            "created_at": created_at,
+            "model": model,
+            "previous_response_id": previous_response_id,
+            "store": store,
+            "background": False,
+            **settings,
+        }
+        # '{"id":...}' without its opening brace, so dynamic fields can be spliced in front.
+        self._static = dumps(static)[1:]
+        self._prefix = b"" if stream_id is None else b'"stream_id":' + dumps(stream_id) + b","
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> list[bytes]:
+        """`response.created` and `response.in_progress`."""
+        return [self._lifecycle("response.created"), self._lifecycle("response.in_progress")]
+
+    def complete(self, usage: dict[str, Any], completed_at: int) -> list[bytes]:
+        frames = self.close_item()
+        self.status = "completed"
+        self.completed_at = completed_at
+        frames.append(self._lifecycle("response.completed", usage=usage))
+        return frames
+
+    def fail(self, error: dict[str, Any], usage: dict[str, Any] | None) -> list[bytes]:
+        frames = self.close_item()
+        self.status = "failed"
+        frames.append(self._lifecycle("response.failed", usage=usage, error=error))
+        return frames
+
+    def incomplete(self, reason: str, usage: dict[str, Any], completed_at: int) -> list[bytes]:
+        frames = self.close_item()
+        self.status = "incomplete"
+        self.completed_at = completed_at
+        frames.append(
+            self._lifecycle("response.incomplete", usage=usage, incomplete={"reason": reason})
+        )
+        return frames
+
+    def snapshot(
+        self,
+        *,
+        usage: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+        incomplete: dict[str, Any] | None = None,
+    ) -> bytes:
+        """The Response object as JSON."""
+        return (
+            b'{"status":"'
+            + self.status.encode()
+            + b'","completed_at":'
+            + (b"null" if self.completed_at is None else str(self.completed_at).encode())
+            + b',"error":'
+            + dumps(error)
+            + b',"incomplete_details":'
+            + dumps(incomplete)
+            + b',"usage":'
+            + dumps(usage)
+            + b',"output":'
+            + dumps(self.output)
+            + b","
+            + self._static
+        )
+
+    # -- items ----------------------------------------------------------------------------
+
+    def text_delta(self, text: str) -> list[bytes]:
+        frames: list[bytes] = []
+        item = self._open
+        if item is None or item.kind != "message":
+            frames += self.close_item()
+            item = self._open_message()
+            frames += item.opened
+        item.parts.append(text)
+        frames.append(
+            self._event(
+                b'"type":"response.output_text.delta",'
+                + item.locator
+                + b',"content_index":0,"logprobs":[],"delta":'
+                + dumps(text)
+            )
+        )
+        return frames
+
+    def tool_call_start(self, call_id: str, name: str) -> list[bytes]:
+        frames = self.close_item()
+        item_id = ids.function_call_id()
+        index = len(self.output)
+        body = {
+            "id": item_id,
+            "type": "function_call",
+            "status": "in_progress",
+            "call_id": call_id,
+            "name": name,
+            "arguments": "",
+        }
+        opened = _OpenItem("function_call", item_id, index, body)
+        self._open = opened
+        frames.append(self._item_event("response.output_item.added", index, body))
+        return frames
+
+    def tool_arguments_delta(self, delta: str) -> list[bytes]:
+        item = self._open
+        if item is None or item.kind != "function_call":
+            return []
+        item.parts.append(delta)
+        return [
+            self._event(
+                b'"type":"response.function_call_arguments.delta",'
+                + item.locator
+                + b',"delta":'
+                + dumps(delta)
+            )
+        ]
+
+    def close_item(self) -> list[bytes]:
+        """Finish the open item, if any (its `.done` events)."""
+        item = self._open
+        if item is None:
+            return []
+        self._open = None
+        full = "".join(item.parts)
+        if item.kind == "message":
+            part = {"type": "output_text", "text": full, "annotations": [], "logprobs": []}
+            body = {**item.body, "status": "completed", "content": [part]}
+            frames = [
+                self._event(
+                    b'"type":"response.output_text.done",'
+                    + item.locator
+                    + b',"content_index":0,"logprobs":[],"text":'
+                    + dumps(full)
+                ),
+                self._event(
+                    b'"type":"response.content_part.done",'
+                    + item.locator
+                    + b',"content_index":0,"part":'
+                    + dumps(part)
+                ),
+            ]
+        else:
+            body = {**item.body, "status": "completed", "arguments": full}
+            frames = [
+                self._event(
+                    b'"type":"response.function_call_arguments.done",'
+                    + item.locator
+                    + b',"arguments":'
+                    + dumps(full)
+                )
+            ]
+        self.output.append(body)
+        frames.append(self._item_event("response.output_item.done", item.index, body))
+        return frames
+
+    @property
+    def open_kind(self) -> str | None:
+        """ "message" or "function_call" while an item is open, else None."""
+        return None if self._open is None else self._open.kind
+
+    # -- other events carrying this response's sequence numbers --------------------------
+
+    def extra_event(self, event: dict[str, Any]) -> bytes:
+        """An event (steering, error) numbered in this response's sequence."""
+        body = dumps(event)[1:-1]
+        return self._event(body)
+
+    # -- encoding -------------------------------------------------------------------------
+
+    def _open_message(self) -> _OpenItem:
+        item_id = ids.message_id()
+        index = len(self.output)
+        body = {
+            "id": item_id,
+            "type": "message",
+            "status": "in_progress",
+            "role": "assistant",
+            "content": [],
+        }
+        item = _OpenItem("message", item_id, index, body)
+        self._open = item
+        item.opened = [
+            self._item_event("response.output_item.added", index, body),
+            self._event(
+                b'"type":"response.content_part.added",'
+                + item.locator
+                + b',"content_index":0,"part":{"type":"output_text","text":"","annotations":[],'
+                b'"logprobs":[]}'
+            ),
+        ]
+        return item
+
+    def _item_event(self, event_type: str, index: int, item: dict[str, Any]) -> bytes:
+        return self._event(
+            b'"type":"'
+            + event_type.encode()
+            + b'","output_index":'
+            + str(index).encode()
+            + b',"item":'
+            + dumps(item)
+        )
+
+    def _lifecycle(
+        self,
+        event_type: str,
+        *,
+        usage: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+        incomplete: dict[str, Any] | None = None,
+    ) -> bytes:
+        return self._event(
+            b'"type":"'
+            + event_type.encode()
+            + b'","response":'
+            + self.snapshot(usage=usage, error=error, incomplete=incomplete)
+        )
+
+    def _event(self, body: bytes) -> bytes:
+        seq = self.sequence_number
+        self.sequence_number = seq + 1
+        return b"{" + self._prefix + b'"sequence_number":' + str(seq).encode() + b"," + body + b"}"
+
+
+class _OpenItem:
+    __slots__ = ("body", "index", "item_id", "kind", "locator", "opened", "parts")
+
+    def __init__(self, kind: str, item_id: str, index: int, body: dict[str, Any]) -> None:
+        self.kind = kind
+        self.item_id = item_id
+        self.index = index
+        self.body = body
+        self.parts: list[str] = []
+        self.opened: list[bytes] = []
+        self.locator = (
+            b'"item_id":"' + item_id.encode() + b'","output_index":' + str(index).encode()
+        )
+
+
+def usage_object(input_tokens: int, cached_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }

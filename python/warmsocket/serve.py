@@ -1,0 +1,99 @@
+"""`warmsocket serve`: configuration from flags, logging, signals, snapshot, run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from warmsocket import logs
+from warmsocket._core import SessionCache, SnapshotError
+from warmsocket.backends.base import Backend
+from warmsocket.backends.mock import MockBackend
+from warmsocket.cli import run_async
+from warmsocket.engine import Limits
+from warmsocket.server import Server, ServerConfig
+
+log = logging.getLogger("warmsocket")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    limits = Limits(
+        max_message_bytes=args.max_message_bytes,
+        connection_lifetime=args.connection_lifetime,
+        max_named_lanes=args.max_lanes,
+        max_active_responses=args.max_active_responses,
+        max_queued_requests=args.max_queued_requests,
+        close_grace=args.close_grace,
+    )
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_keys=frozenset(args.api_key or ()),
+        limits=limits,
+        memory_budget=args.memory_budget,
+        max_item_bytes=args.max_item_bytes,
+        models=tuple(args.model or ("warmsocket-mock",)),
+        ws_ping_interval=args.ws_ping_interval or None,
+    )
+
+
+def backend_from_args(args: argparse.Namespace) -> Backend:
+    return MockBackend(ttft_ms=args.mock_ttft_ms, tokens_per_second=args.mock_tokens_per_second)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    logs.configure(args.log_level, args.log_format)
+    config = config_from_args(args)
+    snapshot = Path(args.snapshot) if args.snapshot else None
+    try:
+        return int(run_async(_serve(config, backend_from_args(args), snapshot)))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _serve(config: ServerConfig, backend: Backend, snapshot: Path | None) -> int:
+    cache = SessionCache(config.memory_budget, max_item_bytes=config.max_item_bytes)
+    if snapshot is not None and snapshot.exists():
+        try:
+            restored = cache.restore(snapshot.read_bytes())
+        except (OSError, SnapshotError) as exc:
+            log.error(
+                "cannot restore the snapshot; fix or move the file, or start without --snapshot",
+                extra={"path": str(snapshot), "error_type": type(exc).__name__},
+            )
+            return 1
+        log.info("snapshot restored", extra={"path": str(snapshot), "responses": restored})
+    server = Server(config, backend, cache=cache)
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error(
+            "cannot listen; pick another --port or --host",
+            extra={"host": config.host, "port": config.port, "errno": exc.errno},
+        )
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "listening",
+        extra={
+            "url": f"http://{config.host}:{server.port}/v1",
+            "websocket": f"ws://{config.host}:{server.port}/v1/responses",
+            "backend": backend.name,
+            "auth": bool(config.api_keys),
+        },
+    )
+    await stop.wait()
+    log.info("shutting down")
+    await server.close()
+    if snapshot is not None:
+        snapshot.write_bytes(cache.snapshot())
+        log.info(
+            "snapshot saved", extra={"path": str(snapshot), "entries": cache.stats().stored_entries}
+        )
+    return 0

@@ -1,0 +1,503 @@
+"""The asyncio layer: sockets, tasks, timers and backpressure; no protocol decisions.
+
+One TCP connection speaks HTTP/1.1 (`warmsocket.http11`, `warmsocket.httpapi`) until
+a WebSocket upgrade on `/v1/responses`; then the `websockets` Sans-I/O
+`ServerProtocol` does the framing and `warmsocket.session.ResponsesSession` holds the
+protocol state. This module only moves bytes and events between them, the socket and
+the model backend.
+
+Writes produced in one event-loop iteration are coalesced into one `writelines`
+call; nothing waits longer than the current iteration. When the socket's write
+buffer is full, model tasks wait and reading pauses, so a client that does not read
+cannot make the server buffer without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request as WSRequest
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from warmsocket import errors
+from warmsocket._core import SessionCache
+from warmsocket.backends.base import Backend
+from warmsocket.engine import Engine, Limits, Turn
+from warmsocket.errors import APIError
+from warmsocket.http11 import CONTINUE, HTTPError, Request, RequestParser, encode_response
+from warmsocket.httpapi import Auth, HTTPApp, route_of
+from warmsocket.metrics import Metrics, cache_collector
+from warmsocket.response_stream import dumps
+from warmsocket.session import CloseConnection, ResponsesSession, StartModel, StopModel
+
+log = logging.getLogger("warmsocket.server")
+
+WRITE_HIGH_WATER = 1024 * 1024
+WRITE_LOW_WATER = 256 * 1024
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: frozenset[str] = frozenset()
+    limits: Limits = field(default_factory=Limits)
+    memory_budget: int = 1 << 30
+    max_item_bytes: int = 32 * 1024 * 1024
+    models: tuple[str, ...] = ("warmsocket-mock",)
+    ws_ping_interval: float | None = 20.0
+    ws_ping_timeout: float | None = 20.0
+    backlog: int = 1024
+
+
+class Server:
+    """A running warmsocket server: one port, HTTP and WebSocket mode."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        backend: Backend,
+        *,
+        cache: SessionCache | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.cache = cache or SessionCache(
+            config.memory_budget, max_item_bytes=config.max_item_bytes
+        )
+        self.metrics.collectors.append(cache_collector(lambda: self.cache.stats().as_dict()))
+        self.engine = Engine(self.cache, backend, metrics=self.metrics, limits=config.limits)
+        self.http = HTTPApp(self.engine, auth=Auth(config.api_keys), models=config.models)
+        self.connections: set[Connection] = set()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            return self.config.port
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Connection(self),
+            self.config.host,
+            self.config.port,
+            backlog=self.config.backlog,
+            reuse_address=True,
+        )
+
+    async def serve_forever(self) -> None:
+        if self._server is None:
+            await self.start()
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def close(self) -> None:
+        """Stop listening, close every connection (1001 for WebSockets), release backends."""
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.shutdown()
+        if self._server is not None:
+            await self._server.wait_closed()
+        await self.engine.backend.aclose()
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+class _Writer:
+    """The HTTP handlers' view of the transport."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def write(self, data: bytes) -> None:
+        self._connection.write(data)
+
+    async def drain(self) -> None:
+        await self._connection.drain()
+
+    @property
+    def closing(self) -> bool:
+        return self._connection.lost
+
+
+class Connection(asyncio.Protocol):
+    """One TCP connection: HTTP/1.1, possibly upgraded to WebSocket mode."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self._parser = RequestParser(max_body_bytes=server.config.limits.max_message_bytes)
+        self._http_task: asyncio.Task[None] | None = None
+        self._cache_connection: int | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._pending: list[bytes] = []
+        self._flush_scheduled = False
+        # WebSocket mode
+        self.ws: ServerProtocol | None = None
+        self.session: ResponsesSession | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._fragments: list[bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._keepalive: asyncio.Task[None] | None = None
+        self._pong = asyncio.Event()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.server.metrics.bytes_received += len(data)
+        if self.ws is not None:
+            self._ws_data(data)
+            return
+        self._parser.feed(data)
+        if self._http_task is None:
+            self._http_next()
+
+    def eof_received(self) -> bool | None:
+        if self.ws is not None:
+            self.ws.receive_eof()
+            self._ws_events()
+            self._flush()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._writable.set()
+        self.server.connections.discard(self)
+        if self._http_task is not None:
+            self._http_task.cancel()
+        if self._cache_connection is not None:
+            self.server.cache.close_connection(self._cache_connection)
+            self.server.metrics.connection_closed("http")
+            self._cache_connection = None
+        if self.session is not None:
+            self.session.connection_lost()
+            self._run_actions()
+            self.server.metrics.connection_closed("websocket")
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+        if self.transport is not None and not self.lost:
+            self.transport.resume_reading()
+
+    # -- writing -------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.lost:
+            self.server.metrics.bytes_sent += len(data)
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if not self._writable.is_set():
+            await self._writable.wait()
+
+    def shutdown(self) -> None:
+        """Server shutdown: WebSockets get 1001 (going away); HTTP connections close."""
+        if self.ws is not None and self.ws.state is State.OPEN:
+            self.ws.send_close(1001, "server shutting down")
+            self._flush()
+        elif self.transport is not None:
+            self.transport.close()
+
+    # -- HTTP ----------------------------------------------------------------------------
+
+    def _http_next(self) -> None:
+        try:
+            request = self._parser.next_request()
+        except HTTPError as error:
+            body = dumps(errors.APIError(None, error.message, status=error.status).http_body())
+            self.write(encode_response(error.status, body, keep_alive=False))
+            self._close_transport()
+            return
+        if request is None:
+            if self._parser.wants_continue():
+                self.write(CONTINUE)
+            return
+        if request.is_websocket_upgrade:
+            self._upgrade(request)
+            return
+        self._http_task = self.loop.create_task(self._http_handle(request))
+
+    async def _http_handle(self, request: Request) -> None:
+        if self._cache_connection is None:
+            # HTTP keep-alive connections scope store=false state too: nothing outlives them.
+            self._cache_connection = self.server.cache.open_connection()
+            self.server.metrics.connection_opened("http")
+        keep_alive = False
+        try:
+            keep_alive = await self.server.http.handle(
+                request, _Writer(self), connection=self._cache_connection
+            )
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            log.exception("unhandled error in an HTTP handler")
+            body = dumps(errors.server_error().http_body())
+            self.write(encode_response(500, body, keep_alive=False))
+        finally:
+            self._http_task = None
+        if not keep_alive:
+            self._close_transport()
+            return
+        if not self.lost:
+            self._http_next()
+
+    def _close_transport(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- WebSocket upgrade ---------------------------------------------------------------
+
+    def _upgrade(self, request: Request) -> None:
+        server = self.server
+        route, path_id, _sub = route_of(request.path)
+        if route != "responses" or path_id is not None:
+            error = errors.not_found_route("GET", request.path)
+            self._refuse(error)
+            return
+        try:
+            owner = server.http.auth.owner(request)
+        except APIError as error:
+            self._refuse(error)
+            return
+        limit = server.config.limits.max_message_bytes
+        protocol = ServerProtocol(
+            extensions=[ServerPerMessageDeflateFactory()],
+            max_size=max(2 * limit, limit + 16 * 1024 * 1024),
+            logger=logging.getLogger("warmsocket.websockets"),
+        )
+        protocol.receive_data(request.head)
+        handshake = protocol.events_received()
+        if not handshake or not isinstance(handshake[0], WSRequest):
+            self._refuse(APIError(None, "Invalid WebSocket handshake.", status=400))
+            return
+        response = protocol.accept(handshake[0])
+        protocol.send_response(response)
+        self.ws = protocol
+        if response.status_code != 101:
+            self._flush()
+            return
+        server.metrics.connection_opened("websocket")
+        self.session = ResponsesSession(server.engine, owner=owner, now=self.loop.time())
+        self._arm_timer()
+        if server.config.ws_ping_interval:
+            self._keepalive = self.loop.create_task(self._keepalive_loop())
+        leftover = self._parser.take_buffer()
+        if leftover:
+            self._ws_data(leftover)
+        else:
+            self._flush()
+        log.info("websocket opened", extra={"connection": self.session.connection})
+
+    def _refuse(self, error: APIError) -> None:
+        server = self.server
+        server.metrics.count_error(error.code or error.type)
+        server.metrics.http_request("responses", error.status)
+        body = dumps(error.http_body())
+        self.write(encode_response(error.status, body, keep_alive=False))
+        self._close_transport()
+
+    # -- WebSocket mode ------------------------------------------------------------------
+
+    def _ws_data(self, data: bytes) -> None:
+        assert self.ws is not None
+        self.ws.receive_data(data)
+        self._ws_events()
+        self._run_actions()
+        self._flush()
+
+    def _ws_events(self) -> None:
+        assert self.ws is not None
+        session = self.session
+        for event in self.ws.events_received():
+            if not isinstance(event, Frame):
+                continue
+            opcode = event.opcode
+            data = bytes(event.data)  # already bytes for data frames: no copy
+            if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                if not event.fin:
+                    self._fragments = [data]
+                elif session is not None:
+                    session.receive_message(data)
+            elif opcode is Opcode.CONT:
+                self._fragments.append(data)
+                if event.fin:
+                    message = b"".join(self._fragments)
+                    self._fragments = []
+                    if session is not None:
+                        session.receive_message(message)
+            elif opcode is Opcode.PONG:
+                self._pong.set()
+        closing = self.ws.state is State.CLOSED or self.ws.state is State.CLOSING
+        if closing and session is not None and not session.closed:
+            session.connection_lost()
+
+    def _run_actions(self) -> None:
+        session = self.session
+        ws = self.ws
+        if session is None or ws is None:
+            return
+        for action in session.take_outbox():
+            if isinstance(action, bytes):
+                if ws.state is State.OPEN:
+                    ws.send_text(action)
+            elif isinstance(action, StartModel):
+                self._tasks[action.turn.response_id] = self.loop.create_task(
+                    self._run_model(session, action.turn)
+                )
+            elif isinstance(action, StopModel):
+                task = self._tasks.pop(action.turn.response_id, None)
+                if task is not None and task is not asyncio.current_task():
+                    task.cancel()
+            elif isinstance(action, CloseConnection) and ws.state is State.OPEN:
+                ws.send_close(action.code, action.reason)
+        self._schedule_flush()
+
+    async def _run_model(self, session: ResponsesSession, turn: Turn) -> None:
+        backend = self.server.engine.backend
+        stream = backend.stream(turn.context())
+        try:
+            async for event in stream:
+                session.model_event(turn, event)
+                self._run_actions()
+                if turn.finished:
+                    break
+                if not self._writable.is_set():
+                    self._flush()
+                    await self._writable.wait()
+            else:
+                session.model_done(turn)
+        except asyncio.CancelledError:
+            raise
+        except APIError as error:
+            session.model_error(turn, error)
+        except Exception as exc:
+            log.error("backend error", extra={"error_type": type(exc).__name__})
+            session.model_error(turn)
+        finally:
+            self._tasks.pop(turn.response_id, None)
+            await stream.aclose()  # type: ignore[attr-defined]
+        self._run_actions()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        ws = self.ws
+        transport = self.transport
+        if ws is None or transport is None or self.lost:
+            return
+        chunks = ws.data_to_send()
+        if not chunks:
+            return
+        eof = False
+        if chunks[-1] == b"":
+            eof = True
+            chunks = [c for c in chunks if c]
+        if chunks:
+            self.server.metrics.bytes_sent += sum(map(len, chunks))
+            transport.writelines(chunks)
+        if eof:
+            transport.close()
+
+    def _arm_timer(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        deadline = session.next_deadline()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        session.tick(self.loop.time())
+        self._run_actions()
+        self._flush()
+        self._arm_timer()
+
+    async def _keepalive_loop(self) -> None:
+        config = self.server.config
+        interval = config.ws_ping_interval or 20.0
+        timeout = config.ws_ping_timeout
+        try:
+            while not self.lost and self.ws is not None and self.ws.state is State.OPEN:
+                await asyncio.sleep(interval)
+                if self.ws.state is not State.OPEN:
+                    return
+                self._pong.clear()
+                self.ws.send_ping(int(time.monotonic() * 1000).to_bytes(8, "big"))
+                self._flush()
+                if not timeout:
+                    continue
+                try:
+                    await asyncio.wait_for(self._pong.wait(), timeout)
+                except TimeoutError:
+                    log.info("websocket keepalive timed out")
+                    if self.ws.state is State.OPEN:
+                        self.ws.fail(1011, "keepalive ping timeout")
+                        self._flush()
+                    self._close_transport()
+                    return
+        except asyncio.CancelledError:
+            return
+
+
+async def run_server(
+    config: ServerConfig,
+    backend: Backend,
+    *,
+    ready: Callable[[Server], Any] | None = None,
+) -> None:
+    """Serve until cancelled."""
+    server = Server(config, backend)
+    await server.start()
+    if ready is not None:
+        ready(server)
+    try:
+        await server.serve_forever()
+    finally:
+        await server.close()

@@ -1,0 +1,544 @@
+"""The Sans-I/O state of one WebSocket-mode connection.
+
+`ResponsesSession` takes client messages, model events and clock ticks in, and puts
+what should happen in its outbox: frames to send (`bytes`), `StartModel` /
+`StopModel` for the backend, `CloseConnection`. It never raises on bad client input
+(every problem becomes an error event) and performs no I/O, so tests drive it
+without sockets or an event loop.
+
+Rules implemented here (spec §2, §3.7, §5):
+
+* lanes: FIFO per `stream_id`, concurrent across lanes, at most 16 active responses
+  per connection (more are queued, never rejected), at most 32 named lanes;
+* `previous_response_id` resolves from this connection's entries, then stored ones;
+* each lane's latest response is pinned in the cache; a failed same-lane
+  continuation evicts its parent, a failed fork keeps it;
+* steering: accepted / pending / failed, `incomplete` with reason `steered` and an
+  automatic successor on the same lane;
+* lifetime: `websocket_connection_limit_reached`, then a clean close once in-flight
+  responses finish (bounded by a grace period);
+* disconnect: in-flight and queued work is cancelled and connection-local state freed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from warmsocket import errors, ids
+from warmsocket._core import Binding
+from warmsocket.backends.base import ModelEvent, TurnFailed
+from warmsocket.client_events import (
+    CreateRequest,
+    parse_client_event,
+    validate_create,
+    validate_steer,
+)
+from warmsocket.engine import Engine, Turn
+from warmsocket.errors import APIError
+from warmsocket.response_stream import dumps
+
+log = logging.getLogger("warmsocket.session")
+
+# How many finished response ids a connection remembers for steering replies.
+_FINISHED_MEMORY = 256
+
+
+@dataclass(frozen=True, slots=True)
+class StartModel:
+    """Run the backend for this turn and feed its events back."""
+
+    turn: Turn
+
+
+@dataclass(frozen=True, slots=True)
+class StopModel:
+    """Cancel the backend work of this turn; later events for it are ignored."""
+
+    turn: Turn
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConnection:
+    code: int
+    reason: str
+
+
+Action = bytes | StartModel | StopModel | CloseConnection
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A queued create: validated, or carrying the error to report when its turn comes."""
+
+    request: CreateRequest | None
+    error: APIError | None
+    previous_response_id: str | None
+    # Steering that becomes this request's input prefix (automatic successors).
+    steer_ids: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class _PendingSteer:
+    """Accepted steering waiting for the client's explicit continuation (steer.pending)."""
+
+    target_id: str
+    items: list[dict[str, Any]]
+    steer_ids: list[str]
+
+
+@dataclass(slots=True)
+class _Lane:
+    name: str | None
+    queue: deque[_Pending] = field(default_factory=deque)
+    active: Turn | None = None
+    head: Binding | None = None
+    head_id: str | None = None
+    in_ready: bool = False
+    pending_steer: _PendingSteer | None = None
+
+
+class ResponsesSession:
+    """One WebSocket-mode connection's protocol state."""
+
+    def __init__(self, engine: Engine, *, owner: str, now: float) -> None:
+        self.engine = engine
+        self.limits = engine.limits
+        self.owner = owner
+        self.connection = engine.cache.open_connection()
+        self.opened_at = now
+        self.deadline = now + self.limits.connection_lifetime
+        self.close_deadline: float | None = None
+        self.outbox: list[Action] = []
+        self.expired = False
+        self.closed = False
+        self._lanes: dict[str | None, _Lane] = {}
+        self._named_lanes = 0
+        self._ready: deque[_Lane] = deque()
+        self._active: dict[str, tuple[Turn, _Lane]] = {}
+        self._queued = 0
+        # response id -> (stream_id, next sequence number) of recently finished responses
+        self._finished: OrderedDict[str, tuple[str | None, int]] = OrderedDict()
+
+    # -- inputs -------------------------------------------------------------------------
+
+    def receive_message(self, data: bytes | str) -> None:
+        """One client message (a text or binary WebSocket message)."""
+        if self.closed:
+            return
+        size = len(data)
+        if size > self.limits.max_message_bytes:
+            self._error(errors.message_too_large(size, self.limits.max_message_bytes), None)
+            return
+        try:
+            event = parse_client_event(data)
+        except APIError as error:
+            self._error(error, None)
+            return
+        if event.type == "response.create":
+            self._receive_create(event.body, event.stream_id)
+        elif event.type == "response.steer":
+            self._receive_steer(event.body)
+
+    def model_event(self, turn: Turn, event: ModelEvent) -> None:
+        """One event from the backend for `turn`."""
+        if turn.finished or self.closed:
+            return
+        if isinstance(event, TurnFailed):
+            self._fail(turn, event.error)
+            return
+        if turn.interrupt_requested and turn.starts_new_item(event):
+            self._interrupt(turn)
+            return
+        self.outbox += turn.feed(event)
+
+    def model_done(self, turn: Turn) -> None:
+        """The backend finished `turn` normally."""
+        if turn.finished or self.closed:
+            return
+        self._complete(turn)
+
+    def model_error(self, turn: Turn, error: APIError | None = None) -> None:
+        """The backend raised: the response fails with `server_error` (or `error`)."""
+        if turn.finished or self.closed:
+            return
+        self._fail(turn, error or errors.model_failed())
+
+    def tick(self, now: float) -> None:
+        """Advance the lifetime clock."""
+        if self.closed:
+            return
+        if not self.expired and now >= self.deadline:
+            self._expire(now)
+        if self.expired and self.close_deadline is not None and now >= self.close_deadline:
+            for turn, _lane in list(self._active.values()):
+                self.outbox.append(StopModel(turn))
+                self._fail(turn, errors.server_error("The connection lifetime ended first."))
+        self._maybe_close()
+
+    def next_deadline(self) -> float | None:
+        """When `tick` should next be called."""
+        if self.closed:
+            return None
+        return self.close_deadline if self.expired else self.deadline
+
+    def connection_lost(self) -> None:
+        """The socket is gone: cancel everything and free this connection's state."""
+        if self.closed:
+            return
+        self.closed = True
+        for turn, _lane in list(self._active.values()):
+            self.outbox.append(StopModel(turn))
+            turn.finished = True
+            turn.release()
+        self._active.clear()
+        for lane in self._lanes.values():
+            lane.queue.clear()
+            lane.active = None
+            if lane.head is not None:
+                lane.head.release()
+                lane.head = None
+        self._ready.clear()
+        self._queued = 0
+        self.engine.cache.close_connection(self.connection)
+
+    def take_outbox(self) -> list[Action]:
+        outbox, self.outbox = self.outbox, []
+        return outbox
+
+    @property
+    def active_responses(self) -> int:
+        return len(self._active)
+
+    @property
+    def queued_requests(self) -> int:
+        return self._queued
+
+    @property
+    def named_lanes(self) -> int:
+        return self._named_lanes
+
+    def lane_head(self, stream_id: str | None) -> str | None:
+        lane = self._lanes.get(stream_id)
+        return None if lane is None else lane.head_id
+
+    # -- creates ------------------------------------------------------------------------
+
+    def _receive_create(self, body: dict[str, Any], stream_id: str | None) -> None:
+        if self.expired:
+            self._error(errors.connection_limit_reached(self._lifetime_minutes()), None)
+            return
+        lane = self._lanes.get(stream_id)
+        if lane is None:
+            if stream_id is not None:
+                if self._named_lanes >= self.limits.max_named_lanes:
+                    self._error(errors.stream_limit_reached(self.limits.max_named_lanes), stream_id)
+                    return
+                self._named_lanes += 1
+            lane = _Lane(stream_id)
+            self._lanes[stream_id] = lane
+        if self._queued >= self.limits.max_queued_requests:
+            self._error(errors.too_many_queued(self.limits.max_queued_requests), stream_id)
+            return
+        previous = body.get("previous_response_id")
+        previous = previous if isinstance(previous, str) else None
+        try:
+            pending = _Pending(validate_create(body, websocket=True), None, previous)
+        except APIError as error:
+            pending = _Pending(None, error, previous)
+        lane.queue.append(pending)
+        self._queued += 1
+        self._make_ready(lane)
+        self._pump()
+
+    def _make_ready(self, lane: _Lane) -> None:
+        if lane.active is None and lane.queue and not lane.in_ready:
+            lane.in_ready = True
+            self._ready.append(lane)
+
+    def _pump(self) -> None:
+        limit = self.limits.max_active_responses
+        while self._ready and len(self._active) < limit and not self.closed:
+            lane = self._ready.popleft()
+            lane.in_ready = False
+            if lane.active is not None or not lane.queue:
+                continue
+            pending = lane.queue.popleft()
+            self._queued -= 1
+            self._start(lane, pending)
+            self._make_ready(lane)
+
+    def _start(self, lane: _Lane, pending: _Pending) -> None:
+        if pending.error is not None or pending.request is None:
+            self._reject(lane, pending.error or errors.server_error(), pending.previous_response_id)
+            return
+        request = pending.request
+        prepend: list[dict[str, Any]] | None = None
+        steer = lane.pending_steer
+        if steer is not None and request.previous_response_id == steer.target_id:
+            prepend = steer.items
+        try:
+            turn = self.engine.prepare(
+                request,
+                owner=self.owner,
+                connection=self.connection,
+                lookup_connection=self.connection,
+                stream_id=lane.name,
+                prepend=prepend,
+            )
+        except APIError as error:
+            if pending.steer_ids:
+                self._steer_failed_ids(pending, error, lane)
+            self._reject(lane, error, request.previous_response_id)
+            return
+        if prepend is not None:
+            lane.pending_steer = None
+        self._active[turn.response_id] = (turn, lane)
+        lane.active = turn
+        self.outbox += turn.start()
+        if request.generate:
+            self.outbox.append(StartModel(turn))
+        else:
+            self._complete(turn)
+
+    def _reject(self, lane: _Lane, error: APIError, previous_id: str | None) -> None:
+        """A request that never started: one error event on its lane."""
+        self._error(error, lane.name)
+        if previous_id is not None and previous_id == lane.head_id and error.status >= 400:
+            self._evict_head(lane)
+
+    # -- terminals ----------------------------------------------------------------------
+
+    def _complete(self, turn: Turn) -> None:
+        try:
+            frames = turn.complete()
+        except APIError as error:
+            self._fail(turn, error)
+            return
+        self.outbox += frames
+        self._after_terminal(turn, "completed")
+
+    def _interrupt(self, turn: Turn) -> None:
+        """Stop a steered response at an item boundary: `incomplete` with reason `steered`."""
+        self.outbox.append(StopModel(turn))
+        try:
+            frames = turn.incomplete("steered")
+        except APIError as error:
+            self._fail(turn, error)
+            return
+        self.outbox += frames
+        self._after_terminal(turn, "incomplete")
+
+    def _fail(self, turn: Turn, error: APIError) -> None:
+        self.outbox += turn.fail(error)
+        self._after_terminal(turn, "failed")
+
+    def _after_terminal(self, turn: Turn, status: str) -> None:
+        _turn, lane = self._active.pop(turn.response_id)
+        lane.active = None
+        self._remember_finished(turn)
+        if status == "failed":
+            if turn.parent_id is not None and turn.parent_id == lane.head_id:
+                self._evict_head(lane)
+        else:
+            self._advance_head(lane, turn.response_id)
+        if turn.steers:
+            self._settle_steers(turn, lane, status)
+        self._make_ready(lane)
+        self._pump()
+        self._maybe_close()
+
+    def _advance_head(self, lane: _Lane, response_id: str) -> None:
+        old = lane.head
+        try:
+            lane.head = self.engine.cache.bind(
+                response_id, owner=self.owner, connection=self.connection
+            )
+            lane.head_id = response_id
+        except LookupError:
+            lane.head, lane.head_id = None, None
+        if old is not None:
+            old.release()
+
+    def _evict_head(self, lane: _Lane) -> None:
+        head_id = lane.head_id
+        if lane.head is not None:
+            lane.head.release()
+        lane.head, lane.head_id = None, None
+        if head_id is not None:
+            self.engine.cache.evict(head_id, owner=self.owner, connection=self.connection)
+
+    def _remember_finished(self, turn: Turn) -> None:
+        self._finished[turn.response_id] = (turn.stream_id, turn.stream.sequence_number)
+        while len(self._finished) > _FINISHED_MEMORY:
+            self._finished.popitem(last=False)
+
+    # -- steering -----------------------------------------------------------------------
+
+    def _receive_steer(self, body: dict[str, Any]) -> None:
+        target_id = body.get("previous_response_id")
+        target_id = target_id if isinstance(target_id, str) else ""
+        entry = self._active.get(target_id)
+        turn = entry[0] if entry is not None else None
+        raw_input = body.get("input")
+        try:
+            steer = validate_steer(body)
+        except APIError as invalid:
+            # Invalid input is not echoed: the event's schema only holds valid steering input.
+            self._steer_failed(target_id, "", invalid, turn)
+            return
+        if turn is None or turn.finished:
+            if target_id in self._finished:
+                error = errors.steer_error(
+                    "response_already_completed",
+                    "The response already finished and no longer accepts steering input.",
+                )
+            else:
+                error = errors.steer_error(
+                    "response_not_found", "The target response is not active on this connection."
+                )
+            self._steer_failed(target_id, raw_input, error, None)
+            return
+        if len(turn.steers) >= self.limits.max_pending_steers:
+            error = errors.steer_error(
+                "too_many_pending_steers",
+                f"At most {self.limits.max_pending_steers} steering inputs may wait for one "
+                "response.",
+            )
+            self._steer_failed(target_id, raw_input, error, turn)
+            return
+        steer_id = ids.steer_id()
+        turn.steers.append((steer_id, steer.input_items))
+        self.outbox.append(
+            turn.stream.extra_event(
+                {
+                    "type": "response.steer.accepted",
+                    "steer": {"id": steer_id, "previous_response_id": target_id},
+                }
+            )
+        )
+        if not turn.interrupt_requested:
+            turn.interrupt_requested = True
+            if turn.stream.open_kind is None:
+                self._interrupt(turn)
+
+    def _settle_steers(self, turn: Turn, lane: _Lane, status: str) -> None:
+        steer_ids = [steer_id for steer_id, _items in turn.steers]
+        items = [item for _steer_id, batch in turn.steers for item in batch]
+        if status == "failed":
+            error = errors.steer_error(
+                "response_not_active", "The response failed before the steering input applied."
+            )
+            for steer_id, batch in turn.steers:
+                self._steer_failed_event(turn.response_id, batch, error, turn, steer_id)
+            return
+        calls = [item for item in turn.stream.output if item.get("type") == "function_call"]
+        if status == "completed" and calls:
+            # Stopped for client-owned tool output: no automatic successor (spec §3.7).
+            required = [
+                {"type": "function_call_output", "call_id": c["call_id"], "name": c["name"]}
+                for c in calls
+            ]
+            lane.pending_steer = _PendingSteer(turn.response_id, items, steer_ids)
+            for steer_id in steer_ids:
+                self.outbox.append(
+                    turn.stream.extra_event(
+                        {
+                            "type": "response.steer.pending",
+                            "steer": {"id": steer_id, "previous_response_id": turn.response_id},
+                            "reason": "waiting_for_required_input",
+                            "required_input": required,
+                        }
+                    )
+                )
+            return
+        successor = self.engine.successor_request(turn, items)
+        lane.queue.appendleft(_Pending(successor, None, turn.response_id, tuple(steer_ids)))
+        self._queued += 1
+
+    def _steer_failed(
+        self, target_id: str, raw_input: Any, error: APIError, turn: Turn | None
+    ) -> None:
+        self._steer_failed_event(target_id, raw_input, error, turn, None)
+
+    def _steer_failed_ids(self, pending: _Pending, error: APIError, lane: _Lane) -> None:
+        failure = errors.steer_error("successor_creation_failed", error.message)
+        request = pending.request
+        items = request.input_items if request is not None else []
+        for steer_id in pending.steer_ids:
+            self._steer_failed_event(
+                pending.previous_response_id or "", items, failure, None, steer_id, lane.name
+            )
+
+    def _steer_failed_event(
+        self,
+        target_id: str,
+        raw_input: Any,
+        error: APIError,
+        turn: Turn | None,
+        steer_id: str | None,
+        stream_id: str | None = None,
+    ) -> None:
+        steer: dict[str, Any] = {
+            "input": _steer_input_echo(raw_input),
+            "previous_response_id": target_id,
+        }
+        if steer_id is not None:
+            steer["id"] = steer_id
+        event: dict[str, Any] = {
+            "type": "response.steer.failed",
+            "steer": steer,
+            "error": {"type": error.type, "code": error.code, "message": error.message},
+        }
+        self.engine.metrics.count_error(error.code or "invalid_input")
+        if turn is not None and not turn.finished:
+            self.outbox.append(turn.stream.extra_event(event))
+            return
+        finished = self._finished.get(target_id)
+        if finished is not None:
+            stream_id, sequence_number = finished
+        else:
+            sequence_number = 0
+        if stream_id is not None:
+            event["stream_id"] = stream_id
+        event["sequence_number"] = sequence_number
+        self.outbox.append(dumps(event))
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    def _expire(self, now: float) -> None:
+        self.expired = True
+        self.close_deadline = now + self.limits.close_grace
+        self._error(errors.connection_limit_reached(self._lifetime_minutes()), None)
+        for lane in self._lanes.values():
+            lane.queue.clear()
+            lane.in_ready = False
+        self._ready.clear()
+        self._queued = 0
+
+    def _maybe_close(self) -> None:
+        if self.expired and not self._active and not self.closed:
+            self.outbox.append(CloseConnection(1000, "connection lifetime reached"))
+            self.connection_lost()
+
+    def _lifetime_minutes(self) -> float:
+        return self.limits.connection_lifetime / 60.0
+
+    # -- output -------------------------------------------------------------------------
+
+    def _error(self, error: APIError, stream_id: str | None) -> None:
+        self.engine.metrics.count_error(error.code or error.type)
+        log.info(
+            "request rejected",
+            extra={"code": error.code, "status": error.status, "param": error.param},
+        )
+        self.outbox.append(dumps(error.ws_event(stream_id=stream_id)))
+
+
+def _steer_input_echo(raw: Any) -> Any:
+    """The steering input as the client sent it (strings and item lists are echoed)."""
+    if isinstance(raw, str | list):
+        return raw
+    return ""

@@ -1,0 +1,121 @@
+"""`openai-agents` running real tool-calling agent loops over its WebSocket transport."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from agents import Agent, ModelSettings, function_tool, responses_websocket_session
+from agents.tracing import set_tracing_disabled
+
+from tests.support import RunningServer
+
+MODEL = "warmsocket-mock"
+
+
+@pytest.fixture(autouse=True)
+def no_tracing() -> Iterator[None]:
+    # The tracing exporter would try to reach api.openai.com; tests stay offline.
+    set_tracing_disabled(True)
+    yield
+
+
+calls: list[str] = []
+
+
+@function_tool
+def get_weather(city: str) -> str:
+    """The weather in a city."""
+    calls.append(f"get_weather:{city}")
+    return f"sunny in {city}"
+
+
+@function_tool
+def read_file(path: str) -> str:
+    """Read a file."""
+    calls.append(f"read_file:{path}")
+    return f"contents of {path}"
+
+
+def make_agent() -> Agent:
+    return Agent(
+        name="coder",
+        instructions="You are a coding agent.",
+        model=MODEL,
+        tools=[get_weather, read_file],
+        model_settings=ModelSettings(store=True),
+    )
+
+
+@pytest.mark.parametrize("chained", [False, True], ids=["full-replay", "previous_response_id"])
+def test_agent_tool_loop_over_websocket(server: RunningServer, chained: bool) -> None:
+    calls.clear()
+    metrics = server.server.metrics
+
+    async def main() -> tuple[str, str]:
+        async with responses_websocket_session(
+            api_key="sk-test", base_url=server.base_url
+        ) as session:
+            agent = make_agent()
+            first = await session.run(
+                agent,
+                '/repeat 3 read_file {"path": "src/main.py"}',
+                auto_previous_response_id=chained,
+            )
+            ask = {"role": "user", "content": '/call get_weather {"city": "Lima"}'}
+            second = await session.run(
+                agent,
+                [*first.to_input_list(), ask],
+                auto_previous_response_id=chained,
+            )
+            return str(first.final_output), str(second.final_output)
+
+    first, second = asyncio.run(main())
+    assert first == "done after 3 calls"
+    assert second == "get_weather returned: sunny in Lima"
+    assert calls == ["read_file:src/main.py"] * 3 + ["get_weather:Lima"]
+    # It really went over WebSocket mode, in the mode asked for.
+    assert metrics.connections_opened["websocket"] >= 1
+    assert not any(route == "responses" for route, _ in metrics.http_requests)
+    if chained:
+        assert metrics.lookups["hit"] >= 3
+    else:
+        assert metrics.lookups["hit"] == 0
+
+
+def test_agent_streamed_run(server: RunningServer) -> None:
+    calls.clear()
+
+    async def main() -> str:
+        async with responses_websocket_session(
+            api_key="sk-test", base_url=server.base_url
+        ) as session:
+            result = session.run_streamed(make_agent(), '/call read_file {"path": "x"}')
+            kinds = [event.type async for event in result.stream_events()]
+            assert "raw_response_event" in kinds
+            return str(result.final_output)
+
+    assert asyncio.run(main()) == "read_file returned: contents of x"
+    assert calls == ["read_file:x"]
+
+
+def test_agent_sees_the_transcript_it_sent(server: RunningServer) -> None:
+    async def main() -> str:
+        async with responses_websocket_session(
+            api_key="sk-test", base_url=server.base_url
+        ) as session:
+            agent = make_agent()
+            first = await session.run(agent, "remember this", auto_previous_response_id=True)
+            second = await session.run(
+                agent, "/transcript", previous_response_id=first.last_response_id
+            )
+            return str(second.final_output)
+
+    lines = asyncio.run(main()).splitlines()
+    assert lines == [
+        "instructions: You are a coding agent.",
+        "user: remember this",
+        "assistant: You said: remember this",
+        "user: /transcript",
+    ]

@@ -1,0 +1,175 @@
+"""Validation of client events: each bad input maps to the spec's error code."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from warmsocket.client_events import parse_client_event, validate_create, validate_steer
+from warmsocket.errors import APIError
+
+
+def create(**fields: Any) -> dict[str, Any]:
+    return {"type": "response.create", "model": "m", "input": "hi", **fields}
+
+
+@pytest.mark.parametrize(
+    ("message", "code", "param"),
+    [
+        (b"{not json", "invalid_json", None),
+        (b"\xff\xfe", "invalid_json", None),
+        (b"[1, 2]", "invalid_type", "event"),
+        (b'"response.create"', "invalid_type", "event"),
+        (b"{}", "missing_required_parameter", "type"),
+        (b'{"type": "response.cancel"}', "invalid_value", "type"),
+        (b'{"type": 7}', "invalid_value", "type"),
+        (json.dumps(create(stream_id="")).encode(), "invalid_stream_id", "stream_id"),
+        (json.dumps(create(stream_id="a b")).encode(), "invalid_stream_id", "stream_id"),
+        (json.dumps(create(stream_id="x" * 257)).encode(), "invalid_stream_id", "stream_id"),
+        (json.dumps(create(stream_id=5)).encode(), "invalid_stream_id", "stream_id"),
+    ],
+)
+def test_first_step_errors(message: bytes, code: str, param: str | None) -> None:
+    with pytest.raises(APIError) as info:
+        parse_client_event(message)
+    assert info.value.code == code
+    assert info.value.param == param
+    assert info.value.status == 400
+    assert "hi" not in info.value.message  # never echo content
+
+
+def test_valid_lane_names() -> None:
+    for name in ["a", "A.b-c_9", "x" * 256]:
+        assert parse_client_event(json.dumps(create(stream_id=name))).stream_id == name
+    assert parse_client_event(json.dumps(create(stream_id=None))).stream_id is None
+
+
+def test_response_processed_is_ignored() -> None:
+    assert parse_client_event(b'{"type":"response.processed","response_id":"r"}').type == (
+        "response.processed"
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "param"),
+    [
+        ({"model": None}, "missing_required_parameter", "model"),
+        ({"model": 3}, "invalid_type", "model"),
+        ({"input": 5}, "invalid_type", "input"),
+        ({"input": [5]}, "invalid_type", "input[0]"),
+        ({"input": [{"content": "x"}]}, "missing_required_parameter", "input[0].type"),
+        ({"input": [{"role": "robot", "content": "x"}]}, "invalid_value", "input[0].role"),
+        ({"input": [{"role": "user", "content": 5}]}, "invalid_type", "input[0].content"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "bogus"}]}]},
+            "invalid_value",
+            "input[0].content[0].type",
+        ),
+        (
+            {"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]},
+            "missing_required_parameter",
+            "input[0].call_id",
+        ),
+        (
+            {"input": [{"type": "function_call_output", "call_id": "c", "output": 1}]},
+            "invalid_type",
+            "input[0].output",
+        ),
+        ({"input": [{"type": "nonsense"}]}, "invalid_value", "input[0].type"),
+        (
+            {"input": [{"type": "item_reference", "id": "x"}]},
+            "unsupported_parameter",
+            "input[0].type",
+        ),
+        ({"input": []}, "invalid_value", "input"),
+        ({"input": ""}, None, None),
+        ({"store": "yes"}, "invalid_type", "store"),
+        ({"generate": 1}, "invalid_type", "generate"),
+        ({"background": True}, "unsupported_parameter", "background"),
+        ({"previous_response_id": 7}, "invalid_type", "previous_response_id"),
+        ({"previous_response_id": "r", "conversation": "c"}, "invalid_value", "conversation"),
+        ({"tools": {}}, "invalid_type", "tools"),
+        ({"tools": [{"type": "function"}]}, "missing_required_parameter", "tools[0].name"),
+        ({"tool_choice": "sometimes"}, "invalid_value", "tool_choice"),
+        ({"temperature": "hot"}, "invalid_type", "temperature"),
+        ({"max_output_tokens": -1}, "invalid_value", "max_output_tokens"),
+        ({"metadata": {str(i): "v" for i in range(17)}}, "invalid_value", "metadata"),
+        ({"metadata": {"a": 1}}, "invalid_type", "metadata"),
+        ({"truncation": "sometimes"}, "invalid_value", "truncation"),
+    ],
+)
+def test_body_errors(fields: dict[str, Any], code: str | None, param: str | None) -> None:
+    body = create(**fields)
+    if code is None:
+        validate_create(body, websocket=True)
+        return
+    with pytest.raises(APIError) as info:
+        validate_create(body, websocket=True)
+    assert (info.value.code, info.value.param) == (code, param)
+
+
+def test_http_rejects_websocket_only_fields() -> None:
+    for name, value in [("stream_id", "a"), ("generate", False), ("type", "response.create")]:
+        body = {"model": "m", "input": "hi", name: value}
+        with pytest.raises(APIError) as info:
+            validate_create(body, websocket=False)
+        assert (info.value.code, info.value.param) == ("unknown_parameter", name)
+
+
+def test_normalisation_and_defaults() -> None:
+    request = validate_create(create(stream=True, input="hi", extra_thing=1), websocket=True)
+    assert request.input_items == [{"type": "message", "role": "user", "content": "hi"}]
+    assert request.store is True and request.generate is True
+    assert request.ignored_fields == ("extra_thing",)
+    assert request.settings["tool_choice"] == "auto"
+    easy = validate_create(create(input=[{"role": "user", "content": "x"}]), websocket=True)
+    assert easy.input_items[0]["type"] == "message"
+
+
+def test_warmup_allows_empty_input_and_prewarm_forces_it() -> None:
+    assert validate_create(create(input=None, generate=False), websocket=True).generate is False
+    prewarm = validate_create(create(prompt_cache_options={"prewarm": True}), websocket=True)
+    assert prewarm.generate is False
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"type": "response.steer", "input": "x"},
+        {"type": "response.steer", "previous_response_id": "r", "input": ""},
+        {"type": "response.steer", "previous_response_id": "r", "input": []},
+        {"type": "response.steer", "previous_response_id": "r", "input": "x", "stream_id": "a"},
+        {
+            "type": "response.steer",
+            "previous_response_id": "r",
+            "input": [{"role": "assistant", "content": "x"}],
+        },
+        {
+            "type": "response.steer",
+            "previous_response_id": "r",
+            "input": [{"type": "function_call_output", "call_id": "c", "output": "o"}],
+        },
+        {
+            "type": "response.steer",
+            "previous_response_id": "r",
+            "input": [{"role": "user", "content": "x", "id": "msg_1"}],
+        },
+    ],
+)
+def test_bad_steers(body: dict[str, Any]) -> None:
+    with pytest.raises(APIError) as info:
+        validate_steer(body)
+    assert info.value.code == "invalid_input"
+
+
+def test_good_steer() -> None:
+    steer = validate_steer(
+        {
+            "type": "response.steer",
+            "previous_response_id": "r",
+            "input": [{"type": "message", "role": "user", "content": "x"}],
+        }
+    )
+    assert steer.input_items == [{"type": "message", "role": "user", "content": "x"}]

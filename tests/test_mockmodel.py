@@ -1,0 +1,129 @@
+"""The built-in model's rules, as documented in README.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from warmsocket.mockmodel import Reply, argument_deltas, plan_reply, text_deltas, transcript
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"type": "message", "role": "user", "content": text}
+
+
+def call(name: str, call_id: str) -> dict[str, Any]:
+    return {"type": "function_call", "name": name, "call_id": call_id, "arguments": "{}"}
+
+
+def output(call_id: str, text: str) -> dict[str, Any]:
+    return {"type": "function_call_output", "call_id": call_id, "output": text}
+
+
+def plan(tail: list[dict[str, Any]], tools: tuple[str, ...] = ("get_weather",), **kw: Any) -> Reply:
+    full = kw.pop("full", tail)
+    return plan_reply(
+        tail, function_names=tools, instructions=kw.get("instructions"), full_context=lambda: full
+    )
+
+
+def test_default_echoes_the_newest_user_message() -> None:
+    assert plan([user("hello there")]) == Reply("text", "You said: hello there")
+
+
+def test_parts_content_is_joined() -> None:
+    item = {
+        "role": "user",
+        "content": [{"type": "input_text", "text": "a"}, {"type": "input_text", "text": "b"}],
+    }
+    assert plan([item]).text == "You said: ab"
+
+
+def test_call_then_returned() -> None:
+    first = plan([user('/call get_weather {"city": "Paris"}')])
+    assert first == Reply("call", name="get_weather", arguments='{"city": "Paris"}')
+    second = plan(
+        [
+            user('/call get_weather {"city": "Paris"}'),
+            call("get_weather", "c1"),
+            output("c1", "sunny"),
+        ]
+    )
+    assert second == Reply("text", "get_weather returned: sunny")
+
+
+def test_call_unknown_tool_and_bad_json_are_explained() -> None:
+    assert "not one of this request's function tools" in plan([user("/call nope {}")]).text
+    assert "not valid JSON" in plan([user("/call get_weather {nope")]).text
+
+
+def test_repeat_counts_outputs_after_the_user_message() -> None:
+    msg = user("/repeat 2 get_weather {}")
+    assert plan([msg]).kind == "call"
+    one = [msg, call("get_weather", "a"), output("a", "x")]
+    assert plan(one).kind == "call"
+    two = [*one, call("get_weather", "b"), output("b", "y")]
+    assert plan(two) == Reply("text", "done after 2 calls")
+
+
+def test_transcript_reads_the_full_context_only_when_asked() -> None:
+    history = [
+        user("hi"),
+        {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "You said: hi"}],
+        },
+        call("get_weather", "c9"),
+        output("c9", "rain"),
+        user("/transcript"),
+    ]
+    reply = plan(history[-1:], full=history, instructions="be brief")
+    assert reply.text.splitlines() == [
+        "instructions: be brief",
+        "user: hi",
+        "assistant: You said: hi",
+        "function_call get_weather c9",
+        "function_call_output c9 rain",
+        "user: /transcript",
+    ]
+
+
+def test_transcript_is_not_built_for_ordinary_turns() -> None:
+    def explode() -> list[dict[str, Any]]:
+        raise AssertionError("full context read")
+
+    plan_reply([user("hi")], function_names=(), instructions=None, full_context=explode)
+
+
+def test_fail_and_sleep_combine() -> None:
+    assert plan([user("/sleep 50\n/fail")]) == Reply("fail", sleep_ms=50)
+    assert plan([user("/sleep 20\nhello")]).sleep_ms == 20
+
+
+@pytest.mark.parametrize("text", ["", "one", "You said: a b c", "  lead\nnew line  "])
+def test_text_deltas_rebuild_the_text(text: str) -> None:
+    assert "".join(text_deltas(text)) == text
+
+
+def test_deltas_are_words() -> None:
+    assert text_deltas("You said: a b c d e f") == [
+        "You",
+        " said:",
+        " a",
+        " b",
+        " c",
+        " d",
+        " e",
+        " f",
+    ]
+    assert "".join(argument_deltas('{"city": "Paris"}')) == '{"city": "Paris"}'
+
+
+def test_no_user_message() -> None:
+    assert plan([output("x", "y")]).kind == "text"
+
+
+def test_transcript_function() -> None:
+    assert transcript([], None) == ""

@@ -1,0 +1,277 @@
+"""The official `openai` SDK against warmsocket, unchanged: HTTP, SSE, WebSocket, lanes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx2 as httpx
+import openai
+import pytest
+from openai import AsyncOpenAI, OpenAI
+from openai.lib.responses_websocket import (
+    AsyncResponsesWebSocketSession,
+    ResponsesWebSocketError,
+    ResponsesWebSocketLimits,
+)
+
+from tests.support import FUNCTION_TOOLS, RunningServer, check_sse_event, check_ws_event
+
+MODEL = "warmsocket-mock"
+LIMITS = ResponsesWebSocketLimits(
+    max_lanes=8,
+    max_events_per_lane=256,
+    max_events=1024,
+    max_bytes_per_lane=16 * 1024 * 1024,
+    max_bytes=32 * 1024 * 1024,
+    max_response_bytes=None,
+)
+
+
+def client(server: RunningServer, **kw: Any) -> OpenAI:
+    return OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0, **kw)
+
+
+def aclient(server: RunningServer) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+
+
+# -- HTTP mode ------------------------------------------------------------------------------
+
+
+def test_http_create_retrieve_input_items_delete(server: RunningServer) -> None:
+    sdk = client(server)
+    first = sdk.responses.create(model=MODEL, input="hello", instructions="be nice")
+    assert first.status == "completed" and first.output_text == "You said: hello"
+    assert first._request_id and first._request_id.startswith("req_")
+    second = sdk.responses.create(
+        model=MODEL,
+        previous_response_id=first.id,
+        input=[
+            {"role": "user", "content": "a"},
+            {"role": "user", "content": "b"},
+            {"role": "user", "content": "/transcript"},
+        ],
+    )
+    assert second.output_text.splitlines() == [
+        "user: hello",
+        "assistant: You said: hello",
+        "user: a",
+        "user: b",
+        "user: /transcript",
+    ]
+    fetched = sdk.responses.retrieve(second.id)
+    assert fetched.id == second.id and fetched.output_text == second.output_text
+    assert fetched.previous_response_id == first.id
+    items = list(sdk.responses.input_items.list(second.id, limit=1))  # paginates 3 pages
+    assert [i.content[0].text for i in items] == ["/transcript", "b", "a"]  # type: ignore[union-attr]
+    ascending = sdk.responses.input_items.list(second.id, order="asc", limit=2)
+    assert [i.content[0].text for i in ascending.data] == ["a", "b"]  # type: ignore[union-attr]
+    assert ascending.has_more
+    sdk.responses.delete(second.id)
+    with pytest.raises(openai.NotFoundError) as info:
+        sdk.responses.retrieve(second.id)
+    assert info.value.status_code == 404
+    assert "not found" in info.value.message
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.delete(second.id)
+
+
+def test_http_errors_are_openai_errors(server: RunningServer) -> None:
+    sdk = client(server)
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.responses.create(model=MODEL, input="x", previous_response_id="resp_missing")
+    assert info.value.code == "previous_response_not_found"
+    assert info.value.param == "previous_response_id"
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.responses.create(model=MODEL, input=[{"role": "robot", "content": "x"}])  # type: ignore[list-item]
+    assert info.value.code == "invalid_value"
+    raw = httpx.post(f"{server.base_url}/responses", content=b"{nope")
+    assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_json"
+    assert raw.headers["x-request-id"].startswith("req_")
+    assert httpx.get(f"{server.base_url}/nowhere").status_code == 404
+
+
+def test_http_store_false_is_not_retrievable(server: RunningServer) -> None:
+    sdk = client(server)
+    response = sdk.responses.create(model=MODEL, input="zdr", store=False)
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve(response.id)
+    with pytest.raises(openai.BadRequestError):
+        sdk.responses.create(model=MODEL, input="x", previous_response_id=response.id)
+
+
+def test_http_streaming_events_match_sdk_types(server: RunningServer) -> None:
+    sdk = client(server)
+    events = list(sdk.responses.create(model=MODEL, input="stream me", stream=True))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    # Raw SSE framing: event: / data: lines, flat shapes, no [DONE].
+    with httpx.stream(
+        "POST",
+        f"{server.base_url}/responses",
+        json={"model": MODEL, "input": "raw", "stream": True},
+    ) as raw:
+        assert raw.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in raw.iter_lines() if line]
+    names = [line[7:] for line in lines if line.startswith("event: ")]
+    payloads = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert len(names) == len(payloads) and "[DONE]" not in lines
+    for name, payload in zip(names, payloads, strict=True):
+        assert payload["type"] == name
+        check_sse_event(payload)
+
+
+def test_http_stream_helper_accepts_our_ordering(server: RunningServer) -> None:
+    sdk = client(server)
+    with sdk.responses.stream(model=MODEL, input="helper") as stream:
+        for _event in stream:
+            pass
+        final = stream.get_final_response()
+    assert final.output_text == "You said: helper"
+    with sdk.responses.stream(
+        model=MODEL,
+        input='/call read_file {"path": "a.py"}',
+        tools=FUNCTION_TOOLS,  # type: ignore[arg-type]
+    ) as stream:
+        final = stream.get_final_response()
+    assert final.output[0].type == "function_call"
+
+
+def test_http_failure_is_a_failed_response(server: RunningServer) -> None:
+    sdk = client(server)
+    events = list(sdk.responses.create(model=MODEL, input="/fail", stream=True))
+    assert events[-1].type == "response.failed"
+    assert events[-1].response.error is not None  # type: ignore[union-attr]
+    assert events[-1].response.error.code == "server_error"  # type: ignore[union-attr]
+
+
+# -- WebSocket mode: raw connection ---------------------------------------------------------
+
+
+def test_sync_connect_tool_loop(server: RunningServer) -> None:
+    sdk = client(server)
+    with sdk.responses.connect() as connection:
+        connection.response.create(
+            model=MODEL,
+            input='/call get_weather {"city": "Rome"}',
+            tools=FUNCTION_TOOLS,  # type: ignore[arg-type]
+        )
+        call = None
+        for event in connection:
+            check_ws_event(event.model_dump(mode="json", exclude_unset=True))
+            if event.type == "response.output_item.done" and event.item.type == "function_call":
+                call = event.item
+            if event.type == "response.completed":
+                first = event.response
+                break
+        assert call is not None and call.name == "get_weather"
+        connection.response.create(
+            model=MODEL,
+            previous_response_id=first.id,
+            tools=FUNCTION_TOOLS,  # type: ignore[arg-type]
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "warm"}],
+        )
+        for event in connection:
+            if event.type == "response.completed":
+                assert event.response.output_text == "get_weather returned: warm"
+                break
+
+
+def test_async_connect_streams_and_reports_errors(server: RunningServer) -> None:
+    async def main() -> None:
+        async with aclient(server) as sdk, sdk.responses.connect() as connection:
+            await connection.response.create(model=MODEL, input="x", previous_response_id="resp_no")
+            event = await connection.recv()
+            assert event.type == "error"
+            assert event.error.code == "previous_response_not_found"  # type: ignore[union-attr]
+            await connection.response.create(model=MODEL, input="after error")
+            deltas = []
+            async for event in connection:
+                if event.type == "response.output_text.delta":
+                    deltas.append(event.delta)
+                if event.type == "response.completed":
+                    break
+            assert "".join(deltas) == "You said: after error"
+
+    asyncio.run(main())
+
+
+# -- WebSocket mode: the lanes helper -------------------------------------------------------
+
+
+def test_lanes_concurrent_fork_and_warmup(server: RunningServer) -> None:
+    async def main() -> None:
+        async with (
+            aclient(server) as sdk,
+            sdk.responses.connect(websocket_connection_options={"max_size": None}) as connection,
+            AsyncResponsesWebSocketSession(connection, limits=LIMITS) as session,
+        ):
+            planner = session.lane("planner")
+            coder = session.lane("coder")
+            # Warm-up on one lane: instructions and tools primed, no output.
+            await planner.send(
+                {
+                    "type": "response.create",
+                    "model": MODEL,
+                    "generate": False,
+                    "instructions": "plan",
+                    "tools": FUNCTION_TOOLS,
+                    "store": False,
+                }
+            )
+            warm = await planner.get_final_response()
+            assert warm.status == "completed" and warm.output == []
+            # Two lanes at once; the slow one does not block the fast one.
+            await planner.send(
+                {
+                    "type": "response.create",
+                    "model": MODEL,
+                    "store": False,
+                    "previous_response_id": warm.id,
+                    "instructions": "plan",
+                    "input": "/sleep 300\nslow plan",
+                }
+            )
+            await coder.send(
+                {"type": "response.create", "model": MODEL, "input": "quick", "store": False}
+            )
+            quick = await asyncio.wait_for(coder.get_final_response(), 5)
+            plan = await asyncio.wait_for(planner.get_final_response(), 5)
+            assert quick.output_text == "You said: quick"
+            assert plan.output_text == "You said: /sleep 300\nslow plan"
+            # Fork the planner's response onto a new lane.
+            fork = session.lane("reviewer")
+            await fork.send(
+                {
+                    "type": "response.create",
+                    "model": MODEL,
+                    "store": False,
+                    "previous_response_id": plan.id,
+                    "input": "/transcript",
+                }
+            )
+            forked = await fork.get_final_response()
+            assert forked.output_text.splitlines() == [
+                "user: /sleep 300",
+                "slow plan",
+                "assistant: You said: /sleep 300",
+                "slow plan",
+                "user: /transcript",
+            ]
+            # A request error on a lane is raised on that lane only.
+            await coder.send(
+                {
+                    "type": "response.create",
+                    "model": MODEL,
+                    "input": "x",
+                    "previous_response_id": "resp_missing",
+                }
+            )
+            with pytest.raises(ResponsesWebSocketError):
+                await coder.get_final_response()
+            await coder.send({"type": "response.create", "model": MODEL, "input": "again"})
+            assert (await coder.get_final_response()).output_text == "You said: again"
+
+    asyncio.run(main())

@@ -1,0 +1,432 @@
+"""WebSocket mode over a real socket: event sequences, state, lanes, limits, errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.support import (
+    FUNCTION_TOOLS,
+    RunningServer,
+    WSClient,
+    check_sequence,
+    output_text,
+    running_server,
+)
+from warmsocket.engine import Limits
+
+TEXT_SEQUENCE = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    *["response.output_text.delta"] * 3,
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+]
+
+
+def test_plain_text_turn_exact_sequence(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        events = ws.turn(input="hello")
+    assert [e["type"] for e in events] == TEXT_SEQUENCE
+    check_sequence(events)
+    assert all("stream_id" not in e for e in events)
+    assert output_text(events) == "You said: hello"
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert deltas == "You said: hello"
+    created, completed = events[0]["response"], events[-1]["response"]
+    assert created["status"] == "in_progress" and created["output"] == []
+    assert completed["status"] == "completed" and completed["completed_at"] is not None
+    item = completed["output"][0]
+    added = events[2]["item"]
+    assert item["id"] == added["id"] == events[-2]["item"]["id"]
+    assert all(e["output_index"] == 0 for e in events[2:-1])
+    usage = completed["usage"]
+    assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0
+    assert usage["input_tokens_details"]["cached_tokens"] == 0
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+
+
+def test_continuation_rebuilds_the_full_context(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        first = ws.turn(input="one", instructions="be brief")
+        rid = first[-1]["response"]["id"]
+        second = ws.turn(input="/transcript", previous_response_id=rid, instructions="be brief")
+    assert output_text(second).splitlines() == [
+        "instructions: be brief",
+        "user: one",
+        "assistant: You said: one",
+        "user: /transcript",
+    ]
+    usage = second[-1]["response"]["usage"]
+    assert 0 < usage["input_tokens_details"]["cached_tokens"] < usage["input_tokens"]
+    assert second[-1]["response"]["previous_response_id"] == rid
+
+
+def test_full_history_without_previous_response_id(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        first = ws.turn(input=[{"role": "user", "content": "one"}])
+        history = [
+            {"role": "user", "content": "one"},
+            *first[-1]["response"]["output"],
+            {"role": "user", "content": "/transcript"},
+        ]
+        second = ws.turn(input=history)
+    assert output_text(second).splitlines() == [
+        "user: one",
+        "assistant: You said: one",
+        "user: /transcript",
+    ]
+
+
+def test_tool_loop_over_one_socket(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        events = ws.turn(input='/call get_weather {"city": "Paris"}', tools=FUNCTION_TOOLS)
+        types = [e["type"] for e in events]
+        assert types == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            *["response.function_call_arguments.delta"] * 3,
+            "response.function_call_arguments.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+        check_sequence(events)
+        call = events[-1]["response"]["output"][0]
+        assert (call["type"], call["name"], json.loads(call["arguments"])) == (
+            "function_call",
+            "get_weather",
+            {"city": "Paris"},
+        )
+        reply = ws.turn(
+            previous_response_id=events[-1]["response"]["id"],
+            tools=FUNCTION_TOOLS,
+            input=[{"type": "function_call_output", "call_id": call["call_id"], "output": "sunny"}],
+        )
+    assert output_text(reply) == "get_weather returned: sunny"
+
+
+def test_warmup_returns_a_chainable_id(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        warm = ws.turn(generate=False, instructions="sys", tools=FUNCTION_TOOLS)
+        assert [e["type"] for e in warm] == [
+            "response.created",
+            "response.in_progress",
+            "response.completed",
+        ]
+        assert warm[-1]["response"]["output"] == []
+        assert warm[-1]["response"]["usage"]["output_tokens"] == 0
+        rid = warm[-1]["response"]["id"]
+        reply = ws.turn(previous_response_id=rid, input="/transcript", instructions="sys")
+    assert output_text(reply).splitlines() == ["instructions: sys", "user: /transcript"]
+
+
+def test_store_false_is_connection_local(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        rid = ws.turn(input="secret", store=False)[-1]["response"]["id"]
+        assert output_text(ws.turn(input="again", previous_response_id=rid, store=False))
+    with WSClient(server.ws_url) as other:
+        error = other.turn(input="x", previous_response_id=rid)[-1]
+    assert error["type"] == "error"
+    assert error["error"]["code"] == "previous_response_not_found"
+    assert error["status"] == 400 and error["error"]["param"] == "previous_response_id"
+    # Nothing of the closed connection is left in the cache.
+    deadline = time.monotonic() + 5
+    while server.server.cache.stats().local_entries and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.server.cache.stats().local_entries == 0
+
+
+def test_stored_responses_continue_on_a_new_connection(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        rid = ws.turn(input="keep me")[-1]["response"]["id"]
+    with WSClient(server.ws_url) as ws:
+        events = ws.turn(input="/transcript", previous_response_id=rid)
+    assert "user: keep me" in output_text(events)
+
+
+def test_owners_are_isolated() -> None:
+    with running_server(api_keys=frozenset({"key-a", "key-b"})) as srv:
+        with WSClient(srv.ws_url, additional_headers={"Authorization": "Bearer key-a"}) as a:
+            rid = a.turn(input="mine")[-1]["response"]["id"]
+        with WSClient(srv.ws_url, additional_headers={"Authorization": "Bearer key-b"}) as b:
+            error = b.turn(input="x", previous_response_id=rid)[-1]
+        assert error["error"]["code"] == "previous_response_not_found"
+        with pytest.raises(InvalidStatus) as info:
+            WSClient(srv.ws_url, additional_headers={"Authorization": "Bearer wrong"})
+        assert info.value.response.status_code == 401
+        with pytest.raises(InvalidStatus):
+            WSClient(srv.ws_url)
+
+
+def test_lanes_interleave_and_echo_stream_id(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        ws.create(stream_id="slow", input="/sleep 300\nslow one")
+        ws.create(stream_id="fast", input="fast one")
+        ws.create(input="default one")
+        seen: dict[str | None, list[dict[str, Any]]] = {"slow": [], "fast": [], None: []}
+        order: list[str | None] = []
+        while any(not v or v[-1]["type"] != "response.completed" for v in seen.values()):
+            event = ws.recv()
+            lane = event.get("stream_id")
+            seen[lane].append(event)
+            if event["type"] == "response.completed":
+                order.append(lane)
+    assert order[-1] == "slow"
+    for lane, events in seen.items():
+        check_sequence(events)
+        assert all(e.get("stream_id") == lane for e in events)
+        if lane is None:
+            assert all("stream_id" not in e for e in events)
+    assert output_text(seen["fast"]) == "You said: fast one"
+
+
+def test_lane_fifo_and_fork_from_another_lane(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        base = ws.turn(stream_id="main", input="base", store=False)[-1]["response"]["id"]
+        # Queue two on one lane: the second starts only after the first's terminal.
+        ws.create(
+            stream_id="main", input="/sleep 100\nfirst", previous_response_id=base, store=False
+        )
+        ws.create(stream_id="fork", input="/transcript", previous_response_id=base, store=False)
+        ws.create(stream_id="main", input="second", store=False)
+        main: list[dict[str, Any]] = []
+        fork: list[dict[str, Any]] = []
+        while (
+            len([e for e in main if e["type"] == "response.completed"]) < 2
+            or not fork
+            or (fork[-1]["type"] != "response.completed")
+        ):
+            event = ws.recv()
+            (main if event["stream_id"] == "main" else fork).append(event)
+    types = [e["type"] for e in main]
+    first_end = types.index("response.completed")
+    assert types[first_end + 1] == "response.created"
+    assert output_text(fork).splitlines() == [
+        "user: base",
+        "assistant: You said: base",
+        "user: /transcript",
+    ]
+
+
+def test_sixteen_active_then_queued() -> None:
+    with running_server() as srv, WSClient(srv.ws_url) as ws:
+        for i in range(17):
+            ws.create(stream_id=f"lane{i}", input="/sleep 400\nx")
+        started = time.monotonic()
+        created: dict[str, float] = {}
+        done = 0
+        while done < 17:
+            event = ws.recv()
+            if event["type"] == "response.created":
+                created[event["stream_id"]] = time.monotonic() - started
+            if event["type"] == "response.completed":
+                done += 1
+        assert len(created) == 17
+        assert created["lane16"] >= 0.35  # waited for a slot, was not rejected
+        assert max(v for k, v in created.items() if k != "lane16") < 0.3
+
+
+def test_lane_limit_and_invalid_names(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        for i in range(32):
+            ws.turn(stream_id=f"agent_{i}", input="x", generate=False)
+        error = ws.turn(stream_id="agent_32", input="x")[-1]
+        assert error["error"]["code"] == "websocket_stream_limit_reached"
+        assert error["stream_id"] == "agent_32"
+        # Known lanes and the default lane still work.
+        assert ws.turn(stream_id="agent_0", input="ok")[-1]["type"] == "response.completed"
+        assert ws.turn(input="ok")[-1]["type"] == "response.completed"
+        ws.send({"type": "response.create", "model": "m", "input": "x", "stream_id": "bad name"})
+        error = ws.recv()
+        assert error["error"]["code"] == "invalid_stream_id" and "stream_id" not in error
+
+
+BAD_INPUTS: list[tuple[Any, str, str | None]] = [
+    ("{oops", "invalid_json", None),
+    (b"\x80\x81", "invalid_json", None),
+    ("[]", "invalid_type", None),
+    ('{"type": "response.cancel"}', "invalid_value", None),
+    ({"type": "response.create", "input": "x"}, "missing_required_parameter", None),
+    ({"type": "response.create", "model": "m", "input": 3, "stream_id": "s"}, "invalid_type", "s"),
+    (
+        {
+            "type": "response.create",
+            "model": "m",
+            "input": "x",
+            "previous_response_id": "resp_nope",
+            "stream_id": "s",
+        },
+        "previous_response_not_found",
+        "s",
+    ),
+    (
+        {"type": "response.create", "model": "m", "input": "x", "background": True},
+        "unsupported_parameter",
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(("message", "code", "stream_id"), BAD_INPUTS)
+def test_bad_input_gets_an_error_and_the_connection_stays_usable(
+    server: RunningServer, message: Any, code: str, stream_id: str | None
+) -> None:
+    with WSClient(server.ws_url) as ws:
+        ws.send(message)
+        error = ws.recv()
+        assert error["type"] == "error" and error["error"]["code"] == code
+        assert error.get("stream_id") == stream_id
+        assert error["status"] == 400 and error["error"]["type"] == "invalid_request_error"
+        assert output_text(ws.turn(input="still here")) == "You said: still here"
+
+
+def test_oversize_message_is_rejected_and_connection_survives() -> None:
+    with running_server(limits=Limits(max_message_bytes=10_000)) as srv, WSClient(srv.ws_url) as ws:
+        ws.create(input="x" * 20_000)
+        error = ws.recv()
+        assert error["error"]["code"] == "message_too_large" and error["status"] == 413
+        assert output_text(ws.turn(input="small")) == "You said: small"
+
+
+def test_failed_same_lane_continuation_evicts_parent_but_fork_keeps_it(
+    server: RunningServer,
+) -> None:
+    with WSClient(server.ws_url) as ws:
+        parent = ws.turn(stream_id="a", input="p", store=False)[-1]["response"]["id"]
+        failed_fork = ws.turn(
+            stream_id="b", input="/fail", previous_response_id=parent, store=False
+        )
+        assert failed_fork[-1]["type"] == "response.failed"
+        assert failed_fork[-1]["response"]["error"]["code"] == "server_error"
+        check_sequence(failed_fork)
+        # The fork failed: the parent is still there for its own lane.
+        ok = ws.turn(stream_id="a", input="/fail", previous_response_id=parent, store=False)
+        assert ok[-1]["type"] == "response.failed"
+        # The same-lane continuation failed: the parent is gone.
+        gone = ws.turn(stream_id="a", input="x", previous_response_id=parent, store=False)[-1]
+        assert gone["error"]["code"] == "previous_response_not_found"
+        assert gone["stream_id"] == "a"
+
+
+def test_same_lane_validation_error_evicts_parent(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        parent = ws.turn(input="p", store=False)[-1]["response"]["id"]
+        bad = ws.turn(
+            input=[{"role": "robot", "content": "x"}], previous_response_id=parent, store=False
+        )
+        assert bad[-1]["error"]["code"] == "invalid_value"
+        gone = ws.turn(input="x", previous_response_id=parent, store=False)[-1]
+        assert gone["error"]["code"] == "previous_response_not_found"
+
+
+def test_stored_parent_survives_eviction_rule(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        parent = ws.turn(input="p")[-1]["response"]["id"]
+        assert ws.turn(input="/fail", previous_response_id=parent)[-1]["type"] == "response.failed"
+        again = ws.turn(input="/transcript", previous_response_id=parent)
+        assert "user: p" in output_text(again)
+
+
+def test_steer_interrupts_and_starts_a_successor(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        ws.create(stream_id="main", input="/sleep 2000\nlong task")
+        created = ws.recv()
+        rid = created["response"]["id"]
+        ws.recv()  # in_progress
+        ws.send({"type": "response.steer", "previous_response_id": rid, "input": "change plan"})
+        events = [ws.recv() for _ in range(2)]
+        accepted, incomplete = events
+        assert accepted["type"] == "response.steer.accepted"
+        assert accepted["steer"]["previous_response_id"] == rid
+        assert accepted["stream_id"] == "main" and accepted["sequence_number"] == 2
+        assert incomplete["type"] == "response.incomplete"
+        assert incomplete["response"]["incomplete_details"] == {"reason": "steered"}
+        successor = ws.until_terminal("main")
+        check_sequence(successor)
+        assert successor[0]["response"]["previous_response_id"] == rid
+        assert output_text(successor) == "You said: change plan"
+        # The steered response is chainable; the successor became the lane's latest.
+        again = ws.turn(
+            stream_id="main",
+            input="/transcript",
+            previous_response_id=successor[-1]["response"]["id"],
+        )
+    assert output_text(again).splitlines() == [
+        "user: /sleep 2000",
+        "long task",
+        "user: change plan",
+        "assistant: You said: change plan",
+        "user: /transcript",
+    ]
+
+
+def test_steer_pending_when_target_waits_for_a_tool(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        ws.create(input='/sleep 300\n/call get_weather {"city": "Oslo"}', tools=FUNCTION_TOOLS)
+        rid = ws.recv()["response"]["id"]
+        ws.send({"type": "response.steer", "previous_response_id": rid, "input": "in Celsius"})
+        rest = ws.until_terminal()
+        assert rest[1]["type"] == "response.steer.accepted"
+        # The call had not started: the response stops, steered, with no output.
+        assert rest[-1]["type"] == "response.incomplete"
+
+
+def test_steer_failures(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        ws.send({"type": "response.steer", "previous_response_id": "resp_unknown", "input": "x"})
+        failed = ws.recv()
+        assert failed["type"] == "response.steer.failed"
+        assert failed["error"]["code"] == "response_not_found" and "id" not in failed["steer"]
+        rid = ws.turn(stream_id="s", input="done")[-1]["response"]["id"]
+        ws.send({"type": "response.steer", "previous_response_id": rid, "input": "late"})
+        late = ws.recv()
+        assert late["error"]["code"] == "response_already_completed"
+        assert late["stream_id"] == "s" and late["steer"]["input"] == "late"
+        ws.send(
+            {
+                "type": "response.steer",
+                "previous_response_id": rid,
+                "input": [{"role": "assistant", "content": "x"}],
+            }
+        )
+        assert ws.recv()["error"]["code"] == "invalid_input"
+
+
+def test_connection_lifetime_then_clean_close() -> None:
+    limits = Limits(connection_lifetime=0.5, close_grace=5)
+    with running_server(limits=limits) as srv, WSClient(srv.ws_url) as ws:
+        ws.create(input="/sleep 800\nlast words")
+        error = ws.recv(timeout=5)
+        while error["type"] != "error":
+            error = ws.recv(timeout=5)
+        assert error["error"]["code"] == "websocket_connection_limit_reached"
+        assert "stream_id" not in error
+        rest = ws.until_terminal()
+        assert output_text(rest) == "You said: /sleep 800\nlast words"
+        with pytest.raises(ConnectionClosed) as info:
+            ws.recv(timeout=5)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1000
+
+
+def test_disconnect_cancels_work_and_frees_state(server: RunningServer) -> None:
+    ws = WSClient(server.ws_url)
+    ws.turn(input="local", store=False)
+    ws.create(input="/sleep 5000\nnever")
+    ws.recv()
+    ws.close()
+    deadline = time.monotonic() + 3
+    stats = server.server.cache.stats()
+    while (stats.local_entries or stats.connections) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        stats = server.server.cache.stats()
+    assert stats.local_entries == 0 and stats.connections == 0
+    assert server.call(lambda: sum(len(c._tasks) for c in server.server.connections)) == 0
