@@ -1,0 +1,83 @@
+"""HTTP mode beyond the SDK: health, models, metrics, auth, errors, keep-alive."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx2 as httpx
+
+from tests.support import RunningServer, running_server
+
+
+def test_health_models_and_request_ids(server: RunningServer) -> None:
+    health = httpx.get(f"http://127.0.0.1:{server.port}/healthz")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    models = httpx.get(f"{server.base_url}/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "warmsocket-mock"
+    assert httpx.get(f"{server.base_url}/models/warmsocket-mock").json()["object"] == "model"
+    for response in [
+        health,
+        httpx.get(f"{server.base_url}/models/nope"),
+        httpx.get(f"{server.base_url}/nowhere"),
+        httpx.put(f"{server.base_url}/responses"),
+        httpx.get(f"{server.base_url}/responses"),
+        httpx.post(f"{server.base_url}/responses/resp_x/cancel"),
+    ]:
+        assert response.headers["x-request-id"].startswith("req_")
+    assert httpx.get(f"{server.base_url}/models/nope").status_code == 404
+    assert httpx.put(f"{server.base_url}/responses").status_code == 405
+    upgrade = httpx.get(f"{server.base_url}/responses")
+    assert upgrade.status_code == 400
+    assert upgrade.json()["error"]["code"] == "websocket_upgrade_required"
+    assert httpx.post(f"{server.base_url}/responses/resp_x/cancel").status_code == 400
+
+
+def test_metrics_count_turns_errors_and_latency(server: RunningServer) -> None:
+    httpx.post(f"{server.base_url}/responses", json={"model": "m", "input": "hi"})
+    httpx.post(f"{server.base_url}/responses", json={"model": "m"})
+    text = httpx.get(f"http://127.0.0.1:{server.port}/metrics").text
+    assert 'warmsocket_turns_total{status="completed"} 1' in text
+    assert 'warmsocket_errors_total{code="invalid_value"} 1' in text
+    assert "warmsocket_turn_seconds_count 1" in text
+    assert "warmsocket_turn_context_rebuild_seconds_bucket" in text
+    assert "warmsocket_turn_first_token_seconds_count 1" in text
+    assert "warmsocket_cache_entries 1" in text
+    assert 'warmsocket_http_requests_total{route="responses",status="200"} 1' in text
+    for line in text.splitlines():
+        assert line.startswith("#") or len(line.split()) == 2, line
+
+
+def test_api_keys_are_required_over_http() -> None:
+    with running_server(api_keys=frozenset({"sk-1"})) as srv:
+        missing = httpx.post(f"{srv.base_url}/responses", json={"model": "m", "input": "x"})
+        assert missing.status_code == 401
+        assert missing.json()["error"]["code"] == "invalid_api_key"
+        ok = httpx.post(
+            f"{srv.base_url}/responses",
+            json={"model": "m", "input": "x"},
+            headers={"Authorization": "Bearer sk-1"},
+        )
+        assert ok.status_code == 200
+        # Health and metrics stay open for probes.
+        assert httpx.get(f"http://127.0.0.1:{srv.port}/healthz").status_code == 200
+
+
+def test_body_limit_and_malformed_http() -> None:
+    from warmsocket.engine import Limits
+
+    with running_server(limits=Limits(max_message_bytes=1000)) as srv:
+        big = httpx.post(f"{srv.base_url}/responses", content=b"x" * 5000)
+        assert big.status_code == 413
+        assert "--max-message-bytes" in big.json()["error"]["message"]
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            raw.sendall(b"GARBAGE\r\n\r\n")
+            reply = raw.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 400 ")
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(server: RunningServer) -> None:
+    with httpx.Client(base_url=server.base_url) as client:
+        for i in range(3):
+            response = client.post("/responses", json={"model": "m", "input": f"n{i}"})
+            assert response.json()["output"][0]["content"][0]["text"] == f"You said: n{i}"
+    assert server.server.metrics.connections_opened["http"] == 1

@@ -1,0 +1,279 @@
+"""The Sans-I/O session, driven with no socket and no event loop."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.support import check_ws_event
+from warmsocket._core import SessionCache
+from warmsocket.backends.base import TextDelta, ToolArgumentsDelta, ToolCallStart, TurnFailed
+from warmsocket.backends.mock import MockBackend
+from warmsocket.engine import Engine, Limits, Turn
+from warmsocket.errors import model_failed
+from warmsocket.session import CloseConnection, ResponsesSession, StartModel, StopModel
+
+
+class Harness:
+    def __init__(self, limits: Limits | None = None, cache: SessionCache | None = None) -> None:
+        self.cache = cache or SessionCache()
+        self.engine = Engine(
+            self.cache, MockBackend(), limits=limits or Limits(), wall_clock=lambda: 1.0
+        )
+        self.session = ResponsesSession(self.engine, owner="owner-1", now=0.0)
+        self.events: list[dict[str, Any]] = []
+        self.started: list[Turn] = []
+        self.stopped: list[Turn] = []
+        self.closed: list[CloseConnection] = []
+
+    def send(self, **fields: Any) -> None:
+        self.raw(json.dumps({"type": "response.create", "model": "m", **fields}))
+
+    def raw(self, data: str | bytes) -> None:
+        self.session.receive_message(data.encode() if isinstance(data, str) else data)
+        self.drain()
+
+    def drain(self) -> list[dict[str, Any]]:
+        new: list[dict[str, Any]] = []
+        for action in self.session.take_outbox():
+            if isinstance(action, bytes):
+                event = json.loads(action)
+                check_ws_event(event)
+                new.append(event)
+            elif isinstance(action, StartModel):
+                self.started.append(action.turn)
+            elif isinstance(action, StopModel):
+                self.stopped.append(action.turn)
+            else:
+                self.closed.append(action)
+        self.events += new
+        return new
+
+    def reply(self, turn: Turn, text: str = "ok") -> list[dict[str, Any]]:
+        self.session.model_event(turn, TextDelta(text))
+        self.session.model_done(turn)
+        return self.drain()
+
+    def last(self, type_: str) -> dict[str, Any]:
+        return [e for e in self.events if e["type"] == type_][-1]
+
+
+def test_a_turn_is_created_streamed_and_stored() -> None:
+    h = Harness()
+    h.send(input="hi", store=False)
+    assert [e["type"] for e in h.events] == ["response.created", "response.in_progress"]
+    (turn,) = h.started
+    events = h.reply(turn, "hello")
+    assert events[-1]["type"] == "response.completed"
+    rid = events[-1]["response"]["id"]
+    assert h.session.lane_head(None) == rid
+    assert h.cache.stats().local_entries == 1
+    h.session.connection_lost()
+    assert h.cache.stats().local_entries == 0
+
+
+def test_lane_fifo_and_active_limit() -> None:
+    h = Harness(Limits(max_active_responses=2))
+    h.send(input="a1", stream_id="a")
+    h.send(input="a2", stream_id="a")
+    h.send(input="b1", stream_id="b")
+    h.send(input="c1", stream_id="c")
+    assert [t.stream_id for t in h.started] == ["a", "b"]
+    assert h.session.queued_requests == 2
+    h.reply(h.started[0])
+    # a's second request is next in a's FIFO, but c was ready first for the free slot.
+    assert [t.stream_id for t in h.started] == ["a", "b", "c"]
+    h.reply(h.started[1])
+    assert [t.stream_id for t in h.started] == ["a", "b", "c", "a"]
+    assert h.started[3].request.input_items[0]["content"] == "a2"
+
+
+def test_request_errors_are_reported_in_lane_order() -> None:
+    h = Harness()
+    h.send(input="first", stream_id="x")
+    h.send(input=5, stream_id="x")  # invalid, but queued behind the first
+    assert not [e for e in h.events if e["type"] == "error"]
+    h.reply(h.started[0])
+    error = h.last("error")
+    assert error["error"]["code"] == "invalid_type" and error["stream_id"] == "x"
+    assert h.events.index(error) > h.events.index(h.last("response.completed"))
+
+
+def test_failed_same_lane_continuation_evicts_parent_fork_keeps_it() -> None:
+    h = Harness()
+    h.send(input="p", store=False, stream_id="a")
+    parent = h.reply(h.started[-1])[-1]["response"]["id"]
+    h.send(input="fork", store=False, stream_id="b", previous_response_id=parent)
+    h.session.model_event(h.started[-1], TurnFailed(model_failed()))
+    h.drain()
+    assert h.last("response.failed")["stream_id"] == "b"
+    assert h.session.lane_head("a") == parent
+    h.send(input="cont", store=False, stream_id="a", previous_response_id=parent)
+    h.session.model_error(h.started[-1])
+    h.drain()
+    assert h.session.lane_head("a") is None
+    h.send(input="again", store=False, stream_id="a", previous_response_id=parent)
+    assert h.last("error")["error"]["code"] == "previous_response_not_found"
+
+
+def test_tool_call_events_and_indices() -> None:
+    h = Harness()
+    h.send(input="go")
+    turn = h.started[-1]
+    h.session.model_event(turn, ToolCallStart("call_1", "f"))
+    h.session.model_event(turn, ToolArgumentsDelta('{"a"'))
+    h.session.model_event(turn, ToolArgumentsDelta(": 1}"))
+    h.session.model_event(turn, ToolCallStart("call_2", "g"))
+    h.session.model_event(turn, TextDelta("and text"))
+    h.session.model_done(turn)
+    h.drain()
+    added = [e for e in h.events if e["type"] == "response.output_item.added"]
+    assert [e["output_index"] for e in added] == [0, 1, 2]
+    output = h.last("response.completed")["response"]["output"]
+    assert [o["type"] for o in output] == ["function_call", "function_call", "message"]
+    assert output[0]["arguments"] == '{"a": 1}' and output[1]["arguments"] == ""
+    numbers = [e["sequence_number"] for e in h.events]
+    assert numbers == list(range(len(numbers)))
+
+
+def test_steer_waits_for_the_open_item_then_interrupts() -> None:
+    h = Harness()
+    h.send(input="long", stream_id="s")
+    turn = h.started[-1]
+    h.session.model_event(turn, TextDelta("part one"))
+    h.drain()
+    h.raw(
+        json.dumps(
+            {
+                "type": "response.steer",
+                "previous_response_id": turn.response_id,
+                "input": "new direction",
+            }
+        )
+    )
+    assert h.last("response.steer.accepted")["stream_id"] == "s"
+    h.session.model_event(turn, TextDelta(" part two"))  # same item: still streams
+    h.drain()
+    h.session.model_event(turn, ToolCallStart("c", "f"))  # a new item: steer point
+    events = h.drain()
+    assert [e["type"] for e in events][-2:] == ["response.created", "response.in_progress"]
+    assert turn in h.stopped
+    incomplete = h.last("response.incomplete")["response"]
+    assert incomplete["incomplete_details"] == {"reason": "steered"}
+    assert incomplete["output"][0]["content"][0]["text"] == "part one part two"
+    successor = h.started[-1]
+    assert successor.request.previous_response_id == turn.response_id
+    assert successor.items.to_objects() == [
+        {"content": "new direction", "role": "user", "type": "message"}
+    ]
+
+
+def test_steer_pending_then_prepended_to_the_explicit_continuation() -> None:
+    h = Harness()
+    h.send(input="go")
+    turn = h.started[-1]
+    h.session.model_event(turn, ToolCallStart("call_9", "lookup"))
+    h.raw(
+        json.dumps(
+            {
+                "type": "response.steer",
+                "previous_response_id": turn.response_id,
+                "input": "also check tests",
+            }
+        )
+    )
+    h.session.model_done(turn)
+    h.drain()
+    pending = h.last("response.steer.pending")
+    assert pending["required_input"] == [
+        {"type": "function_call_output", "call_id": "call_9", "name": "lookup"}
+    ]
+    assert h.events.index(pending) > h.events.index(h.last("response.completed"))
+    h.send(
+        input=[{"type": "function_call_output", "call_id": "call_9", "output": "x"}],
+        previous_response_id=turn.response_id,
+    )
+    cont = h.started[-1]
+    assert [i["type"] for i in cont.items.to_objects()] == ["message", "function_call_output"]
+
+
+def test_limits_of_lanes_and_queue() -> None:
+    h = Harness(Limits(max_named_lanes=2, max_queued_requests=3, max_active_responses=1))
+    h.send(input="1", stream_id="a")
+    h.send(input="2", stream_id="b")
+    h.send(input="3", stream_id="c")
+    assert h.last("error")["error"]["code"] == "websocket_stream_limit_reached"
+    h.send(input="4", stream_id="a")
+    h.send(input="5", stream_id="a")
+    h.send(input="6", stream_id="a")
+    assert h.last("error")["error"]["code"] == "server_is_overloaded"
+    assert h.last("error")["status"] == 503
+
+
+def test_lifetime_expiry_finishes_in_flight_then_closes() -> None:
+    h = Harness(Limits(connection_lifetime=60.0, close_grace=10.0))
+    h.send(input="running")
+    running = h.started[-1]
+    h.send(input="queued behind the limit", stream_id="q")
+    h.send(input="queued", stream_id="q")
+    assert h.session.next_deadline() == 60.0
+    h.session.tick(60.0)
+    h.drain()
+    assert h.last("error")["error"]["code"] == "websocket_connection_limit_reached"
+    assert "stream_id" not in h.last("error") and not h.closed
+    h.send(input="too late")
+    assert h.events[-1]["error"]["code"] == "websocket_connection_limit_reached"
+    h.reply(running)
+    h.reply(h.started[1])
+    assert h.closed == [CloseConnection(1000, "connection lifetime reached")]
+    assert len(h.started) == 2  # the queued request never started
+
+
+def test_lifetime_grace_fails_stragglers() -> None:
+    h = Harness(Limits(connection_lifetime=1.0, close_grace=2.0))
+    h.send(input="slow")
+    straggler = h.started[-1]
+    h.session.tick(1.0)
+    h.session.tick(3.0)
+    h.drain()
+    assert straggler in h.stopped
+    assert h.last("response.failed")["response"]["error"]["code"] == "server_error"
+    assert h.closed
+
+
+def test_disconnect_cancels_everything() -> None:
+    h = Harness(Limits(max_active_responses=1))
+    h.send(input="a", store=False)
+    h.send(input="b", stream_id="x")
+    running = h.started[-1]
+    h.session.connection_lost()
+    h.drain()
+    assert h.stopped == [running]
+    assert h.session.active_responses == 0 and h.session.queued_requests == 0
+    h.session.model_event(running, TextDelta("late"))  # ignored
+    assert h.drain() == []
+    assert h.cache.stats().connections == 0
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        (b"", "invalid_json"),
+        (b"{", "invalid_json"),
+        (b"null", "invalid_type"),
+        (b'{"type":"response.create","model":"m","input":"x","tools":"no"}', "invalid_type"),
+        (
+            b'{"type":"response.create","model":"m","input":[{"type":"function_call"}]}',
+            "missing_required_parameter",
+        ),
+        (b'{"type":"response.unknown"}', "invalid_value"),
+    ],
+)
+def test_bad_messages_never_raise(message: bytes, code: str) -> None:
+    h = Harness()
+    h.raw(message)
+    assert h.events[-1]["error"]["code"] == code
+    h.send(input="fine")
+    assert h.events[-2]["type"] == "response.created"
