@@ -1,0 +1,143 @@
+"""Benchmark fixtures: servers in their own processes, and an interleaved A/B timer.
+
+Servers run in subprocesses so the client being timed never shares a GIL with them.
+Ratios are measured by alternating the two arms call by call (so drift on a shared,
+noisy machine hits both alike) and comparing medians.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+
+from warmsocket import _core
+
+WARMSOCKET = os.path.join(os.path.dirname(sys.executable), "warmsocket")
+
+ECHO_SERVER = """
+import asyncio, sys, uvloop
+from websockets.asyncio.server import serve
+
+async def echo(ws):
+    async for message in ws:
+        await ws.send(message)
+
+async def main():
+    async with serve(echo, "127.0.0.1", 0, max_size=None, compression=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        print(port, flush=True)
+        await asyncio.Future()
+
+uvloop.run(main())
+"""
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/responses"
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+
+
+@contextmanager
+def warmsocket_server(*args: str) -> Iterator[ServerProcess]:
+    """`warmsocket serve` on a free port, in its own process."""
+    process = subprocess.Popen(
+        [
+            WARMSOCKET,
+            "serve",
+            "--port",
+            "0",
+            "--log-level",
+            "info",
+            "--log-format",
+            "json",
+            "--ws-ping-interval",
+            "0",
+            *args,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        while True:
+            line = process.stderr.readline()
+            if not line:
+                raise RuntimeError("warmsocket serve exited before listening")
+            record = json.loads(line)
+            if record.get("message") == "listening":
+                port = int(record["url"].rsplit(":", 1)[1].split("/")[0])
+                break
+        yield ServerProcess(process, port)
+    finally:
+        _stop(process)
+
+
+@contextmanager
+def echo_server() -> Iterator[ServerProcess]:
+    """A bare `websockets` echo server on uvloop, in its own process."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline())
+        yield ServerProcess(process, port)
+    finally:
+        _stop(process)
+
+
+def require_release_build(benchmark: object) -> None:
+    """Timing a debug build would measure the wrong thing: refuse."""
+    if not getattr(benchmark, "disabled", True) and _core.BUILD_PROFILE != "release":
+        pytest.fail("benchmarks time release builds only: pip install -e . (release) first")
+
+
+def timing_enabled(benchmark: object) -> bool:
+    return not getattr(benchmark, "disabled", True)
+
+
+def interleaved_medians(
+    arms: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 20
+) -> dict[str, float]:
+    """Median seconds per call of each arm, calling the arms in turn round by round."""
+    for _ in range(warmup):
+        for fn in arms.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(rounds):
+        for name, fn in arms.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
