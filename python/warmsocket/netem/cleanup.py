@@ -67,7 +67,7 @@ def list_netns(runner: CommandRunner, tools: Tools, prefix: str = DEFAULT_PREFIX
 
 def list_addresses(runner: CommandRunner, tools: Tools) -> list[LinkInfo]:
     """Every root-namespace interface with its IPv4 addresses and alias."""
-    rows = _json_list(runner, [tools.ip, "-j", "addr", "show"])
+    rows = _json_list(runner, [tools.ip, "-j", "-d", "addr", "show"])  # -d: with ifalias
     links = []
     for row in rows:
         infos = row.get("addr_info")

@@ -11,8 +11,9 @@ the client namespace and measures:
   receiver from its first to its last byte (so the one-way delay drops out).
 
 Protocol (one command per connection): b"E" echo until EOF; b"D"+u64 n: the
-server sends n bytes; b"U"+u64 n: the client sends n bytes and the server
-answers with f64 seconds (first to last byte) and u64 bytes after the first read.
+server sends n bytes; b"U"+u64 n: the server answers b"R" (ready), the client
+sends n bytes, and the server answers with f64 seconds (first to last byte) and
+u64 bytes received after its first read.
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ class MeasureServer:
             writer.write_eof()
             await reader.read()  # wait for the client to finish
         elif cmd == b"U":
+            writer.write(b"R")  # ready: the client starts timing-relevant data now
+            await writer.drain()
             first = await reader.read(_READ)
             t_first = time.monotonic()
             got, after_first = len(first), 0
@@ -218,6 +221,10 @@ async def measure_upload(
     reader, writer = await connect(host, port)
     try:
         writer.write(b"U" + _U64.pack(nbytes))
+        # Wait for the server's go-ahead so no data piles up in front of it
+        # (e.g. held by the proxy's handshake emulation) and inflates the rate.
+        if await reader.readexactly(1) != b"R":
+            raise ValueError("unexpected reply from measure server")
         remaining = nbytes
         while remaining > 0:
             block = _BLOCK if remaining >= len(_BLOCK) else _BLOCK[:remaining]
