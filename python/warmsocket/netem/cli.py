@@ -1,4 +1,4 @@
-"""`python -m warmsocket.netem check | cleanup | list`."""
+"""`python -m warmsocket.netem check | run | proxy | cleanup | list`."""
 
 from __future__ import annotations
 
@@ -194,6 +194,96 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+async def _run_command(args: argparse.Namespace) -> int:
+    """Link + proxy in front of --target, then the command in the client namespace."""
+    target_host, target_port = args.target
+    profile = get_profile(args.profile)
+    async with EmulatedLink(profile, prefix=args.prefix, require=args.require) as link:
+        proxy = await link.start_proxy(target_host, target_port, listen_port=args.listen_port)
+        print(f"netem: {link.describe()}", file=sys.stderr)
+        print(
+            f"netem: proxy {proxy.host}:{proxy.port} -> {target_host}:{target_port}",
+            file=sys.stderr,
+        )
+        if args.measure:
+            result = await measure_link(link, rtt_samples=10)
+            print(f"netem: achieved {result.summary()}", file=sys.stderr)
+        subst = {"{host}": proxy.host, "{port}": str(proxy.port)}
+        argv = [_substitute(a, subst) for a in args.cmd]
+        env = dict(os.environ)
+        env.update(
+            NETEM_HOST=proxy.host,
+            NETEM_PORT=str(proxy.port),
+            NETEM_PROFILE=profile.name,
+            NETEM_EMULATED="1" if link.emulated else "0",
+        )
+        proc = await asyncio.create_subprocess_exec(*link.client_command(argv), env=env)
+        try:
+            async with asyncio.timeout(args.timeout):
+                return await proc.wait()
+        except TimeoutError:
+            print(
+                f"netem: command still running after {args.timeout:g} s, stopping it",
+                file=sys.stderr,
+            )
+            return 124
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                try:
+                    async with asyncio.timeout(5):
+                        await proc.wait()
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+
+
+def _substitute(arg: str, subst: dict[str, str]) -> str:
+    for key, value in subst.items():
+        arg = arg.replace(key, value)
+    return arg
+
+
+async def _proxy(args: argparse.Namespace) -> int:
+    """A standalone delay proxy (no namespace), until SIGINT/SIGTERM or --duration."""
+    import signal
+
+    from warmsocket.netem.proxy import DelayProxy
+
+    profile = get_profile(args.profile)
+    listen_host, listen_port = args.listen
+    target_host, target_port = args.target
+    proxy = DelayProxy.from_profile(
+        profile,
+        target_host,
+        target_port,
+        rate_limit=args.rate_limit,
+        listen_host=listen_host,
+        listen_port=listen_port,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with proxy:
+        print(
+            f"netem proxy {proxy.host}:{proxy.port} -> {target_host}:{target_port}, "
+            f"{profile.describe()}{'' if args.rate_limit else ' (rate not applied)'}",
+            flush=True,
+        )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(args.duration):
+                await stop.wait()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m warmsocket.netem",
@@ -214,6 +304,27 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--timeout", type=float, default=_CHECK_TIMEOUT, help="seconds per profile")
     check.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     check.add_argument("--json", action="store_true", help="machine-readable output")
+    profiles = [p.lower() for p in BUILTIN_PROFILES] + list(BUILTIN_PROFILES)
+    runp = sub.add_parser(
+        "run",
+        help="set up a link and a proxy to --target, run a command in the client namespace",
+        description="Placeholders {host} and {port} in the command are replaced by the "
+        "proxy's address; it is also exported as NETEM_HOST / NETEM_PORT.",
+    )
+    runp.add_argument("--profile", choices=profiles, default="WAN")
+    runp.add_argument("--target", type=_host_port, required=True, help="real server HOST:PORT")
+    runp.add_argument("--listen-port", type=int, default=0, help="proxy port (default: any)")
+    runp.add_argument("--require", action="store_true", help="fail instead of falling back")
+    runp.add_argument("--measure", action="store_true", help="measure the link first")
+    runp.add_argument("--timeout", type=float, default=3600.0, help="stop the command after")
+    runp.add_argument("cmd", nargs="+", help="the command (put it after --)")
+    px = sub.add_parser("proxy", help="run a standalone delay proxy (no namespace)")
+    px.add_argument("--profile", choices=profiles, default="WAN")
+    px.add_argument("--listen", type=_host_port, default=("127.0.0.1", 0), help="HOST:PORT")
+    px.add_argument("--target", type=_host_port, required=True, help="real server HOST:PORT")
+    px.add_argument("--rate-limit", action="store_true", help="also apply the profile's rate")
+    px.add_argument("--duration", type=float, default=24 * 3600.0, help="stop after seconds")
+    px.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     cl = sub.add_parser("cleanup", help="remove namespaces/links left by crashed runs")
     cl.add_argument("--all", action="store_true", help="also remove those of running harnesses")
     sub.add_parser("list", help="list harness namespaces and links")
@@ -228,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "check": lambda a: int(_run(_check(a), a.loop)),
+        "run": lambda a: int(_run(_run_command(a), "asyncio")),
+        "proxy": lambda a: int(_run(_proxy(a), a.loop)),
         "cleanup": _cleanup,
         "list": _list,
     }

@@ -43,7 +43,9 @@ from warmsocket.netem.timers import Scheduler, TimerHandle, make_scheduler
 log = logging.getLogger("warmsocket.netem")
 
 DEFAULT_MAX_BUFFER_BYTES = 4 * 1024 * 1024
-_MIN_RATE_LIMITED_BUFFER = 64 * 1024
+# With a rate limit, chunks are split into pieces of about 1 ms of line rate
+# (at least this many bytes) so delivery is smooth rather than 256 KiB lumps.
+_MIN_PIECE_BYTES = 16 * 1024
 
 
 class _Marker(enum.Enum):
@@ -74,10 +76,13 @@ class _Pipe:
         "_jitter",
         "_last_deliver",
         "_limit",
+        "_piece",
         "_proxy",
         "_queue",
+        "_queue_s",
         "_queued_bytes",
         "_rate",
+        "_resume_timer",
         "_serial_free",
         "_timer",
         "dst",
@@ -97,6 +102,9 @@ class _Pipe:
         self._delay = proxy.delay_s
         self._jitter = proxy.jitter_s
         self._rate = proxy.rate_bytes_per_s
+        self._queue_s = proxy.queue_s
+        self._piece = 0 if self._rate is None else max(_MIN_PIECE_BYTES, int(self._rate / 1000))
+        self._resume_timer: TimerHandle | None = None
         self._limit = proxy.max_buffer_bytes
         self._queue: deque[tuple[float, bytes | _Marker]] = deque()
         self._queued_bytes = 0
@@ -131,6 +139,16 @@ class _Pipe:
 
     def feed(self, data: bytes) -> None:
         if self._closed or not data:
+            return
+        piece = self._piece
+        if piece and len(data) > piece:
+            view = memoryview(data)
+            for i in range(0, len(data), piece):  # bounded by len(data) / piece
+                chunk = bytes(view[i : i + piece])
+                self._queue.append((self._deadline(len(chunk)), chunk))
+                self._queued_bytes += len(chunk)
+            self._arm()
+            self._update_pause()
             return
         deliver_at = self._deadline(len(data))
         if not self._queue and self.dst is not None and deliver_at <= self._proxy.scheduler.now():
@@ -226,6 +244,16 @@ class _Pipe:
             wbuf = self.dst.get_write_buffer_size()
         return self._queued_bytes + wbuf
 
+    def _backlog_s(self) -> float:
+        """Seconds of data still waiting for the (emulated) bottleneck."""
+        if self._rate is None:
+            return 0.0
+        return max(0.0, self._serial_free - self._proxy.scheduler.now())
+
+    def _on_resume_timer(self) -> None:
+        self._resume_timer = None
+        self._update_pause()
+
     def _update_pause(self) -> None:
         src = self.src
         if src is None or self._closed or self.src_eof:
@@ -234,15 +262,25 @@ class _Pipe:
         stats = self._proxy.stats
         if held > stats.peak_buffered_bytes:
             stats.peak_buffered_bytes = held
+        # Memory bound (like a TCP window), and with a rate limit also the
+        # bottleneck's queue: at most queue_s of backlog, like a router buffer.
+        backlog = self._backlog_s()
         if not self.reading_paused:
-            if held >= self._limit or self.dst_write_paused:
+            if held >= self._limit or self.dst_write_paused or backlog > self._queue_s:
                 self.reading_paused = True
                 if not src.is_closing():
                     src.pause_reading()
-        elif held <= self._limit // 2 and not self.dst_write_paused:
+        elif (
+            held <= self._limit // 2 and not self.dst_write_paused and backlog <= self._queue_s / 2
+        ):
             self.reading_paused = False
             if not src.is_closing():
                 src.resume_reading()
+            return
+        if self.reading_paused and backlog > self._queue_s / 2 and self._resume_timer is None:
+            # The backlog shrinks with time, not with events: check again then.
+            when = self._serial_free - self._queue_s / 2
+            self._resume_timer = self._proxy.scheduler.call_at(when, self._on_resume_timer)
 
     def on_dst_pause_writing(self) -> None:
         self.dst_write_paused = True
@@ -254,9 +292,10 @@ class _Pipe:
 
     def close(self) -> None:
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._resume_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._resume_timer = None
         self._queue.clear()
         self._queued_bytes = 0
 
@@ -444,11 +483,11 @@ class DelayProxy:
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.emulate_handshake = emulate_handshake
-        if rate_bytes_per_s is not None:
-            # A bottleneck's buffer is about rate * (queue + delay): beyond that
-            # we stop reading (like a full router queue) instead of bloating.
-            bdp = int(rate_bytes_per_s * (queue_s + delay_s))
-            max_buffer_bytes = min(max_buffer_bytes, max(bdp, _MIN_RATE_LIMITED_BUFFER))
+        self.queue_s = queue_s
+        if rate_bytes_per_s is not None and queue_s <= 0:
+            # With a rate limit the source is paused once more than queue_s of
+            # data waits for the bottleneck, like a full router queue.
+            raise ValueError("queue_s must be > 0 with a rate limit")
         self.max_buffer_bytes = max_buffer_bytes
         # Keep transport write buffers well under the pipe limit so a draining
         # write buffer always either reports resume_writing() or is small
