@@ -20,6 +20,7 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,6 +45,7 @@ from warmsocket.netem import (
     run_command,
 )
 from warmsocket.netem import link as link_module
+from warmsocket.netem import plan as plan_module
 from warmsocket.netem.plan import DEFAULT_PREFIX, new_plan, owner_alias, parse_owner
 
 # Generous slack for a shared 2-core VM: timer wake-ups there cost ~0.3 ms,
@@ -469,8 +471,10 @@ class FakeRunner:
 
 
 @pytest.fixture
-def fake_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+def fake_tools(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Pretend root + iproute2 are there (the runner is fake anyway)."""
     monkeypatch.setattr(link_module, "_preflight", lambda: Tools(ip="ip", tc="tc"))
+    monkeypatch.setattr(plan_module, "_lock_path", lambda: tmp_path / "netem.lock")
 
 
 @pytest.mark.timeout(30)
@@ -762,3 +766,102 @@ def test_atexit_and_crash_recovery() -> None:
     with EmulatedLink(LAN, require=True):  # cleanup_stale=True by default
         assert netns not in inventory(run_command, tools).netns
     _assert_gone(netns)
+
+
+# -- command line --------------------------------------------------------------
+
+_CLI = [sys.executable, "-m", "warmsocket.netem"]
+
+
+@pytest.mark.timeout(60)
+def test_cli_check_json_on_loopback() -> None:
+    argv = [*_CLI, "check", "--profile", "loopback", "--json", "--samples", "3"]
+    proc = subprocess.run(
+        [*argv, "--bulk-bytes", "1000000"], capture_output=True, text=True, timeout=50
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    report = json.loads(proc.stdout)
+    (row,) = report["profiles"]
+    assert row["profile"] == "LOOPBACK" and row["emulated"] is False
+    assert row["measurement"]["rtt_ms"] < 10
+
+
+@needs_netns
+@pytest.mark.timeout(60)
+def test_cli_check_reports_every_profile() -> None:
+    proc = subprocess.run([*_CLI, "check"], capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    for name in ("WAN", "LAN", "LOOPBACK"):
+        assert f"\n{name}: RTT" in proc.stdout
+    assert "netem" in proc.stdout and "namespace ws-bench-" in proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_cli_proxy_serves_until_sigterm() -> None:
+    async def main() -> tuple[float, int]:
+        async with tcp_server(echo) as port:
+            argv = [*_CLI, "proxy", "--profile", "wan", "--target", f"127.0.0.1:{port}"]
+            proc = await asyncio.create_subprocess_exec(
+                *argv, "--duration", "30", stdout=subprocess.PIPE
+            )
+            try:
+                assert proc.stdout is not None
+                line = (await proc.stdout.readline()).decode()
+                listen = line.split()[2]  # "netem proxy HOST:PORT -> ..."
+                host, _, proxy_port = listen.rpartition(":")
+                reader, writer = await asyncio.open_connection(host, int(proxy_port))
+                try:
+                    await round_trip(reader, writer)  # includes the handshake
+                    rtt = await round_trip(reader, writer)
+                finally:
+                    await close_writer(writer)
+                proc.terminate()
+                return rtt, await proc.wait()
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+
+    rtt, rc = run(main(), timeout=50)
+    assert 0.040 <= rtt < 0.040 + SLACK
+    assert rc == 0
+
+
+_RUN_CLIENT = textwrap.dedent(
+    """
+    import os, socket, sys
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+    s.sendall(b"ping")
+    s.shutdown(socket.SHUT_WR)
+    print(s.recv(100).decode(), s.getsockname()[0], os.environ["NETEM_PROFILE"])
+    sys.exit(3)
+    """
+)
+
+
+@needs_netns
+@pytest.mark.timeout(60)
+def test_cli_run_wraps_a_command_in_the_client_namespace() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"pong:" + await reader.read())
+        await writer.drain()
+
+    async def main() -> tuple[int, str, str]:
+        async with tcp_server(handler) as port:
+            argv = [*_CLI, "run", "--profile", "lan", "--require", "--target", f"127.0.0.1:{port}"]
+            proc = await asyncio.create_subprocess_exec(
+                *argv, "--", sys.executable, "-c", _RUN_CLIENT, "{host}", "{port}",
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await proc.communicate()
+            assert proc.returncode is not None
+            return proc.returncode, out.decode(), err.decode()
+
+    rc, out, err = run(main(), timeout=50)
+    assert rc == 3, err  # the command's exit status
+    reply, local, profile = out.split()
+    assert reply == "pong:ping" and profile == "LAN"
+    assert local.startswith("198.18.")
+    assert "netem: LAN" in err and "Traceback" not in err

@@ -158,14 +158,15 @@ def _tools_or_report() -> Tools | None:
     if isinstance(tools, str):
         print(f"netem: {tools}")
         return None
-    if os.geteuid() != 0:
-        print("netem: not running as root; listing may work, removing will not")
     return tools
 
 
 def _cleanup(args: argparse.Namespace) -> int:
     tools = _tools_or_report()
     if tools is None:
+        return 1
+    if os.geteuid() != 0:
+        print("netem cleanup: needs root (removing namespaces and links needs CAP_SYS_ADMIN)")
         return 1
     try:
         report = cleanup(tools, prefix=args.prefix, include_live=args.all)
