@@ -388,7 +388,11 @@ class _ClientSide(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport.
-        self.conn = self.proxy.connection_new(cast(asyncio.Transport, transport))
+        tcp = cast(asyncio.Transport, transport)
+        if not self.proxy.running:  # accepted while the proxy was closing
+            tcp.abort()
+            return
+        self.conn = self.proxy.connection_new(tcp)
 
     def data_received(self, data: bytes) -> None:
         if self.conn is not None:

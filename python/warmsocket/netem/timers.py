@@ -179,7 +179,12 @@ class TimerfdScheduler:
                 break
             _, _, entry = heapq.heappop(heap)
             if not entry.cancelled:
-                entry.callback()
+                try:
+                    entry.callback()
+                except Exception as exc:  # like loop.call_at: report, keep going
+                    self._loop.call_exception_handler(
+                        {"message": "exception in netem timer callback", "exception": exc}
+                    )
             if self._closed:
                 return
         while heap and heap[0][2].cancelled:
