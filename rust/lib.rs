@@ -4,7 +4,9 @@
 //! that never import pyo3, and all conversion between Python and Rust lives in
 //! `py.rs`.
 
+pub mod blocks;
 mod py;
+pub mod token;
 
 use pyo3::prelude::*;
 
