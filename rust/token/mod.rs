@@ -297,14 +297,7 @@ impl Tokenizer {
             return Ok(Vec::new());
         }
         match &self.backend {
-            Backend::Tiktoken(bpe) => {
-                // `encode` with nothing allowed is `encode_ordinary` that
-                // reports regex errors instead of panicking on them.
-                let allowed = HashSet::new();
-                let (tokens, _) = guard(|| bpe.encode(text, &allowed))?
-                    .map_err(|e| TokenError::Encode { reason: e.message })?;
-                Ok(tokens)
-            }
+            Backend::Tiktoken(bpe) => encode_tiktoken(bpe, text),
             Backend::HuggingFace(hf) => {
                 let encoding =
                     guard(|| hf.encode_fast(text, false))?.map_err(|e| TokenError::Encode {
@@ -361,6 +354,40 @@ impl Tokenizer {
     /// Number of tokens of the instructions, framing included.
     pub fn count_instructions(&self, instructions: &str) -> Result<usize, TokenError> {
         self.encode_instructions(instructions).map(|t| t.len())
+    }
+}
+
+/// Texts the split regex gives up on (a run of about a million whitespace
+/// characters overflows fancy-regex's backtracking stack; tiktoken fails the
+/// same way) are encoded in pieces of at most this many bytes, cut at
+/// character boundaries, so every text gets tokens.
+pub const FALLBACK_CHUNK_BYTES: usize = 1 << 16;
+
+fn encode_tiktoken(bpe: &CoreBPE, text: &str) -> Result<Vec<u32>, TokenError> {
+    // `encode` with nothing allowed is `encode_ordinary` that reports regex
+    // errors instead of panicking on them.
+    let allowed = HashSet::new();
+    let encode = |piece: &str| {
+        guard(|| bpe.encode(piece, &allowed))?
+            .map(|(tokens, _)| tokens)
+            .map_err(|e| TokenError::Encode { reason: e.message })
+    };
+    match encode(text) {
+        Err(TokenError::Encode { .. }) if text.len() > FALLBACK_CHUNK_BYTES => {
+            let mut out = Vec::new();
+            let mut rest = text;
+            while !rest.is_empty() {
+                let mut cut = rest.len().min(FALLBACK_CHUNK_BYTES);
+                while !rest.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                let (piece, tail) = rest.split_at(cut);
+                out.extend(encode(piece)?);
+                rest = tail;
+            }
+            Ok(out)
+        }
+        result => result,
     }
 }
 
@@ -527,8 +554,27 @@ mod tests {
         let t = o200k();
         for unit in ["a", "^", " ", "\n", "1", "'s"] {
             let text = unit.repeat(200_000);
-            let _ = t.count(&text);
+            assert!(t.count(&text).unwrap() > 0);
         }
+    }
+
+    #[test]
+    fn texts_the_regex_gives_up_on_are_encoded_in_chunks() {
+        let t = o200k();
+        let text = " ".repeat(1_000_000);
+        let Backend::Tiktoken(bpe) = &t.backend else {
+            unreachable!()
+        };
+        assert!(bpe.encode(&text, &HashSet::new()).is_err());
+        let chunk = " ".repeat(FALLBACK_CHUNK_BYTES);
+        let expected: Vec<u32> = (0..text.len() / FALLBACK_CHUNK_BYTES)
+            .flat_map(|_| t.encode(&chunk).unwrap())
+            .chain(
+                t.encode(&" ".repeat(text.len() % FALLBACK_CHUNK_BYTES))
+                    .unwrap(),
+            )
+            .collect();
+        assert_eq!(t.encode(&text).unwrap(), expected);
     }
 
     /// A tiny WordLevel tokenizer.json with a whitespace pre-tokenizer.
