@@ -332,7 +332,10 @@ class Tokenizer:
         """
     @staticmethod
     def from_json(data: bytes | str, *, name: str = "<tokenizer.json>") -> Tokenizer:
-        """A Hugging Face tokenizer from the contents of a tokenizer.json. Raises InvalidTokenizerFile."""
+        """A Hugging Face tokenizer from the contents of a tokenizer.json.
+
+        Raises InvalidTokenizerFile.
+        """
     @property
     def name(self) -> str:
         """`"o200k_base"`, `"cl100k_base"`, or the tokenizer.json path (or `name`)."""
@@ -400,8 +403,10 @@ class BlockHasher:
     def extend_item(
         self, tokenizer: Tokenizer, item_json: bytes | str
     ) -> tuple[BlockHasher, bytes]:
-        """`extend(tokenizer.encode_item(item_json))` in one call; the item's token
-        count is `new.tokens - self.tokens`."""
+        """`extend(tokenizer.encode_item(item_json))` in one call.
+
+        The item's token count is `new.tokens - self.tokens`.
+        """
     def extend_instructions(
         self, tokenizer: Tokenizer, instructions: str
     ) -> tuple[BlockHasher, bytes]:
@@ -413,8 +418,13 @@ def block_hashes(tokens: _TokenIds, block_size: int = 16, *, seed: int = 0) -> b
     """The hashes of every full block of `tokens`, from scratch (16 bytes each)."""
 
 def shared_prefix_blocks(a: bytes, b: bytes) -> int:
-    """Number of equal leading block hashes of two hash buffers. ValueError if a
-    length is not a multiple of 16."""
+    """Number of equal leading block hashes of two hash buffers.
+
+    ValueError if a length is not a multiple of 16.
+    """
 
 def shared_prefix_tokens(a: bytes, b: bytes, block_size: int = 16) -> int:
-    """Tokens covered by the equal leading block hashes: `shared_prefix_blocks(a, b) * block_size`."""
+    """Tokens covered by the equal leading block hashes.
+
+    That is `shared_prefix_blocks(a, b) * block_size`.
+    """
