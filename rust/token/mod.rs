@@ -23,7 +23,7 @@ use std::path::Path;
 
 use tiktoken_rs::CoreBPE;
 
-pub use render::{render_instructions, render_item, ItemError, Rendered};
+pub use render::{render_instructions, render_item, ItemError, Rendered, TEMPLATE_VERSION};
 
 /// Every error of this module; one `Display` holds every message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,6 +191,7 @@ pub const FRAMING_TOKENS: usize = 3;
 
 enum Backend {
     Tiktoken(&'static CoreBPE),
+    #[cfg(feature = "hf")]
     HuggingFace(Box<tokenizers::Tokenizer>),
 }
 
@@ -253,33 +254,14 @@ impl Tokenizer {
     /// largest id of the vocabulary (added tokens included), so they never
     /// collide with a text token.
     pub fn from_json(json: &[u8], name: String) -> Result<Self, TokenError> {
-        let invalid = |reason: String| TokenError::InvalidTokenizerFile {
-            path: name.clone(),
-            reason,
-        };
-        let mut hf = guard(|| tokenizers::Tokenizer::from_bytes(json))
-            .map_err(|e| invalid(e.to_string()))?
-            .map_err(|e| invalid(e.to_string()))?;
-        hf.with_truncation(None)
-            .map_err(|e| invalid(e.to_string()))?;
-        hf.with_padding(None);
-        let next_id = hf
-            .get_vocab(true)
-            .values()
-            .max()
-            .map_or(0, |&max| max.saturating_add(1));
-        if next_id > u32::MAX - 3 {
-            return Err(invalid("token ids leave no room for framing ids".into()));
+        match hf::load(json) {
+            Ok((backend, framing)) => Ok(Self {
+                name,
+                backend,
+                framing,
+            }),
+            Err(reason) => Err(TokenError::InvalidTokenizerFile { path: name, reason }),
         }
-        Ok(Self {
-            framing: Framing {
-                start: next_id,
-                sep: next_id + 1,
-                end: next_id + 2,
-            },
-            name,
-            backend: Backend::HuggingFace(Box::new(hf)),
-        })
     }
 
     /// `o200k_base`, `cl100k_base`, or the path of the `tokenizer.json`.
@@ -298,13 +280,8 @@ impl Tokenizer {
         }
         match &self.backend {
             Backend::Tiktoken(bpe) => encode_tiktoken(bpe, text),
-            Backend::HuggingFace(hf) => {
-                let encoding =
-                    guard(|| hf.encode_fast(text, false))?.map_err(|e| TokenError::Encode {
-                        reason: e.to_string(),
-                    })?;
-                Ok(encoding.get_ids().to_vec())
-            }
+            #[cfg(feature = "hf")]
+            Backend::HuggingFace(tokenizer) => hf::encode(tokenizer, text),
         }
     }
 
@@ -339,6 +316,13 @@ impl Tokenizer {
     /// Token ids of one item (its canonical JSON), framing included.
     pub fn encode_item(&self, item_json: &[u8]) -> Result<Vec<u32>, TokenError> {
         self.encode_rendered(&render_item(item_json)?)
+    }
+
+    /// Append the token ids of one item, framing included, to `out` (so the
+    /// items of a turn can be encoded into one buffer and hashed in one
+    /// `BlockHasher::extend`). On error `out` may hold part of the item.
+    pub fn encode_item_into(&self, item_json: &[u8], out: &mut Vec<u32>) -> Result<(), TokenError> {
+        self.encode_rendered_into(&render_item(item_json)?, out)
     }
 
     /// Number of tokens of one item, framing included.
@@ -388,6 +372,54 @@ fn encode_tiktoken(bpe: &CoreBPE, text: &str) -> Result<Vec<u32>, TokenError> {
             Ok(out)
         }
         result => result,
+    }
+}
+
+/// Hugging Face `tokenizer.json` support (cargo feature `hf`, on by default).
+#[cfg(feature = "hf")]
+mod hf {
+    use super::{guard, Backend, Framing, TokenError};
+
+    /// The backend and its framing ids, or why the JSON is not a tokenizer.
+    pub(super) fn load(json: &[u8]) -> Result<(Backend, Framing), String> {
+        let mut hf = guard(|| tokenizers::Tokenizer::from_bytes(json))
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        hf.with_truncation(None).map_err(|e| e.to_string())?;
+        hf.with_padding(None);
+        let next_id = hf
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&max| max.saturating_add(1));
+        if next_id > u32::MAX - 3 {
+            return Err("token ids leave no room for framing ids".into());
+        }
+        let framing = Framing {
+            start: next_id,
+            sep: next_id + 1,
+            end: next_id + 2,
+        };
+        Ok((Backend::HuggingFace(Box::new(hf)), framing))
+    }
+
+    pub(super) fn encode(hf: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>, TokenError> {
+        let encoding = guard(|| hf.encode_fast(text, false))?.map_err(|e| TokenError::Encode {
+            reason: e.to_string(),
+        })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+}
+
+/// Built without the `hf` feature: every tokenizer.json is refused.
+#[cfg(not(feature = "hf"))]
+mod hf {
+    use super::{Backend, Framing};
+
+    pub(super) fn load(_json: &[u8]) -> Result<(Backend, Framing), String> {
+        Err("this build has no Hugging Face tokenizer support \
+             (it was built without the default cargo feature `hf`)"
+            .into())
     }
 }
 
@@ -519,6 +551,10 @@ mod tests {
         expect.push(f.end);
         assert_eq!(t.encode_item(item).unwrap(), expect);
         assert_eq!(t.count_item(item).unwrap(), expect.len());
+        let mut two = vec![7];
+        t.encode_item_into(item, &mut two).unwrap();
+        t.encode_item_into(item, &mut two).unwrap();
+        assert_eq!(two, [&[7][..], &expect, &expect].concat());
         // "user", "hello", " world" are one token each in o200k_base.
         assert_eq!(t.count_item(item).unwrap(), FRAMING_TOKENS + 3);
     }
@@ -562,9 +598,7 @@ mod tests {
     fn texts_the_regex_gives_up_on_are_encoded_in_chunks() {
         let t = o200k();
         let text = " ".repeat(1_000_000);
-        let Backend::Tiktoken(bpe) = &t.backend else {
-            unreachable!()
-        };
+        let bpe = Encoding::O200kBase.bpe();
         assert!(bpe.encode(&text, &HashSet::new()).is_err());
         let chunk = " ".repeat(FALLBACK_CHUNK_BYTES);
         let expected: Vec<u32> = (0..text.len() / FALLBACK_CHUNK_BYTES)
@@ -578,7 +612,8 @@ mod tests {
     }
 
     /// A tiny WordLevel tokenizer.json with a whitespace pre-tokenizer.
-    pub(crate) const TINY_HF: &str = r#"{
+    #[cfg(feature = "hf")]
+    const TINY_HF: &str = r#"{
       "version": "1.0",
       "truncation": {"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0},
       "padding": null,
@@ -593,6 +628,7 @@ mod tests {
     }"#;
 
     #[test]
+    #[cfg(feature = "hf")]
     fn hugging_face_tokenizer_json() {
         let t = Tokenizer::from_json(TINY_HF.as_bytes(), "tiny".into()).unwrap();
         assert_eq!(t.name(), "tiny");

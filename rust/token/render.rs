@@ -2,7 +2,7 @@
 //!
 //! This is the accounting template that token counts and block hashes are
 //! computed from. **Changing it changes every stored block hash**: keep it
-//! stable, and bump the version in `docs/tokens.md` when it must change.
+//! stable, and bump [`TEMPLATE_VERSION`] (and `docs/tokens.md`) when it must change.
 //!
 //! An item renders as one *message*: a role and a list of text segments. The
 //! tokenizer turns it into
@@ -44,6 +44,10 @@ use std::fmt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use xxhash_rust::xxh3::xxh3_64;
+
+/// Version of the template below. Bump it on any change that alters tokens, so
+/// stored counts and block hashes (snapshots) can be recognised as stale.
+pub const TEMPLATE_VERSION: u32 = 1;
 
 /// An item rendered as one framed message.
 #[derive(Debug, Clone, PartialEq, Eq)]
