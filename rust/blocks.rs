@@ -220,6 +220,20 @@ pub fn shared_prefix_tokens<'a, 'b>(
     shared_prefix_blocks(a, b).saturating_mul(block_size)
 }
 
+/// [`shared_prefix_blocks`] over hashes in byte form ([`hashes_to_bytes`]),
+/// without decoding them; `None` when a length is not a multiple of 16.
+pub fn shared_prefix_blocks_in_bytes(a: &[u8], b: &[u8]) -> Option<usize> {
+    if a.len() % HASH_BYTES != 0 || b.len() % HASH_BYTES != 0 {
+        return None;
+    }
+    Some(
+        a.chunks_exact(HASH_BYTES)
+            .zip(b.chunks_exact(HASH_BYTES))
+            .take_while(|(x, y)| x == y)
+            .count(),
+    )
+}
+
 /// Hashes as bytes: [`HASH_BYTES`] canonical (big-endian) bytes per hash, concatenated.
 pub fn hashes_to_bytes(hashes: &[BlockHash]) -> Vec<u8> {
     let mut out = Vec::with_capacity(hashes.len() * HASH_BYTES);
@@ -391,6 +405,12 @@ mod tests {
         assert_eq!(shared_prefix_blocks(&ha, &ha), ha.len());
         assert_eq!(shared_prefix_blocks(&ha, &ha[..3]), 3);
         assert_eq!(shared_prefix_blocks(&ha, &[]), 0);
+        let (ba, bb) = (hashes_to_bytes(&ha), hashes_to_bytes(&hb));
+        assert_eq!(shared_prefix_blocks_in_bytes(&ba, &bb), Some(2));
+        assert_eq!(shared_prefix_blocks_in_bytes(&ba, &ba), Some(ha.len()));
+        assert_eq!(shared_prefix_blocks_in_bytes(&ba, &[]), Some(0));
+        assert_eq!(shared_prefix_blocks_in_bytes(&ba[..15], &bb), None);
+        assert_eq!(shared_prefix_blocks_in_bytes(&ba, &bb[1..]), None);
         // Segmented chains compare without concatenation.
         let segments = [&ha[..1], &ha[1..4], &ha[4..]];
         assert_eq!(

@@ -1,9 +1,9 @@
 //! Glue for `rust/token` and `rust/blocks`: `Tokenizer`, `BlockHasher`, the
 //! block-hash functions and the tokenizer exceptions.
 //!
-//! Token ids cross as `array('I')` (one copy), hashes as `bytes` (16 bytes per
-//! block, canonical XXH128 form); every call that grows with its input
-//! releases the GIL.
+//! Token ids cross as `array('I')` (built from bytes: two copies at memcpy
+//! speed, never a Python int per token), hashes as `bytes` (16 bytes per block,
+//! canonical XXH128 form); every call that grows with its input releases the GIL.
 
 use std::path::PathBuf;
 
@@ -129,11 +129,20 @@ fn block_size_err(err: blocks::BlockSizeError) -> PyErr {
 
 // ---------------------------------------------------------------- conversions
 
-static ARRAY: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static ARRAY: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 /// Token ids as `array('I')`.
 fn token_array<'py>(py: Python<'py>, ids: &[u32]) -> PyResult<Bound<'py, PyAny>> {
-    let array = ARRAY.import(py, "array", "array")?;
+    let array = ARRAY.get_or_try_init(py, || -> PyResult<Py<PyAny>> {
+        let array = py.import("array")?.getattr("array")?;
+        // 'I' is C `unsigned int`: 4 bytes on every platform CPython supports.
+        let itemsize: usize = array.call1(("I",))?.getattr("itemsize")?.extract()?;
+        if itemsize != 4 {
+            return Err(PyTypeError::new_err("array('I') is not 4 bytes wide here"));
+        }
+        Ok(array.unbind())
+    })?;
+    let array = array.bind(py);
     let bytes = PyBytes::new_with(py, ids.len() * 4, |buf| {
         for (chunk, id) in buf.chunks_exact_mut(4).zip(ids) {
             chunk.copy_from_slice(&id.to_ne_bytes());
@@ -428,20 +437,14 @@ pub fn block_hashes<'py>(
 /// Number of equal leading block hashes of two hash buffers.
 #[pyfunction]
 pub fn shared_prefix_blocks(py: Python<'_>, a: &[u8], b: &[u8]) -> PyResult<usize> {
-    for (name, hashes) in [("a", a), ("b", b)] {
-        if hashes.len() % HASH_BYTES != 0 {
-            return Err(PyValueError::new_err(format!(
-                "{name} must hold {HASH_BYTES}-byte block hashes, got {} bytes",
-                hashes.len()
-            )));
-        }
-    }
-    Ok(py.detach(|| {
-        a.chunks_exact(HASH_BYTES)
-            .zip(b.chunks_exact(HASH_BYTES))
-            .take_while(|(x, y)| x == y)
-            .count()
-    }))
+    py.detach(|| blocks::shared_prefix_blocks_in_bytes(a, b))
+        .ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "a and b must hold {HASH_BYTES}-byte block hashes, got {} and {} bytes",
+                a.len(),
+                b.len()
+            ))
+        })
 }
 
 /// Tokens covered by the equal leading block hashes of two hash buffers.
