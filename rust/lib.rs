@@ -4,6 +4,19 @@
 //! that never import pyo3, and all conversion between Python and Rust lives in
 //! `py.rs`.
 
+/// The one error type and its messages.
+pub mod error;
+/// Conversation items: validation, canonical JSON, extracted fields.
+pub mod item;
+/// Response nodes: structural sharing, cumulative counts, memory metering.
+pub mod node;
+/// Context views: materialising a chain as one JSON array.
+pub mod view;
+/// The session cache: index, owners, scopes, pins, LRU budget.
+pub mod cache;
+/// Versioned msgpack snapshots of the stored entries.
+pub mod snapshot;
+
 mod py;
 
 use pyo3::prelude::*;
