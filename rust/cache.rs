@@ -266,14 +266,14 @@ impl SessionCache {
 
     pub fn create(&self, new: NewResponse<'_>) -> Result<ResponseInfo> {
         let shared = &*self.shared;
+        new.input.check_item_limit(shared.max_item_bytes)?;
+        new.output.check_item_limit(shared.max_item_bytes)?;
         if !new.store && new.connection.is_none() {
             return Err(Error::invalid_argument(
                 "store=False requires a connection: a response that is not stored lives \
                  only as long as its connection",
             ));
         }
-        new.input.check_item_limit(shared.max_item_bytes)?;
-        new.output.check_item_limit(shared.max_item_bytes)?;
 
         // Phase 1, under the lock: arguments that depend on state, and the parent.
         let parent: Option<Arc<Node>> = {
