@@ -1070,6 +1070,20 @@ mod tests {
     }
 
     #[test]
+    fn creating_a_child_refreshes_the_parent() {
+        let unit = entry_cost(&big());
+        let c = SessionCache::new(unit * 3 + unit / 2, 1 << 20);
+        create(&c, "a", None);
+        create(&c, "b", None);
+        create(&c, "a1", Some("a")); // touches a: now more recent than b
+        assert!(c.delete("a1", O));
+        create(&c, "x", None);
+        create(&c, "y", None);
+        assert!(has(&c, "a"));
+        assert!(!has(&c, "b"));
+    }
+
+    #[test]
     fn pinned_state_may_exceed_the_budget_but_one_entry_may_not() {
         let unit = entry_cost(&big());
         let c = SessionCache::new(unit + unit / 2, 1 << 20);
