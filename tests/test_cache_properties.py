@@ -21,7 +21,7 @@ from warmsocket._reference import RefBinding, RefCache
 OWNERS = ("alice", "bob")
 SETTINGS = (b"{}", b'{"model":"a"}', b'{"model":"b","tools":[]}')
 
-text = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+text = st.text(st.characters(codec="utf-8"), max_size=12)
 message = st.fixed_dictionaries(
     {"role": st.sampled_from(("user", "assistant", "system")), "content": text}
 )
@@ -35,7 +35,7 @@ typed = st.fixed_dictionaries(
 )
 # Large enough to overflow the small budgets (CacheFull) or the item limit (ItemTooLarge).
 big = st.sampled_from((3000, 3000, 3000, 5000)).map(lambda n: {"role": "user", "content": "x" * n})
-nested = st.just({"nested": {"b": [1, None, {"a": []}]}})
+nested: st.SearchStrategy[dict[str, Any]] = st.just({"nested": {"b": [1, None, {"a": []}]}})
 item = st.one_of(message, message, message, typed, nested)
 items = st.one_of(*[st.lists(item, max_size=3)] * 5, big.map(lambda i: [i]))
 
