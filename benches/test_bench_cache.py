@@ -123,7 +123,7 @@ def append_seconds(stopwatch: Any, impl: str, turns: int, batch: int) -> float:
 
 def context_seconds(stopwatch: Any, impl: str, turns: int) -> float:
     cache, leaf, _ = chain(impl, turns)
-    repeats = 30 if impl == "rust" else 5
+    repeats = 100 if impl == "rust" else 20
     return float(stopwatch(lambda: cache.context(leaf, owner=OWNER), repeats=repeats))
 
 

@@ -230,7 +230,7 @@ class ContextView:
     def json(self) -> bytes:
         """The whole context as one JSON array: one allocation, one copy of each item.
 
-        The copying runs with the GIL released.
+        Results of 256 KiB or more are copied with the GIL released.
         """
     def objects(self) -> list[dict[str, Any]]:
         """The items decoded to Python dicts, oldest first."""

@@ -1,5 +1,5 @@
 //! Writing a known number of bytes straight into a new Python `bytes` object, with
-//! the GIL released while the bytes are copied.
+//! the GIL released while large outputs are copied.
 //!
 //! Performance notes: `PyBytes::new_with` zero-fills its buffer under the GIL before
 //! handing it out, and building a `Vec` first costs a second full copy. Here the
@@ -7,12 +7,17 @@
 //! documented way to build a bytes object in place) and filled under `py.detach`:
 //! no other code holds a reference to the object until we return it, so no Python
 //! thread can observe it half-written. Page faults of a large fresh buffer are taken
-//! with the GIL released too. See `docs/architecture.md` for the numbers.
+//! with the GIL released too.
+//!
+//! Outputs under `DETACH_COPY_BYTES` are copied with the GIL held (see `detach_if`).
+//! See `docs/architecture.md` for the numbers.
 
 use pyo3::exceptions::PySystemError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use pyo3::{ffi, Bound};
+
+use crate::py::{detach_if, DETACH_COPY_BYTES};
 
 /// A bounds-checked cursor over the uninitialised buffer of a new bytes object.
 pub struct Sink {
@@ -42,8 +47,8 @@ impl Sink {
     }
 }
 
-/// A new `bytes` object of exactly `len` bytes, filled by `fill` with the GIL
-/// released. `fill` must write exactly `len` bytes; anything else is a bug, reported
+/// A new `bytes` object of exactly `len` bytes, filled by `fill` (with the GIL
+/// released when `len >= DETACH_COPY_BYTES`). `fill` must write exactly `len` bytes; anything else is a bug, reported
 /// as `SystemError` (with the buffer zeroed) rather than exposing uninitialised memory.
 pub fn bytes_with<'py, F>(py: Python<'py>, len: usize, fill: F) -> PyResult<Bound<'py, PyBytes>>
 where
@@ -64,7 +69,7 @@ where
         pos: 0,
         overflow: false,
     };
-    let sink = py.detach(move || {
+    let sink = detach_if(py, len, DETACH_COPY_BYTES, move || {
         fill(&mut sink);
         sink
     });

@@ -10,6 +10,7 @@ use crate::error::Error;
 use crate::item::{Item, Items};
 use crate::py::buffer::bytes_with;
 use crate::py::json::{item_to_py, to_value};
+use crate::py::{detach_if, DETACH_PARSE_BYTES};
 
 /// An immutable batch of validated items, each kept as canonical JSON bytes.
 #[pyclass(name = "Items", module = "warmsocket._core", frozen)]
@@ -21,11 +22,13 @@ pub struct PyItems {
 fn parse(py: Python<'_>, data: &Bound<'_, PyAny>, max_item_bytes: usize) -> PyResult<Items> {
     if let Ok(b) = data.cast::<PyBytes>() {
         let bytes = b.as_bytes();
-        return Ok(py.detach(|| Items::parse(bytes, max_item_bytes))?);
+        let parse = || Items::parse(bytes, max_item_bytes);
+        return Ok(detach_if(py, bytes.len(), DETACH_PARSE_BYTES, parse)?);
     }
     if let Ok(s) = data.cast::<PyString>() {
         let text = s.to_str()?;
-        return Ok(py.detach(|| Items::parse(text.as_bytes(), max_item_bytes))?);
+        let parse = || Items::parse(text.as_bytes(), max_item_bytes);
+        return Ok(detach_if(py, text.len(), DETACH_PARSE_BYTES, parse)?);
     }
     Err(PyTypeError::new_err(
         "expected bytes or str holding a JSON array",
@@ -33,11 +36,7 @@ fn parse(py: Python<'_>, data: &Bound<'_, PyAny>, max_item_bytes: usize) -> PyRe
 }
 
 /// Build a batch from a sequence of mappings.
-fn from_objects(
-    py: Python<'_>,
-    items: &Bound<'_, PyAny>,
-    max_item_bytes: usize,
-) -> PyResult<Items> {
+fn from_objects(items: &Bound<'_, PyAny>, max_item_bytes: usize) -> PyResult<Items> {
     if items.is_instance_of::<PyString>()
         || items.is_instance_of::<PyBytes>()
         || items.is_instance_of::<pyo3::types::PyDict>()
@@ -55,7 +54,9 @@ fn from_objects(
         })?;
         values.push(value);
     }
-    Ok(py.detach(|| Items::from_values(&values, max_item_bytes))?)
+    // Walking the Python objects needs the GIL and costs more than canonicalising
+    // the result, so releasing it for the second half would gain little.
+    Ok(Items::from_values(&values, max_item_bytes)?)
 }
 
 /// Any `ItemsLike` argument (`None` = no items).
@@ -73,7 +74,7 @@ pub fn items_arg(
     if arg.is_instance_of::<PyBytes>() || arg.is_instance_of::<PyString>() {
         return parse(py, arg, max_item_bytes);
     }
-    from_objects(py, arg, max_item_bytes)
+    from_objects(arg, max_item_bytes)
 }
 
 /// The runtime value of the stub's `ItemsLike` alias:
@@ -120,13 +121,9 @@ impl PyItems {
 
     #[staticmethod]
     #[pyo3(signature = (items, *, max_item_bytes = 33554432))]
-    fn from_objects(
-        py: Python<'_>,
-        items: &Bound<'_, PyAny>,
-        max_item_bytes: usize,
-    ) -> PyResult<PyItems> {
+    fn from_objects(items: &Bound<'_, PyAny>, max_item_bytes: usize) -> PyResult<PyItems> {
         Ok(PyItems {
-            inner: from_objects(py, items, max_item_bytes)?,
+            inner: from_objects(items, max_item_bytes)?,
         })
     }
 
