@@ -30,6 +30,7 @@
 //! drops under the lock, because it must see the memory go to know when to stop.
 //! Nothing here calls into Python, so holding the lock can never wait for the GIL.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Weak};
 
@@ -156,14 +157,16 @@ struct State {
     next_connection: u64,
     next_serial: u64,
     tick: u64,
-    hits: u64,
-    misses: u64,
+    /// Counted by `lookup`, which only reads the index (hence `Cell`).
+    hits: Cell<u64>,
+    misses: Cell<u64>,
     evictions: u64,
     stored_entries: u64,
     pinned: u64,
 }
 
 struct Entry {
+    /// Its `id` is the `Arc` the index and the candidates map use as key.
     node: Arc<Node>,
     /// Distinguishes this entry from a later one with the same id.
     serial: u64,
@@ -277,7 +280,7 @@ impl SessionCache {
 
         // Phase 1, under the lock: arguments that depend on state, and the parent.
         let parent: Option<Arc<Node>> = {
-            let mut st = shared.state.lock();
+            let st = shared.state.lock();
             if !new.store {
                 st.check_open(new.connection)?;
             }
@@ -351,10 +354,9 @@ impl SessionCache {
     /// Pin an entry and return a binding that holds its chain.
     pub fn bind(&self, id: &str, owner: &str, connection: Option<u64>) -> Result<Arc<Binding>> {
         let mut st = self.shared.state.lock();
-        let (key, node, serial) = {
-            let (key, entry) = st.lookup_entry(id, owner, connection)?;
-            (key, entry.node.clone(), entry.serial)
-        };
+        let entry = st.lookup(id, owner, connection)?;
+        let (node, serial) = (entry.node.clone(), entry.serial);
+        let key = node.id.clone();
         st.touch(&key);
         st.pin(&key);
         st.next_serial += 1;
@@ -422,8 +424,8 @@ impl SessionCache {
             local_entries: entries - st.stored_entries,
             bytes: self.shared.meter.bytes(),
             memory_budget: self.shared.memory_budget,
-            hits: st.hits,
-            misses: st.misses,
+            hits: st.hits.get(),
+            misses: st.misses.get(),
             evictions: st.evictions,
             connections: st.connections.len() as u64,
             pinned: st.pinned,
@@ -459,9 +461,8 @@ impl SessionCache {
 
     fn lookup_touch(&self, id: &str, owner: &str, connection: Option<u64>) -> Result<Arc<Node>> {
         let mut st = self.shared.state.lock();
-        let (key, entry) = st.lookup_entry(id, owner, connection)?;
-        let node = entry.node.clone();
-        st.touch(&key);
+        let node = st.lookup(id, owner, connection)?.node.clone();
+        st.touch(id);
         Ok(node)
     }
 
@@ -489,60 +490,35 @@ impl State {
     }
 
     /// Find a visible entry, counting the hit or miss.
-    fn lookup(&mut self, id: &str, owner: &str, connection: Option<u64>) -> Result<&Entry> {
-        Ok(self.lookup_entry(id, owner, connection)?.1)
-    }
-
-    fn lookup_entry(
-        &mut self,
-        id: &str,
-        owner: &str,
-        connection: Option<u64>,
-    ) -> Result<(Arc<str>, &Entry)> {
-        let found = match self.index.get_key_value(id) {
-            Some((_, e)) if e.node.scope.is_some() && e.node.scope != connection => {
+    fn lookup(&self, id: &str, owner: &str, connection: Option<u64>) -> Result<&Entry> {
+        let found = match self.index.get(id) {
+            None => Err(Error::not_found(id)),
+            Some(e) if e.node.scope.is_some() && e.node.scope != connection => {
                 Err(Error::not_found(id))
             }
-            Some((_, e)) if *e.node.owner != *owner => Err(Error::OwnerMismatch { id: id.into() }),
-            Some(_) => Ok(()),
-            None => Err(Error::not_found(id)),
+            Some(e) if *e.node.owner != *owner => Err(Error::OwnerMismatch { id: id.into() }),
+            Some(e) => Ok(e),
         };
-        match found {
-            Err(e) => {
-                self.misses += 1;
-                Err(e)
-            }
-            Ok(()) => {
-                self.hits += 1;
-                let (key, entry) = self
-                    .index
-                    .get_key_value(id)
-                    .ok_or_else(|| Error::not_found(id))?;
-                Ok((key.clone(), entry))
-            }
-        }
-    }
-
-    fn next_tick(&mut self) -> u64 {
-        self.tick += 1;
-        self.tick
+        let counter = if found.is_ok() {
+            &self.hits
+        } else {
+            &self.misses
+        };
+        counter.set(counter.get() + 1);
+        found
     }
 
     /// Refresh an entry's LRU tick.
     fn touch(&mut self, id: &str) {
-        let tick = self.next_tick();
-        let Some((key, entry)) = self.index.get_key_value(id) else {
+        self.tick += 1;
+        let tick = self.tick;
+        let Some(entry) = self.index.get_mut(id) else {
             return;
         };
-        let key = key.clone();
-        let old = entry.tick;
-        let candidate = entry.is_candidate();
-        if let Some(entry) = self.index.get_mut(id) {
-            entry.tick = tick;
-        }
-        if candidate {
+        let old = std::mem::replace(&mut entry.tick, tick);
+        if entry.is_candidate() {
             self.candidates.remove(&old);
-            self.candidates.insert(tick, key);
+            self.candidates.insert(tick, entry.node.id.clone());
         }
     }
 
@@ -569,22 +545,17 @@ impl State {
 
     /// Apply `f` to an entry's counts and keep its candidacy in step.
     fn update(&mut self, id: &str, f: impl FnOnce(&mut Entry)) {
-        let Some((key, entry)) = self.index.get_key_value(id) else {
-            return;
-        };
-        let key = key.clone();
-        let was = entry.is_candidate();
         let Some(entry) = self.index.get_mut(id) else {
             return;
         };
+        let was = entry.is_candidate();
         f(entry);
-        let (now, tick) = (entry.is_candidate(), entry.tick);
-        match (was, now) {
+        match (was, entry.is_candidate()) {
             (true, false) => {
-                self.candidates.remove(&tick);
+                self.candidates.remove(&entry.tick);
             }
             (false, true) => {
-                self.candidates.insert(tick, key);
+                self.candidates.insert(entry.tick, entry.node.id.clone());
             }
             _ => {}
         }
@@ -633,7 +604,8 @@ impl State {
             }
         }
         self.next_serial += 1;
-        let tick = self.next_tick();
+        self.tick += 1;
+        let tick = self.tick;
         let entry = Entry {
             node,
             serial: self.next_serial,
