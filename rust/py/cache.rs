@@ -55,7 +55,7 @@ impl PySessionCache {
 
     #[pyo3(signature = (
         response_id, *, owner, input = None, output = None, previous_response_id = None,
-        settings = b"{}".to_vec(), meta = b"{}".to_vec(), store = true, connection = None,
+        settings = &b"{}"[..], meta = &b"{}"[..], store = true, connection = None,
     ))]
     #[pyo3(
         text_signature = "($self, response_id, *, owner, input=None, output=None, \
@@ -70,8 +70,8 @@ impl PySessionCache {
         input: Option<&Bound<'_, PyAny>>,
         output: Option<&Bound<'_, PyAny>>,
         previous_response_id: Option<&Bound<'_, PyAny>>,
-        settings: Vec<u8>,
-        meta: Vec<u8>,
+        settings: &[u8],
+        meta: &[u8],
         store: bool,
         connection: Option<u64>,
     ) -> PyResult<PyResponseInfo> {
@@ -100,8 +100,8 @@ impl PySessionCache {
             input,
             output,
             parent,
-            settings: &settings,
-            meta: &meta,
+            settings,
+            meta,
             store,
             connection,
         })?;
