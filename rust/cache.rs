@@ -447,15 +447,26 @@ impl SessionCache {
     /// Index restored nodes (parents first) whose ids are free, then apply the
     /// budget. Returns how many were indexed.
     pub(crate) fn insert_restored(&self, nodes: Vec<(Arc<Node>, bool)>) -> usize {
-        let mut st = self.shared.state.lock();
+        let mut unused = Garbage::default();
         let mut added = 0;
-        for (node, indexed) in nodes {
-            if indexed && !st.index.contains_key(&*node.id) {
-                st.insert(node);
-                added += 1;
+        {
+            let mut st = self.shared.state.lock();
+            for (node, indexed) in nodes {
+                if indexed && !st.index.contains_key(&*node.id) {
+                    st.insert(node);
+                    added += 1;
+                } else {
+                    unused.nodes.push(node);
+                }
             }
         }
-        st.evict_for_budget(&self.shared, None);
+        // Free what nothing indexed needs outside the lock, and before applying the
+        // budget: the eviction loop must not count those bytes as live.
+        drop(unused);
+        self.shared
+            .state
+            .lock()
+            .evict_for_budget(&self.shared, None);
         added
     }
 
