@@ -78,13 +78,11 @@ impl PySessionCache {
         let max = self.inner.max_item_bytes();
         let input = items_arg(py, input, max)?;
         let output = items_arg(py, output, max)?;
-        let binding;
         let parent = match previous_response_id {
             None => Parent::None,
             Some(p) => {
                 if let Ok(b) = p.cast::<PyBinding>() {
-                    binding = b.get().inner.clone();
-                    Parent::Binding(&binding)
+                    Parent::Binding(&b.get().inner)
                 } else if let Ok(s) = p.cast::<PyString>() {
                     Parent::Id(s.to_str()?)
                 } else {
