@@ -128,8 +128,13 @@ def context_seconds(stopwatch: Any, impl: str, turns: int) -> float:
 
 
 def test_target_append_cost_does_not_grow_with_the_chain(stopwatch: Any) -> None:
-    short = append_seconds(stopwatch, "rust", 10, 200)
-    long = append_seconds(stopwatch, "rust", 1000, 200)
+    # Alternate the two measurements so load from other processes hits both alike.
+    rounds = [
+        (append_seconds(stopwatch, "rust", 10, 200), append_seconds(stopwatch, "rust", 1000, 200))
+        for _ in range(5)
+    ]
+    short = min(r[0] for r in rounds)
+    long = min(r[1] for r in rounds)
     print(f"\nappend: {short * 1e6:.2f} us at 10 turns, {long * 1e6:.2f} us at 1,000 turns")
     assert long <= 1.5 * short
 
@@ -142,12 +147,14 @@ def test_target_materialise_at_1_gb_per_second(stopwatch: Any) -> None:
 
 
 def test_target_rust_20x_the_reference_at_1000_turns(stopwatch: Any) -> None:
-    append = append_seconds(stopwatch, "reference", 1000, 5) / append_seconds(
-        stopwatch, "rust", 1000, 200
-    )
-    context = context_seconds(stopwatch, "reference", 1000) / context_seconds(
-        stopwatch, "rust", 1000
-    )
+    # Alternate the measurements so load from other processes hits both alike.
+    rust_append = ref_append = rust_context = ref_context = float("inf")
+    for _ in range(3):
+        ref_append = min(ref_append, append_seconds(stopwatch, "reference", 1000, 5))
+        rust_append = min(rust_append, append_seconds(stopwatch, "rust", 1000, 200))
+        ref_context = min(ref_context, context_seconds(stopwatch, "reference", 1000))
+        rust_context = min(rust_context, context_seconds(stopwatch, "rust", 1000))
+    append, context = ref_append / rust_append, ref_context / rust_context
     print(f"\nat 1,000 turns Rust is {append:.0f}x (append) and {context:.0f}x (context) faster")
     assert append >= 20
     assert context >= 20
