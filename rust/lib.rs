@@ -2,10 +2,25 @@
 //!
 //! This file is a table of contents: domain logic lives in plain-Rust modules
 //! that never import pyo3, and all conversion between Python and Rust lives in
-//! `py.rs`.
+//! `py.rs` and `py/`.
 
+/// The session cache: index, owners, scopes, pins, LRU budget.
+pub mod cache;
+/// The one error type and its messages.
+pub mod error;
+/// Conversation items: validation, canonical JSON, extracted fields.
+pub mod item;
+/// Response nodes: structural sharing, cumulative counts, memory metering.
+pub mod node;
+/// Versioned msgpack snapshots of the stored entries.
+pub mod snapshot;
+/// Context views: materialising a chain as one JSON array.
+pub mod view;
+
+/// Chained token-block hashes (prefix comparison, routing).
 pub mod blocks;
 mod py;
+/// Tokenisers and the item rendering they count.
 pub mod token;
 
 use pyo3::prelude::*;
@@ -15,6 +30,20 @@ use pyo3::prelude::*;
 mod _core {
     use super::*;
 
+    #[pymodule_export]
+    use crate::py::cache::PyBinding;
+    #[pymodule_export]
+    use crate::py::cache::PyCacheStats;
+    #[pymodule_export]
+    use crate::py::cache::PyContextView;
+    #[pymodule_export]
+    use crate::py::cache::PyResponseInfo;
+    #[pymodule_export]
+    use crate::py::cache::PySessionCache;
+    #[pymodule_export]
+    use crate::py::items::PyItemMeta;
+    #[pymodule_export]
+    use crate::py::items::PyItems;
     #[pymodule_export]
     use crate::py::token::block_hashes;
     #[pymodule_export]
@@ -31,14 +60,14 @@ mod _core {
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-        m.add(
-            "BUILD_PROFILE",
-            if cfg!(debug_assertions) {
-                "debug"
-            } else {
-                "release"
-            },
-        )?;
+        let profile = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        };
+        m.add("BUILD_PROFILE", profile)?;
+        m.add("ItemsLike", crate::py::items::items_like(m.py())?)?;
+        crate::py::errors::add_exceptions(m)?;
         // TokenizerError, UnknownEncoding, TokenizerFileUnreadable,
         // InvalidTokenizerFile, InvalidItemJson, TokenizationFailed.
         crate::py::token::add_exceptions(m)?;

@@ -23,6 +23,42 @@ from typing import Any, ClassVar, Final, Literal, TypeAlias, final
 
 from typing_extensions import Buffer
 
+__all__ = [
+    "BUILD_PROFILE",
+    "Binding",
+    "BlockHasher",
+    "CacheError",
+    "CacheFull",
+    "CacheStats",
+    "ContextView",
+    "DuplicateResponseId",
+    "InvalidItemJson",
+    "InvalidItems",
+    "InvalidTokenizerFile",
+    "ItemMeta",
+    "ItemNotJson",
+    "ItemNotObject",
+    "ItemTooLarge",
+    "Items",
+    "ItemsLike",
+    "OwnerMismatch",
+    "ResponseInfo",
+    "ResponseNotFound",
+    "SessionCache",
+    "SnapshotError",
+    "TokenizationFailed",
+    "Tokenizer",
+    "TokenizerError",
+    "TokenizerFileUnreadable",
+    "UnknownEncoding",
+    "WarmsocketError",
+    "__version__",
+    "block_hashes",
+    "encoding_for_model",
+    "shared_prefix_blocks",
+    "shared_prefix_tokens",
+]
+
 __version__: Final[str]
 BUILD_PROFILE: Final[Literal["release", "debug"]]
 
@@ -38,68 +74,81 @@ class ItemTooLarge(InvalidItems): ...
 class CacheFull(CacheError, MemoryError): ...
 class SnapshotError(CacheError, ValueError): ...
 
+@final
 class Items:
     """An immutable batch of validated items, each kept as canonical JSON bytes.
 
     Canonical form: compact JSON, object keys sorted, strings re-escaped minimally.
-    The fields the server needs (type, id, role, call_id, name, byte size) are
-    extracted once, when the batch is built.
+    Numbers are normalised: integers that fit 64 bits are kept exactly, any other
+    number becomes the shortest float that round-trips. The fields the server needs
+    (type, id, role, call_id, name, byte size) are extracted once, when the batch is
+    built. Messages of the errors name the item index, never its content.
     """
 
     @staticmethod
     def parse(data: bytes | str, *, max_item_bytes: int = 33554432) -> Items:
-        """Validate a JSON array of objects.
-
-        Raises ItemNotJson, ItemNotObject or ItemTooLarge.
-        """
+        """Validate a JSON array of objects. Raises ItemNotJson, ItemNotObject, ItemTooLarge."""
     @staticmethod
     def from_objects(
         items: Sequence[Mapping[str, Any]], *, max_item_bytes: int = 33554432
     ) -> Items:
-        """Build a batch from Python dicts.
+        """Build a batch from Python dicts, with the same canonical form as `parse`.
 
-        Keys must be str; values str, int, float, bool, None, list or dict.
+        Keys must be str; values str, int (64-bit), finite float, bool, None, list,
+        tuple or mapping. Anything else raises ItemNotJson; a non-mapping element
+        raises ItemNotObject.
         """
-    def __len__(self) -> int: ...
+    def __len__(self) -> int:
+        """Number of items."""
     @property
     def nbytes(self) -> int:
         """Total canonical JSON bytes of the items (without array brackets and commas)."""
     def json(self) -> bytes:
         """The batch as one JSON array."""
-    def to_objects(self) -> list[dict[str, Any]]: ...
+    def to_objects(self) -> list[dict[str, Any]]:
+        """The items decoded to Python dicts."""
     def item_json(self, index: int) -> bytes:
-        """One item's canonical JSON. Raises IndexError."""
+        """One item's canonical JSON (negative indexes count from the end). Raises IndexError."""
     def item_meta(self, index: int) -> ItemMeta:
         """One item's extracted fields. Raises IndexError."""
     def concat(self, other: Items) -> Items:
-        """This batch's items followed by `other`'s (items are shared, not copied)."""
+        """This batch's items followed by `other`'s (the items are shared, not copied)."""
 
-ItemsLike = Items | bytes | str | Sequence[Mapping[str, Any]]
-
+@final
 class ItemMeta:
     """The few fields the server needs, extracted from one item once."""
 
     @property
     def type(self) -> str:
-        """The item's `type`; `"message"` when absent but `role` is present."""
+        """The item's `type`; `"message"` when absent but `role` is present, else `""`."""
     @property
-    def id(self) -> str | None: ...
+    def id(self) -> str | None:
+        """The item's `id` when it is a string."""
     @property
-    def role(self) -> str | None: ...
+    def role(self) -> str | None:
+        """The item's `role` when it is a string."""
     @property
-    def call_id(self) -> str | None: ...
+    def call_id(self) -> str | None:
+        """The item's `call_id` when it is a string."""
     @property
-    def name(self) -> str | None: ...
+    def name(self) -> str | None:
+        """The item's `name` when it is a string."""
     @property
-    def nbytes(self) -> int: ...
+    def nbytes(self) -> int:
+        """Size of the item's canonical JSON."""
 
+ItemsLike: TypeAlias = Items | bytes | str | Sequence[Mapping[str, Any]]
+"""What `create` accepts as items: a built batch, a JSON array as text, or dicts."""
+
+@final
 class ResponseInfo:
     """What the cache knows about one cached response (a node of a chain)."""
 
     @property
     def id(self) -> str: ...
     @property
-    def previous_response_id(self) -> str | None: ...
+    def previous_response_id(self) -> str | None:
+        """The parent's id (the parent may have left the index since)."""
     @property
     def owner(self) -> str: ...
     @property
@@ -138,24 +187,34 @@ class ResponseInfo:
     def meta(self) -> builtins.bytes:
         """The JSON object the response was created with as `meta`."""
 
+@final
 class CacheStats:
+    """Counters of a cache at one moment."""
+
     @property
     def entries(self) -> int:
         """Responses addressable by id."""
     @property
-    def stored_entries(self) -> int: ...
+    def stored_entries(self) -> int:
+        """Entries visible from any connection of their owner."""
     @property
-    def local_entries(self) -> int: ...
+    def local_entries(self) -> int:
+        """Entries bound to a connection (`store=False`, or descendants of one)."""
     @property
     def bytes(self) -> int:
-        """Bytes held by live nodes (addressable entries and the ancestors they need)."""
+        """Estimated bytes held by live nodes: entries, the ancestors they need, and
+        chains still held by bindings and views. Own item bytes, settings and meta,
+        plus a fixed overhead per item and per node; settings shared with the parent
+        are counted once."""
     @property
-    def memory_budget(self) -> int: ...
+    def memory_budget(self) -> int:
+        """The budget the LRU eviction keeps `bytes` under (pins permitting)."""
     @property
     def hits(self) -> int:
         """Lookups (get, bind, view, context, create's parent) that found their entry."""
     @property
-    def misses(self) -> int: ...
+    def misses(self) -> int:
+        """Lookups that found nothing (including owner mismatches)."""
     @property
     def evictions(self) -> int:
         """Entries removed by the memory budget (not by evict/delete/close)."""
@@ -165,8 +224,10 @@ class CacheStats:
     @property
     def pinned(self) -> int:
         """Entries with at least one live Binding."""
-    def as_dict(self) -> dict[str, int]: ...
+    def as_dict(self) -> dict[str, int]:
+        """All the counters by name."""
 
+@final
 class ContextView:
     """The full context of a chain (optionally followed by new items), frozen at creation.
 
@@ -174,65 +235,85 @@ class ContextView:
     """
 
     @property
-    def items(self) -> int: ...
+    def items(self) -> int:
+        """Number of items in the view."""
     @property
     def nbytes(self) -> int:
         """Size of `json()` in bytes."""
     @property
-    def tokens(self) -> int: ...
+    def tokens(self) -> int:
+        """Tokens of the view (0 until a tokenizer is attached)."""
     def json(self) -> bytes:
-        """The whole context as one JSON array: one allocation, one copy of each item."""
-    def objects(self) -> list[dict[str, Any]]: ...
+        """The whole context as one JSON array: one allocation, one copy of each item.
+
+        Results of 256 KiB or more are copied with the GIL released.
+        """
+    def objects(self) -> list[dict[str, Any]]:
+        """The items decoded to Python dicts, oldest first."""
     def tail(self, *, from_last_role: str = "user") -> bytes:
         """JSON array from the last message with this role (inclusive) to the end.
 
         The whole context when there is no such message. Costs O(items returned).
         """
 
+@final
 class Binding:
     """A pin on one cached response, held while a request builds on it.
 
     A pinned response (and every ancestor it needs) is never evicted by the memory
     budget. The binding keeps the chain alive even if the entry is evicted or
     deleted meanwhile, so a running request can always finish and be stored.
+
+    Releasing drops the pin and the chain. A binding of a connection-local response
+    is released when its connection closes. A released binding raises
+    ResponseNotFound from `info`, `view` and as a `previous_response_id`.
     """
 
     @property
-    def response_id(self) -> str: ...
-    def info(self) -> ResponseInfo: ...
-    def view(self, extra: Items | None = None) -> ContextView: ...
+    def response_id(self) -> str:
+        """The bound response's id."""
+    def info(self) -> ResponseInfo:
+        """The bound response, as it was when bound."""
+    def view(self, extra: Items | None = None) -> ContextView:
+        """The bound response's context followed by `extra`."""
     def release(self) -> None:
         """Drop the pin. Idempotent; also done when the binding is garbage-collected."""
     def __enter__(self) -> Binding: ...
-    def __exit__(self, *exc_info: object) -> None: ...
+    def __exit__(self, *exc_info: object) -> None:
+        """Release the binding."""
 
+@final
 class SessionCache:
     """Response chains with structural sharing, scopes, owners and an LRU memory budget.
 
     Thread-safe: one instance may be shared by any number of threads.
     """
 
-    def __init__(
-        self, memory_budget: int = 1073741824, *, max_item_bytes: int = 33554432
-    ) -> None: ...
+    def __new__(
+        cls, memory_budget: int = 1073741824, *, max_item_bytes: int = 33554432
+    ) -> SessionCache: ...
     @property
-    def memory_budget(self) -> int: ...
+    def memory_budget(self) -> int:
+        """Bytes the LRU eviction keeps the cache under (see `CacheStats.bytes`)."""
     @property
-    def max_item_bytes(self) -> int: ...
+    def max_item_bytes(self) -> int:
+        """The largest item accepted, as canonical JSON."""
     def open_connection(self) -> int:
         """A new connection id for connection-local entries."""
     def close_connection(self, connection: int) -> int:
         """Remove every entry local to the connection and release its bindings.
 
-        Returns the number of entries removed. Unknown ids are a no-op.
+        Entries local to it include stored (`store=True`) descendants of its
+        `store=False` responses. Returns the number of entries removed. Unknown ids
+        are a no-op.
         """
     def create(
         self,
         response_id: str,
         *,
         owner: str,
-        input: ItemsLike = ...,
-        output: ItemsLike = ...,
+        input: ItemsLike | None = None,
+        output: ItemsLike | None = None,
         previous_response_id: str | Binding | None = None,
         settings: bytes = b"{}",
         meta: bytes = b"{}",
@@ -241,14 +322,17 @@ class SessionCache:
     ) -> ResponseInfo:
         """Add a response whose own items are `input` followed by `output`.
 
-        `previous_response_id` is a parent id (looked up like `get`) or a Binding.
-        `store=False` requires `connection`. Raises ResponseNotFound / OwnerMismatch
-        for the parent, DuplicateResponseId, InvalidItems subclasses, CacheFull; on
-        any error the cache is unchanged.
+        `previous_response_id` is a parent id (looked up like `get`) or a Binding
+        (which must be visible from `connection`, like a lookup). `store=False`
+        requires an open `connection` (ValueError otherwise). Raises ResponseNotFound /
+        OwnerMismatch for the parent, DuplicateResponseId, InvalidItems subclasses,
+        CacheFull. On any error the cache is unchanged (except the miss counter of a
+        failed parent lookup). May evict least-recently-used entries to fit.
         """
     def get(self, response_id: str, *, owner: str, connection: int | None = None) -> ResponseInfo:
         """Look up a response: stored entries of `owner`, plus entries local to `connection`."""
-    def bind(self, response_id: str, *, owner: str, connection: int | None = None) -> Binding: ...
+    def bind(self, response_id: str, *, owner: str, connection: int | None = None) -> Binding:
+        """Look up a response like `get` and pin it (see `Binding`)."""
     def view(
         self,
         response_id: str | None,
@@ -262,7 +346,8 @@ class SessionCache:
         """The full context of a response as one JSON array (`view(...).json()`)."""
     def context_objects(
         self, response_id: str, *, owner: str, connection: int | None = None
-    ) -> list[dict[str, Any]]: ...
+    ) -> list[dict[str, Any]]:
+        """The full context of a response decoded to Python dicts."""
     def own_items(
         self, response_id: str, *, owner: str, connection: int | None = None
     ) -> tuple[Items, Items]:
@@ -274,26 +359,35 @@ class SessionCache:
         context. Returns whether an entry was removed.
         """
     def delete(self, response_id: str, *, owner: str) -> bool:
-        """Remove a stored entry (HTTP DELETE). Descendants keep their context."""
-    def stats(self) -> CacheStats: ...
+        """Remove a stored entry (HTTP DELETE). Descendants keep their context.
+
+        Returns whether an entry was removed (False for another owner's entry).
+        """
+    def stats(self) -> CacheStats:
+        """The cache's counters now."""
     def snapshot(self) -> bytes:
         """The stored entries (and the nodes their chains need) as msgpack bytes."""
     def restore(self, data: bytes) -> int:
-        """Add the entries of a snapshot, skipping ids already present. Returns entries added."""
+        """Add the entries of a snapshot, skipping ids already present. Returns entries added.
 
-# ---------------------------------------------------------------------------
+        Everything is validated first (items against this cache's `max_item_bytes`);
+        bad data raises SnapshotError and changes nothing. The memory budget applies
+        afterwards, as for `create`.
+        """
+
 # Tokens and block hashes (rust/token, rust/blocks; docs/tokens.md).
 #
 # Exception tree of the tokenizer::
 #
-#     TokenizerError
-#      ├── UnknownEncoding (LookupError)          Tokenizer.builtin() with an unknown name
-#      ├── TokenizerFileUnreadable (OSError)      tokenizer.json missing or unreadable
-#      ├── InvalidTokenizerFile (ValueError)      not a valid Hugging Face tokenizer.json
-#      ├── InvalidItemJson (ValueError)           item JSON that is not UTF-8 JSON of an object
-#      └── TokenizationFailed (ValueError)        the tokenizer failed on a text (regex limits)
+#     WarmsocketError
+#      └── TokenizerError
+#           ├── UnknownEncoding (LookupError)          Tokenizer.builtin() with an unknown name
+#           ├── TokenizerFileUnreadable (OSError)      tokenizer.json missing or unreadable
+#           ├── InvalidTokenizerFile (ValueError)      not a valid Hugging Face tokenizer.json
+#           ├── InvalidItemJson (ValueError)           item JSON that is not UTF-8 JSON of an object
+#           └── TokenizationFailed (ValueError)        the tokenizer failed on a text (regex limits)
 
-class TokenizerError(Exception): ...
+class TokenizerError(WarmsocketError): ...
 class UnknownEncoding(TokenizerError, LookupError): ...
 class TokenizerFileUnreadable(TokenizerError, OSError): ...
 class InvalidTokenizerFile(TokenizerError, ValueError): ...

@@ -19,6 +19,12 @@ Exception tree of the package::
                │    └── ItemTooLarge
                ├── CacheFull (MemoryError)
                └── SnapshotError (ValueError)
+          └── TokenizerError
+               ├── UnknownEncoding (LookupError)
+               ├── TokenizerFileUnreadable (OSError)
+               ├── InvalidTokenizerFile (ValueError)
+               ├── InvalidItemJson (ValueError)
+               └── TokenizationFailed (ValueError)
 
 Wire shapes (spec §4.1, §6.2, §6.7):
 

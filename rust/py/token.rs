@@ -46,7 +46,7 @@ fn exceptions(py: Python<'_>) -> PyResult<&Exceptions> {
         };
         let base = new(
             "TokenizerError",
-            vec![builtin("Exception")?],
+            vec![crate::py::errors::warmsocket_error(py)?],
             "Base of the errors raised by Tokenizer.",
         )?;
         let sub = |name: &str, std: &str, doc: &str| {

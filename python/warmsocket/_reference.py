@@ -1,0 +1,689 @@
+"""A slow, obviously-correct pure-Python session cache: the oracle for the Rust one.
+
+Same method names and the same rules as `warmsocket._core.SessionCache`, written the
+direct way: a response's scope is found by walking up its chain, its context by
+concatenating the chain, the live children of an entry and the live bytes of the
+cache by scanning everything. Hypothesis drives this and the Rust cache with the same
+operations and compares them (`tests/test_cache_properties.py`); the benchmarks use
+it as their baseline.
+
+The rules, in one place:
+
+* A response is a node: its own input and output items, `settings`, `meta`, and
+  its parent. Its context is the concatenation of the own items from the root.
+* Scope: a node is local to connection `c` when it was created with `store=False`
+  on `c`, or when its parent is local to `c`; otherwise it is stored. Local entries
+  are visible only to lookups passing `connection=c`; stored ones to any lookup of
+  their owner. A visible entry of another owner raises `OwnerMismatch`.
+* Bytes: each node costs `NODE_OVERHEAD + len(id) + len(settings) (unless equal to
+  the parent's) + len(meta) + sum(ITEM_OVERHEAD + len(item))`; the cache's bytes are
+  the costs of every node still reachable from an entry or a binding.
+* Budget: before inserting, while the bytes exceed the budget, evict the least
+  recently used candidate (an entry with no pins and no live children, other than
+  the new entry's nearest indexed ancestor); after each eviction, evict the nearest
+  indexed ancestor too if that made it a candidate (the cascade).
+
+Canonical JSON here is `json.dumps(sort_keys=True, separators=(",", ":"),
+ensure_ascii=False)`, which agrees with the Rust form on strings, integers, booleans,
+null and nesting; floats may print differently (`1e+16` here, `1e16` in Rust), so
+the property tests do not use them.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+
+from warmsocket._core import (
+    CacheFull,
+    DuplicateResponseId,
+    ItemNotJson,
+    ItemNotObject,
+    ItemTooLarge,
+    OwnerMismatch,
+    ResponseNotFound,
+    SnapshotError,
+)
+
+# Must match rust/node.rs (the property tests compare `stats().bytes`).
+NODE_OVERHEAD = 320
+ITEM_OVERHEAD = 160
+DEFAULT_BUDGET = 1 << 30
+DEFAULT_MAX_ITEM_BYTES = 1 << 25
+SNAPSHOT_FORMAT = "warmsocket-cache"
+SNAPSHOT_VERSION = 1
+
+
+def _not_found(response_id: str) -> str:
+    shown = response_id if len(response_id) <= 128 else response_id[:128] + "..."
+    return f"Response with id '{shown}' not found."
+
+
+# -- items ---------------------------------------------------------------------------
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _check_json(value: Any, where: int) -> Any:
+    """Return `value` as plain JSON data, or raise ItemNotJson."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**64:
+            raise ItemNotJson(
+                f"Item {where} is not valid JSON: an integer does not fit in 64 bits."
+            )
+        return int(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ItemNotJson(f"Item {where} is not valid JSON: a float is not finite.")
+        return value
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            raise ItemNotJson(f"Item {where} is not valid JSON: object keys must be strings.")
+        return {k: _check_json(v, where) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_check_json(v, where) for v in value]
+    raise ItemNotJson(f"Item {where} is not valid JSON: a {type(value).__name__} is not JSON.")
+
+
+@dataclass(frozen=True)
+class RefItem:
+    """One item: canonical JSON plus the fields the server needs."""
+
+    json: bytes
+    type: str
+    id: str | None
+    role: str | None
+    call_id: str | None
+    name: str | None
+
+    @staticmethod
+    def from_object(obj: Any, index: int, max_item_bytes: int) -> RefItem:
+        if not isinstance(obj, dict):
+            raise ItemNotObject(f"Item {index} is not a JSON object.")
+        data = _canonical(obj)
+        if len(data) > max_item_bytes:
+            raise ItemTooLarge(f"Item {index} is {len(data)} bytes, over {max_item_bytes}.")
+
+        def text(key: str) -> str | None:
+            value = obj.get(key)
+            return value if isinstance(value, str) else None
+
+        role = text("role")
+        kind = text("type")
+        if kind is None:
+            kind = "message" if role is not None else ""
+        return RefItem(data, kind, text("id"), role, text("call_id"), text("name"))
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.json)
+
+
+@dataclass(frozen=True)
+class RefItems:
+    """An immutable batch of items."""
+
+    items: tuple[RefItem, ...] = ()
+
+    @staticmethod
+    def parse(data: bytes | str, *, max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> RefItems:
+        try:
+            value = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ItemNotJson(f"Items are not a JSON array of objects: {e}.") from None
+        if not isinstance(value, list):
+            raise ItemNotJson("Items are not a JSON array of objects: expected an array.")
+        return RefItems._build(value, max_item_bytes)
+
+    @staticmethod
+    def from_objects(
+        items: Sequence[Mapping[str, Any]], *, max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES
+    ) -> RefItems:
+        values = [_check_json(obj, i) for i, obj in enumerate(items)]
+        return RefItems._build(values, max_item_bytes)
+
+    @staticmethod
+    def _build(values: list[Any], max_item_bytes: int) -> RefItems:
+        return RefItems(
+            tuple(RefItem.from_object(v, i, max_item_bytes) for i, v in enumerate(values))
+        )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(item.nbytes for item in self.items)
+
+    def json(self) -> bytes:
+        return _array(self.items)
+
+    def to_objects(self) -> list[dict[str, Any]]:
+        return [json.loads(item.json) for item in self.items]
+
+    def concat(self, other: RefItems) -> RefItems:
+        return RefItems(self.items + other.items)
+
+
+def _array(items: Sequence[RefItem]) -> bytes:
+    return b"[" + b",".join(item.json for item in items) + b"]"
+
+
+def _items_arg(value: Any, max_item_bytes: int) -> RefItems:
+    if value is None:
+        return RefItems()
+    if isinstance(value, RefItems):
+        for i, item in enumerate(value.items):
+            if item.nbytes > max_item_bytes:
+                raise ItemTooLarge(f"Item {i} is {item.nbytes} bytes, over {max_item_bytes}.")
+        return value
+    if isinstance(value, bytes | str):
+        return RefItems.parse(value, max_item_bytes=max_item_bytes)
+    return RefItems.from_objects(value, max_item_bytes=max_item_bytes)
+
+
+# -- nodes, views, bindings -----------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Node:
+    id: str
+    owner: str
+    parent: _Node | None
+    store: bool
+    created_on: int | None  # the connection of a store=False response
+    input: RefItems
+    output: RefItems
+    settings: bytes
+    meta: bytes
+
+    def ancestors(self) -> Iterator[_Node]:
+        """This node, then its parent, and so on to the root."""
+        node: _Node | None = self
+        while node is not None:
+            yield node
+            node = node.parent
+
+    def scope(self) -> int | None:
+        """The connection this node is local to: the nearest `store=False` response's."""
+        for node in self.ancestors():
+            if not node.store:
+                return node.created_on
+        return None
+
+    def context(self) -> list[RefItem]:
+        chain = list(self.ancestors())[::-1]
+        return [item for node in chain for item in node.input.items + node.output.items]
+
+    def cost(self) -> int:
+        shared = self.parent is not None and self.parent.settings == self.settings
+        own = self.input.items + self.output.items
+        return (
+            NODE_OVERHEAD
+            + len(self.id.encode())
+            + (0 if shared else len(self.settings))
+            + len(self.meta)
+            + sum(ITEM_OVERHEAD + item.nbytes for item in own)
+        )
+
+
+@dataclass(frozen=True)
+class RefInfo:
+    """The reference's `ResponseInfo`, computed from the chain each time."""
+
+    id: str
+    previous_response_id: str | None
+    owner: str
+    store: bool
+    connection: int | None
+    depth: int
+    items: int
+    bytes: int
+    tokens: int
+    input_items: int
+    output_items: int
+    settings: builtins.bytes
+    meta: builtins.bytes
+
+    @staticmethod
+    def of(node: _Node) -> RefInfo:
+        context = node.context()
+        return RefInfo(
+            id=node.id,
+            previous_response_id=node.parent.id if node.parent else None,
+            owner=node.owner,
+            store=node.store,
+            connection=node.scope(),
+            depth=len(list(node.ancestors())),
+            items=len(context),
+            bytes=len(_array(context)),
+            tokens=0,
+            input_items=len(node.input),
+            output_items=len(node.output),
+            settings=node.settings,
+            meta=node.meta,
+        )
+
+
+class RefView:
+    """A context, frozen when made."""
+
+    def __init__(self, node: _Node | None, extra: RefItems | None) -> None:
+        self._items = (node.context() if node else []) + list(extra.items if extra else ())
+
+    @property
+    def items(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.json())
+
+    @property
+    def tokens(self) -> int:
+        return 0
+
+    def json(self) -> bytes:
+        return _array(self._items)
+
+    def objects(self) -> list[dict[str, Any]]:
+        return [json.loads(item.json) for item in self._items]
+
+    def tail(self, *, from_last_role: str = "user") -> bytes:
+        for i in range(len(self._items) - 1, -1, -1):
+            item = self._items[i]
+            if item.type == "message" and item.role == from_last_role:
+                return _array(self._items[i:])
+        return self.json()
+
+
+class RefBinding:
+    """A pin on one entry, holding its node until released."""
+
+    def __init__(self, cache: RefCache, entry: _Entry) -> None:
+        self._cache = weakref.ref(cache)
+        self.response_id = entry.node.id
+        self.node: _Node | None = entry.node
+        self.serial = entry.serial
+
+    def _held(self) -> _Node:
+        if self.node is None:
+            raise ResponseNotFound(_not_found(self.response_id))
+        return self.node
+
+    def info(self) -> RefInfo:
+        return RefInfo.of(self._held())
+
+    def view(self, extra: RefItems | None = None) -> RefView:
+        return RefView(self._held(), extra)
+
+    def release(self) -> None:
+        if self.node is None:
+            return
+        self.node = None
+        cache = self._cache()
+        if cache is not None:
+            entry = cache._index.get(self.response_id)
+            if entry is not None and entry.serial == self.serial and entry.pins > 0:
+                entry.pins -= 1
+
+    def __enter__(self) -> RefBinding:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+@dataclass(eq=False)
+class _Entry:
+    node: _Node
+    serial: int
+    tick: int
+    pins: int = 0
+
+
+@dataclass
+class RefStats:
+    entries: int
+    stored_entries: int
+    local_entries: int
+    bytes: int
+    memory_budget: int
+    hits: int
+    misses: int
+    evictions: int
+    connections: int
+    pinned: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+# -- the cache -------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class RefCache:
+    """The reference session cache. Not thread-safe; slow on purpose."""
+
+    memory_budget: int = DEFAULT_BUDGET
+    max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES
+    _index: dict[str, _Entry] = field(default_factory=dict)
+    _connections: set[int] = field(default_factory=set)
+    _bindings: weakref.WeakSet[RefBinding] = field(default_factory=weakref.WeakSet)
+    _next_connection: int = 1
+    _serial: int = 0
+    _tick: int = 0
+    _hits: int = 0
+    _misses: int = 0
+    _evictions: int = 0
+
+    # -- connections
+
+    def open_connection(self) -> int:
+        connection = self._next_connection
+        self._next_connection += 1
+        self._connections.add(connection)
+        return connection
+
+    def close_connection(self, connection: int) -> int:
+        if connection not in self._connections:
+            return 0
+        self._connections.remove(connection)
+        for binding in list(self._bindings):
+            if binding.node is not None and binding.node.scope() == connection:
+                binding.node = None
+        doomed = [i for i, e in self._index.items() if e.node.scope() == connection]
+        for response_id in doomed:
+            del self._index[response_id]
+        return len(doomed)
+
+    # -- lookups
+
+    def _lookup(self, response_id: str, owner: str, connection: int | None) -> _Entry:
+        entry = self._index.get(response_id)
+        scope = entry.node.scope() if entry else None
+        if entry is None or (scope is not None and scope != connection):
+            self._misses += 1
+            raise ResponseNotFound(_not_found(response_id))
+        if entry.node.owner != owner:
+            self._misses += 1
+            raise OwnerMismatch(_not_found(response_id))
+        self._hits += 1
+        return entry
+
+    def _touch(self, entry: _Entry) -> None:
+        self._tick += 1
+        entry.tick = self._tick
+
+    def _lookup_touch(self, response_id: str, owner: str, connection: int | None) -> _Node:
+        entry = self._lookup(response_id, owner, connection)
+        self._touch(entry)
+        return entry.node
+
+    def get(self, response_id: str, *, owner: str, connection: int | None = None) -> RefInfo:
+        return RefInfo.of(self._lookup_touch(response_id, owner, connection))
+
+    def bind(self, response_id: str, *, owner: str, connection: int | None = None) -> RefBinding:
+        entry = self._lookup(response_id, owner, connection)
+        self._touch(entry)
+        entry.pins += 1
+        binding = RefBinding(self, entry)
+        self._bindings.add(binding)
+        return binding
+
+    def view(
+        self,
+        response_id: str | None,
+        *,
+        owner: str,
+        connection: int | None = None,
+        extra: RefItems | None = None,
+    ) -> RefView:
+        node = None if response_id is None else self._lookup_touch(response_id, owner, connection)
+        return RefView(node, extra)
+
+    def context(self, response_id: str, *, owner: str, connection: int | None = None) -> bytes:
+        return self.view(response_id, owner=owner, connection=connection).json()
+
+    def context_objects(
+        self, response_id: str, *, owner: str, connection: int | None = None
+    ) -> list[dict[str, Any]]:
+        return self.view(response_id, owner=owner, connection=connection).objects()
+
+    def own_items(
+        self, response_id: str, *, owner: str, connection: int | None = None
+    ) -> tuple[RefItems, RefItems]:
+        node = self._lookup_touch(response_id, owner, connection)
+        return node.input, node.output
+
+    # -- create
+
+    def create(
+        self,
+        response_id: str,
+        *,
+        owner: str,
+        input: Any = None,
+        output: Any = None,
+        previous_response_id: str | RefBinding | None = None,
+        settings: bytes = b"{}",
+        meta: bytes = b"{}",
+        store: bool = True,
+        connection: int | None = None,
+    ) -> RefInfo:
+        new_input = _items_arg(input, self.max_item_bytes)
+        new_output = _items_arg(output, self.max_item_bytes)
+        if not store and connection is None:
+            raise ValueError("store=False requires a connection")
+        if not store and connection not in self._connections:
+            raise ValueError(f"connection {connection} is not open")
+        if response_id in self._index:
+            raise DuplicateResponseId(f"A response with id '{response_id}' is already cached.")
+        parent: _Node | None = None
+        if isinstance(previous_response_id, RefBinding):
+            parent = previous_response_id._held()
+            scope = parent.scope()
+            if scope is not None and scope != connection:
+                raise ResponseNotFound(_not_found(previous_response_id.response_id))
+            if parent.owner != owner:
+                raise OwnerMismatch(_not_found(previous_response_id.response_id))
+        elif previous_response_id is not None:
+            parent = self._lookup(previous_response_id, owner, connection).node
+        node = _Node(
+            response_id,
+            owner,
+            parent,
+            store,
+            None if store else connection,
+            new_input,
+            new_output,
+            settings,
+            meta,
+        )
+        if node.cost() > self.memory_budget:
+            raise CacheFull(f"The response needs {node.cost()} bytes, over the budget.")
+        if parent is not None and self._is_indexed(parent):
+            self._touch(self._index[parent.id])
+        self._evict_for_budget(extra=node, protected=self._nearest_indexed_ancestor(node))
+        self._insert(node)
+        return RefInfo.of(node)
+
+    def _insert(self, node: _Node) -> None:
+        self._serial += 1
+        self._tick += 1
+        self._index[node.id] = _Entry(node, self._serial, self._tick)
+
+    # -- removal
+
+    def evict(self, response_id: str, *, owner: str, connection: int) -> bool:
+        entry = self._index.get(response_id)
+        if entry is None or entry.node.scope() != connection or entry.node.owner != owner:
+            return False
+        del self._index[response_id]
+        return True
+
+    def delete(self, response_id: str, *, owner: str) -> bool:
+        entry = self._index.get(response_id)
+        if entry is None or entry.node.scope() is not None or entry.node.owner != owner:
+            return False
+        del self._index[response_id]
+        return True
+
+    # -- the budget
+
+    def _is_indexed(self, node: _Node) -> bool:
+        entry = self._index.get(node.id)
+        return entry is not None and entry.node is node
+
+    def _nearest_indexed_ancestor(self, node: _Node) -> _Entry | None:
+        for ancestor in list(node.ancestors())[1:]:
+            if self._is_indexed(ancestor):
+                return self._index[ancestor.id]
+        return None
+
+    def _is_candidate(self, entry: _Entry) -> bool:
+        if entry.pins > 0:
+            return False
+        return not any(
+            self._nearest_indexed_ancestor(e.node) is entry for e in self._index.values()
+        )
+
+    def _live_bytes(self, extra: _Node | None = None) -> int:
+        roots = [e.node for e in self._index.values()]
+        roots += [b.node for b in self._bindings if b.node is not None]
+        if extra is not None:
+            roots.append(extra)
+        live: dict[int, _Node] = {}
+        for root in roots:
+            for node in root.ancestors():
+                live[id(node)] = node
+        return sum(node.cost() for node in live.values())
+
+    def _evict_for_budget(self, extra: _Node | None, protected: _Entry | None) -> None:
+        while self._live_bytes(extra) > self.memory_budget:
+            candidates = [
+                e for e in self._index.values() if e is not protected and self._is_candidate(e)
+            ]
+            if not candidates:
+                return
+            victim: _Entry | None = min(candidates, key=lambda e: e.tick)
+            while victim is not None:
+                del self._index[victim.node.id]
+                self._evictions += 1
+                anchor = self._nearest_indexed_ancestor(victim.node)
+                victim = None
+                if anchor is not None and anchor is not protected and self._is_candidate(anchor):
+                    victim = anchor
+
+    # -- stats
+
+    def stats(self) -> RefStats:
+        entries = list(self._index.values())
+        stored = sum(1 for e in entries if e.node.scope() is None)
+        return RefStats(
+            entries=len(entries),
+            stored_entries=stored,
+            local_entries=len(entries) - stored,
+            bytes=self._live_bytes(),
+            memory_budget=self.memory_budget,
+            hits=self._hits,
+            misses=self._misses,
+            evictions=self._evictions,
+            connections=len(self._connections),
+            pinned=sum(1 for e in entries if e.pins > 0),
+        )
+
+    # -- snapshots (the same msgpack format as the Rust cache)
+
+    def snapshot(self) -> bytes:
+        stored = sorted(
+            (e for e in self._index.values() if e.node.scope() is None), key=lambda e: e.serial
+        )
+        indexed = {id(e.node) for e in stored}
+        position: dict[int, int] = {}
+        records: list[dict[str, Any]] = []
+        for entry in stored:
+            fresh = [n for n in entry.node.ancestors() if id(n) not in position]
+            for node in reversed(fresh):
+                parent = node.parent
+                records.append(
+                    {
+                        "parent": position[id(parent)] if parent else None,
+                        "indexed": id(node) in indexed,
+                        "id": node.id,
+                        "owner": node.owner,
+                        "store": node.store,
+                        "n_input": len(node.input),
+                        "items": [i.json.decode() for i in node.input.items + node.output.items],
+                        "settings": None
+                        if parent and parent.settings == node.settings
+                        else node.settings,
+                        "meta": node.meta,
+                    }
+                )
+                position[id(node)] = len(records) - 1
+        doc = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "nodes": records}
+        return bytes(msgpack.packb(doc, use_bin_type=True))
+
+    def restore(self, data: bytes) -> int:
+        try:
+            nodes = self._decode(data)
+        except SnapshotError:
+            raise
+        except Exception as e:  # malformed input: wrong types, missing keys, bad items
+            raise SnapshotError(f"Cannot restore the snapshot: {type(e).__name__}.") from None
+        added = 0
+        for node, indexed in nodes:
+            if indexed and node.id not in self._index:
+                self._insert(node)
+                added += 1
+        self._evict_for_budget(extra=None, protected=None)
+        return added
+
+    def _decode(self, data: bytes) -> list[tuple[_Node, bool]]:
+        doc = msgpack.unpackb(data, raw=False)
+        if doc["format"] != SNAPSHOT_FORMAT or doc["version"] != SNAPSHOT_VERSION:
+            raise SnapshotError("Cannot restore the snapshot: unsupported format.")
+        nodes: list[tuple[_Node, bool]] = []
+        for i, r in enumerate(doc["nodes"]):
+            if r["parent"] is not None and not 0 <= r["parent"] < i:
+                raise SnapshotError(f"Cannot restore the snapshot: node {i}: bad parent.")
+            parent = None if r["parent"] is None else nodes[r["parent"]][0]
+            if not r["store"] or not r["id"] or r["n_input"] > len(r["items"]):
+                raise SnapshotError(f"Cannot restore the snapshot: node {i}: bad record.")
+            if r["settings"] is not None:
+                settings = bytes(r["settings"])
+            elif parent is not None:
+                settings = parent.settings
+            else:
+                raise SnapshotError(f"Cannot restore the snapshot: node {i}: no settings.")
+            text = "[" + ",".join(r["items"]) + "]"
+            items = RefItems.parse(text, max_item_bytes=self.max_item_bytes).items
+            n = r["n_input"]
+            node = _Node(
+                id=r["id"],
+                owner=r["owner"],
+                parent=parent,
+                store=True,
+                created_on=None,
+                input=RefItems(items[:n]),
+                output=RefItems(items[n:]),
+                settings=settings,
+                meta=bytes(r["meta"]),
+            )
+            nodes.append((node, bool(r["indexed"])))
+        return nodes

@@ -1,0 +1,1274 @@
+//! The session cache: an index of response nodes by id, with owners, connection
+//! scopes, pins and an LRU memory budget.
+//!
+//! Rules (the Python `_reference.py` states the same rules the slow, obvious way):
+//!
+//! * **Scope.** A node is local to connection `c` when created with `store=false` on
+//!   `c`, or when its parent is local to `c` (the taint rule: content sent with
+//!   `store=false` never outlives its connection, even through a stored descendant).
+//!   Otherwise it is stored. Local entries are visible only to lookups that pass
+//!   `connection=c`; stored entries to any lookup by the same owner.
+//! * **Owner.** A visible entry looked up by another owner is `OwnerMismatch`, which
+//!   prints exactly like `NotFound`.
+//! * **Live children.** An entry's live children are the indexed entries whose nearest
+//!   indexed ancestor it is. The count is kept exact on insert and removal.
+//! * **Candidates.** An entry with no live children and no pins may be evicted by the
+//!   budget; candidates sit in a `BTreeMap` keyed by their LRU tick, so the oldest is
+//!   found in O(log n).
+//! * **Budget.** Before inserting, evict the oldest candidate (never the new entry's
+//!   nearest indexed ancestor) while the live bytes exceed the budget. Eviction
+//!   cascades: an evicted leaf's nearest indexed ancestor goes too when that leaves
+//!   it a candidate, so an idle chain goes as a whole. Only an entry larger than the
+//!   whole budget is refused (`CacheFull`); pinned state may push the cache over.
+//! * **Never dangling.** Nodes hold their parents by `Arc`, so removing an entry never
+//!   breaks a descendant, a binding or a view: the memory goes when the last holder
+//!   does (and the [`Meter`] sees it go).
+//!
+//! Locking: one `parking_lot::Mutex` around the index, held for O(1)-ish work per call
+//! (plus the entries a call removes). Nodes removed by `delete`, `evict` and
+//! `close_connection` are dropped after the lock is released; only budget eviction
+//! drops under the lock, because it must see the memory go to know when to stop.
+//! Nothing here calls into Python, so holding the lock can never wait for the GIL.
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::item::Items;
+use crate::node::{Meter, Node, NodeSpec};
+use crate::view::ContextView;
+
+/// Where a new response's parent comes from.
+#[derive(Clone, Copy)]
+pub enum Parent<'a> {
+    None,
+    /// Looked up like `get`, with the create's owner and connection.
+    Id(&'a str),
+    /// A bound response, usable even if its entry left the index since.
+    Binding(&'a Binding),
+}
+
+/// Everything `create` needs.
+pub struct NewResponse<'a> {
+    pub id: &'a str,
+    pub owner: &'a str,
+    pub input: Items,
+    pub output: Items,
+    pub parent: Parent<'a>,
+    pub settings: &'a [u8],
+    pub meta: &'a [u8],
+    pub store: bool,
+    pub connection: Option<u64>,
+}
+
+/// What the cache knows about one response. Copies the small fields, so holding it
+/// does not keep the chain alive.
+#[derive(Debug, Clone)]
+pub struct ResponseInfo {
+    pub id: Arc<str>,
+    pub previous_response_id: Option<Arc<str>>,
+    pub owner: Arc<str>,
+    pub store: bool,
+    pub connection: Option<u64>,
+    pub depth: u32,
+    pub items: u64,
+    pub bytes: u64,
+    pub tokens: u64,
+    pub input_items: usize,
+    pub output_items: usize,
+    pub settings: Arc<[u8]>,
+    pub meta: Arc<[u8]>,
+}
+
+impl ResponseInfo {
+    pub fn of(node: &Node) -> ResponseInfo {
+        ResponseInfo {
+            id: node.id.clone(),
+            previous_response_id: node.parent.as_ref().map(|p| p.id.clone()),
+            owner: node.owner.clone(),
+            store: node.store,
+            connection: node.scope,
+            depth: node.depth,
+            items: node.items,
+            bytes: node.context_bytes(),
+            tokens: node.tokens,
+            input_items: node.input.len(),
+            output_items: node.output.len(),
+            settings: node.settings.clone(),
+            meta: node.meta.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub entries: u64,
+    pub stored_entries: u64,
+    pub local_entries: u64,
+    pub bytes: u64,
+    pub memory_budget: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub connections: u64,
+    pub pinned: u64,
+}
+
+impl Stats {
+    /// Field names and values, in declaration order.
+    pub fn fields(&self) -> [(&'static str, u64); 10] {
+        [
+            ("entries", self.entries),
+            ("stored_entries", self.stored_entries),
+            ("local_entries", self.local_entries),
+            ("bytes", self.bytes),
+            ("memory_budget", self.memory_budget),
+            ("hits", self.hits),
+            ("misses", self.misses),
+            ("evictions", self.evictions),
+            ("connections", self.connections),
+            ("pinned", self.pinned),
+        ]
+    }
+}
+
+/// A thread-safe session cache. Clones share one cache.
+#[derive(Clone)]
+pub struct SessionCache {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    meter: Arc<Meter>,
+    memory_budget: u64,
+    max_item_bytes: usize,
+}
+
+#[derive(Default)]
+struct State {
+    index: HashMap<Arc<str>, Entry>,
+    /// Eviction candidates by LRU tick (ticks are unique).
+    candidates: BTreeMap<u64, Arc<str>>,
+    connections: HashMap<u64, Connection>,
+    next_connection: u64,
+    next_serial: u64,
+    tick: u64,
+    /// Counted by `lookup`, which only reads the index (hence `Cell`).
+    hits: Cell<u64>,
+    misses: Cell<u64>,
+    evictions: u64,
+    stored_entries: u64,
+    pinned: u64,
+}
+
+struct Entry {
+    /// Its `id` is the `Arc` the index and the candidates map use as key.
+    node: Arc<Node>,
+    /// Distinguishes this entry from a later one with the same id.
+    serial: u64,
+    pins: u32,
+    tick: u64,
+    live_children: u32,
+}
+
+impl Entry {
+    fn is_candidate(&self) -> bool {
+        self.pins == 0 && self.live_children == 0
+    }
+}
+
+#[derive(Default)]
+struct Connection {
+    /// Ids of the entries local to this connection.
+    entries: HashSet<Arc<str>>,
+    /// Live bindings of nodes local to this connection, invalidated on close.
+    bindings: HashMap<u64, Weak<Binding>>,
+}
+
+/// What a removal leaves to drop once the lock is released.
+#[derive(Default)]
+struct Garbage {
+    nodes: Vec<Arc<Node>>,
+    bindings: Vec<Arc<Binding>>,
+}
+
+impl SessionCache {
+    pub fn new(memory_budget: u64, max_item_bytes: usize) -> SessionCache {
+        let state = State {
+            next_connection: 1,
+            ..State::default()
+        };
+        SessionCache {
+            shared: Arc::new(Shared {
+                state: Mutex::new(state),
+                meter: Arc::new(Meter::default()),
+                memory_budget,
+                max_item_bytes,
+            }),
+        }
+    }
+
+    pub fn memory_budget(&self) -> u64 {
+        self.shared.memory_budget
+    }
+
+    pub fn max_item_bytes(&self) -> usize {
+        self.shared.max_item_bytes
+    }
+
+    pub(crate) fn meter(&self) -> &Arc<Meter> {
+        &self.shared.meter
+    }
+
+    pub fn open_connection(&self) -> u64 {
+        let mut st = self.shared.state.lock();
+        let id = st.next_connection;
+        st.next_connection += 1;
+        st.connections.insert(id, Connection::default());
+        id
+    }
+
+    /// Remove every entry local to the connection and invalidate its bindings.
+    /// Returns the number of entries removed; unknown ids are a no-op.
+    pub fn close_connection(&self, connection: u64) -> usize {
+        let mut garbage = Garbage::default();
+        let removed = {
+            let mut st = self.shared.state.lock();
+            let Some(conn) = st.connections.remove(&connection) else {
+                return 0;
+            };
+            for weak in conn.bindings.into_values() {
+                if let Some(binding) = weak.upgrade() {
+                    garbage.nodes.extend(binding.node.lock().take());
+                    garbage.bindings.push(binding);
+                }
+            }
+            // Deepest first, so each removal finds its nearest indexed ancestor at
+            // its parent instead of walking up through already-removed entries.
+            let mut ids: Vec<(u32, Arc<str>)> = conn
+                .entries
+                .into_iter()
+                .filter_map(|id| st.index.get(&id).map(|e| (e.node.depth, id)))
+                .collect();
+            ids.sort_unstable_by_key(|(depth, _)| std::cmp::Reverse(*depth));
+            let removed = ids.len();
+            for (_, id) in ids {
+                if let Some((node, _)) = st.remove(&id, false) {
+                    garbage.nodes.push(node);
+                }
+            }
+            removed
+        };
+        drop(garbage);
+        removed
+    }
+
+    pub fn create(&self, new: NewResponse<'_>) -> Result<ResponseInfo> {
+        let shared = &*self.shared;
+        new.input.check_item_limit(shared.max_item_bytes)?;
+        new.output.check_item_limit(shared.max_item_bytes)?;
+        if !new.store && new.connection.is_none() {
+            return Err(Error::invalid_argument(
+                "store=False requires a connection: a response that is not stored lives \
+                 only as long as its connection",
+            ));
+        }
+
+        // Phase 1, under the lock: arguments that depend on state, and the parent.
+        let parent: Option<Arc<Node>> = {
+            let st = shared.state.lock();
+            if !new.store {
+                st.check_open(new.connection)?;
+            }
+            if st.index.contains_key(new.id) {
+                return Err(Error::DuplicateResponseId { id: new.id.into() });
+            }
+            match new.parent {
+                Parent::None => None,
+                Parent::Id(pid) => Some(st.lookup(pid, new.owner, new.connection)?.node.clone()),
+                Parent::Binding(b) => Some(b.parent_for(new.owner, new.connection)?),
+            }
+        };
+        let scope = match (&parent, new.store) {
+            (_, false) => new.connection,
+            (Some(p), true) => p.scope,
+            (None, true) => None,
+        };
+
+        // Unlocked: compare settings with the parent's (shared when equal) and size
+        // the node. The budget never changes, so CacheFull needs no lock.
+        let owner: Arc<str> = match &parent {
+            Some(p) if *p.owner == *new.owner => p.owner.clone(),
+            _ => new.owner.into(),
+        };
+        let spec = NodeSpec {
+            id: new.id.into(),
+            owner,
+            store: new.store,
+            input: new.input,
+            output: new.output,
+            settings: NodeSpec::settings_for(parent.as_deref(), new.settings),
+            meta: new.meta.into(),
+        };
+        let cost = spec.cost(parent.as_deref());
+        if cost > shared.memory_budget {
+            return Err(Error::CacheFull {
+                size: cost,
+                budget: shared.memory_budget,
+            });
+        }
+
+        // Phase 2, under the lock: re-check what may have changed, then commit.
+        let mut st = shared.state.lock();
+        if st.index.contains_key(new.id) {
+            return Err(Error::DuplicateResponseId { id: new.id.into() });
+        }
+        if let Some(c) = scope {
+            if !st.connections.contains_key(&c) {
+                return Err(match (&parent, new.store) {
+                    (Some(p), true) => Error::not_found(&p.id),
+                    _ => Error::invalid_argument(format!("connection {c} is not open")),
+                });
+            }
+        }
+        let node = Arc::new(Node::new(spec, parent, scope, &shared.meter));
+        if let Some(parent) = &node.parent {
+            st.touch_node(parent);
+        }
+        let anchor = st.nearest_indexed_ancestor(&node);
+        st.evict_for_budget(shared, anchor.as_deref());
+        let info = ResponseInfo::of(&node);
+        st.insert(node);
+        Ok(info)
+    }
+
+    pub fn get(&self, id: &str, owner: &str, connection: Option<u64>) -> Result<ResponseInfo> {
+        let node = self.lookup_touch(id, owner, connection)?;
+        Ok(ResponseInfo::of(&node))
+    }
+
+    /// Pin an entry and return a binding that holds its chain.
+    pub fn bind(&self, id: &str, owner: &str, connection: Option<u64>) -> Result<Arc<Binding>> {
+        let mut st = self.shared.state.lock();
+        let entry = st.lookup(id, owner, connection)?;
+        let (node, serial) = (entry.node.clone(), entry.serial);
+        let key = node.id.clone();
+        st.touch(&key);
+        st.pin(&key);
+        st.next_serial += 1;
+        let binding = Arc::new(Binding {
+            cache: Arc::downgrade(&self.shared),
+            id: key,
+            owner: node.owner.clone(),
+            scope: node.scope,
+            entry_serial: serial,
+            key: st.next_serial,
+            node: Mutex::new(Some(node)),
+        });
+        if let Some(c) = binding.scope {
+            if let Some(conn) = st.connections.get_mut(&c) {
+                conn.bindings.insert(binding.key, Arc::downgrade(&binding));
+            }
+        }
+        Ok(binding)
+    }
+
+    /// The context of `id` (or nothing, for `None`) followed by `extra`.
+    pub fn view(
+        &self,
+        id: Option<&str>,
+        owner: &str,
+        connection: Option<u64>,
+        extra: Option<Items>,
+    ) -> Result<ContextView> {
+        let leaf = match id {
+            None => None,
+            Some(id) => Some(self.lookup_touch(id, owner, connection)?),
+        };
+        Ok(ContextView::new(leaf, extra))
+    }
+
+    /// A response's own (input, output) items.
+    pub fn own_items(
+        &self,
+        id: &str,
+        owner: &str,
+        connection: Option<u64>,
+    ) -> Result<(Items, Items)> {
+        let node = self.lookup_touch(id, owner, connection)?;
+        Ok((node.input.clone(), node.output.clone()))
+    }
+
+    /// Remove an entry local to `connection`; stored entries are left alone.
+    pub fn evict(&self, id: &str, owner: &str, connection: u64) -> bool {
+        self.remove_if(id, |node| {
+            node.scope == Some(connection) && *node.owner == *owner
+        })
+    }
+
+    /// Remove a stored entry.
+    pub fn delete(&self, id: &str, owner: &str) -> bool {
+        self.remove_if(id, |node| node.scope.is_none() && *node.owner == *owner)
+    }
+
+    pub fn stats(&self) -> Stats {
+        let st = self.shared.state.lock();
+        let entries = st.index.len() as u64;
+        Stats {
+            entries,
+            stored_entries: st.stored_entries,
+            local_entries: entries - st.stored_entries,
+            bytes: self.shared.meter.bytes(),
+            memory_budget: self.shared.memory_budget,
+            hits: st.hits.get(),
+            misses: st.misses.get(),
+            evictions: st.evictions,
+            connections: st.connections.len() as u64,
+            pinned: st.pinned,
+        }
+    }
+
+    /// The nodes of the stored entries, oldest entry first.
+    pub(crate) fn stored_nodes(&self) -> Vec<Arc<Node>> {
+        let st = self.shared.state.lock();
+        let mut entries: Vec<&Entry> = st
+            .index
+            .values()
+            .filter(|e| e.node.scope.is_none())
+            .collect();
+        entries.sort_unstable_by_key(|e| e.serial);
+        entries.into_iter().map(|e| e.node.clone()).collect()
+    }
+
+    /// Index restored nodes (parents first) whose ids are free, then apply the
+    /// budget. Returns how many were indexed.
+    pub(crate) fn insert_restored(&self, nodes: Vec<(Arc<Node>, bool)>) -> usize {
+        let mut unused = Garbage::default();
+        let mut added = 0;
+        {
+            let mut st = self.shared.state.lock();
+            for (node, indexed) in nodes {
+                if indexed && !st.index.contains_key(&*node.id) {
+                    st.insert(node);
+                    added += 1;
+                } else {
+                    unused.nodes.push(node);
+                }
+            }
+        }
+        // Free what nothing indexed needs outside the lock, and before applying the
+        // budget: the eviction loop must not count those bytes as live.
+        drop(unused);
+        self.shared
+            .state
+            .lock()
+            .evict_for_budget(&self.shared, None);
+        added
+    }
+
+    fn lookup_touch(&self, id: &str, owner: &str, connection: Option<u64>) -> Result<Arc<Node>> {
+        let mut st = self.shared.state.lock();
+        let node = st.lookup(id, owner, connection)?.node.clone();
+        st.touch(id);
+        Ok(node)
+    }
+
+    fn remove_if(&self, id: &str, matches: impl FnOnce(&Node) -> bool) -> bool {
+        let removed = {
+            let mut st = self.shared.state.lock();
+            match st.index.get(id) {
+                Some(entry) if matches(&entry.node) => st.remove(id, false),
+                _ => None,
+            }
+        };
+        // The node (and any chain only it held) is freed here, outside the lock.
+        removed.is_some()
+    }
+}
+
+impl State {
+    fn check_open(&self, connection: Option<u64>) -> Result<()> {
+        match connection {
+            Some(c) if !self.connections.contains_key(&c) => Err(Error::invalid_argument(format!(
+                "connection {c} is not open"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Find a visible entry, counting the hit or miss.
+    fn lookup(&self, id: &str, owner: &str, connection: Option<u64>) -> Result<&Entry> {
+        let found = match self.index.get(id) {
+            None => Err(Error::not_found(id)),
+            Some(e) if e.node.scope.is_some() && e.node.scope != connection => {
+                Err(Error::not_found(id))
+            }
+            Some(e) if *e.node.owner != *owner => Err(Error::OwnerMismatch { id: id.into() }),
+            Some(e) => Ok(e),
+        };
+        let counter = if found.is_ok() {
+            &self.hits
+        } else {
+            &self.misses
+        };
+        counter.set(counter.get() + 1);
+        found
+    }
+
+    /// Refresh an entry's LRU tick.
+    fn touch(&mut self, id: &str) {
+        self.tick += 1;
+        let tick = self.tick;
+        let Some(entry) = self.index.get_mut(id) else {
+            return;
+        };
+        let old = std::mem::replace(&mut entry.tick, tick);
+        if entry.is_candidate() {
+            self.candidates.remove(&old);
+            self.candidates.insert(tick, entry.node.id.clone());
+        }
+    }
+
+    /// Touch `node`'s entry if it is still the indexed one.
+    fn touch_node(&mut self, node: &Node) {
+        if self
+            .index
+            .get(&*node.id)
+            .is_some_and(|e| std::ptr::eq(&*e.node, node))
+        {
+            self.touch(&node.id);
+        }
+    }
+
+    /// The id of the closest ancestor of `node` that is indexed (as that very node).
+    fn nearest_indexed_ancestor(&self, node: &Node) -> Option<Arc<str>> {
+        node.ancestors()
+            .skip(1)
+            .find_map(|a| match self.index.get_key_value(&*a.id) {
+                Some((key, e)) if std::ptr::eq(&*e.node, a) => Some(key.clone()),
+                _ => None,
+            })
+    }
+
+    /// Apply `f` to an entry's counts and keep its candidacy in step.
+    fn update(&mut self, id: &str, f: impl FnOnce(&mut Entry)) {
+        let Some(entry) = self.index.get_mut(id) else {
+            return;
+        };
+        let was = entry.is_candidate();
+        f(entry);
+        match (was, entry.is_candidate()) {
+            (true, false) => {
+                self.candidates.remove(&entry.tick);
+            }
+            (false, true) => {
+                self.candidates.insert(entry.tick, entry.node.id.clone());
+            }
+            _ => {}
+        }
+    }
+
+    fn pin(&mut self, id: &str) {
+        let mut first = false;
+        self.update(id, |e| {
+            first = e.pins == 0;
+            e.pins += 1;
+        });
+        if first {
+            self.pinned += 1;
+        }
+    }
+
+    fn unpin(&mut self, id: &str, serial: u64) {
+        if !self
+            .index
+            .get(id)
+            .is_some_and(|e| e.serial == serial && e.pins > 0)
+        {
+            return;
+        }
+        let mut last = false;
+        self.update(id, |e| {
+            e.pins -= 1;
+            last = e.pins == 0;
+        });
+        if last {
+            self.pinned -= 1;
+        }
+    }
+
+    fn insert(&mut self, node: Arc<Node>) {
+        if let Some(anchor) = self.nearest_indexed_ancestor(&node) {
+            self.update(&anchor, |e| e.live_children += 1);
+        }
+        let id = node.id.clone();
+        match node.scope {
+            None => self.stored_entries += 1,
+            Some(c) => {
+                if let Some(conn) = self.connections.get_mut(&c) {
+                    conn.entries.insert(id.clone());
+                }
+            }
+        }
+        self.next_serial += 1;
+        self.tick += 1;
+        let tick = self.tick;
+        let entry = Entry {
+            node,
+            serial: self.next_serial,
+            pins: 0,
+            tick,
+            live_children: 0,
+        };
+        self.candidates.insert(tick, id.clone());
+        self.index.insert(id, entry);
+    }
+
+    /// Remove an entry; its live children now count for its nearest indexed ancestor.
+    /// Returns the node and that ancestor's id.
+    fn remove(&mut self, id: &str, evicted: bool) -> Option<(Arc<Node>, Option<Arc<str>>)> {
+        let (key, entry) = self.index.remove_entry(id)?;
+        if entry.is_candidate() {
+            self.candidates.remove(&entry.tick);
+        }
+        if entry.pins > 0 {
+            self.pinned -= 1;
+        }
+        match entry.node.scope {
+            None => self.stored_entries -= 1,
+            Some(c) => {
+                if let Some(conn) = self.connections.get_mut(&c) {
+                    conn.entries.remove(&key);
+                }
+            }
+        }
+        if evicted {
+            self.evictions += 1;
+        }
+        let anchor = self.nearest_indexed_ancestor(&entry.node);
+        if let Some(anchor) = &anchor {
+            let moved = entry.live_children;
+            self.update(anchor, |e| {
+                e.live_children = (e.live_children + moved).saturating_sub(1)
+            });
+        }
+        Some((entry.node, anchor))
+    }
+
+    /// Evict the oldest candidates (never `protected`) while the live bytes exceed
+    /// the budget. Evicted nodes are dropped here, under the lock, so the meter
+    /// shows what each eviction really freed.
+    fn evict_for_budget(&mut self, shared: &Shared, protected: Option<&str>) {
+        while shared.meter.bytes() > shared.memory_budget {
+            let victim = self
+                .candidates
+                .iter()
+                .find(|(_, id)| Some(id.as_ref()) != protected)
+                .map(|(tick, id)| (*tick, id.clone()));
+            let Some((tick, mut victim)) = victim else {
+                return;
+            };
+            if !self.index.contains_key(&victim) {
+                // Cannot happen (candidates are indexed); never loop on it regardless.
+                self.candidates.remove(&tick);
+                continue;
+            }
+            // The cascade: the chain goes up to a pinned or shared ancestor.
+            while let Some((node, anchor)) = self.remove(&victim, true) {
+                drop(node);
+                match anchor {
+                    Some(a)
+                        if Some(a.as_ref()) != protected
+                            && self.index.get(&a).is_some_and(Entry::is_candidate) =>
+                    {
+                        victim = a
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+/// A pin on one entry, holding its node so the chain outlives the entry if need be.
+///
+/// Released by `release()` or on drop; a binding of a connection-local node is also
+/// released when its connection closes. Releasing drops the node and, if the entry
+/// it pinned is still the same entry (same serial), unpins it.
+pub struct Binding {
+    cache: Weak<Shared>,
+    id: Arc<str>,
+    owner: Arc<str>,
+    scope: Option<u64>,
+    entry_serial: u64,
+    key: u64,
+    node: Mutex<Option<Arc<Node>>>,
+}
+
+impl Binding {
+    pub fn response_id(&self) -> &str {
+        &self.id
+    }
+
+    /// The bound node; `NotFound` once released.
+    pub fn node(&self) -> Result<Arc<Node>> {
+        self.node
+            .lock()
+            .clone()
+            .ok_or_else(|| Error::not_found(&self.id))
+    }
+
+    pub fn info(&self) -> Result<ResponseInfo> {
+        Ok(ResponseInfo::of(&*self.node()?))
+    }
+
+    pub fn view(&self, extra: Option<Items>) -> Result<ContextView> {
+        Ok(ContextView::new(Some(self.node()?), extra))
+    }
+
+    pub fn is_released(&self) -> bool {
+        self.node.lock().is_none()
+    }
+
+    /// The bound node as a parent for `owner` on `connection`: the same visibility
+    /// rule as a lookup.
+    fn parent_for(&self, owner: &str, connection: Option<u64>) -> Result<Arc<Node>> {
+        let node = self.node()?;
+        if node.scope.is_some() && node.scope != connection {
+            return Err(Error::not_found(&self.id));
+        }
+        if *self.owner != *owner {
+            return Err(Error::OwnerMismatch {
+                id: self.id.to_string(),
+            });
+        }
+        Ok(node)
+    }
+
+    /// Drop the pin and the node. Idempotent.
+    pub fn release(&self) {
+        let Some(node) = self.node.lock().take() else {
+            return;
+        };
+        if let Some(shared) = self.cache.upgrade() {
+            let mut st = shared.state.lock();
+            st.unpin(&self.id, self.entry_serial);
+            if let Some(c) = self.scope {
+                if let Some(conn) = st.connections.get_mut(&c) {
+                    conn.bindings.remove(&self.key);
+                }
+            }
+        }
+        drop(node);
+    }
+}
+
+impl Drop for Binding {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::tests::items;
+    use crate::node::{ITEM_OVERHEAD, NODE_OVERHEAD};
+
+    const O: &str = "owner";
+
+    fn new<'a>(id: &'a str, parent: Parent<'a>) -> NewResponse<'a> {
+        NewResponse {
+            id,
+            owner: O,
+            input: items(1, id),
+            output: items(1, id),
+            parent,
+            settings: b"{}",
+            meta: b"{}",
+            store: true,
+            connection: None,
+        }
+    }
+
+    fn create(c: &SessionCache, id: &str, parent: Option<&str>) -> ResponseInfo {
+        let parent = parent.map_or(Parent::None, Parent::Id);
+        c.create(new(id, parent)).unwrap()
+    }
+
+    fn chain(c: &SessionCache, prefix: &str, n: usize) -> String {
+        let mut prev: Option<String> = None;
+        for i in 0..n {
+            let id = format!("{prefix}{i}");
+            create(c, &id, prev.as_deref());
+            prev = Some(id);
+        }
+        prev.unwrap()
+    }
+
+    fn context(c: &SessionCache, id: &str) -> Vec<u8> {
+        c.view(Some(id), O, None, None).unwrap().to_json()
+    }
+
+    /// Whether an id is indexed, without touching it.
+    fn has(c: &SessionCache, id: &str) -> bool {
+        c.shared.state.lock().index.contains_key(id)
+    }
+
+    fn big() -> SessionCache {
+        SessionCache::new(1 << 40, 1 << 20)
+    }
+
+    #[test]
+    fn a_chain_stores_each_item_once_and_forks_copy_nothing() {
+        let c = big();
+        let leaf = chain(&c, "r", 100);
+        let before = c.stats().bytes;
+        let per_turn = before / 100;
+        for i in 0..32 {
+            let id = format!("f{i}");
+            let mut n = new(&id, Parent::Id(&leaf));
+            n.input = Items::default();
+            n.output = Items::default();
+            c.create(n).unwrap();
+        }
+        let forks = c.stats().bytes - before;
+        assert!(forks < 32 * per_turn, "{forks} vs {per_turn}");
+        assert!(forks <= 32 * (NODE_OVERHEAD + 4 + 2));
+        let info = c.get("f0", O, None).unwrap();
+        assert_eq!(info.depth, 101);
+        assert_eq!(info.items, 200);
+        assert_eq!(context(&c, "f0"), context(&c, &leaf));
+        assert_eq!(info.bytes as usize, context(&c, "f0").len());
+    }
+
+    #[test]
+    fn own_items_and_settings_are_shared() {
+        let c = big();
+        create(&c, "a", None);
+        let mut n = new("b", Parent::Id("a"));
+        n.settings = b"{}";
+        c.create(n).unwrap();
+        let a = c.get("a", O, None).unwrap();
+        let b = c.get("b", O, None).unwrap();
+        assert!(Arc::ptr_eq(&a.settings, &b.settings));
+        let (input, output) = c.own_items("b", O, None).unwrap();
+        assert_eq!((input.len(), output.len()), (1, 1));
+        assert_eq!(b.previous_response_id.as_deref(), Some("a"));
+        assert_eq!((b.input_items, b.output_items), (1, 1));
+    }
+
+    #[test]
+    fn duplicate_ids_and_missing_parents_leave_the_cache_unchanged() {
+        let c = big();
+        create(&c, "a", None);
+        let before = c.stats();
+        let err = c.create(new("a", Parent::None)).unwrap_err();
+        assert!(matches!(err, Error::DuplicateResponseId { .. }));
+        let err = c.create(new("b", Parent::Id("nope"))).unwrap_err();
+        assert_eq!(err, Error::not_found("nope"));
+        let after = c.stats();
+        assert_eq!(after.entries, before.entries);
+        assert_eq!(after.bytes, before.bytes);
+        assert_eq!(after.misses, before.misses + 1);
+    }
+
+    #[test]
+    fn owners_are_checked_and_mismatch_reads_like_not_found() {
+        let c = big();
+        create(&c, "a", None);
+        let err = c.get("a", "other", None).unwrap_err();
+        assert!(matches!(err, Error::OwnerMismatch { .. }));
+        assert_eq!(err.to_string(), Error::not_found("a").to_string());
+        let mut n = new("b", Parent::Id("a"));
+        n.owner = "other";
+        assert!(matches!(
+            c.create(n).unwrap_err(),
+            Error::OwnerMismatch { .. }
+        ));
+        assert!(!c.delete("a", "other"));
+        assert!(c.get("a", O, None).is_ok());
+    }
+
+    #[test]
+    fn scopes_and_the_taint_rule() {
+        let c = big();
+        let conn = c.open_connection();
+        let other = c.open_connection();
+        create(&c, "root", None);
+        let mut n = new("local", Parent::Id("root"));
+        n.store = false;
+        n.connection = Some(conn);
+        assert_eq!(c.create(n).unwrap().connection, Some(conn));
+        // A stored child of a local parent is tainted.
+        let mut n = new("tainted", Parent::Id("local"));
+        n.connection = Some(conn);
+        let info = c.create(n).unwrap();
+        assert!(info.store);
+        assert_eq!(info.connection, Some(conn));
+        // Visibility.
+        assert!(c.get("root", O, None).is_ok());
+        assert!(c.get("root", O, Some(other)).is_ok());
+        assert_eq!(
+            c.get("local", O, None).unwrap_err(),
+            Error::not_found("local")
+        );
+        assert_eq!(
+            c.get("tainted", O, Some(other)).unwrap_err(),
+            Error::not_found("tainted")
+        );
+        assert!(c.get("tainted", O, Some(conn)).is_ok());
+        // A local entry is not found (not owner-mismatched) from elsewhere.
+        assert_eq!(
+            c.get("local", "x", None).unwrap_err(),
+            Error::not_found("local")
+        );
+        let s = c.stats();
+        assert_eq!((s.entries, s.stored_entries, s.local_entries), (3, 1, 2));
+        // store=False needs an open connection.
+        let mut n = new("x", Parent::None);
+        n.store = false;
+        assert!(matches!(
+            c.create(n).unwrap_err(),
+            Error::InvalidArgument { .. }
+        ));
+        let mut n = new("x", Parent::None);
+        n.store = false;
+        n.connection = Some(999);
+        assert!(matches!(
+            c.create(n).unwrap_err(),
+            Error::InvalidArgument { .. }
+        ));
+        // Closing removes the local entries, tainted ones included, and frees them.
+        let bytes = c.stats().bytes;
+        assert_eq!(c.close_connection(conn), 2);
+        assert_eq!(c.close_connection(conn), 0);
+        let s = c.stats();
+        assert_eq!((s.entries, s.local_entries, s.connections), (1, 0, 1));
+        assert!(s.bytes < bytes);
+        assert_eq!(s.bytes, c.get("root", O, None).map(|_| s.bytes).unwrap());
+    }
+
+    #[test]
+    fn evict_and_delete_only_touch_their_scope_and_keep_descendants() {
+        let c = big();
+        let conn = c.open_connection();
+        create(&c, "a", None);
+        create(&c, "b", Some("a"));
+        let mut n = new("l", Parent::Id("b"));
+        n.store = false;
+        n.connection = Some(conn);
+        c.create(n).unwrap();
+        let ctx = c.view(Some("l"), O, Some(conn), None).unwrap().to_json();
+        assert!(!c.evict("a", O, conn), "stored entries stay loadable");
+        assert!(!c.evict("l", "other", conn));
+        assert!(!c.delete("l", O), "delete only removes stored entries");
+        assert!(c.delete("b", O));
+        assert!(!c.delete("b", O));
+        assert_eq!(
+            c.view(Some("l"), O, Some(conn), None).unwrap().to_json(),
+            ctx
+        );
+        assert!(c.evict("l", O, conn));
+        assert_eq!(c.stats().entries, 1);
+        assert_eq!(
+            c.stats().evictions,
+            0,
+            "explicit removal is not budget eviction"
+        );
+    }
+
+    fn entry_cost(c: &SessionCache) -> u64 {
+        let probe = SessionCache::new(1 << 40, 1 << 20);
+        create(&probe, "r0", None);
+        let one = probe.stats().bytes;
+        drop(probe);
+        let _ = c;
+        one
+    }
+
+    #[test]
+    fn budget_evicts_least_recently_used_leaves_and_cascades() {
+        let unit = entry_cost(&big());
+        // Room for about 5 entries.
+        let c = SessionCache::new(unit * 5 + unit / 2, 1 << 20);
+        create(&c, "a0", None);
+        create(&c, "a1", Some("a0"));
+        create(&c, "b0", None);
+        create(&c, "b1", Some("b0"));
+        c.get("a1", O, None).unwrap(); // a-chain is now more recent than b-chain
+        create(&c, "c0", None);
+        assert_eq!(c.stats().evictions, 0);
+        // The sixth entry does not fit: the LRU leaf b1 goes, and its chain with it.
+        create(&c, "c1", Some("c0"));
+        let s = c.stats();
+        assert_eq!(s.evictions, 2);
+        assert!(c.get("b1", O, None).is_err());
+        assert!(c.get("b0", O, None).is_err());
+        assert!(c.get("a0", O, None).is_ok());
+        assert!(s.bytes <= s.memory_budget);
+        assert_eq!(s.entries, 4);
+    }
+
+    #[test]
+    fn the_cascade_stops_at_shared_and_pinned_ancestors() {
+        let unit = entry_cost(&big());
+        let c = SessionCache::new(unit * 4 + unit / 2, 1 << 20);
+        create(&c, "root", None);
+        create(&c, "x", Some("root"));
+        create(&c, "y", Some("root"));
+        create(&c, "z", None);
+        // x is the oldest leaf; root still has y, so the cascade stops there.
+        create(&c, "w", None);
+        assert_eq!(c.stats().evictions, 1);
+        assert!(c.get("x", O, None).is_err());
+        assert!(c.get("root", O, None).is_ok());
+        // Pin root's last child: nothing of that chain can go.
+        let binding = c.bind("y", O, None).unwrap();
+        assert_eq!(c.stats().pinned, 1);
+        create(&c, "v", None);
+        assert!(c.get("y", O, None).is_ok());
+        assert!(c.get("root", O, None).is_ok());
+        assert!(c.get("z", O, None).is_err());
+        binding.release();
+        binding.release();
+        assert_eq!(c.stats().pinned, 0);
+    }
+
+    #[test]
+    fn the_parent_of_a_new_entry_is_never_evicted() {
+        let unit = entry_cost(&big());
+        let c = SessionCache::new(unit * 2 + unit / 2, 1 << 20);
+        create(&c, "a", None);
+        create(&c, "b", None);
+        c.get("b", O, None).unwrap();
+        // a is the LRU candidate and the parent: b goes instead.
+        create(&c, "a1", Some("a"));
+        assert!(c.get("a", O, None).is_ok());
+        assert!(c.get("b", O, None).is_err());
+    }
+
+    #[test]
+    fn creating_a_child_refreshes_the_parent() {
+        let unit = entry_cost(&big());
+        let c = SessionCache::new(unit * 3 + unit / 2, 1 << 20);
+        create(&c, "a", None);
+        create(&c, "b", None);
+        create(&c, "a1", Some("a")); // touches a: now more recent than b
+        assert!(c.delete("a1", O));
+        create(&c, "x", None);
+        create(&c, "y", None);
+        assert!(has(&c, "a"));
+        assert!(!has(&c, "b"));
+    }
+
+    #[test]
+    fn pinned_state_may_exceed_the_budget_but_one_entry_may_not() {
+        let unit = entry_cost(&big());
+        let c = SessionCache::new(unit + unit / 2, 1 << 20);
+        create(&c, "a", None);
+        let pin = c.bind("a", O, None).unwrap();
+        create(&c, "b", None);
+        let s = c.stats();
+        assert_eq!(s.entries, 2);
+        assert!(s.bytes > s.memory_budget);
+        let mut n = new("huge", Parent::None);
+        n.input = items(100, "big");
+        let before = c.stats();
+        let err = c.create(n).unwrap_err();
+        assert!(matches!(err, Error::CacheFull { .. }));
+        assert_eq!(c.stats(), before);
+        drop(pin);
+        assert_eq!(c.stats().pinned, 0);
+    }
+
+    #[test]
+    fn bindings_survive_eviction_and_deletion() {
+        let c = big();
+        chain(&c, "r", 3);
+        let b = c.bind("r2", O, None).unwrap();
+        let ctx = context(&c, "r2");
+        assert!(c.delete("r2", O));
+        assert!(c.delete("r1", O));
+        assert!(c.delete("r0", O));
+        assert_eq!(c.stats().entries, 0);
+        assert!(c.stats().bytes > 0, "the binding holds the chain");
+        assert_eq!(b.view(None).unwrap().to_json(), ctx);
+        let child = c.create(new("next", Parent::Binding(&b))).unwrap();
+        assert_eq!(child.depth, 4);
+        b.release();
+        assert!(matches!(b.info(), Err(Error::NotFound { .. })));
+        // `next` holds the chain now; deleting it frees everything.
+        assert!(c.delete("next", O));
+        assert_eq!(c.stats().bytes, 0);
+    }
+
+    #[test]
+    fn releasing_an_old_binding_does_not_unpin_a_recreated_entry() {
+        let c = big();
+        create(&c, "a", None);
+        let old = c.bind("a", O, None).unwrap();
+        assert!(c.delete("a", O));
+        create(&c, "a", None);
+        let new_pin = c.bind("a", O, None).unwrap();
+        old.release();
+        assert_eq!(c.stats().pinned, 1);
+        drop(new_pin);
+        assert_eq!(c.stats().pinned, 0);
+    }
+
+    #[test]
+    fn closing_a_connection_invalidates_its_bindings() {
+        let c = big();
+        let conn = c.open_connection();
+        let mut n = new("l", Parent::None);
+        n.store = false;
+        n.connection = Some(conn);
+        c.create(n).unwrap();
+        let b = c.bind("l", O, Some(conn)).unwrap();
+        assert!(c.stats().bytes > 0);
+        c.close_connection(conn);
+        assert!(b.is_released());
+        assert_eq!(
+            c.stats().bytes,
+            0,
+            "local content does not outlive its connection"
+        );
+        let mut n = new("next", Parent::Binding(&b));
+        n.connection = Some(conn);
+        assert!(matches!(c.create(n).unwrap_err(), Error::NotFound { .. }));
+        b.release();
+    }
+
+    #[test]
+    fn a_binding_parent_follows_the_visibility_rule() {
+        let c = big();
+        let conn = c.open_connection();
+        let mut n = new("l", Parent::None);
+        n.store = false;
+        n.connection = Some(conn);
+        c.create(n).unwrap();
+        let b = c.bind("l", O, Some(conn)).unwrap();
+        assert_eq!(
+            c.create(new("x", Parent::Binding(&b))).unwrap_err(),
+            Error::not_found("l")
+        );
+        let mut n = new("x", Parent::Binding(&b));
+        n.connection = Some(conn);
+        n.owner = "other";
+        assert!(matches!(
+            c.create(n).unwrap_err(),
+            Error::OwnerMismatch { .. }
+        ));
+        let mut n = new("x", Parent::Binding(&b));
+        n.connection = Some(conn);
+        assert_eq!(c.create(n).unwrap().connection, Some(conn));
+    }
+
+    #[test]
+    fn live_children_move_to_the_nearest_indexed_ancestor() {
+        let unit = entry_cost(&big());
+        let c = SessionCache::new(unit * 4 + unit / 2, 1 << 20);
+        chain(&c, "r", 3); // r0 <- r1 <- r2
+        create(&c, "s", Some("r1"));
+        // Deleting r1 gives r0 two live children (r2 and s).
+        assert!(c.delete("r1", O));
+        c.get("r0", O, None).unwrap();
+        // r2 (oldest leaf) goes; r0 keeps s, so it stays.
+        create(&c, "t", None);
+        assert!(!has(&c, "r2"));
+        assert!(has(&c, "r0"));
+        assert!(has(&c, "s"));
+        assert_eq!(c.stats().evictions, 1);
+        // s is now the oldest leaf; its eviction cascades through the unindexed r1 to r0.
+        create(&c, "u", None);
+        assert!(!has(&c, "s"));
+        assert!(!has(&c, "r0"));
+        assert_eq!(c.stats().evictions, 3);
+        assert_eq!(c.stats().entries, 2);
+    }
+
+    #[test]
+    fn hits_and_misses_are_counted() {
+        let c = big();
+        create(&c, "a", None);
+        c.get("a", O, None).unwrap();
+        let _ = c.view(Some("a"), O, None, None).unwrap();
+        let _ = c.get("b", O, None);
+        let _ = c.get("a", "x", None);
+        create(&c, "b", Some("a"));
+        let s = c.stats();
+        assert_eq!((s.hits, s.misses), (3, 2));
+    }
+
+    #[test]
+    fn item_limit_applies_to_prebuilt_batches() {
+        let c = SessionCache::new(1 << 30, 10);
+        let before = c.stats();
+        assert!(matches!(
+            c.create(new("a", Parent::None)).unwrap_err(),
+            Error::ItemTooLarge { .. }
+        ));
+        assert_eq!(c.stats(), before);
+    }
+
+    #[test]
+    fn cost_matches_the_documented_formula() {
+        let c = big();
+        let info = create(&c, "a", None);
+        let (input, output) = c.own_items("a", O, None).unwrap();
+        let expected =
+            NODE_OVERHEAD + 1 + 2 + 2 + 2 * ITEM_OVERHEAD + input.nbytes() + output.nbytes();
+        assert_eq!(c.stats().bytes, expected);
+        assert_eq!(info.items, 2);
+    }
+
+    #[test]
+    fn threads_hammering_one_cache_keep_the_invariants() {
+        let c = SessionCache::new(200_000, 1 << 20);
+        let conns: Vec<u64> = (0..4).map(|_| c.open_connection()).collect();
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let c = c.clone();
+                let conns = conns.clone();
+                s.spawn(move || {
+                    let mut prev: Option<String> = None;
+                    for i in 0..500 {
+                        let id = format!("t{t}-{i}");
+                        let conn = conns[(t + i) % conns.len()];
+                        let mut n = new(&id, prev.as_deref().map_or(Parent::None, Parent::Id));
+                        n.store = i % 3 != 0;
+                        n.connection = Some(conn);
+                        let _ = c.create(n);
+                        if i % 7 == 0 {
+                            if let Ok(b) = c.bind(&id, O, Some(conn)) {
+                                let _ = b.view(None).map(|v| v.to_json());
+                            }
+                        }
+                        if i % 11 == 0 {
+                            c.delete(&id, O);
+                        }
+                        prev = c.get(&id, O, Some(conn)).ok().map(|_| id);
+                    }
+                });
+            }
+        });
+        let s = c.stats();
+        assert_eq!(s.pinned, 0);
+        assert_eq!(s.entries, s.stored_entries + s.local_entries);
+        for conn in conns {
+            c.close_connection(conn);
+        }
+        let s = c.stats();
+        assert_eq!(s.local_entries, 0);
+        let st = c.shared.state.lock();
+        assert_eq!(
+            st.candidates.len(),
+            st.index.values().filter(|e| e.is_candidate()).count()
+        );
+    }
+}

@@ -1,0 +1,290 @@
+//! Response nodes: one response's own items, settings and meta, and a link to its
+//! parent. A chain of responses is a linked list of `Arc<Node>` from the newest
+//! response back to the root, so forks share their common prefix and a node's full
+//! context stays alive for as long as anything (an index entry, a child, a binding, a
+//! view) holds the node.
+//!
+//! Each node stores its chain's cumulative counts (depth, items, bytes, tokens),
+//! computed from its parent's in O(1), so creating a turn costs O(its own items)
+//! whatever the chain length.
+//!
+//! Memory accounting: a node adds its estimated cost to a shared [`Meter`] when built
+//! and subtracts it in `Drop`, so the meter counts exactly the nodes alive anywhere.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::item::{array_len, Item, Items};
+
+/// Estimated fixed cost of one node beyond its bytes: the `Node` itself, two item
+/// batches, the `Arc` headers and the index entry that usually points at it.
+pub const NODE_OVERHEAD: u64 = 320;
+/// Estimated fixed cost of one item beyond its canonical JSON: the `Item`, its `Arc`
+/// header, the slot in its batch and the extracted strings of a typical item.
+pub const ITEM_OVERHEAD: u64 = 160;
+
+/// Bytes held by live nodes, shared by a cache and every node it built.
+#[derive(Debug, Default)]
+pub struct Meter {
+    bytes: AtomicU64,
+}
+
+impl Meter {
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Acquire)
+    }
+}
+
+/// The caller-supplied parts of a node.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    pub id: Arc<str>,
+    pub owner: Arc<str>,
+    pub store: bool,
+    pub input: Items,
+    pub output: Items,
+    pub settings: Arc<[u8]>,
+    pub meta: Arc<[u8]>,
+}
+
+impl NodeSpec {
+    /// The settings to store for a child of `parent`: the parent's own `Arc` when the
+    /// bytes are equal, so a chain with unchanging settings keeps one copy.
+    pub fn settings_for(parent: Option<&Node>, settings: &[u8]) -> Arc<[u8]> {
+        match parent {
+            Some(p) if *p.settings == *settings => p.settings.clone(),
+            _ => Arc::from(settings),
+        }
+    }
+
+    /// The cost a node built from this spec under `parent` will add to the meter.
+    pub fn cost(&self, parent: Option<&Node>) -> u64 {
+        let shared_settings = parent.is_some_and(|p| Arc::ptr_eq(&p.settings, &self.settings));
+        let settings = if shared_settings {
+            0
+        } else {
+            self.settings.len() as u64
+        };
+        let items = (self.input.len() + self.output.len()) as u64;
+        NODE_OVERHEAD
+            + self.id.len() as u64
+            + settings
+            + self.meta.len() as u64
+            + items * ITEM_OVERHEAD
+            + self.input.nbytes()
+            + self.output.nbytes()
+    }
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub id: Arc<str>,
+    pub owner: Arc<str>,
+    pub parent: Option<Arc<Node>>,
+    pub store: bool,
+    /// The connection whose lifetime bounds this node: its own when created with
+    /// `store=false`, otherwise its parent's (the taint rule). `None` = stored.
+    pub scope: Option<u64>,
+    pub input: Items,
+    pub output: Items,
+    pub settings: Arc<[u8]>,
+    pub meta: Arc<[u8]>,
+    /// Number of responses in the chain, this one included.
+    pub depth: u32,
+    /// Items of the whole chain.
+    pub items: u64,
+    /// Canonical item bytes of the whole chain (without brackets and commas).
+    pub item_bytes: u64,
+    pub tokens: u64,
+    /// What this node added to the meter.
+    pub cost: u64,
+    meter: Arc<Meter>,
+}
+
+impl Node {
+    /// Build a node in O(1) and add its cost to the meter. `scope` must already follow
+    /// the taint rule (the cache decides it).
+    pub fn new(
+        spec: NodeSpec,
+        parent: Option<Arc<Node>>,
+        scope: Option<u64>,
+        meter: &Arc<Meter>,
+    ) -> Node {
+        let cost = spec.cost(parent.as_deref());
+        let own_items = (spec.input.len() + spec.output.len()) as u64;
+        let own_bytes = spec.input.nbytes() + spec.output.nbytes();
+        let own_tokens = spec.input.tokens() + spec.output.tokens();
+        let (depth, items, item_bytes, tokens) = match parent.as_deref() {
+            None => (1, own_items, own_bytes, own_tokens),
+            Some(p) => (
+                p.depth.saturating_add(1),
+                p.items + own_items,
+                p.item_bytes + own_bytes,
+                p.tokens + own_tokens,
+            ),
+        };
+        meter.bytes.fetch_add(cost, Ordering::AcqRel);
+        Node {
+            id: spec.id,
+            owner: spec.owner,
+            parent,
+            store: spec.store,
+            scope,
+            input: spec.input,
+            output: spec.output,
+            settings: spec.settings,
+            meta: spec.meta,
+            depth,
+            items,
+            item_bytes,
+            tokens,
+            cost,
+            meter: meter.clone(),
+        }
+    }
+
+    /// This node and its ancestors, newest first.
+    pub fn ancestors(&self) -> impl Iterator<Item = &Node> {
+        std::iter::successors(Some(self), |n| n.parent.as_deref())
+    }
+
+    /// The chain from the root to this node.
+    pub fn chain(&self) -> Vec<&Node> {
+        let mut chain: Vec<&Node> = Vec::with_capacity(self.depth as usize);
+        chain.extend(self.ancestors());
+        chain.reverse();
+        chain
+    }
+
+    /// This node's own items: input, then output.
+    pub fn own_items(&self) -> impl DoubleEndedIterator<Item = &Arc<Item>> {
+        self.input.iter().chain(self.output.iter())
+    }
+
+    /// Size of the full context as one JSON array.
+    pub fn context_bytes(&self) -> u64 {
+        array_len(self.items, self.item_bytes)
+    }
+
+    pub fn parent_id(&self) -> Option<&str> {
+        self.parent.as_deref().map(|p| &*p.id)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.meter.bytes.fetch_sub(self.cost, Ordering::AcqRel);
+        // Free an unshared tail of ancestors in a loop, not by recursion, so dropping
+        // a very long chain cannot overflow the stack.
+        let mut next = self.parent.take();
+        while let Some(parent) = next {
+            next = match Arc::into_inner(parent) {
+                Some(mut node) => node.parent.take(),
+                None => None,
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn items(n: usize, tag: &str) -> Items {
+        let json: Vec<String> = (0..n)
+            .map(|i| format!(r#"{{"role":"user","content":"{tag}-{i}"}}"#))
+            .collect();
+        Items::parse(format!("[{}]", json.join(",")).as_bytes(), 1 << 20).unwrap()
+    }
+
+    pub(crate) fn spec(id: &str, input: Items, output: Items) -> NodeSpec {
+        NodeSpec {
+            id: id.into(),
+            owner: "o".into(),
+            store: true,
+            input,
+            output,
+            settings: Arc::from(&b"{}"[..]),
+            meta: Arc::from(&b"{}"[..]),
+        }
+    }
+
+    fn chain_of(n: usize, meter: &Arc<Meter>) -> Arc<Node> {
+        let mut node: Option<Arc<Node>> = None;
+        for i in 0..n {
+            let mut s = spec(&format!("r{i}"), items(1, "in"), items(1, "out"));
+            s.settings = NodeSpec::settings_for(node.as_deref(), b"{}");
+            node = Some(Arc::new(Node::new(s, node, None, meter)));
+        }
+        node.unwrap()
+    }
+
+    #[test]
+    fn cumulative_counts_come_from_the_parent() {
+        let meter = Arc::new(Meter::default());
+        let leaf = chain_of(10, &meter);
+        assert_eq!(leaf.depth, 10);
+        assert_eq!(leaf.items, 20);
+        let total: u64 = leaf
+            .ancestors()
+            .map(|n| n.input.nbytes() + n.output.nbytes())
+            .sum();
+        assert_eq!(leaf.item_bytes, total);
+        assert_eq!(leaf.context_bytes(), 2 + total + 19);
+        let ids: Vec<&str> = leaf.chain().iter().map(|n| &*n.id).collect();
+        assert_eq!(ids.first(), Some(&"r0"));
+        assert_eq!(ids.last(), Some(&"r9"));
+        assert_eq!(leaf.parent_id(), Some("r8"));
+    }
+
+    #[test]
+    fn settings_are_shared_with_an_equal_parent() {
+        let meter = Arc::new(Meter::default());
+        let leaf = chain_of(3, &meter);
+        let parent = leaf.parent.as_deref().unwrap();
+        assert!(Arc::ptr_eq(&leaf.settings, &parent.settings));
+        let other = NodeSpec::settings_for(Some(parent), b"{\"model\":\"x\"}");
+        assert!(!Arc::ptr_eq(&other, &parent.settings));
+        // Shared settings are not counted twice.
+        let mut s = spec("x", Items::default(), Items::default());
+        s.settings = parent.settings.clone();
+        assert_eq!(s.cost(Some(parent)), NODE_OVERHEAD + 1 + 2);
+        assert_eq!(s.cost(None), NODE_OVERHEAD + 1 + 2 + 2);
+    }
+
+    #[test]
+    fn meter_counts_live_nodes_exactly() {
+        let meter = Arc::new(Meter::default());
+        let leaf = chain_of(5, &meter);
+        let total: u64 = leaf.ancestors().map(|n| n.cost).sum();
+        assert_eq!(meter.bytes(), total);
+        let parent = leaf.parent.clone().unwrap();
+        let leaf_cost = leaf.cost;
+        drop(leaf);
+        // Only the leaf went: its parent is still held here.
+        assert_eq!(meter.bytes(), total - leaf_cost);
+        drop(parent);
+        assert_eq!(meter.bytes(), 0);
+    }
+
+    #[test]
+    fn dropping_a_very_long_chain_does_not_recurse() {
+        let meter = Arc::new(Meter::default());
+        let mut node: Option<Arc<Node>> = None;
+        for i in 0..200_000 {
+            let s = spec(&i.to_string(), Items::default(), Items::default());
+            node = Some(Arc::new(Node::new(s, node, None, &meter)));
+        }
+        assert_eq!(node.as_ref().unwrap().depth, 200_000);
+        drop(node);
+        assert_eq!(meter.bytes(), 0);
+    }
+
+    #[test]
+    fn estimates_cover_the_structs() {
+        let item = std::mem::size_of::<Item>() + 16 + std::mem::size_of::<Arc<Item>>();
+        assert!(item as u64 <= ITEM_OVERHEAD, "{item}");
+        let node = std::mem::size_of::<Node>() + 16;
+        assert!(node as u64 <= NODE_OVERHEAD, "{node}");
+    }
+}

@@ -1,0 +1,218 @@
+//! `Items` and `ItemMeta`, and the conversion of any `ItemsLike` argument.
+
+use std::sync::Arc;
+
+use pyo3::exceptions::{PyIndexError, PyTypeError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyString};
+
+use crate::error::Error;
+use crate::item::{Item, Items};
+use crate::py::buffer::bytes_with;
+use crate::py::json::{item_to_py, to_value};
+use crate::py::{detach_if, DETACH_PARSE_BYTES};
+
+/// An immutable batch of validated items, each kept as canonical JSON bytes.
+#[pyclass(name = "Items", module = "warmsocket._core", frozen)]
+pub struct PyItems {
+    pub inner: Items,
+}
+
+/// Parse JSON text (bytes or str) with the GIL released.
+fn parse(py: Python<'_>, data: &Bound<'_, PyAny>, max_item_bytes: usize) -> PyResult<Items> {
+    if let Ok(b) = data.cast::<PyBytes>() {
+        let bytes = b.as_bytes();
+        let parse = || Items::parse(bytes, max_item_bytes);
+        return Ok(detach_if(py, bytes.len(), DETACH_PARSE_BYTES, parse)?);
+    }
+    if let Ok(s) = data.cast::<PyString>() {
+        let text = s.to_str()?;
+        let parse = || Items::parse(text.as_bytes(), max_item_bytes);
+        return Ok(detach_if(py, text.len(), DETACH_PARSE_BYTES, parse)?);
+    }
+    Err(PyTypeError::new_err(
+        "expected bytes or str holding a JSON array",
+    ))
+}
+
+/// Build a batch from a sequence of mappings.
+fn from_objects(items: &Bound<'_, PyAny>, max_item_bytes: usize) -> PyResult<Items> {
+    if items.is_instance_of::<PyString>()
+        || items.is_instance_of::<PyBytes>()
+        || items.is_instance_of::<pyo3::types::PyDict>()
+    {
+        return Err(PyTypeError::new_err("expected a sequence of mappings"));
+    }
+    let iter = items
+        .try_iter()
+        .map_err(|_| PyTypeError::new_err("expected a sequence of mappings"))?;
+    let mut values = Vec::new();
+    for (index, obj) in iter.enumerate() {
+        let value = to_value(&obj?, 1).map_err(|detail| Error::ItemNotJson {
+            index: Some(index),
+            detail,
+        })?;
+        values.push(value);
+    }
+    // Walking the Python objects needs the GIL and costs more than canonicalising
+    // the result, so releasing it for the second half would gain little.
+    Ok(Items::from_values(&values, max_item_bytes)?)
+}
+
+/// Any `ItemsLike` argument (`None` = no items).
+pub fn items_arg(
+    py: Python<'_>,
+    arg: Option<&Bound<'_, PyAny>>,
+    max_item_bytes: usize,
+) -> PyResult<Items> {
+    let Some(arg) = arg else {
+        return Ok(Items::default());
+    };
+    if let Ok(items) = arg.cast::<PyItems>() {
+        return Ok(items.get().inner.clone());
+    }
+    if arg.is_instance_of::<PyBytes>() || arg.is_instance_of::<PyString>() {
+        return parse(py, arg, max_item_bytes);
+    }
+    from_objects(arg, max_item_bytes)
+}
+
+/// The runtime value of the stub's `ItemsLike` alias:
+/// `Items | bytes | str | Sequence[Mapping[str, Any]]`.
+pub fn items_like(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    let abc = py.import("collections.abc")?;
+    let any = py.import("typing")?.getattr("Any")?;
+    let mapping = abc
+        .getattr("Mapping")?
+        .get_item((py.get_type::<PyString>(), any))?;
+    let sequence = abc.getattr("Sequence")?.get_item(mapping)?;
+    py.get_type::<PyItems>()
+        .into_any()
+        .bitor(py.get_type::<PyBytes>())?
+        .bitor(py.get_type::<PyString>())?
+        .bitor(sequence)
+}
+
+fn index(len: usize, i: isize) -> PyResult<usize> {
+    let j = if i < 0 { i + len as isize } else { i };
+    if j < 0 || j as usize >= len {
+        return Err(PyIndexError::new_err("item index out of range"));
+    }
+    Ok(j as usize)
+}
+
+/// A new bytes object holding `items` as one JSON array.
+pub fn items_json<'py>(py: Python<'py>, items: &Items) -> PyResult<Bound<'py, PyBytes>> {
+    let len = crate::item::array_len(items.len() as u64, items.nbytes()) as usize;
+    bytes_with(py, len, |sink| {
+        crate::item::write_array(items.iter().map(|i| i.json()), |c| sink.write(c))
+    })
+}
+
+#[pymethods]
+impl PyItems {
+    #[staticmethod]
+    #[pyo3(signature = (data, *, max_item_bytes = 33554432))]
+    fn parse(py: Python<'_>, data: &Bound<'_, PyAny>, max_item_bytes: usize) -> PyResult<PyItems> {
+        Ok(PyItems {
+            inner: parse(py, data, max_item_bytes)?,
+        })
+    }
+
+    #[staticmethod]
+    #[pyo3(signature = (items, *, max_item_bytes = 33554432))]
+    fn from_objects(items: &Bound<'_, PyAny>, max_item_bytes: usize) -> PyResult<PyItems> {
+        Ok(PyItems {
+            inner: from_objects(items, max_item_bytes)?,
+        })
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    #[getter]
+    fn nbytes(&self) -> u64 {
+        self.inner.nbytes()
+    }
+
+    fn json<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        items_json(py, &self.inner)
+    }
+
+    fn to_objects<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = PyList::empty(py);
+        for item in self.inner.iter() {
+            list.append(item_to_py(py, item.json())?)?;
+        }
+        Ok(list)
+    }
+
+    fn item_json<'py>(&self, py: Python<'py>, index: isize) -> PyResult<Bound<'py, PyBytes>> {
+        let i = self::index(self.inner.len(), index)?;
+        Ok(PyBytes::new(py, self.inner.as_slice()[i].json()))
+    }
+
+    fn item_meta(&self, index: isize) -> PyResult<PyItemMeta> {
+        let i = self::index(self.inner.len(), index)?;
+        Ok(PyItemMeta {
+            item: self.inner.as_slice()[i].clone(),
+        })
+    }
+
+    fn concat(&self, other: &PyItems) -> PyItems {
+        PyItems {
+            inner: self.inner.concat(&other.inner),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<Items: {} items, {} bytes>",
+            self.inner.len(),
+            self.inner.nbytes()
+        )
+    }
+}
+
+/// The few fields the server needs, extracted from one item once.
+#[pyclass(name = "ItemMeta", module = "warmsocket._core", frozen)]
+pub struct PyItemMeta {
+    item: Arc<Item>,
+}
+
+#[pymethods]
+impl PyItemMeta {
+    #[getter]
+    fn r#type(&self) -> &str {
+        self.item.kind()
+    }
+    #[getter]
+    fn id(&self) -> Option<&str> {
+        self.item.id()
+    }
+    #[getter]
+    fn role(&self) -> Option<&str> {
+        self.item.role()
+    }
+    #[getter]
+    fn call_id(&self) -> Option<&str> {
+        self.item.call_id()
+    }
+    #[getter]
+    fn name(&self) -> Option<&str> {
+        self.item.name()
+    }
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.item.nbytes()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<ItemMeta type={:?} nbytes={}>",
+            self.item.kind(),
+            self.item.nbytes()
+        )
+    }
+}
