@@ -1,0 +1,232 @@
+"""The simulated inference engine: prompt rendering, prefix cache, latency, replies.
+
+Latency model of one request: `overhead_ms`, then prefill at
+`prefill_tokens_per_second` for the prompt tokens not already in the prefix cache
+(plus any `/sleep`), then one delta per `decode_tokens_per_second` token. A rate of
+0 means instant.
+
+Prefix cache: the prompt (instructions, tools, then each item or message as
+canonical JSON) is cut into token blocks with chained hashes
+(`warmsocket.prefixhash`); an LRU holds up to `cache_blocks` block hashes. A block
+is touched after its descendants, so eviction takes leaves first and the cached
+blocks of any prompt always form a prefix (found by binary search), as in vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from warmsocket import mockmodel
+from warmsocket.prefixhash import HASH_BYTES, BlockHasher, token_count
+
+_canonical = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
+_MEMO_ENTRIES = 64
+_MEMO_KEY_BYTES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyModel:
+    overhead_ms: float = 0.0
+    prefill_tokens_per_second: float = 0.0
+    decode_tokens_per_second: float = 0.0
+
+    def first_token_seconds(self, uncached_tokens: int, sleep_ms: int = 0) -> float:
+        prefill = (
+            uncached_tokens / self.prefill_tokens_per_second
+            if self.prefill_tokens_per_second > 0
+            else 0.0
+        )
+        return (self.overhead_ms + sleep_ms) / 1000.0 + prefill
+
+    def decode_seconds(self, text: str) -> float:
+        if self.decode_tokens_per_second <= 0:
+            return 0.0
+        return max(1, token_count(len(text.encode()))) / self.decode_tokens_per_second
+
+
+@dataclass(frozen=True, slots=True)
+class Prefill:
+    prompt_tokens: int
+    cached_tokens: int
+
+
+class PrefixCache:
+    """Block hashes in LRU order, at most `capacity` of them."""
+
+    def __init__(self, capacity: int, block_tokens: int = 16) -> None:
+        self.capacity = capacity
+        self.block_tokens = block_tokens
+        self._blocks: OrderedDict[bytes, None] = OrderedDict()
+        # Recent prompts and their hashes: a prompt that extends one of them (a byte-stable
+        # next turn) is hashed only from where the earlier one ended.
+        self._memo: OrderedDict[bytes, tuple[bytes, BlockHasher, bytes]] = OrderedDict()
+        self.hits = 0
+        self.lookups = 0
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def clear(self) -> None:
+        self._blocks.clear()
+        self._memo.clear()
+
+    def prefill(self, prompt: bytes) -> Prefill:
+        """Look the prompt's blocks up, then cache them all. Returns token counts."""
+        state, hashes = self._hashes(prompt)
+        blocks = self._blocks
+        count = len(hashes) // HASH_BYTES
+        low, high = 0, count
+        while low < high:
+            mid = (low + high + 1) // 2
+            if hashes[(mid - 1) * HASH_BYTES : mid * HASH_BYTES] in blocks:
+                low = mid
+            else:
+                high = mid - 1
+        cached_blocks = low
+        for index in range(count - 1, -1, -1):
+            block = hashes[index * HASH_BYTES : (index + 1) * HASH_BYTES]
+            if block in blocks:
+                blocks.move_to_end(block)
+            else:
+                blocks[block] = None
+        while len(blocks) > self.capacity:
+            blocks.popitem(last=False)
+        self.lookups += 1
+        self.hits += cached_blocks > 0
+        prompt_tokens = state.tokens
+        return Prefill(prompt_tokens, min(prompt_tokens, cached_blocks * self.block_tokens))
+
+    def _hashes(self, prompt: bytes) -> tuple[BlockHasher, bytes]:
+        memo = self._memo
+        best: tuple[bytes, BlockHasher, bytes] | None = None
+        for key in reversed(memo):
+            earlier, _state, _hashes = memo[key]
+            longer = best is None or len(earlier) > len(best[0])
+            if len(earlier) <= len(prompt) and longer and prompt.startswith(earlier):
+                best = memo[key]
+        if best is not None:
+            earlier, state, hashes = best
+            state, more = state.extend(prompt[len(earlier) :])
+            hashes += more
+        else:
+            state, hashes = BlockHasher(self.block_tokens).extend(prompt)
+        key = prompt[:_MEMO_KEY_BYTES] + len(prompt).to_bytes(8, "big")
+        memo[key] = (prompt, state, hashes)
+        while len(memo) > _MEMO_ENTRIES:
+            memo.popitem(last=False)
+        return state, hashes
+
+
+def render_prompt(
+    instructions: str | None, tools: Sequence[Any], items: Sequence[Mapping[str, Any]]
+) -> bytes:
+    """The prompt as the engine would tokenize it: a header, then the items in order.
+
+    Items are rendered as one canonical JSON array without its closing bracket, so the
+    prompt of a longer context starts with the prompt of any shorter one.
+    """
+    header = _canonical({"instructions": instructions, "tools": list(tools)}).encode()
+    return header + b"\n" + _canonical(list(items)).encode()[:-1]
+
+
+def items_from_chat(messages: Sequence[Any]) -> tuple[str | None, list[dict[str, Any]]]:
+    """Chat messages -> (instructions, Responses items), for the model's rules."""
+    instructions: str | None = None
+    items: list[dict[str, Any]] = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        content = message.get("content")
+        if role == "system" and index == 0 and isinstance(content, str):
+            instructions = content
+        elif role == "tool":
+            items.append(
+                {
+                    "type": "function_call_output",
+                    "call_id": message.get("tool_call_id"),
+                    "output": _chat_text(content),
+                }
+            )
+        elif role == "assistant":
+            text = _chat_text(content)
+            if text:
+                items.append({"type": "message", "role": "assistant", "content": text})
+            for call in message.get("tool_calls") or ():
+                function = call.get("function") or {}
+                items.append(
+                    {
+                        "type": "function_call",
+                        "call_id": call.get("id"),
+                        "name": function.get("name"),
+                        "arguments": function.get("arguments", ""),
+                    }
+                )
+        else:
+            items.append({"type": "message", "role": role, "content": _chat_text(content)})
+    return instructions, items
+
+
+def items_from_input(value: Any) -> list[dict[str, Any]]:
+    """A Responses `input` (string or items) -> items."""
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": value}]
+    if not isinstance(value, list):
+        return []
+    return [
+        item if "type" in item else {"type": "message", **item}
+        for item in value
+        if isinstance(item, dict)
+    ]
+
+
+def function_names(tools: Any) -> list[str]:
+    names: list[str] = []
+    for tool in tools if isinstance(tools, list) else ():
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            continue
+        name = tool.get("name")
+        if name is None and isinstance(tool.get("function"), dict):
+            name = tool["function"].get("name")
+        if isinstance(name, str):
+            names.append(name)
+    return names
+
+
+def plan(
+    items: Sequence[dict[str, Any]], *, tools: Any, instructions: str | None
+) -> mockmodel.Reply:
+    """The built-in model's reply to this context."""
+    start = 0
+    for index in range(len(items) - 1, -1, -1):
+        item = items[index]
+        if item.get("type", "message") == "message" and item.get("role") == "user":
+            start = index
+            break
+    return mockmodel.plan_reply(
+        items[start:],
+        function_names=function_names(tools),
+        instructions=instructions,
+        full_context=lambda: items,
+    )
+
+
+def new_call_id() -> str:
+    return "call_" + os.urandom(12).hex()
+
+
+def _chat_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part.get("text", "")
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
