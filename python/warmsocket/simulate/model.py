@@ -7,15 +7,15 @@ Latency model of one request: `overhead_ms`, then prefill at
 
 Prefix cache: the prompt (instructions, tools, then each item or message as
 canonical JSON) is cut into token blocks with chained hashes
-(`warmsocket.prefixhash`); an LRU holds up to `cache_blocks` block hashes. A block
-is touched after its descendants, so eviction takes leaves first and the cached
-blocks of any prompt always form a prefix (found by binary search), as in vLLM.
+(`warmsocket.prefixhash`); the cache holds up to `cache_blocks` block hashes and
+evicts the least recently used. A block is stamped as used after its descendants, so
+eviction takes leaves first and the cached blocks of any prompt always form a prefix
+(found by binary search), as in vLLM.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -56,15 +56,16 @@ class Prefill:
 
 
 class PrefixCache:
-    """Block hashes in LRU order, at most `capacity` of them."""
+    """Block hashes with last-use stamps, at most `capacity` of them."""
 
     def __init__(self, capacity: int, block_tokens: int = 16) -> None:
         self.capacity = capacity
         self.block_tokens = block_tokens
-        self._blocks: OrderedDict[bytes, None] = OrderedDict()
-        # Recent prompts and their hashes: a prompt that extends one of them (a byte-stable
-        # next turn) is hashed only from where the earlier one ended.
-        self._memo: OrderedDict[bytes, tuple[bytes, BlockHasher, bytes]] = OrderedDict()
+        self._blocks: dict[bytes, int] = {}
+        self._clock = 0
+        # Recent prompts and their block hashes: a prompt that extends one of them (a
+        # byte-stable next turn) is hashed only from where the earlier one ended.
+        self._memo: OrderedDict[bytes, tuple[bytes, BlockHasher, list[bytes]]] = OrderedDict()
         self.hits = 0
         self.lookups = 0
 
@@ -77,49 +78,55 @@ class PrefixCache:
 
     def prefill(self, prompt: bytes) -> Prefill:
         """Look the prompt's blocks up, then cache them all. Returns token counts."""
-        state, hashes = self._hashes(prompt)
+        state, keys = self._hashes(prompt)
         blocks = self._blocks
-        count = len(hashes) // HASH_BYTES
-        low, high = 0, count
+        low, high = 0, len(keys)
         while low < high:
             mid = (low + high + 1) // 2
-            if hashes[(mid - 1) * HASH_BYTES : mid * HASH_BYTES] in blocks:
+            if keys[mid - 1] in blocks:
                 low = mid
             else:
                 high = mid - 1
         cached_blocks = low
-        for index in range(count - 1, -1, -1):
-            block = hashes[index * HASH_BYTES : (index + 1) * HASH_BYTES]
-            if block in blocks:
-                blocks.move_to_end(block)
-            else:
-                blocks[block] = None
-        while len(blocks) > self.capacity:
-            blocks.popitem(last=False)
+        # Stamp every block; a block's stamp is newer than its descendants', so the
+        # oldest blocks are always leaves and what is cached of a prompt is a prefix.
+        clock = self._clock
+        blocks.update(zip(keys, range(clock + len(keys), clock, -1), strict=True))
+        self._clock = clock + len(keys) + 1
+        if len(blocks) > self.capacity:
+            self._evict()
         self.lookups += 1
         self.hits += cached_blocks > 0
         prompt_tokens = state.tokens
         return Prefill(prompt_tokens, min(prompt_tokens, cached_blocks * self.block_tokens))
 
-    def _hashes(self, prompt: bytes) -> tuple[BlockHasher, bytes]:
+    def _evict(self) -> None:
+        """Drop the least recently used blocks, down to 90% of the capacity."""
+        keep = int(self.capacity * 0.9)
+        ordered = sorted(self._blocks.items(), key=lambda entry: entry[1])
+        for key, _stamp in ordered[: len(ordered) - keep]:
+            del self._blocks[key]
+
+    def _hashes(self, prompt: bytes) -> tuple[BlockHasher, list[bytes]]:
         memo = self._memo
-        best: tuple[bytes, BlockHasher, bytes] | None = None
+        best: tuple[bytes, BlockHasher, list[bytes]] | None = None
         for key in reversed(memo):
-            earlier, _state, _hashes = memo[key]
+            earlier = memo[key][0]
             longer = best is None or len(earlier) > len(best[0])
             if len(earlier) <= len(prompt) and longer and prompt.startswith(earlier):
                 best = memo[key]
         if best is not None:
-            earlier, state, hashes = best
+            earlier, state, keys = best
             state, more = state.extend(prompt[len(earlier) :])
-            hashes += more
         else:
-            state, hashes = BlockHasher(self.block_tokens).extend(prompt)
+            state, more = BlockHasher(self.block_tokens).extend(prompt)
+            keys = []
+        keys = keys + [more[i : i + HASH_BYTES] for i in range(0, len(more), HASH_BYTES)]
         key = prompt[:_MEMO_KEY_BYTES] + len(prompt).to_bytes(8, "big")
-        memo[key] = (prompt, state, hashes)
+        memo[key] = (prompt, state, keys)
         while len(memo) > _MEMO_ENTRIES:
             memo.popitem(last=False)
-        return state, hashes
+        return state, keys
 
 
 def render_prompt(
@@ -214,10 +221,6 @@ def plan(
         instructions=instructions,
         full_context=lambda: items,
     )
-
-
-def new_call_id() -> str:
-    return "call_" + os.urandom(12).hex()
 
 
 def _chat_text(content: Any) -> str:

@@ -49,7 +49,6 @@ from warmsocket.http11 import (
     encode_response,
     response_head,
 )
-from warmsocket.httpapi import sse_event
 from warmsocket.prefixhash import token_count
 from warmsocket.response_stream import ResponseStream, dumps, usage_object
 from warmsocket.simulate.model import (
@@ -58,7 +57,6 @@ from warmsocket.simulate.model import (
     PrefixCache,
     items_from_chat,
     items_from_input,
-    new_call_id,
     plan,
     render_prompt,
 )
@@ -104,12 +102,15 @@ class RequestRecord:
     chained: bool = False
     """responses-ws: continued the connection's remembered response."""
     context_sha256: str = ""
-    """Of the full context (items) as the model saw it, ids and statuses left out."""
+    """Of the full context (items) as the model saw it, ids and statuses left out (only
+    computed when bodies are recorded)."""
     reply: str = ""
     fault: str | None = None
     finished: float | None = None
     aborted: float | None = None
     body: str | None = None
+    context: str | None = None
+    """The full context (items, canonical JSON) the model saw; kept like `body`."""
 
 
 class SimStats:
@@ -137,7 +138,8 @@ class SimStats:
             record.body = body.decode("utf-8", "replace")
             self._bodies.append(record)
             while len(self._bodies) > self.record_bodies:
-                self._bodies.popleft().body = None
+                dropped = self._bodies.popleft()
+                dropped.body = dropped.context = None
         self.requests.append(record)
         return record
 
@@ -147,6 +149,7 @@ class SimStats:
             entry = asdict(record)
             if not bodies:
                 entry.pop("body")
+                entry.pop("context")
             records.append(entry)
         return {
             "connections_opened": self.connections_opened,
@@ -389,11 +392,16 @@ class _Connection(asyncio.Protocol):
         record.prompt_tokens = prefill.prompt_tokens
         record.cached_tokens = prefill.cached_tokens
         record.reply = reply.kind
-        record.context_sha256 = context_digest(items)
+        if self.server.config.record_bodies > 0:
+            record.context_sha256 = context_digest(items)
         latency = self.server.config.latency
         uncached = prefill.prompt_tokens - prefill.cached_tokens
         first = latency.first_token_seconds(uncached, reply.sleep_ms)
-        return _Answer(reply, prefill, first, new_call_id())
+        if self.server.config.record_bodies > 0:
+            record.context = _canonical(items)
+        # Deterministic call ids: the same context gets the same call, whoever sends it.
+        call_id = "call_" + hashlib.sha256(prompt).hexdigest()[:24]
+        return _Answer(reply, prefill, first, call_id)
 
     async def _fault(self, record: RequestRecord) -> dict[str, Any] | None:
         """Apply a queued fault that acts before the answer; return one that acts during it."""
@@ -824,6 +832,13 @@ def _chat_usage(answer: _Answer, output: str) -> dict[str, Any]:
         "total_tokens": prefill.prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": prefill.cached_tokens},
     }
+
+
+def sse_event(frame: bytes) -> bytes:
+    """One event frame as an SSE event (as `warmsocket.httpapi.sse_event`, without the server)."""
+    start = frame.find(b'"type":"') + 8
+    end = frame.find(b'"', start)
+    return b"event: " + frame[start:end] + b"\ndata: " + frame + b"\n\n"
 
 
 def _sse_head(request: Request) -> bytes:
