@@ -27,6 +27,13 @@ class RunningSim:
     server: SimServer
     loop: asyncio.AbstractEventLoop
     port: int
+    stopped: threading.Event
+
+    def stop(self) -> None:
+        """Stop serving (connections are dropped, new ones refused). Idempotent."""
+        if not self.stopped.is_set():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            assert self.stopped.wait(10), "simulated upstream did not stop"
 
     @property
     def base_url(self) -> str:
@@ -93,11 +100,11 @@ def running_sim(*, port: int = 0, **overrides: Any) -> Iterator[RunningSim]:
     assert started.wait(10), "simulated upstream did not start"
     if failure:
         raise failure[0]
+    running = RunningSim(server, loop, server.port, stopped)
     try:
-        yield RunningSim(server, loop, server.port)
+        yield running
     finally:
-        loop.call_soon_threadsafe(loop.stop)
-        assert stopped.wait(10), "simulated upstream did not stop"
+        running.stop()
         thread.join(5)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -468,8 +468,10 @@ class HTTPPool:
         max_idle: int = 64,
         idle_timeout: float = 60.0,
         ssl_context: ssl.SSLContext | None = None,
+        on_open: Callable[[], None] | None = None,
     ) -> None:
         self.origin = origin
+        self.on_open = on_open
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
@@ -556,6 +558,8 @@ class HTTPPool:
                 f"cannot connect to {origin.host_header} ({type(exc).__name__})"
             ) from None
         self.opened += 1
+        if self.on_open is not None:
+            self.on_open()
         return connection
 
 

@@ -125,6 +125,7 @@ class HTTPUpstreamBackend:
                 origin,
                 connect_timeout=config.connect_timeout,
                 max_idle=config.max_idle_connections,
+                on_open=self._opened,
             )
             for origin in origins
         ]
@@ -162,12 +163,7 @@ class HTTPUpstreamBackend:
             recorder = OutputRecorder() if self.records_output else None
             try:
                 started = time.perf_counter()
-                opened = pool.opened
-                try:
-                    response = await pool.request([head, body], timeout=self.config.timeout)
-                finally:
-                    if pool.opened != opened:
-                        self.stats.connections_opened[self.api] += pool.opened - opened
+                response = await pool.request([head, body], timeout=self.config.timeout)
                 self.stats.first_byte.observe(time.perf_counter() - started)
                 if response.status != 200:
                     text = await response.read(64 * 1024)
@@ -234,6 +230,9 @@ class HTTPUpstreamBackend:
             pool.close()
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _opened(self) -> None:
+        self.stats.connections_opened[self.api] += 1
 
     def _request_head(self, origin: Origin) -> bytes:
         """The request head up to the Content-Length value (the body length comes last)."""
