@@ -229,49 +229,57 @@ class ResponseParser:
         return True
 
     def _parse_chunks(self) -> bool:
+        # Walks the buffer by index and trims the consumed bytes once, at the end.
         buffer = self._buffer
-        while True:
-            if self._chunk_left < 0:
-                line_end = buffer.find(b"\r\n")
-                if line_end < 0:
-                    if len(buffer) > 1024:
-                        raise ProtocolViolation("invalid chunk size line")
-                    return False
-                size_text = bytes(buffer[:line_end]).split(b";", 1)[0].strip()
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    raise ProtocolViolation("invalid chunk size") from None
-                if size == 0:
-                    # Last chunk: skip trailers up to the empty line.
-                    end = buffer.find(b"\r\n\r\n", line_end)
-                    if end == line_end:
-                        del buffer[: line_end + 4]
-                    elif end < 0:
+        size_of = len(buffer)
+        pos = 0
+        try:
+            while True:
+                if self._chunk_left < 0:
+                    line_end = buffer.find(b"\r\n", pos)
+                    if line_end < 0:
+                        if size_of - pos > 1024:
+                            raise ProtocolViolation("invalid chunk size line")
                         return False
-                    else:
-                        del buffer[: end + 4]
-                    self.done = True
-                    if buffer:
-                        self.keep_alive = False
-                    return True
-                del buffer[: line_end + 2]
-                self._chunk_left = size
-            if self._chunk_left > 0:
-                take = min(len(buffer), self._chunk_left)
-                if take == 0:
-                    return False
-                self.body.append(bytes(buffer[:take]))
-                del buffer[:take]
-                self._chunk_left -= take
+                    try:
+                        size = int(buffer[pos:line_end].split(b";", 1)[0], 16)
+                    except ValueError:
+                        raise ProtocolViolation("invalid chunk size") from None
+                    if size < 0:
+                        raise ProtocolViolation("invalid chunk size")
+                    if size == 0:
+                        # Last chunk: skip trailers up to the empty line.
+                        if buffer[line_end : line_end + 4] == b"\r\n\r\n":
+                            pos = line_end + 4
+                        else:
+                            end = buffer.find(b"\r\n\r\n", line_end)
+                            if end < 0:
+                                return False
+                            pos = end + 4
+                        self.done = True
+                        if pos < size_of:
+                            self.keep_alive = False
+                        return True
+                    pos = line_end + 2
+                    self._chunk_left = size
                 if self._chunk_left > 0:
+                    take = min(size_of - pos, self._chunk_left)
+                    if take == 0:
+                        return False
+                    self.body.append(bytes(buffer[pos : pos + take]))
+                    pos += take
+                    self._chunk_left -= take
+                    if self._chunk_left > 0:
+                        return False
+                if size_of - pos < 2:
                     return False
-            if len(buffer) < 2:
-                return False
-            if buffer[:2] != b"\r\n":
-                raise ProtocolViolation("chunk not followed by CRLF")
-            del buffer[:2]
-            self._chunk_left = -1
+                if buffer[pos : pos + 2] != b"\r\n":
+                    raise ProtocolViolation("chunk not followed by CRLF")
+                pos += 2
+                self._chunk_left = -1
+        finally:
+            if pos:
+                del buffer[:pos]
 
 
 class HTTPConnection(asyncio.Protocol):

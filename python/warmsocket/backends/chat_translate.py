@@ -26,7 +26,6 @@ deltas, and the usage chunk (`prompt_tokens_details.cached_tokens` when given).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -40,7 +39,13 @@ from warmsocket.backends.base import (
 )
 from warmsocket.response_stream import dumps
 from warmsocket.sse import SSEDecoder
-from warmsocket.upstream import UpstreamError, explicit_settings, from_error_object, transport_error
+from warmsocket.upstream import (
+    UpstreamError,
+    explicit_settings,
+    from_error_object,
+    parse_event,
+    transport_error,
+)
 
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})
 
@@ -231,24 +236,11 @@ class ChatChunkDecoder:
 
     def feed(self, data: bytes) -> list[ModelEvent]:
         """Events of the chunks completed by `data`. Raises UpstreamError."""
-        events: list[ModelEvent] = []
-        for _name, payload in self._sse.feed(data):
-            self.events_seen += 1
-            if payload == b"[DONE]":
-                self.finished = True
-                continue
-            try:
-                chunk = json.loads(payload)
-            except ValueError:
-                raise transport_error("protocol") from None
-            if not isinstance(chunk, dict):
-                raise transport_error("protocol")
-            self._chunk(chunk, events)
-        return events
+        return self._decode(self._sse.feed(data))
 
     def finish(self) -> list[ModelEvent]:
         """Events at the end of the stream. Raises UpstreamError if it ended early."""
-        events = self.feed(b"") + self._flush_sse()
+        events = self._decode(self._sse.finish())
         if not self.finished:
             raise transport_error("closed")
         usage = self._usage
@@ -264,18 +256,20 @@ class ChatChunkDecoder:
             )
         return events
 
-    def _flush_sse(self) -> list[ModelEvent]:
+    def _decode(self, pairs: list[tuple[bytes, bytes]]) -> list[ModelEvent]:
         events: list[ModelEvent] = []
-        for _name, payload in self._sse.finish():
+        for _name, payload in pairs:
+            self.events_seen += 1
             if payload == b"[DONE]":
                 self.finished = True
                 continue
             try:
-                chunk = json.loads(payload)
+                chunk = parse_event(payload)
             except ValueError:
                 raise transport_error("protocol") from None
-            if isinstance(chunk, dict):
-                self._chunk(chunk, events)
+            if not isinstance(chunk, dict):
+                raise transport_error("protocol")
+            self._chunk(chunk, events)
         return events
 
     def _chunk(self, chunk: dict[str, Any], events: list[ModelEvent]) -> None:

@@ -13,7 +13,6 @@ without a terminal event is a broken stream (`finish`).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from warmsocket.backends.base import (
@@ -24,7 +23,7 @@ from warmsocket.backends.base import (
     UsageReport,
 )
 from warmsocket.sse import SSEDecoder
-from warmsocket.upstream import from_error_object, transport_error
+from warmsocket.upstream import from_error_object, parse_event, transport_error
 
 # Events that carry nothing a model event needs: skipped without parsing their JSON.
 _SKIPPED = frozenset(
@@ -180,7 +179,7 @@ class ResponsesSSEDecoder:
             if payload == b"[DONE]":
                 continue
             try:
-                data = json.loads(payload)
+                data = parse_event(payload)
             except ValueError:
                 raise transport_error("protocol") from None
             if not isinstance(data, dict):

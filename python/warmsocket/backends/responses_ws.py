@@ -51,6 +51,7 @@ from warmsocket.upstream import (
     UpstreamConfig,
     UpstreamError,
     from_http_status,
+    parse_event,
     transport_error,
 )
 
@@ -398,7 +399,7 @@ class ResponsesWSBackend:
 
 def _parse(raw: Any) -> dict[str, Any]:
     try:
-        data = json.loads(raw)
+        data = parse_event(raw) if isinstance(raw, bytes) else json.loads(raw)
     except ValueError:
         raise transport_error("protocol") from None
     if not isinstance(data, dict):
