@@ -4,7 +4,9 @@
 //! that never import pyo3, and all conversion between Python and Rust lives in
 //! `py.rs`.
 
+pub mod blocks;
 mod py;
+pub mod token;
 
 use pyo3::prelude::*;
 
@@ -13,9 +15,33 @@ use pyo3::prelude::*;
 mod _core {
     use super::*;
 
+    #[pymodule_export]
+    use crate::py::token::block_hashes;
+    #[pymodule_export]
+    use crate::py::token::encoding_for_model;
+    #[pymodule_export]
+    use crate::py::token::shared_prefix_blocks;
+    #[pymodule_export]
+    use crate::py::token::shared_prefix_tokens;
+    #[pymodule_export]
+    use crate::py::token::BlockHasher;
+    #[pymodule_export]
+    use crate::py::token::Tokenizer;
+
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        m.add(
+            "BUILD_PROFILE",
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+        )?;
+        // TokenizerError, UnknownEncoding, TokenizerFileUnreadable,
+        // InvalidTokenizerFile, InvalidItemJson, TokenizationFailed.
+        crate::py::token::add_exceptions(m)?;
         Ok(())
     }
 }

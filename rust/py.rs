@@ -1,5 +1,7 @@
 //! PyO3 glue: argument conversion, calls into the domain modules, error mapping.
 
+pub mod token;
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -16,8 +16,12 @@ Exception tree (all raised from Rust, never a panic)::
 """
 
 import builtins
+from array import array
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, Literal
+from os import PathLike
+from typing import Any, ClassVar, Final, Literal, TypeAlias, final
+
+from typing_extensions import Buffer
 
 __version__: Final[str]
 BUILD_PROFILE: Final[Literal["release", "debug"]]
@@ -276,3 +280,151 @@ class SessionCache:
         """The stored entries (and the nodes their chains need) as msgpack bytes."""
     def restore(self, data: bytes) -> int:
         """Add the entries of a snapshot, skipping ids already present. Returns entries added."""
+
+# ---------------------------------------------------------------------------
+# Tokens and block hashes (rust/token, rust/blocks; docs/tokens.md).
+#
+# Exception tree of the tokenizer::
+#
+#     TokenizerError
+#      ├── UnknownEncoding (LookupError)          Tokenizer.builtin() with an unknown name
+#      ├── TokenizerFileUnreadable (OSError)      tokenizer.json missing or unreadable
+#      ├── InvalidTokenizerFile (ValueError)      not a valid Hugging Face tokenizer.json
+#      ├── InvalidItemJson (ValueError)           item JSON that is not UTF-8 JSON of an object
+#      └── TokenizationFailed (ValueError)        the tokenizer failed on a text (regex limits)
+
+class TokenizerError(Exception): ...
+class UnknownEncoding(TokenizerError, LookupError): ...
+class TokenizerFileUnreadable(TokenizerError, OSError): ...
+class InvalidTokenizerFile(TokenizerError, ValueError): ...
+class InvalidItemJson(TokenizerError, ValueError): ...
+class TokenizationFailed(TokenizerError, ValueError): ...
+
+_TokenIds: TypeAlias = Buffer | Sequence[int]
+"""Token ids: a buffer of uint32 (`array('I')`, numpy uint32, memoryview cast to 'I') or ints."""
+
+@final
+class Tokenizer:
+    """A tokenizer: a built-in OpenAI encoding or a Hugging Face tokenizer.json.
+
+    Immutable and thread-safe; every method releases the GIL while it works.
+    Text is encoded as ordinary text: special-token text such as
+    `<|endoftext|>` in content is never a special token in the built-in
+    encodings. Nothing is ever downloaded.
+    """
+
+    @staticmethod
+    def builtin(name: str) -> Tokenizer:
+        """`"o200k_base"` or `"cl100k_base"`. Raises UnknownEncoding.
+
+        The first use of an encoding in a process builds its rank table
+        (about 0.2 s); later calls share it.
+        """
+    @staticmethod
+    def for_model(model: str) -> Tokenizer:
+        """The encoding of a model by name (see `encoding_for_model`); `o200k_base` when unknown."""
+    @staticmethod
+    def from_file(path: str | PathLike[str]) -> Tokenizer:
+        """A Hugging Face tokenizer from a local tokenizer.json.
+
+        Truncation and padding set in the file are ignored. Raises
+        TokenizerFileUnreadable, InvalidTokenizerFile.
+        """
+    @staticmethod
+    def from_json(data: bytes | str, *, name: str = "<tokenizer.json>") -> Tokenizer:
+        """A Hugging Face tokenizer from the contents of a tokenizer.json.
+
+        Raises InvalidTokenizerFile.
+        """
+    @property
+    def name(self) -> str:
+        """`"o200k_base"`, `"cl100k_base"`, or the tokenizer.json path (or `name`)."""
+    @property
+    def framing(self) -> tuple[int, int, int]:
+        """The (start, sep, end) token ids that frame each rendered message."""
+    def count(self, text: str) -> int:
+        """Number of tokens of `text`. Raises TokenizationFailed."""
+    def encode(self, text: str) -> array[int]:
+        """Token ids of `text` as `array('I')`. Raises TokenizationFailed."""
+    def count_item(self, item_json: bytes | str) -> int:
+        """Tokens of one Responses API item, framing included (docs/tokens.md).
+
+        Raises InvalidItemJson, TokenizationFailed.
+        """
+    def encode_item(self, item_json: bytes | str) -> array[int]:
+        """Token ids of one item, framing included: `start role sep content... end`."""
+    def count_instructions(self, instructions: str) -> int:
+        """Tokens of the instructions rendered as a `system` message, framing included."""
+    def encode_instructions(self, instructions: str) -> array[int]:
+        """Token ids of the instructions rendered as a `system` message, framing included."""
+
+def encoding_for_model(model: str) -> str | None:
+    """The built-in encoding for a model name, or None when the model is not known.
+
+    Case-insensitive prefix match after dropping a provider prefix
+    (`openai/gpt-4o`) and a fine-tune wrapper (`ft:gpt-4o-mini:org::id`):
+    gpt-4o, gpt-4.1, gpt-4.5, gpt-5, gpt-oss, o1, o3, o4, codex → o200k_base;
+    gpt-4, gpt-3.5, text-embedding-3 → cl100k_base.
+    """
+
+@final
+class BlockHasher:
+    """The incremental chained-block-hash state of a token sequence (immutable).
+
+    Holds the last full block's hash, the block count and the tail (fewer than
+    `block_size` tokens), so `extend` costs O(new tokens) however long the
+    sequence is. Hashes are returned as bytes, 16 per block (XXH3-128,
+    canonical big-endian form); see docs/tokens.md for the definition.
+    """
+
+    def __new__(cls, block_size: int = 16, *, seed: int = 0) -> BlockHasher:
+        """`block_size` ≥ 1 (ValueError otherwise); `seed` is the XXH3 seed (0 ≤ seed < 2**64)."""
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def blocks(self) -> int:
+        """Full blocks hashed so far."""
+    @property
+    def tokens(self) -> int:
+        """Tokens seen so far (full blocks and tail)."""
+    @property
+    def block_tokens(self) -> int:
+        """Tokens covered by full blocks (`blocks * block_size`)."""
+    @property
+    def tail(self) -> array[int]:
+        """The tokens after the last full block."""
+    @property
+    def last_hash(self) -> bytes | None:
+        """The last full block's hash, or None before the first block is full."""
+    def extend(self, tokens: _TokenIds) -> tuple[BlockHasher, bytes]:
+        """The state after appending `tokens`, and the hashes of the blocks they complete."""
+    def extend_item(
+        self, tokenizer: Tokenizer, item_json: bytes | str
+    ) -> tuple[BlockHasher, bytes]:
+        """`extend(tokenizer.encode_item(item_json))` in one call.
+
+        The item's token count is `new.tokens - self.tokens`.
+        """
+    def extend_instructions(
+        self, tokenizer: Tokenizer, instructions: str
+    ) -> tuple[BlockHasher, bytes]:
+        """`extend(tokenizer.encode_instructions(instructions))` in one call."""
+    def __eq__(self, other: object, /) -> bool: ...
+    __hash__: ClassVar[None]  # type: ignore[assignment]
+
+def block_hashes(tokens: _TokenIds, block_size: int = 16, *, seed: int = 0) -> bytes:
+    """The hashes of every full block of `tokens`, from scratch (16 bytes each)."""
+
+def shared_prefix_blocks(a: bytes, b: bytes) -> int:
+    """Number of equal leading block hashes of two hash buffers.
+
+    ValueError if a length is not a multiple of 16.
+    """
+
+def shared_prefix_tokens(a: bytes, b: bytes, block_size: int = 16) -> int:
+    """Tokens covered by the equal leading block hashes.
+
+    That is `shared_prefix_blocks(a, b) * block_size`.
+    """

@@ -1,0 +1,3 @@
+from warmsocket.netem.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,357 @@
+"""`python -m warmsocket.netem check | run | proxy | cleanup | list`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from warmsocket.netem.cleanup import cleanup, inventory
+from warmsocket.netem.commands import CommandError, Tools, find_tools, run_command
+from warmsocket.netem.link import EmulatedLink
+from warmsocket.netem.measure import LinkMeasurement, measure_link
+from warmsocket.netem.plan import DEFAULT_PREFIX
+from warmsocket.netem.profiles import BUILTIN_PROFILES, NetworkProfile, get_profile
+from warmsocket.netem.timers import TimerfdScheduler
+
+_CHECK_TIMEOUT = 60.0
+
+
+def _run(coro: Coroutine[Any, Any, Any], loop_name: str) -> Any:
+    if loop_name == "uvloop":
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+def probe_netem_qdisc(link: EmulatedLink) -> str:
+    """Try a netem qdisc on the client namespace's loopback (harmless there)."""
+    tools = find_tools()
+    if isinstance(tools, str) or link.netns is None:
+        return "not probed"
+    argv = [
+        tools.tc,
+        "-n",
+        link.netns,
+        "qdisc",
+        "add",
+        "dev",
+        "lo",
+        "root",
+        "netem",
+        "delay",
+        "1ms",
+    ]
+    try:
+        run_command(argv, timeout=5)
+    except CommandError as exc:
+        return f"unavailable ({exc.detail or exc})"
+    run_command([tools.tc, "-n", link.netns, "qdisc", "del", "dev", "lo", "root"], check=False)
+    return "available (not used: delay is done by the proxy)"
+
+
+async def _timerfd_status() -> str:
+    try:
+        TimerfdScheduler(asyncio.get_running_loop()).close()
+    except OSError as exc:
+        return f"unavailable, using loop.call_at (ms precision): {exc}"
+    return "available (ns-precision delay timers)"
+
+
+async def _check_profile(
+    profile: NetworkProfile, args: argparse.Namespace, first: bool
+) -> tuple[EmulatedLink, LinkMeasurement | None, str | None, str | None]:
+    async with EmulatedLink(profile, prefix=args.prefix) as link:
+        netem = probe_netem_qdisc(link) if first and link.emulated else None
+        try:
+            result = await measure_link(
+                link, rtt_samples=args.samples, bulk_bytes=args.bulk_bytes, timeout=args.timeout
+            )
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            return link, None, netem, f"{type(exc).__name__}: {exc}"
+        return link, result, netem, None
+
+
+async def _check(args: argparse.Namespace) -> int:
+    out: dict[str, object] = {}
+    tools = find_tools()
+    env = {
+        "platform": sys.platform,
+        "root": os.geteuid() == 0 if hasattr(os, "geteuid") else False,
+        "iproute2": tools if isinstance(tools, str) else f"ip={tools.ip} tc={tools.tc}",
+        "timerfd": await _timerfd_status(),
+        "event_loop": args.loop,
+    }
+    out["environment"] = env
+    if not args.json:
+        print("netem check")
+        for key, value in env.items():
+            print(f"  {key:<10} {value}")
+    results = []
+    netem_status: str | None = None
+    for i, name in enumerate(args.profile or list(BUILTIN_PROFILES)):
+        profile = get_profile(name)
+        link, result, netem, error = await _check_profile(profile, args, first=netem_status is None)
+        netem_status = netem_status or netem
+        row: dict[str, object] = {
+            "profile": profile.name,
+            "nominal": profile.describe(),
+            "emulated": link.emulated,
+            "fallback_reason": link.fallback_reason,
+            "measurement": result.as_dict() if result else None,
+            "error": error,
+        }
+        tbf = profile.tbf()
+        row["tbf"] = " ".join(tbf.tc_args()) if tbf else None
+        results.append(row)
+        if not args.json:
+            if i == 0 or netem is not None:
+                if netem is not None:
+                    print(f"  {'netem':<10} {netem}")
+                print()
+            _print_row(profile, link, result, error)
+    out["profiles"] = results
+    if args.json:
+        print(json.dumps(out, indent=2))
+    return 0
+
+
+def _print_row(
+    profile: NetworkProfile, link: EmulatedLink, result: LinkMeasurement | None, error: str | None
+) -> None:
+    print(f"{profile.describe()}")
+    if link.emulated and link.plan:
+        tbf = profile.tbf()
+        print(
+            f"  link:     namespace {link.plan.netns}, client {link.client_host} -> "
+            f"proxy on {link.server_host} -> 127.0.0.1"
+        )
+        print(f"  rate:     {'tc ' + ' '.join(tbf.tc_args()) if tbf else 'unlimited'}")
+    else:
+        print(f"  link:     loopback ({link.fallback_reason}); rate by {link.rate_limiter}")
+    if error is not None:
+        print(f"  measure:  FAILED: {error}")
+        return
+    assert result is not None
+    rate = "" if profile.rate_mbit is None else f" (nominal {profile.rate_mbit:g})"
+    print(
+        f"  RTT:      {result.rtt_ms:.2f} ms median (nominal {profile.rtt_ms:g}; "
+        f"min {result.rtt_min_ms:.2f}, max {result.rtt_max_ms:.2f})"
+    )
+    print(f"  connect:  {result.connect_rtt_ms:.2f} ms for TCP connect + first echo")
+    print(
+        f"  rate:     down {result.down_mbit:.1f} Mbit/s, up {result.up_mbit:.1f} Mbit/s{rate}, "
+        f"{result.bulk_bytes / 1e6:.1f} MB each way"
+    )
+    print()
+
+
+def _tools_or_report() -> Tools | None:
+    tools = find_tools()
+    if isinstance(tools, str):
+        print(f"netem: {tools}")
+        return None
+    return tools
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    tools = _tools_or_report()
+    if tools is None:
+        return 1
+    if os.geteuid() != 0:
+        print("netem cleanup: needs root (removing namespaces and links needs CAP_SYS_ADMIN)")
+        return 1
+    try:
+        report = cleanup(tools, prefix=args.prefix, include_live=args.all)
+    except (CommandError, OSError, TimeoutError, ValueError) as exc:
+        print(f"netem cleanup failed: {exc}")
+        return 1
+    print(f"netem cleanup: {report.summary()}")
+    return 1 if report.errors else 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    tools = _tools_or_report()
+    if tools is None:
+        return 1
+    try:
+        inv = inventory(run_command, tools, args.prefix)
+    except (CommandError, OSError, ValueError) as exc:
+        print(f"netem list failed: {exc}")
+        return 1
+    if inv.empty:
+        print(f"no {args.prefix}* namespaces or links")
+    for ns in inv.netns:
+        print(f"netns {ns}")
+    for link in inv.links:
+        print(f"link  {link.name} {' '.join(link.addresses)} [{link.alias or 'no owner'}]")
+    return 0
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+async def _run_command(args: argparse.Namespace) -> int:
+    """Link + proxy in front of --target, then the command in the client namespace."""
+    target_host, target_port = args.target
+    profile = get_profile(args.profile)
+    async with EmulatedLink(profile, prefix=args.prefix, require=args.require) as link:
+        proxy = await link.start_proxy(target_host, target_port, listen_port=args.listen_port)
+        print(f"netem: {link.describe()}", file=sys.stderr)
+        print(
+            f"netem: proxy {proxy.host}:{proxy.port} -> {target_host}:{target_port}",
+            file=sys.stderr,
+        )
+        if args.measure:
+            result = await measure_link(link, rtt_samples=10)
+            print(f"netem: achieved {result.summary()}", file=sys.stderr)
+        subst = {"{host}": proxy.host, "{port}": str(proxy.port)}
+        argv = [_substitute(a, subst) for a in args.cmd]
+        env = dict(os.environ)
+        env.update(
+            NETEM_HOST=proxy.host,
+            NETEM_PORT=str(proxy.port),
+            NETEM_PROFILE=profile.name,
+            NETEM_EMULATED="1" if link.emulated else "0",
+        )
+        proc = await asyncio.create_subprocess_exec(*link.client_command(argv), env=env)
+        try:
+            async with asyncio.timeout(args.timeout):
+                return await proc.wait()
+        except TimeoutError:
+            print(
+                f"netem: command still running after {args.timeout:g} s, stopping it",
+                file=sys.stderr,
+            )
+            return 124
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                try:
+                    async with asyncio.timeout(5):
+                        await proc.wait()
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+
+
+def _substitute(arg: str, subst: dict[str, str]) -> str:
+    for key, value in subst.items():
+        arg = arg.replace(key, value)
+    return arg
+
+
+async def _proxy(args: argparse.Namespace) -> int:
+    """A standalone delay proxy (no namespace), until SIGINT/SIGTERM or --duration."""
+    import signal
+
+    from warmsocket.netem.proxy import DelayProxy
+
+    profile = get_profile(args.profile)
+    listen_host, listen_port = args.listen
+    target_host, target_port = args.target
+    proxy = DelayProxy.from_profile(
+        profile,
+        target_host,
+        target_port,
+        rate_limit=args.rate_limit,
+        listen_host=listen_host,
+        listen_port=listen_port,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with proxy:
+        print(
+            f"netem proxy {proxy.host}:{proxy.port} -> {target_host}:{target_port}, "
+            f"{profile.describe()}{'' if args.rate_limit else ' (rate not applied)'}",
+            flush=True,
+        )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(args.duration):
+                await stop.wait()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m warmsocket.netem",
+        description="Network emulation harness: namespaces + tbf + delay proxy.",
+    )
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="name prefix of harness objects")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the harness does")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="probe capabilities and measure each profile")
+    check.add_argument(
+        "--profile",
+        action="append",
+        choices=[p.lower() for p in BUILTIN_PROFILES] + list(BUILTIN_PROFILES),
+        help="profile to measure (repeatable; default: all)",
+    )
+    check.add_argument("--samples", type=int, default=20, help="RTT samples per profile")
+    check.add_argument("--bulk-bytes", type=int, default=None, help="bytes per bulk transfer")
+    check.add_argument("--timeout", type=float, default=_CHECK_TIMEOUT, help="seconds per profile")
+    check.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    profiles = [p.lower() for p in BUILTIN_PROFILES] + list(BUILTIN_PROFILES)
+    runp = sub.add_parser(
+        "run",
+        help="set up a link and a proxy to --target, run a command in the client namespace",
+        description="Placeholders {host} and {port} in the command are replaced by the "
+        "proxy's address; it is also exported as NETEM_HOST / NETEM_PORT.",
+    )
+    runp.add_argument("--profile", choices=profiles, default="WAN")
+    runp.add_argument("--target", type=_host_port, required=True, help="real server HOST:PORT")
+    runp.add_argument("--listen-port", type=int, default=0, help="proxy port (default: any)")
+    runp.add_argument("--require", action="store_true", help="fail instead of falling back")
+    runp.add_argument("--measure", action="store_true", help="measure the link first")
+    runp.add_argument("--timeout", type=float, default=3600.0, help="stop the command after")
+    runp.add_argument("cmd", nargs="+", help="the command (put it after --)")
+    px = sub.add_parser("proxy", help="run a standalone delay proxy (no namespace)")
+    px.add_argument("--profile", choices=profiles, default="WAN")
+    px.add_argument("--listen", type=_host_port, default=("127.0.0.1", 0), help="HOST:PORT")
+    px.add_argument("--target", type=_host_port, required=True, help="real server HOST:PORT")
+    px.add_argument("--rate-limit", action="store_true", help="also apply the profile's rate")
+    px.add_argument("--duration", type=float, default=24 * 3600.0, help="stop after seconds")
+    px.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    cl = sub.add_parser("cleanup", help="remove namespaces/links left by crashed runs")
+    cl.add_argument("--all", action="store_true", help="also remove those of running harnesses")
+    sub.add_parser("list", help="list harness namespaces and links")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "check": lambda a: int(_run(_check(a), a.loop)),
+        "run": lambda a: int(_run(_run_command(a), "asyncio")),
+        "proxy": lambda a: int(_run(_proxy(a), a.loop)),
+        "cleanup": _cleanup,
+        "list": _list,
+    }
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Output piped into e.g. `head`: not an error worth a traceback.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return 0
