@@ -50,7 +50,7 @@ def test_affinity_routing_across_three_replicas() -> None:
         assert affinity[("new", "prefix")] == 4 and affinity[("hit", "parent")] == 8
         # Their continuations hit the replica's prefix cache.
         home = sims[next(iter(shared))]
-        assert all(r["cached_tokens"] > 400 for r in home.stats()["requests"][1:])
+        assert all(r["cached_tokens"] >= 320 for r in home.stats()["requests"][1:])
         # Chains with different prompts spread, each staying on its replica.
         heads = {}
         for i in range(12):

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from warmsocket._core import shared_prefix_blocks
 from warmsocket.httpclient import (
     ConnectFailed,
     ConnectionClosed,
@@ -19,7 +20,7 @@ from warmsocket.httpclient import (
     request_head,
 )
 from warmsocket.metrics import Metrics
-from warmsocket.prefixhash import BlockHasher, block_hashes, prefix_key, token_count
+from warmsocket.prefixhash import PromptHasher, context_items, new_chain_key
 from warmsocket.router import Router, RouterConfig
 from warmsocket.sse import SSEDecoder
 from warmsocket.upstream import (
@@ -200,23 +201,37 @@ def test_sse_decoder() -> None:
 # -- token blocks ----------------------------------------------------------------------------
 
 
-def test_block_hashes_chain_and_extend() -> None:
-    data = bytes(range(256)) * 3
-    whole = block_hashes(data, 4)  # 16-byte blocks
-    assert len(whole) == 16 * (len(data) // 16)
-    state = BlockHasher(4)
-    pieces = b""
-    for start in range(0, len(data), 7):
-        state, more = state.extend(data[start : start + 7])
-        pieces += more
-    assert pieces == whole and state.blocks == len(data) // 16
-    assert state.tokens == token_count(len(data))
-    # A change in block 0 changes every later hash (each covers its parent).
-    other = block_hashes(b"X" + data[1:], 4)
-    assert all(other[i : i + 16] != whole[i : i + 16] for i in range(0, len(whole), 16))
-    # Keys of shared first blocks match; a short prompt is keyed by all of it.
-    assert prefix_key(data, 4, 2) == prefix_key(data[:32] + b"different", 4, 2)
-    assert prefix_key(b"short", 4, 2) != prefix_key(b"shorT", 4, 2)
+def _item(text: str, role: str = "user") -> bytes:
+    return json.dumps({"content": text, "role": role, "type": "message"}).encode()
+
+
+def test_new_chain_key_groups_by_the_first_token_blocks() -> None:
+    system = "You are the build agent of a large repository. " * 20  # > 4 blocks of 16
+    tools = [{"type": "function", "name": "f", "parameters": {}}]
+    first = new_chain_key(system, tools, [_item("one")])
+    assert first == new_chain_key(system, tools, [_item("two"), _item("three")])
+    assert first != new_chain_key("Another prompt. " * 20, tools, [_item("one")])
+    assert new_chain_key("Short.", [], [_item("one")], max_blocks=64) != new_chain_key(
+        "Short.", [], [_item("two")], max_blocks=64
+    )
+    tiny = new_chain_key(None, [], [_item("a")], block_tokens=64)  # less than one block
+    assert tiny != new_chain_key(None, [], [_item("b")], block_tokens=64)
+    assert len(tiny) == 16
+
+
+def test_context_items_and_incremental_prompt_hashes() -> None:
+    items = [_item(f"message {i} " * 30) for i in range(6)]
+    context = b"[" + b",".join(items) + b"]"
+    assert list(context_items(context)) == items
+    assert list(context_items(b"[]")) == []
+    remembering = PromptHasher(16)
+    for count in range(1, 7):
+        tokens, hashes = remembering.hash("system", [], items[:count])
+        fresh_tokens, fresh = PromptHasher(16).hash("system", [], items[:count])
+        assert (tokens, hashes) == (fresh_tokens, fresh)
+    _tokens, other = PromptHasher(16).hash("system", [], [*items[:3], _item("different")])
+    _tokens, three = PromptHasher(16).hash("system", [], items[:3])
+    assert shared_prefix_blocks(hashes, other) == len(three) // 16 > 0
 
 
 # -- router ------------------------------------------------------------------------------------
@@ -234,15 +249,14 @@ def make_router(count: int = 3, **config: object) -> tuple[Router, Metrics, list
     return router, metrics, clock
 
 
-def test_router_follows_the_parent_and_groups_new_chains_by_prefix() -> None:
+def test_router_follows_the_parent_and_places_new_chains_by_key() -> None:
     router, metrics, _clock = make_router()
-    system = b"S" * 1024  # a shared system prompt longer than the keyed blocks
-    first = router.route(None, lambda: system + b"user one")
-    others = [router.route(None, lambda i=i: system + f"u{i}".encode()) for i in range(20)]  # type: ignore[misc]
-    assert all(replica is first for replica in others)
+    shared = b"K" * 16  # the new-chain key of a shared system prompt's first blocks
+    first = router.route(None, lambda: shared)
+    assert all(router.route(None, lambda: shared) is first for _ in range(20))
     router.remember("resp_1", first)
     assert router.route("resp_1", lambda: b"unused") is first
-    assert router.route("resp_unknown", lambda: system) is first  # placed by prefix again
+    assert router.route("resp_unknown", lambda: shared) is first  # placed by key again
     spread = {router.route(None, lambda i=i: f"prompt {i}".encode()).index for i in range(60)}
     assert spread == {0, 1, 2}
     assert metrics.upstream.affinity[("hit", "parent")] == 1

@@ -1,96 +1,152 @@
-"""Token blocks with chained hashes, as inference engines key their prefix (KV) caches.
+"""Prompts as token blocks with chained hashes, as inference engines key their KV caches.
 
-A prompt is a sequence of tokens cut into fixed-size blocks; the hash of block *i*
-covers block *i* and, through its parent's hash, every block before it. Two prompts
-share a cached prefix exactly as far as their leading block hashes are equal.
+A prompt is the instructions (rendered as a `system` message), the tools (rendered
+as one item of type `tools` carrying their JSON), then the context's items, each
+tokenised with the Rust tokenizer's item template (`_core.Tokenizer.encode_item`,
+docs/tokens.md) and cut into blocks whose hashes each cover their parent
+(`_core.BlockHasher`). Two prompts share a cached prefix exactly as far as their
+leading block hashes are equal.
 
-TEMPORARY APPROXIMATION: until the Rust tokenizer (`_core.Tokenizer`,
-`_core.BlockHasher`) is merged, "tokens" are `BYTES_PER_TOKEN` bytes of the rendered
-prompt and a block is `block_tokens * BYTES_PER_TOKEN` bytes. `BlockHasher.extend` is
-the only place that knows this; swapping in the real tokenizer changes only it (and
-`token_count`), not its callers (the router's new-chain key and the simulated
-upstream's prefix cache).
+Used by the router (`new_chain_key`: which replica a new chain goes to) and by the
+simulated upstream's prefix cache (`PromptHasher`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from json.scanner import make_scanner
+from typing import Any
 
-BYTES_PER_TOKEN = 4
+from warmsocket._core import BlockHasher, Tokenizer
+
 HASH_BYTES = 16
+DEFAULT_ENCODING = "o200k_base"
+
+_canonical = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
+_scan = make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 
 
-def token_count(nbytes: int) -> int:
-    """Approximate tokens of `nbytes` bytes of rendered prompt (temporary approximation)."""
-    return (nbytes + BYTES_PER_TOKEN - 1) // BYTES_PER_TOKEN
+@functools.cache
+def tokenizer(encoding: str = DEFAULT_ENCODING) -> Tokenizer:
+    """One shared tokenizer per encoding (building one costs about 0.2 s the first time)."""
+    return Tokenizer.builtin(encoding)
 
 
-class BlockHasher:
-    """Incremental chained block hashes of a byte stream (immutable, like `_core.BlockHasher`).
+def tools_item(tools: Sequence[Any]) -> bytes:
+    """The tools as one item of the prompt (the item template renders its JSON text)."""
+    return _canonical({"type": "tools", "tools": list(tools)}).encode()
 
-    `extend` costs O(new bytes): the state keeps the last full block's hash and the
-    unfinished tail.
+
+def context_items(context_json: bytes) -> Iterator[bytes]:
+    """The items of a JSON array (as the session cache gives them), one by one, lazily."""
+    text = context_json.decode()
+    position = text.find("[") + 1
+    size = len(text)
+    while position < size:
+        while position < size and text[position] in " \t\r\n,":
+            position += 1
+        if position >= size or text[position] == "]":
+            return
+        _value, end = _scan(text, position)
+        yield text[position:end].encode()
+        position = end
+
+
+def new_chain_key(
+    instructions: str | None,
+    tools: Sequence[Any],
+    items: Iterable[bytes],
+    *,
+    block_tokens: int = 16,
+    max_blocks: int = 4,
+) -> bytes:
+    """A key for the first `max_blocks` token blocks of a prompt.
+
+    It is the hash of the last full block among them, so prompts that agree on their
+    first `max_blocks * block_tokens` tokens (a shared system prompt and tools) get the
+    same key. A prompt shorter than one block is keyed by a hash of all its tokens.
+    """
+    tok = tokenizer()
+    state = BlockHasher(block_tokens)
+    hashes = b""
+    limit = block_tokens * max_blocks
+    pieces: list[bytes] = []
+    if instructions is not None:
+        state, hashes = state.extend_instructions(tok, instructions)
+    if tools and state.tokens < limit:
+        state, more = state.extend_item(tok, tools_item(tools))
+        hashes += more
+    for item in items:
+        if state.tokens >= limit:
+            break
+        state, more = state.extend_item(tok, item)
+        hashes += more
+        pieces.append(item)
+    full = min(len(hashes) // HASH_BYTES, max_blocks)
+    if full:
+        return hashes[(full - 1) * HASH_BYTES : full * HASH_BYTES]
+    digest = hashlib.blake2b(digest_size=HASH_BYTES)
+    digest.update((instructions or "").encode())
+    digest.update(tools_item(tools))
+    for piece in pieces:
+        digest.update(piece)
+    return digest.digest()
+
+
+class PromptHasher:
+    """Block hashes of whole prompts, remembering recent ones.
+
+    A prompt that extends a remembered one (the next turn of a conversation sent as a
+    full request) is tokenised and hashed only for its new items. Items are
+    canonical JSON bytes.
     """
 
-    __slots__ = ("block_tokens", "blocks", "last_hash", "tail")
-
-    def __init__(
-        self,
-        block_tokens: int = 16,
-        *,
-        blocks: int = 0,
-        last_hash: bytes = b"",
-        tail: bytes = b"",
-    ) -> None:
-        if block_tokens < 1:
-            raise ValueError("block_tokens must be >= 1")
+    def __init__(self, block_tokens: int = 16, *, memory: int = 64) -> None:
         self.block_tokens = block_tokens
-        self.blocks = blocks
-        self.last_hash = last_hash
-        self.tail = tail
+        self.memory = memory
+        # key: (instructions, tools) -> recent (items, state, hashes), most recent last
+        self._recent: OrderedDict[
+            tuple[str | None, bytes], list[tuple[list[bytes], BlockHasher, bytes]]
+        ] = OrderedDict()
 
-    @property
-    def block_bytes(self) -> int:
-        return self.block_tokens * BYTES_PER_TOKEN
+    def hash(
+        self, instructions: str | None, tools: Sequence[Any], items: list[bytes]
+    ) -> tuple[int, bytes]:
+        """(prompt tokens, the hashes of its full blocks)."""
+        tools_json = tools_item(tools) if tools else b""
+        key = (instructions, tools_json)
+        entries = self._recent.setdefault(key, [])
+        self._recent.move_to_end(key)
+        best: tuple[list[bytes], BlockHasher, bytes] | None = None
+        for entry in reversed(entries):
+            known = entry[0]
+            longer = best is None or len(known) > len(best[0])
+            if longer and len(known) <= len(items) and items[: len(known)] == known:
+                best = entry
+        tok = tokenizer()
+        if best is not None:
+            start, state, hashes = len(best[0]), best[1], best[2]
+        else:
+            start, state, hashes = 0, BlockHasher(self.block_tokens), b""
+            if instructions is not None:
+                state, hashes = state.extend_instructions(tok, instructions)
+            if tools_json:
+                state, more = state.extend_item(tok, tools_json)
+                hashes += more
+        for item in items[start:]:
+            state, more = state.extend_item(tok, item)
+            hashes += more
+        entries.append((items, state, hashes))
+        if len(entries) > 8:
+            del entries[0]
+        while len(self._recent) > self.memory:
+            self._recent.popitem(last=False)
+        return state.tokens, hashes
 
-    @property
-    def tokens(self) -> int:
-        """Tokens seen so far (full blocks and the tail)."""
-        return self.blocks * self.block_tokens + token_count(len(self.tail))
 
-    def extend(self, data: bytes) -> tuple[BlockHasher, bytes]:
-        """The state after appending `data`, and the hashes of the blocks it completes."""
-        size = self.block_bytes
-        buffer = self.tail + data if self.tail else data
-        full = len(buffer) - len(buffer) % size
-        parent = self.last_hash
-        out = bytearray()
-        blake = hashlib.blake2b
-        view = memoryview(buffer)
-        for start in range(0, full, size):
-            parent = blake(view[start : start + size], digest_size=HASH_BYTES, key=parent).digest()
-            out += parent
-        state = BlockHasher(
-            self.block_tokens,
-            blocks=self.blocks + full // size,
-            last_hash=parent,
-            tail=bytes(buffer[full:]),
-        )
-        return state, bytes(out)
-
-
-def block_hashes(data: bytes, block_tokens: int = 16) -> bytes:
-    """The hashes of every full block of `data`, from scratch (16 bytes each)."""
-    return BlockHasher(block_tokens).extend(data)[1]
-
-
-def prefix_key(data: bytes, block_tokens: int = 16, max_blocks: int = 4) -> bytes:
-    """A key for the first `max_blocks` blocks of a prompt (the hash of the last of them).
-
-    Prompts shorter than one block are keyed by a hash of all their bytes.
-    """
-    limit = block_tokens * BYTES_PER_TOKEN * max_blocks
-    hashes = block_hashes(data[:limit], block_tokens)
-    if hashes:
-        return hashes[-HASH_BYTES:]
-    return hashlib.blake2b(data[:limit], digest_size=HASH_BYTES).digest()
+def count_tokens(text: str) -> int:
+    return tokenizer().count(text)

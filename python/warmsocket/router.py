@@ -4,7 +4,7 @@ An inference engine's prefix (KV) cache holds the prompts it served recently, so
 turn is cheapest on the replica that served its chain's parent: the router
 remembers, per warmsocket response id, which replica produced it, and sends the
 child there (an affinity *hit*). A new chain goes to the replica chosen by
-rendezvous hashing of its first token blocks (`warmsocket.prefixhash.prefix_key`),
+rendezvous hashing of its first token blocks (`warmsocket.prefixhash.new_chain_key`),
 so chains that share a system prompt and tools land together and removing a replica
 moves only its own chains.
 
@@ -35,7 +35,7 @@ class RouterConfig:
     block_tokens: int = 16
     """Tokens per block of the new-chain key (as the engine's KV cache blocks)."""
     prefix_blocks: int = 4
-    """How many leading blocks key a new chain."""
+    """How many leading blocks key a new chain (`prefixhash.new_chain_key`)."""
     busy_ratio: float = 2.0
     busy_min: int = 4
     fail_threshold: int = 2
@@ -83,14 +83,15 @@ class Router:
     def route(
         self,
         parent_id: str | None,
-        prefix: Callable[[], bytes],
+        key: Callable[[], bytes],
         *,
         exclude: Collection[int] = (),
     ) -> Replica:
         """The replica for a turn whose parent is `parent_id` (None: a new chain).
 
-        `prefix` gives the prompt's leading bytes; it is called only when needed.
-        `exclude` holds replicas that just failed this turn (a retry).
+        `key` gives the prompt's new-chain key (`prefixhash.new_chain_key` of its first
+        token blocks); it is called only when needed. `exclude` holds replicas that just
+        failed this turn (a retry).
         """
         replicas = self.replicas
         if len(replicas) == 1:
@@ -108,15 +109,15 @@ class Router:
                 result, reason = "miss", "unknown_parent"
         candidates = [r for r in replicas if r.index not in exclude] or replicas
         healthy = [r for r in candidates if r.healthy(now)] or candidates
-        key: bytes | None = None
+        chain_key: bytes | None = None
         if preferred is None:
-            key = self._key(prefix)
-            preferred = _rendezvous(key, replicas)
+            chain_key = key()
+            preferred = _rendezvous(chain_key, replicas)
         choice = preferred
         if preferred.index in exclude:
-            choice, reason = self._fallback(key, prefix, healthy), "retry"
+            choice, reason = _rendezvous(chain_key or key(), healthy), "retry"
         elif not preferred.healthy(now):
-            choice, reason = self._fallback(key, prefix, healthy), "failing"
+            choice, reason = _rendezvous(chain_key or key(), healthy), "failing"
         elif self._much_busier(preferred, healthy):
             choice, reason = min(healthy, key=lambda r: (r.in_flight, r.index)), "busy"
         if choice is not preferred and result == "hit":
@@ -154,19 +155,6 @@ class Router:
         return None if index is None else self.replicas[index]
 
     # -- internals --------------------------------------------------------------------------
-
-    def _key(self, prefix: Callable[[], bytes]) -> bytes:
-        from warmsocket.prefixhash import prefix_key
-
-        config = self.config
-        return prefix_key(prefix(), config.block_tokens, config.prefix_blocks)
-
-    def _fallback(
-        self, key: bytes | None, prefix: Callable[[], bytes], healthy: list[Replica]
-    ) -> Replica:
-        if key is None:
-            key = self._key(prefix)
-        return _rendezvous(key, healthy)
 
     def _much_busier(self, replica: Replica, healthy: list[Replica]) -> bool:
         config = self.config

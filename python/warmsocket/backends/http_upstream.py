@@ -35,13 +35,10 @@ from warmsocket.httpclient import (
     RequestTimeout,
 )
 from warmsocket.metrics import Metrics
-from warmsocket.response_stream import dumps
-from warmsocket.router import Outcome, Router
+from warmsocket.router import Outcome, Router, RouterConfig
 from warmsocket.upstream import UpstreamConfig, UpstreamError, from_http_status, transport_error
 
 log = logging.getLogger("warmsocket.upstream")
-
-ROUTING_PREFIX_BYTES = 64 * 1024
 
 
 class Decoder(Protocol):
@@ -98,12 +95,17 @@ class OutputRecorder:
             self._parts = None
 
 
-def routing_prefix(turn: TurnContext) -> bytes:
-    """The leading bytes of the turn's prompt (instructions, tools, first items)."""
-    instructions = turn.instructions or ""
-    tools = turn.settings.get("tools") or []
-    context = turn.view.json()[:ROUTING_PREFIX_BYTES]
-    return instructions.encode() + dumps(tools) + context
+def chain_key(turn: TurnContext, config: RouterConfig) -> bytes:
+    """The new-chain routing key of a turn: a hash of its prompt's first token blocks."""
+    from warmsocket.prefixhash import context_items, new_chain_key
+
+    return new_chain_key(
+        turn.instructions,
+        turn.settings.get("tools") or (),
+        context_items(turn.view.json()),
+        block_tokens=config.block_tokens,
+        max_blocks=config.prefix_blocks,
+    )
 
 
 class HTTPUpstreamBackend:
@@ -152,7 +154,9 @@ class HTTPUpstreamBackend:
         forwarded = False
         while True:
             replica = self.router.route(
-                turn.previous_response_id, lambda: routing_prefix(turn), exclude=exclude
+                turn.previous_response_id,
+                lambda: chain_key(turn, self.config.router),
+                exclude=exclude,
             )
             pool = self.pools[replica.index]
             head = self._heads[replica.index] + length + b"\r\n\r\n"

@@ -40,7 +40,7 @@ from websockets.protocol import State
 
 from warmsocket import __version__
 from warmsocket.backends.base import ModelEvent, TurnContext, TurnFailed
-from warmsocket.backends.http_upstream import routing_prefix
+from warmsocket.backends.http_upstream import chain_key
 from warmsocket.backends.responses_events import ResponsesEventDecoder
 from warmsocket.backends.responses_http import HeadCache
 from warmsocket.httpclient import Origin
@@ -256,7 +256,9 @@ class ResponsesWSBackend:
     async def _place(self, turn: TurnContext, exclude: set[int], *, fresh: bool) -> _Placement:
         """The connection for this turn, and the upstream id to chain from (None: full)."""
         replica = self.router.route(
-            turn.previous_response_id, lambda: routing_prefix(turn), exclude=exclude
+            turn.previous_response_id,
+            lambda: chain_key(turn, self.config.router),
+            exclude=exclude,
         )
         parent = self._chains.get(turn.previous_response_id or "")
         if parent is not None and not exclude and not fresh:

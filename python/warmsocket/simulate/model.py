@@ -5,28 +5,25 @@ Latency model of one request: `overhead_ms`, then prefill at
 (plus any `/sleep`), then one delta per `decode_tokens_per_second` token. A rate of
 0 means instant.
 
-Prefix cache: the prompt (instructions, tools, then each item or message as
-canonical JSON) is cut into token blocks with chained hashes
-(`warmsocket.prefixhash`); the cache holds up to `cache_blocks` block hashes and
-evicts the least recently used. A block is stamped as used after its descendants, so
-eviction takes leaves first and the cached blocks of any prompt always form a prefix
-(found by binary search), as in vLLM.
+Prefix cache: the prompt (instructions, tools, then each item; chat messages are
+turned back into items first) is tokenised with the item template and cut into
+token blocks with chained hashes (`warmsocket.prefixhash`); the cache holds up to
+`cache_blocks` block hashes and evicts the least recently used. A block is stamped
+as used after its descendants, so eviction takes leaves first and the cached blocks
+of any prompt always form a prefix (found by binary search), as in vLLM.
 """
 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from warmsocket import mockmodel
-from warmsocket.prefixhash import HASH_BYTES, BlockHasher, token_count
+from warmsocket.prefixhash import HASH_BYTES, PromptHasher, count_tokens
 
 _canonical = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
-_MEMO_ENTRIES = 64
-_MEMO_KEY_BYTES = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +43,7 @@ class LatencyModel:
     def decode_seconds(self, text: str) -> float:
         if self.decode_tokens_per_second <= 0:
             return 0.0
-        return max(1, token_count(len(text.encode()))) / self.decode_tokens_per_second
+        return max(1, count_tokens(text)) / self.decode_tokens_per_second
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +60,7 @@ class PrefixCache:
         self.block_tokens = block_tokens
         self._blocks: dict[bytes, int] = {}
         self._clock = 0
-        # Recent prompts and their block hashes: a prompt that extends one of them (a
-        # byte-stable next turn) is hashed only from where the earlier one ended.
-        self._memo: OrderedDict[bytes, tuple[bytes, BlockHasher, list[bytes]]] = OrderedDict()
+        self._hasher = PromptHasher(block_tokens)
         self.hits = 0
         self.lookups = 0
 
@@ -74,11 +69,17 @@ class PrefixCache:
 
     def clear(self) -> None:
         self._blocks.clear()
-        self._memo.clear()
+        self._hasher = PromptHasher(self.block_tokens)
 
-    def prefill(self, prompt: bytes) -> Prefill:
-        """Look the prompt's blocks up, then cache them all. Returns token counts."""
-        state, keys = self._hashes(prompt)
+    def prefill(
+        self, instructions: str | None, tools: Sequence[Any], items: list[bytes]
+    ) -> Prefill:
+        """Look the prompt's blocks up, then cache them all. Returns token counts.
+
+        `items` are the context's items as canonical JSON.
+        """
+        prompt_tokens, hashes = self._hasher.hash(instructions, tools, items)
+        keys = [hashes[i : i + HASH_BYTES] for i in range(0, len(hashes), HASH_BYTES)]
         blocks = self._blocks
         low, high = 0, len(keys)
         while low < high:
@@ -97,7 +98,6 @@ class PrefixCache:
             self._evict()
         self.lookups += 1
         self.hits += cached_blocks > 0
-        prompt_tokens = state.tokens
         return Prefill(prompt_tokens, min(prompt_tokens, cached_blocks * self.block_tokens))
 
     def _evict(self) -> None:
@@ -107,38 +107,10 @@ class PrefixCache:
         for key, _stamp in ordered[: len(ordered) - keep]:
             del self._blocks[key]
 
-    def _hashes(self, prompt: bytes) -> tuple[BlockHasher, list[bytes]]:
-        memo = self._memo
-        best: tuple[bytes, BlockHasher, list[bytes]] | None = None
-        for key in reversed(memo):
-            earlier = memo[key][0]
-            longer = best is None or len(earlier) > len(best[0])
-            if len(earlier) <= len(prompt) and longer and prompt.startswith(earlier):
-                best = memo[key]
-        if best is not None:
-            earlier, state, keys = best
-            state, more = state.extend(prompt[len(earlier) :])
-        else:
-            state, more = BlockHasher(self.block_tokens).extend(prompt)
-            keys = []
-        keys = keys + [more[i : i + HASH_BYTES] for i in range(0, len(more), HASH_BYTES)]
-        key = prompt[:_MEMO_KEY_BYTES] + len(prompt).to_bytes(8, "big")
-        memo[key] = (prompt, state, keys)
-        while len(memo) > _MEMO_ENTRIES:
-            memo.popitem(last=False)
-        return state, keys
 
-
-def render_prompt(
-    instructions: str | None, tools: Sequence[Any], items: Sequence[Mapping[str, Any]]
-) -> bytes:
-    """The prompt as the engine would tokenize it: a header, then the items in order.
-
-    Items are rendered as one canonical JSON array without its closing bracket, so the
-    prompt of a longer context starts with the prompt of any shorter one.
-    """
-    header = _canonical({"instructions": instructions, "tools": list(tools)}).encode()
-    return header + b"\n" + _canonical(list(items)).encode()[:-1]
+def canonical_items(items: Sequence[Mapping[str, Any]]) -> list[bytes]:
+    """Each item as canonical JSON (compact, sorted keys), as the session cache keeps them."""
+    return [_canonical(item).encode() for item in items]
 
 
 def items_from_chat(messages: Sequence[Any]) -> tuple[str | None, list[dict[str, Any]]]:

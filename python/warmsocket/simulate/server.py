@@ -49,16 +49,16 @@ from warmsocket.http11 import (
     encode_response,
     response_head,
 )
-from warmsocket.prefixhash import token_count
+from warmsocket.prefixhash import count_tokens
 from warmsocket.response_stream import ResponseStream, dumps, usage_object
 from warmsocket.simulate.model import (
     LatencyModel,
     Prefill,
     PrefixCache,
+    canonical_items,
     items_from_chat,
     items_from_input,
     plan,
-    render_prompt,
 )
 
 log = logging.getLogger("warmsocket.simulate")
@@ -216,9 +216,6 @@ class SimServer:
             if body.get("close_websockets") and connection.ws is not None:
                 connection.close_websocket(1001, "closed by /control")
         return {"faults_queued": len(self.faults)}
-
-    def prefill(self, prompt: bytes) -> Prefill:
-        return self.cache.prefill(prompt)
 
 
 @dataclass(slots=True)
@@ -385,8 +382,9 @@ class _Connection(asyncio.Protocol):
         tools: Any,
         items: list[dict[str, Any]],
     ) -> _Answer:
-        prompt = render_prompt(instructions, tools if isinstance(tools, list) else [], items)
-        prefill = self.server.prefill(prompt)
+        encoded = canonical_items(items)
+        tool_list = tools if isinstance(tools, list) else []
+        prefill = self.server.cache.prefill(instructions, tool_list, encoded)
         reply = plan(items, tools=tools, instructions=instructions)
         record.items = len(items)
         record.prompt_tokens = prefill.prompt_tokens
@@ -400,7 +398,10 @@ class _Connection(asyncio.Protocol):
         if self.server.config.record_bodies > 0:
             record.context = _canonical(items)
         # Deterministic call ids: the same context gets the same call, whoever sends it.
-        call_id = "call_" + hashlib.sha256(prompt).hexdigest()[:24]
+        digest = hashlib.sha256((instructions or "").encode())
+        for item in encoded:
+            digest.update(item)
+        call_id = "call_" + digest.hexdigest()[:24]
         return _Answer(reply, prefill, first, call_id)
 
     async def _fault(self, record: RequestRecord) -> dict[str, Any] | None:
@@ -637,9 +638,7 @@ class _Connection(asyncio.Protocol):
             frames += new
             texts += [piece] + [""] * (len(new) - 1)
         prefill = answer.prefill
-        usage = usage_object(
-            prefill.prompt_tokens, prefill.cached_tokens, token_count(len(output.encode()))
-        )
+        usage = usage_object(prefill.prompt_tokens, prefill.cached_tokens, count_tokens(output))
         if answer.reply.kind == "fail":
             closing = response.fail(errors.model_failed().response_error(), usage)
         else:
@@ -825,7 +824,7 @@ def context_digest(items: list[dict[str, Any]]) -> str:
 
 def _chat_usage(answer: _Answer, output: str) -> dict[str, Any]:
     prefill = answer.prefill
-    completion = token_count(len(output.encode()))
+    completion = count_tokens(output)
     return {
         "prompt_tokens": prefill.prompt_tokens,
         "completion_tokens": completion,
