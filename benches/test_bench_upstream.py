@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import statistics
 import time
 from collections.abc import Iterator
@@ -92,11 +93,28 @@ def turn_items(turn: int, previous: dict[str, Any] | None) -> list[dict[str, Any
     ]
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time of a process, all threads (Linux /proc schedstat, nanosecond resolution)."""
+    if pid is None:
+        return 0.0
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as stat:
+                total += int(stat.read().split()[0])
+    except OSError:
+        return 0.0
+    return total / 1e9
+
+
 @dataclass
 class Arm:
     name: str
     client: DirectClient | WSClient
+    pid: int | None = None
+    """The gateway process, whose CPU time per turn is recorded."""
     samples: list[list[float]] = field(default_factory=lambda: [[] for _ in range(TURNS)])
+    cpu: list[list[float]] = field(default_factory=lambda: [[] for _ in range(TURNS)])
     last: dict[str, Any] | None = None
 
     async def reset(self) -> None:
@@ -108,17 +126,22 @@ class Arm:
 
     async def turn(self, index: int, record: bool) -> None:
         items = turn_items(index, self.last)
+        cpu = cpu_seconds(self.pid)
         start = time.perf_counter()
         self.last = await self.client.turn(items)
+        elapsed = time.perf_counter() - start
         if record:
-            self.samples[index].append(time.perf_counter() - start)
+            self.samples[index].append(elapsed)
+            self.cpu[index].append(cpu_seconds(self.pid) - cpu)
 
 
 @dataclass
 class Servers:
     upstream_url: str
     warmsocket_url: str
+    warmsocket_pid: int
     agentic_url: str | None
+    agentic_pid: int | None
     agentic_reason: str | None
 
 
@@ -128,25 +151,29 @@ def servers() -> Iterator[Servers]:
         simulated_upstream() as upstream,
         warmsocket_server("--upstream", upstream.base_url, "--upstream-api", "responses") as warm,
     ):
+        base = (upstream.base_url, warm.ws_url, warm.process.pid)
         if agentic_server_binary() is None:
-            yield Servers(upstream.base_url, warm.ws_url, None, AGENTIC_MISSING)
+            yield Servers(*base, None, None, AGENTIC_MISSING)
             return
         with agentic_api(upstream.port) as agentic:
-            yield Servers(upstream.base_url, warm.ws_url, agentic.ws_url, None)
+            yield Servers(*base, agentic.ws_url, agentic.process.pid, None)
 
 
 async def _measure(servers: Servers, reps: int, warmup: int) -> dict[str, Arm]:
     arms = [
         Arm("direct", DirectClient(servers.upstream_url, SETTINGS)),
-        Arm("warmsocket", WSClient(servers.warmsocket_url, SETTINGS)),
+        Arm("warmsocket", WSClient(servers.warmsocket_url, SETTINGS), servers.warmsocket_pid),
     ]
     if servers.agentic_url is not None:
-        arms.append(Arm("agentic-api", WSClient(servers.agentic_url, SETTINGS)))
+        client = WSClient(servers.agentic_url, SETTINGS)
+        arms.append(Arm("agentic-api", client, servers.agentic_pid))
+    shuffle = random.Random(7).shuffle
     for rep in range(warmup + reps):
         for arm in arms:
             await arm.reset()
-        order = arms[rep % len(arms) :] + arms[: rep % len(arms)]
         for index in range(TURNS):
+            order = list(arms)
+            shuffle(order)  # a fresh order every turn: drift and wake-up order hit all arms
             for arm in order:
                 await arm.turn(index, record=rep >= warmup)
     for arm in arms:
@@ -170,7 +197,16 @@ def _window(values: list[float], start: int, stop: int) -> float:
     return statistics.mean(values[start:stop])
 
 
-def _report(overheads: dict[str, list[float]]) -> dict[str, Any]:
+def _cpu(arms: dict[str, Arm]) -> dict[str, list[float]]:
+    """Median CPU time of each gateway process per turn."""
+    return {
+        name: [statistics.median(s) for s in arm.cpu]
+        for name, arm in arms.items()
+        if arm.pid is not None
+    }
+
+
+def _report(overheads: dict[str, list[float]], cpu: dict[str, list[float]]) -> dict[str, Any]:
     report: dict[str, Any] = {}
     lines = ["turns     direct_ms " + " ".join(f"{n:>14}_ms" for n in overheads if n != "direct")]
     for start in range(0, TURNS, 10):
@@ -188,8 +224,17 @@ def _report(overheads: dict[str, list[float]]) -> dict[str, Any]:
         report[f"{name}_mean_ms"] = statistics.mean(values) * 1e3
         report[f"{name}_turns_1_10_ms"] = _window(values, 0, 10) * 1e3
         report[f"{name}_turns_51_60_ms"] = _window(values, 50, 60) * 1e3
+    for name, values in cpu.items():
+        report[f"{name}_cpu_mean_ms"] = statistics.mean(values) * 1e3
+        report[f"{name}_cpu_turns_1_10_ms"] = _window(values, 0, 10) * 1e3
+        report[f"{name}_cpu_turns_51_60_ms"] = _window(values, 50, 60) * 1e3
     print("\nper-turn time (direct) and overhead (gateways), mean of per-turn medians:")
     print("\n".join(lines))
+    for name, values in cpu.items():
+        print(
+            f"{name} CPU per turn: turns 1-10 {_window(values, 0, 10) * 1e3:.3f} ms, "
+            f"51-60 {_window(values, 50, 60) * 1e3:.3f} ms"
+        )
     return report
 
 
@@ -212,7 +257,7 @@ def test_upstream_overhead_flat_and_vs_agentic_api(benchmark: Any, servers: Serv
     if not timed:
         return
     overheads = _overheads(result)
-    report = _report(overheads)
+    report = _report(overheads, _cpu(result))
     benchmark.extra_info.update(report)
     early, late = report["warmsocket_turns_1_10_ms"], report["warmsocket_turns_51_60_ms"]
     benchmark.extra_info["warmsocket_flatness"] = late / early if early > 0 else float("inf")

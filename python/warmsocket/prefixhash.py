@@ -101,51 +101,53 @@ class PromptHasher:
     """Block hashes of whole prompts, remembering recent ones.
 
     A prompt that extends a remembered one (the next turn of a conversation sent as a
-    full request) is tokenised and hashed only for its new items. Items are
-    canonical JSON bytes.
+    full request) is tokenised and hashed only for its new items. Items are JSON bytes.
     """
 
     def __init__(self, block_tokens: int = 16, *, memory: int = 64) -> None:
         self.block_tokens = block_tokens
         self.memory = memory
-        # key: (instructions, tools) -> recent (items, state, hashes), most recent last
+        # (instructions, tools) -> recent (items, state, block hashes), most recent last
         self._recent: OrderedDict[
-            tuple[str | None, bytes], list[tuple[list[bytes], BlockHasher, bytes]]
+            tuple[str | None, bytes], list[tuple[list[bytes], BlockHasher, list[bytes]]]
         ] = OrderedDict()
 
     def hash(
         self, instructions: str | None, tools: Sequence[Any], items: list[bytes]
-    ) -> tuple[int, bytes]:
-        """(prompt tokens, the hashes of its full blocks)."""
+    ) -> tuple[int, list[bytes]]:
+        """(prompt tokens, the hash of each full block, 16 bytes each)."""
         tools_json = tools_item(tools) if tools else b""
         key = (instructions, tools_json)
         entries = self._recent.setdefault(key, [])
         self._recent.move_to_end(key)
-        best: tuple[list[bytes], BlockHasher, bytes] | None = None
+        best: tuple[list[bytes], BlockHasher, list[bytes]] | None = None
         for entry in reversed(entries):
             known = entry[0]
             longer = best is None or len(known) > len(best[0])
             if longer and len(known) <= len(items) and items[: len(known)] == known:
                 best = entry
         tok = tokenizer()
+        more = b""
         if best is not None:
-            start, state, hashes = len(best[0]), best[1], best[2]
+            start, state, blocks = len(best[0]), best[1], best[2]
         else:
-            start, state, hashes = 0, BlockHasher(self.block_tokens), b""
+            start, state, blocks = 0, BlockHasher(self.block_tokens), []
             if instructions is not None:
-                state, hashes = state.extend_instructions(tok, instructions)
+                state, more = state.extend_instructions(tok, instructions)
             if tools_json:
-                state, more = state.extend_item(tok, tools_json)
-                hashes += more
+                state, extra = state.extend_item(tok, tools_json)
+                more += extra
         for item in items[start:]:
-            state, more = state.extend_item(tok, item)
-            hashes += more
-        entries.append((items, state, hashes))
+            state, extra = state.extend_item(tok, item)
+            more += extra
+        if more:
+            blocks = blocks + [more[i : i + HASH_BYTES] for i in range(0, len(more), HASH_BYTES)]
+        entries.append((items, state, blocks))
         if len(entries) > 8:
             del entries[0]
         while len(self._recent) > self.memory:
             self._recent.popitem(last=False)
-        return state.tokens, hashes
+        return state.tokens, blocks
 
 
 def count_tokens(text: str) -> int:

@@ -16,12 +16,13 @@ of any prompt always form a prefix (found by binary search), as in vLLM.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from json.scanner import make_scanner
 from typing import Any
 
 from warmsocket import mockmodel
-from warmsocket.prefixhash import HASH_BYTES, PromptHasher, count_tokens
+from warmsocket.prefixhash import PromptHasher, count_tokens
 
 _canonical = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
 
@@ -78,8 +79,7 @@ class PrefixCache:
 
         `items` are the context's items as canonical JSON.
         """
-        prompt_tokens, hashes = self._hasher.hash(instructions, tools, items)
-        keys = [hashes[i : i + HASH_BYTES] for i in range(0, len(hashes), HASH_BYTES)]
+        prompt_tokens, keys = self._hasher.hash(instructions, tools, items)
         blocks = self._blocks
         low, high = 0, len(keys)
         while low < high:
@@ -111,6 +111,82 @@ class PrefixCache:
 def canonical_items(items: Sequence[Mapping[str, Any]]) -> list[bytes]:
     """Each item as canonical JSON (compact, sorted keys), as the session cache keeps them."""
     return [_canonical(item).encode() for item in items]
+
+
+_scan = make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+_scanstring: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
+_WHITESPACE = " \t\n\r"
+
+
+def parse_request(data: bytes) -> tuple[Any, list[bytes] | None]:
+    """A JSON body, and the JSON text of each `input` item as sent (when it is an array).
+
+    One pass: the items' text is what the prefix cache tokenises, so a full-context
+    request is not serialised again item by item. Raises ValueError.
+    """
+    text = data.decode()
+    try:
+        return _object_with_input(text)
+    except (ValueError, IndexError, StopIteration):
+        return json.loads(text), None
+
+
+def _skip(text: str, position: int) -> int:
+    while text[position] in _WHITESPACE:
+        position += 1
+    return position
+
+
+def _object_with_input(text: str) -> tuple[dict[str, Any], list[bytes] | None]:
+    position = _skip(text, 0)
+    if text[position] != "{":
+        raise ValueError("not an object")
+    position = _skip(text, position + 1)
+    out: dict[str, Any] = {}
+    raw: list[bytes] | None = None
+    if text[position] == "}":
+        return out, None
+    while True:
+        if text[position] != '"':
+            raise ValueError("expected a key")
+        key, position = _scanstring(text, position + 1)
+        position = _skip(text, position)
+        if text[position] != ":":
+            raise ValueError("expected ':'")
+        position = _skip(text, position + 1)
+        if key == "input" and text[position] == "[":
+            value, raw, position = _array_with_texts(text, position)
+        else:
+            value, position = _scan(text, position)
+        out[key] = value
+        position = _skip(text, position)
+        if text[position] == ",":
+            position = _skip(text, position + 1)
+        elif text[position] == "}":
+            return out, raw
+        else:
+            raise ValueError("expected ',' or '}'")
+
+
+def _array_with_texts(text: str, position: int) -> tuple[list[Any], list[bytes] | None, int]:
+    values: list[Any] = []
+    texts: list[bytes] = []
+    position = _skip(text, position + 1)
+    if text[position] == "]":
+        return values, texts, position + 1
+    while True:
+        start = position
+        value, position = _scan(text, position)
+        values.append(value)
+        texts.append(text[start:position].encode())
+        position = _skip(text, position)
+        if text[position] == ",":
+            position = _skip(text, position + 1)
+        elif text[position] == "]":
+            complete = all(isinstance(v, dict) for v in values)
+            return values, texts if complete else None, position + 1
+        else:
+            raise ValueError("expected ',' or ']'")
 
 
 def items_from_chat(messages: Sequence[Any]) -> tuple[str | None, list[dict[str, Any]]]:

@@ -58,6 +58,7 @@ from warmsocket.simulate.model import (
     canonical_items,
     items_from_chat,
     items_from_input,
+    parse_request,
     plan,
 )
 
@@ -221,8 +222,9 @@ class SimServer:
 @dataclass(slots=True)
 class _WSState:
     opened: float
-    latest: tuple[str, list[dict[str, Any]]] | None = None
-    """The connection's remembered response: (id, full context including its output)."""
+    latest: tuple[str, list[dict[str, Any]], list[bytes]] | None = None
+    """The connection's remembered response: (id, full context including its output,
+    the context's items as JSON)."""
     busy: bool = False
     queue: deque[bytes] = field(default_factory=deque)
 
@@ -381,8 +383,10 @@ class _Connection(asyncio.Protocol):
         instructions: str | None,
         tools: Any,
         items: list[dict[str, Any]],
+        encoded: list[bytes] | None = None,
     ) -> _Answer:
-        encoded = canonical_items(items)
+        if encoded is None:
+            encoded = canonical_items(items)
         tool_list = tools if isinstance(tools, list) else []
         prefill = self.server.cache.prefill(instructions, tool_list, encoded)
         reply = plan(items, tools=tools, instructions=instructions)
@@ -571,7 +575,7 @@ class _Connection(asyncio.Protocol):
     # -- Responses over HTTP ------------------------------------------------------------------
 
     async def _responses(self, request: Request) -> None:
-        body = _decode(request.body)
+        body, raw_items = _decode_request(request.body)
         if not isinstance(body, dict):
             raise errors.invalid_type("body", "a JSON object")
         stream = body.get("stream") is True
@@ -589,7 +593,11 @@ class _Connection(asyncio.Protocol):
         instructions = body.get("instructions")
         instructions = instructions if isinstance(instructions, str) else None
         answer = self._answer(
-            record, instructions=instructions, tools=body.get("tools"), items=items
+            record,
+            instructions=instructions,
+            tools=body.get("tools"),
+            items=items,
+            encoded=raw_items if raw_items is not None and len(raw_items) == len(items) else None,
         )
         frames, texts, _stream = self._response_events(body, answer, previous_response_id=None)
         if not stream:
@@ -765,26 +773,31 @@ class _Connection(asyncio.Protocol):
             self.task = None
 
     async def _ws_create(self, message: bytes, state: _WSState) -> None:
-        body = _decode(message)
+        body, raw_items = _decode_request(message)
         if not isinstance(body, dict) or body.get("type") != "response.create":
             raise errors.invalid_value("type", "Only response.create is supported here.")
         record = self.server.stats.new("responses-ws", self.id, message, body.get("model"), True)
         self.record = record
         previous = body.get("previous_response_id")
         context: list[dict[str, Any]] = []
+        context_encoded: list[bytes] = []
         if previous is not None:
             record.previous_response_id = str(previous)
             if state.latest is None or state.latest[0] != previous:
                 record.status = 400
                 raise errors.previous_response_not_found(str(previous))
-            context = list(state.latest[1])
+            _id, context, context_encoded = state.latest
             record.chained = True
         fault = await self._fault(record)
-        items = context + items_from_input(body.get("input"))
+        new = items_from_input(body.get("input"))
+        if raw_items is None or len(raw_items) != len(new):
+            raw_items = canonical_items(new)
+        items = context + new
+        encoded = context_encoded + raw_items
         instructions = body.get("instructions")
         instructions = instructions if isinstance(instructions, str) else None
         answer = self._answer(
-            record, instructions=instructions, tools=body.get("tools"), items=items
+            record, instructions=instructions, tools=body.get("tools"), items=items, encoded=encoded
         )
         frames, texts, response = self._response_events(
             body, answer, previous_response_id=previous if isinstance(previous, str) else None
@@ -794,7 +807,8 @@ class _Connection(asyncio.Protocol):
             raise _Abort
         await self._ws_paced(frames, answer, texts)
         if answer.reply.kind != "fail":
-            state.latest = (response.response_id, items + response.output)
+            output = response.output
+            state.latest = (response.response_id, items + output, encoded + canonical_items(output))
         else:
             state.latest = None
         record.finished = time.monotonic()
@@ -849,6 +863,13 @@ def _sse_head(request: Request) -> bytes:
     if not request.keep_alive:
         headers.append(("connection", "close"))
     return response_head(200, headers)
+
+
+def _decode_request(data: bytes) -> tuple[Any, list[bytes] | None]:
+    try:
+        return parse_request(data) if data else (None, None)
+    except (ValueError, UnicodeDecodeError):
+        raise errors.invalid_json("the body is not valid JSON") from None
 
 
 def _decode(data: bytes) -> Any:
