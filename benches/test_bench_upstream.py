@@ -40,6 +40,7 @@ from benches.upstream_servers import (
     agentic_server_binary,
     simulated_upstream,
 )
+from warmsocket.malloc_tuning import keep_freed_memory
 
 TURNS = 60
 OUTPUT_BYTES = 2048
@@ -242,6 +243,8 @@ def _report(overheads: dict[str, list[float]], cpu: dict[str, list[float]]) -> d
 def test_upstream_overhead_flat_and_vs_agentic_api(benchmark: Any, servers: Servers) -> None:
     require_release_build(benchmark)
     timed = timing_enabled(benchmark)
+    if timed:
+        keep_freed_memory()  # the direct client builds context-sized bodies too
     reps, warmup = (REPS, WARMUP_REPS) if timed else (1, 0)
     loop = uvloop.new_event_loop()
     result: dict[str, Arm] = {}

@@ -193,7 +193,11 @@ def build_backend(config: UpstreamConfig, metrics: Metrics | None = None) -> Bac
 
 
 def backend_from_args(args: argparse.Namespace, metrics: Metrics | None = None) -> Backend:
-    return build_backend(config_from_args(args), metrics)
+    from warmsocket.malloc_tuning import keep_freed_memory
+
+    config = config_from_args(args)
+    keep_freed_memory()  # every turn now builds context-sized buffers (malloc_tuning.py)
+    return build_backend(config, metrics)
 
 
 # -- simulate-upstream ----------------------------------------------------------------------
@@ -294,10 +298,12 @@ def simulate_command(args: argparse.Namespace) -> int:
 
     from warmsocket import logs
     from warmsocket.cli import run_async
+    from warmsocket.malloc_tuning import keep_freed_memory
     from warmsocket.simulate.model import LatencyModel
     from warmsocket.simulate.server import SimConfig, SimServer
 
     logs.configure(args.log_level, args.log_format)
+    keep_freed_memory()
     log = logging.getLogger("warmsocket.simulate")
     config = SimConfig(
         host=args.host,

@@ -62,7 +62,7 @@ class ChatBackend(HTTPUpstreamBackend):
         self.full_renders = 0
         """Turns whose whole context was translated (not continued from a remembered parent)."""
 
-    def build_body(self, turn: TurnContext, model: str) -> bytes:
+    def build_body(self, turn: TurnContext, model: str) -> list[bytes]:
         parent = self._memo.get(turn.previous_response_id) if turn.previous_response_id else None
         messages: list[bytes] | None = None
         last_role: str | None = None
@@ -94,7 +94,7 @@ class ChatBackend(HTTPUpstreamBackend):
         while len(memo) > MEMO_ENTRIES:
             memo.popitem(last=False)
         parts = [system, *messages] if system is not None else messages
-        return head + b",".join(parts) + b"]}"
+        return [head, b",".join(parts), b"]}"]
 
     def new_decoder(self) -> Decoder:
         return ChatChunkDecoder()

@@ -135,7 +135,8 @@ class HTTPUpstreamBackend:
 
     # -- what a subclass provides -------------------------------------------------------------
 
-    def build_body(self, turn: TurnContext, model: str) -> bytes:
+    def build_body(self, turn: TurnContext, model: str) -> list[bytes]:
+        """The request body as pieces, written as they are (never joined into one buffer)."""
         raise NotImplementedError
 
     def new_decoder(self) -> Decoder:
@@ -148,7 +149,7 @@ class HTTPUpstreamBackend:
 
     async def stream(self, turn: TurnContext) -> AsyncIterator[ModelEvent]:
         body = self.build_body(turn, self.config.upstream_model(turn.model))
-        length = str(len(body)).encode()
+        length = str(sum(map(len, body))).encode()
         exclude: set[int] = set()
         retries_left = self.config.retries
         forwarded = False
@@ -167,7 +168,7 @@ class HTTPUpstreamBackend:
             recorder = OutputRecorder() if self.records_output else None
             try:
                 started = time.perf_counter()
-                response = await pool.request([head, body], timeout=self.config.timeout)
+                response = await pool.request([head, *body], timeout=self.config.timeout)
                 self.stats.first_byte.observe(time.perf_counter() - started)
                 if response.status != 200:
                     text = await response.read(64 * 1024)

@@ -59,8 +59,8 @@ class ResponsesHTTPBackend(HTTPUpstreamBackend):
         super().__init__(*args, **kwargs)
         self._body_heads = HeadCache({"stream": True, "store": False})
 
-    def build_body(self, turn: TurnContext, model: str) -> bytes:
-        return self._body_heads.head(turn, model) + turn.view.json() + b"}"
+    def build_body(self, turn: TurnContext, model: str) -> list[bytes]:
+        return [self._body_heads.head(turn, model), turn.view.json(), b"}"]
 
     def new_decoder(self) -> Decoder:
         return ResponsesSSEDecoder()
