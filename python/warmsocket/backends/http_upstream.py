@@ -132,6 +132,10 @@ class HTTPUpstreamBackend:
             for origin in origins
         ]
         self._heads = [self._request_head(origin) for origin in origins]
+        if len(origins) > 1:
+            from warmsocket.prefixhash import tokenizer
+
+            tokenizer()  # routing new chains tokenises; build it now, not in a request
 
     # -- what a subclass provides -------------------------------------------------------------
 

@@ -112,6 +112,10 @@ class ResponsesWSBackend:
         self._heads = HeadCache({"store": False}, first={"type": "response.create"})
         self._warming: set[asyncio.Task[None]] = set()
         self._closing = False
+        if len(origins) > 1:
+            from warmsocket.prefixhash import tokenizer
+
+            tokenizer()  # routing new chains tokenises; build it now, not in a request
 
     # -- Backend ------------------------------------------------------------------------------
 
