@@ -134,6 +134,10 @@ def test_tool_loop_carries_the_full_context_byte_stable(
     else:
         for record, expected in zip(records, contexts, strict=True):
             assert sent_context(record) == expected
+        if api == "chat":
+            # Only the first turn was translated whole; the others reused the parent's
+            # rendered messages and still produced exactly the same bytes.
+            assert server.server.engine.backend.full_renders == 1  # type: ignore[attr-defined]
         bodies = [r["body"].encode() for r in records]
         for earlier, later in itertools.pairwise(bodies):
             assert later.startswith(earlier[:-2])  # the previous body minus `]}`
