@@ -19,6 +19,7 @@ from websockets.sync.client import ClientConnection, connect
 from warmsocket.backends.base import Backend
 from warmsocket.backends.mock import MockBackend
 from warmsocket.engine import Limits
+from warmsocket.metrics import Metrics
 from warmsocket.server import Server, ServerConfig
 
 
@@ -98,12 +99,16 @@ class RunningServer:
 
 @contextmanager
 def running_server(
-    *, backend: Backend | None = None, limits: Limits | None = None, **overrides: Any
+    *,
+    backend: Backend | None = None,
+    limits: Limits | None = None,
+    metrics: Metrics | None = None,
+    **overrides: Any,
 ) -> Iterator[RunningServer]:
     config = ServerConfig(port=0, ws_ping_interval=None)
     config = replace(config, limits=limits or Limits(), **overrides)
     loop = uvloop.new_event_loop()
-    server = Server(config, backend or MockBackend())
+    server = Server(config, backend or MockBackend(), metrics=metrics)
     started = threading.Event()
     stopped = threading.Event()
 

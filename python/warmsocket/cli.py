@@ -70,8 +70,9 @@ class _AppendReplacing(argparse.Action):
 class _EnvDefaults:
     """Adds options whose default comes from WARMSOCKET_<NAME>, and says so in --help."""
 
-    def __init__(self, parser: argparse.ArgumentParser | Any) -> None:
+    def __init__(self, parser: argparse.ArgumentParser | Any, prefix: str = "WARMSOCKET_") -> None:
         self.parser = parser
+        self.prefix = prefix
 
     def add(
         self,
@@ -83,7 +84,7 @@ class _EnvDefaults:
         env_split: bool = False,
         **kwargs: Any,
     ) -> None:
-        env_name = "WARMSOCKET_" + flag.lstrip("-").replace("-", "_").upper()
+        env_name = self.prefix + flag.lstrip("-").replace("-", "_").upper()
         raw = os.environ.get(env_name)
         value = default
         if raw is not None:
@@ -230,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_float,
         help="built-in model: pace of output deltas (0 = as fast as possible)",
     )
+    from warmsocket import upstream_cli  # upstream flags and simulate-upstream live there
+
+    upstream_cli.add_serve_flags(serve)
     logs = serve.add_argument_group("logging")
     opt.parser = logs
     opt.add(
@@ -244,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["json", "text"],
         help="log format (logs never contain conversation content)",
     )
+    upstream_cli.add_simulate_command(commands)
     return parser
 
 
@@ -254,6 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from warmsocket.serve import serve_command
 
         return serve_command(args)
+    if args.command == "simulate-upstream":
+        from warmsocket.upstream_cli import simulate_command
+
+        return simulate_command(args)
     parser.print_help(sys.stderr)
     return 2
 

@@ -199,6 +199,8 @@ class Turn:
             view=self.view,
             new_items=len(self.items),
             cached_tokens=self.cached_tokens,
+            previous_response_id=self.parent_id,
+            input=self.items,
         )
 
     def start(self) -> list[bytes]:

@@ -214,7 +214,11 @@ class HTTPApp:
         async def nothing() -> None:
             return None
 
-        await run_turn(turn, keep_last, nothing, lambda: writer.closing)
+        failure = await run_turn(turn, keep_last, nothing, lambda: writer.closing)
+        if failure is not None and 400 <= failure.status < 500:
+            # The model's upstream rejected the request (e.g. context too long): nothing
+            # was sent yet, so answer with that error as the upstream would have.
+            raise failure
         event = json.loads(terminal[-1]) if terminal else {}
         body = dumps(event.get("response", {}))
         self._json(writer, request, request_id, 200, body)
@@ -314,46 +318,52 @@ async def run_turn(
     emit: Callable[[list[bytes]], None],
     drain: Callable[[], Awaitable[None]],
     closing: Callable[[], bool],
-) -> None:
-    """Drive one HTTP-mode turn from `response.created` to its terminal event."""
+) -> APIError | None:
+    """Drive one HTTP-mode turn from `response.created` to its terminal event.
+
+    Returns the error the response failed with, if it failed.
+    """
     emit(turn.start())
     if not turn.request.generate:
         emit(turn.complete())
-        return
+        return None
     engine = turn.engine
-    failed = False
+    failure: APIError | None = None
     stream = engine.backend.stream(turn.context())
     try:
         async for event in stream:
             if isinstance(event, TurnFailed):
                 emit(turn.fail(event.error))
-                failed = True
+                failure = event.error
                 break
             emit(turn.feed(event))
             await drain()
             if closing():
                 turn.release()
                 turn.finished = True
-                return
+                return None
     except APIError as error:
         emit(turn.fail(error))
-        return
+        return error
     except Exception:
         log.exception("backend error")
-        emit(turn.fail(errors.model_failed()))
-        return
+        failure = errors.model_failed()
+        emit(turn.fail(failure))
+        return failure
     finally:
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()
         if not turn.finished and closing():
             turn.release()
-    if failed:
-        return
+    if failure is not None:
+        return failure
     try:
         emit(turn.complete())
     except APIError as error:
         emit(turn.fail(error))
+        return error
+    return None
 
 
 def sse_event(frame: bytes) -> bytes:

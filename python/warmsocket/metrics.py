@@ -75,6 +75,7 @@ class Metrics:
         self.bytes_received = 0
         self.bytes_sent = 0
         self.collectors: list[Callable[[], Iterable[str]]] = []
+        self.upstream = UpstreamMetrics()
 
     # -- recording ----------------------------------------------------------------------
 
@@ -169,10 +170,91 @@ class Metrics:
             "Time from the start of a turn to its terminal event.",
         )
         lines += self.turn_total.render("warmsocket_turn_seconds")
+        lines += self.upstream.render()
         for collect in self.collectors:
             lines += collect()
         lines.append("")
         return "\n".join(lines)
+
+
+class UpstreamMetrics:
+    """Counters of the upstream backends (`--upstream`); empty with the built-in model."""
+
+    def __init__(self) -> None:
+        self.requests = Counter[tuple[str, str]]()
+        """(api, outcome): an HTTP status, or 'timeout', 'connect', 'closed', 'protocol'."""
+        self.retries = 0
+        self.replays = Counter[str]()
+        """Full-context resends after the upstream lost a chain's state, by reason."""
+        self.chained = 0
+        """responses-ws turns sent with the upstream's own previous_response_id."""
+        self.affinity = Counter[tuple[str, str]]()
+        """(result, reason): hit/parent, miss/<why>, new/prefix..."""
+        self.connections_opened = Counter[str]()
+        self.first_byte = Histogram()
+
+    def render(self) -> list[str]:
+        if not self.requests and not self.connections_opened:
+            return []
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+
+        family(
+            "warmsocket_upstream_requests_total",
+            "counter",
+            "Requests sent upstream, by upstream API and outcome (HTTP status or failure).",
+        )
+        for (api, outcome), count in sorted(self.requests.items()):
+            labels = f'api="{_label(api)}",outcome="{_label(outcome)}"'
+            lines.append(f"warmsocket_upstream_requests_total{{{labels}}} {count}")
+        family(
+            "warmsocket_upstream_retries_total",
+            "counter",
+            "Upstream requests retried before any event reached the client.",
+        )
+        lines.append(f"warmsocket_upstream_retries_total {self.retries}")
+        family(
+            "warmsocket_upstream_replays_total",
+            "counter",
+            "Turns resent with their full context after the upstream lost the chain's state.",
+        )
+        for reason, count in sorted(self.replays.items()):
+            lines.append(f'warmsocket_upstream_replays_total{{reason="{_label(reason)}"}} {count}')
+        family(
+            "warmsocket_upstream_chained_total",
+            "counter",
+            "Turns sent with the upstream's own previous_response_id (responses-ws).",
+        )
+        lines.append(f"warmsocket_upstream_chained_total {self.chained}")
+        family(
+            "warmsocket_upstream_affinity_total",
+            "counter",
+            "Replica choices: hit (the parent's replica), miss (moved away, by reason), new "
+            "(a new chain placed by its prefix).",
+        )
+        for (result, reason), count in sorted(self.affinity.items()):
+            labels = f'result="{_label(result)}",reason="{_label(reason)}"'
+            lines.append(f"warmsocket_upstream_affinity_total{{{labels}}} {count}")
+        family(
+            "warmsocket_upstream_connections_opened_total",
+            "counter",
+            "Connections opened to upstream replicas, by upstream API.",
+        )
+        for api, count in sorted(self.connections_opened.items()):
+            lines.append(
+                f'warmsocket_upstream_connections_opened_total{{api="{_label(api)}"}} {count}'
+            )
+        family(
+            "warmsocket_upstream_first_byte_seconds",
+            "histogram",
+            "Time from sending a turn upstream to the upstream's answer (response head or "
+            "first event).",
+        )
+        lines += self.first_byte.render("warmsocket_upstream_first_byte_seconds")
+        return lines
 
 
 def _label(value: str) -> str:

@@ -8,12 +8,13 @@ import logging
 import signal
 from pathlib import Path
 
-from warmsocket import logs
+from warmsocket import logs, upstream_cli
 from warmsocket._core import SessionCache, SnapshotError
 from warmsocket.backends.base import Backend
 from warmsocket.backends.mock import MockBackend
 from warmsocket.cli import run_async
 from warmsocket.engine import Limits
+from warmsocket.metrics import Metrics
 from warmsocket.server import Server, ServerConfig
 
 log = logging.getLogger("warmsocket")
@@ -40,7 +41,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def backend_from_args(args: argparse.Namespace) -> Backend:
+def backend_from_args(args: argparse.Namespace, metrics: Metrics | None = None) -> Backend:
+    if getattr(args, "upstream", None):
+        return upstream_cli.backend_from_args(args, metrics)
     return MockBackend(ttft_ms=args.mock_ttft_ms, tokens_per_second=args.mock_tokens_per_second)
 
 
@@ -49,12 +52,16 @@ def serve_command(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     snapshot = Path(args.snapshot) if args.snapshot else None
     try:
-        return int(run_async(_serve(config, backend_from_args(args), snapshot)))
+        metrics = Metrics()
+        backend = backend_from_args(args, metrics)
+        return int(run_async(_serve(config, backend, snapshot, metrics)))
     except KeyboardInterrupt:
         return 0
 
 
-async def _serve(config: ServerConfig, backend: Backend, snapshot: Path | None) -> int:
+async def _serve(
+    config: ServerConfig, backend: Backend, snapshot: Path | None, metrics: Metrics | None = None
+) -> int:
     cache = SessionCache(config.memory_budget, max_item_bytes=config.max_item_bytes)
     if snapshot is not None and snapshot.exists():
         try:
@@ -66,7 +73,7 @@ async def _serve(config: ServerConfig, backend: Backend, snapshot: Path | None) 
             )
             return 1
         log.info("snapshot restored", extra={"path": str(snapshot), "responses": restored})
-    server = Server(config, backend, cache=cache)
+    server = Server(config, backend, cache=cache, metrics=metrics)
     try:
         await server.start()
     except OSError as exc:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from warmsocket._core import ContextView
+    from warmsocket._core import ContextView, Items
     from warmsocket.errors import APIError
 
 
@@ -71,6 +71,13 @@ class TurnContext:
     """How many items at the end of `view` are this turn's input."""
     cached_tokens: int
     """Tokens of the context that were cached before this turn."""
+    previous_response_id: str | None = None
+    """The parent response's id, None for a new chain. Upstream backends key what they
+    remember about a chain (the replica that served it, the upstream's own response id)
+    by warmsocket response ids, so a turn finds its parent's entry with this."""
+    input: Items | None = None
+    """This turn's own new input (the last `new_items` items of `view`), for backends
+    that send only new items upstream."""
 
     @property
     def instructions(self) -> str | None:

@@ -1,0 +1,105 @@
+"""`--upstream-api chat`: each turn as one streamed Chat Completions request.
+
+The full context is translated into messages (`warmsocket.backends.chat_translate`).
+Translating it from scratch every turn would cost time in proportion to the
+conversation, so the rendered messages of each response's request are remembered
+(by warmsocket response id, least recently used first out): a turn that continues a
+remembered response renders only its parent's output and its own new input, and
+reuses the parent's message bytes. Rendering is per item and deterministic, so the
+result is byte for byte what a full translation gives, and each request's body
+starts with the previous turn's body (an upstream prefix cache depends on that).
+Whenever the shortcut cannot be proven right (item counts differ, a cancelled or
+steered parent), the whole context is translated again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from warmsocket.backends.base import TurnContext
+from warmsocket.backends.chat_translate import (
+    ChatChunkDecoder,
+    chat_messages,
+    request_head,
+    system_message,
+)
+from warmsocket.backends.http_upstream import Decoder, HTTPUpstreamBackend
+from warmsocket.response_stream import dumps
+
+MEMO_ENTRIES = 4096
+
+
+@dataclass(slots=True)
+class _Rendered:
+    model: str
+    settings: dict[str, Any]
+    head: bytes
+    system: bytes | None
+    messages: list[bytes]
+    items: int
+    """Items of the request context these messages render."""
+    last_role: str | None
+    output: list[dict[str, Any]] | None = None
+    """The response's output items, once the upstream finished it."""
+
+
+def render(items: list[dict[str, Any]]) -> tuple[list[bytes], str | None]:
+    messages = chat_messages(items)
+    return [dumps(m) for m in messages], (messages[-1]["role"] if messages else None)
+
+
+class ChatBackend(HTTPUpstreamBackend):
+    name = "upstream-chat"
+    api: ClassVar[str] = "chat"
+    path: ClassVar[str] = "/chat/completions"
+    records_output: ClassVar[bool] = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._memo: OrderedDict[str, _Rendered] = OrderedDict()
+        self.full_renders = 0
+        """Turns whose whole context was translated (not continued from a remembered parent)."""
+
+    def build_body(self, turn: TurnContext, model: str) -> list[bytes]:
+        parent = self._memo.get(turn.previous_response_id) if turn.previous_response_id else None
+        messages: list[bytes] | None = None
+        last_role: str | None = None
+        if (
+            parent is not None
+            and parent.output is not None
+            and turn.input is not None
+            and parent.items + len(parent.output) + turn.new_items == turn.view.items
+        ):
+            batch = parent.output + turn.input.to_objects()
+            merges = bool(batch) and batch[0].get("type") == "function_call"
+            if not (merges and parent.last_role == "assistant"):
+                new, last_role = render(batch)
+                messages = parent.messages + new
+                last_role = last_role or parent.last_role
+        if messages is None:
+            self.full_renders += 1
+            messages, last_role = render(turn.view.objects())
+        if parent is not None and parent.model == model and parent.settings == turn.settings:
+            head, system = parent.head, parent.system
+        else:
+            head = request_head(turn.settings, model)
+            instructions = turn.instructions
+            system = system_message(instructions) if instructions is not None else None
+        memo = self._memo
+        memo[turn.response_id] = _Rendered(
+            model, turn.settings, head, system, messages, turn.view.items, last_role
+        )
+        while len(memo) > MEMO_ENTRIES:
+            memo.popitem(last=False)
+        parts = [system, *messages] if system is not None else messages
+        return [head, b",".join(parts), b"]}"]
+
+    def new_decoder(self) -> Decoder:
+        return ChatChunkDecoder()
+
+    def completed(self, turn: TurnContext, output: list[dict[str, Any]] | None) -> None:
+        entry = self._memo.get(turn.response_id)
+        if entry is not None:
+            entry.output = output

@@ -1,0 +1,344 @@
+"""Responses API <-> Chat Completions translation (pure functions, no I/O).
+
+Request side, in order:
+
+* `instructions` -> the first message, role `system`;
+* `message` items -> messages of the same role (`developer` becomes `system`, which
+  every chat template knows); text-only content becomes a string, other content
+  parts their chat forms (`input_image` -> `image_url`, `input_file` -> `file`,
+  `input_audio` -> `input_audio`);
+* `function_call` items -> `tool_calls` of an assistant message: merged into the
+  assistant message right before them (text then calls, or parallel calls), else a
+  new assistant message with `content: null`;
+* `function_call_output` items -> `tool` messages (`tool_call_id` = `call_id`);
+* other items (reasoning, hosted tools) have no chat form and are left out;
+* function tools -> `{"type": "function", "function": {...}}`; other tools are left
+  out; `tool_choice` and `parallel_tool_calls` follow, only when tools remain;
+* `max_output_tokens` -> `max_tokens`; `text.format` -> `response_format`;
+  `reasoning.effort` -> `reasoning_effort`; sampling fields only when the client set
+  them; always `stream: true` with `stream_options.include_usage`.
+
+Response side: `ChatChunkDecoder` turns the SSE stream of chat completion chunks
+(choice 0) into model events: content deltas, tool calls by `index` (a call starts
+when its index first appears, with the upstream's `id` as `call_id`), argument
+deltas, and the usage chunk (`prompt_tokens_details.cached_tokens` when given).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from warmsocket import ids
+from warmsocket.backends.base import (
+    ModelEvent,
+    TextDelta,
+    ToolArgumentsDelta,
+    ToolCallStart,
+    UsageReport,
+)
+from warmsocket.response_stream import dumps
+from warmsocket.sse import SSEDecoder
+from warmsocket.upstream import (
+    UpstreamError,
+    explicit_settings,
+    from_error_object,
+    parse_event,
+    transport_error,
+)
+
+_TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})
+
+
+# -- request --------------------------------------------------------------------------------
+
+
+def chat_messages(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Responses items -> chat messages, in order."""
+    out: list[dict[str, Any]] = []
+    for item in items:
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role == "developer":
+                role = "system"
+            out.append({"role": role, "content": message_content(item.get("content"), role)})
+        elif kind == "function_call":
+            call = {
+                "id": item.get("call_id"),
+                "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments", "")},
+            }
+            last = out[-1] if out else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            out.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": item.get("call_id"),
+                    "content": _plain_text(item.get("output")),
+                }
+            )
+    return out
+
+
+def render_messages(items: Iterable[Mapping[str, Any]]) -> list[bytes]:
+    """`chat_messages` encoded, one compact JSON object per message."""
+    return [dumps(message) for message in chat_messages(items)]
+
+
+def system_message(instructions: str) -> bytes:
+    return dumps({"role": "system", "content": instructions})
+
+
+def message_content(content: Any, role: str | None) -> Any:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    parts: list[dict[str, Any]] = []
+    text_only = True
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind in _TEXT_PARTS:
+            parts.append({"type": "text", "text": part.get("text", "")})
+        elif kind == "refusal":
+            parts.append({"type": "text", "text": part.get("refusal", "")})
+        elif kind == "input_image" and isinstance(part.get("image_url"), str):
+            text_only = False
+            parts.append(
+                {
+                    "type": "image_url",
+                    "image_url": {"url": part["image_url"], "detail": part.get("detail", "auto")},
+                }
+            )
+        elif kind == "input_file":
+            text_only = False
+            file = {k: part[k] for k in ("file_data", "file_id", "filename") if k in part}
+            parts.append({"type": "file", "file": file})
+        elif kind == "input_audio":
+            text_only = False
+            parts.append({"type": "input_audio", "input_audio": part.get("input_audio")})
+    if text_only and (len(parts) <= 1 or role != "user"):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def _plain_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(
+            p.get("text", "") for p in value if isinstance(p, dict) and p.get("type") in _TEXT_PARTS
+        )
+    return ""
+
+
+def chat_tools(tools: Iterable[Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for tool in tools:
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            continue
+        function = {
+            k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool
+        }
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def chat_tool_choice(choice: Any) -> Any:
+    if isinstance(choice, str):
+        return choice
+    if isinstance(choice, dict):
+        if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+            return {"type": "function", "function": {"name": choice["name"]}}
+        if choice.get("type") == "allowed_tools":
+            tools = [
+                {"type": "function", "function": {"name": t["name"]}}
+                for t in choice.get("tools", ())
+                if isinstance(t, dict) and t.get("type") == "function" and "name" in t
+            ]
+            return {
+                "type": "allowed_tools",
+                "allowed_tools": {"mode": choice.get("mode", "auto"), "tools": tools},
+            }
+    return "auto"
+
+
+def chat_request_fields(settings: Mapping[str, Any], model: str) -> dict[str, Any]:
+    """Every field of the chat request except `messages`."""
+    fields: dict[str, Any] = {"model": model}
+    tools = chat_tools(settings.get("tools") or ())
+    if tools:
+        fields["tools"] = tools
+        choice = settings.get("tool_choice", "auto")
+        if choice != "auto":
+            fields["tool_choice"] = chat_tool_choice(choice)
+        if settings.get("parallel_tool_calls") is False:
+            fields["parallel_tool_calls"] = False
+    explicit = explicit_settings(
+        settings, ("temperature", "top_p", "max_output_tokens", "text", "reasoning", "user")
+    )
+    for name in ("temperature", "top_p", "user"):
+        if name in explicit:
+            fields[name] = explicit[name]
+    if "max_output_tokens" in explicit:
+        fields["max_tokens"] = explicit["max_output_tokens"]
+    text_format = (explicit.get("text") or {}).get("format")
+    if isinstance(text_format, dict):
+        if text_format.get("type") == "json_schema":
+            schema = {k: text_format[k] for k in ("name", "schema", "strict") if k in text_format}
+            fields["response_format"] = {"type": "json_schema", "json_schema": schema}
+        elif text_format.get("type") == "json_object":
+            fields["response_format"] = {"type": "json_object"}
+    effort = (explicit.get("reasoning") or {}).get("effort")
+    if isinstance(effort, str):
+        fields["reasoning_effort"] = effort
+    fields["stream"] = True
+    fields["stream_options"] = {"include_usage": True}
+    return fields
+
+
+def request_head(settings: Mapping[str, Any], model: str) -> bytes:
+    """The request body up to the opening bracket of `messages` (messages come last)."""
+    return dumps(chat_request_fields(settings, model))[:-1] + b',"messages":['
+
+
+# -- response -------------------------------------------------------------------------------
+
+
+class _Call:
+    __slots__ = ("call_id", "name", "pending", "started")
+
+    def __init__(self, call_id: str) -> None:
+        self.call_id = call_id
+        self.name = ""
+        self.started = False
+        self.pending: list[str] = []
+
+
+class ChatChunkDecoder:
+    """Chat completion chunks (SSE) -> model events."""
+
+    def __init__(self) -> None:
+        self._sse = SSEDecoder()
+        self._calls: dict[int, _Call] = {}
+        self._current: int | None = None
+        self._usage: dict[str, Any] | None = None
+        self.finished = False
+        """A `finish_reason` or `[DONE]` arrived."""
+        self.events_seen = 0
+
+    def feed(self, data: bytes) -> list[ModelEvent]:
+        """Events of the chunks completed by `data`. Raises UpstreamError."""
+        return self._decode(self._sse.feed(data))
+
+    def finish(self) -> list[ModelEvent]:
+        """Events at the end of the stream. Raises UpstreamError if it ended early."""
+        events = self._decode(self._sse.finish())
+        if not self.finished:
+            raise transport_error("closed")
+        usage = self._usage
+        if usage:
+            details = usage.get("prompt_tokens_details")
+            cached = details.get("cached_tokens") if isinstance(details, dict) else None
+            events.append(
+                UsageReport(
+                    input_tokens=_int(usage.get("prompt_tokens")),
+                    cached_tokens=_int(cached),
+                    output_tokens=_int(usage.get("completion_tokens")),
+                )
+            )
+        return events
+
+    def _decode(self, pairs: list[tuple[bytes, bytes]]) -> list[ModelEvent]:
+        events: list[ModelEvent] = []
+        for _name, payload in pairs:
+            self.events_seen += 1
+            if payload == b"[DONE]":
+                self.finished = True
+                continue
+            try:
+                chunk = parse_event(payload)
+            except ValueError:
+                raise transport_error("protocol") from None
+            if not isinstance(chunk, dict):
+                raise transport_error("protocol")
+            self._chunk(chunk, events)
+        return events
+
+    def _chunk(self, chunk: dict[str, Any], events: list[ModelEvent]) -> None:
+        error = chunk.get("error")
+        if error is not None and not chunk.get("choices"):
+            status = error.get("code") if isinstance(error, dict) else None
+            raise from_error_object(error, status=status if isinstance(status, int) else None)
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self._usage = usage
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                content = delta.get("content")
+                if isinstance(content, str) and content:
+                    events.append(TextDelta(content))
+                tool_calls = delta.get("tool_calls")
+                if isinstance(tool_calls, list):
+                    for position, call in enumerate(tool_calls):
+                        if isinstance(call, dict):
+                            self._tool_delta(call, position, events)
+            if choice.get("finish_reason"):
+                self.finished = True
+
+    def _tool_delta(self, delta: dict[str, Any], position: int, events: list[ModelEvent]) -> None:
+        index = delta.get("index")
+        call_id = delta.get("id")
+        if not isinstance(index, int):
+            # Servers that omit `index`: a new id starts a new call, else continue the last.
+            current = self._calls.get(self._current) if self._current is not None else None
+            if current is None or (isinstance(call_id, str) and call_id != current.call_id):
+                index = len(self._calls)
+            else:
+                index = self._current if self._current is not None else position
+        call = self._calls.get(index)
+        if call is None:
+            if self._current is not None and index < self._current:
+                raise _interleaved()
+            call = _Call(call_id if isinstance(call_id, str) and call_id else ids.call_id())
+            self._calls[index] = call
+            self._current = index
+        elif index != self._current:
+            raise _interleaved()
+        function = delta.get("function")
+        if not isinstance(function, dict):
+            return
+        name = function.get("name")
+        if isinstance(name, str) and name and not call.started:
+            call.name += name
+        arguments = function.get("arguments")
+        if not call.started and call.name:
+            call.started = True
+            events.append(ToolCallStart(call.call_id, call.name))
+            events.extend(ToolArgumentsDelta(piece) for piece in call.pending if piece)
+            call.pending.clear()
+        if isinstance(arguments, str) and arguments:
+            if call.started:
+                events.append(ToolArgumentsDelta(arguments))
+            else:
+                call.pending.append(arguments)
+
+
+def _interleaved() -> UpstreamError:
+    error = transport_error("protocol")
+    error.message = "The upstream interleaved the argument deltas of parallel tool calls."
+    return error
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -1,0 +1,258 @@
+"""What the two HTTP upstream backends (`chat`, `responses`) share.
+
+One turn is one streamed POST to the replica the router picks, over a pooled
+keep-alive connection. Retryable failures (5xx, timeouts, refused or broken
+connections, streams that end early) are retried, on another replica when there
+is one, only while no model event has been handed on; then, and for any 4xx, the
+turn ends with `TurnFailed`. Cancelling the stream (the client went away, or the
+response was stopped) aborts the upstream connection at once, which is how an
+HTTP upstream learns that a request is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar, Protocol
+
+from warmsocket import __version__
+from warmsocket.backends.base import (
+    ModelEvent,
+    TextDelta,
+    ToolArgumentsDelta,
+    ToolCallStart,
+    TurnContext,
+    TurnFailed,
+)
+from warmsocket.httpclient import (
+    ConnectFailed,
+    ConnectionClosed,
+    HTTPPool,
+    HTTPResponse,
+    Origin,
+    ProtocolViolation,
+    RequestTimeout,
+)
+from warmsocket.metrics import Metrics
+from warmsocket.router import Outcome, Router, RouterConfig
+from warmsocket.upstream import UpstreamConfig, UpstreamError, from_http_status, transport_error
+
+log = logging.getLogger("warmsocket.upstream")
+
+
+class Decoder(Protocol):
+    def feed(self, data: bytes) -> list[ModelEvent]: ...
+
+    def finish(self) -> list[ModelEvent]: ...
+
+
+class OutputRecorder:
+    """The output items a turn's events make, shaped as the engine stores them.
+
+    A run of text deltas is one message; each tool call is one function_call item.
+    Only the fields a translation reads are kept.
+    """
+
+    __slots__ = ("_parts", "items")
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self._parts: list[str] | None = None
+
+    def add(self, event: ModelEvent) -> None:
+        if isinstance(event, TextDelta):
+            if self._parts is None:
+                self._parts = []
+                self.items.append({"type": "message", "role": "assistant", "content": []})
+            self._parts.append(event.text)
+        elif isinstance(event, ToolCallStart):
+            self._close_text()
+            self.items.append(
+                {
+                    "type": "function_call",
+                    "call_id": event.call_id,
+                    "name": event.name,
+                    "arguments": "",
+                }
+            )
+        elif (
+            isinstance(event, ToolArgumentsDelta)
+            and self._parts is None
+            and self.items
+            and self.items[-1]["type"] == "function_call"
+        ):
+            self.items[-1]["arguments"] += event.delta
+
+    def finish(self) -> list[dict[str, Any]]:
+        self._close_text()
+        return self.items
+
+    def _close_text(self) -> None:
+        if self._parts is not None:
+            text = "".join(self._parts)
+            self.items[-1]["content"] = [{"type": "output_text", "text": text}]
+            self._parts = None
+
+
+def chain_key(turn: TurnContext, config: RouterConfig) -> bytes:
+    """The new-chain routing key of a turn: a hash of its prompt's first token blocks."""
+    from warmsocket.prefixhash import context_items, new_chain_key
+
+    return new_chain_key(
+        turn.instructions,
+        turn.settings.get("tools") or (),
+        context_items(turn.view.json()),
+        block_tokens=config.block_tokens,
+        max_blocks=config.prefix_blocks,
+    )
+
+
+class HTTPUpstreamBackend:
+    """Routing, pooling, retries and failure mapping for one HTTP upstream API."""
+
+    name = "upstream"
+    api: ClassVar[str] = ""
+    path: ClassVar[str] = ""
+    records_output: ClassVar[bool] = False
+
+    def __init__(self, config: UpstreamConfig, *, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.stats = self.metrics.upstream
+        origins = [Origin.parse(url) for url in config.urls]
+        self.router = Router([str(o) for o in origins], config.router, metrics=self.stats)
+        self.pools = [
+            HTTPPool(
+                origin,
+                connect_timeout=config.connect_timeout,
+                max_idle=config.max_idle_connections,
+                on_open=self._opened,
+            )
+            for origin in origins
+        ]
+        self._heads = [self._request_head(origin) for origin in origins]
+        if len(origins) > 1:
+            from warmsocket.prefixhash import tokenizer
+
+            tokenizer()  # routing new chains tokenises; build it now, not in a request
+
+    # -- what a subclass provides -------------------------------------------------------------
+
+    def build_body(self, turn: TurnContext, model: str) -> list[bytes]:
+        """The request body as pieces, written as they are (never joined into one buffer)."""
+        raise NotImplementedError
+
+    def new_decoder(self) -> Decoder:
+        raise NotImplementedError
+
+    def completed(self, turn: TurnContext, output: list[dict[str, Any]] | None) -> None:
+        """The upstream finished the turn normally (`output` if `records_output`)."""
+
+    # -- Backend ------------------------------------------------------------------------------
+
+    async def stream(self, turn: TurnContext) -> AsyncIterator[ModelEvent]:
+        body = self.build_body(turn, self.config.upstream_model(turn.model))
+        length = str(sum(map(len, body))).encode()
+        exclude: set[int] = set()
+        retries_left = self.config.retries
+        forwarded = False
+        while True:
+            replica = self.router.route(
+                turn.previous_response_id,
+                lambda: chain_key(turn, self.config.router),
+                exclude=exclude,
+            )
+            pool = self.pools[replica.index]
+            head = self._heads[replica.index] + length + b"\r\n\r\n"
+            self.router.begin(replica)
+            outcome: Outcome = "cancelled"
+            response: HTTPResponse | None = None
+            error: UpstreamError | None = None
+            recorder = OutputRecorder() if self.records_output else None
+            try:
+                started = time.perf_counter()
+                response = await pool.request([head, *body], timeout=self.config.timeout)
+                self.stats.first_byte.observe(time.perf_counter() - started)
+                if response.status != 200:
+                    text = await response.read(64 * 1024)
+                    error = from_http_status(response.status, text, response.head.headers)
+                    response.close()
+                    response = None
+                else:
+                    decoder = self.new_decoder()
+                    async for data in response.chunks():
+                        for event in decoder.feed(data):
+                            if recorder is not None:
+                                recorder.add(event)
+                            forwarded = True
+                            yield event
+                    for event in decoder.finish():
+                        if recorder is not None:
+                            recorder.add(event)
+                        forwarded = True
+                        yield event
+                    response.close()
+                    response = None
+                    outcome = "ok"
+                    self.stats.requests[(self.api, "200")] += 1
+                    self.router.remember(turn.response_id, replica)
+                    self.completed(turn, recorder.finish() if recorder is not None else None)
+                    return
+            except UpstreamError as exc:
+                error = exc
+            except RequestTimeout:
+                error = transport_error("timeout")
+            except ConnectFailed:
+                error = transport_error("connect")
+            except ConnectionClosed:
+                error = transport_error("closed")
+            except ProtocolViolation:
+                error = transport_error("protocol")
+            finally:
+                if response is not None:
+                    response.abort()
+                if error is not None:
+                    outcome = "failed" if error.retryable else "ok"
+                self.router.end(replica, outcome)
+            label = str(error.status) if error.reason == "status" else error.reason
+            self.stats.requests[(self.api, label)] += 1
+            retry = error.retryable and not forwarded and retries_left > 0
+            log.warning(
+                "upstream request failed",
+                extra={
+                    "response_id": turn.response_id,
+                    "replica": replica.label,
+                    "outcome": label,
+                    "retry": retry,
+                },
+            )
+            if not retry:
+                yield TurnFailed(error)
+                return
+            retries_left -= 1
+            self.stats.retries += 1
+            exclude.add(replica.index)
+
+    async def aclose(self) -> None:
+        for pool in self.pools:
+            pool.close()
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _opened(self) -> None:
+        self.stats.connections_opened[self.api] += 1
+
+    def _request_head(self, origin: Origin) -> bytes:
+        """The request head up to the Content-Length value (the body length comes last)."""
+        headers = [
+            ("Host", origin.host_header),
+            ("User-Agent", f"warmsocket/{__version__}"),
+            ("Content-Type", "application/json"),
+            ("Accept", "text/event-stream"),
+        ]
+        if self.config.api_key:
+            headers.append(("Authorization", f"Bearer {self.config.api_key}"))
+        lines = [f"POST {origin.base_path}{self.path} HTTP/1.1"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        return ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")

@@ -1,0 +1,413 @@
+"""`--upstream-api responses-ws`: turns over warm upstream WebSocket-mode connections.
+
+For OpenAI, xAI or another warmsocket. Each replica has a pool of open WebSocket
+connections to `<url>/responses` (one turn at a time per connection, at least
+`ws_warm_connections` kept open and idle). Requests go with `store: false`, so the
+upstream's state lives on the connection that produced it:
+
+* a turn whose parent was produced on a connection that is still open, idle, young
+  enough, and still remembers that response (it is the connection's latest) goes on
+  that connection with the upstream's own `previous_response_id` and only the new
+  input items (*chained*);
+* any other turn goes on an idle (or new) connection with its full context, from
+  the session cache (*full*);
+* when the upstream answers `previous_response_not_found`, or the connection turns
+  out to be closed before anything was answered, the turn is replayed transparently
+  with its full context (on a fresh connection when needed), so the client never
+  sees the upstream's state loss;
+* a connection older than `ws_lifetime` gets no new turn: it is closed at a turn
+  boundary and its chains continue elsewhere with a full replay (*rotation*), before
+  the upstream's own lifetime limit can end a turn.
+
+Cancelling a turn mid-response closes its connection: WebSocket mode has no cancel
+event, so closing is how the upstream learns to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.protocol import State
+
+from warmsocket import __version__
+from warmsocket.backends.base import ModelEvent, TurnContext, TurnFailed
+from warmsocket.backends.http_upstream import chain_key
+from warmsocket.backends.responses_events import ResponsesEventDecoder
+from warmsocket.backends.responses_http import HeadCache
+from warmsocket.httpclient import Origin
+from warmsocket.metrics import Metrics
+from warmsocket.response_stream import dumps
+from warmsocket.router import Outcome, Replica, Router
+from warmsocket.upstream import (
+    UpstreamConfig,
+    UpstreamError,
+    from_http_status,
+    parse_event,
+    transport_error,
+)
+
+log = logging.getLogger("warmsocket.upstream")
+
+MAX_CHAINS = 200_000
+_INPUT_KEY = b'"input":'
+
+
+class UpstreamSocket:
+    """One WebSocket-mode connection to a replica."""
+
+    __slots__ = ("busy", "head", "last_used", "opened", "replica", "ws")
+
+    def __init__(self, replica: Replica, ws: ClientConnection, opened: float) -> None:
+        self.replica = replica
+        self.ws = ws
+        self.opened = opened
+        self.last_used = opened
+        self.busy = False
+        self.head: str | None = None
+        """The upstream response id this connection remembers (its latest)."""
+
+    @property
+    def open(self) -> bool:
+        return self.ws.state is State.OPEN
+
+    def abort(self) -> None:
+        self.head = None
+        transport = self.ws.transport
+        if transport is not None:
+            transport.abort()
+
+
+@dataclass(slots=True)
+class _Placement:
+    replica: Replica
+    socket: UpstreamSocket | None = None
+    previous: str | None = None
+    error: UpstreamError | None = None
+
+
+class ResponsesWSBackend:
+    name = "upstream-responses-ws"
+    api: ClassVar[str] = "responses-ws"
+
+    def __init__(self, config: UpstreamConfig, *, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.stats = self.metrics.upstream
+        origins = [Origin.parse(url) for url in config.urls]
+        self.urls = [
+            f"{'wss' if o.tls else 'ws'}://{o.host_header}{o.base_path}/responses" for o in origins
+        ]
+        self.router = Router([str(o) for o in origins], config.router, metrics=self.stats)
+        self._idle: list[list[UpstreamSocket]] = [[] for _ in origins]
+        self._chains: OrderedDict[str, tuple[UpstreamSocket, str]] = OrderedDict()
+        self._heads = HeadCache({"store": False}, first={"type": "response.create"})
+        self._warming: set[asyncio.Task[None]] = set()
+        self._closing = False
+        if len(origins) > 1:
+            from warmsocket.prefixhash import tokenizer
+
+            tokenizer()  # routing new chains tokenises; build it now, not in a request
+
+    # -- Backend ------------------------------------------------------------------------------
+
+    async def stream(self, turn: TurnContext) -> AsyncIterator[ModelEvent]:
+        head = self._heads.head(turn, self.config.upstream_model(turn.model))
+        exclude: set[int] = set()
+        retries_left = self.config.retries
+        forwarded = False
+        fresh = False
+        while True:
+            placed = await self._place(turn, exclude, fresh=fresh)
+            replica = placed.replica
+            failure = placed.error
+            if placed.socket is not None:
+                socket, previous = placed.socket, placed.previous
+                self.router.begin(replica)
+                outcome: Outcome = "cancelled"
+                reusable = False
+                try:
+                    decoder = ResponsesEventDecoder()
+                    async for event in self._exchange(turn, socket, head, previous, decoder):
+                        forwarded = True
+                        yield event
+                    reusable = True
+                    outcome = "ok"
+                    self.stats.requests[(self.api, "ok")] += 1
+                    socket.head = decoder.response_id
+                    if decoder.response_id is not None:
+                        self._remember(turn.response_id, socket, decoder.response_id)
+                    self.router.remember(turn.response_id, replica)
+                except UpstreamError as exc:
+                    failure = exc
+                    reusable = not exc.retryable  # a rejected request leaves it usable
+                    outcome = "failed" if exc.retryable else "ok"
+                finally:
+                    self.router.end(replica, outcome)
+                    self._release(socket, reusable=reusable)
+                if failure is None:
+                    return
+                if failure.reason == "closed" and previous is not None and not forwarded:
+                    self.stats.replays["connection_lost"] += 1
+            assert failure is not None
+            label = str(failure.status) if failure.reason == "status" else failure.reason
+            self.stats.requests[(self.api, label)] += 1
+            retry = failure.retryable and not forwarded and retries_left > 0
+            log.warning(
+                "upstream request failed",
+                extra={
+                    "response_id": turn.response_id,
+                    "replica": replica.label,
+                    "outcome": label,
+                    "retry": retry,
+                },
+            )
+            if not retry:
+                yield TurnFailed(failure)
+                return
+            retries_left -= 1
+            self.stats.retries += 1
+            if failure.reason == "closed":
+                fresh = True  # the connection died, not the replica: a new connection
+            else:
+                exclude.add(replica.index)
+
+    async def aclose(self) -> None:
+        self._closing = True
+        for task in list(self._warming):
+            task.cancel()
+        for sockets in self._idle:
+            for socket in sockets:
+                await socket.ws.close()
+            sockets.clear()
+
+    # -- one exchange -------------------------------------------------------------------------
+
+    async def _exchange(
+        self,
+        turn: TurnContext,
+        socket: UpstreamSocket,
+        head: bytes,
+        previous: str | None,
+        decoder: ResponsesEventDecoder,
+    ) -> AsyncIterator[ModelEvent]:
+        """Send the turn on `socket` and stream its events; replays once on state loss."""
+        body = self._body(turn, head, previous)
+        started = time.perf_counter()
+        first = True
+        if previous is not None:
+            self.stats.chained += 1
+        while True:
+            try:
+                await socket.ws.send(body, text=True)
+                async with asyncio.timeout(self.config.timeout):
+                    raw = await socket.ws.recv(decode=False)
+            except TimeoutError:
+                raise transport_error("timeout") from None
+            except ConnectionClosed:
+                raise transport_error("closed") from None
+            data = _parse(raw)
+            kind = data.get("type")
+            if kind == "error" and not decoder.started and previous is not None:
+                code = (data.get("error") or {}).get("code")
+                if code == "previous_response_not_found":
+                    # The upstream lost the chain: send the full context instead.
+                    self.stats.replays["previous_response_not_found"] += 1
+                    previous = None
+                    body = self._body(turn, head, None)
+                    continue
+            break
+        while True:
+            if first:
+                self.stats.first_byte.observe(time.perf_counter() - started)
+                first = False
+            if isinstance(kind, str):
+                if kind == "error":
+                    code = (data.get("error") or {}).get("code")
+                    if code == "websocket_connection_limit_reached":
+                        raise transport_error("closed")
+                for event in decoder.event(kind, data):
+                    yield event
+            if decoder.done:
+                return
+            try:
+                async with asyncio.timeout(self.config.timeout):
+                    raw = await socket.ws.recv(decode=False)
+            except TimeoutError:
+                raise transport_error("timeout") from None
+            except ConnectionClosed:
+                raise transport_error("closed") from None
+            data = _parse(raw)
+            kind = data.get("type")
+
+    def _body(self, turn: TurnContext, head: bytes, previous: str | None) -> bytes:
+        if previous is None or turn.input is None:
+            return head + turn.view.json() + b"}"
+        prefix = head[: -len(_INPUT_KEY)]
+        chained = b'"previous_response_id":' + dumps(previous) + b","
+        return prefix + chained + _INPUT_KEY + turn.input.json() + b"}"
+
+    # -- connections --------------------------------------------------------------------------
+
+    async def _place(self, turn: TurnContext, exclude: set[int], *, fresh: bool) -> _Placement:
+        """The connection for this turn, and the upstream id to chain from (None: full)."""
+        replica = self.router.route(
+            turn.previous_response_id,
+            lambda: chain_key(turn, self.config.router),
+            exclude=exclude,
+        )
+        parent = self._chains.get(turn.previous_response_id or "")
+        if parent is not None and not exclude and not fresh:
+            socket, upstream_id = parent
+            why_not = self._usable(socket, upstream_id, replica)
+            if why_not is None:
+                socket.busy = True
+                idle = self._idle[replica.index]
+                if socket in idle:
+                    idle.remove(socket)
+                socket.last_used = time.monotonic()
+                return _Placement(replica, socket, upstream_id)
+            self.stats.replays[why_not] += 1
+        try:
+            socket = await self._checkout(replica)
+        except UpstreamError as error:
+            self.router.begin(replica)
+            self.router.end(replica, "failed" if error.retryable else "ok")
+            return _Placement(replica, error=error)
+        return _Placement(replica, socket)
+
+    def _usable(self, socket: UpstreamSocket, upstream_id: str, replica: Replica) -> str | None:
+        """None if a chained turn can go on `socket`, else why not (a replay reason)."""
+        if socket.replica is not replica:
+            return "moved"
+        if not socket.open:
+            return "connection_lost"
+        if socket.head != upstream_id:
+            return "superseded"
+        if socket.busy:
+            return "busy"
+        if time.monotonic() - socket.opened >= self.config.ws_lifetime:
+            self._retire(socket)
+            return "rotated"
+        return None
+
+    async def _checkout(self, replica: Replica) -> UpstreamSocket:
+        idle = self._idle[replica.index]
+        now = time.monotonic()
+        chosen: UpstreamSocket | None = None
+        for socket in list(idle):
+            if not socket.open or now - socket.opened >= self.config.ws_lifetime:
+                self._retire(socket)
+                continue
+            # Prefer a connection that holds no chain's state, else the least recently used.
+            if chosen is None or (socket.head is None, -socket.last_used) > (
+                chosen.head is None,
+                -chosen.last_used,
+            ):
+                chosen = socket
+        if chosen is not None:
+            idle.remove(chosen)
+        else:
+            chosen = await self._open(replica)
+        chosen.busy = True
+        chosen.last_used = now
+        self._top_up(replica)
+        return chosen
+
+    def _release(self, socket: UpstreamSocket, *, reusable: bool) -> None:
+        socket.busy = False
+        socket.last_used = time.monotonic()
+        if not reusable or not socket.open or self._closing:
+            socket.abort()
+            return
+        if time.monotonic() - socket.opened >= self.config.ws_lifetime:
+            self._retire(socket)
+            return
+        self._idle[socket.replica.index].append(socket)
+
+    def _retire(self, socket: UpstreamSocket) -> None:
+        idle = self._idle[socket.replica.index]
+        if socket in idle:
+            idle.remove(socket)
+        socket.head = None
+        if socket.open:
+            task = asyncio.get_running_loop().create_task(socket.ws.close(1000, "rotated"))
+            self._warming.add(task)  # keep a reference until it finishes
+            task.add_done_callback(self._warming.discard)
+
+    async def _open(self, replica: Replica) -> UpstreamSocket:
+        headers = {}
+        if self.config.api_key:
+            headers["Authorization"] = f"Bearer {self.config.api_key}"
+        try:
+            ws = await connect(
+                self.urls[replica.index],
+                additional_headers=headers,
+                user_agent_header=f"warmsocket/{__version__}",
+                max_size=None,
+                compression=None,
+                open_timeout=self.config.connect_timeout,
+                ping_interval=20,
+                ping_timeout=20,
+            )
+        except InvalidStatus as exc:
+            response = exc.response
+            headers = {k.lower(): v for k, v in response.headers.raw_items()}
+            raise from_http_status(
+                response.status_code, bytes(response.body or b""), headers
+            ) from None
+        except (OSError, TimeoutError, InvalidHandshake):
+            raise transport_error("connect") from None
+        self.stats.connections_opened[self.api] += 1
+        return UpstreamSocket(replica, ws, time.monotonic())
+
+    def _top_up(self, replica: Replica) -> None:
+        """Open connections in the background until `ws_warm_connections` are idle."""
+        if self._closing:
+            return
+        missing = (
+            self.config.ws_warm_connections
+            - len(self._idle[replica.index])
+            - sum(1 for t in self._warming if t.get_name() == f"warm-{replica.index}")
+        )
+        for _ in range(max(0, missing)):
+            task = asyncio.get_running_loop().create_task(
+                self._warm(replica), name=f"warm-{replica.index}"
+            )
+            self._warming.add(task)
+            task.add_done_callback(self._warming.discard)
+
+    async def _warm(self, replica: Replica) -> None:
+        try:
+            socket = await self._open(replica)
+        except UpstreamError:
+            return
+        if self._closing:
+            await socket.ws.close()
+            return
+        self._idle[replica.index].append(socket)
+
+    def _remember(self, response_id: str, socket: UpstreamSocket, upstream_id: str) -> None:
+        chains = self._chains
+        chains[response_id] = (socket, upstream_id)
+        chains.move_to_end(response_id)
+        while len(chains) > MAX_CHAINS:
+            chains.popitem(last=False)
+
+
+def _parse(raw: Any) -> dict[str, Any]:
+    try:
+        data = parse_event(raw) if isinstance(raw, bytes) else json.loads(raw)
+    except ValueError:
+        raise transport_error("protocol") from None
+    if not isinstance(data, dict):
+        raise transport_error("protocol")
+    return data

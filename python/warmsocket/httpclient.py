@@ -1,0 +1,576 @@
+"""A small asyncio HTTP/1.1 client with keep-alive pooling, for upstream requests.
+
+Why our own: an upstream turn is one POST whose streamed answer is read chunk by
+chunk, and the whole per-turn overhead budget is well under a millisecond. This
+client does just that: `ResponseParser` is a Sans-I/O parser of one response
+(status, headers, `Content-Length`, chunked or read-until-close bodies);
+`HTTPConnection` is an `asyncio.Protocol` that feeds it; `HTTPPool` keeps idle
+keep-alive connections per origin (LIFO, bounded, with an idle timeout) and opens
+new ones when none is free.
+
+Timeouts: `connect_timeout` bounds the TCP (and TLS) connect; `timeout` bounds every
+wait for the response head and for each piece of the body. A request whose
+connection was reused and then closed by the server before any response byte
+arrived is sent once more on a fresh connection (the usual keep-alive race).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class HTTPClientError(Exception):
+    """A transport or protocol failure talking to an upstream (not an HTTP error status)."""
+
+
+class ConnectFailed(HTTPClientError):
+    """The TCP/TLS connection could not be established."""
+
+
+class ConnectionClosed(HTTPClientError):
+    """The server closed the connection before the response was complete."""
+
+
+class ProtocolViolation(HTTPClientError):
+    """The server sent something that is not a valid HTTP/1.1 response."""
+
+
+class RequestTimeout(HTTPClientError, TimeoutError):
+    """No response byte arrived within the timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+    """The URL's path without a trailing slash, e.g. '/v1'."""
+
+    @classmethod
+    def parse(cls, url: str) -> Origin:
+        split = urlsplit(url)
+        scheme = split.scheme.lower()
+        if scheme in {"ws", "wss"}:
+            scheme = "http" if scheme == "ws" else "https"
+        if scheme not in {"http", "https"} or not split.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        port = split.port or (443 if scheme == "https" else 80)
+        return cls(scheme, split.hostname, port, split.path.rstrip("/"))
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.tls else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host_header}{self.base_path}"
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    status: int
+    headers: dict[str, str]
+    """Lowercased names; repeated headers joined with ', '."""
+
+
+class ResponseParser:
+    """Sans-I/O parser of one HTTP/1.1 response. Feed bytes; take the head and body pieces."""
+
+    __slots__ = (
+        "_buffer",
+        "_chunk_left",
+        "_length_left",
+        "_mode",
+        "body",
+        "done",
+        "head",
+        "keep_alive",
+    )
+
+    def __init__(self, *, head_request: bool = False) -> None:
+        self._buffer = bytearray()
+        self.head: ResponseHead | None = None
+        self.body: list[bytes] = []
+        """Decoded body pieces not yet taken."""
+        self.done = False
+        self.keep_alive = True
+        self._mode = "head"
+        self._length_left = 0
+        self._chunk_left = -1
+        if head_request:
+            self._mode = "head-only"
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes. Raises ProtocolViolation."""
+        if self.done:
+            if data:
+                self.keep_alive = False  # bytes after a complete response: do not reuse
+            return
+        mode = self._mode
+        if mode == "length" and not self._buffer:
+            # Fast path: body bytes of a Content-Length response.
+            take = data[: self._length_left]
+            self._length_left -= len(take)
+            if take:
+                self.body.append(take)
+            if self._length_left == 0:
+                self.done = True
+                if len(data) > len(take):
+                    self.keep_alive = False
+            return
+        if mode == "close":
+            if data:
+                self.body.append(data)
+            return
+        self._buffer += data
+        self._advance()
+
+    def feed_eof(self) -> None:
+        """The peer closed its side. Raises ConnectionClosed if the response is incomplete."""
+        self.keep_alive = False
+        if self.done:
+            return
+        if self._mode == "close":
+            self.done = True
+            return
+        raise ConnectionClosed("the upstream closed the connection mid-response")
+
+    def take_body(self) -> bytes:
+        pieces = self.body
+        if not pieces:
+            return b""
+        self.body = []
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _advance(self) -> None:
+        while not self.done:
+            mode = self._mode
+            if mode in {"head", "head-only"}:
+                if not self._parse_head():
+                    return
+            elif mode == "length":
+                buffer = self._buffer
+                take = min(len(buffer), self._length_left)
+                if take:
+                    self.body.append(bytes(buffer[:take]))
+                    del buffer[:take]
+                    self._length_left -= take
+                if self._length_left == 0:
+                    self.done = True
+                    if buffer:
+                        self.keep_alive = False
+                return
+            elif mode == "chunked":
+                if not self._parse_chunks():
+                    return
+            else:  # close
+                if self._buffer:
+                    self.body.append(bytes(self._buffer))
+                    self._buffer.clear()
+                return
+
+    def _parse_head(self) -> bool:
+        buffer = self._buffer
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buffer) > MAX_HEAD_BYTES:
+                raise ProtocolViolation("response head too large")
+            return False
+        lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+        del buffer[: end + 4]
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise ProtocolViolation("invalid status line")
+        status = int(parts[1])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise ProtocolViolation("invalid header line")
+            key = name.strip().lower()
+            value = value.strip()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        if 100 <= status < 200:
+            return True  # interim response (100 Continue): parse the next head
+        self.head = ResponseHead(status, headers)
+        connection = headers.get("connection", "").lower()
+        if "close" in connection or (parts[0] == "HTTP/1.0" and "keep-alive" not in connection):
+            self.keep_alive = False
+        if self._mode == "head-only" or status in {204, 304}:
+            self.done = True
+            return True
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            self._mode = "chunked"
+        elif "content-length" in headers:
+            try:
+                self._length_left = int(headers["content-length"])
+            except ValueError:
+                raise ProtocolViolation("invalid Content-Length") from None
+            if self._length_left < 0:
+                raise ProtocolViolation("invalid Content-Length")
+            self._mode = "length"
+            if self._length_left == 0:
+                self.done = True
+        else:
+            self._mode = "close"
+            self.keep_alive = False
+        return True
+
+    def _parse_chunks(self) -> bool:
+        # Walks the buffer by index and trims the consumed bytes once, at the end.
+        buffer = self._buffer
+        size_of = len(buffer)
+        pos = 0
+        try:
+            while True:
+                if self._chunk_left < 0:
+                    line_end = buffer.find(b"\r\n", pos)
+                    if line_end < 0:
+                        if size_of - pos > 1024:
+                            raise ProtocolViolation("invalid chunk size line")
+                        return False
+                    try:
+                        size = int(buffer[pos:line_end].split(b";", 1)[0], 16)
+                    except ValueError:
+                        raise ProtocolViolation("invalid chunk size") from None
+                    if size < 0:
+                        raise ProtocolViolation("invalid chunk size")
+                    if size == 0:
+                        # Last chunk: skip trailers up to the empty line.
+                        if buffer[line_end : line_end + 4] == b"\r\n\r\n":
+                            pos = line_end + 4
+                        else:
+                            end = buffer.find(b"\r\n\r\n", line_end)
+                            if end < 0:
+                                return False
+                            pos = end + 4
+                        self.done = True
+                        if pos < size_of:
+                            self.keep_alive = False
+                        return True
+                    pos = line_end + 2
+                    self._chunk_left = size
+                if self._chunk_left > 0:
+                    take = min(size_of - pos, self._chunk_left)
+                    if take == 0:
+                        return False
+                    self.body.append(bytes(buffer[pos : pos + take]))
+                    pos += take
+                    self._chunk_left -= take
+                    if self._chunk_left > 0:
+                        return False
+                if size_of - pos < 2:
+                    return False
+                if buffer[pos : pos + 2] != b"\r\n":
+                    raise ProtocolViolation("chunk not followed by CRLF")
+                pos += 2
+                self._chunk_left = -1
+        finally:
+            if pos:
+                del buffer[:pos]
+
+
+class HTTPConnection(asyncio.Protocol):
+    """One keep-alive connection to an origin; one request at a time."""
+
+    def __init__(self, pool: HTTPPool) -> None:
+        self.pool = pool
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = ResponseParser()
+        self.closed = False
+        self.requests = 0
+        self.idle_since = 0.0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self._received_any = False
+        self._timeout = 0.0
+        self._last_activity = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._received_any = True
+        self._last_activity = self.loop.time()
+        try:
+            self.parser.feed(data)
+        except ProtocolViolation as exc:
+            self._fail(exc)
+            return
+        self._wake()
+
+    def eof_received(self) -> bool:
+        try:
+            self.parser.feed_eof()
+        except ConnectionClosed as exc:
+            self._fail(exc)
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        if not self.parser.done and self._error is None:
+            self._error = ConnectionClosed("the upstream closed the connection")
+        self._wake()
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def send(self, data: list[bytes], timeout: float) -> ResponseHead:
+        """Write one request and wait for the response head."""
+        assert self.transport is not None
+        self.parser = ResponseParser()
+        self._received_any = False
+        self._error = None
+        self.requests += 1
+        self._timeout = timeout
+        self._last_activity = self.loop.time()
+        self.transport.writelines(data)
+        self._arm_timer()
+        while self.parser.head is None:
+            await self._wait()
+        return self.parser.head
+
+    async def read(self) -> bytes | None:
+        """The next decoded body bytes, or None at the end of the body."""
+        parser = self.parser
+        while True:
+            if parser.body:
+                return parser.take_body()
+            if parser.done:
+                self._cancel_timer()
+                return None
+            await self._wait()
+
+    @property
+    def received_any(self) -> bool:
+        return self._received_any
+
+    @property
+    def reusable(self) -> bool:
+        return not self.closed and self.parser.done and self.parser.keep_alive
+
+    def abort(self) -> None:
+        """Drop the connection now (the upstream sees the request cancelled)."""
+        self.closed = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- internals ------------------------------------------------------------------------
+
+    async def _wait(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self.closed:
+            raise ConnectionClosed("the upstream connection is closed")
+        waiter = self.loop.create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+        if self._error is not None:
+            raise self._error
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self.abort()
+        self._wake()
+
+    def _arm_timer(self) -> None:
+        if self._timer is None and self._timeout > 0:
+            self._timer = self.loop.call_at(self._last_activity + self._timeout, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        # Re-armed lazily: activity only moves a timestamp, the timer checks it when it fires.
+        self._timer = None
+        if self.parser.done or self.closed:
+            return
+        deadline = self._last_activity + self._timeout
+        if self.loop.time() >= deadline:
+            self._fail(RequestTimeout(f"no response from the upstream within {self._timeout:g} s"))
+        else:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+
+class HTTPResponse:
+    """A response being read. `close()` returns the connection to the pool when possible."""
+
+    __slots__ = ("_connection", "_pool", "head")
+
+    def __init__(self, pool: HTTPPool, connection: HTTPConnection, head: ResponseHead) -> None:
+        self._pool = pool
+        self._connection = connection
+        self.head = head
+
+    @property
+    def status(self) -> int:
+        return self.head.status
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        connection = self._connection
+        while True:
+            data = await connection.read()
+            if data is None:
+                return
+            yield data
+
+    async def read(self, limit: int = 1 << 20) -> bytes:
+        """The whole body (at most `limit` bytes are kept)."""
+        pieces: list[bytes] = []
+        size = 0
+        async for data in self.chunks():
+            if size < limit:
+                pieces.append(data[: limit - size])
+                size += len(pieces[-1])
+        return b"".join(pieces)
+
+    def close(self) -> None:
+        """Release the connection: back to the pool if the body was read to its end."""
+        connection = self._connection
+        if connection.reusable:
+            self._pool.release(connection)
+        else:
+            connection.abort()
+
+    def abort(self) -> None:
+        self._connection.abort()
+
+
+class HTTPPool:
+    """Keep-alive connections to one origin."""
+
+    def __init__(
+        self,
+        origin: Origin,
+        *,
+        connect_timeout: float = 10.0,
+        max_idle: int = 64,
+        idle_timeout: float = 60.0,
+        ssl_context: ssl.SSLContext | None = None,
+        on_open: Callable[[], None] | None = None,
+    ) -> None:
+        self.origin = origin
+        self.on_open = on_open
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self._ssl = (
+            ssl_context
+            if ssl_context is not None
+            else (ssl.create_default_context() if origin.tls else None)
+        )
+        self._idle: list[HTTPConnection] = []
+        self.opened = 0
+        """Connections opened so far."""
+        self.in_use = 0
+
+    async def request(self, data: list[bytes], *, timeout: float) -> HTTPResponse:
+        """Send a request (head and body pieces) and wait for the response head."""
+        for _attempt in range(2):
+            connection, reused = await self._acquire()
+            self.in_use += 1
+            try:
+                head = await connection.send(data, timeout)
+            except ConnectionClosed:
+                self.in_use -= 1
+                connection.abort()
+                if reused and not connection.received_any:
+                    continue  # the server closed an idle connection as we sent: once more
+                raise
+            except BaseException:
+                self.in_use -= 1
+                connection.abort()
+                raise
+            return HTTPResponse(self, connection, head)
+        raise ConnectionClosed("the upstream closed the connection")  # pragma: no cover
+
+    def release(self, connection: HTTPConnection) -> None:
+        self.in_use -= 1
+        if len(self._idle) >= self.max_idle or connection.closed:
+            connection.abort()
+            return
+        connection.idle_since = connection.loop.time()
+        self._idle.append(connection)
+
+    def discard(self, connection: HTTPConnection) -> None:
+        self.in_use -= 1
+        connection.abort()
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def close(self) -> None:
+        for connection in self._idle:
+            connection.abort()
+        self._idle.clear()
+
+    async def _acquire(self) -> tuple[HTTPConnection, bool]:
+        idle = self._idle
+        if idle:
+            now = asyncio.get_running_loop().time()
+            while idle:
+                connection = idle.pop()
+                if not connection.closed and now - connection.idle_since < self.idle_timeout:
+                    return connection, True
+                connection.abort()
+        return await self._connect(), False
+
+    async def _connect(self) -> HTTPConnection:
+        loop = asyncio.get_running_loop()
+        origin = self.origin
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _transport, connection = await loop.create_connection(
+                    lambda: HTTPConnection(self),
+                    origin.host,
+                    origin.port,
+                    ssl=self._ssl,
+                    server_hostname=origin.host if self._ssl is not None else None,
+                )
+        except TimeoutError:
+            raise ConnectFailed(
+                f"connecting to {origin.host_header} timed out after {self.connect_timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise ConnectFailed(
+                f"cannot connect to {origin.host_header} ({type(exc).__name__})"
+            ) from None
+        self.opened += 1
+        if self.on_open is not None:
+            self.on_open()
+        return connection
+
+
+def request_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", *(f"{k}: {v}" for k, v in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

@@ -1,0 +1,283 @@
+"""The simulated inference engine: prompt rendering, prefix cache, latency, replies.
+
+Latency model of one request: `overhead_ms`, then prefill at
+`prefill_tokens_per_second` for the prompt tokens not already in the prefix cache
+(plus any `/sleep`), then one delta per `decode_tokens_per_second` token. A rate of
+0 means instant.
+
+Prefix cache: the prompt (instructions, tools, then each item; chat messages are
+turned back into items first) is tokenised with the item template and cut into
+token blocks with chained hashes (`warmsocket.prefixhash`); the cache holds up to
+`cache_blocks` block hashes and evicts the least recently used. A block is stamped
+as used after its descendants, so eviction takes leaves first and the cached blocks
+of any prompt always form a prefix (found by binary search), as in vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from json.scanner import make_scanner
+from typing import Any
+
+from warmsocket import mockmodel
+from warmsocket.prefixhash import PromptHasher, count_tokens
+
+_canonical = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyModel:
+    overhead_ms: float = 0.0
+    prefill_tokens_per_second: float = 0.0
+    decode_tokens_per_second: float = 0.0
+
+    def first_token_seconds(self, uncached_tokens: int, sleep_ms: int = 0) -> float:
+        prefill = (
+            uncached_tokens / self.prefill_tokens_per_second
+            if self.prefill_tokens_per_second > 0
+            else 0.0
+        )
+        return (self.overhead_ms + sleep_ms) / 1000.0 + prefill
+
+    def decode_seconds(self, text: str) -> float:
+        if self.decode_tokens_per_second <= 0:
+            return 0.0
+        return max(1, count_tokens(text)) / self.decode_tokens_per_second
+
+
+@dataclass(frozen=True, slots=True)
+class Prefill:
+    prompt_tokens: int
+    cached_tokens: int
+
+
+class PrefixCache:
+    """Block hashes with last-use stamps, at most `capacity` of them."""
+
+    def __init__(self, capacity: int, block_tokens: int = 16) -> None:
+        self.capacity = capacity
+        self.block_tokens = block_tokens
+        self._blocks: dict[bytes, int] = {}
+        self._clock = 0
+        self._hasher = PromptHasher(block_tokens)
+        self.hits = 0
+        self.lookups = 0
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def clear(self) -> None:
+        self._blocks.clear()
+        self._hasher = PromptHasher(self.block_tokens)
+
+    def prefill(
+        self, instructions: str | None, tools: Sequence[Any], items: list[bytes]
+    ) -> Prefill:
+        """Look the prompt's blocks up, then cache them all. Returns token counts.
+
+        `items` are the context's items as canonical JSON.
+        """
+        prompt_tokens, keys = self._hasher.hash(instructions, tools, items)
+        blocks = self._blocks
+        low, high = 0, len(keys)
+        while low < high:
+            mid = (low + high + 1) // 2
+            if keys[mid - 1] in blocks:
+                low = mid
+            else:
+                high = mid - 1
+        cached_blocks = low
+        # Stamp every block; a block's stamp is newer than its descendants', so the
+        # oldest blocks are always leaves and what is cached of a prompt is a prefix.
+        clock = self._clock
+        blocks.update(zip(keys, range(clock + len(keys), clock, -1), strict=True))
+        self._clock = clock + len(keys) + 1
+        if len(blocks) > self.capacity:
+            self._evict()
+        self.lookups += 1
+        self.hits += cached_blocks > 0
+        return Prefill(prompt_tokens, min(prompt_tokens, cached_blocks * self.block_tokens))
+
+    def _evict(self) -> None:
+        """Drop the least recently used blocks, down to 90% of the capacity."""
+        keep = int(self.capacity * 0.9)
+        ordered = sorted(self._blocks.items(), key=lambda entry: entry[1])
+        for key, _stamp in ordered[: len(ordered) - keep]:
+            del self._blocks[key]
+
+
+def canonical_items(items: Sequence[Mapping[str, Any]]) -> list[bytes]:
+    """Each item as canonical JSON (compact, sorted keys), as the session cache keeps them."""
+    return [_canonical(item).encode() for item in items]
+
+
+_scan = make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+_scanstring: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
+_WHITESPACE = " \t\n\r"
+
+
+def parse_request(data: bytes) -> tuple[Any, list[bytes] | None]:
+    """A JSON body, and the JSON text of each `input` item as sent (when it is an array).
+
+    One pass: the items' text is what the prefix cache tokenises, so a full-context
+    request is not serialised again item by item. Raises ValueError.
+    """
+    text = data.decode()
+    try:
+        return _object_with_input(text)
+    except (ValueError, IndexError, StopIteration):
+        return json.loads(text), None
+
+
+def _skip(text: str, position: int) -> int:
+    while text[position] in _WHITESPACE:
+        position += 1
+    return position
+
+
+def _object_with_input(text: str) -> tuple[dict[str, Any], list[bytes] | None]:
+    position = _skip(text, 0)
+    if text[position] != "{":
+        raise ValueError("not an object")
+    position = _skip(text, position + 1)
+    out: dict[str, Any] = {}
+    raw: list[bytes] | None = None
+    if text[position] == "}":
+        return out, None
+    while True:
+        if text[position] != '"':
+            raise ValueError("expected a key")
+        key, position = _scanstring(text, position + 1)
+        position = _skip(text, position)
+        if text[position] != ":":
+            raise ValueError("expected ':'")
+        position = _skip(text, position + 1)
+        if key == "input" and text[position] == "[":
+            value, raw, position = _array_with_texts(text, position)
+        else:
+            value, position = _scan(text, position)
+        out[key] = value
+        position = _skip(text, position)
+        if text[position] == ",":
+            position = _skip(text, position + 1)
+        elif text[position] == "}":
+            return out, raw
+        else:
+            raise ValueError("expected ',' or '}'")
+
+
+def _array_with_texts(text: str, position: int) -> tuple[list[Any], list[bytes] | None, int]:
+    values: list[Any] = []
+    texts: list[bytes] = []
+    position = _skip(text, position + 1)
+    if text[position] == "]":
+        return values, texts, position + 1
+    while True:
+        start = position
+        value, position = _scan(text, position)
+        values.append(value)
+        texts.append(text[start:position].encode())
+        position = _skip(text, position)
+        if text[position] == ",":
+            position = _skip(text, position + 1)
+        elif text[position] == "]":
+            complete = all(isinstance(v, dict) for v in values)
+            return values, texts if complete else None, position + 1
+        else:
+            raise ValueError("expected ',' or ']'")
+
+
+def items_from_chat(messages: Sequence[Any]) -> tuple[str | None, list[dict[str, Any]]]:
+    """Chat messages -> (instructions, Responses items), for the model's rules."""
+    instructions: str | None = None
+    items: list[dict[str, Any]] = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        content = message.get("content")
+        if role == "system" and index == 0 and isinstance(content, str):
+            instructions = content
+        elif role == "tool":
+            items.append(
+                {
+                    "type": "function_call_output",
+                    "call_id": message.get("tool_call_id"),
+                    "output": _chat_text(content),
+                }
+            )
+        elif role == "assistant":
+            text = _chat_text(content)
+            if text:
+                items.append({"type": "message", "role": "assistant", "content": text})
+            for call in message.get("tool_calls") or ():
+                function = call.get("function") or {}
+                items.append(
+                    {
+                        "type": "function_call",
+                        "call_id": call.get("id"),
+                        "name": function.get("name"),
+                        "arguments": function.get("arguments", ""),
+                    }
+                )
+        else:
+            items.append({"type": "message", "role": role, "content": _chat_text(content)})
+    return instructions, items
+
+
+def items_from_input(value: Any) -> list[dict[str, Any]]:
+    """A Responses `input` (string or items) -> items."""
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": value}]
+    if not isinstance(value, list):
+        return []
+    return [
+        item if "type" in item else {"type": "message", **item}
+        for item in value
+        if isinstance(item, dict)
+    ]
+
+
+def function_names(tools: Any) -> list[str]:
+    names: list[str] = []
+    for tool in tools if isinstance(tools, list) else ():
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            continue
+        name = tool.get("name")
+        if name is None and isinstance(tool.get("function"), dict):
+            name = tool["function"].get("name")
+        if isinstance(name, str):
+            names.append(name)
+    return names
+
+
+def plan(
+    items: Sequence[dict[str, Any]], *, tools: Any, instructions: str | None
+) -> mockmodel.Reply:
+    """The built-in model's reply to this context."""
+    start = 0
+    for index in range(len(items) - 1, -1, -1):
+        item = items[index]
+        if item.get("type", "message") == "message" and item.get("role") == "user":
+            start = index
+            break
+    return mockmodel.plan_reply(
+        items[start:],
+        function_names=function_names(tools),
+        instructions=instructions,
+        full_context=lambda: items,
+    )
+
+
+def _chat_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part.get("text", "")
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""

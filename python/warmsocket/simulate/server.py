@@ -1,0 +1,893 @@
+"""The simulated upstream's HTTP and WebSocket server.
+
+Routes (with or without the `/v1` prefix):
+
+* `POST /v1/chat/completions` — Chat Completions, streamed (vLLM-shaped chunks, the
+  usage chunk with `stream_options.include_usage`, `data: [DONE]`) or not;
+* `POST /v1/responses` — the Responses API, stateless (`previous_response_id` is
+  answered `previous_response_not_found`), SSE or JSON;
+* `GET /v1/responses` + WebSocket upgrade — WebSocket mode: one response at a time
+  per connection, which remembers only its latest response (continuing anything
+  else is `previous_response_not_found`), and a lifetime after which the connection
+  gets `websocket_connection_limit_reached` and is closed;
+* `GET /v1/models`, `GET /health`, `GET /healthz`;
+* `GET /stats[?bodies=1][&since=N]` — what it received (see `RequestRecord`);
+* `POST /control` — test hooks: `{"faults": [...]}` queues faults for the next
+  requests (`{"status": 503}`, `{"status": 400, "code": ..., "message": ...,
+  "param": ...}`, `{"break_after": N}` closes the connection after N streamed events,
+  `{"hang": true}` never answers, `{"delay_ms": N}`), `{"forget": true}` drops every
+  WebSocket connection's remembered response, `{"close_websockets": true}`,
+  `{"reset_stats": true}`, `{"reset_cache": true}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, cast
+
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request as WSRequest
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from warmsocket import errors, mockmodel
+from warmsocket.errors import APIError
+from warmsocket.http11 import (
+    LAST_CHUNK,
+    HTTPError,
+    Request,
+    RequestParser,
+    chunk,
+    encode_response,
+    response_head,
+)
+from warmsocket.prefixhash import count_tokens, tokenizer
+from warmsocket.response_stream import ResponseStream, dumps, usage_object
+from warmsocket.simulate.model import (
+    LatencyModel,
+    Prefill,
+    PrefixCache,
+    canonical_items,
+    items_from_chat,
+    items_from_input,
+    parse_request,
+    plan,
+)
+
+log = logging.getLogger("warmsocket.simulate")
+
+_canonical = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
+MAX_BODY_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class SimConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models: tuple[str, ...] = ("warmsocket-sim",)
+    latency: LatencyModel = field(default_factory=LatencyModel)
+    block_tokens: int = 16
+    cache_blocks: int = 1 << 20
+    ws_lifetime: float = 3600.0
+    record_bodies: int = 256
+    """Keep the request bodies of the latest N requests for `/stats?bodies=1`."""
+    api_key: str | None = None
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One request as `/stats` reports it. Times are `time.monotonic()` seconds."""
+
+    seq: int
+    api: str
+    """'chat', 'responses' or 'responses-ws'."""
+    connection: int
+    model: str | None
+    stream: bool
+    bytes: int
+    started: float
+    status: int = 200
+    items: int = 0
+    """Items (or messages) in the full context the model saw."""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    previous_response_id: str | None = None
+    chained: bool = False
+    """responses-ws: continued the connection's remembered response."""
+    context_sha256: str = ""
+    """Of the full context (items) as the model saw it, ids and statuses left out (only
+    computed when bodies are recorded)."""
+    reply: str = ""
+    fault: str | None = None
+    finished: float | None = None
+    aborted: float | None = None
+    body: str | None = None
+    context: str | None = None
+    """The full context (items, canonical JSON) the model saw; kept like `body`."""
+
+
+class SimStats:
+    def __init__(self, record_bodies: int) -> None:
+        self.record_bodies = record_bodies
+        self.requests: list[RequestRecord] = []
+        self.connections_opened = 0
+        self.connections_open = 0
+        self.websockets_opened = 0
+        self._bodies: deque[RequestRecord] = deque()
+
+    def new(
+        self, api: str, connection: int, body: bytes, model: Any, stream: bool
+    ) -> RequestRecord:
+        record = RequestRecord(
+            seq=len(self.requests),
+            api=api,
+            connection=connection,
+            model=model if isinstance(model, str) else None,
+            stream=stream,
+            bytes=len(body),
+            started=time.monotonic(),
+        )
+        if self.record_bodies > 0:
+            record.body = body.decode("utf-8", "replace")
+            self._bodies.append(record)
+            while len(self._bodies) > self.record_bodies:
+                dropped = self._bodies.popleft()
+                dropped.body = dropped.context = None
+        self.requests.append(record)
+        return record
+
+    def report(self, *, bodies: bool, since: int) -> dict[str, Any]:
+        records = []
+        for record in self.requests[since:]:
+            entry = asdict(record)
+            if not bodies:
+                entry.pop("body")
+                entry.pop("context")
+            records.append(entry)
+        return {
+            "connections_opened": self.connections_opened,
+            "connections_open": self.connections_open,
+            "websockets_opened": self.websockets_opened,
+            "requests_total": len(self.requests),
+            "requests": records,
+        }
+
+
+class SimServer:
+    """The simulated upstream. Run it with `start()`; stop it with `close()`."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.stats = SimStats(config.record_bodies)
+        self.cache = PrefixCache(config.cache_blocks, config.block_tokens)
+        self.faults: deque[dict[str, Any]] = deque()
+        self.connections: set[_Connection] = set()
+        self._server: asyncio.Server | None = None
+        self._ids = 0
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            return self.config.port
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self) -> None:
+        tokenizer()  # built once per process (~0.2 s): not inside the first request
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), self.config.host, self.config.port, reuse_address=True
+        )
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def next_connection_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    def take_fault(self) -> dict[str, Any] | None:
+        return self.faults.popleft() if self.faults else None
+
+    def control(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise APIError("invalid_value", "Send a JSON object.")
+        faults = body.get("faults")
+        if isinstance(faults, list):
+            self.faults.extend(f for f in faults if isinstance(f, dict))
+        if body.get("reset_stats"):
+            self.stats = SimStats(self.config.record_bodies)
+        if body.get("reset_cache"):
+            self.cache.clear()
+        for connection in list(self.connections):
+            if body.get("forget") and connection.ws_state is not None:
+                connection.ws_state.latest = None
+            if body.get("close_websockets") and connection.ws is not None:
+                connection.close_websocket(1001, "closed by /control")
+        return {"faults_queued": len(self.faults)}
+
+
+@dataclass(slots=True)
+class _WSState:
+    opened: float
+    latest: tuple[str, list[dict[str, Any]], list[bytes]] | None = None
+    """The connection's remembered response: (id, full context including its output,
+    the context's items as JSON)."""
+    busy: bool = False
+    queue: deque[bytes] = field(default_factory=deque)
+
+
+@dataclass(slots=True)
+class _Answer:
+    """What the model does for one request, with its timing."""
+
+    reply: mockmodel.Reply
+    prefill: Prefill
+    first_delay: float
+    call_id: str
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: SimServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.id = server.next_connection_id()
+        self.transport: asyncio.Transport | None = None
+        self.parser = RequestParser(max_body_bytes=MAX_BODY_BYTES)
+        self.task: asyncio.Task[None] | None = None
+        self.lost = False
+        self.record: RequestRecord | None = None
+        self.ws: ServerProtocol | None = None
+        self.ws_state: _WSState | None = None
+        self._fragments: list[bytes] = []
+        self._lifetime_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.server.connections.add(self)
+        self.server.stats.connections_opened += 1
+        self.server.stats.connections_open += 1
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self._ws_data(data)
+            return
+        self.parser.feed(data)
+        if self.task is None:
+            self._next()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.server.connections.discard(self)
+        self.server.stats.connections_open -= 1
+        if self._lifetime_timer is not None:
+            self._lifetime_timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+        if self.record is not None and self.record.finished is None:
+            self.record.aborted = time.monotonic()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.write(data)
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        try:
+            request = self.parser.next_request()
+        except HTTPError as error:
+            body = dumps(APIError(None, error.message, status=error.status).http_body())
+            self.write(encode_response(error.status, body, keep_alive=False))
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if request is None:
+            return
+        if request.is_websocket_upgrade:
+            self._upgrade(request)
+            return
+        self.task = self.loop.create_task(self._handle(request))
+
+    async def _handle(self, request: Request) -> None:
+        try:
+            await self._route(request)
+        except APIError as error:
+            self.write(
+                encode_response(
+                    error.status, dumps(error.http_body()), keep_alive=request.keep_alive
+                )
+            )
+        except asyncio.CancelledError:
+            return
+        except _Abort:
+            self.abort()
+            return
+        finally:
+            self.task = None
+            self.record = None
+        if not request.keep_alive:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if not self.lost:
+            self._next()
+
+    async def _route(self, request: Request) -> None:
+        path = request.path.rstrip("/")
+        if path.startswith("/v1/"):
+            path = path[3:]
+        method = request.method
+        if method == "GET" and path in {"/health", "/healthz"}:
+            self._json(request, 200, {"status": "ok"})
+            return
+        if method == "GET" and path == "/stats":
+            bodies = request.query_value("bodies") in {"1", "true"}
+            since = int(request.query_value("since") or 0)
+            self._json(request, 200, self.server.stats.report(bodies=bodies, since=since))
+            return
+        if method == "POST" and path == "/control":
+            self._json(request, 200, self.server.control(_decode(request.body)))
+            return
+        self._check_key(request)
+        if method == "GET" and path == "/models":
+            cards = [
+                {"id": m, "object": "model", "created": 0, "owned_by": "warmsocket-sim"}
+                for m in self.server.config.models
+            ]
+            self._json(request, 200, {"object": "list", "data": cards})
+            return
+        if method == "POST" and path == "/chat/completions":
+            await self._chat(request)
+            return
+        if method == "POST" and path == "/responses":
+            await self._responses(request)
+            return
+        raise errors.not_found_route(method, request.path)
+
+    def _check_key(self, request: Request) -> None:
+        key = self.server.config.api_key
+        if key is None:
+            return
+        header = request.header("authorization")
+        if header != f"Bearer {key}":
+            raise errors.invalid_api_key()
+
+    def _json(self, request: Request, status: int, value: Any) -> None:
+        self.write(encode_response(status, dumps(value), keep_alive=request.keep_alive))
+
+    # -- the model -----------------------------------------------------------------------------
+
+    def _answer(
+        self,
+        record: RequestRecord,
+        *,
+        instructions: str | None,
+        tools: Any,
+        items: list[dict[str, Any]],
+        encoded: list[bytes] | None = None,
+    ) -> _Answer:
+        if encoded is None:
+            encoded = canonical_items(items)
+        tool_list = tools if isinstance(tools, list) else []
+        prefill = self.server.cache.prefill(instructions, tool_list, encoded)
+        reply = plan(items, tools=tools, instructions=instructions)
+        record.items = len(items)
+        record.prompt_tokens = prefill.prompt_tokens
+        record.cached_tokens = prefill.cached_tokens
+        record.reply = reply.kind
+        if self.server.config.record_bodies > 0:
+            record.context_sha256 = context_digest(items)
+        latency = self.server.config.latency
+        uncached = prefill.prompt_tokens - prefill.cached_tokens
+        first = latency.first_token_seconds(uncached, reply.sleep_ms)
+        if self.server.config.record_bodies > 0:
+            record.context = _canonical(items)
+        # Deterministic call ids: the same context gets the same call, whoever sends it.
+        digest = hashlib.sha256((instructions or "").encode())
+        for item in encoded:
+            digest.update(item)
+        call_id = "call_" + digest.hexdigest()[:24]
+        return _Answer(reply, prefill, first, call_id)
+
+    async def _fault(self, record: RequestRecord) -> dict[str, Any] | None:
+        """Apply a queued fault that acts before the answer; return one that acts during it."""
+        fault = self.server.take_fault()
+        if fault is None:
+            return None
+        record.fault = next(iter(fault), None)
+        if "delay_ms" in fault:
+            await asyncio.sleep(float(fault["delay_ms"]) / 1000.0)
+            return None
+        if fault.get("hang"):
+            await asyncio.Event().wait()
+        status = fault.get("status")
+        if isinstance(status, int):
+            record.status = status
+            raise APIError(
+                fault.get("code"),
+                fault.get("message", f"Simulated failure (HTTP {status})."),
+                param=fault.get("param"),
+                status=status,
+                type=fault.get(
+                    "type", "server_error" if status >= 500 else "invalid_request_error"
+                ),
+            )
+        return fault
+
+    def _deltas(self, answer: _Answer) -> list[tuple[str, str]]:
+        """('text' | 'call' | 'args', piece) in order."""
+        reply = answer.reply
+        if reply.kind == "call":
+            pieces = [("call", reply.name)]
+            pieces += [("args", p) for p in mockmodel.argument_deltas(reply.arguments)]
+            return pieces
+        if reply.kind == "text":
+            return [("text", p) for p in mockmodel.text_deltas(reply.text)]
+        return []
+
+    async def _pace(self, pieces: list[bytes], answer: _Answer, texts: list[str]) -> None:
+        """Write `pieces` (first one after the first-token delay), paced by the decode rate."""
+        latency = self.server.config.latency
+        if answer.first_delay > 0:
+            await asyncio.sleep(answer.first_delay)
+        if latency.decode_tokens_per_second <= 0:
+            if self.transport is not None and not self.lost:
+                self.transport.writelines(pieces)
+            return
+        for piece, text in zip(pieces, texts, strict=False):
+            self.write(piece)
+            if text:
+                await asyncio.sleep(latency.decode_seconds(text))
+
+    # -- Chat Completions --------------------------------------------------------------------
+
+    async def _chat(self, request: Request) -> None:
+        body = _decode(request.body)
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise errors.invalid_type("messages", "an array of messages")
+        stream = body.get("stream") is True
+        record = self.server.stats.new("chat", self.id, request.body, body.get("model"), stream)
+        self.record = record
+        fault = await self._fault(record)
+        instructions, items = items_from_chat(body["messages"])
+        answer = self._answer(
+            record, instructions=instructions, tools=body.get("tools"), items=items
+        )
+        model = body.get("model") or "warmsocket-sim"
+        if answer.reply.kind == "fail" and not stream:
+            record.status = 500
+            raise errors.model_failed()
+        if not stream:
+            if answer.first_delay:
+                await asyncio.sleep(answer.first_delay)
+            self._json(request, 200, self._chat_completion(answer, model))
+            record.finished = time.monotonic()
+            return
+        include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+        chunks, texts = self._chat_chunks(answer, model, include_usage)
+        pieces = [chunk(b"data: " + c + b"\n\n") for c in chunks]
+        pieces.append(chunk(b"data: [DONE]\n\n") + LAST_CHUNK)
+        texts.append("")
+        self.write(_sse_head(request))
+        if fault is not None and "break_after" in fault:
+            await self._pace(pieces[: int(fault["break_after"])], answer, texts)
+            raise _Abort
+        await self._pace(pieces, answer, texts)
+        record.finished = time.monotonic()
+
+    def _chat_chunks(
+        self, answer: _Answer, model: str, include_usage: bool
+    ) -> tuple[list[bytes], list[str]]:
+        base = {
+            "id": "chatcmpl-" + os.urandom(12).hex(),
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+        def choice(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            entry = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return dumps({**base, "choices": [entry]})
+
+        chunks = [choice({"role": "assistant", "content": ""})]
+        texts = [""]
+        output = ""
+        for kind, piece in self._deltas(answer):
+            output += piece
+            texts.append(piece)
+            if kind == "text":
+                chunks.append(choice({"content": piece}))
+            elif kind == "call":
+                call = {
+                    "id": answer.call_id,
+                    "type": "function",
+                    "index": 0,
+                    "function": {"name": piece, "arguments": ""},
+                }
+                chunks.append(choice({"tool_calls": [call]}))
+            else:
+                chunks.append(
+                    choice({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                )
+        if answer.reply.kind == "fail":
+            error = {"message": "The model failed to generate a response.", "type": "server_error"}
+            chunks.append(dumps({"error": {**error, "code": 500}}))
+            texts.append("")
+            return chunks, texts
+        finish = "tool_calls" if answer.reply.kind == "call" else "stop"
+        chunks.append(choice({}, finish))
+        texts.append("")
+        if include_usage:
+            chunks.append(dumps({**base, "choices": [], "usage": _chat_usage(answer, output)}))
+            texts.append("")
+        return chunks, texts
+
+    def _chat_completion(self, answer: _Answer, model: str) -> dict[str, Any]:
+        reply = answer.reply
+        message: dict[str, Any] = {"role": "assistant", "content": None}
+        output = ""
+        if reply.kind == "call":
+            message["tool_calls"] = [
+                {
+                    "id": answer.call_id,
+                    "type": "function",
+                    "function": {"name": reply.name, "arguments": reply.arguments},
+                }
+            ]
+            output = reply.name + reply.arguments
+        else:
+            message["content"] = output = reply.text
+        return {
+            "id": "chatcmpl-" + os.urandom(12).hex(),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": "tool_calls" if reply.kind == "call" else "stop",
+                }
+            ],
+            "usage": _chat_usage(answer, output),
+        }
+
+    # -- Responses over HTTP ------------------------------------------------------------------
+
+    async def _responses(self, request: Request) -> None:
+        body, raw_items = _decode_request(request.body)
+        if not isinstance(body, dict):
+            raise errors.invalid_type("body", "a JSON object")
+        stream = body.get("stream") is True
+        record = self.server.stats.new(
+            "responses", self.id, request.body, body.get("model"), stream
+        )
+        self.record = record
+        previous = body.get("previous_response_id")
+        if previous is not None:
+            record.previous_response_id = str(previous)
+            record.status = 400
+            raise errors.previous_response_not_found(str(previous))
+        fault = await self._fault(record)
+        items = items_from_input(body.get("input"))
+        instructions = body.get("instructions")
+        instructions = instructions if isinstance(instructions, str) else None
+        answer = self._answer(
+            record,
+            instructions=instructions,
+            tools=body.get("tools"),
+            items=items,
+            encoded=raw_items if raw_items is not None and len(raw_items) == len(items) else None,
+        )
+        frames, texts, _stream = self._response_events(body, answer, previous_response_id=None)
+        if not stream:
+            if answer.first_delay:
+                await asyncio.sleep(answer.first_delay)
+            terminal = json.loads(frames[-1])
+            self._json(request, 200, terminal["response"])
+            record.finished = time.monotonic()
+            return
+        pieces = [chunk(sse_event(frame)) for frame in frames]
+        pieces[-1] += LAST_CHUNK
+        self.write(_sse_head(request))
+        if fault is not None and "break_after" in fault:
+            await self._pace(pieces[: int(fault["break_after"])], answer, texts)
+            raise _Abort
+        await self._pace(pieces, answer, texts)
+        record.finished = time.monotonic()
+
+    def _response_events(
+        self, body: dict[str, Any], answer: _Answer, *, previous_response_id: str | None
+    ) -> tuple[list[bytes], list[str], ResponseStream]:
+        settings = {
+            "instructions": body.get("instructions"),
+            "tools": body.get("tools") or [],
+            "tool_choice": body.get("tool_choice", "auto"),
+        }
+        response = ResponseStream(
+            response_id="resp_" + os.urandom(24).hex(),
+            model=str(body.get("model") or "warmsocket-sim"),
+            settings=settings,
+            previous_response_id=previous_response_id,
+            store=body.get("store") is not False,
+            created_at=int(time.time()),
+        )
+        frames = response.start()
+        texts = ["", ""]
+        output = ""
+        for kind, piece in self._deltas(answer):
+            output += piece
+            if kind == "text":
+                new = response.text_delta(piece)
+            elif kind == "call":
+                new = response.tool_call_start(answer.call_id, piece)
+            else:
+                new = response.tool_arguments_delta(piece)
+            frames += new
+            texts += [piece] + [""] * (len(new) - 1)
+        prefill = answer.prefill
+        usage = usage_object(prefill.prompt_tokens, prefill.cached_tokens, count_tokens(output))
+        if answer.reply.kind == "fail":
+            closing = response.fail(errors.model_failed().response_error(), usage)
+        else:
+            closing = response.complete(usage, int(time.time()))
+        frames += closing
+        texts += [""] * len(closing)
+        return frames, texts, response
+
+    # -- Responses WebSocket mode --------------------------------------------------------------
+
+    def _upgrade(self, request: Request) -> None:
+        path = request.path.rstrip("/")
+        if path not in {"/v1/responses", "/responses"}:
+            self.write(encode_response(404, b"{}", keep_alive=False))
+            return
+        try:
+            self._check_key(request)
+        except APIError as error:
+            self.write(encode_response(401, dumps(error.http_body()), keep_alive=False))
+            if self.transport is not None:
+                self.transport.close()
+            return
+        protocol = ServerProtocol(max_size=MAX_BODY_BYTES)
+        protocol.receive_data(request.head)
+        handshake = protocol.events_received()
+        if not handshake or not isinstance(handshake[0], WSRequest):
+            self.abort()
+            return
+        protocol.send_response(protocol.accept(handshake[0]))
+        self.ws = protocol
+        self.ws_state = _WSState(opened=self.loop.time())
+        self.server.stats.websockets_opened += 1
+        self._lifetime_timer = self.loop.call_later(
+            self.server.config.ws_lifetime, self._lifetime_reached
+        )
+        leftover = self.parser.take_buffer()
+        if leftover:
+            self._ws_data(leftover)
+        else:
+            self._ws_flush()
+
+    def _ws_data(self, data: bytes) -> None:
+        ws = self.ws
+        state = self.ws_state
+        assert ws is not None and state is not None
+        ws.receive_data(data)
+        for event in ws.events_received():
+            if not isinstance(event, Frame):
+                continue
+            if event.opcode in {Opcode.TEXT, Opcode.BINARY}:
+                if event.fin:
+                    state.queue.append(bytes(event.data))
+                else:
+                    self._fragments = [bytes(event.data)]
+            elif event.opcode is Opcode.CONT:
+                self._fragments.append(bytes(event.data))
+                if event.fin:
+                    state.queue.append(b"".join(self._fragments))
+                    self._fragments = []
+        self._ws_flush()
+        if not state.busy and state.queue:
+            state.busy = True
+            self.task = self.loop.create_task(self._ws_run())
+
+    def _ws_flush(self) -> None:
+        ws = self.ws
+        if ws is None or self.transport is None or self.lost:
+            return
+        chunks = ws.data_to_send()
+        eof = bool(chunks) and chunks[-1] == b""
+        data = [c for c in chunks if c]
+        if data:
+            self.transport.writelines(data)
+        if eof:
+            self.transport.close()
+
+    def _ws_send(self, frames: list[bytes]) -> None:
+        ws = self.ws
+        if ws is None or ws.state is not State.OPEN:
+            return
+        for frame in frames:
+            ws.send_text(frame)
+        self._ws_flush()
+
+    def close_websocket(self, code: int, reason: str) -> None:
+        ws = self.ws
+        if ws is not None and ws.state is State.OPEN:
+            ws.send_close(code, reason)
+            self._ws_flush()
+
+    def _lifetime_reached(self) -> None:
+        self._lifetime_timer = None
+        state = self.ws_state
+        if state is not None and not state.busy:
+            self._expire()
+
+    def _expire(self) -> None:
+        error = errors.connection_limit_reached(self.server.config.ws_lifetime / 60.0)
+        self._ws_send([dumps(error.ws_event())])
+        self.close_websocket(1000, "connection lifetime reached")
+
+    async def _ws_run(self) -> None:
+        state = self.ws_state
+        assert state is not None
+        try:
+            while state.queue and not self.lost:
+                message = state.queue.popleft()
+                if self.loop.time() - state.opened >= self.server.config.ws_lifetime:
+                    self._expire()
+                    return
+                try:
+                    await self._ws_create(message, state)
+                except APIError as error:
+                    self._ws_send([dumps(error.ws_event())])
+                finally:
+                    self.record = None
+        except asyncio.CancelledError:
+            return
+        except _Abort:
+            self.abort()
+            return
+        finally:
+            state.busy = False
+            self.task = None
+
+    async def _ws_create(self, message: bytes, state: _WSState) -> None:
+        body, raw_items = _decode_request(message)
+        if not isinstance(body, dict) or body.get("type") != "response.create":
+            raise errors.invalid_value("type", "Only response.create is supported here.")
+        record = self.server.stats.new("responses-ws", self.id, message, body.get("model"), True)
+        self.record = record
+        previous = body.get("previous_response_id")
+        context: list[dict[str, Any]] = []
+        context_encoded: list[bytes] = []
+        if previous is not None:
+            record.previous_response_id = str(previous)
+            if state.latest is None or state.latest[0] != previous:
+                record.status = 400
+                raise errors.previous_response_not_found(str(previous))
+            _id, context, context_encoded = state.latest
+            record.chained = True
+        fault = await self._fault(record)
+        new = items_from_input(body.get("input"))
+        if raw_items is None or len(raw_items) != len(new):
+            raw_items = canonical_items(new)
+        items = context + new
+        encoded = context_encoded + raw_items
+        instructions = body.get("instructions")
+        instructions = instructions if isinstance(instructions, str) else None
+        answer = self._answer(
+            record, instructions=instructions, tools=body.get("tools"), items=items, encoded=encoded
+        )
+        frames, texts, response = self._response_events(
+            body, answer, previous_response_id=previous if isinstance(previous, str) else None
+        )
+        if fault is not None and "break_after" in fault:
+            await self._ws_paced(frames[: int(fault["break_after"])], answer, texts)
+            raise _Abort
+        await self._ws_paced(frames, answer, texts)
+        if answer.reply.kind != "fail":
+            output = response.output
+            state.latest = (response.response_id, items + output, encoded + canonical_items(output))
+        else:
+            state.latest = None
+        record.finished = time.monotonic()
+
+    async def _ws_paced(self, frames: list[bytes], answer: _Answer, texts: list[str]) -> None:
+        latency = self.server.config.latency
+        if answer.first_delay > 0:
+            await asyncio.sleep(answer.first_delay)
+        if latency.decode_tokens_per_second <= 0:
+            self._ws_send(frames)
+            return
+        for frame, text in zip(frames, texts, strict=False):
+            self._ws_send([frame])
+            if text:
+                await asyncio.sleep(latency.decode_seconds(text))
+
+
+class _Abort(Exception):
+    """Drop the connection (a simulated broken stream)."""
+
+
+def context_digest(items: list[dict[str, Any]]) -> str:
+    """A digest of a context that ignores item ids and statuses (they differ by who made them)."""
+    normalized = [{k: v for k, v in item.items() if k not in {"id", "status"}} for item in items]
+    return hashlib.sha256(_canonical(normalized).encode()).hexdigest()
+
+
+def _chat_usage(answer: _Answer, output: str) -> dict[str, Any]:
+    prefill = answer.prefill
+    completion = count_tokens(output)
+    return {
+        "prompt_tokens": prefill.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prefill.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": prefill.cached_tokens},
+    }
+
+
+def sse_event(frame: bytes) -> bytes:
+    """One event frame as an SSE event (as `warmsocket.httpapi.sse_event`, without the server)."""
+    start = frame.find(b'"type":"') + 8
+    end = frame.find(b'"', start)
+    return b"event: " + frame[start:end] + b"\ndata: " + frame + b"\n\n"
+
+
+def _sse_head(request: Request) -> bytes:
+    headers = [
+        ("content-type", "text/event-stream; charset=utf-8"),
+        ("cache-control", "no-cache"),
+        ("transfer-encoding", "chunked"),
+    ]
+    if not request.keep_alive:
+        headers.append(("connection", "close"))
+    return response_head(200, headers)
+
+
+def _decode_request(data: bytes) -> tuple[Any, list[bytes] | None]:
+    try:
+        return parse_request(data) if data else (None, None)
+    except (ValueError, UnicodeDecodeError):
+        raise errors.invalid_json("the body is not valid JSON") from None
+
+
+def _decode(data: bytes) -> Any:
+    try:
+        return json.loads(data) if data else None
+    except (ValueError, UnicodeDecodeError):
+        raise errors.invalid_json("the body is not valid JSON") from None
+
+
+async def serve_until(
+    config: SimConfig, stop: asyncio.Event, ready: Callable[[SimServer], Any] | None = None
+) -> None:
+    server = SimServer(config)
+    await server.start()
+    if ready is not None:
+        ready(server)
+    try:
+        await stop.wait()
+    finally:
+        await server.close()

@@ -1,0 +1,50 @@
+"""A Sans-I/O decoder of Server-Sent Events (the `text/event-stream` format).
+
+Feed bytes as they arrive; get complete events back as `(event_name, data)` pairs,
+where `data` is the event's `data:` lines joined with newlines. Comments (lines
+starting with `:`) and `id:`/`retry:` fields are ignored. Lines may end with LF or
+CRLF.
+"""
+
+from __future__ import annotations
+
+
+class SSEDecoder:
+    __slots__ = ("_data", "_event", "_partial")
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._event = b""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
+        """The events completed by `chunk`, in order."""
+        if self._partial:
+            chunk = self._partial + chunk
+        lines = chunk.split(b"\n")
+        self._partial = lines.pop()
+        events: list[tuple[bytes, bytes]] = []
+        data = self._data
+        for line in lines:
+            if line[-1:] == b"\r":
+                line = line[:-1]
+            if not line:
+                if data:
+                    events.append((self._event, data[0] if len(data) == 1 else b"\n".join(data)))
+                    self._data = data = []
+                self._event = b""
+                continue
+            if line[:5] == b"data:":
+                value = line[5:]
+                data.append(value[1:] if value[:1] == b" " else value)
+            elif line[:6] == b"event:":
+                value = line[6:]
+                self._event = value[1:] if value[:1] == b" " else value
+            # comments (':') and other fields are ignored
+        return events
+
+    def finish(self) -> list[tuple[bytes, bytes]]:
+        """Events left when the stream ends without a final blank line."""
+        events = self.feed(b"\n\n") if self._partial or self._data else []
+        self._partial = b""
+        return events

@@ -1,0 +1,309 @@
+"""Upstream configuration and the error mapping shared by every upstream API.
+
+An *upstream* is an OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama,
+OpenAI, another warmsocket) that does the inference; warmsocket keeps the session
+state and sends each turn upstream as a full, byte-stable request. Several URLs are
+replicas of one model (see `warmsocket.router`).
+
+Failure mapping (docs/upstreams.md):
+
+* an upstream 4xx becomes the matching error: its status, code, type, param and
+  message are kept (`UpstreamError`); 401/403 mean warmsocket's own upstream key is
+  wrong and become a 502 `server_error` instead of blaming the client's key;
+* 5xx, 408, timeouts, refused or broken connections and streams that end early are
+  `retryable`: they are retried (on another replica when there is one) only while
+  nothing has gone to the client yet, and otherwise end the response
+  `response.failed` with `server_error`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from json.scanner import make_scanner
+from typing import Any, Literal
+
+from warmsocket.client_events import ECHOED_DEFAULTS
+from warmsocket.errors import INVALID_REQUEST, RATE_LIMIT, SERVER_ERROR, APIError
+from warmsocket.router import RouterConfig
+
+UpstreamAPI = Literal["chat", "responses", "responses-ws"]
+UPSTREAM_APIS: tuple[UpstreamAPI, ...] = ("chat", "responses", "responses-ws")
+MAX_ERROR_MESSAGE = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """Everything the upstream backends need (from `--upstream*` flags)."""
+
+    urls: tuple[str, ...]
+    api: UpstreamAPI = "chat"
+    api_key: str | None = None
+    connect_timeout: float = 10.0
+    timeout: float = 600.0
+    """Seconds to wait for the response head and for each piece of a streamed answer."""
+    retries: int = 2
+    """Extra attempts after a retryable failure, only before any event reached the client."""
+    model_map: Mapping[str, str] = field(default_factory=dict)
+    """Client model name -> upstream model name; the key '*' maps every other name."""
+    max_idle_connections: int = 64
+    """Idle keep-alive connections kept per replica."""
+    ws_lifetime: float = 3300.0
+    """responses-ws: seconds after which a connection gets no new turn (rotated)."""
+    ws_warm_connections: int = 1
+    """responses-ws: idle connections kept open and ready per replica."""
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            raise ValueError("at least one upstream URL is required")
+        if self.api not in UPSTREAM_APIS:
+            raise ValueError(f"unknown upstream API {self.api!r}")
+
+    def upstream_model(self, model: str) -> str:
+        mapped = self.model_map.get(model)
+        if mapped is None:
+            mapped = self.model_map.get("*", model)
+        return mapped
+
+
+def parse_model_map(entries: list[str]) -> dict[str, str]:
+    """`["gpt-4o=Qwen/Qwen3-8B", "*=llama3"]` -> mapping. Raises ValueError."""
+    mapping: dict[str, str] = {}
+    for entry in entries:
+        name, sep, target = entry.partition("=")
+        if not sep or not name.strip() or not target.strip():
+            raise ValueError(f"not a CLIENT=UPSTREAM model mapping: {entry!r}")
+        mapping[name.strip()] = target.strip()
+    return mapping
+
+
+# -- JSON of streamed events ------------------------------------------------------------------
+
+_scan_once: Callable[[str, int], tuple[Any, int]] = make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+
+
+def parse_event(data: bytes) -> Any:
+    """One streamed JSON value (an SSE `data:` payload or a WebSocket message).
+
+    The C scanner directly: about three times faster than `json.loads` on small event
+    payloads, which a turn parses several of. Raises ValueError.
+    """
+    try:
+        value, _end = _scan_once(data.decode(), 0)
+    except StopIteration:
+        return json.loads(data)  # leading whitespace or not JSON: the slow path decides
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+    return value
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+class UpstreamError(APIError):
+    """An error from, or about, the upstream.
+
+    `retryable` errors may be retried while nothing has been sent to the client.
+    `response_error()` keeps the upstream's type and param, and maps the code to one
+    the Response object allows (`server_error`, `rate_limit_exceeded`, `invalid_prompt`).
+    """
+
+    def __init__(
+        self,
+        code: str | None,
+        message: str,
+        *,
+        status: int,
+        type: str,
+        param: str | None = None,
+        retryable: bool = False,
+        headers: dict[str, str] | None = None,
+        reason: str = "error",
+    ) -> None:
+        super().__init__(code, message, param=param, status=status, type=type, headers=headers)
+        self.retryable = retryable
+        self.reason = reason
+        """A short label for metrics and logs: 'status', 'timeout', 'connect', 'stream'..."""
+
+    def response_error(self) -> dict[str, Any]:
+        if self.status == 429:
+            code = "rate_limit_exceeded"
+        elif 400 <= self.status < 500:
+            code = "invalid_prompt"
+        else:
+            code = SERVER_ERROR
+        error: dict[str, Any] = {"code": code, "message": self.message, "type": self.type}
+        if self.param is not None:
+            error["param"] = self.param
+        return error
+
+
+def from_http_status(status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
+    """The error for a non-2xx upstream answer."""
+    code, message, param, error_type = _error_fields(body)
+    if status in {401, 403}:
+        return UpstreamError(
+            "upstream_auth_failed",
+            f"The upstream rejected warmsocket's credentials (HTTP {status}); "
+            "check --upstream-api-key.",
+            status=502,
+            type=SERVER_ERROR,
+            reason="status",
+        )
+    if status == 408 or status >= 500:
+        return UpstreamError(
+            "server_error",
+            f"The upstream server failed (HTTP {status}).",
+            status=500 if status >= 500 else 504,
+            type=SERVER_ERROR,
+            retryable=True,
+            reason="status",
+        )
+    if status == 429:
+        kept = {k: v for k, v in headers.items() if k.startswith("retry-after")}
+        return UpstreamError(
+            code or "rate_limit_exceeded",
+            message or "The upstream's rate limit was reached.",
+            status=429,
+            type=RATE_LIMIT,
+            param=param,
+            headers=kept or None,
+            reason="status",
+        )
+    return UpstreamError(
+        code,
+        message or f"The upstream rejected the request (HTTP {status}).",
+        status=status if 400 <= status < 500 else 502,
+        type=error_type or INVALID_REQUEST,
+        param=param,
+        reason="status",
+    )
+
+
+def from_error_object(error: Any, *, status: int | None = None) -> UpstreamError:
+    """An error reported inside a stream (SSE `error`, `response.failed`, WebSocket `error`)."""
+    if not isinstance(error, dict):
+        error = {}
+    code = error.get("code") if isinstance(error.get("code"), str) else None
+    message = _text(error.get("message"))
+    if status is None:
+        status = 429 if code == "rate_limit_exceeded" else 500
+    if status == 429:
+        return UpstreamError(
+            code or "rate_limit_exceeded",
+            message or "The upstream's rate limit was reached.",
+            status=429,
+            type=RATE_LIMIT,
+            reason="stream",
+        )
+    if status >= 500 or code in {None, "server_error", "server_is_overloaded"}:
+        return UpstreamError(
+            "server_error",
+            "The upstream failed while generating the response.",
+            status=500,
+            type=SERVER_ERROR,
+            retryable=True,
+            reason="stream",
+        )
+    error_type = error.get("type")
+    return UpstreamError(
+        code,
+        message or "The upstream rejected the request.",
+        status=status,
+        type=error_type if isinstance(error_type, str) else INVALID_REQUEST,
+        param=error.get("param") if isinstance(error.get("param"), str) else None,
+        reason="stream",
+    )
+
+
+def transport_error(kind: Literal["connect", "timeout", "closed", "protocol"]) -> UpstreamError:
+    messages = {
+        "connect": "Cannot connect to the upstream server.",
+        "timeout": "The upstream server did not answer in time.",
+        "closed": "The upstream connection broke before the response was complete.",
+        "protocol": "The upstream sent an invalid response.",
+    }
+    return UpstreamError(
+        "server_error",
+        messages[kind],
+        status=504 if kind == "timeout" else 502,
+        type=SERVER_ERROR,
+        retryable=True,
+        reason=kind,
+    )
+
+
+def _error_fields(body: bytes) -> tuple[str | None, str | None, str | None, str | None]:
+    """(code, message, param, type) from an OpenAI, vLLM, llama.cpp or FastAPI error body."""
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        return None, None, None, None
+    if not isinstance(data, dict):
+        return None, None, None, None
+    error = data.get("error", data)
+    if isinstance(error, str):
+        return None, _text(error), None, None
+    if not isinstance(error, dict):
+        return None, None, None, None
+    message = _text(error.get("message")) or _text(data.get("detail"))
+    code = error.get("code")
+    param = error.get("param")
+    error_type = error.get("type")
+    return (
+        code if isinstance(code, str) else None,
+        message,
+        param if isinstance(param, str) else None,
+        error_type if isinstance(error_type, str) and error_type.endswith("_error") else None,
+    )
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, str) and value:
+        return value[:MAX_ERROR_MESSAGE]
+    return None
+
+
+# -- request settings -----------------------------------------------------------------------
+
+# Settings forwarded to a Responses upstream when they differ from the API default;
+# `metadata` is not (it needs `store`), the others are warmsocket's own.
+RESPONSES_FORWARDED = (
+    "instructions",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "temperature",
+    "top_p",
+    "top_logprobs",
+    "max_output_tokens",
+    "max_tool_calls",
+    "text",
+    "reasoning",
+    "truncation",
+    "service_tier",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+)
+
+
+def explicit_settings(settings: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The settings among `names` that differ from the API's defaults (the client set them)."""
+    out: dict[str, Any] = {}
+    for name in names:
+        if name not in settings:
+            continue
+        value = settings[name]
+        default = ECHOED_DEFAULTS.get(name)
+        if value is None or value == default:
+            continue
+        if name == "text" and value.get("format", {"type": "text"}) == {"type": "text"}:
+            extra = {k: v for k, v in value.items() if k not in {"format", "verbosity"}}
+            if value.get("verbosity", "medium") == "medium" and not extra:
+                continue
+        out[name] = value
+    return out

@@ -1,0 +1,115 @@
+"""The upstream command line: flags, environment defaults, and real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx2 as httpx
+import pytest
+
+from warmsocket.cli import build_parser
+from warmsocket.upstream_cli import config_from_args
+
+WARMSOCKET = os.path.join(os.path.dirname(sys.executable), "warmsocket")
+
+
+def subcommand(name: str) -> object:
+    parser = build_parser()
+    return next(
+        action.choices[name]
+        for action in parser._actions
+        if getattr(action, "choices", None) and name in action.choices
+    )
+
+
+def test_simulate_upstream_help_documents_every_flag_with_its_env_var() -> None:
+    sim = subcommand("simulate-upstream")
+    result = subprocess.run(
+        [WARMSOCKET, "simulate-upstream", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for action in sim._actions:  # type: ignore[attr-defined]
+        for flag in action.option_strings:
+            if flag in {"-h", "--help"}:
+                continue
+            assert flag in text
+            assert "WARMSOCKET_SIM_" + flag.lstrip("-").replace("-", "_").upper() in text
+    assert "GET /stats" in text and "prefix cache" in text
+
+
+def test_upstream_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WARMSOCKET_UPSTREAM", "http://a:1/v1,http://b:2/v1")
+    monkeypatch.setenv("WARMSOCKET_UPSTREAM_MODEL_MAP", "gpt-4o=qwen,*=llama")
+    args = build_parser().parse_args(["serve", "--upstream-api", "responses-ws"])
+    config = config_from_args(args)
+    assert config.urls == ("http://a:1/v1", "http://b:2/v1")
+    assert config.api == "responses-ws"
+    assert config.upstream_model("gpt-4o") == "qwen" and config.upstream_model("x") == "llama"
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--upstream",
+            "http://c:3/v1",
+            "--upstream-retries",
+            "0",
+            "--affinity-cooldown",
+            "1",
+        ]
+    )
+    config = config_from_args(args)
+    assert config.urls == ("http://c:3/v1",) and config.retries == 0
+    assert config.router.cooldown == 1.0
+    monkeypatch.delenv("WARMSOCKET_UPSTREAM_MODEL_MAP")
+    bad = build_parser().parse_args(["serve", "--upstream-model-map", "nope"])
+    with pytest.raises(SystemExit, match="CLIENT=UPSTREAM"):
+        config_from_args(bad)
+    bad = build_parser().parse_args(["serve", "--upstream", "ftp://x"])
+    with pytest.raises(SystemExit, match="http"):
+        config_from_args(bad)
+
+
+@contextmanager
+def process(*args: str) -> Iterator[int]:
+    """A warmsocket subcommand on a free port; yields the port it listens on."""
+    proc = subprocess.Popen(
+        [WARMSOCKET, *args, "--port", "0", "--log-format", "json"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        while True:
+            line = proc.stderr.readline()
+            assert line, "the process exited before listening"
+            record = json.loads(line)
+            if record.get("message") == "listening":
+                yield int(record["url"].rsplit(":", 1)[1].split("/")[0])
+                break
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def test_serve_in_front_of_simulate_upstream_processes() -> None:
+    with (
+        process("simulate-upstream", "--overhead-ms", "1") as sim_port,
+        process(
+            "serve", "--upstream", f"http://127.0.0.1:{sim_port}/v1", "--upstream-api", "chat"
+        ) as port,
+    ):
+        base = f"http://127.0.0.1:{port}/v1"
+        with httpx.Client(timeout=10) as client:
+            body = client.post(f"{base}/responses", json={"model": "m", "input": "hi"}).json()
+            assert body["output"][0]["content"][0]["text"] == "You said: hi"
+            metrics = client.get(f"http://127.0.0.1:{port}/metrics").text
+            assert 'warmsocket_upstream_requests_total{api="chat",outcome="200"} 1' in metrics
+            stats = client.get(f"http://127.0.0.1:{sim_port}/stats").json()
+            assert stats["requests"][0]["api"] == "chat"

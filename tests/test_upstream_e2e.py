@@ -1,0 +1,221 @@
+"""warmsocket in front of the simulated upstream, for each `--upstream-api`.
+
+Checks what the client sees (the official SDK and a strict raw client) and what the
+upstream received (`/stats`): the exact full context on every request, byte-stable
+bodies turn to turn, state loss replayed transparently, failure mapping, retries
+only before the first event, cancellation, pooling.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from openai import OpenAI
+
+from tests.support import (
+    FUNCTION_TOOLS,
+    RunningServer,
+    WSClient,
+    check_sse_event,
+    output_text,
+    running_server,
+)
+from tests.upstream_support import (
+    RunningSim,
+    normalize_call_ids,
+    running_sim,
+    warmsocket_upstream,
+)
+from warmsocket import mockmodel
+from warmsocket.metrics import Metrics
+from warmsocket.simulate.model import items_from_chat, items_from_input
+
+APIS = ["chat", "responses", "responses-ws"]
+INSTRUCTIONS = "You are terse."
+
+
+@pytest.fixture(params=APIS)
+def api(request: pytest.FixtureRequest) -> str:
+    value: str = request.param
+    return value
+
+
+@pytest.fixture
+def stack(api: str) -> Iterator[tuple[RunningSim, RunningServer, Metrics]]:
+    with running_sim() as sim, warmsocket_upstream(sim.base_url, api) as (server, metrics):
+        yield sim, server, metrics
+
+
+def norm(item: dict[str, Any]) -> tuple[Any, ...]:
+    """What a model sees of an item (ids, statuses and shapes aside)."""
+    kind = item.get("type", "message")
+    if kind == "message":
+        return ("message", item.get("role"), mockmodel.message_text(item))
+    if kind == "function_call":
+        return ("function_call", item["call_id"], item["name"], item["arguments"])
+    if kind == "function_call_output":
+        return ("function_call_output", item["call_id"], mockmodel.output_text(item))
+    return (kind,)
+
+
+def seen_context(record: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The full context the upstream's model saw for one request."""
+    assert record["context"] is not None
+    return [norm(item) for item in json.loads(record["context"])]
+
+
+def sent_context(record: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The context carried by the request body itself (everything, for HTTP APIs)."""
+    body = json.loads(record["body"])
+    if record["api"] == "chat":
+        _instructions, items = items_from_chat(body["messages"])
+    else:
+        items = items_from_input(body["input"])
+    return [norm(item) for item in items]
+
+
+def script(client: WSClient) -> tuple[list[list[tuple[Any, ...]]], str]:
+    """A tool loop and a transcript; returns the expected context of each turn."""
+    contexts: list[list[tuple[Any, ...]]] = []
+    context: list[tuple[Any, ...]] = []
+    previous: str | None = None
+
+    def turn(new: list[dict[str, Any]]) -> dict[str, Any]:
+        nonlocal previous
+        context.extend(norm(item) for item in new)
+        contexts.append(list(context))
+        events = client.turn(
+            input=new,
+            instructions=INSTRUCTIONS,
+            tools=FUNCTION_TOOLS,
+            store=False,
+            **({"previous_response_id": previous} if previous else {}),
+        )
+        terminal = events[-1]
+        assert terminal["type"] == "response.completed", terminal
+        previous = terminal["response"]["id"]
+        context.extend(norm(item) for item in terminal["response"]["output"])
+        return terminal
+
+    first = turn([{"role": "user", "content": '/call get_weather {"city": "Oslo"}'}])
+    (call,) = [o for o in first["response"]["output"] if o["type"] == "function_call"]
+    assert call["name"] == "get_weather" and call["arguments"] == '{"city": "Oslo"}'
+    second = turn([{"type": "function_call_output", "call_id": call["call_id"], "output": "cold"}])
+    assert output_text([second]) == "get_weather returned: cold"
+    third = turn([{"role": "user", "content": "/repeat 2 read_file {}"}])
+    (call,) = [o for o in third["response"]["output"] if o["type"] == "function_call"]
+    fourth = turn([{"type": "function_call_output", "call_id": call["call_id"], "output": "a"}])
+    (call,) = [o for o in fourth["response"]["output"] if o["type"] == "function_call"]
+    turn([{"type": "function_call_output", "call_id": call["call_id"], "output": "b"}])
+    last = turn([{"role": "user", "content": "/transcript"}])
+    return contexts, output_text([last])
+
+
+def test_tool_loop_carries_the_full_context_byte_stable(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    sim, server, metrics = stack
+    with WSClient(server.ws_url) as client:
+        contexts, transcript = script(client)
+    records = sim.stats(bodies=True)["requests"]
+    assert [r["status"] for r in records] == [200] * len(contexts)
+    for record, expected in zip(records, contexts, strict=True):
+        assert seen_context(record) == expected
+    if api == "responses-ws":
+        assert [r["chained"] for r in records] == [False] + [True] * (len(records) - 1)
+        for record, expected in zip(records[1:], contexts[1:], strict=True):
+            assert len(sent_context(record)) == 1  # only the new item went up
+            assert sent_context(record) == expected[-1:]
+        assert metrics.upstream.chained == len(records) - 1
+    else:
+        for record, expected in zip(records, contexts, strict=True):
+            assert sent_context(record) == expected
+        if api == "chat":
+            # Only the first turn was translated whole; the others reused the parent's
+            # rendered messages and still produced exactly the same bytes.
+            assert server.server.engine.backend.full_renders == 1  # type: ignore[attr-defined]
+        bodies = [r["body"].encode() for r in records]
+        for earlier, later in itertools.pairwise(bodies):
+            assert later.startswith(earlier[:-2])  # the previous body minus `]}`
+    # The upstream's prefix cache served everything but the new tail of each turn.
+    assert all(r["cached_tokens"] > 0 for r in records[1:])
+    # The same conversation on the built-in model gives the same transcript.
+    with running_server() as builtin, WSClient(builtin.ws_url) as client:
+        _contexts, expected_transcript = script(client)
+    assert normalize_call_ids(transcript) == normalize_call_ids(expected_transcript)
+    assert transcript.startswith(f"instructions: {INSTRUCTIONS}\nuser: /call get_weather")
+
+
+def test_openai_sdk_websocket_and_http(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    sim, server, _metrics = stack
+    sdk = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+    with sdk.responses.connect() as connection:
+        connection.response.create(
+            model="any-model",
+            input='/call read_file {"path": "a.txt"}',
+            tools=FUNCTION_TOOLS,  # type: ignore[arg-type]
+            store=False,
+        )
+        for event in connection:
+            if event.type == "response.completed":
+                first = event.response
+                break
+        (call,) = [o for o in first.output if o.type == "function_call"]
+        connection.response.create(
+            model="any-model",
+            previous_response_id=first.id,
+            tools=FUNCTION_TOOLS,  # type: ignore[arg-type]
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "42"}],
+            store=False,
+        )
+        for event in connection:
+            if event.type == "response.completed":
+                assert event.response.output_text == "read_file returned: 42"
+                assert event.response.model == "any-model"
+                usage = event.response.usage
+                assert usage is not None and usage.input_tokens_details.cached_tokens > 0
+                break
+    created = sdk.responses.create(model="m", input="hello", instructions="hi")
+    assert created.output_text == "You said: hello"
+    streamed = sdk.responses.create(
+        model="m", input="/transcript", previous_response_id=created.id, stream=True
+    )
+    deltas = []
+    for event in streamed:
+        check_sse_event(event.model_dump(mode="json", exclude_unset=True))
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+    assert "".join(deltas) == "user: hello\nassistant: You said: hello\nuser: /transcript"
+    models = {r["model"] for r in sim.stats()["requests"]}
+    assert models == {"any-model", "m"}
+
+
+def test_model_map_and_upstream_metrics() -> None:
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(sim.base_url, "chat", model_map={"*": "served-model"}) as (
+            server,
+            _metrics,
+        ),
+        WSClient(server.ws_url) as client,
+    ):
+        events = client.turn(input="hi")
+        assert events[-1]["response"]["model"] == "warmsocket-mock"
+        assert sim.stats()["requests"][0]["model"] == "served-model"
+        text = _get(server, "/metrics")
+        assert 'warmsocket_upstream_requests_total{api="chat",outcome="200"} 1' in text
+        assert "warmsocket_upstream_connections_opened_total" in text
+
+
+def _get(server: RunningServer, path: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=5) as r:
+        text: str = r.read().decode()
+    return text

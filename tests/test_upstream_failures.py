@@ -1,0 +1,359 @@
+"""Upstream failures as the client sees them: state loss replayed, 4xx mapped, 5xx and
+timeouts retried only before the first event, cancellation, pooling, rotation."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.support import RunningServer, WSClient, output_text
+from tests.upstream_support import RunningSim, running_sim, warmsocket_upstream
+from warmsocket.metrics import Metrics
+
+APIS = ["chat", "responses", "responses-ws"]
+
+
+@pytest.fixture(params=APIS)
+def api(request: pytest.FixtureRequest) -> str:
+    value: str = request.param
+    return value
+
+
+@pytest.fixture
+def stack(api: str) -> Iterator[tuple[RunningSim, RunningServer, Metrics]]:
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(sim.base_url, api, timeout=2.0) as (server, metrics),
+    ):
+        yield sim, server, metrics
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+class Chain:
+    """One store=false chain on a raw WebSocket client."""
+
+    def __init__(self, client: WSClient) -> None:
+        self.client = client
+        self.previous: str | None = None
+
+    def turn(self, text: str, **fields: Any) -> dict[str, Any]:
+        if self.previous is not None:
+            fields["previous_response_id"] = self.previous
+        events = self.client.turn(input=text, store=False, **fields)
+        terminal = events[-1]
+        if terminal["type"] == "response.completed":
+            self.previous = terminal["response"]["id"]
+        return terminal
+
+
+def records(sim: RunningSim) -> list[dict[str, Any]]:
+    requests: list[dict[str, Any]] = sim.stats()["requests"]
+    return requests
+
+
+# -- state loss ----------------------------------------------------------------------------
+
+
+def test_responses_ws_state_loss_is_replayed_transparently() -> None:
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(sim.base_url, "responses-ws") as (server, metrics),
+        WSClient(server.ws_url) as client,
+    ):
+        chain = Chain(client)
+        assert output_text([chain.turn("one")]) == "You said: one"
+        chain.turn("two")
+        sim.control(forget=True)  # the upstream loses every connection's state
+        assert output_text([chain.turn("/transcript")]).splitlines() == [
+            "user: one",
+            "assistant: You said: one",
+            "user: two",
+            "assistant: You said: two",
+            "user: /transcript",
+        ]
+        seen = records(sim)
+        assert [(r["chained"], r["status"], r["items"]) for r in seen] == [
+            (False, 200, 1),
+            (True, 200, 3),
+            (False, 400, 0),  # previous_response_not_found...
+            (False, 200, 5),  # ...and the full context, on the same connection
+        ]
+        assert metrics.upstream.replays["previous_response_not_found"] == 1
+        sim.control(close_websockets=True)  # the connection goes away between turns
+        time.sleep(0.2)
+        assert chain.turn("four")["type"] == "response.completed"
+        last = records(sim)[-1]
+        assert (last["chained"], last["items"]) == (False, 7)
+        assert metrics.upstream.replays["connection_lost"] == 1
+        assert chain.turn("five")["type"] == "response.completed"
+        assert records(sim)[-1]["chained"]
+
+
+@pytest.mark.parametrize("api_name", APIS)
+def test_upstream_restart_is_invisible_to_the_client(api_name: str) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    with (
+        warmsocket_upstream(url, api_name) as (server, _metrics),
+        WSClient(server.ws_url) as client,
+    ):
+        chain = Chain(client)
+        with running_sim(port=port):
+            chain.turn("one")
+            chain.turn("two")
+        with running_sim(port=port) as sim:
+            text = output_text([chain.turn("/transcript")])
+            assert text.splitlines()[:4] == [
+                "user: one",
+                "assistant: You said: one",
+                "user: two",
+                "assistant: You said: two",
+            ]
+            assert records(sim)[-1]["items"] == 5
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+CONTEXT_TOO_LONG = {
+    "status": 400,
+    "code": "context_length_exceeded",
+    "message": "This model's maximum context length is 16 tokens.",
+    "param": "input",
+}
+
+
+def test_4xx_becomes_the_matching_error(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    sim, server, metrics = stack
+    sim.control(faults=[CONTEXT_TOO_LONG])
+    with WSClient(server.ws_url) as client:
+        terminal = Chain(client).turn("hello")
+    assert terminal["type"] == "response.failed"
+    assert terminal["response"]["error"] == {
+        "code": "invalid_prompt",
+        "message": "This model's maximum context length is 16 tokens.",
+        "type": "invalid_request_error",
+        "param": "input",
+    }
+    assert len(records(sim)) == 1 and metrics.upstream.retries == 0  # a 4xx is not retried
+    sdk = OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+    sim.control(faults=[CONTEXT_TOO_LONG])
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.responses.create(model="m", input="hello")
+    assert info.value.status_code == 400
+    assert info.value.code == "context_length_exceeded" and info.value.param == "input"
+    sim.control(faults=[{"status": 429, "message": "Slow down."}])
+    with pytest.raises(openai.RateLimitError):
+        sdk.responses.create(model="m", input="hello")
+    assert sdk.responses.create(model="m", input="fine").output_text == "You said: fine"
+
+
+def test_5xx_is_retried_before_the_first_event_then_fails(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    sim, server, metrics = stack
+    with WSClient(server.ws_url) as client:
+        chain = Chain(client)
+        sim.control(faults=[{"status": 503}])
+        assert output_text([chain.turn("hello")]) == "You said: hello"
+        assert [r["status"] for r in records(sim)] == [503, 200]
+        assert metrics.upstream.retries == 1
+        sim.control(faults=[{"status": 500}] * 3)
+        terminal = chain.turn("again")
+        assert terminal["type"] == "response.failed"
+        assert terminal["response"]["error"]["code"] == "server_error"
+        assert [r["status"] for r in records(sim)][2:] == [500, 500, 500]  # 1 + 2 retries
+        assert metrics.upstream.retries == 3
+        # The failed continuation evicted its parent (store=false): the chain restarts.
+        events = client.turn(input="x", store=False, previous_response_id=chain.previous)
+        assert events[-1]["type"] == "error"
+        assert events[-1]["error"]["code"] == "previous_response_not_found"
+
+
+def test_timeouts_are_retried_then_fail(api: str) -> None:
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(sim.base_url, api, timeout=0.4) as (server, metrics),
+        WSClient(server.ws_url) as client,
+    ):
+        chain = Chain(client)
+        sim.control(faults=[{"hang": True}])
+        assert output_text([chain.turn("slow")]) == "You said: slow"
+        assert metrics.upstream.requests[(api, "timeout")] == 1
+        sim.control(faults=[{"hang": True}] * 3)
+        start = time.monotonic()
+        terminal = chain.turn("slower")
+        assert terminal["type"] == "response.failed"
+        assert "did not answer in time" in terminal["response"]["error"]["message"]
+        assert 1.1 < time.monotonic() - start < 5  # three attempts of 0.4 s
+
+
+# Events of a function-call answer before the break: the call has started (chat: role
+# chunk, call chunk, first arguments; Responses: created, in_progress, item added, delta).
+BREAK_AFTER_FIRST_EVENT = {"chat": 3, "responses": 4, "responses-ws": 4}
+
+
+def test_no_retry_once_an_event_reached_the_client(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    sim, server, metrics = stack
+    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
+    with WSClient(server.ws_url) as client:
+        chain = Chain(client)
+        sim.control(faults=[{"break_after": 1}])  # broken before any model event: retried
+        assert chain.turn('/call get_weather {"a": 1}', tools=tools)["type"] == (
+            "response.completed"
+        )
+        assert len(records(sim)) == 2 and metrics.upstream.retries == 1
+        sim.control(faults=[{"break_after": BREAK_AFTER_FIRST_EVENT[api]}])
+        client.create(
+            input='/call get_weather {"a": 2}',
+            tools=tools,
+            store=False,
+            previous_response_id=chain.previous,
+        )
+        events = client.until_terminal()
+        assert "response.output_item.added" in [e["type"] for e in events]
+        assert events[-1]["type"] == "response.failed"
+        assert len(records(sim)) == 3 and metrics.upstream.retries == 1
+
+
+# -- cancellation -----------------------------------------------------------------------------
+
+
+def _wait_in_flight(sim: RunningSim) -> Any:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        requests = sim.server.stats.requests
+        if requests and requests[-1].finished is None and requests[-1].aborted is None:
+            return requests[-1]
+        time.sleep(0.005)
+    raise AssertionError("no request in flight upstream")
+
+
+def _wait_aborted(record: Any) -> float:
+    deadline = time.monotonic() + 2
+    while record.aborted is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert record.aborted is not None, "the upstream request was not aborted"
+    aborted: float = record.aborted
+    return aborted
+
+
+def test_client_disconnect_aborts_the_upstream_request(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    sim, server, _metrics = stack
+    client = WSClient(server.ws_url)
+    client.create(input="/sleep 5000\nhello", store=False)
+    assert client.recv()["type"] == "response.created"
+    record = _wait_in_flight(sim)
+    start = time.monotonic()
+    client.conn.socket.shutdown(socket.SHUT_RDWR)  # abrupt: no close frame
+    assert _wait_aborted(record) - start < 0.1
+    client.conn.close()
+
+
+def test_http_client_disconnect_aborts_the_upstream_request(
+    stack: tuple[RunningSim, RunningServer, Metrics],
+) -> None:
+    sim, server, _metrics = stack
+    body = b'{"model": "m", "input": "/sleep 5000\\nhi", "stream": true}'
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        raw.sendall(
+            b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        assert raw.recv(65536).startswith(b"HTTP/1.1 200")
+        record = _wait_in_flight(sim)
+        start = time.monotonic()
+    assert _wait_aborted(record) - start < 0.1
+
+
+# -- pooling and rotation -----------------------------------------------------------------------
+
+
+def test_upstream_connections_are_pooled(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    sim, server, metrics = stack
+    for _ in range(3):
+        with WSClient(server.ws_url) as client:
+            chain = Chain(client)
+            for i in range(4):
+                chain.turn(f"turn {i}")
+    stats = sim.server.stats
+    if api == "responses-ws":
+        assert stats.websockets_opened == 2  # the one in use and one kept warm
+    else:
+        assert stats.connections_opened == 1
+
+    # Concurrent turns need more connections, which then stay in the pool.
+    def concurrent_turn() -> None:
+        with WSClient(server.ws_url) as client:
+            Chain(client).turn("/sleep 300")
+
+    threads = [threading.Thread(target=concurrent_turn) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    opened = stats.websockets_opened if api == "responses-ws" else stats.connections_opened
+    assert opened <= 4
+    with WSClient(server.ws_url) as client:
+        for i in range(3):
+            Chain(client).turn(f"after {i}")
+    assert (
+        stats.websockets_opened if api == "responses-ws" else stats.connections_opened
+    ) == opened
+    assert sum(metrics.upstream.connections_opened.values()) == opened
+
+
+def test_responses_ws_connections_rotate_before_their_lifetime() -> None:
+    with (
+        running_sim(ws_lifetime=1.0) as sim,
+        warmsocket_upstream(sim.base_url, "responses-ws", ws_lifetime=0.4) as (server, metrics),
+        WSClient(server.ws_url) as client,
+    ):
+        chain = Chain(client)
+        for i in range(8):
+            assert chain.turn(f"turn {i}")["type"] == "response.completed"
+            time.sleep(0.2)
+        assert "You said: turn 0" in output_text([chain.turn("/transcript")])
+        assert metrics.upstream.replays["rotated"] >= 1
+        assert sim.server.stats.websockets_opened >= 3
+        assert all(r["status"] == 200 for r in records(sim))
+
+
+def test_upstream_auth_failure_is_not_blamed_on_the_client() -> None:
+    with running_sim(api_key="upstream-key") as sim:
+        with (
+            warmsocket_upstream(sim.base_url, "chat") as (server, _metrics),
+            WSClient(server.ws_url) as client,
+        ):
+            terminal = Chain(client).turn("hi")
+            assert terminal["type"] == "response.failed"
+            assert "--upstream-api-key" in terminal["response"]["error"]["message"]
+        with (
+            warmsocket_upstream(sim.base_url, "responses-ws", api_key="upstream-key") as (
+                server,
+                _metrics,
+            ),
+            WSClient(server.ws_url) as client,
+        ):
+            assert output_text([Chain(client).turn("hi")]) == "You said: hi"

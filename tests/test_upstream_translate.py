@@ -1,0 +1,520 @@
+"""Translation between the Responses API and upstream APIs, without sockets.
+
+Request side: Responses items, tools and tool_choice -> Chat Completions. Response
+side: recorded chunk streams of the shapes vLLM and OpenAI publish -> model events,
+fed whole and split at every byte boundary; Responses SSE -> model events.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from warmsocket.backends.base import (
+    ModelEvent,
+    TextDelta,
+    ToolArgumentsDelta,
+    ToolCallStart,
+    UsageReport,
+)
+from warmsocket.backends.chat_translate import (
+    ChatChunkDecoder,
+    chat_messages,
+    chat_request_fields,
+    chat_tool_choice,
+    chat_tools,
+    request_head,
+)
+from warmsocket.backends.http_upstream import OutputRecorder
+from warmsocket.backends.responses_events import ResponsesSSEDecoder
+from warmsocket.client_events import validate_create
+from warmsocket.upstream import UpstreamError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def decode(decoder: Any, data: bytes, *, step: int | None = None) -> list[ModelEvent]:
+    events: list[ModelEvent] = []
+    if step is None:
+        events += decoder.feed(data)
+    else:
+        for start in range(0, len(data), step):
+            events += decoder.feed(data[start : start + step])
+    return events + decoder.finish()
+
+
+def merged(events: list[ModelEvent]) -> list[ModelEvent]:
+    """Adjacent deltas joined (feeding in pieces may split or join them differently)."""
+    out: list[ModelEvent] = []
+    for event in events:
+        if out and type(event) is type(out[-1]) is TextDelta:
+            out[-1] = TextDelta(out[-1].text + event.text)  # type: ignore[union-attr]
+        elif out and type(event) is type(out[-1]) is ToolArgumentsDelta:
+            out[-1] = ToolArgumentsDelta(out[-1].delta + event.delta)  # type: ignore[union-attr]
+        else:
+            out.append(event)
+    return out
+
+
+# -- request: items -> messages ------------------------------------------------------------
+
+
+def test_items_to_messages_in_order() -> None:
+    items = [
+        {"type": "message", "role": "developer", "content": "be brief"},
+        {"type": "message", "role": "user", "content": "weather in Paris and Rome?"},
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "Checking.", "annotations": []}],
+        },
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"c":"P"}'},
+        {"type": "function_call", "call_id": "c2", "name": "get_weather", "arguments": '{"c":"R"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {
+            "type": "function_call_output",
+            "call_id": "c2",
+            "output": [{"type": "input_text", "text": "rain"}],
+        },
+        {"type": "function_call", "call_id": "c3", "name": "read_file", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c3", "output": "x"},
+        {
+            "type": "message",
+            "role": "user",
+            "content": [
+                {"type": "input_text", "text": "and this?"},
+                {"type": "input_image", "image_url": "data:image/png;base64,AAAA", "detail": "low"},
+            ],
+        },
+    ]
+    assert chat_messages(items) == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "weather in Paris and Rome?"},
+        {
+            "role": "assistant",
+            "content": "Checking.",
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"c":"P"}'},
+                },
+                {
+                    "id": "c2",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"c":"R"}'},
+                },
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "c2", "content": "rain"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c3",
+                    "type": "function",
+                    "function": {"name": "read_file", "arguments": "{}"},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c3", "content": "x"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "and this?"},
+                {
+                    "type": "image_url",
+                    "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"},
+                },
+            ],
+        },
+    ]
+
+
+def test_text_parts_collapse_to_a_string_except_several_user_parts() -> None:
+    one = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}]
+    assert chat_messages(one) == [{"role": "user", "content": "hi"}]
+    two = [
+        {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": "a"}, {"type": "input_text", "text": "b"}],
+        }
+    ]
+    assert chat_messages(two)[0]["content"] == [
+        {"type": "text", "text": "a"},
+        {"type": "text", "text": "b"},
+    ]
+
+
+def test_tools_and_tool_choice() -> None:
+    tools = [
+        {
+            "type": "function",
+            "name": "f",
+            "description": "d",
+            "parameters": {"type": "object"},
+            "strict": True,
+        },
+        {"type": "web_search"},
+    ]
+    assert chat_tools(tools) == [
+        {
+            "type": "function",
+            "function": {
+                "name": "f",
+                "description": "d",
+                "parameters": {"type": "object"},
+                "strict": True,
+            },
+        }
+    ]
+    assert chat_tool_choice("required") == "required"
+    assert chat_tool_choice({"type": "function", "name": "f"}) == {
+        "type": "function",
+        "function": {"name": "f"},
+    }
+    allowed = {
+        "type": "allowed_tools",
+        "mode": "required",
+        "tools": [{"type": "function", "name": "f"}],
+    }
+    assert chat_tool_choice(allowed) == {
+        "type": "allowed_tools",
+        "allowed_tools": {
+            "mode": "required",
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        },
+    }
+
+
+def test_request_fields_carry_only_what_the_client_set() -> None:
+    plain = validate_create({"model": "m", "input": "hi"}, websocket=False).settings
+    assert chat_request_fields(plain, "up") == {
+        "model": "up",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    body = {
+        "model": "m",
+        "input": "hi",
+        "tools": [{"type": "function", "name": "f", "parameters": {}}],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "temperature": 0.2,
+        "max_output_tokens": 64,
+        "reasoning": {"effort": "low"},
+        "text": {"format": {"type": "json_schema", "name": "out", "schema": {"type": "object"}}},
+    }
+    fields = chat_request_fields(validate_create(body, websocket=False).settings, "up")
+    assert fields == {
+        "model": "up",
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "temperature": 0.2,
+        "max_tokens": 64,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "out", "schema": {"type": "object"}},
+        },
+        "reasoning_effort": "low",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    head = request_head(validate_create(body, websocket=False).settings, "up")
+    assert head.endswith(b',"messages":[')
+    assert json.loads(head + b"]}")["messages"] == []
+
+
+# -- response: chat chunks -> events -------------------------------------------------------
+
+
+OPENAI_PARALLEL = [
+    ToolCallStart("call_DdmO9pD3xa9XTPNJ32zg2hcA", "get_weather"),
+    ToolArgumentsDelta('{"location": "Paris, France"}'),
+    ToolCallStart("call_ABCDEFGHIJKLMNOPQRSTUVWX", "get_weather"),
+    ToolArgumentsDelta('{"location": "Bogotá, Colombia"}'),
+    UsageReport(input_tokens=1117, cached_tokens=1024, output_tokens=52),
+]
+VLLM_PARALLEL = [
+    TextDelta("Let me check both."),
+    ToolCallStart("chatcmpl-tool-3f9c8e2b1a7d4c6e8f0a1b2c3d4e5f60", "get_weather"),
+    ToolArgumentsDelta('{"city": "Dallas"}'),
+    ToolCallStart("chatcmpl-tool-9b8a7c6d5e4f40312a1b0c9d8e7f6a5b", "get_forecast"),
+    ToolArgumentsDelta('{"city": "Dallas", "days": 5}'),
+    UsageReport(input_tokens=412, cached_tokens=384, output_tokens=49),
+]
+VLLM_TEXT = [TextDelta("Hello there!"), UsageReport(21, None, 3)]
+
+
+@pytest.mark.parametrize(
+    ("fixture", "expected"),
+    [
+        ("openai_chat_parallel_tools.sse", OPENAI_PARALLEL),
+        ("vllm_chat_parallel_tools.sse", VLLM_PARALLEL),
+        ("vllm_chat_text.sse", VLLM_TEXT),
+    ],
+)
+@pytest.mark.parametrize("step", [None, 1, 7, 64])
+def test_recorded_chunk_streams(fixture: str, expected: list[ModelEvent], step: int | None) -> None:
+    data = (FIXTURES / fixture).read_bytes()
+    events = decode(ChatChunkDecoder(), data, step=step)
+    assert merged(events) == expected
+    if step is None and fixture.startswith("openai"):
+        # Deltas are passed on as they come, one per chunk.
+        assert events[1] == ToolArgumentsDelta('{"lo')
+
+
+def test_recorded_parallel_calls_become_two_items() -> None:
+    recorder = OutputRecorder()
+    for event in decode(
+        ChatChunkDecoder(), (FIXTURES / "vllm_chat_parallel_tools.sse").read_bytes()
+    ):
+        recorder.add(event)
+    items = recorder.finish()
+    assert [i["type"] for i in items] == ["message", "function_call", "function_call"]
+    assert items[2]["arguments"] == '{"city": "Dallas", "days": 5}'
+    # Rendered back, they are one assistant message with both calls.
+    (message,) = chat_messages(items)
+    assert message["content"] == "Let me check both."
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather", "get_forecast"]
+
+
+def _sse(*chunks: dict[str, Any] | str) -> bytes:
+    return b"".join(
+        b"data: " + (c.encode() if isinstance(c, str) else json.dumps(c).encode()) + b"\n\n"
+        for c in chunks
+    )
+
+
+def _delta(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def test_calls_without_index_and_whole_arguments_in_one_chunk() -> None:
+    # Some servers (older Ollama) send each call whole, without `index`.
+    data = _sse(
+        _delta({"role": "assistant", "content": ""}),
+        _delta({"tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "{}"}}]}),
+        _delta({"tool_calls": [{"id": "b", "function": {"name": "g", "arguments": '{"x":1}'}}]}),
+        _delta({}, "tool_calls"),
+        "[DONE]",
+    )
+    assert decode(ChatChunkDecoder(), data) == [
+        ToolCallStart("a", "f"),
+        ToolArgumentsDelta("{}"),
+        ToolCallStart("b", "g"),
+        ToolArgumentsDelta('{"x":1}'),
+    ]
+
+
+def test_arguments_before_the_name_wait_for_it_and_a_missing_id_is_generated() -> None:
+    data = _sse(
+        _delta({"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]}),
+        _delta({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": ":1}"}}]}),
+        _delta({}, "tool_calls"),
+    )
+    events = decode(ChatChunkDecoder(), data)
+    assert isinstance(events[0], ToolCallStart) and events[0].name == "f"
+    assert events[0].call_id.startswith("call_")
+    assert merged(events[1:]) == [ToolArgumentsDelta('{"a":1}')]
+
+
+def test_interleaved_calls_are_refused() -> None:
+    data = _sse(
+        _delta(
+            {"tool_calls": [{"index": 0, "id": "a", "function": {"name": "f", "arguments": ""}}]}
+        ),
+        _delta(
+            {"tool_calls": [{"index": 1, "id": "b", "function": {"name": "g", "arguments": ""}}]}
+        ),
+        _delta({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
+    )
+    with pytest.raises(UpstreamError) as info:
+        decode(ChatChunkDecoder(), data)
+    assert info.value.retryable and "interleaved" in info.value.message
+
+
+def test_stream_errors() -> None:
+    # An error object mid-stream (vLLM) is a retryable server error...
+    data = _sse(
+        _delta({"role": "assistant"}), {"error": {"message": "boom", "type": "x", "code": 500}}
+    )
+    with pytest.raises(UpstreamError) as info:
+        decode(ChatChunkDecoder(), data)
+    assert info.value.retryable and info.value.status == 500
+    # ...a stream that stops without finish_reason or [DONE] is broken...
+    with pytest.raises(UpstreamError) as info:
+        decode(ChatChunkDecoder(), _sse(_delta({"content": "par"})))
+    assert info.value.retryable and info.value.reason == "closed"
+    # ...and a non-JSON chunk is a protocol error.
+    with pytest.raises(UpstreamError) as info:
+        decode(ChatChunkDecoder(), b"data: {nope\n\n")
+    assert info.value.reason == "protocol"
+
+
+def test_continuous_usage_keeps_the_last_report() -> None:
+    usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+    data = _sse(
+        {**_delta({"content": "a"}), "usage": usage},
+        {**_delta({"content": "b"}, "stop"), "usage": {**usage, "completion_tokens": 2}},
+        "[DONE]",
+    )
+    events = decode(ChatChunkDecoder(), data)
+    assert events[-1] == UsageReport(5, None, 2)
+
+
+# -- response: Responses SSE -> events -----------------------------------------------------
+
+
+def _event(kind: str, **fields: Any) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n".encode()
+
+
+RESPONSE = {"id": "resp_up", "object": "response", "status": "in_progress", "output": []}
+
+
+def responses_stream() -> bytes:
+    """The shape of a recorded OpenAI stream: text, then a function call."""
+    msg = {
+        "id": "msg_1",
+        "type": "message",
+        "status": "in_progress",
+        "role": "assistant",
+        "content": [],
+    }
+    call = {
+        "id": "fc_1",
+        "type": "function_call",
+        "status": "in_progress",
+        "call_id": "call_9",
+        "name": "f",
+        "arguments": "",
+    }
+    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    usage = {
+        "input_tokens": 300,
+        "input_tokens_details": {"cached_tokens": 256},
+        "output_tokens": 12,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 312,
+    }
+    return b"".join(
+        [
+            _event("response.created", sequence_number=0, response=RESPONSE),
+            _event("response.in_progress", sequence_number=1, response=RESPONSE),
+            _event("response.output_item.added", sequence_number=2, output_index=0, item=msg),
+            _event(
+                "response.content_part.added",
+                sequence_number=3,
+                item_id="msg_1",
+                output_index=0,
+                content_index=0,
+                part=part,
+            ),
+            _event(
+                "response.output_text.delta",
+                sequence_number=4,
+                item_id="msg_1",
+                output_index=0,
+                content_index=0,
+                delta="Hel",
+                logprobs=[],
+            ),
+            _event(
+                "response.output_text.delta",
+                sequence_number=5,
+                item_id="msg_1",
+                output_index=0,
+                content_index=0,
+                delta="lo",
+                logprobs=[],
+            ),
+            _event(
+                "response.output_text.done",
+                sequence_number=6,
+                item_id="msg_1",
+                output_index=0,
+                content_index=0,
+                text="Hello",
+                logprobs=[],
+            ),
+            _event(
+                "response.output_item.done",
+                sequence_number=7,
+                output_index=0,
+                item={**msg, "status": "completed"},
+            ),
+            _event("response.output_item.added", sequence_number=8, output_index=1, item=call),
+            _event(
+                "response.function_call_arguments.delta",
+                sequence_number=9,
+                item_id="fc_1",
+                output_index=1,
+                delta='{"a":',
+            ),
+            _event(
+                "response.function_call_arguments.done",
+                sequence_number=10,
+                item_id="fc_1",
+                output_index=1,
+                arguments='{"a":1}',
+            ),
+            _event(
+                "response.output_item.done",
+                sequence_number=11,
+                output_index=1,
+                item={**call, "arguments": '{"a":1}'},
+            ),
+            _event(
+                "response.completed",
+                sequence_number=12,
+                response={**RESPONSE, "status": "completed", "usage": usage},
+            ),
+        ]
+    )
+
+
+@pytest.mark.parametrize("step", [None, 1, 50])
+def test_responses_stream_to_events(step: int | None) -> None:
+    decoder = ResponsesSSEDecoder()
+    events = merged(decode(decoder, responses_stream(), step=step))
+    assert events == [
+        TextDelta("Hello"),
+        ToolCallStart("call_9", "f"),
+        ToolArgumentsDelta('{"a":1}'),  # the rest came only in the .done event
+        UsageReport(300, 256, 12),
+    ]
+    assert decoder.events.response_id == "resp_up"
+
+
+def test_responses_without_deltas_and_failures() -> None:
+    # A server that sends only finished items.
+    item = {
+        "id": "msg_2",
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": "All at once"}],
+    }
+    data = _event("response.output_item.done", output_index=0, item=item) + _event(
+        "response.completed", response={**RESPONSE, "status": "completed"}
+    )
+    assert decode(ResponsesSSEDecoder(), data) == [TextDelta("All at once")]
+    failed = {**RESPONSE, "status": "failed", "error": {"code": "server_error", "message": "x"}}
+    with pytest.raises(UpstreamError) as info:
+        decode(ResponsesSSEDecoder(), _event("response.failed", response=failed))
+    assert info.value.retryable
+    flat = _event("error", code="rate_limit_exceeded", message="slow down", param=None)
+    with pytest.raises(UpstreamError) as info:
+        decode(ResponsesSSEDecoder(), flat)
+    assert info.value.status == 429 and not info.value.retryable
+    with pytest.raises(UpstreamError) as info:
+        decode(ResponsesSSEDecoder(), _event("response.created", response=RESPONSE))
+    assert info.value.reason == "closed"

@@ -1,0 +1,355 @@
+"""Upstream building blocks without servers: HTTP response parsing, SSE, token blocks,
+the affinity router, error mapping, configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from warmsocket._core import shared_prefix_blocks
+from warmsocket.httpclient import (
+    ConnectFailed,
+    ConnectionClosed,
+    HTTPPool,
+    Origin,
+    ProtocolViolation,
+    RequestTimeout,
+    ResponseParser,
+    request_head,
+)
+from warmsocket.metrics import Metrics
+from warmsocket.prefixhash import PromptHasher, context_items, new_chain_key
+from warmsocket.router import Router, RouterConfig
+from warmsocket.sse import SSEDecoder
+from warmsocket.upstream import (
+    UpstreamConfig,
+    UpstreamError,
+    from_error_object,
+    from_http_status,
+    parse_model_map,
+)
+
+# -- HTTP response parser ------------------------------------------------------------------
+
+
+def parse(data: bytes, *, step: int | None = None) -> ResponseParser:
+    parser = ResponseParser()
+    if step is None:
+        parser.feed(data)
+    else:
+        for start in range(0, len(data), step):
+            parser.feed(data[start : start + step])
+    return parser
+
+
+@pytest.mark.parametrize("step", [None, 1, 3])
+def test_content_length_body(step: int | None) -> None:
+    parser = parse(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\n\r\nhello", step=step
+    )
+    assert parser.head is not None and parser.head.status == 200
+    assert parser.head.headers["x-a"] == "1, 2"
+    assert parser.done and parser.keep_alive and parser.take_body() == b"hello"
+
+
+@pytest.mark.parametrize("step", [None, 1, 4])
+def test_chunked_body_with_trailers_and_interim_response(step: int | None) -> None:
+    data = (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nTrailer: x\r\n\r\n"
+    )
+    parser = parse(data, step=step)
+    assert parser.done and parser.keep_alive
+    assert parser.take_body() == b"hello world"
+
+
+def test_close_delimited_body_and_connection_close() -> None:
+    parser = parse(b"HTTP/1.1 200 OK\r\n\r\npartial")
+    assert not parser.done and not parser.keep_alive
+    parser.feed(b" body")
+    parser.feed_eof()
+    assert parser.done and parser.take_body() == b"partial body"
+    parser = parse(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+    assert parser.done and not parser.keep_alive
+    parser = parse(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert parser.done and not parser.keep_alive
+
+
+def test_truncated_and_invalid_responses() -> None:
+    parser = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    with pytest.raises(ConnectionClosed):
+        parser.feed_eof()
+    with pytest.raises(ProtocolViolation):
+        parse(b"SMTP ready\r\n\r\n")
+    with pytest.raises(ProtocolViolation):
+        parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    # Bytes after a complete response: the connection is not reused.
+    parser = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nab")
+    assert parser.done and not parser.keep_alive
+
+
+def test_origin_and_request_head() -> None:
+    origin = Origin.parse("https://api.openai.com/v1/")
+    assert (origin.host, origin.port, origin.base_path, origin.tls) == (
+        "api.openai.com",
+        443,
+        "/v1",
+        True,
+    )
+    assert origin.host_header == "api.openai.com"
+    assert str(Origin.parse("ws://127.0.0.1:81/x")) == "http://127.0.0.1:81/x"
+    with pytest.raises(ValueError):
+        Origin.parse("ftp://x")
+    assert (
+        request_head("POST", "/v1/x", [("Host", "h")]) == b"POST /v1/x HTTP/1.1\r\nHost: h\r\n\r\n"
+    )
+
+
+# -- the pool against tiny servers ---------------------------------------------------------
+
+
+async def _serve(handler: object) -> tuple[asyncio.Server, int]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)  # type: ignore[arg-type]
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_pool_keeps_connections_alive_and_recovers_from_a_closed_idle_one() -> None:
+    accepted = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                served += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+                if accepted == 1 and served == 2:
+                    return  # the server drops an idle keep-alive connection
+        except asyncio.IncompleteReadError:
+            return
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server, port = await _serve(handler)
+        pool = HTTPPool(Origin.parse(f"http://127.0.0.1:{port}"))
+        head = request_head("POST", "/", [("Host", "x"), ("Content-Length", "1")])
+        for _ in range(4):
+            response = await pool.request([head, b"x"], timeout=5)
+            assert response.status == 200 and await response.read() == b"ok"
+            response.close()
+            await asyncio.sleep(0.01)
+        assert pool.opened == 2 and accepted == 2  # one reconnect, after the server's close
+        pool.close()
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+
+
+def test_pool_timeouts_and_refused_connections() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read(1 << 16)
+            await reader.read(1 << 16)  # returns at EOF, when the client gives up
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server, port = await _serve(silent)
+        pool = HTTPPool(Origin.parse(f"http://127.0.0.1:{port}"))
+        head = request_head("GET", "/", [("Host", "x")])
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(RequestTimeout):
+            await pool.request([head], timeout=0.2)
+        assert 0.15 <= loop.time() - start < 2
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.01)
+        with pytest.raises(ConnectFailed):
+            await HTTPPool(Origin.parse(f"http://127.0.0.1:{port}")).request([head], timeout=1)
+
+    asyncio.run(main())
+
+
+# -- SSE -----------------------------------------------------------------------------------
+
+
+def test_sse_decoder() -> None:
+    data = (
+        b': comment\r\nevent: a\r\ndata: {"x":1}\r\n\r\ndata:two\ndata: lines\nid: 3\n\ndata: tail'
+    )
+    for step in (1, 5, len(data)):
+        decoder = SSEDecoder()
+        events = []
+        for start in range(0, len(data), step):
+            events += decoder.feed(data[start : start + step])
+        events += decoder.finish()
+        assert events == [(b"a", b'{"x":1}'), (b"", b"two\nlines"), (b"", b"tail")]
+
+
+# -- token blocks ----------------------------------------------------------------------------
+
+
+def _item(text: str, role: str = "user") -> bytes:
+    return json.dumps({"content": text, "role": role, "type": "message"}).encode()
+
+
+def test_new_chain_key_groups_by_the_first_token_blocks() -> None:
+    system = "You are the build agent of a large repository. " * 20  # > 4 blocks of 16
+    tools = [{"type": "function", "name": "f", "parameters": {}}]
+    first = new_chain_key(system, tools, [_item("one")])
+    assert first == new_chain_key(system, tools, [_item("two"), _item("three")])
+    assert first != new_chain_key("Another prompt. " * 20, tools, [_item("one")])
+    assert new_chain_key("Short.", [], [_item("one")], max_blocks=64) != new_chain_key(
+        "Short.", [], [_item("two")], max_blocks=64
+    )
+    tiny = new_chain_key(None, [], [_item("a")], block_tokens=64)  # less than one block
+    assert tiny != new_chain_key(None, [], [_item("b")], block_tokens=64)
+    assert len(tiny) == 16
+
+
+def test_context_items_and_incremental_prompt_hashes() -> None:
+    items = [_item(f"message {i} " * 30) for i in range(6)]
+    context = b"[" + b",".join(items) + b"]"
+    assert list(context_items(context)) == items
+    assert list(context_items(b"[]")) == []
+    remembering = PromptHasher(16)
+    for count in range(1, 7):
+        tokens, hashes = remembering.hash("system", [], items[:count])
+        fresh_tokens, fresh = PromptHasher(16).hash("system", [], items[:count])
+        assert (tokens, hashes) == (fresh_tokens, fresh)
+    _tokens, other = PromptHasher(16).hash("system", [], [*items[:3], _item("different")])
+    _tokens, three = PromptHasher(16).hash("system", [], items[:3])
+    assert shared_prefix_blocks(b"".join(hashes), b"".join(other)) == len(three) > 0
+
+
+# -- router ------------------------------------------------------------------------------------
+
+
+def make_router(count: int = 3, **config: object) -> tuple[Router, Metrics, list[float]]:
+    metrics = Metrics()
+    clock = [0.0]
+    router = Router(
+        [f"http://r{i}:8000/v1" for i in range(count)],
+        RouterConfig(**config),  # type: ignore[arg-type]
+        metrics=metrics.upstream,
+        clock=lambda: clock[0],
+    )
+    return router, metrics, clock
+
+
+def test_router_follows_the_parent_and_places_new_chains_by_key() -> None:
+    router, metrics, _clock = make_router()
+    shared = b"K" * 16  # the new-chain key of a shared system prompt's first blocks
+    first = router.route(None, lambda: shared)
+    assert all(router.route(None, lambda: shared) is first for _ in range(20))
+    router.remember("resp_1", first)
+    assert router.route("resp_1", lambda: b"unused") is first
+    assert router.route("resp_unknown", lambda: shared) is first  # placed by key again
+    spread = {router.route(None, lambda i=i: f"prompt {i}".encode()).index for i in range(60)}
+    assert spread == {0, 1, 2}
+    assert metrics.upstream.affinity[("hit", "parent")] == 1
+    assert metrics.upstream.affinity[("miss", "unknown_parent")] == 1
+    assert metrics.upstream.affinity[("new", "prefix")] == 81
+
+
+def test_router_leaves_failing_and_busy_replicas() -> None:
+    router, metrics, clock = make_router(fail_threshold=2, cooldown=5.0, busy_min=4, busy_ratio=2.0)
+    home = router.route(None, lambda: b"chain")
+    router.remember("p", home)
+    for _ in range(2):
+        router.begin(home)
+        router.end(home, "failed")
+    moved = router.route("p", lambda: b"chain")
+    assert moved is not home
+    assert metrics.upstream.affinity[("miss", "failing")] == 1
+    clock[0] = 6.0  # the cooldown is over
+    assert router.route("p", lambda: b"chain") is home
+    for _ in range(5):
+        router.begin(home)
+    busy = router.route("p", lambda: b"chain")
+    assert busy is not home and busy.in_flight == 0
+    assert metrics.upstream.affinity[("miss", "busy")] == 1
+    # A retry leaves the replica that just failed.
+    assert router.route("p", lambda: b"chain", exclude={home.index}) is not home
+    assert metrics.upstream.affinity[("miss", "retry")] == 1
+
+
+def test_one_replica_needs_no_routing_and_removing_a_replica_moves_only_its_chains() -> None:
+    router, metrics, _clock = make_router(1)
+    assert router.route("x", lambda: b"") is router.replicas[0]
+    assert not metrics.upstream.affinity
+    three, _, _ = make_router(3)
+    two = Router([r.label for r in three.replicas[:2]])
+    for i in range(50):
+        key = f"k{i}".encode()
+        before = three.route(None, lambda key=key: key)
+        after = two.route(None, lambda key=key: key)
+        if before.index < 2:
+            assert after.index == before.index
+
+
+# -- errors and configuration ------------------------------------------------------------------
+
+
+def test_http_error_mapping() -> None:
+    body = json.dumps(
+        {
+            "error": {
+                "message": "This model's maximum context length is 4096 tokens.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        }
+    ).encode()
+    error = from_http_status(400, body, {})
+    assert (error.status, error.code, error.param, error.retryable) == (
+        400,
+        "context_length_exceeded",
+        "messages",
+        False,
+    )
+    assert error.response_error() == {
+        "code": "invalid_prompt",
+        "message": "This model's maximum context length is 4096 tokens.",
+        "type": "invalid_request_error",
+        "param": "messages",
+    }
+    vllm = json.dumps({"object": "error", "message": "bad", "type": "BadRequestError", "code": 400})
+    assert from_http_status(400, vllm.encode(), {}).message == "bad"
+    assert from_http_status(422, b'{"detail": "nope"}', {}).message == "nope"
+    limited = from_http_status(429, b"", {"retry-after": "3", "x-other": "1"})
+    assert limited.headers == {"retry-after": "3"} and limited.response_error()["code"] == (
+        "rate_limit_exceeded"
+    )
+    for status in (500, 502, 503, 408):
+        assert from_http_status(status, b"oops", {}).retryable
+    auth = from_http_status(401, b"", {})
+    assert auth.status == 502 and not auth.retryable and "--upstream-api-key" in auth.message
+    assert from_error_object({"code": "server_error"}).retryable
+    nested = from_error_object({"code": "invalid_value", "message": "m"}, status=400)
+    assert isinstance(nested, UpstreamError) and nested.status == 400 and not nested.retryable
+
+
+def test_config_and_model_map() -> None:
+    mapping = parse_model_map(["gpt-4o=Qwen/Qwen3-8B", "*=llama3"])
+    config = UpstreamConfig(urls=("http://x/v1",), model_map=mapping)
+    assert config.upstream_model("gpt-4o") == "Qwen/Qwen3-8B"
+    assert config.upstream_model("other") == "llama3"
+    assert UpstreamConfig(urls=("http://x",)).upstream_model("m") == "m"
+    with pytest.raises(ValueError):
+        parse_model_map(["no-equals"])
+    with pytest.raises(ValueError):
+        UpstreamConfig(urls=())
