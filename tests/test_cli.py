@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx2 as httpx
 import pytest
@@ -114,3 +115,58 @@ def test_serve_process_answers_and_stops_cleanly(tmp_path: object) -> None:
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def _start(*args: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [WARMSOCKET, "serve", "--port", "0", "--log-format", "json", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        record = json.loads(line)
+        if record["message"] == "listening":
+            return proc, record["url"]
+    raise AssertionError("server exited before listening")
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    assert proc.stderr is not None
+    rest = proc.stderr.read()
+    proc.stderr.close()
+    return rest
+
+
+def test_snapshot_keeps_stored_responses_across_a_restart(tmp_path: Path) -> None:
+    snapshot = tmp_path / "state.msgpack"
+    proc, base = _start("--snapshot", str(snapshot))
+    try:
+        kept = httpx.post(f"{base}/responses", json={"model": "m", "input": "keep"}).json()
+        dropped = httpx.post(
+            f"{base}/responses", json={"model": "m", "input": "zdr", "store": False}
+        ).json()
+    finally:
+        logs = _stop(proc)
+    assert "snapshot saved" in logs and snapshot.exists()
+    proc, base = _start("--snapshot", str(snapshot))
+    try:
+        assert httpx.get(f"{base}/responses/{kept['id']}").json()["output"] == kept["output"]
+        assert httpx.get(f"{base}/responses/{dropped['id']}").status_code == 404
+        follow = httpx.post(
+            f"{base}/responses",
+            json={"model": "m", "input": "/transcript", "previous_response_id": kept["id"]},
+        ).json()
+        assert "user: keep" in follow["output"][0]["content"][0]["text"]
+    finally:
+        _stop(proc)
+
+
+def test_corrupt_snapshot_is_refused_with_advice(tmp_path: Path) -> None:
+    snapshot = tmp_path / "bad.msgpack"
+    snapshot.write_bytes(b"not msgpack at all")
+    result = run(WARMSOCKET, "serve", "--port", "0", "--snapshot", str(snapshot))
+    assert result.returncode == 1
+    assert "start without --snapshot" in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -99,8 +100,18 @@ async def _serve(
     log.info("shutting down")
     await server.close()
     if snapshot is not None:
-        snapshot.write_bytes(cache.snapshot())
+        write_atomically(snapshot, cache.snapshot())
         log.info(
             "snapshot saved", extra={"path": str(snapshot), "entries": cache.stats().stored_entries}
         )
     return 0
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write a file so that a crash leaves either the old or the new content, never half."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
