@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# Installs everything the tests need (Python venv, the Rust extension built in
-# release mode, the test dependencies) and runs every test: Rust lints and unit
-# tests, Python lints and type checks, pytest (tests/ and benches/ as smoke tests).
+# Installs everything the tests need (redis-server, a Python venv, the Rust
+# extension built in release mode, the test dependencies) and runs every test: Rust
+# lints and unit tests, Python lints and type checks, pytest (tests/ and benches/ as
+# smoke tests; the tests start their own Redis server on loopback).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "== installing redis-server (the shared-store tests start a real Redis)"
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
+fi
 
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv

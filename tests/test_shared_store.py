@@ -1,0 +1,161 @@
+"""Stored responses shared between processes through a real Redis server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.redis_support import redis_server
+from warmsocket._core import SessionCache
+from warmsocket.shared_store import SharedStore
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+def turn(cache: SessionCache, rid: str, parent: str | None, text: str, **kw: Any) -> None:
+    info = cache.create(
+        rid,
+        owner=kw.pop("owner", "o"),
+        input=[{"role": "user", "content": text}],
+        output=[
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": f"re {text}"}],
+            }
+        ],
+        previous_response_id=parent,
+        settings=b'{"model":"m","tools":[{"type":"function","name":"f"}]}',
+        meta=b'{"status":"completed"}',
+        **kw,
+    )
+    assert info.id == rid
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_a_chain_published_by_one_process_loads_in_another(redis_url: str) -> None:
+    async def main() -> None:
+        a, b = SessionCache(), SessionCache()
+        store_a = SharedStore.from_url(redis_url, prefix="t1")
+        store_b = SharedStore.from_url(redis_url, prefix="t1")
+        await store_a.start()
+        await store_b.start()
+        parent = None
+        for i in range(150):  # more than one load batch
+            turn(a, f"r{i}", parent, f"t{i}")
+            store_a.publish(a.get(f"r{i}", owner="o"), a.own_items(f"r{i}", owner="o"))
+            parent = f"r{i}"
+        await store_a.flush()
+        assert await store_b.load(b, "r149", owner="o")
+        assert b.context("r149", owner="o") == a.context("r149", owner="o")
+        assert b.get("r149", owner="o").settings == a.get("r149", owner="o").settings
+        assert store_b.loaded == 150
+        # Another owner sees nothing.
+        assert not await store_b.load(b, "r149", owner="someone-else")
+        await store_a.aclose()
+        await store_b.aclose()
+
+    run(main())
+
+
+def test_loading_stops_at_a_locally_cached_ancestor(redis_url: str) -> None:
+    async def main() -> None:
+        a, b = SessionCache(), SessionCache()
+        store = SharedStore.from_url(redis_url, prefix="t2")
+        await store.start()
+        for i, parent in enumerate([None, "r0", "r1", "r2"]):
+            turn(a, f"r{i}", parent, f"t{i}")
+            store.publish(a.get(f"r{i}", owner="o"), a.own_items(f"r{i}", owner="o"))
+        await store.flush()
+        turn(b, "r0", None, "t0")
+        turn(b, "r1", "r0", "t1")
+        assert await store.load(b, "r3", owner="o")
+        assert store.loaded == 2  # r2 and r3 only; r0..r1 were shared, not copied
+        assert b.context("r3", owner="o") == a.context("r3", owner="o")
+        await store.aclose()
+
+    run(main())
+
+
+def test_connection_local_state_is_never_written(redis_url: str) -> None:
+    async def main() -> None:
+        a, b = SessionCache(), SessionCache()
+        conn = a.open_connection()
+        store = SharedStore.from_url(redis_url, prefix="t3")
+        await store.start()
+        turn(a, "local", None, "zdr", store=False, connection=conn)
+        turn(a, "tainted", "local", "stored on top", store=True, connection=conn)
+        for rid in ("local", "tainted"):
+            store.publish(
+                a.get(rid, owner="o", connection=conn), a.own_items(rid, owner="o", connection=conn)
+            )
+        await store.flush()
+        assert store.published == 0
+        assert await store.client.keys("t3:*") == []
+        assert not await store.load(b, "tainted", owner="o")
+        await store.aclose()
+
+    run(main())
+
+
+def test_deleted_responses_are_not_found_but_their_descendants_load(redis_url: str) -> None:
+    async def main() -> None:
+        a, b = SessionCache(), SessionCache()
+        store = SharedStore.from_url(redis_url, prefix="t4")
+        await store.start()
+        turn(a, "p", None, "parent")
+        turn(a, "c", "p", "child")
+        for rid in ("p", "c"):
+            store.publish(a.get(rid, owner="o"), a.own_items(rid, owner="o"))
+        await store.flush()
+        assert await store.delete("p", owner="o")
+        assert not await store.delete("nope", owner="o")
+        assert not await store.load(b, "p", owner="o")
+        assert await store.load(b, "c", owner="o")
+        assert b"parent" in b.context("c", owner="o")
+        with pytest.raises(LookupError):
+            b.get("p", owner="o")
+        await store.aclose()
+
+    run(main())
+
+
+def test_a_missing_link_means_not_found_and_ttl_is_set(redis_url: str) -> None:
+    async def main() -> None:
+        a, b = SessionCache(), SessionCache()
+        store = SharedStore.from_url(redis_url, prefix="t5", ttl_seconds=120)
+        await store.start()
+        turn(a, "x0", None, "a")
+        turn(a, "x1", "x0", "b")
+        for rid in ("x0", "x1"):
+            store.publish(a.get(rid, owner="o"), a.own_items(rid, owner="o"))
+        await store.flush()
+        assert 0 < await store.client.ttl("t5:r:o:x1") <= 120
+        await store.client.delete("t5:r:o:x0")  # e.g. expired
+        assert not await store.load(b, "x1", owner="o")
+        assert b.stats().entries == 0  # never a partial chain
+        await store.aclose()
+
+    run(main())
+
+
+def test_redis_down_is_survivable() -> None:
+    async def main() -> None:
+        store = SharedStore.from_url("redis://127.0.0.1:1/0")
+        with pytest.raises(ConnectionError):
+            await store.start()
+        assert not await store.load(SessionCache(), "r", owner="o")
+        assert store.errors == 1
+        await store.client.aclose()
+
+    run(main())
