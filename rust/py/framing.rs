@@ -244,12 +244,22 @@ impl PyRejection {
     }
 }
 
-/// A `str` as UTF-8; lone surrogates (which no JSON text can hold) become U+FFFD.
+/// A `str` as UTF-8; each lone surrogate (which no JSON text can hold) becomes U+FFFD.
 fn text<'a>(s: &'a Bound<'_, PyString>) -> std::borrow::Cow<'a, str> {
     match s.to_str() {
         Ok(s) => std::borrow::Cow::Borrowed(s),
-        Err(_) => std::borrow::Cow::Owned(s.to_string_lossy().into_owned()),
+        Err(_) => std::borrow::Cow::Owned(replace_surrogates(s)),
     }
+}
+
+#[cold]
+fn replace_surrogates(s: &Bound<'_, PyString>) -> String {
+    // UTF-16 keeps a lone surrogate as one code unit, which decoding replaces once.
+    let replaced = s
+        .call_method1("encode", ("utf-16-le", "surrogatepass"))
+        .and_then(|b| b.call_method1("decode", ("utf-16-le", "replace")))
+        .and_then(|t| t.extract::<String>());
+    replaced.unwrap_or_else(|_| s.to_string_lossy().into_owned())
 }
 
 fn usage((input_tokens, cached_tokens, output_tokens): (u64, u64, u64)) -> Usage {
