@@ -567,7 +567,7 @@ def _drive_rust(
     if terminal == "complete":
         out.append(encoder.complete((10, 3, 4), completed_at=99))
     elif terminal == "fail":
-        out.append(encoder.fail("server_error", "boom", (10, 3, 4)))
+        out.append(encoder.fail(b'{"code":"server_error","message":"boom"}', (10, 3, 4)))
     else:
         out.append(encoder.incomplete("steered", (10, 3, 4), completed_at=99))
     return b"".join(out)

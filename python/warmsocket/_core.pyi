@@ -679,8 +679,9 @@ class ResponseEncoder:
         """The open item's `.done` events, if an item is open."""
     def complete(self, usage: _Usage, *, completed_at: int) -> bytes:
         """Close the open item; `response.completed`."""
-    def fail(self, code: str, message: str, usage: _Usage | None = None) -> bytes:
-        """Close the open item; `response.failed` with `error: {code, message}`."""
+    def fail(self, error: bytes, usage: _Usage | None = None) -> bytes:
+        """Close the open item; `response.failed` with `error`, a JSON object (`{code,
+        message}`, plus `type` and `param` for upstream errors). ValueError otherwise."""
     def incomplete(self, reason: str, usage: _Usage, *, completed_at: int) -> bytes:
         """Close the open item; `response.incomplete` with `incomplete_details.reason`."""
     def event(self, event: bytes) -> bytes:

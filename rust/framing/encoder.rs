@@ -140,7 +140,8 @@ pub struct ResponseEncoder {
     status: Status,
     completed_at: Option<i64>,
     usage: Option<Usage>,
-    error: Option<(String, String)>,
+    /// The `error` object of a failed response (JSON).
+    error: Option<Vec<u8>>,
     incomplete: Option<String>,
     output: Vec<Arc<Item>>,
     open: Option<OpenItem>,
@@ -278,15 +279,20 @@ impl ResponseEncoder {
         &self.out
     }
 
-    /// Close the open item, then `response.failed` with `error: {code, message}`.
-    pub fn fail(&mut self, code: &str, message: &str, usage: Option<Usage>) -> &[u8] {
+    /// Close the open item, then `response.failed` with `error` (a JSON object, at
+    /// least `{code, message}`; upstream errors add `type` and `param`).
+    pub fn fail(&mut self, error: &[u8], usage: Option<Usage>) -> Result<&[u8]> {
+        match super::json::decode(error) {
+            Ok(Value::Object(_)) => {}
+            _ => return Err(Error::invalid_argument("error must be a JSON object")),
+        }
         self.out.clear();
         self.close_open();
         self.status = Status::Failed;
         self.usage = usage;
-        self.error = Some((code.to_owned(), message.to_owned()));
+        self.error = Some(error.to_vec());
         self.lifecycle("response.failed");
-        &self.out
+        Ok(&self.out)
     }
 
     /// Close the open item, then `response.incomplete` with `incomplete_details.reason`.
@@ -636,14 +642,7 @@ impl ResponseEncoder {
     fn write_error(&self, s: &mut dyn Sink) {
         match &self.error {
             None => s.null(),
-            Some((code, message)) => {
-                s.begin(2);
-                s.key("code");
-                s.str(code);
-                s.key("message");
-                s.str(message);
-                s.end();
-            }
+            Some(error) => s.json(error),
         }
     }
 
@@ -1198,12 +1197,16 @@ mod tests {
 
         let mut e = encoder(Framing::Json, None);
         e.start();
-        let out = lines(e.fail("server_error", "boom", None));
+        let out = lines(
+            e.fail(br#"{"code":"server_error","message":"boom"}"#, None)
+                .unwrap(),
+        );
         assert_eq!(out[0]["response"]["status"], "failed");
         assert_eq!(out[0]["response"]["error"]["code"], "server_error");
         assert!(out[0]["response"]["completed_at"].is_null());
         assert!(out[0].get("stream_id").is_none());
         assert!(e.event(b"[1]").is_err());
+        assert!(e.fail(b"\"x\"", None).is_err());
         assert!(e.tool_arguments_delta("ignored").is_empty());
     }
 

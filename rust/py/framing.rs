@@ -348,16 +348,15 @@ impl PyResponseEncoder {
         PyBytes::new(py, self.inner.complete(self::usage(usage), completed_at))
     }
 
-    #[pyo3(signature = (code, message, usage = None))]
+    #[pyo3(signature = (error, usage = None))]
     fn fail<'py>(
         &mut self,
         py: Python<'py>,
-        code: &str,
-        message: &Bound<'py, PyString>,
+        error: &[u8],
         usage: Option<(u64, u64, u64)>,
-    ) -> Bound<'py, PyBytes> {
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let usage = usage.map(self::usage);
-        PyBytes::new(py, self.inner.fail(code, &text(message), usage))
+        Ok(PyBytes::new(py, self.inner.fail(error, usage)?))
     }
 
     #[pyo3(signature = (reason, usage, *, completed_at))]
