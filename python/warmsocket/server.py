@@ -382,8 +382,10 @@ class Connection(asyncio.Protocol):
         assert self.ws is not None
         self.ws.receive_data(data)
         self._ws_events()
-        self._run_actions()
-        self._flush()
+        if not self._run_actions():
+            self._flush()
+        # else: a model task starts in this iteration; the flush scheduled after it
+        # writes `response.created` together with what its first step produced.
 
     def _ws_events(self) -> None:
         assert self.ws is not None
@@ -411,20 +413,27 @@ class Connection(asyncio.Protocol):
         if closing and session is not None and not session.closed:
             session.connection_lost()
 
-    def _run_actions(self) -> None:
+    def _run_actions(self) -> bool:
+        """Carry out the session's outbox. Returns whether a model task was started."""
         session = self.session
         ws = self.ws
         if session is None or ws is None:
-            return
-        for action in session.take_outbox():
-            if isinstance(action, bytes):
+            return False
+        actions = session.take_outbox()
+        if not actions:
+            return False
+        started = False
+        direct = self._direct
+        out = self._out
+        if direct:
+            # Whatever the protocol object queued (pongs, ...) goes out first.
+            out += ws.data_to_send()
+        for action in actions:
+            if type(action) is bytes:
                 if ws.state is not State.OPEN:
                     continue
-                if self._direct:
-                    queued = ws.data_to_send()
-                    if queued:
-                        self._out += queued
-                    self._out.append(action)
+                if direct:
+                    out.append(action)
                 else:
                     for opcode, payload in frame_payloads(action):
                         if opcode == Opcode.TEXT.value:
@@ -435,13 +444,17 @@ class Connection(asyncio.Protocol):
                 self._tasks[action.turn.response_id] = self.loop.create_task(
                     self._run_model(session, action.turn)
                 )
+                started = True
             elif isinstance(action, StopModel):
                 task = self._tasks.pop(action.turn.response_id, None)
                 if task is not None and task is not asyncio.current_task():
                     task.cancel()
             elif isinstance(action, CloseConnection) and ws.state is State.OPEN:
                 ws.send_close(action.code, action.reason)
+                if direct:
+                    out += ws.data_to_send()
         self._schedule_flush()
+        return started
 
     async def _run_model(self, session: ResponsesSession, turn: Turn) -> None:
         backend = self.server.engine.backend
