@@ -8,6 +8,8 @@
 pub mod cache;
 /// The one error type and its messages.
 pub mod error;
+/// Message framing: client messages in, response events out.
+pub mod framing;
 /// Conversation items: validation, canonical JSON, extracted fields.
 pub mod item;
 /// Response nodes: structural sharing, cumulative counts, memory metering.
@@ -40,6 +42,18 @@ mod _core {
     use crate::py::cache::PyResponseInfo;
     #[pymodule_export]
     use crate::py::cache::PySessionCache;
+    #[pymodule_export]
+    use crate::py::framing::frame_event;
+    #[pymodule_export]
+    use crate::py::framing::parse_client_message;
+    #[pymodule_export]
+    use crate::py::framing::PyCreateRequest;
+    #[pymodule_export]
+    use crate::py::framing::PyRejection;
+    #[pymodule_export]
+    use crate::py::framing::PyResponseEncoder;
+    #[pymodule_export]
+    use crate::py::framing::PySteerRequest;
     #[pymodule_export]
     use crate::py::items::PyItemMeta;
     #[pymodule_export]

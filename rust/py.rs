@@ -6,6 +6,7 @@
 pub mod buffer;
 pub mod cache;
 pub mod errors;
+pub mod framing;
 pub mod items;
 pub mod json;
 pub mod token;

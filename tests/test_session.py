@@ -39,9 +39,11 @@ class Harness:
         new: list[dict[str, Any]] = []
         for action in self.session.take_outbox():
             if isinstance(action, bytes):
-                event = json.loads(action)
-                check_ws_event(event)
-                new.append(event)
+                # The session's default framing: JSON lines, one or more events per action.
+                for line in action.splitlines():
+                    event = json.loads(line)
+                    check_ws_event(event)
+                    new.append(event)
             elif isinstance(action, StartModel):
                 self.started.append(action.turn)
             elif isinstance(action, StopModel):
@@ -87,7 +89,7 @@ def test_lane_fifo_and_active_limit() -> None:
     assert [t.stream_id for t in h.started] == ["a", "b", "c"]
     h.reply(h.started[1])
     assert [t.stream_id for t in h.started] == ["a", "b", "c", "a"]
-    assert h.started[3].request.input_items[0]["content"] == "a2"
+    assert h.started[3].request.input.to_objects()[0]["content"] == "a2"
 
 
 def test_request_errors_are_reported_in_lane_order() -> None:

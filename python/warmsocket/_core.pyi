@@ -31,6 +31,7 @@ __all__ = [
     "CacheFull",
     "CacheStats",
     "ContextView",
+    "CreateRequest",
     "DuplicateResponseId",
     "InvalidItemJson",
     "InvalidItems",
@@ -42,10 +43,13 @@ __all__ = [
     "Items",
     "ItemsLike",
     "OwnerMismatch",
+    "Rejection",
+    "ResponseEncoder",
     "ResponseInfo",
     "ResponseNotFound",
     "SessionCache",
     "SnapshotError",
+    "SteerRequest",
     "TokenizationFailed",
     "Tokenizer",
     "TokenizerError",
@@ -55,6 +59,8 @@ __all__ = [
     "__version__",
     "block_hashes",
     "encoding_for_model",
+    "frame_event",
+    "parse_client_message",
     "shared_prefix_blocks",
     "shared_prefix_tokens",
 ]
@@ -522,3 +528,184 @@ def shared_prefix_tokens(a: bytes, b: bytes, block_size: int = 16) -> int:
 
     That is `shared_prefix_blocks(a, b) * block_size`.
     """
+
+# Message framing (rust/framing; docs/architecture.md "Framing").
+#
+# Client messages are decoded and validated in one call with the verdicts of
+# warmsocket/client_events.py (its reference implementation): bad input is returned
+# as a Rejection, never raised. Response events are encoded by a ResponseEncoder
+# that returns every frame one call produced as one bytes object.
+
+_Framing: TypeAlias = Literal["json", "websocket", "msgpack", "sse"]
+"""How events are framed.
+
+* ``"json"``: each event's JSON followed by ``\\n`` (JSON lines);
+* ``"websocket"``: each event as an unmasked server text frame (FIN set);
+* ``"msgpack"``: each event as msgpack in a binary frame (FIN set);
+* ``"sse"``: ``event: <type>\\ndata: <json>\\n\\n``.
+"""
+
+def parse_client_message(
+    data: bytes,
+    *,
+    websocket: bool = True,
+    max_item_bytes: int = 33554432,
+    format: Literal["json", "msgpack"] = "json",
+) -> CreateRequest | SteerRequest | Rejection | None:
+    """Decode and validate one client message; never raises on bad input.
+
+    `websocket=True` reads a WebSocket message (`response.create`, `response.steer`,
+    `response.processed`, which gives None); `websocket=False` reads an HTTP create
+    body. Errors, messages and params are those of `client_events.py`; see
+    `Rejection.stage` for when the session reports them. A create's input is
+    converted to `Items` with `max_item_bytes`, after every other check.
+    """
+
+@final
+class CreateRequest:
+    """A valid `response.create` (or HTTP create body)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def stream_id(self) -> str | None:
+        """The lane (WebSocket only)."""
+    @property
+    def previous_response_id(self) -> str | None: ...
+    @property
+    def generate(self) -> bool:
+        """False for a warm-up (`generate: false` or `prompt_cache_options.prewarm`)."""
+    @property
+    def store(self) -> bool: ...
+    @property
+    def stream(self) -> bool: ...
+    @property
+    def input(self) -> Items:
+        """The new input items, normalised (a string or an "easy" message is a typed message)."""
+    @property
+    def settings_json(self) -> bytes:
+        """The echoed Response fields and `model` as one canonical JSON object."""
+    @property
+    def settings(self) -> dict[str, Any]:
+        """`settings_json` decoded, without `model` (decoded once, then shared)."""
+    @property
+    def instructions(self) -> str | None: ...
+    @property
+    def function_names(self) -> tuple[str, ...]:
+        """Names of the `function` tools, in order."""
+    @property
+    def has_tools(self) -> bool: ...
+    @property
+    def ignored_fields(self) -> tuple[str, ...]:
+        """Body fields the API does not know (ignored), sorted."""
+    def successor(self, input: Items, previous_response_id: str) -> CreateRequest:
+        """The same request with new input, chained to `previous_response_id`, generating."""
+
+@final
+class SteerRequest:
+    """A valid `response.steer`."""
+
+    @property
+    def previous_response_id(self) -> str: ...
+    @property
+    def input(self) -> Items:
+        """The steering input as user messages."""
+    @property
+    def input_json(self) -> bytes:
+        """The `input` field as sent (a string or an array), as JSON."""
+
+@final
+class Rejection:
+    """A refused client message: the error to report and when to report it."""
+
+    @property
+    def code(self) -> str: ...
+    @property
+    def message(self) -> str:
+        """Never holds conversation content."""
+    @property
+    def param(self) -> str | None: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def stage(self) -> Literal["message", "create", "steer"]:
+        """`message`: step 1 (JSON, type, stream_id), report at once; `create`: a create
+        body error, reported on its lane when the request reaches the front; `steer`: an
+        invalid `response.steer` (`response.steer.failed` with `invalid_input`)."""
+    @property
+    def stream_id(self) -> str | None:
+        """The create's lane, once step 1 passed."""
+    @property
+    def previous_response_id(self) -> str | None:
+        """The body's `previous_response_id` when it is a string."""
+
+_Usage: TypeAlias = tuple[int, int, int]
+"""(input_tokens, cached_tokens, output_tokens)."""
+
+@final
+class ResponseEncoder:
+    """The events of one response, encoded and framed the moment they are produced.
+
+    Owns the `sequence_number` (from 0), `output_index` / `content_index`, item ids
+    and the `stream_id` echo; keeps the output items as canonical `Items`. Every
+    method returns the frames it produced as one bytes object (possibly empty).
+    `settings` is a JSON object of the echoed fields and `model`
+    (`CreateRequest.settings_json`). Not thread-safe: one response, one task.
+    """
+
+    def __new__(
+        cls,
+        response_id: str,
+        *,
+        settings: bytes,
+        created_at: int,
+        previous_response_id: str | None = None,
+        store: bool = True,
+        stream_id: str | None = None,
+        framing: _Framing = "json",
+    ) -> ResponseEncoder:
+        """ValueError when `settings` is not a JSON object or `framing` is unknown."""
+    def start(self) -> bytes:
+        """`response.created` and `response.in_progress`."""
+    def text_delta(self, text: str) -> bytes:
+        """Assistant text (opens a message item when none is open)."""
+    def tool_call_start(self, call_id: str, name: str) -> bytes:
+        """Close the open item and start a function_call item."""
+    def tool_arguments_delta(self, delta: str) -> bytes:
+        """Arguments of the open function_call item (nothing when none is open)."""
+    def close_item(self) -> bytes:
+        """The open item's `.done` events, if an item is open."""
+    def complete(self, usage: _Usage, *, completed_at: int) -> bytes:
+        """Close the open item; `response.completed`."""
+    def fail(self, error: bytes, usage: _Usage | None = None) -> bytes:
+        """Close the open item; `response.failed` with `error`, a JSON object (`{code,
+        message}`, plus `type` and `param` for upstream errors). ValueError otherwise."""
+    def incomplete(self, reason: str, usage: _Usage, *, completed_at: int) -> bytes:
+        """Close the open item; `response.incomplete` with `incomplete_details.reason`."""
+    def event(self, event: bytes) -> bytes:
+        """Another event (a JSON object, e.g. steering) numbered in this response's
+        sequence, with its `stream_id`. ValueError when it is not a JSON object."""
+    @property
+    def sequence_number(self) -> int:
+        """The number the next event gets."""
+    @property
+    def status(self) -> Literal["in_progress", "completed", "failed", "incomplete"]: ...
+    @property
+    def open_kind(self) -> Literal["message", "function_call"] | None: ...
+    @property
+    def framing(self) -> _Framing: ...
+    @property
+    def created_at(self) -> int: ...
+    @property
+    def completed_at(self) -> int | None: ...
+    def output_items(self) -> Items:
+        """The finished output items, ready for `SessionCache.create(output=...)`."""
+    def response_json(self) -> bytes:
+        """The Response object now (after a terminal event: the one it carried)."""
+    def meta_json(self) -> bytes:
+        """status, created_at, completed_at, usage, error, incomplete_details (JSON)."""
+
+def frame_event(event: bytes, framing: _Framing) -> bytes:
+    """Frame one stand-alone event (a JSON object) for a connection's framing."""

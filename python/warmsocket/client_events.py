@@ -1,18 +1,35 @@
 """Validation of client requests: `response.create` (WebSocket and HTTP) and `response.steer`.
 
+This is the readable reference of the Rust parser (`warmsocket._core.parse_client_message`,
+`rust/framing/request.rs`), which the server runs: property tests check that both reach
+the same verdict (code, param, message, stage) on random messages, and the parse
+benchmark uses this module as its baseline. The server does not call it.
+
 `parse_client_event` is the first step of spec §2.1's processing order (JSON, type,
 stream_id); `validate_create` checks the body. Both raise `APIError` with the code the
-spec gives, and never echo conversation content in messages.
+spec gives, and never echo conversation content in messages. `parse_message` composes
+them (plus the conversion of the input to `Items`) into the Rust parser's result shape.
+
+`decode_json` accepts strict JSON only. Where `json.loads` accepts more, it rejects
+with position-free details: `NaN` / `Infinity` / `-Infinity`, floats that overflow,
+integers beyond Python's 4,300-digit limit, strings holding a lone surrogate
+(`"\\ud800"`), bytes that are not UTF-8 (UTF-16, a BOM), and nesting deeper than
+`MAX_NESTING` (checked once the message decoded, so a deep message that also has a
+syntax error later on gets the syntax error here but "nested too deeply" from Rust).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+import msgpack  # type: ignore[import-untyped]
 
 from warmsocket import errors
+from warmsocket._core import InvalidItems, Items
 from warmsocket.errors import APIError
 
 STREAM_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
@@ -110,6 +127,11 @@ ITEM_TYPES = frozenset(
 )
 _TEXT_PARTS = frozenset({"input_text", "output_text", "summary_text", "reasoning_text"})
 MAX_METADATA_PAIRS = 16
+_CHOICES = frozenset({"auto", "none", "required"})
+# Deepest nesting of arrays and objects in a message (`rust/framing/json.rs`).
+MAX_NESTING = 512
+# Python's limit on converting integer text (`sys.get_int_max_str_digits()`).
+MAX_INT_DIGITS = 4300
 
 
 @dataclass(slots=True)
@@ -126,6 +148,8 @@ class CreateRequest:
     store: bool = True
     stream: bool = False
     ignored_fields: tuple[str, ...] = ()
+    items: Items | None = None
+    """`input_items` as `Items` (set by `parse_message`)."""
 
     @property
     def instructions(self) -> str | None:
@@ -148,6 +172,8 @@ class SteerRequest:
     previous_response_id: str
     input_items: list[dict[str, Any]]
     raw_input: Any = field(default=None)
+    items: Items | None = None
+    """`input_items` as `Items` (set by `parse_message`)."""
 
 
 @dataclass(slots=True)
@@ -159,11 +185,180 @@ class ClientEvent:
     stream_id: str | None = None
 
 
+@dataclass(slots=True)
+class Rejected:
+    """A refused message: the error and the step it belongs to (see `parse_message`)."""
+
+    error: APIError
+    stage: Literal["message", "create", "steer"]
+    stream_id: str | None = None
+    previous_response_id: str | None = None
+
+
+class _NotJson(ValueError):
+    """What json.loads accepts but JSON does not (a position-free detail)."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON value")
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _NotJson("a number is out of range")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    if len(text) - text.startswith("-") > MAX_INT_DIGITS:
+        raise _NotJson("a number is out of range")
+    return int(text)
+
+
 def decode_json(data: bytes | str) -> Any:
+    """Strict JSON (see the module docs); raises `APIError` (`invalid_json`)."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
     try:
-        return json.loads(data)
+        text = data.decode("utf-8")
+        value = json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_float=_parse_float,
+            parse_int=_parse_int,
+        )
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise errors.invalid_json(_json_error_detail(exc)) from None
+    except _NotJson as exc:
+        raise errors.invalid_json(str(exc)) from None
+    except RecursionError:
+        raise errors.invalid_json("nested too deeply") from None
+    if _nesting(value) > MAX_NESTING:
+        raise errors.invalid_json("nested too deeply")
+    if ("\\ud" in text or "\\uD" in text) and _has_lone_surrogate(value):
+        raise errors.invalid_json("a string holds a lone surrogate")
+    return value
+
+
+def decode_msgpack(data: bytes) -> Any:
+    """A message of the `warmsocket.msgpack` subprotocol: msgpack of what JSON can say."""
+    try:
+        value = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception:
+        raise errors.invalid_msgpack() from None
+    if _nesting(value) > MAX_NESTING or not _json_like(value):
+        raise errors.invalid_msgpack()
+    return value
+
+
+def _nesting(value: Any) -> int:
+    """Depth of nested arrays and objects (0 for a scalar), without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            texts = [item]
+        elif isinstance(item, dict):
+            texts = list(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            texts = []
+            stack.extend(item)
+        else:
+            continue
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
+
+
+def _json_like(value: Any) -> bool:
+    """Only None, bool, int, finite float, str, list and dicts of str keys."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if item is None or isinstance(item, bool | int | str):
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return False
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            if not all(isinstance(k, str) for k in item):
+                return False
+            stack.extend(item.values())
+        else:
+            return False
+    return True
+
+
+def parse_message(
+    data: bytes,
+    *,
+    websocket: bool = True,
+    max_item_bytes: int = 33554432,
+    format: Literal["json", "msgpack"] = "json",
+) -> CreateRequest | SteerRequest | Rejected | None:
+    """The reference of `_core.parse_client_message`: the same verdicts, in Python."""
+    try:
+        body = decode_msgpack(data) if format == "msgpack" else decode_json(data)
+        if not websocket:
+            if not isinstance(body, dict):
+                raise errors.invalid_type("body", "a JSON object")
+            event = ClientEvent("response.create", body)
+        else:
+            event = parse_client_event_body(body)
+    except APIError as error:
+        return Rejected(error, "message")
+    body = event.body
+    previous = body.get("previous_response_id")
+    previous = previous if isinstance(previous, str) else None
+    if event.type == "response.processed":
+        return None
+    if event.type == "response.steer":
+        try:
+            steer = validate_steer(body)
+            steer.items = _items(steer.input_items, max_item_bytes, steer=True)
+        except APIError as error:
+            return Rejected(error, "steer", None, previous)
+        return steer
+    try:
+        request = validate_create(body, websocket=websocket)
+        request.items = _items(request.input_items, max_item_bytes, steer=False)
+    except APIError as error:
+        return Rejected(error, "create", event.stream_id, previous)
+    return request
+
+
+def _items(items: list[dict[str, Any]], max_item_bytes: int, *, steer: bool) -> Items:
+    """`Items.from_objects`, as `Engine.prepare` converted a request's input."""
+    try:
+        return Items.from_objects(items, max_item_bytes=max_item_bytes)
+    except InvalidItems as exc:
+        message = f"Invalid 'input': {exc}"
+        if steer:
+            raise errors.steer_error("invalid_input", message) from None
+        raise errors.invalid_value("input", message) from None
 
 
 def parse_client_event(data: bytes | str) -> ClientEvent:
@@ -172,7 +367,11 @@ def parse_client_event(data: bytes | str) -> ClientEvent:
     Raises `APIError`; an error carrying a valid `stream_id` is reported by the caller
     on that lane.
     """
-    body = decode_json(data)
+    return parse_client_event_body(decode_json(data))
+
+
+def parse_client_event_body(body: Any) -> ClientEvent:
+    """`parse_client_event` after decoding (JSON or msgpack)."""
     if not isinstance(body, dict):
         raise errors.invalid_type("event", "a JSON object")
     event_type = body.get("type")
@@ -322,7 +521,7 @@ def normalize_input(value: Any, *, param: str) -> list[dict[str, Any]]:
 def _check_item(item: dict[str, Any], item_type: str, where: str) -> None:
     if item_type == "message":
         role = item.get("role")
-        if role not in MESSAGE_ROLES:
+        if not (isinstance(role, str) and role in MESSAGE_ROLES):
             raise errors.invalid_value(
                 f"{where}.role",
                 f"Invalid value for '{where}.role': expected one of 'user', 'assistant', "
@@ -357,7 +556,7 @@ def _check_content(content: Any, where: str, *, user: bool) -> None:
         if not isinstance(part, dict):
             raise errors.invalid_type(f"{where}[{index}]", "an object")
         part_type = part.get("type")
-        if part_type not in CONTENT_PART_TYPES:
+        if not (isinstance(part_type, str) and part_type in CONTENT_PART_TYPES):
             raise errors.invalid_value(
                 f"{where}[{index}].type",
                 f"Invalid value for '{where}[{index}].type': unknown content part type.",
@@ -401,7 +600,7 @@ def _settings(body: dict[str, Any]) -> dict[str, Any]:
         if tool["type"] == "function" and not isinstance(tool.get("name"), str):
             raise errors.missing_parameter(f"tools[{index}].name")
     choice = settings["tool_choice"]
-    if not (isinstance(choice, dict) or choice in {"auto", "none", "required"}):
+    if not (isinstance(choice, dict) or (isinstance(choice, str) and choice in _CHOICES)):
         raise errors.invalid_value(
             "tool_choice",
             "Invalid value for 'tool_choice': expected 'auto', 'none', 'required' or an object.",
@@ -430,7 +629,8 @@ def _settings(body: dict[str, Any]) -> dict[str, Any]:
     for name in ("text", "reasoning"):
         if not isinstance(settings[name], dict):
             raise errors.invalid_type(name, "an object")
-    if settings["truncation"] not in {"auto", "disabled"}:
+    truncation = settings["truncation"]
+    if not (isinstance(truncation, str) and truncation in {"auto", "disabled"}):
         raise errors.invalid_value(
             "truncation", "Invalid value for 'truncation': expected 'auto' or 'disabled'."
         )

@@ -4,17 +4,30 @@
 stored ones), pins the parent, and returns a `Turn`; the turn turns model events into
 Responses events and, at its terminal event, stores the response in the cache.
 Neither knows about sockets.
+
+Requests come parsed by Rust (`_core.parse_client_message`: the new input is already
+`Items`, the settings canonical JSON) and events are encoded by a Rust
+`ResponseEncoder` in the connection's framing: each `Turn` method returns the frames
+it produced as one `bytes`, ready for the transport.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from warmsocket import _core, errors, ids
-from warmsocket._core import Binding, ContextView, Items, SessionCache
+from warmsocket._core import (
+    Binding,
+    ContextView,
+    CreateRequest,
+    Items,
+    ResponseEncoder,
+    SessionCache,
+)
 from warmsocket.backends.base import (
     Backend,
     ModelEvent,
@@ -25,12 +38,16 @@ from warmsocket.backends.base import (
     TurnFailed,
     UsageReport,
 )
-from warmsocket.client_events import CreateRequest
 from warmsocket.errors import APIError
 from warmsocket.metrics import Metrics
-from warmsocket.response_stream import ResponseStream, dumps, usage_object
+
+Framing = Literal["json", "websocket", "msgpack", "sse"]
+"""How a turn's events are framed (see `_core.ResponseEncoder`)."""
 
 BYTES_PER_TOKEN_ESTIMATE = 4
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+Usage = tuple[int, int, int]
+"""(input_tokens, cached_tokens, output_tokens)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,22 +93,20 @@ class Engine:
         connection: int | None,
         lookup_connection: int | None,
         stream_id: str | None = None,
-        prepend: list[dict[str, Any]] | None = None,
+        prepend: Items | None = None,
+        framing: Framing = "json",
     ) -> Turn:
         """Validate against state and bind the parent. Raises APIError; nothing is kept then.
 
         `connection` scopes what the turn stores (connection-local for store=false);
         `lookup_connection` is where `previous_response_id` may also be found besides
-        stored responses (the WebSocket connection; None over HTTP).
+        stored responses (the WebSocket connection; None over HTTP). `prepend` goes
+        before the request's input (queued steering); `framing` is how the turn's
+        events are framed.
         """
         started = time.perf_counter()
-        input_items = request.input_items if not prepend else [*prepend, *request.input_items]
-        try:
-            items = Items.from_objects(input_items, max_item_bytes=self.cache.max_item_bytes)
-        except _core.ItemTooLarge as exc:
-            raise errors.invalid_value("input", f"Invalid 'input': {exc}") from None
-        except _core.InvalidItems as exc:
-            raise errors.invalid_value("input", f"Invalid 'input': {exc}") from None
+        # Parsing validated the input and made it Items (within the cache's item limit).
+        items = request.input if prepend is None else prepend.concat(request.input)
 
         binding: Binding | None = None
         if request.previous_response_id is not None:
@@ -128,18 +143,14 @@ class Engine:
             view=view,
             stream_id=stream_id,
             cached_tokens=cached_tokens,
+            framing=framing,
         )
         self.metrics.observe_rebuild(time.perf_counter() - started)
         return turn
 
-    def successor_request(self, target: Turn, steer_items: list[dict[str, Any]]) -> CreateRequest:
+    def successor_request(self, target: Turn, steer_items: Items) -> CreateRequest:
         """The automatic successor of a steered response: same settings, steering as input."""
-        return replace(
-            target.request,
-            input_items=list(steer_items),
-            previous_response_id=target.response_id,
-            generate=True,
-        )
+        return target.request.successor(steer_items, target.response_id)
 
 
 class Turn:
@@ -158,6 +169,7 @@ class Turn:
         view: ContextView,
         stream_id: str | None,
         cached_tokens: int,
+        framing: Framing = "json",
     ) -> None:
         self.engine = engine
         self.request = request
@@ -175,17 +187,19 @@ class Turn:
         self.usage_report: UsageReport | None = None
         self.output_chars = 0
         # Steering queued on this response (spec §3.7).
-        self.steers: list[tuple[str, list[dict[str, Any]]]] = []
+        self.steers: list[tuple[str, Items]] = []
         self.interrupt_requested = False
-        self.stream = ResponseStream(
-            response_id=response_id,
-            model=request.model,
-            settings=request.settings,
+        self.stream = ResponseEncoder(
+            response_id,
+            settings=request.settings_json,
             previous_response_id=request.previous_response_id,
             store=request.store,
             created_at=int(engine.wall_clock()),
             stream_id=stream_id,
+            framing=framing,
         )
+        # Item .done events produced before storing failed: sent with the failure.
+        self._unsent = b""
 
     @property
     def parent_id(self) -> str | None:
@@ -195,7 +209,7 @@ class Turn:
         return TurnContext(
             response_id=self.response_id,
             model=self.request.model,
-            settings=self.request.settings,
+            request=self.request,
             view=self.view,
             new_items=len(self.items),
             cached_tokens=self.cached_tokens,
@@ -203,10 +217,10 @@ class Turn:
             input=self.items,
         )
 
-    def start(self) -> list[bytes]:
+    def start(self) -> bytes:
         return self.stream.start()
 
-    def feed(self, event: ModelEvent) -> list[bytes]:
+    def feed(self, event: ModelEvent) -> bytes:
         """Encode one model event. A TurnFailed event is handled by `fail`, not here."""
         if self.first_token is None and not isinstance(event, UsageReport):
             self.first_token = time.perf_counter()
@@ -222,7 +236,7 @@ class Turn:
             return self.stream.tool_call_start(event.call_id, event.name)
         if isinstance(event, UsageReport):
             self.usage_report = event
-            return []
+            return b""
         if isinstance(event, TurnFailed):
             raise TypeError("TurnFailed goes to Turn.fail")
         raise TypeError(f"unknown model event {type(event).__name__}")
@@ -235,7 +249,7 @@ class Turn:
             return self.stream.open_kind != "message"
         return False
 
-    def usage(self) -> dict[str, Any]:
+    def usage(self) -> Usage:
         report = self.usage_report or UsageReport()
         view = self.view
         input_tokens = report.input_tokens
@@ -245,31 +259,36 @@ class Turn:
         output = report.output_tokens
         if output is None:
             output = estimate_tokens(self.output_chars) if self.output_chars else 0
-        return usage_object(input_tokens, min(cached, input_tokens), output)
+        return (input_tokens, min(cached, input_tokens), output)
 
-    def complete(self) -> list[bytes]:
-        """`response.completed`; the response is stored. Raises APIError if storing fails."""
+    def complete(self) -> bytes:
+        """`response.completed`; the response is stored. Raises APIError if storing fails
+        (then `fail` sends the item events produced so far with the failure)."""
         usage = self.usage()
-        frames = self.stream.close_item()
+        self._unsent = self.stream.close_item()
         now = int(self.engine.wall_clock())
         self._store("completed", now, usage)
-        frames += self.stream.complete(usage, now)
+        frames = self._unsent + self.stream.complete(usage, completed_at=now)
+        self._unsent = b""
         self._finish("completed")
         return frames
 
-    def incomplete(self, reason: str) -> list[bytes]:
+    def incomplete(self, reason: str) -> bytes:
         """`response.incomplete` (e.g. steered); the response is stored and chainable."""
         usage = self.usage()
-        frames = self.stream.close_item()
+        self._unsent = self.stream.close_item()
         now = int(self.engine.wall_clock())
         self._store("incomplete", now, usage, incomplete={"reason": reason})
-        frames += self.stream.incomplete(reason, usage, now)
+        frames = self._unsent + self.stream.incomplete(reason, usage, completed_at=now)
+        self._unsent = b""
         self._finish("incomplete")
         return frames
 
-    def fail(self, error: APIError) -> list[bytes]:
+    def fail(self, error: APIError) -> bytes:
         """`response.failed`. Nothing is stored."""
-        frames = self.stream.fail(error.response_error(), self.usage())
+        failure = _dumps(error.response_error()).encode()
+        frames = self._unsent + self.stream.fail(failure, self.usage())
+        self._unsent = b""
         self.engine.metrics.count_error(error.code or "server_error")
         self._finish("failed")
         return frames
@@ -283,29 +302,35 @@ class Turn:
         self,
         status: str,
         completed_at: int,
-        usage: dict[str, Any],
+        usage: Usage,
         incomplete: dict[str, Any] | None = None,
     ) -> None:
         stream = self.stream
+        input_tokens, cached_tokens, output_tokens = usage
         meta = {
             "status": status,
             "created_at": stream.created_at,
             "completed_at": completed_at,
-            "usage": usage,
+            "usage": {
+                "input_tokens": input_tokens,
+                "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
+                "output_tokens": output_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": input_tokens + output_tokens,
+            },
             "error": None,
             "incomplete_details": incomplete,
         }
-        settings = {"model": self.request.model, **self.request.settings}
         cache = self.engine.cache
         try:
             cache.create(
                 self.response_id,
                 owner=self.owner,
                 input=self.items,
-                output=Items.from_objects(stream.output),
+                output=stream.output_items(),
                 previous_response_id=self.binding,
-                settings=dumps(settings),
-                meta=dumps(meta),
+                settings=self.request.settings_json,
+                meta=_dumps(meta).encode(),
                 store=self.request.store,
                 connection=self.connection,
             )
@@ -325,8 +350,6 @@ def response_object(
     info: _core.ResponseInfo, output: Items, *, include_output: bool = True
 ) -> dict[str, Any]:
     """A stored response as the Response object of `GET /v1/responses/{id}`."""
-    import json
-
     settings: dict[str, Any] = json.loads(info.settings)
     meta: dict[str, Any] = json.loads(info.meta)
     model = settings.pop("model", None)

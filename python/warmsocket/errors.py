@@ -136,6 +136,13 @@ def invalid_json(detail: str) -> APIError:
     )
 
 
+def invalid_msgpack() -> APIError:
+    return APIError(
+        "invalid_msgpack",
+        "The message is not valid msgpack of a JSON-like value. Send one msgpack map per message.",
+    )
+
+
 def invalid_type(param: str, expected: str) -> APIError:
     return APIError(
         "invalid_type",

@@ -7,15 +7,14 @@ Every response carries `x-request-id`; errors use OpenAI's JSON error body.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from warmsocket import _core, errors, ids
+from warmsocket._core import Rejection, parse_client_message
 from warmsocket.backends.base import TurnFailed
-from warmsocket.client_events import decode_json, validate_create
 from warmsocket.engine import Engine, Turn, response_object
 from warmsocket.errors import APIError
 from warmsocket.http11 import LAST_CHUNK, Request, chunk, encode_response, response_head
@@ -169,12 +168,24 @@ class HTTPApp:
     async def _create(
         self, request: Request, writer: ResponseWriter, request_id: str, owner: str, connection: int
     ) -> int:
-        body = decode_json(request.body)
-        if not isinstance(body, dict):
-            raise errors.invalid_type("body", "a JSON object")
-        create = validate_create(body, websocket=False)
+        create = parse_client_message(
+            request.body, websocket=False, max_item_bytes=self.engine.cache.max_item_bytes
+        )
+        if isinstance(create, Rejection):
+            raise APIError(
+                create.code,
+                create.message,
+                param=create.param,
+                status=create.status,
+                type=create.type,
+            )
+        assert isinstance(create, _core.CreateRequest)
         turn = self.engine.prepare(
-            create, owner=owner, connection=connection, lookup_connection=None
+            create,
+            owner=owner,
+            connection=connection,
+            lookup_connection=None,
+            framing="sse" if create.stream else "json",
         )
         if create.stream:
             await self._stream(request, writer, request_id, turn)
@@ -195,9 +206,9 @@ class HTTPApp:
             headers.append(("connection", "close"))
         writer.write(response_head(200, headers))
 
-        def emit(frames: list[bytes]) -> None:
+        def emit(frames: bytes) -> None:
             if frames:
-                writer.write(chunk(b"".join(map(sse_event, frames))))
+                writer.write(chunk(frames))  # already SSE-framed by the turn's encoder
 
         await run_turn(turn, emit, writer.drain, lambda: writer.closing)
         writer.write(LAST_CHUNK)
@@ -205,23 +216,19 @@ class HTTPApp:
     async def _complete(
         self, request: Request, writer: ResponseWriter, request_id: str, turn: Turn
     ) -> None:
-        terminal: list[bytes] = []
 
-        def keep_last(frames: list[bytes]) -> None:
-            if frames:
-                terminal[:] = frames[-1:]
+        def discard(frames: bytes) -> None:
+            return None
 
         async def nothing() -> None:
             return None
 
-        failure = await run_turn(turn, keep_last, nothing, lambda: writer.closing)
+        failure = await run_turn(turn, discard, nothing, lambda: writer.closing)
         if failure is not None and 400 <= failure.status < 500:
             # The model's upstream rejected the request (e.g. context too long): nothing
             # was sent yet, so answer with that error as the upstream would have.
             raise failure
-        event = json.loads(terminal[-1]) if terminal else {}
-        body = dumps(event.get("response", {}))
-        self._json(writer, request, request_id, 200, body)
+        self._json(writer, request, request_id, 200, turn.stream.response_json())
 
     def _retrieve(
         self, writer: ResponseWriter, request: Request, request_id: str, owner: str, rid: str
@@ -315,7 +322,7 @@ class HTTPApp:
 
 async def run_turn(
     turn: Turn,
-    emit: Callable[[list[bytes]], None],
+    emit: Callable[[bytes], None],
     drain: Callable[[], Awaitable[None]],
     closing: Callable[[], bool],
 ) -> APIError | None:
@@ -367,7 +374,11 @@ async def run_turn(
 
 
 def sse_event(frame: bytes) -> bytes:
-    """One event frame as an SSE event (`event:` line, `data:` line, blank line)."""
+    """One event's JSON as an SSE event (`event:` line, `data:` line, blank line).
+
+    Turns frame their own events (`ResponseEncoder(framing="sse")`); this is for
+    single events built elsewhere.
+    """
     start = frame.find(b'"type":"') + 8
     end = frame.find(b'"', start)
     return b"event: " + frame[start:end] + b"\ndata: " + frame + b"\n\n"

@@ -2,9 +2,16 @@
 
 One TCP connection speaks HTTP/1.1 (`warmsocket.http11`, `warmsocket.httpapi`) until
 a WebSocket upgrade on `/v1/responses`; then the `websockets` Sans-I/O
-`ServerProtocol` does the framing and `warmsocket.session.ResponsesSession` holds the
-protocol state. This module only moves bytes and events between them, the socket and
-the model backend.
+`ServerProtocol` handles the handshake, incoming frames, ping/pong and the closing
+handshake, and `warmsocket.session.ResponsesSession` holds the protocol state. This
+module only moves bytes and events between them, the socket and the model backend.
+
+Outgoing events are framed in Rust (`_core.ResponseEncoder`): text frames, or binary
+msgpack frames when the client chose the `warmsocket.msgpack` subprotocol. Without a
+negotiated extension those frames go to the transport as they are, after whatever the
+protocol object has queued (control frames keep their order, and nothing is written
+once it has sent a close frame). With permessage-deflate, each event's payload goes
+through the protocol object's `send_text` / `send_binary` instead.
 
 Writes produced in one event-loop iteration are coalesced into one `writelines`
 call; nothing waits longer than the current iteration. When the socket's write
@@ -17,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -26,11 +33,12 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request as WSRequest
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
 
 from warmsocket import errors
 from warmsocket._core import SessionCache
 from warmsocket.backends.base import Backend
-from warmsocket.engine import Engine, Limits, Turn
+from warmsocket.engine import Engine, Framing, Limits, Turn
 from warmsocket.errors import APIError
 from warmsocket.http11 import CONTINUE, HTTPError, Request, RequestParser, encode_response
 from warmsocket.httpapi import Auth, HTTPApp, route_of
@@ -42,6 +50,32 @@ log = logging.getLogger("warmsocket.server")
 
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
+MSGPACK_SUBPROTOCOL = Subprotocol("warmsocket.msgpack")
+"""Events and client messages as msgpack in binary frames (same objects as the JSON)."""
+
+
+def select_subprotocol(
+    protocol: ServerProtocol, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    """`warmsocket.msgpack` when offered; otherwise none (JSON text frames, spec §1.3)."""
+    return MSGPACK_SUBPROTOCOL if MSGPACK_SUBPROTOCOL in offered else None
+
+
+def frame_payloads(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(opcode, payload) of each unmasked server frame in `data` (as Rust framed them)."""
+    pos, end = 0, len(data)
+    while pos < end:
+        opcode = data[pos] & 0x0F
+        length = data[pos + 1] & 0x7F
+        pos += 2
+        if length == 126:
+            length = int.from_bytes(data[pos : pos + 2], "big")
+            pos += 2
+        elif length == 127:
+            length = int.from_bytes(data[pos : pos + 8], "big")
+            pos += 8
+        yield opcode, data[pos : pos + length]
+        pos += length
 
 
 @dataclass(slots=True)
@@ -151,8 +185,11 @@ class Connection(asyncio.Protocol):
         self._cache_connection: int | None = None
         self._writable = asyncio.Event()
         self._writable.set()
-        self._pending: list[bytes] = []
+        # Bytes for the transport, in order: the protocol object's output and our frames.
+        self._out: list[bytes] = []
         self._flush_scheduled = False
+        # Whether frames built in Rust go to the transport as they are (no extension).
+        self._direct = True
         # WebSocket mode
         self.ws: ServerProtocol | None = None
         self.session: ResponsesSession | None = None
@@ -299,6 +336,8 @@ class Connection(asyncio.Protocol):
         limit = server.config.limits.max_message_bytes
         protocol = ServerProtocol(
             extensions=[ServerPerMessageDeflateFactory()],
+            subprotocols=[MSGPACK_SUBPROTOCOL],
+            select_subprotocol=select_subprotocol,
             max_size=max(2 * limit, limit + 16 * 1024 * 1024),
             logger=logging.getLogger("warmsocket.websockets"),
         )
@@ -314,7 +353,11 @@ class Connection(asyncio.Protocol):
             self._flush()
             return
         server.metrics.connection_opened("websocket")
-        self.session = ResponsesSession(server.engine, owner=owner, now=self.loop.time())
+        self._direct = not protocol.extensions
+        framing: Framing = "msgpack" if protocol.subprotocol == MSGPACK_SUBPROTOCOL else "websocket"
+        self.session = ResponsesSession(
+            server.engine, owner=owner, now=self.loop.time(), framing=framing
+        )
         self._arm_timer()
         if server.config.ws_ping_interval:
             self._keepalive = self.loop.create_task(self._keepalive_loop())
@@ -339,8 +382,10 @@ class Connection(asyncio.Protocol):
         assert self.ws is not None
         self.ws.receive_data(data)
         self._ws_events()
-        self._run_actions()
-        self._flush()
+        if not self._run_actions():
+            self._flush()
+        # else: a model task starts in this iteration; the flush scheduled after it
+        # writes `response.created` together with what its first step produced.
 
     def _ws_events(self) -> None:
         assert self.ws is not None
@@ -368,26 +413,48 @@ class Connection(asyncio.Protocol):
         if closing and session is not None and not session.closed:
             session.connection_lost()
 
-    def _run_actions(self) -> None:
+    def _run_actions(self) -> bool:
+        """Carry out the session's outbox. Returns whether a model task was started."""
         session = self.session
         ws = self.ws
         if session is None or ws is None:
-            return
-        for action in session.take_outbox():
-            if isinstance(action, bytes):
-                if ws.state is State.OPEN:
-                    ws.send_text(action)
+            return False
+        actions = session.take_outbox()
+        if not actions:
+            return False
+        started = False
+        direct = self._direct
+        out = self._out
+        if direct:
+            # Whatever the protocol object queued (pongs, ...) goes out first.
+            out += ws.data_to_send()
+        for action in actions:
+            if type(action) is bytes:
+                if ws.state is not State.OPEN:
+                    continue
+                if direct:
+                    out.append(action)
+                else:
+                    for opcode, payload in frame_payloads(action):
+                        if opcode == Opcode.TEXT.value:
+                            ws.send_text(payload)
+                        else:
+                            ws.send_binary(payload)
             elif isinstance(action, StartModel):
                 self._tasks[action.turn.response_id] = self.loop.create_task(
                     self._run_model(session, action.turn)
                 )
+                started = True
             elif isinstance(action, StopModel):
                 task = self._tasks.pop(action.turn.response_id, None)
                 if task is not None and task is not asyncio.current_task():
                     task.cancel()
             elif isinstance(action, CloseConnection) and ws.state is State.OPEN:
                 ws.send_close(action.code, action.reason)
+                if direct:
+                    out += ws.data_to_send()
         self._schedule_flush()
+        return started
 
     async def _run_model(self, session: ResponsesSession, turn: Turn) -> None:
         backend = self.server.engine.backend
@@ -425,12 +492,16 @@ class Connection(asyncio.Protocol):
         ws = self.ws
         transport = self.transport
         if ws is None or transport is None or self.lost:
+            self._out = []
             return
-        chunks = ws.data_to_send()
+        chunks = self._out
+        self._out = []
+        chunks += ws.data_to_send()
         if not chunks:
             return
         eof = False
-        if chunks[-1] == b"":
+        if b"" in chunks:
+            # The protocol object asks for the TCP connection to be closed.
             eof = True
             chunks = [c for c in chunks if c]
         if chunks:

@@ -1,10 +1,15 @@
 """The Sans-I/O state of one WebSocket-mode connection.
 
 `ResponsesSession` takes client messages, model events and clock ticks in, and puts
-what should happen in its outbox: frames to send (`bytes`), `StartModel` /
-`StopModel` for the backend, `CloseConnection`. It never raises on bad client input
-(every problem becomes an error event) and performs no I/O, so tests drive it
-without sockets or an event loop.
+what should happen in its outbox: data to send (`bytes`: one or more events, framed
+as the connection's `framing` asks — WebSocket text frames, msgpack binary frames, or
+JSON lines for tests), `StartModel` / `StopModel` for the backend,
+`CloseConnection`. It never raises on bad client input (every problem becomes an
+error event) and performs no I/O, so tests drive it without sockets or an event loop.
+
+Each client message is decoded and validated by one call into Rust
+(`_core.parse_client_message`); each model event is encoded by one call into the
+turn's Rust `ResponseEncoder`.
 
 Rules implemented here (spec §2, §3.7, §5):
 
@@ -22,21 +27,24 @@ Rules implemented here (spec §2, §3.7, §5):
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from warmsocket import errors, ids
-from warmsocket._core import Binding
-from warmsocket.backends.base import ModelEvent, TurnFailed
-from warmsocket.client_events import (
+from warmsocket._core import (
+    Binding,
     CreateRequest,
-    parse_client_event,
-    validate_create,
-    validate_steer,
+    Items,
+    Rejection,
+    SteerRequest,
+    frame_event,
+    parse_client_message,
 )
-from warmsocket.engine import Engine, Turn
+from warmsocket.backends.base import ModelEvent, TurnFailed
+from warmsocket.engine import Engine, Framing, Turn
 from warmsocket.errors import APIError
 from warmsocket.response_stream import dumps
 
@@ -85,7 +93,7 @@ class _PendingSteer:
     """Accepted steering waiting for the client's explicit continuation (steer.pending)."""
 
     target_id: str
-    items: list[dict[str, Any]]
+    items: Items
     steer_ids: list[str]
 
 
@@ -103,10 +111,15 @@ class _Lane:
 class ResponsesSession:
     """One WebSocket-mode connection's protocol state."""
 
-    def __init__(self, engine: Engine, *, owner: str, now: float) -> None:
+    def __init__(
+        self, engine: Engine, *, owner: str, now: float, framing: Framing = "json"
+    ) -> None:
         self.engine = engine
         self.limits = engine.limits
         self.owner = owner
+        self.framing: Framing = framing
+        self._format: Literal["json", "msgpack"] = "msgpack" if framing == "msgpack" else "json"
+        self._max_item_bytes = engine.cache.max_item_bytes
         self.connection = engine.cache.open_connection()
         self.opened_at = now
         self.deadline = now + self.limits.connection_lifetime
@@ -128,19 +141,31 @@ class ResponsesSession:
         """One client message (a text or binary WebSocket message)."""
         if self.closed:
             return
+        if isinstance(data, str):
+            data = data.encode("utf-8", "surrogatepass")
         size = len(data)
         if size > self.limits.max_message_bytes:
             self._error(errors.message_too_large(size, self.limits.max_message_bytes), None)
             return
-        try:
-            event = parse_client_event(data)
-        except APIError as error:
-            self._error(error, None)
-            return
-        if event.type == "response.create":
-            self._receive_create(event.body, event.stream_id)
-        elif event.type == "response.steer":
-            self._receive_steer(event.body)
+        parsed = parse_client_message(
+            data, max_item_bytes=self._max_item_bytes, format=self._format
+        )
+        kind = type(parsed)
+        if kind is CreateRequest:
+            assert isinstance(parsed, CreateRequest)
+            self._receive_create(parsed, parsed.stream_id, None)
+        elif kind is Rejection:
+            assert isinstance(parsed, Rejection)
+            if parsed.stage == "create":
+                self._receive_create(None, parsed.stream_id, parsed)
+            elif parsed.stage == "steer":
+                self._reject_steer(parsed)
+            else:
+                self._error(_api_error(parsed), None)
+        elif kind is SteerRequest:
+            assert isinstance(parsed, SteerRequest)
+            self._receive_steer(parsed)
+        # None: `response.processed` (Codex), ignored (spec §2.3).
 
     def model_event(self, turn: Turn, event: ModelEvent) -> None:
         """One event from the backend for `turn`."""
@@ -152,7 +177,9 @@ class ResponsesSession:
         if turn.interrupt_requested and turn.starts_new_item(event):
             self._interrupt(turn)
             return
-        self.outbox += turn.feed(event)
+        frames = turn.feed(event)
+        if frames:
+            self.outbox.append(frames)
 
     def model_done(self, turn: Turn) -> None:
         """The backend finished `turn` normally."""
@@ -226,7 +253,9 @@ class ResponsesSession:
 
     # -- creates ------------------------------------------------------------------------
 
-    def _receive_create(self, body: dict[str, Any], stream_id: str | None) -> None:
+    def _receive_create(
+        self, request: CreateRequest | None, stream_id: str | None, rejection: Rejection | None
+    ) -> None:
         if self.expired:
             self._error(errors.connection_limit_reached(self._lifetime_minutes()), None)
             return
@@ -242,12 +271,11 @@ class ResponsesSession:
         if self._queued >= self.limits.max_queued_requests:
             self._error(errors.too_many_queued(self.limits.max_queued_requests), stream_id)
             return
-        previous = body.get("previous_response_id")
-        previous = previous if isinstance(previous, str) else None
-        try:
-            pending = _Pending(validate_create(body, websocket=True), None, previous)
-        except APIError as error:
-            pending = _Pending(None, error, previous)
+        if request is not None:
+            pending = _Pending(request, None, request.previous_response_id)
+        else:
+            assert rejection is not None
+            pending = _Pending(None, _api_error(rejection), rejection.previous_response_id)
         lane.queue.append(pending)
         self._queued += 1
         self._make_ready(lane)
@@ -275,7 +303,7 @@ class ResponsesSession:
             self._reject(lane, pending.error or errors.server_error(), pending.previous_response_id)
             return
         request = pending.request
-        prepend: list[dict[str, Any]] | None = None
+        prepend: Items | None = None
         steer = lane.pending_steer
         if steer is not None and request.previous_response_id == steer.target_id:
             prepend = steer.items
@@ -287,6 +315,7 @@ class ResponsesSession:
                 lookup_connection=self.connection,
                 stream_id=lane.name,
                 prepend=prepend,
+                framing=self.framing,
             )
         except APIError as error:
             if pending.steer_ids:
@@ -297,7 +326,7 @@ class ResponsesSession:
             lane.pending_steer = None
         self._active[turn.response_id] = (turn, lane)
         lane.active = turn
-        self.outbox += turn.start()
+        self.outbox.append(turn.start())
         if request.generate:
             self.outbox.append(StartModel(turn))
         else:
@@ -317,7 +346,7 @@ class ResponsesSession:
         except APIError as error:
             self._fail(turn, error)
             return
-        self.outbox += frames
+        self.outbox.append(frames)
         self._after_terminal(turn, "completed")
 
     def _interrupt(self, turn: Turn) -> None:
@@ -328,11 +357,11 @@ class ResponsesSession:
         except APIError as error:
             self._fail(turn, error)
             return
-        self.outbox += frames
+        self.outbox.append(frames)
         self._after_terminal(turn, "incomplete")
 
     def _fail(self, turn: Turn, error: APIError) -> None:
-        self.outbox += turn.fail(error)
+        self.outbox.append(turn.fail(error))
         self._after_terminal(turn, "failed")
 
     def _after_terminal(self, turn: Turn, status: str) -> None:
@@ -377,19 +406,19 @@ class ResponsesSession:
 
     # -- steering -----------------------------------------------------------------------
 
-    def _receive_steer(self, body: dict[str, Any]) -> None:
-        target_id = body.get("previous_response_id")
-        target_id = target_id if isinstance(target_id, str) else ""
+    def _reject_steer(self, rejection: Rejection) -> None:
+        target_id = rejection.previous_response_id or ""
         entry = self._active.get(target_id)
         turn = entry[0] if entry is not None else None
-        raw_input = body.get("input")
-        try:
-            steer = validate_steer(body)
-        except APIError as invalid:
-            # Invalid input is not echoed: the event's schema only holds valid steering input.
-            self._steer_failed(target_id, "", invalid, turn)
-            return
+        # Invalid input is not echoed: the event's schema only holds valid steering input.
+        self._steer_failed(target_id, "", _api_error(rejection), turn)
+
+    def _receive_steer(self, steer: SteerRequest) -> None:
+        target_id = steer.previous_response_id
+        entry = self._active.get(target_id)
+        turn = entry[0] if entry is not None else None
         if turn is None or turn.finished:
+            raw_input = json.loads(steer.input_json)
             if target_id in self._finished:
                 error = errors.steer_error(
                     "response_already_completed",
@@ -407,18 +436,15 @@ class ResponsesSession:
                 f"At most {self.limits.max_pending_steers} steering inputs may wait for one "
                 "response.",
             )
-            self._steer_failed(target_id, raw_input, error, turn)
+            self._steer_failed(target_id, json.loads(steer.input_json), error, turn)
             return
         steer_id = ids.steer_id()
-        turn.steers.append((steer_id, steer.input_items))
-        self.outbox.append(
-            turn.stream.extra_event(
-                {
-                    "type": "response.steer.accepted",
-                    "steer": {"id": steer_id, "previous_response_id": target_id},
-                }
-            )
-        )
+        turn.steers.append((steer_id, steer.input))
+        accepted = {
+            "type": "response.steer.accepted",
+            "steer": {"id": steer_id, "previous_response_id": target_id},
+        }
+        self.outbox.append(turn.stream.event(dumps(accepted)))
         if not turn.interrupt_requested:
             turn.interrupt_requested = True
             if turn.stream.open_kind is None:
@@ -426,33 +452,36 @@ class ResponsesSession:
 
     def _settle_steers(self, turn: Turn, lane: _Lane, status: str) -> None:
         steer_ids = [steer_id for steer_id, _items in turn.steers]
-        items = [item for _steer_id, batch in turn.steers for item in batch]
+        items = turn.steers[0][1]
+        for _steer_id, batch in turn.steers[1:]:
+            items = items.concat(batch)
         if status == "failed":
             error = errors.steer_error(
                 "response_not_active", "The response failed before the steering input applied."
             )
             for steer_id, batch in turn.steers:
-                self._steer_failed_event(turn.response_id, batch, error, turn, steer_id)
+                self._steer_failed_event(
+                    turn.response_id, batch.to_objects(), error, turn, steer_id
+                )
             return
-        calls = [item for item in turn.stream.output if item.get("type") == "function_call"]
-        if status == "completed" and calls:
+        output = turn.stream.output_items()
+        calls = [output.item_meta(i) for i in range(len(output))]
+        required = [
+            {"type": "function_call_output", "call_id": c.call_id, "name": c.name}
+            for c in calls
+            if c.type == "function_call"
+        ]
+        if status == "completed" and required:
             # Stopped for client-owned tool output: no automatic successor (spec §3.7).
-            required = [
-                {"type": "function_call_output", "call_id": c["call_id"], "name": c["name"]}
-                for c in calls
-            ]
             lane.pending_steer = _PendingSteer(turn.response_id, items, steer_ids)
             for steer_id in steer_ids:
-                self.outbox.append(
-                    turn.stream.extra_event(
-                        {
-                            "type": "response.steer.pending",
-                            "steer": {"id": steer_id, "previous_response_id": turn.response_id},
-                            "reason": "waiting_for_required_input",
-                            "required_input": required,
-                        }
-                    )
-                )
+                pending = {
+                    "type": "response.steer.pending",
+                    "steer": {"id": steer_id, "previous_response_id": turn.response_id},
+                    "reason": "waiting_for_required_input",
+                    "required_input": required,
+                }
+                self.outbox.append(turn.stream.event(dumps(pending)))
             return
         successor = self.engine.successor_request(turn, items)
         lane.queue.appendleft(_Pending(successor, None, turn.response_id, tuple(steer_ids)))
@@ -466,7 +495,7 @@ class ResponsesSession:
     def _steer_failed_ids(self, pending: _Pending, error: APIError, lane: _Lane) -> None:
         failure = errors.steer_error("successor_creation_failed", error.message)
         request = pending.request
-        items = request.input_items if request is not None else []
+        items = request.input.to_objects() if request is not None else []
         for steer_id in pending.steer_ids:
             self._steer_failed_event(
                 pending.previous_response_id or "", items, failure, None, steer_id, lane.name
@@ -494,7 +523,7 @@ class ResponsesSession:
         }
         self.engine.metrics.count_error(error.code or "invalid_input")
         if turn is not None and not turn.finished:
-            self.outbox.append(turn.stream.extra_event(event))
+            self.outbox.append(turn.stream.event(dumps(event)))
             return
         finished = self._finished.get(target_id)
         if finished is not None:
@@ -504,7 +533,7 @@ class ResponsesSession:
         if stream_id is not None:
             event["stream_id"] = stream_id
         event["sequence_number"] = sequence_number
-        self.outbox.append(dumps(event))
+        self.outbox.append(frame_event(dumps(event), self.framing))
 
     # -- lifetime -----------------------------------------------------------------------
 
@@ -534,7 +563,18 @@ class ResponsesSession:
             "request rejected",
             extra={"code": error.code, "status": error.status, "param": error.param},
         )
-        self.outbox.append(dumps(error.ws_event(stream_id=stream_id)))
+        self.outbox.append(frame_event(dumps(error.ws_event(stream_id=stream_id)), self.framing))
+
+
+def _api_error(rejection: Rejection) -> APIError:
+    """A refused message's error, as the error vocabulary's type."""
+    return APIError(
+        rejection.code,
+        rejection.message,
+        param=rejection.param,
+        status=rejection.status,
+        type=rejection.type,
+    )
 
 
 def _steer_input_echo(raw: Any) -> Any:

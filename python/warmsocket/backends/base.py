@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from warmsocket._core import ContextView, Items
+    from warmsocket._core import ContextView, CreateRequest, Items
     from warmsocket.errors import APIError
 
 
@@ -63,8 +63,8 @@ class TurnContext:
 
     response_id: str
     model: str
-    settings: dict[str, Any]
-    """The request's echoed settings: instructions, tools, tool_choice, sampling fields."""
+    request: CreateRequest
+    """The parsed create; its settings are canonical JSON until `settings` is asked for."""
     view: ContextView
     """The full context: the parent chain's items followed by this turn's new input."""
     new_items: int
@@ -80,17 +80,26 @@ class TurnContext:
     that send only new items upstream."""
 
     @property
+    def settings(self) -> dict[str, Any]:
+        """The request's echoed settings: instructions, tools, tool_choice, sampling fields.
+
+        Decoded from `settings_json` the first time any turn of the request asks, then
+        shared: do not modify it.
+        """
+        return self.request.settings
+
+    @property
+    def settings_json(self) -> bytes:
+        """The echoed settings and `model` as canonical JSON (equal bytes = equal settings)."""
+        return self.request.settings_json
+
+    @property
     def instructions(self) -> str | None:
-        value = self.settings.get("instructions")
-        return value if isinstance(value, str) else None
+        return self.request.instructions
 
     @property
     def function_names(self) -> list[str]:
-        return [
-            tool["name"]
-            for tool in self.settings.get("tools", ())
-            if isinstance(tool, dict) and tool.get("type") == "function" and "name" in tool
-        ]
+        return list(self.request.function_names)
 
 
 class Backend(Protocol):

@@ -34,7 +34,8 @@ MEMO_ENTRIES = 4096
 @dataclass(slots=True)
 class _Rendered:
     model: str
-    settings: dict[str, Any]
+    settings: bytes
+    """The request's settings as canonical JSON (equal bytes = equal settings)."""
     head: bytes
     system: bytes | None
     messages: list[bytes]
@@ -81,7 +82,8 @@ class ChatBackend(HTTPUpstreamBackend):
         if messages is None:
             self.full_renders += 1
             messages, last_role = render(turn.view.objects())
-        if parent is not None and parent.model == model and parent.settings == turn.settings:
+        settings = turn.settings_json
+        if parent is not None and parent.model == model and parent.settings == settings:
             head, system = parent.head, parent.system
         else:
             head = request_head(turn.settings, model)
@@ -89,7 +91,7 @@ class ChatBackend(HTTPUpstreamBackend):
             system = system_message(instructions) if instructions is not None else None
         memo = self._memo
         memo[turn.response_id] = _Rendered(
-            model, turn.settings, head, system, messages, turn.view.items, last_role
+            model, settings, head, system, messages, turn.view.items, last_role
         )
         while len(memo) > MEMO_ENTRIES:
             memo.popitem(last=False)

@@ -30,21 +30,26 @@ def request_head(
 
 
 class HeadCache:
-    """Request heads by response id, reused while the model and settings stay the same."""
+    """Request heads by response id, reused while the model and settings stay the same.
+
+    Settings compare as their canonical JSON bytes, so a continuation with unchanged
+    settings never decodes them.
+    """
 
     def __init__(self, extra: dict[str, Any], *, first: dict[str, Any] | None = None) -> None:
         self.first = first or {}
         self.extra = extra
-        self._heads: OrderedDict[str, tuple[str, dict[str, Any], bytes]] = OrderedDict()
+        self._heads: OrderedDict[str, tuple[str, bytes, bytes]] = OrderedDict()
 
     def head(self, turn: TurnContext, model: str) -> bytes:
         parent = self._heads.get(turn.previous_response_id) if turn.previous_response_id else None
-        if parent is not None and parent[0] == model and parent[1] == turn.settings:
+        settings = turn.settings_json
+        if parent is not None and parent[0] == model and parent[1] == settings:
             head = parent[2]
         else:
             head = request_head(turn.settings, model, first=self.first, extra=self.extra)
         heads = self._heads
-        heads[turn.response_id] = (model, turn.settings, head)
+        heads[turn.response_id] = (model, settings, head)
         while len(heads) > MEMO_ENTRIES:
             heads.popitem(last=False)
         return head

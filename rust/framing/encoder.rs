@@ -1,0 +1,1276 @@
+//! The events of one response, encoded and framed the moment they are produced.
+//!
+//! A `ResponseEncoder` owns the per-response `sequence_number` (from 0), assigns
+//! `output_index` / `content_index` and item ids, echoes `stream_id` on every event
+//! of a named lane, and keeps each finished output item as a canonical `Item`, so
+//! the response goes into the cache without being serialised again. The static part
+//! of the Response object (id, settings, tools, ...) is encoded once; lifecycle
+//! events splice status, output, usage, error and incomplete details around it.
+//!
+//! Event objects are those of `warmsocket/response_stream.py` (same keys and values;
+//! output items have their keys sorted). Each call returns the events it produced as
+//! one buffer, framed as asked:
+//!
+//! * `Json`: each event followed by `\n` (no JSON text holds a raw newline);
+//! * `WebSocket`: each event as an unmasked server text frame (FIN, opcode 1);
+//! * `Msgpack`: each event as msgpack in a binary frame (FIN, opcode 2);
+//! * `Sse`: `event: <type>\ndata: <json>\n\n`.
+
+use std::sync::Arc;
+
+use super::msgpack;
+use super::value::{write_str, Value};
+use crate::error::{Error, Result};
+use crate::item::{Item, Items};
+
+/// How events are framed (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Json,
+    WebSocket,
+    Msgpack,
+    Sse,
+}
+
+impl Framing {
+    pub fn from_name(name: &str) -> Option<Framing> {
+        Some(match name {
+            "json" => Framing::Json,
+            "websocket" => Framing::WebSocket,
+            "msgpack" => Framing::Msgpack,
+            "sse" => Framing::Sse,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Framing::Json => "json",
+            Framing::WebSocket => "websocket",
+            Framing::Msgpack => "msgpack",
+            Framing::Sse => "sse",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    InProgress,
+    Completed,
+    Failed,
+    Incomplete,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::InProgress => "in_progress",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Incomplete => "incomplete",
+        }
+    }
+}
+
+/// Token counts of a response; `total_tokens` is input + output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub cached_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// What a new encoder needs to know about its response.
+#[derive(Debug, Clone)]
+pub struct ResponseHead<'a> {
+    pub response_id: &'a str,
+    /// The echoed settings and `model`, one JSON object (e.g. `CreateRequest::settings`).
+    pub settings: &'a [u8],
+    pub previous_response_id: Option<&'a str>,
+    pub store: bool,
+    pub created_at: i64,
+    pub stream_id: Option<&'a str>,
+    pub framing: Framing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemKind {
+    Message,
+    FunctionCall,
+}
+
+impl ItemKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ItemKind::Message => "message",
+            ItemKind::FunctionCall => "function_call",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct OpenItem {
+    kind: ItemKind,
+    id: String,
+    index: usize,
+    /// The text (message) or arguments (function call) so far.
+    text: String,
+    call_id: String,
+    name: String,
+}
+
+/// The static entries of the Response object, encoded once.
+#[derive(Debug)]
+struct Statics {
+    /// `"id":...,"object":"response",...` (JSON entries, no braces).
+    json: Vec<u8>,
+    /// The same entries as msgpack key/value pairs (msgpack framing only).
+    msgpack: Vec<u8>,
+    count: usize,
+}
+
+/// The event stream of one response.
+#[derive(Debug)]
+pub struct ResponseEncoder {
+    framing: Framing,
+    stream_id: Option<String>,
+    created_at: i64,
+    statics: Statics,
+    sequence_number: u64,
+    status: Status,
+    completed_at: Option<i64>,
+    usage: Option<Usage>,
+    /// The `error` object of a failed response (JSON).
+    error: Option<Vec<u8>>,
+    incomplete: Option<String>,
+    output: Vec<Arc<Item>>,
+    open: Option<OpenItem>,
+    out: Vec<u8>,
+}
+
+const STATIC_FIELDS: usize = 6;
+
+impl ResponseEncoder {
+    /// A new encoder. Fails when `settings` is not a JSON object.
+    pub fn new(head: ResponseHead<'_>) -> Result<ResponseEncoder> {
+        let settings = head.settings;
+        let inner = match settings {
+            [b'{', inner @ .., b'}'] => inner,
+            _ => return Err(Error::invalid_argument("settings must be a JSON object")),
+        };
+        let mut json = Vec::with_capacity(settings.len() + head.response_id.len() + 128);
+        json.extend_from_slice(b"\"id\":");
+        write_str(head.response_id, &mut json);
+        json.extend_from_slice(b",\"object\":\"response\",\"created_at\":");
+        json.extend_from_slice(itoa::Buffer::new().format(head.created_at).as_bytes());
+        json.extend_from_slice(b",\"previous_response_id\":");
+        match head.previous_response_id {
+            Some(id) => write_str(id, &mut json),
+            None => json.extend_from_slice(b"null"),
+        }
+        json.extend_from_slice(if head.store {
+            b",\"store\":true,\"background\":false"
+        } else {
+            b",\"store\":false,\"background\":false"
+        });
+        if !inner.iter().all(u8::is_ascii_whitespace) {
+            json.push(b',');
+            json.extend_from_slice(inner);
+        }
+        let mut statics = Statics {
+            json,
+            msgpack: Vec::new(),
+            count: STATIC_FIELDS,
+        };
+        if head.framing == Framing::Msgpack {
+            let value = super::json::parse(
+                std::str::from_utf8(settings)
+                    .map_err(|_| Error::invalid_argument("settings must be UTF-8 JSON"))?,
+            )
+            .map_err(|_| Error::invalid_argument("settings must be a JSON object"))?;
+            let Value::Object(object) = value else {
+                return Err(Error::invalid_argument("settings must be a JSON object"));
+            };
+            let mp = &mut statics.msgpack;
+            msgpack::write_str("id", mp);
+            msgpack::write_str(head.response_id, mp);
+            msgpack::write_str("object", mp);
+            msgpack::write_str("response", mp);
+            msgpack::write_str("created_at", mp);
+            msgpack::write_int(head.created_at, mp);
+            msgpack::write_str("previous_response_id", mp);
+            match head.previous_response_id {
+                Some(id) => msgpack::write_str(id, mp),
+                None => msgpack::write_nil(mp),
+            }
+            msgpack::write_str("store", mp);
+            msgpack::write_bool(head.store, mp);
+            msgpack::write_str("background", mp);
+            msgpack::write_bool(false, mp);
+            for (k, v) in object.iter() {
+                msgpack::write_str(k, mp);
+                msgpack::write_value(v, mp);
+            }
+            statics.count += object.len();
+        }
+        Ok(ResponseEncoder {
+            framing: head.framing,
+            stream_id: head.stream_id.map(str::to_owned),
+            created_at: head.created_at,
+            statics,
+            sequence_number: 0,
+            status: Status::InProgress,
+            completed_at: None,
+            usage: None,
+            error: None,
+            incomplete: None,
+            output: Vec::new(),
+            open: None,
+            out: Vec::with_capacity(1024),
+        })
+    }
+
+    pub fn framing(&self) -> Framing {
+        self.framing
+    }
+    /// The number the next event gets.
+    pub fn sequence_number(&self) -> u64 {
+        self.sequence_number
+    }
+    pub fn status(&self) -> Status {
+        self.status
+    }
+    pub fn created_at(&self) -> i64 {
+        self.created_at
+    }
+    pub fn completed_at(&self) -> Option<i64> {
+        self.completed_at
+    }
+    /// The kind of the open item, if any.
+    pub fn open_kind(&self) -> Option<ItemKind> {
+        self.open.as_ref().map(|i| i.kind)
+    }
+    /// The finished output items.
+    pub fn output(&self) -> &[Arc<Item>] {
+        &self.output
+    }
+    pub fn output_items(&self) -> Items {
+        Items::from_vec(self.output.clone())
+    }
+
+    // -- lifecycle ---------------------------------------------------------------------
+
+    /// `response.created` and `response.in_progress`.
+    pub fn start(&mut self) -> &[u8] {
+        self.out.clear();
+        self.lifecycle("response.created");
+        self.lifecycle("response.in_progress");
+        &self.out
+    }
+
+    /// Close the open item, then `response.completed`.
+    pub fn complete(&mut self, usage: Usage, completed_at: i64) -> &[u8] {
+        self.out.clear();
+        self.close_open();
+        self.status = Status::Completed;
+        self.completed_at = Some(completed_at);
+        self.usage = Some(usage);
+        self.lifecycle("response.completed");
+        &self.out
+    }
+
+    /// Close the open item, then `response.failed` with `error` (a JSON object, at
+    /// least `{code, message}`; upstream errors add `type` and `param`).
+    pub fn fail(&mut self, error: &[u8], usage: Option<Usage>) -> Result<&[u8]> {
+        match super::json::decode(error) {
+            Ok(Value::Object(_)) => {}
+            _ => return Err(Error::invalid_argument("error must be a JSON object")),
+        }
+        self.out.clear();
+        self.close_open();
+        self.status = Status::Failed;
+        self.usage = usage;
+        self.error = Some(error.to_vec());
+        self.lifecycle("response.failed");
+        Ok(&self.out)
+    }
+
+    /// Close the open item, then `response.incomplete` with `incomplete_details.reason`.
+    pub fn incomplete(&mut self, reason: &str, usage: Usage, completed_at: i64) -> &[u8] {
+        self.out.clear();
+        self.close_open();
+        self.status = Status::Incomplete;
+        self.completed_at = Some(completed_at);
+        self.usage = Some(usage);
+        self.incomplete = Some(reason.to_owned());
+        self.lifecycle("response.incomplete");
+        &self.out
+    }
+
+    // -- items -------------------------------------------------------------------------
+
+    /// Assistant text: opens a message item first when none is open.
+    pub fn text_delta(&mut self, text: &str) -> &[u8] {
+        self.out.clear();
+        if self.open_kind() != Some(ItemKind::Message) {
+            self.close_open();
+            self.open_item(ItemKind::Message, String::new(), String::new());
+        }
+        let Some(item) = self.open.as_mut() else {
+            return &self.out;
+        };
+        item.text.push_str(text);
+        let (stream_id, seq) = (self.stream_id.as_deref(), self.sequence_number);
+        let ty = "response.output_text.delta";
+        emit(&mut self.out, self.framing, ty, |s| {
+            head(s, stream_id, seq, ty, 5);
+            locate(s, item);
+            s.key("content_index");
+            s.uint(0);
+            s.key("logprobs");
+            s.begin_array(0);
+            s.end_array();
+            s.key("delta");
+            s.str(text);
+            s.end();
+        });
+        self.sequence_number += 1;
+        &self.out
+    }
+
+    /// Starts a function_call item (closing the open one).
+    pub fn tool_call_start(&mut self, call_id: &str, name: &str) -> &[u8] {
+        self.out.clear();
+        self.close_open();
+        self.open_item(ItemKind::FunctionCall, call_id.to_owned(), name.to_owned());
+        &self.out
+    }
+
+    /// Arguments of the open function_call item; nothing when none is open.
+    pub fn tool_arguments_delta(&mut self, delta: &str) -> &[u8] {
+        self.out.clear();
+        let Some(item) = self
+            .open
+            .as_mut()
+            .filter(|i| i.kind == ItemKind::FunctionCall)
+        else {
+            return &self.out;
+        };
+        item.text.push_str(delta);
+        let (stream_id, seq) = (self.stream_id.as_deref(), self.sequence_number);
+        let ty = "response.function_call_arguments.delta";
+        emit(&mut self.out, self.framing, ty, |s| {
+            head(s, stream_id, seq, ty, 3);
+            locate(s, item);
+            s.key("delta");
+            s.str(delta);
+            s.end();
+        });
+        self.sequence_number += 1;
+        &self.out
+    }
+
+    /// Finish the open item, if any (its `.done` events).
+    pub fn close_item(&mut self) -> &[u8] {
+        self.out.clear();
+        self.close_open();
+        &self.out
+    }
+
+    /// An event of another kind (steering) numbered in this response's sequence: the
+    /// JSON object `event` gets this response's `sequence_number` and `stream_id`.
+    pub fn event(&mut self, event: &[u8]) -> Result<&[u8]> {
+        self.out.clear();
+        let value = super::json::decode(event)
+            .map_err(|_| Error::invalid_argument("event must be a JSON object"))?;
+        let Value::Object(object) = value else {
+            return Err(Error::invalid_argument("event must be a JSON object"));
+        };
+        let ty = object.get("type").and_then(Value::as_str).unwrap_or("");
+        let (stream_id, seq) = (self.stream_id.as_deref(), self.sequence_number);
+        emit(&mut self.out, self.framing, ty, |s| {
+            let fields = object
+                .iter()
+                .filter(|(k, _)| !matches!(*k, "stream_id" | "sequence_number"))
+                .count();
+            s.begin(fields + 1 + usize::from(stream_id.is_some()));
+            if let Some(id) = stream_id {
+                s.key("stream_id");
+                s.str(id);
+            }
+            s.key("sequence_number");
+            s.uint(seq);
+            for (k, v) in object.iter() {
+                if !matches!(k, "stream_id" | "sequence_number") {
+                    s.key(k);
+                    s.value(v);
+                }
+            }
+            s.end();
+        });
+        self.sequence_number += 1;
+        Ok(&self.out)
+    }
+
+    // -- whole objects -----------------------------------------------------------------
+
+    /// The Response object now, as JSON (the terminal event's `response`).
+    pub fn response_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.statics.json.len() + 256);
+        self.write_response(&mut JsonSink(&mut out));
+        out
+    }
+
+    /// What the cache keeps beside the settings: status, times, usage, error, details.
+    pub fn meta_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        let s = &mut JsonSink(&mut out);
+        s.begin(6);
+        s.key("status");
+        s.str(self.status.name());
+        s.key("created_at");
+        s.int(self.created_at);
+        s.key("completed_at");
+        opt_int(s, self.completed_at);
+        s.key("usage");
+        usage(s, self.usage);
+        s.key("error");
+        self.write_error(s);
+        s.key("incomplete_details");
+        self.write_incomplete(s);
+        s.end();
+        out
+    }
+
+    // -- internals ---------------------------------------------------------------------
+
+    fn open_item(&mut self, kind: ItemKind, call_id: String, name: String) {
+        let prefix = match kind {
+            ItemKind::Message => "msg",
+            ItemKind::FunctionCall => "fc",
+        };
+        let item = OpenItem {
+            kind,
+            id: random_id(prefix),
+            index: self.output.len(),
+            text: String::new(),
+            call_id,
+            name,
+        };
+        let (stream_id, seq) = (self.stream_id.as_deref(), self.sequence_number);
+        let ty = "response.output_item.added";
+        emit(&mut self.out, self.framing, ty, |s| {
+            head(s, stream_id, seq, ty, 2);
+            s.key("output_index");
+            s.uint(item.index as u64);
+            s.key("item");
+            match kind {
+                ItemKind::Message => {
+                    s.begin(5);
+                    s.key("id");
+                    s.str(&item.id);
+                    s.key("type");
+                    s.str("message");
+                    s.key("status");
+                    s.str("in_progress");
+                    s.key("role");
+                    s.str("assistant");
+                    s.key("content");
+                    s.begin_array(0);
+                    s.end_array();
+                    s.end();
+                }
+                ItemKind::FunctionCall => {
+                    s.begin(6);
+                    s.key("id");
+                    s.str(&item.id);
+                    s.key("type");
+                    s.str("function_call");
+                    s.key("status");
+                    s.str("in_progress");
+                    s.key("call_id");
+                    s.str(&item.call_id);
+                    s.key("name");
+                    s.str(&item.name);
+                    s.key("arguments");
+                    s.str("");
+                    s.end();
+                }
+            }
+            s.end();
+        });
+        self.sequence_number += 1;
+        if kind == ItemKind::Message {
+            let seq = self.sequence_number;
+            let ty = "response.content_part.added";
+            emit(&mut self.out, self.framing, ty, |s| {
+                head(s, stream_id, seq, ty, 4);
+                locate(s, &item);
+                s.key("content_index");
+                s.uint(0);
+                s.key("part");
+                text_part(s, "");
+                s.end();
+            });
+            self.sequence_number += 1;
+        }
+        self.open = Some(item);
+    }
+
+    /// Append the open item's `.done` events to `self.out` and keep the item.
+    fn close_open(&mut self) {
+        let Some(item) = self.open.take() else {
+            return;
+        };
+        let stream_id = self.stream_id.as_deref();
+        let framing = self.framing;
+        let mut seq = self.sequence_number;
+        let value = match item.kind {
+            ItemKind::Message => {
+                let ty = "response.output_text.done";
+                emit(&mut self.out, framing, ty, |s| {
+                    head(s, stream_id, seq, ty, 5);
+                    locate(s, &item);
+                    s.key("content_index");
+                    s.uint(0);
+                    s.key("logprobs");
+                    s.begin_array(0);
+                    s.end_array();
+                    s.key("text");
+                    s.str(&item.text);
+                    s.end();
+                });
+                seq += 1;
+                let ty = "response.content_part.done";
+                emit(&mut self.out, framing, ty, |s| {
+                    head(s, stream_id, seq, ty, 4);
+                    locate(s, &item);
+                    s.key("content_index");
+                    s.uint(0);
+                    s.key("part");
+                    text_part(s, &item.text);
+                    s.end();
+                });
+                seq += 1;
+                serde_json::json!({
+                    "id": item.id,
+                    "type": "message",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{
+                        "type": "output_text",
+                        "text": item.text,
+                        "annotations": [],
+                        "logprobs": [],
+                    }],
+                })
+            }
+            ItemKind::FunctionCall => {
+                let ty = "response.function_call_arguments.done";
+                emit(&mut self.out, framing, ty, |s| {
+                    head(s, stream_id, seq, ty, 3);
+                    locate(s, &item);
+                    s.key("arguments");
+                    s.str(&item.text);
+                    s.end();
+                });
+                seq += 1;
+                serde_json::json!({
+                    "id": item.id,
+                    "type": "function_call",
+                    "status": "completed",
+                    "call_id": item.call_id,
+                    "name": item.name,
+                    "arguments": item.text,
+                })
+            }
+        };
+        // An object under the size limit: building it cannot fail.
+        let done = match Item::from_value(item.index, &value, usize::MAX) {
+            Ok(done) => Arc::new(done),
+            Err(_) => return,
+        };
+        let ty = "response.output_item.done";
+        emit(&mut self.out, framing, ty, |s| {
+            head(s, stream_id, seq, ty, 2);
+            s.key("output_index");
+            s.uint(item.index as u64);
+            s.key("item");
+            s.json(done.json());
+            s.end();
+        });
+        self.sequence_number = seq + 1;
+        self.output.push(done);
+    }
+
+    fn lifecycle(&mut self, ty: &'static str) {
+        let (stream_id, seq) = (self.stream_id.as_deref(), self.sequence_number);
+        let mut out = std::mem::take(&mut self.out);
+        emit(&mut out, self.framing, ty, |s| {
+            head(s, stream_id, seq, ty, 1);
+            s.key("response");
+            self.write_response(s);
+            s.end();
+        });
+        self.out = out;
+        self.sequence_number += 1;
+    }
+
+    fn write_response(&self, s: &mut dyn Sink) {
+        s.begin(6 + self.statics.count);
+        s.key("status");
+        s.str(self.status.name());
+        s.key("completed_at");
+        opt_int(s, self.completed_at);
+        s.key("error");
+        self.write_error(s);
+        s.key("incomplete_details");
+        self.write_incomplete(s);
+        s.key("usage");
+        usage(s, self.usage);
+        s.key("output");
+        s.begin_array(self.output.len());
+        for item in &self.output {
+            s.elem();
+            s.json(item.json());
+        }
+        s.end_array();
+        s.statics(&self.statics);
+        s.end();
+    }
+
+    fn write_error(&self, s: &mut dyn Sink) {
+        match &self.error {
+            None => s.null(),
+            Some(error) => s.json(error),
+        }
+    }
+
+    fn write_incomplete(&self, s: &mut dyn Sink) {
+        match &self.incomplete {
+            None => s.null(),
+            Some(reason) => {
+                s.begin(1);
+                s.key("reason");
+                s.str(reason);
+                s.end();
+            }
+        }
+    }
+}
+
+/// Frame one event as a stand-alone message (errors, failed steering): `event` is a
+/// JSON object, written as it is except in msgpack framing.
+pub fn frame_event(event: &[u8], framing: Framing, out: &mut Vec<u8>) -> Result<()> {
+    let not_object = || Error::invalid_argument("event must be a JSON object");
+    match framing {
+        Framing::Json => {
+            out.extend_from_slice(event);
+            out.push(b'\n');
+        }
+        Framing::WebSocket => {
+            frame_header(out, 0x81, event.len());
+            out.extend_from_slice(event);
+        }
+        Framing::Sse | Framing::Msgpack => {
+            let value = super::json::decode(event).map_err(|_| not_object())?;
+            let Value::Object(object) = &value else {
+                return Err(not_object());
+            };
+            if framing == Framing::Sse {
+                let ty = object.get("type").and_then(Value::as_str).unwrap_or("");
+                out.extend_from_slice(b"event: ");
+                out.extend_from_slice(ty.as_bytes());
+                out.extend_from_slice(b"\ndata: ");
+                out.extend_from_slice(event);
+                out.extend_from_slice(b"\n\n");
+            } else {
+                let mut payload = Vec::with_capacity(event.len());
+                msgpack::write_value(&value, &mut payload);
+                frame_header(out, 0x82, payload.len());
+                out.extend_from_slice(&payload);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An unmasked server frame header (FIN set) for a payload of `len` bytes.
+pub fn frame_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
+    out.push(opcode);
+    if len < 126 {
+        out.push(len as u8);
+    } else if len <= usize::from(u16::MAX) {
+        out.push(126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+}
+
+/// Bytes reserved in front of a WebSocket payload: the header of a payload under 64 KiB.
+const RESERVED: usize = 4;
+
+/// Append one event to `out`, written by `body` and framed as `framing` asks.
+#[inline]
+fn emit(out: &mut Vec<u8>, framing: Framing, ty: &str, body: impl FnOnce(&mut dyn Sink)) {
+    match framing {
+        Framing::Json => {
+            body(&mut JsonSink(out));
+            out.push(b'\n');
+        }
+        Framing::Sse => {
+            out.extend_from_slice(b"event: ");
+            out.extend_from_slice(ty.as_bytes());
+            out.extend_from_slice(b"\ndata: ");
+            body(&mut JsonSink(out));
+            out.extend_from_slice(b"\n\n");
+        }
+        Framing::WebSocket | Framing::Msgpack => {
+            let start = out.len();
+            out.extend_from_slice(&[0; RESERVED]);
+            let opcode = if framing == Framing::WebSocket {
+                body(&mut JsonSink(out));
+                0x81
+            } else {
+                body(&mut MsgpackSink(out));
+                0x82
+            };
+            let len = out.len() - start - RESERVED;
+            if len < 126 {
+                out.copy_within(start + RESERVED.., start + 2);
+                out.truncate(out.len() - (RESERVED - 2));
+                out[start] = opcode;
+                out[start + 1] = len as u8;
+            } else if len <= usize::from(u16::MAX) {
+                out[start] = opcode;
+                out[start + 1] = 126;
+                out[start + 2..start + 4].copy_from_slice(&(len as u16).to_be_bytes());
+            } else {
+                let mut header = Vec::with_capacity(10);
+                frame_header(&mut header, opcode, len);
+                out.splice(start..start + RESERVED, header);
+            }
+        }
+    }
+}
+
+/// `stream_id` (named lanes), `sequence_number` and `type`, opening an object of
+/// `fields` more entries.
+fn head(s: &mut dyn Sink, stream_id: Option<&str>, seq: u64, ty: &str, fields: usize) {
+    s.begin(fields + 2 + usize::from(stream_id.is_some()));
+    if let Some(id) = stream_id {
+        s.key("stream_id");
+        s.str(id);
+    }
+    s.key("sequence_number");
+    s.uint(seq);
+    s.key("type");
+    s.str(ty);
+}
+
+/// `item_id` and `output_index`.
+fn locate(s: &mut dyn Sink, item: &OpenItem) {
+    s.key("item_id");
+    s.str(&item.id);
+    s.key("output_index");
+    s.uint(item.index as u64);
+}
+
+fn text_part(s: &mut dyn Sink, text: &str) {
+    s.begin(4);
+    s.key("type");
+    s.str("output_text");
+    s.key("text");
+    s.str(text);
+    s.key("annotations");
+    s.begin_array(0);
+    s.end_array();
+    s.key("logprobs");
+    s.begin_array(0);
+    s.end_array();
+    s.end();
+}
+
+fn opt_int(s: &mut dyn Sink, value: Option<i64>) {
+    match value {
+        Some(v) => s.int(v),
+        None => s.null(),
+    }
+}
+
+fn usage(s: &mut dyn Sink, usage: Option<Usage>) {
+    let Some(u) = usage else {
+        s.null();
+        return;
+    };
+    s.begin(5);
+    s.key("input_tokens");
+    s.uint(u.input_tokens);
+    s.key("input_tokens_details");
+    s.begin(2);
+    s.key("cached_tokens");
+    s.uint(u.cached_tokens);
+    s.key("cache_write_tokens");
+    s.uint(0);
+    s.end();
+    s.key("output_tokens");
+    s.uint(u.output_tokens);
+    s.key("output_tokens_details");
+    s.begin(1);
+    s.key("reasoning_tokens");
+    s.uint(0);
+    s.end();
+    s.key("total_tokens");
+    s.uint(u.input_tokens.saturating_add(u.output_tokens));
+    s.end();
+}
+
+/// `prefix_` + 48 random hex digits, like `warmsocket.ids`.
+fn random_id(prefix: &str) -> String {
+    let mut bytes = [0u8; 24];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No OS randomness (never seen on supported platforms): still unique per process.
+        fallback_random(&mut bytes);
+    }
+    let mut id = String::with_capacity(prefix.len() + 1 + 48);
+    id.push_str(prefix);
+    id.push('_');
+    for b in bytes {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        id.push(char::from(HEX[usize::from(b >> 4)]));
+        id.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    id
+}
+
+#[cold]
+fn fallback_random(bytes: &mut [u8; 24]) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    for (i, chunk) in bytes.chunks_mut(8).enumerate() {
+        let h = xxhash_rust::xxh3::xxh3_64_with_seed(&n.to_le_bytes(), nanos ^ i as u64);
+        chunk.copy_from_slice(&h.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+// -- writers -------------------------------------------------------------------------
+
+/// One set of primitives, written as JSON or as msgpack. JSON separators come from
+/// the previous byte (`{` / `[` start a container), so no state is kept; msgpack
+/// containers are given their entry counts up front.
+trait Sink {
+    fn begin(&mut self, fields: usize);
+    fn end(&mut self);
+    fn key(&mut self, key: &str);
+    fn str(&mut self, s: &str);
+    fn uint(&mut self, n: u64);
+    fn int(&mut self, n: i64);
+    fn null(&mut self);
+    fn begin_array(&mut self, len: usize);
+    /// Before each array element.
+    fn elem(&mut self);
+    fn end_array(&mut self);
+    /// A JSON value the server wrote itself (a canonical item).
+    fn json(&mut self, json: &[u8]);
+    fn value(&mut self, value: &Value<'_>);
+    /// The static entries of the Response object.
+    fn statics(&mut self, statics: &Statics);
+}
+
+struct JsonSink<'a>(&'a mut Vec<u8>);
+
+impl Sink for JsonSink<'_> {
+    #[inline]
+    fn begin(&mut self, _fields: usize) {
+        self.0.push(b'{');
+    }
+    #[inline]
+    fn end(&mut self) {
+        self.0.push(b'}');
+    }
+    #[inline]
+    fn key(&mut self, key: &str) {
+        if self.0.last() != Some(&b'{') {
+            self.0.push(b',');
+        }
+        write_str(key, self.0);
+        self.0.push(b':');
+    }
+    #[inline]
+    fn str(&mut self, s: &str) {
+        write_str(s, self.0);
+    }
+    #[inline]
+    fn uint(&mut self, n: u64) {
+        self.0
+            .extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    }
+    #[inline]
+    fn int(&mut self, n: i64) {
+        self.0
+            .extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    }
+    fn null(&mut self) {
+        self.0.extend_from_slice(b"null");
+    }
+    fn begin_array(&mut self, _len: usize) {
+        self.0.push(b'[');
+    }
+    fn elem(&mut self) {
+        if self.0.last() != Some(&b'[') {
+            self.0.push(b',');
+        }
+    }
+    fn end_array(&mut self) {
+        self.0.push(b']');
+    }
+    fn json(&mut self, json: &[u8]) {
+        self.0.extend_from_slice(json);
+    }
+    fn value(&mut self, value: &Value<'_>) {
+        super::value::write_canonical(value, self.0);
+    }
+    fn statics(&mut self, statics: &Statics) {
+        self.0.push(b',');
+        self.0.extend_from_slice(&statics.json);
+    }
+}
+
+struct MsgpackSink<'a>(&'a mut Vec<u8>);
+
+impl Sink for MsgpackSink<'_> {
+    fn begin(&mut self, fields: usize) {
+        msgpack::write_map_len(fields, self.0);
+    }
+    fn end(&mut self) {}
+    fn key(&mut self, key: &str) {
+        msgpack::write_str(key, self.0);
+    }
+    fn str(&mut self, s: &str) {
+        msgpack::write_str(s, self.0);
+    }
+    fn uint(&mut self, n: u64) {
+        msgpack::write_uint(n, self.0);
+    }
+    fn int(&mut self, n: i64) {
+        msgpack::write_int(n, self.0);
+    }
+    fn null(&mut self) {
+        msgpack::write_nil(self.0);
+    }
+    fn begin_array(&mut self, len: usize) {
+        msgpack::write_array_len(len, self.0);
+    }
+    fn elem(&mut self) {}
+    fn end_array(&mut self) {}
+    fn json(&mut self, json: &[u8]) {
+        if msgpack::from_json(json, self.0).is_err() {
+            msgpack::write_nil(self.0);
+        }
+    }
+    fn value(&mut self, value: &Value<'_>) {
+        msgpack::write_value(value, self.0);
+    }
+    fn statics(&mut self, statics: &Statics) {
+        self.0.extend_from_slice(&statics.msgpack);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SETTINGS: &[u8] = br#"{"model":"m","tools":[],"instructions":null}"#;
+
+    fn encoder(framing: Framing, stream_id: Option<&str>) -> ResponseEncoder {
+        ResponseEncoder::new(ResponseHead {
+            response_id: "resp_1",
+            settings: SETTINGS,
+            previous_response_id: None,
+            store: false,
+            created_at: 7,
+            stream_id,
+            framing,
+        })
+        .unwrap()
+    }
+
+    fn lines(data: &[u8]) -> Vec<serde_json::Value> {
+        data.split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect()
+    }
+
+    /// Split WebSocket frames; checks each header.
+    fn frames(mut data: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !data.is_empty() {
+            let opcode = data[0];
+            let (len, skip) = match data[1] {
+                126 => (u16::from_be_bytes([data[2], data[3]]) as usize, 4),
+                127 => (
+                    u64::from_be_bytes(data[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                n => (usize::from(n), 2),
+            };
+            assert!(data[1] & 0x80 == 0, "server frames are not masked");
+            out.push((opcode, data[skip..skip + len].to_vec()));
+            data = &data[skip + len..];
+        }
+        out
+    }
+
+    fn turn(e: &mut ResponseEncoder) -> Vec<u8> {
+        let mut all = Vec::new();
+        all.extend_from_slice(e.start());
+        all.extend_from_slice(e.text_delta("Hel"));
+        all.extend_from_slice(e.text_delta("lo"));
+        all.extend_from_slice(e.tool_call_start("call_1", "f"));
+        all.extend_from_slice(e.tool_arguments_delta("{}"));
+        let usage = Usage {
+            input_tokens: 10,
+            cached_tokens: 4,
+            output_tokens: 3,
+        };
+        all.extend_from_slice(e.complete(usage, 9));
+        all
+    }
+
+    #[test]
+    fn a_turn_in_json() {
+        let mut e = encoder(Framing::Json, Some("lane"));
+        let events = lines(&turn(&mut e));
+        let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            types,
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        for (i, event) in events.iter().enumerate() {
+            assert_eq!(event["sequence_number"], i as u64);
+            assert_eq!(event["stream_id"], "lane");
+        }
+        let done = &events[13]["response"];
+        assert_eq!(done["status"], "completed");
+        assert_eq!(done["completed_at"], 9);
+        assert_eq!(done["model"], "m");
+        assert_eq!(done["store"], false);
+        assert_eq!(done["usage"]["total_tokens"], 13);
+        assert_eq!(done["usage"]["input_tokens_details"]["cached_tokens"], 4);
+        assert_eq!(done["output"][0]["content"][0]["text"], "Hello");
+        assert_eq!(done["output"][1]["arguments"], "{}");
+        assert_eq!(done["output"][1]["call_id"], "call_1");
+        assert_eq!(events[8]["item"], done["output"][0]);
+        assert_eq!(events[2]["item"]["id"], done["output"][0]["id"]);
+        assert_eq!(events[9]["output_index"], 1);
+        let items = e.output_items();
+        assert_eq!(items.len(), 2);
+        assert_eq!(items.get(1).unwrap().call_id(), Some("call_1"));
+        let response: serde_json::Value = serde_json::from_slice(&e.response_json()).unwrap();
+        assert_eq!(&response, done);
+        let meta: serde_json::Value = serde_json::from_slice(&e.meta_json()).unwrap();
+        assert_eq!(meta["status"], "completed");
+        assert_eq!(meta["usage"], done["usage"]);
+        assert!(meta["error"].is_null());
+    }
+
+    #[test]
+    fn websocket_and_msgpack_frames_carry_the_same_events() {
+        let mut json = encoder(Framing::Json, None);
+        let expected = lines(&turn(&mut json));
+        let mut ws = encoder(Framing::WebSocket, None);
+        let text_frames = frames(&turn(&mut ws));
+        let mut mp = encoder(Framing::Msgpack, None);
+        let binary_frames = frames(&turn(&mut mp));
+        assert_eq!(text_frames.len(), expected.len());
+        assert_eq!(binary_frames.len(), expected.len());
+        for ((want, (op_t, text)), (op_b, packed)) in
+            expected.iter().zip(&text_frames).zip(&binary_frames)
+        {
+            assert_eq!((*op_t, *op_b), (0x81, 0x82));
+            let mut want = want.clone();
+            let got: serde_json::Value = serde_json::from_slice(text).unwrap();
+            strip_ids(&mut want);
+            let mut got = got;
+            strip_ids(&mut got);
+            assert_eq!(got, want);
+            let unpacked = crate::framing::msgpack::decode(packed).unwrap();
+            let mut got = Vec::new();
+            crate::framing::value::write_canonical(&unpacked, &mut got);
+            let mut got: serde_json::Value = serde_json::from_slice(&got).unwrap();
+            strip_ids(&mut got);
+            assert_eq!(got, want);
+        }
+    }
+
+    /// Item ids are random: blank them to compare two encoders' events.
+    fn strip_ids(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map.iter_mut() {
+                    if (k == "id" || k == "item_id")
+                        && v.as_str()
+                            .is_some_and(|s| s.starts_with("msg_") || s.starts_with("fc_"))
+                    {
+                        *v = serde_json::Value::Null;
+                    } else {
+                        strip_ids(v);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip_ids),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn large_payloads_get_long_headers() {
+        for size in [100, 200, 70_000] {
+            let mut e = encoder(Framing::WebSocket, None);
+            let text = "x".repeat(size);
+            let data = e.text_delta(&text).to_vec();
+            let parsed = frames(&data);
+            assert_eq!(parsed.len(), 3);
+            let delta: serde_json::Value = serde_json::from_slice(&parsed[2].1).unwrap();
+            assert_eq!(delta["delta"].as_str().unwrap().len(), size);
+        }
+    }
+
+    #[test]
+    fn sse_lines() {
+        let mut e = encoder(Framing::Sse, None);
+        let data = String::from_utf8(e.start().to_vec()).unwrap();
+        let blocks: Vec<&str> = data.split_terminator("\n\n").collect();
+        assert_eq!(blocks.len(), 2);
+        assert!(blocks[0].starts_with("event: response.created\ndata: {"));
+        assert!(blocks[1].starts_with("event: response.in_progress\ndata: {"));
+    }
+
+    #[test]
+    fn failure_incomplete_and_extra_events() {
+        let mut e = encoder(Framing::Json, Some("a"));
+        e.start();
+        e.text_delta("x");
+        let steer = e
+            .event(br#"{"type":"response.steer.accepted","steer":{"id":"s","previous_response_id":"resp_1"}}"#)
+            .unwrap()
+            .to_vec();
+        let steer = &lines(&steer)[0];
+        assert_eq!(steer["sequence_number"], 5);
+        assert_eq!(steer["stream_id"], "a");
+        assert_eq!(steer["steer"]["id"], "s");
+        let out = lines(e.incomplete(
+            "steered",
+            Usage {
+                input_tokens: 1,
+                cached_tokens: 0,
+                output_tokens: 1,
+            },
+            3,
+        ));
+        let last = out.last().unwrap();
+        assert_eq!(last["type"], "response.incomplete");
+        assert_eq!(last["response"]["incomplete_details"]["reason"], "steered");
+        assert_eq!(last["sequence_number"], 9);
+
+        let mut e = encoder(Framing::Json, None);
+        e.start();
+        let out = lines(
+            e.fail(br#"{"code":"server_error","message":"boom"}"#, None)
+                .unwrap(),
+        );
+        assert_eq!(out[0]["response"]["status"], "failed");
+        assert_eq!(out[0]["response"]["error"]["code"], "server_error");
+        assert!(out[0]["response"]["completed_at"].is_null());
+        assert!(out[0].get("stream_id").is_none());
+        assert!(e.event(b"[1]").is_err());
+        assert!(e.fail(b"\"x\"", None).is_err());
+        assert!(e.tool_arguments_delta("ignored").is_empty());
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        for settings in [&b"[]"[..], b"", b"{", b"nope"] {
+            let head = ResponseHead {
+                response_id: "r",
+                settings,
+                previous_response_id: None,
+                store: true,
+                created_at: 0,
+                stream_id: None,
+                framing: Framing::Json,
+            };
+            assert!(ResponseEncoder::new(head).is_err());
+        }
+        let head = ResponseHead {
+            response_id: "r",
+            settings: b"{ }",
+            previous_response_id: Some("p"),
+            store: true,
+            created_at: 0,
+            stream_id: None,
+            framing: Framing::Msgpack,
+        };
+        let mut e = ResponseEncoder::new(head).unwrap();
+        assert!(!e.start().is_empty());
+        let mut json = ResponseEncoder::new(ResponseHead {
+            response_id: "r",
+            settings: b"{}",
+            previous_response_id: None,
+            store: true,
+            created_at: 0,
+            stream_id: None,
+            framing: Framing::Json,
+        })
+        .unwrap();
+        let created = lines(json.start());
+        assert_eq!(created[0]["response"]["id"], "r");
+    }
+
+    #[test]
+    fn stand_alone_events() {
+        let event = br#"{"type":"error","status":400,"error":{"type":"invalid_request_error","code":"x","message":"m","param":null}}"#;
+        for framing in [
+            Framing::Json,
+            Framing::WebSocket,
+            Framing::Msgpack,
+            Framing::Sse,
+        ] {
+            let mut out = Vec::new();
+            frame_event(event, framing, &mut out).unwrap();
+            assert!(!out.is_empty());
+        }
+        let mut out = Vec::new();
+        frame_event(event, Framing::Msgpack, &mut out).unwrap();
+        let (op, payload) = frames(&out).remove(0);
+        assert_eq!(op, 0x82);
+        let value = crate::framing::msgpack::decode(&payload).unwrap();
+        assert_eq!(
+            value.as_object().unwrap().get("status"),
+            Some(&Value::Int(400))
+        );
+        assert!(frame_event(b"nope", Framing::Msgpack, &mut out).is_err());
+    }
+}

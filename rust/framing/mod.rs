@@ -1,0 +1,19 @@
+//! Message framing: client messages in, server events out, in one call each.
+//!
+//! * `json` / `msgpack`: decoding a message into `value::Value` (Python's data
+//!   model: exact integers, dict semantics for duplicate keys) with the errors
+//!   Python's `json.loads` gives;
+//! * `request`: validating a `response.create` / `response.steer` with the verdicts
+//!   of `warmsocket/client_events.py`, producing cache-ready `Items`;
+//! * `encoder`: one response's events, framed as JSON lines, WebSocket text or
+//!   msgpack binary frames, or SSE;
+//! * `error`: the request errors and their messages.
+//!
+//! Nothing here imports pyo3 (`py/framing.rs` is the glue).
+
+pub mod encoder;
+pub mod error;
+pub mod json;
+pub mod msgpack;
+pub mod request;
+pub mod value;

@@ -1,0 +1,1334 @@
+//! Client messages: `response.create` (WebSocket and HTTP bodies) and `response.steer`,
+//! decoded and validated in one pass, with the verdicts of `client_events.py`.
+//!
+//! `parse_message` never fails: bad input comes back as `Rejected`, carrying the
+//! error `client_events.py` raises for it and the stage it belongs to (spec §2.1's
+//! processing order):
+//!
+//! * `Stage::Message`: step 1, reported at once — not JSON (or msgpack), not an
+//!   object, no or unknown `type`, a bad `stream_id`;
+//! * `Stage::Create`: the body of a create whose `type` and `stream_id` are fine;
+//!   the session reports it on that lane when the request reaches the front;
+//! * `Stage::Steer`: a `response.steer` with invalid fields or input.
+//!
+//! A valid create carries its new input as cache-ready `Items` (strings and "easy"
+//! messages normalised as the reference does) and its echoed settings as canonical
+//! JSON. The checks run in the reference's order, so the first problem found is the
+//! one reported. Converting the input to `Items` is checked last, as `Engine.prepare`
+//! did: integers outside 64 bits, nesting deeper than 128 and items larger than
+//! `max_item_bytes` are `invalid_value` on `input`.
+
+use std::sync::Arc;
+
+use super::error::RequestError;
+use super::json::{self, JsonError};
+use super::msgpack;
+use super::value::{self, write_canonical, Object, Value};
+use crate::error::Error as ItemError;
+use crate::item::{Item, Items, MAX_DEPTH};
+
+/// How the message is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Msgpack,
+}
+
+/// How to read a message.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// A WebSocket message (with `type`, `stream_id`, `generate`) rather than an HTTP body.
+    pub websocket: bool,
+    pub format: Format,
+    pub max_item_bytes: usize,
+}
+
+/// Which step of the processing order an error belongs to (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Message,
+    Create,
+    Steer,
+}
+
+/// A message that was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub error: RequestError,
+    pub stage: Stage,
+    /// The create's lane, when the message got past step 1.
+    pub stream_id: Option<String>,
+    /// The body's `previous_response_id` when it is a string (a create's parent, a
+    /// steer's target), whatever else is wrong.
+    pub previous_response_id: Option<String>,
+}
+
+/// A valid `response.create`.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub model: String,
+    pub stream_id: Option<String>,
+    pub previous_response_id: Option<String>,
+    pub generate: bool,
+    pub store: bool,
+    pub stream: bool,
+    pub input: Items,
+    /// The echoed fields of the Response object and `model`, as one canonical JSON
+    /// object (keys sorted at every depth, defaults filled in).
+    pub settings: Vec<u8>,
+    pub instructions: Option<String>,
+    /// Names of the `function` tools, in order.
+    pub function_names: Vec<String>,
+    pub has_tools: bool,
+    /// Body fields the API does not know, sorted.
+    pub ignored_fields: Vec<String>,
+}
+
+/// A valid `response.steer`.
+#[derive(Debug, Clone)]
+pub struct SteerRequest {
+    pub previous_response_id: String,
+    /// The steering input as user messages.
+    pub input: Items,
+    /// The `input` field as sent (a string or an array), for echoing in failures.
+    pub input_json: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ClientMessage {
+    Create(Box<CreateRequest>),
+    Steer(SteerRequest),
+    /// `response.processed` (sent by Codex): not part of the API, ignored.
+    Ignored,
+    Rejected(Rejected),
+}
+
+/// Fields of a create body that are echoed on the Response object (`ECHOED_DEFAULTS`).
+const ECHOED: [&str; 18] = [
+    "instructions",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "temperature",
+    "top_p",
+    "top_logprobs",
+    "max_output_tokens",
+    "max_tool_calls",
+    "metadata",
+    "text",
+    "reasoning",
+    "truncation",
+    "service_tier",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+];
+
+/// Every body field the API knows (`KNOWN_CREATE_FIELDS`); others are ignored.
+const KNOWN_OTHER: [&str; 19] = [
+    "type",
+    "model",
+    "input",
+    "previous_response_id",
+    "store",
+    "stream",
+    "stream_options",
+    "stream_id",
+    "generate",
+    "background",
+    "background_options",
+    "conversation",
+    "include",
+    "prompt",
+    "prompt_cache_options",
+    "context_management",
+    "moderation",
+    "image",
+    "access_programs",
+];
+
+const MESSAGE_ROLES: [&str; 4] = ["user", "assistant", "system", "developer"];
+const CONTENT_PART_TYPES: [&str; 8] = [
+    "input_text",
+    "input_image",
+    "input_file",
+    "input_audio",
+    "output_text",
+    "refusal",
+    "summary_text",
+    "reasoning_text",
+];
+const TEXT_PARTS: [&str; 4] = [
+    "input_text",
+    "output_text",
+    "summary_text",
+    "reasoning_text",
+];
+const ITEM_TYPES: [&str; 25] = [
+    "message",
+    "function_call",
+    "function_call_output",
+    "reasoning",
+    "custom_tool_call",
+    "custom_tool_call_output",
+    "compaction",
+    "web_search_call",
+    "file_search_call",
+    "computer_call",
+    "computer_call_output",
+    "code_interpreter_call",
+    "image_generation_call",
+    "local_shell_call",
+    "local_shell_call_output",
+    "shell_call",
+    "shell_call_output",
+    "apply_patch_call",
+    "apply_patch_call_output",
+    "mcp_call",
+    "mcp_list_tools",
+    "mcp_approval_request",
+    "mcp_approval_response",
+    "tool_search_call",
+    "tool_search_output",
+];
+const MAX_METADATA_PAIRS: usize = 16;
+const MAX_STREAM_ID: usize = 256;
+
+/// The echo default of an echoed field (`ECHOED_DEFAULTS[name]`).
+fn echoed_default(name: &str) -> Value<'static> {
+    use std::borrow::Cow::Borrowed as B;
+    let object = |entries: Vec<(&'static str, Value<'static>)>| {
+        Value::Object(Object::from_entries(
+            entries.into_iter().map(|(k, v)| (B(k), v)).collect(),
+        ))
+    };
+    match name {
+        "tools" => Value::Array(Vec::new()),
+        "tool_choice" => Value::Str(B("auto")),
+        "parallel_tool_calls" => Value::Bool(true),
+        "temperature" | "top_p" => Value::Float(1.0),
+        "top_logprobs" => Value::Int(0),
+        "metadata" => object(Vec::new()),
+        "text" => object(vec![
+            ("format", object(vec![("type", Value::Str(B("text")))])),
+            ("verbosity", Value::Str(B("medium"))),
+        ]),
+        "reasoning" => object(vec![("effort", Value::Null), ("summary", Value::Null)]),
+        "truncation" => Value::Str(B("disabled")),
+        "service_tier" => Value::Str(B("default")),
+        _ => Value::Null,
+    }
+}
+
+/// Decode and validate one client message. Never fails: see `ClientMessage::Rejected`.
+pub fn parse_message(data: &[u8], options: Options) -> ClientMessage {
+    let decoded = match options.format {
+        Format::Json => json::decode(data).map_err(|e| json_error(&e, data)),
+        Format::Msgpack => msgpack::decode(data).map_err(|_| RequestError::InvalidMsgpack),
+    };
+    let value = match decoded {
+        Ok(value) => value,
+        Err(error) => return reject(error, Stage::Message, None, None),
+    };
+    let Value::Object(body) = value else {
+        let what = if options.websocket { "event" } else { "body" };
+        return reject(
+            RequestError::invalid_type(what, "a JSON object"),
+            Stage::Message,
+            None,
+            None,
+        );
+    };
+    if !options.websocket {
+        return create(body, None, options);
+    }
+    match body.get("type") {
+        Some(Value::Str(t)) if t == "response.create" => {
+            let stream_id = match body.get("stream_id") {
+                None | Some(Value::Null) => None,
+                Some(Value::Str(s)) if is_stream_id(s) => Some(s.to_string()),
+                Some(_) => {
+                    return reject(RequestError::InvalidStreamId, Stage::Message, None, None)
+                }
+            };
+            create(body, stream_id, options)
+        }
+        Some(Value::Str(t)) if t == "response.steer" => steer(&body, options.max_item_bytes),
+        Some(Value::Str(t)) if t == "response.processed" => ClientMessage::Ignored,
+        None | Some(Value::Null) => {
+            reject(RequestError::missing("type"), Stage::Message, None, None)
+        }
+        Some(other) => {
+            let shown = match other {
+                Value::Str(s) if s.chars().count() <= 64 => s.to_string(),
+                _ => "...".to_owned(),
+            };
+            reject(
+                RequestError::UnknownEventType { shown },
+                Stage::Message,
+                None,
+                None,
+            )
+        }
+    }
+}
+
+#[cold]
+fn json_error(error: &JsonError, data: &[u8]) -> RequestError {
+    RequestError::InvalidJson {
+        detail: error.detail(data),
+    }
+}
+
+#[cold]
+fn reject(
+    error: RequestError,
+    stage: Stage,
+    stream_id: Option<String>,
+    previous_response_id: Option<String>,
+) -> ClientMessage {
+    ClientMessage::Rejected(Rejected {
+        error,
+        stage,
+        stream_id,
+        previous_response_id,
+    })
+}
+
+/// `STREAM_ID_RE.fullmatch`: 1 to 256 of `[A-Za-z0-9_.-]`.
+pub fn is_stream_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_STREAM_ID
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn create(body: Object<'_>, stream_id: Option<String>, options: Options) -> ClientMessage {
+    let previous = body.get("previous_response_id").and_then(Value::as_str);
+    let previous = previous.map(str::to_owned);
+    match validate_create(body, stream_id.clone(), options) {
+        Ok(request) => ClientMessage::Create(Box::new(request)),
+        Err(error) => reject(error, Stage::Create, stream_id, previous),
+    }
+}
+
+fn validate_create(
+    body: Object<'_>,
+    stream_id: Option<String>,
+    options: Options,
+) -> Result<CreateRequest, RequestError> {
+    let websocket = options.websocket;
+    if !websocket {
+        for name in ["stream_id", "generate", "type"] {
+            if body.contains_key(name) {
+                return Err(RequestError::UnknownParameter { param: name });
+            }
+        }
+    }
+    let model = match body.get("model") {
+        None | Some(Value::Null) => {
+            if present(body.get("prompt")).is_none() {
+                return Err(RequestError::missing("model"));
+            }
+            "default"
+        }
+        Some(Value::Str(s)) if !s.is_empty() => s,
+        Some(_) => return Err(RequestError::invalid_type("model", "a non-empty string")),
+    };
+    let previous = match present(body.get("previous_response_id")) {
+        None => None,
+        Some(Value::Str(s)) if !s.is_empty() => Some(s.as_ref()),
+        Some(_) => {
+            return Err(RequestError::invalid_type(
+                "previous_response_id",
+                "a non-empty string or null",
+            ))
+        }
+    };
+    let conversation = present(body.get("conversation"));
+    if previous.is_some() && conversation.is_some() {
+        return Err(RequestError::invalid_value(
+            "conversation",
+            "'previous_response_id' and 'conversation' cannot be used together.",
+        ));
+    }
+    if conversation.is_some() {
+        return Err(RequestError::UnsupportedParameter {
+            param: "conversation".into(),
+            message: "The Conversations API is not supported by this server; use \
+                      previous_response_id.",
+        });
+    }
+    if matches!(body.get("background"), Some(Value::Bool(true))) {
+        return Err(RequestError::UnsupportedParameter {
+            param: "background".into(),
+            message: "background is not supported here; stream the response instead.",
+        });
+    }
+    let store = boolean(&body, "store", true)?;
+    let stream = boolean(&body, "stream", false)?;
+    let mut generate = if websocket {
+        boolean(&body, "generate", true)?
+    } else {
+        true
+    };
+    if let Some(Value::Object(cache_options)) = body.get("prompt_cache_options") {
+        if matches!(cache_options.get("prewarm"), Some(Value::Bool(true))) {
+            generate = false;
+        }
+    }
+    let settings = settings(&body, model)?;
+    let input = normalize_input(body.get("input"))?;
+    if input.is_empty() && generate && previous.is_none() {
+        return Err(RequestError::invalid_value(
+            "input",
+            "Input must not be empty.",
+        ));
+    }
+    let mut ignored_fields: Vec<String> = body
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| !ECHOED.contains(k) && !KNOWN_OTHER.contains(k))
+        .map(str::to_owned)
+        .collect();
+    ignored_fields.sort_unstable();
+    let model = model.to_owned();
+    let previous_response_id = previous.map(str::to_owned);
+    let input = take_input(body, input);
+    let input = items(input, options.max_item_bytes)
+        .map_err(|e| RequestError::invalid_value("input", format!("Invalid 'input': {e}")))?;
+    Ok(CreateRequest {
+        model,
+        stream_id: if websocket { stream_id } else { None },
+        previous_response_id,
+        generate,
+        store,
+        stream,
+        input,
+        settings: settings.json,
+        instructions: settings.instructions,
+        function_names: settings.function_names,
+        has_tools: settings.has_tools,
+        ignored_fields,
+    })
+}
+
+/// `None` for an absent or null field (Python's `body.get(name) is None`).
+fn present<'v, 'a>(value: Option<&'v Value<'a>>) -> Option<&'v Value<'a>> {
+    value.filter(|v| !v.is_null())
+}
+
+/// `_bool`: absent or null is the default; anything but a boolean is an error.
+fn boolean(body: &Object<'_>, name: &str, default: bool) -> Result<bool, RequestError> {
+    match present(body.get(name)) {
+        None => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(RequestError::invalid_type(name, "a boolean")),
+    }
+}
+
+struct Settings {
+    json: Vec<u8>,
+    instructions: Option<String>,
+    function_names: Vec<String>,
+    has_tools: bool,
+}
+
+/// `_settings`: the echoed fields with their defaults, validated in the reference's
+/// order, written as one canonical JSON object together with `model`.
+fn settings(body: &Object<'_>, model: &str) -> Result<Settings, RequestError> {
+    let defaults: Vec<Value<'static>> = ECHOED.iter().map(|name| echoed_default(name)).collect();
+    let mut values: Vec<&Value<'_>> = Vec::with_capacity(ECHOED.len());
+    for (name, default) in ECHOED.iter().zip(&defaults) {
+        let value = match body.get(name) {
+            None => default,
+            Some(Value::Null) if !default.is_null() => default,
+            Some(v) => v,
+        };
+        values.push(value);
+    }
+    let get = |name: &str| values[ECHOED.iter().position(|n| *n == name).unwrap_or(0)];
+
+    let instructions = match get("instructions") {
+        Value::Null => None,
+        Value::Str(s) => Some(s.to_string()),
+        _ => {
+            return Err(RequestError::invalid_type(
+                "instructions",
+                "a string or null",
+            ))
+        }
+    };
+    let Value::Array(tools) = get("tools") else {
+        return Err(RequestError::invalid_type("tools", "an array"));
+    };
+    let mut function_names = Vec::new();
+    for (index, tool) in tools.iter().enumerate() {
+        let tool_type = tool
+            .as_object()
+            .and_then(|t| t.get("type"))
+            .and_then(Value::as_str);
+        let (Some(tool), Some(tool_type)) = (tool.as_object(), tool_type) else {
+            return Err(RequestError::invalid_type(
+                format!("tools[{index}]"),
+                "an object with a 'type'",
+            ));
+        };
+        if tool_type == "function" {
+            match tool.get("name") {
+                Some(Value::Str(name)) => function_names.push(name.to_string()),
+                _ => return Err(RequestError::missing(format!("tools[{index}].name"))),
+            }
+        }
+    }
+    match get("tool_choice") {
+        Value::Object(_) => {}
+        Value::Str(s) if matches!(s.as_ref(), "auto" | "none" | "required") => {}
+        _ => {
+            return Err(RequestError::invalid_value(
+                "tool_choice",
+                "Invalid value for 'tool_choice': expected 'auto', 'none', 'required' or an \
+                 object.",
+            ))
+        }
+    }
+    if !matches!(get("parallel_tool_calls"), Value::Bool(_)) {
+        return Err(RequestError::invalid_type(
+            "parallel_tool_calls",
+            "a boolean",
+        ));
+    }
+    for name in ["temperature", "top_p"] {
+        let value = get(name);
+        if !(value.is_int() || matches!(value, Value::Float(_))) {
+            return Err(RequestError::invalid_type(name, "a number"));
+        }
+    }
+    for name in ["max_output_tokens", "max_tool_calls", "top_logprobs"] {
+        let value = get(name);
+        if !value.is_null() && !value.is_int() {
+            return Err(RequestError::invalid_type(name, "an integer"));
+        }
+        if value.is_negative_int() {
+            return Err(RequestError::invalid_value(
+                name,
+                format!("Invalid value for '{name}': must be >= 0."),
+            ));
+        }
+    }
+    let Value::Object(metadata) = get("metadata") else {
+        return Err(RequestError::invalid_type("metadata", "an object"));
+    };
+    if metadata.len() > MAX_METADATA_PAIRS {
+        return Err(RequestError::invalid_value(
+            "metadata",
+            format!("Invalid 'metadata': at most {MAX_METADATA_PAIRS} key-value pairs."),
+        ));
+    }
+    if !metadata.iter().all(|(_, v)| v.as_str().is_some()) {
+        return Err(RequestError::invalid_type(
+            "metadata",
+            "an object of string values",
+        ));
+    }
+    for name in ["text", "reasoning"] {
+        if get(name).as_object().is_none() {
+            return Err(RequestError::invalid_type(name, "an object"));
+        }
+    }
+    if !matches!(get("truncation"), Value::Str(s) if matches!(s.as_ref(), "auto" | "disabled")) {
+        return Err(RequestError::invalid_value(
+            "truncation",
+            "Invalid value for 'truncation': expected 'auto' or 'disabled'.",
+        ));
+    }
+
+    let model_value = Value::Str(std::borrow::Cow::Borrowed(model));
+    let mut entries: Vec<(&str, &Value<'_>)> = ECHOED.iter().copied().zip(values).collect();
+    entries.push(("model", &model_value));
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut json = Vec::with_capacity(512);
+    json.push(b'{');
+    for (i, (name, value)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            json.push(b',');
+        }
+        value::write_str(name, &mut json);
+        json.push(b':');
+        write_canonical(value, &mut json);
+    }
+    json.push(b'}');
+    Ok(Settings {
+        json,
+        instructions,
+        has_tools: !tools.is_empty(),
+        function_names,
+    })
+}
+
+/// What `normalize_input` makes of each input element, before it is converted.
+enum Normalized {
+    /// A plain string input: one user message.
+    Text,
+    /// An array element, with `"type": "message"` to add (an "easy" message).
+    Element { add_type: bool },
+}
+
+/// `normalize_input(value, param="input")`, by reference: validates and records how
+/// each item is normalised; `take_input` then moves the values out.
+fn normalize_input(value: Option<&Value<'_>>) -> Result<Vec<Normalized>, RequestError> {
+    let items = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Str(_)) => return Ok(vec![Normalized::Text]),
+        Some(Value::Array(items)) => items,
+        Some(_) => {
+            return Err(RequestError::invalid_type(
+                "input",
+                "a string or an array of input items",
+            ))
+        }
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        let Value::Object(item) = item else {
+            return Err(RequestError::invalid_type(
+                format!("input[{index}]"),
+                "an object",
+            ));
+        };
+        let (item_type, add_type) = match item.get("type") {
+            None | Some(Value::Null) => {
+                if !item.contains_key("role") {
+                    return Err(RequestError::missing(format!("input[{index}].type")));
+                }
+                // `{"type": "message", **item}`: an explicit null type stays null.
+                ("message", !item.contains_key("type"))
+            }
+            Some(Value::Str(t)) => (t.as_ref(), false),
+            Some(_) => {
+                return Err(RequestError::invalid_type(
+                    format!("input[{index}].type"),
+                    "a string",
+                ))
+            }
+        };
+        check_item(item, item_type, index)?;
+        out.push(Normalized::Element { add_type });
+    }
+    Ok(out)
+}
+
+/// `_check_item`.
+fn check_item(item: &Object<'_>, item_type: &str, index: usize) -> Result<(), RequestError> {
+    let at = |field: &str| format!("input[{index}].{field}");
+    match item_type {
+        "message" => {
+            let role_ok = matches!(item.get("role"), Some(Value::Str(r)) if MESSAGE_ROLES.contains(&r.as_ref()));
+            if !role_ok {
+                let param = at("role");
+                let message = format!(
+                    "Invalid value for '{param}': expected one of 'user', 'assistant', \
+                     'system', 'developer'."
+                );
+                return Err(RequestError::invalid_value(param, message));
+            }
+            check_content(item.get("content"), &at("content"))
+        }
+        "function_call" => {
+            for name in ["call_id", "name", "arguments"] {
+                require_str(item, name, index)?;
+            }
+            Ok(())
+        }
+        "function_call_output" => {
+            require_str(item, "call_id", index)?;
+            match item.get("output") {
+                Some(Value::Str(_) | Value::Array(_)) => Ok(()),
+                _ => Err(RequestError::invalid_type(
+                    at("output"),
+                    "a string or an array",
+                )),
+            }
+        }
+        "item_reference" => Err(RequestError::UnsupportedParameter {
+            param: at("type"),
+            message: "item_reference is not supported by this server; send the item itself.",
+        }),
+        t if ITEM_TYPES.contains(&t) => Ok(()),
+        _ => {
+            let param = at("type");
+            let message = format!("Invalid value for '{param}': unknown item type.");
+            Err(RequestError::invalid_value(param, message))
+        }
+    }
+}
+
+/// `_check_content`.
+fn check_content(content: Option<&Value<'_>>, at: &str) -> Result<(), RequestError> {
+    let parts = match content {
+        Some(Value::Str(_)) => return Ok(()),
+        Some(Value::Array(parts)) => parts,
+        _ => {
+            return Err(RequestError::invalid_type(
+                at,
+                "a string or an array of content parts",
+            ))
+        }
+    };
+    for (index, part) in parts.iter().enumerate() {
+        let Value::Object(part) = part else {
+            return Err(RequestError::invalid_type(
+                format!("{at}[{index}]"),
+                "an object",
+            ));
+        };
+        let part_type = match part.get("type") {
+            Some(Value::Str(t)) if CONTENT_PART_TYPES.contains(&t.as_ref()) => t,
+            _ => {
+                let param = format!("{at}[{index}].type");
+                let message = format!("Invalid value for '{param}': unknown content part type.");
+                return Err(RequestError::invalid_value(param, message));
+            }
+        };
+        if TEXT_PARTS.contains(&part_type.as_ref())
+            && part.get("text").and_then(Value::as_str).is_none()
+        {
+            return Err(RequestError::invalid_type(
+                format!("{at}[{index}].text"),
+                "a string",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `_require_str`.
+fn require_str(item: &Object<'_>, name: &str, index: usize) -> Result<(), RequestError> {
+    match item.get(name) {
+        None | Some(Value::Null) => Err(RequestError::missing(format!("input[{index}].{name}"))),
+        Some(Value::Str(_)) => Ok(()),
+        Some(_) => Err(RequestError::invalid_type(
+            format!("input[{index}].{name}"),
+            "a string",
+        )),
+    }
+}
+
+/// Move the validated input items out of the body, normalised.
+fn take_input<'a>(body: Object<'a>, plan: Vec<Normalized>) -> Vec<Value<'a>> {
+    if plan.is_empty() {
+        return Vec::new();
+    }
+    let Some((_, input)) = body.into_entries().into_iter().find(|(k, _)| k == "input") else {
+        return Vec::new();
+    };
+    match input {
+        Value::Str(text) => vec![user_message(Value::Str(text))],
+        Value::Array(values) => values
+            .into_iter()
+            .zip(plan)
+            .map(|(value, how)| match (value, how) {
+                (Value::Object(item), Normalized::Element { add_type: true }) => {
+                    let mut entries = item.into_entries();
+                    entries.insert(
+                        0,
+                        (
+                            std::borrow::Cow::Borrowed("type"),
+                            Value::Str(std::borrow::Cow::Borrowed("message")),
+                        ),
+                    );
+                    Value::Object(Object::from_entries(entries))
+                }
+                (value, _) => value,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `{"type": "message", "role": "user", "content": content}`.
+fn user_message(content: Value<'_>) -> Value<'_> {
+    use std::borrow::Cow::Borrowed as B;
+    Value::Object(Object::from_entries(vec![
+        (B("type"), Value::Str(B("message"))),
+        (B("role"), Value::Str(B("user"))),
+        (B("content"), content),
+    ]))
+}
+
+/// `Items.from_objects(items, max_item_bytes=...)` on what `json.loads` would have
+/// returned: first every item as Python objects (integers must fit 64 bits, nesting
+/// at most `MAX_DEPTH`), then each item's canonical size.
+pub fn items(values: Vec<Value<'_>>, max_item_bytes: usize) -> Result<Items, ItemError> {
+    for (index, value) in values.iter().enumerate() {
+        if let Some(detail) = python_object_error(value, 1) {
+            return Err(ItemError::ItemNotJson {
+                index: Some(index),
+                detail: detail.to_owned(),
+            });
+        }
+    }
+    let items = values
+        .into_iter()
+        .enumerate()
+        .map(|(index, value)| {
+            Item::from_value(index, &value::into_serde(value), max_item_bytes).map(Arc::new)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Items::from_vec(items))
+}
+
+/// What `py/json.rs::to_value` refuses in a decoded value, walking in dict order.
+fn python_object_error(value: &Value<'_>, depth: usize) -> Option<&'static str> {
+    if depth > MAX_DEPTH {
+        return Some("nested deeper than 128 levels");
+    }
+    match value {
+        Value::BigInt(_) => Some("an integer does not fit in 64 bits"),
+        Value::Array(values) => values
+            .iter()
+            .find_map(|v| python_object_error(v, depth + 1)),
+        Value::Object(object) => object
+            .iter()
+            .find_map(|(_, v)| python_object_error(v, depth + 1)),
+        _ => None,
+    }
+}
+
+// -- steering ----------------------------------------------------------------------
+
+fn steer(body: &Object<'_>, max_item_bytes: usize) -> ClientMessage {
+    let target = body.get("previous_response_id").and_then(Value::as_str);
+    match validate_steer(body, max_item_bytes) {
+        Ok(request) => ClientMessage::Steer(request),
+        Err(error) => reject(error, Stage::Steer, None, target.map(str::to_owned)),
+    }
+}
+
+/// `validate_steer`: only user messages, no other fields (spec §2.2).
+fn validate_steer(body: &Object<'_>, max_item_bytes: usize) -> Result<SteerRequest, RequestError> {
+    let target = match body.get("previous_response_id") {
+        Some(Value::Str(s)) if !s.is_empty() => s.to_string(),
+        _ => {
+            return Err(RequestError::steer(
+                "'previous_response_id' must name the response to steer.",
+            ))
+        }
+    };
+    let extra = body
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| !matches!(*k, "type" | "previous_response_id" | "input"))
+        .min();
+    if let Some(extra) = extra {
+        let shown: String = extra.chars().take(64).collect();
+        return Err(RequestError::steer(format!(
+            "Unknown field '{shown}' in response.steer."
+        )));
+    }
+    let raw = body.get("input");
+    let mut input_json = Vec::new();
+    let messages = match raw {
+        Some(Value::Str(text)) => {
+            if text.is_empty() {
+                return Err(RequestError::steer("Steering input must not be empty."));
+            }
+            vec![user_message(Value::Str(text.clone()))]
+        }
+        Some(Value::Array(items)) if !items.is_empty() => {
+            let mut messages = Vec::with_capacity(items.len());
+            for (index, item) in items.iter().enumerate() {
+                let Value::Object(item) = item else {
+                    return Err(RequestError::steer(format!(
+                        "input[{index}] must be an object."
+                    )));
+                };
+                let unknown = item
+                    .iter()
+                    .any(|(k, _)| !matches!(k, "type" | "role" | "content"));
+                let is_message = match item.get("type") {
+                    None => true,
+                    Some(Value::Str(t)) => t == "message",
+                    Some(_) => false,
+                };
+                let is_user = matches!(item.get("role"), Some(Value::Str(r)) if r == "user");
+                if unknown || !is_message || !is_user {
+                    return Err(RequestError::steer(format!(
+                        "input[{index}] must be a user message: only 'type', 'role' and \
+                         'content'."
+                    )));
+                }
+                let content = item.get("content");
+                check_content(content, &format!("input[{index}].content"))
+                    .map_err(|e| RequestError::steer(e.to_string()))?;
+                messages.push(user_message(content.cloned().unwrap_or(Value::Null)));
+            }
+            messages
+        }
+        _ => {
+            return Err(RequestError::steer(
+                "Steering input must be a string or a non-empty array of messages.",
+            ))
+        }
+    };
+    if let Some(raw) = raw {
+        write_canonical(raw, &mut input_json);
+    }
+    let input = items(messages, max_item_bytes)
+        .map_err(|e| RequestError::steer(format!("Invalid 'input': {e}")))?;
+    Ok(SteerRequest {
+        previous_response_id: target,
+        input,
+        input_json,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WS: Options = Options {
+        websocket: true,
+        format: Format::Json,
+        max_item_bytes: 1 << 20,
+    };
+    const HTTP: Options = Options {
+        websocket: false,
+        ..WS
+    };
+
+    fn parse(text: &str) -> ClientMessage {
+        parse_message(text.as_bytes(), WS)
+    }
+
+    fn rejected(text: &str, options: Options) -> Rejected {
+        match parse_message(text.as_bytes(), options) {
+            ClientMessage::Rejected(r) => r,
+            other => panic!("{text}: accepted: {other:?}"),
+        }
+    }
+
+    fn error(text: &str) -> (Stage, &'static str, Option<String>) {
+        let r = rejected(text, WS);
+        (r.stage, r.error.code(), r.error.param().map(str::to_owned))
+    }
+
+    fn created(text: &str) -> CreateRequest {
+        match parse(text) {
+            ClientMessage::Create(c) => *c,
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn step_one_errors() {
+        let cases = [
+            ("{not json", "invalid_json", None),
+            ("[1, 2]", "invalid_type", Some("event")),
+            ("{}", "missing_required_parameter", Some("type")),
+            (
+                r#"{"type":null}"#,
+                "missing_required_parameter",
+                Some("type"),
+            ),
+            (
+                r#"{"type":"response.cancel"}"#,
+                "invalid_value",
+                Some("type"),
+            ),
+            (r#"{"type":7}"#, "invalid_value", Some("type")),
+            (
+                r#"{"type":"response.create","stream_id":""}"#,
+                "invalid_stream_id",
+                Some("stream_id"),
+            ),
+            (
+                r#"{"type":"response.create","stream_id":"a b"}"#,
+                "invalid_stream_id",
+                Some("stream_id"),
+            ),
+            (
+                r#"{"type":"response.create","stream_id":5}"#,
+                "invalid_stream_id",
+                Some("stream_id"),
+            ),
+        ];
+        for (text, code, param) in cases {
+            assert_eq!(
+                error(text),
+                (Stage::Message, code, param.map(str::to_owned)),
+                "{text}"
+            );
+        }
+        let long = format!(r#"{{"type":"{}"}}"#, "x".repeat(65));
+        assert!(rejected(&long, WS).error.to_string().contains("'...'"));
+        let r = rejected("[]", HTTP);
+        assert_eq!(r.error.param(), Some("body"));
+    }
+
+    #[test]
+    fn body_errors_carry_the_lane_and_parent() {
+        let r = rejected(
+            r#"{"type":"response.create","stream_id":"a","previous_response_id":"resp_1","model":3}"#,
+            WS,
+        );
+        assert_eq!(r.stage, Stage::Create);
+        assert_eq!(r.stream_id.as_deref(), Some("a"));
+        assert_eq!(r.previous_response_id.as_deref(), Some("resp_1"));
+        assert_eq!(
+            (r.error.code(), r.error.param()),
+            ("invalid_type", Some("model"))
+        );
+    }
+
+    #[test]
+    fn body_errors() {
+        let base = r#""type":"response.create","model":"m","input":"hi""#;
+        let cases: &[(&str, &str, &str)] = &[
+            (r#""model":null"#, "missing_required_parameter", "model"),
+            (r#""input":5"#, "invalid_type", "input"),
+            (r#""input":[5]"#, "invalid_type", "input[0]"),
+            (
+                r#""input":[{"content":"x"}]"#,
+                "missing_required_parameter",
+                "input[0].type",
+            ),
+            (
+                r#""input":[{"role":"robot","content":"x"}]"#,
+                "invalid_value",
+                "input[0].role",
+            ),
+            (
+                r#""input":[{"role":["user"],"content":"x"}]"#,
+                "invalid_value",
+                "input[0].role",
+            ),
+            (
+                r#""input":[{"role":"user","content":5}]"#,
+                "invalid_type",
+                "input[0].content",
+            ),
+            (
+                r#""input":[{"role":"user","content":[{"type":"bogus"}]}]"#,
+                "invalid_value",
+                "input[0].content[0].type",
+            ),
+            (
+                r#""input":[{"role":"user","content":[{"type":"input_text"}]}]"#,
+                "invalid_type",
+                "input[0].content[0].text",
+            ),
+            (
+                r#""input":[{"type":"function_call","name":"f","arguments":"{}"}]"#,
+                "missing_required_parameter",
+                "input[0].call_id",
+            ),
+            (
+                r#""input":[{"type":"function_call_output","call_id":"c","output":1}]"#,
+                "invalid_type",
+                "input[0].output",
+            ),
+            (
+                r#""input":[{"type":"nonsense"}]"#,
+                "invalid_value",
+                "input[0].type",
+            ),
+            (
+                r#""input":[{"type":"item_reference","id":"x"}]"#,
+                "unsupported_parameter",
+                "input[0].type",
+            ),
+            (r#""input":[]"#, "invalid_value", "input"),
+            (r#""store":"yes""#, "invalid_type", "store"),
+            (r#""generate":1"#, "invalid_type", "generate"),
+            (
+                r#""background":true"#,
+                "unsupported_parameter",
+                "background",
+            ),
+            (
+                r#""previous_response_id":7"#,
+                "invalid_type",
+                "previous_response_id",
+            ),
+            (
+                r#""previous_response_id":"r","conversation":"c""#,
+                "invalid_value",
+                "conversation",
+            ),
+            (
+                r#""conversation":{"id":"c"}"#,
+                "unsupported_parameter",
+                "conversation",
+            ),
+            (r#""tools":{}"#, "invalid_type", "tools"),
+            (
+                r#""tools":[{"type":"function"}]"#,
+                "missing_required_parameter",
+                "tools[0].name",
+            ),
+            (r#""tools":[{"name":"f"}]"#, "invalid_type", "tools[0]"),
+            (
+                r#""tool_choice":"sometimes""#,
+                "invalid_value",
+                "tool_choice",
+            ),
+            (r#""tool_choice":["auto"]"#, "invalid_value", "tool_choice"),
+            (
+                r#""parallel_tool_calls":1"#,
+                "invalid_type",
+                "parallel_tool_calls",
+            ),
+            (r#""temperature":"hot""#, "invalid_type", "temperature"),
+            (r#""top_p":true"#, "invalid_type", "top_p"),
+            (
+                r#""max_output_tokens":-1"#,
+                "invalid_value",
+                "max_output_tokens",
+            ),
+            (r#""max_tool_calls":1.0"#, "invalid_type", "max_tool_calls"),
+            (
+                r#""top_logprobs":-100000000000000000000"#,
+                "invalid_value",
+                "top_logprobs",
+            ),
+            (r#""metadata":{"a":1}"#, "invalid_type", "metadata"),
+            (r#""metadata":[]"#, "invalid_type", "metadata"),
+            (r#""text":"plain""#, "invalid_type", "text"),
+            (r#""reasoning":[]"#, "invalid_type", "reasoning"),
+            (r#""truncation":"sometimes""#, "invalid_value", "truncation"),
+            (r#""instructions":5"#, "invalid_type", "instructions"),
+            (
+                r#""input":[{"role":"user","content":"x","n":1e999}]"#,
+                "invalid_json",
+                "",
+            ),
+            (
+                r#""input":[{"role":"user","content":"x","n":100000000000000000000}]"#,
+                "invalid_value",
+                "input",
+            ),
+        ];
+        for (fields, code, param) in cases {
+            let text = format!("{{{base},{fields}}}");
+            let r = rejected(&text, WS);
+            assert_eq!(r.error.code(), *code, "{text}: {}", r.error);
+            assert_eq!(r.error.param().unwrap_or(""), *param, "{text}");
+        }
+        let metadata: Vec<String> = (0..17).map(|i| format!(r#""{i}":"v""#)).collect();
+        let text = format!(r#"{{{base},"metadata":{{{}}}}}"#, metadata.join(","));
+        assert_eq!(rejected(&text, WS).error.param(), Some("metadata"));
+    }
+
+    #[test]
+    fn http_rejects_websocket_only_fields() {
+        for (name, value) in [
+            ("stream_id", "\"a\""),
+            ("generate", "false"),
+            ("type", "\"response.create\""),
+        ] {
+            let text = format!(r#"{{"model":"m","input":"hi","{name}":{value}}}"#);
+            let r = rejected(&text, HTTP);
+            assert_eq!(
+                (r.error.code(), r.error.param()),
+                ("unknown_parameter", Some(name))
+            );
+        }
+    }
+
+    #[test]
+    fn a_create_is_normalised() {
+        let c = created(
+            r#"{"type":"response.create","model":"m","stream":true,"input":"hi","extra_thing":1,
+                "stream_id":"lane-1","tools":[{"type":"function","name":"f"},{"type":"web_search"}],
+                "temperature":0.5,"max_output_tokens":100000000000000000000}"#,
+        );
+        assert_eq!(c.model, "m");
+        assert_eq!(c.stream_id.as_deref(), Some("lane-1"));
+        assert!(c.stream && c.store && c.generate && c.has_tools);
+        assert_eq!(c.function_names, ["f"]);
+        assert_eq!(c.ignored_fields, ["extra_thing"]);
+        assert_eq!(
+            c.input.to_json(),
+            br#"[{"content":"hi","role":"user","type":"message"}]"#
+        );
+        let settings = String::from_utf8(c.settings).unwrap();
+        assert_eq!(
+            settings,
+            r#"{"instructions":null,"max_output_tokens":100000000000000000000,"max_tool_calls":null,"metadata":{},"model":"m","parallel_tool_calls":true,"prompt_cache_key":null,"prompt_cache_retention":null,"reasoning":{"effort":null,"summary":null},"safety_identifier":null,"service_tier":"default","temperature":0.5,"text":{"format":{"type":"text"},"verbosity":"medium"},"tool_choice":"auto","tools":[{"name":"f","type":"function"},{"type":"web_search"}],"top_logprobs":0,"top_p":1.0,"truncation":"disabled","user":null}"#
+        );
+        let easy = created(
+            r#"{"type":"response.create","model":"m","input":[{"role":"user","content":"x"}]}"#,
+        );
+        assert_eq!(
+            easy.input.to_json(),
+            br#"[{"content":"x","role":"user","type":"message"}]"#
+        );
+        let null_type = created(
+            r#"{"type":"response.create","model":"m","input":[{"type":null,"role":"user","content":"x"}]}"#,
+        );
+        assert_eq!(
+            null_type.input.to_json(),
+            br#"[{"content":"x","role":"user","type":null}]"#
+        );
+        let prompt = created(r#"{"type":"response.create","prompt":{"id":"p"},"input":"x"}"#);
+        assert_eq!(prompt.model, "default");
+    }
+
+    #[test]
+    fn warmup_and_prewarm() {
+        let c = created(r#"{"type":"response.create","model":"m","generate":false}"#);
+        assert!(!c.generate && c.input.is_empty());
+        let c = created(
+            r#"{"type":"response.create","model":"m","prompt_cache_options":{"prewarm":true}}"#,
+        );
+        assert!(!c.generate);
+        let c = created(r#"{"type":"response.create","model":"m","previous_response_id":"r"}"#);
+        assert_eq!(c.previous_response_id.as_deref(), Some("r"));
+    }
+
+    #[test]
+    fn item_conversion_errors_come_last() {
+        let options = Options {
+            max_item_bytes: 60,
+            ..WS
+        };
+        let big = "x".repeat(100);
+        let text = format!(
+            r#"{{"type":"response.create","model":"m","input":[{{"role":"user","content":"{big}"}}]}}"#
+        );
+        let r = rejected(&text, options);
+        assert_eq!(r.error.code(), "invalid_value");
+        assert_eq!(
+            r.error.to_string(),
+            "Invalid 'input': Item 0 is 145 bytes as JSON, larger than the limit of 60 bytes."
+        );
+        let deep = format!("{}1{}", "[".repeat(130), "]".repeat(130));
+        let text = format!(
+            r#"{{"type":"response.create","model":"m","input":[{{"type":"reasoning","x":{deep}}}]}}"#
+        );
+        assert_eq!(
+            rejected(&text, WS).error.to_string(),
+            "Invalid 'input': Item 0 is not valid JSON: nested deeper than 128 levels."
+        );
+    }
+
+    #[test]
+    fn steering() {
+        let ok = parse(
+            r#"{"type":"response.steer","previous_response_id":"r","input":[{"type":"message","role":"user","content":"x"}]}"#,
+        );
+        let ClientMessage::Steer(s) = ok else {
+            panic!("{ok:?}")
+        };
+        assert_eq!(s.previous_response_id, "r");
+        assert_eq!(
+            s.input.to_json(),
+            br#"[{"content":"x","role":"user","type":"message"}]"#
+        );
+        assert_eq!(
+            s.input_json,
+            br#"[{"content":"x","role":"user","type":"message"}]"#
+        );
+        let bad = [
+            r#"{"type":"response.steer","input":"x"}"#,
+            r#"{"type":"response.steer","previous_response_id":"r","input":""}"#,
+            r#"{"type":"response.steer","previous_response_id":"r","input":[]}"#,
+            r#"{"type":"response.steer","previous_response_id":"r","input":"x","stream_id":"a"}"#,
+            r#"{"type":"response.steer","previous_response_id":"r","input":[{"role":"assistant","content":"x"}]}"#,
+            r#"{"type":"response.steer","previous_response_id":"r","input":[{"type":"function_call_output","call_id":"c","output":"o"}]}"#,
+            r#"{"type":"response.steer","previous_response_id":"r","input":[{"role":"user","content":"x","id":"msg_1"}]}"#,
+            r#"{"type":"response.steer","previous_response_id":"r","input":[{"role":"user","content":5}]}"#,
+        ];
+        for text in bad {
+            let r = rejected(text, WS);
+            assert_eq!(
+                (r.stage, r.error.code()),
+                (Stage::Steer, "invalid_input"),
+                "{text}"
+            );
+        }
+        let r = rejected(bad[1], WS);
+        assert_eq!(r.previous_response_id.as_deref(), Some("r"));
+        assert!(matches!(
+            parse(r#"{"type":"response.processed","response_id":"r"}"#),
+            ClientMessage::Ignored
+        ));
+    }
+
+    #[test]
+    fn msgpack_gives_the_same_result() {
+        let text = r#"{"type":"response.create","model":"m","input":[{"role":"user","content":"x"}],"temperature":0.5}"#;
+        let mut packed = Vec::new();
+        msgpack::from_json(text.as_bytes(), &mut packed).unwrap();
+        let options = Options {
+            format: Format::Msgpack,
+            ..WS
+        };
+        let ClientMessage::Create(a) = parse_message(&packed, options) else {
+            panic!()
+        };
+        let b = created(text);
+        assert_eq!(a.settings, b.settings);
+        assert_eq!(a.input.to_json(), b.input.to_json());
+        let ClientMessage::Rejected(r) = parse_message(b"\xc1", options) else {
+            panic!("0xc1 is never used in msgpack")
+        };
+        assert_eq!(r.error.code(), "invalid_msgpack");
+    }
+
+    #[test]
+    fn no_panic_on_random_messages() {
+        let pieces: &[&str] = &[
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            "\"type\"",
+            "\"response.create\"",
+            "\"response.steer\"",
+            "\"input\"",
+            "\"model\"",
+            "\"role\"",
+            "\"user\"",
+            "\"content\"",
+            "\"tools\"",
+            "null",
+            "1",
+            "-1",
+            "1.5",
+            "true",
+            "\"stream_id\"",
+            "\"previous_response_id\"",
+            "\"x\"",
+            "\"metadata\"",
+            "\"text\"",
+            "\"function\"",
+            "\"name\"",
+            "\"message\"",
+        ];
+        let mut state = 0x1234_5678_9abc_def1u64;
+        for _ in 0..20_000 {
+            let n = (state % 20) as usize;
+            let mut text = String::new();
+            for _ in 0..n {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                text.push_str(pieces[(state % pieces.len() as u64) as usize]);
+            }
+            let _ = parse_message(text.as_bytes(), WS);
+            let _ = parse_message(text.as_bytes(), HTTP);
+            let _ = parse_message(
+                text.as_bytes(),
+                Options {
+                    format: Format::Msgpack,
+                    ..WS
+                },
+            );
+        }
+    }
+}

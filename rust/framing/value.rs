@@ -1,0 +1,281 @@
+//! The JSON value a client message decodes to, with Python's data model.
+//!
+//! The validation in `request.rs` must reach exactly the verdicts of
+//! `warmsocket/client_events.py`, which works on what `json.loads` returns. So this
+//! tree keeps what Python keeps and `serde_json::Value` does not:
+//!
+//! * integers of any size (`BigInt` holds the decimal text of those outside 64 bits),
+//!   and whether a number was written as an integer or as a float (`1` vs `1.0`);
+//! * objects as Python dicts build them: a duplicate key keeps its first position
+//!   and takes the last value;
+//! * strings borrowed from the message when they hold no escapes.
+
+use std::borrow::Cow;
+
+use serde_json::{Map, Number};
+
+/// A decoded JSON (or msgpack) value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    /// An integer above `i64::MAX` that fits 64 bits.
+    UInt(u64),
+    /// An integer outside 64 bits, as its decimal text (Python keeps it exactly).
+    BigInt(Cow<'a, str>),
+    /// A finite float (non-finite numbers are rejected when decoding).
+    Float(f64),
+    Str(Cow<'a, str>),
+    Array(Vec<Value<'a>>),
+    Object(Object<'a>),
+}
+
+/// A JSON object with Python dict semantics for duplicate keys.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Object<'a> {
+    entries: Vec<(Cow<'a, str>, Value<'a>)>,
+}
+
+/// Objects up to this size look for duplicate keys pairwise; larger ones sort.
+const PAIRWISE_DUPLICATES: usize = 12;
+
+impl<'a> Object<'a> {
+    /// An object from its entries in document order (duplicates resolved like a dict).
+    pub fn from_entries(mut entries: Vec<(Cow<'a, str>, Value<'a>)>) -> Object<'a> {
+        if has_duplicates(&entries) {
+            entries = dedup(entries);
+        }
+        Object { entries }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value<'a>> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k.as_ref() == key)
+            .map(|(_, v)| v)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Entries in dict order (first position of each key).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value<'a>)> {
+        self.entries.iter().map(|(k, v)| (k.as_ref(), v))
+    }
+
+    pub fn into_entries(self) -> Vec<(Cow<'a, str>, Value<'a>)> {
+        self.entries
+    }
+}
+
+fn has_duplicates(entries: &[(Cow<'_, str>, Value<'_>)]) -> bool {
+    let n = entries.len();
+    if n < 2 {
+        return false;
+    }
+    if n <= PAIRWISE_DUPLICATES {
+        return (1..n).any(|i| entries[..i].iter().any(|(k, _)| *k == entries[i].0));
+    }
+    let mut keys: Vec<&str> = entries.iter().map(|(k, _)| k.as_ref()).collect();
+    keys.sort_unstable();
+    keys.windows(2).any(|w| w[0] == w[1])
+}
+
+/// Keep each key at its first position with its last value (what `dict` does).
+#[cold]
+fn dedup<'a>(entries: Vec<(Cow<'a, str>, Value<'a>)>) -> Vec<(Cow<'a, str>, Value<'a>)> {
+    let mut position: std::collections::HashMap<Cow<'a, str>, usize> =
+        std::collections::HashMap::with_capacity(entries.len());
+    let mut out: Vec<(Cow<'a, str>, Value<'a>)> = Vec::with_capacity(entries.len());
+    for (k, v) in entries {
+        match position.get(&k) {
+            Some(&i) => out[i].1 = v,
+            None => {
+                position.insert(k.clone(), out.len());
+                out.push((k, v));
+            }
+        }
+    }
+    out
+}
+
+impl<'a> Value<'a> {
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_object(&self) -> Option<&Object<'a>> {
+        match self {
+            Value::Object(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+
+    /// Python's `isinstance(v, int) and not isinstance(v, bool)`.
+    pub fn is_int(&self) -> bool {
+        matches!(self, Value::Int(_) | Value::UInt(_) | Value::BigInt(_))
+    }
+
+    /// An integer below zero.
+    pub fn is_negative_int(&self) -> bool {
+        match self {
+            Value::Int(i) => *i < 0,
+            Value::BigInt(text) => text.starts_with('-'),
+            _ => false,
+        }
+    }
+}
+
+/// Write `value` as compact JSON with object keys sorted at every depth: the same
+/// bytes `crate::item::write_canonical` writes for the equivalent `serde_json::Value`
+/// (same string escaping, same number formatting), plus integers outside 64 bits.
+pub fn write_canonical(value: &Value<'_>, out: &mut Vec<u8>) {
+    match value {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Int(i) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
+        Value::UInt(u) => out.extend_from_slice(itoa::Buffer::new().format(*u).as_bytes()),
+        Value::BigInt(text) => out.extend_from_slice(text.as_bytes()),
+        Value::Float(f) => write_f64(*f, out),
+        Value::Str(s) => write_str(s, out),
+        Value::Array(values) => {
+            out.push(b'[');
+            for (i, v) in values.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(v, out);
+            }
+            out.push(b']');
+        }
+        Value::Object(object) => {
+            let mut entries: Vec<&(Cow<'_, str>, Value<'_>)> = object.entries.iter().collect();
+            if !entries.is_sorted_by(|a, b| a.0 <= b.0) {
+                entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            }
+            out.push(b'{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_str(k, out);
+                out.push(b':');
+                write_canonical(v, out);
+            }
+            out.push(b'}');
+        }
+    }
+}
+
+/// A JSON string as serde_json writes it (only `"`, `\` and control characters escaped).
+#[inline]
+pub fn write_str(s: &str, out: &mut Vec<u8>) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// A finite float as serde_json writes it (the shortest text that round-trips).
+pub fn write_f64(f: f64, out: &mut Vec<u8>) {
+    let _ = serde_json::to_writer(&mut *out, &f);
+}
+
+/// Convert to `serde_json::Value` for `crate::item::Item::from_value`.
+///
+/// The caller has rejected what the item conversion of Python objects rejects
+/// (integers outside 64 bits); a `BigInt` that slipped through becomes `null`.
+pub fn into_serde(value: Value<'_>) -> serde_json::Value {
+    match value {
+        Value::Null | Value::BigInt(_) => serde_json::Value::Null,
+        Value::Bool(b) => serde_json::Value::Bool(b),
+        Value::Int(i) => serde_json::Value::from(i),
+        Value::UInt(u) => serde_json::Value::from(u),
+        Value::Float(f) => Number::from_f64(f)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null),
+        Value::Str(s) => serde_json::Value::String(s.into_owned()),
+        Value::Array(values) => {
+            serde_json::Value::Array(values.into_iter().map(into_serde).collect())
+        }
+        Value::Object(object) => {
+            let mut map = Map::new();
+            for (k, v) in object.entries {
+                map.insert(k.into_owned(), into_serde(v));
+            }
+            serde_json::Value::Object(map)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(text: &str) -> Value<'_> {
+        Value::Str(Cow::Borrowed(text))
+    }
+
+    #[test]
+    fn duplicate_keys_keep_first_position_and_last_value() {
+        let object = Object::from_entries(vec![
+            (Cow::Borrowed("a"), s("1")),
+            (Cow::Borrowed("b"), s("2")),
+            (Cow::Borrowed("a"), s("3")),
+        ]);
+        let keys: Vec<&str> = object.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["a", "b"]);
+        assert_eq!(object.get("a"), Some(&s("3")));
+    }
+
+    #[test]
+    fn duplicate_keys_in_large_objects() {
+        let mut entries: Vec<(Cow<'_, str>, Value<'_>)> = (0..100)
+            .map(|i| (Cow::Owned(format!("k{i}")), Value::Int(i)))
+            .collect();
+        entries.push((Cow::Borrowed("k7"), Value::Int(-1)));
+        let object = Object::from_entries(entries);
+        assert_eq!(object.len(), 100);
+        assert_eq!(object.get("k7"), Some(&Value::Int(-1)));
+        assert_eq!(object.iter().nth(7).map(|(k, _)| k), Some("k7"));
+    }
+
+    #[test]
+    fn canonical_matches_the_item_canonical_form() {
+        let text = r#"{"b":[1,2.5,-0.0,1e100,"x\n\u0001é"],"a":{"z":null,"y":true},"c":18446744073709551615}"#;
+        let parsed: serde_json::Value = serde_json::from_str(text).unwrap();
+        let mut expected = Vec::new();
+        crate::item::write_canonical(&parsed, &mut expected);
+        let value = crate::framing::json::parse(text).unwrap();
+        let mut ours = Vec::new();
+        write_canonical(&value, &mut ours);
+        assert_eq!(
+            String::from_utf8(ours).unwrap(),
+            String::from_utf8(expected).unwrap()
+        );
+    }
+
+    #[test]
+    fn big_integers_are_kept_exactly() {
+        let value = crate::framing::json::parse("[123456789012345678901234567890,-0]").unwrap();
+        let mut out = Vec::new();
+        write_canonical(&value, &mut out);
+        assert_eq!(out, b"[123456789012345678901234567890,0]");
+    }
+}

@@ -1,0 +1,440 @@
+//! Glue for `rust/framing`: `parse_client_message` (one call per client message),
+//! `CreateRequest`, `SteerRequest`, `Rejection`, `ResponseEncoder` (one call per
+//! model event, returning every frame it produced as one `bytes`) and `frame_event`.
+//!
+//! Bad client input is never an exception here: it comes back as a `Rejection`.
+//! Only misuse by the server (an unknown framing name, settings that are not a JSON
+//! object) raises `ValueError`.
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
+
+use crate::framing::encoder::{self, Framing, ResponseEncoder, ResponseHead, Usage};
+use crate::framing::request::{
+    self, ClientMessage, CreateRequest, Format, Options, Rejected, Stage, SteerRequest,
+};
+use crate::py::items::PyItems;
+use crate::py::{detach_if, DETACH_PARSE_BYTES};
+
+fn framing_arg(name: &str) -> PyResult<Framing> {
+    Framing::from_name(name).ok_or_else(|| {
+        PyValueError::new_err("framing must be 'json', 'websocket', 'msgpack' or 'sse'")
+    })
+}
+
+/// Decode and validate one client message (see `_core.pyi`).
+#[pyfunction]
+#[pyo3(signature = (data, *, websocket = true, max_item_bytes = 33554432, format = "json"))]
+pub fn parse_client_message(
+    py: Python<'_>,
+    data: &[u8],
+    websocket: bool,
+    max_item_bytes: usize,
+    format: &str,
+) -> PyResult<Py<PyAny>> {
+    let format = match format {
+        "json" => Format::Json,
+        "msgpack" => Format::Msgpack,
+        _ => return Err(PyValueError::new_err("format must be 'json' or 'msgpack'")),
+    };
+    let options = Options {
+        websocket,
+        format,
+        max_item_bytes,
+    };
+    let parsed = detach_if(py, data.len(), DETACH_PARSE_BYTES, || {
+        request::parse_message(data, options)
+    });
+    Ok(match parsed {
+        ClientMessage::Create(inner) => Py::new(
+            py,
+            PyCreateRequest {
+                inner: *inner,
+                settings: PyOnceLock::new(),
+            },
+        )?
+        .into_any(),
+        ClientMessage::Steer(inner) => Py::new(py, PySteerRequest { inner })?.into_any(),
+        ClientMessage::Ignored => py.None(),
+        ClientMessage::Rejected(rejected) => Py::new(py, PyRejection::new(rejected))?.into_any(),
+    })
+}
+
+/// A valid `response.create`.
+#[pyclass(name = "CreateRequest", module = "warmsocket._core", frozen)]
+pub struct PyCreateRequest {
+    inner: CreateRequest,
+    /// `settings` decoded (without `model`) the first time it is asked for.
+    settings: PyOnceLock<Py<PyDict>>,
+}
+
+#[pymethods]
+impl PyCreateRequest {
+    #[getter]
+    fn model(&self) -> &str {
+        &self.inner.model
+    }
+    #[getter]
+    fn stream_id(&self) -> Option<&str> {
+        self.inner.stream_id.as_deref()
+    }
+    #[getter]
+    fn previous_response_id(&self) -> Option<&str> {
+        self.inner.previous_response_id.as_deref()
+    }
+    #[getter]
+    fn generate(&self) -> bool {
+        self.inner.generate
+    }
+    #[getter]
+    fn store(&self) -> bool {
+        self.inner.store
+    }
+    #[getter]
+    fn stream(&self) -> bool {
+        self.inner.stream
+    }
+    #[getter]
+    fn input(&self) -> PyItems {
+        PyItems {
+            inner: self.inner.input.clone(),
+        }
+    }
+    #[getter]
+    fn settings_json<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.settings)
+    }
+    #[getter]
+    fn settings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = self
+            .settings
+            .get_or_try_init(py, || -> PyResult<Py<PyDict>> {
+                let loads = py.import("json")?.getattr("loads")?;
+                let dict = loads
+                    .call1((PyBytes::new(py, &self.inner.settings),))?
+                    .cast_into::<PyDict>()?;
+                dict.del_item("model")?;
+                Ok(dict.unbind())
+            })?;
+        Ok(dict.bind(py).clone())
+    }
+    #[getter]
+    fn instructions(&self) -> Option<&str> {
+        self.inner.instructions.as_deref()
+    }
+    #[getter]
+    fn function_names<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.inner.function_names)
+    }
+    #[getter]
+    fn has_tools(&self) -> bool {
+        self.inner.has_tools
+    }
+    #[getter]
+    fn ignored_fields<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.inner.ignored_fields)
+    }
+
+    /// The automatic successor of a steered response: same settings, new input.
+    fn successor(&self, input: &PyItems, previous_response_id: &str) -> PyCreateRequest {
+        let mut inner = self.inner.clone();
+        inner.input = input.inner.clone();
+        inner.previous_response_id = Some(previous_response_id.to_owned());
+        inner.generate = true;
+        PyCreateRequest {
+            inner,
+            settings: PyOnceLock::new(),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<CreateRequest model={:?} stream_id={:?} previous_response_id={:?} items={}>",
+            self.inner.model,
+            self.inner.stream_id,
+            self.inner.previous_response_id,
+            self.inner.input.len()
+        )
+    }
+}
+
+/// A valid `response.steer`.
+#[pyclass(name = "SteerRequest", module = "warmsocket._core", frozen)]
+pub struct PySteerRequest {
+    inner: SteerRequest,
+}
+
+#[pymethods]
+impl PySteerRequest {
+    #[getter]
+    fn previous_response_id(&self) -> &str {
+        &self.inner.previous_response_id
+    }
+    #[getter]
+    fn input(&self) -> PyItems {
+        PyItems {
+            inner: self.inner.input.clone(),
+        }
+    }
+    #[getter]
+    fn input_json<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.input_json)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<SteerRequest previous_response_id={:?} items={}>",
+            self.inner.previous_response_id,
+            self.inner.input.len()
+        )
+    }
+}
+
+/// A refused client message.
+#[pyclass(name = "Rejection", module = "warmsocket._core", frozen)]
+pub struct PyRejection {
+    #[pyo3(get)]
+    code: &'static str,
+    #[pyo3(get)]
+    message: String,
+    #[pyo3(get)]
+    param: Option<String>,
+    #[pyo3(get)]
+    status: u16,
+    #[pyo3(get)]
+    r#type: &'static str,
+    #[pyo3(get)]
+    stage: &'static str,
+    #[pyo3(get)]
+    stream_id: Option<String>,
+    #[pyo3(get)]
+    previous_response_id: Option<String>,
+}
+
+impl PyRejection {
+    #[cold]
+    fn new(rejected: Rejected) -> PyRejection {
+        let error = rejected.error;
+        PyRejection {
+            code: error.code(),
+            message: error.to_string(),
+            param: error.param().map(str::to_owned),
+            status: error.status(),
+            r#type: error.error_type(),
+            stage: match rejected.stage {
+                Stage::Message => "message",
+                Stage::Create => "create",
+                Stage::Steer => "steer",
+            },
+            stream_id: rejected.stream_id,
+            previous_response_id: rejected.previous_response_id,
+        }
+    }
+}
+
+#[pymethods]
+impl PyRejection {
+    fn __repr__(&self) -> String {
+        format!(
+            "<Rejection stage={} code={} param={:?}>",
+            self.stage, self.code, self.param
+        )
+    }
+}
+
+/// A `str` as UTF-8; each lone surrogate (which no JSON text can hold) becomes U+FFFD.
+fn text<'a>(s: &'a Bound<'_, PyString>) -> std::borrow::Cow<'a, str> {
+    match s.to_str() {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => std::borrow::Cow::Owned(replace_surrogates(s)),
+    }
+}
+
+#[cold]
+fn replace_surrogates(s: &Bound<'_, PyString>) -> String {
+    // UTF-16 keeps a lone surrogate as one code unit, which decoding replaces once.
+    let replaced = s
+        .call_method1("encode", ("utf-16-le", "surrogatepass"))
+        .and_then(|b| b.call_method1("decode", ("utf-16-le", "replace")))
+        .and_then(|t| t.extract::<String>());
+    replaced.unwrap_or_else(|_| s.to_string_lossy().into_owned())
+}
+
+fn usage((input_tokens, cached_tokens, output_tokens): (u64, u64, u64)) -> Usage {
+    Usage {
+        input_tokens,
+        cached_tokens,
+        output_tokens,
+    }
+}
+
+/// The event stream of one response.
+#[pyclass(name = "ResponseEncoder", module = "warmsocket._core")]
+pub struct PyResponseEncoder {
+    inner: ResponseEncoder,
+}
+
+#[pymethods]
+impl PyResponseEncoder {
+    #[new]
+    #[pyo3(signature = (
+        response_id, *, settings, created_at, previous_response_id = None, store = true,
+        stream_id = None, framing = "json",
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        response_id: &str,
+        settings: &[u8],
+        created_at: i64,
+        previous_response_id: Option<&str>,
+        store: bool,
+        stream_id: Option<&str>,
+        framing: &str,
+    ) -> PyResult<Self> {
+        let inner = ResponseEncoder::new(ResponseHead {
+            response_id,
+            settings,
+            previous_response_id,
+            store,
+            created_at,
+            stream_id,
+            framing: framing_arg(framing)?,
+        })?;
+        Ok(PyResponseEncoder { inner })
+    }
+
+    fn start<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.start())
+    }
+
+    fn text_delta<'py>(
+        &mut self,
+        py: Python<'py>,
+        text: &Bound<'py, PyString>,
+    ) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.text_delta(&self::text(text)))
+    }
+
+    fn tool_call_start<'py>(
+        &mut self,
+        py: Python<'py>,
+        call_id: &Bound<'py, PyString>,
+        name: &Bound<'py, PyString>,
+    ) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.tool_call_start(&text(call_id), &text(name)))
+    }
+
+    fn tool_arguments_delta<'py>(
+        &mut self,
+        py: Python<'py>,
+        delta: &Bound<'py, PyString>,
+    ) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.tool_arguments_delta(&text(delta)))
+    }
+
+    fn close_item<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.close_item())
+    }
+
+    #[pyo3(signature = (usage, *, completed_at))]
+    fn complete<'py>(
+        &mut self,
+        py: Python<'py>,
+        usage: (u64, u64, u64),
+        completed_at: i64,
+    ) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.complete(self::usage(usage), completed_at))
+    }
+
+    #[pyo3(signature = (error, usage = None))]
+    fn fail<'py>(
+        &mut self,
+        py: Python<'py>,
+        error: &[u8],
+        usage: Option<(u64, u64, u64)>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let usage = usage.map(self::usage);
+        Ok(PyBytes::new(py, self.inner.fail(error, usage)?))
+    }
+
+    #[pyo3(signature = (reason, usage, *, completed_at))]
+    fn incomplete<'py>(
+        &mut self,
+        py: Python<'py>,
+        reason: &str,
+        usage: (u64, u64, u64),
+        completed_at: i64,
+    ) -> Bound<'py, PyBytes> {
+        PyBytes::new(
+            py,
+            self.inner
+                .incomplete(reason, self::usage(usage), completed_at),
+        )
+    }
+
+    fn event<'py>(&mut self, py: Python<'py>, event: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, self.inner.event(event)?))
+    }
+
+    #[getter]
+    fn sequence_number(&self) -> u64 {
+        self.inner.sequence_number()
+    }
+    #[getter]
+    fn status(&self) -> &'static str {
+        self.inner.status().name()
+    }
+    #[getter]
+    fn open_kind(&self) -> Option<&'static str> {
+        self.inner.open_kind().map(|k| k.name())
+    }
+    #[getter]
+    fn framing(&self) -> &'static str {
+        self.inner.framing().name()
+    }
+    #[getter]
+    fn created_at(&self) -> i64 {
+        self.inner.created_at()
+    }
+    #[getter]
+    fn completed_at(&self) -> Option<i64> {
+        self.inner.completed_at()
+    }
+
+    fn output_items(&self) -> PyItems {
+        PyItems {
+            inner: self.inner.output_items(),
+        }
+    }
+
+    fn response_json<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.response_json())
+    }
+
+    fn meta_json<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.meta_json())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<ResponseEncoder status={} sequence_number={} framing={}>",
+            self.inner.status().name(),
+            self.inner.sequence_number(),
+            self.inner.framing().name()
+        )
+    }
+}
+
+/// Frame one stand-alone event (a JSON object) for a connection's framing.
+#[pyfunction]
+pub fn frame_event<'py>(
+    py: Python<'py>,
+    event: &[u8],
+    framing: &str,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let mut out = Vec::with_capacity(event.len() + 16);
+    encoder::frame_event(event, framing_arg(framing)?, &mut out)?;
+    Ok(PyBytes::new(py, &out))
+}

@@ -1,0 +1,750 @@
+"""The Rust framing against its Python references.
+
+* `_core.parse_client_message` vs `client_events.parse_message`: random valid and
+  invalid messages (JSON and msgpack) must get the same verdict — the same request,
+  or the same error (code, param, message, status, stage, lane, parent).
+* `_core.ResponseEncoder` vs `response_stream.ResponseStream`: random turns must give
+  the same event objects (keys and values; key order and random item ids aside), and
+  the WebSocket, msgpack and SSE framings must carry the same objects as plain JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import string
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from tests.support import check_sse_event, check_ws_event
+from warmsocket import _core, client_events
+from warmsocket.client_events import CreateRequest, Rejected, SteerRequest
+from warmsocket.response_stream import ResponseStream, usage_object
+
+MAX_ITEM = 4096
+SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# -- outcomes ---------------------------------------------------------------------------
+
+
+def canon(value: Any) -> str:
+    """A type-aware comparison key: 1, 1.0 and True differ."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def rust_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
+    result = _core.parse_client_message(data, max_item_bytes=MAX_ITEM, **options)
+    if result is None:
+        return ("ignored",)
+    if isinstance(result, _core.Rejection):
+        return (
+            "rejected",
+            result.stage,
+            result.code,
+            result.param,
+            result.message,
+            result.status,
+            result.type,
+            result.stream_id,
+            result.previous_response_id,
+        )
+    if isinstance(result, _core.SteerRequest):
+        return (
+            "steer",
+            result.previous_response_id,
+            result.input.json(),
+            canon(json.loads(result.input_json)),
+        )
+    settings = json.loads(result.settings_json)
+    assert settings.pop("model") == result.model
+    assert result.settings == settings
+    return (
+        "create",
+        result.model,
+        result.stream_id,
+        result.previous_response_id,
+        result.generate,
+        result.store,
+        result.stream,
+        result.input.json(),
+        canon(settings),
+        result.instructions,
+        result.function_names,
+        result.has_tools,
+        result.ignored_fields,
+    )
+
+
+def reference_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
+    result = client_events.parse_message(data, max_item_bytes=MAX_ITEM, **options)
+    if result is None:
+        return ("ignored",)
+    if isinstance(result, Rejected):
+        error = result.error
+        return (
+            "rejected",
+            result.stage,
+            error.code,
+            error.param,
+            error.message,
+            error.status,
+            error.type,
+            result.stream_id,
+            result.previous_response_id,
+        )
+    if isinstance(result, SteerRequest):
+        assert result.items is not None
+        return (
+            "steer",
+            result.previous_response_id,
+            result.items.json(),
+            canon(result.raw_input),
+        )
+    assert isinstance(result, CreateRequest) and result.items is not None
+    tools = result.settings["tools"]
+    names = tuple(t["name"] for t in tools if isinstance(t, dict) and t.get("type") == "function")
+    assert frozenset(names) == result.function_names
+    return (
+        "create",
+        result.model,
+        result.stream_id,
+        result.previous_response_id,
+        result.generate,
+        result.store,
+        result.stream,
+        result.items.json(),
+        canon(result.settings),
+        result.instructions,
+        names,
+        bool(tools),
+        result.ignored_fields,
+    )
+
+
+def same_verdict(data: bytes, **options: Any) -> tuple[Any, ...]:
+    ours = rust_outcome(data, **options)
+    theirs = reference_outcome(data, **options)
+    assert ours == theirs, data[:2000]
+    return ours
+
+
+# -- random messages -------------------------------------------------------------------
+
+
+def _nest(value: Any, depth: int) -> Any:
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+texts = st.text(st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
+    ["", "x", "hi", "é", '"', "\\", "\n", "\x00", "😀", "a b", "A.b-c_9", "x" * 257]
+)
+leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.integers(-3, 20)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | texts
+)
+json_values = st.recursive(
+    leaves,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def field(valid: st.SearchStrategy[Any], *invalid: Any) -> st.SearchStrategy[Any]:
+    """Mostly `valid`; sometimes one of `invalid`, sometimes any JSON value."""
+
+    def pick(n: int) -> st.SearchStrategy[Any]:
+        if n == 0:
+            return json_values
+        if n == 1 and invalid:
+            return st.sampled_from(invalid)
+        return valid
+
+    return st.integers(0, 11).flatmap(pick)
+
+
+def one_of(*values: Any) -> st.SearchStrategy[Any]:
+    return st.sampled_from(values)
+
+
+content_parts = st.fixed_dictionaries(
+    {"type": field(one_of("input_text", "output_text", "summary_text"), "bogus", "refusal")},
+    optional={"text": field(texts, 5), "image_url": texts},
+)
+contents = field(texts | st.lists(content_parts, max_size=3), 5, [1], [{}])
+message_items = st.fixed_dictionaries(
+    {
+        "role": field(one_of("user", "assistant", "system", "developer"), "robot", ["user"]),
+        "content": contents,
+    },
+    optional={
+        "type": field(one_of("message"), None, 7),
+        "id": texts,
+        "status": one_of("completed"),
+    },
+)
+call_items = st.fixed_dictionaries(
+    {
+        "type": one_of("function_call"),
+        "call_id": field(one_of("call_1"), None),
+        "name": field(one_of("f"), 1),
+        "arguments": field(one_of("{}"), {}),
+    },
+    optional={"id": one_of("fc_1")},
+)
+output_items = st.fixed_dictionaries(
+    {
+        "type": one_of("function_call_output"),
+        "call_id": field(one_of("call_1"), None),
+        "output": field(texts | st.lists(content_parts, max_size=2), 5, {}),
+    }
+)
+other_items = st.fixed_dictionaries(
+    {
+        "type": field(
+            one_of("reasoning", "compaction", "web_search_call"), "nonsense", "item_reference"
+        )
+    },
+    optional={
+        "summary": st.lists(json_values, max_size=2),
+        "deep": one_of(1, _nest(1, 126), _nest(1, 130)),
+        "big": one_of(2**63, 2**64 - 1, 2**64, -(2**63) - 1),
+    },
+)
+items = message_items | call_items | output_items | other_items
+tools = st.fixed_dictionaries(
+    {
+        "type": field(one_of("function", "web_search", "custom"), 5),
+        "name": field(one_of("read_file", "f"), None, 3),
+    },
+    optional={"description": texts, "parameters": json_values},
+)
+create_fields: dict[str, st.SearchStrategy[Any]] = {
+    "model": field(one_of("m", "gpt-x"), "", None, 3),
+    "input": field(
+        texts | st.lists(items, min_size=1, max_size=4) | st.lists(items | json_values, max_size=4),
+        "",
+        [],
+        None,
+    ),
+    "stream_id": field(one_of("main", "x" * 256, "a.b-c_D9"), "a b", "", "x" * 257, None, 5),
+    "previous_response_id": field(one_of("resp_1"), "", None),
+    "store": field(st.booleans(), None),
+    "stream": field(st.booleans(), None),
+    "generate": field(st.booleans(), None),
+    "background": field(one_of(False), True),
+    "conversation": field(st.none(), "conv_1", {"id": "c"}),
+    "prompt": field(one_of({"id": "p"}), None),
+    "prompt_cache_options": field(one_of({"prewarm": True}, {"prewarm": False}, {})),
+    "instructions": field(texts, None, 5),
+    "tools": field(st.lists(tools, max_size=3), {}),
+    "tool_choice": field(
+        one_of("auto", "none", "required", {"type": "function"}), "sometimes", ["auto"]
+    ),
+    "parallel_tool_calls": field(st.booleans(), None, 1),
+    "temperature": field(one_of(0.5, 1, 0, 2**80, 1e300), True, None),
+    "top_p": field(one_of(0.9, 1.0, 1), None),
+    "top_logprobs": field(one_of(0, 5, 2**70), -1, 1.5, None),
+    "max_output_tokens": field(one_of(100, None, 2**80), -1, 1.0, -(2**80)),
+    "max_tool_calls": field(one_of(3, None), -3),
+    "metadata": field(
+        st.dictionaries(texts, texts, max_size=3), {str(i): "v" for i in range(17)}, {"k": 1}, None
+    ),
+    "text": field(one_of({"format": {"type": "text"}}, {"verbosity": "low"}), "plain", None),
+    "reasoning": field(one_of({"effort": "low"}, {}), [], None),
+    "truncation": field(one_of("auto", "disabled"), "sometimes", ["auto"], None),
+    "service_tier": json_values,
+    "user": json_values,
+    "include": st.lists(texts, max_size=2),
+    "extra_thing": json_values,
+    "zz_unknown": json_values,
+}
+steer_items = st.fixed_dictionaries(
+    {
+        "role": field(one_of("user"), "assistant"),
+        "content": contents,
+    },
+    optional={"type": field(one_of("message"), None, "function_call_output"), "id": texts},
+)
+steer_fields: dict[str, st.SearchStrategy[Any]] = {
+    "previous_response_id": field(one_of("resp_1"), "", None),
+    "input": field(texts | st.lists(steer_items, min_size=1, max_size=3), "", [], None),
+    "stream_id": texts,
+}
+REQUIRED = {
+    "response.create": ["model", "input"],
+    "response.steer": ["previous_response_id", "input"],
+}
+
+
+def _fit_64_bits(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _fit_64_bits(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fit_64_bits(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return max(-(2**63), min(value, 2**64 - 1))
+    return value
+
+
+@st.composite
+def bodies(draw: st.DrawFn) -> Any:
+    kind = draw(
+        st.sampled_from(
+            ["response.create"] * 12
+            + ["response.steer"] * 3
+            + ["response.processed", "response.cancel", None, 7, "omit"]
+        )
+    )
+    fields = steer_fields if kind == "response.steer" else create_fields
+    names = draw(st.lists(st.sampled_from(sorted(fields)), unique=True, max_size=8))
+    if draw(st.integers(0, 5)):
+        names = [*REQUIRED.get(str(kind), ()), *names]
+    body: dict[str, Any] = {} if kind == "omit" else {"type": kind}
+    for name in names:
+        body[name] = draw(fields[name])
+    if draw(st.integers(0, 15)) == 0:
+        return draw(json_values)
+    return body
+
+
+def dumps(body: Any, style: int) -> bytes:
+    if style == 0:
+        return json.dumps(body).encode()
+    if style == 1:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    return json.dumps(body, indent=1, ensure_ascii=False).encode()
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> bytes:
+    data = dumps(draw(bodies()), draw(st.integers(0, 2)))
+    mutation = draw(st.integers(0, 11))
+    if mutation == 0 and data:
+        return data[: draw(st.integers(0, len(data) - 1))]
+    if mutation == 1:
+        at = draw(st.integers(0, len(data)))
+        junk = draw(st.sampled_from([b",", b"}", b"]", b'"', b"\\", b"x", b"\xff", b"\\u", b" "]))
+        return data[:at] + junk + data[at:]
+    if mutation == 2 and data:
+        at = draw(st.integers(0, len(data) - 1))
+        return data[:at] + bytes([draw(st.integers(0, 255))]) + data[at + 1 :]
+    return data
+
+
+# -- parse: properties ----------------------------------------------------------------
+
+
+@SETTINGS
+@given(messages())
+def test_websocket_messages_get_the_reference_verdict(data: bytes) -> None:
+    same_verdict(data)
+
+
+@SETTINGS
+@given(messages())
+def test_http_bodies_get_the_reference_verdict(data: bytes) -> None:
+    same_verdict(data, websocket=False)
+
+
+@SETTINGS
+@given(bodies())
+def test_msgpack_messages_get_the_reference_verdict(body: Any) -> None:
+    body = _fit_64_bits(body)  # msgpack has no larger integers
+    packed = msgpack.packb(body)
+    verdict = same_verdict(packed, format="msgpack")
+    if verdict[0] != "rejected" or verdict[1] != "message":
+        # The same body as JSON gets the same verdict.
+        assert rust_outcome(json.dumps(body).encode()) == verdict
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_random_bytes_get_the_reference_verdict(data: bytes) -> None:
+    same_verdict(data)
+    same_verdict(data, format="msgpack")
+
+
+@SETTINGS
+@given(
+    st.text(
+        alphabet=string.printable + "é😀\x00\x1f" + '\\"{}[],:ntrfueaNIy-+.eE0123456789',
+        max_size=40,
+    )
+)
+@example('"\\ud800"')
+@example('{"a": "\\ud800\\u12x4"}')
+@example('["\\udc00", 1]')
+@example("[NaN]")
+@example("[1e400]")
+@example("\ufeff{}")
+@example('"\\u0041')
+def test_json_syntax_errors_match_python(text: str) -> None:
+    same_verdict(text.encode("utf-8", "surrogatepass"))
+
+
+# -- parse: examples ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"   ",
+        b"\xef\xbb\xbf{}",
+        "\ufeff{}".encode(),
+        b'{"type": "response.create", "model": "m", "input": "hi", "temperature": NaN}',
+        b'{"type": "response.create", "model": "m", "input": "hi", "x": -Infinity}',
+        b'{"type": "response.create", "model": "m", "input": "hi", "x": 1e999}',
+        b'{"type": "response.create", "model": "m", "input": "\\ud800"}',
+        b'{"type": "response.create", "model": "m", "input": "\\ud83d\\ude00"}',
+        b'{"type": "response.create", "model": "m", "input": "hi", "x": ' + b"9" * 4301 + b"}",
+        b'{"type": "response.create", "model": "m", "input": "hi", "x": ' + b"9" * 4300 + b"}",
+        b'{"type": "response.create", "model": "m", "input": "hi", "type": "response.steer"}',
+        b'{"type": "response.create", "model": "m", "model": 5, "input": "hi"}',
+        b'{"type": "response.create", "model": "m", "input": [{"role": "user", "content": "x", '
+        b'"n": 100000000000000000000}]}',
+        json.dumps({"type": "response.create", "model": "m", "input": [{"role": {}}]}).encode(),
+        json.dumps(
+            {"type": "response.create", "model": "m", "input": "x", "tool_choice": ["a"]}
+        ).encode(),
+        json.dumps(
+            {"type": "response.create", "model": "m", "input": [{"type": None, "role": "user"}]}
+        ).encode(),
+        "\u0000".encode(),
+        b'{"type": "response.create", "model": "m", "input": "hi"}' + b" \n",
+        b'{"type": "response.create", "model": "m", "input": "' + b"x" * 5000 + b'"}',
+    ],
+)
+def test_edge_cases_match(data: bytes) -> None:
+    same_verdict(data)
+
+
+def test_nesting_limit() -> None:
+    limit = client_events.MAX_NESTING
+    inside = _nest(1, limit - 2)
+    ok = json.dumps({"type": "response.create", "model": "m", "input": "x", "x": inside})
+    assert same_verdict(ok.encode())[0] == "create"
+    too_deep = json.dumps({"type": "response.create", "model": "m", "x": _nest(1, limit)})
+    verdict = same_verdict(too_deep.encode())
+    assert verdict[2:5] == (
+        "invalid_json",
+        None,
+        "The message is not valid JSON (nested too deeply). Send one JSON object per message.",
+    )
+    # Beyond Python's own recursion limit too.
+    same_verdict(b"[" * 5000)
+    for depth in (limit, limit + 1, 2000):  # msgpack.packb cannot nest this deep
+        assert same_verdict(b"\x91" * depth + b"\xc0", format="msgpack")[1] == "message"
+
+
+def test_max_item_bytes_and_conversion_errors() -> None:
+    body = {
+        "type": "response.create",
+        "model": "m",
+        "input": [{"role": "user", "content": "x" * 5000}],
+    }
+    verdict = same_verdict(json.dumps(body).encode())
+    assert verdict[2] == "invalid_value" and "larger than the limit" in verdict[4]
+
+
+def test_large_create_matches() -> None:
+    body = {
+        "type": "response.create",
+        "model": "m",
+        "input": [
+            {"type": "function_call_output", "call_id": f"call_{i}", "output": "x" * 100}
+            if i % 2
+            else {"role": "user", "content": [{"type": "input_text", "text": f"turn {i} é"}]}
+            for i in range(1000)
+        ],
+        "tools": [{"type": "function", "name": "read_file", "parameters": {"type": "object"}}],
+    }
+    assert same_verdict(json.dumps(body).encode())[0] == "create"
+
+
+def test_parse_rejects_unknown_format() -> None:
+    with pytest.raises(ValueError, match="format"):
+        _core.parse_client_message(b"{}", format="xml")  # type: ignore[arg-type]
+
+
+def test_successor_keeps_settings() -> None:
+    request = _core.parse_client_message(
+        b'{"type":"response.create","model":"m","input":"hi","stream_id":"a","generate":false}'
+    )
+    assert isinstance(request, _core.CreateRequest)
+    steer = _core.Items.from_objects([{"type": "message", "role": "user", "content": "s"}])
+    successor = request.successor(steer, "resp_9")
+    assert successor.previous_response_id == "resp_9"
+    assert successor.generate is True
+    assert successor.settings_json == request.settings_json
+    assert successor.stream_id == "a"
+    assert successor.input.json() == steer.json()
+    assert request.settings is request.settings  # decoded once
+
+
+# -- encode ---------------------------------------------------------------------------
+
+SETTINGS_BODY = {
+    "type": "response.create",
+    "model": "warmsocket-mock",
+    "input": "hi",
+    "instructions": "Be careful.",
+    "tools": [
+        {
+            "type": "function",
+            "name": "read_file",
+            "parameters": {"type": "object", "properties": {"path": {"type": "string"}}},
+        }
+    ],
+    "temperature": 0.25,
+    "metadata": {"k": "v"},
+}
+
+model_events = st.lists(
+    st.one_of(
+        st.tuples(st.just("text"), st.text(st.characters(codec="utf-8"), max_size=8)),
+        st.tuples(st.just("call"), st.sampled_from(["call_1", "call_2"]), st.sampled_from(["f"])),
+        st.tuples(st.just("args"), st.text(max_size=6)),
+        st.tuples(st.just("close")),
+        st.tuples(st.just("steer"), st.text(max_size=6)),
+    ),
+    max_size=12,
+)
+terminals = st.sampled_from(["complete", "fail", "incomplete"])
+
+
+def _drive_python(
+    stream: ResponseStream, events: list[tuple[Any, ...]], terminal: str
+) -> list[bytes]:
+    frames = stream.start()
+    for event in events:
+        if event[0] == "text":
+            frames += stream.text_delta(event[1])
+        elif event[0] == "call":
+            frames += stream.tool_call_start(event[1], event[2])
+        elif event[0] == "args":
+            frames += stream.tool_arguments_delta(event[1])
+        elif event[0] == "close":
+            frames += stream.close_item()
+        else:
+            frames.append(stream.extra_event(_steer_event(event[1])))
+    usage = usage_object(10, 3, 4)
+    if terminal == "complete":
+        frames += stream.complete(usage, 99)
+    elif terminal == "fail":
+        frames += stream.fail({"code": "server_error", "message": "boom"}, usage)
+    else:
+        frames += stream.incomplete("steered", usage, 99)
+    return frames
+
+
+def _drive_rust(
+    encoder: _core.ResponseEncoder, events: list[tuple[Any, ...]], terminal: str
+) -> bytes:
+    out = [encoder.start()]
+    for event in events:
+        if event[0] == "text":
+            out.append(encoder.text_delta(event[1]))
+        elif event[0] == "call":
+            out.append(encoder.tool_call_start(event[1], event[2]))
+        elif event[0] == "args":
+            out.append(encoder.tool_arguments_delta(event[1]))
+        elif event[0] == "close":
+            out.append(encoder.close_item())
+        else:
+            out.append(encoder.event(json.dumps(_steer_event(event[1])).encode()))
+    if terminal == "complete":
+        out.append(encoder.complete((10, 3, 4), completed_at=99))
+    elif terminal == "fail":
+        out.append(encoder.fail(b'{"code":"server_error","message":"boom"}', (10, 3, 4)))
+    else:
+        out.append(encoder.incomplete("steered", (10, 3, 4), completed_at=99))
+    return b"".join(out)
+
+
+def _steer_event(text: str) -> dict[str, Any]:
+    return {
+        "type": "response.steer.accepted",
+        "steer": {"id": "steer_" + text.encode().hex(), "previous_response_id": "resp_1"},
+    }
+
+
+def _without_ids(events: list[dict[str, Any]]) -> list[str]:
+    """Events as comparison keys, item ids replaced by their order of appearance."""
+    seen: dict[str, str] = {}
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, str) and value.startswith(("msg_", "fc_")):
+            return seen.setdefault(value, f"<id {len(seen)}>")
+        return value
+
+    return [canon(walk(e)) for e in events]
+
+
+def split_frames(data: bytes) -> list[tuple[int, bytes]]:
+    frames = []
+    while data:
+        opcode, length = data[0], data[1]
+        assert opcode in (0x81, 0x82) and length < 0x80
+        start = 2
+        if length == 126:
+            length, start = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            length, start = int.from_bytes(data[2:10], "big"), 10
+        frames.append((opcode, data[start : start + length]))
+        data = data[start + length :]
+    return frames
+
+
+def _encoders(stream_id: str | None) -> tuple[ResponseStream, dict[str, _core.ResponseEncoder]]:
+    request = _core.parse_client_message(json.dumps(SETTINGS_BODY).encode())
+    assert isinstance(request, _core.CreateRequest)
+    reference = ResponseStream(
+        response_id="resp_1",
+        model=request.model,
+        settings=request.settings,
+        previous_response_id="resp_0",
+        store=False,
+        created_at=7,
+        stream_id=stream_id,
+    )
+    encoders = {
+        framing: _core.ResponseEncoder(
+            "resp_1",
+            settings=request.settings_json,
+            previous_response_id="resp_0",
+            store=False,
+            created_at=7,
+            stream_id=stream_id,
+            framing=framing,
+        )
+        for framing in ("json", "websocket", "msgpack", "sse")
+    }
+    return reference, encoders
+
+
+@SETTINGS
+@given(model_events, terminals, st.sampled_from([None, "lane-1"]))
+def test_encoder_matches_response_stream(
+    events: list[tuple[Any, ...]], terminal: str, stream_id: str | None
+) -> None:
+    reference, encoders = _encoders(stream_id)
+    expected = [json.loads(f) for f in _drive_python(reference, events, terminal)]
+    outputs = {name: _drive_rust(e, events, terminal) for name, e in encoders.items()}
+
+    as_json = [json.loads(line) for line in outputs["json"].split(b"\n") if line]
+    assert _without_ids(as_json) == _without_ids(expected)
+
+    text = split_frames(outputs["websocket"])
+    assert {op for op, _ in text} <= {0x81}
+    assert _without_ids([json.loads(p) for _, p in text]) == _without_ids(as_json)
+
+    binary = split_frames(outputs["msgpack"])
+    assert {op for op, _ in binary} <= {0x82}
+    assert _without_ids([msgpack.unpackb(p) for _, p in binary]) == _without_ids(as_json)
+
+    blocks = outputs["sse"].decode().split("\n\n")
+    assert blocks.pop() == ""
+    sse = []
+    for block, event in zip(blocks, as_json, strict=True):
+        head, data = block.split("\n")
+        assert head == f"event: {event['type']}"
+        sse.append(json.loads(data.removeprefix("data: ")))
+    if stream_id is None:
+        assert _without_ids(sse) == _without_ids(as_json)
+
+    encoder = encoders["json"]
+    assert encoder.sequence_number == reference.sequence_number == len(expected)
+    output = json.loads(encoder.response_json())["output"]
+    assert encoder.output_items().json() == _core.Items.from_objects(output).json()
+    assert _without_ids(output) == _without_ids(reference.output)
+    for event in as_json:
+        check_ws_event(event)
+        if stream_id is None and not event["type"].startswith("response.steer"):
+            check_sse_event(event)
+
+
+def test_encoder_terminal_state_and_meta() -> None:
+    _reference, encoders = _encoders(None)
+    encoder = encoders["json"]
+    encoder.start()
+    encoder.text_delta("hello")
+    assert encoder.open_kind == "message"
+    encoder.complete((5, 1, 2), completed_at=8)
+    assert encoder.status == "completed" and encoder.open_kind is None
+    assert encoder.completed_at == 8 and encoder.created_at == 7
+    meta = json.loads(encoder.meta_json())
+    assert meta == {
+        "status": "completed",
+        "created_at": 7,
+        "completed_at": 8,
+        "usage": usage_object(5, 1, 2),
+        "error": None,
+        "incomplete_details": None,
+    }
+    response = json.loads(encoder.response_json())
+    assert response["output"][0]["content"][0]["text"] == "hello"
+    assert response["tools"][0]["name"] == "read_file"
+
+
+def test_encoder_refuses_misuse() -> None:
+    with pytest.raises(ValueError):
+        _core.ResponseEncoder("r", settings=b"[]", created_at=0)
+    with pytest.raises(ValueError):
+        _core.ResponseEncoder("r", settings=b"{}", created_at=0, framing="xml")  # type: ignore[arg-type]
+    encoder = _core.ResponseEncoder("r", settings=b"{}", created_at=0)
+    with pytest.raises(ValueError):
+        encoder.event(b"not json")
+    # A lone surrogate cannot be sent: it becomes U+FFFD.
+    data = encoder.text_delta("a\ud800b")
+    delta = json.loads(data.split(b"\n")[-2])
+    assert delta["delta"] == "a\ufffdb"
+
+
+@pytest.mark.parametrize("framing", ["json", "websocket", "msgpack", "sse"])
+def test_frame_event(framing: str) -> None:
+    event = {"type": "error", "status": 400, "error": {"type": "t", "code": "c", "message": "m"}}
+    data = _core.frame_event(json.dumps(event).encode(), framing)  # type: ignore[arg-type]
+    if framing == "json":
+        assert json.loads(data) == event
+    elif framing == "sse":
+        assert data == b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
+    else:
+        ((opcode, payload),) = split_frames(data)
+        decoded = json.loads(payload) if opcode == 0x81 else msgpack.unpackb(payload)
+        assert decoded == event
+
+
+def test_floats_survive_every_framing() -> None:
+    body = dict(SETTINGS_BODY, temperature=0.1, top_p=1e-7)
+    request = _core.parse_client_message(json.dumps(body).encode())
+    assert isinstance(request, _core.CreateRequest)
+    assert request.settings["temperature"] == 0.1
+    assert math.isclose(request.settings["top_p"], 1e-7)
+    encoder = _core.ResponseEncoder(
+        "r", settings=request.settings_json, created_at=0, framing="msgpack"
+    )
+    ((_op, payload), _) = split_frames(encoder.start())
+    assert msgpack.unpackb(payload)["response"]["top_p"] == 1e-7
+
+
+def test_reference_rejects_what_rust_rejects() -> None:
+    """A few messages json.loads accepts that the reference now rejects, as Rust does."""
+    for data in [b"[NaN]", b"[1e999]", b'"\\udfff"', b"\xff\xfe{\x00}\x00"]:
+        result = client_events.parse_message(data)
+        assert isinstance(result, Rejected) and result.error.code == "invalid_json"
