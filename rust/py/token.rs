@@ -104,7 +104,7 @@ pub fn add_exceptions(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-fn to_py_err(py: Python<'_>, err: TokenError) -> PyErr {
+pub(crate) fn to_py_err(py: Python<'_>, err: TokenError) -> PyErr {
     let e = match exceptions(py) {
         Ok(e) => e,
         Err(failed) => return failed,
