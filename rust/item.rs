@@ -399,10 +399,16 @@ impl Items {
 
     /// Validate already-decoded values (one per item).
     pub fn from_values(values: &[Value], max_item_bytes: usize) -> Result<Items> {
+        Items::from_values_at(values, 0, max_item_bytes)
+    }
+
+    /// [`Items::from_values`] for values that start at position `offset` of what
+    /// the client sent (errors name that position).
+    pub fn from_values_at(values: &[Value], offset: usize, max_item_bytes: usize) -> Result<Items> {
         let items = values
             .iter()
             .enumerate()
-            .map(|(i, v)| Item::from_value(i, v, max_item_bytes).map(Arc::new))
+            .map(|(i, v)| Item::from_value(offset + i, v, max_item_bytes).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
         Ok(Items::from_vec(items))
     }
