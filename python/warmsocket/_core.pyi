@@ -427,9 +427,7 @@ class SessionCache:
         """Validate items and, with a tokenizer, count their tokens (ids kept until they
         enter a chain, so `create` hashes them without tokenising again). Raises the
         InvalidItems subclasses, TokenizationFailed."""
-    def match(
-        self, input: ItemsLike, *, owner: str, connection: int | None = None
-    ) -> PrefixMatch:
+    def match(self, input: ItemsLike, *, owner: str, connection: int | None = None) -> PrefixMatch:
         """Match a re-sent history against the cached chains of `owner` (stored ones,
         and those local to `connection`) by the items' semantic digests.
 
@@ -438,9 +436,7 @@ class SessionCache:
         (`PrefixMatch.new_items`). Without `prefix_index` nothing ever matches.
         Raises the InvalidItems subclasses for the suffix, TokenizationFailed.
         """
-    def input_items(
-        self, response_id: str, *, owner: str, connection: int | None = None
-    ) -> Items:
+    def input_items(self, response_id: str, *, owner: str, connection: int | None = None) -> Items:
         """The input the client sent for a response: its own input items, preceded by
         its parent's whole context when the parent was found by `match` (the client
         re-sent that history; listed as cached, i.e. the first form seen)."""
