@@ -532,7 +532,8 @@ impl SessionCache {
 
     /// A node holding the first `own` items of `node`'s own items (shared, not
     /// copied) under `node`'s parent: the context of a match that ends inside
-    /// `node`. Not an addressable response; its id is `<node id>#<own>`.
+    /// `node`. Not an addressable response; its id is `<node id>#<own>` and it
+    /// carries `node`'s settings and meta.
     fn prefix_node(&self, node: &Arc<Node>, own: usize) -> Result<Arc<Node>> {
         let n_in = node.input.len();
         let (input, output) = if own <= n_in {
@@ -571,7 +572,7 @@ impl SessionCache {
             input,
             output,
             settings: node.settings.clone(),
-            meta: Arc::from(&b"{}"[..]),
+            meta: node.meta.clone(),
             implicit: node.implicit,
             tokens,
             indexed: self.shared.prefix_index,

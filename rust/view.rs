@@ -17,7 +17,7 @@ use std::sync::Arc;
 use crate::blocks::BlockHash;
 use crate::item::{array_len, write_array, Item, Items};
 use crate::node::{Node, TokenConfig};
-use crate::token::TokenError;
+use crate::token::{TokenError, Tokenizer};
 
 #[derive(Debug, Clone, Default)]
 pub struct ContextView {
@@ -78,6 +78,22 @@ impl ContextView {
             }
         }
         Ok(Some(out))
+    }
+
+    /// Tokens of the context counted with `tokenizer` from scratch: every item
+    /// tokenised again, O(context). What a server without token caching pays per
+    /// turn; the cached count is [`ContextView::tokens`].
+    pub fn count_tokens(&self, tokenizer: &Tokenizer) -> Result<u64, TokenError> {
+        let mut total = 0u64;
+        let mut ids = Vec::new();
+        for batch in self.batches() {
+            for item in batch.iter() {
+                ids.clear();
+                tokenizer.encode_item_into(item.json(), &mut ids)?;
+                total += ids.len() as u64;
+            }
+        }
+        Ok(total)
     }
 
     /// Hashes of the new items' blocks, continuing the chain's state.

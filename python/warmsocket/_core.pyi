@@ -298,6 +298,10 @@ class ContextView:
         Concatenated from the kept ids when the cache keeps them (`keep_token_ids`);
         otherwise every item is tokenised again (O(context)).
         """
+    def count_tokens(self, tokenizer: Tokenizer) -> int:
+        """Tokens of the context counted from scratch with `tokenizer`: every item
+        tokenised again, O(context) (what a server without token caching pays per
+        turn; `tokens` is the cached count)."""
     def block_hashes(self) -> builtins.bytes | None:
         """The block hashes of the context's tokens, 16 bytes per full block (None
         without a tokenizer): the chain's stored hashes, then those of the new items.

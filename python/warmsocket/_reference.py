@@ -34,8 +34,8 @@ The rules, in one place:
   the connection (stored, or local to it) that covers at least one of that node's
   own items. Among the nodes that give it, one whose own items end exactly there
   wins, then the most recently made. When the prefix ends inside a node, a node
-  holding that node's first items (id `<id>#<n>`, meta `{}`) is made under its
-  parent. A response created on a match has no `previous_response_id`.
+  holding that node's first items (id `<id>#<n>`, its settings and meta) is made
+  under its parent. A response created on a match has no `previous_response_id`.
 
 Canonical JSON here is `json.dumps(sort_keys=True, separators=(",", ":"),
 ensure_ascii=False)`, which agrees with the Rust form on strings, integers, booleans,
@@ -426,6 +426,10 @@ class RefView:
             return None
         return ref_tokens.block_hashes(ids, self._config.block_size, self._config.seed)
 
+    def count_tokens(self, tokenizer: Tokenizer) -> int:
+        config = _Config(tokenizer)
+        return config.tokens_of(self._items)
+
     def shared_prefix_tokens(self, other: RefView) -> int | None:
         a, b = self.block_hashes(), other.block_hashes()
         if a is None or b is None:
@@ -775,7 +779,7 @@ class RefCache:
             new_input,
             new_output,
             node.settings,
-            b"{}",
+            node.meta,
             implicit=node.implicit,
         )
 

@@ -558,6 +558,12 @@ impl PyContextView {
         ids.map(|ids| token_array(py, &ids)).transpose()
     }
 
+    fn count_tokens(&self, py: Python<'_>, tokenizer: &Tokenizer) -> PyResult<u64> {
+        let (view, tokenizer) = (&self.inner, &tokenizer.inner);
+        py.detach(|| view.count_tokens(tokenizer))
+            .map_err(|e| to_py_err(py, e))
+    }
+
     fn block_hashes<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
         let view = &self.inner;
         let hashes = py
