@@ -113,6 +113,29 @@ impl BlockHasher {
         })
     }
 
+    /// The state of a sequence known by its parts: `blocks` full blocks, the last
+    /// of which hashed to `last` (ignored when `blocks` is 0), then `tail`.
+    /// A chain node stores only those parts (its hashes and its tail) and
+    /// resumes its state from them. `tail` must be shorter than `block_size`.
+    pub fn resume(
+        block_size: usize,
+        seed: u64,
+        last: BlockHash,
+        blocks: u64,
+        tail: &[u32],
+    ) -> Result<Self, BlockSizeError> {
+        if block_size == 0 || tail.len() >= block_size {
+            return Err(BlockSizeError { block_size });
+        }
+        Ok(Self {
+            block_size,
+            seed,
+            last: if blocks == 0 { ROOT_PARENT } else { last },
+            blocks,
+            tail: tail.to_vec(),
+        })
+    }
+
     pub fn block_size(&self) -> usize {
         self.block_size
     }
@@ -349,6 +372,22 @@ mod tests {
         }
         assert_eq!(out, block_hashes(&t, 16, 0).unwrap());
         assert_eq!(h.last_hash(), out.last().copied());
+    }
+
+    #[test]
+    fn resume_continues_a_sequence() {
+        let t = tokens(70);
+        let full = block_hashes(&t, 16, 3).unwrap();
+        let (first, _) = BlockHasher::new(16, 3).unwrap().extended(&t[..37]);
+        let resumed = BlockHasher::resume(16, 3, full[1], 2, first.tail()).unwrap();
+        assert_eq!(resumed, first);
+        let (_, rest) = resumed.extended(&t[37..]);
+        assert_eq!(rest, &full[2..]);
+        assert_eq!(
+            BlockHasher::resume(16, 3, 99, 0, &[]).unwrap(),
+            BlockHasher::new(16, 3).unwrap()
+        );
+        assert!(BlockHasher::resume(4, 0, 0, 0, &[1, 2, 3, 4]).is_err());
     }
 
     #[test]

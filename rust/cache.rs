@@ -24,6 +24,15 @@
 //!   breaks a descendant, a binding or a view: the memory goes when the last holder
 //!   does (and the [`Meter`] sees it go).
 //!
+//! * **Tokens.** With a [`TokenConfig`], every item is tokenised once, when it enters
+//!   (`items`, `match_prefix`, `create`), and every node stores its chain's token
+//!   count and the block hashes its own tokens completed (`node.rs`).
+//! * **Prefix index.** With `prefix_index`, every node's item positions are indexed
+//!   by their *chain digest* (the items' semantic digests chained from the owner's
+//!   seed) and scope, so `match_prefix` finds the longest cached prefix of a
+//!   re-sent history in O(items sent) hashing and O(log items) lookups. The index
+//!   holds weak references; dead entries are swept in amortised O(1).
+//!
 //! Locking: one `parking_lot::Mutex` around the index, held for O(1)-ish work per call
 //! (plus the entries a call removes). Nodes removed by `delete`, `evict` and
 //! `close_connection` are dropped after the lock is released; only budget eviction
@@ -36,9 +45,10 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
+use crate::blocks::ROOT_PARENT;
 use crate::error::{Error, Result};
 use crate::item::Items;
-use crate::node::{Meter, Node, NodeSpec};
+use crate::node::{chain_seed, chain_step, Meter, Node, NodeSpec, NodeTokens, TokenConfig};
 use crate::view::ContextView;
 
 /// Where a new response's parent comes from.
@@ -69,7 +79,10 @@ pub struct NewResponse<'a> {
 #[derive(Debug, Clone)]
 pub struct ResponseInfo {
     pub id: Arc<str>,
+    /// What the client sent: `None` when the parent was found by prefix matching.
     pub previous_response_id: Option<Arc<str>>,
+    /// The node this one continues (also when it was found by prefix matching).
+    pub parent_id: Option<Arc<str>>,
     pub owner: Arc<str>,
     pub store: bool,
     pub connection: Option<u64>,
@@ -87,7 +100,12 @@ impl ResponseInfo {
     pub fn of(node: &Node) -> ResponseInfo {
         ResponseInfo {
             id: node.id.clone(),
-            previous_response_id: node.parent.as_ref().map(|p| p.id.clone()),
+            previous_response_id: node
+                .parent
+                .as_ref()
+                .filter(|_| !node.implicit)
+                .map(|p| p.id.clone()),
+            parent_id: node.parent.as_ref().map(|p| p.id.clone()),
             owner: node.owner.clone(),
             store: node.store,
             connection: node.scope,
@@ -146,6 +164,32 @@ struct Shared {
     meter: Arc<Meter>,
     memory_budget: u64,
     max_item_bytes: usize,
+    tokens: Option<Arc<TokenConfig>>,
+    prefix_index: bool,
+}
+
+/// How to build a cache.
+#[derive(Clone)]
+pub struct CacheOptions {
+    pub memory_budget: u64,
+    pub max_item_bytes: usize,
+    /// Tokenise items as they enter and block-hash the chains.
+    pub tokens: Option<TokenConfig>,
+    /// Index item positions for [`SessionCache::match_prefix`].
+    pub prefix_index: bool,
+}
+
+/// One position of the prefix index: a node and how many of its own items the
+/// position covers.
+type Position = (Weak<Node>, u32);
+
+/// What [`SessionCache::match_prefix`] found.
+pub struct PrefixMatch {
+    /// Holds (and, when it is an indexed response, pins) the node whose context is
+    /// the matched prefix; `None` when nothing matched.
+    pub binding: Option<Arc<Binding>>,
+    /// Leading items of the input that the binding's context covers.
+    pub items: usize,
 }
 
 #[derive(Default)]
@@ -154,6 +198,11 @@ struct State {
     /// Eviction candidates by LRU tick (ticks are unique).
     candidates: BTreeMap<u64, Arc<str>>,
     connections: HashMap<u64, Connection>,
+    /// Prefix index: (chain digest, scope or 0) -> positions, oldest first.
+    prefix: HashMap<(u128, u64), Vec<Position>>,
+    /// Positions in `prefix`, and how many were alive at the last sweep.
+    prefix_positions: usize,
+    prefix_live: usize,
     next_connection: u64,
     next_serial: u64,
     tick: u64,
@@ -196,8 +245,24 @@ struct Garbage {
     bindings: Vec<Arc<Binding>>,
 }
 
+/// The scope part of a prefix-index key: 0 for stored nodes (connection ids start
+/// at 1).
+fn scope_key(scope: Option<u64>) -> u64 {
+    scope.unwrap_or(0)
+}
+
 impl SessionCache {
+    /// A cache without a tokenizer and without a prefix index.
     pub fn new(memory_budget: u64, max_item_bytes: usize) -> SessionCache {
+        SessionCache::with_options(CacheOptions {
+            memory_budget,
+            max_item_bytes,
+            tokens: None,
+            prefix_index: false,
+        })
+    }
+
+    pub fn with_options(options: CacheOptions) -> SessionCache {
         let state = State {
             next_connection: 1,
             ..State::default()
@@ -206,8 +271,10 @@ impl SessionCache {
             shared: Arc::new(Shared {
                 state: Mutex::new(state),
                 meter: Arc::new(Meter::default()),
-                memory_budget,
-                max_item_bytes,
+                memory_budget: options.memory_budget,
+                max_item_bytes: options.max_item_bytes,
+                tokens: options.tokens.map(Arc::new),
+                prefix_index: options.prefix_index,
             }),
         }
     }
@@ -218,6 +285,43 @@ impl SessionCache {
 
     pub fn max_item_bytes(&self) -> usize {
         self.shared.max_item_bytes
+    }
+
+    pub fn token_config(&self) -> Option<&Arc<TokenConfig>> {
+        self.shared.tokens.as_ref()
+    }
+
+    pub fn prefix_index(&self) -> bool {
+        self.shared.prefix_index
+    }
+
+    /// Items as this cache stores them: counted with its tokenizer (the ids kept
+    /// until the items enter a chain), or without token counts when it has none.
+    pub fn items(&self, items: Items) -> Result<Items> {
+        match &self.shared.tokens {
+            Some(cfg) => Ok(cfg.tokenize(&items)?),
+            None if items.tokenized_by().is_some() => {
+                Ok(Items::from_vec(items.as_slice().to_vec()))
+            }
+            None => Ok(items),
+        }
+    }
+
+    /// The token fields of a new node and the batches to store.
+    fn node_tokens(
+        &self,
+        parent: Option<&Node>,
+        input: Items,
+        output: Items,
+    ) -> Result<(NodeTokens, Items, Items)> {
+        match &self.shared.tokens {
+            Some(cfg) => Ok(cfg.node_tokens(parent, &input, &output)?),
+            None => Ok((
+                NodeTokens::default(),
+                self.items(input)?,
+                self.items(output)?,
+            )),
+        }
     }
 
     pub(crate) fn meter(&self) -> &Arc<Meter> {
@@ -279,7 +383,7 @@ impl SessionCache {
         }
 
         // Phase 1, under the lock: arguments that depend on state, and the parent.
-        let parent: Option<Arc<Node>> = {
+        let (parent, implicit): (Option<Arc<Node>>, bool) = {
             let st = shared.state.lock();
             if !new.store {
                 st.check_open(new.connection)?;
@@ -288,9 +392,12 @@ impl SessionCache {
                 return Err(Error::DuplicateResponseId { id: new.id.into() });
             }
             match new.parent {
-                Parent::None => None,
-                Parent::Id(pid) => Some(st.lookup(pid, new.owner, new.connection)?.node.clone()),
-                Parent::Binding(b) => Some(b.parent_for(new.owner, new.connection)?),
+                Parent::None => (None, false),
+                Parent::Id(pid) => (
+                    Some(st.lookup(pid, new.owner, new.connection)?.node.clone()),
+                    false,
+                ),
+                Parent::Binding(b) => (Some(b.parent_for(new.owner, new.connection)?), b.implicit),
             }
         };
         let scope = match (&parent, new.store) {
@@ -299,20 +406,25 @@ impl SessionCache {
             (None, true) => None,
         };
 
-        // Unlocked: compare settings with the parent's (shared when equal) and size
-        // the node. The budget never changes, so CacheFull needs no lock.
+        // Unlocked: tokenise and block-hash the new items, compare settings with the
+        // parent's (shared when equal) and size the node. The budget never changes,
+        // so CacheFull needs no lock.
         let owner: Arc<str> = match &parent {
             Some(p) if *p.owner == *new.owner => p.owner.clone(),
             _ => new.owner.into(),
         };
+        let (tokens, input, output) = self.node_tokens(parent.as_deref(), new.input, new.output)?;
         let spec = NodeSpec {
             id: new.id.into(),
             owner,
             store: new.store,
-            input: new.input,
-            output: new.output,
+            input,
+            output,
             settings: NodeSpec::settings_for(parent.as_deref(), new.settings),
             meta: new.meta.into(),
+            implicit,
+            tokens,
+            indexed: shared.prefix_index,
         };
         let cost = spec.cost(parent.as_deref());
         if cost > shared.memory_budget {
@@ -342,8 +454,176 @@ impl SessionCache {
         let anchor = st.nearest_indexed_ancestor(&node);
         st.evict_for_budget(shared, anchor.as_deref());
         let info = ResponseInfo::of(&node);
+        if shared.prefix_index {
+            st.index_positions(&node);
+        }
         st.insert(node);
         Ok(info)
+    }
+
+    /// Find the longest prefix of a sent input (given by its items' semantic
+    /// digests) that a cached chain of `owner` holds: stored chains, and chains
+    /// local to `connection`. The result's binding holds the node whose context is
+    /// that prefix (made on the spot, sharing the items, when the prefix ends
+    /// inside a node) and pins it when it is an indexed response.
+    ///
+    /// O(items sent) hashing outside the lock and O(log items sent) index lookups
+    /// inside it; a prefix that ends inside a node costs that node's leading
+    /// items once more (tokenised again unless the cache keeps token ids).
+    pub fn match_prefix(
+        &self,
+        owner: &str,
+        connection: Option<u64>,
+        digests: &[u128],
+    ) -> Result<PrefixMatch> {
+        let none = PrefixMatch {
+            binding: None,
+            items: 0,
+        };
+        if !self.shared.prefix_index || digests.is_empty() {
+            return Ok(none);
+        }
+        let mut chains = Vec::with_capacity(digests.len());
+        let mut chain = chain_seed(owner);
+        for &d in digests {
+            chain = chain_step(chain, d);
+            chains.push(chain);
+        }
+        let scopes = [0, connection.map_or(0, |c| scope_key(Some(c)))];
+        let scopes = if scopes[1] == 0 {
+            &scopes[..1]
+        } else {
+            &scopes[..]
+        };
+        let found = {
+            let st = self.shared.state.lock();
+            // Presence is monotone: a live node at position i holds every shorter
+            // prefix of its chain, in its own scope or a stored one.
+            let (mut lo, mut hi) = (0usize, chains.len());
+            while lo < hi {
+                let mid = lo + (hi - lo).div_ceil(2);
+                if st.best_position(&chains[mid - 1], scopes).is_some() {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            match lo {
+                0 => None,
+                m => st
+                    .best_position(&chains[m - 1], scopes)
+                    .map(|(node, own)| (m, node, own)),
+            }
+        };
+        let Some((items, node, own)) = found else {
+            return Ok(none);
+        };
+        let node = if own == node.own_len() {
+            node
+        } else {
+            self.prefix_node(&node, own)?
+        };
+        let binding = self.hold(node, true)?;
+        Ok(PrefixMatch {
+            binding: Some(binding),
+            items,
+        })
+    }
+
+    /// A node holding the first `own` items of `node`'s own items (shared, not
+    /// copied) under `node`'s parent: the context of a match that ends inside
+    /// `node`. Not an addressable response; its id is `<node id>#<own>` and it
+    /// carries `node`'s settings and meta.
+    fn prefix_node(&self, node: &Arc<Node>, own: usize) -> Result<Arc<Node>> {
+        let n_in = node.input.len();
+        let (input, output) = if own <= n_in {
+            (node.input.slice(0..own), Items::default())
+        } else {
+            (node.input.clone(), node.output.slice(0..own - n_in))
+        };
+        let parent = node.parent.clone();
+        let tokens = match &self.shared.tokens {
+            Some(cfg) if own == n_in => {
+                // The state after the input is stored: no tokenising.
+                let before = node.parent_tokens() / cfg.block_size as u64;
+                let after = (node.parent_tokens() + input.tokens()) / cfg.block_size as u64;
+                let hashes: Box<[_]> = node.hashes[..(after - before) as usize].into();
+                let last_hash = match hashes.last() {
+                    Some(&h) => h,
+                    None => parent.as_deref().map_or(ROOT_PARENT, |p| p.last_hash),
+                };
+                NodeTokens {
+                    hashes,
+                    tail: node.input_tail.clone(),
+                    input_tail: node.input_tail.clone(),
+                    last_hash,
+                }
+            }
+            _ => {
+                let (tokens, _, _) =
+                    self.node_tokens(parent.as_deref(), input.clone(), output.clone())?;
+                tokens
+            }
+        };
+        let spec = NodeSpec {
+            id: format!("{}#{own}", node.id).into(),
+            owner: node.owner.clone(),
+            store: node.store,
+            input,
+            output,
+            settings: node.settings.clone(),
+            meta: node.meta.clone(),
+            implicit: node.implicit,
+            tokens,
+            indexed: self.shared.prefix_index,
+        };
+        let made = Arc::new(Node::new(spec, parent, node.scope, &self.shared.meter));
+        self.shared.state.lock().index_positions(&made);
+        Ok(made)
+    }
+
+    /// A binding holding `node`; pins its entry when it is the indexed one.
+    fn hold(&self, node: Arc<Node>, implicit: bool) -> Result<Arc<Binding>> {
+        let mut st = self.shared.state.lock();
+        let pinned = match st.index.get_key_value(&*node.id) {
+            Some((key, e)) if Arc::ptr_eq(&e.node, &node) => Some((key.clone(), e.serial)),
+            _ => None,
+        };
+        if let Some((key, _)) = &pinned {
+            st.touch(key);
+            st.pin(key);
+        }
+        st.next_serial += 1;
+        let binding = Arc::new(Binding {
+            cache: Arc::downgrade(&self.shared),
+            id: node.id.clone(),
+            owner: node.owner.clone(),
+            scope: node.scope,
+            pinned,
+            implicit,
+            key: st.next_serial,
+            node: Mutex::new(Some(node)),
+        });
+        if let Some(c) = binding.scope {
+            if let Some(conn) = st.connections.get_mut(&c) {
+                conn.bindings.insert(binding.key, Arc::downgrade(&binding));
+            }
+        }
+        Ok(binding)
+    }
+
+    /// The input the client sent for a response: its own input items, preceded by
+    /// the whole context of its parent when that parent was found by prefix
+    /// matching (the client re-sent that history).
+    pub fn input_items(&self, id: &str, owner: &str, connection: Option<u64>) -> Result<Items> {
+        let node = self.lookup_touch(id, owner, connection)?;
+        if !node.implicit {
+            return Ok(node.input.clone());
+        }
+        let view = ContextView::new(node.parent.clone(), Some(node.input.clone()));
+        let mut items = Vec::with_capacity(view.items() as usize);
+        view.for_each_arc(|item| items.push(item.clone()));
+        Ok(Items::from_vec(items))
     }
 
     pub fn get(&self, id: &str, owner: &str, connection: Option<u64>) -> Result<ResponseInfo> {
@@ -362,10 +642,11 @@ impl SessionCache {
         st.next_serial += 1;
         let binding = Arc::new(Binding {
             cache: Arc::downgrade(&self.shared),
-            id: key,
+            id: key.clone(),
             owner: node.owner.clone(),
             scope: node.scope,
-            entry_serial: serial,
+            pinned: Some((key, serial)),
+            implicit: false,
             key: st.next_serial,
             node: Mutex::new(Some(node)),
         });
@@ -385,11 +666,12 @@ impl SessionCache {
         connection: Option<u64>,
         extra: Option<Items>,
     ) -> Result<ContextView> {
+        let extra = extra.map(|e| self.items(e)).transpose()?;
         let leaf = match id {
             None => None,
             Some(id) => Some(self.lookup_touch(id, owner, connection)?),
         };
-        Ok(ContextView::new(leaf, extra))
+        Ok(ContextView::new(leaf, extra).with_tokens(self.shared.tokens.clone()))
     }
 
     /// A response's own (input, output) items.
@@ -452,6 +734,9 @@ impl SessionCache {
         {
             let mut st = self.shared.state.lock();
             for (node, indexed) in nodes {
+                if self.shared.prefix_index {
+                    st.index_positions(&node);
+                }
                 if indexed && !st.index.contains_key(&*node.id) {
                     st.insert(node);
                     added += 1;
@@ -491,6 +776,64 @@ impl SessionCache {
 }
 
 impl State {
+    /// Add every own item position of `node` to the prefix index.
+    fn index_positions(&mut self, node: &Arc<Node>) {
+        let mut chain = node
+            .parent
+            .as_deref()
+            .map_or_else(|| chain_seed(&node.owner), |p| p.chain);
+        let scope = scope_key(node.scope);
+        for (j, item) in node.own_items().enumerate() {
+            chain = chain_step(chain, item.digest());
+            self.prefix
+                .entry((chain, scope))
+                .or_default()
+                .push((Arc::downgrade(node), j as u32 + 1));
+        }
+        self.prefix_positions += node.own_len();
+        if self.prefix_positions > 2 * self.prefix_live + 4096 {
+            self.sweep_prefix();
+        }
+    }
+
+    /// Drop the positions of dead nodes. Runs when the index has doubled since the
+    /// last sweep, so it costs amortised O(1) per indexed item.
+    fn sweep_prefix(&mut self) {
+        self.prefix.retain(|_, positions| {
+            positions.retain(|(node, _)| node.strong_count() > 0);
+            !positions.is_empty()
+        });
+        let live = self.prefix.values().map(Vec::len).sum();
+        self.prefix_positions = live;
+        self.prefix_live = live;
+    }
+
+    /// The live node holding the prefix with this chain digest in one of `scopes`,
+    /// and how many of its own items that prefix covers: preferably a node that
+    /// ends exactly there, then the most recently made one.
+    fn best_position(&self, chain: &u128, scopes: &[u64]) -> Option<(Arc<Node>, usize)> {
+        let mut best: Option<(Arc<Node>, usize)> = None;
+        for scope in scopes {
+            let Some(positions) = self.prefix.get(&(*chain, *scope)) else {
+                continue;
+            };
+            for (weak, own) in positions {
+                let Some(node) = weak.upgrade() else {
+                    continue;
+                };
+                let own = *own as usize;
+                let rank = |n: &Node, o: usize| (o == n.own_len(), n.serial);
+                if best
+                    .as_ref()
+                    .is_none_or(|(b, bo)| rank(&node, own) > rank(b, *bo))
+                {
+                    best = Some((node, own));
+                }
+            }
+        }
+        best
+    }
+
     fn check_open(&self, connection: Option<u64>) -> Result<()> {
         match connection {
             Some(c) if !self.connections.contains_key(&c) => Err(Error::invalid_argument(format!(
@@ -704,7 +1047,10 @@ pub struct Binding {
     id: Arc<str>,
     owner: Arc<str>,
     scope: Option<u64>,
-    entry_serial: u64,
+    /// The entry this binding pins (its key and serial), if the node is one.
+    pinned: Option<(Arc<str>, u64)>,
+    /// Made by prefix matching: a child created from it has an implicit parent.
+    implicit: bool,
     key: u64,
     node: Mutex<Option<Arc<Node>>>,
 }
@@ -727,7 +1073,18 @@ impl Binding {
     }
 
     pub fn view(&self, extra: Option<Items>) -> Result<ContextView> {
-        Ok(ContextView::new(Some(self.node()?), extra))
+        let node = self.node()?;
+        let tokens = self.cache.upgrade().and_then(|s| s.tokens.clone());
+        let extra = match (&tokens, extra) {
+            (Some(cfg), Some(e)) => Some(cfg.tokenize(&e)?),
+            (_, extra) => extra,
+        };
+        Ok(ContextView::new(Some(node), extra).with_tokens(tokens))
+    }
+
+    /// Whether this binding was made by prefix matching.
+    pub fn is_implicit(&self) -> bool {
+        self.implicit
     }
 
     pub fn is_released(&self) -> bool {
@@ -756,7 +1113,9 @@ impl Binding {
         };
         if let Some(shared) = self.cache.upgrade() {
             let mut st = shared.state.lock();
-            st.unpin(&self.id, self.entry_serial);
+            if let Some((key, serial)) = &self.pinned {
+                st.unpin(key, *serial);
+            }
             if let Some(c) = self.scope {
                 if let Some(conn) = st.connections.get_mut(&c) {
                     conn.bindings.remove(&self.key);
@@ -1225,6 +1584,291 @@ mod tests {
             NODE_OVERHEAD + 1 + 2 + 2 + 2 * ITEM_OVERHEAD + input.nbytes() + output.nbytes();
         assert_eq!(c.stats().bytes, expected);
         assert_eq!(info.items, 2);
+    }
+
+    // ------------------------------------------------------------ tokens and matching
+
+    fn tokenizing(keep_ids: bool) -> SessionCache {
+        let tokenizer = Arc::new(crate::token::Tokenizer::builtin("o200k_base").unwrap());
+        SessionCache::with_options(CacheOptions {
+            memory_budget: 1 << 40,
+            max_item_bytes: 1 << 20,
+            tokens: Some(TokenConfig::new(tokenizer, 4, 0, keep_ids).unwrap()),
+            prefix_index: true,
+        })
+    }
+
+    fn parse(json: &str) -> Items {
+        Items::parse(json.as_bytes(), 1 << 20).unwrap()
+    }
+
+    fn turn<'a>(id: &'a str, input: &str, output: &str, parent: Parent<'a>) -> NewResponse<'a> {
+        NewResponse {
+            id,
+            owner: O,
+            input: parse(input),
+            output: parse(output),
+            parent,
+            settings: b"{}",
+            meta: b"{}",
+            store: true,
+            connection: None,
+        }
+    }
+
+    /// Token ids and block hashes of a view, recomputed from scratch.
+    fn recount(c: &SessionCache, view: &ContextView) -> (Vec<u32>, Vec<u128>) {
+        let cfg = c.token_config().unwrap();
+        let mut ids = Vec::new();
+        view.for_each_item(|i| cfg.tokenizer.encode_item_into(i.json(), &mut ids).unwrap());
+        let hashes = crate::blocks::block_hashes(&ids, cfg.block_size, cfg.seed).unwrap();
+        (ids, hashes)
+    }
+
+    fn digests(items: &Items) -> Vec<u128> {
+        items.iter().map(|i| i.digest()).collect()
+    }
+
+    fn conversation(c: &SessionCache) {
+        c.create(turn(
+            "a",
+            r#"[{"role":"system","content":"be brief"},{"role":"user","content":"hello there"}]"#,
+            r#"[{"type":"message","role":"assistant","id":"m1","status":"completed",
+                "content":[{"type":"output_text","text":"hi, how can I help?","annotations":[]}]}]"#,
+            Parent::None,
+        ))
+        .unwrap();
+        c.create(turn(
+            "b",
+            r#"[{"role":"user","content":"read a file"}]"#,
+            r#"[{"type":"function_call","call_id":"c1","name":"read","arguments":"{}","id":"fc1"}]"#,
+            Parent::Id("a"),
+        ))
+        .unwrap();
+        c.create(turn(
+            "c",
+            r#"[{"type":"function_call_output","call_id":"c1","output":"file contents here"}]"#,
+            r#"[{"role":"assistant","content":"done"}]"#,
+            Parent::Id("b"),
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn tokens_and_block_hashes_follow_the_chain() {
+        for keep_ids in [false, true] {
+            let c = tokenizing(keep_ids);
+            conversation(&c);
+            for id in ["a", "b", "c"] {
+                let view = c.view(Some(id), O, None, None).unwrap();
+                let (ids, hashes) = recount(&c, &view);
+                assert_eq!(view.tokens(), ids.len() as u64);
+                assert_eq!(c.get(id, O, None).unwrap().tokens, ids.len() as u64);
+                assert_eq!(view.block_hashes().unwrap().unwrap(), hashes, "{id}");
+                assert_eq!(view.token_ids().unwrap().unwrap(), ids);
+            }
+            // A view with new items hashes them on top of the chain.
+            let extra = c
+                .items(parse(r#"[{"role":"user","content":"and now?"}]"#))
+                .unwrap();
+            let view = c.view(Some("c"), O, None, Some(extra)).unwrap();
+            let (ids, hashes) = recount(&c, &view);
+            assert_eq!(view.tokens(), ids.len() as u64);
+            assert_eq!(view.block_hashes().unwrap().unwrap(), hashes);
+            let plain = c.view(Some("b"), O, None, None).unwrap();
+            let shared = view.shared_prefix_blocks(&plain).unwrap().unwrap();
+            let b_tokens = c.get("b", O, None).unwrap().tokens as usize;
+            assert_eq!(shared, b_tokens / 4);
+        }
+    }
+
+    #[test]
+    fn kept_ids_are_metered() {
+        let (with, without) = (tokenizing(true), tokenizing(false));
+        conversation(&with);
+        conversation(&without);
+        let tokens = with.get("c", O, None).unwrap().tokens;
+        assert_eq!(
+            with.stats().bytes - without.stats().bytes,
+            crate::node::TOKEN_ID_BYTES * tokens
+        );
+    }
+
+    #[test]
+    fn a_resent_history_matches_its_chain() {
+        let c = tokenizing(false);
+        conversation(&c);
+        // The client re-sends everything, replayed output items without ids,
+        // statuses or empty annotations, keys in another order, plus a new item.
+        let sent = parse(
+            r#"[{"content":"be brief","role":"system"},{"role":"user","content":"hello there"},
+                {"type":"message","role":"assistant","content":"hi, how can I help?"},
+                {"role":"user","content":"read a file"},
+                {"arguments":"{}","name":"read","call_id":"c1","type":"function_call"},
+                {"type":"function_call_output","call_id":"c1",
+                 "output":[{"type":"input_text","text":"file contents here"}]},
+                {"role":"assistant","content":[{"type":"output_text","text":"done"}]},
+                {"role":"user","content":"thanks"}]"#,
+        );
+        let m = c.match_prefix(O, None, &digests(&sent)).unwrap();
+        assert_eq!(m.items, 7);
+        let binding = m.binding.unwrap();
+        assert_eq!(binding.response_id(), "c");
+        assert_eq!(c.stats().pinned, 1);
+        // The next turn shares the chain; the context is turn c's bytes, then the new item.
+        let new = c.items(sent.slice(7..8)).unwrap();
+        let context_c = context(&c, "c");
+        let info = c
+            .create(NewResponse {
+                input: new,
+                ..turn(
+                    "d",
+                    "[]",
+                    r#"[{"role":"assistant","content":"ok"}]"#,
+                    Parent::Binding(&binding),
+                )
+            })
+            .unwrap();
+        binding.release();
+        assert_eq!(info.previous_response_id, None, "the client sent none");
+        assert_eq!(info.parent_id.as_deref(), Some("c"));
+        assert_eq!(info.depth, 4);
+        let context_d = context(&c, "d");
+        assert!(context_d.starts_with(&context_c[..context_c.len() - 1]));
+        let view = c.view(Some("d"), O, None, None).unwrap();
+        assert_eq!(view.block_hashes().unwrap().unwrap(), recount(&c, &view).1);
+        // What the client sent is what GET .../input_items lists.
+        let input = c.input_items("d", O, None).unwrap();
+        assert_eq!(input.len(), 8);
+        assert_eq!(digests(&input), digests(&sent));
+        assert_eq!(c.input_items("c", O, None).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn edits_and_truncations_share_only_the_common_prefix() {
+        let c = tokenizing(false);
+        conversation(&c);
+        let full = context(&c, "c");
+        let items = Items::parse(&full, 1 << 20).unwrap();
+        assert_eq!(items.len(), 7);
+        // An edit of item 3 (b's input): the match ends at a's end.
+        let mut edited = digests(&items);
+        edited[3] ^= 1;
+        let m = c.match_prefix(O, None, &edited).unwrap();
+        assert_eq!((m.items, m.binding.unwrap().response_id()), (3, "a"));
+        // Truncated inside a's input: a prefix node sharing a's first item.
+        let m = c.match_prefix(O, None, &digests(&items)[..1]).unwrap();
+        assert_eq!(m.items, 1);
+        let b = m.binding.unwrap();
+        assert_eq!(b.response_id(), "a#1");
+        let node = b.node().unwrap();
+        assert!(Arc::ptr_eq(
+            node.input.get(0).unwrap(),
+            items_of(&c, "a").get(0).unwrap()
+        ));
+        assert_eq!(c.stats().pinned, 0, "a prefix node is not an entry");
+        let view = b.view(None).unwrap();
+        assert_eq!(view.tokens(), recount(&c, &view).0.len() as u64);
+        assert_eq!(view.block_hashes().unwrap().unwrap(), recount(&c, &view).1);
+        // Cut between b's input and output (a retried request): the stored state.
+        let m = c.match_prefix(O, None, &digests(&items)[..4]).unwrap();
+        let b = m.binding.unwrap();
+        assert_eq!((m.items, b.response_id()), (4, "b#1"));
+        let view = b.view(None).unwrap();
+        assert_eq!(view.block_hashes().unwrap().unwrap(), recount(&c, &view).1);
+        // A child of a prefix node is a normal chain.
+        let child = c
+            .create(turn(
+                "e",
+                r#"[{"role":"user","content":"x"}]"#,
+                "[]",
+                Parent::Binding(&b),
+            ))
+            .unwrap();
+        assert_eq!((child.items, child.previous_response_id), (5, None));
+        let view = c.view(Some("e"), O, None, None).unwrap();
+        assert_eq!(view.block_hashes().unwrap().unwrap(), recount(&c, &view).1);
+        // Nothing in common.
+        let m = c.match_prefix(O, None, &[1, 2, 3]).unwrap();
+        assert!(m.binding.is_none());
+        assert_eq!(m.items, 0);
+    }
+
+    fn items_of(c: &SessionCache, id: &str) -> Items {
+        c.own_items(id, O, None).unwrap().0
+    }
+
+    #[test]
+    fn matching_respects_owners_and_connections() {
+        let c = tokenizing(false);
+        let conn = c.open_connection();
+        let other = c.open_connection();
+        let mut n = turn(
+            "l",
+            r#"[{"role":"user","content":"local"}]"#,
+            "[]",
+            Parent::None,
+        );
+        n.store = false;
+        n.connection = Some(conn);
+        c.create(n).unwrap();
+        let sent = digests(&parse(r#"[{"role":"user","content":"local"}]"#));
+        assert_eq!(c.match_prefix(O, Some(conn), &sent).unwrap().items, 1);
+        assert_eq!(c.match_prefix(O, Some(other), &sent).unwrap().items, 0);
+        assert_eq!(c.match_prefix(O, None, &sent).unwrap().items, 0);
+        assert_eq!(c.match_prefix("x", Some(conn), &sent).unwrap().items, 0);
+        // A stored chain is found from any connection of its owner, never another's.
+        c.create(turn(
+            "s",
+            r#"[{"role":"user","content":"stored"}]"#,
+            "[]",
+            Parent::None,
+        ))
+        .unwrap();
+        let sent = digests(&parse(r#"[{"role":"user","content":"stored"}]"#));
+        assert_eq!(c.match_prefix(O, Some(other), &sent).unwrap().items, 1);
+        assert_eq!(c.match_prefix("x", None, &sent).unwrap().items, 0);
+        // A local child of the stored chain is visible to its connection only; a
+        // match through it taints nothing else.
+        let m = c.match_prefix(O, Some(conn), &sent).unwrap();
+        let b = m.binding.unwrap();
+        let mut n = turn(
+            "t",
+            r#"[{"role":"user","content":"more"}]"#,
+            "[]",
+            Parent::Binding(&b),
+        );
+        n.store = false;
+        n.connection = Some(conn);
+        c.create(n).unwrap();
+        let longer = digests(&parse(
+            r#"[{"role":"user","content":"stored"},{"role":"user","content":"more"}]"#,
+        ));
+        assert_eq!(c.match_prefix(O, Some(conn), &longer).unwrap().items, 2);
+        assert_eq!(c.match_prefix(O, Some(other), &longer).unwrap().items, 1);
+        // Closing the connection frees its local chains: they no longer match.
+        drop(b);
+        c.close_connection(conn);
+        assert_eq!(c.match_prefix(O, Some(conn), &longer).unwrap().items, 1);
+    }
+
+    #[test]
+    fn dead_positions_are_swept() {
+        let c = tokenizing(false);
+        for i in 0..3000 {
+            let id = format!("r{i}");
+            c.create(turn(
+                &id,
+                &format!(r#"[{{"role":"user","content":"{i}"}}]"#),
+                "[]",
+                Parent::None,
+            ))
+            .unwrap();
+            assert!(c.delete(&id, O));
+        }
+        let st = c.shared.state.lock();
+        assert!(st.prefix_positions <= 2 * st.prefix_live + 4096);
+        assert!(st.prefix.len() <= 4097, "{}", st.prefix.len());
     }
 
     #[test]

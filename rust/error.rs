@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+use crate::token::TokenError;
+
 /// Ids are echoed in messages; bound their length so a hostile id cannot bloat logs.
 const MAX_ECHOED_ID: usize = 128;
 
@@ -50,6 +52,14 @@ pub enum Error {
     InvalidArgument {
         detail: String,
     },
+    /// The cache's tokenizer failed on an item (maps to the tokenizer's errors).
+    Token(TokenError),
+}
+
+impl From<TokenError> for Error {
+    fn from(e: TokenError) -> Self {
+        Error::Token(e)
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -110,6 +120,7 @@ impl fmt::Display for Error {
             ),
             Error::Snapshot { detail } => write!(f, "Cannot restore the snapshot: {detail}."),
             Error::InvalidArgument { detail } => f.write_str(detail),
+            Error::Token(e) => e.fmt(f),
         }
     }
 }

@@ -7,15 +7,26 @@
 //! the shortest `f64` that round-trips). Keys are sorted by this module itself, so
 //! the form does not depend on serde_json's `preserve_order` feature being off.
 //!
-//! An [`Items`] batch is an `Arc`'d slice of `Arc<Item>`: cloning a batch, or
-//! concatenating two, shares the items instead of copying their bytes.
+//! An [`Items`] handle is a range of an `Arc`'d batch of `Arc<Item>`: cloning a
+//! handle, slicing it, or concatenating two shares the items instead of copying
+//! their bytes. A batch built by a tokenising cache also holds each item's token
+//! count and the token ids (see [`Items::tokenize`]).
+//!
+//! Each item also gets a *semantic digest* ([`semantic_digest`]): XXH3-128 of the
+//! canonical JSON of the item with the differences that do not change its meaning
+//! normalised away (ids, status, an easy message's missing `type`, a lone text
+//! part vs plain string content, empty annotations/logprobs, null members). The
+//! session cache matches re-sent histories by it; docs/architecture.md states the
+//! rules.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
+use xxhash_rust::xxh3::xxh3_128;
 
 use crate::error::{Error, Result};
+use crate::token::{TokenError, Tokenizer};
 
 /// Deepest nesting accepted from Python objects (serde_json applies the same limit
 /// when parsing text).
@@ -54,11 +65,9 @@ pub struct Item {
     role: Option<Cow<'static, str>>,
     call_id: Option<Box<str>>,
     name: Option<Box<str>>,
-    /// Tokens of this item; 0 until a tokenizer is attached.
-    pub tokens: u32,
-    /// Digest of the item, used to compare items cheaply. For now xxh3 of the
-    /// canonical bytes; the diffing work may replace it with a semantic digest.
-    pub digest: u64,
+    /// The semantic digest ([`semantic_digest`]), as two words so the struct keeps
+    /// 8-byte alignment (a `u128` field would pad it to 16).
+    digest: [u64; 2],
 }
 
 impl Item {
@@ -86,7 +95,11 @@ impl Item {
             None if role.is_some() => Cow::Borrowed("message"),
             None => Cow::Borrowed(""),
         };
-        let digest = xxhash_rust::xxh3::xxh3_64(&json);
+        // Reuse the canonical buffer for the normalised form.
+        let canonical_len = json.len();
+        write_semantic(map, &mut json);
+        let digest = xxh3_128(&json[canonical_len..]);
+        json.truncate(canonical_len);
         Ok(Item {
             json: json.into_boxed_slice(),
             kind,
@@ -94,9 +107,13 @@ impl Item {
             role,
             call_id: text("call_id").map(Into::into),
             name: text("name").map(Into::into),
-            tokens: 0,
-            digest,
+            digest: split(digest),
         })
+    }
+
+    /// The semantic digest ([`semantic_digest`]).
+    pub fn digest(&self) -> u128 {
+        (u128::from(self.digest[0]) << 64) | u128::from(self.digest[1])
     }
 
     /// The canonical JSON bytes.
@@ -126,6 +143,10 @@ impl Item {
     pub fn is_message_from(&self, role: &str) -> bool {
         self.kind == "message" && self.role.as_deref() == Some(role)
     }
+}
+
+fn split(digest: u128) -> [u64; 2] {
+    [(digest >> 64) as u64, digest as u64]
 }
 
 fn json_kind(value: &Value) -> &'static str {
@@ -178,15 +199,171 @@ fn write_leaf(leaf: &Value, out: &mut Vec<u8>) {
     let _ = serde_json::to_writer(&mut *out, leaf);
 }
 
-/// An immutable batch of items. Clones share the batch; `concat` shares the items.
+fn write_str(text: &str, out: &mut Vec<u8>) {
+    // Writing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+// ---------------------------------------------------------------- semantic digest
+
+/// Top-level members that never change what an item means to a model: the item's
+/// id and its status (clients drop or add both when they replay output items).
+const IGNORED_MEMBERS: [&str; 2] = ["id", "status"];
+/// Content-part types whose lone text is the same content as a plain string.
+const TEXT_PARTS: [&str; 2] = ["input_text", "output_text"];
+/// Members of a text part that carry nothing when empty (`[]`).
+const EMPTY_PART_MEMBERS: [&str; 2] = ["annotations", "logprobs"];
+
+/// The semantic digest of one item (a JSON object), `None` for anything else.
+///
+/// XXH3-128 (seed 0) of the canonical JSON of the item normalised as follows:
+///
+/// 1. the top-level members `id` and `status` and every top-level member whose
+///    value is `null` are dropped;
+/// 2. an item without `type` (after 1) but with `role` gets `"type":"message"`;
+/// 3. in the `content` of a `message` and the `output` of a
+///    `function_call_output`, when that value is an array: an element that is a
+///    text part (an object whose `type` is `input_text` or `output_text`, whose
+///    `text` is a string, and whose other members are `null`, or `annotations` /
+///    `logprobs` equal to `[]`) becomes the string `text`; other object elements
+///    lose their `null` members; and an array of exactly one string becomes
+///    that string.
+///
+/// Everything else is kept exactly, so key order and whitespace never matter
+/// (canonical JSON) and any change of content changes the digest.
+pub fn semantic_digest(value: &Value, buf: &mut Vec<u8>) -> Option<u128> {
+    let Value::Object(map) = value else {
+        return None;
+    };
+    buf.clear();
+    write_semantic(map, buf);
+    Some(xxh3_128(buf))
+}
+
+/// Append the normalised canonical form of an item (see [`semantic_digest`]).
+fn write_semantic(map: &Map<String, Value>, out: &mut Vec<u8>) {
+    let present = |key: &str| map.get(key).is_some_and(|v| !v.is_null());
+    let typed = present("type");
+    let kind = match map.get("type") {
+        Some(Value::String(t)) => Some(t.as_str()),
+        Some(v) if !v.is_null() => None,
+        _ if map.get("role").is_some_and(Value::is_string) => Some("message"),
+        _ => None,
+    };
+    let content_key = match kind {
+        Some("message") => Some("content"),
+        Some("function_call_output") => Some("output"),
+        _ => None,
+    };
+    let mut entries: Vec<(&str, Option<&Value>)> = map
+        .iter()
+        .filter(|(k, v)| !v.is_null() && !IGNORED_MEMBERS.contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str(), Some(v)))
+        .collect();
+    if !typed && kind == Some("message") {
+        entries.push(("type", None));
+    }
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    out.push(b'{');
+    for (i, (key, value)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(key, out);
+        out.push(b':');
+        match value {
+            None => write_str("message", out),
+            Some(Value::Array(parts)) if content_key == Some(key) => write_content(parts, out),
+            Some(v) => write_canonical(v, out),
+        }
+    }
+    out.push(b'}');
+}
+
+/// A content part that means exactly its text (see [`semantic_digest`]).
+fn plain_text(part: &Value) -> Option<&str> {
+    match part {
+        Value::String(text) => Some(text),
+        Value::Object(map) => {
+            let is_text = map
+                .get("type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| TEXT_PARTS.contains(&t));
+            let text = map.get("text").and_then(Value::as_str)?;
+            let rest_empty = map.iter().all(|(k, v)| match k.as_str() {
+                "type" | "text" => true,
+                k if EMPTY_PART_MEMBERS.contains(&k) => {
+                    v.is_null() || v.as_array().is_some_and(Vec::is_empty)
+                }
+                _ => v.is_null(),
+            });
+            (is_text && rest_empty).then_some(text)
+        }
+        _ => None,
+    }
+}
+
+fn write_content(parts: &[Value], out: &mut Vec<u8>) {
+    if let [only] = parts {
+        if let Some(text) = plain_text(only) {
+            write_str(text, out);
+            return;
+        }
+    }
+    out.push(b'[');
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        match (plain_text(part), part) {
+            (Some(text), _) => write_str(text, out),
+            (None, Value::Object(map)) => {
+                let mut members: Vec<(&String, &Value)> =
+                    map.iter().filter(|(_, v)| !v.is_null()).collect();
+                members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                out.push(b'{');
+                for (j, (k, v)) in members.into_iter().enumerate() {
+                    if j > 0 {
+                        out.push(b',');
+                    }
+                    write_str(k, out);
+                    out.push(b':');
+                    write_canonical(v, out);
+                }
+                out.push(b'}');
+            }
+            (None, other) => write_canonical(other, out),
+        }
+    }
+    out.push(b']');
+}
+
+/// An immutable range of a batch of items. Clones and slices share the batch;
+/// `concat` shares the items.
 #[derive(Clone, Debug)]
-pub struct Items(Arc<Batch>);
+pub struct Items {
+    batch: Arc<Batch>,
+    start: u32,
+    end: u32,
+}
 
 #[derive(Debug)]
 struct Batch {
     items: Box<[Arc<Item>]>,
     nbytes: u64,
-    tokens: u64,
+    tokens: Option<BatchTokens>,
+}
+
+/// What a tokenising cache computed for a batch.
+#[derive(Debug)]
+struct BatchTokens {
+    /// Which tokenizer (see [`Tokenizer::fingerprint`]).
+    fingerprint: u64,
+    /// Tokens of each item.
+    counts: Box<[u32]>,
+    total: u64,
+    /// All the items' token ids, in order, when kept.
+    ids: Option<Box<[u32]>>,
 }
 
 impl Default for Items {
@@ -198,60 +375,113 @@ impl Default for Items {
 impl Items {
     pub fn from_vec(items: Vec<Arc<Item>>) -> Items {
         let nbytes = items.iter().map(|i| i.nbytes() as u64).sum();
-        let tokens = items.iter().map(|i| u64::from(i.tokens)).sum();
-        Items(Arc::new(Batch {
+        Items::with_batch(Batch {
             items: items.into_boxed_slice(),
             nbytes,
-            tokens,
-        }))
+            tokens: None,
+        })
+    }
+
+    fn with_batch(batch: Batch) -> Items {
+        let end = batch.items.len() as u32;
+        Items {
+            batch: Arc::new(batch),
+            start: 0,
+            end,
+        }
     }
 
     /// Validate a JSON array of objects (UTF-8 bytes).
     pub fn parse(data: &[u8], max_item_bytes: usize) -> Result<Items> {
-        let value: Value = serde_json::from_slice(data).map_err(|e| Error::ItemNotJson {
-            index: None,
-            detail: e.to_string(),
-        })?;
-        match value {
-            Value::Array(values) => Items::from_values(&values, max_item_bytes),
-            other => Err(Error::ItemNotJson {
-                index: None,
-                detail: format!("expected an array, found a {}", json_kind(&other)),
-            }),
-        }
+        let values = parse_values(data)?;
+        Items::from_values(&values, max_item_bytes)
     }
 
     /// Validate already-decoded values (one per item).
     pub fn from_values(values: &[Value], max_item_bytes: usize) -> Result<Items> {
+        Items::from_values_at(values, 0, max_item_bytes)
+    }
+
+    /// [`Items::from_values`] for values that start at position `offset` of what
+    /// the client sent (errors name that position).
+    pub fn from_values_at(values: &[Value], offset: usize, max_item_bytes: usize) -> Result<Items> {
         let items = values
             .iter()
             .enumerate()
-            .map(|(i, v)| Item::from_value(i, v, max_item_bytes).map(Arc::new))
+            .map(|(i, v)| Item::from_value(offset + i, v, max_item_bytes).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
         Ok(Items::from_vec(items))
     }
 
+    fn is_whole(&self) -> bool {
+        self.start == 0 && self.end as usize == self.batch.items.len()
+    }
+
     pub fn len(&self) -> usize {
-        self.0.items.len()
+        (self.end - self.start) as usize
     }
     pub fn is_empty(&self) -> bool {
-        self.0.items.is_empty()
+        self.start == self.end
     }
     /// Total canonical bytes of the items (without brackets and commas).
     pub fn nbytes(&self) -> u64 {
-        self.0.nbytes
+        if self.is_whole() {
+            return self.batch.nbytes;
+        }
+        self.iter().map(|i| i.nbytes() as u64).sum()
     }
+    /// Tokens of the items: 0 unless the batch was tokenised.
     pub fn tokens(&self) -> u64 {
-        self.0.tokens
+        match &self.batch.tokens {
+            None => 0,
+            Some(t) if self.is_whole() => t.total,
+            Some(t) => t.counts[self.range()].iter().map(|&c| u64::from(c)).sum(),
+        }
+    }
+    /// The tokens of each item, when the batch was tokenised.
+    pub fn token_counts(&self) -> Option<&[u32]> {
+        let range = self.range();
+        self.batch.tokens.as_ref().map(|t| &t.counts[range])
+    }
+    /// The items' token ids in order, when the batch was tokenised and kept them.
+    pub fn token_ids(&self) -> Option<&[u32]> {
+        let t = self.batch.tokens.as_ref()?;
+        let ids = t.ids.as_deref()?;
+        let skip: usize = t.counts[..self.start as usize]
+            .iter()
+            .map(|&c| c as usize)
+            .sum();
+        let take: usize = t.counts[self.range()].iter().map(|&c| c as usize).sum();
+        Some(&ids[skip..skip + take])
+    }
+    /// The fingerprint of the tokenizer that counted this batch, if any.
+    pub fn tokenized_by(&self) -> Option<u64> {
+        self.batch.tokens.as_ref().map(|t| t.fingerprint)
+    }
+    fn range(&self) -> std::ops::Range<usize> {
+        self.start as usize..self.end as usize
     }
     pub fn as_slice(&self) -> &[Arc<Item>] {
-        &self.0.items
+        &self.batch.items[self.range()]
     }
     pub fn get(&self, index: usize) -> Option<&Arc<Item>> {
-        self.0.items.get(index)
+        self.as_slice().get(index)
     }
     pub fn iter(&self) -> std::slice::Iter<'_, Arc<Item>> {
-        self.0.items.iter()
+        self.as_slice().iter()
+    }
+
+    /// The items in `range` (relative to this handle), sharing the batch.
+    ///
+    /// # Panics
+    /// When `range` is out of bounds (a caller bug, never input-dependent).
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Items {
+        assert!(range.start <= range.end && range.end <= self.len());
+        Items {
+            batch: self.batch.clone(),
+            start: self.start + range.start as u32,
+            end: self.start + range.end as u32,
+        }
     }
 
     /// This batch followed by `other`; the items are shared, not copied.
@@ -268,9 +498,60 @@ impl Items {
         Items::from_vec(items)
     }
 
-    /// Whether two handles share one batch.
+    /// Whether two handles share one batch and range.
     pub fn ptr_eq(&self, other: &Items) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        Arc::ptr_eq(&self.batch, &other.batch) && self.range() == other.range()
+    }
+
+    /// The same items counted with `tokenizer` (items shared, not copied): token
+    /// counts per item, and the token ids themselves (needed once, to block-hash
+    /// the items when they enter a chain; see [`Items::without_token_ids`]).
+    /// Returns `self` when this tokenizer already counted the batch.
+    pub fn tokenize(&self, tokenizer: &Tokenizer) -> Result<Items, TokenError> {
+        let fingerprint = tokenizer.fingerprint();
+        if self.tokenized_by() == Some(fingerprint) && self.token_ids().is_some() {
+            return Ok(self.clone());
+        }
+        let mut ids = Vec::new();
+        let mut counts = Vec::with_capacity(self.len());
+        for item in self.iter() {
+            let before = ids.len();
+            tokenizer.encode_item_into(item.json(), &mut ids)?;
+            counts.push(u32::try_from(ids.len() - before).unwrap_or(u32::MAX));
+        }
+        let total = ids.len() as u64;
+        Ok(Items::with_batch(Batch {
+            items: self.as_slice().into(),
+            nbytes: self.nbytes(),
+            tokens: Some(BatchTokens {
+                fingerprint,
+                counts: counts.into_boxed_slice(),
+                total,
+                ids: Some(ids.into_boxed_slice()),
+            }),
+        }))
+    }
+
+    /// The same items and counts without the token ids (items and counts shared).
+    /// A cache that does not keep token ids stores its chains' batches this way.
+    pub fn without_token_ids(&self) -> Items {
+        let Some(t) = &self.batch.tokens else {
+            return self.clone();
+        };
+        if t.ids.is_none() {
+            return self.clone();
+        }
+        let counts: Box<[u32]> = t.counts[self.range()].into();
+        Items::with_batch(Batch {
+            items: self.as_slice().into(),
+            nbytes: self.nbytes(),
+            tokens: Some(BatchTokens {
+                fingerprint: t.fingerprint,
+                total: counts.iter().map(|&c| u64::from(c)).sum(),
+                counts,
+                ids: None,
+            }),
+        })
     }
 
     /// Reject a batch built with a larger item limit than the caller's.
@@ -279,7 +560,7 @@ impl Items {
             None => Ok(()),
             Some(index) => Err(Error::ItemTooLarge {
                 index,
-                size: self.0.items[index].nbytes(),
+                size: self.as_slice()[index].nbytes(),
                 limit: max_item_bytes,
             }),
         }
@@ -292,6 +573,21 @@ impl Items {
             out.extend_from_slice(chunk)
         });
         out
+    }
+}
+
+/// Parse a JSON array (UTF-8 bytes) into its elements, without validating them.
+pub fn parse_values(data: &[u8]) -> Result<Vec<Value>> {
+    let value: Value = serde_json::from_slice(data).map_err(|e| Error::ItemNotJson {
+        index: None,
+        detail: e.to_string(),
+    })?;
+    match value {
+        Value::Array(values) => Ok(values),
+        other => Err(Error::ItemNotJson {
+            index: None,
+            detail: format!("expected an array, found a {}", json_kind(&other)),
+        }),
     }
 }
 
@@ -368,8 +664,143 @@ mod tests {
         let c = items.get(2).unwrap();
         assert_eq!((c.kind(), c.role()), ("custom_thing", None));
         assert_eq!(items.get(3).unwrap().kind(), "");
-        assert_eq!(m.digest, xxhash_rust::xxh3::xxh3_64(m.json()));
-        assert_eq!(m.tokens, 0);
+        assert_eq!(items.tokens(), 0);
+        assert_eq!(items.token_counts(), None);
+    }
+
+    fn digest(json: &str) -> u128 {
+        let value: Value = serde_json::from_str(json).unwrap();
+        let d = semantic_digest(&value, &mut Vec::new()).unwrap();
+        // The item's own digest is the same function.
+        let item = Item::from_value(0, &value, 1 << 20).unwrap();
+        assert_eq!(item.digest(), d);
+        d
+    }
+
+    #[test]
+    fn semantic_digest_ignores_form_and_replay_noise() {
+        let same = [
+            // Key order, whitespace, an easy message vs a typed one, a lone text
+            // part vs a string, ids, status, empty annotations/logprobs, nulls.
+            r#"{"type":"message","role":"assistant","content":"hi"}"#,
+            r#"{ "content" : "hi", "role": "assistant" }"#,
+            r#"{"role":"assistant","content":[{"type":"output_text","text":"hi"}]}"#,
+            r#"{"id":"msg_1","type":"message","status":"completed","role":"assistant",
+                "content":[{"type":"output_text","text":"hi","annotations":[],"logprobs":[]}]}"#,
+            r#"{"role":"assistant","content":[{"type":"input_text","text":"hi"}],"name":null}"#,
+            r#"{"role":"assistant","type":null,"content":["hi"]}"#,
+        ];
+        let d0 = digest(same[0]);
+        for json in same {
+            assert_eq!(digest(json), d0, "{json}");
+        }
+        let outputs = [
+            r#"{"type":"function_call_output","call_id":"c","output":"x"}"#,
+            r#"{"type":"function_call_output","call_id":"c","id":"fco_1","status":"completed",
+                "output":[{"type":"input_text","text":"x"}]}"#,
+        ];
+        assert_eq!(digest(outputs[0]), digest(outputs[1]));
+        let calls = [
+            r#"{"type":"function_call","call_id":"c","name":"f","arguments":"{}"}"#,
+            r#"{"arguments":"{}","call_id":"c","name":"f","type":"function_call",
+                "id":"fc_1","status":"completed"}"#,
+        ];
+        assert_eq!(digest(calls[0]), digest(calls[1]));
+        // Part objects lose their null members only.
+        assert_eq!(
+            digest(
+                r#"{"role":"user","content":[{"type":"input_image","image_url":"u","file_id":null}]}"#
+            ),
+            digest(r#"{"role":"user","content":[{"type":"input_image","image_url":"u"}]}"#),
+        );
+    }
+
+    #[test]
+    fn semantic_digest_sees_every_change_of_content() {
+        let base = r#"{"type":"message","role":"assistant","content":"hi"}"#;
+        let different = [
+            r#"{"type":"message","role":"assistant","content":"hi "}"#,
+            r#"{"type":"message","role":"user","content":"hi"}"#,
+            r#"{"type":"message","role":"assistant","content":["hi","hi"]}"#,
+            r#"{"type":"message","role":"assistant","content":[{"type":"refusal","refusal":"hi"}]}"#,
+            r#"{"type":"message","role":"assistant","content":[{"type":"output_text","text":"hi",
+                "annotations":[{"type":"url_citation"}]}]}"#,
+            r#"{"type":"message","role":"assistant","content":[{"type":"output_text","text":"hi",
+                "extra":1}]}"#,
+            r#"{"type":"message","role":"assistant","content":"hi","phase":"final"}"#,
+            r#"{"type":"other","role":"assistant","content":"hi"}"#,
+            r#"{"type":"message","role":"assistant","content":[]}"#,
+        ];
+        let d0 = digest(base);
+        for json in different {
+            assert_ne!(digest(json), d0, "{json}");
+        }
+        // Arguments are content: re-serialised arguments do not match.
+        assert_ne!(
+            digest(r#"{"type":"function_call","call_id":"c","name":"f","arguments":"{\"a\":1}"}"#),
+            digest(r#"{"type":"function_call","call_id":"c","name":"f","arguments":"{\"a\": 1}"}"#),
+        );
+        // `id` and `status` are ignored only at the top level.
+        assert_ne!(
+            digest(
+                r#"{"role":"user","content":[{"type":"input_image","image_url":"u","id":"a"}]}"#
+            ),
+            digest(
+                r#"{"role":"user","content":[{"type":"input_image","image_url":"u","id":"b"}]}"#
+            ),
+        );
+        assert_eq!(
+            semantic_digest(&serde_json::json!([1]), &mut Vec::new()),
+            None
+        );
+    }
+
+    #[test]
+    fn slices_share_the_batch() {
+        let a = parse(r#"[{"a":1},{"b":22},{"c":333}]"#).unwrap();
+        let s = a.slice(1..3);
+        assert_eq!(s.len(), 2);
+        assert!(Arc::ptr_eq(s.get(0).unwrap(), a.get(1).unwrap()));
+        assert_eq!(s.nbytes(), a.nbytes() - 7);
+        assert_eq!(s.to_json(), br#"[{"b":22},{"c":333}]"#);
+        assert!(s.slice(0..0).is_empty());
+        assert!(s.ptr_eq(&a.slice(1..3)));
+        assert!(!s.ptr_eq(&a));
+    }
+
+    #[test]
+    fn tokenize_counts_and_keeps_ids_until_dropped() {
+        let tok = Tokenizer::builtin("o200k_base").unwrap();
+        let a = parse(
+            r#"[{"role":"user","content":"hello world"},{"role":"assistant","content":"hi"}]"#,
+        )
+        .unwrap();
+        let t = a.tokenize(&tok).unwrap();
+        assert!(Arc::ptr_eq(t.get(0).unwrap(), a.get(0).unwrap()));
+        assert_eq!(t.token_counts(), Some(&[6u32, 5][..]));
+        assert_eq!(t.tokens(), 11);
+        let ids = t.token_ids().unwrap();
+        assert_eq!(ids.len(), 11);
+        assert_eq!(
+            &ids[..6],
+            tok.encode_item(a.get(0).unwrap().json()).unwrap()
+        );
+        assert_eq!(t.tokenized_by(), Some(tok.fingerprint()));
+        // Slices see their own counts and ids.
+        let second = t.slice(1..2);
+        assert_eq!(second.tokens(), 5);
+        assert_eq!(second.token_ids().unwrap(), &ids[6..]);
+        // Tokenising again with the same tokenizer is free.
+        assert!(t.tokenize(&tok).unwrap().ptr_eq(&t));
+        let bare = t.without_token_ids();
+        assert_eq!((bare.tokens(), bare.token_ids()), (11, None));
+        assert_eq!(bare.slice(1..2).tokens(), 5);
+        let other = Tokenizer::builtin("cl100k_base").unwrap();
+        assert_ne!(other.fingerprint(), tok.fingerprint());
+        assert_eq!(
+            bare.tokenize(&other).unwrap().tokenized_by(),
+            Some(other.fingerprint())
+        );
     }
 
     #[test]

@@ -39,6 +39,8 @@ mod _core {
     #[pymodule_export]
     use crate::py::cache::PyContextView;
     #[pymodule_export]
+    use crate::py::cache::PyPrefixMatch;
+    #[pymodule_export]
     use crate::py::cache::PyResponseInfo;
     #[pymodule_export]
     use crate::py::cache::PySessionCache;

@@ -8,13 +8,24 @@
 //! computed from its parent's in O(1), so creating a turn costs O(its own items)
 //! whatever the chain length.
 //!
+//! With a tokenizer ([`TokenConfig`]), a node also stores the block hashes its own
+//! items' tokens completed and the token tail after it (with the last hash, that is
+//! the whole [`BlockHasher`] state), so a child extends the chain's hashes in
+//! O(its own tokens). Every node also carries the *chain digest* of its context
+//! (the semantic digests of its items chained from the owner's seed), the key the
+//! cache's prefix index is built from.
+//!
 //! Memory accounting: a node adds its estimated cost to a shared [`Meter`] when built
 //! and subtracts it in `Drop`, so the meter counts exactly the nodes alive anywhere.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use xxhash_rust::xxh3::xxh3_128;
+
+use crate::blocks::{BlockHash, BlockHasher, BlockSizeError, HASH_BYTES, ROOT_PARENT};
 use crate::item::{array_len, Item, Items};
+use crate::token::{TokenError, Tokenizer};
 
 /// Estimated fixed cost of one node beyond its bytes: the `Node` itself, two item
 /// batches, the `Arc` headers and the index entry that usually points at it.
@@ -22,17 +33,135 @@ pub const NODE_OVERHEAD: u64 = 320;
 /// Estimated fixed cost of one item beyond its canonical JSON: the `Item`, its `Arc`
 /// header, the slot in its batch and the extracted strings of a typical item.
 pub const ITEM_OVERHEAD: u64 = 160;
+/// Estimated cost of one prefix-index entry (one per item of an indexed node).
+pub const INDEX_OVERHEAD: u64 = 48;
+/// Bytes per stored token id (kept ids, and the tails of the block state).
+pub const TOKEN_ID_BYTES: u64 = 4;
 
 /// Bytes held by live nodes, shared by a cache and every node it built.
 #[derive(Debug, Default)]
 pub struct Meter {
     bytes: AtomicU64,
+    /// Nodes built so far: each node's `serial`.
+    nodes: AtomicU64,
 }
 
 impl Meter {
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Acquire)
     }
+}
+
+/// How a cache tokenises: the tokenizer and the block hashing of the chains.
+#[derive(Debug, Clone)]
+pub struct TokenConfig {
+    pub tokenizer: Arc<Tokenizer>,
+    pub block_size: usize,
+    pub seed: u64,
+    /// Keep every item's token ids (4 bytes per token) for upstreams that take
+    /// token ids; otherwise only counts, block hashes and tails are kept.
+    pub keep_ids: bool,
+    empty: BlockHasher,
+}
+
+impl TokenConfig {
+    pub fn new(
+        tokenizer: Arc<Tokenizer>,
+        block_size: usize,
+        seed: u64,
+        keep_ids: bool,
+    ) -> Result<TokenConfig, BlockSizeError> {
+        Ok(TokenConfig {
+            tokenizer,
+            block_size,
+            seed,
+            keep_ids,
+            empty: BlockHasher::new(block_size, seed)?,
+        })
+    }
+
+    /// Token counts (and, transiently, ids) for a batch.
+    pub fn tokenize(&self, items: &Items) -> Result<Items, TokenError> {
+        items.tokenize(&self.tokenizer)
+    }
+
+    /// The block state after `node` (an empty sequence for `None`).
+    pub fn state_after(&self, node: Option<&Node>) -> BlockHasher {
+        let (last, tokens, tail) = match node {
+            None => (ROOT_PARENT, 0, &[][..]),
+            Some(n) => (n.last_hash, n.tokens, &n.tail[..]),
+        };
+        let blocks = tokens / self.block_size as u64;
+        // Tails come from states of this block size, so `resume` cannot fail.
+        BlockHasher::resume(self.block_size, self.seed, last, blocks, tail)
+            .unwrap_or_else(|_| self.empty.clone())
+    }
+
+    /// The token fields of a node with these items under `parent`, and the
+    /// batches to store (without token ids unless they are kept). Both batches
+    /// must have been tokenised by this config's tokenizer. O(own tokens).
+    pub fn node_tokens(
+        &self,
+        parent: Option<&Node>,
+        input: &Items,
+        output: &Items,
+    ) -> Result<(NodeTokens, Items, Items), TokenError> {
+        let input = self.tokenize(input)?;
+        let output = self.tokenize(output)?;
+        let mut state = self.state_after(parent);
+        let mut hashes = Vec::new();
+        state.extend(input.token_ids().unwrap_or_default(), &mut hashes);
+        let input_tail: Box<[u32]> = state.tail().into();
+        state.extend(output.token_ids().unwrap_or_default(), &mut hashes);
+        let tokens = NodeTokens {
+            hashes: hashes.into_boxed_slice(),
+            tail: state.tail().into(),
+            input_tail,
+            last_hash: state.last_hash().unwrap_or(ROOT_PARENT),
+        };
+        if self.keep_ids {
+            Ok((tokens, input, output))
+        } else {
+            Ok((
+                tokens,
+                input.without_token_ids(),
+                output.without_token_ids(),
+            ))
+        }
+    }
+}
+
+/// The block-hash fields of a node: empty without a tokenizer.
+#[derive(Debug, Clone, Default)]
+pub struct NodeTokens {
+    /// Hashes of the blocks this node's tokens completed.
+    pub hashes: Box<[BlockHash]>,
+    /// The tokens after the chain's last full block, after this node.
+    pub tail: Box<[u32]>,
+    /// The same after this node's input (before its output).
+    pub input_tail: Box<[u32]>,
+    /// Hash of the chain's last full block after this node (`ROOT_PARENT` if none).
+    pub last_hash: BlockHash,
+}
+
+impl NodeTokens {
+    fn cost(&self) -> u64 {
+        HASH_BYTES as u64 * self.hashes.len() as u64
+            + TOKEN_ID_BYTES * (self.tail.len() + self.input_tail.len()) as u64
+    }
+}
+
+/// The first link of every chain digest of an owner's chains.
+pub fn chain_seed(owner: &str) -> u128 {
+    xxh3_128(owner.as_bytes())
+}
+
+/// The chain digest after one more item.
+pub fn chain_step(chain: u128, digest: u128) -> u128 {
+    let mut buf = [0u8; 32];
+    buf[..16].copy_from_slice(&chain.to_le_bytes());
+    buf[16..].copy_from_slice(&digest.to_le_bytes());
+    xxh3_128(&buf)
 }
 
 /// The caller-supplied parts of a node.
@@ -45,6 +174,13 @@ pub struct NodeSpec {
     pub output: Items,
     pub settings: Arc<[u8]>,
     pub meta: Arc<[u8]>,
+    /// The parent was found by matching the input against cached chains; the
+    /// client sent no `previous_response_id`.
+    pub implicit: bool,
+    /// Block-hash fields ([`TokenConfig::node_tokens`]); empty without a tokenizer.
+    pub tokens: NodeTokens,
+    /// Whether the cache indexes this node's items for prefix matching.
+    pub indexed: bool,
 }
 
 impl NodeSpec {
@@ -66,13 +202,18 @@ impl NodeSpec {
             self.settings.len() as u64
         };
         let items = (self.input.len() + self.output.len()) as u64;
+        let index = if self.indexed { INDEX_OVERHEAD } else { 0 };
+        let ids = self.input.token_ids().map_or(0, <[u32]>::len)
+            + self.output.token_ids().map_or(0, <[u32]>::len);
         NODE_OVERHEAD
             + self.id.len() as u64
             + settings
             + self.meta.len() as u64
-            + items * ITEM_OVERHEAD
+            + items * (ITEM_OVERHEAD + index)
             + self.input.nbytes()
             + self.output.nbytes()
+            + self.tokens.cost()
+            + TOKEN_ID_BYTES * ids as u64
     }
 }
 
@@ -96,6 +237,17 @@ pub struct Node {
     /// Canonical item bytes of the whole chain (without brackets and commas).
     pub item_bytes: u64,
     pub tokens: u64,
+    /// Block hashes of this node's own tokens, and the state after it.
+    pub hashes: Box<[BlockHash]>,
+    pub tail: Box<[u32]>,
+    pub input_tail: Box<[u32]>,
+    pub last_hash: BlockHash,
+    /// The parent was found by prefix matching (see [`NodeSpec::implicit`]).
+    pub implicit: bool,
+    /// The chain digest after this node's items (see [`chain_step`]).
+    pub chain: u128,
+    /// Order of creation among the nodes of one cache.
+    pub serial: u64,
     /// What this node added to the meter.
     pub cost: u64,
     meter: Arc<Meter>,
@@ -123,7 +275,15 @@ impl Node {
                 p.tokens + own_tokens,
             ),
         };
+        let mut chain = parent
+            .as_deref()
+            .map_or_else(|| chain_seed(&spec.owner), |p| p.chain);
+        for item in spec.input.iter().chain(spec.output.iter()) {
+            chain = chain_step(chain, item.digest());
+        }
         meter.bytes.fetch_add(cost, Ordering::AcqRel);
+        let serial = meter.nodes.fetch_add(1, Ordering::AcqRel) + 1;
+        let t = spec.tokens;
         Node {
             id: spec.id,
             owner: spec.owner,
@@ -138,6 +298,13 @@ impl Node {
             items,
             item_bytes,
             tokens,
+            hashes: t.hashes,
+            tail: t.tail,
+            input_tail: t.input_tail,
+            last_hash: t.last_hash,
+            implicit: spec.implicit,
+            chain,
+            serial,
             cost,
             meter: meter.clone(),
         }
@@ -168,6 +335,26 @@ impl Node {
 
     pub fn parent_id(&self) -> Option<&str> {
         self.parent.as_deref().map(|p| &*p.id)
+    }
+
+    /// The `previous_response_id` the client gave: the parent's id, unless the
+    /// parent was found by prefix matching.
+    pub fn previous_response_id(&self) -> Option<&str> {
+        if self.implicit {
+            None
+        } else {
+            self.parent_id()
+        }
+    }
+
+    /// Number of this node's own items (input then output).
+    pub fn own_len(&self) -> usize {
+        self.input.len() + self.output.len()
+    }
+
+    /// Tokens of the chain up to this node's parent.
+    pub fn parent_tokens(&self) -> u64 {
+        self.parent.as_deref().map_or(0, |p| p.tokens)
     }
 }
 
@@ -206,6 +393,9 @@ pub(crate) mod tests {
             output,
             settings: Arc::from(&b"{}"[..]),
             meta: Arc::from(&b"{}"[..]),
+            implicit: false,
+            tokens: NodeTokens::default(),
+            indexed: false,
         }
     }
 

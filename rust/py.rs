@@ -35,6 +35,9 @@ pub fn detach_if<T: Ungil, F: Ungil + FnOnce() -> T>(
 
 /// Copying (about 15 us at 256 KiB) releases the GIL from this size up.
 pub const DETACH_COPY_BYTES: usize = 256 * 1024;
+/// Tokenising (roughly ten times slower per byte than parsing) releases the GIL
+/// from this many bytes of item JSON up.
+pub const DETACH_TOKENIZE_BYTES: usize = 2 * 1024;
 /// Parsing and canonicalising JSON (roughly ten times slower per byte than copying)
 /// releases the GIL from this size up.
 pub const DETACH_PARSE_BYTES: usize = 16 * 1024;

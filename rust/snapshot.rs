@@ -8,8 +8,13 @@
 //! node = {"parent": index of an earlier node | nil, "indexed": bool, "id": str,
 //!         "owner": str, "store": bool, "n_input": int,
 //!         "items": [canonical item JSON as str, ...],       # input then output
-//!         "settings": bin | nil (nil: the parent's), "meta": bin}
+//!         "settings": bin | nil (nil: the parent's), "meta": bin,
+//!         "implicit": true}        # only when the parent was found by matching
 //! ```
+//!
+//! Tokens are not stored: a tokenising cache counts and block-hashes the restored
+//! items again (so a snapshot never carries tokens of another tokenizer or of an
+//! older template).
 //!
 //! Nodes come parents first, each once, so sharing survives the round trip. Only
 //! stored nodes are written: every ancestor of a stored node is stored (the taint
@@ -31,7 +36,7 @@ use serde_json::Value;
 use crate::cache::SessionCache;
 use crate::error::{Error, Result};
 use crate::item::{Item, Items};
-use crate::node::{Node, NodeSpec};
+use crate::node::{Node, NodeSpec, NodeTokens};
 
 const FORMAT: &str = "warmsocket-cache";
 const VERSION: u32 = 1;
@@ -54,6 +59,13 @@ struct Record {
     items: Vec<String>,
     settings: Option<Bytes>,
     meta: Bytes,
+    #[serde(default, skip_serializing_if = "is_false")]
+    implicit: bool,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Bytes written as msgpack `bin` (serde's default for `Vec<u8>` is an array of ints).
@@ -128,6 +140,7 @@ fn encode(leaves: &[Arc<Node>]) -> Vec<u8> {
                     .collect(),
                 settings: (!settings_shared).then(|| Bytes(node.settings.to_vec())),
                 meta: Bytes(node.meta.to_vec()),
+                implicit: node.implicit,
             };
             position.insert(std::ptr::from_ref(node), nodes.len() as u32);
             nodes.push(record);
@@ -204,21 +217,42 @@ pub fn decode(cache: &SessionCache, data: &[u8]) -> Result<Vec<(Arc<Node>, bool)
             .entry(r.owner.clone())
             .or_insert_with(|| Arc::from(r.owner.as_str()))
             .clone();
+        if r.implicit && parent.is_none() {
+            return Err(bad("an implicit parent needs a parent".into()));
+        }
+        let (input, output) = (Items::from_vec(input), Items::from_vec(output));
+        let (input, output) = match cache.token_config() {
+            Some(cfg) => (
+                cfg.tokenize(&input).map_err(|e| bad(e.to_string()))?,
+                cfg.tokenize(&output).map_err(|e| bad(e.to_string()))?,
+            ),
+            None => (input, output),
+        };
         let spec = NodeSpec {
             id: r.id.as_str().into(),
             owner,
             store: true,
-            input: Items::from_vec(input),
-            output: Items::from_vec(output),
+            input,
+            output,
             settings,
             meta: r.meta.0.as_slice().into(),
+            implicit: r.implicit,
+            tokens: NodeTokens::default(),
+            indexed: cache.prefix_index(),
         };
         specs.push((spec, parent, r.indexed));
     }
-    // Pass 2: build the nodes, parents first (counts recomputed, cannot fail).
+    // Pass 2: build the nodes, parents first (counts and block hashes recomputed;
+    // the items are tokenised already, so this cannot fail).
     let mut nodes: Vec<(Arc<Node>, bool)> = Vec::with_capacity(specs.len());
-    for (spec, parent, indexed) in specs {
+    for (mut spec, parent, indexed) in specs {
         let parent = parent.map(|p| nodes[p].0.clone());
+        if let Some(cfg) = cache.token_config() {
+            let (tokens, input, output) = cfg
+                .node_tokens(parent.as_deref(), &spec.input, &spec.output)
+                .map_err(|e| Error::snapshot(e.to_string()))?;
+            (spec.tokens, spec.input, spec.output) = (tokens, input, output);
+        }
         let node = Node::new(spec, parent, None, cache.meter());
         nodes.push((Arc::new(node), indexed));
     }

@@ -6,21 +6,146 @@
 //! counts, and each item's canonical bytes are handed to a sink once, in order,
 //! between the brackets and commas of one JSON array. The caller decides where the
 //! chunks go (a Python `bytes` buffer, a `Vec`).
+//!
+//! A view of a tokenising cache also gives the context's token ids (concatenated
+//! from the kept ids, or re-tokenised when the cache keeps none) and its block
+//! hashes (the chain's stored hashes, then the new items' extension), and compares
+//! two contexts' shared token prefix in O(shared blocks).
 
 use std::sync::Arc;
 
+use crate::blocks::BlockHash;
 use crate::item::{array_len, write_array, Item, Items};
-use crate::node::Node;
+use crate::node::{Node, TokenConfig};
+use crate::token::{TokenError, Tokenizer};
 
 #[derive(Debug, Clone, Default)]
 pub struct ContextView {
     leaf: Option<Arc<Node>>,
     extra: Option<Items>,
+    tokens: Option<Arc<TokenConfig>>,
 }
 
 impl ContextView {
     pub fn new(leaf: Option<Arc<Node>>, extra: Option<Items>) -> ContextView {
-        ContextView { leaf, extra }
+        ContextView {
+            leaf,
+            extra,
+            tokens: None,
+        }
+    }
+
+    /// The same view, able to give token ids and block hashes with `tokens`.
+    pub fn with_tokens(mut self, tokens: Option<Arc<TokenConfig>>) -> ContextView {
+        self.tokens = tokens;
+        self
+    }
+
+    pub fn token_config(&self) -> Option<&Arc<TokenConfig>> {
+        self.tokens.as_ref()
+    }
+
+    fn chain(&self) -> Vec<&Node> {
+        self.leaf.as_deref().map(Node::chain).unwrap_or_default()
+    }
+
+    /// Every batch of the context in order: each node's input and output, then
+    /// the extra items.
+    fn batches(&self) -> impl Iterator<Item = &Items> {
+        self.chain()
+            .into_iter()
+            .flat_map(|n| [&n.input, &n.output])
+            .chain(self.extra.iter())
+    }
+
+    /// The context's token ids (`None` without a tokenizer): the kept ids
+    /// concatenated, or every item tokenised again when the cache keeps none.
+    pub fn token_ids(&self) -> Result<Option<Vec<u32>>, TokenError> {
+        let Some(cfg) = &self.tokens else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(self.tokens() as usize);
+        for batch in self.batches() {
+            match batch.token_ids() {
+                Some(ids) if batch.tokenized_by() == Some(cfg.tokenizer.fingerprint()) => {
+                    out.extend_from_slice(ids)
+                }
+                _ => {
+                    for item in batch.iter() {
+                        cfg.tokenizer.encode_item_into(item.json(), &mut out)?;
+                    }
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Tokens of the context counted with `tokenizer` from scratch: every item
+    /// tokenised again, O(context). What a server without token caching pays per
+    /// turn; the cached count is [`ContextView::tokens`].
+    pub fn count_tokens(&self, tokenizer: &Tokenizer) -> Result<u64, TokenError> {
+        let mut total = 0u64;
+        let mut ids = Vec::new();
+        for batch in self.batches() {
+            for item in batch.iter() {
+                ids.clear();
+                tokenizer.encode_item_into(item.json(), &mut ids)?;
+                total += ids.len() as u64;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Hashes of the new items' blocks, continuing the chain's state.
+    fn extra_hashes(&self, cfg: &TokenConfig) -> Result<Vec<BlockHash>, TokenError> {
+        let mut out = Vec::new();
+        if let Some(extra) = &self.extra {
+            let extra = cfg.tokenize(extra)?;
+            let mut state = cfg.state_after(self.leaf.as_deref());
+            state.extend(extra.token_ids().unwrap_or_default(), &mut out);
+        }
+        Ok(out)
+    }
+
+    /// The block hashes of the whole context (`None` without a tokenizer):
+    /// the chain's stored hashes, then those the new items complete.
+    pub fn block_hashes(&self) -> Result<Option<Vec<BlockHash>>, TokenError> {
+        let Some(cfg) = &self.tokens else {
+            return Ok(None);
+        };
+        let mut out: Vec<BlockHash> = Vec::with_capacity(self.tokens() as usize / cfg.block_size);
+        for node in self.chain() {
+            out.extend_from_slice(&node.hashes);
+        }
+        out.extend(self.extra_hashes(cfg)?);
+        Ok(Some(out))
+    }
+
+    /// Equal leading block hashes of two views (`None` unless both are of caches
+    /// with the same tokenizer, block size and seed). O(shared blocks) plus the
+    /// hashing of each view's new items; nothing is concatenated.
+    pub fn shared_prefix_blocks(&self, other: &ContextView) -> Result<Option<usize>, TokenError> {
+        let (Some(a), Some(b)) = (&self.tokens, &other.tokens) else {
+            return Ok(None);
+        };
+        if a.tokenizer.fingerprint() != b.tokenizer.fingerprint()
+            || a.block_size != b.block_size
+            || a.seed != b.seed
+        {
+            return Ok(None);
+        }
+        let (ea, eb) = (self.extra_hashes(a)?, other.extra_hashes(b)?);
+        let (ca, cb) = (self.chain(), other.chain());
+        let ha = ca.iter().flat_map(|n| n.hashes.iter()).chain(ea.iter());
+        let hb = cb.iter().flat_map(|n| n.hashes.iter()).chain(eb.iter());
+        Ok(Some(crate::blocks::shared_prefix_blocks(ha, hb)))
+    }
+
+    /// Call `f` on every item's `Arc`, oldest first.
+    pub fn for_each_arc<'a>(&'a self, mut f: impl FnMut(&'a Arc<Item>)) {
+        for batch in self.batches() {
+            batch.iter().for_each(&mut f);
+        }
     }
 
     pub fn leaf(&self) -> Option<&Arc<Node>> {

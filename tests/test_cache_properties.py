@@ -65,6 +65,8 @@ def outcome(call: Callable[[], Any]) -> tuple[str, Any]:
 
 
 class CacheMachine(RuleBasedStateMachine):
+    info = staticmethod(info_fields)
+
     def __init__(self) -> None:
         super().__init__()
         self.rust = SessionCache()
@@ -161,7 +163,7 @@ class CacheMachine(RuleBasedStateMachine):
                 store=store,
                 connection=conn,
             ),
-            info_fields,
+            self.info,
         )
         if got[0] == "ok":
             if rid not in self.ids:
@@ -211,7 +213,7 @@ class CacheMachine(RuleBasedStateMachine):
                 connection=conn,
             )
 
-        got = self.both("create_from_binding", create, info_fields)
+        got = self.both("create_from_binding", create, self.info)
         if got[0] == "ok":
             self.ids.append(rid)
             self.scope[rid] = (owner, got[1].connection)
@@ -222,7 +224,7 @@ class CacheMachine(RuleBasedStateMachine):
         rid, owner, conn = self.pick_target(data)
         role = data.draw(st.sampled_from(("user", "assistant")))
         calls: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
-            "get": (lambda c: c.get(rid, owner=owner, connection=conn), info_fields),
+            "get": (lambda c: c.get(rid, owner=owner, connection=conn), self.info),
             "context": (lambda c: c.context(rid, owner=owner, connection=conn), lambda x: x),
             "tail": (
                 lambda c: c.view(rid, owner=owner, connection=conn).tail(from_last_role=role),

@@ -43,6 +43,7 @@ __all__ = [
     "Items",
     "ItemsLike",
     "OwnerMismatch",
+    "PrefixMatch",
     "Rejection",
     "ResponseEncoder",
     "ResponseInfo",
@@ -109,6 +110,10 @@ class Items:
     @property
     def nbytes(self) -> int:
         """Total canonical JSON bytes of the items (without array brackets and commas)."""
+    @property
+    def tokens(self) -> int:
+        """Tokens of the items when a tokenising cache built them (`SessionCache.items`),
+        else 0."""
     def json(self) -> bytes:
         """The batch as one JSON array."""
     def to_objects(self) -> list[dict[str, Any]]:
@@ -142,6 +147,16 @@ class ItemMeta:
     @property
     def nbytes(self) -> int:
         """Size of the item's canonical JSON."""
+    @property
+    def tokens(self) -> int | None:
+        """The item's tokens, framing included, when a tokenising cache built its batch."""
+    @property
+    def digest(self) -> builtins.bytes:
+        """The item's semantic digest (16 bytes): XXH3-128 of its canonical JSON with
+        the differences that do not change its meaning normalised away (top-level `id`,
+        `status` and null members; an easy message's missing `type`; a lone
+        `input_text`/`output_text` part vs a string; empty `annotations`/`logprobs`).
+        Re-sent histories are matched by it (docs/architecture.md)."""
 
 ItemsLike: TypeAlias = Items | bytes | str | Sequence[Mapping[str, Any]]
 """What `create` accepts as items: a built batch, a JSON array as text, or dicts."""
@@ -154,7 +169,14 @@ class ResponseInfo:
     def id(self) -> str: ...
     @property
     def previous_response_id(self) -> str | None:
-        """The parent's id (the parent may have left the index since)."""
+        """The `previous_response_id` the response was created with: the parent's id,
+        or None for a root and for a response whose parent was found by prefix matching
+        (`SessionCache.match`; the client sent none)."""
+    @property
+    def parent_id(self) -> str | None:
+        """The id of the node this response continues, also when it was found by
+        prefix matching (then it may be `<id>#<n>`: the first n own items of `<id>`).
+        The parent may have left the index since."""
     @property
     def owner(self) -> str: ...
     @property
@@ -179,7 +201,8 @@ class ResponseInfo:
         """Size of the full context as one JSON array, in bytes."""
     @property
     def tokens(self) -> int:
-        """Tokens of the full context (0 until a tokenizer is attached)."""
+        """Tokens of the full context (0 without a tokenizer): each item tokenised once,
+        when it entered the cache, framing included (docs/tokens.md)."""
     @property
     def input_items(self) -> int:
         """Items this response was sent (its own, not its ancestors')."""
@@ -192,6 +215,32 @@ class ResponseInfo:
     @property
     def meta(self) -> builtins.bytes:
         """The JSON object the response was created with as `meta`."""
+
+@final
+class PrefixMatch:
+    """What `SessionCache.match` found: the cached prefix and the new suffix."""
+
+    @property
+    def binding(self) -> Binding | None:
+        """Holds the node whose context is the matched prefix (pinning it when it is a
+        cached response); pass it as `previous_response_id` to `create`, then release
+        it. None when nothing matched. When the prefix ends inside a response's own
+        items, the node is made on the spot and shares those items (`<id>#<n>`)."""
+    @property
+    def items(self) -> int:
+        """Leading items of the input that matched."""
+    @property
+    def tokens(self) -> int:
+        """Tokens of the matched prefix (0 without a tokenizer)."""
+    @property
+    def sent(self) -> int:
+        """Items of the input."""
+    @property
+    def parent_id(self) -> str | None:
+        """The binding's node id (None when nothing matched)."""
+    @property
+    def new_items(self) -> Items:
+        """The input after the matched prefix: validated and, with a tokenizer, counted."""
 
 @final
 class CacheStats:
@@ -248,7 +297,25 @@ class ContextView:
         """Size of `json()` in bytes."""
     @property
     def tokens(self) -> int:
-        """Tokens of the view (0 until a tokenizer is attached)."""
+        """Tokens of the view (0 without a tokenizer): a sum of cached counts, O(1)."""
+    def token_ids(self) -> array[int] | None:
+        """The context's token ids as `array('I')` (None without a tokenizer).
+
+        Concatenated from the kept ids when the cache keeps them (`keep_token_ids`);
+        otherwise every item is tokenised again (O(context)).
+        """
+    def count_tokens(self, tokenizer: Tokenizer) -> int:
+        """Tokens of the context counted from scratch with `tokenizer`: every item
+        tokenised again, O(context) (what a server without token caching pays per
+        turn; `tokens` is the cached count)."""
+    def block_hashes(self) -> builtins.bytes | None:
+        """The block hashes of the context's tokens, 16 bytes per full block (None
+        without a tokenizer): the chain's stored hashes, then those of the new items.
+        The same as `block_hashes(self.token_ids(), block_size, seed=seed)`."""
+    def shared_prefix_tokens(self, other: ContextView) -> int | None:
+        """Tokens covered by the equal leading block hashes of two views; None unless
+        both come from caches with the same tokenizer, block size and seed.
+        O(shared blocks) plus hashing each view's new items."""
     def json(self) -> bytes:
         """The whole context as one JSON array: one allocation, one copy of each item.
 
@@ -277,7 +344,11 @@ class Binding:
 
     @property
     def response_id(self) -> str:
-        """The bound response's id."""
+        """The bound response's id (`<id>#<n>` for a prefix of a response's items)."""
+    @property
+    def implicit(self) -> bool:
+        """Made by `SessionCache.match`: a response created on it records no
+        `previous_response_id`."""
     def info(self) -> ResponseInfo:
         """The bound response, as it was when bound."""
     def view(self, extra: Items | None = None) -> ContextView:
@@ -296,8 +367,33 @@ class SessionCache:
     """
 
     def __new__(
-        cls, memory_budget: int = 1073741824, *, max_item_bytes: int = 33554432
-    ) -> SessionCache: ...
+        cls,
+        memory_budget: int = 1073741824,
+        *,
+        max_item_bytes: int = 33554432,
+        tokenizer: Tokenizer | None = None,
+        block_size: int = 16,
+        seed: int = 0,
+        keep_token_ids: bool = False,
+        prefix_index: bool = False,
+    ) -> SessionCache:
+        """A cache. With `tokenizer`, every item is tokenised once, when it enters
+        (`items`, `match`, `create`), and each response stores its chain's token count
+        and the block hashes (`block_size` tokens, XXH3 `seed`) its own tokens
+        completed. `keep_token_ids` also keeps the ids (4 bytes per token, metered) so
+        `ContextView.token_ids` concatenates instead of re-tokenising. `prefix_index`
+        indexes every item position of every chain so `match` finds re-sent
+        histories (48 bytes per item, metered)."""
+    @property
+    def tokenizer(self) -> Tokenizer | None: ...
+    @property
+    def block_size(self) -> int | None: ...
+    @property
+    def seed(self) -> int | None: ...
+    @property
+    def keep_token_ids(self) -> bool: ...
+    @property
+    def prefix_index(self) -> bool: ...
     @property
     def memory_budget(self) -> int:
         """Bytes the LRU eviction keeps the cache under (see `CacheStats.bytes`)."""
@@ -337,6 +433,23 @@ class SessionCache:
         """
     def get(self, response_id: str, *, owner: str, connection: int | None = None) -> ResponseInfo:
         """Look up a response: stored entries of `owner`, plus entries local to `connection`."""
+    def items(self, items: ItemsLike) -> Items:
+        """Validate items and, with a tokenizer, count their tokens (ids kept until they
+        enter a chain, so `create` hashes them without tokenising again). Raises the
+        InvalidItems subclasses, TokenizationFailed."""
+    def match(self, input: ItemsLike, *, owner: str, connection: int | None = None) -> PrefixMatch:
+        """Match a re-sent history against the cached chains of `owner` (stored ones,
+        and those local to `connection`) by the items' semantic digests.
+
+        Finds the longest cached prefix in O(items sent) hashing and O(log items)
+        index lookups; only the unmatched suffix is validated and tokenised
+        (`PrefixMatch.new_items`). Without `prefix_index` nothing ever matches.
+        Raises the InvalidItems subclasses for the suffix, TokenizationFailed.
+        """
+    def input_items(self, response_id: str, *, owner: str, connection: int | None = None) -> Items:
+        """The input the client sent for a response: its own input items, preceded by
+        its parent's whole context when the parent was found by `match` (the client
+        re-sent that history; listed as cached, i.e. the first form seen)."""
     def bind(self, response_id: str, *, owner: str, connection: int | None = None) -> Binding:
         """Look up a response like `get` and pin it (see `Binding`)."""
     def view(

@@ -22,6 +22,20 @@ The rules, in one place:
   recently used candidate (an entry with no pins and no live children, other than
   the new entry's nearest indexed ancestor); after each eviction, evict the nearest
   indexed ancestor too if that made it a candidate (the cascade).
+* Tokens (with a tokenizer): an item's tokens are its rendering's framed tokens
+  (`_reference_tokens`); a context's tokens are its items' concatenated, and its
+  block hashes are computed from scratch over them. A node additionally costs 16
+  bytes per block its own tokens completed, 4 bytes per token of its two tails (the
+  tokens after the last full block, after its input and after its output), and 4
+  bytes per own token when token ids are kept.
+* Prefix matching (with `prefix_index`, which costs 48 bytes per item): the match
+  of a sent history is the longest prefix, compared by semantic digest
+  (`semantic_digest`), of the context of any live node of the owner visible from
+  the connection (stored, or local to it) that covers at least one of that node's
+  own items. Among the nodes that give it, one whose own items end exactly there
+  wins, then the most recently made. When the prefix ends inside a node, a node
+  holding that node's first items (id `<id>#<n>`, its settings and meta) is made
+  under its parent. A response created on a match has no `previous_response_id`.
 
 Canonical JSON here is `json.dumps(sort_keys=True, separators=(",", ":"),
 ensure_ascii=False)`, which agrees with the Rust form on strings, integers, booleans,
@@ -32,6 +46,7 @@ the property tests do not use them.
 from __future__ import annotations
 
 import builtins
+import itertools
 import json
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,7 +54,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
+import xxhash
 
+from warmsocket import _reference_tokens as ref_tokens
 from warmsocket._core import (
     CacheFull,
     DuplicateResponseId,
@@ -49,11 +66,15 @@ from warmsocket._core import (
     OwnerMismatch,
     ResponseNotFound,
     SnapshotError,
+    Tokenizer,
 )
 
 # Must match rust/node.rs (the property tests compare `stats().bytes`).
 NODE_OVERHEAD = 320
 ITEM_OVERHEAD = 160
+INDEX_OVERHEAD = 48
+TOKEN_ID_BYTES = 4
+HASH_BYTES = 16
 DEFAULT_BUDGET = 1 << 30
 DEFAULT_MAX_ITEM_BYTES = 1 << 25
 SNAPSHOT_FORMAT = "warmsocket-cache"
@@ -95,6 +116,49 @@ def _check_json(value: Any, where: int) -> Any:
     raise ItemNotJson(f"Item {where} is not valid JSON: a {type(value).__name__} is not JSON.")
 
 
+_TEXT_PARTS = ("input_text", "output_text")
+
+
+def _plain_text(part: Any) -> str | None:
+    """The text a content part means exactly, or None."""
+    if isinstance(part, str):
+        return part
+    if not isinstance(part, dict):
+        return None
+    if part.get("type") not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+        return None
+    for key, value in part.items():
+        if key in ("type", "text") or value is None:
+            continue
+        if key in ("annotations", "logprobs") and value == []:
+            continue
+        return None
+    text: str = part["text"]
+    return text
+
+
+def semantic_digest(item: dict[str, Any]) -> bytes:
+    """XXH3-128 of the item's canonical JSON with replay noise normalised away."""
+    norm = {k: v for k, v in item.items() if v is not None and k not in ("id", "status")}
+    kind = item.get("type")
+    if kind is None and isinstance(item.get("role"), str):
+        norm["type"] = kind = "message"
+    key = {"message": "content", "function_call_output": "output"}.get(kind)  # type: ignore[arg-type]
+    parts = norm.get(key) if key else None
+    if isinstance(parts, list):
+        plain = [_plain_text(p) for p in parts]
+        if len(parts) == 1 and plain[0] is not None:
+            norm[key] = plain[0]  # type: ignore[index]
+        else:
+            norm[key] = [  # type: ignore[index]
+                t
+                if t is not None
+                else ({k: v for k, v in p.items() if v is not None} if isinstance(p, dict) else p)
+                for t, p in zip(plain, parts, strict=True)
+            ]
+    return xxhash.xxh3_128_digest(_canonical(norm))
+
+
 @dataclass(frozen=True)
 class RefItem:
     """One item: canonical JSON plus the fields the server needs."""
@@ -105,6 +169,7 @@ class RefItem:
     role: str | None
     call_id: str | None
     name: str | None
+    digest: bytes
 
     @staticmethod
     def from_object(obj: Any, index: int, max_item_bytes: int) -> RefItem:
@@ -122,7 +187,9 @@ class RefItem:
         kind = text("type")
         if kind is None:
             kind = "message" if role is not None else ""
-        return RefItem(data, kind, text("id"), role, text("call_id"), text("name"))
+        return RefItem(
+            data, kind, text("id"), role, text("call_id"), text("name"), semantic_digest(obj)
+        )
 
     @property
     def nbytes(self) -> int:
@@ -134,6 +201,8 @@ class RefItems:
     """An immutable batch of items."""
 
     items: tuple[RefItem, ...] = ()
+    tokens: int = 0
+    """Set by a tokenising cache's `items` and `match`."""
 
     @staticmethod
     def parse(data: bytes | str, *, max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> RefItems:
@@ -153,9 +222,9 @@ class RefItems:
         return RefItems._build(values, max_item_bytes)
 
     @staticmethod
-    def _build(values: list[Any], max_item_bytes: int) -> RefItems:
+    def _build(values: list[Any], max_item_bytes: int, offset: int = 0) -> RefItems:
         return RefItems(
-            tuple(RefItem.from_object(v, i, max_item_bytes) for i, v in enumerate(values))
+            tuple(RefItem.from_object(v, offset + i, max_item_bytes) for i, v in enumerate(values))
         )
 
     def __len__(self) -> int:
@@ -195,6 +264,9 @@ def _items_arg(value: Any, max_item_bytes: int) -> RefItems:
 # -- nodes, views, bindings -----------------------------------------------------------
 
 
+_SERIALS = itertools.count(1)
+
+
 @dataclass(eq=False)
 class _Node:
     id: str
@@ -206,6 +278,11 @@ class _Node:
     output: RefItems
     settings: bytes
     meta: bytes
+    implicit: bool = False
+    serial: int = field(default_factory=lambda: next(_SERIALS))
+
+    def own(self) -> tuple[RefItem, ...]:
+        return self.input.items + self.output.items
 
     def ancestors(self) -> Iterator[_Node]:
         """This node, then its parent, and so on to the root."""
@@ -225,16 +302,57 @@ class _Node:
         chain = list(self.ancestors())[::-1]
         return [item for node in chain for item in node.input.items + node.output.items]
 
-    def cost(self) -> int:
+    def cost(self, config: _Config) -> int:
         shared = self.parent is not None and self.parent.settings == self.settings
-        own = self.input.items + self.output.items
-        return (
+        own = self.own()
+        per_item = ITEM_OVERHEAD + (INDEX_OVERHEAD if config.prefix_index else 0)
+        cost = (
             NODE_OVERHEAD
             + len(self.id.encode())
             + (0 if shared else len(self.settings))
             + len(self.meta)
-            + sum(ITEM_OVERHEAD + item.nbytes for item in own)
+            + sum(per_item + item.nbytes for item in own)
         )
+        if config.tokenizer is not None:
+            block = config.block_size
+            before = config.tokens_of(self.parent.context()) if self.parent else 0
+            after_input = before + config.tokens_of(self.input.items)
+            after = after_input + config.tokens_of(self.output.items)
+            cost += HASH_BYTES * (after // block - before // block)
+            cost += TOKEN_ID_BYTES * (after_input % block + after % block)
+            if config.keep_token_ids:
+                cost += TOKEN_ID_BYTES * (after - before)
+        return cost
+
+
+@dataclass
+class _Config:
+    """A reference cache's token and index settings."""
+
+    tokenizer: Tokenizer | None = None
+    block_size: int = 16
+    seed: int = 0
+    keep_token_ids: bool = False
+    prefix_index: bool = False
+    _memo: dict[bytes, list[int]] = field(default_factory=dict)
+
+    def item_tokens(self, item: RefItem) -> list[int]:
+        """The framed tokens of one item (memoised by its JSON)."""
+        if self.tokenizer is None:
+            return []
+        tokens = self._memo.get(item.json)
+        if tokens is None:
+            tok = self.tokenizer
+            rendered = ref_tokens.render_item(item.json)
+            tokens = ref_tokens.framed_tokens(rendered, tok.encode, tok.framing)
+            self._memo[item.json] = tokens
+        return tokens
+
+    def tokens_of(self, items: Sequence[RefItem]) -> int:
+        return sum(len(self.item_tokens(item)) for item in items)
+
+    def ids_of(self, items: Sequence[RefItem]) -> list[int]:
+        return [t for item in items for t in self.item_tokens(item)]
 
 
 @dataclass(frozen=True)
@@ -243,6 +361,7 @@ class RefInfo:
 
     id: str
     previous_response_id: str | None
+    parent_id: str | None
     owner: str
     store: bool
     connection: int | None
@@ -256,18 +375,20 @@ class RefInfo:
     meta: builtins.bytes
 
     @staticmethod
-    def of(node: _Node) -> RefInfo:
+    def of(node: _Node, config: _Config) -> RefInfo:
         context = node.context()
+        parent_id = node.parent.id if node.parent else None
         return RefInfo(
             id=node.id,
-            previous_response_id=node.parent.id if node.parent else None,
+            previous_response_id=None if node.implicit else parent_id,
+            parent_id=parent_id,
             owner=node.owner,
             store=node.store,
             connection=node.scope(),
             depth=len(list(node.ancestors())),
             items=len(context),
             bytes=len(_array(context)),
-            tokens=0,
+            tokens=config.tokens_of(context),
             input_items=len(node.input),
             output_items=len(node.output),
             settings=node.settings,
@@ -278,8 +399,9 @@ class RefInfo:
 class RefView:
     """A context, frozen when made."""
 
-    def __init__(self, node: _Node | None, extra: RefItems | None) -> None:
+    def __init__(self, node: _Node | None, extra: RefItems | None, config: _Config) -> None:
         self._items = (node.context() if node else []) + list(extra.items if extra else ())
+        self._config = config
 
     @property
     def items(self) -> int:
@@ -291,7 +413,28 @@ class RefView:
 
     @property
     def tokens(self) -> int:
-        return 0
+        return self._config.tokens_of(self._items)
+
+    def token_ids(self) -> list[int] | None:
+        if self._config.tokenizer is None:
+            return None
+        return self._config.ids_of(self._items)
+
+    def block_hashes(self) -> bytes | None:
+        ids = self.token_ids()
+        if ids is None:
+            return None
+        return ref_tokens.block_hashes(ids, self._config.block_size, self._config.seed)
+
+    def count_tokens(self, tokenizer: Tokenizer) -> int:
+        config = _Config(tokenizer)
+        return config.tokens_of(self._items)
+
+    def shared_prefix_tokens(self, other: RefView) -> int | None:
+        a, b = self.block_hashes(), other.block_hashes()
+        if a is None or b is None:
+            return None
+        return ref_tokens.shared_prefix_blocks(a, b) * self._config.block_size
 
     def json(self) -> bytes:
         return _array(self._items)
@@ -310,11 +453,15 @@ class RefView:
 class RefBinding:
     """A pin on one entry, holding its node until released."""
 
-    def __init__(self, cache: RefCache, entry: _Entry) -> None:
+    def __init__(
+        self, cache: RefCache, node: _Node, entry: _Entry | None, implicit: bool = False
+    ) -> None:
         self._cache = weakref.ref(cache)
-        self.response_id = entry.node.id
-        self.node: _Node | None = entry.node
-        self.serial = entry.serial
+        self._config = cache._config
+        self.response_id = node.id
+        self.node: _Node | None = node
+        self.serial = entry.serial if entry is not None else None
+        self.implicit = implicit
 
     def _held(self) -> _Node:
         if self.node is None:
@@ -322,17 +469,20 @@ class RefBinding:
         return self.node
 
     def info(self) -> RefInfo:
-        return RefInfo.of(self._held())
+        return RefInfo.of(self._held(), self._config)
 
     def view(self, extra: RefItems | None = None) -> RefView:
-        return RefView(self._held(), extra)
+        cache = self._cache()
+        if cache is not None and extra is not None:
+            extra = cache.items(extra)
+        return RefView(self._held(), extra, self._config)
 
     def release(self) -> None:
         if self.node is None:
             return
         self.node = None
         cache = self._cache()
-        if cache is not None:
+        if cache is not None and self.serial is not None:
             entry = cache._index.get(self.response_id)
             if entry is not None and entry.serial == self.serial and entry.pins > 0:
                 entry.pins -= 1
@@ -372,6 +522,16 @@ class RefStats:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class RefPrefixMatch:
+    binding: RefBinding | None
+    items: int
+    tokens: int
+    sent: int
+    parent_id: str | None
+    new_items: RefItems
+
+
 # -- the cache -------------------------------------------------------------------------
 
 
@@ -381,6 +541,12 @@ class RefCache:
 
     memory_budget: int = DEFAULT_BUDGET
     max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES
+    tokenizer: Tokenizer | None = field(default=None, kw_only=True)
+    block_size: int = field(default=16, kw_only=True)
+    seed: int = field(default=0, kw_only=True)
+    keep_token_ids: bool = field(default=False, kw_only=True)
+    prefix_index: bool = field(default=False, kw_only=True)
+    _config: _Config = field(init=False)
     _index: dict[str, _Entry] = field(default_factory=dict)
     _connections: set[int] = field(default_factory=set)
     _bindings: weakref.WeakSet[RefBinding] = field(default_factory=weakref.WeakSet)
@@ -390,6 +556,11 @@ class RefCache:
     _hits: int = 0
     _misses: int = 0
     _evictions: int = 0
+
+    def __post_init__(self) -> None:
+        self._config = _Config(
+            self.tokenizer, self.block_size, self.seed, self.keep_token_ids, self.prefix_index
+        )
 
     # -- connections
 
@@ -435,13 +606,13 @@ class RefCache:
         return entry.node
 
     def get(self, response_id: str, *, owner: str, connection: int | None = None) -> RefInfo:
-        return RefInfo.of(self._lookup_touch(response_id, owner, connection))
+        return RefInfo.of(self._lookup_touch(response_id, owner, connection), self._config)
 
     def bind(self, response_id: str, *, owner: str, connection: int | None = None) -> RefBinding:
         entry = self._lookup(response_id, owner, connection)
         self._touch(entry)
         entry.pins += 1
-        binding = RefBinding(self, entry)
+        binding = RefBinding(self, entry.node, entry)
         self._bindings.add(binding)
         return binding
 
@@ -453,8 +624,10 @@ class RefCache:
         connection: int | None = None,
         extra: RefItems | None = None,
     ) -> RefView:
+        if extra is not None:
+            extra = self.items(extra)
         node = None if response_id is None else self._lookup_touch(response_id, owner, connection)
-        return RefView(node, extra)
+        return RefView(node, extra, self._config)
 
     def context(self, response_id: str, *, owner: str, connection: int | None = None) -> bytes:
         return self.view(response_id, owner=owner, connection=connection).json()
@@ -513,14 +686,111 @@ class RefCache:
             new_output,
             settings,
             meta,
+            implicit=isinstance(previous_response_id, RefBinding) and previous_response_id.implicit,
         )
-        if node.cost() > self.memory_budget:
-            raise CacheFull(f"The response needs {node.cost()} bytes, over the budget.")
+        cost = node.cost(self._config)
+        if cost > self.memory_budget:
+            raise CacheFull(f"The response needs {cost} bytes, over the budget.")
         if parent is not None and self._is_indexed(parent):
             self._touch(self._index[parent.id])
         self._evict_for_budget(extra=node, protected=self._nearest_indexed_ancestor(node))
         self._insert(node)
-        return RefInfo.of(node)
+        return RefInfo.of(node, self._config)
+
+    # -- tokens and prefix matching
+
+    def items(self, items: Any) -> RefItems:
+        batch = _items_arg(items, self.max_item_bytes)
+        return RefItems(batch.items, self._config.tokens_of(batch.items))
+
+    def _live_nodes(self) -> list[_Node]:
+        roots = [e.node for e in self._index.values()]
+        roots += [b.node for b in self._bindings if b.node is not None]
+        live: dict[int, _Node] = {}
+        for root in roots:
+            for node in root.ancestors():
+                live[id(node)] = node
+        return list(live.values())
+
+    def match(self, input: Any, *, owner: str, connection: int | None = None) -> RefPrefixMatch:
+        if isinstance(input, RefItems):
+            values: list[Any] = [json.loads(item.json) for item in input.items]
+        elif isinstance(input, bytes | str):
+            try:
+                values = json.loads(input)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ItemNotJson(f"Items are not a JSON array of objects: {e}.") from None
+            if not isinstance(values, list):
+                raise ItemNotJson("Items are not a JSON array of objects: expected an array.")
+        else:
+            values = [_check_json(obj, i) for i, obj in enumerate(input)]
+        sent: list[bytes] = []
+        for value in values:
+            if not isinstance(value, dict):
+                break
+            sent.append(semantic_digest(value))
+        best: tuple[int, _Node, int] | None = None  # (matched, node, own items)
+        if self._config.prefix_index and sent:
+            for node in self._live_nodes():
+                scope = node.scope()
+                if node.owner != owner or (scope is not None and scope != connection):
+                    continue
+                context = [item.digest for item in node.context()]
+                shared = 0
+                while shared < min(len(context), len(sent)) and context[shared] == sent[shared]:
+                    shared += 1
+                own = shared - (len(context) - len(node.own()))
+                if own < 1:
+                    continue
+                rank = (shared, own == len(node.own()), node.serial)
+                if best is None or rank > (best[0], best[2] == len(best[1].own()), best[1].serial):
+                    best = (shared, node, own)
+        matched = best[0] if best else 0
+        rest = RefItems._build(values[matched:], self.max_item_bytes, offset=matched)
+        rest = RefItems(rest.items, self._config.tokens_of(rest.items))
+        if best is None:
+            return RefPrefixMatch(None, 0, 0, len(values), None, rest)
+        _, node, own = best
+        if own < len(node.own()):
+            node = self._prefix_node(node, own)
+        entry = self._index.get(node.id)
+        if entry is not None and entry.node is node:
+            self._touch(entry)
+            entry.pins += 1
+        else:
+            entry = None
+        binding = RefBinding(self, node, entry, implicit=True)
+        self._bindings.add(binding)
+        tokens = self._config.tokens_of(node.context())
+        return RefPrefixMatch(binding, matched, tokens, len(values), node.id, rest)
+
+    def _prefix_node(self, node: _Node, own: int) -> _Node:
+        n_input = len(node.input)
+        if own <= n_input:
+            new_input, new_output = RefItems(node.input.items[:own]), RefItems()
+        else:
+            new_input, new_output = node.input, RefItems(node.output.items[: own - n_input])
+        return _Node(
+            f"{node.id}#{own}",
+            node.owner,
+            node.parent,
+            node.store,
+            node.created_on,
+            new_input,
+            new_output,
+            node.settings,
+            node.meta,
+            implicit=node.implicit,
+        )
+
+    def input_items(
+        self, response_id: str, *, owner: str, connection: int | None = None
+    ) -> RefItems:
+        node = self._lookup_touch(response_id, owner, connection)
+        if not node.implicit:
+            return node.input
+        parent = node.parent.context() if node.parent else []
+        return RefItems((*parent, *node.input.items))
 
     def _insert(self, node: _Node) -> None:
         self._serial += 1
@@ -571,7 +841,7 @@ class RefCache:
         for root in roots:
             for node in root.ancestors():
                 live[id(node)] = node
-        return sum(node.cost() for node in live.values())
+        return sum(node.cost(self._config) for node in live.values())
 
     def _evict_for_budget(self, extra: _Node | None, protected: _Entry | None) -> None:
         while self._live_bytes(extra) > self.memory_budget:
@@ -635,6 +905,8 @@ class RefCache:
                         "meta": node.meta,
                     }
                 )
+                if node.implicit:
+                    records[-1]["implicit"] = True
                 position[id(node)] = len(records) - 1
         doc = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "nodes": records}
         return bytes(msgpack.packb(doc, use_bin_type=True))
@@ -665,6 +937,8 @@ class RefCache:
             parent = None if r["parent"] is None else nodes[r["parent"]][0]
             if not r["store"] or not r["id"] or r["n_input"] > len(r["items"]):
                 raise SnapshotError(f"Cannot restore the snapshot: node {i}: bad record.")
+            if r.get("implicit") and parent is None:
+                raise SnapshotError(f"Cannot restore the snapshot: node {i}: bad record.")
             if r["settings"] is not None:
                 settings = bytes(r["settings"])
             elif parent is not None:
@@ -684,6 +958,7 @@ class RefCache:
                 output=RefItems(items[n:]),
                 settings=settings,
                 meta=bytes(r["meta"]),
+                implicit=bool(r.get("implicit", False)),
             )
             nodes.append((node, bool(r["indexed"])))
         return nodes

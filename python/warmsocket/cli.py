@@ -67,6 +67,19 @@ class _AppendReplacing(argparse.Action):
         setattr(namespace, marker, True)
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def _env_flag(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SystemExit(f"warmsocket: invalid {name}={raw!r}: expected 1/0, true/false, yes/no")
+
+
 class _EnvDefaults:
     """Adds options whose default comes from WARMSOCKET_<NAME>, and says so in --help."""
 
@@ -88,7 +101,9 @@ class _EnvDefaults:
         raw = os.environ.get(env_name)
         value = default
         if raw is not None:
-            if env_split:
+            if kwargs.get("action") == "store_true":
+                value = _env_flag(env_name, raw)
+            elif env_split:
                 value = [part.strip() for part in raw.split(",") if part.strip()]
             elif type is not None:
                 try:
@@ -203,6 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="file to restore stored (store=true) responses from at start and save them "
         "to at shutdown; store=false state is never written",
+    )
+    tokens = serve.add_argument_group("token caching and prefix diffing")
+    opt.parser = tokens
+    opt.add(
+        "--tokenizer",
+        default=None,
+        help="how tokens are counted for usage and block-hashed: o200k_base, cl100k_base, "
+        "the path of a Hugging Face tokenizer.json, or 'none' (estimate from bytes). "
+        "Default: the encoding of the first --model name (o200k_base when unknown)",
+    )
+    opt.add(
+        "--no-prefix-diffing",
+        default=False,
+        action="store_true",
+        help="do not match full-history requests against cached chains and do not cache "
+        "tokens per item (every turn re-validates, re-stores and re-tokenises its whole "
+        "context: the naive baseline for benchmarks)",
     )
     model = serve.add_argument_group("model backend")
     opt.parser = model

@@ -1,18 +1,27 @@
 """The turn engine shared by WebSocket mode and HTTP mode.
 
 `Engine.prepare` resolves `previous_response_id` (connection-local entries, then
-stored ones), pins the parent, and returns a `Turn`; the turn turns model events into
-Responses events and, at its terminal event, stores the response in the cache.
-Neither knows about sockets.
+stored ones), or, when there is none, matches the input against the cached chains
+(prefix diffing: a client that re-sends its whole history shares the cached chain
+and only the new suffix is tokenised and stored), pins the parent, and returns a
+`Turn`; the turn turns model events into Responses events and, at its terminal
+event, stores the response in the cache. Neither knows about sockets.
 
 Requests come parsed by Rust (`_core.parse_client_message`: the new input is already
 `Items`, the settings canonical JSON) and events are encoded by a Rust
 `ResponseEncoder` in the connection's framing: each `Turn` method returns the frames
 it produced as one `bytes`, ready for the transport.
+
+Token accounting: with a tokenizer on the cache, every item is tokenised once, when
+it enters, so usage is sums of cached counts; the instructions count as a `system`
+message. `cached_tokens` is the part of the prompt that a previous prompt of this
+chain already had: the parent's context (and the instructions, when they are the
+parent's), nothing when the instructions changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -27,6 +36,7 @@ from warmsocket._core import (
     Items,
     ResponseEncoder,
     SessionCache,
+    Tokenizer,
 )
 from warmsocket.backends.base import (
     Backend,
@@ -67,6 +77,46 @@ def estimate_tokens(nbytes: int) -> int:
     return (nbytes + BYTES_PER_TOKEN_ESTIMATE - 1) // BYTES_PER_TOKEN_ESTIMATE
 
 
+BUILTIN_TOKENIZERS = ("o200k_base", "cl100k_base")
+
+
+def tokenizer_for(spec: str | None, model: str) -> Tokenizer | None:
+    """The tokenizer `--tokenizer` names: a built-in encoding, a tokenizer.json path,
+    `none`, or None/`auto` to follow the model name (`Tokenizer.for_model`)."""
+    if spec is None or spec == "auto":
+        return Tokenizer.for_model(model)
+    if spec == "none":
+        return None
+    if spec in BUILTIN_TOKENIZERS:
+        return Tokenizer.builtin(spec)
+    return Tokenizer.from_file(spec)
+
+
+def new_cache(
+    memory_budget: int,
+    max_item_bytes: int,
+    *,
+    tokenizer: Tokenizer | None,
+    prefix_diffing: bool = True,
+) -> SessionCache:
+    """The server's session cache. With `prefix_diffing` (the default) it tokenises
+    items as they enter and indexes chains for matching re-sent histories; without,
+    it does neither (the naive baseline: the engine then counts tokens per turn)."""
+    return SessionCache(
+        memory_budget,
+        max_item_bytes=max_item_bytes,
+        tokenizer=tokenizer if prefix_diffing else None,
+        prefix_index=prefix_diffing,
+    )
+
+
+def instructions_key(instructions: str | None) -> str | None:
+    """What the stored meta remembers of a turn's instructions (to tell a change)."""
+    if instructions is None:
+        return None
+    return hashlib.blake2b(instructions.encode(), digest_size=8).hexdigest()
+
+
 class Engine:
     """Services shared by every connection: the cache, the backend, metrics, the clock."""
 
@@ -78,12 +128,42 @@ class Engine:
         metrics: Metrics | None = None,
         limits: Limits | None = None,
         wall_clock: Callable[[], float] = time.time,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
+        """`tokenizer` counts what the cache does not: the instructions, and, when the
+        cache has no tokenizer of its own, each turn's whole context (O(context), the
+        naive baseline). Without either, tokens are estimated from bytes. Prefix
+        diffing is on when the cache has a prefix index."""
         self.cache = cache
         self.backend = backend
         self.metrics = metrics or Metrics()
         self.limits = limits or Limits()
         self.wall_clock = wall_clock
+        self.prefix_diffing = cache.prefix_index
+        self.tokenizer = cache.tokenizer or tokenizer
+        self.caches_tokens = cache.tokenizer is not None
+        self._instruction_tokens: dict[str, int] = {}
+
+    def instruction_tokens(self, instructions: str | None) -> int:
+        """Tokens of the instructions as a `system` message (memoised; 0 without a
+        tokenizer)."""
+        if instructions is None or self.tokenizer is None:
+            return 0
+        count = self._instruction_tokens.get(instructions)
+        if count is None:
+            count = self.tokenizer.count_instructions(instructions)
+            if len(self._instruction_tokens) >= 256:
+                self._instruction_tokens.clear()
+            self._instruction_tokens[instructions] = count
+        return count
+
+    def context_tokens(self, view: ContextView) -> int:
+        """Tokens of a context: the cached count, else counted now, else estimated."""
+        if self.caches_tokens:
+            return view.tokens
+        if self.tokenizer is not None:
+            return view.count_tokens(self.tokenizer)
+        return estimate_tokens(view.nbytes)
 
     def prepare(
         self,
@@ -106,12 +186,23 @@ class Engine:
         """
         started = time.perf_counter()
         # Parsing validated the input and made it Items (within the cache's item limit).
-        items = request.input if prepend is None else prepend.concat(request.input)
-
+        input_items = request.input if prepend is None else prepend.concat(request.input)
+        cache = self.cache
         binding: Binding | None = None
+        try:
+            if request.previous_response_id is None and self.prefix_diffing:
+                # Match a re-sent history: only the suffix is tokenised.
+                match = cache.match(input_items, owner=owner, connection=connection)
+                binding, items = match.binding, match.new_items
+                self.metrics.prefix_match(match.items)
+            else:
+                items = cache.items(input_items)
+        except (_core.InvalidItems, _core.TokenizerError) as exc:
+            raise errors.invalid_value("input", f"Invalid 'input': {exc}") from None
+
         if request.previous_response_id is not None:
             try:
-                binding = self.cache.bind(
+                binding = cache.bind(
                     request.previous_response_id, owner=owner, connection=lookup_connection
                 )
             except _core.ResponseNotFound:
@@ -119,13 +210,23 @@ class Engine:
                 raise errors.previous_response_not_found(request.previous_response_id) from None
             self.metrics.cache_lookup(hit=True)
 
+        chain_parent: str | None = None
         try:
             if binding is not None:
                 view = binding.view(items)
                 parent = binding.info()
-                cached_tokens = parent.tokens or estimate_tokens(parent.bytes)
+                same_prompt = json.loads(parent.meta).get("instructions") == instructions_key(
+                    request.instructions
+                )
+                cached_tokens = self._cached_tokens(parent, binding, request, same_prompt)
+                # Backends key what they remember of a chain (upstream replica, chat
+                # rendering, upstream response) by the parent. A matched parent is
+                # shown to them only when the prompt continues it: with other
+                # instructions the request is a new prompt for the upstream.
+                if request.previous_response_id is not None or same_prompt:
+                    chain_parent = binding.response_id
             else:
-                view = self.cache.view(None, owner=owner, connection=connection, extra=items)
+                view = cache.view(None, owner=owner, connection=connection, extra=items)
                 cached_tokens = 0
         except BaseException:
             if binding is not None:
@@ -144,9 +245,26 @@ class Engine:
             stream_id=stream_id,
             cached_tokens=cached_tokens,
             framing=framing,
+            chain_parent_id=chain_parent,
         )
         self.metrics.observe_rebuild(time.perf_counter() - started)
         return turn
+
+    def _cached_tokens(
+        self,
+        parent: _core.ResponseInfo,
+        binding: Binding,
+        request: CreateRequest,
+        same_prompt: bool,
+    ) -> int:
+        """Tokens of the prompt a previous prompt of this chain already had."""
+        if not self.caches_tokens and self.tokenizer is None:
+            return estimate_tokens(parent.bytes)
+        if not same_prompt:
+            # The prompt starts with the instructions: a change invalidates it all.
+            return 0
+        prefix = parent.tokens if self.caches_tokens else self.context_tokens(binding.view())
+        return prefix + self.instruction_tokens(request.instructions)
 
     def successor_request(self, target: Turn, steer_items: Items) -> CreateRequest:
         """The automatic successor of a steered response: same settings, steering as input."""
@@ -170,6 +288,7 @@ class Turn:
         stream_id: str | None,
         cached_tokens: int,
         framing: Framing = "json",
+        chain_parent_id: str | None = None,
     ) -> None:
         self.engine = engine
         self.request = request
@@ -181,6 +300,7 @@ class Turn:
         self.view = view
         self.stream_id = stream_id
         self.cached_tokens = cached_tokens
+        self.chain_parent_id = chain_parent_id
         self.started = time.perf_counter()
         self.first_token: float | None = None
         self.finished = False
@@ -203,6 +323,7 @@ class Turn:
 
     @property
     def parent_id(self) -> str | None:
+        """The `previous_response_id` the client sent."""
         return self.request.previous_response_id
 
     def context(self) -> TurnContext:
@@ -213,7 +334,9 @@ class Turn:
             view=self.view,
             new_items=len(self.items),
             cached_tokens=self.cached_tokens,
-            previous_response_id=self.parent_id,
+            # The chain's parent, also when found by prefix diffing: upstream
+            # backends key what they remember of a chain by it.
+            previous_response_id=self.chain_parent_id,
             input=self.items,
         )
 
@@ -254,7 +377,9 @@ class Turn:
         view = self.view
         input_tokens = report.input_tokens
         if input_tokens is None:
-            input_tokens = view.tokens or estimate_tokens(view.nbytes)
+            engine = self.engine
+            input_tokens = engine.context_tokens(view)
+            input_tokens += engine.instruction_tokens(self.request.instructions)
         cached = report.cached_tokens if report.cached_tokens is not None else self.cached_tokens
         output = report.output_tokens
         if output is None:
@@ -320,6 +445,7 @@ class Turn:
             },
             "error": None,
             "incomplete_details": incomplete,
+            "instructions": instructions_key(self.request.instructions),
         }
         cache = self.engine.cache
         try:

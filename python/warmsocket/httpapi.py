@@ -303,7 +303,9 @@ class HTTPApp:
         cache = self.engine.cache
         try:
             info = cache.get(rid, owner=owner)
-            input_items, output = cache.own_items(rid, owner=owner)
+            _own_input, output = cache.own_items(rid, owner=owner)
+            # What the client sent: with prefix diffing, the re-sent history too.
+            input_items = cache.input_items(rid, owner=owner)
         except _core.ResponseNotFound:
             raise errors.response_not_found(rid) from None
         return info, input_items, output

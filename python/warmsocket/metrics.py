@@ -89,6 +89,11 @@ class Metrics:
     def cache_lookup(self, *, hit: bool) -> None:
         self.lookups["hit" if hit else "miss"] += 1
 
+    def prefix_match(self, items: int) -> None:
+        """A request without previous_response_id matched `items` cached items."""
+        self.prefix_matches["hit" if items else "miss"] += 1
+        self.prefix_matched_items += items
+
     def count_error(self, code: str) -> None:
         self.errors[code] += 1
 
@@ -152,6 +157,12 @@ class Metrics:
                 f'warmsocket_prefix_matches_total{{result="{result}"}} '
                 f"{self.prefix_matches[result]}"
             )
+        family(
+            "warmsocket_prefix_matched_items_total",
+            "counter",
+            "Items of full-history requests found in cached chains (not stored again).",
+        )
+        lines.append(f"warmsocket_prefix_matched_items_total {self.prefix_matched_items}")
         family(
             "warmsocket_turn_context_rebuild_seconds",
             "histogram",

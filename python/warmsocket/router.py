@@ -100,6 +100,9 @@ class Router:
         preferred: Replica | None = None
         result, reason = "new", "prefix"
         if parent_id is not None:
+            # `<id>#<n>` is the first n items of response <id> (a prefix-diffing
+            # match ending inside it): that response's replica holds it too.
+            parent_id = parent_id.partition("#")[0]
             index = self._chains.get(parent_id)
             if index is not None:
                 self._chains.move_to_end(parent_id)

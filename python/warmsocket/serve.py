@@ -10,11 +10,11 @@ import signal
 from pathlib import Path
 
 from warmsocket import logs, upstream_cli
-from warmsocket._core import SessionCache, SnapshotError
+from warmsocket._core import SessionCache, SnapshotError, TokenizerError
 from warmsocket.backends.base import Backend
 from warmsocket.backends.mock import MockBackend
 from warmsocket.cli import run_async
-from warmsocket.engine import Limits
+from warmsocket.engine import Limits, new_cache, tokenizer_for
 from warmsocket.metrics import Metrics
 from warmsocket.server import Server, ServerConfig
 
@@ -39,6 +39,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_item_bytes=args.max_item_bytes,
         models=tuple(args.model or ("warmsocket-mock",)),
         ws_ping_interval=args.ws_ping_interval or None,
+        tokenizer=args.tokenizer,
+        prefix_diffing=not args.no_prefix_diffing,
     )
 
 
@@ -63,7 +65,20 @@ def serve_command(args: argparse.Namespace) -> int:
 async def _serve(
     config: ServerConfig, backend: Backend, snapshot: Path | None, metrics: Metrics | None = None
 ) -> int:
-    cache = SessionCache(config.memory_budget, max_item_bytes=config.max_item_bytes)
+    try:
+        tokenizer = tokenizer_for(config.tokenizer, config.models[0])
+    except (TokenizerError, OSError) as exc:
+        log.error(
+            "cannot load the tokenizer; fix --tokenizer",
+            extra={"tokenizer": config.tokenizer, "error_type": type(exc).__name__},
+        )
+        return 1
+    cache: SessionCache = new_cache(
+        config.memory_budget,
+        config.max_item_bytes,
+        tokenizer=tokenizer,
+        prefix_diffing=config.prefix_diffing,
+    )
     if snapshot is not None and snapshot.exists():
         try:
             restored = cache.restore(snapshot.read_bytes())

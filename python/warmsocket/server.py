@@ -38,7 +38,7 @@ from websockets.typing import Subprotocol
 from warmsocket import errors
 from warmsocket._core import SessionCache
 from warmsocket.backends.base import Backend
-from warmsocket.engine import Engine, Framing, Limits, Turn
+from warmsocket.engine import Engine, Framing, Limits, Turn, new_cache, tokenizer_for
 from warmsocket.errors import APIError
 from warmsocket.http11 import CONTINUE, HTTPError, Request, RequestParser, encode_response
 from warmsocket.httpapi import Auth, HTTPApp, route_of
@@ -90,6 +90,12 @@ class ServerConfig:
     ws_ping_interval: float | None = 20.0
     ws_ping_timeout: float | None = 20.0
     backlog: int = 1024
+    tokenizer: str | None = None
+    """`--tokenizer`: o200k_base, cl100k_base, a tokenizer.json path, none; None follows
+    the first model name."""
+    prefix_diffing: bool = True
+    """Match full-history requests against cached chains and cache tokens per item
+    (`--no-prefix-diffing` turns both off: the naive baseline)."""
 
 
 class Server:
@@ -105,11 +111,18 @@ class Server:
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.cache = cache or SessionCache(
-            config.memory_budget, max_item_bytes=config.max_item_bytes
+        given = cache.tokenizer if cache is not None else None
+        tokenizer = given or tokenizer_for(config.tokenizer, config.models[0])
+        self.cache = cache or new_cache(
+            config.memory_budget,
+            config.max_item_bytes,
+            tokenizer=tokenizer,
+            prefix_diffing=config.prefix_diffing,
         )
         self.metrics.collectors.append(cache_collector(lambda: self.cache.stats().as_dict()))
-        self.engine = Engine(self.cache, backend, metrics=self.metrics, limits=config.limits)
+        self.engine = Engine(
+            self.cache, backend, metrics=self.metrics, limits=config.limits, tokenizer=tokenizer
+        )
         self.http = HTTPApp(self.engine, auth=Auth(config.api_keys), models=config.models)
         self.connections: set[Connection] = set()
         self._server: asyncio.Server | None = None

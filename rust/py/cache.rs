@@ -7,14 +7,19 @@
 
 use std::sync::Arc;
 
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
-use crate::cache::{self, NewResponse, Parent, ResponseInfo, Stats};
+use crate::cache::{self, CacheOptions, NewResponse, Parent, ResponseInfo, Stats};
+use crate::error::Error;
+use crate::item::{semantic_digest, Items};
+use crate::node::TokenConfig;
 use crate::py::buffer::bytes_with;
-use crate::py::items::{items_arg, PyItems};
+use crate::py::items::{items_arg, sent_arg, PyItems, Sent};
 use crate::py::json::item_to_py;
+use crate::py::token::{hash_bytes, to_py_err, token_array, Tokenizer};
+use crate::py::{detach_if, DETACH_TOKENIZE_BYTES};
 use crate::snapshot;
 use crate::view::ContextView;
 
@@ -27,11 +32,143 @@ pub struct PySessionCache {
 #[pymethods]
 impl PySessionCache {
     #[new]
-    #[pyo3(signature = (memory_budget = 1073741824, *, max_item_bytes = 33554432))]
-    fn new(memory_budget: u64, max_item_bytes: usize) -> Self {
-        PySessionCache {
-            inner: cache::SessionCache::new(memory_budget, max_item_bytes),
-        }
+    #[pyo3(signature = (
+        memory_budget = 1073741824, *, max_item_bytes = 33554432, tokenizer = None,
+        block_size = 16, seed = 0, keep_token_ids = false, prefix_index = false,
+    ))]
+    fn new(
+        memory_budget: u64,
+        max_item_bytes: usize,
+        tokenizer: Option<&Tokenizer>,
+        block_size: usize,
+        seed: u64,
+        keep_token_ids: bool,
+        prefix_index: bool,
+    ) -> PyResult<Self> {
+        let tokens = match tokenizer {
+            None => None,
+            Some(t) => Some(
+                TokenConfig::new(t.inner.clone(), block_size, seed, keep_token_ids)
+                    .map_err(|e| PyValueError::new_err(e.to_string()))?,
+            ),
+        };
+        Ok(PySessionCache {
+            inner: cache::SessionCache::with_options(CacheOptions {
+                memory_budget,
+                max_item_bytes,
+                tokens,
+                prefix_index,
+            }),
+        })
+    }
+
+    #[getter]
+    fn tokenizer(&self) -> Option<Tokenizer> {
+        self.inner.token_config().map(|cfg| Tokenizer {
+            inner: cfg.tokenizer.clone(),
+        })
+    }
+
+    #[getter]
+    fn block_size(&self) -> Option<usize> {
+        self.inner.token_config().map(|cfg| cfg.block_size)
+    }
+
+    #[getter]
+    fn seed(&self) -> Option<u64> {
+        self.inner.token_config().map(|cfg| cfg.seed)
+    }
+
+    #[getter]
+    fn keep_token_ids(&self) -> bool {
+        self.inner.token_config().is_some_and(|cfg| cfg.keep_ids)
+    }
+
+    #[getter]
+    fn prefix_index(&self) -> bool {
+        self.inner.prefix_index()
+    }
+
+    fn items(&self, py: Python<'_>, items: &Bound<'_, PyAny>) -> PyResult<PyItems> {
+        let items = items_arg(py, Some(items), self.inner.max_item_bytes())?;
+        items.check_item_limit(self.inner.max_item_bytes())?;
+        let size = items.nbytes() as usize;
+        let inner = &self.inner;
+        let items = detach_if(py, size, DETACH_TOKENIZE_BYTES, || inner.items(items))?;
+        Ok(PyItems { inner: items })
+    }
+
+    #[pyo3(signature = (input, *, owner, connection = None))]
+    fn r#match(
+        &self,
+        py: Python<'_>,
+        input: &Bound<'_, PyAny>,
+        owner: &str,
+        connection: Option<u64>,
+    ) -> PyResult<PyPrefixMatch> {
+        let sent = sent_arg(py, input)?;
+        let (weight, total) = match &sent {
+            Sent::Items(items) => (items.nbytes() as usize, items.len()),
+            // Decoded values: no size at hand; a few items are cheap either way.
+            Sent::Values(values) => (values.len() * 1024, values.len()),
+        };
+        let inner = &self.inner;
+        let owner = owner.to_owned();
+        let work = move || -> Result<(cache::PrefixMatch, Items), Error> {
+            let max = inner.max_item_bytes();
+            match sent {
+                Sent::Items(items) => {
+                    let digests: Vec<u128> = items.iter().map(|i| i.digest()).collect();
+                    let m = inner.match_prefix(&owner, connection, &digests)?;
+                    let rest = items.slice(m.items..items.len());
+                    rest.check_item_limit(max)?;
+                    let rest = inner.items(rest)?;
+                    Ok((m, rest))
+                }
+                Sent::Values(values) => {
+                    let mut buf = Vec::new();
+                    let digests: Vec<u128> = values
+                        .iter()
+                        .map_while(|v| semantic_digest(v, &mut buf))
+                        .collect();
+                    let m = inner.match_prefix(&owner, connection, &digests)?;
+                    let rest = Items::from_values_at(&values[m.items..], m.items, max)?;
+                    let rest = inner.items(rest)?;
+                    Ok((m, rest))
+                }
+            }
+        };
+        let (m, rest) = detach_if(py, weight, DETACH_TOKENIZE_BYTES, work)?;
+        let tokens = m
+            .binding
+            .as_ref()
+            .and_then(|b| b.node().ok())
+            .map_or(0, |n| n.tokens);
+        let parent_id = m.binding.as_ref().map(|b| b.response_id().to_owned());
+        let binding = match m.binding {
+            None => None,
+            Some(inner) => Some(Py::new(py, PyBinding { inner })?),
+        };
+        Ok(PyPrefixMatch {
+            binding,
+            items: m.items,
+            tokens,
+            sent: total,
+            parent_id,
+            new_items: rest,
+        })
+    }
+
+    #[pyo3(signature = (response_id, *, owner, connection = None))]
+    fn input_items(
+        &self,
+        response_id: &str,
+        owner: &str,
+        connection: Option<u64>,
+    ) -> PyResult<PyItems> {
+        Ok(PyItems {
+            inner: self.inner.input_items(response_id, owner, connection)?,
+        })
     }
 
     #[getter]
@@ -78,31 +215,45 @@ impl PySessionCache {
         let max = self.inner.max_item_bytes();
         let input = items_arg(py, input, max)?;
         let output = items_arg(py, output, max)?;
-        let parent = match previous_response_id {
-            None => Parent::None,
-            Some(p) => {
-                if let Ok(b) = p.cast::<PyBinding>() {
-                    Parent::Binding(&b.get().inner)
-                } else if let Ok(s) = p.cast::<PyString>() {
-                    Parent::Id(s.to_str()?)
-                } else {
-                    return Err(PyTypeError::new_err(
-                        "previous_response_id must be a str, a Binding or None",
-                    ));
-                }
+        let mut parent_id: Option<&str> = None;
+        let mut parent_binding: Option<Arc<cache::Binding>> = None;
+        if let Some(p) = previous_response_id {
+            if let Ok(b) = p.cast::<PyBinding>() {
+                parent_binding = Some(b.get().inner.clone());
+            } else if let Ok(s) = p.cast::<PyString>() {
+                parent_id = Some(s.to_str()?);
+            } else {
+                return Err(PyTypeError::new_err(
+                    "previous_response_id must be a str, a Binding or None",
+                ));
             }
+        }
+        // Tokenising the new items is the part that grows with them.
+        let size = if self.inner.token_config().is_some() {
+            (input.nbytes() + output.nbytes()) as usize
+        } else {
+            0
         };
-        let info = self.inner.create(NewResponse {
-            id: response_id,
-            owner,
-            input,
-            output,
-            parent,
-            settings,
-            meta,
-            store,
-            connection,
-        })?;
+        let inner = &self.inner;
+        let create = || {
+            let parent = match (&parent_binding, parent_id) {
+                (Some(b), _) => Parent::Binding(b),
+                (None, Some(id)) => Parent::Id(id),
+                (None, None) => Parent::None,
+            };
+            inner.create(NewResponse {
+                id: response_id,
+                owner,
+                input,
+                output,
+                parent,
+                settings,
+                meta,
+                store,
+                connection,
+            })
+        };
+        let info = detach_if(py, size, DETACH_TOKENIZE_BYTES, create)?;
         Ok(PyResponseInfo { inner: info })
     }
 
@@ -245,6 +396,10 @@ impl PyResponseInfo {
     #[getter]
     fn previous_response_id(&self) -> Option<&str> {
         self.inner.previous_response_id.as_deref()
+    }
+    #[getter]
+    fn parent_id(&self) -> Option<&str> {
+        self.inner.parent_id.as_deref()
     }
     #[getter]
     fn owner(&self) -> &str {
@@ -395,6 +550,37 @@ impl PyContextView {
         view_objects(py, &self.inner)
     }
 
+    fn token_ids<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let view = &self.inner;
+        let ids = py
+            .detach(|| view.token_ids())
+            .map_err(|e| to_py_err(py, e))?;
+        ids.map(|ids| token_array(py, &ids)).transpose()
+    }
+
+    fn count_tokens(&self, py: Python<'_>, tokenizer: &Tokenizer) -> PyResult<u64> {
+        let (view, tokenizer) = (&self.inner, &tokenizer.inner);
+        py.detach(|| view.count_tokens(tokenizer))
+            .map_err(|e| to_py_err(py, e))
+    }
+
+    fn block_hashes<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let view = &self.inner;
+        let hashes = py
+            .detach(|| view.block_hashes())
+            .map_err(|e| to_py_err(py, e))?;
+        Ok(hashes.map(|h| hash_bytes(py, &h)))
+    }
+
+    fn shared_prefix_tokens(&self, py: Python<'_>, other: &PyContextView) -> PyResult<Option<u64>> {
+        let (a, b) = (&self.inner, &other.inner);
+        let blocks = py
+            .detach(|| a.shared_prefix_blocks(b))
+            .map_err(|e| to_py_err(py, e))?;
+        let block_size = a.token_config().map_or(0, |cfg| cfg.block_size);
+        Ok(blocks.map(|n| (n * block_size) as u64))
+    }
+
     #[pyo3(signature = (*, from_last_role = "user"))]
     fn tail<'py>(&self, py: Python<'py>, from_last_role: &str) -> PyResult<Bound<'py, PyBytes>> {
         let tail = self.inner.tail(from_last_role);
@@ -438,6 +624,11 @@ impl PyBinding {
         })
     }
 
+    #[getter]
+    fn implicit(&self) -> bool {
+        self.inner.is_implicit()
+    }
+
     fn release(&self) {
         self.inner.release();
     }
@@ -458,5 +649,53 @@ impl PyBinding {
             "held"
         };
         format!("<Binding {:?} {state}>", self.inner.response_id())
+    }
+}
+
+/// What `SessionCache.match` found for a re-sent history.
+#[pyclass(name = "PrefixMatch", module = "warmsocket._core", frozen)]
+pub struct PyPrefixMatch {
+    binding: Option<Py<PyBinding>>,
+    items: usize,
+    tokens: u64,
+    sent: usize,
+    parent_id: Option<String>,
+    new_items: Items,
+}
+
+#[pymethods]
+impl PyPrefixMatch {
+    #[getter]
+    fn binding(&self, py: Python<'_>) -> Option<Py<PyBinding>> {
+        self.binding.as_ref().map(|b| b.clone_ref(py))
+    }
+    #[getter]
+    fn items(&self) -> usize {
+        self.items
+    }
+    #[getter]
+    fn tokens(&self) -> u64 {
+        self.tokens
+    }
+    #[getter]
+    fn sent(&self) -> usize {
+        self.sent
+    }
+    #[getter]
+    fn parent_id(&self) -> Option<&str> {
+        self.parent_id.as_deref()
+    }
+    #[getter]
+    fn new_items(&self) -> PyItems {
+        PyItems {
+            inner: self.new_items.clone(),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<PrefixMatch {} of {} items, {} tokens, parent {:?}>",
+            self.items, self.sent, self.tokens, self.parent_id
+        )
     }
 }

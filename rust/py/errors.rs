@@ -174,6 +174,7 @@ fn to_py(py: Python<'_>, err: Error) -> PyErr {
         Error::CacheFull { .. } => &t.cache_full,
         Error::Snapshot { .. } => &t.snapshot,
         Error::InvalidArgument { .. } => return PyValueError::new_err(err.to_string()),
+        Error::Token(e) => return crate::py::token::to_py_err(py, e.clone()),
     };
     PyErr::from_type(class.bind(py).clone(), err.to_string())
 }

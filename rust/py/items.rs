@@ -11,6 +11,7 @@ use crate::item::{Item, Items};
 use crate::py::buffer::bytes_with;
 use crate::py::json::{item_to_py, to_value};
 use crate::py::{detach_if, DETACH_PARSE_BYTES};
+use serde_json::Value;
 
 /// An immutable batch of validated items, each kept as canonical JSON bytes.
 #[pyclass(name = "Items", module = "warmsocket._core", frozen)]
@@ -37,6 +38,47 @@ fn parse(py: Python<'_>, data: &Bound<'_, PyAny>, max_item_bytes: usize) -> PyRe
 
 /// Build a batch from a sequence of mappings.
 fn from_objects(items: &Bound<'_, PyAny>, max_item_bytes: usize) -> PyResult<Items> {
+    let values = values_from_objects(items)?;
+    // Walking the Python objects needs the GIL and costs more than canonicalising
+    // the result, so releasing it for the second half would gain little.
+    Ok(Items::from_values(&values, max_item_bytes)?)
+}
+
+/// What a client sent, decoded but not validated: the JSON values of the items.
+pub enum Sent {
+    /// Already validated items.
+    Items(Items),
+    /// Decoded values, one per item.
+    Values(Vec<Value>),
+}
+
+/// Decode any `ItemsLike` argument without validating the items (JSON text is
+/// parsed with the GIL released when large).
+pub fn sent_arg(py: Python<'_>, arg: &Bound<'_, PyAny>) -> PyResult<Sent> {
+    if let Ok(items) = arg.cast::<PyItems>() {
+        return Ok(Sent::Items(items.get().inner.clone()));
+    }
+    let text: Option<&[u8]> = if let Ok(b) = arg.cast::<PyBytes>() {
+        Some(b.as_bytes())
+    } else if let Ok(s) = arg.cast::<PyString>() {
+        Some(s.to_str()?.as_bytes())
+    } else {
+        None
+    };
+    if let Some(text) = text {
+        let parse = || crate::item::parse_values(text);
+        return Ok(Sent::Values(detach_if(
+            py,
+            text.len(),
+            DETACH_PARSE_BYTES,
+            parse,
+        )?));
+    }
+    Ok(Sent::Values(values_from_objects(arg)?))
+}
+
+/// The JSON values of a sequence of mappings.
+fn values_from_objects(items: &Bound<'_, PyAny>) -> PyResult<Vec<Value>> {
     if items.is_instance_of::<PyString>()
         || items.is_instance_of::<PyBytes>()
         || items.is_instance_of::<pyo3::types::PyDict>()
@@ -54,9 +96,7 @@ fn from_objects(items: &Bound<'_, PyAny>, max_item_bytes: usize) -> PyResult<Ite
         })?;
         values.push(value);
     }
-    // Walking the Python objects needs the GIL and costs more than canonicalising
-    // the result, so releasing it for the second half would gain little.
-    Ok(Items::from_values(&values, max_item_bytes)?)
+    Ok(values)
 }
 
 /// Any `ItemsLike` argument (`None` = no items).
@@ -136,6 +176,11 @@ impl PyItems {
         self.inner.nbytes()
     }
 
+    #[getter]
+    fn tokens(&self) -> u64 {
+        self.inner.tokens()
+    }
+
     fn json<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         items_json(py, &self.inner)
     }
@@ -157,6 +202,7 @@ impl PyItems {
         let i = self::index(self.inner.len(), index)?;
         Ok(PyItemMeta {
             item: self.inner.as_slice()[i].clone(),
+            tokens: self.inner.token_counts().map(|c| c[i]),
         })
     }
 
@@ -179,6 +225,7 @@ impl PyItems {
 #[pyclass(name = "ItemMeta", module = "warmsocket._core", frozen)]
 pub struct PyItemMeta {
     item: Arc<Item>,
+    tokens: Option<u32>,
 }
 
 #[pymethods]
@@ -206,6 +253,14 @@ impl PyItemMeta {
     #[getter]
     fn nbytes(&self) -> usize {
         self.item.nbytes()
+    }
+    #[getter]
+    fn tokens(&self) -> Option<u32> {
+        self.tokens
+    }
+    #[getter]
+    fn digest<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.item.digest().to_be_bytes())
     }
 
     fn __repr__(&self) -> String {

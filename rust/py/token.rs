@@ -6,6 +6,7 @@
 //! canonical XXH128 form); every call that grows with its input releases the GIL.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -104,7 +105,7 @@ pub fn add_exceptions(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-fn to_py_err(py: Python<'_>, err: TokenError) -> PyErr {
+pub(crate) fn to_py_err(py: Python<'_>, err: TokenError) -> PyErr {
     let e = match exceptions(py) {
         Ok(e) => e,
         Err(failed) => return failed,
@@ -132,7 +133,7 @@ fn block_size_err(err: blocks::BlockSizeError) -> PyErr {
 static ARRAY: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 /// Token ids as `array('I')`.
-fn token_array<'py>(py: Python<'py>, ids: &[u32]) -> PyResult<Bound<'py, PyAny>> {
+pub(crate) fn token_array<'py>(py: Python<'py>, ids: &[u32]) -> PyResult<Bound<'py, PyAny>> {
     let array = ARRAY.get_or_try_init(py, || -> PyResult<Py<PyAny>> {
         let array = py.import("array")?.getattr("array")?;
         // 'I' is C `unsigned int`: 4 bytes on every platform CPython supports.
@@ -177,7 +178,7 @@ fn json_arg<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<&'a [u8]> {
     Err(PyTypeError::new_err("item JSON must be bytes or str"))
 }
 
-fn hash_bytes<'py>(py: Python<'py>, hashes: &[BlockHash]) -> Bound<'py, PyBytes> {
+pub(crate) fn hash_bytes<'py>(py: Python<'py>, hashes: &[BlockHash]) -> Bound<'py, PyBytes> {
     PyBytes::new(py, &blocks::hashes_to_bytes(hashes))
 }
 
@@ -186,7 +187,7 @@ fn hash_bytes<'py>(py: Python<'py>, hashes: &[BlockHash]) -> Bound<'py, PyBytes>
 /// A tokenizer: a built-in OpenAI encoding or a Hugging Face tokenizer.json.
 #[pyclass(frozen, module = "warmsocket._core")]
 pub struct Tokenizer {
-    inner: token::Tokenizer,
+    pub(crate) inner: Arc<token::Tokenizer>,
 }
 
 impl Tokenizer {
@@ -195,7 +196,7 @@ impl Tokenizer {
         py: Python<'_>,
         f: impl FnOnce(&token::Tokenizer) -> Result<T, TokenError> + Send,
     ) -> PyResult<T> {
-        let inner = &self.inner;
+        let inner: &token::Tokenizer = &self.inner;
         py.detach(|| f(inner)).map_err(|e| to_py_err(py, e))
     }
 }
@@ -207,13 +208,15 @@ impl Tokenizer {
         let inner = py
             .detach(|| token::Tokenizer::builtin(name))
             .map_err(|e| to_py_err(py, e))?;
-        Ok(Self { inner })
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     #[staticmethod]
     fn for_model(py: Python<'_>, model: &str) -> Self {
         Self {
-            inner: py.detach(|| token::Tokenizer::for_model(model)),
+            inner: Arc::new(py.detach(|| token::Tokenizer::for_model(model))),
         }
     }
 
@@ -222,7 +225,9 @@ impl Tokenizer {
         let inner = py
             .detach(|| token::Tokenizer::from_file(&path))
             .map_err(|e| to_py_err(py, e))?;
-        Ok(Self { inner })
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     #[staticmethod]
@@ -232,7 +237,9 @@ impl Tokenizer {
         let inner = py
             .detach(|| token::Tokenizer::from_json(data, name.to_owned()))
             .map_err(|e| to_py_err(py, e))?;
-        Ok(Self { inner })
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     #[getter]
@@ -381,7 +388,7 @@ impl BlockHasher {
         item_json: &Bound<'_, PyAny>,
     ) -> PyResult<(Self, Bound<'py, PyBytes>)> {
         let json = json_arg(item_json)?;
-        let tokenizer = &tokenizer.get().inner;
+        let tokenizer: &token::Tokenizer = &tokenizer.get().inner;
         self.extended(py, |state, out| {
             state.extend(&tokenizer.encode_item(json)?, out);
             Ok(())
@@ -394,7 +401,7 @@ impl BlockHasher {
         tokenizer: &Bound<'_, Tokenizer>,
         instructions: &str,
     ) -> PyResult<(Self, Bound<'py, PyBytes>)> {
-        let tokenizer = &tokenizer.get().inner;
+        let tokenizer: &token::Tokenizer = &tokenizer.get().inner;
         self.extended(py, |state, out| {
             state.extend(&tokenizer.encode_instructions(instructions)?, out);
             Ok(())

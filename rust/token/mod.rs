@@ -200,6 +200,7 @@ pub struct Tokenizer {
     name: String,
     backend: Backend,
     framing: Framing,
+    fingerprint: u64,
 }
 
 impl fmt::Debug for Tokenizer {
@@ -207,6 +208,7 @@ impl fmt::Debug for Tokenizer {
         f.debug_struct("Tokenizer")
             .field("name", &self.name)
             .field("framing", &self.framing)
+            .field("fingerprint", &self.fingerprint)
             .finish_non_exhaustive()
     }
 }
@@ -219,6 +221,7 @@ impl Tokenizer {
             name: encoding.name().to_owned(),
             backend: Backend::Tiktoken(encoding.bpe()),
             framing: encoding.framing(),
+            fingerprint: fingerprint(encoding.name().as_bytes()),
         }
     }
 
@@ -259,6 +262,7 @@ impl Tokenizer {
                 name,
                 backend,
                 framing,
+                fingerprint: fingerprint(json),
             }),
             Err(reason) => Err(TokenError::InvalidTokenizerFile { path: name, reason }),
         }
@@ -271,6 +275,14 @@ impl Tokenizer {
 
     pub fn framing(&self) -> Framing {
         self.framing
+    }
+
+    /// Identifies what this tokenizer produces for an item: the encoding's name
+    /// (or the `tokenizer.json` bytes) and [`TEMPLATE_VERSION`]. Equal
+    /// fingerprints give equal tokens, so counts made by one tokenizer can be
+    /// reused by another with the same fingerprint.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     /// Token ids of `text` (ordinary text: no special tokens).
@@ -339,6 +351,10 @@ impl Tokenizer {
     pub fn count_instructions(&self, instructions: &str) -> Result<usize, TokenError> {
         self.encode_instructions(instructions).map(|t| t.len())
     }
+}
+
+fn fingerprint(source: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(source, u64::from(TEMPLATE_VERSION))
 }
 
 /// Texts the split regex gives up on (a run of about a million whitespace
