@@ -65,6 +65,8 @@ class TurnTiming:
     """Bytes of the request payload (HTTP head and body, or the WebSocket message)."""
     events: int = 0
     response_id: str = ""
+    output_tokens: int = 0
+    """From the response's usage (the upstream's count)."""
 
 
 @dataclass(slots=True)
@@ -280,6 +282,7 @@ async def run(job: Job) -> RunResult:
                 timing = TurnTiming(index=index, send=0.0)
                 response = await client.turn(items, timing)
                 timing.response_id = response["id"]
+                timing.output_tokens = int((response.get("usage") or {}).get("output_tokens", 0))
                 result.turns.append(timing)
                 call_id = check_turn(job, index, response)
                 if call_id is None:

@@ -35,6 +35,7 @@ from typing import Any
 
 from warmsocket.bench import MODES, procs
 from warmsocket.bench.agent import Job
+from warmsocket.bench.machine import load_average
 from warmsocket.bench.timeline import SEGMENTS, TimelineError, TurnBreakdown, WriteLog, breakdown
 from warmsocket.bench.workload import Workload, WorkloadSpec
 from warmsocket.netem import EmulatedLink, get_profile, measure_link
@@ -83,6 +84,8 @@ class Run:
     e2e: float
     connect: float
     turns: list[TurnBreakdown]
+    load: float
+    """The machine's 1-minute load average when the run started."""
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -193,6 +196,7 @@ class _Harness:
             timeout_s=timeout,
         )
         since = await asyncio.to_thread(self._stats_count)
+        load = load_average()[0] if load_average() else float("nan")
         self.log.clear()
         process = self.link.run_in_client_ns(
             [sys.executable, "-m", "warmsocket.bench.agent"],
@@ -226,6 +230,7 @@ class _Harness:
             e2e=float(result["turns"][-1]["done"]) - float(result["start"]),
             connect=float(result["connected"]) - float(result["start"]),
             turns=turns,
+            load=load,
         )
 
 
@@ -323,6 +328,8 @@ def summarize(runs: list[Run], modes: list[str], sizes: list[int]) -> dict[str, 
                 "wire_down_per_turn": statistics.mean(t.wire_down for t in turns),
                 "wire_up_last_turn": statistics.mean(r.turns[-1].wire_up for r in chosen),
                 "cached_token_share": sum(t.cached_tokens for t in turns) / prompt if prompt else 0,
+                "input_output_ratio": prompt / max(1, sum(t.output_tokens for t in turns)),
+                "context_tokens_last_turn": _median([r.turns[-1].prompt_tokens for r in chosen]),
                 "turn_latency_by_index_s": [
                     _median([r.turns[i].total for r in chosen if i < len(r.turns)])
                     for i in range(max(len(r.turns) for r in chosen))

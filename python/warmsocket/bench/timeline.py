@@ -100,6 +100,7 @@ class TurnBreakdown:
     """Items in the context the upstream's model saw."""
     prompt_tokens: int
     cached_tokens: int
+    output_tokens: int
 
     def segments(self) -> dict[str, float]:
         return {
@@ -159,6 +160,7 @@ def breakdown(
                 upstream_items=int(record["items"]),
                 prompt_tokens=int(record["prompt_tokens"]),
                 cached_tokens=int(record["cached_tokens"]),
+                output_tokens=int(turn.get("output_tokens", 0)),
             )
         )
     return out
