@@ -423,6 +423,40 @@ def test_proxy_zero_delay_passes_through() -> None:
     assert run(main()) < 0.010
 
 
+@pytest.mark.timeout(30)
+def test_proxy_reports_each_delivery_before_writing_it() -> None:
+    """`on_write` sees every delivered piece, with its direction, before the peer can."""
+    seen: list[tuple[bool, int, float]] = []
+    arrived: list[float] = []
+
+    async def first_byte_time(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read(5)
+        arrived.append(time.monotonic())
+        writer.write(data)
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    def record(upstream: bool, nbytes: int) -> None:
+        seen.append((upstream, nbytes, time.monotonic()))
+
+    async def main() -> None:
+        async with (
+            tcp_server(first_byte_time) as port,
+            DelayProxy("127.0.0.1", port, delay_s=0.005, on_write=record) as proxy,
+        ):
+            reader, writer = await asyncio.open_connection(*proxy.address)
+            writer.write(b"hello")
+            assert await reader.readexactly(5) == b"hello"
+            await close_writer(writer)
+
+    run(main())
+    ups = [(n, t) for up, n, t in seen if up]
+    downs = [n for up, n, _t in seen if not up]
+    assert sum(n for n, _t in ups) == 5 and sum(downs) == 5
+    assert ups[-1][1] <= arrived[0]
+
+
 def test_profiles() -> None:
     assert WAN.rtt_ms == 40 and WAN.rate_mbit == 50
     assert LAN.rtt_ms == 0.5

@@ -219,3 +219,18 @@ def _get(server: RunningServer, path: str) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=5) as r:
         text: str = r.read().decode()
     return text
+
+
+def test_stats_time_each_request_in_order(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """`/stats` times read in full <= recorded <= first output <= finished (benchmarks
+    cut turns at these instants)."""
+    sim, server, _metrics = stack
+    with WSClient(server.ws_url) as client:
+        script(client)
+    records = sim.stats()["requests"]
+    assert records
+    for record in records:
+        assert 0 < record["received"] <= record["started"], record
+        assert record["started"] <= record["first_token"] <= record["finished"], record

@@ -281,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="log format (logs never contain conversation content)",
     )
     upstream_cli.add_simulate_command(commands)
+    from warmsocket.bench import cli as bench_cli  # `warmsocket bench` lives there
+
+    bench_cli.add_command(commands)
     return parser
 
 
@@ -295,6 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from warmsocket.upstream_cli import simulate_command
 
         return simulate_command(args)
+    if args.command == "bench":
+        from warmsocket.bench.cli import bench_command
+
+        return bench_command(args)
     parser.print_help(sys.stderr)
     return 2
 

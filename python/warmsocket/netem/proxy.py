@@ -33,6 +33,7 @@ import logging
 import random
 import socket
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self, cast
@@ -213,8 +214,11 @@ class _Pipe:
         assert dst is not None
         if dst.is_closing():
             return
+        proxy = self._proxy
+        if proxy.on_write is not None:  # before the write: the peer cannot see it earlier
+            proxy.on_write(self.upstream, len(data))
         dst.write(data)
-        stats = self._proxy.stats
+        stats = proxy.stats
         if self.upstream:
             stats.bytes_up += len(data)
         else:
@@ -472,6 +476,7 @@ class DelayProxy:
         precise_timers: bool | None = None,
         connect_timeout: float = 10.0,
         seed: int | None = None,
+        on_write: Callable[[bool, int], None] | None = None,
     ) -> None:
         if delay_s < 0 or jitter_s < 0:
             raise ValueError("delay_s and jitter_s must be >= 0")
@@ -501,6 +506,10 @@ class DelayProxy:
         self.connect_timeout = connect_timeout
         self.rng = random.Random(seed)
         self.stats = ProxyStats()
+        self.on_write = on_write
+        """Called with (upstream, nbytes) just before each delivery is written to its
+        destination (benchmarks timestamp it: when a request's last byte reached the
+        server)."""
         self._scheduler: Scheduler | None = None
         self._server: asyncio.Server | None = None
         self._conns: set[_Connection] = set()

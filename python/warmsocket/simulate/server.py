@@ -94,6 +94,11 @@ class RequestRecord:
     stream: bool
     bytes: int
     started: float
+    """When the body had been parsed and the request was recorded."""
+    received: float = 0.0
+    """When the request's last byte had been read (before the body was parsed)."""
+    first_token: float | None = None
+    """When the first output was written (after the prefill time), streamed answers only."""
     status: int = 200
     items: int = 0
     """Items (or messages) in the full context the model saw."""
@@ -124,8 +129,15 @@ class SimStats:
         self._bodies: deque[RequestRecord] = deque()
 
     def new(
-        self, api: str, connection: int, body: bytes, model: Any, stream: bool
+        self,
+        api: str,
+        connection: int,
+        body: bytes,
+        model: Any,
+        stream: bool,
+        received: float | None = None,
     ) -> RequestRecord:
+        now = time.monotonic()
         record = RequestRecord(
             seq=len(self.requests),
             api=api,
@@ -133,7 +145,8 @@ class SimStats:
             model=model if isinstance(model, str) else None,
             stream=stream,
             bytes=len(body),
-            started=time.monotonic(),
+            started=now,
+            received=now if received is None else received,
         )
         if self.record_bodies > 0:
             record.body = body.decode("utf-8", "replace")
@@ -227,7 +240,8 @@ class _WSState:
     """The connection's remembered response: (id, full context including its output,
     the context's items as JSON)."""
     busy: bool = False
-    queue: deque[bytes] = field(default_factory=deque)
+    queue: deque[tuple[bytes, float]] = field(default_factory=deque)
+    """Messages waiting, with the time each was read in full."""
 
 
 @dataclass(slots=True)
@@ -254,6 +268,8 @@ class _Connection(asyncio.Protocol):
         self.ws_state: _WSState | None = None
         self._fragments: list[bytes] = []
         self._lifetime_timer: asyncio.TimerHandle | None = None
+        self.received = 0.0
+        """When the request being answered was read in full."""
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -303,6 +319,7 @@ class _Connection(asyncio.Protocol):
             return
         if request is None:
             return
+        self.received = time.monotonic()
         if request.is_websocket_upgrade:
             self._upgrade(request)
             return
@@ -445,11 +462,16 @@ class _Connection(asyncio.Protocol):
             return [("text", p) for p in mockmodel.text_deltas(reply.text)]
         return []
 
+    def _mark_first_token(self) -> None:
+        if self.record is not None and self.record.first_token is None:
+            self.record.first_token = time.monotonic()
+
     async def _pace(self, pieces: list[bytes], answer: _Answer, texts: list[str]) -> None:
         """Write `pieces` (first one after the first-token delay), paced by the decode rate."""
         latency = self.server.config.latency
         if answer.first_delay > 0:
             await asyncio.sleep(answer.first_delay)
+        self._mark_first_token()
         if latency.decode_tokens_per_second <= 0:
             if self.transport is not None and not self.lost:
                 self.transport.writelines(pieces)
@@ -466,7 +488,9 @@ class _Connection(asyncio.Protocol):
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             raise errors.invalid_type("messages", "an array of messages")
         stream = body.get("stream") is True
-        record = self.server.stats.new("chat", self.id, request.body, body.get("model"), stream)
+        record = self.server.stats.new(
+            "chat", self.id, request.body, body.get("model"), stream, self.received
+        )
         self.record = record
         fault = await self._fault(record)
         instructions, items = items_from_chat(body["messages"])
@@ -581,7 +605,7 @@ class _Connection(asyncio.Protocol):
             raise errors.invalid_type("body", "a JSON object")
         stream = body.get("stream") is True
         record = self.server.stats.new(
-            "responses", self.id, request.body, body.get("model"), stream
+            "responses", self.id, request.body, body.get("model"), stream, self.received
         )
         self.record = record
         previous = body.get("previous_response_id")
@@ -699,13 +723,13 @@ class _Connection(asyncio.Protocol):
                 continue
             if event.opcode in {Opcode.TEXT, Opcode.BINARY}:
                 if event.fin:
-                    state.queue.append(bytes(event.data))
+                    state.queue.append((bytes(event.data), time.monotonic()))
                 else:
                     self._fragments = [bytes(event.data)]
             elif event.opcode is Opcode.CONT:
                 self._fragments.append(bytes(event.data))
                 if event.fin:
-                    state.queue.append(b"".join(self._fragments))
+                    state.queue.append((b"".join(self._fragments), time.monotonic()))
                     self._fragments = []
         self._ws_flush()
         if not state.busy and state.queue:
@@ -754,7 +778,7 @@ class _Connection(asyncio.Protocol):
         assert state is not None
         try:
             while state.queue and not self.lost:
-                message = state.queue.popleft()
+                message, self.received = state.queue.popleft()
                 if self.loop.time() - state.opened >= self.server.config.ws_lifetime:
                     self._expire()
                     return
@@ -777,7 +801,9 @@ class _Connection(asyncio.Protocol):
         body, raw_items = _decode_request(message)
         if not isinstance(body, dict) or body.get("type") != "response.create":
             raise errors.invalid_value("type", "Only response.create is supported here.")
-        record = self.server.stats.new("responses-ws", self.id, message, body.get("model"), True)
+        record = self.server.stats.new(
+            "responses-ws", self.id, message, body.get("model"), True, self.received
+        )
         self.record = record
         previous = body.get("previous_response_id")
         context: list[dict[str, Any]] = []
@@ -818,6 +844,7 @@ class _Connection(asyncio.Protocol):
         latency = self.server.config.latency
         if answer.first_delay > 0:
             await asyncio.sleep(answer.first_delay)
+        self._mark_first_token()
         if latency.decode_tokens_per_second <= 0:
             self._ws_send(frames)
             return

@@ -1,0 +1,193 @@
+"""`warmsocket bench`: the command line of the benchmark suite."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from warmsocket.bench import MODES, PROFILES, SUITES
+
+
+def _csv(choices: tuple[str, ...]) -> Any:
+    def parse(text: str) -> list[str]:
+        values = [v.strip().lower() for v in text.split(",") if v.strip()]
+        unknown = [v for v in values if v not in choices]
+        if unknown or not values:
+            raise argparse.ArgumentTypeError(
+                f"choose from {', '.join(choices)} (comma-separated); got {text!r}"
+            )
+        return values
+
+    return parse
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"integers >= 1: {text!r}")
+    return values
+
+
+def add_command(commands: Any) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmark suite (agent loops over an emulated network, throughput, "
+        "memory) and write results.json and PNG plots",
+        description="Run warmsocket's benchmark suite and write results.json plus PNG plots "
+        "into the output directory. agent-loop: a scripted coding agent makes N tool calls "
+        "through warmsocket (WebSocket mode, HTTP full replay, HTTP with "
+        "previous_response_id, and vLLM's agentic-api when installed) against the "
+        "simulated upstream, over an emulated network (a client network namespace, veth, "
+        "tbf rate limit and a delay proxy; root is needed, else it falls back to "
+        "loopback and says so). throughput: turns/s and p50/p99 latency against "
+        "concurrent connections next to a websockets echo server. memory: resident bytes "
+        "per idle connection and per cached token. See docs/benchmarks.md.",
+    )
+    bench.add_argument(
+        "--size",
+        choices=["smoke", "full"],
+        default="smoke",
+        help="smoke: everything once, small (about a minute); full: the documented sizes "
+        "(about 30-45 minutes) (default: smoke)",
+    )
+    bench.add_argument(
+        "--suites",
+        type=_csv(SUITES),
+        default=None,
+        help=f"which suites, comma-separated (default: all of {','.join(SUITES)})",
+    )
+    bench.add_argument(
+        "--profiles",
+        type=_csv(PROFILES),
+        default=None,
+        help="network profiles of the agent loop: wan (40 ms RTT, 50 Mbit/s), lan (0.5 ms, "
+        "1 Gbit/s), loopback (no emulation) (default: wan,lan)",
+    )
+    bench.add_argument(
+        "--modes",
+        type=_csv(MODES),
+        default=None,
+        help=f"agent-loop modes (default: all of {','.join(MODES)}; agentic-api is "
+        "skipped, with the reason in the results, when it is not installed)",
+    )
+    bench.add_argument(
+        "--tool-calls", type=_ints, default=None, help="agent-loop sizes N (full: 8,20,50)"
+    )
+    bench.add_argument("--reps", type=int, default=None, help="agent-loop repetitions (full: 3)")
+    bench.add_argument(
+        "--connections",
+        type=_ints,
+        default=None,
+        help="throughput connection counts (full: 1,16,64,256)",
+    )
+    bench.add_argument(
+        "--seconds", type=float, default=None, help="throughput: seconds per point (full: 10)"
+    )
+    work = bench.add_argument_group("workload and upstream latency model (agent loop)")
+    work.add_argument("--tool-ms", type=float, default=None, help="tool time per call (20)")
+    work.add_argument(
+        "--call-tokens", type=int, default=None, help="output tokens of each tool call (250)"
+    )
+    work.add_argument("--system-tokens", type=int, default=None, help="system prompt tokens (5000)")
+    work.add_argument(
+        "--prefill-tps",
+        type=float,
+        default=None,
+        help="upstream prefill speed for uncached tokens, tokens/s (50000)",
+    )
+    work.add_argument(
+        "--decode-tps", type=float, default=None, help="upstream decode speed, tokens/s (1000)"
+    )
+    work.add_argument(
+        "--overhead-ms", type=float, default=None, help="upstream fixed overhead per request (0)"
+    )
+    work.add_argument("--seed", type=int, default=None, help="workload and order seed")
+    bench.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("bench-results"),
+        help="where results.json and the PNGs go (default: ./bench-results)",
+    )
+    bench.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds the whole run may take; later work is skipped and reported "
+        "(smoke: 600, full: 5400)",
+    )
+    bench.add_argument("--no-plots", action="store_true", help="write results.json only")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from warmsocket.bench import runner
+
+    options = runner.options_for(args.size)
+    loop, workload = options.agent_loop, options.agent_loop.workload
+    work_changes = {
+        k: v
+        for k, v in {
+            "tool_ms": args.tool_ms,
+            "call_tokens": args.call_tokens,
+            "system_tokens": args.system_tokens,
+            "seed": args.seed,
+        }.items()
+        if v is not None
+    }
+    latency_changes = {
+        k: v
+        for k, v in {
+            "prefill_tokens_per_second": args.prefill_tps,
+            "decode_tokens_per_second": args.decode_tps,
+            "overhead_ms": args.overhead_ms,
+        }.items()
+        if v is not None
+    }
+    loop = replace(
+        loop,
+        workload=replace(workload, **work_changes),
+        latency=replace(loop.latency, **latency_changes),
+    )
+    if args.profiles:
+        loop = replace(loop, profiles=args.profiles)
+    if args.modes:
+        loop = replace(loop, modes=args.modes)
+    if args.tool_calls:
+        loop = replace(loop, sizes=args.tool_calls)
+    if args.reps is not None:
+        loop = replace(loop, reps=max(1, args.reps))
+    if args.seed is not None:
+        loop = replace(loop, seed=args.seed)
+    throughput = options.throughput
+    if args.connections:
+        throughput = replace(throughput, connections=args.connections)
+    if args.seconds is not None:
+        throughput = replace(throughput, seconds=args.seconds)
+    options = replace(
+        options,
+        suites=args.suites or options.suites,
+        agent_loop=loop,
+        throughput=throughput,
+        output_dir=args.output_dir,
+        plots=not args.no_plots,
+        progress=not args.quiet,
+        time_limit=args.time_limit if args.time_limit is not None else options.time_limit,
+    )
+    results = runner.run(options)
+    try:
+        written = runner.write(results, options)
+    except Exception as exc:  # plots are optional; results.json must still be there
+        print(f"warmsocket bench: writing plots failed: {exc}", file=sys.stderr)
+        options = replace(options, plots=False)
+        written = runner.write(results, options)
+    for line in runner.summary_lines(results):
+        print(line)
+    for path in written:
+        print(f"wrote {path}")
+    return 1 if results["errors"] else 0

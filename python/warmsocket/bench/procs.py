@@ -1,0 +1,236 @@
+"""The processes a benchmark runs: servers on loopback, each in its own process.
+
+* `simulated_upstream(...)`: `warmsocket simulate-upstream` on a free port;
+* `warmsocket_server(...)`: `warmsocket serve` on a free port;
+* `agentic_api(upstream_port)`: vLLM's agentic-api gateway (`pip install
+  agentic-api==0.9.0`) pointed at the simulated upstream, offline, its SQLite store in
+  a temporary home directory;
+* `echo_server()`: a bare `websockets` echo server on uvloop (the throughput baseline).
+
+Every start waits a bounded time; every process is terminated (then killed) on exit,
+also when the body raises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, Any
+
+START_TIMEOUT = 60.0
+
+ECHO_SERVER = """
+import asyncio, resource, sys, uvloop
+from websockets.asyncio.server import serve
+
+async def echo(ws):
+    async for message in ws:
+        await ws.send(message)
+
+async def main():
+    async with serve(echo, "127.0.0.1", 0, max_size=None, compression=None,
+                     ping_interval=None) as server:
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Future()
+
+uvloop.run(main())
+"""
+
+
+@dataclass
+class Process:
+    """A server process and the loopback port it listens on."""
+
+    process: subprocess.Popen[str]
+    port: int
+    name: str
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+def stop(process: subprocess.Popen[str], timeout: float = 10.0) -> None:
+    """Terminate, then kill; close its pipes. Never raises for a process already gone."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout)
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def _read_listening(stream: IO[str], what: str, process: subprocess.Popen[str]) -> int:
+    """The port from the first JSON log line with message 'listening'."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            raise RuntimeError(f"{what} exited before listening (status {process.poll()})")
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("message") == "listening":
+            return int(str(record["url"]).rsplit(":", 1)[1].split("/")[0])
+    raise RuntimeError(f"{what} did not listen within {START_TIMEOUT:g} s")
+
+
+def _drain(stream: IO[str]) -> None:
+    """Keep reading a child's log pipe so it can never block on a full pipe."""
+    import threading
+
+    def run() -> None:
+        for _line in stream:
+            pass
+
+    threading.Thread(target=run, name="drain-log", daemon=True).start()
+
+
+@contextmanager
+def _json_logged(argv: Sequence[str], what: str, env: dict[str, str] | None) -> Iterator[Process]:
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert process.stderr is not None
+        port = _read_listening(process.stderr, what, process)
+        _drain(process.stderr)
+        yield Process(process, port, what)
+    finally:
+        stop(process)
+
+
+def warmsocket_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "warmsocket", *args]
+
+
+@contextmanager
+def simulated_upstream(*args: str) -> Iterator[Process]:
+    argv = warmsocket_command(
+        "simulate-upstream", "--port", "0", "--record-bodies", "0", "--log-format", "json",
+        *args,
+    )  # fmt: skip
+    with _json_logged(argv, "simulate-upstream", None) as process:
+        yield process
+
+
+@contextmanager
+def warmsocket_server(*args: str, env: dict[str, str] | None = None) -> Iterator[Process]:
+    argv = warmsocket_command(
+        "serve", "--port", "0", "--log-format", "json", "--log-level", "info",
+        "--ws-ping-interval", "0", *args,
+    )  # fmt: skip
+    with _json_logged(argv, "warmsocket serve", env) as process:
+        yield process
+
+
+def agentic_server_binary() -> str | None:
+    """The agentic-api gateway binary, if the package is installed."""
+    local = os.path.join(os.path.dirname(sys.executable), "agentic-server")
+    if os.access(local, os.X_OK):
+        return local
+    return shutil.which("agentic-server")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextmanager
+def agentic_api(upstream_port: int) -> Iterator[Process]:
+    binary = agentic_server_binary()
+    if binary is None:
+        raise RuntimeError("agentic-api is not installed (pip install agentic-api==0.9.0)")
+    home = tempfile.mkdtemp(prefix="agentic-home-")
+    port = free_port()
+    env = {**os.environ, "HOME": home, "RUST_LOG": "warn", "NO_COLOR": "1"}
+    env.pop("OPENAI_API_KEY", None)
+    argv = [
+        binary, "--llm-api-base", f"http://127.0.0.1:{upstream_port}",
+        "--gateway-host", "127.0.0.1", "--gateway-port", str(port),
+        "--llm-ready-interval-s", "1",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError("agentic-server exited before listening")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("agentic-server did not start in time") from None
+                time.sleep(0.2)
+        yield Process(process, port, "agentic-api")
+    finally:
+        stop(process)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@contextmanager
+def echo_server() -> Iterator[Process]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError("the echo server exited before listening")
+        yield Process(process, int(line), "echo")
+    finally:
+        stop(process)
+
+
+def get_json(url: str, timeout: float = 30.0) -> Any:
+    """GET a JSON document from a loopback server."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def get_text(url: str, timeout: float = 30.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text: str = response.read().decode()
+        return text
+
+
+def post_json(url: str, body: Any, timeout: float = 30.0) -> Any:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc/<pid>/status (VmRSS)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")

@@ -1,0 +1,156 @@
+"""Runs the benchmark suites, writes the JSON result file and the plots.
+
+Sizes:
+
+* `smoke`: everything once, small (a 2-call agent run with a small workload, 0.5 s
+  throughput points, 100 idle connections, 20k cached tokens): about a minute;
+* `full`: the issue's sizes (N = 8, 20, 50, three repetitions; 1, 16, 64, 256
+  connections for 10 s each; 1,000 idle connections; 1M cached tokens).
+
+A time limit bounds the whole run: suites that have not started when it passes are
+skipped, and the agent loop stops between runs; the result file says what was cut.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from warmsocket.bench import SUITES, machine, targets
+from warmsocket.bench.agentloop import AgentLoopConfig, run_agent_loop
+from warmsocket.bench.memory import MemoryConfig, run_memory
+from warmsocket.bench.progress import Progress
+from warmsocket.bench.throughput import ThroughputConfig, run_throughput
+from warmsocket.bench.workload import WorkloadSpec
+
+SCHEMA = "warmsocket-bench/1"
+
+
+@dataclass(slots=True)
+class BenchOptions:
+    size: str = "smoke"
+    suites: list[str] = field(default_factory=lambda: list(SUITES))
+    agent_loop: AgentLoopConfig = field(default_factory=AgentLoopConfig)
+    throughput: ThroughputConfig = field(default_factory=ThroughputConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    time_limit: float = 600.0
+    output_dir: Path = Path("bench-results")
+    plots: bool = True
+    progress: bool = True
+
+
+def options_for(size: str) -> BenchOptions:
+    """The default options of a size."""
+    if size == "full":
+        return BenchOptions(size="full", time_limit=5400.0)
+    if size != "smoke":
+        raise ValueError(f"unknown size {size!r} (smoke or full)")
+    smoke_workload = WorkloadSpec(
+        tool_calls=1,
+        system_tokens=400,
+        output_tokens_min=100,
+        output_tokens_max=400,
+        call_tokens=30,
+        tool_ms=5.0,
+    )
+    return BenchOptions(
+        size="smoke",
+        agent_loop=AgentLoopConfig(sizes=[2], reps=1, workload=smoke_workload, measure_link=False),
+        throughput=ThroughputConfig(connections=[1, 16], seconds=0.5, warmup=0.2),
+        memory=MemoryConfig(connections=100, tokens=20_000, text_tokens=200, chains=4),
+        time_limit=600.0,
+    )
+
+
+def _steps(options: BenchOptions) -> int:
+    steps = 1
+    if "agent-loop" in options.suites:
+        steps += options.agent_loop.steps()
+    if "throughput" in options.suites:
+        steps += options.throughput.steps()
+    if "memory" in options.suites:
+        steps += options.memory.steps()
+    return steps
+
+
+def run(options: BenchOptions) -> dict[str, Any]:
+    """Run the selected suites; the result document (also when a suite fails)."""
+    from warmsocket.cli import run_async
+
+    progress = Progress(_steps(options), enabled=options.progress)
+    deadline = time.monotonic() + options.time_limit
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "size": options.size,
+        "machine": machine.describe(),
+        "errors": {},
+        "skipped": {},
+    }
+    try:
+        for suite in options.suites:
+            if time.monotonic() > deadline:
+                results["skipped"][suite] = "the time limit was reached"
+                continue
+            try:
+                if suite == "agent-loop":
+                    section = run_async(
+                        run_agent_loop(options.agent_loop, progress, deadline=deadline)
+                    )
+                    results["agent_loop"] = section
+                elif suite == "throughput":
+                    results["throughput"] = run_throughput(options.throughput, progress)
+                elif suite == "memory":
+                    results["memory"] = run_memory(options.memory, progress)
+            except Exception as exc:  # reported in the result file, and the run goes on
+                results["errors"][suite] = f"{type(exc).__name__}: {exc}"
+                progress.note(f"{suite} failed: {exc}")
+    finally:
+        results["machine"]["load_average_end"] = machine.load_average()
+        results["targets"] = [t.as_dict() for t in targets.evaluate(results)]
+        progress.close()
+    return results
+
+
+def write(results: dict[str, Any], options: BenchOptions) -> list[Path]:
+    """Write `results.json` (and the plots) into the output directory."""
+    directory = options.output_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "results.json"
+    path.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+    written = [path]
+    if options.plots:
+        from warmsocket.bench.plots import draw_all
+
+        written += draw_all(results, directory)
+    return written
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """A short human-readable summary of a result document."""
+    lines = []
+    loop = results.get("agent_loop") or {}
+    for name, section in loop.get("profiles", {}).items():
+        link = section.get("link", {})
+        lines.append(f"agent loop, {link.get('describe', name)}")
+        for size, per_mode in section.get("summary", {}).items():
+            for mode, entry in per_mode.items():
+                reduction = entry.get("e2e_reduction_vs_http_replay", 0.0)
+                lines.append(
+                    f"  N={size:>3} {mode:<13} e2e {entry['e2e_s']:7.3f} s "
+                    f"({-reduction:+.1%} vs http-replay), turn {entry['turn_s'] * 1e3:6.1f} ms, "
+                    f"{entry['wire_up_per_turn'] / 1024:7.1f} KiB up/turn"
+                )
+    for point in (results.get("throughput") or {}).get("points", []):
+        ws, echo = point["warmsocket"], point["echo"]
+        lines.append(
+            f"throughput {point['connections']:>4} conns: {ws['ops_per_second']:8.0f} turns/s "
+            f"(p50 {ws['p50_s'] * 1e3:.1f} ms, p99 {ws['p99_s'] * 1e3:.1f} ms), echo "
+            f"{echo['ops_per_second']:8.0f}/s, ratio {point['turns_per_echo']:.3f}"
+        )
+    for suite, error in results.get("errors", {}).items():
+        lines.append(f"{suite} FAILED: {error}")
+    lines += [targets.Target(**t).line() for t in results.get("targets", [])]
+    return lines

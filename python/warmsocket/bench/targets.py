@@ -1,0 +1,112 @@
+"""The issue's targets, checked against a result file's sections.
+
+Each target is reported with its measured value and whether it was met (None when
+the section did not run). A target that is not met is reported, never hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+E2E_REDUCTION = 0.40
+TURNS_PER_ECHO = 0.10
+P99_SECONDS = 0.050
+THROUGHPUT_CONNECTIONS = 64
+BYTES_PER_IDLE_CONNECTION = 32 * 1024
+CACHE_OVERHEAD = 1.5
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    goal: str
+    value: float | None
+    met: bool | None
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def line(self) -> str:
+        status = {True: "met", False: "NOT met", None: "not measured"}[self.met]
+        value = "-" if self.value is None else f"{self.value:.4g}"
+        note = f" ({self.note})" if self.note else ""
+        return f"{self.name}: {value} (goal {self.goal}): {status}{note}"
+
+
+def agent_loop_targets(section: dict[str, Any] | None) -> list[Target]:
+    out = []
+    profiles = (section or {}).get("profiles", {})
+    for profile in ("WAN", "LAN"):
+        for size in ("8", "20", "50"):
+            summary = profiles.get(profile, {}).get("summary", {}).get(size, {})
+            value = summary.get("websocket", {}).get("e2e_reduction_vs_http_replay")
+            checked = profile == "WAN" and size in {"20", "50"}
+            met = None if value is None or not checked else value >= E2E_REDUCTION
+            out.append(
+                Target(
+                    name=f"agent loop {profile} N={size}: end-to-end reduction, WebSocket vs "
+                    "HTTP full replay",
+                    goal=f">= {E2E_REDUCTION:.0%}" if checked else "reported",
+                    value=value,
+                    met=met,
+                )
+            )
+    return out
+
+
+def throughput_targets(section: dict[str, Any] | None) -> list[Target]:
+    points = [
+        p for p in (section or {}).get("points", []) if p["connections"] == THROUGHPUT_CONNECTIONS
+    ]
+    ratio = points[0]["turns_per_echo"] if points else None
+    p99 = points[0]["warmsocket"]["p99_s"] if points else None
+    return [
+        Target(
+            name=f"throughput at {THROUGHPUT_CONNECTIONS} connections: turns/s over echo round "
+            "trips/s",
+            goal=f">= {TURNS_PER_ECHO}",
+            value=ratio,
+            met=None if ratio is None else ratio >= TURNS_PER_ECHO,
+        ),
+        Target(
+            name=f"throughput at {THROUGHPUT_CONNECTIONS} connections: p99 turn latency (s)",
+            goal=f"< {P99_SECONDS}",
+            value=p99,
+            met=None if p99 is None else p99 < P99_SECONDS,
+        ),
+    ]
+
+
+def memory_targets(section: dict[str, Any] | None) -> list[Target]:
+    idle = (section or {}).get("idle")
+    cache = (section or {}).get("cache")
+    per_conn = idle["bytes_per_connection"] if idle else None
+    overhead = cache["overhead_vs_item_bytes"] if cache else None
+    return [
+        Target(
+            name="memory: resident bytes per idle connection",
+            goal=f"< {BYTES_PER_IDLE_CONNECTION}",
+            value=per_conn,
+            met=None if per_conn is None else per_conn < BYTES_PER_IDLE_CONNECTION,
+            note=f"{idle['connections']} connections" if idle else "",
+        ),
+        Target(
+            name="memory: resident growth over raw item bytes of cached context",
+            goal=f"< {CACHE_OVERHEAD}",
+            value=overhead,
+            met=None if overhead is None else overhead < CACHE_OVERHEAD,
+            note=f"{cache['tokens']:,} tokens, {cache['bytes_per_token']:.2f} B/token"
+            if cache
+            else "",
+        ),
+    ]
+
+
+def evaluate(results: dict[str, Any]) -> list[Target]:
+    return [
+        *agent_loop_targets(results.get("agent_loop")),
+        *throughput_targets(results.get("throughput")),
+        *memory_targets(results.get("memory")),
+    ]

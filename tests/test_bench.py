@@ -1,0 +1,221 @@
+"""The benchmark suite's parts: workload, turn split, lean client, targets, plots, CLI.
+
+The benchmarks themselves run (smoke-sized) from `benches/`; these tests check the
+pieces they are built from, mostly without servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from warmsocket.bench import procs, targets
+from warmsocket.bench.leanws import connect, encode_frame
+from warmsocket.bench.progress import Progress
+from warmsocket.bench.timeline import TimelineError, WriteLog, breakdown
+from warmsocket.bench.workload import WorkloadSpec
+from warmsocket.prefixhash import count_tokens
+
+
+def test_workload_is_deterministic_and_shaped_like_agent_traces() -> None:
+    one, two = WorkloadSpec(tool_calls=30).build(), WorkloadSpec(tool_calls=30).build()
+    assert one.instructions == two.instructions and one.arguments == two.arguments
+    assert [o.text for o in one.outputs] == [o.text for o in two.outputs]
+    summary = one.summary()
+    assert 4_000 <= summary["system_tokens"] + summary["tools_tokens"] <= 8_000
+    assert all(250 <= t <= 4_100 for t in summary["tool_output_tokens"])
+    # Context by turn 30: system, tools, every call and output so far (about 80k).
+    context = summary["system_tokens"] + summary["tools_tokens"]
+    context += sum(summary["tool_output_tokens"]) + 30 * summary["call_tokens"]
+    assert 70_000 <= context <= 90_000, context
+    assert 240 <= summary["call_tokens"] <= 270
+    # A shorter run is the start of a longer one.
+    short = WorkloadSpec(tool_calls=8).build()
+    assert [o.text for o in short.outputs] == [o.text for o in one.outputs[:8]]
+
+
+def test_task_nonce_never_changes_the_prompt_length() -> None:
+    workload = WorkloadSpec(tool_calls=3, system_tokens=200).build()
+    lengths = {count_tokens(workload.task(f"{n:012d}")) for n in (0, 7, 10**11 + 3, 10**12 - 1)}
+    assert len(lengths) == 1
+    assert workload.task("000000000001").splitlines()[-1].startswith("/repeat 3 shell {")
+
+
+def _turn(index: int, send: float, done: float, tool: float = 0.0) -> dict[str, Any]:
+    return {
+        "index": index,
+        "send": send,
+        "first_event": send + 0.01,
+        "first_output": send + 0.02,
+        "done": done,
+        "tool_done": done + tool,
+        "request_bytes": 100,
+    }
+
+
+def _record(received: float, first: float, finished: float) -> dict[str, Any]:
+    return {
+        "received": received,
+        "first_token": first,
+        "finished": finished,
+        "bytes": 1000,
+        "items": 3,
+        "prompt_tokens": 500,
+        "cached_tokens": 400,
+    }
+
+
+def test_breakdown_segments_add_up_to_the_turn() -> None:
+    log = WriteLog()
+    log.times = [10.02, 10.05, 10.20, 11.02]
+    log.up = [300, 200, 0, 50]
+    log.down = [0, 0, 900, 0]
+    turns = [_turn(0, 10.0, 10.3, tool=0.5), _turn(1, 11.0, 11.2)]
+    records = [_record(10.06, 10.10, 10.25), _record(11.03, 11.05, 11.15)]
+    first, second = breakdown(turns, records, log)
+    assert first.upload == pytest.approx(0.05) and first.server == pytest.approx(0.01)
+    assert first.ttft == pytest.approx(0.04) and first.decode == pytest.approx(0.15)
+    assert first.ret == pytest.approx(0.05) and first.tool == pytest.approx(0.5)
+    assert sum(first.segments().values()) == pytest.approx(first.total + first.tool)
+    assert (first.wire_up, first.wire_down) == (500, 900)
+    assert (second.wire_up, second.upload) == (50, pytest.approx(0.02))
+    with pytest.raises(TimelineError, match="saw 1 requests"):
+        breakdown(turns, records[:1], log)
+    with pytest.raises(TimelineError, match="no request bytes"):
+        breakdown(turns, records, WriteLog())
+
+
+def test_lean_client_frames_and_exchanges() -> None:
+    assert encode_frame(1, b"")[:2] == b"\x81\x80"
+    assert len(encode_frame(1, b"x" * 200)) == 2 + 2 + 4 + 200
+    assert len(encode_frame(1, b"x" * 70_000)) == 2 + 8 + 4 + 70_000
+
+    async def main(port: int) -> None:
+        conn = await connect(f"ws://127.0.0.1:{port}/")
+        for size in (5, 300, 70_000):
+            message = (b"0123456789abcdef" * (size // 16 + 1))[:size]
+            reply, count = await conn.exchange(message, lambda _data: True)
+            assert (reply, count) == (message, 1)
+        conn.close()
+
+    with procs.echo_server() as echo:
+        asyncio.run(asyncio.wait_for(main(echo.port), 30))
+
+
+def test_progress_prints_a_line_per_step_when_not_a_terminal() -> None:
+    stream = io.StringIO()
+    progress = Progress(3, stream=stream)
+    progress("first")
+    progress("second")
+    progress.note("a note")
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("[") and lines[0].endswith("0/3  first")
+    assert "1/3" in lines[1] and "left" in lines[1]
+    assert lines[2] == "a note" and "done in" in lines[-1]
+
+
+def _results() -> dict[str, Any]:
+    def mode(e2e: float, upload: float) -> dict[str, Any]:
+        segments = {"upload": upload, "server": 0.001, "ttft": 0.02, "decode": 0.2}
+        segments |= {"return": 0.02, "tool": 0.02}
+        return {
+            "e2e_s": e2e,
+            "turn_s": 0.3,
+            "wire_up_per_turn": 4096.0,
+            "turn_latency_by_index_s": [0.3, 0.31, 0.32],
+            "segments_by_index_s": {k: [v, v, v] for k, v in segments.items()},
+        }
+
+    summary = {
+        size: {"websocket": mode(6.0, 0.02), "http-replay": mode(10.0, 0.09)}
+        for size in ("8", "20", "50")
+    }
+    for per_mode in summary.values():
+        for entry in per_mode.values():
+            entry["e2e_reduction_vs_http_replay"] = 1 - entry["e2e_s"] / 10.0
+    point = {
+        "connections": 64,
+        "turns_per_echo": 0.12,
+        "warmsocket": {"ops_per_second": 1200.0, "p50_s": 0.02, "p99_s": 0.06},
+        "echo": {"ops_per_second": 10_000.0, "p50_s": 0.005, "p99_s": 0.01},
+    }
+    return {
+        "agent_loop": {"profiles": {"WAN": {"summary": summary}}},
+        "throughput": {"points": [{**point, "connections": 1}, point]},
+        "memory": {
+            "idle": {"bytes_per_connection": 9000.0, "connections": 1000},
+            "cache": {"overhead_vs_item_bytes": 1.7, "tokens": 10**6, "bytes_per_token": 7.0},
+        },
+    }
+
+
+def test_targets_report_met_unmet_and_unmeasured() -> None:
+    rows = {t.name: t for t in targets.evaluate(_results())}
+    wan20 = rows["agent loop WAN N=20: end-to-end reduction, WebSocket vs HTTP full replay"]
+    assert wan20.met is True and wan20.value == pytest.approx(0.4)
+    wan8 = rows["agent loop WAN N=8: end-to-end reduction, WebSocket vs HTTP full replay"]
+    assert wan8.met is None  # reported, not a target
+    lan = rows["agent loop LAN N=50: end-to-end reduction, WebSocket vs HTTP full replay"]
+    assert lan.value is None and lan.met is None
+    assert rows["throughput at 64 connections: turns/s over echo round trips/s"].met is True
+    assert rows["throughput at 64 connections: p99 turn latency (s)"].met is False
+    assert rows["memory: resident bytes per idle connection"].met is True
+    cache = rows["memory: resident growth over raw item bytes of cached context"]
+    assert cache.met is False and "NOT met" in cache.line()
+
+
+def test_plots_are_drawn_from_a_result_document(tmp_path: Path) -> None:
+    from warmsocket.bench.plots import draw_all
+
+    written = draw_all(_results(), tmp_path)
+    names = sorted(p.name for p in written)
+    assert names == [
+        "agent_breakdown.png",
+        "agent_e2e.png",
+        "agent_turn_latency.png",
+        "throughput.png",
+    ]
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _warmsocket(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "warmsocket", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_bench_help_lists_every_option() -> None:
+    result = _warmsocket("bench", "--help")
+    assert result.returncode == 0
+    for flag in ("--size", "--suites", "--profiles", "--modes", "--output-dir", "--time-limit"):
+        assert flag in result.stdout
+    assert "smoke" in result.stdout and "full" in result.stdout
+    bad = _warmsocket("bench", "--profiles", "moon")
+    assert bad.returncode == 2 and "choose from wan, lan, loopback" in bad.stderr
+
+
+def test_bench_command_writes_results_and_plots(tmp_path: Path) -> None:
+    result = _warmsocket(
+        "bench", "--suites", "throughput", "--connections", "1,2", "--seconds", "0.2",
+        "--output-dir", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "2/5" in result.stderr  # the progress bar, one line per step off a terminal
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["schema"] == "warmsocket-bench/1"
+    assert [p["connections"] for p in document["throughput"]["points"]] == [1, 2]
+    assert document["machine"]["cores"] and document["machine"]["load_average_end"]
+    assert (tmp_path / "throughput.png").exists()
+    assert "throughput    1 conns" in result.stdout
