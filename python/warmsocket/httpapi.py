@@ -340,12 +340,16 @@ async def run_turn(
     failure: APIError | None = None
     stream = engine.backend.stream(turn.context())
     try:
-        async for event in stream:
-            if isinstance(event, TurnFailed):
-                emit(turn.fail(event.error))
-                failure = event.error
+        async for item in stream:
+            events = item if isinstance(item, list) else (item,)
+            for event in events:
+                if isinstance(event, TurnFailed):
+                    emit(turn.fail(event.error))
+                    failure = event.error
+                    break
+                emit(turn.feed(event))
+            if failure is not None:
                 break
-            emit(turn.feed(event))
             await drain()
             if closing():
                 turn.release()

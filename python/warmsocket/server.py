@@ -474,7 +474,10 @@ class Connection(asyncio.Protocol):
         stream = backend.stream(turn.context())
         try:
             async for event in stream:
-                session.model_event(turn, event)
+                if type(event) is list:
+                    session.model_events(turn, event)
+                else:
+                    session.model_event(turn, event)  # type: ignore[arg-type]
                 self._run_actions()
                 if turn.finished:
                     break

@@ -181,6 +181,26 @@ class ResponsesSession:
         if frames:
             self.outbox.append(frames)
 
+    def model_events(self, turn: Turn, events: list[ModelEvent]) -> None:
+        """Events from the backend for `turn` that were ready together: their frames
+        go out as one write."""
+        if turn.finished or self.closed:
+            return
+        frames: list[bytes] = []
+        for event in events:
+            if isinstance(event, TurnFailed) or (
+                turn.interrupt_requested and turn.starts_new_item(event)
+            ):
+                if frames:
+                    self.outbox.append(b"".join(frames))
+                self.model_event(turn, event)
+                return
+            encoded = turn.feed(event)
+            if encoded:
+                frames.append(encoded)
+        if frames:
+            self.outbox.append(b"".join(frames))
+
     def model_done(self, turn: Turn) -> None:
         """The backend finished `turn` normally."""
         if turn.finished or self.closed:

@@ -56,6 +56,12 @@ class TurnFailed:
 
 ModelEvent = TextDelta | ToolCallStart | ToolArgumentsDelta | UsageReport | TurnFailed
 
+StreamItem = ModelEvent | list[ModelEvent]
+"""What a backend's stream yields: one event, or a list of events that are ready
+together (a burst from one upstream read, or a model with no pacing). A list costs
+one pass through the session and one write instead of one per event; it must not
+hold back an event that was ready earlier."""
+
 
 @dataclass(frozen=True, slots=True)
 class TurnContext:
@@ -107,8 +113,9 @@ class Backend(Protocol):
 
     name: str
 
-    def stream(self, turn: TurnContext) -> AsyncIterator[ModelEvent]:
-        """The model events of one turn. Cancelling the iteration must stop the work."""
+    def stream(self, turn: TurnContext) -> AsyncIterator[StreamItem]:
+        """The model events of one turn, singly or in lists of events that are ready
+        together. Cancelling the iteration must stop the work."""
         ...
 
     async def aclose(self) -> None:

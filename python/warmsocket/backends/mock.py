@@ -10,6 +10,7 @@ from typing import Any
 from warmsocket import errors, ids, mockmodel
 from warmsocket.backends.base import (
     ModelEvent,
+    StreamItem,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
@@ -31,7 +32,7 @@ class MockBackend:
         self.ttft = max(0.0, ttft_ms) / 1000.0
         self.delta_interval = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
 
-    async def stream(self, turn: TurnContext) -> AsyncIterator[ModelEvent]:
+    async def stream(self, turn: TurnContext) -> AsyncIterator[StreamItem]:
         tail: list[dict[str, Any]] = json.loads(turn.view.tail(from_last_role="user"))
         reply = mockmodel.plan_reply(
             tail,
@@ -45,15 +46,19 @@ class MockBackend:
         if reply.kind == "fail":
             yield TurnFailed(errors.model_failed())
             return
+        events: list[ModelEvent]
         if reply.kind == "call":
-            yield ToolCallStart(ids.call_id(), reply.name)
-            for piece in mockmodel.argument_deltas(reply.arguments):
-                await self._pace()
-                yield ToolArgumentsDelta(piece)
+            events = [ToolCallStart(ids.call_id(), reply.name)]
+            events += map(ToolArgumentsDelta, mockmodel.argument_deltas(reply.arguments))
+        else:
+            events = list(map(TextDelta, mockmodel.text_deltas(reply.text)))
+        if not self.delta_interval:
+            yield events  # no pacing: the whole answer is ready at once
             return
-        for piece in mockmodel.text_deltas(reply.text):
-            await self._pace()
-            yield TextDelta(piece)
+        for i, event in enumerate(events):
+            if i:
+                await self._pace()
+            yield event
 
     async def _pace(self) -> None:
         if self.delta_interval:
