@@ -428,10 +428,14 @@ class SharedStore:
         return existed
 
     async def _listen(self, on_deleted: OnDeleted) -> None:
+        failing = False
         while True:
             try:
                 async with self.client.pubsub() as pubsub:
                     await pubsub.subscribe(self.channel)
+                    if failing:
+                        log.info("subscribed to Redis deletions again")
+                        failing = False
                     while True:
                         message = await pubsub.get_message(
                             ignore_subscribe_messages=True, timeout=1.0
@@ -440,10 +444,12 @@ class SharedStore:
                             _announce(message.get("data"), on_deleted)
             except (redis.RedisError, OSError) as exc:
                 self.errors += 1
-                log.error(
-                    "lost the Redis subscription to deletions; retrying",
-                    extra={"error_type": type(exc).__name__},
-                )
+                if not failing:  # once per outage, not once per retry
+                    log.error(
+                        "lost the Redis subscription to deletions; retrying every second",
+                        extra={"error_type": type(exc).__name__},
+                    )
+                    failing = True
                 await asyncio.sleep(RESUBSCRIBE_DELAY)
 
     def _key(self, owner: str, response_id: str) -> str:
