@@ -162,3 +162,50 @@ def test_redis_down_is_survivable() -> None:
         await store.client.aclose()
 
     run(main())
+
+
+def test_closing_writes_what_is_still_queued(redis_url: str) -> None:
+    async def main() -> None:
+        a, b = SessionCache(), SessionCache()
+        store = SharedStore.from_url(redis_url, prefix="t6")
+        await store.start()
+        parent = None
+        for i in range(300):  # more than one write batch, all queued before any write
+            turn(a, f"q{i}", parent, f"t{i}")
+            share(store, a, f"q{i}")
+            parent = f"q{i}"
+        assert store.stats()["queued"] == 300
+        await store.aclose()  # right away, as at shutdown
+        assert store.published == 300
+        reader = SharedStore.from_url(redis_url, prefix="t6")
+        assert await reader.load(b, "q299", owner="o")
+        assert b.context("q299", owner="o") == a.context("q299", owner="o")
+        await reader.client.aclose()
+
+    run(main())
+
+
+def test_deletions_reach_the_queue_and_the_other_processes(redis_url: str) -> None:
+    async def main() -> None:
+        a, b = SessionCache(), SessionCache()
+        writer = SharedStore.from_url(redis_url, prefix="t7")
+        reader = SharedStore.from_url(redis_url, prefix="t7")
+        heard: list[tuple[str, str]] = []
+        await writer.start()
+        await reader.start(on_deleted=lambda owner, rid: heard.append((owner, rid)))
+        await asyncio.sleep(0.2)  # the subscription is up
+        turn(a, "queued", None, "x")
+        share(writer, a, "queued")
+        assert await writer.delete("queued", owner="o")  # before the writer wrote it
+        await writer.flush()
+        assert not await reader.load(b, "queued", owner="o")
+        assert not await writer.delete("queued", owner="o")  # already deleted
+        for _ in range(100):
+            if heard:
+                break
+            await asyncio.sleep(0.02)
+        assert heard[0] == ("o", "queued")
+        await writer.aclose()
+        await reader.aclose()
+
+    run(main())
