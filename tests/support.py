@@ -18,7 +18,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from warmsocket.backends.base import Backend
 from warmsocket.backends.mock import MockBackend
-from warmsocket.engine import Limits
+from warmsocket.engine import Limits, SharedResponses
 from warmsocket.metrics import Metrics
 from warmsocket.server import Server, ServerConfig
 
@@ -103,12 +103,13 @@ def running_server(
     backend: Backend | None = None,
     limits: Limits | None = None,
     metrics: Metrics | None = None,
+    shared: SharedResponses | None = None,
     **overrides: Any,
 ) -> Iterator[RunningServer]:
     config = ServerConfig(port=0, ws_ping_interval=None)
     config = replace(config, limits=limits or Limits(), **overrides)
     loop = uvloop.new_event_loop()
-    server = Server(config, backend or MockBackend(), metrics=metrics)
+    server = Server(config, backend or MockBackend(), metrics=metrics, shared=shared)
     started = threading.Event()
     stopped = threading.Event()
 

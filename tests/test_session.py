@@ -279,3 +279,34 @@ def test_bad_messages_never_raise(message: bytes, code: str) -> None:
     assert h.events[-1]["error"]["code"] == code
     h.send(input="fine")
     assert h.events[-2]["type"] == "response.created"
+
+
+def test_unresolved_parent_names_what_a_shared_store_could_supply() -> None:
+    h = Harness()
+    session = h.session
+
+    def parse(**fields: Any) -> Any:
+        message = {"type": "response.create", "model": "m", **fields}
+        return session.parse_message(json.dumps(message))
+
+    h.send(input="hi", generate=False)
+    stored = h.events[-1]["response"]["id"]
+    h.send(input="running")
+    running = h.started[-1].response_id
+    assert session.unresolved_parent(parse(previous_response_id="resp_elsewhere")) == (
+        "resp_elsewhere"
+    )
+    assert session.unresolved_parent(parse(previous_response_id=stored)) is None
+    assert session.unresolved_parent(parse(previous_response_id=running)) is None
+    assert session.unresolved_parent(parse(input="no parent")) is None
+    assert session.unresolved_parent(session.parse_message(b"not json")) is None
+    # parse + receive_parsed is receive_message in two steps; parsing changes nothing.
+    message = parse(previous_response_id=stored, input="next", stream_id="s")
+    assert h.drain() == []
+    session.receive_parsed(message)
+    assert [e["type"] for e in h.drain()] == ["response.created", "response.in_progress"]
+    tiny = ResponsesSession(h.engine, owner="o", now=0.0)
+    too_large = tiny.parse_message(b"x" * (Limits().max_message_bytes + 1))
+    tiny.receive_parsed(too_large)
+    (frame,) = tiny.take_outbox()
+    assert isinstance(frame, bytes) and b"message_too_large" in frame

@@ -39,6 +39,11 @@ def turn(cache: SessionCache, rid: str, parent: str | None, text: str, **kw: Any
     assert info.id == rid
 
 
+def share(store: SharedStore, cache: SessionCache, rid: str, **kw: Any) -> None:
+    """Publish a response as the engine does after storing it."""
+    store.publish(cache.get(rid, owner="o", **kw), *cache.own_items(rid, owner="o", **kw))
+
+
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
@@ -53,7 +58,7 @@ def test_a_chain_published_by_one_process_loads_in_another(redis_url: str) -> No
         parent = None
         for i in range(150):  # more than one load batch
             turn(a, f"r{i}", parent, f"t{i}")
-            store_a.publish(a.get(f"r{i}", owner="o"), a.own_items(f"r{i}", owner="o"))
+            share(store_a, a, f"r{i}")
             parent = f"r{i}"
         await store_a.flush()
         assert await store_b.load(b, "r149", owner="o")
@@ -75,7 +80,7 @@ def test_loading_stops_at_a_locally_cached_ancestor(redis_url: str) -> None:
         await store.start()
         for i, parent in enumerate([None, "r0", "r1", "r2"]):
             turn(a, f"r{i}", parent, f"t{i}")
-            store.publish(a.get(f"r{i}", owner="o"), a.own_items(f"r{i}", owner="o"))
+            share(store, a, f"r{i}")
         await store.flush()
         turn(b, "r0", None, "t0")
         turn(b, "r1", "r0", "t1")
@@ -96,9 +101,7 @@ def test_connection_local_state_is_never_written(redis_url: str) -> None:
         turn(a, "local", None, "zdr", store=False, connection=conn)
         turn(a, "tainted", "local", "stored on top", store=True, connection=conn)
         for rid in ("local", "tainted"):
-            store.publish(
-                a.get(rid, owner="o", connection=conn), a.own_items(rid, owner="o", connection=conn)
-            )
+            share(store, a, rid, connection=conn)
         await store.flush()
         assert store.published == 0
         assert await store.client.keys("t3:*") == []
@@ -116,7 +119,7 @@ def test_deleted_responses_are_not_found_but_their_descendants_load(redis_url: s
         turn(a, "p", None, "parent")
         turn(a, "c", "p", "child")
         for rid in ("p", "c"):
-            store.publish(a.get(rid, owner="o"), a.own_items(rid, owner="o"))
+            share(store, a, rid)
         await store.flush()
         assert await store.delete("p", owner="o")
         assert not await store.delete("nope", owner="o")
@@ -138,7 +141,7 @@ def test_a_missing_link_means_not_found_and_ttl_is_set(redis_url: str) -> None:
         turn(a, "x0", None, "a")
         turn(a, "x1", "x0", "b")
         for rid in ("x0", "x1"):
-            store.publish(a.get(rid, owner="o"), a.own_items(rid, owner="o"))
+            share(store, a, rid)
         await store.flush()
         assert 0 < await store.client.ttl("t5:r:o:x1") <= 120
         await store.client.delete("t5:r:o:x0")  # e.g. expired
@@ -157,5 +160,52 @@ def test_redis_down_is_survivable() -> None:
         assert not await store.load(SessionCache(), "r", owner="o")
         assert store.errors == 1
         await store.client.aclose()
+
+    run(main())
+
+
+def test_closing_writes_what_is_still_queued(redis_url: str) -> None:
+    async def main() -> None:
+        a, b = SessionCache(), SessionCache()
+        store = SharedStore.from_url(redis_url, prefix="t6")
+        await store.start()
+        parent = None
+        for i in range(300):  # more than one write batch, all queued before any write
+            turn(a, f"q{i}", parent, f"t{i}")
+            share(store, a, f"q{i}")
+            parent = f"q{i}"
+        assert store.stats()["queued"] == 300
+        await store.aclose()  # right away, as at shutdown
+        assert store.published == 300
+        reader = SharedStore.from_url(redis_url, prefix="t6")
+        assert await reader.load(b, "q299", owner="o")
+        assert b.context("q299", owner="o") == a.context("q299", owner="o")
+        await reader.client.aclose()
+
+    run(main())
+
+
+def test_deletions_reach_the_queue_and_the_other_processes(redis_url: str) -> None:
+    async def main() -> None:
+        a, b = SessionCache(), SessionCache()
+        writer = SharedStore.from_url(redis_url, prefix="t7")
+        reader = SharedStore.from_url(redis_url, prefix="t7")
+        heard: list[tuple[str, str]] = []
+        await writer.start()
+        await reader.start(on_deleted=lambda owner, rid: heard.append((owner, rid)))
+        await asyncio.sleep(0.2)  # the subscription is up
+        turn(a, "queued", None, "x")
+        share(writer, a, "queued")
+        assert await writer.delete("queued", owner="o")  # before the writer wrote it
+        await writer.flush()
+        assert not await reader.load(b, "queued", owner="o")
+        assert not await writer.delete("queued", owner="o")  # already deleted
+        for _ in range(100):
+            if heard:
+                break
+            await asyncio.sleep(0.02)
+        assert heard[0] == ("o", "queued")
+        await writer.aclose()
+        await reader.aclose()
 
     run(main())

@@ -67,6 +67,9 @@ class _AppendReplacing(argparse.Action):
         setattr(namespace, marker, True)
 
 
+DEFAULT_REDIS_TTL = 30 * 24 * 3600
+"""`--redis-ttl`: as `shared_store.DEFAULT_TTL` (not imported: that imports redis)."""
+
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 
@@ -218,6 +221,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="file to restore stored (store=true) responses from at start and save them "
         "to at shutdown; store=false state is never written",
+    )
+    sharing = serve.add_argument_group(
+        "several processes",
+        "Replicas of one API share their stored (store=true) responses through Redis: "
+        "a response made on one process can be continued by previous_response_id, "
+        "retrieved or deleted on any other. Needs: pip install 'warmsocket[redis]'.",
+    )
+    opt.parser = sharing
+    opt.add(
+        "--redis-url",
+        default=None,
+        help="Redis to share stored responses through, e.g. redis://host:6379/0 "
+        "(rediss:// for TLS). Every store=true response is written there behind the "
+        "turn, and a response not cached here is looked up there; store=false state is "
+        "never written. The server does not start when Redis cannot be reached; later "
+        "outages are logged and counted, and the server goes on from local state",
+    )
+    opt.add(
+        "--redis-ttl",
+        default=DEFAULT_REDIS_TTL,
+        type=_positive_int,
+        help="seconds a shared response is kept in Redis after it was written (30 days, "
+        "as OpenAI keeps stored responses)",
+    )
+    opt.add(
+        "--redis-prefix",
+        default="warmsocket",
+        help="prefix of every Redis key and channel (separates deployments sharing one Redis)",
     )
     tokens = serve.add_argument_group("token caching and prefix diffing")
     opt.parser = tokens

@@ -26,7 +26,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from warmsocket import _core, errors, ids
 from warmsocket._core import (
@@ -117,6 +117,40 @@ def instructions_key(instructions: str | None) -> str | None:
     return hashlib.blake2b(instructions.encode(), digest_size=8).hexdigest()
 
 
+class SharedResponses(Protocol):
+    """Stored responses shared with other processes (`shared_store.SharedStore`).
+
+    The engine and the server know only this protocol, so nothing imports the Redis
+    client unless `--redis-url` is given."""
+
+    async def start(self, on_deleted: Callable[[str, str], None]) -> None:
+        """Connect (raises ConnectionError) and start writing; `on_deleted(owner, id)`
+        is called when any process deletes a shared response."""
+        ...
+
+    async def aclose(self) -> None:
+        """Write what is still queued (bounded in time), then disconnect."""
+        ...
+
+    def publish(self, info: _core.ResponseInfo, input: Items, output: Items) -> None:
+        """Queue a stored response for the other processes; never blocks, never raises."""
+        ...
+
+    async def load(self, cache: SessionCache, response_id: str, *, owner: str) -> bool:
+        """Load a response (and what of its chain is missing) into `cache`; whether it
+        is there now. A failure is logged and counted, and is a miss."""
+        ...
+
+    async def delete(self, response_id: str, *, owner: str) -> bool:
+        """Mark a response deleted for every process; whether it existed there."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters for /metrics: published, loaded, load_hits, load_misses, deleted,
+        errors, queued."""
+        ...
+
+
 class Engine:
     """Services shared by every connection: the cache, the backend, metrics, the clock."""
 
@@ -129,11 +163,13 @@ class Engine:
         limits: Limits | None = None,
         wall_clock: Callable[[], float] = time.time,
         tokenizer: Tokenizer | None = None,
+        shared: SharedResponses | None = None,
     ) -> None:
         """`tokenizer` counts what the cache does not: the instructions, and, when the
         cache has no tokenizer of its own, each turn's whole context (O(context), the
         naive baseline). Without either, tokens are estimated from bytes. Prefix
-        diffing is on when the cache has a prefix index."""
+        diffing is on when the cache has a prefix index. `shared` gets every stored
+        response and is asked on local misses (`load_shared`)."""
         self.cache = cache
         self.backend = backend
         self.metrics = metrics or Metrics()
@@ -142,7 +178,24 @@ class Engine:
         self.prefix_diffing = cache.prefix_index
         self.tokenizer = cache.tokenizer or tokenizer
         self.caches_tokens = cache.tokenizer is not None
+        self.shared = shared
         self._instruction_tokens: dict[str, int] = {}
+
+    def cached(self, response_id: str, *, owner: str, connection: int | None = None) -> bool:
+        """Whether a lookup of `response_id` by `owner` finds it in the local cache."""
+        try:
+            self.cache.get(response_id, owner=owner, connection=connection)
+        except _core.ResponseNotFound:
+            return False
+        return True
+
+    async def load_shared(self, response_id: str, *, owner: str) -> bool:
+        """After a local miss: load a stored response from the shared store, if there is
+        one, into the cache. Whether it is cached now. Requests wait for this before
+        the (Sans-I/O) lookup that would otherwise say not found."""
+        if self.shared is None:
+            return False
+        return await self.shared.load(self.cache, response_id, owner=owner)
 
     def instruction_tokens(self, instructions: str | None) -> int:
         """Tokens of the instructions as a `system` message (memoised; 0 without a
@@ -448,12 +501,13 @@ class Turn:
             "instructions": instructions_key(self.request.instructions),
         }
         cache = self.engine.cache
+        output = stream.output_items()
         try:
-            cache.create(
+            info = cache.create(
                 self.response_id,
                 owner=self.owner,
                 input=self.items,
-                output=stream.output_items(),
+                output=output,
                 previous_response_id=self.binding,
                 settings=self.request.settings_json,
                 meta=_dumps(meta).encode(),
@@ -464,6 +518,11 @@ class Turn:
             raise errors.server_overloaded(
                 f"The response could not be kept in the session cache ({type(exc).__name__})."
             ) from None
+        shared = self.engine.shared
+        if shared is not None and info.connection is None:
+            # Stored (store=true, not built on connection-local state): other processes
+            # may continue it. Write-behind: queued here, written off the turn's path.
+            shared.publish(info, self.items, output)
 
     def _finish(self, status: str) -> None:
         self.finished = True

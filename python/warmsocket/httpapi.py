@@ -148,12 +148,12 @@ class HTTPApp:
                         "Streaming a stored response is only for background responses, which "
                         "this server does not run.",
                     )
-                return self._retrieve(writer, request, request_id, owner, path_id)
+                return await self._retrieve(writer, request, request_id, owner, path_id)
             if method == "DELETE":
-                return self._delete(writer, request, request_id, owner, path_id)
+                return await self._delete(writer, request, request_id, owner, path_id)
             raise errors.method_not_allowed(method, request.path)
         if sub == "input_items" and method == "GET":
-            return self._input_items(writer, request, request_id, owner, path_id)
+            return await self._input_items(writer, request, request_id, owner, path_id)
         if sub == "cancel" and method == "POST":
             raise APIError(
                 None,
@@ -180,7 +180,15 @@ class HTTPApp:
                 type=create.type,
             )
         assert isinstance(create, _core.CreateRequest)
-        turn = self.engine.prepare(
+        engine = self.engine
+        parent = create.previous_response_id
+        if (
+            parent is not None
+            and engine.shared is not None
+            and not engine.cached(parent, owner=owner)
+        ):
+            await engine.load_shared(parent, owner=owner)
+        turn = engine.prepare(
             create,
             owner=owner,
             connection=connection,
@@ -230,24 +238,29 @@ class HTTPApp:
             raise failure
         self._json(writer, request, request_id, 200, turn.stream.response_json())
 
-    def _retrieve(
+    async def _retrieve(
         self, writer: ResponseWriter, request: Request, request_id: str, owner: str, rid: str
     ) -> int:
-        info, _input, output = self._stored(owner, rid)
+        info, _input, output = await self._stored(owner, rid)
         return self._json(writer, request, request_id, 200, dumps(response_object(info, output)))
 
-    def _delete(
+    async def _delete(
         self, writer: ResponseWriter, request: Request, request_id: str, owner: str, rid: str
     ) -> int:
-        if not self.engine.cache.delete(rid, owner=owner):
+        engine = self.engine
+        deleted = engine.cache.delete(rid, owner=owner)
+        if engine.shared is not None:
+            # Also when it was not cached here: another process may have made it.
+            deleted = await engine.shared.delete(rid, owner=owner) or deleted
+        if not deleted:
             raise errors.response_not_found(rid)
         body = dumps({"id": rid, "object": "response", "deleted": True})
         return self._json(writer, request, request_id, 200, body)
 
-    def _input_items(
+    async def _input_items(
         self, writer: ResponseWriter, request: Request, request_id: str, owner: str, rid: str
     ) -> int:
-        _info, input_items, _output = self._stored(owner, rid)
+        _info, input_items, _output = await self._stored(owner, rid)
         limit_text = request.query_value("limit") or "20"
         try:
             limit = int(limit_text)
@@ -299,8 +312,13 @@ class HTTPApp:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _stored(self, owner: str, rid: str) -> tuple[_core.ResponseInfo, _core.Items, _core.Items]:
-        cache = self.engine.cache
+    async def _stored(
+        self, owner: str, rid: str
+    ) -> tuple[_core.ResponseInfo, _core.Items, _core.Items]:
+        engine = self.engine
+        cache = engine.cache
+        if engine.shared is not None and not engine.cached(rid, owner=owner):
+            await engine.load_shared(rid, owner=owner)
         try:
             info = cache.get(rid, owner=owner)
             _own_input, output = cache.own_items(rid, owner=owner)

@@ -286,3 +286,39 @@ def cache_collector(stats: Callable[[], dict[str, int]]) -> Callable[[], Iterabl
             yield f"{name} {value}"
 
     return collect
+
+
+def shared_store_collector(stats: Callable[[], dict[str, int]]) -> Callable[[], Iterable[str]]:
+    """Render the shared store's counters (`--redis-url`)."""
+
+    def collect() -> Iterable[str]:
+        values = stats()
+        yield "# HELP warmsocket_shared_store_published_total Stored responses written to Redis."
+        yield "# TYPE warmsocket_shared_store_published_total counter"
+        yield f"warmsocket_shared_store_published_total {values['published']}"
+        yield (
+            "# HELP warmsocket_shared_store_loads_total Local misses looked up in Redis, by result."
+        )
+        yield "# TYPE warmsocket_shared_store_loads_total counter"
+        yield f'warmsocket_shared_store_loads_total{{result="hit"}} {values["load_hits"]}'
+        yield f'warmsocket_shared_store_loads_total{{result="miss"}} {values["load_misses"]}'
+        yield (
+            "# HELP warmsocket_shared_store_loaded_responses_total Responses copied from "
+            "Redis into the local cache (a chain's missing part)."
+        )
+        yield "# TYPE warmsocket_shared_store_loaded_responses_total counter"
+        yield f"warmsocket_shared_store_loaded_responses_total {values['loaded']}"
+        yield "# HELP warmsocket_shared_store_deletes_total Responses marked deleted in Redis."
+        yield "# TYPE warmsocket_shared_store_deletes_total counter"
+        yield f"warmsocket_shared_store_deletes_total {values['deleted']}"
+        yield (
+            "# HELP warmsocket_shared_store_errors_total Redis operations that failed (and "
+            "responses not written); service went on from local state."
+        )
+        yield "# TYPE warmsocket_shared_store_errors_total counter"
+        yield f"warmsocket_shared_store_errors_total {values['errors']}"
+        yield "# HELP warmsocket_shared_store_queue Stored responses waiting to be written."
+        yield "# TYPE warmsocket_shared_store_queue gauge"
+        yield f"warmsocket_shared_store_queue {values['queued']}"
+
+    return collect

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 from warmsocket import logs, upstream_cli
@@ -14,7 +15,7 @@ from warmsocket._core import SessionCache, SnapshotError, TokenizerError
 from warmsocket.backends.base import Backend
 from warmsocket.backends.mock import MockBackend
 from warmsocket.cli import run_async
-from warmsocket.engine import Limits, new_cache, tokenizer_for
+from warmsocket.engine import Limits, SharedResponses, new_cache, tokenizer_for
 from warmsocket.metrics import Metrics
 from warmsocket.server import Server, ServerConfig
 
@@ -44,6 +45,41 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class SharedOptions:
+    """`--redis-url`, `--redis-ttl`, `--redis-prefix`."""
+
+    url: str
+    ttl: int
+    prefix: str
+
+
+def shared_options(args: argparse.Namespace) -> SharedOptions | None:
+    if not args.redis_url:
+        return None
+    return SharedOptions(args.redis_url, args.redis_ttl, args.redis_prefix)
+
+
+def shared_store(options: SharedOptions | None) -> SharedResponses | None:
+    """The shared store `--redis-url` asks for (imports redis only then). Raises
+    RuntimeError with advice when it cannot be made."""
+    if options is None:
+        return None
+    try:
+        from warmsocket.shared_store import SharedStore
+    except ImportError:
+        raise RuntimeError(
+            "--redis-url needs the Redis client: pip install 'warmsocket[redis]'"
+        ) from None
+    try:
+        return SharedStore.from_url(options.url, ttl_seconds=options.ttl, prefix=options.prefix)
+    except ValueError:
+        # Not the URL itself in the message: it may carry a password.
+        raise RuntimeError(
+            "--redis-url is not a Redis URL (redis://host:port/db, rediss://, unix://)"
+        ) from None
+
+
 def backend_from_args(args: argparse.Namespace, metrics: Metrics | None = None) -> Backend:
     if getattr(args, "upstream", None):
         return upstream_cli.backend_from_args(args, metrics)
@@ -57,14 +93,23 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         metrics = Metrics()
         backend = backend_from_args(args, metrics)
-        return int(run_async(_serve(config, backend, snapshot, metrics)))
+        return int(run_async(_serve(config, backend, snapshot, metrics, shared_options(args))))
     except KeyboardInterrupt:
         return 0
 
 
 async def _serve(
-    config: ServerConfig, backend: Backend, snapshot: Path | None, metrics: Metrics | None = None
+    config: ServerConfig,
+    backend: Backend,
+    snapshot: Path | None,
+    metrics: Metrics | None = None,
+    sharing: SharedOptions | None = None,
 ) -> int:
+    try:
+        shared = shared_store(sharing)
+    except RuntimeError as exc:
+        log.error(str(exc))
+        return 1
     try:
         tokenizer = tokenizer_for(config.tokenizer, config.models[0])
     except (TokenizerError, OSError) as exc:
@@ -89,14 +134,22 @@ async def _serve(
             )
             return 1
         log.info("snapshot restored", extra={"path": str(snapshot), "responses": restored})
-    server = Server(config, backend, cache=cache, metrics=metrics)
+    server = Server(config, backend, cache=cache, metrics=metrics, shared=shared)
     try:
         await server.start()
+    except ConnectionError as exc:
+        log.error(
+            "cannot reach Redis; check --redis-url, or start without it",
+            extra={"error": str(exc)},
+        )
+        await server.close()
+        return 1
     except OSError as exc:
         log.error(
             "cannot listen; pick another --port or --host",
             extra={"host": config.host, "port": config.port, "errno": exc.errno},
         )
+        await server.close()
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -109,6 +162,7 @@ async def _serve(
             "websocket": f"ws://{config.host}:{server.port}/v1/responses",
             "backend": backend.name,
             "auth": bool(config.api_keys),
+            "shared_store": sharing is not None,
         },
     )
     await stop.wait()

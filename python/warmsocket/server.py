@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -38,13 +39,27 @@ from websockets.typing import Subprotocol
 from warmsocket import errors
 from warmsocket._core import SessionCache
 from warmsocket.backends.base import Backend
-from warmsocket.engine import Engine, Framing, Limits, Turn, new_cache, tokenizer_for
+from warmsocket.engine import (
+    Engine,
+    Framing,
+    Limits,
+    SharedResponses,
+    Turn,
+    new_cache,
+    tokenizer_for,
+)
 from warmsocket.errors import APIError
 from warmsocket.http11 import CONTINUE, HTTPError, Request, RequestParser, encode_response
 from warmsocket.httpapi import Auth, HTTPApp, route_of
-from warmsocket.metrics import Metrics, cache_collector
+from warmsocket.metrics import Metrics, cache_collector, shared_store_collector
 from warmsocket.response_stream import dumps
-from warmsocket.session import CloseConnection, ResponsesSession, StartModel, StopModel
+from warmsocket.session import (
+    CloseConnection,
+    Message,
+    ResponsesSession,
+    StartModel,
+    StopModel,
+)
 
 log = logging.getLogger("warmsocket.server")
 
@@ -108,7 +123,9 @@ class Server:
         *,
         cache: SessionCache | None = None,
         metrics: Metrics | None = None,
+        shared: SharedResponses | None = None,
     ) -> None:
+        """`shared`: stored responses shared with other processes (`--redis-url`)."""
         self.config = config
         self.metrics = metrics or Metrics()
         given = cache.tokenizer if cache is not None else None
@@ -121,8 +138,15 @@ class Server:
         )
         self.metrics.collectors.append(cache_collector(lambda: self.cache.stats().as_dict()))
         self.engine = Engine(
-            self.cache, backend, metrics=self.metrics, limits=config.limits, tokenizer=tokenizer
+            self.cache,
+            backend,
+            metrics=self.metrics,
+            limits=config.limits,
+            tokenizer=tokenizer,
+            shared=shared,
         )
+        if shared is not None:
+            self.metrics.collectors.append(shared_store_collector(shared.stats))
         self.http = HTTPApp(self.engine, auth=Auth(config.api_keys), models=config.models)
         self.connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
@@ -135,6 +159,11 @@ class Server:
         return port
 
     async def start(self) -> None:
+        """Connect the shared store, if any (raises ConnectionError), then listen
+        (raises OSError)."""
+        shared = self.engine.shared
+        if shared is not None:
+            await shared.start(on_deleted=self._forget)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: Connection(self),
@@ -151,7 +180,8 @@ class Server:
         await self._server.serve_forever()
 
     async def close(self) -> None:
-        """Stop listening, close every connection (1001 for WebSockets), release backends."""
+        """Stop listening, close every connection (1001 for WebSockets), release backends,
+        write what the shared store still has queued."""
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
@@ -159,6 +189,12 @@ class Server:
         if self._server is not None:
             await self._server.wait_closed()
         await self.engine.backend.aclose()
+        if self.engine.shared is not None:
+            await self.engine.shared.aclose()
+
+    def _forget(self, owner: str, response_id: str) -> None:
+        """Another process deleted a shared response: drop the local copy too."""
+        self.cache.delete(response_id, owner=owner)
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -211,6 +247,9 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.Task[None] | None = None
         self._pong = asyncio.Event()
+        # Client messages held, in order, while a shared-store load runs for the first.
+        self._held: deque[Message] = deque()
+        self._loading: asyncio.Task[None] | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -255,6 +294,9 @@ class Connection(asyncio.Protocol):
             self._timer.cancel()
         if self._keepalive is not None:
             self._keepalive.cancel()
+        if self._loading is not None:
+            self._loading.cancel()
+        self._held.clear()
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -263,7 +305,7 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writable.set()
-        if self.transport is not None and not self.lost:
+        if self.transport is not None and not self.lost and self._loading is None:
             self.transport.resume_reading()
 
     # -- writing -------------------------------------------------------------------------
@@ -412,19 +454,62 @@ class Connection(asyncio.Protocol):
                 if not event.fin:
                     self._fragments = [data]
                 elif session is not None:
-                    session.receive_message(data)
+                    self._ws_message(session, data)
             elif opcode is Opcode.CONT:
                 self._fragments.append(data)
                 if event.fin:
                     message = b"".join(self._fragments)
                     self._fragments = []
                     if session is not None:
-                        session.receive_message(message)
+                        self._ws_message(session, message)
             elif opcode is Opcode.PONG:
                 self._pong.set()
         closing = self.ws.state is State.CLOSED or self.ws.state is State.CLOSING
         if closing and session is not None and not session.closed:
             session.connection_lost()
+
+    def _ws_message(self, session: ResponsesSession, data: bytes) -> None:
+        if self.server.engine.shared is None:
+            session.receive_message(data)
+            return
+        if session.closed:
+            return
+        message = session.parse_message(data)
+        if not self._held and session.unresolved_parent(message) is None:
+            session.receive_parsed(message)
+            return
+        # A parent to load from the shared store first, or messages already waiting
+        # for one: this message waits too, so nothing overtakes on this connection.
+        self._held.append(message)
+        if self._loading is None:
+            self._loading = self.loop.create_task(self._load_held(session))
+            if self.transport is not None:
+                self.transport.pause_reading()
+
+    async def _load_held(self, session: ResponsesSession) -> None:
+        """Feed the held messages in order, each after its parent was looked up."""
+        engine = self.server.engine
+        try:
+            while self._held and not session.closed:
+                parent = session.unresolved_parent(self._held[0])
+                if parent is not None:
+                    try:
+                        await engine.load_shared(parent, owner=session.owner)
+                    except Exception as exc:  # a miss: the session answers not found
+                        log.error(
+                            "shared store load failed", extra={"error_type": type(exc).__name__}
+                        )
+                    if session.closed:
+                        break
+                session.receive_parsed(self._held.popleft())
+                if not self._run_actions():
+                    self._flush()
+        finally:
+            if session.closed:
+                self._held.clear()
+            self._loading = None
+        if self.transport is not None and not self.lost and self._writable.is_set():
+            self.transport.resume_reading()
 
     def _run_actions(self) -> bool:
         """Carry out the session's outbox. Returns whether a model task was started."""

@@ -75,6 +75,8 @@ class CloseConnection:
 
 
 Action = bytes | StartModel | StopModel | CloseConnection
+Message = CreateRequest | SteerRequest | Rejection | APIError | None
+"""A decoded client message (`parse_message`); an APIError when it was too large."""
 
 
 @dataclass(slots=True)
@@ -141,15 +143,25 @@ class ResponsesSession:
         """One client message (a text or binary WebSocket message)."""
         if self.closed:
             return
+        self.receive_parsed(self.parse_message(data))
+
+    def parse_message(self, data: bytes | str) -> Message:
+        """Decode and validate one client message; changes no state.
+
+        With `receive_parsed`, this is `receive_message` in two steps, so that the
+        asyncio layer can look at a request (`unresolved_parent`) and do I/O before
+        the session sees it."""
         if isinstance(data, str):
             data = data.encode("utf-8", "surrogatepass")
         size = len(data)
         if size > self.limits.max_message_bytes:
-            self._error(errors.message_too_large(size, self.limits.max_message_bytes), None)
+            return errors.message_too_large(size, self.limits.max_message_bytes)
+        return parse_client_message(data, max_item_bytes=self._max_item_bytes, format=self._format)
+
+    def receive_parsed(self, parsed: Message) -> None:
+        """One client message, as `parse_message` returned it."""
+        if self.closed:
             return
-        parsed = parse_client_message(
-            data, max_item_bytes=self._max_item_bytes, format=self._format
-        )
         kind = type(parsed)
         if kind is CreateRequest:
             assert isinstance(parsed, CreateRequest)
@@ -165,7 +177,27 @@ class ResponsesSession:
         elif kind is SteerRequest:
             assert isinstance(parsed, SteerRequest)
             self._receive_steer(parsed)
+        elif isinstance(parsed, APIError):
+            self._error(parsed, None)
         # None: `response.processed` (Codex), ignored (spec §2.3).
+
+    def unresolved_parent(self, parsed: Message) -> str | None:
+        """The `previous_response_id` of a create that this connection cannot resolve
+        from the local cache and that is not running here either, else None.
+
+        The asyncio layer may then fetch it from a shared store before handing the
+        message to `receive_parsed` (the session itself does no I/O)."""
+        if type(parsed) is not CreateRequest:
+            return None
+        assert isinstance(parsed, CreateRequest)
+        parent = parsed.previous_response_id
+        if parent is None or parent in self._active or self.closed:
+            return None
+        try:
+            self.engine.cache.get(parent, owner=self.owner, connection=self.connection)
+        except LookupError:
+            return parent
+        return None
 
     def model_event(self, turn: Turn, event: ModelEvent) -> None:
         """One event from the backend for `turn`."""

@@ -11,13 +11,16 @@ Records (one Redis hash per response, key ``<prefix>:r:<owner>:<id>``):
 
 * ``parent``  — the parent's response id, or empty;
 * ``data``    — msgpack ``{"v": 1, "input": <JSON array>, "output": <JSON array>,
-  "settings": <content hash>, "meta": <JSON>, "store": true}``;
+  "settings": <content hash>, "meta": <JSON>, "store": true}``, plus ``"prefix": n``
+  when the parent was found by prefix matching (the client re-sent its history
+  instead of naming a `previous_response_id`): the context is then the first n
+  items of the parent's context, followed by this response's own items;
 * ``deleted`` — present once the response was deleted: lookups say not found, but
   descendants still load through it (as in the local cache).
 
 Settings (instructions, tools: often tens of KB, the same for every turn of a chain)
 are stored once under their content hash, ``<prefix>:s:<hash>``. Every key expires
-after the configured TTL.
+after the configured TTL; writing a record refreshes its settings' TTL.
 
 Loading walks the chain from the requested id towards the root with a server-side
 script, in batches, and stops at the first ancestor already in the local cache; the
@@ -25,9 +28,14 @@ missing part is rebuilt oldest first with `SessionCache.create`, so locally cach
 ancestors are shared, not copied. A chain with a missing link is not found: never a
 partial context.
 
+Deletion marks the record and announces ``[owner, id]`` on the pub/sub channel
+``<prefix>:deleted``; every process subscribed (`start(on_deleted=...)`) drops its
+local copy. A response deleted before the writer wrote it is written as deleted.
+
 The write-behind queue is flushed within milliseconds; a client that reconnects to
 another process in that window may not find its newest response yet. A Redis outage
-is logged and counted; local service goes on.
+is logged (error types and counts, never content) and counted; local service goes on,
+and a miss is then answered as not found.
 """
 
 from __future__ import annotations
@@ -35,22 +43,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from warmsocket import _core
-from warmsocket._core import Items, SessionCache
+from warmsocket._core import Binding, Items, SessionCache
 
 log = logging.getLogger("warmsocket.shared_store")
 
 RECORD_VERSION = 1
+DEFAULT_TTL = 30 * 24 * 3600
+"""Seconds a record lives after it was written: OpenAI's retention of stored responses."""
 LOAD_BATCH = 64
 MAX_CHAIN = 100_000
 QUEUE_LIMIT = 10_000
+WRITE_BATCH = 256
+SOCKET_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 2.0
+RESUBSCRIBE_DELAY = 1.0
+SHUTDOWN_FLUSH_TIMEOUT = 10.0
+_KNOWN_SETTINGS_LIMIT = 4096
 
 # Walks parent links server-side: returns [id, parent, data, deleted] for up to
 # ARGV[2] records starting at ARGV[1]; stops at a missing record.
@@ -72,16 +93,39 @@ end
 return out
 """
 
+# Marks a record deleted; 1 if it existed and was not deleted yet.
+_DELETE = """
+local rec = redis.call('HMGET', KEYS[1], 'data', 'deleted')
+if not rec[1] or rec[2] then return 0 end
+redis.call('HSET', KEYS[1], 'deleted', '1')
+return 1
+"""
+
+OnDeleted = Callable[[str, str], None]
+"""Called with (owner, response_id) when any process deleted a shared response."""
+
 
 @dataclass(frozen=True, slots=True)
 class _Record:
-    response_id: str
-    owner: str
+    """A stored response waiting to be written."""
+
+    key: str
     parent: str | None
-    input: bytes
-    output: bytes
+    prefix: int | None
+    input: Items
+    output: Items
     settings: bytes
     meta: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    """A record read back, newest first in a chain."""
+
+    response_id: str
+    parent: str | None
+    data: dict[str, Any]
+    deleted: bool
 
 
 class SharedStore:
@@ -91,7 +135,7 @@ class SharedStore:
         self,
         client: redis.Redis,
         *,
-        ttl_seconds: int = 30 * 24 * 3600,
+        ttl_seconds: int = DEFAULT_TTL,
         prefix: str = "warmsocket",
     ) -> None:
         self.client = client
@@ -100,48 +144,101 @@ class SharedStore:
         self.errors = 0
         self.published = 0
         self.loaded = 0
+        self.load_hits = 0
+        self.load_misses = 0
+        self.deleted = 0
         self._queue: asyncio.Queue[_Record] = asyncio.Queue(QUEUE_LIMIT)
         self._writer: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
         self._walk = client.register_script(_WALK)
-        self._known_settings: set[str] = set()
+        self._mark_deleted = client.register_script(_DELETE)
+        # settings digest -> when this process last wrote it (refreshed with EXPIRE since)
+        self._known_settings: dict[str, float] = {}
+        # Keys queued but not written yet, and those of them deleted meanwhile.
+        self._unwritten: set[str] = set()
+        self._tombstones: set[str] = set()
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SharedStore:
-        return cls(redis.Redis.from_url(url), **kwargs)
+        """A store on a new connection pool, with short timeouts and one retry: a Redis
+        outage must cost a request milliseconds to seconds, not minutes."""
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+        )
+        return cls(client, **kwargs)
 
-    async def start(self) -> None:
-        """Check the connection and start the writer. Raises ConnectionError."""
+    @property
+    def channel(self) -> str:
+        return f"{self.prefix}:deleted"
+
+    async def start(self, on_deleted: OnDeleted | None = None) -> None:
+        """Check the connection, start the writer and, with `on_deleted`, follow the
+        deletions other processes announce. Raises ConnectionError."""
         try:
             await self.client.ping()
-        except redis.RedisError as exc:
+        except (redis.RedisError, OSError) as exc:
             raise ConnectionError(f"cannot reach Redis ({type(exc).__name__})") from None
-        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        loop = asyncio.get_running_loop()
+        self._writer = loop.create_task(self._write_loop())
+        if on_deleted is not None:
+            self._listener = loop.create_task(self._listen(on_deleted))
 
-    async def aclose(self) -> None:
-        """Flush pending writes, then close the connection pool."""
-        await self.flush()
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+    async def aclose(self, flush_timeout: float = SHUTDOWN_FLUSH_TIMEOUT) -> None:
+        """Flush pending writes (for at most `flush_timeout` seconds), then close."""
+        try:
+            await asyncio.wait_for(self.flush(), flush_timeout)
+        except TimeoutError:
+            log.error(
+                "shared store: pending writes dropped at shutdown",
+                extra={"responses": self._queue.qsize()},
+            )
+        for task in (self._writer, self._listener):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.client.aclose()
 
     async def flush(self) -> None:
+        """Wait until everything published so far was written (or failed)."""
         if self._writer is not None and not self._writer.done():
             await self._queue.join()
 
+    def stats(self) -> dict[str, int]:
+        return {
+            "published": self.published,
+            "loaded": self.loaded,
+            "load_hits": self.load_hits,
+            "load_misses": self.load_misses,
+            "deleted": self.deleted,
+            "errors": self.errors,
+            "queued": self._queue.qsize(),
+        }
+
     # -- publishing -----------------------------------------------------------------------
 
-    def publish(self, info: _core.ResponseInfo, own: tuple[Items, Items]) -> None:
-        """Queue one stored response for Redis. Never blocks; drops (and counts) when full."""
+    def publish(self, info: _core.ResponseInfo, input: Items, output: Items) -> None:
+        """Queue one stored response for Redis. Never blocks; drops (and counts) when full.
+
+        `input` and `output` are the response's own items (`SessionCache.own_items`)."""
         if info.connection is not None:
             return  # connection-local (store=false, or built on such): never shared
+        parent = info.parent_id
+        prefix: int | None = None
+        if parent is not None and info.previous_response_id is None:
+            # Found by prefix matching: possibly the first n own items of a response
+            # (`<id>#<n>`). Link to that response; `prefix` says how much of it counts.
+            parent = parent.partition("#")[0]
+            prefix = info.items - info.input_items - info.output_items
         record = _Record(
-            response_id=info.id,
-            owner=info.owner,
-            parent=info.previous_response_id,
-            input=own[0].json(),
-            output=own[1].json(),
+            key=self._key(info.owner, info.id),
+            parent=parent,
+            prefix=prefix,
+            input=input,
+            output=output,
             settings=info.settings,
             meta=info.meta,
         )
@@ -150,49 +247,65 @@ class SharedStore:
         except asyncio.QueueFull:
             self.errors += 1
             log.error("shared store queue full; a stored response was not shared")
+            return
+        self._unwritten.add(record.key)
 
     async def _write_loop(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            while not self._queue.empty() and len(batch) < 256:
+            while not self._queue.empty() and len(batch) < WRITE_BATCH:
                 batch.append(self._queue.get_nowait())
             try:
                 await self._write(batch)
                 self.published += len(batch)
-            except redis.RedisError as exc:
+            except Exception as exc:
                 self.errors += len(batch)
                 log.error(
                     "cannot write stored responses to Redis",
                     extra={"responses": len(batch), "error_type": type(exc).__name__},
                 )
             finally:
-                for _ in batch:
+                for record in batch:
+                    self._unwritten.discard(record.key)
+                    self._tombstones.discard(record.key)
                     self._queue.task_done()
 
     async def _write(self, batch: list[_Record]) -> None:
+        now = time.monotonic()
+        written: dict[str, float] = {}
         async with self.client.pipeline(transaction=False) as pipe:
             for record in batch:
                 digest = hashlib.blake2b(record.settings, digest_size=16).hexdigest()
                 settings_key = f"{self.prefix}:s:{digest}"
-                if digest not in self._known_settings:
-                    pipe.set(settings_key, record.settings, ex=self.ttl)
-                    self._known_settings.add(digest)
+                last = self._known_settings.get(digest)
+                if digest in written or (last is not None and now - last < self.ttl / 2):
+                    pipe.expire(settings_key, self.ttl)  # written recently: still there
                 else:
-                    pipe.expire(settings_key, self.ttl)
-                data = msgpack.packb(
-                    {
-                        "v": RECORD_VERSION,
-                        "input": record.input,
-                        "output": record.output,
-                        "settings": digest,
-                        "meta": record.meta,
-                        "store": True,
-                    }
+                    pipe.set(settings_key, record.settings, ex=self.ttl)
+                    written[digest] = now
+                fields: dict[str, Any] = {
+                    "v": RECORD_VERSION,
+                    "input": record.input.json(),
+                    "output": record.output.json(),
+                    "settings": digest,
+                    "meta": record.meta,
+                    "store": True,
+                }
+                if record.prefix is not None:
+                    fields["prefix"] = record.prefix
+                pipe.hset(
+                    record.key,
+                    mapping={"parent": record.parent or "", "data": msgpack.packb(fields)},
                 )
-                key = self._key(record.owner, record.response_id)
-                pipe.hset(key, mapping={"parent": record.parent or "", "data": data})
-                pipe.expire(key, self.ttl)
+                pipe.expire(record.key, self.ttl)
             await pipe.execute()
+        if len(self._known_settings) + len(written) > _KNOWN_SETTINGS_LIMIT:
+            self._known_settings.clear()
+        self._known_settings.update(written)
+        # Deleted while being written: mark them now.
+        late = [record.key for record in batch if record.key in self._tombstones]
+        for key in late:
+            await self.client.hset(key, "deleted", "1")
 
     # -- loading --------------------------------------------------------------------------
 
@@ -202,99 +315,170 @@ class SharedStore:
         """Make `response_id` available in the local cache. Returns whether it is now there.
 
         A deleted response is not found (but loads as the ancestor of another one).
+        Loaded responses are stored entries of `owner`.
         """
         if _present(cache, response_id, owner, connection):
             return True
-        records: list[tuple[str, str, bytes, bool]] = []
-        next_id: str | None = response_id
+        found = False
         try:
-            while next_id is not None and len(records) < MAX_CHAIN:
-                raw = await self._walk(
-                    keys=[f"{self.prefix}:r:{owner}:"], args=[next_id, LOAD_BATCH]
-                )
-                if not raw:
-                    return False
-                stop = False
-                for i in range(0, len(raw), 4):
-                    rid = raw[i].decode()
-                    parent = raw[i + 1].decode() or None
-                    deleted = bool(raw[i + 3])
-                    if rid != response_id and _present(cache, rid, owner, connection):
-                        stop = True
-                        break
-                    records.append((rid, parent or "", raw[i + 2], deleted))
-                    next_id = parent
-                    if parent is None:
-                        stop = True
-                        break
-                if stop:
-                    break
-                if len(raw) < 4 * LOAD_BATCH:
-                    # The walk ended early: a link is missing (expired or never written).
-                    return False
-            if records and records[0][3]:
-                return False  # the requested response itself was deleted
-            settings = await self._settings(records)
-        except redis.RedisError as exc:
+            records = await self._chain(cache, response_id, owner)
+            if records is not None and not records[0].deleted:
+                settings = await self._settings(records)
+                found = self._insert(cache, records, settings, owner)
+        except (redis.RedisError, OSError) as exc:
             self.errors += 1
             log.error("cannot read from Redis", extra={"error_type": type(exc).__name__})
-            return False
-        for rid, parent, data, _deleted in reversed(records):
-            record = msgpack.unpackb(data)
-            if record.get("v") != RECORD_VERSION:
-                log.error("unknown shared record version", extra={"version": record.get("v")})
-                return False
+        except (ValueError, KeyError, TypeError, _core.CacheError) as exc:
+            self.errors += 1
+            log.error("cannot load a shared response", extra={"error_type": type(exc).__name__})
+        found = found and _present(cache, response_id, owner, connection)
+        if found:
+            self.load_hits += 1
+        else:
+            self.load_misses += 1
+        return found
+
+    async def _chain(
+        self, cache: SessionCache, response_id: str, owner: str
+    ) -> list[_Loaded] | None:
+        """The records from `response_id` back to the first ancestor cached here (or
+        the root), newest first; None when a link is missing."""
+        records: list[_Loaded] = []
+        next_id = response_id
+        while len(records) < MAX_CHAIN:
+            raw = await self._walk(keys=[f"{self.prefix}:r:{owner}:"], args=[next_id, LOAD_BATCH])
+            for i in range(0, len(raw), 4):
+                parent = raw[i + 1].decode() or None
+                data = msgpack.unpackb(raw[i + 2])
+                if not isinstance(data, dict) or data.get("v") != RECORD_VERSION:
+                    raise ValueError("unknown shared record version")
+                records.append(_Loaded(raw[i].decode(), parent, data, bool(raw[i + 3])))
+                if parent is None or _present(cache, parent, owner, None):
+                    return records
+                next_id = parent
+            if len(raw) < 4 * LOAD_BATCH:
+                return None  # a link is missing (expired, or never written)
+        return None
+
+    async def _settings(self, records: list[_Loaded]) -> dict[str, bytes]:
+        digests = sorted({record.data["settings"] for record in records})
+        values = await self.client.mget([f"{self.prefix}:s:{d}" for d in digests])
+        found: dict[str, bytes] = {
+            d: v for d, v in zip(digests, values, strict=True) if isinstance(v, bytes)
+        }
+        if len(found) < len(digests):
+            raise redis.DataError(f"{len(digests) - len(found)} settings records expired")
+        return found
+
+    def _insert(
+        self, cache: SessionCache, records: list[_Loaded], settings: dict[str, bytes], owner: str
+    ) -> bool:
+        """Create the loaded chain oldest first (synchronously: no other task sees half)."""
+        for record in reversed(records):
+            data = record.data
+            parent: str | Binding | None = record.parent
+            input: bytes | list[Any] | Items = data["input"]
+            binding: Binding | None = None
+            if data.get("prefix") is not None and record.parent is not None:
+                binding, input = _rematch(
+                    cache, record.parent, data["prefix"], data["input"], owner
+                )
+                parent = binding
             try:
                 cache.create(
-                    rid,
+                    record.response_id,
                     owner=owner,
-                    input=Items.parse(record["input"]),
-                    output=Items.parse(record["output"]),
-                    previous_response_id=parent or None,
-                    settings=settings[record["settings"]],
-                    meta=record["meta"],
+                    input=input,
+                    output=data["output"],
+                    previous_response_id=parent,
+                    settings=settings[data["settings"]],
+                    meta=data["meta"],
                     store=True,
                 )
             except _core.DuplicateResponseId:
                 continue  # loaded meanwhile by another request
-            except _core.CacheError as exc:
-                log.error("cannot load a shared response", extra={"error_type": type(exc).__name__})
-                return False
+            finally:
+                if binding is not None:
+                    binding.release()
             self.loaded += 1
-        for rid, _parent, _data, deleted in records:
-            if deleted:
+        for record in records:
+            if record.deleted:
                 # Loaded only as an ancestor: its descendants need it, lookups must not see it.
-                cache.delete(rid, owner=owner)
-        return _present(cache, response_id, owner, connection)
+                cache.delete(record.response_id, owner=owner)
+        return True
 
-    async def _settings(self, records: list[tuple[str, str, bytes, bool]]) -> dict[str, bytes]:
-        digests = sorted({msgpack.unpackb(data)["settings"] for _r, _p, data, _d in records})
-        values = (
-            await self.client.mget([f"{self.prefix}:s:{d}" for d in digests]) if digests else []
-        )
-        found: dict[str, bytes] = {
-            d: v for d, v in zip(digests, values, strict=True) if isinstance(v, bytes)
-        }
-        missing = set(digests) - set(found)
-        if missing:
-            raise redis.DataError(f"{len(missing)} settings records expired")
-        return found
+    # -- deleting -------------------------------------------------------------------------
 
     async def delete(self, response_id: str, *, owner: str) -> bool:
-        """Mark a shared response deleted. Returns whether it existed."""
+        """Mark a shared response deleted and tell the other processes. Returns whether
+        it existed (and was not deleted yet) in Redis or in the write queue."""
         key = self._key(owner, response_id)
+        existed = False
         try:
-            if not await self.client.exists(key):
-                return False
-            await self.client.hset(key, "deleted", "1")
-        except redis.RedisError as exc:
+            if key in self._unwritten:
+                self._tombstones.add(key)
+                existed = True
+            else:
+                existed = bool(await self._mark_deleted(keys=[key]))
+            await self.client.publish(self.channel, json.dumps([owner, response_id]))
+        except (redis.RedisError, OSError) as exc:
             self.errors += 1
             log.error("cannot delete from Redis", extra={"error_type": type(exc).__name__})
-            return False
-        return True
+        self.deleted += existed
+        return existed
+
+    async def _listen(self, on_deleted: OnDeleted) -> None:
+        failing = False
+        while True:
+            try:
+                async with self.client.pubsub() as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    if failing:
+                        log.info("subscribed to Redis deletions again")
+                        failing = False
+                    while True:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        if message is not None:
+                            _announce(message.get("data"), on_deleted)
+            except (redis.RedisError, OSError) as exc:
+                self.errors += 1
+                if not failing:  # once per outage, not once per retry
+                    log.error(
+                        "lost the Redis subscription to deletions; retrying every second",
+                        extra={"error_type": type(exc).__name__},
+                    )
+                    failing = True
+                await asyncio.sleep(RESUBSCRIBE_DELAY)
 
     def _key(self, owner: str, response_id: str) -> str:
         return f"{self.prefix}:r:{owner}:{response_id}"
+
+
+def _announce(data: Any, on_deleted: OnDeleted) -> None:
+    try:
+        owner, response_id = json.loads(data)
+        on_deleted(str(owner), str(response_id))
+    except Exception as exc:
+        log.error("bad deletion announcement", extra={"error_type": type(exc).__name__})
+
+
+def _rematch(
+    cache: SessionCache, base: str, prefix: int, input: bytes, owner: str
+) -> tuple[Binding | None, Items | list[Any]]:
+    """The parent and own input of a response whose parent was found by prefix matching:
+    matched again here, so the response lists its input as the one the client sent
+    (`SessionCache.input_items`); without a prefix index, the whole input as a root."""
+    context = cache.context_objects(base, owner=owner)
+    if len(context) < prefix:
+        raise ValueError("the prefix is longer than the parent's context")
+    sent = context[:prefix] + json.loads(input)
+    if cache.prefix_index:
+        match = cache.match(sent, owner=owner)
+        if match.binding is not None:
+            return match.binding, match.new_items
+    return None, sent
 
 
 def _present(cache: SessionCache, response_id: str, owner: str, connection: int | None) -> bool:

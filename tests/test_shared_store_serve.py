@@ -1,0 +1,399 @@
+"""Two warmsocket servers sharing stored responses through a real Redis server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx2 as httpx
+import msgpack  # type: ignore[import-untyped]
+import openai
+import pytest
+import redis
+
+from tests.redis_support import redis_server
+from tests.support import RunningServer, WSClient, output_text, running_server
+from warmsocket.shared_store import SharedStore
+
+AUTH = {"Authorization": "Bearer sk-test"}
+WARMSOCKET = os.path.join(os.path.dirname(sys.executable), "warmsocket")
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@contextmanager
+def two_servers(redis_url: str, **config: Any) -> Iterator[tuple[RunningServer, RunningServer]]:
+    """Servers A and B on one Redis, under a key prefix of their own."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    with (
+        running_server(shared=SharedStore.from_url(redis_url, prefix=prefix), **config) as a,
+        running_server(shared=SharedStore.from_url(redis_url, prefix=prefix), **config) as b,
+    ):
+        yield a, b
+
+
+def flush(server: RunningServer) -> None:
+    """Wait until server's write-behind queue is written (it normally takes ms)."""
+    shared = server.server.engine.shared
+    assert isinstance(shared, SharedStore)
+    asyncio.run_coroutine_threadsafe(shared.flush(), server.loop).result(10)
+
+
+def shared_stats(server: RunningServer) -> dict[str, int]:
+    shared = server.server.engine.shared
+    assert isinstance(shared, SharedStore)
+    stats: dict[str, int] = server.call(shared.stats)
+    return stats
+
+
+def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def transcript(events: list[dict[str, Any]]) -> list[str]:
+    return output_text(events).splitlines()
+
+
+SDK = Callable[..., openai.OpenAI]
+
+
+@pytest.fixture
+def sdk() -> Iterator[SDK]:
+    """openai.OpenAI(server, api_key="sk-test") for a server; all closed at the end."""
+    clients: list[openai.OpenAI] = []
+
+    def make(server: RunningServer, api_key: str = "sk-test") -> openai.OpenAI:
+        client = openai.OpenAI(base_url=server.base_url, api_key=api_key, max_retries=0)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def test_a_websocket_chain_continues_on_another_process(redis_url: str) -> None:
+    with two_servers(redis_url) as (a, b), WSClient(a.ws_url) as ws_a:
+        warm = ws_a.turn(generate=False, instructions="be brief")  # warm-up, stored too
+        first = ws_a.turn(previous_response_id=warm[-1]["response"]["id"], input="hello")
+        second = ws_a.turn(previous_response_id=first[-1]["response"]["id"], input="again")
+        flush(a)
+        with WSClient(b.ws_url) as ws_b:
+            events = ws_b.turn(
+                previous_response_id=second[-1]["response"]["id"], input="/transcript"
+            )
+            assert transcript(events) == [
+                "user: hello",
+                "assistant: You said: hello",
+                "user: again",
+                "assistant: You said: again",
+                "user: /transcript",
+            ]
+            # The chain is local on B now: the next turn needs no load.
+            more = ws_b.turn(previous_response_id=events[-1]["response"]["id"], input="x")
+            assert output_text(more) == "You said: x"
+        stats = shared_stats(b)
+        assert (stats["load_hits"], stats["load_misses"], stats["loaded"]) == (1, 0, 3)
+        assert shared_stats(a)["published"] == 3
+        metrics = httpx.get(f"{b.base_url}/metrics").text
+        assert 'warmsocket_shared_store_loads_total{result="hit"} 1' in metrics
+        assert "warmsocket_shared_store_published_total 2" in metrics  # B's two turns
+
+
+def test_a_load_keeps_the_order_of_the_messages_after_it(redis_url: str) -> None:
+    with two_servers(redis_url) as (a, b):
+        with WSClient(a.ws_url) as ws_a:
+            remote = ws_a.turn(input="on a")[-1]["response"]["id"]
+        flush(a)
+        with WSClient(b.ws_url) as ws_b:
+            # Sent back to back: the second (same lane) and the third (another lane)
+            # must not overtake the first while its parent loads from Redis.
+            ws_b.create(previous_response_id=remote, input="first")
+            ws_b.create(input="second")
+            ws_b.create(input="third", stream_id="other")
+            events = []
+            while sum(e["type"] == "response.completed" for e in events) < 3:
+                events.append(ws_b.recv())
+            created = [e["response"] for e in events if e["type"] == "response.created"]
+            assert created[0]["previous_response_id"] == remote
+            # Lane FIFO: "second" starts after "first" completed ("other" runs alongside).
+            lane = [e["type"] for e in events if e.get("stream_id") is None]
+            assert lane.index("response.completed") < lane.index("response.created", 1)
+            completed = [e for e in events if e["type"] == "response.completed"]
+            assert output_text(completed[:1]) == "You said: first"
+
+
+def test_http_retrieve_input_items_and_continue_on_another_process(
+    redis_url: str, sdk: SDK
+) -> None:
+    with two_servers(redis_url) as (a, b):
+        first = sdk(a).responses.create(model="m", input="hello", instructions="be nice")
+        second = sdk(a).responses.create(
+            model="m",
+            previous_response_id=first.id,
+            input=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+        )
+        flush(a)
+        on_b = sdk(b)
+        fetched = on_b.responses.retrieve(second.id)
+        assert fetched.output_text == "You said: b"
+        assert fetched.previous_response_id == first.id
+        assert fetched.instructions is None and on_b.responses.retrieve(first.id).instructions
+        items = on_b.responses.input_items.list(second.id, order="asc")
+        assert [i.content[0].text for i in items.data] == ["a", "b"]  # type: ignore[union-attr]
+        follow = on_b.responses.create(
+            model="m", previous_response_id=second.id, input="/transcript"
+        )
+        assert follow.output_text.splitlines() == [
+            "user: hello",
+            "assistant: You said: hello",
+            "user: a",
+            "user: b",
+            "assistant: You said: b",
+            "user: /transcript",
+        ]
+
+
+def test_prefix_matched_responses_load_with_their_history(redis_url: str) -> None:
+    def user(text: str) -> dict[str, str]:
+        return {"role": "user", "content": text}
+
+    with two_servers(redis_url) as (a, b):
+        base = f"{a.base_url}/responses"
+        r1 = httpx.post(base, json={"model": "m", "input": [user("u1"), user("u2")]}).json()
+        # Re-sent history, no previous_response_id; it matches r1 (all of it) ...
+        full = [user("u1"), user("u2"), *r1["output"], user("u3")]
+        r2 = httpx.post(base, json={"model": "m", "input": full}).json()
+        # ... and one that matches only r1's first item (the parent is `r1#1`).
+        r3 = httpx.post(base, json={"model": "m", "input": [user("u1"), user("u4")]}).json()
+        assert r2["previous_response_id"] is None and r3["previous_response_id"] is None
+        flush(a)
+        shared = a.server.engine.shared
+        assert isinstance(shared, SharedStore)
+        with redis.Redis.from_url(redis_url) as client:
+            record = client.hgetall(f"{shared.prefix}:r:anonymous:{r3['id']}")
+        assert record[b"parent"].decode() == r1["id"]  # linked to r1, of which ...
+        assert msgpack.unpackb(record[b"data"])["prefix"] == 1  # ... the first item counts
+        for response, sent in ((r2, ["u1", "u2", "You said: u2", "u3"]), (r3, ["u1", "u4"])):
+            listed = httpx.get(
+                f"{b.base_url}/responses/{response['id']}/input_items", params={"order": "asc"}
+            ).json()
+            assert [item["content"][0]["text"] for item in listed["data"]] == sent
+            follow = httpx.post(
+                f"{b.base_url}/responses",
+                json={"model": "m", "previous_response_id": response["id"], "input": "/transcript"},
+            ).json()
+            lines = follow["output"][0]["content"][0]["text"].splitlines()
+            assert [line.split(": ", 1)[1] for line in lines] == [
+                *sent,
+                f"You said: {sent[-1]}",
+                "/transcript",
+            ]
+
+
+def test_delete_on_one_process_is_seen_by_the_other(redis_url: str, sdk: SDK) -> None:
+    with two_servers(redis_url) as (a, b):
+        made = sdk(a).responses.create(model="m", input="delete me")
+        kept = sdk(a).responses.create(model="m", input="more", previous_response_id=made.id)
+        flush(a)
+        sdk(b).responses.delete(made.id)  # B never had it: deleted in Redis
+        with pytest.raises(openai.NotFoundError):
+            sdk(b).responses.delete(made.id)
+
+        def gone_on_a() -> bool:
+            reply = httpx.get(f"{a.base_url}/responses/{made.id}", headers=AUTH)
+            return reply.status_code == 404
+
+        eventually(gone_on_a)  # A heard of it (pub/sub) and dropped its copy
+        with WSClient(a.ws_url, additional_headers=AUTH) as ws_a:
+            error = ws_a.turn(previous_response_id=made.id, input="x")[-1]
+            assert error["type"] == "error"
+            assert error["error"]["code"] == "previous_response_not_found"
+            # Its descendant still continues, with the deleted response's content.
+            events = ws_a.turn(previous_response_id=kept.id, input="/transcript")
+            assert transcript(events)[0] == "user: delete me"
+        with WSClient(b.ws_url, additional_headers=AUTH) as ws_b:
+            events = ws_b.turn(previous_response_id=kept.id, input="/transcript")
+            assert transcript(events)[0] == "user: delete me"
+            assert httpx.get(f"{b.base_url}/responses/{made.id}", headers=AUTH).status_code == 404
+
+
+def test_deleted_before_it_was_written_stays_deleted(redis_url: str) -> None:
+    with two_servers(redis_url) as (a, b):
+        shared = a.server.engine.shared
+        assert isinstance(shared, SharedStore)
+
+        def make_and_delete() -> str:
+            # Made and queued in one event-loop step: the writer has not run yet.
+            cache = a.server.cache
+            info = cache.create(
+                "resp_tomb", owner="anonymous", input=[{"role": "user", "content": "x"}]
+            )
+            shared.publish(info, *cache.own_items("resp_tomb", owner="anonymous"))
+            return "resp_tomb"
+
+        rid = a.call(make_and_delete)
+        assert httpx.delete(f"{a.base_url}/responses/{rid}").status_code == 200
+        flush(a)
+        assert httpx.get(f"{b.base_url}/responses/{rid}").status_code == 404
+
+
+def test_store_false_is_never_shared(redis_url: str) -> None:
+    with two_servers(redis_url) as (a, b), WSClient(a.ws_url) as ws_a:
+        local = ws_a.turn(input="zero data retention", store=False)[-1]["response"]["id"]
+        tainted = ws_a.turn(previous_response_id=local, input="stored on top")
+        tainted_id = tainted[-1]["response"]["id"]
+        flush(a)
+        assert shared_stats(a)["published"] == 0
+        with WSClient(b.ws_url) as ws_b:
+            for rid in (local, tainted_id):
+                error = ws_b.turn(previous_response_id=rid, input="x")[-1]
+                assert error["error"]["code"] == "previous_response_not_found"
+                assert httpx.get(f"{b.base_url}/responses/{rid}").status_code == 404
+        shared = a.server.engine.shared
+        assert isinstance(shared, SharedStore)
+        with redis.Redis.from_url(redis_url) as client:
+            assert client.keys(f"{shared.prefix}:*") == []
+
+
+def test_another_owner_cannot_load_a_shared_response(redis_url: str, sdk: SDK) -> None:
+    keys = frozenset({"sk-one", "sk-two"})
+    with two_servers(redis_url, api_keys=keys) as (a, b):
+        made = sdk(a, "sk-one").responses.create(model="m", input="private")
+        flush(a)
+        with pytest.raises(openai.NotFoundError):
+            sdk(b, "sk-two").responses.retrieve(made.id)
+        with pytest.raises(openai.NotFoundError):
+            sdk(b, "sk-two").responses.delete(made.id)
+        headers = {"Authorization": "Bearer sk-two"}
+        with WSClient(b.ws_url, additional_headers=headers) as ws_b:
+            error = ws_b.turn(previous_response_id=made.id, input="x")[-1]
+            assert error["error"]["code"] == "previous_response_not_found"
+        assert sdk(b, "sk-one").responses.retrieve(made.id).output_text == "You said: private"
+
+
+def test_a_redis_outage_leaves_local_service_running() -> None:
+    with redis_server() as url, two_servers(url) as (a, b):
+        with WSClient(a.ws_url) as ws_a:
+            before = ws_a.turn(input="before")[-1]["response"]["id"]
+            flush(a)
+            with redis.Redis.from_url(url) as client:
+                client.shutdown(nosave=True)
+            # Local state still works on A, new turns too (their writes fail, counted).
+            events = ws_a.turn(previous_response_id=before, input="/transcript")
+            assert transcript(events) == [
+                "user: before",
+                "assistant: You said: before",
+                "user: /transcript",
+            ]
+            after = events[-1]["response"]["id"]
+            assert httpx.get(f"{a.base_url}/responses/{after}").status_code == 200
+        # B cannot reach A's responses: not found, quickly, no crash.
+        started = time.monotonic()
+        with WSClient(b.ws_url) as ws_b:
+            error = ws_b.turn(previous_response_id=before, input="x")[-1]
+            assert error["error"]["code"] == "previous_response_not_found"
+            assert output_text(ws_b.turn(input="still here")) == "You said: still here"
+        assert httpx.get(f"{b.base_url}/responses/{before}").status_code == 404
+        assert httpx.delete(f"{b.base_url}/responses/{before}").status_code == 404
+        assert time.monotonic() - started < 30
+        flush(a)
+        assert shared_stats(a)["errors"] >= 1
+        metrics = httpx.get(f"{b.base_url}/metrics").text
+        errors = next(
+            line
+            for line in metrics.splitlines()
+            if line.startswith("warmsocket_shared_store_errors_total ")
+        )
+        assert int(errors.split()[1]) >= 2
+
+
+def _serve(*args: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [WARMSOCKET, "serve", "--port", "0", "--log-format", "json", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        record = json.loads(line)
+        if record["message"] == "listening":
+            return proc, record["url"]
+    proc.wait(10)
+    raise AssertionError("server exited before listening")
+
+
+def test_serve_processes_share_and_flush_at_shutdown(redis_url: str) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    flags = ("--redis-url", redis_url, "--redis-prefix", prefix, "--redis-ttl", "600")
+    a, base_a = _serve(*flags)
+    try:
+        made = httpx.post(f"{base_a}/responses", json={"model": "m", "input": "secret words"})
+        rid = made.json()["id"]
+        a.send_signal(signal.SIGTERM)  # right after the turn: the queue is flushed first
+        assert a.wait(timeout=20) == 0
+        assert a.stderr is not None
+        logs = a.stderr.read()
+        assert "secret words" not in logs
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+        if a.stderr is not None:
+            a.stderr.close()
+    with redis.Redis.from_url(redis_url) as client:
+        assert 0 < client.ttl(f"{prefix}:r:anonymous:{rid}") <= 600
+    b, base_b = _serve(*flags)
+    try:
+        follow = httpx.post(
+            f"{base_b}/responses",
+            json={"model": "m", "previous_response_id": rid, "input": "/transcript"},
+        ).json()
+        assert "user: secret words" in follow["output"][0]["content"][0]["text"]
+    finally:
+        b.send_signal(signal.SIGTERM)
+        assert b.wait(timeout=20) == 0
+        if b.stderr is not None:
+            b.stderr.close()
+
+
+def test_an_unreachable_redis_or_a_missing_client_stops_serve_with_advice() -> None:
+    result = subprocess.run(
+        [WARMSOCKET, "serve", "--port", "0", "--redis-url", "redis://127.0.0.1:1/0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "cannot reach Redis" in result.stderr
+    without_redis = (
+        "import sys; sys.modules['redis'] = None; from warmsocket.cli import main; "
+        "sys.exit(main(['serve', '--port', '0', '--redis-url', 'redis://127.0.0.1:1/0']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", without_redis], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1 and "pip install 'warmsocket[redis]'" in result.stderr
+
+
+def test_the_server_does_not_import_redis_without_redis_url() -> None:
+    code = (
+        "import sys, warmsocket.serve, warmsocket.server, warmsocket.httpapi; "
+        "sys.exit('redis' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
