@@ -72,15 +72,24 @@ pub struct Item {
 
 impl Item {
     /// Validate one JSON value as an item (`index` is its position, for messages).
-    pub fn from_value(index: usize, value: &Value, max_item_bytes: usize) -> Result<Item> {
-        let Value::Object(map) = value else {
+    ///
+    /// One pass writes the canonical bytes and records where the top-level members
+    /// (and the parts of the content) landed; the normalised form the semantic
+    /// digest hashes is then assembled from those bytes, so no string is escaped
+    /// twice.
+    pub fn from_value<V: JsonValue>(
+        index: usize,
+        value: &V,
+        max_item_bytes: usize,
+    ) -> Result<Item> {
+        let Some(map) = value.as_object() else {
             return Err(Error::ItemNotObject {
                 index,
-                found: json_kind(value),
+                found: value.kind_name(),
             });
         };
         let mut json = Vec::with_capacity(64);
-        write_canonical(value, &mut json);
+        let layout = Layout::<V>::write(map, &mut json);
         if json.len() > max_item_bytes {
             return Err(Error::ItemTooLarge {
                 index,
@@ -88,7 +97,7 @@ impl Item {
                 limit: max_item_bytes,
             });
         }
-        let text = |key: &str| map.get(key).and_then(Value::as_str);
+        let text = |key: &str| map.get(key).and_then(V::as_str);
         let role = text("role").map(|r| interned(r, KNOWN_ROLES));
         let kind = match text("type") {
             Some(t) => interned(t, KNOWN_TYPES),
@@ -97,7 +106,7 @@ impl Item {
         };
         // Reuse the canonical buffer for the normalised form.
         let canonical_len = json.len();
-        write_semantic(map, &mut json);
+        layout.write_semantic(&mut json);
         let digest = xxh3_128(&json[canonical_len..]);
         json.truncate(canonical_len);
         Ok(Item {
@@ -160,6 +169,63 @@ fn json_kind(value: &Value) -> &'static str {
     }
 }
 
+/// What building an item needs of a decoded JSON value. `serde_json::Value` and the
+/// request parser's value (`crate::framing::value::Value`) implement it, so items
+/// are built from either without converting one into the other.
+pub trait JsonValue: Sized {
+    type Object: JsonObject<Self>;
+    fn as_str(&self) -> Option<&str>;
+    fn as_array(&self) -> Option<&[Self]>;
+    fn as_object(&self) -> Option<&Self::Object>;
+    fn is_null(&self) -> bool;
+    /// The JSON kind, for error messages (`"string"`, `"number"`, ...).
+    fn kind_name(&self) -> &'static str;
+    /// Append the canonical JSON (see the module documentation).
+    fn write_canonical(&self, out: &mut Vec<u8>);
+}
+
+/// An object of a [`JsonValue`]: keys are unique.
+pub trait JsonObject<V> {
+    fn get(&self, key: &str) -> Option<&V>;
+    fn entries<'s>(&'s self) -> impl Iterator<Item = (&'s str, &'s V)>
+    where
+        V: 's;
+}
+
+impl JsonValue for Value {
+    type Object = Map<String, Value>;
+    fn as_str(&self) -> Option<&str> {
+        Value::as_str(self)
+    }
+    fn as_array(&self) -> Option<&[Value]> {
+        Value::as_array(self).map(Vec::as_slice)
+    }
+    fn as_object(&self) -> Option<&Map<String, Value>> {
+        Value::as_object(self)
+    }
+    fn is_null(&self) -> bool {
+        Value::is_null(self)
+    }
+    fn kind_name(&self) -> &'static str {
+        json_kind(self)
+    }
+    fn write_canonical(&self, out: &mut Vec<u8>) {
+        write_canonical(self, out);
+    }
+}
+
+impl JsonObject<Value> for Map<String, Value> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        Map::get(self, key)
+    }
+    fn entries<'s>(&'s self) -> impl Iterator<Item = (&'s str, &'s Value)>
+    where
+        Value: 's,
+    {
+        self.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
 /// Compact JSON with object keys sorted, whatever order the map keeps them in.
 pub fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
@@ -204,6 +270,15 @@ fn write_str(text: &str, out: &mut Vec<u8>) {
     let _ = serde_json::to_writer(&mut *out, text);
 }
 
+/// An object's entries sorted by key (keys are unique, so the order is total).
+fn sorted_entries<V: JsonValue>(map: &V::Object) -> Vec<(&str, &V)> {
+    let mut entries: Vec<(&str, &V)> = map.entries().collect();
+    if !entries.is_sorted_by(|a, b| a.0 <= b.0) {
+        entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    }
+    entries
+}
+
 // ---------------------------------------------------------------- semantic digest
 
 /// Top-level members that never change what an item means to a model: the item's
@@ -231,111 +306,263 @@ const EMPTY_PART_MEMBERS: [&str; 2] = ["annotations", "logprobs"];
 ///
 /// Everything else is kept exactly, so key order and whitespace never matter
 /// (canonical JSON) and any change of content changes the digest.
-pub fn semantic_digest(value: &Value, buf: &mut Vec<u8>) -> Option<u128> {
-    let Value::Object(map) = value else {
-        return None;
-    };
+pub fn semantic_digest<V: JsonValue>(value: &V, buf: &mut Vec<u8>) -> Option<u128> {
+    let map = value.as_object()?;
     buf.clear();
-    write_semantic(map, buf);
-    Some(xxh3_128(buf))
+    let layout = Layout::<V>::write(map, buf);
+    let start = buf.len();
+    layout.write_semantic(buf);
+    Some(xxh3_128(&buf[start..]))
 }
 
-/// Append the normalised canonical form of an item (see [`semantic_digest`]).
-fn write_semantic(map: &Map<String, Value>, out: &mut Vec<u8>) {
-    let present = |key: &str| map.get(key).is_some_and(|v| !v.is_null());
-    let typed = present("type");
-    let kind = match map.get("type") {
-        Some(Value::String(t)) => Some(t.as_str()),
-        Some(v) if !v.is_null() => None,
-        _ if map.get("role").is_some_and(Value::is_string) => Some("message"),
-        _ => None,
-    };
-    let content_key = match kind {
-        Some("message") => Some("content"),
-        Some("function_call_output") => Some("output"),
-        _ => None,
-    };
-    let mut entries: Vec<(&str, Option<&Value>)> = map
-        .iter()
-        .filter(|(k, v)| !v.is_null() && !IGNORED_MEMBERS.contains(&k.as_str()))
-        .map(|(k, v)| (k.as_str(), Some(v)))
-        .collect();
-    if !typed && kind == Some("message") {
-        entries.push(("type", None));
-    }
-    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    out.push(b'{');
-    for (i, (key, value)) in entries.into_iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_str(key, out);
-        out.push(b':');
-        match value {
-            None => write_str("message", out),
-            Some(Value::Array(parts)) if content_key == Some(key) => write_content(parts, out),
-            Some(v) => write_canonical(v, out),
-        }
-    }
-    out.push(b'}');
+/// Where a piece of an item's canonical JSON lies in the output buffer.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    start: usize,
+    end: usize,
 }
 
-/// A content part that means exactly its text (see [`semantic_digest`]).
-fn plain_text(part: &Value) -> Option<&str> {
-    match part {
-        Value::String(text) => Some(text),
-        Value::Object(map) => {
-            let is_text = map
-                .get("type")
-                .and_then(Value::as_str)
-                .is_some_and(|t| TEXT_PARTS.contains(&t));
-            let text = map.get("text").and_then(Value::as_str)?;
-            let rest_empty = map.iter().all(|(k, v)| match k.as_str() {
-                "type" | "text" => true,
-                k if EMPTY_PART_MEMBERS.contains(&k) => {
-                    v.is_null() || v.as_array().is_some_and(Vec::is_empty)
-                }
-                _ => v.is_null(),
-            });
-            (is_text && rest_empty).then_some(text)
-        }
-        _ => None,
-    }
+/// One member of an object, with where its key (quoted and escaped) and its value
+/// were written.
+struct Member<'v, V> {
+    key: &'v str,
+    value: &'v V,
+    key_at: Span,
+    value_at: Span,
 }
 
-fn write_content(parts: &[Value], out: &mut Vec<u8>) {
-    if let [only] = parts {
-        if let Some(text) = plain_text(only) {
-            write_str(text, out);
-            return;
-        }
-    }
-    out.push(b'[');
-    for (i, part) in parts.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        match (plain_text(part), part) {
-            (Some(text), _) => write_str(text, out),
-            (None, Value::Object(map)) => {
-                let mut members: Vec<(&String, &Value)> =
-                    map.iter().filter(|(_, v)| !v.is_null()).collect();
-                members.sort_unstable_by(|a, b| a.0.cmp(b.0));
-                out.push(b'{');
-                for (j, (k, v)) in members.into_iter().enumerate() {
-                    if j > 0 {
-                        out.push(b',');
-                    }
-                    write_str(k, out);
-                    out.push(b':');
-                    write_canonical(v, out);
-                }
-                out.push(b'}');
+/// One element of a content array: where it was written and, for an object, its
+/// members (a range of [`Layout::part_members`]).
+struct Part<'v, V> {
+    value: &'v V,
+    at: Span,
+    members: std::ops::Range<usize>,
+}
+
+/// An item's canonical JSON as written by [`Layout::write`], with what the
+/// normalised form (see [`semantic_digest`]) needs to be assembled from its bytes.
+struct Layout<'v, V> {
+    /// Top-level members in key order.
+    members: Vec<Member<'v, V>>,
+    /// Whether the normalised form adds `"type":"message"`.
+    add_type: bool,
+    /// The member whose array value is normalised as content, if any.
+    content_key: Option<&'static str>,
+    /// The elements of that array, when it is one.
+    parts: Vec<Part<'v, V>>,
+    part_members: Vec<Member<'v, V>>,
+}
+
+const TYPE_MESSAGE: &[u8] = br#""type":"message""#;
+
+impl<'v, V: JsonValue> Layout<'v, V> {
+    /// Append the canonical JSON of the object `map`, recording its layout.
+    fn write(map: &'v V::Object, out: &mut Vec<u8>) -> Layout<'v, V> {
+        let present = |key: &str| map.get(key).is_some_and(|v| !v.is_null());
+        let typed = present("type");
+        let kind = match map.get("type") {
+            Some(v) if !v.is_null() => v.as_str(),
+            _ if map.get("role").and_then(V::as_str).is_some() => Some("message"),
+            _ => None,
+        };
+        let content_key = match kind {
+            Some("message") => Some("content"),
+            Some("function_call_output") => Some("output"),
+            _ => None,
+        };
+        let mut layout = Layout {
+            members: Vec::new(),
+            add_type: !typed && kind == Some("message"),
+            content_key,
+            parts: Vec::new(),
+            part_members: Vec::new(),
+        };
+        let entries = sorted_entries::<V>(map);
+        layout.members.reserve_exact(entries.len());
+        out.push(b'{');
+        for (i, (key, value)) in entries.into_iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
             }
-            (None, other) => write_canonical(other, out),
+            let key_at = write_key(key, out);
+            let start = out.len();
+            match value.as_array() {
+                Some(parts) if content_key == Some(key) => layout.write_parts(parts, out),
+                _ => value.write_canonical(out),
+            }
+            layout.members.push(Member {
+                key,
+                value,
+                key_at,
+                value_at: Span {
+                    start,
+                    end: out.len(),
+                },
+            });
         }
+        out.push(b'}');
+        layout
     }
-    out.push(b']');
+
+    /// The content array, each element and each member of an object element
+    /// recorded.
+    fn write_parts(&mut self, parts: &'v [V], out: &mut Vec<u8>) {
+        self.parts.reserve_exact(parts.len());
+        out.push(b'[');
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let start = out.len();
+            let first = self.part_members.len();
+            match part.as_object() {
+                Some(map) => {
+                    out.push(b'{');
+                    for (j, (key, value)) in sorted_entries::<V>(map).into_iter().enumerate() {
+                        if j > 0 {
+                            out.push(b',');
+                        }
+                        let key_at = write_key(key, out);
+                        let value_start = out.len();
+                        value.write_canonical(out);
+                        self.part_members.push(Member {
+                            key,
+                            value,
+                            key_at,
+                            value_at: Span {
+                                start: value_start,
+                                end: out.len(),
+                            },
+                        });
+                    }
+                    out.push(b'}');
+                }
+                None => part.write_canonical(out),
+            }
+            self.parts.push(Part {
+                value: part,
+                at: Span {
+                    start,
+                    end: out.len(),
+                },
+                members: first..self.part_members.len(),
+            });
+        }
+        out.push(b']');
+    }
+
+    /// Append the normalised form (see [`semantic_digest`]), copying every key and
+    /// value from the canonical bytes this layout was written to (`out[..]`).
+    fn write_semantic(&self, out: &mut Vec<u8>) {
+        let mut first = true;
+        let mut add_type = self.add_type;
+        out.push(b'{');
+        for member in &self.members {
+            if member.value.is_null() || IGNORED_MEMBERS.contains(&member.key) {
+                continue;
+            }
+            if add_type && member.key > "type" {
+                separate(&mut first, out);
+                out.extend_from_slice(TYPE_MESSAGE);
+                add_type = false;
+            }
+            separate(&mut first, out);
+            copy(member.key_at, out);
+            out.push(b':');
+            if self.content_key == Some(member.key) && member.value.as_array().is_some() {
+                self.write_content(out);
+            } else {
+                copy(member.value_at, out);
+            }
+        }
+        if add_type {
+            separate(&mut first, out);
+            out.extend_from_slice(TYPE_MESSAGE);
+        }
+        out.push(b'}');
+    }
+
+    fn write_content(&self, out: &mut Vec<u8>) {
+        if let [only] = self.parts.as_slice() {
+            if let Some(text) = self.plain_text(only) {
+                copy(text, out);
+                return;
+            }
+        }
+        out.push(b'[');
+        for (i, part) in self.parts.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            match self.plain_text(part) {
+                Some(text) => copy(text, out),
+                None if part.value.as_object().is_some() => {
+                    let mut first = true;
+                    out.push(b'{');
+                    for m in &self.part_members[part.members.clone()] {
+                        if m.value.is_null() {
+                            continue;
+                        }
+                        separate(&mut first, out);
+                        copy(m.key_at, out);
+                        out.push(b':');
+                        copy(m.value_at, out);
+                    }
+                    out.push(b'}');
+                }
+                None => copy(part.at, out),
+            }
+        }
+        out.push(b']');
+    }
+
+    /// Where the text of a part that means exactly its text (see
+    /// [`semantic_digest`]) was written: the part itself for a string, the `text`
+    /// member's value for a text part.
+    fn plain_text(&self, part: &Part<'v, V>) -> Option<Span> {
+        if part.value.as_str().is_some() {
+            return Some(part.at);
+        }
+        part.value.as_object()?;
+        let members = &self.part_members[part.members.clone()];
+        let is_text = members
+            .iter()
+            .find(|m| m.key == "type")
+            .and_then(|m| m.value.as_str())
+            .is_some_and(|t| TEXT_PARTS.contains(&t));
+        let text = members
+            .iter()
+            .find(|m| m.key == "text" && m.value.as_str().is_some())?;
+        let rest_empty = members.iter().all(|m| match m.key {
+            "type" | "text" => true,
+            k if EMPTY_PART_MEMBERS.contains(&k) => {
+                m.value.is_null() || m.value.as_array().is_some_and(<[V]>::is_empty)
+            }
+            _ => m.value.is_null(),
+        });
+        (is_text && rest_empty).then_some(text.value_at)
+    }
+}
+
+/// Append a quoted key, returning where it was written.
+fn write_key(key: &str, out: &mut Vec<u8>) -> Span {
+    let start = out.len();
+    write_str(key, out);
+    let end = out.len();
+    out.push(b':');
+    Span { start, end }
+}
+
+fn separate(first: &mut bool, out: &mut Vec<u8>) {
+    if !*first {
+        out.push(b',');
+    }
+    *first = false;
+}
+
+/// Append bytes already written to `out`.
+fn copy(span: Span, out: &mut Vec<u8>) {
+    out.extend_from_within(span.start..span.end);
 }
 
 /// An immutable range of a batch of items. Clones and slices share the batch;
@@ -609,7 +836,7 @@ pub fn write_array<'a>(items: impl Iterator<Item = &'a [u8]>, mut sink: impl FnM
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<Items> {
@@ -753,6 +980,159 @@ mod tests {
             semantic_digest(&serde_json::json!([1]), &mut Vec::new()),
             None
         );
+    }
+
+    /// The normalised form written straight from the value, as it was before the
+    /// form was assembled from the canonical bytes: the two must agree.
+    mod reference {
+        use super::super::*;
+
+        pub fn semantic(map: &Map<String, Value>) -> u128 {
+            let mut out = Vec::new();
+            write_semantic(map, &mut out);
+            xxh3_128(&out)
+        }
+
+        fn write_semantic(map: &Map<String, Value>, out: &mut Vec<u8>) {
+            let present = |key: &str| map.get(key).is_some_and(|v| !v.is_null());
+            let typed = present("type");
+            let kind = match map.get("type") {
+                Some(Value::String(t)) => Some(t.as_str()),
+                Some(v) if !v.is_null() => None,
+                _ if map.get("role").is_some_and(Value::is_string) => Some("message"),
+                _ => None,
+            };
+            let content_key = match kind {
+                Some("message") => Some("content"),
+                Some("function_call_output") => Some("output"),
+                _ => None,
+            };
+            let mut entries: Vec<(&str, Option<&Value>)> = map
+                .iter()
+                .filter(|(k, v)| !v.is_null() && !IGNORED_MEMBERS.contains(&k.as_str()))
+                .map(|(k, v)| (k.as_str(), Some(v)))
+                .collect();
+            if !typed && kind == Some("message") {
+                entries.push(("type", None));
+            }
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (key, value)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_str(key, out);
+                out.push(b':');
+                match value {
+                    None => write_str("message", out),
+                    Some(Value::Array(parts)) if content_key == Some(key) => {
+                        write_content(parts, out)
+                    }
+                    Some(v) => write_canonical(v, out),
+                }
+            }
+            out.push(b'}');
+        }
+
+        fn plain_text(part: &Value) -> Option<&str> {
+            match part {
+                Value::String(text) => Some(text),
+                Value::Object(map) => {
+                    let is_text = map
+                        .get("type")
+                        .and_then(Value::as_str)
+                        .is_some_and(|t| TEXT_PARTS.contains(&t));
+                    let text = map.get("text").and_then(Value::as_str)?;
+                    let rest_empty = map.iter().all(|(k, v)| match k.as_str() {
+                        "type" | "text" => true,
+                        k if EMPTY_PART_MEMBERS.contains(&k) => {
+                            v.is_null() || v.as_array().is_some_and(Vec::is_empty)
+                        }
+                        _ => v.is_null(),
+                    });
+                    (is_text && rest_empty).then_some(text)
+                }
+                _ => None,
+            }
+        }
+
+        fn write_content(parts: &[Value], out: &mut Vec<u8>) {
+            if let [only] = parts {
+                if let Some(text) = plain_text(only) {
+                    write_str(text, out);
+                    return;
+                }
+            }
+            out.push(b'[');
+            for (i, part) in parts.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                match (plain_text(part), part) {
+                    (Some(text), _) => write_str(text, out),
+                    (None, Value::Object(map)) => {
+                        let mut members: Vec<(&String, &Value)> =
+                            map.iter().filter(|(_, v)| !v.is_null()).collect();
+                        members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                        out.push(b'{');
+                        for (j, (k, v)) in members.into_iter().enumerate() {
+                            if j > 0 {
+                                out.push(b',');
+                            }
+                            write_str(k, out);
+                            out.push(b':');
+                            write_canonical(v, out);
+                        }
+                        out.push(b'}');
+                    }
+                    (None, other) => write_canonical(other, out),
+                }
+            }
+            out.push(b']');
+        }
+    }
+
+    /// Items that exercise every rule of the normalised form and its edges.
+    pub(crate) const DIGEST_CORPUS: &[&str] = &[
+        r#"{"type":"message","role":"assistant","content":"hi"}"#,
+        r#"{"role":"assistant","content":[{"type":"output_text","text":"h\"i\n\u0001é"}]}"#,
+        r#"{"id":"m","status":"s","role":"user","content":[{"type":"input_text","text":"a",
+            "annotations":[],"logprobs":null},{"type":"input_text","text":"b","annotations":[1]},
+            "c",3,null,[1,{"b":null}],{"type":"input_image","image_url":"u","file_id":null,
+            "detail":"auto"},{"text":"no type"},{"type":"input_text","text":7}]}"#,
+        r#"{"role":"user","content":[{"type":"input_text","text":"x","extra":null}]}"#,
+        r#"{"role":"user","content":[]}"#,
+        r#"{"role":"user","content":null,"type":null,"a":null,"z":1}"#,
+        r#"{"role":"user","s":1,"tz":2,"ty":3,"u":4,"content":{"text":"x"}}"#,
+        r#"{"role":"user","type":5,"content":[{"type":"input_text","text":"x"}]}"#,
+        r#"{"role":7,"content":[{"type":"input_text","text":"x"}]}"#,
+        r#"{"type":"function_call_output","call_id":"c","output":[{"type":"input_text",
+            "text":"2 KB"}],"content":[{"type":"input_text","text":"y"}]}"#,
+        r#"{"type":"function_call_output","call_id":"c","output":["a","b"]}"#,
+        r#"{"type":"function_call_output","call_id":"c","output":"plain \\ text"}"#,
+        r#"{"type":"function_call","call_id":"c","name":"f","arguments":"{\"a\": 1}",
+            "content":["x"],"output":["y"]}"#,
+        r#"{"type":"reasoning","id":"rs","summary":[{"type":"summary_text","text":"t"}],
+            "encrypted_content":null}"#,
+        r#"{"k\"ey":1,"kéy":{"b":[1.5,-0.0,1e300,18446744073709551615,-9]},"K":true,"":false}"#,
+        r#"{}"#,
+        r#"{"id":"only","status":"s"}"#,
+        r#"{"role":"user"}"#,
+        r#"{"role":"user","content":[{"type":"output_text","text":"x","annotations":[],
+            "logprobs":[],"zz":null}],"phase":"final","id":null}"#,
+    ];
+
+    #[test]
+    fn semantic_digest_matches_the_direct_normalised_form() {
+        for json in DIGEST_CORPUS {
+            let value: Value = serde_json::from_str(json).unwrap();
+            let map = value.as_object().unwrap();
+            let item = Item::from_value(0, &value, 1 << 20).unwrap();
+            assert_eq!(item.digest(), reference::semantic(map), "{json}");
+            let mut canonical = Vec::new();
+            write_canonical(&value, &mut canonical);
+            assert_eq!(item.json(), canonical.as_slice(), "{json}");
+        }
     }
 
     #[test]

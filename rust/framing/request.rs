@@ -770,11 +770,9 @@ pub fn items(values: Vec<Value<'_>>, max_item_bytes: usize) -> Result<Items, Ite
         }
     }
     let items = values
-        .into_iter()
+        .iter()
         .enumerate()
-        .map(|(index, value)| {
-            Item::from_value(index, &value::into_serde(value), max_item_bytes).map(Arc::new)
-        })
+        .map(|(index, value)| Item::from_value(index, value, max_item_bytes).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Items::from_vec(items))
 }

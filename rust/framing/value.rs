@@ -12,8 +12,6 @@
 
 use std::borrow::Cow;
 
-use serde_json::{Map, Number};
-
 /// A decoded JSON (or msgpack) value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value<'a> {
@@ -197,30 +195,51 @@ pub fn write_f64(f: f64, out: &mut Vec<u8>) {
     let _ = serde_json::to_writer(&mut *out, &f);
 }
 
-/// Convert to `serde_json::Value` for `crate::item::Item::from_value`.
+/// Items are built from this tree directly (`crate::item::Item::from_value`).
 ///
 /// The caller has rejected what the item conversion of Python objects rejects
-/// (integers outside 64 bits); a `BigInt` that slipped through becomes `null`.
-pub fn into_serde(value: Value<'_>) -> serde_json::Value {
-    match value {
-        Value::Null | Value::BigInt(_) => serde_json::Value::Null,
-        Value::Bool(b) => serde_json::Value::Bool(b),
-        Value::Int(i) => serde_json::Value::from(i),
-        Value::UInt(u) => serde_json::Value::from(u),
-        Value::Float(f) => Number::from_f64(f)
-            .map(serde_json::Value::Number)
-            .unwrap_or(serde_json::Value::Null),
-        Value::Str(s) => serde_json::Value::String(s.into_owned()),
-        Value::Array(values) => {
-            serde_json::Value::Array(values.into_iter().map(into_serde).collect())
+/// (integers outside 64 bits); a `BigInt` that slipped through is written as its text.
+impl<'a> crate::item::JsonValue for Value<'a> {
+    type Object = Object<'a>;
+    fn as_str(&self) -> Option<&str> {
+        Value::as_str(self)
+    }
+    fn as_array(&self) -> Option<&[Value<'a>]> {
+        match self {
+            Value::Array(values) => Some(values),
+            _ => None,
         }
-        Value::Object(object) => {
-            let mut map = Map::new();
-            for (k, v) in object.entries {
-                map.insert(k.into_owned(), into_serde(v));
-            }
-            serde_json::Value::Object(map)
+    }
+    fn as_object(&self) -> Option<&Object<'a>> {
+        Value::as_object(self)
+    }
+    fn is_null(&self) -> bool {
+        Value::is_null(self)
+    }
+    fn kind_name(&self) -> &'static str {
+        match self {
+            Value::Null => "null",
+            Value::Bool(_) => "boolean",
+            Value::Int(_) | Value::UInt(_) | Value::BigInt(_) | Value::Float(_) => "number",
+            Value::Str(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
         }
+    }
+    fn write_canonical(&self, out: &mut Vec<u8>) {
+        write_canonical(self, out);
+    }
+}
+
+impl<'a> crate::item::JsonObject<Value<'a>> for Object<'a> {
+    fn get(&self, key: &str) -> Option<&Value<'a>> {
+        Object::get(self, key)
+    }
+    fn entries<'s>(&'s self) -> impl Iterator<Item = (&'s str, &'s Value<'a>)>
+    where
+        Value<'a>: 's,
+    {
+        self.iter()
     }
 }
 
@@ -269,6 +288,39 @@ mod tests {
             String::from_utf8(ours).unwrap(),
             String::from_utf8(expected).unwrap()
         );
+    }
+
+    #[test]
+    fn items_from_this_tree_match_items_from_serde_values() {
+        use crate::item::Item;
+        for text in crate::item::tests::DIGEST_CORPUS {
+            let parsed: serde_json::Value = serde_json::from_str(text).unwrap();
+            let expected = Item::from_value(3, &parsed, 1 << 20).unwrap();
+            let value = crate::framing::json::parse(text).unwrap();
+            let ours = Item::from_value(3, &value, 1 << 20).unwrap();
+            assert_eq!(ours.json(), expected.json(), "{text}");
+            assert_eq!(ours.digest(), expected.digest(), "{text}");
+            assert_eq!(
+                (ours.kind(), ours.id(), ours.role()),
+                (expected.kind(), expected.id(), expected.role()),
+                "{text}"
+            );
+            assert_eq!(
+                (ours.call_id(), ours.name()),
+                (expected.call_id(), expected.name()),
+                "{text}"
+            );
+        }
+        for (text, found) in [("[1]", "array"), ("1.5", "number"), ("\"x\"", "string")] {
+            let value = crate::framing::json::parse(text).unwrap();
+            let err = Item::from_value(2, &value, 1 << 20).unwrap_err();
+            assert_eq!(err, crate::error::Error::ItemNotObject { index: 2, found });
+        }
+        let value = crate::framing::json::parse(r#"{"a":"1234567890"}"#).unwrap();
+        assert!(matches!(
+            Item::from_value(0, &value, 15),
+            Err(crate::error::Error::ItemTooLarge { size: 18, .. })
+        ));
     }
 
     #[test]
