@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -69,22 +69,11 @@ def _stop(process: subprocess.Popen[str]) -> None:
 
 
 @contextmanager
-def warmsocket_server(*args: str) -> Iterator[ServerProcess]:
-    """`warmsocket serve` on a free port, in its own process."""
+def warmsocket_process(command: str, *args: str) -> Iterator[ServerProcess]:
+    """`warmsocket <command> --port 0 --log-format json ...` in its own process, once
+    its `listening` log record says which port it got."""
     process = subprocess.Popen(
-        [
-            WARMSOCKET,
-            "serve",
-            "--port",
-            "0",
-            "--log-level",
-            "info",
-            "--log-format",
-            "json",
-            "--ws-ping-interval",
-            "0",
-            *args,
-        ],
+        [WARMSOCKET, command, "--port", "0", "--log-format", "json", *args],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -93,7 +82,7 @@ def warmsocket_server(*args: str) -> Iterator[ServerProcess]:
         while True:
             line = process.stderr.readline()
             if not line:
-                raise RuntimeError("warmsocket serve exited before listening")
+                raise RuntimeError(f"warmsocket {command} exited before listening")
             record = json.loads(line)
             if record.get("message") == "listening":
                 port = int(record["url"].rsplit(":", 1)[1].split("/")[0])
@@ -101,6 +90,11 @@ def warmsocket_server(*args: str) -> Iterator[ServerProcess]:
         yield ServerProcess(process, port)
     finally:
         _stop(process)
+
+
+def warmsocket_server(*args: str) -> AbstractContextManager[ServerProcess]:
+    """`warmsocket serve` on a free port, in its own process."""
+    return warmsocket_process("serve", "--log-level", "info", "--ws-ping-interval", "0", *args)
 
 
 @contextmanager

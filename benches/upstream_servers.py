@@ -25,16 +25,15 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from benches.servers import ServerProcess, _stop
+from benches.servers import ServerProcess, _stop, warmsocket_process
 from warmsocket.httpclient import HTTPPool, Origin, request_head
 from warmsocket.sse import SSEDecoder
 
-WARMSOCKET = os.path.join(os.path.dirname(sys.executable), "warmsocket")
 TERMINAL = {"response.completed", "response.failed", "response.incomplete", "error"}
 
 
@@ -46,36 +45,9 @@ def agentic_server_binary() -> str | None:
     return shutil.which("agentic-server")
 
 
-@contextmanager
-def simulated_upstream(*args: str) -> Iterator[ServerProcess]:
-    process = subprocess.Popen(
-        [
-            WARMSOCKET,
-            "simulate-upstream",
-            "--port",
-            "0",
-            "--record-bodies",
-            "0",
-            "--log-format",
-            "json",
-            *args,
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stderr is not None
-        while True:
-            line = process.stderr.readline()
-            if not line:
-                raise RuntimeError("simulate-upstream exited before listening")
-            record = json.loads(line)
-            if record.get("message") == "listening":
-                port = int(record["url"].rsplit(":", 1)[1].split("/")[0])
-                break
-        yield ServerProcess(process, port)
-    finally:
-        _stop(process)
+def simulated_upstream(*args: str) -> AbstractContextManager[ServerProcess]:
+    """`warmsocket simulate-upstream` on a free port, in its own process."""
+    return warmsocket_process("simulate-upstream", "--record-bodies", "0", *args)
 
 
 def _free_port() -> int:
