@@ -14,14 +14,15 @@
 //! Items and instructions are rendered by [`render`] and framed with three
 //! token ids per message ([`Framing`]).
 
+mod bpe;
 pub mod render;
 
-use std::collections::HashSet;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::OnceLock;
 
-use tiktoken_rs::CoreBPE;
+use bpe::FastBpe;
 
 pub use render::{render_instructions, render_item, ItemError, Rendered, TEMPLATE_VERSION};
 
@@ -146,10 +147,17 @@ impl Encoding {
         }
     }
 
-    fn bpe(self) -> &'static CoreBPE {
+    /// The encoder, built on first use from tiktoken-rs's embedded ranks.
+    fn bpe(self) -> &'static FastBpe {
+        static O200K: OnceLock<FastBpe> = OnceLock::new();
+        static CL100K: OnceLock<FastBpe> = OnceLock::new();
         match self {
-            Self::O200kBase => tiktoken_rs::o200k_base_singleton(),
-            Self::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
+            Self::O200kBase => {
+                O200K.get_or_init(|| FastBpe::o200k(tiktoken_rs::o200k_base_singleton()))
+            }
+            Self::Cl100kBase => {
+                CL100K.get_or_init(|| FastBpe::cl100k(tiktoken_rs::cl100k_base_singleton()))
+            }
         }
     }
 }
@@ -190,7 +198,7 @@ pub struct Framing {
 pub const FRAMING_TOKENS: usize = 3;
 
 enum Backend {
-    Tiktoken(&'static CoreBPE),
+    Tiktoken(&'static FastBpe),
     #[cfg(feature = "hf")]
     HuggingFace(Box<tokenizers::Tokenizer>),
 }
@@ -287,13 +295,23 @@ impl Tokenizer {
 
     /// Token ids of `text` (ordinary text: no special tokens).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenError> {
+        let mut out = Vec::new();
+        self.encode_into(text, &mut out)?;
+        Ok(out)
+    }
+
+    /// Append the token ids of `text` (ordinary text) to `out`.
+    pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) -> Result<(), TokenError> {
         if text.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         match &self.backend {
-            Backend::Tiktoken(bpe) => encode_tiktoken(bpe, text),
+            Backend::Tiktoken(bpe) => guard(|| bpe.encode_into(text, out)),
             #[cfg(feature = "hf")]
-            Backend::HuggingFace(tokenizer) => hf::encode(tokenizer, text),
+            Backend::HuggingFace(tokenizer) => {
+                out.extend(hf::encode(tokenizer, text)?);
+                Ok(())
+            }
         }
     }
 
@@ -316,10 +334,10 @@ impl Tokenizer {
         out: &mut Vec<u32>,
     ) -> Result<(), TokenError> {
         out.push(self.framing.start);
-        out.extend(self.encode(&rendered.role)?);
+        self.encode_into(&rendered.role, out)?;
         out.push(self.framing.sep);
         for segment in &rendered.segments {
-            out.extend(self.encode(segment)?);
+            self.encode_into(segment, out)?;
         }
         out.push(self.framing.end);
         Ok(())
@@ -355,40 +373,6 @@ impl Tokenizer {
 
 fn fingerprint(source: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(source, u64::from(TEMPLATE_VERSION))
-}
-
-/// Texts the split regex gives up on (a run of about a million whitespace
-/// characters overflows fancy-regex's backtracking stack; tiktoken fails the
-/// same way) are encoded in pieces of at most this many bytes, cut at
-/// character boundaries, so every text gets tokens.
-pub const FALLBACK_CHUNK_BYTES: usize = 1 << 16;
-
-fn encode_tiktoken(bpe: &CoreBPE, text: &str) -> Result<Vec<u32>, TokenError> {
-    // `encode` with nothing allowed is `encode_ordinary` that reports regex
-    // errors instead of panicking on them.
-    let allowed = HashSet::new();
-    let encode = |piece: &str| {
-        guard(|| bpe.encode(piece, &allowed))?
-            .map(|(tokens, _)| tokens)
-            .map_err(|e| TokenError::Encode { reason: e.message })
-    };
-    match encode(text) {
-        Err(TokenError::Encode { .. }) if text.len() > FALLBACK_CHUNK_BYTES => {
-            let mut out = Vec::new();
-            let mut rest = text;
-            while !rest.is_empty() {
-                let mut cut = rest.len().min(FALLBACK_CHUNK_BYTES);
-                while !rest.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                let (piece, tail) = rest.split_at(cut);
-                out.extend(encode(piece)?);
-                rest = tail;
-            }
-            Ok(out)
-        }
-        result => result,
-    }
 }
 
 /// Hugging Face `tokenizer.json` support (cargo feature `hf`, on by default).
@@ -611,20 +595,15 @@ mod tests {
     }
 
     #[test]
-    fn texts_the_regex_gives_up_on_are_encoded_in_chunks() {
+    fn texts_a_backtracking_split_gives_up_on_are_encoded_whole() {
+        // A million spaces overflow fancy-regex's backtracking stack (tiktoken
+        // fails on them too); the automaton split has no such limit.
         let t = o200k();
         let text = " ".repeat(1_000_000);
-        let bpe = Encoding::O200kBase.bpe();
-        assert!(bpe.encode(&text, &HashSet::new()).is_err());
-        let chunk = " ".repeat(FALLBACK_CHUNK_BYTES);
-        let expected: Vec<u32> = (0..text.len() / FALLBACK_CHUNK_BYTES)
-            .flat_map(|_| t.encode(&chunk).unwrap())
-            .chain(
-                t.encode(&" ".repeat(text.len() % FALLBACK_CHUNK_BYTES))
-                    .unwrap(),
-            )
-            .collect();
-        assert_eq!(t.encode(&text).unwrap(), expected);
+        let ids = t.encode(&text).unwrap();
+        let core = tiktoken_rs::o200k_base_singleton();
+        assert_eq!(core.decode_bytes(&ids).unwrap(), text.as_bytes());
+        assert!(core.encode(&text, &Default::default()).is_err());
     }
 
     /// A tiny WordLevel tokenizer.json with a whitespace pre-tokenizer.
