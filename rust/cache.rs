@@ -666,7 +666,25 @@ impl SessionCache {
         connection: Option<u64>,
         extra: Option<Items>,
     ) -> Result<ContextView> {
-        let extra = extra.map(|e| self.items(e)).transpose()?;
+        self.view_with(id, owner, connection, extra, true)
+    }
+
+    /// [`Cache::view`], with `extra` tokenised now or, with `tokenize` false, left
+    /// for later: the view then counts no tokens for it (its token ids and block
+    /// hashes still tokenise it when asked).
+    pub fn view_with(
+        &self,
+        id: Option<&str>,
+        owner: &str,
+        connection: Option<u64>,
+        extra: Option<Items>,
+        tokenize: bool,
+    ) -> Result<ContextView> {
+        let extra = match extra {
+            Some(e) if tokenize => Some(self.items(e)?),
+            Some(e) => Some(untokenized(e, self.shared.tokens.as_deref())),
+            None => None,
+        };
         let leaf = match id {
             None => None,
             Some(id) => Some(self.lookup_touch(id, owner, connection)?),
@@ -1037,6 +1055,16 @@ impl State {
     }
 }
 
+/// `items` left to be tokenised later: without token counts that `tokens` (the
+/// cache's tokenizer) did not make, so a view never sums another tokenizer's counts.
+fn untokenized(items: Items, tokens: Option<&TokenConfig>) -> Items {
+    let ours = tokens.map(|t| t.tokenizer.fingerprint());
+    match items.tokenized_by() {
+        Some(by) if Some(by) != ours => Items::from_vec(items.as_slice().to_vec()),
+        _ => items,
+    }
+}
+
 /// A pin on one entry, holding its node so the chain outlives the entry if need be.
 ///
 /// Released by `release()` or on drop; a binding of a connection-local node is also
@@ -1073,11 +1101,18 @@ impl Binding {
     }
 
     pub fn view(&self, extra: Option<Items>) -> Result<ContextView> {
+        self.view_with(extra, true)
+    }
+
+    /// [`Binding::view`], with `extra` tokenised now or (`tokenize` false) left for
+    /// later, as [`Cache::view_with`].
+    pub fn view_with(&self, extra: Option<Items>, tokenize: bool) -> Result<ContextView> {
         let node = self.node()?;
         let tokens = self.cache.upgrade().and_then(|s| s.tokens.clone());
         let extra = match (&tokens, extra) {
-            (Some(cfg), Some(e)) => Some(cfg.tokenize(&e)?),
-            (_, extra) => extra,
+            (Some(cfg), Some(e)) if tokenize => Some(cfg.tokenize(&e)?),
+            (cfg, Some(e)) => Some(untokenized(e, cfg.as_deref())),
+            (_, None) => None,
         };
         Ok(ContextView::new(Some(node), extra).with_tokens(tokens))
     }
@@ -1680,6 +1715,43 @@ mod tests {
             let b_tokens = c.get("b", O, None).unwrap().tokens as usize;
             assert_eq!(shared, b_tokens / 4);
         }
+    }
+
+    #[test]
+    fn views_can_leave_new_items_to_be_tokenised_later() {
+        let c = tokenizing(false);
+        conversation(&c);
+        let raw = parse(r#"[{"role":"user","content":"and now, something longer?"}]"#);
+        let counted = c.view(Some("c"), O, None, Some(raw.clone())).unwrap();
+        let later = c
+            .view_with(Some("c"), O, None, Some(raw.clone()), false)
+            .unwrap();
+        let chain = c.get("c", O, None).unwrap().tokens;
+        assert!(counted.tokens() > chain);
+        assert_eq!(later.tokens(), chain);
+        // Ids and hashes tokenise what was left, so they agree either way.
+        assert_eq!(later.token_ids().unwrap(), counted.token_ids().unwrap());
+        assert_eq!(
+            later.block_hashes().unwrap(),
+            counted.block_hashes().unwrap()
+        );
+        assert_eq!(later.to_json(), counted.to_json());
+        // The same through a binding; counts of another tokenizer are dropped.
+        let b = c.bind("c", O, None).unwrap();
+        assert_eq!(b.view_with(Some(raw), false).unwrap().tokens(), chain);
+        let other = Arc::new(crate::token::Tokenizer::builtin("cl100k_base").unwrap());
+        let foreign = parse(r#"[{"role":"user","content":"x"}]"#)
+            .tokenize(&other)
+            .unwrap();
+        assert!(foreign.tokens() > 0);
+        assert_eq!(
+            b.view_with(Some(foreign.clone()), false).unwrap().tokens(),
+            chain
+        );
+        let view = c
+            .view_with(Some("c"), O, None, Some(foreign), false)
+            .unwrap();
+        assert_eq!(view.tokens(), chain);
     }
 
     #[test]

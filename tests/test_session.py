@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.support import check_ws_event
-from warmsocket._core import SessionCache
+from warmsocket._core import SessionCache, Tokenizer
 from warmsocket.backends.base import TextDelta, ToolArgumentsDelta, ToolCallStart, TurnFailed
 from warmsocket.backends.mock import MockBackend
 from warmsocket.engine import Engine, Limits, Turn
@@ -310,3 +310,40 @@ def test_unresolved_parent_names_what_a_shared_store_could_supply() -> None:
     tiny.receive_parsed(too_large)
     (frame,) = tiny.take_outbox()
     assert isinstance(frame, bytes) and b"message_too_large" in frame
+
+
+@pytest.mark.parametrize("diffing", [True, False])
+def test_new_input_is_tokenised_off_the_request_path_once(diffing: bool) -> None:
+    """A turn starts without tokenising its new input; the backend's `request_sent`
+    (or, at the latest, the usage) does it, once, and the usage counts it."""
+    tokenizer = Tokenizer.builtin("o200k_base")
+    h = Harness(cache=SessionCache(tokenizer=tokenizer, prefix_index=diffing))
+    h.send(input="first question", store=False)
+    first = h.started[-1]
+    h.reply(first, "first answer")
+    parent = h.events[-1]["response"]
+    text = "a longer second question " * 20
+    h.send(input=text, store=False, previous_response_id=parent["id"])
+    turn = h.started[-1]
+    context = turn.context()
+    assert context.request_sent is not None
+    untokenised = context.view.tokens
+    context.request_sent()
+    tokens_after = turn.view.tokens
+    assert tokens_after > untokenised
+    context.request_sent()  # idempotent
+    assert turn.view.tokens == tokens_after
+    h.reply(turn)
+    usage = h.events[-1]["response"]["usage"]
+    assert usage["input_tokens"] == tokens_after
+    assert usage["input_tokens_details"]["cached_tokens"] == untokenised
+    # Without a call from the backend the usage still counts the new input.
+    h.send(input=text, store=False, previous_response_id=h.events[-1]["response"]["id"])
+    late = h.started[-1]
+    before = late.view.tokens
+    h.reply(late)
+    assert h.events[-1]["response"]["usage"]["input_tokens"] > before
+    # A cache without a tokenizer has nothing to defer.
+    plain = Harness()
+    plain.send(input="hi")
+    assert plain.started[-1].context().request_sent is None

@@ -351,8 +351,10 @@ class Binding:
         `previous_response_id`."""
     def info(self) -> ResponseInfo:
         """The bound response, as it was when bound."""
-    def view(self, extra: Items | None = None) -> ContextView:
-        """The bound response's context followed by `extra`."""
+    def view(self, extra: Items | None = None, *, tokenize: bool = True) -> ContextView:
+        """The bound response's context followed by `extra`, which is tokenised now
+        (with a tokenizer) unless `tokenize` is false: then the view's `tokens`
+        leave `extra` out until a tokenised copy (`SessionCache.items`) replaces it."""
     def release(self) -> None:
         """Drop the pin. Idempotent; also done when the binding is garbage-collected."""
     def __enter__(self) -> Binding: ...
@@ -437,14 +439,23 @@ class SessionCache:
         """Validate items and, with a tokenizer, count their tokens (ids kept until they
         enter a chain, so `create` hashes them without tokenising again). Raises the
         InvalidItems subclasses, TokenizationFailed."""
-    def match(self, input: ItemsLike, *, owner: str, connection: int | None = None) -> PrefixMatch:
+    def match(
+        self,
+        input: ItemsLike,
+        *,
+        owner: str,
+        connection: int | None = None,
+        tokenize: bool = True,
+    ) -> PrefixMatch:
         """Match a re-sent history against the cached chains of `owner` (stored ones,
         and those local to `connection`) by the items' semantic digests.
 
         Finds the longest cached prefix in O(items sent) hashing and O(log items)
         index lookups; only the unmatched suffix is validated and tokenised
-        (`PrefixMatch.new_items`). Without `prefix_index` nothing ever matches.
-        Raises the InvalidItems subclasses for the suffix, TokenizationFailed.
+        (`PrefixMatch.new_items`). With `tokenize=False` the suffix is validated only
+        (`items` tokenises it later; `create` does, at the latest). Without
+        `prefix_index` nothing ever matches. Raises the InvalidItems subclasses for
+        the suffix, TokenizationFailed.
         """
     def input_items(self, response_id: str, *, owner: str, connection: int | None = None) -> Items:
         """The input the client sent for a response: its own input items, preceded by
@@ -459,8 +470,12 @@ class SessionCache:
         owner: str,
         connection: int | None = None,
         extra: Items | None = None,
+        tokenize: bool = True,
     ) -> ContextView:
-        """The context of `response_id` followed by `extra`; None gives just `extra`."""
+        """The context of `response_id` followed by `extra`; None gives just `extra`.
+
+        `extra` is tokenised now (with a tokenizer) unless `tokenize` is false, as in
+        `Binding.view`."""
     def context(self, response_id: str, *, owner: str, connection: int | None = None) -> bytes:
         """The full context of a response as one JSON array (`view(...).json()`)."""
     def context_objects(
@@ -504,7 +519,7 @@ class SessionCache:
 #           ├── TokenizerFileUnreadable (OSError)      tokenizer.json missing or unreadable
 #           ├── InvalidTokenizerFile (ValueError)      not a valid Hugging Face tokenizer.json
 #           ├── InvalidItemJson (ValueError)           item JSON that is not UTF-8 JSON of an object
-#           └── TokenizationFailed (ValueError)        the tokenizer failed on a text (regex limits)
+#           └── TokenizationFailed (ValueError)        a Hugging Face tokenizer failed on a text
 
 class TokenizerError(WarmsocketError): ...
 class UnknownEncoding(TokenizerError, LookupError): ...

@@ -471,9 +471,9 @@ class RefBinding:
     def info(self) -> RefInfo:
         return RefInfo.of(self._held(), self._config)
 
-    def view(self, extra: RefItems | None = None) -> RefView:
+    def view(self, extra: RefItems | None = None, *, tokenize: bool = True) -> RefView:
         cache = self._cache()
-        if cache is not None and extra is not None:
+        if cache is not None and extra is not None and tokenize:
             extra = cache.items(extra)
         return RefView(self._held(), extra, self._config)
 
@@ -623,8 +623,9 @@ class RefCache:
         owner: str,
         connection: int | None = None,
         extra: RefItems | None = None,
+        tokenize: bool = True,
     ) -> RefView:
-        if extra is not None:
+        if extra is not None and tokenize:
             extra = self.items(extra)
         node = None if response_id is None else self._lookup_touch(response_id, owner, connection)
         return RefView(node, extra, self._config)
@@ -712,7 +713,9 @@ class RefCache:
                 live[id(node)] = node
         return list(live.values())
 
-    def match(self, input: Any, *, owner: str, connection: int | None = None) -> RefPrefixMatch:
+    def match(
+        self, input: Any, *, owner: str, connection: int | None = None, tokenize: bool = True
+    ) -> RefPrefixMatch:
         if isinstance(input, RefItems):
             values: list[Any] = [json.loads(item.json) for item in input.items]
         elif isinstance(input, bytes | str):
@@ -747,7 +750,8 @@ class RefCache:
                     best = (shared, node, own)
         matched = best[0] if best else 0
         rest = RefItems._build(values[matched:], self.max_item_bytes, offset=matched)
-        rest = RefItems(rest.items, self._config.tokens_of(rest.items))
+        if tokenize:
+            rest = RefItems(rest.items, self._config.tokens_of(rest.items))
         if best is None:
             return RefPrefixMatch(None, 0, 0, len(values), None, rest)
         _, node, own = best

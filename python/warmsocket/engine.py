@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ from warmsocket.backends.base import (
 )
 from warmsocket.errors import APIError
 from warmsocket.metrics import Metrics
+
+log = logging.getLogger("warmsocket.engine")
 
 Framing = Literal["json", "websocket", "msgpack", "sse"]
 """How a turn's events are framed (see `_core.ResponseEncoder`)."""
@@ -242,16 +245,18 @@ class Engine:
         input_items = request.input if prepend is None else prepend.concat(request.input)
         cache = self.cache
         binding: Binding | None = None
-        try:
-            if request.previous_response_id is None and self.prefix_diffing:
-                # Match a re-sent history: only the suffix is tokenised.
-                match = cache.match(input_items, owner=owner, connection=connection)
-                binding, items = match.binding, match.new_items
-                self.metrics.prefix_match(match.items)
-            else:
-                items = cache.items(input_items)
-        except (_core.InvalidItems, _core.TokenizerError) as exc:
-            raise errors.invalid_value("input", f"Invalid 'input': {exc}") from None
+        # The new items are tokenised later (`Turn.count_input_tokens`), not here: an
+        # upstream request does not need their tokens, so it need not wait for them.
+        if request.previous_response_id is None and self.prefix_diffing:
+            # Match a re-sent history: only the suffix will be tokenised.
+            try:
+                match = cache.match(input_items, owner=owner, connection=connection, tokenize=False)
+            except _core.InvalidItems as exc:
+                raise errors.invalid_value("input", f"Invalid 'input': {exc}") from None
+            binding, items = match.binding, match.new_items
+            self.metrics.prefix_match(match.items)
+        else:
+            items = input_items
 
         if request.previous_response_id is not None:
             try:
@@ -266,7 +271,7 @@ class Engine:
         chain_parent: str | None = None
         try:
             if binding is not None:
-                view = binding.view(items)
+                view = binding.view(items, tokenize=False)
                 parent = binding.info()
                 same_prompt = json.loads(parent.meta).get("instructions") == instructions_key(
                     request.instructions
@@ -279,7 +284,9 @@ class Engine:
                 if request.previous_response_id is not None or same_prompt:
                     chain_parent = binding.response_id
             else:
-                view = cache.view(None, owner=owner, connection=connection, extra=items)
+                view = cache.view(
+                    None, owner=owner, connection=connection, extra=items, tokenize=False
+                )
                 cached_tokens = 0
         except BaseException:
             if binding is not None:
@@ -362,6 +369,8 @@ class Turn:
         # Steering queued on this response (spec §3.7).
         self.steers: list[tuple[str, Items]] = []
         self.interrupt_requested = False
+        # Whether `items` still await tokenising (the cache has a tokenizer).
+        self._tokens_pending = engine.caches_tokens
         self.stream = ResponseEncoder(
             response_id,
             settings=request.settings_json,
@@ -391,7 +400,31 @@ class Turn:
             # backends key what they remember of a chain by it.
             previous_response_id=self.chain_parent_id,
             input=self.items,
+            request_sent=self.count_input_tokens if self._tokens_pending else None,
         )
+
+    def count_input_tokens(self) -> None:
+        """Tokenise this turn's new input items, once.
+
+        `Engine.prepare` leaves this out of the request's path: an upstream backend
+        calls it (`TurnContext.request_sent`) once its request is on its way, so the
+        work overlaps the upstream's; usage and storing call it otherwise. A failure
+        leaves the items as they are: storing them then fails the response.
+        """
+        if not self._tokens_pending:
+            return
+        self._tokens_pending = False
+        cache = self.engine.cache
+        try:
+            items = cache.items(self.items)
+        except (_core.InvalidItems, _core.TokenizerError) as exc:
+            log.error("tokenising the input failed", extra={"error_type": type(exc).__name__})
+            return
+        self.items = items
+        if self.binding is not None:
+            self.view = self.binding.view(items)
+        else:
+            self.view = cache.view(None, owner=self.owner, connection=self.connection, extra=items)
 
     def start(self) -> bytes:
         return self.stream.start()
@@ -427,6 +460,7 @@ class Turn:
 
     def usage(self) -> Usage:
         report = self.usage_report or UsageReport()
+        self.count_input_tokens()
         view = self.view
         input_tokens = report.input_tokens
         if input_tokens is None:
@@ -514,6 +548,10 @@ class Turn:
                 store=self.request.store,
                 connection=self.connection,
             )
+        except _core.TokenizerError as exc:
+            raise errors.server_error(
+                f"The input could not be tokenised ({type(exc).__name__})."
+            ) from None
         except _core.CacheError as exc:
             raise errors.server_overloaded(
                 f"The response could not be kept in the session cache ({type(exc).__name__})."

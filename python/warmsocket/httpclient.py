@@ -332,8 +332,10 @@ class HTTPConnection(asyncio.Protocol):
 
     # -- requests --------------------------------------------------------------------------
 
-    async def send(self, data: list[bytes], timeout: float) -> ResponseHead:
-        """Write one request and wait for the response head."""
+    async def send(
+        self, data: list[bytes], timeout: float, on_sent: Callable[[], None] | None = None
+    ) -> ResponseHead:
+        """Write one request, call `on_sent`, and wait for the response head."""
         assert self.transport is not None
         self.parser = ResponseParser()
         self._received_any = False
@@ -343,6 +345,8 @@ class HTTPConnection(asyncio.Protocol):
         self._last_activity = self.loop.time()
         self.transport.writelines(data)
         self._arm_timer()
+        if on_sent is not None:
+            on_sent()
         while self.parser.head is None:
             await self._wait()
         return self.parser.head
@@ -493,13 +497,22 @@ class HTTPPool:
         """Connections opened so far."""
         self.in_use = 0
 
-    async def request(self, data: list[bytes], *, timeout: float) -> HTTPResponse:
-        """Send a request (head and body pieces) and wait for the response head."""
+    async def request(
+        self,
+        data: list[bytes],
+        *,
+        timeout: float,
+        on_sent: Callable[[], None] | None = None,
+    ) -> HTTPResponse:
+        """Send a request (head and body pieces) and wait for the response head.
+
+        `on_sent` is called each time the request is written, before waiting for the
+        answer: idempotent work to overlap with the server's."""
         for _attempt in range(2):
             connection, reused = await self._acquire()
             self.in_use += 1
             try:
-                head = await connection.send(data, timeout)
+                head = await connection.send(data, timeout, on_sent)
             except ConnectionClosed:
                 self.in_use -= 1
                 connection.abort()

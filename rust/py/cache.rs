@@ -98,13 +98,14 @@ impl PySessionCache {
         Ok(PyItems { inner: items })
     }
 
-    #[pyo3(signature = (input, *, owner, connection = None))]
+    #[pyo3(signature = (input, *, owner, connection = None, tokenize = true))]
     fn r#match(
         &self,
         py: Python<'_>,
         input: &Bound<'_, PyAny>,
         owner: &str,
         connection: Option<u64>,
+        tokenize: bool,
     ) -> PyResult<PyPrefixMatch> {
         let sent = sent_arg(py, input)?;
         let (weight, total) = match &sent {
@@ -122,7 +123,7 @@ impl PySessionCache {
                     let m = inner.match_prefix(&owner, connection, &digests)?;
                     let rest = items.slice(m.items..items.len());
                     rest.check_item_limit(max)?;
-                    let rest = inner.items(rest)?;
+                    let rest = if tokenize { inner.items(rest)? } else { rest };
                     Ok((m, rest))
                 }
                 Sent::Values(values) => {
@@ -133,7 +134,7 @@ impl PySessionCache {
                         .collect();
                     let m = inner.match_prefix(&owner, connection, &digests)?;
                     let rest = Items::from_values_at(&values[m.items..], m.items, max)?;
-                    let rest = inner.items(rest)?;
+                    let rest = if tokenize { inner.items(rest)? } else { rest };
                     Ok((m, rest))
                 }
             }
@@ -276,17 +277,20 @@ impl PySessionCache {
         })
     }
 
-    #[pyo3(signature = (response_id, *, owner, connection = None, extra = None))]
+    #[pyo3(signature = (response_id, *, owner, connection = None, extra = None, tokenize = true))]
     fn view(
         &self,
         response_id: Option<&str>,
         owner: &str,
         connection: Option<u64>,
         extra: Option<&PyItems>,
+        tokenize: bool,
     ) -> PyResult<PyContextView> {
         let extra = extra.map(|e| e.inner.clone());
         Ok(PyContextView {
-            inner: self.inner.view(response_id, owner, connection, extra)?,
+            inner: self
+                .inner
+                .view_with(response_id, owner, connection, extra, tokenize)?,
         })
     }
 
@@ -617,10 +621,12 @@ impl PyBinding {
         })
     }
 
-    #[pyo3(signature = (extra = None))]
-    fn view(&self, extra: Option<&PyItems>) -> PyResult<PyContextView> {
+    #[pyo3(signature = (extra = None, *, tokenize = true))]
+    fn view(&self, extra: Option<&PyItems>, tokenize: bool) -> PyResult<PyContextView> {
         Ok(PyContextView {
-            inner: self.inner.view(extra.map(|e| e.inner.clone()))?,
+            inner: self
+                .inner
+                .view_with(extra.map(|e| e.inner.clone()), tokenize)?,
         })
     }
 

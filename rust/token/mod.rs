@@ -37,7 +37,8 @@ pub enum TokenError {
     InvalidTokenizerFile { path: String, reason: String },
     /// Item JSON that is not UTF-8 JSON of an object.
     InvalidItem { reason: String },
-    /// The tokenizer failed on a text (a regex limit on pathological input).
+    /// The tokenizer failed on a text (a Hugging Face tokenizer's error; the
+    /// built-in encodings never fail).
     Encode { reason: String },
 }
 

@@ -7,7 +7,7 @@ an event of another item starts, or when the stream ends.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -84,6 +84,10 @@ class TurnContext:
     input: Items | None = None
     """This turn's own new input (the last `new_items` items of `view`), for backends
     that send only new items upstream."""
+    request_sent: Callable[[], None] | None = None
+    """Work the server left out of the request's path (tokenising the new input). A
+    backend that sends a request upstream calls it once the request is written, so
+    the work overlaps the upstream's; it is done later otherwise. Never raises."""
 
     @property
     def settings(self) -> dict[str, Any]:

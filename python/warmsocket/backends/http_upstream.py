@@ -172,7 +172,9 @@ class HTTPUpstreamBackend:
             recorder = OutputRecorder() if self.records_output else None
             try:
                 started = time.perf_counter()
-                response = await pool.request([head, *body], timeout=self.config.timeout)
+                response = await pool.request(
+                    [head, *body], timeout=self.config.timeout, on_sent=turn.request_sent
+                )
                 self.stats.first_byte.observe(time.perf_counter() - started)
                 if response.status != 200:
                     text = await response.read(64 * 1024)

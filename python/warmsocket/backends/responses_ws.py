@@ -208,6 +208,8 @@ class ResponsesWSBackend:
         while True:
             try:
                 await socket.ws.send(body, text=True)
+                if turn.request_sent is not None:
+                    turn.request_sent()
                 async with asyncio.timeout(self.config.timeout):
                     raw = await socket.ws.recv(decode=False)
             except TimeoutError:
