@@ -72,6 +72,8 @@ mod _core {
     use crate::py::token::BlockHasher;
     #[pymodule_export]
     use crate::py::token::Tokenizer;
+    #[pymodule_export]
+    use crate::py::upstream::PyResponsesStreamDecoder;
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -10,6 +10,7 @@ pub mod framing;
 pub mod items;
 pub mod json;
 pub mod token;
+pub mod upstream;
 
 use pyo3::marker::Ungil;
 use pyo3::Python;

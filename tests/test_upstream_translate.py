@@ -492,7 +492,7 @@ def test_responses_stream_to_events(step: int | None) -> None:
         ToolArgumentsDelta('{"a":1}'),  # the rest came only in the .done event
         UsageReport(300, 256, 12),
     ]
-    assert decoder.events.response_id == "resp_up"
+    assert decoder.response_id == "resp_up"
 
 
 def test_responses_without_deltas_and_failures() -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "ResponseEncoder",
     "ResponseInfo",
     "ResponseNotFound",
+    "ResponsesStreamDecoder",
     "SessionCache",
     "SnapshotError",
     "SteerRequest",
@@ -837,3 +838,50 @@ class ResponseEncoder:
 
 def frame_event(event: bytes, framing: _Framing) -> bytes:
     """Frame one stand-alone event (a JSON object) for a connection's framing."""
+
+# An upstream's streamed Responses events (rust/framing/upstream.rs).
+
+_DecodedEvent: TypeAlias = (
+    tuple[Literal["text"], str]
+    | tuple[Literal["args"], str]
+    | tuple[Literal["call"], str, str]
+    | tuple[Literal["usage"], int | None, int | None, int | None]
+    | tuple[Literal["failed"], bytes | None]
+    | tuple[Literal["error"], bytes, int | None]
+    | tuple[Literal["protocol"]]
+)
+"""What the model produced: `("text", delta)`, `("args", delta)`, `("call", call_id,
+name)`, `("usage", input_tokens, cached_tokens, output_tokens)`; or, last, why the
+stream stopped: `("failed", error_json)` (`response.failed`, its Response's `error`
+object), `("error", error_json, status)` (an `error` event: the nested object of the
+WebSocket shape or the flat SSE event), `("protocol",)` (a message that is not a
+JSON object)."""
+
+@final
+class ResponsesStreamDecoder:
+    """One upstream response's Responses API events -> model events, one call per
+    chunk of an SSE body or per WebSocket message.
+
+    Only what the model produced is read: text and argument deltas, function calls,
+    the terminal event's usage and id; text or arguments that came only in a `.done`
+    event are emitted then. Lifecycle events that repeat the whole Response
+    (`response.created`, `response.in_progress`, by SSE event name) are not parsed.
+    Not thread-safe: one response, one task.
+    """
+
+    def __new__(cls) -> ResponsesStreamDecoder: ...
+    def feed(self, data: bytes) -> list[_DecodedEvent]:
+        """The events completed by a chunk of the SSE body."""
+    def finish(self) -> list[_DecodedEvent]:
+        """The events left when the SSE body ends without a final blank line."""
+    def message(self, data: bytes) -> list[_DecodedEvent]:
+        """One event as a JSON message (WebSocket mode)."""
+    @property
+    def done(self) -> bool:
+        """A terminal event (`response.completed` / `response.incomplete`) arrived."""
+    @property
+    def started(self) -> bool:
+        """An event other than an error arrived."""
+    @property
+    def response_id(self) -> str | None:
+        """The upstream's id of the response, from its terminal event."""

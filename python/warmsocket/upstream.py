@@ -121,11 +121,14 @@ class UpstreamError(APIError):
         retryable: bool = False,
         headers: dict[str, str] | None = None,
         reason: str = "error",
+        upstream_code: str | None = None,
     ) -> None:
         super().__init__(code, message, param=param, status=status, type=type, headers=headers)
         self.retryable = retryable
         self.reason = reason
         """A short label for metrics and logs: 'status', 'timeout', 'connect', 'stream'..."""
+        self.upstream_code = upstream_code
+        """The code the upstream's error event gave, before mapping (None otherwise)."""
 
     def response_error(self) -> dict[str, Any]:
         if self.status == 429:
@@ -187,6 +190,14 @@ def from_error_object(error: Any, *, status: int | None = None) -> UpstreamError
     if not isinstance(error, dict):
         error = {}
     code = error.get("code") if isinstance(error.get("code"), str) else None
+    mapped = _from_error_fields(error, code, status)
+    mapped.upstream_code = code
+    return mapped
+
+
+def _from_error_fields(
+    error: dict[str, Any], code: str | None, status: int | None
+) -> UpstreamError:
     message = _text(error.get("message"))
     if status is None:
         status = 429 if code == "rate_limit_exceeded" else 500

@@ -7,7 +7,8 @@
 //!   of `warmsocket/client_events.py`, producing cache-ready `Items`;
 //! * `encoder`: one response's events, framed as JSON lines, WebSocket text or
 //!   msgpack binary frames, or SSE;
-//! * `error`: the request errors and their messages.
+//! * `error`: the request errors and their messages;
+//! * `upstream`: an upstream's streamed Responses events read back as model events.
 //!
 //! Nothing here imports pyo3 (`py/framing.rs` is the glue).
 
@@ -16,4 +17,5 @@ pub mod error;
 pub mod json;
 pub mod msgpack;
 pub mod request;
+pub mod upstream;
 pub mod value;

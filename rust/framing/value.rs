@@ -122,6 +122,11 @@ impl<'a> Value<'a> {
         }
     }
 
+    /// A member of an object (`None` for other values).
+    pub fn get(&self, key: &str) -> Option<&Value<'a>> {
+        self.as_object().and_then(|o| o.get(key))
+    }
+
     pub fn is_null(&self) -> bool {
         matches!(self, Value::Null)
     }

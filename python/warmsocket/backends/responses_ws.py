@@ -26,7 +26,6 @@ event, so closing is how the upstream learns to stop.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -39,9 +38,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.protocol import State
 
 from warmsocket import __version__
+from warmsocket._core import ResponsesStreamDecoder
 from warmsocket.backends.base import ModelEvent, TurnContext, TurnFailed
 from warmsocket.backends.http_upstream import chain_key
-from warmsocket.backends.responses_events import ResponsesEventDecoder
+from warmsocket.backends.responses_events import model_events
 from warmsocket.backends.responses_http import HeadCache
 from warmsocket.httpclient import Origin
 from warmsocket.metrics import Metrics
@@ -51,7 +51,6 @@ from warmsocket.upstream import (
     UpstreamConfig,
     UpstreamError,
     from_http_status,
-    parse_event,
     transport_error,
 )
 
@@ -135,7 +134,7 @@ class ResponsesWSBackend:
                 outcome: Outcome = "cancelled"
                 reusable = False
                 try:
-                    decoder = ResponsesEventDecoder()
+                    decoder = ResponsesStreamDecoder()
                     async for event in self._exchange(turn, socket, head, previous, decoder):
                         forwarded = True
                         yield event
@@ -197,58 +196,56 @@ class ResponsesWSBackend:
         socket: UpstreamSocket,
         head: bytes,
         previous: str | None,
-        decoder: ResponsesEventDecoder,
+        decoder: ResponsesStreamDecoder,
     ) -> AsyncIterator[ModelEvent]:
         """Send the turn on `socket` and stream its events; replays once on state loss."""
         body = self._body(turn, head, previous)
         started = time.perf_counter()
-        first = True
         if previous is not None:
             self.stats.chained += 1
         while True:
+            await self._send(socket, body)
+            if turn.request_sent is not None:
+                turn.request_sent()
+            raw = await self._receive(socket)
             try:
-                await socket.ws.send(body, text=True)
-                if turn.request_sent is not None:
-                    turn.request_sent()
-                async with asyncio.timeout(self.config.timeout):
-                    raw = await socket.ws.recv(decode=False)
-            except TimeoutError:
-                raise transport_error("timeout") from None
-            except ConnectionClosed:
-                raise transport_error("closed") from None
-            data = _parse(raw)
-            kind = data.get("type")
-            if kind == "error" and not decoder.started and previous is not None:
-                code = (data.get("error") or {}).get("code")
-                if code == "previous_response_not_found":
+                events = _model_events(decoder.message(raw))
+            except UpstreamError as error:
+                if (
+                    error.upstream_code == "previous_response_not_found"
+                    and previous is not None
+                    and not decoder.started
+                ):
                     # The upstream lost the chain: send the full context instead.
                     self.stats.replays["previous_response_not_found"] += 1
                     previous = None
                     body = self._body(turn, head, None)
                     continue
+                raise
             break
+        self.stats.first_byte.observe(time.perf_counter() - started)
         while True:
-            if first:
-                self.stats.first_byte.observe(time.perf_counter() - started)
-                first = False
-            if isinstance(kind, str):
-                if kind == "error":
-                    code = (data.get("error") or {}).get("code")
-                    if code == "websocket_connection_limit_reached":
-                        raise transport_error("closed")
-                for event in decoder.event(kind, data):
-                    yield event
+            for event in events:
+                yield event
             if decoder.done:
                 return
-            try:
-                async with asyncio.timeout(self.config.timeout):
-                    raw = await socket.ws.recv(decode=False)
-            except TimeoutError:
-                raise transport_error("timeout") from None
-            except ConnectionClosed:
-                raise transport_error("closed") from None
-            data = _parse(raw)
-            kind = data.get("type")
+            events = _model_events(decoder.message(await self._receive(socket)))
+
+    async def _send(self, socket: UpstreamSocket, body: bytes) -> None:
+        try:
+            await socket.ws.send(body, text=True)
+        except ConnectionClosed:
+            raise transport_error("closed") from None
+
+    async def _receive(self, socket: UpstreamSocket) -> bytes:
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                raw = await socket.ws.recv(decode=False)
+        except TimeoutError:
+            raise transport_error("timeout") from None
+        except ConnectionClosed:
+            raise transport_error("closed") from None
+        return raw if isinstance(raw, bytes) else raw.encode()
 
     def _body(self, turn: TurnContext, head: bytes, previous: str | None) -> bytes:
         if previous is None or turn.input is None:
@@ -405,11 +402,12 @@ class ResponsesWSBackend:
             chains.popitem(last=False)
 
 
-def _parse(raw: Any) -> dict[str, Any]:
+def _model_events(decoded: list[tuple[Any, ...]]) -> list[ModelEvent]:
+    """`model_events`, with the upstream's connection-limit error as a lost
+    connection (retried on a fresh one), not as an error of the request."""
     try:
-        data = parse_event(raw) if isinstance(raw, bytes) else json.loads(raw)
-    except ValueError:
-        raise transport_error("protocol") from None
-    if not isinstance(data, dict):
-        raise transport_error("protocol")
-    return data
+        return model_events(decoded)
+    except UpstreamError as error:
+        if error.upstream_code == "websocket_connection_limit_reached":
+            raise transport_error("closed") from None
+        raise

@@ -1,0 +1,508 @@
+//! A Responses API answer streamed by an upstream, as model events.
+//!
+//! The `responses` (SSE) and `responses-ws` upstream backends re-emit an upstream's
+//! answer under warmsocket's own response and item ids, so only what the model
+//! produced is taken: text deltas, function calls (`output_item.added` gives
+//! `call_id` and name, then argument deltas) and the usage of the terminal event.
+//! Text or arguments that arrive only in a `.done` event (servers that do not
+//! stream deltas) are emitted then. Lifecycle events that carry the whole Response
+//! (`response.created`, `response.in_progress`) are recognised by their SSE event
+//! name and never parsed; reasoning and hosted-tool events have no model event.
+//!
+//! `response.failed` and `error` events end the decoding with [`Stop`]; the caller
+//! maps the error object to its own error type.
+//!
+//! One call per chunk of bytes: the SSE lines are split, each event's JSON parsed
+//! and read here, with no per-event crossing into Python.
+
+use std::collections::{HashMap, HashSet};
+
+use super::json;
+use super::value::{write_canonical, Value};
+
+/// What the model produced, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Text(String),
+    Call {
+        call_id: String,
+        name: String,
+    },
+    Arguments(String),
+    Usage {
+        input: Option<i64>,
+        cached: Option<i64>,
+        output: Option<i64>,
+    },
+}
+
+/// Why a stream ends without a model event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// `response.failed`: the Response's `error` object as JSON, if it had one.
+    Failed(Option<Vec<u8>>),
+    /// An `error` event: its error object as JSON (the nested `error` of the
+    /// WebSocket shape, or the flat SSE event itself) and the `status` it gave.
+    Error { error: Vec<u8>, status: Option<i64> },
+    /// Not JSON, or not an object.
+    Protocol,
+}
+
+/// SSE event names whose data carries nothing a model event needs.
+const SKIPPED: [&[u8]; 5] = [
+    b"response.created",
+    b"response.in_progress",
+    b"response.queued",
+    b"response.content_part.added",
+    b"response.content_part.done",
+];
+
+/// One upstream response's events -> model events.
+#[derive(Debug, Default)]
+pub struct ResponsesDecoder {
+    sse: SseLines,
+    /// A terminal event (`response.completed` / `response.incomplete`) arrived.
+    pub done: bool,
+    /// Any event arrived.
+    pub started: bool,
+    /// The upstream's id of the response (from its terminal event).
+    pub response_id: Option<String>,
+    /// Characters of text or arguments already emitted, by upstream item id.
+    emitted: HashMap<String, usize>,
+    function_items: HashSet<String>,
+}
+
+impl ResponsesDecoder {
+    /// The events completed by `chunk` of an SSE body.
+    pub fn feed_sse(&mut self, chunk: &[u8], out: &mut Vec<Event>) -> Result<(), Stop> {
+        let mut pending = Vec::new();
+        self.sse.feed(chunk, &mut pending);
+        self.decode_sse(pending, out)
+    }
+
+    /// The events left when an SSE body ends without a final blank line.
+    pub fn finish_sse(&mut self, out: &mut Vec<Event>) -> Result<(), Stop> {
+        let mut pending = Vec::new();
+        self.sse.finish(&mut pending);
+        self.decode_sse(pending, out)
+    }
+
+    fn decode_sse(
+        &mut self,
+        events: Vec<(Vec<u8>, Vec<u8>)>,
+        out: &mut Vec<Event>,
+    ) -> Result<(), Stop> {
+        for (name, data) in events {
+            if SKIPPED.contains(&name.as_slice()) {
+                self.started = true;
+                continue;
+            }
+            if data == b"[DONE]" {
+                continue;
+            }
+            self.message(&data, std::str::from_utf8(&name).ok(), out)?;
+        }
+        Ok(())
+    }
+
+    /// One event as JSON (a WebSocket message, or an SSE event's data); `name`
+    /// is the SSE event name, used when the JSON has no `type`.
+    pub fn message(
+        &mut self,
+        data: &[u8],
+        name: Option<&str>,
+        out: &mut Vec<Event>,
+    ) -> Result<(), Stop> {
+        let value = json::decode(data).map_err(|_| Stop::Protocol)?;
+        if !matches!(value, Value::Object(_)) {
+            return Err(Stop::Protocol);
+        }
+        let kind = match value.get("type").and_then(Value::as_str) {
+            Some(kind) => kind,
+            None => name.unwrap_or(""),
+        };
+        self.event(kind, &value, out)
+    }
+
+    fn event(&mut self, kind: &str, data: &Value<'_>, out: &mut Vec<Event>) -> Result<(), Stop> {
+        match kind {
+            // Not counted as a start: a backend may still replay after an early error.
+            "response.failed" => {
+                let error = data
+                    .get("response")
+                    .and_then(|r| r.get("error"))
+                    .filter(|e| !e.is_null())
+                    .map(to_json);
+                return Err(Stop::Failed(error));
+            }
+            "error" => {
+                let nested = data.get("error").filter(|e| e.as_object().is_some());
+                return Err(Stop::Error {
+                    error: to_json(nested.unwrap_or(data)),
+                    status: data.get("status").and_then(int),
+                });
+            }
+            _ => {}
+        }
+        self.started = true;
+        match kind {
+            "response.output_text.delta" => {
+                if let Some(delta) = nonempty_str(data.get("delta")) {
+                    self.count(data, delta);
+                    out.push(Event::Text(delta.to_owned()));
+                }
+            }
+            "response.function_call_arguments.delta" => {
+                if let Some(delta) = nonempty_str(data.get("delta")) {
+                    self.count(data, delta);
+                    out.push(Event::Arguments(delta.to_owned()));
+                }
+            }
+            "response.output_item.added" => {
+                let Some(item) = data.get("item").filter(|i| i.as_object().is_some()) else {
+                    return Ok(());
+                };
+                if item.get("type").and_then(Value::as_str) != Some("function_call") {
+                    return Ok(());
+                }
+                let item_id = text_of(item.get("id"));
+                out.push(Event::Call {
+                    call_id: text_of(item.get("call_id")),
+                    name: text_of(item.get("name")),
+                });
+                if let Some(arguments) = nonempty_str(item.get("arguments")) {
+                    self.emitted
+                        .insert(item_id.clone(), arguments.chars().count());
+                    out.push(Event::Arguments(arguments.to_owned()));
+                }
+                self.function_items.insert(item_id);
+            }
+            "response.output_text.done" => {
+                let item_id = text_of(data.get("item_id"));
+                if let Some(rest) = self.rest(&item_id, data.get("text")) {
+                    out.push(Event::Text(rest));
+                }
+            }
+            "response.function_call_arguments.done" => {
+                let item_id = text_of(data.get("item_id"));
+                if let Some(rest) = self.rest(&item_id, data.get("arguments")) {
+                    out.push(Event::Arguments(rest));
+                }
+            }
+            "response.output_item.done" => {
+                let Some(item) = data.get("item").filter(|i| i.as_object().is_some()) else {
+                    return Ok(());
+                };
+                let item_id = text_of(item.get("id"));
+                match item.get("type").and_then(Value::as_str) {
+                    Some("function_call") if self.function_items.contains(&item_id) => {
+                        if let Some(rest) = self.rest(&item_id, item.get("arguments")) {
+                            out.push(Event::Arguments(rest));
+                        }
+                    }
+                    Some("message") if !self.emitted.contains_key(&item_id) => {
+                        let text = message_text(item);
+                        if let Some(rest) = self.rest_of(&item_id, &text) {
+                            out.push(Event::Text(rest));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            "response.completed" | "response.incomplete" => {
+                self.done = true;
+                let Some(response) = data.get("response").filter(|r| r.as_object().is_some())
+                else {
+                    return Ok(());
+                };
+                if let Some(id) = response.get("id").and_then(Value::as_str) {
+                    self.response_id = Some(id.to_owned());
+                }
+                let Some(usage) = response.get("usage").filter(|u| u.as_object().is_some()) else {
+                    return Ok(());
+                };
+                let cached = usage
+                    .get("input_tokens_details")
+                    .and_then(|d| d.get("cached_tokens"))
+                    .and_then(int);
+                out.push(Event::Usage {
+                    input: usage.get("input_tokens").and_then(int),
+                    cached,
+                    output: usage.get("output_tokens").and_then(int),
+                });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn count(&mut self, data: &Value<'_>, delta: &str) {
+        let item_id = text_of(data.get("item_id"));
+        *self.emitted.entry(item_id).or_default() += delta.chars().count();
+    }
+
+    /// The part of an item's full text or arguments not emitted yet.
+    fn rest(&mut self, item_id: &str, full: Option<&Value<'_>>) -> Option<String> {
+        let full = full.and_then(Value::as_str)?;
+        self.rest_of(item_id, full)
+    }
+
+    fn rest_of(&mut self, item_id: &str, full: &str) -> Option<String> {
+        let sent = self.emitted.get(item_id).copied().unwrap_or(0);
+        let total = full.chars().count();
+        if total <= sent {
+            return None;
+        }
+        self.emitted.insert(item_id.to_owned(), total);
+        Some(full.chars().skip(sent).collect())
+    }
+}
+
+/// The `output_text` parts of a message item, joined.
+fn message_text(item: &Value<'_>) -> String {
+    let Some(Value::Array(parts)) = item.get("content") else {
+        return String::new();
+    };
+    parts
+        .iter()
+        .filter(|p| p.get("type").and_then(Value::as_str) == Some("output_text"))
+        .filter_map(|p| p.get("text").and_then(Value::as_str))
+        .collect()
+}
+
+fn nonempty_str<'v>(value: Option<&'v Value<'_>>) -> Option<&'v str> {
+    value.and_then(Value::as_str).filter(|s| !s.is_empty())
+}
+
+/// A field as text, as Python's `str(value)` would read a string id (other
+/// values, which conformant upstreams never send, read as their JSON).
+fn text_of(value: Option<&Value<'_>>) -> String {
+    match value {
+        None => String::new(),
+        Some(Value::Str(s)) => s.to_string(),
+        Some(other) => String::from_utf8_lossy(&to_json(other)).into_owned(),
+    }
+}
+
+/// An integer (not a bool, not a float) that fits `i64`.
+fn int(value: &Value<'_>) -> Option<i64> {
+    match value {
+        Value::Int(i) => Some(*i),
+        Value::UInt(u) => i64::try_from(*u).ok(),
+        _ => None,
+    }
+}
+
+fn to_json(value: &Value<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_canonical(value, &mut out);
+    out
+}
+
+/// The lines of a `text/event-stream` body grouped into `(event name, data)`
+/// pairs: `data:` lines joined with newlines, comments and other fields ignored,
+/// LF or CRLF line ends (the same rules as `warmsocket/sse.py`).
+#[derive(Debug, Default)]
+struct SseLines {
+    partial: Vec<u8>,
+    event: Vec<u8>,
+    data: Vec<Vec<u8>>,
+}
+
+impl SseLines {
+    fn feed(&mut self, chunk: &[u8], out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
+        let mut rest = chunk;
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            let line_part = &rest[..end];
+            rest = &rest[end + 1..];
+            if self.partial.is_empty() {
+                self.line(line_part, out);
+            } else {
+                let mut line = std::mem::take(&mut self.partial);
+                line.extend_from_slice(line_part);
+                self.line(&line, out);
+            }
+        }
+        self.partial.extend_from_slice(rest);
+    }
+
+    fn finish(&mut self, out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
+        if !self.partial.is_empty() || !self.data.is_empty() {
+            self.feed(b"\n\n", out);
+        }
+        self.partial.clear();
+    }
+
+    fn line(&mut self, line: &[u8], out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            if !self.data.is_empty() {
+                let data = std::mem::take(&mut self.data).join(&b'\n');
+                out.push((std::mem::take(&mut self.event), data));
+            }
+            self.event.clear();
+        } else if let Some(value) = line.strip_prefix(b"data:") {
+            self.data.push(field_value(value).to_vec());
+        } else if let Some(value) = line.strip_prefix(b"event:") {
+            self.event = field_value(value).to_vec();
+        }
+    }
+}
+
+fn field_value(value: &[u8]) -> &[u8] {
+    value.strip_prefix(b" ").unwrap_or(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sse(kind: &str, data: &str) -> String {
+        format!("event: {kind}\ndata: {data}\n\n")
+    }
+
+    fn decode(body: &str, step: usize) -> (ResponsesDecoder, Result<Vec<Event>, Stop>) {
+        let mut decoder = ResponsesDecoder::default();
+        let mut out = Vec::new();
+        for chunk in body.as_bytes().chunks(step) {
+            if let Err(stop) = decoder.feed_sse(chunk, &mut out) {
+                return (decoder, Err(stop));
+            }
+        }
+        let result = decoder.finish_sse(&mut out).map(|()| out);
+        (decoder, result)
+    }
+
+    fn stream() -> String {
+        let response = r#"{"id":"resp_up","object":"response","instructions":"big","tools":[]}"#;
+        [
+            sse(
+                "response.created",
+                &format!(r#"{{"type":"response.created","response":{response}}}"#),
+            ),
+            sse(
+                "response.output_item.added",
+                r#"{"type":"response.output_item.added","item":{"id":"msg_1","type":"message","content":[]}}"#,
+            ),
+            sse(
+                "response.output_text.delta",
+                r#"{"type":"response.output_text.delta","item_id":"msg_1","delta":"Hél"}"#,
+            ),
+            sse(
+                "response.output_text.done",
+                r#"{"type":"response.output_text.done","item_id":"msg_1","text":"Héllo"}"#,
+            ),
+            sse(
+                "response.output_item.added",
+                r#"{"type":"response.output_item.added","item":{"id":"fc_1","type":"function_call","call_id":"call_9","name":"f","arguments":""}}"#,
+            ),
+            sse(
+                "response.function_call_arguments.delta",
+                r#"{"type":"response.function_call_arguments.delta","item_id":"fc_1","delta":"{\"a\":"}"#,
+            ),
+            sse(
+                "response.output_item.done",
+                r#"{"type":"response.output_item.done","item":{"id":"fc_1","type":"function_call","arguments":"{\"a\":1}"}}"#,
+            ),
+            "data: [DONE]\n\n".to_owned(),
+            // CRLF line ends and a comment.
+            ": keep-alive\r\n\r\n".to_owned(),
+            format!(
+                "event: response.completed\r\ndata: {}\r\n\r\n",
+                r#"{"type":"response.completed","response":{"id":"resp_up","usage":{"input_tokens":300,"input_tokens_details":{"cached_tokens":256},"output_tokens":12}}}"#
+            ),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn a_stream_gives_the_model_events_in_any_chunking() {
+        let expected = vec![
+            Event::Text("Hél".into()),
+            Event::Text("lo".into()), // the rest came only in the .done event
+            Event::Call {
+                call_id: "call_9".into(),
+                name: "f".into(),
+            },
+            Event::Arguments("{\"a\":".into()),
+            Event::Arguments("1}".into()),
+            Event::Usage {
+                input: Some(300),
+                cached: Some(256),
+                output: Some(12),
+            },
+        ];
+        let body = stream();
+        for step in [1, 2, 7, 50, body.len()] {
+            let (decoder, events) = decode(&body, step);
+            assert_eq!(events, Ok(expected.clone()), "step {step}");
+            assert!(decoder.done && decoder.started);
+            assert_eq!(decoder.response_id.as_deref(), Some("resp_up"));
+        }
+    }
+
+    #[test]
+    fn finished_items_without_deltas_are_emitted_whole() {
+        let body = sse(
+            "response.output_item.done",
+            r#"{"type":"response.output_item.done","item":{"id":"m","type":"message","content":[{"type":"output_text","text":"All "},{"type":"refusal","refusal":"x"},{"type":"output_text","text":"at once"}]}}"#,
+        ) + "data: {\"type\":\"response.completed\",\"response\":{\"id\":\"r\"}}";
+        let (decoder, events) = decode(&body, 5);
+        assert_eq!(events, Ok(vec![Event::Text("All at once".into())]));
+        assert!(
+            decoder.done,
+            "a last event without a blank line still counts"
+        );
+    }
+
+    #[test]
+    fn failures_and_errors_stop_with_their_error_objects() {
+        let failed = sse(
+            "response.failed",
+            r#"{"type":"response.failed","response":{"id":"r","error":{"code":"server_error","message":"x"}}}"#,
+        );
+        let (decoder, result) = decode(&failed, 3);
+        assert_eq!(
+            result,
+            Err(Stop::Failed(Some(
+                br#"{"code":"server_error","message":"x"}"#.to_vec()
+            )))
+        );
+        assert!(!decoder.started);
+        let flat = sse(
+            "error",
+            r#"{"type":"error","code":"rate_limit_exceeded","message":"slow down","param":null}"#,
+        );
+        match decode(&flat, 100).1 {
+            Err(Stop::Error { error, status }) => {
+                let text = String::from_utf8(error).unwrap();
+                assert!(text.contains(r#""code":"rate_limit_exceeded""#), "{text}");
+                assert!(text.contains(r#""type":"error""#), "{text}");
+                assert_eq!(status, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        let nested =
+            r#"{"type":"error","status":400,"error":{"code":"previous_response_not_found"}}"#;
+        let mut decoder = ResponsesDecoder::default();
+        let stop = decoder.message(nested.as_bytes(), None, &mut Vec::new());
+        assert_eq!(
+            stop,
+            Err(Stop::Error {
+                error: br#"{"code":"previous_response_not_found"}"#.to_vec(),
+                status: Some(400)
+            })
+        );
+        assert_eq!(decode(&sse("x", "not json"), 4).1, Err(Stop::Protocol));
+        assert_eq!(decode(&sse("x", "[1]"), 4).1, Err(Stop::Protocol));
+    }
+
+    #[test]
+    fn the_lifecycle_events_are_not_parsed_and_an_unfinished_stream_is_not_done() {
+        // Invalid JSON under a skipped name is never read.
+        let body = sse("response.created", "{not json") + &sse("response.in_progress", "{}");
+        let (decoder, events) = decode(&body, 4);
+        assert_eq!(events, Ok(vec![]));
+        assert!(decoder.started && !decoder.done);
+    }
+}

@@ -1,0 +1,90 @@
+//! Glue for `rust/framing/upstream.rs`: `ResponsesStreamDecoder`, one call per chunk
+//! of an upstream's SSE body (or per WebSocket message), returning the model events
+//! as tuples (see `_core.pyi`).
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyTuple};
+
+use crate::framing::upstream::{Event, ResponsesDecoder, Stop};
+
+/// An upstream's streamed Responses events -> model events (see `_core.pyi`).
+#[pyclass(name = "ResponsesStreamDecoder", module = "warmsocket._core")]
+#[derive(Default)]
+pub struct PyResponsesStreamDecoder {
+    inner: ResponsesDecoder,
+}
+
+#[pymethods]
+impl PyResponsesStreamDecoder {
+    #[new]
+    fn new() -> Self {
+        Self::default()
+    }
+
+    fn feed<'py>(&mut self, py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyList>> {
+        let mut events = Vec::new();
+        let stop = self.inner.feed_sse(data, &mut events).err();
+        events_list(py, events, stop)
+    }
+
+    fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let mut events = Vec::new();
+        let stop = self.inner.finish_sse(&mut events).err();
+        events_list(py, events, stop)
+    }
+
+    fn message<'py>(&mut self, py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyList>> {
+        let mut events = Vec::new();
+        let stop = self.inner.message(data, None, &mut events).err();
+        events_list(py, events, stop)
+    }
+
+    #[getter]
+    fn done(&self) -> bool {
+        self.inner.done
+    }
+
+    #[getter]
+    fn started(&self) -> bool {
+        self.inner.started
+    }
+
+    #[getter]
+    fn response_id(&self) -> Option<&str> {
+        self.inner.response_id.as_deref()
+    }
+}
+
+fn events_list<'py>(
+    py: Python<'py>,
+    events: Vec<Event>,
+    stop: Option<Stop>,
+) -> PyResult<Bound<'py, PyList>> {
+    let list = PyList::empty(py);
+    for event in events {
+        let tuple = match event {
+            Event::Text(text) => ("text", text).into_pyobject(py)?,
+            Event::Arguments(delta) => ("args", delta).into_pyobject(py)?,
+            Event::Call { call_id, name } => ("call", call_id, name).into_pyobject(py)?,
+            Event::Usage {
+                input,
+                cached,
+                output,
+            } => ("usage", input, cached, output).into_pyobject(py)?,
+        };
+        list.append(tuple)?;
+    }
+    if let Some(stop) = stop {
+        let tuple: Bound<'py, PyTuple> = match stop {
+            Stop::Failed(error) => {
+                ("failed", error.map(|e| PyBytes::new(py, &e))).into_pyobject(py)?
+            }
+            Stop::Error { error, status } => {
+                ("error", PyBytes::new(py, &error), status).into_pyobject(py)?
+            }
+            Stop::Protocol => ("protocol",).into_pyobject(py)?,
+        };
+        list.append(tuple)?;
+    }
+    Ok(list)
+}
