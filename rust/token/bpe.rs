@@ -21,7 +21,8 @@
 
 use std::collections::BinaryHeap;
 
-use regex::Regex;
+use regex_automata::meta::Regex;
+use regex_automata::{Anchored, Input};
 use rustc_hash::FxHashMap;
 use tiktoken_rs::CoreBPE;
 
@@ -97,25 +98,43 @@ impl FastBpe {
     pub fn encode_into(&self, text: &str, out: &mut Vec<Rank>) {
         let bytes = text.as_bytes();
         let mut start = 0;
-        while let Some(found) = self.split.find_at(text, start) {
-            let mut end = found.end();
-            if end < text.len() && ends_a_lookahead_run(found.as_str()) {
+        while let Some(found) = self.next_piece(text, start) {
+            let matched = &text[found.clone()];
+            let mut end = found.end;
+            if end < text.len() && ends_a_lookahead_run(matched) {
                 // `\s+(?!\S)`: a run before a non-whitespace character gives back
                 // its last character (`end` is the run's end: the next character
                 // is not whitespace, or `\s+` would have taken it).
-                if let Some(last) = found.as_str().chars().next_back() {
-                    if found.len() > last.len_utf8() {
+                if let Some(last) = matched.chars().next_back() {
+                    if matched.len() > last.len_utf8() {
                         end -= last.len_utf8();
                     }
                 }
             }
-            let piece = &bytes[found.start()..end];
+            let piece = &bytes[found.start..end];
             match self.ranks.get(piece) {
                 Some(&rank) => out.push(rank),
                 None => self.byte_pair_encode(piece, out),
             }
             start = end;
         }
+    }
+
+    /// The next piece at or after `start`. The alternatives of both patterns match
+    /// every character, so pieces tile the text and the search is anchored at
+    /// `start` (forward only); an unanchored search is the fallback all the same.
+    fn next_piece(&self, text: &str, start: usize) -> Option<std::ops::Range<usize>> {
+        if start >= text.len() {
+            return None;
+        }
+        let anchored = Input::new(text).range(start..).anchored(Anchored::Yes);
+        if let Some(found) = self.split.find(anchored) {
+            if !found.is_empty() {
+                return Some(found.range());
+            }
+        }
+        let found = self.split.find(Input::new(text).range(start..))?;
+        Some(found.range())
     }
 
     fn rank(&self, bytes: &[u8]) -> Option<Rank> {
