@@ -38,7 +38,7 @@ from websockets.typing import Subprotocol
 
 from warmsocket import errors
 from warmsocket._core import SessionCache
-from warmsocket.backends.base import Backend
+from warmsocket.backends.base import Backend, ImmediateBackend
 from warmsocket.engine import (
     Engine,
     Framing,
@@ -250,6 +250,8 @@ class Connection(asyncio.Protocol):
         # Client messages held, in order, while a shared-store load runs for the first.
         self._held: deque[Message] = deque()
         self._loading: asyncio.Task[None] | None = None
+        backend = cast(ImmediateBackend, server.engine.backend)
+        self._immediate = getattr(backend, "immediate", None)
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -526,6 +528,17 @@ class Connection(asyncio.Protocol):
         if direct:
             # Whatever the protocol object queued (pongs, ...) goes out first.
             out += ws.data_to_send()
+        while actions:
+            started |= self._carry_out(session, ws, actions)
+            # A turn answered at once put its events (and what followed) in the outbox.
+            actions = session.take_outbox()
+        self._schedule_flush()
+        return started
+
+    def _carry_out(self, session: ResponsesSession, ws: ServerProtocol, actions: list[Any]) -> bool:
+        started = False
+        direct = self._direct
+        out = self._out
         for action in actions:
             if type(action) is bytes:
                 if ws.state is not State.OPEN:
@@ -539,10 +552,11 @@ class Connection(asyncio.Protocol):
                         else:
                             ws.send_binary(payload)
             elif isinstance(action, StartModel):
-                self._tasks[action.turn.response_id] = self.loop.create_task(
-                    self._run_model(session, action.turn)
-                )
-                started = True
+                if not self._answer_now(session, action.turn):
+                    self._tasks[action.turn.response_id] = self.loop.create_task(
+                        self._run_model(session, action.turn)
+                    )
+                    started = True
             elif isinstance(action, StopModel):
                 task = self._tasks.pop(action.turn.response_id, None)
                 if task is not None and task is not asyncio.current_task():
@@ -551,8 +565,27 @@ class Connection(asyncio.Protocol):
                 ws.send_close(action.code, action.reason)
                 if direct:
                     out += ws.data_to_send()
-        self._schedule_flush()
         return started
+
+    def _answer_now(self, session: ResponsesSession, turn: Turn) -> bool:
+        """Run the turn to its end now if the backend can answer without waiting."""
+        immediate = self._immediate
+        if immediate is None:
+            return False
+        try:
+            events = immediate(turn.context())
+        except APIError as error:
+            session.model_error(turn, error)
+            return True
+        except Exception as exc:
+            log.error("backend error", extra={"error_type": type(exc).__name__})
+            session.model_error(turn)
+            return True
+        if events is None:
+            return False
+        session.model_events(turn, events)
+        session.model_done(turn)
+        return True
 
     async def _run_model(self, session: ResponsesSession, turn: Turn) -> None:
         backend = self.server.engine.backend

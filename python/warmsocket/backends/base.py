@@ -125,3 +125,14 @@ class Backend(Protocol):
     async def aclose(self) -> None:
         """Release pooled connections."""
         ...
+
+
+class ImmediateBackend(Backend, Protocol):
+    """A backend that can sometimes answer at once (the built-in model without its
+    latency knobs): the server then runs the turn to its end in the same step, with
+    no task."""
+
+    def immediate(self, turn: TurnContext) -> list[ModelEvent] | None:
+        """The whole answer, when producing it needs no waiting; None to use `stream`.
+        Exceptions are backend errors, as from `stream`."""
+        ...

@@ -33,25 +33,11 @@ class MockBackend:
         self.delta_interval = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
 
     async def stream(self, turn: TurnContext) -> AsyncIterator[StreamItem]:
-        tail: list[dict[str, Any]] = json.loads(turn.view.tail(from_last_role="user"))
-        reply = mockmodel.plan_reply(
-            tail,
-            function_names=turn.function_names,
-            instructions=turn.instructions,
-            full_context=lambda: json.loads(turn.view.json()),
-        )
+        reply = self._plan(turn)
         delay = self.ttft + reply.sleep_ms / 1000.0
         if delay:
             await asyncio.sleep(delay)
-        if reply.kind == "fail":
-            yield TurnFailed(errors.model_failed())
-            return
-        events: list[ModelEvent]
-        if reply.kind == "call":
-            events = [ToolCallStart(ids.call_id(), reply.name)]
-            events += map(ToolArgumentsDelta, mockmodel.argument_deltas(reply.arguments))
-        else:
-            events = list(map(TextDelta, mockmodel.text_deltas(reply.text)))
+        events = self._events(reply)
         if not self.delta_interval:
             yield events  # no pacing: the whole answer is ready at once
             return
@@ -59,6 +45,35 @@ class MockBackend:
             if i:
                 await self._pace()
             yield event
+
+    def immediate(self, turn: TurnContext) -> list[ModelEvent] | None:
+        """The whole answer now when nothing makes it wait (no latency knobs, no
+        `/sleep`), so the server needs no task for it; None otherwise."""
+        if self.ttft or self.delta_interval:
+            return None
+        reply = self._plan(turn)
+        if reply.sleep_ms:
+            return None
+        return self._events(reply)
+
+    def _plan(self, turn: TurnContext) -> mockmodel.Reply:
+        tail: list[dict[str, Any]] = json.loads(turn.view.tail(from_last_role="user"))
+        return mockmodel.plan_reply(
+            tail,
+            function_names=turn.function_names,
+            instructions=turn.instructions,
+            full_context=lambda: json.loads(turn.view.json()),
+        )
+
+    @staticmethod
+    def _events(reply: mockmodel.Reply) -> list[ModelEvent]:
+        if reply.kind == "fail":
+            return [TurnFailed(errors.model_failed())]
+        if reply.kind == "call":
+            events: list[ModelEvent] = [ToolCallStart(ids.call_id(), reply.name)]
+            events += map(ToolArgumentsDelta, mockmodel.argument_deltas(reply.arguments))
+            return events
+        return list(map(TextDelta, mockmodel.text_deltas(reply.text)))
 
     async def _pace(self) -> None:
         if self.delta_interval:
