@@ -97,6 +97,32 @@ def warmsocket_server(*args: str) -> AbstractContextManager[ServerProcess]:
     return warmsocket_process("serve", "--log-level", "info", "--ws-ping-interval", "0", *args)
 
 
+REPLAY_SERVER = """
+import asyncio, json, sys, uvloop
+from websockets.asyncio.server import serve
+from websockets.frames import Frame, Opcode
+
+# The recorded answer, framed once: every request gets it as one write, as warmsocket
+# writes the frames of a burst of events.
+ANSWER = b"".join(
+    Frame(Opcode.TEXT, message.encode()).serialize(mask=False, extensions=[])
+    for message in json.loads(sys.stdin.readline())
+)
+
+async def replay(ws):
+    async for _message in ws:
+        ws.transport.write(ANSWER)
+
+async def main():
+    async with serve(replay, "127.0.0.1", 0, max_size=None, compression=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        print(port, flush=True)
+        await asyncio.Future()
+
+uvloop.run(main())
+"""
+
+
 @contextmanager
 def echo_server() -> Iterator[ServerProcess]:
     """A bare `websockets` echo server on uvloop, in its own process."""
@@ -108,6 +134,29 @@ def echo_server() -> Iterator[ServerProcess]:
         port = int(process.stdout.readline())
         yield ServerProcess(process, port)
     finally:
+        _stop(process)
+
+
+@contextmanager
+def replay_server(messages: list[str]) -> Iterator[ServerProcess]:
+    """A bare `websockets` server on uvloop, in its own process, that answers every
+    message with `messages` (text frames, framed once, written in one call): what a
+    server costs that does no work for an answer."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", REPLAY_SERVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(json.dumps(messages) + "\n")
+        process.stdin.flush()
+        port = int(process.stdout.readline())
+        yield ServerProcess(process, port)
+    finally:
+        if process.stdin is not None:
+            process.stdin.close()
         _stop(process)
 
 

@@ -4,6 +4,11 @@ A turn is one `response.create` and the ~16 events of an 8-delta answer; the ech
 one message each way. Both servers run in their own processes; the client parses
 every message it receives in both arms. Targets: a turn costs at most 2x the echo
 round trip, and a turn on 1,000 items of history at most 1.2x a turn on 10 items.
+
+A third arm, measured in the same rounds and reported (no target): a bare
+`websockets` server that answers with a recorded turn's 16 events, framed once and
+written in one call: the cost of the protocol's answer to the client and the
+transport with no server work at all, so `turn / replay` is warmsocket's own share.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from benches.servers import (
     echo_server,
     interleaved_medians,
+    replay_server,
     require_release_build,
     timing_enabled,
     warmsocket_server,
@@ -95,28 +101,65 @@ def _check(event: dict[str, Any], history_items: int) -> None:
     assert event["response"]["output"][0]["content"][0]["text"] == f"You said: {WORDS}"
 
 
+async def _answer(conn: ClientConnection, message: bytes) -> list[bytes]:
+    """One turn's messages, as received (for the replay server)."""
+    await conn.send(message, text=True)
+    received = []
+    while True:
+        raw = await conn.recv(decode=False)
+        received.append(raw)
+        if json.loads(raw)["type"] in {"response.completed", "response.failed", "error"}:
+            return received
+
+
 @pytest.mark.benchmark(group="turn-vs-echo")
 def test_websocket_turn_vs_echo(benchmark: Any, servers: tuple[str, str]) -> None:
     require_release_build(benchmark)
     ws_url, echo_url = servers
     turn_client, echo_client = Client(ws_url), Client(echo_url)
+    message = create()
+    answer = turn_client.run(_answer(turn_client.conn, message))
     try:
-        turn = _turn_fn(turn_client, None)
-        message = create()
-        echo = lambda: echo_client.run(_echo(echo_client.conn, message))  # noqa: E731
-        _check(turn(), 0)
-        assert echo()["input"][0]["content"] == WORDS
-        benchmark.pedantic(turn, rounds=ROUNDS if timing_enabled(benchmark) else 1)
-        if timing_enabled(benchmark):
-            medians = interleaved_medians({"turn": turn, "echo": echo}, rounds=ROUNDS)
-            ratio = medians["turn"] / medians["echo"]
-            benchmark.extra_info.update(
-                turn_us=medians["turn"] * 1e6, echo_us=medians["echo"] * 1e6, ratio=ratio
-            )
-            assert ratio <= 2.0, f"a turn costs {ratio:.2f}x the echo round trip (target <= 2x)"
+        with replay_server([raw.decode() for raw in answer]) as replay:
+            replay_client = Client(replay.ws_url)
+            try:
+                _turn_vs_echo(benchmark, turn_client, echo_client, replay_client, message)
+            finally:
+                replay_client.close()
     finally:
         turn_client.close()
         echo_client.close()
+
+
+def _turn_vs_echo(
+    benchmark: Any, turn_client: Client, echo_client: Client, replay_client: Client, message: bytes
+) -> None:
+    turn = _turn_fn(turn_client, None)
+    echo = lambda: echo_client.run(_echo(echo_client.conn, message))  # noqa: E731
+    replay = lambda: replay_client.run(_turn(replay_client.conn, message))  # noqa: E731
+    _check(turn(), 0)
+    assert echo()["input"][0]["content"] == WORDS
+    _check(replay(), 0)
+    benchmark.pedantic(turn, rounds=ROUNDS if timing_enabled(benchmark) else 1)
+    if not timing_enabled(benchmark):
+        return
+    medians = interleaved_medians({"turn": turn, "echo": echo, "replay": replay}, rounds=ROUNDS)
+    ratio = medians["turn"] / medians["echo"]
+    benchmark.extra_info.update(
+        turn_us=medians["turn"] * 1e6,
+        echo_us=medians["echo"] * 1e6,
+        replay_us=medians["replay"] * 1e6,
+        ratio=ratio,
+        replay_vs_echo=medians["replay"] / medians["echo"],
+        turn_vs_replay=medians["turn"] / medians["replay"],
+    )
+    print(
+        f"\nturn {medians['turn'] * 1e6:.0f} us, echo {medians['echo'] * 1e6:.0f} us, "
+        f"replay of the answer {medians['replay'] * 1e6:.0f} us: turn/echo {ratio:.2f}x, "
+        f"replay/echo {medians['replay'] / medians['echo']:.2f}x, "
+        f"turn/replay {medians['turn'] / medians['replay']:.2f}x"
+    )
+    assert ratio <= 2.0, f"a turn costs {ratio:.2f}x the echo round trip (target <= 2x)"
 
 
 @pytest.mark.benchmark(group="turn-by-history")
