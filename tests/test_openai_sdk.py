@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx2 as httpx
@@ -29,8 +30,23 @@ LIMITS = ResponsesWebSocketLimits(
 )
 
 
+_clients: list[OpenAI] = []
+
+
 def client(server: RunningServer, **kw: Any) -> OpenAI:
-    return OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0, **kw)
+    """A sync SDK client, closed when the test ends (`_close_clients`)."""
+    sdk = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0, **kw)
+    _clients.append(sdk)
+    return sdk
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Close the SDK clients a test made: a pooled socket left to the garbage collector
+    is a ResourceWarning, which fails whatever test is running when it is collected."""
+    yield
+    while _clients:
+        _clients.pop().close()
 
 
 def aclient(server: RunningServer) -> AsyncOpenAI:

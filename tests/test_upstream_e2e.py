@@ -154,46 +154,46 @@ def test_openai_sdk_websocket_and_http(
     api: str, stack: tuple[RunningSim, RunningServer, Metrics]
 ) -> None:
     sim, server, _metrics = stack
-    sdk = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
-    with sdk.responses.connect() as connection:
-        connection.response.create(
-            model="any-model",
-            input='/call read_file {"path": "a.txt"}',
-            tools=FUNCTION_TOOLS,  # type: ignore[arg-type]
-            store=False,
+    with OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk:
+        with sdk.responses.connect() as connection:
+            connection.response.create(
+                model="any-model",
+                input='/call read_file {"path": "a.txt"}',
+                tools=FUNCTION_TOOLS,  # type: ignore[arg-type]
+                store=False,
+            )
+            for event in connection:
+                if event.type == "response.completed":
+                    first = event.response
+                    break
+            (call,) = [o for o in first.output if o.type == "function_call"]
+            connection.response.create(
+                model="any-model",
+                previous_response_id=first.id,
+                tools=FUNCTION_TOOLS,  # type: ignore[arg-type]
+                input=[{"type": "function_call_output", "call_id": call.call_id, "output": "42"}],
+                store=False,
+            )
+            for event in connection:
+                if event.type == "response.completed":
+                    assert event.response.output_text == "read_file returned: 42"
+                    assert event.response.model == "any-model"
+                    usage = event.response.usage
+                    assert usage is not None and usage.input_tokens_details.cached_tokens > 0
+                    break
+        created = sdk.responses.create(model="m", input="hello", instructions="hi")
+        assert created.output_text == "You said: hello"
+        streamed = sdk.responses.create(
+            model="m", input="/transcript", previous_response_id=created.id, stream=True
         )
-        for event in connection:
-            if event.type == "response.completed":
-                first = event.response
-                break
-        (call,) = [o for o in first.output if o.type == "function_call"]
-        connection.response.create(
-            model="any-model",
-            previous_response_id=first.id,
-            tools=FUNCTION_TOOLS,  # type: ignore[arg-type]
-            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "42"}],
-            store=False,
-        )
-        for event in connection:
-            if event.type == "response.completed":
-                assert event.response.output_text == "read_file returned: 42"
-                assert event.response.model == "any-model"
-                usage = event.response.usage
-                assert usage is not None and usage.input_tokens_details.cached_tokens > 0
-                break
-    created = sdk.responses.create(model="m", input="hello", instructions="hi")
-    assert created.output_text == "You said: hello"
-    streamed = sdk.responses.create(
-        model="m", input="/transcript", previous_response_id=created.id, stream=True
-    )
-    deltas = []
-    for event in streamed:
-        check_sse_event(event.model_dump(mode="json", exclude_unset=True))
-        if event.type == "response.output_text.delta":
-            deltas.append(event.delta)
-    assert "".join(deltas) == "user: hello\nassistant: You said: hello\nuser: /transcript"
-    models = {r["model"] for r in sim.stats()["requests"]}
-    assert models == {"any-model", "m"}
+        deltas = []
+        for event in streamed:
+            check_sse_event(event.model_dump(mode="json", exclude_unset=True))
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+        assert "".join(deltas) == "user: hello\nassistant: You said: hello\nuser: /transcript"
+        models = {r["model"] for r in sim.stats()["requests"]}
+        assert models == {"any-model", "m"}
 
 
 def test_model_map_and_upstream_metrics() -> None:
