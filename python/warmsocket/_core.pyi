@@ -800,6 +800,8 @@ class ResponseEncoder:
         """`response.created` and `response.in_progress`."""
     def text_delta(self, text: str) -> bytes:
         """Assistant text (opens a message item when none is open)."""
+    def text_deltas(self, texts: list[str]) -> bytes:
+        """`text_delta` of each text, in order, in one call: one event per text."""
     def tool_call_start(self, call_id: str, name: str) -> bytes:
         """Close the open item and start a function_call item."""
     def tool_arguments_delta(self, delta: str) -> bytes:

@@ -450,6 +450,14 @@ class Turn:
             raise TypeError("TurnFailed goes to Turn.fail")
         raise TypeError(f"unknown model event {type(event).__name__}")
 
+    def feed_texts(self, texts: list[str]) -> bytes:
+        """Encode a run of text deltas (one event each) in one call."""
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+            self.engine.metrics.observe_first_token(self.first_token - self.started)
+        self.output_chars += sum(map(len, texts))
+        return self.stream.text_deltas(texts)
+
     def starts_new_item(self, event: ModelEvent) -> bool:
         """Whether this event would close the open item and start another (steer point)."""
         if isinstance(event, ToolCallStart):

@@ -43,7 +43,7 @@ from warmsocket._core import (
     frame_event,
     parse_client_message,
 )
-from warmsocket.backends.base import ModelEvent, TurnFailed
+from warmsocket.backends.base import ModelEvent, TextDelta, TurnFailed
 from warmsocket.engine import Engine, Framing, Turn
 from warmsocket.errors import APIError
 from warmsocket.response_stream import dumps
@@ -219,7 +219,9 @@ class ResponsesSession:
         if turn.finished or self.closed:
             return
         frames: list[bytes] = []
-        for event in events:
+        i, count = 0, len(events)
+        while i < count:
+            event = events[i]
             if isinstance(event, TurnFailed) or (
                 turn.interrupt_requested and turn.starts_new_item(event)
             ):
@@ -227,7 +229,17 @@ class ResponsesSession:
                     self.outbox.append(b"".join(frames))
                 self.model_event(turn, event)
                 return
-            encoded = turn.feed(event)
+            if type(event) is TextDelta:
+                # A run of text deltas is one message: one call encodes it (only its
+                # first delta can be an item boundary, checked above).
+                end = i + 1
+                while end < count and type(events[end]) is TextDelta:
+                    end += 1
+                encoded = turn.feed_texts([e.text for e in events[i:end] if type(e) is TextDelta])
+                i = end
+            else:
+                encoded = turn.feed(event)
+                i += 1
             if encoded:
                 frames.append(encoded)
         if frames:

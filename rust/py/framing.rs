@@ -317,6 +317,18 @@ impl PyResponseEncoder {
         PyBytes::new(py, self.inner.text_delta(&self::text(text)))
     }
 
+    fn text_deltas<'py>(
+        &mut self,
+        py: Python<'py>,
+        texts: Vec<Bound<'py, PyString>>,
+    ) -> Bound<'py, PyBytes> {
+        let mut out = Vec::new();
+        for text in &texts {
+            out.extend_from_slice(self.inner.text_delta(&self::text(text)));
+        }
+        PyBytes::new(py, &out)
+    }
+
     fn tool_call_start<'py>(
         &mut self,
         py: Python<'py>,
