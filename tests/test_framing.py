@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import string
 from typing import Any
 
@@ -748,3 +749,19 @@ def test_reference_rejects_what_rust_rejects() -> None:
     for data in [b"[NaN]", b"[1e999]", b'"\\udfff"', b"\xff\xfe{\x00}\x00"]:
         result = client_events.parse_message(data)
         assert isinstance(result, Rejected) and result.error.code == "invalid_json"
+
+
+@pytest.mark.parametrize("framing", ["json", "websocket", "msgpack", "sse"])
+def test_text_deltas_is_text_delta_of_each(framing: str) -> None:
+    """One call for a run of deltas makes the events one call per delta makes."""
+    texts = ["You", " said:", " é", "", " 東京"]
+    one, each = (
+        _core.ResponseEncoder("r", settings=b"{}", created_at=7, framing=framing)  # type: ignore[arg-type]
+        for _ in range(2)
+    )
+    batched = one.start() + one.text_deltas(texts) + one.tool_call_start("c", "f")
+    single = each.start() + b"".join(map(each.text_delta, texts)) + each.tool_call_start("c", "f")
+    item_id = re.compile(rb"(msg|fc)_[0-9a-f]+")
+    assert item_id.sub(b"id", batched) == item_id.sub(b"id", single)
+    assert one.sequence_number == each.sequence_number
+    assert one.text_deltas([]) == b""
