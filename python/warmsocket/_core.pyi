@@ -837,6 +837,18 @@ class ResponseEncoder:
         """The Response object now (after a terminal event: the one it carried)."""
     def meta_json(self) -> bytes:
         """status, created_at, completed_at, usage, error, incomplete_details (JSON)."""
+    def terminal_meta(
+        self,
+        usage: _Usage,
+        *,
+        completed_at: int,
+        incomplete: str | None = None,
+        instructions: str | None = None,
+    ) -> bytes:
+        """The `meta_json` this response will have once it ends `completed` (or,
+        with `incomplete` as the reason, `incomplete`), plus `instructions` (the
+        prompt's instructions key): what the cache stores before the terminal event
+        is sent. Changes nothing."""
 
 def frame_event(event: bytes, framing: _Framing) -> bytes:
     """Frame one stand-alone event (a JSON object) for a connection's framing."""

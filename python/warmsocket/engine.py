@@ -487,7 +487,7 @@ class Turn:
         usage = self.usage()
         self._unsent = self.stream.close_item()
         now = int(self.engine.wall_clock())
-        self._store("completed", now, usage)
+        self._store(now, usage)
         frames = self._unsent + self.stream.complete(usage, completed_at=now)
         self._unsent = b""
         self._finish("completed")
@@ -498,7 +498,7 @@ class Turn:
         usage = self.usage()
         self._unsent = self.stream.close_item()
         now = int(self.engine.wall_clock())
-        self._store("incomplete", now, usage, incomplete={"reason": reason})
+        self._store(now, usage, incomplete=reason)
         frames = self._unsent + self.stream.incomplete(reason, usage, completed_at=now)
         self._unsent = b""
         self._finish("incomplete")
@@ -518,30 +518,15 @@ class Turn:
             self.binding.release()
             self.binding = None
 
-    def _store(
-        self,
-        status: str,
-        completed_at: int,
-        usage: Usage,
-        incomplete: dict[str, Any] | None = None,
-    ) -> None:
+    def _store(self, completed_at: int, usage: Usage, incomplete: str | None = None) -> None:
+        """Store the response as it ends: `completed`, or `incomplete` for a reason."""
         stream = self.stream
-        input_tokens, cached_tokens, output_tokens = usage
-        meta = {
-            "status": status,
-            "created_at": stream.created_at,
-            "completed_at": completed_at,
-            "usage": {
-                "input_tokens": input_tokens,
-                "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
-                "output_tokens": output_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": input_tokens + output_tokens,
-            },
-            "error": None,
-            "incomplete_details": incomplete,
-            "instructions": instructions_key(self.request.instructions),
-        }
+        meta = stream.terminal_meta(
+            usage,
+            completed_at=completed_at,
+            incomplete=incomplete,
+            instructions=instructions_key(self.request.instructions),
+        )
         cache = self.engine.cache
         output = stream.output_items()
         try:
@@ -552,7 +537,7 @@ class Turn:
                 output=output,
                 previous_response_id=self.binding,
                 settings=self.request.settings_json,
-                meta=_dumps(meta).encode(),
+                meta=meta,
                 store=self.request.store,
                 connection=self.connection,
             )

@@ -442,6 +442,52 @@ impl ResponseEncoder {
         out
     }
 
+    /// The meta [`ResponseEncoder::meta_json`] will give once this response ends
+    /// `completed` or (with `incomplete`, its reason) `incomplete`, plus the
+    /// `instructions` key of its prompt: what the cache stores before the terminal
+    /// event is sent. Changes nothing.
+    pub fn terminal_meta(
+        &self,
+        usage_counts: Usage,
+        completed_at: i64,
+        incomplete: Option<&str>,
+        instructions: Option<&str>,
+    ) -> Vec<u8> {
+        let mut out = Vec::with_capacity(320);
+        let s = &mut JsonSink(&mut out);
+        s.begin(7);
+        s.key("status");
+        s.str(match incomplete {
+            None => Status::Completed.name(),
+            Some(_) => Status::Incomplete.name(),
+        });
+        s.key("created_at");
+        s.int(self.created_at);
+        s.key("completed_at");
+        s.int(completed_at);
+        s.key("usage");
+        usage(s, Some(usage_counts));
+        s.key("error");
+        s.null();
+        s.key("incomplete_details");
+        match incomplete {
+            None => s.null(),
+            Some(reason) => {
+                s.begin(1);
+                s.key("reason");
+                s.str(reason);
+                s.end();
+            }
+        }
+        s.key("instructions");
+        match instructions {
+            None => s.null(),
+            Some(key) => s.str(key),
+        }
+        s.end();
+        out
+    }
+
     // -- internals ---------------------------------------------------------------------
 
     fn open_item(&mut self, kind: ItemKind, call_id: String, name: String) {
@@ -1094,6 +1140,34 @@ mod tests {
         assert_eq!(meta["status"], "completed");
         assert_eq!(meta["usage"], done["usage"]);
         assert!(meta["error"].is_null());
+    }
+
+    #[test]
+    fn the_terminal_meta_is_the_meta_after_the_terminal_event() {
+        let usage_counts = Usage {
+            input_tokens: 10,
+            cached_tokens: 4,
+            output_tokens: 3,
+        };
+        for incomplete in [None, Some("steered")] {
+            let mut e = encoder(Framing::Json, None);
+            e.start();
+            e.text_delta("Hi");
+            let before: serde_json::Value =
+                serde_json::from_slice(&e.terminal_meta(usage_counts, 9, incomplete, Some("k1")))
+                    .unwrap();
+            match incomplete {
+                None => e.complete(usage_counts, 9),
+                Some(reason) => e.incomplete(reason, usage_counts, 9),
+            };
+            let mut after: serde_json::Value = serde_json::from_slice(&e.meta_json()).unwrap();
+            after["instructions"] = "k1".into();
+            assert_eq!(before, after);
+        }
+        let e = encoder(Framing::Json, None);
+        let meta: serde_json::Value =
+            serde_json::from_slice(&e.terminal_meta(usage_counts, 9, None, None)).unwrap();
+        assert!(meta["instructions"].is_null());
     }
 
     #[test]

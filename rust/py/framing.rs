@@ -429,6 +429,21 @@ impl PyResponseEncoder {
         PyBytes::new(py, &self.inner.meta_json())
     }
 
+    #[pyo3(signature = (usage, *, completed_at, incomplete = None, instructions = None))]
+    fn terminal_meta<'py>(
+        &self,
+        py: Python<'py>,
+        usage: (u64, u64, u64),
+        completed_at: i64,
+        incomplete: Option<&str>,
+        instructions: Option<&str>,
+    ) -> Bound<'py, PyBytes> {
+        let meta =
+            self.inner
+                .terminal_meta(self::usage(usage), completed_at, incomplete, instructions);
+        PyBytes::new(py, &meta)
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "<ResponseEncoder status={} sequence_number={} framing={}>",
