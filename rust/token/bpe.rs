@@ -21,7 +21,12 @@
 
 use std::collections::BinaryHeap;
 
+use std::panic::{RefUnwindSafe, UnwindSafe};
+use std::sync::Arc;
+
+use regex_automata::hybrid::dfa::{Cache, DFA};
 use regex_automata::meta::Regex;
+use regex_automata::util::pool::Pool;
 use regex_automata::{Anchored, Input};
 use rustc_hash::FxHashMap;
 use tiktoken_rs::CoreBPE;
@@ -52,10 +57,81 @@ const CL100K_SPLIT: &str = concat!(
     r"|\s+",
 );
 
-/// The split regex and rank table of one built-in encoding.
+type CacheMaker = Box<dyn Fn() -> Cache + Send + Sync + UnwindSafe + RefUnwindSafe>;
+
+/// The split automata and rank table of one built-in encoding.
 pub struct FastBpe {
+    /// The lazy DFA of the split pattern, searched anchored: one forward scan per
+    /// piece gives its end. Its transition caches are per thread (the pool).
+    dfa: Arc<DFA>,
+    caches: Pool<Cache, CacheMaker>,
+    /// The same pattern as a full regex, for a piece the DFA cannot give.
     split: Regex,
-    ranks: FxHashMap<Box<[u8]>, Rank>,
+    ranks: Ranks,
+}
+
+/// Byte strings to ranks. A merge looks up every pair of neighbours, so one- and
+/// two-byte strings are read from flat tables (a two-byte one is 256 KiB, which
+/// stays in cache); strings of up to seven bytes are keyed by the bytes and length
+/// packed into one `u64` (no key comparison, no pointer to follow); the rest by
+/// their bytes.
+struct Ranks {
+    pairs: Box<[Rank]>,
+    short: FxHashMap<u64, Rank>,
+    long: FxHashMap<Box<[u8]>, Rank>,
+}
+
+impl Default for Ranks {
+    fn default() -> Self {
+        Ranks {
+            pairs: vec![Rank::MAX; 256 + 65536].into_boxed_slice(),
+            short: FxHashMap::default(),
+            long: FxHashMap::default(),
+        }
+    }
+}
+
+impl Ranks {
+    const SHORT: usize = 7;
+
+    /// Slot of a one- or two-byte string in `pairs`.
+    #[inline]
+    fn slot(bytes: &[u8]) -> Option<usize> {
+        match *bytes {
+            [a] => Some(usize::from(a)),
+            [a, b] => Some(256 + (usize::from(a) << 8 | usize::from(b))),
+            _ => None,
+        }
+    }
+
+    fn pack(bytes: &[u8]) -> u64 {
+        let mut key = [0u8; 8];
+        key[..bytes.len()].copy_from_slice(bytes);
+        key[7] = bytes.len() as u8;
+        u64::from_le_bytes(key)
+    }
+
+    fn insert(&mut self, bytes: Vec<u8>, rank: Rank) {
+        if let Some(slot) = Self::slot(&bytes) {
+            self.pairs[slot] = rank;
+        } else if bytes.len() <= Self::SHORT {
+            self.short.insert(Self::pack(&bytes), rank);
+        } else {
+            self.long.insert(bytes.into_boxed_slice(), rank);
+        }
+    }
+
+    #[inline]
+    fn get(&self, bytes: &[u8]) -> Option<Rank> {
+        if let Some(slot) = Self::slot(bytes) {
+            let rank = self.pairs[slot];
+            (rank != Rank::MAX).then_some(rank)
+        } else if bytes.len() <= Self::SHORT {
+            self.short.get(&Self::pack(bytes)).copied()
+        } else {
+            self.long.get(bytes).copied()
+        }
+    }
 }
 
 impl FastBpe {
@@ -75,14 +151,14 @@ impl FastBpe {
             .into_iter()
             .flat_map(|token| core.encode_with_special_tokens(token))
             .collect();
-        let mut ranks = FxHashMap::default();
+        let mut ranks = Ranks::default();
         let mut missing = 0;
         let mut rank: Rank = 0;
         // Ranks are dense from 0; stop after a long run of ids that do not decode.
         while missing < 1024 {
             match core.decode_bytes(&[rank]) {
                 Ok(bytes) if !special.contains(&rank) => {
-                    ranks.insert(bytes.into_boxed_slice(), rank);
+                    ranks.insert(bytes, rank);
                     missing = 0;
                 }
                 _ => missing += 1,
@@ -90,15 +166,26 @@ impl FastBpe {
             rank += 1;
         }
         #[allow(clippy::expect_used)] // a constant pattern, compiled by the tests
-        let split = Regex::new(pattern).expect("the split pattern compiles");
-        FastBpe { split, ranks }
+        let (dfa, split) = (
+            Arc::new(DFA::new(pattern).expect("the split pattern compiles")),
+            Regex::new(pattern).expect("the split pattern compiles"),
+        );
+        let maker = dfa.clone();
+        let caches: Pool<Cache, CacheMaker> = Pool::new(Box::new(move || maker.create_cache()));
+        FastBpe {
+            dfa,
+            caches,
+            split,
+            ranks,
+        }
     }
 
     /// Appends the ids of `text` (ordinary text) to `out`.
     pub fn encode_into(&self, text: &str, out: &mut Vec<Rank>) {
         let bytes = text.as_bytes();
+        let mut cache = self.caches.get();
         let mut start = 0;
-        while let Some(found) = self.next_piece(text, start) {
+        while let Some(found) = self.next_piece(&mut cache, text, start) {
             let matched = &text[found.clone()];
             let mut end = found.end;
             if end < text.len() && ends_a_lookahead_run(matched) {
@@ -113,7 +200,7 @@ impl FastBpe {
             }
             let piece = &bytes[found.start..end];
             match self.ranks.get(piece) {
-                Some(&rank) => out.push(rank),
+                Some(rank) => out.push(rank),
                 None => self.byte_pair_encode(piece, out),
             }
             start = end;
@@ -122,15 +209,21 @@ impl FastBpe {
 
     /// The next piece at or after `start`. The alternatives of both patterns match
     /// every character, so pieces tile the text and the search is anchored at
-    /// `start` (forward only); an unanchored search is the fallback all the same.
-    fn next_piece(&self, text: &str, start: usize) -> Option<std::ops::Range<usize>> {
+    /// `start`: the lazy DFA's forward scan gives the piece's end. An unanchored
+    /// search of the full regex is the fallback all the same.
+    fn next_piece(
+        &self,
+        cache: &mut Cache,
+        text: &str,
+        start: usize,
+    ) -> Option<std::ops::Range<usize>> {
         if start >= text.len() {
             return None;
         }
         let anchored = Input::new(text).range(start..).anchored(Anchored::Yes);
-        if let Some(found) = self.split.find(anchored) {
-            if !found.is_empty() {
-                return Some(found.range());
+        if let Ok(Some(end)) = self.dfa.try_search_fwd(cache, &anchored) {
+            if end.offset() > start {
+                return Some(start..end.offset());
             }
         }
         let found = self.split.find(Input::new(text).range(start..))?;
@@ -138,7 +231,7 @@ impl FastBpe {
     }
 
     fn rank(&self, bytes: &[u8]) -> Option<Rank> {
-        self.ranks.get(bytes).copied()
+        self.ranks.get(bytes)
     }
 
     fn byte_pair_encode(&self, piece: &[u8], out: &mut Vec<Rank>) {
