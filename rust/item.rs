@@ -56,6 +56,14 @@ fn interned(value: &str, known: &'static [&'static str]) -> Cow<'static, str> {
     }
 }
 
+thread_local! {
+    /// `Item::from_value`'s working buffer (canonical then normalised form).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Above this capacity the working buffer is dropped after use.
+const SCRATCH_KEEP: usize = 1 << 20;
+
 /// One item: canonical JSON bytes plus fields extracted from it.
 #[derive(Debug)]
 pub struct Item {
@@ -88,15 +96,28 @@ impl Item {
                 found: value.kind_name(),
             });
         };
-        let mut json = Vec::with_capacity(64);
-        let layout = Layout::<V>::write(map, &mut json);
-        if json.len() > max_item_bytes {
-            return Err(Error::ItemTooLarge {
-                index,
-                size: json.len(),
-                limit: max_item_bytes,
-            });
-        }
+        // Both forms are written into a buffer kept by the thread, so growing it
+        // costs nothing after the first items; the item then takes one allocation
+        // of the canonical form's exact size.
+        let (canonical, digest) = SCRATCH.with_borrow_mut(|buffer| {
+            buffer.clear();
+            let layout = Layout::<V>::write(map, buffer);
+            let canonical_len = buffer.len();
+            if canonical_len > max_item_bytes {
+                return Err(Error::ItemTooLarge {
+                    index,
+                    size: canonical_len,
+                    limit: max_item_bytes,
+                });
+            }
+            layout.write_semantic(buffer);
+            let digest = xxh3_128(&buffer[canonical_len..]);
+            let canonical: Box<[u8]> = buffer[..canonical_len].into();
+            if buffer.capacity() > SCRATCH_KEEP {
+                *buffer = Vec::new(); // one huge item does not pin its size for good
+            }
+            Ok((canonical, digest))
+        })?;
         let text = |key: &str| map.get(key).and_then(V::as_str);
         let role = text("role").map(|r| interned(r, KNOWN_ROLES));
         let kind = match text("type") {
@@ -104,13 +125,8 @@ impl Item {
             None if role.is_some() => Cow::Borrowed("message"),
             None => Cow::Borrowed(""),
         };
-        // Reuse the canonical buffer for the normalised form.
-        let canonical_len = json.len();
-        layout.write_semantic(&mut json);
-        let digest = xxh3_128(&json[canonical_len..]);
-        json.truncate(canonical_len);
         Ok(Item {
-            json: json.into_boxed_slice(),
+            json: canonical,
             kind,
             id: text("id").map(Into::into),
             role,
@@ -249,8 +265,7 @@ pub fn write_canonical(value: &Value, out: &mut Vec<u8>) {
                 if i > 0 {
                     out.push(b',');
                 }
-                // Writing a string into a Vec cannot fail.
-                let _ = serde_json::to_writer(&mut *out, k.as_str());
+                write_str(k, out);
                 out.push(b':');
                 write_canonical(v, out);
             }
@@ -261,13 +276,17 @@ pub fn write_canonical(value: &Value, out: &mut Vec<u8>) {
 }
 
 fn write_leaf(leaf: &Value, out: &mut Vec<u8>) {
-    // Writing a string, number, bool or null into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, leaf);
+    match leaf {
+        Value::String(text) => write_str(text, out),
+        // Writing a number, bool or null into a Vec cannot fail.
+        _ => {
+            let _ = serde_json::to_writer(&mut *out, leaf);
+        }
+    }
 }
 
 fn write_str(text: &str, out: &mut Vec<u8>) {
-    // Writing a string into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, text);
+    crate::framing::scan::write_escaped(text, out);
 }
 
 /// An object's entries sorted by key (keys are unique, so the order is total).

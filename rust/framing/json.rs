@@ -16,6 +16,7 @@
 
 use std::borrow::Cow;
 
+use super::scan;
 use super::value::{Object, Value};
 
 /// Deepest nesting of arrays and objects accepted in a message.
@@ -98,6 +99,7 @@ pub fn parse(text: &str) -> Result<Value<'_>, JsonError> {
         pos: 0,
         depth: 0,
         lone_surrogate: false,
+        scratch: String::new(),
     };
     parser.skip_whitespace();
     let value = parser.value()?;
@@ -118,6 +120,9 @@ struct Parser<'a> {
     pos: usize,
     depth: usize,
     lone_surrogate: bool,
+    /// Where a string with escapes is decoded, reused from string to string: each
+    /// decoded string is then one allocation of its exact size.
+    scratch: String,
 }
 
 #[inline]
@@ -316,39 +321,38 @@ impl<'a> Parser<'a> {
     /// `scanstring_unicode` (strict): `self.pos` is at the opening quote.
     fn string(&mut self) -> Result<Cow<'a, str>, JsonError> {
         let b = self.bytes;
+        let text = self.text;
         let len = b.len();
         let quote = self.pos;
         let mut chunk = quote + 1;
         let mut i = chunk;
-        let mut owned: Option<String> = None;
+        let mut escaped = false;
         loop {
-            while i < len {
-                let c = b[i];
-                if c == b'"' || c == b'\\' {
-                    break;
-                }
-                if c < 0x20 {
-                    return Err(syntax("Invalid control character at", i));
-                }
-                i += 1;
+            i = scan::next_special(b, i);
+            if i < len && b[i] < 0x20 {
+                return Err(syntax("Invalid control character at", i));
             }
             if i >= len {
                 return Err(syntax(UNTERMINATED, quote));
             }
             if b[i] == b'"' {
                 self.pos = i + 1;
-                let tail = &self.text[chunk..i];
-                return Ok(match owned {
-                    None => Cow::Borrowed(tail),
-                    Some(mut s) => {
-                        s.push_str(tail);
-                        Cow::Owned(s)
-                    }
-                });
+                let tail = &text[chunk..i];
+                if !escaped {
+                    return Ok(Cow::Borrowed(tail));
+                }
+                let mut decoded = String::with_capacity(self.scratch.len() + tail.len());
+                decoded.push_str(&self.scratch);
+                decoded.push_str(tail);
+                return Ok(Cow::Owned(decoded));
             }
             // A backslash at `i`.
-            let s = owned.get_or_insert_with(|| String::with_capacity(i - chunk + 16));
-            s.push_str(&self.text[chunk..i]);
+            if !escaped {
+                escaped = true;
+                self.scratch.clear();
+            }
+            let s = &mut self.scratch;
+            s.push_str(&text[chunk..i]);
             let escape = i + 1;
             if escape == len {
                 return Err(syntax(UNTERMINATED, quote));

@@ -17,5 +17,6 @@ pub mod error;
 pub mod json;
 pub mod msgpack;
 pub mod request;
+pub mod scan;
 pub mod upstream;
 pub mod value;

@@ -191,8 +191,7 @@ pub fn write_canonical(value: &Value<'_>, out: &mut Vec<u8>) {
 /// A JSON string as serde_json writes it (only `"`, `\` and control characters escaped).
 #[inline]
 pub fn write_str(s: &str, out: &mut Vec<u8>) {
-    // Writing into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
+    super::scan::write_escaped(s, out);
 }
 
 /// A finite float as serde_json writes it (the shortest text that round-trips).
