@@ -148,6 +148,8 @@ class Server:
         if shared is not None:
             self.metrics.collectors.append(shared_store_collector(shared.stats))
         self.http = HTTPApp(self.engine, auth=Auth(config.api_keys), models=config.models)
+        self.immediate = backend.immediate if isinstance(backend, ImmediateBackend) else None
+        """The backend's way to answer a turn at once, if it has one."""
         self.connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
 
@@ -250,8 +252,7 @@ class Connection(asyncio.Protocol):
         # Client messages held, in order, while a shared-store load runs for the first.
         self._held: deque[Message] = deque()
         self._loading: asyncio.Task[None] | None = None
-        backend = cast(ImmediateBackend, server.engine.backend)
-        self._immediate = getattr(backend, "immediate", None)
+        self._immediate = server.immediate
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 

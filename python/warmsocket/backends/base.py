@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from warmsocket._core import ContextView, CreateRequest, Items
@@ -127,6 +127,7 @@ class Backend(Protocol):
         ...
 
 
+@runtime_checkable
 class ImmediateBackend(Backend, Protocol):
     """A backend that can sometimes answer at once (the built-in model without its
     latency knobs): the server then runs the turn to its end in the same step, with
