@@ -9,6 +9,10 @@ does the work from a load generator in its own process, and reads it again:
 * cached context: stored (`store: true`) chains filled until about `tokens` tokens of
   context are cached; the raw item bytes are the items' compact JSON as sent and
   received (what the cache must keep at the least); overhead = RSS growth / raw bytes.
+  The warm-up fills as much first (other chains, kept): a fresh process holds memory
+  it freed while starting (the tokenizer's tables are built from temporaries), which
+  the first megabytes cached would reuse without growing the RSS, so only the second
+  fill measures what caching costs.
 """
 
 from __future__ import annotations
@@ -129,11 +133,10 @@ def measure_cache(config: MemoryConfig) -> dict[str, Any]:
     turns = max(1, round(config.tokens / per_turn / config.chains))
     with procs.warmsocket_server() as server:
         url = f"ws://127.0.0.1:{server.port}/v1/responses"
-        warm = {"kind": "fill", "url": url, "connections": 4, "turns": 3, "text": text}
-        run_loadgen(warm, timeout=120)
+        job = {"kind": "fill", "url": url, "connections": config.chains, "turns": turns}
+        run_loadgen({**job, "text": text}, timeout=1800)  # warm-up: see the module doc
         before = _settle(server.pid)
         cache_before = _metric(server.port, "warmsocket_cache_bytes")
-        job = {"kind": "fill", "url": url, "connections": config.chains, "turns": turns}
         filled = run_loadgen({**job, "text": text}, timeout=1800)
         after = _settle(server.pid)
         cache_after = _metric(server.port, "warmsocket_cache_bytes")
