@@ -120,6 +120,27 @@ def instructions_key(instructions: str | None) -> str | None:
     return hashlib.blake2b(instructions.encode(), digest_size=8).hexdigest()
 
 
+_INSTRUCTIONS_MEMBER = b'"instructions":'
+
+
+def stored_instructions_key(meta: bytes) -> str | None:
+    """The instructions key in a stored response's meta.
+
+    The key is the meta's last member, as `ResponseEncoder.terminal_meta` (and the
+    engine before it) writes it, so it is read from the end of the bytes; any other
+    shape is decoded whole.
+    """
+    at = meta.rfind(_INSTRUCTIONS_MEMBER)
+    if at >= 0 and meta.endswith(b"}"):
+        value = meta[at + len(_INSTRUCTIONS_MEMBER) : -1]
+        if value == b"null":
+            return None
+        if len(value) == 18 and value[:1] == b'"' and value[-1:] == b'"':
+            return value[1:-1].decode("ascii", "replace")
+    key = json.loads(meta).get("instructions")
+    return key if isinstance(key, str) else None
+
+
 class SharedResponses(Protocol):
     """Stored responses shared with other processes (`shared_store.SharedStore`).
 
@@ -241,6 +262,7 @@ class Engine:
         events are framed.
         """
         started = time.perf_counter()
+        instructions = instructions_key(request.instructions)
         # Parsing validated the input and made it Items (within the cache's item limit).
         input_items = request.input if prepend is None else prepend.concat(request.input)
         cache = self.cache
@@ -273,9 +295,7 @@ class Engine:
             if binding is not None:
                 view = binding.view(items, tokenize=False)
                 parent = binding.info()
-                same_prompt = json.loads(parent.meta).get("instructions") == instructions_key(
-                    request.instructions
-                )
+                same_prompt = stored_instructions_key(parent.meta) == instructions
                 cached_tokens = self._cached_tokens(parent, binding, request, same_prompt)
                 # Backends key what they remember of a chain (upstream replica, chat
                 # rendering, upstream response) by the parent. A matched parent is
@@ -306,6 +326,7 @@ class Engine:
             cached_tokens=cached_tokens,
             framing=framing,
             chain_parent_id=chain_parent,
+            instructions_key=instructions,
         )
         self.metrics.observe_rebuild(time.perf_counter() - started)
         return turn
@@ -349,7 +370,9 @@ class Turn:
         cached_tokens: int,
         framing: Framing = "json",
         chain_parent_id: str | None = None,
+        instructions_key: str | None = None,
     ) -> None:
+        """`instructions_key`: `instructions_key(request.instructions)`."""
         self.engine = engine
         self.request = request
         self.response_id = response_id
@@ -361,6 +384,7 @@ class Turn:
         self.stream_id = stream_id
         self.cached_tokens = cached_tokens
         self.chain_parent_id = chain_parent_id
+        self.instructions_key = instructions_key
         self.started = time.perf_counter()
         self.first_token: float | None = None
         self.finished = False
@@ -525,7 +549,7 @@ class Turn:
             usage,
             completed_at=completed_at,
             incomplete=incomplete,
-            instructions=instructions_key(self.request.instructions),
+            instructions=self.instructions_key,
         )
         cache = self.engine.cache
         output = stream.output_items()

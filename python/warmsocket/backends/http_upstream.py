@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 from warmsocket import __version__
 from warmsocket.backends.base import (
     ModelEvent,
+    StreamItem,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
@@ -83,6 +84,10 @@ class OutputRecorder:
             and self.items[-1]["type"] == "function_call"
         ):
             self.items[-1]["arguments"] += event.delta
+
+    def add_all(self, events: list[ModelEvent]) -> None:
+        for event in events:
+            self.add(event)
 
     def finish(self) -> list[dict[str, Any]]:
         self._close_text()
@@ -151,7 +156,7 @@ class HTTPUpstreamBackend:
 
     # -- Backend ------------------------------------------------------------------------------
 
-    async def stream(self, turn: TurnContext) -> AsyncIterator[ModelEvent]:
+    async def stream(self, turn: TurnContext) -> AsyncIterator[StreamItem]:
         body = self.build_body(turn, self.config.upstream_model(turn.model))
         length = str(sum(map(len, body))).encode()
         exclude: set[int] = set()
@@ -184,16 +189,19 @@ class HTTPUpstreamBackend:
                 else:
                     decoder = self.new_decoder()
                     async for data in response.chunks():
-                        for event in decoder.feed(data):
+                        events = decoder.feed(data)
+                        if events:
+                            # The events of one read are ready together: one item.
                             if recorder is not None:
-                                recorder.add(event)
+                                recorder.add_all(events)
                             forwarded = True
-                            yield event
-                    for event in decoder.finish():
+                            yield events
+                    events = decoder.finish()
+                    if events:
                         if recorder is not None:
-                            recorder.add(event)
+                            recorder.add_all(events)
                         forwarded = True
-                        yield event
+                        yield events
                     response.close()
                     response = None
                     outcome = "ok"

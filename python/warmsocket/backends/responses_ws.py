@@ -39,7 +39,7 @@ from websockets.protocol import State
 
 from warmsocket import __version__
 from warmsocket._core import ResponsesStreamDecoder
-from warmsocket.backends.base import ModelEvent, TurnContext, TurnFailed
+from warmsocket.backends.base import ModelEvent, StreamItem, TurnContext, TurnFailed
 from warmsocket.backends.http_upstream import chain_key
 from warmsocket.backends.responses_events import model_events
 from warmsocket.backends.responses_http import HeadCache
@@ -118,7 +118,7 @@ class ResponsesWSBackend:
 
     # -- Backend ------------------------------------------------------------------------------
 
-    async def stream(self, turn: TurnContext) -> AsyncIterator[ModelEvent]:
+    async def stream(self, turn: TurnContext) -> AsyncIterator[StreamItem]:
         head = self._heads.head(turn, self.config.upstream_model(turn.model))
         exclude: set[int] = set()
         retries_left = self.config.retries
@@ -135,9 +135,9 @@ class ResponsesWSBackend:
                 reusable = False
                 try:
                     decoder = ResponsesStreamDecoder()
-                    async for event in self._exchange(turn, socket, head, previous, decoder):
+                    async for events in self._exchange(turn, socket, head, previous, decoder):
                         forwarded = True
-                        yield event
+                        yield events
                     reusable = True
                     outcome = "ok"
                     self.stats.requests[(self.api, "ok")] += 1
@@ -197,8 +197,9 @@ class ResponsesWSBackend:
         head: bytes,
         previous: str | None,
         decoder: ResponsesStreamDecoder,
-    ) -> AsyncIterator[ModelEvent]:
-        """Send the turn on `socket` and stream its events; replays once on state loss."""
+    ) -> AsyncIterator[list[ModelEvent]]:
+        """Send the turn on `socket` and stream its events, a message's at a time;
+        replays once on state loss."""
         body = self._body(turn, head, previous)
         started = time.perf_counter()
         if previous is not None:
@@ -225,8 +226,8 @@ class ResponsesWSBackend:
             break
         self.stats.first_byte.observe(time.perf_counter() - started)
         while True:
-            for event in events:
-                yield event
+            if events:
+                yield events
             if decoder.done:
                 return
             events = _model_events(decoder.message(await self._receive(socket)))
