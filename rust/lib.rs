@@ -73,6 +73,8 @@ mod _core {
     #[pymodule_export]
     use crate::py::token::Tokenizer;
     #[pymodule_export]
+    use crate::py::upstream::PyChunkedBody;
+    #[pymodule_export]
     use crate::py::upstream::PyResponsesStreamDecoder;
 
     #[pymodule_init]

@@ -30,6 +30,7 @@ __all__ = [
     "CacheError",
     "CacheFull",
     "CacheStats",
+    "ChunkedBody",
     "ContextView",
     "CreateRequest",
     "DuplicateResponseId",
@@ -899,3 +900,19 @@ class ResponsesStreamDecoder:
     @property
     def response_id(self) -> str | None:
         """The upstream's id of the response, from its terminal event."""
+
+@final
+class ChunkedBody:
+    """An HTTP/1.1 `Transfer-Encoding: chunked` body, decoded: one call per read,
+    whatever the number of chunks in it. Extensions and trailers are dropped."""
+
+    def __new__(cls) -> ChunkedBody: ...
+    def feed(self, data: bytes) -> bytes:
+        """The body bytes `data` completes. ValueError for an invalid chunk size line
+        or chunk data not followed by CRLF."""
+    @property
+    def done(self) -> bool:
+        """The last chunk and its trailers were read."""
+    @property
+    def trailing(self) -> bool:
+        """Bytes came after the end of the body (do not reuse the connection)."""

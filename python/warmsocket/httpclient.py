@@ -3,7 +3,8 @@
 Why our own: an upstream turn is one POST whose streamed answer is read chunk by
 chunk, and the whole per-turn overhead budget is well under a millisecond. This
 client does just that: `ResponseParser` is a Sans-I/O parser of one response
-(status, headers, `Content-Length`, chunked or read-until-close bodies);
+(status, headers, `Content-Length`, chunked (decoded in Rust) or read-until-close
+bodies);
 `HTTPConnection` is an `asyncio.Protocol` that feeds it; `HTTPPool` keeps idle
 keep-alive connections per origin (LIFO, bounded, with an idle timeout) and opens
 new ones when none is free.
@@ -21,6 +22,8 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from warmsocket._core import ChunkedBody
 
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -90,7 +93,7 @@ class ResponseParser:
 
     __slots__ = (
         "_buffer",
-        "_chunk_left",
+        "_chunks",
         "_length_left",
         "_mode",
         "body",
@@ -108,7 +111,7 @@ class ResponseParser:
         self.keep_alive = True
         self._mode = "head"
         self._length_left = 0
-        self._chunk_left = -1
+        self._chunks: ChunkedBody | None = None
         if head_request:
             self._mode = "head-only"
 
@@ -133,6 +136,9 @@ class ResponseParser:
         if mode == "close":
             if data:
                 self.body.append(data)
+            return
+        if mode == "chunked":
+            self._feed_chunks(data)
             return
         self._buffer += data
         self._advance()
@@ -173,8 +179,10 @@ class ResponseParser:
                         self.keep_alive = False
                 return
             elif mode == "chunked":
-                if not self._parse_chunks():
-                    return
+                rest = bytes(self._buffer)
+                self._buffer.clear()
+                self._feed_chunks(rest)
+                return
             else:  # close
                 if self._buffer:
                     self.body.append(bytes(self._buffer))
@@ -228,58 +236,21 @@ class ResponseParser:
             self.keep_alive = False
         return True
 
-    def _parse_chunks(self) -> bool:
-        # Walks the buffer by index and trims the consumed bytes once, at the end.
-        buffer = self._buffer
-        size_of = len(buffer)
-        pos = 0
+    def _feed_chunks(self, data: bytes) -> None:
+        """A read of a chunked body, decoded in Rust (one call, however many chunks)."""
+        chunks = self._chunks
+        if chunks is None:
+            chunks = self._chunks = ChunkedBody()
         try:
-            while True:
-                if self._chunk_left < 0:
-                    line_end = buffer.find(b"\r\n", pos)
-                    if line_end < 0:
-                        if size_of - pos > 1024:
-                            raise ProtocolViolation("invalid chunk size line")
-                        return False
-                    try:
-                        size = int(buffer[pos:line_end].split(b";", 1)[0], 16)
-                    except ValueError:
-                        raise ProtocolViolation("invalid chunk size") from None
-                    if size < 0:
-                        raise ProtocolViolation("invalid chunk size")
-                    if size == 0:
-                        # Last chunk: skip trailers up to the empty line.
-                        if buffer[line_end : line_end + 4] == b"\r\n\r\n":
-                            pos = line_end + 4
-                        else:
-                            end = buffer.find(b"\r\n\r\n", line_end)
-                            if end < 0:
-                                return False
-                            pos = end + 4
-                        self.done = True
-                        if pos < size_of:
-                            self.keep_alive = False
-                        return True
-                    pos = line_end + 2
-                    self._chunk_left = size
-                if self._chunk_left > 0:
-                    take = min(size_of - pos, self._chunk_left)
-                    if take == 0:
-                        return False
-                    self.body.append(bytes(buffer[pos : pos + take]))
-                    pos += take
-                    self._chunk_left -= take
-                    if self._chunk_left > 0:
-                        return False
-                if size_of - pos < 2:
-                    return False
-                if buffer[pos : pos + 2] != b"\r\n":
-                    raise ProtocolViolation("chunk not followed by CRLF")
-                pos += 2
-                self._chunk_left = -1
-        finally:
-            if pos:
-                del buffer[:pos]
+            body = chunks.feed(data)
+        except ValueError as exc:
+            raise ProtocolViolation(str(exc)) from None
+        if body:
+            self.body.append(body)
+        if chunks.done:
+            self.done = True
+            if chunks.trailing:
+                self.keep_alive = False
 
 
 class HTTPConnection(asyncio.Protocol):

@@ -8,10 +8,12 @@
 //! * `encoder`: one response's events, framed as JSON lines, WebSocket text or
 //!   msgpack binary frames, or SSE;
 //! * `error`: the request errors and their messages;
-//! * `upstream`: an upstream's streamed Responses events read back as model events.
+//! * `upstream`: an upstream's streamed Responses events read back as model events;
+//! * `chunked`: an upstream response's `Transfer-Encoding: chunked` body.
 //!
 //! Nothing here imports pyo3 (`py/framing.rs` is the glue).
 
+pub mod chunked;
 pub mod encoder;
 pub mod error;
 pub mod json;

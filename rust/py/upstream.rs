@@ -1,10 +1,14 @@
-//! Glue for `rust/framing/upstream.rs`: `ResponsesStreamDecoder`, one call per chunk
-//! of an upstream's SSE body (or per WebSocket message), returning the model events
-//! as tuples (see `_core.pyi`).
+//! Glue for reading an upstream's answers: `ResponsesStreamDecoder`
+//! (`rust/framing/upstream.rs`), one call per chunk of an SSE body or per WebSocket
+//! message, returning the model events as tuples; and `ChunkedBody`
+//! (`rust/framing/chunked.rs`), one call per read of a chunked HTTP body (see
+//! `_core.pyi`).
 
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
+use crate::framing::chunked::ChunkedDecoder;
 use crate::framing::upstream::{Event, ResponsesDecoder, Stop};
 
 /// An upstream's streamed Responses events -> model events (see `_core.pyi`).
@@ -87,4 +91,37 @@ fn events_list<'py>(
         list.append(tuple)?;
     }
     Ok(list)
+}
+
+/// An HTTP/1.1 `Transfer-Encoding: chunked` body, decoded (see `_core.pyi`).
+#[pyclass(name = "ChunkedBody", module = "warmsocket._core")]
+#[derive(Default)]
+pub struct PyChunkedBody {
+    inner: ChunkedDecoder,
+}
+
+#[pymethods]
+impl PyChunkedBody {
+    #[new]
+    fn new() -> Self {
+        Self::default()
+    }
+
+    fn feed<'py>(&mut self, py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let mut out = Vec::with_capacity(data.len());
+        self.inner
+            .feed(data, &mut out)
+            .map_err(|e| PyValueError::new_err(e.message()))?;
+        Ok(PyBytes::new(py, &out))
+    }
+
+    #[getter]
+    fn done(&self) -> bool {
+        self.inner.done
+    }
+
+    #[getter]
+    fn trailing(&self) -> bool {
+        self.inner.trailing
+    }
 }
