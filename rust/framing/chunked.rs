@@ -146,12 +146,7 @@ fn chunk_size(line: &[u8]) -> Result<usize, ChunkError> {
     }
     let mut size = 0usize;
     for &d in digits {
-        let value = match d {
-            b'0'..=b'9' => d - b'0',
-            b'a'..=b'f' => d - b'a' + 10,
-            b'A'..=b'F' => d - b'A' + 10,
-            _ => return Err(ChunkError::InvalidSize),
-        };
+        let value = super::scan::hex_value(d).ok_or(ChunkError::InvalidSize)?;
         size = size * 16 + usize::from(value);
     }
     Ok(size)

@@ -470,15 +470,7 @@ impl ResponseEncoder {
         s.key("error");
         s.null();
         s.key("incomplete_details");
-        match incomplete {
-            None => s.null(),
-            Some(reason) => {
-                s.begin(1);
-                s.key("reason");
-                s.str(reason);
-                s.end();
-            }
-        }
+        incomplete_details(s, incomplete);
         s.key("instructions");
         match instructions {
             None => s.null(),
@@ -693,14 +685,19 @@ impl ResponseEncoder {
     }
 
     fn write_incomplete(&self, s: &mut dyn Sink) {
-        match &self.incomplete {
-            None => s.null(),
-            Some(reason) => {
-                s.begin(1);
-                s.key("reason");
-                s.str(reason);
-                s.end();
-            }
+        incomplete_details(s, self.incomplete.as_deref());
+    }
+}
+
+/// `incomplete_details`: `{"reason": ...}`, or null.
+fn incomplete_details(s: &mut dyn Sink, reason: Option<&str>) {
+    match reason {
+        None => s.null(),
+        Some(reason) => {
+            s.begin(1);
+            s.key("reason");
+            s.str(reason);
+            s.end();
         }
     }
 }

@@ -406,17 +406,9 @@ impl<'a> Parser<'a> {
 }
 
 fn hex4(digits: &[u8]) -> Option<u32> {
-    let mut code = 0u32;
-    for &d in digits {
-        let v = match d {
-            b'0'..=b'9' => d - b'0',
-            b'a'..=b'f' => d - b'a' + 10,
-            b'A'..=b'F' => d - b'A' + 10,
-            _ => return None,
-        };
-        code = (code << 4) | u32::from(v);
-    }
-    Some(code)
+    digits.iter().try_fold(0u32, |code, &d| {
+        scan::hex_value(d).map(|v| (code << 4) | u32::from(v))
+    })
 }
 
 #[cfg(test)]

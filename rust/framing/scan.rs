@@ -50,6 +50,17 @@ pub fn next_special(bytes: &[u8], from: usize) -> usize {
     i
 }
 
+/// The value of one hexadecimal digit (either case).
+#[inline]
+pub fn hex_value(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        b'A'..=b'F' => Some(digit - b'A' + 10),
+        _ => None,
+    }
+}
+
 /// `s` as a JSON string, escaped exactly as serde_json escapes it: `\"`, `\\`,
 /// `\b`, `\f`, `\n`, `\r`, `\t`, and `\u00xx` (lower-case hex) for the other
 /// control characters; everything else, non-ASCII included, as it is.
