@@ -19,9 +19,8 @@ Failure mapping (docs/upstreams.md):
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from json.scanner import make_scanner
 from typing import Any, Literal
 
 from warmsocket.client_events import ECHOED_DEFAULTS
@@ -77,26 +76,6 @@ def parse_model_map(entries: list[str]) -> dict[str, str]:
             raise ValueError(f"not a CLIENT=UPSTREAM model mapping: {entry!r}")
         mapping[name.strip()] = target.strip()
     return mapping
-
-
-# -- JSON of streamed events ------------------------------------------------------------------
-
-_scan_once: Callable[[str, int], tuple[Any, int]] = make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
-
-
-def parse_event(data: bytes) -> Any:
-    """One streamed JSON value (an SSE `data:` payload or a WebSocket message).
-
-    The C scanner directly: about three times faster than `json.loads` on small event
-    payloads, which a turn parses several of. Raises ValueError.
-    """
-    try:
-        value, _end = _scan_once(data.decode(), 0)
-    except StopIteration:
-        return json.loads(data)  # leading whitespace or not JSON: the slow path decides
-    except UnicodeDecodeError:
-        raise ValueError("not UTF-8") from None
-    return value
 
 
 # -- errors ---------------------------------------------------------------------------------

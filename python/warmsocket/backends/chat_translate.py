@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from warmsocket import ids
+from warmsocket import ids, small_json
 from warmsocket.backends.base import (
     ModelEvent,
     TextDelta,
@@ -43,7 +43,6 @@ from warmsocket.upstream import (
     UpstreamError,
     explicit_settings,
     from_error_object,
-    parse_event,
     transport_error,
 )
 
@@ -264,7 +263,7 @@ class ChatChunkDecoder:
                 self.finished = True
                 continue
             try:
-                chunk = parse_event(payload)
+                chunk = small_json.loads(payload)
             except ValueError:
                 raise transport_error("protocol") from None
             if not isinstance(chunk, dict):

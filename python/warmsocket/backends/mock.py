@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from warmsocket import errors, ids, mockmodel
+from warmsocket import errors, ids, mockmodel, small_json
 from warmsocket.backends.base import (
     ModelEvent,
     StreamItem,
@@ -57,7 +57,7 @@ class MockBackend:
         return self._events(reply)
 
     def _plan(self, turn: TurnContext) -> mockmodel.Reply:
-        tail: list[dict[str, Any]] = json.loads(turn.view.tail(from_last_role="user"))
+        tail: list[dict[str, Any]] = small_json.loads(turn.view.tail(from_last_role="user"))
         return mockmodel.plan_reply(
             tail,
             function_names=turn.function_names,
