@@ -23,22 +23,37 @@ from warmsocket import _core
 
 WARMSOCKET = os.path.join(os.path.dirname(sys.executable), "warmsocket")
 
-ECHO_SERVER = """
-import asyncio, sys, uvloop
+BARE_SERVER = """
+import asyncio, json, sys, uvloop
 from websockets.asyncio.server import serve
+from websockets.frames import Frame, Opcode
 
 async def echo(ws):
     async for message in ws:
         await ws.send(message)
 
+async def replay(ws):
+    # A recorded answer, framed once: every request gets it as one write, as
+    # warmsocket writes the frames of a burst of events.
+    async for _message in ws:
+        ws.transport.write(ANSWER)
+
+HANDLER = {"echo": echo, "replay": replay}[sys.argv[1]]
+if HANDLER is replay:
+    ANSWER = b"".join(
+        Frame(Opcode.TEXT, message.encode()).serialize(mask=False, extensions=[])
+        for message in json.loads(sys.stdin.readline())
+    )
+
 async def main():
-    async with serve(echo, "127.0.0.1", 0, max_size=None, compression=None) as server:
+    async with serve(HANDLER, "127.0.0.1", 0, max_size=None, compression=None) as server:
         port = server.sockets[0].getsockname()[1]
         print(port, flush=True)
         await asyncio.Future()
 
 uvloop.run(main())
 """
+"""A bare `websockets` server on uvloop (`echo` or `replay`, argv[1])."""
 
 
 @dataclass
@@ -97,39 +112,19 @@ def warmsocket_server(*args: str) -> AbstractContextManager[ServerProcess]:
     return warmsocket_process("serve", "--log-level", "info", "--ws-ping-interval", "0", *args)
 
 
-REPLAY_SERVER = """
-import asyncio, json, sys, uvloop
-from websockets.asyncio.server import serve
-from websockets.frames import Frame, Opcode
-
-# The recorded answer, framed once: every request gets it as one write, as warmsocket
-# writes the frames of a burst of events.
-ANSWER = b"".join(
-    Frame(Opcode.TEXT, message.encode()).serialize(mask=False, extensions=[])
-    for message in json.loads(sys.stdin.readline())
-)
-
-async def replay(ws):
-    async for _message in ws:
-        ws.transport.write(ANSWER)
-
-async def main():
-    async with serve(replay, "127.0.0.1", 0, max_size=None, compression=None) as server:
-        port = server.sockets[0].getsockname()[1]
-        print(port, flush=True)
-        await asyncio.Future()
-
-uvloop.run(main())
-"""
-
-
 @contextmanager
-def echo_server() -> Iterator[ServerProcess]:
-    """A bare `websockets` echo server on uvloop, in its own process."""
+def _bare_server(handler: str, stdin: str | None = None) -> Iterator[ServerProcess]:
     process = subprocess.Popen(
-        [sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", BARE_SERVER, handler],
+        stdin=subprocess.PIPE if stdin is not None else None,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
+        if stdin is not None:
+            assert process.stdin is not None
+            process.stdin.write(stdin + "\n")
+            process.stdin.close()
         assert process.stdout is not None
         port = int(process.stdout.readline())
         yield ServerProcess(process, port)
@@ -137,27 +132,16 @@ def echo_server() -> Iterator[ServerProcess]:
         _stop(process)
 
 
-@contextmanager
-def replay_server(messages: list[str]) -> Iterator[ServerProcess]:
+def echo_server() -> AbstractContextManager[ServerProcess]:
+    """A bare `websockets` echo server on uvloop, in its own process."""
+    return _bare_server("echo")
+
+
+def replay_server(messages: list[str]) -> AbstractContextManager[ServerProcess]:
     """A bare `websockets` server on uvloop, in its own process, that answers every
     message with `messages` (text frames, framed once, written in one call): what a
     server costs that does no work for an answer."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", REPLAY_SERVER],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdin is not None and process.stdout is not None
-        process.stdin.write(json.dumps(messages) + "\n")
-        process.stdin.flush()
-        port = int(process.stdout.readline())
-        yield ServerProcess(process, port)
-    finally:
-        if process.stdin is not None:
-            process.stdin.close()
-        _stop(process)
+    return _bare_server("replay", json.dumps(messages))
 
 
 def require_release_build(benchmark: object) -> None:
