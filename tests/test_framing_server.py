@@ -5,15 +5,29 @@ straight to the transport; `send_text` when permessage-deflate is negotiated).""
 from __future__ import annotations
 
 import json
+import select
 import socket
+import threading
+import time
 from typing import Any
 
 import msgpack
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from tests.support import TERMINAL, RunningServer, check_sequence, check_ws_event, output_text
+from tests.support import (
+    TERMINAL,
+    RunningServer,
+    check_sequence,
+    check_ws_event,
+    output_text,
+    running_server,
+)
+from warmsocket.backends.base import ModelEvent, TurnContext
+from warmsocket.backends.mock import MockBackend
+from warmsocket.engine import Turn
 from warmsocket.server import MSGPACK_SUBPROTOCOL
+from warmsocket.session import ResponsesSession
 
 
 def _connect(server: RunningServer, **kwargs: Any) -> ClientConnection:
@@ -117,37 +131,131 @@ def test_control_frames_stay_ordered_with_direct_writes(server: RunningServer) -
 
 def test_raw_frames_on_the_wire(server: RunningServer) -> None:
     """Without extensions the server's frames are unmasked, FIN, text, one event each."""
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock, buffer = _raw_upgrade(server.port)
     try:
-        sock.sendall(
-            b"GET /v1/responses HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(4096)
-        head, rest = head.split(b"\r\n\r\n", 1)
-        assert head.startswith(b"HTTP/1.1 101")
-        payload = json.dumps(CREATE).encode()
-        mask = b"\x01\x02\x03\x04"
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        sock.sendall(bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big") + mask + masked)
-        buffer = rest
-        events: list[dict[str, Any]] = []
-        while not events or events[-1]["type"] not in TERMINAL:
-            frame = _next_frame(buffer)
-            if frame is None:
-                buffer += sock.recv(65536)
-                continue
-            first, second, payload, buffer = frame
-            assert first == 0x81, "FIN + text"
-            assert second & 0x80 == 0, "server frames are not masked"
-            events.append(json.loads(payload))
+        _send_masked(sock, json.dumps(CREATE).encode())
+        events = _read_turn(sock, buffer)
         check_sequence(events)
         assert output_text(events) == "You said: hello there"
     finally:
         sock.close()
+
+
+def test_an_immediate_turn_streams_its_events_before_it_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The built-in model answers in the same step, but the client does not wait for
+    the whole turn: `response.created` is on the wire before the model runs, the
+    output's events before the turn's end is stored, the terminal event last."""
+    on_wire: dict[str, bytes] = {}
+    sockets: list[socket.socket] = []
+    peeked = threading.Event()  # the client reads only after the server peeked
+
+    class Peeking(MockBackend):
+        def immediate(self, turn: TurnContext) -> list[ModelEvent] | None:
+            on_wire["model starts"] = _peek(sockets[0], b"response.in_progress")
+            return super().immediate(turn)
+
+    model_done = ResponsesSession.model_done
+
+    def peeking_model_done(self: ResponsesSession, turn: Turn) -> None:
+        on_wire["turn ends"] = _peek(sockets[0], b"response.output_text.delta")
+        peeked.set()
+        model_done(self, turn)
+
+    monkeypatch.setattr(ResponsesSession, "model_done", peeking_model_done)
+    with running_server(backend=Peeking()) as server:
+        sock, buffer = _raw_upgrade(server.port)
+        sockets.append(sock)
+        try:
+            _send_masked(sock, json.dumps(CREATE).encode())
+            assert peeked.wait(10)
+            events = _read_turn(sock, buffer)
+        finally:
+            sock.close()
+    check_sequence(events)
+    deltas = sum(e["type"] == "response.output_text.delta" for e in events)
+    assert deltas > 1
+    assert b'"response.created"' in on_wire["model starts"]
+    assert b'"response.in_progress"' in on_wire["model starts"]
+    assert b"response.output_text.delta" not in on_wire["model starts"]
+    assert on_wire["turn ends"].count(b'"response.output_text.delta"') == deltas
+    assert b'"response.output_text.done"' not in on_wire["turn ends"]
+    assert b'"response.completed"' not in on_wire["turn ends"]
+
+
+def test_immediate_turns_of_two_lanes_in_one_read(server: RunningServer) -> None:
+    """Two creates arriving in one read both start at once: every event of both
+    lanes reaches the client, each lane's in sequence from `response.created`."""
+    sock, buffer = _raw_upgrade(server.port)
+    try:
+        frames = b"".join(
+            _masked(json.dumps({**CREATE, "stream_id": lane}).encode()) for lane in "ab"
+        )
+        sock.sendall(frames)
+        events = _read_turn(sock, buffer, terminals=2)
+    finally:
+        sock.close()
+    for lane in "ab":
+        lane_events = [e for e in events if e.get("stream_id") == lane]
+        assert lane_events[0]["type"] == "response.created"
+        check_sequence(lane_events)
+        assert output_text(lane_events) == "You said: hello there"
+
+
+def _peek(sock: socket.socket, wanted: bytes, timeout: float = 2.0) -> bytes:
+    """What has arrived on `sock` and not been read yet, once it holds `wanted` (or
+    after `timeout`); reads nothing."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while wanted not in data and time.monotonic() < deadline:
+        readable, _, _ = select.select([sock], [], [], 0.01)
+        if readable:
+            data = sock.recv(1 << 20, socket.MSG_PEEK)
+    return data
+
+
+def _raw_upgrade(port: int) -> tuple[socket.socket, bytes]:
+    """A client socket upgraded to WebSocket by hand, and the bytes after the head."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(
+        b"GET /v1/responses HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    head, rest = head.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 101")
+    return sock, rest
+
+
+def _send_masked(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(_masked(payload))
+
+
+def _masked(payload: bytes) -> bytes:
+    """One masked text frame (payload under 64 KiB), as a client sends it."""
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big") + mask + masked
+
+
+def _read_turn(sock: socket.socket, buffer: bytes, terminals: int = 1) -> list[dict[str, Any]]:
+    """Frames up to the `terminals`-th terminal event; each must be FIN + text and
+    unmasked."""
+    events: list[dict[str, Any]] = []
+    while sum(e["type"] in TERMINAL for e in events) < terminals:
+        frame = _next_frame(buffer)
+        if frame is None:
+            buffer += sock.recv(65536)
+            continue
+        first, second, payload, buffer = frame
+        assert first == 0x81, "FIN + text"
+        assert second & 0x80 == 0, "server frames are not masked"
+        events.append(json.loads(payload))
+    return events
 
 
 def _next_frame(data: bytes) -> tuple[int, int, bytes, bytes] | None:
