@@ -9,7 +9,6 @@ import select
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
@@ -24,7 +23,7 @@ from tests.support import (
     output_text,
     running_server,
 )
-from warmsocket.backends.base import ModelEvent, StreamItem, TextDelta, TurnContext
+from warmsocket.backends.base import ModelEvent, TurnContext
 from warmsocket.backends.mock import MockBackend
 from warmsocket.engine import Turn
 from warmsocket.server import MSGPACK_SUBPROTOCOL
@@ -183,49 +182,6 @@ def test_an_immediate_turn_streams_its_events_before_it_ends(
     assert on_wire["turn ends"].count(b'"response.output_text.delta"') == deltas
     assert b'"response.output_text.done"' not in on_wire["turn ends"]
     assert b'"response.completed"' not in on_wire["turn ends"]
-
-
-def test_a_streamed_turn_writes_each_read_before_the_next_is_handled(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A backend whose whole answer is ready at once (an upstream's last read holding
-    every event): the output's events are on the wire before the turn's end is
-    stored, as with the built-in model, not written together with the terminal."""
-    on_wire: dict[str, bytes] = {}
-    sockets: list[socket.socket] = []
-    peeked = threading.Event()
-
-    class Burst:
-        name = "burst"
-
-        async def stream(self, turn: TurnContext) -> AsyncIterator[StreamItem]:
-            yield [TextDelta("one"), TextDelta(" two")]
-            yield [TextDelta(" three")]
-
-        async def aclose(self) -> None:
-            pass
-
-    model_done = ResponsesSession.model_done
-
-    def peeking_model_done(self: ResponsesSession, turn: Turn) -> None:
-        on_wire["turn ends"] = _peek(sockets[0], b'"delta":" three"')
-        peeked.set()
-        model_done(self, turn)
-
-    monkeypatch.setattr(ResponsesSession, "model_done", peeking_model_done)
-    with running_server(backend=Burst()) as server:
-        sock, buffer = _raw_upgrade(server.port)
-        sockets.append(sock)
-        try:
-            _send_masked(sock, json.dumps(CREATE).encode())
-            assert peeked.wait(10)
-            events = _read_turn(sock, buffer)
-        finally:
-            sock.close()
-    check_sequence(events)
-    assert output_text(events) == "one two three"
-    assert on_wire["turn ends"].count(b'"response.output_text.delta"') == 3
-    assert b'"response.output_text.done"' not in on_wire["turn ends"]
 
 
 def test_immediate_turns_of_two_lanes_in_one_read(server: RunningServer) -> None:

@@ -610,11 +610,8 @@ class Connection(asyncio.Protocol):
                 self._run_actions()
                 if turn.finished:
                     break
-                # Out now, not after the task's step: when the backend's next read is
-                # already there (its last one, say), the client reads these events
-                # while the turn ends here.
-                self._flush()
                 if not self._writable.is_set():
+                    self._flush()
                     await self._writable.wait()
             else:
                 session.model_done(turn)
