@@ -49,6 +49,8 @@ mod _core {
     #[pymodule_export]
     use crate::py::framing::parse_client_message;
     #[pymodule_export]
+    use crate::py::framing::PyClientFrames;
+    #[pymodule_export]
     use crate::py::framing::PyCreateRequest;
     #[pymodule_export]
     use crate::py::framing::PyRejection;

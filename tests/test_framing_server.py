@@ -203,6 +203,93 @@ def test_immediate_turns_of_two_lanes_in_one_read(server: RunningServer) -> None
         assert output_text(lane_events) == "You said: hello there"
 
 
+def test_a_message_split_into_one_byte_reads(server: RunningServer) -> None:
+    """A client message arriving a byte at a time is read whole, then answered."""
+    sock, buffer = _raw_upgrade(server.port)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        frame = _masked(json.dumps({**CREATE, "input": "bit by bit"}).encode())
+        for i in range(len(frame)):
+            sock.sendall(frame[i : i + 1])
+            if i % 16 == 0:
+                time.sleep(0.001)  # keep the pieces apart on the wire
+        events = _read_turn(sock, buffer)
+    finally:
+        sock.close()
+    check_sequence(events)
+    assert output_text(events) == "You said: bit by bit"
+
+
+def test_ping_and_fragments_between_messages_in_one_read(server: RunningServer) -> None:
+    """A ping and a fragmented message in the same read as whole messages: the pings
+    are answered and every message, the fragmented one too."""
+    sock, buffer = _raw_upgrade(server.port)
+    try:
+        first = json.dumps({**CREATE, "input": "one", "stream_id": "a"}).encode()
+        split = json.dumps({**CREATE, "input": "two", "stream_id": "b"}).encode()
+        third = json.dumps({**CREATE, "input": "three", "stream_id": "c"}).encode()
+        sock.sendall(
+            _masked(first)
+            + _masked(b"are you there", opcode=0x9)
+            + _masked(split[:10], opcode=0x1, fin=False)
+            + _masked(split[10:20], opcode=0x0, fin=False)
+            + _masked(b"", opcode=0x9)
+            + _masked(split[20:], opcode=0x0)
+            + _masked(third, opcode=0x2)  # JSON in a binary frame is read as JSON
+        )
+        frames = _read_frames(sock, buffer, terminals=3, until_close=False)
+    finally:
+        sock.close()
+    pongs = [payload for opcode, payload in frames if opcode == 0xA]
+    assert pongs == [b"are you there", b""]
+    events = [json.loads(payload) for opcode, payload in frames if opcode == 0x1]
+    for lane, text in (("a", "one"), ("b", "two"), ("c", "three")):
+        lane_events = [e for e in events if e.get("stream_id") == lane]
+        check_sequence(lane_events)
+        assert output_text(lane_events) == f"You said: {text}"
+
+
+def test_a_close_frame_ends_reading_messages_after_it(server: RunningServer) -> None:
+    """A message after the client's close frame in the same read is not answered."""
+    sock, buffer = _raw_upgrade(server.port)
+    try:
+        sock.sendall(
+            _masked((1000).to_bytes(2, "big"), opcode=0x8)
+            + _masked(json.dumps({**CREATE, "input": "too late"}).encode())
+        )
+        frames = _read_frames(sock, buffer, terminals=0)
+    finally:
+        sock.close()
+    assert frames == [(0x8, (1000).to_bytes(2, "big"))]
+
+
+@pytest.mark.parametrize(
+    ("frame", "close_code"),
+    [
+        (bytes([0x81, 0x05]) + b"hello", 1002),  # not masked
+        (bytes([0xC1, 0x85, 1, 2, 3, 4]) + b"hello", 1002),  # RSV1 without an extension
+        (bytes([0x83, 0x80, 1, 2, 3, 4]), 1002),  # reserved opcode
+        (bytes([0x81, 0xFF]) + (2**40).to_bytes(8, "big") + bytes(4), 1009),  # too big
+    ],
+    ids=["unmasked", "rsv1", "opcode", "too-big"],
+)
+def test_bad_frames_close_with_the_protocol_code(
+    server: RunningServer, frame: bytes, close_code: int
+) -> None:
+    """After a whole message, a frame no client may send: the connection closes with
+    the code `websockets` gives that frame."""
+    sock, buffer = _raw_upgrade(server.port)
+    try:
+        sock.sendall(_masked(json.dumps(CREATE).encode()))
+        assert output_text(_read_turn(sock, buffer)) == "You said: hello there"
+        sock.sendall(frame)
+        frames = _read_frames(sock, b"", terminals=0)
+    finally:
+        sock.close()
+    assert len(frames) == 1 and frames[0][0] == 0x8
+    assert int.from_bytes(frames[0][1][:2], "big") == close_code
+
+
 def _peek(sock: socket.socket, wanted: bytes, timeout: float = 2.0) -> bytes:
     """What has arrived on `sock` and not been read yet, once it holds `wanted` (or
     after `timeout`); reads nothing."""
@@ -235,11 +322,14 @@ def _send_masked(sock: socket.socket, payload: bytes) -> None:
     sock.sendall(_masked(payload))
 
 
-def _masked(payload: bytes) -> bytes:
-    """One masked text frame (payload under 64 KiB), as a client sends it."""
+def _masked(payload: bytes, *, opcode: int = 0x1, fin: bool = True) -> bytes:
+    """One masked frame (payload under 64 KiB), as a client sends it."""
     mask = b"\x01\x02\x03\x04"
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big") + mask + masked
+    first = (0x80 if fin else 0) | opcode
+    if len(payload) < 126:
+        return bytes([first, 0x80 | len(payload)]) + mask + masked
+    return bytes([first, 0x80 | 126]) + len(payload).to_bytes(2, "big") + mask + masked
 
 
 def _read_turn(sock: socket.socket, buffer: bytes, terminals: int = 1) -> list[dict[str, Any]]:
@@ -256,6 +346,30 @@ def _read_turn(sock: socket.socket, buffer: bytes, terminals: int = 1) -> list[d
         assert second & 0x80 == 0, "server frames are not masked"
         events.append(json.loads(payload))
     return events
+
+
+def _read_frames(
+    sock: socket.socket, buffer: bytes, *, terminals: int, until_close: bool = True
+) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of the server's frames until it closes the connection (or,
+    without `until_close`, until `terminals` terminal events came)."""
+    frames: list[tuple[int, bytes]] = []
+    events = 0
+    while until_close or events < terminals:
+        frame = _next_frame(buffer)
+        if frame is None:
+            data = sock.recv(65536)
+            if not data:
+                break
+            buffer += data
+            continue
+        first, second, payload, buffer = frame
+        assert first & 0x80, "server frames are final"
+        assert second & 0x80 == 0, "server frames are not masked"
+        frames.append((first & 0x0F, payload))
+        if first & 0x0F == 0x1 and json.loads(payload)["type"] in TERMINAL:
+            events += 1
+    return frames
 
 
 def _next_frame(data: bytes) -> tuple[int, int, bytes, bytes] | None:

@@ -31,6 +31,7 @@ __all__ = [
     "CacheFull",
     "CacheStats",
     "ChunkedBody",
+    "ClientFrames",
     "ContextView",
     "CreateRequest",
     "DuplicateResponseId",
@@ -916,3 +917,33 @@ class ChunkedBody:
     @property
     def trailing(self) -> bool:
         """Bytes came after the end of the body (do not reuse the connection)."""
+
+@final
+class ClientFrames:
+    """A client's WebSocket frames split off its byte stream, one call per read.
+
+    A final, unfragmented, uncompressed text or binary frame (a whole message) comes
+    out as its unmasked payload. Every other frame (ping, pong, close, the pieces of a
+    fragmented message) comes out as its raw bytes, whole, for the `websockets`
+    protocol object, which so always sits at a frame boundary. A frame this reader
+    does not accept (unmasked, RSV bits, unknown opcode, fragmented or long control
+    frame, payload over `max_size`) hands the rest of the stream over to the protocol
+    object for good, which then fails the connection with the right close code; an
+    oversized frame is handed over from its header, its payload never buffered.
+    Only for connections without extensions.
+    """
+
+    def __new__(cls, max_size: int | None = None) -> ClientFrames: ...
+    def feed(self, data: bytes) -> list[tuple[bool, bytes]]:
+        """What `data` completes, in order: `(True, payload)` for a whole message,
+        `(False, raw)` for bytes to pass to the protocol object's `receive_data`
+        (adjacent raw frames joined). A partial frame at the end is kept."""
+    @property
+    def handed_over(self) -> bool:
+        """The stream goes to the protocol object for good."""
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete frame held until the rest arrives."""
+    def take_buffered(self) -> bytes:
+        """The held bytes of an incomplete frame, taken out (for the protocol object
+        when the caller stops using this reader)."""

@@ -6,6 +6,11 @@ a WebSocket upgrade on `/v1/responses`; then the `websockets` Sans-I/O
 handshake, and `warmsocket.session.ResponsesSession` holds the protocol state. This
 module only moves bytes and events between them, the socket and the model backend.
 
+Without an extension, the client's whole messages (final, unfragmented text or binary
+frames) are split off the byte stream and unmasked in Rust (`_core.ClientFrames`); its
+other frames go, whole, to the protocol object, which so always sits at a frame
+boundary and keeps handling control frames, fragments and protocol errors.
+
 Outgoing events are framed in Rust (`_core.ResponseEncoder`): text frames, or binary
 msgpack frames when the client chose the `warmsocket.msgpack` subprotocol. Without a
 negotiated extension those frames go to the transport as they are, after whatever the
@@ -37,7 +42,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from warmsocket import errors
-from warmsocket._core import SessionCache
+from warmsocket._core import ClientFrames, SessionCache
 from warmsocket.backends.base import Backend, ImmediateBackend
 from warmsocket.engine import (
     Engine,
@@ -253,6 +258,8 @@ class Connection(asyncio.Protocol):
         self._held: deque[Message] = deque()
         self._loading: asyncio.Task[None] | None = None
         self._immediate = server.immediate
+        # The client's frames, split in Rust (none with extensions: then `ws` reads all).
+        self._frames: ClientFrames | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -412,6 +419,9 @@ class Connection(asyncio.Protocol):
             return
         server.metrics.connection_opened("websocket")
         self._direct = not protocol.extensions
+        if self._direct:
+            # Whole messages are read in Rust; other frames go to `protocol`.
+            self._frames = ClientFrames(protocol.max_size)
         framing: Framing = "msgpack" if protocol.subprotocol == MSGPACK_SUBPROTOCOL else "websocket"
         self.session = ResponsesSession(
             server.engine, owner=owner, now=self.loop.time(), framing=framing
@@ -437,9 +447,27 @@ class Connection(asyncio.Protocol):
     # -- WebSocket mode ------------------------------------------------------------------
 
     def _ws_data(self, data: bytes) -> None:
-        assert self.ws is not None
-        self.ws.receive_data(data)
-        self._ws_events()
+        ws = self.ws
+        assert ws is not None
+        frames = self._frames
+        if frames is not None and ws.state is not State.OPEN:
+            # Closing: the protocol object reads everything from here on (it is at a
+            # frame boundary; a partial frame held here goes first).
+            data = frames.take_buffered() + data
+            self._frames = frames = None
+        if frames is None:
+            ws.receive_data(data)
+            self._ws_events()
+        else:
+            session = self.session
+            for whole_message, chunk in frames.feed(data):
+                if not whole_message:
+                    ws.receive_data(chunk)
+                    self._ws_events()
+                elif ws.state is State.OPEN and session is not None:
+                    # (After a close frame or a protocol error in this read, the
+                    # protocol object discards what follows: so is this.)
+                    self._ws_message(session, chunk)
         if not self._run_actions():
             self._flush()
         # else: a model task starts in this iteration; the flush scheduled after it

@@ -9,11 +9,14 @@
 //!   msgpack binary frames, or SSE;
 //! * `error`: the request errors and their messages;
 //! * `upstream`: an upstream's streamed Responses events read back as model events;
-//! * `chunked`: an upstream response's `Transfer-Encoding: chunked` body.
+//! * `chunked`: an upstream response's `Transfer-Encoding: chunked` body;
+//! * `client_frames`: a client's WebSocket frames split off its byte stream, whole
+//!   messages unmasked.
 //!
 //! Nothing here imports pyo3 (`py/framing.rs` is the glue).
 
 pub mod chunked;
+pub mod client_frames;
 pub mod encoder;
 pub mod error;
 pub mod json;

@@ -11,12 +11,13 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 
+use crate::framing::client_frames::{ClientFrames, Piece};
 use crate::framing::encoder::{self, Framing, ResponseEncoder, ResponseHead, Usage};
 use crate::framing::request::{
     self, ClientMessage, CreateRequest, Format, Options, Rejected, Stage, SteerRequest,
 };
 use crate::py::items::PyItems;
-use crate::py::{detach_if, DETACH_PARSE_BYTES};
+use crate::py::{detach_if, DETACH_COPY_BYTES, DETACH_PARSE_BYTES};
 
 fn framing_arg(name: &str) -> PyResult<Framing> {
     Framing::from_name(name).ok_or_else(|| {
@@ -464,4 +465,59 @@ pub fn frame_event<'py>(
     let mut out = Vec::with_capacity(event.len() + 16);
     encoder::frame_event(event, framing_arg(framing)?, &mut out)?;
     Ok(PyBytes::new(py, &out))
+}
+
+/// A client's WebSocket frames split off its byte stream (see `_core.pyi`).
+#[pyclass(name = "ClientFrames", module = "warmsocket._core")]
+pub struct PyClientFrames {
+    inner: ClientFrames,
+}
+
+#[pymethods]
+impl PyClientFrames {
+    #[new]
+    #[pyo3(signature = (max_size=None))]
+    fn new(max_size: Option<u64>) -> PyClientFrames {
+        PyClientFrames {
+            inner: ClientFrames::new(max_size),
+        }
+    }
+
+    fn feed<'py>(
+        &mut self,
+        py: Python<'py>,
+        data: &[u8],
+    ) -> PyResult<Vec<(bool, Bound<'py, PyBytes>)>> {
+        let inner = &mut self.inner;
+        let pieces = detach_if(py, data.len(), DETACH_COPY_BYTES, || inner.feed(data));
+        Ok(pieces
+            .into_iter()
+            .map(|piece| match piece {
+                Piece::Message { payload, .. } => (true, PyBytes::new(py, &payload)),
+                Piece::Raw(raw) => (false, PyBytes::new(py, &raw)),
+            })
+            .collect())
+    }
+
+    #[getter]
+    fn handed_over(&self) -> bool {
+        self.inner.handed_over()
+    }
+
+    #[getter]
+    fn buffered(&self) -> usize {
+        self.inner.buffered()
+    }
+
+    fn take_buffered<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.take_buffered())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<ClientFrames buffered={} handed_over={}>",
+            self.inner.buffered(),
+            self.inner.handed_over()
+        )
+    }
 }
