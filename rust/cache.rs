@@ -1652,7 +1652,7 @@ mod tests {
     }
 
     /// Token ids and block hashes of a view, recomputed from scratch.
-    fn recount(c: &SessionCache, view: &ContextView) -> (Vec<u32>, Vec<u128>) {
+    fn recount(c: &SessionCache, view: &ContextView) -> (Vec<u32>, Vec<crate::blocks::BlockHash>) {
         let cfg = c.token_config().unwrap();
         let mut ids = Vec::new();
         view.for_each_item(|i| cfg.tokenizer.encode_item_into(i.json(), &mut ids).unwrap());
