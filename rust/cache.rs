@@ -316,11 +316,11 @@ impl SessionCache {
     ) -> Result<(NodeTokens, Items, Items)> {
         match &self.shared.tokens {
             Some(cfg) => Ok(cfg.node_tokens(parent, &input, &output)?),
-            None => Ok((
-                NodeTokens::default(),
-                self.items(input)?,
-                self.items(output)?,
-            )),
+            None => {
+                let (input, output) =
+                    Items::pair_without_token_ids(&self.items(input)?, &self.items(output)?);
+                Ok((NodeTokens::default(), input, output))
+            }
         }
     }
 

@@ -122,11 +122,8 @@ impl TokenConfig {
         if self.keep_ids {
             Ok((tokens, input, output))
         } else {
-            Ok((
-                tokens,
-                input.without_token_ids(),
-                output.without_token_ids(),
-            ))
+            let (input, output) = Items::pair_without_token_ids(&input, &output);
+            Ok((tokens, input, output))
         }
     }
 }
