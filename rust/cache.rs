@@ -552,12 +552,7 @@ impl SessionCache {
                     Some(&h) => h,
                     None => parent.as_deref().map_or(ROOT_PARENT, |p| p.last_hash),
                 };
-                NodeTokens {
-                    hashes,
-                    tail: node.input_tail.clone(),
-                    input_tail: node.input_tail.clone(),
-                    last_hash,
-                }
+                NodeTokens::new(hashes, node.input_tail(), node.input_tail(), last_hash)
             }
             _ => {
                 let (tokens, _, _) =
