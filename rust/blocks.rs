@@ -8,17 +8,26 @@
 //! (up to hash collisions):
 //!
 //! ```text
-//! parent(0)   = 16 zero bytes
-//! hash(i)     = XXH3-128(parent(i)                          16 bytes
-//!                        ++ u32le(token(i*B)) ++ ...        4 bytes per token,
-//!                        ++ u32le(token(i*B + B - 1)),      B tokens
-//!                        seed)
+//! parent(0)   = 8 zero bytes
+//! hash(i)     = XXH3-64(parent(i)                           8 bytes
+//!                       ++ u32le(token(i*B)) ++ ...         4 bytes per token,
+//!                       ++ u32le(token(i*B + B - 1)),       B tokens
+//!                       seed)
 //! parent(i+1) = hash(i)
 //! ```
 //!
-//! A hash as bytes is XXH128's canonical (big-endian) form, which is what
-//! `xxhash.xxh3_128_digest` returns in Python, so a router recomputes a chain
-//! with `h = xxh3_128_digest(h + struct.pack(f"<{B}I", *block), seed)`.
+//! A hash as bytes is XXH64's canonical (big-endian) form, which is what
+//! `xxhash.xxh3_64_digest` returns in Python, so a router recomputes a chain
+//! with `h = xxh3_64_digest(h + struct.pack(f"<{B}I", *block), seed)`.
+//!
+//! 64 bits, not 128: a cache keeps one hash per block of every cached chain (half
+//! a byte per token at 16-token blocks instead of one), and nothing treats equal
+//! block hashes as proof of equal content. They count shared prefixes
+//! ([`shared_prefix_blocks`]) and key routing and the simulated upstream's prefix
+//! cache, where a collision (about `n² / 2^65` among `n` distinct blocks) costs a
+//! misreported count or a misrouted request, never wrong content. The cache's
+//! prefix matching, which reuses content, uses the 128-bit semantic chain digests
+//! instead (`node::chain_step`).
 //!
 //! That definition is all an upstream router needs to recompute the hashes;
 //! `docs/tokens.md` repeats it with a Python snippet.
@@ -32,10 +41,10 @@
 
 use std::fmt;
 
-use xxhash_rust::xxh3::xxh3_128_with_seed;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// The hash of one full block.
-pub type BlockHash = u128;
+pub type BlockHash = u64;
 
 /// Default tokens per block (vLLM's default as well).
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
@@ -48,7 +57,7 @@ pub const DEFAULT_SEED: u64 = 0;
 pub const ROOT_PARENT: BlockHash = 0;
 
 /// Bytes of one hash in its canonical (big-endian) byte form.
-pub const HASH_BYTES: usize = 16;
+pub const HASH_BYTES: usize = 8;
 
 /// An invalid block-hasher configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +91,7 @@ fn hash_block_with(buf: &mut Vec<u8>, parent: BlockHash, tokens: &[u32], seed: u
     for &token in tokens {
         buf.extend_from_slice(&token.to_le_bytes());
     }
-    xxh3_128_with_seed(buf, seed)
+    xxh3_64_with_seed(buf, seed)
 }
 
 /// The incremental state of a block-hashed token sequence.
@@ -244,7 +253,7 @@ pub fn shared_prefix_tokens<'a, 'b>(
 }
 
 /// [`shared_prefix_blocks`] over hashes in byte form ([`hashes_to_bytes`]),
-/// without decoding them; `None` when a length is not a multiple of 16.
+/// without decoding them; `None` when a length is not a multiple of [`HASH_BYTES`].
 pub fn shared_prefix_blocks_in_bytes(a: &[u8], b: &[u8]) -> Option<usize> {
     if a.len() % HASH_BYTES != 0 || b.len() % HASH_BYTES != 0 {
         return None;
@@ -266,7 +275,8 @@ pub fn hashes_to_bytes(hashes: &[BlockHash]) -> Vec<u8> {
     out
 }
 
-/// The inverse of [`hashes_to_bytes`]; `None` when the length is not a multiple of 16.
+/// The inverse of [`hashes_to_bytes`]; `None` when the length is not a multiple of
+/// [`HASH_BYTES`].
 pub fn hashes_from_bytes(bytes: &[u8]) -> Option<Vec<BlockHash>> {
     if bytes.len() % HASH_BYTES != 0 {
         return None;
@@ -306,40 +316,34 @@ mod tests {
         let t = tokens(40);
         let hashes = block_hashes(&t, 16, 7).unwrap();
         assert_eq!(hashes.len(), 2);
-        let mut input = vec![0u8; 16];
+        let mut input = vec![0u8; HASH_BYTES];
         for tok in &t[..16] {
             input.extend_from_slice(&tok.to_le_bytes());
         }
-        let h0 = xxh3_128_with_seed(&input, 7);
+        let h0 = xxh3_64_with_seed(&input, 7);
         assert_eq!(hashes[0], h0);
         assert_eq!(hash_block(ROOT_PARENT, &t[..16], 7), h0);
         let mut input = h0.to_be_bytes().to_vec();
         for tok in &t[16..32] {
             input.extend_from_slice(&tok.to_le_bytes());
         }
-        assert_eq!(hashes[1], xxh3_128_with_seed(&input, 7));
+        assert_eq!(hashes[1], xxh3_64_with_seed(&input, 7));
     }
 
     #[test]
     fn known_vectors() {
-        // Pinned (and checked against python-xxhash's `xxh3_128_digest`) so a
+        // Pinned (and checked against python-xxhash's `xxh3_64_digest`) so a
         // change to the definition cannot go unnoticed: block hashes are stored
         // and compared across processes and by upstream routers.
         let t: Vec<u32> = (0..32).collect();
         let h = hashes_to_bytes(&block_hashes(&t, 16, DEFAULT_SEED).unwrap());
         let hex: Vec<String> = h
-            .chunks(16)
+            .chunks(HASH_BYTES)
             .map(|c| c.iter().map(|b| format!("{b:02x}")).collect())
             .collect();
-        assert_eq!(
-            hex,
-            [
-                "16d310809c3605d60b49a1755bdbc8b2",
-                "f5d6d115dc50f02d9a2cecb9b5456d8b"
-            ]
-        );
+        assert_eq!(hex, ["24becc5361303c06", "e571602979b80229"]);
         let h = block_hashes(&[7, 8, 9, 10], 4, 42).unwrap();
-        assert_eq!(format!("{:032x}", h[0]), "61f92a3e1f7ecc8ddd356c7240491b32");
+        assert_eq!(format!("{:016x}", h[0]), "5d932b933d86e24b");
     }
 
     #[test]
@@ -463,7 +467,7 @@ mod tests {
         let h = block_hashes(&tokens(64), 16, 0).unwrap();
         let bytes = hashes_to_bytes(&h);
         assert_eq!(bytes.len(), 4 * HASH_BYTES);
-        assert_eq!(&bytes[..16], &h[0].to_be_bytes());
+        assert_eq!(&bytes[..HASH_BYTES], &h[0].to_be_bytes());
         assert_eq!(hashes_from_bytes(&bytes).unwrap(), h);
         assert_eq!(hashes_from_bytes(&bytes[..15]), None);
         assert_eq!(hashes_from_bytes(&[]).unwrap(), Vec::<BlockHash>::new());

@@ -316,11 +316,11 @@ impl SessionCache {
     ) -> Result<(NodeTokens, Items, Items)> {
         match &self.shared.tokens {
             Some(cfg) => Ok(cfg.node_tokens(parent, &input, &output)?),
-            None => Ok((
-                NodeTokens::default(),
-                self.items(input)?,
-                self.items(output)?,
-            )),
+            None => {
+                let (input, output) =
+                    Items::pair_without_token_ids(&self.items(input)?, &self.items(output)?);
+                Ok((NodeTokens::default(), input, output))
+            }
         }
     }
 
@@ -552,12 +552,7 @@ impl SessionCache {
                     Some(&h) => h,
                     None => parent.as_deref().map_or(ROOT_PARENT, |p| p.last_hash),
                 };
-                NodeTokens {
-                    hashes,
-                    tail: node.input_tail.clone(),
-                    input_tail: node.input_tail.clone(),
-                    last_hash,
-                }
+                NodeTokens::new(hashes, node.input_tail(), node.input_tail(), last_hash)
             }
             _ => {
                 let (tokens, _, _) =
@@ -1652,7 +1647,7 @@ mod tests {
     }
 
     /// Token ids and block hashes of a view, recomputed from scratch.
-    fn recount(c: &SessionCache, view: &ContextView) -> (Vec<u32>, Vec<u128>) {
+    fn recount(c: &SessionCache, view: &ContextView) -> (Vec<u32>, Vec<crate::blocks::BlockHash>) {
         let cfg = c.token_config().unwrap();
         let mut ids = Vec::new();
         view.for_each_item(|i| cfg.tokenizer.encode_item_into(i.json(), &mut ids).unwrap());

@@ -19,7 +19,6 @@
 //! session cache matches re-sent histories by it; docs/architecture.md states the
 //! rules.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -49,12 +48,30 @@ const KNOWN_TYPES: &[&str] = &[
 ];
 const KNOWN_ROLES: &[&str] = &["user", "assistant", "system", "developer"];
 
-fn interned(value: &str, known: &'static [&'static str]) -> Cow<'static, str> {
-    match known.iter().find(|k| **k == value) {
-        Some(k) => Cow::Borrowed(k),
-        None => Cow::Owned(value.to_owned()),
-    }
+/// `type` and `role` codes: an index into `KNOWN_TYPES` / `KNOWN_ROLES`, or one of
+/// these.
+const CODE_OWNED: u8 = u8::MAX; // not a known value: kept in `Item::text`
+const CODE_NONE: u8 = u8::MAX - 1; // absent (`type`: the empty string)
+/// The code of `"message"`.
+const MESSAGE: u8 = 0;
+const _: () =
+    assert!(KNOWN_TYPES.len() < CODE_NONE as usize && KNOWN_ROLES.len() < CODE_NONE as usize);
+
+/// The code of a known value, if it is one.
+fn known_code(value: &str, known: &[&str]) -> Option<u8> {
+    known
+        .iter()
+        .position(|k| *k == value)
+        .and_then(|i| u8::try_from(i).ok())
 }
+
+/// Fields of [`Item::text`], in order.
+const ID: usize = 0;
+const CALL_ID: usize = 1;
+const NAME: usize = 2;
+const KIND: usize = 3;
+const ROLE: usize = 4;
+const FIELDS: usize = 5;
 
 thread_local! {
     /// `Item::from_value`'s working buffer (canonical then normalised form).
@@ -65,14 +82,25 @@ thread_local! {
 const SCRATCH_KEEP: usize = 1 << 20;
 
 /// One item: canonical JSON bytes plus fields extracted from it.
+///
+/// Laid out for size, since a cache holds one per cached item: the extracted
+/// strings share one allocation (`text`), and `type` and `role` are codes of the
+/// common values (the struct is 72 bytes; it was 128 with a `Box<str>` or `Cow`
+/// per field).
 #[derive(Debug)]
 pub struct Item {
     json: Box<[u8]>,
-    kind: Cow<'static, str>,
-    id: Option<Box<str>>,
-    role: Option<Cow<'static, str>>,
-    call_id: Option<Box<str>>,
-    name: Option<Box<str>>,
+    /// The present fields among `id`, `call_id`, `name`, and `type` and `role`
+    /// when not known values, back to back (an absent field is empty here).
+    text: Box<str>,
+    /// Where each field ends in `text` (it starts where the previous one ends).
+    ends: [u32; FIELDS],
+    /// Bit `1 << field` set when the field is present.
+    present: u8,
+    /// `type` / `role`: index into `KNOWN_TYPES` / `KNOWN_ROLES`, `CODE_OWNED` or
+    /// `CODE_NONE`.
+    kind: u8,
+    role: u8,
     /// The semantic digest ([`semantic_digest`]), as two words so the struct keeps
     /// 8-byte alignment (a `u128` field would pad it to 16).
     digest: [u64; 2],
@@ -118,22 +146,61 @@ impl Item {
             }
             Ok((canonical, digest))
         })?;
-        let text = |key: &str| map.get(key).and_then(V::as_str);
-        let role = text("role").map(|r| interned(r, KNOWN_ROLES));
-        let kind = match text("type") {
-            Some(t) => interned(t, KNOWN_TYPES),
-            None if role.is_some() => Cow::Borrowed("message"),
-            None => Cow::Borrowed(""),
+        let field = |key: &str| map.get(key).and_then(V::as_str);
+        let mut fields: [Option<&str>; FIELDS] = [None; FIELDS];
+        fields[ID] = field("id");
+        fields[CALL_ID] = field("call_id");
+        fields[NAME] = field("name");
+        let role_text = field("role");
+        let role = match role_text {
+            None => CODE_NONE,
+            Some(r) => known_code(r, KNOWN_ROLES).unwrap_or_else(|| {
+                fields[ROLE] = Some(r);
+                CODE_OWNED
+            }),
         };
+        let kind = match field("type") {
+            Some(t) => known_code(t, KNOWN_TYPES).unwrap_or_else(|| {
+                fields[KIND] = Some(t);
+                CODE_OWNED
+            }),
+            None if role_text.is_some() => MESSAGE,
+            None => CODE_NONE,
+        };
+        let mut text = String::with_capacity(fields.iter().flatten().map(|f| f.len()).sum());
+        let mut ends = [0u32; FIELDS];
+        let mut present = 0u8;
+        for (i, f) in fields.iter().enumerate() {
+            if let Some(f) = f {
+                text.push_str(f);
+                present |= 1 << i;
+            }
+            // The strings are parts of the item, so this fits unless the item
+            // itself is over 4 GiB.
+            ends[i] = u32::try_from(text.len()).map_err(|_| Error::ItemTooLarge {
+                index,
+                size: canonical.len(),
+                limit: u32::MAX as usize,
+            })?;
+        }
         Ok(Item {
             json: canonical,
+            text: text.into_boxed_str(),
+            ends,
+            present,
             kind,
-            id: text("id").map(Into::into),
             role,
-            call_id: text("call_id").map(Into::into),
-            name: text("name").map(Into::into),
             digest: split(digest),
         })
+    }
+
+    /// Field `i` of `text`, when present.
+    fn field(&self, i: usize) -> Option<&str> {
+        if self.present & (1 << i) == 0 {
+            return None;
+        }
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        self.text.get(start..self.ends[i] as usize)
     }
 
     /// The semantic digest ([`semantic_digest`]).
@@ -150,23 +217,29 @@ impl Item {
     }
     /// `type`; `"message"` when absent but `role` is present; empty when neither is.
     pub fn kind(&self) -> &str {
-        &self.kind
+        match self.kind {
+            CODE_OWNED => self.field(KIND).unwrap_or(""),
+            code => KNOWN_TYPES.get(usize::from(code)).copied().unwrap_or(""),
+        }
     }
     pub fn id(&self) -> Option<&str> {
-        self.id.as_deref()
+        self.field(ID)
     }
     pub fn role(&self) -> Option<&str> {
-        self.role.as_deref()
+        match self.role {
+            CODE_OWNED => self.field(ROLE),
+            code => KNOWN_ROLES.get(usize::from(code)).copied(),
+        }
     }
     pub fn call_id(&self) -> Option<&str> {
-        self.call_id.as_deref()
+        self.field(CALL_ID)
     }
     pub fn name(&self) -> Option<&str> {
-        self.name.as_deref()
+        self.field(NAME)
     }
     /// Whether this is a `message` item with the given role.
     pub fn is_message_from(&self, role: &str) -> bool {
-        self.kind == "message" && self.role.as_deref() == Some(role)
+        self.kind() == "message" && self.role() == Some(role)
     }
 }
 
@@ -800,6 +873,59 @@ impl Items {
         })
     }
 
+    /// `first` then `second` as the two ranges of one batch, without token ids: how
+    /// a node stores its input and output. One batch costs one `Arc<Batch>`, one
+    /// slice of item handles and one of counts instead of two of each (about 150
+    /// bytes a node). Token counts are kept when both were counted by the same
+    /// tokenizer (or one side is empty); otherwise neither keeps counts. Handles
+    /// that already are adjacent ranges of one batch without ids are returned as
+    /// they are. The items themselves are shared, never copied.
+    pub fn pair_without_token_ids(first: &Items, second: &Items) -> (Items, Items) {
+        let ids = |i: &Items| i.batch.tokens.as_ref().is_some_and(|t| t.ids.is_some());
+        if Arc::ptr_eq(&first.batch, &second.batch) && first.end == second.start && !ids(first) {
+            return (first.clone(), second.clone());
+        }
+        let fingerprint = match (first.tokenized_by(), second.tokenized_by()) {
+            (a, b) if a == b => a,
+            (a, None) if second.is_empty() => a,
+            (None, b) if first.is_empty() => b,
+            _ => None,
+        };
+        let n = first.len() + second.len();
+        let mut items = Vec::with_capacity(n);
+        items.extend(first.iter().cloned());
+        items.extend(second.iter().cloned());
+        let tokens = fingerprint.map(|fingerprint| {
+            let mut counts = Vec::with_capacity(n);
+            counts.extend_from_slice(first.token_counts().unwrap_or_default());
+            counts.extend_from_slice(second.token_counts().unwrap_or_default());
+            BatchTokens {
+                fingerprint,
+                total: first.tokens() + second.tokens(),
+                counts: counts.into_boxed_slice(),
+                ids: None,
+            }
+        });
+        let batch = Arc::new(Batch {
+            items: items.into_boxed_slice(),
+            nbytes: first.nbytes() + second.nbytes(),
+            tokens,
+        });
+        let split = first.len() as u32;
+        (
+            Items {
+                batch: batch.clone(),
+                start: 0,
+                end: split,
+            },
+            Items {
+                batch,
+                start: split,
+                end: n as u32,
+            },
+        )
+    }
+
     /// Reject a batch built with a larger item limit than the caller's.
     pub fn check_item_limit(&self, max_item_bytes: usize) -> Result<()> {
         match self.iter().position(|i| i.nbytes() > max_item_bytes) {
@@ -912,6 +1038,42 @@ pub(crate) mod tests {
         assert_eq!(items.get(3).unwrap().kind(), "");
         assert_eq!(items.tokens(), 0);
         assert_eq!(items.token_counts(), None);
+    }
+
+    #[test]
+    fn uncommon_fields_share_one_string() {
+        let items = parse(
+            r#"[{"type":"x_call","role":"tool","id":"é1","call_id":"","name":"n\"q"},
+                {"type":"message","role":"assistant","id":"msg_1"},
+                {"role":"critic","name":"ñ"}]"#,
+        )
+        .unwrap();
+        let a = items.get(0).unwrap();
+        assert_eq!((a.kind(), a.role()), ("x_call", Some("tool")));
+        assert_eq!(
+            (a.id(), a.call_id(), a.name()),
+            (Some("é1"), Some(""), Some("n\"q"))
+        );
+        assert!(!a.is_message_from("tool"));
+        let b = items.get(1).unwrap();
+        assert_eq!(
+            (b.kind(), b.role(), b.id()),
+            ("message", Some("assistant"), Some("msg_1"))
+        );
+        assert_eq!((b.call_id(), b.name()), (None, None));
+        assert!(b.is_message_from("assistant"));
+        let c = items.get(2).unwrap();
+        assert_eq!(
+            (c.kind(), c.role(), c.name()),
+            ("message", Some("critic"), Some("ñ"))
+        );
+        assert!(c.is_message_from("critic"));
+        assert_eq!(KNOWN_TYPES[usize::from(MESSAGE)], "message");
+        assert!(
+            std::mem::size_of::<Item>() <= 72,
+            "{}",
+            std::mem::size_of::<Item>()
+        );
     }
 
     fn digest(json: &str) -> u128 {
@@ -1200,6 +1362,37 @@ pub(crate) mod tests {
             bare.tokenize(&other).unwrap().tokenized_by(),
             Some(other.fingerprint())
         );
+    }
+
+    #[test]
+    fn a_pair_shares_one_batch_and_keeps_counts() {
+        let tok = Tokenizer::builtin("o200k_base").unwrap();
+        let a = parse(r#"[{"role":"user","content":"hello world"},{"a":1}]"#).unwrap();
+        let b = parse(r#"[{"role":"assistant","content":"hi"}]"#).unwrap();
+        let (ta, tb) = (a.tokenize(&tok).unwrap(), b.tokenize(&tok).unwrap());
+        let (x, y) = Items::pair_without_token_ids(&ta, &tb);
+        assert!(Arc::ptr_eq(&x.batch, &y.batch));
+        assert!(Arc::ptr_eq(x.get(0).unwrap(), a.get(0).unwrap()));
+        assert!(Arc::ptr_eq(y.get(0).unwrap(), b.get(0).unwrap()));
+        assert_eq!((x.len(), y.len()), (2, 1));
+        assert_eq!((x.nbytes(), y.nbytes()), (a.nbytes(), b.nbytes()));
+        assert_eq!(x.to_json(), a.to_json());
+        assert_eq!(y.to_json(), b.to_json());
+        assert_eq!(x.token_counts(), ta.token_counts());
+        assert_eq!(y.token_counts(), tb.token_counts());
+        assert_eq!((x.tokens(), y.tokens()), (ta.tokens(), tb.tokens()));
+        assert_eq!((x.token_ids(), y.token_ids()), (None, None));
+        assert_eq!(x.tokenized_by(), Some(tok.fingerprint()));
+        // Already one batch: returned as it is.
+        let (x2, y2) = Items::pair_without_token_ids(&x, &y);
+        assert!(x2.ptr_eq(&x) && y2.ptr_eq(&y));
+        // An empty side takes the other's tokenizer; a mismatch keeps no counts.
+        let (e, z) = Items::pair_without_token_ids(&Items::default(), &tb);
+        assert_eq!((e.len(), z.tokens()), (0, tb.tokens()));
+        assert_eq!(z.tokenized_by(), Some(tok.fingerprint()));
+        let (p, q) = Items::pair_without_token_ids(&a, &tb);
+        assert_eq!((p.tokenized_by(), q.tokens()), (None, 0));
+        assert_eq!(q.to_json(), b.to_json());
     }
 
     #[test]

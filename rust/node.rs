@@ -89,7 +89,7 @@ impl TokenConfig {
     pub fn state_after(&self, node: Option<&Node>) -> BlockHasher {
         let (last, tokens, tail) = match node {
             None => (ROOT_PARENT, 0, &[][..]),
-            Some(n) => (n.last_hash, n.tokens, &n.tail[..]),
+            Some(n) => (n.last_hash, n.tokens, n.tail()),
         };
         let blocks = tokens / self.block_size as u64;
         // Tails come from states of this block size, so `resume` cannot fail.
@@ -111,22 +111,19 @@ impl TokenConfig {
         let mut state = self.state_after(parent);
         let mut hashes = Vec::new();
         state.extend(input.token_ids().unwrap_or_default(), &mut hashes);
-        let input_tail: Box<[u32]> = state.tail().into();
+        let input_tail = state.tail().to_vec();
         state.extend(output.token_ids().unwrap_or_default(), &mut hashes);
-        let tokens = NodeTokens {
-            hashes: hashes.into_boxed_slice(),
-            tail: state.tail().into(),
-            input_tail,
-            last_hash: state.last_hash().unwrap_or(ROOT_PARENT),
-        };
+        let tokens = NodeTokens::new(
+            hashes.into_boxed_slice(),
+            state.tail(),
+            &input_tail,
+            state.last_hash().unwrap_or(ROOT_PARENT),
+        );
         if self.keep_ids {
             Ok((tokens, input, output))
         } else {
-            Ok((
-                tokens,
-                input.without_token_ids(),
-                output.without_token_ids(),
-            ))
+            let (input, output) = Items::pair_without_token_ids(&input, &output);
+            Ok((tokens, input, output))
         }
     }
 }
@@ -136,19 +133,46 @@ impl TokenConfig {
 pub struct NodeTokens {
     /// Hashes of the blocks this node's tokens completed.
     pub hashes: Box<[BlockHash]>,
-    /// The tokens after the chain's last full block, after this node.
-    pub tail: Box<[u32]>,
-    /// The same after this node's input (before its output).
-    pub input_tail: Box<[u32]>,
+    /// [`NodeTokens::tail`] then [`NodeTokens::input_tail`], in one allocation.
+    tails: Box<[u32]>,
+    tail_len: u32,
     /// Hash of the chain's last full block after this node (`ROOT_PARENT` if none).
     pub last_hash: BlockHash,
 }
 
 impl NodeTokens {
-    fn cost(&self) -> u64 {
-        HASH_BYTES as u64 * self.hashes.len() as u64
-            + TOKEN_ID_BYTES * (self.tail.len() + self.input_tail.len()) as u64
+    pub fn new(
+        hashes: Box<[BlockHash]>,
+        tail: &[u32],
+        input_tail: &[u32],
+        last_hash: BlockHash,
+    ) -> NodeTokens {
+        NodeTokens {
+            hashes,
+            tails: [tail, input_tail].concat().into_boxed_slice(),
+            // A tail is shorter than a block, whose size is a u32 count of tokens.
+            tail_len: u32::try_from(tail.len()).unwrap_or(u32::MAX),
+            last_hash,
+        }
     }
+
+    /// The tokens after the chain's last full block, after this node.
+    pub fn tail(&self) -> &[u32] {
+        split_tails(&self.tails, self.tail_len).0
+    }
+
+    /// The same after this node's input (before its output).
+    pub fn input_tail(&self) -> &[u32] {
+        split_tails(&self.tails, self.tail_len).1
+    }
+
+    fn cost(&self) -> u64 {
+        HASH_BYTES as u64 * self.hashes.len() as u64 + TOKEN_ID_BYTES * self.tails.len() as u64
+    }
+}
+
+fn split_tails(tails: &[u32], tail_len: u32) -> (&[u32], &[u32]) {
+    tails.split_at((tail_len as usize).min(tails.len()))
 }
 
 /// The first link of every chain digest of an owner's chains.
@@ -237,10 +261,11 @@ pub struct Node {
     /// Canonical item bytes of the whole chain (without brackets and commas).
     pub item_bytes: u64,
     pub tokens: u64,
-    /// Block hashes of this node's own tokens, and the state after it.
+    /// Block hashes of this node's own tokens, and the state after it: the tail
+    /// after the node, then the tail after its input (see [`NodeTokens`]).
     pub hashes: Box<[BlockHash]>,
-    pub tail: Box<[u32]>,
-    pub input_tail: Box<[u32]>,
+    tails: Box<[u32]>,
+    tail_len: u32,
     pub last_hash: BlockHash,
     /// The parent was found by prefix matching (see [`NodeSpec::implicit`]).
     pub implicit: bool,
@@ -299,8 +324,8 @@ impl Node {
             item_bytes,
             tokens,
             hashes: t.hashes,
-            tail: t.tail,
-            input_tail: t.input_tail,
+            tails: t.tails,
+            tail_len: t.tail_len,
             last_hash: t.last_hash,
             implicit: spec.implicit,
             chain,
@@ -350,6 +375,16 @@ impl Node {
     /// Number of this node's own items (input then output).
     pub fn own_len(&self) -> usize {
         self.input.len() + self.output.len()
+    }
+
+    /// The tokens after the chain's last full block, after this node.
+    pub fn tail(&self) -> &[u32] {
+        split_tails(&self.tails, self.tail_len).0
+    }
+
+    /// The same after this node's input (before its output).
+    pub fn input_tail(&self) -> &[u32] {
+        split_tails(&self.tails, self.tail_len).1
     }
 
     /// Tokens of the chain up to this node's parent.

@@ -197,15 +197,14 @@ pub fn decode(cache: &SessionCache, data: &[u8]) -> Result<Vec<(Arc<Node>, bool)
         if n_input > r.items.len() {
             return Err(bad("n_input exceeds the item count".into()));
         }
-        let mut input = Vec::with_capacity(r.items.len());
+        let mut items = Vec::with_capacity(r.items.len());
         for (j, text) in r.items.iter().enumerate() {
             let value: Value = serde_json::from_str(text)
                 .map_err(|e| bad(format!("item {j} is not JSON ({e})")))?;
             let item =
                 Item::from_value(j, &value, max_item_bytes).map_err(|e| bad(e.to_string()))?;
-            input.push(Arc::new(item));
+            items.push(Arc::new(item));
         }
-        let output = input.split_off(n_input);
         let parent_settings = parent.map(|p| &specs[p].0.settings);
         let settings: Arc<[u8]> = match (&r.settings, parent_settings) {
             (Some(s), Some(ps)) if **ps == *s.0 => ps.clone(),
@@ -220,7 +219,9 @@ pub fn decode(cache: &SessionCache, data: &[u8]) -> Result<Vec<(Arc<Node>, bool)
         if r.implicit && parent.is_none() {
             return Err(bad("an implicit parent needs a parent".into()));
         }
-        let (input, output) = (Items::from_vec(input), Items::from_vec(output));
+        // One batch for both, as the cache stores a node's items.
+        let all = Items::from_vec(items);
+        let (input, output) = (all.slice(0..n_input), all.slice(n_input..all.len()));
         let (input, output) = match cache.token_config() {
             Some(cfg) => (
                 cfg.tokenize(&input).map_err(|e| bad(e.to_string()))?,

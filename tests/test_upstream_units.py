@@ -216,7 +216,7 @@ def test_new_chain_key_groups_by_the_first_token_blocks() -> None:
     )
     tiny = new_chain_key(None, [], [_item("a")], block_tokens=64)  # less than one block
     assert tiny != new_chain_key(None, [], [_item("b")], block_tokens=64)
-    assert len(tiny) == 16
+    assert len(tiny) == 8
 
 
 def test_context_items_and_incremental_prompt_hashes() -> None:

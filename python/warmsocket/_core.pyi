@@ -312,7 +312,7 @@ class ContextView:
         tokenised again, O(context) (what a server without token caching pays per
         turn; `tokens` is the cached count)."""
     def block_hashes(self) -> builtins.bytes | None:
-        """The block hashes of the context's tokens, 16 bytes per full block (None
+        """The block hashes of the context's tokens, 8 bytes per full block (None
         without a tokenizer): the chain's stored hashes, then those of the new items.
         The same as `block_hashes(self.token_ids(), block_size, seed=seed)`."""
     def shared_prefix_tokens(self, other: ContextView) -> int | None:
@@ -604,7 +604,7 @@ class BlockHasher:
 
     Holds the last full block's hash, the block count and the tail (fewer than
     `block_size` tokens), so `extend` costs O(new tokens) however long the
-    sequence is. Hashes are returned as bytes, 16 per block (XXH3-128,
+    sequence is. Hashes are returned as bytes, 8 per block (XXH3-64,
     canonical big-endian form); see docs/tokens.md for the definition.
     """
 
@@ -646,12 +646,12 @@ class BlockHasher:
     __hash__: ClassVar[None]  # type: ignore[assignment]
 
 def block_hashes(tokens: _TokenIds, block_size: int = 16, *, seed: int = 0) -> bytes:
-    """The hashes of every full block of `tokens`, from scratch (16 bytes each)."""
+    """The hashes of every full block of `tokens`, from scratch (8 bytes each)."""
 
 def shared_prefix_blocks(a: bytes, b: bytes) -> int:
     """Number of equal leading block hashes of two hash buffers.
 
-    ValueError if a length is not a multiple of 16.
+    ValueError if a length is not a multiple of 8.
     """
 
 def shared_prefix_tokens(a: bytes, b: bytes, block_size: int = 16) -> int:

@@ -17,17 +17,17 @@ from typing import Any
 
 import xxhash
 
-HASH_BYTES = 16
+HASH_BYTES = 8
 ROOT_PARENT = bytes(HASH_BYTES)
 
 
 def hash_block(parent: bytes, block: Sequence[int], seed: int = 0) -> bytes:
-    """XXH3-128 of the parent hash followed by the block's tokens as little-endian u32."""
-    return xxhash.xxh3_128_digest(parent + struct.pack(f"<{len(block)}I", *block), seed=seed)
+    """XXH3-64 of the parent hash followed by the block's tokens as little-endian u32."""
+    return xxhash.xxh3_64_digest(parent + struct.pack(f"<{len(block)}I", *block), seed=seed)
 
 
 def block_hashes(tokens: Sequence[int], block_size: int = 16, seed: int = 0) -> bytes:
-    """Hashes of every full block, 16 bytes each, computed from scratch."""
+    """Hashes of every full block, 8 bytes each, computed from scratch."""
     if block_size < 1:
         raise ValueError("block_size must be at least 1")
     out = []
@@ -39,7 +39,7 @@ def block_hashes(tokens: Sequence[int], block_size: int = 16, seed: int = 0) -> 
 
 
 def shared_prefix_blocks(a: bytes, b: bytes) -> int:
-    """Number of equal leading 16-byte hashes."""
+    """Number of equal leading 8-byte hashes."""
     n = 0
     for i in range(0, min(len(a), len(b)) - HASH_BYTES + 1, HASH_BYTES):
         if a[i : i + HASH_BYTES] != b[i : i + HASH_BYTES]:

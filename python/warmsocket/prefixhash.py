@@ -23,7 +23,7 @@ from typing import Any
 
 from warmsocket._core import BlockHasher, Tokenizer
 
-HASH_BYTES = 16
+HASH_BYTES = 8
 DEFAULT_ENCODING = "o200k_base"
 
 _canonical = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
@@ -115,7 +115,7 @@ class PromptHasher:
     def hash(
         self, instructions: str | None, tools: Sequence[Any], items: list[bytes]
     ) -> tuple[int, list[bytes]]:
-        """(prompt tokens, the hash of each full block, 16 bytes each)."""
+        """(prompt tokens, the hash of each full block, 8 bytes each)."""
         tools_json = tools_item(tools) if tools else b""
         key = (instructions, tools_json)
         entries = self._recent.setdefault(key, [])

@@ -2,8 +2,8 @@
 //! block-hash functions and the tokenizer exceptions.
 //!
 //! Token ids cross as `array('I')` (built from bytes: two copies at memcpy
-//! speed, never a Python int per token), hashes as `bytes` (16 bytes per block,
-//! canonical XXH128 form); every call that grows with its input releases the GIL.
+//! speed, never a Python int per token), hashes as `bytes` (8 bytes per block,
+//! canonical XXH64 form); every call that grows with its input releases the GIL.
 
 use std::path::PathBuf;
 use std::sync::Arc;
