@@ -643,6 +643,10 @@ class Connection(asyncio.Protocol):
                     await self._writable.wait()
             else:
                 session.model_done(turn)
+                # The terminal event goes out now, not after the stream is closed
+                # and the task has ended (one event-loop pass later).
+                self._run_actions()
+                self._flush()
         except asyncio.CancelledError:
             raise
         except APIError as error:
