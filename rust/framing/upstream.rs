@@ -57,6 +57,43 @@ const SKIPPED: [&[u8]; 5] = [
     b"response.content_part.done",
 ];
 
+/// SSE event names of the events that end a response normally.
+const TERMINAL: [&[u8]; 2] = [b"response.completed", b"response.incomplete"];
+
+/// A terminal event, as far as it is read (see `ResponsesDecoder::terminal`):
+/// unknown fields are skipped, and any other shape is an error.
+#[derive(serde::Deserialize)]
+struct TerminalEvent<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    response: Option<TerminalResponse<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct TerminalResponse<'a> {
+    #[serde(default, borrow)]
+    id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    usage: Option<TerminalUsage>,
+}
+
+#[derive(serde::Deserialize)]
+struct TerminalUsage {
+    #[serde(default)]
+    input_tokens: Option<i64>,
+    #[serde(default)]
+    output_tokens: Option<i64>,
+    #[serde(default)]
+    input_tokens_details: Option<TerminalTokenDetails>,
+}
+
+#[derive(serde::Deserialize)]
+struct TerminalTokenDetails {
+    #[serde(default)]
+    cached_tokens: Option<i64>,
+}
+
 /// One upstream response's events -> model events.
 #[derive(Debug, Default)]
 pub struct ResponsesDecoder {
@@ -100,9 +137,42 @@ impl ResponsesDecoder {
             if data == b"[DONE]" {
                 continue;
             }
+            if TERMINAL.contains(&name.as_slice()) && self.terminal(&data, out) {
+                continue;
+            }
             self.message(&data, std::str::from_utf8(&name).ok(), out)?;
         }
         Ok(())
+    }
+
+    /// A terminal event read for the three fields it gives (its type, the
+    /// Response's id and usage), skipping the rest of the Response (instructions,
+    /// tools, output) without building it. False, with nothing done, when the event
+    /// is not in the shape this expects (another type, a field of another type, a
+    /// duplicate key): `message` then reads it in full.
+    fn terminal(&mut self, data: &[u8], out: &mut Vec<Event>) -> bool {
+        let Ok(event) = serde_json::from_slice::<TerminalEvent<'_>>(data) else {
+            return false;
+        };
+        if !TERMINAL.contains(&event.kind.as_bytes()) {
+            return false;
+        }
+        self.started = true;
+        self.done = true;
+        let Some(response) = event.response else {
+            return true;
+        };
+        if let Some(id) = response.id {
+            self.response_id = Some(id.into_owned());
+        }
+        if let Some(usage) = response.usage {
+            out.push(Event::Usage {
+                input: usage.input_tokens,
+                cached: usage.input_tokens_details.and_then(|d| d.cached_tokens),
+                output: usage.output_tokens,
+            });
+        }
+        true
     }
 
     /// One event as JSON (a WebSocket message, or an SSE event's data); `name`
@@ -302,17 +372,25 @@ fn to_json(value: &Value<'_>) -> Vec<u8> {
 /// The lines of a `text/event-stream` body grouped into `(event name, data)`
 /// pairs: `data:` lines joined with newlines, comments and other fields ignored,
 /// LF or CRLF line ends (the same rules as `warmsocket/sse.py`).
+///
+/// The data of an event named in [`SKIPPED`] is not kept (the pair comes out with
+/// empty data): those events repeat the whole Response. That takes the `event:`
+/// line before the `data:` lines, as every Responses server writes it; were a
+/// second `event:` line to rename such an event after its data, the data kept
+/// would be incomplete and the event would fail to decode (a protocol error).
 #[derive(Debug, Default)]
 struct SseLines {
     partial: Vec<u8>,
     event: Vec<u8>,
-    data: Vec<Vec<u8>>,
+    data: Vec<u8>,
+    data_lines: usize,
+    skip: bool,
 }
 
 impl SseLines {
     fn feed(&mut self, chunk: &[u8], out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
         let mut rest = chunk;
-        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+        while let Some(end) = memchr::memchr(b'\n', rest) {
             let line_part = &rest[..end];
             rest = &rest[end + 1..];
             if self.partial.is_empty() {
@@ -327,7 +405,7 @@ impl SseLines {
     }
 
     fn finish(&mut self, out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
-        if !self.partial.is_empty() || !self.data.is_empty() {
+        if !self.partial.is_empty() || self.data_lines > 0 {
             self.feed(b"\n\n", out);
         }
         self.partial.clear();
@@ -336,15 +414,26 @@ impl SseLines {
     fn line(&mut self, line: &[u8], out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
-            if !self.data.is_empty() {
-                let data = std::mem::take(&mut self.data).join(&b'\n');
-                out.push((std::mem::take(&mut self.event), data));
+            if self.data_lines > 0 {
+                out.push((
+                    std::mem::take(&mut self.event),
+                    std::mem::take(&mut self.data),
+                ));
             }
             self.event.clear();
+            self.data_lines = 0;
+            self.skip = false;
         } else if let Some(value) = line.strip_prefix(b"data:") {
-            self.data.push(field_value(value).to_vec());
+            if !self.skip {
+                if self.data_lines > 0 {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(field_value(value));
+            }
+            self.data_lines += 1;
         } else if let Some(value) = line.strip_prefix(b"event:") {
             self.event = field_value(value).to_vec();
+            self.skip = self.data_lines == 0 && SKIPPED.contains(&self.event.as_slice());
         }
     }
 }
@@ -495,6 +584,80 @@ mod tests {
         );
         assert_eq!(decode(&sse("x", "not json"), 4).1, Err(Stop::Protocol));
         assert_eq!(decode(&sse("x", "[1]"), 4).1, Err(Stop::Protocol));
+    }
+
+    /// A terminal event's reading: its events or stop, done, the response id.
+    type Reading = (Result<Vec<Event>, Stop>, bool, Option<String>);
+
+    /// What the fast terminal path and the full reading make of one terminal event.
+    fn both_readings(data: &str) -> [Reading; 2] {
+        let mut fast = ResponsesDecoder::default();
+        let mut out = Vec::new();
+        let fast_result = if fast.terminal(data.as_bytes(), &mut out) {
+            Ok(out)
+        } else {
+            fast.message(data.as_bytes(), Some("response.completed"), &mut out)
+                .map(|()| out)
+        };
+        let mut full = ResponsesDecoder::default();
+        let mut out = Vec::new();
+        let full_result = full
+            .message(data.as_bytes(), Some("response.completed"), &mut out)
+            .map(|()| out);
+        [
+            (fast_result, fast.done, fast.response_id),
+            (full_result, full.done, full.response_id),
+        ]
+    }
+
+    #[test]
+    fn terminal_events_read_fast_agree_with_the_full_reading() {
+        let big = format!(
+            r#""instructions":"{}","tools":[{{"a":[1,2,{{"b":null}}]}}]"#,
+            "x".repeat(500)
+        );
+        let cases = [
+            format!(r#"{{"type":"response.completed","sequence_number":9,"response":{{"id":"r1",{big},"output":[{{"type":"message"}}],"usage":{{"input_tokens":5,"input_tokens_details":{{"cached_tokens":3}},"output_tokens":2,"total_tokens":7}}}}}}"#),
+            r#"{"type":"response.incomplete","response":{"id":"r\u0031","usage":{"input_tokens":5}}}"#.to_owned(),
+            r#"{"type":"response.completed","response":{"id":"r","usage":null}}"#.to_owned(),
+            r#"{"type":"response.completed","response":null}"#.to_owned(),
+            r#"{"type":"response.completed"}"#.to_owned(),
+            // Shapes the fast path declines: the full reading decides.
+            r#"{"type":"response.completed","response":{"id":"r","usage":{"input_tokens":5.0,"output_tokens":true}}}"#.to_owned(),
+            r#"{"type":"response.completed","response":{"id":7,"usage":{"input_tokens":18446744073709551615}}}"#.to_owned(),
+            r#"{"type":"response.completed","response":{"id":"a","id":"b"}}"#.to_owned(),
+            r#"{"type":"response.completed","response":[1]}"#.to_owned(),
+            r#"{"type":"response.failed","response":{"id":"r","error":{"code":"server_error"}}}"#.to_owned(),
+            r#"{"response":{"id":"r"}}"#.to_owned(),
+        ];
+        for case in &cases {
+            let [fast, full] = both_readings(case);
+            assert_eq!(fast, full, "{case}");
+        }
+        let [fast, _] = both_readings(&cases[0]);
+        assert_eq!(
+            fast,
+            (
+                Ok(vec![Event::Usage {
+                    input: Some(5),
+                    cached: Some(3),
+                    output: Some(2)
+                }]),
+                true,
+                Some("r1".to_owned())
+            )
+        );
+    }
+
+    #[test]
+    fn a_skipped_event_renamed_after_its_data_fails_to_decode() {
+        // The `event:` line came first, so the data lines were not kept; a second
+        // `event:` line then gave the event a name that is read (documented limit).
+        let body = "event: response.created\ndata: {\"type\":\"response.output_text.delta\",\ndata: \"delta\":\"x\"}\nevent: response.output_text.delta\n\n";
+        assert_eq!(decode(body, body.len()).1, Err(Stop::Protocol));
+        // Renamed before any data: read in full.
+        let body = "event: response.created\nevent: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"item_id\":\"m\",\"delta\":\"x\"}\n\n";
+        assert_eq!(decode(body, 3).1, Ok(vec![Event::Text("x".into())]));
     }
 
     #[test]
