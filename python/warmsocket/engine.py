@@ -113,11 +113,25 @@ def new_cache(
     )
 
 
+_INSTRUCTIONS_KEYS: dict[str, str] = {}
+_INSTRUCTIONS_KEYS_MAX = 256
+
+
 def instructions_key(instructions: str | None) -> str | None:
-    """What the stored meta remembers of a turn's instructions (to tell a change)."""
+    """What the stored meta remembers of a turn's instructions (to tell a change).
+
+    Memoised: an agent sends the same instructions every turn, and looking them up
+    costs less than hashing them again (the string's own hash is then reused by the
+    instruction token count's memo)."""
     if instructions is None:
         return None
-    return hashlib.blake2b(instructions.encode(), digest_size=8).hexdigest()
+    key = _INSTRUCTIONS_KEYS.get(instructions)
+    if key is None:
+        key = hashlib.blake2b(instructions.encode(), digest_size=8).hexdigest()
+        if len(_INSTRUCTIONS_KEYS) >= _INSTRUCTIONS_KEYS_MAX:
+            _INSTRUCTIONS_KEYS.clear()
+        _INSTRUCTIONS_KEYS[instructions] = key
+    return key
 
 
 _INSTRUCTIONS_MEMBER = b'"instructions":'
