@@ -533,14 +533,18 @@ class HTTPPool:
         loop = asyncio.get_running_loop()
         origin = self.origin
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                _transport, connection = await loop.create_connection(
+            # wait_for, not asyncio.timeout: this may run outside a task (a backend's
+            # eager first step, see `Backend.stream`).
+            _transport, connection = await asyncio.wait_for(
+                loop.create_connection(
                     lambda: HTTPConnection(self),
                     origin.host,
                     origin.port,
                     ssl=self._ssl,
                     server_hostname=origin.host if self._ssl is not None else None,
-                )
+                ),
+                self.connect_timeout,
+            )
         except TimeoutError:
             raise ConnectFailed(
                 f"connecting to {origin.host_header} timed out after {self.connect_timeout:g} s"

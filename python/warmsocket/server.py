@@ -30,7 +30,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -154,6 +154,7 @@ class Server:
             self.metrics.collectors.append(shared_store_collector(shared.stats))
         self.http = HTTPApp(self.engine, auth=Auth(config.api_keys), models=config.models)
         self.immediate = backend.immediate if isinstance(backend, ImmediateBackend) else None
+        self.eager_start = bool(getattr(backend, "eager_start", False))
         """The backend's way to answer a turn at once, if it has one."""
         self.connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
@@ -580,9 +581,7 @@ class Connection(asyncio.Protocol):
                             ws.send_binary(payload)
             elif isinstance(action, StartModel):
                 if not self._answer_now(session, ws, action.turn):
-                    self._tasks[action.turn.response_id] = self.loop.create_task(
-                        self._run_model(session, action.turn)
-                    )
+                    self._start_model(session, action.turn)
                     started = True
             elif isinstance(action, StopModel):
                 task = self._tasks.pop(action.turn.response_id, None)
@@ -625,6 +624,29 @@ class Connection(asyncio.Protocol):
             self._flush()
         session.model_done(turn)
         return True
+
+    def _start_model(self, session: ResponsesSession, turn: Turn) -> None:
+        """Start the turn's model task.
+
+        For a backend with `eager_start` the task's first step runs now, in this
+        callback, where an upstream backend writes its request: the request goes
+        out before the rest of the callback (the `response.created` write,
+        bookkeeping) and without waiting for an event-loop pass, as with Python
+        3.12's eager tasks. The rest runs as a task. (Not from inside another task:
+        a queued turn started as one ends is scheduled as usual.)"""
+        coro = self._run_model(session, turn)
+        if not self.server.eager_start or asyncio.current_task() is not None:
+            self._tasks[turn.response_id] = self.loop.create_task(coro)
+            return
+        try:
+            pending = coro.send(None)
+        except StopIteration:
+            return  # the turn ended in its first step
+        except Exception as exc:  # raised before `_run_model`'s own handlers
+            log.error("backend error", extra={"error_type": type(exc).__name__})
+            session.model_error(turn)
+            return
+        self._tasks[turn.response_id] = self.loop.create_task(_finish(_Resumed(coro, pending)))
 
     async def _run_model(self, session: ResponsesSession, turn: Turn) -> None:
         backend = self.server.engine.backend
@@ -732,6 +754,42 @@ class Connection(asyncio.Protocol):
                     return
         except asyncio.CancelledError:
             return
+
+
+class _Resumed:
+    """Awaiting this drives a coroutine whose first step already ran and yielded
+    `pending` (the future it waits for, or None for a bare yield): what awaiting the
+    coroutine would do from there on, as `yield from` delegates. The task awaiting
+    it waits for `pending`; cancelling the task throws into the coroutine."""
+
+    __slots__ = ("_coro", "_pending")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], pending: Any) -> None:
+        self._coro = coro
+        self._pending = pending
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro, pending = self._coro, self._pending
+        while True:
+            try:
+                sent = yield pending
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                try:
+                    pending = coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    pending = coro.send(sent)
+                except StopIteration:
+                    return
+
+
+async def _finish(resumed: _Resumed) -> None:
+    await resumed
 
 
 async def run_server(

@@ -113,7 +113,14 @@ class TurnContext:
 
 
 class Backend(Protocol):
-    """A model that streams one turn."""
+    """A model that streams one turn.
+
+    A backend may also set a class attribute `eager_start = True`: the server then
+    runs the first step of `stream`'s iteration (up to its first wait) in the
+    callback that received the client's message, outside any task, so an upstream
+    request goes out at once. That first step must then not need a current task
+    (no `asyncio.timeout`, no `asyncio.current_task`).
+    """
 
     name: str
 

@@ -120,6 +120,8 @@ class HTTPUpstreamBackend:
     api: ClassVar[str] = ""
     path: ClassVar[str] = ""
     records_output: ClassVar[bool] = False
+    eager_start: ClassVar[bool] = True
+    """`stream`'s first step (routing, writing the request) needs no task."""
 
     def __init__(self, config: UpstreamConfig, *, metrics: Metrics | None = None) -> None:
         self.config = config
