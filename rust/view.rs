@@ -199,6 +199,42 @@ impl ContextView {
         out
     }
 
+    /// The bytes of `to_json()` between the first `start` items (with the `[` before
+    /// them) and the closing `]`, and their length; None when `start` is past the last
+    /// item. So `to_json()` less its `]` is `[` + `json_from(0)`, and appending
+    /// `json_from(k)` to that part of a view whose items are this view's first `k`
+    /// gives this view's: a caller that keeps that part of a chain's context extends
+    /// it by a turn's new items instead of copying the whole context again.
+    ///
+    /// Costs O(items from `start`): the items are found walking back from the end.
+    pub fn json_from(&self, start: u64) -> Option<(usize, JsonFrom<'_>)> {
+        let total = self.items();
+        let wanted = usize::try_from(total.checked_sub(start)?).ok()?;
+        let mut spans: Vec<&[u8]> = Vec::with_capacity(wanted);
+        let extra = self.extra.iter().flat_map(|e| e.iter().rev());
+        let chain = self
+            .leaf
+            .iter()
+            .flat_map(|leaf| leaf.ancestors())
+            .flat_map(|n| n.own_items().rev());
+        spans.extend(extra.chain(chain).take(wanted).map(|item| item.json()));
+        spans.reverse();
+        // A comma before each item but the very first one of the array.
+        let separators = if start == 0 {
+            spans.len().saturating_sub(1)
+        } else {
+            spans.len()
+        };
+        let len = separators + spans.iter().map(|s| s.len()).sum::<usize>();
+        Some((
+            len,
+            JsonFrom {
+                spans,
+                first: start == 0,
+            },
+        ))
+    }
+
     /// The suffix of the context from the last `message` item with `role` (included);
     /// the whole context when there is none. Walks backwards from the end, looking
     /// only at extracted fields, so it costs O(items returned).
@@ -247,6 +283,24 @@ impl Tail<'_> {
         let mut out = Vec::with_capacity(self.nbytes() as usize);
         self.write_json(|chunk| out.extend_from_slice(chunk));
         out
+    }
+}
+
+/// What [`ContextView::json_from`] writes.
+pub struct JsonFrom<'a> {
+    spans: Vec<&'a [u8]>,
+    /// The spans start the array (no comma before the first).
+    first: bool,
+}
+
+impl JsonFrom<'_> {
+    pub fn write(&self, mut sink: impl FnMut(&[u8])) {
+        for (i, json) in self.spans.iter().enumerate() {
+            if i > 0 || !self.first {
+                sink(b",");
+            }
+            sink(json);
+        }
     }
 }
 
@@ -353,5 +407,44 @@ mod tests {
         assert_eq!(seen.len(), 8);
         assert_eq!(seen[7], br#"{"n":1}"#);
         assert_eq!(seen[1], br#"{"content":"u1","role":"user"}"#);
+    }
+
+    fn json_from(view: &ContextView, start: u64) -> Option<Vec<u8>> {
+        let (len, part) = view.json_from(start)?;
+        let mut out = Vec::new();
+        part.write(|c| out.extend_from_slice(c));
+        assert_eq!(out.len(), len);
+        Some(out)
+    }
+
+    #[test]
+    fn json_from_extends_a_prefix_to_the_whole_json() {
+        let whole = ContextView::new(Some(conversation()), Some(parse(r#"[{"n":1},{"n":2}]"#)));
+        let empty = ContextView::new(None, None);
+        for view in [&whole, &empty] {
+            let json = view.to_json();
+            let items = view.items();
+            // `[` and the part from 0 are the JSON less its `]`.
+            let mut from_0 = b"[".to_vec();
+            from_0.extend(json_from(view, 0).unwrap());
+            assert_eq!(from_0, json[..json.len() - 1].to_vec());
+            assert_eq!(json_from(view, items).unwrap(), Vec::<u8>::new());
+            assert_eq!(json_from(view, items + 1), None);
+        }
+        // A view of the first k items, extended by the rest, is the whole.
+        let json = whole.to_json();
+        let spans = whole.item_spans();
+        for k in 0..=spans.len() {
+            let joined: Vec<&str> = spans[..k]
+                .iter()
+                .map(|s| std::str::from_utf8(s).unwrap())
+                .collect();
+            let prefix = ContextView::new(None, Some(parse(&format!("[{}]", joined.join(",")))));
+            let mut built = b"[".to_vec();
+            built.extend(json_from(&prefix, 0).unwrap());
+            built.extend(json_from(&whole, k as u64).unwrap());
+            built.push(b']');
+            assert_eq!(built, json, "k = {k}");
+        }
     }
 }

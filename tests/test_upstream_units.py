@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 
@@ -112,7 +113,7 @@ def test_origin_and_request_head() -> None:
 
 
 async def _serve(handler: object) -> tuple[asyncio.Server, int]:
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)  # type: ignore[arg-type]
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
 
 
@@ -242,7 +243,7 @@ def make_router(count: int = 3, **config: object) -> tuple[Router, Metrics, list
     clock = [0.0]
     router = Router(
         [f"http://r{i}:8000/v1" for i in range(count)],
-        RouterConfig(**config),  # type: ignore[arg-type]
+        RouterConfig(**config),
         metrics=metrics.upstream,
         clock=lambda: clock[0],
     )
@@ -353,3 +354,55 @@ def test_config_and_model_map() -> None:
         parse_model_map(["no-equals"])
     with pytest.raises(ValueError):
         UpstreamConfig(urls=())
+
+
+class _Turn:
+    """What `ContextCache` reads of a turn."""
+
+    def __init__(self, response_id: str, parent: str | None, view: Any) -> None:
+        self.response_id = response_id
+        self.previous_response_id = parent
+        self.view = view
+
+
+def _chain_view(cache: Any, parent: str | None, new_input: list[dict[str, Any]]) -> Any:
+    items = cache.items(new_input)
+    if parent is None:
+        return cache.view(None, owner="o", extra=items)
+    with cache.bind(parent, owner="o") as binding:
+        return binding.view(items)
+
+
+def test_context_cache_extends_a_chain_and_equals_the_whole_context() -> None:
+    """Each turn's context bytes equal the view's JSON less its `]`, whether extended
+    from the parent's entry, rebuilt for a fork, or copied because a transport still
+    held the buffer; the entry moves to the newest turn; the bound holds."""
+    from warmsocket._core import SessionCache
+    from warmsocket.backends.responses_http import ContextCache
+
+    cache = SessionCache()
+    contexts = ContextCache()
+    parent: str | None = None
+    held: list[memoryview] = []
+    for turn in range(12):
+        new = [{"type": "message", "role": "user", "content": f"turn {turn} " + "x" * turn}]
+        view = _chain_view(cache, parent, new)
+        rid = f"resp_{turn}"
+        got = contexts.context(_Turn(rid, parent, view))
+        assert bytes(got) == view.json()[:-1], turn
+        if turn == 5:
+            held.append(memoryview(got))  # as a transport with a pending write would
+        text = {"type": "output_text", "text": f"a{turn}"}
+        output = [{"type": "message", "role": "assistant", "content": [text]}]
+        cache.create(rid, owner="o", input=new, output=output, previous_response_id=parent)
+        parent = rid
+    assert list(contexts._entries) == ["resp_11"]  # the chain's entry moved along
+    # A fork from an older response: built whole, and still right.
+    view = _chain_view(cache, "resp_3", [{"role": "user", "content": "fork"}])
+    fork = contexts.context(_Turn("resp_fork", "resp_3", view))
+    assert bytes(fork) == view.json()[:-1]
+    # The bound: the oldest entries go first.
+    small = ContextCache(max_bytes=1)
+    small.context(_Turn("a", None, _chain_view(cache, "resp_2", [])))
+    small.context(_Turn("b", None, _chain_view(cache, "resp_4", [])))
+    assert list(small._entries) == ["b"]

@@ -324,6 +324,11 @@ class ContextView:
 
         Results of 256 KiB or more are copied with the GIL released.
         """
+    def json_from(self, start: int) -> bytes:
+        """The bytes of `json()` between the first `start` items (with the `[` before
+        them) and the closing `]`: `json()` less its `]` is `b"[" + json_from(0)`, and
+        appending `json_from(k)` to that part of a view whose items are this view's
+        first `k` gives this view's. ValueError when `start` is past the last item."""
     def objects(self) -> list[dict[str, Any]]:
         """The items decoded to Python dicts, oldest first."""
     def tail(self, *, from_last_role: str = "user") -> bytes:

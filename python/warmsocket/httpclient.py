@@ -304,7 +304,10 @@ class HTTPConnection(asyncio.Protocol):
     # -- requests --------------------------------------------------------------------------
 
     async def send(
-        self, data: list[bytes], timeout: float, on_sent: Callable[[], None] | None = None
+        self,
+        data: list[bytes | bytearray],
+        timeout: float,
+        on_sent: Callable[[], None] | None = None,
     ) -> ResponseHead:
         """Write one request, call `on_sent`, and wait for the response head."""
         assert self.transport is not None
@@ -470,7 +473,7 @@ class HTTPPool:
 
     async def request(
         self,
-        data: list[bytes],
+        data: list[bytes | bytearray],
         *,
         timeout: float,
         on_sent: Callable[[], None] | None = None,

@@ -550,6 +550,16 @@ impl PyContextView {
         view_json(py, &self.inner)
     }
 
+    fn json_from<'py>(&self, py: Python<'py>, start: u64) -> PyResult<Bound<'py, PyBytes>> {
+        let Some((len, part)) = self.inner.json_from(start) else {
+            return Err(PyValueError::new_err(format!(
+                "start {start} is past the view's {} items",
+                self.inner.items()
+            )));
+        };
+        bytes_with(py, len, |sink| part.write(|c| sink.write(c)))
+    }
+
     fn objects<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         view_objects(py, &self.inner)
     }

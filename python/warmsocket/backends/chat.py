@@ -63,7 +63,7 @@ class ChatBackend(HTTPUpstreamBackend):
         self.full_renders = 0
         """Turns whose whole context was translated (not continued from a remembered parent)."""
 
-    def build_body(self, turn: TurnContext, model: str) -> list[bytes]:
+    def build_body(self, turn: TurnContext, model: str) -> list[bytes | bytearray]:
         parent = self._memo.get(turn.previous_response_id) if turn.previous_response_id else None
         messages: list[bytes] | None = None
         last_role: str | None = None

@@ -146,7 +146,7 @@ class HTTPUpstreamBackend:
 
     # -- what a subclass provides -------------------------------------------------------------
 
-    def build_body(self, turn: TurnContext, model: str) -> list[bytes]:
+    def build_body(self, turn: TurnContext, model: str) -> list[bytes | bytearray]:
         """The request body as pieces, written as they are (never joined into one buffer)."""
         raise NotImplementedError
 

@@ -2,9 +2,10 @@
 
 The body carries the full context with `store: false`: the settings the client set,
 then `"input":` and the context exactly as the session cache holds it (canonical
-item JSON, concatenated in Rust), so building it is a copy, and each turn's body
-starts with the previous turn's. The answer's events are re-emitted under
-warmsocket's own response and item ids.
+item JSON), so each turn's body starts with the previous turn's. The context part is
+kept per chain (`ContextCache`) and extended by each turn's new items rather than
+built whole again. The answer's events are re-emitted under warmsocket's own
+response and item ids.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from warmsocket.response_stream import dumps
 from warmsocket.upstream import RESPONSES_FORWARDED, explicit_settings
 
 MEMO_ENTRIES = 4096
+MAX_CONTEXT_BYTES = 32 * 1024 * 1024
+"""What `ContextCache` keeps at most: the contexts of the most recent chains."""
 
 
 def request_head(
@@ -55,6 +58,49 @@ class HeadCache:
         return head
 
 
+class ContextCache:
+    """The request's `"input"` value so far, by response id: `[` and the context's
+    items without the closing `]`, kept for the newest turn of each chain.
+
+    A turn continuing a chain takes its parent's entry and appends only what came
+    since (the parent's output and the new input: `ContextView.json_from`) instead of
+    building the whole context again; the entry moves to the new response. A fork from
+    an older response, or a parent no longer here, builds it whole. Bounded by
+    `max_bytes`, oldest chains dropped first: an entry is one more copy of a chain's
+    context, besides the session cache's.
+    """
+
+    def __init__(self, max_bytes: int = MAX_CONTEXT_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, tuple[bytearray, int]] = OrderedDict()
+        self._bytes = 0
+
+    def context(self, turn: TurnContext) -> bytearray:
+        """`[` and the turn's context items, without the `]`."""
+        view = turn.view
+        parent = turn.previous_response_id
+        entry = self._entries.pop(parent, None) if parent is not None else None
+        if entry is not None:
+            self._bytes -= len(entry[0])
+        if entry is not None and entry[1] <= view.items:
+            buffer, items = entry
+            tail = view.json_from(items)
+            try:
+                buffer += tail
+            except BufferError:  # a transport still holds it (a write pending)
+                buffer = bytearray(buffer)
+                buffer += tail
+        else:
+            buffer = bytearray(b"[")
+            buffer += view.json_from(0)
+        self._entries[turn.response_id] = (buffer, view.items)
+        self._bytes += len(buffer)
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            _id, (dropped, _items) = self._entries.popitem(last=False)
+            self._bytes -= len(dropped)
+        return buffer
+
+
 class ResponsesHTTPBackend(HTTPUpstreamBackend):
     name = "upstream-responses"
     api: ClassVar[str] = "responses"
@@ -63,9 +109,11 @@ class ResponsesHTTPBackend(HTTPUpstreamBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._body_heads = HeadCache({"stream": True, "store": False})
+        self._contexts = ContextCache()
 
-    def build_body(self, turn: TurnContext, model: str) -> list[bytes]:
-        return [self._body_heads.head(turn, model), turn.view.json(), b"}"]
+    def build_body(self, turn: TurnContext, model: str) -> list[bytes | bytearray]:
+        head = self._body_heads.head(turn, model)
+        return [head, self._contexts.context(turn), b"]}"]
 
     def new_decoder(self) -> Decoder:
         return ResponsesSSEDecoder()
