@@ -211,13 +211,7 @@ impl ContextView {
         let total = self.items();
         let wanted = usize::try_from(total.checked_sub(start)?).ok()?;
         let mut spans: Vec<&[u8]> = Vec::with_capacity(wanted);
-        let extra = self.extra.iter().flat_map(|e| e.iter().rev());
-        let chain = self
-            .leaf
-            .iter()
-            .flat_map(|leaf| leaf.ancestors())
-            .flat_map(|n| n.own_items().rev());
-        spans.extend(extra.chain(chain).take(wanted).map(|item| item.json()));
+        spans.extend(self.items_from_end().take(wanted).map(|item| item.json()));
         spans.reverse();
         // A comma before each item but the very first one of the array.
         let separators = if start == 0 {
@@ -235,19 +229,25 @@ impl ContextView {
         ))
     }
 
-    /// The suffix of the context from the last `message` item with `role` (included);
-    /// the whole context when there is none. Walks backwards from the end, looking
-    /// only at extracted fields, so it costs O(items returned).
-    pub fn tail(&self, role: &str) -> Tail<'_> {
-        let mut items: Vec<&Item> = Vec::new();
-        let mut item_bytes = 0u64;
+    /// The items newest first, walking back from the end of the chain (the cost is
+    /// in how many are taken, not in the chain's length).
+    fn items_from_end(&self) -> impl Iterator<Item = &Item> {
         let extra = self.extra.iter().flat_map(|e| e.iter().rev());
         let chain = self
             .leaf
             .iter()
             .flat_map(|leaf| leaf.ancestors())
             .flat_map(|n| n.own_items().rev());
-        for item in extra.chain(chain) {
+        extra.chain(chain).map(|item| &**item)
+    }
+
+    /// The suffix of the context from the last `message` item with `role` (included);
+    /// the whole context when there is none. Walks backwards from the end, looking
+    /// only at extracted fields, so it costs O(items returned).
+    pub fn tail(&self, role: &str) -> Tail<'_> {
+        let mut items: Vec<&Item> = Vec::new();
+        let mut item_bytes = 0u64;
+        for item in self.items_from_end() {
             items.push(item);
             item_bytes += item.nbytes() as u64;
             if item.is_message_from(role) {

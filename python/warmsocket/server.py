@@ -154,8 +154,9 @@ class Server:
             self.metrics.collectors.append(shared_store_collector(shared.stats))
         self.http = HTTPApp(self.engine, auth=Auth(config.api_keys), models=config.models)
         self.immediate = backend.immediate if isinstance(backend, ImmediateBackend) else None
-        self.eager_start = bool(getattr(backend, "eager_start", False))
         """The backend's way to answer a turn at once, if it has one."""
+        self.eager_start = bool(getattr(backend, "eager_start", False))
+        """Whether a model task's first step runs in place (`Backend`'s docs)."""
         self.connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
 
