@@ -16,15 +16,24 @@ direct arm at turn k. Targets: warmsocket's mean overhead at most half of
 agentic-api's, and flat: the mean overhead of turns 51-60 at most 1.2x that of
 turns 1-10. Without `--benchmark-enable` one conversation per arm runs as a smoke
 test (every answer checked). `WARMSOCKET_BENCH_REPS` sets the repetitions (20).
+
+The report also cuts each arm's turns at the upstream's own timestamps (`GET /stats`:
+when it had read the request and when it finished the answer; all processes read the
+same CLOCK_MONOTONIC), so a gateway's overhead splits into its request path (client
+send -> upstream has the request) and its answer path (upstream done -> client has
+parsed the terminal event), each against the direct arm's, for turns 1-10 and 51-60.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import json
 import os
 import random
 import statistics
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +77,7 @@ TOOLS = [
 SETTINGS = {"model": MODEL, "instructions": INSTRUCTIONS, "tools": TOOLS}
 ARGUMENTS = '{"path": "src/main.py"}'
 AGENTIC_MISSING = "agentic-api is not installed (pip install agentic-api==0.9.0)"
+PATH_PARTS = ("request_path", "upstream", "answer_path")
 
 
 def tool_output(turn: int) -> str:
@@ -116,6 +126,8 @@ class Arm:
     """The gateway process, whose CPU time per turn is recorded."""
     samples: list[list[float]] = field(default_factory=lambda: [[] for _ in range(TURNS)])
     cpu: list[list[float]] = field(default_factory=lambda: [[] for _ in range(TURNS)])
+    spans: list[tuple[int, float, float]] = field(default_factory=list)
+    """(turn, send, done) of each recorded turn, `time.monotonic()` seconds."""
     last: dict[str, Any] | None = None
 
     async def reset(self) -> None:
@@ -128,12 +140,15 @@ class Arm:
     async def turn(self, index: int, record: bool) -> None:
         items = turn_items(index, self.last)
         cpu = cpu_seconds(self.pid)
+        sent = time.monotonic()
         start = time.perf_counter()
         self.last = await self.client.turn(items)
         elapsed = time.perf_counter() - start
+        done = time.monotonic()
         if record:
             self.samples[index].append(elapsed)
             self.cpu[index].append(cpu_seconds(self.pid) - cpu)
+            self.spans.append((index, sent, done))
 
 
 @dataclass
@@ -196,6 +211,61 @@ def _overheads(arms: dict[str, Arm]) -> dict[str, list[float]]:
 
 def _window(values: list[float], start: int, stop: int) -> float:
     return statistics.mean(values[start:stop])
+
+
+def upstream_requests(upstream_url: str) -> list[dict[str, Any]]:
+    """What the simulated upstream recorded of every request, by time received."""
+    root = upstream_url.removesuffix("/").removesuffix("/v1")
+    with urllib.request.urlopen(f"{root}/stats", timeout=30) as response:
+        requests: list[dict[str, Any]] = json.load(response)["requests"]
+    return sorted(
+        (r for r in requests if r.get("finished") is not None), key=lambda r: r["received"]
+    )
+
+
+def _paths(arms: dict[str, Arm], requests: list[dict[str, Any]]) -> dict[str, float]:
+    """Median request path, upstream time and answer path (ms) of each arm, turns 1-10
+    and 51-60, from the one upstream request received within each turn."""
+    received = [r["received"] for r in requests]
+    report: dict[str, float] = {}
+    for name, arm in arms.items():
+        windows: dict[str, list[tuple[float, float, float]]] = {"1_10": [], "51_60": []}
+        for index, sent, done in arm.spans:
+            window = "1_10" if index < 10 else "51_60" if index >= 50 else None
+            low = bisect.bisect_left(received, sent)
+            high = bisect.bisect_right(received, done)
+            if window is None or high - low != 1:
+                continue  # a retried request would not say which attempt answered
+            request = requests[low]
+            windows[window].append(
+                (
+                    request["received"] - sent,
+                    request["finished"] - request["received"],
+                    done - request["finished"],
+                )
+            )
+        for window, rows in windows.items():
+            if rows:
+                for part, values in zip(PATH_PARTS, zip(*rows, strict=True), strict=True):
+                    report[f"{name}_{part}_turns_{window}_ms"] = statistics.median(values) * 1e3
+    return report
+
+
+def _print_paths(paths: dict[str, float], names: list[str]) -> None:
+    print("\nmedian ms: request path (send -> upstream has it), upstream, answer path")
+    print("(upstream done -> terminal parsed); a gateway's two paths also minus direct's:")
+    for window in ("1_10", "51_60"):
+        base = [paths.get(f"direct_{part}_turns_{window}_ms") for part in PATH_PARTS]
+        for name in names:
+            parts = [paths.get(f"{name}_{part}_turns_{window}_ms") for part in PATH_PARTS]
+            if None in parts:
+                continue
+            cells = [f"{part} {value:.3f}" for part, value in zip(PATH_PARTS, parts, strict=True)]
+            line = f"turns {window.replace('_', '-'):5} {name:>12}: " + "  ".join(cells)
+            if name != "direct" and None not in base:
+                extra = [p - b for p, b in zip(parts, base, strict=True)]  # type: ignore[operator]
+                line += f"  | +{extra[0]:.3f} / +{extra[2]:.3f}"
+            print(line)
 
 
 def _cpu(arms: dict[str, Arm]) -> dict[str, list[float]]:
@@ -261,6 +331,9 @@ def test_upstream_overhead_flat_and_vs_agentic_api(benchmark: Any, servers: Serv
         return
     overheads = _overheads(result)
     report = _report(overheads, _cpu(result))
+    paths = _paths(result, upstream_requests(servers.upstream_url))
+    _print_paths(paths, list(result))
+    report.update(paths)
     benchmark.extra_info.update(report)
     early, late = report["warmsocket_turns_1_10_ms"], report["warmsocket_turns_51_60_ms"]
     benchmark.extra_info["warmsocket_flatness"] = late / early if early > 0 else float("inf")
