@@ -75,6 +75,8 @@ mod _core {
     #[pymodule_export]
     use crate::py::token::Tokenizer;
     #[pymodule_export]
+    use crate::py::upstream::parse_response_head;
+    #[pymodule_export]
     use crate::py::upstream::PyChunkedBody;
     #[pymodule_export]
     use crate::py::upstream::PyResponsesStreamDecoder;

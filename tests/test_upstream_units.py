@@ -83,8 +83,18 @@ def test_truncated_and_invalid_responses() -> None:
     parser = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
     with pytest.raises(ConnectionClosed):
         parser.feed_eof()
-    with pytest.raises(ProtocolViolation):
+    with pytest.raises(ProtocolViolation, match="invalid status line"):
         parse(b"SMTP ready\r\n\r\n")
+    with pytest.raises(ProtocolViolation, match="invalid header line"):
+        parse(b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", step=7)
+    for head in (
+        b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000,
+        b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000 + b"\r\n\r\n",
+    ):
+        with pytest.raises(ProtocolViolation, match="too large"):
+            parse(head, step=4096)
+        with pytest.raises(ProtocolViolation, match="too large"):
+            parse(head)
     with pytest.raises(ProtocolViolation):
         parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
     # Bytes after a complete response: the connection is not reused.

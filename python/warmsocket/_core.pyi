@@ -65,6 +65,7 @@ __all__ = [
     "encoding_for_model",
     "frame_event",
     "parse_client_message",
+    "parse_response_head",
     "shared_prefix_blocks",
     "shared_prefix_tokens",
 ]
@@ -906,6 +907,12 @@ class ResponsesStreamDecoder:
     @property
     def response_id(self) -> str | None:
         """The upstream's id of the response, from its terminal event."""
+
+def parse_response_head(data: bytes) -> tuple[int, int, bool, dict[str, str]] | None:
+    """The HTTP/1.1 response head at the start of `data`: (its length in bytes, blank
+    line included; the status; whether the version is HTTP/1.0; the headers, names
+    lowercased, repeated ones joined with ", "), or None until the blank line has
+    arrived. ValueError for an invalid status or header line, or a head over 64 KiB."""
 
 @final
 class ChunkedBody:

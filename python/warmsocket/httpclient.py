@@ -3,8 +3,8 @@
 Why our own: an upstream turn is one POST whose streamed answer is read chunk by
 chunk, and the whole per-turn overhead budget is well under a millisecond. This
 client does just that: `ResponseParser` is a Sans-I/O parser of one response
-(status, headers, `Content-Length`, chunked (decoded in Rust) or read-until-close
-bodies);
+(status and headers, parsed in Rust; `Content-Length`, chunked (decoded in Rust) or
+read-until-close bodies);
 `HTTPConnection` is an `asyncio.Protocol` that feeds it; `HTTPPool` keeps idle
 keep-alive connections per origin (LIFO, bounded, with an idle timeout) and opens
 new ones when none is free.
@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from warmsocket._core import ChunkedBody
+from warmsocket._core import ChunkedBody, parse_response_head
 
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -140,6 +140,10 @@ class ResponseParser:
         if mode == "chunked":
             self._feed_chunks(data)
             return
+        if not self._buffer:
+            # The usual case: the head starts this read, parsed in place.
+            self._advance_from(data)
+            return
         self._buffer += data
         self._advance()
 
@@ -189,36 +193,49 @@ class ResponseParser:
                     self._buffer.clear()
                 return
 
+    def _advance_from(self, data: bytes) -> None:
+        """`feed` for a read that starts with the head: no copy into the buffer."""
+        length = self._head_from(data)
+        if length is None:
+            self._buffer += data
+            return
+        if self._mode == "chunked":
+            self._feed_chunks(data[length:])
+        else:
+            self._buffer += data[length:]
+            self._advance()
+
     def _parse_head(self) -> bool:
         buffer = self._buffer
-        end = buffer.find(b"\r\n\r\n")
-        if end < 0:
+        if b"\r\n\r\n" not in buffer:  # not complete yet: no copy for the parser
             if len(buffer) > MAX_HEAD_BYTES:
                 raise ProtocolViolation("response head too large")
             return False
-        lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
-        del buffer[: end + 4]
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise ProtocolViolation("invalid status line")
-        status = int(parts[1])
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise ProtocolViolation("invalid header line")
-            key = name.strip().lower()
-            value = value.strip()
-            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        length = self._head_from(bytes(buffer))
+        if length is None:
+            return False
+        del buffer[:length]
+        return True
+
+    def _head_from(self, data: bytes) -> int | None:
+        """Parse a head at the start of `data`; its length, or None if incomplete.
+        An interim (1xx) head is taken and the mode stays `head`."""
+        try:
+            parsed = parse_response_head(data)
+        except ValueError as exc:
+            raise ProtocolViolation(str(exc)) from None
+        if parsed is None:
+            return None
+        length, status, http10, headers = parsed
         if 100 <= status < 200:
-            return True  # interim response (100 Continue): parse the next head
+            return length  # interim response (100 Continue): parse the next head
         self.head = ResponseHead(status, headers)
         connection = headers.get("connection", "").lower()
-        if "close" in connection or (parts[0] == "HTTP/1.0" and "keep-alive" not in connection):
+        if "close" in connection or (http10 and "keep-alive" not in connection):
             self.keep_alive = False
         if self._mode == "head-only" or status in {204, 304}:
             self.done = True
-            return True
+            return length
         if "chunked" in headers.get("transfer-encoding", "").lower():
             self._mode = "chunked"
         elif "content-length" in headers:
@@ -234,7 +251,7 @@ class ResponseParser:
         else:
             self._mode = "close"
             self.keep_alive = False
-        return True
+        return length
 
     def _feed_chunks(self, data: bytes) -> None:
         """A read of a chunked body, decoded in Rust (one call, however many chunks)."""

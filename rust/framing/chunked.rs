@@ -1,7 +1,7 @@
 //! The `Transfer-Encoding: chunked` body of an HTTP/1.1 response, decoded.
 //!
-//! The upstream client (`warmsocket/httpclient.py`) parses a response's head in
-//! Python, once, and hands the chunked body here: one call per read, whatever the
+//! The upstream client (`warmsocket/httpclient.py`) parses a response's head
+//! (`http_head.rs`), once, and hands the chunked body here: one call per read, whatever the
 //! number of chunks in it (an SSE stream is usually one chunk per event).
 //! Chunk extensions (`;name=value`) and trailers are read past and dropped.
 

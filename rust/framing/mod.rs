@@ -9,6 +9,7 @@
 //!   msgpack binary frames, or SSE;
 //! * `error`: the request errors and their messages;
 //! * `upstream`: an upstream's streamed Responses events read back as model events;
+//! * `http_head`: an upstream response's status line and headers;
 //! * `chunked`: an upstream response's `Transfer-Encoding: chunked` body;
 //! * `client_frames`: a client's WebSocket frames split off its byte stream, whole
 //!   messages unmasked.
@@ -19,6 +20,7 @@ pub mod chunked;
 pub mod client_frames;
 pub mod encoder;
 pub mod error;
+pub mod http_head;
 pub mod json;
 pub mod msgpack;
 pub mod request;

@@ -1,14 +1,16 @@
 //! Glue for reading an upstream's answers: `ResponsesStreamDecoder`
 //! (`rust/framing/upstream.rs`), one call per chunk of an SSE body or per WebSocket
-//! message, returning the model events as tuples; and `ChunkedBody`
+//! message, returning the model events as tuples; `parse_response_head`
+//! (`rust/framing/http_head.rs`), once per HTTP response; and `ChunkedBody`
 //! (`rust/framing/chunked.rs`), one call per read of a chunked HTTP body (see
 //! `_core.pyi`).
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use crate::framing::chunked::ChunkedDecoder;
+use crate::framing::http_head;
 use crate::framing::upstream::{Event, ResponsesDecoder, Stop};
 
 /// An upstream's streamed Responses events -> model events (see `_core.pyi`).
@@ -91,6 +93,24 @@ fn events_list<'py>(
         list.append(tuple)?;
     }
     Ok(list)
+}
+
+/// The head of an HTTP/1.1 response at the start of `data` (see `_core.pyi`).
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+pub fn parse_response_head<'py>(
+    py: Python<'py>,
+    data: &[u8],
+) -> PyResult<Option<(usize, u16, bool, Bound<'py, PyDict>)>> {
+    let head = http_head::parse(data).map_err(|e| PyValueError::new_err(e.message()))?;
+    let Some(head) = head else {
+        return Ok(None);
+    };
+    let headers = PyDict::new(py);
+    for (name, value) in &head.headers {
+        headers.set_item(name, value)?;
+    }
+    Ok(Some((head.length, head.status, head.http10, headers)))
 }
 
 /// An HTTP/1.1 `Transfer-Encoding: chunked` body, decoded (see `_core.pyi`).
