@@ -2,8 +2,8 @@
 //!
 //! The upstream client (`warmsocket/httpclient.py`) calls this once per response,
 //! on the bytes read so far; the body is then read as it is framed (chunked:
-//! `chunked.rs`). It was Python string work before: ~14 µs of a turn's answer path
-//! in the server, against 1–2 µs here.
+//! `chunked.rs`). It was Python string work before, ~14 µs of a turn's answer path
+//! in the server (timestamps in an instrumented copy; docs/benchmarks.md).
 //!
 //! What is accepted is what that Python parser accepted: a status line
 //! `HTTP/1.<x> <digits>[ <reason>]`, then header lines `name: value`, the name
