@@ -255,16 +255,16 @@ def _print_paths(paths: dict[str, float], names: list[str]) -> None:
     print("\nmedian ms: request path (send -> upstream has it), upstream, answer path")
     print("(upstream done -> terminal parsed); a gateway's two paths also minus direct's:")
     for window in ("1_10", "51_60"):
-        base = [paths.get(f"direct_{part}_turns_{window}_ms") for part in PATH_PARTS]
+        keys = {name: [f"{name}_{part}_turns_{window}_ms" for part in PATH_PARTS] for name in names}
         for name in names:
-            parts = [paths.get(f"{name}_{part}_turns_{window}_ms") for part in PATH_PARTS]
-            if None in parts:
+            if not all(key in paths for key in keys[name]):
                 continue
+            parts = [paths[key] for key in keys[name]]
             cells = [f"{part} {value:.3f}" for part, value in zip(PATH_PARTS, parts, strict=True)]
             line = f"turns {window.replace('_', '-'):5} {name:>12}: " + "  ".join(cells)
-            if name != "direct" and None not in base:
-                extra = [p - b for p, b in zip(parts, base, strict=True)]  # type: ignore[operator]
-                line += f"  | +{extra[0]:.3f} / +{extra[2]:.3f}"
+            if name != "direct" and all(key in paths for key in keys["direct"]):
+                base = [paths[key] for key in keys["direct"]]
+                line += f"  | {parts[0] - base[0]:+.3f} / {parts[2] - base[2]:+.3f}"
             print(line)
 
 
@@ -327,11 +327,14 @@ def test_upstream_overhead_flat_and_vs_agentic_api(benchmark: Any, servers: Serv
     finally:
         loop.close()
     assert set(result) >= {"direct", "warmsocket"}
+    paths = _paths(result, upstream_requests(servers.upstream_url))
+    for name in ("direct", "warmsocket"):  # every turn matched its one upstream request
+        for window in ("1_10", "51_60"):
+            assert paths[f"{name}_upstream_turns_{window}_ms"] > 0, (name, window)
     if not timed:
         return
     overheads = _overheads(result)
     report = _report(overheads, _cpu(result))
-    paths = _paths(result, upstream_requests(servers.upstream_url))
     _print_paths(paths, list(result))
     report.update(paths)
     benchmark.extra_info.update(report)
