@@ -11,6 +11,8 @@
 //! joined with `", "`; bytes are read as Latin-1. A header line without a colon
 //! (including an obsolete folded continuation) makes the head invalid.
 
+use std::collections::HashMap;
+
 /// Longest head accepted (the status line, headers and the blank line).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
@@ -62,16 +64,22 @@ pub fn parse(data: &[u8]) -> Result<Option<ResponseHead>, HeadError> {
     });
     let (status, http10) = status_line(lines.next().unwrap_or_default())?;
     let mut headers: Vec<(String, String)> = Vec::new();
+    // Where each name is in `headers` (a head may hold thousands of lines).
+    let mut positions: HashMap<String, usize> = HashMap::new();
     for line in lines {
         let colon = memchr::memchr(b':', line).ok_or(HeadError::HeaderLine)?;
         let name = latin1(trim(&line[..colon])).to_ascii_lowercase();
         let value = latin1(trim(&line[colon + 1..]));
-        match headers.iter_mut().find(|(known, _)| *known == name) {
-            Some((_, joined)) => {
+        match positions.get(&name) {
+            Some(&at) => {
+                let joined = &mut headers[at].1;
                 joined.push_str(", ");
                 joined.push_str(&value);
             }
-            None => headers.push((name, value)),
+            None => {
+                positions.insert(name.clone(), headers.len());
+                headers.push((name, value));
+            }
         }
     }
     Ok(Some(ResponseHead {
@@ -206,6 +214,19 @@ mod tests {
                 "{text:?}"
             );
         }
+    }
+
+    #[test]
+    fn many_repeated_headers_are_joined_in_order() {
+        let mut text = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..3000 {
+            text.push_str(&format!("X-{}: {i}\r\n", i % 3));
+        }
+        text.push_str("\r\n");
+        let parsed = head(&text);
+        assert_eq!(parsed.headers.len(), 3);
+        assert!(parsed.headers[1].1.starts_with("1, 4, 7, "));
+        assert_eq!(parsed.headers[2].1.split(", ").count(), 1000);
     }
 
     #[test]
