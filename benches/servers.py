@@ -8,20 +8,17 @@ noisy machine hits both alike) and comparing medians.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 
 import pytest
 
 from warmsocket import _core
-
-WARMSOCKET = os.path.join(os.path.dirname(sys.executable), "warmsocket")
+from warmsocket.bench.procs import Process, stop
 
 BARE_SERVER = """
 import asyncio, json, sys, uvloop
@@ -56,64 +53,8 @@ uvloop.run(main())
 """A bare `websockets` server on uvloop (`echo` or `replay`, argv[1])."""
 
 
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen[str]
-    port: int
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/responses"
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    for stream in (process.stdout, process.stderr):
-        if stream is not None:
-            stream.close()
-
-
 @contextmanager
-def warmsocket_process(command: str, *args: str) -> Iterator[ServerProcess]:
-    """`warmsocket <command> --port 0 --log-format json ...` in its own process, once
-    its `listening` log record says which port it got."""
-    process = subprocess.Popen(
-        [WARMSOCKET, command, "--port", "0", "--log-format", "json", *args],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stderr is not None
-        while True:
-            line = process.stderr.readline()
-            if not line:
-                raise RuntimeError(f"warmsocket {command} exited before listening")
-            record = json.loads(line)
-            if record.get("message") == "listening":
-                port = int(record["url"].rsplit(":", 1)[1].split("/")[0])
-                break
-        yield ServerProcess(process, port)
-    finally:
-        _stop(process)
-
-
-def warmsocket_server(*args: str) -> AbstractContextManager[ServerProcess]:
-    """`warmsocket serve` on a free port, in its own process."""
-    return warmsocket_process("serve", "--log-level", "info", "--ws-ping-interval", "0", *args)
-
-
-@contextmanager
-def _bare_server(handler: str, stdin: str | None = None) -> Iterator[ServerProcess]:
+def _bare_server(handler: str, stdin: str | None = None) -> Iterator[Process]:
     process = subprocess.Popen(
         [sys.executable, "-c", BARE_SERVER, handler],
         stdin=subprocess.PIPE if stdin is not None else None,
@@ -127,17 +68,17 @@ def _bare_server(handler: str, stdin: str | None = None) -> Iterator[ServerProce
             process.stdin.close()
         assert process.stdout is not None
         port = int(process.stdout.readline())
-        yield ServerProcess(process, port)
+        yield Process(process, port, handler)
     finally:
-        _stop(process)
+        stop(process)
 
 
-def echo_server() -> AbstractContextManager[ServerProcess]:
+def echo_server() -> AbstractContextManager[Process]:
     """A bare `websockets` echo server on uvloop, in its own process."""
     return _bare_server("echo")
 
 
-def replay_server(messages: list[str]) -> AbstractContextManager[ServerProcess]:
+def replay_server(messages: list[str]) -> AbstractContextManager[Process]:
     """A bare `websockets` server on uvloop, in its own process, that answers every
     message with `messages` (text frames, framed once, written in one call): what a
     server costs that does no work for an answer."""

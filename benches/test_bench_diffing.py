@@ -44,12 +44,8 @@ from typing import Any
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from benches.servers import (
-    ServerProcess,
-    require_release_build,
-    timing_enabled,
-    warmsocket_server,
-)
+from benches.servers import require_release_build, timing_enabled
+from warmsocket.bench.procs import Process, warmsocket_server
 
 TOOLS = [
     {
@@ -102,7 +98,7 @@ class Arm:
 
 
 class WS:
-    def __init__(self, server: ServerProcess) -> None:
+    def __init__(self, server: Process) -> None:
         self.conn: ClientConnection = connect(server.ws_url, max_size=None, compression=None)
 
     def turn(self, **body: Any) -> dict[str, Any]:
@@ -120,7 +116,7 @@ class WS:
 
 
 class HTTP:
-    def __init__(self, server: ServerProcess) -> None:
+    def __init__(self, server: Process) -> None:
         self.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
 
     def post(self, body: bytes) -> dict[str, Any]:
@@ -232,7 +228,7 @@ def ws_by_size(ws_arms: dict[int, Arm], rounds: int) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def servers() -> Iterator[tuple[ServerProcess, ServerProcess]]:
+def servers() -> Iterator[tuple[Process, Process]]:
     with (
         warmsocket_server("--model", "gpt-4o") as diffing,
         warmsocket_server("--model", "gpt-4o", "--no-prefix-diffing") as naive,
@@ -241,9 +237,7 @@ def servers() -> Iterator[tuple[ServerProcess, ServerProcess]]:
 
 
 @pytest.mark.benchmark(group="turn-server-cpu")
-def test_turn_server_cpu_by_history(
-    benchmark: Any, servers: tuple[ServerProcess, ServerProcess]
-) -> None:
+def test_turn_server_cpu_by_history(benchmark: Any, servers: tuple[Process, Process]) -> None:
     require_release_build(benchmark)
     timed = timing_enabled(benchmark)
     diffing_server, naive_server = servers

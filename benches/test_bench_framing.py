@@ -50,13 +50,9 @@ import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
-from benches.servers import (
-    interleaved_medians,
-    require_release_build,
-    timing_enabled,
-    warmsocket_server,
-)
+from benches.servers import interleaved_medians, require_release_build, timing_enabled
 from warmsocket import _core, ids
+from warmsocket.bench.procs import warmsocket_server
 from warmsocket.server import MSGPACK_SUBPROTOCOL
 
 # "You said: " + 6 words: 8 deltas, as the mock model streams them (one word each).

@@ -27,8 +27,8 @@ from benches.servers import (
     replay_server,
     require_release_build,
     timing_enabled,
-    warmsocket_server,
 )
+from warmsocket.bench.procs import warmsocket_server
 
 WORDS = "alpha beta gamma delta epsilon zeta"  # "You said: " + 6 words = 8 deltas
 ROUNDS = 400

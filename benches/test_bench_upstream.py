@@ -41,13 +41,13 @@ from typing import Any
 import pytest
 import uvloop
 
-from benches.servers import require_release_build, timing_enabled, warmsocket_server
-from benches.upstream_servers import (
-    DirectClient,
-    WSClient,
+from benches.servers import require_release_build, timing_enabled
+from benches.upstream_servers import DirectClient, WSClient
+from warmsocket.bench.procs import (
     agentic_api,
     agentic_server_binary,
     simulated_upstream,
+    warmsocket_server,
 )
 from warmsocket.malloc_tuning import keep_freed_memory
 
@@ -165,14 +165,14 @@ class Servers:
 def servers() -> Iterator[Servers]:
     with (
         simulated_upstream() as upstream,
-        warmsocket_server("--upstream", upstream.base_url, "--upstream-api", "responses") as warm,
+        warmsocket_server("--upstream", upstream.http_url, "--upstream-api", "responses") as warm,
     ):
-        base = (upstream.base_url, warm.ws_url, warm.process.pid)
+        base = (upstream.http_url, warm.ws_url, warm.pid)
         if agentic_server_binary() is None:
             yield Servers(*base, None, None, AGENTIC_MISSING)
             return
         with agentic_api(upstream.port) as agentic:
-            yield Servers(*base, agentic.ws_url, agentic.process.pid, None)
+            yield Servers(*base, agentic.ws_url, agentic.pid, None)
 
 
 async def _measure(servers: Servers, reps: int, warmup: int) -> dict[str, Arm]:

@@ -64,6 +64,10 @@ class Process:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/responses"
+
 
 def stop(process: subprocess.Popen[str], timeout: float = 10.0) -> None:
     """Terminate, then kill; close its pipes. Never raises for a process already gone."""
