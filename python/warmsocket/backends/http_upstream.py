@@ -35,8 +35,8 @@ from warmsocket.httpclient import (
     ProtocolViolation,
     RequestTimeout,
 )
-from warmsocket.metrics import Metrics
-from warmsocket.router import Outcome, Router, RouterConfig
+from warmsocket.metrics import Metrics, UpstreamMetrics
+from warmsocket.router import Outcome, Replica, Router, RouterConfig
 from warmsocket.upstream import UpstreamConfig, UpstreamError, from_http_status, transport_error
 
 log = logging.getLogger("warmsocket.upstream")
@@ -111,6 +111,31 @@ def chain_key(turn: TurnContext, config: RouterConfig) -> bytes:
         block_tokens=config.block_tokens,
         max_blocks=config.prefix_blocks,
     )
+
+
+def failed_attempt(
+    stats: UpstreamMetrics,
+    api: str,
+    error: UpstreamError,
+    turn: TurnContext,
+    replica: Replica,
+    can_retry: bool,
+) -> bool:
+    """Count and log one failed upstream attempt. Whether to retry it: a retryable
+    failure when `can_retry` (nothing forwarded to the client yet, retries left)."""
+    label = str(error.status) if error.reason == "status" else error.reason
+    stats.requests[(api, label)] += 1
+    retry = error.retryable and can_retry
+    log.warning(
+        "upstream request failed",
+        extra={
+            "response_id": turn.response_id,
+            "replica": replica.label,
+            "outcome": label,
+            "retry": retry,
+        },
+    )
+    return retry
 
 
 class HTTPUpstreamBackend:
@@ -227,19 +252,8 @@ class HTTPUpstreamBackend:
                 if error is not None:
                     outcome = "failed" if error.retryable else "ok"
                 self.router.end(replica, outcome)
-            label = str(error.status) if error.reason == "status" else error.reason
-            self.stats.requests[(self.api, label)] += 1
-            retry = error.retryable and not forwarded and retries_left > 0
-            log.warning(
-                "upstream request failed",
-                extra={
-                    "response_id": turn.response_id,
-                    "replica": replica.label,
-                    "outcome": label,
-                    "retry": retry,
-                },
-            )
-            if not retry:
+            can_retry = not forwarded and retries_left > 0
+            if not failed_attempt(self.stats, self.api, error, turn, replica, can_retry):
                 yield TurnFailed(error)
                 return
             retries_left -= 1

@@ -26,7 +26,6 @@ event, so closing is how the upstream learns to stop.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -40,7 +39,7 @@ from websockets.protocol import State
 from warmsocket import __version__
 from warmsocket._core import ResponsesStreamDecoder
 from warmsocket.backends.base import ModelEvent, StreamItem, TurnContext, TurnFailed
-from warmsocket.backends.http_upstream import chain_key
+from warmsocket.backends.http_upstream import chain_key, failed_attempt
 from warmsocket.backends.responses_events import model_events
 from warmsocket.backends.responses_http import HeadCache
 from warmsocket.httpclient import Origin
@@ -53,8 +52,6 @@ from warmsocket.upstream import (
     from_http_status,
     transport_error,
 )
-
-log = logging.getLogger("warmsocket.upstream")
 
 MAX_CHAINS = 200_000
 _INPUT_KEY = b'"input":'
@@ -157,19 +154,8 @@ class ResponsesWSBackend:
                 if failure.reason == "closed" and previous is not None and not forwarded:
                     self.stats.replays["connection_lost"] += 1
             assert failure is not None
-            label = str(failure.status) if failure.reason == "status" else failure.reason
-            self.stats.requests[(self.api, label)] += 1
-            retry = failure.retryable and not forwarded and retries_left > 0
-            log.warning(
-                "upstream request failed",
-                extra={
-                    "response_id": turn.response_id,
-                    "replica": replica.label,
-                    "outcome": label,
-                    "retry": retry,
-                },
-            )
-            if not retry:
+            can_retry = not forwarded and retries_left > 0
+            if not failed_attempt(self.stats, self.api, failure, turn, replica, can_retry):
                 yield TurnFailed(failure)
                 return
             retries_left -= 1
