@@ -98,8 +98,16 @@ def test_truncated_and_invalid_responses() -> None:
     with pytest.raises(ProtocolViolation):
         parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
     # Bytes after a complete response: the connection is not reused.
-    parser = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nab")
-    assert parser.done and not parser.keep_alive
+    for response in (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nab",
+        b"HTTP/1.1 204 No Content\r\n\r\nextra",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\nextra",
+    ):
+        for step in (None, 1, 5):
+            parser = parse(response, step=step)
+            assert parser.done and not parser.keep_alive, (response, step)
+    parser = parse(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert parser.done and parser.keep_alive
 
 
 def test_origin_and_request_head() -> None:

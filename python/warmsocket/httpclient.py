@@ -192,6 +192,8 @@ class ResponseParser:
                     self.body.append(bytes(self._buffer))
                     self._buffer.clear()
                 return
+        if self._buffer:
+            self.keep_alive = False  # bytes after a response without a body: do not reuse
 
     def _advance_from(self, data: bytes) -> None:
         """`feed` for a read that starts with the head: no copy into the buffer."""
