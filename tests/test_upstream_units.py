@@ -8,6 +8,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from warmsocket._core import shared_prefix_blocks
 from warmsocket.httpclient import (
@@ -424,3 +426,78 @@ def test_context_cache_extends_a_chain_and_equals_the_whole_context() -> None:
     small.context(_Turn("a", None, _chain_view(cache, "resp_2", [])))
     small.context(_Turn("b", None, _chain_view(cache, "resp_4", [])))
     assert list(small._entries) == ["b"]
+
+
+# -- the response parser against generated responses ----------------------------------------
+
+HEADER_NAMES = ("X-Request-Id", "x-request-id", "Server", "Cache-Control", "X-Ratelimit")
+header_values = st.text(
+    alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=0, max_size=12
+)
+
+
+@st.composite
+def responses(draw: st.DrawFn) -> tuple[bytes, dict[str, Any]]:
+    """An HTTP/1.1 response as bytes, and what parsing it must give."""
+    status = draw(st.sampled_from([200, 201, 204, 400, 404, 500]))
+    http10 = draw(st.booleans())
+    headers = draw(st.lists(st.tuples(st.sampled_from(HEADER_NAMES), header_values), max_size=4))
+    framing = "none" if status == 204 else draw(st.sampled_from(["length", "chunked", "close"]))
+    body = b"" if framing == "none" else draw(st.binary(max_size=300))
+    close = draw(st.booleans())
+    extra = b"" if framing == "close" else draw(st.sampled_from([b"", b"HTTP/1.1 200"]))
+    lines = [f"HTTP/1.{0 if http10 else 1} {status} Whatever".encode()]
+    lines += [f"{name}: {value}".encode() for name, value in headers]
+    if framing == "length":
+        lines.append(f"Content-Length: {len(body)}".encode())
+        payload = body
+    elif framing == "chunked":
+        lines.append(b"Transfer-Encoding: chunked")
+        sizes = draw(st.lists(st.integers(1, 64), max_size=8))
+        payload, at = b"", 0
+        for size in sizes:
+            piece = body[at : at + size]
+            if not piece:
+                break
+            at += len(piece)
+            payload += f"{len(piece):x}".encode() + draw(st.sampled_from([b"", b";ext=1"]))
+            payload += b"\r\n" + piece + b"\r\n"
+        body = body[:at]
+        payload += b"0\r\n" + draw(st.sampled_from([b"", b"Trailer: x\r\n"])) + b"\r\n"
+    else:
+        payload = body
+    if close:
+        lines.append(b"Connection: close")
+    elif http10:
+        lines.append(b"Connection: keep-alive")
+    interim = draw(st.sampled_from([b"", b"HTTP/1.1 100 Continue\r\n\r\n"]))
+    raw = interim + b"\r\n".join(lines) + b"\r\n\r\n" + payload + extra
+    joined: dict[str, str] = {}
+    for name, value in headers:
+        key = name.lower()
+        joined[key] = f"{joined[key]}, {value}" if key in joined else value
+    keep_alive = not close and framing != "close" and not extra
+    return raw, {"status": status, "headers": joined, "body": body, "keep_alive": keep_alive}
+
+
+@settings(max_examples=300, deadline=None)
+@given(responses(), st.data())
+def test_parser_reads_any_response_at_any_split(
+    case: tuple[bytes, dict[str, Any]], data: st.DataObject
+) -> None:
+    raw, expected = case
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=6)))
+    parser = ResponseParser()
+    body = b""
+    for start, stop in zip([0, *cuts], [*cuts, len(raw)], strict=True):
+        parser.feed(raw[start:stop])
+        body += parser.take_body()
+    if not parser.done:
+        parser.feed_eof()  # a close-delimited body ends with the connection
+    body += parser.take_body()
+    assert parser.done and parser.head is not None
+    assert parser.head.status == expected["status"]
+    for name, value in expected["headers"].items():
+        assert parser.head.headers[name] == value
+    assert body == expected["body"]
+    assert parser.keep_alive == expected["keep_alive"]
