@@ -67,6 +67,22 @@ def check_sse_event(payload: dict[str, Any]) -> Any:
     return SSE_EVENTS[payload["type"]].validate_python(payload)
 
 
+def call_on_loop(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> Any:
+    """Run fn(*args) on `loop`, running in another thread, and return its result."""
+    result: list[Any] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            result.append(fn(*args))
+        finally:
+            done.set()
+
+    loop.call_soon_threadsafe(run)
+    assert done.wait(10)
+    return result[0] if result else None
+
+
 @dataclass
 class RunningServer:
     server: Server
@@ -83,18 +99,7 @@ class RunningServer:
 
     def call(self, fn: Any, *args: Any) -> Any:
         """Run fn(*args) on the server's loop thread and return its result."""
-        result: list[Any] = []
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                result.append(fn(*args))
-            finally:
-                done.set()
-
-        self.loop.call_soon_threadsafe(run)
-        assert done.wait(10)
-        return result[0] if result else None
+        return call_on_loop(self.loop, fn, *args)
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from typing import Any
 
 import uvloop
 
-from tests.support import RunningServer, running_server
+from tests.support import RunningServer, call_on_loop, running_server
 from warmsocket.metrics import Metrics
 from warmsocket.simulate.server import SimConfig, SimServer
 from warmsocket.upstream import UpstreamConfig
@@ -57,18 +57,8 @@ class RunningSim:
         return data
 
     def call(self, fn: Any, *args: Any) -> Any:
-        result: list[Any] = []
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                result.append(fn(*args))
-            finally:
-                done.set()
-
-        self.loop.call_soon_threadsafe(run)
-        assert done.wait(10)
-        return result[0] if result else None
+        """Run fn(*args) on the simulator's loop thread and return its result."""
+        return call_on_loop(self.loop, fn, *args)
 
 
 @contextmanager
