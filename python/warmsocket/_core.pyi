@@ -922,7 +922,13 @@ class ChunkedBody:
     def __new__(cls) -> ChunkedBody: ...
     def feed(self, data: bytes) -> bytes:
         """The body bytes `data` completes. ValueError for an invalid chunk size line
-        or chunk data not followed by CRLF."""
+        (hexadecimal digits only, at most 1 KiB with extensions), chunk data not
+        followed by CRLF, or trailers over 64 KiB."""
+    @property
+    def chunk_left(self) -> int:
+        """Data bytes of the current chunk not received yet (0 between chunks)."""
+    def take_rest(self) -> bytes:
+        """The bytes that came after the body in the read that ended it (once)."""
     @property
     def done(self) -> bool:
         """The last chunk and its trailers were read."""

@@ -1,9 +1,12 @@
-//! The `Transfer-Encoding: chunked` body of an HTTP/1.1 response, decoded.
+//! A `Transfer-Encoding: chunked` HTTP/1.1 body, decoded.
 //!
 //! The upstream client (`warmsocket/httpclient.py`) parses a response's head
 //! (`http_head.rs`), once, and hands the chunked body here: one call per read, whatever the
-//! number of chunks in it (an SSE stream is usually one chunk per event).
-//! Chunk extensions (`;name=value`) and trailers are read past and dropped.
+//! number of chunks in it (an SSE stream is usually one chunk per event). The server's
+//! request parser (`warmsocket/http11.py`) decodes chunked request bodies here too, and
+//! takes the bytes after the body back (`rest`) for the next request on the connection.
+//! Chunk extensions (`;name=value`) and trailers are read past and dropped; what the
+//! framing may buffer is bounded (a size line, the trailers), not only the data.
 
 /// Why a chunked body is invalid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,6 +15,8 @@ pub enum ChunkError {
     InvalidSize,
     /// Chunk data not followed by CRLF.
     MissingCrlf,
+    /// Trailers longer than `MAX_TRAILERS` bytes.
+    TrailersTooLarge,
 }
 
 impl ChunkError {
@@ -19,12 +24,15 @@ impl ChunkError {
         match self {
             ChunkError::InvalidSize => "invalid chunk size",
             ChunkError::MissingCrlf => "chunk not followed by CRLF",
+            ChunkError::TrailersTooLarge => "chunked body trailers too large",
         }
     }
 }
 
 /// Longest chunk-size line (size and extensions) accepted.
 const MAX_SIZE_LINE: usize = 1024;
+/// Most bytes of trailers (after the last chunk's size line) accepted, as for a head.
+const MAX_TRAILERS: usize = 64 * 1024;
 
 #[derive(Debug, Default)]
 pub struct ChunkedDecoder {
@@ -32,10 +40,15 @@ pub struct ChunkedDecoder {
     pending: Vec<u8>,
     /// Data bytes left in the current chunk; `None` between chunks.
     left: Option<usize>,
+    /// In the trailers (`pending` starts at the CRLF that ended the last chunk's size
+    /// line), with this many of their bytes searched for the end already.
+    trailers: Option<usize>,
     /// The last chunk and its trailers have been read.
     pub done: bool,
-    /// Bytes came after the end of the body (the connection is not reusable).
+    /// Bytes came after the end of the body (a response's connection is not reusable).
     pub trailing: bool,
+    /// The bytes that came after the end of the body, in the read that ended it.
+    pub rest: Vec<u8>,
 }
 
 impl ChunkedDecoder {
@@ -57,15 +70,36 @@ impl ChunkedDecoder {
         }
         if self.done && !self.pending.is_empty() {
             self.trailing = true;
-            self.pending.clear();
+            self.rest = std::mem::take(&mut self.pending);
         }
         Ok(())
+    }
+
+    /// Data bytes of the current chunk not received yet (0 between chunks).
+    pub fn chunk_left(&self) -> usize {
+        self.left.unwrap_or(0)
     }
 
     /// Decode what `buf` holds; returns how many bytes were consumed.
     fn decode(&mut self, buf: &[u8], out: &mut Vec<u8>) -> Result<usize, ChunkError> {
         let mut pos = 0;
         loop {
+            if let Some(searched) = self.trailers {
+                // Up to the empty line that ends the trailers; each byte searched once.
+                let from = searched.saturating_sub(3);
+                return match find(&buf[pos + from..], b"\r\n\r\n") {
+                    Some(at) if from + at <= MAX_TRAILERS => {
+                        self.done = true;
+                        self.trailers = None;
+                        Ok(pos + from + at + 4)
+                    }
+                    None if buf.len() - pos <= MAX_TRAILERS => {
+                        self.trailers = Some(buf.len() - pos);
+                        Ok(pos)
+                    }
+                    _ => Err(ChunkError::TrailersTooLarge),
+                };
+            }
             match self.left {
                 None => {
                     let Some(line) = find_crlf(&buf[pos..]) else {
@@ -76,18 +110,10 @@ impl ChunkedDecoder {
                     };
                     let size = chunk_size(&buf[pos..pos + line])?;
                     if size == 0 {
-                        // The last chunk: read past the trailers up to the empty line.
-                        let after = pos + line;
-                        let end = if buf[after..].starts_with(b"\r\n\r\n") {
-                            after + 4
-                        } else {
-                            match find(&buf[after..], b"\r\n\r\n") {
-                                Some(at) => after + at + 4,
-                                None => return Ok(pos),
-                            }
-                        };
-                        self.done = true;
-                        return Ok(end);
+                        // The last chunk: the trailers follow, up to an empty line.
+                        pos += line;
+                        self.trailers = Some(0);
+                        continue;
                     }
                     pos += line + 2;
                     self.left = Some(size);
@@ -188,6 +214,7 @@ mod tests {
         let (decoder, body) = decode_in(&data, data.len());
         assert_eq!(body.unwrap(), b"hello world");
         assert!(decoder.done && decoder.trailing);
+        assert_eq!(decoder.rest, b"HTTP/1.1 200 OK");
         let mut late = ChunkedDecoder::default();
         late.feed(b"0\r\n\r\n", &mut Vec::new()).unwrap();
         late.feed(b"x", &mut Vec::new()).unwrap();
@@ -205,9 +232,33 @@ mod tests {
             decode_in(b"1ffffffffffffffff\r\n", 40).1,
             Err(ChunkError::InvalidSize)
         );
+        for sign in [&b"-1\r\n"[..], b"+1\r\n", b"0x1\r\n", b"1_0\r\n"] {
+            assert_eq!(decode_in(sign, 8).1, Err(ChunkError::InvalidSize));
+        }
         // An unfinished body is not an error, just not done.
         let (decoder, body) = decode_in(b"5\r\nhel", 2);
         assert_eq!(body.unwrap(), b"hel");
         assert!(!decoder.done);
+        assert_eq!(decoder.chunk_left(), 2);
+    }
+
+    #[test]
+    fn trailers_are_bounded_whatever_the_split() {
+        let mut endless = b"0\r\n".to_vec();
+        while endless.len() <= MAX_TRAILERS + 16 {
+            endless.extend_from_slice(b"T: x\r\n");
+        }
+        for step in [7, 4096, endless.len()] {
+            assert_eq!(
+                decode_in(&endless, step).1,
+                Err(ChunkError::TrailersTooLarge),
+                "step {step}"
+            );
+        }
+        let mut fine = b"0\r\n".to_vec();
+        fine.extend_from_slice(&b"T: x\r\n".repeat(100));
+        fine.extend_from_slice(b"\r\n");
+        let (decoder, body) = decode_in(&fine, 5);
+        assert!(body.unwrap().is_empty() && decoder.done && !decoder.trailing);
     }
 }

@@ -144,4 +144,13 @@ impl PyChunkedBody {
     fn trailing(&self) -> bool {
         self.inner.trailing
     }
+
+    #[getter]
+    fn chunk_left(&self) -> usize {
+        self.inner.chunk_left()
+    }
+
+    fn take_rest<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &std::mem::take(&mut self.inner.rest))
+    }
 }
