@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from warmsocket.http11 import HTTPError, RequestParser, chunk, encode_response
 
@@ -54,6 +56,20 @@ def test_upgrade_detection_and_connection_close() -> None:
         (b"POST / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", 413),
         (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n", 431),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+        # Framing a strict parser must refuse (RFC 9112): a sign, a prefix or an
+        # underscore in a length, chunk data without its CRLF, both framings at once,
+        # a transfer coding this server cannot decode.
+        (b"POST / HTTP/1.1\r\nContent-Length: +2\r\n\r\n{}", 400),
+        (b"POST / HTTP/1.1\r\nContent-Length: 1_0\r\n\r\n{}", 400),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n", 400),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\n{}\r\n", 400),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n", 400),
+        (
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n"
+            b"2\r\n{}\r\n0\r\n\r\n",
+            400,
+        ),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
     ],
 )
 def test_bad_requests(data: bytes, status: int) -> None:
@@ -78,3 +94,64 @@ def test_encoding() -> None:
     assert raw.startswith(b"HTTP/1.1 404 Not Found\r\n")
     assert b"content-length: 2\r\n" in raw and b"connection: close" in raw
     assert chunk(b"hello") == b"5\r\nhello\r\n"
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b"1" * 70_000,  # a chunk-size line that never ends
+        b"1;" + b"e" * 70_000,  # an endless chunk extension
+        b"0\r\n" + b"T: x\r\n" * 20_000,  # endless trailers
+    ],
+)
+def test_chunked_framing_lines_are_bounded(tail: bytes) -> None:
+    """What a chunked body's framing may buffer is bounded, not only its data."""
+    parser = RequestParser(max_body_bytes=1 << 20)
+    parser.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+    with pytest.raises(HTTPError) as info:
+        for start in range(0, len(tail), 4096):
+            parser.feed(tail[start : start + 4096])
+            assert parser.next_request() is None
+    assert info.value.status in {400, 431}
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    """A request as bytes, and the body parsing it must give."""
+    body = draw(st.binary(max_size=200))
+    lines = [b"POST /v1/responses HTTP/1.1", b"Host: a"]
+    if draw(st.booleans()):
+        lines.append(b"Content-Length: %d" % len(body))
+        payload = body
+    else:
+        lines.append(b"Transfer-Encoding: chunked")
+        payload, at = b"", 0
+        for size in draw(st.lists(st.integers(1, 64), max_size=6)):
+            piece = body[at : at + size]
+            if not piece:
+                break
+            at += len(piece)
+            ext = draw(st.sampled_from([b"", b";a=1", b" ;b"]))
+            payload += b"%x%b\r\n%b\r\n" % (len(piece), ext, piece)
+        body = body[:at]
+        payload += b"0\r\n" + draw(st.sampled_from([b"", b"T: x\r\n", b"A: 1\r\nB: 2\r\n"]))
+        payload += b"\r\n"
+    return b"\r\n".join(lines) + b"\r\n\r\n" + payload, body
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(requests(), min_size=1, max_size=3), st.data())
+def test_pipelined_requests_at_any_split(
+    cases: list[tuple[bytes, bytes]], data: st.DataObject
+) -> None:
+    raw = b"".join(request for request, _body in cases)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=6)))
+    parser = RequestParser(max_body_bytes=1 << 20)
+    bodies = []
+    for start, stop in zip([0, *cuts], [*cuts, len(raw)], strict=True):
+        parser.feed(raw[start:stop])
+        while (request := parser.next_request()) is not None:
+            assert request.path == "/v1/responses" and request.keep_alive
+            bodies.append(request.body)
+    assert bodies == [body for _request, body in cases]
+    assert parser.take_buffer() == b""

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from warmsocket._core import ChunkedBody
+
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 128
 
@@ -62,6 +64,10 @@ class RequestParser:
         self._buffer = bytearray()
         self._head: tuple[str, str, dict[str, str], bytes] | None = None
         self._continue_sent = False
+        self._chunked: ChunkedBody | None = None
+        """The chunked body being read (decoded as it arrives, in Rust)."""
+        self._chunks: list[bytes] = []
+        self._chunked_bytes = 0
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -115,17 +121,20 @@ class RequestParser:
         )
 
     def _take_body(self, headers: dict[str, str]) -> bytes | None:
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            return self._take_chunked()
+        coding = headers.get("transfer-encoding")
         length_text = headers.get("content-length")
+        if coding is not None:
+            if length_text is not None:
+                # Two framings: which one ends the body is ambiguous (RFC 9112, 6.3).
+                raise HTTPError(400, "Both Transfer-Encoding and Content-Length were sent.")
+            if coding.strip().lower() != "chunked":
+                raise HTTPError(501, f"Transfer-Encoding {coding!r} is not supported.")
+            return self._take_chunked()
         if length_text is None:
             return b""
-        try:
-            length = int(length_text)
-        except ValueError:
-            raise HTTPError(400, "Invalid Content-Length.") from None
-        if length < 0:
+        if not (length_text.isascii() and length_text.isdigit()):
             raise HTTPError(400, "Invalid Content-Length.")
+        length = int(length_text)
         if length > self.max_body_bytes:
             raise HTTPError(
                 413,
@@ -139,38 +148,31 @@ class RequestParser:
         return body
 
     def _take_chunked(self) -> bytes | None:
-        # Parse without consuming until the whole body is present.
-        pos = 0
-        chunks: list[bytes] = []
-        total = 0
-        buffer = self._buffer
-        while True:
-            line_end = buffer.find(b"\r\n", pos)
-            if line_end < 0:
-                return None
-            size_text = bytes(buffer[pos:line_end]).split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise HTTPError(400, "Invalid chunk size.") from None
-            pos = line_end + 2
-            if size == 0:
-                # Trailers (ignored) end with an empty line.
-                trailer_end = buffer.find(b"\r\n", pos)
-                while trailer_end >= 0 and trailer_end != pos:
-                    pos = trailer_end + 2
-                    trailer_end = buffer.find(b"\r\n", pos)
-                if trailer_end < 0:
-                    return None
-                del buffer[: trailer_end + 2]
-                return b"".join(chunks)
-            total += size
-            if total > self.max_body_bytes:
-                raise HTTPError(413, "The request body is larger than this server's limit.")
-            if len(buffer) < pos + size + 2:
-                return None
-            chunks.append(bytes(buffer[pos : pos + size]))
-            pos += size + 2
+        """The chunked body, once complete; what follows it stays buffered."""
+        chunked = self._chunked
+        if chunked is None:
+            chunked = self._chunked = ChunkedBody()
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        try:
+            piece = chunked.feed(data)
+        except ValueError as exc:
+            raise HTTPError(400, f"Invalid chunked body: {exc}.") from None
+        if piece:
+            self._chunks.append(piece)
+            self._chunked_bytes += len(piece)
+        if self._chunked_bytes + chunked.chunk_left > self.max_body_bytes:
+            raise HTTPError(
+                413,
+                "The request body is larger than this server's limit of "
+                f"{self.max_body_bytes} bytes (--max-message-bytes).",
+            )
+        if not chunked.done:
+            return None
+        self._buffer += chunked.take_rest()
+        body = b"".join(self._chunks)
+        self._chunked, self._chunks, self._chunked_bytes = None, [], 0
+        return body
 
 
 def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
