@@ -99,6 +99,9 @@ def test_truncated_and_invalid_responses() -> None:
             parse(head)
     with pytest.raises(ProtocolViolation):
         parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    for length in (b"-1", b"+2", b"1_0", b"2, 2", b""):
+        with pytest.raises(ProtocolViolation, match="Content-Length"):
+            parse(b"HTTP/1.1 200 OK\r\nContent-Length: " + length + b"\r\n\r\nab")
     # Bytes after a complete response: the connection is not reused.
     for response in (
         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nab",

@@ -241,12 +241,10 @@ class ResponseParser:
         if "chunked" in headers.get("transfer-encoding", "").lower():
             self._mode = "chunked"
         elif "content-length" in headers:
-            try:
-                self._length_left = int(headers["content-length"])
-            except ValueError:
-                raise ProtocolViolation("invalid Content-Length") from None
-            if self._length_left < 0:
+            length_text = headers["content-length"]
+            if not (length_text.isascii() and length_text.isdigit()):
                 raise ProtocolViolation("invalid Content-Length")
+            self._length_left = int(length_text)
             self._mode = "length"
             if self._length_left == 0:
                 self.done = True
