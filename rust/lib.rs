@@ -90,6 +90,10 @@ mod _core {
             "release"
         };
         m.add("BUILD_PROFILE", profile)?;
+        m.add(
+            "MAX_UPSTREAM_EVENT_BYTES",
+            crate::framing::upstream::MAX_EVENT_BYTES,
+        )?;
         m.add("ItemsLike", crate::py::items::items_like(m.py())?)?;
         crate::py::errors::add_exceptions(m)?;
         // TokenizerError, UnknownEncoding, TokenizerFileUnreadable,

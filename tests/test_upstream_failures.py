@@ -357,3 +357,24 @@ def test_upstream_auth_failure_is_not_blamed_on_the_client() -> None:
             WSClient(server.ws_url) as client,
         ):
             assert output_text([Chain(client).turn("hi")]) == "You said: hi"
+
+
+def test_an_oversized_upstream_message_fails_the_turn_not_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A WebSocket upstream's message over MAX_UPSTREAM_EVENT_BYTES (here made small:
+    the terminal event, which repeats the output) closes that upstream connection
+    (1009): the turn, whose deltas went out already, fails; the next turn is answered."""
+    from warmsocket.backends import responses_ws
+
+    monkeypatch.setattr(responses_ws, "MAX_UPSTREAM_EVENT_BYTES", 4096)
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(sim.base_url, "responses-ws", timeout=2.0) as (server, metrics),
+        WSClient(server.ws_url) as client,
+    ):
+        terminal = client.turn(input="word " * 2000, store=False)[-1]
+        assert terminal["type"] == "response.failed", terminal
+        assert terminal["response"]["error"]["code"] == "server_error"
+        assert metrics.upstream.requests[("responses-ws", "closed")] == 1
+        assert output_text(client.turn(input="short", store=False)) == "You said: short"

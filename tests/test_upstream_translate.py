@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from warmsocket._core import MAX_UPSTREAM_EVENT_BYTES
 from warmsocket.backends.base import (
     ModelEvent,
     TextDelta,
@@ -31,6 +32,7 @@ from warmsocket.backends.chat_translate import (
 from warmsocket.backends.http_upstream import OutputRecorder
 from warmsocket.backends.responses_events import ResponsesSSEDecoder
 from warmsocket.client_events import validate_create
+from warmsocket.sse import SSEDecoder
 from warmsocket.upstream import UpstreamError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -518,3 +520,35 @@ def test_responses_without_deltas_and_failures() -> None:
     with pytest.raises(UpstreamError) as info:
         decode(ResponsesSSEDecoder(), _event("response.created", response=RESPONSE))
     assert info.value.reason == "closed"
+
+
+# -- what a broken upstream can make the server hold ------------------------------------------
+
+
+def test_sse_decoder_bounds_an_event_and_its_lines() -> None:
+    decoder = SSEDecoder(max_event_bytes=100)
+    for _ in range(5):  # events under the bound, one after another
+        assert decoder.feed(b"data: " + b"a" * 80 + b"\n\n") == [(b"", b"a" * 80)]
+    with pytest.raises(ValueError, match="over 100 bytes"):
+        decoder.feed(b"data: " + b"a" * 120)  # a line that has not ended
+    many_lines = SSEDecoder(max_event_bytes=100)
+    with pytest.raises(ValueError, match="over 100 bytes"):
+        many_lines.feed(b"data: " + b"a" * 60 + b"\ndata: " + b"b" * 60 + b"\n")
+    assert SSEDecoder().feed(b"data: " + b"a" * 1000 + b"\n\n")  # unbounded by default
+
+
+def test_an_endless_upstream_event_is_a_protocol_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from warmsocket.backends import chat_translate
+
+    monkeypatch.setattr(chat_translate, "MAX_UPSTREAM_EVENT_BYTES", 1000)
+    chat = ChatChunkDecoder()
+    with pytest.raises(UpstreamError) as info:
+        chat.feed(b'data: {"choices": [' + b" " * 2000)
+    assert info.value.reason == "protocol"
+    responses = ResponsesSSEDecoder()
+    block = b"x" * (1 << 20)
+    responses.feed(b"event: response.output_text.delta\ndata: ")
+    with pytest.raises(UpstreamError) as info:
+        for _ in range(MAX_UPSTREAM_EVENT_BYTES // len(block) + 1):
+            responses.feed(block)
+    assert info.value.reason == "protocol"

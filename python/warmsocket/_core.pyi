@@ -25,6 +25,7 @@ from typing_extensions import Buffer
 
 __all__ = [
     "BUILD_PROFILE",
+    "MAX_UPSTREAM_EVENT_BYTES",
     "Binding",
     "BlockHasher",
     "CacheError",
@@ -72,6 +73,9 @@ __all__ = [
 
 __version__: Final[str]
 BUILD_PROFILE: Final[Literal["release", "debug"]]
+MAX_UPSTREAM_EVENT_BYTES: Final[int]
+"""Largest upstream event accepted (an SSE event, a WebSocket message): what a broken
+upstream can make the server buffer is bounded by it."""
 
 class WarmsocketError(Exception): ...
 class CacheError(WarmsocketError): ...

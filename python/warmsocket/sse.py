@@ -3,19 +3,22 @@
 Feed bytes as they arrive; get complete events back as `(event_name, data)` pairs,
 where `data` is the event's `data:` lines joined with newlines. Comments (lines
 starting with `:`) and `id:`/`retry:` fields are ignored. Lines may end with LF or
-CRLF.
+CRLF. With `max_event_bytes`, an event (or a line) that grows past it raises
+ValueError: what a broken server's stream can make the decoder hold is bounded.
 """
 
 from __future__ import annotations
 
 
 class SSEDecoder:
-    __slots__ = ("_data", "_event", "_partial")
+    __slots__ = ("_data", "_data_bytes", "_event", "_partial", "max_event_bytes")
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int | None = None) -> None:
+        self.max_event_bytes = max_event_bytes
         self._partial = b""
         self._event = b""
         self._data: list[bytes] = []
+        self._data_bytes = 0
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
         """The events completed by `chunk`, in order."""
@@ -32,19 +35,25 @@ class SSEDecoder:
                 if data:
                     events.append((self._event, data[0] if len(data) == 1 else b"\n".join(data)))
                     self._data = data = []
+                    self._data_bytes = 0
                 self._event = b""
                 continue
             if line[:5] == b"data:":
                 value = line[5:]
                 data.append(value[1:] if value[:1] == b" " else value)
+                self._data_bytes += len(value)
             elif line[:6] == b"event:":
                 value = line[6:]
                 self._event = value[1:] if value[:1] == b" " else value
             # comments (':') and other fields are ignored
+        limit = self.max_event_bytes
+        if limit is not None and len(self._partial) + self._data_bytes > limit:
+            raise ValueError(f"a server-sent event over {limit} bytes")
         return events
 
     def finish(self) -> list[tuple[bytes, bytes]]:
         """Events left when the stream ends without a final blank line."""
         events = self.feed(b"\n\n") if self._partial or self._data else []
         self._partial = b""
+        self._data_bytes = 0
         return events

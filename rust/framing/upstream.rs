@@ -44,9 +44,14 @@ pub enum Stop {
     /// An `error` event: its error object as JSON (the nested `error` of the
     /// WebSocket shape, or the flat SSE event itself) and the `status` it gave.
     Error { error: Vec<u8>, status: Option<i64> },
-    /// Not JSON, or not an object.
+    /// Not JSON, or not an object; or an SSE event over `MAX_EVENT_BYTES`.
     Protocol,
 }
+
+/// Largest upstream event accepted (an SSE event's lines, a WebSocket message): a
+/// terminal event repeats the whole Response, so this is generous; it bounds what a
+/// broken upstream can make the server buffer.
+pub const MAX_EVENT_BYTES: usize = 64 * 1024 * 1024;
 
 /// SSE event names whose data carries nothing a model event needs.
 const SKIPPED: [&[u8]; 5] = [
@@ -114,6 +119,9 @@ impl ResponsesDecoder {
     pub fn feed_sse(&mut self, chunk: &[u8], out: &mut Vec<Event>) -> Result<(), Stop> {
         let mut pending = Vec::new();
         self.sse.feed(chunk, &mut pending);
+        if self.sse.buffered() > MAX_EVENT_BYTES {
+            return Err(Stop::Protocol);
+        }
         self.decode_sse(pending, out)
     }
 
@@ -404,6 +412,11 @@ impl SseLines {
         self.partial.extend_from_slice(rest);
     }
 
+    /// Bytes held for the event being read (its data so far and a partial line).
+    fn buffered(&self) -> usize {
+        self.partial.len() + self.data.len()
+    }
+
     fn finish(&mut self, out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
         if !self.partial.is_empty() || self.data_lines > 0 {
             self.feed(b"\n\n", out);
@@ -502,6 +515,34 @@ mod tests {
             ),
         ]
         .concat()
+    }
+
+    #[test]
+    fn an_endless_event_is_a_protocol_error_and_the_bound_is_per_event() {
+        let mut decoder = ResponsesDecoder::default();
+        let mut out = Vec::new();
+        let block = vec![b'a'; 1 << 20];
+        // Two lifecycle events of half the bound each, in 1 MiB reads: fine.
+        for _ in 0..2 {
+            decoder
+                .feed_sse(b"event: response.created\ndata: ", &mut out)
+                .unwrap();
+            for _ in 0..MAX_EVENT_BYTES / block.len() / 2 {
+                decoder.feed_sse(&block, &mut out).unwrap();
+            }
+            decoder.feed_sse(b"\n\n", &mut out).unwrap();
+        }
+        // A line that never ends: an error once the bound is passed.
+        decoder.feed_sse(b"data: ", &mut out).unwrap();
+        let mut result = Ok(());
+        for _ in 0..=MAX_EVENT_BYTES / block.len() {
+            result = decoder.feed_sse(&block, &mut out);
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result, Err(Stop::Protocol));
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from warmsocket import ids, small_json
+from warmsocket._core import MAX_UPSTREAM_EVENT_BYTES
 from warmsocket.backends.base import (
     ModelEvent,
     TextDelta,
@@ -225,7 +226,7 @@ class ChatChunkDecoder:
     """Chat completion chunks (SSE) -> model events."""
 
     def __init__(self) -> None:
-        self._sse = SSEDecoder()
+        self._sse = SSEDecoder(MAX_UPSTREAM_EVENT_BYTES)
         self._calls: dict[int, _Call] = {}
         self._current: int | None = None
         self._usage: dict[str, Any] | None = None
@@ -235,7 +236,11 @@ class ChatChunkDecoder:
 
     def feed(self, data: bytes) -> list[ModelEvent]:
         """Events of the chunks completed by `data`. Raises UpstreamError."""
-        return self._decode(self._sse.feed(data))
+        try:
+            pairs = self._sse.feed(data)
+        except ValueError:  # an event over MAX_UPSTREAM_EVENT_BYTES
+            raise transport_error("protocol") from None
+        return self._decode(pairs)
 
     def finish(self) -> list[ModelEvent]:
         """Events at the end of the stream. Raises UpstreamError if it ended early."""

@@ -37,7 +37,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.protocol import State
 
 from warmsocket import __version__
-from warmsocket._core import ResponsesStreamDecoder
+from warmsocket._core import MAX_UPSTREAM_EVENT_BYTES, ResponsesStreamDecoder
 from warmsocket.backends.base import ModelEvent, StreamItem, TurnContext, TurnFailed
 from warmsocket.backends.http_upstream import chain_key, failed_attempt
 from warmsocket.backends.responses_events import model_events
@@ -338,7 +338,7 @@ class ResponsesWSBackend:
                 self.urls[replica.index],
                 additional_headers=headers,
                 user_agent_header=f"warmsocket/{__version__}",
-                max_size=None,
+                max_size=MAX_UPSTREAM_EVENT_BYTES,
                 compression=None,
                 open_timeout=self.config.connect_timeout,
                 ping_interval=20,
