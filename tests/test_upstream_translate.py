@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from warmsocket._core import MAX_UPSTREAM_EVENT_BYTES
 from warmsocket.backends.base import (
@@ -535,6 +537,27 @@ def test_sse_decoder_bounds_an_event_and_its_lines() -> None:
     with pytest.raises(ValueError, match="over 100 bytes"):
         many_lines.feed(b"data: " + b"a" * 60 + b"\ndata: " + b"b" * 60 + b"\n")
     assert SSEDecoder().feed(b"data: " + b"a" * 1000 + b"\n\n")  # unbounded by default
+
+
+sse_lines = st.sampled_from(
+    [b"data: {}", b"data:x", b"data: a b", b"event: e", b": comment", b"id: 1", b"", b"data: "]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(sse_lines, max_size=12), st.booleans(), st.data())
+def test_sse_decoder_gives_the_same_events_at_any_split(
+    lines: list[bytes], crlf: bool, data: st.DataObject
+) -> None:
+    raw = (b"\r\n" if crlf else b"\n").join(lines) + b"\n\n"
+    whole = SSEDecoder()
+    expected = whole.feed(raw) + whole.finish()
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=8)))
+    split = SSEDecoder(max_event_bytes=1 << 20)
+    events = []
+    for start, stop in zip([0, *cuts], [*cuts, len(raw)], strict=True):
+        events += split.feed(raw[start:stop])
+    assert events + split.finish() == expected
 
 
 def test_an_endless_upstream_event_is_a_protocol_error(monkeypatch: pytest.MonkeyPatch) -> None:

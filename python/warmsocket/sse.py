@@ -11,21 +11,33 @@ from __future__ import annotations
 
 
 class SSEDecoder:
-    __slots__ = ("_data", "_data_bytes", "_event", "_partial", "max_event_bytes")
+    __slots__ = ("_data", "_data_bytes", "_event", "_partial", "_partial_bytes", "max_event_bytes")
 
     def __init__(self, max_event_bytes: int | None = None) -> None:
         self.max_event_bytes = max_event_bytes
-        self._partial = b""
+        self._partial: list[bytes] = []
+        """The pieces of a line not ended yet (joined once, when it ends)."""
+        self._partial_bytes = 0
         self._event = b""
         self._data: list[bytes] = []
         self._data_bytes = 0
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
         """The events completed by `chunk`, in order."""
+        if b"\n" not in chunk:
+            if chunk:
+                self._partial.append(chunk)
+                self._partial_bytes += len(chunk)
+                self._check()
+            return []
         if self._partial:
-            chunk = self._partial + chunk
+            chunk = b"".join(self._partial) + chunk
+            self._partial.clear()
         lines = chunk.split(b"\n")
-        self._partial = lines.pop()
+        rest = lines.pop()
+        if rest:
+            self._partial.append(rest)
+        self._partial_bytes = len(rest)
         events: list[tuple[bytes, bytes]] = []
         data = self._data
         for line in lines:
@@ -46,14 +58,17 @@ class SSEDecoder:
                 value = line[6:]
                 self._event = value[1:] if value[:1] == b" " else value
             # comments (':') and other fields are ignored
-        limit = self.max_event_bytes
-        if limit is not None and len(self._partial) + self._data_bytes > limit:
-            raise ValueError(f"a server-sent event over {limit} bytes")
+        self._check()
         return events
 
     def finish(self) -> list[tuple[bytes, bytes]]:
         """Events left when the stream ends without a final blank line."""
         events = self.feed(b"\n\n") if self._partial or self._data else []
-        self._partial = b""
-        self._data_bytes = 0
+        self._partial.clear()
+        self._partial_bytes = self._data_bytes = 0
         return events
+
+    def _check(self) -> None:
+        limit = self.max_event_bytes
+        if limit is not None and self._partial_bytes + self._data_bytes > limit:
+            raise ValueError(f"a server-sent event over {limit} bytes")
