@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from warmsocket._core import shared_prefix_blocks
 from warmsocket.httpclient import (
+    READ_HIGH_WATER,
     ConnectFailed,
     ConnectionClosed,
     HTTPPool,
@@ -202,6 +203,43 @@ def test_pool_timeouts_and_refused_connections() -> None:
         await asyncio.sleep(0.01)
         with pytest.raises(ConnectFailed):
             await HTTPPool(Origin.parse(f"http://127.0.0.1:{port}")).request([head], timeout=1)
+
+    asyncio.run(main())
+
+
+def test_a_slow_reader_pauses_the_upstream_instead_of_buffering() -> None:
+    """While the turn does not take the body (its client reads slowly), the connection
+    stops reading past READ_HIGH_WATER, so the upstream's writes back up; the wait is
+    not an upstream timeout; reading again takes the whole body."""
+    piece = b"x" * 65536
+    pieces = 512  # 32 MiB
+    written = 0
+
+    async def fast(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal written
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(pieces):
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await writer.drain()
+            written += len(piece)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server, port = await _serve(fast)
+        pool = HTTPPool(Origin.parse(f"http://127.0.0.1:{port}"))
+        response = await pool.request([request_head("GET", "/", [("Host", "x")])], timeout=0.3)
+        await asyncio.sleep(0.8)  # not reading, for longer than the timeout
+        held = sum(map(len, response._connection.parser.body))
+        assert held <= READ_HIGH_WATER + (1 << 20), held
+        assert written < len(piece) * pieces / 2, written  # the upstream was held back
+        assert len(await response.read(limit=1 << 30)) == len(piece) * pieces
+        response.close()
+        pool.close()
+        server.close()
+        await server.wait_closed()
 
     asyncio.run(main())
 

@@ -26,6 +26,10 @@ from urllib.parse import urlsplit
 from warmsocket._core import ChunkedBody, parse_response_head
 
 MAX_HEAD_BYTES = 64 * 1024
+READ_HIGH_WATER = 1024 * 1024
+"""Bytes read from the upstream and not taken by the turn yet past which a connection
+stops reading (its client reads more slowly than the upstream writes): backpressure
+then reaches the upstream instead of the answer piling up in this process."""
 
 
 class HTTPClientError(Exception):
@@ -287,6 +291,9 @@ class HTTPConnection(asyncio.Protocol):
         self._timeout = 0.0
         self._last_activity = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._unread = 0
+        """Bytes received since the body was last taken."""
+        self._reading_paused = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -301,6 +308,11 @@ class HTTPConnection(asyncio.Protocol):
         except ProtocolViolation as exc:
             self._fail(exc)
             return
+        self._unread += len(data)
+        if self._unread > READ_HIGH_WATER and not self._reading_paused:
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self._reading_paused = True
         self._wake()
 
     def eof_received(self) -> bool:
@@ -329,6 +341,9 @@ class HTTPConnection(asyncio.Protocol):
         """Write one request, call `on_sent`, and wait for the response head."""
         assert self.transport is not None
         self.parser = ResponseParser()
+        self._unread = 0
+        if self._reading_paused:
+            self._resume_reading()
         self._received_any = False
         self._error = None
         self.requests += 1
@@ -347,6 +362,9 @@ class HTTPConnection(asyncio.Protocol):
         parser = self.parser
         while True:
             if parser.body:
+                self._unread = 0
+                if self._reading_paused:
+                    self._resume_reading()
                 return parser.take_body()
             if parser.done:
                 self._cancel_timer()
@@ -404,10 +422,19 @@ class HTTPConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        self._last_activity = self.loop.time()  # the wait was this side's, not the upstream's
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
     def _on_timer(self) -> None:
         # Re-armed lazily: activity only moves a timestamp, the timer checks it when it fires.
         self._timer = None
         if self.parser.done or self.closed:
+            return
+        if self._reading_paused:  # waiting for the turn to take the body: not a timeout
+            self._timer = self.loop.call_at(self.loop.time() + self._timeout, self._on_timer)
             return
         deadline = self._last_activity + self._timeout
         if self.loop.time() >= deadline:
