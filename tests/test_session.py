@@ -214,6 +214,24 @@ def test_limits_of_lanes_and_queue() -> None:
     assert h.last("error")["status"] == 503
 
 
+def test_queued_bytes_are_bounded_and_the_connection_stays_usable() -> None:
+    h = Harness(Limits(max_active_responses=1, max_queued_bytes=3000))
+    h.send(input="x" * 5000)  # starts at once: nothing waits, nothing counted
+    running = h.started[-1]
+    h.send(input="a" * 1000, stream_id="q")
+    h.send(input="b" * 1000, stream_id="q")
+    assert len(h.started) == 1 and not any(e["type"] == "error" for e in h.events)
+    h.send(input="c" * 1000, stream_id="q")  # would hold over 3,000 bytes waiting
+    error = h.last("error")
+    assert error["error"]["code"] == "server_is_overloaded" and error["status"] == 503
+    assert "--max-queued-bytes" in error["error"]["message"] and error["stream_id"] == "q"
+    h.reply(running)
+    h.reply(h.started[1])  # the two that waited run, in order
+    assert [t.items.to_objects()[-1]["content"][:1] for t in h.started[1:]] == ["a", "b"]
+    h.send(input="d" * 1000, stream_id="q")  # room again
+    assert h.events[-1]["type"] != "error"
+
+
 def test_lifetime_expiry_finishes_in_flight_then_closes() -> None:
     h = Harness(Limits(connection_lifetime=60.0, close_grace=10.0))
     h.send(input="running")

@@ -203,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests a connection may have waiting before 'server_is_overloaded'",
     )
     opt.add(
+        "--max-queued-bytes",
+        default="64M",
+        type=parse_size,
+        help="bytes (input items and settings) the requests a connection has waiting may "
+        "hold before 'server_is_overloaded'",
+    )
+    opt.add(
         "--memory-budget",
         default="1G",
         type=parse_size,

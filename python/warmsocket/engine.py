@@ -72,6 +72,7 @@ class Limits:
     max_named_lanes: int = 32
     max_active_responses: int = 16
     max_queued_requests: int = 1024
+    max_queued_bytes: int = 64 * 1024 * 1024
     max_pending_steers: int = 8
     close_grace: float = 30.0
 

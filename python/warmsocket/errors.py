@@ -243,6 +243,16 @@ def too_many_queued(limit: int) -> APIError:
     )
 
 
+def queued_bytes_exceeded(limit: int) -> APIError:
+    return APIError(
+        "server_is_overloaded",
+        f"This connection's waiting requests would hold more than {limit} bytes, the most "
+        "it queues (--max-queued-bytes). Wait for responses to finish before sending more.",
+        status=503,
+        type=SERVER_ERROR,
+    )
+
+
 def server_overloaded(reason: str) -> APIError:
     return APIError("server_is_overloaded", reason, status=503, type=SERVER_ERROR)
 

@@ -29,6 +29,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_named_lanes=args.max_lanes,
         max_active_responses=args.max_active_responses,
         max_queued_requests=args.max_queued_requests,
+        max_queued_bytes=args.max_queued_bytes,
         close_grace=args.close_grace,
     )
     return ServerConfig(

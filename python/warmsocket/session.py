@@ -88,6 +88,9 @@ class _Pending:
     previous_response_id: str | None
     # Steering that becomes this request's input prefix (automatic successors).
     steer_ids: tuple[str, ...] = ()
+    nbytes: int = 0
+    """What it holds while it waits (its input items and settings), counted against
+    `Limits.max_queued_bytes`."""
 
 
 @dataclass(slots=True)
@@ -134,6 +137,7 @@ class ResponsesSession:
         self._ready: deque[_Lane] = deque()
         self._active: dict[str, tuple[Turn, _Lane]] = {}
         self._queued = 0
+        self._queued_bytes = 0
         # response id -> (stream_id, next sequence number) of recently finished responses
         self._finished: OrderedDict[str, tuple[str | None, int]] = OrderedDict()
 
@@ -292,7 +296,7 @@ class ResponsesSession:
                 lane.head.release()
                 lane.head = None
         self._ready.clear()
-        self._queued = 0
+        self._queued = self._queued_bytes = 0
         self.engine.cache.close_connection(self.connection)
 
     def take_outbox(self) -> list[Action]:
@@ -336,12 +340,22 @@ class ResponsesSession:
             self._error(errors.too_many_queued(self.limits.max_queued_requests), stream_id)
             return
         if request is not None:
-            pending = _Pending(request, None, request.previous_response_id)
+            nbytes = request.input.nbytes + len(request.settings_json)
+            starts_now = (
+                lane.active is None
+                and not lane.queue
+                and len(self._active) < self.limits.max_active_responses
+            )
+            if not starts_now and self._queued_bytes + nbytes > self.limits.max_queued_bytes:
+                self._error(errors.queued_bytes_exceeded(self.limits.max_queued_bytes), stream_id)
+                return
+            pending = _Pending(request, None, request.previous_response_id, nbytes=nbytes)
         else:
             assert rejection is not None
             pending = _Pending(None, _api_error(rejection), rejection.previous_response_id)
         lane.queue.append(pending)
         self._queued += 1
+        self._queued_bytes += pending.nbytes
         self._make_ready(lane)
         self._pump()
 
@@ -359,6 +373,7 @@ class ResponsesSession:
                 continue
             pending = lane.queue.popleft()
             self._queued -= 1
+            self._queued_bytes -= pending.nbytes
             self._start(lane, pending)
             self._make_ready(lane)
 
@@ -609,7 +624,7 @@ class ResponsesSession:
             lane.queue.clear()
             lane.in_ready = False
         self._ready.clear()
-        self._queued = 0
+        self._queued = self._queued_bytes = 0
 
     def _maybe_close(self) -> None:
         if self.expired and not self._active and not self.closed:
