@@ -128,7 +128,11 @@ class RequestParser:
                 # Two framings: which one ends the body is ambiguous (RFC 9112, 6.3).
                 raise HTTPError(400, "Both Transfer-Encoding and Content-Length were sent.")
             if coding.strip().lower() != "chunked":
-                raise HTTPError(501, f"Transfer-Encoding {coding!r} is not supported.")
+                raise HTTPError(
+                    501,
+                    "Only Transfer-Encoding: chunked is supported; send the body chunked or "
+                    "with Content-Length.",
+                )
             return self._take_chunked()
         if length_text is None:
             return b""
