@@ -244,12 +244,9 @@ def too_many_queued(limit: int) -> APIError:
 
 
 def queued_bytes_exceeded(limit: int) -> APIError:
-    return APIError(
-        "server_is_overloaded",
+    return server_overloaded(
         f"This connection's waiting requests would hold more than {limit} bytes, the most "
-        "it queues (--max-queued-bytes). Wait for responses to finish before sending more.",
-        status=503,
-        type=SERVER_ERROR,
+        "it queues (--max-queued-bytes). Wait for responses to finish before sending more."
     )
 
 
