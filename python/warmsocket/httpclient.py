@@ -598,12 +598,21 @@ class HTTPPool:
             ) from None
         except OSError as exc:
             raise ConnectFailed(
-                f"cannot connect to {origin.host_header} ({type(exc).__name__})"
+                f"cannot connect to {origin.host_header} ({connect_failure(exc)})"
             ) from None
         self.opened += 1
         if self.on_open is not None:
             self.on_open()
         return connection
+
+
+def connect_failure(exc: BaseException) -> str:
+    """Why connecting failed, for the operator's log: the error's type, and for TLS
+    which check failed (e.g. 'certificate verify failed: self-signed certificate')."""
+    reason = type(exc).__name__
+    if isinstance(exc, ssl.SSLError):
+        reason += f": {getattr(exc, 'verify_message', None) or exc.reason}"
+    return reason
 
 
 def request_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:

@@ -101,6 +101,7 @@ class UpstreamError(APIError):
         headers: dict[str, str] | None = None,
         reason: str = "error",
         upstream_code: str | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(code, message, param=param, status=status, type=type, headers=headers)
         self.retryable = retryable
@@ -108,6 +109,9 @@ class UpstreamError(APIError):
         """A short label for metrics and logs: 'status', 'timeout', 'connect', 'stream'..."""
         self.upstream_code = upstream_code
         """The code the upstream's error event gave, before mapping (None otherwise)."""
+        self.detail = detail
+        """For the operator's log only, never the client: what failed below the HTTP
+        level (e.g. 'SSLCertVerificationError: ...'); never conversation content."""
 
     def response_error(self) -> dict[str, Any]:
         if self.status == 429:
@@ -208,7 +212,9 @@ def _from_error_fields(
     )
 
 
-def transport_error(kind: Literal["connect", "timeout", "closed", "protocol"]) -> UpstreamError:
+def transport_error(
+    kind: Literal["connect", "timeout", "closed", "protocol"], detail: str | None = None
+) -> UpstreamError:
     messages = {
         "connect": "Cannot connect to the upstream server.",
         "timeout": "The upstream server did not answer in time.",
@@ -222,6 +228,7 @@ def transport_error(kind: Literal["connect", "timeout", "closed", "protocol"]) -
         type=SERVER_ERROR,
         retryable=True,
         reason=kind,
+        detail=detail,
     )
 
 

@@ -126,15 +126,15 @@ def failed_attempt(
     label = str(error.status) if error.reason == "status" else error.reason
     stats.requests[(api, label)] += 1
     retry = error.retryable and can_retry
-    log.warning(
-        "upstream request failed",
-        extra={
-            "response_id": turn.response_id,
-            "replica": replica.label,
-            "outcome": label,
-            "retry": retry,
-        },
-    )
+    extra: dict[str, object] = {
+        "response_id": turn.response_id,
+        "replica": replica.label,
+        "outcome": label,
+        "retry": retry,
+    }
+    if error.detail is not None:
+        extra["detail"] = error.detail
+    log.warning("upstream request failed", extra=extra)
     return retry
 
 
@@ -238,14 +238,14 @@ class HTTPUpstreamBackend:
                     return
             except UpstreamError as exc:
                 error = exc
-            except RequestTimeout:
-                error = transport_error("timeout")
-            except ConnectFailed:
-                error = transport_error("connect")
-            except ConnectionClosed:
-                error = transport_error("closed")
-            except ProtocolViolation:
-                error = transport_error("protocol")
+            except RequestTimeout as exc:
+                error = transport_error("timeout", str(exc))
+            except ConnectFailed as exc:
+                error = transport_error("connect", str(exc))
+            except ConnectionClosed as exc:
+                error = transport_error("closed", str(exc))
+            except ProtocolViolation as exc:
+                error = transport_error("protocol", str(exc))
             finally:
                 if response is not None:
                     response.abort()

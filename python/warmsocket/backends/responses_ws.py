@@ -42,7 +42,7 @@ from warmsocket.backends.base import ModelEvent, StreamItem, TurnContext, TurnFa
 from warmsocket.backends.http_upstream import chain_key, failed_attempt
 from warmsocket.backends.responses_events import model_events
 from warmsocket.backends.responses_http import HeadCache
-from warmsocket.httpclient import Origin
+from warmsocket.httpclient import Origin, connect_failure
 from warmsocket.metrics import Metrics
 from warmsocket.response_stream import dumps
 from warmsocket.router import Outcome, Replica, Router
@@ -350,8 +350,8 @@ class ResponsesWSBackend:
             raise from_http_status(
                 response.status_code, bytes(response.body or b""), headers
             ) from None
-        except (OSError, TimeoutError, InvalidHandshake):
-            raise transport_error("connect") from None
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            raise transport_error("connect", connect_failure(exc)) from None
         self.stats.connections_opened[self.api] += 1
         return UpstreamSocket(replica, ws, time.monotonic())
 
