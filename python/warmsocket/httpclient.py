@@ -13,15 +13,21 @@ Timeouts: `connect_timeout` bounds the TCP (and TLS) connect; `timeout` bounds e
 wait for the response head and for each piece of the body. A request whose
 connection was reused and then closed by the server before any response byte
 arrived is sent once more on a fresh connection (the usual keep-alive race).
+
+Proxies: an `https` origin is reached through the HTTP proxy the environment names
+(`HTTPS_PROXY`, honouring `NO_PROXY`, as curl, httpx and `websockets` do), with a
+`CONNECT` tunnel and TLS to the origin inside it (`proxy_for`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from warmsocket._core import ChunkedBody, parse_response_head
 
@@ -83,6 +89,71 @@ class Origin:
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.host_header}{self.base_path}"
+
+
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """An HTTP proxy that tunnels (`CONNECT`) to TLS origins."""
+
+    host: str
+    port: int
+    authorization: str | None
+    """The `Proxy-Authorization` value from the URL's user and password, if any."""
+
+    @classmethod
+    def parse(cls, url: str) -> Proxy:
+        split = urlsplit(url if "://" in url else f"http://{url}")
+        if split.scheme.lower() != "http" or not split.hostname:
+            raise ValueError(
+                f"only http:// proxies are supported, not {split.scheme}:// (HTTPS_PROXY); "
+                "add the upstream's host to NO_PROXY to connect directly"
+            )
+        authorization = None
+        if split.username is not None:
+            user = f"{unquote(split.username)}:{unquote(split.password or '')}"
+            authorization = "Basic " + base64.b64encode(user.encode()).decode()
+        return cls(split.hostname, split.port or 80, authorization)
+
+    def __str__(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def proxy_for(origin: Origin) -> Proxy | None:
+    """The proxy an `https` origin is reached through: the environment's `HTTPS_PROXY`
+    unless `NO_PROXY` covers the origin; None to connect directly. ValueError for a
+    proxy URL that is not `http://`."""
+    if not origin.tls:
+        return None
+    url = urllib.request.getproxies().get("https")
+    if not url or urllib.request.proxy_bypass(f"{origin.host}:{origin.port}"):
+        return None
+    return Proxy.parse(url)
+
+
+class _Tunnel(asyncio.Protocol):
+    """Reads the proxy's answer to `CONNECT` (a head, nothing after it)."""
+
+    def __init__(self) -> None:
+        self.head: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self.head.done():
+            return
+        try:
+            parsed = parse_response_head(self._buffer)
+        except ValueError as exc:
+            self.head.set_exception(ConnectFailed(f"invalid answer from the proxy ({exc})"))
+            return
+        if parsed is not None:
+            self.head.set_result(parsed[1])
+        elif len(self._buffer) > MAX_HEAD_BYTES:
+            self.head.set_exception(ConnectFailed("invalid answer from the proxy (too large)"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.head.done():
+            self.head.set_exception(ConnectFailed("the proxy closed the connection"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,8 +570,12 @@ class HTTPPool:
         idle_timeout: float = 60.0,
         ssl_context: ssl.SSLContext | None = None,
         on_open: Callable[[], None] | None = None,
+        proxy: Proxy | None = None,
     ) -> None:
+        """`proxy`: tunnel through it (see `proxy_for`, which `HTTPUpstreamBackend`
+        asks); None connects directly."""
         self.origin = origin
+        self.proxy = proxy
         self.on_open = on_open
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
@@ -582,16 +657,19 @@ class HTTPPool:
         try:
             # wait_for, not asyncio.timeout: this may run outside a task (a backend's
             # eager first step, see `Backend.stream`).
-            _transport, connection = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: HTTPConnection(self),
-                    origin.host,
-                    origin.port,
-                    ssl=self._ssl,
-                    server_hostname=origin.host if self._ssl is not None else None,
-                ),
-                self.connect_timeout,
-            )
+            if self.proxy is not None:
+                connection = await asyncio.wait_for(self._tunnel(self.proxy), self.connect_timeout)
+            else:
+                _transport, connection = await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda: HTTPConnection(self),
+                        origin.host,
+                        origin.port,
+                        ssl=self._ssl,
+                        server_hostname=origin.host if self._ssl is not None else None,
+                    ),
+                    self.connect_timeout,
+                )
         except TimeoutError:
             raise ConnectFailed(
                 f"connecting to {origin.host_header} timed out after {self.connect_timeout:g} s"
@@ -603,6 +681,32 @@ class HTTPPool:
         self.opened += 1
         if self.on_open is not None:
             self.on_open()
+        return connection
+
+    async def _tunnel(self, proxy: Proxy) -> HTTPConnection:
+        """A connection to the origin through `proxy`: `CONNECT`, then TLS inside."""
+        loop = asyncio.get_running_loop()
+        origin = self.origin
+        transport, tunnel = await loop.create_connection(_Tunnel, proxy.host, proxy.port)
+        try:
+            host = f"[{origin.host}]" if ":" in origin.host else origin.host
+            lines = [f"CONNECT {host}:{origin.port} HTTP/1.1", f"Host: {host}:{origin.port}"]
+            if proxy.authorization is not None:
+                lines.append(f"Proxy-Authorization: {proxy.authorization}")
+            transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+            status = await tunnel.head
+            if status != 200:
+                raise ConnectFailed(f"the proxy {proxy} answered CONNECT with {status}")
+            assert self._ssl is not None  # proxies are used for https origins only
+            connection = HTTPConnection(self)
+            tls = await loop.start_tls(
+                transport, connection, self._ssl, server_hostname=origin.host
+            )
+        except BaseException:
+            transport.close()
+            raise
+        assert tls is not None
+        connection.connection_made(tls)
         return connection
 
 

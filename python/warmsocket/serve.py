@@ -93,7 +93,11 @@ def serve_command(args: argparse.Namespace) -> int:
     snapshot = Path(args.snapshot) if args.snapshot else None
     try:
         metrics = Metrics()
-        backend = backend_from_args(args, metrics)
+        try:
+            backend = backend_from_args(args, metrics)
+        except ValueError as exc:  # e.g. an HTTPS_PROXY this client cannot use
+            log.error("cannot set up the upstream connection", extra={"reason": str(exc)})
+            return 1
         return int(run_async(_serve(config, backend, snapshot, metrics, shared_options(args))))
     except KeyboardInterrupt:
         return 0

@@ -34,6 +34,7 @@ from warmsocket.httpclient import (
     Origin,
     ProtocolViolation,
     RequestTimeout,
+    proxy_for,
 )
 from warmsocket.metrics import Metrics, UpstreamMetrics
 from warmsocket.router import Outcome, Replica, Router, RouterConfig
@@ -160,6 +161,7 @@ class HTTPUpstreamBackend:
                 connect_timeout=config.connect_timeout,
                 max_idle=config.max_idle_connections,
                 on_open=self._opened,
+                proxy=proxy_for(origin),
             )
             for origin in origins
         ]
