@@ -1,4 +1,5 @@
-"""An upstream over TLS (`https://`, `wss://`), as OpenAI and most hosted gateways are.
+"""An upstream over TLS (`https://`, `wss://`), as OpenAI and most hosted gateways are,
+directly and through an HTTP proxy named by the environment (`HTTPS_PROXY`).
 
 The simulated upstream sits behind a TLS-terminating proxy whose certificate comes
 from a test CA (`trustme`); warmsocket trusts that CA through `SSL_CERT_FILE`, which
@@ -12,7 +13,7 @@ import asyncio
 import logging
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,35 +26,27 @@ from tests.upstream_support import running_sim, warmsocket_upstream
 APIS = ["chat", "responses", "responses-ws"]
 
 
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, ssl.SSLError):
+        pass
+    finally:
+        writer.close()
+
+
 @contextmanager
-def tls_front(target_port: int, cert: trustme.LeafCert) -> Iterator[int]:
-    """A TLS listener on loopback that forwards each connection's bytes to
-    `target_port`, on its own thread. Yields its port."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(context)
+def serving(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    context: ssl.SSLContext | None = None,
+) -> Iterator[int]:
+    """`handler` serving loopback connections on its own thread. Yields the port."""
     loop = asyncio.new_event_loop()
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(1 << 16):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, ssl.SSLError):
-            pass
-        finally:
-            writer.close()
-
-    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
-        except OSError:
-            writer.close()
-            return
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    server = loop.run_until_complete(asyncio.start_server(forward, "127.0.0.1", 0, ssl=context))
+    server = loop.run_until_complete(asyncio.start_server(handler, "127.0.0.1", 0, ssl=context))
     port: int = server.sockets[0].getsockname()[1]
-    thread = threading.Thread(target=loop.run_forever, name="tls-front", daemon=True)
+    thread = threading.Thread(target=loop.run_forever, name="test-server", daemon=True)
     thread.start()
     try:
         yield port
@@ -66,6 +59,20 @@ def tls_front(target_port: int, cert: trustme.LeafCert) -> Iterator[int]:
         loop.run_until_complete(asyncio.sleep(0))
         loop.run_until_complete(server.wait_closed())
         loop.close()
+
+
+@contextmanager
+def tls_front(target_port: int, cert: trustme.LeafCert) -> Iterator[int]:
+    """A TLS listener that forwards each connection's bytes to `target_port`."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    with serving(forward, context) as port:
+        yield port
 
 
 @pytest.fixture
@@ -86,7 +93,7 @@ def test_a_tls_upstream_with_a_trusted_certificate(
         running_sim() as sim,
         tls_front(sim.port, authority.issue_cert("127.0.0.1")) as port,
         warmsocket_upstream(f"https://127.0.0.1:{port}/v1", api, timeout=5.0) as (server, _),
-        WSClient(server.ws_url) as client,
+        WSClient(server.ws_url, proxy=None) as client,
     ):
         first = client.turn(input="hello", store=False)
         assert output_text(first) == "You said: hello"
@@ -113,7 +120,7 @@ def test_an_untrusted_upstream_certificate_fails_the_turn_and_says_why(
         running_sim() as sim,
         tls_front(sim.port, authority.issue_cert("127.0.0.1")) as port,
         warmsocket_upstream(f"https://127.0.0.1:{port}/v1", api, timeout=5.0) as (server, _),
-        WSClient(server.ws_url) as client,
+        WSClient(server.ws_url, proxy=None) as client,
     ):
         terminal = client.turn(input="hello", store=False)[-1]
         assert terminal["type"] == "response.failed"
@@ -123,3 +130,87 @@ def test_an_untrusted_upstream_certificate_fails_the_turn_and_says_why(
     assert failures and all(r.outcome == "connect" for r in failures)  # type: ignore[attr-defined]
     detail = failures[-1].detail  # type: ignore[attr-defined]
     assert "SSLCertVerificationError: unable to get local issuer certificate" in detail
+
+
+@contextmanager
+def connect_proxy(*, refuse: int | None = None) -> Iterator[tuple[int, list[str]]]:
+    """An HTTP proxy on loopback that tunnels `CONNECT` (or answers `refuse`), on its
+    own thread. Yields its port and the request heads it received."""
+    seen: list[str] = []
+
+    async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        seen.append(head)
+        method, target, _version = head.split("\r\n", 1)[0].split(" ")
+        if refuse is not None or method != "CONNECT":
+            writer.write(b"HTTP/1.1 %d No\r\nContent-Length: 0\r\n\r\n" % (refuse or 405))
+            writer.close()
+            return
+        host, port = target.rsplit(":", 1)
+        up_reader, up_writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    with serving(tunnel) as port:
+        yield port, seen
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_an_https_upstream_through_the_environments_proxy(
+    api: str, ca: tuple[trustme.CA, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    authority, pem = ca
+    monkeypatch.setenv("SSL_CERT_FILE", str(pem))
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with (
+        running_sim() as sim,
+        tls_front(sim.port, authority.issue_cert("127.0.0.1")) as port,
+        connect_proxy() as (proxy_port, seen),
+    ):
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy_port}")
+        with (
+            warmsocket_upstream(f"https://127.0.0.1:{port}/v1", api, timeout=5.0) as (server, _),
+            WSClient(server.ws_url, proxy=None) as client,
+        ):
+            first = client.turn(input="hello", store=False)
+            assert output_text(first) == "You said: hello"
+            previous = first[-1]["response"]["id"]
+            again = client.turn(input="again", store=False, previous_response_id=previous)
+            assert output_text(again) == "You said: again"
+        assert seen and all(h.startswith(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n") for h in seen)
+        assert len(sim.stats()["requests"]) == 2
+        # NO_PROXY: straight to the upstream.
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        seen.clear()
+        with (
+            warmsocket_upstream(f"https://127.0.0.1:{port}/v1", api, timeout=5.0) as (server, _),
+            WSClient(server.ws_url, proxy=None) as client,
+        ):
+            assert output_text(client.turn(input="direct", store=False)) == "You said: direct"
+        assert seen == []
+
+
+def test_a_proxy_that_refuses_the_tunnel_fails_the_turn_and_says_so(
+    ca: tuple[trustme.CA, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _authority, pem = ca
+    monkeypatch.setenv("SSL_CERT_FILE", str(pem))
+    for name in ("NO_PROXY", "no_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    caplog.set_level(logging.WARNING, logger="warmsocket.upstream")
+    with connect_proxy(refuse=407) as (proxy_port, seen):
+        monkeypatch.setenv("HTTPS_PROXY", f"http://user:p%40ss@127.0.0.1:{proxy_port}")
+        with (
+            warmsocket_upstream("https://127.0.0.1:9/v1", "responses", timeout=5.0) as (
+                server,
+                _,
+            ),
+            WSClient(server.ws_url, proxy=None) as client,
+        ):
+            terminal = client.turn(input="hello", store=False)[-1]
+    assert terminal["type"] == "response.failed"
+    assert seen and seen[0].startswith("CONNECT 127.0.0.1:9 HTTP/1.1\r\n")
+    assert "\r\nProxy-Authorization: Basic dXNlcjpwQHNz\r\n" in seen[0]  # user:p@ss
+    failures = [r for r in caplog.records if r.getMessage() == "upstream request failed"]
+    assert "answered CONNECT with 407" in failures[-1].detail  # type: ignore[attr-defined]
