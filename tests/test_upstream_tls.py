@@ -214,3 +214,20 @@ def test_a_proxy_that_refuses_the_tunnel_fails_the_turn_and_says_so(
     assert "\r\nProxy-Authorization: Basic dXNlcjpwQHNz\r\n" in seen[0]  # user:p@ss
     failures = [r for r in caplog.records if r.getMessage() == "upstream request failed"]
     assert "answered CONNECT with 407" in failures[-1].detail  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_plain_http_upstream_is_reached_directly_whatever_the_proxy_settings(
+    api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("NO_PROXY", "no_proxy", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with connect_proxy(refuse=403) as (proxy_port, seen), running_sim() as sim:
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy_port}")
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy_port}")
+        with (
+            warmsocket_upstream(sim.base_url, api, timeout=5.0) as (server, _),
+            WSClient(server.ws_url, proxy=None) as client,
+        ):
+            assert output_text(client.turn(input="hello", store=False)) == "You said: hello"
+    assert seen == []

@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -102,6 +102,9 @@ class ResponsesWSBackend:
         self.urls = [
             f"{'wss' if o.tls else 'ws'}://{o.host_header}{o.base_path}/responses" for o in origins
         ]
+        # As the HTTP upstreams: a TLS upstream through the environment's proxy (which
+        # websockets reads, NO_PROXY included), a plain one directly.
+        self._proxy: list[Literal[True] | None] = [True if o.tls else None for o in origins]
         self.router = Router([str(o) for o in origins], config.router, metrics=self.stats)
         self._idle: list[list[UpstreamSocket]] = [[] for _ in origins]
         self._chains: OrderedDict[str, tuple[UpstreamSocket, str]] = OrderedDict()
@@ -336,6 +339,7 @@ class ResponsesWSBackend:
         try:
             ws = await connect(
                 self.urls[replica.index],
+                proxy=self._proxy[replica.index],
                 additional_headers=headers,
                 user_agent_header=f"warmsocket/{__version__}",
                 max_size=MAX_UPSTREAM_EVENT_BYTES,
