@@ -75,6 +75,15 @@ def tls_front(target_port: int, cert: trustme.LeafCert) -> Iterator[int]:
         yield port
 
 
+def chain_two_turns(client: WSClient) -> None:
+    """A turn and its continuation (`previous_response_id`), both answered right."""
+    first = client.turn(input="hello", store=False)
+    assert output_text(first) == "You said: hello"
+    previous = first[-1]["response"]["id"]
+    again = client.turn(input="again", store=False, previous_response_id=previous)
+    assert output_text(again) == "You said: again"
+
+
 @pytest.fixture
 def ca(tmp_path: Path) -> Iterator[tuple[trustme.CA, Path]]:
     authority = trustme.CA()
@@ -95,11 +104,7 @@ def test_a_tls_upstream_with_a_trusted_certificate(
         warmsocket_upstream(f"https://127.0.0.1:{port}/v1", api, timeout=5.0) as (server, _),
         WSClient(server.ws_url, proxy=None) as client,
     ):
-        first = client.turn(input="hello", store=False)
-        assert output_text(first) == "You said: hello"
-        previous = first[-1]["response"]["id"]
-        again = client.turn(input="again", store=False, previous_response_id=previous)
-        assert output_text(again) == "You said: again"
+        chain_two_turns(client)
         assert len(sim.stats()["requests"]) == 2  # both went through the TLS front
 
 
@@ -173,11 +178,7 @@ def test_an_https_upstream_through_the_environments_proxy(
             warmsocket_upstream(f"https://127.0.0.1:{port}/v1", api, timeout=5.0) as (server, _),
             WSClient(server.ws_url, proxy=None) as client,
         ):
-            first = client.turn(input="hello", store=False)
-            assert output_text(first) == "You said: hello"
-            previous = first[-1]["response"]["id"]
-            again = client.turn(input="again", store=False, previous_response_id=previous)
-            assert output_text(again) == "You said: again"
+            chain_two_turns(client)
         assert seen and all(h.startswith(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n") for h in seen)
         assert len(sim.stats()["requests"]) == 2
         # NO_PROXY: straight to the upstream.
