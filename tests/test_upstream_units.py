@@ -19,8 +19,10 @@ from warmsocket.httpclient import (
     HTTPPool,
     Origin,
     ProtocolViolation,
+    Proxy,
     RequestTimeout,
     ResponseParser,
+    proxy_for,
     request_head,
 )
 from warmsocket.metrics import Metrics
@@ -542,3 +544,29 @@ def test_parser_reads_any_response_at_any_split(
         assert parser.head.headers[name] == value
     assert body == expected["body"]
     assert parser.keep_alive == expected["keep_alive"]
+
+
+def test_proxy_urls_and_which_origins_use_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = Proxy.parse("http://alice:s%3Acret@proxy.internal:3128")
+    assert (proxy.host, proxy.port, str(proxy)) == (
+        "proxy.internal",
+        3128,
+        "http://proxy.internal:3128",
+    )
+    assert proxy.authorization == "Basic YWxpY2U6czpjcmV0"  # alice:s:cret
+    assert (
+        Proxy.parse("proxy.internal").port == 80
+        and Proxy.parse("proxy.internal").authorization is None
+    )
+    with pytest.raises(ValueError, match="NO_PROXY"):
+        Proxy.parse("socks5://proxy.internal:1080")
+    for name in ("NO_PROXY", "no_proxy", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    openai = Origin.parse("https://api.openai.com/v1")
+    assert proxy_for(openai) is None  # no proxy set
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    found = proxy_for(openai)
+    assert found is not None and found.host == "proxy.internal"
+    assert proxy_for(Origin.parse("http://10.0.0.5:8000/v1")) is None  # plain http: direct
+    monkeypatch.setenv("NO_PROXY", ".openai.com,localhost")
+    assert proxy_for(openai) is None
