@@ -35,6 +35,13 @@ binary frames. Each client decodes every event it receives. The arms alternate t
 by turn (`interleaved_medians`); the bench reports the msgpack/json time ratio and
 the bytes on the wire each way (frame headers included, no compression). No target:
 it measures; it asserts that both clients decoded the same events.
+
+`framing-reassembly`: one 16 MiB text frame (a large message under the 32 MiB
+default) given to `_core.ClientFrames` in 64 KiB reads, as a socket delivers it,
+against the same frame given in one read. Both arms' payloads are checked. Target
+(asserted only with `--benchmark-enable`): reassembly is linear, the 64 KiB reads
+cost at most 4x the single read (a reader that copies its buffer on every read is
+quadratic: about 70x at this size).
 """
 
 from __future__ import annotations
@@ -432,6 +439,67 @@ def test_encode_turn_rust_vs_orjson(benchmark: Any, items: int) -> None:
             f"orjson {medians['orjson'] * 1e6:.1f} us, rust/orjson {ratio:.2f}"
         )
         assert ratio <= 1.0, f"the Rust encoder costs {ratio:.2f}x orjson (target <= 1x)"
+
+
+# ---------------------------------------------------------------- framing-reassembly
+
+REASSEMBLY_MASK = bytes([0x37, 0xFA, 0x21, 0x3D])
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+    """A final client text frame carrying `payload` (64-bit length form)."""
+    header = bytes([0x81, 0x80 | 127]) + len(payload).to_bytes(8, "big") + REASSEMBLY_MASK
+    mask = REASSEMBLY_MASK * (len(payload) // 4 + 1)
+    return header + bytes(a ^ b for a, b in zip(payload, mask, strict=False))
+
+
+def reads(frame: bytes, read_size: int) -> list[bytes]:
+    """`frame` cut into the reads a socket would deliver (cut outside the timing)."""
+    return [frame[start : start + read_size] for start in range(0, len(frame), read_size)]
+
+
+def reassemble(chunks: list[bytes]) -> bytes:
+    """The message `ClientFrames` makes of a frame delivered as `chunks`."""
+    frames = _core.ClientFrames(64 << 20)
+    pieces: list[tuple[bool, bytes]] = []
+    for chunk in chunks:
+        pieces.extend(frames.feed(chunk))
+    assert frames.buffered == 0
+    assert len(pieces) == 1 and pieces[0][0], "one whole message"
+    return pieces[0][1]
+
+
+@pytest.mark.benchmark(group="framing-reassembly")
+def test_reassembly_in_reads_is_linear(benchmark: Any) -> None:
+    require_release_build(benchmark)
+    timed = timing_enabled(benchmark)
+    size = (16 if timed else 1) << 20
+    payload = (b'{"type":"response.create","input":"' + b"x" * size)[:size]
+    frame = masked_text_frame(payload)
+    small_reads, one_read = reads(frame, 64 << 10), [frame]
+    assert reassemble(small_reads) == payload
+    assert reassemble(one_read) == payload
+    benchmark.pedantic(reassemble, (small_reads,), rounds=5 if timed else 1)
+    if timed:
+        medians = interleaved_medians(
+            {
+                "reads": lambda: reassemble(small_reads),
+                "one_read": lambda: reassemble(one_read),
+            },
+            rounds=15,
+            warmup=2,
+        )
+        ratio = medians["reads"] / medians["one_read"]
+        benchmark.extra_info.update(
+            reads_ms=medians["reads"] * 1e3, one_read_ms=medians["one_read"] * 1e3, ratio=ratio
+        )
+        print(
+            f"\nreassemble 16 MiB: 64 KiB reads {medians['reads'] * 1e3:.1f} ms, "
+            f"one read {medians['one_read'] * 1e3:.1f} ms, ratio {ratio:.2f}"
+        )
+        assert ratio <= 4.0, (
+            f"reassembly in 64 KiB reads costs {ratio:.1f}x one read (target <= 4x)"
+        )
 
 
 # ---------------------------------------------------------------- framing-socket

@@ -47,8 +47,8 @@ struct Header {
 enum Next {
     /// A whole frame at the start of the buffer.
     Frame(Header),
-    /// More bytes are needed.
-    Incomplete,
+    /// More bytes are needed: the whole frame's length when its header is read.
+    Incomplete(Option<usize>),
     /// Not a frame this reader accepts: hand the stream over.
     HandOver,
 }
@@ -101,25 +101,44 @@ impl ClientFrames {
             return pieces;
         }
         // Frames are read from `data` in place while nothing is buffered; a partial
-        // frame at the end is kept for the next call.
-        let joined;
-        let bytes: &[u8] = if self.buffer.is_empty() {
-            data
+        // frame at the end is kept for the next call. A buffered partial frame is
+        // appended to, never copied again, so a large message arriving in many reads
+        // costs linear time.
+        if self.buffer.is_empty() {
+            let (pos, frame_len) = self.split(data, &mut pieces);
+            if pos < data.len() {
+                let mut rest = Vec::with_capacity(frame_len.unwrap_or(0));
+                rest.extend_from_slice(&data[pos..]);
+                self.buffer = rest;
+            }
         } else {
-            self.buffer.extend_from_slice(data);
-            joined = std::mem::take(&mut self.buffer);
-            &joined
-        };
+            let mut joined = std::mem::take(&mut self.buffer);
+            joined.extend_from_slice(data);
+            let (pos, frame_len) = self.split(&joined, &mut pieces);
+            if pos < joined.len() {
+                joined.drain(..pos);
+                // Room for the whole frame at once (its length is at most the size
+                // limit), instead of growing by doubling.
+                joined.reserve(frame_len.unwrap_or(0).saturating_sub(joined.len()));
+                self.buffer = joined;
+            }
+        }
+        pieces
+    }
+
+    /// Splits the whole frames off the start of `bytes` into `pieces`; returns how
+    /// many bytes they took, and the length of the incomplete frame after them when
+    /// its header is there.
+    fn split(&mut self, bytes: &[u8], pieces: &mut Vec<Piece>) -> (usize, Option<usize>) {
         let mut pos = 0;
         while pos < bytes.len() {
             let rest = &bytes[pos..];
             match self.next(rest) {
-                Next::Incomplete => break,
+                Next::Incomplete(frame_len) => return (pos, frame_len),
                 Next::HandOver => {
                     self.handed_over = true;
-                    push_raw(&mut pieces, rest);
-                    pos = bytes.len();
-                    break;
+                    push_raw(pieces, rest);
+                    return (bytes.len(), None);
                 }
                 Next::Frame(header) => {
                     let end = header.start + header.len;
@@ -136,16 +155,13 @@ impl ClientFrames {
                         });
                     } else {
                         self.track_fragments(&header);
-                        push_raw(&mut pieces, frame);
+                        push_raw(pieces, frame);
                     }
                     pos += end;
                 }
             }
         }
-        if pos < bytes.len() {
-            self.buffer = bytes[pos..].to_vec();
-        }
-        pieces
+        (pos, None)
     }
 
     fn track_fragments(&mut self, header: &Header) {
@@ -159,7 +175,7 @@ impl ClientFrames {
     /// The frame at the start of `bytes`, if it is whole and acceptable.
     fn next(&self, bytes: &[u8]) -> Next {
         let [b0, b1, ..] = *bytes else {
-            return Next::Incomplete;
+            return Next::Incomplete(None);
         };
         let fin = b0 & 0x80 != 0;
         let rsv = b0 & 0x70;
@@ -176,11 +192,11 @@ impl ClientFrames {
         let (len, mut start) = match b1 & 0x7F {
             126 => match bytes.get(2..4) {
                 Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
-                None => return Next::Incomplete,
+                None => return Next::Incomplete(None),
             },
             127 => match bytes.get(2..10).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
                 Some(b) => (u64::from_be_bytes(b), 10),
-                None => return Next::Incomplete,
+                None => return Next::Incomplete(None),
             },
             small => (u64::from(small), 2),
         };
@@ -191,7 +207,7 @@ impl ClientFrames {
             .get(start..start + 4)
             .and_then(|b| <[u8; 4]>::try_from(b).ok())
         else {
-            return Next::Incomplete;
+            return Next::Incomplete(None);
         };
         start += 4;
         let Ok(len) = usize::try_from(len) else {
@@ -205,7 +221,7 @@ impl ClientFrames {
                 start,
                 len,
             }),
-            Some(_) => Next::Incomplete,
+            Some(end) => Next::Incomplete(Some(end)),
             None => Next::HandOver,
         }
     }
@@ -319,6 +335,41 @@ mod tests {
         let mut reader = ClientFrames::new(Some(1 << 20));
         let pieces: Vec<Piece> = stream.iter().flat_map(|b| reader.feed(&[*b])).collect();
         assert_eq!(pieces, expected);
+    }
+
+    #[test]
+    fn a_large_frame_in_many_reads_is_buffered_once_at_its_full_length() {
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut stream = frame(true, OP_PING, b"p");
+        stream.extend(frame(true, OP_TEXT, &payload));
+        stream.extend(frame(true, OP_TEXT, b"after"));
+        let big_end = stream.len() - frame(true, OP_TEXT, b"after").len();
+        let mut reader = ClientFrames::new(Some(1 << 20));
+        let mut pieces = Vec::new();
+        let mut capacity = None;
+        for chunk in stream[..big_end].chunks(4096) {
+            pieces.extend(reader.feed(chunk));
+            if reader.buffered() > 16 {
+                // The header is read: room for the whole frame, allocated once.
+                let now = reader.buffer.capacity();
+                assert!(now >= payload.len(), "capacity {now}");
+                assert_eq!(
+                    *capacity.get_or_insert(now),
+                    now,
+                    "the buffer never regrows"
+                );
+            }
+        }
+        pieces.extend(reader.feed(&stream[big_end..]));
+        assert_eq!(
+            pieces,
+            vec![
+                Piece::Raw(frame(true, OP_PING, b"p")),
+                message(true, &payload),
+                message(true, b"after"),
+            ]
+        );
+        assert_eq!(reader.buffered(), 0);
     }
 
     #[test]

@@ -489,7 +489,9 @@ impl PyClientFrames {
         data: &[u8],
     ) -> PyResult<Vec<(bool, Bound<'py, PyBytes>)>> {
         let inner = &mut self.inner;
-        let pieces = detach_if(py, data.len(), DETACH_COPY_BYTES, || inner.feed(data));
+        // A read that completes a large buffered frame unmasks all of it.
+        let work = data.len().saturating_add(inner.buffered());
+        let pieces = detach_if(py, work, DETACH_COPY_BYTES, || inner.feed(data));
         Ok(pieces
             .into_iter()
             .map(|piece| match piece {
