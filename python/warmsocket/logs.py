@@ -2,7 +2,11 @@
 
 Only fields the code passes in `extra` are emitted besides time, level, logger and
 message, and the code never passes conversation content: ids, codes, counts, sizes
-and durations only.
+and durations only. Other libraries' records are not written by this code and may
+quote what passes through them (the `websockets` library traces every frame at
+debug level, the Authorization header included; asyncio's report of a failed task
+carries the exception's repr), so `ForeignRecords` keeps only their warnings and
+errors, and only the first line of each.
 """
 
 from __future__ import annotations
@@ -14,6 +18,37 @@ import time
 from typing import Any, Literal
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+FIRST_LINE_LIMIT = 200
+
+
+def written_here(logger: str) -> bool:
+    """Whether this package's code writes the records of `logger`. The server's
+    `websockets` protocol objects log under "warmsocket.websockets": not ours."""
+    if logger == "warmsocket.websockets" or logger.startswith("warmsocket.websockets."):
+        return False
+    return logger == "warmsocket" or logger.startswith("warmsocket.")
+
+
+class ForeignRecords(logging.Filter):
+    """Drops other libraries' records below WARNING and cuts the rest to the first
+    line of their message (at most `FIRST_LINE_LIMIT` characters): that line is a
+    fixed description ("Task exception was never retrieved", "opening handshake
+    failed"); what follows it is data."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if written_here(record.name):
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        try:
+            message = record.getMessage()
+        except Exception:  # a library's bad format string: say only that
+            message = "(unformattable message)"
+        record.msg = message.split("\n", 1)[0][:FIRST_LINE_LIMIT]
+        record.args = None
+        return True
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -50,8 +85,12 @@ class TextFormatter(logging.Formatter):
 def configure(level: str = "info", fmt: Literal["json", "text"] = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(ForeignRecords())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # The websockets library logs handshake details at debug level; keep it quiet.
-    logging.getLogger("warmsocket.websockets").setLevel(max(root.level, logging.WARNING))
+    # The websockets library traces frames and handshakes at debug level (the server's
+    # connections log as "warmsocket.websockets", upstream ones as "websockets"):
+    # ForeignRecords would drop those records; not making them saves the work.
+    for name in ("warmsocket.websockets", "websockets"):
+        logging.getLogger(name).setLevel(max(root.level, logging.WARNING))

@@ -1,0 +1,116 @@
+"""Logs never carry conversation content or credentials, at any level: what other
+libraries log (websockets' frame traces, asyncio's reports of failed tasks) is cut
+down to their warnings' and errors' first lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from warmsocket.bench.procs import stop
+from warmsocket.logs import ForeignRecords, JSONFormatter, written_here
+
+CANARY = "zebracorn marmalade"
+UPSTREAM_KEY = "sk-upstream-canary-key"
+
+
+def record(name: str, level: int, msg: str, *args: object) -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 1, msg, args, None)
+
+
+def test_own_loggers_are_told_apart_from_libraries() -> None:
+    assert written_here("warmsocket") and written_here("warmsocket.server")
+    for name in ("warmsocket.websockets", "websockets.client", "asyncio", "warmsocketx", ""):
+        assert not written_here(name), name
+
+
+def test_foreign_records_keep_only_first_lines_of_warnings_and_errors() -> None:
+    guard = ForeignRecords()
+    debug = record("websockets.client", logging.DEBUG, "> TEXT '%s'", CANARY)
+    assert not guard.filter(debug)
+    assert not guard.filter(record("warmsocket.websockets", logging.INFO, "< %s", CANARY))
+    failed = record(
+        "asyncio", logging.ERROR, "Task exception was never retrieved\nexception=%r", CANARY
+    )
+    assert guard.filter(failed)
+    line = json.loads(JSONFormatter().format(failed))
+    assert line["message"] == "Task exception was never retrieved"
+    long_line = record("asyncio", logging.WARNING, "x" * 1000)
+    assert guard.filter(long_line) and len(long_line.getMessage()) == 200
+    own = record("warmsocket.server", logging.DEBUG, "turn %s", "resp_1")
+    assert guard.filter(own) and own.getMessage() == "turn resp_1"
+
+
+@contextmanager
+def process(argv: list[str], log: Path) -> Iterator[str]:
+    """Runs a JSON-logging server with its stderr in `log`; yields its base URL."""
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(argv, stderr=stderr, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for line in log.read_text().splitlines():
+                entry = json.loads(line)
+                if entry["message"] == "listening":
+                    yield str(entry["url"])
+                    return
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        raise AssertionError("did not listen")
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize("upstream_api", ["responses-ws", "responses", "chat"])
+def test_debug_logs_of_a_sidecar_hold_no_content_and_no_key(
+    tmp_path: Path, upstream_api: str
+) -> None:
+    cli = [sys.executable, "-m", "warmsocket"]
+    common = ["--port", "0", "--log-format", "json", "--log-level", "debug"]
+    upstream_log, server_log = tmp_path / "upstream.log", tmp_path / "serve.log"
+    with (
+        process(
+            [*cli, "simulate-upstream", *common, "--api-key", UPSTREAM_KEY], upstream_log
+        ) as upstream,
+        process(
+            [
+                *cli,
+                "serve",
+                *common,
+                "--upstream",
+                upstream,
+                "--upstream-api",
+                upstream_api,
+                "--upstream-api-key",
+                UPSTREAM_KEY,
+            ],
+            server_log,
+        ) as base_url,
+    ):
+        client = OpenAI(base_url=base_url, api_key="client-key")
+        with client.responses.connect() as connection:
+            connection.response.create(model="m", input=f"websocket {CANARY}")
+            completed = next(e for e in connection if e.type == "response.completed")
+            assert CANARY in completed.response.output_text
+            connection.response.create(
+                model="m", input=f"again {CANARY}", previous_response_id=completed.response.id
+            )
+            assert next(e for e in connection if e.type == "response.completed")
+        answer = client.responses.create(model="m", input=f"http {CANARY}")
+        assert CANARY in answer.output_text
+    for log in (upstream_log, server_log):
+        text = log.read_text()
+        assert text, f"{log.name} is empty"
+        for line in text.splitlines():
+            json.loads(line)
+        for secret in ("zebracorn", "marmalade", UPSTREAM_KEY, "client-key"):
+            assert secret not in text, f"{log.name} holds {secret!r}"
