@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Iterator, Sequence
@@ -632,22 +633,37 @@ class Connection(asyncio.Protocol):
         For a backend with `eager_start` the task's first step runs now, in this
         callback, where an upstream backend writes its request: the request goes
         out before the rest of the callback (the `response.created` write,
-        bookkeeping) and without waiting for an event-loop pass, as with Python
-        3.12's eager tasks. The rest runs as a task. (Not from inside another task:
-        a queued turn started as one ends is scheduled as usual.)"""
+        bookkeeping) and without waiting for an event-loop pass. From Python 3.12 on
+        that is an eager task (its first step runs with the task current, so
+        `asyncio.timeout` and `wait_for` work in it); on 3.11 the first step runs
+        outside any task and `_Resumed` continues it as one. (Not from inside
+        another task: a queued turn started as one ends is scheduled as usual.)"""
         coro = self._run_model(session, turn)
         if not self.server.eager_start or asyncio.current_task() is not None:
             self._tasks[turn.response_id] = self.loop.create_task(coro)
+            return
+        if sys.version_info >= (3, 12):
+            task = asyncio.Task(coro, loop=self.loop, eager_start=True)
+            if not task.done():
+                self._tasks[turn.response_id] = task
+            elif not task.cancelled() and (error := task.exception()) is not None:
+                self._first_step_failed(session, turn, error)
             return
         try:
             pending = coro.send(None)
         except StopIteration:
             return  # the turn ended in its first step
-        except Exception as exc:  # raised before `_run_model`'s own handlers
-            log.error("backend error", extra={"error_type": type(exc).__name__})
-            session.model_error(turn)
+        except Exception as exc:
+            self._first_step_failed(session, turn, exc)
             return
         self._tasks[turn.response_id] = self.loop.create_task(_finish(_Resumed(coro, pending)))
+
+    def _first_step_failed(
+        self, session: ResponsesSession, turn: Turn, error: BaseException
+    ) -> None:
+        """An error raised in an eager first step before `_run_model`'s own handlers."""
+        log.error("backend error", extra={"error_type": type(error).__name__})
+        session.model_error(turn)
 
     async def _run_model(self, session: ResponsesSession, turn: Turn) -> None:
         backend = self.server.engine.backend

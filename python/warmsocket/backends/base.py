@@ -118,8 +118,9 @@ class Backend(Protocol):
     A backend may also set a class attribute `eager_start = True`: the server then
     runs the first step of `stream`'s iteration (up to its first wait) in the
     callback that received the client's message, outside any task, so an upstream
-    request goes out at once. That first step must then not need a current task
-    (no `asyncio.timeout`, no `asyncio.current_task`).
+    request goes out at once. From Python 3.12 on that step runs as an eager task;
+    on 3.11 it runs outside any task, so it must not need a current task (no
+    `asyncio.timeout`, no `asyncio.current_task`; `asyncio.wait_for` is fine there).
     """
 
     name: str
