@@ -70,6 +70,10 @@ def test_upgrade_detection_and_connection_close() -> None:
             400,
         ),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
+        # A length of thousands of digits (int() refuses past 4,300), a target that
+        # urlsplit refuses.
+        (b"POST / HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 413),
+        (b"GET //[x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     ],
 )
 def test_bad_requests(data: bytes, status: int) -> None:
@@ -78,6 +82,13 @@ def test_bad_requests(data: bytes, status: int) -> None:
     with pytest.raises(HTTPError) as info:
         parser.next_request()
     assert info.value.status == status
+
+
+def test_leading_zeros_in_a_length_are_allowed() -> None:
+    parser = RequestParser(max_body_bytes=1000)
+    parser.feed(b"POST / HTTP/1.1\r\nContent-Length: " + b"0" * 5000 + b"2\r\n\r\n{}")
+    request = parser.next_request()
+    assert request is not None and request.body == b"{}"
 
 
 def test_expect_continue_once() -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import socket
 
 import httpx2 as httpx
+import pytest
 
 from tests.support import RunningServer, running_server
 
@@ -73,6 +75,45 @@ def test_body_limit_and_malformed_http() -> None:
             raw.sendall(b"GARBAGE\r\n\r\n")
             reply = raw.recv(4096)
         assert reply.startswith(b"HTTP/1.1 400 ")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"GET //[x HTTP/1.1\r\nHost: a\r\n\r\n",  # urlsplit refuses the target
+        b"POST /v1/responses HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+    ],
+)
+def test_a_bad_request_after_a_good_one_is_answered_and_closed(bad: bytes) -> None:
+    good = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+    with running_server() as srv:
+        for data in (bad, good + bad):  # first on its connection, and pipelined
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+                raw.sendall(data)
+                replies = b""
+                while chunk := raw.recv(65536):  # until the server closes
+                    replies += chunk
+            statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", replies)]
+            assert statuses == ([200] if data.startswith(good) else []) + [
+                413 if b"Content-Length" in bad else 400
+            ]
+
+
+def test_an_unexpected_parser_failure_is_answered_400_and_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from warmsocket.http11 import RequestParser
+
+    def broken(self: RequestParser) -> None:
+        raise RuntimeError("a parser bug")
+
+    monkeypatch.setattr(RequestParser, "next_request", broken)
+    with running_server() as srv, socket.create_connection(("127.0.0.1", srv.port), 5) as raw:
+        raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        reply = b""
+        while chunk := raw.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400 ")
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(server: RunningServer) -> None:

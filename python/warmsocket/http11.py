@@ -107,13 +107,17 @@ class RequestParser:
         if body is None:
             return None
         self._head = None
-        split = urlsplit(target)
+        try:
+            split = urlsplit(target)
+            query = parse_qs(split.query, keep_blank_values=True)
+        except ValueError:  # e.g. "//[x": an unclosed IPv6 authority
+            raise HTTPError(400, "Invalid request target.") from None
         connection = headers.get("connection", "").lower()
         return Request(
             method=method,
             target=target,
             path=unquote(split.path),
-            query=parse_qs(split.query, keep_blank_values=True),
+            query=query,
             headers=headers,
             body=body,
             keep_alive="close" not in connection,
@@ -138,7 +142,10 @@ class RequestParser:
             return b""
         if not (length_text.isascii() and length_text.isdigit()):
             raise HTTPError(400, "Invalid Content-Length.")
-        length = int(length_text)
+        # Leading zeros are allowed; past 18 digits the length is beyond any limit
+        # (and int() of thousands of digits is refused, or slow).
+        digits = length_text.lstrip("0") or "0"
+        length = int(digits) if len(digits) <= 18 else self.max_body_bytes + 1
         if length > self.max_body_bytes:
             raise HTTPError(
                 413,

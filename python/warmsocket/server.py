@@ -345,7 +345,12 @@ class Connection(asyncio.Protocol):
     def _http_next(self) -> None:
         try:
             request = self._parser.next_request()
-        except HTTPError as error:
+        except Exception as exc:
+            # Called from `data_received` and from a finished request's task: nothing
+            # above would answer, so every failure answers here and closes.
+            error = exc if isinstance(exc, HTTPError) else HTTPError(400, "Invalid request.")
+            if not isinstance(exc, HTTPError):
+                log.error("cannot parse an HTTP request", extra={"error_type": type(exc).__name__})
             body = dumps(errors.APIError(None, error.message, status=error.status).http_body())
             self.write(encode_response(error.status, body, keep_alive=False))
             self._close_transport()
