@@ -6,7 +6,9 @@ import json
 import time
 from typing import Any
 
+import httpx2 as httpx
 import pytest
+from openai.types.responses import Response
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.support import (
@@ -430,3 +432,20 @@ def test_disconnect_cancels_work_and_frees_state(server: RunningServer) -> None:
         stats = server.server.cache.stats()
     assert stats.local_entries == 0 and stats.connections == 0
     assert server.call(lambda: sum(len(c._tasks) for c in server.server.connections)) == 0
+
+
+def test_an_answer_the_cache_cannot_keep_fails_with_a_response_error_code() -> None:
+    """The answer echoes an input that fits --max-item-bytes into an output item that
+    does not: the turn streams, then ends response.failed whose error code is one the
+    Response object allows (the SDK's types refuse `server_is_overloaded` there)."""
+    with running_server(max_item_bytes=2000) as srv:
+        with WSClient(srv.ws_url) as client:
+            events = client.turn(input="x" * 1920)  # every event checked against the SDK
+            failed = events[-1]
+            assert failed["type"] == "response.failed"
+            assert failed["response"]["error"]["code"] == "server_error"
+            assert "--max-item-bytes" in failed["response"]["error"]["message"]
+            assert client.turn(input="small")[-1]["type"] == "response.completed"
+        reply = httpx.post(f"{srv.base_url}/responses", json={"model": "m", "input": "x" * 1920})
+        Response.model_validate(reply.json())  # the SDK's type of the answer
+        assert reply.json()["error"]["code"] == "server_error"

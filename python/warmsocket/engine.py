@@ -584,6 +584,11 @@ class Turn:
             raise errors.server_error(
                 f"The input could not be tokenised ({type(exc).__name__})."
             ) from None
+        except _core.ItemTooLarge:
+            raise errors.model_failed(
+                "The answer has an item larger than this server's item limit "
+                "(--max-item-bytes), so it cannot be kept; raise the limit."
+            ) from None
         except _core.CacheError as exc:
             raise errors.server_overloaded(
                 f"The response could not be kept in the session cache ({type(exc).__name__})."

@@ -40,6 +40,18 @@ from typing import Any
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
+# `ResponseErrorCode` of the OpenAPI spec: the codes a failed Response's `error` may
+# carry (the SDK's `ResponseError` refuses any other).
+RESPONSE_ERROR_CODES = frozenset(
+    {
+        "server_error", "rate_limit_exceeded", "invalid_prompt", "data_residency_mismatch",
+        "bio_policy", "vector_store_timeout", "invalid_image", "invalid_image_format",
+        "invalid_base64_image", "invalid_image_url", "image_too_large", "image_too_small",
+        "image_parse_error", "image_content_policy_violation", "invalid_image_mode",
+        "image_file_too_large", "unsupported_image_media_type", "empty_image_file",
+        "failed_to_download_image", "image_file_not_found",
+    }
+)  # fmt: skip
 AUTHENTICATION = "authentication_error"
 NOT_FOUND = "not_found_error"
 RATE_LIMIT = "rate_limit_error"
@@ -122,8 +134,10 @@ class APIError(Exception):
         }
 
     def response_error(self) -> dict[str, Any]:
-        """The `error` object of a failed Response."""
-        return {"code": self.code or SERVER_ERROR, "message": self.message}
+        """The `error` object of a failed Response: its code is one the Response
+        object allows (`RESPONSE_ERROR_CODES`), else `server_error`."""
+        code = self.code if self.code in RESPONSE_ERROR_CODES else SERVER_ERROR
+        return {"code": code, "message": self.message}
 
 
 # -- constructors: one per error the protocol defines ------------------------------------
