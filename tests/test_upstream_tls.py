@@ -192,18 +192,27 @@ def test_an_https_upstream_through_the_environments_proxy(
         assert seen == []
 
 
+@pytest.mark.parametrize("api", APIS)
 def test_a_proxy_that_refuses_the_tunnel_fails_the_turn_and_says_so(
-    ca: tuple[trustme.CA, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    api: str,
+    ca: tuple[trustme.CA, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     _authority, pem = ca
     monkeypatch.setenv("SSL_CERT_FILE", str(pem))
     for name in ("NO_PROXY", "no_proxy", "https_proxy"):
         monkeypatch.delenv(name, raising=False)
     caplog.set_level(logging.WARNING, logger="warmsocket.upstream")
+    # websockets 15 (responses-ws) sends a proxy URL's user and password as written,
+    # without percent-decoding them: that arm gets credentials that need none.
+    userinfo, basic = ("user:pass", "dXNlcjpwYXNz") if api == "responses-ws" else (
+        "user:p%40ss", "dXNlcjpwQHNz"  # user:p@ss
+    )  # fmt: skip
     with connect_proxy(refuse=407) as (proxy_port, seen):
-        monkeypatch.setenv("HTTPS_PROXY", f"http://user:p%40ss@127.0.0.1:{proxy_port}")
+        monkeypatch.setenv("HTTPS_PROXY", f"http://{userinfo}@127.0.0.1:{proxy_port}")
         with (
-            warmsocket_upstream("https://127.0.0.1:9/v1", "responses", timeout=5.0) as (
+            warmsocket_upstream("https://127.0.0.1:9/v1", api, timeout=5.0) as (
                 server,
                 _,
             ),
@@ -212,7 +221,7 @@ def test_a_proxy_that_refuses_the_tunnel_fails_the_turn_and_says_so(
             terminal = client.turn(input="hello", store=False)[-1]
     assert terminal["type"] == "response.failed"
     assert seen and seen[0].startswith("CONNECT 127.0.0.1:9 HTTP/1.1\r\n")
-    assert "\r\nProxy-Authorization: Basic dXNlcjpwQHNz\r\n" in seen[0]  # user:p@ss
+    assert f"\r\nProxy-Authorization: Basic {basic}\r\n" in seen[0]
     failures = [r for r in caplog.records if r.getMessage() == "upstream request failed"]
     assert "answered CONNECT with 407" in failures[-1].detail  # type: ignore[attr-defined]
 
@@ -232,3 +241,26 @@ def test_a_plain_http_upstream_is_reached_directly_whatever_the_proxy_settings(
         ):
             assert output_text(client.turn(input="hello", store=False)) == "You said: hello"
     assert seen == []
+
+
+@pytest.mark.parametrize(
+    ("proxy", "why"),
+    [
+        ("ftp://127.0.0.1:1", "scheme ftp isn't supported"),
+        ("http://127.0.0.1:1/some/path", "path is meaningless"),
+    ],
+)
+def test_a_proxy_websockets_cannot_use_is_refused_at_start(
+    proxy: str, why: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from warmsocket.backends.responses_ws import ResponsesWSBackend
+    from warmsocket.upstream import UpstreamConfig
+
+    for name in ("NO_PROXY", "no_proxy", "https_proxy", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", proxy)
+    with pytest.raises(ValueError, match=why) as info:
+        ResponsesWSBackend(UpstreamConfig(urls=("https://127.0.0.1:9/v1",), api="responses-ws"))
+    assert "NO_PROXY" in str(info.value) and "127.0.0.1:1" not in str(info.value)
+    # A plain ws:// upstream never goes through a proxy: nothing to refuse.
+    ResponsesWSBackend(UpstreamConfig(urls=("http://127.0.0.1:9/v1",), api="responses-ws"))

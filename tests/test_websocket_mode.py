@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2 as httpx
@@ -19,6 +21,7 @@ from tests.support import (
     output_text,
     running_server,
 )
+from warmsocket.backends.base import StreamItem, TextDelta, TurnContext
 from warmsocket.engine import Limits
 
 TEXT_SEQUENCE = [
@@ -449,3 +452,41 @@ def test_an_answer_the_cache_cannot_keep_fails_with_a_response_error_code() -> N
         reply = httpx.post(f"{srv.base_url}/responses", json={"model": "m", "input": "x" * 1920})
         Response.model_validate(reply.json())  # the SDK's type of the answer
         assert reply.json()["error"]["code"] == "server_error"
+
+
+class PlainIteratorBackend:
+    """A third-party backend whose `stream` is an async iterator, not a generator
+    (no `aclose`): what the Backend protocol promises."""
+
+    name = "plain-iterator"
+
+    def stream(self, turn: TurnContext) -> AsyncIterator[StreamItem]:
+        return _PlainIterator([TextDelta("plain "), TextDelta("answer")])
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _PlainIterator:
+    def __init__(self, items: list[StreamItem]) -> None:
+        self.items = list(items)
+
+    def __aiter__(self) -> _PlainIterator:
+        return self
+
+    async def __anext__(self) -> StreamItem:
+        if not self.items:
+            raise StopAsyncIteration
+        return self.items.pop(0)
+
+
+def test_a_backend_stream_without_aclose_is_served() -> None:
+    failures: list[dict[str, Any]] = []
+    with running_server(backend=PlainIteratorBackend()) as srv, WSClient(srv.ws_url) as client:
+        srv.call(srv.loop.set_exception_handler, lambda _loop, context: failures.append(context))
+        for _ in range(2):  # the connection goes on
+            events = client.turn(input="hi")
+            assert events[-1]["type"] == "response.completed"
+            assert output_text(events) == "plain answer"
+        srv.call(gc.collect)  # a failed task reports its exception when collected
+    assert failures == []

@@ -543,6 +543,14 @@ class Connection(asyncio.Protocol):
                 session.receive_parsed(self._held.popleft())
                 if not self._run_actions():
                     self._flush()
+        except Exception as exc:
+            # A bug, not a miss: end the connection (1011) rather than leave it
+            # reading nothing with messages held.
+            log.error("cannot continue a held message", extra={"error_type": type(exc).__name__})
+            self._held.clear()
+            if self.ws is not None:
+                self.ws.fail(1011, "internal error")
+                self._flush()
         finally:
             if session.closed:
                 self._held.clear()
@@ -700,7 +708,10 @@ class Connection(asyncio.Protocol):
             session.model_error(turn)
         finally:
             self._tasks.pop(turn.response_id, None)
-            await stream.aclose()  # type: ignore[attr-defined]
+            # `Backend.stream` promises an async iterator; only generators have aclose.
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
         self._run_actions()
 
     def _schedule_flush(self) -> None:

@@ -26,6 +26,7 @@ event, so closing is how the upstream learns to stop.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -33,8 +34,15 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidProxy,
+    InvalidProxyStatus,
+    InvalidStatus,
+    WebSocketException,
+)
 from websockets.protocol import State
+from websockets.uri import get_proxy, parse_proxy, parse_uri
 
 from warmsocket import __version__
 from warmsocket._core import MAX_UPSTREAM_EVENT_BYTES, ResponsesStreamDecoder
@@ -90,6 +98,28 @@ class _Placement:
     error: UpstreamError | None = None
 
 
+def check_proxy(url: str) -> None:
+    """ValueError (saying why, without the proxy's URL: it may hold credentials) when
+    the environment names a proxy for `url` that websockets cannot use; checked at
+    start, as the HTTP upstreams check theirs."""
+    proxy = get_proxy(parse_uri(url))
+    if proxy is None:
+        return
+    try:
+        scheme = parse_proxy(proxy).scheme
+    except InvalidProxy as exc:
+        raise ValueError(
+            f"the environment's proxy for the upstream cannot be used: {exc.msg} "
+            "(HTTPS_PROXY, ALL_PROXY; add the upstream's host to NO_PROXY to connect "
+            "directly)"
+        ) from None
+    if scheme.startswith("socks") and importlib.util.find_spec("python_socks") is None:
+        raise ValueError(
+            "the environment's proxy for the upstream is a SOCKS proxy: "
+            "pip install python-socks, or add the upstream's host to NO_PROXY"
+        )
+
+
 class ResponsesWSBackend:
     name = "upstream-responses-ws"
     api: ClassVar[str] = "responses-ws"
@@ -105,6 +135,10 @@ class ResponsesWSBackend:
         # As the HTTP upstreams: a TLS upstream through the environment's proxy (which
         # websockets reads, NO_PROXY included), a plain one directly.
         self._proxy: list[Literal[True] | None] = [True if o.tls else None for o in origins]
+        for url, proxy in zip(self.urls, self._proxy, strict=True):
+            if proxy:
+                check_proxy(url)
+        self._hosts = [o.host_header for o in origins]
         self.router = Router([str(o) for o in origins], config.router, metrics=self.stats)
         self._idle: list[list[UpstreamSocket]] = [[] for _ in origins]
         self._chains: OrderedDict[str, tuple[UpstreamSocket, str]] = OrderedDict()
@@ -354,8 +388,15 @@ class ResponsesWSBackend:
             raise from_http_status(
                 response.status_code, bytes(response.body or b""), headers
             ) from None
-        except (OSError, TimeoutError, InvalidHandshake) as exc:
-            raise transport_error("connect", connect_failure(exc)) from None
+        except (OSError, TimeoutError, WebSocketException) as exc:
+            # WebSocketException: a failed handshake, and also a proxy or URL that
+            # websockets refuses (InvalidProxy, InvalidURI are not InvalidHandshake).
+            where = self._hosts[replica.index]
+            if isinstance(exc, InvalidProxyStatus):
+                why = f"the proxy answered CONNECT with {exc.response.status_code}"
+            else:
+                why = connect_failure(exc)
+            raise transport_error("connect", f"cannot connect to {where} ({why})") from None
         self.stats.connections_opened[self.api] += 1
         return UpstreamSocket(replica, ws, time.monotonic())
 
