@@ -209,3 +209,46 @@ def test_deletions_reach_the_queue_and_the_other_processes(redis_url: str) -> No
         await reader.aclose()
 
     run(main())
+
+
+def test_the_deletion_listener_survives_an_unexpected_error(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from redis.asyncio.client import PubSub
+
+    real = PubSub.get_message
+    failed: list[bool] = []
+
+    async def first_call_fails(self: PubSub, *args: Any, **kwargs: Any) -> Any:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("a bug below the listener")
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PubSub, "get_message", first_call_fails)
+
+    async def main() -> None:
+        a = SessionCache()
+        writer = SharedStore.from_url(redis_url, prefix="t8")
+        reader = SharedStore.from_url(redis_url, prefix="t8")
+        heard: list[tuple[str, str]] = []
+        await writer.start()
+        await reader.start(on_deleted=lambda owner, rid: heard.append((owner, rid)))
+        for _ in range(150):  # failed once, then subscribed again (after 1 s)
+            if failed and reader.errors:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(1.5)
+        turn(a, "later", None, "x")
+        share(writer, a, "later")
+        await writer.flush()
+        assert await writer.delete("later", owner="o")
+        for _ in range(100):
+            if heard:
+                break
+            await asyncio.sleep(0.02)
+        assert heard == [("o", "later")] and reader.errors == 1
+        await writer.aclose()
+        await reader.aclose()  # does not raise the listener's old error
+
+    run(main())

@@ -442,7 +442,7 @@ class SharedStore:
                         )
                         if message is not None:
                             _announce(message.get("data"), on_deleted)
-            except (redis.RedisError, OSError) as exc:
+            except Exception as exc:  # Redis and OS errors, and anything else: keep listening
                 self.errors += 1
                 if not failing:  # once per outage, not once per retry
                     log.error(
