@@ -4,6 +4,7 @@ straight to the transport; `send_text` when permessage-deflate is negotiated).""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import select
 import socket
@@ -13,6 +14,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from websockets.asyncio.client import connect as async_connect
 from websockets.sync.client import ClientConnection, connect
 
 from tests.support import (
@@ -388,3 +390,38 @@ def _next_frame(data: bytes) -> tuple[int, int, bytes, bytes] | None:
     if len(data) < start + length:
         return None
     return data[0], data[1], data[start : start + length], data[start + length :]
+
+
+def test_a_ping_is_answered_while_a_long_answer_waits_for_a_slow_reader(
+    server: RunningServer,
+) -> None:
+    """A 100,000-word answer (about 19 MB of events) to a client that reads slowly:
+    the server writes it as the client reads (write backpressure) and reads between
+    its writes, so a ping the client sends meanwhile is answered behind what is
+    already on its way, not behind the whole answer (it was: the pong came after the
+    last event)."""
+    words = 100_000
+    total = words + 10  # created, in_progress, item and part events, completed
+
+    async def read_slowly() -> tuple[int, int | None, str]:
+        async with async_connect(
+            server.ws_url, ping_interval=None, max_size=None, compression=None
+        ) as conn:
+            await conn.send(json.dumps({**CREATE, "input": " ".join(["word"] * words)}))
+            seen, pong, seen_at_pong = 0, None, None
+            while True:
+                event = json.loads(await conn.recv())
+                seen += 1
+                if seen == 3000:
+                    pong = await conn.ping()
+                if pong is not None and seen_at_pong is None:
+                    if pong.done():
+                        seen_at_pong = seen
+                    elif seen % 100 == 0:
+                        await asyncio.sleep(0.005)  # a slow reader, until the pong
+                if event["type"] in TERMINAL:
+                    return seen, seen_at_pong, event["type"]
+
+    seen, seen_at_pong, terminal = asyncio.run(asyncio.wait_for(read_slowly(), 60))
+    assert (seen, terminal) == (total, "response.completed")
+    assert seen_at_pong is not None and seen_at_pong < 0.6 * total, seen_at_pong

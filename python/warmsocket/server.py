@@ -69,6 +69,10 @@ from warmsocket.session import (
 
 log = logging.getLogger("warmsocket.server")
 
+FLUSH_BYTES = 64 * 1024
+"""Output a model task lets wait for the next scheduled flush; past this it writes
+at once (then waits while the connection's write buffer is full)."""
+
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
 MSGPACK_SUBPROTOCOL = Subprotocol("warmsocket.msgpack")
@@ -690,9 +694,16 @@ class Connection(asyncio.Protocol):
                 self._run_actions()
                 if turn.finished:
                     break
+                if sum(map(len, self._out)) >= FLUSH_BYTES:
+                    # Much output ready at once: to the transport now, so that its
+                    # write backpressure (below) holds it, not this list.
+                    self._flush()
                 if not self._writable.is_set():
                     self._flush()
                     await self._writable.wait()
+                    # Reading resumed with writing: let the loop read (a ping, a
+                    # steer) before this task fills the buffer and pauses it again.
+                    await asyncio.sleep(0)
             else:
                 session.model_done(turn)
                 # The terminal event goes out now, not after the stream is closed

@@ -18,6 +18,11 @@ from warmsocket.backends.base import (
     TurnFailed,
 )
 
+READY_BATCH = 256
+"""Events of a ready answer handed to the server at once: more wait for the
+connection's write buffer to drain (a 100k-word answer would otherwise sit whole in
+it, and the client's pings behind it)."""
+
 
 class MockBackend:
     """Answers from the rebuilt context with `warmsocket.mockmodel`'s rules.
@@ -39,7 +44,12 @@ class MockBackend:
             await asyncio.sleep(delay)
         events = self._events(reply)
         if not self.delta_interval:
-            yield events  # no pacing: the whole answer is ready at once
+            # No pacing: the answer is ready at once; handed over in batches, so
+            # the server's write backpressure holds between them.
+            for start in range(0, len(events), READY_BATCH):
+                if start:
+                    await asyncio.sleep(0)  # other connections' turn between batches
+                yield events[start : start + READY_BATCH]
             return
         for i, event in enumerate(events):
             if i:
@@ -54,7 +64,10 @@ class MockBackend:
         reply = self._plan(turn)
         if reply.sleep_ms:
             return None
-        return self._events(reply)
+        events = self._events(reply)
+        # A long answer goes through `stream`, whose batches wait for a slow reader
+        # (an immediate answer is written whole, however large).
+        return events if len(events) <= READY_BATCH else None
 
     def _plan(self, turn: TurnContext) -> mockmodel.Reply:
         tail: list[dict[str, Any]] = small_json.loads(turn.view.tail(from_last_role="user"))
