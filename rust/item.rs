@@ -27,9 +27,57 @@ use xxhash_rust::xxh3::xxh3_128;
 use crate::error::{Error, Result};
 use crate::token::{TokenError, Tokenizer};
 
-/// Deepest nesting accepted from Python objects (serde_json applies the same limit
-/// when parsing text).
-pub const MAX_DEPTH: usize = 128;
+/// serde_json's default recursion limit: parsing text fails at the 128th nested
+/// array or object (127 parse). `tests::serde_json_nesting_limit` pins it.
+const SERDE_JSON_NESTING: usize = 128;
+
+/// Deepest nesting accepted in an item: the item object is level 1, each array or
+/// object adds one, so an item of `MAX_DEPTH` levels holds at most `MAX_DEPTH`
+/// nested arrays and objects.
+///
+/// Every stored item's canonical JSON is parsed again by serde_json, whose limit is
+/// `SERDE_JSON_NESTING`: alone (snapshot restore, `to_objects`), inside an array
+/// (`Items.parse(items.json())`, how the shared store reloads items), and by peers
+/// inside event and request bodies (`{"input": [item]}`, `{"response": {"output":
+/// [item]}}`). So the limit stays `WRAPPING_MARGIN` levels below serde_json's:
+/// anything accepted here survives every such re-parse. [`Item::from_value`]
+/// enforces it for every way in (request parser, Python objects, `Items.parse`,
+/// snapshots), so no stored item is deeper.
+pub const MAX_DEPTH: usize = 100;
+
+/// Levels of wrapping (arrays, objects) an accepted item can be re-parsed inside.
+const WRAPPING_MARGIN: usize = 27;
+const _: () = assert!(MAX_DEPTH + WRAPPING_MARGIN < SERDE_JSON_NESTING);
+
+/// The detail of the error for an item deeper than [`MAX_DEPTH`] (no content).
+pub fn too_deep() -> String {
+    format!("nested deeper than {MAX_DEPTH} levels")
+}
+
+/// The detail of a serde_json error on items' text: [`too_deep`] when the text nests
+/// deeper than serde_json reads (so every entry states the one depth rule), else
+/// serde_json's own message (which never holds content).
+pub fn json_error_detail(e: &serde_json::Error) -> String {
+    match e.to_string() {
+        m if m.starts_with("recursion limit exceeded") => too_deep(),
+        m => m,
+    }
+}
+
+/// Whether `value`, at level `depth`, nests deeper than [`MAX_DEPTH`] levels. The
+/// recursion stops at `MAX_DEPTH + 1` levels, so it is bounded whatever the input.
+fn too_deep_at<V: JsonValue>(value: &V, depth: usize) -> bool {
+    if depth > MAX_DEPTH {
+        return true;
+    }
+    if let Some(values) = value.as_array() {
+        return values.iter().any(|v| too_deep_at(v, depth + 1));
+    }
+    if let Some(object) = value.as_object() {
+        return object.entries().any(|(_, v)| too_deep_at(v, depth + 1));
+    }
+    false
+}
 
 /// `type` values common enough to share one static string instead of allocating.
 const KNOWN_TYPES: &[&str] = &[
@@ -107,7 +155,9 @@ pub struct Item {
 }
 
 impl Item {
-    /// Validate one JSON value as an item (`index` is its position, for messages).
+    /// Validate one JSON value as an item (`index` is its position, for messages):
+    /// an object, nested at most [`MAX_DEPTH`] levels, canonically at most
+    /// `max_item_bytes`.
     ///
     /// One pass writes the canonical bytes and records where the top-level members
     /// (and the parts of the content) landed; the normalised form the semantic
@@ -124,6 +174,12 @@ impl Item {
                 found: value.kind_name(),
             });
         };
+        if too_deep_at(value, 1) {
+            return Err(Error::ItemNotJson {
+                index: Some(index),
+                detail: too_deep(),
+            });
+        }
         // Both forms are written into a buffer kept by the thread, so growing it
         // costs nothing after the first items; the item then takes one allocation
         // of the canonical form's exact size.
@@ -952,7 +1008,7 @@ impl Items {
 pub fn parse_values(data: &[u8]) -> Result<Vec<Value>> {
     let value: Value = serde_json::from_slice(data).map_err(|e| Error::ItemNotJson {
         index: None,
-        detail: e.to_string(),
+        detail: json_error_detail(&e),
     })?;
     match value {
         Value::Array(values) => Ok(values),
@@ -1406,6 +1462,91 @@ pub(crate) mod tests {
         }
         let err = Items::parse(b"[\xff]", 100).unwrap_err();
         assert!(matches!(err, Error::ItemNotJson { .. }));
+    }
+
+    /// A reasoning item `levels` levels deep, innermost an empty array.
+    pub(crate) fn nested_item(levels: usize) -> String {
+        let n = levels - 1;
+        format!(
+            r#"{{"type":"reasoning","x":{}{}}}"#,
+            "[".repeat(n),
+            "]".repeat(n)
+        )
+    }
+
+    #[test]
+    fn serde_json_nesting_limit() {
+        let nest = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(serde_json::from_str::<Value>(&nest(SERDE_JSON_NESTING - 1)).is_ok());
+        let err = serde_json::from_str::<Value>(&nest(SERDE_JSON_NESTING)).unwrap_err();
+        // `json_error_detail` recognises it by this message.
+        assert!(
+            err.to_string().starts_with("recursion limit exceeded"),
+            "{err}"
+        );
+        assert_eq!(json_error_detail(&err), too_deep());
+    }
+
+    #[test]
+    fn items_at_the_depth_limit_survive_every_re_parse() {
+        for levels in [MAX_DEPTH - 1, MAX_DEPTH] {
+            let items = parse(&format!("[{}]", nested_item(levels))).unwrap();
+            let json = std::str::from_utf8(items.get(0).unwrap().json()).unwrap();
+            // Alone (snapshots, `to_objects`), in an array (`Items.parse(items.json())`),
+            // and inside as many more levels as the margin promises.
+            serde_json::from_str::<Value>(json).unwrap();
+            assert_eq!(
+                Items::parse(&items.to_json(), 1 << 20).unwrap().to_json(),
+                items.to_json()
+            );
+            let wrapped = format!(
+                "{}{json}{}",
+                "[".repeat(WRAPPING_MARGIN),
+                "]".repeat(WRAPPING_MARGIN)
+            );
+            serde_json::from_str::<Value>(&wrapped).unwrap();
+        }
+    }
+
+    #[test]
+    fn items_deeper_than_the_limit_are_refused() {
+        let n = MAX_DEPTH - 1;
+        let objects = format!(
+            "{}{{}}{}",
+            r#"{"a":"#.repeat(MAX_DEPTH),
+            "}".repeat(MAX_DEPTH)
+        );
+        let scalar = format!(
+            r#"{{"type":"reasoning","x":{}1{}}}"#,
+            "[".repeat(n),
+            "]".repeat(n)
+        );
+        for deep in [nested_item(MAX_DEPTH + 1), objects, scalar] {
+            // serde_json reads it: the item check refuses it, naming the item.
+            serde_json::from_str::<Value>(&format!("[{deep}]")).unwrap();
+            let err = parse(&format!("[{{}},{deep}]")).unwrap_err();
+            assert_eq!(
+                err,
+                Error::ItemNotJson {
+                    index: Some(1),
+                    detail: too_deep()
+                }
+            );
+            assert_eq!(
+                err.to_string(),
+                "Item 1 is not valid JSON: nested deeper than 100 levels."
+            );
+        }
+        // Deeper than serde_json reads: refused while parsing, without recursing on,
+        // for the same reason.
+        let err = parse(&format!("[{}]", nested_item(100_000))).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Items are not a JSON array of objects: nested deeper than 100 levels."
+        );
+        // Other syntax errors keep serde_json's message.
+        let err = parse("[{]").unwrap_err();
+        assert!(err.to_string().contains("key must be a string"), "{err}");
     }
 
     #[test]

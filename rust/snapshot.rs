@@ -35,7 +35,7 @@ use serde_json::Value;
 
 use crate::cache::SessionCache;
 use crate::error::{Error, Result};
-use crate::item::{Item, Items};
+use crate::item::{json_error_detail, Item, Items};
 use crate::node::{Node, NodeSpec, NodeTokens};
 
 const FORMAT: &str = "warmsocket-cache";
@@ -200,7 +200,7 @@ pub fn decode(cache: &SessionCache, data: &[u8]) -> Result<Vec<(Arc<Node>, bool)
         let mut items = Vec::with_capacity(r.items.len());
         for (j, text) in r.items.iter().enumerate() {
             let value: Value = serde_json::from_str(text)
-                .map_err(|e| bad(format!("item {j} is not JSON ({e})")))?;
+                .map_err(|e| bad(format!("item {j} is not JSON ({})", json_error_detail(&e))))?;
             let item =
                 Item::from_value(j, &value, max_item_bytes).map_err(|e| bad(e.to_string()))?;
             items.push(Arc::new(item));
@@ -391,6 +391,52 @@ mod tests {
             let err = restore(&target, bad).unwrap_err();
             assert!(matches!(err, Error::Snapshot { .. }), "{err:?}");
             assert_eq!(target.stats(), before);
+        }
+    }
+
+    #[test]
+    fn items_at_the_depth_limit_round_trip() {
+        use crate::item::tests::nested_item;
+        use crate::item::MAX_DEPTH;
+        let c = SessionCache::new(1 << 30, 1 << 20);
+        let json = format!("[{}]", nested_item(MAX_DEPTH));
+        c.create(NewResponse {
+            id: "deep",
+            owner: "o",
+            input: Items::parse(json.as_bytes(), 1 << 20).unwrap(),
+            output: Items::default(),
+            parent: Parent::None,
+            settings: b"{}",
+            meta: b"{}",
+            store: true,
+            connection: None,
+        })
+        .unwrap();
+        let restored = SessionCache::new(1 << 30, 1 << 20);
+        assert_eq!(restore(&restored, &snapshot(&c)).unwrap(), 1);
+        assert_eq!(context(&restored, "deep"), context(&c, "deep"));
+    }
+
+    #[test]
+    fn deep_items_in_a_snapshot_are_refused() {
+        use crate::item::tests::nested_item;
+        use crate::item::{too_deep, MAX_DEPTH};
+        let good = snapshot(&sample());
+        let target = SessionCache::new(1 << 30, 1 << 20);
+        // One level too deep (serde_json reads it), and far deeper than serde_json
+        // reads (a hostile file: refused without overflowing the stack).
+        for (levels, expected) in [
+            (MAX_DEPTH + 1, too_deep()),
+            (1_000_000, format!("item 0 is not JSON ({})", too_deep())),
+        ] {
+            let mut snap: Snapshot = rmp_serde::from_slice(&good).unwrap();
+            snap.nodes[1].items[0] = nested_item(levels);
+            let data = rmp_serde::to_vec_named(&snap).unwrap();
+            let err = restore(&target, &data).unwrap_err();
+            assert!(matches!(err, Error::Snapshot { .. }), "{err:?}");
+            assert!(err.to_string().contains("node 1: "), "{err}");
+            assert!(err.to_string().contains(&expected), "{err}");
+            assert_eq!(target.stats().entries, 0);
         }
     }
 

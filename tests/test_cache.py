@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import msgpack  # type: ignore[import-untyped]
 import pytest
 
 import warmsocket
@@ -32,6 +33,8 @@ from warmsocket import (
     SnapshotError,
     WarmsocketError,
 )
+from warmsocket import _reference as ref
+from warmsocket._core import CreateRequest, Rejection, parse_client_message
 
 OWNER = "owner-a"
 
@@ -195,6 +198,103 @@ def test_from_objects_errors() -> None:
         cursor = cursor["a"]  # type: ignore[assignment]
     with pytest.raises(ItemNotJson, match="deeper"):
         Items.from_objects([deep])
+
+
+# -- the item depth limit ---------------------------------------------------------------
+
+MAX_ITEM_DEPTH = 100  # `MAX_DEPTH` in rust/item.rs
+TOO_DEEP = f"nested deeper than {MAX_ITEM_DEPTH} levels"
+
+
+def nested_item(levels: int) -> dict[str, object]:
+    """A reasoning item `levels` levels deep (the item is level 1, innermost an empty list)."""
+    value: object = []
+    for _ in range(levels - 2):
+        value = [value]
+    return {"id": f"rs_{levels}", "type": "reasoning", "x": value}
+
+
+def survives_every_re_parse(item: dict[str, object], request: CreateRequest) -> None:
+    """Store, snapshot, restore, to_objects, Items.parse(items.json()) all keep `item`."""
+    as_text = json.dumps([item]).encode()
+    assert request.input.to_objects() == [item]
+    cache = SessionCache()
+    cache.create("r1", owner=OWNER, input=request.input, output=[assistant("out")])
+    cache.create("r2", owner=OWNER, input=[item], previous_response_id="r1")
+    cache.create("r3", owner=OWNER, input=as_text, previous_response_id="r2")
+    restored = SessionCache()
+    assert restored.restore(cache.snapshot()) == 3
+    for c in (cache, restored):
+        assert c.context_objects("r3", owner=OWNER) == [item, assistant("out"), item, item]
+        inp, out = c.own_items("r1", owner=OWNER)
+        assert (inp.to_objects(), out.to_objects()) == ([item], [assistant("out")])
+        assert c.input_items("r3", owner=OWNER).to_objects() == [item]
+        # What the shared store does to reload items, and a chain's whole context.
+        assert Items.parse(inp.json()).json() == inp.json()
+        context = c.context("r3", owner=OWNER)
+        assert Items.parse(context).json() == context
+    assert restored.context("r3", owner=OWNER) == cache.context("r3", owner=OWNER)
+    assert ref.RefItems.parse(as_text).json() == request.input.json()
+
+
+def is_refused_everywhere(item: dict[str, object], rejection: Rejection) -> None:
+    """The request parser and every other way in refuse `item`, saying why (no content)."""
+    assert (rejection.status, rejection.code, rejection.param, rejection.stage) == (
+        400,
+        "invalid_value",
+        "input",
+        "create",
+    )
+    assert rejection.message == f"Invalid 'input': Item 0 is not valid JSON: {TOO_DEEP}."
+    as_text = json.dumps([item]).encode()
+    for build in (
+        lambda: Items.from_objects([item]),
+        lambda: Items.parse(as_text),
+        lambda: SessionCache().create("r", owner=OWNER, input=[item]),
+        lambda: SessionCache().create("r", owner=OWNER, input=as_text),
+        lambda: ref.RefItems.from_objects([item]),
+        lambda: ref.RefItems.parse(as_text),
+    ):
+        # Text deeper than serde_json reads fails before items are told apart.
+        where = "(Item 0 is not valid JSON|Items are not a JSON array of objects)"
+        with pytest.raises(ItemNotJson, match=rf"^{where}: {TOO_DEEP}\.$"):
+            build()
+
+
+@pytest.mark.parametrize("fmt", ["json", "msgpack"])
+@pytest.mark.parametrize(
+    "levels", [MAX_ITEM_DEPTH - 1, MAX_ITEM_DEPTH, MAX_ITEM_DEPTH + 1, 127, 128, 129]
+)
+def test_item_depth_limit_is_one_rule_from_request_to_restore(levels: int, fmt: str) -> None:
+    # serde_json re-parses stored items and stops at 128 levels: whatever the request
+    # parser accepts must survive that, wrapped in an array too; the rest is a 400.
+    item = nested_item(levels)
+    body = {"type": "response.create", "model": "m", "input": [item]}
+    data = json.dumps(body).encode() if fmt == "json" else msgpack.packb(body)
+    parsed = parse_client_message(data, format=fmt)  # type: ignore[arg-type]
+    if isinstance(parsed, CreateRequest):
+        survives_every_re_parse(item, parsed)
+        assert levels <= MAX_ITEM_DEPTH
+    else:
+        assert isinstance(parsed, Rejection)
+        is_refused_everywhere(item, parsed)
+        assert levels > MAX_ITEM_DEPTH
+
+
+def test_a_snapshot_with_too_deep_items_is_refused_without_crashing() -> None:
+    cache = SessionCache()
+    cache.create("r", owner=OWNER, input=[nested_item(MAX_ITEM_DEPTH)])
+    doc = msgpack.unpackb(cache.snapshot())
+    target = SessionCache()
+    hostile = '{"type":"reasoning","x":' + "[" * 200_000 + "]" * 200_000 + "}"
+    for text, detail in (
+        (json.dumps(nested_item(MAX_ITEM_DEPTH + 1)), TOO_DEEP),
+        (hostile, TOO_DEEP),  # far deeper than serde_json reads: no stack overflow
+    ):
+        doc["nodes"][0]["items"][0] = text
+        with pytest.raises(SnapshotError, match=f"node 0: .*{detail}"):
+            target.restore(msgpack.packb(doc, use_bin_type=True))
+        assert target.stats().entries == 0
 
 
 # -- create, get, views ------------------------------------------------------------

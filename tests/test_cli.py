@@ -164,6 +164,51 @@ def test_snapshot_keeps_stored_responses_across_a_restart(tmp_path: Path) -> Non
         _stop(proc)
 
 
+def test_deep_items_never_break_input_items_or_a_restart(tmp_path: Path) -> None:
+    # Items nested up to the limit (100 levels, rust/item.rs `MAX_DEPTH`) are stored,
+    # listed and restored; deeper ones are refused with a 400 before anything is stored
+    # (they once passed the parser, then broke listing and every restart).
+    def nested(levels: int) -> dict[str, object]:
+        value: object = []
+        for _ in range(levels - 2):
+            value = [value]
+        return {"type": "reasoning", "id": f"rs_{levels}", "summary": [], "x": value}
+
+    snapshot = tmp_path / "state.msgpack"
+    accepted: dict[int, str] = {}
+    proc, base = _start("--snapshot", str(snapshot))
+    try:
+        for levels in (99, 100, 101, 127, 128):
+            body = {"model": "m", "input": [nested(levels), {"role": "user", "content": "hi"}]}
+            reply = httpx.post(f"{base}/responses", json=body)
+            if reply.status_code == 200:
+                accepted[levels] = reply.json()["id"]
+                listed = httpx.get(f"{base}/responses/{accepted[levels]}/input_items?order=asc")
+                assert listed.status_code == 200, listed.text
+                assert listed.json()["data"][0] == nested(levels)
+            else:
+                error = reply.json()["error"]
+                assert (reply.status_code, error["code"], error["param"]) == (
+                    400,
+                    "invalid_value",
+                    "input",
+                )
+                assert error["message"] == (
+                    "Invalid 'input': Item 0 is not valid JSON: nested deeper than 100 levels."
+                )
+    finally:
+        _stop(proc)
+    proc, base = _start("--snapshot", str(snapshot))
+    try:
+        for levels, rid in accepted.items():
+            listed = httpx.get(f"{base}/responses/{rid}/input_items?order=asc")
+            assert listed.status_code == 200, listed.text
+            assert listed.json()["data"][0] == nested(levels)
+    finally:
+        _stop(proc)
+    assert sorted(accepted) == [99, 100]
+
+
 def test_corrupt_snapshot_is_refused_with_advice(tmp_path: Path) -> None:
     snapshot = tmp_path / "bad.msgpack"
     snapshot.write_bytes(b"not msgpack at all")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.redis_support import redis_server
-from warmsocket._core import SessionCache
+from warmsocket._core import ItemNotJson, SessionCache
 from warmsocket.shared_store import SharedStore
 
 
@@ -128,6 +128,38 @@ def test_deleted_responses_are_not_found_but_their_descendants_load(redis_url: s
         assert b"parent" in b.context("c", owner="o")
         with pytest.raises(LookupError):
             b.get("p", owner="o")
+        await store.aclose()
+
+    run(main())
+
+
+def test_items_at_the_depth_limit_load_in_another_process(redis_url: str) -> None:
+    # Loading re-parses the items' JSON; an item the cache accepted must survive that
+    # (at 127 levels it once did not, and the other process answered not found).
+    def nested(levels: int) -> dict[str, object]:
+        value: object = []
+        for _ in range(levels - 2):
+            value = [value]
+        return {"type": "reasoning", "id": f"rs_{levels}", "x": value}
+
+    async def main() -> None:
+        a, b = SessionCache(), SessionCache()
+        store = SharedStore.from_url(redis_url, prefix="t9")
+        await store.start()
+        accepted = []
+        for levels in (99, 100, 101, 127):
+            rid = f"deep{levels}"
+            try:
+                a.create(rid, owner="o", input=[nested(levels)], output=[nested(levels)])
+            except ItemNotJson:
+                continue
+            accepted.append(levels)
+            share(store, a, rid)
+            await store.flush()
+            assert await store.load(b, rid, owner="o")
+            assert b.context(rid, owner="o") == a.context(rid, owner="o")
+            assert b.context_objects(rid, owner="o") == [nested(levels)] * 2
+        assert accepted == [99, 100]
         await store.aclose()
 
     run(main())

@@ -8,7 +8,8 @@ Exception tree (all raised from Rust, never a panic)::
           │    └── OwnerMismatch                the id exists but belongs to another owner
           ├── DuplicateResponseId (ValueError)
           ├── InvalidItems (ValueError)         base of the bad-input errors below
-          │    ├── ItemNotJson                  not valid UTF-8 JSON / not a JSON array
+          │    ├── ItemNotJson                  not valid UTF-8 JSON / not a JSON array /
+          │    │                                nested deeper than 100 levels
           │    ├── ItemNotObject                an array element is not a JSON object
           │    └── ItemTooLarge                 one item is larger than max_item_bytes
           ├── CacheFull (MemoryError)           an entry larger than the whole budget
@@ -102,7 +103,8 @@ class Items:
 
     @staticmethod
     def parse(data: bytes | str, *, max_item_bytes: int = 33554432) -> Items:
-        """Validate a JSON array of objects. Raises ItemNotJson, ItemNotObject, ItemTooLarge."""
+        """Validate a JSON array of objects, each nested at most 100 levels (the item is
+        level 1). Raises ItemNotJson, ItemNotObject, ItemTooLarge."""
     @staticmethod
     def from_objects(
         items: Sequence[Mapping[str, Any]], *, max_item_bytes: int = 33554432
@@ -110,8 +112,8 @@ class Items:
         """Build a batch from Python dicts, with the same canonical form as `parse`.
 
         Keys must be str; values str, int (64-bit), finite float, bool, None, list,
-        tuple or mapping. Anything else raises ItemNotJson; a non-mapping element
-        raises ItemNotObject.
+        tuple or mapping, nested at most 100 levels. Anything else raises ItemNotJson;
+        a non-mapping element raises ItemNotObject.
         """
     def __len__(self) -> int:
         """Number of items."""

@@ -79,6 +79,9 @@ DEFAULT_BUDGET = 1 << 30
 DEFAULT_MAX_ITEM_BYTES = 1 << 25
 SNAPSHOT_FORMAT = "warmsocket-cache"
 SNAPSHOT_VERSION = 1
+# Deepest nesting of an item, the item itself being level 1 (`MAX_DEPTH` in
+# rust/item.rs: low enough that serde_json re-parses every stored item, wrapped too).
+MAX_DEPTH = 100
 
 
 def _not_found(response_id: str) -> str:
@@ -93,8 +96,28 @@ def _canonical(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _check_json(value: Any, where: int) -> Any:
+def _too_deep(where: int) -> ItemNotJson:
+    return ItemNotJson(f"Item {where} is not valid JSON: nested deeper than {MAX_DEPTH} levels.")
+
+
+def _depth(value: Any) -> int:
+    """Levels of `value` (1 for a scalar or an empty container), without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def _check_json(value: Any, where: int, depth: int = 1) -> Any:
     """Return `value` as plain JSON data, or raise ItemNotJson."""
+    if depth > MAX_DEPTH:
+        raise _too_deep(where)
     if value is None or isinstance(value, bool | str):
         return value
     if isinstance(value, int):
@@ -110,9 +133,9 @@ def _check_json(value: Any, where: int) -> Any:
     if isinstance(value, Mapping):
         if not all(isinstance(k, str) for k in value):
             raise ItemNotJson(f"Item {where} is not valid JSON: object keys must be strings.")
-        return {k: _check_json(v, where) for k, v in value.items()}
+        return {k: _check_json(v, where, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_check_json(v, where) for v in value]
+        return [_check_json(v, where, depth + 1) for v in value]
     raise ItemNotJson(f"Item {where} is not valid JSON: a {type(value).__name__} is not JSON.")
 
 
@@ -175,6 +198,8 @@ class RefItem:
     def from_object(obj: Any, index: int, max_item_bytes: int) -> RefItem:
         if not isinstance(obj, dict):
             raise ItemNotObject(f"Item {index} is not a JSON object.")
+        if _depth(obj) > MAX_DEPTH:
+            raise _too_deep(index)
         data = _canonical(obj)
         if len(data) > max_item_bytes:
             raise ItemTooLarge(f"Item {index} is {len(data)} bytes, over {max_item_bytes}.")

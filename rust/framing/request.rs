@@ -15,8 +15,8 @@
 //! messages normalised as the reference does) and its echoed settings as canonical
 //! JSON. The checks run in the reference's order, so the first problem found is the
 //! one reported. Converting the input to `Items` is checked last, as `Engine.prepare`
-//! did: integers outside 64 bits, nesting deeper than 128 and items larger than
-//! `max_item_bytes` are `invalid_value` on `input`.
+//! did: integers outside 64 bits, nesting deeper than `MAX_DEPTH` (100 levels) and
+//! items larger than `max_item_bytes` are `invalid_value` on `input`.
 
 use std::sync::Arc;
 
@@ -25,7 +25,7 @@ use super::json::{self, JsonError};
 use super::msgpack;
 use super::value::{self, write_canonical, Object, Value};
 use crate::error::Error as ItemError;
-use crate::item::{Item, Items, MAX_DEPTH};
+use crate::item::{too_deep, Item, Items, MAX_DEPTH};
 
 /// How the message is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -765,7 +765,7 @@ pub fn items(values: Vec<Value<'_>>, max_item_bytes: usize) -> Result<Items, Ite
         if let Some(detail) = python_object_error(value, 1) {
             return Err(ItemError::ItemNotJson {
                 index: Some(index),
-                detail: detail.to_owned(),
+                detail,
             });
         }
     }
@@ -778,12 +778,12 @@ pub fn items(values: Vec<Value<'_>>, max_item_bytes: usize) -> Result<Items, Ite
 }
 
 /// What `py/json.rs::to_value` refuses in a decoded value, walking in dict order.
-fn python_object_error(value: &Value<'_>, depth: usize) -> Option<&'static str> {
+fn python_object_error(value: &Value<'_>, depth: usize) -> Option<String> {
     if depth > MAX_DEPTH {
-        return Some("nested deeper than 128 levels");
+        return Some(too_deep());
     }
     match value {
-        Value::BigInt(_) => Some("an integer does not fit in 64 bits"),
+        Value::BigInt(_) => Some("an integer does not fit in 64 bits".to_owned()),
         Value::Array(values) => values
             .iter()
             .find_map(|v| python_object_error(v, depth + 1)),
@@ -1208,8 +1208,49 @@ mod tests {
         );
         assert_eq!(
             rejected(&text, WS).error.to_string(),
-            "Invalid 'input': Item 0 is not valid JSON: nested deeper than 128 levels."
+            "Invalid 'input': Item 0 is not valid JSON: nested deeper than 100 levels."
         );
+    }
+
+    #[test]
+    fn item_depth_limit_in_json_and_msgpack() {
+        use crate::item::tests::nested_item;
+        let msgpack = Options {
+            format: Format::Msgpack,
+            ..WS
+        };
+        for options in [WS, HTTP, msgpack] {
+            for levels in [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1] {
+                let item = nested_item(levels);
+                let head = if options.websocket {
+                    r#""type":"response.create","#
+                } else {
+                    ""
+                };
+                let text = format!(r#"{{{head}"model":"m","input":[{item}]}}"#);
+                let mut data = text.clone().into_bytes();
+                if matches!(options.format, Format::Msgpack) {
+                    data.clear();
+                    msgpack::from_json(text.as_bytes(), &mut data).unwrap();
+                }
+                match parse_message(&data, options) {
+                    ClientMessage::Create(c) if levels <= MAX_DEPTH => {
+                        // What is accepted reads back through serde_json, in an array too.
+                        let json = c.input.to_json();
+                        assert_eq!(Items::parse(&json, 1 << 20).unwrap().to_json(), json);
+                    }
+                    ClientMessage::Rejected(r) if levels > MAX_DEPTH => {
+                        assert_eq!((r.stage, r.error.code()), (Stage::Create, "invalid_value"));
+                        assert_eq!(r.error.param(), Some("input"));
+                        assert_eq!(
+                            r.error.to_string(),
+                            "Invalid 'input': Item 0 is not valid JSON: nested deeper than 100 levels."
+                        );
+                    }
+                    other => panic!("{levels} levels, {options:?}: {other:?}"),
+                }
+            }
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyMapping, PyString, PyTuple};
 use serde_json::{Map, Number, Value};
 
-use crate::item::MAX_DEPTH;
+use crate::item::{too_deep, MAX_DEPTH};
 
 /// Why a Python value is not JSON (no content is echoed, only type names).
 pub type NotJson = String;
@@ -15,7 +15,7 @@ pub type NotJson = String;
 /// None) to JSON.
 pub fn to_value(obj: &Bound<'_, PyAny>, depth: usize) -> Result<Value, NotJson> {
     if depth > MAX_DEPTH {
-        return Err(format!("nested deeper than {MAX_DEPTH} levels"));
+        return Err(too_deep());
     }
     if obj.is_none() {
         return Ok(Value::Null);
