@@ -68,9 +68,45 @@ def test_environment_defaults_and_command_line_precedence() -> None:
     assert args.model == ["x", "y"]
 
 
-def test_bad_environment_value_is_explained() -> None:
-    result = run(WARMSOCKET, "serve", "--help", env={"WARMSOCKET_PORT": "eighty"})
-    assert result.returncode != 0 and "WARMSOCKET_PORT" in result.stderr
+@pytest.mark.parametrize(
+    ("command", "variable", "value", "message"),
+    [
+        ("serve", "WARMSOCKET_PORT", "eighty", "invalid int value: 'eighty'"),
+        ("serve", "WARMSOCKET_LOG_LEVEL", "verbose", "invalid choice: 'verbose' (choose from"),
+        ("serve", "WARMSOCKET_LOG_FORMAT", "JSON", "invalid choice: 'JSON'"),
+        ("serve", "WARMSOCKET_MODEL_BACKEND", "vllm", "invalid choice: 'vllm'"),
+        ("serve", "WARMSOCKET_UPSTREAM_API", "bogus", "invalid choice: 'bogus'"),
+        ("serve", "WARMSOCKET_MAX_LANES", "0", "must be > 0"),
+        ("serve", "WARMSOCKET_MEMORY_BUDGET", "lots", "not a size: 'lots'"),
+        ("serve", "WARMSOCKET_NO_PREFIX_DIFFING", "maybe", "invalid value: 'maybe'"),
+        ("simulate-upstream", "WARMSOCKET_SIM_LOG_LEVEL", "loud", "invalid choice: 'loud'"),
+        ("simulate-upstream", "WARMSOCKET_SIM_PORT", "x", "invalid int value: 'x'"),
+    ],
+)
+def test_bad_environment_value_is_a_usage_error(
+    command: str, variable: str, value: str, message: str
+) -> None:
+    # Checked exactly as the flag's value would be: same type, same choices.
+    result = run(WARMSOCKET, command, env={variable: value})
+    assert result.returncode == 2
+    assert f"warmsocket {command}: error: {variable}: {message}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("usage:")
+
+
+def test_bad_environment_value_only_matters_where_it_is_used() -> None:
+    # The command line wins over a bad variable, and --help and other subcommands
+    # still work.
+    env = {"WARMSOCKET_PORT": "eighty", "WARMSOCKET_LOG_LEVEL": "verbose"}
+    assert run(WARMSOCKET, "serve", "--help", env=env).returncode == 0
+    assert run(WARMSOCKET, "simulate-upstream", "--help", env=env).returncode == 0
+    os.environ.update(env)
+    try:
+        args = build_parser().parse_args(["serve", "--port", "1", "--log-level", "debug"])
+    finally:
+        for key in env:
+            os.environ.pop(key)
+    assert (args.port, args.log_level) == (1, "debug")
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """The `warmsocket` command line.
 
 Every `serve` flag can also be set with an environment variable: `--max-lanes 8` is
-`WARMSOCKET_MAX_LANES=8`. A flag given on the command line wins.
+`WARMSOCKET_MAX_LANES=8`. A flag given on the command line wins; a variable's value is
+converted and checked exactly as the flag's would be.
 """
 
 from __future__ import annotations
@@ -74,17 +75,86 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 
 
-def _env_flag(name: str, raw: str) -> bool:
+def _env_flag(raw: str) -> bool:
     value = raw.strip().lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
-    raise SystemExit(f"warmsocket: invalid {name}={raw!r}: expected 1/0, true/false, yes/no")
+    raise argparse.ArgumentTypeError(f"invalid value: {raw!r} (expected 1/0, true/false, yes/no)")
+
+
+def _checked(action: argparse.Action, text: str) -> Any:
+    """`text` as the value of `action`, converted and checked as argparse does a flag's
+    value (the same type, the same choices, the same messages)."""
+    value: Any = text
+    if callable(action.type):
+        try:
+            value = action.type(text)
+        except argparse.ArgumentTypeError:
+            raise
+        except (TypeError, ValueError):
+            name = getattr(action.type, "__name__", repr(action.type))
+            raise argparse.ArgumentTypeError(f"invalid {name} value: {text!r}") from None
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(repr, action.choices))
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {choices})")
+    return value
+
+
+class _EnvDefault:
+    """The default of an `_EnvDefaults` option until the command line is parsed: the
+    code's default, or the raw text of the option's environment variable."""
+
+    def __init__(self, default: Any, env_name: str, raw: str | None, kind: str) -> None:
+        self.default = default
+        self.env_name = env_name
+        self.raw = raw
+        self.kind = kind  # "flag" (store_true), "list" (comma-separated) or "value"
+
+    def resolve(self, action: argparse.Action) -> Any:
+        """The value; raises ArgumentTypeError when the variable's text is not one."""
+        raw = self.raw
+        if raw is None:
+            if isinstance(self.default, str) and callable(action.type):
+                return action.type(self.default)  # as argparse converts a string default
+            return self.default
+        if self.kind == "flag":
+            return _env_flag(raw)
+        if self.kind == "list":
+            return [_checked(action, part.strip()) for part in raw.split(",") if part.strip()]
+        return _checked(action, raw)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that resolves its `_EnvDefaults` options after parsing: one the
+    command line did not give takes its environment variable, converted and checked
+    exactly as the flag's value would be (a bad one is a usage error naming the
+    variable, exit status 2), or else its default. Only the subcommand being run reads
+    its variables, so a bad one never breaks another subcommand or --help."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, rest = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            spec = action.default
+            if not isinstance(spec, _EnvDefault):
+                continue
+            given = getattr(parsed, action.dest, None) is not spec  # on the command line
+            if not given:
+                try:
+                    setattr(parsed, action.dest, spec.resolve(action))
+                except argparse.ArgumentTypeError as exc:
+                    self.error(f"{spec.env_name}: {exc}")
+        return parsed, rest
 
 
 class _EnvDefaults:
-    """Adds options whose default comes from WARMSOCKET_<NAME>, and says so in --help."""
+    """Adds options whose default comes from WARMSOCKET_<NAME>, and says so in --help.
+
+    The variable is read when the parser is built and checked when its subcommand is
+    parsed (`_Parser`), exactly as the flag's value would be."""
 
     def __init__(self, parser: argparse.ArgumentParser | Any, prefix: str = "WARMSOCKET_") -> None:
         self.parser = parser
@@ -101,32 +171,25 @@ class _EnvDefaults:
         **kwargs: Any,
     ) -> None:
         env_name = self.prefix + flag.lstrip("-").replace("-", "_").upper()
-        raw = os.environ.get(env_name)
-        value = default
-        if raw is not None:
-            if kwargs.get("action") == "store_true":
-                value = _env_flag(env_name, raw)
-            elif env_split:
-                value = [part.strip() for part in raw.split(",") if part.strip()]
-            elif type is not None:
-                try:
-                    value = type(raw)
-                except (ValueError, argparse.ArgumentTypeError) as exc:
-                    raise SystemExit(f"warmsocket: invalid {env_name}={raw!r}: {exc}") from None
-            else:
-                value = raw
+        if kwargs.get("action") == "store_true":
+            kind = "flag"
+        elif env_split:
+            kind = "list"
+        else:
+            kind = "value"
+        spec = _EnvDefault(default, env_name, os.environ.get(env_name), kind)
         if kwargs.get("action") == "append":
             kwargs["action"] = _AppendReplacing
         shown = "" if default is None or default == [] else f" (default: {default})"
         if type is not None:
             kwargs["type"] = type
         self.parser.add_argument(
-            flag, default=value, help=f"{help}{shown} [env: {env_name}]", **kwargs
+            flag, default=spec, help=f"{help}{shown} [env: {env_name}]", **kwargs
         )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="warmsocket",
         description="OpenAI Responses API WebSocket mode (and HTTP mode) with a Rust "
         "session-state cache, in front of any OpenAI-compatible backend.",
