@@ -71,7 +71,7 @@ def test_environment_defaults_and_command_line_precedence() -> None:
 @pytest.mark.parametrize(
     ("command", "variable", "value", "message"),
     [
-        ("serve", "WARMSOCKET_PORT", "eighty", "invalid int value: 'eighty'"),
+        ("serve", "WARMSOCKET_PORT", "eighty", "not a port: 'eighty'"),
         ("serve", "WARMSOCKET_LOG_LEVEL", "verbose", "invalid choice: 'verbose' (choose from"),
         ("serve", "WARMSOCKET_LOG_FORMAT", "JSON", "invalid choice: 'JSON'"),
         ("serve", "WARMSOCKET_MODEL_BACKEND", "vllm", "invalid choice: 'vllm'"),
@@ -80,7 +80,7 @@ def test_environment_defaults_and_command_line_precedence() -> None:
         ("serve", "WARMSOCKET_MEMORY_BUDGET", "lots", "not a size: 'lots'"),
         ("serve", "WARMSOCKET_NO_PREFIX_DIFFING", "maybe", "invalid value: 'maybe'"),
         ("simulate-upstream", "WARMSOCKET_SIM_LOG_LEVEL", "loud", "invalid choice: 'loud'"),
-        ("simulate-upstream", "WARMSOCKET_SIM_PORT", "x", "invalid int value: 'x'"),
+        ("simulate-upstream", "WARMSOCKET_SIM_RECORD_BODIES", "x", "invalid int value: 'x'"),
     ],
 )
 def test_bad_environment_value_is_a_usage_error(
@@ -107,6 +107,20 @@ def test_bad_environment_value_only_matters_where_it_is_used() -> None:
         for key in env:
             os.environ.pop(key)
     assert (args.port, args.log_level) == (1, "debug")
+
+
+@pytest.mark.parametrize("command", ["serve", "simulate-upstream"])
+@pytest.mark.parametrize("port", ["99999", "65536", "-1", "http"])
+def test_port_out_of_range_is_a_usage_error(command: str, port: str) -> None:
+    # Not wrapped around modulo 65536 (99999 used to listen on 34463), not an errno.
+    result = run(WARMSOCKET, command, f"--port={port}")
+    assert result.returncode == 2
+    assert f"argument --port: not a port: '{port}' (0 to 65535" in result.stderr
+
+
+def test_port_range_includes_zero_and_65535() -> None:
+    assert build_parser().parse_args(["serve", "--port", "0"]).port == 0
+    assert build_parser().parse_args(["simulate-upstream", "--port", "65535"]).port == 65535
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    """A TCP port to listen on: 0 to 65535 (0: the system picks a free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r} (0 to 65535; 0 picks a free one)")
+    return value
+
+
 class _AppendReplacing(argparse.Action):
     """Like action='append', but values given on the command line replace the default."""
 
@@ -212,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     net = serve.add_argument_group("network")
     opt.parser = net
     opt.add("--host", default="127.0.0.1", help="address to listen on")
-    opt.add("--port", default=8080, type=int, help="port to listen on (0 picks a free one)")
+    opt.add("--port", default=8080, type=_port, help="port to listen on (0 picks a free one)")
     opt.add(
         "--api-key",
         default=[],

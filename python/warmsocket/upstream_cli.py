@@ -204,7 +204,13 @@ def backend_from_args(args: argparse.Namespace, metrics: Metrics | None = None) 
 
 
 def add_simulate_command(commands: Any) -> None:
-    from warmsocket.cli import _EnvDefaults, _non_negative_float, _positive_float, _positive_int
+    from warmsocket.cli import (
+        _EnvDefaults,
+        _non_negative_float,
+        _port,
+        _positive_float,
+        _positive_int,
+    )
 
     sim = commands.add_parser(
         "simulate-upstream",
@@ -221,7 +227,7 @@ def add_simulate_command(commands: Any) -> None:
     )
     opt = _EnvDefaults(sim, prefix="WARMSOCKET_SIM_")
     opt.add("--host", default="127.0.0.1", help="address to listen on")
-    opt.add("--port", default=8000, type=int, help="port to listen on (0 picks a free one)")
+    opt.add("--port", default=8000, type=_port, help="port to listen on (0 picks a free one)")
     opt.add(
         "--model",
         default=["warmsocket-sim"],
