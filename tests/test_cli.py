@@ -220,3 +220,40 @@ def test_corrupt_snapshot_is_refused_with_advice(tmp_path: Path) -> None:
     result = run(WARMSOCKET, "serve", "--port", "0", "--snapshot", str(snapshot))
     assert result.returncode == 1
     assert "start without --snapshot" in result.stderr
+
+
+@pytest.mark.parametrize("where", ["missing directory", "a directory", "under a file"])
+def test_unwritable_snapshot_is_refused_at_start(tmp_path: Path, where: str) -> None:
+    (tmp_path / "file").write_text("")
+    snapshot = {
+        "missing directory": tmp_path / "nonexistent" / "x.snap",
+        "a directory": tmp_path,
+        "under a file": tmp_path / "file" / "x.snap",
+    }[where]
+    result = run(WARMSOCKET, "serve", "--port", "0", "--snapshot", str(snapshot))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (record,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert record["level"] == "error" and "--snapshot needs a file" in record["message"]
+    assert record["path"] == str(snapshot) and record["reason"]
+    assert sorted(os.listdir(tmp_path)) == ["file"]  # the probe left nothing behind
+
+
+def test_snapshot_that_cannot_be_saved_at_shutdown_is_an_error(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    directory.mkdir()
+    proc, base = _start("--snapshot", str(directory / "state.msgpack"))
+    try:
+        httpx.post(f"{base}/responses", json={"model": "m", "input": "secret words"})
+        directory.rmdir()  # gone while serving
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 1
+        assert proc.stderr is not None
+        rest = proc.stderr.read()
+        proc.stderr.close()
+    assert "Traceback" not in rest and "secret words" not in rest
+    records = [json.loads(line) for line in rest.splitlines()]
+    (failure,) = [r for r in records if r["level"] == "error"]
+    assert failure["message"].startswith("cannot save the snapshot")
+    assert failure["reason"] == "No such file or directory"

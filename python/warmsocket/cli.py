@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--snapshot",
         default=None,
         help="file to restore stored (store=true) responses from at start and save them "
-        "to at shutdown; store=false state is never written",
+        "to at shutdown; store=false state is never written. Its directory must exist "
+        "and be writable (checked at start)",
     )
     sharing = serve.add_argument_group(
         "several processes",

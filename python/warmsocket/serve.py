@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -110,6 +111,17 @@ async def _serve(
     metrics: Metrics | None = None,
     sharing: SharedOptions | None = None,
 ) -> int:
+    if snapshot is not None:
+        try:
+            check_writable(snapshot)
+        except OSError as exc:
+            # Found now, not at shutdown when the stored responses would be lost.
+            log.error(
+                "cannot write the snapshot there; --snapshot needs a file in an existing, "
+                "writable directory",
+                extra={"path": str(snapshot), "reason": exc.strerror, "errno": exc.errno},
+            )
+            return 1
     try:
         shared = shared_store(sharing)
     except RuntimeError as exc:
@@ -174,18 +186,44 @@ async def _serve(
     log.info("shutting down")
     await server.close()
     if snapshot is not None:
-        write_atomically(snapshot, cache.snapshot())
+        try:
+            write_atomically(snapshot, cache.snapshot())
+        except OSError as exc:
+            log.error(
+                "cannot save the snapshot; the stored responses are not kept",
+                extra={"path": str(snapshot), "reason": exc.strerror, "errno": exc.errno},
+            )
+            return 1
         log.info(
             "snapshot saved", extra={"path": str(snapshot), "entries": cache.stats().stored_entries}
         )
     return 0
 
 
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def check_writable(path: Path) -> None:
+    """Raise OSError unless `write_atomically(path, ...)` can work: it creates (and
+    removes) the temporary file the save writes beside `path`, and refuses a directory."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    temporary = _temporary(path)
+    with open(temporary, "wb"):
+        pass
+    temporary.unlink()
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Write a file so that a crash leaves either the old or the new content, never half."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    temporary = _temporary(path)
+    try:
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
