@@ -257,3 +257,36 @@ def test_snapshot_that_cannot_be_saved_at_shutdown_is_an_error(tmp_path: Path) -
     (failure,) = [r for r in records if r["level"] == "error"]
     assert failure["message"].startswith("cannot save the snapshot")
     assert failure["reason"] == "No such file or directory"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        (
+            "--memory-budget",
+            "512",
+            "too small: '512' is 512 bytes, under the minimum of 1M; did you mean 512M?",
+        ),
+        ("--memory-budget", "0", "under the minimum of 1M"),
+        ("--max-message-bytes", "0", "under the minimum of 1K"),
+        ("--max-item-bytes", "100", "under the minimum of 1K; did you mean 100K?"),
+        ("--max-queued-bytes", "0.5K", "under the minimum of 1K"),
+    ],
+)
+def test_sizes_too_small_to_work_are_refused(flag: str, value: str, message: str) -> None:
+    result = run(WARMSOCKET, "serve", flag, value)
+    assert result.returncode == 2
+    assert f"argument {flag}: too small: '{value}' is" in result.stderr
+    assert message in result.stderr
+    assert "K, M, G = KiB, MiB, GiB" in result.stderr
+
+
+def test_smallest_sizes_are_accepted() -> None:
+    args = build_parser().parse_args(
+        ["serve", "--memory-budget", "1M", "--max-message-bytes", "1024", "--max-item-bytes", "1k"]
+    )
+    assert (args.memory_budget, args.max_message_bytes, args.max_item_bytes) == (
+        1 << 20,
+        1024,
+        1024,
+    )

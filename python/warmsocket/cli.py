@@ -31,6 +31,26 @@ def parse_size(text: str) -> int:
     return int(float(number) * factor)
 
 
+def _size_at_least(minimum: str) -> Callable[[str], int]:
+    """`parse_size`, refusing sizes under `minimum` (e.g. '--memory-budget 512', meant
+    as megabytes, is 512 bytes: nothing would fit)."""
+    floor = parse_size(minimum)
+
+    def size(text: str) -> int:
+        value = parse_size(text)
+        if value < floor:
+            hint = ""
+            if value > 0 and text.strip().isdigit():
+                hint = f"; did you mean {text.strip()}{minimum[-1]}?"  # the minimum's unit
+            raise argparse.ArgumentTypeError(
+                f"too small: {text!r} is {value} bytes, under the minimum of {minimum}{hint} "
+                "(a size is bytes unless it has a unit: K, M, G = KiB, MiB, GiB)"
+            )
+        return value
+
+    return size
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -238,14 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add(
         "--max-message-bytes",
         default="32M",
-        type=parse_size,
+        type=_size_at_least("1K"),
         help="largest client message (WebSocket message or HTTP body); larger ones get a "
         "'message_too_large' error and the connection stays usable",
     )
     opt.add(
         "--max-item-bytes",
         default="32M",
-        type=parse_size,
+        type=_size_at_least("1K"),
         help="largest single input or output item",
     )
     opt.add(
@@ -279,14 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add(
         "--max-queued-bytes",
         default="64M",
-        type=parse_size,
+        type=_size_at_least("1K"),
         help="bytes (input items and settings) the requests a connection has waiting may "
         "hold before 'server_is_overloaded'",
     )
     opt.add(
         "--memory-budget",
         default="1G",
-        type=parse_size,
+        type=_size_at_least("1M"),
         help="session cache budget in bytes (LRU eviction; live lanes are never evicted)",
     )
     opt.add(

@@ -584,6 +584,16 @@ class Turn:
             raise errors.server_error(
                 f"The input could not be tokenised ({type(exc).__name__})."
             ) from None
+        except _core.CacheFull as exc:
+            # Not an eviction: this response alone is larger than the whole budget, so
+            # the cache refused it. Say so (it is counted as a server_is_overloaded error).
+            log.warning(
+                "a response is larger than the whole --memory-budget and was not kept",
+                extra={"response_id": self.response_id, "memory_budget": cache.memory_budget},
+            )
+            raise errors.server_overloaded(
+                f"The response could not be kept in the session cache ({type(exc).__name__})."
+            ) from None
         except _core.CacheError as exc:
             raise errors.server_overloaded(
                 f"The response could not be kept in the session cache ({type(exc).__name__})."
