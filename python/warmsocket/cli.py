@@ -137,11 +137,14 @@ class _EnvDefault:
     """The default of an `_EnvDefaults` option until the command line is parsed: the
     code's default, or the raw text of the option's environment variable."""
 
-    def __init__(self, default: Any, env_name: str, raw: str | None, kind: str) -> None:
+    def __init__(
+        self, default: Any, env_name: str, raw: str | None, kind: str, requires: str | None
+    ) -> None:
         self.default = default
         self.env_name = env_name
         self.raw = raw
         self.kind = kind  # "flag" (store_true), "list" (comma-separated) or "value"
+        self.requires = requires  # a flag this one means nothing without
 
     def resolve(self, action: argparse.Action) -> Any:
         """The value; raises ArgumentTypeError when the variable's text is not one."""
@@ -162,22 +165,34 @@ class _Parser(argparse.ArgumentParser):
     command line did not give takes its environment variable, converted and checked
     exactly as the flag's value would be (a bad one is a usage error naming the
     variable, exit status 2), or else its default. Only the subcommand being run reads
-    its variables, so a bad one never breaks another subcommand or --help."""
+    its variables, so a bad one never breaks another subcommand or --help.
+
+    An option added with `requires` and given on the command line is a usage error
+    when the option it requires has no value (from the command line or the
+    environment): it would be silently ignored. From the environment it is allowed, as
+    variables are often shared by several processes' configurations."""
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         parsed, rest = super().parse_known_args(args, namespace)
+        given: list[tuple[argparse.Action, _EnvDefault]] = []
         for action in self._actions:
             spec = action.default
             if not isinstance(spec, _EnvDefault):
                 continue
-            given = getattr(parsed, action.dest, None) is not spec  # on the command line
-            if not given:
-                try:
-                    setattr(parsed, action.dest, spec.resolve(action))
-                except argparse.ArgumentTypeError as exc:
-                    self.error(f"{spec.env_name}: {exc}")
+            on_command_line = getattr(parsed, action.dest, None) is not spec
+            if on_command_line:
+                given.append((action, spec))
+                continue
+            try:
+                setattr(parsed, action.dest, spec.resolve(action))
+            except argparse.ArgumentTypeError as exc:
+                self.error(f"{spec.env_name}: {exc}")
+        for action, spec in given:
+            required = spec.requires
+            if required and not getattr(parsed, required.lstrip("-").replace("-", "_"), None):
+                self.error(f"{action.option_strings[0]} needs {required}")
         return parsed, rest
 
 
@@ -190,6 +205,7 @@ class _EnvDefaults:
     def __init__(self, parser: argparse.ArgumentParser | Any, prefix: str = "WARMSOCKET_") -> None:
         self.parser = parser
         self.prefix = prefix
+        self.requires: str | None = None  # see `_Parser`
 
     def add(
         self,
@@ -208,7 +224,7 @@ class _EnvDefaults:
             kind = "list"
         else:
             kind = "value"
-        spec = _EnvDefault(default, env_name, os.environ.get(env_name), kind)
+        spec = _EnvDefault(default, env_name, os.environ.get(env_name), kind, self.requires)
         if kwargs.get("action") == "append":
             kwargs["action"] = _AppendReplacing
         shown = "" if default is None or default == [] else f" (default: {default})"

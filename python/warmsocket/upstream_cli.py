@@ -27,7 +27,8 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
         "upstream",
         "Without --upstream the built-in model answers. With it, every turn goes to an "
         "OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama, OpenAI, xAI, another "
-        "warmsocket) as one full request; see docs/upstreams.md.",
+        "warmsocket) as one full request; see docs/upstreams.md. The other flags here "
+        "need --upstream.",
     )
     opt = _EnvDefaults(group)
     opt.add(
@@ -39,6 +40,10 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
         help="base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 "
         "(repeat it for replicas of one model; the env var takes a comma-separated list)",
     )
+    # The rest mean nothing without --upstream: given on the command line without
+    # one, they are a usage error (not silently ignored). Their environment variables
+    # are still checked, but allowed without one.
+    opt.requires = "--upstream"
     opt.add(
         "--upstream-api",
         default="chat",
