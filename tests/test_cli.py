@@ -290,3 +290,36 @@ def test_smallest_sizes_are_accepted() -> None:
         1024,
         1024,
     )
+
+
+@pytest.mark.parametrize("via", ["flag", "env"])
+def test_unknown_tokenizer_name_lists_the_valid_ones(via: str) -> None:
+    if via == "flag":
+        result = run(WARMSOCKET, "serve", "--tokenizer", "o200k")
+        where = "argument --tokenizer"
+    else:
+        result = run(WARMSOCKET, "serve", env={"WARMSOCKET_TOKENIZER": "o200k"})
+        where = "WARMSOCKET_TOKENIZER"
+    assert result.returncode == 2
+    assert f"{where}: 'o200k' is neither a tokenizer name nor an existing file" in result.stderr
+    for name in ("'o200k_base'", "'cl100k_base'", "'none'", "tokenizer.json"):
+        assert name in result.stderr
+
+
+def test_unreadable_tokenizer_file_gives_the_os_reason(tmp_path: Path) -> None:
+    result = run(WARMSOCKET, "serve", "--port", "0", "--tokenizer", str(tmp_path))
+    assert result.returncode == 1
+    (record,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert record["message"] == "cannot read the tokenizer file; fix --tokenizer"
+    assert (record["reason"], record["errno"]) == ("Is a directory", 21)
+
+
+def test_invalid_tokenizer_file_is_named_without_its_content(tmp_path: Path) -> None:
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"model": "secret words"}')
+    result = run(WARMSOCKET, "serve", "--port", "0", "--tokenizer", str(bad))
+    assert result.returncode == 1
+    (record,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert record["error_type"] == "InvalidTokenizerFile"
+    assert "o200k_base, cl100k_base, none" in record["message"]
+    assert "secret words" not in result.stderr

@@ -51,6 +51,21 @@ def _size_at_least(minimum: str) -> Callable[[str], int]:
     return size
 
 
+_TOKENIZER_NAMES = ("o200k_base", "cl100k_base", "none")  # engine.tokenizer_for
+
+
+def _tokenizer(text: str) -> str:
+    """--tokenizer: an encoding name, 'none', 'auto' (by model name), or a file that
+    exists (whether it can be read is checked at start, with the OS's reason)."""
+    if text in _TOKENIZER_NAMES or text == "auto" or os.path.exists(text):
+        return text
+    names = ", ".join(map(repr, _TOKENIZER_NAMES))
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a tokenizer name nor an existing file "
+        f"(choose from {names}, or the path of a Hugging Face tokenizer.json)"
+    )
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -373,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add(
         "--tokenizer",
         default=None,
+        type=_tokenizer,
         help="how tokens are counted for usage and block-hashed: o200k_base, cl100k_base, "
         "the path of a Hugging Face tokenizer.json, or 'none' (estimate from bytes). "
         "Default: the encoding of the first --model name (o200k_base when unknown)",

@@ -12,11 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from warmsocket import logs, upstream_cli
-from warmsocket._core import SessionCache, SnapshotError, TokenizerError
+from warmsocket._core import SessionCache, SnapshotError, Tokenizer, TokenizerError
 from warmsocket.backends.base import Backend
 from warmsocket.backends.mock import MockBackend
 from warmsocket.cli import run_async
-from warmsocket.engine import Limits, SharedResponses, new_cache, tokenizer_for
+from warmsocket.engine import (
+    BUILTIN_TOKENIZERS,
+    Limits,
+    SharedResponses,
+    new_cache,
+    tokenizer_for,
+)
 from warmsocket.metrics import Metrics
 from warmsocket.server import Server, ServerConfig
 
@@ -128,10 +134,18 @@ async def _serve(
         log.error(str(exc))
         return 1
     try:
-        tokenizer = tokenizer_for(config.tokenizer, config.models[0])
-    except (TokenizerError, OSError) as exc:
+        tokenizer = load_tokenizer(config.tokenizer, config.models[0])
+    except OSError as exc:
         log.error(
-            "cannot load the tokenizer; fix --tokenizer",
+            "cannot read the tokenizer file; fix --tokenizer",
+            extra={"tokenizer": config.tokenizer, "reason": exc.strerror, "errno": exc.errno},
+        )
+        return 1
+    except TokenizerError as exc:
+        # Not the message: the file's content could be quoted in it.
+        log.error(
+            "cannot load the tokenizer; --tokenizer takes o200k_base, cl100k_base, none, "
+            "or the path of a Hugging Face tokenizer.json",
             extra={"tokenizer": config.tokenizer, "error_type": type(exc).__name__},
         )
         return 1
@@ -213,6 +227,15 @@ def check_writable(path: Path) -> None:
     with open(temporary, "wb"):
         pass
     temporary.unlink()
+
+
+def load_tokenizer(spec: str | None, model: str) -> Tokenizer | None:
+    """`tokenizer_for`, after reading a tokenizer.json path once: an unreadable file
+    raises a plain OSError with the OS's reason (errno, strerror), never its content."""
+    if spec is not None and spec not in BUILTIN_TOKENIZERS and spec not in ("none", "auto"):
+        with open(spec, "rb"):
+            pass
+    return tokenizer_for(spec, model)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
