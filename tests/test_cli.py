@@ -323,3 +323,19 @@ def test_invalid_tokenizer_file_is_named_without_its_content(tmp_path: Path) -> 
     assert record["error_type"] == "InvalidTokenizerFile"
     assert "o200k_base, cl100k_base, none" in record["message"]
     assert "secret words" not in result.stderr
+
+
+def test_help_texts() -> None:
+    top = run(WARMSOCKET, "--help").stdout
+    assert "The `warmsocket` command line." not in top  # not the module docstring
+    assert "WARMSOCKET_MAX_LANES=8" in top and "WARMSOCKET_SIM_" in top
+    serve = " ".join(run(WARMSOCKET, "serve", "--help").stdout.split())
+    assert "(default: warmsocket-mock)" in serve and "['warmsocket-mock']" not in serve
+    for flag in (
+        "--max-message-bytes",
+        "--max-item-bytes",
+        "--max-queued-bytes",
+        "--memory-budget",
+    ):
+        help_text = serve.split(f"{flag} SIZE ", 1)[1].split("[env:", 1)[0]
+        assert "binary unit (K = KiB, M = MiB, G = GiB)" in help_text, flag

@@ -230,8 +230,17 @@ class _EnvDefaults:
         help: str,
         type: Callable[[str], Any] | None = None,
         env_split: bool = False,
+        min_size: str | None = None,
         **kwargs: Any,
     ) -> None:
+        """`min_size`: the option is a size (`parse_size`) of at least this much."""
+        if min_size is not None:
+            type = _size_at_least(min_size)
+            kwargs.setdefault("metavar", "SIZE")
+            help += (
+                "; in bytes, or with a binary unit (K = KiB, M = MiB, G = GiB), "
+                f"at least {min_size}"
+            )
         env_name = self.prefix + flag.lstrip("-").replace("-", "_").upper()
         if kwargs.get("action") == "store_true":
             kind = "flag"
@@ -242,7 +251,12 @@ class _EnvDefaults:
         spec = _EnvDefault(default, env_name, os.environ.get(env_name), kind, self.requires)
         if kwargs.get("action") == "append":
             kwargs["action"] = _AppendReplacing
-        shown = "" if default is None or default == [] else f" (default: {default})"
+        if default is None or default == []:
+            shown = ""
+        elif isinstance(default, list):
+            shown = f" (default: {', '.join(map(str, default))})"
+        else:
+            shown = f" (default: {default})"
         if type is not None:
             kwargs["type"] = type
         self.parser.add_argument(
@@ -255,8 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="warmsocket",
         description="OpenAI Responses API WebSocket mode (and HTTP mode) with a Rust "
         "session-state cache, in front of any OpenAI-compatible backend.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
+        epilog="Run 'warmsocket COMMAND --help' for a command's flags. Every flag of serve "
+        "can also be set with an environment variable (--max-lanes 8 is "
+        "WARMSOCKET_MAX_LANES=8), every flag of simulate-upstream with a WARMSOCKET_SIM_ "
+        "one; a flag given on the command line wins.",
     )
     parser.add_argument("--version", action="version", version=f"warmsocket {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -289,14 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add(
         "--max-message-bytes",
         default="32M",
-        type=_size_at_least("1K"),
+        min_size="1K",
         help="largest client message (WebSocket message or HTTP body); larger ones get a "
         "'message_too_large' error and the connection stays usable",
     )
     opt.add(
         "--max-item-bytes",
         default="32M",
-        type=_size_at_least("1K"),
+        min_size="1K",
         help="largest single input or output item",
     )
     opt.add(
@@ -330,15 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add(
         "--max-queued-bytes",
         default="64M",
-        type=_size_at_least("1K"),
+        min_size="1K",
         help="bytes (input items and settings) the requests a connection has waiting may "
         "hold before 'server_is_overloaded'",
     )
     opt.add(
         "--memory-budget",
         default="1G",
-        type=_size_at_least("1M"),
-        help="session cache budget in bytes (LRU eviction; live lanes are never evicted)",
+        min_size="1M",
+        help="session cache budget (LRU eviction; live lanes are never evicted)",
     )
     opt.add(
         "--ws-ping-interval",
