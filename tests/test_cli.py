@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -339,3 +340,17 @@ def test_help_texts() -> None:
     ):
         help_text = serve.split(f"{flag} SIZE ", 1)[1].split("[env:", 1)[0]
         assert "binary unit (K = KiB, M = MiB, G = GiB)" in help_text, flag
+
+
+@pytest.mark.parametrize("command", ["serve", "simulate-upstream"])
+def test_port_in_use_says_what_to_do(command: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(WARMSOCKET, command, "--port", str(port), "--log-format", "json")
+    assert result.returncode == 1
+    (record,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert record["message"] == "cannot listen; pick another --port or --host"
+    assert (record["host"], record["port"], record["errno"]) == ("127.0.0.1", port, 98)
+    assert record["reason"] == "Address already in use"

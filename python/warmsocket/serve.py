@@ -178,7 +178,12 @@ async def _serve(
     except OSError as exc:
         log.error(
             "cannot listen; pick another --port or --host",
-            extra={"host": config.host, "port": config.port, "errno": exc.errno},
+            extra={
+                "host": config.host,
+                "port": config.port,
+                "errno": exc.errno,
+                "reason": os.strerror(exc.errno) if exc.errno else exc.strerror,
+            },
         )
         await server.close()
         return 1

@@ -305,6 +305,7 @@ def add_simulate_command(commands: Any) -> None:
 def simulate_command(args: argparse.Namespace) -> int:
     import asyncio
     import logging
+    import os
     import signal
 
     from warmsocket import logs
@@ -337,7 +338,15 @@ def simulate_command(args: argparse.Namespace) -> int:
         try:
             await server.start()
         except OSError as exc:
-            log.error("cannot listen", extra={"port": config.port, "errno": exc.errno})
+            log.error(
+                "cannot listen; pick another --port or --host",
+                extra={
+                    "host": config.host,
+                    "port": config.port,
+                    "errno": exc.errno,
+                    "reason": os.strerror(exc.errno) if exc.errno else exc.strerror,
+                },
+            )
             return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
