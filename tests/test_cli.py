@@ -81,7 +81,7 @@ def test_environment_defaults_and_command_line_precedence() -> None:
         ("serve", "WARMSOCKET_MEMORY_BUDGET", "lots", "not a size: 'lots'"),
         ("serve", "WARMSOCKET_NO_PREFIX_DIFFING", "maybe", "invalid value: 'maybe'"),
         ("simulate-upstream", "WARMSOCKET_SIM_LOG_LEVEL", "loud", "invalid choice: 'loud'"),
-        ("simulate-upstream", "WARMSOCKET_SIM_RECORD_BODIES", "x", "invalid int value: 'x'"),
+        ("simulate-upstream", "WARMSOCKET_SIM_RECORD_BODIES", "x", "not an integer: 'x'"),
     ],
 )
 def test_bad_environment_value_is_a_usage_error(
@@ -108,6 +108,30 @@ def test_bad_environment_value_only_matters_where_it_is_used() -> None:
         for key in env:
             os.environ.pop(key)
     assert (args.port, args.log_level) == (1, "debug")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--max-lanes", "abc"], "argument --max-lanes: not an integer: 'abc'"),
+        (["serve", "--close-grace", "nan"], "argument --close-grace: not a number: 'nan'"),
+        (["serve", "--connection-lifetime", "x"], "--connection-lifetime: not a number: 'x'"),
+        (
+            ["serve", "--upstream", "http://a:1/v1", "--upstream-retries", "-1"],
+            "argument --upstream-retries: must be >= 0: -1",
+        ),
+        (
+            ["serve", "--upstream", "http://a:1/v1", "--upstream-ws-warm", "-1"],
+            "argument --upstream-ws-warm: must be >= 0: -1",
+        ),
+        (["simulate-upstream", "--record-bodies", "-5"], "--record-bodies: must be >= 0: -5"),
+    ],
+)
+def test_numbers_are_checked_not_clamped(args: list[str], message: str) -> None:
+    # Negative counts used to be clamped to 0 silently; not-a-number gave
+    # "invalid _positive_int value".
+    result = run(WARMSOCKET, *args)
+    assert result.returncode == 2 and message in result.stderr
 
 
 @pytest.mark.parametrize("command", ["serve", "simulate-upstream"])

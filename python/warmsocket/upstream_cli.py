@@ -19,6 +19,7 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     from warmsocket.cli import (
         _EnvDefaults,
         _non_negative_float,
+        _non_negative_int,
         _positive_float,
         _positive_int,
     )
@@ -83,7 +84,7 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     opt.add(
         "--upstream-retries",
         default=2,
-        type=int,
+        type=_non_negative_int,
         help="extra attempts after an upstream 5xx, timeout or broken connection, only "
         "while nothing has reached the client yet",
     )
@@ -103,7 +104,7 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     opt.add(
         "--upstream-ws-warm",
         default=1,
-        type=int,
+        type=_non_negative_int,
         help="responses-ws: idle upstream connections kept open per replica",
     )
     opt.add(
@@ -166,11 +167,11 @@ def config_from_args(args: argparse.Namespace) -> UpstreamConfig:
         api_key=args.upstream_api_key,
         connect_timeout=args.upstream_connect_timeout,
         timeout=args.upstream_timeout,
-        retries=max(0, args.upstream_retries),
+        retries=args.upstream_retries,
         model_map=model_map,
         max_idle_connections=args.upstream_max_idle,
         ws_lifetime=args.upstream_ws_lifetime,
-        ws_warm_connections=max(0, args.upstream_ws_warm),
+        ws_warm_connections=args.upstream_ws_warm,
         router=RouterConfig(
             block_tokens=args.affinity_block_tokens,
             prefix_blocks=args.affinity_prefix_blocks,
@@ -212,6 +213,7 @@ def add_simulate_command(commands: Any) -> None:
     from warmsocket.cli import (
         _EnvDefaults,
         _non_negative_float,
+        _non_negative_int,
         _port,
         _positive_float,
         _positive_int,
@@ -285,7 +287,7 @@ def add_simulate_command(commands: Any) -> None:
     opt.add(
         "--record-bodies",
         default=256,
-        type=int,
+        type=_non_negative_int,
         help="keep the bodies of the latest N requests for GET /stats?bodies=1",
     )
     opt.add(
@@ -329,7 +331,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         block_tokens=args.block_tokens,
         cache_blocks=args.cache_blocks,
         ws_lifetime=args.ws_lifetime,
-        record_bodies=max(0, args.record_bodies),
+        record_bodies=args.record_bodies,
         api_key=args.api_key,
     )
 
