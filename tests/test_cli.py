@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,9 +69,83 @@ def test_environment_defaults_and_command_line_precedence() -> None:
     assert args.model == ["x", "y"]
 
 
-def test_bad_environment_value_is_explained() -> None:
-    result = run(WARMSOCKET, "serve", "--help", env={"WARMSOCKET_PORT": "eighty"})
-    assert result.returncode != 0 and "WARMSOCKET_PORT" in result.stderr
+@pytest.mark.parametrize(
+    ("command", "variable", "value", "message"),
+    [
+        ("serve", "WARMSOCKET_PORT", "eighty", "not a port: 'eighty'"),
+        ("serve", "WARMSOCKET_LOG_LEVEL", "verbose", "invalid choice: 'verbose' (choose from"),
+        ("serve", "WARMSOCKET_LOG_FORMAT", "JSON", "invalid choice: 'JSON'"),
+        ("serve", "WARMSOCKET_MODEL_BACKEND", "vllm", "invalid choice: 'vllm'"),
+        ("serve", "WARMSOCKET_UPSTREAM_API", "bogus", "invalid choice: 'bogus'"),
+        ("serve", "WARMSOCKET_MAX_LANES", "0", "must be > 0"),
+        ("serve", "WARMSOCKET_MEMORY_BUDGET", "lots", "not a size: 'lots'"),
+        ("serve", "WARMSOCKET_NO_PREFIX_DIFFING", "maybe", "invalid value: 'maybe'"),
+        ("simulate-upstream", "WARMSOCKET_SIM_LOG_LEVEL", "loud", "invalid choice: 'loud'"),
+        ("simulate-upstream", "WARMSOCKET_SIM_RECORD_BODIES", "x", "not an integer: 'x'"),
+    ],
+)
+def test_bad_environment_value_is_a_usage_error(
+    command: str, variable: str, value: str, message: str
+) -> None:
+    # Checked exactly as the flag's value would be: same type, same choices.
+    result = run(WARMSOCKET, command, env={variable: value})
+    assert result.returncode == 2
+    assert f"warmsocket {command}: error: {variable}: {message}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("usage:")
+
+
+def test_bad_environment_value_only_matters_where_it_is_used() -> None:
+    # The command line wins over a bad variable, and --help and other subcommands
+    # still work.
+    env = {"WARMSOCKET_PORT": "eighty", "WARMSOCKET_LOG_LEVEL": "verbose"}
+    assert run(WARMSOCKET, "serve", "--help", env=env).returncode == 0
+    assert run(WARMSOCKET, "simulate-upstream", "--help", env=env).returncode == 0
+    os.environ.update(env)
+    try:
+        args = build_parser().parse_args(["serve", "--port", "1", "--log-level", "debug"])
+    finally:
+        for key in env:
+            os.environ.pop(key)
+    assert (args.port, args.log_level) == (1, "debug")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--max-lanes", "abc"], "argument --max-lanes: not an integer: 'abc'"),
+        (["serve", "--close-grace", "nan"], "argument --close-grace: not a number: 'nan'"),
+        (["serve", "--connection-lifetime", "x"], "--connection-lifetime: not a number: 'x'"),
+        (
+            ["serve", "--upstream", "http://a:1/v1", "--upstream-retries", "-1"],
+            "argument --upstream-retries: must be >= 0: -1",
+        ),
+        (
+            ["serve", "--upstream", "http://a:1/v1", "--upstream-ws-warm", "-1"],
+            "argument --upstream-ws-warm: must be >= 0: -1",
+        ),
+        (["simulate-upstream", "--record-bodies", "-5"], "--record-bodies: must be >= 0: -5"),
+    ],
+)
+def test_numbers_are_checked_not_clamped(args: list[str], message: str) -> None:
+    # Negative counts used to be clamped to 0 silently; not-a-number gave
+    # "invalid _positive_int value".
+    result = run(WARMSOCKET, *args)
+    assert result.returncode == 2 and message in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "simulate-upstream"])
+@pytest.mark.parametrize("port", ["99999", "65536", "-1", "http"])
+def test_port_out_of_range_is_a_usage_error(command: str, port: str) -> None:
+    # Not wrapped around modulo 65536 (99999 used to listen on 34463), not an errno.
+    result = run(WARMSOCKET, command, f"--port={port}")
+    assert result.returncode == 2
+    assert f"argument --port: not a port: '{port}' (0 to 65535" in result.stderr
+
+
+def test_port_range_includes_zero_and_65535() -> None:
+    assert build_parser().parse_args(["serve", "--port", "0"]).port == 0
+    assert build_parser().parse_args(["simulate-upstream", "--port", "65535"]).port == 65535
 
 
 @pytest.mark.parametrize(
@@ -215,3 +290,136 @@ def test_corrupt_snapshot_is_refused_with_advice(tmp_path: Path) -> None:
     result = run(WARMSOCKET, "serve", "--port", "0", "--snapshot", str(snapshot))
     assert result.returncode == 1
     assert "start without --snapshot" in result.stderr
+
+
+@pytest.mark.parametrize("where", ["missing directory", "a directory", "under a file"])
+def test_unwritable_snapshot_is_refused_at_start(tmp_path: Path, where: str) -> None:
+    (tmp_path / "file").write_text("")
+    snapshot = {
+        "missing directory": tmp_path / "nonexistent" / "x.snap",
+        "a directory": tmp_path,
+        "under a file": tmp_path / "file" / "x.snap",
+    }[where]
+    result = run(WARMSOCKET, "serve", "--port", "0", "--snapshot", str(snapshot))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (record,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert record["level"] == "error" and "--snapshot needs a file" in record["message"]
+    assert record["path"] == str(snapshot) and record["reason"]
+    assert sorted(os.listdir(tmp_path)) == ["file"]  # the probe left nothing behind
+
+
+def test_snapshot_that_cannot_be_saved_at_shutdown_is_an_error(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    directory.mkdir()
+    proc, base = _start("--snapshot", str(directory / "state.msgpack"))
+    try:
+        httpx.post(f"{base}/responses", json={"model": "m", "input": "secret words"})
+        directory.rmdir()  # gone while serving
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 1
+        assert proc.stderr is not None
+        rest = proc.stderr.read()
+        proc.stderr.close()
+    assert "Traceback" not in rest and "secret words" not in rest
+    records = [json.loads(line) for line in rest.splitlines()]
+    (failure,) = [r for r in records if r["level"] == "error"]
+    assert failure["message"].startswith("cannot save the snapshot")
+    assert failure["reason"] == "No such file or directory"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        (
+            "--memory-budget",
+            "512",
+            "too small: '512' is 512 bytes, under the minimum of 1M; did you mean 512M?",
+        ),
+        ("--memory-budget", "0", "under the minimum of 1M"),
+        ("--max-message-bytes", "0", "under the minimum of 1K"),
+        ("--max-item-bytes", "100", "under the minimum of 1K; did you mean 100K?"),
+        ("--max-queued-bytes", "0.5K", "under the minimum of 1K"),
+    ],
+)
+def test_sizes_too_small_to_work_are_refused(flag: str, value: str, message: str) -> None:
+    result = run(WARMSOCKET, "serve", flag, value)
+    assert result.returncode == 2
+    assert f"argument {flag}: too small: '{value}' is" in result.stderr
+    assert message in result.stderr
+    assert "K, M, G = KiB, MiB, GiB" in result.stderr
+
+
+def test_smallest_sizes_are_accepted() -> None:
+    args = build_parser().parse_args(
+        ["serve", "--memory-budget", "1M", "--max-message-bytes", "1024", "--max-item-bytes", "1k"]
+    )
+    assert (args.memory_budget, args.max_message_bytes, args.max_item_bytes) == (
+        1 << 20,
+        1024,
+        1024,
+    )
+
+
+@pytest.mark.parametrize("via", ["flag", "env"])
+def test_unknown_tokenizer_name_lists_the_valid_ones(via: str) -> None:
+    if via == "flag":
+        result = run(WARMSOCKET, "serve", "--tokenizer", "o200k")
+        where = "argument --tokenizer"
+    else:
+        result = run(WARMSOCKET, "serve", env={"WARMSOCKET_TOKENIZER": "o200k"})
+        where = "WARMSOCKET_TOKENIZER"
+    assert result.returncode == 2
+    assert f"{where}: 'o200k' is neither a tokenizer name nor an existing file" in result.stderr
+    for name in ("'o200k_base'", "'cl100k_base'", "'none'", "tokenizer.json"):
+        assert name in result.stderr
+
+
+def test_unreadable_tokenizer_file_gives_the_os_reason(tmp_path: Path) -> None:
+    result = run(WARMSOCKET, "serve", "--port", "0", "--tokenizer", str(tmp_path))
+    assert result.returncode == 1
+    (record,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert record["message"] == "cannot read the tokenizer file; fix --tokenizer"
+    assert (record["reason"], record["errno"]) == ("Is a directory", 21)
+
+
+def test_invalid_tokenizer_file_is_named_without_its_content(tmp_path: Path) -> None:
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"model": "secret words"}')
+    result = run(WARMSOCKET, "serve", "--port", "0", "--tokenizer", str(bad))
+    assert result.returncode == 1
+    (record,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert record["error_type"] == "InvalidTokenizerFile"
+    assert "o200k_base, cl100k_base, none" in record["message"]
+    assert "secret words" not in result.stderr
+
+
+def test_help_texts() -> None:
+    top = run(WARMSOCKET, "--help").stdout
+    assert "The `warmsocket` command line." not in top  # not the module docstring
+    assert "WARMSOCKET_MAX_LANES=8" in top and "WARMSOCKET_SIM_" in top
+    serve = " ".join(run(WARMSOCKET, "serve", "--help").stdout.split())
+    assert "(default: warmsocket-mock)" in serve and "['warmsocket-mock']" not in serve
+    for flag in (
+        "--max-message-bytes",
+        "--max-item-bytes",
+        "--max-queued-bytes",
+        "--memory-budget",
+    ):
+        help_text = serve.split(f"{flag} SIZE ", 1)[1].split("[env:", 1)[0]
+        assert "binary unit (K = KiB, M = MiB, G = GiB)" in help_text, flag
+
+
+@pytest.mark.parametrize("command", ["serve", "simulate-upstream"])
+def test_port_in_use_says_what_to_do(command: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(WARMSOCKET, command, "--port", str(port), "--log-format", "json")
+    assert result.returncode == 1
+    (record,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert record["message"] == "cannot listen; pick another --port or --host"
+    assert (record["host"], record["port"], record["errno"]) == ("127.0.0.1", port, 98)
+    assert record["reason"] == "Address already in use"

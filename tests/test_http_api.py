@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 
@@ -122,3 +123,26 @@ def test_keep_alive_serves_several_requests_on_one_connection(server: RunningSer
             response = client.post("/responses", json={"model": "m", "input": f"n{i}"})
             assert response.json()["output"][0]["content"][0]["text"] == f"You said: n{i}"
     assert server.server.metrics.connections_opened["http"] == 1
+
+
+def test_a_response_larger_than_the_whole_budget_is_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The cache refuses it (no eviction can make room): the turn fails (server_error,
+    # the Response object's code; counted as server_is_overloaded), the error and
+    # the log say why (never with content).
+    with running_server(memory_budget=4096) as srv, caplog.at_level(logging.WARNING):
+        reply = httpx.post(
+            f"{srv.base_url}/responses", json={"model": "m", "input": "secret " * 2000}
+        ).json()
+        assert reply["status"] == "failed"
+        assert reply["error"]["code"] == "server_error"
+        assert "--memory-budget" in reply["error"]["message"]
+        assert httpx.get(f"{srv.base_url}/responses/{reply['id']}").status_code == 404
+        text = httpx.get(f"http://127.0.0.1:{srv.port}/metrics").text
+        assert 'warmsocket_errors_total{code="server_is_overloaded"} 1' in text
+    (record,) = [r for r in caplog.records if "--memory-budget" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert record.__dict__["response_id"] == reply["id"]
+    assert record.__dict__["memory_budget"] == 4096
+    assert "secret" not in caplog.text

@@ -810,6 +810,13 @@ def test_atexit_and_crash_recovery() -> None:
 _CLI = [sys.executable, "-m", "warmsocket.netem"]
 
 
+def test_cli_run_refuses_a_listen_port_out_of_range() -> None:
+    argv = [*_CLI, "run", "--target", "127.0.0.1:1", "--listen-port", "70000", "--", "true"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 2
+    assert "argument --listen-port: not a port: '70000'" in proc.stderr
+
+
 @pytest.mark.timeout(60)
 def test_cli_check_json_on_loopback() -> None:
     argv = [*_CLI, "check", "--profile", "loopback", "--json", "--samples", "3"]

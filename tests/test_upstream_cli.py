@@ -66,12 +66,52 @@ def test_upstream_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None
     assert config.urls == ("http://c:3/v1",) and config.retries == 0
     assert config.router.cooldown == 1.0
     monkeypatch.delenv("WARMSOCKET_UPSTREAM_MODEL_MAP")
-    bad = build_parser().parse_args(["serve", "--upstream-model-map", "nope"])
+    bad = build_parser().parse_args(
+        ["serve", "--upstream", "http://a:1/v1", "--upstream-model-map", "nope"]
+    )
     with pytest.raises(SystemExit, match="CLIENT=UPSTREAM"):
         config_from_args(bad)
     bad = build_parser().parse_args(["serve", "--upstream", "ftp://x"])
     with pytest.raises(SystemExit, match="http"):
         config_from_args(bad)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--upstream-model-map", "gpt-4o=qwen"],
+        ["--upstream-api", "responses"],
+        ["--upstream-api-key", "k"],
+        ["--upstream-ws-warm", "2"],
+        ["--upstream-retries=0"],
+        ["--affinity-cooldown", "1"],
+    ],
+)
+def test_upstream_flags_without_upstream_are_a_usage_error(flags: list[str]) -> None:
+    # They would be silently ignored: the built-in model answers without --upstream.
+    result = subprocess.run(
+        [WARMSOCKET, "serve", *flags], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    flag = flags[0].split("=")[0]
+    assert f"warmsocket serve: error: {flag} needs --upstream" in result.stderr
+
+
+def test_upstream_flags_with_upstream_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("WARMSOCKET_UPSTREAM", "http://a:1/v1")
+    args = build_parser().parse_args(["serve", "--upstream-model-map", "x=y"])
+    assert config_from_args(args).upstream_model("x") == "y"
+    # Environment defaults of upstream flags stay allowed without an upstream (one
+    # set of variables often configures several processes), but are still checked.
+    monkeypatch.delenv("WARMSOCKET_UPSTREAM")
+    monkeypatch.setenv("WARMSOCKET_UPSTREAM_API", "responses")
+    assert build_parser().parse_args(["serve"]).upstream_api == "responses"
+    monkeypatch.setenv("WARMSOCKET_UPSTREAM_API", "bogus")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve"])
+    assert "WARMSOCKET_UPSTREAM_API: invalid choice: 'bogus'" in capsys.readouterr().err
 
 
 @contextmanager

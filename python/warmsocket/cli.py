@@ -1,13 +1,15 @@
 """The `warmsocket` command line.
 
 Every `serve` flag can also be set with an environment variable: `--max-lanes 8` is
-`WARMSOCKET_MAX_LANES=8`. A flag given on the command line wins.
+`WARMSOCKET_MAX_LANES=8`. A flag given on the command line wins; a variable's value is
+converted and checked exactly as the flag's would be.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import re
 import sys
@@ -30,24 +32,94 @@ def parse_size(text: str) -> int:
     return int(float(number) * factor)
 
 
+def _size_at_least(minimum: str) -> Callable[[str], int]:
+    """`parse_size`, refusing sizes under `minimum` (e.g. '--memory-budget 512', meant
+    as megabytes, is 512 bytes: nothing would fit)."""
+    floor = parse_size(minimum)
+
+    def size(text: str) -> int:
+        value = parse_size(text)
+        if value < floor:
+            hint = ""
+            if value > 0 and text.strip().isdigit():
+                hint = f"; did you mean {text.strip()}{minimum[-1]}?"  # the minimum's unit
+            raise argparse.ArgumentTypeError(
+                f"too small: {text!r} is {value} bytes, under the minimum of {minimum}{hint} "
+                "(a size is bytes unless it has a unit: K, M, G = KiB, MiB, GiB)"
+            )
+        return value
+
+    return size
+
+
+_TOKENIZER_NAMES = ("o200k_base", "cl100k_base", "none")  # engine.tokenizer_for
+
+
+def _tokenizer(text: str) -> str:
+    """--tokenizer: an encoding name, 'none', 'auto' (by model name), or a file that
+    exists (whether it can be read is checked at start, with the OS's reason)."""
+    if text in _TOKENIZER_NAMES or text == "auto" or os.path.exists(text):
+        return text
+    names = ", ".join(map(repr, _TOKENIZER_NAMES))
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a tokenizer name nor an existing file "
+        f"(choose from {names}, or the path of a Hugging Face tokenizer.json)"
+    )
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0: {text}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0: {text}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    """A TCP port to listen on: 0 to 65535 (0: the system picks a free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r} (0 to 65535; 0 picks a free one)")
     return value
 
 
@@ -74,21 +146,106 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 
 
-def _env_flag(name: str, raw: str) -> bool:
+def _env_flag(raw: str) -> bool:
     value = raw.strip().lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
-    raise SystemExit(f"warmsocket: invalid {name}={raw!r}: expected 1/0, true/false, yes/no")
+    raise argparse.ArgumentTypeError(f"invalid value: {raw!r} (expected 1/0, true/false, yes/no)")
+
+
+def _checked(action: argparse.Action, text: str) -> Any:
+    """`text` as the value of `action`, converted and checked as argparse does a flag's
+    value (the same type, the same choices, the same messages)."""
+    value: Any = text
+    if callable(action.type):
+        try:
+            value = action.type(text)
+        except argparse.ArgumentTypeError:
+            raise
+        except (TypeError, ValueError):
+            name = getattr(action.type, "__name__", repr(action.type))
+            raise argparse.ArgumentTypeError(f"invalid {name} value: {text!r}") from None
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(repr, action.choices))
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {choices})")
+    return value
+
+
+class _EnvDefault:
+    """The default of an `_EnvDefaults` option until the command line is parsed: the
+    code's default, or the raw text of the option's environment variable."""
+
+    def __init__(
+        self, default: Any, env_name: str, raw: str | None, kind: str, requires: str | None
+    ) -> None:
+        self.default = default
+        self.env_name = env_name
+        self.raw = raw
+        self.kind = kind  # "flag" (store_true), "list" (comma-separated) or "value"
+        self.requires = requires  # a flag this one means nothing without
+
+    def resolve(self, action: argparse.Action) -> Any:
+        """The value; raises ArgumentTypeError when the variable's text is not one."""
+        raw = self.raw
+        if raw is None:
+            if isinstance(self.default, str) and callable(action.type):
+                return action.type(self.default)  # as argparse converts a string default
+            return self.default
+        if self.kind == "flag":
+            return _env_flag(raw)
+        if self.kind == "list":
+            return [_checked(action, part.strip()) for part in raw.split(",") if part.strip()]
+        return _checked(action, raw)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that resolves its `_EnvDefaults` options after parsing: one the
+    command line did not give takes its environment variable, converted and checked
+    exactly as the flag's value would be (a bad one is a usage error naming the
+    variable, exit status 2), or else its default. Only the subcommand being run reads
+    its variables, so a bad one never breaks another subcommand or --help.
+
+    An option added with `requires` and given on the command line is a usage error
+    when the option it requires has no value (from the command line or the
+    environment): it would be silently ignored. From the environment it is allowed, as
+    variables are often shared by several processes' configurations."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, rest = super().parse_known_args(args, namespace)
+        given: list[tuple[argparse.Action, _EnvDefault]] = []
+        for action in self._actions:
+            spec = action.default
+            if not isinstance(spec, _EnvDefault):
+                continue
+            on_command_line = getattr(parsed, action.dest, None) is not spec
+            if on_command_line:
+                given.append((action, spec))
+                continue
+            try:
+                setattr(parsed, action.dest, spec.resolve(action))
+            except argparse.ArgumentTypeError as exc:
+                self.error(f"{spec.env_name}: {exc}")
+        for action, spec in given:
+            required = spec.requires
+            if required and not getattr(parsed, required.lstrip("-").replace("-", "_"), None):
+                self.error(f"{action.option_strings[0]} needs {required}")
+        return parsed, rest
 
 
 class _EnvDefaults:
-    """Adds options whose default comes from WARMSOCKET_<NAME>, and says so in --help."""
+    """Adds options whose default comes from WARMSOCKET_<NAME>, and says so in --help.
+
+    The variable is read when the parser is built and checked when its subcommand is
+    parsed (`_Parser`), exactly as the flag's value would be."""
 
     def __init__(self, parser: argparse.ArgumentParser | Any, prefix: str = "WARMSOCKET_") -> None:
         self.parser = parser
         self.prefix = prefix
+        self.requires: str | None = None  # see `_Parser`
 
     def add(
         self,
@@ -98,40 +255,49 @@ class _EnvDefaults:
         help: str,
         type: Callable[[str], Any] | None = None,
         env_split: bool = False,
+        min_size: str | None = None,
         **kwargs: Any,
     ) -> None:
+        """`min_size`: the option is a size (`parse_size`) of at least this much."""
+        if min_size is not None:
+            type = _size_at_least(min_size)
+            kwargs.setdefault("metavar", "SIZE")
+            help += (
+                "; in bytes, or with a binary unit (K = KiB, M = MiB, G = GiB), "
+                f"at least {min_size}"
+            )
         env_name = self.prefix + flag.lstrip("-").replace("-", "_").upper()
-        raw = os.environ.get(env_name)
-        value = default
-        if raw is not None:
-            if kwargs.get("action") == "store_true":
-                value = _env_flag(env_name, raw)
-            elif env_split:
-                value = [part.strip() for part in raw.split(",") if part.strip()]
-            elif type is not None:
-                try:
-                    value = type(raw)
-                except (ValueError, argparse.ArgumentTypeError) as exc:
-                    raise SystemExit(f"warmsocket: invalid {env_name}={raw!r}: {exc}") from None
-            else:
-                value = raw
+        if kwargs.get("action") == "store_true":
+            kind = "flag"
+        elif env_split:
+            kind = "list"
+        else:
+            kind = "value"
+        spec = _EnvDefault(default, env_name, os.environ.get(env_name), kind, self.requires)
         if kwargs.get("action") == "append":
             kwargs["action"] = _AppendReplacing
-        shown = "" if default is None or default == [] else f" (default: {default})"
+        if default is None or default == []:
+            shown = ""
+        elif isinstance(default, list):
+            shown = f" (default: {', '.join(map(str, default))})"
+        else:
+            shown = f" (default: {default})"
         if type is not None:
             kwargs["type"] = type
         self.parser.add_argument(
-            flag, default=value, help=f"{help}{shown} [env: {env_name}]", **kwargs
+            flag, default=spec, help=f"{help}{shown} [env: {env_name}]", **kwargs
         )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="warmsocket",
         description="OpenAI Responses API WebSocket mode (and HTTP mode) with a Rust "
         "session-state cache, in front of any OpenAI-compatible backend.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
+        epilog="Run 'warmsocket COMMAND --help' for a command's flags. Every flag of serve "
+        "can also be set with an environment variable (--max-lanes 8 is "
+        "WARMSOCKET_MAX_LANES=8), every flag of simulate-upstream with a WARMSOCKET_SIM_ "
+        "one; a flag given on the command line wins.",
     )
     parser.add_argument("--version", action="version", version=f"warmsocket {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -149,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     net = serve.add_argument_group("network")
     opt.parser = net
     opt.add("--host", default="127.0.0.1", help="address to listen on")
-    opt.add("--port", default=8080, type=int, help="port to listen on (0 picks a free one)")
+    opt.add("--port", default=8080, type=_port, help="port to listen on (0 picks a free one)")
     opt.add(
         "--api-key",
         default=[],
@@ -164,14 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add(
         "--max-message-bytes",
         default="32M",
-        type=parse_size,
+        min_size="1K",
         help="largest client message (WebSocket message or HTTP body); larger ones get a "
         "'message_too_large' error and the connection stays usable",
     )
     opt.add(
         "--max-item-bytes",
         default="32M",
-        type=parse_size,
+        min_size="1K",
         help="largest single input or output item",
     )
     opt.add(
@@ -205,15 +371,15 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add(
         "--max-queued-bytes",
         default="64M",
-        type=parse_size,
+        min_size="1K",
         help="bytes (input items and settings) the requests a connection has waiting may "
         "hold before 'server_is_overloaded'",
     )
     opt.add(
         "--memory-budget",
         default="1G",
-        type=parse_size,
-        help="session cache budget in bytes (LRU eviction; live lanes are never evicted)",
+        min_size="1M",
+        help="session cache budget (LRU eviction; live lanes are never evicted)",
     )
     opt.add(
         "--ws-ping-interval",
@@ -227,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--snapshot",
         default=None,
         help="file to restore stored (store=true) responses from at start and save them "
-        "to at shutdown; store=false state is never written",
+        "to at shutdown; store=false state is never written. Its directory must exist "
+        "and be writable (checked at start)",
     )
     sharing = serve.add_argument_group(
         "several processes",
@@ -262,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add(
         "--tokenizer",
         default=None,
+        type=_tokenizer,
         help="how tokens are counted for usage and block-hashed: o200k_base, cl100k_base, "
         "the path of a Hugging Face tokenizer.json, or 'none' (estimate from bytes). "
         "Default: the encoding of the first --model name (o200k_base when unknown)",

@@ -589,6 +589,17 @@ class Turn:
                 "The answer has an item larger than this server's item limit "
                 "(--max-item-bytes), so it cannot be kept; raise the limit."
             ) from None
+        except _core.CacheFull:
+            # Not an eviction: this response alone is larger than the whole budget, so
+            # the cache refused it. Say so (it is counted as a server_is_overloaded error).
+            log.warning(
+                "a response is larger than the whole --memory-budget and was not kept",
+                extra={"response_id": self.response_id, "memory_budget": cache.memory_budget},
+            )
+            raise errors.server_overloaded(
+                "The response is larger than this server's whole session cache "
+                "(--memory-budget), so it cannot be kept; raise the budget."
+            ) from None
         except _core.CacheError as exc:
             raise errors.server_overloaded(
                 f"The response could not be kept in the session cache ({type(exc).__name__})."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -11,11 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from warmsocket import logs, upstream_cli
-from warmsocket._core import SessionCache, SnapshotError, TokenizerError
+from warmsocket._core import SessionCache, SnapshotError, Tokenizer, TokenizerError
 from warmsocket.backends.base import Backend
 from warmsocket.backends.mock import MockBackend
 from warmsocket.cli import run_async
-from warmsocket.engine import Limits, SharedResponses, new_cache, tokenizer_for
+from warmsocket.engine import (
+    BUILTIN_TOKENIZERS,
+    Limits,
+    SharedResponses,
+    new_cache,
+    tokenizer_for,
+)
 from warmsocket.metrics import Metrics
 from warmsocket.server import Server, ServerConfig
 
@@ -110,16 +117,35 @@ async def _serve(
     metrics: Metrics | None = None,
     sharing: SharedOptions | None = None,
 ) -> int:
+    if snapshot is not None:
+        try:
+            check_writable(snapshot)
+        except OSError as exc:
+            # Found now, not at shutdown when the stored responses would be lost.
+            log.error(
+                "cannot write the snapshot there; --snapshot needs a file in an existing, "
+                "writable directory",
+                extra={"path": str(snapshot), "reason": exc.strerror, "errno": exc.errno},
+            )
+            return 1
     try:
         shared = shared_store(sharing)
     except RuntimeError as exc:
         log.error(str(exc))
         return 1
     try:
-        tokenizer = tokenizer_for(config.tokenizer, config.models[0])
-    except (TokenizerError, OSError) as exc:
+        tokenizer = load_tokenizer(config.tokenizer, config.models[0])
+    except OSError as exc:
         log.error(
-            "cannot load the tokenizer; fix --tokenizer",
+            "cannot read the tokenizer file; fix --tokenizer",
+            extra={"tokenizer": config.tokenizer, "reason": exc.strerror, "errno": exc.errno},
+        )
+        return 1
+    except TokenizerError as exc:
+        # Not the message: the file's content could be quoted in it.
+        log.error(
+            "cannot load the tokenizer; --tokenizer takes o200k_base, cl100k_base, none, "
+            "or the path of a Hugging Face tokenizer.json",
             extra={"tokenizer": config.tokenizer, "error_type": type(exc).__name__},
         )
         return 1
@@ -152,7 +178,12 @@ async def _serve(
     except OSError as exc:
         log.error(
             "cannot listen; pick another --port or --host",
-            extra={"host": config.host, "port": config.port, "errno": exc.errno},
+            extra={
+                "host": config.host,
+                "port": config.port,
+                "errno": exc.errno,
+                "reason": os.strerror(exc.errno) if exc.errno else exc.strerror,
+            },
         )
         await server.close()
         return 1
@@ -174,18 +205,53 @@ async def _serve(
     log.info("shutting down")
     await server.close()
     if snapshot is not None:
-        write_atomically(snapshot, cache.snapshot())
+        try:
+            write_atomically(snapshot, cache.snapshot())
+        except OSError as exc:
+            log.error(
+                "cannot save the snapshot; the stored responses are not kept",
+                extra={"path": str(snapshot), "reason": exc.strerror, "errno": exc.errno},
+            )
+            return 1
         log.info(
             "snapshot saved", extra={"path": str(snapshot), "entries": cache.stats().stored_entries}
         )
     return 0
 
 
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def check_writable(path: Path) -> None:
+    """Raise OSError unless `write_atomically(path, ...)` can work: it creates (and
+    removes) the temporary file the save writes beside `path`, and refuses a directory."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    temporary = _temporary(path)
+    with open(temporary, "wb"):
+        pass
+    temporary.unlink()
+
+
+def load_tokenizer(spec: str | None, model: str) -> Tokenizer | None:
+    """`tokenizer_for`, after reading a tokenizer.json path once: an unreadable file
+    raises a plain OSError with the OS's reason (errno, strerror), never its content."""
+    if spec is not None and spec not in BUILTIN_TOKENIZERS and spec not in ("none", "auto"):
+        with open(spec, "rb"):
+            pass
+    return tokenizer_for(spec, model)
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Write a file so that a crash leaves either the old or the new content, never half."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    temporary = _temporary(path)
+    try:
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -19,6 +19,7 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     from warmsocket.cli import (
         _EnvDefaults,
         _non_negative_float,
+        _non_negative_int,
         _positive_float,
         _positive_int,
     )
@@ -27,7 +28,8 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
         "upstream",
         "Without --upstream the built-in model answers. With it, every turn goes to an "
         "OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama, OpenAI, xAI, another "
-        "warmsocket) as one full request; see docs/upstreams.md.",
+        "warmsocket) as one full request; see docs/upstreams.md. The other flags here "
+        "need --upstream.",
     )
     opt = _EnvDefaults(group)
     opt.add(
@@ -39,6 +41,10 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
         help="base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 "
         "(repeat it for replicas of one model; the env var takes a comma-separated list)",
     )
+    # The rest mean nothing without --upstream: given on the command line without
+    # one, they are a usage error (not silently ignored). Their environment variables
+    # are still checked, but allowed without one.
+    opt.requires = "--upstream"
     opt.add(
         "--upstream-api",
         default="chat",
@@ -78,7 +84,7 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     opt.add(
         "--upstream-retries",
         default=2,
-        type=int,
+        type=_non_negative_int,
         help="extra attempts after an upstream 5xx, timeout or broken connection, only "
         "while nothing has reached the client yet",
     )
@@ -98,7 +104,7 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     opt.add(
         "--upstream-ws-warm",
         default=1,
-        type=int,
+        type=_non_negative_int,
         help="responses-ws: idle upstream connections kept open per replica",
     )
     opt.add(
@@ -161,11 +167,11 @@ def config_from_args(args: argparse.Namespace) -> UpstreamConfig:
         api_key=args.upstream_api_key,
         connect_timeout=args.upstream_connect_timeout,
         timeout=args.upstream_timeout,
-        retries=max(0, args.upstream_retries),
+        retries=args.upstream_retries,
         model_map=model_map,
         max_idle_connections=args.upstream_max_idle,
         ws_lifetime=args.upstream_ws_lifetime,
-        ws_warm_connections=max(0, args.upstream_ws_warm),
+        ws_warm_connections=args.upstream_ws_warm,
         router=RouterConfig(
             block_tokens=args.affinity_block_tokens,
             prefix_blocks=args.affinity_prefix_blocks,
@@ -204,7 +210,14 @@ def backend_from_args(args: argparse.Namespace, metrics: Metrics | None = None) 
 
 
 def add_simulate_command(commands: Any) -> None:
-    from warmsocket.cli import _EnvDefaults, _non_negative_float, _positive_float, _positive_int
+    from warmsocket.cli import (
+        _EnvDefaults,
+        _non_negative_float,
+        _non_negative_int,
+        _port,
+        _positive_float,
+        _positive_int,
+    )
 
     sim = commands.add_parser(
         "simulate-upstream",
@@ -221,7 +234,7 @@ def add_simulate_command(commands: Any) -> None:
     )
     opt = _EnvDefaults(sim, prefix="WARMSOCKET_SIM_")
     opt.add("--host", default="127.0.0.1", help="address to listen on")
-    opt.add("--port", default=8000, type=int, help="port to listen on (0 picks a free one)")
+    opt.add("--port", default=8000, type=_port, help="port to listen on (0 picks a free one)")
     opt.add(
         "--model",
         default=["warmsocket-sim"],
@@ -274,7 +287,7 @@ def add_simulate_command(commands: Any) -> None:
     opt.add(
         "--record-bodies",
         default=256,
-        type=int,
+        type=_non_negative_int,
         help="keep the bodies of the latest N requests for GET /stats?bodies=1",
     )
     opt.add(
@@ -294,6 +307,7 @@ def add_simulate_command(commands: Any) -> None:
 def simulate_command(args: argparse.Namespace) -> int:
     import asyncio
     import logging
+    import os
     import signal
 
     from warmsocket import logs
@@ -317,7 +331,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         block_tokens=args.block_tokens,
         cache_blocks=args.cache_blocks,
         ws_lifetime=args.ws_lifetime,
-        record_bodies=max(0, args.record_bodies),
+        record_bodies=args.record_bodies,
         api_key=args.api_key,
     )
 
@@ -326,7 +340,15 @@ def simulate_command(args: argparse.Namespace) -> int:
         try:
             await server.start()
         except OSError as exc:
-            log.error("cannot listen", extra={"port": config.port, "errno": exc.errno})
+            log.error(
+                "cannot listen; pick another --port or --host",
+                extra={
+                    "host": config.host,
+                    "port": config.port,
+                    "errno": exc.errno,
+                    "reason": os.strerror(exc.errno) if exc.errno else exc.strerror,
+                },
+            )
             return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

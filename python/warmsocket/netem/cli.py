@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from warmsocket.cli import _port
 from warmsocket.netem.cleanup import cleanup, inventory
 from warmsocket.netem.commands import CommandError, Tools, find_tools, run_command
 from warmsocket.netem.link import EmulatedLink
@@ -314,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     runp.add_argument("--profile", choices=profiles, default="WAN")
     runp.add_argument("--target", type=_host_port, required=True, help="real server HOST:PORT")
-    runp.add_argument("--listen-port", type=int, default=0, help="proxy port (default: any)")
+    runp.add_argument("--listen-port", type=_port, default=0, help="proxy port (default: any)")
     runp.add_argument("--require", action="store_true", help="fail instead of falling back")
     runp.add_argument("--measure", action="store_true", help="measure the link first")
     runp.add_argument("--timeout", type=float, default=3600.0, help="stop the command after")
