@@ -750,3 +750,27 @@ def test_json_releases_the_gil() -> None:
     assert _stall_fraction(lambda: text.encode("utf-16")) > 0.5
     # ...while materialising a context lets it run.
     assert _stall_fraction(view.json) < 0.3
+
+
+FLOATS = [
+    "123456789.123456789", "123456789.12345679", "2.5e-308", "0.1", "1e23",
+    "9007199254740993.0", "1.7976931348623157e308", "4.9e-324", "2.2250738585072014e-308",
+    "0.30000000000000004", "1e-7", "8.98846567431158e307",
+]  # fmt: skip
+
+
+def test_numbers_in_items_keep_their_exact_value() -> None:
+    """Every number in an item is stored as the double it denotes, whichever way the
+    item comes in (JSON text, client message, Python objects)."""
+    raw = "[" + ",".join(FLOATS) + "]"
+    expected = json.loads(raw)
+    item = '{"type":"reasoning","summary":[],"zz":' + raw + "}"
+    text = "[" + item + "]"
+    via_text = Items.parse(text.encode()).to_objects()[0]["zz"]
+    via_objects = Items.from_objects([{"type": "reasoning", "summary": [], "zz": expected}])
+    message = ('{"type":"response.create","model":"m","input":[' + item + "]}").encode()
+    request = parse_client_message(message)
+    assert isinstance(request, CreateRequest)
+    for got in (via_text, via_objects.to_objects()[0]["zz"], request.input.to_objects()[0]["zz"]):
+        assert got == expected
+        assert [float(x).hex() for x in got] == [float(x).hex() for x in expected]
