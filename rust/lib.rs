@@ -47,6 +47,8 @@ mod _core {
     #[pymodule_export]
     use crate::py::framing::frame_event;
     #[pymodule_export]
+    use crate::py::framing::message_stream_id;
+    #[pymodule_export]
     use crate::py::framing::parse_client_message;
     #[pymodule_export]
     use crate::py::framing::PyClientFrames;

@@ -302,6 +302,28 @@ def test_oversize_message_is_rejected_and_connection_survives() -> None:
         assert output_text(ws.turn(input="small")) == "You said: small"
 
 
+def test_an_oversize_message_on_a_lane_is_refused_on_that_lane_in_order() -> None:
+    """The message is not parsed, but its top-level stream_id is read: the error
+    carries it and comes after the lane's running response, as a refused create's
+    does (the lanes helper routes it to that lane, not to the default one)."""
+    with running_server(limits=Limits(max_message_bytes=10_000)) as srv, WSClient(srv.ws_url) as ws:
+        ws.create(stream_id="a", input="/sleep 200\nfirst")
+        # A stream_id inside the input is not the message's lane.
+        ws.create(stream_id="a", input=[{"role": "user", "content": '"stream_id":"b"' * 800}])
+        ws.create(input="/sleep 100\nx" + "x" * 20_000)  # default lane, unparsed too
+        events = []
+        while len([e for e in events if e["type"] in ("response.completed", "error")]) < 3:
+            events.append(ws.recv())
+        kinds = [(e["type"], e.get("stream_id")) for e in events if e["type"] != "response.created"
+                 and not e["type"].startswith(("response.output", "response.content",
+                                               "response.in_progress"))]  # fmt: skip
+        assert kinds.index(("error", None)) < kinds.index(("response.completed", "a"))
+        assert kinds.index(("response.completed", "a")) < kinds.index(("error", "a"))
+        lane_error = next(e for e in events if e["type"] == "error" and e.get("stream_id"))
+        assert lane_error["error"]["code"] == "message_too_large"
+        assert output_text(ws.turn(stream_id="a", input="again")) == "You said: again"
+
+
 def test_failed_same_lane_continuation_evicts_parent_but_fork_keeps_it(
     server: RunningServer,
 ) -> None:

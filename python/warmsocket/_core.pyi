@@ -66,6 +66,7 @@ __all__ = [
     "block_hashes",
     "encoding_for_model",
     "frame_event",
+    "message_stream_id",
     "parse_client_message",
     "parse_response_head",
     "shared_prefix_blocks",
@@ -687,6 +688,12 @@ _Framing: TypeAlias = Literal["json", "websocket", "msgpack", "sse"]
 * ``"msgpack"``: each event as msgpack in a binary frame (FIN set);
 * ``"sse"``: ``event: <type>\\ndata: <json>\\n\\n``.
 """
+
+def message_stream_id(data: bytes) -> str | None:
+    """The valid `stream_id` at the top level of the JSON object `data`, read without
+    parsing the rest (linear, no allocation until found); None when there is none or
+    `data` is not such an object. For a message too large to parse: its error goes to
+    its lane."""
 
 def parse_client_message(
     data: bytes,

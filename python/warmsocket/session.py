@@ -41,6 +41,7 @@ from warmsocket._core import (
     Rejection,
     SteerRequest,
     frame_event,
+    message_stream_id,
     parse_client_message,
 )
 from warmsocket.backends.base import ModelEvent, TextDelta, TurnFailed
@@ -74,9 +75,19 @@ class CloseConnection:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class LaneRejection:
+    """A message refused unparsed (too large) that names its lane: its error goes
+    to that lane, in order, as a refused create's does."""
+
+    error: APIError
+    stream_id: str
+
+
 Action = bytes | StartModel | StopModel | CloseConnection
-Message = CreateRequest | SteerRequest | Rejection | APIError | None
-"""A decoded client message (`parse_message`); an APIError when it was too large."""
+Message = CreateRequest | SteerRequest | Rejection | LaneRejection | APIError | None
+"""A decoded client message (`parse_message`); an APIError or LaneRejection when it
+was too large."""
 
 
 @dataclass(slots=True)
@@ -159,7 +170,9 @@ class ResponsesSession:
             data = data.encode("utf-8", "surrogatepass")
         size = len(data)
         if size > self.limits.max_message_bytes:
-            return errors.message_too_large(size, self.limits.max_message_bytes)
+            error = errors.message_too_large(size, self.limits.max_message_bytes)
+            lane = message_stream_id(data) if self._format == "json" else None
+            return error if lane is None else LaneRejection(error, lane)
         return parse_client_message(data, max_item_bytes=self._max_item_bytes, format=self._format)
 
     def receive_parsed(self, parsed: Message) -> None:
@@ -181,6 +194,9 @@ class ResponsesSession:
         elif kind is SteerRequest:
             assert isinstance(parsed, SteerRequest)
             self._receive_steer(parsed)
+        elif kind is LaneRejection:
+            assert isinstance(parsed, LaneRejection)
+            self._receive_create(None, parsed.stream_id, parsed.error)
         elif isinstance(parsed, APIError):
             self._error(parsed, None)
         # None: `response.processed` (Codex), ignored (spec §2.3).
@@ -322,7 +338,10 @@ class ResponsesSession:
     # -- creates ------------------------------------------------------------------------
 
     def _receive_create(
-        self, request: CreateRequest | None, stream_id: str | None, rejection: Rejection | None
+        self,
+        request: CreateRequest | None,
+        stream_id: str | None,
+        rejection: Rejection | APIError | None,
     ) -> None:
         if self.expired:
             self._error(errors.connection_limit_reached(self._lifetime_minutes()), None)
@@ -352,7 +371,10 @@ class ResponsesSession:
             pending = _Pending(request, None, request.previous_response_id, nbytes=nbytes)
         else:
             assert rejection is not None
-            pending = _Pending(None, _api_error(rejection), rejection.previous_response_id)
+            if isinstance(rejection, APIError):  # unparsed: no parent known
+                pending = _Pending(None, rejection, None)
+            else:
+                pending = _Pending(None, _api_error(rejection), rejection.previous_response_id)
         lane.queue.append(pending)
         self._queued += 1
         self._queued_bytes += pending.nbytes

@@ -23,6 +23,7 @@ pub mod error;
 pub mod http_head;
 pub mod json;
 pub mod msgpack;
+pub mod peek;
 pub mod request;
 pub mod scan;
 pub mod upstream;

@@ -25,6 +25,16 @@ fn framing_arg(name: &str) -> PyResult<Framing> {
     })
 }
 
+/// The lane (`stream_id`) a JSON message names at its top level, read without
+/// parsing the message (see `_core.pyi`).
+#[pyfunction]
+pub fn message_stream_id(py: Python<'_>, data: &[u8]) -> Option<String> {
+    detach_if(py, data.len(), DETACH_COPY_BYTES, || {
+        crate::framing::peek::top_level_string(data, "stream_id")
+            .filter(|id| request::is_stream_id(id))
+    })
+}
+
 /// Decode and validate one client message (see `_core.pyi`).
 #[pyfunction]
 #[pyo3(signature = (data, *, websocket = true, max_item_bytes = 33554432, format = "json"))]
