@@ -388,7 +388,7 @@ def test_an_unreachable_redis_or_a_missing_client_stops_serve_with_advice() -> N
     result = subprocess.run(
         [sys.executable, "-c", without_redis], capture_output=True, text=True, timeout=60
     )
-    assert result.returncode == 1 and "pip install 'warmsocket[redis]'" in result.stderr
+    assert result.returncode == 1 and "pip install 'redis>=5'" in result.stderr
 
 
 def test_the_server_does_not_import_redis_without_redis_url() -> None:

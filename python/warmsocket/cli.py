@@ -400,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
         "several processes",
         "Replicas of one API share their stored (store=true) responses through Redis: "
         "a response made on one process can be continued by previous_response_id, "
-        "retrieved or deleted on any other. Needs: pip install 'warmsocket[redis]'.",
+        "retrieved or deleted on any other. Needs the redis client: "
+        "pip install 'redis>=5' (the redis extra).",
     )
     opt.parser = sharing
     opt.add(

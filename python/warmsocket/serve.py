@@ -77,7 +77,7 @@ def shared_store(options: SharedOptions | None) -> SharedResponses | None:
         from warmsocket.shared_store import SharedStore
     except ImportError:
         raise RuntimeError(
-            "--redis-url needs the Redis client: pip install 'warmsocket[redis]'"
+            "--redis-url needs the Redis client: pip install 'redis>=5' (the redis extra)"
         ) from None
     try:
         return SharedStore.from_url(options.url, ttl_seconds=options.ttl, prefix=options.prefix)

@@ -7,7 +7,8 @@
   return, tool) stacked by turn index, one panel per mode, at the largest size;
 * `throughput.png`: turns/s and echo round trips/s against connections, and p50/p99.
 
-matplotlib is the optional `bench` extra: `pip install 'warmsocket[bench]'`.
+matplotlib is the optional `bench` extra (`pip install '.[bench]'` in a clone, or
+`pip install matplotlib`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise PlotsUnavailable("plots need matplotlib: pip install 'warmsocket[bench]'") from None
+        raise PlotsUnavailable(
+            "plots need matplotlib: pip install matplotlib (the bench extra)"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
