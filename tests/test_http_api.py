@@ -50,6 +50,21 @@ def test_metrics_count_turns_errors_and_latency(server: RunningServer) -> None:
         assert line.startswith("#") or len(line.split()) == 2, line
 
 
+def test_error_code_labels_stay_bounded() -> None:
+    """Upstream error codes pass through to clients: any number of distinct ones must
+    not grow the metrics' label set without bound."""
+    from warmsocket.metrics import MAX_ERROR_CODES, Metrics
+
+    metrics = Metrics()
+    for i in range(10 * MAX_ERROR_CODES):
+        metrics.count_error(f"upstream_code_{i}")
+    metrics.count_error("x" * 65)
+    metrics.count_error("upstream_code_0")  # a code already counted keeps its label
+    assert len(metrics.errors) == MAX_ERROR_CODES + 1
+    assert metrics.errors["other"] == 9 * MAX_ERROR_CODES + 1
+    assert metrics.errors["upstream_code_0"] == 2
+
+
 def test_api_keys_are_required_over_http() -> None:
     with running_server(api_keys=frozenset({"sk-1"})) as srv:
         missing = httpx.post(f"{srv.base_url}/responses", json={"model": "m", "input": "x"})

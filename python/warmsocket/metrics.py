@@ -31,6 +31,10 @@ LATENCY_BUCKETS = (
 )
 
 
+MAX_ERROR_CODES = 64
+"""Distinct `code` labels of warmsocket_errors_total (see `Metrics.count_error`)."""
+
+
 class Histogram:
     __slots__ = ("bounds", "count", "counts", "total")
 
@@ -95,7 +99,13 @@ class Metrics:
         self.prefix_matched_items += items
 
     def count_error(self, code: str) -> None:
-        self.errors[code] += 1
+        """Errors by code. Codes an upstream gives pass through to clients, so they are
+        not a fixed set: past `MAX_ERROR_CODES` distinct ones, new codes count as
+        'other' (the label set of an unauthenticated endpoint stays bounded)."""
+        errors = self.errors
+        if code not in errors and (len(errors) >= MAX_ERROR_CODES or len(code) > 64):
+            code = "other"
+        errors[code] += 1
 
     def http_request(self, route: str, status: int) -> None:
         self.http_requests[(route, status)] += 1
