@@ -910,7 +910,10 @@ class ResponsesStreamDecoder:
     def finish(self) -> list[_DecodedEvent]:
         """The events left when the SSE body ends without a final blank line."""
     def message(self, data: bytes) -> list[_DecodedEvent]:
-        """One event as a JSON message (WebSocket mode)."""
+        """One event as a JSON message (WebSocket mode). Its `type` is read first:
+        `response.created` / `in_progress` (which repeat the whole Response) are not
+        parsed, terminal events are read for their id and usage only; the GIL is
+        released for a large message."""
     @property
     def done(self) -> bool:
         """A terminal event (`response.completed` / `response.incomplete`) arrived."""

@@ -183,6 +183,22 @@ impl ResponsesDecoder {
         true
     }
 
+    /// One WebSocket message. Its `type` is read first, without parsing the rest:
+    /// lifecycle events that carry the whole Response are skipped and terminal
+    /// events read for their three fields, as on the SSE path.
+    pub fn ws_message(&mut self, data: &[u8], out: &mut Vec<Event>) -> Result<(), Stop> {
+        if let Some(kind) = super::peek::top_level_string(data, "type") {
+            if SKIPPED.contains(&kind.as_bytes()) {
+                self.started = true;
+                return Ok(());
+            }
+            if TERMINAL.contains(&kind.as_bytes()) && self.terminal(data, out) {
+                return Ok(());
+            }
+        }
+        self.message(data, None, out)
+    }
+
     /// One event as JSON (a WebSocket message, or an SSE event's data); `name`
     /// is the SSE event name, used when the JSON has no `type`.
     pub fn message(
@@ -699,6 +715,48 @@ mod tests {
         // Renamed before any data: read in full.
         let body = "event: response.created\nevent: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"item_id\":\"m\",\"delta\":\"x\"}\n\n";
         assert_eq!(decode(body, 3).1, Ok(vec![Event::Text("x".into())]));
+    }
+
+    /// The data of each SSE event of `body`, as WebSocket messages.
+    fn ws_messages(body: &str) -> Vec<String> {
+        body.split("\n\n")
+            .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn websocket_messages_read_by_their_type_agree_with_the_full_reading() {
+        let messages = ws_messages(&stream());
+        assert!(messages.len() > 5);
+        let (mut fast, mut full) = (ResponsesDecoder::default(), ResponsesDecoder::default());
+        let (mut fast_out, mut full_out) = (Vec::new(), Vec::new());
+        for message in &messages {
+            assert_eq!(
+                fast.ws_message(message.as_bytes(), &mut fast_out),
+                full.message(message.as_bytes(), None, &mut full_out),
+                "{message}"
+            );
+        }
+        assert_eq!(fast_out, full_out);
+        assert_eq!((fast.done, fast.started), (full.done, full.started));
+        assert_eq!(fast.response_id, full.response_id);
+        assert!(fast.done && fast.response_id.is_some());
+    }
+
+    #[test]
+    fn a_websocket_lifecycle_message_is_not_parsed() {
+        let mut decoder = ResponsesDecoder::default();
+        let mut out = Vec::new();
+        // The rest of a skipped message is never read: even broken JSON after its type.
+        let created = br#"{"type":"response.created","response":{"instructions":"#;
+        assert_eq!(decoder.ws_message(created, &mut out), Ok(()));
+        assert!(decoder.started && !decoder.done && out.is_empty());
+        // No readable type: read in full (and refused when it is not JSON).
+        assert_eq!(
+            decoder.ws_message(b"{not json", &mut out),
+            Err(Stop::Protocol)
+        );
     }
 
     #[test]

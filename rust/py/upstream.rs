@@ -12,6 +12,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use crate::framing::chunked::ChunkedDecoder;
 use crate::framing::http_head;
 use crate::framing::upstream::{Event, ResponsesDecoder, Stop};
+use crate::py::{detach_if, DETACH_PARSE_BYTES};
 
 /// An upstream's streamed Responses events -> model events (see `_core.pyi`).
 #[pyclass(name = "ResponsesStreamDecoder", module = "warmsocket._core")]
@@ -40,8 +41,12 @@ impl PyResponsesStreamDecoder {
     }
 
     fn message<'py>(&mut self, py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyList>> {
-        let mut events = Vec::new();
-        let stop = self.inner.message(data, None, &mut events).err();
+        let inner = &mut self.inner;
+        let (events, stop) = detach_if(py, data.len(), DETACH_PARSE_BYTES, || {
+            let mut events = Vec::new();
+            let stop = inner.ws_message(data, &mut events).err();
+            (events, stop)
+        });
         events_list(py, events, stop)
     }
 
