@@ -425,7 +425,19 @@ def test_steer_failures(server: RunningServer) -> None:
                 "input": [{"role": "assistant", "content": "x"}],
             }
         )
-        assert ws.recv()["error"]["code"] == "invalid_input"
+        invalid = ws.recv()
+        assert invalid["error"]["code"] == "invalid_input"
+        assert invalid["steer"]["input"] == ""  # invalid input is not given back
+        # Valid input with another field wrong: the input is given back for reuse.
+        for extra in ({"metadata": {}}, {"stream_id": "s"}):
+            message = {"type": "response.steer", "previous_response_id": rid, **extra}
+            for given in ("again", [{"role": "user", "content": "in Celsius"}]):
+                ws.send({**message, "input": given})
+                refused = ws.recv()
+                assert refused["type"] == "response.steer.failed"
+                assert refused["error"]["code"] == "invalid_input"
+                given_back = given if isinstance(given, str) else [{"type": "message", **given[0]}]
+                assert refused["steer"]["input"] == given_back
 
 
 def test_connection_lifetime_then_clean_close() -> None:

@@ -790,6 +790,10 @@ class Rejection:
     @property
     def previous_response_id(self) -> str | None:
         """The body's `previous_response_id` when it is a string."""
+    @property
+    def steer_input_json(self) -> bytes | None:
+        """A refused steer's input as canonical JSON when the input itself is valid
+        (another field was wrong), for `response.steer.failed` to give back."""
 
 _Usage: TypeAlias = tuple[int, int, int]
 """(input_tokens, cached_tokens, output_tokens)."""

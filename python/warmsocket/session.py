@@ -511,8 +511,11 @@ class ResponsesSession:
         target_id = rejection.previous_response_id or ""
         entry = self._active.get(target_id)
         turn = entry[0] if entry is not None else None
-        # Invalid input is not echoed: the event's schema only holds valid steering input.
-        self._steer_failed(target_id, "", _api_error(rejection), turn)
+        # The input is given back when it is valid (another field was wrong); invalid
+        # input is not: the event's schema only holds valid steering input.
+        echoed = rejection.steer_input_json
+        raw_input = json.loads(echoed) if echoed is not None else ""
+        self._steer_failed(target_id, raw_input, _api_error(rejection), turn)
 
     def _receive_steer(self, steer: SteerRequest) -> None:
         target_id = steer.previous_response_id
@@ -679,7 +682,14 @@ def _api_error(rejection: Rejection) -> APIError:
 
 
 def _steer_input_echo(raw: Any) -> Any:
-    """The steering input as the client sent it (strings and item lists are echoed)."""
-    if isinstance(raw, str | list):
+    """The steering input as the client sent it (strings and item lists are echoed),
+    with each message's `type` written out (the event's schema requires it; a steer's
+    messages may leave it out)."""
+    if isinstance(raw, str):
         return raw
+    if isinstance(raw, list):
+        return [
+            {"type": "message", **item} if isinstance(item, dict) and "type" not in item else item
+            for item in raw
+        ]
     return ""

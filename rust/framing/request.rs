@@ -61,6 +61,9 @@ pub struct Rejected {
     /// The body's `previous_response_id` when it is a string (a create's parent, a
     /// steer's target), whatever else is wrong.
     pub previous_response_id: Option<String>,
+    /// A refused steer's input as canonical JSON when the input itself is valid
+    /// (another field was wrong): `response.steer.failed` gives it back.
+    pub steer_input_json: Option<Vec<u8>>,
 }
 
 /// A valid `response.create`.
@@ -293,6 +296,7 @@ fn reject(
         stage,
         stream_id,
         previous_response_id,
+        steer_input_json: None,
     })
 }
 
@@ -798,14 +802,28 @@ fn python_object_error(value: &Value<'_>, depth: usize) -> Option<String> {
 
 fn steer(body: &Object<'_>, max_item_bytes: usize) -> ClientMessage {
     let target = body.get("previous_response_id").and_then(Value::as_str);
-    match validate_steer(body, max_item_bytes) {
-        Ok(request) => ClientMessage::Steer(request),
-        Err(error) => reject(error, Stage::Steer, None, target.map(str::to_owned)),
+    let input = steer_input(body.get("input"), max_item_bytes);
+    let fields = steer_target(body);
+    match (fields, input) {
+        (Ok(previous_response_id), Ok((input, input_json))) => ClientMessage::Steer(SteerRequest {
+            previous_response_id,
+            input,
+            input_json,
+        }),
+        (Err(error), input) => ClientMessage::Rejected(Rejected {
+            error,
+            stage: Stage::Steer,
+            stream_id: None,
+            previous_response_id: target.map(str::to_owned),
+            steer_input_json: input.ok().map(|(_, json)| json),
+        }),
+        (Ok(_), Err(error)) => reject(error, Stage::Steer, None, target.map(str::to_owned)),
     }
 }
 
-/// `validate_steer`: only user messages, no other fields (spec §2.2).
-fn validate_steer(body: &Object<'_>, max_item_bytes: usize) -> Result<SteerRequest, RequestError> {
+/// A steer's target, and no fields but `type`, `previous_response_id` and `input`
+/// (spec §2.2); checked before its input.
+fn steer_target(body: &Object<'_>) -> Result<String, RequestError> {
     let target = match body.get("previous_response_id") {
         Some(Value::Str(s)) if !s.is_empty() => s.to_string(),
         _ => {
@@ -825,7 +843,14 @@ fn validate_steer(body: &Object<'_>, max_item_bytes: usize) -> Result<SteerReque
             "Unknown field '{shown}' in response.steer."
         )));
     }
-    let raw = body.get("input");
+    Ok(target)
+}
+
+/// A steer's input: only user messages; as items and as its canonical JSON.
+fn steer_input(
+    raw: Option<&Value<'_>>,
+    max_item_bytes: usize,
+) -> Result<(Items, Vec<u8>), RequestError> {
     let mut input_json = Vec::new();
     let messages = match raw {
         Some(Value::Str(text)) => {
@@ -875,11 +900,7 @@ fn validate_steer(body: &Object<'_>, max_item_bytes: usize) -> Result<SteerReque
     }
     let input = items(messages, max_item_bytes)
         .map_err(|e| RequestError::steer(format!("Invalid 'input': {e}")))?;
-    Ok(SteerRequest {
-        previous_response_id: target,
-        input,
-        input_json,
-    })
+    Ok((input, input_json))
 }
 
 #[cfg(test)]

@@ -222,6 +222,7 @@ pub struct PyRejection {
     stream_id: Option<String>,
     #[pyo3(get)]
     previous_response_id: Option<String>,
+    steer_input_json: Option<Vec<u8>>,
 }
 
 impl PyRejection {
@@ -241,12 +242,20 @@ impl PyRejection {
             },
             stream_id: rejected.stream_id,
             previous_response_id: rejected.previous_response_id,
+            steer_input_json: rejected.steer_input_json,
         }
     }
 }
 
 #[pymethods]
 impl PyRejection {
+    #[getter]
+    fn steer_input_json<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.steer_input_json
+            .as_deref()
+            .map(|json| PyBytes::new(py, json))
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "<Rejection stage={} code={} param={:?}>",
