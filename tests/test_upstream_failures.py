@@ -3,6 +3,7 @@ timeouts retried only before the first event, cancellation, pooling, rotation.""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -173,6 +174,8 @@ def test_5xx_is_retried_before_the_first_event_then_fails(
         assert output_text([chain.turn("hello")]) == "You said: hello"
         assert [r["status"] for r in records(sim)] == [503, 200]
         assert metrics.upstream.retries == 1
+        if api != "responses-ws":  # its upstream failures come as events, not statuses
+            assert metrics.upstream.requests[(api, "503")] == 1  # the upstream's status
         sim.control(faults=[{"status": 500}] * 3)
         terminal = chain.turn("again")
         assert terminal["type"] == "response.failed"
@@ -340,15 +343,27 @@ def test_responses_ws_connections_rotate_before_their_lifetime() -> None:
         assert all(r["status"] == 200 for r in records(sim))
 
 
-def test_upstream_auth_failure_is_not_blamed_on_the_client() -> None:
+def test_upstream_auth_failure_is_not_blamed_on_the_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="warmsocket.upstream")
     with running_sim(api_key="upstream-key") as sim:
-        with (
-            warmsocket_upstream(sim.base_url, "chat") as (server, _metrics),
-            WSClient(server.ws_url) as client,
-        ):
-            terminal = Chain(client).turn("hi")
-            assert terminal["type"] == "response.failed"
-            assert "--upstream-api-key" in terminal["response"]["error"]["message"]
+        for api in APIS:
+            caplog.clear()
+            with (
+                warmsocket_upstream(sim.base_url, api) as (server, metrics),
+                WSClient(server.ws_url) as client,
+            ):
+                terminal = Chain(client).turn("hi")
+                assert terminal["type"] == "response.failed"
+                assert terminal["response"]["error"]["type"] == "server_error"
+                assert "--upstream-api-key" in terminal["response"]["error"]["message"]
+                # The log and the metric carry the upstream's own status, not the 502
+                # the client gets (docs/upstreams.md: outcome is the upstream's status).
+                assert dict(metrics.upstream.requests) == {(api, "401"): 1}
+                failed = [r for r in caplog.records if r.getMessage() == "upstream request failed"]
+                assert [(r.outcome, r.retry) for r in failed] == [("401", False)]  # type: ignore[attr-defined]
+                assert "--upstream-api-key" in failed[0].detail  # type: ignore[attr-defined]
         with (
             warmsocket_upstream(sim.base_url, "responses-ws", api_key="upstream-key") as (
                 server,

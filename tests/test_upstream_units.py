@@ -35,6 +35,7 @@ from warmsocket.upstream import (
     from_error_object,
     from_http_status,
     parse_model_map,
+    transport_error,
 )
 
 # -- HTTP response parser ------------------------------------------------------------------
@@ -402,6 +403,11 @@ def test_http_error_mapping() -> None:
         assert from_http_status(status, b"oops", {}).retryable
     auth = from_http_status(401, b"", {})
     assert auth.status == 502 and not auth.retryable and "--upstream-api-key" in auth.message
+    # Metrics and logs name the upstream's status, not the client's.
+    assert (auth.upstream_status, auth.outcome) == (401, "401")
+    assert from_http_status(503, b"", {}).outcome == "503"
+    assert from_http_status(408, b"", {}).outcome == "408"
+    assert transport_error("connect").outcome == "connect"
     assert from_error_object({"code": "server_error"}).retryable
     nested = from_error_object({"code": "invalid_value", "message": "m"}, status=400)
     assert isinstance(nested, UpstreamError) and nested.status == 400 and not nested.retryable

@@ -102,6 +102,7 @@ class UpstreamError(APIError):
         reason: str = "error",
         upstream_code: str | None = None,
         detail: str | None = None,
+        upstream_status: int | None = None,
     ) -> None:
         super().__init__(code, message, param=param, status=status, type=type, headers=headers)
         self.retryable = retryable
@@ -112,6 +113,17 @@ class UpstreamError(APIError):
         self.detail = detail
         """For the operator's log only, never the client: what failed below the HTTP
         level (e.g. 'SSLCertVerificationError: ...'); never conversation content."""
+        self.upstream_status = upstream_status
+        """The HTTP status the upstream answered (`reason` 'status'); `status` is what
+        the client gets, which differs (a 401 from the upstream is the client's 502)."""
+
+    @property
+    def outcome(self) -> str:
+        """The label of this failure in metrics and logs: the upstream's HTTP status,
+        or what failed ('timeout', 'connect', 'closed', 'protocol', 'stream')."""
+        if self.reason == "status":
+            return str(self.upstream_status or self.status)
+        return self.reason
 
     def response_error(self) -> dict[str, Any]:
         if self.status == 429:
@@ -128,6 +140,12 @@ class UpstreamError(APIError):
 
 def from_http_status(status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
     """The error for a non-2xx upstream answer."""
+    error = _from_http_status(status, body, headers)
+    error.upstream_status = status
+    return error
+
+
+def _from_http_status(status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
     code, message, param, error_type = _error_fields(body)
     if status in {401, 403}:
         return UpstreamError(
@@ -137,6 +155,7 @@ def from_http_status(status: int, body: bytes, headers: Mapping[str, str]) -> Up
             status=502,
             type=SERVER_ERROR,
             reason="status",
+            detail="the upstream rejected warmsocket's credentials; check --upstream-api-key",
         )
     if status == 408 or status >= 500:
         return UpstreamError(

@@ -124,7 +124,7 @@ def failed_attempt(
 ) -> bool:
     """Count and log one failed upstream attempt. Whether to retry it: a retryable
     failure when `can_retry` (nothing forwarded to the client yet, retries left)."""
-    label = str(error.status) if error.reason == "status" else error.reason
+    label = error.outcome
     stats.requests[(api, label)] += 1
     retry = error.retryable and can_retry
     extra: dict[str, object] = {
