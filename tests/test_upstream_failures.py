@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx2 as httpx
 import openai
 import pytest
 from openai import OpenAI
@@ -162,6 +163,24 @@ def test_4xx_becomes_the_matching_error(
         with pytest.raises(openai.RateLimitError):
             sdk.responses.create(model="m", input="hello")
         assert sdk.responses.create(model="m", input="fine").output_text == "You said: fine"
+
+
+def test_the_simulated_upstream_serves_its_api_under_v1_only() -> None:
+    with running_sim() as sim:
+        root = f"http://127.0.0.1:{sim.port}"
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(base_url=root) as http:
+            assert http.post("/v1/chat/completions", json=body).status_code == 200
+            for method, path in [
+                ("POST", "/chat/completions"),
+                ("POST", "/responses"),
+                ("GET", "/models"),
+                ("POST", "/v1/nothing"),
+            ]:
+                answer = http.request(method, path, json=body)
+                assert (answer.status_code, answer.json()) == (404, {"detail": "Not Found"})
+            assert http.get("/health").status_code == 200
+            assert http.get("/stats").status_code == 200
 
 
 def test_5xx_is_retried_before_the_first_event_then_fails(
