@@ -165,6 +165,64 @@ def test_4xx_becomes_the_matching_error(
         assert sdk.responses.create(model="m", input="fine").output_text == "You said: fine"
 
 
+def test_an_upstream_url_without_v1_is_a_configuration_error(
+    api: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As in front of vLLM, the simulated upstream answers 404 {"detail": "Not Found"}
+    outside /v1: the client gets a server error that does not blame its request, the
+    log names the path asked for and what to check; nothing is retried."""
+    caplog.set_level(logging.WARNING, logger="warmsocket.upstream")
+    with running_sim() as sim:
+        root = f"http://127.0.0.1:{sim.port}"
+        with (
+            warmsocket_upstream(root, api) as (server, metrics),
+            WSClient(server.ws_url) as client,
+        ):
+            terminal = Chain(client).turn("hello")
+            assert terminal["type"] == "response.failed"
+            error = terminal["response"]["error"]
+            assert (error["code"], error["type"]) == ("server_error", "server_error")
+            assert "no such endpoint" in error["message"]
+            assert dict(metrics.upstream.requests) == {(api, "404"): 1}
+            assert metrics.upstream.retries == 0
+            with OpenAI(base_url=server.base_url, api_key="x", max_retries=0) as sdk:
+                response = sdk.responses.create(model="m", input="hello")
+                assert response.status == "failed" and response.error is not None
+                assert response.error.code == "server_error"
+    failed = [r for r in caplog.records if r.getMessage() == "upstream request failed"]
+    path = "/chat/completions" if api == "chat" else "/responses"
+    detail: str = failed[0].detail  # type: ignore[attr-defined]
+    assert f" {path} " in detail and "does --upstream end in /v1?" in detail
+    assert "hello" not in caplog.text
+
+
+def test_an_upstream_404_for_an_unknown_model_passes_through(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    sim, server, _metrics = stack
+    not_found = {
+        "status": 404,
+        "code": "model_not_found",
+        "message": "The model 'nope' does not exist.",
+        "param": "model",
+    }
+    sim.control(faults=[not_found])
+    with WSClient(server.ws_url) as client:
+        terminal = Chain(client).turn("hello")
+    assert terminal["response"]["error"] == {
+        "code": "invalid_prompt",
+        "message": "The model 'nope' does not exist.",
+        "type": "invalid_request_error",
+        "param": "model",
+    }
+    if api != "responses-ws":  # WebSocket mode's errors are events, with no HTTP status
+        sim.control(faults=[not_found])
+        with OpenAI(base_url=server.base_url, api_key="x", max_retries=0) as sdk:
+            with pytest.raises(openai.NotFoundError) as info:
+                sdk.responses.create(model="nope", input="hello")
+            assert info.value.code == "model_not_found"
+
+
 def test_the_simulated_upstream_serves_its_api_under_v1_only() -> None:
     with running_sim() as sim:
         root = f"http://127.0.0.1:{sim.port}"

@@ -413,6 +413,49 @@ def test_http_error_mapping() -> None:
     assert isinstance(nested, UpstreamError) and nested.status == 400 and not nested.retryable
 
 
+ROUTE_404_BODIES = [
+    b'{"detail":"Not Found"}',  # vLLM, SGLang (FastAPI)
+    b"404 page not found",  # Ollama (Go)
+    b"<html><body><h1>404 Not Found</h1></body></html>",  # nginx
+    b"",
+    b'{"error":{"code":404,"message":"File Not Found","type":"not_found_error"}}',  # llama.cpp
+    b'{"error":{"message":"Invalid URL (POST /chat/completions)","type":"invalid_request_error",'
+    b'"param":null,"code":null}}',  # OpenAI
+    b'{"error":{"code":"not_found","message":"No route for POST /chat/completions.",'
+    b'"type":"invalid_request_error"}}',  # warmsocket
+]
+MODEL_404_BODIES = [
+    b'{"error":{"message":"The model `gpt-5` does not exist or you do not have access to it.",'
+    b'"type":"invalid_request_error","param":null,"code":"model_not_found"}}',  # OpenAI
+    b'{"error":{"message":"The model `x` does not exist.","type":"NotFoundError",'
+    b'"param":"model","code":404}}',  # vLLM
+    b'{"object":"error","message":"The model `x` does not exist.","type":"NotFoundError",'
+    b'"param":null,"code":404}',  # older vLLM
+    b'{"error":{"message":"model \\"x\\" not found, try pulling it first","type":"api_error",'
+    b'"param":null,"code":null}}',  # Ollama
+    b'{"detail":"Model x not found"}',
+]
+
+
+@pytest.mark.parametrize("body", ROUTE_404_BODIES)
+def test_a_404_for_a_missing_route_is_a_configuration_error(body: bytes) -> None:
+    error = from_http_status(404, body, {}, request="POST /chat/completions")
+    assert (error.status, error.type, error.retryable) == (502, "server_error", False)
+    assert error.response_error()["code"] == "server_error"
+    assert "no such endpoint" in error.message and "request" in error.message
+    assert error.outcome == "404"
+    assert error.detail is not None
+    assert "POST /chat/completions" in error.detail and "/v1" in error.detail
+
+
+@pytest.mark.parametrize("body", MODEL_404_BODIES)
+def test_a_404_for_a_model_passes_through(body: bytes) -> None:
+    error = from_http_status(404, body, {}, request="POST /v1/chat/completions")
+    assert error.status == 404 and not error.retryable
+    assert error.response_error()["code"] == "invalid_prompt"
+    assert "odel" in error.message and error.outcome == "404"
+
+
 def test_config_and_model_map() -> None:
     mapping = parse_model_map(["gpt-4o=Qwen/Qwen3-8B", "*=llama3"])
     config = UpstreamConfig(urls=("http://x/v1",), model_map=mapping)

@@ -166,6 +166,8 @@ class HTTPUpstreamBackend:
             for origin in origins
         ]
         self._heads = [self._request_head(origin) for origin in origins]
+        self._targets = [f"POST {origin.base_path}{self.path}" for origin in origins]
+        """What each replica is asked, for the log (the path only: no query, no credentials)."""
         if len(origins) > 1:
             from warmsocket.prefixhash import tokenizer
 
@@ -212,7 +214,12 @@ class HTTPUpstreamBackend:
                 self.stats.first_byte.observe(time.perf_counter() - started)
                 if response.status != 200:
                     text = await response.read(64 * 1024)
-                    error = from_http_status(response.status, text, response.head.headers)
+                    error = from_http_status(
+                        response.status,
+                        text,
+                        response.head.headers,
+                        request=self._targets[replica.index],
+                    )
                     response.close()
                     response = None
                 else:

@@ -139,6 +139,7 @@ class ResponsesWSBackend:
             if proxy:
                 check_proxy(url)
         self._hosts = [o.host_header for o in origins]
+        self._paths = [f"{o.base_path}/responses" for o in origins]
         self.router = Router([str(o) for o in origins], config.router, metrics=self.stats)
         self._idle: list[list[UpstreamSocket]] = [[] for _ in origins]
         self._chains: OrderedDict[str, tuple[UpstreamSocket, str]] = OrderedDict()
@@ -386,7 +387,10 @@ class ResponsesWSBackend:
             response = exc.response
             headers = {k.lower(): v for k, v in response.headers.raw_items()}
             raise from_http_status(
-                response.status_code, bytes(response.body or b""), headers
+                response.status_code,
+                bytes(response.body or b""),
+                headers,
+                request=f"GET {self._paths[replica.index]} (WebSocket)",
             ) from None
         except (OSError, TimeoutError, WebSocketException) as exc:
             # WebSocketException: a failed handshake, and also a proxy or URL that
