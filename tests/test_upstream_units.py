@@ -210,6 +210,45 @@ def test_pool_timeouts_and_refused_connections() -> None:
     asyncio.run(main())
 
 
+def test_an_https_origin_that_is_plain_http_fails_at_once_and_says_so() -> None:
+    """A TLS handshake answered in plain HTTP (an https:// URL for an http:// server)
+    is a permanent connect failure with a hint; one that just hangs still times out,
+    and says it was the TLS handshake that did."""
+
+    async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)  # the ClientHello
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        writer.close()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)
+        await reader.read(1 << 16)
+        writer.close()
+
+    async def main() -> None:
+        head = request_head("GET", "/", [("Host", "x")])
+        server, port = await _serve(plain)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(ConnectFailed) as info:
+            await HTTPPool(Origin.parse(f"https://127.0.0.1:{port}")).request([head], timeout=5)
+        assert loop.time() - start < 1
+        assert info.value.permanent
+        assert str(info.value).endswith("is the upstream plain http://?")
+        server.close()
+        await server.wait_closed()
+        server, port = await _serve(silent)
+        pool = HTTPPool(Origin.parse(f"https://127.0.0.1:{port}"), connect_timeout=0.2)
+        with pytest.raises(ConnectFailed) as info:
+            await pool.request([head], timeout=5)
+        assert not info.value.permanent
+        assert str(info.value).startswith(f"the TLS handshake with 127.0.0.1:{port} timed out")
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+
+
 def test_a_slow_reader_pauses_the_upstream_instead_of_buffering() -> None:
     """While the turn does not take the body (its client reads slowly), the connection
     stops reading past READ_HIGH_WATER, so the upstream's writes back up; the wait is

@@ -252,8 +252,13 @@ def _from_error_fields(
 
 
 def transport_error(
-    kind: Literal["connect", "timeout", "closed", "protocol"], detail: str | None = None
+    kind: Literal["connect", "timeout", "closed", "protocol"],
+    detail: str | None = None,
+    *,
+    retryable: bool = True,
 ) -> UpstreamError:
+    """`retryable=False` for a failure that is the configuration's (trying again, or
+    another replica with the same configuration, cannot help)."""
     messages = {
         "connect": "Cannot connect to the upstream server.",
         "timeout": "The upstream server did not answer in time.",
@@ -265,7 +270,7 @@ def transport_error(
         messages[kind],
         status=504 if kind == "timeout" else 502,
         type=SERVER_ERROR,
-        retryable=True,
+        retryable=retryable,
         reason=kind,
         detail=detail,
     )

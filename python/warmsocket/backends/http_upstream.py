@@ -250,7 +250,7 @@ class HTTPUpstreamBackend:
             except RequestTimeout as exc:
                 error = transport_error("timeout", str(exc))
             except ConnectFailed as exc:
-                error = transport_error("connect", str(exc))
+                error = transport_error("connect", str(exc), retryable=not exc.permanent)
             except ConnectionClosed as exc:
                 error = transport_error("closed", str(exc))
             except ProtocolViolation as exc:

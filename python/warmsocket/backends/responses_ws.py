@@ -50,7 +50,7 @@ from warmsocket.backends.base import ModelEvent, StreamItem, TurnContext, TurnFa
 from warmsocket.backends.http_upstream import chain_key, failed_attempt
 from warmsocket.backends.responses_events import model_events
 from warmsocket.backends.responses_http import HeadCache
-from warmsocket.httpclient import Origin, connect_failure
+from warmsocket.httpclient import PLAIN_HTTP_HINT, Origin, connect_failure, plain_answer_to_tls
 from warmsocket.metrics import Metrics
 from warmsocket.response_stream import dumps
 from warmsocket.router import Outcome, Replica, Router
@@ -400,7 +400,12 @@ class ResponsesWSBackend:
                 why = f"the proxy answered CONNECT with {exc.response.status_code}"
             else:
                 why = connect_failure(exc)
-            raise transport_error("connect", f"cannot connect to {where} ({why})") from None
+            detail = f"cannot connect to {where} ({why})"
+            if plain_answer_to_tls(exc):
+                raise transport_error(
+                    "connect", detail + PLAIN_HTTP_HINT, retryable=False
+                ) from None
+            raise transport_error("connect", detail) from None
         self.stats.connections_opened[self.api] += 1
         return UpstreamSocket(replica, ws, time.monotonic())
 
