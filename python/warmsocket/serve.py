@@ -169,9 +169,15 @@ async def _serve(
     try:
         await server.start()
     except ConnectionError as exc:
+        # The shared store's `RedisUnreachable`: where Redis was looked for (host:port,
+        # never the password) and the OS's reason, e.g. 'Connection refused'.
         log.error(
             "cannot reach Redis; check --redis-url, or start without it",
-            extra={"error": str(exc)},
+            extra={
+                "error": str(exc),
+                "redis": getattr(exc, "address", None),
+                "reason": getattr(exc, "reason", None),
+            },
         )
         await server.close()
         return 1
