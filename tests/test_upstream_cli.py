@@ -114,6 +114,28 @@ def test_upstream_flags_with_upstream_from_the_environment(
     assert "WARMSOCKET_UPSTREAM_API: invalid choice: 'bogus'" in capsys.readouterr().err
 
 
+def test_models_listed_in_front_of_an_upstream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /v1/models lists what a client can send that the operator named: not the
+    built-in model's name, which does not answer with an upstream."""
+    from warmsocket.serve import config_from_args as server_config
+
+    def listed(*flags: str) -> tuple[str, ...] | None:
+        return server_config(build_parser().parse_args(["serve", *flags])).listed_models
+
+    up = ("--upstream", "http://a:1/v1")
+    assert listed() is None  # the built-in model: its --model names, as before
+    assert listed(*up) == ()  # names go upstream unchanged; warmsocket knows none
+    mapped = (*up, "--upstream-model-map", "gpt-4o=qwen", "--upstream-model-map", "*=llama")
+    assert listed(*mapped) == ("gpt-4o", "llama")
+    assert listed(*mapped, "--model", "mine", "--model", "gpt-4o") == ("mine", "gpt-4o", "llama")
+    # The tokenizer still follows the first --model name.
+    assert server_config(build_parser().parse_args(["serve", *mapped])).models == (
+        "warmsocket-mock",
+    )
+    monkeypatch.setenv("WARMSOCKET_MODEL", "from-env")
+    assert listed(*up) == ("from-env",)
+
+
 @contextmanager
 def process(*args: str) -> Iterator[int]:
     """A warmsocket subcommand on a free port; yields the port it listens on."""
@@ -142,11 +164,19 @@ def test_serve_in_front_of_simulate_upstream_processes() -> None:
     with (
         process("simulate-upstream", "--overhead-ms", "1") as sim_port,
         process(
-            "serve", "--upstream", f"http://127.0.0.1:{sim_port}/v1", "--upstream-api", "chat"
+            "serve",
+            "--upstream",
+            f"http://127.0.0.1:{sim_port}/v1",
+            "--upstream-api",
+            "chat",
+            "--upstream-model-map",
+            "m=warmsocket-sim",
         ) as port,
     ):
         base = f"http://127.0.0.1:{port}/v1"
         with httpx.Client(timeout=10) as client:
+            models = client.get(f"{base}/models").json()["data"]
+            assert [card["id"] for card in models] == ["m"]
             body = client.post(f"{base}/responses", json={"model": "m", "input": "hi"}).json()
             assert body["output"][0]["content"][0]["text"] == "You said: hi"
             metrics = client.get(f"http://127.0.0.1:{port}/metrics").text

@@ -47,6 +47,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         memory_budget=args.memory_budget,
         max_item_bytes=args.max_item_bytes,
         models=tuple(args.model or ("warmsocket-mock",)),
+        listed_models=upstream_cli.client_models(args) if getattr(args, "upstream", None) else None,
         ws_ping_interval=args.ws_ping_interval or None,
         tokenizer=args.tokenizer,
         prefix_diffing=not args.no_prefix_diffing,
