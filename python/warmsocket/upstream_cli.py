@@ -202,6 +202,18 @@ def client_models(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def describe(args: argparse.Namespace) -> dict[str, object]:
+    """The upstream's fields of `serve`'s `listening` line: its URLs as warmsocket
+    uses them (scheme, host, port, path: never the credentials or query a URL may
+    hold) and its API."""
+    from warmsocket.httpclient import Origin
+
+    return {
+        "upstream": [str(Origin.parse(url)) for url in args.upstream],
+        "upstream_api": args.upstream_api,
+    }
+
+
 def build_backend(config: UpstreamConfig, metrics: Metrics | None = None) -> Backend:
     """The upstream backend for `config` (sharing `metrics` with the server)."""
     if config.api == "chat":
