@@ -166,6 +166,9 @@ def test_serve_process_answers_and_stops_cleanly(tmp_path: object) -> None:
         line = proc.stderr.readline()
         record = json.loads(line)
         assert record["message"] == "listening"
+        assert (record["backend"], record["models"]) == ("mock", ["warmsocket-mock"])
+        assert (record["tokenizer"], record["memory_budget"]) == ("o200k_base", 1 << 30)
+        assert "upstream" not in record
         base = record["url"]
         deadline = time.monotonic() + 10
         while True:

@@ -84,6 +84,20 @@ def test_bad_requests(data: bytes, status: int) -> None:
     assert info.value.status == status
 
 
+def test_a_tls_client_hello_is_refused_before_a_head_could_end() -> None:
+    """A TLS client on this plain-HTTP port (an https:// URL for an http:// server)
+    gets its 400 at once: its ClientHello never contains the end of a head, and
+    waiting for one would leave the client to time out without a clue."""
+    parser = RequestParser(max_body_bytes=1000)
+    parser.feed(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    with pytest.raises(HTTPError) as info:
+        parser.next_request()
+    assert info.value.status == 400
+    parser = RequestParser(max_body_bytes=1000)
+    parser.feed(b"PO")  # the start of a method: wait for the rest
+    assert parser.next_request() is None
+
+
 def test_leading_zeros_in_a_length_are_allowed() -> None:
     parser = RequestParser(max_body_bytes=1000)
     parser.feed(b"POST / HTTP/1.1\r\nContent-Length: " + b"0" * 5000 + b"2\r\n\r\n{}")

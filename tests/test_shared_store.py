@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
 from tests.redis_support import redis_server
 from warmsocket._core import ItemNotJson, SessionCache
-from warmsocket.shared_store import SharedStore
+from warmsocket.shared_store import SharedStore, failure_reason
 
 
 @pytest.fixture(scope="module")
@@ -184,16 +188,41 @@ def test_a_missing_link_means_not_found_and_ttl_is_set(redis_url: str) -> None:
     run(main())
 
 
-def test_redis_down_is_survivable() -> None:
+def test_redis_down_is_survivable(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="warmsocket.shared_store")
+
     async def main() -> None:
-        store = SharedStore.from_url("redis://127.0.0.1:1/0")
-        with pytest.raises(ConnectionError):
+        store = SharedStore.from_url("redis://:hunter2@127.0.0.1:1/0")
+        with pytest.raises(ConnectionError) as info:
             await store.start()
+        # Where, and the OS's reason; never the password.
+        assert str(info.value) == "cannot reach Redis at 127.0.0.1:1 (Connection refused)"
         assert not await store.load(SessionCache(), "r", owner="o")
         assert store.errors == 1
         await store.client.aclose()
 
     run(main())
+    (record,) = [r for r in caplog.records if r.getMessage() == "cannot read from Redis"]
+    assert (record.redis, record.reason) == ("127.0.0.1:1", "Connection refused")  # type: ignore[attr-defined]
+    assert "hunter2" not in caplog.text
+
+
+def test_failure_reasons_name_the_operating_systems_cause() -> None:
+    def chained(error: Exception, cause: BaseException) -> Exception:
+        try:
+            raise error from cause
+        except Exception as exc:
+            return exc
+
+    dns = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    assert failure_reason(chained(redis.ConnectionError("x"), dns)) == "Name or service not known"
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed ('h', 1)")
+    assert failure_reason(chained(redis.ConnectionError("x"), refused)) == "Connection refused"
+    assert failure_reason(chained(redis.TimeoutError("x"), TimeoutError())) == "timed out"
+    # No OS error below: the type only, never the text (Redis' replies can quote keys).
+    assert failure_reason(redis.ResponseError("WRONGTYPE key r:o:secret")) == "ResponseError"
+    assert SharedStore.from_url("unix:///run/redis.sock").address == "unix:/run/redis.sock"
+    assert SharedStore.from_url("redis://u:pw@[::1]:7000/2").address == "[::1]:7000"
 
 
 def test_closing_writes_what_is_still_queued(redis_url: str) -> None:

@@ -375,12 +375,15 @@ def test_serve_processes_share_and_flush_at_shutdown(redis_url: str) -> None:
 
 def test_an_unreachable_redis_or_a_missing_client_stops_serve_with_advice() -> None:
     result = subprocess.run(
-        [WARMSOCKET, "serve", "--port", "0", "--redis-url", "redis://127.0.0.1:1/0"],
+        [WARMSOCKET, "serve", "--port", "0", "--redis-url", "redis://:hunter2@127.0.0.1:1/0"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 1 and "cannot reach Redis" in result.stderr
+    (line,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert (line["redis"], line["reason"]) == ("127.0.0.1:1", "Connection refused")
+    assert "hunter2" not in result.stderr
     without_redis = (
         "import sys; sys.modules['redis'] = None; from warmsocket.cli import main; "
         "sys.exit(main(['serve', '--port', '0', '--redis-url', 'redis://127.0.0.1:1/0']))"

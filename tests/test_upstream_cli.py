@@ -114,9 +114,32 @@ def test_upstream_flags_with_upstream_from_the_environment(
     assert "WARMSOCKET_UPSTREAM_API: invalid choice: 'bogus'" in capsys.readouterr().err
 
 
+def test_models_listed_in_front_of_an_upstream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /v1/models lists what a client can send that the operator named: not the
+    built-in model's name, which does not answer with an upstream."""
+    from warmsocket.serve import config_from_args as server_config
+
+    def listed(*flags: str) -> tuple[str, ...] | None:
+        return server_config(build_parser().parse_args(["serve", *flags])).listed_models
+
+    up = ("--upstream", "http://a:1/v1")
+    assert listed() is None  # the built-in model: its --model names, as before
+    assert listed(*up) == ()  # names go upstream unchanged; warmsocket knows none
+    mapped = (*up, "--upstream-model-map", "gpt-4o=qwen", "--upstream-model-map", "*=llama")
+    assert listed(*mapped) == ("gpt-4o", "llama")
+    assert listed(*mapped, "--model", "mine", "--model", "gpt-4o") == ("mine", "gpt-4o", "llama")
+    # The tokenizer still follows the first --model name.
+    assert server_config(build_parser().parse_args(["serve", *mapped])).models == (
+        "warmsocket-mock",
+    )
+    monkeypatch.setenv("WARMSOCKET_MODEL", "from-env")
+    assert listed(*up) == ("from-env",)
+
+
 @contextmanager
-def process(*args: str) -> Iterator[int]:
-    """A warmsocket subcommand on a free port; yields the port it listens on."""
+def process(*args: str, listening: list[dict[str, object]] | None = None) -> Iterator[int]:
+    """A warmsocket subcommand on a free port; yields the port it listens on (and
+    adds its `listening` log record to `listening`)."""
     proc = subprocess.Popen(
         [WARMSOCKET, *args, "--port", "0", "--log-format", "json"],
         stderr=subprocess.PIPE,
@@ -129,6 +152,8 @@ def process(*args: str) -> Iterator[int]:
             assert line, "the process exited before listening"
             record = json.loads(line)
             if record.get("message") == "listening":
+                if listening is not None:
+                    listening.append(record)
                 yield int(record["url"].rsplit(":", 1)[1].split("/")[0])
                 break
     finally:
@@ -139,14 +164,35 @@ def process(*args: str) -> Iterator[int]:
 
 
 def test_serve_in_front_of_simulate_upstream_processes() -> None:
+    listening: list[dict[str, object]] = []
     with (
         process("simulate-upstream", "--overhead-ms", "1") as sim_port,
         process(
-            "serve", "--upstream", f"http://127.0.0.1:{sim_port}/v1", "--upstream-api", "chat"
+            "serve",
+            "--upstream",
+            f"http://127.0.0.1:{sim_port}/v1",
+            "--upstream",  # a replica's URL as someone may write it: never logged so
+            f"http://user:hunter2@127.0.0.1:{sim_port}/v1/?api_key=sk-secret",
+            "--upstream-api",
+            "chat",
+            "--upstream-model-map",
+            "m=warmsocket-sim",
+            "--memory-budget",
+            "256M",
+            listening=listening,
         ) as port,
     ):
+        # The start-up line says what this process talks to and with what.
+        (record,) = listening
+        assert record["upstream"] == [f"http://127.0.0.1:{sim_port}/v1"] * 2
+        assert (record["upstream_api"], record["backend"]) == ("chat", "upstream-chat")
+        assert (record["tokenizer"], record["memory_budget"]) == ("o200k_base", 256 << 20)
+        assert record["models"] == ["m"]
+        assert "hunter2" not in json.dumps(record) and "sk-secret" not in json.dumps(record)
         base = f"http://127.0.0.1:{port}/v1"
         with httpx.Client(timeout=10) as client:
+            models = client.get(f"{base}/models").json()["data"]
+            assert [card["id"] for card in models] == ["m"]
             body = client.post(f"{base}/responses", json={"model": "m", "input": "hi"}).json()
             assert body["output"][0]["content"][0]["text"] == "You said: hi"
             metrics = client.get(f"http://127.0.0.1:{port}/metrics").text

@@ -3,12 +3,14 @@ timeouts retried only before the first event, cancellation, pooling, rotation.""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx2 as httpx
 import openai
 import pytest
 from openai import OpenAI
@@ -163,6 +165,82 @@ def test_4xx_becomes_the_matching_error(
         assert sdk.responses.create(model="m", input="fine").output_text == "You said: fine"
 
 
+def test_an_upstream_url_without_v1_is_a_configuration_error(
+    api: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As in front of vLLM, the simulated upstream answers 404 {"detail": "Not Found"}
+    outside /v1: the client gets a server error that does not blame its request, the
+    log names the path asked for and what to check; nothing is retried."""
+    caplog.set_level(logging.WARNING, logger="warmsocket.upstream")
+    with running_sim() as sim:
+        root = f"http://127.0.0.1:{sim.port}"
+        with (
+            warmsocket_upstream(root, api) as (server, metrics),
+            WSClient(server.ws_url) as client,
+        ):
+            terminal = Chain(client).turn("hello")
+            assert terminal["type"] == "response.failed"
+            error = terminal["response"]["error"]
+            assert (error["code"], error["type"]) == ("server_error", "server_error")
+            assert "no such endpoint" in error["message"]
+            assert dict(metrics.upstream.requests) == {(api, "404"): 1}
+            assert metrics.upstream.retries == 0
+            with OpenAI(base_url=server.base_url, api_key="x", max_retries=0) as sdk:
+                response = sdk.responses.create(model="m", input="hello")
+                assert response.status == "failed" and response.error is not None
+                assert response.error.code == "server_error"
+    failed = [r for r in caplog.records if r.getMessage() == "upstream request failed"]
+    path = "/chat/completions" if api == "chat" else "/responses"
+    detail: str = failed[0].detail  # type: ignore[attr-defined]
+    assert f" {path} " in detail and "does --upstream end in /v1?" in detail
+    assert "hello" not in caplog.text
+
+
+def test_an_upstream_404_for_an_unknown_model_passes_through(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    sim, server, _metrics = stack
+    not_found = {
+        "status": 404,
+        "code": "model_not_found",
+        "message": "The model 'nope' does not exist.",
+        "param": "model",
+    }
+    sim.control(faults=[not_found])
+    with WSClient(server.ws_url) as client:
+        terminal = Chain(client).turn("hello")
+    assert terminal["response"]["error"] == {
+        "code": "invalid_prompt",
+        "message": "The model 'nope' does not exist.",
+        "type": "invalid_request_error",
+        "param": "model",
+    }
+    if api != "responses-ws":  # WebSocket mode's errors are events, with no HTTP status
+        sim.control(faults=[not_found])
+        with OpenAI(base_url=server.base_url, api_key="x", max_retries=0) as sdk:
+            with pytest.raises(openai.NotFoundError) as info:
+                sdk.responses.create(model="nope", input="hello")
+            assert info.value.code == "model_not_found"
+
+
+def test_the_simulated_upstream_serves_its_api_under_v1_only() -> None:
+    with running_sim() as sim:
+        root = f"http://127.0.0.1:{sim.port}"
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(base_url=root) as http:
+            assert http.post("/v1/chat/completions", json=body).status_code == 200
+            for method, path in [
+                ("POST", "/chat/completions"),
+                ("POST", "/responses"),
+                ("GET", "/models"),
+                ("POST", "/v1/nothing"),
+            ]:
+                answer = http.request(method, path, json=body)
+                assert (answer.status_code, answer.json()) == (404, {"detail": "Not Found"})
+            assert http.get("/health").status_code == 200
+            assert http.get("/stats").status_code == 200
+
+
 def test_5xx_is_retried_before_the_first_event_then_fails(
     api: str, stack: tuple[RunningSim, RunningServer, Metrics]
 ) -> None:
@@ -173,6 +251,8 @@ def test_5xx_is_retried_before_the_first_event_then_fails(
         assert output_text([chain.turn("hello")]) == "You said: hello"
         assert [r["status"] for r in records(sim)] == [503, 200]
         assert metrics.upstream.retries == 1
+        if api != "responses-ws":  # its upstream failures come as events, not statuses
+            assert metrics.upstream.requests[(api, "503")] == 1  # the upstream's status
         sim.control(faults=[{"status": 500}] * 3)
         terminal = chain.turn("again")
         assert terminal["type"] == "response.failed"
@@ -340,15 +420,27 @@ def test_responses_ws_connections_rotate_before_their_lifetime() -> None:
         assert all(r["status"] == 200 for r in records(sim))
 
 
-def test_upstream_auth_failure_is_not_blamed_on_the_client() -> None:
+def test_upstream_auth_failure_is_not_blamed_on_the_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="warmsocket.upstream")
     with running_sim(api_key="upstream-key") as sim:
-        with (
-            warmsocket_upstream(sim.base_url, "chat") as (server, _metrics),
-            WSClient(server.ws_url) as client,
-        ):
-            terminal = Chain(client).turn("hi")
-            assert terminal["type"] == "response.failed"
-            assert "--upstream-api-key" in terminal["response"]["error"]["message"]
+        for api in APIS:
+            caplog.clear()
+            with (
+                warmsocket_upstream(sim.base_url, api) as (server, metrics),
+                WSClient(server.ws_url) as client,
+            ):
+                terminal = Chain(client).turn("hi")
+                assert terminal["type"] == "response.failed"
+                assert terminal["response"]["error"]["type"] == "server_error"
+                assert "--upstream-api-key" in terminal["response"]["error"]["message"]
+                # The log and the metric carry the upstream's own status, not the 502
+                # the client gets (docs/upstreams.md: outcome is the upstream's status).
+                assert dict(metrics.upstream.requests) == {(api, "401"): 1}
+                failed = [r for r in caplog.records if r.getMessage() == "upstream request failed"]
+                assert [(r.outcome, r.retry) for r in failed] == [("401", False)]  # type: ignore[attr-defined]
+                assert "--upstream-api-key" in failed[0].detail  # type: ignore[attr-defined]
         with (
             warmsocket_upstream(sim.base_url, "responses-ws", api_key="upstream-key") as (
                 server,

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -135,6 +136,31 @@ def test_an_untrusted_upstream_certificate_fails_the_turn_and_says_why(
     assert failures and all(r.outcome == "connect" for r in failures)  # type: ignore[attr-defined]
     detail = failures[-1].detail  # type: ignore[attr-defined]
     assert "SSLCertVerificationError: unable to get local issuer certificate" in detail
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_an_https_url_for_a_plain_http_upstream_fails_at_once_and_says_so(
+    api: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The simulated upstream (like uvicorn, nginx...) answers a ClientHello with a
+    plain-HTTP 400: the turn fails within the second, not after three connect
+    timeouts, and the log says what to check. Not retried: a configuration error."""
+    caplog.set_level(logging.WARNING, logger="warmsocket.upstream")
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(f"https://127.0.0.1:{sim.port}/v1", api) as (server, metrics),
+        WSClient(server.ws_url, proxy=None) as client,
+    ):
+        start = time.monotonic()
+        terminal = client.turn(input="hello", store=False)[-1]
+        assert time.monotonic() - start < 2
+        assert terminal["type"] == "response.failed"
+        assert terminal["response"]["error"]["code"] == "server_error"
+        assert metrics.upstream.retries == 0
+    failures = [r for r in caplog.records if r.getMessage() == "upstream request failed"]
+    assert [(r.outcome, r.retry) for r in failures] == [("connect", False)]  # type: ignore[attr-defined]
+    detail = failures[0].detail  # type: ignore[attr-defined]
+    assert detail.endswith("the server does not speak TLS; is the upstream plain http://?")
 
 
 @contextmanager

@@ -35,6 +35,7 @@ from warmsocket.upstream import (
     from_error_object,
     from_http_status,
     parse_model_map,
+    transport_error,
 )
 
 # -- HTTP response parser ------------------------------------------------------------------
@@ -205,6 +206,45 @@ def test_pool_timeouts_and_refused_connections() -> None:
         await asyncio.sleep(0.01)
         with pytest.raises(ConnectFailed):
             await HTTPPool(Origin.parse(f"http://127.0.0.1:{port}")).request([head], timeout=1)
+
+    asyncio.run(main())
+
+
+def test_an_https_origin_that_is_plain_http_fails_at_once_and_says_so() -> None:
+    """A TLS handshake answered in plain HTTP (an https:// URL for an http:// server)
+    is a permanent connect failure with a hint; one that just hangs still times out,
+    and says it was the TLS handshake that did."""
+
+    async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)  # the ClientHello
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        writer.close()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)
+        await reader.read(1 << 16)
+        writer.close()
+
+    async def main() -> None:
+        head = request_head("GET", "/", [("Host", "x")])
+        server, port = await _serve(plain)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(ConnectFailed) as info:
+            await HTTPPool(Origin.parse(f"https://127.0.0.1:{port}")).request([head], timeout=5)
+        assert loop.time() - start < 1
+        assert info.value.permanent
+        assert str(info.value).endswith("is the upstream plain http://?")
+        server.close()
+        await server.wait_closed()
+        server, port = await _serve(silent)
+        pool = HTTPPool(Origin.parse(f"https://127.0.0.1:{port}"), connect_timeout=0.2)
+        with pytest.raises(ConnectFailed) as info:
+            await pool.request([head], timeout=5)
+        assert not info.value.permanent
+        assert str(info.value).startswith(f"the TLS handshake with 127.0.0.1:{port} timed out")
+        server.close()
+        await server.wait_closed()
 
     asyncio.run(main())
 
@@ -402,9 +442,57 @@ def test_http_error_mapping() -> None:
         assert from_http_status(status, b"oops", {}).retryable
     auth = from_http_status(401, b"", {})
     assert auth.status == 502 and not auth.retryable and "--upstream-api-key" in auth.message
+    # Metrics and logs name the upstream's status, not the client's.
+    assert (auth.upstream_status, auth.outcome) == (401, "401")
+    assert from_http_status(503, b"", {}).outcome == "503"
+    assert from_http_status(408, b"", {}).outcome == "408"
+    assert transport_error("connect").outcome == "connect"
     assert from_error_object({"code": "server_error"}).retryable
     nested = from_error_object({"code": "invalid_value", "message": "m"}, status=400)
     assert isinstance(nested, UpstreamError) and nested.status == 400 and not nested.retryable
+
+
+ROUTE_404_BODIES = [
+    b'{"detail":"Not Found"}',  # vLLM, SGLang (FastAPI)
+    b"404 page not found",  # Ollama (Go)
+    b"<html><body><h1>404 Not Found</h1></body></html>",  # nginx
+    b"",
+    b'{"error":{"code":404,"message":"File Not Found","type":"not_found_error"}}',  # llama.cpp
+    b'{"error":{"message":"Invalid URL (POST /chat/completions)","type":"invalid_request_error",'
+    b'"param":null,"code":null}}',  # OpenAI
+    b'{"error":{"code":"not_found","message":"No route for POST /chat/completions.",'
+    b'"type":"invalid_request_error"}}',  # warmsocket
+]
+MODEL_404_BODIES = [
+    b'{"error":{"message":"The model `gpt-5` does not exist or you do not have access to it.",'
+    b'"type":"invalid_request_error","param":null,"code":"model_not_found"}}',  # OpenAI
+    b'{"error":{"message":"The model `x` does not exist.","type":"NotFoundError",'
+    b'"param":"model","code":404}}',  # vLLM
+    b'{"object":"error","message":"The model `x` does not exist.","type":"NotFoundError",'
+    b'"param":null,"code":404}',  # older vLLM
+    b'{"error":{"message":"model \\"x\\" not found, try pulling it first","type":"api_error",'
+    b'"param":null,"code":null}}',  # Ollama
+    b'{"detail":"Model x not found"}',
+]
+
+
+@pytest.mark.parametrize("body", ROUTE_404_BODIES)
+def test_a_404_for_a_missing_route_is_a_configuration_error(body: bytes) -> None:
+    error = from_http_status(404, body, {}, request="POST /chat/completions")
+    assert (error.status, error.type, error.retryable) == (502, "server_error", False)
+    assert error.response_error()["code"] == "server_error"
+    assert "no such endpoint" in error.message and "request" in error.message
+    assert error.outcome == "404"
+    assert error.detail is not None
+    assert "POST /chat/completions" in error.detail and "/v1" in error.detail
+
+
+@pytest.mark.parametrize("body", MODEL_404_BODIES)
+def test_a_404_for_a_model_passes_through(body: bytes) -> None:
+    error = from_http_status(404, body, {}, request="POST /v1/chat/completions")
+    assert error.status == 404 and not error.retryable
+    assert error.response_error()["code"] == "invalid_prompt"
+    assert "odel" in error.message and error.outcome == "404"
 
 
 def test_config_and_model_map() -> None:

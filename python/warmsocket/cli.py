@@ -456,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=["warmsocket-mock"],
         action="append",
         env_split=True,
-        help="model name(s) listed by GET /v1/models (any name is accepted in requests)",
+        help="model name(s) listed by GET /v1/models (any name is accepted in requests); "
+        "with --upstream, the names given here and in --upstream-model-map are listed",
     )
     opt.add(
         "--mock-ttft-ms",

@@ -94,6 +94,12 @@ class RequestParser:
             if end < 0:
                 if len(self._buffer) > MAX_HEAD_BYTES:
                     raise HTTPError(431, "Request header fields too large.")
+                if self._buffer and not self._buffer[:1].isalpha():
+                    # Not a method: say so now, not when a head that never comes is
+                    # complete. A TLS ClientHello sent to this plain-HTTP port gets
+                    # its answer at once, as from other servers, and the client can
+                    # tell that the scheme is wrong instead of timing out.
+                    raise HTTPError(400, "Invalid request line.")
                 return None
             if end > MAX_HEAD_BYTES:
                 raise HTTPError(431, "Request header fields too large.")

@@ -43,7 +43,12 @@ class HTTPClientError(Exception):
 
 
 class ConnectFailed(HTTPClientError):
-    """The TCP/TLS connection could not be established."""
+    """The TCP/TLS connection could not be established. `permanent`: a configuration
+    error that trying again cannot fix (a TLS handshake answered in plain HTTP)."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class ConnectionClosed(HTTPClientError):
@@ -652,35 +657,57 @@ class HTTPPool:
         return await self._connect(), False
 
     async def _connect(self) -> HTTPConnection:
-        loop = asyncio.get_running_loop()
         origin = self.origin
+        stage = ["tcp"]  # how far connecting got, for the timeout's message
         try:
             # wait_for, not asyncio.timeout: this may run outside a task (a backend's
             # eager first step, see `Backend.stream`).
             if self.proxy is not None:
                 connection = await asyncio.wait_for(self._tunnel(self.proxy), self.connect_timeout)
             else:
-                _transport, connection = await asyncio.wait_for(
-                    loop.create_connection(
-                        lambda: HTTPConnection(self),
-                        origin.host,
-                        origin.port,
-                        ssl=self._ssl,
-                        server_hostname=origin.host if self._ssl is not None else None,
-                    ),
-                    self.connect_timeout,
-                )
+                connection = await asyncio.wait_for(self._direct(stage), self.connect_timeout)
         except TimeoutError:
+            if stage[0] == "tls":
+                raise ConnectFailed(
+                    f"the TLS handshake with {origin.host_header} timed out after "
+                    f"{self.connect_timeout:g} s (the TCP connection was made; is the "
+                    "upstream plain http://?)"
+                ) from None
             raise ConnectFailed(
                 f"connecting to {origin.host_header} timed out after {self.connect_timeout:g} s"
             ) from None
         except OSError as exc:
-            raise ConnectFailed(
-                f"cannot connect to {origin.host_header} ({connect_failure(exc)})"
-            ) from None
+            message = f"cannot connect to {origin.host_header} ({connect_failure(exc)})"
+            if plain_answer_to_tls(exc):
+                raise ConnectFailed(message + PLAIN_HTTP_HINT, permanent=True) from None
+            raise ConnectFailed(message) from None
         self.opened += 1
         if self.on_open is not None:
             self.on_open()
+        return connection
+
+    async def _direct(self, stage: list[str]) -> HTTPConnection:
+        """A connection straight to the origin: TCP, then TLS for `https` (two steps,
+        so that a timeout can say which one hung)."""
+        loop = asyncio.get_running_loop()
+        origin = self.origin
+        if self._ssl is None:
+            _transport, connection = await loop.create_connection(
+                lambda: HTTPConnection(self), origin.host, origin.port
+            )
+            return connection
+        transport, _ = await loop.create_connection(asyncio.Protocol, origin.host, origin.port)
+        stage[0] = "tls"
+        connection = HTTPConnection(self)
+        try:
+            tls = await loop.start_tls(
+                transport, connection, self._ssl, server_hostname=origin.host
+            )
+        except BaseException:
+            transport.close()
+            raise
+        assert tls is not None
+        connection.connection_made(tls)
         return connection
 
     async def _tunnel(self, proxy: Proxy) -> HTTPConnection:
@@ -708,6 +735,20 @@ class HTTPPool:
         assert tls is not None
         connection.connection_made(tls)
         return connection
+
+
+PLAIN_ANSWER_REASONS = frozenset(
+    {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG"}
+)
+"""OpenSSL's reasons for a TLS handshake answered with bytes that are not TLS (by
+version: 3.0 says WRONG_VERSION_NUMBER to an HTTP answer, 3.2 RECORD_LAYER_FAILURE)."""
+PLAIN_HTTP_HINT = ": the server does not speak TLS; is the upstream plain http://?"
+
+
+def plain_answer_to_tls(exc: BaseException) -> bool:
+    """Whether a failed connect is a TLS handshake that got a non-TLS answer: an
+    `https://` URL for a plain-HTTP server, a configuration error (not retried)."""
+    return isinstance(exc, ssl.SSLError) and exc.reason in PLAIN_ANSWER_REASONS
 
 
 def connect_failure(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         memory_budget=args.memory_budget,
         max_item_bytes=args.max_item_bytes,
         models=tuple(args.model or ("warmsocket-mock",)),
+        listed_models=upstream_cli.client_models(args) if getattr(args, "upstream", None) else None,
         ws_ping_interval=args.ws_ping_interval or None,
         tokenizer=args.tokenizer,
         prefix_diffing=not args.no_prefix_diffing,
@@ -105,7 +107,9 @@ def serve_command(args: argparse.Namespace) -> int:
         except ValueError as exc:  # e.g. an HTTPS_PROXY this client cannot use
             log.error("cannot set up the upstream connection", extra={"reason": str(exc)})
             return 1
-        return int(run_async(_serve(config, backend, snapshot, metrics, shared_options(args))))
+        sharing = shared_options(args)
+        described = upstream_cli.describe(args) if getattr(args, "upstream", None) else {}
+        return int(run_async(_serve(config, backend, snapshot, metrics, sharing, described)))
     except KeyboardInterrupt:
         return 0
 
@@ -116,7 +120,9 @@ async def _serve(
     snapshot: Path | None,
     metrics: Metrics | None = None,
     sharing: SharedOptions | None = None,
+    described: Mapping[str, object] | None = None,
 ) -> int:
+    """`described`: more fields for the `listening` line (the upstream's)."""
     if snapshot is not None:
         try:
             check_writable(snapshot)
@@ -169,9 +175,15 @@ async def _serve(
     try:
         await server.start()
     except ConnectionError as exc:
+        # The shared store's `RedisUnreachable`: where Redis was looked for (host:port,
+        # never the password) and the OS's reason, e.g. 'Connection refused'.
         log.error(
             "cannot reach Redis; check --redis-url, or start without it",
-            extra={"error": str(exc)},
+            extra={
+                "error": str(exc),
+                "redis": getattr(exc, "address", None),
+                "reason": getattr(exc, "reason", None),
+            },
         )
         await server.close()
         return 1
@@ -197,6 +209,10 @@ async def _serve(
             "url": f"http://{config.host}:{server.port}/v1",
             "websocket": f"ws://{config.host}:{server.port}/v1/responses",
             "backend": backend.name,
+            **(described or {}),
+            "models": list(config.models if config.listed_models is None else config.listed_models),
+            "tokenizer": tokenizer.name if tokenizer is not None else "none",
+            "memory_budget": config.memory_budget,
             "auth": bool(config.api_keys),
             "shared_store": sharing is not None,
         },

@@ -112,6 +112,11 @@ class ServerConfig:
     memory_budget: int = 1 << 30
     max_item_bytes: int = 32 * 1024 * 1024
     models: tuple[str, ...] = ("warmsocket-mock",)
+    """`--model`: the names GET /v1/models lists; the first one picks the default
+    tokenizer."""
+    listed_models: tuple[str, ...] | None = None
+    """What GET /v1/models lists when not `models` (with an upstream:
+    `upstream_cli.client_models`)."""
     ws_ping_interval: float | None = 20.0
     ws_ping_timeout: float | None = 20.0
     backlog: int = 1024
@@ -157,7 +162,11 @@ class Server:
         )
         if shared is not None:
             self.metrics.collectors.append(shared_store_collector(shared.stats))
-        self.http = HTTPApp(self.engine, auth=Auth(config.api_keys), models=config.models)
+        self.http = HTTPApp(
+            self.engine,
+            auth=Auth(config.api_keys),
+            models=config.models if config.listed_models is None else config.listed_models,
+        )
         self.immediate = backend.immediate if isinstance(backend, ImmediateBackend) else None
         """The backend's way to answer a turn at once, if it has one."""
         self.eager_start = bool(getattr(backend, "eager_start", False))

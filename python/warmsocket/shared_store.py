@@ -34,8 +34,9 @@ local copy. A response deleted before the writer wrote it is written as deleted.
 
 The write-behind queue is flushed within milliseconds; a client that reconnects to
 another process in that window may not find its newest response yet. A Redis outage
-is logged (error types and counts, never content) and counted; local service goes on,
-and a miss is then answered as not found.
+is logged (where Redis is, the error's type and the OS's reason, e.g. 'Connection
+refused'; never content) and counted; local service goes on, and a miss is then
+answered as not found.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,6 +103,41 @@ if not rec[1] or rec[2] then return 0 end
 redis.call('HSET', KEYS[1], 'deleted', '1')
 return 1
 """
+
+
+class RedisUnreachable(ConnectionError):
+    """Redis did not answer at start: where it was looked for and why not."""
+
+    def __init__(self, address: str, reason: str, error_type: str) -> None:
+        super().__init__(f"cannot reach Redis at {address} ({reason})")
+        self.address = address
+        self.reason = reason
+        self.error_type = error_type
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a Redis call failed, for the log: the operating system's reason found under
+    the client's error ('Connection refused', 'Name or service not known', 'timed
+    out'), else the error's type. Never the error's own text, which can quote a key
+    or a reply."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, socket.gaierror) and cause.strerror:
+            return cause.strerror
+        if isinstance(cause, TimeoutError):
+            return "timed out"
+        if isinstance(cause, OSError) and cause.errno is not None and cause.errno > 0:
+            return os.strerror(cause.errno)
+        cause = cause.__cause__ or cause.__context__
+    return type(exc).__name__
+
+
+def _failure(exc: BaseException) -> dict[str, str]:
+    """The log fields of a failed Redis call."""
+    return {"error_type": type(exc).__name__, "reason": failure_reason(exc)}
+
 
 OnDeleted = Callable[[str, str], None]
 """Called with (owner, response_id) when any process deleted a shared response."""
@@ -171,6 +209,17 @@ class SharedStore:
         return cls(client, **kwargs)
 
     @property
+    def address(self) -> str:
+        """Where Redis is, for the log: host:port or the socket's path (never the
+        URL's password)."""
+        options = self.client.connection_pool.connection_kwargs
+        if options.get("path"):
+            return f"unix:{options['path']}"
+        host = str(options.get("host", "localhost"))
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{options.get('port', 6379)}"
+
+    @property
     def channel(self) -> str:
         return f"{self.prefix}:deleted"
 
@@ -180,7 +229,7 @@ class SharedStore:
         try:
             await self.client.ping()
         except (redis.RedisError, OSError) as exc:
-            raise ConnectionError(f"cannot reach Redis ({type(exc).__name__})") from None
+            raise RedisUnreachable(self.address, failure_reason(exc), type(exc).__name__) from None
         loop = asyncio.get_running_loop()
         self._writer = loop.create_task(self._write_loop())
         if on_deleted is not None:
@@ -262,7 +311,7 @@ class SharedStore:
                 self.errors += len(batch)
                 log.error(
                     "cannot write stored responses to Redis",
-                    extra={"responses": len(batch), "error_type": type(exc).__name__},
+                    extra={"responses": len(batch), "redis": self.address, **_failure(exc)},
                 )
             finally:
                 for record in batch:
@@ -327,7 +376,7 @@ class SharedStore:
                 found = self._insert(cache, records, settings, owner)
         except (redis.RedisError, OSError) as exc:
             self.errors += 1
-            log.error("cannot read from Redis", extra={"error_type": type(exc).__name__})
+            log.error("cannot read from Redis", extra={"redis": self.address, **_failure(exc)})
         except (ValueError, KeyError, TypeError, _core.CacheError) as exc:
             self.errors += 1
             log.error("cannot load a shared response", extra={"error_type": type(exc).__name__})
@@ -423,7 +472,7 @@ class SharedStore:
             await self.client.publish(self.channel, json.dumps([owner, response_id]))
         except (redis.RedisError, OSError) as exc:
             self.errors += 1
-            log.error("cannot delete from Redis", extra={"error_type": type(exc).__name__})
+            log.error("cannot delete from Redis", extra={"redis": self.address, **_failure(exc)})
         self.deleted += existed
         return existed
 
@@ -447,7 +496,7 @@ class SharedStore:
                 if not failing:  # once per outage, not once per retry
                     log.error(
                         "lost the Redis subscription to deletions; retrying every second",
-                        extra={"error_type": type(exc).__name__},
+                        extra={"redis": self.address, **_failure(exc)},
                     )
                     failing = True
                 await asyncio.sleep(RESUBSCRIBE_DELAY)

@@ -9,7 +9,9 @@ Failure mapping (docs/upstreams.md):
 
 * an upstream 4xx becomes the matching error: its status, code, type, param and
   message are kept (`UpstreamError`); 401/403 mean warmsocket's own upstream key is
-  wrong and become a 502 `server_error` instead of blaming the client's key;
+  wrong and become a 502 `server_error` instead of blaming the client's key; a 404
+  for a route the upstream does not have (`unknown_route`: the upstream URL lacks
+  `/v1`, say) is a 502 `server_error` too, not the prompt's fault;
 * 5xx, 408, timeouts, refused or broken connections and streams that end early are
   `retryable`: they are retried (on another replica when there is one) only while
   nothing has gone to the client yet, and otherwise end the response
@@ -19,6 +21,7 @@ Failure mapping (docs/upstreams.md):
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -102,6 +105,7 @@ class UpstreamError(APIError):
         reason: str = "error",
         upstream_code: str | None = None,
         detail: str | None = None,
+        upstream_status: int | None = None,
     ) -> None:
         super().__init__(code, message, param=param, status=status, type=type, headers=headers)
         self.retryable = retryable
@@ -112,6 +116,17 @@ class UpstreamError(APIError):
         self.detail = detail
         """For the operator's log only, never the client: what failed below the HTTP
         level (e.g. 'SSLCertVerificationError: ...'); never conversation content."""
+        self.upstream_status = upstream_status
+        """The HTTP status the upstream answered (`reason` 'status'); `status` is what
+        the client gets, which differs (a 401 from the upstream is the client's 502)."""
+
+    @property
+    def outcome(self) -> str:
+        """The label of this failure in metrics and logs: the upstream's HTTP status,
+        or what failed ('timeout', 'connect', 'closed', 'protocol', 'stream')."""
+        if self.reason == "status":
+            return str(self.upstream_status or self.status)
+        return self.reason
 
     def response_error(self) -> dict[str, Any]:
         if self.status == 429:
@@ -126,9 +141,32 @@ class UpstreamError(APIError):
         return error
 
 
-def from_http_status(status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
-    """The error for a non-2xx upstream answer."""
+def from_http_status(
+    status: int, body: bytes, headers: Mapping[str, str], *, request: str | None = None
+) -> UpstreamError:
+    """The error for a non-2xx upstream answer to `request` (e.g. 'POST /v1/responses':
+    method and path only, for the log)."""
+    error = _from_http_status(status, body, headers, request)
+    error.upstream_status = status
+    return error
+
+
+def _from_http_status(
+    status: int, body: bytes, headers: Mapping[str, str], request: str | None
+) -> UpstreamError:
     code, message, param, error_type = _error_fields(body)
+    if status == 404 and unknown_route(body):
+        # Not the request's fault: the upstream URL points where there is no API.
+        return UpstreamError(
+            "upstream_endpoint_not_found",
+            "The upstream server has no such endpoint (HTTP 404): warmsocket's upstream "
+            "URL is misconfigured. This is a server error, not a problem with the request.",
+            status=502,
+            type=SERVER_ERROR,
+            reason="status",
+            detail=f"the upstream has no {request or 'such endpoint'} (HTTP 404); "
+            "does --upstream end in /v1?",
+        )
     if status in {401, 403}:
         return UpstreamError(
             "upstream_auth_failed",
@@ -137,6 +175,7 @@ def from_http_status(status: int, body: bytes, headers: Mapping[str, str]) -> Up
             status=502,
             type=SERVER_ERROR,
             reason="status",
+            detail="the upstream rejected warmsocket's credentials; check --upstream-api-key",
         )
     if status == 408 or status >= 500:
         return UpstreamError(
@@ -213,8 +252,13 @@ def _from_error_fields(
 
 
 def transport_error(
-    kind: Literal["connect", "timeout", "closed", "protocol"], detail: str | None = None
+    kind: Literal["connect", "timeout", "closed", "protocol"],
+    detail: str | None = None,
+    *,
+    retryable: bool = True,
 ) -> UpstreamError:
+    """`retryable=False` for a failure that is the configuration's (trying again, or
+    another replica with the same configuration, cannot help)."""
     messages = {
         "connect": "Cannot connect to the upstream server.",
         "timeout": "The upstream server did not answer in time.",
@@ -226,10 +270,41 @@ def transport_error(
         messages[kind],
         status=504 if kind == "timeout" else 502,
         type=SERVER_ERROR,
-        retryable=True,
+        retryable=retryable,
         reason=kind,
         detail=detail,
     )
+
+
+_ROUTE_NOT_FOUND = re.compile(
+    r"(?:file |page )?not found\.?|404 page not found|invalid url \(.*|no route for .*"
+    r"|cannot (?:get|post) .*|unknown (?:request )?url.*|the requested url was not found.*",
+    re.IGNORECASE | re.DOTALL,
+)
+"""Messages of servers' answers to a route they do not have: FastAPI (vLLM, SGLang)
+'Not Found', llama.cpp 'File Not Found', Go (Ollama) '404 page not found', OpenAI
+'Invalid URL (POST /v1/...)', warmsocket 'No route for ...', Express 'Cannot POST ...'."""
+
+
+def unknown_route(body: bytes) -> bool:
+    """Whether a 404's body says the route does not exist, rather than something the
+    request named (a model): a body that is not an OpenAI error object (HTML, text,
+    FastAPI's `{"detail": "Not Found"}`), unless it names a model, or an error
+    object whose message is a server's 'no such route'."""
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        if not isinstance(error, dict) and data.get("object") == "error":
+            error = data  # vLLM's older shape: the error object at the top
+        if isinstance(error, dict):
+            message = error.get("message")
+            return isinstance(message, str) and bool(_ROUTE_NOT_FOUND.fullmatch(message.strip()))
+    _code, message, _param, _type = _error_fields(body)
+    text = message if message is not None else body[:MAX_ERROR_MESSAGE].decode("utf-8", "replace")
+    return "model" not in text.lower()
 
 
 def _error_fields(body: bytes) -> tuple[str | None, str | None, str | None, str | None]:

@@ -183,6 +183,37 @@ def config_from_args(args: argparse.Namespace) -> UpstreamConfig:
     )
 
 
+def client_models(args: argparse.Namespace) -> tuple[str, ...]:
+    """What GET /v1/models lists in front of an upstream: the names a client can send
+    that warmsocket knows the upstream serves. Any name is accepted in a request and
+    sent upstream (renamed by --upstream-model-map), so the list is what the operator
+    said: the --model names when given (the built-in model's default name is not
+    listed: it does not answer here), each CLIENT name of --upstream-model-map, and
+    for '*=NAME' the NAME every other client name is sent as. Empty when none is
+    given: warmsocket does not know the upstream's own names then."""
+    from warmsocket.upstream import parse_model_map
+
+    names = [] if args.model in (None, ["warmsocket-mock"]) else list(args.model)
+    try:
+        model_map = parse_model_map(list(args.upstream_model_map or ()))
+    except ValueError as exc:
+        raise SystemExit(f"warmsocket: --upstream-model-map: {exc}") from None
+    names += [target if name == "*" else name for name, target in model_map.items()]
+    return tuple(dict.fromkeys(names))
+
+
+def describe(args: argparse.Namespace) -> dict[str, object]:
+    """The upstream's fields of `serve`'s `listening` line: its URLs as warmsocket
+    uses them (scheme, host, port, path: never the credentials or query a URL may
+    hold) and its API."""
+    from warmsocket.httpclient import Origin
+
+    return {
+        "upstream": [str(Origin.parse(url)) for url in args.upstream],
+        "upstream_api": args.upstream_api,
+    }
+
+
 def build_backend(config: UpstreamConfig, metrics: Metrics | None = None) -> Backend:
     """The upstream backend for `config` (sharing `metrics` with the server)."""
     if config.api == "chat":

@@ -124,7 +124,7 @@ def failed_attempt(
 ) -> bool:
     """Count and log one failed upstream attempt. Whether to retry it: a retryable
     failure when `can_retry` (nothing forwarded to the client yet, retries left)."""
-    label = str(error.status) if error.reason == "status" else error.reason
+    label = error.outcome
     stats.requests[(api, label)] += 1
     retry = error.retryable and can_retry
     extra: dict[str, object] = {
@@ -166,6 +166,8 @@ class HTTPUpstreamBackend:
             for origin in origins
         ]
         self._heads = [self._request_head(origin) for origin in origins]
+        self._targets = [f"POST {origin.base_path}{self.path}" for origin in origins]
+        """What each replica is asked, for the log (the path only: no query, no credentials)."""
         if len(origins) > 1:
             from warmsocket.prefixhash import tokenizer
 
@@ -212,7 +214,12 @@ class HTTPUpstreamBackend:
                 self.stats.first_byte.observe(time.perf_counter() - started)
                 if response.status != 200:
                     text = await response.read(64 * 1024)
-                    error = from_http_status(response.status, text, response.head.headers)
+                    error = from_http_status(
+                        response.status,
+                        text,
+                        response.head.headers,
+                        request=self._targets[replica.index],
+                    )
                     response.close()
                     response = None
                 else:
@@ -243,7 +250,7 @@ class HTTPUpstreamBackend:
             except RequestTimeout as exc:
                 error = transport_error("timeout", str(exc))
             except ConnectFailed as exc:
-                error = transport_error("connect", str(exc))
+                error = transport_error("connect", str(exc), retryable=not exc.permanent)
             except ConnectionClosed as exc:
                 error = transport_error("closed", str(exc))
             except ProtocolViolation as exc:

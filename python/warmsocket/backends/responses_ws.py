@@ -50,7 +50,7 @@ from warmsocket.backends.base import ModelEvent, StreamItem, TurnContext, TurnFa
 from warmsocket.backends.http_upstream import chain_key, failed_attempt
 from warmsocket.backends.responses_events import model_events
 from warmsocket.backends.responses_http import HeadCache
-from warmsocket.httpclient import Origin, connect_failure
+from warmsocket.httpclient import PLAIN_HTTP_HINT, Origin, connect_failure, plain_answer_to_tls
 from warmsocket.metrics import Metrics
 from warmsocket.response_stream import dumps
 from warmsocket.router import Outcome, Replica, Router
@@ -139,6 +139,7 @@ class ResponsesWSBackend:
             if proxy:
                 check_proxy(url)
         self._hosts = [o.host_header for o in origins]
+        self._paths = [f"{o.base_path}/responses" for o in origins]
         self.router = Router([str(o) for o in origins], config.router, metrics=self.stats)
         self._idle: list[list[UpstreamSocket]] = [[] for _ in origins]
         self._chains: OrderedDict[str, tuple[UpstreamSocket, str]] = OrderedDict()
@@ -386,7 +387,10 @@ class ResponsesWSBackend:
             response = exc.response
             headers = {k.lower(): v for k, v in response.headers.raw_items()}
             raise from_http_status(
-                response.status_code, bytes(response.body or b""), headers
+                response.status_code,
+                bytes(response.body or b""),
+                headers,
+                request=f"GET {self._paths[replica.index]} (WebSocket)",
             ) from None
         except (OSError, TimeoutError, WebSocketException) as exc:
             # WebSocketException: a failed handshake, and also a proxy or URL that
@@ -396,7 +400,12 @@ class ResponsesWSBackend:
                 why = f"the proxy answered CONNECT with {exc.response.status_code}"
             else:
                 why = connect_failure(exc)
-            raise transport_error("connect", f"cannot connect to {where} ({why})") from None
+            detail = f"cannot connect to {where} ({why})"
+            if plain_answer_to_tls(exc):
+                raise transport_error(
+                    "connect", detail + PLAIN_HTTP_HINT, retryable=False
+                ) from None
+            raise transport_error("connect", detail) from None
         self.stats.connections_opened[self.api] += 1
         return UpstreamSocket(replica, ws, time.monotonic())
 

@@ -1,6 +1,7 @@
 """The simulated upstream's HTTP and WebSocket server.
 
-Routes (with or without the `/v1` prefix):
+Routes (the API only under `/v1`, as vLLM serves it: elsewhere a 404
+`{"detail":"Not Found"}`; health and the test hooks with or without it):
 
 * `POST /v1/chat/completions` — Chat Completions, streamed (vLLM-shaped chunks, the
   usage chunk with `stream_options.include_usage`, `data: [DONE]`) or not;
@@ -351,9 +352,14 @@ class _Connection(asyncio.Protocol):
 
     async def _route(self, request: Request) -> None:
         path = request.path.rstrip("/")
+        method = request.method
         if path.startswith("/v1/"):
             path = path[3:]
-        method = request.method
+        elif path not in _ROOT_ROUTES:
+            # As vLLM (FastAPI): the API is under /v1 only, so an --upstream URL
+            # without /v1 fails here as it would in front of a real server.
+            self._not_found(request)
+            return
         if method == "GET" and path in {"/health", "/healthz"}:
             self._json(request, 200, {"status": "ok"})
             return
@@ -379,7 +385,11 @@ class _Connection(asyncio.Protocol):
         if method == "POST" and path == "/responses":
             await self._responses(request)
             return
-        raise errors.not_found_route(method, request.path)
+        self._not_found(request)
+
+    def _not_found(self, request: Request) -> None:
+        """An unknown route, answered as vLLM (FastAPI) answers it."""
+        self.write(encode_response(404, NOT_FOUND_BODY, keep_alive=request.keep_alive))
 
     def _check_key(self, request: Request) -> None:
         key = self.server.config.api_key
@@ -684,8 +694,10 @@ class _Connection(asyncio.Protocol):
 
     def _upgrade(self, request: Request) -> None:
         path = request.path.rstrip("/")
-        if path not in {"/v1/responses", "/responses"}:
-            self.write(encode_response(404, b"{}", keep_alive=False))
+        if path != "/v1/responses":
+            self.write(encode_response(404, NOT_FOUND_BODY, keep_alive=False))
+            if self.transport is not None:
+                self.transport.close()
             return
         try:
             self._check_key(request)
@@ -852,6 +864,12 @@ class _Connection(asyncio.Protocol):
             self._ws_send([frame])
             if text:
                 await asyncio.sleep(latency.decode_seconds(text))
+
+
+NOT_FOUND_BODY = b'{"detail":"Not Found"}'
+"""vLLM's (FastAPI's) answer to a route it does not have."""
+_ROOT_ROUTES = frozenset({"/health", "/healthz", "/stats", "/control"})
+"""Routes answered without the /v1 prefix too (vLLM's /health; the test hooks)."""
 
 
 class _Abort(Exception):
