@@ -72,6 +72,12 @@ def test_body_limit_and_malformed_http() -> None:
         big = httpx.post(f"{srv.base_url}/responses", content=b"x" * 5000)
         assert big.status_code == 413
         assert "--max-message-bytes" in big.json()["error"]["message"]
+        # The code WebSocket mode uses for the same limit (spec §4.2 leaves it open).
+        assert big.json()["error"]["code"] == "message_too_large"
+        chunked = httpx.post(f"{srv.base_url}/responses", content=iter([b"x" * 5000]))
+        assert chunked.request.headers["transfer-encoding"] == "chunked"
+        assert chunked.status_code == 413
+        assert chunked.json()["error"]["code"] == "message_too_large"
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
             raw.sendall(b"GARBAGE\r\n\r\n")
             reply = raw.recv(4096)

@@ -21,10 +21,11 @@ MAX_HEADERS = 128
 class HTTPError(Exception):
     """A request that cannot be parsed; answer with `status` and close."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.code = code
 
 
 @dataclass(slots=True)
@@ -151,6 +152,7 @@ class RequestParser:
                 413,
                 f"The request body is {length} bytes, larger than this server's limit of "
                 f"{self.max_body_bytes} bytes (--max-message-bytes).",
+                code="message_too_large",
             )
         if len(self._buffer) < length:
             return None
@@ -177,6 +179,7 @@ class RequestParser:
                 413,
                 "The request body is larger than this server's limit of "
                 f"{self.max_body_bytes} bytes (--max-message-bytes).",
+                code="message_too_large",
             )
         if not chunked.done:
             return None

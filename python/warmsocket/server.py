@@ -355,7 +355,7 @@ class Connection(asyncio.Protocol):
             error = exc if isinstance(exc, HTTPError) else HTTPError(400, "Invalid request.")
             if not isinstance(exc, HTTPError):
                 log.error("cannot parse an HTTP request", extra={"error_type": type(exc).__name__})
-            body = dumps(errors.APIError(None, error.message, status=error.status).http_body())
+            body = dumps(APIError(error.code, error.message, status=error.status).http_body())
             self.write(encode_response(error.status, body, keep_alive=False))
             self._close_transport()
             return
