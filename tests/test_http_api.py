@@ -32,7 +32,30 @@ def test_health_models_and_request_ids(server: RunningServer) -> None:
     upgrade = httpx.get(f"{server.base_url}/responses")
     assert upgrade.status_code == 400
     assert upgrade.json()["error"]["code"] == "websocket_upgrade_required"
-    assert httpx.post(f"{server.base_url}/responses/resp_x/cancel").status_code == 400
+    assert httpx.post(f"{server.base_url}/responses/resp_x/cancel").status_code == 404
+
+
+def test_cancel_is_404_for_an_unknown_id_and_400_for_a_stored_one(server: RunningServer) -> None:
+    unknown = httpx.post(f"{server.base_url}/responses/resp_unknown/cancel")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["message"] == "Response with id 'resp_unknown' not found."
+    assert unknown.json()["error"]["param"] == "response_id"
+    rid = httpx.post(f"{server.base_url}/responses", json={"model": "m", "input": "x"}).json()["id"]
+    stored = httpx.post(f"{server.base_url}/responses/{rid}/cancel")
+    assert stored.status_code == 400
+    assert "background" in stored.json()["error"]["message"]
+    # Another API key's response is unknown to this one.
+    with running_server(api_keys=frozenset({"sk-a", "sk-b"})) as srv:
+        rid = httpx.post(
+            f"{srv.base_url}/responses",
+            json={"model": "m", "input": "x"},
+            headers={"Authorization": "Bearer sk-a"},
+        ).json()["id"]
+        for key, status in [("sk-a", 400), ("sk-b", 404)]:
+            cancel = httpx.post(
+                f"{srv.base_url}/responses/{rid}/cancel", headers={"Authorization": f"Bearer {key}"}
+            )
+            assert cancel.status_code == status
 
 
 def test_metrics_count_turns_errors_and_latency(server: RunningServer) -> None:

@@ -155,6 +155,9 @@ class HTTPApp:
         if sub == "input_items" and method == "GET":
             return await self._input_items(writer, request, request_id, owner, path_id)
         if sub == "cancel" and method == "POST":
+            # An unknown id is 404, as for GET and DELETE (spec §6.3, §6.4); a known one
+            # is 400: it was not a background response (§6.4).
+            await self._stored(owner, path_id)
             raise APIError(
                 None,
                 "Only background responses can be cancelled; this server does not run "
