@@ -355,8 +355,7 @@ class Connection(asyncio.Protocol):
             error = exc if isinstance(exc, HTTPError) else HTTPError(400, "Invalid request.")
             if not isinstance(exc, HTTPError):
                 log.error("cannot parse an HTTP request", extra={"error_type": type(exc).__name__})
-            body = dumps(APIError(error.code, error.message, status=error.status).http_body())
-            self.write(encode_response(error.status, body, keep_alive=False))
+            self.write(_error_response(APIError(error.code, error.message, status=error.status)))
             self._close_transport()
             return
         if request is None:
@@ -382,8 +381,7 @@ class Connection(asyncio.Protocol):
             return
         except Exception:
             log.exception("unhandled error in an HTTP handler")
-            body = dumps(errors.server_error().http_body())
-            self.write(encode_response(500, body, keep_alive=False))
+            self.write(_error_response(errors.server_error()))
         finally:
             self._http_task = None
         if not keep_alive:
@@ -423,7 +421,21 @@ class Connection(asyncio.Protocol):
         if not handshake or not isinstance(handshake[0], WSRequest):
             self._refuse(APIError(None, "Invalid WebSocket handshake.", status=400))
             return
-        response = protocol.accept(handshake[0])
+        try:
+            response = protocol.accept(handshake[0])
+        except Exception as exc:
+            # websockets builds its refusal's text from the bad header and cannot encode
+            # a non-ASCII one (UnicodeEncodeError): refuse here, without echoing it.
+            log.info("websocket handshake refused", extra={"error_type": type(exc).__name__})
+            self._refuse(
+                APIError(
+                    None,
+                    "Invalid WebSocket handshake: the Sec-WebSocket-Protocol and "
+                    "Sec-WebSocket-Extensions headers must be ASCII tokens.",
+                    status=400,
+                )
+            )
+            return
         protocol.send_response(response)
         self.ws = protocol
         if response.status_code != 101:
@@ -452,8 +464,7 @@ class Connection(asyncio.Protocol):
         server = self.server
         server.metrics.count_error(error.code or error.type)
         server.metrics.http_request("responses", error.status)
-        body = dumps(error.http_body())
-        self.write(encode_response(error.status, body, keep_alive=False))
+        self.write(_error_response(error))
         self._close_transport()
 
     # -- WebSocket mode ------------------------------------------------------------------
@@ -798,6 +809,14 @@ class Connection(asyncio.Protocol):
                     return
         except asyncio.CancelledError:
             return
+
+
+def _error_response(error: APIError) -> bytes:
+    """An error answered by the connection itself (not a handler), which then closes."""
+    headers = list((error.headers or {}).items())
+    return encode_response(
+        error.status, dumps(error.http_body()), headers=headers, keep_alive=False
+    )
 
 
 class _Resumed:
