@@ -63,6 +63,7 @@ def test_a_non_ascii_handshake_header_is_refused_with_400_json(
         )
     status, headers, body = split_response(reply)
     assert status == 400
+    assert headers["x-request-id"].startswith("req_")
     assert headers["connection"] == "close"
     error = json.loads(body)["error"]
     assert error["type"] == "invalid_request_error"
@@ -77,3 +78,23 @@ def test_non_ascii_in_other_handshake_headers_still_upgrades(server: RunningServ
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
             raw.sendall(b"GET /v1/responses HTTP/1.1\r\n" + UPGRADE + header + b"\r\n\r\n")
             assert read_head(raw).startswith(b"HTTP/1.1 101 ")
+
+
+def test_handshake_refusals_carry_a_request_id() -> None:
+    with running_server(api_keys=frozenset({"sk-1"})) as srv:
+        refusals = {
+            401: b"GET /v1/responses HTTP/1.1\r\n" + UPGRADE + b"\r\n",
+            404: b"GET /v1/nowhere HTTP/1.1\r\n" + UPGRADE + b"Authorization: Bearer sk-1\r\n\r\n",
+            # websockets' own refusal: a bad Sec-WebSocket-Key.
+            400: b"GET /v1/responses HTTP/1.1\r\n"
+            + UPGRADE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"short")
+            + b"Authorization: Bearer sk-1\r\n\r\n",
+        }
+        for expected, request in refusals.items():
+            status, headers, _body = split_response(exchange(srv.port, request))
+            assert status == expected
+            assert headers["x-request-id"].startswith("req_"), (status, headers)
+        # And the connection's own refusals of a request it cannot parse.
+        status, headers, body = split_response(exchange(srv.port, b"GARBAGE\r\n\r\n"))
+        assert status == 400 and headers["x-request-id"].startswith("req_")
+        assert json.loads(body)["error"]["message"] == "Invalid request line."

@@ -42,7 +42,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from warmsocket import errors
+from warmsocket import errors, ids
 from warmsocket._core import ClientFrames, SessionCache
 from warmsocket.backends.base import Backend, ImmediateBackend
 from warmsocket.engine import (
@@ -436,6 +436,9 @@ class Connection(asyncio.Protocol):
                 )
             )
             return
+        if response.status_code != 101:
+            # websockets' own refusal (e.g. 400 for a bad Sec-WebSocket-Key, 426).
+            response.headers["x-request-id"] = ids.request_id()
         protocol.send_response(response)
         self.ws = protocol
         if response.status_code != 101:
@@ -813,7 +816,7 @@ class Connection(asyncio.Protocol):
 
 def _error_response(error: APIError) -> bytes:
     """An error answered by the connection itself (not a handler), which then closes."""
-    headers = list((error.headers or {}).items())
+    headers = [("x-request-id", ids.request_id()), *(error.headers or {}).items()]
     return encode_response(
         error.status, dumps(error.http_body()), headers=headers, keep_alive=False
     )
