@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
+import time
 
 import pytest
 
 from tests.support import RunningServer, running_server
+from warmsocket.server import HTTP_READ_AHEAD
 
 UPGRADE = (
     b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -35,6 +38,63 @@ def split_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
     lines = head.decode("latin-1").split("\r\n")
     headers = dict(line.lower().split(": ", 1) for line in lines[1:])
     return int(lines[0].split()[1]), headers, body
+
+
+def read_responses(raw: socket.socket, count: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """`count` Content-Length framed responses, in the order they arrive."""
+    data = b""
+    out = []
+    while len(out) < count:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            status, headers, _ = split_response(data[: end + 4])
+            length = int(headers["content-length"])
+            if len(data) >= end + 4 + length:
+                out.append((status, headers, data[end + 4 : end + 4 + length]))
+                data = data[end + 4 + length :]
+                continue
+        chunk = raw.recv(1 << 20)
+        assert chunk, f"closed after {len(out)} responses"
+        data += chunk
+    return out
+
+
+def post(body: bytes, path: bytes = b"/v1/responses") -> bytes:
+    return b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (path, len(body), body)
+
+
+def create(text: str, padding: int = 0) -> bytes:
+    """A create request; `padding` spaces in its JSON make its body that much larger."""
+    return post(b'{"model": "m", "input": %b%b}' % (json.dumps(text).encode(), b" " * padding))
+
+
+class Sender(threading.Thread):
+    """Sends `data` on `raw` (blocking while the server does not read); counts what went."""
+
+    def __init__(self, raw: socket.socket, data: bytes) -> None:
+        super().__init__(daemon=True)
+        self.raw, self.data, self.sent, self.error = raw, memoryview(data), 0, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            while self.sent < len(self.data):
+                self.sent += self.raw.send(self.data[self.sent : self.sent + 65536])
+        except OSError as exc:
+            self.error = exc
+
+
+def buffered_by_the_server(srv: RunningServer) -> list[tuple[int, bool, bool]]:
+    """(bytes buffered unparsed, request in progress, reading paused) per connection."""
+
+    def look() -> list[tuple[int, bool, bool]]:
+        return [
+            (c._parser.buffered, c._http_task is not None, getattr(c, "_read_ahead_paused", False))
+            for c in srv.server.connections
+        ]
+
+    result: list[tuple[int, bool, bool]] = srv.call(look)
+    return result
 
 
 def exchange(port: int, data: bytes) -> bytes:
@@ -98,3 +158,46 @@ def test_handshake_refusals_carry_a_request_id() -> None:
         status, headers, body = split_response(exchange(srv.port, b"GARBAGE\r\n\r\n"))
         assert status == 400 and headers["x-request-id"].startswith("req_")
         assert json.loads(body)["error"]["message"] == "Invalid request line."
+
+
+# -- what a connection buffers while it answers --------------------------------------------------
+
+ONE_READ = 256 * 1024  # the most one `data_received` brings (uvloop's read buffer)
+
+
+def test_pipelined_bytes_past_the_read_ahead_wait_and_are_answered_in_order(
+    server: RunningServer,
+) -> None:
+    pipelined = [create(f"n{i}", padding=1 << 20) for i in range(1, 17)]  # 16 MiB
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        raw.sendall(create("/sleep 1500\nslow"))
+        time.sleep(0.1)
+        sender = Sender(raw, b"".join(pipelined))
+        time.sleep(0.5)  # the slow request still runs
+        ((buffered, in_progress, paused),) = buffered_by_the_server(server)
+        assert in_progress
+        assert sender.sent > HTTP_READ_AHEAD + 4 * ONE_READ  # the client sent far more
+        assert buffered <= HTTP_READ_AHEAD + ONE_READ
+        assert paused
+        responses = read_responses(raw, 1 + len(pipelined))
+        sender.join(10)
+        assert sender.error is None and sender.sent == sum(map(len, pipelined))
+    texts = [json.loads(body)["output"][0]["content"][0]["text"] for _, _, body in responses]
+    assert texts == ["You said: /sleep 1500\nslow"] + [f"You said: n{i}" for i in range(1, 17)]
+
+
+def test_a_flood_during_an_answer_stays_bounded_then_gets_431(server: RunningServer) -> None:
+    # The audit's case: no end of head ever, sent while a slow request is answered.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        raw.sendall(create("/sleep 1000\nslow"))
+        time.sleep(0.1)
+        sender = Sender(raw, b"G" * (16 << 20))
+        time.sleep(0.4)
+        ((buffered, in_progress, paused),) = buffered_by_the_server(server)
+        assert in_progress
+        assert sender.sent > HTTP_READ_AHEAD + 4 * ONE_READ
+        assert buffered <= HTTP_READ_AHEAD + ONE_READ
+        assert paused
+        (status, _, body), (too_large, _, _) = read_responses(raw, 2)
+        assert status == 200 and json.loads(body)["status"] == "completed"
+        assert too_large == 431

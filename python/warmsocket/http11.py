@@ -73,6 +73,19 @@ class RequestParser:
     def feed(self, data: bytes) -> None:
         self._buffer += data
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet parsed (what a pipelining client sent ahead)."""
+        return len(self._buffer)
+
+    @property
+    def receiving(self) -> str | None:
+        """What the buffered bytes are: None (nothing: between requests), "head" (part of
+        a request head) or "body" (the head is complete, the body is not)."""
+        if self._head is not None:
+            return "body"
+        return "head" if self._buffer else None
+
     def take_buffer(self) -> bytes:
         """Everything buffered and not parsed (after an upgrade, the first frames)."""
         data = bytes(self._buffer)

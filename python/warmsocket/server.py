@@ -55,7 +55,14 @@ from warmsocket.engine import (
     tokenizer_for,
 )
 from warmsocket.errors import APIError
-from warmsocket.http11 import CONTINUE, HTTPError, Request, RequestParser, encode_response
+from warmsocket.http11 import (
+    CONTINUE,
+    MAX_HEAD_BYTES,
+    HTTPError,
+    Request,
+    RequestParser,
+    encode_response,
+)
 from warmsocket.httpapi import Auth, HTTPApp, route_of
 from warmsocket.metrics import Metrics, cache_collector, shared_store_collector
 from warmsocket.response_stream import dumps
@@ -72,6 +79,12 @@ log = logging.getLogger("warmsocket.server")
 FLUSH_BYTES = 64 * 1024
 """Output a model task lets wait for the next scheduled flush; past this it writes
 at once (then waits while the connection's write buffer is full)."""
+
+HTTP_READ_AHEAD = MAX_HEAD_BYTES + 64 * 1024
+"""Bytes of later (pipelined) requests an HTTP connection buffers while it answers one.
+Past this it stops reading until that answer is done: the rest waits in the client's and
+the kernel's socket buffers, so a pipelining client is slowed, never refused. Reading
+goes on below it, so a client that goes away mid-answer is noticed at once."""
 
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
@@ -245,6 +258,8 @@ class Connection(asyncio.Protocol):
         self.lost = False
         self._parser = RequestParser(max_body_bytes=server.config.limits.max_message_bytes)
         self._http_task: asyncio.Task[None] | None = None
+        # Reading paused: later requests' bytes passed HTTP_READ_AHEAD during an answer.
+        self._read_ahead_paused = False
         self._cache_connection: int | None = None
         self._writable = asyncio.Event()
         self._writable.set()
@@ -285,6 +300,7 @@ class Connection(asyncio.Protocol):
         self._parser.feed(data)
         if self._http_task is None:
             self._http_next()
+        self._check_read_ahead()
 
     def eof_received(self) -> bool | None:
         if self.ws is not None:
@@ -322,7 +338,12 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writable.set()
-        if self.transport is not None and not self.lost and self._loading is None:
+        if (
+            self.transport is not None
+            and not self.lost
+            and self._loading is None
+            and not self._read_ahead_paused
+        ):
             self.transport.resume_reading()
 
     # -- writing -------------------------------------------------------------------------
@@ -389,6 +410,27 @@ class Connection(asyncio.Protocol):
             return
         if not self.lost:
             self._http_next()
+            self._check_read_ahead()
+
+    def _check_read_ahead(self) -> None:
+        """Pause reading while a request is answered and the bytes buffered after it pass
+        HTTP_READ_AHEAD; resume when that is no longer so."""
+        transport = self.transport
+        if transport is None or self.lost:
+            return
+        over = (
+            self.ws is None
+            and self._http_task is not None
+            and self._parser.buffered > HTTP_READ_AHEAD
+        )
+        if over and not self._read_ahead_paused:
+            self._read_ahead_paused = True
+            transport.pause_reading()
+        elif not over and self._read_ahead_paused:
+            self._read_ahead_paused = False
+            # (Unless paused for another reason too: see `resume_writing`.)
+            if self._writable.is_set() and self._loading is None:
+                transport.resume_reading()
 
     def _close_transport(self) -> None:
         if self.transport is not None:
