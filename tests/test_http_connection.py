@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import struct
 import threading
 import time
+from functools import partial
+from typing import Any
 
 import pytest
 
@@ -201,3 +204,65 @@ def test_a_flood_during_an_answer_stays_bounded_then_gets_431(server: RunningSer
         (status, _, body), (too_large, _, _) = read_responses(raw, 2)
         assert status == 200 and json.loads(body)["status"] == "completed"
         assert too_large == 431
+
+
+# -- half-closed and vanished clients -------------------------------------------------------------
+
+
+def http_tasks(srv: RunningServer) -> list[Any]:
+    result: list[Any] = srv.call(
+        lambda: [c._http_task for c in srv.server.connections if c._http_task is not None]
+    )
+    return result
+
+
+def wait_for(condition: Any, timeout: float = 2.0) -> float:
+    """Seconds until `condition()` held (fails after `timeout`)."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, "timed out"
+        time.sleep(0.005)
+    return time.monotonic() - start
+
+
+def test_a_half_closed_client_gets_its_answers_then_the_connection_closes(
+    server: RunningServer,
+) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+        raw.sendall(create("/sleep 300\nslow") + create("second"))
+        raw.shutdown(socket.SHUT_WR)
+        replies = read_until_closed(raw)
+    first, second = replies.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200 ") and b"You said: /sleep 300\\nslow" in first
+    assert second.startswith(b"200 ") and b"You said: second" in second
+    # Nothing in progress: EOF closes at once, a partial head unanswered.
+    for data in [b"", b"GET /healthz HTTP/1.1\r\n"]:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(data)
+            raw.shutdown(socket.SHUT_WR)
+            assert read_until_closed(raw) == b""
+
+
+def test_a_reset_connection_still_cancels_its_request(server: RunningServer) -> None:
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    raw.sendall(create("/sleep 5000\nslow"))
+    wait_for(lambda: len(http_tasks(server)) == 1)
+    (task,) = http_tasks(server)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raw.close()  # RST
+    assert wait_for(lambda: server.call(task.done)) < 0.5  # (its model sleeps 5 s)
+
+
+def test_eof_during_a_stream_ends_it_at_once(server: RunningServer) -> None:
+    body = b'{"model": "m", "input": "/sleep 5000\\nhi", "stream": true}'
+    for half_close in (False, True):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(post(body))
+            assert read_head(raw).startswith(b"HTTP/1.1 200 ")
+            wait_for(lambda: len(http_tasks(server)) == 1)
+            (task,) = http_tasks(server)
+            if half_close:
+                raw.shutdown(socket.SHUT_WR)
+            else:
+                raw.close()  # FIN: the client read everything so far
+            assert wait_for(partial(server.call, task.done)) < 0.1

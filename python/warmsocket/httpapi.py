@@ -32,6 +32,10 @@ class ResponseWriter(Protocol):
 
     async def drain(self) -> None: ...
 
+    def stream_started(self) -> None:
+        """The response is a live stream (SSE) from now on: a client that closes its
+        side of the connection ends it (one that half-closes is not told apart)."""
+
     @property
     def closing(self) -> bool: ...
 
@@ -215,6 +219,7 @@ class HTTPApp:
         ]
         if not request.keep_alive:
             headers.append(("connection", "close"))
+        writer.stream_started()
         writer.write(response_head(200, headers))
 
         def emit(frames: bytes) -> None:
@@ -356,6 +361,10 @@ async def run_turn(
     emit(turn.start())
     if not turn.request.generate:
         emit(turn.complete())
+        return None
+    if closing():  # gone already: do not start the model
+        turn.release()
+        turn.finished = True
         return None
     engine = turn.engine
     failure: APIError | None = None

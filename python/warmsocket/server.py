@@ -243,9 +243,14 @@ class _Writer:
     async def drain(self) -> None:
         await self._connection.drain()
 
+    def stream_started(self) -> None:
+        self._connection.http_stream_started()
+
     @property
     def closing(self) -> bool:
-        return self._connection.lost
+        connection = self._connection
+        transport = connection.transport
+        return connection.lost or (transport is not None and transport.is_closing())
 
 
 class Connection(asyncio.Protocol):
@@ -260,6 +265,11 @@ class Connection(asyncio.Protocol):
         self._http_task: asyncio.Task[None] | None = None
         # Reading paused: later requests' bytes passed HTTP_READ_AHEAD during an answer.
         self._read_ahead_paused = False
+        # The client half-closed (EOF) while a request was answered: answer what it
+        # sent, then close.
+        self._eof = False
+        # The request in progress streams its answer (SSE).
+        self._streaming = False
         self._cache_connection: int | None = None
         self._writable = asyncio.Event()
         self._writable.set()
@@ -307,7 +317,16 @@ class Connection(asyncio.Protocol):
             self.ws.receive_eof()
             self._ws_events()
             self._flush()
-        return None
+            return None
+        if self._http_task is None or self._streaming:
+            # Between requests: nothing to answer. During a stream (SSE): a client that
+            # closed cannot be told from one that half-closed until a write fails, and
+            # one that went away must stop its model at once; so EOF ends the stream.
+            return None
+        # A half-closed client (`shutdown(SHUT_WR)`, `nc -N`, some proxies) still reads:
+        # keep writing to it; the connection closes once its requests are answered.
+        self._eof = True
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -380,7 +399,9 @@ class Connection(asyncio.Protocol):
             self._close_transport()
             return
         if request is None:
-            if self._parser.wants_continue():
+            if self._eof:  # half-closed: no more requests will come
+                self._close_transport()
+            elif self._parser.wants_continue():
                 self.write(CONTINUE)
             return
         if request.is_websocket_upgrade:
@@ -405,6 +426,7 @@ class Connection(asyncio.Protocol):
             self.write(_error_response(errors.server_error()))
         finally:
             self._http_task = None
+            self._streaming = False
         if not keep_alive:
             self._close_transport()
             return
@@ -431,6 +453,12 @@ class Connection(asyncio.Protocol):
             # (Unless paused for another reason too: see `resume_writing`.)
             if self._writable.is_set() and self._loading is None:
                 transport.resume_reading()
+
+    def http_stream_started(self) -> None:
+        """The request in progress answers with a stream: from now on EOF ends it."""
+        self._streaming = True
+        if self._eof:
+            self._close_transport()  # the client's EOF came first (see `eof_received`)
 
     def _close_transport(self) -> None:
         if self.transport is not None:
