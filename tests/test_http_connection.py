@@ -8,12 +8,13 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
 import pytest
 
-from tests.support import RunningServer, running_server
+from tests.support import RunningServer, WSClient, output_text, running_server
 from warmsocket.server import HTTP_READ_AHEAD
 
 UPGRADE = (
@@ -266,3 +267,79 @@ def test_eof_during_a_stream_ends_it_at_once(server: RunningServer) -> None:
             else:
                 raw.close()  # FIN: the client read everything so far
             assert wait_for(partial(server.call, task.done)) < 0.1
+
+
+# -- timeouts -------------------------------------------------------------------------------------
+
+IDLE, HEAD = 0.3, 0.6
+
+
+@pytest.fixture
+def impatient() -> Iterator[RunningServer]:
+    with running_server(http_idle_timeout=IDLE, http_head_timeout=HEAD) as srv:
+        yield srv
+
+
+def closed_after(raw: socket.socket, start: float) -> tuple[bytes, float]:
+    """What the server sent until it closed, and when it closed (seconds from `start`)."""
+    data = read_until_closed(raw)
+    return data, time.monotonic() - start
+
+
+def test_an_idle_http_connection_is_closed(impatient: RunningServer) -> None:
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=5) as raw:
+        data, after = closed_after(raw, time.monotonic())  # never sent anything
+    assert data == b"" and IDLE * 0.8 < after < IDLE + 1
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=5) as raw:
+        raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        ((status, _, _),) = read_responses(raw, 1)
+        data, after = closed_after(raw, time.monotonic())  # kept alive, then idle
+    assert status == 200 and data == b"" and IDLE * 0.8 < after < IDLE + 1
+
+
+def test_a_slow_head_gets_408(impatient: RunningServer) -> None:
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=5) as raw:
+        start = time.monotonic()
+        raw.sendall(b"GET /healthz HTTP/1.1\r\n")
+        try:
+            for i in range(40):  # a header line every 0.1 s: never idle, never done
+                time.sleep(0.1)
+                raw.sendall(b"X-%d: a\r\n" % i)
+        except OSError:
+            pass  # closed by the server
+        data, after = closed_after(raw, start)
+    status, headers, body = split_response(data)
+    assert status == 408 and HEAD * 0.8 < after < HEAD + 1
+    assert headers["x-request-id"].startswith("req_") and headers["connection"] == "close"
+    assert "--http-head-timeout" in json.loads(body)["error"]["message"]
+
+
+def test_a_stalled_body_gets_408_and_a_trickled_one_is_read(impatient: RunningServer) -> None:
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=5) as raw:
+        raw.sendall(b"POST /v1/responses HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+        data, after = closed_after(raw, time.monotonic())
+    status, _, body = split_response(data)
+    assert status == 408 and IDLE * 0.8 < after < IDLE + 1
+    assert "--http-idle-timeout" in json.loads(body)["error"]["message"]
+    # Bytes keep coming (each gap under the idle timeout): no limit on the whole body.
+    request = create("trickled", padding=12)
+    head_end = request.index(b"\r\n\r\n") + 4
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=5) as raw:
+        raw.sendall(request[:head_end])
+        for i in range(head_end, len(request), 4):  # ~1 s in all, past both timeouts
+            time.sleep(0.1)
+            raw.sendall(request[i : i + 4])
+        ((status, _, body),) = read_responses(raw, 1)
+    assert status == 200 and json.loads(body)["output"][0]["content"][0]["text"].endswith("led")
+
+
+def test_timeouts_do_not_cut_requests_being_answered_or_websockets(
+    impatient: RunningServer,
+) -> None:
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=5) as raw:
+        raw.sendall(create("/sleep 1000\nslow"))
+        ((status, _, _),) = read_responses(raw, 1)
+        assert status == 200
+    with WSClient(impatient.ws_url) as ws:
+        time.sleep(HEAD + IDLE)
+        assert output_text(ws.turn(input="still here")) == "You said: still here"

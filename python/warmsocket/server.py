@@ -127,6 +127,13 @@ class ServerConfig:
     models: tuple[str, ...] = ("warmsocket-mock",)
     ws_ping_interval: float | None = 20.0
     ws_ping_timeout: float | None = 20.0
+    http_idle_timeout: float | None = 75.0
+    """`--http-idle-timeout`: seconds an HTTP connection with no request being answered
+    waits for the client's next bytes: between requests (then it closes), and within
+    a request body (then 408). None: no limit."""
+    http_head_timeout: float | None = 30.0
+    """`--http-head-timeout`: seconds from a request head's first byte to its end (then
+    408). None: no limit."""
     backlog: int = 1024
     tokenizer: str | None = None
     """`--tokenizer`: o200k_base, cl100k_base, a tokenizer.json path, none; None follows
@@ -270,6 +277,10 @@ class Connection(asyncio.Protocol):
         self._eof = False
         # The request in progress streams its answer (SSE).
         self._streaming = False
+        # The HTTP timeouts (`_http_wait`): one timer, moved lazily to the deadline.
+        self._http_timer: asyncio.TimerHandle | None = None
+        self._http_deadline: float | None = None
+        self._head_since: float | None = None
         self._cache_connection: int | None = None
         self._writable = asyncio.Event()
         self._writable.set()
@@ -301,6 +312,7 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         self.server.connections.add(self)
+        self._http_wait()
 
     def data_received(self, data: bytes) -> None:
         self.server.metrics.bytes_received += len(data)
@@ -344,6 +356,9 @@ class Connection(asyncio.Protocol):
             self.server.metrics.connection_closed("websocket")
         if self._timer is not None:
             self._timer.cancel()
+        if self._http_timer is not None:
+            self._http_timer.cancel()
+            self._http_timer = None
         if self._keepalive is not None:
             self._keepalive.cancel()
         if self._loading is not None:
@@ -401,13 +416,65 @@ class Connection(asyncio.Protocol):
         if request is None:
             if self._eof:  # half-closed: no more requests will come
                 self._close_transport()
-            elif self._parser.wants_continue():
-                self.write(CONTINUE)
+            else:
+                if self._parser.wants_continue():
+                    self.write(CONTINUE)
+                self._http_wait()
             return
+        self._http_deadline = self._head_since = None
         if request.is_websocket_upgrade:
             self._upgrade(request)
             return
         self._http_task = self.loop.create_task(self._http_handle(request))
+
+    def _http_wait(self) -> None:
+        """No request is being answered: (re)set the deadline for the client's bytes.
+
+        Nothing buffered: the keep-alive idle timeout. Part of a head: the head timeout,
+        from its first byte (or from the end of the answer it was sent behind). Part of
+        a body: the idle timeout again, from the last bytes received."""
+        config = self.server.config
+        now = self.loop.time()
+        timeout: float | None
+        if self._parser.receiving == "head":
+            if self._head_since is None:
+                self._head_since = now
+            start, timeout = self._head_since, config.http_head_timeout
+        else:
+            self._head_since = None
+            start, timeout = now, config.http_idle_timeout
+        deadline = self._http_deadline = start + timeout if timeout else None
+        timer = self._http_timer
+        if deadline is not None and (timer is None or timer.when() > deadline):
+            if timer is not None:
+                timer.cancel()
+            self._http_timer = self.loop.call_at(deadline, self._http_timed_out)
+
+    def _http_timed_out(self) -> None:
+        self._http_timer = None
+        deadline = self._http_deadline
+        if deadline is None or self.lost or self.ws is not None or self._http_task is not None:
+            return
+        if self.loop.time() < deadline:  # moved on since this timer was set
+            self._http_timer = self.loop.call_at(deadline, self._http_timed_out)
+            return
+        receiving = self._parser.receiving
+        config = self.server.config
+        if receiving is None:
+            log.debug("closing an idle HTTP connection")
+        elif receiving == "head":
+            message = (
+                f"The request head was not received within {config.http_head_timeout:g} "
+                "seconds (--http-head-timeout)."
+            )
+            self.write(_error_response(APIError(None, message, status=408)))
+        else:
+            message = (
+                f"No bytes of the request body arrived for {config.http_idle_timeout:g} "
+                "seconds (--http-idle-timeout)."
+            )
+            self.write(_error_response(APIError(None, message, status=408)))
+        self._close_transport()
 
     async def _http_handle(self, request: Request) -> None:
         if self._cache_connection is None:
