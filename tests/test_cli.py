@@ -69,6 +69,16 @@ def test_environment_defaults_and_command_line_precedence() -> None:
     assert args.model == ["x", "y"]
 
 
+def test_http_timeouts_reach_the_server_config() -> None:
+    from warmsocket.serve import config_from_args
+
+    config = config_from_args(build_parser().parse_args(["serve"]))
+    assert (config.http_idle_timeout, config.http_head_timeout) == (75.0, 30.0)
+    args = ["serve", "--http-idle-timeout", "0", "--http-head-timeout", "2.5"]
+    config = config_from_args(build_parser().parse_args(args))
+    assert (config.http_idle_timeout, config.http_head_timeout) == (None, 2.5)  # 0: none
+
+
 @pytest.mark.parametrize(
     ("command", "variable", "value", "message"),
     [
@@ -80,6 +90,7 @@ def test_environment_defaults_and_command_line_precedence() -> None:
         ("serve", "WARMSOCKET_MAX_LANES", "0", "must be > 0"),
         ("serve", "WARMSOCKET_MEMORY_BUDGET", "lots", "not a size: 'lots'"),
         ("serve", "WARMSOCKET_NO_PREFIX_DIFFING", "maybe", "invalid value: 'maybe'"),
+        ("serve", "WARMSOCKET_HTTP_HEAD_TIMEOUT", "-1", "must be >= 0: -1"),
         ("simulate-upstream", "WARMSOCKET_SIM_LOG_LEVEL", "loud", "invalid choice: 'loud'"),
         ("simulate-upstream", "WARMSOCKET_SIM_RECORD_BODIES", "x", "not an integer: 'x'"),
     ],

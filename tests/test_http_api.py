@@ -32,7 +32,30 @@ def test_health_models_and_request_ids(server: RunningServer) -> None:
     upgrade = httpx.get(f"{server.base_url}/responses")
     assert upgrade.status_code == 400
     assert upgrade.json()["error"]["code"] == "websocket_upgrade_required"
-    assert httpx.post(f"{server.base_url}/responses/resp_x/cancel").status_code == 400
+    assert httpx.post(f"{server.base_url}/responses/resp_x/cancel").status_code == 404
+
+
+def test_cancel_is_404_for_an_unknown_id_and_400_for_a_stored_one(server: RunningServer) -> None:
+    unknown = httpx.post(f"{server.base_url}/responses/resp_unknown/cancel")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["message"] == "Response with id 'resp_unknown' not found."
+    assert unknown.json()["error"]["param"] == "response_id"
+    rid = httpx.post(f"{server.base_url}/responses", json={"model": "m", "input": "x"}).json()["id"]
+    stored = httpx.post(f"{server.base_url}/responses/{rid}/cancel")
+    assert stored.status_code == 400
+    assert "background" in stored.json()["error"]["message"]
+    # Another API key's response is unknown to this one.
+    with running_server(api_keys=frozenset({"sk-a", "sk-b"})) as srv:
+        rid = httpx.post(
+            f"{srv.base_url}/responses",
+            json={"model": "m", "input": "x"},
+            headers={"Authorization": "Bearer sk-a"},
+        ).json()["id"]
+        for key, status in [("sk-a", 400), ("sk-b", 404)]:
+            cancel = httpx.post(
+                f"{srv.base_url}/responses/{rid}/cancel", headers={"Authorization": f"Bearer {key}"}
+            )
+            assert cancel.status_code == status
 
 
 def test_metrics_count_turns_errors_and_latency(server: RunningServer) -> None:
@@ -87,6 +110,12 @@ def test_body_limit_and_malformed_http() -> None:
         big = httpx.post(f"{srv.base_url}/responses", content=b"x" * 5000)
         assert big.status_code == 413
         assert "--max-message-bytes" in big.json()["error"]["message"]
+        # The code WebSocket mode uses for the same limit (spec §4.2 leaves it open).
+        assert big.json()["error"]["code"] == "message_too_large"
+        chunked = httpx.post(f"{srv.base_url}/responses", content=iter([b"x" * 5000]))
+        assert chunked.request.headers["transfer-encoding"] == "chunked"
+        assert chunked.status_code == 413
+        assert chunked.json()["error"]["code"] == "message_too_large"
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
             raw.sendall(b"GARBAGE\r\n\r\n")
             reply = raw.recv(4096)

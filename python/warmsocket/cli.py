@@ -387,6 +387,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_float,
         help="seconds between server pings to detect dead peers (0 disables)",
     )
+    opt.add(
+        "--http-idle-timeout",
+        default=75.0,
+        type=_non_negative_float,
+        help="seconds an HTTP connection with no request being answered waits for the "
+        "client: a keep-alive connection is then closed, a request body with no bytes "
+        "for that long gets 408 (0 disables). Longer than the 60 s idle timeout of common "
+        "load balancers, so that they, not this server, close idle connections",
+    )
+    opt.add(
+        "--http-head-timeout",
+        default=30.0,
+        type=_non_negative_float,
+        help="seconds from a request head's first byte to its end; a slower head gets 408 "
+        "and the connection is closed (0 disables)",
+    )
     state = serve.add_argument_group("state")
     opt.parser = state
     opt.add(

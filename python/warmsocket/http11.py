@@ -21,10 +21,11 @@ MAX_HEADERS = 128
 class HTTPError(Exception):
     """A request that cannot be parsed; answer with `status` and close."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.code = code
 
 
 @dataclass(slots=True)
@@ -71,6 +72,19 @@ class RequestParser:
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet parsed (what a pipelining client sent ahead)."""
+        return len(self._buffer)
+
+    @property
+    def receiving(self) -> str | None:
+        """What the buffered bytes are: None (nothing: between requests), "head" (part of
+        a request head) or "body" (the head is complete, the body is not)."""
+        if self._head is not None:
+            return "body"
+        return "head" if self._buffer else None
 
     def take_buffer(self) -> bytes:
         """Everything buffered and not parsed (after an upgrade, the first frames)."""
@@ -157,6 +171,7 @@ class RequestParser:
                 413,
                 f"The request body is {length} bytes, larger than this server's limit of "
                 f"{self.max_body_bytes} bytes (--max-message-bytes).",
+                code="message_too_large",
             )
         if len(self._buffer) < length:
             return None
@@ -183,6 +198,7 @@ class RequestParser:
                 413,
                 "The request body is larger than this server's limit of "
                 f"{self.max_body_bytes} bytes (--max-message-bytes).",
+                code="message_too_large",
             )
         if not chunked.done:
             return None

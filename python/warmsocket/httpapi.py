@@ -32,6 +32,10 @@ class ResponseWriter(Protocol):
 
     async def drain(self) -> None: ...
 
+    def stream_started(self) -> None:
+        """The response is a live stream (SSE) from now on: a client that closes its
+        side of the connection ends it (one that half-closes is not told apart)."""
+
     @property
     def closing(self) -> bool: ...
 
@@ -155,6 +159,9 @@ class HTTPApp:
         if sub == "input_items" and method == "GET":
             return await self._input_items(writer, request, request_id, owner, path_id)
         if sub == "cancel" and method == "POST":
+            # An unknown id is 404, as for GET and DELETE (spec §6.3, §6.4); a known one
+            # is 400: it was not a background response (§6.4).
+            await self._stored(owner, path_id)
             raise APIError(
                 None,
                 "Only background responses can be cancelled; this server does not run "
@@ -212,6 +219,7 @@ class HTTPApp:
         ]
         if not request.keep_alive:
             headers.append(("connection", "close"))
+        writer.stream_started()
         writer.write(response_head(200, headers))
 
         def emit(frames: bytes) -> None:
@@ -353,6 +361,10 @@ async def run_turn(
     emit(turn.start())
     if not turn.request.generate:
         emit(turn.complete())
+        return None
+    if closing():  # gone already: do not start the model
+        turn.release()
+        turn.finished = True
         return None
     engine = turn.engine
     failure: APIError | None = None

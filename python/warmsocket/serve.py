@@ -50,6 +50,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         models=tuple(args.model or ("warmsocket-mock",)),
         listed_models=upstream_cli.client_models(args) if getattr(args, "upstream", None) else None,
         ws_ping_interval=args.ws_ping_interval or None,
+        http_idle_timeout=args.http_idle_timeout or None,
+        http_head_timeout=args.http_head_timeout or None,
         tokenizer=args.tokenizer,
         prefix_diffing=not args.no_prefix_diffing,
     )

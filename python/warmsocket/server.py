@@ -42,7 +42,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from warmsocket import errors
+from warmsocket import errors, ids
 from warmsocket._core import ClientFrames, SessionCache
 from warmsocket.backends.base import Backend, ImmediateBackend
 from warmsocket.engine import (
@@ -55,7 +55,14 @@ from warmsocket.engine import (
     tokenizer_for,
 )
 from warmsocket.errors import APIError
-from warmsocket.http11 import CONTINUE, HTTPError, Request, RequestParser, encode_response
+from warmsocket.http11 import (
+    CONTINUE,
+    MAX_HEAD_BYTES,
+    HTTPError,
+    Request,
+    RequestParser,
+    encode_response,
+)
 from warmsocket.httpapi import Auth, HTTPApp, route_of
 from warmsocket.metrics import Metrics, cache_collector, shared_store_collector
 from warmsocket.response_stream import dumps
@@ -72,6 +79,12 @@ log = logging.getLogger("warmsocket.server")
 FLUSH_BYTES = 64 * 1024
 """Output a model task lets wait for the next scheduled flush; past this it writes
 at once (then waits while the connection's write buffer is full)."""
+
+HTTP_READ_AHEAD = MAX_HEAD_BYTES + 64 * 1024
+"""Bytes of later (pipelined) requests an HTTP connection buffers while it answers one.
+Past this it stops reading until that answer is done: the rest waits in the client's and
+the kernel's socket buffers, so a pipelining client is slowed, never refused. Reading
+goes on below it, so a client that goes away mid-answer is noticed at once."""
 
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
@@ -119,6 +132,13 @@ class ServerConfig:
     `upstream_cli.client_models`)."""
     ws_ping_interval: float | None = 20.0
     ws_ping_timeout: float | None = 20.0
+    http_idle_timeout: float | None = 75.0
+    """`--http-idle-timeout`: seconds an HTTP connection with no request being answered
+    waits for the client's next bytes: between requests (then it closes), and within
+    a request body (then 408). None: no limit."""
+    http_head_timeout: float | None = 30.0
+    """`--http-head-timeout`: seconds from a request head's first byte to its end (then
+    408). None: no limit."""
     backlog: int = 1024
     tokenizer: str | None = None
     """`--tokenizer`: o200k_base, cl100k_base, a tokenizer.json path, none; None follows
@@ -239,9 +259,14 @@ class _Writer:
     async def drain(self) -> None:
         await self._connection.drain()
 
+    def stream_started(self) -> None:
+        self._connection.http_stream_started()
+
     @property
     def closing(self) -> bool:
-        return self._connection.lost
+        connection = self._connection
+        transport = connection.transport
+        return connection.lost or (transport is not None and transport.is_closing())
 
 
 class Connection(asyncio.Protocol):
@@ -254,6 +279,17 @@ class Connection(asyncio.Protocol):
         self.lost = False
         self._parser = RequestParser(max_body_bytes=server.config.limits.max_message_bytes)
         self._http_task: asyncio.Task[None] | None = None
+        # Reading paused: later requests' bytes passed HTTP_READ_AHEAD during an answer.
+        self._read_ahead_paused = False
+        # The client half-closed (EOF) while a request was answered: answer what it
+        # sent, then close.
+        self._eof = False
+        # The request in progress streams its answer (SSE).
+        self._streaming = False
+        # The HTTP timeouts (`_http_wait`): one timer, moved lazily to the deadline.
+        self._http_timer: asyncio.TimerHandle | None = None
+        self._http_deadline: float | None = None
+        self._head_since: float | None = None
         self._cache_connection: int | None = None
         self._writable = asyncio.Event()
         self._writable.set()
@@ -285,6 +321,7 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         self.server.connections.add(self)
+        self._http_wait()
 
     def data_received(self, data: bytes) -> None:
         self.server.metrics.bytes_received += len(data)
@@ -294,13 +331,23 @@ class Connection(asyncio.Protocol):
         self._parser.feed(data)
         if self._http_task is None:
             self._http_next()
+        self._check_read_ahead()
 
     def eof_received(self) -> bool | None:
         if self.ws is not None:
             self.ws.receive_eof()
             self._ws_events()
             self._flush()
-        return None
+            return None
+        if self._http_task is None or self._streaming:
+            # Between requests: nothing to answer. During a stream (SSE): a client that
+            # closed cannot be told from one that half-closed until a write fails, and
+            # one that went away must stop its model at once; so EOF ends the stream.
+            return None
+        # A half-closed client (`shutdown(SHUT_WR)`, `nc -N`, some proxies) still reads:
+        # keep writing to it; the connection closes once its requests are answered.
+        self._eof = True
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -318,6 +365,9 @@ class Connection(asyncio.Protocol):
             self.server.metrics.connection_closed("websocket")
         if self._timer is not None:
             self._timer.cancel()
+        if self._http_timer is not None:
+            self._http_timer.cancel()
+            self._http_timer = None
         if self._keepalive is not None:
             self._keepalive.cancel()
         if self._loading is not None:
@@ -331,7 +381,12 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writable.set()
-        if self.transport is not None and not self.lost and self._loading is None:
+        if (
+            self.transport is not None
+            and not self.lost
+            and self._loading is None
+            and not self._read_ahead_paused
+        ):
             self.transport.resume_reading()
 
     # -- writing -------------------------------------------------------------------------
@@ -364,18 +419,71 @@ class Connection(asyncio.Protocol):
             error = exc if isinstance(exc, HTTPError) else HTTPError(400, "Invalid request.")
             if not isinstance(exc, HTTPError):
                 log.error("cannot parse an HTTP request", extra={"error_type": type(exc).__name__})
-            body = dumps(errors.APIError(None, error.message, status=error.status).http_body())
-            self.write(encode_response(error.status, body, keep_alive=False))
+            self.write(_error_response(APIError(error.code, error.message, status=error.status)))
             self._close_transport()
             return
         if request is None:
-            if self._parser.wants_continue():
-                self.write(CONTINUE)
+            if self._eof:  # half-closed: no more requests will come
+                self._close_transport()
+            else:
+                if self._parser.wants_continue():
+                    self.write(CONTINUE)
+                self._http_wait()
             return
+        self._http_deadline = self._head_since = None
         if request.is_websocket_upgrade:
             self._upgrade(request)
             return
         self._http_task = self.loop.create_task(self._http_handle(request))
+
+    def _http_wait(self) -> None:
+        """No request is being answered: (re)set the deadline for the client's bytes.
+
+        Nothing buffered: the keep-alive idle timeout. Part of a head: the head timeout,
+        from its first byte (or from the end of the answer it was sent behind). Part of
+        a body: the idle timeout again, from the last bytes received."""
+        config = self.server.config
+        now = self.loop.time()
+        timeout: float | None
+        if self._parser.receiving == "head":
+            if self._head_since is None:
+                self._head_since = now
+            start, timeout = self._head_since, config.http_head_timeout
+        else:
+            self._head_since = None
+            start, timeout = now, config.http_idle_timeout
+        deadline = self._http_deadline = start + timeout if timeout else None
+        timer = self._http_timer
+        if deadline is not None and (timer is None or timer.when() > deadline):
+            if timer is not None:
+                timer.cancel()
+            self._http_timer = self.loop.call_at(deadline, self._http_timed_out)
+
+    def _http_timed_out(self) -> None:
+        self._http_timer = None
+        deadline = self._http_deadline
+        if deadline is None or self.lost or self.ws is not None or self._http_task is not None:
+            return
+        if self.loop.time() < deadline:  # moved on since this timer was set
+            self._http_timer = self.loop.call_at(deadline, self._http_timed_out)
+            return
+        receiving = self._parser.receiving
+        config = self.server.config
+        if receiving is None:
+            log.debug("closing an idle HTTP connection")
+        elif receiving == "head":
+            message = (
+                f"The request head was not received within {config.http_head_timeout:g} "
+                "seconds (--http-head-timeout)."
+            )
+            self.write(_error_response(APIError(None, message, status=408)))
+        else:
+            message = (
+                f"No bytes of the request body arrived for {config.http_idle_timeout:g} "
+                "seconds (--http-idle-timeout)."
+            )
+            self.write(_error_response(APIError(None, message, status=408)))
+        self._close_transport()
 
     async def _http_handle(self, request: Request) -> None:
         if self._cache_connection is None:
@@ -391,15 +499,42 @@ class Connection(asyncio.Protocol):
             return
         except Exception:
             log.exception("unhandled error in an HTTP handler")
-            body = dumps(errors.server_error().http_body())
-            self.write(encode_response(500, body, keep_alive=False))
+            self.write(_error_response(errors.server_error()))
         finally:
             self._http_task = None
+            self._streaming = False
         if not keep_alive:
             self._close_transport()
             return
         if not self.lost:
             self._http_next()
+            self._check_read_ahead()
+
+    def _check_read_ahead(self) -> None:
+        """Pause reading while a request is answered and the bytes buffered after it pass
+        HTTP_READ_AHEAD; resume when that is no longer so."""
+        transport = self.transport
+        if transport is None or self.lost:
+            return
+        over = (
+            self.ws is None
+            and self._http_task is not None
+            and self._parser.buffered > HTTP_READ_AHEAD
+        )
+        if over and not self._read_ahead_paused:
+            self._read_ahead_paused = True
+            transport.pause_reading()
+        elif not over and self._read_ahead_paused:
+            self._read_ahead_paused = False
+            # (Unless paused for another reason too: see `resume_writing`.)
+            if self._writable.is_set() and self._loading is None:
+                transport.resume_reading()
+
+    def http_stream_started(self) -> None:
+        """The request in progress answers with a stream: from now on EOF ends it."""
+        self._streaming = True
+        if self._eof:
+            self._close_transport()  # the client's EOF came first (see `eof_received`)
 
     def _close_transport(self) -> None:
         if self.transport is not None:
@@ -432,7 +567,24 @@ class Connection(asyncio.Protocol):
         if not handshake or not isinstance(handshake[0], WSRequest):
             self._refuse(APIError(None, "Invalid WebSocket handshake.", status=400))
             return
-        response = protocol.accept(handshake[0])
+        try:
+            response = protocol.accept(handshake[0])
+        except Exception as exc:
+            # websockets builds its refusal's text from the bad header and cannot encode
+            # a non-ASCII one (UnicodeEncodeError): refuse here, without echoing it.
+            log.info("websocket handshake refused", extra={"error_type": type(exc).__name__})
+            self._refuse(
+                APIError(
+                    None,
+                    "Invalid WebSocket handshake: the Sec-WebSocket-Protocol and "
+                    "Sec-WebSocket-Extensions headers must be ASCII tokens.",
+                    status=400,
+                )
+            )
+            return
+        if response.status_code != 101:
+            # websockets' own refusal (e.g. 400 for a bad Sec-WebSocket-Key, 426).
+            response.headers["x-request-id"] = ids.request_id()
         protocol.send_response(response)
         self.ws = protocol
         if response.status_code != 101:
@@ -461,8 +613,7 @@ class Connection(asyncio.Protocol):
         server = self.server
         server.metrics.count_error(error.code or error.type)
         server.metrics.http_request("responses", error.status)
-        body = dumps(error.http_body())
-        self.write(encode_response(error.status, body, keep_alive=False))
+        self.write(_error_response(error))
         self._close_transport()
 
     # -- WebSocket mode ------------------------------------------------------------------
@@ -807,6 +958,14 @@ class Connection(asyncio.Protocol):
                     return
         except asyncio.CancelledError:
             return
+
+
+def _error_response(error: APIError) -> bytes:
+    """An error answered by the connection itself (not a handler), which then closes."""
+    headers = [("x-request-id", ids.request_id()), *(error.headers or {}).items()]
+    return encode_response(
+        error.status, dumps(error.http_body()), headers=headers, keep_alive=False
+    )
 
 
 class _Resumed:

@@ -1,0 +1,345 @@
+"""The HTTP connection layer against misbehaving clients: raw sockets, byte by byte."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import pytest
+
+from tests.support import RunningServer, WSClient, output_text, running_server
+from warmsocket.server import HTTP_READ_AHEAD
+
+UPGRADE = (
+    b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+
+
+def read_until_closed(raw: socket.socket) -> bytes:
+    data = b""
+    while chunk := raw.recv(65536):
+        data += chunk
+    return data
+
+
+def read_head(raw: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := raw.recv(65536)):
+        data += chunk
+    return data
+
+
+def split_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def read_responses(raw: socket.socket, count: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """`count` Content-Length framed responses, in the order they arrive."""
+    data = b""
+    out = []
+    while len(out) < count:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            status, headers, _ = split_response(data[: end + 4])
+            length = int(headers["content-length"])
+            if len(data) >= end + 4 + length:
+                out.append((status, headers, data[end + 4 : end + 4 + length]))
+                data = data[end + 4 + length :]
+                continue
+        chunk = raw.recv(1 << 20)
+        assert chunk, f"closed after {len(out)} responses"
+        data += chunk
+    return out
+
+
+def post(body: bytes, path: bytes = b"/v1/responses") -> bytes:
+    return b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (path, len(body), body)
+
+
+def create(text: str, padding: int = 0) -> bytes:
+    """A create request; `padding` spaces in its JSON make its body that much larger."""
+    return post(b'{"model": "m", "input": %b%b}' % (json.dumps(text).encode(), b" " * padding))
+
+
+class Sender(threading.Thread):
+    """Sends `data` on `raw` (blocking while the server does not read); counts what went."""
+
+    def __init__(self, raw: socket.socket, data: bytes) -> None:
+        super().__init__(daemon=True)
+        self.raw, self.data, self.sent, self.error = raw, memoryview(data), 0, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            while self.sent < len(self.data):
+                self.sent += self.raw.send(self.data[self.sent : self.sent + 65536])
+        except OSError as exc:
+            self.error = exc
+
+
+def buffered_by_the_server(srv: RunningServer) -> list[tuple[int, bool, bool]]:
+    """(bytes buffered unparsed, request in progress, reading paused) per connection."""
+
+    def look() -> list[tuple[int, bool, bool]]:
+        return [
+            (c._parser.buffered, c._http_task is not None, getattr(c, "_read_ahead_paused", False))
+            for c in srv.server.connections
+        ]
+
+    result: list[tuple[int, bool, bool]] = srv.call(look)
+    return result
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.sendall(data)
+        return read_until_closed(raw)
+
+
+# -- WebSocket handshake refusals --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"Sec-WebSocket-Protocol: \xff\xfe",
+        "Sec-WebSocket-Protocol: warmsocket.msgpack, \u00e9".encode("latin-1"),
+        "Sec-WebSocket-Extensions: permessage-deflate; \u00e9".encode("latin-1"),
+    ],
+)
+def test_a_non_ascii_handshake_header_is_refused_with_400_json(
+    server: RunningServer, header: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        reply = exchange(
+            server.port, b"GET /v1/responses HTTP/1.1\r\n" + UPGRADE + header + b"\r\n\r\n"
+        )
+    status, headers, body = split_response(reply)
+    assert status == 400
+    assert headers["x-request-id"].startswith("req_")
+    assert headers["connection"] == "close"
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "Sec-WebSocket-Protocol" in error["message"]
+    assert "\u00e9" not in body.decode() and b"\xff" not in body  # the header is not echoed
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert server.server.metrics.connections_opened.get("websocket", 0) == 0
+
+
+def test_non_ascii_in_other_handshake_headers_still_upgrades(server: RunningServer) -> None:
+    for header in ["X-Foo: \u00e9".encode("latin-1"), "User-Agent: agent \u2713".encode()]:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(b"GET /v1/responses HTTP/1.1\r\n" + UPGRADE + header + b"\r\n\r\n")
+            assert read_head(raw).startswith(b"HTTP/1.1 101 ")
+
+
+def test_handshake_refusals_carry_a_request_id() -> None:
+    with running_server(api_keys=frozenset({"sk-1"})) as srv:
+        refusals = {
+            401: b"GET /v1/responses HTTP/1.1\r\n" + UPGRADE + b"\r\n",
+            404: b"GET /v1/nowhere HTTP/1.1\r\n" + UPGRADE + b"Authorization: Bearer sk-1\r\n\r\n",
+            # websockets' own refusal: a bad Sec-WebSocket-Key.
+            400: b"GET /v1/responses HTTP/1.1\r\n"
+            + UPGRADE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"short")
+            + b"Authorization: Bearer sk-1\r\n\r\n",
+        }
+        for expected, request in refusals.items():
+            status, headers, _body = split_response(exchange(srv.port, request))
+            assert status == expected
+            assert headers["x-request-id"].startswith("req_"), (status, headers)
+        # And the connection's own refusals of a request it cannot parse.
+        status, headers, body = split_response(exchange(srv.port, b"GARBAGE\r\n\r\n"))
+        assert status == 400 and headers["x-request-id"].startswith("req_")
+        assert json.loads(body)["error"]["message"] == "Invalid request line."
+
+
+# -- what a connection buffers while it answers --------------------------------------------------
+
+ONE_READ = 256 * 1024  # the most one `data_received` brings (uvloop's read buffer)
+
+
+def test_pipelined_bytes_past_the_read_ahead_wait_and_are_answered_in_order(
+    server: RunningServer,
+) -> None:
+    pipelined = [create(f"n{i}", padding=1 << 20) for i in range(1, 17)]  # 16 MiB
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        raw.sendall(create("/sleep 1500\nslow"))
+        time.sleep(0.1)
+        sender = Sender(raw, b"".join(pipelined))
+        time.sleep(0.5)  # the slow request still runs
+        ((buffered, in_progress, paused),) = buffered_by_the_server(server)
+        assert in_progress
+        assert sender.sent > HTTP_READ_AHEAD + 4 * ONE_READ  # the client sent far more
+        assert buffered <= HTTP_READ_AHEAD + ONE_READ
+        assert paused
+        responses = read_responses(raw, 1 + len(pipelined))
+        sender.join(10)
+        assert sender.error is None and sender.sent == sum(map(len, pipelined))
+    texts = [json.loads(body)["output"][0]["content"][0]["text"] for _, _, body in responses]
+    assert texts == ["You said: /sleep 1500\nslow"] + [f"You said: n{i}" for i in range(1, 17)]
+
+
+def test_a_flood_during_an_answer_stays_bounded_then_gets_431(server: RunningServer) -> None:
+    # The audit's case: no end of head ever, sent while a slow request is answered.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        raw.sendall(create("/sleep 1000\nslow"))
+        time.sleep(0.1)
+        sender = Sender(raw, b"G" * (16 << 20))
+        time.sleep(0.4)
+        ((buffered, in_progress, paused),) = buffered_by_the_server(server)
+        assert in_progress
+        assert sender.sent > HTTP_READ_AHEAD + 4 * ONE_READ
+        assert buffered <= HTTP_READ_AHEAD + ONE_READ
+        assert paused
+        (status, _, body), (too_large, _, _) = read_responses(raw, 2)
+        assert status == 200 and json.loads(body)["status"] == "completed"
+        assert too_large == 431
+
+
+# -- half-closed and vanished clients -------------------------------------------------------------
+
+
+def http_tasks(srv: RunningServer) -> list[Any]:
+    result: list[Any] = srv.call(
+        lambda: [c._http_task for c in srv.server.connections if c._http_task is not None]
+    )
+    return result
+
+
+def wait_for(condition: Any, timeout: float = 2.0) -> float:
+    """Seconds until `condition()` held (fails after `timeout`)."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, "timed out"
+        time.sleep(0.005)
+    return time.monotonic() - start
+
+
+def test_a_half_closed_client_gets_its_answers_then_the_connection_closes(
+    server: RunningServer,
+) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+        raw.sendall(create("/sleep 300\nslow") + create("second"))
+        raw.shutdown(socket.SHUT_WR)
+        replies = read_until_closed(raw)
+    first, second = replies.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200 ") and b"You said: /sleep 300\\nslow" in first
+    assert second.startswith(b"200 ") and b"You said: second" in second
+    # Nothing in progress: EOF closes at once, a partial head unanswered.
+    for data in [b"", b"GET /healthz HTTP/1.1\r\n"]:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(data)
+            raw.shutdown(socket.SHUT_WR)
+            assert read_until_closed(raw) == b""
+
+
+def test_a_reset_connection_still_cancels_its_request(server: RunningServer) -> None:
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    raw.sendall(create("/sleep 5000\nslow"))
+    wait_for(lambda: len(http_tasks(server)) == 1)
+    (task,) = http_tasks(server)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raw.close()  # RST
+    assert wait_for(lambda: server.call(task.done)) < 0.5  # (its model sleeps 5 s)
+
+
+def test_eof_during_a_stream_ends_it_at_once(server: RunningServer) -> None:
+    body = b'{"model": "m", "input": "/sleep 5000\\nhi", "stream": true}'
+    for half_close in (False, True):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(post(body))
+            assert read_head(raw).startswith(b"HTTP/1.1 200 ")
+            wait_for(lambda: len(http_tasks(server)) == 1)
+            (task,) = http_tasks(server)
+            if half_close:
+                raw.shutdown(socket.SHUT_WR)
+            else:
+                raw.close()  # FIN: the client read everything so far
+            assert wait_for(partial(server.call, task.done)) < 0.1
+
+
+# -- timeouts -------------------------------------------------------------------------------------
+
+IDLE, HEAD = 0.3, 0.6
+
+
+@pytest.fixture
+def impatient() -> Iterator[RunningServer]:
+    with running_server(http_idle_timeout=IDLE, http_head_timeout=HEAD) as srv:
+        yield srv
+
+
+def closed_after(raw: socket.socket, start: float) -> tuple[bytes, float]:
+    """What the server sent until it closed, and when it closed (seconds from `start`)."""
+    data = read_until_closed(raw)
+    return data, time.monotonic() - start
+
+
+def test_an_idle_http_connection_is_closed(impatient: RunningServer) -> None:
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=5) as raw:
+        data, after = closed_after(raw, time.monotonic())  # never sent anything
+    assert data == b"" and IDLE * 0.8 < after < IDLE + 1
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=5) as raw:
+        raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        ((status, _, _),) = read_responses(raw, 1)
+        data, after = closed_after(raw, time.monotonic())  # kept alive, then idle
+    assert status == 200 and data == b"" and IDLE * 0.8 < after < IDLE + 1
+
+
+def test_a_slow_head_gets_408(impatient: RunningServer) -> None:
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=5) as raw:
+        start = time.monotonic()
+        raw.sendall(b"GET /healthz HTTP/1.1\r\n")
+        try:
+            for i in range(40):  # a header line every 0.1 s: never idle, never done
+                time.sleep(0.1)
+                raw.sendall(b"X-%d: a\r\n" % i)
+        except OSError:
+            pass  # closed by the server
+        data, after = closed_after(raw, start)
+    status, headers, body = split_response(data)
+    assert status == 408 and HEAD * 0.8 < after < HEAD + 1
+    assert headers["x-request-id"].startswith("req_") and headers["connection"] == "close"
+    assert "--http-head-timeout" in json.loads(body)["error"]["message"]
+
+
+def test_a_stalled_body_gets_408_and_a_trickled_one_is_read(impatient: RunningServer) -> None:
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=5) as raw:
+        raw.sendall(b"POST /v1/responses HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+        data, after = closed_after(raw, time.monotonic())
+    status, _, body = split_response(data)
+    assert status == 408 and IDLE * 0.8 < after < IDLE + 1
+    assert "--http-idle-timeout" in json.loads(body)["error"]["message"]
+    # Bytes keep coming (each gap under the idle timeout): no limit on the whole body.
+    request = create("trickled", padding=12)
+    head_end = request.index(b"\r\n\r\n") + 4
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=5) as raw:
+        raw.sendall(request[:head_end])
+        for i in range(head_end, len(request), 4):  # ~1 s in all, past both timeouts
+            time.sleep(0.1)
+            raw.sendall(request[i : i + 4])
+        ((status, _, body),) = read_responses(raw, 1)
+    assert status == 200 and json.loads(body)["output"][0]["content"][0]["text"].endswith("led")
+
+
+def test_timeouts_do_not_cut_requests_being_answered_or_websockets(
+    impatient: RunningServer,
+) -> None:
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=5) as raw:
+        raw.sendall(create("/sleep 1000\nslow"))
+        ((status, _, _),) = read_responses(raw, 1)
+        assert status == 200
+    with WSClient(impatient.ws_url) as ws:
+        time.sleep(HEAD + IDLE)
+        assert output_text(ws.turn(input="still here")) == "You said: still here"
