@@ -698,10 +698,15 @@ class HTTPPool:
             return connection
         transport, _ = await loop.create_connection(asyncio.Protocol, origin.host, origin.port)
         stage[0] = "tls"
+        return await self._start_tls(transport)
+
+    async def _start_tls(self, transport: asyncio.WriteTransport) -> HTTPConnection:
+        """TLS to the origin over `transport` (closed when the handshake fails)."""
+        assert self._ssl is not None  # only https origins start TLS
         connection = HTTPConnection(self)
         try:
-            tls = await loop.start_tls(
-                transport, connection, self._ssl, server_hostname=origin.host
+            tls = await asyncio.get_running_loop().start_tls(
+                transport, connection, self._ssl, server_hostname=self.origin.host
             )
         except BaseException:
             transport.close()
@@ -724,17 +729,10 @@ class HTTPPool:
             status = await tunnel.head
             if status != 200:
                 raise ConnectFailed(f"the proxy {proxy} answered CONNECT with {status}")
-            assert self._ssl is not None  # proxies are used for https origins only
-            connection = HTTPConnection(self)
-            tls = await loop.start_tls(
-                transport, connection, self._ssl, server_hostname=origin.host
-            )
         except BaseException:
             transport.close()
             raise
-        assert tls is not None
-        connection.connection_made(tls)
-        return connection
+        return await self._start_tls(transport)  # proxies are used for https origins only
 
 
 PLAIN_ANSWER_REASONS = frozenset(

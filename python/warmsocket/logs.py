@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any, Literal
@@ -94,3 +95,16 @@ def configure(level: str = "info", fmt: Literal["json", "text"] = "json") -> Non
     # ForeignRecords would drop those records; not making them saves the work.
     for name in ("warmsocket.websockets", "websockets"):
         logging.getLogger(name).setLevel(max(root.level, logging.WARNING))
+
+
+def cannot_listen(log: logging.Logger, host: str, port: int, error: OSError) -> None:
+    """The error a server logs when it cannot listen, saying what to do."""
+    log.error(
+        "cannot listen; pick another --port or --host",
+        extra={
+            "host": host,
+            "port": port,
+            "errno": error.errno,
+            "reason": os.strerror(error.errno) if error.errno else error.strerror,
+        },
+    )

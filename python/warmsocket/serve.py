@@ -190,15 +190,7 @@ async def _serve(
         await server.close()
         return 1
     except OSError as exc:
-        log.error(
-            "cannot listen; pick another --port or --host",
-            extra={
-                "host": config.host,
-                "port": config.port,
-                "errno": exc.errno,
-                "reason": os.strerror(exc.errno) if exc.errno else exc.strerror,
-            },
-        )
+        logs.cannot_listen(log, config.host, config.port, exc)
         await server.close()
         return 1
     stop = asyncio.Event()

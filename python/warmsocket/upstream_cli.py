@@ -338,7 +338,6 @@ def add_simulate_command(commands: Any) -> None:
 def simulate_command(args: argparse.Namespace) -> int:
     import asyncio
     import logging
-    import os
     import signal
 
     from warmsocket import logs
@@ -371,15 +370,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         try:
             await server.start()
         except OSError as exc:
-            log.error(
-                "cannot listen; pick another --port or --host",
-                extra={
-                    "host": config.host,
-                    "port": config.port,
-                    "errno": exc.errno,
-                    "reason": os.strerror(exc.errno) if exc.errno else exc.strerror,
-                },
-            )
+            logs.cannot_listen(log, config.host, config.port, exc)
             return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
