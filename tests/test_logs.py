@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 from openai import OpenAI
+from websockets.exceptions import InvalidStatus
 
+from tests.support import WSClient, running_server
 from warmsocket.bench.procs import stop
 from warmsocket.logs import ForeignRecords, JSONFormatter, written_here
 
@@ -114,3 +116,33 @@ def test_debug_logs_of_a_sidecar_hold_no_content_and_no_key(
             json.loads(line)
         for secret in ("zebracorn", "marmalade", UPSTREAM_KEY, "client-key"):
             assert secret not in text, f"{log.name} holds {secret!r}"
+
+
+def test_a_websocket_logs_its_turns_and_its_end_without_content(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with (
+        caplog.at_level(logging.DEBUG, logger="warmsocket"),
+        running_server(api_keys=frozenset({"k"})) as srv,
+    ):
+        with pytest.raises(InvalidStatus):
+            WSClient(srv.ws_url, additional_headers={"Authorization": "Bearer wrong"})
+        with WSClient(srv.ws_url, additional_headers={"Authorization": "Bearer k"}) as client:
+            events = client.turn(input=f"hello {CANARY}", stream_id="lane")
+        deadline = time.monotonic() + 5
+        while not any(r.getMessage() == "websocket closed" for r in caplog.records):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    by_message = {r.getMessage(): r.__dict__ for r in caplog.records}
+    assert by_message["websocket refused"]["status"] == 401
+    turn = by_message["turn finished"]
+    assert turn["response_id"] == events[-1]["response"]["id"]
+    assert (turn["status"], turn["stream_id"]) == ("completed", "lane")
+    assert turn["output_tokens"] > 0 and turn["seconds"] >= turn["first_event_seconds"] > 0
+    closed = by_message["websocket closed"]
+    assert closed["connection"] == by_message["websocket opened"]["connection"]
+    assert closed["close_code"] == 1000 and closed["seconds"] > 0
+    # (caplog sees the websockets library's frame traces too, which the server's own
+    # logging drops: see the end-to-end test above.)
+    own = [str(r.__dict__) for r in caplog.records if written_here(r.name)]
+    assert own and not any("zebracorn" in line or "Bearer" in line for line in own)

@@ -613,8 +613,24 @@ class Turn:
     def _finish(self, status: str) -> None:
         self.finished = True
         self.release()
-        metrics = self.engine.metrics
-        metrics.observe_turn(time.perf_counter() - self.started, status)
+        seconds = time.perf_counter() - self.started
+        self.engine.metrics.observe_turn(seconds, status)
+        if log.isEnabledFor(logging.DEBUG):  # one line per turn: ids, counts, times only
+            input_tokens, cached_tokens, output_tokens = self.usage()
+            first = None if self.first_token is None else self.first_token - self.started
+            log.debug(
+                "turn finished",
+                extra={
+                    "response_id": self.response_id,
+                    "stream_id": self.stream_id,
+                    "status": status,
+                    "seconds": round(seconds, 6),
+                    "first_event_seconds": None if first is None else round(first, 6),
+                    "input_tokens": input_tokens,
+                    "cached_tokens": cached_tokens,
+                    "output_tokens": output_tokens,
+                },
+            )
 
 
 def response_object(

@@ -312,6 +312,7 @@ class Connection(asyncio.Protocol):
         self._immediate = server.immediate
         # The client's frames, split in Rust (none with extensions: then `ws` reads all).
         self._frames: ClientFrames | None = None
+        self._opened_at = 0.0  # when the WebSocket opened (monotonic)
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -363,6 +364,16 @@ class Connection(asyncio.Protocol):
             self.session.connection_lost()
             self._run_actions()
             self.server.metrics.connection_closed("websocket")
+            ws = self.ws
+            log.info(
+                "websocket closed",
+                extra={
+                    "connection": self.session.connection,
+                    "seconds": round(time.monotonic() - self._opened_at, 3),
+                    "close_code": ws.close_rcvd.code if ws and ws.close_rcvd else None,
+                    "error_type": type(exc).__name__ if exc is not None else None,
+                },
+            )
         if self._timer is not None:
             self._timer.cancel()
         if self._http_timer is not None:
@@ -607,9 +618,11 @@ class Connection(asyncio.Protocol):
             self._ws_data(leftover)
         else:
             self._flush()
+        self._opened_at = time.monotonic()
         log.info("websocket opened", extra={"connection": self.session.connection})
 
     def _refuse(self, error: APIError) -> None:
+        log.info("websocket refused", extra={"status": error.status, "code": error.code})
         server = self.server
         server.metrics.count_error(error.code or error.type)
         server.metrics.http_request("responses", error.status)
