@@ -97,6 +97,23 @@ def test_upstream_flags_without_upstream_are_a_usage_error(flags: list[str]) -> 
     assert f"warmsocket serve: error: {flag} needs --upstream" in result.stderr
 
 
+@pytest.mark.parametrize("flag", ["--mock-ttft-ms", "--mock-tokens-per-second"])
+def test_built_in_model_flags_with_an_upstream_are_a_usage_error(
+    flag: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The upstream answers, so they would be silently ignored.
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["serve", "--upstream", "http://a:1/v1", flag, "5"])
+    assert info.value.code == 2
+    assert f"{flag} has no effect with --upstream" in capsys.readouterr().err
+    monkeypatch.setenv("WARMSOCKET_UPSTREAM", "http://a:1/v1")  # from the environment too
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", flag, "5"])
+    assert build_parser().parse_args(["serve"]).mock_ttft_ms == 0.0  # no flag: fine
+    monkeypatch.delenv("WARMSOCKET_UPSTREAM")
+    assert getattr(build_parser().parse_args(["serve", flag, "5"]), flag[2:].replace("-", "_")) == 5
+
+
 def test_upstream_flags_with_upstream_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -178,13 +178,20 @@ class _EnvDefault:
     code's default, or the raw text of the option's environment variable."""
 
     def __init__(
-        self, default: Any, env_name: str, raw: str | None, kind: str, requires: str | None
+        self,
+        default: Any,
+        env_name: str,
+        raw: str | None,
+        kind: str,
+        requires: str | None,
+        excludes: str | None = None,
     ) -> None:
         self.default = default
         self.env_name = env_name
         self.raw = raw
         self.kind = kind  # "flag" (store_true), "list" (comma-separated) or "value"
         self.requires = requires  # a flag this one means nothing without
+        self.excludes = excludes  # a flag this one means nothing with
 
     def resolve(self, action: argparse.Action) -> Any:
         """The value; raises ArgumentTypeError when the variable's text is not one."""
@@ -209,7 +216,8 @@ class _Parser(argparse.ArgumentParser):
 
     An option added with `requires` and given on the command line is a usage error
     when the option it requires has no value (from the command line or the
-    environment): it would be silently ignored. From the environment it is allowed, as
+    environment), one added with `excludes` when the option it excludes has one: it
+    would be silently ignored. From the environment it is allowed, as
     variables are often shared by several processes' configurations."""
 
     def parse_known_args(  # type: ignore[override]
@@ -230,9 +238,11 @@ class _Parser(argparse.ArgumentParser):
             except argparse.ArgumentTypeError as exc:
                 self.error(f"{spec.env_name}: {exc}")
         for action, spec in given:
-            required = spec.requires
+            required, excluded = spec.requires, spec.excludes
             if required and not getattr(parsed, required.lstrip("-").replace("-", "_"), None):
                 self.error(f"{action.option_strings[0]} needs {required}")
+            if excluded and getattr(parsed, excluded.lstrip("-").replace("-", "_"), None):
+                self.error(f"{action.option_strings[0]} has no effect with {excluded}")
         return parsed, rest
 
 
@@ -246,6 +256,7 @@ class _EnvDefaults:
         self.parser = parser
         self.prefix = prefix
         self.requires: str | None = None  # see `_Parser`
+        self.excludes: str | None = None  # see `_Parser`
 
     def add(
         self,
@@ -273,7 +284,9 @@ class _EnvDefaults:
             kind = "list"
         else:
             kind = "value"
-        spec = _EnvDefault(default, env_name, os.environ.get(env_name), kind, self.requires)
+        spec = _EnvDefault(
+            default, env_name, os.environ.get(env_name), kind, self.requires, self.excludes
+        )
         if kwargs.get("action") == "append":
             kwargs["action"] = _AppendReplacing
         if default is None or default == []:
@@ -475,18 +488,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="model name(s) listed by GET /v1/models (any name is accepted in requests); "
         "with --upstream, the names given here and in --upstream-model-map are listed",
     )
+    # The built-in model's knobs mean nothing with an upstream: given on the command
+    # line with --upstream, they are a usage error (not silently ignored).
+    opt.excludes = "--upstream"
     opt.add(
         "--mock-ttft-ms",
         default=0.0,
         type=_non_negative_float,
-        help="built-in model: milliseconds before its first output",
+        help="built-in model: milliseconds before its first output (not with --upstream)",
     )
     opt.add(
         "--mock-tokens-per-second",
         default=0.0,
         type=_non_negative_float,
-        help="built-in model: pace of output deltas (0 = as fast as possible)",
+        help="built-in model: pace of output deltas, 0 = as fast as possible (not with --upstream)",
     )
+    opt.excludes = None
     from warmsocket import upstream_cli  # upstream flags and simulate-upstream live there
 
     upstream_cli.add_serve_flags(serve)
