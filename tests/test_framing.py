@@ -766,3 +766,30 @@ def test_text_deltas_is_text_delta_of_each(framing: str) -> None:
     assert item_id.sub(b"id", batched) == item_id.sub(b"id", single)
     assert one.sequence_number == each.sequence_number
     assert one.text_deltas([]) == b""
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [
+        ("temperature", "0", None),
+        ("temperature", "2", None),
+        ("temperature", "2.0001", "invalid_value"),
+        ("temperature", "-0.5", "invalid_value"),
+        ("temperature", "null", None),  # null is allowed: the default
+        ("top_p", "1", None),
+        ("top_p", "1.5", "invalid_value"),
+        ("top_p", "18446744073709551615", "invalid_value"),
+        ("top_p", "100000000000000000000000", "invalid_value"),
+    ],
+)
+def test_sampling_settings_within_the_api_ranges(field: str, value: str, code: str | None) -> None:
+    """temperature in [0, 2], top_p in [0, 1] (the OpenAPI spec's bounds)."""
+    body = f'{{"type":"response.create","model":"m","input":"x","{field}":{value}}}'
+    verdict = same_verdict(body.encode())
+    if code is None:
+        assert verdict[0] == "create"
+    else:
+        assert verdict[2:4] == (code, field)
+        assert verdict[4] == f"Invalid value for '{field}': must be between 0 and " + (
+            "2." if field == "temperature" else "1."
+        )

@@ -607,10 +607,14 @@ def _settings(body: dict[str, Any]) -> dict[str, Any]:
         )
     if not isinstance(settings["parallel_tool_calls"], bool):
         raise errors.invalid_type("parallel_tool_calls", "a boolean")
-    for name in ("temperature", "top_p"):
+    for name, maximum in (("temperature", 2), ("top_p", 1)):
         value = settings[name]
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise errors.invalid_type(name, "a number")
+        if not 0 <= value <= maximum:
+            raise errors.invalid_value(
+                name, f"Invalid value for '{name}': must be between 0 and {maximum}."
+            )
     for name in ("max_output_tokens", "max_tool_calls", "top_logprobs"):
         value = settings[name]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):

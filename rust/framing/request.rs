@@ -503,10 +503,20 @@ fn settings(body: &Object<'_>, model: &str) -> Result<Settings, RequestError> {
             "a boolean",
         ));
     }
-    for name in ["temperature", "top_p"] {
+    for (name, max) in [("temperature", 2.0), ("top_p", 1.0)] {
         let value = get(name);
-        if !(value.is_int() || matches!(value, Value::Float(_))) {
-            return Err(RequestError::invalid_type(name, "a number"));
+        let number = match value {
+            Value::Int(i) => *i as f64,
+            Value::UInt(u) => *u as f64,
+            Value::BigInt(_) => f64::INFINITY, // outside 64 bits: far out of range
+            Value::Float(f) => *f,
+            _ => return Err(RequestError::invalid_type(name, "a number")),
+        };
+        if !(0.0..=max).contains(&number) {
+            return Err(RequestError::invalid_value(
+                name,
+                format!("Invalid value for '{name}': must be between 0 and {max}."),
+            ));
         }
     }
     for name in ["max_output_tokens", "max_tool_calls", "top_logprobs"] {
@@ -1100,6 +1110,15 @@ mod tests {
                 "parallel_tool_calls",
             ),
             (r#""temperature":"hot""#, "invalid_type", "temperature"),
+            (r#""temperature":2.5"#, "invalid_value", "temperature"),
+            (r#""temperature":-1"#, "invalid_value", "temperature"),
+            (r#""top_p":3"#, "invalid_value", "top_p"),
+            (r#""top_p":18446744073709551615"#, "invalid_value", "top_p"),
+            (
+                r#""top_p":1000000000000000000000"#,
+                "invalid_value",
+                "top_p",
+            ),
             (r#""top_p":true"#, "invalid_type", "top_p"),
             (
                 r#""max_output_tokens":-1"#,
