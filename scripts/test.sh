@@ -39,7 +39,13 @@ echo "== pytest"
 # and json since 3.11 is tested too (3.12's wait_for broke upstream turns once).
 newer=""
 for version in 3.13 3.12; do
-    newer=$(command -v "python$version" || ls -d "$HOME"/.pyenv/versions/"$version".*/bin/python 2>/dev/null | tail -n 1 || true)
+    for candidate in $(ls -d "$HOME"/.pyenv/versions/"$version".*/bin/python 2>/dev/null) \
+        "$(command -v "python$version" || true)"; do
+        # (pyenv's shims are on PATH for every version but run only the selected ones)
+        if [ -n "$candidate" ] && "$candidate" --version >/dev/null 2>&1; then
+            newer=$candidate
+        fi
+    done
     [ -n "$newer" ] && break
 done
 if [ -n "$newer" ] && [ "$#" -eq 0 ]; then
