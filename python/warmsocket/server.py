@@ -580,10 +580,10 @@ class Connection(asyncio.Protocol):
             return
         try:
             response = protocol.accept(handshake[0])
-        except Exception as exc:
+        except Exception:
             # websockets builds its refusal's text from the bad header and cannot encode
             # a non-ASCII one (UnicodeEncodeError): refuse here, without echoing it.
-            log.info("websocket handshake refused", extra={"error_type": type(exc).__name__})
+            # (`_refuse` logs the refusal; the exception's text is not logged.)
             self._refuse(
                 APIError(
                     None,
