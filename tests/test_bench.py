@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -187,12 +188,15 @@ def test_plots_are_drawn_from_a_result_document(tmp_path: Path) -> None:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _warmsocket(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _warmsocket(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "warmsocket", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -219,3 +223,26 @@ def test_bench_command_writes_results_and_plots(tmp_path: Path) -> None:
     assert document["machine"]["cores"] and document["machine"]["load_average_end"]
     assert (tmp_path / "throughput.png").exists()
     assert "throughput    1 conns" in result.stdout
+
+
+def test_plots_that_cannot_be_drawn_fail_the_command_after_writing_results(
+    tmp_path: Path,
+) -> None:
+    # A matplotlib that cannot be imported (as when the bench extra is missing).
+    fake = tmp_path / "site" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    out = tmp_path / "out"
+    result = _warmsocket(
+        "bench", "--suites", "throughput", "--connections", "1", "--seconds", "0.2",
+        "--output-dir", str(out), env={"PYTHONPATH": str(tmp_path / "site")},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "writing plots failed" in result.stderr and "--no-plots" in result.stderr
+    assert json.loads((out / "results.json").read_text())["throughput"]["points"]
+    assert not list(out.glob("*.png"))
+    skipped = _warmsocket(
+        "bench", "--suites", "throughput", "--connections", "1", "--seconds", "0.2",
+        "--output-dir", str(out), "--no-plots", env={"PYTHONPATH": str(tmp_path / "site")},
+    )  # fmt: skip
+    assert skipped.returncode == 0, skipped.stderr

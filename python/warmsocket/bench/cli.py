@@ -180,14 +180,21 @@ def bench_command(args: argparse.Namespace) -> int:
         time_limit=args.time_limit if args.time_limit is not None else options.time_limit,
     )
     results = runner.run(options)
+    plots_failed = False
     try:
         written = runner.write(results, options)
-    except Exception as exc:  # plots are optional; results.json must still be there
-        print(f"warmsocket bench: writing plots failed: {exc}", file=sys.stderr)
+    except Exception as exc:  # results.json must still be there
+        print(
+            f"warmsocket bench: writing plots failed: {exc} "
+            "(results.json is written; --no-plots skips the plots)",
+            file=sys.stderr,
+        )
+        plots_failed = True
         options = replace(options, plots=False)
         written = runner.write(results, options)
     for line in runner.summary_lines(results):
         print(line)
     for path in written:
         print(f"wrote {path}")
-    return 1 if results["errors"] else 0
+    # Plots asked for and not drawn is a failure a script should see.
+    return 1 if results["errors"] or plots_failed else 0
