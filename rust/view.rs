@@ -177,6 +177,29 @@ impl ContextView {
         }
     }
 
+    /// The `call_id` of the first `function_call_output` among the view's new items
+    /// (`extra`) that answers no `function_call` before it in the context. Walks back
+    /// from the end and stops once every output of the new items is matched: the
+    /// new items plus the distance back to their calls, not the whole context.
+    pub fn unanswered_call_output(&self) -> Option<String> {
+        let extra = self.extra.as_ref()?;
+        // The unanswered outputs seen so far, walking back (newest first).
+        let mut waiting: Vec<&str> = Vec::new();
+        for item in extra.iter().rev() {
+            track_call_output(&mut waiting, item, true);
+        }
+        let chain = self.leaf.as_deref().into_iter().flat_map(Node::ancestors);
+        for node in chain {
+            if waiting.is_empty() {
+                return None;
+            }
+            for item in node.own_items().rev() {
+                track_call_output(&mut waiting, item, false);
+            }
+        }
+        waiting.last().map(|id| (*id).to_owned())
+    }
+
     /// Every item's canonical JSON, oldest first.
     pub fn item_spans(&self) -> Vec<&[u8]> {
         let mut spans = Vec::with_capacity(self.items() as usize);
@@ -301,6 +324,20 @@ impl JsonFrom<'_> {
             }
             sink(json);
         }
+    }
+}
+
+/// One step of `ContextView::unanswered_call_output`'s walk back: a new item's
+/// `function_call_output` starts waiting; a `function_call` answers the outputs
+/// waiting for its `call_id` (they come after it).
+fn track_call_output<'a>(waiting: &mut Vec<&'a str>, item: &'a Item, new: bool) {
+    match item.kind() {
+        "function_call_output" if new => waiting.push(item.call_id().unwrap_or("")),
+        "function_call" => {
+            let id = item.call_id().unwrap_or("");
+            waiting.retain(|w| *w != id);
+        }
+        _ => {}
     }
 }
 

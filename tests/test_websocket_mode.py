@@ -524,3 +524,54 @@ def test_a_backend_stream_without_aclose_is_served() -> None:
             assert output_text(events) == "plain answer"
         srv.call(gc.collect)  # a failed task reports its exception when collected
     assert failures == []
+
+
+def test_a_tool_output_must_answer_a_call_in_its_context(server: RunningServer) -> None:
+    """spec 2.1: a function_call_output whose call_id matches no function_call before
+    it in the resolved context is a 400 on `input` (the model would get an answer to
+    a question it never asked)."""
+
+    def output(call_id: str) -> dict[str, str]:
+        return {"type": "function_call_output", "call_id": call_id, "output": "17 C"}
+
+    call = {"type": "function_call", "call_id": "call_in", "name": "get_weather",
+            "arguments": "{}"}  # fmt: skip
+    with WSClient(server.ws_url) as ws:
+        first = ws.turn(input='/call get_weather {"city": "Oslo"}', tools=FUNCTION_TOOLS)
+        call_id = first[-1]["response"]["output"][0]["call_id"]
+        parent = first[-1]["response"]["id"]
+        for bad in ([output("call_nowhere")], [output("call_in"), call]):  # unknown; before
+            error = ws.turn(input=bad, previous_response_id=parent, tools=FUNCTION_TOOLS)[-1]
+            assert error["type"] == "error" and error["status"] == 400
+            assert (error["error"]["code"], error["error"]["param"]) == ("invalid_value", "input")
+            assert (
+                "No tool call found for function call output with call_id"
+                in (error["error"]["message"])
+            )
+            # The parent was evicted by the failed same-lane continuation (spec 5.3):
+            # start again.
+            first = ws.turn(input='/call get_weather {"city": "Oslo"}', tools=FUNCTION_TOOLS)
+            call_id = first[-1]["response"]["output"][0]["call_id"]
+            parent = first[-1]["response"]["id"]
+        # Answering the previous response's call, or a call in the same input: fine.
+        done = ws.turn(input=[output(call_id)], previous_response_id=parent, tools=FUNCTION_TOOLS)
+        assert done[-1]["type"] == "response.completed"
+        again = ws.turn(
+            input=[call, output("call_in")],
+            previous_response_id=done[-1]["response"]["id"],
+            tools=FUNCTION_TOOLS,
+        )
+        assert again[-1]["type"] == "response.completed"
+        # A call far back in the chain still counts (an output arriving late).
+        late = ws.turn(
+            input=[output(call_id)],
+            previous_response_id=again[-1]["response"]["id"],
+            tools=FUNCTION_TOOLS,
+        )
+        assert late[-1]["type"] == "response.completed"
+    # Over HTTP, in a whole re-sent history, the same rule.
+    reply = httpx.post(
+        f"{server.base_url}/responses",
+        json={"model": "m", "input": [{"role": "user", "content": "hi"}, output("call_x")]},
+    )
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "input"

@@ -309,6 +309,11 @@ class ContextView:
     @property
     def tokens(self) -> int:
         """Tokens of the view (0 without a tokenizer): a sum of cached counts, O(1)."""
+    def unanswered_call_output(self) -> str | None:
+        """The `call_id` of the first `function_call_output` among the view's new items
+        that answers no `function_call` before it in the context (None when all do).
+        Walks back from the end until every new output is matched, not the whole
+        context."""
     def token_ids(self) -> array[int] | None:
         """The context's token ids as `array('I')` (None without a tokenizer).
 

@@ -323,6 +323,14 @@ class Engine:
                     None, owner=owner, connection=connection, extra=items, tokenize=False
                 )
                 cached_tokens = 0
+            unanswered = view.unanswered_call_output()
+            if unanswered is not None:
+                raise errors.invalid_value(
+                    "input",
+                    "No tool call found for function call output with call_id "
+                    f"{unanswered[:64]!r}: send function_call_output items after the "
+                    "function_call they answer (in the input or the previous response).",
+                )
         except BaseException:
             if binding is not None:
                 binding.release()

@@ -546,6 +546,10 @@ impl PyContextView {
         self.inner.tokens()
     }
 
+    fn unanswered_call_output(&self) -> Option<String> {
+        self.inner.unanswered_call_output()
+    }
+
     fn json<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         view_json(py, &self.inner)
     }
