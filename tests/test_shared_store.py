@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -311,5 +313,107 @@ def test_the_deletion_listener_survives_an_unexpected_error(
         assert heard == [("o", "later")] and reader.errors == 1
         await writer.aclose()
         await reader.aclose()  # does not raise the listener's old error
+
+    run(main())
+
+
+def test_settings_lost_from_redis_are_written_again(redis_url: str) -> None:
+    """Redis restarted empty (or flushed): the settings a process had written lately
+    were only refreshed (EXPIRE), which does nothing on a missing key, so new records
+    pointed at settings that no longer existed and no other process could load them."""
+
+    async def main() -> None:
+        a, b = SessionCache(), SessionCache()
+        writer = SharedStore.from_url(redis_url, prefix="t9")
+        reader = SharedStore.from_url(redis_url, prefix="t9")
+        await writer.start()
+        await reader.start()
+        turn(a, "before", None, "x")
+        share(writer, a, "before")
+        await writer.flush()
+        await writer.client.flushall()
+        turn(a, "after", None, "y")  # the same settings
+        share(writer, a, "after")
+        await writer.flush()
+        assert await reader.load(b, "after", owner="o")
+        assert reader.errors == 0
+        await writer.aclose()
+        await reader.aclose()
+
+    run(main())
+
+
+def test_a_deletion_announced_during_a_load_wins(redis_url: str) -> None:
+    """The load read the record before it was deleted; the announcement came while the
+    load was still running and found nothing here to drop: the load drops it."""
+
+    async def main() -> None:
+        a, b = SessionCache(), SessionCache()
+        writer = SharedStore.from_url(redis_url, prefix="t10")
+        reader = SharedStore.from_url(redis_url, prefix="t10")
+        await writer.start()
+        await reader.start()
+        turn(a, "root", None, "x")
+        share(writer, a, "root")
+        turn(a, "leaf", "root", "y")
+        share(writer, a, "leaf")
+        await writer.flush()
+        dropped: list[tuple[str, str]] = []
+        read_settings = reader._settings
+
+        async def deleted_meanwhile(records: Any) -> dict[str, bytes]:
+            settings = await read_settings(records)
+            # What the listener does when A's DELETE is announced now.
+            reader._announce(json.dumps(["o", "leaf"]), lambda o, r: dropped.append((o, r)))
+            return settings
+
+        reader._settings = deleted_meanwhile  # type: ignore[method-assign]
+        assert not await reader.load(b, "leaf", owner="o")
+        assert dropped == [("o", "leaf")]
+        assert b.get("root", owner="o").id == "root"  # the ancestor is still there
+        with pytest.raises(LookupError):
+            b.get("leaf", owner="o")
+        await writer.aclose()
+        await reader.aclose()
+
+    run(main())
+
+
+def test_a_cold_load_tokenises_off_the_event_loop(redis_url: str) -> None:
+    """Loading a long chain tokenises every item; on the event loop that stalled every
+    other connection of the process for as long (seconds for a big chain)."""
+    from warmsocket.engine import new_cache, tokenizer_for
+
+    async def main() -> None:
+        a = SessionCache()
+        b = new_cache(1 << 30, 32 << 20, tokenizer=tokenizer_for("o200k_base", "m"))
+        writer = SharedStore.from_url(redis_url, prefix="t11")
+        reader = SharedStore.from_url(redis_url, prefix="t11")
+        await writer.start()
+        await reader.start()
+        parent = None
+        for i in range(12):
+            turn(a, f"r{i}", parent, "m" * 300_000)  # slow to tokenise
+            share(writer, a, f"r{i}")
+            parent = f"r{i}"
+        await writer.flush()
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        task = asyncio.get_running_loop().create_task(ticker())
+        started = time.monotonic()
+        assert await reader.load(b, "r11", owner="o")
+        took = time.monotonic() - started
+        task.cancel()
+        assert b.view("r11", owner="o").tokens > 0  # tokenised
+        # The loop went on while the chain was tokenised (about 1 tick per 5 ms).
+        assert took > 0.05 and ticks >= took / 0.005 / 4, (took, ticks)
+        await writer.aclose()
+        await reader.aclose()
 
     run(main())

@@ -181,7 +181,8 @@ class SharedResponses(Protocol):
         ...
 
     async def delete(self, response_id: str, *, owner: str) -> bool:
-        """Mark a response deleted for every process; whether it existed there."""
+        """Mark a response deleted for every process; whether it existed there.
+        ConnectionError when the other processes could not be told."""
         ...
 
     def stats(self) -> dict[str, int]:

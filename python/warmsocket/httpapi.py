@@ -256,10 +256,22 @@ class HTTPApp:
         self, writer: ResponseWriter, request: Request, request_id: str, owner: str, rid: str
     ) -> int:
         engine = self.engine
-        deleted = engine.cache.delete(rid, owner=owner)
+        shared_deleted = False
         if engine.shared is not None:
-            # Also when it was not cached here: another process may have made it.
-            deleted = await engine.shared.delete(rid, owner=owner) or deleted
+            # First, and also when it was not cached here: another process may have made
+            # it. When Redis cannot be told, nothing is deleted (this process would load
+            # it again from Redis, the others would keep serving it): the client retries.
+            try:
+                shared_deleted = await engine.shared.delete(rid, owner=owner)
+            except ConnectionError:
+                raise errors.APIError(
+                    "server_error",
+                    "The response could not be deleted on every server (the shared store "
+                    "is unreachable); nothing was deleted. Retry the request.",
+                    status=503,
+                    type="server_error",
+                ) from None
+        deleted = engine.cache.delete(rid, owner=owner) or shared_deleted
         if not deleted:
             raise errors.response_not_found(rid)
         body = dumps({"id": rid, "object": "response", "deleted": True})

@@ -49,6 +49,7 @@ import logging
 import os
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,8 @@ WRITE_BATCH = 256
 SOCKET_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
 RESUBSCRIBE_DELAY = 1.0
+ANNOUNCED_MEMORY = 4096
+"""Deletion announcements remembered, for loads that read a record before its own."""
 SHUTDOWN_FLUSH_TIMEOUT = 10.0
 _KNOWN_SETTINGS_LIMIT = 4096
 
@@ -195,6 +198,9 @@ class SharedStore:
         # Keys queued but not written yet, and those of them deleted meanwhile.
         self._unwritten: set[str] = set()
         self._tombstones: set[str] = set()
+        # (owner, response id) of the deletions announced lately: a load that read a
+        # record before its deletion was announced drops it after inserting it.
+        self._announced: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SharedStore:
@@ -322,16 +328,21 @@ class SharedStore:
     async def _write(self, batch: list[_Record]) -> None:
         now = time.monotonic()
         written: dict[str, float] = {}
+        # Settings only refreshed (EXPIRE): their position in the pipeline's replies.
+        refreshed: dict[int, tuple[str, bytes]] = {}
+        commands = 0
         async with self.client.pipeline(transaction=False) as pipe:
             for record in batch:
                 digest = hashlib.blake2b(record.settings, digest_size=16).hexdigest()
                 settings_key = f"{self.prefix}:s:{digest}"
                 last = self._known_settings.get(digest)
                 if digest in written or (last is not None and now - last < self.ttl / 2):
-                    pipe.expire(settings_key, self.ttl)  # written recently: still there
+                    pipe.expire(settings_key, self.ttl)  # written recently: still there?
+                    refreshed[commands] = (digest, record.settings)
                 else:
                     pipe.set(settings_key, record.settings, ex=self.ttl)
                     written[digest] = now
+                commands += 3  # the settings, HSET, EXPIRE
                 fields: dict[str, Any] = {
                     "v": RECORD_VERSION,
                     "input": record.input.json(),
@@ -347,7 +358,16 @@ class SharedStore:
                     mapping={"parent": record.parent or "", "data": msgpack.packb(fields)},
                 )
                 pipe.expire(record.key, self.ttl)
-            await pipe.execute()
+            replies = await pipe.execute()
+        # EXPIRE answers 0 for a key that is gone (Redis restarted empty, flushed, or
+        # evicted it): write those settings again, or every record would point at none.
+        lost = {digest: value for i, (digest, value) in refreshed.items() if not replies[i]}
+        if lost:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for digest, value in lost.items():
+                    pipe.set(f"{self.prefix}:s:{digest}", value, ex=self.ttl)
+                    written[digest] = now
+                await pipe.execute()
         if len(self._known_settings) + len(written) > _KNOWN_SETTINGS_LIMIT:
             self._known_settings.clear()
         self._known_settings.update(written)
@@ -373,7 +393,9 @@ class SharedStore:
             records = await self._chain(cache, response_id, owner)
             if records is not None and not records[0].deleted:
                 settings = await self._settings(records)
-                found = self._insert(cache, records, settings, owner)
+                # Inserting tokenises every loaded item (Rust, without the GIL): off the
+                # event loop, so a long chain does not stall every other connection.
+                found = await asyncio.to_thread(self._insert, cache, records, settings, owner)
         except (redis.RedisError, OSError) as exc:
             self.errors += 1
             log.error("cannot read from Redis", extra={"redis": self.address, **_failure(exc)})
@@ -422,7 +444,9 @@ class SharedStore:
     def _insert(
         self, cache: SessionCache, records: list[_Loaded], settings: dict[str, bytes], owner: str
     ) -> bool:
-        """Create the loaded chain oldest first (synchronously: no other task sees half)."""
+        """Create the loaded chain oldest first (in a worker thread: a task that looks
+        meanwhile may see part of it, and then loads the rest itself; a duplicate is
+        skipped)."""
         for record in reversed(records):
             data = record.data
             parent: str | Binding | None = record.parent
@@ -451,8 +475,10 @@ class SharedStore:
                     binding.release()
             self.loaded += 1
         for record in records:
-            if record.deleted:
-                # Loaded only as an ancestor: its descendants need it, lookups must not see it.
+            # Deleted, or deleted since it was read (the announcement came during the
+            # load and found nothing here to drop): loaded only as an ancestor, its
+            # descendants need it, lookups must not see it.
+            if record.deleted or (owner, record.response_id) in self._announced:
                 cache.delete(record.response_id, owner=owner)
         return True
 
@@ -460,7 +486,10 @@ class SharedStore:
 
     async def delete(self, response_id: str, *, owner: str) -> bool:
         """Mark a shared response deleted and tell the other processes. Returns whether
-        it existed (and was not deleted yet) in Redis or in the write queue."""
+        it existed (and was not deleted yet) in Redis or in the write queue. Raises
+        ConnectionError when Redis could not be told: the caller must not report the
+        response deleted (the other processes, and this one after an eviction, would
+        still load it)."""
         key = self._key(owner, response_id)
         existed = False
         try:
@@ -473,6 +502,7 @@ class SharedStore:
         except (redis.RedisError, OSError) as exc:
             self.errors += 1
             log.error("cannot delete from Redis", extra={"redis": self.address, **_failure(exc)})
+            raise ConnectionError("Redis could not be told of the deletion") from None
         self.deleted += existed
         return existed
 
@@ -490,7 +520,7 @@ class SharedStore:
                             ignore_subscribe_messages=True, timeout=1.0
                         )
                         if message is not None:
-                            _announce(message.get("data"), on_deleted)
+                            self._announce(message.get("data"), on_deleted)
             except Exception as exc:  # Redis and OS errors, and anything else: keep listening
                 self.errors += 1
                 if not failing:  # once per outage, not once per retry
@@ -501,16 +531,24 @@ class SharedStore:
                     failing = True
                 await asyncio.sleep(RESUBSCRIBE_DELAY)
 
+    def _announce(self, data: Any, on_deleted: OnDeleted) -> None:
+        try:
+            owner, response_id = json.loads(data)
+            owner, response_id = str(owner), str(response_id)
+        except Exception as exc:
+            log.error("bad deletion announcement", extra={"error_type": type(exc).__name__})
+            return
+        announced = self._announced
+        announced[(owner, response_id)] = None
+        while len(announced) > ANNOUNCED_MEMORY:
+            announced.popitem(last=False)
+        try:
+            on_deleted(owner, response_id)
+        except Exception as exc:
+            log.error("cannot drop a deleted response", extra={"error_type": type(exc).__name__})
+
     def _key(self, owner: str, response_id: str) -> str:
         return f"{self.prefix}:r:{owner}:{response_id}"
-
-
-def _announce(data: Any, on_deleted: OnDeleted) -> None:
-    try:
-        owner, response_id = json.loads(data)
-        on_deleted(str(owner), str(response_id))
-    except Exception as exc:
-        log.error("bad deletion announcement", extra={"error_type": type(exc).__name__})
 
 
 def _rematch(
