@@ -470,3 +470,30 @@ def test_an_oversized_upstream_message_fails_the_turn_not_the_server(
         assert terminal["response"]["error"]["code"] == "server_error"
         assert metrics.upstream.requests[("responses-ws", "closed")] == 1
         assert output_text(client.turn(input="short", store=False)) == "You said: short"
+
+
+def test_a_response_running_when_the_upstreams_lifetime_ends_is_finished() -> None:
+    """A WebSocket-mode upstream (here another warmsocket, 1 s lifetime) says
+    websocket_connection_limit_reached while a response streams, finishes it within
+    its grace period, then closes (spec 1.7). The response reaches the client whole,
+    with no retry; the next turn goes on a fresh connection."""
+    from tests.support import running_server
+    from warmsocket.backends.mock import MockBackend
+    from warmsocket.engine import Limits
+
+    words = " ".join(f"w{i}" for i in range(30))
+    with running_server(
+        backend=MockBackend(tokens_per_second=20),  # 32 deltas: 1.6 s
+        limits=Limits(connection_lifetime=1.0, close_grace=10),
+    ) as upstream:
+        url = f"http://127.0.0.1:{upstream.port}/v1"
+        with (
+            warmsocket_upstream(url, "responses-ws", ws_warm_connections=0) as (front, metrics),
+            WSClient(front.ws_url) as client,
+        ):
+            events = client.turn(input=words)
+            assert events[-1]["type"] == "response.completed"
+            assert output_text(events) == f"You said: {words}"
+            assert metrics.upstream.retries == 0
+            again = client.turn(input="again", previous_response_id=events[-1]["response"]["id"])
+            assert output_text(again) == "You said: again"

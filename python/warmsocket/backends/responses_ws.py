@@ -68,7 +68,7 @@ _INPUT_KEY = b'"input":'
 class UpstreamSocket:
     """One WebSocket-mode connection to a replica."""
 
-    __slots__ = ("busy", "head", "last_used", "opened", "replica", "ws")
+    __slots__ = ("busy", "expiring", "head", "last_used", "opened", "replica", "ws")
 
     def __init__(self, replica: Replica, ws: ClientConnection, opened: float) -> None:
         self.replica = replica
@@ -78,6 +78,9 @@ class UpstreamSocket:
         self.busy = False
         self.head: str | None = None
         """The upstream response id this connection remembers (its latest)."""
+        self.expiring = False
+        """The upstream said the connection's lifetime ended while a response ran: the
+        response finishes (within the upstream's grace period), then it is closed."""
 
     @property
     def open(self) -> bool:
@@ -254,7 +257,17 @@ class ResponsesWSBackend:
                 yield events
             if decoder.done:
                 return
-            events = _model_events(decoder.message(await self._receive(socket)))
+            decoded = decoder.message(await self._receive(socket))
+            try:
+                events = model_events(decoded)
+            except UpstreamError as error:
+                if error.upstream_code != "websocket_connection_limit_reached":
+                    raise
+                # The upstream's connection lifetime ended while this response runs:
+                # the upstream finishes it within its grace period (spec 1.7), then
+                # closes. Keep reading it; the connection is not used again.
+                socket.expiring = True
+                events = []
 
     async def _send(self, socket: UpstreamSocket, body: bytes) -> None:
         try:
@@ -352,7 +365,7 @@ class ResponsesWSBackend:
         if not reusable or not socket.open or self._closing:
             socket.abort()
             return
-        if time.monotonic() - socket.opened >= self.config.ws_lifetime:
+        if socket.expiring or time.monotonic() - socket.opened >= self.config.ws_lifetime:
             self._retire(socket)
             return
         self._idle[socket.replica.index].append(socket)
