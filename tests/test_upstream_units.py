@@ -450,6 +450,16 @@ def test_http_error_mapping() -> None:
     assert from_error_object({"code": "server_error"}).retryable
     nested = from_error_object({"code": "invalid_value", "message": "m"}, status=400)
     assert isinstance(nested, UpstreamError) and nested.status == 400 and not nested.retryable
+    # Without a status (a response.failed, an error event that gives none), the code
+    # tells: one about the request is not retried and reaches the client as the
+    # Response object's invalid_prompt; only server errors are retried.
+    for code in ("invalid_prompt", "invalid_value"):
+        about_request = from_error_object({"code": code, "message": "flagged"})
+        assert about_request.status == 400 and not about_request.retryable, code
+        assert about_request.response_error()["code"] == "invalid_prompt"
+    for error in ({}, {"code": None}, {"code": "odd", "type": "server_error"}):
+        assert from_error_object(error).retryable, error
+    assert from_error_object({"code": "rate_limit_exceeded"}).status == 429
 
 
 ROUTE_404_BODIES = [

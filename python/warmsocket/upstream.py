@@ -221,8 +221,15 @@ def _from_error_fields(
     error: dict[str, Any], code: str | None, status: int | None
 ) -> UpstreamError:
     message = _text(error.get("message"))
-    if status is None:
-        status = 429 if code == "rate_limit_exceeded" else 500
+    if status is None:  # a response.failed, or an error event without a status
+        if code == "rate_limit_exceeded":
+            status = 429
+        elif code in {None, "server_error", "server_is_overloaded"} or (
+            error.get("type") == SERVER_ERROR
+        ):
+            status = 500
+        else:  # a code about the request (invalid_prompt, invalid_value, ...): not retried
+            status = 400
     if status == 429:
         return UpstreamError(
             code or "rate_limit_exceeded",
