@@ -497,3 +497,47 @@ def test_a_response_running_when_the_upstreams_lifetime_ends_is_finished() -> No
             assert metrics.upstream.retries == 0
             again = client.turn(input="again", previous_response_id=events[-1]["response"]["id"])
             assert output_text(again) == "You said: again"
+
+
+@pytest.mark.parametrize("status", [405, 426, 200])
+def test_an_upstream_without_websocket_mode_is_a_configuration_error(
+    status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An HTTP server that answers the upgrade with a plain answer (FastAPI: 405 to a
+    GET on a POST route) does not speak WebSocket mode: a server error that says so,
+    not the client's invalid_prompt, and not retried."""
+    body = b'{"detail":"Method Not Allowed"}'
+    reason = {405: b"Method Not Allowed", 426: b"Upgrade Required", 200: b"OK"}[status]
+    answer = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+        status, reason, len(body), body,
+    )  # fmt: skip
+    listener = socket.create_server(("127.0.0.1", 0))
+    upgrades: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                upgrades.append(conn.recv(65536))
+                conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="warmsocket.upstream"),
+            warmsocket_upstream(url, "responses-ws", ws_warm_connections=0) as (front, _),
+            WSClient(front.ws_url) as client,
+        ):
+            failed = client.turn(input="hi")[-1]
+    finally:
+        listener.close()
+    assert failed["type"] == "response.failed"
+    assert failed["response"]["error"]["code"] == "server_error"
+    assert "does not offer WebSocket mode" in failed["response"]["error"]["message"]
+    assert len(upgrades) == 1  # not retried
+    failures = [r for r in caplog.records if r.getMessage() == "upstream request failed"]
+    assert f"with HTTP {status}" in failures[-1].detail  # type: ignore[attr-defined]

@@ -50,6 +50,7 @@ from warmsocket.backends.base import ModelEvent, StreamItem, TurnContext, TurnFa
 from warmsocket.backends.http_upstream import chain_key, failed_attempt
 from warmsocket.backends.responses_events import model_events
 from warmsocket.backends.responses_http import HeadCache
+from warmsocket.errors import SERVER_ERROR
 from warmsocket.httpclient import PLAIN_HTTP_HINT, Origin, connect_failure, plain_answer_to_tls
 from warmsocket.metrics import Metrics
 from warmsocket.response_stream import dumps
@@ -398,6 +399,21 @@ class ResponsesWSBackend:
             )
         except InvalidStatus as exc:
             response = exc.response
+            status = response.status_code
+            if status < 400 or status in {400, 405, 426}:
+                # The URL answers HTTP but not a WebSocket upgrade: a server without
+                # WebSocket mode (FastAPI answers 405 to a GET on a POST route).
+                raise UpstreamError(
+                    "upstream_endpoint_not_found",
+                    "The upstream server does not offer WebSocket mode at its URL: "
+                    "warmsocket's upstream API is misconfigured. This is a server error, "
+                    "not a problem with the request.",
+                    status=502,
+                    type=SERVER_ERROR,
+                    reason="status",
+                    detail=f"the upstream answered the WebSocket upgrade with HTTP {status}; "
+                    "does it speak WebSocket mode? (else --upstream-api responses)",
+                ) from None
             headers = {k.lower(): v for k, v in response.headers.raw_items()}
             raise from_http_status(
                 response.status_code,
