@@ -541,3 +541,27 @@ def test_an_upstream_without_websocket_mode_is_a_configuration_error(
     assert len(upgrades) == 1  # not retried
     failures = [r for r in caplog.records if r.getMessage() == "upstream request failed"]
     assert f"with HTTP {status}" in failures[-1].detail  # type: ignore[attr-defined]
+
+
+def test_idle_upstream_websockets_close_when_their_lifetime_ends() -> None:
+    """Not only when a later turn looks at the pool: an idle connection past
+    --upstream-ws-lifetime is closed on time (the upstream held 41 open ones)."""
+    from tests.support import running_server
+
+    with running_server() as upstream:
+        url = f"http://127.0.0.1:{upstream.port}/v1"
+        active = upstream.server.metrics.connections_active
+        with (
+            warmsocket_upstream(url, "responses-ws", ws_warm_connections=0, ws_lifetime=0.5) as (
+                front,
+                _,
+            ),
+            WSClient(front.ws_url) as client,
+        ):
+            assert output_text(client.turn(input="hi")) == "You said: hi"
+            assert active["websocket"] == 1  # the pooled connection, idle now
+            deadline = time.monotonic() + 5
+            while active["websocket"] and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert active["websocket"] == 0
+            assert output_text(client.turn(input="again")) == "You said: again"

@@ -69,7 +69,7 @@ _INPUT_KEY = b'"input":'
 class UpstreamSocket:
     """One WebSocket-mode connection to a replica."""
 
-    __slots__ = ("busy", "expiring", "head", "last_used", "opened", "replica", "ws")
+    __slots__ = ("busy", "expiring", "expiry", "head", "last_used", "opened", "replica", "ws")
 
     def __init__(self, replica: Replica, ws: ClientConnection, opened: float) -> None:
         self.replica = replica
@@ -82,6 +82,8 @@ class UpstreamSocket:
         self.expiring = False
         """The upstream said the connection's lifetime ended while a response ran: the
         response finishes (within the upstream's grace period), then it is closed."""
+        self.expiry: asyncio.TimerHandle | None = None
+        """Closes the connection at the end of its lifetime if it is idle then."""
 
     @property
     def open(self) -> bool:
@@ -326,15 +328,16 @@ class ResponsesWSBackend:
         """None if a chained turn can go on `socket`, else why not (a replay reason)."""
         if socket.replica is not replica:
             return "moved"
+        expired = time.monotonic() - socket.opened >= self.config.ws_lifetime
+        if expired and not socket.busy:
+            self._retire(socket)  # (if its expiry has not closed it already)
+            return "rotated"
         if not socket.open:
             return "connection_lost"
         if socket.head != upstream_id:
             return "superseded"
         if socket.busy:
-            return "busy"
-        if time.monotonic() - socket.opened >= self.config.ws_lifetime:
-            self._retire(socket)
-            return "rotated"
+            return "busy"  # (an expired one is rotated when released)
         return None
 
     async def _checkout(self, replica: Replica) -> UpstreamSocket:
@@ -366,15 +369,35 @@ class ResponsesWSBackend:
         if not reusable or not socket.open or self._closing:
             socket.abort()
             return
-        if socket.expiring or time.monotonic() - socket.opened >= self.config.ws_lifetime:
+        age = time.monotonic() - socket.opened
+        idle = self._idle[socket.replica.index]
+        if (
+            socket.expiring
+            or age >= self.config.ws_lifetime
+            or len(idle) >= self.config.max_idle_connections
+        ):
             self._retire(socket)
             return
-        self._idle[socket.replica.index].append(socket)
+        idle.append(socket)
+        if socket.expiry is None:
+            # An idle connection is closed when its lifetime ends, not when a later
+            # turn happens to look at the pool.
+            socket.expiry = asyncio.get_running_loop().call_later(
+                self.config.ws_lifetime - age, self._expire, socket
+            )
+
+    def _expire(self, socket: UpstreamSocket) -> None:
+        socket.expiry = None
+        if not socket.busy and socket in self._idle[socket.replica.index]:
+            self._retire(socket)
 
     def _retire(self, socket: UpstreamSocket) -> None:
         idle = self._idle[socket.replica.index]
         if socket in idle:
             idle.remove(socket)
+        if socket.expiry is not None:
+            socket.expiry.cancel()
+            socket.expiry = None
         socket.head = None
         if socket.open:
             task = asyncio.get_running_loop().create_task(socket.ws.close(1000, "rotated"))
@@ -462,7 +485,7 @@ class ResponsesWSBackend:
         if self._closing:
             await socket.ws.close()
             return
-        self._idle[replica.index].append(socket)
+        self._release(socket, reusable=True)  # idle, with its expiry
 
     def _remember(self, response_id: str, socket: UpstreamSocket, upstream_id: str) -> None:
         chains = self._chains
