@@ -565,3 +565,75 @@ def test_idle_upstream_websockets_close_when_their_lifetime_ends() -> None:
                 time.sleep(0.02)
             assert active["websocket"] == 0
             assert output_text(client.turn(input="again")) == "You said: again"
+
+
+def test_a_pooled_connection_the_upstream_let_go_is_replayed_without_a_retry() -> None:
+    """The chain's pooled connection answers the next request with
+    websocket_connection_limit_reached (its lifetime ended while it was idle): the
+    turn is replayed in full on a fresh connection even with --upstream-retries 0
+    (the upstream's state loss is never the client's)."""
+    import asyncio
+    import json as jsonlib
+
+    from websockets.asyncio.server import ServerConnection, serve
+
+    seen: list[tuple[int, dict[str, Any]]] = []
+
+    async def answer(ws: ServerConnection, number: int, response_id: str) -> None:
+        for event in (
+            {"type": "response.created", "response": {"id": response_id}},
+            {"type": "response.output_item.added",
+             "item": {"id": f"msg_{number}", "type": "message", "content": []}},
+            {"type": "response.output_text.delta", "item_id": f"msg_{number}", "delta": "ok"},
+            {"type": "response.completed", "response": {"id": response_id, "usage": {
+                "input_tokens": 1, "output_tokens": 1}}},
+        ):  # fmt: skip
+            await ws.send(jsonlib.dumps(event))
+
+    async def handler(ws: ServerConnection) -> None:
+        number = len({n for n, _ in seen}) + 1
+        turns = 0
+        async for message in ws:
+            seen.append((number, jsonlib.loads(message)))
+            turns += 1
+            if number == 1 and turns == 2:  # the pooled connection, let go
+                await ws.send(jsonlib.dumps({"type": "error", "status": 400, "error": {
+                    "type": "invalid_request_error", "code": "websocket_connection_limit_reached",
+                    "message": "Lifetime reached."}}))  # fmt: skip
+                await ws.close()
+                return
+            await answer(ws, number, f"resp_up{len(seen)}")
+
+    async def start() -> Any:
+        return await serve(handler, "127.0.0.1", 0)
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(start())
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        with (
+            warmsocket_upstream(
+                f"http://127.0.0.1:{port}/v1", "responses-ws", ws_warm_connections=0, retries=0
+            ) as (front, metrics),
+            WSClient(front.ws_url) as client,
+        ):
+            first = client.turn(input="one")
+            assert first[-1]["type"] == "response.completed"
+            second = client.turn(input="two", previous_response_id=first[-1]["response"]["id"])
+            assert second[-1]["type"] == "response.completed", second[-1]
+            assert output_text(second) == "ok"
+            assert metrics.upstream.retries == 0
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+    # Chained on the pooled connection, then the full context on a fresh one.
+    assert [n for n, _ in seen] == [1, 1, 2]
+    assert seen[1][1]["previous_response_id"] == "resp_up1"
+    replay = seen[2][1]
+    assert "previous_response_id" not in replay
+    assert [item.get("content") for item in replay["input"]][::2] == ["one", "two"]

@@ -165,10 +165,12 @@ class ResponsesWSBackend:
         retries_left = self.config.retries
         forwarded = False
         fresh = False
+        free_replay = True
         while True:
             placed = await self._place(turn, exclude, fresh=fresh)
             replica = placed.replica
             failure = placed.error
+            answered = False  # the upstream began answering on this attempt
             if placed.socket is not None:
                 socket, previous = placed.socket, placed.previous
                 self.router.begin(replica)
@@ -191,6 +193,7 @@ class ResponsesWSBackend:
                     reusable = not exc.retryable  # a rejected request leaves it usable
                     outcome = "failed" if exc.retryable else "ok"
                 finally:
+                    answered = decoder.started
                     self.router.end(replica, outcome)
                     self._release(socket, reusable=reusable)
                 if failure is None:
@@ -198,12 +201,20 @@ class ResponsesWSBackend:
                 if failure.reason == "closed" and previous is not None and not forwarded:
                     self.stats.replays["connection_lost"] += 1
             assert failure is not None
-            can_retry = not forwarded and retries_left > 0
+            # A connection found closed before the upstream began answering (a pooled
+            # one the upstream let go: its lifetime, an idle timeout) is the upstream's
+            # state loss, which the client never sees: replayed on a fresh connection
+            # once per turn without using one of --upstream-retries.
+            free = failure.reason == "closed" and not answered and free_replay
+            can_retry = not forwarded and (retries_left > 0 or free)
             if not failed_attempt(self.stats, self.api, failure, turn, replica, can_retry):
                 yield TurnFailed(failure)
                 return
-            retries_left -= 1
-            self.stats.retries += 1
+            if free:
+                free_replay = False
+            else:
+                retries_left -= 1
+                self.stats.retries += 1
             if failure.reason == "closed":
                 fresh = True  # the connection died, not the replica: a new connection
             else:
