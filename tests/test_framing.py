@@ -14,6 +14,7 @@ import json
 import math
 import re
 import string
+import sys
 from typing import Any
 
 import msgpack
@@ -127,10 +128,24 @@ def reference_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
     )
 
 
+# The reference's JSON syntax-error details are Python's json module's words, which
+# Python 3.13 changed (e.g. 'Illegal trailing comma before end of array' where 3.11
+# and the Rust parser say 'Expecting value', at another column). Under 3.13+ the
+# detail of an invalid_json rejection is left out of the comparison; under 3.11 (the
+# main test run) it is compared exactly.
+_JSON_DETAILS_DIFFER = sys.version_info >= (3, 13)
+
+
+def _comparable(verdict: tuple[Any, ...]) -> tuple[Any, ...]:
+    if _JSON_DETAILS_DIFFER and verdict[0] == "rejected" and verdict[2] == "invalid_json":
+        return (*verdict[:4], re.sub(r"\(.*\)", "(...)", verdict[4]), *verdict[5:])
+    return verdict
+
+
 def same_verdict(data: bytes, **options: Any) -> tuple[Any, ...]:
     ours = rust_outcome(data, **options)
     theirs = reference_outcome(data, **options)
-    assert ours == theirs, data[:2000]
+    assert _comparable(ours) == _comparable(theirs), data[:2000]
     return ours
 
 
