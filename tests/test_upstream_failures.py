@@ -637,3 +637,60 @@ def test_a_pooled_connection_the_upstream_let_go_is_replayed_without_a_retry() -
     replay = seen[2][1]
     assert "previous_response_id" not in replay
     assert [item.get("content") for item in replay["input"]][::2] == ["one", "two"]
+
+
+def test_messages_an_upstream_sent_between_turns_never_reach_the_next_turn() -> None:
+    """An upstream that sends an event after a response ended (a misbehaving or
+    multiplexing one): the pooled connection is not used again, so the event cannot
+    become the first event of the next turn, maybe another client's."""
+    import asyncio
+    import json as jsonlib
+
+    from websockets.asyncio.server import ServerConnection, serve
+
+    connections: list[int] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        connections.append(len(connections) + 1)
+        async for message in ws:
+            request = jsonlib.loads(message)
+            rid = f"resp_{len(request['input'])}_{connections[-1]}"
+            for event in (
+                {"type": "response.created", "response": {"id": rid}},
+                {"type": "response.output_item.added",
+                 "item": {"id": "msg_1", "type": "message", "content": []}},
+                {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "ok"},
+                {"type": "response.completed", "response": {"id": rid}},
+                {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "STALE"},
+            ):  # fmt: skip
+                await ws.send(jsonlib.dumps(event))
+
+    async def start() -> Any:
+        return await serve(handler, "127.0.0.1", 0)
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(start())
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        with (
+            warmsocket_upstream(
+                f"http://127.0.0.1:{port}/v1", "responses-ws", ws_warm_connections=0
+            ) as (front, _),
+            WSClient(front.ws_url) as client,
+        ):
+            first = client.turn(input="one")
+            assert output_text(first) == "ok"
+            time.sleep(0.2)  # the stray event has arrived
+            second = client.turn(input="two", previous_response_id=first[-1]["response"]["id"])
+            assert output_text(second) == "ok"
+            fresh = client.turn(input="three")  # a new chain: the idle pool is checked too
+            assert output_text(fresh) == "ok"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+    assert len(connections) == 3  # none reused after it spoke out of turn

@@ -89,6 +89,17 @@ class UpstreamSocket:
     def open(self) -> bool:
         return self.ws.state is State.OPEN
 
+    @property
+    def spoke_while_idle(self) -> bool:
+        """Messages arrived while no turn was on this connection (an upstream that
+        misbehaves, or multiplexes): the next turn would read them as its own. Read
+        from websockets' receive queue (its asyncio implementation, pinned <16)."""
+        frames = getattr(getattr(self.ws, "recv_messages", None), "frames", None)
+        try:
+            return bool(frames is not None and len(frames))
+        except TypeError:
+            return False
+
     def abort(self) -> None:
         self.head = None
         transport = self.ws.transport
@@ -349,6 +360,9 @@ class ResponsesWSBackend:
             return "superseded"
         if socket.busy:
             return "busy"  # (an expired one is rotated when released)
+        if socket.spoke_while_idle:
+            socket.abort()
+            return "connection_lost"
         return None
 
     async def _checkout(self, replica: Replica) -> UpstreamSocket:
@@ -356,6 +370,10 @@ class ResponsesWSBackend:
         now = time.monotonic()
         chosen: UpstreamSocket | None = None
         for socket in list(idle):
+            if socket.spoke_while_idle:
+                idle.remove(socket)
+                socket.abort()
+                continue
             if not socket.open or now - socket.opened >= self.config.ws_lifetime:
                 self._retire(socket)
                 continue
