@@ -7,7 +7,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx2 as httpx
@@ -567,15 +568,39 @@ def test_idle_upstream_websockets_close_when_their_lifetime_ends() -> None:
             assert output_text(client.turn(input="again")) == "You said: again"
 
 
+@contextmanager
+def fake_ws_upstream(handler: Callable[[Any], Awaitable[None]]) -> Iterator[int]:
+    """A WebSocket-mode upstream played by `handler` (one call per connection) on its
+    own thread and loop. Yields its port."""
+    import asyncio
+
+    from websockets.asyncio.server import serve
+
+    async def start() -> Any:
+        return await serve(handler, "127.0.0.1", 0)
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+
+
 def test_a_pooled_connection_the_upstream_let_go_is_replayed_without_a_retry() -> None:
     """The chain's pooled connection answers the next request with
     websocket_connection_limit_reached (its lifetime ended while it was idle): the
     turn is replayed in full on a fresh connection even with --upstream-retries 0
     (the upstream's state loss is never the client's)."""
-    import asyncio
     import json as jsonlib
 
-    from websockets.asyncio.server import ServerConnection, serve
+    from websockets.asyncio.server import ServerConnection
 
     seen: list[tuple[int, dict[str, Any]]] = []
 
@@ -604,33 +629,19 @@ def test_a_pooled_connection_the_upstream_let_go_is_replayed_without_a_retry() -
                 return
             await answer(ws, number, f"resp_up{len(seen)}")
 
-    async def start() -> Any:
-        return await serve(handler, "127.0.0.1", 0)
-
-    loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(start())
-    port = server.sockets[0].getsockname()[1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        with (
-            warmsocket_upstream(
-                f"http://127.0.0.1:{port}/v1", "responses-ws", ws_warm_connections=0, retries=0
-            ) as (front, metrics),
-            WSClient(front.ws_url) as client,
-        ):
-            first = client.turn(input="one")
-            assert first[-1]["type"] == "response.completed"
-            second = client.turn(input="two", previous_response_id=first[-1]["response"]["id"])
-            assert second[-1]["type"] == "response.completed", second[-1]
-            assert output_text(second) == "ok"
-            assert metrics.upstream.retries == 0
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        server.close()
-        loop.run_until_complete(server.wait_closed())
-        loop.close()
+    with (
+        fake_ws_upstream(handler) as port,
+        warmsocket_upstream(
+            f"http://127.0.0.1:{port}/v1", "responses-ws", ws_warm_connections=0, retries=0
+        ) as (front, metrics),
+        WSClient(front.ws_url) as client,
+    ):
+        first = client.turn(input="one")
+        assert first[-1]["type"] == "response.completed"
+        second = client.turn(input="two", previous_response_id=first[-1]["response"]["id"])
+        assert second[-1]["type"] == "response.completed", second[-1]
+        assert output_text(second) == "ok"
+        assert metrics.upstream.retries == 0
     # Chained on the pooled connection, then the full context on a fresh one.
     assert [n for n, _ in seen] == [1, 1, 2]
     assert seen[1][1]["previous_response_id"] == "resp_up1"
@@ -643,10 +654,9 @@ def test_messages_an_upstream_sent_between_turns_never_reach_the_next_turn() -> 
     """An upstream that sends an event after a response ended (a misbehaving or
     multiplexing one): the pooled connection is not used again, so the event cannot
     become the first event of the next turn, maybe another client's."""
-    import asyncio
     import json as jsonlib
 
-    from websockets.asyncio.server import ServerConnection, serve
+    from websockets.asyncio.server import ServerConnection
 
     connections: list[int] = []
 
@@ -665,32 +675,18 @@ def test_messages_an_upstream_sent_between_turns_never_reach_the_next_turn() -> 
             ):  # fmt: skip
                 await ws.send(jsonlib.dumps(event))
 
-    async def start() -> Any:
-        return await serve(handler, "127.0.0.1", 0)
-
-    loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(start())
-    port = server.sockets[0].getsockname()[1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        with (
-            warmsocket_upstream(
-                f"http://127.0.0.1:{port}/v1", "responses-ws", ws_warm_connections=0
-            ) as (front, _),
-            WSClient(front.ws_url) as client,
-        ):
-            first = client.turn(input="one")
-            assert output_text(first) == "ok"
-            time.sleep(0.2)  # the stray event has arrived
-            second = client.turn(input="two", previous_response_id=first[-1]["response"]["id"])
-            assert output_text(second) == "ok"
-            fresh = client.turn(input="three")  # a new chain: the idle pool is checked too
-            assert output_text(fresh) == "ok"
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        server.close()
-        loop.run_until_complete(server.wait_closed())
-        loop.close()
+    with (
+        fake_ws_upstream(handler) as port,
+        warmsocket_upstream(
+            f"http://127.0.0.1:{port}/v1", "responses-ws", ws_warm_connections=0
+        ) as (front, _),
+        WSClient(front.ws_url) as client,
+    ):
+        first = client.turn(input="one")
+        assert output_text(first) == "ok"
+        time.sleep(0.2)  # the stray event has arrived
+        second = client.turn(input="two", previous_response_id=first[-1]["response"]["id"])
+        assert output_text(second) == "ok"
+        fresh = client.turn(input="three")  # a new chain: the idle pool is checked too
+        assert output_text(fresh) == "ok"
     assert len(connections) == 3  # none reused after it spoke out of turn
