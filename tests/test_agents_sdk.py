@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import pytest
 from agents import Agent, ModelSettings, function_tool, responses_websocket_session
 from agents.tracing import set_tracing_disabled
 
-from tests.support import RunningServer
+from tests.support import RunningServer, running_server
+from tests.upstream_support import running_sim, warmsocket_upstream
 
 MODEL = "warmsocket-mock"
 
@@ -119,3 +121,42 @@ def test_agent_sees_the_transcript_it_sent(server: RunningServer) -> None:
         "assistant: You said: remember this",
         "user: /transcript",
     ]
+
+
+@pytest.fixture(params=["builtin", "chat", "responses", "responses-ws"])
+def any_backend(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
+    """warmsocket with its built-in model, or in front of the simulated upstream
+    speaking each upstream API."""
+    with ExitStack() as stack:
+        if request.param == "builtin":
+            yield stack.enter_context(running_server())
+        else:
+            sim = stack.enter_context(running_sim())
+            server, _metrics = stack.enter_context(warmsocket_upstream(sim.base_url, request.param))
+            yield server
+
+
+def test_agent_parallel_tool_calls(any_backend: RunningServer) -> None:
+    """One model response with two tool calls: the agent runs both and sends both
+    outputs back in one turn, chained by previous_response_id."""
+    calls.clear()
+    agent = Agent(
+        name="coder",
+        instructions="You are a coding agent.",
+        model=MODEL,
+        tools=[get_weather, read_file],
+        model_settings=ModelSettings(parallel_tool_calls=True, store=False),
+    )
+    prompt = '/call get_weather {"city": "Lima"}\n/call read_file {"path": "a.py"}'
+
+    async def main() -> tuple[str, int]:
+        async with responses_websocket_session(
+            api_key="sk-test", base_url=any_backend.base_url
+        ) as session:
+            result = await session.run(agent, prompt, auto_previous_response_id=True)
+            return str(result.final_output), len(result.raw_responses)
+
+    final, responses = asyncio.run(main())
+    assert final == "get_weather returned: sunny in Lima; read_file returned: contents of a.py"
+    assert sorted(calls) == ["get_weather:Lima", "read_file:a.py"]
+    assert responses == 2  # both calls in the first response, the answer in the second

@@ -6,7 +6,14 @@ from typing import Any
 
 import pytest
 
-from warmsocket.mockmodel import Reply, argument_deltas, plan_reply, text_deltas, transcript
+from warmsocket.mockmodel import (
+    Call,
+    Reply,
+    argument_deltas,
+    plan_reply,
+    text_deltas,
+    transcript,
+)
 
 
 def user(text: str) -> dict[str, Any]:
@@ -42,7 +49,7 @@ def test_parts_content_is_joined() -> None:
 
 def test_call_then_returned() -> None:
     first = plan([user('/call get_weather {"city": "Paris"}')])
-    assert first == Reply("call", name="get_weather", arguments='{"city": "Paris"}')
+    assert first == Reply("call", calls=(Call("get_weather", '{"city": "Paris"}'),))
     second = plan(
         [
             user('/call get_weather {"city": "Paris"}'),
@@ -51,6 +58,28 @@ def test_call_then_returned() -> None:
         ]
     )
     assert second == Reply("text", "get_weather returned: sunny")
+
+
+def test_several_call_lines_are_parallel_calls() -> None:
+    msg = user('/call get_weather {"city": "Lima"}\n/call read_file {"path": "a"}')
+    tools = ("get_weather", "read_file")
+    wanted = (Call("get_weather", '{"city": "Lima"}'), Call("read_file", '{"path": "a"}'))
+    assert plan([msg], tools) == Reply("call", calls=wanted)
+    calls = [msg, call("get_weather", "c1"), call("read_file", "c2")]
+    # One output back: still waiting for the other (the same calls again).
+    assert plan([*calls, output("c1", "sunny")], tools) == Reply("call", calls=wanted)
+    # Outputs in another order than the calls: the reply follows the calls' order.
+    done = [*calls, output("c2", "text of a"), output("c1", "sunny")]
+    assert plan(done, tools) == Reply(
+        "text", "get_weather returned: sunny; read_file returned: text of a"
+    )
+
+
+def test_parallel_calls_are_checked_one_by_one() -> None:
+    text = plan([user("/call get_weather {}\n/call nope {}")]).text
+    assert text == "Cannot call nope: it is not one of this request's function tools."
+    text = plan([user("/call get_weather {}\n/call get_weather {bad")]).text
+    assert text == "Cannot call get_weather: the arguments are not valid JSON."
 
 
 def test_call_unknown_tool_and_bad_json_are_explained() -> None:

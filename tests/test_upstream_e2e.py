@@ -234,3 +234,68 @@ def test_stats_time_each_request_in_order(
     for record in records:
         assert 0 < record["received"] <= record["started"], record
         assert record["started"] <= record["first_token"] <= record["finished"], record
+
+
+PARALLEL = '/call get_weather {"city": "Lima"}\n/call read_file {"path": "a.txt"}'
+
+
+def parallel_turns(client: WSClient) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Two tool calls in one response, their outputs sent back in the other order;
+    returns the calls and the final response."""
+    first = client.turn(input=PARALLEL, tools=FUNCTION_TOOLS, store=False)[-1]
+    assert first["type"] == "response.completed", first
+    calls = [o for o in first["response"]["output"] if o["type"] == "function_call"]
+    outputs = {"get_weather": "sunny", "read_file": "text of a"}
+    back = [
+        {"type": "function_call_output", "call_id": c["call_id"], "output": outputs[c["name"]]}
+        for c in reversed(calls)
+    ]
+    second = client.turn(
+        input=back,
+        tools=FUNCTION_TOOLS,
+        store=False,
+        previous_response_id=first["response"]["id"],
+    )[-1]
+    assert second["type"] == "response.completed", second
+    return calls, second["response"]
+
+
+def test_parallel_tool_calls_round_trip(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """Parallel tool calls come through as separate function_call items (distinct call
+    ids, streamed one after the other), and their outputs go back to the upstream in
+    its own form: for Chat Completions one assistant message with both tool_calls,
+    then one tool message each."""
+    sim, server, _metrics = stack
+    with WSClient(server.ws_url) as client:
+        calls, final = parallel_turns(client)
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        ("get_weather", '{"city": "Lima"}'),
+        ("read_file", '{"path": "a.txt"}'),
+    ]
+    assert len({c["call_id"] for c in calls}) == 2
+    added = [e for e in client.events if e["type"] == "response.output_item.added"]
+    assert [e["output_index"] for e in added[:2]] == [0, 1]
+    text = "get_weather returned: sunny; read_file returned: text of a"
+    assert final["output"][-1]["content"][0]["text"] == text
+    records = sim.stats(bodies=True)["requests"]
+    assert [r["status"] for r in records] == [200, 200]
+    ids = [c["call_id"] for c in calls]
+    assert seen_context(records[1]) == [
+        ("message", "user", PARALLEL),
+        ("function_call", ids[0], "get_weather", '{"city": "Lima"}'),
+        ("function_call", ids[1], "read_file", '{"path": "a.txt"}'),
+        ("function_call_output", ids[1], "text of a"),
+        ("function_call_output", ids[0], "sunny"),
+    ]
+    if api == "chat":
+        messages = json.loads(records[1]["body"])["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool"]
+        assert [c["id"] for c in messages[1]["tool_calls"]] == ids
+        assert [m["tool_call_id"] for m in messages[2:]] == [ids[1], ids[0]]
+    # The built-in model answers the same conversation the same way.
+    with running_server() as builtin, WSClient(builtin.ws_url) as client:
+        builtin_calls, builtin_final = parallel_turns(client)
+    assert [c["name"] for c in builtin_calls] == ["get_weather", "read_file"]
+    assert builtin_final["output"][-1]["content"][0]["text"] == text

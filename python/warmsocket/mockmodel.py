@@ -7,6 +7,9 @@ state handling is right. Read from the newest user message:
 * ``/call NAME JSON``: calls function NAME (one of the request's function tools) with
   arguments JSON; once a matching ``function_call_output`` has come back, replies
   ``NAME returned: <output>``
+* several ``/call`` lines: parallel tool calls, all in one response, in the order
+  written; once every call has its output, replies ``NAME returned: <output>`` for
+  each call in order, joined by ``; ``
 * ``/repeat N NAME JSON``: calls NAME once per turn until N outputs for it have come back
   after that user message, then replies ``done after N calls``
 * ``/transcript``: one line per item of the full context, in order:
@@ -31,21 +34,27 @@ MAX_SLEEP_MS = 600_000
 
 
 @dataclass(frozen=True, slots=True)
+class Call:
+    """One function call of a reply."""
+
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
-    """What the model does this turn."""
+    """What the model does this turn: text, one or more function calls, or a failure."""
 
     kind: Literal["text", "call", "fail"]
     text: str = ""
-    name: str = ""
-    arguments: str = ""
+    calls: tuple[Call, ...] = ()
     sleep_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class _Directive:
     kind: Literal["call", "repeat", "transcript", "fail"]
-    name: str = ""
-    arguments: str = ""
+    calls: tuple[Call, ...] = ()
     times: int = 0
 
 
@@ -79,6 +88,10 @@ def plan_reply(
             sleep_ms = _parse_sleep(rest)
         elif directive is None:
             directive = _parse_directive(command, rest)
+        elif directive.kind == "call" and command == "/call":
+            more = _parse_directive(command, rest)
+            if more is not None:
+                directive = _Directive("call", directive.calls + more.calls)
 
     if directive is None:
         return Reply("text", f"You said: {text}", sleep_ms=sleep_ms)
@@ -88,28 +101,31 @@ def plan_reply(
         return Reply("text", transcript(full_context(), instructions), sleep_ms=sleep_ms)
 
     names = set(function_names)
-    if directive.name not in names:
-        return Reply(
-            "text",
-            f"Cannot call {directive.name}: it is not one of this request's function tools.",
-            sleep_ms=sleep_ms,
-        )
-    try:
-        json.loads(directive.arguments)
-    except ValueError:
-        return Reply(
-            "text",
-            f"Cannot call {directive.name}: the arguments are not valid JSON.",
-            sleep_ms=sleep_ms,
-        )
-    outputs = _outputs_for(after, directive.name)
-    if directive.kind == "call":
-        if outputs:
-            return Reply("text", f"{directive.name} returned: {outputs[-1]}", sleep_ms=sleep_ms)
-        return Reply("call", name=directive.name, arguments=directive.arguments, sleep_ms=sleep_ms)
-    if len(outputs) >= directive.times:
-        return Reply("text", f"done after {directive.times} calls", sleep_ms=sleep_ms)
-    return Reply("call", name=directive.name, arguments=directive.arguments, sleep_ms=sleep_ms)
+    for wanted in directive.calls:
+        if wanted.name not in names:
+            return Reply(
+                "text",
+                f"Cannot call {wanted.name}: it is not one of this request's function tools.",
+                sleep_ms=sleep_ms,
+            )
+        try:
+            json.loads(wanted.arguments)
+        except ValueError:
+            return Reply(
+                "text",
+                f"Cannot call {wanted.name}: the arguments are not valid JSON.",
+                sleep_ms=sleep_ms,
+            )
+    if directive.kind == "repeat":
+        if len(_outputs_for(after, {directive.calls[0].name})) >= directive.times:
+            return Reply("text", f"done after {directive.times} calls", sleep_ms=sleep_ms)
+        return Reply("call", calls=directive.calls, sleep_ms=sleep_ms)
+    answered = _answered_calls(after, {wanted.name for wanted in directive.calls})
+    if len(answered) < len(directive.calls):
+        return Reply("call", calls=directive.calls, sleep_ms=sleep_ms)
+    newest = answered[-len(directive.calls) :]
+    text = "; ".join(f"{name} returned: {output}" for name, output in newest)
+    return Reply("text", text, sleep_ms=sleep_ms)
 
 
 def transcript(items: Sequence[dict[str, Any]], instructions: str | None) -> str:
@@ -176,17 +192,25 @@ def _last_user_message(items: Sequence[dict[str, Any]]) -> int | None:
     return None
 
 
-def _outputs_for(items: Sequence[dict[str, Any]], name: str) -> list[str]:
-    call_ids = {
-        item.get("call_id")
+def _answered_calls(items: Sequence[dict[str, Any]], names: set[str]) -> list[tuple[str, str]]:
+    """(name, output) of each call to one of `names` in `items` that has its output,
+    in the calls' order (a call's newest output when it has several)."""
+    outputs = {
+        item.get("call_id"): output_text(item)
         for item in items
-        if item.get("type") == "function_call" and item.get("name") == name
+        if item.get("type") == "function_call_output"
     }
     return [
-        output_text(item)
+        (str(item.get("name")), outputs[item.get("call_id")])
         for item in items
-        if item.get("type") == "function_call_output" and item.get("call_id") in call_ids
+        if item.get("type") == "function_call"
+        and item.get("name") in names
+        and item.get("call_id") in outputs
     ]
+
+
+def _outputs_for(items: Sequence[dict[str, Any]], names: set[str]) -> list[str]:
+    return [output for _name, output in _answered_calls(items, names)]
 
 
 def _parse_sleep(rest: str) -> int:
@@ -205,11 +229,10 @@ def _parse_directive(command: str, rest: str) -> _Directive | None:
     if command == "/call":
         parts = rest.split(maxsplit=1)
         if parts:
-            return _Directive("call", parts[0], parts[1] if len(parts) > 1 else "{}")
+            return _Directive("call", (Call(parts[0], parts[1] if len(parts) > 1 else "{}"),))
     if command == "/repeat":
         parts = rest.split(maxsplit=2)
         if len(parts) >= 2 and parts[0].isdigit():
-            return _Directive(
-                "repeat", parts[1], parts[2] if len(parts) > 2 else "{}", int(parts[0])
-            )
+            wanted = Call(parts[1], parts[2] if len(parts) > 2 else "{}")
+            return _Directive("repeat", (wanted,), int(parts[0]))
     return None

@@ -83,8 +83,10 @@ class MockBackend:
         if reply.kind == "fail":
             return [TurnFailed(errors.model_failed())]
         if reply.kind == "call":
-            events: list[ModelEvent] = [ToolCallStart(ids.call_id(), reply.name)]
-            events += map(ToolArgumentsDelta, mockmodel.argument_deltas(reply.arguments))
+            events: list[ModelEvent] = []
+            for call in reply.calls:
+                events.append(ToolCallStart(ids.call_id(), call.name))
+                events += map(ToolArgumentsDelta, mockmodel.argument_deltas(call.arguments))
             return events
         return list(map(TextDelta, mockmodel.text_deltas(reply.text)))
 

@@ -252,7 +252,8 @@ class _Answer:
     reply: mockmodel.Reply
     prefill: Prefill
     first_delay: float
-    call_id: str
+    call_ids: list[str]
+    """One per function call of the reply, in order."""
 
 
 class _Connection(asyncio.Protocol):
@@ -429,12 +430,13 @@ class _Connection(asyncio.Protocol):
         first = latency.first_token_seconds(uncached, reply.sleep_ms)
         if self.server.config.record_bodies > 0:
             record.context = _canonical(items)
-        # Deterministic call ids: the same context gets the same call, whoever sends it.
+        # Deterministic call ids: the same context gets the same calls, whoever sends it.
         digest = hashlib.sha256((instructions or "").encode())
         for item in encoded:
             digest.update(item)
         call_id = "call_" + digest.hexdigest()[:24]
-        return _Answer(reply, prefill, first, call_id)
+        call_ids = [call_id if n == 0 else f"{call_id}_{n}" for n in range(len(reply.calls))]
+        return _Answer(reply, prefill, first, call_ids)
 
     async def _fault(self, record: RequestRecord) -> dict[str, Any] | None:
         """Apply a queued fault that acts before the answer; return one that acts during it."""
@@ -462,11 +464,13 @@ class _Connection(asyncio.Protocol):
         return fault
 
     def _deltas(self, answer: _Answer) -> list[tuple[str, str]]:
-        """('text' | 'call' | 'args', piece) in order."""
+        """('text' | 'call' | 'args', piece) in order; a 'call' piece is a name."""
         reply = answer.reply
         if reply.kind == "call":
-            pieces = [("call", reply.name)]
-            pieces += [("args", p) for p in mockmodel.argument_deltas(reply.arguments)]
+            pieces = []
+            for call in reply.calls:
+                pieces.append(("call", call.name))
+                pieces += [("args", p) for p in mockmodel.argument_deltas(call.arguments)]
             return pieces
         if reply.kind == "text":
             return [("text", p) for p in mockmodel.text_deltas(reply.text)]
@@ -546,22 +550,24 @@ class _Connection(asyncio.Protocol):
         chunks = [choice({"role": "assistant", "content": ""})]
         texts = [""]
         output = ""
+        index = -1  # of the tool call being streamed
         for kind, piece in self._deltas(answer):
             output += piece
             texts.append(piece)
             if kind == "text":
                 chunks.append(choice({"content": piece}))
             elif kind == "call":
+                index += 1
                 call = {
-                    "id": answer.call_id,
+                    "id": answer.call_ids[index],
                     "type": "function",
-                    "index": 0,
+                    "index": index,
                     "function": {"name": piece, "arguments": ""},
                 }
                 chunks.append(choice({"tool_calls": [call]}))
             else:
                 chunks.append(
-                    choice({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                    choice({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
                 )
         if answer.reply.kind == "fail":
             error = {"message": "The model failed to generate a response.", "type": "server_error"}
@@ -583,12 +589,13 @@ class _Connection(asyncio.Protocol):
         if reply.kind == "call":
             message["tool_calls"] = [
                 {
-                    "id": answer.call_id,
+                    "id": call_id,
                     "type": "function",
-                    "function": {"name": reply.name, "arguments": reply.arguments},
+                    "function": {"name": call.name, "arguments": call.arguments},
                 }
+                for call, call_id in zip(reply.calls, answer.call_ids, strict=True)
             ]
-            output = reply.name + reply.arguments
+            output = "".join(call.name + call.arguments for call in reply.calls)
         else:
             message["content"] = output = reply.text
         return {
@@ -670,12 +677,13 @@ class _Connection(asyncio.Protocol):
         frames = response.start()
         texts = ["", ""]
         output = ""
+        calls = iter(answer.call_ids)
         for kind, piece in self._deltas(answer):
             output += piece
             if kind == "text":
                 new = response.text_delta(piece)
             elif kind == "call":
-                new = response.tool_call_start(answer.call_id, piece)
+                new = response.tool_call_start(next(calls), piece)
             else:
                 new = response.tool_arguments_delta(piece)
             frames += new
