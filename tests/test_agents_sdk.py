@@ -160,3 +160,54 @@ def test_agent_parallel_tool_calls(any_backend: RunningServer) -> None:
     assert final == "get_weather returned: sunny in Lima; read_file returned: contents of a.py"
     assert sorted(calls) == ["get_weather:Lima", "read_file:a.py"]
     assert responses == 2  # both calls in the first response, the answer in the second
+
+
+def test_agent_handoff_changes_instructions_and_tools_mid_chain(
+    any_backend: RunningServer,
+) -> None:
+    """A handoff: the triage agent's response calls the handoff tool; the next turn,
+    chained to it, carries the specialist's instructions and tools instead. The
+    specialist's model must see the specialist's settings with the whole conversation."""
+    specialist = Agent(
+        name="specialist",
+        instructions="You are the specialist.",
+        model=MODEL,
+        tools=[read_file],
+        model_settings=ModelSettings(store=False),
+    )
+    triage = Agent(
+        name="triage",
+        instructions="You route requests.",
+        model=MODEL,
+        tools=[get_weather],
+        handoffs=[specialist],
+        model_settings=ModelSettings(store=False),
+    )
+
+    async def main() -> tuple[str, str, str]:
+        async with responses_websocket_session(
+            api_key="sk-test", base_url=any_backend.base_url
+        ) as session:
+            result = await session.run(
+                triage, "/call transfer_to_specialist {}", auto_previous_response_id=True
+            )
+            after = await session.run(
+                result.last_agent, "/transcript", previous_response_id=result.last_response_id
+            )
+            return result.last_agent.name, str(result.final_output), str(after.final_output)
+
+    last_agent, final, transcript = asyncio.run(main())
+    assert last_agent == "specialist"
+    # The specialist's model could not call the triage agent's handoff tool (not one of
+    # its tools) and said so: the second turn carried the specialist's tools.
+    assert final == (
+        "Cannot call transfer_to_specialist: it is not one of this request's function tools."
+    )
+    # And the chain held through the change of instructions and tools.
+    lines = transcript.splitlines()
+    assert lines[0] == "instructions: You are the specialist."
+    assert lines[1] == "user: /call transfer_to_specialist {}"
+    kind, name, call_id = lines[2].split()
+    assert (kind, name) == ("function_call", "transfer_to_specialist")
+    assert lines[3].startswith(f"function_call_output {call_id} ")
+    assert lines[4:] == [f"assistant: {final}", "user: /transcript"]
