@@ -50,8 +50,22 @@ def make_agent() -> Agent:
     )
 
 
+@pytest.fixture(params=["builtin", "chat", "responses", "responses-ws"])
+def any_backend(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
+    """warmsocket with its built-in model, or in front of the simulated upstream
+    speaking each upstream API."""
+    with ExitStack() as stack:
+        if request.param == "builtin":
+            yield stack.enter_context(running_server())
+        else:
+            sim = stack.enter_context(running_sim())
+            server, _metrics = stack.enter_context(warmsocket_upstream(sim.base_url, request.param))
+            yield server
+
+
 @pytest.mark.parametrize("chained", [False, True], ids=["full-replay", "previous_response_id"])
-def test_agent_tool_loop_over_websocket(server: RunningServer, chained: bool) -> None:
+def test_agent_tool_loop_over_websocket(any_backend: RunningServer, chained: bool) -> None:
+    server = any_backend
     calls.clear()
     metrics = server.server.metrics
 
@@ -86,7 +100,8 @@ def test_agent_tool_loop_over_websocket(server: RunningServer, chained: bool) ->
         assert metrics.lookups["hit"] == 0
 
 
-def test_agent_streamed_run(server: RunningServer) -> None:
+def test_agent_streamed_run(any_backend: RunningServer) -> None:
+    server = any_backend
     calls.clear()
 
     async def main() -> str:
@@ -121,19 +136,6 @@ def test_agent_sees_the_transcript_it_sent(server: RunningServer) -> None:
         "assistant: You said: remember this",
         "user: /transcript",
     ]
-
-
-@pytest.fixture(params=["builtin", "chat", "responses", "responses-ws"])
-def any_backend(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
-    """warmsocket with its built-in model, or in front of the simulated upstream
-    speaking each upstream API."""
-    with ExitStack() as stack:
-        if request.param == "builtin":
-            yield stack.enter_context(running_server())
-        else:
-            sim = stack.enter_context(running_sim())
-            server, _metrics = stack.enter_context(warmsocket_upstream(sim.base_url, request.param))
-            yield server
 
 
 def test_agent_parallel_tool_calls(any_backend: RunningServer) -> None:
