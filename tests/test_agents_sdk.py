@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from contextlib import ExitStack
 
 import pytest
 from agents import Agent, ModelSettings, function_tool, responses_websocket_session
 from agents.tracing import set_tracing_disabled
 
-from tests.support import RunningServer, running_server
-from tests.upstream_support import running_sim, warmsocket_upstream
+from tests.support import RunningServer
 
 MODEL = "warmsocket-mock"
 
@@ -48,19 +46,6 @@ def make_agent() -> Agent:
         tools=[get_weather, read_file],
         model_settings=ModelSettings(store=True),
     )
-
-
-@pytest.fixture(params=["builtin", "chat", "responses", "responses-ws"])
-def any_backend(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
-    """warmsocket with its built-in model, or in front of the simulated upstream
-    speaking each upstream API."""
-    with ExitStack() as stack:
-        if request.param == "builtin":
-            yield stack.enter_context(running_server())
-        else:
-            sim = stack.enter_context(running_sim())
-            server, _metrics = stack.enter_context(warmsocket_upstream(sim.base_url, request.param))
-            yield server
 
 
 @pytest.mark.parametrize("chained", [False, True], ids=["full-replay", "previous_response_id"])

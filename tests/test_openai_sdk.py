@@ -217,7 +217,9 @@ def test_async_connect_streams_and_reports_errors(server: RunningServer) -> None
 # -- WebSocket mode: the lanes helper -------------------------------------------------------
 
 
-def test_lanes_concurrent_fork_and_warmup(server: RunningServer) -> None:
+def test_lanes_concurrent_fork_and_warmup(any_backend: RunningServer) -> None:
+    server = any_backend
+
     async def main() -> None:
         async with (
             aclient(server) as sdk,
