@@ -690,3 +690,249 @@ def test_messages_an_upstream_sent_between_turns_never_reach_the_next_turn() -> 
         fresh = client.turn(input="three")  # a new chain: the idle pool is checked too
         assert output_text(fresh) == "ok"
     assert len(connections) == 3  # none reused after it spoke out of turn
+
+
+class ScriptedWSUpstream:
+    """A WebSocket-mode upstream for `fake_ws_upstream` that answers each request
+    "You said: <its last input>" in OpenAI's event shapes (spec 3.2), as response
+    `resp_<connection>_<turn>`, and records what each connection was sent.
+
+    `inject[(connection, turn)] = (index, messages)` sends `messages` before the event
+    at `index` of that answer: 0 is before its `response.created` (a message that was
+    still in flight from the previous turn when this turn took the connection), 4 is
+    after its first text delta ("You said: ") went out."""
+
+    def __init__(self, inject: dict[tuple[int, int], tuple[int, list[dict[str, Any]]]]) -> None:
+        self.inject = inject
+        self.requests: list[tuple[int, dict[str, Any]]] = []
+        self.connections = 0
+
+    @staticmethod
+    def answer(rid: str, text: str) -> list[dict[str, Any]]:
+        snapshot = {"id": rid, "object": "response", "status": "in_progress", "output": []}
+        item = {"id": f"msg_{rid}", "type": "message", "role": "assistant", "content": []}
+        done = {**item, "content": [{"type": "output_text", "text": f"You said: {text}"}]}
+        usage = {"input_tokens": 5, "output_tokens": 3}
+        return [
+            {"type": "response.created", "sequence_number": 0, "response": snapshot},
+            {"type": "response.in_progress", "sequence_number": 1, "response": snapshot},
+            {"type": "response.output_item.added", "sequence_number": 2, "output_index": 0,
+             "item": item},
+            {"type": "response.output_text.delta", "sequence_number": 3, "item_id": item["id"],
+             "delta": "You said: "},
+            {"type": "response.output_text.delta", "sequence_number": 4, "item_id": item["id"],
+             "delta": text},
+            {"type": "response.output_item.done", "sequence_number": 5, "output_index": 0,
+             "item": done},
+            {"type": "response.completed", "sequence_number": 6,
+             "response": {**snapshot, "status": "completed", "output": [done], "usage": usage}},
+        ]  # fmt: skip
+
+    async def __call__(self, ws: Any) -> None:
+        import json as jsonlib
+
+        from websockets.exceptions import ConnectionClosed
+
+        self.connections += 1
+        number, turns = self.connections, 0
+        try:
+            async for message in ws:
+                request = jsonlib.loads(message)
+                turns += 1
+                self.requests.append((number, request))
+                events = self.answer(f"resp_{number}_{turns}", request["input"][-1]["content"])
+                index, extra = self.inject.get((number, turns), (0, []))
+                for event in events[:index] + extra + events[index:]:
+                    await ws.send(jsonlib.dumps(event))
+        except ConnectionClosed:
+            pass  # warmsocket discarded the connection
+
+    def connection_of_each_request(self) -> list[int]:
+        return [number for number, _ in self.requests]
+
+
+def _stray(kind: str, rid: str, number: int | None = None) -> dict[str, Any]:
+    """An event of response `rid` (a delta: of its message), numbered `number`."""
+    event: dict[str, Any] = {"type": kind}
+    if number is not None:
+        event["sequence_number"] = number
+    if kind.startswith("response.") and "delta" not in kind:
+        return {**event, "response": {"id": rid}}
+    return {**event, "item_id": f"msg_{rid}", "delta": "STALE"}
+
+
+@pytest.mark.parametrize(
+    "stray",
+    [
+        _stray("response.output_text.delta", "resp_1_1", 7),
+        _stray("response.completed", "resp_1_1", 6),
+        _stray("response.created", "resp_1_1", 0),  # one it had already
+    ],
+    ids=["delta", "completed", "created-again"],
+)
+def test_a_message_in_flight_when_a_turn_takes_a_pooled_connection_is_not_its_own(
+    stray: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The chain's pooled connection delivers a message of its previous response
+    before the next turn's response.created (it was still in flight when the turn
+    took the connection, too late for the idle check): the turn does not take it as
+    its own; the connection is discarded and the turn replayed in full on a fresh one,
+    without using a retry, and the client gets the right answer."""
+    script = ScriptedWSUpstream({(1, 2): (0, [stray])})
+    with (
+        caplog.at_level(logging.WARNING, logger="warmsocket.upstream"),
+        fake_ws_upstream(script) as port,
+        warmsocket_upstream(
+            f"http://127.0.0.1:{port}/v1", "responses-ws", ws_warm_connections=0, retries=0
+        ) as (front, metrics),
+        WSClient(front.ws_url) as client,
+    ):
+        chain = Chain(client)
+        assert output_text([chain.turn("one")]) == "You said: one"
+        assert output_text([chain.turn("two")]) == "You said: two"
+        assert output_text([chain.turn("three")]) == "You said: three"
+        assert metrics.upstream.requests[("responses-ws", "out_of_step")] == 1
+        assert metrics.upstream.replays["out_of_step"] == 1
+        assert metrics.upstream.retries == 0
+    # Chained on the pooled connection, replayed in full on a fresh one, which the
+    # chain then continues on; the connection out of step is not used again.
+    assert script.connection_of_each_request() == [1, 1, 2, 2]
+    replay = script.requests[2][1]
+    assert "previous_response_id" not in replay
+    assert [item.get("content") for item in replay["input"]][::2] == ["one", "two"]
+    assert script.requests[3][1]["previous_response_id"] == "resp_2_1"
+    [failure] = [r for r in caplog.records if r.getMessage() == "upstream request failed"]
+    assert (failure.outcome, failure.retry) == ("out_of_step", True)  # type: ignore[attr-defined]
+    detail: str = failure.detail  # type: ignore[attr-defined]
+    assert detail.startswith(f"the upstream sent {stray['type']}")
+    assert "before response.created" in detail or "resp_1_1, a response" in detail
+    assert "STALE" not in detail
+
+
+@pytest.mark.parametrize(
+    ("index", "other"),
+    [
+        (2, _stray("response.in_progress", "resp_9_9")),
+        (2, _stray("response.completed", "resp_9_9")),
+        (1, _stray("response.created", "resp_9_9")),
+        (
+            2,
+            {
+                "type": "response.failed",
+                "response": {"id": "resp_9_9", "error": {"code": "server_error"}},
+            },
+        ),
+    ],
+    ids=["in_progress", "completed", "created", "failed"],
+)
+def test_another_responses_event_before_any_reached_the_client_is_replayed(
+    index: int, other: dict[str, Any]
+) -> None:
+    """A lifecycle event of another response inside the turn's response, before any
+    event went to the client: replayed transparently on a fresh connection, with no
+    retry used."""
+    script = ScriptedWSUpstream({(1, 1): (index, [other])})
+    with (
+        fake_ws_upstream(script) as port,
+        warmsocket_upstream(
+            f"http://127.0.0.1:{port}/v1", "responses-ws", ws_warm_connections=0, retries=0
+        ) as (front, metrics),
+        WSClient(front.ws_url) as client,
+    ):
+        chain = Chain(client)
+        events = client.turn(input="one", store=False)
+        assert output_text(events) == "You said: one"
+        assert [e["type"] for e in events].count("response.created") == 1
+        chain.previous = events[-1]["response"]["id"]
+        assert output_text([chain.turn("two")]) == "You said: two"
+        assert metrics.upstream.requests[("responses-ws", "out_of_step")] == 1
+        assert metrics.upstream.retries == 0
+    assert script.connection_of_each_request() == [1, 2, 2]
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        _stray("response.completed", "resp_9_9"),
+        _stray("response.in_progress", "resp_9_9"),
+        # An output event carries no response id: its number goes back.
+        _stray("response.output_text.delta", "resp_1_1", 3),
+    ],
+    ids=["completed", "in_progress", "delta-numbered-back"],
+)
+def test_another_responses_event_after_events_reached_the_client_fails_the_response(
+    other: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once an event reached the client, an event of another response ends the
+    client's response response.failed, saying so; the upstream connection is
+    discarded and the client's next turn is answered on a fresh one."""
+    script = ScriptedWSUpstream({(1, 2): (4, [other])})
+    with (
+        caplog.at_level(logging.WARNING, logger="warmsocket.upstream"),
+        fake_ws_upstream(script) as port,
+        warmsocket_upstream(
+            f"http://127.0.0.1:{port}/v1", "responses-ws", ws_warm_connections=0
+        ) as (front, metrics),
+        WSClient(front.ws_url) as client,
+    ):
+        chain = Chain(client)
+        assert output_text([chain.turn("one")]) == "You said: one"
+        client.create(input="two", store=False, previous_response_id=chain.previous)
+        events = client.until_terminal()
+        deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+        assert deltas == ["You said: "]
+        failed = events[-1]
+        assert failed["type"] == "response.failed", failed
+        error = failed["response"]["error"]
+        assert (error["code"], error["message"]) == (
+            "server_error",
+            "The upstream sent events of another response.",
+        )
+        assert output_text(client.turn(input="three", store=False)) == "You said: three"
+        assert metrics.upstream.requests[("responses-ws", "out_of_step")] == 1
+        assert metrics.upstream.retries == 0
+    assert script.connection_of_each_request() == [1, 1, 2]
+    [failure] = [r for r in caplog.records if r.getMessage() == "upstream request failed"]
+    assert (failure.outcome, failure.retry) == ("out_of_step", False)  # type: ignore[attr-defined]
+    assert "during resp_1_2" in failure.detail  # type: ignore[attr-defined]
+    assert "STALE" not in failure.detail  # type: ignore[attr-defined]
+
+
+def test_responses_in_order_keep_their_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The normal path: OpenAI's shapes (the script) and warmsocket's (the simulated
+    upstream) chain turn after turn on one connection, and no message is parsed in
+    full to check which response it belongs to."""
+    from warmsocket.backends import responses_order
+
+    def no_parse(raw: bytes) -> None:
+        raise AssertionError("an upstream message was parsed in full")
+
+    monkeypatch.setattr(responses_order, "_parse", no_parse)
+    script = ScriptedWSUpstream({})
+    with (
+        fake_ws_upstream(script) as port,
+        warmsocket_upstream(
+            f"http://127.0.0.1:{port}/v1", "responses-ws", ws_warm_connections=0
+        ) as (front, metrics),
+        WSClient(front.ws_url) as client,
+    ):
+        chain = Chain(client)
+        for text in ["one", "two", "three"]:
+            assert output_text([chain.turn(text)]) == f"You said: {text}"
+        assert metrics.upstream.chained == 2
+        assert set(metrics.upstream.requests) == {("responses-ws", "ok")}
+    assert script.connection_of_each_request() == [1, 1, 1]
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(sim.base_url, "responses-ws", ws_warm_connections=0) as (
+            front,
+            metrics,
+        ),
+        WSClient(front.ws_url) as client,
+    ):
+        chain = Chain(client)
+        for text in ["one", "two", "three"]:
+            assert output_text([chain.turn(text)]) == f"You said: {text}"
+        assert metrics.upstream.chained == 2
+        assert set(metrics.upstream.requests) == {("responses-ws", "ok")}
+        assert len({r["connection"] for r in records(sim)}) == 1

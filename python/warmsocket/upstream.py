@@ -110,7 +110,8 @@ class UpstreamError(APIError):
         super().__init__(code, message, param=param, status=status, type=type, headers=headers)
         self.retryable = retryable
         self.reason = reason
-        """A short label for metrics and logs: 'status', 'timeout', 'connect', 'stream'..."""
+        """A short label for metrics and logs: 'status', 'timeout', 'connect', 'stream',
+        'out_of_step' (a WebSocket-mode upstream sent another response's events)..."""
         self.upstream_code = upstream_code
         """The code the upstream's error event gave, before mapping (None otherwise)."""
         self.detail = detail
@@ -123,7 +124,8 @@ class UpstreamError(APIError):
     @property
     def outcome(self) -> str:
         """The label of this failure in metrics and logs: the upstream's HTTP status,
-        or what failed ('timeout', 'connect', 'closed', 'protocol', 'stream')."""
+        or what failed ('timeout', 'connect', 'closed', 'protocol', 'out_of_step',
+        'stream')."""
         if self.reason == "status":
             return str(self.upstream_status or self.status)
         return self.reason
@@ -259,7 +261,7 @@ def _from_error_fields(
 
 
 def transport_error(
-    kind: Literal["connect", "timeout", "closed", "protocol"],
+    kind: Literal["connect", "timeout", "closed", "protocol", "out_of_step"],
     detail: str | None = None,
     *,
     retryable: bool = True,
@@ -271,6 +273,7 @@ def transport_error(
         "timeout": "The upstream server did not answer in time.",
         "closed": "The upstream connection broke before the response was complete.",
         "protocol": "The upstream sent an invalid response.",
+        "out_of_step": "The upstream sent events of another response.",
     }
     return UpstreamError(
         "server_error",

@@ -18,6 +18,10 @@ upstream's state lives on the connection that produced it:
 * a connection older than `ws_lifetime` gets no new turn: it is closed at a turn
   boundary and its chains continue elsewhere with a full replay (*rotation*), before
   the upstream's own lifetime limit can end a turn.
+* a turn's messages are checked to be of its own response, one response at a time
+  (`responses_order.py`): a connection found out of step (a message of an earlier
+  response still in flight, an upstream running two at once) is discarded, and the
+  turn replayed on another one while nothing has reached the client.
 
 Cancelling a turn mid-response closes its connection: WebSocket mode has no cancel
 event, so closing is how the upstream learns to stop.
@@ -28,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -50,6 +54,7 @@ from warmsocket.backends.base import ModelEvent, StreamItem, TurnContext, TurnFa
 from warmsocket.backends.http_upstream import chain_key, failed_attempt
 from warmsocket.backends.responses_events import model_events
 from warmsocket.backends.responses_http import HeadCache
+from warmsocket.backends.responses_order import ResponseOrder
 from warmsocket.errors import SERVER_ERROR
 from warmsocket.httpclient import PLAIN_HTTP_HINT, Origin, connect_failure, plain_answer_to_tls
 from warmsocket.metrics import Metrics
@@ -63,13 +68,26 @@ from warmsocket.upstream import (
 )
 
 MAX_CHAINS = 200_000
+HAD_RESPONSES = 16
+"""Response ids a connection remembers having had: a `response.created` of one of
+them is a stray message, not a new response."""
 _INPUT_KEY = b'"input":'
 
 
 class UpstreamSocket:
     """One WebSocket-mode connection to a replica."""
 
-    __slots__ = ("busy", "expiring", "expiry", "head", "last_used", "opened", "replica", "ws")
+    __slots__ = (
+        "busy",
+        "expiring",
+        "expiry",
+        "had",
+        "head",
+        "last_used",
+        "opened",
+        "replica",
+        "ws",
+    )
 
     def __init__(self, replica: Replica, ws: ClientConnection, opened: float) -> None:
         self.replica = replica
@@ -79,6 +97,8 @@ class UpstreamSocket:
         self.busy = False
         self.head: str | None = None
         """The upstream response id this connection remembers (its latest)."""
+        self.had: deque[str] = deque(maxlen=HAD_RESPONSES)
+        """The upstream ids of the latest responses created on this connection."""
         self.expiring = False
         """The upstream said the connection's lifetime ended while a response ran: the
         response finishes (within the upstream's grace period), then it is closed."""
@@ -209,14 +229,22 @@ class ResponsesWSBackend:
                     self._release(socket, reusable=reusable)
                 if failure is None:
                     return
-                if failure.reason == "closed" and previous is not None and not forwarded:
-                    self.stats.replays["connection_lost"] += 1
+                if previous is not None and not forwarded:
+                    if failure.reason == "closed":
+                        self.stats.replays["connection_lost"] += 1
+                    elif failure.reason == "out_of_step":
+                        self.stats.replays["out_of_step"] += 1
             assert failure is not None
             # A connection found closed before the upstream began answering (a pooled
             # one the upstream let go: its lifetime, an idle timeout) is the upstream's
             # state loss, which the client never sees: replayed on a fresh connection
-            # once per turn without using one of --upstream-retries.
-            free = failure.reason == "closed" and not answered and free_replay
+            # once per turn without using one of --upstream-retries. So is a connection
+            # found out of step (another response's events: a message still in flight
+            # when the turn took it, or an upstream running two responses at once),
+            # which is discarded: the fault is the connection's, not the request's.
+            free = free_replay and (
+                (failure.reason == "closed" and not answered) or failure.reason == "out_of_step"
+            )
             can_retry = not forwarded and (retries_left > 0 or free)
             if not failed_attempt(self.stats, self.api, failure, turn, replica, can_retry):
                 yield TurnFailed(failure)
@@ -226,8 +254,8 @@ class ResponsesWSBackend:
             else:
                 retries_left -= 1
                 self.stats.retries += 1
-            if failure.reason == "closed":
-                fresh = True  # the connection died, not the replica: a new connection
+            if failure.reason in {"closed", "out_of_step"}:
+                fresh = True  # the connection failed, not the replica: another connection
             else:
                 exclude.add(replica.index)
 
@@ -251,16 +279,19 @@ class ResponsesWSBackend:
         decoder: ResponsesStreamDecoder,
     ) -> AsyncIterator[list[ModelEvent]]:
         """Send the turn on `socket` and stream its events, a message's at a time;
-        replays once on state loss."""
+        replays once on state loss. Each message is checked to be of this turn's
+        response (`responses_order.py`) before it is decoded."""
         body = self._body(turn, head, previous)
         started = time.perf_counter()
         if previous is not None:
             self.stats.chained += 1
+        order = ResponseOrder(socket.had)
         while True:
             await self._send(socket, body)
             if turn.request_sent is not None:
                 turn.request_sent()
             raw = await self._receive(socket)
+            created = order.opening(raw)  # else an error event
             try:
                 events = _model_events(decoder.message(raw))
             except UpstreamError as error:
@@ -275,14 +306,22 @@ class ResponsesWSBackend:
                     body = self._body(turn, head, None)
                     continue
                 raise
+            if not created:  # (an error event the decoder did not read as one)
+                raise transport_error("protocol", "an error event without an error")
             break
+        if order.response_id is not None:
+            socket.had.append(order.response_id)
         self.stats.first_byte.observe(time.perf_counter() - started)
         while True:
             if events:
                 yield events
             if decoder.done:
                 return
-            decoded = decoder.message(await self._receive(socket))
+            raw = await self._receive(socket)
+            terminal = order.during(raw)
+            decoded = decoder.message(raw)
+            if terminal is not None:
+                order.ended(terminal, decoder.response_id)
             try:
                 events = model_events(decoded)
             except UpstreamError as error:
