@@ -321,7 +321,8 @@ def test_a_stalled_body_gets_408_and_a_trickled_one_is_read(impatient: RunningSe
     status, _, body = split_response(data)
     assert status == 408 and IDLE * 0.8 < after < IDLE + 1
     assert "--http-idle-timeout" in json.loads(body)["error"]["message"]
-    # Bytes keep coming (each gap under the idle timeout): no limit on the whole body.
+    # Bytes keep coming (each gap under the idle timeout), the whole well within
+    # --http-body-timeout (300 s): the body is read.
     request = create("trickled", padding=12)
     head_end = request.index(b"\r\n\r\n") + 4
     with socket.create_connection(("127.0.0.1", impatient.port), timeout=5) as raw:
@@ -331,6 +332,48 @@ def test_a_stalled_body_gets_408_and_a_trickled_one_is_read(impatient: RunningSe
             raw.sendall(request[i : i + 4])
         ((status, _, body),) = read_responses(raw, 1)
     assert status == 200 and json.loads(body)["output"][0]["content"][0]["text"].endswith("led")
+
+
+def test_a_trickled_body_gets_408_at_the_body_timeout() -> None:
+    body_timeout = 0.8
+    with running_server(
+        http_idle_timeout=IDLE, http_head_timeout=HEAD, http_body_timeout=body_timeout
+    ) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            start = time.monotonic()
+            raw.sendall(b"POST /v1/responses HTTP/1.1\r\nContent-Length: 100\r\n\r\n")
+            try:
+                for _ in range(40):  # a byte every 0.1 s: never idle, done after 10 s
+                    time.sleep(0.1)
+                    raw.sendall(b" ")
+            except OSError:
+                pass  # closed by the server
+            data, after = closed_after(raw, start)
+        status, headers, body = split_response(data)
+        assert status == 408 and body_timeout * 0.8 < after < body_timeout + 1
+        assert headers["x-request-id"].startswith("req_") and headers["connection"] == "close"
+        message = json.loads(body)["error"]["message"]
+        assert "--http-body-timeout" in message and "0.8 seconds" in message
+        # The clock starts when the head ends: head and body take longer than the body
+        # timeout together, the body alone does not.
+        request = create("in time")
+        head_end = request.index(b"\r\n\r\n") + 4
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            start = time.monotonic()
+            for piece in (request[:head_end], request[head_end:]):
+                step = len(piece) // 4 + 1
+                for i in range(0, len(piece), step):  # 4 pieces, 0.15 s apart
+                    raw.sendall(piece[i : i + step])
+                    time.sleep(0.15)
+            ((status, _, body),) = read_responses(raw, 1)
+            assert time.monotonic() - start > body_timeout
+        assert status == 200 and json.loads(body)["status"] == "completed"
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            raw.sendall(b"POST /v1/responses HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+            data, after = closed_after(raw, time.monotonic())
+        status, _, body = split_response(data)
+        assert status == 408 and IDLE * 0.8 < after < body_timeout
+        assert "--http-idle-timeout" in json.loads(body)["error"]["message"]
 
 
 def test_timeouts_do_not_cut_requests_being_answered_or_websockets(

@@ -416,6 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds from a request head's first byte to its end; a slower head gets 408 "
         "and the connection is closed (0 disables)",
     )
+    opt.add(
+        "--http-body-timeout",
+        default=300.0,
+        type=_non_negative_float,
+        help="seconds from the end of a request head to the end of its body; a slower body "
+        "gets 408 and the connection is closed (0 disables). Bounds how long a client that "
+        "trickles its body can hold a connection and its buffer; 300 s (as Node.js's "
+        "requestTimeout) lets a --max-message-bytes body of 32M in at about 110 KiB/s",
+    )
     state = serve.add_argument_group("state")
     opt.parser = state
     opt.add(

@@ -139,6 +139,9 @@ class ServerConfig:
     http_head_timeout: float | None = 30.0
     """`--http-head-timeout`: seconds from a request head's first byte to its end (then
     408). None: no limit."""
+    http_body_timeout: float | None = 300.0
+    """`--http-body-timeout`: seconds from the end of a request head to the end of its
+    body (then 408). None: no limit."""
     backlog: int = 1024
     tokenizer: str | None = None
     """`--tokenizer`: o200k_base, cl100k_base, a tokenizer.json path, none; None follows
@@ -290,6 +293,7 @@ class Connection(asyncio.Protocol):
         self._http_timer: asyncio.TimerHandle | None = None
         self._http_deadline: float | None = None
         self._head_since: float | None = None
+        self._body_since: float | None = None
         self._cache_connection: int | None = None
         self._writable = asyncio.Event()
         self._writable.set()
@@ -441,7 +445,7 @@ class Connection(asyncio.Protocol):
                     self.write(CONTINUE)
                 self._http_wait()
             return
-        self._http_deadline = self._head_since = None
+        self._http_deadline = self._head_since = self._body_since = None
         if request.is_websocket_upgrade:
             self._upgrade(request)
             return
@@ -452,18 +456,30 @@ class Connection(asyncio.Protocol):
 
         Nothing buffered: the keep-alive idle timeout. Part of a head: the head timeout,
         from its first byte (or from the end of the answer it was sent behind). Part of
-        a body: the idle timeout again, from the last bytes received."""
+        a body: the idle timeout again, from the last bytes received, and the body
+        timeout, from the end of the head (or of the answer it was sent behind),
+        whichever ends first."""
         config = self.server.config
         now = self.loop.time()
         timeout: float | None
-        if self._parser.receiving == "head":
+        receiving = self._parser.receiving
+        if receiving == "head":
             if self._head_since is None:
                 self._head_since = now
             start, timeout = self._head_since, config.http_head_timeout
         else:
             self._head_since = None
             start, timeout = now, config.http_idle_timeout
-        deadline = self._http_deadline = start + timeout if timeout else None
+        deadline = start + timeout if timeout else None
+        if receiving == "body":
+            if self._body_since is None:
+                self._body_since = now
+            if config.http_body_timeout:
+                whole = self._body_since + config.http_body_timeout
+                deadline = whole if deadline is None else min(deadline, whole)
+        else:
+            self._body_since = None
+        self._http_deadline = deadline
         timer = self._http_timer
         if deadline is not None and (timer is None or timer.when() > deadline):
             if timer is not None:
@@ -489,10 +505,17 @@ class Connection(asyncio.Protocol):
             )
             self.write(_error_response(APIError(None, message, status=408)))
         else:
-            message = (
-                f"No bytes of the request body arrived for {config.http_idle_timeout:g} "
-                "seconds (--http-idle-timeout)."
-            )
+            body_since, whole = self._body_since, config.http_body_timeout
+            if whole and body_since is not None and self.loop.time() >= body_since + whole:
+                message = (
+                    f"The request body was not received within {whole:g} seconds of its "
+                    "head (--http-body-timeout)."
+                )
+            else:
+                message = (
+                    f"No bytes of the request body arrived for {config.http_idle_timeout:g} "
+                    "seconds (--http-idle-timeout)."
+                )
             self.write(_error_response(APIError(None, message, status=408)))
         self._close_transport()
 
