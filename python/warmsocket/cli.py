@@ -407,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds an HTTP connection with no request being answered waits for the "
         "client: a keep-alive connection is then closed, a request body with no bytes "
         "for that long gets 408 (0 disables). Longer than the 60 s idle timeout of common "
-        "load balancers, so that they, not this server, close idle connections",
+        "load balancers, so that they, not this server, close idle connections. Also how "
+        "long any connection (HTTP or WebSocket) may leave what it was sent unread while "
+        "the server waits to send more or to close: then it is reset",
     )
     opt.add(
         "--http-head-timeout",
