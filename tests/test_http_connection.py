@@ -167,6 +167,70 @@ def test_handshake_refusals_carry_a_request_id() -> None:
         assert json.loads(body)["error"]["message"] == "Invalid request line."
 
 
+KEY = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+VERSION = b"Sec-WebSocket-Version: 13\r\n"
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "header", "fix"),
+    [
+        pytest.param((KEY, b"Sec-WebSocket-Key: c2hvcnQ=\r\n"), 400,
+                     "Sec-WebSocket-Key is not", "16 random", id="bad-key"),
+        pytest.param((KEY, b""), 400,
+                     "Sec-WebSocket-Key is missing", "16 random bytes", id="no-key"),
+        pytest.param((VERSION, b"Sec-WebSocket-Version: 8\r\n"), 400,
+                     "Version is not", "Version: 13'", id="version-8"),
+        pytest.param((VERSION, b""), 400,
+                     "Sec-WebSocket-Version is missing", "Version: 13'", id="no-version"),
+        pytest.param((b"websocket", b"websocket, h2c"), 426,
+                     "Upgrade does not", "POST /v1/responses", id="two-upgrades"),
+        pytest.param((b"Connection: Upgrade", b"Connection: upgrades"), 426,
+                     "Connection", "'Upgrade:", id="no-upgrade-option"),
+        pytest.param((KEY, KEY + b"Sec-WebSocket-Extensions: permessage-deflate; =x\r\n"), 400,
+                     "Sec-WebSocket-Extensions is not valid", "Offer 'permessage-deflate'",
+                     id="bad-extensions"),
+        pytest.param((KEY, KEY + b"Sec-WebSocket-Protocol: a b\r\n"), 400,
+                     "Sec-WebSocket-Protocol is not valid", "Offer 'warmsocket.msgpack'",
+                     id="bad-subprotocol"),
+    ],
+)  # fmt: skip
+def test_websockets_own_refusals_are_json_errors(
+    server: RunningServer,
+    change: tuple[bytes, bytes],
+    status: int,
+    header: str,
+    fix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    request = b"GET /v1/responses HTTP/1.1\r\n" + UPGRADE.replace(*change) + b"\r\n"
+    with caplog.at_level(logging.INFO):
+        reply = exchange(server.port, request)
+    got, headers, body = split_response(reply)
+    assert got == status
+    assert headers["content-type"] == "application/json"
+    assert headers["x-request-id"].startswith("req_") and headers["connection"] == "close"
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] is None
+    message = error["message"].replace(" header ", " ")
+    assert header in message and fix in message, message
+    for echoed in ("c2hvcnQ", "h2c", "upgrades", "=x", "a b"):  # values are not echoed
+        assert echoed not in error["message"]
+    if status == 426:
+        assert error["code"] == "websocket_upgrade_required"
+        assert headers["upgrade"] == "websocket"
+    else:
+        assert error["code"] is None
+    if "Version is" in header:
+        assert headers["sec-websocket-version"] == "13"  # RFC 6455, 4.4
+    (record,) = [r for r in caplog.records if r.getMessage() == "websocket refused"]
+    assert record.__dict__["status"] == status
+    metrics = server.server.metrics
+    assert metrics.errors[error["code"] or "invalid_request_error"] == 1
+    assert metrics.http_requests[("responses", status)] == 1
+    assert metrics.connections_opened.get("websocket", 0) == 0
+
+
 # -- what a connection buffers while it answers --------------------------------------------------
 
 ONE_READ = 256 * 1024  # the most one `data_received` brings (uvloop's read buffer)

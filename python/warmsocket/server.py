@@ -40,6 +40,7 @@ from collections.abc import Callable, Coroutine, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from websockets.exceptions import InvalidHeader, NegotiationError
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request as WSRequest
@@ -727,13 +728,12 @@ class Connection(asyncio.Protocol):
             )
             return
         if response.status_code != 101:
-            # websockets' own refusal (e.g. 400 for a bad Sec-WebSocket-Key, 426).
-            response.headers["x-request-id"] = ids.request_id()
+            # websockets' own refusal (e.g. 400 for a bad Sec-WebSocket-Key, 426): its
+            # status, in our words and shape.
+            self._refuse(_handshake_refusal(response.status_code, protocol.handshake_exc))
+            return
         protocol.send_response(response)
         self.ws = protocol
-        if response.status_code != 101:
-            self._flush()
-            return
         server.metrics.connection_opened("websocket")
         self._direct = not protocol.extensions
         if self._direct:
@@ -1114,6 +1114,25 @@ def _error_response(error: APIError) -> bytes:
     return encode_response(
         error.status, dumps(error.http_body()), headers=headers, keep_alive=False
     )
+
+
+def _handshake_refusal(status: int, reason: Exception | None) -> APIError:
+    """The error for a WebSocket handshake `websockets` refused with `status` because
+    of `reason`: it names the request header at fault (never its value)."""
+    if status >= 500:  # a bug: `websockets` logged it
+        return errors.server_error(
+            "The WebSocket handshake failed on the server. Try again; if it keeps failing, "
+            "report it."
+        )
+    header: str | None = None
+    missing = False
+    if isinstance(reason, InvalidHeader):
+        header, missing = reason.name, reason.value is None
+    elif isinstance(reason, NegotiationError):
+        header = "Sec-WebSocket-Extensions"  # the only negotiation that can fail here
+    if status == 426 and header is not None:
+        return errors.websocket_upgrade_required(header, missing=missing)
+    return errors.invalid_websocket_handshake(header, missing=missing, status=status)
 
 
 class _Resumed:
