@@ -74,9 +74,13 @@ def test_http_timeouts_reach_the_server_config() -> None:
 
     config = config_from_args(build_parser().parse_args(["serve"]))
     assert (config.http_idle_timeout, config.http_head_timeout) == (75.0, 30.0)
+    assert config.http_body_timeout == 300.0
     args = ["serve", "--http-idle-timeout", "0", "--http-head-timeout", "2.5"]
     config = config_from_args(build_parser().parse_args(args))
     assert (config.http_idle_timeout, config.http_head_timeout) == (None, 2.5)  # 0: none
+    for value, expected in [("0", None), ("12.5", 12.5)]:
+        args = ["serve", "--http-body-timeout", value]
+        assert config_from_args(build_parser().parse_args(args)).http_body_timeout == expected
 
 
 @pytest.mark.parametrize(
@@ -91,6 +95,7 @@ def test_http_timeouts_reach_the_server_config() -> None:
         ("serve", "WARMSOCKET_MEMORY_BUDGET", "lots", "not a size: 'lots'"),
         ("serve", "WARMSOCKET_NO_PREFIX_DIFFING", "maybe", "invalid value: 'maybe'"),
         ("serve", "WARMSOCKET_HTTP_HEAD_TIMEOUT", "-1", "must be >= 0: -1"),
+        ("serve", "WARMSOCKET_HTTP_BODY_TIMEOUT", "soon", "not a number: 'soon'"),
         ("simulate-upstream", "WARMSOCKET_SIM_LOG_LEVEL", "loud", "invalid choice: 'loud'"),
         ("simulate-upstream", "WARMSOCKET_SIM_RECORD_BODIES", "x", "not an integer: 'x'"),
     ],

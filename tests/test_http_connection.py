@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from typing import Any
 
 import pytest
 
 from tests.support import RunningServer, WSClient, output_text, running_server
+from tests.test_framing_server import CREATE, _masked
+from warmsocket.backends.base import StreamItem, TextDelta, TurnContext
 from warmsocket.server import HTTP_READ_AHEAD
 
 UPGRADE = (
@@ -162,6 +165,70 @@ def test_handshake_refusals_carry_a_request_id() -> None:
         status, headers, body = split_response(exchange(srv.port, b"GARBAGE\r\n\r\n"))
         assert status == 400 and headers["x-request-id"].startswith("req_")
         assert json.loads(body)["error"]["message"] == "Invalid request line."
+
+
+KEY = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+VERSION = b"Sec-WebSocket-Version: 13\r\n"
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "header", "fix"),
+    [
+        pytest.param((KEY, b"Sec-WebSocket-Key: c2hvcnQ=\r\n"), 400,
+                     "Sec-WebSocket-Key is not", "16 random", id="bad-key"),
+        pytest.param((KEY, b""), 400,
+                     "Sec-WebSocket-Key is missing", "16 random bytes", id="no-key"),
+        pytest.param((VERSION, b"Sec-WebSocket-Version: 8\r\n"), 400,
+                     "Version is not", "Version: 13'", id="version-8"),
+        pytest.param((VERSION, b""), 400,
+                     "Sec-WebSocket-Version is missing", "Version: 13'", id="no-version"),
+        pytest.param((b"websocket", b"websocket, h2c"), 426,
+                     "Upgrade does not", "POST /v1/responses", id="two-upgrades"),
+        pytest.param((b"Connection: Upgrade", b"Connection: upgrades"), 426,
+                     "Connection", "'Upgrade:", id="no-upgrade-option"),
+        pytest.param((KEY, KEY + b"Sec-WebSocket-Extensions: permessage-deflate; =x\r\n"), 400,
+                     "Sec-WebSocket-Extensions is not valid", "Offer 'permessage-deflate'",
+                     id="bad-extensions"),
+        pytest.param((KEY, KEY + b"Sec-WebSocket-Protocol: a b\r\n"), 400,
+                     "Sec-WebSocket-Protocol is not valid", "Offer 'warmsocket.msgpack'",
+                     id="bad-subprotocol"),
+    ],
+)  # fmt: skip
+def test_websockets_own_refusals_are_json_errors(
+    server: RunningServer,
+    change: tuple[bytes, bytes],
+    status: int,
+    header: str,
+    fix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    request = b"GET /v1/responses HTTP/1.1\r\n" + UPGRADE.replace(*change) + b"\r\n"
+    with caplog.at_level(logging.INFO):
+        reply = exchange(server.port, request)
+    got, headers, body = split_response(reply)
+    assert got == status
+    assert headers["content-type"] == "application/json"
+    assert headers["x-request-id"].startswith("req_") and headers["connection"] == "close"
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] is None
+    message = error["message"].replace(" header ", " ")
+    assert header in message and fix in message, message
+    for echoed in ("c2hvcnQ", "h2c", "upgrades", "=x", "a b"):  # values are not echoed
+        assert echoed not in error["message"]
+    if status == 426:
+        assert error["code"] == "websocket_upgrade_required"
+        assert headers["upgrade"] == "websocket"
+    else:
+        assert error["code"] is None
+    if "Version is" in header:
+        assert headers["sec-websocket-version"] == "13"  # RFC 6455, 4.4
+    (record,) = [r for r in caplog.records if r.getMessage() == "websocket refused"]
+    assert record.__dict__["status"] == status
+    metrics = server.server.metrics
+    assert metrics.errors[error["code"] or "invalid_request_error"] == 1
+    assert metrics.http_requests[("responses", status)] == 1
+    assert metrics.connections_opened.get("websocket", 0) == 0
 
 
 # -- what a connection buffers while it answers --------------------------------------------------
@@ -321,7 +388,8 @@ def test_a_stalled_body_gets_408_and_a_trickled_one_is_read(impatient: RunningSe
     status, _, body = split_response(data)
     assert status == 408 and IDLE * 0.8 < after < IDLE + 1
     assert "--http-idle-timeout" in json.loads(body)["error"]["message"]
-    # Bytes keep coming (each gap under the idle timeout): no limit on the whole body.
+    # Bytes keep coming (each gap under the idle timeout), the whole well within
+    # --http-body-timeout (300 s): the body is read.
     request = create("trickled", padding=12)
     head_end = request.index(b"\r\n\r\n") + 4
     with socket.create_connection(("127.0.0.1", impatient.port), timeout=5) as raw:
@@ -331,6 +399,48 @@ def test_a_stalled_body_gets_408_and_a_trickled_one_is_read(impatient: RunningSe
             raw.sendall(request[i : i + 4])
         ((status, _, body),) = read_responses(raw, 1)
     assert status == 200 and json.loads(body)["output"][0]["content"][0]["text"].endswith("led")
+
+
+def test_a_trickled_body_gets_408_at_the_body_timeout() -> None:
+    body_timeout = 0.8
+    with running_server(
+        http_idle_timeout=IDLE, http_head_timeout=HEAD, http_body_timeout=body_timeout
+    ) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            start = time.monotonic()
+            raw.sendall(b"POST /v1/responses HTTP/1.1\r\nContent-Length: 100\r\n\r\n")
+            try:
+                for _ in range(40):  # a byte every 0.1 s: never idle, done after 10 s
+                    time.sleep(0.1)
+                    raw.sendall(b" ")
+            except OSError:
+                pass  # closed by the server
+            data, after = closed_after(raw, start)
+        status, headers, body = split_response(data)
+        assert status == 408 and body_timeout * 0.8 < after < body_timeout + 1
+        assert headers["x-request-id"].startswith("req_") and headers["connection"] == "close"
+        message = json.loads(body)["error"]["message"]
+        assert "--http-body-timeout" in message and "0.8 seconds" in message
+        # The clock starts when the head ends: head and body take longer than the body
+        # timeout together, the body alone does not.
+        request = create("in time")
+        head_end = request.index(b"\r\n\r\n") + 4
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            start = time.monotonic()
+            for piece in (request[:head_end], request[head_end:]):
+                step = len(piece) // 4 + 1
+                for i in range(0, len(piece), step):  # 4 pieces, 0.15 s apart
+                    raw.sendall(piece[i : i + step])
+                    time.sleep(0.15)
+            ((status, _, body),) = read_responses(raw, 1)
+            assert time.monotonic() - start > body_timeout
+        assert status == 200 and json.loads(body)["status"] == "completed"
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            raw.sendall(b"POST /v1/responses HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+            data, after = closed_after(raw, time.monotonic())
+        status, _, body = split_response(data)
+        assert status == 408 and IDLE * 0.8 < after < body_timeout
+        assert "--http-idle-timeout" in json.loads(body)["error"]["message"]
 
 
 def test_timeouts_do_not_cut_requests_being_answered_or_websockets(
@@ -343,3 +453,185 @@ def test_timeouts_do_not_cut_requests_being_answered_or_websockets(
     with WSClient(impatient.ws_url) as ws:
         time.sleep(HEAD + IDLE)
         assert output_text(ws.turn(input="still here")) == "You said: still here"
+
+
+# -- clients that stop reading --------------------------------------------------------------------
+
+
+DELTA = ("word " * 13108)[:65536]  # words: tokenising a long run of one letter is slow
+
+
+class Firehose:
+    """A model that streams 64 KiB deltas, `limit` bytes in all (None: until it is
+    stopped); it records whether its stream was closed (the turn was stopped)."""
+
+    name = "firehose"
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.started = threading.Event()
+        self.closed = threading.Event()
+
+    async def stream(self, turn: TurnContext) -> AsyncIterator[StreamItem]:
+        self.started.set()
+        sent = 0
+        try:
+            while self.limit is None or sent < self.limit:
+                yield TextDelta(DELTA)
+                sent += 65536
+                await asyncio.sleep(0)
+        finally:
+            self.closed.set()
+
+    async def aclose(self) -> None:
+        return None
+
+
+def small_window_connection(port: int, receive_buffer: int = 4096) -> socket.socket:
+    """A client socket with a small receive buffer: the server's writes back up soon
+    once the client stops reading."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    raw.settimeout(5)
+    raw.connect(("127.0.0.1", port))
+    return raw
+
+
+def small_send_buffers(srv: RunningServer) -> None:
+    """Kernel send buffers of 128 KiB (no autotuning, which grows them to megabytes)
+    for the server's connections: their transports' own buffers fill sooner."""
+
+    def shrink() -> int:
+        for connection in srv.server.connections:
+            sock = connection.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        return len(srv.server.connections)
+
+    wait_for(lambda: srv.call(shrink))
+
+
+def dropped_after(srv: RunningServer, start: float, timeout: float = 5.0) -> float:
+    """Seconds from `start` until the server has no connection left."""
+    wait_for(lambda: not srv.call(lambda: list(srv.server.connections)), timeout)
+    return time.monotonic() - start
+
+
+def stall_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == "client stopped reading"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_http_client_that_stops_reading_is_dropped(
+    stream: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Streamed: the model waits for the client forever. Not streamed: the answer waits
+    # in the write buffer, and closing the idle connection waited for it to be sent.
+    backend = Firehose(limit=None if stream else 16 << 20)
+    body = b'{"model": "m", "input": "go", "stream": %b}' % (b"true" if stream else b"false")
+    with (
+        caplog.at_level(logging.INFO),
+        running_server(backend=backend, http_idle_timeout=IDLE, http_head_timeout=HEAD) as srv,
+    ):
+        with small_window_connection(srv.port) as raw:
+            raw.sendall(post(body))
+            assert backend.started.wait(5)
+            after = dropped_after(srv, time.monotonic())  # never read a byte
+            assert backend.closed.wait(1)  # the turn was stopped, as on a disconnect
+            with pytest.raises(ConnectionResetError):  # what was not sent is dropped
+                read_until_closed(raw)
+        assert IDLE <= after < IDLE + 2
+        metrics = srv.server.metrics.render()
+    assert 'warmsocket_write_stalls_total{kind="http"} 1' in metrics
+    (record,) = stall_records(caplog)
+    assert record.__dict__["kind"] == "http" and record.__dict__["unsent_bytes"] > 0
+    assert record.__dict__["seconds"] == IDLE
+
+
+@pytest.mark.parametrize("ping_interval", [None, 0.2])
+def test_a_websocket_client_that_stops_reading_is_dropped(
+    ping_interval: float | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With pings, the keepalive gave up on the client after 0.4 s but then waited,
+    # forever, to send what was buffered before closing; without, nothing looked.
+    backend = Firehose()
+    with (
+        caplog.at_level(logging.INFO),
+        running_server(
+            backend=backend,
+            http_idle_timeout=IDLE,
+            ws_ping_interval=ping_interval,
+            ws_ping_timeout=ping_interval,
+        ) as srv,
+    ):
+        raw = small_window_connection(srv.port)
+        with raw:
+            raw.sendall(b"GET /v1/responses HTTP/1.1\r\n" + UPGRADE + b"\r\n")
+            assert read_head(raw).startswith(b"HTTP/1.1 101 ")
+            raw.sendall(_masked(json.dumps(CREATE).encode()))
+            assert backend.started.wait(5)
+            dropped_after(srv, time.monotonic())
+            assert backend.closed.wait(1)
+        metrics = srv.server.metrics.render()
+    assert 'warmsocket_write_stalls_total{kind="websocket"} 1' in metrics
+    (record,) = stall_records(caplog)
+    assert record.__dict__["kind"] == "websocket"
+    assert record.__dict__["connection"] is not None
+
+
+def test_a_slow_reader_that_keeps_reading_is_not_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    # Writing stays paused for longer than the timeout (the client drains the buffer
+    # to its low-water mark slower than that), but every check sees progress.
+    backend = Firehose(limit=384 << 10)  # the text, then four events that repeat it
+    body = b'{"model": "m", "input": "go", "stream": true}'
+    with (
+        caplog.at_level(logging.INFO),
+        running_server(backend=backend, http_idle_timeout=IDLE, http_head_timeout=HEAD) as srv,
+    ):
+
+        def paused() -> bool:
+            return any(not c._writable.is_set() for c in srv.server.connections)
+
+        with small_window_connection(srv.port, 65536) as raw:
+            small_send_buffers(srv)
+            raw.sendall(post(body))
+            received = b""
+            longest = paused_since = 0.0
+            while not received.endswith(b"0\r\n\r\n"):
+                chunk = raw.recv(65536)
+                assert chunk, "closed by the server"
+                received += chunk
+                time.sleep(0.1)  # about 600 KiB/s
+                now = time.monotonic()
+                if not srv.call(paused):
+                    paused_since = 0.0
+                elif not paused_since:
+                    paused_since = now
+                longest = max(longest, now - paused_since if paused_since else 0.0)
+    assert b"event: response.completed" in received
+    assert longest > 2 * IDLE  # the case this test is about happened
+    assert not stall_records(caplog)
+
+
+def test_progress_is_what_the_client_acknowledged() -> None:
+    # With autotuned kernel buffers (megabytes), the kernel takes more from the
+    # transport only once a third of its buffer is free: the transport's buffer can
+    # stand still for longer than the timeout while a slow client reads.
+    with running_server(backend=Firehose(), http_idle_timeout=10) as srv:
+
+        def progress() -> tuple[int, int]:
+            (connection,) = srv.server.connections
+            transport = connection.transport
+            return transport.get_write_buffer_size(), connection._delivered(transport)
+
+        with small_window_connection(srv.port, 65536) as raw:
+            raw.sendall(post(b'{"model": "m", "input": "go", "stream": true}'))
+            time.sleep(0.3)  # the buffers fill
+            before = srv.call(progress)
+            read = 0
+            while read < 128 << 10:
+                read += len(raw.recv(65536))
+                time.sleep(0.01)
+            time.sleep(0.05)
+            after = srv.call(progress)
+    assert after[0] == before[0] > 0  # the transport's buffer did not move
+    assert after[1] - before[1] >= 64 << 10  # what the client read was acknowledged

@@ -407,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds an HTTP connection with no request being answered waits for the "
         "client: a keep-alive connection is then closed, a request body with no bytes "
         "for that long gets 408 (0 disables). Longer than the 60 s idle timeout of common "
-        "load balancers, so that they, not this server, close idle connections",
+        "load balancers, so that they, not this server, close idle connections. Also how "
+        "long any connection (HTTP or WebSocket) may leave what it was sent unread while "
+        "the server waits to send more or to close: then it is reset",
     )
     opt.add(
         "--http-head-timeout",
@@ -415,6 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_float,
         help="seconds from a request head's first byte to its end; a slower head gets 408 "
         "and the connection is closed (0 disables)",
+    )
+    opt.add(
+        "--http-body-timeout",
+        default=300.0,
+        type=_non_negative_float,
+        help="seconds from the end of a request head to the end of its body; a slower body "
+        "gets 408 and the connection is closed (0 disables). Bounds how long a client that "
+        "trickles its body can hold a connection and its buffer; 300 s (as Node.js's "
+        "requestTimeout) lets a --max-message-bytes body of 32M in at about 110 KiB/s",
     )
     state = serve.add_argument_group("state")
     opt.parser = state

@@ -297,6 +297,51 @@ def not_found_route(method: str, path: str) -> APIError:
     )
 
 
+_HANDSHAKE_FIXES = {
+    "Sec-WebSocket-Key": "Send it once, with 16 random bytes in base64 (as WebSocket client "
+    "libraries do).",
+    "Sec-WebSocket-Version": "This server speaks WebSocket version 13 (RFC 6455): send "
+    "'Sec-WebSocket-Version: 13'.",
+    "Sec-WebSocket-Extensions": "Offer 'permessage-deflate' with valid parameters, or no "
+    "extension.",
+    "Sec-WebSocket-Protocol": "Offer 'warmsocket.msgpack', or no subprotocol (JSON text frames).",
+}
+
+
+def invalid_websocket_handshake(
+    header: str | None, *, missing: bool = False, status: int = 400
+) -> APIError:
+    """A WebSocket upgrade refused for its `header` (a request header's name, never
+    its value): missing, or not valid."""
+    if header is None:
+        message = "Invalid WebSocket handshake. Connect with a WebSocket client library."
+        return APIError(None, message, status=status)
+    problem = "is missing" if missing else "is not valid"
+    fix = _HANDSHAKE_FIXES.get(header, f"Send one valid {header} header.")
+    # RFC 6455, 4.4: a refused version is answered with the versions the server speaks.
+    headers = {"Sec-WebSocket-Version": "13"} if header == "Sec-WebSocket-Version" else None
+    return APIError(
+        None,
+        f"Invalid WebSocket handshake: the {header} header {problem}. {fix}",
+        status=status,
+        headers=headers,
+    )
+
+
+def websocket_upgrade_required(header: str, *, missing: bool = False) -> APIError:
+    """An upgrade request to the WebSocket endpoint whose `header` (Upgrade or
+    Connection) does not ask for a WebSocket."""
+    problem = "is missing" if missing else "does not ask for a WebSocket"
+    return APIError(
+        "websocket_upgrade_required",
+        f"Invalid WebSocket upgrade: the {header} header {problem}. Send 'Upgrade: "
+        "websocket' and 'Connection: Upgrade' (as WebSocket client libraries do), or POST "
+        "/v1/responses to use HTTP mode.",
+        status=426,
+        headers={"Upgrade": "websocket"},
+    )
+
+
 def method_not_allowed(method: str, path: str) -> APIError:
     return APIError(
         "method_not_allowed",

@@ -70,6 +70,7 @@ class Metrics:
         self.turns = Counter[str]()
         self.errors = Counter[str]()
         self.http_requests = Counter[tuple[str, int]]()
+        self.write_stalls = Counter[str]()
         self.lookups = Counter[str]()
         self.prefix_matches = Counter[str]()
         self.prefix_matched_items = 0
@@ -110,6 +111,11 @@ class Metrics:
     def http_request(self, route: str, status: int) -> None:
         self.http_requests[(route, status)] += 1
 
+    def write_stalled(self, kind: str) -> None:
+        """A connection ("http" or "websocket") was dropped: its client read nothing of
+        what the server had to send for --http-idle-timeout."""
+        self.write_stalls[kind] += 1
+
     def observe_rebuild(self, seconds: float) -> None:
         self.rebuild.observe(seconds)
 
@@ -147,6 +153,15 @@ class Metrics:
         for (route, http_status), count in sorted(self.http_requests.items()):
             labels = f'route="{_label(route)}",status="{http_status}"'
             lines.append(f"warmsocket_http_requests_total{{{labels}}} {count}")
+        family(
+            "warmsocket_write_stalls_total",
+            "counter",
+            "Connections dropped because the client read nothing of what the server had to "
+            "send for --http-idle-timeout, by kind.",
+        )
+        for kind in ("websocket", "http"):
+            value = self.write_stalls[kind]
+            lines.append(f'warmsocket_write_stalls_total{{kind="{kind}"}} {value}')
         family(
             "warmsocket_previous_response_lookups_total",
             "counter",

@@ -52,6 +52,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ws_ping_interval=args.ws_ping_interval or None,
         http_idle_timeout=args.http_idle_timeout or None,
         http_head_timeout=args.http_head_timeout or None,
+        http_body_timeout=args.http_body_timeout or None,
         tokenizer=args.tokenizer,
         prefix_diffing=not args.no_prefix_diffing,
     )

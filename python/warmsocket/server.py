@@ -21,13 +21,18 @@ through the protocol object's `send_text` / `send_binary` instead.
 Writes produced in one event-loop iteration are coalesced into one `writelines`
 call; nothing waits longer than the current iteration. When the socket's write
 buffer is full, model tasks wait and reading pauses, so a client that does not read
-cannot make the server buffer without bound.
+cannot make the server buffer without bound; and when it reads nothing of what
+waits for it for `--http-idle-timeout`, the connection is dropped (`_check_writes`),
+so such a client cannot hold a connection, its turns and their buffers forever either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 import sys
 import time
 from collections import deque
@@ -35,6 +40,7 @@ from collections.abc import Callable, Coroutine, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from websockets.exceptions import InvalidHeader, NegotiationError
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request as WSRequest
@@ -88,8 +94,30 @@ goes on below it, so a client that goes away mid-answer is noticed at once."""
 
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
+_LINGER_RESET = struct.pack("ii", 1, 0)
+"""SO_LINGER on, 0 s: closing the socket resets the connection, unsent bytes dropped."""
 MSGPACK_SUBPROTOCOL = Subprotocol("warmsocket.msgpack")
 """Events and client messages as msgpack in binary frames (same objects as the JSON)."""
+
+
+if sys.platform == "linux":
+    import fcntl
+    import termios
+
+    def _unacknowledged(sock: Any) -> int:
+        """Bytes sent on a TCP socket that the peer has not acknowledged yet, with what
+        the kernel has not sent yet (ioctl SIOCOUTQ); 0 when it cannot be asked."""
+        try:
+            count = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return int.from_bytes(count, sys.byteorder, signed=True)
+
+else:
+
+    def _unacknowledged(sock: Any) -> int:
+        """Not asked outside Linux: progress is then what left the transport's buffer."""
+        return 0
 
 
 def select_subprotocol(
@@ -139,6 +167,9 @@ class ServerConfig:
     http_head_timeout: float | None = 30.0
     """`--http-head-timeout`: seconds from a request head's first byte to its end (then
     408). None: no limit."""
+    http_body_timeout: float | None = 300.0
+    """`--http-body-timeout`: seconds from the end of a request head to the end of its
+    body (then 408). None: no limit."""
     backlog: int = 1024
     tokenizer: str | None = None
     """`--tokenizer`: o200k_base, cl100k_base, a tokenizer.json path, none; None follows
@@ -290,6 +321,13 @@ class Connection(asyncio.Protocol):
         self._http_timer: asyncio.TimerHandle | None = None
         self._http_deadline: float | None = None
         self._head_since: float | None = None
+        self._body_since: float | None = None
+        # Bytes handed to the transport; minus its write buffer, what it has sent. The
+        # write-stall check (`_check_writes`) compares that between its runs.
+        self._written = 0
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._stall_sent = 0
+        self._stall_since = 0.0
         self._cache_connection: int | None = None
         self._writable = asyncio.Event()
         self._writable.set()
@@ -379,6 +417,9 @@ class Connection(asyncio.Protocol):
         if self._http_timer is not None:
             self._http_timer.cancel()
             self._http_timer = None
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         if self._keepalive is not None:
             self._keepalive.cancel()
         if self._loading is not None:
@@ -389,6 +430,7 @@ class Connection(asyncio.Protocol):
         self._writable.clear()
         if self.transport is not None:
             self.transport.pause_reading()
+        self._watch_writes()
 
     def resume_writing(self) -> None:
         self._writable.set()
@@ -405,6 +447,7 @@ class Connection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.lost:
             self.server.metrics.bytes_sent += len(data)
+            self._written += len(data)
             self.transport.write(data)
 
     async def drain(self) -> None:
@@ -416,8 +459,75 @@ class Connection(asyncio.Protocol):
         if self.ws is not None and self.ws.state is State.OPEN:
             self.ws.send_close(1001, "server shutting down")
             self._flush()
-        elif self.transport is not None:
-            self.transport.close()
+        else:
+            self._close_transport()
+
+    def _watch_writes(self) -> None:
+        """Writing is paused, or the transport closes with bytes left to send: from
+        now on check that the client reads them (`_check_writes`)."""
+        timeout = self.server.config.http_idle_timeout
+        transport = self.transport
+        if timeout is None or transport is None or self.lost or self._stall_timer is not None:
+            return
+        self._stall_sent = self._delivered(transport)
+        self._stall_since = self.loop.time()
+        self._stall_timer = self.loop.call_later(timeout / 4, self._check_writes)
+
+    def _delivered(self, transport: asyncio.Transport) -> int:
+        """Bytes written that left the transport's buffer and (on Linux) that the client
+        acknowledged. The kernel's send buffer can hold megabytes and takes more from
+        the transport only once much of it is free, so the transport's buffer alone
+        can stand still for long while a slow client reads."""
+        delivered = self._written - transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        return delivered - _unacknowledged(sock) if sock is not None else delivered
+
+    def _check_writes(self) -> None:
+        """Drop the connection when the client received nothing (`_delivered`) for
+        `--http-idle-timeout` while bytes waited in the transport's buffer and it could
+        take no more (writing paused) or was closing: the client stopped reading.
+        Otherwise the connection's turns would wait for it forever (a model task waits
+        while writing is paused), and so would closing it (a transport closes once its
+        buffer is sent).
+
+        Progress is looked at every quarter of the timeout, so a client is dropped
+        between one and one and a quarter timeouts after the last bytes it took. A
+        slow reader is not dropped: its bytes move. The drop is what a reset from the
+        client would be: its turns stop, their upstream requests are closed."""
+        self._stall_timer = None
+        transport = self.transport
+        timeout = self.server.config.http_idle_timeout
+        if transport is None or self.lost or timeout is None:
+            return
+        unsent = transport.get_write_buffer_size()
+        if not unsent or (self._writable.is_set() and not transport.is_closing()):
+            return  # not blocked (any more): `_watch_writes` starts again when it is
+        now = self.loop.time()
+        sent = self._delivered(transport)
+        if sent != self._stall_sent:
+            self._stall_sent, self._stall_since = sent, now
+        elif now - self._stall_since >= timeout:
+            kind = "websocket" if self.session is not None else "http"
+            connection = self.session.connection if self.session else self._cache_connection
+            log.info(
+                "client stopped reading",
+                extra={
+                    "kind": kind,
+                    "connection": connection,
+                    "seconds": timeout,
+                    "unsent_bytes": unsent,
+                },
+            )
+            self.server.metrics.write_stalled(kind)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                # A reset: on a plain close the kernel would keep the socket and the
+                # unsent bytes for minutes, probing a client that does not read.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            transport.abort()
+            return
+        self._stall_timer = self.loop.call_later(timeout / 4, self._check_writes)
 
     # -- HTTP ----------------------------------------------------------------------------
 
@@ -441,7 +551,7 @@ class Connection(asyncio.Protocol):
                     self.write(CONTINUE)
                 self._http_wait()
             return
-        self._http_deadline = self._head_since = None
+        self._http_deadline = self._head_since = self._body_since = None
         if request.is_websocket_upgrade:
             self._upgrade(request)
             return
@@ -452,18 +562,30 @@ class Connection(asyncio.Protocol):
 
         Nothing buffered: the keep-alive idle timeout. Part of a head: the head timeout,
         from its first byte (or from the end of the answer it was sent behind). Part of
-        a body: the idle timeout again, from the last bytes received."""
+        a body: the idle timeout again, from the last bytes received, and the body
+        timeout, from the end of the head (or of the answer it was sent behind),
+        whichever ends first."""
         config = self.server.config
         now = self.loop.time()
         timeout: float | None
-        if self._parser.receiving == "head":
+        receiving = self._parser.receiving
+        if receiving == "head":
             if self._head_since is None:
                 self._head_since = now
             start, timeout = self._head_since, config.http_head_timeout
         else:
             self._head_since = None
             start, timeout = now, config.http_idle_timeout
-        deadline = self._http_deadline = start + timeout if timeout else None
+        deadline = start + timeout if timeout else None
+        if receiving == "body":
+            if self._body_since is None:
+                self._body_since = now
+            if config.http_body_timeout:
+                whole = self._body_since + config.http_body_timeout
+                deadline = whole if deadline is None else min(deadline, whole)
+        else:
+            self._body_since = None
+        self._http_deadline = deadline
         timer = self._http_timer
         if deadline is not None and (timer is None or timer.when() > deadline):
             if timer is not None:
@@ -489,10 +611,17 @@ class Connection(asyncio.Protocol):
             )
             self.write(_error_response(APIError(None, message, status=408)))
         else:
-            message = (
-                f"No bytes of the request body arrived for {config.http_idle_timeout:g} "
-                "seconds (--http-idle-timeout)."
-            )
+            body_since, whole = self._body_since, config.http_body_timeout
+            if whole and body_since is not None and self.loop.time() >= body_since + whole:
+                message = (
+                    f"The request body was not received within {whole:g} seconds of its "
+                    "head (--http-body-timeout)."
+                )
+            else:
+                message = (
+                    f"No bytes of the request body arrived for {config.http_idle_timeout:g} "
+                    "seconds (--http-idle-timeout)."
+                )
             self.write(_error_response(APIError(None, message, status=408)))
         self._close_transport()
 
@@ -548,8 +677,13 @@ class Connection(asyncio.Protocol):
             self._close_transport()  # the client's EOF came first (see `eof_received`)
 
     def _close_transport(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        """Close once what is buffered is sent; drop the connection if the client does
+        not read it (`_check_writes`)."""
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+            if transport.get_write_buffer_size():
+                self._watch_writes()
 
     # -- WebSocket upgrade ---------------------------------------------------------------
 
@@ -594,13 +728,12 @@ class Connection(asyncio.Protocol):
             )
             return
         if response.status_code != 101:
-            # websockets' own refusal (e.g. 400 for a bad Sec-WebSocket-Key, 426).
-            response.headers["x-request-id"] = ids.request_id()
+            # websockets' own refusal (e.g. 400 for a bad Sec-WebSocket-Key, 426): its
+            # status, in our words and shape.
+            self._refuse(_handshake_refusal(response.status_code, protocol.handshake_exc))
+            return
         protocol.send_response(response)
         self.ws = protocol
-        if response.status_code != 101:
-            self._flush()
-            return
         server.metrics.connection_opened("websocket")
         self._direct = not protocol.extensions
         if self._direct:
@@ -921,10 +1054,12 @@ class Connection(asyncio.Protocol):
             eof = True
             chunks = [c for c in chunks if c]
         if chunks:
-            self.server.metrics.bytes_sent += sum(map(len, chunks))
+            size = sum(map(len, chunks))
+            self.server.metrics.bytes_sent += size
+            self._written += size
             transport.writelines(chunks)
         if eof:
-            transport.close()
+            self._close_transport()
 
     def _arm_timer(self) -> None:
         session = self.session
@@ -979,6 +1114,25 @@ def _error_response(error: APIError) -> bytes:
     return encode_response(
         error.status, dumps(error.http_body()), headers=headers, keep_alive=False
     )
+
+
+def _handshake_refusal(status: int, reason: Exception | None) -> APIError:
+    """The error for a WebSocket handshake `websockets` refused with `status` because
+    of `reason`: it names the request header at fault (never its value)."""
+    if status >= 500:  # a bug: `websockets` logged it
+        return errors.server_error(
+            "The WebSocket handshake failed on the server. Try again; if it keeps failing, "
+            "report it."
+        )
+    header: str | None = None
+    missing = False
+    if isinstance(reason, InvalidHeader):
+        header, missing = reason.name, reason.value is None
+    elif isinstance(reason, NegotiationError):
+        header = "Sec-WebSocket-Extensions"  # the only negotiation that can fail here
+    if status == 426 and header is not None:
+        return errors.websocket_upgrade_required(header, missing=missing)
+    return errors.invalid_websocket_handshake(header, missing=missing, status=status)
 
 
 class _Resumed:
