@@ -299,3 +299,32 @@ def test_parallel_tool_calls_round_trip(
         builtin_calls, builtin_final = parallel_turns(client)
     assert [c["name"] for c in builtin_calls] == ["get_weather", "read_file"]
     assert builtin_final["output"][-1]["content"][0]["text"] == text
+
+
+def test_the_client_gets_the_upstreams_usage(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """Each response's usage is the upstream's own count for that request, over
+    WebSocket and HTTP. (warmsocket's estimate, used when an upstream reports none,
+    differs here: it counts no tools and caches by token, not by block.)"""
+    sim, server, _metrics = stack
+    with WSClient(server.ws_url) as client:
+        script(client)
+    usages = [e["response"]["usage"] for e in client.events if e["type"] == "response.completed"]
+    with OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk:
+        created = sdk.responses.create(
+            model="m",
+            input="/call read_file {}",
+            instructions=INSTRUCTIONS,
+            tools=FUNCTION_TOOLS,  # type: ignore[arg-type]
+        )
+        assert created.usage is not None
+        usages.append(created.usage.model_dump(mode="json"))
+    records = sim.stats()["requests"]
+    assert len(records) == len(usages) == 7
+    assert [
+        (u["input_tokens"], u["input_tokens_details"]["cached_tokens"], u["output_tokens"])
+        for u in usages
+    ] == [(r["prompt_tokens"], r["cached_tokens"], r["output_tokens"]) for r in records]
+    assert all(u["total_tokens"] == u["input_tokens"] + u["output_tokens"] for u in usages)
+    assert all(r["cached_tokens"] > 0 for r in records[1:])  # the numbers to get right

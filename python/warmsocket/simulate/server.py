@@ -16,7 +16,9 @@ Routes (the API only under `/v1`, as vLLM serves it: elsewhere a 404
 * `POST /control` — test hooks: `{"faults": [...]}` queues faults for the next
   requests (`{"status": 503}`, `{"status": 400, "code": ..., "message": ...,
   "param": ...}`, `{"break_after": N}` closes the connection after N streamed events,
-  `{"hang": true}` never answers, `{"delay_ms": N}`), `{"forget": true}` drops every
+  `{"stall_after": N}` sends N streamed events then nothing more (the connection
+  stays open), `{"hang": true}` never answers, `{"delay_ms": N}`), `{"forget": true}`
+  drops every
   WebSocket connection's remembered response, `{"close_websockets": true}`,
   `{"reset_stats": true}`, `{"reset_cache": true}`.
 """
@@ -105,6 +107,8 @@ class RequestRecord:
     """Items (or messages) in the full context the model saw."""
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    output_tokens: int = 0
+    """As the answer's usage reports them (`completion_tokens` for chat)."""
     previous_response_id: str | None = None
     chained: bool = False
     """responses-ws: continued the connection's remembered response."""
@@ -254,6 +258,7 @@ class _Answer:
     first_delay: float
     call_ids: list[str]
     """One per function call of the reply, in order."""
+    output_tokens: int
 
 
 class _Connection(asyncio.Protocol):
@@ -423,6 +428,11 @@ class _Connection(asyncio.Protocol):
         record.prompt_tokens = prefill.prompt_tokens
         record.cached_tokens = prefill.cached_tokens
         record.reply = reply.kind
+        if reply.kind == "call":
+            output = "".join(call.name + call.arguments for call in reply.calls)
+        else:
+            output = reply.text
+        record.output_tokens = output_tokens = count_tokens(output)
         if self.server.config.record_bodies > 0:
             record.context_sha256 = context_digest(items)
         latency = self.server.config.latency
@@ -436,7 +446,7 @@ class _Connection(asyncio.Protocol):
             digest.update(item)
         call_id = "call_" + digest.hexdigest()[:24]
         call_ids = [call_id if n == 0 else f"{call_id}_{n}" for n in range(len(reply.calls))]
-        return _Answer(reply, prefill, first, call_ids)
+        return _Answer(reply, prefill, first, call_ids, output_tokens)
 
     async def _fault(self, record: RequestRecord) -> dict[str, Any] | None:
         """Apply a queued fault that acts before the answer; return one that acts during it."""
@@ -549,10 +559,8 @@ class _Connection(asyncio.Protocol):
 
         chunks = [choice({"role": "assistant", "content": ""})]
         texts = [""]
-        output = ""
         index = -1  # of the tool call being streamed
         for kind, piece in self._deltas(answer):
-            output += piece
             texts.append(piece)
             if kind == "text":
                 chunks.append(choice({"content": piece}))
@@ -578,14 +586,13 @@ class _Connection(asyncio.Protocol):
         chunks.append(choice({}, finish))
         texts.append("")
         if include_usage:
-            chunks.append(dumps({**base, "choices": [], "usage": _chat_usage(answer, output)}))
+            chunks.append(dumps({**base, "choices": [], "usage": _chat_usage(answer)}))
             texts.append("")
         return chunks, texts
 
     def _chat_completion(self, answer: _Answer, model: str) -> dict[str, Any]:
         reply = answer.reply
         message: dict[str, Any] = {"role": "assistant", "content": None}
-        output = ""
         if reply.kind == "call":
             message["tool_calls"] = [
                 {
@@ -595,9 +602,8 @@ class _Connection(asyncio.Protocol):
                 }
                 for call, call_id in zip(reply.calls, answer.call_ids, strict=True)
             ]
-            output = "".join(call.name + call.arguments for call in reply.calls)
         else:
-            message["content"] = output = reply.text
+            message["content"] = reply.text
         return {
             "id": "chatcmpl-" + os.urandom(12).hex(),
             "object": "chat.completion",
@@ -611,7 +617,7 @@ class _Connection(asyncio.Protocol):
                     "finish_reason": "tool_calls" if reply.kind == "call" else "stop",
                 }
             ],
-            "usage": _chat_usage(answer, output),
+            "usage": _chat_usage(answer),
         }
 
     # -- Responses over HTTP ------------------------------------------------------------------
@@ -676,10 +682,8 @@ class _Connection(asyncio.Protocol):
         )
         frames = response.start()
         texts = ["", ""]
-        output = ""
         calls = iter(answer.call_ids)
         for kind, piece in self._deltas(answer):
-            output += piece
             if kind == "text":
                 new = response.text_delta(piece)
             elif kind == "call":
@@ -689,7 +693,7 @@ class _Connection(asyncio.Protocol):
             frames += new
             texts += [piece] + [""] * (len(new) - 1)
         prefill = answer.prefill
-        usage = usage_object(prefill.prompt_tokens, prefill.cached_tokens, count_tokens(output))
+        usage = usage_object(prefill.prompt_tokens, prefill.cached_tokens, answer.output_tokens)
         if answer.reply.kind == "fail":
             closing = response.fail(errors.model_failed().response_error(), usage)
         else:
@@ -890,9 +894,9 @@ def context_digest(items: list[dict[str, Any]]) -> str:
     return hashlib.sha256(_canonical(normalized).encode()).hexdigest()
 
 
-def _chat_usage(answer: _Answer, output: str) -> dict[str, Any]:
+def _chat_usage(answer: _Answer) -> dict[str, Any]:
     prefill = answer.prefill
-    completion = count_tokens(output)
+    completion = answer.output_tokens
     return {
         "prompt_tokens": prefill.prompt_tokens,
         "completion_tokens": completion,
