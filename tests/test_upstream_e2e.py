@@ -328,3 +328,24 @@ def test_the_client_gets_the_upstreams_usage(
     ] == [(r["prompt_tokens"], r["cached_tokens"], r["output_tokens"]) for r in records]
     assert all(u["total_tokens"] == u["input_tokens"] + u["output_tokens"] for u in usages)
     assert all(r["cached_tokens"] > 0 for r in records[1:])  # the numbers to get right
+
+
+@pytest.mark.parametrize("api", ["responses", "responses-ws"])
+def test_responses_go_upstream_with_store_false(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """warmsocket keeps the state: whatever the client asks (store defaults to true),
+    the upstream is told not to store anything."""
+    sim, server, _metrics = stack
+    with WSClient(server.ws_url) as client:
+        first = client.turn(input="stored by default")[-1]
+        assert first["type"] == "response.completed" and first["response"]["store"] is True
+        client.turn(input="again", store=True, previous_response_id=first["response"]["id"])
+        script(client)
+    with OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk:
+        assert sdk.responses.create(model="m", input="hi", store=True).store is True
+        streamed = sdk.responses.create(model="m", input="hi", stream=True)
+        assert [e.type for e in streamed][-1] == "response.completed"
+    bodies = [json.loads(r["body"]) for r in sim.stats(bodies=True)["requests"]]
+    assert len(bodies) == 10
+    assert [body["store"] for body in bodies] == [False] * len(bodies)
