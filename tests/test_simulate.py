@@ -1,4 +1,5 @@
-"""The simulated upstream on its own: its latency model and its prefix cache."""
+"""The simulated upstream on its own: its latency model, its prefix cache, and its
+non-streaming answers (checked against the openai SDK's types)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
+from openai.types.chat import ChatCompletion
+from openai.types.chat.chat_completion import Choice
+from openai.types.responses import Response
+from pydantic import BaseModel
 from websockets.sync.client import connect
 
 from tests.support import FUNCTION_TOOLS
@@ -173,3 +178,179 @@ def test_the_prefix_cache_stays_within_capacity_and_caches_prefixes() -> None:
             held = cached(cache, *earlier)
             assert "1" not in held.lstrip("1"), held  # a prefix: no hole, no tail alone
     assert cache.lookups == 300 and 0 < cache.hits < 300
+
+
+# -- non-streaming answers ------------------------------------------------------------------------
+
+PARALLEL = '/call get_weather {"city": "Lima"}\n/call read_file {"path": "a.txt"}'
+CHAT_TOOLS = [
+    {"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
+    for tool in FUNCTION_TOOLS
+]
+
+
+def undeclared(model: Any, path: str = "$") -> list[tuple[str, dict[str, Any]]]:
+    """Fields the SDK's type does not declare, anywhere in a validated object."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    if isinstance(model, BaseModel):
+        if model.model_extra:
+            found.append((path, model.model_extra))
+        for name in type(model).model_fields:
+            found += undeclared(getattr(model, name), f"{path}.{name}")
+    elif isinstance(model, list):
+        for index, value in enumerate(model):
+            found += undeclared(value, f"{path}[{index}]")
+    return found
+
+
+def calls_of(choice: Choice) -> list[tuple[str, str, str]]:
+    calls = choice.message.tool_calls or []
+    return [
+        (c["type"], c["function"]["name"], c["function"]["arguments"])
+        for c in (call.model_dump(mode="json") for call in calls)
+    ]
+
+
+def test_non_streaming_chat_completions() -> None:
+    with running_sim() as sim, httpx.Client(base_url=sim.base_url, timeout=10) as http:
+
+        def complete(messages: list[dict[str, Any]]) -> ChatCompletion:
+            answer = http.post(
+                "/chat/completions", json={"model": "m", "messages": messages, "tools": CHAT_TOOLS}
+            )
+            assert answer.status_code == 200
+            assert answer.headers["content-type"].startswith("application/json")
+            completion = ChatCompletion.model_validate(answer.json())
+            assert undeclared(completion) == []
+            assert completion.object == "chat.completion" and completion.model == "m"
+            # usage: what /stats recorded for this request
+            record = sim.stats()["requests"][-1]
+            assert record["stream"] is False
+            usage = completion.usage
+            assert usage is not None and usage.prompt_tokens_details is not None
+            assert (
+                usage.prompt_tokens,
+                usage.prompt_tokens_details.cached_tokens,
+                usage.completion_tokens,
+            ) == (record["prompt_tokens"], record["cached_tokens"], record["output_tokens"])
+            assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+            assert record["output_tokens"] > 0
+            return completion
+
+        system = {"role": "system", "content": "Be brief."}
+        text = complete([system, {"role": "user", "content": "hello"}])
+        (choice,) = text.choices
+        assert (choice.index, choice.finish_reason) == (0, "stop")
+        assert choice.message.role == "assistant" and choice.message.content == "You said: hello"
+        assert choice.message.tool_calls is None
+        assert sim.stats()["requests"][-1]["output_tokens"] == count_tokens("You said: hello")
+
+        one = complete([system, {"role": "user", "content": '/call get_weather {"city": "Oslo"}'}])
+        (choice,) = one.choices
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert calls_of(choice) == [("function", "get_weather", '{"city": "Oslo"}')]
+
+        user = {"role": "user", "content": PARALLEL}
+        parallel = complete([system, user])
+        (choice,) = parallel.choices
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert calls_of(choice) == [
+            ("function", "get_weather", '{"city": "Lima"}'),
+            ("function", "read_file", '{"path": "a.txt"}'),
+        ]
+        calls = choice.message.tool_calls or []
+        assert len({c.id for c in calls}) == 2
+        assert sim.stats()["requests"][-1]["output_tokens"] == count_tokens(
+            'get_weather{"city": "Lima"}read_file{"path": "a.txt"}'
+        )
+        # The calls' ids work when their results come back (in the other order).
+        assistant = choice.message.model_dump(mode="json", exclude_none=True)
+        results = [
+            {"role": "tool", "tool_call_id": calls[1].id, "content": "text of a"},
+            {"role": "tool", "tool_call_id": calls[0].id, "content": "sunny"},
+        ]
+        back = complete([system, user, assistant, *results])
+        assert back.choices[0].message.content == (
+            "get_weather returned: sunny; read_file returned: text of a"
+        )
+        assert sim.stats()["requests"][-1]["cached_tokens"] > 0
+
+
+def test_non_streaming_responses() -> None:
+    with running_sim() as sim, httpx.Client(base_url=sim.base_url, timeout=10) as http:
+
+        def create(input: Any) -> tuple[Response, list[dict[str, Any]]]:
+            """The validated Response, and its output items as JSON."""
+            body = {
+                "model": "m",
+                "instructions": "Be brief.",
+                "input": input,
+                "tools": FUNCTION_TOOLS,
+                "store": False,
+            }
+            answer = http.post("/responses", json=body)
+            assert answer.status_code == 200
+            assert answer.headers["content-type"].startswith("application/json")
+            response = Response.model_validate(answer.json())
+            # `store` is in the API's Response object; this SDK's type does not declare it.
+            assert undeclared(response) == [("$", {"store": False})]
+            assert (response.object, response.status, response.model) == (
+                "response",
+                "completed",
+                "m",
+            )
+            assert response.id.startswith("resp_") and response.error is None
+            assert response.instructions == "Be brief." and response.parallel_tool_calls
+            tools = [tool.model_dump(mode="json", exclude_none=True) for tool in response.tools]
+            assert tools == FUNCTION_TOOLS
+            record = sim.stats()["requests"][-1]
+            assert record["stream"] is False
+            usage = response.usage
+            assert usage is not None
+            assert (
+                usage.input_tokens,
+                usage.input_tokens_details.cached_tokens,
+                usage.output_tokens,
+            ) == (record["prompt_tokens"], record["cached_tokens"], record["output_tokens"])
+            assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+            assert record["output_tokens"] > 0
+            output = [item.model_dump(mode="json", exclude_none=True) for item in response.output]
+            assert all(item["status"] == "completed" for item in output)
+            return response, output
+
+        text, output = create("hello")
+        assert text.output_text == "You said: hello"
+        assert [(o["type"], o["role"], o["content"]) for o in output] == [
+            (
+                "message",
+                "assistant",
+                [
+                    {
+                        "type": "output_text",
+                        "text": "You said: hello",
+                        "annotations": [],
+                        "logprobs": [],
+                    }
+                ],
+            )
+        ]
+
+        _one, output = create('/call get_weather {"city": "Oslo"}')
+        assert [(o["type"], o["name"], o["arguments"]) for o in output] == [
+            ("function_call", "get_weather", '{"city": "Oslo"}')
+        ]
+
+        user = {"role": "user", "content": PARALLEL}
+        _parallel, calls = create([user])
+        assert [(o["type"], o["name"], o["arguments"]) for o in calls] == [
+            ("function_call", "get_weather", '{"city": "Lima"}'),
+            ("function_call", "read_file", '{"path": "a.txt"}'),
+        ]
+        assert len({o["call_id"] for o in calls}) == len({o["id"] for o in calls}) == 2
+        results = [
+            {"type": "function_call_output", "call_id": calls[1]["call_id"], "output": "text of a"},
+            {"type": "function_call_output", "call_id": calls[0]["call_id"], "output": "sunny"},
+        ]
+        back, _output = create([user, *calls, *results])
+        assert back.output_text == "get_weather returned: sunny; read_file returned: text of a"
+        assert sim.stats()["requests"][-1]["cached_tokens"] > 0

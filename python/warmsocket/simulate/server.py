@@ -42,6 +42,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from warmsocket import errors, mockmodel
+from warmsocket.client_events import ECHOED_DEFAULTS
 from warmsocket.errors import APIError
 from warmsocket.http11 import (
     LAST_CHUNK,
@@ -667,11 +668,10 @@ class _Connection(asyncio.Protocol):
     def _response_events(
         self, body: dict[str, Any], answer: _Answer, *, previous_response_id: str | None
     ) -> tuple[list[bytes], list[str], ResponseStream]:
-        settings = {
-            "instructions": body.get("instructions"),
-            "tools": body.get("tools") or [],
-            "tool_choice": body.get("tool_choice", "auto"),
-        }
+        # Every setting is echoed, as the API does (the SDK's Response requires some,
+        # such as parallel_tool_calls).
+        settings = {name: body.get(name, default) for name, default in ECHOED_DEFAULTS.items()}
+        settings["tools"] = body.get("tools") or []
         response = ResponseStream(
             response_id="resp_" + os.urandom(24).hex(),
             model=str(body.get("model") or "warmsocket-sim"),
