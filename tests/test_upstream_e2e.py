@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx2 as httpx
 import pytest
 from openai import OpenAI
 
@@ -349,3 +350,28 @@ def test_responses_go_upstream_with_store_false(
     bodies = [json.loads(r["body"]) for r in sim.stats(bodies=True)["requests"]]
     assert len(bodies) == 10
     assert [body["store"] for body in bodies] == [False] * len(bodies)
+
+
+def test_an_upstream_that_requires_a_key_gets_it(api: str) -> None:
+    """--upstream-api-key goes upstream as `Authorization: Bearer KEY` on every API
+    (the simulated upstream refuses any other); the client's own key does not."""
+    with (
+        running_sim(api_key="upstream-key") as sim,
+        warmsocket_upstream(sim.base_url, api, api_key="upstream-key") as (server, metrics),
+    ):
+        headers = {"Authorization": "Bearer client-key"}
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(base_url=sim.base_url, headers=headers) as http:
+            assert http.post("/chat/completions", json=body).status_code == 401
+        with WSClient(server.ws_url, additional_headers=headers) as client:
+            first = client.turn(input="one", store=False)
+            assert output_text(first) == "You said: one"
+            second = client.turn(
+                input="two", store=False, previous_response_id=first[-1]["response"]["id"]
+            )
+            assert output_text(second) == "You said: two"
+        with OpenAI(base_url=server.base_url, api_key="client-key", max_retries=0) as sdk:
+            assert sdk.responses.create(model="m", input="three").output_text == "You said: three"
+        assert [r["status"] for r in sim.stats()["requests"]] == [200, 200, 200]
+        outcome = "ok" if api == "responses-ws" else "200"
+        assert dict(metrics.upstream.requests) == {(api, outcome): 3}
