@@ -690,3 +690,48 @@ def test_messages_an_upstream_sent_between_turns_never_reach_the_next_turn() -> 
         fresh = client.turn(input="three")  # a new chain: the idle pool is checked too
         assert output_text(fresh) == "ok"
     assert len(connections) == 3  # none reused after it spoke out of turn
+
+
+# -- stalls, and what failures do to the chain (issue #5 audit) ---------------------------------
+
+GET_WEATHER = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
+
+
+def test_a_stream_that_stalls_times_out(api: str) -> None:
+    """An upstream that stops sending mid-answer, its connection open: a stall before
+    any model event is retried; one after an event reached the client ends the turn
+    `response.failed` once --upstream-timeout passes without a piece, the stalled
+    request is dropped, and the metric's outcome is `timeout`."""
+    timeout = 0.3
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(sim.base_url, api, timeout=timeout) as (server, metrics),
+        WSClient(server.ws_url) as client,
+    ):
+        chain = Chain(client)
+        sim.control(faults=[{"stall_after": 1}])  # before any model event: retried
+        assert output_text([chain.turn("one")]) == "You said: one"
+        assert metrics.upstream.retries == 1
+        assert metrics.upstream.requests[(api, "timeout")] == 1
+        sim.control(faults=[{"stall_after": BREAK_AFTER_FIRST_EVENT[api]}])
+        start = time.monotonic()
+        client.create(
+            input='/call get_weather {"a": 2}',
+            tools=GET_WEATHER,
+            store=False,
+            previous_response_id=chain.previous,
+        )
+        events = client.until_terminal()
+        elapsed = time.monotonic() - start
+        assert "response.output_item.added" in [e["type"] for e in events]
+        assert events[-1]["type"] == "response.failed"
+        error = events[-1]["response"]["error"]
+        assert error["code"] == "server_error"
+        assert "did not answer in time" in error["message"]
+        assert timeout - 0.01 <= elapsed < timeout + 2
+        assert metrics.upstream.requests[(api, "timeout")] == 2
+        assert metrics.upstream.retries == 1  # an event had reached the client
+        stalled = sim.server.stats.requests[-1]
+        assert stalled.fault == "stall_after" and stalled.finished is None
+        _wait_aborted(stalled)  # warmsocket let the stalled request go
+        assert len(records(sim)) == 3

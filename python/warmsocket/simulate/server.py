@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request as WSRequest
@@ -538,9 +538,10 @@ class _Connection(asyncio.Protocol):
         pieces.append(chunk(b"data: [DONE]\n\n") + LAST_CHUNK)
         texts.append("")
         self.write(_sse_head(request))
-        if fault is not None and "break_after" in fault:
-            await self._pace(pieces[: int(fault["break_after"])], answer, texts)
-            raise _Abort
+        cut = _cut_after(fault)
+        if cut is not None:
+            await self._pace(pieces[:cut], answer, texts)
+            await _break_or_stall(fault)
         await self._pace(pieces, answer, texts)
         record.finished = time.monotonic()
 
@@ -659,9 +660,10 @@ class _Connection(asyncio.Protocol):
         pieces = [chunk(sse_event(frame)) for frame in frames]
         pieces[-1] += LAST_CHUNK
         self.write(_sse_head(request))
-        if fault is not None and "break_after" in fault:
-            await self._pace(pieces[: int(fault["break_after"])], answer, texts)
-            raise _Abort
+        cut = _cut_after(fault)
+        if cut is not None:
+            await self._pace(pieces[:cut], answer, texts)
+            await _break_or_stall(fault)
         await self._pace(pieces, answer, texts)
         record.finished = time.monotonic()
 
@@ -853,9 +855,10 @@ class _Connection(asyncio.Protocol):
         frames, texts, response = self._response_events(
             body, answer, previous_response_id=previous if isinstance(previous, str) else None
         )
-        if fault is not None and "break_after" in fault:
-            await self._ws_paced(frames[: int(fault["break_after"])], answer, texts)
-            raise _Abort
+        cut = _cut_after(fault)
+        if cut is not None:
+            await self._ws_paced(frames[:cut], answer, texts)
+            await _break_or_stall(fault)
         await self._ws_paced(frames, answer, texts)
         if answer.reply.kind != "fail":
             output = response.output
@@ -886,6 +889,24 @@ _ROOT_ROUTES = frozenset({"/health", "/healthz", "/stats", "/control"})
 
 class _Abort(Exception):
     """Drop the connection (a simulated broken stream)."""
+
+
+def _cut_after(fault: dict[str, Any] | None) -> int | None:
+    """How many streamed events a `break_after` or `stall_after` fault lets through."""
+    if fault is None:
+        return None
+    for name in ("break_after", "stall_after"):
+        if name in fault:
+            return int(fault[name])
+    return None
+
+
+async def _break_or_stall(fault: dict[str, Any] | None) -> NoReturn:
+    """After the events a fault lets through: `break_after` drops the connection;
+    `stall_after` sends nothing more and keeps it open (until the client goes away)."""
+    if fault is not None and "stall_after" in fault:
+        await asyncio.Event().wait()
+    raise _Abort
 
 
 def context_digest(items: list[dict[str, Any]]) -> str:
