@@ -735,3 +735,47 @@ def test_a_stream_that_stalls_times_out(api: str) -> None:
         assert stalled.fault == "stall_after" and stalled.finished is None
         _wait_aborted(stalled)  # warmsocket let the stalled request go
         assert len(records(sim)) == 3
+
+
+FAILURES: dict[str, Callable[[str], dict[str, Any]]] = {
+    "timeout": lambda api: {"hang": True},
+    "stall": lambda api: {"stall_after": BREAK_AFTER_FIRST_EVENT[api]},
+    "broken": lambda api: {"break_after": BREAK_AFTER_FIRST_EVENT[api]},
+}
+
+
+def fail_a_turn(
+    client: WSClient, sim: RunningSim, api: str, failure: str, **fields: Any
+) -> list[dict[str, Any]]:
+    """A turn that fails upstream in the way named (with --upstream-retries 0)."""
+    sim.control(faults=[FAILURES[failure](api)])
+    events = client.turn(input='/call get_weather {"a": 2}', tools=GET_WEATHER, **fields)
+    assert events[-1]["type"] == "response.failed", events[-1]
+    if failure in {"stall", "broken"}:  # the answer had started
+        assert "response.output_item.added" in [e["type"] for e in events]
+    return events
+
+
+@pytest.mark.parametrize("failure", ["timeout", "stall", "broken"])
+def test_a_continuation_that_fails_upstream_counts_for_the_eviction_rule(
+    api: str, failure: str
+) -> None:
+    """A same-lane continuation that times out, stalls or breaks upstream ends
+    `response.failed` and, as any failure, evicts its store=false parent: continuing
+    that parent is `previous_response_not_found`. A stored parent stays loadable."""
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(sim.base_url, api, timeout=0.3, retries=0) as (server, _metrics),
+        WSClient(server.ws_url) as client,
+    ):
+        for store, text in [(False, "one"), (True, "uno")]:
+            parent = client.turn(input=text, store=store)[-1]
+            assert parent["type"] == "response.completed"
+            parent_id = parent["response"]["id"]
+            fail_a_turn(client, sim, api, failure, store=store, previous_response_id=parent_id)
+            again = client.turn(input="two", store=store, previous_response_id=parent_id)
+            if store:
+                assert output_text(again) == "You said: two"
+            else:
+                assert again[-1]["type"] == "error"
+                assert again[-1]["error"]["code"] == "previous_response_not_found"
