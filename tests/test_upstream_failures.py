@@ -737,10 +737,12 @@ def test_a_stream_that_stalls_times_out(api: str) -> None:
         assert len(records(sim)) == 3
 
 
-FAILURES: dict[str, Callable[[str], dict[str, Any]]] = {
+FAILURES: dict[str, Callable[[str], dict[str, Any] | None]] = {
     "timeout": lambda api: {"hang": True},
     "stall": lambda api: {"stall_after": BREAK_AFTER_FIRST_EVENT[api]},
     "broken": lambda api: {"break_after": BREAK_AFTER_FIRST_EVENT[api]},
+    "status": lambda api: {"status": 503},
+    "model": lambda api: None,  # the model fails mid-answer (chat: an `error` chunk)
 }
 
 
@@ -748,8 +750,11 @@ def fail_a_turn(
     client: WSClient, sim: RunningSim, api: str, failure: str, **fields: Any
 ) -> list[dict[str, Any]]:
     """A turn that fails upstream in the way named (with --upstream-retries 0)."""
-    sim.control(faults=[FAILURES[failure](api)])
-    events = client.turn(input='/call get_weather {"a": 2}', tools=GET_WEATHER, **fields)
+    fault = FAILURES[failure](api)
+    if fault is not None:
+        sim.control(faults=[fault])
+    text = '/call get_weather {"a": 2}' if fault is not None else "/fail"
+    events = client.turn(input=text, tools=GET_WEATHER, **fields)
     assert events[-1]["type"] == "response.failed", events[-1]
     if failure in {"stall", "broken"}:  # the answer had started
         assert "response.output_item.added" in [e["type"] for e in events]
@@ -779,3 +784,50 @@ def test_a_continuation_that_fails_upstream_counts_for_the_eviction_rule(
             else:
                 assert again[-1]["type"] == "error"
                 assert again[-1]["error"]["code"] == "previous_response_not_found"
+
+
+@pytest.fixture
+def no_cyclic_gc() -> Iterator[None]:
+    """Only reference counting frees memory during the test (as between collections)."""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_a_failed_upstream_turn_keeps_nothing_of_its_chain_alive(
+    api: str, failure: str, no_cyclic_gc: None
+) -> None:
+    """Once a store=false continuation failed (evicting its parent), the session cache
+    holds nothing of the chain. An upstream error kept with its traceback (by the HTTP
+    connection, or in a backend's stream frame) made a reference cycle that held the
+    turn and its whole context until the cyclic collector ran; meanwhile the evicted
+    content was still matched by prefix diffing, so a stored response whose input
+    repeated it was made connection-local and could be evicted in turn."""
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(sim.base_url, api, timeout=0.3, retries=0) as (server, _metrics),
+        WSClient(server.ws_url) as client,
+    ):
+        cache = server.server.engine.cache
+        for chain in range(2):
+            parent = client.turn(input=f"chain {chain} " + "word " * 100, store=False)[-1]
+            assert cache.stats().bytes > 0
+            fail_a_turn(
+                client,
+                sim,
+                api,
+                failure,
+                store=False,
+                previous_response_id=parent["response"]["id"],
+            )
+            deadline = time.monotonic() + 2
+            while cache.stats().bytes and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert cache.stats().entries == 0
+            assert cache.stats().bytes == 0, "something still holds the failed turn's context"
