@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx2 as httpx
 import pytest
 from openai import OpenAI
 
@@ -299,3 +300,78 @@ def test_parallel_tool_calls_round_trip(
         builtin_calls, builtin_final = parallel_turns(client)
     assert [c["name"] for c in builtin_calls] == ["get_weather", "read_file"]
     assert builtin_final["output"][-1]["content"][0]["text"] == text
+
+
+def test_the_client_gets_the_upstreams_usage(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """Each response's usage is the upstream's own count for that request, over
+    WebSocket and HTTP. (warmsocket's estimate, used when an upstream reports none,
+    differs here: it counts no tools and caches by token, not by block.)"""
+    sim, server, _metrics = stack
+    with WSClient(server.ws_url) as client:
+        script(client)
+    usages = [e["response"]["usage"] for e in client.events if e["type"] == "response.completed"]
+    with OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk:
+        created = sdk.responses.create(
+            model="m",
+            input="/call read_file {}",
+            instructions=INSTRUCTIONS,
+            tools=FUNCTION_TOOLS,  # type: ignore[arg-type]
+        )
+        assert created.usage is not None
+        usages.append(created.usage.model_dump(mode="json"))
+    records = sim.stats()["requests"]
+    assert len(records) == len(usages) == 7
+    assert [
+        (u["input_tokens"], u["input_tokens_details"]["cached_tokens"], u["output_tokens"])
+        for u in usages
+    ] == [(r["prompt_tokens"], r["cached_tokens"], r["output_tokens"]) for r in records]
+    assert all(u["total_tokens"] == u["input_tokens"] + u["output_tokens"] for u in usages)
+    assert all(r["cached_tokens"] > 0 for r in records[1:])  # the numbers to get right
+
+
+@pytest.mark.parametrize("api", ["responses", "responses-ws"])
+def test_responses_go_upstream_with_store_false(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """warmsocket keeps the state: whatever the client asks (store defaults to true),
+    the upstream is told not to store anything."""
+    sim, server, _metrics = stack
+    with WSClient(server.ws_url) as client:
+        first = client.turn(input="stored by default")[-1]
+        assert first["type"] == "response.completed" and first["response"]["store"] is True
+        client.turn(input="again", store=True, previous_response_id=first["response"]["id"])
+        script(client)
+    with OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk:
+        assert sdk.responses.create(model="m", input="hi", store=True).store is True
+        streamed = sdk.responses.create(model="m", input="hi", stream=True)
+        assert [e.type for e in streamed][-1] == "response.completed"
+    bodies = [json.loads(r["body"]) for r in sim.stats(bodies=True)["requests"]]
+    assert len(bodies) == 10
+    assert [body["store"] for body in bodies] == [False] * len(bodies)
+
+
+def test_an_upstream_that_requires_a_key_gets_it(api: str) -> None:
+    """--upstream-api-key goes upstream as `Authorization: Bearer KEY` on every API
+    (the simulated upstream refuses any other); the client's own key does not."""
+    with (
+        running_sim(api_key="upstream-key") as sim,
+        warmsocket_upstream(sim.base_url, api, api_key="upstream-key") as (server, metrics),
+    ):
+        headers = {"Authorization": "Bearer client-key"}
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(base_url=sim.base_url, headers=headers) as http:
+            assert http.post("/chat/completions", json=body).status_code == 401
+        with WSClient(server.ws_url, additional_headers=headers) as client:
+            first = client.turn(input="one", store=False)
+            assert output_text(first) == "You said: one"
+            second = client.turn(
+                input="two", store=False, previous_response_id=first[-1]["response"]["id"]
+            )
+            assert output_text(second) == "You said: two"
+        with OpenAI(base_url=server.base_url, api_key="client-key", max_retries=0) as sdk:
+            assert sdk.responses.create(model="m", input="three").output_text == "You said: three"
+        assert [r["status"] for r in sim.stats()["requests"]] == [200, 200, 200]
+        outcome = "ok" if api == "responses-ws" else "200"
+        assert dict(metrics.upstream.requests) == {(api, outcome): 3}

@@ -936,3 +936,144 @@ def test_responses_in_order_keep_their_connection(monkeypatch: pytest.MonkeyPatc
         assert metrics.upstream.chained == 2
         assert set(metrics.upstream.requests) == {("responses-ws", "ok")}
         assert len({r["connection"] for r in records(sim)}) == 1
+
+
+# -- stalls, and what failures do to the chain (issue #5 audit) ---------------------------------
+
+GET_WEATHER = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
+
+
+def test_a_stream_that_stalls_times_out(api: str) -> None:
+    """An upstream that stops sending mid-answer, its connection open: a stall before
+    any model event is retried; one after an event reached the client ends the turn
+    `response.failed` once --upstream-timeout passes without a piece, the stalled
+    request is dropped, and the metric's outcome is `timeout`."""
+    timeout = 0.3
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(sim.base_url, api, timeout=timeout) as (server, metrics),
+        WSClient(server.ws_url) as client,
+    ):
+        chain = Chain(client)
+        sim.control(faults=[{"stall_after": 1}])  # before any model event: retried
+        assert output_text([chain.turn("one")]) == "You said: one"
+        assert metrics.upstream.retries == 1
+        assert metrics.upstream.requests[(api, "timeout")] == 1
+        sim.control(faults=[{"stall_after": BREAK_AFTER_FIRST_EVENT[api]}])
+        start = time.monotonic()
+        client.create(
+            input='/call get_weather {"a": 2}',
+            tools=GET_WEATHER,
+            store=False,
+            previous_response_id=chain.previous,
+        )
+        events = client.until_terminal()
+        elapsed = time.monotonic() - start
+        assert "response.output_item.added" in [e["type"] for e in events]
+        assert events[-1]["type"] == "response.failed"
+        error = events[-1]["response"]["error"]
+        assert error["code"] == "server_error"
+        assert "did not answer in time" in error["message"]
+        assert timeout - 0.01 <= elapsed < timeout + 2
+        assert metrics.upstream.requests[(api, "timeout")] == 2
+        assert metrics.upstream.retries == 1  # an event had reached the client
+        stalled = sim.server.stats.requests[-1]
+        assert stalled.fault == "stall_after" and stalled.finished is None
+        _wait_aborted(stalled)  # warmsocket let the stalled request go
+        assert len(records(sim)) == 3
+
+
+FAILURES: dict[str, Callable[[str], dict[str, Any] | None]] = {
+    "timeout": lambda api: {"hang": True},
+    "stall": lambda api: {"stall_after": BREAK_AFTER_FIRST_EVENT[api]},
+    "broken": lambda api: {"break_after": BREAK_AFTER_FIRST_EVENT[api]},
+    "status": lambda api: {"status": 503},
+    "model": lambda api: None,  # the model fails mid-answer (chat: an `error` chunk)
+}
+
+
+def fail_a_turn(
+    client: WSClient, sim: RunningSim, api: str, failure: str, **fields: Any
+) -> list[dict[str, Any]]:
+    """A turn that fails upstream in the way named (with --upstream-retries 0)."""
+    fault = FAILURES[failure](api)
+    if fault is not None:
+        sim.control(faults=[fault])
+    text = '/call get_weather {"a": 2}' if fault is not None else "/fail"
+    events = client.turn(input=text, tools=GET_WEATHER, **fields)
+    assert events[-1]["type"] == "response.failed", events[-1]
+    if failure in {"stall", "broken"}:  # the answer had started
+        assert "response.output_item.added" in [e["type"] for e in events]
+    return events
+
+
+@pytest.mark.parametrize("failure", ["timeout", "stall", "broken"])
+def test_a_continuation_that_fails_upstream_counts_for_the_eviction_rule(
+    api: str, failure: str
+) -> None:
+    """A same-lane continuation that times out, stalls or breaks upstream ends
+    `response.failed` and, as any failure, evicts its store=false parent: continuing
+    that parent is `previous_response_not_found`. A stored parent stays loadable."""
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(sim.base_url, api, timeout=0.3, retries=0) as (server, _metrics),
+        WSClient(server.ws_url) as client,
+    ):
+        for store, text in [(False, "one"), (True, "uno")]:
+            parent = client.turn(input=text, store=store)[-1]
+            assert parent["type"] == "response.completed"
+            parent_id = parent["response"]["id"]
+            fail_a_turn(client, sim, api, failure, store=store, previous_response_id=parent_id)
+            again = client.turn(input="two", store=store, previous_response_id=parent_id)
+            if store:
+                assert output_text(again) == "You said: two"
+            else:
+                assert again[-1]["type"] == "error"
+                assert again[-1]["error"]["code"] == "previous_response_not_found"
+
+
+@pytest.fixture
+def no_cyclic_gc() -> Iterator[None]:
+    """Only reference counting frees memory during the test (as between collections)."""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_a_failed_upstream_turn_keeps_nothing_of_its_chain_alive(
+    api: str, failure: str, no_cyclic_gc: None
+) -> None:
+    """Once a store=false continuation failed (evicting its parent), the session cache
+    holds nothing of the chain. An upstream error kept with its traceback (by the HTTP
+    connection, or in a backend's stream frame) made a reference cycle that held the
+    turn and its whole context until the cyclic collector ran; meanwhile the evicted
+    content was still matched by prefix diffing, so a stored response whose input
+    repeated it was made connection-local and could be evicted in turn."""
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(sim.base_url, api, timeout=0.3, retries=0) as (server, _metrics),
+        WSClient(server.ws_url) as client,
+    ):
+        cache = server.server.engine.cache
+        for chain in range(2):
+            parent = client.turn(input=f"chain {chain} " + "word " * 100, store=False)[-1]
+            assert cache.stats().bytes > 0
+            fail_a_turn(
+                client,
+                sim,
+                api,
+                failure,
+                store=False,
+                previous_response_id=parent["response"]["id"],
+            )
+            deadline = time.monotonic() + 2
+            while cache.stats().bytes and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert cache.stats().entries == 0
+            assert cache.stats().bytes == 0, "something still holds the failed turn's context"

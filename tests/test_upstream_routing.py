@@ -5,6 +5,7 @@ replica that goes away is routed around."""
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections import Counter
 from contextlib import ExitStack
 
@@ -82,3 +83,22 @@ def test_affinity_routing_across_three_replicas() -> None:
             if prompt in r["body"]
         )
         assert list(moved.values()) == [3]  # all three on one surviving replica
+        # /metrics shows exactly these counts.
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert "# TYPE warmsocket_upstream_affinity_total counter" in text.splitlines()
+        lines = [
+            line
+            for line in text.splitlines()
+            if line.startswith("warmsocket_upstream_affinity_total{")
+        ]
+        assert sorted(lines) == sorted(
+            f'warmsocket_upstream_affinity_total{{result="{result}",reason="{reason}"}} {count}'
+            for (result, reason), count in affinity.items()
+        )
+        hits, retries = affinity[("hit", "parent")], affinity[("miss", "retry")]
+        assert hits >= 11 + 12 and retries >= 1
+        assert f'warmsocket_upstream_affinity_total{{result="hit",reason="parent"}} {hits}' in lines
+        assert (
+            f'warmsocket_upstream_affinity_total{{result="miss",reason="retry"}} {retries}' in lines
+        )

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import ssl
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import NoReturn
 from urllib.parse import unquote, urlsplit
 
 from warmsocket._core import ChunkedBody, parse_response_head
@@ -466,7 +468,7 @@ class HTTPConnection(asyncio.Protocol):
 
     async def _wait(self) -> None:
         if self._error is not None:
-            raise self._error
+            self._raise_error(self._error)
         if self.closed:
             raise ConnectionClosed("the upstream connection is closed")
         waiter = self.loop.create_future()
@@ -476,7 +478,15 @@ class HTTPConnection(asyncio.Protocol):
         finally:
             self._waiter = None
         if self._error is not None:
-            raise self._error
+            self._raise_error(self._error)
+
+    @staticmethod
+    def _raise_error(error: BaseException) -> NoReturn:
+        """Raise a copy of the connection's failure. The traceback a raised exception
+        collects holds this connection (and the turn) in its frames: raising the stored
+        one would make a cycle, connection -> error -> traceback -> frames -> connection,
+        that keeps the turn's whole context alive until the cyclic collector runs."""
+        raise copy.copy(error)
 
     def _wake(self) -> None:
         waiter = self._waiter

@@ -53,6 +53,13 @@ class TurnFailed:
 
     error: APIError
 
+    def __post_init__(self) -> None:
+        # The error is shown to the client, never raised again: drop its traceback. A
+        # backend that caught it holds it in a local of its stream's frame, which that
+        # traceback holds in turn: a cycle that would keep the turn, with its whole
+        # context, alive until the cyclic garbage collector runs.
+        self.error.__traceback__ = None
+
 
 ModelEvent = TextDelta | ToolCallStart | ToolArgumentsDelta | UsageReport | TurnFailed
 

@@ -68,6 +68,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
+    def __contains__(self, block: object) -> bool:
+        """Whether this block hash (from `PromptHasher.hash`) is cached."""
+        return block in self._blocks
+
     def clear(self) -> None:
         self._blocks.clear()
         self._hasher = PromptHasher(self.block_tokens)

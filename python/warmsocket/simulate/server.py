@@ -16,7 +16,9 @@ Routes (the API only under `/v1`, as vLLM serves it: elsewhere a 404
 * `POST /control` — test hooks: `{"faults": [...]}` queues faults for the next
   requests (`{"status": 503}`, `{"status": 400, "code": ..., "message": ...,
   "param": ...}`, `{"break_after": N}` closes the connection after N streamed events,
-  `{"hang": true}` never answers, `{"delay_ms": N}`), `{"forget": true}` drops every
+  `{"stall_after": N}` sends N streamed events then nothing more (the connection
+  stays open), `{"hang": true}` never answers, `{"delay_ms": N}`), `{"forget": true}`
+  drops every
   WebSocket connection's remembered response, `{"close_websockets": true}`,
   `{"reset_stats": true}`, `{"reset_cache": true}`.
 """
@@ -32,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request as WSRequest
@@ -40,6 +42,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from warmsocket import errors, mockmodel
+from warmsocket.client_events import ECHOED_DEFAULTS
 from warmsocket.errors import APIError
 from warmsocket.http11 import (
     LAST_CHUNK,
@@ -105,6 +108,8 @@ class RequestRecord:
     """Items (or messages) in the full context the model saw."""
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    output_tokens: int = 0
+    """As the answer's usage reports them (`completion_tokens` for chat)."""
     previous_response_id: str | None = None
     chained: bool = False
     """responses-ws: continued the connection's remembered response."""
@@ -254,6 +259,7 @@ class _Answer:
     first_delay: float
     call_ids: list[str]
     """One per function call of the reply, in order."""
+    output_tokens: int
 
 
 class _Connection(asyncio.Protocol):
@@ -423,6 +429,11 @@ class _Connection(asyncio.Protocol):
         record.prompt_tokens = prefill.prompt_tokens
         record.cached_tokens = prefill.cached_tokens
         record.reply = reply.kind
+        if reply.kind == "call":
+            output = "".join(call.name + call.arguments for call in reply.calls)
+        else:
+            output = reply.text
+        record.output_tokens = output_tokens = count_tokens(output)
         if self.server.config.record_bodies > 0:
             record.context_sha256 = context_digest(items)
         latency = self.server.config.latency
@@ -436,7 +447,7 @@ class _Connection(asyncio.Protocol):
             digest.update(item)
         call_id = "call_" + digest.hexdigest()[:24]
         call_ids = [call_id if n == 0 else f"{call_id}_{n}" for n in range(len(reply.calls))]
-        return _Answer(reply, prefill, first, call_ids)
+        return _Answer(reply, prefill, first, call_ids, output_tokens)
 
     async def _fault(self, record: RequestRecord) -> dict[str, Any] | None:
         """Apply a queued fault that acts before the answer; return one that acts during it."""
@@ -527,9 +538,10 @@ class _Connection(asyncio.Protocol):
         pieces.append(chunk(b"data: [DONE]\n\n") + LAST_CHUNK)
         texts.append("")
         self.write(_sse_head(request))
-        if fault is not None and "break_after" in fault:
-            await self._pace(pieces[: int(fault["break_after"])], answer, texts)
-            raise _Abort
+        cut = _cut_after(fault)
+        if cut is not None:
+            await self._pace(pieces[:cut], answer, texts)
+            await _break_or_stall(fault)
         await self._pace(pieces, answer, texts)
         record.finished = time.monotonic()
 
@@ -549,10 +561,8 @@ class _Connection(asyncio.Protocol):
 
         chunks = [choice({"role": "assistant", "content": ""})]
         texts = [""]
-        output = ""
         index = -1  # of the tool call being streamed
         for kind, piece in self._deltas(answer):
-            output += piece
             texts.append(piece)
             if kind == "text":
                 chunks.append(choice({"content": piece}))
@@ -578,14 +588,13 @@ class _Connection(asyncio.Protocol):
         chunks.append(choice({}, finish))
         texts.append("")
         if include_usage:
-            chunks.append(dumps({**base, "choices": [], "usage": _chat_usage(answer, output)}))
+            chunks.append(dumps({**base, "choices": [], "usage": _chat_usage(answer)}))
             texts.append("")
         return chunks, texts
 
     def _chat_completion(self, answer: _Answer, model: str) -> dict[str, Any]:
         reply = answer.reply
         message: dict[str, Any] = {"role": "assistant", "content": None}
-        output = ""
         if reply.kind == "call":
             message["tool_calls"] = [
                 {
@@ -595,9 +604,8 @@ class _Connection(asyncio.Protocol):
                 }
                 for call, call_id in zip(reply.calls, answer.call_ids, strict=True)
             ]
-            output = "".join(call.name + call.arguments for call in reply.calls)
         else:
-            message["content"] = output = reply.text
+            message["content"] = reply.text
         return {
             "id": "chatcmpl-" + os.urandom(12).hex(),
             "object": "chat.completion",
@@ -611,7 +619,7 @@ class _Connection(asyncio.Protocol):
                     "finish_reason": "tool_calls" if reply.kind == "call" else "stop",
                 }
             ],
-            "usage": _chat_usage(answer, output),
+            "usage": _chat_usage(answer),
         }
 
     # -- Responses over HTTP ------------------------------------------------------------------
@@ -652,20 +660,20 @@ class _Connection(asyncio.Protocol):
         pieces = [chunk(sse_event(frame)) for frame in frames]
         pieces[-1] += LAST_CHUNK
         self.write(_sse_head(request))
-        if fault is not None and "break_after" in fault:
-            await self._pace(pieces[: int(fault["break_after"])], answer, texts)
-            raise _Abort
+        cut = _cut_after(fault)
+        if cut is not None:
+            await self._pace(pieces[:cut], answer, texts)
+            await _break_or_stall(fault)
         await self._pace(pieces, answer, texts)
         record.finished = time.monotonic()
 
     def _response_events(
         self, body: dict[str, Any], answer: _Answer, *, previous_response_id: str | None
     ) -> tuple[list[bytes], list[str], ResponseStream]:
-        settings = {
-            "instructions": body.get("instructions"),
-            "tools": body.get("tools") or [],
-            "tool_choice": body.get("tool_choice", "auto"),
-        }
+        # Every setting is echoed, as the API does (the SDK's Response requires some,
+        # such as parallel_tool_calls).
+        settings = {name: body.get(name, default) for name, default in ECHOED_DEFAULTS.items()}
+        settings["tools"] = body.get("tools") or []
         response = ResponseStream(
             response_id="resp_" + os.urandom(24).hex(),
             model=str(body.get("model") or "warmsocket-sim"),
@@ -676,10 +684,8 @@ class _Connection(asyncio.Protocol):
         )
         frames = response.start()
         texts = ["", ""]
-        output = ""
         calls = iter(answer.call_ids)
         for kind, piece in self._deltas(answer):
-            output += piece
             if kind == "text":
                 new = response.text_delta(piece)
             elif kind == "call":
@@ -689,7 +695,7 @@ class _Connection(asyncio.Protocol):
             frames += new
             texts += [piece] + [""] * (len(new) - 1)
         prefill = answer.prefill
-        usage = usage_object(prefill.prompt_tokens, prefill.cached_tokens, count_tokens(output))
+        usage = usage_object(prefill.prompt_tokens, prefill.cached_tokens, answer.output_tokens)
         if answer.reply.kind == "fail":
             closing = response.fail(errors.model_failed().response_error(), usage)
         else:
@@ -849,9 +855,10 @@ class _Connection(asyncio.Protocol):
         frames, texts, response = self._response_events(
             body, answer, previous_response_id=previous if isinstance(previous, str) else None
         )
-        if fault is not None and "break_after" in fault:
-            await self._ws_paced(frames[: int(fault["break_after"])], answer, texts)
-            raise _Abort
+        cut = _cut_after(fault)
+        if cut is not None:
+            await self._ws_paced(frames[:cut], answer, texts)
+            await _break_or_stall(fault)
         await self._ws_paced(frames, answer, texts)
         if answer.reply.kind != "fail":
             output = response.output
@@ -884,15 +891,33 @@ class _Abort(Exception):
     """Drop the connection (a simulated broken stream)."""
 
 
+def _cut_after(fault: dict[str, Any] | None) -> int | None:
+    """How many streamed events a `break_after` or `stall_after` fault lets through."""
+    if fault is None:
+        return None
+    for name in ("break_after", "stall_after"):
+        if name in fault:
+            return int(fault[name])
+    return None
+
+
+async def _break_or_stall(fault: dict[str, Any] | None) -> NoReturn:
+    """After the events a fault lets through: `break_after` drops the connection;
+    `stall_after` sends nothing more and keeps it open (until the client goes away)."""
+    if fault is not None and "stall_after" in fault:
+        await asyncio.Event().wait()
+    raise _Abort
+
+
 def context_digest(items: list[dict[str, Any]]) -> str:
     """A digest of a context that ignores item ids and statuses (they differ by who made them)."""
     normalized = [{k: v for k, v in item.items() if k not in {"id", "status"}} for item in items]
     return hashlib.sha256(_canonical(normalized).encode()).hexdigest()
 
 
-def _chat_usage(answer: _Answer, output: str) -> dict[str, Any]:
+def _chat_usage(answer: _Answer) -> dict[str, Any]:
     prefill = answer.prefill
-    completion = count_tokens(output)
+    completion = answer.output_tokens
     return {
         "prompt_tokens": prefill.prompt_tokens,
         "completion_tokens": completion,

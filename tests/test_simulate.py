@@ -1,0 +1,356 @@
+"""The simulated upstream on its own: its latency model, its prefix cache, and its
+non-streaming answers (checked against the openai SDK's types)."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+from openai.types.chat import ChatCompletion
+from openai.types.chat.chat_completion import Choice
+from openai.types.responses import Response
+from pydantic import BaseModel
+from websockets.sync.client import connect
+
+from tests.support import FUNCTION_TOOLS
+from tests.upstream_support import RunningSim, running_sim
+from warmsocket import mockmodel
+from warmsocket.prefixhash import PromptHasher, count_tokens
+from warmsocket.simulate.model import LatencyModel, PrefixCache, canonical_items
+
+# -- the latency model ----------------------------------------------------------------------
+
+
+def test_latency_model_arithmetic() -> None:
+    instant = LatencyModel()
+    assert instant.first_token_seconds(10_000) == 0.0
+    assert instant.first_token_seconds(10_000, sleep_ms=250) == pytest.approx(0.25)
+    assert instant.decode_seconds("many words here") == 0.0
+    model = LatencyModel(
+        overhead_ms=40, prefill_tokens_per_second=2_000, decode_tokens_per_second=50
+    )
+    # overhead + uncached tokens / prefill rate (+ any /sleep)
+    assert model.first_token_seconds(0) == pytest.approx(0.040)
+    assert model.first_token_seconds(500) == pytest.approx(0.040 + 0.25)
+    assert model.first_token_seconds(500, sleep_ms=100) == pytest.approx(0.140 + 0.25)
+    # one token / decode rate per token of the delta, at least one token
+    text = " the quick brown fox jumps over the lazy dog"
+    assert count_tokens(text) > 1
+    assert model.decode_seconds(text) == pytest.approx(count_tokens(text) / 50)
+    assert model.decode_seconds("") == pytest.approx(1 / 50)
+    overhead_only = LatencyModel(overhead_ms=15)
+    assert overhead_only.first_token_seconds(10**6) == pytest.approx(0.015)
+
+
+LATENCY = LatencyModel(
+    overhead_ms=20, prefill_tokens_per_second=10_000, decode_tokens_per_second=100
+)
+LONG_INSTRUCTIONS = "You are the build agent of a large repository. " * 300  # ~3,000 tokens
+EARLY = 0.005
+"""How early the simulator's event loop may wake (libuv timers have ms resolution)."""
+LATE = 0.2
+"""Scheduling slack on a busy machine; well below what a wrong formula would add."""
+
+
+def ask(sim: RunningSim, api: str, text: str) -> dict[str, Any]:
+    """One streamed request straight to the simulator; returns its /stats record."""
+    url = f"http://127.0.0.1:{sim.port}/v1"
+    if api == "chat":
+        messages = [
+            {"role": "system", "content": LONG_INSTRUCTIONS},
+            {"role": "user", "content": text},
+        ]
+        body = {"model": "m", "messages": messages, "stream": True}
+        with httpx.Client(base_url=url, timeout=10) as http:
+            answer = http.post("/chat/completions", json=body)
+        assert answer.status_code == 200 and answer.text.endswith("data: [DONE]\n\n")
+    elif api == "responses":
+        body = {"model": "m", "instructions": LONG_INSTRUCTIONS, "input": text, "stream": True}
+        with httpx.Client(base_url=url, timeout=10) as http:
+            answer = http.post("/responses", json=body)
+        assert answer.status_code == 200 and "event: response.completed" in answer.text
+    else:
+        with connect(url.replace("http", "ws") + "/responses", open_timeout=5) as ws:
+            ws.send(
+                json.dumps(
+                    {
+                        "type": "response.create",
+                        "model": "m",
+                        "instructions": LONG_INSTRUCTIONS,
+                        "input": text,
+                    }
+                )
+            )
+            while json.loads(ws.recv(timeout=10))["type"] != "response.completed":
+                pass
+    record: dict[str, Any] = sim.stats()["requests"][-1]
+    assert record["status"] == 200 and record["finished"] is not None
+    return record
+
+
+@pytest.mark.parametrize("api", ["chat", "responses", "responses-ws"])
+def test_a_running_simulator_follows_its_latency_model(api: str) -> None:
+    """The first output comes overhead + uncached prompt tokens / prefill rate after
+    the request was read; then each delta takes its tokens / decode rate. A repeated
+    prompt is cached, so only its new tail is prefilled."""
+    with running_sim(latency=LATENCY) as sim:
+        cold = ask(sim, api, "hello")
+        warm = ask(sim, api, "hello again")
+    assert cold["cached_tokens"] == 0 and cold["prompt_tokens"] > 2_500
+    assert warm["prompt_tokens"] - warm["cached_tokens"] < 40  # the instructions are cached
+    for record, said in [(cold, "hello"), (warm, "hello again")]:
+        uncached = record["prompt_tokens"] - record["cached_tokens"]
+        first = 0.020 + uncached / 10_000
+        assert first - EARLY <= record["first_token"] - record["started"] < first + LATE
+        deltas = mockmodel.text_deltas(f"You said: {said}")
+        decode = sum(LATENCY.decode_seconds(delta) for delta in deltas)
+        assert decode >= 0.03
+        took = record["finished"] - record["first_token"]
+        assert decode - EARLY * len(deltas) <= took < decode + LATE
+
+
+# -- the prefix cache ---------------------------------------------------------------------------
+
+BLOCK = 16
+
+
+def prompt(name: str, words: int = 60) -> tuple[str, list[Any], list[bytes]]:
+    """A prompt of its own from its first block on (8 full blocks for 60 words)."""
+    text = " ".join(f"{name}{i}" for i in range(words))
+    return f"Agent {name}.", [], canonical_items([{"role": "user", "content": text}])
+
+
+def cached(cache: PrefixCache, instructions: str, tools: list[Any], items: list[bytes]) -> str:
+    """Which of the prompt's full blocks the cache holds: '1' held, '.' not."""
+    _tokens, keys = PromptHasher(BLOCK).hash(instructions, tools, items)
+    return "".join("1" if key in cache else "." for key in keys)
+
+
+def test_the_prefix_cache_evicts_least_recently_used_leaves_first() -> None:
+    cache = PrefixCache(capacity=20, block_tokens=BLOCK)
+    a, b, c = prompt("a"), prompt("b"), prompt("c")
+    assert cached(cache, *a) == "." * 8
+    assert cache.prefill(*a).cached_tokens == 0
+    assert cache.prefill(*b).cached_tokens == 0
+    assert cache.prefill(*a).cached_tokens == 8 * BLOCK  # used again: now newer than b
+    assert len(cache) == 16
+    assert cache.prefill(*c).cached_tokens == 0
+    # 24 blocks > 20: down to 90 % (18) by dropping the 6 least recently used, which are
+    # b's last blocks (a block is stamped newer than the blocks after it).
+    assert len(cache) == 18
+    assert (cached(cache, *a), cached(cache, *b), cached(cache, *c)) == (
+        "11111111",
+        "11......",
+        "11111111",
+    )
+    assert cache.prefill(*b).cached_tokens == 2 * BLOCK
+
+
+def test_the_prefix_cache_stays_within_capacity_and_caches_prefixes() -> None:
+    """Conversations that grow, fork and share instructions, through a small cache:
+    after every request the cache holds at most its capacity, what it holds of any
+    prompt is a prefix of its blocks, and a request is told exactly that prefix."""
+    rng = random.Random(5)
+    capacity = 24
+    cache = PrefixCache(capacity=capacity, block_tokens=BLOCK)
+    prompts: list[tuple[str, list[Any], list[bytes]]] = []
+    for step in range(300):
+        if prompts and rng.random() < 0.6:  # continue (or fork) an earlier conversation
+            instructions, tools, items = rng.choice(prompts)
+            keep = rng.randint(max(1, len(items) - 2), len(items))
+            items = items[:keep]
+        else:
+            instructions, tools, items = f"System {rng.randint(0, 3)}.", [], []
+            if rng.random() < 0.5:
+                tools = [FUNCTION_TOOLS[rng.randint(0, 1)]]
+        words = " ".join(f"w{step}_{i}" for i in range(rng.randint(1, 40)))
+        items = [*items, *canonical_items([{"role": "user", "content": words}])]
+        held = cached(cache, instructions, tools, items)
+        leading = len(held) - len(held.lstrip("1"))
+        result = cache.prefill(instructions, tools, items)
+        assert result.cached_tokens == min(result.prompt_tokens, leading * BLOCK)
+        assert len(cache) <= capacity
+        prompts.append((instructions, tools, items))
+        for earlier in prompts[-40:]:
+            held = cached(cache, *earlier)
+            assert "1" not in held.lstrip("1"), held  # a prefix: no hole, no tail alone
+    assert cache.lookups == 300 and 0 < cache.hits < 300
+
+
+# -- non-streaming answers ------------------------------------------------------------------------
+
+PARALLEL = '/call get_weather {"city": "Lima"}\n/call read_file {"path": "a.txt"}'
+CHAT_TOOLS = [
+    {"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
+    for tool in FUNCTION_TOOLS
+]
+
+
+def undeclared(model: Any, path: str = "$") -> list[tuple[str, dict[str, Any]]]:
+    """Fields the SDK's type does not declare, anywhere in a validated object."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    if isinstance(model, BaseModel):
+        if model.model_extra:
+            found.append((path, model.model_extra))
+        for name in type(model).model_fields:
+            found += undeclared(getattr(model, name), f"{path}.{name}")
+    elif isinstance(model, list):
+        for index, value in enumerate(model):
+            found += undeclared(value, f"{path}[{index}]")
+    return found
+
+
+def calls_of(choice: Choice) -> list[tuple[str, str, str]]:
+    calls = choice.message.tool_calls or []
+    return [
+        (c["type"], c["function"]["name"], c["function"]["arguments"])
+        for c in (call.model_dump(mode="json") for call in calls)
+    ]
+
+
+def test_non_streaming_chat_completions() -> None:
+    with running_sim() as sim, httpx.Client(base_url=sim.base_url, timeout=10) as http:
+
+        def complete(messages: list[dict[str, Any]]) -> ChatCompletion:
+            answer = http.post(
+                "/chat/completions", json={"model": "m", "messages": messages, "tools": CHAT_TOOLS}
+            )
+            assert answer.status_code == 200
+            assert answer.headers["content-type"].startswith("application/json")
+            completion = ChatCompletion.model_validate(answer.json())
+            assert undeclared(completion) == []
+            assert completion.object == "chat.completion" and completion.model == "m"
+            # usage: what /stats recorded for this request
+            record = sim.stats()["requests"][-1]
+            assert record["stream"] is False
+            usage = completion.usage
+            assert usage is not None and usage.prompt_tokens_details is not None
+            assert (
+                usage.prompt_tokens,
+                usage.prompt_tokens_details.cached_tokens,
+                usage.completion_tokens,
+            ) == (record["prompt_tokens"], record["cached_tokens"], record["output_tokens"])
+            assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+            assert record["output_tokens"] > 0
+            return completion
+
+        system = {"role": "system", "content": "Be brief."}
+        text = complete([system, {"role": "user", "content": "hello"}])
+        (choice,) = text.choices
+        assert (choice.index, choice.finish_reason) == (0, "stop")
+        assert choice.message.role == "assistant" and choice.message.content == "You said: hello"
+        assert choice.message.tool_calls is None
+        assert sim.stats()["requests"][-1]["output_tokens"] == count_tokens("You said: hello")
+
+        one = complete([system, {"role": "user", "content": '/call get_weather {"city": "Oslo"}'}])
+        (choice,) = one.choices
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert calls_of(choice) == [("function", "get_weather", '{"city": "Oslo"}')]
+
+        user = {"role": "user", "content": PARALLEL}
+        parallel = complete([system, user])
+        (choice,) = parallel.choices
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert calls_of(choice) == [
+            ("function", "get_weather", '{"city": "Lima"}'),
+            ("function", "read_file", '{"path": "a.txt"}'),
+        ]
+        calls = choice.message.tool_calls or []
+        assert len({c.id for c in calls}) == 2
+        assert sim.stats()["requests"][-1]["output_tokens"] == count_tokens(
+            'get_weather{"city": "Lima"}read_file{"path": "a.txt"}'
+        )
+        # The calls' ids work when their results come back (in the other order).
+        assistant = choice.message.model_dump(mode="json", exclude_none=True)
+        results = [
+            {"role": "tool", "tool_call_id": calls[1].id, "content": "text of a"},
+            {"role": "tool", "tool_call_id": calls[0].id, "content": "sunny"},
+        ]
+        back = complete([system, user, assistant, *results])
+        assert back.choices[0].message.content == (
+            "get_weather returned: sunny; read_file returned: text of a"
+        )
+        assert sim.stats()["requests"][-1]["cached_tokens"] > 0
+
+
+def test_non_streaming_responses() -> None:
+    with running_sim() as sim, httpx.Client(base_url=sim.base_url, timeout=10) as http:
+
+        def create(input: Any) -> tuple[Response, list[dict[str, Any]]]:
+            """The validated Response, and its output items as JSON."""
+            body = {
+                "model": "m",
+                "instructions": "Be brief.",
+                "input": input,
+                "tools": FUNCTION_TOOLS,
+                "store": False,
+            }
+            answer = http.post("/responses", json=body)
+            assert answer.status_code == 200
+            assert answer.headers["content-type"].startswith("application/json")
+            response = Response.model_validate(answer.json())
+            # `store` is in the API's Response object; this SDK's type does not declare it.
+            assert undeclared(response) == [("$", {"store": False})]
+            assert (response.object, response.status, response.model) == (
+                "response",
+                "completed",
+                "m",
+            )
+            assert response.id.startswith("resp_") and response.error is None
+            assert response.instructions == "Be brief." and response.parallel_tool_calls
+            tools = [tool.model_dump(mode="json", exclude_none=True) for tool in response.tools]
+            assert tools == FUNCTION_TOOLS
+            record = sim.stats()["requests"][-1]
+            assert record["stream"] is False
+            usage = response.usage
+            assert usage is not None
+            assert (
+                usage.input_tokens,
+                usage.input_tokens_details.cached_tokens,
+                usage.output_tokens,
+            ) == (record["prompt_tokens"], record["cached_tokens"], record["output_tokens"])
+            assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+            assert record["output_tokens"] > 0
+            output = [item.model_dump(mode="json", exclude_none=True) for item in response.output]
+            assert all(item["status"] == "completed" for item in output)
+            return response, output
+
+        text, output = create("hello")
+        assert text.output_text == "You said: hello"
+        assert [(o["type"], o["role"], o["content"]) for o in output] == [
+            (
+                "message",
+                "assistant",
+                [
+                    {
+                        "type": "output_text",
+                        "text": "You said: hello",
+                        "annotations": [],
+                        "logprobs": [],
+                    }
+                ],
+            )
+        ]
+
+        _one, output = create('/call get_weather {"city": "Oslo"}')
+        assert [(o["type"], o["name"], o["arguments"]) for o in output] == [
+            ("function_call", "get_weather", '{"city": "Oslo"}')
+        ]
+
+        user = {"role": "user", "content": PARALLEL}
+        _parallel, calls = create([user])
+        assert [(o["type"], o["name"], o["arguments"]) for o in calls] == [
+            ("function_call", "get_weather", '{"city": "Lima"}'),
+            ("function_call", "read_file", '{"path": "a.txt"}'),
+        ]
+        assert len({o["call_id"] for o in calls}) == len({o["id"] for o in calls}) == 2
+        results = [
+            {"type": "function_call_output", "call_id": calls[1]["call_id"], "output": "text of a"},
+            {"type": "function_call_output", "call_id": calls[0]["call_id"], "output": "sunny"},
+        ]
+        back, _output = create([user, *calls, *results])
+        assert back.output_text == "get_weather returned: sunny; read_file returned: text of a"
+        assert sim.stats()["requests"][-1]["cached_tokens"] > 0
