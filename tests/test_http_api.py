@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import threading
+import time
 
 import httpx2 as httpx
 import pytest
@@ -190,3 +192,29 @@ def test_a_response_larger_than_the_whole_budget_is_reported(
     assert record.__dict__["response_id"] == reply["id"]
     assert record.__dict__["memory_budget"] == 4096
     assert "secret" not in caplog.text
+
+
+def test_a_large_input_over_http_does_not_hold_up_other_requests(server: RunningServer) -> None:
+    """As over WebSocket: a 3 MiB piece without a break (about a second of
+    tokenising) is tokenised in a worker thread, so a small request sent meanwhile
+    takes a small part of the large one's time, not most of it."""
+    url = f"http://127.0.0.1:{server.port}/v1/responses"
+    large_seconds: list[float] = []
+
+    def large() -> None:
+        body = {"model": "m", "input": "x" * (3 << 20), "store": False}
+        started = time.perf_counter()
+        response = httpx.post(url, json=body, timeout=60)
+        assert response.status_code == 200
+        large_seconds.append(time.perf_counter() - started)
+
+    worker = threading.Thread(target=large)
+    worker.start()
+    time.sleep(0.3)  # the large request is being tokenised
+    started = time.perf_counter()
+    small = httpx.post(url, json={"model": "m", "input": "hi", "store": False}, timeout=60)
+    small_seconds = time.perf_counter() - started
+    assert small.json()["output"][0]["content"][0]["text"] == "You said: hi"
+    worker.join(60)
+    assert large_seconds
+    assert small_seconds < large_seconds[0] / 3, (small_seconds, large_seconds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import time
@@ -21,6 +22,7 @@ from tests.support import (
     output_text,
     running_server,
 )
+from warmsocket import _core
 from warmsocket.backends.base import StreamItem, TextDelta, TurnContext
 from warmsocket.engine import Limits
 
@@ -575,3 +577,29 @@ def test_a_tool_output_must_answer_a_call_in_its_context(server: RunningServer) 
         json={"model": "m", "input": [{"role": "user", "content": "hi"}, output("call_x")]},
     )
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "input"
+
+
+def test_a_large_input_is_tokenised_without_holding_up_other_connections(
+    server: RunningServer,
+) -> None:
+    """One long piece without a break (3 MiB of one letter) takes the tokeniser about
+    a second (docs/tokens.md): it is tokenised in a worker thread, so another
+    connection's turn, sent once the large one has started, is answered first."""
+    big = "x" * (3 << 20)
+    with WSClient(server.ws_url) as slow, WSClient(server.ws_url) as quick:
+        slow.create(input=big, store=False)
+        assert slow.recv(timeout=30)["type"] == "response.created"
+        quick.create(input="hello", store=False)
+        quick_events = quick.until_terminal(timeout=30)
+        assert quick_events[-1]["response"]["output"][0]["content"][0]["text"] == (
+            "You said: hello"
+        )
+        ready = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                ready.append(slow.recv(timeout=0.01)["type"])
+        assert "response.completed" not in ready
+        slow_events = slow.until_terminal(timeout=60)
+    # Tokenised, not estimated: the count is the tokeniser's, with a few framing tokens.
+    counted = _core.Tokenizer.builtin("o200k_base").count(big)
+    assert 0 <= slow_events[-1]["response"]["usage"]["input_tokens"] - counted < 16

@@ -21,6 +21,7 @@ parent's), nothing when the instructions changed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -82,6 +83,12 @@ def estimate_tokens(nbytes: int) -> int:
 
 
 BUILTIN_TOKENIZERS = ("o200k_base", "cl100k_base")
+OFF_LOOP_TOKENIZE_BYTES = 256 * 1024
+"""New input at least this large is tokenised in a worker thread, not on the event
+loop: ordinary text of this size takes about a millisecond, but one long piece
+without a break (a run of one character) takes tens of milliseconds, and its time
+grows faster than its length (docs/tokens.md), which would hold up every other
+connection of the process."""
 
 
 def tokenizer_for(spec: str | None, model: str) -> Tokenizer | None:
@@ -450,6 +457,18 @@ class Turn:
             input=self.items,
             request_sent=self.count_input_tokens if self._tokens_pending else None,
         )
+
+    @property
+    def tokenize_off_loop(self) -> bool:
+        """Whether the new input, not yet tokenised, is large enough to be tokenised
+        in a worker thread (`count_input_tokens_off_loop`) before the model starts."""
+        return self._tokens_pending and self.items.nbytes >= OFF_LOOP_TOKENIZE_BYTES
+
+    async def count_input_tokens_off_loop(self) -> None:
+        """`count_input_tokens` in a worker thread when the input is large (the GIL is
+        released while it works), so the event loop serves other connections."""
+        if self.tokenize_off_loop:
+            await asyncio.to_thread(self.count_input_tokens)
 
     def count_input_tokens(self) -> None:
         """Tokenise this turn's new input items, once.

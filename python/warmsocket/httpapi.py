@@ -380,6 +380,7 @@ async def run_turn(
         return None
     engine = turn.engine
     failure: APIError | None = None
+    await turn.count_input_tokens_off_loop()  # a large input, not on the event loop
     stream = engine.backend.stream(turn.context())
     try:
         async for item in stream:

@@ -36,7 +36,7 @@ import struct
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -50,7 +50,7 @@ from websockets.typing import Subprotocol
 
 from warmsocket import errors, ids
 from warmsocket._core import ClientFrames, SessionCache
-from warmsocket.backends.base import Backend, ImmediateBackend
+from warmsocket.backends.base import Backend, ImmediateBackend, StreamItem
 from warmsocket.engine import (
     Engine,
     Framing,
@@ -928,8 +928,8 @@ class Connection(asyncio.Protocol):
         wait for all of it: a turn took ~15 % longer end to end).
         """
         immediate = self._immediate
-        if immediate is None:
-            return False
+        if immediate is None or turn.tokenize_off_loop:
+            return False  # (a large input is tokenised off the loop, in the model task)
         self._flush()  # what came before this action: `response.created`, ...
         try:
             events = immediate(turn.context())
@@ -990,8 +990,12 @@ class Connection(asyncio.Protocol):
 
     async def _run_model(self, session: ResponsesSession, turn: Turn) -> None:
         backend = self.server.engine.backend
-        stream = backend.stream(turn.context())
+        stream: AsyncIterator[StreamItem] | None = None
         try:
+            if turn.tokenize_off_loop:
+                self._flush()  # `response.created` goes out while the input is tokenised
+                await turn.count_input_tokens_off_loop()
+            stream = backend.stream(turn.context())
             async for event in stream:
                 if type(event) is list:
                     session.model_events(turn, event)
@@ -1026,7 +1030,7 @@ class Connection(asyncio.Protocol):
         finally:
             self._tasks.pop(turn.response_id, None)
             # `Backend.stream` promises an async iterator; only generators have aclose.
-            aclose = getattr(stream, "aclose", None)
+            aclose = None if stream is None else getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
         self._run_actions()
