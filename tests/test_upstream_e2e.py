@@ -375,3 +375,19 @@ def test_an_upstream_that_requires_a_key_gets_it(api: str) -> None:
         assert [r["status"] for r in sim.stats()["requests"]] == [200, 200, 200]
         outcome = "ok" if api == "responses-ws" else "200"
         assert dict(metrics.upstream.requests) == {(api, outcome): 3}
+
+
+def test_a_large_input_tokenised_off_the_loop_reaches_the_upstream(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """A turn whose input is tokenised in a worker thread (256 KiB or more) first:
+    the model task's first step (eager for upstream backends) waits for it, then the
+    upstream gets the whole input and the client its answer."""
+    sim, server, _metrics = stack
+    text = "word " * (300 * 1024 // 5)
+    with WSClient(server.ws_url) as client:
+        events = client.turn(input=text, store=False)
+    assert events[-1]["type"] == "response.completed", events[-1]
+    assert output_text(events) == f"You said: {text}"
+    (record,) = sim.stats(bodies=True)["requests"]
+    assert seen_context(record) == [("message", "user", text)]
