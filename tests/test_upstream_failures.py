@@ -593,6 +593,22 @@ def fake_ws_upstream(handler: Callable[[Any], Awaitable[None]]) -> Iterator[int]
         loop.close()
 
 
+@contextmanager
+def ws_front(
+    handler: Callable[[Any], Awaitable[None]], **config: Any
+) -> Iterator[tuple[RunningServer, Metrics, WSClient]]:
+    """warmsocket (`responses-ws`, no warm connections) in front of `fake_ws_upstream`
+    running `handler`, and a client connected to it."""
+    with (
+        fake_ws_upstream(handler) as port,
+        warmsocket_upstream(
+            f"http://127.0.0.1:{port}/v1", "responses-ws", ws_warm_connections=0, **config
+        ) as (front, metrics),
+        WSClient(front.ws_url) as client,
+    ):
+        yield front, metrics, client
+
+
 def test_a_pooled_connection_the_upstream_let_go_is_replayed_without_a_retry() -> None:
     """The chain's pooled connection answers the next request with
     websocket_connection_limit_reached (its lifetime ended while it was idle): the
@@ -630,11 +646,7 @@ def test_a_pooled_connection_the_upstream_let_go_is_replayed_without_a_retry() -
             await answer(ws, number, f"resp_up{len(seen)}")
 
     with (
-        fake_ws_upstream(handler) as port,
-        warmsocket_upstream(
-            f"http://127.0.0.1:{port}/v1", "responses-ws", ws_warm_connections=0, retries=0
-        ) as (front, metrics),
-        WSClient(front.ws_url) as client,
+        ws_front(handler, retries=0) as (_front, metrics, client),
     ):
         first = client.turn(input="one")
         assert first[-1]["type"] == "response.completed"
@@ -781,11 +793,7 @@ def test_a_message_in_flight_when_a_turn_takes_a_pooled_connection_is_not_its_ow
     script = ScriptedWSUpstream({(1, 2): (0, [stray])})
     with (
         caplog.at_level(logging.WARNING, logger="warmsocket.upstream"),
-        fake_ws_upstream(script) as port,
-        warmsocket_upstream(
-            f"http://127.0.0.1:{port}/v1", "responses-ws", ws_warm_connections=0, retries=0
-        ) as (front, metrics),
-        WSClient(front.ws_url) as client,
+        ws_front(script, retries=0) as (_front, metrics, client),
     ):
         chain = Chain(client)
         assert output_text([chain.turn("one")]) == "You said: one"
@@ -833,11 +841,7 @@ def test_another_responses_event_before_any_reached_the_client_is_replayed(
     retry used."""
     script = ScriptedWSUpstream({(1, 1): (index, [other])})
     with (
-        fake_ws_upstream(script) as port,
-        warmsocket_upstream(
-            f"http://127.0.0.1:{port}/v1", "responses-ws", ws_warm_connections=0, retries=0
-        ) as (front, metrics),
-        WSClient(front.ws_url) as client,
+        ws_front(script, retries=0) as (_front, metrics, client),
     ):
         chain = Chain(client)
         events = client.turn(input="one", store=False)
@@ -869,11 +873,7 @@ def test_another_responses_event_after_events_reached_the_client_fails_the_respo
     script = ScriptedWSUpstream({(1, 2): (4, [other])})
     with (
         caplog.at_level(logging.WARNING, logger="warmsocket.upstream"),
-        fake_ws_upstream(script) as port,
-        warmsocket_upstream(
-            f"http://127.0.0.1:{port}/v1", "responses-ws", ws_warm_connections=0
-        ) as (front, metrics),
-        WSClient(front.ws_url) as client,
+        ws_front(script) as (_front, metrics, client),
     ):
         chain = Chain(client)
         assert output_text([chain.turn("one")]) == "You said: one"
@@ -910,11 +910,7 @@ def test_responses_in_order_keep_their_connection(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(responses_order, "_parse", no_parse)
     script = ScriptedWSUpstream({})
     with (
-        fake_ws_upstream(script) as port,
-        warmsocket_upstream(
-            f"http://127.0.0.1:{port}/v1", "responses-ws", ws_warm_connections=0
-        ) as (front, metrics),
-        WSClient(front.ws_url) as client,
+        ws_front(script) as (front, metrics, client),
     ):
         chain = Chain(client)
         for text in ["one", "two", "three"]:
