@@ -14,6 +14,10 @@ from functools import partial
 from typing import Any
 
 import pytest
+from websockets.client import ClientProtocol
+from websockets.frames import Opcode
+from websockets.http11 import Response
+from websockets.uri import parse_uri
 
 from tests.support import RunningServer, WSClient, output_text, running_server
 from tests.test_framing_server import CREATE, _masked
@@ -635,3 +639,92 @@ def test_progress_is_what_the_client_acknowledged() -> None:
             after = srv.call(progress)
     assert after[0] == before[0] > 0  # the transport's buffer did not move
     assert after[1] - before[1] >= 64 << 10  # what the client read was acknowledged
+
+
+def test_a_slow_websocket_reader_is_not_failed_by_the_keepalive(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The server's ping waits behind what is already buffered for the client, so a
+    # client that reads slowly but steadily gets it (and answers) long after the ping
+    # timeout: that is not a dead client. It was failed with 1011.
+    ping_timeout = 0.3
+    backend = Firehose(limit=384 << 10)
+    with (
+        caplog.at_level(logging.INFO),
+        running_server(
+            backend=backend,
+            http_idle_timeout=2.0,
+            ws_ping_interval=0.2,
+            ws_ping_timeout=ping_timeout,
+        ) as srv,
+    ):
+        client = ClientProtocol(parse_uri(f"ws://127.0.0.1:{srv.port}/v1/responses"))
+        with small_window_connection(srv.port, 65536) as raw:
+            client.send_request(client.connect())
+            raw.sendall(b"".join(client.data_to_send()))
+            small_send_buffers(srv)
+            late_pings: list[float] = []
+            types: list[str] = []
+            while "response.completed" not in types:
+                chunk = raw.recv(65536)
+                assert chunk, f"closed by the server after {types[-3:]}"
+                client.receive_data(chunk)
+                for event in client.events_received():
+                    if isinstance(event, Response):
+                        assert event.status_code == 101
+                        client.send_text(json.dumps({**CREATE, "stream": True}).encode())
+                    elif event.opcode is Opcode.PING:  # answered by `client` below
+                        sent_ms = int.from_bytes(event.data, "big")
+                        late_pings.append(time.monotonic() - sent_ms / 1000)
+                    elif event.opcode is Opcode.TEXT:
+                        types.append(json.loads(event.data)["type"])
+                    else:
+                        assert event.opcode is not Opcode.CLOSE, event
+                if pending := client.data_to_send():
+                    raw.sendall(b"".join(pending))
+                time.sleep(0.1)  # about 600 KiB/s
+    assert max(late_pings) > 2 * ping_timeout  # the case this test is about happened
+    assert "websocket keepalive timed out" not in caplog.messages
+    assert not stall_records(caplog)
+
+
+def test_a_client_that_never_answers_pings_is_failed_by_the_keepalive(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    interval = timeout = 0.2
+    with (
+        caplog.at_level(logging.INFO),
+        running_server(
+            http_idle_timeout=None, ws_ping_interval=interval, ws_ping_timeout=timeout
+        ) as srv,
+        socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw,
+    ):
+        raw.sendall(b"GET /v1/responses HTTP/1.1\r\n" + UPGRADE + b"\r\n")
+        start = time.monotonic()
+        data, after = closed_after(raw, start)
+    assert data.startswith(b"HTTP/1.1 101 ")
+    close = b"\x88" + bytes([2 + len(b"keepalive ping timeout")]) + (1011).to_bytes(2, "big")
+    assert data.endswith(close + b"keepalive ping timeout")
+    assert interval + timeout <= after < interval + timeout + 1
+    assert "websocket keepalive timed out" in caplog.messages
+
+
+def test_a_websocket_client_that_stops_reading_fails_the_keepalive(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Without the write-stall check (--http-idle-timeout 0), a ping stuck behind bytes
+    # the client does not read still ends in the keepalive's timeout: the wait for a
+    # late pong goes on only while the client receives something.
+    backend = Firehose()
+    with (
+        caplog.at_level(logging.INFO),
+        running_server(
+            backend=backend, http_idle_timeout=None, ws_ping_interval=0.2, ws_ping_timeout=0.2
+        ) as srv,
+        small_window_connection(srv.port) as raw,
+    ):
+        raw.sendall(b"GET /v1/responses HTTP/1.1\r\n" + UPGRADE + b"\r\n")
+        assert read_head(raw).startswith(b"HTTP/1.1 101 ")
+        raw.sendall(_masked(json.dumps(CREATE).encode()))
+        assert backend.started.wait(5)
+        wait_for(lambda: "websocket keepalive timed out" in caplog.messages, 3)

@@ -1099,9 +1099,7 @@ class Connection(asyncio.Protocol):
                 self._flush()
                 if not timeout:
                     continue
-                try:
-                    await asyncio.wait_for(self._pong.wait(), timeout)
-                except TimeoutError:
+                if not await self._pong_within(timeout):
                     log.info("websocket keepalive timed out")
                     if self.ws.state is State.OPEN:
                         self.ws.fail(1011, "keepalive ping timeout")
@@ -1110,6 +1108,31 @@ class Connection(asyncio.Protocol):
                     return
         except asyncio.CancelledError:
             return
+
+    async def _pong_within(self, timeout: float) -> bool:
+        """Whether the client answers the ping just sent within `timeout` seconds of
+        receiving it.
+
+        The ping waits behind what was written before it, so a client that reads
+        slowly gets it late: while the client has not received the ping yet and has
+        received more since the last look, the wait goes on. A client that receives
+        nothing at all is left to the write-stall check (`_check_writes`) or, without
+        it, fails here."""
+        ping_end = self._written
+        transport = self.transport
+        seen = self._delivered(transport) if transport is not None else -1
+        while True:
+            try:
+                await asyncio.wait_for(self._pong.wait(), timeout)
+                return True
+            except TimeoutError:
+                transport = self.transport
+                if transport is None or self.lost:
+                    return False
+                delivered = self._delivered(transport)
+                if delivered >= ping_end or delivered == seen:
+                    return False
+                seen = delivered
 
 
 def _error_response(error: APIError) -> bytes:
