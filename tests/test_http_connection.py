@@ -405,6 +405,25 @@ def test_a_stalled_body_gets_408_and_a_trickled_one_is_read(impatient: RunningSe
     assert status == 200 and json.loads(body)["output"][0]["content"][0]["text"].endswith("led")
 
 
+def test_requests_never_read_whole_are_counted_in_metrics() -> None:
+    # Unparsable, or not received in time: answered by the connection before any
+    # route was known, and counted under route "none".
+    with running_server(http_idle_timeout=IDLE, http_head_timeout=HEAD) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            raw.sendall(b"NOT HTTP\r\n\r\n")
+            assert split_response(read_until_closed(raw))[0] == 400
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            raw.sendall(b"GET /healthz HTTP/1.1\r\n")  # the head never ends
+            assert split_response(read_until_closed(raw))[0] == 408
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            raw.sendall(b"POST /v1/responses HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+            assert split_response(read_until_closed(raw))[0] == 408
+        metrics = srv.server.metrics.render()
+    assert 'warmsocket_http_requests_total{route="none",status="400"} 1' in metrics
+    assert 'warmsocket_http_requests_total{route="none",status="408"} 2' in metrics
+    assert 'warmsocket_errors_total{code="invalid_request_error"} 3' in metrics
+
+
 def test_a_trickled_body_gets_408_at_the_body_timeout() -> None:
     body_timeout = 0.8
     with running_server(

@@ -540,8 +540,7 @@ class Connection(asyncio.Protocol):
             error = exc if isinstance(exc, HTTPError) else HTTPError(400, "Invalid request.")
             if not isinstance(exc, HTTPError):
                 log.error("cannot parse an HTTP request", extra={"error_type": type(exc).__name__})
-            self.write(_error_response(APIError(error.code, error.message, status=error.status)))
-            self._close_transport()
+            self._answer_unread(APIError(error.code, error.message, status=error.status))
             return
         if request is None:
             if self._eof:  # half-closed: no more requests will come
@@ -604,12 +603,13 @@ class Connection(asyncio.Protocol):
         config = self.server.config
         if receiving is None:
             log.debug("closing an idle HTTP connection")
-        elif receiving == "head":
+            self._close_transport()
+            return
+        if receiving == "head":
             message = (
                 f"The request head was not received within {config.http_head_timeout:g} "
                 "seconds (--http-head-timeout)."
             )
-            self.write(_error_response(APIError(None, message, status=408)))
         else:
             body_since, whole = self._body_since, config.http_body_timeout
             if whole and body_since is not None and self.loop.time() >= body_since + whole:
@@ -622,7 +622,16 @@ class Connection(asyncio.Protocol):
                     f"No bytes of the request body arrived for {config.http_idle_timeout:g} "
                     "seconds (--http-idle-timeout)."
                 )
-            self.write(_error_response(APIError(None, message, status=408)))
+        self._answer_unread(APIError(None, message, status=408))
+
+    def _answer_unread(self, error: APIError) -> None:
+        """Answer a request that was never read whole (it could not be parsed, was too
+        large, or did not arrive in time) with `error`, count it (route `none` in
+        `/metrics`: no route was known) and close."""
+        metrics = self.server.metrics
+        metrics.count_error(error.code or error.type)
+        metrics.http_request("none", error.status)
+        self.write(_error_response(error))
         self._close_transport()
 
     async def _http_handle(self, request: Request) -> None:
