@@ -152,6 +152,24 @@ def test_store_false_is_connection_local(server: RunningServer) -> None:
     assert server.server.cache.stats().local_entries == 0
 
 
+def test_a_stored_turn_that_resends_unstored_history_is_stored(server: RunningServer) -> None:
+    # The client re-sends with store=true the history it first sent with store=false.
+    # Matched to the unstored chain, the new response would inherit its scope (the
+    # taint rule) and die with the connection; the client sent all of it to be stored.
+    secret = {"type": "message", "role": "user", "content": "secret"}
+    with WSClient(server.ws_url) as ws:
+        first = ws.turn(input=[secret], store=False)[-1]["response"]
+        history = [secret, *first["output"], {"role": "user", "content": "keep"}]
+        rid = ws.turn(input=history)[-1]["response"]["id"]
+    with WSClient(server.ws_url) as ws:
+        events = ws.turn(input="/transcript", previous_response_id=rid)
+    assert "user: secret" in output_text(events) and "user: keep" in output_text(events)
+    # The unstored chain itself is still gone with its connection.
+    with WSClient(server.ws_url) as ws:
+        error = ws.turn(input="x", previous_response_id=first["id"])[-1]
+    assert error["error"]["code"] == "previous_response_not_found"
+
+
 def test_stored_responses_continue_on_a_new_connection(server: RunningServer) -> None:
     with WSClient(server.ws_url) as ws:
         rid = ws.turn(input="keep me")[-1]["response"]["id"]

@@ -293,9 +293,13 @@ class Engine:
         # The new items are tokenised later (`Turn.count_input_tokens`), not here: an
         # upstream request does not need their tokens, so it need not wait for them.
         if request.previous_response_id is None and self.prefix_diffing:
-            # Match a re-sent history: only the suffix will be tokenised.
+            # Match a re-sent history: only the suffix will be tokenised. With store=true,
+            # against stored chains only: built on a connection-local (store=false) one,
+            # the response would be connection-local too (the taint rule) and not stored,
+            # although the client sent all of its content to be stored.
+            scope = None if request.store else connection
             try:
-                match = cache.match(input_items, owner=owner, connection=connection, tokenize=False)
+                match = cache.match(input_items, owner=owner, connection=scope, tokenize=False)
             except _core.InvalidItems as exc:
                 raise errors.invalid_value("input", f"Invalid 'input': {exc}") from None
             binding, items = match.binding, match.new_items
