@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 from agents import Agent, ModelSettings, function_tool, responses_websocket_session
 from agents.tracing import set_tracing_disabled
+from pydantic import BaseModel
 
 from tests.support import RunningServer
 
@@ -147,6 +148,36 @@ def test_agent_parallel_tool_calls(any_backend: RunningServer) -> None:
     assert final == "get_weather returned: sunny in Lima; read_file returned: contents of a.py"
     assert sorted(calls) == ["get_weather:Lima", "read_file:a.py"]
     assert responses == 2  # both calls in the first response, the answer in the second
+
+
+class Weather(BaseModel):
+    city: str
+    sky: str
+
+
+def test_agent_structured_output_after_a_tool_call(any_backend: RunningServer) -> None:
+    """An agent with an `output_type` asks for JSON (`text.format`): it calls its tool,
+    then parses the final answer into its type."""
+    calls.clear()
+    agent = Agent(
+        name="forecaster",
+        instructions="Answer with the forecast.",
+        model=MODEL,
+        tools=[get_weather],
+        output_type=Weather,
+        model_settings=ModelSettings(store=True),
+    )
+    prompt = '/call get_weather {"city": "Lima"}\n/reply {"city": "Lima", "sky": "sunny"}'
+
+    async def main() -> object:
+        async with responses_websocket_session(
+            api_key="sk-test", base_url=any_backend.base_url
+        ) as session:
+            result = await session.run(agent, prompt, auto_previous_response_id=True)
+            return result.final_output
+
+    assert asyncio.run(main()) == Weather(city="Lima", sky="sunny")
+    assert calls == ["get_weather:Lima"]
 
 
 def test_agent_handoff_changes_instructions_and_tools_mid_chain(

@@ -96,6 +96,25 @@ def test_repeat_counts_outputs_after_the_user_message() -> None:
     assert plan(two) == Reply("text", "done after 2 calls")
 
 
+def test_reply_sets_the_answer_after_any_calls() -> None:
+    answer = '{"city": "Lima", "sky": "sunny"}'
+    assert plan([user(f"/reply {answer}")]) == Reply("text", answer)
+    # Before or after the call line: the call comes first, then the answer.
+    for text in (
+        f"/call get_weather {{}}\n/reply {answer}",
+        f"/reply {answer}\n/call get_weather {{}}",
+    ):
+        msg = user(text)
+        assert plan([msg]) == Reply("call", calls=(Call("get_weather", "{}"),))
+        assert plan([msg, call("get_weather", "c1"), output("c1", "x")]) == Reply("text", answer)
+    repeat = user("/repeat 1 get_weather {}\n/reply all done")
+    assert plan([repeat]).kind == "call"
+    assert plan([repeat, call("get_weather", "a"), output("a", "x")]).text == "all done"
+    # Spaces inside TEXT are kept; an empty TEXT is ignored.
+    assert plan([user("/reply  a  b ")]).text == "a  b"
+    assert plan([user("/reply")]).text == "You said: /reply"
+
+
 def test_transcript_reads_the_full_context_only_when_asked() -> None:
     history = [
         user("hi"),

@@ -16,6 +16,7 @@ from openai.lib.responses_websocket import (
     ResponsesWebSocketError,
     ResponsesWebSocketLimits,
 )
+from pydantic import BaseModel
 
 from tests.support import FUNCTION_TOOLS, RunningServer, check_sse_event, check_ws_event
 
@@ -153,6 +154,38 @@ def test_http_stream_helper_accepts_our_ordering(server: RunningServer) -> None:
     ) as stream:
         final = stream.get_final_response()
     assert final.output[0].type == "function_call"
+
+
+class Weather(BaseModel):
+    city: str
+    sky: str
+
+
+def test_structured_output_with_parse(server: RunningServer) -> None:
+    # `responses.parse` sends `text.format` (a JSON schema) and parses the output text.
+    sdk = client(server)
+    answer = '/reply {"city": "Lima", "sky": "sunny"}'
+    parsed = sdk.responses.parse(model=MODEL, input=answer, text_format=Weather)
+    assert parsed.output_parsed == Weather(city="Lima", sky="sunny")
+    assert parsed.text is not None and parsed.text.format is not None
+    assert parsed.text.format.type == "json_schema" and parsed.text.format.name == "Weather"
+    # After a tool call, chained: the answer comes once the output is back.
+    first = sdk.responses.parse(
+        model=MODEL,
+        input=f'/call get_weather {{"city": "Lima"}}\n{answer}',
+        tools=FUNCTION_TOOLS,  # type: ignore[arg-type]
+        text_format=Weather,
+    )
+    (call,) = [item for item in first.output if item.type == "function_call"]
+    assert first.output_parsed is None
+    second = sdk.responses.parse(
+        model=MODEL,
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+        tools=FUNCTION_TOOLS,  # type: ignore[arg-type]
+        text_format=Weather,
+    )
+    assert second.output_parsed == Weather(city="Lima", sky="sunny")
 
 
 def test_http_failure_is_a_failed_response(server: RunningServer) -> None:

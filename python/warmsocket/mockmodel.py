@@ -17,6 +17,11 @@ state handling is right. Read from the newest user message:
   ``function_call <name> <call_id>``, ``function_call_output <call_id> <output>``
 * ``/fail``: the response fails with ``server_error``
 * ``/sleep MS``: waits MS milliseconds before answering (combines with the others)
+* ``/reply TEXT``: the answer is TEXT, the rest of the line as written, instead of
+  ``You said: ...``, ``NAME returned: ...`` or ``done after N calls`` (combines with
+  ``/call`` and ``/repeat``: the calls come first). With a JSON TEXT, an agent that
+  asks for structured output (``text.format``) gets it: ``/reply {"city": "Lima"}``.
+  An empty TEXT is ignored.
 
 The simulated upstream (`warmsocket simulate-upstream`) answers with the same rules.
 """
@@ -78,6 +83,7 @@ def plan_reply(
     after = tail[user_index + 1 :]
 
     sleep_ms = 0
+    reply: str | None = None
     directive: _Directive | None = None
     for line in text.splitlines():
         words = line.strip().split(maxsplit=1)
@@ -86,6 +92,8 @@ def plan_reply(
         command, rest = words[0], words[1] if len(words) > 1 else ""
         if command == "/sleep":
             sleep_ms = _parse_sleep(rest)
+        elif command == "/reply":
+            reply = rest
         elif directive is None:
             directive = _parse_directive(command, rest)
         elif directive.kind == "call" and command == "/call":
@@ -94,7 +102,7 @@ def plan_reply(
                 directive = _Directive("call", directive.calls + more.calls)
 
     if directive is None:
-        return Reply("text", f"You said: {text}", sleep_ms=sleep_ms)
+        return Reply("text", reply or f"You said: {text}", sleep_ms=sleep_ms)
     if directive.kind == "fail":
         return Reply("fail", sleep_ms=sleep_ms)
     if directive.kind == "transcript":
@@ -118,13 +126,14 @@ def plan_reply(
             )
     if directive.kind == "repeat":
         if len(_outputs_for(after, {directive.calls[0].name})) >= directive.times:
-            return Reply("text", f"done after {directive.times} calls", sleep_ms=sleep_ms)
+            text = reply or f"done after {directive.times} calls"
+            return Reply("text", text, sleep_ms=sleep_ms)
         return Reply("call", calls=directive.calls, sleep_ms=sleep_ms)
     answered = _answered_calls(after, {wanted.name for wanted in directive.calls})
     if len(answered) < len(directive.calls):
         return Reply("call", calls=directive.calls, sleep_ms=sleep_ms)
     newest = answered[-len(directive.calls) :]
-    text = "; ".join(f"{name} returned: {output}" for name, output in newest)
+    text = reply or "; ".join(f"{name} returned: {output}" for name, output in newest)
     return Reply("text", text, sleep_ms=sleep_ms)
 
 
