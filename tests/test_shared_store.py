@@ -16,6 +16,7 @@ import redis
 
 from tests.redis_support import redis_server
 from warmsocket._core import ItemNotJson, SessionCache
+from warmsocket.engine import SharedStoreUnavailable
 from warmsocket.shared_store import SharedStore, failure_reason
 
 
@@ -199,8 +200,12 @@ def test_redis_down_is_survivable(caplog: pytest.LogCaptureFixture) -> None:
             await store.start()
         # Where, and the OS's reason; never the password.
         assert str(info.value) == "cannot reach Redis at 127.0.0.1:1 (Connection refused)"
-        assert not await store.load(SessionCache(), "r", owner="o")
+        # A load Redis does not answer is not a miss: the response may exist.
+        with pytest.raises(SharedStoreUnavailable) as unavailable:
+            await store.load(SessionCache(), "r", owner="o")
+        assert unavailable.value.response_id == "r"
         assert store.errors == 1
+        assert (store.load_errors, store.load_misses) == (1, 0)
         await store.client.aclose()
 
     run(main())
