@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import redis
 
 
 def _free_port() -> int:
@@ -60,3 +64,18 @@ def redis_server() -> Iterator[str]:
         finally:
             process.terminate()
             process.wait(timeout=10)
+
+
+@contextmanager
+def paused(url: str) -> Iterator[None]:
+    """Stop the redis-server at `url` (one `redis_server` started) with SIGSTOP, and
+    resume it on exit. Meanwhile it answers nothing, as a hung or overloaded Redis: the
+    kernel still accepts connections, so clients time out (SharedStore's
+    SOCKET_TIMEOUT; lower it in the test)."""
+    with redis.Redis.from_url(url) as client:
+        pid = int(client.info("server")["process_id"])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)

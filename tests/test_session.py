@@ -12,7 +12,7 @@ from warmsocket._core import ResponseEncoder, SessionCache, Tokenizer
 from warmsocket.backends.base import TextDelta, ToolArgumentsDelta, ToolCallStart, TurnFailed
 from warmsocket.backends.mock import MockBackend
 from warmsocket.engine import Engine, Limits, Turn, instructions_key, stored_instructions_key
-from warmsocket.errors import model_failed
+from warmsocket.errors import model_failed, shared_store_unavailable
 from warmsocket.session import CloseConnection, ResponsesSession, StartModel, StopModel
 
 
@@ -328,6 +328,46 @@ def test_unresolved_parent_names_what_a_shared_store_could_supply() -> None:
     tiny.receive_parsed(too_large)
     (frame,) = tiny.take_outbox()
     assert isinstance(frame, bytes) and b"message_too_large" in frame
+
+
+def test_a_create_refused_for_an_unavailable_store_waits_its_turn_and_keeps_the_head() -> None:
+    """The asyncio layer could not load a create's parent (Redis did not answer): the
+    503 goes to the create's lane in order, and the lane's head is not evicted (unlike
+    a failed continuation of it): the chain stays continuable."""
+    h = Harness()
+    session = h.session
+
+    def parse(**fields: Any) -> Any:
+        return session.parse_message(
+            json.dumps({"type": "response.create", "model": "m", **fields})
+        )
+
+    h.send(input="p", store=False, stream_id="a")
+    head = h.reply(h.started[-1])[-1]["response"]["id"]
+    h.send(input="busy", store=False, stream_id="a", previous_response_id=head)
+    busy = h.started[-1]
+    refused = parse(previous_response_id=head, input="x", stream_id="a")
+    session.refuse_create(refused, shared_store_unavailable(head))
+    assert not [e for e in h.drain() if e["type"] == "error"]  # behind the running turn
+    h.reply(busy)
+    error = h.last("error")
+    assert (error["status"], error["stream_id"]) == (503, "a")
+    assert (error["error"]["code"], error["error"]["param"]) == (
+        "server_error",
+        "previous_response_id",
+    )
+    assert h.events.index(error) > h.events.index(h.last("response.completed"))
+    # Refused right away on an idle lane whose head is the parent: the head stays.
+    busy_id = busy.response_id
+    session.refuse_create(
+        parse(previous_response_id=busy_id, input="y", stream_id="a"),
+        shared_store_unavailable(busy_id),
+    )
+    assert h.drain()[-1]["status"] == 503
+    assert session.lane_head("a") == busy_id
+    h.send(input="again", store=False, stream_id="a", previous_response_id=busy_id)
+    assert h.last("response.created")["response"]["previous_response_id"] == busy_id
+    assert h.engine.metrics.errors["server_error"] == 2
 
 
 @pytest.mark.parametrize("diffing", [True, False])

@@ -11,11 +11,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import msgpack  # type: ignore[import-untyped]
 import pytest
 import redis
 
-from tests.redis_support import redis_server
+from tests.redis_support import paused, redis_server
+from warmsocket import shared_store
 from warmsocket._core import ItemNotJson, SessionCache
+from warmsocket.engine import SharedStoreUnavailable
 from warmsocket.shared_store import SharedStore, failure_reason
 
 
@@ -199,14 +202,80 @@ def test_redis_down_is_survivable(caplog: pytest.LogCaptureFixture) -> None:
             await store.start()
         # Where, and the OS's reason; never the password.
         assert str(info.value) == "cannot reach Redis at 127.0.0.1:1 (Connection refused)"
-        assert not await store.load(SessionCache(), "r", owner="o")
+        # A load Redis does not answer is not a miss: the response may exist.
+        with pytest.raises(SharedStoreUnavailable) as unavailable:
+            await store.load(SessionCache(), "r", owner="o")
+        assert unavailable.value.response_id == "r"
         assert store.errors == 1
+        assert (store.load_errors, store.load_misses) == (1, 0)
         await store.client.aclose()
 
     run(main())
     (record,) = [r for r in caplog.records if r.getMessage() == "cannot read from Redis"]
     assert (record.redis, record.reason) == ("127.0.0.1:1", "Connection refused")  # type: ignore[attr-defined]
     assert "hunter2" not in caplog.text
+
+
+def test_a_load_redis_does_not_answer_is_unavailable_not_a_miss(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis hangs (SIGSTOP) during a load: the load raises SharedStoreUnavailable
+    within the timeouts (the caller answers 503: the response exists), and loads the
+    whole chain once Redis answers again."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.2)
+    caplog.set_level(logging.ERROR, logger="warmsocket.shared_store")
+
+    async def main(url: str) -> None:
+        a, b = SessionCache(), SessionCache()
+        store = SharedStore.from_url(url, prefix="u1")
+        await store.start()
+        turn(a, "r0", None, "secret words")
+        turn(a, "r1", "r0", "more")
+        for rid in ("r0", "r1"):
+            share(store, a, rid)
+        await store.flush()
+        with paused(url):
+            started = time.monotonic()
+            with pytest.raises(SharedStoreUnavailable) as info:
+                await store.load(b, "r1", owner="o")
+            assert time.monotonic() - started < 2  # two tries of 0.2 s
+        assert info.value.response_id == "r1"
+        assert b.stats().entries == 0  # nothing half loaded
+        stats = store.stats()
+        assert (stats["load_errors"], stats["load_misses"], stats["errors"]) == (1, 0, 1)
+        assert await store.load(b, "r1", owner="o")  # nothing was lost
+        assert b.context("r1", owner="o") == a.context("r1", owner="o")
+        await store.aclose()
+
+    with redis_server() as url:  # its own: this test stops it
+        run(main(url))
+    (record,) = [r for r in caplog.records if r.getMessage() == "cannot read from Redis"]
+    assert record.reason == "timed out"  # type: ignore[attr-defined]
+    assert "secret" not in caplog.text
+
+
+def test_records_that_are_missing_or_unreadable_are_misses_not_outages(redis_url: str) -> None:
+    """Only Redis not answering is an outage; a record it answers with but that cannot
+    be loaded stays 'not found' (a retry would not help)."""
+
+    async def main() -> None:
+        cache = SessionCache()
+        store = SharedStore.from_url(redis_url, prefix="t12")
+        await store.start()
+        client = store.client
+        future = msgpack.packb({"v": 2})
+        await client.hset("t12:r:o:future", mapping={"parent": "", "data": future})
+        await client.hset("t12:r:o:garbage", mapping={"parent": "", "data": b"\xc1"})
+        await client.set("t12:r:o:wrongtype", "x")  # HMGET answers WRONGTYPE
+        orphan = {"v": 1, "input": b"[]", "output": b"[]", "settings": "gone", "meta": b"{}"}
+        await client.hset("t12:r:o:orphan", mapping={"parent": "", "data": msgpack.packb(orphan)})
+        for rid in ("never-written", "future", "garbage", "wrongtype", "orphan"):
+            assert not await store.load(cache, rid, owner="o"), rid
+        stats = store.stats()
+        assert (stats["load_misses"], stats["load_errors"], stats["errors"]) == (5, 0, 4)
+        await store.aclose()
+
+    run(main())
 
 
 def test_failure_reasons_name_the_operating_systems_cause() -> None:

@@ -20,8 +20,9 @@ import openai
 import pytest
 import redis
 
-from tests.redis_support import redis_server
-from tests.support import RunningServer, WSClient, output_text, running_server
+from tests.redis_support import paused, redis_server
+from tests.support import RunningServer, WSClient, check_ws_event, output_text, running_server
+from warmsocket import shared_store
 from warmsocket.shared_store import SharedStore
 
 AUTH = {"Authorization": "Bearer sk-test"}
@@ -310,13 +311,14 @@ def test_a_redis_outage_leaves_local_service_running() -> None:
             refused = httpx.delete(f"{a.base_url}/responses/{after}")
             assert refused.status_code == 503 and "Retry" in refused.json()["error"]["message"]
             assert httpx.get(f"{a.base_url}/responses/{after}").status_code == 200
-        # B cannot reach A's responses: not found, quickly, no crash.
+        # B cannot reach A's responses: a retriable 503 (not "not found": they exist),
+        # quickly, no crash.
         started = time.monotonic()
         with WSClient(b.ws_url) as ws_b:
             error = ws_b.turn(previous_response_id=before, input="x")[-1]
-            assert error["error"]["code"] == "previous_response_not_found"
+            assert (error["status"], error["error"]["code"]) == (503, "server_error")
             assert output_text(ws_b.turn(input="still here")) == "You said: still here"
-        assert httpx.get(f"{b.base_url}/responses/{before}").status_code == 404
+        assert httpx.get(f"{b.base_url}/responses/{before}").status_code == 503
         assert httpx.delete(f"{b.base_url}/responses/{before}").status_code == 503
         assert time.monotonic() - started < 30
         flush(a)
@@ -328,6 +330,113 @@ def test_a_redis_outage_leaves_local_service_running() -> None:
             if line.startswith("warmsocket_shared_store_errors_total ")
         )
         assert int(errors.split()[1]) >= 2
+
+
+def test_http_answers_a_retriable_503_while_redis_does_not_answer_a_load(
+    monkeypatch: pytest.MonkeyPatch, sdk: SDK
+) -> None:
+    """Redis hangs while B loads A's response: the SDK sees a 503 server_error (which
+    it retries by itself), not 'not found'; once Redis answers, the chain continues."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.2)
+    with redis_server() as url, two_servers(url) as (a, b):  # its own Redis: stopped here
+        first = sdk(a).responses.create(model="m", input="secret words")
+        flush(a)
+        on_b = sdk(b)
+        with paused(url):
+            with pytest.raises(openai.InternalServerError) as refused:
+                on_b.responses.create(model="m", previous_response_id=first.id, input="more")
+            error = refused.value
+            assert error.status_code == 503
+            assert (error.type, error.code, error.param) == (
+                "server_error",
+                "server_error",
+                "previous_response_id",
+            )
+            assert first.id in error.message and "retry the request" in error.message
+            assert "secret" not in error.message
+            # Looked up by id: the same error, without a param.
+            for path in (f"responses/{first.id}", f"responses/{first.id}/input_items"):
+                reply = httpx.get(f"{b.base_url}/{path}")
+                assert reply.status_code == 503, path
+                body = reply.json()["error"]
+                assert (body["type"], body["code"], body["param"]) == (
+                    "server_error",
+                    "server_error",
+                    None,
+                )
+        # Redis answers again: nothing was lost, the chain continues on B.
+        follow = on_b.responses.create(
+            model="m", previous_response_id=first.id, input="/transcript"
+        )
+        assert follow.output_text.splitlines() == [
+            "user: secret words",
+            "assistant: You said: secret words",
+            "user: /transcript",
+        ]
+        # What Redis does not have is still not found.
+        with pytest.raises(openai.BadRequestError) as missing:
+            on_b.responses.create(model="m", previous_response_id="resp_nowhere", input="x")
+        assert missing.value.code == "previous_response_not_found"
+        assert httpx.get(f"{b.base_url}/responses/resp_nowhere").status_code == 404
+        stats = shared_stats(b)
+        assert (stats["load_errors"], stats["load_hits"], stats["load_misses"]) == (3, 1, 2)
+        metrics = httpx.get(f"{b.base_url}/metrics").text
+        assert 'warmsocket_shared_store_loads_total{result="error"} 3' in metrics
+        assert 'warmsocket_errors_total{code="server_error"} 3' in metrics
+
+
+def test_a_websocket_create_is_refused_on_its_lane_while_redis_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis hangs while B loads the parent of a create: an `error` event with status
+    503 on that create's lane, in order with what the client sent after it; the
+    connection goes on, and once Redis answers the chain continues on it."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.2)
+    with redis_server() as url, two_servers(url) as (a, b):  # its own Redis: stopped here
+        with WSClient(a.ws_url) as ws_a:
+            remote = ws_a.turn(input="on a")[-1]["response"]["id"]
+        flush(a)
+        with WSClient(b.ws_url) as ws_b:
+            head = ws_b.turn(input="local", store=False, stream_id="x")[-1]["response"]["id"]
+            with paused(url):
+                # Back to back: the create whose parent cannot be loaded, one after it
+                # on its lane (continuing the lane's head) and one on the default lane.
+                ws_b.create(previous_response_id=remote, input="first", stream_id="x")
+                ws_b.create(previous_response_id=head, input="second", stream_id="x")
+                ws_b.create(input="third")
+                events = [ws_b.recv()]
+                while sum(e["type"] == "response.completed" for e in events) < 2:
+                    events.append(ws_b.recv())
+            refused = events[0]  # before anything of the requests sent after it
+            assert refused["type"] == "error" and refused["stream_id"] == "x"
+            parsed = check_ws_event(refused)  # the SDK's type for it
+            assert parsed.status == 503
+            assert (parsed.error.type, parsed.error.code, parsed.error.param) == (
+                "server_error",
+                "server_error",
+                "previous_response_id",
+            )
+            assert remote in parsed.error.message and "on a" not in parsed.error.message
+            assert [e["type"] for e in events].count("error") == 1
+            completed = {e.get("stream_id"): e for e in events if e["type"] == "response.completed"}
+            # The lane's head was kept (a store=false head would be gone if evicted).
+            assert output_text([completed["x"]]) == "You said: second"
+            assert completed["x"]["response"]["previous_response_id"] == head
+            assert output_text([completed[None]]) == "You said: third"
+            # Redis answers again: the same create now continues A's chain, on the same
+            # connection and lane.
+            events = ws_b.turn(previous_response_id=remote, input="/transcript", stream_id="x")
+            assert transcript(events) == [
+                "user: on a",
+                "assistant: You said: on a",
+                "user: /transcript",
+            ]
+            # What Redis does not have is still not found.
+            missing = ws_b.turn(previous_response_id="resp_nowhere", input="x", stream_id="x")
+            assert missing[-1]["status"] == 400
+            assert missing[-1]["error"]["code"] == "previous_response_not_found"
+        stats = shared_stats(b)
+        assert (stats["load_errors"], stats["load_hits"], stats["load_misses"]) == (1, 1, 1)
 
 
 def _serve(*args: str) -> tuple[subprocess.Popen[str], str]:

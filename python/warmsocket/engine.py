@@ -163,6 +163,16 @@ def stored_instructions_key(meta: bytes) -> str | None:
     return key if isinstance(key, str) else None
 
 
+class SharedStoreUnavailable(ConnectionError):
+    """The shared store did not answer (connection refused, timed out) while a response
+    was loaded: it may well exist there. Callers answer a retriable error
+    (`errors.shared_store_unavailable`), never 'not found'."""
+
+    def __init__(self, response_id: str) -> None:
+        super().__init__("the shared store did not answer")
+        self.response_id = response_id
+
+
 class SharedResponses(Protocol):
     """Stored responses shared with other processes (`shared_store.SharedStore`).
 
@@ -184,7 +194,9 @@ class SharedResponses(Protocol):
 
     async def load(self, cache: SessionCache, response_id: str, *, owner: str) -> bool:
         """Load a response (and what of its chain is missing) into `cache`; whether it
-        is there now. A failure is logged and counted, and is a miss."""
+        is there now. A record that is missing, expired or unreadable is a miss (logged
+        and counted when unreadable); when the store does not answer (connection or
+        timeout errors), SharedStoreUnavailable (logged and counted)."""
         ...
 
     async def delete(self, response_id: str, *, owner: str) -> bool:
@@ -193,8 +205,8 @@ class SharedResponses(Protocol):
         ...
 
     def stats(self) -> dict[str, int]:
-        """Counters for /metrics: published, loaded, load_hits, load_misses, deleted,
-        errors, queued."""
+        """Counters for /metrics: published, loaded, load_hits, load_misses,
+        load_errors, deleted, errors, queued."""
         ...
 
 
@@ -239,7 +251,9 @@ class Engine:
     async def load_shared(self, response_id: str, *, owner: str) -> bool:
         """After a local miss: load a stored response from the shared store, if there is
         one, into the cache. Whether it is cached now. Requests wait for this before
-        the (Sans-I/O) lookup that would otherwise say not found."""
+        the (Sans-I/O) lookup that would otherwise say not found. Raises
+        SharedStoreUnavailable when the store did not answer: the caller answers
+        `errors.shared_store_unavailable` (503, retriable), not 'not found'."""
         if self.shared is None:
             return False
         return await self.shared.load(self.cache, response_id, owner=owner)

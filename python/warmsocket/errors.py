@@ -212,6 +212,22 @@ def previous_response_not_found(response_id: str) -> APIError:
     )
 
 
+def shared_store_unavailable(
+    response_id: str, *, param: str | None = "previous_response_id"
+) -> APIError:
+    """Redis (the store of responses shared between replicas) did not answer while
+    `response_id` was loaded: a retriable 503, never 'not found' (the response may
+    well exist; a client told 'not found' drops its conversation)."""
+    return APIError(
+        "server_error",
+        f"The shared response store (Redis) did not answer while loading "
+        f"'{_id(response_id)}'. This is temporary and nothing was lost: retry the request.",
+        param=param,
+        status=503,
+        type=SERVER_ERROR,
+    )
+
+
 def response_not_found(response_id: str) -> APIError:
     return APIError(
         None,

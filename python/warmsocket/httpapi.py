@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from warmsocket import _core, errors, ids
 from warmsocket._core import Rejection, parse_client_message
 from warmsocket.backends.base import TurnFailed
-from warmsocket.engine import Engine, Turn, response_object
+from warmsocket.engine import Engine, SharedStoreUnavailable, Turn, response_object
 from warmsocket.errors import APIError
 from warmsocket.http11 import LAST_CHUNK, Request, chunk, encode_response, response_head
 from warmsocket.response_stream import dumps
@@ -194,7 +194,10 @@ class HTTPApp:
             and engine.shared is not None
             and not engine.cached(parent, owner=owner)
         ):
-            await engine.load_shared(parent, owner=owner)
+            try:
+                await engine.load_shared(parent, owner=owner)
+            except SharedStoreUnavailable:
+                raise errors.shared_store_unavailable(parent) from None
         turn = engine.prepare(
             create,
             owner=owner,
@@ -338,7 +341,10 @@ class HTTPApp:
         engine = self.engine
         cache = engine.cache
         if engine.shared is not None and not engine.cached(rid, owner=owner):
-            await engine.load_shared(rid, owner=owner)
+            try:
+                await engine.load_shared(rid, owner=owner)
+            except SharedStoreUnavailable:
+                raise errors.shared_store_unavailable(rid, param=None) from None
         try:
             info = cache.get(rid, owner=owner)
             _own_input, output = cache.own_items(rid, owner=owner)

@@ -322,11 +322,13 @@ def shared_store_collector(stats: Callable[[], dict[str, int]]) -> Callable[[], 
         yield "# TYPE warmsocket_shared_store_published_total counter"
         yield f"warmsocket_shared_store_published_total {values['published']}"
         yield (
-            "# HELP warmsocket_shared_store_loads_total Local misses looked up in Redis, by result."
+            "# HELP warmsocket_shared_store_loads_total Local misses looked up in Redis, by "
+            "result (error: Redis did not answer; the request was answered 503)."
         )
         yield "# TYPE warmsocket_shared_store_loads_total counter"
         yield f'warmsocket_shared_store_loads_total{{result="hit"}} {values["load_hits"]}'
         yield f'warmsocket_shared_store_loads_total{{result="miss"}} {values["load_misses"]}'
+        yield f'warmsocket_shared_store_loads_total{{result="error"}} {values["load_errors"]}'
         yield (
             "# HELP warmsocket_shared_store_loaded_responses_total Responses copied from "
             "Redis into the local cache (a chain's missing part)."

@@ -49,13 +49,14 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from warmsocket import errors, ids
-from warmsocket._core import ClientFrames, SessionCache
+from warmsocket._core import ClientFrames, CreateRequest, SessionCache
 from warmsocket.backends.base import Backend, ImmediateBackend, StreamItem
 from warmsocket.engine import (
     Engine,
     Framing,
     Limits,
     SharedResponses,
+    SharedStoreUnavailable,
     Turn,
     new_cache,
     tokenizer_for,
@@ -850,16 +851,25 @@ class Connection(asyncio.Protocol):
         try:
             while self._held and not session.closed:
                 parent = session.unresolved_parent(self._held[0])
+                refusal: APIError | None = None
                 if parent is not None:
                     try:
                         await engine.load_shared(parent, owner=session.owner)
+                    except SharedStoreUnavailable:
+                        # Not a miss: the parent may well exist. A retriable error on
+                        # the create's lane; the connection and the lane go on.
+                        refusal = errors.shared_store_unavailable(parent)
                     except Exception as exc:  # a miss: the session answers not found
                         log.error(
                             "shared store load failed", extra={"error_type": type(exc).__name__}
                         )
                     if session.closed:
                         break
-                session.receive_parsed(self._held.popleft())
+                message = self._held.popleft()
+                if refusal is not None and isinstance(message, CreateRequest):
+                    session.refuse_create(message, refusal)
+                else:
+                    session.receive_parsed(message)
                 if not self._run_actions():
                     self._flush()
         except Exception as exc:

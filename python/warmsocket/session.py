@@ -201,6 +201,15 @@ class ResponsesSession:
             self._error(parsed, None)
         # None: `response.processed` (Codex), ignored (spec §2.3).
 
+    def refuse_create(self, request: CreateRequest, error: APIError) -> None:
+        """A create the asyncio layer could not hand over as it is: its parent could not
+        be loaded (the shared store did not answer). `error` goes to the create's lane,
+        in order with that lane's other requests; the lane's head stays (the chain is
+        not lost, and continues once the store answers again)."""
+        if self.closed:
+            return
+        self._receive_create(None, request.stream_id, error)
+
     def unresolved_parent(self, parsed: Message) -> str | None:
         """The `previous_response_id` of a create that this connection cannot resolve
         from the local cache and that is not running here either, else None.

@@ -35,8 +35,12 @@ local copy. A response deleted before the writer wrote it is written as deleted.
 The write-behind queue is flushed within milliseconds; a client that reconnects to
 another process in that window may not find its newest response yet. A Redis outage
 is logged (where Redis is, the error's type and the OS's reason, e.g. 'Connection
-refused'; never content) and counted; local service goes on, and a miss is then
-answered as not found.
+refused'; never content) and counted; local service goes on. A load that Redis does
+not answer (connection refused or lost, timed out: up to about twice `SOCKET_TIMEOUT`
+with the one retry) raises `SharedStoreUnavailable`, and the request is answered with
+a retriable 503 `server_error` (`errors.shared_store_unavailable`), not 'not found':
+the response may well be there, and a client told 'not found' drops its chain. Only a
+record that is missing (expired, never written, deleted) or unreadable is not found.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from redis.backoff import ExponentialBackoff
 
 from warmsocket import _core
 from warmsocket._core import Binding, Items, SessionCache
+from warmsocket.engine import SharedStoreUnavailable
 
 log = logging.getLogger("warmsocket.shared_store")
 
@@ -187,6 +192,7 @@ class SharedStore:
         self.loaded = 0
         self.load_hits = 0
         self.load_misses = 0
+        self.load_errors = 0
         self.deleted = 0
         self._queue: asyncio.Queue[_Record] = asyncio.Queue(QUEUE_LIMIT)
         self._writer: asyncio.Task[None] | None = None
@@ -268,6 +274,7 @@ class SharedStore:
             "loaded": self.loaded,
             "load_hits": self.load_hits,
             "load_misses": self.load_misses,
+            "load_errors": self.load_errors,
             "deleted": self.deleted,
             "errors": self.errors,
             "queued": self._queue.qsize(),
@@ -383,8 +390,11 @@ class SharedStore:
     ) -> bool:
         """Make `response_id` available in the local cache. Returns whether it is now there.
 
-        A deleted response is not found (but loads as the ancestor of another one).
-        Loaded responses are stored entries of `owner`.
+        A deleted response is not found (but loads as the ancestor of another one), nor
+        is one with a missing link, or an unreadable record (counted as an error).
+        Loaded responses are stored entries of `owner`. Raises SharedStoreUnavailable
+        when Redis did not answer (connection refused or lost, timed out, still loading
+        its data): the response may exist, so the caller must not say not found.
         """
         if _present(cache, response_id, owner, connection):
             return True
@@ -396,7 +406,15 @@ class SharedStore:
                 # Inserting tokenises every loaded item (Rust, without the GIL): off the
                 # event loop, so a long chain does not stall every other connection.
                 found = await asyncio.to_thread(self._insert, cache, records, settings, owner)
-        except (redis.RedisError, OSError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self.errors += 1
+            log.error("cannot read from Redis", extra={"redis": self.address, **_failure(exc)})
+            if _present(cache, response_id, owner, connection):
+                self.load_hits += 1  # another request loaded it meanwhile
+                return True
+            self.load_errors += 1
+            raise SharedStoreUnavailable(response_id) from None
+        except redis.RedisError as exc:  # Redis answered, with an error (e.g. WRONGTYPE)
             self.errors += 1
             log.error("cannot read from Redis", extra={"redis": self.address, **_failure(exc)})
         except (ValueError, KeyError, TypeError, _core.CacheError) as exc:
