@@ -246,3 +246,164 @@ def test_plots_that_cannot_be_drawn_fail_the_command_after_writing_results(
         "--output-dir", str(out), "--no-plots", env={"PYTHONPATH": str(tmp_path / "site")},
     )  # fmt: skip
     assert skipped.returncode == 0, skipped.stderr
+
+
+_TASK = "run 000000000001\nFix the cache.\n/repeat 3 shell {}"
+_ARGUMENTS = json.dumps({"command": "ls", "justification": "look"})
+
+
+def _call_item(index: int) -> dict[str, Any]:
+    """The `shell` call the scripted model makes in turn `index`."""
+    return {
+        "type": "function_call",
+        "id": f"fc_{index}",
+        "call_id": f"call_{index}",
+        "name": "shell",
+        "arguments": _ARGUMENTS,
+    }
+
+
+def _new_items(index: int) -> list[dict[str, Any]]:
+    """What the agent adds to the conversation in turn `index`."""
+    if index == 0:
+        return [{"type": "message", "role": "user", "content": _TASK}]
+    output = f"output {index - 1}"
+    return [{"type": "function_call_output", "call_id": f"call_{index - 1}", "output": output}]
+
+
+class _ScriptedModel:
+    """Answers an agent's turns as the workload's upstream does (a `shell` call per turn
+    until N outputs are back, then `done after N calls`); records every request."""
+
+    def __init__(self, tool_calls: int) -> None:
+        self.tool_calls = tool_calls
+        self.requests: list[dict[str, Any]] = []
+
+    def answer(self, request: dict[str, Any]) -> list[bytes]:
+        index = len(self.requests)
+        self.requests.append(request)
+        item: dict[str, Any] = _call_item(index)
+        if index == self.tool_calls:
+            text = f"done after {self.tool_calls} calls"
+            content = [{"type": "output_text", "text": text}]
+            item = {"type": "message", "role": "assistant", "content": content}
+        response = {"id": f"resp_{index}", "output": [item], "usage": {"output_tokens": 9}}
+        events = [
+            {"type": "response.output_item.added", "item": item},
+            {"type": "response.completed", "response": response},
+        ]
+        return [json.dumps(e).encode() for e in events]
+
+
+class _FakeWebSocket:
+    def __init__(self, model: _ScriptedModel) -> None:
+        self.model = model
+        self.pending: list[bytes] = []
+
+    async def send(self, message: bytes, text: bool = False) -> None:
+        assert text
+        self.pending += self.model.answer(json.loads(message))
+
+    async def recv(self, decode: bool = True) -> bytes:
+        return self.pending.pop(0)
+
+    async def close(self) -> None:
+        pass
+
+
+class _FakeStream:
+    status = 200
+
+    def __init__(self, events: list[bytes]) -> None:
+        self.body = b"".join(b"data: " + e + b"\n\n" for e in events)
+
+    async def chunks(self) -> Any:
+        yield self.body
+
+    def close(self) -> None:
+        pass
+
+
+def _run_agent(mode: str, monkeypatch: pytest.MonkeyPatch) -> tuple[_ScriptedModel, Any]:
+    """Run the benchmark's agent in `mode` against a scripted model, without sockets: its
+    WebSocket connection and HTTP pool are fakes that record the requests."""
+    from warmsocket.bench import agent
+
+    model = _ScriptedModel(tool_calls=3)
+
+    async def fake_connect(url: str, **_options: Any) -> _FakeWebSocket:
+        assert url == "ws://gateway/v1/responses"
+        return _FakeWebSocket(model)
+
+    class FakePool:
+        def __init__(self, origin: Any, max_idle: int) -> None:
+            pass
+
+        async def request(self, parts: list[bytes], timeout: float) -> _FakeStream:
+            head, body = parts
+            assert head.startswith(b"POST /v1/responses HTTP/1.1\r\n")
+            assert f"Content-Length: {len(body)}\r\n".encode() in head
+            return _FakeStream(model.answer(json.loads(body)))
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(agent, "connect", fake_connect)
+    monkeypatch.setattr(agent, "HTTPPool", FakePool)
+    websocket = mode in {"websocket", "agentic-api"}
+    job = agent.Job(
+        mode=mode,
+        url="ws://gateway/v1/responses" if websocket else "http://gateway/v1",
+        task=_TASK,
+        settings={"model": "m", "instructions": "rules", "tools": []},
+        arguments=_ARGUMENTS,
+        outputs=[f"output {i}" for i in range(3)],
+        tool_ms=0.0,
+        timeout_s=10,
+    )
+    result = asyncio.run(agent.run(job))
+    assert result.error is None, result.error
+    assert result.final_text == "done after 3 calls"
+    assert [t.response_id for t in result.turns] == ["resp_0", "resp_1", "resp_2", "resp_3"]
+    return model, result
+
+
+@pytest.mark.parametrize("mode", ["websocket", "agentic-api"])
+def test_agent_websocket_modes_send_new_items_and_previous_response_id(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, _result = _run_agent(mode, monkeypatch)
+    assert len(model.requests) == 4
+    for index, request in enumerate(model.requests):
+        assert request["type"] == "response.create" and request["store"] is False
+        assert request["instructions"] == "rules"
+        assert request["input"] == _new_items(index)
+        assert request.get("previous_response_id") == (f"resp_{index - 1}" if index else None)
+
+
+def test_agent_http_replay_resends_the_whole_conversation_unstored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, result = _run_agent("http-replay", monkeypatch)
+    assert len(model.requests) == 4
+    conversation: list[dict[str, Any]] = []
+    for index, request in enumerate(model.requests):
+        assert request["store"] is False and request["stream"] is True
+        assert "previous_response_id" not in request
+        if index:  # the model's call, then its output
+            conversation.append(_call_item(index - 1))
+        conversation += _new_items(index)
+        assert request["input"] == conversation, index
+    sizes = [t.request_bytes for t in result.turns]
+    assert sizes == sorted(sizes) and sizes[-1] > sizes[0]
+
+
+def test_agent_http_chained_sends_new_items_with_previous_response_id_stored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, _result = _run_agent("http-chained", monkeypatch)
+    assert len(model.requests) == 4
+    for index, request in enumerate(model.requests):
+        assert request["store"] is True and request["stream"] is True
+        assert request["input"] == _new_items(index)
+        assert request.get("previous_response_id") == (f"resp_{index - 1}" if index else None)
