@@ -15,8 +15,9 @@ loopback fallback, said loudly), each repetition and each size N, the modes run 
 after the other in a fresh shuffled order, every run a new agent process and a new
 conversation (a run nonce keeps runs out of each other's prefix cache; the shared
 system prompt and tools are warmed first, as across real sessions). Every run is
-checked turn by turn (`agent.check_turn`), and the upstream must have seen one request
-per turn with the same prompt in every warmsocket mode.
+checked turn by turn (`agent.check_turn`), the agent must have run in the client
+namespace when the link is emulated, and the upstream must have seen one request per
+turn with the same prompt in every warmsocket mode.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from warmsocket.bench import MODES, procs
-from warmsocket.bench.agent import Job
+from warmsocket.bench.agent import Job, network_namespace
 from warmsocket.bench.machine import load_average
 from warmsocket.bench.timeline import SEGMENTS, TimelineError, TurnBreakdown, WriteLog, breakdown
 from warmsocket.bench.workload import Workload, WorkloadSpec
@@ -217,6 +218,8 @@ class _Harness:
             raise RunFailed(f"{mode}: the agent failed: {err.decode()[-2000:]}") from None
         if result.get("error"):
             raise RunFailed(f"{mode} N={tool_calls} on {self.link.profile.name}: {result['error']}")
+        if self.link.emulated and result.get("netns") == network_namespace():
+            raise RunFailed(f"{mode}: the agent did not run in the client network namespace")
         records = await asyncio.to_thread(self._records, since)
         try:
             turns = breakdown(result["turns"], records, self.log)
@@ -271,6 +274,7 @@ async def run_agent_loop(
                     "describe": link.describe(),
                     "emulated": link.emulated,
                     "fallback_reason": link.fallback_reason,
+                    "netns": link.netns,
                 }
                 if config.measure_link:
                     measured = await measure_link(link, rtt_samples=10)
