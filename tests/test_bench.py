@@ -407,3 +407,40 @@ def test_agent_http_chained_sends_new_items_with_previous_response_id_stored(
         assert request["store"] is True and request["stream"] is True
         assert request["input"] == _new_items(index)
         assert request.get("previous_response_id") == (f"resp_{index - 1}" if index else None)
+
+
+@pytest.mark.timeout(120)
+def test_agent_loop_falls_back_to_loopback_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dataclasses import replace
+
+    from warmsocket.bench import runner
+    from warmsocket.bench.agentloop import run_agent_loop
+    from warmsocket.cli import run_async
+    from warmsocket.netem import link
+
+    reason = "not running as root (simulated)"
+    monkeypatch.setattr(link, "_preflight", lambda: reason)
+    config = replace(
+        runner.options_for("smoke").agent_loop,
+        profiles=["wan"],
+        modes=["websocket", "http-replay"],
+    )
+    steps: list[str] = []
+    with caplog.at_level("WARNING", logger="warmsocket.netem"):
+        section = run_async(run_agent_loop(config, steps.append))
+    wan = section["profiles"]["WAN"]
+    assert wan["link"]["emulated"] is False and wan["link"]["fallback_reason"] == reason
+    assert wan["link"]["netns"] is None
+    assert f"loopback fallback ({reason})" in wan["link"]["describe"]
+    assert "rate by proxy" in wan["link"]["describe"]  # the proxy limits the rate instead
+    assert any("falling back to loopback" in r.getMessage() for r in caplog.records)
+    assert any(f"loopback fallback ({reason})" in line for line in runner.summary_lines(
+        {"agent_loop": section}))  # fmt: skip
+    # The benchmark still ran, over loopback.
+    assert {r["mode"] for r in wan["runs"]} == {"websocket", "http-replay"}
+    assert wan["checks"]["same_prompts_in_every_mode"]
+    assert steps[0] == "WAN: warm-up" and len(steps) == 3
+    # The proxy still holds each chunk for the one-way delay: a turn is a round trip.
+    assert min(t["total"] for r in wan["runs"] for t in r["turns"]) >= 0.040
