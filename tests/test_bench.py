@@ -121,6 +121,8 @@ def test_progress_prints_a_line_per_step_when_not_a_terminal() -> None:
     assert lines[0].startswith("[") and lines[0].endswith("0/3  first")
     assert "1/3" in lines[1] and "left" in lines[1]
     assert lines[2] == "a note" and "done in" in lines[-1]
+    # Finished: a full bar, every step counted, however many steps were announced.
+    assert lines[-1].startswith("[" + "#" * 24 + "] 3/3  done in") and "left" not in lines[-1]
 
 
 def _results() -> dict[str, Any]:
