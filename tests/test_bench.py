@@ -446,3 +446,55 @@ def test_agent_loop_falls_back_to_loopback_and_says_so(
     assert steps[0] == "WAN: warm-up" and len(steps) == 3
     # The proxy still holds each chunk for the one-way delay: a turn is a round trip.
     assert min(t["total"] for r in wan["runs"] for t in r["turns"]) >= 0.040
+
+
+def test_plots_show_each_mode_each_segment_and_both_servers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.figure import Figure
+
+    from warmsocket.bench.plots import SEGMENT_LABELS, draw_all
+
+    figures: dict[str, Any] = {}
+    save = Figure.savefig
+
+    def record(self: Figure, path: Any, **kwargs: Any) -> None:
+        figures[Path(path).name] = self
+        save(self, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    results = _results()
+    draw_all(results, tmp_path)
+    modes = {"websocket", "http-replay"}
+    summary = results["agent_loop"]["profiles"]["WAN"]["summary"]
+
+    # Turn latency by turn index: a panel per size, a line per mode with its values.
+    panels = [ax for ax in figures["agent_turn_latency.png"].axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["WAN, N=8", "WAN, N=20", "WAN, N=50"]
+    for ax, size in zip(panels, ("8", "20", "50"), strict=True):
+        lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+        assert set(lines) == modes
+        for mode in modes:
+            expected = [v * 1e3 for v in summary[size][mode]["turn_latency_by_index_s"]]
+            assert lines[mode] == pytest.approx(expected)
+
+    # The stacked breakdown: a panel per mode at the largest size, a layer per segment.
+    panels = [ax for ax in figures["agent_breakdown.png"].axes if ax.get_visible()]
+    assert {ax.get_title() for ax in panels} == {f"WAN, N=50: {m}" for m in modes}
+    for ax in panels:
+        assert len(ax.collections) == len(SEGMENT_LABELS)
+    legend = panels[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == list(SEGMENT_LABELS.values())
+
+    # End to end: a bar per mode and size, WebSocket mode's change written above it.
+    (ax,) = figures["agent_e2e.png"].axes
+    heights = sorted(round(p.get_height(), 6) for p in ax.patches)
+    assert heights == [6.0] * 3 + [10.0] * 3
+    assert [t.get_text() for t in ax.texts] == ["-40%"] * 3
+
+    # Throughput against connections: warmsocket and the echo server, per point.
+    left, _right = figures["throughput.png"].axes
+    lines = {line.get_label(): line for line in left.get_lines()}
+    assert set(lines) == {"warmsocket turns/s", "websockets echo round trips/s"}
+    assert list(lines["warmsocket turns/s"].get_xdata()) == [1, 64]
+    assert list(lines["websockets echo round trips/s"].get_ydata()) == [10_000.0, 10_000.0]
