@@ -37,6 +37,15 @@ def test_workload_is_deterministic_and_shaped_like_agent_traces() -> None:
     context += sum(summary["tool_output_tokens"]) + 30 * summary["call_tokens"]
     assert 70_000 <= context <= 90_000, context
     assert 240 <= summary["call_tokens"] <= 270
+    # Input:output around 100:1 at N = 20: each turn's prompt is the whole context so
+    # far, each output one call (and a short final answer).
+    twenty = WorkloadSpec(tool_calls=20).build().summary()
+    context, prompt = twenty["system_tokens"] + twenty["tools_tokens"], 0
+    for tokens in twenty["tool_output_tokens"]:
+        prompt += context
+        context += twenty["call_tokens"] + tokens
+    prompt += context
+    assert 75 <= prompt / (20 * twenty["call_tokens"] + 5) <= 150
     # A shorter run is the start of a longer one.
     short = WorkloadSpec(tool_calls=8).build()
     assert [o.text for o in short.outputs] == [o.text for o in one.outputs[:8]]
@@ -498,3 +507,32 @@ def test_plots_show_each_mode_each_segment_and_both_servers(
     assert set(lines) == {"warmsocket turns/s", "websockets echo round trips/s"}
     assert list(lines["warmsocket turns/s"].get_xdata()) == [1, 64]
     assert list(lines["websockets echo round trips/s"].get_ydata()) == [10_000.0, 10_000.0]
+
+
+def test_full_size_runs_the_issues_sizes() -> None:
+    from warmsocket.bench import MODES, runner
+
+    full = runner.options_for("full")
+    loop = full.agent_loop
+    assert loop.sizes == [8, 20, 50] and loop.profiles == ["wan", "lan"] and loop.reps >= 3
+    assert loop.modes == list(MODES) and "agentic-api" in MODES
+    assert loop.latency.decode_tokens_per_second == 1_000  # the fast-inference regime
+    assert full.throughput.connections == [1, 16, 64, 256]
+    assert (full.memory.connections, full.memory.tokens) == (1_000, 1_000_000)
+    assert set(full.suites) == {"agent-loop", "throughput", "memory"}
+
+
+def test_the_default_test_run_smokes_the_benchmarks_untimed() -> None:
+    """`pytest` collects benches/ and runs each bench once, small and untimed (targets
+    are asserted only with --benchmark-enable)."""
+    import tomllib
+
+    from warmsocket.bench import runner
+
+    root = Path(__file__).resolve().parent.parent
+    ini = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "benches" in ini["testpaths"]
+    assert "--benchmark-disable" in ini["addopts"].split()
+    smoke = runner.options_for("smoke")
+    assert smoke.agent_loop.sizes == [2] and smoke.agent_loop.reps == 1
+    assert smoke.throughput.seconds <= 1 and smoke.memory.connections <= 100
