@@ -536,3 +536,16 @@ def test_the_default_test_run_smokes_the_benchmarks_untimed() -> None:
     smoke = runner.options_for("smoke")
     assert smoke.agent_loop.sizes == [2] and smoke.agent_loop.reps == 1
     assert smoke.throughput.seconds <= 1 and smoke.memory.connections <= 100
+
+
+def test_docs_show_the_plots_the_bench_draws(tmp_path: Path) -> None:
+    from warmsocket.bench.plots import draw_all
+
+    root = Path(__file__).resolve().parent.parent
+    drawn = {p.name for p in draw_all(_results(), tmp_path)}
+    readme = (root / "README.md").read_text()
+    assert "](docs/img/agent_e2e.png)" in readme  # the headline plot
+    benchmarks = (root / "docs" / "benchmarks.md").read_text()
+    for name in drawn:
+        assert f"](img/{name})" in benchmarks, name
+        assert (root / "docs" / "img" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
