@@ -549,3 +549,25 @@ def test_docs_show_the_plots_the_bench_draws(tmp_path: Path) -> None:
     for name in drawn:
         assert f"](img/{name})" in benchmarks, name
         assert (root / "docs" / "img" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(120)
+def test_agent_loop_past_its_time_limit_sets_up_no_link_and_runs_nothing() -> None:
+    import time
+    from dataclasses import replace
+
+    from warmsocket.bench import runner
+    from warmsocket.bench.agentloop import run_agent_loop
+    from warmsocket.cli import run_async
+
+    config = replace(
+        runner.options_for("smoke").agent_loop, profiles=["lan", "wan"], modes=["websocket"]
+    )
+    steps: list[str] = []
+    deadline = time.monotonic() - 1
+    section = run_async(run_agent_loop(config, steps.append, deadline=deadline))
+    assert steps == []  # not even a warm-up run
+    for name in ("LAN", "WAN"):
+        profile = section["profiles"][name]
+        assert profile["truncated"] == "the time limit was reached"
+        assert profile["runs"] == [] and "link" not in profile

@@ -237,6 +237,26 @@ class _Harness:
         )
 
 
+TIME_LIMIT_REACHED = "the time limit was reached"
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() > deadline
+
+
+def _schedule(
+    config: AgentLoopConfig, modes: list[str], shuffle: Callable[[list[str]], None]
+) -> Iterator[tuple[int, int, str]]:
+    """(repetition, size, mode) of every measured run: the modes in a fresh shuffled
+    order for each repetition and size."""
+    for rep in range(config.reps):
+        for size in config.sizes:
+            order = list(modes)
+            shuffle(order)
+            for mode in order:
+                yield rep, size, mode
+
+
 async def run_agent_loop(
     config: AgentLoopConfig, progress: Progress, *, deadline: float | None = None
 ) -> dict[str, Any]:
@@ -269,6 +289,9 @@ async def run_agent_loop(
             profile = get_profile(name)
             section: dict[str, Any] = {"runs": []}
             out["profiles"][profile.name] = section
+            if _past(deadline):  # not even the link and the warm-up
+                section["truncated"] = TIME_LIMIT_REACHED
+                continue
             async with EmulatedLink(profile) as link:
                 section["link"] = {
                     "describe": link.describe(),
@@ -286,16 +309,12 @@ async def run_agent_loop(
                 for mode in modes:  # warms the upstream's cache of the shared prompt
                     await harness.run(mode, smallest, -1)
                 runs: list[Run] = []
-                for rep in range(config.reps):
-                    for size in config.sizes:
-                        order = list(modes)
-                        shuffle(order)
-                        for mode in order:
-                            if deadline is not None and time.monotonic() > deadline:
-                                section["truncated"] = "the time limit was reached"
-                                break
-                            progress(f"{profile.name} N={size} {mode} rep {rep + 1}")
-                            runs.append(await harness.run(mode, size, rep))
+                for rep, size, mode in _schedule(config, modes, shuffle):
+                    if _past(deadline):
+                        section["truncated"] = TIME_LIMIT_REACHED
+                        break
+                    progress(f"{profile.name} N={size} {mode} rep {rep + 1}")
+                    runs.append(await harness.run(mode, size, rep))
                 section["runs"] = [r.as_dict() for r in runs]
                 section["summary"] = summarize(runs, modes, config.sizes)
                 section["checks"] = check_runs(runs)
