@@ -571,3 +571,26 @@ def test_agent_loop_past_its_time_limit_sets_up_no_link_and_runs_nothing() -> No
         profile = section["profiles"][name]
         assert profile["truncated"] == "the time limit was reached"
         assert profile["runs"] == [] and "link" not in profile
+
+
+@pytest.mark.timeout(180)
+def test_bench_command_runs_the_agent_loop_into_results_and_plots(tmp_path: Path) -> None:
+    result = _warmsocket(
+        "bench", "--suites", "agent-loop", "--profiles", "lan",
+        "--modes", "websocket,http-replay", "--output-dir", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "done in" in result.stderr
+    document = json.loads((tmp_path / "results.json").read_text())
+    lan = document["agent_loop"]["profiles"]["LAN"]
+    assert set(lan["summary"]["2"]) == {"websocket", "http-replay"}
+    for entry in lan["summary"]["2"].values():
+        assert entry["wire_up_per_turn"] > 0 and set(entry["segments_s"]) == {
+            "upload", "server", "ttft", "decode", "return", "tool",
+        }  # fmt: skip
+    reported = [t for t in document["targets"] if t["name"].startswith("agent loop LAN N=")]
+    assert len(reported) == 3  # beside WAN's, whatever they are
+    assert {p.name for p in tmp_path.glob("agent_*.png")} == {
+        "agent_e2e.png", "agent_turn_latency.png", "agent_breakdown.png",
+    }  # fmt: skip
+    assert "agent loop, LAN" in result.stdout
