@@ -26,9 +26,10 @@ from typing import Any
 import pytest
 
 from benches.servers import require_release_build, timing_enabled
-from warmsocket.bench import runner, targets
+from warmsocket.bench import procs, runner, targets
 from warmsocket.bench.agentloop import run_agent_loop
 from warmsocket.cli import run_async
+from warmsocket.netem import find_tools, inventory, run_command
 
 
 def _config(timed: bool) -> Any:
@@ -42,8 +43,24 @@ def _config(timed: bool) -> Any:
     return config
 
 
+def _check_link_was_removed(link: dict[str, Any]) -> None:
+    """The link was emulated, or says why not; an emulated one left nothing behind."""
+    assert link["emulated"] or link["fallback_reason"], link
+    if not link["emulated"]:
+        return
+    tools = find_tools()
+    assert not isinstance(tools, str)
+    found = inventory(run_command, tools)
+    assert link["netns"] not in found.netns, link
+    assert not [x.name for x in found.links if x.name.startswith(link["netns"])], link
+
+
 def _check_section(section: dict[str, Any]) -> None:
+    agentic_installed = procs.agentic_server_binary() is not None
+    if not agentic_installed:
+        assert "not installed" in section["skipped"]["agentic-api"], section["skipped"]
     for name, profile in section["profiles"].items():
+        _check_link_was_removed(profile["link"])
         assert profile["checks"]["same_prompts_in_every_mode"], profile["checks"]
         for run in profile["runs"]:
             assert len(run["turns"]) == run["tool_calls"] + 1, (name, run["mode"])
@@ -52,9 +69,15 @@ def _check_section(section: dict[str, Any]) -> None:
                 assert min(parts) >= 0, (name, run["mode"], turn)
                 assert abs(sum(parts) - turn["total"]) < 1e-6, turn
         for size, per_mode in profile["summary"].items():
-            replay, ws = per_mode["http-replay"], per_mode["websocket"]
-            # The point of WebSocket mode: the agent stops resending its context.
-            assert ws["wire_up_last_turn"] < replay["wire_up_last_turn"], (name, size)
+            # Every mode ran: agentic-api too when it is installed.
+            expected = {"websocket", "http-replay", "http-chained"}
+            assert set(per_mode) == expected | ({"agentic-api"} if agentic_installed else set())
+            replay = per_mode["http-replay"]
+            # The point of WebSocket mode (and of previous_response_id over HTTP): the
+            # agent stops resending its context.
+            for mode in set(per_mode) - {"http-replay"}:
+                sent = per_mode[mode]["wire_up_last_turn"]
+                assert sent < replay["wire_up_last_turn"], (name, size, mode)
             # Byte-stable upstream requests in every warmsocket mode: the upstream's
             # prefix cache serves most of every prompt.
             for mode in ("websocket", "http-replay", "http-chained"):

@@ -37,6 +37,15 @@ def test_workload_is_deterministic_and_shaped_like_agent_traces() -> None:
     context += sum(summary["tool_output_tokens"]) + 30 * summary["call_tokens"]
     assert 70_000 <= context <= 90_000, context
     assert 240 <= summary["call_tokens"] <= 270
+    # Input:output around 100:1 at N = 20: each turn's prompt is the whole context so
+    # far, each output one call (and a short final answer).
+    twenty = WorkloadSpec(tool_calls=20).build().summary()
+    context, prompt = twenty["system_tokens"] + twenty["tools_tokens"], 0
+    for tokens in twenty["tool_output_tokens"]:
+        prompt += context
+        context += twenty["call_tokens"] + tokens
+    prompt += context
+    assert 75 <= prompt / (20 * twenty["call_tokens"] + 5) <= 150
     # A shorter run is the start of a longer one.
     short = WorkloadSpec(tool_calls=8).build()
     assert [o.text for o in short.outputs] == [o.text for o in one.outputs[:8]]
@@ -121,6 +130,8 @@ def test_progress_prints_a_line_per_step_when_not_a_terminal() -> None:
     assert lines[0].startswith("[") and lines[0].endswith("0/3  first")
     assert "1/3" in lines[1] and "left" in lines[1]
     assert lines[2] == "a note" and "done in" in lines[-1]
+    # Finished: a full bar, every step counted, however many steps were announced.
+    assert lines[-1].startswith("[" + "#" * 24 + "] 3/3  done in") and "left" not in lines[-1]
 
 
 def _results() -> dict[str, Any]:
@@ -246,3 +257,340 @@ def test_plots_that_cannot_be_drawn_fail_the_command_after_writing_results(
         "--output-dir", str(out), "--no-plots", env={"PYTHONPATH": str(tmp_path / "site")},
     )  # fmt: skip
     assert skipped.returncode == 0, skipped.stderr
+
+
+_TASK = "run 000000000001\nFix the cache.\n/repeat 3 shell {}"
+_ARGUMENTS = json.dumps({"command": "ls", "justification": "look"})
+
+
+def _call_item(index: int) -> dict[str, Any]:
+    """The `shell` call the scripted model makes in turn `index`."""
+    return {
+        "type": "function_call",
+        "id": f"fc_{index}",
+        "call_id": f"call_{index}",
+        "name": "shell",
+        "arguments": _ARGUMENTS,
+    }
+
+
+def _new_items(index: int) -> list[dict[str, Any]]:
+    """What the agent adds to the conversation in turn `index`."""
+    if index == 0:
+        return [{"type": "message", "role": "user", "content": _TASK}]
+    output = f"output {index - 1}"
+    return [{"type": "function_call_output", "call_id": f"call_{index - 1}", "output": output}]
+
+
+class _ScriptedModel:
+    """Answers an agent's turns as the workload's upstream does (a `shell` call per turn
+    until N outputs are back, then `done after N calls`); records every request."""
+
+    def __init__(self, tool_calls: int) -> None:
+        self.tool_calls = tool_calls
+        self.requests: list[dict[str, Any]] = []
+
+    def answer(self, request: dict[str, Any]) -> list[bytes]:
+        index = len(self.requests)
+        self.requests.append(request)
+        item: dict[str, Any] = _call_item(index)
+        if index == self.tool_calls:
+            text = f"done after {self.tool_calls} calls"
+            content = [{"type": "output_text", "text": text}]
+            item = {"type": "message", "role": "assistant", "content": content}
+        response = {"id": f"resp_{index}", "output": [item], "usage": {"output_tokens": 9}}
+        events = [
+            {"type": "response.output_item.added", "item": item},
+            {"type": "response.completed", "response": response},
+        ]
+        return [json.dumps(e).encode() for e in events]
+
+
+class _FakeWebSocket:
+    def __init__(self, model: _ScriptedModel) -> None:
+        self.model = model
+        self.pending: list[bytes] = []
+
+    async def send(self, message: bytes, text: bool = False) -> None:
+        assert text
+        self.pending += self.model.answer(json.loads(message))
+
+    async def recv(self, decode: bool = True) -> bytes:
+        return self.pending.pop(0)
+
+    async def close(self) -> None:
+        pass
+
+
+class _FakeStream:
+    status = 200
+
+    def __init__(self, events: list[bytes]) -> None:
+        self.body = b"".join(b"data: " + e + b"\n\n" for e in events)
+
+    async def chunks(self) -> Any:
+        yield self.body
+
+    def close(self) -> None:
+        pass
+
+
+def _run_agent(mode: str, monkeypatch: pytest.MonkeyPatch) -> tuple[_ScriptedModel, Any]:
+    """Run the benchmark's agent in `mode` against a scripted model, without sockets: its
+    WebSocket connection and HTTP pool are fakes that record the requests."""
+    from warmsocket.bench import agent
+
+    model = _ScriptedModel(tool_calls=3)
+
+    async def fake_connect(url: str, **_options: Any) -> _FakeWebSocket:
+        assert url == "ws://gateway/v1/responses"
+        return _FakeWebSocket(model)
+
+    class FakePool:
+        def __init__(self, origin: Any, max_idle: int) -> None:
+            pass
+
+        async def request(self, parts: list[bytes], timeout: float) -> _FakeStream:
+            head, body = parts
+            assert head.startswith(b"POST /v1/responses HTTP/1.1\r\n")
+            assert f"Content-Length: {len(body)}\r\n".encode() in head
+            return _FakeStream(model.answer(json.loads(body)))
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(agent, "connect", fake_connect)
+    monkeypatch.setattr(agent, "HTTPPool", FakePool)
+    websocket = mode in {"websocket", "agentic-api"}
+    job = agent.Job(
+        mode=mode,
+        url="ws://gateway/v1/responses" if websocket else "http://gateway/v1",
+        task=_TASK,
+        settings={"model": "m", "instructions": "rules", "tools": []},
+        arguments=_ARGUMENTS,
+        outputs=[f"output {i}" for i in range(3)],
+        tool_ms=0.0,
+        timeout_s=10,
+    )
+    result = asyncio.run(agent.run(job))
+    assert result.error is None, result.error
+    assert result.final_text == "done after 3 calls"
+    assert [t.response_id for t in result.turns] == ["resp_0", "resp_1", "resp_2", "resp_3"]
+    return model, result
+
+
+@pytest.mark.parametrize("mode", ["websocket", "agentic-api"])
+def test_agent_websocket_modes_send_new_items_and_previous_response_id(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, _result = _run_agent(mode, monkeypatch)
+    assert len(model.requests) == 4
+    for index, request in enumerate(model.requests):
+        assert request["type"] == "response.create" and request["store"] is False
+        assert request["instructions"] == "rules"
+        assert request["input"] == _new_items(index)
+        assert request.get("previous_response_id") == (f"resp_{index - 1}" if index else None)
+
+
+def test_agent_http_replay_resends_the_whole_conversation_unstored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, result = _run_agent("http-replay", monkeypatch)
+    assert len(model.requests) == 4
+    conversation: list[dict[str, Any]] = []
+    for index, request in enumerate(model.requests):
+        assert request["store"] is False and request["stream"] is True
+        assert "previous_response_id" not in request
+        if index:  # the model's call, then its output
+            conversation.append(_call_item(index - 1))
+        conversation += _new_items(index)
+        assert request["input"] == conversation, index
+    sizes = [t.request_bytes for t in result.turns]
+    assert sizes == sorted(sizes) and sizes[-1] > sizes[0]
+
+
+def test_agent_http_chained_sends_new_items_with_previous_response_id_stored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, _result = _run_agent("http-chained", monkeypatch)
+    assert len(model.requests) == 4
+    for index, request in enumerate(model.requests):
+        assert request["store"] is True and request["stream"] is True
+        assert request["input"] == _new_items(index)
+        assert request.get("previous_response_id") == (f"resp_{index - 1}" if index else None)
+
+
+@pytest.mark.timeout(120)
+def test_agent_loop_falls_back_to_loopback_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dataclasses import replace
+
+    from warmsocket.bench import runner
+    from warmsocket.bench.agentloop import run_agent_loop
+    from warmsocket.cli import run_async
+    from warmsocket.netem import link
+
+    reason = "not running as root (simulated)"
+    monkeypatch.setattr(link, "_preflight", lambda: reason)
+    config = replace(
+        runner.options_for("smoke").agent_loop,
+        profiles=["wan"],
+        modes=["websocket", "http-replay"],
+    )
+    steps: list[str] = []
+    with caplog.at_level("WARNING", logger="warmsocket.netem"):
+        section = run_async(run_agent_loop(config, steps.append))
+    wan = section["profiles"]["WAN"]
+    assert wan["link"]["emulated"] is False and wan["link"]["fallback_reason"] == reason
+    assert wan["link"]["netns"] is None
+    assert f"loopback fallback ({reason})" in wan["link"]["describe"]
+    assert "rate by proxy" in wan["link"]["describe"]  # the proxy limits the rate instead
+    assert any("falling back to loopback" in r.getMessage() for r in caplog.records)
+    assert any(f"loopback fallback ({reason})" in line for line in runner.summary_lines(
+        {"agent_loop": section}))  # fmt: skip
+    # The benchmark still ran, over loopback.
+    assert {r["mode"] for r in wan["runs"]} == {"websocket", "http-replay"}
+    assert wan["checks"]["same_prompts_in_every_mode"]
+    assert steps[0] == "WAN: warm-up" and len(steps) == 3
+    # The proxy still holds each chunk for the one-way delay: a turn is a round trip.
+    assert min(t["total"] for r in wan["runs"] for t in r["turns"]) >= 0.040
+
+
+def test_plots_show_each_mode_each_segment_and_both_servers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.figure import Figure
+
+    from warmsocket.bench.plots import SEGMENT_LABELS, draw_all
+
+    figures: dict[str, Any] = {}
+    save = Figure.savefig
+
+    def record(self: Figure, path: Any, **kwargs: Any) -> None:
+        figures[Path(path).name] = self
+        save(self, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    results = _results()
+    draw_all(results, tmp_path)
+    modes = {"websocket", "http-replay"}
+    summary = results["agent_loop"]["profiles"]["WAN"]["summary"]
+
+    # Turn latency by turn index: a panel per size, a line per mode with its values.
+    panels = [ax for ax in figures["agent_turn_latency.png"].axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["WAN, N=8", "WAN, N=20", "WAN, N=50"]
+    for ax, size in zip(panels, ("8", "20", "50"), strict=True):
+        lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+        assert set(lines) == modes
+        for mode in modes:
+            expected = [v * 1e3 for v in summary[size][mode]["turn_latency_by_index_s"]]
+            assert lines[mode] == pytest.approx(expected)
+
+    # The stacked breakdown: a panel per mode at the largest size, a layer per segment.
+    panels = [ax for ax in figures["agent_breakdown.png"].axes if ax.get_visible()]
+    assert {ax.get_title() for ax in panels} == {f"WAN, N=50: {m}" for m in modes}
+    for ax in panels:
+        assert len(ax.collections) == len(SEGMENT_LABELS)
+    legend = panels[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == list(SEGMENT_LABELS.values())
+
+    # End to end: a bar per mode and size, WebSocket mode's change written above it.
+    (ax,) = figures["agent_e2e.png"].axes
+    heights = sorted(round(p.get_height(), 6) for p in ax.patches)
+    assert heights == [6.0] * 3 + [10.0] * 3
+    assert [t.get_text() for t in ax.texts] == ["-40%"] * 3
+
+    # Throughput against connections: warmsocket and the echo server, per point.
+    left, _right = figures["throughput.png"].axes
+    lines = {line.get_label(): line for line in left.get_lines()}
+    assert set(lines) == {"warmsocket turns/s", "websockets echo round trips/s"}
+    assert list(lines["warmsocket turns/s"].get_xdata()) == [1, 64]
+    assert list(lines["websockets echo round trips/s"].get_ydata()) == [10_000.0, 10_000.0]
+
+
+def test_full_size_runs_the_issues_sizes() -> None:
+    from warmsocket.bench import MODES, runner
+
+    full = runner.options_for("full")
+    loop = full.agent_loop
+    assert loop.sizes == [8, 20, 50] and loop.profiles == ["wan", "lan"] and loop.reps >= 3
+    assert loop.modes == list(MODES) and "agentic-api" in MODES
+    assert loop.latency.decode_tokens_per_second == 1_000  # the fast-inference regime
+    assert full.throughput.connections == [1, 16, 64, 256]
+    assert (full.memory.connections, full.memory.tokens) == (1_000, 1_000_000)
+    assert set(full.suites) == {"agent-loop", "throughput", "memory"}
+
+
+def test_the_default_test_run_smokes_the_benchmarks_untimed() -> None:
+    """`pytest` collects benches/ and runs each bench once, small and untimed (targets
+    are asserted only with --benchmark-enable)."""
+    import tomllib
+
+    from warmsocket.bench import runner
+
+    root = Path(__file__).resolve().parent.parent
+    ini = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "benches" in ini["testpaths"]
+    assert "--benchmark-disable" in ini["addopts"].split()
+    smoke = runner.options_for("smoke")
+    assert smoke.agent_loop.sizes == [2] and smoke.agent_loop.reps == 1
+    assert smoke.throughput.seconds <= 1 and smoke.memory.connections <= 100
+
+
+def test_docs_show_the_plots_the_bench_draws(tmp_path: Path) -> None:
+    from warmsocket.bench.plots import draw_all
+
+    root = Path(__file__).resolve().parent.parent
+    drawn = {p.name for p in draw_all(_results(), tmp_path)}
+    readme = (root / "README.md").read_text()
+    assert "](docs/img/agent_e2e.png)" in readme  # the headline plot
+    benchmarks = (root / "docs" / "benchmarks.md").read_text()
+    for name in drawn:
+        assert f"](img/{name})" in benchmarks, name
+        assert (root / "docs" / "img" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(120)
+def test_agent_loop_past_its_time_limit_sets_up_no_link_and_runs_nothing() -> None:
+    import time
+    from dataclasses import replace
+
+    from warmsocket.bench import runner
+    from warmsocket.bench.agentloop import run_agent_loop
+    from warmsocket.cli import run_async
+
+    config = replace(
+        runner.options_for("smoke").agent_loop, profiles=["lan", "wan"], modes=["websocket"]
+    )
+    steps: list[str] = []
+    deadline = time.monotonic() - 1
+    section = run_async(run_agent_loop(config, steps.append, deadline=deadline))
+    assert steps == []  # not even a warm-up run
+    for name in ("LAN", "WAN"):
+        profile = section["profiles"][name]
+        assert profile["truncated"] == "the time limit was reached"
+        assert profile["runs"] == [] and "link" not in profile
+
+
+@pytest.mark.timeout(180)
+def test_bench_command_runs_the_agent_loop_into_results_and_plots(tmp_path: Path) -> None:
+    result = _warmsocket(
+        "bench", "--suites", "agent-loop", "--profiles", "lan",
+        "--modes", "websocket,http-replay", "--output-dir", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "done in" in result.stderr
+    document = json.loads((tmp_path / "results.json").read_text())
+    lan = document["agent_loop"]["profiles"]["LAN"]
+    assert set(lan["summary"]["2"]) == {"websocket", "http-replay"}
+    for entry in lan["summary"]["2"].values():
+        assert entry["wire_up_per_turn"] > 0 and set(entry["segments_s"]) == {
+            "upload", "server", "ttft", "decode", "return", "tool",
+        }  # fmt: skip
+    reported = [t for t in document["targets"] if t["name"].startswith("agent loop LAN N=")]
+    assert len(reported) == 3  # beside WAN's, whatever they are
+    assert {p.name for p in tmp_path.glob("agent_*.png")} == {
+        "agent_e2e.png", "agent_turn_latency.png", "agent_breakdown.png",
+    }  # fmt: skip
+    assert "agent loop, LAN" in result.stdout

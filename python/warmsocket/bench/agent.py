@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -95,6 +96,9 @@ class RunResult:
     turns: list[TurnTiming] = field(default_factory=list)
     final_text: str = ""
     error: str | None = None
+    netns: str = ""
+    """The network namespace the agent ran in (`/proc/self/ns/net`), so the harness can
+    check that it ran behind the emulated link."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -272,7 +276,7 @@ async def run(job: Job) -> RunResult:
     """One agent run: connect, then N+1 turns with the tool's time between them."""
     start = time.monotonic()
     client = make_client(job)
-    result = RunResult(mode=job.mode, start=start, connected=start)
+    result = RunResult(mode=job.mode, start=start, connected=start, netns=network_namespace())
     try:
         async with asyncio.timeout(job.timeout_s):
             await client.connect()
@@ -305,6 +309,14 @@ async def run(job: Job) -> RunResult:
         result.end = time.monotonic()
         await client.close()
     return result
+
+
+def network_namespace() -> str:
+    """This process's network namespace (`net:[inode]`), or "" where there is none."""
+    try:
+        return os.readlink("/proc/self/ns/net")
+    except OSError:
+        return ""
 
 
 def main() -> int:

@@ -15,8 +15,9 @@ loopback fallback, said loudly), each repetition and each size N, the modes run 
 after the other in a fresh shuffled order, every run a new agent process and a new
 conversation (a run nonce keeps runs out of each other's prefix cache; the shared
 system prompt and tools are warmed first, as across real sessions). Every run is
-checked turn by turn (`agent.check_turn`), and the upstream must have seen one request
-per turn with the same prompt in every warmsocket mode.
+checked turn by turn (`agent.check_turn`), the agent must have run in the client
+namespace when the link is emulated, and the upstream must have seen one request per
+turn with the same prompt in every warmsocket mode.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from warmsocket.bench import MODES, procs
-from warmsocket.bench.agent import Job
+from warmsocket.bench.agent import Job, network_namespace
 from warmsocket.bench.machine import load_average
 from warmsocket.bench.timeline import SEGMENTS, TimelineError, TurnBreakdown, WriteLog, breakdown
 from warmsocket.bench.workload import Workload, WorkloadSpec
@@ -217,6 +218,8 @@ class _Harness:
             raise RunFailed(f"{mode}: the agent failed: {err.decode()[-2000:]}") from None
         if result.get("error"):
             raise RunFailed(f"{mode} N={tool_calls} on {self.link.profile.name}: {result['error']}")
+        if self.link.emulated and result.get("netns") == network_namespace():
+            raise RunFailed(f"{mode}: the agent did not run in the client network namespace")
         records = await asyncio.to_thread(self._records, since)
         try:
             turns = breakdown(result["turns"], records, self.log)
@@ -232,6 +235,26 @@ class _Harness:
             turns=turns,
             load=load,
         )
+
+
+TIME_LIMIT_REACHED = "the time limit was reached"
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() > deadline
+
+
+def _schedule(
+    config: AgentLoopConfig, modes: list[str], shuffle: Callable[[list[str]], None]
+) -> Iterator[tuple[int, int, str]]:
+    """(repetition, size, mode) of every measured run: the modes in a fresh shuffled
+    order for each repetition and size."""
+    for rep in range(config.reps):
+        for size in config.sizes:
+            order = list(modes)
+            shuffle(order)
+            for mode in order:
+                yield rep, size, mode
 
 
 async def run_agent_loop(
@@ -266,11 +289,15 @@ async def run_agent_loop(
             profile = get_profile(name)
             section: dict[str, Any] = {"runs": []}
             out["profiles"][profile.name] = section
+            if _past(deadline):  # not even the link and the warm-up
+                section["truncated"] = TIME_LIMIT_REACHED
+                continue
             async with EmulatedLink(profile) as link:
                 section["link"] = {
                     "describe": link.describe(),
                     "emulated": link.emulated,
                     "fallback_reason": link.fallback_reason,
+                    "netns": link.netns,
                 }
                 if config.measure_link:
                     measured = await measure_link(link, rtt_samples=10)
@@ -282,16 +309,12 @@ async def run_agent_loop(
                 for mode in modes:  # warms the upstream's cache of the shared prompt
                     await harness.run(mode, smallest, -1)
                 runs: list[Run] = []
-                for rep in range(config.reps):
-                    for size in config.sizes:
-                        order = list(modes)
-                        shuffle(order)
-                        for mode in order:
-                            if deadline is not None and time.monotonic() > deadline:
-                                section["truncated"] = "the time limit was reached"
-                                break
-                            progress(f"{profile.name} N={size} {mode} rep {rep + 1}")
-                            runs.append(await harness.run(mode, size, rep))
+                for rep, size, mode in _schedule(config, modes, shuffle):
+                    if _past(deadline):
+                        section["truncated"] = TIME_LIMIT_REACHED
+                        break
+                    progress(f"{profile.name} N={size} {mode} rep {rep + 1}")
+                    runs.append(await harness.run(mode, size, rep))
                 section["runs"] = [r.as_dict() for r in runs]
                 section["summary"] = summarize(runs, modes, config.sizes)
                 section["checks"] = check_runs(runs)

@@ -45,7 +45,7 @@ class Progress:
         bar = "#" * filled + "." * (self.width - filled)
         elapsed = time.monotonic() - self.started
         left = ""
-        if self.done > 0:
+        if 0 < self.done < self.total:
             left = f"  {_duration(elapsed / self.done * (self.total - self.done))} left"
         line = f"[{bar}] {self.done}/{self.total}{left}  {label}"
         if self.tty:
@@ -66,7 +66,7 @@ class Progress:
     def close(self) -> None:
         if not self.enabled:
             return
-        self.done = self.total - 1
+        self.done = self.total
         self._draw(f"done in {_duration(time.monotonic() - self.started)}")
         if self.tty:
             self.stream.write("\n")
