@@ -73,7 +73,7 @@ impl Status {
 }
 
 /// Token counts of a response; `total_tokens` is input + output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub input_tokens: u64,
     pub cached_tokens: u64,
@@ -368,6 +368,116 @@ impl ResponseEncoder {
         });
         self.sequence_number += 1;
         &self.out
+    }
+
+    /// A whole reasoning item (an upstream's, or the built-in model's) as a JSON
+    /// object: closes the open item, then gives the item's events in the order OpenAI
+    /// streams them: `output_item.added`; per summary part, the part added, its text
+    /// in one delta, the text done, the part done; per `reasoning_text` content part
+    /// the same with `content_part` and `reasoning_text` events; `output_item.done`.
+    /// The item keeps its `id` (a new `rs_` id when it has none), `summary`,
+    /// `content` and `encrypted_content`, so that it can go back to the upstream
+    /// that made it. Fails, with nothing changed, when `item` is not a `reasoning`
+    /// object whose parts have the right types.
+    pub fn reasoning_item(&mut self, item: &[u8]) -> Result<&[u8]> {
+        let reasoning = Reasoning::parse(item)?;
+        self.out.clear();
+        self.close_open();
+        let index = self.output.len();
+        let id = reasoning.id.unwrap_or_else(|| random_id("rs"));
+        let (stream_id, framing) = (self.stream_id.as_deref(), self.framing);
+        let mut seq = self.sequence_number;
+        let ty = "response.output_item.added";
+        emit(&mut self.out, framing, ty, |s| {
+            head(s, stream_id, seq, ty, 2);
+            s.key("output_index");
+            s.uint(index as u64);
+            s.key("item");
+            s.begin(3 + usize::from(reasoning.content.is_some()));
+            s.key("id");
+            s.str(&id);
+            s.key("type");
+            s.str("reasoning");
+            s.key("summary");
+            s.begin_array(0);
+            s.end_array();
+            if reasoning.content.is_some() {
+                s.key("content");
+                s.begin_array(0);
+                s.end_array();
+            }
+            s.end();
+            s.end();
+        });
+        seq += 1;
+        let summary_events = [
+            "response.reasoning_summary_part.added",
+            "response.reasoning_summary_text.delta",
+            "response.reasoning_summary_text.done",
+            "response.reasoning_summary_part.done",
+        ];
+        for (i, text) in reasoning.summary.iter().enumerate() {
+            let part = PartEvents {
+                id: &id,
+                index,
+                position: ("summary_index", i),
+                part_type: "summary_text",
+                text,
+                names: summary_events,
+            };
+            seq = part.emit(&mut self.out, framing, stream_id, seq);
+        }
+        let content_events = [
+            "response.content_part.added",
+            "response.reasoning_text.delta",
+            "response.reasoning_text.done",
+            "response.content_part.done",
+        ];
+        for (i, text) in reasoning.content.iter().flatten().enumerate() {
+            let part = PartEvents {
+                id: &id,
+                index,
+                position: ("content_index", i),
+                part_type: "reasoning_text",
+                text,
+                names: content_events,
+            };
+            seq = part.emit(&mut self.out, framing, stream_id, seq);
+        }
+        let parts = |texts: &[String], ty: &str| {
+            texts
+                .iter()
+                .map(|t| serde_json::json!({"type": ty, "text": t}))
+                .collect::<Vec<_>>()
+        };
+        let mut value = serde_json::json!({
+            "id": id,
+            "type": "reasoning",
+            "summary": parts(&reasoning.summary, "summary_text"),
+        });
+        if let Some(content) = &reasoning.content {
+            value["content"] = parts(content, "reasoning_text").into();
+        }
+        if let Some(encrypted) = reasoning.encrypted_content {
+            value["encrypted_content"] = encrypted.into();
+        }
+        // An object of strings: building it cannot fail.
+        if let Ok(done) = Item::from_value(index, &value, usize::MAX) {
+            let done = Arc::new(done);
+            let ty = "response.output_item.done";
+            emit(&mut self.out, framing, ty, |s| {
+                head(s, stream_id, seq, ty, 2);
+                s.key("output_index");
+                s.uint(index as u64);
+                s.key("item");
+                s.json(done.json());
+                s.end();
+            });
+            seq += 1;
+            self.output.push(done);
+        }
+        self.sequence_number = seq;
+        Ok(&self.out)
     }
 
     /// Finish the open item, if any (its `.done` events).
@@ -813,6 +923,135 @@ fn head(s: &mut dyn Sink, stream_id: Option<&str>, seq: u64, ty: &str, fields: u
     s.str(ty);
 }
 
+/// What `ResponseEncoder::reasoning_item` keeps of a reasoning item.
+#[derive(Debug)]
+struct Reasoning {
+    id: Option<String>,
+    summary: Vec<String>,
+    content: Option<Vec<String>>,
+    encrypted_content: Option<String>,
+}
+
+impl Reasoning {
+    fn parse(item: &[u8]) -> Result<Reasoning> {
+        let invalid = || Error::invalid_argument("item must be a JSON object of type reasoning");
+        let value: serde_json::Value = serde_json::from_slice(item).map_err(|_| invalid())?;
+        let object = value.as_object().ok_or_else(invalid)?;
+        if object.get("type").and_then(serde_json::Value::as_str) != Some("reasoning") {
+            return Err(invalid());
+        }
+        let id = match object.get("id") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(id)) if !id.is_empty() => Some(id.clone()),
+            Some(serde_json::Value::String(_)) => None,
+            Some(_) => {
+                return Err(Error::invalid_argument(
+                    "a reasoning item's id must be a string",
+                ))
+            }
+        };
+        let summary = match object.get("summary") {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(parts) => part_texts(parts, "summary_text")?,
+        };
+        let content = match object.get("content") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(parts) => Some(part_texts(parts, "reasoning_text")?),
+        };
+        let encrypted_content = match object.get("encrypted_content") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(text)) => Some(text.clone()),
+            Some(_) => {
+                return Err(Error::invalid_argument(
+                    "a reasoning item's encrypted_content must be a string",
+                ))
+            }
+        };
+        Ok(Reasoning {
+            id,
+            summary,
+            content,
+            encrypted_content,
+        })
+    }
+}
+
+/// The texts of an array of `{"type": part_type, "text": ...}` parts.
+fn part_texts(parts: &serde_json::Value, part_type: &str) -> Result<Vec<String>> {
+    let invalid = || {
+        Error::invalid_argument(format!(
+            "reasoning parts must be {{\"type\": \"{part_type}\", \"text\": string}} objects"
+        ))
+    };
+    let parts = parts.as_array().ok_or_else(invalid)?;
+    parts
+        .iter()
+        .map(|part| {
+            let ty = part.get("type").and_then(serde_json::Value::as_str);
+            match (ty, part.get("text").and_then(serde_json::Value::as_str)) {
+                (Some(ty), Some(text)) if ty == part_type => Ok(text.to_owned()),
+                _ => Err(invalid()),
+            }
+        })
+        .collect()
+}
+
+/// The four events of one part of a reasoning item: added, the text in one delta
+/// (none when empty), text done, part done.
+struct PartEvents<'a> {
+    id: &'a str,
+    index: usize,
+    /// `("summary_index" | "content_index", i)`.
+    position: (&'static str, usize),
+    part_type: &'static str,
+    text: &'a str,
+    names: [&'static str; 4],
+}
+
+impl PartEvents<'_> {
+    /// Append the events to `out`, numbered from `seq`; the next number.
+    fn emit(&self, out: &mut Vec<u8>, framing: Framing, stream_id: Option<&str>, seq: u64) -> u64 {
+        let mut seq = seq;
+        let (key, position) = self.position;
+        for (step, ty) in self.names.into_iter().enumerate() {
+            if step == 1 && self.text.is_empty() {
+                continue;
+            }
+            emit(out, framing, ty, |s| {
+                head(s, stream_id, seq, ty, 4);
+                s.key("item_id");
+                s.str(self.id);
+                s.key("output_index");
+                s.uint(self.index as u64);
+                s.key(key);
+                s.uint(position as u64);
+                match step {
+                    1 => {
+                        s.key("delta");
+                        s.str(self.text);
+                    }
+                    2 => {
+                        s.key("text");
+                        s.str(self.text);
+                    }
+                    _ => {
+                        s.key("part");
+                        s.begin(2);
+                        s.key("type");
+                        s.str(self.part_type);
+                        s.key("text");
+                        s.str(if step == 0 { "" } else { self.text });
+                        s.end();
+                    }
+                }
+                s.end();
+            });
+            seq += 1;
+        }
+        seq
+    }
+}
+
 /// `item_id` and `output_index`.
 fn locate(s: &mut dyn Sink, item: &OpenItem) {
     s.key("item_id");
@@ -1137,6 +1376,146 @@ mod tests {
         assert_eq!(meta["status"], "completed");
         assert_eq!(meta["usage"], done["usage"]);
         assert!(meta["error"].is_null());
+    }
+
+    #[test]
+    fn a_reasoning_item_in_openai_order() {
+        let mut e = encoder(Framing::Json, Some("lane"));
+        let mut out = e.start().to_vec();
+        out.extend_from_slice(e.text_delta("Hi"));
+        let item = br#"{"id":"rs_up","type":"reasoning","status":"completed",
+            "summary":[{"type":"summary_text","text":"First"},{"type":"summary_text","text":""}],
+            "encrypted_content":"opaque=="}"#;
+        out.extend_from_slice(e.reasoning_item(item).unwrap());
+        out.extend_from_slice(e.reasoning_item(br#"{"type":"reasoning","summary":[],"content":[{"type":"reasoning_text","text":"Think"}]}"#).unwrap());
+        out.extend_from_slice(e.complete(Usage::default(), 9));
+        let events = lines(&out);
+        let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            types[5..],
+            [
+                // The open message closes first.
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.reasoning_summary_part.added",
+                "response.reasoning_summary_text.delta",
+                "response.reasoning_summary_text.done",
+                "response.reasoning_summary_part.done",
+                // An empty part has no delta.
+                "response.reasoning_summary_part.added",
+                "response.reasoning_summary_text.done",
+                "response.reasoning_summary_part.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        for (i, event) in events.iter().enumerate() {
+            assert_eq!(event["sequence_number"], i as u64);
+            assert_eq!(event["stream_id"], "lane");
+        }
+        let added = &events[8];
+        assert_eq!(added["output_index"], 1);
+        assert_eq!(
+            added["item"],
+            serde_json::json!({"id": "rs_up", "type": "reasoning", "summary": []})
+        );
+        assert_eq!(events[9]["item_id"], "rs_up");
+        assert_eq!(events[9]["summary_index"], 0);
+        assert_eq!(
+            events[9]["part"],
+            serde_json::json!({"type": "summary_text", "text": ""})
+        );
+        assert_eq!(events[10]["delta"], "First");
+        assert_eq!(events[11]["text"], "First");
+        assert_eq!(events[12]["part"]["text"], "First");
+        assert_eq!(events[13]["summary_index"], 1);
+        let done = serde_json::json!({
+            "id": "rs_up",
+            "type": "reasoning",
+            "summary": [
+                {"type": "summary_text", "text": "First"},
+                {"type": "summary_text", "text": ""},
+            ],
+            "encrypted_content": "opaque==",
+        });
+        assert_eq!(events[16]["item"], done);
+        let own = &events[17]["item"];
+        assert!(own["id"].as_str().unwrap().starts_with("rs_"));
+        assert_eq!(own["content"], serde_json::json!([]));
+        assert_eq!(events[18]["content_index"], 0);
+        assert_eq!(events[18]["part"]["type"], "reasoning_text");
+        assert_eq!(events[19]["delta"], "Think");
+        let response = &events[23]["response"];
+        assert_eq!(response["output"][1], done);
+        assert_eq!(response["output"][2]["content"][0]["text"], "Think");
+        assert_eq!(response["output"][2]["id"], own["id"]);
+        let items = e.output_items();
+        assert_eq!(items.len(), 3);
+        let stored: serde_json::Value =
+            serde_json::from_slice(items.get(1).unwrap().json()).unwrap();
+        assert_eq!(stored, done);
+    }
+
+    #[test]
+    fn reasoning_events_are_the_same_in_every_framing() {
+        let item = br#"{"id":"rs_1","type":"reasoning","summary":[{"type":"summary_text","text":"s"}],"content":[{"type":"reasoning_text","text":"c"}],"encrypted_content":"e"}"#;
+        let run = |framing| {
+            let mut e = encoder(framing, Some("lane"));
+            let mut out = e.start().to_vec();
+            out.extend_from_slice(e.reasoning_item(item).unwrap());
+            out.extend_from_slice(e.complete(Usage::default(), 9));
+            out
+        };
+        let expected = lines(&run(Framing::Json));
+        assert_eq!(expected.len(), 13);
+        let text_frames = frames(&run(Framing::WebSocket));
+        let binary_frames = frames(&run(Framing::Msgpack));
+        assert_eq!((text_frames.len(), binary_frames.len()), (13, 13));
+        for ((want, (_, text)), (_, packed)) in
+            expected.iter().zip(&text_frames).zip(&binary_frames)
+        {
+            let got: serde_json::Value = serde_json::from_slice(text).unwrap();
+            assert_eq!(&got, want);
+            let unpacked = crate::framing::msgpack::decode(packed).unwrap();
+            let mut got = Vec::new();
+            crate::framing::value::write_canonical(&unpacked, &mut got);
+            let got: serde_json::Value = serde_json::from_slice(&got).unwrap();
+            assert_eq!(&got, want);
+        }
+        let sse = String::from_utf8(run(Framing::Sse)).unwrap();
+        assert!(sse.contains("event: response.reasoning_text.delta\ndata: {"));
+    }
+
+    #[test]
+    fn a_bad_reasoning_item_is_refused_and_changes_nothing() {
+        let mut e = encoder(Framing::Json, None);
+        e.start();
+        e.text_delta("open");
+        let seq = e.sequence_number();
+        for bad in [
+            &b"not json"[..],
+            br#"[]"#,
+            br#"{"type":"message"}"#,
+            br#"{"type":"reasoning","summary":"x"}"#,
+            br#"{"type":"reasoning","summary":[{"type":"reasoning_text","text":"x"}]}"#,
+            br#"{"type":"reasoning","summary":[{"type":"summary_text","text":1}]}"#,
+            br#"{"type":"reasoning","content":[{"type":"summary_text","text":"x"}]}"#,
+            br#"{"type":"reasoning","encrypted_content":5}"#,
+            br#"{"type":"reasoning","id":7}"#,
+        ] {
+            assert!(e.reasoning_item(bad).is_err());
+        }
+        assert_eq!(e.sequence_number(), seq);
+        assert_eq!(e.open_kind(), Some(ItemKind::Message));
+        assert_eq!(e.output().len(), 0);
     }
 
     #[test]

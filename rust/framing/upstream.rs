@@ -7,7 +7,9 @@
 //! Text or arguments that arrive only in a `.done` event (servers that do not
 //! stream deltas) are emitted then. Lifecycle events that carry the whole Response
 //! (`response.created`, `response.in_progress`) are recognised by their SSE event
-//! name and never parsed; reasoning and hosted-tool events have no model event.
+//! name and never parsed. A reasoning item is taken whole from its
+//! `output_item.done` (its summary and text deltas are not read); hosted-tool
+//! events have no model event.
 //!
 //! `response.failed` and `error` events end the decoding with [`Stop`]; the caller
 //! maps the error object to its own error type.
@@ -29,6 +31,8 @@ pub enum Event {
         name: String,
     },
     Arguments(String),
+    /// A finished reasoning item, as JSON: the item of its `output_item.done`.
+    Reasoning(Vec<u8>),
     Usage {
         input: Option<i64>,
         cached: Option<i64>,
@@ -300,6 +304,7 @@ impl ResponsesDecoder {
                             out.push(Event::Text(rest));
                         }
                     }
+                    Some("reasoning") => out.push(Event::Reasoning(to_json(item))),
                     _ => {}
                 }
             }
@@ -599,6 +604,48 @@ mod tests {
             decoder.done,
             "a last event without a blank line still counts"
         );
+    }
+
+    #[test]
+    fn a_reasoning_item_is_taken_whole_from_its_done_event() {
+        let item = r#"{"id":"rs_1","type":"reasoning","summary":[{"type":"summary_text","text":"Plan"}],"encrypted_content":"gAAA"}"#;
+        let events = [
+            (
+                "response.output_item.added",
+                r#"{"type":"response.output_item.added","output_index":0,"item":{"id":"rs_1","type":"reasoning","summary":[]}}"#.to_owned(),
+            ),
+            (
+                "response.reasoning_summary_text.delta",
+                r#"{"type":"response.reasoning_summary_text.delta","item_id":"rs_1","output_index":0,"summary_index":0,"delta":"Plan"}"#.to_owned(),
+            ),
+            (
+                "response.output_item.done",
+                format!(r#"{{"type":"response.output_item.done","output_index":0,"item":{item}}}"#),
+            ),
+            (
+                "response.output_text.delta",
+                r#"{"type":"response.output_text.delta","item_id":"m","output_index":1,"content_index":0,"delta":"Hi"}"#.to_owned(),
+            ),
+        ];
+        let body: String = events.iter().map(|(name, data)| sse(name, data)).collect();
+        let expected_item: serde_json::Value = serde_json::from_str(item).unwrap();
+        for step in [1, 7, body.len()] {
+            let (_, decoded) = decode(&body, step);
+            let decoded = decoded.unwrap();
+            assert_eq!(decoded.len(), 2);
+            let Event::Reasoning(json) = &decoded[0] else {
+                panic!("{decoded:?}");
+            };
+            let got: serde_json::Value = serde_json::from_slice(json).unwrap();
+            assert_eq!(got, expected_item);
+            assert_eq!(decoded[1], Event::Text("Hi".into()));
+        }
+        let mut decoder = ResponsesDecoder::default();
+        let mut out = Vec::new();
+        for (_, data) in &events {
+            decoder.ws_message(data.as_bytes(), &mut out).unwrap();
+        }
+        assert!(matches!(out[0], Event::Reasoning(_)) && out.len() == 2);
     }
 
     #[test]

@@ -410,6 +410,14 @@ impl PyResponseEncoder {
         Ok(PyBytes::new(py, self.inner.event(event)?))
     }
 
+    fn reasoning_item<'py>(
+        &mut self,
+        py: Python<'py>,
+        item: &[u8],
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, self.inner.reasoning_item(item)?))
+    }
+
     #[getter]
     fn sequence_number(&self) -> u64 {
         self.inner.sequence_number()
