@@ -150,6 +150,40 @@ def test_agent_parallel_tool_calls(any_backend: RunningServer) -> None:
     assert responses == 2  # both calls in the first response, the answer in the second
 
 
+@pytest.mark.parametrize("chained", [False, True], ids=["full-replay", "previous_response_id"])
+def test_agent_with_a_reasoning_model(any_backend: RunningServer, chained: bool) -> None:
+    """Each response starts with a reasoning item, as a reasoning model's does: the
+    agent keeps them (and, replaying its history, sends them back, matched to the
+    cached chain), and the loop goes on to its answer."""
+    calls.clear()
+    metrics = any_backend.server.metrics
+
+    async def main() -> tuple[str, list[str]]:
+        async with responses_websocket_session(
+            api_key="sk-test", base_url=any_backend.base_url
+        ) as session:
+            result = await session.run(
+                make_agent(),
+                '/think Read it twice.\n/repeat 2 read_file {"path": "a.py"}',
+                auto_previous_response_id=chained,
+            )
+            return str(result.final_output), [item.type for item in result.new_items]
+
+    final, kinds = asyncio.run(main())
+    assert final == "done after 2 calls"
+    assert kinds == [
+        *["reasoning_item", "tool_call_item", "tool_call_output_item"] * 2,
+        "reasoning_item",
+        "message_output_item",
+    ]
+    assert calls == ["read_file:a.py"] * 2
+    if not chained:
+        # Turns 2 and 3 re-sent the history, reasoning items included, all matched:
+        # the user message, reasoning and call (3), then those, the output, a second
+        # reasoning and call (6).
+        assert metrics.prefix_matched_items == 3 + 6
+
+
 class Weather(BaseModel):
     city: str
     sky: str

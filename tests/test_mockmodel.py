@@ -115,6 +115,25 @@ def test_reply_sets_the_answer_after_any_calls() -> None:
     assert plan([user("/reply")]).text == "You said: /reply"
 
 
+def test_think_adds_reasoning_to_any_reply() -> None:
+    assert plan([user("/think Plan.\nhi")]) == Reply(
+        "text", "You said: /think Plan.\nhi", reasoning="Plan."
+    )
+    msg = user("/think Why not.\n/call get_weather {}")
+    assert plan([msg]) == Reply("call", calls=(Call("get_weather", "{}"),), reasoning="Why not.")
+    after = [msg, call("get_weather", "c1"), output("c1", "x")]
+    assert plan(after) == Reply("text", "get_weather returned: x", reasoning="Why not.")
+    assert plan([user("/fail\n/think t")]) == Reply("fail", reasoning="t")
+    assert plan([user("/think")]).reasoning is None  # an empty TEXT is no reasoning
+    reasoning = {
+        "type": "reasoning",
+        "summary": [{"type": "summary_text", "text": "a"}, {"type": "summary_text", "text": "b"}],
+    }
+    assert transcript([reasoning, {"type": "reasoning", "summary": []}], None) == (
+        "reasoning a b\nreasoning"
+    )
+
+
 def test_transcript_reads_the_full_context_only_when_asked() -> None:
     history = [
         user("hi"),

@@ -156,6 +156,19 @@ def test_http_stream_helper_accepts_our_ordering(server: RunningServer) -> None:
     assert final.output[0].type == "function_call"
 
 
+def test_stream_helper_with_a_reasoning_item(server: RunningServer) -> None:
+    # The SDK's stream state folds the reasoning summary events into its snapshot.
+    sdk = client(server)
+    with sdk.responses.stream(model=MODEL, input="/think Brief.\nhi") as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert "response.reasoning_summary_text.delta" in kinds
+    reasoning = final.output[0]
+    assert reasoning.type == "reasoning"
+    assert [part.text for part in reasoning.summary] == ["Brief."]
+    assert final.output_text == "You said: /think Brief.\nhi"
+
+
 class Weather(BaseModel):
     city: str
     sky: str

@@ -19,7 +19,13 @@ from tests.support import FUNCTION_TOOLS
 from tests.upstream_support import RunningSim, running_sim
 from warmsocket import mockmodel
 from warmsocket.prefixhash import PromptHasher, count_tokens
-from warmsocket.simulate.model import LatencyModel, PrefixCache, canonical_items
+from warmsocket.simulate.model import (
+    LatencyModel,
+    PrefixCache,
+    canonical_items,
+    seal_reasoning,
+    unsealed_reasoning,
+)
 
 # -- the latency model ----------------------------------------------------------------------
 
@@ -354,3 +360,26 @@ def test_non_streaming_responses() -> None:
         back, _output = create([user, *calls, *results])
         assert back.output_text == "get_weather returned: sunny; read_file returned: text of a"
         assert sim.stats()["requests"][-1]["cached_tokens"] > 0
+
+
+def test_reasoning_is_sealed_and_a_tampered_item_is_refused() -> None:
+    # Like OpenAI's `encrypted_content`: a reasoning item comes back only as it went out.
+    with running_sim() as sim, httpx.Client(base_url=sim.base_url, timeout=10) as http:
+        body = {"model": "m", "input": "/think Step one.\nhi", "store": False}
+        answer = http.post("/responses", json=body)
+        assert answer.status_code == 200
+        reasoning, message = answer.json()["output"]
+        assert reasoning["summary"] == [{"type": "summary_text", "text": "Step one."}]
+        assert reasoning["encrypted_content"] == seal_reasoning("Step one.")
+        history = [{"role": "user", "content": "/think Step one.\nhi"}, reasoning, message]
+        again = {"model": "m", "input": [*history, {"role": "user", "content": "ok"}]}
+        assert http.post("/responses", json=again).status_code == 200
+        reasoning["summary"][0]["text"] = "Step two."  # no longer what was sealed
+        refused = http.post("/responses", json=again)
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert (error["code"], error["param"]) == ("invalid_encrypted_content", "input")
+        assert reasoning["id"] in error["message"]
+        assert sim.stats()["requests"][-1]["status"] == 400
+    assert unsealed_reasoning([{"type": "reasoning", "summary": []}]) is None  # nothing sealed
+    assert unsealed_reasoning([{"type": "reasoning", "encrypted_content": 5}]) == "input[0]"

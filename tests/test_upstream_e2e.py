@@ -391,3 +391,56 @@ def test_a_large_input_tokenised_off_the_loop_reaches_the_upstream(
     assert output_text(events) == f"You said: {text}"
     (record,) = sim.stats(bodies=True)["requests"]
     assert seen_context(record) == [("message", "user", text)]
+
+
+def test_reasoning_reaches_the_client_and_goes_back_upstream(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """An upstream's reasoning item is shown to the client (every event checked
+    against the SDK's types) and kept in the chain. A Responses upstream gets it
+    back, `encrypted_content` included, as reasoning models need (the simulated
+    upstream refuses content it did not seal, as OpenAI does); Chat Completions has
+    no form for it."""
+    sim, server, _metrics = stack
+    prompt = '/think Weather first.\n/call get_weather {"city": "Lima"}'
+    with WSClient(server.ws_url) as client:
+        first = client.turn(input=prompt, tools=FUNCTION_TOOLS)[-1]["response"]
+        reasoning, call = first["output"]
+        answer = client.turn(
+            input=[{"type": "function_call_output", "call_id": call["call_id"], "output": "warm"}],
+            previous_response_id=first["id"],
+            tools=FUNCTION_TOOLS,
+        )
+        # A client replaying the whole history (no previous_response_id) sends the
+        # reasoning item back itself: matched to the cached chain, sent up as it was.
+        replay = [
+            {"role": "user", "content": prompt},
+            *first["output"],
+            {"type": "function_call_output", "call_id": call["call_id"], "output": "warm"},
+            *answer[-1]["response"]["output"],
+            {"role": "user", "content": "/transcript"},
+        ]
+        transcript = output_text(client.turn(input=replay, tools=FUNCTION_TOOLS))
+    assert reasoning["type"] == "reasoning" and call["type"] == "function_call"
+    assert [o["type"] for o in answer[-1]["response"]["output"]] == ["reasoning", "message"]
+    records = sim.stats(bodies=True)["requests"]
+    assert [r["status"] for r in records] == [200, 200, 200]
+    if api == "chat":
+        # Reasoning deltas (`reasoning_content`) became a reasoning_text part.
+        assert reasoning["content"] == [{"type": "reasoning_text", "text": "Weather first."}]
+        assert reasoning["summary"] == [] and "encrypted_content" not in reasoning
+        assert "reasoning" not in transcript
+        return
+    assert reasoning["summary"] == [{"type": "summary_text", "text": "Weather first."}]
+    assert reasoning["encrypted_content"].startswith("wsim1.")
+    # The upstream saw its reasoning item again on both later requests, verbatim.
+    for record in records[1:]:
+        context = json.loads(record["context"])
+        sent = next(item for item in context if item.get("type") == "reasoning")
+        assert sent["encrypted_content"] == reasoning["encrypted_content"]
+        assert sent["id"] == reasoning["id"]
+    # (line 1 is the prompt's second line)
+    assert transcript.splitlines()[2:4] == [
+        "reasoning Weather first.",
+        f"function_call get_weather {call['call_id']}",
+    ]

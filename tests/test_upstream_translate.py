@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from warmsocket._core import MAX_UPSTREAM_EVENT_BYTES
 from warmsocket.backends.base import (
     ModelEvent,
+    ReasoningItem,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
@@ -329,6 +330,48 @@ def test_arguments_before_the_name_wait_for_it_and_a_missing_id_is_generated() -
     assert isinstance(events[0], ToolCallStart) and events[0].name == "f"
     assert events[0].call_id.startswith("call_")
     assert merged(events[1:]) == [ToolArgumentsDelta('{"a":1}')]
+
+
+def reasoning_text(event: ModelEvent) -> str:
+    assert isinstance(event, ReasoningItem), event
+    item = json.loads(event.item)
+    assert item["type"] == "reasoning" and item["summary"] == []
+    (part,) = item["content"]
+    assert part["type"] == "reasoning_text"
+    return str(part["text"])
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_reasoning_deltas_become_one_item_before_what_follows(field: str) -> None:
+    # DeepSeek and vLLM's reasoning parsers stream `reasoning_content` (newer vLLM and
+    # OpenRouter: `reasoning`) before the answer: one reasoning item, then the answer.
+    data = _sse(
+        _delta({"role": "assistant", "content": ""}),
+        _delta({field: "Think "}),
+        _delta({field: "hard.", "content": None}),
+        _delta({"content": "Hi"}),
+        _delta({field: "More?"}),
+        _delta({"tool_calls": [{"index": 0, "id": "a", "function": {"name": "f"}}]}),
+        _delta({field: "Done."}),
+        _delta({}, "stop"),
+    )
+    for step in (None, 7):
+        events = decode(ChatChunkDecoder(), data, step=step)
+        assert reasoning_text(events[0]) == "Think hard."
+        assert events[1] == TextDelta("Hi")
+        assert reasoning_text(events[2]) == "More?"
+        assert events[3] == ToolCallStart("a", "f")
+        assert reasoning_text(events[4]) == "Done."  # reasoning at the end comes at finish
+        assert len(events) == 5
+    # Only text counts as the next item's start: the recorder's messages stay split
+    # where the reasoning was, as the encoder splits them.
+    recorder = OutputRecorder()
+    for event in [TextDelta("a"), *decode(ChatChunkDecoder(), data)[:2]]:
+        recorder.add(event)
+    assert [i["content"] for i in recorder.finish()] == [
+        [{"type": "output_text", "text": "a"}],
+        [{"type": "output_text", "text": "Hi"}],
+    ]
 
 
 def test_interleaved_calls_are_refused() -> None:

@@ -22,7 +22,7 @@ from tests.support import (
     output_text,
     running_server,
 )
-from warmsocket import _core
+from warmsocket import _core, mockmodel
 from warmsocket.backends.base import StreamItem, TextDelta, TurnContext
 from warmsocket.engine import Limits
 
@@ -134,6 +134,45 @@ def test_warmup_returns_a_chainable_id(server: RunningServer) -> None:
         rid = warm[-1]["response"]["id"]
         reply = ws.turn(previous_response_id=rid, input="/transcript", instructions="sys")
     assert output_text(reply).splitlines() == ["instructions: sys", "user: /transcript"]
+
+
+def test_a_reasoning_item_comes_first_in_openai_order(server: RunningServer) -> None:
+    # `/think` makes the built-in model answer as a reasoning model does; every event
+    # is checked against the SDK's types by WSClient.
+    with WSClient(server.ws_url) as ws:
+        events = ws.turn(input="/think Keep it short.\nhello")
+        rid = events[-1]["response"]["id"]
+        after = ws.turn(input="/transcript", previous_response_id=rid)
+    check_sequence(events)
+    assert [e["type"] for e in events[:8]] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.reasoning_summary_part.added",
+        "response.reasoning_summary_text.delta",
+        "response.reasoning_summary_text.done",
+        "response.reasoning_summary_part.done",
+        "response.output_item.done",
+    ]
+    words = len(mockmodel.text_deltas("You said: /think Keep it short.\nhello"))
+    assert [e["type"] for e in events[8:]] == [
+        *TEXT_SEQUENCE[2:4],
+        *["response.output_text.delta"] * words,
+        *TEXT_SEQUENCE[-4:],
+    ]
+    reasoning, message = events[-1]["response"]["output"]
+    assert reasoning == events[7]["item"]
+    assert reasoning["summary"] == [{"type": "summary_text", "text": "Keep it short."}]
+    assert reasoning["id"].startswith("rs_") and events[4]["item_id"] == reasoning["id"]
+    assert all(e["output_index"] == 0 for e in events[2:8])
+    assert all(e["output_index"] == 1 for e in events[8:-1])
+    assert message["content"][0]["text"] == "You said: /think Keep it short.\nhello"
+    # Kept in the chain, in its place.
+    assert output_text(after).splitlines()[1:4] == [
+        "hello",
+        "reasoning Keep it short.",
+        "assistant: You said: /think Keep it short.",
+    ]
 
 
 def test_store_false_is_connection_local(server: RunningServer) -> None:

@@ -43,6 +43,7 @@ from warmsocket._core import (
 from warmsocket.backends.base import (
     Backend,
     ModelEvent,
+    ReasoningItem,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
@@ -528,6 +529,14 @@ class Turn:
         if isinstance(event, ToolCallStart):
             self.output_chars += len(event.name)
             return self.stream.tool_call_start(event.call_id, event.name)
+        if isinstance(event, ReasoningItem):
+            try:
+                return self.stream.reasoning_item(event.item)
+            except ValueError:
+                # Not a reasoning item the API could show: left out (logged without
+                # its content), as before reasoning items were passed on.
+                log.warning("a malformed reasoning item was left out")
+                return b""
         if isinstance(event, UsageReport):
             self.usage_report = event
             return b""
@@ -545,7 +554,7 @@ class Turn:
 
     def starts_new_item(self, event: ModelEvent) -> bool:
         """Whether this event would close the open item and start another (steer point)."""
-        if isinstance(event, ToolCallStart):
+        if isinstance(event, ToolCallStart | ReasoningItem):
             return True
         if isinstance(event, TextDelta):
             return self.stream.open_kind != "message"

@@ -14,7 +14,8 @@ state handling is right. Read from the newest user message:
   after that user message, then replies ``done after N calls``
 * ``/transcript``: one line per item of the full context, in order:
   ``instructions: <text>`` when set, ``<role>: <text>`` for messages,
-  ``function_call <name> <call_id>``, ``function_call_output <call_id> <output>``
+  ``function_call <name> <call_id>``, ``function_call_output <call_id> <output>``,
+  ``reasoning <summary>``; other items by their type
 * ``/fail``: the response fails with ``server_error``
 * ``/sleep MS``: waits MS milliseconds before answering (combines with the others)
 * ``/reply TEXT``: the answer is TEXT, the rest of the line as written, instead of
@@ -22,6 +23,8 @@ state handling is right. Read from the newest user message:
   ``/call`` and ``/repeat``: the calls come first). With a JSON TEXT, an agent that
   asks for structured output (``text.format``) gets it: ``/reply {"city": "Lima"}``.
   An empty TEXT is ignored.
+* ``/think TEXT``: the response starts with a reasoning item whose summary is TEXT
+  (combines with the others), as a reasoning model's does
 
 The simulated upstream (`warmsocket simulate-upstream`) answers with the same rules.
 """
@@ -31,7 +34,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 _WORD_RE = re.compile(r"\s*\S+")
@@ -54,6 +57,8 @@ class Reply:
     text: str = ""
     calls: tuple[Call, ...] = ()
     sleep_ms: int = 0
+    reasoning: str | None = None
+    """With ``/think``: the response starts with a reasoning item with this summary."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +89,7 @@ def plan_reply(
 
     sleep_ms = 0
     reply: str | None = None
+    reasoning: str | None = None
     directive: _Directive | None = None
     for line in text.splitlines():
         words = line.strip().split(maxsplit=1)
@@ -94,6 +100,8 @@ def plan_reply(
             sleep_ms = _parse_sleep(rest)
         elif command == "/reply":
             reply = rest
+        elif command == "/think":
+            reasoning = rest
         elif directive is None:
             directive = _parse_directive(command, rest)
         elif directive.kind == "call" and command == "/call":
@@ -101,12 +109,37 @@ def plan_reply(
             if more is not None:
                 directive = _Directive("call", directive.calls + more.calls)
 
+    decided = _decide(
+        directive,
+        text=text,
+        after=after,
+        reply=reply,
+        function_names=function_names,
+        instructions=instructions,
+        full_context=full_context,
+    )
+    if sleep_ms or reasoning:
+        return replace(decided, sleep_ms=sleep_ms, reasoning=reasoning or None)
+    return decided
+
+
+def _decide(
+    directive: _Directive | None,
+    *,
+    text: str,
+    after: Sequence[dict[str, Any]],
+    reply: str | None,
+    function_names: Iterable[str],
+    instructions: str | None,
+    full_context: Callable[[], Sequence[dict[str, Any]]],
+) -> Reply:
+    """The reply a directive asks for, before the modifiers (`/sleep`, `/think`)."""
     if directive is None:
-        return Reply("text", reply or f"You said: {text}", sleep_ms=sleep_ms)
+        return Reply("text", reply or f"You said: {text}")
     if directive.kind == "fail":
-        return Reply("fail", sleep_ms=sleep_ms)
+        return Reply("fail")
     if directive.kind == "transcript":
-        return Reply("text", transcript(full_context(), instructions), sleep_ms=sleep_ms)
+        return Reply("text", transcript(full_context(), instructions))
 
     names = set(function_names)
     for wanted in directive.calls:
@@ -114,27 +147,22 @@ def plan_reply(
             return Reply(
                 "text",
                 f"Cannot call {wanted.name}: it is not one of this request's function tools.",
-                sleep_ms=sleep_ms,
             )
         try:
             json.loads(wanted.arguments)
         except ValueError:
-            return Reply(
-                "text",
-                f"Cannot call {wanted.name}: the arguments are not valid JSON.",
-                sleep_ms=sleep_ms,
-            )
+            return Reply("text", f"Cannot call {wanted.name}: the arguments are not valid JSON.")
     if directive.kind == "repeat":
         if len(_outputs_for(after, {directive.calls[0].name})) >= directive.times:
-            text = reply or f"done after {directive.times} calls"
-            return Reply("text", text, sleep_ms=sleep_ms)
-        return Reply("call", calls=directive.calls, sleep_ms=sleep_ms)
+            return Reply("text", reply or f"done after {directive.times} calls")
+        return Reply("call", calls=directive.calls)
     answered = _answered_calls(after, {wanted.name for wanted in directive.calls})
     if len(answered) < len(directive.calls):
-        return Reply("call", calls=directive.calls, sleep_ms=sleep_ms)
+        return Reply("call", calls=directive.calls)
     newest = answered[-len(directive.calls) :]
-    text = reply or "; ".join(f"{name} returned: {output}" for name, output in newest)
-    return Reply("text", text, sleep_ms=sleep_ms)
+    return Reply(
+        "text", reply or "; ".join(f"{name} returned: {output}" for name, output in newest)
+    )
 
 
 def transcript(items: Sequence[dict[str, Any]], instructions: str | None) -> str:
@@ -147,9 +175,25 @@ def transcript(items: Sequence[dict[str, Any]], instructions: str | None) -> str
             lines.append(f"function_call {item.get('name')} {item.get('call_id')}")
         elif kind == "function_call_output":
             lines.append(f"function_call_output {item.get('call_id')} {output_text(item)}")
+        elif kind == "reasoning":
+            summary = item.get("summary")
+            parts = summary if isinstance(summary, list) else []
+            text = " ".join(p.get("text", "") for p in parts if isinstance(p, dict))
+            lines.append(f"reasoning {text}".rstrip())
         else:
             lines.append(str(kind))
     return "\n".join(lines)
+
+
+def reasoning_item(summary: str, encrypted_content: str | None = None) -> bytes:
+    """The reasoning item of ``/think SUMMARY`` as JSON (no id: the encoder gives one)."""
+    item: dict[str, Any] = {
+        "type": "reasoning",
+        "summary": [{"type": "summary_text", "text": summary}],
+    }
+    if encrypted_content is not None:
+        item["encrypted_content"] = encrypted_content
+    return json.dumps(item).encode()
 
 
 def message_text(item: dict[str, Any]) -> str:

@@ -177,6 +177,55 @@ class ResponseStream:
             )
         ]
 
+    def reasoning_item(self, summary: str, encrypted_content: str | None = None) -> list[bytes]:
+        """A whole reasoning item with one summary part, in the order OpenAI streams
+        it (`_core.ResponseEncoder.reasoning_item` for any item)."""
+        frames = self.close_item()
+        item_id = ids.new_id("rs")
+        index = len(self.output)
+        locator = b'"item_id":' + dumps(item_id) + b',"output_index":' + str(index).encode()
+        at = locator + b',"summary_index":0,'
+        part = {"type": "summary_text", "text": summary}
+        body: dict[str, Any] = {"id": item_id, "type": "reasoning", "summary": [part]}
+        if encrypted_content is not None:
+            body["encrypted_content"] = encrypted_content
+        frames.append(
+            self._item_event(
+                "response.output_item.added",
+                index,
+                {"id": item_id, "type": "reasoning", "summary": []},
+            )
+        )
+        frames.append(
+            self._event(
+                b'"type":"response.reasoning_summary_part.added",'
+                + at
+                + b'"part":{"type":"summary_text","text":""}'
+            )
+        )
+        if summary:
+            frames.append(
+                self._event(
+                    b'"type":"response.reasoning_summary_text.delta",'
+                    + at
+                    + b'"delta":'
+                    + dumps(summary)
+                )
+            )
+        frames.append(
+            self._event(
+                b'"type":"response.reasoning_summary_text.done",' + at + b'"text":' + dumps(summary)
+            )
+        )
+        frames.append(
+            self._event(
+                b'"type":"response.reasoning_summary_part.done",' + at + b'"part":' + dumps(part)
+            )
+        )
+        self.output.append(body)
+        frames.append(self._item_event("response.output_item.done", index, body))
+        return frames
+
     def close_item(self) -> list[bytes]:
         """Finish the open item, if any (its `.done` events)."""
         item = self._open

@@ -1,8 +1,9 @@
-"""Model backends: the built-in mock model and (later) upstream adapters."""
+"""Model backends: the built-in mock model and the upstream adapters."""
 
 from warmsocket.backends.base import (
     Backend,
     ModelEvent,
+    ReasoningItem,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
@@ -14,6 +15,7 @@ from warmsocket.backends.base import (
 __all__ = [
     "Backend",
     "ModelEvent",
+    "ReasoningItem",
     "TextDelta",
     "ToolArgumentsDelta",
     "ToolCallStart",

@@ -39,6 +39,16 @@ class ToolArgumentsDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class ReasoningItem:
+    """A whole reasoning item (JSON object of type `reasoning`: `summary`, optional
+    `content` and `encrypted_content`, and the upstream's `id`); closes the open item.
+    It is shown to the client and kept in the chain, so it goes back to the upstream
+    with the context, as reasoning models need."""
+
+    item: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class UsageReport:
     """The backend's own token accounting; any field left None is computed by the server."""
 
@@ -61,7 +71,9 @@ class TurnFailed:
         self.error.__traceback__ = None
 
 
-ModelEvent = TextDelta | ToolCallStart | ToolArgumentsDelta | UsageReport | TurnFailed
+ModelEvent = (
+    TextDelta | ToolCallStart | ToolArgumentsDelta | ReasoningItem | UsageReport | TurnFailed
+)
 
 StreamItem = ModelEvent | list[ModelEvent]
 """What a backend's stream yields: one event, or a list of events that are ready

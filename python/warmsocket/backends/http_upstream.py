@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 from warmsocket import __version__
 from warmsocket.backends.base import (
     ModelEvent,
+    ReasoningItem,
     StreamItem,
     TextDelta,
     ToolArgumentsDelta,
@@ -53,7 +54,8 @@ class OutputRecorder:
     """The output items a turn's events make, shaped as the engine stores them.
 
     A run of text deltas is one message; each tool call is one function_call item.
-    Only the fields a translation reads are kept.
+    Only the fields a translation reads are kept: a reasoning item (which has no chat
+    form) only ends a run of text.
     """
 
     __slots__ = ("_parts", "items")
@@ -78,6 +80,8 @@ class OutputRecorder:
                     "arguments": "",
                 }
             )
+        elif isinstance(event, ReasoningItem):
+            self._close_text()
         elif (
             isinstance(event, ToolArgumentsDelta)
             and self._parts is None

@@ -10,6 +10,7 @@ from typing import Any
 from warmsocket import errors, ids, mockmodel, small_json
 from warmsocket.backends.base import (
     ModelEvent,
+    ReasoningItem,
     StreamItem,
     TextDelta,
     ToolArgumentsDelta,
@@ -80,15 +81,18 @@ class MockBackend:
 
     @staticmethod
     def _events(reply: mockmodel.Reply) -> list[ModelEvent]:
+        events: list[ModelEvent] = []
+        if reply.reasoning is not None:
+            events.append(ReasoningItem(mockmodel.reasoning_item(reply.reasoning)))
         if reply.kind == "fail":
-            return [TurnFailed(errors.model_failed())]
-        if reply.kind == "call":
-            events: list[ModelEvent] = []
+            events.append(TurnFailed(errors.model_failed()))
+        elif reply.kind == "call":
             for call in reply.calls:
                 events.append(ToolCallStart(ids.call_id(), call.name))
                 events += map(ToolArgumentsDelta, mockmodel.argument_deltas(call.arguments))
-            return events
-        return list(map(TextDelta, mockmodel.text_deltas(reply.text)))
+        else:
+            events += map(TextDelta, mockmodel.text_deltas(reply.text))
+        return events
 
     async def _pace(self) -> None:
         if self.delta_interval:

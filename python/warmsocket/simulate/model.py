@@ -15,6 +15,9 @@ of any prompt always form a prefix (found by binary search), as in vLLM.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -255,6 +258,31 @@ def function_names(tools: Any) -> list[str]:
         if isinstance(name, str):
             names.append(name)
     return names
+
+
+_SEAL_KEY = b"warmsocket-simulated-upstream"
+
+
+def seal_reasoning(summary: str) -> str:
+    """The `encrypted_content` of a reasoning item with this summary: opaque to
+    clients, checked when it comes back (`unsealed_reasoning`), as OpenAI's is."""
+    tag = hmac.new(_SEAL_KEY, summary.encode(), hashlib.sha256).hexdigest()[:32]
+    return "wsim1." + base64.urlsafe_b64encode(summary.encode()).decode() + "." + tag
+
+
+def unsealed_reasoning(items: Sequence[dict[str, Any]]) -> str | None:
+    """The id (or position) of the first reasoning item whose `encrypted_content` is
+    not one this upstream sealed for that item's summary; None when all are."""
+    for index, item in enumerate(items):
+        if item.get("type") != "reasoning" or item.get("encrypted_content") is None:
+            continue
+        summary = item.get("summary")
+        parts = summary if isinstance(summary, list) else []
+        text = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+        sealed = item["encrypted_content"]
+        if not isinstance(sealed, str) or not hmac.compare_digest(sealed, seal_reasoning(text)):
+            return str(item.get("id") or f"input[{index}]")
+    return None
 
 
 def plan(

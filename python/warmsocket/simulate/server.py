@@ -64,6 +64,8 @@ from warmsocket.simulate.model import (
     items_from_input,
     parse_request,
     plan,
+    seal_reasoning,
+    unsealed_reasoning,
 )
 
 log = logging.getLogger("warmsocket.simulate")
@@ -420,6 +422,14 @@ class _Connection(asyncio.Protocol):
         items: list[dict[str, Any]],
         encoded: list[bytes] | None = None,
     ) -> _Answer:
+        unsealed = unsealed_reasoning(items)
+        if unsealed is not None:
+            record.status = 400
+            raise APIError(
+                "invalid_encrypted_content",
+                f"The encrypted content of reasoning item {unsealed[:64]!r} could not be verified.",
+                param="input",
+            )
         if encoded is None:
             encoded = canonical_items(items)
         tool_list = tools if isinstance(tools, list) else []
@@ -433,6 +443,7 @@ class _Connection(asyncio.Protocol):
             output = "".join(call.name + call.arguments for call in reply.calls)
         else:
             output = reply.text
+        output = (reply.reasoning or "") + output
         record.output_tokens = output_tokens = count_tokens(output)
         if self.server.config.record_bodies > 0:
             record.context_sha256 = context_digest(items)
@@ -475,17 +486,19 @@ class _Connection(asyncio.Protocol):
         return fault
 
     def _deltas(self, answer: _Answer) -> list[tuple[str, str]]:
-        """('text' | 'call' | 'args', piece) in order; a 'call' piece is a name."""
+        """('reasoning' | 'text' | 'call' | 'args', piece) in order; a 'call' piece is a
+        name; the reasoning (``/think``), first, comes a word at a time."""
         reply = answer.reply
+        pieces: list[tuple[str, str]] = []
+        if reply.reasoning is not None:
+            pieces += [("reasoning", p) for p in mockmodel.text_deltas(reply.reasoning)]
         if reply.kind == "call":
-            pieces = []
             for call in reply.calls:
                 pieces.append(("call", call.name))
                 pieces += [("args", p) for p in mockmodel.argument_deltas(call.arguments)]
-            return pieces
-        if reply.kind == "text":
-            return [("text", p) for p in mockmodel.text_deltas(reply.text)]
-        return []
+        elif reply.kind == "text":
+            pieces += [("text", p) for p in mockmodel.text_deltas(reply.text)]
+        return pieces
 
     def _mark_first_token(self) -> None:
         if self.record is not None and self.record.first_token is None:
@@ -564,7 +577,9 @@ class _Connection(asyncio.Protocol):
         index = -1  # of the tool call being streamed
         for kind, piece in self._deltas(answer):
             texts.append(piece)
-            if kind == "text":
+            if kind == "reasoning":  # as DeepSeek and vLLM's reasoning parsers send it
+                chunks.append(choice({"reasoning_content": piece}))
+            elif kind == "text":
                 chunks.append(choice({"content": piece}))
             elif kind == "call":
                 index += 1
@@ -685,8 +700,14 @@ class _Connection(asyncio.Protocol):
         frames = response.start()
         texts = ["", ""]
         calls = iter(answer.call_ids)
+        reasoning = answer.reply.reasoning
         for kind, piece in self._deltas(answer):
-            if kind == "text":
+            if kind == "reasoning":
+                if reasoning is None:
+                    continue  # sent whole, with its first word
+                new = response.reasoning_item(reasoning, seal_reasoning(reasoning))
+                piece, reasoning = reasoning, None
+            elif kind == "text":
                 new = response.text_delta(piece)
             elif kind == "call":
                 new = response.tool_call_start(next(calls), piece)
