@@ -82,6 +82,48 @@ def test_a_chain_published_by_one_process_loads_in_another(redis_url: str) -> No
     run(main())
 
 
+class CrowdedCache:
+    """A cache whose every `create` first makes another chain's response, as other
+    connections' turns do while a load inserts in its worker thread: the budget
+    evicts the least recently used unpinned leaves to make room."""
+
+    def __init__(self, cache: SessionCache) -> None:
+        self._cache = cache
+        self._others = 0
+
+    def create(self, rid: str, **kw: Any) -> Any:
+        self._others += 1
+        turn(self._cache, f"other{self._others}", None, "x" * 20_000)
+        return self._cache.create(rid, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)
+
+
+def test_a_chain_being_loaded_is_not_evicted_under_it(redis_url: str) -> None:
+    # Each loaded response is pinned until the next one is made on it: without that,
+    # the budget evicted the newest loaded leaf between two creates and the load
+    # answered not found.
+    async def main() -> None:
+        a = SessionCache()
+        b = SessionCache(memory_budget=48_000)
+        store = SharedStore.from_url(redis_url, prefix="t13")
+        await store.start()
+        parent = None
+        for i in range(8):
+            turn(a, f"r{i}", parent, f"t{i}" * 300)
+            share(store, a, f"r{i}")
+            parent = f"r{i}"
+        await store.flush()
+        crowded: Any = CrowdedCache(b)
+        assert await store.load(crowded, "r7", owner="o")
+        assert b.context("r7", owner="o") == a.context("r7", owner="o")
+        assert b.stats().evictions > 0  # the other chains made the budget evict
+        await store.aclose()
+
+    run(main())
+
+
 def test_loading_stops_at_a_locally_cached_ancestor(redis_url: str) -> None:
     async def main() -> None:
         a, b = SessionCache(), SessionCache()

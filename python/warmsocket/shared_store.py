@@ -464,34 +464,47 @@ class SharedStore:
     ) -> bool:
         """Create the loaded chain oldest first (in a worker thread: a task that looks
         meanwhile may see part of it, and then loads the rest itself; a duplicate is
-        skipped)."""
-        for record in reversed(records):
-            data = record.data
-            parent: str | Binding | None = record.parent
-            input: bytes | list[Any] | Items = data["input"]
-            binding: Binding | None = None
-            if data.get("prefix") is not None and record.parent is not None:
-                binding, input = _rematch(
-                    cache, record.parent, data["prefix"], data["input"], owner
-                )
-                parent = binding
-            try:
-                cache.create(
-                    record.response_id,
-                    owner=owner,
-                    input=input,
-                    output=data["output"],
-                    previous_response_id=parent,
-                    settings=settings[data["settings"]],
-                    meta=data["meta"],
-                    store=True,
-                )
-            except _core.DuplicateResponseId:
-                continue  # loaded meanwhile by another request
-            finally:
-                if binding is not None:
-                    binding.release()
-            self.loaded += 1
+        skipped). Each response made is pinned (bound) until the next one is made on
+        it: other connections' turns meanwhile make the budget evict least recently
+        used leaves, and the newest loaded response is one until its child exists."""
+        newest: Binding | None = None
+        try:
+            for record in reversed(records):
+                data = record.data
+                parent: str | Binding | None = record.parent
+                if newest is not None and newest.response_id == record.parent:
+                    parent = newest
+                input: bytes | list[Any] | Items = data["input"]
+                binding: Binding | None = None
+                if data.get("prefix") is not None and record.parent is not None:
+                    binding, input = _rematch(
+                        cache, record.parent, data["prefix"], data["input"], owner
+                    )
+                    parent = binding
+                try:
+                    cache.create(
+                        record.response_id,
+                        owner=owner,
+                        input=input,
+                        output=data["output"],
+                        previous_response_id=parent,
+                        settings=settings[data["settings"]],
+                        meta=data["meta"],
+                        store=True,
+                    )
+                    self.loaded += 1
+                except _core.DuplicateResponseId:
+                    pass  # loaded meanwhile by another request
+                finally:
+                    if binding is not None:
+                        binding.release()
+                pinned = cache.bind(record.response_id, owner=owner)
+                if newest is not None:
+                    newest.release()
+                newest = pinned
+        finally:
+            if newest is not None:
+                newest.release()
         for record in records:
             # Deleted, or deleted since it was read (the announcement came during the
             # load and found nothing here to drop): loaded only as an ancestor, its
