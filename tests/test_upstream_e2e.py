@@ -33,6 +33,7 @@ from tests.upstream_support import (
 )
 from warmsocket import mockmodel
 from warmsocket.metrics import Metrics
+from warmsocket.prefixhash import count_tokens
 from warmsocket.simulate.model import items_from_chat, items_from_input
 
 APIS = ["chat", "responses", "responses-ws"]
@@ -422,6 +423,9 @@ def test_reasoning_reaches_the_client_and_goes_back_upstream(
         ]
         transcript = output_text(client.turn(input=replay, tools=FUNCTION_TOOLS))
     assert reasoning["type"] == "reasoning" and call["type"] == "function_call"
+    # The upstream's count of reasoning tokens is the client's.
+    details = first["usage"]["output_tokens_details"]
+    assert details["reasoning_tokens"] == count_tokens("Weather first.") > 0
     assert [o["type"] for o in answer[-1]["response"]["output"]] == ["reasoning", "message"]
     records = sim.stats(bodies=True)["requests"]
     assert [r["status"] for r in records] == [200, 200, 200]

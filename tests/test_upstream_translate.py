@@ -246,7 +246,7 @@ OPENAI_PARALLEL = [
     ToolArgumentsDelta('{"location": "Paris, France"}'),
     ToolCallStart("call_ABCDEFGHIJKLMNOPQRSTUVWX", "get_weather"),
     ToolArgumentsDelta('{"location": "Bogotá, Colombia"}'),
-    UsageReport(input_tokens=1117, cached_tokens=1024, output_tokens=52),
+    UsageReport(input_tokens=1117, cached_tokens=1024, output_tokens=52, reasoning_tokens=0),
 ]
 VLLM_PARALLEL = [
     TextDelta("Let me check both."),
@@ -537,7 +537,7 @@ def test_responses_stream_to_events(step: int | None) -> None:
         TextDelta("Hello"),
         ToolCallStart("call_9", "f"),
         ToolArgumentsDelta('{"a":1}'),  # the rest came only in the .done event
-        UsageReport(300, 256, 12),
+        UsageReport(300, 256, 12, 0),
     ]
     assert decoder.response_id == "resp_up"
 

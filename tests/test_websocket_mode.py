@@ -164,6 +164,9 @@ def test_a_reasoning_item_comes_first_in_openai_order(server: RunningServer) -> 
     assert reasoning == events[7]["item"]
     assert reasoning["summary"] == [{"type": "summary_text", "text": "Keep it short."}]
     assert reasoning["id"].startswith("rs_") and events[4]["item_id"] == reasoning["id"]
+    # Its tokens are estimated, as the text's are, and are part of the output's.
+    usage = events[-1]["response"]["usage"]
+    assert 0 < usage["output_tokens_details"]["reasoning_tokens"] < usage["output_tokens"]
     assert all(e["output_index"] == 0 for e in events[2:8])
     assert all(e["output_index"] == 1 for e in events[8:-1])
     assert message["content"][0]["text"] == "You said: /think Keep it short.\nhello"

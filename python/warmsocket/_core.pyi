@@ -800,8 +800,9 @@ class Rejection:
         """A refused steer's input as canonical JSON when the input itself is valid
         (another field was wrong), for `response.steer.failed` to give back."""
 
-_Usage: TypeAlias = tuple[int, int, int]
-"""(input_tokens, cached_tokens, output_tokens)."""
+_Usage: TypeAlias = tuple[int, int, int] | tuple[int, int, int, int]
+"""(input_tokens, cached_tokens, output_tokens[, reasoning_tokens]): reasoning tokens
+are part of the output tokens (0 when not given)."""
 
 @final
 class ResponseEncoder:
@@ -897,14 +898,14 @@ _DecodedEvent: TypeAlias = (
     | tuple[Literal["args"], str]
     | tuple[Literal["call"], str, str]
     | tuple[Literal["reasoning"], bytes]
-    | tuple[Literal["usage"], int | None, int | None, int | None]
+    | tuple[Literal["usage"], int | None, int | None, int | None, int | None]
     | tuple[Literal["failed"], bytes | None]
     | tuple[Literal["error"], bytes, int | None]
     | tuple[Literal["protocol"]]
 )
 """What the model produced: `("text", delta)`, `("args", delta)`, `("call", call_id,
 name)`, `("reasoning", item_json)` (a finished reasoning item, whole),
-`("usage", input_tokens, cached_tokens, output_tokens)`; or, last, why the
+`("usage", input_tokens, cached_tokens, output_tokens, reasoning_tokens)`; or, last, why the
 stream stopped: `("failed", error_json)` (`response.failed`, its Response's `error`
 object), `("error", error_json, status)` (an `error` event: the nested object of the
 WebSocket shape or the flat SSE event), `("protocol",)` (a message that is not a

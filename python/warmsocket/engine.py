@@ -61,7 +61,7 @@ Framing = Literal["json", "websocket", "msgpack", "sse"]
 
 BYTES_PER_TOKEN_ESTIMATE = 4
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-Usage = tuple[int, int, int]
+Usage = tuple[int, int, int, int]
 """(input_tokens, cached_tokens, output_tokens)."""
 
 
@@ -402,6 +402,14 @@ class Engine:
         return target.request.successor(steer_items, target.response_id)
 
 
+def _reasoning_chars(item: bytes) -> int:
+    """Characters of a reasoning item's summary and text (its tokens, when a backend
+    reports none, are estimated from them)."""
+    parsed = json.loads(item)
+    parts = [*(parsed.get("summary") or ()), *(parsed.get("content") or ())]
+    return sum(len(part.get("text", "")) for part in parts)
+
+
 class Turn:
     """One response being produced."""
 
@@ -440,6 +448,7 @@ class Turn:
         self.finished = False
         self.usage_report: UsageReport | None = None
         self.output_chars = 0
+        self.reasoning_chars = 0
         # Steering queued on this response (spec §3.7).
         self.steers: list[tuple[str, Items]] = []
         self.interrupt_requested = False
@@ -531,12 +540,14 @@ class Turn:
             return self.stream.tool_call_start(event.call_id, event.name)
         if isinstance(event, ReasoningItem):
             try:
-                return self.stream.reasoning_item(event.item)
+                frames = self.stream.reasoning_item(event.item)
             except ValueError:
                 # Not a reasoning item the API could show: left out (logged without
                 # its content), as before reasoning items were passed on.
                 log.warning("a malformed reasoning item was left out")
                 return b""
+            self.reasoning_chars += _reasoning_chars(event.item)
+            return frames
         if isinstance(event, UsageReport):
             self.usage_report = event
             return b""
@@ -570,10 +581,14 @@ class Turn:
             input_tokens = engine.context_tokens(view)
             input_tokens += engine.instruction_tokens(self.request.instructions)
         cached = report.cached_tokens if report.cached_tokens is not None else self.cached_tokens
+        reasoning = report.reasoning_tokens
+        if reasoning is None:
+            reasoning = estimate_tokens(self.reasoning_chars) if self.reasoning_chars else 0
         output = report.output_tokens
         if output is None:
             output = estimate_tokens(self.output_chars) if self.output_chars else 0
-        return (input_tokens, min(cached, input_tokens), output)
+            output += reasoning
+        return (input_tokens, min(cached, input_tokens), output, min(reasoning, output))
 
     def complete(self) -> bytes:
         """`response.completed`; the response is stored. Raises APIError if storing fails
@@ -671,7 +686,7 @@ class Turn:
         seconds = time.perf_counter() - self.started
         self.engine.metrics.observe_turn(seconds, status)
         if log.isEnabledFor(logging.DEBUG):  # one line per turn: ids, counts, times only
-            input_tokens, cached_tokens, output_tokens = self.usage()
+            input_tokens, cached_tokens, output_tokens, _reasoning = self.usage()
             first = None if self.first_token is None else self.first_token - self.started
             log.debug(
                 "turn finished",

@@ -78,6 +78,8 @@ pub struct Usage {
     pub input_tokens: u64,
     pub cached_tokens: u64,
     pub output_tokens: u64,
+    /// Of `output_tokens`, those the model spent reasoning.
+    pub reasoning_tokens: u64,
 }
 
 /// What a new encoder needs to know about its response.
@@ -1102,7 +1104,7 @@ fn usage(s: &mut dyn Sink, usage: Option<Usage>) {
     s.key("output_tokens_details");
     s.begin(1);
     s.key("reasoning_tokens");
-    s.uint(0);
+    s.uint(u.reasoning_tokens.min(u.output_tokens));
     s.end();
     s.key("total_tokens");
     s.uint(u.input_tokens.saturating_add(u.output_tokens));
@@ -1321,6 +1323,7 @@ mod tests {
             input_tokens: 10,
             cached_tokens: 4,
             output_tokens: 3,
+            reasoning_tokens: 0,
         };
         all.extend_from_slice(e.complete(usage, 9));
         all
@@ -1388,7 +1391,13 @@ mod tests {
             "encrypted_content":"opaque=="}"#;
         out.extend_from_slice(e.reasoning_item(item).unwrap());
         out.extend_from_slice(e.reasoning_item(br#"{"type":"reasoning","summary":[],"content":[{"type":"reasoning_text","text":"Think"}]}"#).unwrap());
-        out.extend_from_slice(e.complete(Usage::default(), 9));
+        let usage = Usage {
+            input_tokens: 9,
+            cached_tokens: 0,
+            output_tokens: 5,
+            reasoning_tokens: 3,
+        };
+        out.extend_from_slice(e.complete(usage, 9));
         let events = lines(&out);
         let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
         assert_eq!(
@@ -1454,6 +1463,11 @@ mod tests {
         assert_eq!(events[18]["part"]["type"], "reasoning_text");
         assert_eq!(events[19]["delta"], "Think");
         let response = &events[23]["response"];
+        assert_eq!(
+            response["usage"]["output_tokens_details"]["reasoning_tokens"],
+            3
+        );
+        assert_eq!(response["usage"]["total_tokens"], 14);
         assert_eq!(response["output"][1], done);
         assert_eq!(response["output"][2]["content"][0]["text"], "Think");
         assert_eq!(response["output"][2]["id"], own["id"]);
@@ -1524,6 +1538,7 @@ mod tests {
             input_tokens: 10,
             cached_tokens: 4,
             output_tokens: 3,
+            reasoning_tokens: 0,
         };
         for incomplete in [None, Some("steered")] {
             let mut e = encoder(Framing::Json, None);
@@ -1637,6 +1652,7 @@ mod tests {
                 input_tokens: 1,
                 cached_tokens: 0,
                 output_tokens: 1,
+                reasoning_tokens: 0,
             },
             3,
         ));

@@ -37,6 +37,8 @@ pub enum Event {
         input: Option<i64>,
         cached: Option<i64>,
         output: Option<i64>,
+        /// `output_tokens_details.reasoning_tokens`.
+        reasoning: Option<i64>,
     },
 }
 
@@ -95,6 +97,14 @@ struct TerminalUsage {
     output_tokens: Option<i64>,
     #[serde(default)]
     input_tokens_details: Option<TerminalTokenDetails>,
+    #[serde(default)]
+    output_tokens_details: Option<TerminalOutputDetails>,
+}
+
+#[derive(serde::Deserialize)]
+struct TerminalOutputDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<i64>,
 }
 
 #[derive(serde::Deserialize)]
@@ -182,6 +192,7 @@ impl ResponsesDecoder {
                 input: usage.input_tokens,
                 cached: usage.input_tokens_details.and_then(|d| d.cached_tokens),
                 output: usage.output_tokens,
+                reasoning: usage.output_tokens_details.and_then(|d| d.reasoning_tokens),
             });
         }
         true
@@ -324,10 +335,15 @@ impl ResponsesDecoder {
                     .get("input_tokens_details")
                     .and_then(|d| d.get("cached_tokens"))
                     .and_then(int);
+                let reasoning = usage
+                    .get("output_tokens_details")
+                    .and_then(|d| d.get("reasoning_tokens"))
+                    .and_then(int);
                 out.push(Event::Usage {
                     input: usage.get("input_tokens").and_then(int),
                     cached,
                     output: usage.get("output_tokens").and_then(int),
+                    reasoning,
                 });
             }
             _ => {}
@@ -581,6 +597,7 @@ mod tests {
                 input: Some(300),
                 cached: Some(256),
                 output: Some(12),
+                reasoning: None,
             },
         ];
         let body = stream();
@@ -721,9 +738,10 @@ mod tests {
             "x".repeat(500)
         );
         let cases = [
-            format!(r#"{{"type":"response.completed","sequence_number":9,"response":{{"id":"r1",{big},"output":[{{"type":"message"}}],"usage":{{"input_tokens":5,"input_tokens_details":{{"cached_tokens":3}},"output_tokens":2,"total_tokens":7}}}}}}"#),
+            format!(r#"{{"type":"response.completed","sequence_number":9,"response":{{"id":"r1",{big},"output":[{{"type":"message"}}],"usage":{{"input_tokens":5,"input_tokens_details":{{"cached_tokens":3}},"output_tokens":2,"output_tokens_details":{{"reasoning_tokens":1}},"total_tokens":7}}}}}}"#),
             r#"{"type":"response.incomplete","response":{"id":"r\u0031","usage":{"input_tokens":5}}}"#.to_owned(),
             r#"{"type":"response.completed","response":{"id":"r","usage":null}}"#.to_owned(),
+            r#"{"type":"response.completed","response":{"id":"r","usage":{"output_tokens":4,"output_tokens_details":null}}}"#.to_owned(),
             r#"{"type":"response.completed","response":null}"#.to_owned(),
             r#"{"type":"response.completed"}"#.to_owned(),
             // Shapes the fast path declines: the full reading decides.
@@ -745,7 +763,8 @@ mod tests {
                 Ok(vec![Event::Usage {
                     input: Some(5),
                     cached: Some(3),
-                    output: Some(2)
+                    output: Some(2),
+                    reasoning: Some(1),
                 }]),
                 true,
                 Some("r1".to_owned())

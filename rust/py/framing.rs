@@ -282,11 +282,23 @@ fn replace_surrogates(s: &Bound<'_, PyString>) -> String {
     replaced.unwrap_or_else(|_| s.to_string_lossy().into_owned())
 }
 
-fn usage((input_tokens, cached_tokens, output_tokens): (u64, u64, u64)) -> Usage {
+/// `(input_tokens, cached_tokens, output_tokens[, reasoning_tokens])`.
+#[derive(FromPyObject)]
+enum UsageArg {
+    WithReasoning((u64, u64, u64, u64)),
+    Plain((u64, u64, u64)),
+}
+
+fn usage(usage: UsageArg) -> Usage {
+    let (input_tokens, cached_tokens, output_tokens, reasoning_tokens) = match usage {
+        UsageArg::WithReasoning(four) => four,
+        UsageArg::Plain((input, cached, output)) => (input, cached, output, 0),
+    };
     Usage {
         input_tokens,
         cached_tokens,
         output_tokens,
+        reasoning_tokens,
     }
 }
 
@@ -374,7 +386,7 @@ impl PyResponseEncoder {
     fn complete<'py>(
         &mut self,
         py: Python<'py>,
-        usage: (u64, u64, u64),
+        usage: UsageArg,
         completed_at: i64,
     ) -> Bound<'py, PyBytes> {
         PyBytes::new(py, self.inner.complete(self::usage(usage), completed_at))
@@ -385,7 +397,7 @@ impl PyResponseEncoder {
         &mut self,
         py: Python<'py>,
         error: &[u8],
-        usage: Option<(u64, u64, u64)>,
+        usage: Option<UsageArg>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let usage = usage.map(self::usage);
         Ok(PyBytes::new(py, self.inner.fail(error, usage)?))
@@ -396,7 +408,7 @@ impl PyResponseEncoder {
         &mut self,
         py: Python<'py>,
         reason: &str,
-        usage: (u64, u64, u64),
+        usage: UsageArg,
         completed_at: i64,
     ) -> Bound<'py, PyBytes> {
         PyBytes::new(
@@ -461,7 +473,7 @@ impl PyResponseEncoder {
     fn terminal_meta<'py>(
         &self,
         py: Python<'py>,
-        usage: (u64, u64, u64),
+        usage: UsageArg,
         completed_at: i64,
         incomplete: Option<&str>,
         instructions: Option<&str>,

@@ -82,7 +82,8 @@ fn events_list<'py>(
                 input,
                 cached,
                 output,
-            } => ("usage", input, cached, output).into_pyobject(py)?,
+                reasoning,
+            } => ("usage", input, cached, output, reasoning).into_pyobject(py)?,
         };
         list.append(tuple)?;
     }

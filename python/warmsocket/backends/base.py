@@ -55,6 +55,8 @@ class UsageReport:
     input_tokens: int | None = None
     cached_tokens: int | None = None
     output_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    """Of the output tokens, those spent reasoning."""
 
 
 @dataclass(frozen=True, slots=True)

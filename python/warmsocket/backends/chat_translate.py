@@ -261,11 +261,14 @@ class ChatChunkDecoder:
         if usage:
             details = usage.get("prompt_tokens_details")
             cached = details.get("cached_tokens") if isinstance(details, dict) else None
+            output = usage.get("completion_tokens_details")
+            reasoning = output.get("reasoning_tokens") if isinstance(output, dict) else None
             events.append(
                 UsageReport(
                     input_tokens=_int(usage.get("prompt_tokens")),
                     cached_tokens=_int(cached),
                     output_tokens=_int(usage.get("completion_tokens")),
+                    reasoning_tokens=_int(reasoning),
                 )
             )
         return events

@@ -78,7 +78,7 @@ def model_events(decoded: list[tuple[Any, ...]]) -> list[ModelEvent]:
         elif kind == "reasoning":
             out.append(ReasoningItem(event[1]))
         elif kind == "usage":
-            out.append(UsageReport(event[1], event[2], event[3]))
+            out.append(UsageReport(event[1], event[2], event[3], event[4]))
         else:
             raise _stopped(event)
     return out

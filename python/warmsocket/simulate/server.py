@@ -262,6 +262,8 @@ class _Answer:
     call_ids: list[str]
     """One per function call of the reply, in order."""
     output_tokens: int
+    reasoning_tokens: int = 0
+    """Of `output_tokens`, the reasoning's (``/think``)."""
 
 
 class _Connection(asyncio.Protocol):
@@ -443,8 +445,8 @@ class _Connection(asyncio.Protocol):
             output = "".join(call.name + call.arguments for call in reply.calls)
         else:
             output = reply.text
-        output = (reply.reasoning or "") + output
-        record.output_tokens = output_tokens = count_tokens(output)
+        reasoning_tokens = count_tokens(reply.reasoning) if reply.reasoning else 0
+        record.output_tokens = output_tokens = count_tokens(output) + reasoning_tokens
         if self.server.config.record_bodies > 0:
             record.context_sha256 = context_digest(items)
         latency = self.server.config.latency
@@ -458,7 +460,7 @@ class _Connection(asyncio.Protocol):
             digest.update(item)
         call_id = "call_" + digest.hexdigest()[:24]
         call_ids = [call_id if n == 0 else f"{call_id}_{n}" for n in range(len(reply.calls))]
-        return _Answer(reply, prefill, first, call_ids, output_tokens)
+        return _Answer(reply, prefill, first, call_ids, output_tokens, reasoning_tokens)
 
     async def _fault(self, record: RequestRecord) -> dict[str, Any] | None:
         """Apply a queued fault that acts before the answer; return one that acts during it."""
@@ -716,7 +718,12 @@ class _Connection(asyncio.Protocol):
             frames += new
             texts += [piece] + [""] * (len(new) - 1)
         prefill = answer.prefill
-        usage = usage_object(prefill.prompt_tokens, prefill.cached_tokens, answer.output_tokens)
+        usage = usage_object(
+            prefill.prompt_tokens,
+            prefill.cached_tokens,
+            answer.output_tokens,
+            answer.reasoning_tokens,
+        )
         if answer.reply.kind == "fail":
             closing = response.fail(errors.model_failed().response_error(), usage)
         else:
@@ -944,6 +951,7 @@ def _chat_usage(answer: _Answer) -> dict[str, Any]:
         "completion_tokens": completion,
         "total_tokens": prefill.prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": prefill.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": answer.reasoning_tokens},
     }
 
 
