@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx2 as httpx
 import pytest
@@ -448,3 +448,118 @@ def test_reasoning_reaches_the_client_and_goes_back_upstream(
         "reasoning Weather first.",
         f"function_call get_weather {call['call_id']}",
     ]
+
+
+class CustomToolUpstream:
+    """A WebSocket-mode upstream whose model calls a custom (freeform) tool first, as
+    GPT-5 does with Codex's `apply_patch`, then answers "patched"."""
+
+    CALL: ClassVar[dict[str, str]] = {
+        "id": "ctc_up1",
+        "type": "custom_tool_call",
+        "call_id": "call_patch1",
+        "name": "apply_patch",
+        "input": "*** Begin Patch\n*** End Patch",
+    }
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+
+    def events(self, turn: int) -> list[dict[str, Any]]:
+        rid = f"resp_up{turn}"
+        snapshot = {"id": rid, "object": "response", "status": "in_progress", "output": []}
+        if turn == 1:
+            item = self.CALL
+            streamed = [
+                {
+                    "type": "response.output_item.added",
+                    "output_index": 0,
+                    "item": {**item, "input": ""},
+                },
+                {
+                    "type": "response.custom_tool_call_input.delta",
+                    "output_index": 0,
+                    "item_id": item["id"],
+                    "delta": item["input"],
+                },
+                {
+                    "type": "response.custom_tool_call_input.done",
+                    "output_index": 0,
+                    "item_id": item["id"],
+                    "input": item["input"],
+                },
+            ]
+        else:
+            item = {
+                "id": "msg_up2",
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "patched"}],
+            }
+            streamed = [
+                {
+                    "type": "response.output_item.added",
+                    "output_index": 0,
+                    "item": {**item, "content": []},
+                },
+                {
+                    "type": "response.output_text.delta",
+                    "output_index": 0,
+                    "item_id": item["id"],
+                    "content_index": 0,
+                    "delta": "patched",
+                },
+            ]
+        done = {
+            **snapshot,
+            "status": "completed",
+            "output": [item],
+            "usage": {"input_tokens": 9, "output_tokens": 4},
+        }
+        events = [
+            {"type": "response.created", "response": snapshot},
+            *streamed,
+            {"type": "response.output_item.done", "output_index": 0, "item": item},
+            {"type": "response.completed", "response": done},
+        ]  # fmt: skip
+        return [{**event, "sequence_number": n} for n, event in enumerate(events)]
+
+    async def __call__(self, ws: Any) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            async for message in ws:
+                self.requests.append(json.loads(message))
+                for event in self.events(len(self.requests)):
+                    await ws.send(json.dumps(event))
+        except ConnectionClosed:
+            pass
+
+
+def test_a_custom_tool_call_from_the_upstream_reaches_the_client_and_the_chain() -> None:
+    """Items warmsocket does not build from deltas (custom and hosted tool calls) are
+    passed on whole, as the upstream finished them, and stored in the chain: the
+    client's custom_tool_call_output then continues it."""
+    from tests.test_upstream_failures import ws_front
+
+    upstream = CustomToolUpstream()
+    tools = [{"type": "custom", "name": "apply_patch", "description": "Apply a patch."}]
+    with ws_front(upstream) as (front, _metrics, client):
+        first = client.turn(input="fix it", tools=tools)  # each event checked by the SDK
+        output = {"type": "custom_tool_call_output", "call_id": "call_patch1", "output": "ok"}
+        second = client.turn(
+            input=[output], previous_response_id=first[-1]["response"]["id"], tools=tools
+        )
+        with httpx.Client(base_url=front.base_url) as http:
+            stored = http.get(f"/responses/{first[-1]['response']['id']}").json()
+    assert [e["type"] for e in first[2:4]] == [
+        "response.output_item.added",
+        "response.output_item.done",
+    ]
+    assert first[2]["item"] == first[3]["item"] == CustomToolUpstream.CALL
+    assert first[-1]["response"]["output"] == [CustomToolUpstream.CALL]
+    assert stored["output"] == [CustomToolUpstream.CALL]
+    assert output_text(second) == "patched"
+    # Chained upstream: only the output went up, after the upstream's own response.
+    assert upstream.requests[1]["previous_response_id"] == "resp_up1"
+    assert upstream.requests[1]["input"] == [output]

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from warmsocket._core import MAX_UPSTREAM_EVENT_BYTES
 from warmsocket.backends.base import (
     ModelEvent,
-    ReasoningItem,
+    OutputItem,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
@@ -333,7 +333,7 @@ def test_arguments_before_the_name_wait_for_it_and_a_missing_id_is_generated() -
 
 
 def reasoning_text(event: ModelEvent) -> str:
-    assert isinstance(event, ReasoningItem), event
+    assert isinstance(event, OutputItem), event
     item = json.loads(event.item)
     assert item["type"] == "reasoning" and item["summary"] == []
     (part,) = item["content"]

@@ -839,13 +839,16 @@ class ResponseEncoder:
         """Arguments of the open function_call item (nothing when none is open)."""
     def close_item(self) -> bytes:
         """The open item's `.done` events, if an item is open."""
-    def reasoning_item(self, item: bytes) -> bytes:
-        """A whole reasoning item (a JSON object of type `reasoning`): closes the open
-        item, then the item's events in OpenAI's order (added; per summary part and
-        per `reasoning_text` content part: part added, one delta, text done, part
-        done; done). Keeps `id` (a new `rs_` id when it has none), `summary`,
-        `content` and `encrypted_content`. ValueError, with nothing changed, for
-        anything else."""
+    def output_item(self, item: bytes) -> bytes:
+        """A whole output item of a type not built from deltas (a JSON object): closes
+        the open item. A `reasoning` item gives its events in OpenAI's order (added;
+        per summary part and per `reasoning_text` content part: part added, one
+        delta, text done, part done; done) and keeps `id` (a new `rs_` id when it has
+        none), `summary`, `content` and `encrypted_content`; any other type (custom
+        and hosted tool calls) is given as it is in `output_item.added` and
+        `output_item.done`. ValueError, with nothing changed, for a `message`, a
+        `function_call`, an object without a string `type`, or a malformed
+        reasoning item."""
     def complete(self, usage: _Usage, *, completed_at: int) -> bytes:
         """Close the open item; `response.completed`."""
     def fail(self, error: bytes, usage: _Usage | None = None) -> bytes:
@@ -897,14 +900,15 @@ _DecodedEvent: TypeAlias = (
     tuple[Literal["text"], str]
     | tuple[Literal["args"], str]
     | tuple[Literal["call"], str, str]
-    | tuple[Literal["reasoning"], bytes]
+    | tuple[Literal["item"], bytes]
     | tuple[Literal["usage"], int | None, int | None, int | None, int | None]
     | tuple[Literal["failed"], bytes | None]
     | tuple[Literal["error"], bytes, int | None]
     | tuple[Literal["protocol"]]
 )
 """What the model produced: `("text", delta)`, `("args", delta)`, `("call", call_id,
-name)`, `("reasoning", item_json)` (a finished reasoning item, whole),
+name)`, `("item", item_json)` (a finished item of another type: reasoning, custom
+or hosted tool call, whole),
 `("usage", input_tokens, cached_tokens, output_tokens, reasoning_tokens)`; or, last, why the
 stream stopped: `("failed", error_json)` (`response.failed`, its Response's `error`
 object), `("error", error_json, status)` (an `error` event: the nested object of the

@@ -43,7 +43,7 @@ from warmsocket._core import (
 from warmsocket.backends.base import (
     Backend,
     ModelEvent,
-    ReasoningItem,
+    OutputItem,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
@@ -406,6 +406,8 @@ def _reasoning_chars(item: bytes) -> int:
     """Characters of a reasoning item's summary and text (its tokens, when a backend
     reports none, are estimated from them)."""
     parsed = json.loads(item)
+    if parsed.get("type") != "reasoning":
+        return 0
     parts = [*(parsed.get("summary") or ()), *(parsed.get("content") or ())]
     return sum(len(part.get("text", "")) for part in parts)
 
@@ -538,13 +540,12 @@ class Turn:
         if isinstance(event, ToolCallStart):
             self.output_chars += len(event.name)
             return self.stream.tool_call_start(event.call_id, event.name)
-        if isinstance(event, ReasoningItem):
+        if isinstance(event, OutputItem):
             try:
-                frames = self.stream.reasoning_item(event.item)
+                frames = self.stream.output_item(event.item)
             except ValueError:
-                # Not a reasoning item the API could show: left out (logged without
-                # its content), as before reasoning items were passed on.
-                log.warning("a malformed reasoning item was left out")
+                # Not an item the API could show: left out (logged without content).
+                log.warning("a malformed output item was left out")
                 return b""
             self.reasoning_chars += _reasoning_chars(event.item)
             return frames
@@ -565,7 +566,7 @@ class Turn:
 
     def starts_new_item(self, event: ModelEvent) -> bool:
         """Whether this event would close the open item and start another (steer point)."""
-        if isinstance(event, ToolCallStart | ReasoningItem):
+        if isinstance(event, ToolCallStart | OutputItem):
             return True
         if isinstance(event, TextDelta):
             return self.stream.open_kind != "message"

@@ -372,6 +372,50 @@ impl ResponseEncoder {
         &self.out
     }
 
+    /// A whole output item of a type the encoder does not build itself, as a JSON
+    /// object: a reasoning item (`reasoning_item`), or a custom or hosted tool call
+    /// and the like, which closes the open item and is given as it is in an
+    /// `output_item.added` and an `output_item.done` (its own deltas are not
+    /// relayed). Kept as an output item, so it stays in the chain. Fails, with
+    /// nothing changed, for anything but an object with a string `type` other than
+    /// `message` and `function_call` (those are built from deltas) or for an item
+    /// over the item limits.
+    pub fn output_item(&mut self, item: &[u8]) -> Result<&[u8]> {
+        let invalid = || Error::invalid_argument("item must be a JSON object with a type");
+        let value: serde_json::Value = serde_json::from_slice(item).map_err(|_| invalid())?;
+        match value.get("type").and_then(serde_json::Value::as_str) {
+            Some("reasoning") => return self.reasoning_item(item),
+            Some("message" | "function_call") => {
+                return Err(Error::invalid_argument(
+                    "messages and function calls are built from their deltas",
+                ))
+            }
+            Some(_) if value.is_object() => {}
+            _ => return Err(invalid()),
+        }
+        let index = self.output.len();
+        let done = Arc::new(Item::from_value(index, &value, usize::MAX)?);
+        self.out.clear();
+        self.close_open();
+        let index = self.output.len();
+        let (stream_id, framing) = (self.stream_id.as_deref(), self.framing);
+        let mut seq = self.sequence_number;
+        for ty in ["response.output_item.added", "response.output_item.done"] {
+            emit(&mut self.out, framing, ty, |s| {
+                head(s, stream_id, seq, ty, 2);
+                s.key("output_index");
+                s.uint(index as u64);
+                s.key("item");
+                s.json(done.json());
+                s.end();
+            });
+            seq += 1;
+        }
+        self.sequence_number = seq;
+        self.output.push(done);
+        Ok(&self.out)
+    }
+
     /// A whole reasoning item (an upstream's, or the built-in model's) as a JSON
     /// object: closes the open item, then gives the item's events in the order OpenAI
     /// streams them: `output_item.added`; per summary part, the part added, its text
@@ -1506,6 +1550,52 @@ mod tests {
         }
         let sse = String::from_utf8(run(Framing::Sse)).unwrap();
         assert!(sse.contains("event: response.reasoning_text.delta\ndata: {"));
+    }
+
+    #[test]
+    fn other_output_items_pass_whole() {
+        let mut e = encoder(Framing::Json, None);
+        let mut out = e.start().to_vec();
+        out.extend_from_slice(e.text_delta("Patching."));
+        let call = br#"{"type":"custom_tool_call","id":"ctc_1","call_id":"call_7","name":"apply_patch","input":"*** Begin Patch"}"#;
+        out.extend_from_slice(e.output_item(call).unwrap());
+        let reasoning = br#"{"type":"reasoning","summary":[]}"#;
+        out.extend_from_slice(e.output_item(reasoning).unwrap());
+        for refused in [
+            &br#"{"type":"message","content":[]}"#[..],
+            br#"{"type":"function_call"}"#,
+            br#"{"id":"x"}"#,
+            br#"{"type":7}"#,
+            br#"[{"type":"x"}]"#,
+            b"nope",
+        ] {
+            assert!(e.output_item(refused).is_err());
+        }
+        out.extend_from_slice(e.complete(Usage::default(), 9));
+        let events = lines(&out);
+        let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            types[5..11],
+            [
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.output_item.done",
+                "response.output_item.added",
+            ]
+        );
+        for (i, event) in events.iter().enumerate() {
+            assert_eq!(event["sequence_number"], i as u64);
+        }
+        let expected: serde_json::Value = serde_json::from_slice(call).unwrap();
+        assert_eq!(events[8]["item"], expected);
+        assert_eq!(events[9]["item"], expected);
+        assert_eq!(events[9]["output_index"], 1);
+        let response = &events.last().unwrap()["response"];
+        assert_eq!(response["output"][1], expected);
+        assert_eq!(response["output"][2]["type"], "reasoning");
+        assert_eq!(e.output_items().len(), 3);
     }
 
     #[test]

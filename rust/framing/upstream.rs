@@ -7,9 +7,9 @@
 //! Text or arguments that arrive only in a `.done` event (servers that do not
 //! stream deltas) are emitted then. Lifecycle events that carry the whole Response
 //! (`response.created`, `response.in_progress`) are recognised by their SSE event
-//! name and never parsed. A reasoning item is taken whole from its
-//! `output_item.done` (its summary and text deltas are not read); hosted-tool
-//! events have no model event.
+//! name and never parsed. Items of other types (reasoning, custom and hosted tool
+//! calls) are taken whole from their `output_item.done`; their own deltas are not
+//! read.
 //!
 //! `response.failed` and `error` events end the decoding with [`Stop`]; the caller
 //! maps the error object to its own error type.
@@ -31,8 +31,9 @@ pub enum Event {
         name: String,
     },
     Arguments(String),
-    /// A finished reasoning item, as JSON: the item of its `output_item.done`.
-    Reasoning(Vec<u8>),
+    /// A finished item of another type than message and function call (reasoning,
+    /// custom and hosted tool calls), as JSON: the item of its `output_item.done`.
+    Item(Vec<u8>),
     Usage {
         input: Option<i64>,
         cached: Option<i64>,
@@ -315,8 +316,8 @@ impl ResponsesDecoder {
                             out.push(Event::Text(rest));
                         }
                     }
-                    Some("reasoning") => out.push(Event::Reasoning(to_json(item))),
-                    _ => {}
+                    Some("message" | "function_call") | None => {}
+                    Some(_) => out.push(Event::Item(to_json(item))),
                 }
             }
             "response.completed" | "response.incomplete" => {
@@ -650,7 +651,7 @@ mod tests {
             let (_, decoded) = decode(&body, step);
             let decoded = decoded.unwrap();
             assert_eq!(decoded.len(), 2);
-            let Event::Reasoning(json) = &decoded[0] else {
+            let Event::Item(json) = &decoded[0] else {
                 panic!("{decoded:?}");
             };
             let got: serde_json::Value = serde_json::from_slice(json).unwrap();
@@ -662,7 +663,7 @@ mod tests {
         for (_, data) in &events {
             decoder.ws_message(data.as_bytes(), &mut out).unwrap();
         }
-        assert!(matches!(out[0], Event::Reasoning(_)) && out.len() == 2);
+        assert!(matches!(out[0], Event::Item(_)) && out.len() == 2);
     }
 
     #[test]

@@ -422,12 +422,8 @@ impl PyResponseEncoder {
         Ok(PyBytes::new(py, self.inner.event(event)?))
     }
 
-    fn reasoning_item<'py>(
-        &mut self,
-        py: Python<'py>,
-        item: &[u8],
-    ) -> PyResult<Bound<'py, PyBytes>> {
-        Ok(PyBytes::new(py, self.inner.reasoning_item(item)?))
+    fn output_item<'py>(&mut self, py: Python<'py>, item: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, self.inner.output_item(item)?))
     }
 
     #[getter]

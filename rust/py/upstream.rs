@@ -77,7 +77,7 @@ fn events_list<'py>(
             Event::Text(text) => ("text", text).into_pyobject(py)?,
             Event::Arguments(delta) => ("args", delta).into_pyobject(py)?,
             Event::Call { call_id, name } => ("call", call_id, name).into_pyobject(py)?,
-            Event::Reasoning(item) => ("reasoning", PyBytes::new(py, &item)).into_pyobject(py)?,
+            Event::Item(item) => ("item", PyBytes::new(py, &item)).into_pyobject(py)?,
             Event::Usage {
                 input,
                 cached,

@@ -3,7 +3,7 @@
 from warmsocket.backends.base import (
     Backend,
     ModelEvent,
-    ReasoningItem,
+    OutputItem,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
@@ -15,7 +15,7 @@ from warmsocket.backends.base import (
 __all__ = [
     "Backend",
     "ModelEvent",
-    "ReasoningItem",
+    "OutputItem",
     "TextDelta",
     "ToolArgumentsDelta",
     "ToolCallStart",

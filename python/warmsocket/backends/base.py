@@ -39,11 +39,13 @@ class ToolArgumentsDelta:
 
 
 @dataclass(frozen=True, slots=True)
-class ReasoningItem:
-    """A whole reasoning item (JSON object of type `reasoning`: `summary`, optional
-    `content` and `encrypted_content`, and the upstream's `id`); closes the open item.
-    It is shown to the client and kept in the chain, so it goes back to the upstream
-    with the context, as reasoning models need."""
+class OutputItem:
+    """A whole output item of a type not built from deltas, as JSON: a reasoning item
+    (`summary`, optional `content` and `encrypted_content`), a custom or hosted tool
+    call; with the upstream's `id`. Closes the open item. It is shown to the client
+    and kept in the chain, so it goes back to the upstream with the context (as
+    reasoning models need their reasoning items, and a custom tool's output its
+    call)."""
 
     item: bytes
 
@@ -73,9 +75,7 @@ class TurnFailed:
         self.error.__traceback__ = None
 
 
-ModelEvent = (
-    TextDelta | ToolCallStart | ToolArgumentsDelta | ReasoningItem | UsageReport | TurnFailed
-)
+ModelEvent = TextDelta | ToolCallStart | ToolArgumentsDelta | OutputItem | UsageReport | TurnFailed
 
 StreamItem = ModelEvent | list[ModelEvent]
 """What a backend's stream yields: one event, or a list of events that are ready

@@ -36,7 +36,7 @@ from warmsocket import ids, small_json
 from warmsocket._core import MAX_UPSTREAM_EVENT_BYTES
 from warmsocket.backends.base import (
     ModelEvent,
-    ReasoningItem,
+    OutputItem,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
@@ -328,7 +328,7 @@ class ChatChunkDecoder:
             text = "".join(self._reasoning)
             self._reasoning = []
             item = {"type": "reasoning", "summary": [], "content": [_reasoning_text(text)]}
-            events.append(ReasoningItem(dumps(item)))
+            events.append(OutputItem(dumps(item)))
 
     def _tool_delta(self, delta: dict[str, Any], position: int, events: list[ModelEvent]) -> None:
         index = delta.get("index")

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Protocol
 from warmsocket import __version__
 from warmsocket.backends.base import (
     ModelEvent,
-    ReasoningItem,
+    OutputItem,
     StreamItem,
     TextDelta,
     ToolArgumentsDelta,
@@ -54,7 +54,7 @@ class OutputRecorder:
     """The output items a turn's events make, shaped as the engine stores them.
 
     A run of text deltas is one message; each tool call is one function_call item.
-    Only the fields a translation reads are kept: a reasoning item (which has no chat
+    Only the fields a translation reads are kept: a whole item (reasoning: no chat
     form) only ends a run of text.
     """
 
@@ -80,7 +80,7 @@ class OutputRecorder:
                     "arguments": "",
                 }
             )
-        elif isinstance(event, ReasoningItem):
+        elif isinstance(event, OutputItem):
             self._close_text()
         elif (
             isinstance(event, ToolArgumentsDelta)

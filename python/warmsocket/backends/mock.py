@@ -10,7 +10,7 @@ from typing import Any
 from warmsocket import errors, ids, mockmodel, small_json
 from warmsocket.backends.base import (
     ModelEvent,
-    ReasoningItem,
+    OutputItem,
     StreamItem,
     TextDelta,
     ToolArgumentsDelta,
@@ -83,7 +83,7 @@ class MockBackend:
     def _events(reply: mockmodel.Reply) -> list[ModelEvent]:
         events: list[ModelEvent] = []
         if reply.reasoning is not None:
-            events.append(ReasoningItem(mockmodel.reasoning_item(reply.reasoning)))
+            events.append(OutputItem(mockmodel.reasoning_item(reply.reasoning)))
         if reply.kind == "fail":
             events.append(TurnFailed(errors.model_failed()))
         elif reply.kind == "call":

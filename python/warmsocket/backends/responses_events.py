@@ -5,9 +5,9 @@ answer under its own response and item ids, so only what the model produced is
 taken: text deltas, function calls (`output_item.added` gives `call_id` and name,
 then argument deltas) and the usage of the terminal event. Text or arguments that
 arrive only in a `.done` event (servers that do not stream deltas) are emitted
-then. A reasoning item is taken whole from its `output_item.done` (summary, text and
-`encrypted_content`, with the upstream's item id) and passed on; hosted-tool events
-have no model event and are dropped.
+then. Items of other types are taken whole from their `output_item.done` and passed
+on, with the upstream's item id: reasoning (summary, text, `encrypted_content`),
+custom and hosted tool calls; their own deltas are not relayed.
 
 The events are read in Rust (`_core.ResponsesStreamDecoder`,
 `rust/framing/upstream.rs`): one call per chunk of an SSE body or per WebSocket
@@ -25,7 +25,7 @@ from typing import Any
 from warmsocket._core import ResponsesStreamDecoder
 from warmsocket.backends.base import (
     ModelEvent,
-    ReasoningItem,
+    OutputItem,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
@@ -75,8 +75,8 @@ def model_events(decoded: list[tuple[Any, ...]]) -> list[ModelEvent]:
             out.append(ToolArgumentsDelta(event[1]))
         elif kind == "call":
             out.append(ToolCallStart(event[1], event[2]))
-        elif kind == "reasoning":
-            out.append(ReasoningItem(event[1]))
+        elif kind == "item":
+            out.append(OutputItem(event[1]))
         elif kind == "usage":
             out.append(UsageReport(event[1], event[2], event[3], event[4]))
         else:
