@@ -401,14 +401,13 @@ impl ResponseEncoder {
         let (stream_id, framing) = (self.stream_id.as_deref(), self.framing);
         let mut seq = self.sequence_number;
         for ty in ["response.output_item.added", "response.output_item.done"] {
-            emit(&mut self.out, framing, ty, |s| {
-                head(s, stream_id, seq, ty, 2);
-                s.key("output_index");
-                s.uint(index as u64);
-                s.key("item");
-                s.json(done.json());
-                s.end();
-            });
+            item_event(
+                &mut self.out,
+                framing,
+                (stream_id, seq, ty),
+                index,
+                done.json(),
+            );
             seq += 1;
         }
         self.sequence_number = seq;
@@ -511,14 +510,13 @@ impl ResponseEncoder {
         if let Ok(done) = Item::from_value(index, &value, usize::MAX) {
             let done = Arc::new(done);
             let ty = "response.output_item.done";
-            emit(&mut self.out, framing, ty, |s| {
-                head(s, stream_id, seq, ty, 2);
-                s.key("output_index");
-                s.uint(index as u64);
-                s.key("item");
-                s.json(done.json());
-                s.end();
-            });
+            item_event(
+                &mut self.out,
+                framing,
+                (stream_id, seq, ty),
+                index,
+                done.json(),
+            );
             seq += 1;
             self.output.push(done);
         }
@@ -785,14 +783,13 @@ impl ResponseEncoder {
             Err(_) => return,
         };
         let ty = "response.output_item.done";
-        emit(&mut self.out, framing, ty, |s| {
-            head(s, stream_id, seq, ty, 2);
-            s.key("output_index");
-            s.uint(item.index as u64);
-            s.key("item");
-            s.json(done.json());
-            s.end();
-        });
+        item_event(
+            &mut self.out,
+            framing,
+            (stream_id, seq, ty),
+            item.index,
+            done.json(),
+        );
         self.sequence_number = seq + 1;
         self.output.push(done);
     }
@@ -1096,6 +1093,25 @@ impl PartEvents<'_> {
         }
         seq
     }
+}
+
+/// An `output_item.added` / `.done` event: `(stream_id, sequence_number, type)`,
+/// the output index and the item as JSON.
+fn item_event(
+    out: &mut Vec<u8>,
+    framing: Framing,
+    (stream_id, seq, ty): (Option<&str>, u64, &str),
+    index: usize,
+    item: &[u8],
+) {
+    emit(out, framing, ty, |s| {
+        head(s, stream_id, seq, ty, 2);
+        s.key("output_index");
+        s.uint(index as u64);
+        s.key("item");
+        s.json(item);
+        s.end();
+    });
 }
 
 /// `item_id` and `output_index`.
