@@ -405,7 +405,8 @@ def test_reasoning_reaches_the_client_and_goes_back_upstream(
     sim, server, _metrics = stack
     prompt = '/think Weather first.\n/call get_weather {"city": "Lima"}'
     with WSClient(server.ws_url) as client:
-        first = client.turn(input=prompt, tools=FUNCTION_TOOLS)[-1]["response"]
+        events = client.turn(input=prompt, tools=FUNCTION_TOOLS)
+        first = events[-1]["response"]
         reasoning, call = first["output"]
         answer = client.turn(
             input=[{"type": "function_call_output", "call_id": call["call_id"], "output": "warm"}],
@@ -423,6 +424,10 @@ def test_reasoning_reaches_the_client_and_goes_back_upstream(
         ]
         transcript = output_text(client.turn(input=replay, tools=FUNCTION_TOOLS))
     assert reasoning["type"] == "reasoning" and call["type"] == "function_call"
+    # The reasoning streamed a word at a time, as the upstream sent it.
+    delta = "reasoning_text" if api == "chat" else "reasoning_summary_text"
+    deltas = [e["delta"] for e in events if e["type"] == f"response.{delta}.delta"]
+    assert deltas == ["Weather", " first."]
     # The upstream's count of reasoning tokens is the client's.
     details = first["usage"]["output_tokens_details"]
     assert details["reasoning_tokens"] == count_tokens("Weather first.") > 0

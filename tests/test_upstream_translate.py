@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from warmsocket._core import MAX_UPSTREAM_EVENT_BYTES
 from warmsocket.backends.base import (
     ModelEvent,
-    OutputItem,
+    ReasoningDelta,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
@@ -332,19 +332,11 @@ def test_arguments_before_the_name_wait_for_it_and_a_missing_id_is_generated() -
     assert merged(events[1:]) == [ToolArgumentsDelta('{"a":1}')]
 
 
-def reasoning_text(event: ModelEvent) -> str:
-    assert isinstance(event, OutputItem), event
-    item = json.loads(event.item)
-    assert item["type"] == "reasoning" and item["summary"] == []
-    (part,) = item["content"]
-    assert part["type"] == "reasoning_text"
-    return str(part["text"])
-
-
 @pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
-def test_reasoning_deltas_become_one_item_before_what_follows(field: str) -> None:
+def test_reasoning_deltas_stream_before_what_follows(field: str) -> None:
     # DeepSeek and vLLM's reasoning parsers stream `reasoning_content` (newer vLLM and
-    # OpenRouter: `reasoning`) before the answer: one reasoning item, then the answer.
+    # OpenRouter: `reasoning`) before the answer: reasoning text deltas, which the
+    # answer's first delta (a new item) then closes.
     data = _sse(
         _delta({"role": "assistant", "content": ""}),
         _delta({field: "Think "}),
@@ -357,16 +349,17 @@ def test_reasoning_deltas_become_one_item_before_what_follows(field: str) -> Non
     )
     for step in (None, 7):
         events = decode(ChatChunkDecoder(), data, step=step)
-        assert reasoning_text(events[0]) == "Think hard."
-        assert events[1] == TextDelta("Hi")
-        assert reasoning_text(events[2]) == "More?"
-        assert events[3] == ToolCallStart("a", "f")
-        assert reasoning_text(events[4]) == "Done."  # reasoning at the end comes at finish
-        assert len(events) == 5
-    # Only text counts as the next item's start: the recorder's messages stay split
-    # where the reasoning was, as the encoder splits them.
+        assert events == [
+            ReasoningDelta("Think "),
+            ReasoningDelta("hard."),
+            TextDelta("Hi"),
+            ReasoningDelta("More?"),
+            ToolCallStart("a", "f"),
+            ReasoningDelta("Done."),
+        ]
+    # The recorder's messages split where the reasoning was, as the encoder's items.
     recorder = OutputRecorder()
-    for event in [TextDelta("a"), *decode(ChatChunkDecoder(), data)[:2]]:
+    for event in [TextDelta("a"), *decode(ChatChunkDecoder(), data)[:3]]:
         recorder.add(event)
     assert [i["content"] for i in recorder.finish()] == [
         [{"type": "output_text", "text": "a"}],

@@ -839,6 +839,15 @@ class ResponseEncoder:
         """Arguments of the open function_call item (nothing when none is open)."""
     def close_item(self) -> bytes:
         """The open item's `.done` events, if an item is open."""
+    def reasoning_start(self, item_id: str | None = None) -> bytes:
+        """Close the open item and open a reasoning item (`output_item.added`) whose
+        parts then come as `reasoning_delta`s; it ends with `output_item` (the whole
+        item, adding what was not streamed) or when another item starts (built from
+        its deltas). `item_id`: the upstream's (a new `rs_` id when None)."""
+    def reasoning_delta(self, summary: bool, index: int, delta: str) -> bytes:
+        """A delta of summary part `index` (`summary`) or of `reasoning_text` content
+        part `index`; opens a reasoning item when none is open, and closes the last
+        part when this is another."""
     def output_item(self, item: bytes) -> bytes:
         """A whole output item of a type not built from deltas (a JSON object): closes
         the open item. A `reasoning` item gives its events in OpenAI's order (added;
@@ -848,7 +857,8 @@ class ResponseEncoder:
         and hosted tool calls) is given as it is in `output_item.added` and
         `output_item.done`. ValueError, with nothing changed, for a `message`, a
         `function_call`, an object without a string `type`, or a malformed
-        reasoning item."""
+        reasoning item. A reasoning item finishes the streamed one (`reasoning_start`)
+        of its id: only the parts not streamed are given, then `output_item.done`."""
     def complete(self, usage: _Usage, *, completed_at: int) -> bytes:
         """Close the open item; `response.completed`."""
     def fail(self, error: bytes, usage: _Usage | None = None) -> bytes:
@@ -865,7 +875,7 @@ class ResponseEncoder:
     @property
     def status(self) -> Literal["in_progress", "completed", "failed", "incomplete"]: ...
     @property
-    def open_kind(self) -> Literal["message", "function_call"] | None: ...
+    def open_kind(self) -> Literal["message", "function_call", "reasoning"] | None: ...
     @property
     def framing(self) -> _Framing: ...
     @property
@@ -901,6 +911,8 @@ _DecodedEvent: TypeAlias = (
     | tuple[Literal["args"], str]
     | tuple[Literal["call"], str, str]
     | tuple[Literal["item"], bytes]
+    | tuple[Literal["reasoning"], str]
+    | tuple[Literal["reasoning_delta"], bool, int, str]
     | tuple[Literal["usage"], int | None, int | None, int | None, int | None]
     | tuple[Literal["failed"], bytes | None]
     | tuple[Literal["error"], bytes, int | None]
@@ -908,7 +920,9 @@ _DecodedEvent: TypeAlias = (
 )
 """What the model produced: `("text", delta)`, `("args", delta)`, `("call", call_id,
 name)`, `("item", item_json)` (a finished item of another type: reasoning, custom
-or hosted tool call, whole),
+or hosted tool call, whole), `("reasoning", item_id)` (a reasoning item starts),
+`("reasoning_delta", summary, index, delta)` (of a summary part, else of a
+`reasoning_text` part),
 `("usage", input_tokens, cached_tokens, output_tokens, reasoning_tokens)`; or, last, why the
 stream stopped: `("failed", error_json)` (`response.failed`, its Response's `error`
 object), `("error", error_json, status)` (an `error` event: the nested object of the

@@ -44,6 +44,8 @@ from warmsocket.backends.base import (
     Backend,
     ModelEvent,
     OutputItem,
+    ReasoningDelta,
+    ReasoningStart,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
@@ -540,14 +542,21 @@ class Turn:
         if isinstance(event, ToolCallStart):
             self.output_chars += len(event.name)
             return self.stream.tool_call_start(event.call_id, event.name)
+        if isinstance(event, ReasoningDelta):
+            self.reasoning_chars += len(event.text)
+            return self.stream.reasoning_delta(event.summary, event.index, event.text)
+        if isinstance(event, ReasoningStart):
+            return self.stream.reasoning_start(event.item_id)
         if isinstance(event, OutputItem):
+            streamed = self.stream.open_kind == "reasoning"
             try:
                 frames = self.stream.output_item(event.item)
             except ValueError:
                 # Not an item the API could show: left out (logged without content).
                 log.warning("a malformed output item was left out")
                 return b""
-            self.reasoning_chars += _reasoning_chars(event.item)
+            if not streamed:  # a streamed one was counted by its deltas
+                self.reasoning_chars += _reasoning_chars(event.item)
             return frames
         if isinstance(event, UsageReport):
             self.usage_report = event
@@ -566,8 +575,10 @@ class Turn:
 
     def starts_new_item(self, event: ModelEvent) -> bool:
         """Whether this event would close the open item and start another (steer point)."""
-        if isinstance(event, ToolCallStart | OutputItem):
+        if isinstance(event, ToolCallStart | OutputItem | ReasoningStart):
             return True
+        if isinstance(event, ReasoningDelta):
+            return self.stream.open_kind != "reasoning"
         if isinstance(event, TextDelta):
             return self.stream.open_kind != "message"
         return False

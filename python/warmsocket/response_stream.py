@@ -177,9 +177,14 @@ class ResponseStream:
             )
         ]
 
-    def reasoning_item(self, summary: str, encrypted_content: str | None = None) -> list[bytes]:
+    def reasoning_item(
+        self,
+        summary: str,
+        encrypted_content: str | None = None,
+        deltas: list[str] | None = None,
+    ) -> list[bytes]:
         """A whole reasoning item with one summary part, in the order OpenAI streams
-        it (`_core.ResponseEncoder.reasoning_item` for any item)."""
+        it: its text in `deltas` (one delta of it all by default)."""
         frames = self.close_item()
         item_id = ids.new_id("rs")
         index = len(self.output)
@@ -203,15 +208,16 @@ class ResponseStream:
                 + b'"part":{"type":"summary_text","text":""}'
             )
         )
-        if summary:
-            frames.append(
-                self._event(
-                    b'"type":"response.reasoning_summary_text.delta",'
-                    + at
-                    + b'"delta":'
-                    + dumps(summary)
+        for delta in [summary] if deltas is None else deltas:
+            if delta:
+                frames.append(
+                    self._event(
+                        b'"type":"response.reasoning_summary_text.delta",'
+                        + at
+                        + b'"delta":'
+                        + dumps(delta)
+                    )
                 )
-            )
         frames.append(
             self._event(
                 b'"type":"response.reasoning_summary_text.done",' + at + b'"text":' + dumps(summary)

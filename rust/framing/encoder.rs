@@ -147,6 +147,8 @@ pub struct ResponseEncoder {
     incomplete: Option<String>,
     output: Vec<Arc<Item>>,
     open: Option<OpenItem>,
+    /// The reasoning item being streamed (never at the same time as `open`).
+    reasoning: Option<OpenReasoning>,
     out: Vec<u8>,
 }
 
@@ -228,6 +230,7 @@ impl ResponseEncoder {
             incomplete: None,
             output: Vec::new(),
             open: None,
+            reasoning: None,
             out: Vec::with_capacity(1024),
         })
     }
@@ -249,6 +252,10 @@ impl ResponseEncoder {
         self.completed_at
     }
     /// The kind of the open item, if any.
+    /// Whether a reasoning item is being streamed (`reasoning_start`).
+    pub fn reasoning_open(&self) -> bool {
+        self.reasoning.is_some()
+    }
     pub fn open_kind(&self) -> Option<ItemKind> {
         self.open.as_ref().map(|i| i.kind)
     }
@@ -415,112 +422,104 @@ impl ResponseEncoder {
         Ok(&self.out)
     }
 
+    /// Opens a reasoning item (`output_item.added`), closing the open item: its
+    /// parts then come as deltas (`reasoning_delta`), and it ends with the whole
+    /// item (`output_item`, which adds what was not streamed, such as
+    /// `encrypted_content`) or when another item starts (built from the deltas).
+    /// `id` is the upstream's item id (a new `rs_` id when None or empty).
+    pub fn reasoning_start(&mut self, id: Option<&str>) -> &[u8] {
+        self.out.clear();
+        self.close_open();
+        self.open_reasoning(id.filter(|id| !id.is_empty()), false);
+        &self.out
+    }
+
+    /// Reasoning text, streamed: a delta of summary part `index` (`summary`) or of
+    /// `reasoning_text` content part `index`. Opens a reasoning item first when none
+    /// is open; a delta of another part than the last closes that part.
+    pub fn reasoning_delta(&mut self, summary: bool, index: usize, delta: &str) -> &[u8] {
+        self.out.clear();
+        if self.reasoning.is_none() {
+            self.close_open();
+            self.open_reasoning(None, false);
+        }
+        let (stream_id, framing) = (self.stream_id.as_deref(), self.framing);
+        let mut seq = self.sequence_number;
+        let Some(r) = self.reasoning.as_mut() else {
+            return &self.out;
+        };
+        let kind = if summary {
+            PartKind::Summary
+        } else {
+            PartKind::Text
+        };
+        // A part index far past the parts so far is not a part of a real stream.
+        let index = index.min(r.parts(kind).len());
+        if r.current != Some((kind, index)) {
+            seq = r.close_part(&mut self.out, framing, stream_id, seq);
+            let parts = r.parts_mut(kind);
+            if parts.len() <= index {
+                parts.push(String::new());
+            }
+            let at = (r.id.as_str(), r.index);
+            let step = PartStep::Added;
+            part_event(
+                &mut self.out,
+                framing,
+                (stream_id, seq),
+                at,
+                (kind, index),
+                step,
+                "",
+            );
+            seq += 1;
+            r.current = Some((kind, index));
+        }
+        let at = (r.id.as_str(), r.index);
+        let step = PartStep::Delta;
+        part_event(
+            &mut self.out,
+            framing,
+            (stream_id, seq),
+            at,
+            (kind, index),
+            step,
+            delta,
+        );
+        seq += 1;
+        r.parts_mut(kind)[index].push_str(delta);
+        self.sequence_number = seq;
+        &self.out
+    }
+
     /// A whole reasoning item (an upstream's, or the built-in model's) as a JSON
-    /// object: closes the open item, then gives the item's events in the order OpenAI
-    /// streams them: `output_item.added`; per summary part, the part added, its text
-    /// in one delta, the text done, the part done; per `reasoning_text` content part
-    /// the same with `content_part` and `reasoning_text` events; `output_item.done`.
-    /// The item keeps its `id` (a new `rs_` id when it has none), `summary`,
-    /// `content` and `encrypted_content`, so that it can go back to the upstream
-    /// that made it. Fails, with nothing changed, when `item` is not a `reasoning`
-    /// object whose parts have the right types.
+    /// object: it finishes the open reasoning item of the same id (or the one opened
+    /// without an id), else closes the open item and gives the item's events in the
+    /// order OpenAI streams them: `output_item.added`; per summary part, the part
+    /// added, its text in one delta, the text done, the part done; per
+    /// `reasoning_text` content part the same with `content_part` and
+    /// `reasoning_text` events; `output_item.done`. Parts streamed already are not
+    /// given again. The item keeps its `id` (a new `rs_` id when it has none),
+    /// `summary`, `content` and `encrypted_content`, so that it can go back to the
+    /// upstream that made it. Fails, with nothing changed, when `item` is not a
+    /// `reasoning` object whose parts have the right types.
     pub fn reasoning_item(&mut self, item: &[u8]) -> Result<&[u8]> {
         let reasoning = Reasoning::parse(item)?;
         self.out.clear();
-        self.close_open();
-        let index = self.output.len();
-        let id = reasoning.id.unwrap_or_else(|| random_id("rs"));
-        let (stream_id, framing) = (self.stream_id.as_deref(), self.framing);
-        let mut seq = self.sequence_number;
-        let ty = "response.output_item.added";
-        emit(&mut self.out, framing, ty, |s| {
-            head(s, stream_id, seq, ty, 2);
-            s.key("output_index");
-            s.uint(index as u64);
-            s.key("item");
-            s.begin(3 + usize::from(reasoning.content.is_some()));
-            s.key("id");
-            s.str(&id);
-            s.key("type");
-            s.str("reasoning");
-            s.key("summary");
-            s.begin_array(0);
-            s.end_array();
-            if reasoning.content.is_some() {
-                s.key("content");
-                s.begin_array(0);
-                s.end_array();
-            }
-            s.end();
-            s.end();
-        });
-        seq += 1;
-        let summary_events = [
-            "response.reasoning_summary_part.added",
-            "response.reasoning_summary_text.delta",
-            "response.reasoning_summary_text.done",
-            "response.reasoning_summary_part.done",
-        ];
-        for (i, text) in reasoning.summary.iter().enumerate() {
-            let part = PartEvents {
-                id: &id,
-                index,
-                position: ("summary_index", i),
-                part_type: "summary_text",
-                text,
-                names: summary_events,
-            };
-            seq = part.emit(&mut self.out, framing, stream_id, seq);
+        let continues = self
+            .reasoning
+            .as_ref()
+            .is_some_and(|r| match &reasoning.id {
+                Some(id) => *id == r.id || r.generated_id,
+                None => true,
+            });
+        if !continues {
+            self.close_open();
+            self.open_reasoning(reasoning.id.as_deref(), reasoning.content.is_some());
         }
-        let content_events = [
-            "response.content_part.added",
-            "response.reasoning_text.delta",
-            "response.reasoning_text.done",
-            "response.content_part.done",
-        ];
-        for (i, text) in reasoning.content.iter().flatten().enumerate() {
-            let part = PartEvents {
-                id: &id,
-                index,
-                position: ("content_index", i),
-                part_type: "reasoning_text",
-                text,
-                names: content_events,
-            };
-            seq = part.emit(&mut self.out, framing, stream_id, seq);
+        if let Some(r) = self.reasoning.take() {
+            self.finish_reasoning(r, Some(reasoning));
         }
-        let parts = |texts: &[String], ty: &str| {
-            texts
-                .iter()
-                .map(|t| serde_json::json!({"type": ty, "text": t}))
-                .collect::<Vec<_>>()
-        };
-        let mut value = serde_json::json!({
-            "id": id,
-            "type": "reasoning",
-            "summary": parts(&reasoning.summary, "summary_text"),
-        });
-        if let Some(content) = &reasoning.content {
-            value["content"] = parts(content, "reasoning_text").into();
-        }
-        if let Some(encrypted) = reasoning.encrypted_content {
-            value["encrypted_content"] = encrypted.into();
-        }
-        // An object of strings: building it cannot fail.
-        if let Ok(done) = Item::from_value(index, &value, usize::MAX) {
-            let done = Arc::new(done);
-            let ty = "response.output_item.done";
-            item_event(
-                &mut self.out,
-                framing,
-                (stream_id, seq, ty),
-                index,
-                done.json(),
-            );
-            seq += 1;
-            self.output.push(done);
-        }
-        self.sequence_number = seq;
         Ok(&self.out)
     }
 
@@ -636,6 +635,111 @@ impl ResponseEncoder {
 
     // -- internals ---------------------------------------------------------------------
 
+    /// Start a reasoning item: `output_item.added` (with `content: []` when
+    /// `with_content`). The open item must be closed already.
+    fn open_reasoning(&mut self, id: Option<&str>, with_content: bool) {
+        let (id, generated_id) = match id {
+            Some(id) => (id.to_owned(), false),
+            None => (random_id("rs"), true),
+        };
+        let index = self.output.len();
+        let (stream_id, seq) = (self.stream_id.as_deref(), self.sequence_number);
+        let ty = "response.output_item.added";
+        emit(&mut self.out, self.framing, ty, |s| {
+            head(s, stream_id, seq, ty, 2);
+            s.key("output_index");
+            s.uint(index as u64);
+            s.key("item");
+            s.begin(3 + usize::from(with_content));
+            s.key("id");
+            s.str(&id);
+            s.key("type");
+            s.str("reasoning");
+            s.key("summary");
+            s.begin_array(0);
+            s.end_array();
+            if with_content {
+                s.key("content");
+                s.begin_array(0);
+                s.end_array();
+            }
+            s.end();
+            s.end();
+        });
+        self.sequence_number += 1;
+        self.reasoning = Some(OpenReasoning {
+            id,
+            generated_id,
+            index,
+            summary: Vec::new(),
+            content: Vec::new(),
+            current: None,
+        });
+    }
+
+    /// Close the streamed reasoning item `r`: its open part's `done` events, then,
+    /// with the whole item (`last`), the parts not streamed yet given whole; then
+    /// `output_item.done` with the item: `last` as it came (its id kept, or the
+    /// one given at the start), else the item the deltas made.
+    fn finish_reasoning(&mut self, mut r: OpenReasoning, last: Option<Reasoning>) {
+        let (stream_id, framing) = (self.stream_id.as_deref(), self.framing);
+        let mut seq = r.close_part(&mut self.out, framing, stream_id, self.sequence_number);
+        let at = (r.id.as_str(), r.index);
+        let (summary, content, encrypted) = match last {
+            Some(last) => {
+                for (i, text) in last.summary.iter().enumerate().skip(r.summary.len()) {
+                    let part = (PartKind::Summary, i);
+                    seq = whole_part(&mut self.out, framing, (stream_id, seq), at, part, text);
+                }
+                let streamed = r.content.len();
+                for (i, text) in last.content.iter().flatten().enumerate().skip(streamed) {
+                    let part = (PartKind::Text, i);
+                    seq = whole_part(&mut self.out, framing, (stream_id, seq), at, part, text);
+                }
+                if let Some(id) = last.id {
+                    r.id = id;
+                }
+                (last.summary, last.content, last.encrypted_content)
+            }
+            None => {
+                let content = (!r.content.is_empty()).then(|| std::mem::take(&mut r.content));
+                (std::mem::take(&mut r.summary), content, None)
+            }
+        };
+        let parts = |texts: &[String], ty: &str| {
+            texts
+                .iter()
+                .map(|t| serde_json::json!({"type": ty, "text": t}))
+                .collect::<Vec<_>>()
+        };
+        let mut value = serde_json::json!({
+            "id": r.id,
+            "type": "reasoning",
+            "summary": parts(&summary, "summary_text"),
+        });
+        if let Some(content) = &content {
+            value["content"] = parts(content, "reasoning_text").into();
+        }
+        if let Some(encrypted) = encrypted {
+            value["encrypted_content"] = encrypted.into();
+        }
+        // An object of strings: building it cannot fail.
+        if let Ok(done) = Item::from_value(r.index, &value, usize::MAX) {
+            let done = Arc::new(done);
+            let ty = "response.output_item.done";
+            item_event(
+                &mut self.out,
+                framing,
+                (stream_id, seq, ty),
+                r.index,
+                done.json(),
+            );
+            seq += 1;
+            self.output.push(done);
+        }
+        self.sequence_number = seq;
+    }
+
     fn open_item(&mut self, kind: ItemKind, call_id: String, name: String) {
         let prefix = match kind {
             ItemKind::Message => "msg",
@@ -711,6 +815,9 @@ impl ResponseEncoder {
 
     /// Append the open item's `.done` events to `self.out` and keep the item.
     fn close_open(&mut self) {
+        if let Some(r) = self.reasoning.take() {
+            self.finish_reasoning(r, None);
+        }
         let Some(item) = self.open.take() else {
             return;
         };
@@ -1039,56 +1146,177 @@ fn part_texts(parts: &serde_json::Value, part_type: &str) -> Result<Vec<String>>
         .collect()
 }
 
-/// The four events of one part of a reasoning item: added, the text in one delta
-/// (none when empty), text done, part done.
-struct PartEvents<'a> {
-    id: &'a str,
-    index: usize,
-    /// `("summary_index" | "content_index", i)`.
-    position: (&'static str, usize),
-    part_type: &'static str,
-    text: &'a str,
-    names: [&'static str; 4],
+/// The two kinds of parts of a reasoning item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartKind {
+    Summary,
+    Text,
 }
 
-impl PartEvents<'_> {
-    /// Append the events to `out`, numbered from `seq`; the next number.
-    fn emit(&self, out: &mut Vec<u8>, framing: Framing, stream_id: Option<&str>, seq: u64) -> u64 {
-        let mut seq = seq;
-        let (key, position) = self.position;
-        for (step, ty) in self.names.into_iter().enumerate() {
-            if step == 1 && self.text.is_empty() {
-                continue;
+impl PartKind {
+    /// Part added, delta, text done, part done.
+    fn names(self) -> [&'static str; 4] {
+        match self {
+            PartKind::Summary => [
+                "response.reasoning_summary_part.added",
+                "response.reasoning_summary_text.delta",
+                "response.reasoning_summary_text.done",
+                "response.reasoning_summary_part.done",
+            ],
+            PartKind::Text => [
+                "response.content_part.added",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.done",
+                "response.content_part.done",
+            ],
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            PartKind::Summary => "summary_index",
+            PartKind::Text => "content_index",
+        }
+    }
+
+    fn part_type(self) -> &'static str {
+        match self {
+            PartKind::Summary => "summary_text",
+            PartKind::Text => "reasoning_text",
+        }
+    }
+}
+
+/// The events of a reasoning item's part, in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartStep {
+    Added,
+    Delta,
+    TextDone,
+    PartDone,
+}
+
+/// One event of part `(kind, position)` of reasoning item `(id, output index)`:
+/// `text` is the delta, or the part's whole text for the `done` events.
+fn part_event(
+    out: &mut Vec<u8>,
+    framing: Framing,
+    (stream_id, seq): (Option<&str>, u64),
+    (id, index): (&str, usize),
+    (kind, position): (PartKind, usize),
+    step: PartStep,
+    text: &str,
+) {
+    let ty = kind.names()[step as usize];
+    emit(out, framing, ty, |s| {
+        head(s, stream_id, seq, ty, 4);
+        s.key("item_id");
+        s.str(id);
+        s.key("output_index");
+        s.uint(index as u64);
+        s.key(kind.key());
+        s.uint(position as u64);
+        match step {
+            PartStep::Delta => {
+                s.key("delta");
+                s.str(text);
             }
-            emit(out, framing, ty, |s| {
-                head(s, stream_id, seq, ty, 4);
-                s.key("item_id");
-                s.str(self.id);
-                s.key("output_index");
-                s.uint(self.index as u64);
-                s.key(key);
-                s.uint(position as u64);
-                match step {
-                    1 => {
-                        s.key("delta");
-                        s.str(self.text);
-                    }
-                    2 => {
-                        s.key("text");
-                        s.str(self.text);
-                    }
-                    _ => {
-                        s.key("part");
-                        s.begin(2);
-                        s.key("type");
-                        s.str(self.part_type);
-                        s.key("text");
-                        s.str(if step == 0 { "" } else { self.text });
-                        s.end();
-                    }
-                }
+            PartStep::TextDone => {
+                s.key("text");
+                s.str(text);
+            }
+            PartStep::Added | PartStep::PartDone => {
+                s.key("part");
+                s.begin(2);
+                s.key("type");
+                s.str(kind.part_type());
+                s.key("text");
+                s.str(if step == PartStep::Added { "" } else { text });
                 s.end();
-            });
+            }
+        }
+        s.end();
+    });
+}
+
+/// Append every event of a part given whole (no delta when it is empty); the next
+/// sequence number.
+fn whole_part(
+    out: &mut Vec<u8>,
+    framing: Framing,
+    (stream_id, seq): (Option<&str>, u64),
+    at: (&str, usize),
+    part: (PartKind, usize),
+    text: &str,
+) -> u64 {
+    let mut seq = seq;
+    for step in [
+        PartStep::Added,
+        PartStep::Delta,
+        PartStep::TextDone,
+        PartStep::PartDone,
+    ] {
+        if step == PartStep::Delta && text.is_empty() {
+            continue;
+        }
+        part_event(out, framing, (stream_id, seq), at, part, step, text);
+        seq += 1;
+    }
+    seq
+}
+
+/// A reasoning item being streamed.
+#[derive(Debug)]
+struct OpenReasoning {
+    id: String,
+    /// The id was made here (the upstream gave none yet).
+    generated_id: bool,
+    index: usize,
+    summary: Vec<String>,
+    content: Vec<String>,
+    /// The part the last delta was of, still open.
+    current: Option<(PartKind, usize)>,
+}
+
+impl OpenReasoning {
+    fn parts(&self, kind: PartKind) -> &Vec<String> {
+        match kind {
+            PartKind::Summary => &self.summary,
+            PartKind::Text => &self.content,
+        }
+    }
+
+    fn parts_mut(&mut self, kind: PartKind) -> &mut Vec<String> {
+        match kind {
+            PartKind::Summary => &mut self.summary,
+            PartKind::Text => &mut self.content,
+        }
+    }
+
+    /// The open part's `done` events, if a part is open; the next sequence number.
+    fn close_part(
+        &mut self,
+        out: &mut Vec<u8>,
+        framing: Framing,
+        stream_id: Option<&str>,
+        seq: u64,
+    ) -> u64 {
+        let Some((kind, position)) = self.current.take() else {
+            return seq;
+        };
+        let text = self.parts(kind)[position].as_str();
+        let at = (self.id.as_str(), self.index);
+        let mut seq = seq;
+        for step in [PartStep::TextDone, PartStep::PartDone] {
+            part_event(
+                out,
+                framing,
+                (stream_id, seq),
+                at,
+                (kind, position),
+                step,
+                text,
+            );
             seq += 1;
         }
         seq
@@ -1566,6 +1794,86 @@ mod tests {
         }
         let sse = String::from_utf8(run(Framing::Sse)).unwrap();
         assert!(sse.contains("event: response.reasoning_text.delta\ndata: {"));
+    }
+
+    #[test]
+    fn reasoning_streams_then_the_whole_item_finishes_it() {
+        let mut e = encoder(Framing::Json, None);
+        let mut out = e.start().to_vec();
+        out.extend_from_slice(e.reasoning_start(Some("rs_up")));
+        assert!(e.reasoning_open() && e.open_kind().is_none());
+        out.extend_from_slice(e.reasoning_delta(true, 0, "Fir"));
+        out.extend_from_slice(e.reasoning_delta(true, 0, "st"));
+        out.extend_from_slice(e.reasoning_delta(true, 1, "Sec"));
+        let last = br#"{"id":"rs_up","type":"reasoning","summary":[{"type":"summary_text","text":"First"},{"type":"summary_text","text":"Second"},{"type":"summary_text","text":"Third"}],"encrypted_content":"sealed"}"#;
+        out.extend_from_slice(e.reasoning_item(last).unwrap());
+        assert!(!e.reasoning_open());
+        // Deltas without a start (a Chat Completions server's reasoning_content)
+        // open an item; the next item closes it, built from its deltas.
+        out.extend_from_slice(e.reasoning_delta(false, 0, "Hmm"));
+        out.extend_from_slice(e.text_delta("Hi"));
+        out.extend_from_slice(e.complete(Usage::default(), 9));
+        let events = lines(&out);
+        let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            types[2..22],
+            [
+                "response.output_item.added",
+                "response.reasoning_summary_part.added",
+                "response.reasoning_summary_text.delta",
+                "response.reasoning_summary_text.delta",
+                "response.reasoning_summary_text.done",
+                "response.reasoning_summary_part.done",
+                "response.reasoning_summary_part.added",
+                "response.reasoning_summary_text.delta",
+                // The whole item: the open part closes, the part never streamed comes whole.
+                "response.reasoning_summary_text.done",
+                "response.reasoning_summary_part.done",
+                "response.reasoning_summary_part.added",
+                "response.reasoning_summary_text.delta",
+                "response.reasoning_summary_text.done",
+                "response.reasoning_summary_part.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.done",
+                "response.content_part.done",
+            ]
+        );
+        for (i, event) in events.iter().enumerate() {
+            assert_eq!(event["sequence_number"], i as u64);
+        }
+        assert_eq!(events[6]["text"], "First");
+        assert_eq!(events[8]["summary_index"], 1);
+        assert_eq!(events[10]["text"], "Sec"); // what was streamed of it
+        assert_eq!(events[13]["delta"], "Third");
+        let whole: serde_json::Value = serde_json::from_slice(last).unwrap();
+        assert_eq!(events[16]["item"], whole);
+        assert_eq!(events[22]["type"], "response.output_item.done");
+        let built = &events[22]["item"];
+        assert!(built["id"].as_str().unwrap().starts_with("rs_"));
+        assert_eq!(
+            built["content"],
+            serde_json::json!([{"type": "reasoning_text", "text": "Hmm"}])
+        );
+        assert_eq!(built["summary"], serde_json::json!([]));
+        let response = &events.last().unwrap()["response"];
+        assert_eq!(response["output"][0], whole);
+        assert_eq!(response["output"][1], events[22]["item"]);
+        assert_eq!(response["output"][2]["content"][0]["text"], "Hi");
+        // An item of another id than the open one closes it and stands alone.
+        let mut e = encoder(Framing::Json, None);
+        e.start();
+        e.reasoning_start(Some("rs_a"));
+        e.reasoning_delta(true, 0, "a");
+        let other = lines(
+            e.reasoning_item(br#"{"id":"rs_b","type":"reasoning","summary":[]}"#)
+                .unwrap(),
+        );
+        assert_eq!(other[2]["item"]["id"], "rs_a");
+        assert_eq!(other[3]["item"]["id"], "rs_b");
+        assert_eq!(e.output_items().len(), 2);
     }
 
     #[test]

@@ -7,9 +7,10 @@
 //! Text or arguments that arrive only in a `.done` event (servers that do not
 //! stream deltas) are emitted then. Lifecycle events that carry the whole Response
 //! (`response.created`, `response.in_progress`) are recognised by their SSE event
-//! name and never parsed. Items of other types (reasoning, custom and hosted tool
-//! calls) are taken whole from their `output_item.done`; their own deltas are not
-//! read.
+//! name and never parsed. A reasoning item's start, its summary and text deltas
+//! are read as they come, and the whole item at its `output_item.done` (with its
+//! `encrypted_content`); items of other types (custom and hosted tool calls) are
+//! taken whole from their `output_item.done`, their own deltas not read.
 //!
 //! `response.failed` and `error` events end the decoding with [`Stop`]; the caller
 //! maps the error object to its own error type.
@@ -31,6 +32,15 @@ pub enum Event {
         name: String,
     },
     Arguments(String),
+    /// A reasoning item starts (its `output_item.added`): the upstream's item id.
+    ReasoningStart(String),
+    /// Reasoning text: a delta of summary part `index` (`summary`) or of
+    /// `reasoning_text` content part `index`.
+    ReasoningDelta {
+        summary: bool,
+        index: usize,
+        delta: String,
+    },
     /// A finished item of another type than message and function call (reasoning,
     /// custom and hosted tool calls), as JSON: the item of its `output_item.done`.
     Item(Vec<u8>),
@@ -272,8 +282,13 @@ impl ResponsesDecoder {
                 let Some(item) = data.get("item").filter(|i| i.as_object().is_some()) else {
                     return Ok(());
                 };
-                if item.get("type").and_then(Value::as_str) != Some("function_call") {
-                    return Ok(());
+                match item.get("type").and_then(Value::as_str) {
+                    Some("function_call") => {}
+                    Some("reasoning") => {
+                        out.push(Event::ReasoningStart(text_of(item.get("id"))));
+                        return Ok(());
+                    }
+                    _ => return Ok(()),
                 }
                 let item_id = text_of(item.get("id"));
                 out.push(Event::Call {
@@ -286,6 +301,22 @@ impl ResponsesDecoder {
                     out.push(Event::Arguments(arguments.to_owned()));
                 }
                 self.function_items.insert(item_id);
+            }
+            "response.reasoning_summary_text.delta" | "response.reasoning_text.delta" => {
+                let summary = kind == "response.reasoning_summary_text.delta";
+                let key = if summary {
+                    "summary_index"
+                } else {
+                    "content_index"
+                };
+                let index = data.get(key).and_then(int).unwrap_or(0);
+                if let Some(delta) = nonempty_str(data.get("delta")) {
+                    out.push(Event::ReasoningDelta {
+                        summary,
+                        index: usize::try_from(index).unwrap_or(0),
+                        delta: delta.to_owned(),
+                    });
+                }
             }
             "response.output_text.done" => {
                 let item_id = text_of(data.get("item_id"));
@@ -625,16 +656,24 @@ mod tests {
     }
 
     #[test]
-    fn a_reasoning_item_is_taken_whole_from_its_done_event() {
-        let item = r#"{"id":"rs_1","type":"reasoning","summary":[{"type":"summary_text","text":"Plan"}],"encrypted_content":"gAAA"}"#;
+    fn a_reasoning_item_streams_then_comes_whole_from_its_done_event() {
+        let item = r#"{"id":"rs_1","type":"reasoning","summary":[{"type":"summary_text","text":"Plan"}],"content":[{"type":"reasoning_text","text":"Hm"}],"encrypted_content":"gAAA"}"#;
         let events = [
             (
                 "response.output_item.added",
                 r#"{"type":"response.output_item.added","output_index":0,"item":{"id":"rs_1","type":"reasoning","summary":[]}}"#.to_owned(),
             ),
             (
+                "response.reasoning_summary_part.added",
+                r#"{"type":"response.reasoning_summary_part.added","item_id":"rs_1","output_index":0,"summary_index":0,"part":{"type":"summary_text","text":""}}"#.to_owned(),
+            ),
+            (
                 "response.reasoning_summary_text.delta",
                 r#"{"type":"response.reasoning_summary_text.delta","item_id":"rs_1","output_index":0,"summary_index":0,"delta":"Plan"}"#.to_owned(),
+            ),
+            (
+                "response.reasoning_text.delta",
+                r#"{"type":"response.reasoning_text.delta","item_id":"rs_1","output_index":0,"content_index":0,"delta":"Hm"}"#.to_owned(),
             ),
             (
                 "response.output_item.done",
@@ -647,23 +686,58 @@ mod tests {
         ];
         let body: String = events.iter().map(|(name, data)| sse(name, data)).collect();
         let expected_item: serde_json::Value = serde_json::from_str(item).unwrap();
-        for step in [1, 7, body.len()] {
-            let (_, decoded) = decode(&body, step);
-            let decoded = decoded.unwrap();
-            assert_eq!(decoded.len(), 2);
-            let Event::Item(json) = &decoded[0] else {
+        let check = |decoded: &[Event]| {
+            assert_eq!(decoded.len(), 5, "{decoded:?}");
+            assert_eq!(decoded[0], Event::ReasoningStart("rs_1".into()));
+            let delta = |summary, delta: &str| Event::ReasoningDelta {
+                summary,
+                index: 0,
+                delta: delta.into(),
+            };
+            assert_eq!(decoded[1], delta(true, "Plan"));
+            assert_eq!(decoded[2], delta(false, "Hm"));
+            let Event::Item(json) = &decoded[3] else {
                 panic!("{decoded:?}");
             };
             let got: serde_json::Value = serde_json::from_slice(json).unwrap();
             assert_eq!(got, expected_item);
-            assert_eq!(decoded[1], Event::Text("Hi".into()));
+            assert_eq!(decoded[4], Event::Text("Hi".into()));
+        };
+        for step in [1, 7, body.len()] {
+            let (_, decoded) = decode(&body, step);
+            check(&decoded.unwrap());
         }
         let mut decoder = ResponsesDecoder::default();
         let mut out = Vec::new();
         for (_, data) in &events {
             decoder.ws_message(data.as_bytes(), &mut out).unwrap();
         }
-        assert!(matches!(out[0], Event::Item(_)) && out.len() == 2);
+        check(&out);
+    }
+
+    #[test]
+    fn other_items_are_taken_whole_from_their_done_event() {
+        let item = r#"{"id":"ctc_1","type":"custom_tool_call","call_id":"c","name":"apply_patch","input":"x"}"#;
+        let body = sse(
+            "response.output_item.added",
+            r#"{"type":"response.output_item.added","output_index":0,"item":{"id":"ctc_1","type":"custom_tool_call","call_id":"c","name":"apply_patch","input":""}}"#,
+        ) + &sse(
+            "response.custom_tool_call_input.delta",
+            r#"{"type":"response.custom_tool_call_input.delta","item_id":"ctc_1","output_index":0,"delta":"x"}"#,
+        ) + &sse(
+            "response.output_item.done",
+            &format!(r#"{{"type":"response.output_item.done","output_index":0,"item":{item}}}"#),
+        );
+        let (_, decoded) = decode(&body, 3);
+        let decoded = decoded.unwrap();
+        let [Event::Item(json)] = decoded.as_slice() else {
+            panic!("{decoded:?}");
+        };
+        let got: serde_json::Value = serde_json::from_slice(json).unwrap();
+        assert_eq!(
+            got,
+            serde_json::from_str::<serde_json::Value>(item).unwrap()
+        );
     }
 
     #[test]

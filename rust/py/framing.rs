@@ -349,6 +349,26 @@ impl PyResponseEncoder {
         PyBytes::new(py, self.inner.text_delta(&self::text(text)))
     }
 
+    #[pyo3(signature = (item_id = None))]
+    fn reasoning_start<'py>(
+        &mut self,
+        py: Python<'py>,
+        item_id: Option<&Bound<'py, PyString>>,
+    ) -> Bound<'py, PyBytes> {
+        let id = item_id.map(text);
+        PyBytes::new(py, self.inner.reasoning_start(id.as_deref()))
+    }
+
+    fn reasoning_delta<'py>(
+        &mut self,
+        py: Python<'py>,
+        summary: bool,
+        index: usize,
+        delta: &Bound<'py, PyString>,
+    ) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.reasoning_delta(summary, index, &text(delta)))
+    }
+
     fn text_deltas<'py>(
         &mut self,
         py: Python<'py>,
@@ -436,6 +456,9 @@ impl PyResponseEncoder {
     }
     #[getter]
     fn open_kind(&self) -> Option<&'static str> {
+        if self.inner.reasoning_open() {
+            return Some("reasoning");
+        }
         self.inner.open_kind().map(|k| k.name())
     }
     #[getter]

@@ -78,6 +78,12 @@ fn events_list<'py>(
             Event::Arguments(delta) => ("args", delta).into_pyobject(py)?,
             Event::Call { call_id, name } => ("call", call_id, name).into_pyobject(py)?,
             Event::Item(item) => ("item", PyBytes::new(py, &item)).into_pyobject(py)?,
+            Event::ReasoningStart(id) => ("reasoning", id).into_pyobject(py)?,
+            Event::ReasoningDelta {
+                summary,
+                index,
+                delta,
+            } => ("reasoning_delta", summary, index, delta).into_pyobject(py)?,
             Event::Usage {
                 input,
                 cached,

@@ -39,6 +39,25 @@ class ToolArgumentsDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class ReasoningStart:
+    """A reasoning item starts (closes the open item); its parts come as
+    `ReasoningDelta`s, and a whole `OutputItem` of the same id finishes it."""
+
+    item_id: str | None = None
+    """The upstream's item id (None: one is made)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    """Reasoning text as it comes: of summary part `index` when `summary`, else of
+    `reasoning_text` content part `index`. Opens a reasoning item when none is."""
+
+    text: str
+    summary: bool = False
+    index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class OutputItem:
     """A whole output item of a type not built from deltas, as JSON: a reasoning item
     (`summary`, optional `content` and `encrypted_content`), a custom or hosted tool
@@ -75,7 +94,16 @@ class TurnFailed:
         self.error.__traceback__ = None
 
 
-ModelEvent = TextDelta | ToolCallStart | ToolArgumentsDelta | OutputItem | UsageReport | TurnFailed
+ModelEvent = (
+    TextDelta
+    | ToolCallStart
+    | ToolArgumentsDelta
+    | ReasoningStart
+    | ReasoningDelta
+    | OutputItem
+    | UsageReport
+    | TurnFailed
+)
 
 StreamItem = ModelEvent | list[ModelEvent]
 """What a backend's stream yields: one event, or a list of events that are ready

@@ -22,9 +22,9 @@ Response side: `ChatChunkDecoder` turns the SSE stream of chat completion chunks
 (choice 0) into model events: content deltas, tool calls by `index` (a call starts
 when its index first appears, with the upstream's `id` as `call_id`), argument
 deltas, and the usage chunk (`prompt_tokens_details.cached_tokens` when given).
-Reasoning deltas (`reasoning_content`, or `reasoning`) are gathered into one
-reasoning item with a `reasoning_text` part, given whole before the content or
-tool call that follows them (so a client sees the thinking once it is over).
+Reasoning deltas (`reasoning_content`, or `reasoning`: DeepSeek's, vLLM's and
+OpenRouter's names) stream as the `reasoning_text` part of one reasoning item, which
+the content or tool call after them closes.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from warmsocket import ids, small_json
 from warmsocket._core import MAX_UPSTREAM_EVENT_BYTES
 from warmsocket.backends.base import (
     ModelEvent,
-    OutputItem,
+    ReasoningDelta,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
@@ -226,10 +226,6 @@ class _Call:
         self.pending: list[str] = []
 
 
-def _reasoning_text(text: str) -> dict[str, str]:
-    return {"type": "reasoning_text", "text": text}
-
-
 class ChatChunkDecoder:
     """Chat completion chunks (SSE) -> model events."""
 
@@ -238,7 +234,6 @@ class ChatChunkDecoder:
         self._calls: dict[int, _Call] = {}
         self._current: int | None = None
         self._usage: dict[str, Any] | None = None
-        self._reasoning: list[str] = []
         self.finished = False
         """A `finish_reason` or `[DONE]` arrived."""
         self.events_seen = 0
@@ -256,7 +251,6 @@ class ChatChunkDecoder:
         events = self._decode(self._sse.finish())
         if not self.finished:
             raise transport_error("closed")
-        self._flush_reasoning(events)
         usage = self._usage
         if usage:
             details = usage.get("prompt_tokens_details")
@@ -306,29 +300,17 @@ class ChatChunkDecoder:
                 if not isinstance(thought, str):
                     thought = delta.get("reasoning")
                 if isinstance(thought, str) and thought:
-                    self._reasoning.append(thought)
+                    events.append(ReasoningDelta(thought))
                 content = delta.get("content")
                 if isinstance(content, str) and content:
-                    self._flush_reasoning(events)
                     events.append(TextDelta(content))
                 tool_calls = delta.get("tool_calls")
                 if isinstance(tool_calls, list):
-                    self._flush_reasoning(events)
                     for position, call in enumerate(tool_calls):
                         if isinstance(call, dict):
                             self._tool_delta(call, position, events)
             if choice.get("finish_reason"):
                 self.finished = True
-
-    def _flush_reasoning(self, events: list[ModelEvent]) -> None:
-        """The reasoning so far (`reasoning_content`, or `reasoning`, deltas: DeepSeek's,
-        vLLM's and OpenRouter's name for it) as one reasoning item, before what
-        follows it."""
-        if self._reasoning:
-            text = "".join(self._reasoning)
-            self._reasoning = []
-            item = {"type": "reasoning", "summary": [], "content": [_reasoning_text(text)]}
-            events.append(OutputItem(dumps(item)))
 
     def _tool_delta(self, delta: dict[str, Any], position: int, events: list[ModelEvent]) -> None:
         index = delta.get("index")

@@ -20,6 +20,8 @@ from warmsocket import __version__
 from warmsocket.backends.base import (
     ModelEvent,
     OutputItem,
+    ReasoningDelta,
+    ReasoningStart,
     StreamItem,
     TextDelta,
     ToolArgumentsDelta,
@@ -54,8 +56,8 @@ class OutputRecorder:
     """The output items a turn's events make, shaped as the engine stores them.
 
     A run of text deltas is one message; each tool call is one function_call item.
-    Only the fields a translation reads are kept: a whole item (reasoning: no chat
-    form) only ends a run of text.
+    Only the fields a translation reads are kept: reasoning (no chat form) only ends
+    a run of text.
     """
 
     __slots__ = ("_parts", "items")
@@ -80,7 +82,7 @@ class OutputRecorder:
                     "arguments": "",
                 }
             )
-        elif isinstance(event, OutputItem):
+        elif isinstance(event, OutputItem | ReasoningStart | ReasoningDelta):
             self._close_text()
         elif (
             isinstance(event, ToolArgumentsDelta)

@@ -5,9 +5,10 @@ answer under its own response and item ids, so only what the model produced is
 taken: text deltas, function calls (`output_item.added` gives `call_id` and name,
 then argument deltas) and the usage of the terminal event. Text or arguments that
 arrive only in a `.done` event (servers that do not stream deltas) are emitted
-then. Items of other types are taken whole from their `output_item.done` and passed
-on, with the upstream's item id: reasoning (summary, text, `encrypted_content`),
-custom and hosted tool calls; their own deltas are not relayed.
+then. A reasoning item streams (its start, its summary and text deltas) and ends
+with the whole item from its `output_item.done` (adding `encrypted_content`); items
+of other types are taken whole from their `output_item.done`: custom and hosted tool
+calls (their own deltas are not relayed). Upstream item ids are kept for these.
 
 The events are read in Rust (`_core.ResponsesStreamDecoder`,
 `rust/framing/upstream.rs`): one call per chunk of an SSE body or per WebSocket
@@ -26,6 +27,8 @@ from warmsocket._core import ResponsesStreamDecoder
 from warmsocket.backends.base import (
     ModelEvent,
     OutputItem,
+    ReasoningDelta,
+    ReasoningStart,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
@@ -77,6 +80,10 @@ def model_events(decoded: list[tuple[Any, ...]]) -> list[ModelEvent]:
             out.append(ToolCallStart(event[1], event[2]))
         elif kind == "item":
             out.append(OutputItem(event[1]))
+        elif kind == "reasoning_delta":
+            out.append(ReasoningDelta(event[3], event[1], event[2]))
+        elif kind == "reasoning":
+            out.append(ReasoningStart(event[1] or None))
         elif kind == "usage":
             out.append(UsageReport(event[1], event[2], event[3], event[4]))
         else:

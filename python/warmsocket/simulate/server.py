@@ -707,7 +707,8 @@ class _Connection(asyncio.Protocol):
             if kind == "reasoning":
                 if reasoning is None:
                     continue  # sent whole, with its first word
-                new = response.reasoning_item(reasoning, seal_reasoning(reasoning))
+                words = mockmodel.text_deltas(reasoning)
+                new = response.reasoning_item(reasoning, seal_reasoning(reasoning), words)
                 piece, reasoning = reasoning, None
             elif kind == "text":
                 new = response.text_delta(piece)
