@@ -679,8 +679,8 @@ impl ResponseEncoder {
 
     /// Close the streamed reasoning item `r`: its open part's `done` events, then,
     /// with the whole item (`last`), the parts not streamed yet given whole; then
-    /// `output_item.done` with the item: `last` as it came (its id kept, or the
-    /// one given at the start), else the item the deltas made.
+    /// `output_item.done` with the item, under the id its events carried: `last`
+    /// as it came, else the item the deltas made.
     fn finish_reasoning(&mut self, mut r: OpenReasoning, last: Option<Reasoning>) {
         let (stream_id, framing) = (self.stream_id.as_deref(), self.framing);
         let mut seq = r.close_part(&mut self.out, framing, stream_id, self.sequence_number);
@@ -696,9 +696,8 @@ impl ResponseEncoder {
                     let part = (PartKind::Text, i);
                     seq = whole_part(&mut self.out, framing, (stream_id, seq), at, part, text);
                 }
-                if let Some(id) = last.id {
-                    r.id = id;
-                }
+                // The id stays the one its events carried (the upstream's, unless
+                // its deltas came before any id).
                 (last.summary, last.content, last.encrypted_content)
             }
             None => {
@@ -1874,6 +1873,18 @@ mod tests {
         assert_eq!(other[2]["item"]["id"], "rs_a");
         assert_eq!(other[3]["item"]["id"], "rs_b");
         assert_eq!(e.output_items().len(), 2);
+        // Deltas before any id: the whole item finishes that item, under the id its
+        // events already carried.
+        let mut e = encoder(Framing::Json, None);
+        e.start();
+        let started = lines(e.reasoning_delta(true, 0, "a"));
+        let done = lines(
+            e.reasoning_item(br#"{"id":"rs_late","type":"reasoning","summary":[]}"#)
+                .unwrap(),
+        );
+        let id = &started[0]["item"]["id"];
+        assert!(id.as_str().unwrap().starts_with("rs_") && *id != "rs_late");
+        assert_eq!(&done.last().unwrap()["item"]["id"], id);
     }
 
     #[test]
