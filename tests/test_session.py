@@ -9,7 +9,15 @@ import pytest
 
 from tests.support import check_ws_event
 from warmsocket._core import ResponseEncoder, SessionCache, Tokenizer
-from warmsocket.backends.base import TextDelta, ToolArgumentsDelta, ToolCallStart, TurnFailed
+from warmsocket.backends.base import (
+    OutputItem,
+    ReasoningDelta,
+    ReasoningStart,
+    TextDelta,
+    ToolArgumentsDelta,
+    ToolCallStart,
+    TurnFailed,
+)
 from warmsocket.backends.mock import MockBackend
 from warmsocket.engine import Engine, Limits, Turn, instructions_key, stored_instructions_key
 from warmsocket.errors import model_failed, shared_store_unavailable
@@ -170,6 +178,34 @@ def test_steer_waits_for_the_open_item_then_interrupts() -> None:
     assert successor.items.to_objects() == [
         {"content": "new direction", "role": "user", "type": "message"}
     ]
+
+
+def test_steer_lets_a_streamed_reasoning_item_finish_whole() -> None:
+    # The whole reasoning item that finishes the streamed one (with its
+    # encrypted_content, which the upstream needs back) is not a new item: the
+    # steer point is the item after it.
+    h = Harness()
+    h.send(input="think", stream_id="s")
+    turn = h.started[-1]
+    h.session.model_event(turn, ReasoningStart("rs_up"))
+    h.session.model_event(turn, ReasoningDelta("Hmm", summary=True))
+    h.drain()
+    steer = {"type": "response.steer", "previous_response_id": turn.response_id, "input": "x"}
+    h.raw(json.dumps(steer))
+    whole = {
+        "id": "rs_up",
+        "type": "reasoning",
+        "summary": [{"type": "summary_text", "text": "Hmm"}],
+        "encrypted_content": "sealed",
+    }
+    h.session.model_event(turn, OutputItem(json.dumps(whole).encode()))
+    h.drain()
+    assert turn not in h.stopped
+    h.session.model_event(turn, TextDelta("answer"))  # a new item: steer point
+    h.drain()
+    assert turn in h.stopped
+    incomplete = h.last("response.incomplete")["response"]
+    assert incomplete["output"] == [whole]
 
 
 def test_steer_pending_then_prepended_to_the_explicit_continuation() -> None:

@@ -64,7 +64,8 @@ Framing = Literal["json", "websocket", "msgpack", "sse"]
 BYTES_PER_TOKEN_ESTIMATE = 4
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 Usage = tuple[int, int, int, int]
-"""(input_tokens, cached_tokens, output_tokens)."""
+"""(input_tokens, cached_tokens, output_tokens, reasoning_tokens): the reasoning
+tokens are part of the output tokens."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -575,7 +576,11 @@ class Turn:
 
     def starts_new_item(self, event: ModelEvent) -> bool:
         """Whether this event would close the open item and start another (steer point)."""
-        if isinstance(event, ToolCallStart | OutputItem | ReasoningStart):
+        if isinstance(event, OutputItem):
+            # The whole reasoning item finishing the one streamed is not a new item.
+            finishing = self.stream.open_kind == "reasoning"
+            return not (finishing and json.loads(event.item).get("type") == "reasoning")
+        if isinstance(event, ToolCallStart | ReasoningStart):
             return True
         if isinstance(event, ReasoningDelta):
             return self.stream.open_kind != "reasoning"
