@@ -10,6 +10,7 @@ from warmsocket.mockmodel import (
     Call,
     Reply,
     argument_deltas,
+    custom_tool_names,
     plan_reply,
     text_deltas,
     transcript,
@@ -132,6 +133,55 @@ def test_think_adds_reasoning_to_any_reply() -> None:
     assert transcript([reasoning, {"type": "reasoning", "summary": []}], None) == (
         "reasoning a b\nreasoning"
     )
+
+
+def test_custom_calls_a_custom_tool_with_free_form_input() -> None:
+    def custom(tail: list[dict[str, Any]], customs: tuple[str, ...] = ("apply_patch",)) -> Reply:
+        return plan_reply(
+            tail,
+            function_names=("get_weather",),
+            instructions=None,
+            full_context=lambda: tail,
+            custom_names=lambda: customs,
+        )
+
+    msg = user("/custom apply_patch *** Begin Patch {not json}\n/call get_weather {}")
+    wanted = (
+        Call("apply_patch", "*** Begin Patch {not json}", custom=True),
+        Call("get_weather", "{}"),
+    )
+    assert custom([msg]) == Reply("call", calls=wanted)
+    outputs = [
+        msg,
+        {"type": "custom_tool_call", "name": "apply_patch", "call_id": "c1", "input": "x"},
+        call("get_weather", "c2"),
+        {"type": "custom_tool_call_output", "call_id": "c1", "output": "applied"},
+        output("c2", "sun"),
+    ]
+    assert custom(outputs).text == "apply_patch returned: applied; get_weather returned: sun"
+    text = custom([user("/custom apply_patch x")], customs=()).text
+    assert text == "Cannot call apply_patch: it is not one of this request's custom tools."
+    # A function tool of that name is not a custom tool, nor the other way round.
+    assert "custom tools" in custom([user("/custom get_weather x")]).text
+    assert "function tools" in custom([user("/call apply_patch {}")]).text
+
+    # The request's custom tools are looked up only for /custom.
+    def unasked() -> tuple[str, ...]:
+        raise AssertionError("custom tools looked up")
+
+    for text in ("hi", "/call get_weather {}", "/transcript"):
+        plan_reply(
+            [user(text)],
+            function_names=("get_weather",),
+            instructions=None,
+            full_context=list,
+            custom_names=unasked,
+        )
+    assert transcript(outputs[1:2], None) == "custom_tool_call apply_patch c1"
+    assert transcript(outputs[3:4], None) == "custom_tool_call_output c1 applied"
+    assert custom_tool_names(
+        [{"type": "custom", "name": "a"}, {"type": "function", "name": "b"}, {"type": "custom"}]
+    ) == ["a"]
 
 
 def test_transcript_reads_the_full_context_only_when_asked() -> None:

@@ -339,3 +339,44 @@ def test_lanes_concurrent_fork_and_warmup(any_backend: RunningServer) -> None:
             assert (await coder.get_final_response()).output_text == "You said: again"
 
     asyncio.run(main())
+
+
+CUSTOM_TOOLS = [{"type": "custom", "name": "apply_patch", "description": "Apply a patch."}]
+
+
+def test_custom_tool_loop_over_websocket(any_backend: RunningServer) -> None:
+    # A custom (freeform) tool, as Codex's apply_patch on GPT-5: the call carries free
+    # text, its output continues the chain. Chat Completions has no custom tools, so
+    # warmsocket leaves them out there and the model says it cannot call one.
+    sdk = client(any_backend)
+    patch = "*** Begin Patch\n*** Update File: a.py\n*** End Patch"
+    prompt = "/custom apply_patch " + patch.replace("\n", " ")
+    with sdk.responses.connect() as connection:
+        connection.response.create(model=MODEL, input=prompt, tools=CUSTOM_TOOLS)  # type: ignore[arg-type]
+        first = _completed(connection)
+        if first.output[-1].type != "custom_tool_call":
+            assert first.output_text == (
+                "Cannot call apply_patch: it is not one of this request's custom tools."
+            )
+            assert any_backend.server.engine.backend.name == "upstream-chat"
+            return
+        call = first.output[-1]
+        assert (call.name, call.input) == ("apply_patch", patch.replace("\n", " "))
+        connection.response.create(
+            model=MODEL,
+            previous_response_id=first.id,
+            input=[{"type": "custom_tool_call_output", "call_id": call.call_id, "output": "done"}],
+            tools=CUSTOM_TOOLS,  # type: ignore[arg-type]
+        )
+        second = _completed(connection)
+    assert second.output_text == "apply_patch returned: done"
+
+
+def _completed(connection: Any) -> Any:
+    """The Response of the next terminal event on a `responses.connect()` connection;
+    every event was parsed into the SDK's types on the way."""
+    for event in connection:
+        if event.type == "response.completed":
+            return event.response
+        assert event.type not in ("error", "response.failed"), event
+    raise AssertionError("the connection closed")

@@ -15,7 +15,7 @@ from openai.types.responses import Response
 from pydantic import BaseModel
 from websockets.sync.client import connect
 
-from tests.support import FUNCTION_TOOLS
+from tests.support import FUNCTION_TOOLS, check_sse_event
 from tests.upstream_support import RunningSim, running_sim
 from warmsocket import mockmodel
 from warmsocket.prefixhash import PromptHasher, count_tokens
@@ -383,3 +383,31 @@ def test_reasoning_is_sealed_and_a_tampered_item_is_refused() -> None:
         assert sim.stats()["requests"][-1]["status"] == 400
     assert unsealed_reasoning([{"type": "reasoning", "summary": []}]) is None  # nothing sealed
     assert unsealed_reasoning([{"type": "reasoning", "encrypted_content": 5}]) == "input[0]"
+
+
+def test_custom_tool_calls_stream_in_openais_events() -> None:
+    # What warmsocket relays: the simulator's own events, checked against the SDK's types.
+    tools = [{"type": "custom", "name": "apply_patch"}]
+    body = {"model": "m", "input": "/custom apply_patch a b c", "tools": tools, "stream": True}
+    with running_sim() as sim, httpx.Client(base_url=sim.base_url, timeout=10) as http:
+        answer = http.post("/responses", json=body)
+    events = [
+        json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: ")
+    ]
+    for event in events:
+        check_sse_event(event)
+    kinds = [e["type"] for e in events]
+    assert kinds[2:-1] == [
+        "response.output_item.added",
+        *["response.custom_tool_call_input.delta"] * 3,
+        "response.custom_tool_call_input.done",
+        "response.output_item.done",
+    ]
+    assert [e["delta"] for e in events[3:6]] == ["a", " b", " c"]
+    call = events[-2]["item"]
+    assert (call["type"], call["name"], call["input"]) == (
+        "custom_tool_call",
+        "apply_patch",
+        "a b c",
+    )
+    assert events[-1]["response"]["output"] == [call]

@@ -10,11 +10,16 @@ state handling is right. Read from the newest user message:
 * several ``/call`` lines: parallel tool calls, all in one response, in the order
   written; once every call has its output, replies ``NAME returned: <output>`` for
   each call in order, joined by ``; ``
+* ``/custom NAME TEXT``: calls custom (freeform) tool NAME (one of the request's
+  ``custom`` tools) with TEXT, the rest of the line, as its input; once the matching
+  ``custom_tool_call_output`` has come back, replies ``NAME returned: <output>``
+  (combines with ``/call`` lines: parallel calls)
 * ``/repeat N NAME JSON``: calls NAME once per turn until N outputs for it have come back
   after that user message, then replies ``done after N calls``
 * ``/transcript``: one line per item of the full context, in order:
   ``instructions: <text>`` when set, ``<role>: <text>`` for messages,
-  ``function_call <name> <call_id>``, ``function_call_output <call_id> <output>``,
+  ``function_call <name> <call_id>``, ``function_call_output <call_id> <output>``
+  (custom tools: ``custom_tool_call``, ``custom_tool_call_output``),
   ``reasoning <summary>``; other items by their type
 * ``/fail``: the response fails with ``server_error``
 * ``/sleep MS``: waits MS milliseconds before answering (combines with the others)
@@ -43,10 +48,12 @@ MAX_SLEEP_MS = 600_000
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One function call of a reply."""
+    """One tool call of a reply: a function call, or with `custom` a custom tool call
+    whose `arguments` are its free-form input."""
 
     name: str
     arguments: str
+    custom: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +81,14 @@ def plan_reply(
     function_names: Iterable[str],
     instructions: str | None,
     full_context: Callable[[], Sequence[dict[str, Any]]],
+    custom_names: Callable[[], Iterable[str]] = tuple,
 ) -> Reply:
     """Decide the reply.
 
     `tail` is the context from the newest user message (inclusive) to the end; the
     whole context when there is no user message. `full_context` is called only for
-    ``/transcript``, so a normal turn never reads the whole history.
+    ``/transcript``, so a normal turn never reads the whole history; `custom_names`
+    (the request's custom tools) only for ``/custom``.
     """
     user_index = _last_user_message(tail)
     if user_index is None:
@@ -104,7 +113,7 @@ def plan_reply(
             reasoning = rest
         elif directive is None:
             directive = _parse_directive(command, rest)
-        elif directive.kind == "call" and command == "/call":
+        elif directive.kind == "call" and command in ("/call", "/custom"):
             more = _parse_directive(command, rest)
             if more is not None:
                 directive = _Directive("call", directive.calls + more.calls)
@@ -115,6 +124,7 @@ def plan_reply(
         after=after,
         reply=reply,
         function_names=function_names,
+        custom_names=custom_names,
         instructions=instructions,
         full_context=full_context,
     )
@@ -130,6 +140,7 @@ def _decide(
     after: Sequence[dict[str, Any]],
     reply: str | None,
     function_names: Iterable[str],
+    custom_names: Callable[[], Iterable[str]],
     instructions: str | None,
     full_context: Callable[[], Sequence[dict[str, Any]]],
 ) -> Reply:
@@ -142,7 +153,15 @@ def _decide(
         return Reply("text", transcript(full_context(), instructions))
 
     names = set(function_names)
+    customs = set(custom_names()) if any(c.custom for c in directive.calls) else set()
     for wanted in directive.calls:
+        if wanted.custom:
+            if wanted.name not in customs:
+                return Reply(
+                    "text",
+                    f"Cannot call {wanted.name}: it is not one of this request's custom tools.",
+                )
+            continue
         if wanted.name not in names:
             return Reply(
                 "text",
@@ -173,8 +192,10 @@ def transcript(items: Sequence[dict[str, Any]], instructions: str | None) -> str
             lines.append(f"{item.get('role')}: {message_text(item)}")
         elif kind == "function_call":
             lines.append(f"function_call {item.get('name')} {item.get('call_id')}")
-        elif kind == "function_call_output":
-            lines.append(f"function_call_output {item.get('call_id')} {output_text(item)}")
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            lines.append(f"{kind} {item.get('call_id')} {output_text(item)}")
+        elif kind == "custom_tool_call":
+            lines.append(f"custom_tool_call {item.get('name')} {item.get('call_id')}")
         elif kind == "reasoning":
             summary = item.get("summary")
             parts = summary if isinstance(summary, list) else []
@@ -183,6 +204,28 @@ def transcript(items: Sequence[dict[str, Any]], instructions: str | None) -> str
         else:
             lines.append(str(kind))
     return "\n".join(lines)
+
+
+def custom_tool_names(tools: Any) -> list[str]:
+    """The names of a request's custom (freeform) tools."""
+    return [
+        tool["name"]
+        for tool in (tools if isinstance(tools, list) else ())
+        if isinstance(tool, dict)
+        and tool.get("type") == "custom"
+        and isinstance(tool.get("name"), str)
+    ]
+
+
+def custom_tool_call(item_id: str, call_id: str, call: Call) -> dict[str, Any]:
+    """The `custom_tool_call` item of a ``/custom`` call."""
+    return {
+        "id": item_id,
+        "type": "custom_tool_call",
+        "call_id": call_id,
+        "name": call.name,
+        "input": call.arguments,
+    }
 
 
 def reasoning_item(summary: str, encrypted_content: str | None = None) -> bytes:
@@ -251,12 +294,12 @@ def _answered_calls(items: Sequence[dict[str, Any]], names: set[str]) -> list[tu
     outputs = {
         item.get("call_id"): output_text(item)
         for item in items
-        if item.get("type") == "function_call_output"
+        if item.get("type") in ("function_call_output", "custom_tool_call_output")
     }
     return [
         (str(item.get("name")), outputs[item.get("call_id")])
         for item in items
-        if item.get("type") == "function_call"
+        if item.get("type") in ("function_call", "custom_tool_call")
         and item.get("name") in names
         and item.get("call_id") in outputs
     ]
@@ -283,6 +326,11 @@ def _parse_directive(command: str, rest: str) -> _Directive | None:
         parts = rest.split(maxsplit=1)
         if parts:
             return _Directive("call", (Call(parts[0], parts[1] if len(parts) > 1 else "{}"),))
+    if command == "/custom":
+        parts = rest.split(maxsplit=1)
+        if parts:
+            custom = Call(parts[0], parts[1] if len(parts) > 1 else "", custom=True)
+            return _Directive("call", (custom,))
     if command == "/repeat":
         parts = rest.split(maxsplit=2)
         if len(parts) >= 2 and parts[0].isdigit():

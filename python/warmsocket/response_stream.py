@@ -232,6 +232,35 @@ class ResponseStream:
         frames.append(self._item_event("response.output_item.done", index, body))
         return frames
 
+    def custom_tool_call(self, call_id: str, name: str, deltas: list[str]) -> list[bytes]:
+        """A whole custom tool call whose input is `deltas` joined, as OpenAI streams it:
+        added, the input's deltas, input done, done."""
+        frames = self.close_item()
+        item_id = ids.new_id("ctc")
+        index = len(self.output)
+        at = b'"item_id":' + dumps(item_id) + b',"output_index":' + str(index).encode()
+        full = "".join(deltas)
+        body = {"id": item_id, "type": "custom_tool_call", "call_id": call_id, "name": name}
+        frames.append(self._item_event("response.output_item.added", index, {**body, "input": ""}))
+        for delta in deltas:
+            frames.append(
+                self._event(
+                    b'"type":"response.custom_tool_call_input.delta",'
+                    + at
+                    + b',"delta":'
+                    + dumps(delta)
+                )
+            )
+        frames.append(
+            self._event(
+                b'"type":"response.custom_tool_call_input.done",' + at + b',"input":' + dumps(full)
+            )
+        )
+        done = {**body, "input": full}
+        self.output.append(done)
+        frames.append(self._item_event("response.output_item.done", index, done))
+        return frames
+
     def close_item(self) -> list[bytes]:
         """Finish the open item, if any (its `.done` events)."""
         item = self._open

@@ -77,6 +77,7 @@ class MockBackend:
             function_names=turn.function_names,
             instructions=turn.instructions,
             full_context=lambda: json.loads(turn.view.json()),
+            custom_names=lambda: mockmodel.custom_tool_names(turn.settings.get("tools")),
         )
 
     @staticmethod
@@ -88,6 +89,10 @@ class MockBackend:
             events.append(TurnFailed(errors.model_failed()))
         elif reply.kind == "call":
             for call in reply.calls:
+                if call.custom:
+                    item = mockmodel.custom_tool_call(ids.new_id("ctc"), ids.call_id(), call)
+                    events.append(OutputItem(json.dumps(item).encode()))
+                    continue
                 events.append(ToolCallStart(ids.call_id(), call.name))
                 events += map(ToolArgumentsDelta, mockmodel.argument_deltas(call.arguments))
         else:

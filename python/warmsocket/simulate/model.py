@@ -300,6 +300,8 @@ def plan(
         function_names=function_names(tools),
         instructions=instructions,
         full_context=lambda: items,
+        # Responses tools only: custom tools in a chat body are not at the top level.
+        custom_names=lambda: mockmodel.custom_tool_names(tools),
     )
 
 

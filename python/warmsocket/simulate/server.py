@@ -496,6 +496,10 @@ class _Connection(asyncio.Protocol):
             pieces += [("reasoning", p) for p in mockmodel.text_deltas(reply.reasoning)]
         if reply.kind == "call":
             for call in reply.calls:
+                if call.custom:  # its input a word at a time
+                    pieces.append(("custom", call.name))
+                    pieces += [("input", p) for p in mockmodel.text_deltas(call.arguments)]
+                    continue
                 pieces.append(("call", call.name))
                 pieces += [("args", p) for p in mockmodel.argument_deltas(call.arguments)]
         elif reply.kind == "text":
@@ -703,8 +707,19 @@ class _Connection(asyncio.Protocol):
         texts = ["", ""]
         calls = iter(answer.call_ids)
         reasoning = answer.reply.reasoning
-        for kind, piece in self._deltas(answer):
-            if kind == "reasoning":
+        pieces = self._deltas(answer)
+        for position, (kind, piece) in enumerate(pieces):
+            if kind == "input":
+                continue  # sent with its call
+            if kind == "custom":
+                words = []
+                for later, text in pieces[position + 1 :]:
+                    if later != "input":
+                        break
+                    words.append(text)
+                new = response.custom_tool_call(next(calls), piece, words)
+                piece = "".join(words)
+            elif kind == "reasoning":
                 if reasoning is None:
                     continue  # sent whole, with its first word
                 words = mockmodel.text_deltas(reasoning)
