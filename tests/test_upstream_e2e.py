@@ -541,10 +541,9 @@ class CustomToolUpstream:
             pass
 
 
-def test_a_custom_tool_call_from_the_upstream_reaches_the_client_and_the_chain() -> None:
-    """Items warmsocket does not build from deltas (custom and hosted tool calls) are
-    passed on whole, as the upstream finished them, and stored in the chain: the
-    client's custom_tool_call_output then continues it."""
+def test_a_custom_tool_call_from_the_upstream_streams_and_stays_in_the_chain() -> None:
+    """A custom (freeform) tool call streams through like a function call and is
+    stored in the chain: the client's custom_tool_call_output then continues it."""
     from tests.test_upstream_failures import ws_front
 
     upstream = CustomToolUpstream()
@@ -557,13 +556,20 @@ def test_a_custom_tool_call_from_the_upstream_reaches_the_client_and_the_chain()
         )
         with httpx.Client(base_url=front.base_url) as http:
             stored = http.get(f"/responses/{first[-1]['response']['id']}").json()
-    assert [e["type"] for e in first[2:4]] == [
+    # Streamed as the upstream streamed it, under warmsocket's own item id (as a
+    # function call is).
+    assert [e["type"] for e in first[2:6]] == [
         "response.output_item.added",
+        "response.custom_tool_call_input.delta",
+        "response.custom_tool_call_input.done",
         "response.output_item.done",
     ]
-    assert first[2]["item"] == first[3]["item"] == CustomToolUpstream.CALL
-    assert first[-1]["response"]["output"] == [CustomToolUpstream.CALL]
-    assert stored["output"] == [CustomToolUpstream.CALL]
+    done = first[5]["item"]
+    assert done["id"].startswith("ctc_") and done["id"] != CustomToolUpstream.CALL["id"]
+    assert done == {**CustomToolUpstream.CALL, "id": done["id"]}
+    assert first[3]["delta"] == CustomToolUpstream.CALL["input"]
+    assert first[-1]["response"]["output"] == [done]
+    assert stored["output"] == [done]
     assert output_text(second) == "patched"
     # Chained upstream: only the output went up, after the upstream's own response.
     assert upstream.requests[1]["previous_response_id"] == "resp_up1"

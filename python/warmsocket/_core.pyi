@@ -833,10 +833,12 @@ class ResponseEncoder:
         """Assistant text (opens a message item when none is open)."""
     def text_deltas(self, texts: list[str]) -> bytes:
         """`text_delta` of each text, in order, in one call: one event per text."""
-    def tool_call_start(self, call_id: str, name: str) -> bytes:
-        """Close the open item and start a function_call item."""
+    def tool_call_start(self, call_id: str, name: str, *, custom: bool = False) -> bytes:
+        """Close the open item and start a function_call item (with `custom`, a
+        custom_tool_call item)."""
     def tool_arguments_delta(self, delta: str) -> bytes:
-        """Arguments of the open function_call item (nothing when none is open)."""
+        """Arguments of the open function_call item, or input of the open custom tool
+        call (nothing when neither is open)."""
     def close_item(self) -> bytes:
         """The open item's `.done` events, if an item is open."""
     def reasoning_start(self, item_id: str | None = None) -> bytes:
@@ -875,7 +877,9 @@ class ResponseEncoder:
     @property
     def status(self) -> Literal["in_progress", "completed", "failed", "incomplete"]: ...
     @property
-    def open_kind(self) -> Literal["message", "function_call", "reasoning"] | None: ...
+    def open_kind(
+        self,
+    ) -> Literal["message", "function_call", "custom_tool_call", "reasoning"] | None: ...
     @property
     def framing(self) -> _Framing: ...
     @property
@@ -909,7 +913,7 @@ def frame_event(event: bytes, framing: _Framing) -> bytes:
 _DecodedEvent: TypeAlias = (
     tuple[Literal["text"], str]
     | tuple[Literal["args"], str]
-    | tuple[Literal["call"], str, str]
+    | tuple[Literal["call"], str, str, bool]
     | tuple[Literal["item"], bytes]
     | tuple[Literal["reasoning"], str]
     | tuple[Literal["reasoning_delta"], bool, int, str]
@@ -918,11 +922,11 @@ _DecodedEvent: TypeAlias = (
     | tuple[Literal["error"], bytes, int | None]
     | tuple[Literal["protocol"]]
 )
-"""What the model produced: `("text", delta)`, `("args", delta)`, `("call", call_id,
-name)`, `("item", item_json)` (a finished item of another type: reasoning, custom
-or hosted tool call, whole), `("reasoning", item_id)` (a reasoning item starts),
-`("reasoning_delta", summary, index, delta)` (of a summary part, else of a
-`reasoning_text` part),
+"""What the model produced: `("text", delta)`, `("args", delta)` (or a custom tool
+call's input), `("call", call_id, name, custom)`, `("item", item_json)` (a finished
+item of another type: reasoning, custom or hosted tool call, whole),
+`("reasoning", item_id)` (a reasoning item starts), `("reasoning_delta", summary,
+index, delta)` (of a summary part, else of a `reasoning_text` part),
 `("usage", input_tokens, cached_tokens, output_tokens, reasoning_tokens)`; or, last, why the
 stream stopped: `("failed", error_json)` (`response.failed`, its Response's `error`
 object), `("error", error_json, status)` (an `error` event: the nested object of the

@@ -542,7 +542,7 @@ class Turn:
             return self.stream.tool_arguments_delta(event.delta)
         if isinstance(event, ToolCallStart):
             self.output_chars += len(event.name)
-            return self.stream.tool_call_start(event.call_id, event.name)
+            return self.stream.tool_call_start(event.call_id, event.name, custom=event.custom)
         if isinstance(event, ReasoningDelta):
             self.reasoning_chars += len(event.text)
             return self.stream.reasoning_delta(event.summary, event.index, event.text)

@@ -217,17 +217,6 @@ def custom_tool_names(tools: Any) -> list[str]:
     ]
 
 
-def custom_tool_call(item_id: str, call_id: str, call: Call) -> dict[str, Any]:
-    """The `custom_tool_call` item of a ``/custom`` call."""
-    return {
-        "id": item_id,
-        "type": "custom_tool_call",
-        "call_id": call_id,
-        "name": call.name,
-        "input": call.arguments,
-    }
-
-
 def reasoning_item(summary: str, encrypted_content: str | None = None) -> bytes:
     """The reasoning item of ``/think SUMMARY`` as JSON (no id: the encoder gives one)."""
     item: dict[str, Any] = {

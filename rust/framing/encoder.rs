@@ -99,6 +99,8 @@ pub struct ResponseHead<'a> {
 pub enum ItemKind {
     Message,
     FunctionCall,
+    /// A custom (freeform) tool call: its text is the call's input.
+    CustomToolCall,
 }
 
 impl ItemKind {
@@ -106,6 +108,7 @@ impl ItemKind {
         match self {
             ItemKind::Message => "message",
             ItemKind::FunctionCall => "function_call",
+            ItemKind::CustomToolCall => "custom_tool_call",
         }
     }
 }
@@ -355,19 +358,33 @@ impl ResponseEncoder {
         &self.out
     }
 
-    /// Arguments of the open function_call item; nothing when none is open.
+    /// Starts a custom (freeform) tool call item (closing the open one); its input
+    /// comes as `tool_arguments_delta`s.
+    pub fn custom_tool_call_start(&mut self, call_id: &str, name: &str) -> &[u8] {
+        self.out.clear();
+        self.close_open();
+        self.open_item(
+            ItemKind::CustomToolCall,
+            call_id.to_owned(),
+            name.to_owned(),
+        );
+        &self.out
+    }
+
+    /// Arguments of the open function_call item, or input of the open custom tool
+    /// call; nothing when neither is open.
     pub fn tool_arguments_delta(&mut self, delta: &str) -> &[u8] {
         self.out.clear();
-        let Some(item) = self
-            .open
-            .as_mut()
-            .filter(|i| i.kind == ItemKind::FunctionCall)
-        else {
+        let Some(item) = self.open.as_mut().filter(|i| i.kind != ItemKind::Message) else {
             return &self.out;
         };
         item.text.push_str(delta);
         let (stream_id, seq) = (self.stream_id.as_deref(), self.sequence_number);
-        let ty = "response.function_call_arguments.delta";
+        let ty = if item.kind == ItemKind::CustomToolCall {
+            "response.custom_tool_call_input.delta"
+        } else {
+            "response.function_call_arguments.delta"
+        };
         emit(&mut self.out, self.framing, ty, |s| {
             head(s, stream_id, seq, ty, 3);
             locate(s, item);
@@ -743,6 +760,7 @@ impl ResponseEncoder {
         let prefix = match kind {
             ItemKind::Message => "msg",
             ItemKind::FunctionCall => "fc",
+            ItemKind::CustomToolCall => "ctc",
         };
         let item = OpenItem {
             kind,
@@ -788,6 +806,20 @@ impl ResponseEncoder {
                     s.key("name");
                     s.str(&item.name);
                     s.key("arguments");
+                    s.str("");
+                    s.end();
+                }
+                ItemKind::CustomToolCall => {
+                    s.begin(5);
+                    s.key("id");
+                    s.str(&item.id);
+                    s.key("type");
+                    s.str("custom_tool_call");
+                    s.key("call_id");
+                    s.str(&item.call_id);
+                    s.key("name");
+                    s.str(&item.name);
+                    s.key("input");
                     s.str("");
                     s.end();
                 }
@@ -880,6 +912,24 @@ impl ResponseEncoder {
                     "call_id": item.call_id,
                     "name": item.name,
                     "arguments": item.text,
+                })
+            }
+            ItemKind::CustomToolCall => {
+                let ty = "response.custom_tool_call_input.done";
+                emit(&mut self.out, framing, ty, |s| {
+                    head(s, stream_id, seq, ty, 3);
+                    locate(s, &item);
+                    s.key("input");
+                    s.str(&item.text);
+                    s.end();
+                });
+                seq += 1;
+                serde_json::json!({
+                    "id": item.id,
+                    "type": "custom_tool_call",
+                    "call_id": item.call_id,
+                    "name": item.name,
+                    "input": item.text,
                 })
             }
         };
@@ -1885,6 +1935,44 @@ mod tests {
         let id = &started[0]["item"]["id"];
         assert!(id.as_str().unwrap().starts_with("rs_") && *id != "rs_late");
         assert_eq!(&done.last().unwrap()["item"]["id"], id);
+    }
+
+    #[test]
+    fn a_custom_tool_call_streams_its_input() {
+        let mut e = encoder(Framing::Json, None);
+        let mut out = e.start().to_vec();
+        out.extend_from_slice(e.custom_tool_call_start("call_1", "apply_patch"));
+        assert_eq!(e.open_kind(), Some(ItemKind::CustomToolCall));
+        out.extend_from_slice(e.tool_arguments_delta("*** Begin"));
+        out.extend_from_slice(e.tool_arguments_delta(" Patch"));
+        out.extend_from_slice(e.complete(Usage::default(), 9));
+        let events = lines(&out);
+        let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            types[2..7],
+            [
+                "response.output_item.added",
+                "response.custom_tool_call_input.delta",
+                "response.custom_tool_call_input.delta",
+                "response.custom_tool_call_input.done",
+                "response.output_item.done",
+            ]
+        );
+        let added = &events[2]["item"];
+        let id = added["id"].as_str().unwrap();
+        assert!(id.starts_with("ctc_"));
+        assert_eq!(added["input"], "");
+        assert_eq!(events[3]["item_id"], id);
+        assert_eq!(events[5]["input"], "*** Begin Patch");
+        let done = serde_json::json!({
+            "id": id,
+            "type": "custom_tool_call",
+            "call_id": "call_1",
+            "name": "apply_patch",
+            "input": "*** Begin Patch",
+        });
+        assert_eq!(events[6]["item"], done);
+        assert_eq!(events[7]["response"]["output"][0], done);
     }
 
     #[test]

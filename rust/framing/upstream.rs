@@ -27,9 +27,12 @@ use super::value::{write_canonical, Value};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Text(String),
+    /// A function call starts, or (`custom`) a custom tool call, whose input then
+    /// comes as `Arguments`.
     Call {
         call_id: String,
         name: String,
+        custom: bool,
     },
     Arguments(String),
     /// A reasoning item starts (its `output_item.added`): the upstream's item id.
@@ -272,7 +275,7 @@ impl ResponsesDecoder {
                     out.push(Event::Text(delta.to_owned()));
                 }
             }
-            "response.function_call_arguments.delta" => {
+            "response.function_call_arguments.delta" | "response.custom_tool_call_input.delta" => {
                 if let Some(delta) = nonempty_str(data.get("delta")) {
                     self.count(data, delta);
                     out.push(Event::Arguments(delta.to_owned()));
@@ -282,20 +285,22 @@ impl ResponsesDecoder {
                 let Some(item) = data.get("item").filter(|i| i.as_object().is_some()) else {
                     return Ok(());
                 };
-                match item.get("type").and_then(Value::as_str) {
-                    Some("function_call") => {}
+                let (custom, field) = match item.get("type").and_then(Value::as_str) {
+                    Some("function_call") => (false, "arguments"),
+                    Some("custom_tool_call") => (true, "input"),
                     Some("reasoning") => {
                         out.push(Event::ReasoningStart(text_of(item.get("id"))));
                         return Ok(());
                     }
                     _ => return Ok(()),
-                }
+                };
                 let item_id = text_of(item.get("id"));
                 out.push(Event::Call {
                     call_id: text_of(item.get("call_id")),
                     name: text_of(item.get("name")),
+                    custom,
                 });
-                if let Some(arguments) = nonempty_str(item.get("arguments")) {
+                if let Some(arguments) = nonempty_str(item.get(field)) {
                     self.emitted
                         .insert(item_id.clone(), arguments.chars().count());
                     out.push(Event::Arguments(arguments.to_owned()));
@@ -324,9 +329,14 @@ impl ResponsesDecoder {
                     out.push(Event::Text(rest));
                 }
             }
-            "response.function_call_arguments.done" => {
+            "response.function_call_arguments.done" | "response.custom_tool_call_input.done" => {
                 let item_id = text_of(data.get("item_id"));
-                if let Some(rest) = self.rest(&item_id, data.get("arguments")) {
+                let field = if kind == "response.custom_tool_call_input.done" {
+                    "input"
+                } else {
+                    "arguments"
+                };
+                if let Some(rest) = self.rest(&item_id, data.get(field)) {
                     out.push(Event::Arguments(rest));
                 }
             }
@@ -338,6 +348,11 @@ impl ResponsesDecoder {
                 match item.get("type").and_then(Value::as_str) {
                     Some("function_call") if self.function_items.contains(&item_id) => {
                         if let Some(rest) = self.rest(&item_id, item.get("arguments")) {
+                            out.push(Event::Arguments(rest));
+                        }
+                    }
+                    Some("custom_tool_call") if self.function_items.contains(&item_id) => {
+                        if let Some(rest) = self.rest(&item_id, item.get("input")) {
                             out.push(Event::Arguments(rest));
                         }
                     }
@@ -622,6 +637,7 @@ mod tests {
             Event::Call {
                 call_id: "call_9".into(),
                 name: "f".into(),
+                custom: false,
             },
             Event::Arguments("{\"a\":".into()),
             Event::Arguments("1}".into()),
@@ -716,28 +732,70 @@ mod tests {
     }
 
     #[test]
+    fn a_custom_tool_call_streams_its_input() {
+        let added = r#"{"type":"response.output_item.added","output_index":0,"item":{"id":"ctc_1","type":"custom_tool_call","call_id":"c","name":"apply_patch","input":""}}"#;
+        let delta = r#"{"type":"response.custom_tool_call_input.delta","item_id":"ctc_1","output_index":0,"delta":"*** Begin"}"#;
+        // The rest comes only in the .done events (servers that do not stream it).
+        let done = r#"{"type":"response.custom_tool_call_input.done","item_id":"ctc_1","output_index":0,"input":"*** Begin Patch"}"#;
+        let item_done = r#"{"type":"response.output_item.done","output_index":0,"item":{"id":"ctc_1","type":"custom_tool_call","call_id":"c","name":"apply_patch","input":"*** Begin Patch!"}}"#;
+        let body = [
+            ("response.output_item.added", added),
+            ("response.custom_tool_call_input.delta", delta),
+            ("response.custom_tool_call_input.done", done),
+            ("response.output_item.done", item_done),
+        ]
+        .iter()
+        .map(|(name, data)| sse(name, data))
+        .collect::<String>();
+        for step in [1, 5, body.len()] {
+            let (_, decoded) = decode(&body, step);
+            assert_eq!(
+                decoded.unwrap(),
+                vec![
+                    Event::Call {
+                        call_id: "c".into(),
+                        name: "apply_patch".into(),
+                        custom: true,
+                    },
+                    Event::Arguments("*** Begin".into()),
+                    Event::Arguments(" Patch".into()),
+                    Event::Arguments("!".into()),
+                ]
+            );
+        }
+    }
+
+    #[test]
     fn other_items_are_taken_whole_from_their_done_event() {
-        let item = r#"{"id":"ctc_1","type":"custom_tool_call","call_id":"c","name":"apply_patch","input":"x"}"#;
-        let body = sse(
-            "response.output_item.added",
-            r#"{"type":"response.output_item.added","output_index":0,"item":{"id":"ctc_1","type":"custom_tool_call","call_id":"c","name":"apply_patch","input":""}}"#,
-        ) + &sse(
-            "response.custom_tool_call_input.delta",
-            r#"{"type":"response.custom_tool_call_input.delta","item_id":"ctc_1","output_index":0,"delta":"x"}"#,
-        ) + &sse(
-            "response.output_item.done",
-            &format!(r#"{{"type":"response.output_item.done","output_index":0,"item":{item}}}"#),
-        );
+        // A hosted tool call, and a custom tool call whose start never came.
+        let items = [
+            r#"{"id":"ws_1","type":"web_search_call","status":"completed","action":{"type":"search","query":"q"}}"#,
+            r#"{"id":"ctc_2","type":"custom_tool_call","call_id":"c","name":"apply_patch","input":"x"}"#,
+        ];
+        let body: String = items
+            .iter()
+            .map(|item| {
+                sse(
+                    "response.output_item.done",
+                    &format!(
+                        r#"{{"type":"response.output_item.done","output_index":0,"item":{item}}}"#
+                    ),
+                )
+            })
+            .collect();
         let (_, decoded) = decode(&body, 3);
         let decoded = decoded.unwrap();
-        let [Event::Item(json)] = decoded.as_slice() else {
-            panic!("{decoded:?}");
-        };
-        let got: serde_json::Value = serde_json::from_slice(json).unwrap();
-        assert_eq!(
-            got,
-            serde_json::from_str::<serde_json::Value>(item).unwrap()
-        );
+        assert_eq!(decoded.len(), 2);
+        for (event, item) in decoded.iter().zip(items) {
+            let Event::Item(json) = event else {
+                panic!("{decoded:?}");
+            };
+            let got: serde_json::Value = serde_json::from_slice(json).unwrap();
+            assert_eq!(
+                got,
+                serde_json::from_str::<serde_json::Value>(item).unwrap()
+            );
+        }
     }
 
     #[test]

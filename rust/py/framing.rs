@@ -381,13 +381,21 @@ impl PyResponseEncoder {
         PyBytes::new(py, &out)
     }
 
+    #[pyo3(signature = (call_id, name, *, custom = false))]
     fn tool_call_start<'py>(
         &mut self,
         py: Python<'py>,
         call_id: &Bound<'py, PyString>,
         name: &Bound<'py, PyString>,
+        custom: bool,
     ) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, self.inner.tool_call_start(&text(call_id), &text(name)))
+        let (call_id, name) = (text(call_id), text(name));
+        let out = if custom {
+            self.inner.custom_tool_call_start(&call_id, &name)
+        } else {
+            self.inner.tool_call_start(&call_id, &name)
+        };
+        PyBytes::new(py, out)
     }
 
     fn tool_arguments_delta<'py>(

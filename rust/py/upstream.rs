@@ -76,7 +76,11 @@ fn events_list<'py>(
         let tuple = match event {
             Event::Text(text) => ("text", text).into_pyobject(py)?,
             Event::Arguments(delta) => ("args", delta).into_pyobject(py)?,
-            Event::Call { call_id, name } => ("call", call_id, name).into_pyobject(py)?,
+            Event::Call {
+                call_id,
+                name,
+                custom,
+            } => ("call", call_id, name, custom).into_pyobject(py)?,
             Event::Item(item) => ("item", PyBytes::new(py, &item)).into_pyobject(py)?,
             Event::ReasoningStart(id) => ("reasoning", id).into_pyobject(py)?,
             Event::ReasoningDelta {

@@ -25,10 +25,12 @@ class TextDelta:
 
 @dataclass(frozen=True, slots=True)
 class ToolCallStart:
-    """Starts a function_call item."""
+    """Starts a function_call item, or with `custom` a custom (freeform) tool call,
+    whose input then comes as `ToolArgumentsDelta`s."""
 
     call_id: str
     name: str
+    custom: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +62,11 @@ class ReasoningDelta:
 @dataclass(frozen=True, slots=True)
 class OutputItem:
     """A whole output item of a type not built from deltas, as JSON: a reasoning item
-    (`summary`, optional `content` and `encrypted_content`), a custom or hosted tool
-    call; with the upstream's `id`. Closes the open item. It is shown to the client
-    and kept in the chain, so it goes back to the upstream with the context (as
-    reasoning models need their reasoning items, and a custom tool's output its
-    call)."""
+    (`summary`, optional `content` and `encrypted_content`), a hosted tool call (or a
+    custom one whose start never came); with the upstream's `id`. Closes the open
+    item, except a reasoning item that finishes the one streamed. It is shown to the
+    client and kept in the chain, so it goes back to the upstream with the context
+    (as reasoning models need their reasoning items)."""
 
     item: bytes
 

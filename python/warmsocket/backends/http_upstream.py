@@ -72,6 +72,9 @@ class OutputRecorder:
                 self._parts = []
                 self.items.append({"type": "message", "role": "assistant", "content": []})
             self._parts.append(event.text)
+        elif isinstance(event, ToolCallStart) and event.custom:
+            self._close_text()  # no chat form: only ends a run of text
+            self.items.append({"type": "custom_tool_call"})
         elif isinstance(event, ToolCallStart):
             self._close_text()
             self.items.append(

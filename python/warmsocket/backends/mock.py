@@ -89,12 +89,11 @@ class MockBackend:
             events.append(TurnFailed(errors.model_failed()))
         elif reply.kind == "call":
             for call in reply.calls:
-                if call.custom:
-                    item = mockmodel.custom_tool_call(ids.new_id("ctc"), ids.call_id(), call)
-                    events.append(OutputItem(json.dumps(item).encode()))
-                    continue
-                events.append(ToolCallStart(ids.call_id(), call.name))
-                events += map(ToolArgumentsDelta, mockmodel.argument_deltas(call.arguments))
+                events.append(ToolCallStart(ids.call_id(), call.name, custom=call.custom))
+                deltas = (mockmodel.text_deltas if call.custom else mockmodel.argument_deltas)(
+                    call.arguments
+                )
+                events += map(ToolArgumentsDelta, deltas)
         else:
             events += map(TextDelta, mockmodel.text_deltas(reply.text))
         return events

@@ -2,13 +2,14 @@
 
 Used by the `responses` (SSE) and `responses-ws` backends. warmsocket re-emits the
 answer under its own response and item ids, so only what the model produced is
-taken: text deltas, function calls (`output_item.added` gives `call_id` and name,
-then argument deltas) and the usage of the terminal event. Text or arguments that
+taken: text deltas, function and custom tool calls (`output_item.added` gives
+`call_id` and name, then argument or input deltas) and the usage of the terminal
+event. Text or arguments that
 arrive only in a `.done` event (servers that do not stream deltas) are emitted
 then. A reasoning item streams (its start, its summary and text deltas) and ends
 with the whole item from its `output_item.done` (adding `encrypted_content`); items
-of other types are taken whole from their `output_item.done`: custom and hosted tool
-calls (their own deltas are not relayed). Upstream item ids are kept for these.
+of other types are taken whole from their `output_item.done`: hosted tool calls
+(their own events are not relayed). Upstream item ids are kept for these.
 
 The events are read in Rust (`_core.ResponsesStreamDecoder`,
 `rust/framing/upstream.rs`): one call per chunk of an SSE body or per WebSocket
@@ -77,7 +78,7 @@ def model_events(decoded: list[tuple[Any, ...]]) -> list[ModelEvent]:
         elif kind == "args":
             out.append(ToolArgumentsDelta(event[1]))
         elif kind == "call":
-            out.append(ToolCallStart(event[1], event[2]))
+            out.append(ToolCallStart(event[1], event[2], event[3]))
         elif kind == "item":
             out.append(OutputItem(event[1]))
         elif kind == "reasoning_delta":
