@@ -504,7 +504,9 @@ impl ResponseEncoder {
             delta,
         );
         seq += 1;
-        r.parts_mut(kind)[index].push_str(delta);
+        if let Some(part) = r.parts_mut(kind).get_mut(index) {
+            part.push_str(delta);
+        }
         self.sequence_number = seq;
         &self.out
     }
@@ -1353,7 +1355,7 @@ impl OpenReasoning {
         let Some((kind, position)) = self.current.take() else {
             return seq;
         };
-        let text = self.parts(kind)[position].as_str();
+        let text = self.parts(kind).get(position).map_or("", String::as_str);
         let at = (self.id.as_str(), self.index);
         let mut seq = seq;
         for step in [PartStep::TextDone, PartStep::PartDone] {
@@ -1935,6 +1937,38 @@ mod tests {
         let id = &started[0]["item"]["id"];
         assert!(id.as_str().unwrap().starts_with("rs_") && *id != "rs_late");
         assert_eq!(&done.last().unwrap()["item"]["id"], id);
+    }
+
+    #[test]
+    fn reasoning_deltas_in_any_order_stay_numbered_and_whole() {
+        // Indices an upstream should not send (far ahead, back to a closed part,
+        // summary and text interleaved): events stay numbered, the item valid.
+        let mut e = encoder(Framing::Json, None);
+        let mut out = e.start().to_vec();
+        for (summary, index, delta) in [
+            (true, 7, "a"),
+            (true, 0, "b"),
+            (false, 3, "c"),
+            (true, 1, "d"),
+            (true, 0, "e"),
+            (false, 0, "f"),
+        ] {
+            out.extend_from_slice(e.reasoning_delta(summary, index, delta));
+        }
+        out.extend_from_slice(e.complete(Usage::default(), 9));
+        let events = lines(&out);
+        for (i, event) in events.iter().enumerate() {
+            assert_eq!(event["sequence_number"], i as u64);
+        }
+        let item = &events.last().unwrap()["response"]["output"][0];
+        let summary: Vec<&str> = item["summary"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(summary, ["abe", "d"]);
+        assert_eq!(item["content"][0]["text"], "cf");
     }
 
     #[test]
