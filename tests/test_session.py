@@ -10,6 +10,8 @@ import pytest
 from tests.support import check_ws_event
 from warmsocket._core import ResponseEncoder, SessionCache, Tokenizer
 from warmsocket.backends.base import (
+    HostedCallEvent,
+    HostedCallStart,
     OutputItem,
     ReasoningDelta,
     ReasoningStart,
@@ -206,6 +208,65 @@ def test_steer_lets_a_streamed_reasoning_item_finish_whole() -> None:
     assert turn in h.stopped
     incomplete = h.last("response.incomplete")["response"]
     assert incomplete["output"] == [whole]
+
+
+def test_steer_lets_a_hosted_tool_call_finish_whole() -> None:
+    # A hosted tool call under way (a web search) is one item from its start to its
+    # whole item: its progress events and its done are not steer points.
+    h = Harness()
+    h.send(input="search", stream_id="s")
+    turn = h.started[-1]
+    started = {
+        "id": "ws_up",
+        "type": "web_search_call",
+        "status": "in_progress",
+        "action": {"type": "search"},
+    }
+    h.session.model_event(turn, HostedCallStart(json.dumps(started).encode()))
+    h.drain()
+    steer = {"type": "response.steer", "previous_response_id": turn.response_id, "input": "x"}
+    h.raw(json.dumps(steer))
+    for phase in ("in_progress", "searching", "completed"):
+        progress = {"type": f"response.web_search_call.{phase}", "item_id": "ws_up"}
+        h.session.model_event(turn, HostedCallEvent(json.dumps(progress).encode()))
+    done = {
+        "id": "ws_up",
+        "type": "web_search_call",
+        "status": "completed",
+        "action": {"type": "search", "query": "q"},
+    }
+    h.session.model_event(turn, OutputItem(json.dumps(done).encode()))
+    events = h.drain()
+    assert turn not in h.stopped
+    assert [e["type"] for e in events] == [
+        "response.web_search_call.in_progress",
+        "response.web_search_call.searching",
+        "response.web_search_call.completed",
+        "response.output_item.done",
+    ]
+    assert all(e["output_index"] == 0 and e["stream_id"] == "s" for e in events)
+    h.session.model_event(turn, TextDelta("answer"))  # a new item: steer point
+    h.drain()
+    assert turn in h.stopped
+    incomplete = h.last("response.incomplete")["response"]
+    assert incomplete["output"] == [done]
+
+
+def test_malformed_hosted_tool_events_are_left_out() -> None:
+    # An upstream's broken hosted tool events cost the client nothing but them: the
+    # turn goes on and completes, every event it gets valid.
+    h = Harness()
+    h.send(input="go")
+    turn = h.started[-1]
+    for bad in (b"[]", b'{"id": "x", "type": "message"}', b'{"type": "web_search_call"}'):
+        h.session.model_event(turn, HostedCallStart(bad))
+    h.session.model_event(turn, HostedCallEvent(b'{"item_id": "ws_1"}'))
+    h.session.model_event(turn, HostedCallEvent(b"not json"))
+    h.session.model_event(turn, TextDelta("fine"))
+    h.session.model_done(turn)
+    h.drain()
+    completed = h.last("response.completed")["response"]
+    assert [o["type"] for o in completed["output"]] == ["message"]
 
 
 def test_steer_pending_then_prepended_to_the_explicit_continuation() -> None:

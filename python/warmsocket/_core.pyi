@@ -860,7 +860,23 @@ class ResponseEncoder:
         `output_item.done`. ValueError, with nothing changed, for a `message`, a
         `function_call`, an object without a string `type`, or a malformed
         reasoning item. A reasoning item finishes the streamed one (`reasoning_start`)
-        of its id: only the parts not streamed are given, then `output_item.done`."""
+        of its id: only the parts not streamed are given, then `output_item.done`; an
+        item of the id of the hosted tool call under way (`item_start`) finishes it
+        with only its `output_item.done`, and one of a call closed early replaces it
+        (its `output_item.done` again, at its index)."""
+    def item_start(self, item: bytes) -> bytes:
+        """A hosted tool call starts (web search, code interpreter, an MCP call...: any
+        item type but message, function, custom tool call and reasoning): closes the
+        open item and gives `output_item.added` with the item as it is. Its progress
+        events then go through `item_event`, and `output_item` with the whole item of
+        the same id finishes it; closed before that, it is kept as it started.
+        ValueError, with nothing changed, without a non-empty string `id` or for a
+        type built from deltas."""
+    def item_event(self, event: bytes) -> bytes:
+        """A progress event of the hosted tool call under way (a JSON object naming its
+        `item_id`), given whole with this response's `sequence_number`, `stream_id`
+        and the call's `output_index`; nothing when it names no call under way.
+        ValueError when it is not a JSON object with a string `type`."""
     def complete(self, usage: _Usage, *, completed_at: int) -> bytes:
         """Close the open item; `response.completed`."""
     def fail(self, error: bytes, usage: _Usage | None = None) -> bytes:
@@ -879,7 +895,10 @@ class ResponseEncoder:
     @property
     def open_kind(
         self,
-    ) -> Literal["message", "function_call", "custom_tool_call", "reasoning"] | None: ...
+    ) -> Literal["message", "function_call", "custom_tool_call", "reasoning", "hosted"] | None: ...
+    @property
+    def open_item_id(self) -> str | None:
+        """The id of the item under way, of any kind."""
     @property
     def framing(self) -> _Framing: ...
     @property
@@ -915,6 +934,8 @@ _DecodedEvent: TypeAlias = (
     | tuple[Literal["args"], str]
     | tuple[Literal["call"], str, str, bool]
     | tuple[Literal["item"], bytes]
+    | tuple[Literal["item_start"], bytes]
+    | tuple[Literal["item_event"], bytes]
     | tuple[Literal["reasoning"], str]
     | tuple[Literal["reasoning_delta"], bool, int, str]
     | tuple[Literal["usage"], int | None, int | None, int | None, int | None]
@@ -925,13 +946,16 @@ _DecodedEvent: TypeAlias = (
 """What the model produced: `("text", delta)`, `("args", delta)` (or a custom tool
 call's input), `("call", call_id, name, custom)`, `("item", item_json)` (a finished
 item of another type: reasoning, custom or hosted tool call, whole),
-`("reasoning", item_id)` (a reasoning item starts), `("reasoning_delta", summary,
-index, delta)` (of a summary part, else of a `reasoning_text` part),
-`("usage", input_tokens, cached_tokens, output_tokens, reasoning_tokens)`; or, last, why the
-stream stopped: `("failed", error_json)` (`response.failed`, its Response's `error`
-object), `("error", error_json, status)` (an `error` event: the nested object of the
-WebSocket shape or the flat SSE event), `("protocol",)` (a message that is not a
-JSON object)."""
+`("item_start", item_json)` (a hosted tool call starts: its `output_item.added`
+item), `("item_event", event_json)` (an event naming a hosted tool call under way,
+whole: `response.web_search_call.searching` and the like), `("reasoning", item_id)`
+(a reasoning item starts), `("reasoning_delta", summary, index, delta)` (of a
+summary part, else of a `reasoning_text` part), `("usage", input_tokens,
+cached_tokens, output_tokens, reasoning_tokens)`; or, last, why the stream stopped:
+`("failed", error_json)` (`response.failed`, its Response's `error` object),
+`("error", error_json, status)` (an `error` event: the nested object of the WebSocket
+shape or the flat SSE event), `("protocol",)` (a message that is not a JSON
+object)."""
 
 @final
 class ResponsesStreamDecoder:

@@ -42,6 +42,8 @@ from warmsocket._core import (
 )
 from warmsocket.backends.base import (
     Backend,
+    HostedCallEvent,
+    HostedCallStart,
     ModelEvent,
     OutputItem,
     ReasoningDelta,
@@ -559,6 +561,19 @@ class Turn:
             if not streamed:  # a streamed one was counted by its deltas
                 self.reasoning_chars += _reasoning_chars(event.item)
             return frames
+        if isinstance(event, HostedCallEvent):
+            try:
+                return self.stream.item_event(event.event)
+            except ValueError:
+                log.warning("a malformed hosted tool event was left out")
+                return b""
+        if isinstance(event, HostedCallStart):
+            try:
+                return self.stream.item_start(event.item)
+            except ValueError:
+                # Left out; its whole item, if it comes, is shown then.
+                log.warning("a malformed hosted tool call start was left out")
+                return b""
         if isinstance(event, UsageReport):
             self.usage_report = event
             return b""
@@ -577,10 +592,15 @@ class Turn:
     def starts_new_item(self, event: ModelEvent) -> bool:
         """Whether this event would close the open item and start another (steer point)."""
         if isinstance(event, OutputItem):
-            # The whole reasoning item finishing the one streamed is not a new item.
-            finishing = self.stream.open_kind == "reasoning"
-            return not (finishing and json.loads(event.item).get("type") == "reasoning")
-        if isinstance(event, ToolCallStart | ReasoningStart):
+            # The whole item finishing the one streamed (reasoning) or under way (a
+            # hosted tool call) is not a new item.
+            open_kind = self.stream.open_kind
+            if open_kind == "reasoning":
+                return bool(json.loads(event.item).get("type") != "reasoning")
+            if open_kind == "hosted":
+                return bool(json.loads(event.item).get("id") != self.stream.open_item_id)
+            return True
+        if isinstance(event, ToolCallStart | ReasoningStart | HostedCallStart):
             return True
         if isinstance(event, ReasoningDelta):
             return self.stream.open_kind != "reasoning"

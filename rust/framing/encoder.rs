@@ -124,6 +124,17 @@ struct OpenItem {
     name: String,
 }
 
+/// A hosted tool call (or another item whose own events tell its progress) shown
+/// since its `output_item.added` and not finished yet.
+#[derive(Debug)]
+struct OpenHosted {
+    index: usize,
+    /// The item as its start gave it: what `output_item.done` carries if it is closed
+    /// before its whole item comes.
+    item: Arc<Item>,
+    id: String,
+}
+
 /// The static entries of the Response object, encoded once.
 #[derive(Debug)]
 struct Statics {
@@ -152,10 +163,18 @@ pub struct ResponseEncoder {
     open: Option<OpenItem>,
     /// The reasoning item being streamed (never at the same time as `open`).
     reasoning: Option<OpenReasoning>,
+    /// The hosted tool call under way (never at the same time as the other two).
+    hosted: Option<OpenHosted>,
+    /// Hosted tool calls closed before their whole item came: (id, output index).
+    closed_early: Vec<(String, usize)>,
     out: Vec<u8>,
 }
 
 const STATIC_FIELDS: usize = 6;
+
+/// Hosted tool calls closed early whose whole item may still replace them (a bound
+/// on what a misbehaving upstream can make a response remember).
+const MAX_CLOSED_EARLY: usize = 64;
 
 impl ResponseEncoder {
     /// A new encoder. Fails when `settings` is not a JSON object.
@@ -234,6 +253,8 @@ impl ResponseEncoder {
             output: Vec::new(),
             open: None,
             reasoning: None,
+            hosted: None,
+            closed_early: Vec::new(),
             out: Vec::with_capacity(1024),
         })
     }
@@ -261,6 +282,20 @@ impl ResponseEncoder {
     }
     pub fn open_kind(&self) -> Option<ItemKind> {
         self.open.as_ref().map(|i| i.kind)
+    }
+    /// Whether a hosted tool call is under way (`item_start`).
+    pub fn hosted_open(&self) -> bool {
+        self.hosted.is_some()
+    }
+    /// The id of the item under way, of any kind.
+    pub fn open_item_id(&self) -> Option<&str> {
+        if let Some(item) = &self.open {
+            return Some(&item.id);
+        }
+        if let Some(r) = &self.reasoning {
+            return Some(&r.id);
+        }
+        self.hosted.as_ref().map(|h| h.id.as_str())
     }
     /// The finished output items.
     pub fn output(&self) -> &[Arc<Item>] {
@@ -420,6 +455,33 @@ impl ResponseEncoder {
         let index = self.output.len();
         let done = Arc::new(Item::from_value(index, &value, usize::MAX)?);
         self.out.clear();
+        let id = value.get("id").and_then(serde_json::Value::as_str);
+        if let Some(hosted) = self.hosted.take_if(|h| Some(h.id.as_str()) == id) {
+            // It finishes the hosted tool call under way: only its `.done`.
+            let ty = "response.output_item.done";
+            let at = (self.stream_id.as_deref(), self.sequence_number, ty);
+            item_event(&mut self.out, self.framing, at, hosted.index, done.json());
+            self.sequence_number += 1;
+            self.output.push(done);
+            return Ok(&self.out);
+        }
+        let early = self
+            .closed_early
+            .iter()
+            .position(|(i, _)| Some(i.as_str()) == id);
+        if let Some(at) = early {
+            // It finishes one closed early (another item came first): its `.done`
+            // again, at its index, with the whole item in its place.
+            let (_, index) = self.closed_early.swap_remove(at);
+            let ty = "response.output_item.done";
+            let at = (self.stream_id.as_deref(), self.sequence_number, ty);
+            item_event(&mut self.out, self.framing, at, index, done.json());
+            self.sequence_number += 1;
+            if let Some(slot) = self.output.get_mut(index) {
+                *slot = done;
+            }
+            return Ok(&self.out);
+        }
         self.close_open();
         let index = self.output.len();
         let (stream_id, framing) = (self.stream_id.as_deref(), self.framing);
@@ -436,6 +498,90 @@ impl ResponseEncoder {
         }
         self.sequence_number = seq;
         self.output.push(done);
+        Ok(&self.out)
+    }
+
+    /// A hosted tool call starts (web search, file search, code interpreter, image
+    /// generation, an MCP call, ...: any item type not built here from deltas but
+    /// reasoning): closes the open item and gives its `output_item.added` with the
+    /// item as it is (usually `status: in_progress`). Its own progress events then
+    /// come through `item_event`, and the whole item of the same id (`output_item`)
+    /// finishes it with its `output_item.done`; an item closed before that (another
+    /// item starts, the response ends) is kept as its start gave it. Fails, with
+    /// nothing changed, for anything but an object with a non-empty string `id` and
+    /// a string `type` other than `message`, `function_call`, `custom_tool_call` and
+    /// `reasoning`, or for an item over the item limits.
+    pub fn item_start(&mut self, item: &[u8]) -> Result<&[u8]> {
+        let invalid = || {
+            Error::invalid_argument("item must be a JSON object with an id and a hosted tool type")
+        };
+        let value: serde_json::Value = serde_json::from_slice(item).map_err(|_| invalid())?;
+        match value.get("type").and_then(serde_json::Value::as_str) {
+            Some("message" | "function_call" | "custom_tool_call" | "reasoning") | None => {
+                return Err(invalid())
+            }
+            Some(_) => {}
+        }
+        let id = match value.get("id").and_then(serde_json::Value::as_str) {
+            Some(id) if !id.is_empty() => id.to_owned(),
+            _ => return Err(invalid()),
+        };
+        let started = Arc::new(Item::from_value(self.output.len(), &value, usize::MAX)?);
+        self.out.clear();
+        self.close_open();
+        let index = self.output.len();
+        let ty = "response.output_item.added";
+        let at = (self.stream_id.as_deref(), self.sequence_number, ty);
+        item_event(&mut self.out, self.framing, at, index, started.json());
+        self.sequence_number += 1;
+        self.hosted = Some(OpenHosted {
+            index,
+            item: started,
+            id,
+        });
+        Ok(&self.out)
+    }
+
+    /// A progress event of the hosted tool call under way (such as
+    /// `response.web_search_call.searching` or
+    /// `response.code_interpreter_call_code.delta`), a JSON object with a string
+    /// `type` and the item's `item_id`: given with this response's
+    /// `sequence_number`, `stream_id` and the item's `output_index`, its other
+    /// fields as they are. Nothing when its `item_id` is not the call under way's
+    /// (closed already by another item). Fails, with nothing changed, for anything
+    /// but a JSON object with a string `type`.
+    pub fn item_event(&mut self, event: &[u8]) -> Result<&[u8]> {
+        let invalid = || Error::invalid_argument("event must be a JSON object with a type");
+        let value = super::json::decode(event).map_err(|_| invalid())?;
+        let Value::Object(object) = value else {
+            return Err(invalid());
+        };
+        let Some(ty) = object.get("type").and_then(Value::as_str) else {
+            return Err(invalid());
+        };
+        self.out.clear();
+        let Some(hosted) = &self.hosted else {
+            return Ok(&self.out);
+        };
+        if object.get("item_id").and_then(Value::as_str) != Some(hosted.id.as_str()) {
+            return Ok(&self.out);
+        }
+        let (stream_id, seq) = (self.stream_id.as_deref(), self.sequence_number);
+        let own = |k: &str| matches!(k, "type" | "stream_id" | "sequence_number" | "output_index");
+        emit(&mut self.out, self.framing, ty, |s| {
+            let fields = object.iter().filter(|(k, _)| !own(k)).count();
+            head(s, stream_id, seq, ty, fields + 1);
+            s.key("output_index");
+            s.uint(hosted.index as u64);
+            for (k, v) in object.iter() {
+                if !own(k) {
+                    s.key(k);
+                    s.value(v);
+                }
+            }
+            s.end();
+        });
+        self.sequence_number += 1;
         Ok(&self.out)
     }
 
@@ -850,6 +996,22 @@ impl ResponseEncoder {
     fn close_open(&mut self) {
         if let Some(r) = self.reasoning.take() {
             self.finish_reasoning(r, None);
+        }
+        if let Some(hosted) = self.hosted.take() {
+            let ty = "response.output_item.done";
+            let at = (self.stream_id.as_deref(), self.sequence_number, ty);
+            item_event(
+                &mut self.out,
+                self.framing,
+                at,
+                hosted.index,
+                hosted.item.json(),
+            );
+            self.sequence_number += 1;
+            self.output.push(hosted.item);
+            if self.closed_early.len() < MAX_CLOSED_EARLY {
+                self.closed_early.push((hosted.id, hosted.index));
+            }
         }
         let Some(item) = self.open.take() else {
             return;
@@ -2053,6 +2215,184 @@ mod tests {
         assert_eq!(response["output"][1], expected);
         assert_eq!(response["output"][2]["type"], "reasoning");
         assert_eq!(e.output_items().len(), 3);
+    }
+
+    #[test]
+    fn a_hosted_tool_call_shows_its_progress_and_finishes_whole() {
+        let mut e = encoder(Framing::Json, Some("lane"));
+        let mut out = e.start().to_vec();
+        out.extend_from_slice(e.text_delta("Searching."));
+        let started = br#"{"id":"ws_1","type":"web_search_call","status":"in_progress","action":{"type":"search","query":"q"}}"#;
+        out.extend_from_slice(e.item_start(started).unwrap());
+        assert!(e.hosted_open());
+        assert_eq!(e.open_item_id(), Some("ws_1"));
+        for phase in ["in_progress", "searching", "completed"] {
+            // The upstream's numbers, index and lane are its own: replaced.
+            let event = format!(
+                r#"{{"type":"response.web_search_call.{phase}","sequence_number":40,"output_index":9,"stream_id":"up","item_id":"ws_1"}}"#
+            );
+            out.extend_from_slice(e.item_event(event.as_bytes()).unwrap());
+        }
+        // Another item's progress is not this call's: nothing.
+        let stray =
+            br#"{"type":"response.web_search_call.searching","item_id":"ws_2","output_index":0}"#;
+        assert!(e.item_event(stray).unwrap().is_empty());
+        let done = br#"{"id":"ws_1","type":"web_search_call","status":"completed","action":{"type":"search","query":"q","sources":[]}}"#;
+        out.extend_from_slice(e.output_item(done).unwrap());
+        assert!(!e.hosted_open());
+        out.extend_from_slice(e.text_delta("Found."));
+        out.extend_from_slice(e.complete(Usage::default(), 9));
+        let events = lines(&out);
+        let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            types[5..14],
+            [
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.web_search_call.in_progress",
+                "response.web_search_call.searching",
+                "response.web_search_call.completed",
+                "response.output_item.done",
+                "response.output_item.added",
+            ]
+        );
+        for (i, event) in events.iter().enumerate() {
+            assert_eq!(event["sequence_number"], i as u64);
+            assert_eq!(event["stream_id"], "lane");
+        }
+        let started: serde_json::Value = serde_json::from_slice(started).unwrap();
+        let done: serde_json::Value = serde_json::from_slice(done).unwrap();
+        assert_eq!(events[8]["item"], started);
+        assert_eq!(events[8]["output_index"], 1);
+        for progress in &events[9..12] {
+            assert_eq!(progress["output_index"], 1);
+            assert_eq!(progress["item_id"], "ws_1");
+            assert_eq!(progress.as_object().unwrap().len(), 5);
+        }
+        assert_eq!(events[12]["item"], done);
+        assert_eq!(events[12]["output_index"], 1);
+        assert_eq!(events[13]["output_index"], 2);
+        let response = &events.last().unwrap()["response"];
+        assert_eq!(response["output"][1], done);
+        assert_eq!(e.output_items().len(), 3);
+    }
+
+    #[test]
+    fn a_hosted_tool_call_closed_early_is_kept_as_it_started() {
+        let mut e = encoder(Framing::Json, None);
+        let mut out = e.start().to_vec();
+        let started =
+            br#"{"id":"ci_1","type":"code_interpreter_call","status":"in_progress","code":""}"#;
+        out.extend_from_slice(e.item_start(started).unwrap());
+        let delta = br#"{"type":"response.code_interpreter_call_code.delta","item_id":"ci_1","output_index":0,"delta":"print(1)"}"#;
+        out.extend_from_slice(e.item_event(delta).unwrap());
+        out.extend_from_slice(e.text_delta("No result."));
+        // Its progress, too late: nothing.
+        assert!(e.item_event(delta).unwrap().is_empty());
+        out.extend_from_slice(e.complete(Usage::default(), 9));
+        let events = lines(&out);
+        let started: serde_json::Value = serde_json::from_slice(started).unwrap();
+        assert_eq!(events[3]["delta"], "print(1)");
+        assert_eq!(events[4]["type"], "response.output_item.done");
+        assert_eq!(events[4]["item"], started);
+        assert_eq!(events[5]["type"], "response.output_item.added");
+        assert_eq!(events[5]["output_index"], 1);
+        assert_eq!(events.last().unwrap()["response"]["output"][0], started);
+    }
+
+    #[test]
+    fn a_hosted_tool_call_closed_early_is_replaced_by_its_whole_item() {
+        let mut e = encoder(Framing::Json, None);
+        let mut out = e.start().to_vec();
+        let started = br#"{"id":"ws_1","type":"web_search_call","status":"in_progress"}"#;
+        out.extend_from_slice(e.item_start(started).unwrap());
+        out.extend_from_slice(e.text_delta("Meanwhile."));
+        let done = br#"{"id":"ws_1","type":"web_search_call","status":"completed"}"#;
+        out.extend_from_slice(e.output_item(done).unwrap());
+        out.extend_from_slice(e.complete(Usage::default(), 9));
+        let events = lines(&out);
+        let done: serde_json::Value = serde_json::from_slice(done).unwrap();
+        let last_done = events
+            .iter()
+            .rfind(|e| e["type"] == "response.output_item.done" && e["output_index"] == 0)
+            .unwrap();
+        assert_eq!(last_done["item"], done);
+        let output = &events.last().unwrap()["response"]["output"];
+        assert_eq!(output.as_array().unwrap().len(), 2);
+        assert_eq!(output[0], done);
+        assert_eq!(output[1]["type"], "message");
+        for (i, event) in events.iter().enumerate() {
+            assert_eq!(event["sequence_number"], i as u64);
+        }
+    }
+
+    #[test]
+    fn a_bad_hosted_start_or_event_is_refused_and_changes_nothing() {
+        let mut e = encoder(Framing::Json, None);
+        e.start();
+        e.text_delta("open");
+        let seq = e.sequence_number();
+        for bad in [
+            &b"not json"[..],
+            br#"[]"#,
+            br#"{"type":"web_search_call"}"#,
+            br#"{"type":"web_search_call","id":""}"#,
+            br#"{"type":"web_search_call","id":7}"#,
+            br#"{"id":"x"}"#,
+            br#"{"id":"x","type":"message"}"#,
+            br#"{"id":"x","type":"function_call"}"#,
+            br#"{"id":"x","type":"custom_tool_call"}"#,
+            br#"{"id":"x","type":"reasoning"}"#,
+        ] {
+            assert!(
+                e.item_start(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        for bad in [
+            &b"nope"[..],
+            br#"[]"#,
+            br#"{"item_id":"x"}"#,
+            br#"{"type":1}"#,
+        ] {
+            assert!(e.item_event(bad).is_err());
+        }
+        assert_eq!(e.sequence_number(), seq);
+        assert_eq!(e.open_kind(), Some(ItemKind::Message));
+        assert!(!e.hosted_open());
+    }
+
+    #[test]
+    fn hosted_events_are_the_same_in_every_framing() {
+        let run = |framing| {
+            let mut e = encoder(framing, None);
+            let mut out = e.start().to_vec();
+            out.extend_from_slice(
+                e.item_start(br#"{"id":"ws_1","type":"web_search_call","status":"in_progress"}"#)
+                    .unwrap(),
+            );
+            out.extend_from_slice(
+                e.item_event(br#"{"type":"response.web_search_call.searching","item_id":"ws_1","n":[1.5,null,{"a":true}]}"#)
+                    .unwrap(),
+            );
+            out.extend_from_slice(e.complete(Usage::default(), 9));
+            out
+        };
+        let json = lines(&run(Framing::Json));
+        let ws: Vec<serde_json::Value> = frames(&run(Framing::WebSocket))
+            .into_iter()
+            .map(|(_, p)| serde_json::from_slice(&p).unwrap())
+            .collect();
+        let mp: Vec<serde_json::Value> = frames(&run(Framing::Msgpack))
+            .into_iter()
+            .map(|(_, p)| rmp_serde::from_slice(&p).unwrap())
+            .collect();
+        assert_eq!(json[3]["n"], serde_json::json!([1.5, null, {"a": true}]));
+        assert_eq!(json, ws);
+        assert_eq!(json, mp);
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //! (`response.created`, `response.in_progress`) are recognised by their SSE event
 //! name and never parsed. A reasoning item's start, its summary and text deltas
 //! are read as they come, and the whole item at its `output_item.done` (with its
-//! `encrypted_content`); items of other types (custom and hosted tool calls) are
-//! taken whole from their `output_item.done`, their own deltas not read.
+//! `encrypted_content`). A custom tool call streams like a function call. A hosted
+//! tool call (web search, code interpreter, ...: any other item type) starts with
+//! its `output_item.added`, its own events (those naming its `item_id`) are passed
+//! on whole for the encoder to renumber, and its `output_item.done` finishes it.
 //!
 //! `response.failed` and `error` events end the decoding with [`Stop`]; the caller
 //! maps the error object to its own error type.
@@ -47,6 +49,11 @@ pub enum Event {
     /// A finished item of another type than message and function call (reasoning,
     /// custom and hosted tool calls), as JSON: the item of its `output_item.done`.
     Item(Vec<u8>),
+    /// A hosted tool call starts: the item of its `output_item.added`, as JSON.
+    ItemStart(Vec<u8>),
+    /// An event of a hosted tool call under way (one naming its `item_id`, such as
+    /// `response.web_search_call.searching`), whole, as JSON.
+    ItemEvent(Vec<u8>),
     Usage {
         input: Option<i64>,
         cached: Option<i64>,
@@ -72,6 +79,10 @@ pub enum Stop {
 /// terminal event repeats the whole Response, so this is generous; it bounds what a
 /// broken upstream can make the server buffer.
 pub const MAX_EVENT_BYTES: usize = 64 * 1024 * 1024;
+
+/// Hosted tool calls one response may have under way at once (a bound on what a
+/// broken upstream can make the decoder remember; real ones run one at a time).
+const MAX_HOSTED_ITEMS: usize = 1024;
 
 /// SSE event names whose data carries nothing a model event needs.
 const SKIPPED: [&[u8]; 5] = [
@@ -140,6 +151,8 @@ pub struct ResponsesDecoder {
     /// Characters of text or arguments already emitted, by upstream item id.
     emitted: HashMap<String, usize>,
     function_items: HashSet<String>,
+    /// Hosted tool calls started and not done, by upstream item id.
+    hosted_items: HashSet<String>,
 }
 
 impl ResponsesDecoder {
@@ -292,7 +305,18 @@ impl ResponsesDecoder {
                         out.push(Event::ReasoningStart(text_of(item.get("id"))));
                         return Ok(());
                     }
-                    _ => return Ok(()),
+                    Some("message") | None => return Ok(()),
+                    Some(_) => {
+                        // A hosted tool call: shown now, if it has an id its events
+                        // can name (else it comes whole at its done).
+                        if let Some(id) = nonempty_str(item.get("id")) {
+                            if self.hosted_items.len() < MAX_HOSTED_ITEMS {
+                                self.hosted_items.insert(id.to_owned());
+                                out.push(Event::ItemStart(to_json(item)));
+                            }
+                        }
+                        return Ok(());
+                    }
                 };
                 let item_id = text_of(item.get("id"));
                 out.push(Event::Call {
@@ -363,7 +387,10 @@ impl ResponsesDecoder {
                         }
                     }
                     Some("message" | "function_call") | None => {}
-                    Some(_) => out.push(Event::Item(to_json(item))),
+                    Some(_) => {
+                        self.hosted_items.remove(&item_id);
+                        out.push(Event::Item(to_json(item)));
+                    }
                 }
             }
             "response.completed" | "response.incomplete" => {
@@ -393,7 +420,15 @@ impl ResponsesDecoder {
                     reasoning,
                 });
             }
-            _ => {}
+            _ => {
+                let hosted = data
+                    .get("item_id")
+                    .and_then(Value::as_str)
+                    .is_some_and(|id| self.hosted_items.contains(id));
+                if hosted {
+                    out.push(Event::ItemEvent(to_json(data)));
+                }
+            }
         }
         Ok(())
     }
@@ -795,6 +830,70 @@ mod tests {
                 got,
                 serde_json::from_str::<serde_json::Value>(item).unwrap()
             );
+        }
+    }
+
+    #[test]
+    fn a_hosted_tool_call_starts_passes_its_events_and_finishes_whole() {
+        let added = r#"{"id":"ws_1","type":"web_search_call","status":"in_progress"}"#;
+        let done = r#"{"id":"ws_1","type":"web_search_call","status":"completed","action":{"type":"search","query":"q"}}"#;
+        let event = |phase: &str, item: &str| {
+            let ty = format!("response.web_search_call.{phase}");
+            sse(
+                &ty,
+                &format!(
+                    r#"{{"type":"{ty}","sequence_number":3,"output_index":0,"item_id":"{item}"}}"#
+                ),
+            )
+        };
+        let body = [
+            sse(
+                "response.output_item.added",
+                &format!(
+                    r#"{{"type":"response.output_item.added","output_index":0,"item":{added}}}"#
+                ),
+            ),
+            event("in_progress", "ws_1"),
+            event("searching", "ws_1"),
+            // Not a call under way: not passed on.
+            event("searching", "ws_9"),
+            sse(
+                "response.output_item.done",
+                &format!(
+                    r#"{{"type":"response.output_item.done","output_index":0,"item":{done}}}"#
+                ),
+            ),
+            // After its done: not passed on either.
+            event("completed", "ws_1"),
+            // Without an id nothing could name it: it comes whole at its done.
+            sse(
+                "response.output_item.added",
+                r#"{"type":"response.output_item.added","item":{"type":"web_search_call"}}"#,
+            ),
+        ]
+        .concat();
+        for step in [1, 7, body.len()] {
+            let (_, decoded) = decode(&body, step);
+            let decoded = decoded.unwrap();
+            let json = |bytes: &[u8]| serde_json::from_slice::<serde_json::Value>(bytes).unwrap();
+            let value = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap();
+            assert_eq!(decoded.len(), 4, "{decoded:?}");
+            let Event::ItemStart(start) = &decoded[0] else {
+                panic!("{decoded:?}");
+            };
+            assert_eq!(json(start), value(added));
+            for (event, phase) in decoded[1..3].iter().zip(["in_progress", "searching"]) {
+                let Event::ItemEvent(e) = event else {
+                    panic!("{decoded:?}");
+                };
+                let e = json(e);
+                assert_eq!(e["type"], format!("response.web_search_call.{phase}"));
+                assert_eq!(e["item_id"], "ws_1");
+            }
+            let Event::Item(item) = &decoded[3] else {
+                panic!("{decoded:?}");
+            };
+            assert_eq!(json(item), value(done));
         }
     }
 

@@ -454,6 +454,14 @@ impl PyResponseEncoder {
         Ok(PyBytes::new(py, self.inner.output_item(item)?))
     }
 
+    fn item_start<'py>(&mut self, py: Python<'py>, item: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, self.inner.item_start(item)?))
+    }
+
+    fn item_event<'py>(&mut self, py: Python<'py>, event: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, self.inner.item_event(event)?))
+    }
+
     #[getter]
     fn sequence_number(&self) -> u64 {
         self.inner.sequence_number()
@@ -467,7 +475,14 @@ impl PyResponseEncoder {
         if self.inner.reasoning_open() {
             return Some("reasoning");
         }
+        if self.inner.hosted_open() {
+            return Some("hosted");
+        }
         self.inner.open_kind().map(|k| k.name())
+    }
+    #[getter]
+    fn open_item_id(&self) -> Option<&str> {
+        self.inner.open_item_id()
     }
     #[getter]
     fn framing(&self) -> &'static str {

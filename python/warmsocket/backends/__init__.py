@@ -2,6 +2,8 @@
 
 from warmsocket.backends.base import (
     Backend,
+    HostedCallEvent,
+    HostedCallStart,
     ModelEvent,
     OutputItem,
     ReasoningDelta,
@@ -16,6 +18,8 @@ from warmsocket.backends.base import (
 
 __all__ = [
     "Backend",
+    "HostedCallEvent",
+    "HostedCallStart",
     "ModelEvent",
     "OutputItem",
     "ReasoningDelta",

@@ -72,6 +72,24 @@ class OutputItem:
 
 
 @dataclass(frozen=True, slots=True)
+class HostedCallStart:
+    """A hosted tool call starts (web search, code interpreter, an MCP call, ...), as
+    JSON with the upstream's `id`: shown at once, closing the open item. Its progress
+    comes as `HostedCallEvent`s, and a whole `OutputItem` of the same id finishes it."""
+
+    item: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HostedCallEvent:
+    """An event of the hosted tool call under way, as the upstream sent it (JSON naming
+    its `item_id`: `response.web_search_call.searching`, a code delta, ...); passed on
+    with this response's numbering."""
+
+    event: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class UsageReport:
     """The backend's own token accounting; any field left None is computed by the server."""
 
@@ -103,6 +121,8 @@ ModelEvent = (
     | ReasoningStart
     | ReasoningDelta
     | OutputItem
+    | HostedCallStart
+    | HostedCallEvent
     | UsageReport
     | TurnFailed
 )

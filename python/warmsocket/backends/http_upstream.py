@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 from warmsocket import __version__
 from warmsocket.backends.base import (
+    HostedCallStart,
     ModelEvent,
     OutputItem,
     ReasoningDelta,
@@ -85,7 +86,7 @@ class OutputRecorder:
                     "arguments": "",
                 }
             )
-        elif isinstance(event, OutputItem | ReasoningStart | ReasoningDelta):
+        elif isinstance(event, OutputItem | HostedCallStart | ReasoningStart | ReasoningDelta):
             self._close_text()
         elif (
             isinstance(event, ToolArgumentsDelta)

@@ -7,9 +7,11 @@ taken: text deltas, function and custom tool calls (`output_item.added` gives
 event. Text or arguments that
 arrive only in a `.done` event (servers that do not stream deltas) are emitted
 then. A reasoning item streams (its start, its summary and text deltas) and ends
-with the whole item from its `output_item.done` (adding `encrypted_content`); items
-of other types are taken whole from their `output_item.done`: hosted tool calls
-(their own events are not relayed). Upstream item ids are kept for these.
+with the whole item from its `output_item.done` (adding `encrypted_content`). A
+hosted tool call (web search, code interpreter, ...) is shown from its
+`output_item.added`, its own events (those naming its `item_id`) are passed on as
+they come, and the whole item from its `output_item.done` finishes it. Upstream
+item ids are kept for these.
 
 The events are read in Rust (`_core.ResponsesStreamDecoder`,
 `rust/framing/upstream.rs`): one call per chunk of an SSE body or per WebSocket
@@ -26,6 +28,8 @@ from typing import Any
 
 from warmsocket._core import ResponsesStreamDecoder
 from warmsocket.backends.base import (
+    HostedCallEvent,
+    HostedCallStart,
     ModelEvent,
     OutputItem,
     ReasoningDelta,
@@ -81,6 +85,10 @@ def model_events(decoded: list[tuple[Any, ...]]) -> list[ModelEvent]:
             out.append(ToolCallStart(event[1], event[2], event[3]))
         elif kind == "item":
             out.append(OutputItem(event[1]))
+        elif kind == "item_event":
+            out.append(HostedCallEvent(event[1]))
+        elif kind == "item_start":
+            out.append(HostedCallStart(event[1]))
         elif kind == "reasoning_delta":
             out.append(ReasoningDelta(event[3], event[1], event[2]))
         elif kind == "reasoning":
