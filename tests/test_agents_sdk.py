@@ -6,7 +6,13 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
-from agents import Agent, ModelSettings, function_tool, responses_websocket_session
+from agents import (
+    Agent,
+    ModelSettings,
+    WebSearchTool,
+    function_tool,
+    responses_websocket_session,
+)
 from agents.tracing import set_tracing_disabled
 from pydantic import BaseModel
 
@@ -182,6 +188,57 @@ def test_agent_with_a_reasoning_model(any_backend: RunningServer, chained: bool)
         # the user message, reasoning and call (3), then those, the output, a second
         # reasoning and call (6).
         assert metrics.prefix_matched_items == 3 + 6
+
+
+@pytest.mark.parametrize("any_backend", ["builtin", "responses", "responses-ws"], indirect=True)
+@pytest.mark.parametrize("chained", [False, True], ids=["full-replay", "previous_response_id"])
+def test_agent_with_a_hosted_web_search(any_backend: RunningServer, chained: bool) -> None:
+    """An agent with the hosted `WebSearchTool` beside a function tool: each response
+    starts with a web search call (its progress events streamed, as OpenAI's are), the
+    agent keeps the calls in its history (and, replaying it, sends them back, matched
+    to the cached chain), and the loop goes on to its answer. (Chat Completions
+    upstreams have no hosted tools.)"""
+    calls.clear()
+    metrics = any_backend.server.metrics
+    agent = Agent(
+        name="researcher",
+        instructions="Search, then read.",
+        model=MODEL,
+        tools=[WebSearchTool(), read_file],
+        model_settings=ModelSettings(store=True),
+    )
+
+    async def main() -> tuple[str, list[str], list[str]]:
+        async with responses_websocket_session(
+            api_key="sk-test", base_url=any_backend.base_url
+        ) as session:
+            result = session.run_streamed(
+                agent,
+                '/search warm caches\n/repeat 1 read_file {"path": "a.py"}',
+                auto_previous_response_id=chained,
+            )
+            events = [
+                event.data.type
+                async for event in result.stream_events()
+                if event.type == "raw_response_event"
+            ]
+            kinds = [item.type for item in result.new_items]
+            return str(result.final_output), kinds, events
+
+    final, kinds, events = asyncio.run(main())
+    assert final == "done after 1 calls"
+    assert kinds == [
+        "tool_call_item",  # the web search
+        "tool_call_item",
+        "tool_call_output_item",
+        "tool_call_item",  # the web search again, in the second response
+        "message_output_item",
+    ]
+    assert events.count("response.web_search_call.searching") == 2
+    assert calls == ["read_file:a.py"]
+    if not chained:
+        # The second turn re-sent the history, the search call included, all matched.
+        assert metrics.prefix_matched_items == 3
 
 
 class Weather(BaseModel):

@@ -31,8 +31,13 @@ def output(call_id: str, text: str) -> dict[str, Any]:
 
 def plan(tail: list[dict[str, Any]], tools: tuple[str, ...] = ("get_weather",), **kw: Any) -> Reply:
     full = kw.pop("full", tail)
+    tool_types: tuple[str, ...] = kw.pop("tool_types", ("function",))
     return plan_reply(
-        tail, function_names=tools, instructions=kw.get("instructions"), full_context=lambda: full
+        tail,
+        function_names=tools,
+        instructions=kw.get("instructions"),
+        full_context=lambda: full,
+        tool_types=lambda: tool_types,
     )
 
 
@@ -114,6 +119,32 @@ def test_reply_sets_the_answer_after_any_calls() -> None:
     # Spaces inside TEXT are kept; an empty TEXT is ignored.
     assert plan([user("/reply  a  b ")]).text == "a  b"
     assert plan([user("/reply")]).text == "You said: /reply"
+
+
+def test_search_adds_a_web_search_when_the_request_has_the_tool() -> None:
+    web = ("function", "web_search")
+    assert plan([user("/search warm caches\nhi")], tool_types=web) == Reply(
+        "text", "You said: /search warm caches\nhi", search="warm caches"
+    )
+    msg = user("/think First look.\n/search weather Lima\n/call get_weather {}")
+    assert plan([msg], tool_types=("web_search_preview",)) == Reply(
+        "call", calls=(Call("get_weather", "{}"),), reasoning="First look.", search="weather Lima"
+    )
+    assert plan([user("/search q\n/reply Found.")], tool_types=web).text == "Found."
+    # Without a web search tool there is no search, and the reply says why.
+    assert plan([user("/search q")]) == Reply(
+        "text", "Cannot search: this request has no web_search tool."
+    )
+    assert plan([user("/search")], tool_types=web).search is None  # an empty QUERY
+    searched = {
+        "type": "web_search_call",
+        "id": "ws_1",
+        "status": "completed",
+        "action": {"type": "search", "query": "warm caches"},
+    }
+    assert transcript([searched, {"type": "web_search_call"}], None) == (
+        "web_search_call warm caches\nweb_search_call"
+    )
 
 
 def test_think_adds_reasoning_to_any_reply() -> None:

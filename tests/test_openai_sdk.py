@@ -169,6 +169,24 @@ def test_stream_helper_with_a_reasoning_item(server: RunningServer) -> None:
     assert final.output_text == "You said: /think Brief.\nhi"
 
 
+def test_stream_helper_with_a_web_search(server: RunningServer) -> None:
+    # The SDK's stream state takes the hosted tool's progress events and the call's
+    # item into its snapshot, typed.
+    sdk = client(server)
+    with sdk.responses.stream(
+        model=MODEL, input="/search warm caches\n/reply Found.", tools=[{"type": "web_search"}]
+    ) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert kinds.index("response.web_search_call.searching") < kinds.index(
+        "response.output_text.delta"
+    )
+    search = final.output[0]
+    assert search.type == "web_search_call" and search.status == "completed"
+    assert search.action.type == "search" and search.action.query == "warm caches"
+    assert final.output_text == "Found."
+
+
 class Weather(BaseModel):
     city: str
     sky: str

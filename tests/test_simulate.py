@@ -411,3 +411,34 @@ def test_custom_tool_calls_stream_in_openais_events() -> None:
         "a b c",
     )
     assert events[-1]["response"]["output"] == [call]
+
+
+def test_web_search_streams_in_openais_events() -> None:
+    # What warmsocket relays: the simulator's own events, checked against the SDK's types.
+    tools = [{"type": "web_search"}]
+    body = {"model": "m", "input": "/search warm caches", "tools": tools, "stream": True}
+    with running_sim() as sim, httpx.Client(base_url=sim.base_url, timeout=10) as http:
+        answer = http.post("/responses", json=body)
+        whole = http.post("/responses", json={**body, "stream": False}).json()
+        assert [r["status"] for r in sim.stats()["requests"]] == [200, 200]
+    events = [
+        json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: ")
+    ]
+    for event in events:
+        check_sse_event(event)
+    kinds = [e["type"] for e in events]
+    assert kinds[2:7] == [
+        "response.output_item.added",
+        "response.web_search_call.in_progress",
+        "response.web_search_call.searching",
+        "response.web_search_call.completed",
+        "response.output_item.done",
+    ]
+    search = events[6]["item"]
+    assert search["status"] == "completed" and search["action"]["query"] == "warm caches"
+    assert all(e["item_id"] == search["id"] and e["output_index"] == 0 for e in events[3:6])
+    output = events[-1]["response"]["output"]
+    assert [o["type"] for o in output] == ["web_search_call", "message"]
+    assert output[0] == search
+    # Not streamed: the same output, a new call id.
+    assert [o["type"] for o in whole["output"]] == ["web_search_call", "message"]

@@ -21,6 +21,7 @@ from tests.support import (
     FUNCTION_TOOLS,
     RunningServer,
     WSClient,
+    check_sequence,
     check_sse_event,
     output_text,
     running_server,
@@ -453,6 +454,55 @@ def test_reasoning_reaches_the_client_and_goes_back_upstream(
         "reasoning Weather first.",
         f"function_call get_weather {call['call_id']}",
     ]
+
+
+def test_a_hosted_tool_call_streams_its_progress_and_goes_back_upstream(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """An upstream's hosted tool call (the simulated upstream searches the web as
+    OpenAI does) is shown when it starts, its own progress events are passed on as
+    they come, renumbered into the client's response (every event checked against
+    the SDK's types), and the whole call, under the upstream's item id, is kept in the
+    chain and goes back upstream. Chat Completions has no hosted tools."""
+    sim, server, _metrics = stack
+    tools = [{"type": "web_search"}, *FUNCTION_TOOLS]
+    prompt = '/search weather Lima\n/call get_weather {"city": "Lima"}'
+    with WSClient(server.ws_url) as client:
+        events = client.turn(input=prompt, tools=tools, stream_id="lane-1")
+        first = events[-1]["response"]
+        if api == "chat":
+            assert output_text(events) == "Cannot search: this request has no web_search tool."
+            return
+        call = first["output"][-1]
+        answer = client.turn(
+            input=[{"type": "function_call_output", "call_id": call["call_id"], "output": "warm"}],
+            previous_response_id=first["id"],
+            tools=tools,
+        )
+    check_sequence(events)
+    assert answer[-1]["type"] == "response.completed"
+    search = first["output"][0]
+    assert [o["type"] for o in first["output"]] == ["web_search_call", "function_call"]
+    types = [e["type"] for e in events]
+    start = types.index("response.output_item.added")
+    assert types[start : start + 5] == [
+        "response.output_item.added",
+        "response.web_search_call.in_progress",
+        "response.web_search_call.searching",
+        "response.web_search_call.completed",
+        "response.output_item.done",
+    ]
+    shown = events[start : start + 5]
+    assert shown[0]["item"]["status"] == "in_progress" and shown[-1]["item"] == search
+    assert search["status"] == "completed" and search["action"]["query"] == "weather Lima"
+    # The upstream's item id; warmsocket's own numbering, index and lane.
+    assert search["id"].startswith("ws_")
+    assert all(e.get("item_id", search["id"]) == search["id"] for e in shown)
+    assert all(e["output_index"] == 0 and e["stream_id"] == "lane-1" for e in shown)
+    # The upstream saw the call again with the next request, as it was.
+    records = sim.stats(bodies=True)["requests"]
+    context = json.loads(records[-1]["context"])
+    assert [item for item in context if item.get("type") == "web_search_call"] == [search]
 
 
 class CustomToolUpstream:

@@ -178,6 +178,46 @@ def test_a_reasoning_item_comes_first_in_openai_order(server: RunningServer) -> 
     ]
 
 
+WEB_SEARCH_TOOLS = [{"type": "web_search"}]
+
+
+def test_a_web_search_shows_its_progress_and_stays_in_the_chain(server: RunningServer) -> None:
+    # `/search` makes the built-in model search as OpenAI's hosted web search does:
+    # the call shown at once, its progress events, the call done, then the answer;
+    # every event is checked against the SDK's types by WSClient.
+    with WSClient(server.ws_url) as ws:
+        events = ws.turn(input="/search warm caches\n/reply Found.", tools=WEB_SEARCH_TOOLS)
+        rid = events[-1]["response"]["id"]
+        after = ws.turn(input="/transcript", previous_response_id=rid, tools=WEB_SEARCH_TOOLS)
+        without = ws.turn(input="/search q")
+    check_sequence(events)
+    assert [e["type"] for e in events[:7]] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.web_search_call.in_progress",
+        "response.web_search_call.searching",
+        "response.web_search_call.completed",
+        "response.output_item.done",
+    ]
+    started, done = events[2]["item"], events[6]["item"]
+    assert started["status"] == "in_progress" and done["status"] == "completed"
+    assert started["id"] == done["id"] and done["id"].startswith("ws_")
+    assert done["action"] == {"type": "search", "query": "warm caches"}
+    assert all(e["item_id"] == done["id"] for e in events[3:6])
+    assert all(e["output_index"] == 0 for e in events[2:7])
+    assert all(e["output_index"] == 1 for e in events[7:-1])
+    searched, message = events[-1]["response"]["output"]
+    assert searched == done
+    assert message["content"][0]["text"] == "Found."
+    assert output_text(after).splitlines()[1:4] == [
+        "/reply Found.",
+        "web_search_call warm caches",
+        "assistant: Found.",
+    ]
+    assert output_text(without) == "Cannot search: this request has no web_search tool."
+
+
 def test_store_false_is_connection_local(server: RunningServer) -> None:
     with WSClient(server.ws_url) as ws:
         rid = ws.turn(input="secret", store=False)[-1]["response"]["id"]

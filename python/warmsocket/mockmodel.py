@@ -20,7 +20,7 @@ state handling is right. Read from the newest user message:
   ``instructions: <text>`` when set, ``<role>: <text>`` for messages,
   ``function_call <name> <call_id>``, ``function_call_output <call_id> <output>``
   (custom tools: ``custom_tool_call``, ``custom_tool_call_output``),
-  ``reasoning <summary>``; other items by their type
+  ``reasoning <summary>``, ``web_search_call <query>``; other items by their type
 * ``/fail``: the response fails with ``server_error``
 * ``/sleep MS``: waits MS milliseconds before answering (combines with the others)
 * ``/reply TEXT``: the answer is TEXT, the rest of the line as written, instead of
@@ -30,6 +30,12 @@ state handling is right. Read from the newest user message:
   An empty TEXT is ignored.
 * ``/think TEXT``: the response starts with a reasoning item whose summary is TEXT
   (combines with the others), as a reasoning model's does
+* ``/search QUERY``: the response starts (after the reasoning) with a web search
+  call for QUERY, streamed as OpenAI's hosted web search is (the call added, its
+  ``response.web_search_call.in_progress``, ``searching`` and ``completed`` events,
+  the call done), when the request has a ``web_search`` tool (of any version, or
+  the preview); without one the reply is ``Cannot search: ...``. Combines with the
+  others; the answer after it is theirs (``/reply`` to choose it)
 
 The simulated upstream (`warmsocket simulate-upstream`) answers with the same rules.
 """
@@ -66,6 +72,9 @@ class Reply:
     sleep_ms: int = 0
     reasoning: str | None = None
     """With ``/think``: the response starts with a reasoning item with this summary."""
+    search: str | None = None
+    """With ``/search``: a web search call for this query comes first (after the
+    reasoning)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +91,15 @@ def plan_reply(
     instructions: str | None,
     full_context: Callable[[], Sequence[dict[str, Any]]],
     custom_names: Callable[[], Iterable[str]] = tuple,
+    tool_types: Callable[[], Iterable[str]] = tuple,
 ) -> Reply:
     """Decide the reply.
 
     `tail` is the context from the newest user message (inclusive) to the end; the
     whole context when there is no user message. `full_context` is called only for
     ``/transcript``, so a normal turn never reads the whole history; `custom_names`
-    (the request's custom tools) only for ``/custom``.
+    (the request's custom tools) only for ``/custom``, `tool_types` (the types of
+    its tools) only for ``/search``.
     """
     user_index = _last_user_message(tail)
     if user_index is None:
@@ -99,6 +110,7 @@ def plan_reply(
     sleep_ms = 0
     reply: str | None = None
     reasoning: str | None = None
+    search: str | None = None
     directive: _Directive | None = None
     for line in text.splitlines():
         words = line.strip().split(maxsplit=1)
@@ -111,6 +123,8 @@ def plan_reply(
             reply = rest
         elif command == "/think":
             reasoning = rest
+        elif command == "/search":
+            search = rest
         elif directive is None:
             directive = _parse_directive(command, rest)
         elif directive.kind == "call" and command in ("/call", "/custom"):
@@ -128,8 +142,13 @@ def plan_reply(
         instructions=instructions,
         full_context=full_context,
     )
-    if sleep_ms or reasoning:
-        return replace(decided, sleep_ms=sleep_ms, reasoning=reasoning or None)
+    if search and not any(kind.startswith("web_search") for kind in tool_types()):
+        decided = Reply("text", "Cannot search: this request has no web_search tool.")
+        search = None
+    if sleep_ms or reasoning or search:
+        return replace(
+            decided, sleep_ms=sleep_ms, reasoning=reasoning or None, search=search or None
+        )
     return decided
 
 
@@ -201,6 +220,10 @@ def transcript(items: Sequence[dict[str, Any]], instructions: str | None) -> str
             parts = summary if isinstance(summary, list) else []
             text = " ".join(p.get("text", "") for p in parts if isinstance(p, dict))
             lines.append(f"reasoning {text}".rstrip())
+        elif kind == "web_search_call":
+            action = item.get("action")
+            query = action.get("query") if isinstance(action, dict) else None
+            lines.append(f"web_search_call {query if isinstance(query, str) else ''}".rstrip())
         else:
             lines.append(str(kind))
     return "\n".join(lines)
@@ -215,6 +238,30 @@ def custom_tool_names(tools: Any) -> list[str]:
         and tool.get("type") == "custom"
         and isinstance(tool.get("name"), str)
     ]
+
+
+def tool_types(tools: Any) -> list[str]:
+    """The types of a request's tools (``function``, ``custom``, ``web_search``...)."""
+    return [
+        tool["type"]
+        for tool in (tools if isinstance(tools, list) else ())
+        if isinstance(tool, dict) and isinstance(tool.get("type"), str)
+    ]
+
+
+SEARCH_PHASES = ("in_progress", "searching", "completed")
+"""The events of a web search call between its added and done, in order."""
+
+
+def web_search_call(item_id: str, query: str, status: str) -> dict[str, Any]:
+    """The web search call item of ``/search QUERY`` (``in_progress`` when it starts,
+    ``completed`` when done)."""
+    return {
+        "id": item_id,
+        "type": "web_search_call",
+        "status": status,
+        "action": {"type": "search", "query": query},
+    }
 
 
 def reasoning_item(summary: str, encrypted_content: str | None = None) -> bytes:

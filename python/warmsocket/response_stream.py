@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from warmsocket import ids
+from warmsocket import ids, mockmodel
 
 Status = Literal["in_progress", "completed", "failed", "incomplete"]
 
@@ -257,6 +257,23 @@ class ResponseStream:
             )
         )
         done = {**body, "input": full}
+        self.output.append(done)
+        frames.append(self._item_event("response.output_item.done", index, done))
+        return frames
+
+    def web_search_call(self, query: str) -> list[bytes]:
+        """A whole web search call for `query`, as OpenAI streams its hosted search: the
+        call added (`in_progress`), its `in_progress`, `searching` and `completed`
+        events, the call done."""
+        frames = self.close_item()
+        item_id = ids.new_id("ws")
+        index = len(self.output)
+        started = mockmodel.web_search_call(item_id, query, "in_progress")
+        frames.append(self._item_event("response.output_item.added", index, started))
+        at = b'","output_index":' + str(index).encode() + b',"item_id":' + dumps(item_id)
+        for phase in mockmodel.SEARCH_PHASES:
+            frames.append(self._event(b'"type":"response.web_search_call.' + phase.encode() + at))
+        done = mockmodel.web_search_call(item_id, query, "completed")
         self.output.append(done)
         frames.append(self._item_event("response.output_item.done", index, done))
         return frames

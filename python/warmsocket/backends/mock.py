@@ -9,6 +9,8 @@ from typing import Any
 
 from warmsocket import errors, ids, mockmodel, small_json
 from warmsocket.backends.base import (
+    HostedCallEvent,
+    HostedCallStart,
     ModelEvent,
     OutputItem,
     StreamItem,
@@ -78,6 +80,7 @@ class MockBackend:
             instructions=turn.instructions,
             full_context=lambda: json.loads(turn.view.json()),
             custom_names=lambda: mockmodel.custom_tool_names(turn.settings.get("tools")),
+            tool_types=lambda: mockmodel.tool_types(turn.settings.get("tools")),
         )
 
     @staticmethod
@@ -85,6 +88,8 @@ class MockBackend:
         events: list[ModelEvent] = []
         if reply.reasoning is not None:
             events.append(OutputItem(mockmodel.reasoning_item(reply.reasoning)))
+        if reply.search is not None:
+            events += _web_search(reply.search)
         if reply.kind == "fail":
             events.append(TurnFailed(errors.model_failed()))
         elif reply.kind == "call":
@@ -104,3 +109,16 @@ class MockBackend:
 
     async def aclose(self) -> None:
         return None
+
+
+def _web_search(query: str) -> list[ModelEvent]:
+    """A web search call for `query`, as a hosted tool's events come from an upstream."""
+    item_id = ids.new_id("ws")
+    started = mockmodel.web_search_call(item_id, query, "in_progress")
+    events: list[ModelEvent] = [HostedCallStart(json.dumps(started).encode())]
+    for phase in mockmodel.SEARCH_PHASES:
+        event = {"type": f"response.web_search_call.{phase}", "item_id": item_id}
+        events.append(HostedCallEvent(json.dumps(event).encode()))
+    done = mockmodel.web_search_call(item_id, query, "completed")
+    events.append(OutputItem(json.dumps(done).encode()))
+    return events

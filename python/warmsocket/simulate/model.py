@@ -302,6 +302,7 @@ def plan(
         full_context=lambda: items,
         # Responses tools only: custom tools in a chat body are not at the top level.
         custom_names=lambda: mockmodel.custom_tool_names(tools),
+        tool_types=lambda: mockmodel.tool_types(tools),
     )
 
 

@@ -488,12 +488,16 @@ class _Connection(asyncio.Protocol):
         return fault
 
     def _deltas(self, answer: _Answer) -> list[tuple[str, str]]:
-        """('reasoning' | 'text' | 'call' | 'args', piece) in order; a 'call' piece is a
-        name; the reasoning (``/think``), first, comes a word at a time."""
+        """('reasoning' | 'search' | 'text' | 'call' | 'args' | 'custom' | 'input', piece)
+        in order; a 'call' or 'custom' piece is a name, a 'search' piece the query; the
+        reasoning (``/think``), first, comes a word at a time, then the web search
+        (``/search``)."""
         reply = answer.reply
         pieces: list[tuple[str, str]] = []
         if reply.reasoning is not None:
             pieces += [("reasoning", p) for p in mockmodel.text_deltas(reply.reasoning)]
+        if reply.search is not None:
+            pieces.append(("search", reply.search))
         if reply.kind == "call":
             for call in reply.calls:
                 if call.custom:  # its input a word at a time
@@ -582,6 +586,8 @@ class _Connection(asyncio.Protocol):
         texts = [""]
         index = -1  # of the tool call being streamed
         for kind, piece in self._deltas(answer):
+            if kind == "search":
+                continue  # a hosted tool: no chat form
             texts.append(piece)
             if kind == "reasoning":  # as DeepSeek and vLLM's reasoning parsers send it
                 chunks.append(choice({"reasoning_content": piece}))
@@ -725,6 +731,9 @@ class _Connection(asyncio.Protocol):
                 words = mockmodel.text_deltas(reasoning)
                 new = response.reasoning_item(reasoning, seal_reasoning(reasoning), words)
                 piece, reasoning = reasoning, None
+            elif kind == "search":
+                new = response.web_search_call(piece)
+                piece = ""  # no tokens: the search is the tool's, not the model's
             elif kind == "text":
                 new = response.text_delta(piece)
             elif kind == "call":
