@@ -185,6 +185,10 @@ def test_stream_helper_with_a_web_search(server: RunningServer) -> None:
     assert search.type == "web_search_call" and search.status == "completed"
     assert search.action.type == "search" and search.action.query == "warm caches"
     assert final.output_text == "Found."
+    message = final.output[1]
+    assert message.type == "message" and message.content[0].type == "output_text"
+    (citation,) = message.content[0].annotations
+    assert citation.type == "url_citation" and citation.title == "Results for warm caches"
 
 
 class Weather(BaseModel):

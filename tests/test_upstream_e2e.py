@@ -479,8 +479,11 @@ def test_a_hosted_tool_call_streams_its_progress_and_goes_back_upstream(
             previous_response_id=first["id"],
             tools=tools,
         )
+        again = client.turn(
+            input="thanks", previous_response_id=answer[-1]["response"]["id"], tools=tools
+        )
     check_sequence(events)
-    assert answer[-1]["type"] == "response.completed"
+    assert again[-1]["type"] == "response.completed"
     search = first["output"][0]
     assert [o["type"] for o in first["output"]] == ["web_search_call", "function_call"]
     types = [e["type"] for e in events]
@@ -499,10 +502,21 @@ def test_a_hosted_tool_call_streams_its_progress_and_goes_back_upstream(
     assert search["id"].startswith("ws_")
     assert all(e.get("item_id", search["id"]) == search["id"] for e in shown)
     assert all(e["output_index"] == 0 and e["stream_id"] == "lane-1" for e in shown)
-    # The upstream saw the call again with the next request, as it was.
+    # The answer (after a second search) cites it: the upstream's annotation, passed on.
+    message = answer[-1]["response"]["output"][-1]
+    text = "get_weather returned: warm"
+    assert message["content"][0]["text"] == text
+    citation = mockmodel.search_citation("weather Lima", text)
+    assert message["content"][0]["annotations"] == [citation]
+    (added,) = [e for e in answer if e["type"] == "response.output_text.annotation.added"]
+    assert added["annotation"] == citation and added["item_id"] == message["id"]
+    # The upstream saw the calls and the cited answer again, as they were.
     records = sim.stats(bodies=True)["requests"]
-    context = json.loads(records[-1]["context"])
+    context = json.loads(records[1]["context"])
     assert [item for item in context if item.get("type") == "web_search_call"] == [search]
+    context = json.loads(records[-1]["context"])
+    sent = [item for item in context if item.get("type") == "message" and "id" in item]
+    assert sent[-1]["content"][0]["annotations"] == [citation]
 
 
 class CustomToolUpstream:

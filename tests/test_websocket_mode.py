@@ -210,6 +210,14 @@ def test_a_web_search_shows_its_progress_and_stays_in_the_chain(server: RunningS
     searched, message = events[-1]["response"]["output"]
     assert searched == done
     assert message["content"][0]["text"] == "Found."
+    # The answer cites the search, as OpenAI's do: the annotation as it comes, then in
+    # the message's text part.
+    (added,) = [e for e in events if e["type"] == "response.output_text.annotation.added"]
+    citation = mockmodel.search_citation("warm caches", "Found.")
+    assert added["annotation"] == citation and citation["end_index"] == len("Found.")
+    assert (added["output_index"], added["content_index"], added["annotation_index"]) == (1, 0, 0)
+    assert added["item_id"] == message["id"]
+    assert message["content"][0]["annotations"] == [citation]
     assert output_text(after).splitlines()[1:4] == [
         "/reply Found.",
         "web_search_call warm caches",

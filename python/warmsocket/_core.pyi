@@ -864,6 +864,11 @@ class ResponseEncoder:
         item of the id of the hosted tool call under way (`item_start`) finishes it
         with only its `output_item.done`, and one of a call closed early replaces it
         (its `output_item.done` again, at its index)."""
+    def text_annotation(self, annotation: bytes) -> bytes:
+        """An annotation of the message's text (a JSON object with a string `type`: a web
+        search's `url_citation`, ...): `response.output_text.annotation.added` with its
+        `annotation_index`, and kept in the text part. Opens a message first when none
+        is open. ValueError, with nothing changed, for anything else."""
     def item_start(self, item: bytes) -> bytes:
         """A hosted tool call starts (web search, code interpreter, an MCP call...: any
         item type but message, function, custom tool call and reasoning): closes the
@@ -934,6 +939,7 @@ _DecodedEvent: TypeAlias = (
     | tuple[Literal["args"], str]
     | tuple[Literal["call"], str, str, bool]
     | tuple[Literal["item"], bytes]
+    | tuple[Literal["annotation"], bytes]
     | tuple[Literal["item_start"], bytes]
     | tuple[Literal["item_event"], bytes]
     | tuple[Literal["reasoning"], str]
@@ -946,9 +952,11 @@ _DecodedEvent: TypeAlias = (
 """What the model produced: `("text", delta)`, `("args", delta)` (or a custom tool
 call's input), `("call", call_id, name, custom)`, `("item", item_json)` (a finished
 item of another type: reasoning, custom or hosted tool call, whole),
-`("item_start", item_json)` (a hosted tool call starts: its `output_item.added`
-item), `("item_event", event_json)` (an event naming a hosted tool call under way,
-whole: `response.web_search_call.searching` and the like), `("reasoning", item_id)`
+`("annotation", annotation_json)` (of the message's text: a web search's
+`url_citation`, ...), `("item_start", item_json)` (a hosted tool call starts: its
+`output_item.added` item), `("item_event", event_json)` (an event naming a hosted
+tool call under way, whole: `response.web_search_call.searching` and the like),
+`("reasoning", item_id)`
 (a reasoning item starts), `("reasoning_delta", summary, index, delta)` (of a
 summary part, else of a `reasoning_text` part), `("usage", input_tokens,
 cached_tokens, output_tokens, reasoning_tokens)`; or, last, why the stream stopped:

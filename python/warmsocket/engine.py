@@ -48,6 +48,7 @@ from warmsocket.backends.base import (
     OutputItem,
     ReasoningDelta,
     ReasoningStart,
+    TextAnnotation,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
@@ -561,6 +562,12 @@ class Turn:
             if not streamed:  # a streamed one was counted by its deltas
                 self.reasoning_chars += _reasoning_chars(event.item)
             return frames
+        if isinstance(event, TextAnnotation):
+            try:
+                return self.stream.text_annotation(event.annotation)
+            except ValueError:
+                log.warning("a malformed text annotation was left out")
+                return b""
         if isinstance(event, HostedCallEvent):
             try:
                 return self.stream.item_event(event.event)
@@ -604,7 +611,7 @@ class Turn:
             return True
         if isinstance(event, ReasoningDelta):
             return self.stream.open_kind != "reasoning"
-        if isinstance(event, TextDelta):
+        if isinstance(event, TextDelta | TextAnnotation):
             return self.stream.open_kind != "message"
         return False
 

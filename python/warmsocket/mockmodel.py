@@ -35,7 +35,8 @@ state handling is right. Read from the newest user message:
   ``response.web_search_call.in_progress``, ``searching`` and ``completed`` events,
   the call done), when the request has a ``web_search`` tool (of any version, or
   the preview); without one the reply is ``Cannot search: ...``. Combines with the
-  others; the answer after it is theirs (``/reply`` to choose it)
+  others; the answer after it is theirs (``/reply`` to choose it), and a text answer
+  cites the search: one ``url_citation`` annotation over the whole text
 
 The simulated upstream (`warmsocket simulate-upstream`) answers with the same rules.
 """
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -261,6 +263,18 @@ def web_search_call(item_id: str, query: str, status: str) -> dict[str, Any]:
         "type": "web_search_call",
         "status": status,
         "action": {"type": "search", "query": query},
+    }
+
+
+def search_citation(query: str, text: str) -> dict[str, Any]:
+    """The ``url_citation`` annotation of a text answer after ``/search QUERY``: the
+    whole text cites the search's (made-up, never fetched) result page."""
+    return {
+        "type": "url_citation",
+        "url": "https://search.invalid/?q=" + urllib.parse.quote(query),
+        "title": f"Results for {query}",
+        "start_index": 0,
+        "end_index": len(text),
     }
 
 

@@ -146,6 +146,28 @@ class ResponseStream:
         )
         return frames
 
+    def text_annotation(self, annotation: dict[str, Any]) -> list[bytes]:
+        """An annotation of the open message's text (`url_citation`, ...), as OpenAI
+        streams it: `response.output_text.annotation.added`, then in the part."""
+        frames: list[bytes] = []
+        item = self._open
+        if item is None or item.kind != "message":
+            frames += self.close_item()
+            item = self._open_message()
+            frames += item.opened
+        frames.append(
+            self._event(
+                b'"type":"response.output_text.annotation.added",'
+                + item.locator
+                + b',"content_index":0,"annotation_index":'
+                + str(len(item.annotations)).encode()
+                + b',"annotation":'
+                + dumps(annotation)
+            )
+        )
+        item.annotations.append(annotation)
+        return frames
+
     def tool_call_start(self, call_id: str, name: str) -> list[bytes]:
         frames = self.close_item()
         item_id = ids.function_call_id()
@@ -286,7 +308,12 @@ class ResponseStream:
         self._open = None
         full = "".join(item.parts)
         if item.kind == "message":
-            part = {"type": "output_text", "text": full, "annotations": [], "logprobs": []}
+            part = {
+                "type": "output_text",
+                "text": full,
+                "annotations": item.annotations,
+                "logprobs": [],
+            }
             body = {**item.body, "status": "completed", "content": [part]}
             frames = [
                 self._event(
@@ -385,7 +412,7 @@ class ResponseStream:
 
 
 class _OpenItem:
-    __slots__ = ("body", "index", "item_id", "kind", "locator", "opened", "parts")
+    __slots__ = ("annotations", "body", "index", "item_id", "kind", "locator", "opened", "parts")
 
     def __init__(self, kind: str, item_id: str, index: int, body: dict[str, Any]) -> None:
         self.kind = kind
@@ -393,6 +420,7 @@ class _OpenItem:
         self.index = index
         self.body = body
         self.parts: list[str] = []
+        self.annotations: list[dict[str, Any]] = []
         self.opened: list[bytes] = []
         self.locator = (
             b'"item_id":"' + item_id.encode() + b'","output_index":' + str(index).encode()

@@ -122,6 +122,8 @@ struct OpenItem {
     text: String,
     call_id: String,
     name: String,
+    /// A message's annotations so far (`text_annotation`).
+    annotations: Vec<serde_json::Value>,
 }
 
 /// A hosted tool call (or another item whose own events tell its progress) shown
@@ -585,6 +587,46 @@ impl ResponseEncoder {
         Ok(&self.out)
     }
 
+    /// An annotation of the message's text (a web search's `url_citation`, a file
+    /// citation, ...), a JSON object with a string `type`:
+    /// `response.output_text.annotation.added` with its `annotation_index`, and kept
+    /// in the text part (`content_part.done`, `output_item.done`, the chain). Opens a
+    /// message first when none is open. Fails, with nothing changed, for anything but
+    /// such an object.
+    pub fn text_annotation(&mut self, annotation: &[u8]) -> Result<&[u8]> {
+        let invalid = || Error::invalid_argument("annotation must be a JSON object with a type");
+        let value: serde_json::Value = serde_json::from_slice(annotation).map_err(|_| invalid())?;
+        if !value.get("type").is_some_and(serde_json::Value::is_string) {
+            return Err(invalid());
+        }
+        let json = serde_json::to_vec(&value).map_err(|_| invalid())?;
+        self.out.clear();
+        if self.open_kind() != Some(ItemKind::Message) {
+            self.close_open();
+            self.open_item(ItemKind::Message, String::new(), String::new());
+        }
+        let Some(item) = self.open.as_mut() else {
+            return Ok(&self.out);
+        };
+        let (stream_id, seq) = (self.stream_id.as_deref(), self.sequence_number);
+        let ty = "response.output_text.annotation.added";
+        let index = item.annotations.len();
+        emit(&mut self.out, self.framing, ty, |s| {
+            head(s, stream_id, seq, ty, 5);
+            locate(s, item);
+            s.key("content_index");
+            s.uint(0);
+            s.key("annotation_index");
+            s.uint(index as u64);
+            s.key("annotation");
+            s.json(&json);
+            s.end();
+        });
+        self.sequence_number += 1;
+        item.annotations.push(value);
+        Ok(&self.out)
+    }
+
     /// Opens a reasoning item (`output_item.added`), closing the open item: its
     /// parts then come as deltas (`reasoning_delta`), and it ends with the whole
     /// item (`output_item`, which adds what was not streamed, such as
@@ -915,6 +957,7 @@ impl ResponseEncoder {
             id: random_id(prefix),
             index: self.output.len(),
             text: String::new(),
+            annotations: Vec::new(),
             call_id,
             name,
         };
@@ -984,7 +1027,7 @@ impl ResponseEncoder {
                 s.key("content_index");
                 s.uint(0);
                 s.key("part");
-                text_part(s, "");
+                text_part(s, "", &[]);
                 s.end();
             });
             self.sequence_number += 1;
@@ -1042,7 +1085,7 @@ impl ResponseEncoder {
                     s.key("content_index");
                     s.uint(0);
                     s.key("part");
-                    text_part(s, &item.text);
+                    text_part(s, &item.text, &item.annotations);
                     s.end();
                 });
                 seq += 1;
@@ -1054,7 +1097,7 @@ impl ResponseEncoder {
                     "content": [{
                         "type": "output_text",
                         "text": item.text,
-                        "annotations": [],
+                        "annotations": item.annotations,
                         "logprobs": [],
                     }],
                 })
@@ -1563,14 +1606,18 @@ fn locate(s: &mut dyn Sink, item: &OpenItem) {
     s.uint(item.index as u64);
 }
 
-fn text_part(s: &mut dyn Sink, text: &str) {
+fn text_part(s: &mut dyn Sink, text: &str, annotations: &[serde_json::Value]) {
     s.begin(4);
     s.key("type");
     s.str("output_text");
     s.key("text");
     s.str(text);
     s.key("annotations");
-    s.begin_array(0);
+    s.begin_array(annotations.len());
+    for annotation in annotations {
+        // An object of JSON values: writing it cannot fail.
+        s.json(&serde_json::to_vec(annotation).unwrap_or_default());
+    }
     s.end_array();
     s.key("logprobs");
     s.begin_array(0);
@@ -2326,6 +2373,63 @@ mod tests {
         for (i, event) in events.iter().enumerate() {
             assert_eq!(event["sequence_number"], i as u64);
         }
+    }
+
+    #[test]
+    fn annotations_are_added_to_the_message_text_and_kept() {
+        let citation = br#"{"type":"url_citation","url":"https://example.com/","title":"Ex","start_index":0,"end_index":5}"#;
+        let run = |framing| {
+            let mut e = encoder(framing, None);
+            let mut out = e.start().to_vec();
+            out.extend_from_slice(e.text_delta("Found"));
+            out.extend_from_slice(e.text_annotation(citation).unwrap());
+            out.extend_from_slice(e.text_delta(" it."));
+            for bad in [&b"nope"[..], br#"[]"#, br#"{"url":"x"}"#, br#"{"type":3}"#] {
+                assert!(e.text_annotation(bad).is_err());
+            }
+            out.extend_from_slice(e.complete(Usage::default(), 9));
+            (out, e.output_items().len())
+        };
+        let (json, items) = run(Framing::Json);
+        assert_eq!(items, 1);
+        let events = lines(&json);
+        let citation: serde_json::Value = serde_json::from_slice(citation).unwrap();
+        let added = &events[5];
+        assert_eq!(added["type"], "response.output_text.annotation.added");
+        assert_eq!(added["annotation"], citation);
+        assert_eq!(added["annotation_index"], 0);
+        assert_eq!(added["content_index"], 0);
+        assert_eq!(added["output_index"], 0);
+        assert_eq!(added["item_id"], events[2]["item"]["id"]);
+        for (i, event) in events.iter().enumerate() {
+            assert_eq!(event["sequence_number"], i as u64);
+        }
+        let part_done = events
+            .iter()
+            .find(|e| e["type"] == "response.content_part.done")
+            .unwrap();
+        assert_eq!(
+            part_done["part"]["annotations"],
+            serde_json::json!([citation])
+        );
+        let output = &events.last().unwrap()["response"]["output"][0];
+        assert_eq!(output["content"][0]["text"], "Found it.");
+        assert_eq!(
+            output["content"][0]["annotations"],
+            serde_json::json!([citation])
+        );
+        // The same events in msgpack.
+        let (mp, _) = run(Framing::Msgpack);
+        let mp: Vec<serde_json::Value> = frames(&mp)
+            .into_iter()
+            .map(|(_, p)| rmp_serde::from_slice(&p).unwrap())
+            .collect();
+        assert_eq!(mp.len(), events.len());
+        assert_eq!(mp[5]["annotation"], citation);
+        assert_eq!(
+            mp.last().unwrap()["response"]["output"][0]["content"],
+            events.last().unwrap()["response"]["output"][0]["content"]
+        );
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub enum Event {
     /// A finished item of another type than message and function call (reasoning,
     /// custom and hosted tool calls), as JSON: the item of its `output_item.done`.
     Item(Vec<u8>),
+    /// An annotation of the message's text (`response.output_text.annotation.added`:
+    /// a web search's `url_citation`, ...), as JSON.
+    Annotation(Vec<u8>),
     /// A hosted tool call starts: the item of its `output_item.added`, as JSON.
     ItemStart(Vec<u8>),
     /// An event of a hosted tool call under way (one naming its `item_id`, such as
@@ -347,6 +350,12 @@ impl ResponsesDecoder {
                     });
                 }
             }
+            "response.output_text.annotation.added" => {
+                if let Some(annotation) = data.get("annotation").filter(|a| a.as_object().is_some())
+                {
+                    out.push(Event::Annotation(to_json(annotation)));
+                }
+            }
             "response.output_text.done" => {
                 let item_id = text_of(data.get("item_id"));
                 if let Some(rest) = self.rest(&item_id, data.get("text")) {
@@ -381,9 +390,13 @@ impl ResponsesDecoder {
                         }
                     }
                     Some("message") if !self.emitted.contains_key(&item_id) => {
+                        // Not streamed: its text and its annotations, whole.
                         let text = message_text(item);
                         if let Some(rest) = self.rest_of(&item_id, &text) {
                             out.push(Event::Text(rest));
+                        }
+                        for annotation in message_annotations(item) {
+                            out.push(Event::Annotation(to_json(annotation)));
                         }
                     }
                     Some("message" | "function_call") | None => {}
@@ -464,6 +477,22 @@ fn message_text(item: &Value<'_>) -> String {
         .iter()
         .filter(|p| p.get("type").and_then(Value::as_str) == Some("output_text"))
         .filter_map(|p| p.get("text").and_then(Value::as_str))
+        .collect()
+}
+
+fn message_annotations<'v>(item: &'v Value<'_>) -> Vec<&'v Value<'v>> {
+    let Some(Value::Array(parts)) = item.get("content") else {
+        return Vec::new();
+    };
+    parts
+        .iter()
+        .filter(|p| p.get("type").and_then(Value::as_str) == Some("output_text"))
+        .filter_map(|p| match p.get("annotations") {
+            Some(Value::Array(annotations)) => Some(annotations),
+            _ => None,
+        })
+        .flatten()
+        .filter(|a| a.as_object().is_some())
         .collect()
 }
 
@@ -895,6 +924,48 @@ mod tests {
             };
             assert_eq!(json(item), value(done));
         }
+    }
+
+    #[test]
+    fn annotations_are_read_as_they_come_or_from_a_whole_message() {
+        let citation = r#"{"type":"url_citation","url":"https://example.com/","title":"Ex","start_index":0,"end_index":5}"#;
+        let body = [
+            sse(
+                "response.output_text.delta",
+                r#"{"type":"response.output_text.delta","item_id":"msg_1","delta":"Found"}"#,
+            ),
+            sse(
+                "response.output_text.annotation.added",
+                &format!(
+                    r#"{{"type":"response.output_text.annotation.added","item_id":"msg_1","annotation_index":0,"annotation":{citation}}}"#
+                ),
+            ),
+            // Not an object: nothing.
+            sse(
+                "response.output_text.annotation.added",
+                r#"{"type":"response.output_text.annotation.added","annotation":"x"}"#,
+            ),
+            // A message that was not streamed: its text and annotations, whole.
+            sse(
+                "response.output_item.done",
+                &format!(
+                    r#"{{"type":"response.output_item.done","item":{{"id":"msg_2","type":"message","content":[{{"type":"output_text","text":"Again","annotations":[{citation},7]}}]}}}}"#
+                ),
+            ),
+        ]
+        .concat();
+        let (_, decoded) = decode(&body, 5);
+        let decoded = decoded.unwrap();
+        let annotation = |event: &Event| match event {
+            Event::Annotation(json) => serde_json::from_slice::<serde_json::Value>(json).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        let citation: serde_json::Value = serde_json::from_str(citation).unwrap();
+        assert_eq!(decoded.len(), 4, "{decoded:?}");
+        assert_eq!(decoded[0], Event::Text("Found".to_owned()));
+        assert_eq!(annotation(&decoded[1]), citation);
+        assert_eq!(decoded[2], Event::Text("Again".to_owned()));
+        assert_eq!(annotation(&decoded[3]), citation);
     }
 
     #[test]

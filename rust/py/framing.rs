@@ -454,6 +454,14 @@ impl PyResponseEncoder {
         Ok(PyBytes::new(py, self.inner.output_item(item)?))
     }
 
+    fn text_annotation<'py>(
+        &mut self,
+        py: Python<'py>,
+        annotation: &[u8],
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, self.inner.text_annotation(annotation)?))
+    }
+
     fn item_start<'py>(&mut self, py: Python<'py>, item: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
         Ok(PyBytes::new(py, self.inner.item_start(item)?))
     }

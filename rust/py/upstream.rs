@@ -82,6 +82,9 @@ fn events_list<'py>(
                 custom,
             } => ("call", call_id, name, custom).into_pyobject(py)?,
             Event::Item(item) => ("item", PyBytes::new(py, &item)).into_pyobject(py)?,
+            Event::Annotation(annotation) => {
+                ("annotation", PyBytes::new(py, &annotation)).into_pyobject(py)?
+            }
             Event::ItemStart(item) => ("item_start", PyBytes::new(py, &item)).into_pyobject(py)?,
             Event::ItemEvent(event) => {
                 ("item_event", PyBytes::new(py, &event)).into_pyobject(py)?

@@ -72,6 +72,15 @@ class OutputItem:
 
 
 @dataclass(frozen=True, slots=True)
+class TextAnnotation:
+    """An annotation of the message's text (a web search's `url_citation`, ...), as
+    JSON: shown as it comes and kept in the message's text part. Opens a message item
+    when none is."""
+
+    annotation: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class HostedCallStart:
     """A hosted tool call starts (web search, code interpreter, an MCP call, ...), as
     JSON with the upstream's `id`: shown at once, closing the open item. Its progress
@@ -123,6 +132,7 @@ ModelEvent = (
     | OutputItem
     | HostedCallStart
     | HostedCallEvent
+    | TextAnnotation
     | UsageReport
     | TurnFailed
 )

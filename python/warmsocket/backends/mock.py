@@ -14,6 +14,7 @@ from warmsocket.backends.base import (
     ModelEvent,
     OutputItem,
     StreamItem,
+    TextAnnotation,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
@@ -101,6 +102,9 @@ class MockBackend:
                 events += map(ToolArgumentsDelta, deltas)
         else:
             events += map(TextDelta, mockmodel.text_deltas(reply.text))
+            if reply.search is not None:
+                citation = mockmodel.search_citation(reply.search, reply.text)
+                events.append(TextAnnotation(json.dumps(citation).encode()))
         return events
 
     async def _pace(self) -> None:

@@ -11,7 +11,8 @@ with the whole item from its `output_item.done` (adding `encrypted_content`). A
 hosted tool call (web search, code interpreter, ...) is shown from its
 `output_item.added`, its own events (those naming its `item_id`) are passed on as
 they come, and the whole item from its `output_item.done` finishes it. Upstream
-item ids are kept for these.
+item ids are kept for these. A message's annotations (a web search's citations) are
+taken as they come, or from a message that was not streamed.
 
 The events are read in Rust (`_core.ResponsesStreamDecoder`,
 `rust/framing/upstream.rs`): one call per chunk of an SSE body or per WebSocket
@@ -34,6 +35,7 @@ from warmsocket.backends.base import (
     OutputItem,
     ReasoningDelta,
     ReasoningStart,
+    TextAnnotation,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
@@ -85,6 +87,8 @@ def model_events(decoded: list[tuple[Any, ...]]) -> list[ModelEvent]:
             out.append(ToolCallStart(event[1], event[2], event[3]))
         elif kind == "item":
             out.append(OutputItem(event[1]))
+        elif kind == "annotation":
+            out.append(TextAnnotation(event[1]))
         elif kind == "item_event":
             out.append(HostedCallEvent(event[1]))
         elif kind == "item_start":

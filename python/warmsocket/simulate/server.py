@@ -488,8 +488,9 @@ class _Connection(asyncio.Protocol):
         return fault
 
     def _deltas(self, answer: _Answer) -> list[tuple[str, str]]:
-        """('reasoning' | 'search' | 'text' | 'call' | 'args' | 'custom' | 'input', piece)
-        in order; a 'call' or 'custom' piece is a name, a 'search' piece the query; the
+        """('reasoning' | 'search' | 'text' | 'cite' | 'call' | 'args' | 'custom' | 'input',
+        piece) in order; a 'call' or 'custom' piece is a name, a 'search' or 'cite'
+        piece the query (a 'cite' follows the text that cites the search); the
         reasoning (``/think``), first, comes a word at a time, then the web search
         (``/search``)."""
         reply = answer.reply
@@ -508,6 +509,8 @@ class _Connection(asyncio.Protocol):
                 pieces += [("args", p) for p in mockmodel.argument_deltas(call.arguments)]
         elif reply.kind == "text":
             pieces += [("text", p) for p in mockmodel.text_deltas(reply.text)]
+            if reply.search is not None:  # the answer cites the search
+                pieces.append(("cite", reply.search))
         return pieces
 
     def _mark_first_token(self) -> None:
@@ -586,8 +589,8 @@ class _Connection(asyncio.Protocol):
         texts = [""]
         index = -1  # of the tool call being streamed
         for kind, piece in self._deltas(answer):
-            if kind == "search":
-                continue  # a hosted tool: no chat form
+            if kind in ("search", "cite"):
+                continue  # a hosted tool and its citation: no chat form
             texts.append(piece)
             if kind == "reasoning":  # as DeepSeek and vLLM's reasoning parsers send it
                 chunks.append(choice({"reasoning_content": piece}))
@@ -734,6 +737,10 @@ class _Connection(asyncio.Protocol):
             elif kind == "search":
                 new = response.web_search_call(piece)
                 piece = ""  # no tokens: the search is the tool's, not the model's
+            elif kind == "cite":
+                citation = mockmodel.search_citation(piece, answer.reply.text)
+                new = response.text_annotation(citation)
+                piece = ""
             elif kind == "text":
                 new = response.text_delta(piece)
             elif kind == "call":
