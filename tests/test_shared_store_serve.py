@@ -171,6 +171,16 @@ def test_http_retrieve_input_items_and_continue_on_another_process(
         ]
 
 
+def test_input_tokens_counts_a_chain_made_on_another_process(redis_url: str, sdk: SDK) -> None:
+    with two_servers(redis_url) as (a, b):
+        first = sdk(a).responses.create(model="m", input="count me " * 30)
+        flush(a)
+        on_b = sdk(b).responses.input_tokens.count(previous_response_id=first.id, input="more")
+        on_a = sdk(a).responses.input_tokens.count(previous_response_id=first.id, input="more")
+        assert on_b.input_tokens == on_a.input_tokens > 0
+        assert shared_stats(b)["loaded"] == 1
+
+
 def test_prefix_matched_responses_load_with_their_history(redis_url: str) -> None:
     def user(text: str) -> dict[str, str]:
         return {"role": "user", "content": text}

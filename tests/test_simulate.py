@@ -444,8 +444,9 @@ def test_web_search_streams_in_openais_events() -> None:
     text = output[1]["content"][0]["text"]
     citation = mockmodel.search_citation("warm caches", text)
     assert output[1]["content"][0]["annotations"] == [citation]
-    assert kinds.index("response.output_text.annotation.added") == kinds.index(
-        "response.output_text.done"
-    ) - 1
+    assert (
+        kinds.index("response.output_text.annotation.added")
+        == kinds.index("response.output_text.done") - 1
+    )
     # Not streamed: the same output, a new call id.
     assert [o["type"] for o in whole["output"]] == ["web_search_call", "message"]

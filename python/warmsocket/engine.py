@@ -387,6 +387,34 @@ class Engine:
         self.metrics.observe_rebuild(time.perf_counter() - started)
         return turn
 
+    async def input_tokens(
+        self, request: CreateRequest, *, owner: str, include_input: bool = True
+    ) -> int:
+        """The `usage.input_tokens` this request would get from warmsocket's accounting,
+        without running it (`POST /v1/responses/input_tokens`): the previous
+        response's context, the input (unless `include_input` is false) and the
+        instructions. Nothing is stored. Raises APIError as `prepare` does."""
+        if include_input:
+            turn = self.prepare(request, owner=owner, connection=None, lookup_connection=None)
+            try:
+                await turn.count_input_tokens_off_loop()
+                turn.count_input_tokens()
+                return turn.usage()[0]
+            finally:
+                turn.release()
+        tokens = self.instruction_tokens(request.instructions)
+        parent = request.previous_response_id
+        if parent is None:
+            return tokens
+        try:
+            binding = self.cache.bind(parent, owner=owner)
+        except _core.ResponseNotFound:
+            raise errors.previous_response_not_found(parent) from None
+        try:
+            return tokens + self.context_tokens(binding.view())
+        finally:
+            binding.release()
+
     def _cached_tokens(
         self,
         parent: _core.ResponseInfo,

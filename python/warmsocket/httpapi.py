@@ -19,6 +19,7 @@ from warmsocket.engine import Engine, SharedStoreUnavailable, Turn, response_obj
 from warmsocket.errors import APIError
 from warmsocket.http11 import LAST_CHUNK, Request, chunk, encode_response, response_head
 from warmsocket.response_stream import dumps
+from warmsocket.token_count import parse_count_request
 
 log = logging.getLogger("warmsocket.http")
 
@@ -144,6 +145,10 @@ class HTTPApp:
                     status=400,
                 )
             raise errors.method_not_allowed(method, request.path)
+        if path_id == "input_tokens" and sub is None:
+            if method != "POST":
+                raise errors.method_not_allowed(method, request.path)
+            return await self._input_tokens(request, writer, request_id, owner)
         if sub is None:
             if method == "GET":
                 if request.query_value("stream") in {"true", "1"}:
@@ -188,16 +193,7 @@ class HTTPApp:
             )
         assert isinstance(create, _core.CreateRequest)
         engine = self.engine
-        parent = create.previous_response_id
-        if (
-            parent is not None
-            and engine.shared is not None
-            and not engine.cached(parent, owner=owner)
-        ):
-            try:
-                await engine.load_shared(parent, owner=owner)
-            except SharedStoreUnavailable:
-                raise errors.shared_store_unavailable(parent) from None
+        await self._load_parent(create, owner)
         turn = engine.prepare(
             create,
             owner=owner,
@@ -210,6 +206,32 @@ class HTTPApp:
         else:
             await self._complete(request, writer, request_id, turn)
         return 200
+
+    async def _load_parent(self, create: _core.CreateRequest, owner: str) -> None:
+        """Load `previous_response_id` from the shared store when only another process
+        has it. Raises APIError (a retriable 503) when the store does not answer."""
+        engine = self.engine
+        parent = create.previous_response_id
+        if (
+            parent is not None
+            and engine.shared is not None
+            and not engine.cached(parent, owner=owner)
+        ):
+            try:
+                await engine.load_shared(parent, owner=owner)
+            except SharedStoreUnavailable:
+                raise errors.shared_store_unavailable(parent) from None
+
+    async def _input_tokens(
+        self, request: Request, writer: ResponseWriter, request_id: str, owner: str
+    ) -> int:
+        create, has_input = parse_count_request(
+            request.body, max_item_bytes=self.engine.cache.max_item_bytes
+        )
+        await self._load_parent(create, owner)
+        count = await self.engine.input_tokens(create, owner=owner, include_input=has_input)
+        body = dumps({"object": "response.input_tokens", "input_tokens": count})
+        return self._json(writer, request, request_id, 200, body)
 
     async def _stream(
         self, request: Request, writer: ResponseWriter, request_id: str, turn: Turn
