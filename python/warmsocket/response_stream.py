@@ -129,12 +129,7 @@ class ResponseStream:
     # -- items ----------------------------------------------------------------------------
 
     def text_delta(self, text: str) -> list[bytes]:
-        frames: list[bytes] = []
-        item = self._open
-        if item is None or item.kind != "message":
-            frames += self.close_item()
-            item = self._open_message()
-            frames += item.opened
+        frames, item = self._message()
         item.parts.append(text)
         frames.append(
             self._event(
@@ -149,12 +144,7 @@ class ResponseStream:
     def text_annotation(self, annotation: dict[str, Any]) -> list[bytes]:
         """An annotation of the open message's text (`url_citation`, ...), as OpenAI
         streams it: `response.output_text.annotation.added`, then in the part."""
-        frames: list[bytes] = []
-        item = self._open
-        if item is None or item.kind != "message":
-            frames += self.close_item()
-            item = self._open_message()
-            frames += item.opened
+        frames, item = self._message()
         frames.append(
             self._event(
                 b'"type":"response.output_text.annotation.added",'
@@ -356,6 +346,15 @@ class ResponseStream:
         return self._event(body)
 
     # -- encoding -------------------------------------------------------------------------
+
+    def _message(self) -> tuple[list[bytes], _OpenItem]:
+        """The open message, and the events that opened it (closing another item)."""
+        item = self._open
+        if item is not None and item.kind == "message":
+            return [], item
+        frames = self.close_item()
+        item = self._open_message()
+        return frames + item.opened, item
 
     def _open_message(self) -> _OpenItem:
         item_id = ids.message_id()
