@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, get_args, get_origin
@@ -209,3 +212,39 @@ def check_sequence(events: list[dict[str, Any]]) -> None:
     assert events[-1]["type"] in TERMINAL
     ids = {e["response"]["id"] for e in events if "response" in e}
     assert len(ids) == 1, ids
+
+
+def gil_stall_fraction(work: Callable[[], object], rounds: int = 5) -> float:
+    """The longest time another Python thread could not run during `work()`, as a
+    fraction of the call's duration (the best of a few rounds).
+
+    Close to 1 when `work` holds the GIL throughout; small when it releases it.
+    """
+    stamps: list[float] = []
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+
+    windows: list[tuple[float, float]] = []
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    thread = threading.Thread(target=spin)
+    thread.start()
+    try:
+        for _ in range(rounds):
+            time.sleep(0.005)
+            start = time.perf_counter()
+            work()
+            windows.append((start, time.perf_counter()))
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(old)
+    fractions = []
+    for lo, hi in windows:
+        points = [lo, *(t for t in stamps if lo < t < hi), hi]
+        longest = max(b - a for a, b in itertools.pairwise(points))
+        fractions.append(longest / (hi - lo))
+    return min(fractions)

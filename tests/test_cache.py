@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import gc
-import itertools
 import json
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
 
 import warmsocket
+from tests.support import gil_stall_fraction
 from warmsocket import (
     BUILD_PROFILE,
     Binding,
@@ -699,42 +696,6 @@ def test_stats() -> None:
 # -- the GIL ------------------------------------------------------------------------------
 
 
-def _stall_fraction(work: Callable[[], object], rounds: int = 5) -> float:
-    """The longest time another Python thread could not run during `work()`, as a
-    fraction of the call's duration (the best of a few rounds).
-
-    Close to 1 when `work` holds the GIL throughout; small when it releases it.
-    """
-    stamps: list[float] = []
-    stop = threading.Event()
-
-    def spin() -> None:
-        while not stop.is_set():
-            stamps.append(time.perf_counter())
-
-    windows: list[tuple[float, float]] = []
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(0.0005)
-    thread = threading.Thread(target=spin)
-    thread.start()
-    try:
-        for _ in range(rounds):
-            time.sleep(0.005)
-            start = time.perf_counter()
-            work()
-            windows.append((start, time.perf_counter()))
-    finally:
-        stop.set()
-        thread.join()
-        sys.setswitchinterval(old)
-    fractions = []
-    for lo, hi in windows:
-        points = [lo, *(t for t in stamps if lo < t < hi), hi]
-        longest = max(b - a for a, b in itertools.pairwise(points))
-        fractions.append(longest / (hi - lo))
-    return min(fractions)
-
-
 @pytest.mark.timeout(60)
 def test_json_releases_the_gil() -> None:
     cache = SessionCache()
@@ -747,9 +708,9 @@ def test_json_releases_the_gil() -> None:
     assert view.nbytes > 48_000_000
     # The measurement can tell: a C call that holds the GIL stalls the other thread...
     text = "a" * 20_000_000
-    assert _stall_fraction(lambda: text.encode("utf-16")) > 0.5
+    assert gil_stall_fraction(lambda: text.encode("utf-16")) > 0.5
     # ...while materialising a context lets it run.
-    assert _stall_fraction(view.json) < 0.3
+    assert gil_stall_fraction(view.json) < 0.3
 
 
 FLOATS = [

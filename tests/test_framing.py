@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.support import check_sse_event, check_ws_event
+from tests.support import check_sse_event, check_ws_event, gil_stall_fraction
 from warmsocket import _core, client_events
 from warmsocket.client_events import CreateRequest, Rejected, SteerRequest
 from warmsocket.response_stream import ResponseStream, usage_object
@@ -736,6 +736,28 @@ def test_encoder_refuses_misuse() -> None:
     data = encoder.text_delta("a\ud800b")
     delta = json.loads(data.split(b"\n")[-2])
     assert delta["delta"] == "a\ufffdb"
+
+
+@pytest.mark.timeout(60)
+def test_a_large_hosted_tool_event_is_encoded_without_the_gil() -> None:
+    # An upstream's partial image (base64, megabytes) is parsed and framed again for
+    # the client: other threads (the cache's, a worker tokenising) run meanwhile.
+    encoder = _core.ResponseEncoder("r", settings=b"{}", created_at=0, framing="websocket")
+    encoder.start()
+    started = {"id": "ig_1", "type": "image_generation_call", "status": "in_progress"}
+    encoder.item_start(json.dumps(started).encode())
+    event = {
+        "type": "response.image_generation_call.partial_image",
+        "item_id": "ig_1",
+        "partial_image_index": 0,
+        "partial_image_b64": "QUJD" * 4_000_000,
+    }
+    data = json.dumps(event).encode()
+    ((_op, payload),) = split_frames(encoder.item_event(data))
+    relayed = json.loads(payload)
+    assert relayed["partial_image_b64"] == event["partial_image_b64"]
+    assert (relayed["output_index"], relayed["sequence_number"]) == (0, 3)
+    assert gil_stall_fraction(lambda: encoder.item_event(data)) < 0.3
 
 
 @pytest.mark.parametrize("framing", ["json", "websocket", "msgpack", "sse"])

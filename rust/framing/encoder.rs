@@ -299,6 +299,10 @@ impl ResponseEncoder {
         }
         self.hosted.as_ref().map(|h| h.id.as_str())
     }
+    /// What the last call wrote (the bytes it returned).
+    pub fn written(&self) -> &[u8] {
+        &self.out
+    }
     /// The finished output items.
     pub fn output(&self) -> &[Arc<Item>] {
         &self.output

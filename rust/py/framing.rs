@@ -308,6 +308,28 @@ pub struct PyResponseEncoder {
     inner: ResponseEncoder,
 }
 
+/// An encoder method that takes a JSON argument (an item, an event).
+type EncodeJson =
+    for<'a, 'b> fn(&'a mut ResponseEncoder, &'b [u8]) -> crate::error::Result<&'a [u8]>;
+
+impl PyResponseEncoder {
+    /// `encode` with a JSON argument, without the GIL when it is large enough for
+    /// parsing it to take a while (an upstream's partial image, a big tool call);
+    /// the events it wrote.
+    fn encode_json<'py>(
+        &mut self,
+        py: Python<'py>,
+        json: &[u8],
+        encode: EncodeJson,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let inner = &mut self.inner;
+        detach_if(py, json.len(), DETACH_PARSE_BYTES, || {
+            encode(inner, json).map(|_| ())
+        })?;
+        Ok(PyBytes::new(py, self.inner.written()))
+    }
+}
+
 #[pymethods]
 impl PyResponseEncoder {
     #[new]
@@ -451,7 +473,7 @@ impl PyResponseEncoder {
     }
 
     fn output_item<'py>(&mut self, py: Python<'py>, item: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-        Ok(PyBytes::new(py, self.inner.output_item(item)?))
+        self.encode_json(py, item, ResponseEncoder::output_item)
     }
 
     fn text_annotation<'py>(
@@ -459,15 +481,15 @@ impl PyResponseEncoder {
         py: Python<'py>,
         annotation: &[u8],
     ) -> PyResult<Bound<'py, PyBytes>> {
-        Ok(PyBytes::new(py, self.inner.text_annotation(annotation)?))
+        self.encode_json(py, annotation, ResponseEncoder::text_annotation)
     }
 
     fn item_start<'py>(&mut self, py: Python<'py>, item: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-        Ok(PyBytes::new(py, self.inner.item_start(item)?))
+        self.encode_json(py, item, ResponseEncoder::item_start)
     }
 
     fn item_event<'py>(&mut self, py: Python<'py>, event: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-        Ok(PyBytes::new(py, self.inner.item_event(event)?))
+        self.encode_json(py, event, ResponseEncoder::item_event)
     }
 
     #[getter]
