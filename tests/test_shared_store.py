@@ -235,6 +235,78 @@ def test_a_missing_link_means_not_found_and_ttl_is_set(redis_url: str) -> None:
     run(main())
 
 
+@pytest.mark.timeout(60)
+def test_a_chain_that_goes_on_outlives_the_ttl_of_its_first_records(redis_url: str) -> None:
+    """Records expire a TTL after their write, but a chain that is continued must stay
+    loadable in another process as long as its newest record is: its ancestors are
+    kept alive with it (records and settings). A chain that stops expires."""
+    ttl = 2
+
+    async def main() -> None:
+        a = SessionCache()
+        store = SharedStore.from_url(redis_url, prefix="t5k", ttl_seconds=ttl)
+        reader = SharedStore.from_url(redis_url, prefix="t5k", ttl_seconds=ttl)
+        await store.start()
+        await reader.start()
+        turn(a, "k0", None, "first")
+        turn(a, "stop", None, "other")  # a chain that is not continued
+        share(store, a, "k0")
+        share(store, a, "stop")
+        await store.flush()
+        parent = "k0"
+        for step in range(1, 5):  # the chain goes on past twice the TTL
+            await asyncio.sleep(ttl * 0.6)
+            turn(a, f"k{step}", parent, f"step {step}")
+            share(store, a, f"k{step}")
+            await store.flush()
+            parent = f"k{step}"
+        # k0 was written 4.8 s ago, with a 2 s TTL: kept alive by the chain.
+        b = SessionCache()
+        assert await reader.load(b, "k4", owner="o"), "the chain lost a link"
+        assert b.context("k4", owner="o") == a.context("k4", owner="o")
+        assert reader.load_errors == 0
+        # Every link's horizon is at least a TTL past its own write.
+        for step in range(1, 5):
+            live = await store.client.hget(f"t5k:r:o:k{step}", "live")
+            assert live is not None and int(live) > 0
+        # The chain that stopped is gone.
+        assert not await reader.load(SessionCache(), "stop", owner="o")
+        await store.aclose()
+        await reader.aclose()
+
+    run(main())
+
+
+def test_keeping_a_chain_alive_walks_it_once_per_ttl(redis_url: str) -> None:
+    """Records written while their parent's horizon is a TTL away raise only the
+    parent: one step, not a walk of the whole chain."""
+
+    async def main() -> None:
+        a = SessionCache()
+        store = SharedStore.from_url(redis_url, prefix="t5w", ttl_seconds=3600)
+        await store.start()
+        parent = None
+        for step in range(30):
+            turn(a, f"w{step}", parent, f"s{step}")
+            share(store, a, f"w{step}")
+            parent = f"w{step}"
+        await store.flush()
+        lives = [await store.client.hget(f"t5w:r:o:w{step}", "live") for step in range(30)]
+        assert lives[0] == b"inf"  # a root has no ancestors
+        # One horizon for the chain, set when w1 was written (w0's root horizon).
+        assert len(set(lives[1:])) == 1
+        horizon = int(lives[1]) / 1000  # ms
+        now = (await store.client.time())[0]
+        assert now + 3600 <= horizon <= now + 2 * 3600 + 5
+        # Every ancestor lives until the horizon; the newest record a TTL from now.
+        for step in range(29):
+            assert await store.client.ttl(f"t5w:r:o:w{step}") >= horizon - now - 5
+        assert await store.client.ttl("t5w:r:o:w29") <= 3600
+        await store.aclose()
+
+    run(main())
+
+
 def test_redis_down_is_survivable(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="warmsocket.shared_store")
 

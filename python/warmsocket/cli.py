@@ -458,7 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_REDIS_TTL,
         type=_positive_int,
         help="seconds a shared response is kept in Redis after it was written (30 days, "
-        "as OpenAI keeps stored responses)",
+        "as OpenAI keeps stored responses); the ancestors of a response are kept as long "
+        "as it is, so a conversation that goes on stays loadable (a chain that stops is "
+        "gone at most twice this long after its last walk)",
     )
     opt.add(
         "--redis-prefix",

@@ -15,12 +15,25 @@ Records (one Redis hash per response, key ``<prefix>:r:<owner>:<id>``):
   when the parent was found by prefix matching (the client re-sent its history
   instead of naming a `previous_response_id`): the context is then the first n
   items of the parent's context, followed by this response's own items;
+* ``settings`` — the content hash of its settings (also in ``data``: here for the
+  script that keeps a chain alive);
+* ``live``    — its horizon: a time until which all of its ancestors exist (``inf``
+  for a root);
 * ``deleted`` — present once the response was deleted: lookups say not found, but
   descendants still load through it (as in the local cache).
 
 Settings (instructions, tools: often tens of KB, the same for every turn of a chain)
-are stored once under their content hash, ``<prefix>:s:<hash>``. Every key expires
-after the configured TTL; writing a record refreshes its settings' TTL.
+are stored once under their content hash, ``<prefix>:s:<hash>``.
+
+A record expires the configured TTL after its write, unless a chain keeps it: a
+chain that goes on stays loadable as long as its newest record. When a record is
+written (`_KEEP`, one script call in the write's pipeline), its parent's expiry is
+raised to the parent's horizon, which becomes the new record's, as long as that is
+at least a TTL away; otherwise the script walks the chain once and raises every
+ancestor (and its settings) to now + 2 TTL, the chain's new horizon. So a chain
+costs one walk per TTL, not one per turn, and a chain that stops is gone at most
+two TTLs after its last walk (settings are written with two TTLs too). Records
+written before horizons existed (no ``live``) get a walk when continued.
 
 Loading walks the chain from the requested id towards the root with a server-side
 script, in batches, and stops at the first ancestor already in the local cache; the
@@ -104,6 +117,63 @@ end
 return out
 """
 
+# Keeps the chain of a record just written alive at least as long as the record.
+# KEYS[1]: the new record. ARGV: the record key prefix (`<prefix>:r:<owner>:`), the
+# parent's id ('' for a root), the TTL, the settings key prefix, the walk limit.
+#
+# Each record holds `live`: its "horizon", a time (Redis's clock, in milliseconds)
+# until which every one of its ancestors (records and their settings) exists. A
+# record written while its parent's horizon is at least a TTL away takes that
+# horizon, and only the parent's own expiry is raised to it: one step. Otherwise the
+# walk raises the parent and every ancestor (and their settings) to now + 2 TTL, the
+# new horizon. So a chain that goes on stays loadable, each record a TTL past its
+# write at least (its ancestors to its horizon), for one walk of the chain per TTL;
+# records of a chain that stops expire at most two TTLs after its last walk.
+# Expiries are only ever raised.
+_KEEP = """
+local prefix, parent = ARGV[1], ARGV[2]
+local ttl, sprefix, limit = tonumber(ARGV[3]) * 1000, ARGV[4], tonumber(ARGV[5])
+if parent == '' then
+  redis.call('HSET', KEYS[1], 'live', 'inf')
+  return 0
+end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local function raise(key, at)
+  local left = redis.call('PTTL', key)
+  if left >= 0 and now + left < at then redis.call('PEXPIREAT', key, at) end
+end
+local function keep(key, at)
+  raise(key, at)
+  local settings = redis.call('HGET', key, 'settings')
+  if settings then raise(sprefix .. settings, at) end
+end
+local pkey = prefix .. parent
+local live = redis.call('HGET', pkey, 'live')
+if not live and redis.call('EXISTS', pkey) == 0 then
+  redis.call('HSET', KEYS[1], 'live', '0')  -- its chain is gone already
+  return 0
+end
+local horizon = 0
+if live == 'inf' then horizon = now + 2 * ttl elseif live then horizon = tonumber(live) or 0 end
+if horizon >= now + ttl then
+  keep(pkey, horizon)
+  redis.call('HSET', KEYS[1], 'live', string.format('%d', horizon))
+  return 1
+end
+horizon = now + 2 * ttl
+local id, n = parent, 0
+while id and id ~= '' and n < limit do
+  local key = prefix .. id
+  if redis.call('EXISTS', key) == 0 then break end
+  keep(key, horizon)
+  id = redis.call('HGET', key, 'parent')
+  n = n + 1
+end
+redis.call('HSET', KEYS[1], 'live', string.format('%d', horizon))
+return n
+"""
+
 # Marks a record deleted; 1 if it existed and was not deleted yet.
 _DELETE = """
 local rec = redis.call('HMGET', KEYS[1], 'data', 'deleted')
@@ -156,6 +226,8 @@ class _Record:
     """A stored response waiting to be written."""
 
     key: str
+    owner_keys: str
+    """The prefix of its owner's record keys (`<prefix>:r:<owner>:`)."""
     parent: str | None
     prefix: int | None
     input: Items
@@ -199,6 +271,7 @@ class SharedStore:
         self._listener: asyncio.Task[None] | None = None
         self._walk = client.register_script(_WALK)
         self._mark_deleted = client.register_script(_DELETE)
+        self._keep = client.register_script(_KEEP)
         # settings digest -> when this process last wrote it (refreshed with EXPIRE since)
         self._known_settings: dict[str, float] = {}
         # Keys queued but not written yet, and those of them deleted meanwhile.
@@ -297,6 +370,7 @@ class SharedStore:
             prefix = info.items - info.input_items - info.output_items
         record = _Record(
             key=self._key(info.owner, info.id),
+            owner_keys=self._key(info.owner, ""),
             parent=parent,
             prefix=prefix,
             input=input,
@@ -343,13 +417,15 @@ class SharedStore:
                 digest = hashlib.blake2b(record.settings, digest_size=16).hexdigest()
                 settings_key = f"{self.prefix}:s:{digest}"
                 last = self._known_settings.get(digest)
+                # Settings live two TTLs: as long as the records that a chain's walk
+                # keeps alive (`_KEEP`), which raises them further when it must.
                 if digest in written or (last is not None and now - last < self.ttl / 2):
-                    pipe.expire(settings_key, self.ttl)  # written recently: still there?
+                    pipe.expire(settings_key, 2 * self.ttl)  # written lately: still there?
                     refreshed[commands] = (digest, record.settings)
                 else:
-                    pipe.set(settings_key, record.settings, ex=self.ttl)
+                    pipe.set(settings_key, record.settings, ex=2 * self.ttl)
                     written[digest] = now
-                commands += 3  # the settings, HSET, EXPIRE
+                commands += 4  # the settings, HSET, EXPIRE, the chain kept alive
                 fields: dict[str, Any] = {
                     "v": RECORD_VERSION,
                     "input": record.input.json(),
@@ -362,9 +438,24 @@ class SharedStore:
                     fields["prefix"] = record.prefix
                 pipe.hset(
                     record.key,
-                    mapping={"parent": record.parent or "", "data": msgpack.packb(fields)},
+                    mapping={
+                        "parent": record.parent or "",
+                        "data": msgpack.packb(fields),
+                        "settings": digest,
+                    },
                 )
                 pipe.expire(record.key, self.ttl)
+                await self._keep(  # queued on the pipeline
+                    keys=[record.key],
+                    args=[
+                        record.owner_keys,
+                        record.parent or "",
+                        self.ttl,
+                        f"{self.prefix}:s:",
+                        MAX_CHAIN,
+                    ],
+                    client=pipe,
+                )
             replies = await pipe.execute()
         # EXPIRE answers 0 for a key that is gone (Redis restarted empty, flushed, or
         # evicted it): write those settings again, or every record would point at none.
