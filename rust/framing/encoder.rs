@@ -1619,6 +1619,7 @@ fn text_part(s: &mut dyn Sink, text: &str, annotations: &[serde_json::Value]) {
     s.key("annotations");
     s.begin_array(annotations.len());
     for annotation in annotations {
+        s.elem();
         // An object of JSON values: writing it cannot fail.
         s.json(&serde_json::to_vec(annotation).unwrap_or_default());
     }
@@ -2387,12 +2388,14 @@ mod tests {
     #[test]
     fn annotations_are_added_to_the_message_text_and_kept() {
         let citation = br#"{"type":"url_citation","url":"https://example.com/","title":"Ex","start_index":0,"end_index":5}"#;
+        let second = br#"{"type":"file_citation","file_id":"file_1","filename":"a.txt","index":9}"#;
         let run = |framing| {
             let mut e = encoder(framing, None);
             let mut out = e.start().to_vec();
             out.extend_from_slice(e.text_delta("Found"));
             out.extend_from_slice(e.text_annotation(citation).unwrap());
             out.extend_from_slice(e.text_delta(" it."));
+            out.extend_from_slice(e.text_annotation(second).unwrap());
             for bad in [&b"nope"[..], br#"[]"#, br#"{"url":"x"}"#, br#"{"type":3}"#] {
                 assert!(e.text_annotation(bad).is_err());
             }
@@ -2413,20 +2416,18 @@ mod tests {
         for (i, event) in events.iter().enumerate() {
             assert_eq!(event["sequence_number"], i as u64);
         }
+        let second: serde_json::Value = serde_json::from_slice(second).unwrap();
+        assert_eq!(events[7]["annotation"], second);
+        assert_eq!(events[7]["annotation_index"], 1);
         let part_done = events
             .iter()
             .find(|e| e["type"] == "response.content_part.done")
             .unwrap();
-        assert_eq!(
-            part_done["part"]["annotations"],
-            serde_json::json!([citation])
-        );
+        let both = serde_json::json!([citation, second]);
+        assert_eq!(part_done["part"]["annotations"], both);
         let output = &events.last().unwrap()["response"]["output"][0];
         assert_eq!(output["content"][0]["text"], "Found it.");
-        assert_eq!(
-            output["content"][0]["annotations"],
-            serde_json::json!([citation])
-        );
+        assert_eq!(output["content"][0]["annotations"], both);
         // The same events in msgpack.
         let mp = frame_events(&run(Framing::Msgpack).0);
         assert_eq!(mp.len(), events.len());

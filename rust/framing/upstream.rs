@@ -353,6 +353,10 @@ impl ResponsesDecoder {
             "response.output_text.annotation.added" => {
                 if let Some(annotation) = data.get("annotation").filter(|a| a.as_object().is_some())
                 {
+                    // The message streams: its whole item at the end brings nothing new.
+                    self.emitted
+                        .entry(text_of(data.get("item_id")))
+                        .or_insert(0);
                     out.push(Event::Annotation(to_json(annotation)));
                 }
             }
@@ -966,6 +970,25 @@ mod tests {
         assert_eq!(annotation(&decoded[1]), citation);
         assert_eq!(decoded[2], Event::Text("Again".to_owned()));
         assert_eq!(annotation(&decoded[3]), citation);
+        // A streamed message whose text is empty: its annotation comes once, not
+        // again with its whole item.
+        let body = [
+            sse(
+                "response.output_text.annotation.added",
+                &format!(
+                    r#"{{"type":"response.output_text.annotation.added","item_id":"msg_3","annotation":{citation}}}"#
+                ),
+            ),
+            sse(
+                "response.output_item.done",
+                &format!(
+                    r#"{{"type":"response.output_item.done","item":{{"id":"msg_3","type":"message","content":[{{"type":"output_text","text":"","annotations":[{citation}]}}]}}}}"#
+                ),
+            ),
+        ]
+        .concat();
+        let (_, decoded) = decode(&body, 4);
+        assert_eq!(decoded.unwrap().len(), 1);
     }
 
     #[test]
