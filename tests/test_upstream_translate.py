@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from warmsocket._core import MAX_UPSTREAM_EVENT_BYTES
 from warmsocket.backends.base import (
+    MessageStart,
     ModelEvent,
     ReasoningDelta,
     TextDelta,
@@ -527,6 +528,7 @@ def test_responses_stream_to_events(step: int | None) -> None:
     decoder = ResponsesSSEDecoder()
     events = merged(decode(decoder, responses_stream(), step=step))
     assert events == [
+        MessageStart(),  # the message's output_item.added
         TextDelta("Hello"),
         ToolCallStart("call_9", "f"),
         ToolArgumentsDelta('{"a":1}'),  # the rest came only in the .done event

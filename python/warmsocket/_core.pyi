@@ -939,6 +939,7 @@ _DecodedEvent: TypeAlias = (
     | tuple[Literal["args"], str]
     | tuple[Literal["call"], str, str, bool]
     | tuple[Literal["item"], bytes]
+    | tuple[Literal["message"]]
     | tuple[Literal["annotation"], bytes]
     | tuple[Literal["item_start"], bytes]
     | tuple[Literal["item_event"], bytes]
@@ -952,6 +953,7 @@ _DecodedEvent: TypeAlias = (
 """What the model produced: `("text", delta)`, `("args", delta)` (or a custom tool
 call's input), `("call", call_id, name, custom)`, `("item", item_json)` (a finished
 item of another type: reasoning, custom or hosted tool call, whole),
+`("message",)` (a message item starts: text after it is another message),
 `("annotation", annotation_json)` (of the message's text: a web search's
 `url_citation`, ...), `("item_start", item_json)` (a hosted tool call starts: its
 `output_item.added` item), `("item_event", event_json)` (an event naming a hosted

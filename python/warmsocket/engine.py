@@ -44,6 +44,7 @@ from warmsocket.backends.base import (
     Backend,
     HostedCallEvent,
     HostedCallStart,
+    MessageStart,
     ModelEvent,
     OutputItem,
     ReasoningDelta,
@@ -590,6 +591,9 @@ class Turn:
             if not streamed:  # a streamed one was counted by its deltas
                 self.reasoning_chars += _reasoning_chars(event.item)
             return frames
+        if isinstance(event, MessageStart):
+            # The next text opens a message of its own.
+            return self.stream.close_item() if self.stream.open_kind == "message" else b""
         if isinstance(event, TextAnnotation):
             try:
                 return self.stream.text_annotation(event.annotation)
@@ -641,6 +645,8 @@ class Turn:
             return self.stream.open_kind != "reasoning"
         if isinstance(event, TextDelta | TextAnnotation):
             return self.stream.open_kind != "message"
+        if isinstance(event, MessageStart):
+            return self.stream.open_kind == "message"
         return False
 
     def usage(self) -> Usage:

@@ -49,6 +49,9 @@ pub enum Event {
     /// A finished item of another type than message and function call (reasoning,
     /// custom and hosted tool calls), as JSON: the item of its `output_item.done`.
     Item(Vec<u8>),
+    /// A message item starts (its `output_item.added`): text after it is another
+    /// message than the text before it.
+    MessageStart,
     /// An annotation of the message's text (`response.output_text.annotation.added`:
     /// a web search's `url_citation`, ...), as JSON.
     Annotation(Vec<u8>),
@@ -308,7 +311,11 @@ impl ResponsesDecoder {
                         out.push(Event::ReasoningStart(text_of(item.get("id"))));
                         return Ok(());
                     }
-                    Some("message") | None => return Ok(()),
+                    Some("message") => {
+                        out.push(Event::MessageStart);
+                        return Ok(());
+                    }
+                    None => return Ok(()),
                     Some(_) => {
                         // A hosted tool call: shown now, if it has an id its events
                         // can name (else it comes whole at its done).
@@ -700,6 +707,7 @@ mod tests {
     #[test]
     fn a_stream_gives_the_model_events_in_any_chunking() {
         let expected = vec![
+            Event::MessageStart,
             Event::Text("Hél".into()),
             Event::Text("lo".into()), // the rest came only in the .done event
             Event::Call {

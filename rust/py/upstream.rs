@@ -82,6 +82,7 @@ fn events_list<'py>(
                 custom,
             } => ("call", call_id, name, custom).into_pyobject(py)?,
             Event::Item(item) => ("item", PyBytes::new(py, &item)).into_pyobject(py)?,
+            Event::MessageStart => ("message",).into_pyobject(py)?,
             Event::Annotation(annotation) => {
                 ("annotation", PyBytes::new(py, &annotation)).into_pyobject(py)?
             }

@@ -72,6 +72,12 @@ class OutputItem:
 
 
 @dataclass(frozen=True, slots=True)
+class MessageStart:
+    """A new message item starts: the text after it is not the open message's (an
+    upstream's answer can hold several messages in a row)."""
+
+
+@dataclass(frozen=True, slots=True)
 class TextAnnotation:
     """An annotation of the message's text (a web search's `url_citation`, ...), as
     JSON: shown as it comes and kept in the message's text part. Opens a message item
@@ -133,6 +139,7 @@ ModelEvent = (
     | HostedCallStart
     | HostedCallEvent
     | TextAnnotation
+    | MessageStart
     | UsageReport
     | TurnFailed
 )

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 from warmsocket import __version__
 from warmsocket.backends.base import (
     HostedCallStart,
+    MessageStart,
     ModelEvent,
     OutputItem,
     ReasoningDelta,
@@ -86,7 +87,9 @@ class OutputRecorder:
                     "arguments": "",
                 }
             )
-        elif isinstance(event, OutputItem | HostedCallStart | ReasoningStart | ReasoningDelta):
+        elif isinstance(
+            event, OutputItem | HostedCallStart | MessageStart | ReasoningStart | ReasoningDelta
+        ):
             self._close_text()
         elif (
             isinstance(event, ToolArgumentsDelta)

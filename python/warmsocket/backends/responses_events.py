@@ -12,7 +12,8 @@ hosted tool call (web search, code interpreter, ...) is shown from its
 `output_item.added`, its own events (those naming its `item_id`) are passed on as
 they come, and the whole item from its `output_item.done` finishes it. Upstream
 item ids are kept for these. A message's annotations (a web search's citations) are
-taken as they come, or from a message that was not streamed.
+taken as they come, or from a message that was not streamed. Each message's
+`output_item.added` is a `MessageStart`, so two messages in a row stay two.
 
 The events are read in Rust (`_core.ResponsesStreamDecoder`,
 `rust/framing/upstream.rs`): one call per chunk of an SSE body or per WebSocket
@@ -31,6 +32,7 @@ from warmsocket._core import ResponsesStreamDecoder
 from warmsocket.backends.base import (
     HostedCallEvent,
     HostedCallStart,
+    MessageStart,
     ModelEvent,
     OutputItem,
     ReasoningDelta,
@@ -87,6 +89,8 @@ def model_events(decoded: list[tuple[Any, ...]]) -> list[ModelEvent]:
             out.append(ToolCallStart(event[1], event[2], event[3]))
         elif kind == "item":
             out.append(OutputItem(event[1]))
+        elif kind == "message":
+            out.append(MessageStart())
         elif kind == "annotation":
             out.append(TextAnnotation(event[1]))
         elif kind == "item_event":
