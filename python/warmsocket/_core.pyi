@@ -733,6 +733,9 @@ class CreateRequest:
     @property
     def store(self) -> bool: ...
     @property
+    def background(self) -> bool:
+        """`background: true` (HTTP only): the response runs on after the request."""
+    @property
     def stream(self) -> bool: ...
     @property
     def input(self) -> Items:
@@ -825,10 +828,18 @@ class ResponseEncoder:
         store: bool = True,
         stream_id: str | None = None,
         framing: _Framing = "json",
+        background: bool = False,
     ) -> ResponseEncoder:
-        """ValueError when `settings` is not a JSON object or `framing` is unknown."""
+        """ValueError when `settings` is not a JSON object or `framing` is unknown.
+        `background`: a background response (HTTP `background: true`)."""
     def start(self) -> bytes:
-        """`response.created` and `response.in_progress`."""
+        """`response.created` and `response.in_progress`; for a background response
+        `response.created` and `response.queued` (status `queued` until `in_progress`)."""
+    def in_progress(self) -> bytes:
+        """A queued (background) response starts: `response.in_progress`."""
+    def cancel(self) -> bytes:
+        """A background response is cancelled: the open item's `.done` events; the
+        status is `cancelled` (no terminal event: the API has none for it)."""
     def text_delta(self, text: str) -> bytes:
         """Assistant text (opens a message item when none is open)."""
     def text_deltas(self, texts: list[str]) -> bytes:
@@ -896,7 +907,9 @@ class ResponseEncoder:
     def sequence_number(self) -> int:
         """The number the next event gets."""
     @property
-    def status(self) -> Literal["in_progress", "completed", "failed", "incomplete"]: ...
+    def status(
+        self,
+    ) -> Literal["queued", "in_progress", "completed", "failed", "incomplete", "cancelled"]: ...
     @property
     def open_kind(
         self,

@@ -147,6 +147,7 @@ class CreateRequest:
     generate: bool = True
     store: bool = True
     stream: bool = False
+    background: bool = False
     ignored_fields: tuple[str, ...] = ()
     items: Items | None = None
     """`input_items` as `Items` (set by `parse_message`)."""
@@ -422,13 +423,19 @@ def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
             "conversation",
             "The Conversations API is not supported by this server; use previous_response_id.",
         )
-    if body.get("background") is True:
+    background = body.get("background") is True
+    if background and websocket:
         raise errors.unsupported_parameter(
             "background",
-            "background is not supported here; stream the response instead.",
+            "background is not supported in WebSocket mode; create background "
+            "responses over HTTP (POST /v1/responses).",
         )
 
     store = _bool(body, "store", True)
+    if background and not store:
+        raise errors.invalid_value(
+            "store", "Background responses are stored: send 'store': true with 'background': true."
+        )
     stream = _bool(body, "stream", False)
     generate = _bool(body, "generate", True) if websocket else True
     cache_options = body.get("prompt_cache_options")
@@ -449,6 +456,7 @@ def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
         generate=generate,
         store=store,
         stream=stream,
+        background=background,
         ignored_fields=tuple(sorted(k for k in body if k not in KNOWN_CREATE_FIELDS)),
     )
 

@@ -499,6 +499,7 @@ class Turn:
             created_at=int(engine.wall_clock()),
             stream_id=stream_id,
             framing=framing,
+            background=request.background,
         )
         # Item .done events produced before storing failed: sent with the failure.
         self._unsent = b""
@@ -691,6 +692,14 @@ class Turn:
         self._finish("incomplete")
         return frames
 
+    def cancel(self) -> bytes:
+        """A background response is cancelled: its open item closed, status
+        `cancelled`. Nothing is stored (as for a failure)."""
+        frames = self._unsent + self.stream.cancel()
+        self._unsent = b""
+        self._finish("cancelled")
+        return frames
+
     def fail(self, error: APIError) -> bytes:
         """`response.failed`. Nothing is stored."""
         failure = _dumps(error.response_error()).encode()
@@ -801,6 +810,6 @@ def response_object(
         "usage": meta.get("usage"),
         "previous_response_id": info.previous_response_id,
         "store": info.store,
-        "background": False,
+        "background": meta.get("background", False),
         **settings,
     }

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from warmsocket import _core, errors, ids
 from warmsocket._core import Rejection, parse_client_message
 from warmsocket.backends.base import TurnFailed
+from warmsocket.background import RETAIN_SECONDS, BackgroundResponses, BackgroundRun
 from warmsocket.engine import Engine, SharedStoreUnavailable, Turn, response_object
 from warmsocket.errors import APIError
 from warmsocket.http11 import LAST_CHUNK, Request, chunk, encode_response, response_head
@@ -73,6 +74,7 @@ class HTTPApp:
         self.auth = auth
         self.models = tuple(models)
         self.ready = ready
+        self.background = BackgroundResponses()
 
     async def handle(self, request: Request, writer: ResponseWriter, *, connection: int) -> bool:
         """Answer one request. Returns whether the connection may be kept alive."""
@@ -151,11 +153,21 @@ class HTTPApp:
             return await self._input_tokens(request, writer, request_id, owner)
         if sub is None:
             if method == "GET":
-                if request.query_value("stream") in {"true", "1"}:
+                run = self.background.get(path_id, owner)
+                streamed = request.query_value("stream") in {"true", "1"}
+                if run is not None and streamed:
+                    after = _starting_after(request)
+                    await self._follow(request, writer, request_id, run, after=after)
+                    return 200
+                if run is not None:
+                    return self._json(writer, request, request_id, 200, run.response_json())
+                if streamed:
+                    await self._stored(owner, path_id)  # unknown: 404
                     raise errors.unsupported_parameter(
                         "stream",
-                        "Streaming a stored response is only for background responses, which "
-                        "this server does not run.",
+                        "Only a background response's events can be streamed again, and only "
+                        f"for {int(RETAIN_SECONDS)} s after it ended; retrieve the response "
+                        "without 'stream' instead.",
                     )
                 return await self._retrieve(writer, request, request_id, owner, path_id)
             if method == "DELETE":
@@ -164,13 +176,19 @@ class HTTPApp:
         if sub == "input_items" and method == "GET":
             return await self._input_items(writer, request, request_id, owner, path_id)
         if sub == "cancel" and method == "POST":
-            # An unknown id is 404, as for GET and DELETE (spec §6.3, §6.4); a known one
-            # is 400: it was not a background response (§6.4).
-            await self._stored(owner, path_id)
+            run = self.background.get(path_id, owner)
+            if run is not None:  # cancelled now, or as it ended
+                await self.background.cancel(run)
+                return self._json(writer, request, request_id, 200, run.response_json())
+            # An unknown id is 404, as for GET and DELETE (spec §6.3, §6.4); a stored
+            # background response is given as it ended; any other is 400 (§6.4).
+            info, _input, output = await self._stored(owner, path_id)
+            stored = response_object(info, output)
+            if stored["background"]:
+                return self._json(writer, request, request_id, 200, dumps(stored))
             raise APIError(
                 None,
-                "Only background responses can be cancelled; this server does not run "
-                "background responses.",
+                "Only background responses can be cancelled: create it with 'background': true.",
                 param="response_id",
             )
         raise errors.not_found_route(method, request.path)
@@ -199,13 +217,54 @@ class HTTPApp:
             owner=owner,
             connection=connection,
             lookup_connection=None,
-            framing="sse" if create.stream else "json",
+            framing="sse" if create.stream or create.background else "json",
         )
-        if create.stream:
+        if create.background:
+            await self._start_background(request, writer, request_id, turn, owner)
+        elif create.stream:
             await self._stream(request, writer, request_id, turn)
         else:
             await self._complete(request, writer, request_id, turn)
         return 200
+
+    async def _start_background(
+        self, request: Request, writer: ResponseWriter, request_id: str, turn: Turn, owner: str
+    ) -> None:
+        """Answer a `background: true` create at once (the response `queued`), or with
+        its event stream, which the client may leave: the response runs on."""
+        started = turn.start()  # created, queued
+        run = self.background.start(turn, owner, _run_background)
+        run.emit(started)
+        if turn.request.stream:
+            await self._follow(request, writer, request_id, run, after=-1)
+        else:
+            self._json(writer, request, request_id, 200, run.response_json())
+
+    async def _follow(
+        self,
+        request: Request,
+        writer: ResponseWriter,
+        request_id: str,
+        run: BackgroundRun,
+        *,
+        after: int,
+    ) -> None:
+        """A background response's events after sequence number `after`, as SSE, then
+        live until it ends."""
+        headers = [
+            ("content-type", "text/event-stream; charset=utf-8"),
+            ("cache-control", "no-cache"),
+            ("transfer-encoding", "chunked"),
+            ("x-request-id", request_id),
+        ]
+        if not request.keep_alive:
+            headers.append(("connection", "close"))
+        writer.stream_started()
+        writer.write(response_head(200, headers))
+        await run.follow(
+            after, lambda frames: writer.write(chunk(frames)), writer.drain, lambda: writer.closing
+        )
+        writer.write(LAST_CHUNK)
 
     async def _load_parent(self, create: _core.CreateRequest, owner: str) -> None:
         """Load `previous_response_id` from the shared store when only another process
@@ -393,12 +452,16 @@ async def run_turn(
     emit: Callable[[bytes], None],
     drain: Callable[[], Awaitable[None]],
     closing: Callable[[], bool],
+    *,
+    started: bool = False,
 ) -> APIError | None:
-    """Drive one HTTP-mode turn from `response.created` to its terminal event.
+    """Drive one HTTP-mode turn from `response.created` (or, `started`, from where
+    the caller left it) to its terminal event.
 
     Returns the error the response failed with, if it failed.
     """
-    emit(turn.start())
+    if not started:
+        emit(turn.start())
     if not turn.request.generate:
         emit(turn.complete())
         return None
@@ -448,6 +511,28 @@ async def run_turn(
         emit(turn.fail(error))
         return error
     return None
+
+
+async def _run_background(run: BackgroundRun) -> None:
+    """A background response's turn, from `response.in_progress` to its end."""
+    turn = run.turn
+    run.emit(turn.stream.in_progress())
+
+    async def nothing() -> None:
+        return None
+
+    await run_turn(turn, run.emit, nothing, lambda: False, started=True)
+
+
+def _starting_after(request: Request) -> int:
+    """The `starting_after` query parameter (-1 without one). Raises APIError."""
+    value = request.query_value("starting_after")
+    if value is None:
+        return -1
+    try:
+        return int(value)
+    except ValueError:
+        raise errors.invalid_type("starting_after", "an integer") from None
 
 
 def sse_event(frame: bytes) -> bytes:

@@ -263,6 +263,7 @@ class Server:
             connection.shutdown()
         if self._server is not None:
             await self._server.wait_closed()
+        await self.http.background.aclose()
         await self.engine.backend.aclose()
         if self.engine.shared is not None:
             await self.engine.shared.aclose()

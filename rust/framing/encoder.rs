@@ -55,16 +55,22 @@ impl Framing {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
+    /// A background response not started yet.
+    Queued,
     InProgress,
     Completed,
     Failed,
     Incomplete,
+    /// A background response cancelled.
+    Cancelled,
 }
 
 impl Status {
     pub fn name(self) -> &'static str {
         match self {
+            Status::Queued => "queued",
             Status::InProgress => "in_progress",
+            Status::Cancelled => "cancelled",
             Status::Completed => "completed",
             Status::Failed => "failed",
             Status::Incomplete => "incomplete",
@@ -93,6 +99,8 @@ pub struct ResponseHead<'a> {
     pub created_at: i64,
     pub stream_id: Option<&'a str>,
     pub framing: Framing,
+    /// A background response (HTTP `background: true`): it starts `queued`.
+    pub background: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +160,7 @@ struct Statics {
 pub struct ResponseEncoder {
     framing: Framing,
     stream_id: Option<String>,
+    background: bool,
     created_at: i64,
     statics: Statics,
     sequence_number: u64,
@@ -197,9 +206,14 @@ impl ResponseEncoder {
             None => json.extend_from_slice(b"null"),
         }
         json.extend_from_slice(if head.store {
-            b",\"store\":true,\"background\":false"
+            b",\"store\":true"
         } else {
-            b",\"store\":false,\"background\":false"
+            b",\"store\":false"
+        });
+        json.extend_from_slice(if head.background {
+            b",\"background\":true"
+        } else {
+            b",\"background\":false"
         });
         if !inner.iter().all(u8::is_ascii_whitespace) {
             json.push(b',');
@@ -234,7 +248,7 @@ impl ResponseEncoder {
             msgpack::write_str("store", mp);
             msgpack::write_bool(head.store, mp);
             msgpack::write_str("background", mp);
-            msgpack::write_bool(false, mp);
+            msgpack::write_bool(head.background, mp);
             for (k, v) in object.iter() {
                 msgpack::write_str(k, mp);
                 msgpack::write_value(v, mp);
@@ -244,6 +258,7 @@ impl ResponseEncoder {
         Ok(ResponseEncoder {
             framing: head.framing,
             stream_id: head.stream_id.map(str::to_owned),
+            background: head.background,
             created_at: head.created_at,
             statics,
             sequence_number: 0,
@@ -313,11 +328,36 @@ impl ResponseEncoder {
 
     // -- lifecycle ---------------------------------------------------------------------
 
-    /// `response.created` and `response.in_progress`.
+    /// `response.created` and `response.in_progress`; for a background response
+    /// `response.created` and `response.queued`, status `queued` until `in_progress`.
     pub fn start(&mut self) -> &[u8] {
         self.out.clear();
+        if self.background {
+            self.status = Status::Queued;
+            self.lifecycle("response.created");
+            self.lifecycle("response.queued");
+            return &self.out;
+        }
         self.lifecycle("response.created");
         self.lifecycle("response.in_progress");
+        &self.out
+    }
+
+    /// A queued (background) response starts: `response.in_progress`.
+    pub fn in_progress(&mut self) -> &[u8] {
+        self.out.clear();
+        self.status = Status::InProgress;
+        self.lifecycle("response.in_progress");
+        &self.out
+    }
+
+    /// A background response is cancelled: the open item is closed (its `.done`
+    /// events) and the status is `cancelled`. No terminal event: the API has none
+    /// for a cancellation; the stream ends.
+    pub fn cancel(&mut self) -> &[u8] {
+        self.out.clear();
+        self.close_open();
+        self.status = Status::Cancelled;
         &self.out
     }
 
@@ -839,6 +879,10 @@ impl ResponseEncoder {
         match instructions {
             None => s.null(),
             Some(key) => s.str(key),
+        }
+        if self.background {
+            s.key("background");
+            s.json(b"true");
         }
         s.end();
         out
@@ -1834,6 +1878,7 @@ mod tests {
             created_at: 7,
             stream_id,
             framing,
+            background: false,
         })
         .unwrap()
     }
@@ -2666,6 +2711,60 @@ mod tests {
     }
 
     #[test]
+    fn a_background_response_is_queued_then_runs_or_is_cancelled() {
+        let new = |framing| {
+            ResponseEncoder::new(ResponseHead {
+                response_id: "resp_bg",
+                settings: SETTINGS,
+                previous_response_id: None,
+                store: true,
+                created_at: 7,
+                stream_id: None,
+                framing,
+                background: true,
+            })
+            .unwrap()
+        };
+        let mut e = new(Framing::Json);
+        let mut out = e.start().to_vec();
+        assert_eq!(e.status(), Status::Queued);
+        out.extend_from_slice(e.in_progress());
+        out.extend_from_slice(e.text_delta("Hi"));
+        let meta: serde_json::Value =
+            serde_json::from_slice(&e.terminal_meta(Usage::default(), 9, None, None)).unwrap();
+        assert_eq!(meta["background"], true);
+        out.extend_from_slice(e.complete(Usage::default(), 9));
+        let events = lines(&out);
+        let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds[..3],
+            [
+                "response.created",
+                "response.queued",
+                "response.in_progress"
+            ]
+        );
+        assert_eq!(events[0]["response"]["status"], "queued");
+        assert_eq!(events[1]["response"]["status"], "queued");
+        assert_eq!(events[2]["response"]["status"], "in_progress");
+        assert!(events
+            .iter()
+            .all(|e| e.get("response").is_none() || e["response"]["background"] == true));
+        // Cancelled while an item is open: the item is closed, no terminal event.
+        let mut e = new(Framing::Msgpack);
+        e.start();
+        e.in_progress();
+        e.text_delta("partial");
+        let closed = frame_events(e.cancel());
+        assert_eq!(closed.last().unwrap()["type"], "response.output_item.done");
+        assert_eq!(e.status(), Status::Cancelled);
+        let response: serde_json::Value = serde_json::from_slice(&e.response_json()).unwrap();
+        assert_eq!(response["status"], "cancelled");
+        assert_eq!(response["background"], true);
+        assert_eq!(response["output"][0]["content"][0]["text"], "partial");
+    }
+
+    #[test]
     fn bad_settings_are_refused() {
         for settings in [&b"[]"[..], b"", b"{", b"nope"] {
             let head = ResponseHead {
@@ -2676,6 +2775,7 @@ mod tests {
                 created_at: 0,
                 stream_id: None,
                 framing: Framing::Json,
+                background: false,
             };
             assert!(ResponseEncoder::new(head).is_err());
         }
@@ -2687,6 +2787,7 @@ mod tests {
             created_at: 0,
             stream_id: None,
             framing: Framing::Msgpack,
+            background: false,
         };
         let mut e = ResponseEncoder::new(head).unwrap();
         assert!(!e.start().is_empty());
@@ -2698,6 +2799,7 @@ mod tests {
             created_at: 0,
             stream_id: None,
             framing: Framing::Json,
+            background: false,
         })
         .unwrap();
         let created = lines(json.start());

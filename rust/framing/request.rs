@@ -75,6 +75,8 @@ pub struct CreateRequest {
     pub generate: bool,
     pub store: bool,
     pub stream: bool,
+    /// `background: true` (HTTP only): the response runs on after the request.
+    pub background: bool,
     pub input: Items,
     /// The echoed fields of the Response object and `model`, as one canonical JSON
     /// object (keys sorted at every depth, defaults filled in).
@@ -364,13 +366,21 @@ fn validate_create(
                       previous_response_id.",
         });
     }
-    if matches!(body.get("background"), Some(Value::Bool(true))) {
+    let background = matches!(body.get("background"), Some(Value::Bool(true)));
+    if background && websocket {
         return Err(RequestError::UnsupportedParameter {
             param: "background".into(),
-            message: "background is not supported here; stream the response instead.",
+            message: "background is not supported in WebSocket mode; create background \
+                      responses over HTTP (POST /v1/responses).",
         });
     }
     let store = boolean(&body, "store", true)?;
+    if background && !store {
+        return Err(RequestError::invalid_value(
+            "store",
+            "Background responses are stored: send 'store': true with 'background': true.",
+        ));
+    }
     let stream = boolean(&body, "stream", false)?;
     let mut generate = if websocket {
         boolean(&body, "generate", true)?
@@ -409,6 +419,7 @@ fn validate_create(
         generate,
         store,
         stream,
+        background,
         input,
         settings: settings.json,
         instructions: settings.instructions,

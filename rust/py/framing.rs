@@ -104,6 +104,10 @@ impl PyCreateRequest {
         self.inner.store
     }
     #[getter]
+    fn background(&self) -> bool {
+        self.inner.background
+    }
+    #[getter]
     fn stream(&self) -> bool {
         self.inner.stream
     }
@@ -335,7 +339,7 @@ impl PyResponseEncoder {
     #[new]
     #[pyo3(signature = (
         response_id, *, settings, created_at, previous_response_id = None, store = true,
-        stream_id = None, framing = "json",
+        stream_id = None, framing = "json", background = false,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -346,6 +350,7 @@ impl PyResponseEncoder {
         store: bool,
         stream_id: Option<&str>,
         framing: &str,
+        background: bool,
     ) -> PyResult<Self> {
         let inner = ResponseEncoder::new(ResponseHead {
             response_id,
@@ -355,12 +360,21 @@ impl PyResponseEncoder {
             created_at,
             stream_id,
             framing: framing_arg(framing)?,
+            background,
         })?;
         Ok(PyResponseEncoder { inner })
     }
 
     fn start<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, self.inner.start())
+    }
+
+    fn in_progress<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.in_progress())
+    }
+
+    fn cancel<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.cancel())
     }
 
     fn text_delta<'py>(

@@ -1,0 +1,200 @@
+"""Background responses (HTTP `background: true`): they run on after the request.
+
+`POST /v1/responses` with `background: true` answers at once with the response
+`queued` (or, with `stream: true`, streams its events; the client may go away and
+the response still runs). The turn runs in a task of its own. Its events (SSE
+frames, one per `sequence_number`) are kept, so `GET /v1/responses/{id}?stream=true
+&starting_after=N` streams them again from event N + 1 and then live until the
+end; `GET /v1/responses/{id}` shows the response as it is now (`queued`,
+`in_progress`, or how it ended); `POST /v1/responses/{id}/cancel` stops it (status
+`cancelled`; the stream ends, as the API has no terminal event for a cancel).
+
+A completed (or incomplete) background response is stored like any other and can
+be continued by id; a failed or cancelled one is not stored, but stays retrievable
+here for `RETAIN_SECONDS`. Finished runs are kept for `RETAIN_SECONDS` (at most
+`MAX_FINISHED`, and `MAX_RETAINED_BYTES` of events) for their events and final
+state; at most `MAX_RUNNING` run at once
+(more get `server_is_overloaded`). A run is local to its process: another process
+sees the response once it is stored (through Redis, when configured). Shutdown
+cancels the runs still going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+from warmsocket import errors
+from warmsocket.engine import Turn
+
+log = logging.getLogger("warmsocket.background")
+
+MAX_RUNNING = 256
+"""Background responses running at once in one process."""
+MAX_FINISHED = 1024
+"""Finished background responses whose events and state are kept."""
+RETAIN_SECONDS = 600.0
+"""How long a finished background response's events and state are kept."""
+MAX_RETAINED_BYTES = 256 * 1024 * 1024
+"""The events of finished background responses kept at most, in all (older ones are
+forgotten first): they are not part of the session cache's budget."""
+
+_EVENT_END = b"\n\n"
+
+
+class BackgroundRun:
+    """One background response: its turn, its events so far, and its task."""
+
+    __slots__ = ("changed", "event_bytes", "events", "finished_at", "owner", "task", "turn")
+
+    def __init__(self, turn: Turn, owner: str) -> None:
+        self.turn = turn
+        self.owner = owner
+        self.events: list[bytes] = []
+        """SSE events, one per sequence number (index = `sequence_number`)."""
+        self.event_bytes = 0
+        self.changed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+    def emit(self, frames: bytes) -> None:
+        """Keep a turn's SSE frames (one or more whole events) and wake the readers."""
+        if not frames:
+            return
+        start = 0
+        while start < len(frames):
+            end = frames.find(_EVENT_END, start)
+            end = len(frames) if end < 0 else end + len(_EVENT_END)
+            self.events.append(frames[start:end])
+            start = end
+        self.event_bytes += len(frames)
+        self._wake()
+
+    def finish(self) -> None:
+        self.finished_at = time.monotonic()
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+    def response_json(self) -> bytes:
+        """The Response object now."""
+        return self.turn.stream.response_json()
+
+    async def follow(
+        self,
+        after: int,
+        write: Callable[[bytes], None],
+        drain: Callable[[], Awaitable[None]],
+        closing: Callable[[], bool],
+    ) -> None:
+        """Write the events after sequence number `after`, then the new ones as they
+        come, until the run ends or the reader goes away."""
+        position = max(after + 1, 0)
+        while not closing():
+            if position < len(self.events):
+                write(b"".join(self.events[position:]))
+                position = len(self.events)
+                await drain()
+                continue
+            if self.finished:
+                return
+            await self.changed.wait()
+
+
+class BackgroundResponses:
+    """The background responses of one process, by id."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, BackgroundRun] = {}
+        self._finished: OrderedDict[str, BackgroundRun] = OrderedDict()
+        """Oldest first: expired from the front."""
+        self._finished_bytes = 0
+
+    def get(self, response_id: str, owner: str) -> BackgroundRun | None:
+        self._expire()
+        run = self._running.get(response_id) or self._finished.get(response_id)
+        return run if run is not None and run.owner == owner else None
+
+    def start(
+        self, turn: Turn, owner: str, body: Callable[[BackgroundRun], Awaitable[None]]
+    ) -> BackgroundRun:
+        """Register `turn` and run `body(run)` in a task of its own; a cancellation
+        ends the turn `cancelled`. Raises APIError (the turn released) when too many
+        run already."""
+        self._expire()
+        if len(self._running) >= MAX_RUNNING:
+            turn.release()
+            raise errors.server_overloaded(
+                f"This server runs at most {MAX_RUNNING} background responses at once; "
+                "retry later, or stream the response instead."
+            )
+        run = BackgroundRun(turn, owner)
+        self._running[turn.response_id] = run
+
+        async def main() -> None:
+            try:
+                await body(run)
+            except asyncio.CancelledError:
+                if not turn.finished:
+                    run.emit(turn.cancel())
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()  # asked for (`cancel`): the task ends normally
+            except Exception:
+                log.exception("background response failed")
+                if not turn.finished:
+                    run.emit(turn.fail(errors.model_failed()))
+            finally:
+                if not turn.finished:
+                    turn.release()
+                del self._running[turn.response_id]
+                self._finished[turn.response_id] = run
+                self._finished_bytes += run.event_bytes
+                run.finish()
+
+        run.task = asyncio.get_running_loop().create_task(main())
+        return run
+
+    async def cancel(self, run: BackgroundRun) -> None:
+        """Stop a running response (its status becomes `cancelled`); nothing when it
+        has ended already."""
+        task = run.task
+        if task is None or task.done():
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+
+    async def aclose(self) -> None:
+        """Cancel the runs still going (server shutdown)."""
+        running = list(self._running.values())
+        if running:
+            log.info("cancelling background responses", extra={"responses": len(running)})
+        for run in running:
+            await self.cancel(run)
+
+    def _expire(self) -> None:
+        """Forget finished runs past their retention, oldest first."""
+        now = time.monotonic()
+        finished = self._finished
+        while finished:
+            run = next(iter(finished.values()))
+            assert run.finished_at is not None
+            if (
+                len(finished) <= MAX_FINISHED
+                and self._finished_bytes <= MAX_RETAINED_BYTES
+                and now - run.finished_at <= RETAIN_SECONDS
+            ):
+                break
+            finished.popitem(last=False)
+            self._finished_bytes -= run.event_bytes

@@ -1,0 +1,194 @@
+"""Background responses (`background: true`) with the official SDK: created `queued`,
+polled, streamed and resumed from a sequence number, cancelled; the run outlives
+its request and ends at shutdown."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx2 as httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.support import RunningServer, check_sse_event, running_server
+from warmsocket import background
+
+MODEL = "warmsocket-mock"
+
+
+@pytest.fixture
+def sdk(server: RunningServer) -> Iterator[OpenAI]:
+    client = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+    yield client
+    client.close()
+
+
+def http_client(server: RunningServer) -> httpx.Client:
+    """Raw HTTP with the SDK's API key: responses belong to the key that made them."""
+    return httpx.Client(
+        base_url=server.base_url, timeout=10, headers={"Authorization": "Bearer sk-test"}
+    )
+
+
+def wait_for(sdk: OpenAI, rid: str, status: str, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        response = sdk.responses.retrieve(rid)
+        if response.status == status:
+            return response
+        assert time.monotonic() < deadline, f"still {response.status}"
+        time.sleep(0.02)
+
+
+def sse_events(response: httpx.Response) -> list[dict[str, Any]]:
+    events = [
+        json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")
+    ]
+    for event in events:
+        check_sse_event(event)
+    return events
+
+
+def test_created_queued_then_polled_to_its_end_and_continued(sdk: OpenAI) -> None:
+    created = sdk.responses.create(model=MODEL, input="hello", background=True)
+    assert (created.status, created.background, created.output) == ("queued", True, [])
+    done = wait_for(sdk, created.id, "completed")
+    assert done.background is True and done.output_text == "You said: hello"
+    assert done.usage is not None and done.usage.input_tokens > 0
+    # Stored like any other: continued by id.
+    follow = sdk.responses.create(model=MODEL, input="/transcript", previous_response_id=created.id)
+    assert follow.output_text.splitlines()[:2] == ["user: hello", "assistant: You said: hello"]
+    assert follow.background is False
+
+
+def test_streamed_then_resumed_from_a_sequence_number(server: RunningServer) -> None:
+    body = {"model": MODEL, "input": "resume me", "background": True, "stream": True}
+    with http_client(server) as http:
+        first = sse_events(http.post("responses", json=body))
+        rid = first[0]["response"]["id"]
+        again = sse_events(http.get(f"responses/{rid}", params={"stream": "true"}))
+        tail = sse_events(
+            http.get(f"responses/{rid}", params={"stream": "true", "starting_after": "4"})
+        )
+        bad = http.get(f"responses/{rid}", params={"stream": "true", "starting_after": "x"})
+    kinds = [e["type"] for e in first]
+    assert kinds[:3] == ["response.created", "response.queued", "response.in_progress"]
+    assert kinds[-1] == "response.completed"
+    assert first[0]["response"]["status"] == "queued" and first[0]["response"]["background"]
+    assert [e["sequence_number"] for e in first] == list(range(len(first)))
+    assert again == first
+    assert tail == first[5:]
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "starting_after"
+
+
+def test_a_client_that_leaves_its_stream_does_not_stop_the_response(sdk: OpenAI) -> None:
+    with sdk.responses.create(
+        model=MODEL, input="/sleep 300\nstill here", background=True, stream=True
+    ) as stream:
+        first = next(iter(stream))
+    assert first.type == "response.created"
+    done = wait_for(sdk, first.response.id, "completed")
+    assert done.output_text == "You said: /sleep 300\nstill here"
+
+
+def test_cancel_stops_a_running_response(server: RunningServer, sdk: OpenAI) -> None:
+    created = sdk.responses.create(model=MODEL, input="/sleep 5000\nslow", background=True)
+    wait_for(sdk, created.id, "in_progress")
+    started = time.monotonic()
+    cancelled = sdk.responses.cancel(created.id)
+    assert cancelled.status == "cancelled" and time.monotonic() - started < 2
+    assert sdk.responses.retrieve(created.id).status == "cancelled"
+    # Its stream ends with what there was (the API has no event for a cancel).
+    with http_client(server) as http:
+        events = sse_events(http.get(f"responses/{created.id}", params={"stream": "true"}))
+    assert events[-1]["type"] == "response.in_progress"
+    # Not stored: it cannot be continued.
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.responses.create(model=MODEL, input="x", previous_response_id=created.id)
+    assert refused.value.code == "previous_response_not_found"
+    # Cancelling again, or cancelling one that ended, gives it as it is.
+    assert sdk.responses.cancel(created.id).status == "cancelled"
+    finished = sdk.responses.create(model=MODEL, input="quick", background=True)
+    wait_for(sdk, finished.id, "completed")
+    assert sdk.responses.cancel(finished.id).status == "completed"
+    assert server.server.metrics.turns["cancelled"] == 1
+
+
+def test_a_stored_background_response_is_still_one_after_its_run_is_forgotten(
+    server: RunningServer, sdk: OpenAI
+) -> None:
+    created = sdk.responses.create(model=MODEL, input="keep", background=True)
+    wait_for(sdk, created.id, "completed")
+    server.call(lambda: server.server.http.background._finished.clear())
+    stored = sdk.responses.retrieve(created.id)
+    assert stored.background is True and stored.output_text == "You said: keep"
+    assert sdk.responses.cancel(created.id).status == "completed"
+    with http_client(server) as http:
+        replay = http.get(f"responses/{created.id}", params={"stream": "true"})
+    assert replay.status_code == 400 and replay.json()["error"]["param"] == "stream"
+
+
+def test_bad_background_requests(server: RunningServer, sdk: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as unstored:
+        sdk.responses.create(model=MODEL, input="x", background=True, store=False)
+    assert unstored.value.param == "store"
+    plain = sdk.responses.create(model=MODEL, input="x")
+    with pytest.raises(openai.BadRequestError) as not_background:
+        sdk.responses.cancel(plain.id)
+    assert "background" in not_background.value.message
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.cancel("resp_unknown")
+    with http_client(server) as http:
+        assert http.get("responses/resp_unknown", params={"stream": "true"}).status_code == 404
+        assert http.get(f"responses/{plain.id}", params={"stream": "true"}).status_code == 400
+
+
+def test_too_many_running_at_once_is_overloaded(
+    monkeypatch: pytest.MonkeyPatch, sdk: OpenAI
+) -> None:
+    monkeypatch.setattr(background, "MAX_RUNNING", 1)
+    first = sdk.responses.create(model=MODEL, input="/sleep 5000\nslow", background=True)
+    with pytest.raises(openai.InternalServerError) as overloaded:
+        sdk.responses.create(model=MODEL, input="x", background=True)
+    assert overloaded.value.status_code == 503
+    assert overloaded.value.code == "server_is_overloaded"
+    sdk.responses.cancel(first.id)
+    assert sdk.responses.create(model=MODEL, input="x", background=True).status == "queued"
+
+
+def test_shutdown_cancels_the_runs_still_going() -> None:
+    with running_server() as server:
+        client = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+        created = client.responses.create(model=MODEL, input="/sleep 30000\nslow", background=True)
+        client.close()
+        runs = server.server.http.background
+        started = time.monotonic()
+    assert time.monotonic() - started < 5
+    (run,) = runs._finished.values()
+    assert run.turn.response_id == created.id and run.turn.stream.status == "cancelled"
+
+
+def test_finished_runs_are_kept_within_their_bounds(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer, sdk: OpenAI
+) -> None:
+    # The oldest finished run is forgotten first: its response stays retrievable
+    # (stored), its events can no longer be streamed again.
+    monkeypatch.setattr(background, "MAX_FINISHED", 2)
+    ids = []
+    for text in ("one", "two", "three"):
+        created = sdk.responses.create(model=MODEL, input=text, background=True)
+        wait_for(sdk, created.id, "completed")
+        ids.append(created.id)
+    with http_client(server) as http:
+        replays = [http.get(f"responses/{rid}", params={"stream": "true"}) for rid in ids]
+    assert [r.status_code for r in replays] == [400, 200, 200]
+    assert sdk.responses.retrieve(ids[0]).output_text == "You said: one"
+    # And by the bytes their events hold.
+    monkeypatch.setattr(background, "MAX_RETAINED_BYTES", 1)
+    with http_client(server) as http:
+        last = http.get(f"responses/{ids[2]}", params={"stream": "true"})
+    assert last.status_code == 400
