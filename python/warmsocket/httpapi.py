@@ -147,6 +147,14 @@ class HTTPApp:
                     status=400,
                 )
             raise errors.method_not_allowed(method, request.path)
+        if path_id == "compact" and sub is None:
+            raise APIError(
+                "not_found",
+                "Compaction (POST /v1/responses/compact) is not served by this server: "
+                "continue the chain with previous_response_id (its context is cached), or "
+                "start a new one with the items you want to keep.",
+                status=404,
+            )
         if path_id == "input_tokens" and sub is None:
             if method != "POST":
                 raise errors.method_not_allowed(method, request.path)
