@@ -181,6 +181,18 @@ def test_input_tokens_counts_a_chain_made_on_another_process(redis_url: str, sdk
         assert shared_stats(b)["loaded"] == 1
 
 
+def test_a_background_response_is_shared_once_it_is_stored(redis_url: str, sdk: SDK) -> None:
+    with two_servers(redis_url) as (a, b):
+        created = sdk(a).responses.create(model="m", input="later", background=True)
+        deadline = time.monotonic() + 10
+        while sdk(a).responses.retrieve(created.id).status != "completed":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        flush(a)
+        on_b = sdk(b).responses.retrieve(created.id)
+        assert on_b.background is True and on_b.output_text == "You said: later"
+
+
 def test_prefix_matched_responses_load_with_their_history(redis_url: str) -> None:
     def user(text: str) -> dict[str, str]:
         return {"role": "user", "content": text}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -638,3 +639,27 @@ def test_a_custom_tool_call_from_the_upstream_streams_and_stays_in_the_chain() -
     # Chained upstream: only the output went up, after the upstream's own response.
     assert upstream.requests[1]["previous_response_id"] == "resp_up1"
     assert upstream.requests[1]["input"] == [output]
+
+
+def test_a_background_response_runs_and_is_cancelled_in_front_of_an_upstream(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """A background response's turn goes to the upstream like any other; cancelling it
+    closes the upstream request, and the next turns are served as before."""
+    _sim, server, _metrics = stack
+    sdk = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+    try:
+        done = sdk.responses.create(model="m", input="in the background", background=True)
+        slow = sdk.responses.create(model="m", input="/sleep 5000\nslow", background=True)
+        deadline = time.monotonic() + 10
+        while sdk.responses.retrieve(done.id).status != "completed":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert sdk.responses.retrieve(done.id).output_text == "You said: in the background"
+        started = time.monotonic()
+        assert sdk.responses.cancel(slow.id).status == "cancelled"
+        assert time.monotonic() - started < 2
+        after = sdk.responses.create(model="m", input="next", previous_response_id=done.id)
+        assert after.output_text == "You said: next"
+    finally:
+        sdk.close()
