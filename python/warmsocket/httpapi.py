@@ -259,16 +259,7 @@ class HTTPApp:
     ) -> None:
         """A background response's events after sequence number `after`, as SSE, then
         live until it ends."""
-        headers = [
-            ("content-type", "text/event-stream; charset=utf-8"),
-            ("cache-control", "no-cache"),
-            ("transfer-encoding", "chunked"),
-            ("x-request-id", request_id),
-        ]
-        if not request.keep_alive:
-            headers.append(("connection", "close"))
-        writer.stream_started()
-        writer.write(response_head(200, headers))
+        _start_sse(request, writer, request_id)
         await run.follow(
             after, lambda frames: writer.write(chunk(frames)), writer.drain, lambda: writer.closing
         )
@@ -303,16 +294,7 @@ class HTTPApp:
     async def _stream(
         self, request: Request, writer: ResponseWriter, request_id: str, turn: Turn
     ) -> None:
-        headers = [
-            ("content-type", "text/event-stream; charset=utf-8"),
-            ("cache-control", "no-cache"),
-            ("transfer-encoding", "chunked"),
-            ("x-request-id", request_id),
-        ]
-        if not request.keep_alive:
-            headers.append(("connection", "close"))
-        writer.stream_started()
-        writer.write(response_head(200, headers))
+        _start_sse(request, writer, request_id)
 
         def emit(frames: bytes) -> None:
             if frames:
@@ -519,6 +501,20 @@ async def run_turn(
         emit(turn.fail(error))
         return error
     return None
+
+
+def _start_sse(request: Request, writer: ResponseWriter, request_id: str) -> None:
+    """The head of a streamed (SSE, chunked) answer; the connection is a stream now."""
+    headers = [
+        ("content-type", "text/event-stream; charset=utf-8"),
+        ("cache-control", "no-cache"),
+        ("transfer-encoding", "chunked"),
+        ("x-request-id", request_id),
+    ]
+    if not request.keep_alive:
+        headers.append(("connection", "close"))
+    writer.stream_started()
+    writer.write(response_head(200, headers))
 
 
 async def _run_background(run: BackgroundRun) -> None:
