@@ -4,6 +4,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 
 import pytest
+from openai import OpenAI
 
 from tests.support import RunningServer, running_server
 from tests.upstream_support import running_sim, warmsocket_upstream
@@ -13,6 +14,14 @@ from tests.upstream_support import running_sim, warmsocket_upstream
 def server() -> Iterator[RunningServer]:
     with running_server() as running:
         yield running
+
+
+@pytest.fixture
+def sdk(server: RunningServer) -> Iterator[OpenAI]:
+    """The official SDK (sync) on `server`, with an API key, no retries."""
+    client = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+    yield client
+    client.close()
 
 
 @pytest.fixture(params=["builtin", "chat", "responses", "responses-ws"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx2 as httpx
@@ -18,13 +17,6 @@ from tests.support import RunningServer, check_sse_event, running_server
 from warmsocket import background
 
 MODEL = "warmsocket-mock"
-
-
-@pytest.fixture
-def sdk(server: RunningServer) -> Iterator[OpenAI]:
-    client = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
-    yield client
-    client.close()
 
 
 def http_client(server: RunningServer) -> httpx.Client:

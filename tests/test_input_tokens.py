@@ -3,7 +3,6 @@ same create reports, nothing is stored, bad requests get the create's errors."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx2 as httpx
@@ -14,13 +13,6 @@ from openai import OpenAI
 from tests.support import FUNCTION_TOOLS, RunningServer
 
 MODEL = "warmsocket-mock"
-
-
-@pytest.fixture
-def sdk(server: RunningServer) -> Iterator[OpenAI]:
-    client = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
-    yield client
-    client.close()
 
 
 def usage_of(sdk: OpenAI, **request: Any) -> int:
