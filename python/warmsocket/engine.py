@@ -596,24 +596,12 @@ class Turn:
             # The next text opens a message of its own.
             return self.stream.close_item() if self.stream.open_kind == "message" else b""
         if isinstance(event, TextAnnotation):
-            try:
-                return self.stream.text_annotation(event.annotation)
-            except ValueError:
-                log.warning("a malformed text annotation was left out")
-                return b""
+            return _or_left_out(self.stream.text_annotation, event.annotation, "text annotation")
         if isinstance(event, HostedCallEvent):
-            try:
-                return self.stream.item_event(event.event)
-            except ValueError:
-                log.warning("a malformed hosted tool event was left out")
-                return b""
+            return _or_left_out(self.stream.item_event, event.event, "hosted tool event")
         if isinstance(event, HostedCallStart):
-            try:
-                return self.stream.item_start(event.item)
-            except ValueError:
-                # Left out; its whole item, if it comes, is shown then.
-                log.warning("a malformed hosted tool call start was left out")
-                return b""
+            # Left out when malformed: its whole item, if it comes, is shown then.
+            return _or_left_out(self.stream.item_start, event.item, "hosted tool call start")
         if isinstance(event, UsageReport):
             self.usage_report = event
             return b""
@@ -788,6 +776,16 @@ class Turn:
                     "output_tokens": output_tokens,
                 },
             )
+
+
+def _or_left_out(encode: Callable[[bytes], bytes], payload: bytes, what: str) -> bytes:
+    """`encode(payload)`, or nothing when the backend's JSON is not what the API could
+    show (logged without content)."""
+    try:
+        return encode(payload)
+    except ValueError:
+        log.warning(f"a malformed {what} was left out")
+        return b""
 
 
 def response_object(
