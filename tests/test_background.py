@@ -184,3 +184,26 @@ def test_finished_runs_are_kept_within_their_bounds(
     with http_client(server) as http:
         last = http.get(f"responses/{ids[2]}", params={"stream": "true"})
     assert last.status_code == 400
+
+
+def test_delete_stops_and_forgets_a_background_response(server: RunningServer, sdk: OpenAI) -> None:
+    running = sdk.responses.create(model=MODEL, input="/sleep 5000\nslow", background=True)
+    wait_for(sdk, running.id, "in_progress")
+    with http_client(server) as http:
+        gauges = http.get("metrics").text
+    assert 'warmsocket_background_responses{state="running"} 1' in gauges
+    sdk.responses.delete(running.id)
+    finished = sdk.responses.create(model=MODEL, input="done", background=True)
+    wait_for(sdk, finished.id, "completed")
+    sdk.responses.delete(finished.id)
+    for rid in (running.id, finished.id):
+        with pytest.raises(openai.NotFoundError):
+            sdk.responses.retrieve(rid)
+        with pytest.raises(openai.NotFoundError):
+            sdk.responses.cancel(rid)
+        with pytest.raises(openai.NotFoundError):
+            sdk.responses.delete(rid)
+    with http_client(server) as http:
+        gauges = http.get("metrics").text
+    assert 'warmsocket_background_responses{state="running"} 0' in gauges
+    assert 'warmsocket_background_responses{state="finished"} 0' in gauges

@@ -7,7 +7,8 @@ frames, one per `sequence_number`) are kept, so `GET /v1/responses/{id}?stream=t
 &starting_after=N` streams them again from event N + 1 and then live until the
 end; `GET /v1/responses/{id}` shows the response as it is now (`queued`,
 `in_progress`, or how it ended); `POST /v1/responses/{id}/cancel` stops it (status
-`cancelled`; the stream ends, as the API has no terminal event for a cancel).
+`cancelled`; the stream ends, as the API has no terminal event for a cancel);
+`DELETE` stops a running one and forgets its events.
 
 A completed (or incomplete) background response is stored like any other and can
 be continued by id; a failed or cancelled one is not stored, but stays retrievable
@@ -164,6 +165,19 @@ class BackgroundResponses:
 
         run.task = asyncio.get_running_loop().create_task(main())
         return run
+
+    def forget(self, run: BackgroundRun) -> None:
+        """Drop a finished run's events and state (the response was deleted)."""
+        if self._finished.pop(run.turn.response_id, None) is not None:
+            self._finished_bytes -= run.event_bytes
+
+    def stats(self) -> dict[str, int]:
+        self._expire()
+        return {
+            "running": len(self._running),
+            "finished": len(self._finished),
+            "retained_bytes": self._finished_bytes,
+        }
 
     async def cancel(self, run: BackgroundRun) -> None:
         """Stop a running response (its status becomes `cancelled`); nothing when it

@@ -330,6 +330,12 @@ class HTTPApp:
         self, writer: ResponseWriter, request: Request, request_id: str, owner: str, rid: str
     ) -> int:
         engine = self.engine
+        run = self.background.get(rid, owner)
+        if run is not None:
+            # A background response: stopped if it still runs (then it is not stored),
+            # and its events and state forgotten.
+            await self.background.cancel(run)
+            self.background.forget(run)
         shared_deleted = False
         if engine.shared is not None:
             # First, and also when it was not cached here: another process may have made
@@ -345,7 +351,7 @@ class HTTPApp:
                     status=503,
                     type="server_error",
                 ) from None
-        deleted = engine.cache.delete(rid, owner=owner) or shared_deleted
+        deleted = engine.cache.delete(rid, owner=owner) or shared_deleted or run is not None
         if not deleted:
             raise errors.response_not_found(rid)
         body = dumps({"id": rid, "object": "response", "deleted": True})

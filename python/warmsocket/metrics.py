@@ -313,6 +313,28 @@ def cache_collector(stats: Callable[[], dict[str, int]]) -> Callable[[], Iterabl
     return collect
 
 
+def background_collector(stats: Callable[[], dict[str, int]]) -> Callable[[], Iterable[str]]:
+    """Render the background responses' gauges (`background: true`)."""
+
+    def collect() -> Iterable[str]:
+        values = stats()
+        yield (
+            "# HELP warmsocket_background_responses Background responses running, and "
+            "finished ones whose events are kept."
+        )
+        yield "# TYPE warmsocket_background_responses gauge"
+        for state in ("running", "finished"):
+            yield f'warmsocket_background_responses{{state="{state}"}} {values[state]}'
+        yield (
+            "# HELP warmsocket_background_retained_bytes Events of finished background "
+            "responses kept for replay."
+        )
+        yield "# TYPE warmsocket_background_retained_bytes gauge"
+        yield f"warmsocket_background_retained_bytes {values['retained_bytes']}"
+
+    return collect
+
+
 def shared_store_collector(stats: Callable[[], dict[str, int]]) -> Callable[[], Iterable[str]]:
     """Render the shared store's counters (`--redis-url`)."""
 

@@ -71,7 +71,12 @@ from warmsocket.http11 import (
     encode_response,
 )
 from warmsocket.httpapi import Auth, HTTPApp, route_of
-from warmsocket.metrics import Metrics, cache_collector, shared_store_collector
+from warmsocket.metrics import (
+    Metrics,
+    background_collector,
+    cache_collector,
+    shared_store_collector,
+)
 from warmsocket.response_stream import dumps
 from warmsocket.session import (
     CloseConnection,
@@ -219,6 +224,7 @@ class Server:
             auth=Auth(config.api_keys),
             models=config.models if config.listed_models is None else config.listed_models,
         )
+        self.metrics.collectors.append(background_collector(self.http.background.stats))
         self.immediate = backend.immediate if isinstance(backend, ImmediateBackend) else None
         """The backend's way to answer a turn at once, if it has one."""
         self.eager_start = bool(getattr(backend, "eager_start", False))
