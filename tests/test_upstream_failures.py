@@ -1073,3 +1073,33 @@ def test_a_failed_upstream_turn_keeps_nothing_of_its_chain_alive(
                 time.sleep(0.01)
             assert cache.stats().entries == 0
             assert cache.stats().bytes == 0, "something still holds the failed turn's context"
+
+
+def test_shutdown_does_not_wait_long_for_an_upstream_that_does_not_answer_a_close() -> None:
+    """The pooled upstream connection stops reading after its turn, so it never
+    answers the close frame: warmsocket's shutdown waits at most CLOSE_TIMEOUT for it
+    (websockets' default 10 s held the shutdown, and a test server's stop, that long)."""
+    import asyncio
+    import json as jsonlib
+
+    from warmsocket.backends.responses_ws import CLOSE_TIMEOUT
+
+    async def deaf_after_one_turn(ws: Any) -> None:
+        async for message in ws:
+            request = jsonlib.loads(message)
+            text = request["input"][-1]["content"]
+            for event in ScriptedWSUpstream.answer("resp_1_1", text):
+                await ws.send(jsonlib.dumps(event))
+            # Deaf for a while: the close warmsocket sends at shutdown is not answered.
+            ws.transport.pause_reading()
+            await asyncio.sleep(CLOSE_TIMEOUT + 4)
+            ws.transport.resume_reading()
+
+    with fake_ws_upstream(deaf_after_one_turn) as port:
+        with warmsocket_upstream(
+            f"http://127.0.0.1:{port}/v1", "responses-ws", ws_warm_connections=0
+        ) as (front, _metrics):
+            with WSClient(front.ws_url) as client:
+                assert output_text(client.turn(input="hi")) == "You said: hi"
+            started = time.monotonic()
+        assert time.monotonic() - started < CLOSE_TIMEOUT + 1.5

@@ -71,6 +71,10 @@ MAX_CHAINS = 200_000
 HAD_RESPONSES = 16
 """Response ids a connection remembers having had: a `response.created` of one of
 them is a stray message, not a new response."""
+CLOSE_TIMEOUT = 2.0
+"""Seconds closing an upstream connection waits for the upstream's close frame
+(websockets' default, 10 s, held a server's shutdown that long when an upstream did
+not answer)."""
 _INPUT_KEY = b'"input":'
 
 
@@ -260,13 +264,15 @@ class ResponsesWSBackend:
                 exclude.add(replica.index)
 
     async def aclose(self) -> None:
+        """Close the idle connections, all at once: each waits at most `CLOSE_TIMEOUT`
+        for the upstream's close frame (a server shutting down waits for this)."""
         self._closing = True
         for task in list(self._warming):
             task.cancel()
+        idle = [socket for sockets in self._idle for socket in sockets]
         for sockets in self._idle:
-            for socket in sockets:
-                await socket.ws.close()
             sockets.clear()
+        await asyncio.gather(*(socket.ws.close() for socket in idle), return_exceptions=True)
 
     # -- one exchange -------------------------------------------------------------------------
 
@@ -485,6 +491,7 @@ class ResponsesWSBackend:
                 max_size=MAX_UPSTREAM_EVENT_BYTES,
                 compression=None,
                 open_timeout=self.config.connect_timeout,
+                close_timeout=CLOSE_TIMEOUT,
                 ping_interval=20,
                 ping_timeout=20,
             )
