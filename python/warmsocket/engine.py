@@ -784,7 +784,7 @@ def _or_left_out(encode: Callable[[bytes], bytes], payload: bytes, what: str) ->
     try:
         return encode(payload)
     except ValueError:
-        log.warning(f"a malformed {what} was left out")
+        log.warning("a malformed model event was left out", extra={"event": what})
         return b""
 
 
