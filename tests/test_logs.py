@@ -97,8 +97,8 @@ def test_debug_logs_of_a_sidecar_hold_no_content_and_no_key(
             ],
             server_log,
         ) as base_url,
+        OpenAI(base_url=base_url, api_key="client-key") as client,
     ):
-        client = OpenAI(base_url=base_url, api_key="client-key")
         with client.responses.connect() as connection:
             connection.response.create(model="m", input=f"websocket {CANARY}")
             completed = next(e for e in connection if e.type == "response.completed")
