@@ -37,6 +37,10 @@ state handling is right. Read from the newest user message:
   the preview); without one the reply is ``Cannot search: ...``. Combines with the
   others; the answer after it is theirs (``/reply`` to choose it), and a text answer
   cites the search: one ``url_citation`` annotation over the whole text
+* the compaction prompt (``warmsocket.compaction_items.PROMPT``, the whole message):
+  the transcript of the context before it, without instructions, as the summary
+  (a compaction item made by warmsocket shows in a transcript as
+  ``compaction: <its summary>``)
 
 The simulated upstream (`warmsocket simulate-upstream`) answers with the same rules.
 """
@@ -49,6 +53,8 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
+
+from warmsocket.compaction_items import PROMPT, summary_of
 
 _WORD_RE = re.compile(r"\s*\S+")
 MAX_SLEEP_MS = 600_000
@@ -108,6 +114,8 @@ def plan_reply(
         return Reply("text", "Nothing to answer: the context has no user message.")
     text = message_text(tail[user_index])
     after = tail[user_index + 1 :]
+    if text == PROMPT and not after:
+        return Reply("text", transcript(full_context()[:-1], None))
 
     sleep_ms = 0
     reply: str | None = None
@@ -222,6 +230,8 @@ def transcript(items: Sequence[dict[str, Any]], instructions: str | None) -> str
             parts = summary if isinstance(summary, list) else []
             text = " ".join(p.get("text", "") for p in parts if isinstance(p, dict))
             lines.append(f"reasoning {text}".rstrip())
+        elif kind == "compaction" and (summary := summary_of(item)) is not None:
+            lines.append(f"compaction: {summary}")
         elif kind == "web_search_call":
             action = item.get("action")
             query = action.get("query") if isinstance(action, dict) else None

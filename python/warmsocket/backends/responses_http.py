@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from warmsocket.backends.base import TurnContext
 from warmsocket.backends.http_upstream import Decoder, HTTPUpstreamBackend
 from warmsocket.backends.responses_events import ResponsesSSEDecoder
+from warmsocket.compaction_items import expand_items_json
 from warmsocket.response_stream import dumps
 from warmsocket.upstream import RESPONSES_FORWARDED, explicit_settings
 
@@ -84,7 +85,7 @@ class ContextCache:
             self._bytes -= len(entry[0])
         if entry is not None and entry[1] <= view.items:
             buffer, items = entry
-            tail = view.json_from(items)
+            tail = expand_items_json(view.json_from(items))
             try:
                 buffer += tail
             except BufferError:  # a transport still holds it (a write pending)
@@ -92,7 +93,7 @@ class ContextCache:
                 buffer += tail
         else:
             buffer = bytearray(b"[")
-            buffer += view.json_from(0)
+            buffer += expand_items_json(view.json_from(0))
         self._entries[turn.response_id] = (buffer, view.items)
         self._bytes += len(buffer)
         while self._bytes > self.max_bytes and len(self._entries) > 1:

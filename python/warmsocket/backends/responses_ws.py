@@ -55,6 +55,7 @@ from warmsocket.backends.http_upstream import chain_key, failed_attempt
 from warmsocket.backends.responses_events import model_events
 from warmsocket.backends.responses_http import HeadCache
 from warmsocket.backends.responses_order import ResponseOrder
+from warmsocket.compaction_items import expand_items_json
 from warmsocket.errors import SERVER_ERROR
 from warmsocket.httpclient import PLAIN_HTTP_HINT, Origin, connect_failure, plain_answer_to_tls
 from warmsocket.metrics import Metrics
@@ -357,10 +358,10 @@ class ResponsesWSBackend:
 
     def _body(self, turn: TurnContext, head: bytes, previous: str | None) -> bytes:
         if previous is None or turn.input is None:
-            return head + turn.view.json() + b"}"
+            return head + expand_items_json(turn.view.json()) + b"}"
         prefix = head[: -len(_INPUT_KEY)]
         chained = b'"previous_response_id":' + dumps(previous) + b","
-        return prefix + chained + _INPUT_KEY + turn.input.json() + b"}"
+        return prefix + chained + _INPUT_KEY + expand_items_json(turn.input.json()) + b"}"
 
     # -- connections --------------------------------------------------------------------------
 
