@@ -218,9 +218,3 @@ def test_a_large_input_over_http_does_not_hold_up_other_requests(server: Running
     worker.join(60)
     assert large_seconds
     assert small_seconds < large_seconds[0] / 3, (small_seconds, large_seconds)
-
-
-def test_compaction_is_not_served_and_says_so(server: RunningServer) -> None:
-    answer = httpx.post(f"{server.base_url}/responses/compact", json={"model": "m", "input": "x"})
-    assert answer.status_code == 404
-    assert "previous_response_id" in answer.json()["error"]["message"]

@@ -16,6 +16,7 @@ from warmsocket import _core, errors, ids
 from warmsocket._core import Rejection, parse_client_message
 from warmsocket.backends.base import TurnFailed
 from warmsocket.background import RETAIN_SECONDS, BackgroundResponses, BackgroundRun
+from warmsocket.compaction import compact, parse_compact_request
 from warmsocket.engine import Engine, SharedStoreUnavailable, Turn, response_object
 from warmsocket.errors import APIError
 from warmsocket.http11 import LAST_CHUNK, Request, chunk, encode_response, response_head
@@ -148,13 +149,9 @@ class HTTPApp:
                 )
             raise errors.method_not_allowed(method, request.path)
         if path_id == "compact" and sub is None:
-            raise APIError(
-                "not_found",
-                "Compaction (POST /v1/responses/compact) is not served by this server: "
-                "continue the chain with previous_response_id (its context is cached), or "
-                "start a new one with the items you want to keep.",
-                status=404,
-            )
+            if method != "POST":
+                raise errors.method_not_allowed(method, request.path)
+            return await self._compact(request, writer, request_id, owner)
         if path_id == "input_tokens" and sub is None:
             if method != "POST":
                 raise errors.method_not_allowed(method, request.path)
@@ -289,6 +286,16 @@ class HTTPApp:
         await self._load_parent(create, owner)
         count = await self.engine.input_tokens(create, owner=owner, include_input=has_input)
         body = dumps({"object": "response.input_tokens", "input_tokens": count})
+        return self._json(writer, request, request_id, 200, body)
+
+    async def _compact(
+        self, request: Request, writer: ResponseWriter, request_id: str, owner: str
+    ) -> int:
+        create, has_input = parse_compact_request(
+            request.body, max_item_bytes=self.engine.cache.max_item_bytes
+        )
+        await self._load_parent(create, owner)
+        body = await compact(self.engine, create, has_input=has_input, owner=owner)
         return self._json(writer, request, request_id, 200, body)
 
     async def _stream(

@@ -74,6 +74,7 @@ class Metrics:
         self.lookups = Counter[str]()
         self.prefix_matches = Counter[str]()
         self.prefix_matched_items = 0
+        self.compactions = 0
         self.rebuild = Histogram()
         self.first_token = Histogram()
         self.turn_total = Histogram()
@@ -98,6 +99,10 @@ class Metrics:
         """A request without previous_response_id matched `items` cached items."""
         self.prefix_matches["hit" if items else "miss"] += 1
         self.prefix_matched_items += items
+
+    def count_compaction(self) -> None:
+        """A context was compacted (`POST /v1/responses/compact`)."""
+        self.compactions += 1
 
     def count_error(self, code: str) -> None:
         """Errors by code. Codes an upstream gives pass through to clients, so they are
@@ -188,6 +193,12 @@ class Metrics:
             "Items of full-history requests found in cached chains (not stored again).",
         )
         lines.append(f"warmsocket_prefix_matched_items_total {self.prefix_matched_items}")
+        family(
+            "warmsocket_compactions_total",
+            "counter",
+            "Contexts compacted (POST /v1/responses/compact), each a summary by the model.",
+        )
+        lines.append(f"warmsocket_compactions_total {self.compactions}")
         family(
             "warmsocket_turn_context_rebuild_seconds",
             "histogram",

@@ -27,15 +27,17 @@ PLACEHOLDER_MODEL = "input-token-count"
 _PLACEHOLDER_INPUT = "-"
 
 
-def parse_count_request(body: bytes, *, max_item_bytes: int) -> tuple[CreateRequest, bool]:
+def parse_count_request(
+    body: bytes, *, max_item_bytes: int, require_model: bool = False
+) -> tuple[CreateRequest, bool]:
     """The create request a count body stands for, and whether it has input of its
     own. Raises APIError for a body a create would refuse (other than for a missing
-    model or input)."""
+    input, or unless `require_model` a missing model)."""
     parsed = parse_client_message(body, websocket=False, max_item_bytes=max_item_bytes)
     if isinstance(parsed, CreateRequest):
         return parsed, True
     assert isinstance(parsed, Rejection)
-    if parsed.param not in ("model", "input"):
+    if parsed.param not in ("model", "input") or (require_model and parsed.param == "model"):
         raise _refused(parsed)
     # Only a body refused for its model or input is read again here: a missing model
     # gets a placeholder, missing or empty input one that is not counted.

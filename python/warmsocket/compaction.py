@@ -1,0 +1,173 @@
+"""Compaction: `POST /v1/responses/compact`, and the compaction items it makes.
+
+A compaction turns a long context into a short *window*: every user message of the
+context, verbatim, followed by one `compaction` item that stands for everything
+else (spec §5.7). The client starts a new chain with the window as its `input`
+(over HTTP or on its WebSocket), and the model continues from it.
+
+warmsocket compacts with the model it serves: the context (the chain of
+`previous_response_id`, then the body's `input`) goes to the backend as one more
+turn, followed by a user message asking for a summary (`PROMPT`), with the body's
+instructions and no tools. The answer's text is the summary. Nothing is stored:
+the compaction is not a response, and its id is not a `previous_response_id`.
+
+The compaction item it makes, and how backends read it, are in
+`warmsocket.compaction_items`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from warmsocket import errors, ids
+from warmsocket._core import CreateRequest, parse_client_message
+from warmsocket.backends.base import TextDelta, TurnContext, TurnFailed, UsageReport
+from warmsocket.compaction_items import PROMPT, encode_content
+from warmsocket.response_stream import usage_object
+from warmsocket.token_count import parse_count_request
+
+if TYPE_CHECKING:
+    from warmsocket.engine import Engine
+
+_COMPACT_FIELDS = frozenset(
+    {
+        "model",
+        "input",
+        "instructions",
+        "previous_response_id",
+        "prompt_cache_key",
+        "prompt_cache_options",
+        "prompt_cache_retention",
+        "service_tier",
+        "image",
+    }
+)
+"""The body fields of `POST /v1/responses/compact` (the SDK's `ResponseCompactParams`)."""
+
+# -- the compact endpoint -----------------------------------------------------------------
+
+
+def parse_compact_request(body: bytes, *, max_item_bytes: int) -> tuple[CreateRequest, bool]:
+    """The create request a compact body stands for (its context: the previous
+    response's, then the input), and whether the body has input. Raises APIError
+    for a body the endpoint refuses."""
+    request, has_input = parse_count_request(
+        body, max_item_bytes=max_item_bytes, require_model=True
+    )
+    refused = {
+        "tools": request.has_tools,
+        "stream": request.stream,
+        "background": request.background,
+        "store": not request.store,
+    }
+    for field, present in refused.items():
+        # The create fields a compaction could not honour; any other field is ignored,
+        # as a create ignores what it does not know.
+        if present:
+            raise errors.APIError(
+                None,
+                f"Unknown parameter: '{field}'. POST /v1/responses/compact takes "
+                + ", ".join(sorted(_COMPACT_FIELDS))
+                + ".",
+                param=field,
+            )
+    if not has_input and request.previous_response_id is None:
+        raise errors.APIError(
+            None,
+            "Nothing to compact: send 'input', 'previous_response_id', or both.",
+            param="input",
+        )
+    return request, has_input
+
+
+async def compact(engine: Engine, request: CreateRequest, *, has_input: bool, owner: str) -> bytes:
+    """The compacted window of a request's context, as the `response.compaction`
+    object's JSON. Raises APIError as a create would (unknown previous response,
+    invalid input, the model failing)."""
+    ask = parse_client_message(_summary_request(request), websocket=False)
+    assert isinstance(ask, CreateRequest), ask
+    turn = engine.prepare(
+        ask,
+        owner=owner,
+        connection=None,
+        lookup_connection=None,
+        prepend=request.input if has_input else None,
+    )
+    try:
+        await turn.count_input_tokens_off_loop()
+        summary, report = await _summarise(engine, turn.context())
+        context = turn.view.objects()[:-1]  # less the prompt
+        turn.usage_report = report
+        turn.output_chars = len(summary)
+        input_tokens, cached_tokens, output_tokens, reasoning_tokens = turn.usage()
+    finally:
+        turn.release()
+    item = {
+        "id": ids.new_id("cmp"),
+        "type": "compaction",
+        "encrypted_content": encode_content(summary),
+    }
+    compacted = {
+        "id": ids.new_id("cmp"),
+        "object": "response.compaction",
+        "created_at": int(time.time()),
+        "output": [*window_messages(context), item],
+        "usage": usage_object(input_tokens, cached_tokens, output_tokens, reasoning_tokens),
+    }
+    engine.metrics.count_compaction()
+    return json.dumps(compacted, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def window_messages(context: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The user messages of a context, in order, as the output items of a window."""
+    messages: list[dict[str, Any]] = []
+    for item in context:
+        if item.get("type", "message") != "message" or item.get("role") != "user":
+            continue
+        content = item.get("content")
+        if isinstance(content, str):
+            content = [{"type": "input_text", "text": content}]
+        message_id = item.get("id")
+        messages.append(
+            {
+                "id": message_id if isinstance(message_id, str) else ids.message_id(),
+                "type": "message",
+                "status": "completed",
+                "role": "user",
+                "content": content,
+            }
+        )
+    return messages
+
+
+def _summary_request(request: CreateRequest) -> bytes:
+    body: dict[str, Any] = {
+        "model": request.model,
+        "input": [{"type": "message", "role": "user", "content": PROMPT}],
+    }
+    if request.instructions is not None:
+        body["instructions"] = request.instructions
+    if request.previous_response_id is not None:
+        body["previous_response_id"] = request.previous_response_id
+    return json.dumps(body).encode()
+
+
+async def _summarise(engine: Engine, turn: TurnContext) -> tuple[str, UsageReport | None]:
+    """Run the summary turn on the backend: its text, and the backend's usage."""
+    parts: list[str] = []
+    report: UsageReport | None = None
+    async for batch in engine.backend.stream(turn):
+        for event in batch if isinstance(batch, list) else (batch,):
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            elif isinstance(event, UsageReport):
+                report = event
+            elif isinstance(event, TurnFailed):
+                raise event.error
+    summary = "".join(parts)
+    if not summary.strip():
+        raise errors.model_failed("The model wrote no summary of the context to compact it.")
+    return summary, report

@@ -1,0 +1,317 @@
+"""`POST /v1/responses/compact` with the official SDK: the window (the user messages
+and one compaction item) is valid for the SDK's types, a new chain continues from it
+over HTTP and WebSocket mode on every backend, the model reads the summary in its
+place, nothing is stored, and bad requests get clear errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx2 as httpx
+import openai
+import pytest
+from openai import OpenAI
+from openai.types.responses.compacted_response import CompactedResponse
+from openai.types.responses.response_compaction_item import ResponseCompactionItem
+from openai.types.responses.response_input_message_item import ResponseInputMessageItem
+from openai.types.responses.response_usage import ResponseUsage
+
+from tests.support import FUNCTION_TOOLS, RunningServer
+from warmsocket import compaction_items
+from warmsocket.compaction_items import (
+    PROMPT,
+    SUMMARY_HEADER,
+    encode_content,
+    expand_items_json,
+    expanded,
+    summary_of,
+)
+
+MODEL = "warmsocket-mock"
+
+
+def client(server: RunningServer) -> OpenAI:
+    return OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+
+
+def checked_window(compacted: CompactedResponse) -> tuple[list[str], str]:
+    """The window's user message texts and its summary; every part checked against the
+    SDK's types (a window's user messages are input message items: the SDK's
+    `ResponseOutputMessage` only knows the assistant role)."""
+    raw = compacted.model_dump(mode="json", exclude_unset=True, warnings=False)
+    assert raw["object"] == "response.compaction"
+    assert raw["id"].startswith("cmp_") and isinstance(raw["created_at"], int)
+    ResponseUsage.model_validate(raw["usage"], strict=True)
+    *messages, last = raw["output"]
+    item = ResponseCompactionItem.model_validate(last, strict=True)
+    assert item.id.startswith("cmp_") and item.id != raw["id"]
+    texts = []
+    for message in messages:
+        parsed = ResponseInputMessageItem.model_validate(message, strict=True)
+        assert parsed.role == "user" and parsed.status == "completed"
+        texts.append(" ".join(part.text for part in parsed.content if part.type == "input_text"))
+    summary = summary_of(last)
+    assert summary is not None
+    return texts, summary
+
+
+def window_input(compacted: CompactedResponse) -> list[Any]:
+    return [
+        item.model_dump(mode="json", exclude_unset=True, warnings=False)
+        for item in compacted.output
+    ]
+
+
+def test_compacting_a_chain_and_continuing_from_the_window(server: RunningServer) -> None:
+    sdk = client(server)
+    first = sdk.responses.create(model=MODEL, input="Plan the refactor.", instructions="Be terse.")
+    call = sdk.responses.create(
+        model=MODEL,
+        previous_response_id=first.id,
+        input='/call read_file {"path": "a.py"}',
+        tools=FUNCTION_TOOLS,  # type: ignore[arg-type]
+    )
+    (function_call,) = call.output
+    assert function_call.type == "function_call"
+    done = sdk.responses.create(
+        model=MODEL,
+        previous_response_id=call.id,
+        input=[{"type": "function_call_output", "call_id": function_call.call_id, "output": "x=1"}],
+        tools=FUNCTION_TOOLS,  # type: ignore[arg-type]
+    )
+    assert done.output_text == "read_file returned: x=1"
+
+    compacted = sdk.responses.compact(
+        model=MODEL, previous_response_id=done.id, instructions="Be terse."
+    )
+    texts, summary = checked_window(compacted)
+    assert texts == ["Plan the refactor.", '/call read_file {"path": "a.py"}']
+    # The built-in model's summary is the transcript of the context (no instructions).
+    assert summary.splitlines() == [
+        "user: Plan the refactor.",
+        "assistant: You said: Plan the refactor.",
+        'user: /call read_file {"path": "a.py"}',
+        f"function_call read_file {function_call.call_id}",
+        f"function_call_output {function_call.call_id} x=1",
+        "assistant: read_file returned: x=1",
+    ]
+    assert compacted.usage.input_tokens > 0 and compacted.usage.output_tokens > 0
+    assert compacted.usage.total_tokens == (
+        compacted.usage.input_tokens + compacted.usage.output_tokens
+    )
+
+    # A new chain from the window: the model reads the summary in the compaction's place.
+    window = window_input(compacted)
+    after = sdk.responses.create(
+        model=MODEL, input=[*window, {"role": "user", "content": "/transcript"}]
+    )
+    assert after.output_text == "\n".join(
+        [*(f"user: {text}" for text in texts), "compaction: " + summary, "user: /transcript"]
+    )
+    # ... and the chain goes on from there by previous_response_id.
+    again = sdk.responses.create(model=MODEL, previous_response_id=after.id, input="next")
+    assert again.output_text == "You said: next"
+
+
+def test_compacting_input_alone_and_with_a_chain(server: RunningServer) -> None:
+    sdk = client(server)
+    history = [
+        {"role": "user", "content": "one"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "1"}]},
+        {"role": "user", "content": [{"type": "input_text", "text": "two"}]},
+    ]
+    alone = sdk.responses.compact(model=MODEL, input=history)  # type: ignore[arg-type]
+    texts, summary = checked_window(alone)
+    assert texts == ["one", "two"]
+    assert summary == "user: one\nassistant: 1\nuser: two"
+    # A chain, then more input: the context is the chain's, then the input's.
+    parent = sdk.responses.create(model=MODEL, input="zero")
+    both = sdk.responses.compact(model=MODEL, previous_response_id=parent.id, input=history)  # type: ignore[arg-type]
+    texts, summary = checked_window(both)
+    assert texts == ["zero", "one", "two"]
+    assert summary.splitlines()[:2] == ["user: zero", "assistant: You said: zero"]
+    # Compacting a window again folds the earlier summary into the new one.
+    window = window_input(alone)
+    twice = sdk.responses.compact(model=MODEL, input=[*window, {"role": "user", "content": "3"}])
+    texts, summary = checked_window(twice)
+    assert texts == ["one", "two", "3"]
+    assert (
+        summary == "user: one\nuser: two\ncompaction: user: one\nassistant: 1\nuser: two\nuser: 3"
+    )
+
+
+def test_a_window_continues_on_a_websocket(server: RunningServer) -> None:
+    sdk = client(server)
+    parent = sdk.responses.create(model=MODEL, input="remember 42")
+    compacted = sdk.responses.compact(model=MODEL, previous_response_id=parent.id)
+    window = window_input(compacted)
+    with sdk.responses.connect() as connection:
+        connection.response.create(
+            model=MODEL, input=[*window, {"role": "user", "content": "/transcript"}], store=False
+        )
+        for event in connection:
+            assert event.type not in ("error", "response.failed"), event
+            if event.type == "response.completed":
+                text = event.response.output_text
+                break
+    assert text.splitlines() == [
+        "user: remember 42",
+        "compaction: user: remember 42",
+        "assistant: You said: remember 42",
+        "user: /transcript",
+    ]
+
+
+def test_compacting_stores_nothing(server: RunningServer) -> None:
+    sdk = client(server)
+    cache = server.server.cache
+    parent = sdk.responses.create(model=MODEL, input="x")
+    before = cache.stats()
+    compacted = sdk.responses.compact(model=MODEL, previous_response_id=parent.id)
+    after = cache.stats()
+    assert (after.entries, after.bytes) == (before.entries, before.bytes)
+    for unknown in (compacted.id, compacted.output[-1].id):
+        with pytest.raises(openai.NotFoundError):
+            sdk.responses.retrieve(unknown)  # type: ignore[arg-type]
+    # Not a previous_response_id either, and the parent stays deletable (not pinned).
+    with pytest.raises(openai.BadRequestError) as chained:
+        sdk.responses.create(model=MODEL, input="y", previous_response_id=compacted.id)
+    assert chained.value.code == "previous_response_not_found"
+    sdk.responses.delete(parent.id)
+    with httpx.Client(base_url=server.base_url) as http:
+        metrics = http.get("metrics").text
+    assert "warmsocket_compactions_total 1" in metrics.splitlines()
+
+
+def test_bad_compact_requests_get_clear_errors(server: RunningServer) -> None:
+    sdk = client(server)
+    with pytest.raises(openai.BadRequestError) as unknown:
+        sdk.responses.compact(model=MODEL, previous_response_id="resp_nope")
+    assert unknown.value.code == "previous_response_not_found"
+    assert unknown.value.param == "previous_response_id"
+    with pytest.raises(openai.BadRequestError) as nothing:
+        sdk.responses.compact(model=MODEL)
+    assert nothing.value.param == "input"
+    assert "Nothing to compact" in nothing.value.message
+    with pytest.raises(openai.BadRequestError) as invalid:
+        sdk.responses.compact(model=MODEL, input=[{"type": "message", "role": 5}])  # type: ignore[list-item]
+    assert invalid.value.param == "input[0].role"
+    with pytest.raises(openai.BadRequestError) as orphan:
+        output = {"type": "function_call_output", "call_id": "call_x", "output": "1"}
+        sdk.responses.compact(model=MODEL, input=[output])
+    assert orphan.value.param == "input"
+    with httpx.Client(base_url=server.base_url) as http:
+        no_model = http.post("responses/compact", json={"input": "x"})
+        tools = http.post(
+            "responses/compact", json={"model": MODEL, "input": "x", "tools": FUNCTION_TOOLS}
+        )
+        streamed = http.post(
+            "responses/compact", json={"model": MODEL, "input": "x", "stream": True}
+        )
+        not_json = http.post("responses/compact", content=b"{nope")
+        wrong_method = http.get("responses/compact")
+    assert no_model.status_code == 400 and no_model.json()["error"]["param"] == "model"
+    assert tools.status_code == 400 and tools.json()["error"]["param"] == "tools"
+    assert "responses/compact takes" in tools.json()["error"]["message"]
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream"
+    assert not_json.status_code == 400 and not_json.json()["error"]["message"]
+    assert wrong_method.status_code == 405
+
+
+def test_a_foreign_compaction_item(any_backend: RunningServer) -> None:
+    """OpenAI's compaction items cannot be read by a chat upstream (400, nothing kept);
+    a Responses upstream gets them as they came; the built-in model lists them."""
+    sdk = client(any_backend)
+    foreign = {"type": "compaction", "encrypted_content": "gAAAAABpM0Yj-opaque="}
+    backend = any_backend.server.engine.backend.name
+    request: dict[str, Any] = {
+        "model": MODEL,
+        "input": [
+            {"role": "user", "content": "hi"},
+            foreign,
+            {"role": "user", "content": "/transcript"},
+        ],
+    }
+    if backend == "upstream-chat":
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.responses.create(**request)
+        assert refused.value.param == "input"
+        assert "made by another server" in refused.value.message
+        return
+    response = sdk.responses.create(**request)
+    assert response.output_text == "user: hi\ncompaction\nuser: /transcript"
+
+
+def test_compaction_on_every_backend(any_backend: RunningServer) -> None:
+    """The summary comes from the backend's model (the simulated upstream answers the
+    prompt with its transcript, as the built-in model does); a chain continued from the
+    window reaches the upstream with the summary as a user message."""
+    sdk = client(any_backend)
+    first = sdk.responses.create(model=MODEL, input="alpha")
+    second = sdk.responses.create(model=MODEL, previous_response_id=first.id, input="beta")
+    compacted = sdk.responses.compact(model=MODEL, previous_response_id=second.id)
+    texts, summary = checked_window(compacted)
+    assert texts == ["alpha", "beta"]
+    assert "user: alpha" in summary and "assistant: You said: beta" in summary
+    window = window_input(compacted)
+    after = sdk.responses.create(
+        model=MODEL, input=[*window, {"role": "user", "content": "/transcript"}]
+    )
+    if any_backend.server.engine.backend.name == "mock":
+        in_place = "compaction: " + summary
+    else:  # the upstream got a user message
+        in_place = "user: " + SUMMARY_HEADER + summary
+    assert after.output_text == "\n".join(
+        ["user: alpha", "user: beta", in_place, "user: /transcript"]
+    )
+    # The original chain is untouched by the compaction and goes on.
+    onward = sdk.responses.create(model=MODEL, previous_response_id=second.id, input="gamma")
+    assert onward.output_text == "You said: gamma"
+    with sdk.responses.connect() as connection:
+        connection.response.create(model=MODEL, previous_response_id=after.id, input="delta")
+        for event in connection:
+            assert event.type not in ("error", "response.failed"), event
+            if event.type == "response.completed":
+                assert event.response.output_text == "You said: delta"
+                break
+
+
+# -- the item format ---------------------------------------------------------------------
+
+
+def test_a_summary_round_trips_and_other_items_are_left_alone() -> None:
+    summary = 'Done: a.py fixed ("x=1"); next: tests. Ünïcode ✓\n'
+    item = {"id": "cmp_1", "type": "compaction", "encrypted_content": encode_content(summary)}
+    assert item["encrypted_content"].startswith(compaction_items.CONTENT_PREFIX)
+    assert summary_of(item) == summary
+    assert expanded(item) == {
+        "type": "message",
+        "role": "user",
+        "content": [{"type": "input_text", "text": SUMMARY_HEADER + summary}],
+    }
+    for other in (
+        {"type": "compaction", "encrypted_content": "gAAAA-foreign"},
+        {"type": "compaction", "encrypted_content": "wsc1.not*base64"},
+        {"type": "compaction", "encrypted_content": "wsc1." + "e30="},  # {}: no summary
+        {"type": "compaction"},
+        {"type": "message", "role": "user", "content": "wsc1.x"},
+    ):
+        assert summary_of(other) is None and expanded(other) is None
+
+
+def test_expanding_items_json_keeps_every_other_byte() -> None:
+    ours = json.dumps(
+        {"encrypted_content": encode_content("S"), "id": "cmp_1", "type": "compaction"},
+        separators=(",", ":"),
+    ).encode()
+    foreign = b'{"encrypted_content":"gAAA","type":"compaction"}'
+    other = '{"content":"a é \\"1.50\\"","role":"user","type":"message"}'.encode()
+    message = json.dumps(expanded(json.loads(ours)), separators=(",", ":")).encode()
+    assert expand_items_json(b"[" + other + b"]") == b"[" + other + b"]"
+    assert expand_items_json(b"[" + other + b"," + ours + b"," + foreign + b"]") == (
+        b"[" + other + b"," + message + b"," + foreign + b"]"
+    )
+    assert expand_items_json(b"," + ours + b"," + other) == b"," + message + b"," + other
+    assert expand_items_json(ours) == message
+    assert PROMPT not in message.decode()
