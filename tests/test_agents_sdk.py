@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from agents import (
     Agent,
     ModelSettings,
+    OpenAIResponsesCompactionSession,
+    SQLiteSession,
     WebSearchTool,
     function_tool,
     responses_websocket_session,
 )
 from agents.tracing import set_tracing_disabled
+from openai import AsyncOpenAI
 from pydantic import BaseModel
 
 from tests.support import RunningServer
+from warmsocket import compaction_items
 
 MODEL = "warmsocket-mock"
 
@@ -320,3 +326,57 @@ def test_agent_handoff_changes_instructions_and_tools_mid_chain(
     assert (kind, name) == ("function_call", "transfer_to_specialist")
     assert lines[3].startswith(f"function_call_output {call_id} ")
     assert lines[4:] == [f"assistant: {final}", "user: /transcript"]
+
+
+def test_agent_session_compacts_through_the_server(
+    any_backend: RunningServer, tmp_path: Path
+) -> None:
+    """`OpenAIResponsesCompactionSession` calls `responses.compact` once a run leaves 10
+    or more items besides user messages; the session then holds the window, and the
+    next run's model reads the summary in place of the history."""
+    server = any_backend
+    calls.clear()
+
+    async def main() -> tuple[list[Any], str]:
+        client = AsyncOpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+        memory = OpenAIResponsesCompactionSession(
+            "coder",
+            SQLiteSession("coder", tmp_path / "sessions.db"),
+            client=client,
+            model="gpt-4.1",
+        )
+        try:
+            async with responses_websocket_session(
+                api_key="sk-test", base_url=server.base_url
+            ) as session:
+                agent = make_agent()
+                first = await session.run(
+                    agent, '/repeat 5 read_file {"path": "src/main.py"}', session=memory
+                )
+                assert first.final_output == "done after 5 calls"
+                kept = await memory.get_items()
+                second = await session.run(agent, "/transcript", session=memory)
+        finally:
+            await client.close()
+        return kept, str(second.final_output)
+
+    kept, transcript = asyncio.run(main())
+    assert calls == ["read_file:src/main.py"] * 5
+    # The window: the user's message, then the compaction item for the rest.
+    assert [item.get("type", "message") for item in kept] == ["message", "compaction"]
+    summary = compaction_items.summary_of(kept[1])
+    assert summary is not None
+    assert summary.count("function_call read_file") == 5
+    assert summary.endswith("assistant: done after 5 calls")
+    if server.server.engine.backend.name == "mock":
+        in_place = "compaction: " + summary
+    else:
+        in_place = "user: " + compaction_items.SUMMARY_HEADER + summary
+    assert transcript == "\n".join(
+        [
+            "instructions: You are a coding agent.",
+            '/repeat 5 read_file {"path": "src/main.py"}'.join(("user: ", "")),
+            in_place,
+            "user: /transcript",
+        ]
+    )
