@@ -133,6 +133,12 @@ class Items:
         """One item's canonical JSON (negative indexes count from the end). Raises IndexError."""
     def item_meta(self, index: int) -> ItemMeta:
         """One item's extracted fields. Raises IndexError."""
+    def last_of_type(self, kind: str) -> int | None:
+        """The index of the last item whose `type` is `kind` (`message` for an item with a
+        `role` and no `type`), None when there is none. O(items after it)."""
+    def slice(self, start: int, end: int | None = None) -> Items:
+        """The items `start` to `end` (the end when None), sharing this batch: no copy.
+        IndexError outside the items."""
     def concat(self, other: Items) -> Items:
         """This batch's items followed by `other`'s (the items are shared, not copied)."""
 
@@ -753,6 +759,11 @@ class CreateRequest:
         """Names of the `function` tools, in order."""
     @property
     def has_tools(self) -> bool: ...
+    @property
+    def compact_threshold(self) -> int | None:
+        """Server-side compaction asked for (`context_management` holds an object with
+        `type: "compaction"`): its `compact_threshold` in tokens when that is a
+        non-negative integer, else 100,000; None when none was asked for."""
     @property
     def ignored_fields(self) -> tuple[str, ...]:
         """Body fields the API does not know (ignored), sorted."""

@@ -87,6 +87,37 @@ pub struct CreateRequest {
     pub has_tools: bool,
     /// Body fields the API does not know, sorted.
     pub ignored_fields: Vec<String>,
+    /// Server-side compaction asked for (`context_management` holds an object with
+    /// `type: "compaction"`): its `compact_threshold` when that is a non-negative
+    /// integer, else [`DEFAULT_COMPACT_THRESHOLD`]. The field is not validated
+    /// further (the API's own rules for it are not published): any other shape asks
+    /// for nothing.
+    pub compact_threshold: Option<u64>,
+}
+
+/// The context size in tokens at which a request that asks for server-side
+/// compaction without a `compact_threshold` is compacted.
+pub const DEFAULT_COMPACT_THRESHOLD: u64 = 100_000;
+
+/// `context_management`'s first `compaction` entry's threshold (see
+/// [`CreateRequest::compact_threshold`]).
+fn compact_threshold(body: &Object<'_>) -> Option<u64> {
+    let Some(Value::Array(entries)) = body.get("context_management") else {
+        return None;
+    };
+    entries.iter().find_map(|entry| {
+        let Value::Object(entry) = entry else {
+            return None;
+        };
+        if !matches!(entry.get("type"), Some(Value::Str(kind)) if kind == "compaction") {
+            return None;
+        }
+        Some(match present(entry.get("compact_threshold")) {
+            Some(Value::Int(n)) => u64::try_from(*n).unwrap_or(DEFAULT_COMPACT_THRESHOLD),
+            Some(Value::UInt(n)) => *n,
+            _ => DEFAULT_COMPACT_THRESHOLD,
+        })
+    })
 }
 
 /// A valid `response.steer`.
@@ -409,6 +440,7 @@ fn validate_create(
     ignored_fields.sort_unstable();
     let model = model.to_owned();
     let previous_response_id = previous.map(str::to_owned);
+    let compact_threshold = compact_threshold(&body);
     let input = take_input(body, input);
     let input = items(input, options.max_item_bytes)
         .map_err(|e| RequestError::invalid_value("input", format!("Invalid 'input': {e}")))?;
@@ -426,6 +458,7 @@ fn validate_create(
         function_names: settings.function_names,
         has_tools: settings.has_tools,
         ignored_fields,
+        compact_threshold,
     })
 }
 
@@ -958,6 +991,51 @@ mod tests {
         match parse(text) {
             ClientMessage::Create(c) => *c,
             other => panic!("{text}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn compact_threshold_comes_from_the_first_compaction_entry() {
+        let with = |cm: &str| {
+            created(&format!(
+                r#"{{"type":"response.create","model":"m","input":"x","context_management":{cm}}}"#
+            ))
+            .compact_threshold
+        };
+        assert_eq!(
+            created(r#"{"type":"response.create","model":"m","input":"x"}"#).compact_threshold,
+            None
+        );
+        assert_eq!(
+            with(r#"[{"type":"compaction","compact_threshold":5000}]"#),
+            Some(5000)
+        );
+        assert_eq!(
+            with(r#"[{"type":"other"},{"type":"compaction","compact_threshold":7}]"#),
+            Some(7)
+        );
+        let default = Some(DEFAULT_COMPACT_THRESHOLD);
+        assert_eq!(with(r#"[{"type":"compaction"}]"#), default);
+        assert_eq!(
+            with(r#"[{"type":"compaction","compact_threshold":null}]"#),
+            default
+        );
+        assert_eq!(
+            with(r#"[{"type":"compaction","compact_threshold":-1}]"#),
+            default
+        );
+        assert_eq!(
+            with(r#"[{"type":"compaction","compact_threshold":"9"}]"#),
+            default
+        );
+        for nothing in [
+            r#"[]"#,
+            r#"[{"type":"other"}]"#,
+            r#"{"type":"compaction"}"#,
+            "null",
+            r#"[5]"#,
+        ] {
+            assert_eq!(with(nothing), None, "{nothing}");
         }
     }
 

@@ -148,6 +148,10 @@ impl PyCreateRequest {
         self.inner.has_tools
     }
     #[getter]
+    fn compact_threshold(&self) -> Option<u64> {
+        self.inner.compact_threshold
+    }
+    #[getter]
     fn ignored_fields<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, &self.inner.ignored_fields)
     }

@@ -206,6 +206,24 @@ impl PyItems {
         })
     }
 
+    fn last_of_type(&self, kind: &str) -> Option<usize> {
+        self.inner.iter().rposition(|item| item.kind() == kind)
+    }
+
+    #[pyo3(signature = (start, end = None))]
+    fn slice(&self, start: usize, end: Option<usize>) -> PyResult<PyItems> {
+        let len = self.inner.len();
+        let end = end.unwrap_or(len);
+        if start > end || end > len {
+            return Err(PyIndexError::new_err(format!(
+                "slice {start}..{end} is outside the {len} items"
+            )));
+        }
+        Ok(PyItems {
+            inner: self.inner.slice(start..end),
+        })
+    }
+
     fn concat(&self, other: &PyItems) -> PyItems {
         PyItems {
             inner: self.inner.concat(&other.inner),
