@@ -380,3 +380,52 @@ def test_agent_session_compacts_through_the_server(
             "user: /transcript",
         ]
     )
+
+
+@function_tool
+def read_log(path: str) -> str:
+    """Read a long log file."""
+    calls.append(f"read_log:{path}")
+    return " ".join(f"line{i}" for i in range(300))
+
+
+@pytest.mark.parametrize("chained", [False, True], ids=["full-replay", "previous_response_id"])
+def test_agent_loop_with_server_side_compaction(any_backend: RunningServer, chained: bool) -> None:
+    """`ModelSettings.context_management`: the turn that brings a long tool output
+    past the threshold compacts; the agent gets its answer, and carries on from the
+    compaction item, re-sending its history or chaining by id."""
+    server = any_backend
+    calls.clear()
+    agent = Agent(
+        name="coder",
+        instructions="You are a coding agent.",
+        model=MODEL,
+        tools=[read_log],
+        model_settings=ModelSettings(
+            store=True, context_management=[{"type": "compaction", "compact_threshold": 150}]
+        ),
+    )
+
+    async def main() -> tuple[Any, Any]:
+        async with responses_websocket_session(
+            api_key="sk-test", base_url=server.base_url
+        ) as session:
+            first = await session.run(
+                agent, '/call read_log {"path": "ci.log"}', auto_previous_response_id=chained
+            )
+            again = [*first.to_input_list(), {"role": "user", "content": "/transcript"}]
+            second = await session.run(agent, again, auto_previous_response_id=chained)
+            return first, second
+
+    first, second = asyncio.run(main())
+    assert calls == ["read_log:ci.log"]
+    assert first.final_output.startswith("read_log returned: line0 line1")
+    output_types = [[item.type for item in raw.output] for raw in first.raw_responses]
+    assert output_types == [["function_call"], ["compaction", "message"]]
+    lines = str(second.final_output).splitlines()
+    assert lines[:2] == [
+        "instructions: You are a coding agent.",
+        'user: /call read_log {"path": "ci.log"}',
+    ]
+    assert lines[-1] == "user: /transcript"
+    assert any(line.startswith(("compaction: ", "user: Summary of the earlier")) for line in lines)

@@ -24,8 +24,9 @@ from warmsocket.compaction_items import (
     SUMMARY_HEADER,
     encode_content,
     expand_items_json,
-    expanded,
+    expanded_items,
     summary_of,
+    unpack,
 )
 
 MODEL = "warmsocket-mock"
@@ -285,11 +286,15 @@ def test_a_summary_round_trips_and_other_items_are_left_alone() -> None:
     item = {"id": "cmp_1", "type": "compaction", "encrypted_content": encode_content(summary)}
     assert item["encrypted_content"].startswith(compaction_items.CONTENT_PREFIX)
     assert summary_of(item) == summary
-    assert expanded(item) == {
-        "type": "message",
-        "role": "user",
-        "content": [{"type": "input_text", "text": SUMMARY_HEADER + summary}],
-    }
+    assert expanded_items(item) == [
+        {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": SUMMARY_HEADER + summary}],
+        }
+    ]
+    compacted = unpack(item)
+    assert compacted is not None and not compacted.self_contained
     for other in (
         {"type": "compaction", "encrypted_content": "gAAAA-foreign"},
         {"type": "compaction", "encrypted_content": "wsc1.not*base64"},
@@ -297,7 +302,7 @@ def test_a_summary_round_trips_and_other_items_are_left_alone() -> None:
         {"type": "compaction"},
         {"type": "message", "role": "user", "content": "wsc1.x"},
     ):
-        assert summary_of(other) is None and expanded(other) is None
+        assert summary_of(other) is None and expanded_items(other) is None
 
 
 def test_expanding_items_json_keeps_every_other_byte() -> None:
@@ -307,7 +312,8 @@ def test_expanding_items_json_keeps_every_other_byte() -> None:
     ).encode()
     foreign = b'{"encrypted_content":"gAAA","type":"compaction"}'
     other = '{"content":"a é \\"1.50\\"","role":"user","type":"message"}'.encode()
-    message = json.dumps(expanded(json.loads(ours)), separators=(",", ":")).encode()
+    (expansion,) = expanded_items(json.loads(ours)) or []
+    message = json.dumps(expansion, separators=(",", ":"), sort_keys=True).encode()
     assert expand_items_json(b"[" + other + b"]") == b"[" + other + b"]"
     assert expand_items_json(b"[" + other + b"," + ours + b"," + foreign + b"]") == (
         b"[" + other + b"," + message + b"," + foreign + b"]"

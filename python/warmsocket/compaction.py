@@ -19,18 +19,27 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from warmsocket import errors, ids
-from warmsocket._core import CreateRequest, parse_client_message
-from warmsocket.backends.base import TextDelta, TurnContext, TurnFailed, UsageReport
-from warmsocket.compaction_items import PROMPT, encode_content
+from warmsocket._core import CreateRequest, Items, parse_client_message
+from warmsocket.backends.base import (
+    HostedCallEvent,
+    HostedCallStart,
+    OutputItem,
+    StreamItem,
+    TextDelta,
+    TurnContext,
+    TurnFailed,
+    UsageReport,
+)
+from warmsocket.compaction_items import PROMPT, encode_content, unpack
 from warmsocket.response_stream import usage_object
 from warmsocket.token_count import parse_count_request
 
 if TYPE_CHECKING:
-    from warmsocket.engine import Engine
+    from warmsocket.engine import Engine, Turn
 
 _COMPACT_FIELDS = frozenset(
     {
@@ -87,7 +96,10 @@ async def compact(engine: Engine, request: CreateRequest, *, has_input: bool, ow
     """The compacted window of a request's context, as the `response.compaction`
     object's JSON. Raises APIError as a create would (unknown previous response,
     invalid input, the model failing)."""
-    ask = parse_client_message(_summary_request(request), websocket=False)
+    summary_request = _summary_request(
+        request.model, request.instructions, request.previous_response_id
+    )
+    ask = parse_client_message(summary_request, websocket=False)
     assert isinstance(ask, CreateRequest), ask
     turn = engine.prepare(
         ask,
@@ -122,9 +134,15 @@ async def compact(engine: Engine, request: CreateRequest, *, has_input: bool, ow
 
 
 def window_messages(context: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The user messages of a context, in order, as the output items of a window."""
+    """The user messages of a context, in order, as the output items of a window
+    (also those a self-contained compaction item keeps)."""
     messages: list[dict[str, Any]] = []
     for item in context:
+        if item.get("type") == "compaction":
+            compacted = unpack(item)
+            if compacted is not None and compacted.self_contained:
+                messages += window_messages([*(compacted.before or ()), *compacted.after])
+            continue
         if item.get("type", "message") != "message" or item.get("role") != "user":
             continue
         content = item.get("content")
@@ -143,15 +161,100 @@ def window_messages(context: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
     return messages
 
 
-def _summary_request(request: CreateRequest) -> bytes:
-    body: dict[str, Any] = {
-        "model": request.model,
-        "input": [{"type": "message", "role": "user", "content": PROMPT}],
-    }
-    if request.instructions is not None:
-        body["instructions"] = request.instructions
-    if request.previous_response_id is not None:
-        body["previous_response_id"] = request.previous_response_id
+# -- server-side compaction ---------------------------------------------------------------
+
+
+async def compacting_stream(
+    engine: Engine, turn: Turn, threshold: int
+) -> AsyncIterator[StreamItem]:
+    """A turn's model events with server-side compaction (`context_management`).
+
+    When the context (the instructions, the chain, the new input) has `threshold`
+    tokens or more, the model first summarises it: the response's first output item
+    is a self-contained compaction item (shown as it starts, with
+    `response.compaction.compacting`, and whole once the summary is written), and
+    the turn is rebased on it (`Turn.rebase`): the model then answers from the
+    compaction item alone, and the chain goes on from this response's output. Below
+    the threshold the turn is the backend's, unchanged."""
+    await turn.count_input_tokens_off_loop()
+    turn.count_input_tokens()
+    tokens = engine.context_tokens(turn.view) + engine.instruction_tokens(turn.request.instructions)
+    if tokens >= threshold:
+        item_id = ids.new_id("cmp")
+        started = {"id": item_id, "type": "compaction", "encrypted_content": ""}
+        compacting = {"type": "response.compaction.compacting", "item_id": item_id}
+        yield [HostedCallStart(_dumps(started)), HostedCallEvent(_dumps(compacting))]
+        item = await _self_contained(engine, turn, item_id)
+        engine.metrics.count_compaction()
+        yield OutputItem(_dumps(item))
+        turn.rebase(Items.from_objects([item]))
+    stream = engine.backend.stream(turn.context())
+    try:
+        async for batch in stream:
+            yield batch
+    finally:
+        await _close(stream)
+
+
+async def _self_contained(engine: Engine, turn: Turn, item_id: str) -> dict[str, Any]:
+    """The compaction item that stands for a turn's whole context: the model's
+    summary of it, the user messages before the summary, and after it the last
+    response's output and this turn's input as they are (a tool call and the output
+    that answers it stay together; a compaction item among them is left out, the
+    summary covers it, and the user messages it holds go before)."""
+    ask = parse_client_message(
+        _summary_request(turn.request.model, turn.request.instructions), websocket=False
+    )
+    assert isinstance(ask, CreateRequest), ask
+    extra = turn.items.concat(Items.from_objects([_prompt_message()]))
+    cache = engine.cache
+    binding = turn.binding
+    if binding is not None:
+        view = binding.view(extra, tokenize=False)
+        kept = min(binding.info().output_items, turn.view.items - len(turn.items))
+    else:
+        view = cache.view(
+            None, owner=turn.owner, connection=turn.connection, extra=extra, tokenize=False
+        )
+        kept = 0
+    context = TurnContext(
+        response_id=ids.response_id(),
+        model=turn.request.model,
+        request=ask,
+        view=view,
+        new_items=len(extra),
+        cached_tokens=turn.cached_tokens,
+        previous_response_id=turn.chain_parent_id,
+        input=extra,
+    )
+    summary, _report = await _summarise(engine, context)
+    items = turn.view.objects()
+    split = len(items) - kept - len(turn.items)
+    tail = items[split:]
+    after = [item for item in tail if item.get("type") != "compaction"]
+    # The user messages of the compaction items left out of `after` stay too.
+    folded = [item for item in tail if item.get("type") == "compaction"]
+    before = window_messages([*items[:split], *folded])
+    content = encode_content(summary, before=before, after=after)
+    return {"id": item_id, "type": "compaction", "encrypted_content": content}
+
+
+def _prompt_message() -> dict[str, Any]:
+    return {"type": "message", "role": "user", "content": PROMPT}
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _summary_request(
+    model: str, instructions: str | None, previous_response_id: str | None = None
+) -> bytes:
+    body: dict[str, Any] = {"model": model, "input": [_prompt_message()]}
+    if instructions is not None:
+        body["instructions"] = instructions
+    if previous_response_id is not None:
+        body["previous_response_id"] = previous_response_id
     return json.dumps(body).encode()
 
 
@@ -159,15 +262,27 @@ async def _summarise(engine: Engine, turn: TurnContext) -> tuple[str, UsageRepor
     """Run the summary turn on the backend: its text, and the backend's usage."""
     parts: list[str] = []
     report: UsageReport | None = None
-    async for batch in engine.backend.stream(turn):
-        for event in batch if isinstance(batch, list) else (batch,):
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            elif isinstance(event, UsageReport):
-                report = event
-            elif isinstance(event, TurnFailed):
-                raise event.error
+    stream = engine.backend.stream(turn)
+    try:
+        async for batch in stream:
+            for event in batch if isinstance(batch, list) else (batch,):
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                elif isinstance(event, UsageReport):
+                    report = event
+                elif isinstance(event, TurnFailed):
+                    raise event.error
+    finally:
+        await _close(stream)
     summary = "".join(parts)
     if not summary.strip():
         raise errors.model_failed("The model wrote no summary of the context to compact it.")
     return summary, report
+
+
+async def _close(stream: AsyncIterator[StreamItem]) -> None:
+    """Stop a backend's stream now, not when it is collected (`Backend.stream` promises
+    an async iterator; only generators have `aclose`)."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()

@@ -1,14 +1,27 @@
 """Compaction items made by warmsocket, and how a model reads them.
 
 A compaction item made here (`warmsocket.compaction`) carries the model's summary
-in `encrypted_content` as `wsc1.` and the base64url of ``{"summary": TEXT}``. It is
-opaque to clients but not encrypted: it holds nothing the client did not send or
-get back already. When it comes back in a context, every backend sees it as the
-user message `SUMMARY_HEADER` + summary, in its place (`expanded`): a chat upstream
-as a `user` message, a Responses upstream as a `message` item, the built-in model
-in its transcript. A compaction item another server made (OpenAI's) is passed to a
-Responses upstream as it came, which may be the server that made it; a chat
-upstream cannot read it and is refused it (`foreign_compaction`).
+in `encrypted_content` as `wsc1.` and the base64url of a JSON object. It is opaque
+to clients but not encrypted: it holds nothing the client did not send or get back
+already. Two kinds:
+
+* *in place* (``{"summary": TEXT}``), from `POST /v1/responses/compact`: the window's
+  user messages stand before it in the context, and it stands for the rest;
+* *self-contained* (``{"summary": TEXT, "before": [...], "after": [...]}``), from
+  server-side compaction (`context_management`): it stands for the whole context
+  before it, so a context starts at the last one (a client that re-sends its
+  history may drop what precedes it, as OpenAI advises). `before` holds the user
+  messages the summary follows, `after` the items kept verbatim after it (the last
+  response's output and the input that answered it, so a tool call and its output
+  stay together).
+
+When one comes back in a context, every backend reads it expanded (`expanded_items`):
+its `before` messages, the user message `SUMMARY_HEADER` + summary, its `after`
+items. A chat upstream gets them as messages, a Responses upstream as items
+(`expand_items_json`), the built-in model in its transcript. A compaction item
+another server made (OpenAI's) is passed to a Responses upstream as it came, which
+may be the server that made it; a chat upstream cannot read it and is refused it
+(`foreign_compaction`).
 """
 
 from __future__ import annotations
@@ -16,7 +29,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from warmsocket import errors
@@ -42,15 +56,40 @@ CONTENT_PREFIX = "wsc1."
 _MARKER = b'"type":"compaction"'
 
 
-def encode_content(summary: str) -> str:
-    """The `encrypted_content` of a compaction item that stands for `summary`."""
-    payload = json.dumps({"summary": summary}, ensure_ascii=False, separators=(",", ":"))
-    return CONTENT_PREFIX + base64.urlsafe_b64encode(payload.encode()).decode("ascii")
+@dataclass(frozen=True, slots=True)
+class Compacted:
+    """What a compaction item made by warmsocket stands for."""
+
+    summary: str
+    before: list[dict[str, Any]] | None
+    """The user messages before the summary; None for an in-place item."""
+    after: list[dict[str, Any]]
+    """The items kept verbatim after the summary (none for an in-place item)."""
+
+    @property
+    def self_contained(self) -> bool:
+        return self.before is not None
 
 
-def summary_of(item: Mapping[str, Any]) -> str | None:
-    """The summary a compaction item made by warmsocket stands for; None for any
-    other item, and for a compaction item another server made."""
+def encode_content(
+    summary: str,
+    *,
+    before: list[dict[str, Any]] | None = None,
+    after: list[dict[str, Any]] | None = None,
+) -> str:
+    """The `encrypted_content` of a compaction item that stands for `summary`:
+    in place, or with `before` self-contained."""
+    payload: dict[str, Any] = {"summary": summary}
+    if before is not None:
+        payload["before"] = before
+        payload["after"] = after or []
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return CONTENT_PREFIX + base64.urlsafe_b64encode(text.encode()).decode("ascii")
+
+
+def unpack(item: Mapping[str, Any]) -> Compacted | None:
+    """What a compaction item made by warmsocket stands for; None for any other
+    item, and for a compaction item another server made."""
     if item.get("type") != "compaction":
         return None
     content = item.get("encrypted_content")
@@ -60,18 +99,68 @@ def summary_of(item: Mapping[str, Any]) -> str | None:
         payload = json.loads(base64.urlsafe_b64decode(content[len(CONTENT_PREFIX) :]))
     except (ValueError, binascii.Error):
         return None
-    summary = payload.get("summary") if isinstance(payload, dict) else None
-    return summary if isinstance(summary, str) else None
-
-
-def expanded(item: Mapping[str, Any]) -> dict[str, Any] | None:
-    """A compaction item made by warmsocket as the user message the model reads in
-    its place (Responses input form); None for any other item."""
-    summary = summary_of(item)
-    if summary is None:
+    if not isinstance(payload, dict) or not isinstance(payload.get("summary"), str):
         return None
+    before, after = payload.get("before"), payload.get("after", [])
+    if not _item_list(after) or (before is not None and not _item_list(before)):
+        return None
+    return Compacted(payload["summary"], before, after)
+
+
+def _item_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+
+
+def summary_of(item: Mapping[str, Any]) -> str | None:
+    """The summary of a compaction item made by warmsocket (None for any other)."""
+    compacted = unpack(item)
+    return None if compacted is None else compacted.summary
+
+
+def summary_message(summary: str) -> dict[str, Any]:
+    """The user message a model reads a summary as."""
     text = SUMMARY_HEADER + summary
     return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+
+
+def expanded_items(item: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """A compaction item made by warmsocket as the items the model reads in its place
+    (Responses input form): its `before` messages, the summary as a user message, its
+    `after` items. None for any other item."""
+    compacted = unpack(item)
+    if compacted is None:
+        return None
+    return [*(compacted.before or ()), summary_message(compacted.summary), *compacted.after]
+
+
+def expand_context(
+    items: Iterable[dict[str, Any]], *, summary_as_item: bool = False
+) -> list[dict[str, Any]]:
+    """A context with warmsocket's compaction items expanded in place
+    (`expanded_items`); with `summary_as_item` each summary stays an in-place
+    compaction item (the built-in model's transcript shows it as one)."""
+    out: list[dict[str, Any]] = []
+    for item in items:
+        compacted = unpack(item) if item.get("type") == "compaction" else None
+        if compacted is None:
+            out.append(item)
+            continue
+        out += compacted.before or ()
+        if summary_as_item:
+            out.append(
+                {"type": "compaction", "encrypted_content": encode_content(compacted.summary)}
+            )
+        else:
+            out.append(summary_message(compacted.summary))
+        out += compacted.after
+    return out
+
+
+def starts_context(item_json: bytes) -> bool:
+    """Whether an item is a self-contained compaction item made by warmsocket: the
+    context starts at it."""
+    compacted = unpack(json.loads(item_json))
+    return compacted is not None and compacted.self_contained
 
 
 def foreign_compaction() -> errors.APIError:
@@ -86,8 +175,8 @@ def foreign_compaction() -> errors.APIError:
 def expand_items_json(data: bytes) -> bytes:
     """Items as canonical JSON text, as the cache keeps them (an array, or the
     comma-joined items of one, with or without a leading comma), with warmsocket's
-    compaction items replaced by `expanded`; every other item keeps its bytes. Costs
-    one search of `data` when it holds no compaction item."""
+    compaction items replaced by `expanded_items`; every other item keeps its bytes.
+    Costs one search of `data` when it holds no compaction item."""
     if _MARKER not in data:
         return data
     array = data.startswith(b"[")
@@ -98,9 +187,14 @@ def expand_items_json(data: bytes) -> bytes:
     for index in range(len(items)):
         raw = items.item_json(index)
         if items.item_meta(index).type == "compaction":
-            message = expanded(json.loads(raw))
-            if message is not None:
-                raw = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+            expansion = expanded_items(json.loads(raw))
+            if expansion is not None:
+                parts += (_dumps(item) for item in expansion)
+                continue
         parts.append(raw)
     joined = b",".join(parts)
     return b"[" + joined + b"]" if array else lead + joined
+
+
+def _dumps(item: Mapping[str, Any]) -> bytes:
+    return json.dumps(item, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode()

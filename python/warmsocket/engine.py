@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -49,6 +49,7 @@ from warmsocket.backends.base import (
     OutputItem,
     ReasoningDelta,
     ReasoningStart,
+    StreamItem,
     TextAnnotation,
     TextDelta,
     ToolArgumentsDelta,
@@ -57,6 +58,8 @@ from warmsocket.backends.base import (
     TurnFailed,
     UsageReport,
 )
+from warmsocket.compaction import compacting_stream
+from warmsocket.compaction_items import starts_context
 from warmsocket.errors import APIError
 from warmsocket.metrics import Metrics
 
@@ -310,11 +313,18 @@ class Engine:
         instructions = instructions_key(request.instructions)
         # Parsing validated the input and made it Items (within the cache's item limit).
         input_items = request.input if prepend is None else prepend.concat(request.input)
+        previous_response_id = request.previous_response_id
+        start = input_items.last_of_type("compaction")
+        if start is not None and starts_context(input_items.item_json(start)):
+            # Server-side compaction's item stands for everything before it: the
+            # context starts there (a new chain), whatever came before it.
+            input_items = input_items.slice(start)
+            previous_response_id = None
         cache = self.cache
         binding: Binding | None = None
         # The new items are tokenised later (`Turn.count_input_tokens`), not here: an
         # upstream request does not need their tokens, so it need not wait for them.
-        if request.previous_response_id is None and self.prefix_diffing:
+        if previous_response_id is None and self.prefix_diffing:
             # Match a re-sent history: only the suffix will be tokenised. With store=true,
             # against stored chains only: built on a connection-local (store=false) one,
             # the response would be connection-local too (the taint rule) and not stored,
@@ -329,14 +339,14 @@ class Engine:
         else:
             items = input_items
 
-        if request.previous_response_id is not None:
+        if previous_response_id is not None:
             try:
                 binding = cache.bind(
-                    request.previous_response_id, owner=owner, connection=lookup_connection
+                    previous_response_id, owner=owner, connection=lookup_connection
                 )
             except _core.ResponseNotFound:
                 self.metrics.cache_lookup(hit=False)
-                raise errors.previous_response_not_found(request.previous_response_id) from None
+                raise errors.previous_response_not_found(previous_response_id) from None
             self.metrics.cache_lookup(hit=True)
 
         chain_parent: str | None = None
@@ -350,7 +360,7 @@ class Engine:
                 # rendering, upstream response) by the parent. A matched parent is
                 # shown to them only when the prompt continues it: with other
                 # instructions the request is a new prompt for the upstream.
-                if request.previous_response_id is not None or same_prompt:
+                if previous_response_id is not None or same_prompt:
                     chain_parent = binding.response_id
             else:
                 view = cache.view(
@@ -432,6 +442,14 @@ class Engine:
         prefix = parent.tokens if self.caches_tokens else self.context_tokens(binding.view())
         return prefix + self.instruction_tokens(request.instructions)
 
+    def model_stream(self, turn: Turn) -> AsyncIterator[StreamItem]:
+        """The model events of a turn: the backend's, after a server-side compaction
+        when the request asks for one and its context has reached the threshold
+        (`compaction.compacting_stream`)."""
+        if turn.request.compact_threshold is None:
+            return self.backend.stream(turn.context())
+        return compacting_stream(self, turn, turn.request.compact_threshold)
+
     def successor_request(self, target: Turn, steer_items: Items) -> CreateRequest:
         """The automatic successor of a steered response: same settings, steering as input."""
         return target.request.successor(steer_items, target.response_id)
@@ -503,6 +521,8 @@ class Turn:
         )
         # Item .done events produced before storing failed: sent with the failure.
         self._unsent = b""
+        # Rebased on connection-local state (`rebase`): kept connection-local.
+        self._local_only = False
 
     @property
     def parent_id(self) -> str | None:
@@ -697,6 +717,23 @@ class Turn:
         self._finish("failed")
         return frames
 
+    def rebase(self, start: Items) -> None:
+        """Server-side compaction: the response starts a new chain. The model reads
+        `start` (the compaction item) as its whole context, and the response is
+        stored as a root with no input of its own: its output, the compaction item
+        first, is where the chain continues. Built on a connection-local chain, it
+        stays connection-local, whatever its `store`."""
+        self.count_input_tokens()
+        binding = self.binding
+        if binding is not None:
+            self._local_only = binding.info().connection is not None
+            self.release()
+        cache = self.engine.cache
+        self.items = start.slice(0, 0)
+        self.view = cache.view(None, owner=self.owner, connection=self.connection, extra=start)
+        self.cached_tokens = 0
+        self.chain_parent_id = None
+
     def release(self) -> None:
         if self.binding is not None:
             self.binding.release()
@@ -722,7 +759,7 @@ class Turn:
                 previous_response_id=self.binding,
                 settings=self.request.settings_json,
                 meta=meta,
-                store=self.request.store,
+                store=self.request.store and not self._local_only,
                 connection=self.connection,
             )
         except _core.TokenizerError as exc:

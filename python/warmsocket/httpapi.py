@@ -475,7 +475,7 @@ async def run_turn(
     engine = turn.engine
     failure: APIError | None = None
     await turn.count_input_tokens_off_loop()  # a large input, not on the event loop
-    stream = engine.backend.stream(turn.context())
+    stream = engine.model_stream(turn)
     try:
         async for item in stream:
             events = item if isinstance(item, list) else (item,)

@@ -40,7 +40,8 @@ state handling is right. Read from the newest user message:
 * the compaction prompt (``warmsocket.compaction_items.PROMPT``, the whole message):
   the transcript of the context before it, without instructions, as the summary
   (a compaction item made by warmsocket shows in a transcript as
-  ``compaction: <its summary>``)
+  ``compaction: <its summary>``; a summary given as a user message is not what the
+  user asks: the newest user message is the one before it)
 
 The simulated upstream (`warmsocket simulate-upstream`) answers with the same rules.
 """
@@ -54,7 +55,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from warmsocket.compaction_items import PROMPT, summary_of
+from warmsocket.compaction_items import PROMPT, SUMMARY_HEADER, summary_of
 
 _WORD_RE = re.compile(r"\s*\S+")
 MAX_SLEEP_MS = 600_000
@@ -109,7 +110,7 @@ def plan_reply(
     (the request's custom tools) only for ``/custom``, `tool_types` (the types of
     its tools) only for ``/search``.
     """
-    user_index = _last_user_message(tail)
+    user_index = last_user_message(tail)
     if user_index is None:
         return Reply("text", "Nothing to answer: the context has no user message.")
     text = message_text(tail[user_index])
@@ -340,10 +341,16 @@ def argument_deltas(arguments: str, parts: int = 3) -> list[str]:
     return [arguments[i : i + size] for i in range(0, len(arguments), size)]
 
 
-def _last_user_message(items: Sequence[dict[str, Any]]) -> int | None:
+def last_user_message(items: Sequence[dict[str, Any]]) -> int | None:
+    """The index of the newest user message that is not a compaction's summary (read
+    as context, not as what the user asks)."""
     for index in range(len(items) - 1, -1, -1):
         item = items[index]
-        if item.get("type", "message") == "message" and item.get("role") == "user":
+        if (
+            item.get("type", "message") == "message"
+            and item.get("role") == "user"
+            and not message_text(item).startswith(SUMMARY_HEADER)
+        ):
             return index
     return None
 

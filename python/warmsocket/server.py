@@ -954,8 +954,14 @@ class Connection(asyncio.Protocol):
         wait for all of it: a turn took ~15 % longer end to end).
         """
         immediate = self._immediate
-        if immediate is None or turn.tokenize_off_loop:
-            return False  # (a large input is tokenised off the loop, in the model task)
+        if (
+            immediate is None
+            or turn.tokenize_off_loop
+            or turn.request.compact_threshold is not None
+        ):
+            # (a large input is tokenised off the loop, in the model task; a turn that
+            # may be compacted runs there too)
+            return False
         self._flush()  # what came before this action: `response.created`, ...
         try:
             events = immediate(turn.context())
@@ -1015,13 +1021,13 @@ class Connection(asyncio.Protocol):
         session.model_error(turn)
 
     async def _run_model(self, session: ResponsesSession, turn: Turn) -> None:
-        backend = self.server.engine.backend
+        engine = self.server.engine
         stream: AsyncIterator[StreamItem] | None = None
         try:
             if turn.tokenize_off_loop:
                 self._flush()  # `response.created` goes out while the input is tokenised
                 await turn.count_input_tokens_off_loop()
-            stream = backend.stream(turn.context())
+            stream = engine.model_stream(turn)
             async for event in stream:
                 if type(event) is list:
                     session.model_events(turn, event)

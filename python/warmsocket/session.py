@@ -543,6 +543,14 @@ class ResponsesSession:
                 )
             self._steer_failed(target_id, raw_input, error, None)
             return
+        if turn.request.compact_threshold is not None:
+            error = errors.steer_error(
+                "steering_not_supported",
+                "A response with server-side compaction (context_management) cannot be "
+                "steered: send the input as the next response.create.",
+            )
+            self._steer_failed(target_id, json.loads(steer.input_json), error, turn)
+            return
         if len(turn.steers) >= self.limits.max_pending_steers:
             error = errors.steer_error(
                 "too_many_pending_steers",

@@ -11,8 +11,9 @@ Request side, in order:
   assistant message right before them (text then calls, or parallel calls), else a
   new assistant message with `content: null`;
 * `function_call_output` items -> `tool` messages (`tool_call_id` = `call_id`);
-* a compaction item made by warmsocket -> a `user` message with its summary
-  (`warmsocket.compaction_items`); one another server made cannot be read: 400;
+* a compaction item made by warmsocket -> the messages of what it stands for, its
+  summary as a `user` message (`warmsocket.compaction_items`); one another server
+  made cannot be read: 400;
 * other items (reasoning, hosted tools) have no chat form and are left out;
 * function tools -> `{"type": "function", "function": {...}}`; other tools are left
   out; `tool_choice` and `parallel_tool_calls` follow, only when tools remain;
@@ -44,7 +45,7 @@ from warmsocket.backends.base import (
     ToolCallStart,
     UsageReport,
 )
-from warmsocket.compaction_items import expanded, foreign_compaction
+from warmsocket.compaction_items import expanded_items, foreign_compaction
 from warmsocket.response_stream import dumps
 from warmsocket.sse import SSEDecoder
 from warmsocket.upstream import (
@@ -90,10 +91,10 @@ def chat_messages(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 }
             )
         elif kind == "compaction":
-            message = expanded(item)
-            if message is None:
+            expansion = expanded_items(item)
+            if expansion is None:
                 raise foreign_compaction()
-            out.append({"role": "user", "content": message["content"][0]["text"]})
+            out += chat_messages(expansion)
     return out
 
 

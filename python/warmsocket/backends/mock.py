@@ -21,6 +21,7 @@ from warmsocket.backends.base import (
     TurnContext,
     TurnFailed,
 )
+from warmsocket.compaction_items import expand_context
 
 READY_BATCH = 256
 """Events of a ready answer handed to the server at once: more wait for the
@@ -75,11 +76,16 @@ class MockBackend:
 
     def _plan(self, turn: TurnContext) -> mockmodel.Reply:
         tail: list[dict[str, Any]] = small_json.loads(turn.view.tail(from_last_role="user"))
+        if tail and tail[0].get("type") == "compaction":
+            # No user message after a compaction item that starts the context: read
+            # the messages it stands for.
+            tail = expand_context(tail, summary_as_item=True)
+            tail = tail[mockmodel.last_user_message(tail) or 0 :]
         return mockmodel.plan_reply(
             tail,
             function_names=turn.function_names,
             instructions=turn.instructions,
-            full_context=lambda: json.loads(turn.view.json()),
+            full_context=lambda: expand_context(json.loads(turn.view.json()), summary_as_item=True),
             custom_names=lambda: mockmodel.custom_tool_names(turn.settings.get("tools")),
             tool_types=lambda: mockmodel.tool_types(turn.settings.get("tools")),
         )

@@ -289,12 +289,7 @@ def plan(
     items: Sequence[dict[str, Any]], *, tools: Any, instructions: str | None
 ) -> mockmodel.Reply:
     """The built-in model's reply to this context."""
-    start = 0
-    for index in range(len(items) - 1, -1, -1):
-        item = items[index]
-        if item.get("type", "message") == "message" and item.get("role") == "user":
-            start = index
-            break
+    start = mockmodel.last_user_message(items) or 0
     return mockmodel.plan_reply(
         items[start:],
         function_names=function_names(tools),

@@ -1,0 +1,233 @@
+"""Server-side compaction (`context_management`): a turn whose context reaches the
+threshold starts with a self-contained compaction item, the model answers from it,
+the chain goes on from it (by id, or re-sent whole), and it is never stored more
+widely than the state it was made from."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2 as httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.support import (
+    FUNCTION_TOOLS,
+    RunningServer,
+    WSClient,
+    check_sequence,
+    output_text,
+    running_server,
+)
+from warmsocket import errors
+from warmsocket.backends.base import StreamItem, TurnContext, TurnFailed
+from warmsocket.backends.mock import MockBackend
+from warmsocket.compaction_items import PROMPT, SUMMARY_HEADER, Compacted, unpack
+
+MODEL = "warmsocket-mock"
+THRESHOLD = 300
+COMPACT = [{"type": "compaction", "compact_threshold": THRESHOLD}]
+LONG = " ".join(f"word{i}" for i in range(400))  # past the threshold on its own
+
+
+def compacted_item(item: dict[str, Any]) -> Compacted:
+    compacted = unpack(item)
+    assert compacted is not None and compacted.self_contained, item
+    return compacted
+
+
+def texts(messages: list[dict[str, Any]]) -> list[str]:
+    return [
+        content if isinstance(content, str) else "".join(part["text"] for part in content)
+        for content in (message["content"] for message in messages)
+    ]
+
+
+def in_place(server: RunningServer, summary: str) -> str:
+    """How a transcript shows a summary: the built-in model reads the item; an
+    upstream got a user message."""
+    if server.server.engine.backend.name == "mock":
+        return "compaction: " + summary
+    return "user: " + SUMMARY_HEADER + summary
+
+
+def test_a_chain_compacts_at_the_threshold_over_websocket(any_backend: RunningServer) -> None:
+    with WSClient(any_backend.ws_url) as ws:
+        first = ws.turn(input="Start the task.", context_management=COMPACT)
+        assert [item["type"] for item in first[-1]["response"]["output"]] == ["message"]
+        first_id = first[-1]["response"]["id"]
+        second = ws.turn(input=LONG, previous_response_id=first_id, context_management=COMPACT)
+        check_sequence(second)
+        added, compacting, done = second[2:5]
+        assert [added["type"], compacting["type"], done["type"]] == [
+            "response.output_item.added",
+            "response.compaction.compacting",
+            "response.output_item.done",
+        ]
+        item_id = added["item"]["id"]
+        assert added["item"]["type"] == "compaction" and added["output_index"] == 0
+        assert (compacting["item_id"], compacting["output_index"]) == (item_id, 0)
+        assert done["item"]["id"] == item_id and done["output_index"] == 0
+        compacted = compacted_item(done["item"])
+        # The user messages before the summary; the last response's output and this
+        # turn's input kept as they are after it.
+        assert texts(compacted.before or []) == ["Start the task."]
+        assert [item["role"] for item in compacted.after] == ["assistant", "user"]
+        assert texts(compacted.after) == ["You said: Start the task.", LONG]
+        assert "user: Start the task." in compacted.summary
+        # The model answered from the compaction item; the response holds both.
+        response = second[-1]["response"]
+        assert [item["type"] for item in response["output"]] == ["compaction", "message"]
+        assert response["output"][0] == done["item"]
+        assert output_text(second) == "You said: " + LONG
+        assert response["previous_response_id"] == first_id
+        # The chain goes on from the compaction item: what came before is not re-read.
+        third = ws.turn(input="/transcript", previous_response_id=response["id"])
+    assert output_text(third) == "\n".join(
+        [
+            "user: Start the task.",
+            in_place(any_backend, compacted.summary),
+            "assistant: You said: Start the task.",
+            f"user: {LONG}",
+            f"assistant: You said: {LONG}",
+            "user: /transcript",
+        ]
+    )
+
+
+def test_below_the_threshold_nothing_changes(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        events = ws.turn(input="hello", context_management=COMPACT)
+        again = ws.turn(
+            input="/transcript",
+            previous_response_id=events[-1]["response"]["id"],
+            context_management=[{"type": "compaction"}],  # the default threshold: 100k
+        )
+    assert [event["type"] for event in events].count("response.compaction.compacting") == 0
+    assert output_text(again) == "user: hello\nassistant: You said: hello\nuser: /transcript"
+
+
+def test_a_resent_history_starts_at_the_compaction_item(server: RunningServer) -> None:
+    """The stateless pattern (store=false, the whole history every turn): the server
+    reads the context from the last compaction item on, as OpenAI tells such clients
+    to cut it themselves."""
+    sdk = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+    history: list[Any] = [{"role": "user", "content": "Start the task."}]
+    first = sdk.responses.create(
+        model=MODEL, input=history, store=False, context_management=COMPACT
+    )
+    history += [item.model_dump(exclude_none=True) for item in first.output]
+    history.append({"role": "user", "content": LONG})
+    second = sdk.responses.create(
+        model=MODEL, input=history, store=False, context_management=COMPACT
+    )
+    assert [item.type for item in second.output] == ["compaction", "message"]
+    history += [item.model_dump(exclude_none=True) for item in second.output]
+    history.append({"role": "user", "content": "/transcript"})
+    third = sdk.responses.create(model=MODEL, input=history, store=False)
+    sdk.close()
+    summary = compacted_item(history[3]).summary
+    assert third.output_text.splitlines()[:2] == [
+        "user: Start the task.",
+        "compaction: user: Start the task.",
+    ]
+    assert third.output_text.endswith(
+        f"user: {LONG}\nassistant: You said: {LONG}\nuser: /transcript"
+    )
+    assert third.output_text.count("user: Start the task.") == 2  # the line and the summary's
+    assert summary.splitlines()[0] == "user: Start the task."
+
+
+def test_a_compacting_response_cannot_be_steered(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        ws.create(input="/sleep 300\nhello", context_management=COMPACT)
+        rid = ws.recv()["response"]["id"]
+        ws.send({"type": "response.steer", "previous_response_id": rid, "input": "faster"})
+        events = ws.until_terminal()
+    failed = next(event for event in events if event["type"] == "response.steer.failed")
+    assert failed["error"]["code"] == "steering_not_supported"
+    assert failed["steer"]["input"] == "faster"
+    assert output_text(events) == "You said: /sleep 300\nhello"
+
+
+def test_compaction_of_unstored_state_is_not_stored(server: RunningServer) -> None:
+    """A stored response built on connection-local (store=false) state stays on the
+    connection; compaction makes a new chain, which must not change that."""
+    with WSClient(server.ws_url) as ws:
+        local = ws.turn(input="a secret plan", store=False)
+        compacted = ws.turn(
+            input=LONG,
+            previous_response_id=local[-1]["response"]["id"],
+            context_management=COMPACT,
+        )
+        rid = compacted[-1]["response"]["id"]
+        assert compacted[-1]["response"]["output"][0]["type"] == "compaction"
+        with httpx.Client(base_url=server.base_url) as http:
+            assert http.get(f"responses/{rid}").status_code == 404
+        again = ws.turn(input="/transcript", previous_response_id=rid)
+    assert output_text(again).startswith("user: a secret plan\ncompaction: ")
+
+
+def test_a_stored_compacted_response_is_retrievable(server: RunningServer) -> None:
+    sdk = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+    first = sdk.responses.create(model=MODEL, input="Start.", tools=FUNCTION_TOOLS)  # type: ignore[arg-type]
+    second = sdk.responses.create(
+        model=MODEL, input=LONG, previous_response_id=first.id, context_management=COMPACT
+    )
+    stored = sdk.responses.retrieve(second.id)
+    assert [item.type for item in stored.output] == ["compaction", "message"]
+    # Its own input went into the compaction item: the chain starts there.
+    assert sdk.responses.input_items.list(second.id).data == []
+    # A window made from it keeps the user messages the item holds.
+    window = sdk.responses.compact(model=MODEL, previous_response_id=second.id)
+    user_texts = [
+        part.text
+        for item in window.output
+        if item.type == "message"
+        for part in item.content  # type: ignore[union-attr]
+    ]
+    assert user_texts == ["Start.", LONG]
+    try:
+        sdk.responses.create(model=MODEL, input="x", previous_response_id=second.id)
+    except openai.APIError as error:  # pragma: no cover - a failure to report
+        raise AssertionError(error) from None
+    finally:
+        sdk.close()
+
+
+class SummaryFails(MockBackend):
+    """The built-in model, failing whenever it is asked for a summary."""
+
+    async def stream(self, turn: TurnContext) -> AsyncIterator[StreamItem]:
+        if PROMPT.encode() in turn.view.tail():
+            yield TurnFailed(errors.model_failed())
+            return
+        async for item in super().stream(turn):
+            yield item
+
+
+def test_a_failed_summary_fails_the_response_and_keeps_the_chain() -> None:
+    with running_server(backend=SummaryFails()) as server, WSClient(server.ws_url) as ws:
+        first = ws.turn(input="Start the task.")
+        first_id = first[-1]["response"]["id"]
+        failed = ws.turn(input=LONG, previous_response_id=first_id, context_management=COMPACT)
+        assert [event["type"] for event in failed][2:4] == [
+            "response.output_item.added",
+            "response.compaction.compacting",
+        ]
+        assert failed[-1]["type"] == "response.failed"
+        assert failed[-1]["response"]["error"]["code"] == "server_error"
+        # Nothing of the failed turn is kept; the chain it continued is as it was.
+        again = ws.turn(input="/transcript", previous_response_id=first_id)
+        assert output_text(again) == (
+            "user: Start the task.\nassistant: You said: Start the task.\nuser: /transcript"
+        )
+        sdk = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+        parent = sdk.responses.create(model=MODEL, input="Start the task.")
+        with pytest.raises(openai.APIStatusError) as refused:
+            sdk.responses.compact(model=MODEL, previous_response_id=parent.id)
+        sdk.close()
+    assert refused.value.status_code == 500
+    assert "The model failed" in refused.value.message
