@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from warmsocket import _core
 from warmsocket import _reference_tokens as ref
+from warmsocket.compaction_items import encode_content
 
 SAMPLE = "Hello, world! <|endoftext|> naïve 12345 東京\n\n  def f(x):\n\treturn x"
 KNOWN_IDS = {
@@ -385,8 +386,27 @@ items = st.one_of(
 )
 
 
+def _compaction(summary: str, before: list[Any] | None, after: list[Any], spoil: int) -> Any:
+    content = encode_content(summary, before=before, after=after)
+    if spoil == 1:  # not base64
+        content = content[:-2] + "!" + content[-1:]
+    elif spoil == 2:  # another server's
+        content = "gAAAA" + content[5:]
+    return {"type": "compaction", "encrypted_content": content, "id": "cmp_1"}
+
+
+# warmsocket's compaction items (in place and self-contained), and spoilt ones.
+compactions = st.builds(
+    _compaction,
+    texts,
+    st.none() | st.lists(items, max_size=2),
+    st.lists(items, max_size=2),
+    st.sampled_from([0, 0, 1, 2]),
+)
+
+
 @PROPERTY
-@given(item=items)
+@given(item=items | compactions)
 def test_item_tokens_match_the_reference(o200k: _core.Tokenizer, item: dict[str, Any]) -> None:
     data = canonical(item)
     expected = ref.framed_tokens(

@@ -10,6 +10,8 @@ extra), not a re-implementation.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -102,6 +104,8 @@ def _known(item: dict[str, Any]) -> tuple[str, list[str]] | None:
         if not isinstance(call_id, str) or parts is None:
             return None
         return "tool", [f"{call_id}\n", *parts]
+    if kind == "compaction":
+        return _compaction(item.get("encrypted_content"))
     if kind == "reasoning":
         segments: list[str] = []
         for field in ("summary", "content"):
@@ -117,6 +121,28 @@ def _known(item: dict[str, Any]) -> tuple[str, list[str]] | None:
             segments.append(_marker("encrypted_content", encrypted))
         return "reasoning", segments
     return None
+
+
+def _compaction(content: Any) -> tuple[str, list[str]] | None:
+    """A compaction item made by warmsocket: the segments of what it stands for."""
+    if not isinstance(content, str) or not content.startswith("wsc1."):
+        return None
+    try:
+        encoded = content[len("wsc1.") :]
+        payload = json.loads(base64.b64decode(encoded, altchars=b"-_", validate=True))
+    except (ValueError, binascii.Error):
+        return None
+    if not isinstance(payload, dict) or not isinstance(payload.get("summary"), str):
+        return None
+    nested: dict[str, list[str]] = {}
+    for name in ("before", "after"):
+        items = payload.get(name, [])
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            return None
+        nested[name] = [
+            segment for i in items for segment in render_item(_canonical(i).encode())[1]
+        ]
+    return "user", [*nested["before"], payload["summary"], *nested["after"]]
 
 
 def render_item(item_json: bytes) -> tuple[str, list[str]]:

@@ -96,7 +96,8 @@ def unpack(item: Mapping[str, Any]) -> Compacted | None:
     if not isinstance(content, str) or not content.startswith(CONTENT_PREFIX):
         return None
     try:
-        payload = json.loads(base64.urlsafe_b64decode(content[len(CONTENT_PREFIX) :]))
+        encoded = content[len(CONTENT_PREFIX) :]
+        payload = json.loads(base64.b64decode(encoded, altchars=b"-_", validate=True))
     except (ValueError, binascii.Error):
         return None
     if not isinstance(payload, dict) or not isinstance(payload.get("summary"), str):

@@ -101,7 +101,7 @@ class Metrics:
         self.prefix_matched_items += items
 
     def count_compaction(self) -> None:
-        """A context was compacted (`POST /v1/responses/compact`)."""
+        """A context was compacted (`POST /v1/responses/compact`, or server-side)."""
         self.compactions += 1
 
     def count_error(self, code: str) -> None:
@@ -196,7 +196,8 @@ class Metrics:
         family(
             "warmsocket_compactions_total",
             "counter",
-            "Contexts compacted (POST /v1/responses/compact), each a summary by the model.",
+            "Contexts compacted (POST /v1/responses/compact, or server-side for "
+            "context_management), each summarised by the model.",
         )
         lines.append(f"warmsocket_compactions_total {self.compactions}")
         family(

@@ -22,6 +22,7 @@
 //! | `function_call` with string `name`, `arguments`, `call_id` | `assistant` | `"{name} {call_id}\n"`, `arguments` |
 //! | `function_call_output` with string `call_id`, `output` a string or an array | `tool` | `"{call_id}\n"`, then `output` like message content |
 //! | `reasoning`; `summary` and `content` each absent, null, a string or an array | `reasoning` | the parts of `summary`, the parts of `content`, then `"<encrypted_content {h}>"` if `encrypted_content` is a string |
+//! | `compaction` made by warmsocket: `encrypted_content` is `wsc1.` and the base64url of a JSON object with a string `summary` and, if present, arrays of objects `before` and `after` | `user` | the segments of each `before` item, `summary`, the segments of each `after` item (each item rendered by this table from its canonical JSON, its role not counted): what the model reads in its place |
 //! | anything else, or a known type with fields of the wrong shape | `type` when it is a string, else `item` | the item's JSON text exactly as given |
 //!
 //! A *part* (an element of a content array) renders as:
@@ -42,12 +43,14 @@ use std::borrow::Cow;
 use std::fmt;
 
 use serde::Deserialize;
+
+use crate::item::write_canonical;
 use serde_json::value::RawValue;
 use xxhash_rust::xxh3::xxh3_64;
 
 /// Version of the template below. Bump it on any change that alters tokens, so
 /// stored counts and block hashes (snapshots) can be recognised as stale.
-pub const TEMPLATE_VERSION: u32 = 1;
+pub const TEMPLATE_VERSION: u32 = 2;
 
 /// An item rendered as one framed message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +186,11 @@ fn render_known<'a>(f: &ItemFields<'a>) -> Option<Rendered<'a>> {
             parts(present(f.output)?, &mut segments)?;
             Cow::Borrowed("tool")
         }
+        Some("compaction") => {
+            let content = string(present(f.encrypted_content)?)?;
+            let compacted = Compacted::decode(&content)?;
+            return Some(compacted.render());
+        }
         Some("reasoning") => {
             if let Some(summary) = present(f.summary) {
                 parts(summary, &mut segments)?;
@@ -199,6 +207,77 @@ fn render_known<'a>(f: &ItemFields<'a>) -> Option<Rendered<'a>> {
         _ => return None,
     };
     Some(Rendered { role, segments })
+}
+
+/// The start of the `encrypted_content` of a compaction item made by warmsocket
+/// (`warmsocket.compaction_items`).
+const COMPACTION_PREFIX: &str = "wsc1.";
+
+/// What a compaction item made by warmsocket stands for.
+struct Compacted {
+    summary: String,
+    before: Vec<Vec<u8>>,
+    after: Vec<Vec<u8>>,
+}
+
+impl Compacted {
+    /// `None` unless `content` is warmsocket's: the prefix, base64url, a JSON object
+    /// with a string `summary` and arrays of objects (or nothing) as `before`/`after`.
+    fn decode(content: &str) -> Option<Compacted> {
+        use base64::Engine as _;
+        let encoded = content.strip_prefix(COMPACTION_PREFIX)?;
+        let payload = base64::engine::general_purpose::URL_SAFE
+            .decode(encoded)
+            .ok()?;
+        let serde_json::Value::Object(payload) = serde_json::from_slice(&payload).ok()? else {
+            return None;
+        };
+        let summary = payload.get("summary")?.as_str()?.to_owned();
+        let items = |name: &str| -> Option<Vec<Vec<u8>>> {
+            match payload.get(name) {
+                None => Some(Vec::new()),
+                Some(serde_json::Value::Array(values)) => values
+                    .iter()
+                    .map(|value| {
+                        value.is_object().then(|| {
+                            let mut json = Vec::new();
+                            write_canonical(value, &mut json);
+                            json
+                        })
+                    })
+                    .collect(),
+                Some(_) => None,
+            }
+        };
+        Some(Compacted {
+            summary,
+            before: items("before")?,
+            after: items("after")?,
+        })
+    }
+
+    fn render(self) -> Rendered<'static> {
+        let mut segments: Vec<Cow<'static, str>> = Vec::new();
+        let nested = |items: &[Vec<u8>], segments: &mut Vec<Cow<'static, str>>| {
+            for json in items {
+                if let Ok(rendered) = render_item(json) {
+                    segments.extend(
+                        rendered
+                            .segments
+                            .into_iter()
+                            .map(|s| Cow::Owned(s.into_owned())),
+                    );
+                }
+            }
+        };
+        nested(&self.before, &mut segments);
+        segments.push(Cow::Owned(self.summary));
+        nested(&self.after, &mut segments);
+        Rendered {
+            role: Cow::Borrowed("user"),
+            segments,
+        }
+    }
 }
 
 fn message<'a>(f: &ItemFields<'a>, segments: &mut Vec<Cow<'a, str>>) -> Option<Cow<'a, str>> {
@@ -258,6 +337,46 @@ mod tests {
             role.to_owned(),
             segments.iter().map(|s| (*s).to_owned()).collect(),
         )
+    }
+
+    fn compaction(payload: &str) -> String {
+        use base64::Engine as _;
+        let encoded = base64::engine::general_purpose::URL_SAFE.encode(payload);
+        format!(r#"{{"encrypted_content":"wsc1.{encoded}","id":"cmp_1","type":"compaction"}}"#)
+    }
+
+    #[test]
+    fn warmsocket_compaction_items_render_what_they_stand_for() {
+        assert_eq!(
+            r(&compaction(r#"{"summary":"all done"}"#)),
+            seg("user", &["all done"])
+        );
+        // Nested items in any key order, rendered from their canonical JSON.
+        let payload = r#"{"summary":"S","before":[{"role":"user","content":"task"}],"after":[{"type":"function_call","name":"f","call_id":"c","arguments":"{}"},{"type":"web_search_call","id":"ws","status":"completed"}]}"#;
+        assert_eq!(
+            r(&compaction(payload)),
+            seg(
+                "user",
+                &[
+                    "task",
+                    "S",
+                    "f c\n",
+                    "{}",
+                    r#"{"id":"ws","status":"completed","type":"web_search_call"}"#
+                ]
+            )
+        );
+        // Anything else is a compaction item as any unknown item: its JSON text.
+        for other in [
+            r#"{"encrypted_content":"gAAAA","type":"compaction"}"#.to_owned(),
+            r#"{"encrypted_content":"wsc1.!!","type":"compaction"}"#.to_owned(),
+            compaction(r#"{"summary":5}"#),
+            compaction(r#"{"summary":"s","before":{}}"#),
+            compaction(r#"{"summary":"s","after":[1]}"#),
+            compaction("[]"),
+        ] {
+            assert_eq!(r(&other), seg("compaction", &[&other]), "{other}");
+        }
     }
 
     #[test]
