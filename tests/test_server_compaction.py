@@ -22,9 +22,11 @@ from tests.support import (
     running_server,
 )
 from warmsocket import errors
+from warmsocket._core import Items
 from warmsocket.backends.base import StreamItem, TurnContext, TurnFailed
 from warmsocket.backends.mock import MockBackend
-from warmsocket.compaction_items import PROMPT, SUMMARY_HEADER, Compacted, unpack
+from warmsocket.compaction_items import PROMPT, SUMMARY_HEADER, Compacted, encode_content, unpack
+from warmsocket.engine import context_start
 
 MODEL = "warmsocket-mock"
 THRESHOLD = 300
@@ -231,3 +233,22 @@ def test_a_failed_summary_fails_the_response_and_keeps_the_chain() -> None:
         sdk.close()
     assert refused.value.status_code == 500
     assert "The model failed" in refused.value.message
+
+
+def test_the_context_starts_at_the_last_self_contained_item() -> None:
+    self_contained = encode_content("S", before=[], after=[])
+    in_place = encode_content("T")
+
+    def item(content: str) -> dict[str, str]:
+        return {"type": "compaction", "encrypted_content": content}
+
+    user = {"role": "user", "content": "u"}
+    cases = [
+        ([user], None),
+        ([user, item(in_place)], None),
+        ([user, item(self_contained), user], 1),
+        ([item(self_contained), user, item(self_contained), item(in_place), user], 2),
+        ([item(self_contained), {"type": "compaction", "encrypted_content": "gAAAA"}], 0),
+    ]
+    for objects, start in cases:
+        assert context_start(Items.from_objects(objects)) == start, objects

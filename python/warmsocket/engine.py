@@ -314,8 +314,8 @@ class Engine:
         # Parsing validated the input and made it Items (within the cache's item limit).
         input_items = request.input if prepend is None else prepend.concat(request.input)
         previous_response_id = request.previous_response_id
-        start = input_items.last_of_type("compaction")
-        if start is not None and starts_context(input_items.item_json(start)):
+        start = context_start(input_items)
+        if start is not None:
             # Server-side compaction's item stands for everything before it: the
             # context starts there (a new chain), whatever came before it.
             input_items = input_items.slice(start)
@@ -453,6 +453,18 @@ class Engine:
     def successor_request(self, target: Turn, steer_items: Items) -> CreateRequest:
         """The automatic successor of a steered response: same settings, steering as input."""
         return target.request.successor(steer_items, target.response_id)
+
+
+def context_start(items: Items) -> int | None:
+    """The index of the last self-contained compaction item made by warmsocket among
+    `items` (the context starts there), None when there is none. One call into Rust
+    when there is no compaction item at all."""
+    end = len(items)
+    while (found := items.slice(0, end).last_of_type("compaction")) is not None:
+        if starts_context(items.item_json(found)):
+            return found
+        end = found
+    return None
 
 
 def _reasoning_chars(item: bytes) -> int:
