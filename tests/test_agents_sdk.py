@@ -339,12 +339,8 @@ def test_agent_session_compacts_through_the_server(
 
     async def main() -> tuple[list[Any], str]:
         client = AsyncOpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
-        memory = OpenAIResponsesCompactionSession(
-            "coder",
-            SQLiteSession("coder", tmp_path / "sessions.db"),
-            client=client,
-            model="gpt-4.1",
-        )
+        store = SQLiteSession("coder", tmp_path / "sessions.db")
+        memory = OpenAIResponsesCompactionSession("coder", store, client=client, model="gpt-4.1")
         try:
             async with responses_websocket_session(
                 api_key="sk-test", base_url=server.base_url
@@ -358,6 +354,7 @@ def test_agent_session_compacts_through_the_server(
                 second = await session.run(agent, "/transcript", session=memory)
         finally:
             await client.close()
+            store.close()  # its SQLite connections (one per thread that used it)
         return kept, str(second.final_output)
 
     kept, transcript = asyncio.run(main())
