@@ -35,7 +35,7 @@ from warmsocket.backends.base import (
     UsageReport,
 )
 from warmsocket.compaction_items import PROMPT, encode_content, unpack
-from warmsocket.response_stream import usage_object
+from warmsocket.response_stream import dumps, usage_object
 from warmsocket.token_count import parse_count_request
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ async def compact(engine: Engine, request: CreateRequest, *, has_input: bool, ow
         "usage": usage_object(input_tokens, cached_tokens, output_tokens, reasoning_tokens),
     }
     engine.metrics.count_compaction()
-    return json.dumps(compacted, ensure_ascii=False, separators=(",", ":")).encode()
+    return dumps(compacted)
 
 
 def window_messages(context: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -183,10 +183,10 @@ async def compacting_stream(
         item_id = ids.new_id("cmp")
         started = {"id": item_id, "type": "compaction", "encrypted_content": ""}
         compacting = {"type": "response.compaction.compacting", "item_id": item_id}
-        yield [HostedCallStart(_dumps(started)), HostedCallEvent(_dumps(compacting))]
+        yield [HostedCallStart(dumps(started)), HostedCallEvent(dumps(compacting))]
         item = await _self_contained(engine, turn, item_id)
         engine.metrics.count_compaction()
-        yield OutputItem(_dumps(item))
+        yield OutputItem(dumps(item))
         turn.rebase(Items.from_objects([item]))
     stream = engine.backend.stream(turn.context())
     try:
@@ -241,10 +241,6 @@ async def _self_contained(engine: Engine, turn: Turn, item_id: str) -> dict[str,
 
 def _prompt_message() -> dict[str, Any]:
     return {"type": "message", "role": "user", "content": PROMPT}
-
-
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _summary_request(
