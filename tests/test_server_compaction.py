@@ -23,10 +23,10 @@ from tests.support import (
 )
 from warmsocket import errors
 from warmsocket._core import Items
-from warmsocket.backends.base import StreamItem, TurnContext, TurnFailed
+from warmsocket.backends.base import StreamItem, TurnContext, TurnFailed, UsageReport
 from warmsocket.backends.mock import MockBackend
 from warmsocket.compaction_items import PROMPT, SUMMARY_HEADER, Compacted, encode_content, unpack
-from warmsocket.engine import context_start
+from warmsocket.engine import context_start, estimate_tokens
 
 MODEL = "warmsocket-mock"
 THRESHOLD = 300
@@ -233,6 +233,78 @@ def test_a_failed_summary_fails_the_response_and_keeps_the_chain() -> None:
         sdk.close()
     assert refused.value.status_code == 500
     assert "The model failed" in refused.value.message
+
+
+def test_the_summary_turn_is_in_the_usage(server: RunningServer) -> None:
+    """A compacting response's usage is its answer's and its summary's, each counted
+    by warmsocket's accounting here (the built-in model reports none)."""
+    sdk = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+    first = sdk.responses.create(model=MODEL, input="Start the task.", instructions="Be brief.")
+    count = sdk.responses.input_tokens.count
+    context = count(
+        model=MODEL, previous_response_id=first.id, input=LONG, instructions="Be brief."
+    ).input_tokens
+    cached = count(
+        model=MODEL, previous_response_id=first.id, instructions="Be brief."
+    ).input_tokens
+    prompt = count(model=MODEL, input=[{"role": "user", "content": PROMPT}]).input_tokens
+    second = sdk.responses.create(
+        model=MODEL,
+        input=LONG,
+        previous_response_id=first.id,
+        instructions="Be brief.",
+        context_management=COMPACT,
+    )
+    item = second.output[0].model_dump(exclude_none=True)
+    answer = count(model=MODEL, input=[item], instructions="Be brief.").input_tokens
+    stored = sdk.responses.retrieve(second.id)
+    sdk.close()
+    summary = compacted_item(item).summary
+    usage = second.usage
+    assert usage is not None and stored.usage == usage
+    assert usage.input_tokens == context + prompt + answer
+    assert usage.input_tokens_details.cached_tokens == cached  # the summary's prefix
+    assert usage.output_tokens == estimate_tokens(len(summary)) + estimate_tokens(
+        len(second.output_text)
+    )
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+
+
+class ReportsUsage(MockBackend):
+    """The built-in model, reporting its own usage: one count for a summary turn,
+    another for an answer."""
+
+    def immediate(self, turn: TurnContext) -> None:
+        return None  # every answer goes through `stream`, which reports the usage
+
+    async def stream(self, turn: TurnContext) -> AsyncIterator[StreamItem]:
+        summary = PROMPT.encode() in turn.view.tail()
+        async for item in super().stream(turn):
+            yield item
+        if summary:
+            yield UsageReport(input_tokens=1000, cached_tokens=600, output_tokens=50)
+        else:
+            yield UsageReport(input_tokens=7, cached_tokens=0, output_tokens=3, reasoning_tokens=2)
+
+
+def test_a_backend_s_usage_of_the_summary_turn_is_added() -> None:
+    with running_server(backend=ReportsUsage()) as server, WSClient(server.ws_url) as ws:
+        first = ws.turn(input="Start the task.")
+        plain = first[-1]["response"]["usage"]
+        compacting = ws.turn(
+            input=LONG,
+            previous_response_id=first[-1]["response"]["id"],
+            context_management=COMPACT,
+        )
+    check_sequence(compacting)
+    assert plain["input_tokens"] == 7 and plain["output_tokens"] == 3
+    usage = compacting[-1]["response"]["usage"]
+    assert compacting[-1]["response"]["output"][0]["type"] == "compaction"
+    assert usage["input_tokens"] == 1007
+    assert usage["input_tokens_details"]["cached_tokens"] == 600
+    assert usage["output_tokens"] == 53
+    assert usage["output_tokens_details"]["reasoning_tokens"] == 2
+    assert usage["total_tokens"] == 1060
 
 
 def test_the_context_starts_at_the_last_self_contained_item() -> None:

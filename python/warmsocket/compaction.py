@@ -39,7 +39,7 @@ from warmsocket.response_stream import dumps, usage_object
 from warmsocket.token_count import parse_count_request
 
 if TYPE_CHECKING:
-    from warmsocket.engine import Engine, Turn
+    from warmsocket.engine import Engine, Turn, Usage
 
 _COMPACT_FIELDS = frozenset(
     {
@@ -184,7 +184,8 @@ async def compacting_stream(
         started = {"id": item_id, "type": "compaction", "encrypted_content": ""}
         compacting = {"type": "response.compaction.compacting", "item_id": item_id}
         yield [HostedCallStart(dumps(started)), HostedCallEvent(dumps(compacting))]
-        item = await _self_contained(engine, turn, item_id)
+        item, summary_usage = await _self_contained(engine, turn, item_id, tokens)
+        turn.earlier_usage = summary_usage  # added to the response's usage
         engine.metrics.count_compaction()
         yield OutputItem(dumps(item))
         turn.rebase(Items.from_objects([item]))
@@ -196,12 +197,16 @@ async def compacting_stream(
         await _close(stream)
 
 
-async def _self_contained(engine: Engine, turn: Turn, item_id: str) -> dict[str, Any]:
-    """The compaction item that stands for a turn's whole context: the model's
-    summary of it, the user messages before the summary, and after it the last
-    response's output and this turn's input as they are (a tool call and the output
-    that answers it stay together; a compaction item among them is left out, the
-    summary covers it, and the user messages it holds go before)."""
+async def _self_contained(
+    engine: Engine, turn: Turn, item_id: str, context_tokens: int
+) -> tuple[dict[str, Any], Usage]:
+    """The compaction item that stands for a turn's whole context, and the usage of
+    the summary turn that wrote it (`context_tokens`: the context's tokens, the
+    instructions included). The item holds the model's summary of the context, the
+    user messages before the summary, and after it the last response's output and
+    this turn's input as they are (a tool call and the output that answers it stay
+    together; a compaction item among them is left out, the summary covers it, and
+    the user messages it holds go before)."""
     ask = parse_client_message(
         _summary_request(turn.request.model, turn.request.instructions), websocket=False
     )
@@ -227,7 +232,13 @@ async def _self_contained(engine: Engine, turn: Turn, item_id: str) -> dict[str,
         previous_response_id=turn.chain_parent_id,
         input=extra,
     )
-    summary, _report = await _summarise(engine, context)
+    summary, report = await _summarise(engine, context)
+    usage = turn.earlier_pass_usage(
+        report,
+        input_tokens=context_tokens + _prompt_tokens(engine),
+        cached_tokens=turn.cached_tokens,
+        output_chars=len(summary),
+    )
     items = turn.view.objects()
     split = len(items) - kept - len(turn.items)
     tail = items[split:]
@@ -236,7 +247,14 @@ async def _self_contained(engine: Engine, turn: Turn, item_id: str) -> dict[str,
     folded = [item for item in tail if item.get("type") == "compaction"]
     before = window_messages([*items[:split], *folded])
     content = encode_content(summary, before=before, after=after)
-    return {"id": item_id, "type": "compaction", "encrypted_content": content}
+    return {"id": item_id, "type": "compaction", "encrypted_content": content}, usage
+
+
+def _prompt_tokens(engine: Engine) -> int:
+    """Tokens of the message that asks for a summary, as the context counts them."""
+    prompt = Items.from_objects([_prompt_message()])
+    view = engine.cache.view(None, owner="", connection=None, extra=prompt)
+    return engine.context_tokens(view)
 
 
 def _prompt_message() -> dict[str, Any]:

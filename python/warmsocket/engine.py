@@ -467,6 +467,27 @@ def context_start(items: Items) -> int | None:
     return None
 
 
+def _usage(
+    report: UsageReport,
+    input_tokens: int,
+    cached_tokens: int,
+    output_chars: int,
+    reasoning_chars: int,
+) -> Usage:
+    """A model pass's usage from the backend's `report`, its missing fields from
+    warmsocket's accounting (`input_tokens`, `cached_tokens`) or estimated from the
+    characters written."""
+    cached = report.cached_tokens if report.cached_tokens is not None else cached_tokens
+    reasoning = report.reasoning_tokens
+    if reasoning is None:
+        reasoning = estimate_tokens(reasoning_chars) if reasoning_chars else 0
+    output = report.output_tokens
+    if output is None:
+        output = estimate_tokens(output_chars) if output_chars else 0
+        output += reasoning
+    return (input_tokens, min(cached, input_tokens), output, min(reasoning, output))
+
+
 def _reasoning_chars(item: bytes) -> int:
     """Characters of a reasoning item's summary and text (its tokens, when a backend
     reports none, are estimated from them)."""
@@ -514,6 +535,9 @@ class Turn:
         self.first_token: float | None = None
         self.finished = False
         self.usage_report: UsageReport | None = None
+        self.earlier_usage: Usage | None = None
+        """The usage of a model pass before the answer (a server-side compaction's
+        summary), added to the response's."""
         self.output_chars = 0
         self.reasoning_chars = 0
         # Steering queued on this response (spec §3.7).
@@ -671,23 +695,44 @@ class Turn:
         return False
 
     def usage(self) -> Usage:
+        """The response's usage: the backend's report where it gave one, else
+        warmsocket's accounting; with `earlier_usage` added."""
         report = self.usage_report or UsageReport()
         self.count_input_tokens()
-        view = self.view
         input_tokens = report.input_tokens
         if input_tokens is None:
             engine = self.engine
-            input_tokens = engine.context_tokens(view)
+            input_tokens = engine.context_tokens(self.view)
             input_tokens += engine.instruction_tokens(self.request.instructions)
-        cached = report.cached_tokens if report.cached_tokens is not None else self.cached_tokens
-        reasoning = report.reasoning_tokens
-        if reasoning is None:
-            reasoning = estimate_tokens(self.reasoning_chars) if self.reasoning_chars else 0
-        output = report.output_tokens
-        if output is None:
-            output = estimate_tokens(self.output_chars) if self.output_chars else 0
-            output += reasoning
-        return (input_tokens, min(cached, input_tokens), output, min(reasoning, output))
+        usage = _usage(
+            report, input_tokens, self.cached_tokens, self.output_chars, self.reasoning_chars
+        )
+        earlier = self.earlier_usage
+        if earlier is None:
+            return usage
+        return (
+            usage[0] + earlier[0],
+            usage[1] + earlier[1],
+            usage[2] + earlier[2],
+            usage[3] + earlier[3],
+        )
+
+    def earlier_pass_usage(
+        self,
+        report: UsageReport | None,
+        *,
+        input_tokens: int,
+        cached_tokens: int,
+        output_chars: int,
+    ) -> Usage:
+        """The usage of a model pass this response makes before its answer (a
+        server-side compaction's summary), counted as `usage` counts the answer's:
+        `input_tokens` and `cached_tokens` are warmsocket's accounting of its prompt,
+        used where the backend's `report` has none."""
+        report = report or UsageReport()
+        if report.input_tokens is not None:
+            input_tokens = report.input_tokens
+        return _usage(report, input_tokens, cached_tokens, output_chars, 0)
 
     def complete(self) -> bytes:
         """`response.completed`; the response is stored. Raises APIError if storing fails
