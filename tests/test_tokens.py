@@ -417,6 +417,57 @@ def test_item_tokens_match_the_reference(o200k: _core.Tokenizer, item: dict[str,
 
 
 @PROPERTY
+@given(tools=st.lists(items | json_values, max_size=4), spaced=st.booleans())
+def test_tool_tokens_match_the_reference(
+    o200k: _core.Tokenizer, tools: list[Any], spaced: bool
+) -> None:
+    data = json.dumps(tools).encode() if spaced else canonical(tools)
+    rendered = ref.render_tools(data)
+    expected = (
+        []
+        if rendered is None
+        else ref.framed_tokens(rendered, lambda s: o200k.encode(s).tolist(), o200k.framing)
+    )
+    assert o200k.count_tools(data) == len(expected)
+
+
+def test_a_request_s_tools_are_counted_as_its_settings_hold_them(
+    o200k: _core.Tokenizer,
+) -> None:
+    tools = [
+        {"type": "function", "name": "read_file", "parameters": {"type": "object"}},
+        {"type": "web_search"},
+    ]
+    body = json.dumps({"model": "m", "input": "x", "tools": tools}).encode()
+    request = _core.parse_client_message(body, websocket=False)
+    assert isinstance(request, _core.CreateRequest)
+    assert request.tools_json == canonical(tools)
+    assert request.tools_json in request.settings_json
+    assert request.tools_digest == _core.parse_client_message(body, websocket=False).tools_digest  # type: ignore[union-attr]
+    rendered = ref.render_tools(canonical(tools))
+    assert rendered == ("system", [canonical(tool).decode() for tool in tools])
+    assert o200k.count_tools(request.tools_json) == len(
+        ref.framed_tokens(rendered, lambda s: o200k.encode(s).tolist(), o200k.framing)
+    )
+    other = _core.parse_client_message(
+        json.dumps({"model": "m", "input": "x", "tools": tools[:1]}).encode(), websocket=False
+    )
+    assert isinstance(other, _core.CreateRequest) and other.tools_digest != request.tools_digest
+    none = _core.parse_client_message(b'{"model":"m","input":"x","tools":[]}', websocket=False)
+    assert isinstance(none, _core.CreateRequest)
+    assert (none.tools_json, none.tools_digest) == (None, None)
+    with pytest.raises(_core.InvalidItemJson):
+        o200k.count_tools(b'{"type":"web_search"}')
+
+
+@PROPERTY
+@given(data=st.binary(max_size=64))
+def test_tool_bytes_never_panic(o200k: _core.Tokenizer, data: bytes) -> None:
+    with contextlib.suppress(_core.InvalidItemJson):
+        o200k.count_tools(data)
+
+
+@PROPERTY
 @given(data=st.binary(max_size=64))
 def test_item_bytes_never_panic(o200k: _core.Tokenizer, data: bytes) -> None:
     with contextlib.suppress(_core.InvalidItemJson):

@@ -612,6 +612,12 @@ class Tokenizer:
         """Tokens of the instructions rendered as a `system` message, framing included."""
     def encode_instructions(self, instructions: str) -> array[int]:
         """Token ids of the instructions rendered as a `system` message, framing included."""
+    def count_tools(self, tools_json: bytes | str) -> int:
+        """Tokens of a request's tools (a JSON array) rendered as one `system` message
+        whose segments are the tools' JSON texts, framing included; 0 for no tools.
+
+        Raises InvalidItemJson (not a JSON array), TokenizationFailed.
+        """
 
 def encoding_for_model(model: str) -> str | None:
     """The built-in encoding for a model name, or None when the model is not known.
@@ -759,6 +765,14 @@ class CreateRequest:
         """Names of the `function` tools, in order."""
     @property
     def has_tools(self) -> bool: ...
+    @property
+    def tools_json(self) -> bytes | None:
+        """The `tools` array as canonical JSON (as in `settings_json`); None when
+        there is no tool."""
+    @property
+    def tools_digest(self) -> int | None:
+        """XXH3-64 of `tools_json` (to tell one set of tools from another without
+        comparing them); None when there is no tool."""
     @property
     def compact_threshold(self) -> int | None:
         """Server-side compaction asked for (`context_management` holds an object with

@@ -162,6 +162,25 @@ def render_instructions(instructions: str) -> tuple[str, list[str]]:
     return "system", [instructions]
 
 
+def render_tools(tools_json: bytes) -> tuple[str, list[str]] | None:
+    """(role, segments) of a request's tools, a JSON array: each tool's JSON text,
+    exactly as given, is a segment. None for an empty array."""
+    text = tools_json.decode()
+    tools = json.loads(text)
+    if not isinstance(tools, list):
+        raise ValueError("tools are not a JSON array")
+    decoder = json.JSONDecoder()
+    segments: list[str] = []
+    at = text.index("[") + 1
+    for _tool in tools:
+        while text[at] in " \t\n\r,":
+            at += 1
+        _value, end = decoder.raw_decode(text, at)
+        segments.append(text[at:end])
+        at = end
+    return ("system", segments) if segments else None
+
+
 def framed_tokens(
     rendered: tuple[str, list[str]],
     encode: Callable[[str], Iterable[int]],

@@ -85,6 +85,9 @@ pub struct CreateRequest {
     /// Names of the `function` tools, in order.
     pub function_names: Vec<String>,
     pub has_tools: bool,
+    /// Where the `tools` array is in `settings` (its canonical JSON), when it has
+    /// any tool.
+    pub tools_span: Option<std::ops::Range<usize>>,
     /// Body fields the API does not know, sorted.
     pub ignored_fields: Vec<String>,
     /// Server-side compaction asked for (`context_management` holds an object with
@@ -456,7 +459,8 @@ fn validate_create(
         settings: settings.json,
         instructions: settings.instructions,
         function_names: settings.function_names,
-        has_tools: settings.has_tools,
+        has_tools: settings.tools_span.is_some(),
+        tools_span: settings.tools_span,
         ignored_fields,
         compact_threshold,
     })
@@ -480,7 +484,8 @@ struct Settings {
     json: Vec<u8>,
     instructions: Option<String>,
     function_names: Vec<String>,
-    has_tools: bool,
+    /// Where a non-empty `tools` array is in `json`.
+    tools_span: Option<std::ops::Range<usize>>,
 }
 
 /// `_settings`: the echoed fields with their defaults, validated in the reference's
@@ -607,6 +612,7 @@ fn settings(body: &Object<'_>, model: &str) -> Result<Settings, RequestError> {
     entries.push(("model", &model_value));
     entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let mut json = Vec::with_capacity(512);
+    let mut tools_span = None;
     json.push(b'{');
     for (i, (name, value)) in entries.into_iter().enumerate() {
         if i > 0 {
@@ -614,14 +620,18 @@ fn settings(body: &Object<'_>, model: &str) -> Result<Settings, RequestError> {
         }
         value::write_str(name, &mut json);
         json.push(b':');
+        let start = json.len();
         write_canonical(value, &mut json);
+        if name == "tools" && !tools.is_empty() {
+            tools_span = Some(start..json.len());
+        }
     }
     json.push(b'}');
     Ok(Settings {
         json,
         instructions,
-        has_tools: !tools.is_empty(),
         function_names,
+        tools_span,
     })
 }
 
@@ -1280,6 +1290,11 @@ mod tests {
             c.input.to_json(),
             br#"[{"content":"hi","role":"user","type":"message"}]"#
         );
+        let tools = c.tools_span.clone().unwrap();
+        assert_eq!(
+            &c.settings[tools],
+            br#"[{"name":"f","type":"function"},{"type":"web_search"}]"#
+        );
         let settings = String::from_utf8(c.settings).unwrap();
         assert_eq!(
             settings,
@@ -1287,6 +1302,12 @@ mod tests {
         );
         let easy = created(
             r#"{"type":"response.create","model":"m","input":[{"role":"user","content":"x"}]}"#,
+        );
+        assert!(easy.tools_span.is_none() && !easy.has_tools);
+        assert!(
+            created(r#"{"type":"response.create","model":"m","input":"x","tools":[]}"#)
+                .tools_span
+                .is_none()
         );
         assert_eq!(
             easy.input.to_json(),

@@ -148,6 +148,16 @@ impl PyCreateRequest {
         self.inner.has_tools
     }
     #[getter]
+    fn tools_json<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        let span = self.inner.tools_span.clone()?;
+        Some(PyBytes::new(py, self.inner.settings.get(span)?))
+    }
+    #[getter]
+    fn tools_digest(&self) -> Option<u64> {
+        let span = self.inner.tools_span.clone()?;
+        Some(xxhash_rust::xxh3::xxh3_64(self.inner.settings.get(span)?))
+    }
+    #[getter]
     fn compact_threshold(&self) -> Option<u64> {
         self.inner.compact_threshold
     }

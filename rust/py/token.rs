@@ -281,6 +281,11 @@ impl Tokenizer {
         self.run(py, |t| t.count_instructions(instructions))
     }
 
+    fn count_tools(&self, py: Python<'_>, tools_json: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let json = json_arg(tools_json)?;
+        self.run(py, |t| t.count_tools(json))
+    }
+
     fn encode_instructions<'py>(
         &self,
         py: Python<'py>,

@@ -24,7 +24,9 @@ use std::sync::OnceLock;
 
 use bpe::FastBpe;
 
-pub use render::{render_instructions, render_item, ItemError, Rendered, TEMPLATE_VERSION};
+pub use render::{
+    render_instructions, render_item, render_tools, ItemError, Rendered, TEMPLATE_VERSION,
+};
 
 /// Every error of this module; one `Display` holds every message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -370,6 +372,20 @@ impl Tokenizer {
     pub fn count_instructions(&self, instructions: &str) -> Result<usize, TokenError> {
         self.encode_instructions(instructions).map(|t| t.len())
     }
+
+    /// Token ids of a request's tools (a JSON array; one `system` message, each
+    /// tool's JSON text a segment), framing included; none for an empty array.
+    pub fn encode_tools(&self, tools_json: &[u8]) -> Result<Vec<u32>, TokenError> {
+        match render_tools(tools_json)? {
+            Some(rendered) => self.encode_rendered(&rendered),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Number of tokens of a request's tools (see [`Tokenizer::encode_tools`]).
+    pub fn count_tools(&self, tools_json: &[u8]) -> Result<usize, TokenError> {
+        self.encode_tools(tools_json).map(|t| t.len())
+    }
 }
 
 fn fingerprint(source: &[u8]) -> u64 {
@@ -573,6 +589,32 @@ mod tests {
             t.count_instructions("Be brief.").unwrap(),
             3 + 1 + t.count("Be brief.").unwrap()
         );
+    }
+
+    #[test]
+    fn tools_are_a_system_message_of_their_json() {
+        let t = o200k();
+        let f = t.framing();
+        let a = r#"{"name":"f","type":"function"}"#;
+        let b = r#"{"type":"web_search"}"#;
+        let ids = t.encode_tools(format!("[{a}, {b}]").as_bytes()).unwrap();
+        let mut expect = vec![f.start];
+        expect.extend(t.encode("system").unwrap());
+        expect.push(f.sep);
+        expect.extend(t.encode(a).unwrap());
+        expect.extend(t.encode(b).unwrap());
+        expect.push(f.end);
+        assert_eq!(ids, expect);
+        assert_eq!(
+            t.count_tools(format!("[{a},{b}]").as_bytes()).unwrap(),
+            ids.len()
+        );
+        assert_eq!(t.count_tools(b" [ ] ").unwrap(), 0);
+        for bad in [&b"\xff"[..], b"{}", b"[", b"", b"[1]x"] {
+            let err = t.count_tools(bad).unwrap_err();
+            assert!(matches!(err, TokenError::InvalidItem { .. }), "{err}");
+            assert!(err.to_string().contains("tools"), "{err}");
+        }
     }
 
     #[test]

@@ -82,6 +82,32 @@ pub fn render_instructions(text: &str) -> Rendered<'_> {
     }
 }
 
+/// The role of the tools message.
+pub const TOOLS_ROLE: &str = "system";
+
+/// A request's tools (a JSON array, as in its canonical settings) as one framed
+/// message: each tool's JSON text, exactly as given, is a segment. None for an
+/// empty array. Never panics; fails only when the bytes are not UTF-8 JSON of an
+/// array.
+pub fn render_tools(json: &[u8]) -> Result<Option<Rendered<'_>>, ItemError> {
+    let text = std::str::from_utf8(json).map_err(|e| ItemError {
+        reason: format!(
+            "tools JSON is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ),
+    })?;
+    let tools: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| ItemError {
+        reason: format!("tools are not a JSON array: {e}"),
+    })?;
+    if tools.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Rendered {
+        role: Cow::Borrowed(TOOLS_ROLE),
+        segments: tools.into_iter().map(|t| Cow::Borrowed(t.get())).collect(),
+    }))
+}
+
 /// Render one item given as JSON bytes. Never panics; fails only when the
 /// bytes are not UTF-8 JSON of an object.
 pub fn render_item(json: &[u8]) -> Result<Rendered<'_>, ItemError> {
