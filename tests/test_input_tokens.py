@@ -3,6 +3,7 @@ same create reports, nothing is stored, bad requests get the create's errors."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx2 as httpx
@@ -11,6 +12,7 @@ import pytest
 from openai import OpenAI
 
 from tests.support import FUNCTION_TOOLS, RunningServer
+from warmsocket._core import CreateRequest, parse_client_message
 
 MODEL = "warmsocket-mock"
 
@@ -40,6 +42,37 @@ def test_the_count_is_the_usage_of_the_same_create(sdk: OpenAI) -> None:
     assert 0 < chain.input_tokens < counted.input_tokens < 1_000
     assert with_instructions.input_tokens > chain.input_tokens
     assert sdk.responses.input_tokens.count(input=[]).input_tokens == 0
+
+
+def test_tools_are_counted_and_cached_with_the_prompt(server: RunningServer, sdk: OpenAI) -> None:
+    tools: Any = FUNCTION_TOOLS
+    body = json.dumps({"model": MODEL, "input": "hi", "tools": tools}).encode()
+    request = parse_client_message(body, websocket=False)
+    assert isinstance(request, CreateRequest) and request.tools_json is not None
+    tokenizer = server.server.engine.tokenizer
+    assert tokenizer is not None
+    tool_tokens = tokenizer.count_tools(request.tools_json)
+    assert tool_tokens > 20
+    bare = sdk.responses.input_tokens.count(model=MODEL, input="hi").input_tokens
+    counted = sdk.responses.input_tokens.count(model=MODEL, input="hi", tools=tools)
+    assert counted.input_tokens == bare + tool_tokens == usage_of(sdk, input="hi", tools=tools)
+    # The prompt starts with the instructions and tools: the same ones are cached
+    # with the chain's context; other tools make a new prompt, nothing cached.
+    first = {"instructions": "Be brief.", "tools": tools}
+    parent = sdk.responses.create(model=MODEL, input="a first turn " * 20, **first)
+    prefix = sdk.responses.input_tokens.count(previous_response_id=parent.id, **first)
+    same = sdk.responses.create(model=MODEL, input="go on", previous_response_id=parent.id, **first)
+    other = sdk.responses.create(
+        model=MODEL,
+        input="go on",
+        previous_response_id=parent.id,
+        instructions="Be brief.",
+        tools=tools[:1],
+    )
+    assert same.usage is not None and other.usage is not None
+    assert same.usage.input_tokens_details.cached_tokens == prefix.input_tokens
+    assert prefix.input_tokens > tool_tokens
+    assert other.usage.input_tokens_details.cached_tokens == 0
 
 
 def test_a_resent_history_counts_like_its_chain(sdk: OpenAI) -> None:

@@ -34,7 +34,7 @@ from tests.upstream_support import RunningSim, running_sim, warmsocket_upstream
 from warmsocket import SessionCache, Tokenizer
 from warmsocket._core import TokenizerFileUnreadable
 from warmsocket.cli import build_parser
-from warmsocket.engine import instructions_key, tokenizer_for
+from warmsocket.engine import prompt_key, tokenizer_for
 from warmsocket.serve import config_from_args
 
 INSTRUCTIONS = "You are a terse coding agent."
@@ -275,7 +275,7 @@ def test_usage_counts_the_whole_context_and_what_was_cached(diffing: bool) -> No
             assert usage_of(third)["input_tokens_details"]["cached_tokens"] == 0
         # Output tokens stay the backend's or the estimate; input is what matters here.
         meta = json.loads(cache.get(rid, owner="anonymous").meta)
-        assert meta["instructions"] == instructions_key(INSTRUCTIONS)
+        assert meta["instructions"] == prompt_key(INSTRUCTIONS)
 
 
 def test_usage_of_a_full_replay_counts_the_matched_prefix_as_cached(

@@ -21,7 +21,7 @@ from warmsocket.backends.base import (
     TurnFailed,
 )
 from warmsocket.backends.mock import MockBackend
-from warmsocket.engine import Engine, Limits, Turn, instructions_key, stored_instructions_key
+from warmsocket.engine import Engine, Limits, Turn, prompt_key, stored_prompt_key
 from warmsocket.errors import model_failed, shared_store_unavailable
 from warmsocket.session import CloseConnection, ResponsesSession, StartModel, StopModel
 
@@ -504,18 +504,18 @@ def test_new_input_is_tokenised_off_the_request_path_once(diffing: bool) -> None
     assert plain.started[-1].context().request_sent is None
 
 
-def test_the_stored_instructions_key_is_read_from_any_meta() -> None:
-    key = instructions_key("be brief")
+def test_the_stored_prompt_key_is_read_from_any_meta() -> None:
+    key = prompt_key("be brief")
     assert key is not None
     encoder = ResponseEncoder("r", settings=b"{}", created_at=1)
     for instructions in (key, None):
         meta = encoder.terminal_meta((1, 0, 1), completed_at=2, instructions=instructions)
-        assert stored_instructions_key(meta) == instructions
+        assert stored_prompt_key(meta) == instructions
     written_by_python = json.dumps(
         {"status": "completed", "usage": None, "instructions": key}, separators=(",", ":")
     ).encode()
-    assert stored_instructions_key(written_by_python) == key
-    assert stored_instructions_key(b'{"status":"completed"}') is None  # older metas
-    assert stored_instructions_key(json.dumps({"instructions": key, "x": 1}).encode()) == key
+    assert stored_prompt_key(written_by_python) == key
+    assert stored_prompt_key(b'{"status":"completed"}') is None  # older metas
+    assert stored_prompt_key(json.dumps({"instructions": key, "x": 1}).encode()) == key
     tricky = json.dumps({"error": {"message": '"instructions":"x"'}, "instructions": None})
-    assert stored_instructions_key(tricky.encode()) is None
+    assert stored_prompt_key(tricky.encode()) is None

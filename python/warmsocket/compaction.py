@@ -169,22 +169,25 @@ async def compacting_stream(
 ) -> AsyncIterator[StreamItem]:
     """A turn's model events with server-side compaction (`context_management`).
 
-    When the context (the instructions, the chain, the new input) has `threshold`
-    tokens or more, the model first summarises it: the response's first output item
-    is a self-contained compaction item (shown as it starts, with
-    `response.compaction.compacting`, and whole once the summary is written), and
-    the turn is rebased on it (`Turn.rebase`): the model then answers from the
+    When the prompt (the instructions, the tools, the chain, the new input) has
+    `threshold` tokens or more, the model first summarises the context: the
+    response's first output item is a self-contained compaction item (shown as it
+    starts, with `response.compaction.compacting`, and whole once the summary is
+    written), and the turn is rebased on it (`Turn.rebase`): the model then answers from the
     compaction item alone, and the chain goes on from this response's output. Below
     the threshold the turn is the backend's, unchanged."""
     await turn.count_input_tokens_off_loop()
     turn.count_input_tokens()
-    tokens = engine.context_tokens(turn.view) + engine.instruction_tokens(turn.request.instructions)
-    if tokens >= threshold:
+    request = turn.request
+    context_tokens = engine.context_tokens(turn.view) + engine.instruction_tokens(
+        request.instructions
+    )
+    if context_tokens + engine.tool_tokens(request) >= threshold:
         item_id = ids.new_id("cmp")
         started = {"id": item_id, "type": "compaction", "encrypted_content": ""}
         compacting = {"type": "response.compaction.compacting", "item_id": item_id}
         yield [HostedCallStart(dumps(started)), HostedCallEvent(dumps(compacting))]
-        item, summary_usage = await _self_contained(engine, turn, item_id, tokens)
+        item, summary_usage = await _self_contained(engine, turn, item_id, context_tokens)
         turn.earlier_usage = summary_usage  # added to the response's usage
         engine.metrics.count_compaction()
         yield OutputItem(dumps(item))
@@ -202,11 +205,11 @@ async def _self_contained(
 ) -> tuple[dict[str, Any], Usage]:
     """The compaction item that stands for a turn's whole context, and the usage of
     the summary turn that wrote it (`context_tokens`: the context's tokens, the
-    instructions included). The item holds the model's summary of the context, the
-    user messages before the summary, and after it the last response's output and
-    this turn's input as they are (a tool call and the output that answers it stay
-    together; a compaction item among them is left out, the summary covers it, and
-    the user messages it holds go before)."""
+    instructions included; the summary turn has no tools). The item holds the
+    model's summary of the context, the user messages before the summary, and after
+    it the last response's output and this turn's input as they are (a tool call
+    and the output that answers it stay together; a compaction item among them is
+    left out, the summary covers it, and the user messages it holds go before)."""
     ask = parse_client_message(
         _summary_request(turn.request.model, turn.request.instructions), websocket=False
     )
@@ -236,7 +239,8 @@ async def _self_contained(
     usage = turn.earlier_pass_usage(
         report,
         input_tokens=context_tokens + _prompt_tokens(engine),
-        cached_tokens=turn.cached_tokens,
+        # The summary turn's prompt has no tools: with tools, it is another prompt.
+        cached_tokens=0 if turn.request.has_tools else turn.cached_tokens,
         output_chars=len(summary),
     )
     items = turn.view.objects()

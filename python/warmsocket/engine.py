@@ -14,9 +14,10 @@ it produced as one `bytes`, ready for the transport.
 
 Token accounting: with a tokenizer on the cache, every item is tokenised once, when
 it enters, so usage is sums of cached counts; the instructions count as a `system`
-message. `cached_tokens` is the part of the prompt that a previous prompt of this
-chain already had: the parent's context (and the instructions, when they are the
-parent's), nothing when the instructions changed.
+message, and so do the tools (docs/tokens.md). `cached_tokens` is the part of the
+prompt that a previous prompt of this chain already had: the parent's context and
+the instructions and tools when they are the parent's; nothing when either changed
+(the prompt starts with them).
 """
 
 from __future__ import annotations
@@ -132,32 +133,37 @@ def new_cache(
     )
 
 
-_INSTRUCTIONS_KEYS: dict[str, str] = {}
-_INSTRUCTIONS_KEYS_MAX = 256
+_PROMPT_KEYS: dict[tuple[str | None, int | None], str] = {}
+_PROMPT_KEYS_MAX = 256
 
 
-def instructions_key(instructions: str | None) -> str | None:
-    """What the stored meta remembers of a turn's instructions (to tell a change).
+def prompt_key(instructions: str | None, tools_digest: int | None = None) -> str | None:
+    """What the stored meta remembers of what a turn's prompt starts with, its
+    instructions and tools (to tell a change); None when it has neither.
 
-    Memoised: an agent sends the same instructions every turn, and looking them up
-    costs less than hashing them again (the string's own hash is then reused by the
-    instruction token count's memo)."""
-    if instructions is None:
+    Without tools the key is that of the instructions alone, as before tools were
+    counted. Memoised: an agent sends the same instructions and tools every turn,
+    and looking them up costs less than hashing them again."""
+    if instructions is None and tools_digest is None:
         return None
-    key = _INSTRUCTIONS_KEYS.get(instructions)
+    memo = (instructions, tools_digest)
+    key = _PROMPT_KEYS.get(memo)
     if key is None:
-        key = hashlib.blake2b(instructions.encode(), digest_size=8).hexdigest()
-        if len(_INSTRUCTIONS_KEYS) >= _INSTRUCTIONS_KEYS_MAX:
-            _INSTRUCTIONS_KEYS.clear()
-        _INSTRUCTIONS_KEYS[instructions] = key
+        data = b"" if instructions is None else instructions.encode()
+        if tools_digest is not None:
+            data += b"\0tools:" + tools_digest.to_bytes(8, "little")
+        key = hashlib.blake2b(data, digest_size=8).hexdigest()
+        if len(_PROMPT_KEYS) >= _PROMPT_KEYS_MAX:
+            _PROMPT_KEYS.clear()
+        _PROMPT_KEYS[memo] = key
     return key
 
 
 _INSTRUCTIONS_MEMBER = b'"instructions":'
 
 
-def stored_instructions_key(meta: bytes) -> str | None:
-    """The instructions key in a stored response's meta.
+def stored_prompt_key(meta: bytes) -> str | None:
+    """The prompt key in a stored response's meta (its `instructions` member).
 
     The key is the meta's last member, as `ResponseEncoder.terminal_meta` (and the
     engine before it) writes it, so it is read from the end of the bytes; any other
@@ -250,6 +256,7 @@ class Engine:
         self.caches_tokens = cache.tokenizer is not None
         self.shared = shared
         self._instruction_tokens: dict[str, int] = {}
+        self._tool_tokens: dict[int, int] = {}
 
     def cached(self, response_id: str, *, owner: str, connection: int | None = None) -> bool:
         """Whether a lookup of `response_id` by `owner` finds it in the local cache."""
@@ -282,6 +289,26 @@ class Engine:
             self._instruction_tokens[instructions] = count
         return count
 
+    def tool_tokens(self, request: CreateRequest) -> int:
+        """Tokens of the request's tools as a `system` message (memoised by their
+        digest; 0 without tools or a tokenizer)."""
+        digest = request.tools_digest
+        if digest is None or self.tokenizer is None:
+            return 0
+        count = self._tool_tokens.get(digest)
+        if count is None:
+            tools = request.tools_json
+            assert tools is not None  # a digest means tools
+            count = self.tokenizer.count_tools(tools)
+            if len(self._tool_tokens) >= 256:
+                self._tool_tokens.clear()
+            self._tool_tokens[digest] = count
+        return count
+
+    def prompt_tokens(self, request: CreateRequest) -> int:
+        """Tokens of what a request's prompt starts with: its instructions and tools."""
+        return self.instruction_tokens(request.instructions) + self.tool_tokens(request)
+
     def context_tokens(self, view: ContextView) -> int:
         """Tokens of a context: the cached count, else counted now, else estimated."""
         if self.caches_tokens:
@@ -310,7 +337,7 @@ class Engine:
         events are framed.
         """
         started = time.perf_counter()
-        instructions = instructions_key(request.instructions)
+        prompt = prompt_key(request.instructions, request.tools_digest)
         # Parsing validated the input and made it Items (within the cache's item limit).
         input_items = request.input if prepend is None else prepend.concat(request.input)
         previous_response_id = request.previous_response_id
@@ -354,12 +381,12 @@ class Engine:
             if binding is not None:
                 view = binding.view(items, tokenize=False)
                 parent = binding.info()
-                same_prompt = stored_instructions_key(parent.meta) == instructions
+                same_prompt = stored_prompt_key(parent.meta) == prompt
                 cached_tokens = self._cached_tokens(parent, binding, request, same_prompt)
                 # Backends key what they remember of a chain (upstream replica, chat
                 # rendering, upstream response) by the parent. A matched parent is
                 # shown to them only when the prompt continues it: with other
-                # instructions the request is a new prompt for the upstream.
+                # instructions or tools the request is a new prompt for the upstream.
                 if previous_response_id is not None or same_prompt:
                     chain_parent = binding.response_id
             else:
@@ -393,7 +420,7 @@ class Engine:
             cached_tokens=cached_tokens,
             framing=framing,
             chain_parent_id=chain_parent,
-            instructions_key=instructions,
+            prompt_key=prompt,
         )
         self.metrics.observe_rebuild(time.perf_counter() - started)
         return turn
@@ -403,8 +430,8 @@ class Engine:
     ) -> int:
         """The `usage.input_tokens` this request would get from warmsocket's accounting,
         without running it (`POST /v1/responses/input_tokens`): the previous
-        response's context, the input (unless `include_input` is false) and the
-        instructions. Nothing is stored. Raises APIError as `prepare` does."""
+        response's context, the input (unless `include_input` is false), the
+        instructions and the tools. Nothing is stored. Raises APIError as `prepare` does."""
         if include_input:
             turn = self.prepare(request, owner=owner, connection=None, lookup_connection=None)
             try:
@@ -413,7 +440,7 @@ class Engine:
                 return turn.usage()[0]
             finally:
                 turn.release()
-        tokens = self.instruction_tokens(request.instructions)
+        tokens = self.prompt_tokens(request)
         parent = request.previous_response_id
         if parent is None:
             return tokens
@@ -437,10 +464,11 @@ class Engine:
         if not self.caches_tokens and self.tokenizer is None:
             return estimate_tokens(parent.bytes)
         if not same_prompt:
-            # The prompt starts with the instructions: a change invalidates it all.
+            # The prompt starts with the instructions and tools: a change
+            # invalidates it all.
             return 0
         prefix = parent.tokens if self.caches_tokens else self.context_tokens(binding.view())
-        return prefix + self.instruction_tokens(request.instructions)
+        return prefix + self.prompt_tokens(request)
 
     def model_stream(self, turn: Turn) -> AsyncIterator[StreamItem]:
         """The model events of a turn: the backend's, after a server-side compaction
@@ -516,9 +544,9 @@ class Turn:
         cached_tokens: int,
         framing: Framing = "json",
         chain_parent_id: str | None = None,
-        instructions_key: str | None = None,
+        prompt_key: str | None = None,
     ) -> None:
-        """`instructions_key`: `instructions_key(request.instructions)`."""
+        """`prompt_key`: `prompt_key(request.instructions, request.tools_digest)`."""
         self.engine = engine
         self.request = request
         self.response_id = response_id
@@ -530,7 +558,7 @@ class Turn:
         self.stream_id = stream_id
         self.cached_tokens = cached_tokens
         self.chain_parent_id = chain_parent_id
-        self.instructions_key = instructions_key
+        self.prompt_key = prompt_key
         self.started = time.perf_counter()
         self.first_token: float | None = None
         self.finished = False
@@ -703,7 +731,7 @@ class Turn:
         if input_tokens is None:
             engine = self.engine
             input_tokens = engine.context_tokens(self.view)
-            input_tokens += engine.instruction_tokens(self.request.instructions)
+            input_tokens += engine.prompt_tokens(self.request)
         usage = _usage(
             report, input_tokens, self.cached_tokens, self.output_chars, self.reasoning_chars
         )
@@ -803,7 +831,7 @@ class Turn:
             usage,
             completed_at=completed_at,
             incomplete=incomplete,
-            instructions=self.instructions_key,
+            instructions=self.prompt_key,
         )
         cache = self.engine.cache
         output = stream.output_items()

@@ -2,11 +2,11 @@
 
 The body is a create body (the SDK's `client.responses.input_tokens.count(...)`) in
 which `model` and `input` may be left out: without input, what is counted is the
-previous response's context and the instructions. The count is the
+previous response's context, the instructions and the tools. The count is the
 `usage.input_tokens` the same `response.create` would report from warmsocket's own
 accounting (`--tokenizer`): the context of `previous_response_id` (its tokens cached,
-not counted again), the new input, and the instructions as a system message; tools
-are not counted, as in that usage. A history re-sent without `previous_response_id`
+not counted again), the new input, and the instructions and tools, each as a system
+message (docs/tokens.md). A history re-sent without `previous_response_id`
 is matched against the cached chains as a create's would be, so only its new suffix
 is tokenised. In front of an upstream a create reports the upstream's own usage,
 which may count differently (its chat template, its tools).
