@@ -22,7 +22,7 @@ import redis
 
 from tests.redis_support import paused, redis_server
 from tests.support import RunningServer, WSClient, check_ws_event, output_text, running_server
-from warmsocket import shared_store
+from warmsocket import shared_background, shared_store
 from warmsocket.shared_store import SharedStore
 
 AUTH = {"Authorization": "Bearer sk-test"}
@@ -193,6 +193,116 @@ def test_a_background_response_is_shared_once_it_is_stored(redis_url: str, sdk: 
         assert on_b.background is True and on_b.output_text == "You said: later"
 
 
+def board_flush(server: RunningServer) -> None:
+    """Wait until server's background board has written what it queued."""
+    shared = server.server.engine.shared
+    assert isinstance(shared, SharedStore)
+    asyncio.run_coroutine_threadsafe(shared.background_board.flush(), server.loop).result(10)
+
+
+def status_on(client: openai.OpenAI, rid: str) -> str | None:
+    try:
+        return client.responses.retrieve(rid).status
+    except openai.NotFoundError:
+        return None
+
+
+def test_a_background_response_running_elsewhere_is_seen_cancelled_and_deleted(
+    redis_url: str, sdk: SDK
+) -> None:
+    """Replicas behind a load balancer: the client's polls, cancel and delete land on
+    a process that does not run the response."""
+    with two_servers(redis_url) as (a, b):
+        on_a, on_b = sdk(a), sdk(b)
+        created = on_a.responses.create(model="m", input="/sleep 20000\nlater", background=True)
+        # What A shows, B shows: in_progress once the model started.
+        eventually(lambda: status_on(on_b, created.id) == "in_progress")
+        seen = on_b.responses.retrieve(created.id)
+        assert seen.id == created.id and seen.background is True
+        # Another owner sees nothing of it.
+        with pytest.raises(openai.NotFoundError):
+            sdk(b, api_key="sk-other").responses.retrieve(created.id)
+        # Its events stay on the process that runs it.
+        with httpx.Client(base_url=b.base_url, headers=AUTH) as http:
+            replay = http.get(f"responses/{created.id}", params={"stream": "true"})
+        assert replay.status_code == 400 and "server that runs it" in replay.text
+        # Cancelled from B: A stops it, and both say so.
+        started = time.monotonic()
+        cancelled = on_b.responses.cancel(created.id)
+        assert cancelled.status == "cancelled" and cancelled.id == created.id
+        assert time.monotonic() - started < 5
+        assert on_a.responses.retrieve(created.id).status == "cancelled"
+        assert a.server.metrics.turns["cancelled"] == 1
+        board_flush(a)
+        assert on_b.responses.retrieve(created.id).status == "cancelled"
+        assert on_b.responses.cancel(created.id).status == "cancelled"  # again: as it is
+        # Not stored, so not continuable anywhere.
+        with pytest.raises(openai.BadRequestError):
+            on_b.responses.create(model="m", input="x", previous_response_id=created.id)
+        # Deleted from B: gone on both, and A forgot its run.
+        on_b.responses.delete(created.id)
+        board_flush(b)
+        eventually(lambda: status_on(on_a, created.id) is None)
+        board_flush(a)
+        assert status_on(on_b, created.id) is None
+        assert a.call(lambda: a.server.http.background.stats())["finished"] == 0
+
+
+def test_a_running_response_deleted_elsewhere_is_stopped_and_never_stored(
+    redis_url: str, sdk: SDK
+) -> None:
+    with two_servers(redis_url) as (a, b):
+        on_a, on_b = sdk(a), sdk(b)
+        created = on_a.responses.create(model="m", input="/sleep 20000\nlater", background=True)
+        eventually(lambda: status_on(on_b, created.id) is not None)
+        on_b.responses.delete(created.id)
+        eventually(lambda: status_on(on_a, created.id) is None)
+        assert a.server.metrics.turns["cancelled"] == 1
+        board_flush(a)
+        board_flush(b)
+        assert status_on(on_b, created.id) is None
+        with pytest.raises(openai.NotFoundError):
+            on_b.responses.delete(created.id)
+
+
+def test_a_failed_background_response_is_seen_elsewhere(redis_url: str, sdk: SDK) -> None:
+    with two_servers(redis_url) as (a, b):
+        on_a, on_b = sdk(a), sdk(b)
+        created = on_a.responses.create(model="m", input="/fail", background=True)
+        eventually(lambda: status_on(on_a, created.id) == "failed")
+        board_flush(a)
+        failed = on_b.responses.retrieve(created.id)
+        assert failed.status == "failed" and failed.error is not None
+        assert failed.error.code == "server_error"
+        # It outlives the run's own memory on A: A answers from the board too.
+        a.call(lambda: a.server.http.background._finished.clear())
+        assert on_a.responses.retrieve(created.id).status == "failed"
+        assert on_b.responses.cancel(created.id).status == "failed"
+
+
+def test_background_records_expire_unless_their_process_lives(redis_url: str, sdk: SDK) -> None:
+    """A running response's record lives RUNNING_TTL seconds (written again while its
+    process runs it); a failed or cancelled one as long as a stored response."""
+    with two_servers(redis_url) as (a, _b):
+        on_a = sdk(a)
+        running = on_a.responses.create(model="m", input="/sleep 20000\nx", background=True)
+        failed = on_a.responses.create(model="m", input="/fail", background=True)
+        eventually(lambda: status_on(on_a, failed.id) == "failed")
+        board_flush(a)
+        shared = a.server.engine.shared
+        assert isinstance(shared, SharedStore)
+        with redis.Redis.from_url(redis_url) as client:
+            owner = next(
+                key.decode().split(":")[2]
+                for key in client.scan_iter(f"{shared.prefix}:b:*:{running.id}")
+            )
+            ttl_running = client.ttl(f"{shared.prefix}:b:{owner}:{running.id}")
+            ttl_failed = client.ttl(f"{shared.prefix}:b:{owner}:{failed.id}")
+        assert 0 < ttl_running <= shared_background.RUNNING_TTL
+        assert shared.ttl - 60 < ttl_failed <= shared.ttl
+        on_a.responses.cancel(running.id)
+
+
 def test_prefix_matched_responses_load_with_their_history(redis_url: str) -> None:
     def user(text: str) -> dict[str, str]:
         return {"role": "user", "content": text}
@@ -327,6 +437,11 @@ def test_a_redis_outage_leaves_local_service_running() -> None:
             ]
             after = events[-1]["response"]["id"]
             assert httpx.get(f"{a.base_url}/responses/{after}").status_code == 200
+            # A background response runs to its end (its state cannot be shared).
+            body = {"model": "m", "input": "in the background", "background": True}
+            queued = httpx.post(f"{a.base_url}/responses", json=body).json()
+            poll = f"{a.base_url}/responses/{queued['id']}"
+            eventually(lambda: httpx.get(poll).json()["status"] == "completed")
             # A DELETE that Redis cannot be told of deletes nothing (503, retry): the
             # other processes would keep serving it, and so would this one after an
             # eviction.

@@ -15,9 +15,13 @@ be continued by id; a failed or cancelled one is not stored, but stays retrievab
 here for `RETAIN_SECONDS`. Finished runs are kept for `RETAIN_SECONDS` (at most
 `MAX_FINISHED`, and `MAX_RETAINED_BYTES` of events) for their events and final
 state; at most `MAX_RUNNING` run at once
-(more get `server_is_overloaded`). A run is local to its process: another process
-sees the response once it is stored (through Redis, when configured). Shutdown
-cancels the runs still going.
+(more get `server_is_overloaded`). A run is local to its process, and so are its events.
+With a shared store (Redis) the other processes see it too: the process that runs
+it publishes the Response object as it is now on a board (`shared_background`), so
+a `GET` on another process answers with it while it runs and, for a failed or
+cancelled one, after it ended; a cancel or delete there is announced to the process
+that runs it (a completed one is stored and shared as any stored response).
+Shutdown cancels the runs still going.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from warmsocket import errors
-from warmsocket.engine import Turn
+from warmsocket.engine import SharedBackgroundBoard, Turn
 
 log = logging.getLogger("warmsocket.background")
 
@@ -40,6 +45,11 @@ MAX_FINISHED = 1024
 """Finished background responses whose events and state are kept."""
 RETAIN_SECONDS = 600.0
 """How long a finished background response's events and state are kept."""
+CANCEL_WAIT_SECONDS = 5.0
+"""How long a cancel asked of another process waits to see the response cancelled."""
+HEARTBEAT_SECONDS = 10.0
+"""How often a running response's state is published again (with a board)."""
+TERMINAL = frozenset({"completed", "incomplete", "failed", "cancelled"})
 MAX_RETAINED_BYTES = 256 * 1024 * 1024
 """The events of finished background responses kept at most, in all (older ones are
 forgotten first): they are not part of the session cache's budget."""
@@ -50,7 +60,18 @@ _EVENT_END = b"\n\n"
 class BackgroundRun:
     """One background response: its turn, its events so far, and its task."""
 
-    __slots__ = ("changed", "event_bytes", "events", "finished_at", "owner", "task", "turn")
+    __slots__ = (
+        "changed",
+        "event_bytes",
+        "events",
+        "finished_at",
+        "forgotten",
+        "on_status",
+        "owner",
+        "published_status",
+        "task",
+        "turn",
+    )
 
     def __init__(self, turn: Turn, owner: str) -> None:
         self.turn = turn
@@ -61,6 +82,11 @@ class BackgroundRun:
         self.changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.finished_at: float | None = None
+        self.forgotten = False
+        """Deleted: its state is not published again."""
+        self.on_status: Callable[[BackgroundRun], None] | None = None
+        """Called when an emitted event changed the response's status."""
+        self.published_status: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -78,6 +104,8 @@ class BackgroundRun:
             start = end
         self.event_bytes += len(frames)
         self._wake()
+        if self.on_status is not None and self.turn.stream.status != self.published_status:
+            self.on_status(self)
 
     def finish(self) -> None:
         self.finished_at = time.monotonic()
@@ -115,7 +143,12 @@ class BackgroundRun:
 class BackgroundResponses:
     """The background responses of one process, by id."""
 
-    def __init__(self) -> None:
+    def __init__(self, board: SharedBackgroundBoard | None = None) -> None:
+        """`board`: where the runs' state is shared with other processes, if anywhere."""
+        self.board = board
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._announced: set[asyncio.Task[None]] = set()
+        """Cancels and deletions other processes asked for, under way."""
         self._running: dict[str, BackgroundRun] = {}
         self._finished: OrderedDict[str, BackgroundRun] = OrderedDict()
         """Oldest first: expired from the front."""
@@ -162,14 +195,97 @@ class BackgroundResponses:
                 self._finished[turn.response_id] = run
                 self._finished_bytes += run.event_bytes
                 run.finish()
+                if turn.stream.status != run.published_status:
+                    self._publish(run)
 
-        run.task = asyncio.get_running_loop().create_task(main())
+        loop = asyncio.get_running_loop()
+        run.task = loop.create_task(main())
+        if self.board is not None:
+            run.on_status = self._publish  # queued now, in_progress, how it ended
+            self._publish(run)
+            if self._heartbeat is None:
+                self._heartbeat = loop.create_task(self._beat(self.board))
         return run
 
+    def _publish(self, run: BackgroundRun) -> None:
+        """Share the run's state now (with a board, unless it was deleted)."""
+        if self.board is None or run.forgotten:
+            return
+        stream = run.turn.stream
+        run.published_status = status = stream.status
+        self.board.publish(run.owner, run.turn.response_id, stream.response_json(), status=status)
+
+    async def _beat(self, board: SharedBackgroundBoard) -> None:
+        """Publish the running responses' state again, so their records stay (and
+        show `in_progress` and the output so far) while their process lives."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            for run in list(self._running.values()):
+                self._publish(run)
+
     def forget(self, run: BackgroundRun) -> None:
-        """Drop a finished run's events and state (the response was deleted)."""
+        """Drop a finished run's events and state, here and on the board (the
+        response was deleted)."""
+        run.forgotten = True
+        if self.board is not None:
+            self.board.forget(run.owner, run.turn.response_id)
         if self._finished.pop(run.turn.response_id, None) is not None:
             self._finished_bytes -= run.event_bytes
+
+    # -- runs of other processes (with a board) -------------------------------------------
+
+    async def state_elsewhere(self, response_id: str, owner: str) -> dict[str, Any] | None:
+        """The Response object of a background response as the process that runs it
+        (or ran it) last published it; None without a board or a record. Raises
+        SharedStoreUnavailable."""
+        if self.board is None:
+            return None
+        return await self.board.get(owner, response_id)
+
+    async def cancel_elsewhere(self, response_id: str, owner: str) -> dict[str, Any] | None:
+        """Cancel a background response another process runs: ask it, then wait (at
+        most `CANCEL_WAIT_SECONDS`) until its record says it ended. The Response object
+        as it is then; None without a board or a record. Raises
+        SharedStoreUnavailable."""
+        state = await self.state_elsewhere(response_id, owner)
+        if state is None or state.get("status") in TERMINAL or self.board is None:
+            return state
+        await self.board.request_cancel(owner, response_id)
+        deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            now = await self.board.get(owner, response_id)
+            if now is None:  # deleted meanwhile
+                return state
+            state = now
+            if state.get("status") in TERMINAL:
+                break
+        return state
+
+    def cancel_announced(self, owner: str, response_id: str) -> None:
+        """Another process asked for a cancel: cancel the run if it is here."""
+        run = self._running.get(response_id)
+        if run is not None and run.owner == owner:
+            self._spawn(self.cancel(run))
+
+    def delete_announced(self, owner: str, response_id: str) -> None:
+        """Another process deleted the response: stop and forget the run if it is here."""
+        run = self.get(response_id, owner)
+        if run is None:
+            return
+
+        async def drop(run: BackgroundRun) -> None:
+            await self.cancel(run)
+            self.forget(run)
+
+        run.forgotten = True  # its end is not published: the record is gone
+        self._spawn(drop(run))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in a task kept until it is done."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._announced.add(task)
+        task.add_done_callback(self._announced.discard)
 
     def stats(self) -> dict[str, int]:
         self._expire()
@@ -190,7 +306,11 @@ class BackgroundResponses:
             await asyncio.shield(task)
 
     async def aclose(self) -> None:
-        """Cancel the runs still going (server shutdown)."""
+        """Cancel the runs still going (server shutdown), and publish how they ended."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
         running = list(self._running.values())
         if running:
             log.info("cancelling background responses", extra={"responses": len(running)})

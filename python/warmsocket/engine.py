@@ -190,15 +190,48 @@ class SharedStoreUnavailable(ConnectionError):
         self.response_id = response_id
 
 
+class SharedBackgroundBoard(Protocol):
+    """Background responses' state and cancels shared with other processes
+    (`shared_background.BackgroundBoard`)."""
+
+    def publish(self, owner: str, response_id: str, response: bytes, *, status: str) -> None:
+        """Queue the Response object as it is now; never blocks, never raises."""
+        ...
+
+    def forget(self, owner: str, response_id: str) -> None:
+        """Queue the deletion of what was published for the response."""
+        ...
+
+    async def get(self, owner: str, response_id: str) -> dict[str, Any] | None:
+        """The Response object last published by any process, if any. Raises
+        SharedStoreUnavailable when the store does not answer."""
+        ...
+
+    async def request_cancel(self, owner: str, response_id: str) -> None:
+        """Ask the process that runs the response to cancel it. Raises
+        SharedStoreUnavailable when the store does not answer."""
+        ...
+
+
 class SharedResponses(Protocol):
     """Stored responses shared with other processes (`shared_store.SharedStore`).
 
     The engine and the server know only this protocol, so nothing imports the Redis
     client unless `--redis-url` is given."""
 
-    async def start(self, on_deleted: Callable[[str, str], None]) -> None:
+    @property
+    def background_board(self) -> SharedBackgroundBoard:
+        """Background responses' state, for every process."""
+        ...
+
+    async def start(
+        self,
+        on_deleted: Callable[[str, str], None],
+        on_cancel: Callable[[str, str], None] | None = None,
+    ) -> None:
         """Connect (raises ConnectionError) and start writing; `on_deleted(owner, id)`
-        is called when any process deletes a shared response."""
+        is called when any process deletes a shared response, `on_cancel(owner, id)`
+        when any process asks for a background response to be cancelled."""
         ...
 
     async def aclose(self) -> None:

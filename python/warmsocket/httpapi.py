@@ -75,7 +75,10 @@ class HTTPApp:
         self.auth = auth
         self.models = tuple(models)
         self.ready = ready
-        self.background = BackgroundResponses()
+        shared = engine.shared
+        self.background = BackgroundResponses(
+            board=shared.background_board if shared is not None else None
+        )
 
     async def handle(self, request: Request, writer: ResponseWriter, *, connection: int) -> bool:
         """Answer one request. Returns whether the connection may be kept alive."""
@@ -167,14 +170,21 @@ class HTTPApp:
                 if run is not None:
                     return self._json(writer, request, request_id, 200, run.response_json())
                 if streamed:
-                    await self._stored(owner, path_id)  # unknown: 404
+                    await self._stored_or_elsewhere(owner, path_id)  # unknown: 404
                     raise errors.unsupported_parameter(
                         "stream",
-                        "Only a background response's events can be streamed again, and only "
-                        f"for {int(RETAIN_SECONDS)} s after it ended; retrieve the response "
+                        "Only a background response's events can be streamed again, only "
+                        "from the server that runs it, and only for "
+                        f"{int(RETAIN_SECONDS)} s after it ended; retrieve the response "
                         "without 'stream' instead.",
                     )
-                return await self._retrieve(writer, request, request_id, owner, path_id)
+                try:
+                    return await self._retrieve(writer, request, request_id, owner, path_id)
+                except APIError as error:
+                    # Not stored (yet): a background response another process runs, or
+                    # one that failed or was cancelled, as the board shows it.
+                    state = await self._elsewhere(error, owner, path_id)
+                    return self._json(writer, request, request_id, 200, dumps(state))
             if method == "DELETE":
                 return await self._delete(writer, request, request_id, owner, path_id)
             raise errors.method_not_allowed(method, request.path)
@@ -186,8 +196,13 @@ class HTTPApp:
                 await self.background.cancel(run)
                 return self._json(writer, request, request_id, 200, run.response_json())
             # An unknown id is 404, as for GET and DELETE (spec §6.3, §6.4); a stored
-            # background response is given as it ended; any other is 400 (§6.4).
-            info, _input, output = await self._stored(owner, path_id)
+            # background response is given as it ended; any other is 400 (§6.4). One
+            # that another process runs is cancelled there.
+            try:
+                info, _input, output = await self._stored(owner, path_id)
+            except APIError as error:
+                state = await self._elsewhere(error, owner, path_id, cancel=True)
+                return self._json(writer, request, request_id, 200, dumps(state))
             stored = response_object(info, output)
             if stored["background"]:
                 return self._json(writer, request, request_id, 200, dumps(stored))
@@ -344,11 +359,17 @@ class HTTPApp:
             await self.background.cancel(run)
             self.background.forget(run)
         shared_deleted = False
+        on_board = False
         if engine.shared is not None:
             # First, and also when it was not cached here: another process may have made
             # it. When Redis cannot be told, nothing is deleted (this process would load
             # it again from Redis, the others would keep serving it): the client retries.
             try:
+                # A background response another process runs (not stored yet), or one
+                # that failed or was cancelled: looked up before the deletion is
+                # announced, as its process then forgets it (and stops it).
+                if run is None:
+                    on_board = await self.background.state_elsewhere(rid, owner) is not None
                 shared_deleted = await engine.shared.delete(rid, owner=owner)
             except ConnectionError:
                 raise errors.APIError(
@@ -358,8 +379,11 @@ class HTTPApp:
                     status=503,
                     type="server_error",
                 ) from None
+        if on_board:
+            assert engine.shared is not None
+            engine.shared.background_board.forget(owner, rid)
         deleted = engine.cache.delete(rid, owner=owner) or shared_deleted or run is not None
-        if not deleted:
+        if not (deleted or on_board):
             raise errors.response_not_found(rid)
         body = dumps({"id": rid, "object": "response", "deleted": True})
         return self._json(writer, request, request_id, 200, body)
@@ -418,6 +442,40 @@ class HTTPApp:
         )
 
     # -- helpers ----------------------------------------------------------------------------
+
+    async def _board_state(
+        self, owner: str, rid: str, *, cancel: bool = False
+    ) -> dict[str, Any] | None:
+        """A background response's state on the shared board (cancelled first when
+        `cancel`), None when it has none there. Raises APIError 503 when the shared
+        store does not answer."""
+        background = self.background
+        try:
+            if cancel:
+                return await background.cancel_elsewhere(rid, owner)
+            return await background.state_elsewhere(rid, owner)
+        except SharedStoreUnavailable:
+            raise errors.shared_store_unavailable(rid, param=None) from None
+
+    async def _elsewhere(
+        self, error: APIError, owner: str, rid: str, *, cancel: bool = False
+    ) -> dict[str, Any]:
+        """After `error` from the stored responses: the background response's state on
+        the shared board, or `error` again when it is not a 'not found' or the board
+        has none."""
+        if error.status != 404:
+            raise error
+        state = await self._board_state(owner, rid, cancel=cancel)
+        if state is None:
+            raise error
+        return state
+
+    async def _stored_or_elsewhere(self, owner: str, rid: str) -> None:
+        """Raise 404 unless the response is stored or on the shared board."""
+        try:
+            await self._stored(owner, rid)
+        except APIError as error:
+            await self._elsewhere(error, owner, rid)
 
     async def _stored(
         self, owner: str, rid: str

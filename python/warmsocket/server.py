@@ -244,7 +244,9 @@ class Server:
         (raises OSError)."""
         shared = self.engine.shared
         if shared is not None:
-            await shared.start(on_deleted=self._forget)
+            await shared.start(
+                on_deleted=self._forget, on_cancel=self.http.background.cancel_announced
+            )
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: Connection(self),
@@ -275,8 +277,10 @@ class Server:
             await self.engine.shared.aclose()
 
     def _forget(self, owner: str, response_id: str) -> None:
-        """Another process deleted a shared response: drop the local copy too."""
+        """Another process deleted a shared response: drop the local copy too, and stop
+        the background response if it runs here."""
         self.cache.delete(response_id, owner=owner)
+        self.http.background.delete_announced(owner, response_id)
 
     async def __aenter__(self) -> Server:
         await self.start()

@@ -45,6 +45,10 @@ Deletion marks the record and announces ``[owner, id]`` on the pub/sub channel
 ``<prefix>:deleted``; every process subscribed (`start(on_deleted=...)`) drops its
 local copy. A response deleted before the writer wrote it is written as deleted.
 
+Background responses that another process runs, or that failed or were cancelled
+(never stored), are shared through the same Redis by `shared_background` (its
+`BackgroundBoard` is this store's `background_board`).
+
 The write-behind queue is flushed within milliseconds; a client that reconnects to
 another process in that window may not find its newest response yet. A Redis outage
 is logged (where Redis is, the error's type and the OS's reason, e.g. 'Connection
@@ -79,6 +83,7 @@ from redis.backoff import ExponentialBackoff
 from warmsocket import _core
 from warmsocket._core import Binding, Items, SessionCache
 from warmsocket.engine import SharedStoreUnavailable
+from warmsocket.shared_background import BackgroundBoard, OnCancel
 
 log = logging.getLogger("warmsocket.shared_store")
 
@@ -280,6 +285,8 @@ class SharedStore:
         # (owner, response id) of the deletions announced lately: a load that read a
         # record before its deletion was announced drops it after inserting it.
         self._announced: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.background_board = BackgroundBoard(self)
+        """Background responses' state and cancels, for every process."""
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SharedStore:
@@ -308,9 +315,17 @@ class SharedStore:
     def channel(self) -> str:
         return f"{self.prefix}:deleted"
 
-    async def start(self, on_deleted: OnDeleted | None = None) -> None:
-        """Check the connection, start the writer and, with `on_deleted`, follow the
-        deletions other processes announce. Raises ConnectionError."""
+    @staticmethod
+    def failure_fields(exc: BaseException) -> dict[str, str]:
+        """The log fields of a failed Redis call (its type and the OS's reason)."""
+        return _failure(exc)
+
+    async def start(
+        self, on_deleted: OnDeleted | None = None, on_cancel: OnCancel | None = None
+    ) -> None:
+        """Check the connection, start the writers and, with `on_deleted` and
+        `on_cancel`, follow the deletions and background cancels other processes
+        announce. Raises ConnectionError."""
         try:
             await self.client.ping()
         except (redis.RedisError, OSError) as exc:
@@ -319,9 +334,11 @@ class SharedStore:
         self._writer = loop.create_task(self._write_loop())
         if on_deleted is not None:
             self._listener = loop.create_task(self._listen(on_deleted))
+        self.background_board.start(on_cancel)
 
     async def aclose(self, flush_timeout: float = SHUTDOWN_FLUSH_TIMEOUT) -> None:
         """Flush pending writes (for at most `flush_timeout` seconds), then close."""
+        await self.background_board.aclose()
         try:
             await asyncio.wait_for(self.flush(), flush_timeout)
         except TimeoutError:
