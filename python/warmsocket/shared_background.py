@@ -16,8 +16,9 @@ Redis, under ``<prefix>:b:<owner>:<id>``:
   write-behind (`RUNNING_TTL`);
 * deleted with the response.
 
-A cancel asked of another process is announced on the channel ``<prefix>:cancel``;
-the process that runs the response cancels it, and the record says `cancelled`.
+A cancel asked of another process is announced on the channel ``<prefix>:cancel``
+(which `SharedStore` follows with its deletions); the process that runs the response
+cancels it, and the record says `cancelled`.
 
 Writes are queued and written in order by one task (never on a request's path); a
 Redis outage is logged (without content) and counted, and the run goes on. A read
@@ -48,7 +49,6 @@ RUNNING_TTL = 30
 """Seconds a running response's record lives unless its process writes it again."""
 HEARTBEAT_SECONDS = 10.0
 """How often the process that runs a response writes its record again."""
-RESUBSCRIBE_DELAY = 1.0
 
 OnCancel = Callable[[str, str], None]
 """Called with (owner, response_id) when any process asks for a cancel."""
@@ -66,27 +66,22 @@ class BackgroundBoard:
         self._idle = asyncio.Event()
         self._idle.set()
         self._writer: asyncio.Task[None] | None = None
-        self._listener: asyncio.Task[None] | None = None
 
     @property
     def channel(self) -> str:
         return f"{self._prefix}:cancel"
 
-    def start(self, on_cancel: OnCancel | None) -> None:
-        loop = asyncio.get_running_loop()
-        self._writer = loop.create_task(self._write_loop())
-        if on_cancel is not None:
-            self._listener = loop.create_task(self._listen(on_cancel))
+    def start(self) -> None:
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     async def aclose(self) -> None:
         """Write what is queued (the caller bounds the time), then stop."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.flush(), 5.0)
-        for task in (self._writer, self._listener):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
 
     async def flush(self) -> None:
         """Wait until every queued write was written (or failed)."""
@@ -159,31 +154,6 @@ class BackgroundBoard:
             self._failed("cannot ask for a cancel through Redis", exc)
             raise SharedStoreUnavailable(response_id) from None
 
-    async def _listen(self, on_cancel: OnCancel) -> None:
-        failing = False
-        while True:
-            try:
-                async with self._client.pubsub() as pubsub:
-                    await pubsub.subscribe(self.channel)
-                    if failing:
-                        log.info("subscribed to Redis cancels again")
-                        failing = False
-                    while True:
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=1.0
-                        )
-                        if message is not None:
-                            _announce(message.get("data"), on_cancel)
-            except Exception as exc:  # keep listening, whatever happened
-                if failing:
-                    self._store.errors += 1
-                else:  # logged once per outage, not once per retry
-                    self._failed(
-                        "lost the Redis subscription to cancels; retrying every second", exc
-                    )
-                    failing = True
-                await asyncio.sleep(RESUBSCRIBE_DELAY)
-
     def _key(self, owner: str, response_id: str) -> str:
         return f"{self._prefix}:b:{owner}:{response_id}"
 
@@ -199,7 +169,8 @@ class BackgroundBoard:
         log.error(message, extra=fields)
 
 
-def _announce(data: Any, on_cancel: OnCancel) -> None:
+def announced_cancel(data: Any, on_cancel: OnCancel) -> None:
+    """A message of the cancel channel: call `on_cancel` with what it names."""
     try:
         owner, response_id = json.loads(data)
         owner, response_id = str(owner), str(response_id)

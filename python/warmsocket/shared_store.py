@@ -83,7 +83,7 @@ from redis.backoff import ExponentialBackoff
 from warmsocket import _core
 from warmsocket._core import Binding, Items, SessionCache
 from warmsocket.engine import SharedStoreUnavailable
-from warmsocket.shared_background import BackgroundBoard, OnCancel
+from warmsocket.shared_background import BackgroundBoard, OnCancel, announced_cancel
 
 log = logging.getLogger("warmsocket.shared_store")
 
@@ -332,9 +332,9 @@ class SharedStore:
             raise RedisUnreachable(self.address, failure_reason(exc), type(exc).__name__) from None
         loop = asyncio.get_running_loop()
         self._writer = loop.create_task(self._write_loop())
-        if on_deleted is not None:
-            self._listener = loop.create_task(self._listen(on_deleted))
-        self.background_board.start(on_cancel)
+        if on_deleted is not None or on_cancel is not None:
+            self._listener = loop.create_task(self._listen(on_deleted, on_cancel))
+        self.background_board.start()
 
     async def aclose(self, flush_timeout: float = SHUTDOWN_FLUSH_TIMEOUT) -> None:
         """Flush pending writes (for at most `flush_timeout` seconds), then close."""
@@ -645,26 +645,37 @@ class SharedStore:
         self.deleted += existed
         return existed
 
-    async def _listen(self, on_deleted: OnDeleted) -> None:
+    async def _listen(self, on_deleted: OnDeleted | None, on_cancel: OnCancel | None) -> None:
+        """Follow the deletions and the background cancels other processes announce."""
+        cancels = self.background_board.channel
+        channels = [self.channel] if on_deleted is not None else []
+        if on_cancel is not None:
+            channels.append(cancels)
         failing = False
         while True:
             try:
                 async with self.client.pubsub() as pubsub:
-                    await pubsub.subscribe(self.channel)
+                    await pubsub.subscribe(*channels)
                     if failing:
-                        log.info("subscribed to Redis deletions again")
+                        log.info("subscribed to Redis deletions and cancels again")
                         failing = False
                     while True:
                         message = await pubsub.get_message(
                             ignore_subscribe_messages=True, timeout=1.0
                         )
-                        if message is not None:
-                            self._announce(message.get("data"), on_deleted)
+                        if message is None:
+                            continue
+                        data, channel = message.get("data"), message.get("channel")
+                        if on_cancel is not None and channel in (cancels, cancels.encode()):
+                            announced_cancel(data, on_cancel)
+                        elif on_deleted is not None:
+                            self._announce(data, on_deleted)
             except Exception as exc:  # Redis and OS errors, and anything else: keep listening
                 self.errors += 1
                 if not failing:  # once per outage, not once per retry
                     log.error(
-                        "lost the Redis subscription to deletions; retrying every second",
+                        "lost the Redis subscription to deletions and cancels; retrying "
+                        "every second",
                         extra={"redis": self.address, **_failure(exc)},
                     )
                     failing = True
