@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from warmsocket import _core, errors, ids
 from warmsocket._core import (
@@ -71,6 +71,7 @@ Framing = Literal["json", "websocket", "msgpack", "sse"]
 
 BYTES_PER_TOKEN_ESTIMATE = 4
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_Key = TypeVar("_Key", str, int)
 Usage = tuple[int, int, int, int]
 """(input_tokens, cached_tokens, output_tokens, reasoning_tokens): the reasoning
 tokens are part of the output tokens."""
@@ -312,31 +313,25 @@ class Engine:
     def instruction_tokens(self, instructions: str | None) -> int:
         """Tokens of the instructions as a `system` message (memoised; 0 without a
         tokenizer)."""
-        if instructions is None or self.tokenizer is None:
+        tokenizer = self.tokenizer
+        if instructions is None or tokenizer is None:
             return 0
-        count = self._instruction_tokens.get(instructions)
-        if count is None:
-            count = self.tokenizer.count_instructions(instructions)
-            if len(self._instruction_tokens) >= 256:
-                self._instruction_tokens.clear()
-            self._instruction_tokens[instructions] = count
-        return count
+        return _memoised(
+            self._instruction_tokens,
+            instructions,
+            lambda: tokenizer.count_instructions(instructions),
+        )
 
     def tool_tokens(self, request: CreateRequest) -> int:
         """Tokens of the request's tools as a `system` message (memoised by their
         digest; 0 without tools or a tokenizer)."""
         digest = request.tools_digest
-        if digest is None or self.tokenizer is None:
+        tokenizer = self.tokenizer
+        if digest is None or tokenizer is None:
             return 0
-        count = self._tool_tokens.get(digest)
-        if count is None:
-            tools = request.tools_json
-            assert tools is not None  # a digest means tools
-            count = self.tokenizer.count_tools(tools)
-            if len(self._tool_tokens) >= 256:
-                self._tool_tokens.clear()
-            self._tool_tokens[digest] = count
-        return count
+        return _memoised(
+            self._tool_tokens, digest, lambda: tokenizer.count_tools(request.tools_json or b"[]")
+        )
 
     def prompt_tokens(self, request: CreateRequest) -> int:
         """Tokens of what a request's prompt starts with: its instructions and tools."""
@@ -526,6 +521,21 @@ def context_start(items: Items) -> int | None:
             return found
         end = found
     return None
+
+
+_MEMO_ENTRIES = 256
+
+
+def _memoised(memo: dict[_Key, int], key: _Key, count: Callable[[], int]) -> int:
+    """`memo[key]`, counted first when it is not there (the memo is cleared when full:
+    an agent sends the same instructions and tools every turn)."""
+    found = memo.get(key)
+    if found is None:
+        found = count()
+        if len(memo) >= _MEMO_ENTRIES:
+            memo.clear()
+        memo[key] = found
+    return found
 
 
 def _usage(

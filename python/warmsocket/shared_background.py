@@ -169,14 +169,23 @@ class BackgroundBoard:
         log.error(message, extra=fields)
 
 
-def announced_cancel(data: Any, on_cancel: OnCancel) -> None:
-    """A message of the cancel channel: call `on_cancel` with what it names."""
+def parse_announcement(data: Any, kind: str) -> tuple[str, str] | None:
+    """The (owner, response id) a pub/sub announcement (`[owner, id]`) names; None,
+    logged with its `kind`, when it is malformed."""
     try:
         owner, response_id = json.loads(data)
-        owner, response_id = str(owner), str(response_id)
     except Exception as exc:
-        log.error("bad cancel announcement", extra={"error_type": type(exc).__name__})
+        log.error(f"bad {kind} announcement", extra={"error_type": type(exc).__name__})
+        return None
+    return str(owner), str(response_id)
+
+
+def announced_cancel(data: Any, on_cancel: OnCancel) -> None:
+    """A message of the cancel channel: call `on_cancel` with what it names."""
+    named = parse_announcement(data, "cancel")
+    if named is None:
         return
+    owner, response_id = named
     try:
         on_cancel(owner, response_id)
     except Exception as exc:

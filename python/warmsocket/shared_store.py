@@ -83,7 +83,12 @@ from redis.backoff import ExponentialBackoff
 from warmsocket import _core
 from warmsocket._core import Binding, Items, SessionCache
 from warmsocket.engine import SharedStoreUnavailable
-from warmsocket.shared_background import BackgroundBoard, OnCancel, announced_cancel
+from warmsocket.shared_background import (
+    BackgroundBoard,
+    OnCancel,
+    announced_cancel,
+    parse_announcement,
+)
 
 log = logging.getLogger("warmsocket.shared_store")
 
@@ -682,12 +687,10 @@ class SharedStore:
                 await asyncio.sleep(RESUBSCRIBE_DELAY)
 
     def _announce(self, data: Any, on_deleted: OnDeleted) -> None:
-        try:
-            owner, response_id = json.loads(data)
-            owner, response_id = str(owner), str(response_id)
-        except Exception as exc:
-            log.error("bad deletion announcement", extra={"error_type": type(exc).__name__})
+        named = parse_announcement(data, "deletion")
+        if named is None:
             return
+        owner, response_id = named
         announced = self._announced
         announced[(owner, response_id)] = None
         while len(announced) > ANNOUNCED_MEMORY:
