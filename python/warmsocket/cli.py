@@ -440,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
         "several processes",
         "Replicas of one API share their stored (store=true) responses through Redis: "
         "a response made on one process can be continued by previous_response_id, "
-        "retrieved or deleted on any other. Needs the redis client: "
+        "retrieved or deleted on any other, and a background response is polled, "
+        "cancelled or deleted on any of them. Needs the redis client: "
         "pip install 'redis>=5' (the redis extra).",
     )
     opt.parser = sharing
