@@ -6,11 +6,12 @@ polls `GET /v1/responses/{id}`, cancels or deletes it may land on another one. S
 the process that runs it keeps the Response object as it is now on a board in
 Redis, under ``<prefix>:b:<owner>:<id>``:
 
-* written when the run starts (`queued`), again at least every `HEARTBEAT_SECONDS`
-  while it runs (so `in_progress`, and the output so far, show too), each time to
-  expire `RUNNING_TTL` seconds later: a record whose process died goes away;
-* written once more when the run ends: a `failed` or `cancelled` one is not stored as a
-  response, so its record is what other processes (and this one, once its own copy
+* written when the run starts (`queued`), when its status changes (`in_progress`),
+  and every `background.HEARTBEAT_SECONDS` while it runs (with the output so far),
+  each time to expire `RUNNING_TTL` seconds later: a record whose process died goes
+  away;
+* written once more when the run ends: a `failed` or `cancelled` one is not stored
+  as a response, so its record is what other processes (and this one, once its own copy
   is forgotten) answer with, for the store's TTL; a `completed` or `incomplete` one
   is stored and shared as any stored response, and its record only bridges the
   write-behind (`RUNNING_TTL`);
@@ -47,8 +48,6 @@ log = logging.getLogger("warmsocket.shared_background")
 
 RUNNING_TTL = 30
 """Seconds a running response's record lives unless its process writes it again."""
-HEARTBEAT_SECONDS = 10.0
-"""How often the process that runs a response writes its record again."""
 
 OnCancel = Callable[[str, str], None]
 """Called with (owner, response_id) when any process asks for a cancel."""
