@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import socket
@@ -12,6 +13,7 @@ import httpx2 as httpx
 import pytest
 
 from tests.support import RunningServer, running_server
+from warmsocket import _core
 
 
 def test_health_models_and_request_ids(server: RunningServer) -> None:
@@ -192,6 +194,37 @@ def test_a_response_larger_than_the_whole_budget_is_reported(
     assert record.__dict__["response_id"] == reply["id"]
     assert record.__dict__["memory_budget"] == 4096
     assert "secret" not in caplog.text
+
+
+def test_large_tools_over_http_do_not_hold_up_other_requests(server: RunningServer) -> None:
+    """Tools are counted as the input is: a large set not seen before, in a worker
+    thread (here a description of 3 MiB without a break, counted by the token count
+    endpoint)."""
+    url = f"http://127.0.0.1:{server.port}/v1/responses"
+    tools = [{"type": "function", "name": "f", "description": "x" * (3 << 20)}]
+    large_seconds: list[float] = []
+    counts: list[int] = []
+
+    def large() -> None:
+        body = {"model": "m", "tools": tools}
+        started = time.perf_counter()
+        response = httpx.post(f"{url}/input_tokens", json=body, timeout=60)
+        assert response.status_code == 200
+        counts.append(response.json()["input_tokens"])
+        large_seconds.append(time.perf_counter() - started)
+
+    worker = threading.Thread(target=large)
+    worker.start()
+    time.sleep(0.3)  # the tools are being counted
+    started = time.perf_counter()
+    small = httpx.post(url, json={"model": "m", "input": "hi", "store": False}, timeout=60)
+    small_seconds = time.perf_counter() - started
+    assert small.json()["output"][0]["content"][0]["text"] == "You said: hi"
+    worker.join(60)
+    assert large_seconds
+    assert small_seconds < large_seconds[0] / 3, (small_seconds, large_seconds)
+    canonical = json.dumps(tools, separators=(",", ":"), sort_keys=True)
+    assert counts == [_core.Tokenizer.builtin("o200k_base").count_tools(canonical)]
 
 
 def test_a_large_input_over_http_does_not_hold_up_other_requests(server: RunningServer) -> None:

@@ -711,3 +711,32 @@ def test_a_large_input_is_tokenised_without_holding_up_other_connections(
     # Tokenised, not estimated: the count is the tokeniser's, with a few framing tokens.
     counted = _core.Tokenizer.builtin("o200k_base").count(big)
     assert 0 <= slow_events[-1]["response"]["usage"]["input_tokens"] - counted < 16
+
+
+def test_large_instructions_are_counted_without_holding_up_other_connections(
+    server: RunningServer,
+) -> None:
+    """The same for instructions (and tools): counted in a worker thread before the
+    model starts, the first time they are seen."""
+    big = "x" * (3 << 20)
+    with WSClient(server.ws_url) as slow, WSClient(server.ws_url) as quick:
+        slow.create(input="hi", instructions=big, store=False)
+        assert slow.recv(timeout=30)["type"] == "response.created"
+        quick.create(input="hello", store=False)
+        quick_events = quick.until_terminal(timeout=30)
+        assert output_text(quick_events) == "You said: hello"
+        ready = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                ready.append(slow.recv(timeout=0.01)["type"])
+        assert "response.completed" not in ready
+        slow_events = slow.until_terminal(timeout=60)
+        # Counted once: the chain's next turn has them cached, and does not wait.
+        again = slow.turn(
+            input="again", instructions=big, previous_response_id=slow_events[-1]["response"]["id"]
+        )
+    counted = _core.Tokenizer.builtin("o200k_base").count(big)
+    first = slow_events[-1]["response"]["usage"]
+    assert 0 <= first["input_tokens"] - counted < 32
+    cached = again[-1]["response"]["usage"]["input_tokens_details"]["cached_tokens"]
+    assert first["input_tokens"] < cached < again[-1]["response"]["usage"]["input_tokens"]

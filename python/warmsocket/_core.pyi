@@ -770,6 +770,10 @@ class CreateRequest:
         """The `tools` array as canonical JSON (as in `settings_json`); None when
         there is no tool."""
     @property
+    def prompt_bytes(self) -> int:
+        """Bytes of the instructions (UTF-8) and of `tools_json`: what the prompt
+        starts with, for deciding where to tokenise it."""
+    @property
     def tools_digest(self) -> int | None:
         """XXH3-64 of `tools_json` (to tell one set of tools from another without
         comparing them); None when there is no tool."""

@@ -337,6 +337,26 @@ class Engine:
         """Tokens of what a request's prompt starts with: its instructions and tools."""
         return self.instruction_tokens(request.instructions) + self.tool_tokens(request)
 
+    def prompt_tokenize_off_loop(self, request: CreateRequest) -> bool:
+        """Whether the request's instructions and tools are large, and not counted yet:
+        then they are counted in a worker thread (`prompt_tokens_off_loop`), as a large
+        input is. One long piece without a break takes the tokeniser time that grows
+        faster than its length (docs/tokens.md)."""
+        if self.tokenizer is None or request.prompt_bytes < OFF_LOOP_TOKENIZE_BYTES:
+            return False
+        instructions = request.instructions
+        if instructions is not None and instructions not in self._instruction_tokens:
+            return True
+        digest = request.tools_digest
+        return digest is not None and digest not in self._tool_tokens
+
+    async def prompt_tokens_off_loop(self, request: CreateRequest) -> int:
+        """`prompt_tokens`, in a worker thread when the prompt is large and not counted
+        yet (the GIL is released while it works)."""
+        if self.prompt_tokenize_off_loop(request):
+            return await asyncio.to_thread(self.prompt_tokens, request)
+        return self.prompt_tokens(request)
+
     def context_tokens(self, view: ContextView) -> int:
         """Tokens of a context: the cached count, else counted now, else estimated."""
         if self.caches_tokens:
@@ -410,7 +430,7 @@ class Engine:
                 view = binding.view(items, tokenize=False)
                 parent = binding.info()
                 same_prompt = stored_prompt_key(parent.meta) == prompt
-                cached_tokens = self._cached_tokens(parent, binding, request, same_prompt)
+                cached_tokens, cached_prompt = self._cached_prefix(parent, binding, same_prompt)
                 # Backends key what they remember of a chain (upstream replica, chat
                 # rendering, upstream response) by the parent. A matched parent is
                 # shown to them only when the prompt continues it: with other
@@ -421,7 +441,7 @@ class Engine:
                 view = cache.view(
                     None, owner=owner, connection=connection, extra=items, tokenize=False
                 )
-                cached_tokens = 0
+                cached_tokens, cached_prompt = 0, False
             unanswered = view.unanswered_call_output()
             if unanswered is not None:
                 raise errors.invalid_value(
@@ -446,6 +466,7 @@ class Engine:
             view=view,
             stream_id=stream_id,
             cached_tokens=cached_tokens,
+            cached_prompt=cached_prompt,
             framing=framing,
             chain_parent_id=chain_parent,
             prompt_key=prompt,
@@ -468,7 +489,7 @@ class Engine:
                 return turn.usage()[0]
             finally:
                 turn.release()
-        tokens = self.prompt_tokens(request)
+        tokens = await self.prompt_tokens_off_loop(request)
         parent = request.previous_response_id
         if parent is None:
             return tokens
@@ -481,22 +502,21 @@ class Engine:
         finally:
             binding.release()
 
-    def _cached_tokens(
-        self,
-        parent: _core.ResponseInfo,
-        binding: Binding,
-        request: CreateRequest,
-        same_prompt: bool,
-    ) -> int:
-        """Tokens of the prompt a previous prompt of this chain already had."""
+    def _cached_prefix(
+        self, parent: _core.ResponseInfo, binding: Binding, same_prompt: bool
+    ) -> tuple[int, bool]:
+        """The tokens of the prompt a previous prompt of this chain already had: those
+        of the parent's context, and whether the instructions and tools count too
+        (`Turn.cached_tokens` adds them when first asked, after a large prompt was
+        counted off the event loop)."""
         if not self.caches_tokens and self.tokenizer is None:
-            return estimate_tokens(parent.bytes)
+            return estimate_tokens(parent.bytes), False
         if not same_prompt:
             # The prompt starts with the instructions and tools: a change
             # invalidates it all.
-            return 0
+            return 0, False
         prefix = parent.tokens if self.caches_tokens else self.context_tokens(binding.view())
-        return prefix + self.prompt_tokens(request)
+        return prefix, True
 
     def model_stream(self, turn: Turn) -> AsyncIterator[StreamItem]:
         """The model events of a turn: the backend's, after a server-side compaction
@@ -585,11 +605,14 @@ class Turn:
         view: ContextView,
         stream_id: str | None,
         cached_tokens: int,
+        cached_prompt: bool = False,
         framing: Framing = "json",
         chain_parent_id: str | None = None,
         prompt_key: str | None = None,
     ) -> None:
-        """`prompt_key`: `prompt_key(request.instructions, request.tools_digest)`."""
+        """`cached_tokens`: the tokens of the parent's context this prompt has, and with
+        `cached_prompt` its instructions' and tools' too; `prompt_key`:
+        `prompt_key(request.instructions, request.tools_digest)`."""
         self.engine = engine
         self.request = request
         self.response_id = response_id
@@ -599,7 +622,8 @@ class Turn:
         self.items = items
         self.view = view
         self.stream_id = stream_id
-        self.cached_tokens = cached_tokens
+        self._cached_prefix = cached_tokens
+        self._cached_prompt = cached_prompt
         self.chain_parent_id = chain_parent_id
         self.prompt_key = prompt_key
         self.started = time.perf_counter()
@@ -632,6 +656,19 @@ class Turn:
         self._local_only = False
 
     @property
+    def cached_tokens(self) -> int:
+        """Tokens of the prompt a previous prompt of this chain already had: the
+        parent's context, and the instructions and tools when they are the parent's."""
+        if self._cached_prompt:
+            return self._cached_prefix + self.engine.prompt_tokens(self.request)
+        return self._cached_prefix
+
+    @cached_tokens.setter
+    def cached_tokens(self, tokens: int) -> None:
+        self._cached_prefix = tokens
+        self._cached_prompt = False
+
+    @property
     def parent_id(self) -> str | None:
         """The `previous_response_id` the client sent."""
         return self.request.previous_response_id
@@ -653,15 +690,23 @@ class Turn:
 
     @property
     def tokenize_off_loop(self) -> bool:
-        """Whether the new input, not yet tokenised, is large enough to be tokenised
-        in a worker thread (`count_input_tokens_off_loop`) before the model starts."""
+        """Whether the new input, not yet tokenised, or the instructions and tools,
+        not yet counted, are large enough to be tokenised in a worker thread
+        (`count_input_tokens_off_loop`) before the model starts."""
+        return self._input_off_loop or self.engine.prompt_tokenize_off_loop(self.request)
+
+    @property
+    def _input_off_loop(self) -> bool:
         return self._tokens_pending and self.items.nbytes >= OFF_LOOP_TOKENIZE_BYTES
 
     async def count_input_tokens_off_loop(self) -> None:
-        """`count_input_tokens` in a worker thread when the input is large (the GIL is
-        released while it works), so the event loop serves other connections."""
-        if self.tokenize_off_loop:
+        """`count_input_tokens` and the prompt's tokens, each in a worker thread when
+        it is large (the GIL is released while it works), so the event loop serves
+        other connections."""
+        if self._input_off_loop:
             await asyncio.to_thread(self.count_input_tokens)
+        if self.engine.prompt_tokenize_off_loop(self.request):
+            await asyncio.to_thread(self.engine.prompt_tokens, self.request)
 
     def count_input_tokens(self) -> None:
         """Tokenise this turn's new input items, once.

@@ -153,6 +153,11 @@ impl PyCreateRequest {
         Some(PyBytes::new(py, self.inner.settings.get(span)?))
     }
     #[getter]
+    fn prompt_bytes(&self) -> usize {
+        let tools = self.inner.tools_span.as_ref().map_or(0, |span| span.len());
+        self.inner.instructions.as_ref().map_or(0, String::len) + tools
+    }
+    #[getter]
     fn tools_digest(&self) -> Option<u64> {
         let span = self.inner.tools_span.clone()?;
         Some(xxhash_rust::xxh3::xxh3_64(self.inner.settings.get(span)?))
