@@ -687,6 +687,22 @@ def test_a_tool_output_must_answer_a_call_in_its_context(server: RunningServer) 
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "input"
 
 
+def answered_first_elsewhere(slow: WSClient, quick: WSClient, **create: Any) -> list[Any]:
+    """Send `create` (about a second of tokenising) on `slow` and, once it has started,
+    a small turn on `quick`: the small one is answered while the large one is still
+    tokenised. The large turn's events."""
+    slow.create(**create)
+    assert slow.recv(timeout=30)["type"] == "response.created"
+    quick.create(input="hello", store=False)
+    assert output_text(quick.until_terminal(timeout=30)) == "You said: hello"
+    ready = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            ready.append(slow.recv(timeout=0.01)["type"])
+    assert "response.completed" not in ready
+    return slow.until_terminal(timeout=60)
+
+
 def test_a_large_input_is_tokenised_without_holding_up_other_connections(
     server: RunningServer,
 ) -> None:
@@ -695,19 +711,7 @@ def test_a_large_input_is_tokenised_without_holding_up_other_connections(
     connection's turn, sent once the large one has started, is answered first."""
     big = "x" * (3 << 20)
     with WSClient(server.ws_url) as slow, WSClient(server.ws_url) as quick:
-        slow.create(input=big, store=False)
-        assert slow.recv(timeout=30)["type"] == "response.created"
-        quick.create(input="hello", store=False)
-        quick_events = quick.until_terminal(timeout=30)
-        assert quick_events[-1]["response"]["output"][0]["content"][0]["text"] == (
-            "You said: hello"
-        )
-        ready = []
-        with contextlib.suppress(TimeoutError):
-            while True:
-                ready.append(slow.recv(timeout=0.01)["type"])
-        assert "response.completed" not in ready
-        slow_events = slow.until_terminal(timeout=60)
+        slow_events = answered_first_elsewhere(slow, quick, input=big, store=False)
     # Tokenised, not estimated: the count is the tokeniser's, with a few framing tokens.
     counted = _core.Tokenizer.builtin("o200k_base").count(big)
     assert 0 <= slow_events[-1]["response"]["usage"]["input_tokens"] - counted < 16
@@ -720,17 +724,9 @@ def test_large_instructions_are_counted_without_holding_up_other_connections(
     model starts, the first time they are seen."""
     big = "x" * (3 << 20)
     with WSClient(server.ws_url) as slow, WSClient(server.ws_url) as quick:
-        slow.create(input="hi", instructions=big, store=False)
-        assert slow.recv(timeout=30)["type"] == "response.created"
-        quick.create(input="hello", store=False)
-        quick_events = quick.until_terminal(timeout=30)
-        assert output_text(quick_events) == "You said: hello"
-        ready = []
-        with contextlib.suppress(TimeoutError):
-            while True:
-                ready.append(slow.recv(timeout=0.01)["type"])
-        assert "response.completed" not in ready
-        slow_events = slow.until_terminal(timeout=60)
+        slow_events = answered_first_elsewhere(
+            slow, quick, input="hi", instructions=big, store=False
+        )
         # Counted once: the chain's next turn has them cached, and does not wait.
         again = slow.turn(
             input="again", instructions=big, previous_response_id=slow_events[-1]["response"]["id"]
