@@ -207,3 +207,35 @@ def test_delete_stops_and_forgets_a_background_response(server: RunningServer, s
         gauges = http.get("metrics").text
     assert 'warmsocket_background_responses{state="running"} 0' in gauges
     assert 'warmsocket_background_responses{state="finished"} 0' in gauges
+
+
+def test_failed_and_cancelled_responses_outlive_their_runs(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer, sdk: OpenAI
+) -> None:
+    """Never stored, so once their runs (and events) are forgotten, their Response
+    objects are what GET, cancel and DELETE find; the oldest go first past the bound."""
+    monkeypatch.setattr(background, "MAX_FINISHED", 1)
+    monkeypatch.setattr(background, "MAX_ENDED", 2)
+    failed = sdk.responses.create(model=MODEL, input="/fail", background=True)
+    wait_for(sdk, failed.id, "failed")
+    cancelled = sdk.responses.create(model=MODEL, input="/sleep 5000\nslow", background=True)
+    assert sdk.responses.cancel(cancelled.id).status == "cancelled"
+    completed = sdk.responses.create(model=MODEL, input="done", background=True)
+    wait_for(sdk, completed.id, "completed")  # and forgets the runs before it
+    assert server.call(lambda: server.server.http.background.stats())["finished"] == 1
+    kept = sdk.responses.retrieve(failed.id)
+    assert kept.status == "failed" and kept.error is not None and kept.background is True
+    assert sdk.responses.cancel(failed.id).status == "failed"  # as it is
+    assert sdk.responses.retrieve(cancelled.id).status == "cancelled"
+    with http_client(server) as http:  # its events are gone
+        assert http.get(f"responses/{failed.id}", params={"stream": "true"}).status_code == 400
+    sdk.responses.delete(failed.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve(failed.id)
+    # Past the bound, the oldest kept one goes.
+    for _ in range(2):
+        again = sdk.responses.create(model=MODEL, input="/fail", background=True)
+        wait_for(sdk, again.id, "failed")
+    sdk.responses.create(model=MODEL, input="x", background=True)
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve(cancelled.id)

@@ -12,9 +12,10 @@ end; `GET /v1/responses/{id}` shows the response as it is now (`queued`,
 
 A completed (or incomplete) background response is stored like any other and can
 be continued by id; a failed or cancelled one is not stored, but stays retrievable
-here for `RETAIN_SECONDS`. Finished runs are kept for `RETAIN_SECONDS` (at most
-`MAX_FINISHED`, and `MAX_RETAINED_BYTES` of events) for their events and final
-state; at most `MAX_RUNNING` run at once
+here: with its events for `RETAIN_SECONDS`, then its Response object alone (at most
+`MAX_ENDED` of them, `MAX_ENDED_BYTES` in all, for the process's life). Finished
+runs are kept for `RETAIN_SECONDS` (at most `MAX_FINISHED`, and `MAX_RETAINED_BYTES`
+of events) for their events and final state; at most `MAX_RUNNING` run at once
 (more get `server_is_overloaded`). A run is local to its process, and so are its events.
 With a shared store (Redis) the other processes see it too: the process that runs
 it publishes the Response object as it is now on a board (`shared_background`), so
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -50,6 +52,10 @@ CANCEL_WAIT_SECONDS = 5.0
 HEARTBEAT_SECONDS = 10.0
 """How often a running response's state is published again (with a board)."""
 TERMINAL = frozenset({"completed", "incomplete", "failed", "cancelled"})
+MAX_ENDED = 10_000
+MAX_ENDED_BYTES = 64 * 1024 * 1024
+"""Failed and cancelled responses (never stored) whose Response object is kept after
+their run is forgotten, at most, oldest forgotten first."""
 MAX_RETAINED_BYTES = 256 * 1024 * 1024
 """The events of finished background responses kept at most, in all (older ones are
 forgotten first): they are not part of the session cache's budget."""
@@ -153,6 +159,10 @@ class BackgroundResponses:
         self._finished: OrderedDict[str, BackgroundRun] = OrderedDict()
         """Oldest first: expired from the front."""
         self._finished_bytes = 0
+        self._ended: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        """Failed and cancelled responses whose run was forgotten: (owner, Response
+        object), oldest first."""
+        self._ended_bytes = 0
 
     def get(self, response_id: str, owner: str) -> BackgroundRun | None:
         self._expire()
@@ -235,9 +245,15 @@ class BackgroundResponses:
     # -- runs of other processes (with a board) -------------------------------------------
 
     async def state_elsewhere(self, response_id: str, owner: str) -> dict[str, Any] | None:
-        """The Response object of a background response as the process that runs it
-        (or ran it) last published it; None without a board or a record. Raises
-        SharedStoreUnavailable."""
+        """The Response object of a background response that neither runs here nor is
+        stored: one that failed or was cancelled here (kept after its run was
+        forgotten), else as the process that runs it (or ran it) last published it on
+        the board. None when there is none. Raises SharedStoreUnavailable."""
+        self._expire()
+        kept = self._ended.get(response_id)
+        if kept is not None and kept[0] == owner:
+            state: dict[str, Any] = json.loads(kept[1])
+            return state
         if self.board is None:
             return None
         return await self.board.get(owner, response_id)
@@ -332,3 +348,24 @@ class BackgroundResponses:
                 break
             finished.popitem(last=False)
             self._finished_bytes -= run.event_bytes
+            if run.turn.stream.status in ("failed", "cancelled") and not run.forgotten:
+                self._keep_ended(run)
+
+    def _keep_ended(self, run: BackgroundRun) -> None:
+        """Keep a failed or cancelled response's Response object (it is not stored)."""
+        response = run.response_json()
+        self._ended[run.turn.response_id] = (run.owner, response)
+        self._ended_bytes += len(response)
+        while len(self._ended) > MAX_ENDED or self._ended_bytes > MAX_ENDED_BYTES:
+            _id, (_owner, dropped) = self._ended.popitem(last=False)
+            self._ended_bytes -= len(dropped)
+
+    def forget_ended(self, response_id: str, owner: str) -> bool:
+        """Drop a failed or cancelled response kept after its run (it was deleted);
+        whether there was one."""
+        kept = self._ended.get(response_id)
+        if kept is None or kept[0] != owner:
+            return False
+        del self._ended[response_id]
+        self._ended_bytes -= len(kept[1])
+        return True

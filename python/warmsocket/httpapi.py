@@ -359,7 +359,8 @@ class HTTPApp:
             await self.background.cancel(run)
             self.background.forget(run)
         shared_deleted = False
-        on_board = False
+        # A failed or cancelled one, kept here after its run was forgotten.
+        unstored = run is None and self.background.forget_ended(rid, owner)
         if engine.shared is not None:
             # First, and also when it was not cached here: another process may have made
             # it. When Redis cannot be told, nothing is deleted (this process would load
@@ -368,8 +369,8 @@ class HTTPApp:
                 # A background response another process runs (not stored yet), or one
                 # that failed or was cancelled: looked up before the deletion is
                 # announced, as its process then forgets it (and stops it).
-                if run is None:
-                    on_board = await self.background.state_elsewhere(rid, owner) is not None
+                if run is None and not unstored:
+                    unstored = await self.background.state_elsewhere(rid, owner) is not None
                 shared_deleted = await engine.shared.delete(rid, owner=owner)
             except ConnectionError:
                 raise errors.APIError(
@@ -379,11 +380,10 @@ class HTTPApp:
                     status=503,
                     type="server_error",
                 ) from None
-        if on_board:
-            assert engine.shared is not None
+        if unstored and engine.shared is not None:
             engine.shared.background_board.forget(owner, rid)
         deleted = engine.cache.delete(rid, owner=owner) or shared_deleted or run is not None
-        if not (deleted or on_board):
+        if not (deleted or unstored):
             raise errors.response_not_found(rid)
         body = dumps({"id": rid, "object": "response", "deleted": True})
         return self._json(writer, request, request_id, 200, body)
@@ -443,12 +443,13 @@ class HTTPApp:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    async def _board_state(
+    async def _unstored_state(
         self, owner: str, rid: str, *, cancel: bool = False
     ) -> dict[str, Any] | None:
-        """A background response's state on the shared board (cancelled first when
-        `cancel`), None when it has none there. Raises APIError 503 when the shared
-        store does not answer."""
+        """The state of a background response that is not stored and does not run
+        here: one that failed or was cancelled here, or one on the shared board
+        (cancelled first when `cancel`); None when there is none. Raises APIError 503
+        when the shared store does not answer."""
         background = self.background
         try:
             if cancel:
@@ -460,18 +461,18 @@ class HTTPApp:
     async def _elsewhere(
         self, error: APIError, owner: str, rid: str, *, cancel: bool = False
     ) -> dict[str, Any]:
-        """After `error` from the stored responses: the background response's state on
-        the shared board, or `error` again when it is not a 'not found' or the board
-        has none."""
+        """After `error` from the stored responses: the background response's state
+        (`_unstored_state`), or `error` again when it is not a 'not found' or there is
+        no such response."""
         if error.status != 404:
             raise error
-        state = await self._board_state(owner, rid, cancel=cancel)
+        state = await self._unstored_state(owner, rid, cancel=cancel)
         if state is None:
             raise error
         return state
 
     async def _stored_or_elsewhere(self, owner: str, rid: str) -> None:
-        """Raise 404 unless the response is stored or on the shared board."""
+        """Raise 404 unless the response is stored or has an unstored state."""
         try:
             await self._stored(owner, rid)
         except APIError as error:
