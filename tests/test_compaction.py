@@ -18,6 +18,12 @@ from openai.types.responses.response_input_message_item import ResponseInputMess
 from openai.types.responses.response_usage import ResponseUsage
 
 from tests.support import FUNCTION_TOOLS, RunningServer
+from tests.upstream_support import (
+    RESPONSES_UPSTREAMS,
+    running_sim,
+    sim_compaction_summary,
+    warmsocket_upstream,
+)
 from warmsocket import compaction_items
 from warmsocket.compaction_items import (
     PROMPT,
@@ -36,10 +42,13 @@ def client(server: RunningServer) -> OpenAI:
     return OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
 
 
-def checked_window(compacted: CompactedResponse) -> tuple[list[str], str]:
-    """The window's user message texts and its summary; every part checked against the
-    SDK's types (a window's user messages are input message items: the SDK's
-    `ResponseOutputMessage` only knows the assistant role)."""
+def checked_window(
+    compacted: CompactedResponse, *, made_here: bool = True
+) -> tuple[list[str], str]:
+    """The window's user message texts and its summary (the compaction item's
+    `encrypted_content` when the upstream made it: not `made_here`); every part checked
+    against the SDK's types (a window's user messages are input message items: the
+    SDK's `ResponseOutputMessage` only knows the assistant role)."""
     raw = compacted.model_dump(mode="json", exclude_unset=True, warnings=False)
     assert raw["object"] == "response.compaction"
     assert raw["id"].startswith("cmp_") and isinstance(raw["created_at"], int)
@@ -52,6 +61,8 @@ def checked_window(compacted: CompactedResponse) -> tuple[list[str], str]:
         parsed = ResponseInputMessageItem.model_validate(message, strict=True)
         assert parsed.role == "user" and parsed.status == "completed"
         texts.append(" ".join(part.text for part in parsed.content if part.type == "input_text"))
+    if not made_here:
+        return texts, item.encrypted_content
     summary = summary_of(last)
     assert summary is not None
     return texts, summary
@@ -247,20 +258,30 @@ def test_a_foreign_compaction_item(any_backend: RunningServer) -> None:
 def test_compaction_on_every_backend(any_backend: RunningServer) -> None:
     """The summary comes from the backend's model (the simulated upstream answers the
     prompt with its transcript, as the built-in model does); a chain continued from the
-    window reaches the upstream with the summary as a user message."""
+    window reaches a chat upstream with the summary as a user message. A Responses
+    upstream compacts the context itself (the simulated one as OpenAI does: its own
+    opaque item, here the transcript sealed) and gets its item back as it made it."""
     sdk = client(any_backend)
+    backend = any_backend.server.engine.backend.name
+    upstream_compacts = backend in RESPONSES_UPSTREAMS
     first = sdk.responses.create(model=MODEL, input="alpha")
     second = sdk.responses.create(model=MODEL, previous_response_id=first.id, input="beta")
     compacted = sdk.responses.compact(model=MODEL, previous_response_id=second.id)
-    texts, summary = checked_window(compacted)
+    texts, summary = checked_window(compacted, made_here=not upstream_compacts)
+    if upstream_compacts:
+        sealed = sim_compaction_summary(window_input(compacted)[-1])
+        assert sealed is not None
+        summary = sealed
     assert texts == ["alpha", "beta"]
     assert "user: alpha" in summary and "assistant: You said: beta" in summary
     window = window_input(compacted)
     after = sdk.responses.create(
         model=MODEL, input=[*window, {"role": "user", "content": "/transcript"}]
     )
-    if any_backend.server.engine.backend.name == "mock":
+    if backend == "mock":
         in_place = "compaction: " + summary
+    elif upstream_compacts:  # its own item: the simulated model lists it by its type
+        in_place = "compaction"
     else:  # the upstream got a user message
         in_place = "user: " + SUMMARY_HEADER + summary
     assert after.output_text == "\n".join(
@@ -321,3 +342,61 @@ def test_expanding_items_json_keeps_every_other_byte() -> None:
     assert expand_items_json(b"," + ours + b"," + other) == b"," + message + b"," + other
     assert expand_items_json(ours) == message
     assert PROMPT not in message.decode()
+
+
+@pytest.mark.parametrize("api", ["responses", "responses-ws"])
+def test_a_responses_upstream_compacts_itself(api: str) -> None:
+    """In front of a Responses upstream (OpenAI), `/responses/compact` is the
+    upstream's own: warmsocket sends it the chain's context with the model as mapped
+    and the instructions, answers with its window, and a chain continued from the
+    window gives the upstream its item back as it made it. An upstream without the
+    endpoint (404) is compacted by the model instead; any other failure is the
+    upstream's."""
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(sim.base_url, api, model_map={"*": "sim-model"}) as (server, _m),
+    ):
+        sdk = client(server)
+        first = sdk.responses.create(model=MODEL, input="alpha", instructions="Be brief.")
+        second = sdk.responses.create(
+            model=MODEL, previous_response_id=first.id, input="beta", instructions="Be brief."
+        )
+        since = sim.stats()["requests_total"]
+        compacted = sdk.responses.compact(
+            model=MODEL, previous_response_id=second.id, instructions="Be brief."
+        )
+        (asked,) = sim.stats(bodies=True, since=since)["requests"]
+        assert asked["api"] == "compact"
+        body = json.loads(asked["body"])
+        assert (body["model"], body["instructions"]) == ("sim-model", "Be brief.")
+        assert [item.get("role") for item in body["input"]] == [
+            "user",
+            "assistant",
+            "user",
+            "assistant",
+        ]
+        texts, _sealed = checked_window(compacted, made_here=False)
+        assert texts == ["alpha", "beta"]
+        window = window_input(compacted)
+        assert sim_compaction_summary(window[-1]) == "\n".join(
+            ["user: alpha", "assistant: You said: alpha", "user: beta", "assistant: You said: beta"]
+        )
+        since = sim.stats()["requests_total"]
+        after = sdk.responses.create(
+            model=MODEL, input=[*window, {"role": "user", "content": "/transcript"}]
+        )
+        assert after.output_text == "user: alpha\nuser: beta\ncompaction\nuser: /transcript"
+        (turn,) = sim.stats(bodies=True, since=since)["requests"]
+        (item,) = [i for i in json.loads(turn["body"])["input"] if i["type"] == "compaction"]
+        assert item["encrypted_content"] == window[-1]["encrypted_content"]
+        # No such endpoint upstream (vLLM): the model writes the summary.
+        sim.control(faults=[{"status": 404}])
+        fallback = sdk.responses.compact(model=MODEL, previous_response_id=second.id)
+        texts, summary = checked_window(fallback)
+        assert texts == ["alpha", "beta"] and "assistant: You said: beta" in summary
+        # Any other failure is the upstream's, not hidden by a summary.
+        sim.control(faults=[{"status": 503}])
+        with pytest.raises(openai.APIStatusError) as failed:
+            sdk.responses.compact(model=MODEL, previous_response_id=second.id)
+        assert failed.value.status_code >= 500
+        sdk.close()

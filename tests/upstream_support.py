@@ -4,6 +4,7 @@ warmsocket in front of it."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import threading
@@ -17,7 +18,7 @@ import uvloop
 
 from tests.support import RunningServer, call_on_loop, running_server
 from warmsocket.metrics import Metrics
-from warmsocket.simulate.server import SimConfig, SimServer
+from warmsocket.simulate.server import SIM_COMPACTION, SimConfig, SimServer
 from warmsocket.upstream import UpstreamConfig
 from warmsocket.upstream_cli import build_backend
 
@@ -118,3 +119,18 @@ def normalize_call_ids(text: str) -> str:
     """Call ids differ between models; number them by first appearance."""
     seen: dict[str, str] = {}
     return CALL_ID.sub(lambda m: seen.setdefault(m.group(0), f"call_{len(seen)}"), text)
+
+
+RESPONSES_UPSTREAMS = ("upstream-responses", "upstream-responses-ws")
+"""The backends whose upstream compacts conversations itself (`POST /responses/compact`)."""
+
+
+def sim_compaction_summary(item: dict[str, Any]) -> str | None:
+    """The summary sealed in a compaction item the simulated upstream made (the
+    transcript of what it compacted), None for any other item."""
+    sealed = item.get("encrypted_content")
+    if item.get("type") != "compaction" or not isinstance(sealed, str):
+        return None
+    if not sealed.startswith(SIM_COMPACTION):
+        return None
+    return base64.b64decode(sealed.removeprefix(SIM_COMPACTION)).decode()

@@ -5,9 +5,12 @@ context, verbatim, followed by one `compaction` item that stands for everything
 else (spec §5.7). The client starts a new chain with the window as its `input`
 (over HTTP or on its WebSocket), and the model continues from it.
 
-warmsocket compacts with the model it serves: the context (the chain of
-`previous_response_id`, then the body's `input`) goes to the backend as one more
-turn, followed by a user message asking for a summary (`PROMPT`), with the body's
+In front of a Responses upstream the upstream compacts: its own
+`/responses/compact` gets the context, and its window is the answer
+(`backends/upstream_compact.py`; an upstream without the endpoint is compacted as
+below). Otherwise warmsocket compacts with the model it serves: the context (the
+chain of `previous_response_id`, then the body's `input`) goes to the backend as one
+more turn, followed by a user message asking for a summary (`PROMPT`), with the body's
 instructions and no tools. The answer's text is the summary. Nothing is stored:
 the compaction is not a response, and its id is not a `previous_response_id`.
 
@@ -23,8 +26,9 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from warmsocket import errors, ids
-from warmsocket._core import CreateRequest, Items, parse_client_message
+from warmsocket._core import ContextView, CreateRequest, Items, parse_client_message
 from warmsocket.backends.base import (
+    CompactingBackend,
     HostedCallEvent,
     HostedCallStart,
     OutputItem,
@@ -110,6 +114,12 @@ async def compact(engine: Engine, request: CreateRequest, *, has_input: bool, ow
     )
     try:
         await turn.count_input_tokens_off_loop()
+        backend = engine.backend
+        if isinstance(backend, CompactingBackend):
+            upstream = await backend.compact(turn.context(), _without_prompt(turn.view))
+            if upstream is not None:
+                engine.metrics.count_compaction()
+                return dumps(upstream)
         summary, report = await _summarise(engine, turn.context())
         context = turn.view.objects()[:-1]  # less the prompt
         turn.usage_report = report
@@ -259,6 +269,15 @@ def _prompt_tokens(engine: Engine) -> int:
     prompt = Items.from_objects([_prompt_message()])
     view = engine.cache.view(None, owner="", connection=None, extra=prompt)
     return engine.context_tokens(view)
+
+
+def _without_prompt(view: ContextView) -> bytes:
+    """The context's items as the cache keeps them (comma-joined), less the summary
+    prompt that ends it."""
+    context = view.json_from(0)
+    prompt = Items.from_objects([_prompt_message()]).json()[1:-1]
+    assert context.endswith(prompt), "the summary prompt ends the context"
+    return context[: len(context) - len(prompt)].removesuffix(b",")
 
 
 def _prompt_message() -> dict[str, Any]:

@@ -224,6 +224,19 @@ class Backend(Protocol):
 
 
 @runtime_checkable
+class CompactingBackend(Backend, Protocol):
+    """A backend whose upstream compacts conversations itself (`POST
+    /responses/compact`): its window is what `POST /v1/responses/compact` answers."""
+
+    async def compact(self, turn: TurnContext, context: bytes) -> dict[str, Any] | None:
+        """The upstream's `response.compaction` object for `context` (items as the
+        cache keeps them, comma-joined) with the turn's model and instructions; None
+        when the upstream has no compaction endpoint (warmsocket then compacts with
+        the model). Raises APIError (the upstream's failure)."""
+        ...
+
+
+@runtime_checkable
 class ImmediateBackend(Backend, Protocol):
     """A backend that can sometimes answer at once (the built-in model without its
     latency knobs): the server then runs the turn to its end in the same step, with

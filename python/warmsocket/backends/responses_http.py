@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from warmsocket.backends.base import TurnContext
 from warmsocket.backends.http_upstream import Decoder, HTTPUpstreamBackend
 from warmsocket.backends.responses_events import ResponsesSSEDecoder
+from warmsocket.backends.upstream_compact import UpstreamCompactor
 from warmsocket.compaction_items import expand_items_json
 from warmsocket.response_stream import dumps
 from warmsocket.upstream import RESPONSES_FORWARDED, explicit_settings
@@ -111,6 +112,15 @@ class ResponsesHTTPBackend(HTTPUpstreamBackend):
         super().__init__(*args, **kwargs)
         self._body_heads = HeadCache({"stream": True, "store": False})
         self._contexts = ContextCache()
+        self._compactor = UpstreamCompactor(self.config, self.router, self.stats)
+
+    async def compact(self, turn: TurnContext, context: bytes) -> dict[str, Any] | None:
+        """The upstream's own compaction of the turn's context (`upstream_compact`)."""
+        return await self._compactor.compact(turn, context)
+
+    async def aclose(self) -> None:
+        self._compactor.close()
+        await super().aclose()
 
     def build_body(self, turn: TurnContext, model: str) -> list[bytes | bytearray]:
         head = self._body_heads.head(turn, model)

@@ -55,6 +55,7 @@ from warmsocket.backends.http_upstream import chain_key, failed_attempt
 from warmsocket.backends.responses_events import model_events
 from warmsocket.backends.responses_http import HeadCache
 from warmsocket.backends.responses_order import ResponseOrder
+from warmsocket.backends.upstream_compact import UpstreamCompactor
 from warmsocket.compaction_items import expand_items_json
 from warmsocket.errors import SERVER_ERROR
 from warmsocket.httpclient import PLAIN_HTTP_HINT, Origin, connect_failure, plain_answer_to_tls
@@ -188,6 +189,7 @@ class ResponsesWSBackend:
         self._heads = HeadCache({"store": False}, first={"type": "response.create"})
         self._warming: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._compactor = UpstreamCompactor(config, self.router, self.stats)
         if len(origins) > 1:
             from warmsocket.prefixhash import tokenizer
 
@@ -264,9 +266,15 @@ class ResponsesWSBackend:
             else:
                 exclude.add(replica.index)
 
+    async def compact(self, turn: TurnContext, context: bytes) -> dict[str, Any] | None:
+        """The upstream's own compaction of the turn's context, over HTTP to the same
+        origin (`upstream_compact`)."""
+        return await self._compactor.compact(turn, context)
+
     async def aclose(self) -> None:
         """Close the idle connections, all at once: each waits at most `CLOSE_TIMEOUT`
         for the upstream's close frame (a server shutting down waits for this)."""
+        self._compactor.close()
         self._closing = True
         for task in list(self._warming):
             task.cancel()

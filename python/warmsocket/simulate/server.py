@@ -11,6 +11,9 @@ Routes (the API only under `/v1`, as vLLM serves it: elsewhere a 404
   per connection, which remembers only its latest response (continuing anything
   else is `previous_response_not_found`), and a lifetime after which the connection
   gets `websocket_connection_limit_reached` and is closed;
+* `POST /v1/responses/compact` — the window of the input: its user messages and one
+  compaction item only this server reads (a queued fault with `status` 404 answers
+  as a server without the endpoint);
 * `GET /v1/models`, `GET /health`, `GET /healthz`;
 * `GET /stats[?bodies=1][&since=N]` — what it received (see `RequestRecord`);
 * `POST /control` — test hooks: `{"faults": [...]}` queues faults for the next
@@ -26,6 +29,7 @@ Routes (the API only under `/v1`, as vLLM serves it: elsewhere a 404
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
@@ -396,6 +400,9 @@ class _Connection(asyncio.Protocol):
         if method == "POST" and path == "/responses":
             await self._responses(request)
             return
+        if method == "POST" and path == "/responses/compact":
+            self._compact(request)
+            return
         self._not_found(request)
 
     def _not_found(self, request: Request) -> None:
@@ -697,6 +704,47 @@ class _Connection(asyncio.Protocol):
         await self._pace(pieces, answer, texts)
         record.finished = time.monotonic()
 
+    def _compact(self, request: Request) -> None:
+        """`POST /v1/responses/compact`, as OpenAI answers it: the window of the input
+        (its user messages, then one compaction item only this server reads: its
+        `encrypted_content` is `SIM_COMPACTION` and the base64 of the input's
+        transcript, the summary). A queued fault with a status answers instead."""
+        body, _raw = _decode_request(request.body)
+        if not isinstance(body, dict):
+            raise errors.invalid_type("body", "a JSON object")
+        record = self.server.stats.new(
+            "compact", self.id, request.body, body.get("model"), False, self.received
+        )
+        self.record = record
+        fault = self.server.take_fault()
+        if fault is not None and isinstance(fault.get("status"), int):
+            record.fault, record.status = "status", fault["status"]
+            if fault["status"] == 404:
+                self._not_found(request)  # as a server without the endpoint answers
+                return
+            raise APIError(None, "Simulated failure.", status=fault["status"], type="server_error")
+        items = items_from_input(body.get("input"))
+        summary = mockmodel.transcript(items, None)
+        sealed = SIM_COMPACTION + base64.b64encode(summary.encode()).decode()
+        window = [
+            _user_message(item, f"msg_sim{record.seq}_{index}")
+            for index, item in enumerate(items)
+            if _is_user_message(item)
+        ]
+        window.append(
+            {"id": f"cmp_sim{record.seq}_item", "type": "compaction", "encrypted_content": sealed}
+        )
+        usage = usage_object(count_tokens(json.dumps(items)), 0, count_tokens(summary))
+        answer = {
+            "id": f"cmp_sim{record.seq}",
+            "object": "response.compaction",
+            "created_at": int(time.time()),
+            "output": window,
+            "usage": usage,
+        }
+        self._json(request, 200, answer)
+        record.finished = time.monotonic()
+
     def _response_events(
         self, body: dict[str, Any], answer: _Answer, *, previous_response_id: str | None
     ) -> tuple[list[bytes], list[str], ResponseStream]:
@@ -967,6 +1015,28 @@ async def _break_or_stall(fault: dict[str, Any] | None) -> NoReturn:
     if fault is not None and "stall_after" in fault:
         await asyncio.Event().wait()
     raise _Abort
+
+
+SIM_COMPACTION = "sim-compaction:"
+"""How a compaction item of this server's `encrypted_content` starts."""
+
+
+def _is_user_message(item: dict[str, Any]) -> bool:
+    return item.get("type", "message") == "message" and item.get("role") == "user"
+
+
+def _user_message(item: dict[str, Any], new_id: str) -> dict[str, Any]:
+    content = item.get("content")
+    if isinstance(content, str):
+        content = [{"type": "input_text", "text": content}]
+    message_id = item.get("id")
+    return {
+        "id": message_id if isinstance(message_id, str) else new_id,
+        "type": "message",
+        "status": "completed",
+        "role": "user",
+        "content": content,
+    }
 
 
 def context_digest(items: list[dict[str, Any]]) -> str:
