@@ -354,7 +354,10 @@ def test_a_responses_upstream_compacts_itself(api: str) -> None:
     upstream's."""
     with (
         running_sim() as sim,
-        warmsocket_upstream(sim.base_url, api, model_map={"*": "sim-model"}) as (server, _m),
+        warmsocket_upstream(sim.base_url, api, model_map={"*": "sim-model"}) as (
+            server,
+            metrics,
+        ),
     ):
         sdk = client(server)
         first = sdk.responses.create(model=MODEL, input="alpha", instructions="Be brief.")
@@ -399,4 +402,14 @@ def test_a_responses_upstream_compacts_itself(api: str) -> None:
         with pytest.raises(openai.APIStatusError) as failed:
             sdk.responses.compact(model=MODEL, previous_response_id=second.id)
         assert failed.value.status_code >= 500
+        sim.stop()  # and an upstream that is gone
+        with pytest.raises(openai.APIStatusError) as unreachable:
+            sdk.responses.compact(model=MODEL, previous_response_id=second.id)
+        assert unreachable.value.status_code == 502
         sdk.close()
+    counted = {
+        outcome: n
+        for (kind, outcome), n in metrics.upstream.requests.items()
+        if kind == "responses_compact"
+    }
+    assert counted == {"200": 1, "404": 1, "503": 1, "connect": 1}

@@ -40,6 +40,8 @@ from warmsocket.router import Outcome, Router
 from warmsocket.upstream import UpstreamConfig, UpstreamError, from_http_status, transport_error
 
 PATH = "/responses/compact"
+API = "responses_compact"
+"""The `api` label of these requests in `warmsocket_upstream_requests_total`."""
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 _WITHOUT_ENDPOINT = frozenset({404, 405})
 
@@ -73,6 +75,7 @@ class UpstreamCompactor:
         target = f"POST {origin.base_path}{PATH}"
         self.router.begin(replica)
         outcome: Outcome = "cancelled"
+        error: UpstreamError | None = None
         try:
             started = time.perf_counter()
             response = await pool.request(
@@ -83,27 +86,31 @@ class UpstreamCompactor:
                 data = await response.read(MAX_ANSWER_BYTES)
             finally:
                 response.close()
-            self.stats.requests[("responses_compact", str(response.status))] += 1
+        except RequestTimeout as exc:
+            error = transport_error("timeout", str(exc))
+        except ConnectFailed as exc:
+            error = transport_error("connect", str(exc), retryable=not exc.permanent)
+        except ConnectionClosed as exc:
+            error = transport_error("closed", str(exc))
+        except ProtocolViolation as exc:
+            error = transport_error("protocol", str(exc))
+        else:
             outcome = "ok"
+            self.stats.requests[(API, str(response.status))] += 1
             if response.status in _WITHOUT_ENDPOINT:
                 return None
-            if response.status != 200:
-                raise from_http_status(response.status, data, response.head.headers, request=target)
-            return _compaction(data, target)
-        except RequestTimeout as exc:
-            outcome = "failed"
-            raise transport_error("timeout", str(exc)) from None
-        except ConnectFailed as exc:
-            outcome = "failed"
-            raise transport_error("connect", str(exc), retryable=not exc.permanent) from None
-        except ConnectionClosed as exc:
-            outcome = "failed"
-            raise transport_error("closed", str(exc)) from None
-        except ProtocolViolation as exc:
-            outcome = "failed"
-            raise transport_error("protocol", str(exc)) from None
+            if response.status == 200:
+                return _compaction(data, target)
+            error = from_http_status(response.status, data, response.head.headers, request=target)
+            if error.retryable:  # the replica's health, as for a turn
+                outcome = "failed"
+            raise error
         finally:
+            if error is not None and outcome == "cancelled":  # the transport failed
+                outcome = "failed" if error.retryable else "ok"
             self.router.end(replica, outcome)
+        self.stats.requests[(API, error.outcome)] += 1
+        raise error
 
     def close(self) -> None:
         for pool in self._pools or ():
