@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from warmsocket import _core
@@ -407,6 +407,9 @@ compactions = st.builds(
 
 @PROPERTY
 @given(item=items | compactions)
+# Found by this test: an integer outside 64 bits in a compaction item's kept items
+# (Rust read the payload as floats then).
+@example(item=_compaction("", [], [{"type": -9_223_372_036_854_775_809}], 0))
 def test_item_tokens_match_the_reference(o200k: _core.Tokenizer, item: dict[str, Any]) -> None:
     data = canonical(item)
     expected = ref.framed_tokens(

@@ -44,7 +44,8 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::item::write_canonical;
+use crate::framing::json;
+use crate::framing::value::{write_canonical, Value as FrameValue};
 use serde_json::value::RawValue;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -255,17 +256,18 @@ impl Compacted {
         let payload = base64::engine::general_purpose::URL_SAFE
             .decode(encoded)
             .ok()?;
-        let serde_json::Value::Object(payload) = serde_json::from_slice(&payload).ok()? else {
-            return None;
-        };
+        // Read as the cache reads items (integers of any size kept as written), so
+        // each nested item's canonical JSON is the one the cache gave it.
+        let payload = json::decode(&payload).ok()?;
+        let payload = payload.as_object()?;
         let summary = payload.get("summary")?.as_str()?.to_owned();
         let items = |name: &str| -> Option<Vec<Vec<u8>>> {
             match payload.get(name) {
                 None => Some(Vec::new()),
-                Some(serde_json::Value::Array(values)) => values
+                Some(FrameValue::Array(values)) => values
                     .iter()
                     .map(|value| {
-                        value.is_object().then(|| {
+                        value.as_object().map(|_| {
                             let mut json = Vec::new();
                             write_canonical(value, &mut json);
                             json
@@ -390,6 +392,16 @@ mod tests {
                     "{}",
                     r#"{"id":"ws","status":"completed","type":"web_search_call"}"#
                 ]
+            )
+        );
+        // Numbers as the cache writes them: an integer outside 64 bits as written, not
+        // as the nearest float.
+        let payload = r#"{"summary":"S","after":[{"type":-9223372036854775809,"n":1.5e300}]}"#;
+        assert_eq!(
+            r(&compaction(payload)),
+            seg(
+                "user",
+                &["S", r#"{"n":1.5e+300,"type":-9223372036854775809}"#]
             )
         );
         // Anything else is a compaction item as any unknown item: its JSON text.
