@@ -127,6 +127,24 @@ def chain_key(turn: TurnContext, config: RouterConfig) -> bytes:
     )
 
 
+TRANSPORT_FAILURES = (RequestTimeout, ConnectFailed, ConnectionClosed, ProtocolViolation)
+"""What `httpclient` raises when a request fails below HTTP."""
+
+
+def transport_failure(
+    exc: RequestTimeout | ConnectFailed | ConnectionClosed | ProtocolViolation,
+) -> UpstreamError:
+    """The upstream error of a request that failed below HTTP (a refused or broken
+    connection, a timeout, a malformed answer)."""
+    if isinstance(exc, RequestTimeout):
+        return transport_error("timeout", str(exc))
+    if isinstance(exc, ConnectFailed):
+        return transport_error("connect", str(exc), retryable=not exc.permanent)
+    if isinstance(exc, ConnectionClosed):
+        return transport_error("closed", str(exc))
+    return transport_error("protocol", str(exc))
+
+
 def failed_attempt(
     stats: UpstreamMetrics,
     api: str,
@@ -260,14 +278,8 @@ class HTTPUpstreamBackend:
                     return
             except UpstreamError as exc:
                 error = exc
-            except RequestTimeout as exc:
-                error = transport_error("timeout", str(exc))
-            except ConnectFailed as exc:
-                error = transport_error("connect", str(exc), retryable=not exc.permanent)
-            except ConnectionClosed as exc:
-                error = transport_error("closed", str(exc))
-            except ProtocolViolation as exc:
-                error = transport_error("protocol", str(exc))
+            except TRANSPORT_FAILURES as exc:
+                error = transport_failure(exc)
             finally:
                 if response is not None:
                     response.abort()

@@ -24,20 +24,12 @@ from typing import Any
 
 from warmsocket import __version__
 from warmsocket.backends.base import TurnContext
-from warmsocket.backends.http_upstream import chain_key
+from warmsocket.backends.http_upstream import TRANSPORT_FAILURES, chain_key, transport_failure
 from warmsocket.compaction_items import expand_items_json
-from warmsocket.httpclient import (
-    ConnectFailed,
-    ConnectionClosed,
-    HTTPPool,
-    Origin,
-    ProtocolViolation,
-    RequestTimeout,
-    proxy_for,
-)
+from warmsocket.httpclient import HTTPPool, Origin, proxy_for
 from warmsocket.metrics import UpstreamMetrics
 from warmsocket.router import Outcome, Router
-from warmsocket.upstream import UpstreamConfig, UpstreamError, from_http_status, transport_error
+from warmsocket.upstream import UpstreamConfig, UpstreamError, from_http_status
 
 PATH = "/responses/compact"
 API = "responses_compact"
@@ -86,14 +78,8 @@ class UpstreamCompactor:
                 data = await response.read(MAX_ANSWER_BYTES)
             finally:
                 response.close()
-        except RequestTimeout as exc:
-            error = transport_error("timeout", str(exc))
-        except ConnectFailed as exc:
-            error = transport_error("connect", str(exc), retryable=not exc.permanent)
-        except ConnectionClosed as exc:
-            error = transport_error("closed", str(exc))
-        except ProtocolViolation as exc:
-            error = transport_error("protocol", str(exc))
+        except TRANSPORT_FAILURES as exc:
+            error = transport_failure(exc)
         else:
             outcome = "ok"
             self.stats.requests[(API, str(response.status))] += 1
