@@ -23,11 +23,12 @@ the instructions and tools when they are the parent's; nothing when either chang
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -71,7 +72,8 @@ Framing = Literal["json", "websocket", "msgpack", "sse"]
 
 BYTES_PER_TOKEN_ESTIMATE = 4
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_Key = TypeVar("_Key", str, int)
+_Key = TypeVar("_Key", bound=Hashable)
+_Value = TypeVar("_Value")
 Usage = tuple[int, int, int, int]
 """(input_tokens, cached_tokens, output_tokens, reasoning_tokens): the reasoning
 tokens are part of the output tokens."""
@@ -135,7 +137,6 @@ def new_cache(
 
 
 _PROMPT_KEYS: dict[tuple[str | None, int | None], str] = {}
-_PROMPT_KEYS_MAX = 256
 
 
 def prompt_key(instructions: str | None, tools_digest: int | None = None) -> str | None:
@@ -147,17 +148,14 @@ def prompt_key(instructions: str | None, tools_digest: int | None = None) -> str
     and looking them up costs less than hashing them again."""
     if instructions is None and tools_digest is None:
         return None
-    memo = (instructions, tools_digest)
-    key = _PROMPT_KEYS.get(memo)
-    if key is None:
+
+    def digest() -> str:
         data = b"" if instructions is None else instructions.encode()
         if tools_digest is not None:
             data += b"\0tools:" + tools_digest.to_bytes(8, "little")
-        key = hashlib.blake2b(data, digest_size=8).hexdigest()
-        if len(_PROMPT_KEYS) >= _PROMPT_KEYS_MAX:
-            _PROMPT_KEYS.clear()
-        _PROMPT_KEYS[memo] = key
-    return key
+        return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+    return _memoised(_PROMPT_KEYS, (instructions, tools_digest), digest)
 
 
 _INSTRUCTIONS_MEMBER = b'"instructions":'
@@ -546,9 +544,9 @@ def context_start(items: Items) -> int | None:
 _MEMO_ENTRIES = 256
 
 
-def _memoised(memo: dict[_Key, int], key: _Key, count: Callable[[], int]) -> int:
-    """`memo[key]`, counted first when it is not there (the memo is cleared when full:
-    an agent sends the same instructions and tools every turn)."""
+def _memoised(memo: dict[_Key, _Value], key: _Key, count: Callable[[], _Value]) -> _Value:
+    """`memo[key]`, computed first when it is not there (the memo is cleared when
+    full: an agent sends the same instructions and tools every turn)."""
     found = memo.get(key)
     if found is None:
         found = count()
@@ -655,12 +653,17 @@ class Turn:
         # Rebased on connection-local state (`rebase`): kept connection-local.
         self._local_only = False
 
+    @functools.cached_property
+    def prompt_tokens(self) -> int:
+        """Tokens of the instructions and tools (`Engine.prompt_tokens`), once a turn."""
+        return self.engine.prompt_tokens(self.request)
+
     @property
     def cached_tokens(self) -> int:
         """Tokens of the prompt a previous prompt of this chain already had: the
         parent's context, and the instructions and tools when they are the parent's."""
         if self._cached_prompt:
-            return self._cached_prefix + self.engine.prompt_tokens(self.request)
+            return self._cached_prefix + self.prompt_tokens
         return self._cached_prefix
 
     @cached_tokens.setter
@@ -819,7 +822,7 @@ class Turn:
         if input_tokens is None:
             engine = self.engine
             input_tokens = engine.context_tokens(self.view)
-            input_tokens += engine.prompt_tokens(self.request)
+            input_tokens += self.prompt_tokens
         usage = _usage(
             report, input_tokens, self.cached_tokens, self.output_chars, self.reasoning_chars
         )
