@@ -178,6 +178,8 @@ def test_finished_runs_are_kept_within_their_bounds(
     with http_client(server) as http:
         replays = [http.get(f"responses/{rid}", params={"stream": "true"}) for rid in ids]
     assert [r.status_code for r in replays] == [400, 200, 200]
+    refused = replays[0].json()["error"]
+    assert refused["param"] == "stream" and "with --redis-url, from any" in refused["message"]
     assert sdk.responses.retrieve(ids[0]).output_text == "You said: one"
     # And by the bytes their events hold.
     monkeypatch.setattr(background, "MAX_RETAINED_BYTES", 1)

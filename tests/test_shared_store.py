@@ -14,9 +14,10 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped]
 import pytest
 import redis
+import redis.asyncio
 
 from tests.redis_support import paused, redis_server
-from warmsocket import shared_store
+from warmsocket import shared_background, shared_store
 from warmsocket._core import ItemNotJson, SessionCache
 from warmsocket.engine import SharedStoreUnavailable
 from warmsocket.shared_store import SharedStore, failure_reason
@@ -600,3 +601,73 @@ def test_a_cold_load_tokenises_off_the_event_loop(redis_url: str) -> None:
         await reader.aclose()
 
     run(main())
+
+
+def test_a_followed_background_stream_gets_every_event_once_and_in_order(
+    redis_url: str,
+) -> None:
+    """Board level: a follower on another process reads what was written before it
+    came and what comes after, across several reads, each write whole events (an
+    empty one would end the HTTP chunked body early), until the end mark."""
+
+    async def main() -> None:
+        writer = SharedStore.from_url(redis_url, prefix="t-follow")
+        reader = SharedStore.from_url(redis_url, prefix="t-follow")
+        await writer.start()
+        await reader.start()
+        board = writer.background_board
+        events = [b"data: %d\n\n" % n for n in range(shared_background.FOLLOW_BATCH + 10)]
+        board.append_events("o", "r", 0, events[:3])
+        await board.flush()
+        assert await reader.background_board.has_events("o", "r")
+        assert not await reader.background_board.has_events("other", "r")
+        written: list[bytes] = []
+
+        async def drain() -> None:
+            return None
+
+        follower = asyncio.create_task(
+            reader.background_board.follow("o", "r", 0, written.append, drain, lambda: False)
+        )
+        await asyncio.sleep(0.2)
+        assert written == [b"".join(events[1:3])]  # after sequence number 0
+        board.append_events("o", "r", 3, events[3:])  # more than one read's worth
+        await board.flush()
+        await asyncio.sleep(0.2)
+        board.end_events("o", "r", len(events), "completed", 60)
+        await board.flush()
+        await asyncio.wait_for(follower, 5)
+        assert len(written) >= 3 and all(written)
+        assert b"".join(written) == b"".join(events[1:])
+        async with redis.asyncio.Redis.from_url(redis_url) as client:
+            assert 0 < await client.ttl("t-follow:be:o:r") <= 60
+        board.forget("o", "r")
+        await board.flush()
+        assert not await reader.background_board.has_events("o", "r")
+        await writer.aclose()
+        await reader.aclose()
+
+    run(main())
+
+
+def test_background_writes_queued_beyond_the_bound_are_dropped_and_counted(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(shared_background, "MAX_QUEUED_WRITES", 5)
+
+    async def main() -> None:
+        store = SharedStore.from_url(redis_url, prefix="t-bound")
+        await store.start()
+        board = store.background_board
+        for n in range(8):  # queued before the writer runs
+            board.append_events("o", "r", n, [b"data: x\n\n"])
+        assert store.errors == 3
+        await board.flush()
+        async with redis.asyncio.Redis.from_url(redis_url) as client:
+            assert await client.xlen("t-bound:be:o:r") == 5
+        await store.aclose()
+
+    with caplog.at_level(logging.ERROR, logger="warmsocket.shared_background"):
+        run(main())
+    dropped = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(dropped) == 1 and dropped[0].__dict__["queued"] == 5

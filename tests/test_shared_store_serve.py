@@ -21,7 +21,14 @@ import pytest
 import redis
 
 from tests.redis_support import paused, redis_server
-from tests.support import RunningServer, WSClient, check_ws_event, output_text, running_server
+from tests.support import (
+    RunningServer,
+    WSClient,
+    check_sse_event,
+    check_ws_event,
+    output_text,
+    running_server,
+)
 from warmsocket import shared_background, shared_store
 from warmsocket.shared_store import SharedStore
 
@@ -222,10 +229,6 @@ def test_a_background_response_running_elsewhere_is_seen_cancelled_and_deleted(
         # Another owner sees nothing of it.
         with pytest.raises(openai.NotFoundError):
             sdk(b, api_key="sk-other").responses.retrieve(created.id)
-        # Its events stay on the process that runs it.
-        with httpx.Client(base_url=b.base_url, headers=AUTH) as http:
-            replay = http.get(f"responses/{created.id}", params={"stream": "true"})
-        assert replay.status_code == 400 and "server that runs it" in replay.text
         # Cancelled from B: A stops it, and both say so.
         started = time.monotonic()
         cancelled = on_b.responses.cancel(created.id)
@@ -246,6 +249,126 @@ def test_a_background_response_running_elsewhere_is_seen_cancelled_and_deleted(
         board_flush(a)
         assert status_on(on_b, created.id) is None
         assert a.call(lambda: a.server.http.background.stats())["finished"] == 0
+
+
+def sse_events(response: httpx.Response) -> list[dict[str, Any]]:
+    assert response.status_code == 200, response.text
+    events = [
+        json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")
+    ]
+    for event in events:
+        check_sse_event(event)
+    return events
+
+
+def events_key(redis_url: str, server: RunningServer, rid: str) -> str:
+    """The Redis key of a background response's events."""
+    shared = server.server.engine.shared
+    assert isinstance(shared, SharedStore)
+    with redis.Redis.from_url(redis_url) as r:
+        keys = list(r.scan_iter(f"{shared.prefix}:be:*:{rid}"))
+    assert len(keys) == 1, keys
+    return str(keys[0].decode())
+
+
+def test_a_background_response_is_streamed_again_on_another_process(
+    redis_url: str, sdk: SDK
+) -> None:
+    """The client reconnects to the stream of a running background response through
+    a load balancer: the process it lands on streams the events so far, then live."""
+    with two_servers(redis_url) as (a, b):
+        on_a, on_b = sdk(a), sdk(b)
+        created = on_a.responses.create(model="m", input="/sleep 1500\nlater", background=True)
+        seen: list[Any] = []
+        with on_b.responses.retrieve(created.id, stream=True) as stream:
+            for event in stream:
+                if not seen:  # the first events come while it runs
+                    assert on_a.responses.retrieve(created.id).status != "completed"
+                seen.append(event)
+        assert [e.type for e in seen[:3]] == [
+            "response.created",
+            "response.queued",
+            "response.in_progress",
+        ]
+        assert seen[-1].type == "response.completed"
+        assert seen[-1].response.output_text == "You said: /sleep 1500\nlater"
+        # The same events, in the same order, as the process that ran it streams them.
+        with (
+            httpx.Client(base_url=a.base_url, headers=AUTH) as on_a_http,
+            httpx.Client(base_url=b.base_url, headers=AUTH) as on_b_http,
+        ):
+            local = sse_events(on_a_http.get(f"responses/{created.id}", params={"stream": "true"}))
+            again = sse_events(on_b_http.get(f"responses/{created.id}", params={"stream": "true"}))
+            tail = sse_events(
+                on_b_http.get(
+                    f"responses/{created.id}", params={"stream": "true", "starting_after": "3"}
+                )
+            )
+            assert [e.model_dump(exclude_unset=True) for e in seen] == local == again
+            assert tail == local[4:]
+            # Another owner's request finds nothing to stream.
+            other = on_b_http.get(
+                f"responses/{created.id}",
+                params={"stream": "true"},
+                headers={"Authorization": "Bearer sk-other"},
+            )
+            assert other.status_code == 404
+        # After the run is forgotten on A, A streams them from Redis too.
+        a.call(lambda: a.server.http.background._finished.clear())
+        with httpx.Client(base_url=a.base_url, headers=AUTH) as on_a_http:
+            assert (
+                sse_events(on_a_http.get(f"responses/{created.id}", params={"stream": "true"}))
+                == local
+            )
+        # Deleted: nothing to stream anywhere.
+        on_b.responses.delete(created.id)
+        board_flush(b)
+        with httpx.Client(base_url=b.base_url, headers=AUTH) as on_b_http:
+            gone = on_b_http.get(f"responses/{created.id}", params={"stream": "true"})
+        assert gone.status_code == 404
+
+
+def test_a_stream_followed_elsewhere_ends_when_its_events_go(redis_url: str, sdk: SDK) -> None:
+    """A follower on another process is not left waiting for a run whose events are
+    gone: deleted, or expired because its process died."""
+    with two_servers(redis_url) as (a, b):
+        on_a = sdk(a)
+        created = on_a.responses.create(model="m", input="/sleep 20000\nx", background=True)
+        eventually(lambda: status_on(on_a, created.id) == "in_progress")
+        board_flush(a)
+        key = events_key(redis_url, a, created.id)
+        with httpx.Client(base_url=b.base_url, headers=AUTH, timeout=10) as http:
+            with http.stream(
+                "GET", f"responses/{created.id}", params={"stream": "true"}
+            ) as response:
+                assert response.status_code == 200
+                lines = response.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))
+                assert json.loads(first[6:])["type"] == "response.created"
+                # As if its process died: the events expire.
+                with redis.Redis.from_url(redis_url) as r:
+                    r.delete(key)
+                started = time.monotonic()
+                rest = list(lines)
+            waited = time.monotonic() - started
+        assert waited < 3 * shared_background.FOLLOW_BLOCK_MS / 1000
+        assert not any('"response.completed"' in line for line in rest)
+        on_a.responses.cancel(created.id)
+
+
+def test_a_gap_in_the_shared_events_ends_the_stream_before_it(redis_url: str, sdk: SDK) -> None:
+    """Events lost in a Redis outage are not skipped over: the stream ends before them."""
+    with two_servers(redis_url) as (a, b):
+        on_a = sdk(a)
+        created = on_a.responses.create(model="m", input="complete", background=True)
+        eventually(lambda: status_on(on_a, created.id) == "completed")
+        board_flush(a)
+        key = events_key(redis_url, a, created.id)
+        with redis.Redis.from_url(redis_url) as r:
+            assert r.xdel(key, "0-5") == 1  # sequence number 4
+        with httpx.Client(base_url=b.base_url, headers=AUTH) as http:
+            events = sse_events(http.get(f"responses/{created.id}", params={"stream": "true"}))
+        assert [e["sequence_number"] for e in events] == [0, 1, 2, 3]
 
 
 def test_a_running_response_deleted_elsewhere_is_stopped_and_never_stored(

@@ -16,12 +16,13 @@ here: with its events for `RETAIN_SECONDS`, then its Response object alone (at m
 `MAX_ENDED` of them, `MAX_ENDED_BYTES` in all, for the process's life). Finished
 runs are kept for `RETAIN_SECONDS` (at most `MAX_FINISHED`, and `MAX_RETAINED_BYTES`
 of events) for their events and final state; at most `MAX_RUNNING` run at once
-(more get `server_is_overloaded`). A run is local to its process, and so are its events.
-With a shared store (Redis) the other processes see it too: the process that runs
-it publishes the Response object as it is now on a board (`shared_background`), so
-a `GET` on another process answers with it while it runs and, for a failed or
-cancelled one, after it ended; a cancel or delete there is announced to the process
-that runs it (a completed one is stored and shared as any stored response).
+(more get `server_is_overloaded`). A run is local to its process. With a shared
+store (Redis) the other processes see it too: the process that runs it publishes the
+Response object as it is now, and its events, on a board (`shared_background`), so a
+`GET` on another process answers with it while it runs and, for a failed or
+cancelled one, after it ended, and streams its events again (for `RETAIN_SECONDS`
+after it ended, too); a cancel or delete there is announced to the process that runs
+it (a completed one is stored and shared as any stored response).
 Shutdown cancels the runs still going.
 """
 
@@ -72,6 +73,7 @@ class BackgroundRun:
         "events",
         "finished_at",
         "forgotten",
+        "on_events",
         "on_status",
         "owner",
         "published_status",
@@ -92,6 +94,8 @@ class BackgroundRun:
         """Deleted: its state is not published again."""
         self.on_status: Callable[[BackgroundRun], None] | None = None
         """Called when an emitted event changed the response's status."""
+        self.on_events: Callable[[BackgroundRun, int], None] | None = None
+        """Called with the sequence number of the first new event after each emit."""
         self.published_status: str | None = None
 
     @property
@@ -102,14 +106,18 @@ class BackgroundRun:
         """Keep a turn's SSE frames (one or more whole events) and wake the readers."""
         if not frames:
             return
+        events = self.events
+        first = len(events)
         start = 0
         while start < len(frames):
             end = frames.find(_EVENT_END, start)
             end = len(frames) if end < 0 else end + len(_EVENT_END)
-            self.events.append(frames[start:end])
+            events.append(frames[start:end])
             start = end
         self.event_bytes += len(frames)
         self._wake()
+        if self.on_events is not None:
+            self.on_events(self, first)
         if self.on_status is not None and self.turn.stream.status != self.published_status:
             self.on_status(self)
 
@@ -207,11 +215,20 @@ class BackgroundResponses:
                 run.finish()
                 if turn.stream.status != run.published_status:
                     self._publish(run)
+                if self.board is not None and not run.forgotten:
+                    self.board.end_events(
+                        run.owner,
+                        turn.response_id,
+                        len(run.events),
+                        turn.stream.status,
+                        int(RETAIN_SECONDS),
+                    )
 
         loop = asyncio.get_running_loop()
         run.task = loop.create_task(main())
         if self.board is not None:
             run.on_status = self._publish  # queued now, in_progress, how it ended
+            run.on_events = self._share_events
             self._publish(run)
             if self._heartbeat is None:
                 self._heartbeat = loop.create_task(self._beat(self.board))
@@ -224,6 +241,13 @@ class BackgroundResponses:
         stream = run.turn.stream
         run.published_status = status = stream.status
         self.board.publish(run.owner, run.turn.response_id, stream.response_json(), status=status)
+
+    def _share_events(self, run: BackgroundRun, first: int) -> None:
+        """Share the run's events from sequence number `first` on (with a board,
+        unless it was deleted)."""
+        if self.board is None or run.forgotten:
+            return
+        self.board.append_events(run.owner, run.turn.response_id, first, run.events[first:])
 
     async def _beat(self, board: SharedBackgroundBoard) -> None:
         """Publish the running responses' state again, so their records stay (and

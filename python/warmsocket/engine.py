@@ -28,7 +28,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -197,8 +197,36 @@ class SharedBackgroundBoard(Protocol):
         """Queue the Response object as it is now; never blocks, never raises."""
         ...
 
+    def append_events(self, owner: str, response_id: str, first: int, events: list[bytes]) -> None:
+        """Queue a run's new events (SSE frames), the first of sequence number `first`."""
+        ...
+
+    def end_events(
+        self, owner: str, response_id: str, count: int, status: str, keep_seconds: int
+    ) -> None:
+        """Queue the end of a run's `count` events, kept `keep_seconds` more."""
+        ...
+
     def forget(self, owner: str, response_id: str) -> None:
         """Queue the deletion of what was published for the response."""
+        ...
+
+    async def has_events(self, owner: str, response_id: str) -> bool:
+        """Whether any process keeps the response's events. Raises
+        SharedStoreUnavailable when the store does not answer."""
+        ...
+
+    async def follow(
+        self,
+        owner: str,
+        response_id: str,
+        after: int,
+        write: Callable[[bytes], None],
+        drain: Callable[[], Awaitable[None]],
+        closing: Callable[[], bool],
+    ) -> None:
+        """Write the response's events after sequence number `after`, then live until
+        its run ends or the reader goes away."""
         ...
 
     async def get(self, owner: str, response_id: str) -> dict[str, Any] | None:

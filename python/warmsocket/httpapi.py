@@ -170,13 +170,22 @@ class HTTPApp:
                 if run is not None:
                     return self._json(writer, request, request_id, 200, run.response_json())
                 if streamed:
+                    after = _starting_after(request)
+                    if await self._follow_elsewhere(
+                        request, writer, request_id, owner, path_id, after
+                    ):
+                        return 200
                     await self._stored_or_elsewhere(owner, path_id)  # unknown: 404
+                    where = (
+                        ""
+                        if self.background.board is not None
+                        else " only from the server that runs it (with --redis-url, from any),"
+                    )
                     raise errors.unsupported_parameter(
                         "stream",
-                        "Only a background response's events can be streamed again, only "
-                        "from the server that runs it, and only for "
-                        f"{int(RETAIN_SECONDS)} s after it ended; retrieve the response "
-                        "without 'stream' instead.",
+                        f"Only a background response's events can be streamed again,{where} "
+                        f"and only for {int(RETAIN_SECONDS)} s after it ended; retrieve the "
+                        "response without 'stream' instead.",
                     )
                 try:
                     return await self._retrieve(writer, request, request_id, owner, path_id)
@@ -276,6 +285,38 @@ class HTTPApp:
             after, lambda frames: writer.write(chunk(frames)), writer.drain, lambda: writer.closing
         )
         writer.write(LAST_CHUNK)
+
+    async def _follow_elsewhere(
+        self,
+        request: Request,
+        writer: ResponseWriter,
+        request_id: str,
+        owner: str,
+        rid: str,
+        after: int,
+    ) -> bool:
+        """`_follow` for a background response whose events another process (or this
+        one, after its run was forgotten) keeps on the shared board; False when none
+        does. Raises APIError 503 when the shared store does not answer."""
+        board = self.background.board
+        if board is None:
+            return False
+        try:
+            if not await board.has_events(owner, rid):
+                return False
+        except SharedStoreUnavailable:
+            raise errors.shared_store_unavailable(rid, param=None) from None
+        _start_sse(request, writer, request_id)
+        await board.follow(
+            owner,
+            rid,
+            after,
+            lambda frames: writer.write(chunk(frames)),
+            writer.drain,
+            lambda: writer.closing,
+        )
+        writer.write(LAST_CHUNK)
+        return True
 
     async def _load_parent(self, create: _core.CreateRequest, owner: str) -> None:
         """Load `previous_response_id` from the shared store when only another process
@@ -380,7 +421,8 @@ class HTTPApp:
                     status=503,
                     type="server_error",
                 ) from None
-        if unstored and engine.shared is not None:
+        if (unstored or shared_deleted) and engine.shared is not None:
+            # Its record and events (the process that ran it is told, too).
             engine.shared.background_board.forget(owner, rid)
         deleted = engine.cache.delete(rid, owner=owner) or shared_deleted or run is not None
         if not (deleted or unstored):

@@ -1,29 +1,35 @@
-"""Background responses seen, cancelled and deleted from every process, through Redis.
+"""Background responses seen, followed, cancelled and deleted from every process, through Redis.
 
-A background response runs in the process that created it (`background.py`); its
-events stay there. With several processes behind a load balancer, a client that
-polls `GET /v1/responses/{id}`, cancels or deletes it may land on another one. So
-the process that runs it keeps the Response object as it is now on a board in
-Redis, under ``<prefix>:b:<owner>:<id>``:
+A background response runs in the process that created it (`background.py`). With
+several processes behind a load balancer, a client that polls `GET
+/v1/responses/{id}`, streams its events again, cancels or deletes it may land on
+another one. So the process that runs it keeps, in Redis:
 
-* written when the run starts (`queued`), when its status changes (`in_progress`),
-  and every `background.HEARTBEAT_SECONDS` while it runs (with the output so far),
-  each time to expire `RUNNING_TTL` seconds later: a record whose process died goes
-  away;
-* written once more when the run ends: a `failed` or `cancelled` one is not stored
-  as a response, so its record is what other processes (and this one, once its own copy
-  is forgotten) answer with, for the store's TTL; a `completed` or `incomplete` one
-  is stored and shared as any stored response, and its record only bridges the
+* the Response object as it is now, under ``<prefix>:b:<owner>:<id>``: written when
+  the run starts (`queued`), when its status changes (`in_progress`), and every
+  `background.HEARTBEAT_SECONDS` while it runs (with the output so far), each time to
+  expire `RUNNING_TTL` seconds later: a record whose process died goes away. It is
+  written once more when the run ends: a `failed` or `cancelled` one is not stored as
+  a response, so its record is what other processes (and this one, once its own copy
+  is forgotten) answer with, for the store's TTL; a `completed` or `incomplete` one is
+  stored and shared as any stored response, and its record only bridges the
   write-behind (`RUNNING_TTL`);
-* deleted with the response.
+* its events (SSE frames), under ``<prefix>:be:<owner>:<id>``: a Redis stream whose
+  entry ``0-<n + 1>`` is the event of sequence number n, and whose last entry, once
+  the run ended, is an end mark (field ``end``: the status). Any process streams them
+  again (`follow`): the ones written so far, then live until the end mark. The
+  stream expires with the record while the run goes on, and `RETAIN_SECONDS` after it
+  ended, as the running process's own copy;
+* both deleted with the response.
 
 A cancel asked of another process is announced on the channel ``<prefix>:cancel``
 (which `SharedStore` follows with its deletions); the process that runs the response
 cancels it, and the record says `cancelled`.
 
 Writes are queued and written in order by one task (never on a request's path); a
-Redis outage is logged (without content) and counted, and the run goes on. A read
-that Redis does not answer raises `SharedStoreUnavailable`, answered with a
+Redis outage is logged (without content) and counted, and the run goes on (a follower
+elsewhere whose stream then misses events ends it there, rather than skip them). A
+read that Redis does not answer raises `SharedStoreUnavailable`, answered with a
 retriable 503.
 """
 
@@ -34,7 +40,7 @@ import contextlib
 import json
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as redis
@@ -42,6 +48,8 @@ import redis.asyncio as redis
 from warmsocket.engine import SharedStoreUnavailable
 
 if TYPE_CHECKING:
+    from redis.asyncio.client import Pipeline
+
     from warmsocket.shared_store import SharedStore
 
 log = logging.getLogger("warmsocket.shared_background")
@@ -53,6 +61,21 @@ OnCancel = Callable[[str, str], None]
 """Called with (owner, response_id) when any process asks for a cancel."""
 
 
+Write = Callable[["Pipeline"], object]
+"""One queued write: adds its commands to the writer's pipeline."""
+
+MAX_QUEUED_WRITES = 100_000
+"""Writes queued at most (Redis slower than the runs, or not answering); more are
+dropped, counted and logged."""
+FOLLOW_BLOCK_MS = 1000
+"""How long one read of a followed stream waits for new events (well under the
+client's socket timeout); a follower that went away is noticed within it."""
+FOLLOW_BATCH = 256
+"""Events read at most at once by a follower."""
+_END = b"end"
+_EVENT = b"e"
+
+
 class BackgroundBoard:
     """The Redis side of background responses shared between processes."""
 
@@ -60,7 +83,8 @@ class BackgroundBoard:
         self._store = store
         self._client: redis.Redis = store.client
         self._prefix = store.prefix
-        self._ops: deque[tuple[str, bytes | None, int]] = deque()
+        self._ops: deque[Write] = deque()
+        self._dropped = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -90,19 +114,65 @@ class BackgroundBoard:
     # -- writing (the process that runs the response) ---------------------------------
 
     def publish(self, owner: str, response_id: str, response: bytes, *, status: str) -> None:
-        """Queue the Response object as it is now; never blocks, never raises."""
+        """Queue the Response object as it is now; never blocks, never raises. While
+        the run goes on, its events' expiry is put off with the record's."""
         if status in ("queued", "in_progress", "completed", "incomplete"):
             ttl = RUNNING_TTL
         else:
             ttl = self._store.ttl  # failed, cancelled: never stored otherwise
-        self._queue(self._key(owner, response_id), response, ttl)
+        key = self._key(owner, response_id)
+        events = self._events_key(owner, response_id)
+        running = status in ("queued", "in_progress")
+
+        def write(pipe: Pipeline) -> None:
+            pipe.set(key, response, ex=ttl)
+            if running:
+                pipe.expire(events, RUNNING_TTL)
+
+        self._queue(write)
+
+    def append_events(self, owner: str, response_id: str, first: int, events: list[bytes]) -> None:
+        """Queue a run's new events, the first of sequence number `first`; never
+        blocks, never raises."""
+        key = self._events_key(owner, response_id)
+
+        def write(pipe: Pipeline) -> None:
+            for number, event in enumerate(events, first):
+                pipe.xadd(key, {_EVENT: event}, id=f"0-{number + 1}")
+            pipe.expire(key, RUNNING_TTL)
+
+        self._queue(write)
+
+    def end_events(
+        self, owner: str, response_id: str, count: int, status: str, keep_seconds: int
+    ) -> None:
+        """Queue the end mark after a run's `count` events; they are kept
+        `keep_seconds` more."""
+        key = self._events_key(owner, response_id)
+
+        def write(pipe: Pipeline) -> None:
+            pipe.xadd(key, {_END: status}, id=f"0-{count + 1}")
+            pipe.expire(key, keep_seconds)
+
+        self._queue(write)
 
     def forget(self, owner: str, response_id: str) -> None:
-        """Queue the record's deletion (after any write queued before)."""
-        self._queue(self._key(owner, response_id), None, 0)
+        """Queue the deletion of the record and the events (after any write queued
+        before)."""
+        keys = (self._key(owner, response_id), self._events_key(owner, response_id))
+        self._queue(lambda pipe: pipe.delete(*keys))
 
-    def _queue(self, key: str, value: bytes | None, ttl: int) -> None:
-        self._ops.append((key, value, ttl))
+    def _queue(self, write: Write) -> None:
+        if len(self._ops) >= MAX_QUEUED_WRITES:
+            self._dropped += 1
+            self._store.errors += 1
+            if self._dropped == 1:
+                log.error(
+                    "background responses' writes to Redis dropped: too many queued",
+                    extra={"redis": self._store.address, "queued": len(self._ops)},
+                )
+            return
+        self._ops.append(write)
         self._idle.clear()
         self._wake.set()
 
@@ -112,13 +182,11 @@ class BackgroundBoard:
             self._wake.clear()
             ops = list(self._ops)
             self._ops.clear()
+            self._dropped = 0
             try:
                 async with self._client.pipeline(transaction=False) as pipe:
-                    for key, value, ttl in ops:
-                        if value is None:
-                            pipe.delete(key)
-                        else:
-                            pipe.set(key, value, ex=ttl)
+                    for write in ops:
+                        write(pipe)
                     await pipe.execute()
             except Exception as exc:  # Redis and OS errors: the runs go on
                 self._failed("cannot write background responses' state to Redis", exc, len(ops))
@@ -144,6 +212,64 @@ class BackgroundBoard:
             return None
         return response
 
+    async def has_events(self, owner: str, response_id: str) -> bool:
+        """Whether a process keeps the response's events here (it runs the response,
+        or ended it at most `RETAIN_SECONDS` ago). Raises SharedStoreUnavailable."""
+        try:
+            return bool(await self._client.exists(self._events_key(owner, response_id)))
+        except (redis.RedisError, OSError) as exc:
+            self._failed("cannot read a background response's events from Redis", exc)
+            raise SharedStoreUnavailable(response_id) from None
+
+    async def follow(
+        self,
+        owner: str,
+        response_id: str,
+        after: int,
+        write: Callable[[bytes], None],
+        drain: Callable[[], Awaitable[None]],
+        closing: Callable[[], bool],
+    ) -> None:
+        """Write the response's events after sequence number `after` (each call one or
+        more whole events, never none), then the new ones as the running process
+        writes them, until its end mark, until the events are gone (deleted, or their
+        process died), or until the reader goes away. A gap in the events (writes lost
+        in an outage), or Redis not answering, ends it early (logged)."""
+        key = self._events_key(owner, response_id)
+        expected = max(after + 1, 0)
+        last = f"0-{expected}"
+        while not closing():
+            try:
+                reply: Any = await self._client.xread(
+                    {key: last}, count=FOLLOW_BATCH, block=FOLLOW_BLOCK_MS
+                )
+                if not reply and not await self._client.exists(key):
+                    return
+            except (redis.RedisError, OSError) as exc:
+                self._failed("cannot read a background response's events from Redis", exc)
+                return
+            if not reply:
+                continue
+            frames: list[bytes] = []
+            entries: list[tuple[bytes, dict[bytes, bytes]]] = reply[0][1]
+            for entry_id, fields in entries:
+                number = int(entry_id.rpartition(b"-")[2]) - 1
+                if number != expected or _END in fields:
+                    if number != expected:
+                        log.error(
+                            "a background response's events in Redis have a gap: "
+                            "its stream ends there",
+                            extra={"sequence_number": expected},
+                        )
+                    if frames:
+                        write(b"".join(frames))
+                    return
+                frames.append(fields[_EVENT])
+                expected += 1
+                last = entry_id.decode()
+            write(b"".join(frames))
+            await drain()
+
     async def request_cancel(self, owner: str, response_id: str) -> None:
         """Ask every process to cancel the response (the one that runs it does).
         Raises SharedStoreUnavailable when Redis does not answer."""
@@ -156,6 +282,9 @@ class BackgroundBoard:
     def _key(self, owner: str, response_id: str) -> str:
         return f"{self._prefix}:b:{owner}:{response_id}"
 
+    def _events_key(self, owner: str, response_id: str) -> str:
+        return f"{self._prefix}:be:{owner}:{response_id}"
+
     def _failed(self, message: str, exc: BaseException, count: int = 1) -> None:
         """Count and log a failed Redis call (where Redis is and why; no content)."""
         self._store.errors += count
@@ -164,7 +293,7 @@ class BackgroundBoard:
             **self._store.failure_fields(exc),
         }
         if count > 1:
-            fields["responses"] = count
+            fields["writes"] = count
         log.error(message, extra=fields)
 
 
