@@ -180,8 +180,14 @@ def test_a_stored_compacted_response_is_retrievable(server: RunningServer) -> No
     )
     stored = sdk.responses.retrieve(second.id)
     assert [item.type for item in stored.output] == ["compaction", "message"]
-    # Its own input went into the compaction item: the chain starts there.
-    assert sdk.responses.input_items.list(second.id).data == []
+    # As it was created: its chain in the cache starts at the compaction item, but it
+    # names the previous response the client named.
+    assert stored.previous_response_id == first.id
+    assert stored.model_dump() == second.model_dump()
+    # Its input went into the compaction item; it lists what the client sent.
+    listed = sdk.responses.input_items.list(second.id).data
+    assert [(item.type, item.role) for item in listed] == [("message", "user")]  # type: ignore[union-attr]
+    assert listed[0].content[0].text == LONG  # type: ignore[union-attr]
     # A window made from it keeps the user messages the item holds.
     window = sdk.responses.compact(model=MODEL, previous_response_id=second.id)
     user_texts = [
@@ -208,6 +214,23 @@ class SummaryFails(MockBackend):
             return
         async for item in super().stream(turn):
             yield item
+
+
+def test_a_compacted_resent_history_lists_what_the_client_sent(server: RunningServer) -> None:
+    with OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk:
+        history: list[Any] = [{"role": "user", "content": "Start the task."}]
+        first = sdk.responses.create(model=MODEL, input=history)
+        history += [item.model_dump(exclude_none=True) for item in first.output]
+        history.append({"role": "user", "content": LONG})
+        second = sdk.responses.create(model=MODEL, input=history, context_management=COMPACT)
+        assert [item.type for item in second.output] == ["compaction", "message"]
+        stored = sdk.responses.retrieve(second.id)
+        listed = sdk.responses.input_items.list(second.id, order="asc").data
+    assert stored.previous_response_id is None
+    assert stored.model_dump() == second.model_dump()
+    assert [item.id for item in listed][1] == first.output[0].id
+    assert [item.role for item in listed] == ["user", "assistant", "user"]  # type: ignore[union-attr]
+    assert listed[2].content[0].text == LONG  # type: ignore[union-attr]
 
 
 def test_a_failed_summary_fails_the_response_and_keeps_the_chain() -> None:

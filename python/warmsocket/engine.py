@@ -161,6 +161,29 @@ def prompt_key(instructions: str | None, tools_digest: int | None = None) -> str
 _INSTRUCTIONS_MEMBER = b'"instructions":'
 
 
+def rebased_meta(meta: bytes, input_json: bytes, previous_response_id: str | None) -> bytes:
+    """A rebased response's meta (`Turn.rebase`), with what its request sent: its chain
+    in the cache starts at its compaction item, but `input_items` lists the input the
+    client sent and the Response object names the previous response the client named
+    (`stored_input`, `response_object`). Put first, so the prompt key stays the last
+    member (`stored_prompt_key`)."""
+    previous = _dumps(previous_response_id).encode()
+    return b'%b%b,"previous_response_id":%b,%b' % (_REBASED_META, input_json, previous, meta[1:])
+
+
+_REBASED_META = b'{"input_items":'
+
+
+def stored_input(info: _core.ResponseInfo) -> list[dict[str, Any]] | None:
+    """The input a rebased response's request sent (`rebased_meta`); None for any
+    other response, whose input is its node's in the cache."""
+    meta = info.meta
+    if not meta.startswith(_REBASED_META):
+        return None
+    listed = json.loads(meta).get("input_items")
+    return listed if isinstance(listed, list) else None
+
+
 def stored_prompt_key(meta: bytes) -> str | None:
     """The prompt key in a stored response's meta (its `instructions` member).
 
@@ -680,6 +703,8 @@ class Turn:
         self._unsent = b""
         # Rebased on connection-local state (`rebase`): kept connection-local.
         self._local_only = False
+        # Rebased (`rebase`): what the client sent, as stored responses list it.
+        self._rebased_input: bytes | None = None
 
     @functools.cached_property
     def prompt_tokens(self) -> int:
@@ -928,6 +953,7 @@ class Turn:
         first, is where the chain continues. Built on a connection-local chain, it
         stays connection-local, whatever its `store`."""
         self.count_input_tokens()
+        self._rebased_input = self.request.input.json()
         binding = self.binding
         if binding is not None:
             self._local_only = binding.info().connection is not None
@@ -952,6 +978,8 @@ class Turn:
             incomplete=incomplete,
             instructions=self.prompt_key,
         )
+        if self._rebased_input is not None:
+            meta = rebased_meta(meta, self._rebased_input, self.request.previous_response_id)
         cache = self.engine.cache
         output = stream.output_items()
         try:
@@ -1047,7 +1075,7 @@ def response_object(
         "model": model,
         "output": output.to_objects() if include_output else [],
         "usage": meta.get("usage"),
-        "previous_response_id": info.previous_response_id,
+        "previous_response_id": meta.get("previous_response_id", info.previous_response_id),
         "store": info.store,
         "background": meta.get("background", False),
         **settings,

@@ -17,7 +17,13 @@ from warmsocket._core import Rejection, parse_client_message
 from warmsocket.backends.base import TurnFailed
 from warmsocket.background import RETAIN_SECONDS, BackgroundResponses, BackgroundRun
 from warmsocket.compaction import compact, parse_compact_request
-from warmsocket.engine import Engine, SharedStoreUnavailable, Turn, response_object
+from warmsocket.engine import (
+    Engine,
+    SharedStoreUnavailable,
+    Turn,
+    response_object,
+    stored_input,
+)
 from warmsocket.errors import APIError
 from warmsocket.http11 import LAST_CHUNK, Request, chunk, encode_response, response_head
 from warmsocket.response_stream import dumps
@@ -433,7 +439,7 @@ class HTTPApp:
     async def _input_items(
         self, writer: ResponseWriter, request: Request, request_id: str, owner: str, rid: str
     ) -> int:
-        _info, input_items, _output = await self._stored(owner, rid)
+        info, input_items, _output = await self._stored(owner, rid)
         limit_text = request.query_value("limit") or "20"
         try:
             limit = int(limit_text)
@@ -444,7 +450,10 @@ class HTTPApp:
         order = request.query_value("order") or "desc"
         if order not in {"asc", "desc"}:
             raise errors.invalid_value("order", "Invalid 'order': expected 'asc' or 'desc'.")
-        items = [listed_input_item(item, rid, i) for i, item in enumerate(input_items.to_objects())]
+        sent = stored_input(info)
+        if sent is None:
+            sent = input_items.to_objects()
+        items = [listed_input_item(item, rid, i) for i, item in enumerate(sent)]
         if order == "desc":
             items.reverse()
         after = request.query_value("after")
