@@ -619,8 +619,8 @@ def test_a_followed_background_stream_gets_every_event_once_and_in_order(
         events = [b"data: %d\n\n" % n for n in range(shared_background.FOLLOW_BATCH + 10)]
         board.append_events("o", "r", 0, events[:3])
         await board.flush()
-        assert await reader.background_board.has_events("o", "r")
-        assert not await reader.background_board.has_events("other", "r")
+        assert await reader.background_board.can_follow("o", "r")
+        assert not await reader.background_board.can_follow("other", "r")
         written: list[bytes] = []
 
         async def drain() -> None:
@@ -643,7 +643,56 @@ def test_a_followed_background_stream_gets_every_event_once_and_in_order(
             assert 0 < await client.ttl("t-follow:be:o:r") <= 60
         board.forget("o", "r")
         await board.flush()
-        assert not await reader.background_board.has_events("o", "r")
+        assert not await reader.background_board.can_follow("o", "r")
+        await writer.aclose()
+        await reader.aclose()
+
+    run(main())
+
+
+def test_a_follower_waits_for_a_running_response_with_no_events_yet(redis_url: str) -> None:
+    """A client that streams a response another process has just started (its record
+    written, no event yet) gets its events, and one whose record is gone is let go."""
+
+    async def main() -> None:
+        writer = SharedStore.from_url(redis_url, prefix="t-early")
+        reader = SharedStore.from_url(redis_url, prefix="t-early")
+        await writer.start()
+        await reader.start()
+        board, follower_board = writer.background_board, reader.background_board
+        board.publish("o", "r", b'{"id":"r","status":"queued"}', status="queued")
+        board.publish("o", "done", b'{"id":"done","status":"failed"}', status="failed")
+        await board.flush()
+        assert await follower_board.can_follow("o", "r")
+        assert not await follower_board.can_follow("o", "done")  # ended, no events kept
+        assert not await follower_board.can_follow("o", "nothing")
+        written: list[bytes] = []
+
+        async def drain() -> None:
+            return None
+
+        follower = asyncio.create_task(
+            follower_board.follow("o", "r", -1, written.append, drain, lambda: False)
+        )
+        await asyncio.sleep(shared_background.FOLLOW_BLOCK_MS / 1000 * 1.5)  # no events yet
+        assert not follower.done()
+        board.append_events("o", "r", 0, [b"data: 0\n\n", b"data: 1\n\n"])
+        board.end_events("o", "r", 2, "completed", 60)
+        await board.flush()
+        await asyncio.wait_for(follower, 5)
+        assert b"".join(written) == b"data: 0\n\ndata: 1\n\n"
+        # A follower of a running response whose process died (record and events
+        # expired) is let go.
+        board.publish("o", "r2", b'{"id":"r2","status":"in_progress"}', status="in_progress")
+        board.append_events("o", "r2", 0, [b"data: 0\n\n"])
+        await board.flush()
+        follower = asyncio.create_task(
+            follower_board.follow("o", "r2", 0, written.append, drain, lambda: False)
+        )
+        await asyncio.sleep(0.2)
+        async with redis.asyncio.Redis.from_url(redis_url) as client:
+            await client.delete("t-early:b:o:r2", "t-early:be:o:r2")
+        await asyncio.wait_for(follower, 3 * shared_background.FOLLOW_BLOCK_MS / 1000)
         await writer.aclose()
         await reader.aclose()
 

@@ -234,8 +234,8 @@ class SharedBackgroundBoard(Protocol):
         """Queue the deletion of what was published for the response."""
         ...
 
-    async def has_events(self, owner: str, response_id: str) -> bool:
-        """Whether any process keeps the response's events. Raises
+    async def can_follow(self, owner: str, response_id: str) -> bool:
+        """Whether any process keeps the response's events, or runs it. Raises
         SharedStoreUnavailable when the store does not answer."""
         ...
 

@@ -308,7 +308,7 @@ class HTTPApp:
         if board is None:
             return False
         try:
-            if not await board.has_events(owner, rid):
+            if not await board.can_follow(owner, rid):
                 return False
         except SharedStoreUnavailable:
             raise errors.shared_store_unavailable(rid, param=None) from None

@@ -212,14 +212,21 @@ class BackgroundBoard:
             return None
         return response
 
-    async def has_events(self, owner: str, response_id: str) -> bool:
-        """Whether a process keeps the response's events here (it runs the response,
-        or ended it at most `RETAIN_SECONDS` ago). Raises SharedStoreUnavailable."""
+    async def can_follow(self, owner: str, response_id: str) -> bool:
+        """Whether the response's events can be streamed from here: a process keeps
+        them (it runs the response, or ended it at most `RETAIN_SECONDS` ago), or one
+        runs it and has not written any yet. Raises SharedStoreUnavailable."""
         try:
-            return bool(await self._client.exists(self._events_key(owner, response_id)))
+            return await self._followable(owner, response_id)
         except (redis.RedisError, OSError) as exc:
             self._failed("cannot read a background response's events from Redis", exc)
             raise SharedStoreUnavailable(response_id) from None
+
+    async def _followable(self, owner: str, response_id: str) -> bool:
+        if await self._client.exists(self._events_key(owner, response_id)):
+            return True
+        record = await self._client.get(self._key(owner, response_id))
+        return record is not None and _running(record)
 
     async def follow(
         self,
@@ -232,9 +239,10 @@ class BackgroundBoard:
     ) -> None:
         """Write the response's events after sequence number `after` (each call one or
         more whole events, never none), then the new ones as the running process
-        writes them, until its end mark, until the events are gone (deleted, or their
-        process died), or until the reader goes away. A gap in the events (writes lost
-        in an outage), or Redis not answering, ends it early (logged)."""
+        writes them, until its end mark, until the events are gone and the response
+        does not run (deleted, or its process died), or until the reader goes away. A
+        gap in the events (writes lost in an outage), or Redis not answering, ends it
+        early (logged)."""
         key = self._events_key(owner, response_id)
         expected = max(after + 1, 0)
         last = f"0-{expected}"
@@ -243,8 +251,8 @@ class BackgroundBoard:
                 reply: Any = await self._client.xread(
                     {key: last}, count=FOLLOW_BATCH, block=FOLLOW_BLOCK_MS
                 )
-                if not reply and not await self._client.exists(key):
-                    return
+                if not reply and not await self._followable(owner, response_id):
+                    return  # deleted, expired (its process died), or never written
             except (redis.RedisError, OSError) as exc:
                 self._failed("cannot read a background response's events from Redis", exc)
                 return
@@ -295,6 +303,15 @@ class BackgroundBoard:
         if count > 1:
             fields["writes"] = count
         log.error(message, extra=fields)
+
+
+def _running(record: bytes | str) -> bool:
+    """Whether a record says its response still runs (`queued` or `in_progress`)."""
+    try:
+        status = json.loads(record).get("status")
+    except (ValueError, AttributeError):
+        return False
+    return status in ("queued", "in_progress")
 
 
 def parse_announcement(data: Any, kind: str) -> tuple[str, str] | None:
