@@ -390,7 +390,7 @@ def test_agent_session_compacts_through_the_server(
 def read_log(path: str) -> str:
     """Read a long log file."""
     calls.append(f"read_log:{path}")
-    return " ".join(f"line{i}" for i in range(300))
+    return " ".join(f"line{i}" for i in range(600))
 
 
 @pytest.mark.parametrize("chained", [False, True], ids=["full-replay", "previous_response_id"])
@@ -406,7 +406,7 @@ def test_agent_loop_with_server_side_compaction(any_backend: RunningServer, chai
         model=MODEL,
         tools=[read_log],
         model_settings=ModelSettings(
-            store=True, context_management=[{"type": "compaction", "compact_threshold": 150}]
+            store=True, context_management=[{"type": "compaction", "compact_threshold": 1000}]
         ),
     )
 

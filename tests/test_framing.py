@@ -79,6 +79,7 @@ def rust_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
         result.function_names,
         result.has_tools,
         result.ignored_fields,
+        result.compact_threshold,
     )
 
 
@@ -125,6 +126,7 @@ def reference_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
         names,
         bool(tools),
         result.ignored_fields,
+        result.compact_threshold,
     )
 
 
@@ -282,6 +284,22 @@ create_fields: dict[str, st.SearchStrategy[Any]] = {
     "service_tier": json_values,
     "user": json_values,
     "include": st.lists(texts, max_size=2),
+    "context_management": field(
+        st.lists(
+            st.fixed_dictionaries(
+                {"type": field(one_of("compaction"), "other", 7)},
+                optional={
+                    "compact_threshold": field(
+                        st.integers(1000, 2**70) | st.none(), 999, -1, -(2**70), "9000", 1500.0
+                    )
+                },
+            ),
+            max_size=3,
+        ),
+        {"type": "compaction"},
+        [{"compact_threshold": 5000}],
+        [5],
+    ),
     "extra_thing": json_values,
     "zz_unknown": json_values,
 }
@@ -444,6 +462,37 @@ def test_json_syntax_errors_match_python(text: str) -> None:
 )
 def test_edge_cases_match(data: bytes) -> None:
     same_verdict(data)
+
+
+@pytest.mark.parametrize(
+    "context_management",
+    [
+        None,
+        [{"type": "compaction"}],
+        [{"type": "compaction", "compact_threshold": None}],
+        [{"type": "compaction", "compact_threshold": 1000}],
+        [{"type": "compaction", "compact_threshold": 999}],
+        [{"type": "compaction", "compact_threshold": 0}],
+        [{"type": "compaction", "compact_threshold": -(2**70)}],
+        [{"type": "compaction", "compact_threshold": 2**70}],
+        [{"type": "compaction", "compact_threshold": 2**64 - 1}],
+        [{"type": "compaction", "compact_threshold": True}],
+        [{"type": "compaction", "compact_threshold": 1500.0}],
+        [{"type": "compaction", "compact_threshold": "2000"}],
+        [{"type": "compaction", "compact_threshold": 5000}, {"type": "compaction"}],
+        [{"type": "compaction"}, {"type": "other"}],
+        [{"type": None}],
+        [{"compact_threshold": 5000}],
+        [5],
+        [],
+        {"type": "compaction"},
+        "compaction",
+    ],
+)
+def test_context_management_gets_the_reference_verdict(context_management: Any) -> None:
+    body = {"type": "response.create", "model": "m", "input": "x"}
+    body["context_management"] = context_management
+    same_verdict(json.dumps(body).encode())
 
 
 def test_nesting_limit() -> None:

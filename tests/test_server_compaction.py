@@ -29,9 +29,9 @@ from warmsocket.compaction_items import PROMPT, SUMMARY_HEADER, Compacted, encod
 from warmsocket.engine import context_start, estimate_tokens
 
 MODEL = "warmsocket-mock"
-THRESHOLD = 300
+THRESHOLD = 1000  # the API's minimum
 COMPACT = [{"type": "compaction", "compact_threshold": THRESHOLD}]
-LONG = " ".join(f"word{i}" for i in range(400))  # past the threshold on its own
+LONG = " ".join(f"word{i}" for i in range(600))  # past the threshold on its own
 
 
 def compacted_item(item: dict[str, Any]) -> Compacted:
@@ -109,6 +109,38 @@ def test_below_the_threshold_nothing_changes(server: RunningServer) -> None:
         )
     assert [event["type"] for event in events].count("response.compaction.compacting") == 0
     assert output_text(again) == "user: hello\nassistant: You said: hello\nuser: /transcript"
+
+
+def test_a_bad_context_management_is_refused_as_the_api_refuses_it(server: RunningServer) -> None:
+    """The API's schema: a non-empty array of `compaction` entries whose threshold is an
+    integer of at least 1,000. A threshold below it is refused, not used, over HTTP and
+    over WebSocket (where the connection stays usable)."""
+    below = [{"type": "compaction", "compact_threshold": 500}]
+    with OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk:
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.responses.create(model=MODEL, input="hi", context_management=below)  # type: ignore[list-item]
+        with pytest.raises(openai.BadRequestError) as unknown:
+            sdk.responses.create(
+                model=MODEL,
+                input="hi",
+                context_management=[{"type": "truncate"}],  # type: ignore[list-item]
+            )
+    body = refused.value.body
+    assert isinstance(body, dict)
+    assert (refused.value.code, body["param"]) == (
+        "invalid_value",
+        "context_management[0].compact_threshold",
+    )
+    assert "Expected a value >= 1000, but got 500" in refused.value.message
+    assert unknown.value.code == "invalid_value"
+    with WSClient(server.ws_url) as ws:
+        error = ws.turn(input="hi", context_management=[])[-1]
+        assert error["type"] == "error" and error["status"] == 400
+        assert (error["error"]["code"], error["error"]["param"]) == (
+            "invalid_value",
+            "context_management",
+        )
+        assert output_text(ws.turn(input="hi", context_management=COMPACT)) == "You said: hi"
 
 
 def test_a_resent_history_starts_at_the_compaction_item(server: RunningServer) -> None:

@@ -779,9 +779,9 @@ class CreateRequest:
         comparing them); None when there is no tool."""
     @property
     def compact_threshold(self) -> int | None:
-        """Server-side compaction asked for (`context_management` holds an object with
-        `type: "compaction"`): its `compact_threshold` in tokens when that is a
-        non-negative integer, else 100,000; None when none was asked for."""
+        """Server-side compaction asked for (`context_management`, validated as the
+        API's schema has it): the first entry's `compact_threshold` in tokens (at least
+        1,000), else 100,000; None when none was asked for."""
     @property
     def ignored_fields(self) -> tuple[str, ...]:
         """Body fields the API does not know (ignored), sorted."""

@@ -149,6 +149,9 @@ class CreateRequest:
     stream: bool = False
     background: bool = False
     ignored_fields: tuple[str, ...] = ()
+    compact_threshold: int | None = None
+    """Server-side compaction's threshold in tokens (`context_management`); None
+    without it."""
     items: Items | None = None
     """`input_items` as `Items` (set by `parse_message`)."""
 
@@ -443,6 +446,7 @@ def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
         generate = False
 
     settings = _settings(body)
+    compact_threshold = _compact_threshold(body.get("context_management"))
     input_items = normalize_input(body.get("input"), param="input")
     if not input_items and generate and previous is None:
         raise errors.invalid_value("input", "Input must not be empty.")
@@ -458,7 +462,60 @@ def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
         stream=stream,
         background=background,
         ignored_fields=tuple(sorted(k for k in body if k not in KNOWN_CREATE_FIELDS)),
+        compact_threshold=compact_threshold,
     )
+
+
+MIN_COMPACT_THRESHOLD = 1000
+"""The smallest `compact_threshold` the API accepts (its OpenAPI schema's `minimum`)."""
+DEFAULT_COMPACT_THRESHOLD = 100_000
+"""The threshold of a compaction entry without one."""
+
+
+def _compact_threshold(value: Any) -> int | None:
+    """`context_management` as the API's schema has it: null, or a non-empty array of
+    objects whose `type` is `compaction` with an optional integer `compact_threshold`
+    of at least `MIN_COMPACT_THRESHOLD`. The first entry's threshold (by default
+    `DEFAULT_COMPACT_THRESHOLD`; at most 2**64 - 1); None without compaction. Raises
+    APIError."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise errors.invalid_type("context_management", "an array or null")
+    if not value:
+        raise errors.invalid_value(
+            "context_management",
+            "Invalid 'context_management': empty array. Expected at least one entry, or null.",
+        )
+    thresholds: list[int] = []
+    for index, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise errors.invalid_type(f"context_management[{index}]", "an object")
+        param = f"context_management[{index}].type"
+        if "type" not in entry:
+            raise errors.missing_parameter(param)
+        kind = entry["type"]
+        if not isinstance(kind, str):
+            raise errors.invalid_type(param, "a string")
+        if kind != "compaction":
+            raise errors.invalid_value(
+                param, f"Invalid value for '{param}': only 'compaction' is supported."
+            )
+        threshold = entry.get("compact_threshold")
+        param = f"context_management[{index}].compact_threshold"
+        if threshold is None:
+            thresholds.append(DEFAULT_COMPACT_THRESHOLD)
+            continue
+        if isinstance(threshold, bool) or not isinstance(threshold, int):
+            raise errors.invalid_type(param, "an integer or null")
+        if threshold < MIN_COMPACT_THRESHOLD:
+            raise errors.invalid_value(
+                param,
+                f"Invalid '{param}': integer below minimum value. Expected a value >= "
+                f"{MIN_COMPACT_THRESHOLD}, but got {threshold} instead.",
+            )
+        thresholds.append(min(threshold, 2**64 - 1))
+    return thresholds[0]
 
 
 def validate_steer(body: dict[str, Any]) -> SteerRequest:

@@ -90,11 +90,9 @@ pub struct CreateRequest {
     pub tools_span: Option<std::ops::Range<usize>>,
     /// Body fields the API does not know, sorted.
     pub ignored_fields: Vec<String>,
-    /// Server-side compaction asked for (`context_management` holds an object with
-    /// `type: "compaction"`): its `compact_threshold` when that is a non-negative
-    /// integer, else [`DEFAULT_COMPACT_THRESHOLD`]. The field is not validated
-    /// further (the API's own rules for it are not published): any other shape asks
-    /// for nothing.
+    /// Server-side compaction asked for (`context_management`, validated as the
+    /// API's schema has it: an array of `{type: "compaction", compact_threshold?}`):
+    /// its `compact_threshold` when given, else [`DEFAULT_COMPACT_THRESHOLD`].
     pub compact_threshold: Option<u64>,
 }
 
@@ -102,25 +100,91 @@ pub struct CreateRequest {
 /// compaction without a `compact_threshold` is compacted.
 pub const DEFAULT_COMPACT_THRESHOLD: u64 = 100_000;
 
-/// `context_management`'s first `compaction` entry's threshold (see
-/// [`CreateRequest::compact_threshold`]).
-fn compact_threshold(body: &Object<'_>) -> Option<u64> {
-    let Some(Value::Array(entries)) = body.get("context_management") else {
-        return None;
+/// The smallest `compact_threshold` the API accepts (its OpenAPI schema's `minimum`).
+pub const MIN_COMPACT_THRESHOLD: u64 = 1000;
+
+/// `context_management` (see [`CreateRequest::compact_threshold`]), validated as the
+/// API's schema has it: null, or a non-empty array of objects whose `type` is
+/// `compaction` (the only one the API has) with an optional integer
+/// `compact_threshold` of at least [`MIN_COMPACT_THRESHOLD`]. The first entry's
+/// threshold applies.
+fn compact_threshold(body: &Object<'_>) -> Result<Option<u64>, RequestError> {
+    let Some(value) = present(body.get("context_management")) else {
+        return Ok(None);
     };
-    entries.iter().find_map(|entry| {
+    let Value::Array(entries) = value else {
+        return Err(RequestError::invalid_type(
+            "context_management",
+            "an array or null",
+        ));
+    };
+    if entries.is_empty() {
+        return Err(RequestError::invalid_value(
+            "context_management",
+            "Invalid 'context_management': empty array. Expected at least one entry, or \
+             null.",
+        ));
+    }
+    let mut threshold = None;
+    for (index, entry) in entries.iter().enumerate() {
         let Value::Object(entry) = entry else {
-            return None;
+            return Err(RequestError::invalid_type(
+                format!("context_management[{index}]"),
+                "an object",
+            ));
         };
-        if !matches!(entry.get("type"), Some(Value::Str(kind)) if kind == "compaction") {
-            return None;
+        match entry.get("type") {
+            None => {
+                return Err(RequestError::missing(format!(
+                    "context_management[{index}].type"
+                )))
+            }
+            Some(Value::Str(kind)) if kind == "compaction" => {}
+            Some(Value::Str(_)) => {
+                return Err(RequestError::invalid_value(
+                    format!("context_management[{index}].type"),
+                    format!(
+                        "Invalid value for 'context_management[{index}].type': only \
+                         'compaction' is supported."
+                    ),
+                ))
+            }
+            Some(_) => {
+                return Err(RequestError::invalid_type(
+                    format!("context_management[{index}].type"),
+                    "a string",
+                ))
+            }
         }
-        Some(match present(entry.get("compact_threshold")) {
-            Some(Value::Int(n)) => u64::try_from(*n).unwrap_or(DEFAULT_COMPACT_THRESHOLD),
-            Some(Value::UInt(n)) => *n,
-            _ => DEFAULT_COMPACT_THRESHOLD,
-        })
-    })
+        let param = || format!("context_management[{index}].compact_threshold");
+        let entry_threshold = match present(entry.get("compact_threshold")) {
+            None => DEFAULT_COMPACT_THRESHOLD,
+            Some(value @ (Value::Int(_) | Value::UInt(_) | Value::BigInt(_))) => {
+                let (number, text) = match value {
+                    Value::Int(n) => (u64::try_from(*n).ok(), n.to_string()),
+                    Value::UInt(n) => (Some(*n), n.to_string()),
+                    // Beyond 64 bits: a threshold no context reaches, or far below.
+                    Value::BigInt(t) => ((!t.starts_with('-')).then_some(u64::MAX), t.to_string()),
+                    _ => (None, String::new()),
+                };
+                match number {
+                    Some(n) if n >= MIN_COMPACT_THRESHOLD => n,
+                    _ => return Err(below_minimum(param(), &text)),
+                }
+            }
+            Some(_) => return Err(RequestError::invalid_type(param(), "an integer or null")),
+        };
+        threshold.get_or_insert(entry_threshold);
+    }
+    Ok(threshold)
+}
+
+fn below_minimum(param: String, got: &str) -> RequestError {
+    let message = format!(
+        "Invalid '{param}': integer below minimum value. Expected a value >= \
+         {MIN_COMPACT_THRESHOLD}, but got {got} instead."
+    );
+    RequestError::invalid_value(param, message)
 }
 
 /// A valid `response.steer`.
@@ -427,6 +491,7 @@ fn validate_create(
         }
     }
     let settings = settings(&body, model)?;
+    let compact_threshold = compact_threshold(&body)?;
     let input = normalize_input(body.get("input"))?;
     if input.is_empty() && generate && previous.is_none() {
         return Err(RequestError::invalid_value(
@@ -443,7 +508,6 @@ fn validate_create(
     ignored_fields.sort_unstable();
     let model = model.to_owned();
     let previous_response_id = previous.map(str::to_owned);
-    let compact_threshold = compact_threshold(&body);
     let input = take_input(body, input);
     let input = items(input, options.max_item_bytes)
         .map_err(|e| RequestError::invalid_value("input", format!("Invalid 'input': {e}")))?;
@@ -1006,23 +1070,24 @@ mod tests {
 
     #[test]
     fn compact_threshold_comes_from_the_first_compaction_entry() {
-        let with = |cm: &str| {
-            created(&format!(
+        let body = |cm: &str| {
+            format!(
                 r#"{{"type":"response.create","model":"m","input":"x","context_management":{cm}}}"#
-            ))
-            .compact_threshold
+            )
         };
+        let with = |cm: &str| created(&body(cm)).compact_threshold;
         assert_eq!(
             created(r#"{"type":"response.create","model":"m","input":"x"}"#).compact_threshold,
             None
         );
+        assert_eq!(with("null"), None);
         assert_eq!(
             with(r#"[{"type":"compaction","compact_threshold":5000}]"#),
             Some(5000)
         );
         assert_eq!(
-            with(r#"[{"type":"other"},{"type":"compaction","compact_threshold":7}]"#),
-            Some(7)
+            with(r#"[{"type":"compaction","compact_threshold":1000},{"type":"compaction"}]"#),
+            Some(MIN_COMPACT_THRESHOLD)
         );
         let default = Some(DEFAULT_COMPACT_THRESHOLD);
         assert_eq!(with(r#"[{"type":"compaction"}]"#), default);
@@ -1031,22 +1096,82 @@ mod tests {
             default
         );
         assert_eq!(
-            with(r#"[{"type":"compaction","compact_threshold":-1}]"#),
-            default
+            with(r#"[{"type":"compaction","compact_threshold":100000000000000000000}]"#),
+            Some(u64::MAX)
         );
-        assert_eq!(
-            with(r#"[{"type":"compaction","compact_threshold":"9"}]"#),
-            default
-        );
-        for nothing in [
-            r#"[]"#,
-            r#"[{"type":"other"}]"#,
-            r#"{"type":"compaction"}"#,
-            "null",
-            r#"[5]"#,
-        ] {
-            assert_eq!(with(nothing), None, "{nothing}");
+    }
+
+    #[test]
+    fn context_management_is_validated_as_the_api_schema_has_it() {
+        let param = |p: &str| Some(p.to_owned());
+        let cases = [
+            (
+                r#"{"type":"compaction"}"#,
+                "invalid_type",
+                param("context_management"),
+            ),
+            ("5", "invalid_type", param("context_management")),
+            ("[]", "invalid_value", param("context_management")),
+            ("[5]", "invalid_type", param("context_management[0]")),
+            (
+                r#"[{"compact_threshold":5000}]"#,
+                "missing_required_parameter",
+                param("context_management[0].type"),
+            ),
+            (
+                r#"[{"type":7}]"#,
+                "invalid_type",
+                param("context_management[0].type"),
+            ),
+            (
+                r#"[{"type":"compaction"},{"type":"other"}]"#,
+                "invalid_value",
+                param("context_management[1].type"),
+            ),
+            (
+                r#"[{"type":"compaction","compact_threshold":"9000"}]"#,
+                "invalid_type",
+                param("context_management[0].compact_threshold"),
+            ),
+            (
+                r#"[{"type":"compaction","compact_threshold":1500.0}]"#,
+                "invalid_type",
+                param("context_management[0].compact_threshold"),
+            ),
+            (
+                r#"[{"type":"compaction","compact_threshold":999}]"#,
+                "invalid_value",
+                param("context_management[0].compact_threshold"),
+            ),
+            (
+                r#"[{"type":"compaction","compact_threshold":-1}]"#,
+                "invalid_value",
+                param("context_management[0].compact_threshold"),
+            ),
+            (
+                r#"[{"type":"compaction","compact_threshold":-100000000000000000000}]"#,
+                "invalid_value",
+                param("context_management[0].compact_threshold"),
+            ),
+        ];
+        for (cm, code, expected_param) in cases {
+            let text = format!(
+                r#"{{"type":"response.create","model":"m","input":"x","context_management":{cm}}}"#
+            );
+            let r = rejected(&text, WS);
+            assert_eq!(
+                (r.stage, r.error.code(), r.error.param().map(str::to_owned)),
+                (Stage::Create, code, expected_param),
+                "{cm}"
+            );
         }
+        let text = r#"{"type":"response.create","model":"m","input":"x",
+            "context_management":[{"type":"compaction","compact_threshold":999}]}"#;
+        assert_eq!(
+            rejected(text, WS).error.to_string(),
+            "Invalid 'context_management[0].compact_threshold': integer below minimum value. \
+             Expected a value >= 1000, but got 999 instead."
+        );
     }
 
     #[test]
