@@ -272,8 +272,8 @@ create_fields: dict[str, st.SearchStrategy[Any]] = {
     "parallel_tool_calls": field(st.booleans(), None, 1),
     "temperature": field(one_of(0.5, 1, 0, 2**80, 1e300), True, None),
     "top_p": field(one_of(0.9, 1.0, 1), None),
-    "top_logprobs": field(one_of(0, 5, 2**70), -1, 1.5, None),
-    "max_output_tokens": field(one_of(100, None, 2**80), -1, 1.0, -(2**80)),
+    "top_logprobs": field(one_of(0, 5, 20), -1, 1.5, None, 21, 2**70),
+    "max_output_tokens": field(one_of(16, 100, None, 2**80), -1, 1.0, -(2**80), 15),
     "max_tool_calls": field(one_of(3, None), -3),
     "metadata": field(
         st.dictionaries(texts, texts, max_size=3), {str(i): "v" for i in range(17)}, {"k": 1}, None
@@ -493,6 +493,20 @@ def test_context_management_gets_the_reference_verdict(context_management: Any) 
     body = {"type": "response.create", "model": "m", "input": "x"}
     body["context_management"] = context_management
     same_verdict(json.dumps(body).encode())
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        (name, value)
+        for name in ("max_output_tokens", "max_tool_calls", "top_logprobs")
+        for value in (-(2**70), -1, 0, 15, 16, 20, 21, 2**63, 2**64, 2**70)
+    ],
+)
+def test_integer_bounds_get_the_reference_verdict(name: str, value: int) -> None:
+    same_verdict(
+        json.dumps({"type": "response.create", "model": "m", "input": "x", name: value}).encode()
+    )
 
 
 def test_nesting_limit() -> None:

@@ -466,6 +466,30 @@ def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
     )
 
 
+INTEGER_BOUNDS: tuple[tuple[str, int, int | None], ...] = (
+    ("max_output_tokens", 16, None),
+    ("max_tool_calls", 0, None),
+    ("top_logprobs", 0, 20),
+)
+"""The API's bounds of the create's integer fields (its schema's `minimum`, `maximum`)."""
+
+
+def _in_range(param: str, value: int, minimum: int, maximum: int | None) -> int:
+    """`value` within the bounds the API's schema gives the field, saturated to
+    2**64 - 1; else raises the API's APIError."""
+    if value < minimum:
+        bound, relation, limit = "below minimum", ">=", minimum
+    elif maximum is not None and value > maximum:
+        bound, relation, limit = "above maximum", "<=", maximum
+    else:
+        return min(value, 2**64 - 1)
+    raise errors.invalid_value(
+        param,
+        f"Invalid '{param}': integer {bound} value. Expected a value {relation} {limit}, "
+        f"but got {value} instead.",
+    )
+
+
 MIN_COMPACT_THRESHOLD = 1000
 """The smallest `compact_threshold` the API accepts (its OpenAPI schema's `minimum`)."""
 DEFAULT_COMPACT_THRESHOLD = 100_000
@@ -508,13 +532,7 @@ def _compact_threshold(value: Any) -> int | None:
             continue
         if isinstance(threshold, bool) or not isinstance(threshold, int):
             raise errors.invalid_type(param, "an integer or null")
-        if threshold < MIN_COMPACT_THRESHOLD:
-            raise errors.invalid_value(
-                param,
-                f"Invalid '{param}': integer below minimum value. Expected a value >= "
-                f"{MIN_COMPACT_THRESHOLD}, but got {threshold} instead.",
-            )
-        thresholds.append(min(threshold, 2**64 - 1))
+        thresholds.append(_in_range(param, threshold, MIN_COMPACT_THRESHOLD, None))
     return thresholds[0]
 
 
@@ -680,12 +698,13 @@ def _settings(body: dict[str, Any]) -> dict[str, Any]:
             raise errors.invalid_value(
                 name, f"Invalid value for '{name}': must be between 0 and {maximum}."
             )
-    for name in ("max_output_tokens", "max_tool_calls", "top_logprobs"):
+    for name, minimum, bound in INTEGER_BOUNDS:
         value = settings[name]
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
             raise errors.invalid_type(name, "an integer")
-        if isinstance(value, int) and value < 0:
-            raise errors.invalid_value(name, f"Invalid value for '{name}': must be >= 0.")
+        _in_range(name, value, minimum, bound)
     metadata = settings["metadata"]
     if not isinstance(metadata, dict):
         raise errors.invalid_type("metadata", "an object")

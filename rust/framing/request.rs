@@ -159,18 +159,8 @@ fn compact_threshold(body: &Object<'_>) -> Result<Option<u64>, RequestError> {
         let param = || format!("context_management[{index}].compact_threshold");
         let entry_threshold = match present(entry.get("compact_threshold")) {
             None => DEFAULT_COMPACT_THRESHOLD,
-            Some(value @ (Value::Int(_) | Value::UInt(_) | Value::BigInt(_))) => {
-                let (number, text) = match value {
-                    Value::Int(n) => (u64::try_from(*n).ok(), n.to_string()),
-                    Value::UInt(n) => (Some(*n), n.to_string()),
-                    // Beyond 64 bits: a threshold no context reaches, or far below.
-                    Value::BigInt(t) => ((!t.starts_with('-')).then_some(u64::MAX), t.to_string()),
-                    _ => (None, String::new()),
-                };
-                match number {
-                    Some(n) if n >= MIN_COMPACT_THRESHOLD => n,
-                    _ => return Err(below_minimum(param(), &text)),
-                }
+            Some(value) if value.is_int() => {
+                in_range(&param(), value, MIN_COMPACT_THRESHOLD, None)?
             }
             Some(_) => return Err(RequestError::invalid_type(param(), "an integer or null")),
         };
@@ -179,13 +169,45 @@ fn compact_threshold(body: &Object<'_>) -> Result<Option<u64>, RequestError> {
     Ok(threshold)
 }
 
-fn below_minimum(param: String, got: &str) -> RequestError {
-    let message = format!(
-        "Invalid '{param}': integer below minimum value. Expected a value >= \
-         {MIN_COMPACT_THRESHOLD}, but got {got} instead."
-    );
-    RequestError::invalid_value(param, message)
+/// An integer field's value checked against the bounds the API's schema gives it
+/// (`minimum`, `maximum`): the integer, saturated to `u64` (a negative one is below
+/// any minimum here, which are all >= 0), or the error the API gives. `value` is
+/// an integer (`Value::is_int`).
+fn in_range(
+    param: &str,
+    value: &Value<'_>,
+    min: u64,
+    max: Option<u64>,
+) -> Result<u64, RequestError> {
+    let (number, text) = match value {
+        Value::Int(n) => (u64::try_from(*n).ok(), n.to_string()),
+        Value::UInt(n) => (Some(*n), n.to_string()),
+        Value::BigInt(t) => ((!t.starts_with('-')).then_some(u64::MAX), t.to_string()),
+        _ => (None, String::new()),
+    };
+    let (bound, relation, limit) = match number {
+        Some(n) if n < min => ("below minimum", ">=", min),
+        None => ("below minimum", ">=", min),
+        Some(n) => match max {
+            Some(max) if n > max => ("above maximum", "<=", max),
+            _ => return Ok(n),
+        },
+    };
+    Err(RequestError::invalid_value(
+        param,
+        format!(
+            "Invalid '{param}': integer {bound} value. Expected a value {relation} {limit}, \
+             but got {text} instead."
+        ),
+    ))
 }
+
+/// The API's bounds of the create's integer fields (`minimum`, `maximum`).
+const INTEGER_BOUNDS: [(&str, u64, Option<u64>); 3] = [
+    ("max_output_tokens", 16, None),
+    ("max_tool_calls", 0, None),
+    ("top_logprobs", 0, Some(20)),
+];
 
 /// A valid `response.steer`.
 #[derive(Debug, Clone)]
@@ -632,17 +654,15 @@ fn settings(body: &Object<'_>, model: &str) -> Result<Settings, RequestError> {
             ));
         }
     }
-    for name in ["max_output_tokens", "max_tool_calls", "top_logprobs"] {
+    for (name, min, max) in INTEGER_BOUNDS {
         let value = get(name);
-        if !value.is_null() && !value.is_int() {
+        if value.is_null() {
+            continue;
+        }
+        if !value.is_int() {
             return Err(RequestError::invalid_type(name, "an integer"));
         }
-        if value.is_negative_int() {
-            return Err(RequestError::invalid_value(
-                name,
-                format!("Invalid value for '{name}': must be >= 0."),
-            ));
-        }
+        in_range(name, value, min, max)?;
     }
     let Value::Object(metadata) = get("metadata") else {
         return Err(RequestError::invalid_type("metadata", "an object"));
@@ -1175,6 +1195,35 @@ mod tests {
     }
 
     #[test]
+    fn integer_fields_have_the_api_s_bounds() {
+        let message = |field: &str| {
+            let text = format!(r#"{{"type":"response.create","model":"m","input":"x",{field}}}"#);
+            rejected(&text, WS).error.to_string()
+        };
+        assert_eq!(
+            message(r#""max_output_tokens":15"#),
+            "Invalid 'max_output_tokens': integer below minimum value. Expected a value >= 16, \
+             but got 15 instead."
+        );
+        assert_eq!(
+            message(r#""top_logprobs":21"#),
+            "Invalid 'top_logprobs': integer above maximum value. Expected a value <= 20, but \
+             got 21 instead."
+        );
+        for ok in [
+            r#""max_output_tokens":16"#,
+            r#""max_output_tokens":100000000000000000000"#,
+            r#""top_logprobs":20"#,
+            r#""top_logprobs":0"#,
+            r#""max_tool_calls":0"#,
+        ] {
+            created(&format!(
+                r#"{{"type":"response.create","model":"m","input":"x",{ok}}}"#
+            ));
+        }
+    }
+
+    #[test]
     fn step_one_errors() {
         let cases = [
             ("{not json", "invalid_json", None),
@@ -1350,6 +1399,18 @@ mod tests {
                 "max_output_tokens",
             ),
             (r#""max_tool_calls":1.0"#, "invalid_type", "max_tool_calls"),
+            (
+                r#""max_output_tokens":15"#,
+                "invalid_value",
+                "max_output_tokens",
+            ),
+            (r#""top_logprobs":21"#, "invalid_value", "top_logprobs"),
+            (
+                r#""top_logprobs":100000000000000000000"#,
+                "invalid_value",
+                "top_logprobs",
+            ),
+            (r#""max_tool_calls":-1"#, "invalid_value", "max_tool_calls"),
             (
                 r#""top_logprobs":-100000000000000000000"#,
                 "invalid_value",

@@ -135,15 +135,6 @@ impl<'a> Value<'a> {
     pub fn is_int(&self) -> bool {
         matches!(self, Value::Int(_) | Value::UInt(_) | Value::BigInt(_))
     }
-
-    /// An integer below zero.
-    pub fn is_negative_int(&self) -> bool {
-        match self {
-            Value::Int(i) => *i < 0,
-            Value::BigInt(text) => text.starts_with('-'),
-            _ => false,
-        }
-    }
 }
 
 /// Write `value` as compact JSON with object keys sorted at every depth: the same
