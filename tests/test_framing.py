@@ -276,13 +276,22 @@ create_fields: dict[str, st.SearchStrategy[Any]] = {
     "max_output_tokens": field(one_of(16, 100, None, 2**80), -1, 1.0, -(2**80), 15),
     "max_tool_calls": field(one_of(3, None), -3),
     "metadata": field(
-        st.dictionaries(texts, texts, max_size=3), {str(i): "v" for i in range(17)}, {"k": 1}, None
+        st.dictionaries(texts, texts, max_size=3),
+        {str(i): "v" for i in range(17)},
+        {"k": 1},
+        None,
+        {"k" * 65: "v"},
+        {"k": "é" * 513},
+        {"k" * 64: "é" * 512},
     ),
     "text": field(one_of({"format": {"type": "text"}}, {"verbosity": "low"}), "plain", None),
     "reasoning": field(one_of({"effort": "low"}, {}), [], None),
     "truncation": field(one_of("auto", "disabled"), "sometimes", ["auto"], None),
-    "service_tier": json_values,
-    "user": json_values,
+    "service_tier": field(one_of("auto", "default", "flex", None), 5),
+    "user": field(texts | st.none(), 5, ["u"]),
+    "safety_identifier": field(one_of("s", "é" * 64, None), "s" * 65, 5),
+    "prompt_cache_key": field(texts | st.none(), 5),
+    "prompt_cache_retention": field(one_of("in_memory", "24h", None), "in-memory", 24),
     "include": st.lists(texts, max_size=2),
     "context_management": field(
         st.lists(
@@ -504,6 +513,33 @@ def test_context_management_gets_the_reference_verdict(context_management: Any) 
     ],
 )
 def test_integer_bounds_get_the_reference_verdict(name: str, value: int) -> None:
+    same_verdict(
+        json.dumps({"type": "response.create", "model": "m", "input": "x", name: value}).encode()
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("metadata", {"k" * 64: "v" * 512}),
+        ("metadata", {"k" * 65: "v"}),
+        ("metadata", {"k": "v" * 513}),
+        ("metadata", {"é" * 64: "😀" * 512}),
+        ("metadata", {"ok": "v", "k" * 65: "v" * 513}),
+        ("safety_identifier", "s" * 64),
+        ("safety_identifier", "s" * 65),
+        ("safety_identifier", "😀" * 64),
+        ("safety_identifier", 5),
+        ("service_tier", "priority"),
+        ("service_tier", ["auto"]),
+        ("user", {"id": 1}),
+        ("prompt_cache_key", 7),
+        ("prompt_cache_retention", "24h"),
+        ("prompt_cache_retention", "in-memory"),
+        ("prompt_cache_retention", None),
+    ],
+)
+def test_echoed_strings_get_the_reference_verdict(name: str, value: Any) -> None:
     same_verdict(
         json.dumps({"type": "response.create", "model": "m", "input": "x", name: value}).encode()
     )

@@ -127,6 +127,11 @@ ITEM_TYPES = frozenset(
 )
 _TEXT_PARTS = frozenset({"input_text", "output_text", "summary_text", "reasoning_text"})
 MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+"""The longest `metadata` key and value, in characters (the API's documentation)."""
+MAX_SAFETY_IDENTIFIER_CHARS = 64
+"""The longest `safety_identifier`, in characters (the API's schema)."""
 _CHOICES = frozenset({"auto", "none", "required"})
 # Deepest nesting of arrays and objects in a message (`rust/framing/json.rs`).
 MAX_NESTING = 512
@@ -714,6 +719,17 @@ def _settings(body: dict[str, Any]) -> dict[str, Any]:
         )
     if not all(isinstance(v, str) for v in metadata.values()):
         raise errors.invalid_type("metadata", "an object of string values")
+    for key, value in metadata.items():
+        for what, text, most in (
+            ("key", key, MAX_METADATA_KEY_CHARS),
+            ("value", value, MAX_METADATA_VALUE_CHARS),
+        ):
+            if len(text) > most:
+                raise errors.invalid_value(
+                    "metadata",
+                    f"Invalid 'metadata': string too long. Expected each {what} to have at "
+                    f"most {most} characters, but got a {what} with length {len(text)} instead.",
+                )
     for name in ("text", "reasoning"):
         if not isinstance(settings[name], dict):
             raise errors.invalid_type(name, "an object")
@@ -721,6 +737,29 @@ def _settings(body: dict[str, Any]) -> dict[str, Any]:
     if not (isinstance(truncation, str) and truncation in {"auto", "disabled"}):
         raise errors.invalid_value(
             "truncation", "Invalid value for 'truncation': expected 'auto' or 'disabled'."
+        )
+    # Echoed strings: anything else would make a Response object the SDK's types refuse.
+    for name in (
+        "service_tier",
+        "user",
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+    ):
+        if settings[name] is not None and not isinstance(settings[name], str):
+            raise errors.invalid_type(name, "a string or null")
+    safety_identifier = settings["safety_identifier"]
+    if isinstance(safety_identifier, str) and len(safety_identifier) > MAX_SAFETY_IDENTIFIER_CHARS:
+        raise errors.invalid_value(
+            "safety_identifier",
+            "Invalid 'safety_identifier': string too long. Expected a string with maximum "
+            f"length {MAX_SAFETY_IDENTIFIER_CHARS}, but got a string with length "
+            f"{len(safety_identifier)} instead.",
+        )
+    if settings["prompt_cache_retention"] not in (None, "in_memory", "24h"):
+        raise errors.invalid_value(
+            "prompt_cache_retention",
+            "Invalid value for 'prompt_cache_retention': expected 'in_memory', '24h' or null.",
         )
     return settings
 

@@ -318,6 +318,11 @@ const ITEM_TYPES: [&str; 25] = [
     "tool_search_output",
 ];
 const MAX_METADATA_PAIRS: usize = 16;
+/// The longest `metadata` key and value, in characters (the API's documentation).
+const MAX_METADATA_KEY_CHARS: usize = 64;
+const MAX_METADATA_VALUE_CHARS: usize = 512;
+/// The longest `safety_identifier`, in characters (the API's schema).
+const MAX_SAFETY_IDENTIFIER_CHARS: usize = 64;
 const MAX_STREAM_ID: usize = 256;
 
 /// The echo default of an echoed field (`ECHOED_DEFAULTS[name]`).
@@ -679,6 +684,25 @@ fn settings(body: &Object<'_>, model: &str) -> Result<Settings, RequestError> {
             "an object of string values",
         ));
     }
+    for (key, value) in metadata.iter() {
+        let value = value.as_str().unwrap_or_default();
+        for (what, text, max) in [
+            ("key", key, MAX_METADATA_KEY_CHARS),
+            ("value", value, MAX_METADATA_VALUE_CHARS),
+        ] {
+            let length = text.chars().count();
+            if length > max {
+                return Err(RequestError::invalid_value(
+                    "metadata",
+                    format!(
+                        "Invalid 'metadata': string too long. Expected each {what} to have \
+                         at most {max} characters, but got a {what} with length {length} \
+                         instead."
+                    ),
+                ));
+            }
+        }
+    }
     for name in ["text", "reasoning"] {
         if get(name).as_object().is_none() {
             return Err(RequestError::invalid_type(name, "an object"));
@@ -688,6 +712,39 @@ fn settings(body: &Object<'_>, model: &str) -> Result<Settings, RequestError> {
         return Err(RequestError::invalid_value(
             "truncation",
             "Invalid value for 'truncation': expected 'auto' or 'disabled'.",
+        ));
+    }
+    // Echoed strings: anything else would make a Response object the SDK's types
+    // refuse.
+    for name in [
+        "service_tier",
+        "user",
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+    ] {
+        if !matches!(get(name), Value::Null | Value::Str(_)) {
+            return Err(RequestError::invalid_type(name, "a string or null"));
+        }
+    }
+    if let Value::Str(id) = get("safety_identifier") {
+        let length = id.chars().count();
+        if length > MAX_SAFETY_IDENTIFIER_CHARS {
+            return Err(RequestError::invalid_value(
+                "safety_identifier",
+                format!(
+                    "Invalid 'safety_identifier': string too long. Expected a string with \
+                     maximum length {MAX_SAFETY_IDENTIFIER_CHARS}, but got a string with \
+                     length {length} instead."
+                ),
+            ));
+        }
+    }
+    let retention = get("prompt_cache_retention");
+    if !(retention.is_null() || matches!(retention.as_str(), Some("in_memory" | "24h"))) {
+        return Err(RequestError::invalid_value(
+            "prompt_cache_retention",
+            "Invalid value for 'prompt_cache_retention': expected 'in_memory', '24h' or null.",
         ));
     }
 
