@@ -115,8 +115,6 @@ def test_response_processed_is_ignored() -> None:
         ({"safety_identifier": "s" * 65}, "invalid_value", "safety_identifier"),
         ({"safety_identifier": "s" * 64}, None, None),
         ({"service_tier": 5}, "invalid_type", "service_tier"),
-        ({"service_tier": "turbo"}, "invalid_value", "service_tier"),
-        ({"service_tier": "priority"}, None, None),
         ({"user": ["u"]}, "invalid_type", "user"),
         ({"prompt_cache_retention": "forever"}, "invalid_value", "prompt_cache_retention"),
         ({"metadata": {str(i): "v" for i in range(17)}}, "invalid_value", "metadata"),

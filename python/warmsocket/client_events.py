@@ -130,9 +130,6 @@ MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
 """The longest `metadata` key and value, in characters (the API's documentation)."""
-SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority", "fast", "ultrafast")
-"""The service tiers a request may name: the API schema's and the SDK's
-(`openai.types.responses.ServiceTier`), which a Response object echoes."""
 MAX_SAFETY_IDENTIFIER_CHARS = 64
 """The longest `safety_identifier`, in characters (the API's schema)."""
 _CHOICES = frozenset({"auto", "none", "required"})
@@ -758,13 +755,6 @@ def _settings(body: dict[str, Any]) -> dict[str, Any]:
             "Invalid 'safety_identifier': string too long. Expected a string with maximum "
             f"length {MAX_SAFETY_IDENTIFIER_CHARS}, but got a string with length "
             f"{len(safety_identifier)} instead.",
-        )
-    if settings["service_tier"] is not None and settings["service_tier"] not in SERVICE_TIERS:
-        raise errors.invalid_value(
-            "service_tier",
-            "Invalid value for 'service_tier': expected one of "
-            + ", ".join(f"'{tier}'" for tier in SERVICE_TIERS)
-            + ", or null.",
         )
     if settings["prompt_cache_retention"] not in (None, "in_memory", "24h"):
         raise errors.invalid_value(

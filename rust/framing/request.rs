@@ -321,17 +321,6 @@ const MAX_METADATA_PAIRS: usize = 16;
 /// The longest `metadata` key and value, in characters (the API's documentation).
 const MAX_METADATA_KEY_CHARS: usize = 64;
 const MAX_METADATA_VALUE_CHARS: usize = 512;
-/// The service tiers a request may name: the API schema's and the SDK's
-/// (`openai.types.responses.ServiceTier`), which a Response object echoes.
-const SERVICE_TIERS: [&str; 7] = [
-    "auto",
-    "default",
-    "flex",
-    "scale",
-    "priority",
-    "fast",
-    "ultrafast",
-];
 /// The longest `safety_identifier`, in characters (the API's schema).
 const MAX_SAFETY_IDENTIFIER_CHARS: usize = 64;
 const MAX_STREAM_ID: usize = 256;
@@ -750,17 +739,6 @@ fn settings(body: &Object<'_>, model: &str) -> Result<Settings, RequestError> {
                 ),
             ));
         }
-    }
-    if !matches!(get("service_tier"), Value::Null)
-        && !matches!(get("service_tier").as_str(), Some(tier) if SERVICE_TIERS.contains(&tier))
-    {
-        return Err(RequestError::invalid_value(
-            "service_tier",
-            format!(
-                "Invalid value for 'service_tier': expected one of {}, or null.",
-                SERVICE_TIERS.map(|t| format!("'{t}'")).join(", ")
-            ),
-        ));
     }
     let retention = get("prompt_cache_retention");
     if !(retention.is_null() || matches!(retention.as_str(), Some("in_memory" | "24h"))) {
