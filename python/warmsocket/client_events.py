@@ -733,6 +733,17 @@ def _settings(body: dict[str, Any]) -> dict[str, Any]:
     for name in ("text", "reasoning"):
         if not isinstance(settings[name], dict):
             raise errors.invalid_type(name, "an object")
+    # Their echoed members have the SDK's types (the values are the model's to judge:
+    # new efforts and verbosities appear).
+    for name, member in (("text", "verbosity"), ("reasoning", "effort"), ("reasoning", "summary")):
+        value = settings[name].get(member)
+        if value is not None and not isinstance(value, str):
+            raise errors.invalid_type(f"{name}.{member}", "a string or null")
+    text_format = settings["text"].get("format")
+    if text_format is not None and not (
+        isinstance(text_format, dict) and isinstance(text_format.get("type"), str)
+    ):
+        raise errors.invalid_type("text.format", "an object with a 'type'")
     truncation = settings["truncation"]
     if not (isinstance(truncation, str) and truncation in {"auto", "disabled"}):
         raise errors.invalid_value(

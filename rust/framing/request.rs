@@ -708,6 +708,35 @@ fn settings(body: &Object<'_>, model: &str) -> Result<Settings, RequestError> {
             return Err(RequestError::invalid_type(name, "an object"));
         }
     }
+    // Their echoed members have the SDK's types (the values are the model's to judge:
+    // new efforts and verbosities appear).
+    for (object, member) in [
+        ("text", "verbosity"),
+        ("reasoning", "effort"),
+        ("reasoning", "summary"),
+    ] {
+        let value = get(object).as_object().and_then(|o| o.get(member));
+        if !matches!(value, None | Some(Value::Null | Value::Str(_))) {
+            return Err(RequestError::invalid_type(
+                format!("{object}.{member}"),
+                "a string or null",
+            ));
+        }
+    }
+    if let Some(format) = get("text")
+        .as_object()
+        .and_then(|t| present(t.get("format")))
+    {
+        if !matches!(
+            format.as_object().and_then(|f| f.get("type")),
+            Some(Value::Str(_))
+        ) {
+            return Err(RequestError::invalid_type(
+                "text.format",
+                "an object with a 'type'",
+            ));
+        }
+    }
     if !matches!(get("truncation"), Value::Str(s) if matches!(s.as_ref(), "auto" | "disabled")) {
         return Err(RequestError::invalid_value(
             "truncation",
