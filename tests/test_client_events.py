@@ -93,6 +93,18 @@ def test_response_processed_is_ignored() -> None:
         ({"tools": {}}, "invalid_type", "tools"),
         ({"tools": [{"type": "function"}]}, "missing_required_parameter", "tools[0].name"),
         ({"tool_choice": "sometimes"}, "invalid_value", "tool_choice"),
+        ({"tool_choice": {"type": "function"}}, "missing_required_parameter", "tool_choice.name"),
+        ({"tool_choice": {"mode": "auto"}}, "invalid_type", "tool_choice"),
+        (
+            {"tools": [{"type": "function", "name": "f", "parameters": "{}"}]},
+            "invalid_type",
+            "tools[0].parameters",
+        ),
+        (
+            {"tools": [{"type": "function", "name": "f", "strict": "yes"}]},
+            "invalid_type",
+            "tools[0].strict",
+        ),
         ({"temperature": "hot"}, "invalid_type", "temperature"),
         ({"max_output_tokens": -1}, "invalid_value", "max_output_tokens"),
         ({"max_output_tokens": 15}, "invalid_value", "max_output_tokens"),

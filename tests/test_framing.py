@@ -245,7 +245,11 @@ tools = st.fixed_dictionaries(
         "type": field(one_of("function", "web_search", "custom"), 5),
         "name": field(one_of("read_file", "f"), None, 3),
     },
-    optional={"description": texts, "parameters": json_values},
+    optional={
+        "description": field(texts | st.none(), 5),
+        "parameters": field(st.none() | st.just({"type": "object"}), "schema", []),
+        "strict": field(st.booleans() | st.none(), 1, "yes"),
+    },
 )
 create_fields: dict[str, st.SearchStrategy[Any]] = {
     "model": field(one_of("m", "gpt-x"), "", None, 3),
@@ -267,7 +271,15 @@ create_fields: dict[str, st.SearchStrategy[Any]] = {
     "instructions": field(texts, None, 5),
     "tools": field(st.lists(tools, max_size=3), {}),
     "tool_choice": field(
-        one_of("auto", "none", "required", {"type": "function"}), "sometimes", ["auto"]
+        one_of(
+            "auto", "none", "required", {"type": "function", "name": "f"}, {"type": "web_search"}
+        ),
+        "sometimes",
+        ["auto"],
+        {"type": "function"},
+        {"type": "custom", "name": 5},
+        {"type": 5},
+        {},
     ),
     "parallel_tool_calls": field(st.booleans(), None, 1),
     "temperature": field(one_of(0.5, 1, 0, 2**80, 1e300), True, None),
@@ -558,6 +570,16 @@ def test_integer_bounds_get_the_reference_verdict(name: str, value: int) -> None
         ("reasoning", {"effort": 3}),
         ("reasoning", {"effort": "max", "summary": "auto"}),
         ("reasoning", {"summary": {"a": 1}}),
+        ("tool_choice", {"type": "function", "name": "f"}),
+        ("tool_choice", {"type": "function"}),
+        ("tool_choice", {"type": "custom"}),
+        ("tool_choice", {"type": "web_search_preview"}),
+        ("tool_choice", {"name": "f"}),
+        ("tools", [{"type": "function", "name": "f", "parameters": "schema"}]),
+        ("tools", [{"type": "function", "name": "f", "strict": 1}]),
+        ("tools", [{"type": "function", "name": "f", "description": ["d"]}]),
+        ("tools", [{"type": "function", "name": "f", "description": None, "strict": True}]),
+        ("tools", [{"type": "web_search", "parameters": "anything"}]),
     ],
 )
 def test_echoed_strings_get_the_reference_verdict(name: str, value: Any) -> None:

@@ -685,10 +685,28 @@ def _settings(body: dict[str, Any]) -> dict[str, Any]:
     for index, tool in enumerate(tools):
         if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
             raise errors.invalid_type(f"tools[{index}]", "an object with a 'type'")
-        if tool["type"] == "function" and not isinstance(tool.get("name"), str):
+        if tool["type"] != "function":
+            continue
+        if not isinstance(tool.get("name"), str):
             raise errors.missing_parameter(f"tools[{index}].name")
+        # The echoed members the SDK's FunctionTool types.
+        for member, kind, expected in (
+            ("description", str, "a string or null"),
+            ("parameters", dict, "an object or null"),
+            ("strict", bool, "a boolean or null"),
+        ):
+            value = tool.get(member)
+            if value is not None and not isinstance(value, kind):
+                raise errors.invalid_type(f"tools[{index}].{member}", expected)
     choice = settings["tool_choice"]
-    if not (isinstance(choice, dict) or (isinstance(choice, str) and choice in _CHOICES)):
+    if isinstance(choice, dict):
+        if not isinstance(choice.get("type"), str):
+            raise errors.invalid_type(
+                "tool_choice", "'auto', 'none', 'required' or an object with a 'type'"
+            )
+        if choice["type"] in ("function", "custom") and not isinstance(choice.get("name"), str):
+            raise errors.missing_parameter("tool_choice.name")
+    elif not (isinstance(choice, str) and choice in _CHOICES):
         raise errors.invalid_value(
             "tool_choice",
             "Invalid value for 'tool_choice': expected 'auto', 'none', 'required' or an object.",

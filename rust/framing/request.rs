@@ -624,10 +624,43 @@ fn settings(body: &Object<'_>, model: &str) -> Result<Settings, RequestError> {
                 Some(Value::Str(name)) => function_names.push(name.to_string()),
                 _ => return Err(RequestError::missing(format!("tools[{index}].name"))),
             }
+            // The echoed members the SDK's FunctionTool types.
+            for (member, expected) in [
+                ("description", "a string or null"),
+                ("parameters", "an object or null"),
+                ("strict", "a boolean or null"),
+            ] {
+                let fits = match tool.get(member) {
+                    None | Some(Value::Null) => true,
+                    Some(Value::Str(_)) => member == "description",
+                    Some(Value::Object(_)) => member == "parameters",
+                    Some(Value::Bool(_)) => member == "strict",
+                    Some(_) => false,
+                };
+                if !fits {
+                    return Err(RequestError::invalid_type(
+                        format!("tools[{index}].{member}"),
+                        expected,
+                    ));
+                }
+            }
         }
     }
     match get("tool_choice") {
-        Value::Object(_) => {}
+        Value::Object(choice) => match choice.get("type") {
+            Some(Value::Str(kind)) if matches!(kind.as_ref(), "function" | "custom") => {
+                if !matches!(choice.get("name"), Some(Value::Str(_))) {
+                    return Err(RequestError::missing("tool_choice.name"));
+                }
+            }
+            Some(Value::Str(_)) => {}
+            _ => {
+                return Err(RequestError::invalid_type(
+                    "tool_choice",
+                    "'auto', 'none', 'required' or an object with a 'type'",
+                ))
+            }
+        },
         Value::Str(s) if matches!(s.as_ref(), "auto" | "none" | "required") => {}
         _ => {
             return Err(RequestError::invalid_value(
