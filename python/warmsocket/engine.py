@@ -161,6 +161,9 @@ def prompt_key(instructions: str | None, tools_digest: int | None = None) -> str
 _INSTRUCTIONS_MEMBER = b'"instructions":'
 
 
+_REBASED_META = b'{"input_items":'
+
+
 def rebased_meta(meta: bytes, input_json: bytes, previous_response_id: str | None) -> bytes:
     """A rebased response's meta (`Turn.rebase`), with what its request sent: its chain
     in the cache starts at its compaction item, but `input_items` lists the input the
@@ -169,9 +172,6 @@ def rebased_meta(meta: bytes, input_json: bytes, previous_response_id: str | Non
     member (`stored_prompt_key`)."""
     previous = _dumps(previous_response_id).encode()
     return b'%b%b,"previous_response_id":%b,%b' % (_REBASED_META, input_json, previous, meta[1:])
-
-
-_REBASED_META = b'{"input_items":'
 
 
 def stored_input(info: _core.ResponseInfo) -> list[dict[str, Any]] | None:

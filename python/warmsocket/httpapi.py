@@ -286,11 +286,12 @@ class HTTPApp:
     ) -> None:
         """A background response's events after sequence number `after`, as SSE, then
         live until it ends."""
-        _start_sse(request, writer, request_id)
-        await run.follow(
-            after, lambda frames: writer.write(chunk(frames)), writer.drain, lambda: writer.closing
+        await _stream_events(
+            request,
+            writer,
+            request_id,
+            lambda write, drain, closing: run.follow(after, write, drain, closing),
         )
-        writer.write(LAST_CHUNK)
 
     async def _follow_elsewhere(
         self,
@@ -312,16 +313,12 @@ class HTTPApp:
                 return False
         except SharedStoreUnavailable:
             raise errors.shared_store_unavailable(rid, param=None) from None
-        _start_sse(request, writer, request_id)
-        await board.follow(
-            owner,
-            rid,
-            after,
-            lambda frames: writer.write(chunk(frames)),
-            writer.drain,
-            lambda: writer.closing,
+        await _stream_events(
+            request,
+            writer,
+            request_id,
+            lambda write, drain, closing: board.follow(owner, rid, after, write, drain, closing),
         )
-        writer.write(LAST_CHUNK)
         return True
 
     async def _load_parent(self, create: _core.CreateRequest, owner: str) -> None:
@@ -649,6 +646,21 @@ async def _run_background(run: BackgroundRun) -> None:
         return None
 
     await run_turn(turn, run.emit, nothing, lambda: False, started=True)
+
+
+EventSource = Callable[
+    [Callable[[bytes], None], Callable[[], Awaitable[None]], Callable[[], bool]], Awaitable[None]
+]
+"""Writes a background response's events with (write, drain, closing) until it ends."""
+
+
+async def _stream_events(
+    request: Request, writer: ResponseWriter, request_id: str, follow: EventSource
+) -> None:
+    """Answer with the events `follow` writes, as one SSE body."""
+    _start_sse(request, writer, request_id)
+    await follow(lambda frames: writer.write(chunk(frames)), writer.drain, lambda: writer.closing)
+    writer.write(LAST_CHUNK)
 
 
 def _starting_after(request: Request) -> int:
