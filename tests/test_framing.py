@@ -80,6 +80,7 @@ def rust_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
         result.has_tools,
         result.ignored_fields,
         result.compact_threshold,
+        result.include,
     )
 
 
@@ -127,6 +128,7 @@ def reference_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
         bool(tools),
         result.ignored_fields,
         result.compact_threshold,
+        result.include,
     )
 
 
@@ -317,7 +319,9 @@ create_fields: dict[str, st.SearchStrategy[Any]] = {
     "safety_identifier": field(one_of("s", "é" * 64, None), "s" * 65, 5),
     "prompt_cache_key": field(texts | st.none(), 5),
     "prompt_cache_retention": field(one_of("in_memory", "24h", None), "in-memory", 24),
-    "include": st.lists(texts, max_size=2),
+    "include": field(
+        st.lists(texts, max_size=2) | st.none(), "reasoning.encrypted_content", [5], {}, [None]
+    ),
     "context_management": field(
         st.lists(
             st.fixed_dictionaries(
@@ -496,6 +500,15 @@ def test_json_syntax_errors_match_python(text: str) -> None:
 )
 def test_edge_cases_match(data: bytes) -> None:
     same_verdict(data)
+
+
+@pytest.mark.parametrize(
+    "include",
+    [None, [], ["reasoning.encrypted_content"], ["a", "a", "é"], "a", {"a": 1}, ["a", 5], [None]],
+)
+def test_include_gets_the_reference_verdict(include: Any) -> None:
+    body = {"type": "response.create", "model": "m", "input": "x", "include": include}
+    same_verdict(json.dumps(body).encode())
 
 
 @pytest.mark.parametrize(

@@ -355,6 +355,38 @@ def test_responses_go_upstream_with_store_false(
     assert [body["store"] for body in bodies] == [False] * len(bodies)
 
 
+def test_a_responses_upstream_is_asked_for_encrypted_reasoning(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """With `store: false` the upstream keeps no reasoning item, so every request asks
+    for `reasoning.encrypted_content` (OpenAI sends it only when asked, and answers a
+    reasoning item sent back without it with a 404), after what the client's own
+    `include` asks for, which is passed on; a continuation that changes `include`
+    gets its own. Chat Completions has no `include`."""
+    sim, server, _metrics = stack
+    logprobs = "message.output_text.logprobs"
+    with WSClient(server.ws_url) as client:
+        first = client.turn(input="one", include=[logprobs])[-1]["response"]
+        second = client.turn(input="two", previous_response_id=first["id"], include=[logprobs])
+        third = client.turn(input="three", previous_response_id=second[-1]["response"]["id"])
+        fourth = client.turn(
+            input="four",
+            previous_response_id=third[-1]["response"]["id"],
+            include=["reasoning.encrypted_content", logprobs],
+        )
+        assert fourth[-1]["type"] == "response.completed"
+    bodies = [json.loads(r["body"]) for r in sim.stats(bodies=True)["requests"]]
+    if api == "chat":
+        assert all("include" not in body for body in bodies)
+        return
+    assert [body["include"] for body in bodies] == [
+        [logprobs, "reasoning.encrypted_content"],
+        [logprobs, "reasoning.encrypted_content"],
+        ["reasoning.encrypted_content"],
+        ["reasoning.encrypted_content", logprobs],
+    ]
+
+
 def test_an_upstream_that_requires_a_key_gets_it(api: str) -> None:
     """--upstream-api-key goes upstream as `Authorization: Bearer KEY` on every API
     (the simulated upstream refuses any other); the client's own key does not."""

@@ -783,6 +783,10 @@ class CreateRequest:
         API's schema has it): the first entry's `compact_threshold` in tokens (at least
         1,000), else 100,000; None when none was asked for."""
     @property
+    def include(self) -> tuple[str, ...]:
+        """`include` as sent (validated: an array of strings, or null), such as
+        `("reasoning.encrypted_content",)`; empty when absent or null."""
+    @property
     def ignored_fields(self) -> tuple[str, ...]:
         """Body fields the API does not know (ignored), sorted."""
     def successor(self, input: Items, previous_response_id: str) -> CreateRequest:

@@ -157,6 +157,8 @@ class CreateRequest:
     compact_threshold: int | None = None
     """Server-side compaction's threshold in tokens (`context_management`); None
     without it."""
+    include: tuple[str, ...] = ()
+    """`include` as sent (an array of strings, or null: empty)."""
     items: Items | None = None
     """`input_items` as `Items` (set by `parse_message`)."""
 
@@ -452,6 +454,7 @@ def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
 
     settings = _settings(body)
     compact_threshold = _compact_threshold(body.get("context_management"))
+    include = _include(body.get("include"))
     input_items = normalize_input(body.get("input"), param="input")
     if not input_items and generate and previous is None:
         raise errors.invalid_value("input", "Input must not be empty.")
@@ -468,6 +471,7 @@ def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
         background=background,
         ignored_fields=tuple(sorted(k for k in body if k not in KNOWN_CREATE_FIELDS)),
         compact_threshold=compact_threshold,
+        include=include,
     )
 
 
@@ -539,6 +543,19 @@ def _compact_threshold(value: Any) -> int | None:
             raise errors.invalid_type(param, "an integer or null")
         thresholds.append(_in_range(param, threshold, MIN_COMPACT_THRESHOLD, None))
     return thresholds[0]
+
+
+def _include(value: Any) -> tuple[str, ...]:
+    """`include` as the API's schema has it: null, or an array of strings (any
+    strings: new values keep working). Raises APIError."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise errors.invalid_type("include", "an array of strings or null")
+    for index, entry in enumerate(value):
+        if not isinstance(entry, str):
+            raise errors.invalid_type(f"include[{index}]", "a string")
+    return tuple(value)
 
 
 def validate_steer(body: dict[str, Any]) -> SteerRequest:

@@ -373,6 +373,21 @@ RESPONSES_FORWARDED = (
 )
 
 
+ENCRYPTED_REASONING = "reasoning.encrypted_content"
+
+
+def upstream_include(include: tuple[str, ...]) -> list[str]:
+    """`include` for a Responses upstream: what the client asked for, and always
+    `reasoning.encrypted_content`. Requests go with `store: false`, so the upstream
+    keeps no reasoning item: a reasoning model's item comes back in the next turns'
+    context, and without its `encrypted_content` (which OpenAI sends only when asked)
+    the upstream looks up its id and answers 404 ("Items are not persisted when
+    `store` is set to false")."""
+    if ENCRYPTED_REASONING in include:
+        return list(include)
+    return [*include, ENCRYPTED_REASONING]
+
+
 def explicit_settings(settings: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     """The settings among `names` that differ from the API's defaults (the client set them)."""
     out: dict[str, Any] = {}

@@ -94,6 +94,10 @@ pub struct CreateRequest {
     /// API's schema has it: an array of `{type: "compaction", compact_threshold?}`):
     /// its `compact_threshold` when given, else [`DEFAULT_COMPACT_THRESHOLD`].
     pub compact_threshold: Option<u64>,
+    /// `include`: the output the client asks to be included (such as
+    /// `reasoning.encrypted_content`), as sent; empty when absent or null. Values are
+    /// not checked against a list (new ones keep working), only their type.
+    pub include: Vec<String>,
 }
 
 /// The context size in tokens at which a request that asks for server-side
@@ -167,6 +171,30 @@ fn compact_threshold(body: &Object<'_>) -> Result<Option<u64>, RequestError> {
         threshold.get_or_insert(entry_threshold);
     }
     Ok(threshold)
+}
+
+/// `include`, validated as the API's schema has it: null, or an array of strings.
+fn include(body: &Object<'_>) -> Result<Vec<String>, RequestError> {
+    let Some(value) = present(body.get("include")) else {
+        return Ok(Vec::new());
+    };
+    let Value::Array(values) = value else {
+        return Err(RequestError::invalid_type(
+            "include",
+            "an array of strings or null",
+        ));
+    };
+    let mut include = Vec::with_capacity(values.len());
+    for (index, value) in values.iter().enumerate() {
+        let Value::Str(text) = value else {
+            return Err(RequestError::invalid_type(
+                format!("include[{index}]"),
+                "a string",
+            ));
+        };
+        include.push(text.to_string());
+    }
+    Ok(include)
 }
 
 /// An integer field's value checked against the bounds the API's schema gives it
@@ -519,6 +547,7 @@ fn validate_create(
     }
     let settings = settings(&body, model)?;
     let compact_threshold = compact_threshold(&body)?;
+    let include = include(&body)?;
     let input = normalize_input(body.get("input"))?;
     if input.is_empty() && generate && previous.is_none() {
         return Err(RequestError::invalid_value(
@@ -554,6 +583,7 @@ fn validate_create(
         tools_span: settings.tools_span,
         ignored_fields,
         compact_threshold,
+        include,
     })
 }
 
@@ -1238,6 +1268,33 @@ mod tests {
             with(r#"[{"type":"compaction","compact_threshold":100000000000000000000}]"#),
             Some(u64::MAX)
         );
+    }
+
+    #[test]
+    fn include_is_an_array_of_strings_kept_as_sent() {
+        let body = |include: &str| {
+            format!(r#"{{"type":"response.create","model":"m","input":"x","include":{include}}}"#)
+        };
+        let absent = created(r#"{"type":"response.create","model":"m","input":"x"}"#);
+        assert!(absent.include.is_empty());
+        assert!(created(&body("null")).include.is_empty());
+        assert_eq!(
+            created(&body(r#"["reasoning.encrypted_content","something.new"]"#)).include,
+            ["reasoning.encrypted_content", "something.new"]
+        );
+        let param = |p: &str| Some(p.to_owned());
+        for (include, at) in [
+            (r#""reasoning.encrypted_content""#, param("include")),
+            (r#"{"a":1}"#, param("include")),
+            (r#"["a",5]"#, param("include[1]")),
+            ("[null]", param("include[0]")),
+        ] {
+            assert_eq!(
+                error(&body(include)),
+                (Stage::Create, "invalid_type", at),
+                "{include}"
+            );
+        }
     }
 
     #[test]

@@ -167,6 +167,10 @@ impl PyCreateRequest {
         self.inner.compact_threshold
     }
     #[getter]
+    fn include<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.inner.include)
+    }
+    #[getter]
     fn ignored_fields<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, &self.inner.ignored_fields)
     }

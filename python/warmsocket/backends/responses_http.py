@@ -1,8 +1,9 @@
 """`--upstream-api responses`: each turn as one streamed `POST /responses`, stateless.
 
 The body carries the full context with `store: false`: the settings the client set,
-then `"input":` and the context exactly as the session cache holds it (canonical
-item JSON), so each turn's body starts with the previous turn's. The context part is
+`include` with `reasoning.encrypted_content` (`upstream_include`), then `"input":` and
+the context exactly as the session cache holds it (canonical item JSON), so each
+turn's body starts with the previous turn's. The context part is
 kept per chain (`ContextCache`) and extended by each turn's new items rather than
 built whole again. The answer's events are re-emitted under warmsocket's own
 response and item ids.
@@ -19,7 +20,7 @@ from warmsocket.backends.responses_events import ResponsesSSEDecoder
 from warmsocket.backends.upstream_compact import UpstreamCompactor
 from warmsocket.compaction_items import expand_items_json
 from warmsocket.response_stream import dumps
-from warmsocket.upstream import RESPONSES_FORWARDED, explicit_settings
+from warmsocket.upstream import RESPONSES_FORWARDED, explicit_settings, upstream_include
 
 MEMO_ENTRIES = 4096
 MAX_CONTEXT_BYTES = 32 * 1024 * 1024
@@ -27,15 +28,27 @@ MAX_CONTEXT_BYTES = 32 * 1024 * 1024
 
 
 def request_head(
-    settings: dict[str, Any], model: str, *, first: dict[str, Any], extra: dict[str, Any]
+    settings: dict[str, Any],
+    model: str,
+    *,
+    first: dict[str, Any],
+    extra: dict[str, Any],
+    include: tuple[str, ...] = (),
 ) -> bytes:
     """The body up to the value of `input` (the input comes last)."""
-    fields = {**first, "model": model, **explicit_settings(settings, RESPONSES_FORWARDED), **extra}
+    fields = {
+        **first,
+        "model": model,
+        **explicit_settings(settings, RESPONSES_FORWARDED),
+        **extra,
+        "include": upstream_include(include),
+    }
     return dumps(fields)[:-1] + b',"input":'
 
 
 class HeadCache:
-    """Request heads by response id, reused while the model and settings stay the same.
+    """Request heads by response id, reused while the model, settings and `include`
+    stay the same.
 
     Settings compare as their canonical JSON bytes, so a continuation with unchanged
     settings never decodes them.
@@ -44,17 +57,20 @@ class HeadCache:
     def __init__(self, extra: dict[str, Any], *, first: dict[str, Any] | None = None) -> None:
         self.first = first or {}
         self.extra = extra
-        self._heads: OrderedDict[str, tuple[str, bytes, bytes]] = OrderedDict()
+        self._heads: OrderedDict[str, tuple[str, bytes, tuple[str, ...], bytes]] = OrderedDict()
 
     def head(self, turn: TurnContext, model: str) -> bytes:
         parent = self._heads.get(turn.previous_response_id) if turn.previous_response_id else None
         settings = turn.settings_json
-        if parent is not None and parent[0] == model and parent[1] == settings:
-            head = parent[2]
+        include = turn.request.include
+        if parent is not None and parent[:3] == (model, settings, include):
+            head = parent[3]
         else:
-            head = request_head(turn.settings, model, first=self.first, extra=self.extra)
+            head = request_head(
+                turn.settings, model, first=self.first, extra=self.extra, include=include
+            )
         heads = self._heads
-        heads[turn.response_id] = (model, settings, head)
+        heads[turn.response_id] = (model, settings, include, head)
         while len(heads) > MEMO_ENTRIES:
             heads.popitem(last=False)
         return head
