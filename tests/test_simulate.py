@@ -365,7 +365,12 @@ def test_non_streaming_responses() -> None:
 def test_reasoning_is_sealed_and_a_tampered_item_is_refused() -> None:
     # Like OpenAI's `encrypted_content`: a reasoning item comes back only as it went out.
     with running_sim() as sim, httpx.Client(base_url=sim.base_url, timeout=10) as http:
-        body = {"model": "m", "input": "/think Step one.\nhi", "store": False}
+        body = {
+            "model": "m",
+            "input": "/think Step one.\nhi",
+            "store": False,
+            "include": ["reasoning.encrypted_content"],
+        }
         answer = http.post("/responses", json=body)
         assert answer.status_code == 200
         reasoning, message = answer.json()["output"]
@@ -382,6 +387,38 @@ def test_reasoning_is_sealed_and_a_tampered_item_is_refused() -> None:
         assert reasoning["id"] in error["message"]
         assert sim.stats()["requests"][-1]["status"] == 400
     assert unsealed_reasoning([{"type": "reasoning", "summary": []}]) is None  # nothing sealed
+
+
+@pytest.mark.parametrize("store", [False, True])
+def test_reasoning_without_its_content_is_an_unknown_item(store: bool) -> None:
+    """As OpenAI answers: without `include: ["reasoning.encrypted_content"]` a
+    reasoning item comes without its content, and sent back so (only its id) it is
+    not found, over HTTP and in WebSocket mode; with the content it is read."""
+    first = {"model": "m", "input": "/think Step one.\nhi", "store": store}
+    with running_sim() as sim, httpx.Client(base_url=sim.base_url, timeout=10) as http:
+        reasoning, message = http.post("/responses", json=first).json()["output"]
+        assert "encrypted_content" not in reasoning and reasoning["id"].startswith("rs_")
+        history = [{"role": "user", "content": "/think Step one.\nhi"}, reasoning, message]
+        again = {"model": "m", "input": [*history, {"role": "user", "content": "ok"}]}
+        refused = http.post("/responses", json={**again, "store": store})
+        with connect(sim.base_url.replace("http", "ws") + "/responses", open_timeout=5) as ws:
+            ws.send(json.dumps({"type": "response.create", **again, "store": store}))
+            event = json.loads(ws.recv(timeout=10))
+        sealed = {**reasoning, "encrypted_content": seal_reasoning("Step one.")}
+        read = {**again, "input": [history[0], sealed, message, again["input"][-1]]}
+        assert http.post("/responses", json=read).status_code == 200
+    assert refused.status_code == 404
+    error = refused.json()["error"]
+    assert (error["code"], error["param"]) == (None, "input")
+    assert error["message"].startswith(f"Item with id '{reasoning['id']}' not found.")
+    assert ("Items are not persisted when `store` is set to false" in error["message"]) is (
+        not store
+    )
+    assert (event["type"], event["status"], event["error"]["message"]) == (
+        "error",
+        404,
+        error["message"],
+    )
     assert unsealed_reasoning([{"type": "reasoning", "encrypted_content": 5}]) == "input[0]"
 
 

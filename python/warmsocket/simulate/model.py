@@ -285,6 +285,28 @@ def unsealed_reasoning(items: Sequence[dict[str, Any]]) -> str | None:
     return None
 
 
+ENCRYPTED_REASONING = "reasoning.encrypted_content"
+"""The `include` value that asks for reasoning items' `encrypted_content`: without it
+OpenAI (and this upstream) leaves the content out."""
+
+
+def wants_sealed_reasoning(body: dict[str, Any]) -> bool:
+    """Whether a Responses request's `include` asks for `encrypted_content`."""
+    include = body.get("include")
+    return isinstance(include, list) and ENCRYPTED_REASONING in include
+
+
+def unpersisted_reasoning(items: Sequence[dict[str, Any]]) -> str | None:
+    """The id (or position) of the first reasoning item that comes without its
+    `encrypted_content`: only its id, which OpenAI looks up among stored items, and
+    this upstream stores none (nor does OpenAI with `store: false`). None when every
+    reasoning item brings its content."""
+    for index, item in enumerate(items):
+        if item.get("type") == "reasoning" and item.get("encrypted_content") is None:
+            return str(item.get("id") or f"input[{index}]")
+    return None
+
+
 def plan(
     items: Sequence[dict[str, Any]], *, tools: Any, instructions: str | None
 ) -> mockmodel.Reply:

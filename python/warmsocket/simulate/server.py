@@ -6,7 +6,10 @@ Routes (the API only under `/v1`, as vLLM serves it: elsewhere a 404
 * `POST /v1/chat/completions` — Chat Completions, streamed (vLLM-shaped chunks, the
   usage chunk with `stream_options.include_usage`, `data: [DONE]`) or not;
 * `POST /v1/responses` — the Responses API, stateless (`previous_response_id` is
-  answered `previous_response_not_found`), SSE or JSON;
+  answered `previous_response_not_found`), SSE or JSON. As OpenAI's: a reasoning
+  item carries its `encrypted_content` only when `include` asks for
+  `reasoning.encrypted_content`, and one sent back without it is a 404 (an id of
+  nothing stored); here and in WebSocket mode;
 * `GET /v1/responses` + WebSocket upgrade — WebSocket mode: one response at a time
   per connection, which remembers only its latest response (continuing anything
   else is `previous_response_not_found`), and a lifetime after which the connection
@@ -69,7 +72,9 @@ from warmsocket.simulate.model import (
     parse_request,
     plan,
     seal_reasoning,
+    unpersisted_reasoning,
     unsealed_reasoning,
+    wants_sealed_reasoning,
 )
 
 log = logging.getLogger("warmsocket.simulate")
@@ -677,6 +682,7 @@ class _Connection(asyncio.Protocol):
             raise errors.previous_response_not_found(str(previous))
         fault = await self._fault(record)
         items = items_from_input(body.get("input"))
+        _refuse_unpersisted(record, items, store=body.get("store") is not False)
         instructions = body.get("instructions")
         instructions = instructions if isinstance(instructions, str) else None
         answer = self._answer(
@@ -780,7 +786,8 @@ class _Connection(asyncio.Protocol):
                 if reasoning is None:
                     continue  # sent whole, with its first word
                 words = mockmodel.text_deltas(reasoning)
-                new = response.reasoning_item(reasoning, seal_reasoning(reasoning), words)
+                sealed = seal_reasoning(reasoning) if wants_sealed_reasoning(body) else None
+                new = response.reasoning_item(reasoning, sealed, words)
                 piece, reasoning = reasoning, None
             elif kind == "search":
                 new = response.web_search_call(piece)
@@ -951,6 +958,7 @@ class _Connection(asyncio.Protocol):
             record.chained = True
         fault = await self._fault(record)
         new = items_from_input(body.get("input"))
+        _refuse_unpersisted(record, new, store=body.get("store") is not False)
         if raw_items is None or len(raw_items) != len(new):
             raw_items = canonical_items(new)
         items = context + new
@@ -1073,6 +1081,24 @@ def _sse_head(request: Request) -> bytes:
     if not request.keep_alive:
         headers.append(("connection", "close"))
     return response_head(200, headers)
+
+
+def _refuse_unpersisted(record: RequestRecord, items: list[dict[str, Any]], *, store: bool) -> None:
+    """A reasoning item sent back without its `encrypted_content` is looked up by id,
+    and this upstream stores nothing: a 404, in OpenAI's words (what OpenAI answers a
+    client that replays reasoning with `store: false` without having asked for
+    `include: ["reasoning.encrypted_content"]`)."""
+    missing = unpersisted_reasoning(items)
+    if missing is None:
+        return
+    record.status = 404
+    message = f"Item with id '{missing[:64]}' not found."
+    if not store:
+        message += (
+            " Items are not persisted when `store` is set to false. Try again with `store`"
+            " set to true, or remove this item from your input."
+        )
+    raise APIError(None, message, param="input", status=404)
 
 
 def _decode_request(data: bytes) -> tuple[Any, list[bytes] | None]:
