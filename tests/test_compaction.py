@@ -366,12 +366,24 @@ def test_a_responses_upstream_compacts_itself(api: str) -> None:
         )
         since = sim.stats()["requests_total"]
         compacted = sdk.responses.compact(
-            model=MODEL, previous_response_id=second.id, instructions="Be brief."
+            model=MODEL,
+            previous_response_id=second.id,
+            instructions="Be brief.",
+            prompt_cache_key="chain-7",
+            service_tier="flex",
+            extra_body={"safety_identifier": "user-hash-1", "user": "not a compact field"},
         )
         (asked,) = sim.stats(bodies=True, since=since)["requests"]
         assert asked["api"] == "compact"
         body = json.loads(asked["body"])
         assert (body["model"], body["instructions"]) == ("sim-model", "Be brief.")
+        # The client's settings the endpoint takes go on; `user` is not one of them.
+        assert {k: body.get(k) for k in ("prompt_cache_key", "service_tier", "user")} == {
+            "prompt_cache_key": "chain-7",
+            "service_tier": "flex",
+            "user": None,
+        }
+        assert body["safety_identifier"] == "user-hash-1"
         assert [item.get("role") for item in body["input"]] == [
             "user",
             "assistant",
@@ -392,11 +404,22 @@ def test_a_responses_upstream_compacts_itself(api: str) -> None:
         (turn,) = sim.stats(bodies=True, since=since)["requests"]
         (item,) = [i for i in json.loads(turn["body"])["input"] if i["type"] == "compaction"]
         assert item["encrypted_content"] == window[-1]["encrypted_content"]
-        # No such endpoint upstream (vLLM): the model writes the summary.
+        # No such endpoint upstream (vLLM): the model writes the summary, in a turn
+        # that carries the client's settings on whom it is for (`user` too).
         sim.control(faults=[{"status": 404}])
-        fallback = sdk.responses.compact(model=MODEL, previous_response_id=second.id)
+        since = sim.stats()["requests_total"]
+        fallback = sdk.responses.compact(
+            model=MODEL,
+            previous_response_id=second.id,
+            extra_body={"safety_identifier": "user-hash-1", "user": "u-9"},
+        )
         texts, summary = checked_window(fallback)
         assert texts == ["alpha", "beta"] and "assistant: You said: beta" in summary
+        assert fallback.model_dump(warnings=False)["safety_identifier"] == "user-hash-1"
+        _refused, summary_turn = sim.stats(bodies=True, since=since)["requests"]
+        sent = json.loads(summary_turn["body"])
+        assert (sent["safety_identifier"], sent["user"]) == ("user-hash-1", "u-9")
+        assert "tools" not in sent and "text" not in sent
         # Any other failure is the upstream's, not hidden by a summary.
         sim.control(faults=[{"status": 503}])
         with pytest.raises(openai.APIStatusError) as failed:

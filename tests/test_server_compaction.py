@@ -362,6 +362,53 @@ def test_a_backend_s_usage_of_the_summary_turn_is_added() -> None:
     assert usage["total_tokens"] == 1060
 
 
+class RecordsSettings(MockBackend):
+    """The built-in model, keeping the settings of each summary turn it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.summary_settings: list[dict[str, Any]] = []
+
+    def immediate(self, turn: TurnContext) -> None:
+        return None
+
+    async def stream(self, turn: TurnContext) -> AsyncIterator[StreamItem]:
+        if PROMPT.encode() in turn.view.tail():
+            self.summary_settings.append(dict(turn.settings))
+        async for item in super().stream(turn):
+            yield item
+
+
+def test_the_summary_turn_carries_whom_the_request_is_for() -> None:
+    """The summary turn is made on the client's behalf: the upstream gets its
+    `user`, `safety_identifier`, cache key and retention, and service tier; not its
+    tools, sampling or output format, which are the answer's."""
+    backend = RecordsSettings()
+    own = {
+        "user": "u-9",
+        "safety_identifier": "user-hash-1",
+        "prompt_cache_key": "chain-7",
+        "prompt_cache_retention": "24h",
+        "service_tier": "flex",
+    }
+    with running_server(backend=backend) as server, WSClient(server.ws_url) as ws:
+        first = ws.turn(input="Start the task.")
+        compacting = ws.turn(
+            input=LONG,
+            previous_response_id=first[-1]["response"]["id"],
+            context_management=COMPACT,
+            tools=FUNCTION_TOOLS,
+            temperature=0.2,
+            text={"format": {"type": "json_object"}},
+            **own,
+        )
+    assert compacting[-1]["response"]["output"][0]["type"] == "compaction"
+    (settings,) = backend.summary_settings
+    assert {name: settings[name] for name in own} == own
+    assert (settings["tools"], settings["temperature"]) == ([], 1.0)
+    assert settings["text"]["format"] == {"type": "text"}
+
+
 def test_the_context_starts_at_the_last_self_contained_item() -> None:
     self_contained = encode_content("S", before=[], after=[])
     in_place = encode_content("T")

@@ -41,6 +41,7 @@ from warmsocket.backends.base import (
 from warmsocket.compaction_items import PROMPT, encode_content, unpack
 from warmsocket.response_stream import dumps, usage_object
 from warmsocket.token_count import parse_count_request
+from warmsocket.upstream import explicit_settings
 
 if TYPE_CHECKING:
     from warmsocket.engine import Engine, Turn, Usage
@@ -54,6 +55,7 @@ _COMPACT_FIELDS = frozenset(
         "prompt_cache_key",
         "prompt_cache_options",
         "prompt_cache_retention",
+        "safety_identifier",
         "service_tier",
         "image",
     }
@@ -100,9 +102,7 @@ async def compact(engine: Engine, request: CreateRequest, *, has_input: bool, ow
     """The compacted window of a request's context, as the `response.compaction`
     object's JSON. Raises APIError as a create would (unknown previous response,
     invalid input, the model failing)."""
-    summary_request = _summary_request(
-        request.model, request.instructions, request.previous_response_id
-    )
+    summary_request = _summary_request(request, request.previous_response_id)
     ask = parse_client_message(summary_request, websocket=False)
     assert isinstance(ask, CreateRequest), ask
     turn = engine.prepare(
@@ -139,6 +139,9 @@ async def compact(engine: Engine, request: CreateRequest, *, has_input: bool, ow
         "output": [*window_messages(context), item],
         "usage": usage_object(input_tokens, cached_tokens, output_tokens, reasoning_tokens),
     }
+    safety_identifier = request.settings.get("safety_identifier")
+    if safety_identifier is not None:
+        compacted["safety_identifier"] = safety_identifier  # echoed, as OpenAI does
     engine.metrics.count_compaction()
     return dumps(compacted)
 
@@ -220,9 +223,7 @@ async def _self_contained(
     it the last response's output and this turn's input as they are (a tool call
     and the output that answers it stay together; a compaction item among them is
     left out, the summary covers it, and the user messages it holds go before)."""
-    ask = parse_client_message(
-        _summary_request(turn.request.model, turn.request.instructions), websocket=False
-    )
+    ask = parse_client_message(_summary_request(turn.request), websocket=False)
     assert isinstance(ask, CreateRequest), ask
     extra = turn.items.concat(Items.from_objects([_prompt_message()]))
     cache = engine.cache
@@ -284,12 +285,28 @@ def _prompt_message() -> dict[str, Any]:
     return {"type": "message", "role": "user", "content": PROMPT}
 
 
-def _summary_request(
-    model: str, instructions: str | None, previous_response_id: str | None = None
-) -> bytes:
-    body: dict[str, Any] = {"model": model, "input": [_prompt_message()]}
-    if instructions is not None:
-        body["instructions"] = instructions
+SUMMARY_SETTINGS = (
+    "service_tier",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+)
+"""The client's settings a summary turn keeps (besides model and instructions): who
+the request is for and how it is cached and served, which the upstream is owed for
+a turn made on the client's behalf. Tools, sampling and output format are not the
+summary's."""
+
+
+def _summary_request(request: CreateRequest, previous_response_id: str | None = None) -> bytes:
+    """The create body of the summary turn for `request`'s context."""
+    body: dict[str, Any] = {
+        "model": request.model,
+        "input": [_prompt_message()],
+        **explicit_settings(request.settings, SUMMARY_SETTINGS),
+    }
+    if request.instructions is not None:
+        body["instructions"] = request.instructions
     if previous_response_id is not None:
         body["previous_response_id"] = previous_response_id
     return json.dumps(body).encode()

@@ -5,7 +5,9 @@ In front of a server that compacts conversations itself (OpenAI), its own
 compaction is what its models read best: an `encrypted_content` only it can read.
 So warmsocket sends the upstream the context it holds for the chain (its items, as a
 turn's request would carry them, with warmsocket's own compaction items expanded),
-the model and the instructions, and answers with the upstream's window as it came.
+the model, the instructions and the client's `service_tier`, `safety_identifier`,
+`prompt_cache_key` and `prompt_cache_retention`, and answers with the upstream's
+window as it came.
 The client then continues from that window; a Responses upstream gets its own
 compaction item back as it was.
 
@@ -29,13 +31,21 @@ from warmsocket.compaction_items import expand_items_json
 from warmsocket.httpclient import HTTPPool, Origin, proxy_for
 from warmsocket.metrics import UpstreamMetrics
 from warmsocket.router import Outcome, Router
-from warmsocket.upstream import UpstreamConfig, UpstreamError, from_http_status
+from warmsocket.upstream import (
+    UpstreamConfig,
+    UpstreamError,
+    explicit_settings,
+    from_http_status,
+)
 
 PATH = "/responses/compact"
 API = "responses_compact"
 """The `api` label of these requests in `warmsocket_upstream_requests_total`."""
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 _WITHOUT_ENDPOINT = frozenset({404, 405})
+FORWARDED = ("service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention")
+"""The client's settings the compact endpoint takes (the SDK's `ResponseCompactParams`),
+passed on when set."""
 
 
 class UpstreamCompactor:
@@ -52,7 +62,10 @@ class UpstreamCompactor:
         """The upstream's `response.compaction` object for `context` (items as the
         cache keeps them, comma-joined) with the turn's model and instructions, None
         when the upstream has no compaction endpoint. Raises UpstreamError."""
-        body: dict[str, Any] = {"model": self.config.upstream_model(turn.model)}
+        body: dict[str, Any] = {
+            "model": self.config.upstream_model(turn.model),
+            **explicit_settings(turn.settings, FORWARDED),
+        }
         instructions = turn.request.instructions
         if instructions is not None:
             body["instructions"] = instructions
