@@ -370,6 +370,7 @@ def test_a_responses_upstream_compacts_itself(api: str) -> None:
             previous_response_id=second.id,
             instructions="Be brief.",
             prompt_cache_key="chain-7",
+            prompt_cache_options={"ttl": "12h"},
             service_tier="flex",
             extra_body={"safety_identifier": "user-hash-1", "user": "not a compact field"},
         )
@@ -384,6 +385,7 @@ def test_a_responses_upstream_compacts_itself(api: str) -> None:
             "user": None,
         }
         assert body["safety_identifier"] == "user-hash-1"
+        assert body["prompt_cache_options"] == {"ttl": "12h"}
         assert [item.get("role") for item in body["input"]] == [
             "user",
             "assistant",

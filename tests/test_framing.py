@@ -81,6 +81,7 @@ def rust_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
         result.ignored_fields,
         result.compact_threshold,
         result.include,
+        None if result.upstream_options_json is None else json.loads(result.upstream_options_json),
     )
 
 
@@ -129,6 +130,7 @@ def reference_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
         result.ignored_fields,
         result.compact_threshold,
         result.include,
+        result.upstream_options,
     )
 
 
@@ -269,7 +271,27 @@ create_fields: dict[str, st.SearchStrategy[Any]] = {
     "background": field(one_of(False), True),
     "conversation": field(st.none(), "conv_1", {"id": "c"}),
     "prompt": field(one_of({"id": "p"}), None),
-    "prompt_cache_options": field(one_of({"prewarm": True}, {"prewarm": False}, {})),
+    "prompt_cache_options": field(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "prewarm": field(st.booleans() | st.none(), "true", 1),
+                "mode": field(one_of("implicit", "explicit", None), True),
+                "ttl": field(one_of("30m", "12h", None), 30),
+                "comparison_response_id": field(texts | st.none(), 5),
+                "future_member": json_values,
+            },
+        ),
+        "30m",
+        [],
+    ),
+    "image": field(
+        st.fixed_dictionaries(
+            {}, optional={"context_compression": field(one_of("auto", "disabled", None), 1)}
+        ),
+        "auto",
+        [{}],
+    ),
     "instructions": field(texts, None, 5),
     "tools": field(st.lists(tools, max_size=3), {}),
     "tool_choice": field(
@@ -500,6 +522,31 @@ def test_json_syntax_errors_match_python(text: str) -> None:
 )
 def test_edge_cases_match(data: bytes) -> None:
     same_verdict(data)
+
+
+@pytest.mark.parametrize(
+    ("prompt_cache_options", "image"),
+    [
+        (None, None),
+        ({}, {}),
+        ({"prewarm": True, "ttl": "12h", "mode": "explicit"}, {"context_compression": "auto"}),
+        ({"prewarm": False, "comparison_response_id": "resp_1", "new": [1, {"b": 2.5}]}, None),
+        ({"ttl": None, "mode": None, "prewarm": None}, {"context_compression": None}),
+        ({"prewarm": "true"}, None),
+        ({"prewarm": 1}, None),
+        ({"ttl": 30}, None),
+        ({"mode": True}, None),
+        ({"comparison_response_id": 5}, None),
+        ("12h", None),
+        (None, "auto"),
+        (None, {"context_compression": False}),
+        ([], []),
+    ],
+)
+def test_upstream_options_get_the_reference_verdict(prompt_cache_options: Any, image: Any) -> None:
+    body = {"type": "response.create", "model": "m", "input": "x"}
+    body |= {"prompt_cache_options": prompt_cache_options, "image": image}
+    same_verdict(json.dumps(body).encode())
 
 
 @pytest.mark.parametrize(

@@ -387,6 +387,46 @@ def test_a_responses_upstream_is_asked_for_encrypted_reasoning(
     ]
 
 
+def test_options_only_an_upstream_acts_on_reach_a_responses_upstream(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """`image` and `prompt_cache_options` (OpenAI's cache lifetime and breakpoint
+    mode) go to a Responses upstream as the client sent them, less `prewarm`
+    (warmsocket's warm-up) and `comparison_response_id` (a warmsocket response id)
+    and null members; a continuation without them sends none. Chat Completions has
+    no such fields."""
+    sim, server, _metrics = stack
+    cache_options = {
+        "ttl": "12h",
+        "mode": "explicit",
+        "prewarm": False,
+        "comparison_response_id": "r",
+    }
+    with WSClient(server.ws_url) as client:
+        first = client.turn(
+            input="one",
+            prompt_cache_options=cache_options,
+            image={"context_compression": "disabled"},
+        )[-1]["response"]
+        second = client.turn(input="two", previous_response_id=first["id"])
+        third = client.turn(
+            input="three",
+            previous_response_id=second[-1]["response"]["id"],
+            prompt_cache_options={"ttl": None},
+        )
+        assert third[-1]["type"] == "response.completed"
+    bodies = [json.loads(r["body"]) for r in sim.stats(bodies=True)["requests"]]
+    sent = [(body.get("prompt_cache_options"), body.get("image")) for body in bodies]
+    if api == "chat":
+        assert sent == [(None, None)] * 3
+        return
+    assert sent == [
+        ({"ttl": "12h", "mode": "explicit"}, {"context_compression": "disabled"}),
+        (None, None),
+        (None, None),
+    ]
+
+
 def test_an_upstream_that_requires_a_key_gets_it(api: str) -> None:
     """--upstream-api-key goes upstream as `Authorization: Bearer KEY` on every API
     (the simulated upstream refuses any other); the client's own key does not."""

@@ -783,6 +783,12 @@ class CreateRequest:
         API's schema has it): the first entry's `compact_threshold` in tokens (at least
         1,000), else 100,000; None when none was asked for."""
     @property
+    def upstream_options_json(self) -> bytes | None:
+        """The body fields only an upstream acts on, for a Responses upstream: `image`,
+        and `prompt_cache_options` less `prewarm` (warmsocket's own) and
+        `comparison_response_id` (a response id), null members left out, as one
+        canonical JSON object; None when there is none."""
+    @property
     def include(self) -> tuple[str, ...]:
         """`include` as sent (validated: an array of strings, or null), such as
         `("reasoning.encrypted_content",)`; empty when absent or null."""

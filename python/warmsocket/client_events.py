@@ -159,6 +159,8 @@ class CreateRequest:
     without it."""
     include: tuple[str, ...] = ()
     """`include` as sent (an array of strings, or null: empty)."""
+    upstream_options: dict[str, Any] | None = None
+    """The body fields only an upstream acts on (`_upstream_options`); None without any."""
     items: Items | None = None
     """`input_items` as `Items` (set by `parse_message`)."""
 
@@ -448,8 +450,8 @@ def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
         )
     stream = _bool(body, "stream", False)
     generate = _bool(body, "generate", True) if websocket else True
-    cache_options = body.get("prompt_cache_options")
-    if isinstance(cache_options, dict) and cache_options.get("prewarm") is True:
+    prewarm, upstream_options = _upstream_options(body)
+    if prewarm:
         generate = False
 
     settings = _settings(body)
@@ -472,6 +474,7 @@ def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
         ignored_fields=tuple(sorted(k for k in body if k not in KNOWN_CREATE_FIELDS)),
         compact_threshold=compact_threshold,
         include=include,
+        upstream_options=upstream_options,
     )
 
 
@@ -543,6 +546,52 @@ def _compact_threshold(value: Any) -> int | None:
             raise errors.invalid_type(param, "an integer or null")
         thresholds.append(_in_range(param, threshold, MIN_COMPACT_THRESHOLD, None))
     return thresholds[0]
+
+
+_UPSTREAM_OPTIONS: tuple[tuple[str, tuple[tuple[str, type, str], ...]], ...] = (
+    (
+        "prompt_cache_options",
+        (
+            ("prewarm", bool, "a boolean or null"),
+            ("mode", str, "a string"),
+            ("ttl", str, "a string"),
+            ("comparison_response_id", str, "a string or null"),
+        ),
+    ),
+    ("image", (("context_compression", str, "a string"),)),
+)
+_LOCAL_CACHE_OPTIONS = frozenset({"prewarm", "comparison_response_id"})
+
+
+def _upstream_options(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
+    """`prompt_cache_options` and `image` as the API's schema has them (null, or an
+    object whose known members have their types; values not checked against a
+    list): whether `prewarm` is true, and the members an upstream gets (`image`, and
+    `prompt_cache_options` less `prewarm` and `comparison_response_id`, null members
+    left out), None without any. Raises APIError."""
+    prewarm = False
+    kept: dict[str, Any] = {}
+    for field_name, typed in _UPSTREAM_OPTIONS:
+        options = body.get(field_name)
+        if options is None:
+            continue
+        if not isinstance(options, dict):
+            raise errors.invalid_type(field_name, "an object or null")
+        for member, kind, expected in typed:
+            value = options.get(member)
+            if value is not None and not isinstance(value, kind):
+                raise errors.invalid_type(f"{field_name}.{member}", expected)
+        if field_name == "prompt_cache_options":
+            prewarm = options.get("prewarm") is True
+        entries = {
+            key: value
+            for key, value in options.items()
+            if value is not None
+            and not (field_name == "prompt_cache_options" and key in _LOCAL_CACHE_OPTIONS)
+        }
+        if entries:
+            kept[field_name] = entries
+    return prewarm, kept or None
 
 
 def _include(value: Any) -> tuple[str, ...]:

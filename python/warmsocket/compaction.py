@@ -292,18 +292,21 @@ SUMMARY_SETTINGS = (
     "prompt_cache_key",
     "prompt_cache_retention",
 )
-"""The client's settings a summary turn keeps (besides model and instructions): who
-the request is for and how it is cached and served, which the upstream is owed for
-a turn made on the client's behalf. Tools, sampling and output format are not the
+"""The client's settings a summary turn keeps (besides model, instructions and the
+options only an upstream acts on, `image` and `prompt_cache_options`): who the
+request is for and how it is cached and served, which the upstream is owed for a
+turn made on the client's behalf. Tools, sampling and output format are not the
 summary's."""
 
 
 def _summary_request(request: CreateRequest, previous_response_id: str | None = None) -> bytes:
     """The create body of the summary turn for `request`'s context."""
+    options = request.upstream_options_json
     body: dict[str, Any] = {
         "model": request.model,
         "input": [_prompt_message()],
         **explicit_settings(request.settings, SUMMARY_SETTINGS),
+        **(json.loads(options) if options is not None else {}),
     }
     if request.instructions is not None:
         body["instructions"] = request.instructions

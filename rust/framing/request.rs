@@ -18,6 +18,7 @@
 //! did: integers outside 64 bits, nesting deeper than `MAX_DEPTH` (100 levels) and
 //! items larger than `max_item_bytes` are `invalid_value` on `input`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::error::RequestError;
@@ -98,6 +99,12 @@ pub struct CreateRequest {
     /// `reasoning.encrypted_content`), as sent; empty when absent or null. Values are
     /// not checked against a list (new ones keep working), only their type.
     pub include: Vec<String>,
+    /// The body fields only an upstream acts on, for a Responses upstream: `image`,
+    /// and `prompt_cache_options` less what warmsocket reads itself (`prewarm`) and
+    /// what names a response (`comparison_response_id`: an upstream knows warmsocket's
+    /// ids by other names), their null members left out, as one canonical JSON
+    /// object; None when there is none.
+    pub upstream_options: Option<Vec<u8>>,
 }
 
 /// The context size in tokens at which a request that asks for server-side
@@ -171,6 +178,76 @@ fn compact_threshold(body: &Object<'_>) -> Result<Option<u64>, RequestError> {
         threshold.get_or_insert(entry_threshold);
     }
     Ok(threshold)
+}
+
+/// Members of `prompt_cache_options` an upstream does not get (see
+/// [`CreateRequest::upstream_options`]).
+const LOCAL_CACHE_OPTIONS: [&str; 2] = ["prewarm", "comparison_response_id"];
+
+/// `prompt_cache_options` and `image`, validated as the API's schema has them (null,
+/// or an object whose known members have their types; values are not checked
+/// against a list): whether `prewarm` is true, and
+/// [`CreateRequest::upstream_options`].
+fn upstream_options(body: &Object<'_>) -> Result<(bool, Option<Vec<u8>>), RequestError> {
+    let members = [
+        (
+            "prompt_cache_options",
+            &[
+                ("prewarm", "a boolean or null"),
+                ("mode", "a string"),
+                ("ttl", "a string"),
+                ("comparison_response_id", "a string or null"),
+            ][..],
+        ),
+        ("image", &[("context_compression", "a string")][..]),
+    ];
+    let mut prewarm = false;
+    let mut kept: Vec<(Cow<'_, str>, Value<'_>)> = Vec::new();
+    for (field, typed) in members {
+        let Some(value) = present(body.get(field)) else {
+            continue;
+        };
+        let Value::Object(options) = value else {
+            return Err(RequestError::invalid_type(field, "an object or null"));
+        };
+        for (member, expected) in typed {
+            let ok = match present(options.get(member)) {
+                None => true,
+                Some(Value::Bool(_)) => expected.starts_with("a boolean"),
+                Some(Value::Str(_)) => expected.starts_with("a string"),
+                Some(_) => false,
+            };
+            if !ok {
+                return Err(RequestError::invalid_type(
+                    format!("{field}.{member}"),
+                    expected,
+                ));
+            }
+        }
+        if field == "prompt_cache_options" {
+            prewarm = matches!(options.get("prewarm"), Some(Value::Bool(true)));
+        }
+        let entries: Vec<(Cow<'_, str>, Value<'_>)> = options
+            .iter()
+            .filter(|(k, v)| {
+                let local = field == "prompt_cache_options" && LOCAL_CACHE_OPTIONS.contains(k);
+                !(v.is_null() || local)
+            })
+            .map(|(k, v)| (Cow::Owned(k.to_owned()), v.clone()))
+            .collect();
+        if !entries.is_empty() {
+            kept.push((
+                Cow::Borrowed(field),
+                Value::Object(Object::from_entries(entries)),
+            ));
+        }
+    }
+    if kept.is_empty() {
+        return Ok((prewarm, None));
+    }
+    let mut json = Vec::new();
+    write_canonical(&Value::Object(Object::from_entries(kept)), &mut json);
+    Ok((prewarm, Some(json)))
 }
 
 /// `include`, validated as the API's schema has it: null, or an array of strings.
@@ -540,10 +617,9 @@ fn validate_create(
     } else {
         true
     };
-    if let Some(Value::Object(cache_options)) = body.get("prompt_cache_options") {
-        if matches!(cache_options.get("prewarm"), Some(Value::Bool(true))) {
-            generate = false;
-        }
+    let (prewarm, upstream_options) = upstream_options(&body)?;
+    if prewarm {
+        generate = false;
     }
     let settings = settings(&body, model)?;
     let compact_threshold = compact_threshold(&body)?;
@@ -584,6 +660,7 @@ fn validate_create(
         ignored_fields,
         compact_threshold,
         include,
+        upstream_options,
     })
 }
 
@@ -1268,6 +1345,63 @@ mod tests {
             with(r#"[{"type":"compaction","compact_threshold":100000000000000000000}]"#),
             Some(u64::MAX)
         );
+    }
+
+    #[test]
+    fn upstream_options_keep_what_only_an_upstream_acts_on() {
+        let with = |fields: &str| {
+            created(&format!(
+                r#"{{"type":"response.create","model":"m","input":"x",{fields}}}"#
+            ))
+        };
+        let options = |fields: &str| {
+            with(fields)
+                .upstream_options
+                .map(|json| String::from_utf8(json).unwrap_or_default())
+        };
+        assert_eq!(options(r#""store":true"#), None);
+        assert_eq!(options(r#""prompt_cache_options":null,"image":{}"#), None);
+        let prewarm_only = with(r#""prompt_cache_options":{"prewarm":true,"ttl":null}"#);
+        assert!(!prewarm_only.generate);
+        assert_eq!(prewarm_only.upstream_options, None);
+        assert_eq!(
+            options(
+                r#""image":{"context_compression":"auto"},"prompt_cache_options":{"ttl":"12h","prewarm":false,"comparison_response_id":"resp_1","z":[1]}"#
+            )
+            .as_deref(),
+            Some(r#"{"image":{"context_compression":"auto"},"prompt_cache_options":{"ttl":"12h","z":[1]}}"#)
+        );
+        let param = |p: &str| Some(p.to_owned());
+        for (fields, at) in [
+            (
+                r#""prompt_cache_options":"12h""#,
+                param("prompt_cache_options"),
+            ),
+            (
+                r#""prompt_cache_options":{"prewarm":1}"#,
+                param("prompt_cache_options.prewarm"),
+            ),
+            (
+                r#""prompt_cache_options":{"ttl":30}"#,
+                param("prompt_cache_options.ttl"),
+            ),
+            (
+                r#""prompt_cache_options":{"mode":true}"#,
+                param("prompt_cache_options.mode"),
+            ),
+            (r#""image":[]"#, param("image")),
+            (
+                r#""image":{"context_compression":0}"#,
+                param("image.context_compression"),
+            ),
+        ] {
+            let text = format!(r#"{{"type":"response.create","model":"m","input":"x",{fields}}}"#);
+            assert_eq!(
+                error(&text),
+                (Stage::Create, "invalid_type", at),
+                "{fields}"
+            );
+        }
     }
 
     #[test]

@@ -167,6 +167,11 @@ impl PyCreateRequest {
         self.inner.compact_threshold
     }
     #[getter]
+    fn upstream_options_json<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        let json = self.inner.upstream_options.as_ref()?;
+        Some(PyBytes::new(py, json))
+    }
+    #[getter]
     fn include<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, &self.inner.include)
     }

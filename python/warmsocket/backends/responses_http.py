@@ -1,7 +1,8 @@
 """`--upstream-api responses`: each turn as one streamed `POST /responses`, stateless.
 
 The body carries the full context with `store: false`: the settings the client set,
-`include` with `reasoning.encrypted_content` (`upstream_include`), then `"input":` and
+the options only an upstream acts on (`image`, `prompt_cache_options`), `include` with
+`reasoning.encrypted_content` (`upstream_include`), then `"input":` and
 the context exactly as the session cache holds it (canonical item JSON), so each
 turn's body starts with the previous turn's. The context part is
 kept per chain (`ContextCache`) and extended by each turn's new items rather than
@@ -11,6 +12,7 @@ response and item ids.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from typing import Any, ClassVar
 
@@ -23,6 +25,8 @@ from warmsocket.response_stream import dumps
 from warmsocket.upstream import RESPONSES_FORWARDED, explicit_settings, upstream_include
 
 MEMO_ENTRIES = 4096
+_HeadKey = tuple[str, bytes, tuple[str, ...], bytes | None]
+"""What a request head is made of: model, settings JSON, include, upstream options."""
 MAX_CONTEXT_BYTES = 32 * 1024 * 1024
 """What `ContextCache` keeps at most: the contexts of the most recent chains."""
 
@@ -34,12 +38,16 @@ def request_head(
     first: dict[str, Any],
     extra: dict[str, Any],
     include: tuple[str, ...] = (),
+    options_json: bytes | None = None,
 ) -> bytes:
-    """The body up to the value of `input` (the input comes last)."""
+    """The body up to the value of `input` (the input comes last): `first`, the
+    model, the settings the client set, the options only an upstream acts on
+    (`CreateRequest.upstream_options_json`), `extra` and `include`."""
     fields = {
         **first,
         "model": model,
         **explicit_settings(settings, RESPONSES_FORWARDED),
+        **(json.loads(options_json) if options_json is not None else {}),
         **extra,
         "include": upstream_include(include),
     }
@@ -47,8 +55,8 @@ def request_head(
 
 
 class HeadCache:
-    """Request heads by response id, reused while the model, settings and `include`
-    stay the same.
+    """Request heads by response id, reused while the model, settings, `include` and
+    upstream options stay the same.
 
     Settings compare as their canonical JSON bytes, so a continuation with unchanged
     settings never decodes them.
@@ -57,20 +65,25 @@ class HeadCache:
     def __init__(self, extra: dict[str, Any], *, first: dict[str, Any] | None = None) -> None:
         self.first = first or {}
         self.extra = extra
-        self._heads: OrderedDict[str, tuple[str, bytes, tuple[str, ...], bytes]] = OrderedDict()
+        self._heads: OrderedDict[str, tuple[_HeadKey, bytes]] = OrderedDict()
 
     def head(self, turn: TurnContext, model: str) -> bytes:
         parent = self._heads.get(turn.previous_response_id) if turn.previous_response_id else None
-        settings = turn.settings_json
-        include = turn.request.include
-        if parent is not None and parent[:3] == (model, settings, include):
-            head = parent[3]
+        request = turn.request
+        key = (model, turn.settings_json, request.include, request.upstream_options_json)
+        if parent is not None and parent[0] == key:
+            head = parent[1]
         else:
             head = request_head(
-                turn.settings, model, first=self.first, extra=self.extra, include=include
+                turn.settings,
+                model,
+                first=self.first,
+                extra=self.extra,
+                include=request.include,
+                options_json=request.upstream_options_json,
             )
         heads = self._heads
-        heads[turn.response_id] = (model, settings, include, head)
+        heads[turn.response_id] = (key, head)
         while len(heads) > MEMO_ENTRIES:
             heads.popitem(last=False)
         return head

@@ -6,8 +6,8 @@ compaction is what its models read best: an `encrypted_content` only it can read
 So warmsocket sends the upstream the context it holds for the chain (its items, as a
 turn's request would carry them, with warmsocket's own compaction items expanded),
 the model, the instructions and the client's `service_tier`, `safety_identifier`,
-`prompt_cache_key` and `prompt_cache_retention`, and answers with the upstream's
-window as it came.
+`prompt_cache_key`, `prompt_cache_retention`, `prompt_cache_options` and `image`,
+and answers with the upstream's window as it came.
 The client then continues from that window; a Responses upstream gets its own
 compaction item back as it was.
 
@@ -62,9 +62,11 @@ class UpstreamCompactor:
         """The upstream's `response.compaction` object for `context` (items as the
         cache keeps them, comma-joined) with the turn's model and instructions, None
         when the upstream has no compaction endpoint. Raises UpstreamError."""
+        options = turn.request.upstream_options_json
         body: dict[str, Any] = {
             "model": self.config.upstream_model(turn.model),
             **explicit_settings(turn.settings, FORWARDED),
+            **(json.loads(options) if options is not None else {}),
         }
         instructions = turn.request.instructions
         if instructions is not None:
