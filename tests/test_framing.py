@@ -82,6 +82,7 @@ def rust_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
         result.compact_threshold,
         result.include,
         None if result.upstream_options_json is None else json.loads(result.upstream_options_json),
+        result.max_output_tokens,
     )
 
 
@@ -131,6 +132,7 @@ def reference_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
         result.compact_threshold,
         result.include,
         result.upstream_options,
+        None if (limit := result.settings["max_output_tokens"]) is None else min(limit, 2**64 - 1),
     )
 
 

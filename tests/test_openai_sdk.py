@@ -191,6 +191,56 @@ def test_stream_helper_with_a_web_search(server: RunningServer) -> None:
     assert citation.type == "url_citation" and citation.title == "Results for warm caches"
 
 
+def test_an_answer_over_max_output_tokens_ends_incomplete(server: RunningServer) -> None:
+    """The built-in model counts four characters a token, as its usage does: an
+    answer longer than `max_output_tokens` is cut there, the message and the response
+    are `incomplete` (reason `max_output_tokens`) over HTTP, SSE and WebSocket, the
+    response is stored as it ended, and the chain goes on from it."""
+    sdk = client(server)
+    long_input = "word " * 100
+    full = sdk.responses.create(model=MODEL, input=long_input).output_text
+    cut = sdk.responses.create(model=MODEL, input=long_input, max_output_tokens=16)
+    assert (cut.status, cut.incomplete_details and cut.incomplete_details.reason) == (
+        "incomplete",
+        "max_output_tokens",
+    )
+    assert cut.output[0].type == "message" and cut.output[0].status == "incomplete"
+    assert full.startswith(cut.output_text) and len(cut.output_text) == 16 * 4
+    assert cut.usage is not None and cut.usage.output_tokens == 16
+    stored = sdk.responses.retrieve(cut.id)
+    assert stored.model_dump() == cut.model_dump()
+    after = sdk.responses.create(model=MODEL, input="/transcript", previous_response_id=cut.id)
+    assert after.status == "completed"
+    assert f"assistant: {cut.output_text}" in after.output_text.splitlines()
+    # Short enough: completed, as before.
+    fits = sdk.responses.create(model=MODEL, input="hi", max_output_tokens=16)
+    assert fits.status == "completed" and fits.incomplete_details is None
+    # A call's arguments are cut too, the call incomplete.
+    call = '/call read_file {"path": "' + "a" * 200 + '"}'
+    called = sdk.responses.create(
+        model=MODEL, input=call, tools=FUNCTION_TOOLS, max_output_tokens=16
+    )
+    assert called.status == "incomplete"
+    assert called.output[0].type == "function_call" and called.output[0].status == "incomplete"
+    # (The SDK's stream helper has a final response only for `response.completed`.)
+    with sdk.responses.stream(model=MODEL, input=long_input, max_output_tokens=16) as stream:
+        streamed = list(stream)
+    assert streamed[-1].type == "response.incomplete"
+    assert streamed[-1].response.output_text == cut.output_text
+    with sdk.responses.connect() as connection:
+        connection.response.create(model=MODEL, input=long_input, max_output_tokens=16)
+        events = []
+        for event in connection:
+            events.append(event.model_dump(mode="json", exclude_unset=True, warnings=False))
+            if event.type in ("response.completed", "response.incomplete", "error"):
+                break
+    for payload in events:
+        check_ws_event(payload)
+    assert events[-1]["type"] == "response.incomplete"
+    assert events[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert events[-2]["item"]["status"] == "incomplete"
+
+
 class Weather(BaseModel):
     city: str
     sky: str

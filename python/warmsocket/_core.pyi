@@ -783,6 +783,10 @@ class CreateRequest:
         API's schema has it): the first entry's `compact_threshold` in tokens (at least
         1,000), else 100,000; None when none was asked for."""
     @property
+    def max_output_tokens(self) -> int | None:
+        """`max_output_tokens` (as in `settings`; at most 2**64 - 1), without decoding
+        the settings."""
+    @property
     def upstream_options_json(self) -> bytes | None:
         """The body fields only an upstream acts on, for a Responses upstream: `image`,
         and `prompt_cache_options` less `prewarm` (warmsocket's own) and
@@ -889,8 +893,9 @@ class ResponseEncoder:
     def tool_arguments_delta(self, delta: str) -> bytes:
         """Arguments of the open function_call item, or input of the open custom tool
         call (nothing when neither is open)."""
-    def close_item(self) -> bytes:
-        """The open item's `.done` events, if an item is open."""
+    def close_item(self, *, incomplete: bool = False) -> bytes:
+        """The open item's `.done` events, if an item is open; with `incomplete`, a
+        message or function call is closed `status: incomplete` (cut short)."""
     def reasoning_start(self, item_id: str | None = None) -> bytes:
         """Close the open item and open a reasoning item (`output_item.added`) whose
         parts then come as `reasoning_delta`s; it ends with `output_item` (the whole

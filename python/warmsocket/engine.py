@@ -58,6 +58,7 @@ from warmsocket.backends.base import (
     ToolCallStart,
     TurnContext,
     TurnFailed,
+    TurnIncomplete,
     UsageReport,
 )
 from warmsocket.compaction import compacting_stream
@@ -679,6 +680,10 @@ class Turn:
         self.first_token: float | None = None
         self.finished = False
         self.usage_report: UsageReport | None = None
+        self.incomplete_reason: str | None = None
+        """Set by a `TurnIncomplete` event: the response ends `incomplete` for it."""
+        self.end_status = ""
+        """How the response ended (`completed`, `incomplete`, `failed`, `cancelled`)."""
         self.earlier_usage: Usage | None = None
         """The usage of a model pass before the answer (a server-side compaction's
         summary), added to the response's."""
@@ -792,7 +797,7 @@ class Turn:
 
     def feed(self, event: ModelEvent) -> bytes:
         """Encode one model event. A TurnFailed event is handled by `fail`, not here."""
-        if self.first_token is None and not isinstance(event, UsageReport):
+        if self.first_token is None and not isinstance(event, UsageReport | TurnIncomplete):
             self.first_token = time.perf_counter()
             self.engine.metrics.observe_first_token(self.first_token - self.started)
         if isinstance(event, TextDelta):
@@ -832,6 +837,9 @@ class Turn:
             return _or_left_out(self.stream.item_start, event.item, "hosted tool call start")
         if isinstance(event, UsageReport):
             self.usage_report = event
+            return b""
+        if isinstance(event, TurnIncomplete):
+            self.incomplete_reason = event.reason
             return b""
         if isinstance(event, TurnFailed):
             raise TypeError("TurnFailed goes to Turn.fail")
@@ -907,8 +915,12 @@ class Turn:
         return _usage(report, input_tokens, cached_tokens, output_chars, 0)
 
     def complete(self) -> bytes:
-        """`response.completed`; the response is stored. Raises APIError if storing fails
-        (then `fail` sends the item events produced so far with the failure)."""
+        """The model finished: `response.completed`, or `response.incomplete` when it
+        said it stopped short (`incomplete_reason`); the response is stored. Raises
+        APIError if storing fails (then `fail` sends the item events produced so far
+        with the failure)."""
+        if self.incomplete_reason is not None:
+            return self.incomplete(self.incomplete_reason)
         usage = self.usage()
         self._unsent = self.stream.close_item()
         now = int(self.engine.wall_clock())
@@ -919,9 +931,10 @@ class Turn:
         return frames
 
     def incomplete(self, reason: str) -> bytes:
-        """`response.incomplete` (e.g. steered); the response is stored and chainable."""
+        """`response.incomplete` (steered, or the model stopped short: then the item
+        it was writing is `incomplete` too); the response is stored and chainable."""
         usage = self.usage()
-        self._unsent = self.stream.close_item()
+        self._unsent = self.stream.close_item(incomplete=reason != "steered")
         now = int(self.engine.wall_clock())
         self._store(now, usage, incomplete=reason)
         frames = self._unsent + self.stream.incomplete(reason, usage, completed_at=now)
@@ -1026,6 +1039,7 @@ class Turn:
 
     def _finish(self, status: str) -> None:
         self.finished = True
+        self.end_status = status
         self.release()
         seconds = time.perf_counter() - self.started
         self.engine.metrics.observe_turn(seconds, status)

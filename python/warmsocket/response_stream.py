@@ -93,7 +93,7 @@ class ResponseStream:
         return frames
 
     def incomplete(self, reason: str, usage: dict[str, Any], completed_at: int) -> list[bytes]:
-        frames = self.close_item()
+        frames = self.close_item(incomplete=reason != "steered")
         self.status = "incomplete"
         self.completed_at = completed_at
         frames.append(
@@ -290,12 +290,14 @@ class ResponseStream:
         frames.append(self._item_event("response.output_item.done", index, done))
         return frames
 
-    def close_item(self) -> list[bytes]:
-        """Finish the open item, if any (its `.done` events)."""
+    def close_item(self, *, incomplete: bool = False) -> list[bytes]:
+        """Finish the open item, if any (its `.done` events); with `incomplete`, it is
+        closed `status: incomplete` (cut short)."""
         item = self._open
         if item is None:
             return []
         self._open = None
+        status = "incomplete" if incomplete else "completed"
         full = "".join(item.parts)
         if item.kind == "message":
             part = {
@@ -304,7 +306,7 @@ class ResponseStream:
                 "annotations": item.annotations,
                 "logprobs": [],
             }
-            body = {**item.body, "status": "completed", "content": [part]}
+            body = {**item.body, "status": status, "content": [part]}
             frames = [
                 self._event(
                     b'"type":"response.output_text.done",'
@@ -320,7 +322,7 @@ class ResponseStream:
                 ),
             ]
         else:
-            body = {**item.body, "status": "completed", "arguments": full}
+            body = {**item.body, "status": status, "arguments": full}
             frames = [
                 self._event(
                     b'"type":"response.function_call_arguments.done",'

@@ -457,7 +457,7 @@ class ResponsesSession:
             self._fail(turn, error)
             return
         self.outbox.append(frames)
-        self._after_terminal(turn, "completed")
+        self._after_terminal(turn, turn.end_status)  # completed, or incomplete
 
     def _interrupt(self, turn: Turn) -> None:
         """Stop a steered response at an item boundary: `incomplete` with reason `steered`."""

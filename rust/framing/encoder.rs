@@ -172,6 +172,9 @@ pub struct ResponseEncoder {
     incomplete: Option<String>,
     output: Vec<Arc<Item>>,
     open: Option<OpenItem>,
+    /// The `status` `open` gets when it is closed (`completed`; `incomplete` in
+    /// `close_item_incomplete`).
+    open_item_status: &'static str,
     /// The reasoning item being streamed (never at the same time as `open`).
     reasoning: Option<OpenReasoning>,
     /// The hosted tool call under way (never at the same time as the other two).
@@ -269,6 +272,7 @@ impl ResponseEncoder {
             incomplete: None,
             output: Vec::new(),
             open: None,
+            open_item_status: "completed",
             reasoning: None,
             hosted: None,
             closed_early: Vec::new(),
@@ -781,6 +785,16 @@ impl ResponseEncoder {
         &self.out
     }
 
+    /// Finish the open item, if any, cut short: a message or function call gets
+    /// `status: incomplete` (the model stopped in it, at its output token limit).
+    pub fn close_item_incomplete(&mut self) -> &[u8] {
+        self.out.clear();
+        self.open_item_status = "incomplete";
+        self.close_open();
+        self.open_item_status = "completed";
+        &self.out
+    }
+
     /// An event of another kind (steering) numbered in this response's sequence: the
     /// JSON object `event` gets this response's `sequence_number` and `stream_id`.
     pub fn event(&mut self, event: &[u8]) -> Result<&[u8]> {
@@ -1140,7 +1154,7 @@ impl ResponseEncoder {
                 serde_json::json!({
                     "id": item.id,
                     "type": "message",
-                    "status": "completed",
+                    "status": self.open_item_status,
                     "role": "assistant",
                     "content": [{
                         "type": "output_text",
@@ -1163,7 +1177,7 @@ impl ResponseEncoder {
                 serde_json::json!({
                     "id": item.id,
                     "type": "function_call",
-                    "status": "completed",
+                    "status": self.open_item_status,
                     "call_id": item.call_id,
                     "name": item.name,
                     "arguments": item.text,
@@ -1942,6 +1956,48 @@ mod tests {
         };
         all.extend_from_slice(e.complete(usage, 9));
         all
+    }
+
+    #[test]
+    fn an_item_cut_short_is_incomplete() {
+        let usage = Usage {
+            input_tokens: 5,
+            cached_tokens: 0,
+            output_tokens: 16,
+            reasoning_tokens: 0,
+        };
+        for call in [false, true] {
+            let mut e = encoder(Framing::Json, None);
+            e.start();
+            if call {
+                e.tool_call_start("call_1", "f");
+                e.tool_arguments_delta("{\"pa");
+            } else {
+                e.text_delta("Hel");
+            }
+            let mut all = e.close_item_incomplete().to_vec();
+            all.extend_from_slice(e.incomplete("max_output_tokens", usage, 9));
+            let events = lines(&all);
+            let done = &events[events.len() - 2];
+            assert_eq!(done["type"], "response.output_item.done");
+            assert_eq!(done["item"]["status"], "incomplete");
+            let response = &events[events.len() - 1]["response"];
+            assert_eq!(response["status"], "incomplete");
+            assert_eq!(
+                response["incomplete_details"]["reason"],
+                "max_output_tokens"
+            );
+            assert_eq!(response["output"][0], done["item"]);
+        }
+        // Only the item closed so is incomplete: the next one is completed again.
+        let mut e = encoder(Framing::Json, None);
+        e.start();
+        e.text_delta("a");
+        let first = lines(e.close_item_incomplete());
+        e.tool_call_start("call_1", "f");
+        let second = lines(e.close_item());
+        assert_eq!(first[first.len() - 1]["item"]["status"], "incomplete");
+        assert_eq!(second[second.len() - 1]["item"]["status"], "completed");
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub struct CreateRequest {
     /// object (keys sorted at every depth, defaults filled in).
     pub settings: Vec<u8>,
     pub instructions: Option<String>,
+    /// `max_output_tokens` (at least 16; saturated to `u64::MAX`), as in `settings`.
+    pub max_output_tokens: Option<u64>,
     /// Names of the `function` tools, in order.
     pub function_names: Vec<String>,
     pub has_tools: bool,
@@ -654,6 +656,7 @@ fn validate_create(
         input,
         settings: settings.json,
         instructions: settings.instructions,
+        max_output_tokens: settings.max_output_tokens,
         function_names: settings.function_names,
         has_tools: settings.tools_span.is_some(),
         tools_span: settings.tools_span,
@@ -684,6 +687,7 @@ struct Settings {
     function_names: Vec<String>,
     /// Where a non-empty `tools` array is in `json`.
     tools_span: Option<std::ops::Range<usize>>,
+    max_output_tokens: Option<u64>,
 }
 
 /// `_settings`: the echoed fields with their defaults, validated in the reference's
@@ -799,6 +803,7 @@ fn settings(body: &Object<'_>, model: &str) -> Result<Settings, RequestError> {
             ));
         }
     }
+    let mut max_output_tokens = None;
     for (name, min, max) in INTEGER_BOUNDS {
         let value = get(name);
         if value.is_null() {
@@ -807,7 +812,10 @@ fn settings(body: &Object<'_>, model: &str) -> Result<Settings, RequestError> {
         if !value.is_int() {
             return Err(RequestError::invalid_type(name, "an integer"));
         }
-        in_range(name, value, min, max)?;
+        let value = in_range(name, value, min, max)?;
+        if name == "max_output_tokens" {
+            max_output_tokens = Some(value);
+        }
     }
     let Value::Object(metadata) = get("metadata") else {
         return Err(RequestError::invalid_type("metadata", "an object"));
@@ -942,6 +950,7 @@ fn settings(body: &Object<'_>, model: &str) -> Result<Settings, RequestError> {
         instructions,
         function_names,
         tools_span,
+        max_output_tokens,
     })
 }
 

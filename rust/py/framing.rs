@@ -167,6 +167,10 @@ impl PyCreateRequest {
         self.inner.compact_threshold
     }
     #[getter]
+    fn max_output_tokens(&self) -> Option<u64> {
+        self.inner.max_output_tokens
+    }
+    #[getter]
     fn upstream_options_json<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
         let json = self.inner.upstream_options.as_ref()?;
         Some(PyBytes::new(py, json))
@@ -470,8 +474,13 @@ impl PyResponseEncoder {
         PyBytes::new(py, self.inner.tool_arguments_delta(&text(delta)))
     }
 
-    fn close_item<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, self.inner.close_item())
+    #[pyo3(signature = (*, incomplete = false))]
+    fn close_item<'py>(&mut self, py: Python<'py>, incomplete: bool) -> Bound<'py, PyBytes> {
+        if incomplete {
+            PyBytes::new(py, self.inner.close_item_incomplete())
+        } else {
+            PyBytes::new(py, self.inner.close_item())
+        }
     }
 
     #[pyo3(signature = (usage, *, completed_at))]

@@ -116,6 +116,16 @@ class UsageReport:
 
 
 @dataclass(frozen=True, slots=True)
+class TurnIncomplete:
+    """The model stopped before the end of its answer (its output token limit, a
+    content filter): the output so far ends the response `incomplete`, with
+    `incomplete_details.reason` = `reason` (`max_output_tokens`, `content_filter`).
+    It comes after the output; the response is stored and can be continued."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class TurnFailed:
     """The model failed after the response started: it ends `response.failed`."""
 
@@ -141,6 +151,7 @@ ModelEvent = (
     | TextAnnotation
     | MessageStart
     | UsageReport
+    | TurnIncomplete
     | TurnFailed
 )
 

@@ -20,8 +20,10 @@ from warmsocket.backends.base import (
     ToolCallStart,
     TurnContext,
     TurnFailed,
+    TurnIncomplete,
 )
 from warmsocket.compaction_items import expand_context
+from warmsocket.engine import BYTES_PER_TOKEN_ESTIMATE
 
 READY_BATCH = 256
 """Events of a ready answer handed to the server at once: more wait for the
@@ -47,7 +49,7 @@ class MockBackend:
         delay = self.ttft + reply.sleep_ms / 1000.0
         if delay:
             await asyncio.sleep(delay)
-        events = self._events(reply)
+        events = self._events(reply, turn.request.max_output_tokens)
         if not self.delta_interval:
             # No pacing: the answer is ready at once; handed over in batches, so
             # the server's write backpressure holds between them.
@@ -69,7 +71,7 @@ class MockBackend:
         reply = self._plan(turn)
         if reply.sleep_ms:
             return None
-        events = self._events(reply)
+        events = self._events(reply, turn.request.max_output_tokens)
         # A long answer goes through `stream`, whose batches wait for a slow reader
         # (an immediate answer is written whole, however large).
         return events if len(events) <= READY_BATCH else None
@@ -91,7 +93,14 @@ class MockBackend:
         )
 
     @staticmethod
-    def _events(reply: mockmodel.Reply) -> list[ModelEvent]:
+    def _events(reply: mockmodel.Reply, max_output_tokens: int | None) -> list[ModelEvent]:
+        events = MockBackend._answer(reply)
+        if max_output_tokens is None:
+            return events
+        return _within(events, max_output_tokens, reply.reasoning)
+
+    @staticmethod
+    def _answer(reply: mockmodel.Reply) -> list[ModelEvent]:
         events: list[ModelEvent] = []
         if reply.reasoning is not None:
             events.append(OutputItem(mockmodel.reasoning_item(reply.reasoning)))
@@ -119,6 +128,36 @@ class MockBackend:
 
     async def aclose(self) -> None:
         return None
+
+
+def _within(
+    events: list[ModelEvent], max_output_tokens: int, reasoning: str | None
+) -> list[ModelEvent]:
+    """The answer cut at `max_output_tokens`, counted as its usage counts them when
+    no backend reports any (`BYTES_PER_TOKEN_ESTIMATE` characters a token, the
+    reasoning's included): the text or arguments that fit, then `TurnIncomplete`
+    (`max_output_tokens`); the whole answer when it fits."""
+    per_token = BYTES_PER_TOKEN_ESTIMATE
+    reasoning_tokens = -(-len(reasoning) // per_token) if reasoning else 0
+    budget = (max_output_tokens - reasoning_tokens) * per_token
+    for index, event in enumerate(events):
+        if isinstance(event, TextDelta | ToolArgumentsDelta | ToolCallStart):
+            text = event.name if isinstance(event, ToolCallStart) else _text_of(event)
+            if len(text) > budget:
+                kept: list[ModelEvent] = events[:index]
+                if budget > 0 and isinstance(event, TextDelta):
+                    kept.append(TextDelta(event.text[:budget]))
+                elif budget > 0 and isinstance(event, ToolArgumentsDelta):
+                    kept.append(ToolArgumentsDelta(event.delta[:budget]))
+                return [*kept, TurnIncomplete("max_output_tokens")]
+            budget -= len(text)
+    if budget < 0:  # the reasoning alone is over the limit
+        return [*events, TurnIncomplete("max_output_tokens")]
+    return events
+
+
+def _text_of(event: TextDelta | ToolArgumentsDelta) -> str:
+    return event.text if isinstance(event, TextDelta) else event.delta
 
 
 def _web_search(query: str) -> list[ModelEvent]:
