@@ -362,6 +362,34 @@ def test_non_streaming_responses() -> None:
         assert sim.stats()["requests"][-1]["cached_tokens"] > 0
 
 
+def test_an_answer_over_the_output_limit_is_cut_short() -> None:
+    """As an inference server stops at its token limit: the text cut to fit, with
+    `finish_reason: length` (chat, streamed or not) or `response.incomplete`."""
+    text = "word " * 50
+    with running_sim() as sim, httpx.Client(base_url=sim.base_url, timeout=10) as http:
+        messages = [{"role": "user", "content": text}]
+        chat = http.post("/chat/completions", json={"model": "m", "messages": messages})
+        for limit in ("max_tokens", "max_completion_tokens"):
+            body = {"model": "m", "messages": messages, limit: 16}
+            cut = ChatCompletion.model_validate(http.post("/chat/completions", json=body).json())
+            choice = cut.choices[0]
+            assert choice.finish_reason == "length"
+            assert cut.usage is not None and cut.usage.completion_tokens <= 16
+            full = chat.json()["choices"][0]["message"]["content"]
+            assert choice.message.content and full.startswith(choice.message.content)
+            assert count_tokens(choice.message.content) <= 16 < count_tokens(full)
+        body = {"model": "m", "input": text, "max_output_tokens": 16}
+        response = Response.model_validate(http.post("/responses", json=body).json())
+        within = {"model": "m", "input": "hi", "max_output_tokens": 16}
+        fits = Response.model_validate(http.post("/responses", json=within).json())
+    assert response.status == "incomplete"
+    assert response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.output[0].type == "message" and response.output[0].status == "incomplete"
+    assert count_tokens(response.output_text) <= 16
+    assert fits.status == "completed" and fits.output[0].status == "completed"
+
+
 def test_reasoning_is_sealed_and_a_tampered_item_is_refused() -> None:
     # Like OpenAI's `encrypted_content`: a reasoning item comes back only as it went out.
     with running_sim() as sim, httpx.Client(base_url=sim.base_url, timeout=10) as http:

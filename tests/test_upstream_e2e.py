@@ -427,6 +427,38 @@ def test_options_only_an_upstream_acts_on_reach_a_responses_upstream(
     ]
 
 
+def test_an_answer_the_upstream_cut_short_ends_incomplete(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """An upstream that stops at the output token limit (`finish_reason: length`,
+    `response.incomplete`) ends the client's response `incomplete` with reason
+    `max_output_tokens`, the message `incomplete` (every event checked against the
+    SDK's types), stored as it ended; the chain goes on from it."""
+    sim, server, _metrics = stack
+    long_input = "word " * 100
+    key = {"Authorization": "Bearer sk-test"}  # the SDK's below: the same owner
+    with WSClient(server.ws_url, additional_headers=key) as client:
+        events = client.turn(input=long_input, max_output_tokens=16)
+        check_sequence(events)
+        terminal = events[-1]
+        assert terminal["type"] == "response.incomplete", terminal
+        response = terminal["response"]
+        assert response["incomplete_details"] == {"reason": "max_output_tokens"}
+        (message,) = response["output"]
+        assert message["status"] == "incomplete"
+        text = message["content"][0]["text"]
+        after = client.turn(input="/transcript", previous_response_id=response["id"])
+    assert f"You said: {long_input}".startswith(text) and 0 < len(text) < len(long_input)
+    assert count_tokens(text) <= 16
+    assert output_text(after).splitlines()[1] == f"assistant: {text}"
+    first, _second = (json.loads(r["body"]) for r in sim.stats(bodies=True)["requests"])
+    limit = "max_tokens" if api == "chat" else "max_output_tokens"
+    assert first[limit] == 16
+    with OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk:
+        stored = sdk.responses.retrieve(response["id"])
+    assert stored.status == "incomplete" and stored.output_text == text
+
+
 def test_an_upstream_that_requires_a_key_gets_it(api: str) -> None:
     """--upstream-api-key goes upstream as `Authorization: Bearer KEY` on every API
     (the simulated upstream refuses any other); the client's own key does not."""

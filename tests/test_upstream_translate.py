@@ -23,6 +23,7 @@ from warmsocket.backends.base import (
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
+    TurnIncomplete,
     UsageReport,
 )
 from warmsocket.backends.chat_translate import (
@@ -412,6 +413,16 @@ def test_continuous_usage_keeps_the_last_report() -> None:
     assert events[-1] == UsageReport(5, None, 2)
 
 
+@pytest.mark.parametrize(
+    ("finish", "reason"),
+    [("length", "max_output_tokens"), ("content_filter", "content_filter"), ("stop", None)],
+)
+def test_an_answer_cut_short_ends_incomplete(finish: str, reason: str | None) -> None:
+    data = _sse(_delta({"content": "a"}), _delta({}, finish), "[DONE]")
+    events = decode(ChatChunkDecoder(), data)
+    assert events == [TextDelta("a")] + ([TurnIncomplete(reason)] if reason else [])
+
+
 # -- response: Responses SSE -> events -----------------------------------------------------
 
 
@@ -560,6 +571,16 @@ def test_responses_without_deltas_and_failures() -> None:
     with pytest.raises(UpstreamError) as info:
         decode(ResponsesSSEDecoder(), _event("response.created", response=RESPONSE))
     assert info.value.reason == "closed"
+    # Stopped short: incomplete, for the upstream's reason (the output limit by default).
+    for details, reason in [
+        ({"reason": "content_filter"}, "content_filter"),
+        ({"reason": "max_output_tokens"}, "max_output_tokens"),
+        (None, "max_output_tokens"),
+    ]:
+        cut = {**RESPONSE, "status": "incomplete", "incomplete_details": details}
+        data = _event("response.output_text.delta", item_id="m", output_index=0, delta="Hi")
+        data += _event("response.incomplete", response=cut)
+        assert decode(ResponsesSSEDecoder(), data)[-1] == TurnIncomplete(reason)
 
 
 # -- what a broken upstream can make the server hold ------------------------------------------

@@ -67,7 +67,14 @@ pub enum Event {
         /// `output_tokens_details.reasoning_tokens`.
         reasoning: Option<i64>,
     },
+    /// `response.incomplete`: the answer stopped short, for this reason (its
+    /// `incomplete_details.reason`; [`DEFAULT_INCOMPLETE_REASON`] when it gave none).
+    Incomplete(String),
 }
+
+/// The reason of a `response.incomplete` that gives none: the output token limit,
+/// the reason of all but content filtering.
+pub const DEFAULT_INCOMPLETE_REASON: &str = "max_output_tokens";
 
 /// Why a stream ends without a model event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +125,14 @@ struct TerminalResponse<'a> {
     id: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     usage: Option<TerminalUsage>,
+    #[serde(default, borrow)]
+    incomplete_details: Option<TerminalIncomplete<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct TerminalIncomplete<'a> {
+    #[serde(default, borrow)]
+    reason: Option<std::borrow::Cow<'a, str>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -214,7 +229,11 @@ impl ResponsesDecoder {
         }
         self.started = true;
         self.done = true;
+        let incomplete = event.kind == "response.incomplete";
         let Some(response) = event.response else {
+            if incomplete {
+                out.push(Event::Incomplete(DEFAULT_INCOMPLETE_REASON.to_owned()));
+            }
             return true;
         };
         if let Some(id) = response.id {
@@ -227,6 +246,11 @@ impl ResponsesDecoder {
                 output: usage.output_tokens,
                 reasoning: usage.output_tokens_details.and_then(|d| d.reasoning_tokens),
             });
+        }
+        if incomplete {
+            let reason = response.incomplete_details.and_then(|d| d.reason);
+            let reason = reason.map_or(DEFAULT_INCOMPLETE_REASON.to_owned(), |r| r.into_owned());
+            out.push(Event::Incomplete(reason));
         }
         true
     }
@@ -419,30 +443,24 @@ impl ResponsesDecoder {
             }
             "response.completed" | "response.incomplete" => {
                 self.done = true;
-                let Some(response) = data.get("response").filter(|r| r.as_object().is_some())
-                else {
-                    return Ok(());
-                };
-                if let Some(id) = response.get("id").and_then(Value::as_str) {
+                let response = data.get("response").filter(|r| r.as_object().is_some());
+                let usage = response
+                    .and_then(|r| r.get("usage"))
+                    .filter(|u| u.as_object().is_some());
+                if let Some(id) = response.and_then(|r| r.get("id")).and_then(Value::as_str) {
                     self.response_id = Some(id.to_owned());
                 }
-                let Some(usage) = response.get("usage").filter(|u| u.as_object().is_some()) else {
-                    return Ok(());
-                };
-                let cached = usage
-                    .get("input_tokens_details")
-                    .and_then(|d| d.get("cached_tokens"))
-                    .and_then(int);
-                let reasoning = usage
-                    .get("output_tokens_details")
-                    .and_then(|d| d.get("reasoning_tokens"))
-                    .and_then(int);
-                out.push(Event::Usage {
-                    input: usage.get("input_tokens").and_then(int),
-                    cached,
-                    output: usage.get("output_tokens").and_then(int),
-                    reasoning,
-                });
+                if let Some(usage) = usage {
+                    out.push(usage_event(usage));
+                }
+                if kind == "response.incomplete" {
+                    let reason = response
+                        .and_then(|r| r.get("incomplete_details"))
+                        .and_then(|d| d.get("reason"))
+                        .and_then(Value::as_str)
+                        .unwrap_or(DEFAULT_INCOMPLETE_REASON);
+                    out.push(Event::Incomplete(reason.to_owned()));
+                }
             }
             _ => {
                 let hosted = data
@@ -522,6 +540,24 @@ fn text_of(value: Option<&Value<'_>>) -> String {
 }
 
 /// An integer (not a bool, not a float) that fits `i64`.
+/// The usage of a terminal event's Response (an object).
+fn usage_event(usage: &Value<'_>) -> Event {
+    let cached = usage
+        .get("input_tokens_details")
+        .and_then(|d| d.get("cached_tokens"))
+        .and_then(int);
+    let reasoning = usage
+        .get("output_tokens_details")
+        .and_then(|d| d.get("reasoning_tokens"))
+        .and_then(int);
+    Event::Usage {
+        input: usage.get("input_tokens").and_then(int),
+        cached,
+        output: usage.get("output_tokens").and_then(int),
+        reasoning,
+    }
+}
+
 fn int(value: &Value<'_>) -> Option<i64> {
     match value {
         Value::Int(i) => Some(*i),
@@ -1085,6 +1121,12 @@ mod tests {
             r#"{"type":"response.completed","response":[1]}"#.to_owned(),
             r#"{"type":"response.failed","response":{"id":"r","error":{"code":"server_error"}}}"#.to_owned(),
             r#"{"response":{"id":"r"}}"#.to_owned(),
+            r#"{"type":"response.incomplete","response":{"id":"r","incomplete_details":{"reason":"content_filter"},"usage":{"output_tokens":3}}}"#.to_owned(),
+            r#"{"type":"response.incomplete","response":{"id":"r","incomplete_details":null}}"#.to_owned(),
+            r#"{"type":"response.incomplete","response":{"id":"r","incomplete_details":{"reason":null}}}"#.to_owned(),
+            r#"{"type":"response.incomplete","response":{"id":"r","incomplete_details":{"reason":5}}}"#.to_owned(),
+            r#"{"type":"response.incomplete","response":{"id":"r","incomplete_details":"x"}}"#.to_owned(),
+            r#"{"type":"response.incomplete"}"#.to_owned(),
         ];
         for case in &cases {
             let [fast, full] = both_readings(case);
@@ -1104,6 +1146,28 @@ mod tests {
                 Some("r1".to_owned())
             )
         );
+        let reason = |case: &str| {
+            let [(events, _, _), _] = both_readings(case);
+            events.ok().and_then(|events| {
+                events.into_iter().find_map(|event| match event {
+                    Event::Incomplete(reason) => Some(reason),
+                    _ => None,
+                })
+            })
+        };
+        assert_eq!(
+            reason(&cases[1]).as_deref(),
+            Some(DEFAULT_INCOMPLETE_REASON)
+        );
+        assert_eq!(reason(&cases[12]).as_deref(), Some("content_filter"));
+        for case in &cases[13..] {
+            assert_eq!(
+                reason(case).as_deref(),
+                Some(DEFAULT_INCOMPLETE_REASON),
+                "{case}"
+            );
+        }
+        assert_eq!(reason(&cases[0]), None);
     }
 
     #[test]

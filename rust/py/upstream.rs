@@ -102,6 +102,7 @@ fn events_list<'py>(
                 output,
                 reasoning,
             } => ("usage", input, cached, output, reasoning).into_pyobject(py)?,
+            Event::Incomplete(reason) => ("incomplete", reason).into_pyobject(py)?,
         };
         list.append(tuple)?;
     }

@@ -43,6 +43,7 @@ from warmsocket.backends.base import (
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
+    TurnIncomplete,
     UsageReport,
 )
 from warmsocket.compaction_items import expanded_items, foreign_compaction
@@ -235,6 +236,10 @@ class _Call:
         self.pending: list[str] = []
 
 
+_CUT_SHORT = {"length": "max_output_tokens", "content_filter": "content_filter"}
+"""`finish_reason`s of an answer cut short -> the Response's `incomplete_details.reason`."""
+
+
 class ChatChunkDecoder:
     """Chat completion chunks (SSE) -> model events."""
 
@@ -245,6 +250,9 @@ class ChatChunkDecoder:
         self._usage: dict[str, Any] | None = None
         self.finished = False
         """A `finish_reason` or `[DONE]` arrived."""
+        self.cut_short: str | None = None
+        """Why the answer stopped short (`incomplete_details.reason`), from its
+        `finish_reason`: `length` is `max_output_tokens`, `content_filter` itself."""
         self.events_seen = 0
 
     def feed(self, data: bytes) -> list[ModelEvent]:
@@ -260,6 +268,8 @@ class ChatChunkDecoder:
         events = self._decode(self._sse.finish())
         if not self.finished:
             raise transport_error("closed")
+        if self.cut_short is not None:
+            events.append(TurnIncomplete(self.cut_short))
         usage = self._usage
         if usage:
             details = usage.get("prompt_tokens_details")
@@ -318,8 +328,10 @@ class ChatChunkDecoder:
                     for position, call in enumerate(tool_calls):
                         if isinstance(call, dict):
                             self._tool_delta(call, position, events)
-            if choice.get("finish_reason"):
+            finish_reason = choice.get("finish_reason")
+            if finish_reason:
                 self.finished = True
+                self.cut_short = _CUT_SHORT.get(finish_reason)
 
     def _tool_delta(self, delta: dict[str, Any], position: int, events: list[ModelEvent]) -> None:
         index = delta.get("index")

@@ -18,7 +18,8 @@ taken as they come, or from a message that was not streamed. Each message's
 The events are read in Rust (`_core.ResponsesStreamDecoder`,
 `rust/framing/upstream.rs`): one call per chunk of an SSE body or per WebSocket
 message, without parsing the lifecycle events that repeat the whole Response. This
-module turns what it returns into model events, and `response.failed` and `error`
+module turns what it returns into model events (`response.incomplete` into
+`TurnIncomplete`, with the upstream's reason), and `response.failed` and `error`
 events into `UpstreamError`; a stream that ends without a terminal event is a
 broken stream (`finish`).
 """
@@ -41,6 +42,7 @@ from warmsocket.backends.base import (
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
+    TurnIncomplete,
     UsageReport,
 )
 from warmsocket.upstream import UpstreamError, from_error_object, transport_error
@@ -103,6 +105,8 @@ def model_events(decoded: list[tuple[Any, ...]]) -> list[ModelEvent]:
             out.append(ReasoningStart(event[1] or None))
         elif kind == "usage":
             out.append(UsageReport(event[1], event[2], event[3], event[4]))
+        elif kind == "incomplete":
+            out.append(TurnIncomplete(event[1]))
         else:
             raise _stopped(event)
     return out

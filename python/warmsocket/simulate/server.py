@@ -4,7 +4,9 @@ Routes (the API only under `/v1`, as vLLM serves it: elsewhere a 404
 `{"detail":"Not Found"}`; health and the test hooks with or without it):
 
 * `POST /v1/chat/completions` — Chat Completions, streamed (vLLM-shaped chunks, the
-  usage chunk with `stream_options.include_usage`, `data: [DONE]`) or not;
+  usage chunk with `stream_options.include_usage`, `data: [DONE]`) or not; a text
+  answer over `max_completion_tokens` or `max_tokens` is cut there (`finish_reason:
+  length`), over `max_output_tokens` on the Responses routes (`response.incomplete`);
 * `POST /v1/responses` — the Responses API, stateless (`previous_response_id` is
   answered `previous_response_not_found`), SSE or JSON. As OpenAI's: a reasoning
   item carries its `encrypted_content` only when `include` asks for
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -273,6 +276,10 @@ class _Answer:
     output_tokens: int
     reasoning_tokens: int = 0
     """Of `output_tokens`, the reasoning's (``/think``)."""
+    cut_short: bool = False
+    """The text was cut at the request's output token limit (`max_output_tokens`,
+    `max_completion_tokens`, `max_tokens`): the answer ends `incomplete`, or with
+    `finish_reason: length`."""
 
 
 class _Connection(asyncio.Protocol):
@@ -435,6 +442,7 @@ class _Connection(asyncio.Protocol):
         tools: Any,
         items: list[dict[str, Any]],
         encoded: list[bytes] | None = None,
+        max_tokens: Any = None,
     ) -> _Answer:
         unsealed = unsealed_reasoning(items)
         if unsealed is not None:
@@ -449,6 +457,7 @@ class _Connection(asyncio.Protocol):
         tool_list = tools if isinstance(tools, list) else []
         prefill = self.server.cache.prefill(instructions, tool_list, encoded)
         reply = plan(items, tools=tools, instructions=instructions)
+        reply, cut_short = _within(reply, max_tokens)
         record.items = len(items)
         record.prompt_tokens = prefill.prompt_tokens
         record.cached_tokens = prefill.cached_tokens
@@ -472,7 +481,7 @@ class _Connection(asyncio.Protocol):
             digest.update(item)
         call_id = "call_" + digest.hexdigest()[:24]
         call_ids = [call_id if n == 0 else f"{call_id}_{n}" for n in range(len(reply.calls))]
-        return _Answer(reply, prefill, first, call_ids, output_tokens, reasoning_tokens)
+        return _Answer(reply, prefill, first, call_ids, output_tokens, reasoning_tokens, cut_short)
 
     async def _fault(self, record: RequestRecord) -> dict[str, Any] | None:
         """Apply a queued fault that acts before the answer; return one that acts during it."""
@@ -557,8 +566,13 @@ class _Connection(asyncio.Protocol):
         self.record = record
         fault = await self._fault(record)
         instructions, items = items_from_chat(body["messages"])
+        limit = body.get("max_completion_tokens")
         answer = self._answer(
-            record, instructions=instructions, tools=body.get("tools"), items=items
+            record,
+            instructions=instructions,
+            tools=body.get("tools"),
+            items=items,
+            max_tokens=body.get("max_tokens") if limit is None else limit,
         )
         model = body.get("model") or "warmsocket-sim"
         if answer.reply.kind == "fail" and not stream:
@@ -626,8 +640,7 @@ class _Connection(asyncio.Protocol):
             chunks.append(dumps({"error": {**error, "code": 500}}))
             texts.append("")
             return chunks, texts
-        finish = "tool_calls" if answer.reply.kind == "call" else "stop"
-        chunks.append(choice({}, finish))
+        chunks.append(choice({}, _finish_reason(answer)))
         texts.append("")
         if include_usage:
             chunks.append(dumps({**base, "choices": [], "usage": _chat_usage(answer)}))
@@ -658,7 +671,7 @@ class _Connection(asyncio.Protocol):
                     "index": 0,
                     "message": message,
                     "logprobs": None,
-                    "finish_reason": "tool_calls" if reply.kind == "call" else "stop",
+                    "finish_reason": _finish_reason(answer),
                 }
             ],
             "usage": _chat_usage(answer),
@@ -691,6 +704,7 @@ class _Connection(asyncio.Protocol):
             tools=body.get("tools"),
             items=items,
             encoded=raw_items if raw_items is not None and len(raw_items) == len(items) else None,
+            max_tokens=body.get("max_output_tokens"),
         )
         frames, texts, _stream = self._response_events(body, answer, previous_response_id=None)
         if not stream:
@@ -813,6 +827,8 @@ class _Connection(asyncio.Protocol):
         )
         if answer.reply.kind == "fail":
             closing = response.fail(errors.model_failed().response_error(), usage)
+        elif answer.cut_short:
+            closing = response.incomplete("max_output_tokens", usage, int(time.time()))
         else:
             closing = response.complete(usage, int(time.time()))
         frames += closing
@@ -966,7 +982,12 @@ class _Connection(asyncio.Protocol):
         instructions = body.get("instructions")
         instructions = instructions if isinstance(instructions, str) else None
         answer = self._answer(
-            record, instructions=instructions, tools=body.get("tools"), items=items, encoded=encoded
+            record,
+            instructions=instructions,
+            tools=body.get("tools"),
+            items=items,
+            encoded=encoded,
+            max_tokens=body.get("max_output_tokens"),
         )
         frames, texts, response = self._response_events(
             body, answer, previous_response_id=previous if isinstance(previous, str) else None
@@ -1081,6 +1102,30 @@ def _sse_head(request: Request) -> bytes:
     if not request.keep_alive:
         headers.append(("connection", "close"))
     return response_head(200, headers)
+
+
+def _within(reply: mockmodel.Reply, max_tokens: Any) -> tuple[mockmodel.Reply, bool]:
+    """A text reply cut to `max_tokens` output tokens (its reasoning's included), and
+    whether it was cut; a call or a failure is left as it is."""
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or reply.kind != "text":
+        return reply, False
+    budget = max_tokens - (count_tokens(reply.reasoning) if reply.reasoning else 0)
+    if count_tokens(reply.text) <= budget:
+        return reply, False
+    low, high = 0, len(reply.text)  # the longest prefix within the budget
+    while low < high:
+        middle = (low + high + 1) // 2
+        if count_tokens(reply.text[:middle]) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return dataclasses.replace(reply, text=reply.text[:low]), True
+
+
+def _finish_reason(answer: _Answer) -> str:
+    if answer.cut_short:
+        return "length"
+    return "tool_calls" if answer.reply.kind == "call" else "stop"
 
 
 def _refuse_unpersisted(record: RequestRecord, items: list[dict[str, Any]], *, store: bool) -> None:
