@@ -1,13 +1,13 @@
 """`--upstream-api responses`: each turn as one streamed `POST /responses`, stateless.
 
 The body carries the full context with `store: false`: the settings the client set,
-the options only an upstream acts on (`image`, `prompt_cache_options`), `include` with
-`reasoning.encrypted_content` (`upstream_include`), then `"input":` and
-the context exactly as the session cache holds it (canonical item JSON), so each
-turn's body starts with the previous turn's. The context part is
-kept per chain (`ContextCache`) and extended by each turn's new items rather than
-built whole again. The answer's events are re-emitted under warmsocket's own
-response and item ids.
+the options only an upstream acts on (`image`, `prompt_cache_options`), `include`
+with `reasoning.encrypted_content` (`upstream_include`), then `"input":` and the
+context exactly as the session cache holds it (canonical item JSON), so each turn's
+body starts with the previous turn's. The context part is kept per chain
+(`ContextCache`) and extended by each turn's new items rather than built whole
+again. The answer's events are re-emitted under warmsocket's own response and item
+ids.
 """
 
 from __future__ import annotations
