@@ -160,8 +160,8 @@ class ResponseStream:
 
     def tool_call_start(self, call_id: str, name: str) -> list[bytes]:
         frames = self.close_item()
-        item_id = ids.function_call_id()
         index = len(self.output)
+        item_id = self._item_id("fc", index)
         body = {
             "id": item_id,
             "type": "function_call",
@@ -198,8 +198,8 @@ class ResponseStream:
         """A whole reasoning item with one summary part, in the order OpenAI streams
         it: its text in `deltas` (one delta of it all by default)."""
         frames = self.close_item()
-        item_id = ids.new_id("rs")
         index = len(self.output)
+        item_id = self._item_id("rs", index)
         locator = b'"item_id":' + dumps(item_id) + b',"output_index":' + str(index).encode()
         at = locator + b',"summary_index":0,'
         part = {"type": "summary_text", "text": summary}
@@ -248,8 +248,8 @@ class ResponseStream:
         """A whole custom tool call whose input is `deltas` joined, as OpenAI streams it:
         added, the input's deltas, input done, done."""
         frames = self.close_item()
-        item_id = ids.new_id("ctc")
         index = len(self.output)
+        item_id = self._item_id("ctc", index)
         at = b'"item_id":' + dumps(item_id) + b',"output_index":' + str(index).encode()
         full = "".join(deltas)
         body = {"id": item_id, "type": "custom_tool_call", "call_id": call_id, "name": name}
@@ -358,9 +358,15 @@ class ResponseStream:
         item = self._open_message()
         return frames + item.opened, item
 
+    def _item_id(self, prefix: str, index: int) -> str:
+        """The id of the item at output `index`: it names this response, as the Rust
+        encoder's do (`warmsocket.item_references`)."""
+        stem = self.response_id.partition("_")[2] or self.response_id
+        return f"{prefix}_{stem}_{index}"
+
     def _open_message(self) -> _OpenItem:
-        item_id = ids.message_id()
         index = len(self.output)
+        item_id = self._item_id("msg", index)
         body = {
             "id": item_id,
             "type": "message",

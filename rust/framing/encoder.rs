@@ -175,6 +175,9 @@ pub struct ResponseEncoder {
     /// The `status` `open` gets when it is closed (`completed`; `incomplete` in
     /// `close_item_incomplete`).
     open_item_status: &'static str,
+    /// The response id after its first `_` (all of it without one): what the ids of
+    /// the items this response makes are built from (`item_id`).
+    item_id_stem: String,
     /// The reasoning item being streamed (never at the same time as `open`).
     reasoning: Option<OpenReasoning>,
     /// The hosted tool call under way (never at the same time as the other two).
@@ -273,6 +276,11 @@ impl ResponseEncoder {
             output: Vec::new(),
             open: None,
             open_item_status: "completed",
+            item_id_stem: head
+                .response_id
+                .split_once('_')
+                .map_or(head.response_id, |(_, stem)| stem)
+                .to_owned(),
             reasoning: None,
             hosted: None,
             closed_early: Vec::new(),
@@ -909,7 +917,7 @@ impl ResponseEncoder {
     fn open_reasoning(&mut self, id: Option<&str>, with_content: bool) {
         let (id, generated_id) = match id {
             Some(id) => (id.to_owned(), false),
-            None => (random_id("rs"), true),
+            None => (self.item_id("rs", self.output.len()), true),
         };
         let index = self.output.len();
         let (stream_id, seq) = (self.stream_id.as_deref(), self.sequence_number);
@@ -1008,6 +1016,20 @@ impl ResponseEncoder {
         self.sequence_number = seq;
     }
 
+    /// The id of the item this response makes at output `index`: `<prefix>_<the
+    /// response id after its first '_'>_<index>`, so an `item_reference` to it names
+    /// the response that holds it (`warmsocket.ids.response_of_item`).
+    fn item_id(&self, prefix: &str, index: usize) -> String {
+        let stem = &self.item_id_stem;
+        let mut id = String::with_capacity(prefix.len() + stem.len() + 8);
+        id.push_str(prefix);
+        id.push('_');
+        id.push_str(stem);
+        id.push('_');
+        id.push_str(itoa::Buffer::new().format(index));
+        id
+    }
+
     fn open_item(&mut self, kind: ItemKind, call_id: String, name: String) {
         let prefix = match kind {
             ItemKind::Message => "msg",
@@ -1016,7 +1038,7 @@ impl ResponseEncoder {
         };
         let item = OpenItem {
             kind,
-            id: random_id(prefix),
+            id: self.item_id(prefix, self.output.len()),
             index: self.output.len(),
             text: String::new(),
             annotations: Vec::new(),
@@ -1722,38 +1744,6 @@ fn usage(s: &mut dyn Sink, usage: Option<Usage>) {
     s.end();
 }
 
-/// `prefix_` + 48 random hex digits, like `warmsocket.ids`.
-fn random_id(prefix: &str) -> String {
-    let mut bytes = [0u8; 24];
-    if getrandom::fill(&mut bytes).is_err() {
-        // No OS randomness (never seen on supported platforms): still unique per process.
-        fallback_random(&mut bytes);
-    }
-    let mut id = String::with_capacity(prefix.len() + 1 + 48);
-    id.push_str(prefix);
-    id.push('_');
-    for b in bytes {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        id.push(char::from(HEX[usize::from(b >> 4)]));
-        id.push(char::from(HEX[usize::from(b & 15)]));
-    }
-    id
-}
-
-#[cold]
-fn fallback_random(bytes: &mut [u8; 24]) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    for (i, chunk) in bytes.chunks_mut(8).enumerate() {
-        let h = xxhash_rust::xxh3::xxh3_64_with_seed(&n.to_le_bytes(), nanos ^ i as u64);
-        chunk.copy_from_slice(&h.to_le_bytes()[..chunk.len()]);
-    }
-}
-
 // -- writers -------------------------------------------------------------------------
 
 /// One set of primitives, written as JSON or as msgpack. JSON separators come from
@@ -1956,6 +1946,25 @@ mod tests {
         };
         all.extend_from_slice(e.complete(usage, 9));
         all
+    }
+
+    #[test]
+    fn item_ids_name_their_response() {
+        let mut e = encoder(Framing::Json, None);
+        e.start();
+        e.reasoning_start(None);
+        e.text_delta("a");
+        e.tool_call_start("call_1", "f");
+        e.close_item();
+        let ids: Vec<String> = (0..3)
+            .filter_map(|i| {
+                e.output_items()
+                    .get(i)
+                    .and_then(|item| item.id().map(str::to_owned))
+            })
+            .collect();
+        // The encoder's response is `resp_1`.
+        assert_eq!(ids, ["rs_1_0", "msg_1_1", "fc_1_2"]);
     }
 
     #[test]
