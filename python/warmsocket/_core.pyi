@@ -783,6 +783,10 @@ class CreateRequest:
         API's schema has it): the first entry's `compact_threshold` in tokens (at least
         1,000), else 100,000; None when none was asked for."""
     @property
+    def has_item_references(self) -> bool:
+        """The input has an `item_reference` item (`{"type": "item_reference", "id"}`),
+        which the engine replaces with the stored item it names."""
+    @property
     def max_output_tokens(self) -> int | None:
         """`max_output_tokens` (as in `settings`; at most 2**64 - 1), without decoding
         the settings."""

@@ -691,10 +691,7 @@ def _check_item(item: dict[str, Any], item_type: str, where: str) -> None:
         if not isinstance(output, str | list):
             raise errors.invalid_type(f"{where}.output", "a string or an array")
     elif item_type == "item_reference":
-        raise errors.unsupported_parameter(
-            f"{where}.type",
-            "item_reference is not supported by this server; send the item itself.",
-        )
+        _require_str(item, "id", where)
     elif item_type not in ITEM_TYPES:
         raise errors.invalid_value(
             f"{where}.type", f"Invalid value for '{where}.type': unknown item type."

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
-from warmsocket import _core, errors, ids
+from warmsocket import _core, errors, ids, item_references
 from warmsocket._core import (
     Binding,
     ContextView,
@@ -437,7 +437,18 @@ class Engine:
         started = time.perf_counter()
         prompt = prompt_key(request.instructions, request.tools_digest)
         # Parsing validated the input and made it Items (within the cache's item limit).
-        input_items = request.input if prepend is None else prepend.concat(request.input)
+        input_items = request.input
+        if request.has_item_references:
+            input_items = item_references.resolve(
+                self.cache,
+                input_items,
+                owner=owner,
+                connection=lookup_connection,
+                previous_response_id=request.previous_response_id,
+                max_item_bytes=self.cache.max_item_bytes,
+            )
+        if prepend is not None:
+            input_items = prepend.concat(input_items)
         previous_response_id = request.previous_response_id
         start = context_start(input_items)
         if start is not None:

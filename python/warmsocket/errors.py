@@ -228,6 +228,19 @@ def shared_store_unavailable(
     )
 
 
+def item_not_found(item_id: str) -> APIError:
+    """An `item_reference` to no item the owner has (the API's 404)."""
+    return APIError(
+        None,
+        f"Item with id '{_id(item_id)}' not found. An item_reference names an item of a "
+        "response stored with store: true (or of this connection); send the item itself "
+        "otherwise.",
+        param="input",
+        status=404,
+        type=INVALID_REQUEST,
+    )
+
+
 def response_not_found(response_id: str) -> APIError:
     return APIError(
         None,

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from warmsocket import _core, errors, ids
+from warmsocket import _core, errors, ids, item_references
 from warmsocket._core import Rejection, parse_client_message
 from warmsocket.backends.base import TurnFailed
 from warmsocket.background import RETAIN_SECONDS, BackgroundResponses, BackgroundRun
@@ -322,19 +322,24 @@ class HTTPApp:
         return True
 
     async def _load_parent(self, create: _core.CreateRequest, owner: str) -> None:
-        """Load `previous_response_id` from the shared store when only another process
-        has it. Raises APIError (a retriable 503) when the store does not answer."""
+        """Load `previous_response_id`, and the responses the input's
+        `item_reference`s name, from the shared store when only another process has
+        them. Raises APIError (a retriable 503) when the store does not answer."""
         engine = self.engine
+        if engine.shared is None:
+            return
         parent = create.previous_response_id
-        if (
-            parent is not None
-            and engine.shared is not None
-            and not engine.cached(parent, owner=owner)
-        ):
+        wanted = [] if parent is None else [parent]
+        if create.has_item_references:
+            wanted += item_references.referenced_responses(create.input.to_objects())
+        for response_id in wanted:
+            if engine.cached(response_id, owner=owner):
+                continue
             try:
-                await engine.load_shared(parent, owner=owner)
+                await engine.load_shared(response_id, owner=owner)
             except SharedStoreUnavailable:
-                raise errors.shared_store_unavailable(parent) from None
+                param = "previous_response_id" if response_id == parent else "input"
+                raise errors.shared_store_unavailable(response_id, param=param) from None
 
     async def _input_tokens(
         self, request: Request, writer: ResponseWriter, request_id: str, owner: str

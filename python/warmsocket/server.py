@@ -845,7 +845,11 @@ class Connection(asyncio.Protocol):
         if session.closed:
             return
         message = session.parse_message(data)
-        if not self._held and session.unresolved_parent(message) is None:
+        if (
+            not self._held
+            and session.unresolved_parent(message) is None
+            and not session.unresolved_references(message)
+        ):
             session.receive_parsed(message)
             return
         # A parent to load from the shared store first, or messages already waiting
@@ -862,20 +866,29 @@ class Connection(asyncio.Protocol):
         try:
             while self._held and not session.closed:
                 parent = session.unresolved_parent(self._held[0])
+                wanted = [] if parent is None else [parent]
+                # The responses its item_references name, then (the parent first).
+                wanted += session.unresolved_references(self._held[0])
                 refusal: APIError | None = None
-                if parent is not None:
+                for response_id in wanted:
                     try:
-                        await engine.load_shared(parent, owner=session.owner)
+                        await engine.load_shared(response_id, owner=session.owner)
                     except SharedStoreUnavailable:
-                        # Not a miss: the parent may well exist. A retriable error on
+                        # Not a miss: the response may well exist. A retriable error on
                         # the create's lane; the connection and the lane go on.
-                        refusal = errors.shared_store_unavailable(parent)
+                        refusal = errors.shared_store_unavailable(
+                            response_id,
+                            param="previous_response_id" if response_id == parent else "input",
+                        )
+                        break
                     except Exception as exc:  # a miss: the session answers not found
                         log.error(
                             "shared store load failed", extra={"error_type": type(exc).__name__}
                         )
                     if session.closed:
                         break
+                if session.closed:
+                    break
                 message = self._held.popleft()
                 if refusal is not None and isinstance(message, CreateRequest):
                     session.refuse_create(message, refusal)

@@ -33,7 +33,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from warmsocket import errors, ids
+from warmsocket import errors, ids, item_references
 from warmsocket._core import (
     Binding,
     CreateRequest,
@@ -227,6 +227,22 @@ class ResponsesSession:
         except LookupError:
             return parent
         return None
+
+    def unresolved_references(self, parsed: Message) -> list[str]:
+        """The responses the `item_reference`s of a create name that this connection
+        cannot find in the local cache: the asyncio layer may fetch them from a shared
+        store first, as it does the parent (`unresolved_parent`)."""
+        if type(parsed) is not CreateRequest or self.closed:
+            return []
+        assert isinstance(parsed, CreateRequest)
+        if not parsed.has_item_references:
+            return []
+        named = item_references.referenced_responses(parsed.input.to_objects())
+        return [
+            response_id
+            for response_id in named
+            if not self.engine.cached(response_id, owner=self.owner, connection=self.connection)
+        ]
 
     def model_event(self, turn: Turn, event: ModelEvent) -> None:
         """One event from the backend for `turn`."""

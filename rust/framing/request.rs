@@ -107,6 +107,8 @@ pub struct CreateRequest {
     /// ids by other names), their null members left out, as one canonical JSON
     /// object; None when there is none.
     pub upstream_options: Option<Vec<u8>>,
+    /// The input has an `item_reference` (to be replaced by the item it names).
+    pub has_item_references: bool,
 }
 
 /// The context size in tokens at which a request that asks for server-side
@@ -627,6 +629,12 @@ fn validate_create(
     let compact_threshold = compact_threshold(&body)?;
     let include = include(&body)?;
     let input = normalize_input(body.get("input"))?;
+    let has_item_references = match body.get("input") {
+        Some(Value::Array(values)) => values
+            .iter()
+            .any(|v| v.get("type").and_then(Value::as_str) == Some("item_reference")),
+        _ => false,
+    };
     if input.is_empty() && generate && previous.is_none() {
         return Err(RequestError::invalid_value(
             "input",
@@ -664,6 +672,7 @@ fn validate_create(
         compact_threshold,
         include,
         upstream_options,
+        has_item_references,
     })
 }
 
@@ -1038,10 +1047,7 @@ fn check_item(item: &Object<'_>, item_type: &str, index: usize) -> Result<(), Re
                 )),
             }
         }
-        "item_reference" => Err(RequestError::UnsupportedParameter {
-            param: at("type"),
-            message: "item_reference is not supported by this server; send the item itself.",
-        }),
+        "item_reference" => require_str(item, "id", index),
         t if ITEM_TYPES.contains(&t) => Ok(()),
         _ => {
             let param = at("type");
@@ -1656,9 +1662,14 @@ mod tests {
                 "input[0].type",
             ),
             (
-                r#""input":[{"type":"item_reference","id":"x"}]"#,
-                "unsupported_parameter",
-                "input[0].type",
+                r#""input":[{"type":"item_reference"}]"#,
+                "missing_required_parameter",
+                "input[0].id",
+            ),
+            (
+                r#""input":[{"type":"item_reference","id":7}]"#,
+                "invalid_type",
+                "input[0].id",
             ),
             (r#""input":[]"#, "invalid_value", "input"),
             (r#""store":"yes""#, "invalid_type", "store"),

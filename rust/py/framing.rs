@@ -167,6 +167,10 @@ impl PyCreateRequest {
         self.inner.compact_threshold
     }
     #[getter]
+    fn has_item_references(&self) -> bool {
+        self.inner.has_item_references
+    }
+    #[getter]
     fn max_output_tokens(&self) -> Option<u64> {
         self.inner.max_output_tokens
     }
@@ -189,6 +193,7 @@ impl PyCreateRequest {
         let mut inner = self.inner.clone();
         inner.input = input.inner.clone();
         inner.previous_response_id = Some(previous_response_id.to_owned());
+        inner.has_item_references = false;
         inner.generate = true;
         PyCreateRequest {
             inner,

@@ -1,0 +1,216 @@
+"""`item_reference` input items: a client that keeps `store: true` sends earlier items
+back by id (the Vercel AI SDK does for every earlier assistant item), and warmsocket
+puts the stored items in their place; a reference to nothing the owner has is the
+API's 404, and the connection goes on."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.redis_support import redis_server
+from tests.support import FUNCTION_TOOLS, RunningServer, WSClient, output_text
+from tests.test_shared_store_serve import flush, shared_stats, two_servers
+from tests.upstream_support import running_sim, warmsocket_upstream
+from warmsocket.item_references import referenced_responses, response_of_item
+
+MODEL = "warmsocket-mock"
+PROMPT = '/think Weather first.\n/call get_weather {"city": "Lima"}'
+AUTH = {"Authorization": "Bearer sk-test"}
+
+
+@pytest.fixture
+def sdk(server: RunningServer) -> Iterator[OpenAI]:
+    with OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as client:
+        yield client
+
+
+def refs(items: Any) -> list[dict[str, Any]]:
+    return [{"type": "item_reference", "id": item.id} for item in items]
+
+
+def test_item_ids_name_their_response() -> None:
+    assert response_of_item("msg_ab12_3") == "resp_ab12"
+    assert response_of_item("rs_ab12_0") == "resp_ab12"
+    for other in ("msg_client", "rs_up", "msg", "msg__1", "msg_ab_x", "nothing"):
+        assert response_of_item(other) is None, other
+    items = [
+        {"type": "item_reference", "id": "fc_r1_1"},
+        {"type": "message", "role": "user", "content": "x", "id": "msg_r2_0"},
+        {"type": "item_reference", "id": "msg_r1_2"},
+        {"type": "item_reference", "id": "rs_up"},
+    ]
+    assert referenced_responses(items) == ["resp_r1"]
+
+
+def test_a_history_of_references_is_the_history(server: RunningServer, sdk: OpenAI) -> None:
+    """The AI SDK's pattern: user messages whole, earlier assistant items (reasoning,
+    calls, messages) as references. The model sees the items, and the re-sent history
+    is matched to the cached chain like one sent whole."""
+    first = sdk.responses.create(model=MODEL, input=PROMPT, tools=FUNCTION_TOOLS)
+    reasoning, call = first.output
+    assert reasoning.type == "reasoning" and call.type == "function_call"
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}
+    history: list[Any] = [{"role": "user", "content": PROMPT}, *refs(first.output), output]
+    second = sdk.responses.create(model=MODEL, input=history, tools=FUNCTION_TOOLS)
+    assert second.output_text == "get_weather returned: sunny"
+    history += [*refs(second.output), {"role": "user", "content": "/transcript"}]
+    third = sdk.responses.create(model=MODEL, input=history, tools=FUNCTION_TOOLS)
+    assert third.output_text.splitlines()[2:] == [
+        "reasoning Weather first.",
+        f"function_call get_weather {call.call_id}",
+        f"function_call_output {call.call_id} sunny",
+        "reasoning Weather first.",
+        "assistant: get_weather returned: sunny",
+        "user: /transcript",
+    ]
+    # Turns 2 and 3 matched what they re-sent: 3 items, then 6.
+    assert server.server.metrics.prefix_matched_items == 3 + 6
+
+
+def test_an_unknown_reference_is_not_found(server: RunningServer, sdk: OpenAI) -> None:
+    mine = sdk.responses.create(model=MODEL, input="mine")
+    for item_id in ("msg_nothing_0", "no-such-form", f"{mine.output[0].id}9"):
+        with pytest.raises(openai.NotFoundError) as missing:
+            sdk.responses.create(model=MODEL, input=[{"type": "item_reference", "id": item_id}])
+        assert missing.value.param == "input"
+        assert f"Item with id '{item_id}' not found." in missing.value.message
+    # Another owner's item is not found either, whatever its id says.
+    with (
+        OpenAI(base_url=server.base_url, api_key="sk-other", max_retries=0) as other,
+        pytest.raises(openai.NotFoundError),
+    ):
+        other.responses.create(model=MODEL, input=refs(mine.output))
+    # Over WebSocket: an error event, and the connection goes on.
+    with WSClient(server.ws_url, additional_headers=AUTH) as ws:
+        (error,) = ws.turn(input=[{"type": "item_reference", "id": "msg_nothing_0"}])
+        assert (error["type"], error["status"], error["error"]["param"]) == ("error", 404, "input")
+        after = ws.turn(input=[*refs(mine.output), {"role": "user", "content": "/transcript"}])
+    assert output_text(after).splitlines() == ["assistant: You said: mine", "user: /transcript"]
+
+
+def test_items_of_other_names_resolve_through_the_chain(sdk: OpenAI) -> None:
+    """An id warmsocket did not make (the client's own, an upstream's) is found in
+    the outputs of the responses the other references name, or in the chain of
+    `previous_response_id`."""
+    first = sdk.responses.create(
+        model=MODEL, input=[{"role": "user", "content": "one", "id": "msg_client_a"}]
+    )
+    second = sdk.responses.create(model=MODEL, input="two", previous_response_id=first.id)
+    by_chain = sdk.responses.create(
+        model=MODEL,
+        previous_response_id=second.id,
+        input=[
+            {"type": "item_reference", "id": "msg_client_a"},
+            {"role": "user", "content": "/transcript"},
+        ],
+    )
+    assert by_chain.output_text.splitlines()[-2:] == ["user: one", "user: /transcript"]
+    by_neighbour = sdk.responses.create(
+        model=MODEL,
+        input=[
+            {"type": "item_reference", "id": "msg_client_a"},
+            *refs(second.output),
+            {"role": "user", "content": "/transcript"},
+        ],
+    )
+    assert by_neighbour.output_text.splitlines() == [
+        "user: one",
+        "assistant: You said: two",
+        "user: /transcript",
+    ]
+
+
+def test_a_connection_s_own_items_resolve_in_websocket_mode(server: RunningServer) -> None:
+    with WSClient(server.ws_url) as ws:
+        first = ws.turn(input="kept here", store=False)[-1]["response"]
+        item_id = first["output"][0]["id"]
+        events = ws.turn(
+            store=False,
+            input=[
+                {"role": "user", "content": "kept here"},
+                {"type": "item_reference", "id": item_id},
+                {"role": "user", "content": "/transcript"},
+            ],
+        )
+    assert output_text(events).splitlines() == [
+        "user: kept here",
+        "assistant: You said: kept here",
+        "user: /transcript",
+    ]
+    # Not stored: another connection has nothing of it.
+    with WSClient(server.ws_url) as other:
+        (error,) = other.turn(input=[{"type": "item_reference", "id": item_id}])
+    assert error["status"] == 404
+
+
+def test_compaction_and_token_counts_read_references(server: RunningServer, sdk: OpenAI) -> None:
+    first = sdk.responses.create(model=MODEL, input="alpha")
+    history = [{"role": "user", "content": "alpha"}, *refs(first.output)]
+    whole = [{"role": "user", "content": "alpha"}, *[o.model_dump() for o in first.output]]
+    counted = sdk.responses.input_tokens.count(model=MODEL, input=history)  # type: ignore[arg-type]
+    assert (
+        counted.input_tokens
+        == sdk.responses.input_tokens.count(
+            model=MODEL,
+            input=whole,  # type: ignore[arg-type]
+        ).input_tokens
+    )
+    compacted = sdk.responses.compact(model=MODEL, input=history)  # type: ignore[arg-type]
+    summary = json.loads(compacted.model_dump_json(warnings=False))["output"][-1]
+    assert summary["type"] == "compaction"
+
+
+@pytest.mark.parametrize("api", ["chat", "responses", "responses-ws"])
+def test_an_upstream_gets_the_items_not_the_references(api: str) -> None:
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(sim.base_url, api) as (server, _metrics),
+        OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as client,
+    ):
+        first = client.responses.create(model=MODEL, input="alpha")
+        history = [
+            {"role": "user", "content": "alpha"},
+            *refs(first.output),
+            {"role": "user", "content": "/transcript"},
+        ]
+        after = client.responses.create(model=MODEL, input=history)  # type: ignore[arg-type]
+        _first, second = sim.stats(bodies=True)["requests"]
+    assert after.output_text.splitlines()[:2] == ["user: alpha", "assistant: You said: alpha"]
+    assert "item_reference" not in second["body"]
+
+
+def test_references_to_another_process_s_responses_load_from_redis() -> None:
+    """Behind a load balancer: the responses the references name were made on
+    another process, and are loaded from Redis first, over HTTP and WebSocket."""
+
+    def history(response: Any) -> list[dict[str, Any]]:
+        first_input = {"role": "user", "content": response.output_text.removeprefix("You said: ")}
+        return [first_input, *refs(response.output), {"role": "user", "content": "/transcript"}]
+
+    with redis_server() as url, two_servers(url) as (a, b):
+        with OpenAI(base_url=a.base_url, api_key="sk-test", max_retries=0) as on_a:
+            for_http = on_a.responses.create(model=MODEL, input="for http")
+            for_ws = on_a.responses.create(model=MODEL, input="for ws")
+        flush(a)
+        with OpenAI(base_url=b.base_url, api_key="sk-test", max_retries=0) as on_b:
+            over_http = on_b.responses.create(model=MODEL, input=history(for_http))  # type: ignore[arg-type]
+        with WSClient(b.ws_url, additional_headers=AUTH) as ws:
+            over_ws = ws.turn(input=history(for_ws))
+        loaded = shared_stats(b)["load_hits"]
+    assert over_http.output_text.splitlines() == [
+        "user: for http",
+        "assistant: You said: for http",
+        "user: /transcript",
+    ]
+    assert loaded == 2  # each from Redis, not found locally
+    assert output_text(over_ws).splitlines() == [
+        "user: for ws",
+        "assistant: You said: for ws",
+        "user: /transcript",
+    ]
