@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from warmsocket import errors, ids, item_references
+from warmsocket import errors, ids
 from warmsocket._core import ContextView, CreateRequest, Items, parse_client_message
 from warmsocket.backends.base import (
     CompactingBackend,
@@ -105,22 +105,12 @@ async def compact(engine: Engine, request: CreateRequest, *, has_input: bool, ow
     summary_request = _summary_request(request, request.previous_response_id)
     ask = parse_client_message(summary_request, websocket=False)
     assert isinstance(ask, CreateRequest), ask
-    context_input = request.input if has_input else None
-    if context_input is not None and request.has_item_references:
-        context_input = item_references.resolve(
-            engine.cache,
-            context_input,
-            owner=owner,
-            connection=None,
-            previous_response_id=request.previous_response_id,
-            max_item_bytes=engine.cache.max_item_bytes,
-        )
     turn = engine.prepare(
         ask,
         owner=owner,
         connection=None,
         lookup_connection=None,
-        prepend=context_input,
+        prepend=engine.resolved_input(request, owner=owner, connection=None) if has_input else None,
     )
     try:
         await turn.count_input_tokens_off_loop()

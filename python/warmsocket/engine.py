@@ -415,6 +415,23 @@ class Engine:
             return view.count_tokens(self.tokenizer)
         return estimate_tokens(view.nbytes)
 
+    def resolved_input(
+        self, request: CreateRequest, *, owner: str, connection: int | None
+    ) -> Items:
+        """The request's input, its `item_reference`s replaced by the items they name
+        (`item_references`; looked up as `owner`, on `connection` too). Raises
+        APIError (404) for a reference nothing resolves."""
+        if not request.has_item_references:
+            return request.input
+        return item_references.resolve(
+            self.cache,
+            request.input,
+            owner=owner,
+            connection=connection,
+            previous_response_id=request.previous_response_id,
+            max_item_bytes=self.cache.max_item_bytes,
+        )
+
     def prepare(
         self,
         request: CreateRequest,
@@ -437,16 +454,7 @@ class Engine:
         started = time.perf_counter()
         prompt = prompt_key(request.instructions, request.tools_digest)
         # Parsing validated the input and made it Items (within the cache's item limit).
-        input_items = request.input
-        if request.has_item_references:
-            input_items = item_references.resolve(
-                self.cache,
-                input_items,
-                owner=owner,
-                connection=lookup_connection,
-                previous_response_id=request.previous_response_id,
-                max_item_bytes=self.cache.max_item_bytes,
-            )
+        input_items = self.resolved_input(request, owner=owner, connection=lookup_connection)
         if prepend is not None:
             input_items = prepend.concat(input_items)
         previous_response_id = request.previous_response_id
