@@ -163,6 +163,52 @@ def test_agent_parallel_tool_calls(any_backend: RunningServer) -> None:
     assert responses == 2  # both calls in the first response, the answer in the second
 
 
+@function_tool
+def list_files() -> str:
+    """The files of the project."""
+    calls.append("list_files")
+    return "a.py b.py"
+
+
+def test_agent_tool_choice_and_one_call_at_a_time(any_backend: RunningServer) -> None:
+    """`tool_choice="required"` makes the model call a tool (the agent's first, with
+    no arguments), and the agent resets it to auto after the call, as it does with
+    any model; `parallel_tool_calls=False` makes two asked-for calls come one
+    response at a time, in order. On every backend."""
+    calls.clear()
+
+    async def main() -> list[tuple[str, int]]:
+        async with responses_websocket_session(
+            api_key="sk-test", base_url=any_backend.base_url
+        ) as session:
+            forced = Agent(
+                name="lister",
+                model=MODEL,
+                tools=[list_files, read_file],
+                model_settings=ModelSettings(tool_choice="required"),
+            )
+            first = await session.run(forced, "What is in the project?")
+            one_by_one = Agent(
+                name="reader",
+                model=MODEL,
+                tools=[get_weather, read_file],
+                model_settings=ModelSettings(parallel_tool_calls=False),
+            )
+            two = '/call get_weather {"city": "Lima"}\n/call read_file {"path": "a.py"}'
+            second = await session.run(one_by_one, two)
+            return [
+                (str(result.final_output), len(result.raw_responses)) for result in (first, second)
+            ]
+
+    first, second = asyncio.run(main())
+    assert first == ("list_files returned: a.py b.py", 2)
+    assert second == (
+        "get_weather returned: sunny in Lima; read_file returned: contents of a.py",
+        3,
+    )
+    assert calls == ["list_files", "get_weather:Lima", "read_file:a.py"]
+
+
 @pytest.mark.parametrize("chained", [False, True], ids=["full-replay", "previous_response_id"])
 def test_agent_with_a_reasoning_model(any_backend: RunningServer, chained: bool) -> None:
     """Each response starts with a reasoning item, as a reasoning model's does: the

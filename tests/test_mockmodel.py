@@ -7,12 +7,15 @@ from typing import Any
 import pytest
 
 from warmsocket.mockmodel import (
+    AUTO,
     Call,
     Reply,
+    ToolChoice,
     argument_deltas,
     custom_tool_names,
     plan_reply,
     text_deltas,
+    tool_choice,
     transcript,
 )
 
@@ -38,6 +41,8 @@ def plan(tail: list[dict[str, Any]], tools: tuple[str, ...] = ("get_weather",), 
         instructions=kw.get("instructions"),
         full_context=lambda: full,
         tool_types=lambda: tool_types,
+        custom_names=lambda: kw.get("customs", ()),
+        choice=kw.get("choice", AUTO),
     )
 
 
@@ -77,6 +82,69 @@ def test_several_call_lines_are_parallel_calls() -> None:
     # Outputs in another order than the calls: the reply follows the calls' order.
     done = [*calls, output("c2", "text of a"), output("c1", "sunny")]
     assert plan(done, tools) == Reply(
+        "text", "get_weather returned: sunny; read_file returned: text of a"
+    )
+
+
+def test_tool_choice_is_read_in_both_apis_shapes() -> None:
+    assert tool_choice(None) == tool_choice("auto") == AUTO
+    assert tool_choice("none") == ToolChoice("none")
+    assert tool_choice("required", False) == ToolChoice("required", parallel=False)
+    named = ToolChoice("required", "read_file")
+    assert tool_choice({"type": "function", "name": "read_file"}) == named
+    assert tool_choice({"type": "function", "function": {"name": "read_file"}}) == named
+    assert tool_choice({"type": "custom", "name": "patch"}) == ToolChoice("required", "patch", True)
+    for other in ({"type": "function"}, {"type": "web_search"}, {"type": "allowed_tools"}, 5):
+        assert tool_choice(other) == AUTO, other
+
+
+def test_tool_choice_none_answers_in_text() -> None:
+    msg = user('/call get_weather {"city": "Lima"}')
+    assert plan([msg], choice=ToolChoice("none")) == Reply(
+        "text", 'You said: /call get_weather {"city": "Lima"}'
+    )
+
+
+def test_tool_choice_required_and_named_tools_force_a_call() -> None:
+    tools = ("get_weather", "read_file")
+    required = ToolChoice("required")
+    # No call asked for: the first tool, with empty arguments; a custom tool's empty input.
+    assert plan([user("hi")], tools, choice=required) == Reply(
+        "call", calls=(Call("get_weather", "{}"),)
+    )
+    assert plan([user("hi")], (), customs=("patch",), choice=required) == Reply(
+        "call", calls=(Call("patch", "", custom=True),)
+    )
+    assert plan([user("hi")], (), choice=required) == Reply("text", "You said: hi")  # no tool
+    # A named tool: only the calls to it, else one call to it.
+    both = user('/call get_weather {"city": "Lima"}\n/call read_file {"path": "a"}')
+    named = ToolChoice("required", "read_file")
+    assert plan([both], tools, choice=named) == Reply(
+        "call", calls=(Call("read_file", '{"path": "a"}'),)
+    )
+    assert plan([user("hi")], tools, choice=named) == Reply(
+        "call", calls=(Call("read_file", "{}"),)
+    )
+    # /fail and /transcript stay what they are.
+    assert plan([user("/fail")], tools, choice=required).kind == "fail"
+    # The output of a forced call is reported, as a directive's is.
+    answered = [user("hi"), call("get_weather", "c1"), output("c1", "sunny")]
+    assert plan(answered, tools) == Reply("text", "get_weather returned: sunny")
+
+
+def test_without_parallel_tool_calls_the_calls_come_one_at_a_time() -> None:
+    msg = user('/call get_weather {"city": "Lima"}\n/call read_file {"path": "a"}')
+    tools = ("get_weather", "read_file")
+    one = ToolChoice(parallel=False)
+    assert plan([msg], tools, choice=one) == Reply(
+        "call", calls=(Call("get_weather", '{"city": "Lima"}'),)
+    )
+    first = [msg, call("get_weather", "c1"), output("c1", "sunny")]
+    assert plan(first, tools, choice=one) == Reply(
+        "call", calls=(Call("read_file", '{"path": "a"}'),)
+    )
+    both = [*first, call("read_file", "c2"), output("c2", "text of a")]
+    assert plan(both, tools, choice=one) == Reply(
         "text", "get_weather returned: sunny; read_file returned: text of a"
     )
 

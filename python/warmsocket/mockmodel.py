@@ -43,6 +43,12 @@ state handling is right. Read from the newest user message:
   ``compaction: <its summary>``; a summary given as a user message is not what the
   user asks: the newest user message is the one before it)
 
+Within the request's `tool_choice` and `parallel_tool_calls` (`ToolChoice`): `none`
+answers in text; `required` calls what the directives ask, else the first tool with
+empty arguments; a named tool is called alone; without parallel calls, several
+``/call`` lines come one call a response. Calls made without a directive, once
+answered, are reported as ``NAME returned: ...``.
+
 The simulated upstream (`warmsocket simulate-upstream`) answers with the same rules.
 """
 
@@ -69,6 +75,38 @@ class Call:
     name: str
     arguments: str
     custom: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """What a request's `tool_choice` and `parallel_tool_calls` let the model do."""
+
+    mode: Literal["auto", "none", "required"] = "auto"
+    name: str | None = None
+    """The tool it must call (`tool_choice` naming a function or custom tool)."""
+    custom: bool = False
+    parallel: bool = True
+
+
+AUTO = ToolChoice()
+
+
+def tool_choice(value: Any, parallel_tool_calls: Any = True) -> ToolChoice:
+    """A Responses or Chat Completions request's `tool_choice` (`"none"`,
+    `"required"`, `{"type": "function", "name": ...}`, Chat's `{"type": "function",
+    "function": {"name": ...}}`, `{"type": "custom", "name": ...}`; anything else is
+    `auto`) and `parallel_tool_calls`."""
+    parallel = parallel_tool_calls is not False
+    if value in ("none", "required"):
+        return ToolChoice(value, parallel=parallel)
+    if isinstance(value, dict) and value.get("type") in ("function", "custom"):
+        name = value.get("name")
+        function = value.get("function")
+        if name is None and isinstance(function, dict):
+            name = function.get("name")
+        if isinstance(name, str):
+            return ToolChoice("required", name, value["type"] == "custom", parallel)
+    return ToolChoice(parallel=parallel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +139,10 @@ def plan_reply(
     full_context: Callable[[], Sequence[dict[str, Any]]],
     custom_names: Callable[[], Iterable[str]] = tuple,
     tool_types: Callable[[], Iterable[str]] = tuple,
+    choice: ToolChoice = AUTO,
 ) -> Reply:
-    """Decide the reply.
+    """Decide the reply, within what `choice` (the request's `tool_choice` and
+    `parallel_tool_calls`) allows.
 
     `tail` is the context from the newest user message (inclusive) to the end; the
     whole context when there is no user message. `full_context` is called only for
@@ -152,6 +192,7 @@ def plan_reply(
         custom_names=custom_names,
         instructions=instructions,
         full_context=full_context,
+        choice=choice,
     )
     if search and not any(kind.startswith("web_search") for kind in tool_types()):
         decided = Reply("text", "Cannot search: this request has no web_search tool.")
@@ -173,9 +214,21 @@ def _decide(
     custom_names: Callable[[], Iterable[str]],
     instructions: str | None,
     full_context: Callable[[], Sequence[dict[str, Any]]],
+    choice: ToolChoice = AUTO,
 ) -> Reply:
     """The reply a directive asks for, before the modifiers (`/sleep`, `/think`)."""
+    calls_asked = directive is not None and directive.kind in ("call", "repeat")
+    if choice.mode == "none" and calls_asked:
+        directive = None  # no tool may be called: the answer is text
+    elif choice.mode == "required":
+        function_names = tuple(function_names)  # read twice
+        directive = _forced(directive, choice, function_names, custom_names)
     if directive is None:
+        # Calls made without a directive (a forced `tool_choice`) and answered since:
+        # the answer reports their outputs, as a directive's would.
+        answered = _answered_calls(after, {str(i.get("name")) for i in after}) if after else []
+        if answered:
+            return Reply("text", reply or _returned(answered))
         return Reply("text", reply or f"You said: {text}")
     if directive.kind == "fail":
         return Reply("fail")
@@ -207,11 +260,42 @@ def _decide(
         return Reply("call", calls=directive.calls)
     answered = _answered_calls(after, {wanted.name for wanted in directive.calls})
     if len(answered) < len(directive.calls):
+        if not choice.parallel:  # one call a response, in order
+            return Reply("call", calls=(directive.calls[len(answered)],))
         return Reply("call", calls=directive.calls)
-    newest = answered[-len(directive.calls) :]
-    return Reply(
-        "text", reply or "; ".join(f"{name} returned: {output}" for name, output in newest)
-    )
+    return Reply("text", reply or _returned(answered[-len(directive.calls) :]))
+
+
+def _returned(answered: Sequence[tuple[str, str]]) -> str:
+    return "; ".join(f"{name} returned: {output}" for name, output in answered)
+
+
+def _forced(
+    directive: _Directive | None,
+    choice: ToolChoice,
+    function_names: Iterable[str],
+    custom_names: Callable[[], Iterable[str]],
+) -> _Directive | None:
+    """The directive under `tool_choice: required` or a named tool: the calls asked
+    for (to the named tool only), else one call to the named tool, or to the first
+    tool, with empty arguments (`{}`; a custom tool's input empty). None when the
+    request has no tool to call."""
+    if directive is not None and directive.kind not in ("call", "repeat"):
+        return directive  # /fail and /transcript are not calls
+    if directive is not None:
+        calls = tuple(c for c in directive.calls if choice.name in (None, c.name))
+        if calls:
+            return replace(directive, calls=calls)
+    name, custom = choice.name, choice.custom
+    if name is None:
+        first = next(iter(function_names), None)
+        if first is not None:
+            name, custom = first, False
+        else:
+            name, custom = next(iter(custom_names()), None), True
+    if name is None:
+        return None
+    return _Directive("call", (Call(name, "" if custom else "{}", custom),))
 
 
 def transcript(items: Sequence[dict[str, Any]], instructions: str | None) -> str:

@@ -90,6 +90,7 @@ class MockBackend:
             full_context=lambda: expand_context(json.loads(turn.view.json()), summary_as_item=True),
             custom_names=lambda: mockmodel.custom_tool_names(turn.settings.get("tools")),
             tool_types=lambda: mockmodel.tool_types(turn.settings.get("tools")),
+            choice=_tool_choice(turn),
         )
 
     @staticmethod
@@ -128,6 +129,15 @@ class MockBackend:
 
     async def aclose(self) -> None:
         return None
+
+
+def _tool_choice(turn: TurnContext) -> mockmodel.ToolChoice:
+    """The request's `tool_choice` and `parallel_tool_calls` (its settings are decoded
+    only when it has tools: without, there is nothing to choose)."""
+    if not turn.request.has_tools:
+        return mockmodel.AUTO
+    settings = turn.settings
+    return mockmodel.tool_choice(settings.get("tool_choice"), settings.get("parallel_tool_calls"))
 
 
 def _within(

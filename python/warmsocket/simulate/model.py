@@ -308,9 +308,14 @@ def unpersisted_reasoning(items: Sequence[dict[str, Any]]) -> str | None:
 
 
 def plan(
-    items: Sequence[dict[str, Any]], *, tools: Any, instructions: str | None
+    items: Sequence[dict[str, Any]],
+    *,
+    tools: Any,
+    instructions: str | None,
+    choice: mockmodel.ToolChoice = mockmodel.AUTO,
 ) -> mockmodel.Reply:
-    """The built-in model's reply to this context."""
+    """The built-in model's reply to this context, within `choice` (the request's
+    `tool_choice` and `parallel_tool_calls`)."""
     start = mockmodel.last_user_message(items) or 0
     return mockmodel.plan_reply(
         items[start:],
@@ -320,6 +325,7 @@ def plan(
         # Responses tools only: custom tools in a chat body are not at the top level.
         custom_names=lambda: mockmodel.custom_tool_names(tools),
         tool_types=lambda: mockmodel.tool_types(tools),
+        choice=choice,
     )
 
 

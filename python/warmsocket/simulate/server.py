@@ -443,6 +443,7 @@ class _Connection(asyncio.Protocol):
         items: list[dict[str, Any]],
         encoded: list[bytes] | None = None,
         max_tokens: Any = None,
+        choice: mockmodel.ToolChoice = mockmodel.AUTO,
     ) -> _Answer:
         unsealed = unsealed_reasoning(items)
         if unsealed is not None:
@@ -456,7 +457,7 @@ class _Connection(asyncio.Protocol):
             encoded = canonical_items(items)
         tool_list = tools if isinstance(tools, list) else []
         prefill = self.server.cache.prefill(instructions, tool_list, encoded)
-        reply = plan(items, tools=tools, instructions=instructions)
+        reply = plan(items, tools=tools, instructions=instructions, choice=choice)
         reply, cut_short = _within(reply, max_tokens)
         record.items = len(items)
         record.prompt_tokens = prefill.prompt_tokens
@@ -573,6 +574,7 @@ class _Connection(asyncio.Protocol):
             tools=body.get("tools"),
             items=items,
             max_tokens=body.get("max_tokens") if limit is None else limit,
+            choice=_tool_choice(body),
         )
         model = body.get("model") or "warmsocket-sim"
         if answer.reply.kind == "fail" and not stream:
@@ -705,6 +707,7 @@ class _Connection(asyncio.Protocol):
             items=items,
             encoded=raw_items if raw_items is not None and len(raw_items) == len(items) else None,
             max_tokens=body.get("max_output_tokens"),
+            choice=_tool_choice(body),
         )
         frames, texts, _stream = self._response_events(body, answer, previous_response_id=None)
         if not stream:
@@ -988,6 +991,7 @@ class _Connection(asyncio.Protocol):
             items=items,
             encoded=encoded,
             max_tokens=body.get("max_output_tokens"),
+            choice=_tool_choice(body),
         )
         frames, texts, response = self._response_events(
             body, answer, previous_response_id=previous if isinstance(previous, str) else None
@@ -1120,6 +1124,10 @@ def _within(reply: mockmodel.Reply, max_tokens: Any) -> tuple[mockmodel.Reply, b
         else:
             high = middle - 1
     return dataclasses.replace(reply, text=reply.text[:low]), True
+
+
+def _tool_choice(body: dict[str, Any]) -> mockmodel.ToolChoice:
+    return mockmodel.tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
 
 
 def _finish_reason(answer: _Answer) -> str:
