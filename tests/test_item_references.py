@@ -11,13 +11,17 @@ from typing import Any
 
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai import OpenAI
 
 from tests.redis_support import redis_server
 from tests.support import FUNCTION_TOOLS, RunningServer, WSClient, output_text
 from tests.test_shared_store_serve import flush, shared_stats, two_servers
 from tests.upstream_support import running_sim, warmsocket_upstream
-from warmsocket.item_references import referenced_responses, response_of_item
+from warmsocket import errors
+from warmsocket._core import Items, SessionCache
+from warmsocket.item_references import referenced_responses, resolve, response_of_item
 
 MODEL = "warmsocket-mock"
 PROMPT = '/think Weather first.\n/call get_weather {"city": "Lima"}'
@@ -46,6 +50,78 @@ def test_item_ids_name_their_response() -> None:
         {"type": "item_reference", "id": "rs_up"},
     ]
     assert referenced_responses(items) == ["resp_r1"]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    turns=st.lists(
+        st.tuples(st.integers(1, 3), st.integers(0, 3), st.booleans()), min_size=1, max_size=6
+    ),
+    chosen=st.data(),
+)
+def test_any_references_resolve_to_the_context_they_stand_for(
+    turns: list[tuple[int, int, bool]], chosen: st.DataObject
+) -> None:
+    """A chain of responses (inputs with or without clients' own ids, outputs with the
+    ids warmsocket makes) re-sent whole with any of its identified items as
+    references: it resolves to that context exactly when every reference can be
+    found (warmsocket's ids always; a client's through `previous_response_id` or a
+    reference to a later response), else a 404. Another owner finds none."""
+    cache = SessionCache()
+    parent: str | None = None
+    turn_of: list[int] = []  # the turn of each item of the context
+    for turn, (inputs, outputs, client_ids) in enumerate(turns):
+        response_id = f"resp_{turn:02x}cafe"
+        stem = response_id.removeprefix("resp_")
+        own_input = [
+            {"type": "message", "role": "user", "content": f"u{turn}.{i}"}
+            | ({"id": f"msg_client{turn}x{i}"} if client_ids else {})
+            for i in range(inputs)
+        ]
+        output = [
+            {"type": "message", "role": "assistant", "id": f"msg_{stem}_{i}", "content": f"a{i}"}
+            for i in range(outputs)
+        ]
+        cache.create(
+            response_id, owner="o", input=own_input, output=output, previous_response_id=parent
+        )
+        turn_of += [turn] * (inputs + outputs)
+        parent = response_id
+    assert parent is not None
+    context = cache.context_objects(parent, owner="o")
+    identified = [i for i, item in enumerate(context) if "id" in item]
+    replaced = chosen.draw(st.sets(st.sampled_from(identified)) if identified else st.just(set()))
+    previous = chosen.draw(st.sampled_from([None, parent]))
+    sent = [
+        {"type": "item_reference", "id": item["id"]} if i in replaced else item
+        for i, item in enumerate(context)
+    ]
+    # The latest response a reference to warmsocket's ids names: its chain is searched.
+    named = [turn_of[i] for i in replaced if "client" not in context[i]["id"]]
+    reach = len(turns) - 1 if previous is not None else max(named, default=-1)
+    findable = all(turn_of[i] <= reach for i in replaced)
+
+    def resolved(owner: str) -> list[dict[str, Any]]:
+        items = Items.from_objects(sent)
+        return resolve(
+            cache,
+            items,
+            owner=owner,
+            connection=None,
+            previous_response_id=previous,
+            max_item_bytes=1 << 20,
+        ).to_objects()
+
+    if findable:
+        assert resolved("o") == context
+    else:
+        with pytest.raises(errors.APIError) as missing:
+            resolved("o")
+        assert missing.value.status == 404
+    if replaced:
+        with pytest.raises(errors.APIError) as other:
+            resolved("someone else")
+        assert other.value.status == 404
 
 
 def test_a_history_of_references_is_the_history(server: RunningServer, sdk: OpenAI) -> None:
