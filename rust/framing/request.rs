@@ -193,17 +193,25 @@ const LOCAL_CACHE_OPTIONS: [&str; 2] = ["prewarm", "comparison_response_id"];
 /// against a list): whether `prewarm` is true, and
 /// [`CreateRequest::upstream_options`].
 fn upstream_options(body: &Object<'_>) -> Result<(bool, Option<Vec<u8>>), RequestError> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        Bool,
+        Str,
+    }
     let members = [
         (
             "prompt_cache_options",
             &[
-                ("prewarm", "a boolean or null"),
-                ("mode", "a string"),
-                ("ttl", "a string"),
-                ("comparison_response_id", "a string or null"),
+                ("prewarm", Kind::Bool, "a boolean or null"),
+                ("mode", Kind::Str, "a string"),
+                ("ttl", Kind::Str, "a string"),
+                ("comparison_response_id", Kind::Str, "a string or null"),
             ][..],
         ),
-        ("image", &[("context_compression", "a string")][..]),
+        (
+            "image",
+            &[("context_compression", Kind::Str, "a string")][..],
+        ),
     ];
     let mut prewarm = false;
     let mut kept: Vec<(Cow<'_, str>, Value<'_>)> = Vec::new();
@@ -214,11 +222,11 @@ fn upstream_options(body: &Object<'_>) -> Result<(bool, Option<Vec<u8>>), Reques
         let Value::Object(options) = value else {
             return Err(RequestError::invalid_type(field, "an object or null"));
         };
-        for (member, expected) in typed {
+        for &(member, kind, expected) in typed {
             let ok = match present(options.get(member)) {
                 None => true,
-                Some(Value::Bool(_)) => expected.starts_with("a boolean"),
-                Some(Value::Str(_)) => expected.starts_with("a string"),
+                Some(Value::Bool(_)) => kind == Kind::Bool,
+                Some(Value::Str(_)) => kind == Kind::Str,
                 Some(_) => false,
             };
             if !ok {
