@@ -37,6 +37,7 @@ from warmsocket import mockmodel
 from warmsocket.metrics import Metrics
 from warmsocket.prefixhash import count_tokens
 from warmsocket.simulate.model import items_from_chat, items_from_input
+from warmsocket.simulate.server import sim_logprobs
 
 APIS = ["chat", "responses", "responses-ws"]
 INSTRUCTIONS = "You are terse."
@@ -457,6 +458,41 @@ def test_an_answer_the_upstream_cut_short_ends_incomplete(
     with OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk:
         stored = sdk.responses.retrieve(response["id"])
     assert stored.status == "incomplete" and stored.output_text == text
+
+
+def test_log_probabilities_come_through_a_responses_upstream(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """With `include: ["message.output_text.logprobs"]` and `top_logprobs`, each text
+    delta carries the upstream's log probabilities, the text's `.done` all of them,
+    and the message's part (kept in the chain) has them with their tokens' `bytes`,
+    as OpenAI's part does (every event checked against the SDK's types). A Chat
+    Completions upstream is not asked for them (a documented limitation)."""
+    sim, server, _metrics = stack
+    asked = {"include": ["message.output_text.logprobs"], "top_logprobs": 1}
+    with WSClient(server.ws_url) as client:
+        events = client.turn(input="two words", **asked)
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    (done,) = [e for e in events if e["type"] == "response.output_text.done"]
+    part = events[-1]["response"]["output"][0]["content"][0]
+    if api == "chat":
+        assert all(d["logprobs"] == [] for d in deltas) and part["logprobs"] == []
+        return
+    body = json.loads(sim.stats(bodies=True)["requests"][0]["body"])
+    expected = [sim_logprobs(d["delta"], body) for d in deltas]
+    assert [d["logprobs"] for d in deltas] == expected and expected[0]
+    assert done["logprobs"] == [entry for entries in expected for entry in entries]
+    assert part["logprobs"] == [
+        {
+            **entry,
+            "bytes": list(entry["token"].encode()),
+            "top_logprobs": [
+                {**top, "bytes": list(top["token"].encode())} for top in entry["top_logprobs"]
+            ],
+        }
+        for entries in expected
+        for entry in entries
+    ]
 
 
 def test_an_upstream_that_requires_a_key_gets_it(api: str) -> None:

@@ -923,6 +923,11 @@ class ResponseEncoder:
         item of the id of the hosted tool call under way (`item_start`) finishes it
         with only its `output_item.done`, and one of a call closed early replaces it
         (its `output_item.done` again, at its index)."""
+    def text_logprobs(self, logprobs: bytes) -> None:
+        """The log probabilities of the next text delta (a JSON array, as an upstream's
+        `response.output_text.delta` carried them): written in that delta's event and
+        kept with the message (`output_text.done`, and its text part, where each gets
+        its token's `bytes` when it has none). ValueError for anything but an array."""
     def text_annotation(self, annotation: bytes) -> bytes:
         """An annotation of the message's text (a JSON object with a string `type`: a web
         search's `url_citation`, ...): `response.output_text.annotation.added` with its

@@ -54,6 +54,7 @@ from warmsocket.backends.base import (
     StreamItem,
     TextAnnotation,
     TextDelta,
+    TextLogprobs,
     ToolArgumentsDelta,
     ToolCallStart,
     TurnContext,
@@ -816,7 +817,9 @@ class Turn:
 
     def feed(self, event: ModelEvent) -> bytes:
         """Encode one model event. A TurnFailed event is handled by `fail`, not here."""
-        if self.first_token is None and not isinstance(event, UsageReport | TurnIncomplete):
+        if self.first_token is None and not isinstance(
+            event, UsageReport | TurnIncomplete | TextLogprobs
+        ):
             self.first_token = time.perf_counter()
             self.engine.metrics.observe_first_token(self.first_token - self.started)
         if isinstance(event, TextDelta):
@@ -859,6 +862,12 @@ class Turn:
             return b""
         if isinstance(event, TurnIncomplete):
             self.incomplete_reason = event.reason
+            return b""
+        if isinstance(event, TextLogprobs):
+            try:
+                self.stream.text_logprobs(event.logprobs)
+            except ValueError:  # not an array: left out (logged without content)
+                log.warning("malformed log probabilities were left out")
             return b""
         if isinstance(event, TurnFailed):
             raise TypeError("TurnFailed goes to Turn.fail")

@@ -128,14 +128,18 @@ class ResponseStream:
 
     # -- items ----------------------------------------------------------------------------
 
-    def text_delta(self, text: str) -> list[bytes]:
+    def text_delta(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> list[bytes]:
+        """A text delta, with its log probabilities (kept with the message) when given."""
         frames, item = self._message()
         item.parts.append(text)
+        item.logprobs += logprobs or ()
         frames.append(
             self._event(
                 b'"type":"response.output_text.delta",'
                 + item.locator
-                + b',"content_index":0,"logprobs":[],"delta":'
+                + b',"content_index":0,"logprobs":'
+                + dumps(logprobs or [])
+                + b',"delta":'
                 + dumps(text)
             )
         )
@@ -304,14 +308,16 @@ class ResponseStream:
                 "type": "output_text",
                 "text": full,
                 "annotations": item.annotations,
-                "logprobs": [],
+                "logprobs": [part_logprob(logprob) for logprob in item.logprobs],
             }
             body = {**item.body, "status": status, "content": [part]}
             frames = [
                 self._event(
                     b'"type":"response.output_text.done",'
                     + item.locator
-                    + b',"content_index":0,"logprobs":[],"text":'
+                    + b',"content_index":0,"logprobs":'
+                    + dumps(item.logprobs)
+                    + b',"text":'
                     + dumps(full)
                 ),
                 self._event(
@@ -418,8 +424,33 @@ class ResponseStream:
         return b"{" + self._prefix + b'"sequence_number":' + str(seq).encode() + b"," + body + b"}"
 
 
+def part_logprob(logprob: dict[str, Any]) -> dict[str, Any]:
+    """A delta's log probability as an output text part has it: with the `bytes` of
+    its token (and of each top alternative's) when it came without them."""
+
+    def with_bytes(value: dict[str, Any]) -> dict[str, Any]:
+        token = value.get("token")
+        if "bytes" in value or not isinstance(token, str):
+            return dict(value)
+        return {**value, "bytes": list(token.encode())}
+
+    top = logprob.get("top_logprobs")
+    alternatives = [with_bytes(t) for t in top] if isinstance(top, list) else []
+    return {**with_bytes(logprob), "top_logprobs": alternatives}
+
+
 class _OpenItem:
-    __slots__ = ("annotations", "body", "index", "item_id", "kind", "locator", "opened", "parts")
+    __slots__ = (
+        "annotations",
+        "body",
+        "index",
+        "item_id",
+        "kind",
+        "locator",
+        "logprobs",
+        "opened",
+        "parts",
+    )
 
     def __init__(self, kind: str, item_id: str, index: int, body: dict[str, Any]) -> None:
         self.kind = kind
@@ -428,6 +459,7 @@ class _OpenItem:
         self.body = body
         self.parts: list[str] = []
         self.annotations: list[dict[str, Any]] = []
+        self.logprobs: list[dict[str, Any]] = []
         self.opened: list[bytes] = []
         self.locator = (
             b'"item_id":"' + item_id.encode() + b'","output_index":' + str(index).encode()

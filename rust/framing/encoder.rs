@@ -132,6 +132,9 @@ struct OpenItem {
     name: String,
     /// A message's annotations so far (`text_annotation`).
     annotations: Vec<serde_json::Value>,
+    /// A message's log probabilities so far, as its deltas carried them
+    /// (`text_logprobs`).
+    logprobs: Vec<serde_json::Value>,
 }
 
 /// A hosted tool call (or another item whose own events tell its progress) shown
@@ -175,6 +178,8 @@ pub struct ResponseEncoder {
     /// The `status` `open` gets when it is closed (`completed`; `incomplete` in
     /// `close_item_incomplete`).
     open_item_status: &'static str,
+    /// Log probabilities for the next text delta (`text_logprobs`).
+    pending_logprobs: Option<Vec<serde_json::Value>>,
     /// The response id after its first `_` (all of it without one): what the ids of
     /// the items this response makes are built from (`item_id`).
     item_id_stem: String,
@@ -276,6 +281,7 @@ impl ResponseEncoder {
             output: Vec::new(),
             open: None,
             open_item_status: "completed",
+            pending_logprobs: None,
             item_id_stem: head
                 .response_id
                 .split_once('_')
@@ -421,6 +427,7 @@ impl ResponseEncoder {
             self.close_open();
             self.open_item(ItemKind::Message, String::new(), String::new());
         }
+        let logprobs = self.pending_logprobs.take();
         let Some(item) = self.open.as_mut() else {
             return &self.out;
         };
@@ -433,14 +440,27 @@ impl ResponseEncoder {
             s.key("content_index");
             s.uint(0);
             s.key("logprobs");
-            s.begin_array(0);
-            s.end_array();
+            json_array(s, logprobs.as_deref().unwrap_or_default());
             s.key("delta");
             s.str(text);
             s.end();
         });
+        if let Some(logprobs) = logprobs {
+            item.logprobs.extend(logprobs);
+        }
         self.sequence_number += 1;
         &self.out
+    }
+
+    /// The log probabilities of the next text delta (a JSON array, as an upstream's
+    /// `response.output_text.delta` carried them): written in that delta's event and
+    /// kept with the message (its `output_text.done` and its part, where each gets
+    /// the `bytes` of its token when it has none).
+    pub fn text_logprobs(&mut self, logprobs: &[u8]) -> Result<()> {
+        let parsed: Vec<serde_json::Value> = serde_json::from_slice(logprobs)
+            .map_err(|_| Error::invalid_argument("logprobs must be a JSON array"))?;
+        self.pending_logprobs = Some(parsed);
+        Ok(())
     }
 
     /// Starts a function_call item (closing the open one).
@@ -1042,6 +1062,7 @@ impl ResponseEncoder {
             index: self.output.len(),
             text: String::new(),
             annotations: Vec::new(),
+            logprobs: Vec::new(),
             call_id,
             name,
         };
@@ -1111,7 +1132,7 @@ impl ResponseEncoder {
                 s.key("content_index");
                 s.uint(0);
                 s.key("part");
-                text_part(s, "", &[]);
+                text_part(s, "", &[], &[]);
                 s.end();
             });
             self.sequence_number += 1;
@@ -1155,12 +1176,13 @@ impl ResponseEncoder {
                     s.key("content_index");
                     s.uint(0);
                     s.key("logprobs");
-                    s.begin_array(0);
-                    s.end_array();
+                    json_array(s, &item.logprobs);
                     s.key("text");
                     s.str(&item.text);
                     s.end();
                 });
+                let part_logprobs: Vec<serde_json::Value> =
+                    item.logprobs.iter().map(part_logprob).collect();
                 seq += 1;
                 let ty = "response.content_part.done";
                 emit(&mut self.out, framing, ty, |s| {
@@ -1169,7 +1191,7 @@ impl ResponseEncoder {
                     s.key("content_index");
                     s.uint(0);
                     s.key("part");
-                    text_part(s, &item.text, &item.annotations);
+                    text_part(s, &item.text, &item.annotations, &part_logprobs);
                     s.end();
                 });
                 seq += 1;
@@ -1182,7 +1204,7 @@ impl ResponseEncoder {
                         "type": "output_text",
                         "text": item.text,
                         "annotations": item.annotations,
-                        "logprobs": [],
+                        "logprobs": part_logprobs,
                     }],
                 })
             }
@@ -1690,24 +1712,59 @@ fn locate(s: &mut dyn Sink, item: &OpenItem) {
     s.uint(item.index as u64);
 }
 
-fn text_part(s: &mut dyn Sink, text: &str, annotations: &[serde_json::Value]) {
+fn text_part(
+    s: &mut dyn Sink,
+    text: &str,
+    annotations: &[serde_json::Value],
+    logprobs: &[serde_json::Value],
+) {
     s.begin(4);
     s.key("type");
     s.str("output_text");
     s.key("text");
     s.str(text);
     s.key("annotations");
-    s.begin_array(annotations.len());
-    for annotation in annotations {
+    json_array(s, annotations);
+    s.key("logprobs");
+    json_array(s, logprobs);
+    s.end();
+}
+
+/// An array of JSON values.
+fn json_array(s: &mut dyn Sink, values: &[serde_json::Value]) {
+    s.begin_array(values.len());
+    for value in values {
         s.elem();
-        // An object of JSON values: writing it cannot fail.
-        s.json(&serde_json::to_vec(annotation).unwrap_or_default());
+        // A parsed JSON value: writing it cannot fail.
+        s.json(&serde_json::to_vec(value).unwrap_or_default());
     }
     s.end_array();
-    s.key("logprobs");
-    s.begin_array(0);
-    s.end_array();
-    s.end();
+}
+
+/// A delta's log probability as an output text part has it: with the `bytes` of
+/// its token (and of each top alternative's) when it came without them.
+fn part_logprob(logprob: &serde_json::Value) -> serde_json::Value {
+    fn with_bytes(value: &serde_json::Value) -> serde_json::Value {
+        let mut value = value.clone();
+        if let serde_json::Value::Object(object) = &mut value {
+            if !object.contains_key("bytes") {
+                if let Some(token) = object.get("token").and_then(serde_json::Value::as_str) {
+                    let bytes = token.bytes().map(serde_json::Value::from).collect();
+                    object.insert("bytes".to_owned(), serde_json::Value::Array(bytes));
+                }
+            }
+        }
+        value
+    }
+    let mut part = with_bytes(logprob);
+    if let serde_json::Value::Object(object) = &mut part {
+        let top = match object.get("top_logprobs") {
+            Some(serde_json::Value::Array(top)) => top.iter().map(with_bytes).collect(),
+            _ => Vec::new(),
+        };
+        object.insert("top_logprobs".to_owned(), serde_json::Value::Array(top));
+    }
+    part
 }
 
 fn opt_int(s: &mut dyn Sink, value: Option<i64>) {
@@ -1946,6 +2003,32 @@ mod tests {
         };
         all.extend_from_slice(e.complete(usage, 9));
         all
+    }
+
+    #[test]
+    fn log_probabilities_go_with_their_delta_and_stay_with_the_message() {
+        let mut e = encoder(Framing::Json, None);
+        e.start();
+        let first =
+            r#"[{"token":"Hé","logprob":-0.5,"top_logprobs":[{"token":"Ho","logprob":-2.0}]}]"#;
+        assert!(e.text_logprobs(b"{}").is_err());
+        e.text_logprobs(first.as_bytes()).unwrap();
+        let mut all = e.text_delta("Hé").to_vec();
+        all.extend_from_slice(e.text_delta("!")); // a delta without any
+        all.extend_from_slice(e.close_item());
+        let events = lines(&all);
+        let expected: serde_json::Value = serde_json::from_str(first).unwrap();
+        let delta = |i: usize| &events[i]["logprobs"];
+        assert_eq!(delta(2), &expected); // after output_item.added, content_part.added
+        assert_eq!(delta(3), &serde_json::json!([]));
+        assert_eq!(events[4]["type"], "response.output_text.done");
+        assert_eq!(events[4]["logprobs"], expected);
+        let part = serde_json::json!([{
+            "token": "Hé", "bytes": [72, 195, 169], "logprob": -0.5,
+            "top_logprobs": [{"token": "Ho", "bytes": [72, 111], "logprob": -2.0}],
+        }]);
+        assert_eq!(events[5]["part"]["logprobs"], part);
+        assert_eq!(events[6]["item"]["content"][0]["logprobs"], part);
     }
 
     #[test]

@@ -67,6 +67,9 @@ pub enum Event {
         /// `output_tokens_details.reasoning_tokens`.
         reasoning: Option<i64>,
     },
+    /// The log probabilities of the text delta that follows (its `logprobs`, a
+    /// non-empty JSON array: the client asked for them).
+    TextLogprobs(Vec<u8>),
     /// `response.incomplete`: the answer stopped short, for this reason (its
     /// `incomplete_details.reason`; [`DEFAULT_INCOMPLETE_REASON`] when it gave none).
     Incomplete(String),
@@ -315,6 +318,12 @@ impl ResponsesDecoder {
             "response.output_text.delta" => {
                 if let Some(delta) = nonempty_str(data.get("delta")) {
                     self.count(data, delta);
+                    if let Some(logprobs) = data
+                        .get("logprobs")
+                        .filter(|l| matches!(l, Value::Array(a) if !a.is_empty()))
+                    {
+                        out.push(Event::TextLogprobs(to_json(logprobs)));
+                    }
                     out.push(Event::Text(delta.to_owned()));
                 }
             }
@@ -710,6 +719,26 @@ mod tests {
             ),
         ]
         .concat()
+    }
+
+    #[test]
+    fn a_delta_s_log_probabilities_come_before_it() {
+        // (keys sorted: the decoder passes the array on as canonical JSON)
+        let with = r#"[{"logprob":-0.1,"token":"Hi","top_logprobs":[]}]"#;
+        let body = format!(
+            "data: {{\"type\":\"response.output_text.delta\",\"item_id\":\"m\",\"delta\":\"Hi\",\"logprobs\":{with}}}\n\n\
+             data: {{\"type\":\"response.output_text.delta\",\"item_id\":\"m\",\"delta\":\"!\",\"logprobs\":[]}}\n\n\
+             data: {{\"type\":\"response.completed\",\"response\":{{\"id\":\"r\"}}}}\n\n"
+        );
+        let (_, events) = decode(&body, 7);
+        assert_eq!(
+            events,
+            Ok(vec![
+                Event::TextLogprobs(with.as_bytes().to_vec()),
+                Event::Text("Hi".into()),
+                Event::Text("!".into()),
+            ])
+        );
     }
 
     #[test]

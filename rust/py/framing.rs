@@ -532,6 +532,11 @@ impl PyResponseEncoder {
         self.encode_json(py, item, ResponseEncoder::output_item)
     }
 
+    /// The log probabilities of the next text delta (a JSON array).
+    fn text_logprobs(&mut self, logprobs: &[u8]) -> PyResult<()> {
+        Ok(self.inner.text_logprobs(logprobs)?)
+    }
+
     fn text_annotation<'py>(
         &mut self,
         py: Python<'py>,

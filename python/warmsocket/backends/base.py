@@ -116,6 +116,14 @@ class UsageReport:
 
 
 @dataclass(frozen=True, slots=True)
+class TextLogprobs:
+    """The log probabilities of the text delta that follows (a JSON array, as an
+    upstream's `response.output_text.delta` carried them)."""
+
+    logprobs: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class TurnIncomplete:
     """The model stopped before the end of its answer (its output token limit, a
     content filter): the output so far ends the response `incomplete`, with
@@ -151,6 +159,7 @@ ModelEvent = (
     | TextAnnotation
     | MessageStart
     | UsageReport
+    | TextLogprobs
     | TurnIncomplete
     | TurnFailed
 )

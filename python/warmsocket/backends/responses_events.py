@@ -40,6 +40,7 @@ from warmsocket.backends.base import (
     ReasoningStart,
     TextAnnotation,
     TextDelta,
+    TextLogprobs,
     ToolArgumentsDelta,
     ToolCallStart,
     TurnIncomplete,
@@ -107,6 +108,8 @@ def model_events(decoded: list[tuple[Any, ...]]) -> list[ModelEvent]:
             out.append(UsageReport(event[1], event[2], event[3], event[4]))
         elif kind == "incomplete":
             out.append(TurnIncomplete(event[1]))
+        elif kind == "logprobs":
+            out.append(TextLogprobs(event[1]))
         else:
             raise _stopped(event)
     return out

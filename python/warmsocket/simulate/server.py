@@ -814,7 +814,7 @@ class _Connection(asyncio.Protocol):
                 new = response.text_annotation(citation)
                 piece = ""
             elif kind == "text":
-                new = response.text_delta(piece)
+                new = response.text_delta(piece, sim_logprobs(piece, body) or None)
             elif kind == "call":
                 new = response.tool_call_start(next(calls), piece)
             else:
@@ -1124,6 +1124,23 @@ def _within(reply: mockmodel.Reply, max_tokens: Any) -> tuple[mockmodel.Reply, b
         else:
             high = middle - 1
     return dataclasses.replace(reply, text=reply.text[:low]), True
+
+
+LOGPROBS = "message.output_text.logprobs"
+
+
+def sim_logprobs(piece: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A text delta's log probabilities, as OpenAI gives them when `include` asks
+    for `message.output_text.logprobs`: one entry for the delta (a deterministic
+    `logprob` from its length) with `top_logprobs` alternatives (the delta in upper
+    case); [] when not asked for."""
+    include = body.get("include")
+    if not isinstance(include, list) or LOGPROBS not in include:
+        return []
+    top = body.get("top_logprobs")
+    count = top if isinstance(top, int) else 0
+    alternatives = [{"token": piece.upper(), "logprob": -2.5}] * count
+    return [{"token": piece, "logprob": -len(piece) / 100, "top_logprobs": alternatives}]
 
 
 def _tool_choice(body: dict[str, Any]) -> mockmodel.ToolChoice:
