@@ -37,7 +37,7 @@ from warmsocket import mockmodel
 from warmsocket.metrics import Metrics
 from warmsocket.prefixhash import count_tokens
 from warmsocket.simulate.model import items_from_chat, items_from_input
-from warmsocket.simulate.server import sim_logprobs
+from warmsocket.simulate.server import chat_logprobs, sim_logprobs
 
 APIS = ["chat", "responses", "responses-ws"]
 INSTRUCTIONS = "You are terse."
@@ -467,19 +467,24 @@ def test_log_probabilities_come_through_a_responses_upstream(
     delta carries the upstream's log probabilities, the text's `.done` all of them,
     and the message's part (kept in the chain) has them with their tokens' `bytes`,
     as OpenAI's part does (every event checked against the SDK's types). A Chat
-    Completions upstream is not asked for them (a documented limitation)."""
+    Completions upstream is asked for them (`logprobs: true`, `top_logprobs`), and
+    its chunks' `logprobs.content` come through, their `bytes` kept."""
     sim, server, _metrics = stack
     asked = {"include": ["message.output_text.logprobs"], "top_logprobs": 1}
     with WSClient(server.ws_url) as client:
         events = client.turn(input="two words", **asked)
+        plain = client.turn(input="not asked")
     deltas = [e for e in events if e["type"] == "response.output_text.delta"]
     (done,) = [e for e in events if e["type"] == "response.output_text.done"]
     part = events[-1]["response"]["output"][0]["content"][0]
+    body, plain_body = (json.loads(r["body"]) for r in sim.stats(bodies=True)["requests"])
+    assert all(e["logprobs"] == [] for e in plain if e["type"] == "response.output_text.delta")
     if api == "chat":
-        assert all(d["logprobs"] == [] for d in deltas) and part["logprobs"] == []
-        return
-    body = json.loads(sim.stats(bodies=True)["requests"][0]["body"])
-    expected = [sim_logprobs(d["delta"], body) for d in deltas]
+        assert (body["logprobs"], body["top_logprobs"]) == (True, 1)
+        assert "logprobs" not in plain_body
+        expected = [chat_logprobs(d["delta"], 1)["content"] for d in deltas]
+    else:
+        expected = [sim_logprobs(d["delta"], body) for d in deltas]
     assert [d["logprobs"] for d in deltas] == expected and expected[0]
     assert done["logprobs"] == [entry for entries in expected for entry in entries]
     assert part["logprobs"] == [

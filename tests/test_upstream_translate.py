@@ -21,6 +21,7 @@ from warmsocket.backends.base import (
     ModelEvent,
     ReasoningDelta,
     TextDelta,
+    TextLogprobs,
     ToolArgumentsDelta,
     ToolCallStart,
     TurnIncomplete,
@@ -421,6 +422,40 @@ def test_an_answer_cut_short_ends_incomplete(finish: str, reason: str | None) ->
     data = _sse(_delta({"content": "a"}), _delta({}, finish), "[DONE]")
     events = decode(ChatChunkDecoder(), data)
     assert events == [TextDelta("a")] + ([TurnIncomplete(reason)] if reason else [])
+
+
+def test_a_chunk_s_log_probabilities_come_before_its_text() -> None:
+    scores = {
+        "content": [
+            {
+                "token": "a",
+                "logprob": -0.1,
+                "bytes": [97],
+                "top_logprobs": [{"token": "b", "logprob": -2.0, "bytes": [98]}, 5],
+            },
+            {"logprob": -1.0},  # no token: left out
+        ]
+    }
+    data = _sse(
+        {"choices": [{"index": 0, "delta": {"content": "a"}, "logprobs": scores}]},
+        _delta({"content": "c"}),
+        _delta({}, "stop"),
+        "[DONE]",
+    )
+    events = decode(ChatChunkDecoder(), data)
+    assert events[1:] == [TextDelta("a"), TextDelta("c")]
+    assert isinstance(events[0], TextLogprobs)
+    assert json.loads(events[0].logprobs) == [
+        {
+            "token": "a",
+            "logprob": -0.1,
+            "bytes": [97],
+            "top_logprobs": [{"token": "b", "logprob": -2.0, "bytes": [98]}],
+        }
+    ]
+    fields = chat_request_fields({"top_logprobs": 3}, "m", logprobs=True)
+    assert (fields["logprobs"], fields["top_logprobs"]) == (True, 3)
+    assert "logprobs" not in chat_request_fields({"top_logprobs": 3}, "m")
 
 
 # -- response: Responses SSE -> events -----------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from warmsocket.backends.base import TurnContext
 from warmsocket.backends.chat_translate import (
+    LOGPROBS,
     ChatChunkDecoder,
     chat_messages,
     request_head,
@@ -36,6 +37,8 @@ class _Rendered:
     model: str
     settings: bytes
     """The request's settings as canonical JSON (equal bytes = equal settings)."""
+    logprobs: bool
+    """The request asked for log probabilities (`include`)."""
     head: bytes
     system: bytes | None
     messages: list[bytes]
@@ -83,15 +86,20 @@ class ChatBackend(HTTPUpstreamBackend):
             self.full_renders += 1
             messages, last_role = render(turn.view.objects())
         settings = turn.settings_json
-        if parent is not None and parent.model == model and parent.settings == settings:
+        logprobs = LOGPROBS in turn.request.include
+        if parent is not None and (parent.model, parent.settings, parent.logprobs) == (
+            model,
+            settings,
+            logprobs,
+        ):
             head, system = parent.head, parent.system
         else:
-            head = request_head(turn.settings, model)
+            head = request_head(turn.settings, model, logprobs=logprobs)
             instructions = turn.instructions
             system = system_message(instructions) if instructions is not None else None
         memo = self._memo
         memo[turn.response_id] = _Rendered(
-            model, settings, head, system, messages, turn.view.items, last_role
+            model, settings, logprobs, head, system, messages, turn.view.items, last_role
         )
         while len(memo) > MEMO_ENTRIES:
             memo.popitem(last=False)

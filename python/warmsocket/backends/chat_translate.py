@@ -41,6 +41,7 @@ from warmsocket.backends.base import (
     ModelEvent,
     ReasoningDelta,
     TextDelta,
+    TextLogprobs,
     ToolArgumentsDelta,
     ToolCallStart,
     TurnIncomplete,
@@ -184,8 +185,15 @@ def chat_tool_choice(choice: Any) -> Any:
     return "auto"
 
 
-def chat_request_fields(settings: Mapping[str, Any], model: str) -> dict[str, Any]:
-    """Every field of the chat request except `messages`."""
+LOGPROBS = "message.output_text.logprobs"
+"""The `include` value that asks for the text's log probabilities."""
+
+
+def chat_request_fields(
+    settings: Mapping[str, Any], model: str, *, logprobs: bool = False
+) -> dict[str, Any]:
+    """Every field of the chat request except `messages`; with `logprobs` (the
+    client's `include` asked for them), `logprobs: true` and its `top_logprobs`."""
     fields: dict[str, Any] = {"model": model}
     tools = chat_tools(settings.get("tools") or ())
     if tools:
@@ -213,14 +221,20 @@ def chat_request_fields(settings: Mapping[str, Any], model: str) -> dict[str, An
     effort = (explicit.get("reasoning") or {}).get("effort")
     if isinstance(effort, str):
         fields["reasoning_effort"] = effort
+    if logprobs:
+        fields["logprobs"] = True
+        top = settings.get("top_logprobs")
+        if isinstance(top, int) and top > 0:
+            fields["top_logprobs"] = top
     fields["stream"] = True
     fields["stream_options"] = {"include_usage": True}
     return fields
 
 
-def request_head(settings: Mapping[str, Any], model: str) -> bytes:
+def request_head(settings: Mapping[str, Any], model: str, *, logprobs: bool = False) -> bytes:
     """The request body up to the opening bracket of `messages` (messages come last)."""
-    return dumps(chat_request_fields(settings, model))[:-1] + b',"messages":['
+    fields = chat_request_fields(settings, model, logprobs=logprobs)
+    return dumps(fields)[:-1] + b',"messages":['
 
 
 # -- response -------------------------------------------------------------------------------
@@ -238,6 +252,32 @@ class _Call:
 
 _CUT_SHORT = {"length": "max_output_tokens", "content_filter": "content_filter"}
 """`finish_reason`s of an answer cut short -> the Response's `incomplete_details.reason`."""
+
+
+def _content_logprobs(value: Any) -> list[dict[str, Any]]:
+    """A chunk's `logprobs.content` as the Responses API's delta has them: `token`,
+    `logprob`, `bytes` (kept: exact where a token is part of a character) and
+    `top_logprobs` alike; [] without any."""
+    content = value.get("content") if isinstance(value, dict) else None
+    if not isinstance(content, list):
+        return []
+
+    def entry(item: Any) -> dict[str, Any] | None:
+        if not isinstance(item, dict) or not isinstance(item.get("token"), str):
+            return None
+        out = {key: item[key] for key in ("token", "logprob", "bytes") if key in item}
+        return out
+
+    logprobs = []
+    for item in content:
+        head = entry(item)
+        if head is None:
+            continue
+        top = item.get("top_logprobs")
+        alternatives = [entry(t) for t in top] if isinstance(top, list) else []
+        head["top_logprobs"] = [t for t in alternatives if t is not None]
+        logprobs.append(head)
+    return logprobs
 
 
 class ChatChunkDecoder:
@@ -322,6 +362,9 @@ class ChatChunkDecoder:
                     events.append(ReasoningDelta(thought))
                 content = delta.get("content")
                 if isinstance(content, str) and content:
+                    logprobs = _content_logprobs(choice.get("logprobs"))
+                    if logprobs:
+                        events.append(TextLogprobs(dumps(logprobs)))
                     events.append(TextDelta(content))
                 tool_calls = delta.get("tool_calls")
                 if isinstance(tool_calls, list):

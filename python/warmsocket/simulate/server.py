@@ -587,7 +587,9 @@ class _Connection(asyncio.Protocol):
             record.finished = time.monotonic()
             return
         include_usage = (body.get("stream_options") or {}).get("include_usage") is True
-        chunks, texts = self._chat_chunks(answer, model, include_usage)
+        top = body.get("top_logprobs")
+        logprobs = (top if isinstance(top, int) else 0) if body.get("logprobs") is True else None
+        chunks, texts = self._chat_chunks(answer, model, include_usage, logprobs)
         pieces = [chunk(b"data: " + c + b"\n\n") for c in chunks]
         pieces.append(chunk(b"data: [DONE]\n\n") + LAST_CHUNK)
         texts.append("")
@@ -600,8 +602,11 @@ class _Connection(asyncio.Protocol):
         record.finished = time.monotonic()
 
     def _chat_chunks(
-        self, answer: _Answer, model: str, include_usage: bool
+        self, answer: _Answer, model: str, include_usage: bool, logprobs: int | None = None
     ) -> tuple[list[bytes], list[str]]:
+        """The chunks of a streamed answer; with `logprobs` (the request's `logprobs:
+        true`; its `top_logprobs` alternatives), each content chunk's log
+        probabilities (`chat_logprobs`)."""
         base = {
             "id": "chatcmpl-" + os.urandom(12).hex(),
             "object": "chat.completion.chunk",
@@ -609,8 +614,8 @@ class _Connection(asyncio.Protocol):
             "model": model,
         }
 
-        def choice(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            entry = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        def choice(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
+            entry = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return dumps({**base, "choices": [entry]})
 
         chunks = [choice({"role": "assistant", "content": ""})]
@@ -623,7 +628,8 @@ class _Connection(asyncio.Protocol):
             if kind == "reasoning":  # as DeepSeek and vLLM's reasoning parsers send it
                 chunks.append(choice({"reasoning_content": piece}))
             elif kind == "text":
-                chunks.append(choice({"content": piece}))
+                scores = None if logprobs is None else chat_logprobs(piece, logprobs)
+                chunks.append(choice({"content": piece}, logprobs=scores))
             elif kind == "call":
                 index += 1
                 call = {
@@ -1141,6 +1147,18 @@ def sim_logprobs(piece: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     count = top if isinstance(top, int) else 0
     alternatives = [{"token": piece.upper(), "logprob": -2.5}] * count
     return [{"token": piece, "logprob": -len(piece) / 100, "top_logprobs": alternatives}]
+
+
+def chat_logprobs(piece: str, top: int) -> dict[str, Any]:
+    """A content chunk's `logprobs`, as vLLM and OpenAI's Chat Completions give them:
+    the same values as `sim_logprobs`, each with its token's `bytes`."""
+    entry = sim_logprobs(piece, {"include": [LOGPROBS], "top_logprobs": top})[0]
+
+    def with_bytes(value: dict[str, Any]) -> dict[str, Any]:
+        return {**value, "bytes": list(value["token"].encode())}
+
+    alternatives = [with_bytes(t) for t in entry["top_logprobs"]]
+    return {"content": [{**with_bytes(entry), "top_logprobs": alternatives}]}
 
 
 def _tool_choice(body: dict[str, Any]) -> mockmodel.ToolChoice:
