@@ -867,7 +867,7 @@ class Connection(asyncio.Protocol):
             while self._held and not session.closed:
                 parent = session.unresolved_parent(self._held[0])
                 wanted = [] if parent is None else [parent]
-                # The responses its item_references name, then (the parent first).
+                # The parent first, then the responses its item_references name.
                 wanted += session.unresolved_references(self._held[0])
                 refusal: APIError | None = None
                 for response_id in wanted:

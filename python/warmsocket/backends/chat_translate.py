@@ -265,8 +265,7 @@ def _content_logprobs(value: Any) -> list[dict[str, Any]]:
     def entry(item: Any) -> dict[str, Any] | None:
         if not isinstance(item, dict) or not isinstance(item.get("token"), str):
             return None
-        out = {key: item[key] for key in ("token", "logprob", "bytes") if key in item}
-        return out
+        return {key: item[key] for key in ("token", "logprob", "bytes") if key in item}
 
     logprobs = []
     for item in content:
