@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from agents import (
@@ -19,7 +19,7 @@ from agents import (
 )
 from agents.tracing import set_tracing_disabled
 from openai import AsyncOpenAI
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tests.support import RunningServer
 from tests.upstream_support import RESPONSES_UPSTREAMS, sim_compaction_summary
@@ -207,6 +207,47 @@ def test_agent_tool_choice_and_one_call_at_a_time(any_backend: RunningServer) ->
         3,
     )
     assert calls == ["list_files", "get_weather:Lima", "read_file:a.py"]
+
+
+class Forecast(BaseModel):
+    city: str
+    days: int = Field(ge=1, le=7)
+    unit: Literal["c", "f"]
+
+
+@function_tool
+def forecast(request: Forecast, hourly: bool) -> str:
+    """The forecast for a city."""
+    calls.append(f"forecast:{request.city!r},{request.days},{request.unit},{hourly}")
+    return f"{request.days} days of sun"
+
+
+def test_agent_forced_call_gets_arguments_its_tool_accepts(any_backend: RunningServer) -> None:
+    """Forced to call a tool that takes arguments (a nested model with a bounded
+    integer and an enum), with no ``/call`` saying which: the model makes the
+    simplest arguments the tool's schema accepts, so the SDK runs the tool instead
+    of failing on invalid arguments. A named `tool_choice` picks the tool. On every
+    backend."""
+    calls.clear()
+
+    async def main() -> list[str]:
+        async with responses_websocket_session(
+            api_key="sk-test", base_url=any_backend.base_url
+        ) as session:
+            outputs = []
+            for choice in ("required", "forecast"):
+                agent = Agent(
+                    name="forecaster",
+                    model=MODEL,
+                    tools=[forecast, get_weather],
+                    model_settings=ModelSettings(tool_choice=choice),
+                )
+                result = await session.run(agent, "Will it rain?")
+                outputs.append(str(result.final_output))
+            return outputs
+
+    assert asyncio.run(main()) == ["forecast returned: 1 days of sun"] * 2
+    assert calls == ["forecast:'',1,c,False"] * 2
 
 
 @pytest.mark.parametrize("chained", [False, True], ids=["full-replay", "previous_response_id"])

@@ -13,6 +13,7 @@ from warmsocket.mockmodel import (
     ToolChoice,
     argument_deltas,
     custom_tool_names,
+    function_parameters,
     plan_reply,
     text_deltas,
     tool_choice,
@@ -43,6 +44,7 @@ def plan(tail: list[dict[str, Any]], tools: tuple[str, ...] = ("get_weather",), 
         tool_types=lambda: tool_types,
         custom_names=lambda: kw.get("customs", ()),
         choice=kw.get("choice", AUTO),
+        parameters=lambda name: kw.get("schemas", {}).get(name),
     )
 
 
@@ -125,11 +127,30 @@ def test_tool_choice_required_and_named_tools_force_a_call() -> None:
     assert plan([user("hi")], tools, choice=named) == Reply(
         "call", calls=(Call("read_file", "{}"),)
     )
+    # Made-up arguments are the simplest its schema accepts.
+    path = {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}
+    assert plan([user("hi")], tools, choice=named, schemas={"read_file": path}) == Reply(
+        "call", calls=(Call("read_file", '{"path":""}'),)
+    )
     # /fail and /transcript stay what they are.
     assert plan([user("/fail")], tools, choice=required).kind == "fail"
     # The output of a forced call is reported, as a directive's is.
     answered = [user("hi"), call("get_weather", "c1"), output("c1", "sunny")]
     assert plan(answered, tools) == Reply("text", "get_weather returned: sunny")
+
+
+def test_function_parameters_of_both_apis_tools() -> None:
+    schema = {"type": "object", "properties": {}}
+    responses = [
+        {"type": "custom", "name": "f"},
+        {"type": "function", "name": "f", "parameters": schema},
+    ]
+    chat = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    assert function_parameters(responses, "f") is schema
+    assert function_parameters(chat, "f") is schema
+    assert function_parameters(chat, "g") is None
+    assert function_parameters(None, "f") is None
+    assert function_parameters([{"type": "function", "name": "f"}], "f") is None
 
 
 def test_without_parallel_tool_calls_the_calls_come_one_at_a_time() -> None:

@@ -44,9 +44,10 @@ state handling is right. Read from the newest user message:
   user asks: the newest user message is the one before it)
 
 Within the request's `tool_choice` and `parallel_tool_calls` (`ToolChoice`): `none`
-answers in text; `required` calls what the directives ask, else the first tool with
-empty arguments; a named tool is called alone; without parallel calls, several
-``/call`` lines come one call a response. Calls made without a directive, once
+answers in text; `required` calls what the directives ask, else the first tool; a
+named tool is called alone (a call no directive asked for gets the simplest
+arguments its `parameters` schema accepts: `schema_example`); without parallel
+calls, several ``/call`` lines come one call a response. Calls made without a directive, once
 answered, are reported as ``NAME returned: ...``.
 
 The simulated upstream (`warmsocket simulate-upstream`) answers with the same rules.
@@ -62,6 +63,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from warmsocket.compaction_items import PROMPT, SUMMARY_HEADER, summary_of
+from warmsocket.schema_example import example_arguments
 
 _WORD_RE = re.compile(r"\s*\S+")
 MAX_SLEEP_MS = 600_000
@@ -140,6 +142,7 @@ def plan_reply(
     custom_names: Callable[[], Iterable[str]] = tuple,
     tool_types: Callable[[], Iterable[str]] = tuple,
     choice: ToolChoice = AUTO,
+    parameters: Callable[[str], Any] = lambda name: None,
 ) -> Reply:
     """Decide the reply, within what `choice` (the request's `tool_choice` and
     `parallel_tool_calls`) allows.
@@ -148,7 +151,8 @@ def plan_reply(
     whole context when there is no user message. `full_context` is called only for
     ``/transcript``, so a normal turn never reads the whole history; `custom_names`
     (the request's custom tools) only for ``/custom``, `tool_types` (the types of
-    its tools) only for ``/search``.
+    its tools) only for ``/search``, `parameters` (a function tool's schema, by name)
+    only for a call `choice` forces without a directive.
     """
     user_index = last_user_message(tail)
     if user_index is None:
@@ -193,6 +197,7 @@ def plan_reply(
         instructions=instructions,
         full_context=full_context,
         choice=choice,
+        parameters=parameters,
     )
     if search and not any(kind.startswith("web_search") for kind in tool_types()):
         decided = Reply("text", "Cannot search: this request has no web_search tool.")
@@ -215,6 +220,7 @@ def _decide(
     instructions: str | None,
     full_context: Callable[[], Sequence[dict[str, Any]]],
     choice: ToolChoice = AUTO,
+    parameters: Callable[[str], Any] = lambda name: None,
 ) -> Reply:
     """The reply a directive asks for, before the modifiers (`/sleep`, `/think`)."""
     calls_asked = directive is not None and directive.kind in ("call", "repeat")
@@ -222,7 +228,7 @@ def _decide(
         directive = None  # no tool may be called: the answer is text
     elif choice.mode == "required":
         function_names = tuple(function_names)  # read twice
-        directive = _forced(directive, choice, function_names, custom_names)
+        directive = _forced(directive, choice, function_names, custom_names, parameters)
     if directive is None:
         # Calls made without a directive (a forced `tool_choice`) and answered since:
         # the answer reports their outputs, as a directive's would.
@@ -275,11 +281,12 @@ def _forced(
     choice: ToolChoice,
     function_names: Iterable[str],
     custom_names: Callable[[], Iterable[str]],
+    parameters: Callable[[str], Any],
 ) -> _Directive | None:
     """The directive under `tool_choice: required` or a named tool: the calls asked
     for (to the named tool only), else one call to the named tool, or to the first
-    tool, with empty arguments (`{}`; a custom tool's input empty). None when the
-    request has no tool to call."""
+    tool, with the simplest arguments its `parameters` accept (a custom tool's input
+    empty). None when the request has no tool to call."""
     if directive is not None and directive.kind not in ("call", "repeat"):
         return directive  # /fail and /transcript are not calls
     if directive is not None:
@@ -295,7 +302,8 @@ def _forced(
             name, custom = next(iter(custom_names()), None), True
     if name is None:
         return None
-    return _Directive("call", (Call(name, "" if custom else "{}", custom),))
+    arguments = "" if custom else example_arguments(parameters(name))
+    return _Directive("call", (Call(name, arguments, custom),))
 
 
 def transcript(items: Sequence[dict[str, Any]], instructions: str | None) -> str:
@@ -335,6 +343,19 @@ def custom_tool_names(tools: Any) -> list[str]:
         and tool.get("type") == "custom"
         and isinstance(tool.get("name"), str)
     ]
+
+
+def function_parameters(tools: Any, name: str) -> Any:
+    """The `parameters` schema of the request's function tool `name` (a Responses
+    tool, or a Chat Completions one under `function`); None when it has none."""
+    for tool in tools if isinstance(tools, list) else ():
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            continue
+        function = tool.get("function")
+        spec = function if isinstance(function, dict) and "name" not in tool else tool
+        if spec.get("name") == name:
+            return spec.get("parameters")
+    return None
 
 
 def tool_types(tools: Any) -> list[str]:

@@ -91,6 +91,7 @@ class MockBackend:
             custom_names=lambda: mockmodel.custom_tool_names(turn.settings.get("tools")),
             tool_types=lambda: mockmodel.tool_types(turn.settings.get("tools")),
             choice=_tool_choice(turn),
+            parameters=lambda name: mockmodel.function_parameters(turn.settings.get("tools"), name),
         )
 
     @staticmethod

@@ -326,6 +326,7 @@ def plan(
         custom_names=lambda: mockmodel.custom_tool_names(tools),
         tool_types=lambda: mockmodel.tool_types(tools),
         choice=choice,
+        parameters=lambda name: mockmodel.function_parameters(tools, name),
     )
 
 
