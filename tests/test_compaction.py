@@ -371,7 +371,7 @@ def test_a_responses_upstream_compacts_itself(api: str) -> None:
             instructions="Be brief.",
             prompt_cache_key="chain-7",
             prompt_cache_options={"ttl": "12h"},
-            service_tier="flex",
+            service_tier="default",  # at the API's default: still sent (OpenAI's is auto)
             extra_body={"safety_identifier": "user-hash-1", "user": "not a compact field"},
         )
         (asked,) = sim.stats(bodies=True, since=since)["requests"]
@@ -381,7 +381,7 @@ def test_a_responses_upstream_compacts_itself(api: str) -> None:
         # The client's settings the endpoint takes go on; `user` is not one of them.
         assert {k: body.get(k) for k in ("prompt_cache_key", "service_tier", "user")} == {
             "prompt_cache_key": "chain-7",
-            "service_tier": "flex",
+            "service_tier": "default",
             "user": None,
         }
         assert body["safety_identifier"] == "user-hash-1"

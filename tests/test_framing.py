@@ -82,6 +82,7 @@ def rust_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
         result.compact_threshold,
         result.include,
         None if result.upstream_options_json is None else json.loads(result.upstream_options_json),
+        result.given_defaults,
         result.max_output_tokens,
     )
 
@@ -132,6 +133,7 @@ def reference_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
         result.compact_threshold,
         result.include,
         result.upstream_options,
+        result.given_defaults,
         None if (limit := result.settings["max_output_tokens"]) is None else min(limit, 2**64 - 1),
     )
 
@@ -552,6 +554,30 @@ def test_upstream_options_get_the_reference_verdict(prompt_cache_options: Any, i
     body = {"type": "response.create", "model": "m", "input": "x"}
     body |= {"prompt_cache_options": prompt_cache_options, "image": image}
     same_verdict(json.dumps(body).encode())
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {},
+        {"temperature": 1, "top_p": 1.0, "service_tier": "default"},
+        {"temperature": 1.0, "service_tier": None, "top_p": None},
+        {"temperature": 0.7, "top_p": 0.9, "service_tier": "auto"},
+        {"top_p": 1, "temperature": 2},
+        {"temperature": True},
+        {"temperature": 1, "service_tier": 1},
+        {"service_tier": "default", "top_p": 0},
+    ],
+)
+def test_settings_given_at_their_default_get_the_reference_verdict(given: Any) -> None:
+    body = {"type": "response.create", "model": "m", "input": "x", **given}
+    same_verdict(json.dumps(body).encode())
+    result = _core.parse_client_message(json.dumps(body).encode(), max_item_bytes=MAX_ITEM)
+    if isinstance(result, _core.CreateRequest):
+        at_default = [
+            name for name, value in given.items() if value in (1, "default") and value is not True
+        ]
+        assert sorted(result.given_defaults) == sorted(at_default)
 
 
 @pytest.mark.parametrize(

@@ -368,6 +368,7 @@ class RecordsSettings(MockBackend):
     def __init__(self) -> None:
         super().__init__()
         self.summary_settings: list[dict[str, Any]] = []
+        self.summary_given_defaults: list[tuple[str, ...]] = []
 
     def immediate(self, turn: TurnContext) -> None:
         return None
@@ -375,6 +376,7 @@ class RecordsSettings(MockBackend):
     async def stream(self, turn: TurnContext) -> AsyncIterator[StreamItem]:
         if PROMPT.encode() in turn.view.tail():
             self.summary_settings.append(dict(turn.settings))
+            self.summary_given_defaults.append(turn.request.given_defaults)
         async for item in super().stream(turn):
             yield item
 
@@ -407,6 +409,24 @@ def test_the_summary_turn_carries_whom_the_request_is_for() -> None:
     assert {name: settings[name] for name in own} == own
     assert (settings["tools"], settings["temperature"]) == ([], 1.0)
     assert settings["text"]["format"] == {"type": "text"}
+
+
+def test_the_summary_turn_keeps_a_service_tier_given_at_its_default() -> None:
+    """`service_tier: "default"` given by the client stays given in the summary turn
+    (an upstream takes a missing tier as `auto`), not dropped for equalling the
+    API's default; a request without one makes a summary turn without one."""
+    backend = RecordsSettings()
+    with running_server(backend=backend) as server, WSClient(server.ws_url) as ws:
+        for tier in ({"service_tier": "default"}, {}):
+            first = ws.turn(input="Start the task.")
+            ws.turn(
+                input=LONG,
+                previous_response_id=first[-1]["response"]["id"],
+                context_management=COMPACT,
+                temperature=1.0,
+                **tier,
+            )
+    assert backend.summary_given_defaults == [("service_tier",), ()]
 
 
 def test_the_context_starts_at_the_last_self_contained_item() -> None:

@@ -428,6 +428,34 @@ def test_options_only_an_upstream_acts_on_reach_a_responses_upstream(
     ]
 
 
+def test_settings_given_at_the_api_default_still_reach_the_upstream(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """`temperature: 1` and `top_p: 1`, which a model's own sampling defaults (vLLM's
+    `generation_config`) would otherwise replace, and `service_tier: "default"`,
+    which OpenAI would take as `auto` when left out, are sent when the client gives
+    them, though they equal the API's defaults; settings left out are not. The
+    request heads reused along a chain tell the two apart (same echoed settings)."""
+    sim, server, _metrics = stack
+    at_default = {"temperature": 1.0, "top_p": 1.0, "service_tier": "default"}
+    with WSClient(server.ws_url) as client:
+        response_id = None
+        for given in (at_default, {}, {"temperature": 0.5}, at_default):
+            events = client.turn(input="hi", previous_response_id=response_id, **given)
+            assert events[-1]["type"] == "response.completed", events[-1]
+            response = events[-1]["response"]
+            assert (response["temperature"], response["top_p"]) == (
+                given.get("temperature", 1.0),
+                given.get("top_p", 1.0),
+            )
+            response_id = response["id"]
+    bodies = [json.loads(r["body"]) for r in sim.stats(bodies=True)["requests"]]
+    names = ("temperature", "top_p") if api == "chat" else tuple(at_default)
+    sent = [{name: body[name] for name in names if name in body} for body in bodies]
+    expected = {name: at_default[name] for name in names}
+    assert sent == [expected, {}, {"temperature": 0.5}, expected]
+
+
 def test_an_answer_the_upstream_cut_short_ends_incomplete(
     api: str, stack: tuple[RunningSim, RunningServer, Metrics]
 ) -> None:

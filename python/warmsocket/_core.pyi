@@ -801,6 +801,12 @@ class CreateRequest:
         """`include` as sent (validated: an array of strings, or null), such as
         `("reasoning.encrypted_content",)`; empty when absent or null."""
     @property
+    def given_defaults(self) -> tuple[str, ...]:
+        """Of `temperature`, `top_p` and `service_tier` (in that order), those the
+        client gave at the API's default value (1, 1, `"default"`), which `settings`
+        cannot tell from leaving them out. They are still forwarded: an upstream's
+        own default may differ (a model's sampling defaults; OpenAI's `auto` tier)."""
+    @property
     def ignored_fields(self) -> tuple[str, ...]:
         """Body fields the API does not know (ignored), sorted."""
     def successor(self, input: Items, previous_response_id: str) -> CreateRequest:

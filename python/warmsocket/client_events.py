@@ -161,6 +161,9 @@ class CreateRequest:
     """`include` as sent (an array of strings, or null: empty)."""
     upstream_options: dict[str, Any] | None = None
     """The body fields only an upstream acts on (`_upstream_options`); None without any."""
+    given_defaults: tuple[str, ...] = ()
+    """The settings of `UPSTREAM_DEFAULTS` the client gave at the API's default value
+    (`_given_defaults`)."""
     items: Items | None = None
     """`input_items` as `Items` (set by `parse_message`)."""
 
@@ -475,6 +478,28 @@ def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
         compact_threshold=compact_threshold,
         include=include,
         upstream_options=upstream_options,
+        given_defaults=_given_defaults(body),
+    )
+
+
+UPSTREAM_DEFAULTS = ("temperature", "top_p", "service_tier")
+"""Settings whose API default an upstream need not share, so one the client gives,
+even at that default, is forwarded: a vLLM or SGLang model's own sampling defaults
+(its `generation_config`) apply to a request that leaves `temperature` and `top_p`
+out, and OpenAI takes a missing `service_tier` as `auto`, not the `default` the
+Response echoes."""
+
+
+def _given_defaults(body: dict[str, Any]) -> tuple[str, ...]:
+    """The settings of `UPSTREAM_DEFAULTS` the body gives at the API's default (1, 1,
+    `"default"`), which the echoed settings cannot tell from leaving them out; its
+    types already checked."""
+    return tuple(
+        name
+        for name in UPSTREAM_DEFAULTS
+        if body.get(name) is not None
+        and body[name] == ECHOED_DEFAULTS[name]
+        and isinstance(body[name], str) == (name == "service_tier")
     )
 
 

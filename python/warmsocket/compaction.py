@@ -305,7 +305,7 @@ def _summary_request(request: CreateRequest, previous_response_id: str | None = 
     body: dict[str, Any] = {
         "model": request.model,
         "input": [_prompt_message()],
-        **explicit_settings(request.settings, SUMMARY_SETTINGS),
+        **explicit_settings(request.settings, SUMMARY_SETTINGS, request.given_defaults),
         **(json.loads(options) if options is not None else {}),
     }
     if request.instructions is not None:

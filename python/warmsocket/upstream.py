@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -388,15 +388,19 @@ def upstream_include(include: tuple[str, ...]) -> list[str]:
     return [*include, ENCRYPTED_REASONING]
 
 
-def explicit_settings(settings: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
-    """The settings among `names` that differ from the API's defaults (the client set them)."""
+def explicit_settings(
+    settings: Mapping[str, Any], names: tuple[str, ...], given_defaults: Collection[str] = ()
+) -> dict[str, Any]:
+    """The settings among `names` the client set: those that differ from the API's
+    defaults, and those of `given_defaults` (`CreateRequest.given_defaults`: given at
+    the default, which an upstream need not share)."""
     out: dict[str, Any] = {}
     for name in names:
         if name not in settings:
             continue
         value = settings[name]
         default = ECHOED_DEFAULTS.get(name)
-        if value is None or value == default:
+        if value is None or (value == default and name not in given_defaults):
             continue
         if name == "text" and value.get("format", {"type": "text"}) == {"type": "text"}:
             extra = {k: v for k, v in value.items() if k not in {"format", "verbosity"}}

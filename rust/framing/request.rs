@@ -107,8 +107,32 @@ pub struct CreateRequest {
     /// ids by other names), their null members left out, as one canonical JSON
     /// object; None when there is none.
     pub upstream_options: Option<Vec<u8>>,
+    /// The settings of [`UPSTREAM_DEFAULTS`] the client gave at the API's default
+    /// value (which `settings` cannot tell from not giving them), in that order.
+    pub given_defaults: Vec<&'static str>,
     /// The input has an `item_reference` (to be replaced by the item it names).
     pub has_item_references: bool,
+}
+
+/// Settings whose API default an upstream need not share, so one the client gives,
+/// even at that default, is forwarded: a vLLM or SGLang model's own sampling
+/// defaults (its `generation_config`: a `temperature` of 0.6, say) apply to a
+/// request that leaves `temperature` and `top_p` out, and OpenAI takes a missing
+/// `service_tier` as `auto`, not the `default` the Response echoes.
+pub const UPSTREAM_DEFAULTS: [&str; 3] = ["temperature", "top_p", "service_tier"];
+
+/// [`CreateRequest::given_defaults`]; the body's types already checked.
+fn given_defaults(body: &Object<'_>) -> Vec<&'static str> {
+    UPSTREAM_DEFAULTS
+        .into_iter()
+        .filter(|name| match present(body.get(name)) {
+            Some(Value::Str(tier)) => *name == "service_tier" && tier == "default",
+            Some(Value::Int(n)) => *n == 1,
+            Some(Value::UInt(n)) => *n == 1,
+            Some(Value::Float(n)) => *n == 1.0,
+            _ => false,
+        })
+        .collect()
 }
 
 /// The context size in tokens at which a request that asks for server-side
@@ -634,6 +658,7 @@ fn validate_create(
         generate = false;
     }
     let settings = settings(&body, model)?;
+    let given_defaults = given_defaults(&body);
     let compact_threshold = compact_threshold(&body)?;
     let include = include(&body)?;
     let input = normalize_input(body.get("input"))?;
@@ -680,6 +705,7 @@ fn validate_create(
         compact_threshold,
         include,
         upstream_options,
+        given_defaults,
         has_item_references,
     })
 }
@@ -1368,6 +1394,32 @@ mod tests {
             with(r#"[{"type":"compaction","compact_threshold":100000000000000000000}]"#),
             Some(u64::MAX)
         );
+    }
+
+    #[test]
+    fn given_defaults_are_the_settings_given_at_the_api_default() {
+        let given = |fields: &str| {
+            created(&format!(
+                r#"{{"type":"response.create","model":"m","input":"x"{fields}}}"#
+            ))
+            .given_defaults
+        };
+        assert!(given("").is_empty());
+        assert!(given(r#","temperature":null,"top_p":null,"service_tier":null"#).is_empty());
+        assert_eq!(
+            given(r#","service_tier":"default","top_p":1,"temperature":1.0"#),
+            ["temperature", "top_p", "service_tier"]
+        );
+        assert_eq!(
+            given(r#","temperature":0.5,"top_p":1.0,"service_tier":"auto""#),
+            ["top_p"]
+        );
+        // The settings echo the same either way: only this field tells them apart.
+        let plain = created(r#"{"type":"response.create","model":"m","input":"x"}"#);
+        let at_default = created(
+            r#"{"type":"response.create","model":"m","input":"x","temperature":1.0,"service_tier":"default"}"#,
+        );
+        assert_eq!(plain.settings, at_default.settings);
     }
 
     #[test]

@@ -184,6 +184,10 @@ impl PyCreateRequest {
         PyTuple::new(py, &self.inner.include)
     }
     #[getter]
+    fn given_defaults<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.inner.given_defaults)
+    }
+    #[getter]
     fn ignored_fields<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, &self.inner.ignored_fields)
     }

@@ -39,6 +39,8 @@ class _Rendered:
     """The request's settings as canonical JSON (equal bytes = equal settings)."""
     logprobs: bool
     """The request asked for log probabilities (`include`)."""
+    given_defaults: tuple[str, ...]
+    """`CreateRequest.given_defaults`: settings sent at the API's default."""
     head: bytes
     system: bytes | None
     messages: list[bytes]
@@ -87,19 +89,21 @@ class ChatBackend(HTTPUpstreamBackend):
             messages, last_role = render(turn.view.objects())
         settings = turn.settings_json
         logprobs = LOGPROBS in turn.request.include
-        if parent is not None and (parent.model, parent.settings, parent.logprobs) == (
-            model,
-            settings,
-            logprobs,
-        ):
+        given = turn.request.given_defaults
+        if parent is not None and (
+            parent.model,
+            parent.settings,
+            parent.logprobs,
+            parent.given_defaults,
+        ) == (model, settings, logprobs, given):
             head, system = parent.head, parent.system
         else:
-            head = request_head(turn.settings, model, logprobs=logprobs)
+            head = request_head(turn.settings, model, logprobs=logprobs, given_defaults=given)
             instructions = turn.instructions
             system = system_message(instructions) if instructions is not None else None
         memo = self._memo
         memo[turn.response_id] = _Rendered(
-            model, settings, logprobs, head, system, messages, turn.view.items, last_role
+            model, settings, logprobs, given, head, system, messages, turn.view.items, last_role
         )
         while len(memo) > MEMO_ENTRIES:
             memo.popitem(last=False)

@@ -32,7 +32,7 @@ the content or tool call after them closes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from warmsocket import ids, small_json
@@ -190,10 +190,16 @@ LOGPROBS = "message.output_text.logprobs"
 
 
 def chat_request_fields(
-    settings: Mapping[str, Any], model: str, *, logprobs: bool = False
+    settings: Mapping[str, Any],
+    model: str,
+    *,
+    logprobs: bool = False,
+    given_defaults: Collection[str] = (),
 ) -> dict[str, Any]:
     """Every field of the chat request except `messages`; with `logprobs` (the
-    client's `include` asked for them), `logprobs: true` and its `top_logprobs`."""
+    client's `include` asked for them), `logprobs: true` and its `top_logprobs`.
+    `given_defaults` (`CreateRequest.given_defaults`) are sent even at the API's
+    default: a model's own sampling defaults may differ."""
     fields: dict[str, Any] = {"model": model}
     tools = chat_tools(settings.get("tools") or ())
     if tools:
@@ -204,7 +210,9 @@ def chat_request_fields(
         if settings.get("parallel_tool_calls") is False:
             fields["parallel_tool_calls"] = False
     explicit = explicit_settings(
-        settings, ("temperature", "top_p", "max_output_tokens", "text", "reasoning", "user")
+        settings,
+        ("temperature", "top_p", "max_output_tokens", "text", "reasoning", "user"),
+        given_defaults,
     )
     for name in ("temperature", "top_p", "user"):
         if name in explicit:
@@ -231,9 +239,15 @@ def chat_request_fields(
     return fields
 
 
-def request_head(settings: Mapping[str, Any], model: str, *, logprobs: bool = False) -> bytes:
+def request_head(
+    settings: Mapping[str, Any],
+    model: str,
+    *,
+    logprobs: bool = False,
+    given_defaults: Collection[str] = (),
+) -> bytes:
     """The request body up to the opening bracket of `messages` (messages come last)."""
-    fields = chat_request_fields(settings, model, logprobs=logprobs)
+    fields = chat_request_fields(settings, model, logprobs=logprobs, given_defaults=given_defaults)
     return dumps(fields)[:-1] + b',"messages":['
 
 

@@ -25,8 +25,9 @@ from warmsocket.response_stream import dumps
 from warmsocket.upstream import RESPONSES_FORWARDED, explicit_settings, upstream_include
 
 MEMO_ENTRIES = 4096
-_HeadKey = tuple[str, bytes, tuple[str, ...], bytes | None]
-"""What a request head is made of: model, settings JSON, include, upstream options."""
+_HeadKey = tuple[str, bytes, tuple[str, ...], bytes | None, tuple[str, ...]]
+"""What a request head is made of: model, settings JSON, include, upstream options,
+the settings given at their default."""
 MAX_CONTEXT_BYTES = 32 * 1024 * 1024
 """What `ContextCache` keeps at most: the contexts of the most recent chains."""
 
@@ -39,14 +40,16 @@ def request_head(
     extra: dict[str, Any],
     include: tuple[str, ...] = (),
     options_json: bytes | None = None,
+    given_defaults: tuple[str, ...] = (),
 ) -> bytes:
     """The body up to the value of `input` (the input comes last): `first`, the
-    model, the settings the client set, the options only an upstream acts on
-    (`CreateRequest.upstream_options_json`), `extra` and `include`."""
+    model, the settings the client set (`given_defaults` even at the API's default),
+    the options only an upstream acts on (`CreateRequest.upstream_options_json`),
+    `extra` and `include`."""
     fields = {
         **first,
         "model": model,
-        **explicit_settings(settings, RESPONSES_FORWARDED),
+        **explicit_settings(settings, RESPONSES_FORWARDED, given_defaults),
         **(json.loads(options_json) if options_json is not None else {}),
         **extra,
         "include": upstream_include(include),
@@ -55,8 +58,8 @@ def request_head(
 
 
 class HeadCache:
-    """Request heads by response id, reused while the model, settings, `include` and
-    upstream options stay the same.
+    """Request heads by response id, reused while the model, settings, `include`,
+    upstream options and settings given at their default stay the same.
 
     Settings compare as their canonical JSON bytes, so a continuation with unchanged
     settings never decodes them.
@@ -70,7 +73,13 @@ class HeadCache:
     def head(self, turn: TurnContext, model: str) -> bytes:
         parent = self._heads.get(turn.previous_response_id) if turn.previous_response_id else None
         request = turn.request
-        key = (model, turn.settings_json, request.include, request.upstream_options_json)
+        key = (
+            model,
+            turn.settings_json,
+            request.include,
+            request.upstream_options_json,
+            request.given_defaults,
+        )
         if parent is not None and parent[0] == key:
             head = parent[1]
         else:
@@ -81,6 +90,7 @@ class HeadCache:
                 extra=self.extra,
                 include=request.include,
                 options_json=request.upstream_options_json,
+                given_defaults=request.given_defaults,
             )
         heads = self._heads
         heads[turn.response_id] = (key, head)

@@ -65,7 +65,7 @@ class UpstreamCompactor:
         options = turn.request.upstream_options_json
         body: dict[str, Any] = {
             "model": self.config.upstream_model(turn.model),
-            **explicit_settings(turn.settings, FORWARDED),
+            **explicit_settings(turn.settings, FORWARDED, turn.request.given_defaults),
             **(json.loads(options) if options is not None else {}),
         }
         instructions = turn.request.instructions
