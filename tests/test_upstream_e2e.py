@@ -38,6 +38,7 @@ from warmsocket.metrics import Metrics
 from warmsocket.prefixhash import count_tokens
 from warmsocket.simulate.model import items_from_chat, items_from_input
 from warmsocket.simulate.server import chat_logprobs, sim_logprobs
+from warmsocket.upstream import UpstreamConfig
 
 APIS = ["chat", "responses", "responses-ws"]
 INSTRUCTIONS = "You are terse."
@@ -486,6 +487,26 @@ def test_an_answer_the_upstream_cut_short_ends_incomplete(
     with OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk:
         stored = sdk.responses.retrieve(response["id"])
     assert stored.status == "incomplete" and stored.output_text == text
+
+
+def test_a_chat_upstream_gets_the_token_limit_field_it_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In front of OpenAI (`UpstreamConfig.chat_token_limit`, by host: patched here,
+    the simulated upstream being on loopback) the limit goes as
+    `max_completion_tokens`, and the answer is cut at it all the same."""
+    monkeypatch.setattr(
+        UpstreamConfig, "chat_token_limit", property(lambda self: "max_completion_tokens")
+    )
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(sim.base_url, "chat") as (server, _metrics),
+        WSClient(server.ws_url) as client,
+    ):
+        events = client.turn(input="word " * 100, max_output_tokens=16)
+        (body,) = (json.loads(r["body"]) for r in sim.stats(bodies=True)["requests"])
+    assert events[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert body["max_completion_tokens"] == 16 and "max_tokens" not in body
 
 
 def test_log_probabilities_come_through_a_responses_upstream(

@@ -39,7 +39,7 @@ from warmsocket.backends.http_upstream import OutputRecorder
 from warmsocket.backends.responses_events import ResponsesSSEDecoder
 from warmsocket.client_events import validate_create
 from warmsocket.sse import SSEDecoder
-from warmsocket.upstream import UpstreamError
+from warmsocket.upstream import UpstreamConfig, UpstreamError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -239,6 +239,34 @@ def test_request_fields_carry_only_what_the_client_set() -> None:
     head = request_head(validate_create(body, websocket=False).settings, "up")
     assert head.endswith(b',"messages":[')
     assert json.loads(head + b"]}")["messages"] == []
+    openai = request_head(
+        validate_create(body, websocket=False).settings, "up", token_limit="max_completion_tokens"
+    )
+    fields = json.loads(openai + b"]}")
+    assert fields["max_completion_tokens"] == 64 and "max_tokens" not in fields
+
+
+@pytest.mark.parametrize(
+    ("urls", "field"),
+    [
+        (("https://api.openai.com/v1",), "max_completion_tokens"),
+        (("https://my-east.openai.azure.com/openai/v1",), "max_completion_tokens"),
+        (
+            ("https://api.openai.com/v1", "https://eu.openai.azure.com/openai/v1"),
+            "max_completion_tokens",
+        ),
+        (("http://127.0.0.1:8000/v1",), "max_tokens"),
+        (("http://localhost:11434/v1",), "max_tokens"),
+        (("https://api.openai.com.example.net/v1",), "max_tokens"),
+        (("https://openai.azure.com.evil.test/v1",), "max_tokens"),
+        (("https://api.openai.com/v1", "http://10.0.0.5:8000/v1"), "max_tokens"),
+    ],
+)
+def test_the_token_limit_field_follows_the_upstream(urls: tuple[str, ...], field: str) -> None:
+    """OpenAI's reasoning models refuse `max_tokens` on Chat Completions; Ollama
+    ignores `max_completion_tokens` (unbounded answers). So OpenAI and Azure OpenAI
+    get the one, every other server the other."""
+    assert UpstreamConfig(urls=urls).chat_token_limit == field
 
 
 # -- response: chat chunks -> events -------------------------------------------------------

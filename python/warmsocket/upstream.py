@@ -25,6 +25,7 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from warmsocket.client_events import ECHOED_DEFAULTS
 from warmsocket.errors import INVALID_REQUEST, RATE_LIMIT, SERVER_ERROR, APIError
@@ -32,6 +33,7 @@ from warmsocket.router import RouterConfig
 
 UpstreamAPI = Literal["chat", "responses", "responses-ws"]
 UPSTREAM_APIS: tuple[UpstreamAPI, ...] = ("chat", "responses", "responses-ws")
+ChatTokenLimit = Literal["max_tokens", "max_completion_tokens"]
 MAX_ERROR_MESSAGE = 2000
 
 
@@ -62,6 +64,18 @@ class UpstreamConfig:
             raise ValueError("at least one upstream URL is required")
         if self.api not in UPSTREAM_APIS:
             raise ValueError(f"unknown upstream API {self.api!r}")
+
+    @property
+    def chat_token_limit(self) -> ChatTokenLimit:
+        """The Chat Completions field `max_output_tokens` becomes: OpenAI's own
+        `max_completion_tokens` when every upstream is OpenAI (api.openai.com) or Azure
+        OpenAI (`*.openai.azure.com`), whose reasoning models refuse `max_tokens`;
+        else `max_tokens`, the one vLLM, SGLang, llama.cpp and Ollama all read
+        (Ollama ignores `max_completion_tokens`: the answer would be unbounded)."""
+        hosts = [urlsplit(url).hostname or "" for url in self.urls]
+        if all(host == "api.openai.com" or host.endswith(".openai.azure.com") for host in hosts):
+            return "max_completion_tokens"
+        return "max_tokens"
 
     def upstream_model(self, model: str) -> str:
         mapped = self.model_map.get(model)

@@ -98,7 +98,13 @@ class ChatBackend(HTTPUpstreamBackend):
         ) == (model, settings, logprobs, given):
             head, system = parent.head, parent.system
         else:
-            head = request_head(turn.settings, model, logprobs=logprobs, given_defaults=given)
+            head = request_head(
+                turn.settings,
+                model,
+                logprobs=logprobs,
+                given_defaults=given,
+                token_limit=self.config.chat_token_limit,
+            )
             instructions = turn.instructions
             system = system_message(instructions) if instructions is not None else None
         memo = self._memo

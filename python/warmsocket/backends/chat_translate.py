@@ -17,9 +17,10 @@ Request side, in order:
 * other items (reasoning, hosted tools) have no chat form and are left out;
 * function tools -> `{"type": "function", "function": {...}}`; other tools are left
   out; `tool_choice` and `parallel_tool_calls` follow, only when tools remain;
-* `max_output_tokens` -> `max_tokens`; `text.format` -> `response_format`;
-  `reasoning.effort` -> `reasoning_effort`; sampling fields only when the client set
-  them; always `stream: true` with `stream_options.include_usage`.
+* `max_output_tokens` -> `max_tokens` (OpenAI: `max_completion_tokens`);
+  `text.format` -> `response_format`; `reasoning.effort` -> `reasoning_effort`;
+  sampling fields only when the client set them; always `stream: true` with
+  `stream_options.include_usage`.
 
 Response side: `ChatChunkDecoder` turns the SSE stream of chat completion chunks
 (choice 0) into model events: content deltas, tool calls by `index` (a call starts
@@ -51,6 +52,7 @@ from warmsocket.compaction_items import expanded_items, foreign_compaction
 from warmsocket.response_stream import dumps
 from warmsocket.sse import SSEDecoder
 from warmsocket.upstream import (
+    ChatTokenLimit,
     UpstreamError,
     explicit_settings,
     from_error_object,
@@ -195,11 +197,13 @@ def chat_request_fields(
     *,
     logprobs: bool = False,
     given_defaults: Collection[str] = (),
+    token_limit: ChatTokenLimit = "max_tokens",
 ) -> dict[str, Any]:
     """Every field of the chat request except `messages`; with `logprobs` (the
     client's `include` asked for them), `logprobs: true` and its `top_logprobs`.
     `given_defaults` (`CreateRequest.given_defaults`) are sent even at the API's
-    default: a model's own sampling defaults may differ."""
+    default: a model's own sampling defaults may differ. `max_output_tokens` goes
+    as `token_limit` (`UpstreamConfig.chat_token_limit`)."""
     fields: dict[str, Any] = {"model": model}
     tools = chat_tools(settings.get("tools") or ())
     if tools:
@@ -218,7 +222,7 @@ def chat_request_fields(
         if name in explicit:
             fields[name] = explicit[name]
     if "max_output_tokens" in explicit:
-        fields["max_tokens"] = explicit["max_output_tokens"]
+        fields[token_limit] = explicit["max_output_tokens"]
     text_format = (explicit.get("text") or {}).get("format")
     if isinstance(text_format, dict):
         if text_format.get("type") == "json_schema":
@@ -245,9 +249,12 @@ def request_head(
     *,
     logprobs: bool = False,
     given_defaults: Collection[str] = (),
+    token_limit: ChatTokenLimit = "max_tokens",
 ) -> bytes:
     """The request body up to the opening bracket of `messages` (messages come last)."""
-    fields = chat_request_fields(settings, model, logprobs=logprobs, given_defaults=given_defaults)
+    fields = chat_request_fields(
+        settings, model, logprobs=logprobs, given_defaults=given_defaults, token_limit=token_limit
+    )
     return dumps(fields)[:-1] + b',"messages":['
 
 
