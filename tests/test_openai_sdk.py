@@ -19,6 +19,7 @@ from openai.lib.responses_websocket import (
 from pydantic import BaseModel
 
 from tests.support import FUNCTION_TOOLS, RunningServer, check_sse_event, check_ws_event
+from warmsocket import mockmodel
 
 MODEL = "warmsocket-mock"
 LIMITS = ResponsesWebSocketLimits(
@@ -239,6 +240,72 @@ def test_an_answer_over_max_output_tokens_ends_incomplete(server: RunningServer)
     assert events[-1]["type"] == "response.incomplete"
     assert events[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
     assert events[-2]["item"]["status"] == "incomplete"
+
+
+def test_the_built_in_model_gives_log_probabilities(server: RunningServer) -> None:
+    """Asked for (`include: ["message.output_text.logprobs"]`, `top_logprobs`), the
+    built-in model gives each text delta deterministic log probabilities
+    (`mockmodel.text_logprobs`): in the deltas, all of them in the text's `.done`,
+    and in the stored message's part with each token's `bytes`, over SSE, HTTP and
+    WebSocket (every event checked against the SDK's types). Cut at
+    `max_output_tokens`, they are the cut text's. Not asked for: none."""
+    sdk = client(server)
+    asked: dict[str, Any] = {"include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    with httpx.stream(
+        "POST",
+        f"{server.base_url}/responses",
+        json={"model": MODEL, "input": "two words", "stream": True, **asked},
+        headers={"Authorization": "Bearer sk-test"},  # the SDK's key: the same owner
+    ) as raw:
+        payloads = [json.loads(line[6:]) for line in raw.iter_lines() if line.startswith("data: ")]
+    for payload in payloads:
+        check_sse_event(payload)
+    deltas = [p for p in payloads if p["type"] == "response.output_text.delta"]
+    expected = [mockmodel.text_logprobs(d["delta"], 2) for d in deltas]
+    assert [d["logprobs"] for d in deltas] == expected and len(expected) > 1
+    (done,) = [p for p in payloads if p["type"] == "response.output_text.done"]
+    flat = [entry for entries in expected for entry in entries]
+    assert done["logprobs"] == flat
+    part = payloads[-1]["response"]["output"][0]["content"][0]
+    with_bytes = [
+        {
+            **entry,
+            "bytes": list(entry["token"].encode()),
+            "top_logprobs": [
+                {**top, "bytes": list(top["token"].encode())} for top in entry["top_logprobs"]
+            ],
+        }
+        for entry in flat
+    ]
+    assert part["logprobs"] == with_bytes
+    stored = sdk.responses.retrieve(payloads[-1]["response"]["id"])
+    stored_part = stored.output[0].content[0]  # type: ignore[union-attr]
+    assert [lp.model_dump() for lp in stored_part.logprobs or ()] == with_bytes  # type: ignore[union-attr]
+    # Cut at the limit: the log probabilities are the cut text's.
+    cut = sdk.responses.create(model=MODEL, input="word " * 100, max_output_tokens=16, **asked)
+    cut_part = cut.output[0].content[0]  # type: ignore[union-attr]
+    assert "".join(lp.token for lp in cut_part.logprobs or ()) == cut.output_text  # type: ignore[union-attr]
+    with sdk.responses.connect() as connection:
+        connection.response.create(model=MODEL, input="over websocket", **asked)
+        events = []
+        for event in connection:
+            events.append(event.model_dump(mode="json", exclude_unset=True, warnings=False))
+            if event.type in ("response.completed", "error"):
+                break
+        connection.response.create(model=MODEL, input="not asked")
+        plain = []
+        for event in connection:
+            plain.append(event.model_dump(mode="json", exclude_unset=True, warnings=False))
+            if event.type in ("response.completed", "error"):
+                break
+    for payload in events:
+        check_ws_event(payload)
+    ws_deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert [d["logprobs"] for d in ws_deltas] == [
+        mockmodel.text_logprobs(d["delta"], 2) for d in ws_deltas
+    ]
+    assert all(e["logprobs"] == [] for e in plain if e["type"] == "response.output_text.delta")
+    assert plain[-1]["response"]["output"][0]["content"][0]["logprobs"] == []
 
 
 class Weather(BaseModel):

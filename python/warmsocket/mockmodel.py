@@ -438,6 +438,19 @@ def text_deltas(text: str) -> list[str]:
     return pieces
 
 
+LOGPROBS = "message.output_text.logprobs"
+"""The `include` value that asks for the text's log probabilities."""
+
+
+def text_logprobs(piece: str, top: int) -> list[dict[str, Any]]:
+    """A text delta's log probabilities as the Responses API gives them: one entry
+    for the delta, with a deterministic `logprob` from its length and `top` made-up
+    alternatives (the delta in upper case). The built-in model's and the simulated
+    upstream's (which gives them in Chat's shape too)."""
+    alternatives = [{"token": piece.upper(), "logprob": -2.5}] * top
+    return [{"token": piece, "logprob": -len(piece) / 100, "top_logprobs": alternatives}]
+
+
 def argument_deltas(arguments: str, parts: int = 3) -> list[str]:
     """Split function-call arguments into a few deltas."""
     if len(arguments) < parts:

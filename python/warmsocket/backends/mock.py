@@ -16,6 +16,7 @@ from warmsocket.backends.base import (
     StreamItem,
     TextAnnotation,
     TextDelta,
+    TextLogprobs,
     ToolArgumentsDelta,
     ToolCallStart,
     TurnContext,
@@ -49,7 +50,7 @@ class MockBackend:
         delay = self.ttft + reply.sleep_ms / 1000.0
         if delay:
             await asyncio.sleep(delay)
-        events = self._events(reply, turn.request.max_output_tokens)
+        events = self._events(reply, turn)
         if not self.delta_interval:
             # No pacing: the answer is ready at once; handed over in batches, so
             # the server's write backpressure holds between them.
@@ -59,7 +60,7 @@ class MockBackend:
                 yield events[start : start + READY_BATCH]
             return
         for i, event in enumerate(events):
-            if i:
+            if i and not isinstance(events[i - 1], TextLogprobs):  # they go with their delta
                 await self._pace()
             yield event
 
@@ -71,7 +72,7 @@ class MockBackend:
         reply = self._plan(turn)
         if reply.sleep_ms:
             return None
-        events = self._events(reply, turn.request.max_output_tokens)
+        events = self._events(reply, turn)
         # A long answer goes through `stream`, whose batches wait for a slow reader
         # (an immediate answer is written whole, however large).
         return events if len(events) <= READY_BATCH else None
@@ -95,11 +96,15 @@ class MockBackend:
         )
 
     @staticmethod
-    def _events(reply: mockmodel.Reply, max_output_tokens: int | None) -> list[ModelEvent]:
+    def _events(reply: mockmodel.Reply, turn: TurnContext) -> list[ModelEvent]:
         events = MockBackend._answer(reply)
-        if max_output_tokens is None:
-            return events
-        return _within(events, max_output_tokens, reply.reasoning)
+        max_output_tokens = turn.request.max_output_tokens
+        if max_output_tokens is not None:
+            events = _within(events, max_output_tokens, reply.reasoning)
+        if mockmodel.LOGPROBS in turn.request.include:
+            top = turn.settings.get("top_logprobs")
+            events = _with_logprobs(events, top if isinstance(top, int) else 0)
+        return events
 
     @staticmethod
     def _answer(reply: mockmodel.Reply) -> list[ModelEvent]:
@@ -165,6 +170,18 @@ def _within(
     if budget < 0:  # the reasoning alone is over the limit
         return [*events, TurnIncomplete("max_output_tokens")]
     return events
+
+
+def _with_logprobs(events: list[ModelEvent], top: int) -> list[ModelEvent]:
+    """Each text delta after its log probabilities (`mockmodel.text_logprobs`), as
+    the client's `include` asked: the text as it goes out, after any cut."""
+    out: list[ModelEvent] = []
+    for event in events:
+        if isinstance(event, TextDelta):
+            logprobs = mockmodel.text_logprobs(event.text, top)
+            out.append(TextLogprobs(json.dumps(logprobs, ensure_ascii=False).encode()))
+        out.append(event)
+    return out
 
 
 def _text_of(event: TextDelta | ToolArgumentsDelta) -> str:

@@ -1132,21 +1132,18 @@ def _within(reply: mockmodel.Reply, max_tokens: Any) -> tuple[mockmodel.Reply, b
     return dataclasses.replace(reply, text=reply.text[:low]), True
 
 
-LOGPROBS = "message.output_text.logprobs"
+LOGPROBS = mockmodel.LOGPROBS
 
 
 def sim_logprobs(piece: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     """A text delta's log probabilities, as OpenAI gives them when `include` asks
-    for `message.output_text.logprobs`: one entry for the delta (a deterministic
-    `logprob` from its length) with `top_logprobs` alternatives (the delta in upper
-    case); [] when not asked for."""
+    for `message.output_text.logprobs` (`mockmodel.text_logprobs`); [] when not
+    asked for."""
     include = body.get("include")
     if not isinstance(include, list) or LOGPROBS not in include:
         return []
     top = body.get("top_logprobs")
-    count = top if isinstance(top, int) else 0
-    alternatives = [{"token": piece.upper(), "logprob": -2.5}] * count
-    return [{"token": piece, "logprob": -len(piece) / 100, "top_logprobs": alternatives}]
+    return mockmodel.text_logprobs(piece, top if isinstance(top, int) else 0)
 
 
 def chat_logprobs(piece: str, top: int) -> dict[str, Any]:
