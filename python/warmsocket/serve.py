@@ -11,6 +11,7 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from warmsocket import logs, upstream_cli
 from warmsocket._core import SessionCache, SnapshotError, Tokenizer, TokenizerError
@@ -26,6 +27,9 @@ from warmsocket.engine import (
 )
 from warmsocket.metrics import Metrics
 from warmsocket.server import Server, ServerConfig
+
+if TYPE_CHECKING:
+    from warmsocket.upstream import UpstreamConfig
 
 log = logging.getLogger("warmsocket")
 
@@ -111,8 +115,12 @@ def serve_command(args: argparse.Namespace) -> int:
             log.error("cannot set up the upstream connection", extra={"reason": str(exc)})
             return 1
         sharing = shared_options(args)
-        described = upstream_cli.describe(args) if getattr(args, "upstream", None) else {}
-        return int(run_async(_serve(config, backend, snapshot, metrics, sharing, described)))
+        upstream = getattr(args, "upstream", None)
+        described = upstream_cli.describe(args) if upstream else {}
+        probed = upstream_cli.config_from_args(args) if upstream else None
+        return int(
+            run_async(_serve(config, backend, snapshot, metrics, sharing, described, probed))
+        )
     except KeyboardInterrupt:
         return 0
 
@@ -124,8 +132,10 @@ async def _serve(
     metrics: Metrics | None = None,
     sharing: SharedOptions | None = None,
     described: Mapping[str, object] | None = None,
+    probed: UpstreamConfig | None = None,
 ) -> int:
-    """`described`: more fields for the `listening` line (the upstream's)."""
+    """`described`: more fields for the `listening` line (the upstream's); `probed`:
+    the upstream to probe once listening (`upstream_probe`)."""
     if snapshot is not None:
         try:
             check_writable(snapshot)
@@ -212,7 +222,14 @@ async def _serve(
             "shared_store": sharing is not None,
         },
     )
+    probing = None
+    if probed is not None:
+        from warmsocket.upstream_probe import probe_upstreams
+
+        probing = asyncio.create_task(probe_upstreams(probed))
     await stop.wait()
+    if probing is not None:
+        probing.cancel()
     log.info("shutting down")
     await server.close()
     if snapshot is not None:
