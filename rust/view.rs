@@ -96,6 +96,60 @@ impl ContextView {
         Ok(total)
     }
 
+    /// Where `truncation: "auto"` cuts this context so that it has at most `budget`
+    /// tokens: `(head, start)`, to keep the first `head` items (the system and
+    /// developer messages the context starts with) and the items from `start` on,
+    /// `start` being the earliest user message from which they fit. Whole turns go,
+    /// so no tool output loses its call. `start == head` when nothing need go; None
+    /// when not even the last user message onward fits.
+    ///
+    /// Items count their cached tokens, else `tokenizer`'s count, else an estimate
+    /// of four bytes a token. O(context) once the cached counts are summed.
+    pub fn truncation(
+        &self,
+        budget: u64,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<Option<(u64, u64)>, TokenError> {
+        // (tokens, is a user message) of every item, oldest first.
+        let mut items: Vec<(u64, bool)> = Vec::with_capacity(self.items() as usize);
+        let mut head = 0u64;
+        let mut in_head = true;
+        for batch in self.batches() {
+            let counts = batch.token_counts();
+            for (index, item) in batch.iter().enumerate() {
+                let tokens = match (counts.and_then(|c| c.get(index)), tokenizer) {
+                    (Some(&count), _) => u64::from(count),
+                    (None, Some(tokenizer)) => tokenizer.count_item(item.json())? as u64,
+                    (None, None) => (item.nbytes() as u64).div_ceil(4),
+                };
+                let role = if item.kind() == "message" {
+                    item.role()
+                } else {
+                    None
+                };
+                in_head = in_head && matches!(role, Some("system" | "developer"));
+                head += u64::from(in_head);
+                items.push((tokens, role == Some("user")));
+            }
+        }
+        let head_tokens: u64 = items[..head as usize].iter().map(|&(t, _)| t).sum();
+        if head as usize == items.len() {
+            return Ok((head_tokens <= budget).then_some((head, head)));
+        }
+        let mut rest = 0u64; // tokens from index i to the end
+        let mut start = None;
+        for (index, &(tokens, user)) in items.iter().enumerate().skip(head as usize).rev() {
+            rest += tokens;
+            if head_tokens.saturating_add(rest) > budget {
+                break;
+            }
+            if user || index == head as usize {
+                start = Some(index as u64);
+            }
+        }
+        Ok(start.map(|start| (head, start)))
+    }
+
     /// Hashes of the new items' blocks, continuing the chain's state.
     fn extra_hashes(&self, cfg: &TokenConfig) -> Result<Vec<BlockHash>, TokenError> {
         let mut out = Vec::new();
@@ -380,6 +434,52 @@ mod tests {
             r#"[{"role":"assistant","content":"a2"}]"#,
             Some(b),
         )
+    }
+
+    #[test]
+    fn truncation_keeps_the_leading_system_messages_and_whole_turns() {
+        let new = parse(r#"[{"role":"user","content":"u3"}]"#);
+        let view = ContextView::new(Some(conversation()), Some(new));
+        // Items: system s, user u1, a1, user u2, call, output, a2, user u3.
+        let estimate = |from: usize| -> u64 {
+            let spans = view.item_spans();
+            let tokens = |span: &&[u8]| (span.len() as u64).div_ceil(4);
+            spans[..1].iter().map(tokens).sum::<u64>()
+                + spans[from..].iter().map(tokens).sum::<u64>()
+        };
+        let cut = |budget: u64| view.truncation(budget, None).unwrap();
+        assert_eq!(cut(u64::MAX), Some((1, 1)));
+        assert_eq!(cut(estimate(1)), Some((1, 1))); // all of it fits exactly
+        assert_eq!(cut(estimate(1) - 1), Some((1, 3))); // from u2: u1's turn goes
+        assert_eq!(cut(estimate(3)), Some((1, 3)));
+        // Not from the call or its output: from the next user message.
+        assert_eq!(cut(estimate(3) - 1), Some((1, 7)));
+        assert_eq!(cut(estimate(7)), Some((1, 7)));
+        assert_eq!(cut(estimate(7) - 1), None);
+        // A tokenizer counts what the batches have no counts for.
+        let tokenizer = Tokenizer::builtin("o200k_base").unwrap();
+        let counted: Vec<u64> = view
+            .item_spans()
+            .iter()
+            .map(|span| tokenizer.count_item(span).unwrap() as u64)
+            .collect();
+        let fits = counted[0] + counted[3..].iter().sum::<u64>();
+        assert_eq!(
+            view.truncation(fits, Some(&tokenizer)).unwrap(),
+            Some((1, 3))
+        );
+        assert_eq!(
+            view.truncation(fits - 1, Some(&tokenizer)).unwrap(),
+            Some((1, 7))
+        );
+        // No leading system message: nothing is kept before the cut.
+        let plain = ContextView::new(None, Some(parse(r#"[{"role":"user","content":"u"}]"#)));
+        assert_eq!(plain.truncation(u64::MAX, None).unwrap(), Some((0, 0)));
+        assert_eq!(plain.truncation(0, None).unwrap(), None);
+        assert_eq!(
+            ContextView::default().truncation(0, None).unwrap(),
+            Some((0, 0))
+        );
     }
 
     #[test]

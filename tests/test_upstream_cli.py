@@ -50,6 +50,7 @@ def test_upstream_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None
     config = config_from_args(args)
     assert config.urls == ("http://a:1/v1", "http://b:2/v1")
     assert config.api == "responses-ws"
+    assert config.context_window is None  # learned from the upstream's model list
     assert config.upstream_model("gpt-4o") == "qwen" and config.upstream_model("x") == "llama"
     args = build_parser().parse_args(
         [
@@ -60,10 +61,13 @@ def test_upstream_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None
             "0",
             "--affinity-cooldown",
             "1",
+            "--upstream-context-window",
+            "32768",
         ]
     )
     config = config_from_args(args)
     assert config.urls == ("http://c:3/v1",) and config.retries == 0
+    assert config.context_window == 32768
     assert config.router.cooldown == 1.0
     monkeypatch.delenv("WARMSOCKET_UPSTREAM_MODEL_MAP")
     bad = build_parser().parse_args(

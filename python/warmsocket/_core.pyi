@@ -326,6 +326,14 @@ class ContextView:
         Concatenated from the kept ids when the cache keeps them (`keep_token_ids`);
         otherwise every item is tokenised again (O(context)).
         """
+    def truncation(self, budget: int, tokenizer: Tokenizer | None = None) -> tuple[int, int] | None:
+        """Where `truncation: "auto"` cuts the context to at most `budget` tokens:
+        `(head, start)`, to keep the first `head` items (the system and developer
+        messages it starts with) and the items from `start` on, `start` being the
+        earliest user message from which they fit (whole turns go: no tool output
+        loses its call). `start == head` when nothing need go; None when not even the
+        last user message onward fits. Items count their cached tokens, else
+        `tokenizer`'s count, else four bytes a token."""
     def count_tokens(self, tokenizer: Tokenizer) -> int:
         """Tokens of the context counted from scratch with `tokenizer`: every item
         tokenised again, O(context) (what a server without token caching pays per

@@ -236,6 +236,8 @@ class UpstreamMetrics:
         """Full-context resends after the upstream lost a chain's state, by reason."""
         self.chained = 0
         """responses-ws turns sent with the upstream's own previous_response_id."""
+        self.truncated_turns = 0
+        """Chat turns sent without their oldest turns (`truncation: auto`)."""
         self.affinity = Counter[tuple[str, str]]()
         """(result, reason): hit/parent, miss/<why>, new/prefix..."""
         self.connections_opened = Counter[str]()
@@ -277,6 +279,12 @@ class UpstreamMetrics:
             "Turns sent with the upstream's own previous_response_id (responses-ws).",
         )
         lines.append(f"warmsocket_upstream_chained_total {self.chained}")
+        family(
+            "warmsocket_upstream_truncated_turns_total",
+            "counter",
+            "Turns sent without their oldest turns to fit the model's window (truncation: auto).",
+        )
+        lines.append(f"warmsocket_upstream_truncated_turns_total {self.truncated_turns}")
         family(
             "warmsocket_upstream_affinity_total",
             "counter",

@@ -53,6 +53,9 @@ class UpstreamConfig:
     """Client model name -> upstream model name; the key '*' maps every other name."""
     max_idle_connections: int = 64
     """Idle keep-alive connections kept per replica."""
+    context_window: int | None = None
+    """The model's context window in tokens, for `truncation: auto` (chat API);
+    None: learned from the upstream's `GET /models` (`max_model_len`)."""
     ws_lifetime: float = 3300.0
     """responses-ws: seconds after which a connection gets no new turn (rotated)."""
     ws_warm_connections: int = 1

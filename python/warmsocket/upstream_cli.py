@@ -89,6 +89,15 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
         "while nothing has reached the client yet",
     )
     opt.add(
+        "--upstream-context-window",
+        default=0,
+        type=_non_negative_int,
+        metavar="TOKENS",
+        help="the upstream model's context window, for requests with 'truncation: "
+        "auto' (chat API: the oldest turns are left out to fit it); 0 = the "
+        "max_model_len its GET /models lists (vLLM, SGLang), else no truncation",
+    )
+    opt.add(
         "--upstream-max-idle",
         default=64,
         type=_positive_int,
@@ -170,6 +179,7 @@ def config_from_args(args: argparse.Namespace) -> UpstreamConfig:
         retries=args.upstream_retries,
         model_map=model_map,
         max_idle_connections=args.upstream_max_idle,
+        context_window=args.upstream_context_window or None,
         ws_lifetime=args.upstream_ws_lifetime,
         ws_warm_connections=args.upstream_ws_warm,
         router=RouterConfig(
@@ -279,6 +289,14 @@ def add_simulate_command(commands: Any) -> None:
         help="require 'Authorization: Bearer KEY' (HTTP 401 otherwise)",
     )
     opt.add(
+        "--max-model-len",
+        default=0,
+        type=_non_negative_int,
+        help="the model's context window in tokens, as vLLM's --max-model-len: listed "
+        "in GET /v1/models, and a request whose prompt and output limit exceed it is "
+        "refused with vLLM's 400 (0 = no limit)",
+    )
+    opt.add(
         "--overhead-ms",
         default=0.0,
         type=_non_negative_float,
@@ -363,6 +381,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         ws_lifetime=args.ws_lifetime,
         record_bodies=args.record_bodies,
         api_key=args.api_key,
+        max_model_len=args.max_model_len or None,
     )
 
     async def main() -> int:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from warmsocket import __version__
 from warmsocket.httpclient import HTTPClientError, HTTPPool, Origin, proxy_for, request_head
@@ -38,12 +39,16 @@ class Finding:
     status: int | None = None
     """The HTTP status; None when no answer came (`reason` says why)."""
     models: tuple[str, ...] = ()
+    windows: dict[str, int] = field(default_factory=dict)
+    """The models' context windows, where the list gives them (`max_model_len`:
+    vLLM, SGLang)."""
     reason: str | None = None
 
 
 async def probe(origin: Origin, api_key: str | None, timeout: float) -> Finding:
-    """`GET <origin>/models`, answered or not within `timeout` seconds (connecting
-    included). Never raises, except for cancellation."""
+    """`GET <origin>/models`, given up when connecting, or any wait for the answer,
+    takes longer than `timeout` seconds. Never raises, except for cancellation. Needs
+    no current task (a backend's eager first step asks it)."""
     headers = [("Host", origin.host_header), ("User-Agent", f"warmsocket/{__version__}")]
     headers.append(("Accept", "application/json"))
     if api_key:
@@ -53,33 +58,39 @@ async def probe(origin: Origin, api_key: str | None, timeout: float) -> Finding:
     except ValueError as exc:  # a proxy this client cannot use (responses-ws: SOCKS)
         return Finding(str(origin), reason=f"not probed: {exc}")
     try:
-        async with asyncio.timeout(timeout):
-            response = await pool.request(
-                [request_head("GET", f"{origin.base_path}/models", headers)], timeout=timeout
-            )
-            try:
-                body = await response.read(MAX_BODY)
-            finally:
-                response.abort()
+        response = await pool.request(
+            [request_head("GET", f"{origin.base_path}/models", headers)], timeout=timeout
+        )
+        try:
+            body = await response.read(MAX_BODY)
+        finally:
+            response.abort()
     except (HTTPClientError, OSError, TimeoutError) as exc:
         return Finding(str(origin), reason=str(exc) or type(exc).__name__)
     finally:
         pool.close()
-    return Finding(str(origin), response.status, _model_ids(body))
+    cards = _model_cards(body) if response.status == 200 else []
+    windows = {
+        card["id"]: window
+        for card in cards
+        if isinstance(window := card.get("max_model_len"), int)
+        and not isinstance(window, bool)
+        and window > 0
+    }
+    return Finding(str(origin), response.status, tuple(c["id"] for c in cards), windows)
 
 
-def _model_ids(body: bytes) -> tuple[str, ...]:
-    """The ids of an OpenAI model list (`{"data": [{"id": ...}]}`); () for anything else."""
+def _model_cards(body: bytes) -> list[dict[str, Any]]:
+    """The cards of an OpenAI model list (`{"data": [{"id": ...}]}`) that have an
+    id; [] for anything else."""
     try:
         listing = json.loads(body)
     except ValueError:
-        return ()
+        return []
     cards = listing.get("data") if isinstance(listing, dict) else None
     if not isinstance(cards, list):
-        return ()
-    return tuple(
-        card["id"] for card in cards if isinstance(card, dict) and isinstance(card.get("id"), str)
-    )
+        return []
+    return [c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str)]
 
 
 def report(finding: Finding, config: UpstreamConfig) -> None:
@@ -115,6 +126,11 @@ def report(finding: Finding, config: UpstreamConfig) -> None:
                 "status": status,
                 "model_count": len(finding.models),
                 "models": list(finding.models[:LISTED]),
+                **(
+                    {"context_windows": dict(list(finding.windows.items())[:LISTED])}
+                    if finding.windows
+                    else {}
+                ),
             },
         )
         served = set(finding.models)

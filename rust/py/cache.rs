@@ -576,6 +576,19 @@ impl PyContextView {
         ids.map(|ids| token_array(py, &ids)).transpose()
     }
 
+    #[pyo3(signature = (budget, tokenizer=None))]
+    fn truncation(
+        &self,
+        py: Python<'_>,
+        budget: u64,
+        tokenizer: Option<&Tokenizer>,
+    ) -> PyResult<Option<(u64, u64)>> {
+        let view = &self.inner;
+        let tokenizer = tokenizer.map(|t| &*t.inner);
+        py.detach(|| view.truncation(budget, tokenizer))
+            .map_err(|e| to_py_err(py, e))
+    }
+
     fn count_tokens(&self, py: Python<'_>, tokenizer: &Tokenizer) -> PyResult<u64> {
         let (view, tokenizer) = (&self.inner, &tokenizer.inner);
         py.detach(|| view.count_tokens(tokenizer))

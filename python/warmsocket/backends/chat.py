@@ -9,7 +9,10 @@ reuses the parent's message bytes. Rendering is per item and deterministic, so t
 result is byte for byte what a full translation gives, and each request's body
 starts with the previous turn's body (an upstream prefix cache depends on that).
 Whenever the shortcut cannot be proven right (item counts differ, a cancelled or
-steered parent), the whole context is translated again.
+steered parent, another `truncation` cut), the whole context is translated again.
+
+A request with `truncation: "auto"` whose context would not fit the model's window
+goes without its oldest turns (`warmsocket.backends.truncation`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,17 @@ from warmsocket.backends.chat_translate import (
     system_message,
 )
 from warmsocket.backends.http_upstream import Decoder, HTTPUpstreamBackend
+from warmsocket.backends.truncation import (
+    ContextWindows,
+    Cut,
+    PromptTokens,
+    asks_for_truncation,
+    choose_cut,
+    context_budget,
+)
+from warmsocket.prefixhash import tokenizer
 from warmsocket.response_stream import dumps
+from warmsocket.upstream_probe import probe
 
 MEMO_ENTRIES = 4096
 
@@ -47,6 +60,8 @@ class _Rendered:
     items: int
     """Items of the request context these messages render."""
     last_role: str | None
+    cut: Cut | None = None
+    """The `truncation` cut these messages were rendered with."""
     output: list[dict[str, Any]] | None = None
     """The response's output items, once the upstream finished it."""
 
@@ -67,13 +82,45 @@ class ChatBackend(HTTPUpstreamBackend):
         self._memo: OrderedDict[str, _Rendered] = OrderedDict()
         self.full_renders = 0
         """Turns whose whole context was translated (not continued from a remembered parent)."""
+        self.windows = ContextWindows(self.config.context_window)
+        self._prompt_tokens: PromptTokens | None = None
 
-    def build_body(self, turn: TurnContext, model: str) -> list[bytes | bytearray]:
+    async def request_body(self, turn: TurnContext, model: str) -> list[bytes | bytearray]:
+        if not asks_for_truncation(turn):
+            return self.build_body(turn, model)
+        window = await self.windows.window(model, self._context_windows)
+        if window is None:
+            return self.build_body(turn, model)
+        if self._prompt_tokens is None:
+            self._prompt_tokens = PromptTokens(tokenizer())
+        counter = self._prompt_tokens
+        budget = context_budget(window, turn.request.max_output_tokens, counter.count(turn))
+        parent = self._memo.get(turn.previous_response_id) if turn.previous_response_id else None
+        cut = await choose_cut(
+            turn.view,
+            budget,
+            counter.tokenizer,
+            new=turn.input,
+            kept=parent.cut if parent is not None else None,
+        )
+        if cut is not None:
+            self.stats.truncated_turns += 1
+        return self.build_body(turn, model, cut)
+
+    async def _context_windows(self) -> dict[str, int]:
+        """The context windows the first replica's model list gives (`max_model_len`)."""
+        finding = await probe(self.origins[0], self.config.api_key, self.config.connect_timeout)
+        return finding.windows
+
+    def build_body(
+        self, turn: TurnContext, model: str, cut: Cut | None = None
+    ) -> list[bytes | bytearray]:
         parent = self._memo.get(turn.previous_response_id) if turn.previous_response_id else None
         messages: list[bytes] | None = None
         last_role: str | None = None
         if (
             parent is not None
+            and parent.cut == cut
             and parent.output is not None
             and turn.input is not None
             and parent.items + len(parent.output) + turn.new_items == turn.view.items
@@ -86,7 +133,10 @@ class ChatBackend(HTTPUpstreamBackend):
                 last_role = last_role or parent.last_role
         if messages is None:
             self.full_renders += 1
-            messages, last_role = render(turn.view.objects())
+            items = turn.view.objects()
+            if cut is not None:
+                items = items[: cut.head] + items[cut.start :]
+            messages, last_role = render(items)
         settings = turn.settings_json
         logprobs = LOGPROBS in turn.request.include
         given = turn.request.given_defaults
@@ -109,7 +159,16 @@ class ChatBackend(HTTPUpstreamBackend):
             system = system_message(instructions) if instructions is not None else None
         memo = self._memo
         memo[turn.response_id] = _Rendered(
-            model, settings, logprobs, given, head, system, messages, turn.view.items, last_role
+            model,
+            settings,
+            logprobs,
+            given,
+            head,
+            system,
+            messages,
+            turn.view.items,
+            last_role,
+            cut,
         )
         while len(memo) > MEMO_ENTRIES:
             memo.popitem(last=False)

@@ -196,6 +196,7 @@ class HTTPUpstreamBackend:
             )
             for origin in origins
         ]
+        self.origins = origins
         self._heads = [self._request_head(origin) for origin in origins]
         self._targets = [f"POST {origin.base_path}{self.path}" for origin in origins]
         """What each replica is asked, for the log (the path only: no query, no credentials)."""
@@ -210,6 +211,11 @@ class HTTPUpstreamBackend:
         """The request body as pieces, written as they are (never joined into one buffer)."""
         raise NotImplementedError
 
+    async def request_body(self, turn: TurnContext, model: str) -> list[bytes | bytearray]:
+        """`build_body`, after what a subclass must first wait for. Its first step must
+        need no current task (`eager_start`)."""
+        return self.build_body(turn, model)
+
     def new_decoder(self) -> Decoder:
         raise NotImplementedError
 
@@ -219,7 +225,7 @@ class HTTPUpstreamBackend:
     # -- Backend ------------------------------------------------------------------------------
 
     async def stream(self, turn: TurnContext) -> AsyncIterator[StreamItem]:
-        body = self.build_body(turn, self.config.upstream_model(turn.model))
+        body = await self.request_body(turn, self.config.upstream_model(turn.model))
         length = str(sum(map(len, body))).encode()
         exclude: set[int] = set()
         retries_left = self.config.retries

@@ -98,6 +98,9 @@ class SimConfig:
     record_bodies: int = 256
     """Keep the request bodies of the latest N requests for `/stats?bodies=1`."""
     api_key: str | None = None
+    max_model_len: int | None = None
+    """The context window in tokens (`--max-model-len`): listed in `/v1/models` and
+    enforced as vLLM does; None for no limit."""
 
 
 @dataclass(slots=True)
@@ -400,8 +403,15 @@ class _Connection(asyncio.Protocol):
             return
         self._check_key(request)
         if method == "GET" and path == "/models":
+            window = self.server.config.max_model_len
             cards = [
-                {"id": m, "object": "model", "created": 0, "owned_by": "warmsocket-sim"}
+                {
+                    "id": m,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "warmsocket-sim",
+                    **({"max_model_len": window} if window else {}),
+                }
                 for m in self.server.config.models
             ]
             self._json(request, 200, {"object": "list", "data": cards})
@@ -457,6 +467,7 @@ class _Connection(asyncio.Protocol):
             encoded = canonical_items(items)
         tool_list = tools if isinstance(tools, list) else []
         prefill = self.server.cache.prefill(instructions, tool_list, encoded)
+        _check_context_window(record, prefill.prompt_tokens, max_tokens, self.server.config)
         reply = plan(items, tools=tools, instructions=instructions, choice=choice)
         reply, cut_short = _within(reply, max_tokens)
         record.items = len(items)
@@ -1156,6 +1167,27 @@ def chat_logprobs(piece: str, top: int) -> dict[str, Any]:
 
     alternatives = [with_bytes(t) for t in entry["top_logprobs"]]
     return {"content": [{**with_bytes(entry), "top_logprobs": alternatives}]}
+
+
+def _check_context_window(
+    record: RequestRecord, prompt_tokens: int, max_tokens: Any, config: SimConfig
+) -> None:
+    """Refuse a request longer than `--max-model-len`, as vLLM does: the prompt and
+    the output limit asked for (none: the prompt alone) must fit the window."""
+    window = config.max_model_len
+    if window is None:
+        return
+    completion = max_tokens if isinstance(max_tokens, int) else 0
+    if prompt_tokens + completion <= window:
+        return
+    record.status = 400
+    raise APIError(
+        None,
+        f"This model's maximum context length is {window} tokens. However, you requested "
+        f"{prompt_tokens + completion} tokens ({prompt_tokens} in the messages, {completion} "
+        "in the completion). Please reduce the length of the messages or completion.",
+        type="BadRequestError",
+    )
 
 
 def _tool_choice(body: dict[str, Any]) -> mockmodel.ToolChoice:
