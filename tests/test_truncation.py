@@ -74,6 +74,9 @@ def test_windows_are_asked_once_and_again_only_after_a_while(
     assert asyncio.run(windows.window("m", fetch)) == 8192
     assert len(asked) == 2
     assert asyncio.run(ContextWindows(2048).window("m", fetch)) == 2048  # the flag wins
+    probed = ContextWindows(None)
+    probed.learn({"m": 4096})  # serve's start-up probe: no turn asks
+    assert asyncio.run(probed.window("m", fetch)) == 4096 and len(asked) == 2
 
 
 def sent_messages(sim: Any) -> list[list[dict[str, Any]]]:

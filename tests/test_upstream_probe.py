@@ -49,6 +49,15 @@ def test_a_reachable_upstream_and_its_models(caplog: pytest.LogCaptureFixture) -
         assert info.getMessage() == "upstream reachable"
         assert warning.levelname == "WARNING" and warning.model == "mistral"  # type: ignore[attr-defined]
         assert "--upstream-model-map" in warning.getMessage()
+    # A context window in the list (vLLM's `max_model_len`) is logged and learned.
+    with running_sim(models=("qwen",), max_model_len=32768) as sim:
+        learned: list[dict[str, int]] = []
+        caplog.clear()
+        asyncio.run(
+            probe_upstreams(UpstreamConfig(urls=(sim.base_url,)), timeout=2.0, learn=learned.append)
+        )
+    assert learned == [{"qwen": 32768}]
+    assert caplog.records[0].context_windows == {"qwen": 32768}  # type: ignore[attr-defined]
 
 
 def test_nothing_listening(caplog: pytest.LogCaptureFixture, closed_port: int) -> None:

@@ -224,9 +224,11 @@ async def _serve(
     )
     probing = None
     if probed is not None:
+        from warmsocket.backends.chat import ChatBackend
         from warmsocket.upstream_probe import probe_upstreams
 
-        probing = asyncio.create_task(probe_upstreams(probed))
+        learn = backend.windows.learn if isinstance(backend, ChatBackend) else None
+        probing = asyncio.create_task(probe_upstreams(probed, learn=learn))
     await stop.wait()
     if probing is not None:
         probing.cancel()

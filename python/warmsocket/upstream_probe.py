@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,12 +144,20 @@ def report(finding: Finding, config: UpstreamConfig) -> None:
                 )
 
 
-async def probe_upstreams(config: UpstreamConfig, *, timeout: float | None = None) -> list[Finding]:
+async def probe_upstreams(
+    config: UpstreamConfig,
+    *,
+    timeout: float | None = None,
+    learn: Callable[[dict[str, int]], None] | None = None,
+) -> list[Finding]:
     """Probe every replica at once and log what each shows (`report`). `timeout`
-    defaults to `--upstream-connect-timeout`."""
+    defaults to `--upstream-connect-timeout`; `learn` gets the context windows the
+    lists give (the chat backend's, for `truncation: auto`)."""
     limit = config.connect_timeout if timeout is None else timeout
     origins = [Origin.parse(url) for url in config.urls]
     findings = await asyncio.gather(*(probe(o, config.api_key, limit) for o in origins))
     for finding in findings:
         report(finding, config)
+        if learn is not None and finding.windows:
+            learn(finding.windows)
     return list(findings)

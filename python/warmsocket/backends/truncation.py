@@ -145,6 +145,10 @@ class ContextWindows:
         self._known: dict[str, int] = {}
         self._asked: dict[str, float] = {}
 
+    def learn(self, windows: dict[str, int]) -> None:
+        """Windows found elsewhere (`serve`'s start-up probe), so no turn waits to ask."""
+        self._known.update(windows)
+
     async def window(
         self, model: str, fetch: Callable[[], Awaitable[dict[str, int]]]
     ) -> int | None:
