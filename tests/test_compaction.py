@@ -95,7 +95,10 @@ def test_compacting_a_chain_and_continuing_from_the_window(server: RunningServer
     assert done.output_text == "read_file returned: x=1"
 
     compacted = sdk.responses.compact(
-        model=MODEL, previous_response_id=done.id, instructions="Be terse."
+        model=MODEL,
+        previous_response_id=done.id,
+        instructions="Be terse.",
+        extra_body={"prompt": {"id": "pmpt_1"}},  # not a compact field: ignored, as others
     )
     texts, summary = checked_window(compacted)
     assert texts == ["Plan the refactor.", '/call read_file {"path": "a.py"}']
@@ -372,7 +375,11 @@ def test_a_responses_upstream_compacts_itself(api: str) -> None:
             prompt_cache_key="chain-7",
             prompt_cache_options={"ttl": "12h"},
             service_tier="default",  # at the API's default: still sent (OpenAI's is auto)
-            extra_body={"safety_identifier": "user-hash-1", "user": "not a compact field"},
+            extra_body={
+                "safety_identifier": "user-hash-1",
+                "user": "not a compact field",
+                "prompt": {"id": "pmpt_1"},  # nor is a template: not sent, not refused
+            },
         )
         (asked,) = sim.stats(bodies=True, since=since)["requests"]
         assert asked["api"] == "compact"
@@ -386,6 +393,7 @@ def test_a_responses_upstream_compacts_itself(api: str) -> None:
         }
         assert body["safety_identifier"] == "user-hash-1"
         assert body["prompt_cache_options"] == {"ttl": "12h"}
+        assert "prompt" not in body
         assert [item.get("role") for item in body["input"]] == [
             "user",
             "assistant",

@@ -83,6 +83,8 @@ def rust_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
         result.include,
         None if result.upstream_options_json is None else json.loads(result.upstream_options_json),
         result.given_defaults,
+        result.has_prompt,
+        result.model_from_prompt,
         result.max_output_tokens,
     )
 
@@ -134,6 +136,8 @@ def reference_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
         result.include,
         result.upstream_options,
         result.given_defaults,
+        result.has_prompt,
+        result.model_from_prompt,
         None if (limit := result.settings["max_output_tokens"]) is None else min(limit, 2**64 - 1),
     )
 
@@ -578,6 +582,44 @@ def test_settings_given_at_their_default_get_the_reference_verdict(given: Any) -
             name for name, value in given.items() if value in (1, "default") and value is not True
         ]
         assert sorted(result.given_defaults) == sorted(at_default)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "model"),
+    [
+        ({"id": "pmpt_1"}, "m"),
+        ({"id": "pmpt_1"}, None),
+        (
+            {
+                "id": "pmpt_1",
+                "version": "2",
+                "variables": {"city": "Lima", "n": {"type": "input_text", "text": "x"}},
+            },
+            None,
+        ),
+        ({"id": "pmpt_1", "version": None, "variables": None}, "m"),
+        ({}, "m"),
+        ({"version": "2"}, None),
+        ({"id": 5}, "m"),
+        ({"id": "p", "version": 2}, "m"),
+        ({"id": "p", "variables": ["x"]}, "m"),
+        ("pmpt_1", "m"),
+        (None, None),
+    ],
+)
+def test_prompt_gets_the_reference_verdict(prompt: Any, model: Any) -> None:
+    """`prompt` (a template stored at OpenAI) is validated as the schema has it,
+    kept for a Responses upstream (`upstream_options`), and names the model when
+    the body has none."""
+    body = {"type": "response.create", "input": "x", "prompt": prompt, "model": model}
+    same_verdict(json.dumps(body).encode())
+    result = _core.parse_client_message(json.dumps(body).encode(), max_item_bytes=MAX_ITEM)
+    if isinstance(result, _core.CreateRequest):
+        options = json.loads(result.upstream_options_json or b"{}")
+        kept = {k: v for k, v in prompt.items() if v is not None}
+        assert (result.has_prompt, options["prompt"]) == (True, kept)
+        assert result.model_from_prompt == (model is None)
+        assert result.model == (model or "default")
 
 
 @pytest.mark.parametrize(

@@ -111,6 +111,20 @@ def test_http_errors_are_openai_errors(server: RunningServer) -> None:
     assert httpx.get(f"{server.base_url}/nowhere").status_code == 404
 
 
+def test_a_prompt_template_is_refused_with_what_to_do(server: RunningServer) -> None:
+    """The built-in model cannot read a template stored at OpenAI: `prompt` is a 400
+    that says what to send instead, not silently ignored (the request would go on
+    without the template's instructions). Its shape is still checked first."""
+    sdk = client(server)
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.responses.create(prompt={"id": "pmpt_1", "variables": {"name": "Ada"}}, input="hi")
+    assert (refused.value.code, refused.value.param) == ("unsupported_parameter", "prompt")
+    assert "'instructions'" in refused.value.message
+    with pytest.raises(openai.BadRequestError) as malformed:
+        sdk.responses.create(model=MODEL, prompt={"version": "2"}, input="hi")  # type: ignore[typeddict-item]
+    assert malformed.value.param == "prompt.id"
+
+
 def test_http_store_false_is_not_retrievable(server: RunningServer) -> None:
     sdk = client(server)
     response = sdk.responses.create(model=MODEL, input="zdr", store=False)

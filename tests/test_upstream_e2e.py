@@ -457,6 +457,44 @@ def test_settings_given_at_the_api_default_still_reach_the_upstream(
     assert sent == [expected, {}, {"temperature": 0.5}, expected]
 
 
+def test_a_prompt_template_reaches_a_responses_upstream(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """`prompt` (a template stored at OpenAI, with its variables) goes to a Responses
+    upstream, which reads it (the simulated one as OpenAI does: its instructions,
+    `{{name}}` replaced); a body without `model` sends none, the template naming it;
+    a template the upstream does not have is its 404. A Chat Completions upstream
+    cannot read one: 400 on `prompt`, and the connection goes on."""
+    sim, server, _metrics = stack
+    sim.control(prompts={"pmpt_1": "Speak to {{name}}."})
+    template = {"id": "pmpt_1", "variables": {"name": "Ada"}}
+    with WSClient(server.ws_url) as client:
+        first = client.turn(input="/transcript", prompt=template, model=None)
+        if api == "chat":
+            assert first[-1]["type"] == "error", first[-1]
+            assert (first[-1]["error"]["code"], first[-1]["error"]["param"]) == (
+                "unsupported_parameter",
+                "prompt",
+            )
+            assert "--upstream-api responses" in first[-1]["error"]["message"]
+            assert output_text(client.turn(input="still here")) == "You said: still here"
+            assert sim.stats()["requests_total"] == 1
+            return
+        assert output_text(first).splitlines()[0] == "instructions: Speak to Ada."
+        second = client.turn(
+            input="/transcript",
+            prompt=template,
+            previous_response_id=first[-1]["response"]["id"],
+        )
+        assert output_text(second).splitlines()[0] == "instructions: Speak to Ada."
+        missing = client.turn(input="x", prompt={"id": "pmpt_nope"})
+    bodies = [json.loads(r["body"]) for r in sim.stats(bodies=True)["requests"]]
+    assert [body["prompt"] for body in bodies[:2]] == [template] * 2
+    assert "model" not in bodies[0] and bodies[1]["model"] == "warmsocket-mock"
+    assert missing[-1]["type"] == "response.failed"
+    assert "Prompt with id 'pmpt_nope' not found" in missing[-1]["response"]["error"]["message"]
+
+
 def test_an_answer_the_upstream_cut_short_ends_incomplete(
     api: str, stack: tuple[RunningSim, RunningServer, Metrics]
 ) -> None:

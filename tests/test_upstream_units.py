@@ -460,6 +460,12 @@ def test_http_error_mapping() -> None:
     for error in ({}, {"code": None}, {"code": "odd", "type": "server_error"}):
         assert from_error_object(error).retryable, error
     assert from_error_object({"code": "rate_limit_exceeded"}).status == 429
+    # An error event with a 4xx status and no code (OpenAI's for a prompt template it
+    # does not have) is the request's fault: not retried, its message kept.
+    missing = from_error_object({"message": "Prompt with id 'p' not found."}, status=404)
+    assert (missing.status, missing.retryable) == (404, False)
+    assert missing.response_error()["message"] == "Prompt with id 'p' not found."
+    assert from_error_object({"message": "busy"}, status=503).retryable
 
 
 ROUTE_404_BODIES = [

@@ -801,13 +801,21 @@ class CreateRequest:
     @property
     def upstream_options_json(self) -> bytes | None:
         """The body fields only an upstream acts on, for a Responses upstream: `image`,
-        and `prompt_cache_options` less `prewarm` (warmsocket's own) and
+        `prompt` (`has_prompt`), and `prompt_cache_options` less `prewarm` (warmsocket's own) and
         `comparison_response_id` (a response id), null members left out, as one
         canonical JSON object; None when there is none."""
     @property
     def include(self) -> tuple[str, ...]:
         """`include` as sent (validated: an array of strings, or null), such as
         `("reasoning.encrypted_content",)`; empty when absent or null."""
+    @property
+    def has_prompt(self) -> bool:
+        """The body has a `prompt` (a template stored at OpenAI: only a Responses
+        upstream can read it; it is in `upstream_options_json`)."""
+    @property
+    def model_from_prompt(self) -> bool:
+        """The body gave no `model` (its `prompt`'s template names one): `model` is
+        `"default"`, and an upstream is sent none."""
     @property
     def given_defaults(self) -> tuple[str, ...]:
         """Of `temperature`, `top_p` and `service_tier` (in that order), those the

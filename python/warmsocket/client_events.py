@@ -164,6 +164,10 @@ class CreateRequest:
     given_defaults: tuple[str, ...] = ()
     """The settings of `UPSTREAM_DEFAULTS` the client gave at the API's default value
     (`_given_defaults`)."""
+    has_prompt: bool = False
+    """The body has a `prompt` (a template stored at OpenAI; in `upstream_options`)."""
+    model_from_prompt: bool = False
+    """The body gave no `model` (`model` is "default"; the template names one)."""
     items: Items | None = None
     """`input_items` as `Items` (set by `parse_message`)."""
 
@@ -479,6 +483,8 @@ def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
         include=include,
         upstream_options=upstream_options,
         given_defaults=_given_defaults(body),
+        has_prompt=body.get("prompt") is not None,
+        model_from_prompt=body.get("model") is None,
     )
 
 
@@ -584,16 +590,25 @@ _UPSTREAM_OPTIONS: tuple[tuple[str, tuple[tuple[str, type, str], ...]], ...] = (
         ),
     ),
     ("image", (("context_compression", str, "a string"),)),
+    (
+        "prompt",
+        (
+            ("id", str, "a string"),
+            ("version", str, "a string or null"),
+            ("variables", dict, "an object or null"),
+        ),
+    ),
 )
 _LOCAL_CACHE_OPTIONS = frozenset({"prewarm", "comparison_response_id"})
 
 
 def _upstream_options(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
-    """`prompt_cache_options` and `image` as the API's schema has them (null, or an
-    object whose known members have their types; values not checked against a
-    list): whether `prewarm` is true, and the members an upstream gets (`image`, and
-    `prompt_cache_options` less `prewarm` and `comparison_response_id`, null members
-    left out), None without any. Raises APIError."""
+    """`prompt_cache_options`, `image` and `prompt` as the API's schema has them
+    (null, or an object whose known members have their types, a `prompt` with its
+    `id`; values not checked against a list): whether `prewarm` is true, and the
+    members an upstream gets (`image`, `prompt`, and `prompt_cache_options` less
+    `prewarm` and `comparison_response_id`, null members left out), None without
+    any. Raises APIError."""
     prewarm = False
     kept: dict[str, Any] = {}
     for field_name, typed in _UPSTREAM_OPTIONS:
@@ -606,6 +621,8 @@ def _upstream_options(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None
             value = options.get(member)
             if value is not None and not isinstance(value, kind):
                 raise errors.invalid_type(f"{field_name}.{member}", expected)
+        if field_name == "prompt" and options.get("id") is None:
+            raise errors.missing_parameter("prompt.id")
         if field_name == "prompt_cache_options":
             prewarm = options.get("prewarm") is True
         entries = {

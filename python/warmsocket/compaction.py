@@ -41,7 +41,7 @@ from warmsocket.backends.base import (
 from warmsocket.compaction_items import PROMPT, encode_content, unpack
 from warmsocket.response_stream import dumps, usage_object
 from warmsocket.token_count import parse_count_request
-from warmsocket.upstream import explicit_settings
+from warmsocket.upstream import explicit_settings, upstream_options
 
 if TYPE_CHECKING:
     from warmsocket.engine import Engine, Turn, Usage
@@ -102,7 +102,7 @@ async def compact(engine: Engine, request: CreateRequest, *, has_input: bool, ow
     """The compacted window of a request's context, as the `response.compaction`
     object's JSON. Raises APIError as a create would (unknown previous response,
     invalid input, the model failing)."""
-    summary_request = _summary_request(request, request.previous_response_id)
+    summary_request = _summary_request(request, request.previous_response_id, template=False)
     ask = parse_client_message(summary_request, websocket=False)
     assert isinstance(ask, CreateRequest), ask
     turn = engine.prepare(
@@ -299,15 +299,21 @@ turn made on the client's behalf. Tools, sampling and output format are not the
 summary's."""
 
 
-def _summary_request(request: CreateRequest, previous_response_id: str | None = None) -> bytes:
-    """The create body of the summary turn for `request`'s context."""
-    options = request.upstream_options_json
+def _summary_request(
+    request: CreateRequest, previous_response_id: str | None = None, *, template: bool = True
+) -> bytes:
+    """The create body of the summary turn for `request`'s context. `template`: keep
+    its `prompt` (a create's template; not the compact endpoint's, which takes none),
+    and with it no model when the template names it."""
+    options = upstream_options(request, template=template)
     body: dict[str, Any] = {
         "model": request.model,
         "input": [_prompt_message()],
         **explicit_settings(request.settings, SUMMARY_SETTINGS, request.given_defaults),
-        **(json.loads(options) if options is not None else {}),
+        **options,
     }
+    if "prompt" in options and request.model_from_prompt:
+        del body["model"]
     if request.instructions is not None:
         body["instructions"] = request.instructions
     if previous_response_id is not None:

@@ -340,6 +340,7 @@ class Engine:
         self.tokenizer = cache.tokenizer or tokenizer
         self.caches_tokens = cache.tokenizer is not None
         self.shared = shared
+        self.reads_prompt_templates = bool(getattr(backend, "reads_prompt_templates", False))
         self._instruction_tokens: dict[str, int] = {}
         self._tool_tokens: dict[int, int] = {}
 
@@ -453,6 +454,8 @@ class Engine:
         events are framed.
         """
         started = time.perf_counter()
+        if request.has_prompt and not self.reads_prompt_templates:
+            raise errors.prompt_template_unreadable()
         prompt = prompt_key(request.instructions, request.tools_digest)
         # Parsing validated the input and made it Items (within the cache's item limit).
         input_items = self.resolved_input(request, owner=owner, connection=lookup_connection)

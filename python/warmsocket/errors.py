@@ -185,6 +185,16 @@ def unsupported_parameter(param: str, message: str) -> APIError:
     return APIError("unsupported_parameter", message, param=param)
 
 
+def prompt_template_unreadable() -> APIError:
+    """A `prompt` (a template stored at OpenAI) where no Responses upstream reads it."""
+    return unsupported_parameter(
+        "prompt",
+        "Prompt templates ('prompt') are stored at OpenAI, and this server's model cannot "
+        "read them: send the template's text as 'instructions' and 'input', or serve with "
+        "--upstream-api responses (or responses-ws) in front of OpenAI, which reads them.",
+    )
+
+
 def unknown_event_type(event_type: object) -> APIError:
     shown = event_type if isinstance(event_type, str) and len(event_type) <= 64 else "..."
     return APIError(

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from warmsocket._core import CreateRequest
 from warmsocket.client_events import ECHOED_DEFAULTS
 from warmsocket.errors import INVALID_REQUEST, RATE_LIMIT, SERVER_ERROR, APIError
 from warmsocket.router import RouterConfig
@@ -257,7 +258,9 @@ def _from_error_fields(
             type=RATE_LIMIT,
             reason="stream",
         )
-    if status >= 500 or code in {None, "server_error", "server_is_overloaded"}:
+    # Without a code, the status says whose fault it is (an error event with a 4xx
+    # status is the request's: a prompt template the upstream does not have, say).
+    if status >= 500 or code in {"server_error", "server_is_overloaded"}:
         return UpstreamError(
             "server_error",
             "The upstream failed while generating the response.",
@@ -403,6 +406,16 @@ def upstream_include(include: tuple[str, ...]) -> list[str]:
     if ENCRYPTED_REASONING in include:
         return list(include)
     return [*include, ENCRYPTED_REASONING]
+
+
+def upstream_options(request: CreateRequest, *, template: bool) -> dict[str, Any]:
+    """`CreateRequest.upstream_options_json` decoded, without its `prompt` unless
+    `template` (the compact endpoint takes none)."""
+    options_json = request.upstream_options_json
+    options: dict[str, Any] = json.loads(options_json) if options_json is not None else {}
+    if not template:
+        options.pop("prompt", None)
+    return options
 
 
 def explicit_settings(

@@ -102,6 +102,7 @@ pub struct CreateRequest {
     /// not checked against a list (new ones keep working), only their type.
     pub include: Vec<String>,
     /// The body fields only an upstream acts on, for a Responses upstream: `image`,
+    /// `prompt` (a prompt template stored at OpenAI: see [`CreateRequest::has_prompt`]),
     /// and `prompt_cache_options` less what warmsocket reads itself (`prewarm`) and
     /// what names a response (`comparison_response_id`: an upstream knows warmsocket's
     /// ids by other names), their null members left out, as one canonical JSON
@@ -112,6 +113,12 @@ pub struct CreateRequest {
     pub given_defaults: Vec<&'static str>,
     /// The input has an `item_reference` (to be replaced by the item it names).
     pub has_item_references: bool,
+    /// The body has a `prompt` (a template stored at OpenAI, which only a Responses
+    /// upstream can read; it is in [`CreateRequest::upstream_options`]).
+    pub has_prompt: bool,
+    /// The body gave no `model`: the `prompt`'s template names it (`model` is then
+    /// `"default"`, and an upstream gets none).
+    pub model_from_prompt: bool,
 }
 
 /// Settings whose API default an upstream need not share, so one the client gives,
@@ -212,15 +219,16 @@ fn compact_threshold(body: &Object<'_>) -> Result<Option<u64>, RequestError> {
 /// [`CreateRequest::upstream_options`]).
 const LOCAL_CACHE_OPTIONS: [&str; 2] = ["prewarm", "comparison_response_id"];
 
-/// `prompt_cache_options` and `image`, validated as the API's schema has them (null,
-/// or an object whose known members have their types; values are not checked
-/// against a list): whether `prewarm` is true, and
-/// [`CreateRequest::upstream_options`].
+/// `prompt_cache_options`, `image` and `prompt`, validated as the API's schema has
+/// them (null, or an object whose known members have their types, and a `prompt`
+/// has its `id`; values are not checked against a list): whether `prewarm` is true,
+/// and [`CreateRequest::upstream_options`].
 fn upstream_options(body: &Object<'_>) -> Result<(bool, Option<Vec<u8>>), RequestError> {
     #[derive(Clone, Copy, PartialEq)]
     enum Kind {
         Bool,
         Str,
+        Obj,
     }
     let members = [
         (
@@ -235,6 +243,14 @@ fn upstream_options(body: &Object<'_>) -> Result<(bool, Option<Vec<u8>>), Reques
         (
             "image",
             &[("context_compression", Kind::Str, "a string")][..],
+        ),
+        (
+            "prompt",
+            &[
+                ("id", Kind::Str, "a string"),
+                ("version", Kind::Str, "a string or null"),
+                ("variables", Kind::Obj, "an object or null"),
+            ][..],
         ),
     ];
     let mut prewarm = false;
@@ -251,6 +267,7 @@ fn upstream_options(body: &Object<'_>) -> Result<(bool, Option<Vec<u8>>), Reques
                 None => true,
                 Some(Value::Bool(_)) => kind == Kind::Bool,
                 Some(Value::Str(_)) => kind == Kind::Str,
+                Some(Value::Object(_)) => kind == Kind::Obj,
                 Some(_) => false,
             };
             if !ok {
@@ -259,6 +276,9 @@ fn upstream_options(body: &Object<'_>) -> Result<(bool, Option<Vec<u8>>), Reques
                     expected,
                 ));
             }
+        }
+        if field == "prompt" && present(options.get("id")).is_none() {
+            return Err(RequestError::missing("prompt.id"));
         }
         if field == "prompt_cache_options" {
             prewarm = matches!(options.get("prewarm"), Some(Value::Bool(true)));
@@ -598,6 +618,8 @@ fn validate_create(
             }
         }
     }
+    let model_from_prompt = present(body.get("model")).is_none();
+    let has_prompt = present(body.get("prompt")).is_some();
     let model = match body.get("model") {
         None | Some(Value::Null) => {
             if present(body.get("prompt")).is_none() {
@@ -707,6 +729,8 @@ fn validate_create(
         upstream_options,
         given_defaults,
         has_item_references,
+        has_prompt,
+        model_from_prompt,
     })
 }
 
@@ -1420,6 +1444,35 @@ mod tests {
             r#"{"type":"response.create","model":"m","input":"x","temperature":1.0,"service_tier":"default"}"#,
         );
         assert_eq!(plain.settings, at_default.settings);
+    }
+
+    #[test]
+    fn a_prompt_template_is_kept_for_the_upstream_and_may_name_the_model() {
+        let with = |fields: &str| {
+            created(&format!(
+                r#"{{"type":"response.create","input":"x",{fields}}}"#
+            ))
+        };
+        let plain = with(r#""model":"m""#);
+        assert!(!plain.has_prompt && !plain.model_from_prompt);
+        let template = with(r#""prompt":{"id":"pmpt_1","version":null,"variables":{"a":"b"}}"#);
+        assert!(template.has_prompt && template.model_from_prompt);
+        assert_eq!(template.model, "default");
+        assert_eq!(
+            template.upstream_options.as_deref(),
+            Some(&br#"{"prompt":{"id":"pmpt_1","variables":{"a":"b"}}}"#[..])
+        );
+        let named = with(r#""model":"m","prompt":{"id":"p"}"#);
+        assert!(named.has_prompt && !named.model_from_prompt);
+        let text = r#"{"type":"response.create","model":"m","input":"x","prompt":{"version":"1"}}"#;
+        assert_eq!(
+            error(text),
+            (
+                Stage::Create,
+                "missing_required_parameter",
+                Some("prompt.id".into())
+            )
+        );
     }
 
     #[test]

@@ -184,6 +184,14 @@ impl PyCreateRequest {
         PyTuple::new(py, &self.inner.include)
     }
     #[getter]
+    fn has_prompt(&self) -> bool {
+        self.inner.has_prompt
+    }
+    #[getter]
+    fn model_from_prompt(&self) -> bool {
+        self.inner.model_from_prompt
+    }
+    #[getter]
     fn given_defaults<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, &self.inner.given_defaults)
     }

@@ -25,7 +25,7 @@ from warmsocket.response_stream import dumps
 from warmsocket.upstream import RESPONSES_FORWARDED, explicit_settings, upstream_include
 
 MEMO_ENTRIES = 4096
-_HeadKey = tuple[str, bytes, tuple[str, ...], bytes | None, tuple[str, ...]]
+_HeadKey = tuple[str | None, bytes, tuple[str, ...], bytes | None, tuple[str, ...]]
 """What a request head is made of: model, settings JSON, include, upstream options,
 the settings given at their default."""
 MAX_CONTEXT_BYTES = 32 * 1024 * 1024
@@ -34,7 +34,7 @@ MAX_CONTEXT_BYTES = 32 * 1024 * 1024
 
 def request_head(
     settings: dict[str, Any],
-    model: str,
+    model: str | None,
     *,
     first: dict[str, Any],
     extra: dict[str, Any],
@@ -43,12 +43,12 @@ def request_head(
     given_defaults: tuple[str, ...] = (),
 ) -> bytes:
     """The body up to the value of `input` (the input comes last): `first`, the
-    model, the settings the client set (`given_defaults` even at the API's default),
-    the options only an upstream acts on (`CreateRequest.upstream_options_json`),
-    `extra` and `include`."""
+    model (None: none, the `prompt`'s template names it), the settings the client
+    set (`given_defaults` even at the API's default), the options only an upstream
+    acts on (`CreateRequest.upstream_options_json`), `extra` and `include`."""
     fields = {
         **first,
-        "model": model,
+        **({"model": model} if model is not None else {}),
         **explicit_settings(settings, RESPONSES_FORWARDED, given_defaults),
         **(json.loads(options_json) if options_json is not None else {}),
         **extra,
@@ -73,8 +73,9 @@ class HeadCache:
     def head(self, turn: TurnContext, model: str) -> bytes:
         parent = self._heads.get(turn.previous_response_id) if turn.previous_response_id else None
         request = turn.request
+        sent_model = None if request.model_from_prompt else model  # the template's
         key = (
-            model,
+            sent_model,
             turn.settings_json,
             request.include,
             request.upstream_options_json,
@@ -85,7 +86,7 @@ class HeadCache:
         else:
             head = request_head(
                 turn.settings,
-                model,
+                sent_model,
                 first=self.first,
                 extra=self.extra,
                 include=request.include,
@@ -144,6 +145,7 @@ class ContextCache:
 
 class ResponsesHTTPBackend(HTTPUpstreamBackend):
     name = "upstream-responses"
+    reads_prompt_templates: ClassVar[bool] = True
     api: ClassVar[str] = "responses"
     path: ClassVar[str] = "/responses"
 

@@ -36,6 +36,7 @@ from warmsocket.upstream import (
     UpstreamError,
     explicit_settings,
     from_http_status,
+    upstream_options,
 )
 
 PATH = "/responses/compact"
@@ -62,11 +63,11 @@ class UpstreamCompactor:
         """The upstream's `response.compaction` object for `context` (items as the
         cache keeps them, comma-joined) with the turn's model and instructions, None
         when the upstream has no compaction endpoint. Raises UpstreamError."""
-        options = turn.request.upstream_options_json
         body: dict[str, Any] = {
             "model": self.config.upstream_model(turn.model),
             **explicit_settings(turn.settings, FORWARDED, turn.request.given_defaults),
-            **(json.loads(options) if options is not None else {}),
+            # The endpoint takes no `prompt` template.
+            **upstream_options(turn.request, template=False),
         }
         instructions = turn.request.instructions
         if instructions is not None:

@@ -205,6 +205,9 @@ class SimServer:
         self.stats = SimStats(config.record_bodies)
         self.cache = PrefixCache(config.cache_blocks, config.block_tokens)
         self.faults: deque[dict[str, Any]] = deque()
+        self.prompts: dict[str, str] = {}
+        """Prompt templates by id (`POST /control {"prompts": {id: instructions}}`):
+        OpenAI's stored prompts, as a Responses request's `prompt` names them."""
         self.connections: set[_Connection] = set()
         self._server: asyncio.Server | None = None
         self._ids = 0
@@ -244,6 +247,9 @@ class SimServer:
         faults = body.get("faults")
         if isinstance(faults, list):
             self.faults.extend(f for f in faults if isinstance(f, dict))
+        prompts = body.get("prompts")
+        if isinstance(prompts, dict):
+            self.prompts.update({k: v for k, v in prompts.items() if isinstance(v, str)})
         if body.get("reset_stats"):
             self.stats = SimStats(self.config.record_bodies)
         if body.get("reset_cache"):
@@ -715,8 +721,7 @@ class _Connection(asyncio.Protocol):
         fault = await self._fault(record)
         items = items_from_input(body.get("input"))
         _refuse_unpersisted(record, items, store=body.get("store") is not False)
-        instructions = body.get("instructions")
-        instructions = instructions if isinstance(instructions, str) else None
+        instructions = _instructions(record, body, self.server.prompts)
         answer = self._answer(
             record,
             instructions=instructions,
@@ -999,8 +1004,7 @@ class _Connection(asyncio.Protocol):
             raw_items = canonical_items(new)
         items = context + new
         encoded = context_encoded + raw_items
-        instructions = body.get("instructions")
-        instructions = instructions if isinstance(instructions, str) else None
+        instructions = _instructions(record, body, self.server.prompts)
         answer = self._answer(
             record,
             instructions=instructions,
@@ -1167,6 +1171,31 @@ def chat_logprobs(piece: str, top: int) -> dict[str, Any]:
 
     alternatives = [with_bytes(t) for t in entry["top_logprobs"]]
     return {"content": [{**with_bytes(entry), "top_logprobs": alternatives}]}
+
+
+def _instructions(
+    record: RequestRecord, body: dict[str, Any], prompts: dict[str, str]
+) -> str | None:
+    """A Responses request's instructions: its `instructions`, else those of the
+    prompt template its `prompt` names (`{{name}}` replaced by its string
+    `variables`), as OpenAI reads a stored prompt. An unknown template is a 404."""
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        return instructions
+    prompt = body.get("prompt")
+    if not isinstance(prompt, dict):
+        return None
+    template = prompts.get(str(prompt.get("id")))
+    if template is None:
+        record.status = 404
+        raise APIError(
+            None, f"Prompt with id '{prompt.get('id')}' not found.", param="prompt", status=404
+        )
+    variables = prompt.get("variables")
+    for name, value in (variables if isinstance(variables, dict) else {}).items():
+        if isinstance(value, str):
+            template = template.replace("{{" + str(name) + "}}", value)
+    return template
 
 
 def _check_context_window(
