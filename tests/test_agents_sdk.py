@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +23,12 @@ from openai import AsyncOpenAI
 from pydantic import BaseModel, Field
 
 from tests.support import RunningServer
-from tests.upstream_support import RESPONSES_UPSTREAMS, sim_compaction_summary
+from tests.upstream_support import (
+    RESPONSES_UPSTREAMS,
+    running_sim,
+    sim_compaction_summary,
+    warmsocket_upstream,
+)
 from warmsocket import compaction_items
 
 MODEL = "warmsocket-mock"
@@ -207,6 +213,36 @@ def test_agent_tool_choice_and_one_call_at_a_time(any_backend: RunningServer) ->
         3,
     )
     assert calls == ["list_files", "get_weather:Lima", "read_file:a.py"]
+
+
+@pytest.mark.parametrize("api", ["responses", "responses-ws"])
+def test_an_agent_with_a_prompt_template(api: str) -> None:
+    """An agent whose instructions are a prompt template stored at OpenAI
+    (`Agent(prompt=...)`, no model of its own: the SDK then sends none) runs through
+    warmsocket in front of a Responses upstream, which reads the template (the
+    simulated upstream as OpenAI does), over the agent's WebSocket transport."""
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(sim.base_url, api) as (server, _metrics),
+    ):
+        sim.control(prompts={"pmpt_coder": "You review {{language}} code."})
+
+        async def main() -> tuple[str, Any]:
+            async with responses_websocket_session(
+                api_key="sk-test", base_url=server.base_url
+            ) as session:
+                agent = Agent(
+                    name="reviewer",
+                    prompt={"id": "pmpt_coder", "variables": {"language": "Rust"}},
+                )
+                result = await session.run(agent, "/transcript")
+                return str(result.final_output), sim.stats(bodies=True)["requests"]
+
+        final, requests = asyncio.run(main())
+    assert final.splitlines()[0] == "instructions: You review Rust code."
+    (body,) = [json.loads(r["body"]) for r in requests]
+    assert "model" not in body
+    assert body["prompt"] == {"id": "pmpt_coder", "variables": {"language": "Rust"}}
 
 
 class Forecast(BaseModel):
