@@ -83,7 +83,7 @@ def rust_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
         result.include,
         None if result.upstream_options_json is None else json.loads(result.upstream_options_json),
         result.given_defaults,
-        result.has_prompt,
+        result.responses_only,
         result.model_from_prompt,
         result.max_output_tokens,
     )
@@ -136,7 +136,7 @@ def reference_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
         result.include,
         result.upstream_options,
         result.given_defaults,
-        result.has_prompt,
+        result.responses_only,
         result.model_from_prompt,
         None if (limit := result.settings["max_output_tokens"]) is None else min(limit, 2**64 - 1),
     )
@@ -585,6 +585,33 @@ def test_settings_given_at_their_default_get_the_reference_verdict(given: Any) -
 
 
 @pytest.mark.parametrize(
+    ("moderation", "access_programs"),
+    [
+        ({"model": "omni-moderation-latest"}, None),
+        ({"model": "m", "policy": {"input": {"mode": "block"}}}, {"cyber": "standard"}),
+        ({"model": "m", "policy": None}, {"cyber": None}),
+        ({}, None),
+        ({"policy": {}}, None),
+        ({"model": 1}, None),
+        ({"model": "m", "policy": "block"}, None),
+        ("m", None),
+        (None, {"cyber": 1}),
+        (None, "standard"),
+        (None, {}),
+    ],
+)
+def test_moderation_and_access_programs_get_the_reference_verdict(
+    moderation: Any, access_programs: Any
+) -> None:
+    body = {"type": "response.create", "model": "m", "input": "x"}
+    body |= {"moderation": moderation, "access_programs": access_programs}
+    same_verdict(json.dumps(body).encode())
+    result = _core.parse_client_message(json.dumps(body).encode(), max_item_bytes=MAX_ITEM)
+    if isinstance(result, _core.CreateRequest):
+        assert result.responses_only == (("moderation",) if moderation is not None else ())
+
+
+@pytest.mark.parametrize(
     ("prompt", "model"),
     [
         ({"id": "pmpt_1"}, "m"),
@@ -617,7 +644,7 @@ def test_prompt_gets_the_reference_verdict(prompt: Any, model: Any) -> None:
     if isinstance(result, _core.CreateRequest):
         options = json.loads(result.upstream_options_json or b"{}")
         kept = {k: v for k, v in prompt.items() if v is not None}
-        assert (result.has_prompt, options["prompt"]) == (True, kept)
+        assert (result.responses_only, options["prompt"]) == (("prompt",), kept)
         assert result.model_from_prompt == (model is None)
         assert result.model == (model or "default")
 

@@ -114,7 +114,8 @@ def test_http_errors_are_openai_errors(server: RunningServer) -> None:
 def test_a_prompt_template_is_refused_with_what_to_do(server: RunningServer) -> None:
     """The built-in model cannot read a template stored at OpenAI: `prompt` is a 400
     that says what to send instead, not silently ignored (the request would go on
-    without the template's instructions). Its shape is still checked first."""
+    without the template's instructions). Its shape is still checked first. The
+    same for `moderation`."""
     sdk = client(server)
     with pytest.raises(openai.BadRequestError) as refused:
         sdk.responses.create(prompt={"id": "pmpt_1", "variables": {"name": "Ada"}}, input="hi")
@@ -123,6 +124,20 @@ def test_a_prompt_template_is_refused_with_what_to_do(server: RunningServer) -> 
     with pytest.raises(openai.BadRequestError) as malformed:
         sdk.responses.create(model=MODEL, prompt={"version": "2"}, input="hi")  # type: ignore[typeddict-item]
     assert malformed.value.param == "prompt.id"
+    # Nor does it moderate: a `block` policy is refused, not ignored.
+    with pytest.raises(openai.BadRequestError) as unmoderated:
+        sdk.responses.create(
+            model=MODEL,
+            input="hi",
+            moderation={"model": "omni-moderation-latest", "policy": {"input": {"mode": "block"}}},
+        )
+    assert (unmoderated.value.param, unmoderated.value.code) == (
+        "moderation",
+        "unsupported_parameter",
+    )
+    # `access_programs` only selects what OpenAI allows: nothing to refuse here.
+    allowed = sdk.responses.create(model=MODEL, input="hi", access_programs={"cyber": "standard"})
+    assert allowed.output_text == "You said: hi"
 
 
 def test_http_store_false_is_not_retrievable(server: RunningServer) -> None:

@@ -495,6 +495,34 @@ def test_a_prompt_template_reaches_a_responses_upstream(
     assert "Prompt with id 'pmpt_nope' not found" in missing[-1]["response"]["error"]["message"]
 
 
+def test_moderation_and_access_programs_reach_a_responses_upstream(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """`moderation` (moderated completions: a `block` policy must not be dropped)
+    and `access_programs` go to a Responses upstream as sent. A Chat Completions
+    upstream runs no moderation: 400 on `moderation`; `access_programs`, which
+    only selects what OpenAI allows, is left out there."""
+    sim, server, _metrics = stack
+    moderation = {"model": "omni-moderation-latest", "policy": {"output": {"mode": "block"}}}
+    programs = {"cyber": "standard"}
+    with WSClient(server.ws_url) as client:
+        moderated = client.turn(input="hi", moderation=moderation, access_programs=programs)
+        plain = client.turn(input="hi", access_programs=programs)
+    assert plain[-1]["type"] == "response.completed"
+    bodies = [json.loads(r["body"]) for r in sim.stats(bodies=True)["requests"]]
+    if api == "chat":
+        assert moderated[-1]["type"] == "error"
+        assert moderated[-1]["error"]["param"] == "moderation"
+        (body,) = bodies
+        assert "access_programs" not in body and "moderation" not in body
+        return
+    assert moderated[-1]["type"] == "response.completed"
+    assert [(b.get("moderation"), b.get("access_programs")) for b in bodies] == [
+        (moderation, programs),
+        (None, programs),
+    ]
+
+
 def test_an_answer_the_upstream_cut_short_ends_incomplete(
     api: str, stack: tuple[RunningSim, RunningServer, Metrics]
 ) -> None:

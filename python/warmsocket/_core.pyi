@@ -801,7 +801,8 @@ class CreateRequest:
     @property
     def upstream_options_json(self) -> bytes | None:
         """The body fields only an upstream acts on, for a Responses upstream: `image`,
-        `prompt` (`has_prompt`), and `prompt_cache_options` less `prewarm` (warmsocket's own) and
+        `prompt` and `moderation` (`responses_only`), `access_programs`, and
+        `prompt_cache_options` less `prewarm` (warmsocket's own) and
         `comparison_response_id` (a response id), null members left out, as one
         canonical JSON object; None when there is none."""
     @property
@@ -809,9 +810,11 @@ class CreateRequest:
         """`include` as sent (validated: an array of strings, or null), such as
         `("reasoning.encrypted_content",)`; empty when absent or null."""
     @property
-    def has_prompt(self) -> bool:
-        """The body has a `prompt` (a template stored at OpenAI: only a Responses
-        upstream can read it; it is in `upstream_options_json`)."""
+    def responses_only(self) -> tuple[str, ...]:
+        """Of `prompt` (a template stored at OpenAI) and `moderation` (moderated
+        completions), in that order, those the body has: only a Responses upstream
+        can honour them (they are in `upstream_options_json`), so another backend
+        refuses them."""
     @property
     def model_from_prompt(self) -> bool:
         """The body gave no `model` (its `prompt`'s template names one): `model` is

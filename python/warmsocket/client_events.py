@@ -164,8 +164,8 @@ class CreateRequest:
     given_defaults: tuple[str, ...] = ()
     """The settings of `UPSTREAM_DEFAULTS` the client gave at the API's default value
     (`_given_defaults`)."""
-    has_prompt: bool = False
-    """The body has a `prompt` (a template stored at OpenAI; in `upstream_options`)."""
+    responses_only: tuple[str, ...] = ()
+    """The fields of `RESPONSES_ONLY` the body has (in `upstream_options`)."""
     model_from_prompt: bool = False
     """The body gave no `model` (`model` is "default"; the template names one)."""
     items: Items | None = None
@@ -483,7 +483,7 @@ def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
         include=include,
         upstream_options=upstream_options,
         given_defaults=_given_defaults(body),
-        has_prompt=body.get("prompt") is not None,
+        responses_only=tuple(name for name in RESPONSES_ONLY if body.get(name) is not None),
         model_from_prompt=body.get("model") is None,
     )
 
@@ -598,15 +598,22 @@ _UPSTREAM_OPTIONS: tuple[tuple[str, tuple[tuple[str, type, str], ...]], ...] = (
             ("variables", dict, "an object or null"),
         ),
     ),
+    ("moderation", (("model", str, "a string"), ("policy", dict, "an object or null"))),
+    ("access_programs", (("cyber", str, "a string"),)),
 )
+_REQUIRED_MEMBERS = {"prompt": "id", "moderation": "model"}
+RESPONSES_ONLY = ("prompt", "moderation")
+"""Fields only a Responses upstream (OpenAI) can honour: `prompt`, a template stored
+there, and `moderation` (its `block` policy must not be dropped)."""
 _LOCAL_CACHE_OPTIONS = frozenset({"prewarm", "comparison_response_id"})
 
 
 def _upstream_options(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
-    """`prompt_cache_options`, `image` and `prompt` as the API's schema has them
-    (null, or an object whose known members have their types, a `prompt` with its
-    `id`; values not checked against a list): whether `prewarm` is true, and the
-    members an upstream gets (`image`, `prompt`, and `prompt_cache_options` less
+    """`prompt_cache_options`, `image`, `prompt`, `moderation` and `access_programs`
+    as the API's schema has them (null, or an object whose known members have their
+    types, a `prompt` its `id`, a `moderation` its `model`; values not checked
+    against a list): whether `prewarm` is true, and the members an upstream gets
+    (`image`, `prompt`, `moderation`, `access_programs`, and `prompt_cache_options` less
     `prewarm` and `comparison_response_id`, null members left out), None without
     any. Raises APIError."""
     prewarm = False
@@ -621,8 +628,9 @@ def _upstream_options(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None
             value = options.get(member)
             if value is not None and not isinstance(value, kind):
                 raise errors.invalid_type(f"{field_name}.{member}", expected)
-        if field_name == "prompt" and options.get("id") is None:
-            raise errors.missing_parameter("prompt.id")
+        required = _REQUIRED_MEMBERS.get(field_name)
+        if required is not None and options.get(required) is None:
+            raise errors.missing_parameter(f"{field_name}.{required}")
         if field_name == "prompt_cache_options":
             prewarm = options.get("prewarm") is True
         entries = {

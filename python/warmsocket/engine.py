@@ -340,7 +340,7 @@ class Engine:
         self.tokenizer = cache.tokenizer or tokenizer
         self.caches_tokens = cache.tokenizer is not None
         self.shared = shared
-        self.reads_prompt_templates = bool(getattr(backend, "reads_prompt_templates", False))
+        self.responses_upstream = bool(getattr(backend, "responses_upstream", False))
         self._instruction_tokens: dict[str, int] = {}
         self._tool_tokens: dict[int, int] = {}
 
@@ -454,8 +454,8 @@ class Engine:
         events are framed.
         """
         started = time.perf_counter()
-        if request.has_prompt and not self.reads_prompt_templates:
-            raise errors.prompt_template_unreadable()
+        if request.responses_only and not self.responses_upstream:
+            raise errors.needs_responses_upstream(request.responses_only[0])
         prompt = prompt_key(request.instructions, request.tools_digest)
         # Parsing validated the input and made it Items (within the cache's item limit).
         input_items = self.resolved_input(request, owner=owner, connection=lookup_connection)

@@ -185,13 +185,22 @@ def unsupported_parameter(param: str, message: str) -> APIError:
     return APIError("unsupported_parameter", message, param=param)
 
 
-def prompt_template_unreadable() -> APIError:
-    """A `prompt` (a template stored at OpenAI) where no Responses upstream reads it."""
+_RESPONSES_ONLY_ADVICE = {
+    "prompt": "Prompt templates ('prompt') are stored at OpenAI, and this server's model "
+    "cannot read them: send the template's text as 'instructions' and 'input'",
+    "moderation": "This server's model runs no moderation ('moderation'), and would not "
+    "block what the policy blocks: leave 'moderation' out",
+}
+
+
+def needs_responses_upstream(param: str) -> APIError:
+    """A field only a Responses upstream (OpenAI) honours (`CreateRequest.responses_only`),
+    refused by any other backend rather than dropped."""
+    advice = _RESPONSES_ONLY_ADVICE.get(param, f"'{param}' is not supported here")
     return unsupported_parameter(
-        "prompt",
-        "Prompt templates ('prompt') are stored at OpenAI, and this server's model cannot "
-        "read them: send the template's text as 'instructions' and 'input', or serve with "
-        "--upstream-api responses (or responses-ws) in front of OpenAI, which reads them.",
+        param,
+        f"{advice}, or serve with --upstream-api responses (or responses-ws) in front of "
+        "OpenAI, which honours it.",
     )
 
 

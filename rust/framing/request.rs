@@ -102,8 +102,8 @@ pub struct CreateRequest {
     /// not checked against a list (new ones keep working), only their type.
     pub include: Vec<String>,
     /// The body fields only an upstream acts on, for a Responses upstream: `image`,
-    /// `prompt` (a prompt template stored at OpenAI: see [`CreateRequest::has_prompt`]),
-    /// and `prompt_cache_options` less what warmsocket reads itself (`prewarm`) and
+    /// `prompt` and `moderation` (see [`CreateRequest::responses_only`]),
+    /// `access_programs`, and `prompt_cache_options` less what warmsocket reads itself (`prewarm`) and
     /// what names a response (`comparison_response_id`: an upstream knows warmsocket's
     /// ids by other names), their null members left out, as one canonical JSON
     /// object; None when there is none.
@@ -113,13 +113,18 @@ pub struct CreateRequest {
     pub given_defaults: Vec<&'static str>,
     /// The input has an `item_reference` (to be replaced by the item it names).
     pub has_item_references: bool,
-    /// The body has a `prompt` (a template stored at OpenAI, which only a Responses
-    /// upstream can read; it is in [`CreateRequest::upstream_options`]).
-    pub has_prompt: bool,
+    /// The fields of [`RESPONSES_ONLY`] the body has: what only a Responses upstream
+    /// (OpenAI) can honour, so another backend must refuse them rather than drop them.
+    pub responses_only: Vec<&'static str>,
     /// The body gave no `model`: the `prompt`'s template names it (`model` is then
     /// `"default"`, and an upstream gets none).
     pub model_from_prompt: bool,
 }
+
+/// Fields only a Responses upstream (OpenAI) can honour: `prompt`, a template stored
+/// there, and `moderation`, moderated completions (its `block` policy must not be
+/// dropped). Both are in [`CreateRequest::upstream_options`].
+pub const RESPONSES_ONLY: [&str; 2] = ["prompt", "moderation"];
 
 /// Settings whose API default an upstream need not share, so one the client gives,
 /// even at that default, is forwarded: a vLLM or SGLang model's own sampling
@@ -219,10 +224,11 @@ fn compact_threshold(body: &Object<'_>) -> Result<Option<u64>, RequestError> {
 /// [`CreateRequest::upstream_options`]).
 const LOCAL_CACHE_OPTIONS: [&str; 2] = ["prewarm", "comparison_response_id"];
 
-/// `prompt_cache_options`, `image` and `prompt`, validated as the API's schema has
-/// them (null, or an object whose known members have their types, and a `prompt`
-/// has its `id`; values are not checked against a list): whether `prewarm` is true,
-/// and [`CreateRequest::upstream_options`].
+/// `prompt_cache_options`, `image`, `prompt`, `moderation` and `access_programs`,
+/// validated as the API's schema has them (null, or an object whose known members
+/// have their types, a `prompt` its `id`, a `moderation` its `model`; values are not
+/// checked against a list): whether `prewarm` is true, and
+/// [`CreateRequest::upstream_options`].
 fn upstream_options(body: &Object<'_>) -> Result<(bool, Option<Vec<u8>>), RequestError> {
     #[derive(Clone, Copy, PartialEq)]
     enum Kind {
@@ -252,6 +258,14 @@ fn upstream_options(body: &Object<'_>) -> Result<(bool, Option<Vec<u8>>), Reques
                 ("variables", Kind::Obj, "an object or null"),
             ][..],
         ),
+        (
+            "moderation",
+            &[
+                ("model", Kind::Str, "a string"),
+                ("policy", Kind::Obj, "an object or null"),
+            ][..],
+        ),
+        ("access_programs", &[("cyber", Kind::Str, "a string")][..]),
     ];
     let mut prewarm = false;
     let mut kept: Vec<(Cow<'_, str>, Value<'_>)> = Vec::new();
@@ -277,8 +291,10 @@ fn upstream_options(body: &Object<'_>) -> Result<(bool, Option<Vec<u8>>), Reques
                 ));
             }
         }
-        if field == "prompt" && present(options.get("id")).is_none() {
-            return Err(RequestError::missing("prompt.id"));
+        for (object, required) in [("prompt", "id"), ("moderation", "model")] {
+            if field == object && present(options.get(required)).is_none() {
+                return Err(RequestError::missing(format!("{object}.{required}")));
+            }
         }
         if field == "prompt_cache_options" {
             prewarm = matches!(options.get("prewarm"), Some(Value::Bool(true)));
@@ -619,7 +635,10 @@ fn validate_create(
         }
     }
     let model_from_prompt = present(body.get("model")).is_none();
-    let has_prompt = present(body.get("prompt")).is_some();
+    let responses_only: Vec<&'static str> = RESPONSES_ONLY
+        .into_iter()
+        .filter(|name| present(body.get(name)).is_some())
+        .collect();
     let model = match body.get("model") {
         None | Some(Value::Null) => {
             if present(body.get("prompt")).is_none() {
@@ -729,7 +748,7 @@ fn validate_create(
         upstream_options,
         given_defaults,
         has_item_references,
-        has_prompt,
+        responses_only,
         model_from_prompt,
     })
 }
@@ -1454,16 +1473,16 @@ mod tests {
             ))
         };
         let plain = with(r#""model":"m""#);
-        assert!(!plain.has_prompt && !plain.model_from_prompt);
+        assert!(plain.responses_only.is_empty() && !plain.model_from_prompt);
         let template = with(r#""prompt":{"id":"pmpt_1","version":null,"variables":{"a":"b"}}"#);
-        assert!(template.has_prompt && template.model_from_prompt);
+        assert!(template.responses_only == ["prompt"] && template.model_from_prompt);
         assert_eq!(template.model, "default");
         assert_eq!(
             template.upstream_options.as_deref(),
             Some(&br#"{"prompt":{"id":"pmpt_1","variables":{"a":"b"}}}"#[..])
         );
-        let named = with(r#""model":"m","prompt":{"id":"p"}"#);
-        assert!(named.has_prompt && !named.model_from_prompt);
+        let named = with(r#""model":"m","prompt":{"id":"p"},"moderation":{"model":"o"}"#);
+        assert!(named.responses_only == ["prompt", "moderation"] && !named.model_from_prompt);
         let text = r#"{"type":"response.create","model":"m","input":"x","prompt":{"version":"1"}}"#;
         assert_eq!(
             error(text),

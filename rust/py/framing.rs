@@ -184,8 +184,8 @@ impl PyCreateRequest {
         PyTuple::new(py, &self.inner.include)
     }
     #[getter]
-    fn has_prompt(&self) -> bool {
-        self.inner.has_prompt
+    fn responses_only<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.inner.responses_only)
     }
     #[getter]
     fn model_from_prompt(&self) -> bool {

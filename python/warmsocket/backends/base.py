@@ -223,9 +223,10 @@ class TurnContext:
 class Backend(Protocol):
     """A model that streams one turn.
 
-    A backend whose upstream reads OpenAI's prompt templates (a Responses API
-    upstream: the request's `prompt` goes with it) sets `reads_prompt_templates =
-    True`; with any other, a request with a `prompt` is refused (400).
+    A backend whose upstream speaks the Responses API sets `responses_upstream =
+    True`: the fields only such an upstream honours (`CreateRequest.responses_only`:
+    OpenAI's prompt templates, moderation) go to it; any other backend refuses a
+    request with one (400).
 
     A backend may also set a class attribute `eager_start = True`: the server then
     runs the first step of `stream`'s iteration (up to its first wait) in the

@@ -145,7 +145,7 @@ class ContextCache:
 
 class ResponsesHTTPBackend(HTTPUpstreamBackend):
     name = "upstream-responses"
-    reads_prompt_templates: ClassVar[bool] = True
+    responses_upstream: ClassVar[bool] = True
     api: ClassVar[str] = "responses"
     path: ClassVar[str] = "/responses"
 

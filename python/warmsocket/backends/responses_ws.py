@@ -165,7 +165,7 @@ def check_proxy(url: str) -> None:
 
 class ResponsesWSBackend:
     name = "upstream-responses-ws"
-    reads_prompt_templates: ClassVar[bool] = True
+    responses_upstream: ClassVar[bool] = True
     api: ClassVar[str] = "responses-ws"
 
     def __init__(self, config: UpstreamConfig, *, metrics: Metrics | None = None) -> None:
