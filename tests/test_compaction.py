@@ -98,7 +98,8 @@ def test_compacting_a_chain_and_continuing_from_the_window(server: RunningServer
         model=MODEL,
         previous_response_id=done.id,
         instructions="Be terse.",
-        extra_body={"prompt": {"id": "pmpt_1"}},  # not a compact field: ignored, as others
+        # Not compact fields: ignored, as others are (a create's would be refused here).
+        extra_body={"prompt": {"id": "pmpt_1"}, "moderation": {"model": "m"}},
     )
     texts, summary = checked_window(compacted)
     assert texts == ["Plan the refactor.", '/call read_file {"path": "a.py"}']
@@ -378,7 +379,9 @@ def test_a_responses_upstream_compacts_itself(api: str) -> None:
             extra_body={
                 "safety_identifier": "user-hash-1",
                 "user": "not a compact field",
-                "prompt": {"id": "pmpt_1"},  # nor is a template: not sent, not refused
+                # Nor are these (a create's): not sent, not refused.
+                "prompt": {"id": "pmpt_1"},
+                "moderation": {"model": "omni-moderation-latest"},
             },
         )
         (asked,) = sim.stats(bodies=True, since=since)["requests"]
@@ -393,7 +396,7 @@ def test_a_responses_upstream_compacts_itself(api: str) -> None:
         }
         assert body["safety_identifier"] == "user-hash-1"
         assert body["prompt_cache_options"] == {"ttl": "12h"}
-        assert "prompt" not in body
+        assert "prompt" not in body and "moderation" not in body
         assert [item.get("role") for item in body["input"]] == [
             "user",
             "assistant",

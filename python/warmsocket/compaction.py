@@ -102,7 +102,7 @@ async def compact(engine: Engine, request: CreateRequest, *, has_input: bool, ow
     """The compacted window of a request's context, as the `response.compaction`
     object's JSON. Raises APIError as a create would (unknown previous response,
     invalid input, the model failing)."""
-    summary_request = _summary_request(request, request.previous_response_id, template=False)
+    summary_request = _summary_request(request, request.previous_response_id, compact=True)
     ask = parse_client_message(summary_request, websocket=False)
     assert isinstance(ask, CreateRequest), ask
     turn = engine.prepare(
@@ -293,19 +293,19 @@ SUMMARY_SETTINGS = (
     "prompt_cache_retention",
 )
 """The client's settings a summary turn keeps (besides model, instructions and the
-options only an upstream acts on, `image` and `prompt_cache_options`): who the
+options only an upstream acts on: `upstream_options`): who the
 request is for and how it is cached and served, which the upstream is owed for a
 turn made on the client's behalf. Tools, sampling and output format are not the
 summary's."""
 
 
 def _summary_request(
-    request: CreateRequest, previous_response_id: str | None = None, *, template: bool = True
+    request: CreateRequest, previous_response_id: str | None = None, *, compact: bool = False
 ) -> bytes:
-    """The create body of the summary turn for `request`'s context. `template`: keep
-    its `prompt` (a create's template; not the compact endpoint's, which takes none),
-    and with it no model when the template names it."""
-    options = upstream_options(request, template=template)
+    """The create body of the summary turn for `request`'s context: a create's
+    (server-side compaction) keeps its options, a `prompt` with no model when the
+    template names it; a compact body's (`compact`) only what the endpoint takes."""
+    options = upstream_options(request, compact=compact)
     body: dict[str, Any] = {
         "model": request.model,
         "input": [_prompt_message()],

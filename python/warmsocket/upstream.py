@@ -408,13 +408,18 @@ def upstream_include(include: tuple[str, ...]) -> list[str]:
     return [*include, ENCRYPTED_REASONING]
 
 
-def upstream_options(request: CreateRequest, *, template: bool) -> dict[str, Any]:
-    """`CreateRequest.upstream_options_json` decoded, without its `prompt` unless
-    `template` (the compact endpoint takes none)."""
+COMPACT_OPTIONS = ("image", "prompt_cache_options")
+"""The options only an upstream acts on that `POST /responses/compact` takes too (no
+`prompt`, `moderation` or `access_programs`)."""
+
+
+def upstream_options(request: CreateRequest, *, compact: bool = False) -> dict[str, Any]:
+    """`CreateRequest.upstream_options_json` decoded; with `compact`, only the
+    `COMPACT_OPTIONS` (a compact body's others are ignored, as the endpoint's are)."""
     options_json = request.upstream_options_json
     options: dict[str, Any] = json.loads(options_json) if options_json is not None else {}
-    if not template:
-        options.pop("prompt", None)
+    if compact:
+        return {name: value for name, value in options.items() if name in COMPACT_OPTIONS}
     return options
 
 

@@ -66,8 +66,7 @@ class UpstreamCompactor:
         body: dict[str, Any] = {
             "model": self.config.upstream_model(turn.model),
             **explicit_settings(turn.settings, FORWARDED, turn.request.given_defaults),
-            # The endpoint takes no `prompt` template.
-            **upstream_options(turn.request, template=False),
+            **upstream_options(turn.request, compact=True),
         }
         instructions = turn.request.instructions
         if instructions is not None:
