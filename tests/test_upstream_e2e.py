@@ -558,21 +558,20 @@ def test_an_answer_the_upstream_cut_short_ends_incomplete(
 def test_a_chat_upstream_gets_the_token_limit_field_it_reads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """In front of OpenAI (`UpstreamConfig.chat_token_limit`, by host: patched here,
-    the simulated upstream being on loopback) the limit goes as
-    `max_completion_tokens`, and the answer is cut at it all the same."""
-    monkeypatch.setattr(
-        UpstreamConfig, "chat_token_limit", property(lambda self: "max_completion_tokens")
-    )
+    """In front of OpenAI (`UpstreamConfig.at_openai`, by host: patched here, the
+    simulated upstream being on loopback) the limit goes as `max_completion_tokens`,
+    and the answer is cut at it all the same; OpenAI's own fields go with it."""
+    monkeypatch.setattr(UpstreamConfig, "at_openai", property(lambda self: True))
     with (
         running_sim() as sim,
         warmsocket_upstream(sim.base_url, "chat") as (server, _metrics),
         WSClient(server.ws_url) as client,
     ):
-        events = client.turn(input="word " * 100, max_output_tokens=16)
+        events = client.turn(input="word " * 100, max_output_tokens=16, prompt_cache_key="chain-7")
         (body,) = (json.loads(r["body"]) for r in sim.stats(bodies=True)["requests"])
     assert events[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
     assert body["max_completion_tokens"] == 16 and "max_tokens" not in body
+    assert body["prompt_cache_key"] == "chain-7"
 
 
 def test_log_probabilities_come_through_a_responses_upstream(

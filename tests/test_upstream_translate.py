@@ -239,11 +239,35 @@ def test_request_fields_carry_only_what_the_client_set() -> None:
     head = request_head(validate_create(body, websocket=False).settings, "up")
     assert head.endswith(b',"messages":[')
     assert json.loads(head + b"]}")["messages"] == []
-    openai = request_head(
-        validate_create(body, websocket=False).settings, "up", token_limit="max_completion_tokens"
-    )
+    openai = request_head(validate_create(body, websocket=False).settings, "up", openai=True)
     fields = json.loads(openai + b"]}")
     assert fields["max_completion_tokens"] == 64 and "max_tokens" not in fields
+
+
+def test_openai_gets_its_own_chat_fields_and_no_other_server_does() -> None:
+    """`safety_identifier`, `prompt_cache_key` (which steers OpenAI's prompt cache),
+    `prompt_cache_retention` and `service_tier` go to OpenAI's Chat Completions,
+    which takes them; other servers do not know them. Given at the API's default
+    (`service_tier: "default"`), they still go."""
+    body = {
+        "model": "m",
+        "input": "hi",
+        "safety_identifier": "user-hash-1",
+        "prompt_cache_key": "chain-7",
+        "prompt_cache_retention": "24h",
+        "service_tier": "default",
+        "user": "u-9",
+    }
+    request = validate_create(body, websocket=False)
+    sent = chat_request_fields(
+        request.settings, "up", given_defaults=request.given_defaults, openai=True
+    )
+    own = ("safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier")
+    assert {name: sent[name] for name in (*own, "user")} == {
+        name: body[name] for name in (*own, "user")
+    }
+    elsewhere = chat_request_fields(request.settings, "up", given_defaults=request.given_defaults)
+    assert not set(own) & set(elsewhere) and elsewhere["user"] == "u-9"
 
 
 @pytest.mark.parametrize(
@@ -266,7 +290,7 @@ def test_the_token_limit_field_follows_the_upstream(urls: tuple[str, ...], field
     """OpenAI's reasoning models refuse `max_tokens` on Chat Completions; Ollama
     ignores `max_completion_tokens` (unbounded answers). So OpenAI and Azure OpenAI
     get the one, every other server the other."""
-    assert UpstreamConfig(urls=urls).chat_token_limit == field
+    assert UpstreamConfig(urls=urls).at_openai == (field == "max_completion_tokens")
 
 
 # -- response: chat chunks -> events -------------------------------------------------------

@@ -34,7 +34,6 @@ from warmsocket.router import RouterConfig
 
 UpstreamAPI = Literal["chat", "responses", "responses-ws"]
 UPSTREAM_APIS: tuple[UpstreamAPI, ...] = ("chat", "responses", "responses-ws")
-ChatTokenLimit = Literal["max_tokens", "max_completion_tokens"]
 MAX_ERROR_MESSAGE = 2000
 
 
@@ -70,16 +69,14 @@ class UpstreamConfig:
             raise ValueError(f"unknown upstream API {self.api!r}")
 
     @property
-    def chat_token_limit(self) -> ChatTokenLimit:
-        """The Chat Completions field `max_output_tokens` becomes: OpenAI's own
-        `max_completion_tokens` when every upstream is OpenAI (api.openai.com) or Azure
-        OpenAI (`*.openai.azure.com`), whose reasoning models refuse `max_tokens`;
-        else `max_tokens`, the one vLLM, SGLang, llama.cpp and Ollama all read
-        (Ollama ignores `max_completion_tokens`: the answer would be unbounded)."""
+    def at_openai(self) -> bool:
+        """Every upstream is OpenAI (api.openai.com) or Azure OpenAI
+        (`*.openai.azure.com`): a Chat Completions request then takes OpenAI's own
+        fields (`chat_translate.chat_request_fields`), which other servers do not
+        know (vLLM logs every unknown field; Ollama ignores `max_completion_tokens`,
+        so an answer would be unbounded)."""
         hosts = [urlsplit(url).hostname or "" for url in self.urls]
-        if all(host == "api.openai.com" or host.endswith(".openai.azure.com") for host in hosts):
-            return "max_completion_tokens"
-        return "max_tokens"
+        return all(host == "api.openai.com" or host.endswith(".openai.azure.com") for host in hosts)
 
     def upstream_model(self, model: str) -> str:
         mapped = self.model_map.get(model)

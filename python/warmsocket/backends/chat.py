@@ -83,6 +83,7 @@ class ChatBackend(HTTPUpstreamBackend):
         self.full_renders = 0
         """Turns whose whole context was translated (not continued from a remembered parent)."""
         self.windows = ContextWindows(self.config.context_window)
+        self._openai = self.config.at_openai
         self._prompt_tokens: PromptTokens | None = None
 
     async def request_body(self, turn: TurnContext, model: str) -> list[bytes | bytearray]:
@@ -153,7 +154,7 @@ class ChatBackend(HTTPUpstreamBackend):
                 model,
                 logprobs=logprobs,
                 given_defaults=given,
-                token_limit=self.config.chat_token_limit,
+                openai=self._openai,
             )
             instructions = turn.instructions
             system = system_message(instructions) if instructions is not None else None

@@ -17,7 +17,8 @@ Request side, in order:
 * other items (reasoning, hosted tools) have no chat form and are left out;
 * function tools -> `{"type": "function", "function": {...}}`; other tools are left
   out; `tool_choice` and `parallel_tool_calls` follow, only when tools remain;
-* `max_output_tokens` -> `max_tokens` (OpenAI: `max_completion_tokens`);
+* `max_output_tokens` -> `max_tokens` (OpenAI: `max_completion_tokens`, and its own
+  `safety_identifier`, `prompt_cache_key`, `prompt_cache_retention`, `service_tier`);
   `text.format` -> `response_format`; `reasoning.effort` -> `reasoning_effort`;
   sampling fields only when the client set them; always `stream: true` with
   `stream_options.include_usage`.
@@ -52,7 +53,6 @@ from warmsocket.compaction_items import expanded_items, foreign_compaction
 from warmsocket.response_stream import dumps
 from warmsocket.sse import SSEDecoder
 from warmsocket.upstream import (
-    ChatTokenLimit,
     UpstreamError,
     explicit_settings,
     from_error_object,
@@ -188,6 +188,16 @@ def chat_tool_choice(choice: Any) -> Any:
 
 
 LOGPROBS = "message.output_text.logprobs"
+
+OPENAI_CHAT_FIELDS = (
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "service_tier",
+)
+"""Fields OpenAI's Chat Completions takes as the Responses API does, sent only to it:
+other servers do not know them (`UpstreamConfig.at_openai`). `prompt_cache_key`
+steers OpenAI's prompt cache, as the client meant it to."""
 """The `include` value that asks for the text's log probabilities."""
 
 
@@ -197,13 +207,15 @@ def chat_request_fields(
     *,
     logprobs: bool = False,
     given_defaults: Collection[str] = (),
-    token_limit: ChatTokenLimit = "max_tokens",
+    openai: bool = False,
 ) -> dict[str, Any]:
     """Every field of the chat request except `messages`; with `logprobs` (the
     client's `include` asked for them), `logprobs: true` and its `top_logprobs`.
     `given_defaults` (`CreateRequest.given_defaults`) are sent even at the API's
-    default: a model's own sampling defaults may differ. `max_output_tokens` goes
-    as `token_limit` (`UpstreamConfig.chat_token_limit`)."""
+    default: a model's own sampling defaults may differ. With `openai` (the
+    upstream is OpenAI's: `UpstreamConfig.at_openai`), `max_output_tokens` goes as
+    `max_completion_tokens` (its reasoning models refuse `max_tokens`) and OpenAI's
+    own fields (`OPENAI_CHAT_FIELDS`) go too."""
     fields: dict[str, Any] = {"model": model}
     tools = chat_tools(settings.get("tools") or ())
     if tools:
@@ -215,14 +227,16 @@ def chat_request_fields(
             fields["parallel_tool_calls"] = False
     explicit = explicit_settings(
         settings,
-        ("temperature", "top_p", "max_output_tokens", "text", "reasoning", "user"),
+        ("temperature", "top_p", "max_output_tokens", "text", "reasoning", "user")
+        + (OPENAI_CHAT_FIELDS if openai else ()),
         given_defaults,
     )
-    for name in ("temperature", "top_p", "user"):
+    for name in ("temperature", "top_p", "user", *(OPENAI_CHAT_FIELDS if openai else ())):
         if name in explicit:
             fields[name] = explicit[name]
     if "max_output_tokens" in explicit:
-        fields[token_limit] = explicit["max_output_tokens"]
+        limit = "max_completion_tokens" if openai else "max_tokens"
+        fields[limit] = explicit["max_output_tokens"]
     text_format = (explicit.get("text") or {}).get("format")
     if isinstance(text_format, dict):
         if text_format.get("type") == "json_schema":
@@ -249,11 +263,11 @@ def request_head(
     *,
     logprobs: bool = False,
     given_defaults: Collection[str] = (),
-    token_limit: ChatTokenLimit = "max_tokens",
+    openai: bool = False,
 ) -> bytes:
     """The request body up to the opening bracket of `messages` (messages come last)."""
     fields = chat_request_fields(
-        settings, model, logprobs=logprobs, given_defaults=given_defaults, token_limit=token_limit
+        settings, model, logprobs=logprobs, given_defaults=given_defaults, openai=openai
     )
     return dumps(fields)[:-1] + b',"messages":['
 
