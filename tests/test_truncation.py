@@ -9,6 +9,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.support import WSClient
 from tests.upstream_support import running_sim, warmsocket_upstream
@@ -162,3 +164,69 @@ def test_without_truncation_the_upstream_refuses_the_long_context() -> None:
     assert f"maximum context length is {WINDOW} tokens" in failed["response"]["error"]["message"]
     assert metrics.upstream.truncated_turns == 0
     assert 3 < len(terminals) < TURNS
+
+
+# -- the Rust cut against a restatement -------------------------------------------------------
+
+
+def reference_cut(tokens: list[int], kinds: list[str], budget: int) -> tuple[int, int] | None:
+    """`ContextView.truncation` restated: the leading system and developer messages
+    stay; the cut starts at the earliest user message (or keeps everything) from
+    which the rest fits."""
+    head = 0
+    while head < len(kinds) and kinds[head] in ("system", "developer"):
+        head += 1
+    kept = sum(tokens[:head])
+    if head == len(kinds):
+        return (head, head) if kept <= budget else None
+    for start in range(head, len(kinds)):
+        if (start == head or kinds[start] == "user") and kept + sum(tokens[start:]) <= budget:
+            return (head, start)
+    return None
+
+
+def item_of(kind: str, n: int, size: int) -> dict[str, Any]:
+    text = f"{kind} {n} " + "x " * size
+    if kind == "call":
+        return {"type": "function_call", "call_id": f"c{n}", "name": "f", "arguments": "{}"}
+    if kind == "output":
+        return {"type": "function_call_output", "call_id": f"c{n}", "output": text}
+    return {"type": "message", "role": kind, "content": text}
+
+
+kinds_strategy = st.lists(
+    st.sampled_from(["system", "developer", "user", "assistant", "call", "output"]),
+    min_size=0,
+    max_size=14,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    kinds=kinds_strategy,
+    sizes=st.lists(st.integers(0, 40), min_size=14, max_size=14),
+    splits=st.lists(st.integers(0, 14), max_size=3),
+    tokenised=st.booleans(),
+    budget_share=st.floats(0, 1.2),
+)
+def test_the_cut_matches_its_restatement(
+    kinds: list[str], sizes: list[int], splits: list[int], tokenised: bool, budget_share: float
+) -> None:
+    """Over chains of stored responses (several batches, as a real context) and new
+    items, tokenised in the cache or counted now: the same cut as the rule says."""
+    tok = tokenizer()
+    cache = SessionCache(memory_budget=1 << 26, tokenizer=tok if tokenised else None)
+    items = [item_of(kind, n, sizes[n]) for n, kind in enumerate(kinds)]
+    cuts = sorted({0, *(s for s in splits if s < len(items)), len(items)})
+    *stored, (first_new, _end) = list(itertools.pairwise(cuts)) or [(0, 0)]
+    parent = None
+    for n, (lo, hi) in enumerate(stored):  # a chain of responses: one batch each
+        cache.create(f"r{n}", owner="o", input=items[lo:hi], previous_response_id=parent)
+        parent = f"r{n}"
+    extra = Items.from_objects(items[first_new:])
+    view = cache.view(parent, owner="o", connection=None, extra=extra)
+    assert view.items == len(items)
+    tokens = [tok.count_item(json.dumps(item)) for item in items]
+    budget = int(sum(tokens) * budget_share)
+    kinds_seen = [k if k in ("system", "developer", "user", "assistant") else "tool" for k in kinds]
+    assert view.truncation(budget, tok) == reference_cut(tokens, kinds_seen, budget)
