@@ -257,6 +257,7 @@ def test_openai_gets_its_own_chat_fields_and_no_other_server_does() -> None:
         "prompt_cache_retention": "24h",
         "service_tier": "default",
         "user": "u-9",
+        "text": {"verbosity": "low"},
     }
     request = validate_create(body, websocket=False)
     sent = chat_request_fields(
@@ -266,8 +267,9 @@ def test_openai_gets_its_own_chat_fields_and_no_other_server_does() -> None:
     assert {name: sent[name] for name in (*own, "user")} == {
         name: body[name] for name in (*own, "user")
     }
+    assert sent["verbosity"] == "low"  # `text.verbosity`, as OpenAI's chat names it
     elsewhere = chat_request_fields(request.settings, "up", given_defaults=request.given_defaults)
-    assert not set(own) & set(elsewhere) and elsewhere["user"] == "u-9"
+    assert not {*own, "verbosity"} & set(elsewhere) and elsewhere["user"] == "u-9"
 
 
 @pytest.mark.parametrize(

@@ -215,7 +215,7 @@ def chat_request_fields(
     default: a model's own sampling defaults may differ. With `openai` (the
     upstream is OpenAI's: `UpstreamConfig.at_openai`), `max_output_tokens` goes as
     `max_completion_tokens` (its reasoning models refuse `max_tokens`) and OpenAI's
-    own fields (`OPENAI_CHAT_FIELDS`) go too."""
+    own fields (`OPENAI_CHAT_FIELDS`, and `text.verbosity` as `verbosity`) go too."""
     fields: dict[str, Any] = {"model": model}
     tools = chat_tools(settings.get("tools") or ())
     if tools:
@@ -247,6 +247,9 @@ def chat_request_fields(
     effort = (explicit.get("reasoning") or {}).get("effort")
     if isinstance(effort, str):
         fields["reasoning_effort"] = effort
+    verbosity = (explicit.get("text") or {}).get("verbosity")
+    if openai and isinstance(verbosity, str) and verbosity != "medium":
+        fields["verbosity"] = verbosity  # OpenAI's chat field for `text.verbosity`
     if logprobs:
         fields["logprobs"] = True
         top = settings.get("top_logprobs")
