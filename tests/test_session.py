@@ -15,13 +15,21 @@ from warmsocket.backends.base import (
     OutputItem,
     ReasoningDelta,
     ReasoningStart,
+    ResponseFields,
     TextDelta,
     ToolArgumentsDelta,
     ToolCallStart,
     TurnFailed,
 )
 from warmsocket.backends.mock import MockBackend
-from warmsocket.engine import Engine, Limits, Turn, prompt_key, stored_prompt_key
+from warmsocket.engine import (
+    Engine,
+    Limits,
+    Turn,
+    prompt_key,
+    response_object,
+    stored_prompt_key,
+)
 from warmsocket.errors import model_failed, shared_store_unavailable
 from warmsocket.session import CloseConnection, ResponsesSession, StartModel, StopModel
 
@@ -267,6 +275,36 @@ def test_malformed_hosted_tool_events_are_left_out() -> None:
     h.drain()
     completed = h.last("response.completed")["response"]
     assert [o["type"] for o in completed["output"]] == ["message"]
+
+
+def test_response_fields_end_the_response_and_malformed_ones_are_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A backend's fields of what the upstream did replace the setting of their name
+    # in the final Response (not in the events before it) and stay with the stored
+    # response; fields that are not an object are left out, logged without content.
+    h = Harness()
+    h.send(input="go", service_tier="auto")
+    turn = h.started[-1]
+    h.session.model_event(turn, TextDelta("fine"))
+    h.session.model_event(turn, ResponseFields(b'["secret"]'))
+    h.session.model_event(
+        turn,
+        ResponseFields(
+            b'{"service_tier":"default","prompt_cache_diagnostics":{"type":"cache_hit"}}'
+        ),
+    )
+    h.session.model_done(turn)
+    h.drain()
+    assert h.events[0]["response"]["service_tier"] == "auto"
+    completed = h.last("response.completed")["response"]
+    hit = {"type": "cache_hit"}
+    assert (completed["service_tier"], completed["prompt_cache_diagnostics"]) == ("default", hit)
+    assert "malformed response fields were left out" in caplog.text
+    assert "secret" not in caplog.text
+    info = h.cache.get(turn.response_id, owner="owner-1")
+    stored = response_object(info, turn.items, include_output=False)
+    assert (stored["service_tier"], stored["prompt_cache_diagnostics"]) == ("default", hit)
 
 
 def test_steer_pending_then_prepended_to_the_explicit_continuation() -> None:

@@ -523,6 +523,69 @@ def test_moderation_and_access_programs_reach_a_responses_upstream(
     ]
 
 
+def test_what_a_responses_upstream_did_reaches_the_client_and_stays_stored(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """The fields of the upstream's final Response that say what it did (the
+    simulated upstream answers as OpenAI does: the tier that served an `auto` request
+    is `default`; moderation results; hosted tools' `tool_usage`) are in the
+    client's final Response, over WebSocket, SSE and a plain HTTP create, and in the
+    stored response. The first events keep the request's tier, as OpenAI's do.
+    A Chat Completions upstream other than OpenAI says none of them: the Response
+    keeps the request's settings."""
+    _sim, server, _metrics = stack
+    moderation = {"model": "omni-moderation-latest"}
+    tools = [{"type": "web_search"}]
+    key = {"Authorization": "Bearer sk-test"}  # the SDK's below: the same owner
+    with WSClient(server.ws_url, additional_headers=key) as client:
+        plain = client.turn(input="hi", service_tier="auto")
+        flex = client.turn(input="hi", service_tier="flex")
+        searched = client.turn(input="/search weather Lima", tools=tools)
+        if api != "chat":
+            moderated = client.turn(input="hi", moderation=moderation)
+    for events in (plain, flex, searched):
+        assert events[-1]["type"] == "response.completed", events[-1]
+    created = plain[0]["response"]
+    final = plain[-1]["response"]
+    assert created["service_tier"] == "auto"
+    assert flex[-1]["response"]["service_tier"] == "flex"
+    with OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk:
+        if api == "chat":
+            assert final["service_tier"] == "auto"
+            assert "tool_usage" not in searched[-1]["response"]
+            stored = sdk.responses.retrieve(final["id"])
+            assert stored.service_tier == "auto" and stored.moderation is None
+            return
+        assert final["service_tier"] == "default"
+        assert searched[-1]["response"]["tool_usage"]["web_search"] == {"num_requests": 1}
+        result = moderated[-1]["response"]["moderation"]
+        assert result["input"]["model"] == "omni-moderation-latest"
+        assert result["output"]["flagged"] is False
+        assert "moderation" not in plain[-1]["response"]
+        # Stored: the Response as the client got it at its end.
+        for events in (plain, flex, searched, moderated):
+            response = events[-1]["response"]
+            stored_json = sdk.responses.retrieve(response["id"]).model_dump(exclude_unset=True)
+            for field in ("service_tier", "moderation", "tool_usage"):
+                assert stored_json.get(field) == response.get(field), field
+        # Over SSE and a plain HTTP create too, and a chain goes on from them.
+        stream = sdk.responses.create(
+            model="m", input="hi", moderation=moderation, service_tier="auto", stream=True
+        )
+        events = list(stream)
+        for event in events:
+            check_sse_event(event.model_dump(exclude_unset=True, mode="json"))
+        done = events[-1].response
+        assert done.service_tier == "default" and done.moderation is not None
+        created_sse = events[0].response
+        assert created_sse.service_tier == "auto" and created_sse.moderation is None
+        answer = sdk.responses.create(
+            model="m", input="again", previous_response_id=done.id, service_tier="priority"
+        )
+        assert answer.service_tier == "priority" and answer.status == "completed"
+        assert answer.moderation is None
+
+
 def test_an_answer_the_upstream_cut_short_ends_incomplete(
     api: str, stack: tuple[RunningSim, RunningServer, Metrics]
 ) -> None:
@@ -560,18 +623,26 @@ def test_a_chat_upstream_gets_the_token_limit_field_it_reads(
 ) -> None:
     """In front of OpenAI (`UpstreamConfig.at_openai`, by host: patched here, the
     simulated upstream being on loopback) the limit goes as `max_completion_tokens`,
-    and the answer is cut at it all the same; OpenAI's own fields go with it."""
+    and the answer is cut at it all the same; OpenAI's own fields go with it. The
+    tier its chunks say served the request is the Response's `service_tier`."""
     monkeypatch.setattr(UpstreamConfig, "at_openai", property(lambda self: True))
     with (
         running_sim() as sim,
         warmsocket_upstream(sim.base_url, "chat") as (server, _metrics),
         WSClient(server.ws_url) as client,
     ):
-        events = client.turn(input="word " * 100, max_output_tokens=16, prompt_cache_key="chain-7")
+        events = client.turn(
+            input="word " * 100,
+            max_output_tokens=16,
+            prompt_cache_key="chain-7",
+            service_tier="auto",
+        )
         (body,) = (json.loads(r["body"]) for r in sim.stats(bodies=True)["requests"])
     assert events[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
     assert body["max_completion_tokens"] == 16 and "max_tokens" not in body
-    assert body["prompt_cache_key"] == "chain-7"
+    assert (body["prompt_cache_key"], body["service_tier"]) == ("chain-7", "auto")
+    assert events[0]["response"]["service_tier"] == "auto"
+    assert events[-1]["response"]["service_tier"] == "default"
 
 
 def test_log_probabilities_come_through_a_responses_upstream(

@@ -20,6 +20,7 @@ from warmsocket.backends.base import (
     MessageStart,
     ModelEvent,
     ReasoningDelta,
+    ResponseFields,
     TextDelta,
     TextLogprobs,
     ToolArgumentsDelta,
@@ -303,6 +304,7 @@ OPENAI_PARALLEL = [
     ToolArgumentsDelta('{"location": "Paris, France"}'),
     ToolCallStart("call_ABCDEFGHIJKLMNOPQRSTUVWX", "get_weather"),
     ToolArgumentsDelta('{"location": "Bogotá, Colombia"}'),
+    ResponseFields(b'{"service_tier":"default"}'),  # the tier that served it
     UsageReport(input_tokens=1117, cached_tokens=1024, output_tokens=52, reasoning_tokens=0),
 ]
 VLLM_PARALLEL = [

@@ -953,6 +953,12 @@ class ResponseEncoder:
         `response.output_text.delta` carried them): written in that delta's event and
         kept with the message (`output_text.done`, and its text part, where each gets
         its token's `bytes` when it has none). ValueError for anything but an array."""
+    def set_response_fields(self, fields: bytes) -> None:
+        """Fields the upstream's Response gave about what it did (a JSON object, as
+        `ResponsesStreamDecoder` returns them: `service_tier`, `moderation`, ...): the
+        Response object has them from now on, each in place of the setting of its name
+        or added, and `meta_json` and `terminal_meta` keep them (`response_fields`).
+        ValueError for anything but an object."""
     def text_annotation(self, annotation: bytes) -> bytes:
         """An annotation of the message's text (a JSON object with a string `type`: a web
         search's `url_citation`, ...): `response.output_text.annotation.added` with its
@@ -1006,7 +1012,8 @@ class ResponseEncoder:
     def response_json(self) -> bytes:
         """The Response object now (after a terminal event: the one it carried)."""
     def meta_json(self) -> bytes:
-        """status, created_at, completed_at, usage, error, incomplete_details (JSON)."""
+        """status, created_at, completed_at, usage, error, incomplete_details, and
+        `response_fields` once `set_response_fields` gave any (JSON)."""
     def terminal_meta(
         self,
         usage: _Usage,
@@ -1017,8 +1024,8 @@ class ResponseEncoder:
     ) -> bytes:
         """The `meta_json` this response will have once it ends `completed` (or,
         with `incomplete` as the reason, `incomplete`), plus `instructions` (the
-        prompt's instructions key): what the cache stores before the terminal event
-        is sent. Changes nothing."""
+        prompt's instructions key), last: what the cache stores before the terminal
+        event is sent. Changes nothing."""
 
 def frame_event(event: bytes, framing: _Framing) -> bytes:
     """Frame one stand-alone event (a JSON object) for a connection's framing."""
@@ -1037,6 +1044,9 @@ _DecodedEvent: TypeAlias = (
     | tuple[Literal["reasoning"], str]
     | tuple[Literal["reasoning_delta"], bool, int, str]
     | tuple[Literal["usage"], int | None, int | None, int | None, int | None]
+    | tuple[Literal["incomplete"], str]
+    | tuple[Literal["logprobs"], bytes]
+    | tuple[Literal["response_fields"], bytes]
     | tuple[Literal["failed"], bytes | None]
     | tuple[Literal["error"], bytes, int | None]
     | tuple[Literal["protocol"]]
@@ -1052,7 +1062,12 @@ tool call under way, whole: `response.web_search_call.searching` and the like),
 `("reasoning", item_id)`
 (a reasoning item starts), `("reasoning_delta", summary, index, delta)` (of a
 summary part, else of a `reasoning_text` part), `("usage", input_tokens,
-cached_tokens, output_tokens, reasoning_tokens)`; or, last, why the stream stopped:
+cached_tokens, output_tokens, reasoning_tokens)`, `("incomplete", reason)` (the
+answer stopped short), `("logprobs", logprobs_json)` (of the text delta that
+follows), `("response_fields", fields_json)` (of the terminal event's Response, the
+fields that tell what the upstream did: `service_tier`, `moderation`, `tool_usage`,
+`prompt_cache_diagnostics`, `prompt_cache_options`, `input_transformations`,
+`image`, those present with their shape); or, last, why the stream stopped:
 `("failed", error_json)` (`response.failed`, its Response's `error` object),
 `("error", error_json, status)` (an `error` event: the nested object of the WebSocket
 shape or the flat SSE event), `("protocol",)` (a message that is not a JSON
@@ -1064,7 +1079,8 @@ class ResponsesStreamDecoder:
     chunk of an SSE body or per WebSocket message.
 
     Only what the model produced is read: text and argument deltas, function calls,
-    the terminal event's usage and id; text or arguments that came only in a `.done`
+    the terminal event's usage, id and the fields of its Response that tell what the
+    upstream did (`response_fields`); text or arguments that came only in a `.done`
     event are emitted then. Lifecycle events that repeat the whole Response
     (`response.created`, `response.in_progress`, by SSE event name) are not parsed.
     Not thread-safe: one response, one task.
@@ -1078,8 +1094,8 @@ class ResponsesStreamDecoder:
     def message(self, data: bytes) -> list[_DecodedEvent]:
         """One event as a JSON message (WebSocket mode). Its `type` is read first:
         `response.created` / `in_progress` (which repeat the whole Response) are not
-        parsed, terminal events are read for their id and usage only; the GIL is
-        released for a large message."""
+        parsed, terminal events are read for their id, usage and relayed fields
+        only; the GIL is released for a large message."""
     @property
     def done(self) -> bool:
         """A terminal event (`response.completed` / `response.incomplete`) arrived."""

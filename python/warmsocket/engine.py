@@ -51,6 +51,7 @@ from warmsocket.backends.base import (
     OutputItem,
     ReasoningDelta,
     ReasoningStart,
+    ResponseFields,
     StreamItem,
     TextAnnotation,
     TextDelta,
@@ -821,7 +822,7 @@ class Turn:
     def feed(self, event: ModelEvent) -> bytes:
         """Encode one model event. A TurnFailed event is handled by `fail`, not here."""
         if self.first_token is None and not isinstance(
-            event, UsageReport | TurnIncomplete | TextLogprobs
+            event, UsageReport | TurnIncomplete | TextLogprobs | ResponseFields
         ):
             self.first_token = time.perf_counter()
             self.engine.metrics.observe_first_token(self.first_token - self.started)
@@ -871,6 +872,12 @@ class Turn:
                 self.stream.text_logprobs(event.logprobs)
             except ValueError:  # not an array: left out (logged without content)
                 log.warning("malformed log probabilities were left out")
+            return b""
+        if isinstance(event, ResponseFields):
+            try:
+                self.stream.set_response_fields(event.fields)
+            except ValueError:  # not an object: left out (logged without content)
+                log.warning("malformed response fields were left out")
             return b""
         if isinstance(event, TurnFailed):
             raise TypeError("TurnFailed goes to Turn.fail")
@@ -1109,6 +1116,7 @@ def response_object(
     settings: dict[str, Any] = json.loads(info.settings)
     meta: dict[str, Any] = json.loads(info.meta)
     model = settings.pop("model", None)
+    relayed = meta.get("response_fields")
     return {
         "id": info.id,
         "object": "response",
@@ -1124,4 +1132,5 @@ def response_object(
         "store": info.store,
         "background": meta.get("background", False),
         **settings,
+        **(relayed if isinstance(relayed, dict) else {}),
     }

@@ -73,6 +73,13 @@ class ResponseStream:
         self._static = dumps(static)[1:]
         self._prefix = b"" if stream_id is None else b'"stream_id":' + dumps(stream_id) + b","
 
+    def set_fields(self, fields: dict[str, Any]) -> None:
+        """Fields the Response has from now on, each in place of the setting of its name
+        or added (what the server did: the tier that served it, moderation results)."""
+        static = json.loads(b"{" + self._static)
+        static.update(fields)
+        self._static = dumps(static)[1:]
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> list[bytes]:

@@ -156,6 +156,10 @@ struct Statics {
     /// The same entries as msgpack key/value pairs (msgpack framing only).
     msgpack: Vec<u8>,
     count: usize,
+    /// Where the settings' entries start in `json` (after their comma), and in
+    /// `msgpack`: what comes before is the entries of `STATIC_FIELDS`.
+    settings_at: usize,
+    msgpack_settings_at: usize,
 }
 
 /// The event stream of one response.
@@ -173,6 +177,8 @@ pub struct ResponseEncoder {
     /// The `error` object of a failed response (JSON).
     error: Option<Vec<u8>>,
     incomplete: Option<String>,
+    /// What `set_response_fields` was given (a JSON object), kept in the meta.
+    response_fields: Option<Vec<u8>>,
     output: Vec<Arc<Item>>,
     open: Option<OpenItem>,
     /// The `status` `open` gets when it is closed (`completed`; `incomplete` in
@@ -228,12 +234,15 @@ impl ResponseEncoder {
         });
         if !inner.iter().all(u8::is_ascii_whitespace) {
             json.push(b',');
-            json.extend_from_slice(inner);
         }
+        let settings_at = json.len();
+        json.extend_from_slice(inner);
         let mut statics = Statics {
             json,
             msgpack: Vec::new(),
             count: STATIC_FIELDS,
+            settings_at,
+            msgpack_settings_at: 0,
         };
         if head.framing == Framing::Msgpack {
             let value = super::json::parse(
@@ -260,6 +269,7 @@ impl ResponseEncoder {
             msgpack::write_bool(head.store, mp);
             msgpack::write_str("background", mp);
             msgpack::write_bool(head.background, mp);
+            statics.msgpack_settings_at = mp.len();
             for (k, v) in object.iter() {
                 msgpack::write_str(k, mp);
                 msgpack::write_value(v, mp);
@@ -278,6 +288,7 @@ impl ResponseEncoder {
             usage: None,
             error: None,
             incomplete: None,
+            response_fields: None,
             output: Vec::new(),
             open: None,
             open_item_status: "completed",
@@ -858,6 +869,62 @@ impl ResponseEncoder {
         Ok(&self.out)
     }
 
+    /// Fields the upstream's Response gave about what it did (the `response_fields` of
+    /// `rust/framing/upstream.rs`), a JSON object: from now on the Response has them,
+    /// each in place of a setting of the same name (`service_tier`) or added. Fails,
+    /// changing nothing, when `fields` is not a JSON object.
+    pub fn set_response_fields(&mut self, fields: &[u8]) -> Result<()> {
+        let not_object = || Error::invalid_argument("response fields must be a JSON object");
+        let text = std::str::from_utf8(fields).map_err(|_| not_object())?;
+        let Ok(Value::Object(fields)) = super::json::parse(text) else {
+            return Err(not_object());
+        };
+        if fields.is_empty() {
+            return Ok(());
+        }
+        let statics = &self.statics;
+        let settings = std::str::from_utf8(&statics.json[statics.settings_at..])
+            .ok()
+            .map(|inner| format!("{{{inner}}}"));
+        let settings = match settings.as_deref().map(super::json::parse) {
+            Some(Ok(Value::Object(settings))) => settings,
+            _ => return Err(Error::invalid_argument("settings must be a JSON object")),
+        };
+        let kept: Vec<(&str, &Value<'_>)> = settings
+            .iter()
+            .filter(|(k, _)| !fields.contains_key(k))
+            .chain(fields.iter())
+            .collect();
+        let mut json = statics.json[..statics.settings_at].to_vec();
+        for (i, (k, v)) in kept.iter().enumerate() {
+            if i > 0 || json.last() != Some(&b',') {
+                json.push(b',');
+            }
+            write_str(k, &mut json);
+            json.push(b':');
+            super::value::write_canonical(v, &mut json);
+        }
+        let mut msgpack = Vec::new();
+        if self.framing == Framing::Msgpack {
+            msgpack.extend_from_slice(&statics.msgpack[..statics.msgpack_settings_at]);
+            for (k, v) in &kept {
+                msgpack::write_str(k, &mut msgpack);
+                msgpack::write_value(v, &mut msgpack);
+            }
+        }
+        self.statics = Statics {
+            json,
+            msgpack,
+            count: STATIC_FIELDS + kept.len(),
+            settings_at: statics.settings_at,
+            msgpack_settings_at: statics.msgpack_settings_at,
+        };
+        let mut kept = Vec::with_capacity(text.len());
+        super::value::write_canonical(&Value::Object(fields), &mut kept);
+        self.response_fields = Some(kept);
+        Ok(())
+    }
+
     // -- whole objects -----------------------------------------------------------------
 
     /// The Response object now, as JSON (the terminal event's `response`).
@@ -867,7 +934,8 @@ impl ResponseEncoder {
         out
     }
 
-    /// What the cache keeps beside the settings: status, times, usage, error, details.
+    /// What the cache keeps beside the settings: status, times, usage, error, details,
+    /// and the `response_fields` given (`set_response_fields`).
     pub fn meta_json(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(256);
         let s = &mut JsonSink(&mut out);
@@ -884,14 +952,15 @@ impl ResponseEncoder {
         self.write_error(s);
         s.key("incomplete_details");
         self.write_incomplete(s);
+        self.write_response_fields(s);
         s.end();
         out
     }
 
     /// The meta [`ResponseEncoder::meta_json`] will give once this response ends
     /// `completed` or (with `incomplete`, its reason) `incomplete`, plus the
-    /// `instructions` key of its prompt: what the cache stores before the terminal
-    /// event is sent. Changes nothing.
+    /// `instructions` key of its prompt, last: what the cache stores before the
+    /// terminal event is sent. Changes nothing.
     pub fn terminal_meta(
         &self,
         usage_counts: Usage,
@@ -917,6 +986,7 @@ impl ResponseEncoder {
         s.null();
         s.key("incomplete_details");
         incomplete_details(s, incomplete);
+        self.write_response_fields(s);
         s.key("instructions");
         match instructions {
             None => s.null(),
@@ -1308,6 +1378,14 @@ impl ResponseEncoder {
 
     fn write_incomplete(&self, s: &mut dyn Sink) {
         incomplete_details(s, self.incomplete.as_deref());
+    }
+
+    /// `"response_fields":{...}` when there are any (a meta's member).
+    fn write_response_fields(&self, s: &mut dyn Sink) {
+        if let Some(fields) = &self.response_fields {
+            s.key("response_fields");
+            s.json(fields);
+        }
     }
 }
 
@@ -2003,6 +2081,92 @@ mod tests {
         };
         all.extend_from_slice(e.complete(usage, 9));
         all
+    }
+
+    #[test]
+    fn response_fields_replace_settings_or_are_added_in_every_framing() {
+        let settings = br#"{"model":"m","service_tier":"auto","temperature":1.0,"tools":[{"type":"function","name":"f","strict":true}]}"#;
+        let fields = br#"{"service_tier":"default","moderation":{"input":{"flagged":false,"category_scores":{"hate":1.5e-7}}}}"#;
+        let usage = Usage::default();
+        for framing in [Framing::Json, Framing::Msgpack] {
+            let mut e = ResponseEncoder::new(ResponseHead {
+                response_id: "resp_1",
+                settings,
+                previous_response_id: None,
+                store: true,
+                created_at: 7,
+                stream_id: None,
+                framing,
+                background: false,
+            })
+            .unwrap();
+            let mut all = e.start().to_vec();
+            assert!(e.set_response_fields(b"[1]").is_err());
+            assert!(e.set_response_fields(b"{").is_err());
+            e.set_response_fields(b"{}").unwrap();
+            e.set_response_fields(fields).unwrap();
+            all.extend_from_slice(e.text_delta("x"));
+            all.extend_from_slice(e.complete(usage, 9));
+            let events = if framing == Framing::Json {
+                lines(&all)
+            } else {
+                frame_events(&all)
+            };
+            let first = &events[0]["response"];
+            let last = &events[events.len() - 1]["response"];
+            assert_eq!(first["service_tier"], "auto", "{framing:?}");
+            assert!(first.get("moderation").is_none());
+            assert_eq!(last["service_tier"], "default", "{framing:?}");
+            assert_eq!(
+                last["moderation"]["input"]["category_scores"]["hate"],
+                1.5e-7
+            );
+            // The rest of the Response is as it was.
+            for key in ["id", "object", "created_at", "store", "background", "model"] {
+                assert_eq!(first[key], last[key], "{key}");
+            }
+            assert_eq!(last["temperature"], 1.0);
+            assert_eq!(last["tools"][0]["strict"], true);
+            let response: serde_json::Value = serde_json::from_slice(&e.response_json()).unwrap();
+            assert_eq!(&response, last);
+            // No key twice (the JSON text, where serde_json would keep the last).
+            assert_eq!(
+                String::from_utf8_lossy(&e.response_json())
+                    .matches("\"service_tier\"")
+                    .count(),
+                1
+            );
+            let meta = e.terminal_meta(usage, 9, None, Some("k1"));
+            let text = String::from_utf8_lossy(&meta);
+            assert!(text.ends_with(r#","instructions":"k1"}"#), "{text}");
+            let meta: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+            assert_eq!(meta["response_fields"]["service_tier"], "default");
+            let meta: serde_json::Value = serde_json::from_slice(&e.meta_json()).unwrap();
+            assert_eq!(meta["response_fields"]["moderation"], last["moderation"]);
+        }
+        // Without settings of its own, the fields are the Response's only extras.
+        let mut e = ResponseEncoder::new(ResponseHead {
+            settings: b"{ }",
+            ..ResponseHead {
+                response_id: "resp_2",
+                settings: SETTINGS,
+                previous_response_id: None,
+                store: false,
+                created_at: 7,
+                stream_id: None,
+                framing: Framing::Json,
+                background: false,
+            }
+        })
+        .unwrap();
+        e.set_response_fields(br#"{"service_tier":"flex"}"#)
+            .unwrap();
+        let response: serde_json::Value = serde_json::from_slice(&e.response_json()).unwrap();
+        assert_eq!(response["service_tier"], "flex");
+        assert_eq!(response["id"], "resp_2");
+        let meta: serde_json::Value =
+            serde_json::from_slice(&encoder(Framing::Json, None).meta_json()).unwrap();
+        assert!(meta.get("response_fields").is_none());
     }
 
     #[test]

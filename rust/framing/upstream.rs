@@ -73,6 +73,69 @@ pub enum Event {
     /// `response.incomplete`: the answer stopped short, for this reason (its
     /// `incomplete_details.reason`; [`DEFAULT_INCOMPLETE_REASON`] when it gave none).
     Incomplete(String),
+    /// The terminal event's Response has fields of [`RELAYED_FIELDS`]: a JSON object
+    /// of those present with the shape they should have (others are left out).
+    ResponseFields(Vec<u8>),
+}
+
+/// The shape a relayed field must have to be relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Str,
+    Object,
+    Array,
+}
+
+/// Fields of an upstream's Response that tell what the upstream did, rather than
+/// echo the request: the tier that served it (`auto` in, `default` out), moderation
+/// results, hosted tools' billable usage, prompt cache diagnostics and the cache
+/// options applied, reasoning items withheld, the image policy applied. They are
+/// relayed into warmsocket's Response; everything else in it is warmsocket's own.
+pub const RELAYED_FIELDS: [&str; 7] = [
+    "service_tier",
+    "moderation",
+    "tool_usage",
+    "prompt_cache_diagnostics",
+    "prompt_cache_options",
+    "input_transformations",
+    "image",
+];
+
+const RELAYED_SHAPES: [Shape; 7] = [
+    Shape::Str,
+    Shape::Object,
+    Shape::Object,
+    Shape::Object,
+    Shape::Object,
+    Shape::Array,
+    Shape::Object,
+];
+
+/// The relayed fields of a Response, in [`RELAYED_FIELDS`] order: `value(i)` gives
+/// field `i`'s value if the Response has it. A JSON object of those of their
+/// field's shape; None when there are none.
+fn relayed_fields<'v>(mut value: impl FnMut(usize) -> Option<Value<'v>>) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    for (i, (name, shape)) in RELAYED_FIELDS.iter().zip(RELAYED_SHAPES).enumerate() {
+        let Some(value) = value(i) else { continue };
+        let fits = match shape {
+            Shape::Str => matches!(value, Value::Str(_)),
+            Shape::Object => matches!(value, Value::Object(_)),
+            Shape::Array => matches!(value, Value::Array(_)),
+        };
+        if !fits {
+            continue;
+        }
+        out.push(if out.is_empty() { b'{' } else { b',' });
+        super::value::write_str(name, &mut out);
+        out.push(b':');
+        write_canonical(&value, &mut out);
+    }
+    if out.is_empty() {
+        return None;
+    }
+    out.push(b'}');
+    Some(out)
 }
 
 /// The reason of a `response.incomplete` that gives none: the output token limit,
@@ -130,6 +193,37 @@ struct TerminalResponse<'a> {
     usage: Option<TerminalUsage>,
     #[serde(default, borrow)]
     incomplete_details: Option<TerminalIncomplete<'a>>,
+    // RELAYED_FIELDS, taken as they are and read by `relayed_fields`.
+    #[serde(default, borrow)]
+    service_tier: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    moderation: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    tool_usage: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    prompt_cache_diagnostics: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    prompt_cache_options: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    input_transformations: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    image: Option<&'a serde_json::value::RawValue>,
+}
+
+impl<'a> TerminalResponse<'a> {
+    /// The relayed fields (`relayed_fields`).
+    fn relayed(&self) -> Option<Vec<u8>> {
+        let raw = [
+            self.service_tier,
+            self.moderation,
+            self.tool_usage,
+            self.prompt_cache_diagnostics,
+            self.prompt_cache_options,
+            self.input_transformations,
+            self.image,
+        ];
+        relayed_fields(|i| raw[i].and_then(|raw| json::parse(raw.get()).ok()))
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -218,9 +312,9 @@ impl ResponsesDecoder {
         Ok(())
     }
 
-    /// A terminal event read for the three fields it gives (its type, the
-    /// Response's id and usage), skipping the rest of the Response (instructions,
-    /// tools, output) without building it. False, with nothing done, when the event
+    /// A terminal event read for the fields it gives (its type, the Response's id,
+    /// usage, incomplete details and [`RELAYED_FIELDS`]), skipping the rest of the
+    /// Response (instructions, tools, output) without building it. False, with nothing done, when the event
     /// is not in the shape this expects (another type, a field of another type, a
     /// duplicate key): `message` then reads it in full.
     fn terminal(&mut self, data: &[u8], out: &mut Vec<Event>) -> bool {
@@ -239,6 +333,9 @@ impl ResponsesDecoder {
             }
             return true;
         };
+        if let Some(fields) = response.relayed() {
+            out.push(Event::ResponseFields(fields));
+        }
         if let Some(id) = response.id {
             self.response_id = Some(id.into_owned());
         }
@@ -260,7 +357,7 @@ impl ResponsesDecoder {
 
     /// One WebSocket message. Its `type` is read first, without parsing the rest:
     /// lifecycle events that carry the whole Response are skipped and terminal
-    /// events read for their three fields, as on the SSE path.
+    /// events read for their few fields, as on the SSE path.
     pub fn ws_message(&mut self, data: &[u8], out: &mut Vec<Event>) -> Result<(), Stop> {
         if let Some(kind) = super::peek::top_level_string(data, "type") {
             if SKIPPED.contains(&kind.as_bytes()) {
@@ -456,6 +553,12 @@ impl ResponsesDecoder {
                 let usage = response
                     .and_then(|r| r.get("usage"))
                     .filter(|u| u.as_object().is_some());
+                if let Some(response) = response {
+                    let fields = relayed_fields(|i| response.get(RELAYED_FIELDS[i]).cloned());
+                    if let Some(fields) = fields {
+                        out.push(Event::ResponseFields(fields));
+                    }
+                }
                 if let Some(id) = response.and_then(|r| r.get("id")).and_then(Value::as_str) {
                     self.response_id = Some(id.to_owned());
                 }
@@ -1197,6 +1300,56 @@ mod tests {
             );
         }
         assert_eq!(reason(&cases[0]), None);
+    }
+
+    #[test]
+    fn relayed_fields_are_read_the_same_fast_and_in_full() {
+        let moderation = r#"{"input":{"type":"moderation_result","flagged":false,"model":"omni","categories":{"hate":false},"category_scores":{"hate":1.5e-7},"category_applied_input_types":{"hate":["text"]}},"output":{"type":"error","code":"c","message":"m"}}"#;
+        let cases = [
+            format!(
+                r#"{{"type":"response.completed","response":{{"id":"r","service_tier":"default","instructions":"x","moderation":{moderation},"tool_usage":{{"web_search":{{"num_requests":2}}}},"usage":{{"input_tokens":1}}}}}}"#
+            ),
+            r#"{"type":"response.incomplete","response":{"image":{"context_compression":"enabled"},"input_transformations":[{"id":"rs_1","type":"reasoning","action":"removed","reason":"model_mismatch"}],"prompt_cache_options":{"mode":"implicit","ttl":"30m"},"prompt_cache_diagnostics":{"type":"cache_hit"}}}"#.to_owned(),
+            // Null or of another shape: left out.
+            r#"{"type":"response.completed","response":{"service_tier":null,"moderation":"x","tool_usage":[1],"image":null,"input_transformations":{}}}"#.to_owned(),
+            r#"{"type":"response.completed","response":{"service_tier":5,"prompt_cache_diagnostics":null}}"#.to_owned(),
+            // The fast path declines a duplicate key: the full reading keeps the last.
+            r#"{"type":"response.completed","response":{"service_tier":"auto","service_tier":"flex"}}"#.to_owned(),
+        ];
+        let fields = |case: &str| {
+            let [(fast, _, _), (full, _, _)] = both_readings(case);
+            assert_eq!(fast, full, "{case}");
+            let found: Vec<String> = fast
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|event| match event {
+                    Event::ResponseFields(json) => String::from_utf8(json).ok(),
+                    _ => None,
+                })
+                .collect();
+            assert!(found.len() <= 1, "{case}");
+            found.into_iter().next()
+        };
+        let first = fields(&cases[0]).unwrap_or_default();
+        let parsed: serde_json::Value = serde_json::from_str(&first).unwrap_or_default();
+        let expected_moderation: serde_json::Value =
+            serde_json::from_str(moderation).unwrap_or_default();
+        assert_eq!(parsed["service_tier"], "default");
+        assert_eq!(parsed["moderation"], expected_moderation);
+        assert_eq!(parsed["tool_usage"]["web_search"]["num_requests"], 2);
+        assert_eq!(parsed.as_object().map(|o| o.len()), Some(3), "{first}");
+        assert_eq!(
+            fields(&cases[1]).as_deref(),
+            Some(
+                r#"{"prompt_cache_diagnostics":{"type":"cache_hit"},"prompt_cache_options":{"mode":"implicit","ttl":"30m"},"input_transformations":[{"action":"removed","id":"rs_1","reason":"model_mismatch","type":"reasoning"}],"image":{"context_compression":"enabled"}}"#
+            )
+        );
+        assert_eq!(fields(&cases[2]), None);
+        assert_eq!(fields(&cases[3]), None);
+        assert_eq!(
+            fields(&cases[4]).as_deref(),
+            Some(r#"{"service_tier":"flex"}"#)
+        );
     }
 
     #[test]

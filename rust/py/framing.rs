@@ -549,6 +549,11 @@ impl PyResponseEncoder {
         Ok(self.inner.text_logprobs(logprobs)?)
     }
 
+    /// Fields of the upstream's Response about what it did (a JSON object).
+    fn set_response_fields(&mut self, fields: &[u8]) -> PyResult<()> {
+        Ok(self.inner.set_response_fields(fields)?)
+    }
+
     fn text_annotation<'py>(
         &mut self,
         py: Python<'py>,

@@ -103,6 +103,9 @@ fn events_list<'py>(
                 reasoning,
             } => ("usage", input, cached, output, reasoning).into_pyobject(py)?,
             Event::Incomplete(reason) => ("incomplete", reason).into_pyobject(py)?,
+            Event::ResponseFields(fields) => {
+                ("response_fields", PyBytes::new(py, &fields)).into_pyobject(py)?
+            }
             Event::TextLogprobs(logprobs) => {
                 ("logprobs", PyBytes::new(py, &logprobs)).into_pyobject(py)?
             }

@@ -134,6 +134,17 @@ class TurnIncomplete:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseFields:
+    """Fields of the upstream's Response that tell what it did rather than echo the
+    request (a JSON object: the `service_tier` that served it, `moderation` results,
+    hosted tools' `tool_usage`, ...): warmsocket's Response gets them at its end, each
+    in place of the setting of its name (`service_tier`) or added, and keeps them
+    when stored."""
+
+    fields: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class TurnFailed:
     """The model failed after the response started: it ends `response.failed`."""
 
@@ -161,6 +172,7 @@ ModelEvent = (
     | UsageReport
     | TextLogprobs
     | TurnIncomplete
+    | ResponseFields
     | TurnFailed
 )
 

@@ -42,6 +42,7 @@ from warmsocket._core import MAX_UPSTREAM_EVENT_BYTES
 from warmsocket.backends.base import (
     ModelEvent,
     ReasoningDelta,
+    ResponseFields,
     TextDelta,
     TextLogprobs,
     ToolArgumentsDelta,
@@ -325,6 +326,7 @@ class ChatChunkDecoder:
         self._calls: dict[int, _Call] = {}
         self._current: int | None = None
         self._usage: dict[str, Any] | None = None
+        self._service_tier: str | None = None
         self.finished = False
         """A `finish_reason` or `[DONE]` arrived."""
         self.cut_short: str | None = None
@@ -347,6 +349,8 @@ class ChatChunkDecoder:
             raise transport_error("closed")
         if self.cut_short is not None:
             events.append(TurnIncomplete(self.cut_short))
+        if self._service_tier is not None:  # OpenAI's: the tier that served the request
+            events.append(ResponseFields(dumps({"service_tier": self._service_tier})))
         usage = self._usage
         if usage:
             details = usage.get("prompt_tokens_details")
@@ -387,6 +391,9 @@ class ChatChunkDecoder:
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self._usage = usage
+        service_tier = chunk.get("service_tier")
+        if isinstance(service_tier, str):
+            self._service_tier = service_tier
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue

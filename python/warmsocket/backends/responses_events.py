@@ -13,7 +13,9 @@ hosted tool call (web search, code interpreter, ...) is shown from its
 they come, and the whole item from its `output_item.done` finishes it. Upstream
 item ids are kept for these. A message's annotations (a web search's citations) are
 taken as they come, or from a message that was not streamed. Each message's
-`output_item.added` is a `MessageStart`, so two messages in a row stay two.
+`output_item.added` is a `MessageStart`, so two messages in a row stay two. The
+fields of the terminal event's Response that tell what the upstream did (the tier
+that served it, moderation results, ...) come as `ResponseFields`.
 
 The events are read in Rust (`_core.ResponsesStreamDecoder`,
 `rust/framing/upstream.rs`): one call per chunk of an SSE body or per WebSocket
@@ -38,6 +40,7 @@ from warmsocket.backends.base import (
     OutputItem,
     ReasoningDelta,
     ReasoningStart,
+    ResponseFields,
     TextAnnotation,
     TextDelta,
     TextLogprobs,
@@ -110,6 +113,8 @@ def model_events(decoded: list[tuple[Any, ...]]) -> list[ModelEvent]:
             out.append(TurnIncomplete(event[1]))
         elif kind == "logprobs":
             out.append(TextLogprobs(event[1]))
+        elif kind == "response_fields":
+            out.append(ResponseFields(event[1]))
         else:
             raise _stopped(event)
     return out

@@ -607,6 +607,9 @@ class _Connection(asyncio.Protocol):
         top = body.get("top_logprobs")
         logprobs = (top if isinstance(top, int) else 0) if body.get("logprobs") is True else None
         chunks, texts = self._chat_chunks(answer, model, include_usage, logprobs)
+        if "service_tier" in body:  # as OpenAI's chunks say which tier served them
+            tier = served_fields(body, 0)["service_tier"]
+            chunks = [c[:-1] + b',"service_tier":' + dumps(tier) + b"}" for c in chunks]
         pieces = [chunk(b"data: " + c + b"\n\n") for c in chunks]
         pieces.append(chunk(b"data: [DONE]\n\n") + LAST_CHUNK)
         texts.append("")
@@ -850,6 +853,8 @@ class _Connection(asyncio.Protocol):
             answer.output_tokens,
             answer.reasoning_tokens,
         )
+        searches = sum(kind == "search" for kind, _piece in pieces)
+        response.set_fields(served_fields(body, searches))
         if answer.reply.kind == "fail":
             closing = response.fail(errors.model_failed().response_error(), usage)
         elif answer.cut_short:
@@ -1073,6 +1078,40 @@ async def _break_or_stall(fault: dict[str, Any] | None) -> NoReturn:
 
 SIM_COMPACTION = "sim-compaction:"
 """How a compaction item of this server's `encrypted_content` starts."""
+
+
+MODERATION_CATEGORIES = ("harassment", "hate", "self-harm", "sexual", "violence")
+
+
+def served_fields(body: dict[str, Any], searches: int) -> dict[str, Any]:
+    """What OpenAI's final Response says of how it served a request: the tier (`auto`
+    or none resolves to `default`), moderation results when `moderation` asked for
+    them (nothing flagged), and hosted tools' usage when the answer searched."""
+    tier = body.get("service_tier")
+    fields: dict[str, Any] = {"service_tier": "default" if tier in (None, "auto") else tier}
+    moderation = body.get("moderation")
+    if isinstance(moderation, dict):
+        result = {
+            "type": "moderation_result",
+            "model": str(moderation.get("model")),
+            "flagged": False,
+            "categories": dict.fromkeys(MODERATION_CATEGORIES, False),
+            "category_scores": dict.fromkeys(MODERATION_CATEGORIES, 1e-06),
+            "category_applied_input_types": {name: ["text"] for name in MODERATION_CATEGORIES},
+        }
+        fields["moderation"] = {"input": result, "output": result}
+    if searches:
+        no_tokens = {"image_tokens": 0, "text_tokens": 0}
+        fields["tool_usage"] = {
+            "image_gen": {
+                "input_tokens": 0,
+                "input_tokens_details": no_tokens,
+                "output_tokens": 0,
+                "total_tokens": 0,
+            },
+            "web_search": {"num_requests": searches},
+        }
+    return fields
 
 
 def _is_user_message(item: dict[str, Any]) -> bool:
