@@ -867,18 +867,10 @@ class Turn:
         if isinstance(event, TurnIncomplete):
             self.incomplete_reason = event.reason
             return b""
-        if isinstance(event, TextLogprobs):
-            try:
-                self.stream.text_logprobs(event.logprobs)
-            except ValueError:  # not an array: left out (logged without content)
-                log.warning("malformed log probabilities were left out")
-            return b""
-        if isinstance(event, ResponseFields):
-            try:
-                self.stream.set_response_fields(event.fields)
-            except ValueError:  # not an object: left out (logged without content)
-                log.warning("malformed response fields were left out")
-            return b""
+        if isinstance(event, TextLogprobs):  # not an array: left out
+            return _or_left_out(self.stream.text_logprobs, event.logprobs, "log probabilities")
+        if isinstance(event, ResponseFields):  # not an object: left out
+            return _or_left_out(self.stream.set_response_fields, event.fields, "response fields")
         if isinstance(event, TurnFailed):
             raise TypeError("TurnFailed goes to Turn.fail")
         raise TypeError(f"unknown model event {type(event).__name__}")
@@ -1099,11 +1091,11 @@ class Turn:
             )
 
 
-def _or_left_out(encode: Callable[[bytes], bytes], payload: bytes, what: str) -> bytes:
-    """`encode(payload)`, or nothing when the backend's JSON is not what the API could
-    show (logged without content)."""
+def _or_left_out(encode: Callable[[bytes], bytes | None], payload: bytes, what: str) -> bytes:
+    """`encode(payload)` (nothing for a None), or nothing when the backend's JSON is
+    not what the API could show (logged without content)."""
     try:
-        return encode(payload)
+        return encode(payload) or b""
     except ValueError:
         log.warning("a malformed model event was left out", extra={"event": what})
         return b""
