@@ -399,6 +399,64 @@ def test_lifetime_grace_fails_stragglers() -> None:
     assert h.closed
 
 
+def test_a_drain_finishes_what_is_under_way_refuses_new_creates_then_closes() -> None:
+    # A server shutting down: the running response and the one queued behind it on
+    # its lane end normally; a new create gets the error that says to reconnect, on
+    # its own lane; the connection closes with 1001 (the SDK reconnects on it) once
+    # nothing is left, not before.
+    h = Harness(Limits(max_active_responses=1))
+    h.send(input="running", stream_id="a")
+    running = h.started[-1]
+    h.send(input="queued", stream_id="a")
+    h.session.drain(5.0, 30.0)
+    assert h.session.next_deadline() == 35.0
+    h.send(input="too late", stream_id="b")
+    refused = h.events[-1]
+    assert (refused["type"], refused["stream_id"]) == ("error", "b")
+    assert refused["error"]["code"] == "websocket_connection_limit_reached"
+    assert refused["status"] == 503 and "shutting down" in refused["error"]["message"]
+    h.reply(running)
+    assert not h.closed and len(h.started) == 2
+    queued = h.started[-1]
+    h.reply(queued)
+    assert h.closed == [CloseConnection(1001, "server shutting down")]
+    assert [e["type"] for e in h.events].count("response.completed") == 2
+    assert h.session.closed and h.cache.stats().connections == 0
+
+
+def test_a_drain_closes_an_idle_connection_at_once() -> None:
+    h = Harness()
+    h.send(input="done")
+    h.reply(h.started[-1])
+    h.session.drain(1.0, 30.0)
+    h.drain()
+    assert h.closed == [CloseConnection(1001, "server shutting down")]
+
+
+def test_a_drain_that_runs_out_fails_what_is_left_then_closes() -> None:
+    # At the end of the grace: each response under way gets its terminal event (a
+    # failure that says why), each queued create its error, then the close.
+    h = Harness(Limits(max_active_responses=1, connection_lifetime=100.0))
+    h.send(input="slow", stream_id="a")
+    slow = h.started[-1]
+    h.send(input="waits", stream_id="a")
+    h.session.drain(1.0, 2.0)
+    h.session.tick(2.9)
+    h.drain()
+    assert not h.closed
+    h.session.tick(3.0)
+    h.drain()
+    assert slow in h.stopped and len(h.started) == 1
+    failed = h.last("response.failed")["response"]["error"]
+    assert (failed["code"], failed["message"]) == ("server_error", "The server shut down first.")
+    error = h.last("error")
+    assert (error["stream_id"], error["error"]["code"]) == (
+        "a",
+        "websocket_connection_limit_reached",
+    )
+    assert h.closed == [CloseConnection(1001, "server shutting down")]
+
+
 def test_disconnect_cancels_everything() -> None:
     h = Harness(Limits(max_active_responses=1))
     h.send(input="a", store=False)

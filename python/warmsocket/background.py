@@ -327,6 +327,11 @@ class BackgroundResponses:
         self._announced.add(task)
         task.add_done_callback(self._announced.discard)
 
+    @property
+    def running(self) -> int:
+        """Background responses running in this process."""
+        return len(self._running)
+
     def stats(self) -> dict[str, int]:
         self._expire()
         return {

@@ -367,6 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight responses get to finish after the lifetime ends",
     )
     opt.add(
+        "--shutdown-timeout",
+        default=25.0,
+        type=_non_negative_float,
+        help="on SIGTERM or Ctrl-C: seconds the responses under way (streams, background "
+        "responses) get to finish while no new connections are taken and /healthz says "
+        "'draining'; then everything closes (a second signal closes at once; 0: at once). "
+        "Keep it under your orchestrator's grace period (Kubernetes: 30 s)",
+    )
+    opt.add(
         "--max-lanes", default=32, type=_positive_int, help="named stream_id lanes per connection"
     )
     opt.add(

@@ -295,6 +295,18 @@ def connection_limit_reached(minutes: float) -> APIError:
     )
 
 
+def shutting_down() -> APIError:
+    """A create on a WebSocket of a server that is draining (spec §1.7, §5.6): the code
+    of a connection that takes no more creates, which says what to do."""
+    return APIError(
+        "websocket_connection_limit_reached",
+        "This server is shutting down: it finishes the responses under way and takes no "
+        "new ones. Create a new websocket connection to continue.",
+        status=503,
+        type=SERVER_ERROR,
+    )
+
+
 def too_many_queued(limit: int) -> APIError:
     return APIError(
         "server_is_overloaded",

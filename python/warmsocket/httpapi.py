@@ -81,6 +81,8 @@ class HTTPApp:
         self.auth = auth
         self.models = tuple(models)
         self.ready = ready
+        self.draining = False
+        """The server is shutting down: `/healthz` says so (503), for load balancers."""
         shared = engine.shared
         self.background = BackgroundResponses(
             board=shared.background_board if shared is not None else None
@@ -123,8 +125,9 @@ class HTTPApp:
         if route == "healthz":
             if method != "GET":
                 raise errors.method_not_allowed(method, request.path)
-            ok = self.ready()
-            body = dumps({"status": "ok" if ok else "starting"})
+            ok = self.ready() and not self.draining
+            status = "ok" if ok else "draining" if self.draining else "starting"
+            body = dumps({"status": status})
             return self._json(writer, request, request_id, 200 if ok else 503, body)
         if route == "metrics":
             if method != "GET":

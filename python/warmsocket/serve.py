@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import signal
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         http_body_timeout=args.http_body_timeout or None,
         tokenizer=args.tokenizer,
         prefix_diffing=not args.no_prefix_diffing,
+        shutdown_timeout=args.shutdown_timeout,
     )
 
 
@@ -232,6 +234,7 @@ async def _serve(
     await stop.wait()
     if probing is not None:
         probing.cancel()
+    await drain(server, stop, config.shutdown_timeout)
     log.info("shutting down")
     await server.close()
     if snapshot is not None:
@@ -247,6 +250,42 @@ async def _serve(
             "snapshot saved", extra={"path": str(snapshot), "entries": cache.stats().stored_entries}
         )
     return 0
+
+
+async def drain(server: Server, stop: asyncio.Event, grace: float) -> None:
+    """Let what is under way finish (`Server.drain`) for at most `grace` seconds, or
+    until `stop` is set again (a second signal)."""
+    if grace <= 0:
+        return
+    log.info(
+        "draining",
+        extra={
+            "connections": len(server.connections),
+            "background_responses": server.http.background.running,
+            "grace_seconds": grace,
+        },
+    )
+    stop.clear()
+    started = time.monotonic()
+    draining = asyncio.ensure_future(server.drain(grace))
+    again = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({draining, again}, return_when=asyncio.FIRST_COMPLETED)
+    timed_out = draining.done()
+    for task in (draining, again):
+        task.cancel()
+    left = len(server.connections) + server.http.background.running
+    log.info(
+        "drained"
+        if not left
+        else "shutdown timeout reached"
+        if timed_out
+        else "drain cut short by a second signal",
+        extra={
+            "seconds": round(time.monotonic() - started, 3),
+            "connections_left": len(server.connections),
+            "background_responses_left": server.http.background.running,
+        },
+    )
 
 
 def _temporary(path: Path) -> Path:

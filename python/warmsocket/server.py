@@ -98,6 +98,9 @@ Past this it stops reading until that answer is done: the rest waits in the clie
 the kernel's socket buffers, so a pipelining client is slowed, never refused. Reading
 goes on below it, so a client that goes away mid-answer is noticed at once."""
 
+_DRAIN_POLL_SECONDS = 0.05
+"""How often a draining server looks whether anything is left (`Server.drain`)."""
+
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -183,6 +186,9 @@ class ServerConfig:
     prefix_diffing: bool = True
     """Match full-history requests against cached chains and cache tokens per item
     (`--no-prefix-diffing` turns both off: the naive baseline)."""
+    shutdown_timeout: float = 25.0
+    """`--shutdown-timeout`: seconds a shutdown lets what is under way finish
+    (`Server.drain`)."""
 
 
 class Server:
@@ -231,6 +237,8 @@ class Server:
         """Whether a model task's first step runs in place (`Backend`'s docs)."""
         self.connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
+        self.draining = False
+        """Shutting down (`drain`): connections close as what they carry ends."""
 
     @property
     def port(self) -> int:
@@ -261,6 +269,28 @@ class Server:
             await self.start()
         assert self._server is not None
         await self._server.serve_forever()
+
+    async def drain(self, grace: float) -> None:
+        """A graceful shutdown's first step (`close` is the second): stop listening and
+        let what is under way finish, for at most `grace` seconds. Each WebSocket closes
+        with 1001 once its responses under way have ended (new creates on it are
+        refused: `ResponsesSession.drain`), each HTTP connection once its request is
+        answered (with `Connection: close`), idle ones at once; background responses
+        run on. `GET /healthz` answers 503 `draining` meanwhile. Returns when nothing
+        is left, or at the end of `grace`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        self.draining = True
+        self.http.draining = True
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.wind_down(grace)
+        background = self.http.background
+        while (self.connections or background.running) and loop.time() < deadline:
+            await asyncio.sleep(min(_DRAIN_POLL_SECONDS, max(0.0, deadline - loop.time())))
+        for connection in list(self.connections):
+            connection.drain_ended()
 
     async def close(self) -> None:
         """Stop listening, close every connection (1001 for WebSockets), release backends,
@@ -466,6 +496,31 @@ class Connection(asyncio.Protocol):
         if not self._writable.is_set():
             await self._writable.wait()
 
+    def wind_down(self, grace: float) -> None:
+        """The server is draining (`Server.drain`): close once what this connection
+        carries has ended."""
+        session = self.session
+        if session is not None:
+            session.drain(self.loop.time(), grace)
+            self._run_actions()
+            self._flush()
+            self._arm_timer()
+        elif self.ws is not None:
+            self.shutdown()
+        elif self._http_task is None and self._parser.receiving is None:
+            self._close_transport()
+        # Else the request in progress is answered first (`_http_next`).
+
+    def drain_ended(self) -> None:
+        """The drain's time is up: the WebSocket's responses still under way fail (a
+        terminal event each, rather than a close in the middle), then it closes."""
+        session = self.session
+        if session is None or session.closed:
+            return
+        session.tick(max(self.loop.time(), session.close_deadline or 0.0))
+        self._run_actions()
+        self._flush()
+
     def shutdown(self) -> None:
         """Server shutdown: WebSockets get 1001 (going away); HTTP connections close."""
         if self.ws is not None and self.ws.state is State.OPEN:
@@ -555,7 +610,8 @@ class Connection(asyncio.Protocol):
             self._answer_unread(APIError(error.code, error.message, status=error.status))
             return
         if request is None:
-            if self._eof:  # half-closed: no more requests will come
+            draining = self.server.draining and self._parser.receiving is None
+            if self._eof or draining:  # half-closed, or shutting down: no more requests
                 self._close_transport()
             else:
                 if self._parser.wants_continue():
@@ -652,6 +708,8 @@ class Connection(asyncio.Protocol):
             self._cache_connection = self.server.cache.open_connection()
             self.server.metrics.connection_opened("http")
         keep_alive = False
+        if self.server.draining:
+            request.keep_alive = False  # answered with `Connection: close`
         try:
             keep_alive = await self.server.http.handle(
                 request, _Writer(self), connection=self._cache_connection

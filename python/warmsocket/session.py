@@ -142,6 +142,8 @@ class ResponsesSession:
         self.close_deadline: float | None = None
         self.outbox: list[Action] = []
         self.expired = False
+        self.draining = False
+        """The server is shutting down (`drain`)."""
         self.closed = False
         self._lanes: dict[str | None, _Lane] = {}
         self._named_lanes = 0
@@ -306,19 +308,45 @@ class ResponsesSession:
         """Advance the lifetime clock."""
         if self.closed:
             return
-        if not self.expired and now >= self.deadline:
+        if not self.expired and not self.draining and now >= self.deadline:
             self._expire(now)
-        if self.expired and self.close_deadline is not None and now >= self.close_deadline:
+        ending = self.expired or self.draining
+        if ending and self.close_deadline is not None and now >= self.close_deadline:
+            if self.draining:
+                reason = "The server shut down first."
+                for lane in self._lanes.values():
+                    for _pending in lane.queue:
+                        self._error(errors.shutting_down(), lane.name)
+                    lane.queue.clear()
+                    lane.in_ready = False
+                self._ready.clear()
+                self._queued = self._queued_bytes = 0
+            else:
+                reason = "The connection lifetime ended first."
             for turn, _lane in list(self._active.values()):
                 self.outbox.append(StopModel(turn))
-                self._fail(turn, errors.server_error("The connection lifetime ended first."))
+                self._fail(turn, errors.server_error(reason))
         self._maybe_close()
 
     def next_deadline(self) -> float | None:
         """When `tick` should next be called."""
         if self.closed:
             return None
-        return self.close_deadline if self.expired else self.deadline
+        return self.close_deadline if self.expired or self.draining else self.deadline
+
+    def drain(self, now: float, grace: float) -> None:
+        """The server is shutting down (spec §1.7, §5.6): new creates are refused
+        (`errors.shutting_down`, on their lane); the responses under way, and those
+        queued before, run on for at most `grace` seconds (`tick` then fails them); the
+        connection closes with 1001 (going away: the SDK reconnects on it) as soon as
+        none is left, at once when none is."""
+        if self.closed or self.draining:
+            return
+        self.draining = True
+        deadline = now + grace
+        if self.close_deadline is None or deadline < self.close_deadline:
+            self.close_deadline = deadline
+        self._maybe_close()
 
     def connection_lost(self) -> None:
         """The socket is gone: cancel everything and free this connection's state."""
@@ -368,6 +396,9 @@ class ResponsesSession:
         stream_id: str | None,
         rejection: Rejection | APIError | None,
     ) -> None:
+        if self.draining:
+            self._error(errors.shutting_down(), stream_id)
+            return
         if self.expired:
             self._error(errors.connection_limit_reached(self._lifetime_minutes()), None)
             return
@@ -685,7 +716,12 @@ class ResponsesSession:
         self._queued = self._queued_bytes = 0
 
     def _maybe_close(self) -> None:
-        if self.expired and not self._active and not self.closed:
+        if self.closed or self._active or self._queued:
+            return
+        if self.draining:
+            self.outbox.append(CloseConnection(1001, "server shutting down"))
+            self.connection_lost()
+        elif self.expired:
             self.outbox.append(CloseConnection(1000, "connection lifetime reached"))
             self.connection_lost()
 

@@ -1,0 +1,246 @@
+"""A graceful shutdown: what is under way finishes, nothing new is taken.
+
+`Server.drain` in process (every kind of connection at once), and `warmsocket serve`
+on SIGTERM: a turn under way completes, or fails with a terminal event when the
+`--shutdown-timeout` runs out, and a second signal closes at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from tests.support import WSClient, check_sse_event, running_server
+from tests.test_cli import WARMSOCKET
+from warmsocket.httpapi import ANONYMOUS_OWNER
+
+
+def events_until_closed(client: WSClient, timeout: float = 10) -> tuple[list[dict[str, Any]], int]:
+    """Every event until the server closes the connection, and the close code."""
+    events: list[dict[str, Any]] = []
+    while True:
+        try:
+            events.append(client.recv(timeout=timeout))
+        except ConnectionClosed as closed:
+            assert closed.rcvd is not None, "closed without a close frame"
+            return events, closed.rcvd.code
+
+
+def sse_events(body: bytes) -> list[dict[str, Any]]:
+    events = [
+        json.loads(line[len(b"data: ") :])
+        for line in body.splitlines()
+        if line.startswith(b"data: ") and line != b"data: [DONE]"
+    ]
+    for event in events:
+        check_sse_event(event)
+    return events
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_a_drain_finishes_what_is_under_way_and_closes_each_connection_when_done() -> None:
+    """A WebSocket with a turn under way gets the turn's end and then 1001, a new create
+    on it the error that says to reconnect; an idle one 1001 at once; an SSE stream
+    under way ends whole."""
+    with running_server() as srv:
+        busy = WSClient(srv.ws_url)
+        idle = WSClient(srv.ws_url)
+        assert idle.turn(input="earlier")[-1]["type"] == "response.completed"
+        busy.create(input="/sleep 1500 slow words")
+        assert busy.recv()["type"] == "response.created"
+        streamed: dict[str, Any] = {}
+
+        def stream() -> None:
+            with httpx.Client(base_url=srv.base_url, timeout=10) as http:
+                body = {"model": "m", "input": "/sleep 1500 streamed", "stream": True}
+                with http.stream("POST", "/responses", json=body) as reply:
+                    streamed["body"] = reply.read()
+
+        streaming = threading.Thread(target=stream)
+        streaming.start()
+        time.sleep(0.15)  # the stream's request is under way
+        started = time.monotonic()
+        drained = asyncio.run_coroutine_threadsafe(srv.server.drain(10), srv.loop)
+        idle_events, idle_code = events_until_closed(idle)
+        assert (idle_events, idle_code) == ([], 1001)
+        assert time.monotonic() - started < 1.0  # at once, not after the others
+        busy.create(input="too late", stream_id="later")
+        busy_events, busy_code = events_until_closed(busy)
+        drained.result(timeout=10)
+        streaming.join(10)
+        took = time.monotonic() - started
+    assert busy_code == 1001
+    types = [e["type"] for e in busy_events]
+    assert types[-1] == "response.completed" and "response.failed" not in types
+    (error,) = [e for e in busy_events if e["type"] == "error"]
+    assert error["stream_id"] == "later"
+    assert error["error"]["code"] == "websocket_connection_limit_reached"
+    completed = busy_events[-1]["response"]["output"][0]["content"][0]["text"]
+    assert completed.endswith("slow words")
+    assert sse_events(streamed["body"])[-1]["type"] == "response.completed"
+    assert 1.2 < took < 6  # waited for the sleeps, not for the grace
+
+
+def test_a_request_behind_the_one_under_way_is_answered_then_the_connection_closes() -> None:
+    """On a keep-alive connection: the request under way at the drain is answered as
+    usual, a pipelined `/healthz` behind it says `draining` (503), then the server
+    closes the connection. New connections are refused meanwhile."""
+    with running_server() as srv:
+        body = json.dumps({"model": "m", "input": "/sleep 300 hi"}).encode()
+        requests = (
+            b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body)
+            + body
+            + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(requests)
+            time.sleep(0.1)
+            drained = asyncio.run_coroutine_threadsafe(srv.server.drain(10), srv.loop)
+            time.sleep(0.05)
+            assert refused(srv.port)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        drained.result(timeout=10)
+    first, second = received.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200 ") and b'"status":"completed"' in first
+    assert second.startswith(b"503 ") and b'{"status":"draining"}' in second
+    assert b"connection: close" in second.lower()
+
+
+def test_a_drain_that_runs_out_fails_the_turn_then_closes_and_background_runs_finish() -> None:
+    """A turn longer than the grace ends `response.failed` (a terminal event, not a
+    close in the middle of it), then 1001. A background response that ends within the
+    grace is waited for, and stored."""
+    with running_server() as srv:
+        with httpx.Client(base_url=srv.base_url, timeout=10) as http:
+            queued = http.post(
+                "/responses", json={"model": "m", "input": "/sleep 300 later", "background": True}
+            ).json()
+        slow = WSClient(srv.ws_url)
+        slow.create(input="/sleep 5000 never")
+        assert slow.recv()["type"] == "response.created"
+        started = time.monotonic()
+        asyncio.run_coroutine_threadsafe(srv.server.drain(0.5), srv.loop).result(timeout=10)
+        took = time.monotonic() - started
+        events, code = events_until_closed(slow)
+
+        async def stored() -> str:
+            info = srv.server.cache.get(queued["id"], owner=ANONYMOUS_OWNER)
+            return info.id
+
+        found = asyncio.run_coroutine_threadsafe(stored(), srv.loop).result(timeout=5)
+    assert 0.45 < took < 3
+    assert code == 1001
+    failed = events[-1]
+    assert failed["type"] == "response.failed"
+    assert failed["response"]["error"]["message"] == "The server shut down first."
+    assert found == queued["id"]
+
+
+@pytest.fixture
+def serve_process(request: pytest.FixtureRequest) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    args: tuple[str, ...] = getattr(request, "param", ())
+    proc = subprocess.Popen(
+        [WARMSOCKET, "serve", "--port", "0", "--log-format", "json", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    try:
+        for line in proc.stderr:
+            record = json.loads(line)
+            if record["message"] == "listening":
+                yield proc, record["websocket"]
+                break
+        else:
+            raise AssertionError("server exited before listening")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+def _log(proc: subprocess.Popen[str]) -> list[dict[str, Any]]:
+    assert proc.stderr is not None
+    return [json.loads(line) for line in proc.stderr.read().splitlines()]
+
+
+def test_sigterm_lets_a_turn_under_way_finish(
+    serve_process: tuple[subprocess.Popen[str], str],
+) -> None:
+    proc, url = serve_process
+    with connect(url, open_timeout=5) as ws:
+        ws.send(json.dumps({"type": "response.create", "model": "m", "input": "/sleep 500 x"}))
+        assert json.loads(ws.recv(timeout=5))["type"] == "response.created"
+        proc.send_signal(signal.SIGTERM)
+        types = []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                types.append(json.loads(ws.recv(timeout=10))["type"])
+    assert types[-1] == "response.completed"
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    assert proc.wait(timeout=10) == 0
+    steps = {"draining", "drained", "shutting down", "shutdown timeout reached"}
+    messages = [r["message"] for r in _log(proc) if r["message"] in steps]
+    assert messages == ["draining", "drained", "shutting down"]
+
+
+@pytest.mark.parametrize("serve_process", [("--shutdown-timeout", "0.3")], indirect=True)
+def test_sigterm_fails_what_outlasts_the_shutdown_timeout(
+    serve_process: tuple[subprocess.Popen[str], str],
+) -> None:
+    proc, url = serve_process
+    with connect(url, open_timeout=5) as ws:
+        ws.send(json.dumps({"type": "response.create", "model": "m", "input": "/sleep 9000"}))
+        assert json.loads(ws.recv(timeout=5))["type"] == "response.created"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        events = []
+        with pytest.raises(ConnectionClosed):
+            while True:
+                events.append(json.loads(ws.recv(timeout=10)))
+    assert events[-1]["type"] == "response.failed"
+    assert proc.wait(timeout=10) == 0
+    assert time.monotonic() - started < 5
+    assert "shutdown timeout reached" in [r["message"] for r in _log(proc)]
+
+
+def test_a_second_signal_ends_the_drain_at_once(
+    serve_process: tuple[subprocess.Popen[str], str],
+) -> None:
+    proc, url = serve_process
+    with connect(url, open_timeout=5) as ws:
+        ws.send(json.dumps({"type": "response.create", "model": "m", "input": "/sleep 9000"}))
+        assert json.loads(ws.recv(timeout=5))["type"] == "response.created"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if json.loads(line)["message"] == "draining":
+                break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    assert time.monotonic() - started < 5
+    assert "drain cut short by a second signal" in [r["message"] for r in _log(proc)]
