@@ -128,6 +128,29 @@ def test_a_request_behind_the_one_under_way_is_answered_then_the_connection_clos
     assert b"connection: close" in second.lower()
 
 
+def test_a_websocket_upgrade_that_completes_during_the_drain_is_refused() -> None:
+    """Its head began before the drain (so its connection was not idle) and ended
+    after: 503, not a new session the drain would then have to wait for."""
+    with running_server() as srv:
+        head = (
+            b"GET /v1/responses HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(head)
+            time.sleep(0.1)
+            drained = asyncio.run_coroutine_threadsafe(srv.server.drain(10), srv.loop)
+            time.sleep(0.1)
+            sock.sendall(b"\r\n")
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        drained.result(timeout=10)
+    assert received.startswith(b"HTTP/1.1 503 ")
+    assert b"shutting down" in received
+
+
 def test_a_drain_that_runs_out_fails_the_turn_then_closes_and_background_runs_finish() -> None:
     """A turn longer than the grace ends `response.failed` (a terminal event, not a
     close in the middle of it), then 1001. A background response that ends within the

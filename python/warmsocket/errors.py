@@ -295,13 +295,23 @@ def connection_limit_reached(minutes: float) -> APIError:
     )
 
 
-def shutting_down() -> APIError:
+def draining_connection() -> APIError:
     """A create on a WebSocket of a server that is draining (spec §1.7, §5.6): the code
     of a connection that takes no more creates, which says what to do."""
     return APIError(
         "websocket_connection_limit_reached",
         "This server is shutting down: it finishes the responses under way and takes no "
         "new ones. Create a new websocket connection to continue.",
+        status=503,
+        type=SERVER_ERROR,
+    )
+
+
+def draining_server() -> APIError:
+    """A new WebSocket, or any request, a draining server will not take."""
+    return APIError(
+        "server_is_overloaded",
+        "This server is shutting down and takes no new connections; connect again.",
         status=503,
         type=SERVER_ERROR,
     )

@@ -778,6 +778,9 @@ class Connection(asyncio.Protocol):
         except APIError as error:
             self._refuse(error)
             return
+        if server.draining:  # a request that arrived whole only after the drain began
+            self._refuse(errors.draining_server())
+            return
         limit = server.config.limits.max_message_bytes
         protocol = ServerProtocol(
             extensions=[ServerPerMessageDeflateFactory()],

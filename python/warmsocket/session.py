@@ -316,7 +316,7 @@ class ResponsesSession:
                 reason = "The server shut down first."
                 for lane in self._lanes.values():
                     for _pending in lane.queue:
-                        self._error(errors.shutting_down(), lane.name)
+                        self._error(errors.draining_connection(), lane.name)
                     lane.queue.clear()
                     lane.in_ready = False
                 self._ready.clear()
@@ -336,7 +336,7 @@ class ResponsesSession:
 
     def drain(self, now: float, grace: float) -> None:
         """The server is shutting down (spec §1.7, §5.6): new creates are refused
-        (`errors.shutting_down`, on their lane); the responses under way, and those
+        (`errors.draining_connection`, on their lane); the responses under way, and those
         queued before, run on for at most `grace` seconds (`tick` then fails them); the
         connection closes with 1001 (going away: the SDK reconnects on it) as soon as
         none is left, at once when none is."""
@@ -397,7 +397,7 @@ class ResponsesSession:
         rejection: Rejection | APIError | None,
     ) -> None:
         if self.draining:
-            self._error(errors.shutting_down(), stream_id)
+            self._error(errors.draining_connection(), stream_id)
             return
         if self.expired:
             self._error(errors.connection_limit_reached(self._lifetime_minutes()), None)
