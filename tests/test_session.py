@@ -376,9 +376,11 @@ def test_lifetime_expiry_finishes_in_flight_then_closes() -> None:
     h.send(input="queued", stream_id="q")
     assert h.session.next_deadline() == 60.0
     h.session.tick(60.0)
-    h.drain()
-    assert h.last("error")["error"]["code"] == "websocket_connection_limit_reached"
-    assert "stream_id" not in h.last("error") and not h.closed
+    errors = [e for e in h.drain() if e["type"] == "error"]
+    assert [e["error"]["code"] for e in errors] == ["websocket_connection_limit_reached"] * 2
+    # Connection-scoped, then the queued request's own answer on its lane (spec Q13).
+    assert [e.get("stream_id") for e in errors] == [None, "q"] and not h.closed
+    assert "stream_id" not in errors[0]
     h.send(input="too late")
     assert h.events[-1]["error"]["code"] == "websocket_connection_limit_reached"
     h.reply(running)

@@ -314,13 +314,7 @@ class ResponsesSession:
         if ending and self.close_deadline is not None and now >= self.close_deadline:
             if self.draining:
                 reason = "The server shut down first."
-                for lane in self._lanes.values():
-                    for _pending in lane.queue:
-                        self._error(errors.draining_connection(), lane.name)
-                    lane.queue.clear()
-                    lane.in_ready = False
-                self._ready.clear()
-                self._queued = self._queued_bytes = 0
+                self._drop_queued(errors.draining_connection(), default_lane=True)
             else:
                 reason = "The connection lifetime ended first."
             for turn, _lane in list(self._active.values()):
@@ -708,8 +702,18 @@ class ResponsesSession:
     def _expire(self, now: float) -> None:
         self.expired = True
         self.close_deadline = now + self.limits.close_grace
-        self._error(errors.connection_limit_reached(self._lifetime_minutes()), None)
+        error = errors.connection_limit_reached(self._lifetime_minutes())
+        self._error(error, None)  # connection-scoped: the default lane's answer too
+        self._drop_queued(error, default_lane=False)
+
+    def _drop_queued(self, error: APIError, *, default_lane: bool) -> None:
+        """Drop every queued request, each answered with `error` on its lane (spec Q13:
+        a named lane would otherwise wait for an answer that never comes); on the
+        default lane too when `default_lane`."""
         for lane in self._lanes.values():
+            if lane.name is not None or default_lane:
+                for _pending in lane.queue:
+                    self._error(error, lane.name)
             lane.queue.clear()
             lane.in_ready = False
         self._ready.clear()
