@@ -404,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="session cache budget (LRU eviction; live lanes are never evicted)",
     )
     opt.add(
+        "--conversation-budget",
+        default="256M",
+        min_size="1K",
+        help="item bytes the Conversations API's conversations may hold in all; past it "
+        "adding items is refused (503) and nothing kept is dropped",
+    )
+    opt.add(
         "--ws-ping-interval",
         default=20.0,
         type=_non_negative_float,

@@ -517,6 +517,31 @@ INTEGER_BOUNDS: tuple[tuple[str, int, int | None], ...] = (
 """The API's bounds of the create's integer fields (its schema's `minimum`, `maximum`)."""
 
 
+def validate_metadata(metadata: Any) -> None:
+    """`metadata` as the API takes it (a response's, a conversation's): at most
+    `MAX_METADATA_PAIRS` string values, keys and values of bounded length. Raises
+    APIError."""
+    if not isinstance(metadata, dict):
+        raise errors.invalid_type("metadata", "an object")
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise errors.invalid_value(
+            "metadata", f"Invalid 'metadata': at most {MAX_METADATA_PAIRS} key-value pairs."
+        )
+    if not all(isinstance(v, str) for v in metadata.values()):
+        raise errors.invalid_type("metadata", "an object of string values")
+    for key, value in metadata.items():
+        for what, text, most in (
+            ("key", key, MAX_METADATA_KEY_CHARS),
+            ("value", value, MAX_METADATA_VALUE_CHARS),
+        ):
+            if len(text) > most:
+                raise errors.invalid_value(
+                    "metadata",
+                    f"Invalid 'metadata': string too long. Expected each {what} to have at "
+                    f"most {most} characters, but got a {what} with length {len(text)} instead.",
+                )
+
+
 def _in_range(param: str, value: int, minimum: int, maximum: int | None) -> int:
     """`value` within the bounds the API's schema gives the field, saturated to
     2**64 - 1; else raises the API's APIError."""
@@ -841,26 +866,7 @@ def _settings(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(value, int) or isinstance(value, bool):
             raise errors.invalid_type(name, "an integer")
         _in_range(name, value, minimum, bound)
-    metadata = settings["metadata"]
-    if not isinstance(metadata, dict):
-        raise errors.invalid_type("metadata", "an object")
-    if len(metadata) > MAX_METADATA_PAIRS:
-        raise errors.invalid_value(
-            "metadata", f"Invalid 'metadata': at most {MAX_METADATA_PAIRS} key-value pairs."
-        )
-    if not all(isinstance(v, str) for v in metadata.values()):
-        raise errors.invalid_type("metadata", "an object of string values")
-    for key, value in metadata.items():
-        for what, text, most in (
-            ("key", key, MAX_METADATA_KEY_CHARS),
-            ("value", value, MAX_METADATA_VALUE_CHARS),
-        ):
-            if len(text) > most:
-                raise errors.invalid_value(
-                    "metadata",
-                    f"Invalid 'metadata': string too long. Expected each {what} to have at "
-                    f"most {most} characters, but got a {what} with length {len(text)} instead.",
-                )
+    validate_metadata(settings["metadata"])
     for name in ("text", "reasoning"):
         if not isinstance(settings[name], dict):
             raise errors.invalid_type(name, "an object")

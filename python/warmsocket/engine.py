@@ -65,6 +65,7 @@ from warmsocket.backends.base import (
 )
 from warmsocket.compaction import compacting_stream
 from warmsocket.compaction_items import starts_context
+from warmsocket.conversations import DEFAULT_CONVERSATION_BUDGET, Conversations
 from warmsocket.errors import APIError
 from warmsocket.metrics import Metrics
 
@@ -326,12 +327,14 @@ class Engine:
         wall_clock: Callable[[], float] = time.time,
         tokenizer: Tokenizer | None = None,
         shared: SharedResponses | None = None,
+        conversations: Conversations | None = None,
     ) -> None:
         """`tokenizer` counts what the cache does not: the instructions, and, when the
         cache has no tokenizer of its own, each turn's whole context (O(context), the
         naive baseline). Without either, tokens are estimated from bytes. Prefix
         diffing is on when the cache has a prefix index. `shared` gets every stored
-        response and is asked on local misses (`load_shared`)."""
+        response and is asked on local misses (`load_shared`). `conversations`: the
+        Conversations API's state (a default one when not given)."""
         self.cache = cache
         self.backend = backend
         self.metrics = metrics or Metrics()
@@ -341,6 +344,11 @@ class Engine:
         self.tokenizer = cache.tokenizer or tokenizer
         self.caches_tokens = cache.tokenizer is not None
         self.shared = shared
+        if conversations is None:
+            conversations = Conversations(
+                budget_bytes=DEFAULT_CONVERSATION_BUDGET, max_item_bytes=cache.max_item_bytes
+            )
+        self.conversations = conversations
         self.responses_upstream = bool(getattr(backend, "responses_upstream", False))
         self._instruction_tokens: dict[str, int] = {}
         self._tool_tokens: dict[int, int] = {}

@@ -12,11 +12,12 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from warmsocket import _core, errors, ids, item_references
+from warmsocket import _core, conversation_routes, errors, ids, item_references
 from warmsocket._core import Rejection, parse_client_message
 from warmsocket.backends.base import TurnFailed
 from warmsocket.background import RETAIN_SECONDS, BackgroundResponses, BackgroundRun
 from warmsocket.compaction import compact, parse_compact_request
+from warmsocket.conversations import with_content_parts
 from warmsocket.engine import (
     Engine,
     SharedStoreUnavailable,
@@ -26,6 +27,7 @@ from warmsocket.engine import (
 )
 from warmsocket.errors import APIError
 from warmsocket.http11 import LAST_CHUNK, Request, chunk, encode_response, response_head
+from warmsocket.pages import cursor_page, page_params
 from warmsocket.response_stream import dumps
 from warmsocket.token_count import parse_count_request
 
@@ -147,6 +149,12 @@ class HTTPApp:
             if method != "GET":
                 raise errors.method_not_allowed(method, request.path)
             return self._models(writer, request, request_id, path_id)
+        if route == "conversations":
+            path = conversation_path(request.path)
+            code, value = conversation_routes.answer(
+                self.engine.conversations, request, owner, path
+            )
+            return self._json(writer, request, request_id, code, dumps(value))
         if route != "responses":
             raise errors.not_found_route(method, request.path)
         if path_id is None:
@@ -445,38 +453,13 @@ class HTTPApp:
         self, writer: ResponseWriter, request: Request, request_id: str, owner: str, rid: str
     ) -> int:
         info, input_items, _output = await self._stored(owner, rid)
-        limit_text = request.query_value("limit") or "20"
-        try:
-            limit = int(limit_text)
-        except ValueError:
-            raise errors.invalid_type("limit", "an integer") from None
-        if not 1 <= limit <= 100:
-            raise errors.invalid_value("limit", "Invalid 'limit': expected 1 to 100.")
-        order = request.query_value("order") or "desc"
-        if order not in {"asc", "desc"}:
-            raise errors.invalid_value("order", "Invalid 'order': expected 'asc' or 'desc'.")
+        limit, order = page_params(request)
         sent = stored_input(info)
         if sent is None:
             sent = input_items.to_objects()
         items = [listed_input_item(item, rid, i) for i, item in enumerate(sent)]
-        if order == "desc":
-            items.reverse()
         after = request.query_value("after")
-        if after is not None:
-            positions = [i for i, item in enumerate(items) if item["id"] == after]
-            if not positions:
-                raise errors.invalid_value("after", "Invalid 'after': no such item in this list.")
-            items = items[positions[0] + 1 :]
-        page = items[:limit]
-        body = dumps(
-            {
-                "object": "list",
-                "data": page,
-                "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None,
-                "has_more": len(items) > limit,
-            }
-        )
+        body = dumps(cursor_page(items, after=after, limit=limit, order=order))
         return self._json(writer, request, request_id, 200, body)
 
     def _models(
@@ -697,16 +680,7 @@ def listed_input_item(item: dict[str, Any], response_id: str, index: int) -> dic
     """An input item as `GET .../input_items` lists it: with an id, content as parts."""
     listed = dict(item)
     listed.setdefault("id", ids.input_item_id(response_id, index))
-    if listed.get("type") == "message":
-        content = listed.get("content")
-        if isinstance(content, str):
-            part_type = "output_text" if listed.get("role") == "assistant" else "input_text"
-            part: dict[str, Any] = {"type": part_type, "text": content}
-            if part_type == "output_text":
-                part["annotations"] = []
-            listed["content"] = [part]
-        listed.setdefault("status", "completed")
-    return listed
+    return with_content_parts(listed)
 
 
 def route_of(path: str) -> tuple[str, str | None, str | None]:
@@ -721,7 +695,17 @@ def route_of(path: str) -> tuple[str, str | None, str | None]:
         return (head, None, None)
     if head in {"responses", "models"} and len(parts) <= 3:
         return (head, parts[1] if len(parts) > 1 else None, parts[2] if len(parts) > 2 else None)
+    if head == "conversations" and len(parts) <= 4:
+        return (head, parts[1] if len(parts) > 1 else None, "/".join(parts[2:]) or None)
     return ("unknown", None, None)
+
+
+def conversation_path(path: str) -> list[str]:
+    """The parts of a `/v1/conversations/...` path after `conversations`."""
+    parts = [p for p in path.split("/") if p]
+    if parts and parts[0] == "v1":
+        parts = parts[1:]
+    return parts[1:]
 
 
 def _error_headers(error: APIError) -> list[tuple[str, str]]:

@@ -61,6 +61,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tokenizer=args.tokenizer,
         prefix_diffing=not args.no_prefix_diffing,
         shutdown_timeout=args.shutdown_timeout,
+        conversation_budget=args.conversation_budget,
     )
 
 

@@ -51,6 +51,7 @@ from websockets.typing import Subprotocol
 from warmsocket import errors, ids
 from warmsocket._core import ClientFrames, CreateRequest, SessionCache
 from warmsocket.backends.base import Backend, ImmediateBackend, StreamItem
+from warmsocket.conversations import DEFAULT_CONVERSATION_BUDGET, Conversations
 from warmsocket.engine import (
     Engine,
     Framing,
@@ -186,6 +187,8 @@ class ServerConfig:
     prefix_diffing: bool = True
     """Match full-history requests against cached chains and cache tokens per item
     (`--no-prefix-diffing` turns both off: the naive baseline)."""
+    conversation_budget: int = DEFAULT_CONVERSATION_BUDGET
+    """`--conversation-budget`: item bytes all conversations may hold."""
     shutdown_timeout: float = 25.0
     """`--shutdown-timeout`: seconds a shutdown lets what is under way finish
     (`Server.drain`)."""
@@ -222,6 +225,9 @@ class Server:
             limits=config.limits,
             tokenizer=tokenizer,
             shared=shared,
+            conversations=Conversations(
+                budget_bytes=config.conversation_budget, max_item_bytes=config.max_item_bytes
+            ),
         )
         if shared is not None:
             self.metrics.collectors.append(shared_store_collector(shared.stats))

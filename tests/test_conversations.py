@@ -1,0 +1,235 @@
+"""The Conversations API, driven with the `openai` SDK and `openai-agents`."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+from agents import Agent, ModelSettings, OpenAIConversationsSession, responses_websocket_session
+from agents.tracing import set_tracing_disabled
+from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI
+from openai.types.conversations import Conversation, ConversationItem
+from pydantic import TypeAdapter
+
+from tests.support import RunningServer, running_server
+from tests.test_agents_sdk import calls, read_file
+
+ITEM = TypeAdapter(ConversationItem)
+CONVERSATION = TypeAdapter(Conversation)
+
+
+def strict(items: list[Any]) -> list[dict[str, Any]]:
+    """Items as JSON, each checked against the SDK's `ConversationItem` type."""
+    dumped = [item.model_dump(exclude_unset=True, mode="json") for item in items]
+    for item in dumped:
+        ITEM.validate_python(item)
+    return dumped
+
+
+def test_a_conversation_and_its_items_round_trip(sdk: OpenAI) -> None:
+    created = sdk.conversations.create(
+        items=[{"role": "user", "content": "hi"}], metadata={"topic": "greeting"}
+    )
+    CONVERSATION.validate_python(created.model_dump(mode="json"))
+    assert created.id.startswith("conv_") and created.metadata == {"topic": "greeting"}
+    added = sdk.conversations.items.create(
+        created.id,
+        items=[
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "42"},
+            {"type": "message", "role": "assistant", "content": "done", "id": "msg_given"},
+        ],
+        include=["message.output_text.logprobs"],
+    )
+    assert [item.type for item in added.data] == [
+        "function_call",
+        "function_call_output",
+        "message",
+    ]
+    assert added.first_id == added.data[0].id and added.last_id == "msg_given"
+    listed = strict(list(sdk.conversations.items.list(created.id, order="asc")))
+    assert [item["type"] for item in listed] == [
+        "message",
+        "function_call",
+        "function_call_output",
+        "message",
+    ]
+    assert listed[0]["content"] == [{"type": "input_text", "text": "hi"}]
+    assert listed[3]["content"] == [{"type": "output_text", "text": "done", "annotations": []}]
+    assert listed[3]["id"] == "msg_given" and len({item["id"] for item in listed}) == 4
+    # Newest first by default, a page at a time.
+    first_page = sdk.conversations.items.list(created.id, limit=3)
+    assert [item.id for item in first_page.data] == [item["id"] for item in listed[::-1][:3]]
+    assert first_page.has_more
+    rest = sdk.conversations.items.list(created.id, limit=3, after=first_page.data[-1].id)
+    assert [item.id for item in rest.data] == [listed[0]["id"]] and not rest.has_more
+    assert [item.id for item in sdk.conversations.items.list(created.id)] == [
+        item["id"] for item in listed[::-1]
+    ]
+    call = sdk.conversations.items.retrieve(listed[1]["id"], conversation_id=created.id)
+    assert call.type == "function_call" and call.call_id == "c1"
+    after_delete = sdk.conversations.items.delete(listed[1]["id"], conversation_id=created.id)
+    assert after_delete.id == created.id
+    assert [i.type for i in sdk.conversations.items.list(created.id, order="asc")] == [
+        "message",
+        "function_call_output",
+        "message",
+    ]
+    updated = sdk.conversations.update(created.id, metadata={"topic": "numbers"})
+    assert updated.metadata == {"topic": "numbers"}
+    assert sdk.conversations.retrieve(created.id).metadata == {"topic": "numbers"}
+    deleted = sdk.conversations.delete(created.id)
+    assert (deleted.id, deleted.deleted, deleted.object) == (
+        created.id,
+        True,
+        "conversation.deleted",
+    )
+    with pytest.raises(NotFoundError):
+        sdk.conversations.retrieve(created.id)
+    with pytest.raises(NotFoundError):
+        sdk.conversations.items.list(created.id)
+
+
+def test_a_conversation_is_private_to_the_key_that_made_it(server: RunningServer) -> None:
+    with (
+        OpenAI(base_url=server.base_url, api_key="sk-one", max_retries=0) as one,
+        OpenAI(base_url=server.base_url, api_key="sk-two", max_retries=0) as two,
+    ):
+        mine = one.conversations.create(items=[{"role": "user", "content": "secret"}])
+        item_id = next(iter(one.conversations.items.list(mine.id))).id
+        for attempt in (
+            lambda: two.conversations.retrieve(mine.id),
+            lambda: two.conversations.update(mine.id, metadata={}),
+            lambda: two.conversations.delete(mine.id),
+            lambda: two.conversations.items.list(mine.id),
+            lambda: two.conversations.items.create(mine.id, items=[]),
+            lambda: two.conversations.items.retrieve(item_id, conversation_id=mine.id),
+            lambda: two.conversations.items.delete(item_id, conversation_id=mine.id),
+        ):
+            with pytest.raises(NotFoundError):
+                attempt()
+        assert [i.id for i in one.conversations.items.list(mine.id)] == [item_id]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"items": "hi"}, "items"),
+        ({"items": [{"role": "user", "content": "x"}] * 21}, "items"),
+        (
+            {"items": [{"type": "function_call", "name": "f", "arguments": "{}"}]},
+            "items[0].call_id",
+        ),
+        ({"items": [{"type": "item_reference", "id": "msg_1"}]}, "items[0].type"),
+        ({"items": [{"type": "no_such_item"}]}, "items[0].type"),
+        ({"items": [{"role": "robot", "content": "x"}]}, "items[0].role"),
+        ({"metadata": {"k": 1}}, "metadata"),
+        ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+        ({"metadata": {"k": "v" * 513}}, "metadata"),
+    ],
+)
+def test_bad_conversations_are_refused_with_the_param_named(
+    server: RunningServer, body: dict[str, Any], param: str
+) -> None:
+    with httpx.Client(base_url=server.base_url) as http:
+        reply = http.post("/conversations", json=body)
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"]["param"] == param
+        assert reply.headers["x-request-id"].startswith("req_")
+        assert http.get("/conversations/conv_nothing").status_code == 404
+
+
+def test_bad_item_requests_are_refused(sdk: OpenAI, server: RunningServer) -> None:
+    conversation = sdk.conversations.create()
+    with pytest.raises(BadRequestError) as missing:
+        sdk.conversations.items.create(conversation.id, items=[{"type": "message"}])  # type: ignore[list-item]
+    assert missing.value.body["param"] == "items[0].role"  # type: ignore[index]
+    with pytest.raises(NotFoundError):
+        sdk.conversations.items.retrieve("msg_none", conversation_id=conversation.id)
+    with pytest.raises(NotFoundError):
+        sdk.conversations.items.delete("msg_none", conversation_id=conversation.id)
+    key = {"Authorization": "Bearer sk-test"}  # the SDK's: the conversation's owner
+    with httpx.Client(base_url=server.base_url, headers=key) as http:
+        base = f"/conversations/{conversation.id}"
+        assert http.post(f"{base}/items", json={}).json()["error"]["param"] == "items"
+        assert http.post(base, json={}).json()["error"]["param"] == "metadata"
+        assert http.get(f"{base}/items?limit=0").json()["error"]["param"] == "limit"
+        assert http.get(f"{base}/items?order=up").json()["error"]["param"] == "order"
+        assert http.get(f"{base}/items?after=msg_none").json()["error"]["param"] == "after"
+        assert http.put(base, json={}).status_code == 405
+        assert http.get(f"{base}/other").status_code == 404
+        assert http.post(base, content=b"{not json").json()["error"]["code"] == "invalid_json"
+    assert list(sdk.conversations.items.list(conversation.id)) == []
+
+
+def test_adding_past_the_budget_is_refused_and_keeps_everything() -> None:
+    with (
+        running_server(conversation_budget=2048) as server,
+        OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk,
+    ):
+        conversation = sdk.conversations.create(items=[{"role": "user", "content": "x" * 1000}])
+        with httpx.Client(
+            base_url=server.base_url, headers={"Authorization": "Bearer sk-test"}
+        ) as http:
+            reply = http.post(
+                f"/conversations/{conversation.id}/items",
+                json={"items": [{"role": "user", "content": "y" * 1500}]},
+            )
+        assert reply.status_code == 503
+        assert "--conversation-budget" in reply.json()["error"]["message"]
+        assert len(list(sdk.conversations.items.list(conversation.id))) == 1
+        sdk.conversations.delete(conversation.id)  # frees its bytes
+        sdk.conversations.create(items=[{"role": "user", "content": "y" * 1500}])
+
+
+def test_an_agent_keeps_its_history_in_a_conversation(any_backend: RunningServer) -> None:
+    """`OpenAIConversationsSession`: the agent's runs add their items to a conversation
+    on the server and read them back as the next run's history."""
+    set_tracing_disabled(True)
+    server = any_backend
+    calls.clear()
+    agent = Agent(
+        name="coder",
+        instructions="You are a coding agent.",
+        model="warmsocket-mock",
+        tools=[read_file],
+        model_settings=ModelSettings(store=True),
+    )
+
+    async def main() -> tuple[str, str, list[Any]]:
+        client = AsyncOpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+        memory = OpenAIConversationsSession(openai_client=client)
+        try:
+            async with responses_websocket_session(
+                api_key="sk-test", base_url=server.base_url
+            ) as session:
+                first = await session.run(agent, '/call read_file {"path": "a.py"}', session=memory)
+                second = await session.run(agent, "/transcript", session=memory)
+            items = await memory.get_items()
+            kept = [item async for item in client.conversations.items.list(memory.session_id)]
+        finally:
+            await client.close()
+        strict(kept)
+        return str(first.final_output), str(second.final_output), items
+
+    first, transcript, items = asyncio.run(main())
+    assert first == "read_file returned: contents of a.py"
+    assert calls == ["read_file:a.py"]
+    assert transcript.splitlines() == [
+        "instructions: You are a coding agent.",
+        'user: /call read_file {"path": "a.py"}',
+        "function_call read_file " + transcript.splitlines()[2].split()[-1],
+        "function_call_output " + transcript.splitlines()[2].split()[-1] + " contents of a.py",
+        "assistant: read_file returned: contents of a.py",
+        "user: /transcript",
+    ]
+    assert [item.get("type") for item in items] == [
+        "message",
+        "function_call",
+        "function_call_output",
+        "message",
+        "message",
+        "message",
+    ]
