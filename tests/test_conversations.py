@@ -13,7 +13,7 @@ from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI
 from openai.types.conversations import Conversation, ConversationItem
 from pydantic import TypeAdapter
 
-from tests.support import RunningServer, running_server
+from tests.support import RunningServer, WSClient, check_sse_event, output_text, running_server
 from tests.test_agents_sdk import calls, read_file
 
 ITEM = TypeAdapter(ConversationItem)
@@ -226,6 +226,151 @@ def test_an_agent_keeps_its_history_in_a_conversation(any_backend: RunningServer
         "user: /transcript",
     ]
     assert [item.get("type") for item in items] == [
+        "message",
+        "function_call",
+        "function_call_output",
+        "message",
+        "message",
+        "message",
+    ]
+
+
+# -- responses that continue a conversation ------------------------------------------------
+
+
+def test_responses_continue_a_conversation_and_add_to_it(
+    server: RunningServer, sdk: OpenAI
+) -> None:
+    """Each response reads the conversation's items before its input and adds its input
+    and output to it; the next one finds the chain they left by prefix diffing (its
+    history is not new work). The Response names the conversation, and stored it
+    lists only its own input and names no previous response."""
+    conversation = sdk.conversations.create(items=[{"role": "user", "content": "first"}])
+    first = sdk.responses.create(model="m", input="second", conversation=conversation.id)
+    assert first.conversation is not None and first.conversation.id == conversation.id
+    streamed = list(
+        sdk.responses.create(
+            model="m", input="/transcript", conversation={"id": conversation.id}, stream=True
+        )
+    )
+    for event in streamed:
+        check_sse_event(event.model_dump(exclude_unset=True, mode="json"))
+    created, done = streamed[0].response, streamed[-1].response
+    assert created.conversation is not None and created.conversation.id == conversation.id
+    assert done.output_text.splitlines() == [
+        "user: first",
+        "user: second",
+        "assistant: You said: second",
+        "user: /transcript",
+    ]
+    metrics = server.server.metrics
+    assert metrics.prefix_matches["hit"] == 1 and metrics.prefix_matched_items == 3
+    listed = strict(list(sdk.conversations.items.list(conversation.id, order="asc")))
+    texts = [part["text"] for item in listed for part in item["content"]]
+    assert texts == ["first", "second", "You said: second", "/transcript", done.output_text]
+    # The output items keep the ids the responses gave them.
+    assert listed[2]["id"] == first.output[0].id and listed[4]["id"] == done.output[0].id
+    stored = sdk.responses.retrieve(done.id)
+    assert stored.conversation is not None and stored.conversation.id == conversation.id
+    assert stored.previous_response_id is None
+    own = [item.model_dump() for item in sdk.responses.input_items.list(done.id)]
+    assert [part["text"] for item in own for part in item["content"]] == ["/transcript"]
+
+
+def test_a_conversation_response_over_websocket_cannot_be_steered(server: RunningServer) -> None:
+    key = {"Authorization": "Bearer sk-test"}
+    with OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk:
+        conversation = sdk.conversations.create()
+    with WSClient(server.ws_url, additional_headers=key) as ws:
+        ws.create(input="/sleep 300 hello", conversation=conversation.id)
+        created = ws.recv()
+        assert created["response"]["conversation"] == {"id": conversation.id}
+        steer = {
+            "type": "response.steer",
+            "previous_response_id": created["response"]["id"],
+            "input": "faster",
+        }
+        ws.send(steer)
+        events = ws.until_terminal()
+        failed = [e for e in [created, *events] if e["type"] == "response.steer.failed"]
+        assert failed and failed[0]["error"]["code"] == "steering_not_supported"
+        assert events[-1]["type"] == "response.completed"
+        again = ws.turn(input="/transcript", conversation=conversation.id)
+    assert output_text(again).splitlines() == [
+        "user: /sleep 300 hello",
+        "assistant: You said: /sleep 300 hello",
+        "user: /transcript",
+    ]
+
+
+def test_what_a_conversation_refuses(server: RunningServer, sdk: OpenAI) -> None:
+    """An unknown or another key's conversation is a 404 on `conversation`; one with a
+    previous_response_id a 400; a response that fails adds nothing."""
+    conversation = sdk.conversations.create(items=[{"role": "user", "content": "kept"}])
+    with pytest.raises(NotFoundError) as unknown:
+        sdk.responses.create(model="m", input="x", conversation="conv_nothing")
+    assert unknown.value.body["param"] == "conversation"  # type: ignore[index]
+    with (
+        OpenAI(base_url=server.base_url, api_key="sk-other", max_retries=0) as other,
+        pytest.raises(NotFoundError),
+    ):
+        other.responses.create(model="m", input="x", conversation=conversation.id)
+    first = sdk.responses.create(model="m", input="x")
+    with pytest.raises(BadRequestError) as both:
+        sdk.responses.create(
+            model="m", input="x", conversation=conversation.id, previous_response_id=first.id
+        )
+    assert both.value.body["param"] == "conversation"  # type: ignore[index]
+    failed = sdk.responses.create(model="m", input="/fail", conversation=conversation.id)
+    assert failed.status == "failed"
+    with WSClient(server.ws_url, additional_headers={"Authorization": "Bearer sk-test"}) as ws:
+        refused = ws.turn(input="x", conversation="conv_nothing")
+    assert refused[-1]["type"] == "error" and refused[-1]["status"] == 404
+    items = list(sdk.conversations.items.list(conversation.id))
+    assert [part.text for item in items for part in item.content] == ["kept"]  # type: ignore[union-attr]
+
+
+def test_an_agent_runs_in_a_conversation(any_backend: RunningServer) -> None:
+    """`Runner.run(..., conversation_id=...)` over the WebSocket transport: each turn
+    of the tool loop sends its new items with the conversation, which ends up holding
+    the whole loop."""
+    set_tracing_disabled(True)
+    server = any_backend
+    calls.clear()
+    agent = Agent(
+        name="coder",
+        instructions="You are a coding agent.",
+        model="warmsocket-mock",
+        tools=[read_file],
+    )
+
+    async def main() -> tuple[str, str, list[Any]]:
+        client = AsyncOpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+        try:
+            conversation = await client.conversations.create()
+            async with responses_websocket_session(
+                api_key="sk-test", base_url=server.base_url
+            ) as session:
+                first = await session.run(
+                    agent, '/call read_file {"path": "b.py"}', conversation_id=conversation.id
+                )
+                second = await session.run(agent, "/transcript", conversation_id=conversation.id)
+            kept = [
+                item async for item in client.conversations.items.list(conversation.id, order="asc")
+            ]
+        finally:
+            await client.close()
+        return str(first.final_output), str(second.final_output), strict(kept)
+
+    first, transcript, kept = asyncio.run(main())
+    assert first == "read_file returned: contents of b.py"
+    assert calls == ["read_file:b.py"]
+    lines = transcript.splitlines()
+    assert lines[0] == "instructions: You are a coding agent."
+    assert lines[1] == 'user: /call read_file {"path": "b.py"}'
+    assert lines[2].startswith("function_call read_file ")
+    assert lines[3].endswith(" contents of b.py") and lines[-1] == "user: /transcript"
+    assert [item["type"] for item in kept] == [
         "message",
         "function_call",
         "function_call_output",

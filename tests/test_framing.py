@@ -86,6 +86,7 @@ def rust_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
         result.responses_only,
         result.model_from_prompt,
         result.max_output_tokens,
+        result.conversation,
     )
 
 
@@ -139,6 +140,7 @@ def reference_outcome(data: bytes, **options: Any) -> tuple[Any, ...]:
         result.responses_only,
         result.model_from_prompt,
         None if (limit := result.settings["max_output_tokens"]) is None else min(limit, 2**64 - 1),
+        result.conversation,
     )
 
 
@@ -280,7 +282,15 @@ create_fields: dict[str, st.SearchStrategy[Any]] = {
     "stream": field(st.booleans(), None),
     "generate": field(st.booleans(), None),
     "background": field(one_of(False), True),
-    "conversation": field(st.none(), "conv_1", {"id": "c"}),
+    "conversation": field(
+        one_of(None, "conv_1", {"id": "c"}, {"id": "c", "x": 1}),
+        "",
+        5,
+        {},
+        {"id": ""},
+        {"id": 7},
+        ["conv_1"],
+    ),
     "prompt": field(one_of({"id": "p"}), None),
     "prompt_cache_options": field(
         st.fixed_dictionaries(

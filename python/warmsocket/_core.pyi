@@ -816,6 +816,10 @@ class CreateRequest:
         can honour them (they are in `upstream_options_json`), so another backend
         refuses them."""
     @property
+    def conversation(self) -> str | None:
+        """The `conversation`'s id (sent as it, or as an object's `id`): its items come
+        before the input, and it gets this response's input and output."""
+    @property
     def model_from_prompt(self) -> bool:
         """The body gave no `model` (its `prompt`'s template names one): `model` is
         `"default"`, and an upstream is sent none."""

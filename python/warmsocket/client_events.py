@@ -168,6 +168,8 @@ class CreateRequest:
     """The fields of `RESPONSES_ONLY` the body has (in `upstream_options`)."""
     model_from_prompt: bool = False
     """The body gave no `model` (`model` is "default"; the template names one)."""
+    conversation: str | None = None
+    """The `conversation`'s id (given as it, or as an object's `id`)."""
     items: Items | None = None
     """`input_items` as `Items` (set by `parse_message`)."""
 
@@ -437,11 +439,13 @@ def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
             "conversation",
             "'previous_response_id' and 'conversation' cannot be used together.",
         )
-    if body.get("conversation") is not None:
-        raise errors.unsupported_parameter(
-            "conversation",
-            "The Conversations API is not supported by this server; use previous_response_id.",
-        )
+    conversation = body.get("conversation")
+    if isinstance(conversation, dict):
+        conversation = conversation.get("id")
+        if not isinstance(conversation, str) or not conversation:
+            raise errors.invalid_type("conversation.id", "a non-empty string")
+    elif conversation is not None and (not isinstance(conversation, str) or not conversation):
+        raise errors.invalid_type("conversation", "a conversation id, or an object with its id")
     background = body.get("background") is True
     if background and websocket:
         raise errors.unsupported_parameter(
@@ -465,7 +469,7 @@ def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
     compact_threshold = _compact_threshold(body.get("context_management"))
     include = _include(body.get("include"))
     input_items = normalize_input(body.get("input"), param="input")
-    if not input_items and generate and previous is None:
+    if not input_items and generate and previous is None and conversation is None:
         raise errors.invalid_value("input", "Input must not be empty.")
 
     return CreateRequest(
@@ -485,6 +489,7 @@ def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
         given_defaults=_given_defaults(body),
         responses_only=tuple(name for name in RESPONSES_ONLY if body.get(name) is not None),
         model_from_prompt=body.get("model") is None,
+        conversation=conversation,
     )
 
 

@@ -59,8 +59,7 @@ def answer(
         raise errors.method_not_allowed(method, request.path)
     item_id = rest[1]
     if method == "GET":
-        conversation = conversations.get(owner, conv_id)
-        return 200, conversation.items[conversation.position(item_id)]
+        return 200, conversations.get(owner, conv_id).listed_item(item_id)
     if method == "DELETE":
         return 200, conversations.delete_item(owner, conv_id, item_id).object()
     raise errors.method_not_allowed(method, request.path)

@@ -8,16 +8,18 @@ time (`POST /v1/conversations`, `GET`/`POST`/`DELETE /v1/conversations/{id}`, an
 `completed` or `incomplete`, has its input and output added (`engine.py`).
 
 Items are validated as a create's input is (`client_events.normalize_input`,
-`Items.from_objects`) and kept as the API lists them: each with an id (the one it
-came with, else a new one), a message's content as parts and its `status`
-(`httpapi.listed_input_item`). Conversations are kept in this process, private to
-the owner (the bearer token) that made them, within `budget_bytes` of item JSON: an
-addition that would pass it is refused (503), nothing already kept is dropped.
+`Items.from_objects`) and kept as they came (canonical JSON), each with an id (its
+own, else a new one): a create with the conversation reads them as its context byte
+for byte as the previous response's chain holds them, so prefix diffing finds that
+chain and only the new input is new work. They are listed as the API lists them
+(a message's content as parts, a `status`). Conversations are kept in this process,
+private to the owner (the bearer token) that made them, within `budget_bytes` of item
+JSON: an addition that would pass it is refused (503), nothing already kept is
+dropped.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,10 +53,12 @@ class Conversation:
     owner: str
     created_at: int
     metadata: dict[str, str]
-    items: list[dict[str, Any]] = field(default_factory=list)
-    """Oldest first, as listed (each with its `id`)."""
-    nbytes: int = 0
-    """The JSON size of `items`, counted against the store's budget."""
+    items: Items = field(default_factory=lambda: Items.from_objects([]))
+    """Oldest first, each as it came (canonical JSON): the context a create with this
+    conversation reads, byte for byte what the previous one's chain holds, so prefix
+    diffing finds that chain."""
+    item_ids: list[str] = field(default_factory=list)
+    """The id of each of `items` (its own, else one given when it was added)."""
 
     def object(self) -> dict[str, Any]:
         """The Conversation object."""
@@ -65,12 +69,24 @@ class Conversation:
             "metadata": self.metadata,
         }
 
+    def listed_items(self) -> list[dict[str, Any]]:
+        """The items as the API lists them, oldest first."""
+        return [
+            listed({**item, "id": item_id})
+            for item, item_id in zip(self.items.to_objects(), self.item_ids, strict=True)
+        ]
+
+    def listed_item(self, item_id: str) -> dict[str, Any]:
+        position = self.position(item_id)
+        (item,) = self.items.slice(position, position + 1).to_objects()
+        return listed({**item, "id": item_id})
+
     def position(self, item_id: str) -> int:
         """The index of the item with this id. Raises APIError (404)."""
-        for index, item in enumerate(self.items):
-            if item.get("id") == item_id:
-                return index
-        raise not_found("item", item_id)
+        try:
+            return self.item_ids.index(item_id)
+        except ValueError:
+            raise not_found("item", item_id) from None
 
 
 def not_found(what: str, found_id: str) -> APIError:
@@ -110,15 +126,17 @@ class Conversations:
         validate_metadata(metadata)
         items = self.validated_items(body.get("items"), param="items")
         conversation = Conversation(conversation_id(), owner, int(time.time()), dict(metadata))
-        self._by_id[conversation.id] = conversation
         self.append(conversation, items)
+        self._by_id[conversation.id] = conversation
         return conversation
 
-    def get(self, owner: str, conv_id: str) -> Conversation:
-        """Raises APIError (404) unless the owner has this conversation."""
+    def get(self, owner: str, conv_id: str, *, param: str = "conversation_id") -> Conversation:
+        """Raises APIError (404, on `param`) unless the owner has this conversation."""
         conversation = self._by_id.get(conv_id)
         if conversation is None or conversation.owner != owner:
-            raise not_found("conversation", conv_id)
+            error = not_found("conversation", conv_id)
+            error.param = param
+            raise error
         return conversation
 
     def update(self, owner: str, conv_id: str, body: Any) -> Conversation:
@@ -137,14 +155,14 @@ class Conversations:
     def delete(self, owner: str, conv_id: str) -> None:
         conversation = self.get(owner, conv_id)
         del self._by_id[conv_id]
-        self.nbytes -= conversation.nbytes
+        self.nbytes -= conversation.items.nbytes
 
     # -- items ------------------------------------------------------------------------------
 
-    def validated_items(self, value: Any, *, param: str) -> list[dict[str, Any]]:
-        """Items to add, as listed (with ids). Raises APIError."""
+    def validated_items(self, value: Any, *, param: str) -> Items:
+        """Items to add, validated as a create's input is. Raises APIError."""
         if value is None:
-            return []
+            value = []
         if not isinstance(value, list):
             raise errors.invalid_type(param, "an array of items")
         if len(value) > MAX_ITEMS_PER_ADD:
@@ -161,10 +179,9 @@ class Conversations:
                     "not references to them; send the item itself.",
                 )
         try:
-            canonical = Items.from_objects(normalized, max_item_bytes=self.max_item_bytes)
+            return Items.from_objects(normalized, max_item_bytes=self.max_item_bytes)
         except InvalidItems as exc:
             raise errors.invalid_value(param, f"Invalid '{param}': {exc}") from None
-        return [listed(item) for item in canonical.to_objects()]
 
     def add_items(self, owner: str, conv_id: str, body: Any) -> list[dict[str, Any]]:
         """`POST /v1/conversations/{id}/items`: `{items}`; the items added, as listed."""
@@ -174,29 +191,44 @@ class Conversations:
         if "items" not in body:
             raise errors.missing_parameter("items")
         items = self.validated_items(body["items"], param="items")
+        first = len(conversation.item_ids)
         self.append(conversation, items)
-        return items
+        return conversation.listed_items()[first:]
 
-    def append(self, conversation: Conversation, items: list[dict[str, Any]]) -> None:
-        """Add listed items at the end (a create's input and output, too). Raises
-        APIError (503) when they would pass the budget."""
-        size = sum(len(json.dumps(item)) for item in items)
-        if self.nbytes + size > self.budget_bytes:
+    def check_room(self, nbytes: int) -> None:
+        """Raises APIError (503) when `nbytes` more would pass the budget."""
+        if self.nbytes + nbytes > self.budget_bytes:
             raise errors.server_overloaded(
                 "The conversations on this server hold all the item bytes they may "
                 f"({self.budget_bytes} bytes, --conversation-budget): delete conversations "
                 "or items you no longer need, or raise the budget."
             )
-        conversation.items.extend(items)
-        conversation.nbytes += size
-        self.nbytes += size
+
+    def append(self, conversation: Conversation, items: Items) -> None:
+        """Add items at the end (a create's input and output, too), each with its own id
+        or a new one. Raises APIError (503) when they would pass the budget."""
+        self.check_room(items.nbytes)
+        for index in range(len(items)):
+            meta = items.item_meta(index)
+            prefix = ID_PREFIXES.get(meta.type, "item")
+            conversation.item_ids.append(meta.id or ids.new_id(prefix))
+        conversation.items = conversation.items.concat(items)
+        self.nbytes += items.nbytes
+
+    def extend(self, conversation: Conversation, items: Items) -> None:
+        """A response that continued `conversation` ended: its input and output go at
+        the end, unless the conversation was deleted meanwhile (then nowhere)."""
+        if self._by_id.get(conversation.id) is conversation:
+            self.append(conversation, items)
 
     def delete_item(self, owner: str, conv_id: str, item_id: str) -> Conversation:
         conversation = self.get(owner, conv_id)
-        item = conversation.items.pop(conversation.position(item_id))
-        size = len(json.dumps(item))
-        conversation.nbytes -= size
-        self.nbytes -= size
+        position = conversation.position(item_id)
+        before = conversation.items.nbytes
+        items = conversation.items
+        conversation.items = items.slice(0, position).concat(items.slice(position + 1))
+        del conversation.item_ids[position]
+        self.nbytes -= before - conversation.items.nbytes
         return conversation
 
     def list_items(
@@ -204,18 +236,15 @@ class Conversations:
     ) -> dict[str, Any]:
         """A page of items, as `GET /v1/conversations/{id}/items` answers it."""
         conversation = self.get(owner, conv_id)
-        return cursor_page(conversation.items, after=after, limit=limit, order=order)
+        return cursor_page(conversation.listed_items(), after=after, limit=limit, order=order)
 
 
 def listed(item: dict[str, Any]) -> dict[str, Any]:
-    """An item as a conversation lists it: with an id (a new one when it came without),
-    a message's content as parts, its `status`."""
-    shown = dict(item)
-    if not isinstance(shown.get("id"), str):
-        shown["id"] = ids.new_id(ID_PREFIXES.get(str(shown.get("type")), "item"))
-    if shown.get("type") in ("function_call", "function_call_output"):
-        shown.setdefault("status", "completed")
-    return with_content_parts(shown)
+    """An item with its id, as a conversation lists it: a message's content as parts,
+    and a `status` for the items that have one."""
+    if item.get("type") in ("function_call", "function_call_output"):
+        item.setdefault("status", "completed")
+    return with_content_parts(item)
 
 
 def with_content_parts(item: dict[str, Any]) -> dict[str, Any]:

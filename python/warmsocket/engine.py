@@ -65,7 +65,11 @@ from warmsocket.backends.base import (
 )
 from warmsocket.compaction import compacting_stream
 from warmsocket.compaction_items import starts_context
-from warmsocket.conversations import DEFAULT_CONVERSATION_BUDGET, Conversations
+from warmsocket.conversations import (
+    DEFAULT_CONVERSATION_BUDGET,
+    Conversation,
+    Conversations,
+)
 from warmsocket.errors import APIError
 from warmsocket.metrics import Metrics
 
@@ -169,18 +173,20 @@ _REBASED_META = b'{"input_items":'
 
 
 def rebased_meta(meta: bytes, input_json: bytes, previous_response_id: str | None) -> bytes:
-    """A rebased response's meta (`Turn.rebase`), with what its request sent: its chain
-    in the cache starts at its compaction item, but `input_items` lists the input the
-    client sent and the Response object names the previous response the client named
-    (`stored_input`, `response_object`). Put first, so the prompt key stays the last
-    member (`stored_prompt_key`)."""
+    """The meta of a response whose chain in the cache is not what its request sent,
+    with what it sent: a rebased one (`Turn.rebase`: its chain starts at its compaction
+    item), or one that continues a conversation (its chain holds the conversation's
+    items too). `input_items` lists the input the client sent and the Response object
+    names the previous response the client named (`stored_input`,
+    `response_object`). Put first, so the prompt key stays the last member
+    (`stored_prompt_key`)."""
     previous = _dumps(previous_response_id).encode()
     return b'%b%b,"previous_response_id":%b,%b' % (_REBASED_META, input_json, previous, meta[1:])
 
 
 def stored_input(info: _core.ResponseInfo) -> list[dict[str, Any]] | None:
-    """The input a rebased response's request sent (`rebased_meta`); None for any
-    other response, whose input is its node's in the cache."""
+    """The input a rebased or conversation response's request sent (`rebased_meta`);
+    None for any other response, whose input is its node's in the cache."""
     meta = info.meta
     if not meta.startswith(_REBASED_META):
         return None
@@ -470,6 +476,13 @@ class Engine:
         input_items = self.resolved_input(request, owner=owner, connection=lookup_connection)
         if prepend is not None:
             input_items = prepend.concat(input_items)
+        conversation: Conversation | None = None
+        own_input = input_items
+        if request.conversation is not None:
+            # Its items are the context before the input (never with a
+            # previous_response_id): prefix diffing finds the chain that left them.
+            conversation = self.conversations.get(owner, request.conversation, param="conversation")
+            input_items = conversation.items.concat(input_items)
         previous_response_id = request.previous_response_id
         start = context_start(input_items)
         if start is not None:
@@ -553,6 +566,8 @@ class Engine:
             chain_parent_id=chain_parent,
             prompt_key=prompt,
         )
+        if conversation is not None:
+            turn.join_conversation(conversation, own_input)
         self.metrics.observe_rebuild(time.perf_counter() - started)
         return turn
 
@@ -742,6 +757,18 @@ class Turn:
         self._local_only = False
         # Rebased (`rebase`): what the client sent, as stored responses list it.
         self._rebased_input: bytes | None = None
+        # The conversation this response continues (`join_conversation`), and what it
+        # adds there before its output: its own input.
+        self.conversation: Conversation | None = None
+        self._conversation_input: Items | None = None
+
+    def join_conversation(self, conversation: Conversation, own_input: Items) -> None:
+        """This response reads `conversation` as its context before `own_input` (its
+        input, without the conversation's items), and adds both to it when it ends
+        `completed` or `incomplete` (`_store`). Its Response names the conversation."""
+        self.conversation = conversation
+        self._conversation_input = own_input
+        self.stream.set_response_fields(_dumps({"conversation": {"id": conversation.id}}).encode())
 
     @functools.cached_property
     def prompt_tokens(self) -> int:
@@ -1031,8 +1058,15 @@ class Turn:
         )
         if self._rebased_input is not None:
             meta = rebased_meta(meta, self._rebased_input, self.request.previous_response_id)
+        elif self._conversation_input is not None:
+            meta = rebased_meta(meta, self._conversation_input.json(), None)
         cache = self.engine.cache
         output = stream.output_items()
+        conversation = self.conversation
+        added: Items | None = None
+        if conversation is not None and self._conversation_input is not None:
+            added = self._conversation_input.concat(output)
+            self.engine.conversations.check_room(added.nbytes)
         try:
             info = cache.create(
                 self.response_id,
@@ -1069,6 +1103,8 @@ class Turn:
             raise errors.server_overloaded(
                 f"The response could not be kept in the session cache ({type(exc).__name__})."
             ) from None
+        if conversation is not None and added is not None:
+            self.engine.conversations.extend(conversation, added)
         shared = self.engine.shared
         if shared is not None and info.connection is None:
             # Stored (store=true, not built on connection-local state): other processes

@@ -584,11 +584,16 @@ class ResponsesSession:
                 )
             self._steer_failed(target_id, raw_input, error, None)
             return
-        if turn.request.compact_threshold is not None:
+        if turn.request.compact_threshold is not None or turn.conversation is not None:
+            what = (
+                "server-side compaction (context_management)"
+                if turn.conversation is None
+                else "a conversation"
+            )
             error = errors.steer_error(
                 "steering_not_supported",
-                "A response with server-side compaction (context_management) cannot be "
-                "steered: send the input as the next response.create.",
+                f"A response with {what} cannot be steered: send the input as the next "
+                "response.create.",
             )
             self._steer_failed(target_id, json.loads(steer.input_json), error, turn)
             return

@@ -16,6 +16,7 @@
 //! * `Msgpack`: each event as msgpack in a binary frame (FIN, opcode 2);
 //! * `Sse`: `event: <type>\ndata: <json>\n\n`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::msgpack;
@@ -895,9 +896,13 @@ impl ResponseEncoder {
             .filter(|(k, _)| !fields.contains_key(k))
             .chain(fields.iter())
             .collect();
-        let mut json = statics.json[..statics.settings_at].to_vec();
+        // The static fields, then (`kept` has the fields at least) a comma and the rest.
+        let head = &statics.json[..statics.settings_at];
+        let mut json = head.strip_suffix(b",").unwrap_or(head).to_vec();
+        json.push(b',');
+        let settings_at = json.len();
         for (i, (k, v)) in kept.iter().enumerate() {
-            if i > 0 || json.last() != Some(&b',') {
+            if i > 0 {
                 json.push(b',');
             }
             write_str(k, &mut json);
@@ -916,11 +921,27 @@ impl ResponseEncoder {
             json,
             msgpack,
             count: STATIC_FIELDS + kept.len(),
-            settings_at: statics.settings_at,
+            settings_at,
             msgpack_settings_at: statics.msgpack_settings_at,
         };
+        // The meta keeps every field given so far, the later of two of one name.
+        let earlier = self.response_fields.take();
+        let earlier = earlier
+            .as_deref()
+            .and_then(|json| std::str::from_utf8(json).ok())
+            .and_then(|json| super::json::parse(json).ok());
+        let mut entries: Vec<(Cow<'_, str>, Value<'_>)> = match earlier {
+            Some(Value::Object(earlier)) => earlier
+                .into_entries()
+                .into_iter()
+                .filter(|(k, _)| !fields.contains_key(k))
+                .collect(),
+            _ => Vec::new(),
+        };
+        entries.extend(fields.into_entries());
         let mut kept = Vec::with_capacity(text.len());
-        super::value::write_canonical(&Value::Object(fields), &mut kept);
+        let merged = Value::Object(super::value::Object::from_entries(entries));
+        super::value::write_canonical(&merged, &mut kept);
         self.response_fields = Some(kept);
         Ok(())
     }
@@ -2159,11 +2180,20 @@ mod tests {
             }
         })
         .unwrap();
-        e.set_response_fields(br#"{"service_tier":"flex"}"#)
+        e.set_response_fields(br#"{"service_tier":"flex","conversation":{"id":"c"}}"#)
+            .unwrap();
+        e.set_response_fields(br#"{"service_tier":"default","tool_usage":{}}"#)
             .unwrap();
         let response: serde_json::Value = serde_json::from_slice(&e.response_json()).unwrap();
-        assert_eq!(response["service_tier"], "flex");
+        assert_eq!(response["service_tier"], "default");
+        assert_eq!(response["conversation"]["id"], "c");
         assert_eq!(response["id"], "resp_2");
+        // The meta keeps all of them, the later of two of one name.
+        let meta: serde_json::Value = serde_json::from_slice(&e.meta_json()).unwrap();
+        let expected = serde_json::json!(
+            {"conversation": {"id": "c"}, "service_tier": "default", "tool_usage": {}}
+        );
+        assert_eq!(meta["response_fields"], expected);
         let meta: serde_json::Value =
             serde_json::from_slice(&encoder(Framing::Json, None).meta_json()).unwrap();
         assert!(meta.get("response_fields").is_none());

@@ -119,6 +119,10 @@ pub struct CreateRequest {
     /// The body gave no `model`: the `prompt`'s template names it (`model` is then
     /// `"default"`, and an upstream gets none).
     pub model_from_prompt: bool,
+    /// `conversation` (an id, or an object with its `id`): the Conversations API's
+    /// conversation whose items come before the input, and which gets this
+    /// response's input and output. Never with `previous_response_id`.
+    pub conversation: Option<String>,
 }
 
 /// Fields only a Responses upstream (OpenAI) can honour: `prompt`, a template stored
@@ -666,13 +670,25 @@ fn validate_create(
             "'previous_response_id' and 'conversation' cannot be used together.",
         ));
     }
-    if conversation.is_some() {
-        return Err(RequestError::UnsupportedParameter {
-            param: "conversation".into(),
-            message: "The Conversations API is not supported by this server; use \
-                      previous_response_id.",
-        });
-    }
+    let conversation = match conversation {
+        None => None,
+        Some(Value::Str(id)) if !id.is_empty() => Some(id.to_string()),
+        Some(Value::Object(object)) => match object.get("id") {
+            Some(Value::Str(id)) if !id.is_empty() => Some(id.to_string()),
+            _ => {
+                return Err(RequestError::invalid_type(
+                    "conversation.id",
+                    "a non-empty string",
+                ))
+            }
+        },
+        Some(_) => {
+            return Err(RequestError::invalid_type(
+                "conversation",
+                "a conversation id, or an object with its id",
+            ))
+        }
+    };
     let background = matches!(body.get("background"), Some(Value::Bool(true)));
     if background && websocket {
         return Err(RequestError::UnsupportedParameter {
@@ -709,7 +725,7 @@ fn validate_create(
             .any(|v| v.get("type").and_then(Value::as_str) == Some("item_reference")),
         _ => false,
     };
-    if input.is_empty() && generate && previous.is_none() {
+    if input.is_empty() && generate && previous.is_none() && conversation.is_none() {
         return Err(RequestError::invalid_value(
             "input",
             "Input must not be empty.",
@@ -750,6 +766,7 @@ fn validate_create(
         has_item_references,
         responses_only,
         model_from_prompt,
+        conversation,
     })
 }
 
@@ -1407,6 +1424,22 @@ mod tests {
     }
 
     #[test]
+    fn a_conversation_is_named_by_its_id_or_an_object_with_it() {
+        let body = |c: &str| {
+            format!(r#"{{"type":"response.create","model":"m","input":"x","conversation":{c}}}"#)
+        };
+        assert_eq!(
+            created(&body(r#""conv_1""#)).conversation.as_deref(),
+            Some("conv_1")
+        );
+        let object = created(&body(r#"{"id":"conv_2","extra":1}"#));
+        assert_eq!(object.conversation.as_deref(), Some("conv_2"));
+        // Not a setting: the Response gets it from the server, not from the echo.
+        assert!(!String::from_utf8_lossy(&object.settings).contains("conv_2"));
+        assert_eq!(created(&body("null")).conversation, None);
+    }
+
+    #[test]
     fn compact_threshold_comes_from_the_first_compaction_entry() {
         let body = |cm: &str| {
             format!(
@@ -1821,10 +1854,13 @@ mod tests {
                 "invalid_value",
                 "conversation",
             ),
+            (r#""conversation":5"#, "invalid_type", "conversation"),
+            (r#""conversation":"""#, "invalid_type", "conversation"),
+            (r#""conversation":{}"#, "invalid_type", "conversation.id"),
             (
-                r#""conversation":{"id":"c"}"#,
-                "unsupported_parameter",
-                "conversation",
+                r#""conversation":{"id":3}"#,
+                "invalid_type",
+                "conversation.id",
             ),
             (r#""tools":{}"#, "invalid_type", "tools"),
             (

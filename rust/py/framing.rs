@@ -192,6 +192,10 @@ impl PyCreateRequest {
         self.inner.model_from_prompt
     }
     #[getter]
+    fn conversation(&self) -> Option<&str> {
+        self.inner.conversation.as_deref()
+    }
+    #[getter]
     fn given_defaults<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, &self.inner.given_defaults)
     }
