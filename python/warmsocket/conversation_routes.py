@@ -18,7 +18,7 @@ from warmsocket.http11 import Request
 from warmsocket.pages import page_params
 
 
-def answer(
+async def answer(
     conversations: Conversations, request: Request, owner: str, path: list[str]
 ) -> tuple[int, Any]:
     """(status, JSON value) for a request whose path is `/v1/conversations` + `path`
@@ -27,22 +27,22 @@ def answer(
     if not path:
         if method != "POST":
             raise errors.method_not_allowed(method, request.path)
-        return 200, conversations.create(owner, _body(request)).object()
+        return 200, (await conversations.create(owner, _body(request))).object()
     conv_id, rest = path[0], path[1:]
     if not rest:
         if method == "GET":
-            return 200, conversations.get(owner, conv_id).object()
+            return 200, (await conversations.fresh(owner, conv_id)).object()
         if method == "POST":
-            return 200, conversations.update(owner, conv_id, _body(request)).object()
+            return 200, (await conversations.update(owner, conv_id, _body(request))).object()
         if method == "DELETE":
-            conversations.delete(owner, conv_id)
+            await conversations.delete(owner, conv_id)
             return 200, {"id": conv_id, "object": "conversation.deleted", "deleted": True}
         raise errors.method_not_allowed(method, request.path)
     if rest[0] != "items" or len(rest) > 2:
         raise errors.not_found_route(method, request.path)
     if len(rest) == 1:
         if method == "POST":
-            added = conversations.add_items(owner, conv_id, _body(request))
+            added = await conversations.add_items(owner, conv_id, _body(request))
             return 200, {
                 "object": "list",
                 "data": added,
@@ -53,15 +53,15 @@ def answer(
         if method == "GET":
             limit, order = page_params(request)
             after = request.query_value("after")
-            return 200, conversations.list_items(
+            return 200, await conversations.list_items(
                 owner, conv_id, after=after, limit=limit, order=order
             )
         raise errors.method_not_allowed(method, request.path)
     item_id = rest[1]
     if method == "GET":
-        return 200, conversations.get(owner, conv_id).listed_item(item_id)
+        return 200, (await conversations.fresh(owner, conv_id)).listed_item(item_id)
     if method == "DELETE":
-        return 200, conversations.delete_item(owner, conv_id, item_id).object()
+        return 200, (await conversations.delete_item(owner, conv_id, item_id)).object()
     raise errors.method_not_allowed(method, request.path)
 
 

@@ -12,23 +12,37 @@ Items are validated as a create's input is (`client_events.normalize_input`,
 own, else a new one): a create with the conversation reads them as its context byte
 for byte as the previous response's chain holds them, so prefix diffing finds that
 chain and only the new input is new work. They are listed as the API lists them
-(a message's content as parts, a `status`). Conversations are kept in this process,
-private to the owner (the bearer token) that made them, within `budget_bytes` of item
-JSON: an addition that would pass it is refused (503), nothing already kept is
-dropped.
+(a message's content as parts, a `status`). Conversations are private to the owner
+(the bearer token) that made them.
+
+Without Redis they live in this process, within `budget_bytes` of item JSON: an
+addition that would pass it is refused (503), nothing already kept is dropped. With
+`--redis-url` (a `ConversationBoard`, `shared_conversations.py`) Redis holds them
+and this process keeps copies of those it used, the least recently used dropped to
+stay within the budget; every use first checks (`fresh`) that the copy is the
+conversation as Redis has it. Changes through the API are written to Redis before
+they are answered; a response's input and output are added to the copy at once and
+written behind it, in order (`aclose` writes what is left).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from warmsocket import errors, ids
 from warmsocket._core import InvalidItems, Items
 from warmsocket.client_events import normalize_input, validate_metadata
 from warmsocket.errors import APIError
 from warmsocket.pages import cursor_page
+
+log = logging.getLogger("warmsocket.conversations")
 
 DEFAULT_CONVERSATION_BUDGET = 256 * 1024 * 1024
 """Item bytes all conversations may hold (`--conversation-budget`)."""
@@ -46,6 +60,36 @@ ID_PREFIXES = {
 }
 """The prefix of a new item id, by item type (`item` for the others)."""
 
+Entries = list[tuple[str, bytes]]
+"""Items as (id, canonical JSON), oldest first."""
+
+Change = tuple[int, int]
+"""(version before, version after) of a change written to Redis."""
+
+
+class Stored(Protocol):
+    """A conversation as Redis has it (`shared_conversations.Stored`)."""
+
+    version: int
+    created_at: int
+    metadata: dict[str, str]
+    entries: Entries
+
+
+class ConversationBoard(Protocol):
+    """Where conversations are shared with other processes (`shared_conversations`).
+    Every call raises `engine.SharedStoreUnavailable` when Redis does not answer."""
+
+    async def create(
+        self, owner: str, conv_id: str, created_at: int, metadata: bytes, entries: Entries
+    ) -> None: ...
+    async def version(self, owner: str, conv_id: str) -> int | None: ...
+    async def read(self, owner: str, conv_id: str) -> Stored | None: ...
+    async def append(self, owner: str, conv_id: str, entries: Entries) -> Change | None: ...
+    async def set_metadata(self, owner: str, conv_id: str, metadata: bytes) -> Change | None: ...
+    async def delete_item(self, owner: str, conv_id: str, item_id: str) -> Change | None: ...
+    async def delete(self, owner: str, conv_id: str) -> bool: ...
+
 
 @dataclass(slots=True)
 class Conversation:
@@ -59,6 +103,10 @@ class Conversation:
     diffing finds that chain."""
     item_ids: list[str] = field(default_factory=list)
     """The id of each of `items` (its own, else one given when it was added)."""
+    version: int | None = None
+    """With Redis: the version this copy is (None: to be read again)."""
+    pending: int = 0
+    """With Redis: additions of responses not written yet (the copy is ahead)."""
 
     def object(self) -> dict[str, Any]:
         """The Conversation object."""
@@ -88,13 +136,19 @@ class Conversation:
         except ValueError:
             raise not_found("item", item_id) from None
 
+    def settle(self, change: Change) -> None:
+        """A change this process wrote: the copy is Redis' conversation if nobody
+        changed it in between, else it is to be read again."""
+        before, after = change
+        self.version = after if self.version == before else None
 
-def not_found(what: str, found_id: str) -> APIError:
+
+def not_found(what: str, found_id: str, param: str | None = None) -> APIError:
     shown = found_id if len(found_id) <= 64 else found_id[:64] + "..."
     return APIError(
         None,
         f"{what.capitalize()} with id '{shown}' not found.",
-        param=f"{what}_id",
+        param=param or f"{what}_id",
         status=404,
     )
 
@@ -103,21 +157,97 @@ def conversation_id() -> str:
     return ids.new_id("conv")
 
 
-class Conversations:
-    """Every conversation of this process."""
+def new_item_ids(items: Items) -> list[str]:
+    """Each item's own id, else a new one with its type's prefix."""
+    found = []
+    for index in range(len(items)):
+        meta = items.item_meta(index)
+        found.append(meta.id or ids.new_id(ID_PREFIXES.get(meta.type, "item")))
+    return found
 
-    def __init__(self, *, budget_bytes: int, max_item_bytes: int) -> None:
+
+def entries(items: Items, item_ids: list[str]) -> Entries:
+    return [(item_id, items.item_json(i)) for i, item_id in enumerate(item_ids)]
+
+
+def _metadata_json(metadata: dict[str, str]) -> bytes:
+    return json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class Conversations:
+    """The conversations this process serves: all of them, or with a board the copies
+    of those it used."""
+
+    def __init__(
+        self, *, budget_bytes: int, max_item_bytes: int, board: ConversationBoard | None = None
+    ) -> None:
         self.budget_bytes = budget_bytes
         self.max_item_bytes = max_item_bytes
-        self._by_id: dict[str, Conversation] = {}
+        self.board = board
+        self._by_id: OrderedDict[str, Conversation] = OrderedDict()
+        """Least recently used first."""
         self.nbytes = 0
+        self.write_errors = 0
+        self._writes: asyncio.Queue[tuple[Conversation, Entries]] | None = None
+        self._writer: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self._by_id)
 
+    # -- finding ----------------------------------------------------------------------------
+
+    def get(self, owner: str, conv_id: str, *, param: str = "conversation_id") -> Conversation:
+        """The conversation as this process has it (with a board: as `fresh` left it).
+        Raises APIError (404, on `param`) unless the owner has it."""
+        conversation = self._by_id.get(conv_id)
+        if conversation is None or conversation.owner != owner:
+            raise not_found("conversation", conv_id, param)
+        self._by_id.move_to_end(conv_id)
+        return conversation
+
+    async def fresh(
+        self, owner: str, conv_id: str, *, param: str = "conversation_id"
+    ) -> Conversation:
+        """`get`, first made the conversation as Redis has it when there is a board
+        (one round trip when the copy is up to date; its additions still being
+        written make it so). Raises APIError (404), SharedStoreUnavailable."""
+        board = self.board
+        if board is None:
+            return self.get(owner, conv_id, param=param)
+        kept = self._by_id.get(conv_id)
+        if kept is not None and kept.owner == owner and kept.pending:
+            return self.get(owner, conv_id, param=param)
+        version = await board.version(owner, conv_id)
+        kept = self._by_id.get(conv_id)  # (changed while waiting, perhaps)
+        current = kept is not None and (kept.version == version or kept.pending > 0)
+        if version is not None and kept is not None and kept.owner == owner and current:
+            return self.get(owner, conv_id, param=param)
+        stored = None if version is None else await board.read(owner, conv_id)
+        if stored is None:
+            if kept is not None and kept.owner == owner and not kept.pending:
+                self._forget(kept)
+            raise not_found("conversation", conv_id, param)
+        kept = self._by_id.get(conv_id)
+        if kept is not None and kept.owner == owner and kept.pending:
+            return self.get(owner, conv_id, param=param)
+        joined = b"[" + b",".join(item for _id, item in stored.entries) + b"]"
+        copy = Conversation(
+            conv_id,
+            owner,
+            stored.created_at,
+            stored.metadata,
+            Items.parse(joined, max_item_bytes=max(self.max_item_bytes, len(joined))),
+            [item_id for item_id, _item in stored.entries],
+            version=stored.version,
+        )
+        if kept is not None:
+            self._forget(kept)
+        self._keep(copy)
+        return copy
+
     # -- conversations ----------------------------------------------------------------------
 
-    def create(self, owner: str, body: Any) -> Conversation:
+    async def create(self, owner: str, body: Any) -> Conversation:
         """`POST /v1/conversations`: `{items?, metadata?}`. Raises APIError."""
         if not isinstance(body, dict):
             raise errors.invalid_type("body", "a JSON object")
@@ -125,23 +255,26 @@ class Conversations:
         metadata = {} if metadata is None else metadata
         validate_metadata(metadata)
         items = self.validated_items(body.get("items"), param="items")
+        item_ids = new_item_ids(items)
         conversation = Conversation(conversation_id(), owner, int(time.time()), dict(metadata))
-        self.append(conversation, items)
-        self._by_id[conversation.id] = conversation
+        if self.board is None:
+            self.check_room(items.nbytes)
+        else:
+            await self.board.create(
+                owner,
+                conversation.id,
+                conversation.created_at,
+                _metadata_json(conversation.metadata),
+                entries(items, item_ids),
+            )
+            conversation.version = 1
+        self._keep(conversation)
+        self._append(conversation, items, item_ids)
         return conversation
 
-    def get(self, owner: str, conv_id: str, *, param: str = "conversation_id") -> Conversation:
-        """Raises APIError (404, on `param`) unless the owner has this conversation."""
-        conversation = self._by_id.get(conv_id)
-        if conversation is None or conversation.owner != owner:
-            error = not_found("conversation", conv_id)
-            error.param = param
-            raise error
-        return conversation
-
-    def update(self, owner: str, conv_id: str, body: Any) -> Conversation:
+    async def update(self, owner: str, conv_id: str, body: Any) -> Conversation:
         """`POST /v1/conversations/{id}`: `{metadata}` replaces the metadata."""
-        conversation = self.get(owner, conv_id)
+        conversation = await self.fresh(owner, conv_id)
         if not isinstance(body, dict):
             raise errors.invalid_type("body", "a JSON object")
         if "metadata" not in body:
@@ -149,13 +282,24 @@ class Conversations:
         metadata = body["metadata"]
         metadata = {} if metadata is None else metadata
         validate_metadata(metadata)
+        if self.board is not None:
+            change = await self.board.set_metadata(owner, conv_id, _metadata_json(metadata))
+            if change is None:
+                raise not_found("conversation", conv_id)
+            conversation.settle(change)
         conversation.metadata = dict(metadata)
         return conversation
 
-    def delete(self, owner: str, conv_id: str) -> None:
-        conversation = self.get(owner, conv_id)
-        del self._by_id[conv_id]
-        self.nbytes -= conversation.items.nbytes
+    async def delete(self, owner: str, conv_id: str) -> None:
+        kept = self._by_id.get(conv_id)
+        mine = kept if kept is not None and kept.owner == owner else None
+        if self.board is not None:
+            if not await self.board.delete(owner, conv_id) and mine is None:
+                raise not_found("conversation", conv_id)
+        elif mine is None:
+            raise not_found("conversation", conv_id)
+        if mine is not None:
+            self._forget(mine)
 
     # -- items ------------------------------------------------------------------------------
 
@@ -183,47 +327,37 @@ class Conversations:
         except InvalidItems as exc:
             raise errors.invalid_value(param, f"Invalid '{param}': {exc}") from None
 
-    def add_items(self, owner: str, conv_id: str, body: Any) -> list[dict[str, Any]]:
+    async def add_items(self, owner: str, conv_id: str, body: Any) -> list[dict[str, Any]]:
         """`POST /v1/conversations/{id}/items`: `{items}`; the items added, as listed."""
-        conversation = self.get(owner, conv_id)
+        conversation = await self.fresh(owner, conv_id)
         if not isinstance(body, dict):
             raise errors.invalid_type("body", "a JSON object")
         if "items" not in body:
             raise errors.missing_parameter("items")
         items = self.validated_items(body["items"], param="items")
+        item_ids = new_item_ids(items)
+        if self.board is None:
+            self.check_room(items.nbytes)
+        else:
+            change = await self.board.append(owner, conv_id, entries(items, item_ids))
+            if change is None:
+                raise not_found("conversation", conv_id)
+            conversation.settle(change)
         first = len(conversation.item_ids)
-        self.append(conversation, items)
+        self._append(conversation, items, item_ids)
         return conversation.listed_items()[first:]
 
-    def check_room(self, nbytes: int) -> None:
-        """Raises APIError (503) when `nbytes` more would pass the budget."""
-        if self.nbytes + nbytes > self.budget_bytes:
-            raise errors.server_overloaded(
-                "The conversations on this server hold all the item bytes they may "
-                f"({self.budget_bytes} bytes, --conversation-budget): delete conversations "
-                "or items you no longer need, or raise the budget."
-            )
-
-    def append(self, conversation: Conversation, items: Items) -> None:
-        """Add items at the end (a create's input and output, too), each with its own id
-        or a new one. Raises APIError (503) when they would pass the budget."""
-        self.check_room(items.nbytes)
-        for index in range(len(items)):
-            meta = items.item_meta(index)
-            prefix = ID_PREFIXES.get(meta.type, "item")
-            conversation.item_ids.append(meta.id or ids.new_id(prefix))
-        conversation.items = conversation.items.concat(items)
-        self.nbytes += items.nbytes
-
-    def extend(self, conversation: Conversation, items: Items) -> None:
-        """A response that continued `conversation` ended: its input and output go at
-        the end, unless the conversation was deleted meanwhile (then nowhere)."""
-        if self._by_id.get(conversation.id) is conversation:
-            self.append(conversation, items)
-
-    def delete_item(self, owner: str, conv_id: str, item_id: str) -> Conversation:
-        conversation = self.get(owner, conv_id)
+    async def delete_item(self, owner: str, conv_id: str, item_id: str) -> Conversation:
+        conversation = await self.fresh(owner, conv_id)
         position = conversation.position(item_id)
+        if self.board is not None:
+            change = await self.board.delete_item(owner, conv_id, item_id)
+            if change is None:
+                raise not_found("conversation", conv_id)
+            if change[0] == change[1]:  # gone from Redis meanwhile
+                raise not_found("item", item_id)
+            conversation.settle(change)
+            position = conversation.position(item_id)  # (the copy may have moved on)
         before = conversation.items.nbytes
         items = conversation.items
         conversation.items = items.slice(0, position).concat(items.slice(position + 1))
@@ -231,12 +365,105 @@ class Conversations:
         self.nbytes -= before - conversation.items.nbytes
         return conversation
 
-    def list_items(
+    async def list_items(
         self, owner: str, conv_id: str, *, after: str | None, limit: int, order: str
     ) -> dict[str, Any]:
         """A page of items, as `GET /v1/conversations/{id}/items` answers it."""
-        conversation = self.get(owner, conv_id)
+        conversation = await self.fresh(owner, conv_id)
         return cursor_page(conversation.listed_items(), after=after, limit=limit, order=order)
+
+    # -- a response's input and output ------------------------------------------------------
+
+    def check_room(self, nbytes: int) -> None:
+        """Raises APIError (503) when `nbytes` more would pass the budget (without a
+        board: with one, copies are dropped to make room)."""
+        if self.board is None and self.nbytes + nbytes > self.budget_bytes:
+            raise errors.server_overloaded(
+                "The conversations on this server hold all the item bytes they may "
+                f"({self.budget_bytes} bytes, --conversation-budget): delete conversations "
+                "or items you no longer need, or raise the budget."
+            )
+
+    def extend(self, conversation: Conversation, items: Items) -> None:
+        """A response that continued `conversation` ended: its input and output go at
+        the end (with a board: written to Redis behind), unless the conversation was
+        deleted meanwhile (then nowhere)."""
+        if self._by_id.get(conversation.id) is not conversation:
+            return
+        item_ids = new_item_ids(items)
+        self._append(conversation, items, item_ids)
+        if self.board is not None:
+            conversation.pending += 1
+            self._write_behind(conversation, entries(items, item_ids))
+
+    def _write_behind(self, conversation: Conversation, added: Entries) -> None:
+        if self._writes is None:
+            self._writes = asyncio.Queue()
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        self._writes.put_nowait((conversation, added))
+
+    async def _write_loop(self) -> None:
+        queue = self._writes
+        assert queue is not None and self.board is not None
+        while True:
+            conversation, added = await queue.get()
+            try:
+                change = await self.board.append(conversation.owner, conversation.id, added)
+            except Exception:
+                # Logged by the board; this copy keeps the items (other processes miss
+                # them), and is not read again over them: its version stays.
+                self.write_errors += 1
+                log.error(
+                    "a response's items could not be added to its shared conversation",
+                    extra={"conversation": conversation.id, "items": len(added)},
+                )
+            else:
+                if change is None:
+                    self._forget(conversation)  # deleted elsewhere meanwhile
+                else:
+                    conversation.settle(change)
+            finally:
+                conversation.pending -= 1
+                queue.task_done()
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Write the additions still queued (for at most `timeout` seconds)."""
+        if self._writes is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._writes.join(), timeout)
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def _append(self, conversation: Conversation, items: Items, item_ids: list[str]) -> None:
+        conversation.item_ids.extend(item_ids)
+        conversation.items = conversation.items.concat(items)
+        self.nbytes += items.nbytes
+        self._make_room(conversation)
+
+    def _keep(self, conversation: Conversation) -> None:
+        self._by_id[conversation.id] = conversation
+        self.nbytes += conversation.items.nbytes
+        self._make_room(conversation)
+
+    def _forget(self, conversation: Conversation) -> None:
+        if self._by_id.get(conversation.id) is conversation:
+            del self._by_id[conversation.id]
+            self.nbytes -= conversation.items.nbytes
+
+    def _make_room(self, used: Conversation) -> None:
+        """With a board: drop the least recently used copies (not `used`, none with
+        additions still being written) while past the budget."""
+        if self.board is None:
+            return
+        for conversation in list(self._by_id.values()):
+            if self.nbytes <= self.budget_bytes:
+                return
+            if conversation is not used and not conversation.pending:
+                self._forget(conversation)
 
 
 def listed(item: dict[str, Any]) -> dict[str, Any]:

@@ -151,9 +151,12 @@ class HTTPApp:
             return self._models(writer, request, request_id, path_id)
         if route == "conversations":
             path = conversation_path(request.path)
-            code, value = conversation_routes.answer(
-                self.engine.conversations, request, owner, path
-            )
+            try:
+                code, value = await conversation_routes.answer(
+                    self.engine.conversations, request, owner, path
+                )
+            except SharedStoreUnavailable as exc:
+                raise errors.shared_store_unavailable(exc.response_id, param=None) from None
             return self._json(writer, request, request_id, code, dumps(value))
         if route != "responses":
             raise errors.not_found_route(method, request.path)
@@ -258,6 +261,13 @@ class HTTPApp:
         assert isinstance(create, _core.CreateRequest)
         engine = self.engine
         await self._load_parent(create, owner)
+        if create.conversation is not None:
+            try:
+                await engine.conversations.fresh(owner, create.conversation, param="conversation")
+            except SharedStoreUnavailable:
+                raise errors.shared_store_unavailable(
+                    create.conversation, param="conversation"
+                ) from None
         turn = engine.prepare(
             create,
             owner=owner,

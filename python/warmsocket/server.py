@@ -137,6 +137,15 @@ def select_subprotocol(
     return MSGPACK_SUBPROTOCOL if MSGPACK_SUBPROTOCOL in offered else None
 
 
+def _shared_conversation(message: Message, engine: Engine) -> str | None:
+    """The conversation a create continues when conversations are shared (Redis): its
+    copy is to be checked first, off the session (`Conversations.fresh`)."""
+    if engine.conversations.board is None or type(message) is not CreateRequest:
+        return None
+    assert isinstance(message, CreateRequest)
+    return message.conversation
+
+
 def frame_payloads(data: bytes) -> Iterator[tuple[int, bytes]]:
     """(opcode, payload) of each unmasked server frame in `data` (as Rust framed them)."""
     pos, end = 0, len(data)
@@ -226,7 +235,9 @@ class Server:
             tokenizer=tokenizer,
             shared=shared,
             conversations=Conversations(
-                budget_bytes=config.conversation_budget, max_item_bytes=config.max_item_bytes
+                budget_bytes=config.conversation_budget,
+                max_item_bytes=config.max_item_bytes,
+                board=getattr(shared, "conversation_board", None),
             ),
         )
         if shared is not None:
@@ -309,6 +320,7 @@ class Server:
             await self._server.wait_closed()
         await self.http.background.aclose()
         await self.engine.backend.aclose()
+        await self.engine.conversations.aclose()
         if self.engine.shared is not None:
             await self.engine.shared.aclose()
 
@@ -916,6 +928,7 @@ class Connection(asyncio.Protocol):
             not self._held
             and session.unresolved_parent(message) is None
             and not session.unresolved_references(message)
+            and _shared_conversation(message, self.server.engine) is None
         ):
             session.receive_parsed(message)
             return
@@ -937,6 +950,18 @@ class Connection(asyncio.Protocol):
                 # The parent first, then the responses its item_references name.
                 wanted += session.unresolved_references(self._held[0])
                 refusal: APIError | None = None
+                conversation = _shared_conversation(self._held[0], engine)
+                if conversation is not None:
+                    # Its copy made the conversation as Redis has it (a 404 is the
+                    # create's own, from `Engine.prepare`).
+                    try:
+                        await engine.conversations.fresh(session.owner, conversation)
+                    except SharedStoreUnavailable:
+                        refusal = errors.shared_store_unavailable(
+                            conversation, param="conversation"
+                        )
+                    except APIError:
+                        pass
                 for response_id in wanted:
                     try:
                         await engine.load_shared(response_id, owner=session.owner)

@@ -89,6 +89,7 @@ from warmsocket.shared_background import (
     announced_cancel,
     parse_announcement,
 )
+from warmsocket.shared_conversations import SharedConversations
 
 log = logging.getLogger("warmsocket.shared_store")
 
@@ -292,6 +293,10 @@ class SharedStore:
         self._announced: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.background_board = BackgroundBoard(self)
         """Background responses' state and cancels, for every process."""
+        self.conversation_board = SharedConversations(
+            client, ttl_seconds=ttl_seconds, prefix=prefix, failure_fields=_failure
+        )
+        """The Conversations API's conversations, for every process."""
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SharedStore:
@@ -371,7 +376,7 @@ class SharedStore:
             "load_misses": self.load_misses,
             "load_errors": self.load_errors,
             "deleted": self.deleted,
-            "errors": self.errors,
+            "errors": self.errors + self.conversation_board.errors,
             "queued": self._queue.qsize(),
         }
 

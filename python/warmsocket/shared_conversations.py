@@ -1,0 +1,208 @@
+"""Conversations shared between warmsocket processes, through Redis.
+
+With `--redis-url`, Redis holds every conversation (`conversations.Conversations`
+keeps a copy of those it used):
+
+* ``<prefix>:c:<owner>:<id>``: a hash of ``created_at``, ``metadata`` (JSON) and
+  ``version``, which every change raises;
+* ``<prefix>:ci:<owner>:<id>``: a list of the items, oldest first, each entry the
+  item's id, a space and its canonical JSON.
+
+Every change is one script (atomic): it answers the version before and after it, so
+the process that made it knows whether its copy is the conversation as it now is
+(no other process changed it in between) or must be read again. Both keys expire
+`--redis-ttl` after the last change. Before each use a process asks for the version
+(one round trip) and reads the conversation again only when it is not its copy's.
+
+A call Redis does not answer raises `engine.SharedStoreUnavailable` (a retriable
+503 for the client, never 'not found'); its failure is logged without content.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as redis
+
+from warmsocket.engine import SharedStoreUnavailable
+
+Arg = bytes | str | int
+
+log = logging.getLogger("warmsocket.shared_conversations")
+
+_CREATE = """
+redis.call('HSET', KEYS[1], 'created_at', ARGV[1], 'metadata', ARGV[2], 'version', 1)
+if #ARGV > 3 then
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, 4))
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+
+# Appends ARGV[2..] (ARGV[1]: the TTL): {version before, after}, or nil when gone.
+_APPEND = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local before = tonumber(redis.call('HGET', KEYS[1], 'version'))
+if #ARGV > 1 then
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, 2))
+end
+local after = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return {before, after}
+"""
+
+_METADATA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local before = tonumber(redis.call('HGET', KEYS[1], 'version'))
+redis.call('HSET', KEYS[1], 'metadata', ARGV[2])
+local after = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return {before, after}
+"""
+
+# Removes the item whose entry starts with ARGV[2] (its id and a space):
+# {before, after, removed (0 or 1)}, or nil when the conversation is gone.
+_DELETE_ITEM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local before = tonumber(redis.call('HGET', KEYS[1], 'version'))
+local entries = redis.call('LRANGE', KEYS[2], 0, -1)
+for _, entry in ipairs(entries) do
+  if string.sub(entry, 1, #ARGV[2]) == ARGV[2] then
+    redis.call('LREM', KEYS[2], 1, entry)
+    local after = redis.call('HINCRBY', KEYS[1], 'version', 1)
+    redis.call('EXPIRE', KEYS[1], ARGV[1])
+    redis.call('EXPIRE', KEYS[2], ARGV[1])
+    return {before, after, 1}
+  end
+end
+return {before, before, 0}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A conversation as Redis has it."""
+
+    version: int
+    created_at: int
+    metadata: dict[str, str]
+    entries: list[tuple[str, bytes]]
+    """(item id, canonical JSON), oldest first."""
+
+
+Change = tuple[int, int]
+"""(version before, version after) of a change."""
+
+
+class SharedConversations:
+    """The Redis side of `conversations.Conversations`."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        ttl_seconds: int,
+        prefix: str,
+        failure_fields: Callable[[BaseException], dict[str, str]],
+    ) -> None:
+        """`failure_fields`: the log fields of a failed Redis call (never content)."""
+        self.client = client
+        self.failure_fields = failure_fields
+        self.ttl = ttl_seconds
+        self.prefix = prefix
+        self.errors = 0
+        self._create = client.register_script(_CREATE)
+        self._append = client.register_script(_APPEND)
+        self._metadata = client.register_script(_METADATA)
+        self._delete_item = client.register_script(_DELETE_ITEM)
+
+    def _keys(self, owner: str, conv_id: str) -> list[str]:
+        return [f"{self.prefix}:c:{owner}:{conv_id}", f"{self.prefix}:ci:{owner}:{conv_id}"]
+
+    async def _call(self, conv_id: str, work: Any) -> Any:
+        try:
+            return await work
+        except (redis.RedisError, OSError) as exc:
+            self.errors += 1
+            log.error("shared conversations: Redis did not answer", extra=self.failure_fields(exc))
+            raise SharedStoreUnavailable(conv_id) from None
+
+    async def create(
+        self,
+        owner: str,
+        conv_id: str,
+        created_at: int,
+        metadata: bytes,
+        entries: list[tuple[str, bytes]],
+    ) -> None:
+        args: list[Arg] = [created_at, metadata, self.ttl, *(_entry(e) for e in entries)]
+        await self._call(conv_id, self._create(keys=self._keys(owner, conv_id), args=args))
+
+    async def version(self, owner: str, conv_id: str) -> int | None:
+        """The conversation's version; None when Redis has no such conversation."""
+        meta, _items = self._keys(owner, conv_id)
+        found = await self._call(conv_id, self.client.hget(meta, "version"))
+        return None if found is None else int(found)
+
+    async def read(self, owner: str, conv_id: str) -> Stored | None:
+        meta, items = self._keys(owner, conv_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hgetall(meta)
+        pipe.lrange(items, 0, -1)
+        fields, entries = await self._call(conv_id, pipe.execute())
+        if not fields:
+            return None
+        parsed: list[tuple[str, bytes]] = []
+        for entry in entries:
+            item_id, _, item = bytes(entry).partition(b" ")
+            parsed.append((item_id.decode(), item))
+        return Stored(
+            version=int(fields[b"version"]),
+            created_at=int(fields[b"created_at"]),
+            metadata=_metadata(fields[b"metadata"]),
+            entries=parsed,
+        )
+
+    async def append(
+        self, owner: str, conv_id: str, entries: list[tuple[str, bytes]]
+    ) -> Change | None:
+        args: list[Arg] = [self.ttl, *(_entry(e) for e in entries)]
+        found = await self._call(conv_id, self._append(keys=self._keys(owner, conv_id), args=args))
+        return None if not found else (int(found[0]), int(found[1]))
+
+    async def set_metadata(self, owner: str, conv_id: str, metadata: bytes) -> Change | None:
+        args: list[Arg] = [self.ttl, metadata]
+        found = await self._call(
+            conv_id, self._metadata(keys=self._keys(owner, conv_id), args=args)
+        )
+        return None if not found else (int(found[0]), int(found[1]))
+
+    async def delete_item(self, owner: str, conv_id: str, item_id: str) -> Change | None:
+        """(before, after) when the item was removed, (v, v) when there was none; None
+        when the conversation is gone."""
+        args: list[Arg] = [self.ttl, item_id + " "]
+        found = await self._call(
+            conv_id, self._delete_item(keys=self._keys(owner, conv_id), args=args)
+        )
+        return None if not found else (int(found[0]), int(found[1]))
+
+    async def delete(self, owner: str, conv_id: str) -> bool:
+        removed = await self._call(conv_id, self.client.delete(*self._keys(owner, conv_id)))
+        return bool(removed)
+
+
+def _entry(entry: tuple[str, bytes]) -> bytes:
+    item_id, item = entry
+    return item_id.encode() + b" " + item
+
+
+def _metadata(value: bytes) -> dict[str, str]:
+    parsed = json.loads(value)
+    return parsed if isinstance(parsed, dict) else {}

@@ -1,0 +1,165 @@
+"""Conversations shared between processes through a real Redis (`--redis-url`)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import openai
+import pytest
+import redis
+
+from tests.redis_support import paused, redis_server
+from tests.support import RunningServer, WSClient, output_text, running_server
+from tests.test_conversations import strict
+from warmsocket import shared_store
+from warmsocket.conversations import Conversations
+from warmsocket.shared_store import SharedStore
+
+KEY = {"Authorization": "Bearer sk-test"}
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@contextmanager
+def two_servers(redis_url: str, **config: Any) -> Iterator[tuple[RunningServer, RunningServer]]:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    with (
+        running_server(shared=SharedStore.from_url(redis_url, prefix=prefix), **config) as a,
+        running_server(shared=SharedStore.from_url(redis_url, prefix=prefix), **config) as b,
+    ):
+        yield a, b
+
+
+def client(server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+
+
+def conversations(server: RunningServer) -> Conversations:
+    return server.server.engine.conversations
+
+
+def written(server: RunningServer) -> None:
+    """Wait until the server's additions of responses are written to Redis."""
+    store = conversations(server)
+
+    async def drained() -> None:
+        if store._writes is not None:
+            await store._writes.join()
+
+    asyncio.run_coroutine_threadsafe(drained(), server.loop).result(10)
+
+
+def texts(items: list[dict[str, Any]]) -> list[str]:
+    return [part["text"] for item in items for part in item.get("content", [])]
+
+
+def test_every_process_serves_every_conversation(redis_url: str) -> None:
+    """Made on A; read, changed and continued on B, and on A again: each process sees
+    the others' changes at once (its copy is checked against Redis' version)."""
+    with two_servers(redis_url) as (a, b), client(a) as on_a, client(b) as on_b:
+        made = on_a.conversations.create(
+            items=[{"role": "user", "content": "one"}], metadata={"k": "v"}
+        )
+        assert on_b.conversations.retrieve(made.id).metadata == {"k": "v"}
+        on_b.conversations.items.create(made.id, items=[{"role": "user", "content": "two"}])
+        on_a.conversations.update(made.id, metadata={"k": "w"})
+        assert on_b.conversations.retrieve(made.id).metadata == {"k": "w"}
+        answer = on_a.responses.create(model="m", input="/transcript", conversation=made.id)
+        assert answer.output_text.splitlines() == ["user: one", "user: two", "user: /transcript"]
+        written(a)
+        listed = strict(list(on_b.conversations.items.list(made.id, order="asc")))
+        assert texts(listed) == ["one", "two", "/transcript", answer.output_text]
+        # B continues it, over WebSocket; A lists what B added, and deletes an item.
+        with WSClient(b.ws_url, additional_headers=KEY) as ws:
+            again = ws.turn(input="/transcript", conversation=made.id)
+        first_lines = answer.output_text.splitlines()
+        assert output_text(again).splitlines() == [
+            *first_lines,
+            "assistant: " + first_lines[0],
+            *first_lines[1:],
+            "user: /transcript",
+        ]
+        written(b)
+        listed = strict(list(on_a.conversations.items.list(made.id, order="asc")))
+        assert len(listed) == 6
+        on_a.conversations.items.delete(listed[1]["id"], conversation_id=made.id)
+        assert texts(strict(list(on_b.conversations.items.list(made.id, order="asc"))))[:2] == [
+            "one",
+            "/transcript",
+        ]
+        on_b.conversations.delete(made.id)
+        with pytest.raises(openai.NotFoundError):
+            on_a.conversations.retrieve(made.id)
+        with pytest.raises(openai.NotFoundError):
+            on_a.responses.create(model="m", input="x", conversation=made.id)
+
+
+def test_another_key_sees_no_shared_conversation(redis_url: str) -> None:
+    with two_servers(redis_url) as (a, b), client(a) as on_a:
+        made = on_a.conversations.create(items=[{"role": "user", "content": "mine"}])
+        with openai.OpenAI(base_url=b.base_url, api_key="sk-other", max_retries=0) as other:
+            with pytest.raises(openai.NotFoundError):
+                other.conversations.retrieve(made.id)
+            with pytest.raises(openai.NotFoundError):
+                other.conversations.delete(made.id)
+        assert on_a.conversations.retrieve(made.id).id == made.id
+
+
+def test_copies_stay_within_the_budget_and_are_read_again(redis_url: str) -> None:
+    """A process keeps copies of the conversations it used within its budget, dropping
+    the least recently used; a dropped one is read from Redis when used again."""
+    with two_servers(redis_url, conversation_budget=4096) as (a, _b), client(a) as on_a:
+        made = [
+            on_a.conversations.create(items=[{"role": "user", "content": str(i) * 1500}])
+            for i in range(4)
+        ]
+        store = conversations(a)
+        assert store.nbytes <= 4096 and len(store) < 4
+        for conversation, digit in zip(made, "0123", strict=True):
+            items = list(on_a.conversations.items.list(conversation.id))
+            assert texts(strict(items)) == [digit * 1500]
+
+
+def test_a_redis_outage_is_a_retriable_503_and_nothing_is_lost(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.3)
+    with two_servers(redis_url) as (a, _b), client(a) as on_a:
+        made = on_a.conversations.create(items=[{"role": "user", "content": "kept"}])
+        with paused(redis_url):
+            with pytest.raises(openai.InternalServerError) as down:
+                on_a.conversations.items.list(made.id)
+            assert down.value.status_code == 503
+            with pytest.raises(openai.InternalServerError):
+                on_a.responses.create(model="m", input="x", conversation=made.id)
+            with WSClient(a.ws_url, additional_headers=KEY) as ws:
+                refused = ws.turn(input="x", conversation=made.id)
+            assert refused[-1]["type"] == "error" and refused[-1]["status"] == 503
+            assert refused[-1]["error"]["param"] == "conversation"
+        assert texts(strict(list(on_a.conversations.items.list(made.id)))) == ["kept"]
+        shared = a.server.engine.shared
+        assert isinstance(shared, SharedStore)
+        assert shared.conversation_board.errors >= 2
+        assert a.call(shared.stats)["errors"] >= shared.conversation_board.errors
+
+
+def test_the_keys_expire_with_the_ttl(redis_url: str) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    with (
+        running_server(shared=SharedStore.from_url(redis_url, prefix=prefix, ttl_seconds=50)) as a,
+        client(a) as on_a,
+    ):
+        made = on_a.conversations.create(items=[{"role": "user", "content": "x"}])
+    with redis.Redis.from_url(redis_url) as raw:
+        keys = sorted(raw.keys(f"{prefix}:c*"))
+        assert [k.decode().split(":")[1] for k in keys] == ["c", "ci"]
+        assert all(0 < raw.ttl(k) <= 50 for k in keys)
+        assert any(made.id in k.decode() for k in keys)
