@@ -378,3 +378,23 @@ def test_an_agent_runs_in_a_conversation(any_backend: RunningServer) -> None:
         "message",
         "message",
     ]
+
+
+def test_input_tokens_count_the_conversation(sdk: OpenAI) -> None:
+    """`responses.input_tokens.count` with a conversation counts its items as the
+    create would: the same `usage.input_tokens`."""
+    conversation = sdk.conversations.create(
+        items=[{"role": "user", "content": "a longer first message " * 20}]
+    )
+    alone = sdk.responses.input_tokens.count(model="m", input="next")
+    counted = sdk.responses.input_tokens.count(
+        model="m", input="next", conversation=conversation.id
+    )
+    only_history = sdk.responses.input_tokens.count(model="m", conversation=conversation.id)
+    assert counted.input_tokens > alone.input_tokens + 60  # the 80 words before it
+    assert only_history.input_tokens < counted.input_tokens
+    created = sdk.responses.create(model="m", input="next", conversation=conversation.id)
+    assert created.usage is not None
+    assert created.usage.input_tokens == counted.input_tokens
+    with pytest.raises(NotFoundError):
+        sdk.responses.input_tokens.count(model="m", input="x", conversation="conv_nothing")

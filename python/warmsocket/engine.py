@@ -576,8 +576,9 @@ class Engine:
     ) -> int:
         """The `usage.input_tokens` this request would get from warmsocket's accounting,
         without running it (`POST /v1/responses/input_tokens`): the previous
-        response's context, the input (unless `include_input` is false), the
-        instructions and the tools. Nothing is stored. Raises APIError as `prepare` does."""
+        response's context (or the conversation's items), the input (unless
+        `include_input` is false), the instructions and the tools. Nothing is stored.
+        Raises APIError as `prepare` does."""
         if include_input:
             turn = self.prepare(request, owner=owner, connection=None, lookup_connection=None)
             try:
@@ -587,6 +588,10 @@ class Engine:
             finally:
                 turn.release()
         tokens = await self.prompt_tokens_off_loop(request)
+        if request.conversation is not None:
+            conversation = self.conversations.get(owner, request.conversation, param="conversation")
+            view = self.cache.view(None, owner=owner, connection=None, extra=conversation.items)
+            return tokens + self.context_tokens(view)
         parent = request.previous_response_id
         if parent is None:
             return tokens

@@ -261,13 +261,7 @@ class HTTPApp:
         assert isinstance(create, _core.CreateRequest)
         engine = self.engine
         await self._load_parent(create, owner)
-        if create.conversation is not None:
-            try:
-                await engine.conversations.fresh(owner, create.conversation, param="conversation")
-            except SharedStoreUnavailable:
-                raise errors.shared_store_unavailable(
-                    create.conversation, param="conversation"
-                ) from None
+        await self._fresh_conversation(create, owner)
         turn = engine.prepare(
             create,
             owner=owner,
@@ -362,6 +356,19 @@ class HTTPApp:
                 param = "previous_response_id" if response_id == parent else "input"
                 raise errors.shared_store_unavailable(response_id, param=param) from None
 
+    async def _fresh_conversation(self, create: _core.CreateRequest, owner: str) -> None:
+        """Make the copy of the create's conversation, if it has one, the conversation as
+        Redis has it (`Conversations.fresh`; nothing without Redis). Raises APIError (a
+        404, or a retriable 503 when Redis does not answer)."""
+        if create.conversation is None:
+            return
+        try:
+            await self.engine.conversations.fresh(owner, create.conversation, param="conversation")
+        except SharedStoreUnavailable:
+            raise errors.shared_store_unavailable(
+                create.conversation, param="conversation"
+            ) from None
+
     async def _input_tokens(
         self, request: Request, writer: ResponseWriter, request_id: str, owner: str
     ) -> int:
@@ -369,6 +376,7 @@ class HTTPApp:
             request.body, max_item_bytes=self.engine.cache.max_item_bytes
         )
         await self._load_parent(create, owner)
+        await self._fresh_conversation(create, owner)
         count = await self.engine.input_tokens(create, owner=owner, include_input=has_input)
         body = dumps({"object": "response.input_tokens", "input_tokens": count})
         return self._json(writer, request, request_id, 200, body)
