@@ -258,6 +258,49 @@ def test_snapshot_keeps_stored_responses_across_a_restart(tmp_path: Path) -> Non
         _stop(proc)
 
 
+def test_snapshot_keeps_conversations_across_a_restart(tmp_path: Path) -> None:
+    """Without Redis, `--snapshot PATH` keeps the conversations in `PATH.conversations`:
+    after a restart they list the same items and a create continues them, its
+    history found by prefix diffing in the restored chain. A bad file stops `serve`."""
+    snapshot = tmp_path / "state.msgpack"
+    auth = {"Authorization": "Bearer sk-test"}
+    proc, base = _start("--snapshot", str(snapshot))
+    try:
+        with httpx.Client(base_url=base, headers=auth) as http:
+            made = http.post("/conversations", json={"items": [{"role": "user", "content": "a"}]})
+            conv = made.json()["id"]
+            http.post("/responses", json={"model": "m", "input": "b", "conversation": conv})
+            before = http.get(f"/conversations/{conv}/items?order=asc").json()["data"]
+    finally:
+        logs = _stop(proc)
+    assert "conversations saved" in logs
+    proc, base = _start("--snapshot", str(snapshot))
+    try:
+        with httpx.Client(base_url=base, headers=auth) as http:
+            assert http.get(f"/conversations/{conv}/items?order=asc").json()["data"] == before
+            body = {"model": "m", "input": "/transcript", "conversation": conv}
+            answer = http.post("/responses", json=body).json()
+            text = answer["output"][0]["content"][0]["text"]
+            metrics = http.get("/metrics").text
+    finally:
+        _stop(proc)
+    assert text.splitlines() == [
+        "user: a",
+        "user: b",
+        "assistant: You said: b",
+        "user: /transcript",
+    ]
+    assert 'warmsocket_prefix_matches_total{result="hit"} 1' in metrics
+    (tmp_path / "state.msgpack.conversations").write_bytes(b"not msgpack")
+    failed = subprocess.run(
+        [WARMSOCKET, "serve", "--port", "0", "--snapshot", str(snapshot)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert failed.returncode == 1 and "cannot restore the conversations" in failed.stderr
+
+
 def test_deep_items_never_break_input_items_or_a_restart(tmp_path: Path) -> None:
     # Items nested up to the limit (100 levels, rust/item.rs `MAX_DEPTH`) are stored,
     # listed and restored; deeper ones are refused with a 400 before anything is stored

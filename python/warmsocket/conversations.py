@@ -36,6 +36,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgpack  # type: ignore[import-untyped]
+
 from warmsocket import errors, ids
 from warmsocket._core import InvalidItems, Items
 from warmsocket.client_events import normalize_input, validate_metadata
@@ -46,6 +48,9 @@ log = logging.getLogger("warmsocket.conversations")
 
 DEFAULT_CONVERSATION_BUDGET = 256 * 1024 * 1024
 """Item bytes all conversations may hold (`--conversation-budget`)."""
+
+SNAPSHOT_VERSION = 1
+"""The format of `Conversations.snapshot`."""
 
 MAX_ITEMS_PER_ADD = 20
 """Items one request may add (the API's limit)."""
@@ -435,6 +440,61 @@ class Conversations:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
+
+    # -- snapshots --------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """Every conversation kept, as msgpack (`restore` reads it back): for
+        `--snapshot` without Redis."""
+        return bytes(
+            msgpack.packb(
+                {
+                    "v": SNAPSHOT_VERSION,
+                    "conversations": [
+                        {
+                            "id": c.id,
+                            "owner": c.owner,
+                            "created_at": c.created_at,
+                            "metadata": c.metadata,
+                            "items": entries(c.items, c.item_ids),
+                        }
+                        for c in self._by_id.values()
+                    ],
+                },
+                use_bin_type=True,
+            )
+        )
+
+    def restore(self, data: bytes) -> int:
+        """Keep the conversations of a `snapshot`; how many. Raises ValueError for data
+        that is not one (nothing kept then)."""
+        try:
+            parsed = msgpack.unpackb(data, raw=False)
+            if not isinstance(parsed, dict) or parsed.get("v") != SNAPSHOT_VERSION:
+                raise ValueError("not a conversations snapshot of this version")
+            restored = []
+            for c in parsed["conversations"]:
+                item_ids = [str(item_id) for item_id, _json in c["items"]]
+                joined = b"[" + b",".join(bytes(j) for _id, j in c["items"]) + b"]"
+                items = Items.parse(joined, max_item_bytes=max(len(joined), 1))
+                metadata = {str(k): str(v) for k, v in dict(c["metadata"]).items()}
+                restored.append(
+                    Conversation(
+                        str(c["id"]),
+                        str(c["owner"]),
+                        int(c["created_at"]),
+                        metadata,
+                        items,
+                        item_ids,
+                    )
+                )
+        except (ValueError, KeyError, TypeError, InvalidItems, msgpack.UnpackException) as exc:
+            raise ValueError(
+                f"cannot read the conversations snapshot ({type(exc).__name__})"
+            ) from None
+        for conversation in restored:
+            self._keep(conversation)
+        return len(restored)
 
     # -- bookkeeping ------------------------------------------------------------------------
 

@@ -142,6 +142,7 @@ async def _serve(
     if snapshot is not None:
         try:
             check_writable(snapshot)
+            check_writable(conversations_file(snapshot))
         except OSError as exc:
             # Found now, not at shutdown when the stored responses would be lost.
             log.error(
@@ -188,6 +189,18 @@ async def _serve(
             return 1
         log.info("snapshot restored", extra={"path": str(snapshot), "responses": restored})
     server = Server(config, backend, cache=cache, metrics=metrics, shared=shared)
+    kept = conversations_file(snapshot) if snapshot is not None and shared is None else None
+    if kept is not None and kept.exists():
+        try:
+            count = server.engine.conversations.restore(kept.read_bytes())
+        except (OSError, ValueError) as exc:
+            log.error(
+                "cannot restore the conversations; fix or move the file, or start without "
+                "--snapshot",
+                extra={"path": str(kept), "error_type": type(exc).__name__},
+            )
+            return 1
+        log.info("conversations restored", extra={"path": str(kept), "conversations": count})
     try:
         await server.start()
     except ConnectionError as exc:
@@ -250,7 +263,25 @@ async def _serve(
         log.info(
             "snapshot saved", extra={"path": str(snapshot), "entries": cache.stats().stored_entries}
         )
+    if kept is not None:
+        conversations = server.engine.conversations
+        try:
+            write_atomically(kept, conversations.snapshot())
+        except OSError as exc:
+            log.error(
+                "cannot save the conversations; they are not kept",
+                extra={"path": str(kept), "reason": exc.strerror, "errno": exc.errno},
+            )
+            return 1
+        log.info(
+            "conversations saved", extra={"path": str(kept), "conversations": len(conversations)}
+        )
     return 0
+
+
+def conversations_file(snapshot: Path) -> Path:
+    """Where `--snapshot PATH` keeps the conversations (without Redis): `PATH.conversations`."""
+    return snapshot.with_name(snapshot.name + ".conversations")
 
 
 async def drain(server: Server, stop: asyncio.Event, grace: float) -> None:
