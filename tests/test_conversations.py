@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from types import SimpleNamespace
 from typing import Any
 
 import httpx2 as httpx
@@ -15,6 +17,8 @@ from pydantic import TypeAdapter
 
 from tests.support import RunningServer, WSClient, check_sse_event, output_text, running_server
 from tests.test_agents_sdk import calls, read_file
+from warmsocket._core import Items
+from warmsocket.conversations import Conversations
 
 ITEM = TypeAdapter(ConversationItem)
 CONVERSATION = TypeAdapter(Conversation)
@@ -398,3 +402,121 @@ def test_input_tokens_count_the_conversation(sdk: OpenAI) -> None:
     assert created.usage.input_tokens == counted.input_tokens
     with pytest.raises(NotFoundError):
         sdk.responses.input_tokens.count(model="m", input="x", conversation="conv_nothing")
+
+
+# -- the copies kept beside a shared store, against an in-memory board -------------------
+
+
+class MemoryBoard:
+    """A `ConversationBoard` in memory whose appends, by their order, wait for the
+    events in `held` (Redis' latency, under the test's control)."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, dict[str, Any]] = {}
+        self.held: dict[int, asyncio.Event] = {}
+        self.appends = 0
+
+    def hold(self, *calls: int) -> list[asyncio.Event]:
+        """Hold the appends with these indexes (0: the next one) until released."""
+        events = [asyncio.Event() for _ in calls]
+        for call, event in zip(calls, events, strict=True):
+            self.held[self.appends + call] = event
+        return events
+
+    def texts(self, conv_id: str) -> list[str]:
+        return [json.loads(item)["content"] for _id, item in self.kept[conv_id]["entries"]]
+
+    async def create(
+        self, owner: str, conv_id: str, created_at: int, metadata: bytes, entries: Any
+    ) -> None:
+        self.kept[conv_id] = {"version": 1, "created": created_at, "entries": list(entries)}
+
+    async def version(self, owner: str, conv_id: str) -> int | None:
+        kept = self.kept.get(conv_id)
+        return None if kept is None else int(kept["version"])
+
+    async def read(self, owner: str, conv_id: str) -> Any:
+        kept = self.kept.get(conv_id)
+        if kept is None:
+            return None
+        return SimpleNamespace(
+            version=kept["version"],
+            created_at=kept["created"],
+            metadata={},
+            entries=list(kept["entries"]),
+        )
+
+    async def append(self, owner: str, conv_id: str, entries: Any) -> tuple[int, int] | None:
+        call = self.appends
+        self.appends += 1
+        if call in self.held:
+            await self.held[call].wait()
+        kept = self.kept.get(conv_id)
+        if kept is None:
+            return None
+        kept["entries"] += entries
+        kept["version"] += 1
+        return kept["version"] - 1, kept["version"]
+
+    async def set_metadata(self, owner: str, conv_id: str, metadata: bytes) -> Any:
+        raise NotImplementedError
+
+    async def delete_item(self, owner: str, conv_id: str, item_id: str) -> Any:
+        raise NotImplementedError
+
+    async def delete(self, owner: str, conv_id: str) -> bool:
+        return self.kept.pop(conv_id, None) is not None
+
+
+def _message(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": text}
+
+
+def _texts(conversation: Any) -> list[str]:
+    return [item["content"] for item in conversation.items.to_objects()]
+
+
+def test_an_api_change_waits_for_the_responses_additions_written_behind() -> None:
+    async def main() -> tuple[list[str], list[str]]:
+        board = MemoryBoard()
+        store = Conversations(budget_bytes=1 << 20, max_item_bytes=1 << 20, board=board)
+        made = await store.create("o", {"items": [_message("a")]})
+        (slow,) = board.hold(0)  # Redis slow: the response's addition waits
+        store.extend(made, Items.from_objects([_message("b")]))
+        adding = asyncio.ensure_future(store.add_items("o", made.id, {"items": [_message("c")]}))
+        await asyncio.sleep(0.01)
+        assert not adding.done() and board.appends == 1  # waits for the addition before it
+        slow.set()
+        await adding
+        fresh = await store.fresh("o", made.id)
+        return _texts(fresh), board.texts(made.id)
+
+    copy, in_redis = asyncio.run(main())
+    assert copy == ["a", "b", "c"] and in_redis == ["a", "b", "c"]
+
+
+def test_a_copy_that_a_response_changed_during_an_api_change_is_read_again() -> None:
+    """The API's addition reaches Redis first, the response's (added to the copy while
+    it waited) after it: the copy, in the other order, is read again once that is
+    written, so every process lists the same order."""
+
+    async def main() -> tuple[list[str], list[str], list[str]]:
+        board = MemoryBoard()
+        store = Conversations(budget_bytes=1 << 20, max_item_bytes=1 << 20, board=board)
+        made = await store.create("o", {"items": [_message("a")]})
+        api, behind = board.hold(0, 1)
+        adding = asyncio.ensure_future(store.add_items("o", made.id, {"items": [_message("c")]}))
+        await asyncio.sleep(0.01)  # the API's append waits in "Redis"
+        store.extend(made, Items.from_objects([_message("b")]))
+        api.set()
+        await adding
+        behind.set()
+        assert store._writes is not None
+        await store._writes.join()
+        before = _texts(made)
+        fresh = await store.fresh("o", made.id)
+        return before, _texts(fresh), board.texts(made.id)
+
+    before, copy, in_redis = asyncio.run(main())
+    assert before == ["a", "b", "c"]  # the copy's order while it waited
+    assert in_redis == ["a", "c", "b"] and copy == in_redis

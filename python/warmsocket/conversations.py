@@ -141,11 +141,15 @@ class Conversation:
         except ValueError:
             raise not_found("item", item_id) from None
 
-    def settle(self, change: Change) -> None:
+    def settle(self, change: Change, *, written_behind: bool = False) -> None:
         """A change this process wrote: the copy is Redis' conversation if nobody
-        changed it in between, else it is to be read again."""
+        changed it in between, else it is to be read again. An API change also when a
+        response of this process added to the copy while it was written (that
+        addition, written behind, would come after it in Redis but before it here);
+        the additions written behind (`written_behind`) are in the copy's order."""
         before, after = change
-        self.version = after if self.version == before else None
+        current = self.version == before and (written_behind or not self.pending)
+        self.version = after if current else None
 
 
 def not_found(what: str, found_id: str, param: str | None = None) -> APIError:
@@ -277,9 +281,18 @@ class Conversations:
         self._append(conversation, items, item_ids)
         return conversation
 
+    async def _changeable(self, owner: str, conv_id: str) -> Conversation:
+        """`fresh`, after the additions of this process's responses to it are written:
+        an API change then lands after them in Redis, as in the copy."""
+        conversation = await self.fresh(owner, conv_id)
+        if conversation.pending and self._writes is not None:
+            await self._writes.join()
+            conversation = await self.fresh(owner, conv_id)
+        return conversation
+
     async def update(self, owner: str, conv_id: str, body: Any) -> Conversation:
         """`POST /v1/conversations/{id}`: `{metadata}` replaces the metadata."""
-        conversation = await self.fresh(owner, conv_id)
+        conversation = await self._changeable(owner, conv_id)
         if not isinstance(body, dict):
             raise errors.invalid_type("body", "a JSON object")
         if "metadata" not in body:
@@ -334,7 +347,7 @@ class Conversations:
 
     async def add_items(self, owner: str, conv_id: str, body: Any) -> list[dict[str, Any]]:
         """`POST /v1/conversations/{id}/items`: `{items}`; the items added, as listed."""
-        conversation = await self.fresh(owner, conv_id)
+        conversation = await self._changeable(owner, conv_id)
         if not isinstance(body, dict):
             raise errors.invalid_type("body", "a JSON object")
         if "items" not in body:
@@ -353,7 +366,7 @@ class Conversations:
         return conversation.listed_items()[first:]
 
     async def delete_item(self, owner: str, conv_id: str, item_id: str) -> Conversation:
-        conversation = await self.fresh(owner, conv_id)
+        conversation = await self._changeable(owner, conv_id)
         position = conversation.position(item_id)
         if self.board is not None:
             change = await self.board.delete_item(owner, conv_id, item_id)
@@ -426,7 +439,7 @@ class Conversations:
                 if change is None:
                     self._forget(conversation)  # deleted elsewhere meanwhile
                 else:
-                    conversation.settle(change)
+                    conversation.settle(change, written_behind=True)
             finally:
                 conversation.pending -= 1
                 queue.task_done()

@@ -950,18 +950,6 @@ class Connection(asyncio.Protocol):
                 # The parent first, then the responses its item_references name.
                 wanted += session.unresolved_references(self._held[0])
                 refusal: APIError | None = None
-                conversation = _shared_conversation(self._held[0], engine)
-                if conversation is not None:
-                    # Its copy made the conversation as Redis has it (a 404 is the
-                    # create's own, from `Engine.prepare`).
-                    try:
-                        await engine.conversations.fresh(session.owner, conversation)
-                    except SharedStoreUnavailable:
-                        refusal = errors.shared_store_unavailable(
-                            conversation, param="conversation"
-                        )
-                    except APIError:
-                        pass
                 for response_id in wanted:
                     try:
                         await engine.load_shared(response_id, owner=session.owner)
@@ -979,6 +967,19 @@ class Connection(asyncio.Protocol):
                         )
                     if session.closed:
                         break
+                conversation = _shared_conversation(self._held[0], engine)
+                if conversation is not None and refusal is None and not session.closed:
+                    # Its copy made the conversation as Redis has it, last (nothing
+                    # waits between this and the create; a 404 is the create's own, from
+                    # `Engine.prepare`).
+                    try:
+                        await engine.conversations.fresh(session.owner, conversation)
+                    except SharedStoreUnavailable:
+                        refusal = errors.shared_store_unavailable(
+                            conversation, param="conversation"
+                        )
+                    except APIError:
+                        pass
                 if session.closed:
                     break
                 message = self._held.popleft()
