@@ -188,19 +188,30 @@ def test_adding_past_the_budget_is_refused_and_keeps_everything() -> None:
         sdk.conversations.create(items=[{"role": "user", "content": "y" * 1500}])
 
 
-def test_an_agent_keeps_its_history_in_a_conversation(any_backend: RunningServer) -> None:
-    """`OpenAIConversationsSession`: the agent's runs add their items to a conversation
-    on the server and read them back as the next run's history."""
+TWO_RUNS = ["message", "function_call", "function_call_output", "message", "message", "message"]
+"""The types of the items a conversation holds after a run with one `read_file` call
+and a `/transcript` run."""
+
+
+def reading_agent() -> Agent:
+    """An agent with the `read_file` tool (its calls recorded in `calls`, cleared);
+    tracing off: tests stay offline."""
     set_tracing_disabled(True)
-    server = any_backend
     calls.clear()
-    agent = Agent(
+    return Agent(
         name="coder",
         instructions="You are a coding agent.",
         model="warmsocket-mock",
         tools=[read_file],
         model_settings=ModelSettings(store=True),
     )
+
+
+def test_an_agent_keeps_its_history_in_a_conversation(any_backend: RunningServer) -> None:
+    """`OpenAIConversationsSession`: the agent's runs add their items to a conversation
+    on the server and read them back as the next run's history."""
+    server = any_backend
+    agent = reading_agent()
 
     async def main() -> tuple[str, str, list[Any]]:
         client = AsyncOpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
@@ -229,14 +240,7 @@ def test_an_agent_keeps_its_history_in_a_conversation(any_backend: RunningServer
         "assistant: read_file returned: contents of a.py",
         "user: /transcript",
     ]
-    assert [item.get("type") for item in items] == [
-        "message",
-        "function_call",
-        "function_call_output",
-        "message",
-        "message",
-        "message",
-    ]
+    assert [item.get("type") for item in items] == TWO_RUNS
 
 
 # -- responses that continue a conversation ------------------------------------------------
@@ -338,15 +342,8 @@ def test_an_agent_runs_in_a_conversation(any_backend: RunningServer) -> None:
     """`Runner.run(..., conversation_id=...)` over the WebSocket transport: each turn
     of the tool loop sends its new items with the conversation, which ends up holding
     the whole loop."""
-    set_tracing_disabled(True)
     server = any_backend
-    calls.clear()
-    agent = Agent(
-        name="coder",
-        instructions="You are a coding agent.",
-        model="warmsocket-mock",
-        tools=[read_file],
-    )
+    agent = reading_agent()
 
     async def main() -> tuple[str, str, list[Any]]:
         client = AsyncOpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
@@ -374,14 +371,7 @@ def test_an_agent_runs_in_a_conversation(any_backend: RunningServer) -> None:
     assert lines[1] == 'user: /call read_file {"path": "b.py"}'
     assert lines[2].startswith("function_call read_file ")
     assert lines[3].endswith(" contents of b.py") and lines[-1] == "user: /transcript"
-    assert [item["type"] for item in kept] == [
-        "message",
-        "function_call",
-        "function_call_output",
-        "message",
-        "message",
-        "message",
-    ]
+    assert [item["type"] for item in kept] == TWO_RUNS
 
 
 def test_input_tokens_count_the_conversation(sdk: OpenAI) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import openai
@@ -15,6 +14,7 @@ import redis
 from tests.redis_support import paused, redis_server
 from tests.support import RunningServer, WSClient, output_text, running_server
 from tests.test_conversations import strict
+from tests.test_shared_store_serve import two_servers
 from warmsocket import shared_store
 from warmsocket.conversations import Conversations
 from warmsocket.shared_store import SharedStore
@@ -26,16 +26,6 @@ KEY = {"Authorization": "Bearer sk-test"}
 def redis_url() -> Iterator[str]:
     with redis_server() as url:
         yield url
-
-
-@contextmanager
-def two_servers(redis_url: str, **config: Any) -> Iterator[tuple[RunningServer, RunningServer]]:
-    prefix = f"t{uuid.uuid4().hex[:8]}"
-    with (
-        running_server(shared=SharedStore.from_url(redis_url, prefix=prefix), **config) as a,
-        running_server(shared=SharedStore.from_url(redis_url, prefix=prefix), **config) as b,
-    ):
-        yield a, b
 
 
 def client(server: RunningServer) -> openai.OpenAI:

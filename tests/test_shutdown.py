@@ -20,7 +20,7 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect
+from websockets.sync.client import ClientConnection, connect
 
 from tests.support import WSClient, check_sse_event, running_server
 from tests.test_cli import WARMSOCKET
@@ -205,6 +205,12 @@ def serve_process(request: pytest.FixtureRequest) -> Iterator[tuple[subprocess.P
         proc.stderr.close()
 
 
+def start_turn(ws: ClientConnection, text: str) -> None:
+    """Send a create and wait for its `response.created`."""
+    ws.send(json.dumps({"type": "response.create", "model": "m", "input": text}))
+    assert json.loads(ws.recv(timeout=5))["type"] == "response.created"
+
+
 def _log(proc: subprocess.Popen[str]) -> list[dict[str, Any]]:
     assert proc.stderr is not None
     return [json.loads(line) for line in proc.stderr.read().splitlines()]
@@ -215,8 +221,7 @@ def test_sigterm_lets_a_turn_under_way_finish(
 ) -> None:
     proc, url = serve_process
     with connect(url, open_timeout=5) as ws:
-        ws.send(json.dumps({"type": "response.create", "model": "m", "input": "/sleep 500 x"}))
-        assert json.loads(ws.recv(timeout=5))["type"] == "response.created"
+        start_turn(ws, "/sleep 500 x")
         proc.send_signal(signal.SIGTERM)
         types = []
         with pytest.raises(ConnectionClosed) as closed:
@@ -236,8 +241,7 @@ def test_sigterm_fails_what_outlasts_the_shutdown_timeout(
 ) -> None:
     proc, url = serve_process
     with connect(url, open_timeout=5) as ws:
-        ws.send(json.dumps({"type": "response.create", "model": "m", "input": "/sleep 9000"}))
-        assert json.loads(ws.recv(timeout=5))["type"] == "response.created"
+        start_turn(ws, "/sleep 9000")
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         events = []
@@ -255,8 +259,7 @@ def test_a_second_signal_ends_the_drain_at_once(
 ) -> None:
     proc, url = serve_process
     with connect(url, open_timeout=5) as ws:
-        ws.send(json.dumps({"type": "response.create", "model": "m", "input": "/sleep 9000"}))
-        assert json.loads(ws.recv(timeout=5))["type"] == "response.created"
+        start_turn(ws, "/sleep 9000")
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.stderr is not None

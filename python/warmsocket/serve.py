@@ -252,31 +252,38 @@ async def _serve(
     log.info("shutting down")
     await server.close()
     if snapshot is not None:
-        try:
-            write_atomically(snapshot, cache.snapshot())
-        except OSError as exc:
-            log.error(
-                "cannot save the snapshot; the stored responses are not kept",
-                extra={"path": str(snapshot), "reason": exc.strerror, "errno": exc.errno},
-            )
+        entries = cache.stats().stored_entries
+        if not _saved(snapshot, cache.snapshot(), "snapshot", entries=entries):
             return 1
-        log.info(
-            "snapshot saved", extra={"path": str(snapshot), "entries": cache.stats().stored_entries}
-        )
     if kept is not None:
         conversations = server.engine.conversations
-        try:
-            write_atomically(kept, conversations.snapshot())
-        except OSError as exc:
-            log.error(
-                "cannot save the conversations; they are not kept",
-                extra={"path": str(kept), "reason": exc.strerror, "errno": exc.errno},
-            )
+        if not _saved(
+            kept, conversations.snapshot(), "conversations", conversations=len(conversations)
+        ):
             return 1
-        log.info(
-            "conversations saved", extra={"path": str(kept), "conversations": len(conversations)}
-        )
     return 0
+
+
+_SAVE_FAILED = {
+    "snapshot": "cannot save the snapshot; the stored responses are not kept",
+    "conversations": "cannot save the conversations; they are not kept",
+}
+
+
+def _saved(path: Path, data: bytes, what: str, **counts: int) -> bool:
+    """Write a file of `--snapshot` (`write_atomically`: the `snapshot` or the
+    `conversations`) and log it; False, logged with the reason, when it could not
+    be written."""
+    try:
+        write_atomically(path, data)
+    except OSError as exc:
+        log.error(
+            _SAVE_FAILED[what],
+            extra={"path": str(path), "reason": exc.strerror, "errno": exc.errno},
+        )
+        return False
+    log.info(f"{what} saved", extra={"path": str(path), **counts})
+    return True
 
 
 def conversations_file(snapshot: Path) -> Path:

@@ -44,28 +44,27 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return 1
 """
 
-# Appends ARGV[2..] (ARGV[1]: the TTL): {version before, after}, or nil when gone.
-_APPEND = """
+
+def _change(body: str) -> str:
+    """A script that changes a conversation (ARGV[1]: the TTL): nil when it is gone,
+    else `body` runs and the version is raised, the expiry renewed, and {version
+    before, after} answered."""
+    return f"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local before = tonumber(redis.call('HGET', KEYS[1], 'version'))
-if #ARGV > 1 then
-  redis.call('RPUSH', KEYS[2], unpack(ARGV, 2))
-end
+{body}
 local after = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
-return {before, after}
+return {{before, after}}
 """
 
-_METADATA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local before = tonumber(redis.call('HGET', KEYS[1], 'version'))
-redis.call('HSET', KEYS[1], 'metadata', ARGV[2])
-local after = redis.call('HINCRBY', KEYS[1], 'version', 1)
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-return {before, after}
-"""
+
+# Appends ARGV[2..].
+_APPEND = _change("if #ARGV > 1 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 2)) end")
+
+# Sets the metadata to ARGV[2].
+_METADATA = _change("redis.call('HSET', KEYS[1], 'metadata', ARGV[2])")
 
 # Removes the item whose entry starts with ARGV[2] (its id and a space):
 # {before, after, removed (0 or 1)}, or nil when the conversation is gone.
