@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -510,3 +511,21 @@ def test_a_copy_that_a_response_changed_during_an_api_change_is_read_again() -> 
     before, copy, in_redis = asyncio.run(main())
     assert before == ["a", "b", "c"]  # the copy's order while it waited
     assert in_redis == ["a", "c", "b"] and copy == in_redis
+
+
+def test_a_background_response_adds_to_its_conversation_when_it_ends(sdk: OpenAI) -> None:
+    conversation = sdk.conversations.create()
+    queued = sdk.responses.create(
+        model="m", input="/sleep 200 later", conversation=conversation.id, background=True
+    )
+    assert queued.status == "queued" and queued.conversation is not None
+    assert list(sdk.conversations.items.list(conversation.id)) == []  # not before its end
+    for _ in range(100):
+        done = sdk.responses.retrieve(queued.id)
+        if done.status == "completed":
+            break
+        time.sleep(0.05)
+    assert done.status == "completed"
+    listed = strict(list(sdk.conversations.items.list(conversation.id, order="asc")))
+    assert [item["role"] for item in listed] == ["user", "assistant"]
+    assert listed[1]["id"] == done.output[0].id
