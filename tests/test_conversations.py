@@ -97,6 +97,20 @@ def test_a_conversation_and_its_items_round_trip(sdk: OpenAI) -> None:
         sdk.conversations.items.list(created.id)
 
 
+def test_metrics_count_the_conversations_and_their_bytes(
+    server: RunningServer, sdk: OpenAI
+) -> None:
+    made = sdk.conversations.create(items=[{"role": "user", "content": "x" * 500}])
+    with httpx.Client(base_url=server.base_url) as http:
+        kept = http.get("/metrics").text.splitlines()
+        sdk.conversations.delete(made.id)
+        gone = http.get("/metrics").text.splitlines()
+    assert "warmsocket_conversations 1" in kept and "warmsocket_conversations 0" in gone
+    (size,) = [line for line in kept if line.startswith("warmsocket_conversation_bytes ")]
+    assert int(size.split()[1]) > 500 and "warmsocket_conversation_bytes 0" in gone
+    assert "warmsocket_conversation_write_errors_total 0" in gone
+
+
 def test_a_conversation_is_private_to_the_key_that_made_it(server: RunningServer) -> None:
     with (
         OpenAI(base_url=server.base_url, api_key="sk-one", max_retries=0) as one,

@@ -203,6 +203,14 @@ class Conversations:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def stats(self) -> dict[str, int]:
+        """For `/metrics`: conversations kept, their item bytes, failed writes."""
+        return {
+            "conversations": len(self._by_id),
+            "bytes": self.nbytes,
+            "write_errors": self.write_errors,
+        }
+
     # -- finding ----------------------------------------------------------------------------
 
     def get(self, owner: str, conv_id: str, *, param: str = "conversation_id") -> Conversation:

@@ -355,6 +355,33 @@ def background_collector(stats: Callable[[], dict[str, int]]) -> Callable[[], It
     return collect
 
 
+def conversation_collector(stats: Callable[[], dict[str, int]]) -> Callable[[], Iterable[str]]:
+    """Render the Conversations API's gauges and counter."""
+
+    def collect() -> Iterable[str]:
+        values = stats()
+        yield (
+            "# HELP warmsocket_conversations Conversations this process keeps (with "
+            "--redis-url: its copies of those it used)."
+        )
+        yield "# TYPE warmsocket_conversations gauge"
+        yield f"warmsocket_conversations {values['conversations']}"
+        yield (
+            "# HELP warmsocket_conversation_bytes Item bytes of those conversations "
+            "(bounded by --conversation-budget)."
+        )
+        yield "# TYPE warmsocket_conversation_bytes gauge"
+        yield f"warmsocket_conversation_bytes {values['bytes']}"
+        yield (
+            "# HELP warmsocket_conversation_write_errors_total Responses whose input and "
+            "output could not be added to their conversation in Redis."
+        )
+        yield "# TYPE warmsocket_conversation_write_errors_total counter"
+        yield f"warmsocket_conversation_write_errors_total {values['write_errors']}"
+
+    return collect
+
+
 def shared_store_collector(stats: Callable[[], dict[str, int]]) -> Callable[[], Iterable[str]]:
     """Render the shared store's counters (`--redis-url`)."""
 

@@ -76,6 +76,7 @@ from warmsocket.metrics import (
     Metrics,
     background_collector,
     cache_collector,
+    conversation_collector,
     shared_store_collector,
 )
 from warmsocket.response_stream import dumps
@@ -248,6 +249,7 @@ class Server:
             models=config.models if config.listed_models is None else config.listed_models,
         )
         self.metrics.collectors.append(background_collector(self.http.background.stats))
+        self.metrics.collectors.append(conversation_collector(self.engine.conversations.stats))
         self.immediate = backend.immediate if isinstance(backend, ImmediateBackend) else None
         """The backend's way to answer a turn at once, if it has one."""
         self.eager_start = bool(getattr(backend, "eager_start", False))
