@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import httpx2 as httpx
 import pytest
-from openai import OpenAI
+from openai import AuthenticationError, OpenAI
 
 from tests.support import (
     FUNCTION_TOOLS,
@@ -708,6 +708,59 @@ def test_an_upstream_that_requires_a_key_gets_it(api: str) -> None:
         assert [r["status"] for r in sim.stats()["requests"]] == [200, 200, 200]
         outcome = "ok" if api == "responses-ws" else "200"
         assert dict(metrics.upstream.requests) == {(api, outcome): 3}
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_each_client_s_own_key_goes_upstream_with_forwarding(api: str) -> None:
+    """`--upstream-forward-key`: the upstream (which takes only `client-key` here)
+    gets each client's own bearer token, over WebSocket, HTTP and the compact
+    endpoint, and answers a key it refuses with its own 401, which the client gets
+    (not warmsocket's 502 for its own key). A client without a key gets
+    `--upstream-api-key` when there is one."""
+    with (
+        running_sim(api_key="client-key") as sim,
+        warmsocket_upstream(sim.base_url, api, forward_key=True) as (server, metrics),
+    ):
+        good = {"Authorization": "Bearer client-key"}
+        with WSClient(server.ws_url, additional_headers=good) as client:
+            first = client.turn(input="one", store=False)
+            assert output_text(first) == "You said: one"
+            second = client.turn(input="two", previous_response_id=first[-1]["response"]["id"])
+            assert output_text(second) == "You said: two"
+        with WSClient(server.ws_url, additional_headers={"Authorization": "Bearer bad"}) as client:
+            refused = client.turn(input="three")
+        # Started before the upstream answered: it fails with the upstream's words.
+        failed = refused[-1]["response"]["error"]
+        assert refused[-1]["type"] == "response.failed"
+        assert failed["message"].startswith("Incorrect or missing API key")
+        with OpenAI(base_url=server.base_url, api_key="client-key", max_retries=0) as sdk:
+            assert sdk.responses.create(model="m", input="four").output_text == "You said: four"
+            if api == "responses":  # its own compaction endpoint gets the key too
+                window = sdk.responses.compact(model="m", input="five")
+                assert window.output[-1].type == "compaction"
+        with (
+            OpenAI(base_url=server.base_url, api_key="bad", max_retries=0) as sdk,
+            pytest.raises(AuthenticationError) as denied,
+        ):
+            sdk.responses.create(model="m", input="six")
+        assert denied.value.status_code == 401 and denied.value.code == "invalid_api_key"
+        assert "Incorrect or missing API key" in denied.value.message  # the upstream's words
+        assert {r["status"] for r in sim.stats()["requests"]} == {200}
+        assert metrics.upstream.requests[(api, "401")] == 2  # refused before recording
+    with (
+        running_sim(api_key="fallback-key") as sim,
+        warmsocket_upstream(sim.base_url, api, forward_key=True, api_key="fallback-key") as (
+            server,
+            _metrics,
+        ),
+        WSClient(server.ws_url) as anonymous,
+    ):
+        assert output_text(anonymous.turn(input="seven")) == "You said: seven"
+
+
+def test_forwarding_keys_is_refused_for_responses_ws() -> None:
+    with pytest.raises(ValueError, match="responses-ws"):
+        UpstreamConfig(urls=("http://127.0.0.1:1/v1",), api="responses-ws", forward_key=True)
 
 
 def test_a_large_input_tokenised_off_the_loop_reaches_the_upstream(

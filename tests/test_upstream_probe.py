@@ -87,6 +87,11 @@ def test_a_refused_key_says_which_flag(caplog: pytest.LogCaptureFixture) -> None
             assert level == "WARNING" and advice in message
         (finding,) = probed(caplog, UpstreamConfig(urls=(sim.base_url,), api_key="sk-right"))
         assert finding.status == 200
+        # Forwarding the clients' keys, with none of its own: a key wanted is expected.
+        forwarding = UpstreamConfig(urls=(sim.base_url,), forward_key=True)
+        (finding,) = probed(caplog, forwarding)
+        ((level, message),) = logged(caplog)
+        assert finding.status == 401 and level == "INFO" and "--upstream-forward-key" in message
 
 
 @asynccontextmanager

@@ -98,7 +98,14 @@ def parse_compact_request(body: bytes, *, max_item_bytes: int) -> tuple[CreateRe
     return request, has_input
 
 
-async def compact(engine: Engine, request: CreateRequest, *, has_input: bool, owner: str) -> bytes:
+async def compact(
+    engine: Engine,
+    request: CreateRequest,
+    *,
+    has_input: bool,
+    owner: str,
+    client_key: str | None = None,
+) -> bytes:
     """The compacted window of a request's context, as the `response.compaction`
     object's JSON. Raises APIError as a create would (unknown previous response,
     invalid input, the model failing)."""
@@ -111,6 +118,7 @@ async def compact(engine: Engine, request: CreateRequest, *, has_input: bool, ow
         connection=None,
         lookup_connection=None,
         prepend=engine.resolved_input(request, owner=owner, connection=None) if has_input else None,
+        client_key=client_key,
     )
     try:
         await turn.count_input_tokens_off_loop()
@@ -245,6 +253,7 @@ async def _self_contained(
         cached_tokens=turn.cached_tokens,
         previous_response_id=turn.chain_parent_id,
         input=extra,
+        client_key=turn.client_key,
     )
     summary, report = await _summarise(engine, context)
     usage = turn.earlier_pass_usage(

@@ -459,6 +459,7 @@ class Engine:
         stream_id: str | None = None,
         prepend: Items | None = None,
         framing: Framing = "json",
+        client_key: str | None = None,
     ) -> Turn:
         """Validate against state and bind the parent. Raises APIError; nothing is kept then.
 
@@ -466,7 +467,8 @@ class Engine:
         `lookup_connection` is where `previous_response_id` may also be found besides
         stored responses (the WebSocket connection; None over HTTP). `prepend` goes
         before the request's input (queued steering); `framing` is how the turn's
-        events are framed.
+        events are framed; `client_key` the client's bearer token
+        (`TurnContext.client_key`).
         """
         started = time.perf_counter()
         if request.responses_only and not self.responses_upstream:
@@ -568,6 +570,7 @@ class Engine:
         )
         if conversation is not None:
             turn.join_conversation(conversation, own_input)
+        turn.client_key = client_key
         self.metrics.observe_rebuild(time.perf_counter() - started)
         return turn
 
@@ -766,6 +769,8 @@ class Turn:
         # adds there before its output: its own input.
         self.conversation: Conversation | None = None
         self._conversation_input: Items | None = None
+        self.client_key: str | None = None
+        """The client's bearer token (`TurnContext.client_key`)."""
 
     def join_conversation(self, conversation: Conversation, own_input: Items) -> None:
         """This response reads `conversation` as its context before `own_input` (its
@@ -811,6 +816,7 @@ class Turn:
             previous_response_id=self.chain_parent_id,
             input=self.items,
             request_sent=self.count_input_tokens if self._tokens_pending else None,
+            client_key=self.client_key,
         )
 
     @property

@@ -57,10 +57,16 @@ class Auth:
 
     api_keys: frozenset[str] = frozenset()
 
-    def owner(self, request: Request) -> str:
-        """The owner key of a request. Raises APIError(401) on a bad or missing key."""
+    @staticmethod
+    def token(request: Request) -> str | None:
+        """The request's bearer token, if it sent one."""
         header = request.header("authorization")
         token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        return token or None
+
+    def owner(self, request: Request) -> str:
+        """The owner key of a request. Raises APIError(401) on a bad or missing key."""
+        token = self.token(request) or ""
         if self.api_keys and token not in self.api_keys:
             raise errors.invalid_api_key()
         if not token:
@@ -268,6 +274,7 @@ class HTTPApp:
             connection=connection,
             lookup_connection=None,
             framing="sse" if create.stream or create.background else "json",
+            client_key=self.auth.token(request),
         )
         if create.background:
             await self._start_background(request, writer, request_id, turn, owner)
@@ -388,7 +395,13 @@ class HTTPApp:
             request.body, max_item_bytes=self.engine.cache.max_item_bytes
         )
         await self._load_parent(create, owner)
-        body = await compact(self.engine, create, has_input=has_input, owner=owner)
+        body = await compact(
+            self.engine,
+            create,
+            has_input=has_input,
+            owner=owner,
+            client_key=self.auth.token(request),
+        )
         return self._json(writer, request, request_id, 200, body)
 
     async def _stream(

@@ -843,7 +843,11 @@ class Connection(asyncio.Protocol):
             self._frames = ClientFrames(protocol.max_size)
         framing: Framing = "msgpack" if protocol.subprotocol == MSGPACK_SUBPROTOCOL else "websocket"
         self.session = ResponsesSession(
-            server.engine, owner=owner, now=self.loop.time(), framing=framing
+            server.engine,
+            owner=owner,
+            now=self.loop.time(),
+            framing=framing,
+            client_key=server.http.auth.token(request),
         )
         self._arm_timer()
         if server.config.ws_ping_interval:

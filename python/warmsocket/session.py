@@ -128,9 +128,18 @@ class ResponsesSession:
     """One WebSocket-mode connection's protocol state."""
 
     def __init__(
-        self, engine: Engine, *, owner: str, now: float, framing: Framing = "json"
+        self,
+        engine: Engine,
+        *,
+        owner: str,
+        now: float,
+        framing: Framing = "json",
+        client_key: str | None = None,
     ) -> None:
+        """`client_key`: the bearer token the connection was opened with
+        (`TurnContext.client_key`)."""
         self.engine = engine
+        self.client_key = client_key
         self.limits = engine.limits
         self.owner = owner
         self.framing: Framing = framing
@@ -467,6 +476,7 @@ class ResponsesSession:
                 stream_id=lane.name,
                 prepend=prepend,
                 framing=self.framing,
+                client_key=self.client_key,
             )
         except APIError as error:
             if pending.steer_ids:

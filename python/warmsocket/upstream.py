@@ -61,12 +61,27 @@ class UpstreamConfig:
     ws_warm_connections: int = 1
     """responses-ws: idle connections kept open and ready per replica."""
     router: RouterConfig = field(default_factory=RouterConfig)
+    forward_key: bool = False
+    """`--upstream-forward-key`: each client's own bearer token goes upstream in place
+    of `api_key` (which then serves requests without one)."""
 
     def __post_init__(self) -> None:
         if not self.urls:
             raise ValueError("at least one upstream URL is required")
         if self.api not in UPSTREAM_APIS:
             raise ValueError(f"unknown upstream API {self.api!r}")
+        if self.forward_key and self.api == "responses-ws":
+            raise ValueError(
+                "--upstream-forward-key works with --upstream-api chat or responses: "
+                "responses-ws keeps a pool of upstream connections, each opened with one key"
+            )
+
+    def key_for(self, client_key: str | None) -> str | None:
+        """The bearer token a request goes upstream with: the client's own with
+        `forward_key` (when it sent one), else `api_key`."""
+        if self.forward_key and client_key:
+            return client_key
+        return self.api_key
 
     @property
     def at_openai(self) -> bool:
@@ -159,11 +174,29 @@ class UpstreamError(APIError):
 
 
 def from_http_status(
-    status: int, body: bytes, headers: Mapping[str, str], *, request: str | None = None
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    request: str | None = None,
+    client_key: bool = False,
 ) -> UpstreamError:
     """The error for a non-2xx upstream answer to `request` (e.g. 'POST /v1/responses':
-    method and path only, for the log)."""
-    error = _from_http_status(status, body, headers, request)
+    method and path only, for the log). With `client_key` (the request carried the
+    client's own key, `--upstream-forward-key`) a 401 or 403 is the client's, as the
+    upstream gave it."""
+    if client_key and status in {401, 403}:
+        code, message, param, error_type = _error_fields(body)
+        error = UpstreamError(
+            code or "invalid_api_key",
+            message or f"The upstream refused your API key (HTTP {status}).",
+            status=status,
+            type=error_type or INVALID_REQUEST,
+            param=param,
+            reason="status",
+        )
+    else:
+        error = _from_http_status(status, body, headers, request)
     error.upstream_status = status
     return error
 

@@ -57,7 +57,17 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
         "--upstream-api-key",
         default=None,
         metavar="KEY",
-        help="sent upstream as 'Authorization: Bearer KEY' (the clients' own keys never are)",
+        help="sent upstream as 'Authorization: Bearer KEY' (the clients' own keys are "
+        "not, unless --upstream-forward-key)",
+    )
+    opt.add(
+        "--upstream-forward-key",
+        default=False,
+        action="store_true",
+        help="send each client's own bearer token upstream in place of --upstream-api-key "
+        "(which then serves requests without one), so the upstream bills and limits each "
+        "client on its own key and answers a key it refuses with its own 401 (chat and "
+        "responses APIs)",
     )
     opt.add(
         "--upstream-model-map",
@@ -156,8 +166,7 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> UpstreamConfig:
-    from warmsocket.router import RouterConfig
-    from warmsocket.upstream import UpstreamConfig, parse_model_map
+    from warmsocket.upstream import parse_model_map
 
     try:
         model_map = parse_model_map(list(args.upstream_model_map or ()))
@@ -170,10 +179,21 @@ def config_from_args(args: argparse.Namespace) -> UpstreamConfig:
             Origin.parse(url)
         except ValueError as exc:
             raise SystemExit(f"warmsocket: --upstream: {exc}") from None
+    try:
+        return _upstream_config(args, model_map)
+    except ValueError as exc:
+        raise SystemExit(f"warmsocket: {exc}") from None
+
+
+def _upstream_config(args: argparse.Namespace, model_map: dict[str, str]) -> UpstreamConfig:
+    from warmsocket.router import RouterConfig
+    from warmsocket.upstream import UpstreamConfig
+
     return UpstreamConfig(
         urls=tuple(args.upstream),
         api=args.upstream_api,
         api_key=args.upstream_api_key,
+        forward_key=args.upstream_forward_key,
         connect_timeout=args.upstream_connect_timeout,
         timeout=args.upstream_timeout,
         retries=args.upstream_retries,

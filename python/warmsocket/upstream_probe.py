@@ -104,6 +104,12 @@ def report(finding: Finding, config: UpstreamConfig) -> None:
             "and that the server is up",
             extra={**where, "reason": finding.reason},
         )
+    elif status in (401, 403) and config.forward_key and not config.api_key:
+        log.info(
+            "upstream reachable; it wants a key, and gets each client's own "
+            "(--upstream-forward-key)",
+            extra={**where, "status": status},
+        )
     elif status in (401, 403):
         advice = "check --upstream-api-key" if config.api_key else "set --upstream-api-key"
         log.warning(

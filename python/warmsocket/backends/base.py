@@ -208,6 +208,9 @@ class TurnContext:
     """Work the server left out of the request's path (tokenising the new input). A
     backend that sends a request upstream calls it once the request is written, so
     the work overlaps the upstream's; it is done later otherwise. Never raises."""
+    client_key: str | None = None
+    """The client's own bearer token, if it sent one: an upstream backend sends it
+    upstream with `--upstream-forward-key` (`UpstreamConfig.key_for`). Never logged."""
 
     @property
     def settings(self) -> dict[str, Any]:

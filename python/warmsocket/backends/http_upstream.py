@@ -237,7 +237,12 @@ class HTTPUpstreamBackend:
                 exclude=exclude,
             )
             pool = self.pools[replica.index]
-            head = self._heads[replica.index] + length + b"\r\n\r\n"
+            key = self.config.key_for(turn.client_key)
+            if key is self.config.api_key:
+                head = self._heads[replica.index] + length + b"\r\n\r\n"
+            else:  # the client's own (--upstream-forward-key)
+                head = self._request_head(self.origins[replica.index], key)
+                head += length + b"\r\n\r\n"
             self.router.begin(replica)
             outcome: Outcome = "cancelled"
             response: HTTPResponse | None = None
@@ -256,6 +261,7 @@ class HTTPUpstreamBackend:
                         text,
                         response.head.headers,
                         request=self._targets[replica.index],
+                        client_key=key is not self.config.api_key,
                     )
                     response.close()
                     response = None
@@ -309,16 +315,18 @@ class HTTPUpstreamBackend:
     def _opened(self) -> None:
         self.stats.connections_opened[self.api] += 1
 
-    def _request_head(self, origin: Origin) -> bytes:
-        """The request head up to the Content-Length value (the body length comes last)."""
+    def _request_head(self, origin: Origin, key: str | None = None) -> bytes:
+        """The request head up to the Content-Length value (the body length comes last),
+        with `key` (else `--upstream-api-key`) as its bearer token."""
         headers = [
             ("Host", origin.host_header),
             ("User-Agent", f"warmsocket/{__version__}"),
             ("Content-Type", "application/json"),
             ("Accept", "text/event-stream"),
         ]
-        if self.config.api_key:
-            headers.append(("Authorization", f"Bearer {self.config.api_key}"))
+        key = key or self.config.api_key
+        if key:
+            headers.append(("Authorization", f"Bearer {key}"))
         lines = [f"POST {origin.base_path}{self.path} HTTP/1.1"]
         lines += [f"{name}: {value}" for name, value in headers]
         return ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")

@@ -85,8 +85,9 @@ class UpstreamCompactor:
         error: UpstreamError | None = None
         try:
             started = time.perf_counter()
+            key = self.config.key_for(turn.client_key)
             response = await pool.request(
-                [self._head(origin, length), *pieces], timeout=self.config.timeout
+                [self._head(origin, length, key), *pieces], timeout=self.config.timeout
             )
             self.stats.first_byte.observe(time.perf_counter() - started)
             try:
@@ -102,7 +103,13 @@ class UpstreamCompactor:
                 return None
             if response.status == 200:
                 return _compaction(data, target)
-            error = from_http_status(response.status, data, response.head.headers, request=target)
+            error = from_http_status(
+                response.status,
+                data,
+                response.head.headers,
+                request=target,
+                client_key=key is not self.config.api_key,
+            )
             if error.retryable:  # the replica's health, as for a turn
                 outcome = "failed"
             raise error
@@ -130,7 +137,7 @@ class UpstreamCompactor:
             ]
         return self._pools[index]
 
-    def _head(self, origin: Origin, length: int) -> bytes:
+    def _head(self, origin: Origin, length: int, key: str | None) -> bytes:
         lines = [
             f"POST {origin.base_path}{PATH} HTTP/1.1",
             f"Host: {origin.host_header}",
@@ -138,8 +145,8 @@ class UpstreamCompactor:
             "Content-Type: application/json",
             "Accept: application/json",
         ]
-        if self.config.api_key:
-            lines.append(f"Authorization: Bearer {self.config.api_key}")
+        if key:
+            lines.append(f"Authorization: Bearer {key}")
         lines.append(f"Content-Length: {length}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
