@@ -294,8 +294,8 @@ class Server:
         let what is under way finish, for at most `grace` seconds. Each WebSocket closes
         with 1001 once its responses under way have ended (new creates on it are
         refused: `ResponsesSession.drain`), each HTTP connection once its request is
-        answered (with `Connection: close`), idle ones at once; background responses
-        run on. `GET /healthz` answers 503 `draining` meanwhile. Returns when nothing
+        answered (those that start now say `Connection: close`), idle ones at once;
+        background responses run on. `GET /healthz` answers 503 `draining` meanwhile. Returns when nothing
         is left, or at the end of `grace`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
