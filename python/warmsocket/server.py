@@ -295,8 +295,8 @@ class Server:
         with 1001 once its responses under way have ended (new creates on it are
         refused: `ResponsesSession.drain`), each HTTP connection once its request is
         answered (those that start now say `Connection: close`), idle ones at once;
-        background responses run on. `GET /healthz` answers 503 `draining` meanwhile. Returns when nothing
-        is left, or at the end of `grace`."""
+        background responses run on. `GET /healthz` answers 503 `draining` meanwhile.
+        Returns when nothing is left, or at the end of `grace`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         self.draining = True
