@@ -710,7 +710,6 @@ def test_an_upstream_that_requires_a_key_gets_it(api: str) -> None:
         assert dict(metrics.upstream.requests) == {(api, outcome): 3}
 
 
-@pytest.mark.parametrize("api", ["chat", "responses"])
 def test_each_client_s_own_key_goes_upstream_with_forwarding(api: str) -> None:
     """`--upstream-forward-key`: the upstream (which takes only `client-key` here)
     gets each client's own bearer token, over WebSocket, HTTP and the compact
@@ -735,7 +734,7 @@ def test_each_client_s_own_key_goes_upstream_with_forwarding(api: str) -> None:
         assert failed["message"].startswith("Incorrect or missing API key")
         with OpenAI(base_url=server.base_url, api_key="client-key", max_retries=0) as sdk:
             assert sdk.responses.create(model="m", input="four").output_text == "You said: four"
-            if api == "responses":  # its own compaction endpoint gets the key too
+            if api != "chat":  # its own compaction endpoint gets the key too
                 window = sdk.responses.compact(model="m", input="five")
                 assert window.output[-1].type == "compaction"
         with (
@@ -758,9 +757,24 @@ def test_each_client_s_own_key_goes_upstream_with_forwarding(api: str) -> None:
         assert output_text(anonymous.turn(input="seven")) == "You said: seven"
 
 
-def test_forwarding_keys_is_refused_for_responses_ws() -> None:
-    with pytest.raises(ValueError, match="responses-ws"):
-        UpstreamConfig(urls=("http://127.0.0.1:1/v1",), api="responses-ws", forward_key=True)
+def test_upstream_websockets_are_never_shared_between_keys() -> None:
+    """responses-ws with `--upstream-forward-key`: each client's turns go on
+    connections opened with its own key (one upstream connection per key here, reused
+    by the same key later), and the warm ones are those of `--upstream-api-key`."""
+    with (
+        running_sim() as sim,
+        warmsocket_upstream(sim.base_url, "responses-ws", forward_key=True) as (server, metrics),
+    ):
+        for key in ("key-a", "key-b", "key-a"):
+            auth = {"Authorization": f"Bearer {key}"}
+            with WSClient(server.ws_url, additional_headers=auth) as ws:
+                first = ws.turn(input="one")
+                ws.turn(input="two", previous_response_id=first[-1]["response"]["id"])
+        backend = server.server.engine.backend
+        idle = [s for sockets in backend._idle for s in sockets]  # type: ignore[attr-defined]
+    assert sorted(str(s.key) for s in idle) == ["None", "key-a", "key-b"]
+    # key-a's second client reused key-a's connection; the warm one is keyless.
+    assert metrics.upstream.connections_opened["responses-ws"] == 3
 
 
 def test_a_large_input_tokenised_off_the_loop_reaches_the_upstream(

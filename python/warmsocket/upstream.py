@@ -63,18 +63,14 @@ class UpstreamConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     forward_key: bool = False
     """`--upstream-forward-key`: each client's own bearer token goes upstream in place
-    of `api_key` (which then serves requests without one)."""
+    of `api_key` (which then serves requests without one); a `responses-ws` connection
+    is opened with one key and carries only its turns."""
 
     def __post_init__(self) -> None:
         if not self.urls:
             raise ValueError("at least one upstream URL is required")
         if self.api not in UPSTREAM_APIS:
             raise ValueError(f"unknown upstream API {self.api!r}")
-        if self.forward_key and self.api == "responses-ws":
-            raise ValueError(
-                "--upstream-forward-key works with --upstream-api chat or responses: "
-                "responses-ws keeps a pool of upstream connections, each opened with one key"
-            )
 
     def key_for(self, client_key: str | None) -> str | None:
         """The bearer token a request goes upstream with: the client's own with

@@ -66,8 +66,8 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
         action="store_true",
         help="send each client's own bearer token upstream in place of --upstream-api-key "
         "(which then serves requests without one), so the upstream bills and limits each "
-        "client on its own key and answers a key it refuses with its own 401 (chat and "
-        "responses APIs)",
+        "client on its own key and answers a key it refuses with its own 401 (responses-ws: "
+        "each upstream connection carries one key's turns)",
     )
     opt.add(
         "--upstream-model-map",

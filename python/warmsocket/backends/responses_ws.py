@@ -89,15 +89,21 @@ class UpstreamSocket:
         "expiry",
         "had",
         "head",
+        "key",
         "last_used",
         "opened",
         "replica",
         "ws",
     )
 
-    def __init__(self, replica: Replica, ws: ClientConnection, opened: float) -> None:
+    def __init__(
+        self, replica: Replica, ws: ClientConnection, opened: float, key: str | None = None
+    ) -> None:
         self.replica = replica
         self.ws = ws
+        self.key = key
+        """The bearer token it was opened with: only turns sent with that key go on it
+        (`--upstream-forward-key`)."""
         self.opened = opened
         self.last_used = opened
         self.busy = False
@@ -200,13 +206,14 @@ class ResponsesWSBackend:
 
     async def stream(self, turn: TurnContext) -> AsyncIterator[StreamItem]:
         head = self._heads.head(turn, self.config.upstream_model(turn.model))
+        key = self.config.key_for(turn.client_key)
         exclude: set[int] = set()
         retries_left = self.config.retries
         forwarded = False
         fresh = False
         free_replay = True
         while True:
-            placed = await self._place(turn, exclude, fresh=fresh)
+            placed = await self._place(turn, key, exclude, fresh=fresh)
             replica = placed.replica
             failure = placed.error
             answered = False  # the upstream began answering on this attempt
@@ -374,8 +381,11 @@ class ResponsesWSBackend:
 
     # -- connections --------------------------------------------------------------------------
 
-    async def _place(self, turn: TurnContext, exclude: set[int], *, fresh: bool) -> _Placement:
-        """The connection for this turn, and the upstream id to chain from (None: full)."""
+    async def _place(
+        self, turn: TurnContext, key: str | None, exclude: set[int], *, fresh: bool
+    ) -> _Placement:
+        """The connection for this turn (one opened with `key`), and the upstream id to
+        chain from (None: full)."""
         replica = self.router.route(
             turn.previous_response_id,
             lambda: chain_key(turn, self.config.router),
@@ -384,7 +394,9 @@ class ResponsesWSBackend:
         parent = self._chains.get(turn.previous_response_id or "")
         if parent is not None and not exclude and not fresh:
             socket, upstream_id = parent
-            why_not = self._usable(socket, upstream_id, replica)
+            why_not = (
+                "other_key" if socket.key != key else self._usable(socket, upstream_id, replica)
+            )
             if why_not is None:
                 socket.busy = True
                 idle = self._idle[replica.index]
@@ -394,7 +406,7 @@ class ResponsesWSBackend:
                 return _Placement(replica, socket, upstream_id)
             self.stats.replays[why_not] += 1
         try:
-            socket = await self._checkout(replica)
+            socket = await self._checkout(replica, key)
         except UpstreamError as error:
             self.router.begin(replica)
             self.router.end(replica, "failed" if error.retryable else "ok")
@@ -420,11 +432,14 @@ class ResponsesWSBackend:
             return "connection_lost"
         return None
 
-    async def _checkout(self, replica: Replica) -> UpstreamSocket:
+    async def _checkout(self, replica: Replica, key: str | None) -> UpstreamSocket:
+        """An idle connection of `replica` opened with `key`, else a new one."""
         idle = self._idle[replica.index]
         now = time.monotonic()
         chosen: UpstreamSocket | None = None
         for socket in list(idle):
+            if socket.key != key:
+                continue  # another client's (--upstream-forward-key): never shared
             if socket.spoke_while_idle:
                 idle.remove(socket)
                 socket.abort()
@@ -441,7 +456,7 @@ class ResponsesWSBackend:
         if chosen is not None:
             idle.remove(chosen)
         else:
-            chosen = await self._open(replica)
+            chosen = await self._open(replica, key)
         chosen.busy = True
         chosen.last_used = now
         self._top_up(replica)
@@ -488,10 +503,11 @@ class ResponsesWSBackend:
             self._warming.add(task)  # keep a reference until it finishes
             task.add_done_callback(self._warming.discard)
 
-    async def _open(self, replica: Replica) -> UpstreamSocket:
+    async def _open(self, replica: Replica, key: str | None) -> UpstreamSocket:
+        """A new connection to `replica`, opened with `key` as its bearer token."""
         headers = {}
-        if self.config.api_key:
-            headers["Authorization"] = f"Bearer {self.config.api_key}"
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
         try:
             ws = await connect(
                 self.urls[replica.index],
@@ -528,6 +544,7 @@ class ResponsesWSBackend:
                 bytes(response.body or b""),
                 headers,
                 request=f"GET {self._paths[replica.index]} (WebSocket)",
+                client_key=key is not self.config.api_key,
             ) from None
         except (OSError, TimeoutError, WebSocketException) as exc:
             # WebSocketException: a failed handshake, and also a proxy or URL that
@@ -544,15 +561,16 @@ class ResponsesWSBackend:
                 ) from None
             raise transport_error("connect", detail) from None
         self.stats.connections_opened[self.api] += 1
-        return UpstreamSocket(replica, ws, time.monotonic())
+        return UpstreamSocket(replica, ws, time.monotonic(), key)
 
     def _top_up(self, replica: Replica) -> None:
-        """Open connections in the background until `ws_warm_connections` are idle."""
+        """Open connections in the background until `ws_warm_connections` are idle (with
+        `--upstream-api-key`: those of clients' own keys are not kept warm)."""
         if self._closing:
             return
         missing = (
             self.config.ws_warm_connections
-            - len(self._idle[replica.index])
+            - sum(1 for s in self._idle[replica.index] if s.key == self.config.api_key)
             - sum(1 for t in self._warming if t.get_name() == f"warm-{replica.index}")
         )
         for _ in range(max(0, missing)):
@@ -564,7 +582,7 @@ class ResponsesWSBackend:
 
     async def _warm(self, replica: Replica) -> None:
         try:
-            socket = await self._open(replica)
+            socket = await self._open(replica, self.config.api_key)
         except UpstreamError:
             return
         if self._closing:
