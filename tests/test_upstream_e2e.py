@@ -34,6 +34,7 @@ from tests.upstream_support import (
     warmsocket_upstream,
 )
 from warmsocket import mockmodel
+from warmsocket.backends import chat
 from warmsocket.metrics import Metrics
 from warmsocket.prefixhash import count_tokens
 from warmsocket.simulate.model import items_from_chat, items_from_input
@@ -154,6 +155,34 @@ def test_tool_loop_carries_the_full_context_byte_stable(
         _contexts, expected_transcript = script(client)
     assert normalize_call_ids(transcript) == normalize_call_ids(expected_transcript)
     assert transcript.startswith(f"instructions: {INSTRUCTIONS}\nuser: /call get_weather")
+
+
+def test_chat_memo_stays_within_its_bytes_and_drops_superseded_parents_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rendered messages `chat` keeps are bounded in bytes, and what goes first is
+    a parent its chain has moved on from: an idle chain's newest turn, though older
+    than every turn of a busy chain, is still continued without a full translation."""
+    with running_sim() as sim, warmsocket_upstream(sim.base_url, "chat") as (server, _m):
+        backend: Any = server.server.engine.backend
+        with WSClient(server.ws_url) as client:
+            idle = client.turn(input="x " * 10_000, store=False)[-1]["response"]["id"]
+            idle_bytes = backend._memo_bytes
+            monkeypatch.setattr(chat, "MEMO_BYTES", idle_bytes + 4_000)
+            busy = client.turn(input="hello", store=False)[-1]["response"]["id"]
+            for _ in range(20):
+                busy = client.turn(input="more", previous_response_id=busy, store=False)
+                busy = busy[-1]["response"]["id"]
+                assert backend._memo_bytes <= chat.MEMO_BYTES
+            # The busy chain's parents went, the idle chain's only turn stayed.
+            assert idle in backend._memo and busy in backend._memo
+            assert len(backend._memo) < 22
+            done = client.turn(input="/transcript", previous_response_id=idle, store=False)
+        lines = output_text(done).splitlines()
+        assert [line.split(":")[0] for line in lines] == ["user", "assistant", "user"]
+        assert lines[0].split() == ["user:"] + ["x"] * 10_000
+        assert backend.full_renders == 2  # the first turn of each chain only
+        assert sum(r.nbytes for r in backend._memo.values()) == backend._memo_bytes
 
 
 def test_openai_sdk_websocket_and_http(

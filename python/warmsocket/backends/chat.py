@@ -43,6 +43,9 @@ from warmsocket.response_stream import dumps
 from warmsocket.upstream_probe import probe
 
 MEMO_ENTRIES = 4096
+MEMO_BYTES = 256 * 1024 * 1024
+"""What the rendered messages the memo keeps may add up to (a continuation shares its
+parent's message bytes but is counted with them: an over-estimate)."""
 
 
 @dataclass(slots=True)
@@ -64,6 +67,8 @@ class _Rendered:
     """The `truncation` cut these messages were rendered with."""
     output: list[dict[str, Any]] | None = None
     """The response's output items, once the upstream finished it."""
+    nbytes: int = 0
+    """The bytes of `head`, `system` and `messages` (shared ones too)."""
 
 
 def render(items: list[dict[str, Any]]) -> tuple[list[bytes], str | None]:
@@ -80,6 +85,8 @@ class ChatBackend(HTTPUpstreamBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._memo: OrderedDict[str, _Rendered] = OrderedDict()
+        """First out first: the oldest, and parents a turn continued."""
+        self._memo_bytes = 0
         self.full_renders = 0
         """Turns whose whole context was translated (not continued from a remembered parent)."""
         self.windows = ContextWindows(self.config.context_window)
@@ -119,6 +126,8 @@ class ChatBackend(HTTPUpstreamBackend):
         parent = self._memo.get(turn.previous_response_id) if turn.previous_response_id else None
         messages: list[bytes] | None = None
         last_role: str | None = None
+        nbytes = 0
+        continued = False
         if (
             parent is not None
             and parent.cut == cut
@@ -132,12 +141,15 @@ class ChatBackend(HTTPUpstreamBackend):
                 new, last_role = render(batch)
                 messages = parent.messages + new
                 last_role = last_role or parent.last_role
+                nbytes = parent.nbytes + sum(map(len, new))
+                continued = True
         if messages is None:
             self.full_renders += 1
             items = turn.view.objects()
             if cut is not None:
                 items = items[: cut.head] + items[cut.start :]
             messages, last_role = render(items)
+            nbytes = sum(map(len, messages))
         settings = turn.settings_json
         logprobs = LOGPROBS in turn.request.include
         given = turn.request.given_defaults
@@ -158,23 +170,43 @@ class ChatBackend(HTTPUpstreamBackend):
             )
             instructions = turn.instructions
             system = system_message(instructions) if instructions is not None else None
-        memo = self._memo
-        memo[turn.response_id] = _Rendered(
-            model,
-            settings,
-            logprobs,
-            given,
-            head,
-            system,
-            messages,
-            turn.view.items,
-            last_role,
-            cut,
+        self._remember(
+            turn,
+            _Rendered(
+                model,
+                settings,
+                logprobs,
+                given,
+                head,
+                system,
+                messages,
+                turn.view.items,
+                last_role,
+                cut,
+                nbytes=nbytes + len(head) + (len(system) if system is not None else 0),
+            ),
+            continued=continued,
         )
-        while len(memo) > MEMO_ENTRIES:
-            memo.popitem(last=False)
         parts = [system, *messages] if system is not None else messages
         return [head, b",".join(parts), b"]}"]
+
+    def _remember(self, turn: TurnContext, rendered: _Rendered, *, continued: bool) -> None:
+        """Keep `rendered` for the turns that continue this one, within `MEMO_ENTRIES`
+        and `MEMO_BYTES`. A parent the turn `continued` is the first to go when they
+        are reached: the chain's next turn starts from the new entry, and only a fork
+        or a retry would start from the parent (rendering in full without it)."""
+        memo = self._memo
+        replaced = memo.pop(turn.response_id, None)
+        if replaced is not None:
+            self._memo_bytes -= replaced.nbytes
+        memo[turn.response_id] = rendered
+        self._memo_bytes += rendered.nbytes
+        parent_id = turn.previous_response_id
+        if continued and parent_id is not None and parent_id in memo:
+            memo.move_to_end(parent_id, last=False)
+        while len(memo) > 1 and (len(memo) > MEMO_ENTRIES or self._memo_bytes > MEMO_BYTES):
+            _id, dropped = memo.popitem(last=False)
+            self._memo_bytes -= dropped.nbytes
 
     def new_decoder(self) -> Decoder:
         return ChatChunkDecoder()
