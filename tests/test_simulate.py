@@ -19,6 +19,7 @@ from tests.support import FUNCTION_TOOLS, check_sse_event
 from tests.upstream_support import RunningSim, running_sim
 from warmsocket import mockmodel
 from warmsocket.prefixhash import PromptHasher, count_tokens
+from warmsocket.simulate import server as sim_server
 from warmsocket.simulate.model import (
     LatencyModel,
     PrefixCache,
@@ -515,3 +516,20 @@ def test_web_search_streams_in_openais_events() -> None:
     )
     # Not streamed: the same output, a new call id.
     assert [o["type"] for o in whole["output"]] == ["web_search_call", "message"]
+
+
+def test_stats_keep_the_most_recent_requests_and_count_them_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A long run keeps only the last `KEPT_REQUESTS` records; `since` still counts
+    from the first request, and `requests_total` counts every one."""
+    monkeypatch.setattr(sim_server, "KEPT_REQUESTS", 3)
+    with running_sim() as sim:
+        replies = [ask(sim, "chat", f"turn {n}")["reply"] for n in range(5)]
+        report = sim.stats()
+        assert report["requests_total"] == 5
+        assert [r["seq"] for r in report["requests"]] == [2, 3, 4]
+        assert [r["reply"] for r in report["requests"]] == replies[2:]
+        assert [r["seq"] for r in sim.stats(since=4)["requests"]] == [4]
+        assert [r["seq"] for r in sim.stats(since=1)["requests"]] == [2, 3, 4]
+        assert sim.stats(since=5)["requests"] == []

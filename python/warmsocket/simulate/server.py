@@ -20,7 +20,8 @@ Routes (the API only under `/v1`, as vLLM serves it: elsewhere a 404
   compaction item only this server reads (a queued fault with `status` 404 answers
   as a server without the endpoint);
 * `GET /v1/models`, `GET /health`, `GET /healthz`;
-* `GET /stats[?bodies=1][&since=N]` — what it received (see `RequestRecord`);
+* `GET /stats[?bodies=1][&since=N]` — what it received (see `RequestRecord`; the
+  last `KEPT_REQUESTS`, `requests_total` counts them all);
 * `POST /control` — test hooks: `{"faults": [...]}` queues faults for the next
   requests (`{"status": 503}`, `{"status": 400, "code": ..., "message": ...,
   "param": ...}`, `{"break_after": N}` closes the connection after N streamed events,
@@ -37,6 +38,7 @@ import asyncio
 import base64
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -142,10 +144,16 @@ class RequestRecord:
     """The full context (items, canonical JSON) the model saw; kept like `body`."""
 
 
+KEPT_REQUESTS = 100_000
+"""The requests `/stats` reports, the most recent (a long run keeps no more)."""
+
+
 class SimStats:
     def __init__(self, record_bodies: int) -> None:
         self.record_bodies = record_bodies
-        self.requests: list[RequestRecord] = []
+        self.requests: deque[RequestRecord] = deque(maxlen=KEPT_REQUESTS)
+        """The most recent requests, oldest first."""
+        self.requests_total = 0
         self.connections_opened = 0
         self.connections_open = 0
         self.websockets_opened = 0
@@ -162,7 +170,7 @@ class SimStats:
     ) -> RequestRecord:
         now = time.monotonic()
         record = RequestRecord(
-            seq=len(self.requests),
+            seq=self.requests_total,
             api=api,
             connection=connection,
             model=model if isinstance(model, str) else None,
@@ -178,11 +186,15 @@ class SimStats:
                 dropped = self._bodies.popleft()
                 dropped.body = dropped.context = None
         self.requests.append(record)
+        self.requests_total += 1
         return record
 
     def report(self, *, bodies: bool, since: int) -> dict[str, Any]:
+        """Requests from the `since`-th on (counted from the first; those no longer
+        kept left out)."""
         records = []
-        for record in self.requests[since:]:
+        first_kept = self.requests_total - len(self.requests)
+        for record in itertools.islice(self.requests, max(0, since - first_kept), None):
             entry = asdict(record)
             if not bodies:
                 entry.pop("body")
@@ -192,7 +204,7 @@ class SimStats:
             "connections_opened": self.connections_opened,
             "connections_open": self.connections_open,
             "websockets_opened": self.websockets_opened,
-            "requests_total": len(self.requests),
+            "requests_total": self.requests_total,
             "requests": records,
         }
 
