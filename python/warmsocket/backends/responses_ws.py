@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ class UpstreamSocket:
     """One WebSocket-mode connection to a replica."""
 
     __slots__ = (
+        "__weakref__",
         "busy",
         "expiring",
         "expiry",
@@ -134,6 +136,9 @@ class UpstreamSocket:
 
     def abort(self) -> None:
         self.head = None
+        if self.expiry is not None:  # (its timer would keep it until its lifetime ends)
+            self.expiry.cancel()
+            self.expiry = None
         transport = self.ws.transport
         if transport is not None:
             transport.abort()
@@ -192,7 +197,12 @@ class ResponsesWSBackend:
         self._paths = [f"{o.base_path}/responses" for o in origins]
         self.router = Router([str(o) for o in origins], config.router, metrics=self.stats)
         self._idle: list[list[UpstreamSocket]] = [[] for _ in origins]
-        self._chains: OrderedDict[str, tuple[UpstreamSocket, str]] = OrderedDict()
+        self._chains: OrderedDict[str, tuple[weakref.ref[UpstreamSocket], str, float]] = (
+            OrderedDict()
+        )
+        """The connection each response was made on, its upstream id, and when that
+        connection opened. Weak: a closed connection is not kept (with its buffers) for
+        the responses it made."""
         self._heads = HeadCache({"store": False}, first={"type": "response.create"})
         self._warming: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -393,17 +403,23 @@ class ResponsesWSBackend:
         )
         parent = self._chains.get(turn.previous_response_id or "")
         if parent is not None and not exclude and not fresh:
-            socket, upstream_id = parent
-            why_not = (
-                "other_key" if socket.key != key else self._usable(socket, upstream_id, replica)
-            )
-            if why_not is None:
-                socket.busy = True
-                idle = self._idle[replica.index]
-                if socket in idle:
-                    idle.remove(socket)
-                socket.last_used = time.monotonic()
-                return _Placement(replica, socket, upstream_id)
+            socket_ref, upstream_id, opened = parent
+            socket = socket_ref()
+            if socket is None:  # closed, and gone: at the end of its lifetime, or lost
+                expired = time.monotonic() - opened >= self.config.ws_lifetime
+                why_not = "rotated" if expired else "connection_lost"
+            else:
+                usable = (
+                    "other_key" if socket.key != key else self._usable(socket, upstream_id, replica)
+                )
+                if usable is None:
+                    socket.busy = True
+                    idle = self._idle[replica.index]
+                    if socket in idle:
+                        idle.remove(socket)
+                    socket.last_used = time.monotonic()
+                    return _Placement(replica, socket, upstream_id)
+                why_not = usable
             self.stats.replays[why_not] += 1
         try:
             socket = await self._checkout(replica, key)
@@ -592,7 +608,7 @@ class ResponsesWSBackend:
 
     def _remember(self, response_id: str, socket: UpstreamSocket, upstream_id: str) -> None:
         chains = self._chains
-        chains[response_id] = (socket, upstream_id)
+        chains[response_id] = (weakref.ref(socket), upstream_id, socket.opened)
         chains.move_to_end(response_id)
         while len(chains) > MAX_CHAINS:
             chains.popitem(last=False)
