@@ -108,8 +108,9 @@ class ContextCache:
     since (the parent's output and the new input: `ContextView.json_from`) instead of
     building the whole context again; the entry moves to the new response. A fork from
     an older response, or a parent no longer here, builds it whole. Bounded by
-    `max_bytes`, oldest chains dropped first: an entry is one more copy of a chain's
-    context, besides the session cache's.
+    `max_bytes` and `MEMO_ENTRIES` (many small contexts cost more than their bytes),
+    oldest chains dropped first: an entry is one more copy of a chain's context,
+    besides the session cache's.
     """
 
     def __init__(self, max_bytes: int = MAX_CONTEXT_BYTES) -> None:
@@ -137,7 +138,9 @@ class ContextCache:
             buffer += expand_items_json(view.json_from(0))
         self._entries[turn.response_id] = (buffer, view.items)
         self._bytes += len(buffer)
-        while self._bytes > self.max_bytes and len(self._entries) > 1:
+        while len(self._entries) > 1 and (
+            self._bytes > self.max_bytes or len(self._entries) > MEMO_ENTRIES
+        ):
             _id, (dropped, _items) = self._entries.popitem(last=False)
             self._bytes -= len(dropped)
         return buffer
