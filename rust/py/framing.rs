@@ -7,6 +7,7 @@
 //! object) raises `ValueError`.
 
 use pyo3::exceptions::PyValueError;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
@@ -18,6 +19,19 @@ use crate::framing::request::{
 };
 use crate::py::items::PyItems;
 use crate::py::{detach_if, DETACH_COPY_BYTES, DETACH_PARSE_BYTES};
+
+static JSON_LOADS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// `json.loads`, looked up once: a lookup per call would also leave each call's
+/// name string in CPython's type attribute cache (hundreds kept, found by
+/// tests/test_steady_state.py).
+fn json_loads(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    JSON_LOADS
+        .get_or_try_init(py, || -> PyResult<Py<PyAny>> {
+            Ok(py.import("json")?.getattr("loads")?.unbind())
+        })
+        .map(|loads| loads.bind(py))
+}
 
 fn framing_arg(name: &str) -> PyResult<Framing> {
     Framing::from_name(name).ok_or_else(|| {
@@ -126,11 +140,10 @@ impl PyCreateRequest {
         let dict = self
             .settings
             .get_or_try_init(py, || -> PyResult<Py<PyDict>> {
-                let loads = py.import("json")?.getattr("loads")?;
-                let dict = loads
+                let dict = json_loads(py)?
                     .call1((PyBytes::new(py, &self.inner.settings),))?
                     .cast_into::<PyDict>()?;
-                dict.del_item("model")?;
+                dict.del_item(intern!(py, "model"))?;
                 Ok(dict.unbind())
             })?;
         Ok(dict.bind(py).clone())
