@@ -21,6 +21,7 @@ import os
 import time
 import tracemalloc
 import urllib.parse
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -30,9 +31,12 @@ import pytest
 from openai import OpenAI
 
 import warmsocket
+from tests.redis_support import redis_server
 from tests.support import RunningServer, WSClient, running_server
 from tests.upstream_support import running_sim, warmsocket_upstream
+from warmsocket import shared_store
 from warmsocket.backends import chat, responses_http, responses_ws
+from warmsocket.shared_store import SharedStore
 from warmsocket.simulate import server as sim_server
 
 MODEL = "warmsocket-mock"
@@ -51,7 +55,7 @@ BOUND = 32
 test then shows that nothing grows past its bound (their real bounds are thousands)."""
 
 
-@pytest.fixture(params=["builtin", "chat", "responses", "responses-ws"])
+@pytest.fixture(params=["builtin", "builtin+redis", "chat", "responses", "responses-ws"])
 def server(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[RunningServer]:
@@ -61,9 +65,15 @@ def server(
     monkeypatch.setattr(responses_http, "MEMO_ENTRIES", BOUND)
     monkeypatch.setattr(responses_ws, "MAX_CHAINS", BOUND)
     monkeypatch.setattr(sim_server, "KEPT_REQUESTS", BOUND)
+    monkeypatch.setattr(shared_store, "ANNOUNCED_MEMORY", BOUND)
     with ExitStack() as stack:
         if request.param == "builtin":
             yield stack.enter_context(running_server())
+        elif request.param == "builtin+redis":
+            # Stored responses, background runs and conversations shared through Redis.
+            url = stack.enter_context(redis_server())
+            shared = SharedStore.from_url(url, prefix=f"steady-{uuid.uuid4().hex}")
+            yield stack.enter_context(running_server(shared=shared))
         else:
             sim = stack.enter_context(running_sim(record_bodies=BOUND, cache_blocks=BOUND))
             server, _metrics = stack.enter_context(warmsocket_upstream(sim.base_url, request.param))
