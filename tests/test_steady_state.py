@@ -3,8 +3,9 @@ what they stored is deleted, every count of state goes back to where it was.
 
 One cycle does what a day of clients does (WebSocket turns on chains and lanes, bad
 frames, an unknown id, a turn cut off by its client, the SDK's `responses.connect()`,
-HTTP and SSE creates, stored responses listed and deleted, a conversation, a
-background response), then undoes what it stored. After warm-up cycles (first-use
+HTTP and SSE creates, an SSE stream left mid-answer, token counts, compaction,
+refused requests, stored responses listed and deleted, a conversation, a background
+response), then undoes what it stored. After warm-up cycles (first-use
 caches, the SDK's pool), more cycles must leave the cache's entries, the server's
 connections and tasks, conversations, background runs, the number of live Python
 objects of each type and the memory blocks each line of warmsocket allocated where
@@ -27,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
 
+import openai
 import pytest
 from openai import OpenAI
 
@@ -145,6 +147,17 @@ def sdk_cycle(sdk: OpenAI) -> list[str]:
             if event.type in ("response.completed", "error"):
                 assert event.type == "response.completed"
                 break
+    # Counting, compacting, and what the API refuses.
+    assert sdk.responses.input_tokens.count(model=MODEL, input="count me").input_tokens > 0
+    window = sdk.responses.compact(model=MODEL, previous_response_id=replay.id)
+    assert window.output[-1].type == "compaction"
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve("resp_unknown")
+    with pytest.raises(openai.BadRequestError):
+        sdk.responses.create(model=MODEL, input=[{"type": "nonsense"}])  # type: ignore[list-item]
+    # A client that stops reading an SSE stream and leaves.
+    with sdk.responses.create(model=MODEL, input="/sleep 200\nleft", stream=True) as events:
+        assert next(iter(events)).type == "response.created"
     conversation = sdk.conversations.create(items=[{"role": "user", "content": "hi"}])
     turn = sdk.responses.create(model=MODEL, input="in it", conversation=conversation.id)
     stored.append(turn.id)
