@@ -177,6 +177,11 @@ def test_chat_memo_stays_within_its_bytes_and_drops_superseded_parents_first(
             # The busy chain's parents went, the idle chain's only turn stayed.
             assert idle in backend._memo and busy in backend._memo
             assert len(backend._memo) < 22
+            # A continuation counts its messages (its parent's too) and its head once.
+            newest = backend._memo[busy]
+            assert newest.nbytes == sum(map(len, newest.messages)) + len(newest.head) + len(
+                newest.system or b""
+            )
             done = client.turn(input="/transcript", previous_response_id=idle, store=False)
         lines = output_text(done).splitlines()
         assert [line.split(":")[0] for line in lines] == ["user", "assistant", "user"]

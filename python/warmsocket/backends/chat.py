@@ -67,8 +67,10 @@ class _Rendered:
     """The `truncation` cut these messages were rendered with."""
     output: list[dict[str, Any]] | None = None
     """The response's output items, once the upstream finished it."""
+    message_bytes: int = 0
+    """The bytes of `messages` (those shared with the parent too)."""
     nbytes: int = 0
-    """The bytes of `head`, `system` and `messages` (shared ones too)."""
+    """`message_bytes`, `head` and `system`: what the memo counts for it."""
 
 
 def render(items: list[dict[str, Any]]) -> tuple[list[bytes], str | None]:
@@ -126,7 +128,7 @@ class ChatBackend(HTTPUpstreamBackend):
         parent = self._memo.get(turn.previous_response_id) if turn.previous_response_id else None
         messages: list[bytes] | None = None
         last_role: str | None = None
-        nbytes = 0
+        message_bytes = 0
         continued = False
         if (
             parent is not None
@@ -141,7 +143,7 @@ class ChatBackend(HTTPUpstreamBackend):
                 new, last_role = render(batch)
                 messages = parent.messages + new
                 last_role = last_role or parent.last_role
-                nbytes = parent.nbytes + sum(map(len, new))
+                message_bytes = parent.message_bytes + sum(map(len, new))
                 continued = True
         if messages is None:
             self.full_renders += 1
@@ -149,7 +151,7 @@ class ChatBackend(HTTPUpstreamBackend):
             if cut is not None:
                 items = items[: cut.head] + items[cut.start :]
             messages, last_role = render(items)
-            nbytes = sum(map(len, messages))
+            message_bytes = sum(map(len, messages))
         settings = turn.settings_json
         logprobs = LOGPROBS in turn.request.include
         given = turn.request.given_defaults
@@ -183,7 +185,8 @@ class ChatBackend(HTTPUpstreamBackend):
                 turn.view.items,
                 last_role,
                 cut,
-                nbytes=nbytes + len(head) + (len(system) if system is not None else 0),
+                message_bytes=message_bytes,
+                nbytes=message_bytes + len(head) + (len(system) if system is not None else 0),
             ),
             continued=continued,
         )
