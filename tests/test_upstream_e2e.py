@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import httpx2 as httpx
+import openai
 import pytest
 from openai import AuthenticationError, OpenAI
 
@@ -35,6 +36,7 @@ from tests.upstream_support import (
 )
 from warmsocket import mockmodel
 from warmsocket.backends import chat
+from warmsocket.backends.responses_http import HeadCache
 from warmsocket.metrics import Metrics
 from warmsocket.prefixhash import count_tokens
 from warmsocket.simulate.model import items_from_chat, items_from_input
@@ -188,6 +190,58 @@ def test_chat_memo_stays_within_its_bytes_and_drops_superseded_parents_first(
         assert lines[0].split() == ["user:"] + ["x"] * 10_000
         assert backend.full_renders == 2  # the first turn of each chain only
         assert sum(r.nbytes for r in backend._memo.values()) == backend._memo_bytes
+
+
+def kept_by_backend(backend: Any, response_id: str) -> bool:
+    """Whether the upstream backend keeps a working copy of the response (rendered
+    messages, a request body or head, its upstream connection)."""
+    if response_id in getattr(backend, "_memo", {}) or response_id in getattr(
+        backend, "_chains", {}
+    ):
+        return True
+    heads = [getattr(backend, name, None) for name in ("_body_heads", "_heads")]
+    contexts = getattr(backend, "_contexts", None)
+    return any(isinstance(cache, HeadCache) and response_id in cache._heads for cache in heads) or (
+        contexts is not None and response_id in contexts._entries
+    )
+
+
+def test_working_copies_go_with_their_connection_and_on_delete(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics]
+) -> None:
+    """What a backend keeps of a response so that the next turn costs less goes when
+    nothing can continue the response any more: its connection closed (store=false),
+    it failed, or it was deleted."""
+    _sim, server, _metrics = stack
+    backend: Any = server.server.engine.backend
+    auth = {"Authorization": "Bearer sk-test"}
+    with WSClient(server.ws_url, additional_headers=auth) as client:
+        first = client.turn(input="one", store=False)[-1]["response"]["id"]
+        second = client.turn(input="two", previous_response_id=first, store=False)
+        local = [first, second[-1]["response"]["id"]]
+        failed = client.turn(input="/fail", previous_response_id=local[-1], store=False)[-1]
+        assert failed["type"] == "response.failed"
+        stored = [client.turn(input=f"kept {n}")[-1]["response"]["id"] for n in range(2)]
+        assert all(kept_by_backend(backend, rid) for rid in local + stored)
+        assert not kept_by_backend(backend, failed["response"]["id"])  # gone at once
+    deadline = time.monotonic() + 5
+    while any(kept_by_backend(backend, rid) for rid in local):
+        assert time.monotonic() < deadline, "the closed connection's copies were kept"
+        time.sleep(0.01)
+    assert all(kept_by_backend(backend, rid) for rid in stored)  # stored: still continuable
+    with OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk:
+        sdk.responses.delete(stored[0])
+        assert not kept_by_backend(backend, stored[0])
+        assert kept_by_backend(backend, stored[1])
+        # Another key's delete is a 404 and drops nothing.
+        other = OpenAI(base_url=server.base_url, api_key="sk-other", max_retries=0)
+        with other, pytest.raises(openai.NotFoundError):
+            other.responses.delete(stored[1])
+        assert kept_by_backend(backend, stored[1])
+        follow = sdk.responses.create(
+            model="m", input="/transcript", previous_response_id=stored[1]
+        )
+        assert "user: kept 1" in follow.output_text
 
 
 def test_openai_sdk_websocket_and_http(

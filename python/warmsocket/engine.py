@@ -28,7 +28,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -78,6 +79,10 @@ log = logging.getLogger("warmsocket.engine")
 Framing = Literal["json", "websocket", "msgpack", "sse"]
 """How a turn's events are framed (see `_core.ResponseEncoder`)."""
 
+WORKING_COPIES = 4096
+"""The responses a backend keeps working copies of, at most (`chat.MEMO_ENTRIES`,
+`responses_http.MEMO_ENTRIES`): a connection's older local responses have been
+pushed out of them already."""
 BYTES_PER_TOKEN_ESTIMATE = 4
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _Key = TypeVar("_Key", bound=Hashable)
@@ -358,6 +363,34 @@ class Engine:
         self.responses_upstream = bool(getattr(backend, "responses_upstream", False))
         self._instruction_tokens: dict[str, int] = {}
         self._tool_tokens: dict[int, int] = {}
+        self._forget = getattr(backend, "forget", None)
+        self._local_ids: dict[int, deque[str]] = {}
+        """By cache connection: its connection-local responses, the most recent
+        (`WORKING_COPIES` covers every one a backend can still hold a copy of)."""
+
+    # -- the backends' working copies ---------------------------------------------------
+
+    def forget(self, response_ids: Iterable[str]) -> None:
+        """Responses nothing can continue any more (deleted, never stored, or gone with
+        their connection): the backend drops its working copies of them (rendered
+        messages, request bodies), if it keeps any."""
+        if self._forget is not None:
+            self._forget(response_ids)
+
+    def kept_local(self, connection: int, response_id: str) -> None:
+        """A response was stored connection-local: its copies go when `connection` does."""
+        ids = self._local_ids.get(connection)
+        if ids is None:
+            ids = self._local_ids[connection] = deque(maxlen=WORKING_COPIES)
+        ids.append(response_id)
+
+    def close_connection(self, connection: int) -> None:
+        """Drop a cache connection: its connection-local chains, and the backend's
+        working copies of them."""
+        self.cache.close_connection(connection)
+        ids = self._local_ids.pop(connection, None)
+        if ids:
+            self.forget(ids)
 
     def cached(self, response_id: str, *, owner: str, connection: int | None = None) -> bool:
         """Whether a lookup of `response_id` by `owner` finds it in the local cache."""
@@ -763,6 +796,8 @@ class Turn:
         self._unsent = b""
         # Rebased on connection-local state (`rebase`): kept connection-local.
         self._local_only = False
+        self._stored_on: int | None = None
+        """The connection the stored response is local to (None: stored, or not yet)."""
         # Rebased (`rebase`): what the client sent, as stored responses list it.
         self._rebased_input: bytes | None = None
         # The conversation this response continues (`join_conversation`), and what it
@@ -1114,6 +1149,7 @@ class Turn:
             raise errors.server_overloaded(
                 f"The response could not be kept in the session cache ({type(exc).__name__})."
             ) from None
+        self._stored_on = info.connection
         if conversation is not None and added is not None:
             self.engine.conversations.extend(conversation, added)
         shared = self.engine.shared
@@ -1126,6 +1162,11 @@ class Turn:
         self.finished = True
         self.end_status = status
         self.release()
+        engine = self.engine
+        if status not in ("completed", "incomplete"):
+            engine.forget((self.response_id,))  # never stored: nothing continues it
+        elif self._stored_on is not None:
+            engine.kept_local(self._stored_on, self.response_id)
         seconds = time.perf_counter() - self.started
         self.engine.metrics.observe_turn(seconds, status)
         if log.isEnabledFor(logging.DEBUG):  # one line per turn: ids, counts, times only

@@ -475,6 +475,8 @@ class HTTPApp:
             # Its record and events (the process that ran it is told, too).
             engine.shared.background_board.forget(owner, rid)
         deleted = engine.cache.delete(rid, owner=owner) or shared_deleted or run is not None
+        if deleted:
+            engine.forget((rid,))
         if not (deleted or unstored):
             raise errors.response_not_found(rid)
         body = dumps({"id": rid, "object": "response", "deleted": True})

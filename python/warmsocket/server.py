@@ -330,6 +330,7 @@ class Server:
         """Another process deleted a shared response: drop the local copy too, and stop
         the background response if it runs here."""
         self.cache.delete(response_id, owner=owner)
+        self.engine.forget((response_id,))
         self.http.background.delete_announced(owner, response_id)
 
     async def __aenter__(self) -> Server:
@@ -457,7 +458,7 @@ class Connection(asyncio.Protocol):
         if self._http_task is not None:
             self._http_task.cancel()
         if self._cache_connection is not None:
-            self.server.cache.close_connection(self._cache_connection)
+            self.server.engine.close_connection(self._cache_connection)
             self.server.metrics.connection_closed("http")
             self._cache_connection = None
         if self.session is not None:

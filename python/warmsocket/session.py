@@ -369,7 +369,7 @@ class ResponsesSession:
                 lane.head = None
         self._ready.clear()
         self._queued = self._queued_bytes = 0
-        self.engine.cache.close_connection(self.connection)
+        self.engine.close_connection(self.connection)
 
     def take_outbox(self) -> list[Action]:
         outbox, self.outbox = self.outbox, []

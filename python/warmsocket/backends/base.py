@@ -243,6 +243,11 @@ class Backend(Protocol):
     OpenAI's prompt templates, moderation) go to it; any other backend refuses a
     request with one (400).
 
+    A backend that keeps working copies of responses (rendered messages, request
+    bodies) defines `forget(response_ids)`: the engine calls it when nothing can
+    continue those responses any more (deleted, never stored, or gone with their
+    connection), so the copies go with them.
+
     A backend may also set a class attribute `eager_start = True`: the server then
     runs the first step of `stream`'s iteration (up to its first wait) in the
     callback that received the client's message, outside any task, so an upstream

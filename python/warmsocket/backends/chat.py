@@ -18,6 +18,7 @@ goes without its oldest turns (`warmsocket.backends.truncation`).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -210,6 +211,14 @@ class ChatBackend(HTTPUpstreamBackend):
         while len(memo) > 1 and (len(memo) > MEMO_ENTRIES or self._memo_bytes > MEMO_BYTES):
             _id, dropped = memo.popitem(last=False)
             self._memo_bytes -= dropped.nbytes
+
+    def forget(self, response_ids: Iterable[str]) -> None:
+        """Drop what is kept of these responses (`Engine.forget`)."""
+        memo = self._memo
+        for response_id in response_ids:
+            dropped = memo.pop(response_id, None)
+            if dropped is not None:
+                self._memo_bytes -= dropped.nbytes
 
     def new_decoder(self) -> Decoder:
         return ChatChunkDecoder()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from warmsocket.backends.base import TurnContext
@@ -99,6 +100,10 @@ class HeadCache:
             heads.popitem(last=False)
         return head
 
+    def forget(self, response_ids: Iterable[str]) -> None:
+        for response_id in response_ids:
+            self._heads.pop(response_id, None)
+
 
 class ContextCache:
     """The request's `"input"` value so far, by response id: `[` and the context's
@@ -145,6 +150,12 @@ class ContextCache:
             self._bytes -= len(dropped)
         return buffer
 
+    def forget(self, response_ids: Iterable[str]) -> None:
+        for response_id in response_ids:
+            entry = self._entries.pop(response_id, None)
+            if entry is not None:
+                self._bytes -= len(entry[0])
+
 
 class ResponsesHTTPBackend(HTTPUpstreamBackend):
     name = "upstream-responses"
@@ -165,6 +176,12 @@ class ResponsesHTTPBackend(HTTPUpstreamBackend):
     async def aclose(self) -> None:
         self._compactor.close()
         await super().aclose()
+
+    def forget(self, response_ids: Iterable[str]) -> None:
+        """Drop what is kept of these responses (`Engine.forget`)."""
+        ids = tuple(response_ids)
+        self._body_heads.forget(ids)
+        self._contexts.forget(ids)
 
     def build_body(self, turn: TurnContext, model: str) -> list[bytes | bytearray]:
         head = self._body_heads.head(turn, model)

@@ -34,7 +34,7 @@ import importlib.util
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -605,6 +605,13 @@ class ResponsesWSBackend:
             await socket.ws.close()
             return
         self._release(socket, reusable=True)  # idle, with its expiry
+
+    def forget(self, response_ids: Iterable[str]) -> None:
+        """Drop what is kept of these responses (`Engine.forget`)."""
+        ids = tuple(response_ids)
+        self._heads.forget(ids)
+        for response_id in ids:
+            self._chains.pop(response_id, None)
 
     def _remember(self, response_id: str, socket: UpstreamSocket, upstream_id: str) -> None:
         chains = self._chains
