@@ -309,20 +309,22 @@ async def drain(server: Server, stop: asyncio.Event, grace: float) -> None:
     draining = asyncio.ensure_future(server.drain(grace))
     again = asyncio.ensure_future(stop.wait())
     await asyncio.wait({draining, again}, return_when=asyncio.FIRST_COMPLETED)
-    timed_out = draining.done()
+    if draining.done():
+        # Counted when the grace period ended, before what was left was failed and
+        # its connections closed.
+        connections, background = draining.result()
+        cut_short = "shutdown timeout reached"
+    else:
+        connections, background = len(server.connections), server.http.background.running
+        cut_short = "drain cut short by a second signal"
     for task in (draining, again):
         task.cancel()
-    left = len(server.connections) + server.http.background.running
     log.info(
-        "drained"
-        if not left
-        else "shutdown timeout reached"
-        if timed_out
-        else "drain cut short by a second signal",
+        cut_short if connections or background else "drained",
         extra={
             "seconds": round(time.monotonic() - started, 3),
-            "connections_left": len(server.connections),
-            "background_responses_left": server.http.background.running,
+            "connections_left": connections,
+            "background_responses_left": background,
         },
     )
 

@@ -289,14 +289,16 @@ class Server:
         assert self._server is not None
         await self._server.serve_forever()
 
-    async def drain(self, grace: float) -> None:
+    async def drain(self, grace: float) -> tuple[int, int]:
         """A graceful shutdown's first step (`close` is the second): stop listening and
         let what is under way finish, for at most `grace` seconds. Each WebSocket closes
         with 1001 once its responses under way have ended (new creates on it are
         refused: `ResponsesSession.drain`), each HTTP connection once its request is
         answered (those that start now say `Connection: close`), idle ones at once;
         background responses run on. `GET /healthz` answers 503 `draining` meanwhile.
-        Returns when nothing is left, or at the end of `grace`."""
+        Returns when nothing is left, or at the end of `grace`, the connections and
+        background responses left then (0, 0: everything finished in time); what is
+        left on a connection then fails (`Connection.drain_ended`)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         self.draining = True
@@ -308,8 +310,10 @@ class Server:
         background = self.http.background
         while (self.connections or background.running) and loop.time() < deadline:
             await asyncio.sleep(min(_DRAIN_POLL_SECONDS, max(0.0, deadline - loop.time())))
+        left = (len(self.connections), background.running)
         for connection in list(self.connections):
             connection.drain_ended()
+        return left
 
     async def close(self) -> None:
         """Stop listening, close every connection (1001 for WebSockets), release backends,
