@@ -376,6 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Keep it under your orchestrator's grace period (Kubernetes: 30 s)",
     )
     opt.add(
+        "--max-connections",
+        default=0,
+        type=_non_negative_int,
+        help="connections (HTTP and WebSocket) kept open at once. Past it an idle HTTP "
+        "keep-alive connection is closed to make room, else the new connection is "
+        "answered 503 'server_is_overloaded' with Retry-After (GET /healthz and /metrics "
+        "are still answered). 0: as many as the open-file limit allows (raised to its "
+        "hard limit at start), less 64; half that with --upstream, whose turns hold "
+        "upstream connections too",
+    )
+    opt.add(
         "--max-lanes", default=32, type=_positive_int, help="named stream_id lanes per connection"
     )
     opt.add(

@@ -333,6 +333,34 @@ def cache_collector(stats: Callable[[], dict[str, int]]) -> Callable[[], Iterabl
     return collect
 
 
+def connection_limit_collector(
+    limit: int | None, counts: dict[str, int]
+) -> Callable[[], Iterable[str]]:
+    """Render `--max-connections` and what it did (`warmsocket.admission`)."""
+
+    def collect() -> Iterable[str]:
+        if limit is not None:
+            yield "# HELP warmsocket_connection_limit Connections kept open at most."
+            yield "# TYPE warmsocket_connection_limit gauge"
+            yield f"warmsocket_connection_limit {limit}"
+        yield (
+            "# HELP warmsocket_connections_refused_total Connections that came past the "
+            "limit, by how: answered (503; a probe of /healthz or /metrics as usual) or "
+            "dropped (too many were being answered already)."
+        )
+        yield "# TYPE warmsocket_connections_refused_total counter"
+        yield f'warmsocket_connections_refused_total{{how="answered"}} {counts["refused"]}'
+        yield f'warmsocket_connections_refused_total{{how="dropped"}} {counts["dropped"]}'
+        yield (
+            "# HELP warmsocket_idle_connections_closed_for_room_total Idle HTTP keep-alive "
+            "connections closed to let a new connection in under the limit."
+        )
+        yield "# TYPE warmsocket_idle_connections_closed_for_room_total counter"
+        yield f"warmsocket_idle_connections_closed_for_room_total {counts['closed_idle']}"
+
+    return collect
+
+
 def background_collector(stats: Callable[[], dict[str, int]]) -> Callable[[], Iterable[str]]:
     """Render the background responses' gauges (`background: true`)."""
 

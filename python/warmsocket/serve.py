@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from warmsocket import logs, upstream_cli
+from warmsocket import admission, logs, upstream_cli
 from warmsocket._core import SessionCache, SnapshotError, Tokenizer, TokenizerError
 from warmsocket.backends.base import Backend
 from warmsocket.backends.mock import MockBackend
@@ -36,6 +36,8 @@ log = logging.getLogger("warmsocket")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The server's configuration. `--max-connections 0` follows the open-file limit in
+    force now (`serve_command` raises it first)."""
     limits = Limits(
         max_message_bytes=args.max_message_bytes,
         connection_lifetime=args.connection_lifetime,
@@ -62,6 +64,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         prefix_diffing=not args.no_prefix_diffing,
         shutdown_timeout=args.shutdown_timeout,
         conversation_budget=args.conversation_budget,
+        max_connections=args.max_connections
+        or admission.auto_max_connections(
+            admission.open_file_limit(), upstream=bool(getattr(args, "upstream", None))
+        ),
     )
 
 
@@ -108,7 +114,15 @@ def backend_from_args(args: argparse.Namespace, metrics: Metrics | None = None) 
 
 def serve_command(args: argparse.Namespace) -> int:
     logs.configure(args.log_level, args.log_format)
+    open_files = admission.raise_open_file_limit()
     config = config_from_args(args)
+    if args.max_connections and args.max_connections > open_files - admission.FILE_RESERVE:
+        log.warning(
+            "--max-connections is more than the open-file limit leaves room for: past that, "
+            "connections are closed unanswered and upstream connections fail. Raise the "
+            "limit (ulimit -n, LimitNOFILE=) or lower --max-connections",
+            extra={"max_connections": args.max_connections, "open_files": open_files},
+        )
     snapshot = Path(args.snapshot) if args.snapshot else None
     try:
         metrics = Metrics()
@@ -234,6 +248,7 @@ async def _serve(
             "models": list(config.models if config.listed_models is None else config.listed_models),
             "tokenizer": tokenizer.name if tokenizer is not None else "none",
             "memory_budget": config.memory_budget,
+            "max_connections": config.max_connections,
             "auth": bool(config.api_keys),
             "shared_store": sharing is not None,
         },

@@ -50,6 +50,13 @@ from websockets.typing import Subprotocol
 
 from warmsocket import errors, ids
 from warmsocket._core import ClientFrames, CreateRequest, SessionCache
+from warmsocket.admission import (
+    REFUSED_BODY_BYTES,
+    REFUSED_WAIT,
+    Admission,
+    Verdict,
+    too_many_connections,
+)
 from warmsocket.backends.base import Backend, ImmediateBackend, StreamItem
 from warmsocket.conversations import DEFAULT_CONVERSATION_BUDGET, Conversations
 from warmsocket.engine import (
@@ -76,6 +83,7 @@ from warmsocket.metrics import (
     Metrics,
     background_collector,
     cache_collector,
+    connection_limit_collector,
     conversation_collector,
     shared_store_collector,
 )
@@ -190,6 +198,9 @@ class ServerConfig:
     http_body_timeout: float | None = 300.0
     """`--http-body-timeout`: seconds from the end of a request head to the end of its
     body (then 408). None: no limit."""
+    max_connections: int | None = None
+    """`--max-connections`: connections kept open at once (`warmsocket.admission`);
+    None: no limit."""
     backlog: int = 1024
     tokenizer: str | None = None
     """`--tokenizer`: o200k_base, cl100k_base, a tokenizer.json path, none; None follows
@@ -255,6 +266,10 @@ class Server:
         self.eager_start = bool(getattr(backend, "eager_start", False))
         """Whether a model task's first step runs in place (`Backend`'s docs)."""
         self.connections: set[Connection] = set()
+        self.admission = Admission(config.max_connections)
+        self.metrics.collectors.append(
+            connection_limit_collector(config.max_connections, self.admission.counts)
+        )
         self._server: asyncio.Server | None = None
         self.draining = False
         """Shutting down (`drain`): connections close as what they carry ends."""
@@ -418,6 +433,12 @@ class Connection(asyncio.Protocol):
         # The client's frames, split in Rust (none with extensions: then `ws` reads all).
         self._frames: ClientFrames | None = None
         self._opened_at = 0.0  # when the WebSocket opened (monotonic)
+        # What the connection limit made of this connection (`Admission.admit`); None
+        # once it was closed to make room.
+        self._verdict: Verdict | None = None
+        # An HTTP request has been answered on it: between requests it is idle.
+        self._served = False
+        self._refused_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -427,6 +448,15 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         self.server.connections.add(self)
+        verdict = self._verdict = self.server.admission.admit()
+        if verdict == "dropped":
+            transport.abort()
+            return
+        if verdict == "refused":
+            # Past --max-connections: read the request (little of its body) and answer
+            # 503 (`_http_next`); a client that sends nothing soon is dropped.
+            self._parser = RequestParser(max_body_bytes=REFUSED_BODY_BYTES)
+            self._refused_timer = self.loop.call_later(REFUSED_WAIT, transport.abort)
         self._http_wait()
 
     def data_received(self, data: bytes) -> None:
@@ -434,6 +464,8 @@ class Connection(asyncio.Protocol):
         if self.ws is not None:
             self._ws_data(data)
             return
+        if self._served:
+            self.server.admission.busy(self)
         self._parser.feed(data)
         if self._http_task is None:
             self._http_next()
@@ -459,6 +491,12 @@ class Connection(asyncio.Protocol):
         self.lost = True
         self._writable.set()
         self.server.connections.discard(self)
+        admission = self.server.admission
+        admission.busy(self)
+        admission.release(self._verdict)
+        self._verdict = None
+        if self._refused_timer is not None:
+            self._refused_timer.cancel()
         if self._http_task is not None:
             self._http_task.cancel()
         if self._cache_connection is not None:
@@ -630,6 +668,9 @@ class Connection(asyncio.Protocol):
             # Called from `data_received` and from a finished request's task: nothing
             # above would answer, so every failure answers here and closes.
             error = exc if isinstance(exc, HTTPError) else HTTPError(400, "Invalid request.")
+            if self._verdict == "refused" and error.status == 413:
+                self._refuse_past_limit("none")  # its body passed REFUSED_BODY_BYTES
+                return
             if not isinstance(exc, HTTPError):
                 log.error("cannot parse an HTTP request", extra={"error_type": type(exc).__name__})
             self._answer_unread(APIError(error.code, error.message, status=error.status))
@@ -644,6 +685,12 @@ class Connection(asyncio.Protocol):
                 self._http_wait()
             return
         self._http_deadline = self._head_since = self._body_since = None
+        if self._verdict == "refused":
+            route = route_of(request.path)[0]
+            if request.method != "GET" or route not in {"healthz", "metrics"}:
+                self._refuse_past_limit(route)
+                return
+            request.keep_alive = False  # a probe: answered, then the connection closes
         if request.is_websocket_upgrade:
             self._upgrade(request)
             return
@@ -668,6 +715,8 @@ class Connection(asyncio.Protocol):
         else:
             self._head_since = None
             start, timeout = now, config.http_idle_timeout
+            if receiving is None and self._served and self._verdict == "admitted":
+                self.server.admission.idle(self)
         deadline = start + timeout if timeout else None
         if receiving == "body":
             if self._body_since is None:
@@ -727,6 +776,22 @@ class Connection(asyncio.Protocol):
         self.write(_error_response(error))
         self._close_transport()
 
+    def _refuse_past_limit(self, route: str) -> None:
+        """Answer a connection past --max-connections 503 and close it."""
+        server = self.server
+        error = too_many_connections(server.admission.limit or 0)
+        server.metrics.count_error(error.code or error.type)
+        server.metrics.http_request(route, error.status)
+        self.write(_error_response(error))
+        self._close_transport()
+
+    def close_for_room(self) -> None:
+        """Close this idle keep-alive connection: a new one takes its place under
+        --max-connections (`Admission.admit`)."""
+        self._verdict = None
+        log.debug("closing an idle HTTP connection to make room")
+        self._close_transport()
+
     async def _http_handle(self, request: Request) -> None:
         if self._cache_connection is None:
             # HTTP keep-alive connections scope store=false state too: nothing outlives them.
@@ -747,6 +812,7 @@ class Connection(asyncio.Protocol):
         finally:
             self._http_task = None
             self._streaming = False
+            self._served = True
         if not keep_alive:
             self._close_transport()
             return

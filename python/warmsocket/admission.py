@@ -1,0 +1,157 @@
+"""How many connections one process keeps open (`--max-connections`), and what happens
+to those past it.
+
+Every connection is a file descriptor. Without a bound, a process that runs out of them
+cannot accept (the event loop closes new connections unanswered, and says nothing) and
+cannot open its upstream connections either: every turn fails. With one, the process
+stays inside its open-file limit and a client past it is told why (503
+`server_is_overloaded`, `Retry-After`), so the SDKs' retries and load balancers can act.
+
+Past the limit, in order:
+
+1. An idle HTTP keep-alive connection (one that has been answered and waits for its
+   client's next request) is closed to make room, oldest first, as nginx does with its
+   keep-alive connections. HTTP clients expect a server to close those at any time and
+   open a new one. WebSockets are never closed for room: they carry session state.
+2. Else the new connection is refused: its request is read (at most `REFUSED_BODY_BYTES`
+   of body, for at most `REFUSED_WAIT` seconds) and answered 503; `GET /healthz` and
+   `GET /metrics` are answered as usual, so that probes keep working on a full server.
+3. Past `REFUSING_AT_ONCE` refusals in progress, new connections are closed at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import time
+from typing import Literal, Protocol
+
+from warmsocket import errors
+from warmsocket.errors import APIError
+
+log = logging.getLogger("warmsocket.server")
+
+FILE_RESERVE = 64
+"""Open files kept out of `auto_max_connections`' count: the listening socket, Redis,
+the snapshot, the tokenizer file, logs."""
+REFUSING_AT_ONCE = 64
+"""Connections past the limit answered 503 at once; more are closed unanswered."""
+REFUSED_BODY_BYTES = 64 * 1024
+"""How much of a refused request's body is read before it is answered (a larger one is
+answered as soon as that much has arrived)."""
+REFUSED_WAIT = 5.0
+"""Seconds a refused connection has to send its request before it is closed."""
+LOG_INTERVAL = 10.0
+"""Seconds between two log lines about refused connections (the metrics count all)."""
+
+Verdict = Literal["admitted", "refused", "dropped"]
+
+
+class Reclaimable(Protocol):
+    """A connection that can be closed to make room while it is idle."""
+
+    def close_for_room(self) -> None: ...
+
+
+def open_file_limit() -> int:
+    """The process's open-file limit (soft)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def raise_open_file_limit() -> int:
+    """Raise the open-file limit to its hard limit, as the kernel lets any process do
+    (the soft limit is often 1,024 for compatibility with `select`, which warmsocket
+    does not use). Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
+        # Refused, e.g. by a sandbox: the soft limit stays.
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return open_file_limit()
+
+
+def auto_max_connections(open_files: int, *, upstream: bool) -> int:
+    """What `--max-connections 0` means: as many connections as the open-file limit
+    leaves room for after `FILE_RESERVE`; with an upstream, half that, since each
+    connection's turn holds an upstream connection too."""
+    room = max(open_files - FILE_RESERVE, 2)
+    return room // 2 if upstream else room
+
+
+def too_many_connections(limit: int) -> APIError:
+    return APIError(
+        "server_is_overloaded",
+        f"This server has {limit} connections open, the most it takes "
+        "(--max-connections). Retry shortly, or connect to another replica.",
+        status=503,
+        type=errors.SERVER_ERROR,
+        headers={"retry-after": "1"},
+    )
+
+
+class Admission:
+    """The connection count against `limit` (None: no limit) and the idle keep-alive
+    connections that may be closed to make room. Not thread-safe: the server's event
+    loop owns it."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.admitted = 0
+        """Connections counted against the limit."""
+        self.refusing = 0
+        """Connections past the limit being answered 503."""
+        self.counts = {"refused": 0, "dropped": 0, "closed_idle": 0}
+        """Totals since the start, for `/metrics`."""
+        self._idle: dict[Reclaimable, None] = {}  # insertion order: oldest idle first
+        self._unlogged = {"refused": 0, "dropped": 0}
+        self._logged_at: float | None = None
+
+    def admit(self) -> Verdict:
+        """A new connection: counted against the limit (perhaps in place of an idle
+        one, which is closed), or past it."""
+        if self.limit is None or self.admitted < self.limit:
+            self.admitted += 1
+            return "admitted"
+        if self._idle:
+            oldest = next(iter(self._idle))
+            del self._idle[oldest]
+            self.counts["closed_idle"] += 1
+            oldest.close_for_room()  # it no longer counts: the new one takes its place
+            return "admitted"
+        verdict: Verdict = "refused" if self.refusing < REFUSING_AT_ONCE else "dropped"
+        if verdict == "refused":
+            self.refusing += 1
+        self.counts[verdict] += 1
+        self._unlogged[verdict] += 1
+        self._log()
+        return verdict
+
+    def release(self, verdict: Verdict | None) -> None:
+        """A connection admitted or refused with `verdict` closed (None: one that had
+        been closed for room, or never counted)."""
+        if verdict == "admitted":
+            self.admitted -= 1
+        elif verdict == "refused":
+            self.refusing -= 1
+
+    def idle(self, connection: Reclaimable) -> None:
+        """`connection` (admitted, HTTP) waits for its client's next request."""
+        self._idle[connection] = None
+
+    def busy(self, connection: Reclaimable) -> None:
+        """`connection` is no longer idle (its client sent bytes, or it closed)."""
+        self._idle.pop(connection, None)
+
+    def _log(self) -> None:
+        now = time.monotonic()
+        if self._logged_at is not None and now - self._logged_at < LOG_INTERVAL:
+            return
+        self._logged_at = now
+        log.warning(
+            "connection limit reached; new connections are refused (503) until some close. "
+            "Raise --max-connections (and the open-file limit) or add replicas",
+            extra={"limit": self.limit, **self._unlogged},
+        )
+        self._unlogged = {"refused": 0, "dropped": 0}
