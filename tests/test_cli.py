@@ -485,3 +485,23 @@ def test_port_in_use_says_what_to_do(command: str) -> None:
     assert record["message"] == "cannot listen; pick another --port or --host"
     assert (record["host"], record["port"], record["errno"]) == ("127.0.0.1", port, 98)
     assert record["reason"] == "Address already in use"
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_an_ipv6_host_is_in_brackets_in_the_listening_urls() -> None:
+    proc, url = _start("--host", "::1")
+    try:
+        assert url.startswith("http://[::1]:") and url.endswith("/v1")
+        reply = httpx.post(f"{url}/responses", json={"model": "m", "input": "six"})
+        assert reply.json()["output"][0]["content"][0]["text"] == "You said: six"
+    finally:
+        _stop(proc)

@@ -122,7 +122,8 @@ class Proxy:
         return cls(split.hostname, split.port or 80, authorization)
 
     def __str__(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
 
 def proxy_for(origin: Origin) -> Proxy | None:

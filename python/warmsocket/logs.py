@@ -97,6 +97,14 @@ def configure(level: str = "info", fmt: Literal["json", "text"] = "json") -> Non
         logging.getLogger(name).setLevel(max(root.level, logging.WARNING))
 
 
+def listening_url(scheme: str, host: str, port: int, path: str) -> str:
+    """The URL a server listening on `host` and `port` answers at, for its `listening`
+    line (an IPv6 address in brackets)."""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}{path}"
+
+
 def cannot_listen(log: logging.Logger, host: str, port: int, error: OSError) -> None:
     """The error a server logs when it cannot listen, saying what to do."""
     log.error(

@@ -241,8 +241,8 @@ async def _serve(
     log.info(
         "listening",
         extra={
-            "url": f"http://{config.host}:{server.port}/v1",
-            "websocket": f"ws://{config.host}:{server.port}/v1/responses",
+            "url": logs.listening_url("http", config.host, server.port, "/v1"),
+            "websocket": logs.listening_url("ws", config.host, server.port, "/v1/responses"),
             "backend": backend.name,
             **(described or {}),
             "models": list(config.models if config.listed_models is None else config.listed_models),

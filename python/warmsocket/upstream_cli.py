@@ -415,7 +415,9 @@ def simulate_command(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        log.info("listening", extra={"url": f"http://{config.host}:{server.port}/v1"})
+        log.info(
+            "listening", extra={"url": logs.listening_url("http", config.host, server.port, "/v1")}
+        )
         await stop.wait()
         await server.close()
         return 0
