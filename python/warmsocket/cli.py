@@ -338,6 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
         "When any is given, 'Authorization: Bearer <key>' is required and a bad key gets "
         "HTTP 401 before the WebSocket upgrade. Each key's responses are private to it",
     )
+    opt.add(
+        "--allowed-origin",
+        default=[],
+        action="append",
+        env_split=True,
+        metavar="ORIGIN",
+        help="a web page origin whose requests are served, e.g. https://app.example.com "
+        "(repeatable; the env var takes a comma-separated list; '*' for any). Browsers "
+        "send an Origin header, SDKs and agents do not; a request with one that is not "
+        "listed gets HTTP 403, so that a web site a user visits cannot use this server "
+        "through their browser (a WebSocket is not protected by CORS). Allowed pages get "
+        "CORS headers",
+    )
     limits = serve.add_argument_group("limits")
     opt.parser = limits
     opt.add(

@@ -1,7 +1,8 @@
 """HTTP mode: `POST /v1/responses` (JSON or SSE) and the stored-response endpoints.
 
 Handlers take a parsed request and a `ResponseWriter`; they never touch sockets.
-Every response carries `x-request-id`; errors use OpenAI's JSON error body.
+Every response carries `x-request-id` (and, to a web page `--allowed-origin` lets in,
+CORS headers: `warmsocket.origins`); errors use OpenAI's JSON error body.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from warmsocket.engine import (
 )
 from warmsocket.errors import APIError
 from warmsocket.http11 import LAST_CHUNK, Request, chunk, encode_response, response_head
+from warmsocket.origins import cors_headers, preflight_headers
 from warmsocket.pages import cursor_page, page_params
 from warmsocket.response_stream import dumps
 from warmsocket.token_count import parse_count_request
@@ -112,7 +114,7 @@ class HTTPApp:
                 encode_response(
                     error.status,
                     dumps(error.http_body()),
-                    headers=[("x-request-id", request_id), *_error_headers(error)],
+                    headers=[*_headers(request, request_id), *_error_headers(error)],
                     keep_alive=request.keep_alive,
                 )
             )
@@ -130,6 +132,8 @@ class HTTPApp:
         connection: int,
     ) -> int:
         method = request.method
+        if method == "OPTIONS" and "access-control-request-method" in request.headers:
+            return self._preflight(writer, request, request_id)
         if route == "healthz":
             if method != "GET":
                 raise errors.method_not_allowed(method, request.path)
@@ -145,7 +149,7 @@ class HTTPApp:
                     200,
                     self.engine.metrics.render().encode(),
                     content_type="text/plain; version=0.0.4; charset=utf-8",
-                    headers=[("x-request-id", request_id)],
+                    headers=_headers(request, request_id),
                     keep_alive=request.keep_alive,
                 )
             )
@@ -575,10 +579,33 @@ class HTTPApp:
     ) -> int:
         writer.write(
             encode_response(
-                status, body, headers=[("x-request-id", request_id)], keep_alive=request.keep_alive
+                status, body, headers=_headers(request, request_id), keep_alive=request.keep_alive
             )
         )
         return status
+
+    @staticmethod
+    def _preflight(writer: ResponseWriter, request: Request, request_id: str) -> int:
+        """A browser's CORS preflight. Only an allowed page's gets this far (the server
+        refuses other origins first); without an `Origin` it is not one: 405."""
+        origin = request.headers.get("origin")
+        if origin is None:
+            raise errors.method_not_allowed(request.method, request.path)
+        requested = request.header("access-control-request-headers")
+        headers = [("x-request-id", request_id), *preflight_headers(origin, requested)]
+        if not request.keep_alive:
+            headers.append(("connection", "close"))
+        writer.write(response_head(204, headers))
+        return 204
+
+
+def _headers(request: Request, request_id: str) -> list[tuple[str, str]]:
+    """The headers every answer to `request` carries."""
+    headers = [("x-request-id", request_id)]
+    origin = request.headers.get("origin")
+    if origin is not None:  # an allowed web page's (the server refused the others)
+        headers += cors_headers(origin)
+    return headers
 
 
 async def run_turn(
@@ -653,7 +680,7 @@ def _start_sse(request: Request, writer: ResponseWriter, request_id: str) -> Non
         ("content-type", "text/event-stream; charset=utf-8"),
         ("cache-control", "no-cache"),
         ("transfer-encoding", "chunked"),
-        ("x-request-id", request_id),
+        *_headers(request, request_id),
     ]
     if not request.keep_alive:
         headers.append(("connection", "close"))

@@ -51,6 +51,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         host=args.host,
         port=args.port,
         api_keys=frozenset(args.api_key or ()),
+        allowed_origins=tuple(args.allowed_origin or ()),
         limits=limits,
         memory_budget=args.memory_budget,
         max_item_bytes=args.max_item_bytes,
@@ -250,6 +251,7 @@ async def _serve(
             "memory_budget": config.memory_budget,
             "max_connections": config.max_connections,
             "auth": bool(config.api_keys),
+            "allowed_origins": list(config.allowed_origins),
             "shared_store": sharing is not None,
         },
     )

@@ -87,6 +87,7 @@ from warmsocket.metrics import (
     conversation_collector,
     shared_store_collector,
 )
+from warmsocket.origins import OriginPolicy, origin_not_allowed
 from warmsocket.response_stream import dumps
 from warmsocket.session import (
     CloseConnection,
@@ -198,6 +199,9 @@ class ServerConfig:
     http_body_timeout: float | None = 300.0
     """`--http-body-timeout`: seconds from the end of a request head to the end of its
     body (then 408). None: no limit."""
+    allowed_origins: tuple[str, ...] = ()
+    """`--allowed-origin`: the web origins whose requests are served
+    (`warmsocket.origins`); a request with another `Origin` gets 403."""
     max_connections: int | None = None
     """`--max-connections`: connections kept open at once (`warmsocket.admission`);
     None: no limit."""
@@ -267,6 +271,7 @@ class Server:
         """Whether a model task's first step runs in place (`Backend`'s docs)."""
         self.connections: set[Connection] = set()
         self.admission = Admission(config.max_connections)
+        self.origins = OriginPolicy(config.allowed_origins)
         self.metrics.collectors.append(
             connection_limit_collector(config.max_connections, self.admission.counts)
         )
@@ -685,16 +690,31 @@ class Connection(asyncio.Protocol):
                 self._http_wait()
             return
         self._http_deadline = self._head_since = self._body_since = None
-        if self._verdict == "refused":
-            route = route_of(request.path)[0]
-            if request.method != "GET" or route not in {"healthz", "metrics"}:
-                self._refuse_past_limit(route)
-                return
-            request.keep_alive = False  # a probe: answered, then the connection closes
+        # (Most requests are neither: no work for them.)
+        refusable = self._verdict == "refused" or "origin" in request.headers
+        if refusable and not self._admissible(request):
+            return
         if request.is_websocket_upgrade:
             self._upgrade(request)
             return
         self._http_task = self.loop.create_task(self._http_handle(request))
+
+    def _admissible(self, request: Request) -> bool:
+        """Whether `request` goes on to its route: on a connection past
+        --max-connections only a probe does, and only a web page `--allowed-origin`
+        lets in (`warmsocket.origins`). Answers and closes otherwise."""
+        route = route_of(request.path)[0]
+        if self._verdict == "refused":
+            if request.method != "GET" or route not in {"healthz", "metrics"}:
+                self._refuse_past_limit(route)
+                return False
+            request.keep_alive = False  # a probe: answered, then the connection closes
+        origin = request.headers.get("origin")
+        if origin is not None and not self.server.origins.allows(origin):
+            log.info("web page refused: its origin is not allowed", extra={"route": route})
+            self._answer_and_close(origin_not_allowed(origin), route)
+            return False
+        return True
 
     def _http_wait(self) -> None:
         """No request is being answered: (re)set the deadline for the client's bytes.
@@ -770,18 +790,17 @@ class Connection(asyncio.Protocol):
         """Answer a request that was never read whole (it could not be parsed, was too
         large, or did not arrive in time) with `error`, count it (route `none` in
         `/metrics`: no route was known) and close."""
-        metrics = self.server.metrics
-        metrics.count_error(error.code or error.type)
-        metrics.http_request("none", error.status)
-        self.write(_error_response(error))
-        self._close_transport()
+        self._answer_and_close(error, "none")
 
     def _refuse_past_limit(self, route: str) -> None:
         """Answer a connection past --max-connections 503 and close it."""
-        server = self.server
-        error = too_many_connections(server.admission.limit or 0)
-        server.metrics.count_error(error.code or error.type)
-        server.metrics.http_request(route, error.status)
+        self._answer_and_close(too_many_connections(self.server.admission.limit or 0), route)
+
+    def _answer_and_close(self, error: APIError, route: str) -> None:
+        """Answer a request the connection itself refuses, count it, and close."""
+        metrics = self.server.metrics
+        metrics.count_error(error.code or error.type)
+        metrics.http_request(route, error.status)
         self.write(_error_response(error))
         self._close_transport()
 
