@@ -339,6 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
         "HTTP 401 before the WebSocket upgrade. Each key's responses are private to it",
     )
     opt.add(
+        "--tls-cert",
+        default=None,
+        metavar="PATH",
+        help="serve https:// and wss:// with this PEM certificate chain (the server's "
+        "certificate first); without it, plain HTTP (end TLS in front of the server, or "
+        "keep it on loopback)",
+    )
+    opt.add(
+        "--tls-key",
+        default=None,
+        metavar="PATH",
+        help="the PEM private key of --tls-cert, without a password (default: in the "
+        "certificate file)",
+    )
+    opt.add(
         "--allowed-origin",
         default=[],
         action="append",

@@ -10,11 +10,11 @@ import os
 import signal
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from warmsocket import admission, logs, upstream_cli
+from warmsocket import admission, logs, tls, upstream_cli
 from warmsocket._core import SessionCache, SnapshotError, Tokenizer, TokenizerError
 from warmsocket.backends.base import Backend
 from warmsocket.backends.mock import MockBackend
@@ -117,6 +117,18 @@ def serve_command(args: argparse.Namespace) -> int:
     logs.configure(args.log_level, args.log_format)
     open_files = admission.raise_open_file_limit()
     config = config_from_args(args)
+    if args.tls_key and not args.tls_cert:
+        log.error("--tls-key needs --tls-cert (the certificate the key belongs to)")
+        return 1
+    if args.tls_cert:
+        try:
+            context = tls.server_context(
+                Path(args.tls_cert), Path(args.tls_key) if args.tls_key else None
+            )
+        except tls.TLSConfigError as exc:
+            log.error(str(exc))
+            return 1
+        config = replace(config, tls=context)
     if args.max_connections and args.max_connections > open_files - admission.FILE_RESERVE:
         log.warning(
             "--max-connections is more than the open-file limit leaves room for: past that, "
@@ -239,11 +251,12 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    http, ws = ("https", "wss") if config.tls is not None else ("http", "ws")
     log.info(
         "listening",
         extra={
-            "url": logs.listening_url("http", config.host, server.port, "/v1"),
-            "websocket": logs.listening_url("ws", config.host, server.port, "/v1/responses"),
+            "url": logs.listening_url(http, config.host, server.port, "/v1"),
+            "websocket": logs.listening_url(ws, config.host, server.port, "/v1/responses"),
             "backend": backend.name,
             **(described or {}),
             "models": list(config.models if config.listed_models is None else config.listed_models),

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -199,6 +200,8 @@ class ServerConfig:
     http_body_timeout: float | None = 300.0
     """`--http-body-timeout`: seconds from the end of a request head to the end of its
     body (then 408). None: no limit."""
+    tls: ssl.SSLContext | None = None
+    """`--tls-cert`, `--tls-key` (`warmsocket.tls`): https:// and wss://; None: plain."""
     allowed_origins: tuple[str, ...] = ()
     """`--allowed-origin`: the web origins whose requests are served
     (`warmsocket.origins`); a request with another `Origin` gets 403."""
@@ -295,12 +298,18 @@ class Server:
                 on_deleted=self._forget, on_cancel=self.http.background.cancel_announced
             )
         loop = asyncio.get_running_loop()
+        config = self.config
+        tls: dict[str, Any] = {}
+        if config.tls is not None:
+            # A handshake is bounded as a request head is.
+            tls = {"ssl": config.tls, "ssl_handshake_timeout": config.http_head_timeout or 60.0}
         self._server = await loop.create_server(
             lambda: Connection(self),
-            self.config.host,
-            self.config.port,
-            backlog=self.config.backlog,
+            config.host,
+            config.port,
+            backlog=config.backlog,
             reuse_address=True,
+            **tls,
         )
 
     async def serve_forever(self) -> None:

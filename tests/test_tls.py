@@ -1,0 +1,179 @@
+"""Serving https:// and wss:// (`--tls-cert`, `--tls-key`), with a throwaway CA
+(`trustme`) that the clients trust as a deployment's private CA would be trusted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+import trustme
+
+from tests.support import RunningServer, WSClient, output_text, running_server
+from tests.test_cli import WARMSOCKET, _start, _stop, run
+from tests.test_framing_server import _masked
+from tests.test_http_connection import IDLE, Firehose, dropped_after, stall_records
+from warmsocket.tls import TLSConfigError, server_context
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def pems(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    where = tmp_path_factory.mktemp("tls")
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    files = {
+        "cert": where / "cert.pem",
+        "key": where / "key.pem",
+        "both": where / "both.pem",
+        "ca": where / "ca.pem",
+        "other_key": where / "other-key.pem",
+    }
+    files["cert"].write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(files["key"]))
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(files["both"]))
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    ca.issue_cert("localhost").private_key_pem.write_to_path(str(files["other_key"]))
+    return files
+
+
+@pytest.fixture
+def secure(pems: dict[str, Path]) -> Iterator[RunningServer]:
+    with running_server(tls=server_context(pems["cert"], pems["key"])) as srv:
+        yield srv
+
+
+def client_context(pems: dict[str, Path]) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(pems["ca"]))
+
+
+def test_https_and_wss_on_one_port(secure: RunningServer, pems: dict[str, Path]) -> None:
+    base = f"https://127.0.0.1:{secure.port}/v1"
+    with httpx.Client(base_url=base, verify=client_context(pems), timeout=10) as http:
+        reply = http.post("/responses", json={"model": "m", "input": "sealed"})
+        assert reply.json()["output"][0]["content"][0]["text"] == "You said: sealed"
+        assert http.get("/healthz").json() == {"status": "ok"}
+    url = f"wss://127.0.0.1:{secure.port}/v1/responses"
+    with WSClient(url, ssl=client_context(pems)) as ws:
+        first = ws.turn(model="m", input="one", store=False)
+        previous = first[-1]["response"]["id"]
+        again = ws.turn(model="m", input="two", previous_response_id=previous)
+        assert output_text(again) == "You said: two"
+
+
+def test_a_plain_http_client_on_the_tls_port_gets_no_answer_and_nothing_breaks(
+    secure: RunningServer, pems: dict[str, Path]
+) -> None:
+    with socket.create_connection(("127.0.0.1", secure.port), timeout=5) as raw:
+        raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            answer = raw.recv(65536)
+        except ConnectionResetError:
+            answer = b""
+    assert not answer.startswith(b"HTTP/")  # a TLS alert at most
+    with httpx.Client(verify=client_context(pems), timeout=10) as http:
+        assert http.get(f"https://127.0.0.1:{secure.port}/healthz").status_code == 200
+
+
+def test_a_wss_client_that_stops_reading_is_dropped(
+    pems: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    # What the client acknowledged is counted in TLS records, what was written in
+    # plaintext: the write-stall check still sees when nothing moves.
+    backend = Firehose()
+    with (
+        caplog.at_level(logging.INFO),
+        running_server(
+            backend=backend, http_idle_timeout=IDLE, tls=server_context(pems["cert"], pems["key"])
+        ) as srv,
+    ):
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.settimeout(5)
+        raw.connect(("127.0.0.1", srv.port))
+        tls = client_context(pems).wrap_socket(raw, server_hostname="127.0.0.1")
+        with tls:
+            tls.sendall(
+                b"GET /v1/responses HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n"
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += tls.recv(1)
+            assert head.startswith(b"HTTP/1.1 101 ")
+            payload = json.dumps({"type": "response.create", "model": "m", "input": "go"})
+            tls.sendall(_masked(payload.encode()))
+            assert backend.started.wait(5)
+            after = dropped_after(srv, time.monotonic())  # never reads again
+            assert backend.closed.wait(1)
+        assert after < IDLE + 3
+    (record,) = stall_records(caplog)
+    assert record.__dict__["kind"] == "websocket"
+
+
+def test_the_sdk_over_https_and_wss_trusting_a_private_ca(pems: dict[str, Path]) -> None:
+    proc, url = _start("--tls-cert", str(pems["both"]))  # the key in the certificate file
+    try:
+        assert url.startswith("https://127.0.0.1:")
+        script = (
+            "import openai, sys\n"
+            "c = openai.OpenAI(base_url=sys.argv[1], api_key='k')\n"
+            "print(c.responses.create(model='m', input='via https').output_text)\n"
+            "with c.responses.connect() as conn:\n"
+            "    conn.response.create(model='m', input='via wss')\n"
+            "    for event in conn:\n"
+            "        if event.type == 'response.completed':\n"
+            "            print(event.response.output_text)\n"
+            "            break\n"
+        )
+        env = {**os.environ, "SSL_CERT_FILE": str(pems["ca"])}
+        done = subprocess.run(
+            [sys.executable, "-c", script, url],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == ["You said: via https", "You said: via wss"]
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tls-key", "KEY"], "--tls-key needs --tls-cert"),
+        (["--tls-cert", "/nonexistent/cert.pem"], "no such file"),
+        (["--tls-cert", "CERT", "--tls-key", "OTHER_KEY"], "cannot load the TLS certificate"),
+        (["--tls-cert", "CA_AS_KEY"], "cannot load the TLS certificate"),
+    ],
+)
+def test_unusable_tls_files_stop_the_server_with_advice(
+    pems: dict[str, Path], args: list[str], message: str
+) -> None:
+    names = {"KEY": "key", "CERT": "cert", "OTHER_KEY": "other_key", "CA_AS_KEY": "ca"}
+    args = [str(pems[names[a]]) if a in names else a for a in args]
+    result = run(WARMSOCKET, "serve", "--port", "0", "--log-format", "json", *args)
+    assert result.returncode == 1
+    (record,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert message in record["message"] and record["level"] == "error"
+    assert "PRIVATE KEY" not in result.stderr  # never the files' content
+
+
+def test_server_context_errors() -> None:
+    with pytest.raises(TLSConfigError, match="no such file"):
+        server_context(Path("/nonexistent.pem"))
