@@ -40,7 +40,7 @@
 //! Nothing here calls into Python, so holding the lock can never wait for the GIL.
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
@@ -210,9 +210,15 @@ struct State {
     hits: Cell<u64>,
     misses: Cell<u64>,
     evictions: u64,
+    /// Ids evicted for the budget since `take_evicted` last ran, the newest
+    /// `EVICTED_KEPT`.
+    evicted: VecDeque<Arc<str>>,
     stored_entries: u64,
     pinned: u64,
 }
+
+/// How many evicted ids wait for `take_evicted` at most (the oldest go first).
+const EVICTED_KEPT: usize = 4096;
 
 struct Entry {
     /// Its `id` is the `Arc` the index and the candidates map use as key.
@@ -710,6 +716,16 @@ impl SessionCache {
         self.remove_if(id, |node| node.scope.is_none() && *node.owner == *owner)
     }
 
+    /// The ids evicted for the budget since the last call (the newest `EVICTED_KEPT`),
+    /// so that whoever keeps copies beside the cache can drop theirs.
+    pub fn take_evicted(&self) -> Vec<Arc<str>> {
+        let mut st = self.shared.state.lock();
+        if st.evicted.is_empty() {
+            return Vec::new();
+        }
+        st.evicted.drain(..).collect()
+    }
+
     pub fn stats(&self) -> Stats {
         let st = self.shared.state.lock();
         let entries = st.index.len() as u64;
@@ -1004,6 +1020,10 @@ impl State {
         }
         if evicted {
             self.evictions += 1;
+            if self.evicted.len() == EVICTED_KEPT {
+                self.evicted.pop_front();
+            }
+            self.evicted.push_back(key.clone());
         }
         let anchor = self.nearest_indexed_ancestor(&entry.node);
         if let Some(anchor) = &anchor {
@@ -1401,6 +1421,35 @@ mod tests {
         assert!(c.get("a0", O, None).is_ok());
         assert!(s.bytes <= s.memory_budget);
         assert_eq!(s.entries, 4);
+        // Whoever keeps copies beside the cache learns which went, once.
+        let mut evicted: Vec<String> = c.take_evicted().iter().map(|id| id.to_string()).collect();
+        evicted.sort();
+        assert_eq!(evicted, ["b0", "b1"]);
+        assert!(c.take_evicted().is_empty());
+        // A delete is not an eviction.
+        assert!(c.delete("a1", O));
+        assert!(c.take_evicted().is_empty());
+    }
+
+    #[test]
+    fn evicted_ids_wait_for_take_evicted_up_to_a_bound() {
+        let unit = entry_cost(&big());
+        let c = SessionCache::new(unit + unit / 2, 1 << 20); // room for one
+        let total = EVICTED_KEPT + 10;
+        for i in 0..total {
+            create(&c, &format!("r{i}"), None);
+        }
+        assert_eq!(c.stats().evictions, (total - 1) as u64);
+        let evicted = c.take_evicted();
+        assert_eq!(evicted.len(), EVICTED_KEPT);
+        assert_eq!(
+            &*evicted[0],
+            format!("r{}", total - 1 - EVICTED_KEPT).as_str()
+        );
+        assert_eq!(
+            &*evicted[EVICTED_KEPT - 1],
+            format!("r{}", total - 2).as_str()
+        );
     }
 
     #[test]

@@ -42,6 +42,7 @@ from warmsocket.prefixhash import count_tokens
 from warmsocket.simulate.model import items_from_chat, items_from_input
 from warmsocket.simulate.server import chat_logprobs, sim_logprobs
 from warmsocket.upstream import UpstreamConfig
+from warmsocket.upstream_cli import build_backend
 
 APIS = ["chat", "responses", "responses-ws"]
 INSTRUCTIONS = "You are terse."
@@ -242,6 +243,37 @@ def test_working_copies_go_with_their_connection_and_on_delete(
             model="m", input="/transcript", previous_response_id=stored[1]
         )
         assert "user: kept 1" in follow.output_text
+
+
+OWNER = "anonymous"  # of a request without a key
+
+
+def test_working_copies_go_when_the_cache_evicts_their_response(api: str) -> None:
+    """A response the session cache evicted for its budget cannot be continued here:
+    the backend's copies of it go then, not when the connection closes."""
+    with running_sim() as sim:
+        upstream = UpstreamConfig(urls=(sim.base_url,), api=api)  # type: ignore[arg-type]
+        backend: Any = build_backend(upstream, Metrics())
+        with (
+            running_server(backend=backend, memory_budget=1 << 20) as server,
+            WSClient(server.ws_url) as client,
+        ):
+            large = "word " * 40_000  # ~200 KB: five fill the budget
+            ids = [
+                client.turn(input=f"{n} {large}", store=False)[-1]["response"]["id"]
+                for n in range(8)
+            ]
+            assert server.server.cache.stats().evictions > 0
+            (connection,) = [c.session.connection for c in server.server.connections if c.session]
+            engine = server.server.engine
+            gone = [
+                rid for rid in ids if not engine.cached(rid, owner=OWNER, connection=connection)
+            ]
+            assert gone and gone == ids[: len(gone)]  # the oldest
+            assert not any(kept_by_backend(backend, rid) for rid in gone)
+            assert kept_by_backend(backend, ids[-1])
+            missed = client.turn(input="more", previous_response_id=gone[0], store=False)
+            assert missed[-1]["error"]["code"] == "previous_response_not_found"
 
 
 def test_openai_sdk_websocket_and_http(

@@ -532,6 +532,10 @@ class SessionCache:
 
         Returns whether an entry was removed (False for another owner's entry).
         """
+    def take_evicted(self) -> list[str]:
+        """The ids evicted for the memory budget since the last call (the newest
+        4,096; deletes and closed connections are not evictions), so that copies kept
+        beside the cache can go too."""
     def stats(self) -> CacheStats:
         """The cache's counters now."""
     def snapshot(self) -> bytes:

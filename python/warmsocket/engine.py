@@ -377,6 +377,16 @@ class Engine:
         if self._forget is not None:
             self._forget(response_ids)
 
+    def forget_evicted(self) -> None:
+        """After a response was stored: the responses the cache evicted for its budget
+        to make room can no longer be continued here, so their copies go too (one
+        stored and shared through Redis is loaded again when continued, and its
+        copies made again)."""
+        if self._forget is not None:
+            evicted = self.cache.take_evicted()
+            if evicted:
+                self._forget(evicted)
+
     def kept_local(self, connection: int, response_id: str) -> None:
         """A response was stored connection-local: its copies go when `connection` does."""
         ids = self._local_ids.get(connection)
@@ -1165,8 +1175,10 @@ class Turn:
         engine = self.engine
         if status not in ("completed", "incomplete"):
             engine.forget((self.response_id,))  # never stored: nothing continues it
-        elif self._stored_on is not None:
-            engine.kept_local(self._stored_on, self.response_id)
+        else:
+            if self._stored_on is not None:
+                engine.kept_local(self._stored_on, self.response_id)
+            engine.forget_evicted()
         seconds = time.perf_counter() - self.started
         self.engine.metrics.observe_turn(seconds, status)
         if log.isEnabledFor(logging.DEBUG):  # one line per turn: ids, counts, times only

@@ -344,6 +344,15 @@ impl PySessionCache {
         self.inner.delete(response_id, owner)
     }
 
+    /// The ids evicted for the budget since the last call (the newest 4,096).
+    fn take_evicted(&self) -> Vec<String> {
+        self.inner
+            .take_evicted()
+            .iter()
+            .map(|id| id.to_string())
+            .collect()
+    }
+
     fn stats(&self) -> PyCacheStats {
         PyCacheStats {
             inner: self.inner.stats(),
