@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx2 as httpx
 import pytest
@@ -212,16 +214,25 @@ def test_serve_process_answers_and_stops_cleanly(tmp_path: object) -> None:
 
 
 def _start(*args: str) -> tuple[subprocess.Popen[str], str]:
+    proc, listening = start_serve(*args)
+    return proc, listening["url"]
+
+
+def start_serve(
+    *args: str, preexec_fn: Callable[[], None] | None = None
+) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """A `warmsocket serve` process, and its `listening` log record."""
     proc = subprocess.Popen(
         [WARMSOCKET, "serve", "--port", "0", "--log-format", "json", *args],
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=preexec_fn,
     )
     assert proc.stderr is not None
     for line in proc.stderr:
         record = json.loads(line)
         if record["message"] == "listening":
-            return proc, record["url"]
+            return proc, record
     raise AssertionError("server exited before listening")
 
 

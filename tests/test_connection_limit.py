@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
-import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from tests.support import RunningServer, WSClient, output_text, running_server
-from tests.test_cli import WARMSOCKET
+from tests.test_cli import _stop, start_serve
 from tests.test_http_connection import read_responses, read_until_closed, split_response
 from warmsocket import admission
 from warmsocket import server as server_module
@@ -252,19 +250,11 @@ def _low_file_limit() -> None:
 def test_a_server_at_its_open_file_limit_answers_instead_of_closing() -> None:
     """Without a limit, connections past the open-file limit were closed unanswered
     and nothing was logged. With the default, the server stays inside it."""
-    proc = subprocess.Popen(
-        [WARMSOCKET, "serve", "--port", "0", "--log-format", "json"],
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_low_file_limit,
-    )
+    proc, listening = start_serve(preexec_fn=_low_file_limit)
     try:
-        assert proc.stderr is not None
-        record = json.loads(proc.stderr.readline())
-        assert record["message"] == "listening"
-        limit = record["max_connections"]
+        limit = listening["max_connections"]
         assert limit == 128 - admission.FILE_RESERVE
-        url = record["websocket"]
+        url = listening["websocket"]
         with ExitStack() as stack:
             clients = [stack.enter_context(WSClient(url)) for _ in range(limit)]
             statuses = []
@@ -274,14 +264,8 @@ def test_a_server_at_its_open_file_limit_answers_instead_of_closing() -> None:
                 statuses.append(refused.value.response.status_code)
             assert statuses == [503] * 20
             assert output_text(clients[-1].turn(model="m", input="ok")) == "You said: ok"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-        logs = [json.loads(line) for line in proc.stderr.read().splitlines()]
-        warning = next(r for r in logs if r["message"].startswith("connection limit reached"))
-        assert warning["limit"] == limit and warning["level"] == "warning"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        rest = _stop(proc)
+    logs = [json.loads(line) for line in rest.splitlines()]
+    warning = next(r for r in logs if r["message"].startswith("connection limit reached"))
+    assert warning["limit"] == limit and warning["level"] == "warning"

@@ -21,7 +21,15 @@ import trustme
 from tests.support import RunningServer, WSClient, output_text, running_server
 from tests.test_cli import WARMSOCKET, _start, _stop, run
 from tests.test_framing_server import _masked
-from tests.test_http_connection import IDLE, Firehose, dropped_after, stall_records
+from tests.test_http_connection import (
+    IDLE,
+    UPGRADE,
+    Firehose,
+    dropped_after,
+    read_head,
+    small_window_connection,
+    stall_records,
+)
 from warmsocket.tls import TLSConfigError, server_context
 
 
@@ -99,21 +107,10 @@ def test_a_wss_client_that_stops_reading_is_dropped(
             backend=backend, http_idle_timeout=IDLE, tls=server_context(pems["cert"], pems["key"])
         ) as srv,
     ):
-        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        raw.settimeout(5)
-        raw.connect(("127.0.0.1", srv.port))
-        tls = client_context(pems).wrap_socket(raw, server_hostname="127.0.0.1")
-        with tls:
-            tls.sendall(
-                b"GET /v1/responses HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                b"Sec-WebSocket-Version: 13\r\n\r\n"
-            )
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += tls.recv(1)
-            assert head.startswith(b"HTTP/1.1 101 ")
+        raw = small_window_connection(srv.port)
+        with client_context(pems).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"GET /v1/responses HTTP/1.1\r\n" + UPGRADE + b"\r\n")
+            assert read_head(tls).startswith(b"HTTP/1.1 101 ")
             payload = json.dumps({"type": "response.create", "model": "m", "input": "go"})
             tls.sendall(_masked(payload.encode()))
             assert backend.started.wait(5)

@@ -27,9 +27,6 @@ import resource
 import time
 from typing import Literal, Protocol
 
-from warmsocket import errors
-from warmsocket.errors import APIError
-
 log = logging.getLogger("warmsocket.server")
 
 FILE_RESERVE = 64
@@ -78,17 +75,6 @@ def auto_max_connections(open_files: int, *, upstream: bool) -> int:
     connection's turn holds an upstream connection too."""
     room = max(open_files - FILE_RESERVE, 2)
     return room // 2 if upstream else room
-
-
-def too_many_connections(limit: int) -> APIError:
-    return APIError(
-        "server_is_overloaded",
-        f"This server has {limit} connections open, the most it takes "
-        "(--max-connections). Retry shortly, or connect to another replica.",
-        status=503,
-        type=errors.SERVER_ERROR,
-        headers={"retry-after": "1"},
-    )
 
 
 class Admission:

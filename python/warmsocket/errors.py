@@ -317,6 +317,27 @@ def draining_server() -> APIError:
     )
 
 
+def too_many_connections(limit: int) -> APIError:
+    return APIError(
+        "server_is_overloaded",
+        f"This server has {limit} connections open, the most it takes "
+        "(--max-connections). Retry shortly, or connect to another replica.",
+        status=503,
+        type=SERVER_ERROR,
+        headers={"retry-after": "1"},
+    )
+
+
+def origin_not_allowed(origin: str) -> APIError:
+    shown = origin if len(origin) <= 200 else origin[:200] + "..."
+    return APIError(
+        "origin_not_allowed",
+        f"Requests from web pages are refused unless their origin is allowed; to serve "
+        f"pages from {shown!r}, start warmsocket with --allowed-origin {shown}.",
+        status=403,
+    )
+
+
 def too_many_queued(limit: int) -> APIError:
     return APIError(
         "server_is_overloaded",

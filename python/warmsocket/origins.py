@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from warmsocket.errors import APIError
-
 ALLOWED_METHODS = "GET, POST, DELETE, OPTIONS"
 PREFLIGHT_MAX_AGE = "600"
 """Seconds a browser may reuse a preflight's answer."""
@@ -47,16 +45,6 @@ def _normal(origin: str) -> str:
     """Origins compare without case and without a trailing slash (as browsers send
     them: `https://app.example.com`, `http://localhost:3000`, `null`)."""
     return origin.strip().rstrip("/").lower()
-
-
-def origin_not_allowed(origin: str) -> APIError:
-    shown = origin if len(origin) <= 200 else origin[:200] + "..."
-    return APIError(
-        "origin_not_allowed",
-        f"Requests from web pages are refused unless their origin is allowed; to serve "
-        f"pages from {shown!r}, start warmsocket with --allowed-origin {shown}.",
-        status=403,
-    )
 
 
 def cors_headers(origin: str) -> list[tuple[str, str]]:

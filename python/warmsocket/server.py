@@ -51,13 +51,7 @@ from websockets.typing import Subprotocol
 
 from warmsocket import errors, ids
 from warmsocket._core import ClientFrames, CreateRequest, SessionCache
-from warmsocket.admission import (
-    REFUSED_BODY_BYTES,
-    REFUSED_WAIT,
-    Admission,
-    Verdict,
-    too_many_connections,
-)
+from warmsocket.admission import REFUSED_BODY_BYTES, REFUSED_WAIT, Admission, Verdict
 from warmsocket.backends.base import Backend, ImmediateBackend, StreamItem
 from warmsocket.conversations import DEFAULT_CONVERSATION_BUDGET, Conversations
 from warmsocket.engine import (
@@ -88,7 +82,7 @@ from warmsocket.metrics import (
     conversation_collector,
     shared_store_collector,
 )
-from warmsocket.origins import OriginPolicy, origin_not_allowed
+from warmsocket.origins import OriginPolicy
 from warmsocket.response_stream import dumps
 from warmsocket.session import (
     CloseConnection,
@@ -721,7 +715,7 @@ class Connection(asyncio.Protocol):
         origin = request.headers.get("origin")
         if origin is not None and not self.server.origins.allows(origin):
             log.info("web page refused: its origin is not allowed", extra={"route": route})
-            self._answer_and_close(origin_not_allowed(origin), route)
+            self._answer_and_close(errors.origin_not_allowed(origin), route)
             return False
         return True
 
@@ -803,7 +797,7 @@ class Connection(asyncio.Protocol):
 
     def _refuse_past_limit(self, route: str) -> None:
         """Answer a connection past --max-connections 503 and close it."""
-        self._answer_and_close(too_many_connections(self.server.admission.limit or 0), route)
+        self._answer_and_close(errors.too_many_connections(self.server.admission.limit or 0), route)
 
     def _answer_and_close(self, error: APIError, route: str) -> None:
         """Answer a request the connection itself refuses, count it, and close."""
