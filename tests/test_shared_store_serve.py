@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from tests.support import (
     output_text,
     running_server,
 )
+from tests.test_cli import _stop, start_serve
 from warmsocket import shared_background, shared_store
 from warmsocket.shared_store import SharedStore
 
@@ -775,3 +777,31 @@ def test_the_server_does_not_import_redis_without_redis_url() -> None:
         "sys.exit('redis' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_serve_processes_on_one_port_with_reuse_port(redis_url: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    flags = ("--port", str(port), "--reuse-port", "--redis-url", redis_url)
+    a, listening = start_serve(*flags, "--redis-prefix", prefix)
+    try:
+        b, _ = start_serve(*flags, "--redis-prefix", prefix)
+    except BaseException:
+        _stop(a)
+        raise
+    logs: list[str] = []
+    try:
+        url = listening["websocket"]
+        with WSClient(url) as client:
+            stored = client.turn(model="m", input="first")[-1]["response"]["id"]
+        time.sleep(0.3)  # written behind the turn: on the other process within ms
+        for n in range(24):  # the kernel spreads connections over both processes
+            with WSClient(url) as client:
+                events = client.turn(model="m", input="/transcript", previous_response_id=stored)
+                assert output_text(events).startswith("user: first\n"), n
+    finally:
+        logs = [_stop(a), _stop(b)]
+    opened = [sum('"websocket opened"' in line for line in log.splitlines()) for log in logs]
+    assert sum(opened) == 25 and all(opened), opened

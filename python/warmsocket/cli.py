@@ -339,6 +339,24 @@ def build_parser() -> argparse.ArgumentParser:
         "HTTP 401 before the WebSocket upgrade. Each key's responses are private to it",
     )
     opt.add(
+        "--reuse-port",
+        default=False,
+        action="store_true",
+        help="let several serve processes listen on the same --host and --port (Linux "
+        "SO_REUSEPORT; each must say it): the kernel spreads new connections over them, "
+        "one core each. A WebSocket stays with its process; give them --redis-url so "
+        "that stored responses, background responses and conversations are shared",
+    )
+    opt.add(
+        "--metrics-port",
+        default=None,
+        type=_port,
+        help="also listen on this port (same --host), for GET /healthz and GET /metrics "
+        "only: for probes and scrapes that should not share the API's port, and for one "
+        "process among several on one --reuse-port port. It stays open while the server "
+        "drains, so /healthz can say 'draining'",
+    )
+    opt.add(
         "--tls-cert",
         default=None,
         metavar="PATH",

@@ -105,10 +105,13 @@ def listening_url(scheme: str, host: str, port: int, path: str) -> str:
     return f"{scheme}://{host}:{port}{path}"
 
 
-def cannot_listen(log: logging.Logger, host: str, port: int, error: OSError) -> None:
-    """The error a server logs when it cannot listen, saying what to do."""
+def cannot_listen(
+    log: logging.Logger, host: str, port: int, error: OSError, flag: str = "--port"
+) -> None:
+    """The error a server logs when it cannot listen on `port` (set by `flag`), saying
+    what to do."""
     log.error(
-        "cannot listen; pick another --port or --host",
+        f"cannot listen; pick another {flag} or --host",
         extra={
             "host": host,
             "port": port,

@@ -27,7 +27,7 @@ from warmsocket.engine import (
     tokenizer_for,
 )
 from warmsocket.metrics import Metrics
-from warmsocket.server import Server, ServerConfig
+from warmsocket.server import MetricsPortError, Server, ServerConfig
 
 if TYPE_CHECKING:
     from warmsocket.upstream import UpstreamConfig
@@ -52,6 +52,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         api_keys=frozenset(args.api_key or ()),
         allowed_origins=tuple(args.allowed_origin or ()),
+        reuse_port=args.reuse_port,
+        metrics_port=args.metrics_port,
         limits=limits,
         memory_budget=args.memory_budget,
         max_item_bytes=args.max_item_bytes,
@@ -244,7 +246,10 @@ async def _serve(
         await server.close()
         return 1
     except OSError as exc:
-        logs.cannot_listen(log, config.host, config.port, exc)
+        if isinstance(exc, MetricsPortError) and config.metrics_port is not None:
+            logs.cannot_listen(log, config.host, config.metrics_port, exc, "--metrics-port")
+        else:
+            logs.cannot_listen(log, config.host, config.port, exc)
         await server.close()
         return 1
     stop = asyncio.Event()
@@ -257,6 +262,9 @@ async def _serve(
         extra={
             "url": logs.listening_url(http, config.host, server.port, "/v1"),
             "websocket": logs.listening_url(ws, config.host, server.port, "/v1/responses"),
+            "metrics": logs.listening_url("http", config.host, server.metrics_port, "/metrics")
+            if server.metrics_port is not None
+            else None,
             "backend": backend.name,
             **(described or {}),
             "models": list(config.models if config.listed_models is None else config.listed_models),

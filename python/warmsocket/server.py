@@ -203,6 +203,11 @@ class ServerConfig:
     """`--max-connections`: connections kept open at once (`warmsocket.admission`);
     None: no limit."""
     backlog: int = 1024
+    reuse_port: bool = False
+    """`--reuse-port`: several processes listen on one port (SO_REUSEPORT)."""
+    metrics_port: int | None = None
+    """`--metrics-port`: a second port (on `host`) that answers only GET /healthz and
+    GET /metrics, open until the drain ends; None: none."""
     tokenizer: str | None = None
     """`--tokenizer`: o200k_base, cl100k_base, a tokenizer.json path, none; None follows
     the first model name."""
@@ -214,6 +219,10 @@ class ServerConfig:
     shutdown_timeout: float = 25.0
     """`--shutdown-timeout`: seconds a shutdown lets what is under way finish
     (`Server.drain`)."""
+
+
+class MetricsPortError(OSError):
+    """`--metrics-port` could not be listened on (the API's port could)."""
 
 
 class Server:
@@ -273,6 +282,7 @@ class Server:
             connection_limit_collector(config.max_connections, self.admission.counts)
         )
         self._server: asyncio.Server | None = None
+        self._probe_server: asyncio.Server | None = None
         self.draining = False
         """Shutting down (`drain`): connections close as what they carry ends."""
 
@@ -281,6 +291,14 @@ class Server:
         if self._server is None or not self._server.sockets:
             return self.config.port
         port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of `--metrics-port` (the one picked, for 0), None without it."""
+        if self._probe_server is None or not self._probe_server.sockets:
+            return self.config.metrics_port
+        port: int = self._probe_server.sockets[0].getsockname()[1]
         return port
 
     async def start(self) -> None:
@@ -303,8 +321,20 @@ class Server:
             config.port,
             backlog=config.backlog,
             reuse_address=True,
+            reuse_port=config.reuse_port or None,
             **tls,
         )
+        if config.metrics_port is not None:
+            try:
+                self._probe_server = await loop.create_server(
+                    lambda: Connection(self, probes_only=True),
+                    config.host,
+                    config.metrics_port,
+                    reuse_address=True,
+                )
+            except OSError as exc:
+                self._server.close()
+                raise MetricsPortError(exc.errno, exc.strerror) from exc
 
     async def serve_forever(self) -> None:
         if self._server is None:
@@ -341,12 +371,13 @@ class Server:
     async def close(self) -> None:
         """Stop listening, close every connection (1001 for WebSockets), release backends,
         write what the shared store still has queued."""
-        if self._server is not None:
-            self._server.close()
+        listeners = [s for s in (self._server, self._probe_server) if s is not None]
+        for listener in listeners:
+            listener.close()
         for connection in list(self.connections):
             connection.shutdown()
-        if self._server is not None:
-            await self._server.wait_closed()
+        for listener in listeners:
+            await listener.wait_closed()
         await self.http.background.aclose()
         await self.engine.backend.aclose()
         await self.engine.conversations.aclose()
@@ -393,8 +424,11 @@ class _Writer:
 class Connection(asyncio.Protocol):
     """One TCP connection: HTTP/1.1, possibly upgraded to WebSocket mode."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, *, probes_only: bool = False) -> None:
         self.server = server
+        self.probes_only = probes_only
+        """Taken on `--metrics-port`: only GET /healthz and /metrics are answered, and
+        the connection limit does not count it."""
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.lost = False
@@ -456,7 +490,7 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         self.server.connections.add(self)
-        verdict = self._verdict = self.server.admission.admit()
+        verdict = self._verdict = None if self.probes_only else self.server.admission.admit()
         if verdict == "dropped":
             transport.abort()
             return
@@ -694,7 +728,7 @@ class Connection(asyncio.Protocol):
             return
         self._http_deadline = self._head_since = self._body_since = None
         # (Most requests are neither: no work for them.)
-        refusable = self._verdict == "refused" or "origin" in request.headers
+        refusable = self._verdict == "refused" or self.probes_only or "origin" in request.headers
         if refusable and not self._admissible(request):
             return
         if request.is_websocket_upgrade:
@@ -707,8 +741,14 @@ class Connection(asyncio.Protocol):
         --max-connections only a probe does, and only a web page `--allowed-origin`
         lets in (`warmsocket.origins`). Answers and closes otherwise."""
         route = route_of(request.path)[0]
+        probe = request.method == "GET" and route in {"healthz", "metrics"}
+        if self.probes_only and not probe:
+            error = errors.not_found_route(request.method, request.path)
+            error.message += " This port (--metrics-port) answers GET /healthz and /metrics only."
+            self._answer_and_close(error, route)
+            return False
         if self._verdict == "refused":
-            if request.method != "GET" or route not in {"healthz", "metrics"}:
+            if not probe:
                 self._refuse_past_limit(route)
                 return False
             request.keep_alive = False  # a probe: answered, then the connection closes
