@@ -174,6 +174,14 @@ def test_a_refused_client_is_answered_early_or_dropped_when_silent(
             )
             status, _, body = split_response(read_until_closed(raw))
         assert status == 503 and json.loads(body)["error"]["code"] == "server_is_overloaded"
+        # A client that waits for `100 Continue` is answered without sending its body.
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            raw.sendall(
+                b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                b"Content-Length: 1000000\r\n\r\n"
+            )
+            status, _, body = split_response(read_until_closed(raw))
+        assert status == 503 and json.loads(body)["error"]["code"] == "server_is_overloaded"
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
             start = time.monotonic()
             with pytest.raises((ConnectionResetError, AssertionError)):

@@ -723,6 +723,9 @@ class Connection(asyncio.Protocol):
                 self._close_transport()
             else:
                 if self._parser.wants_continue():
+                    if self._verdict == "refused":  # answered now: the body stays unsent
+                        self._refuse_past_limit("none")
+                        return
                     self.write(CONTINUE)
                 self._http_wait()
             return
