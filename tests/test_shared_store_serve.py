@@ -30,7 +30,7 @@ from tests.support import (
     output_text,
     running_server,
 )
-from tests.test_cli import _stop, start_serve
+from tests.test_cli import _stop, run, start_serve
 from warmsocket import shared_background, shared_store
 from warmsocket.shared_store import SharedStore
 
@@ -805,3 +805,23 @@ def test_serve_processes_on_one_port_with_reuse_port(redis_url: str) -> None:
         logs = [_stop(a), _stop(b)]
     opened = [sum('"websocket opened"' in line for line in log.splitlines()) for log in logs]
     assert sum(opened) == 25 and all(opened), opened
+
+
+def test_reuse_port_refuses_a_snapshot_and_warns_without_redis(tmp_path: Any) -> None:
+    result = run(
+        WARMSOCKET, "serve", "--port", "0", "--reuse-port", "--snapshot", str(tmp_path / "s")
+    )
+    assert result.returncode == 1
+    (record,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert record["message"].startswith("--snapshot cannot be used with --reuse-port")
+    proc = subprocess.Popen(
+        [WARMSOCKET, "serve", "--port", "0", "--reuse-port"], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stderr is not None
+        warning = json.loads(proc.stderr.readline())
+        assert warning["level"] == "warning"
+        assert warning["message"].startswith("--reuse-port without --redis-url")
+        assert json.loads(proc.stderr.readline())["message"] == "listening"
+    finally:
+        _stop(proc)

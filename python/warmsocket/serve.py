@@ -122,6 +122,18 @@ def serve_command(args: argparse.Namespace) -> int:
     if args.tls_key and not args.tls_cert:
         log.error("--tls-key needs --tls-cert (the certificate the key belongs to)")
         return 1
+    if args.reuse_port and args.snapshot:
+        log.error(
+            "--snapshot cannot be used with --reuse-port: each process would overwrite the "
+            "others' file at shutdown; share stored responses with --redis-url instead"
+        )
+        return 1
+    if args.reuse_port and not args.redis_url:
+        log.warning(
+            "--reuse-port without --redis-url: a response stored on one process is not "
+            "found by the others (HTTP previous_response_id, GET /v1/responses/{id}, "
+            "conversations); give every process the same --redis-url"
+        )
     if args.tls_cert:
         try:
             context = tls.server_context(
