@@ -71,7 +71,10 @@ def _settle(pid: int) -> int:
 
 def measure_idle(config: MemoryConfig) -> dict[str, Any]:
     raise_fd_limit()  # the server inherits it
-    with procs.warmsocket_server() as server:
+    # Whatever the open-file limit makes the default (--max-connections 0): every one
+    # of the bench's connections is taken (the bench needs that many files anyway).
+    limit = str(config.connections + 64)
+    with procs.warmsocket_server("--max-connections", limit) as server:
         url = f"ws://127.0.0.1:{server.port}/v1/responses"
         # Warm-up: a batch of connections with a turn each, then closed.
         run_loadgen(

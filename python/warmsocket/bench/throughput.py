@@ -67,7 +67,11 @@ def run_loadgen(job: dict[str, Any], timeout: float) -> dict[str, Any]:
 def run_throughput(config: ThroughputConfig, progress: Callable[[str], None]) -> dict[str, Any]:
     points: list[dict[str, Any]] = []
     timeout = config.warmup + config.seconds + 120
-    with procs.warmsocket_server() as server, procs.echo_server() as echo:
+    limit = str(max(config.connections) + 64)  # all of them, as the echo server takes
+    with (
+        procs.warmsocket_server("--max-connections", limit) as server,
+        procs.echo_server() as echo,
+    ):
         targets = {"warmsocket": (server, "turns"), "echo": (echo, "echo")}
         for position, connections in enumerate(config.connections):
             order = ["warmsocket", "echo"] if position % 2 == 0 else ["echo", "warmsocket"]
