@@ -5,6 +5,7 @@ agents) are unaffected."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from collections.abc import Iterator
 
@@ -50,7 +51,10 @@ def test_a_websocket_from_a_page_not_allowed_is_refused_before_the_upgrade(
     assert 'warmsocket_errors_total{code="origin_not_allowed"} 4' in metrics
 
 
-def test_a_post_from_a_page_not_allowed_runs_no_turn(guarded: RunningServer) -> None:
+def test_a_post_from_a_page_not_allowed_runs_no_turn(
+    guarded: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="warmsocket.server")
     # A "simple" cross-site request (text/plain: no preflight) a page could send.
     body = json.dumps(CREATE).encode()
     with socket.create_connection(("127.0.0.1", guarded.port), timeout=5) as raw:
@@ -65,6 +69,9 @@ def test_a_post_from_a_page_not_allowed_runs_no_turn(guarded: RunningServer) -> 
     assert "warmsocket_turns_total" in guarded.server.metrics.render()
     assert guarded.server.metrics.turns.total() == 0
     assert guarded.server.cache.stats().entries == 0
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("web page refused")]
+    assert (record.__dict__["origin"], record.__dict__["route"]) == (OTHER, "responses")
+    assert "from a page" not in caplog.text  # never the request's content
 
 
 def test_an_allowed_page_gets_cors_on_every_answer(guarded: RunningServer) -> None:

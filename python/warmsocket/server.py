@@ -757,7 +757,10 @@ class Connection(asyncio.Protocol):
             request.keep_alive = False  # a probe: answered, then the connection closes
         origin = request.headers.get("origin")
         if origin is not None and not self.server.origins.allows(origin):
-            log.info("web page refused: its origin is not allowed", extra={"route": route})
+            log.info(
+                "web page refused: its origin is not allowed (--allowed-origin)",
+                extra={"route": route, "origin": origin[:200]},  # a site's address
+            )
             self._answer_and_close(errors.origin_not_allowed(origin), route)
             return False
         return True
