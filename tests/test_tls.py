@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 import trustme
 
 from tests.support import RunningServer, WSClient, output_text, running_server
-from tests.test_cli import WARMSOCKET, _start, _stop, run
+from tests.test_cli import WARMSOCKET, _start, _stop, run, start_serve
 from tests.test_framing_server import _masked
 from tests.test_http_connection import (
     IDLE,
@@ -30,7 +31,7 @@ from tests.test_http_connection import (
     small_window_connection,
     stall_records,
 )
-from warmsocket.tls import TLSConfigError, server_context
+from warmsocket.tls import CertificateFiles, TLSConfigError, server_context
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +175,71 @@ def test_unusable_tls_files_stop_the_server_with_advice(
 def test_server_context_errors() -> None:
     with pytest.raises(TLSConfigError, match="no such file"):
         server_context(Path("/nonexistent.pem"))
+
+
+def _write_leaf(ca: trustme.CA, cert: Path, key: Path) -> None:
+    """Replace the files as a rotation does: each written aside, then renamed over."""
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    for path, data in (
+        (cert, b"".join(pem.bytes() for pem in leaf.cert_chain_pems)),
+        (key, leaf.private_key_pem.bytes()),
+    ):
+        aside = path.with_suffix(".new")
+        aside.write_bytes(data)
+        aside.replace(path)
+
+
+def _trusts(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+def test_a_rotated_certificate_is_served_after_sighup_and_open_sockets_stay(
+    tmp_path: Path,
+) -> None:
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    _write_leaf(old_ca, cert, key)
+    proc, listening = start_serve("--tls-cert", str(cert), "--tls-key", str(key))
+    health = listening["url"].removesuffix("/v1") + "/healthz"
+    try:
+        with WSClient(listening["websocket"], ssl=_trusts(old_ca)) as warm:
+            first = warm.turn(model="m", input="before", store=False)[-1]["response"]["id"]
+            _write_leaf(new_ca, cert, key)
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    assert httpx.get(health, verify=_trusts(new_ca)).status_code == 200
+                    break
+                except httpx.ConnectError:
+                    assert time.monotonic() < deadline, "the new certificate was not served"
+                    time.sleep(0.05)
+            with pytest.raises(httpx.ConnectError):  # the old one is not served any more
+                httpx.get(health, verify=_trusts(old_ca))
+            # The warm WebSocket and its store=false chain are still there.
+            after = warm.turn(model="m", input="/transcript", previous_response_id=first)
+            assert output_text(after).startswith("user: before\n")
+            # A broken key is not applied: the certificate in use stays.
+            key.write_bytes(b"not a key")
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.3)
+            assert httpx.get(health, verify=_trusts(new_ca)).status_code == 200
+    finally:
+        rest = _stop(proc)
+    messages = [json.loads(line)["message"] for line in rest.splitlines()]
+    assert "TLS certificate reloaded" in messages
+    assert "cannot reload the TLS certificate; the one in use stays" in messages
+    assert "PRIVATE KEY" not in rest
+
+
+def test_certificate_files_notice_a_change(tmp_path: Path, ca: trustme.CA) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    _write_leaf(ca, cert, key)
+    files = CertificateFiles(server_context(cert, key), cert, key)
+    assert not files.changed() and not files.reload_if_changed()
+    _write_leaf(ca, cert, key)
+    assert files.changed()
+    assert files.reload_if_changed()
+    assert not files.changed()

@@ -134,15 +134,16 @@ def serve_command(args: argparse.Namespace) -> int:
             "found by the others (HTTP previous_response_id, GET /v1/responses/{id}, "
             "conversations); give every process the same --redis-url"
         )
+    certificates = None
     if args.tls_cert:
+        cert, key = Path(args.tls_cert), Path(args.tls_key) if args.tls_key else None
         try:
-            context = tls.server_context(
-                Path(args.tls_cert), Path(args.tls_key) if args.tls_key else None
-            )
+            context = tls.server_context(cert, key)
         except tls.TLSConfigError as exc:
             log.error(str(exc))
             return 1
         config = replace(config, tls=context)
+        certificates = tls.CertificateFiles(context, cert, key)
     if args.max_connections and args.max_connections > open_files - admission.FILE_RESERVE:
         log.warning(
             "--max-connections is more than the open-file limit leaves room for: past that, "
@@ -163,7 +164,9 @@ def serve_command(args: argparse.Namespace) -> int:
         described = upstream_cli.describe(args) if upstream else {}
         probed = upstream_cli.config_from_args(args) if upstream else None
         return int(
-            run_async(_serve(config, backend, snapshot, metrics, sharing, described, probed))
+            run_async(
+                _serve(config, backend, snapshot, metrics, sharing, described, probed, certificates)
+            )
         )
     except KeyboardInterrupt:
         return 0
@@ -177,9 +180,11 @@ async def _serve(
     sharing: SharedOptions | None = None,
     described: Mapping[str, object] | None = None,
     probed: UpstreamConfig | None = None,
+    certificates: tls.CertificateFiles | None = None,
 ) -> int:
     """`described`: more fields for the `listening` line (the upstream's); `probed`:
-    the upstream to probe once listening (`upstream_probe`)."""
+    the upstream to probe once listening (`upstream_probe`); `certificates`: the TLS
+    files to read again on SIGHUP and when they change."""
     if snapshot is not None:
         try:
             check_writable(snapshot)
@@ -295,9 +300,15 @@ async def _serve(
 
         learn = backend.windows.learn if isinstance(backend, ChatBackend) else None
         probing = asyncio.create_task(probe_upstreams(probed, learn=learn))
+    watching = None
+    if certificates is not None:
+        loop.add_signal_handler(signal.SIGHUP, certificates.reload, "SIGHUP")
+        watching = asyncio.create_task(_watch_certificates(certificates))
     await stop.wait()
     if probing is not None:
         probing.cancel()
+    if watching is not None:
+        watching.cancel()
     await drain(server, stop, config.shutdown_timeout)
     log.info("shutting down")
     await server.close()
@@ -318,6 +329,13 @@ _SAVE_FAILED = {
     "snapshot": "cannot save the snapshot; the stored responses are not kept",
     "conversations": "cannot save the conversations; they are not kept",
 }
+
+
+async def _watch_certificates(certificates: tls.CertificateFiles) -> None:
+    """Read the TLS files again whenever they change (`tls.CertificateFiles`)."""
+    while True:
+        await asyncio.sleep(tls.RELOAD_CHECK_SECONDS)
+        certificates.reload_if_changed()
 
 
 def _saved(path: Path, data: bytes, what: str, **counts: int) -> bool:

@@ -5,6 +5,13 @@ own endpoint is. Without these flags warmsocket speaks plain HTTP and expects TL
 end in front of it (a load balancer, an ingress, a mesh sidecar), or no network
 between it and its clients (a sidecar on loopback).
 
+The certificate is read again, into the context in use, on SIGHUP and when its
+files change (`CertificateFiles`, looked at every `RELOAD_CHECK_SECONDS`): rotating a
+certificate (cert-manager, certbot) must not need a restart, which would close every
+warm WebSocket and lose the `store: false` state on it. New handshakes get the new
+certificate; established connections keep theirs. Files that cannot be used are
+logged and the certificate in use stays.
+
 The context is the standard library's server defaults (TLS 1.2 or later, its cipher
 choice) with ALPN offering `http/1.1` only: the one protocol the server speaks, so a
 client that prefers HTTP/2 settles on HTTP/1.1 during the handshake.
@@ -12,8 +19,15 @@ client that prefers HTTP/2 settles on HTTP/1.1 during the handshake.
 
 from __future__ import annotations
 
+import logging
+import os
 import ssl
 from pathlib import Path
+
+log = logging.getLogger("warmsocket")
+
+RELOAD_CHECK_SECONDS = 60.0
+"""How often the certificate files are looked at for changes."""
 
 
 class TLSConfigError(Exception):
@@ -45,3 +59,54 @@ def server_context(cert: Path, key: Path | None = None) -> ssl.SSLContext:
             "key without a password (or leave it out when the key is in the certificate file)"
         ) from None
     return context
+
+
+class CertificateFiles:
+    """The files of a served context, read again into it when they change."""
+
+    def __init__(self, context: ssl.SSLContext, cert: Path, key: Path | None = None) -> None:
+        self.context = context
+        self.cert = cert
+        self.key = key
+        self._stamp = self._files_stamp()
+
+    def _files_stamp(self) -> tuple[tuple[int, int, int], ...]:
+        """What tells a file's new version from the old (a renamed-over or re-linked
+        file has another inode; an edited one another time or size)."""
+        stamps = []
+        for path in (self.cert, self.key):
+            if path is None:
+                continue
+            try:
+                info = os.stat(path)
+            except OSError:
+                stamps.append((0, 0, 0))
+                continue
+            stamps.append((info.st_ino, info.st_mtime_ns, info.st_size))
+        return tuple(stamps)
+
+    def changed(self) -> bool:
+        return self._files_stamp() != self._stamp
+
+    def reload(self, reason: str) -> bool:
+        """Read the files again into the context in use. They are checked in a context
+        of their own first, so that a bad pair never replaces half of the good one.
+        Returns whether the context now serves them; logs either way."""
+        self._stamp = self._files_stamp()
+        try:
+            server_context(self.cert, self.key)
+            self.context.load_cert_chain(self.cert, self.key)
+        except (TLSConfigError, OSError, ssl.SSLError) as exc:
+            log.error(
+                "cannot reload the TLS certificate; the one in use stays",
+                extra={
+                    "reason": str(exc) if isinstance(exc, TLSConfigError) else type(exc).__name__,
+                    "trigger": reason,
+                },
+            )
+            return False
+        log.info("TLS certificate reloaded", extra={"trigger": reason})
+        return True
+
+    def reload_if_changed(self) -> bool:
+        return self.changed() and self.reload("files changed")
