@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import sys
 import time
@@ -146,3 +147,50 @@ def test_a_websocket_logs_its_turns_and_its_end_without_content(
     # logging drops: see the end-to-end test above.)
     own = [str(r.__dict__) for r in caplog.records if written_here(r.name)]
     assert own and not any("zebracorn" in line or "Bearer" in line for line in own)
+
+
+def test_each_http_request_gets_an_access_line_without_its_content(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="warmsocket")
+    with running_server() as srv:
+        with OpenAI(base_url=srv.base_url, api_key="k", max_retries=0) as sdk:
+            made = sdk.responses.with_raw_response.create(model="m", input=CANARY)
+            with pytest.raises(Exception):  # noqa: B017 (the SDK's NotFoundError)
+                sdk.responses.retrieve("resp_nothing", include=[CANARY])  # type: ignore[list-item]
+            sdk.get("/healthz", cast_to=object)  # a probe: not logged
+        lines = [r for r in caplog.records if r.getMessage() == "http request"]
+        by_id = {r.__dict__["request_id"]: r.__dict__ for r in lines}
+        created = by_id[made.headers["x-request-id"]]
+        assert (created["method"], created["path"], created["status"]) == (
+            "POST",
+            "/v1/responses",
+            200,
+        )
+        assert created["error_type"] is None and created["seconds"] > 0
+        (missing,) = [r for r in by_id.values() if r["status"] == 404]
+        assert missing["path"] == "/v1/responses/resp_nothing"
+        assert (missing["error_type"], missing["code"]) == ("invalid_request_error", None)
+        assert len(lines) == 2
+        # A request answered by the connection before it was read whole.
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            raw.sendall(b"NOT HTTP\r\n\r\n")
+            raw.recv(65536)
+        time.sleep(0.1)
+    (unread,) = [r.__dict__ for r in caplog.records if r.getMessage() == "http request"][2:]
+    assert (unread["method"], unread["status"], unread["error_type"]) == (
+        None,
+        400,
+        "invalid_request_error",
+    )
+    assert CANARY not in caplog.text
+
+
+def test_no_access_lines_when_switched_off(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="warmsocket")
+    with (
+        running_server(access_log=False) as srv,
+        OpenAI(base_url=srv.base_url, api_key="k", max_retries=0) as sdk,
+    ):
+        sdk.responses.create(model="m", input="quiet")
+    assert not [r for r in caplog.records if r.getMessage() == "http request"]

@@ -604,6 +604,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level",
     )
     opt.add(
+        "--no-access-log",
+        default=False,
+        action="store_true",
+        help="no log line per HTTP request (by default one at info level: the request id "
+        "the client got in x-request-id, method, path, status, error type and code, "
+        "seconds; never a body or query; successful GET /healthz and /metrics are not "
+        "logged)",
+    )
+    opt.add(
         "--log-format",
         default="json",
         choices=["json", "text"],

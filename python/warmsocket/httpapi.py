@@ -7,8 +7,10 @@ CORS headers: `warmsocket.origins`); errors use OpenAI's JSON error body.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -86,8 +88,11 @@ class HTTPApp:
         auth: Auth,
         models: Collection[str],
         ready: Callable[[], bool] = lambda: True,
+        access_log: bool = True,
     ) -> None:
+        """`access_log`: a log line per request answered (`access_line`)."""
         self.engine = engine
+        self.access_log = access_log
         self.auth = auth
         self.models = tuple(models)
         self.ready = ready
@@ -102,13 +107,14 @@ class HTTPApp:
         """Answer one request. Returns whether the connection may be kept alive."""
         request_id = ids.request_id()
         route, path_id, sub = route_of(request.path)
-        status = 500
+        started = time.perf_counter()
+        status, failure = 500, None
         try:
             status = await self._dispatch(
                 request, writer, request_id, route, path_id, sub, connection
             )
         except APIError as error:
-            status = error.status
+            status, failure = error.status, error
             self.engine.metrics.count_error(error.code or error.type)
             writer.write(
                 encode_response(
@@ -118,6 +124,12 @@ class HTTPApp:
                     keep_alive=request.keep_alive,
                 )
             )
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED  # the client went away before the answer ended
+            raise
+        finally:
+            if self.access_log and not (route in PROBES and status == 200):
+                access_line(request, request_id, status, failure, time.perf_counter() - started)
         self.engine.metrics.http_request(route, status)
         return request.keep_alive
 
@@ -597,6 +609,36 @@ class HTTPApp:
             headers.append(("connection", "close"))
         writer.write(response_head(204, headers))
         return 204
+
+
+CLIENT_CLOSED = 499
+"""The status an access line gives a request whose client went away first (nginx's)."""
+PROBES = frozenset({"healthz", "metrics"})
+"""Routes whose successful answers are not logged (probes and scrapes every few seconds)."""
+
+
+def access_line(
+    request: Request | None,
+    request_id: str,
+    status: int,
+    error: APIError | None,
+    seconds: float | None = None,
+) -> None:
+    """One log line per HTTP request: what was asked and how it ended, never its body
+    or query (the path's ids are ids, not content). `request` None: one the connection
+    answered before it was read whole (unparsable, too large, too slow)."""
+    log.info(
+        "http request",
+        extra={
+            "request_id": request_id,
+            "method": request.method[:16] if request is not None else None,
+            "path": request.path[:200] if request is not None else None,
+            "status": status,
+            "error_type": error.type if error is not None else None,
+            "code": error.code if error is not None else None,
+            "seconds": round(seconds, 6) if seconds is not None else None,
+        },
+    )
 
 
 def _headers(request: Request, request_id: str) -> list[tuple[str, str]]:

@@ -53,6 +53,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         api_keys=frozenset(args.api_key or ()),
         allowed_origins=tuple(args.allowed_origin or ()),
         reuse_port=args.reuse_port,
+        access_log=not args.no_access_log,
         metrics_port=args.metrics_port,
         limits=limits,
         memory_budget=args.memory_budget,

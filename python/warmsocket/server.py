@@ -73,7 +73,7 @@ from warmsocket.http11 import (
     RequestParser,
     encode_response,
 )
-from warmsocket.httpapi import Auth, HTTPApp, route_of
+from warmsocket.httpapi import Auth, HTTPApp, access_line, route_of
 from warmsocket.metrics import (
     Metrics,
     background_collector,
@@ -203,6 +203,8 @@ class ServerConfig:
     """`--max-connections`: connections kept open at once (`warmsocket.admission`);
     None: no limit."""
     backlog: int = 1024
+    access_log: bool = True
+    """A log line per HTTP request (`httpapi.access_line`); `--no-access-log`: none."""
     reuse_port: bool = False
     """`--reuse-port`: several processes listen on one port (SO_REUSEPORT)."""
     metrics_port: int | None = None
@@ -268,6 +270,7 @@ class Server:
             self.engine,
             auth=Auth(config.api_keys),
             models=config.models if config.listed_models is None else config.listed_models,
+            access_log=config.access_log,
         )
         self.metrics.collectors.append(background_collector(self.http.background.stats))
         self.metrics.collectors.append(conversation_collector(self.engine.conversations.stats))
@@ -748,11 +751,11 @@ class Connection(asyncio.Protocol):
         if self.probes_only and not probe:
             error = errors.not_found_route(request.method, request.path)
             error.message += " This port (--metrics-port) answers GET /healthz and /metrics only."
-            self._answer_and_close(error, route)
+            self._answer_and_close(error, route, request)
             return False
         if self._verdict == "refused":
             if not probe:
-                self._refuse_past_limit(route)
+                self._refuse_past_limit(route, request)
                 return False
             request.keep_alive = False  # a probe: answered, then the connection closes
         origin = request.headers.get("origin")
@@ -761,7 +764,7 @@ class Connection(asyncio.Protocol):
                 "web page refused: its origin is not allowed (--allowed-origin)",
                 extra={"route": route, "origin": origin[:200]},  # a site's address
             )
-            self._answer_and_close(errors.origin_not_allowed(origin), route)
+            self._answer_and_close(errors.origin_not_allowed(origin), route, request)
             return False
         return True
 
@@ -841,16 +844,23 @@ class Connection(asyncio.Protocol):
         `/metrics`: no route was known) and close."""
         self._answer_and_close(error, "none")
 
-    def _refuse_past_limit(self, route: str) -> None:
+    def _refuse_past_limit(self, route: str, request: Request | None = None) -> None:
         """Answer a connection past --max-connections 503 and close it."""
-        self._answer_and_close(errors.too_many_connections(self.server.admission.limit or 0), route)
+        limit = self.server.admission.limit or 0
+        self._answer_and_close(errors.too_many_connections(limit), route, request)
 
-    def _answer_and_close(self, error: APIError, route: str) -> None:
-        """Answer a request the connection itself refuses, count it, and close."""
-        metrics = self.server.metrics
-        metrics.count_error(error.code or error.type)
-        metrics.http_request(route, error.status)
-        self.write(_error_response(error))
+    def _answer_and_close(
+        self, error: APIError, route: str, request: Request | None = None
+    ) -> None:
+        """Answer a request the connection itself refuses (`request` None: one never
+        read whole), count it, log it, and close."""
+        server = self.server
+        server.metrics.count_error(error.code or error.type)
+        server.metrics.http_request(route, error.status)
+        request_id = ids.request_id()
+        if server.config.access_log:
+            access_line(request, request_id, error.status, error)
+        self.write(_error_response(error, request_id))
         self._close_transport()
 
     def close_for_room(self) -> None:
@@ -1422,9 +1432,9 @@ class Connection(asyncio.Protocol):
                 seen = delivered
 
 
-def _error_response(error: APIError) -> bytes:
+def _error_response(error: APIError, request_id: str | None = None) -> bytes:
     """An error answered by the connection itself (not a handler), which then closes."""
-    headers = [("x-request-id", ids.request_id()), *(error.headers or {}).items()]
+    headers = [("x-request-id", request_id or ids.request_id()), *(error.headers or {}).items()]
     return encode_response(
         error.status, dumps(error.http_body()), headers=headers, keep_alive=False
     )
