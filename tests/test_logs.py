@@ -136,6 +136,7 @@ def test_a_websocket_logs_its_turns_and_its_end_without_content(
             time.sleep(0.01)
     by_message = {r.getMessage(): r.__dict__ for r in caplog.records}
     assert by_message["websocket refused"]["status"] == 401
+    assert by_message["websocket refused"]["request_id"].startswith("req_")
     turn = by_message["turn finished"]
     assert turn["response_id"] == events[-1]["response"]["id"]
     assert (turn["status"], turn["stream_id"]) == ("completed", "lane")

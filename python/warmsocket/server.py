@@ -1010,11 +1010,15 @@ class Connection(asyncio.Protocol):
         log.info("websocket opened", extra={"connection": self.session.connection})
 
     def _refuse(self, error: APIError) -> None:
-        log.info("websocket refused", extra={"status": error.status, "code": error.code})
+        request_id = ids.request_id()  # the x-request-id of the refusal, for the log
+        log.info(
+            "websocket refused",
+            extra={"request_id": request_id, "status": error.status, "code": error.code},
+        )
         server = self.server
         server.metrics.count_error(error.code or error.type)
         server.metrics.http_request("responses", error.status)
-        self.write(_error_response(error))
+        self.write(_error_response(error, request_id))
         self._close_transport()
 
     # -- WebSocket mode ------------------------------------------------------------------
