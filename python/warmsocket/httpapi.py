@@ -614,7 +614,8 @@ class HTTPApp:
 CLIENT_CLOSED = 499
 """The status an access line gives a request whose client went away first (nginx's)."""
 PROBES = frozenset({"healthz", "metrics"})
-"""Routes whose successful answers are not logged (probes and scrapes every few seconds)."""
+"""The routes of probes and scrapes: answered past --max-connections and on
+--metrics-port, and not logged when they succeed (they come every few seconds)."""
 
 
 def access_line(

@@ -73,7 +73,7 @@ from warmsocket.http11 import (
     RequestParser,
     encode_response,
 )
-from warmsocket.httpapi import Auth, HTTPApp, access_line, route_of
+from warmsocket.httpapi import PROBES, Auth, HTTPApp, access_line, route_of
 from warmsocket.metrics import (
     Metrics,
     background_collector,
@@ -747,7 +747,7 @@ class Connection(asyncio.Protocol):
         --max-connections only a probe does, and only a web page `--allowed-origin`
         lets in (`warmsocket.origins`). Answers and closes otherwise."""
         route = route_of(request.path)[0]
-        probe = request.method == "GET" and route in {"healthz", "metrics"}
+        probe = request.method == "GET" and route in PROBES
         if self.probes_only and not probe:
             error = errors.not_found_route(request.method, request.path)
             error.message += " This port (--metrics-port) answers GET /healthz and /metrics only."
