@@ -116,25 +116,39 @@ def backend_from_args(args: argparse.Namespace, metrics: Metrics | None = None) 
     return MockBackend(ttft_ms=args.mock_ttft_ms, tokens_per_second=args.mock_tokens_per_second)
 
 
-def serve_command(args: argparse.Namespace) -> int:
-    logs.configure(args.log_level, args.log_format)
-    open_files = admission.raise_open_file_limit()
-    config = config_from_args(args)
+def flags_fit_together(args: argparse.Namespace, open_files: int) -> bool:
+    """Log what is wrong with a combination of flags; False when serve cannot start."""
     if args.tls_key and not args.tls_cert:
         log.error("--tls-key needs --tls-cert (the certificate the key belongs to)")
-        return 1
+        return False
     if args.reuse_port and args.snapshot:
         log.error(
             "--snapshot cannot be used with --reuse-port: each process would overwrite the "
             "others' file at shutdown; share stored responses with --redis-url instead"
         )
-        return 1
+        return False
     if args.reuse_port and not args.redis_url:
         log.warning(
             "--reuse-port without --redis-url: a response stored on one process is not "
             "found by the others (HTTP previous_response_id, GET /v1/responses/{id}, "
             "conversations); give every process the same --redis-url"
         )
+    if args.max_connections and args.max_connections > open_files - admission.FILE_RESERVE:
+        log.warning(
+            "--max-connections is more than the open-file limit leaves room for: past that, "
+            "connections are closed unanswered and upstream connections fail. Raise the "
+            "limit (ulimit -n, LimitNOFILE=) or lower --max-connections",
+            extra={"max_connections": args.max_connections, "open_files": open_files},
+        )
+    return True
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    logs.configure(args.log_level, args.log_format)
+    open_files = admission.raise_open_file_limit()
+    config = config_from_args(args)
+    if not flags_fit_together(args, open_files):
+        return 1
     certificates = None
     if args.tls_cert:
         cert, key = Path(args.tls_cert), Path(args.tls_key) if args.tls_key else None
@@ -145,13 +159,6 @@ def serve_command(args: argparse.Namespace) -> int:
             return 1
         config = replace(config, tls=context)
         certificates = tls.CertificateFiles(context, cert, key)
-    if args.max_connections and args.max_connections > open_files - admission.FILE_RESERVE:
-        log.warning(
-            "--max-connections is more than the open-file limit leaves room for: past that, "
-            "connections are closed unanswered and upstream connections fail. Raise the "
-            "limit (ulimit -n, LimitNOFILE=) or lower --max-connections",
-            extra={"max_connections": args.max_connections, "open_files": open_files},
-        )
     snapshot = Path(args.snapshot) if args.snapshot else None
     try:
         metrics = Metrics()
