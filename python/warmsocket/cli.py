@@ -352,9 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         type=_port,
         help="also listen on this port (same --host, plain HTTP even with --tls-cert), for "
-        "GET /healthz and GET /metrics only: for probes and scrapes that should not share the API's port, and for one "
-        "process among several on one --reuse-port port. It stays open while the server "
-        "drains, so /healthz can say 'draining'",
+        "GET /healthz and GET /metrics only: for probes and scrapes that should not share "
+        "the API's port, and for one process among several on one --reuse-port port. It "
+        "stays open while the server drains, so /healthz can say 'draining'",
     )
     opt.add(
         "--tls-cert",
