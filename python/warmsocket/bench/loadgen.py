@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
 import sys
 import time
 from typing import Any
 
+from warmsocket.admission import raise_open_file_limit
 from warmsocket.bench.leanws import LeanWebSocket, connect
 
 TURN_TEXT = "alpha beta"
@@ -33,14 +33,6 @@ EXPECTED = f"You said: {TURN_TEXT}"
 CHAIN_TURNS = 100
 _COMPLETED = b'"type":"response.completed"'
 _FAILED = (b'"type":"response.failed"', b'"type":"error"', b'"type":"response.incomplete"')
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft open-files limit to the hard limit; returns the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
 
 
 def create_message(previous: str | None, text: str = TURN_TEXT, *, store: bool = False) -> bytes:
@@ -222,7 +214,7 @@ async def run_fill(job: dict[str, Any]) -> dict[str, Any]:
 def main() -> int:
     from warmsocket.cli import run_async
 
-    raise_fd_limit()
+    raise_open_file_limit()
     job = json.loads(sys.stdin.readline())
     kinds = {"turns": run_load, "echo": run_load, "idle": run_idle, "fill": run_fill}
     result = run_async(kinds[job["kind"]](job))

@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from warmsocket.admission import raise_open_file_limit
 from warmsocket.bench import procs
-from warmsocket.bench.loadgen import raise_fd_limit
 from warmsocket.bench.throughput import run_loadgen
 
 _WORDS = [
@@ -70,7 +70,7 @@ def _settle(pid: int) -> int:
 
 
 def measure_idle(config: MemoryConfig) -> dict[str, Any]:
-    raise_fd_limit()  # the server inherits it
+    raise_open_file_limit()  # the server inherits it
     # Whatever the open-file limit makes the default (--max-connections 0): every one
     # of the bench's connections is taken (the bench needs that many files anyway).
     limit = str(config.connections + 64)
