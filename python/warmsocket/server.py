@@ -107,6 +107,10 @@ goes on below it, so a client that goes away mid-answer is noticed at once."""
 _DRAIN_POLL_SECONDS = 0.05
 """How often a draining server looks whether anything is left (`Server.drain`)."""
 
+LINGER_SECONDS = 2.0
+"""How long a connection that refused a request still reads (and drops) what its client
+sends after the answer (`Connection._close_lingering`)."""
+
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -484,6 +488,9 @@ class Connection(asyncio.Protocol):
         # An HTTP request has been answered on it: between requests it is idle.
         self._served = False
         self._refused_timer: asyncio.TimerHandle | None = None
+        # Answered and half-closed: what the client still sends is dropped until it
+        # closes or LINGER_SECONDS pass (`_close_lingering`).
+        self._lingering: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -509,6 +516,8 @@ class Connection(asyncio.Protocol):
         if self.ws is not None:
             self._ws_data(data)
             return
+        if self._lingering is not None:
+            return  # the rest of a refused request
         if self._served:
             self.server.admission.busy(self)
         self._parser.feed(data)
@@ -542,6 +551,8 @@ class Connection(asyncio.Protocol):
         self._verdict = None
         if self._refused_timer is not None:
             self._refused_timer.cancel()
+        if self._lingering is not None:
+            self._lingering.cancel()
         if self._http_task is not None:
             self._http_task.cancel()
         if self._cache_connection is not None:
@@ -810,6 +821,8 @@ class Connection(asyncio.Protocol):
         deadline = self._http_deadline
         if deadline is None or self.lost or self.ws is not None or self._http_task is not None:
             return
+        if self._lingering is not None:
+            return  # answered already
         if self.loop.time() < deadline:  # moved on since this timer was set
             self._http_timer = self.loop.call_at(deadline, self._http_timed_out)
             return
@@ -836,13 +849,15 @@ class Connection(asyncio.Protocol):
                     f"No bytes of the request body arrived for {config.http_idle_timeout:g} "
                     "seconds (--http-idle-timeout)."
                 )
-        self._answer_unread(APIError(None, message, status=408))
+        # A client too slow for its timeout is not given LINGER_SECONDS more.
+        self._answer_unread(APIError(None, message, status=408), linger=False)
 
-    def _answer_unread(self, error: APIError) -> None:
+    def _answer_unread(self, error: APIError, *, linger: bool = True) -> None:
         """Answer a request that was never read whole (it could not be parsed, was too
         large, or did not arrive in time) with `error`, count it (route `none` in
-        `/metrics`: no route was known) and close."""
-        self._answer_and_close(error, "none")
+        `/metrics`: no route was known) and close (`_close_lingering` unless not
+        `linger`)."""
+        self._answer_and_close(error, "none", linger=linger)
 
     def _refuse_past_limit(self, route: str, request: Request | None = None) -> None:
         """Answer a connection past --max-connections 503 and close it."""
@@ -850,7 +865,7 @@ class Connection(asyncio.Protocol):
         self._answer_and_close(errors.too_many_connections(limit), route, request)
 
     def _answer_and_close(
-        self, error: APIError, route: str, request: Request | None = None
+        self, error: APIError, route: str, request: Request | None = None, *, linger: bool = True
     ) -> None:
         """Answer a request the connection itself refuses (`request` None: one never
         read whole), count it, log it, and close."""
@@ -861,7 +876,27 @@ class Connection(asyncio.Protocol):
         if server.config.access_log:
             access_line(request, request_id, error.status, error)
         self.write(_error_response(error, request_id))
-        self._close_transport()
+        if linger:
+            self._close_lingering()
+        else:
+            self._close_transport()
+
+    def _close_lingering(self) -> None:
+        """Close after answering a request whose bytes may still be arriving (a body
+        too large, a refused upload): send the answer and a FIN, then read and drop what
+        the client still sends until it closes or for LINGER_SECONDS, then close. A
+        close with unread bytes resets the connection, and the reset can reach the
+        client before it has read the answer (RFC 9112, 9.6: a lingering close)."""
+        transport = self.transport
+        if transport is None or self.lost or not transport.can_write_eof():
+            self._close_transport()  # (TLS cannot half-close: closed as before)
+            return
+        transport.write_eof()
+        self._lingering = self.loop.call_later(LINGER_SECONDS, self._close_transport)
+        if transport.get_write_buffer_size():
+            self._watch_writes()  # a client that reads nothing is not waited for
+        self._read_ahead_paused = False
+        transport.resume_reading()  # whatever paused it: what comes now is dropped
 
     def close_for_room(self) -> None:
         """Close this idle keep-alive connection: a new one takes its place under
