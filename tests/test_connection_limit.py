@@ -95,14 +95,14 @@ def test_a_full_server_still_answers_its_probes(full: RunningServer) -> None:
         bodies = {}
         for path in ("/healthz", "/metrics"):
             with socket.create_connection(("127.0.0.1", full.port), timeout=5) as raw:
-                raw.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                raw.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
                 status, headers, bodies[path] = split_response(read_until_closed(raw))
             assert status == 200 and headers["connection"] == "close"
         assert json.loads(bodies["/healthz"]) == {"status": "ok"}
         # Both probes came past the limit (the second counts itself).
         assert b'warmsocket_connections_refused_total{how="answered"} 2' in bodies["/metrics"]
         with socket.create_connection(("127.0.0.1", full.port), timeout=5) as raw:
-            raw.sendall(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            raw.sendall(b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
             assert split_response(read_until_closed(raw))[0] == 503  # only GET probes
 
 
@@ -110,7 +110,7 @@ def test_an_idle_keep_alive_connection_makes_room_a_websocket_never_does() -> No
     with running_server(max_connections=2) as srv, ExitStack() as stack:
         waiting = stack.enter_context(socket.create_connection(("127.0.0.1", srv.port), 5))
         kept = stack.enter_context(socket.create_connection(("127.0.0.1", srv.port), 5))
-        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         ((status, headers, _),) = read_responses(kept, 1)
         assert status == 200 and headers.get("connection") != "close"  # kept alive, idle
         # Full: `waiting` has sent nothing yet (not idle: its request may be on its
@@ -118,7 +118,7 @@ def test_an_idle_keep_alive_connection_makes_room_a_websocket_never_does() -> No
         ws = stack.enter_context(WSClient(srv.ws_url))
         assert read_until_closed(kept) == b""
         assert output_text(ws.turn(model="m", input="in")) == "You said: in"
-        waiting.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        waiting.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert read_responses(waiting, 1)[0][0] == 200
         # Full of a WebSocket and a busy-then-idle HTTP connection: the next takes the
         # HTTP one's place; the one after that is refused.
@@ -137,9 +137,9 @@ def test_a_keep_alive_connection_with_its_next_request_under_way_is_not_idle() -
         running_server(max_connections=1) as srv,
         socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw,
     ):
-        raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert read_responses(raw, 1)[0][0] == 200
-        request = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+        request = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         raw.sendall(request[:10])  # the next request's first bytes
         wait_for(lambda: srv.call(lambda: srv.server.metrics.bytes_received) > 40)
         assert refused_websocket(srv)[0] == 503
@@ -169,7 +169,8 @@ def test_a_refused_client_is_answered_early_or_dropped_when_silent(
         # A large body is answered once REFUSED_BODY_BYTES of it arrived.
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
             raw.sendall(
-                b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\n"
                 b"Content-Length: 10000000\r\n\r\n" + b" " * (admission.REFUSED_BODY_BYTES + 1)
             )
             status, _, body = split_response(read_until_closed(raw))
@@ -177,7 +178,7 @@ def test_a_refused_client_is_answered_early_or_dropped_when_silent(
         # A client that waits for `100 Continue` is answered without sending its body.
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
             raw.sendall(
-                b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
                 b"Content-Length: 1000000\r\n\r\n"
             )
             status, _, body = split_response(read_until_closed(raw))
@@ -208,7 +209,7 @@ def test_too_many_refusals_at_once_are_dropped_and_logged_once(
         ):
             assert read_until_closed(raw) != b""  # closed at once, unanswered
         for raw in silent:  # the two being refused still get their answer
-            raw.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            raw.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert split_response(read_until_closed(raw))[0] == 503
         metrics = srv.server.metrics.render()
     assert 'warmsocket_connections_refused_total{how="dropped"} 1' in metrics

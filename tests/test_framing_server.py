@@ -308,7 +308,7 @@ def _raw_upgrade(port: int) -> tuple[socket.socket, bytes]:
     """A client socket upgraded to WebSocket by hand, and the bytes after the head."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     sock.sendall(
-        b"GET /v1/responses HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"GET /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
         b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         b"Sec-WebSocket-Version: 13\r\n\r\n"
     )

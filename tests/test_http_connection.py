@@ -25,7 +25,7 @@ from warmsocket.backends.base import StreamItem, TextDelta, TurnContext
 from warmsocket.server import HTTP_READ_AHEAD
 
 UPGRADE = (
-    b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
 )
 
@@ -71,7 +71,11 @@ def read_responses(raw: socket.socket, count: int) -> list[tuple[int, dict[str, 
 
 
 def post(body: bytes, path: bytes = b"/v1/responses") -> bytes:
-    return b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (path, len(body), body)
+    return b"POST %b HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%b" % (
+        path,
+        len(body),
+        body,
+    )
 
 
 def create(text: str, padding: int = 0) -> bytes:
@@ -362,7 +366,7 @@ def test_an_idle_http_connection_is_closed(impatient: RunningServer) -> None:
         data, after = closed_after(raw, time.monotonic())  # never sent anything
     assert data == b"" and IDLE * 0.8 < after < IDLE + 1
     with socket.create_connection(("127.0.0.1", impatient.port), timeout=5) as raw:
-        raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         ((status, _, _),) = read_responses(raw, 1)
         data, after = closed_after(raw, time.monotonic())  # kept alive, then idle
     assert status == 200 and data == b"" and IDLE * 0.8 < after < IDLE + 1

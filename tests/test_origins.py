@@ -59,7 +59,7 @@ def test_a_post_from_a_page_not_allowed_runs_no_turn(
     body = json.dumps(CREATE).encode()
     with socket.create_connection(("127.0.0.1", guarded.port), timeout=5) as raw:
         raw.sendall(
-            b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+            b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
             b"Origin: " + OTHER.encode() + b"\r\n"
             b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
         )
@@ -133,7 +133,7 @@ def test_origins_compare_as_browsers_send_them() -> None:
 def test_any_origin_with_a_star() -> None:
     with running_server(allowed_origins=("*",)) as srv:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
-            raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nOrigin: null\r\n\r\n")
+            raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: null\r\n\r\n")
             ((status, headers, _),) = read_responses(raw, 1)
         assert status == 200 and headers["access-control-allow-origin"] == "null"
         with WSClient(srv.ws_url, origin=OTHER) as ws:

@@ -110,10 +110,10 @@ def test_a_request_behind_the_one_under_way_is_answered_then_the_connection_clos
     with running_server() as srv:
         body = json.dumps({"model": "m", "input": "/sleep 300 hi"}).encode()
         requests = (
-            b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             + b"Content-Length: %d\r\n\r\n" % len(body)
             + body
-            + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            + b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         )
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
             sock.sendall(requests)
@@ -136,7 +136,7 @@ def test_a_websocket_upgrade_that_completes_during_the_drain_is_refused() -> Non
     after: 503, not a new session the drain would then have to wait for."""
     with running_server() as srv:
         head = (
-            b"GET /v1/responses HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"GET /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
             b"Sec-WebSocket-Version: 13\r\n"
         )

@@ -86,7 +86,7 @@ def test_a_plain_http_client_on_the_tls_port_gets_no_answer_and_nothing_breaks(
     secure: RunningServer, pems: dict[str, Path]
 ) -> None:
     with socket.create_connection(("127.0.0.1", secure.port), timeout=5) as raw:
-        raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         try:
             answer = raw.recv(65536)
         except ConnectionResetError:

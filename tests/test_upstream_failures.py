@@ -357,7 +357,7 @@ def test_http_client_disconnect_aborts_the_upstream_request(
     body = b'{"model": "m", "input": "/sleep 5000\\nhi", "stream": true}'
     with socket.create_connection(("127.0.0.1", server.port)) as raw:
         raw.sendall(
-            b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
         assert raw.recv(65536).startswith(b"HTTP/1.1 200")

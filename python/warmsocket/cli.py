@@ -384,6 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
         "through their browser (a WebSocket is not protected by CORS). Allowed pages get "
         "CORS headers",
     )
+    opt.add(
+        "--allowed-host",
+        default=[],
+        action="append",
+        env_split=True,
+        metavar="NAME",
+        help="a host name requests may be addressed to, e.g. api.example.com or "
+        ".example.com for the names under it (repeatable; the env var takes a "
+        "comma-separated list; '*' for any). With --host on loopback, a request for a "
+        "name other than localhost, an IP address or these gets HTTP 403 (a web site "
+        "could otherwise reach the server through DNS rebinding); on other interfaces "
+        "any name is served unless some are listed",
+    )
     limits = serve.add_argument_group("limits")
     opt.parser = limits
     opt.add(

@@ -338,6 +338,23 @@ def origin_not_allowed(origin: str) -> APIError:
     )
 
 
+def host_not_allowed(host: str, *, loopback_only: bool) -> APIError:
+    shown = host if len(host) <= 200 else host[:200] + "..."
+    why = (
+        "this server listens on loopback and serves requests for localhost, IP addresses "
+        "and the names --allowed-host lists only (the defence against DNS rebinding)"
+        if loopback_only
+        else "it is not among the names --allowed-host lists"
+    )
+    return APIError(
+        "host_not_allowed",
+        f"Requests for host {shown!r} are refused: {why}. To serve this name (behind a "
+        "reverse proxy that passes on its own Host, say), start warmsocket with "
+        "--allowed-host NAME.",
+        status=403,
+    )
+
+
 def too_many_queued(limit: int) -> APIError:
     return APIError(
         "server_is_overloaded",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from warmsocket import admission, logs, tls, upstream_cli
+from warmsocket import admission, hosts, logs, tls, upstream_cli
 from warmsocket._core import SessionCache, SnapshotError, Tokenizer, TokenizerError
 from warmsocket.backends.base import Backend
 from warmsocket.backends.mock import MockBackend
@@ -52,6 +52,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         api_keys=frozenset(args.api_key or ()),
         allowed_origins=tuple(args.allowed_origin or ()),
+        allowed_hosts=tuple(args.allowed_host or ()),
         reuse_port=args.reuse_port,
         access_log=not args.no_access_log,
         metrics_port=args.metrics_port,
@@ -120,6 +121,14 @@ def flags_fit_together(args: argparse.Namespace, open_files: int) -> bool:
     """Log what is wrong with a combination of flags; False when serve cannot start."""
     if args.tls_key and not args.tls_cert:
         log.error("--tls-key needs --tls-cert (the certificate the key belongs to)")
+        return False
+    unusable = hosts.not_host_names(args.allowed_host or ())
+    if unusable:
+        log.error(
+            "--allowed-host takes host names (api.example.com, .example.com for a domain and "
+            "the names under it, '*' for any), not URLs or addresses with paths",
+            extra={"allowed_host": unusable},
+        )
         return False
     if args.reuse_port and args.snapshot:
         log.error(
@@ -298,6 +307,7 @@ async def _serve(
             "max_connections": config.max_connections,
             "auth": bool(config.api_keys),
             "allowed_origins": list(config.allowed_origins),
+            "allowed_hosts": (list(config.allowed_hosts) if server.hosts.checked else ["*"]),
             "shared_store": sharing is not None,
         },
     )

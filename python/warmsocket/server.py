@@ -65,6 +65,7 @@ from warmsocket.engine import (
     tokenizer_for,
 )
 from warmsocket.errors import APIError
+from warmsocket.hosts import HostPolicy, listens_on_loopback_only
 from warmsocket.http11 import (
     CONTINUE,
     MAX_HEAD_BYTES,
@@ -203,6 +204,10 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     """`--allowed-origin`: the web origins whose requests are served
     (`warmsocket.origins`); a request with another `Origin` gets 403."""
+    allowed_hosts: tuple[str, ...] = ()
+    """`--allowed-host`: the host names requests may be addressed to besides localhost
+    and IP addresses (`warmsocket.hosts`); checked on a server on loopback, or when
+    given."""
     max_connections: int | None = None
     """`--max-connections`: connections kept open at once (`warmsocket.admission`);
     None: no limit."""
@@ -285,6 +290,9 @@ class Server:
         self.connections: set[Connection] = set()
         self.admission = Admission(config.max_connections)
         self.origins = OriginPolicy(config.allowed_origins)
+        self.hosts = HostPolicy(
+            config.allowed_hosts, loopback_only=listens_on_loopback_only(config.host)
+        )
         self.metrics.collectors.append(
             connection_limit_collector(config.max_connections, self.admission.counts)
         )
@@ -745,7 +753,13 @@ class Connection(asyncio.Protocol):
             return
         self._http_deadline = self._head_since = self._body_since = None
         # (Most requests are neither: no work for them.)
-        refusable = self._verdict == "refused" or self.probes_only or "origin" in request.headers
+        hosts = self.server.hosts
+        refusable = (
+            self._verdict == "refused"
+            or self.probes_only
+            or "origin" in request.headers
+            or not hosts.allows(request.headers.get("host"))
+        )
         if refusable and not self._admissible(request):
             return
         if request.is_websocket_upgrade:
@@ -755,8 +769,9 @@ class Connection(asyncio.Protocol):
 
     def _admissible(self, request: Request) -> bool:
         """Whether `request` goes on to its route: on a connection past
-        --max-connections only a probe does, and only a web page `--allowed-origin`
-        lets in (`warmsocket.origins`). Answers and closes otherwise."""
+        --max-connections only a probe does, only one for a host `--allowed-host`
+        allows (`warmsocket.hosts`), and only a web page `--allowed-origin` lets in
+        (`warmsocket.origins`). Answers and closes otherwise."""
         route = route_of(request.path)[0]
         probe = request.method == "GET" and route in PROBES
         if self.probes_only and not probe:
@@ -769,6 +784,17 @@ class Connection(asyncio.Protocol):
                 self._refuse_past_limit(route, request)
                 return False
             request.keep_alive = False  # a probe: answered, then the connection closes
+        host = request.headers.get("host")
+        if not self.server.hosts.allows(host):
+            log.info(
+                "request refused: its host is not allowed (--allowed-host)",
+                extra={"route": route, "host": (host or "")[:200]},  # a name, no content
+            )
+            refused = errors.host_not_allowed(
+                host or "", loopback_only=self.server.hosts.loopback_only
+            )
+            self._answer_and_close(refused, route, request)
+            return False
         origin = request.headers.get("origin")
         if origin is not None and not self.server.origins.allows(origin):
             log.info(
