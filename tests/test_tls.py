@@ -13,9 +13,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx2 as httpx
+import openai
 import pytest
 import trustme
 
@@ -28,7 +30,9 @@ from tests.test_http_connection import (
     Firehose,
     dropped_after,
     read_head,
+    read_until_closed,
     small_window_connection,
+    split_response,
     stall_records,
 )
 from warmsocket.tls import CertificateFiles, TLSConfigError, server_context
@@ -82,18 +86,122 @@ def test_https_and_wss_on_one_port(secure: RunningServer, pems: dict[str, Path])
         assert output_text(again) == "You said: two"
 
 
-def test_a_plain_http_client_on_the_tls_port_gets_no_answer_and_nothing_breaks(
-    secure: RunningServer, pems: dict[str, Path]
+def test_a_plain_http_client_on_the_tls_port_is_told_to_use_https(
+    secure: RunningServer, pems: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with socket.create_connection(("127.0.0.1", secure.port), timeout=5) as raw:
-        raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        try:
-            answer = raw.recv(65536)
-        except ConnectionResetError:
-            answer = b""
-    assert not answer.startswith(b"HTTP/")  # a TLS alert at most
+    caplog.set_level(logging.INFO)
+    for request in (
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET /v1/responses HTTP/1.1\r\n" + UPGRADE + b"\r\n",  # ws:// for wss://
+    ):
+        with socket.create_connection(("127.0.0.1", secure.port), timeout=5) as raw:
+            raw.sendall(request)
+            status, headers, body = split_response(read_until_closed(raw))
+        assert status == 400 and "x-request-id" in headers
+        error = json.loads(body)["error"]
+        assert error["code"] == "plain_http_on_tls_port"
+        assert "https://" in error["message"] and "wss://" in error["message"]
+    # The openai SDK with an http:// base URL: the error says what to change.
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{secure.port}/v1", api_key="k")
+    with pytest.raises(openai.BadRequestError, match="Use https://"):
+        client.responses.create(model="m", input="in the clear")
+    client.close()
     with httpx.Client(verify=client_context(pems), timeout=10) as http:
         assert http.get(f"https://127.0.0.1:{secure.port}/healthz").status_code == 200
+    metrics = secure.server.metrics.render()
+    assert "warmsocket_plain_http_on_tls_port_total 3" in metrics
+    assert 'warmsocket_errors_total{code="plain_http_on_tls_port"} 3' in metrics
+    warned = [r for r in caplog.records if r.getMessage().startswith("plain HTTP on the TLS port")]
+    assert len(warned) == 1  # at most one line every 10 s
+    assert "in the clear" not in caplog.text
+
+
+def test_a_tls_client_on_the_plain_port_is_closed_and_logged(
+    pems: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="warmsocket.server")
+    with running_server() as srv:
+        for _ in range(2):
+            with (
+                socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw,
+                pytest.raises((ssl.SSLError, ConnectionError)),
+            ):
+                client_context(pems).wrap_socket(raw, server_hostname="127.0.0.1")
+        with httpx.Client(base_url=srv.base_url, timeout=10) as http:
+            assert http.get("/healthz").status_code == 200
+        metrics = srv.server.metrics.render()
+        assert "warmsocket_tls_on_plain_http_port_total 2" in metrics
+        assert 'warmsocket_errors_total{code="tls_on_plain_http_port"} 2' in metrics
+        assert srv.call(lambda: srv.server.admission.admitted) <= 1  # (httpx's, if open)
+    (warned,) = [r for r in caplog.records if "TLS handshake on the plain-HTTP port" in r.msg]
+    assert "--tls-cert" in warned.getMessage()
+
+
+def test_failed_handshakes_are_counted_and_logged_with_their_reason(
+    secure: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="warmsocket.server")
+    untrusting = ssl.create_default_context()  # does not know the private CA
+    for _ in range(2):
+        with (
+            socket.create_connection(("127.0.0.1", secure.port), timeout=5) as raw,
+            pytest.raises(ssl.SSLCertVerificationError),
+        ):
+            untrusting.wrap_socket(raw, server_hostname="127.0.0.1")
+
+    def failures() -> str:
+        lines = secure.server.metrics.render().splitlines()
+        return "".join(line for line in lines if line.startswith("warmsocket_tls_handshakes_f"))
+
+    deadline = time.monotonic() + 5
+    while "} 2" not in failures():
+        assert time.monotonic() < deadline, failures()
+        time.sleep(0.02)
+    assert 'reason="tlsv1_alert_unknown_ca"} 2' in failures()
+    (logged,) = [r for r in caplog.records if r.getMessage().startswith("TLS handshakes failed")]
+    assert logged.__dict__["reasons"] == {"tlsv1_alert_unknown_ca": 1}
+    assert secure.call(lambda: secure.server.admission.admitted) == 0
+
+
+def test_connections_in_their_handshake_count_against_the_limit(pems: dict[str, Path]) -> None:
+    context = server_context(pems["cert"], pems["key"])
+    with running_server(tls=context, max_connections=2, http_head_timeout=1.0) as srv:
+        base = f"https://127.0.0.1:{srv.port}"
+
+        def admitted() -> int:
+            count: int = srv.call(lambda: srv.server.admission.admitted)
+            return count
+
+        with ExitStack() as stack:
+            silent = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            stack.enter_context(silent)
+            halfway = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            stack.enter_context(halfway)
+            halfway.sendall(b"\x16\x03\x01")  # a handshake's first bytes, then nothing
+            deadline = time.monotonic() + 5
+            while admitted() < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            with httpx.Client(verify=client_context(pems), timeout=10) as http:
+                refused = http.get(f"{base}/v1/models")
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "server_is_overloaded"
+            # Both are dropped at --http-head-timeout: one waiting for its first byte,
+            # one in its handshake; then their places are free.
+            started = time.monotonic()
+            assert silent.recv(1) == b"" and halfway.recv(1) == b""
+            assert time.monotonic() - started < 3
+        assert admitted() == 0
+        with httpx.Client(verify=client_context(pems), timeout=10) as http:
+            assert http.get(f"{base}/v1/models").status_code == 200
+        # One that connects and closes at once (a port check) is uncounted too.
+        socket.create_connection(("127.0.0.1", srv.port), timeout=5).close()
+        deadline = time.monotonic() + 5
+        while admitted() != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        failures = srv.server.metrics.render()
+        assert 'warmsocket_tls_handshakes_failed_total{reason="timeout"} 1' in failures
 
 
 def test_a_wss_client_that_stops_reading_is_dropped(

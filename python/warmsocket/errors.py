@@ -338,6 +338,15 @@ def origin_not_allowed(origin: str) -> APIError:
     )
 
 
+def plain_http_on_tls_port() -> APIError:
+    return APIError(
+        "plain_http_on_tls_port",
+        "This port speaks TLS: a plain-HTTP request was sent to it. Use https:// (and "
+        "wss:// for WebSocket mode) in this server's URLs.",
+        status=400,
+    )
+
+
 def host_not_allowed(host: str, *, loopback_only: bool) -> APIError:
     shown = host if len(host) <= 200 else host[:200] + "..."
     why = (

@@ -92,6 +92,7 @@ from warmsocket.session import (
     StartModel,
     StopModel,
 )
+from warmsocket.tls_listener import TLS_HANDSHAKE_RECORD, TLSEvents, TLSListener
 
 log = logging.getLogger("warmsocket.server")
 
@@ -108,6 +109,8 @@ goes on below it, so a client that goes away mid-answer is noticed at once."""
 _DRAIN_POLL_SECONDS = 0.05
 """How often a draining server looks whether anything is left (`Server.drain`)."""
 
+HANDSHAKE_TIMEOUT = 60.0
+"""Seconds a TLS handshake may take without `--http-head-timeout`."""
 LINGER_SECONDS = 2.0
 """How long a connection that refused a request still reads (and drops) what its client
 sends after the answer (`Connection._close_lingering`)."""
@@ -296,8 +299,11 @@ class Server:
         self.metrics.collectors.append(
             connection_limit_collector(config.max_connections, self.admission.counts)
         )
-        self._server: asyncio.Server | None = None
+        self.tls_events = TLSEvents()
+        self.metrics.collectors.append(self.tls_events.collect)
+        self._server: asyncio.Server | TLSListener | None = None
         self._probe_server: asyncio.Server | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
         self.draining = False
         """Shutting down (`drain`): connections close as what they carry ends."""
 
@@ -326,19 +332,25 @@ class Server:
             )
         loop = asyncio.get_running_loop()
         config = self.config
-        tls: dict[str, Any] = {}
         if config.tls is not None:
-            # A handshake is bounded as a request head is.
-            tls = {"ssl": config.tls, "ssl_handshake_timeout": config.http_head_timeout or 60.0}
-        self._server = await loop.create_server(
-            lambda: Connection(self),
-            config.host,
-            config.port,
-            backlog=config.backlog,
-            reuse_address=True,
-            reuse_port=config.reuse_port or None,
-            **tls,
-        )
+            self._server = await TLSListener.open(
+                config.host,
+                config.port,
+                self._tls_port_accepted,
+                admission=self.admission,
+                deadline=config.http_head_timeout or HANDSHAKE_TIMEOUT,
+                backlog=config.backlog,
+                reuse_port=config.reuse_port,
+            )
+        else:
+            self._server = await loop.create_server(
+                lambda: Connection(self),
+                config.host,
+                config.port,
+                backlog=config.backlog,
+                reuse_address=True,
+                reuse_port=config.reuse_port or None,
+            )
         if config.metrics_port is not None:
             try:
                 self._probe_server = await loop.create_server(
@@ -350,6 +362,43 @@ class Server:
             except OSError as exc:
                 self._server.close()
                 raise MetricsPortError(exc.errno, exc.strerror) from exc
+
+    def _tls_port_accepted(self, sock: socket.socket, first_byte: int, verdict: Verdict) -> None:
+        """A connection on the TLS port sent its first byte (`tls_listener`): a TLS
+        client's gets the handshake, a plain-HTTP client's a 400."""
+        plain = first_byte != TLS_HANDSHAKE_RECORD
+        task = asyncio.get_running_loop().create_task(
+            self._tls_port_connection(sock, verdict, plain)
+        )
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _tls_port_connection(
+        self, sock: socket.socket, verdict: Verdict, plain: bool
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        connection = Connection(self, counted=verdict, plain_on_tls_port=plain)
+        config = self.config
+        try:
+            if plain:
+                await loop.connect_accepted_socket(lambda: connection, sock)
+            else:
+                await loop.connect_accepted_socket(
+                    lambda: connection,
+                    sock,
+                    ssl=config.tls,
+                    # A handshake is bounded as a request head is.
+                    ssl_handshake_timeout=config.http_head_timeout or HANDSHAKE_TIMEOUT,
+                )
+        except BaseException as exc:
+            if connection.transport is None:  # it never started: nothing else releases it
+                self.admission.release(verdict)
+            # (Closes the file only when the loop has not taken it: it holds a reference.)
+            sock.close()
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the server closes
+            if not plain:
+                self.tls_events.handshake_failed(exc)
 
     async def serve_forever(self) -> None:
         if self._server is None:
@@ -389,6 +438,8 @@ class Server:
         listeners = [s for s in (self._server, self._probe_server) if s is not None]
         for listener in listeners:
             listener.close()
+        for handshake in list(self._handshakes):
+            handshake.cancel()
         for connection in list(self.connections):
             connection.shutdown()
         for listener in listeners:
@@ -439,11 +490,24 @@ class _Writer:
 class Connection(asyncio.Protocol):
     """One TCP connection: HTTP/1.1, possibly upgraded to WebSocket mode."""
 
-    def __init__(self, server: Server, *, probes_only: bool = False) -> None:
+    def __init__(
+        self,
+        server: Server,
+        *,
+        probes_only: bool = False,
+        counted: Verdict | None = None,
+        plain_on_tls_port: bool = False,
+    ) -> None:
         self.server = server
         self.probes_only = probes_only
         """Taken on `--metrics-port`: only GET /healthz and /metrics are answered, and
         the connection limit does not count it."""
+        self._counted = counted
+        """The connection limit's verdict, when the listener counted the connection
+        (`TLSListener`); None: `connection_made` asks for one."""
+        self.plain_on_tls_port = plain_on_tls_port
+        """A plain-HTTP client on the TLS port: its requests get a 400 that says to use
+        https:// (`tls_listener`)."""
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.lost = False
@@ -508,7 +572,10 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         self.server.connections.add(self)
-        verdict = self._verdict = None if self.probes_only else self.server.admission.admit()
+        verdict: Verdict | None = self._counted
+        if verdict is None and not self.probes_only:
+            verdict = self.server.admission.admit()
+        self._verdict = verdict
         if verdict == "dropped":
             transport.abort()
             return
@@ -528,6 +595,10 @@ class Connection(asyncio.Protocol):
             return  # the rest of a refused request
         if self._served:
             self.server.admission.busy(self)
+        elif data[0] == TLS_HANDSHAKE_RECORD and self._parser.receiving is None:
+            # (No HTTP request starts so; on the TLS port this is plaintext already.)
+            self._tls_on_plain_port()
+            return
         self._parser.feed(data)
         if self._http_task is None:
             self._http_next()
@@ -757,6 +828,7 @@ class Connection(asyncio.Protocol):
         refusable = (
             self._verdict == "refused"
             or self.probes_only
+            or self.plain_on_tls_port
             or "origin" in request.headers
             or not hosts.allows(request.headers.get("host"))
         )
@@ -774,6 +846,10 @@ class Connection(asyncio.Protocol):
         (`warmsocket.origins`). Answers and closes otherwise."""
         route = route_of(request.path)[0]
         probe = request.method == "GET" and route in PROBES
+        if self.plain_on_tls_port:
+            self.server.tls_events.plain_http_request()
+            self._answer_and_close(errors.plain_http_on_tls_port(), route, request)
+            return False
         if self.probes_only and not probe:
             error = errors.not_found_route(request.method, request.path)
             error.message += " This port (--metrics-port) answers GET /healthz and /metrics only."
@@ -877,6 +953,13 @@ class Connection(asyncio.Protocol):
                 )
         # A client too slow for its timeout is not given LINGER_SECONDS more.
         self._answer_unread(APIError(None, message, status=408), linger=False)
+
+    def _tls_on_plain_port(self) -> None:
+        """A TLS client (https://, wss://) on the plain-HTTP port: it cannot read a
+        plain answer, so the connection closes; the log says what to change."""
+        self.server.tls_events.tls_on_plain_port()
+        self.server.metrics.count_error("tls_on_plain_http_port")
+        self._close_transport()
 
     def _answer_unread(self, error: APIError, *, linger: bool = True) -> None:
         """Answer a request that was never read whole (it could not be parsed, was too
