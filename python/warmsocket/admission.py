@@ -17,6 +17,11 @@ Past the limit, in order:
    of body, for at most `REFUSED_WAIT` seconds) and answered 503; `GET /healthz` and
    `GET /metrics` are answered as usual, so that probes keep working on a full server.
 3. Past `REFUSING_AT_ONCE` refusals in progress, new connections are closed at once.
+
+`--max-connections-per-key` bounds what one API key holds at once (`KeyLimit`): its
+open WebSockets and its HTTP requests being answered, so that one client (a runaway
+agent loop, say) cannot take every connection a process has from the others. A request
+past it gets 429 `rate_limit_exceeded` with `Retry-After`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import contextlib
 import logging
 import resource
 import time
+from collections import Counter
+from collections.abc import Iterator
 from typing import Literal, Protocol
 
 log = logging.getLogger("warmsocket.server")
@@ -141,3 +148,62 @@ class Admission:
             extra={"limit": self.limit, **self._unlogged},
         )
         self._unlogged = {"refused": 0, "dropped": 0}
+
+
+class KeyLimit:
+    """What each owner (API key, `httpapi.Auth.owner`) holds at once against `limit`
+    (None: no limit): its open WebSockets and HTTP requests being answered."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.held = Counter[str]()
+        self.refused = 0
+        """Requests refused since the start, for `/metrics`."""
+        self._unlogged = 0
+        self._logged_at: float | None = None
+
+    def take(self, owner: str) -> bool:
+        """One more for `owner`, if its limit lets it (then `release` it once done)."""
+        if self.limit is None:
+            return True
+        if self.held[owner] >= self.limit:
+            self.refused += 1
+            self._unlogged += 1
+            now = time.monotonic()
+            if self._logged_at is None or now - self._logged_at >= LOG_INTERVAL:
+                self._logged_at = now
+                log.warning(
+                    "an API key is at --max-connections-per-key; its new WebSockets and "
+                    "requests are refused (429) until some end",
+                    extra={"owner": owner, "limit": self.limit, "refused": self._unlogged},
+                )
+                self._unlogged = 0
+            return False
+        self.held[owner] += 1
+        return True
+
+    def release(self, owner: str) -> None:
+        if self.limit is None:
+            return
+        left = self.held[owner] - 1
+        if left > 0:
+            self.held[owner] = left
+        else:
+            del self.held[owner]
+
+    def collect(self) -> Iterator[str]:
+        """`/metrics` lines (none without a limit)."""
+        if self.limit is None:
+            return
+        yield "# HELP warmsocket_connection_limit_per_key WebSockets and requests one key holds."
+        yield "# TYPE warmsocket_connection_limit_per_key gauge"
+        yield f"warmsocket_connection_limit_per_key {self.limit}"
+        yield "# HELP warmsocket_keys_at_limit API keys holding their limit now."
+        yield "# TYPE warmsocket_keys_at_limit gauge"
+        yield f"warmsocket_keys_at_limit {sum(1 for n in self.held.values() if n >= self.limit)}"
+        yield (
+            "# HELP warmsocket_key_limit_refused_total WebSockets and requests refused (429) "
+            "because their key held its limit."
+        )
+        yield "# TYPE warmsocket_key_limit_refused_total counter"
+        yield f"warmsocket_key_limit_refused_total {self.refused}"

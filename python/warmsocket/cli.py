@@ -446,6 +446,15 @@ def build_parser() -> argparse.ArgumentParser:
         "upstream connections too",
     )
     opt.add(
+        "--max-connections-per-key",
+        default=0,
+        type=_non_negative_int,
+        help="WebSockets and HTTP requests one API key (bearer token; requests without "
+        "one count as one key) holds open at once. Past it its new ones get 429 "
+        "'rate_limit_exceeded' with Retry-After, so that one client cannot take the "
+        "connections of all. 0: no limit but --max-connections",
+    )
+    opt.add(
         "--max-lanes", default=32, type=_positive_int, help="named stream_id lanes per connection"
     )
     opt.add(

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from warmsocket import _core, conversation_routes, errors, ids, item_references
 from warmsocket._core import Rejection, parse_client_message
+from warmsocket.admission import KeyLimit
 from warmsocket.backends.base import TurnFailed
 from warmsocket.background import RETAIN_SECONDS, BackgroundResponses, BackgroundRun
 from warmsocket.compaction import compact, parse_compact_request
@@ -89,9 +90,12 @@ class HTTPApp:
         models: Collection[str],
         ready: Callable[[], bool] = lambda: True,
         access_log: bool = True,
+        key_limit: KeyLimit | None = None,
     ) -> None:
-        """`access_log`: a log line per request answered (`access_line`)."""
+        """`access_log`: a log line per request answered (`access_line`). `key_limit`:
+        `--max-connections-per-key`, shared with the server's WebSockets."""
         self.engine = engine
+        self.key_limit = key_limit or KeyLimit(None)
         self.access_log = access_log
         self.auth = auth
         self.models = tuple(models)
@@ -167,6 +171,29 @@ class HTTPApp:
             )
             return 200
         owner = self.auth.owner(request)
+        if not self.key_limit.take(owner):
+            raise errors.too_many_for_key(self.key_limit.limit or 0)
+        try:
+            return await self._owned(
+                request, writer, request_id, route, path_id, sub, connection, owner
+            )
+        finally:
+            self.key_limit.release(owner)
+
+    async def _owned(
+        self,
+        request: Request,
+        writer: ResponseWriter,
+        request_id: str,
+        route: str,
+        path_id: str | None,
+        sub: str | None,
+        connection: int,
+        owner: str,
+    ) -> int:
+        """`_dispatch` for a request whose owner (API key) is known and within its
+        `--max-connections-per-key`."""
+        method = request.method
         if route == "models":
             if method != "GET":
                 raise errors.method_not_allowed(method, request.path)

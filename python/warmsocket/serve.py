@@ -69,6 +69,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         prefix_diffing=not args.no_prefix_diffing,
         shutdown_timeout=args.shutdown_timeout,
         conversation_budget=args.conversation_budget,
+        max_connections_per_key=args.max_connections_per_key or None,
         max_connections=args.max_connections
         or admission.auto_max_connections(
             admission.open_file_limit(), upstream=bool(getattr(args, "upstream", None))
@@ -305,6 +306,7 @@ async def _serve(
             "tokenizer": tokenizer.name if tokenizer is not None else "none",
             "memory_budget": config.memory_budget,
             "max_connections": config.max_connections,
+            "max_connections_per_key": config.max_connections_per_key,
             "auth": bool(config.api_keys),
             "allowed_origins": list(config.allowed_origins),
             "allowed_hosts": (list(config.allowed_hosts) if server.hosts.checked else ["*"]),

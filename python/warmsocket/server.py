@@ -51,7 +51,13 @@ from websockets.typing import Subprotocol
 
 from warmsocket import errors, ids
 from warmsocket._core import ClientFrames, CreateRequest, SessionCache
-from warmsocket.admission import REFUSED_BODY_BYTES, REFUSED_WAIT, Admission, Verdict
+from warmsocket.admission import (
+    REFUSED_BODY_BYTES,
+    REFUSED_WAIT,
+    Admission,
+    KeyLimit,
+    Verdict,
+)
 from warmsocket.backends.base import Backend, ImmediateBackend, StreamItem
 from warmsocket.conversations import DEFAULT_CONVERSATION_BUDGET, Conversations
 from warmsocket.engine import (
@@ -214,6 +220,9 @@ class ServerConfig:
     max_connections: int | None = None
     """`--max-connections`: connections kept open at once (`warmsocket.admission`);
     None: no limit."""
+    max_connections_per_key: int | None = None
+    """`--max-connections-per-key`: WebSockets and HTTP requests in progress per API key
+    (`admission.KeyLimit`); None: no limit."""
     backlog: int = 1024
     access_log: bool = True
     """A log line per HTTP request (`httpapi.access_line`); `--no-access-log`: none."""
@@ -278,9 +287,12 @@ class Server:
         )
         if shared is not None:
             self.metrics.collectors.append(shared_store_collector(shared.stats))
+        self.key_limit = KeyLimit(config.max_connections_per_key)
+        self.metrics.collectors.append(self.key_limit.collect)
         self.http = HTTPApp(
             self.engine,
             auth=Auth(config.api_keys),
+            key_limit=self.key_limit,
             models=config.models if config.listed_models is None else config.listed_models,
             access_log=config.access_log,
         )
@@ -559,6 +571,8 @@ class Connection(asyncio.Protocol):
         self._verdict: Verdict | None = None
         # An HTTP request has been answered on it: between requests it is idle.
         self._served = False
+        self._key_owner: str | None = None
+        """The owner whose `--max-connections-per-key` this WebSocket counts against."""
         self._refused_timer: asyncio.TimerHandle | None = None
         # Answered and half-closed: what the client still sends is dropped until it
         # closes or LINGER_SECONDS pass (`_close_lingering`).
@@ -624,6 +638,9 @@ class Connection(asyncio.Protocol):
         self.lost = True
         self._writable.set()
         self.server.connections.discard(self)
+        if self._key_owner is not None:
+            self.server.key_limit.release(self._key_owner)
+            self._key_owner = None
         admission = self.server.admission
         admission.busy(self)
         admission.release(self._verdict)
@@ -1127,6 +1144,10 @@ class Connection(asyncio.Protocol):
             # status, in our words and shape.
             self._refuse(_handshake_refusal(response.status_code, protocol.handshake_exc))
             return
+        if not server.key_limit.take(owner):
+            self._refuse(errors.too_many_for_key(server.key_limit.limit or 0))
+            return
+        self._key_owner = owner  # released as the connection closes
         protocol.send_response(response)
         self.ws = protocol
         server.metrics.connection_opened("websocket")
