@@ -137,6 +137,46 @@ def test_a_tls_client_on_the_plain_port_is_closed_and_logged(
     assert "--tls-cert" in warned.getMessage()
 
 
+def test_no_file_is_left_behind_by_any_way_a_tls_port_connection_ends(
+    pems: dict[str, Path],
+) -> None:
+    def open_files() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    context = server_context(pems["cert"], pems["key"])
+    with running_server(tls=context, http_head_timeout=0.5) as srv:
+        address = ("127.0.0.1", srv.port)
+        with httpx.Client(verify=client_context(pems), timeout=10) as http:
+            assert http.get(f"https://127.0.0.1:{srv.port}/healthz").status_code == 200
+        time.sleep(0.2)
+        baseline = open_files()
+        untrusting = ssl.create_default_context()
+        for round_ in range(20):
+            socket.create_connection(address, timeout=5).close()  # nothing sent
+            with socket.create_connection(address, timeout=5) as raw:  # plain HTTP
+                raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert read_until_closed(raw).startswith(b"HTTP/1.1 400 ")
+            with socket.create_connection(address, timeout=5) as raw:  # reset mid-handshake
+                raw.sendall(b"\x16\x03\x01\x00\x05")
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" * 2)
+            with (  # a client that does not trust the certificate
+                socket.create_connection(address, timeout=5) as raw,
+                pytest.raises(ssl.SSLError),
+            ):
+                untrusting.wrap_socket(raw, server_hostname="127.0.0.1")
+            if round_ % 5 == 0:  # silent until --http-head-timeout
+                socket.create_connection(address, timeout=5).close()
+                silent = socket.create_connection(address, timeout=5)
+                assert silent.recv(1) == b""
+                silent.close()
+        deadline = time.monotonic() + 5
+        while open_files() > baseline or srv.call(lambda: srv.server.admission.admitted):
+            assert time.monotonic() < deadline, (open_files(), baseline)
+            time.sleep(0.05)
+        with httpx.Client(verify=client_context(pems), timeout=10) as http:
+            assert http.get(f"https://127.0.0.1:{srv.port}/healthz").status_code == 200
+
+
 def test_failed_handshakes_are_counted_and_logged_with_their_reason(
     secure: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
