@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx2 as httpx
 import openai
@@ -306,18 +307,76 @@ def test_the_sdk_over_https_and_wss_trusting_a_private_ca(pems: dict[str, Path])
         (["--tls-cert", "/nonexistent/cert.pem"], "no such file"),
         (["--tls-cert", "CERT", "--tls-key", "OTHER_KEY"], "cannot load the TLS certificate"),
         (["--tls-cert", "CA_AS_KEY"], "cannot load the TLS certificate"),
+        (["--tls-client-ca", "CA"], "--tls-client-ca needs --tls-cert"),
+        (["--tls-cert", "BOTH", "--tls-client-ca", "/nonexistent/ca.pem"], "--tls-client-ca"),
+        (["--tls-cert", "BOTH", "--tls-client-ca", "KEY"], "cannot load --tls-client-ca"),
     ],
 )
 def test_unusable_tls_files_stop_the_server_with_advice(
     pems: dict[str, Path], args: list[str], message: str
 ) -> None:
-    names = {"KEY": "key", "CERT": "cert", "OTHER_KEY": "other_key", "CA_AS_KEY": "ca"}
+    names = {
+        "KEY": "key",
+        "CERT": "cert",
+        "OTHER_KEY": "other_key",
+        "CA_AS_KEY": "ca",
+        "CA": "ca",
+        "BOTH": "both",
+    }
     args = [str(pems[names[a]]) if a in names else a for a in args]
     result = run(WARMSOCKET, "serve", "--port", "0", "--log-format", "json", *args)
     assert result.returncode == 1
     (record,) = [json.loads(line) for line in result.stderr.splitlines()]
     assert message in record["message"] and record["level"] == "error"
     assert "PRIVATE KEY" not in result.stderr  # never the files' content
+
+
+def test_mutual_tls_takes_only_clients_with_a_certificate_from_the_client_ca(
+    pems: dict[str, Path], ca: trustme.CA, tmp_path: Path
+) -> None:
+    client_ca = trustme.CA()  # the clients' CA: another than the server's
+    (tmp_path / "client-ca.pem").write_bytes(client_ca.cert_pem.bytes())
+    context = server_context(pems["cert"], pems["key"], client_ca=tmp_path / "client-ca.pem")
+    assert context.cert_store_stats()["x509_ca"] == 1  # that CA only, never the system's
+
+    def client(issuer: trustme.CA | None) -> ssl.SSLContext:
+        own = client_context(pems)
+        if issuer is not None:
+            issuer.issue_cert("agent-7@example.com").configure_cert(own)
+        return own
+
+    with running_server(tls=context) as srv:
+        base = f"https://127.0.0.1:{srv.port}/v1"
+        # The openai SDK, HTTP and WebSocket mode, with the client's certificate.
+        agent = client(client_ca)
+        with httpx.Client(verify=agent, timeout=10) as http:
+            sdk = openai.OpenAI(base_url=base, api_key="k", http_client=http, max_retries=0)
+            assert sdk.responses.create(model="m", input="mine").output_text == "You said: mine"
+            options: Any = {"ssl": agent}
+            with sdk.responses.connect(websocket_connection_options=options) as conn:
+                conn.response.create(model="m", input="over wss")
+                for event in conn:
+                    if event.type == "response.completed":
+                        assert event.response.output_text == "You said: over wss"
+                        break
+        # Without a certificate, or with one the client CA did not sign: no handshake.
+        for without in (client(None), client(ca)):
+            with (
+                httpx.Client(verify=without, timeout=10) as http,
+                pytest.raises(httpx.TransportError),
+            ):
+                http.get(f"{base}/models")
+        lines = srv.server.metrics.render().splitlines()
+        failed = [line for line in lines if line.startswith("warmsocket_tls_handshakes_failed")]
+        assert sorted(failed) == [
+            'warmsocket_tls_handshakes_failed_total{reason="certificate_verify_failed"} 1',
+            'warmsocket_tls_handshakes_failed_total{reason="peer_did_not_return_a_certificate"} 1',
+        ]
+    # The bundle is one of the files read again when they change.
+    files = CertificateFiles(context, pems["cert"], pems["key"], tmp_path / "client-ca.pem")
+    assert not files.changed()
+    (tmp_path / "client-ca.pem").write_bytes(client_ca.cert_pem.bytes() + ca.cert_pem.bytes())
+    assert files.changed() and files.reload("test")
 
 
 def test_server_context_errors() -> None:

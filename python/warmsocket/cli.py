@@ -372,6 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
         "certificate file)",
     )
     opt.add(
+        "--tls-client-ca",
+        default=None,
+        metavar="PATH",
+        help="require clients to present a certificate signed by a CA in this PEM bundle "
+        "(mutual TLS; only these CAs are trusted for it). The openai SDK sends one with "
+        "http_client=httpx.Client(verify=context) and, for responses.connect(), "
+        "websocket_connection_options={'ssl': context}, where context has the client's "
+        "certificate loaded. Read again with --tls-cert",
+    )
+    opt.add(
         "--allowed-origin",
         default=[],
         action="append",

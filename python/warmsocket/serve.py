@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -123,6 +124,9 @@ def flags_fit_together(args: argparse.Namespace, open_files: int) -> bool:
     if args.tls_key and not args.tls_cert:
         log.error("--tls-key needs --tls-cert (the certificate the key belongs to)")
         return False
+    if args.tls_client_ca and not args.tls_cert:
+        log.error("--tls-client-ca needs --tls-cert (client certificates are asked for in TLS)")
+        return False
     unusable = hosts.not_host_names(args.allowed_host or ())
     if unusable:
         log.error(
@@ -162,13 +166,14 @@ def serve_command(args: argparse.Namespace) -> int:
     certificates = None
     if args.tls_cert:
         cert, key = Path(args.tls_cert), Path(args.tls_key) if args.tls_key else None
+        client_ca = Path(args.tls_client_ca) if args.tls_client_ca else None
         try:
-            context = tls.server_context(cert, key)
+            context = tls.server_context(cert, key, client_ca)
         except tls.TLSConfigError as exc:
             log.error(str(exc))
             return 1
         config = replace(config, tls=context)
-        certificates = tls.CertificateFiles(context, cert, key)
+        certificates = tls.CertificateFiles(context, cert, key, client_ca)
     snapshot = Path(args.snapshot) if args.snapshot else None
     try:
         metrics = Metrics()
@@ -308,6 +313,8 @@ async def _serve(
             "max_connections": config.max_connections,
             "max_connections_per_key": config.max_connections_per_key,
             "auth": bool(config.api_keys),
+            "client_certificates": config.tls is not None
+            and config.tls.verify_mode == ssl.CERT_REQUIRED,
             "allowed_origins": list(config.allowed_origins),
             "allowed_hosts": (list(config.allowed_hosts) if server.hosts.checked else ["*"]),
             "shared_store": sharing is not None,

@@ -15,6 +15,11 @@ logged and the certificate in use stays.
 The context is the standard library's server defaults (TLS 1.2 or later, its cipher
 choice) with ALPN offering `http/1.1` only: the one protocol the server speaks, so a
 client that prefers HTTP/2 settles on HTTP/1.1 during the handshake.
+
+With `--tls-client-ca` the handshake also requires a client certificate signed by one of
+that bundle's CAs (mutual TLS): only those CAs are trusted for it, never the system's.
+A reload adds the bundle's CAs again; a CA taken out of it stays trusted until restart
+(OpenSSL's store only grows).
 """
 
 from __future__ import annotations
@@ -35,9 +40,13 @@ class TLSConfigError(Exception):
     files' content)."""
 
 
-def server_context(cert: Path, key: Path | None = None) -> ssl.SSLContext:
+def server_context(
+    cert: Path, key: Path | None = None, client_ca: Path | None = None
+) -> ssl.SSLContext:
     """A server context from a PEM certificate chain and its private key (`key`
-    None: the key is in the certificate file). Raises TLSConfigError."""
+    None: the key is in the certificate file), requiring client certificates signed
+    by a CA in `client_ca` when given. Raises TLSConfigError."""
+    # (CLIENT_AUTH: a server's context; it loads no CA, so none is trusted for clients.)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.set_alpn_protocols(["http/1.1"])
     try:
@@ -58,23 +67,53 @@ def server_context(cert: Path, key: Path | None = None) -> ssl.SSLContext:
             "certificate chain (the server's certificate first), --tls-key its PEM private "
             "key without a password (or leave it out when the key is in the certificate file)"
         ) from None
+    if client_ca is not None:
+        require_client_certificates(context, client_ca)
     return context
+
+
+def require_client_certificates(context: ssl.SSLContext, client_ca: Path) -> None:
+    """Mutual TLS: a handshake needs a client certificate signed by a CA of `client_ca`
+    (a PEM bundle). Raises TLSConfigError."""
+    try:
+        context.load_verify_locations(cafile=client_ca)
+    except FileNotFoundError:
+        raise TLSConfigError(
+            f"cannot read {client_ca}: no such file; fix --tls-client-ca"
+        ) from None
+    except PermissionError:
+        raise TLSConfigError(
+            f"cannot read {client_ca}: permission denied; let this user read it"
+        ) from None
+    except ssl.SSLError as exc:
+        raise TLSConfigError(
+            f"cannot load --tls-client-ca ({exc.reason or 'not PEM'}); it takes a PEM bundle "
+            "of the CA certificates that sign the clients' certificates"
+        ) from None
+    context.verify_mode = ssl.CERT_REQUIRED
 
 
 class CertificateFiles:
     """The files of a served context, read again into it when they change."""
 
-    def __init__(self, context: ssl.SSLContext, cert: Path, key: Path | None = None) -> None:
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        cert: Path,
+        key: Path | None = None,
+        client_ca: Path | None = None,
+    ) -> None:
         self.context = context
         self.cert = cert
         self.key = key
+        self.client_ca = client_ca
         self._stamp = self._files_stamp()
 
     def _files_stamp(self) -> tuple[tuple[int, int, int], ...]:
         """What tells a file's new version from the old (a renamed-over or re-linked
         file has another inode; an edited one another time or size)."""
         stamps = []
-        for path in (self.cert, self.key):
+        for path in (self.cert, self.key, self.client_ca):
             if path is None:
                 continue
             try:
@@ -94,8 +133,10 @@ class CertificateFiles:
         Returns whether the context now serves them; logs either way."""
         self._stamp = self._files_stamp()
         try:
-            server_context(self.cert, self.key)
+            server_context(self.cert, self.key, self.client_ca)
             self.context.load_cert_chain(self.cert, self.key)
+            if self.client_ca is not None:
+                self.context.load_verify_locations(cafile=self.client_ca)
         except (TLSConfigError, OSError, ssl.SSLError) as exc:
             log.error(
                 "cannot reload the TLS certificate; the one in use stays",
