@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import statistics
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +58,31 @@ TOOLS = [
     }
 ]
 ROUNDS = int(os.environ.get("WARMSOCKET_BENCH_ROUNDS", "30"))
+
+
+def idle_cpu_seconds(pid: int) -> float:
+    """`cpu_seconds` once no thread of the process is running (at most 0.2 s later).
+
+    The kernel adds a running thread's current slice to its schedstat only when the
+    thread stops or at a scheduler tick: read while the server still finishes a turn,
+    the count misses that slice, and a turn measured between two such reads can even
+    read 0."""
+    deadline = time.monotonic() + 0.2
+    while any_thread_running(pid) and time.monotonic() < deadline:
+        time.sleep(0.0002)
+    return cpu_seconds(pid)
+
+
+def any_thread_running(pid: int) -> bool:
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                # "tid (comm) S ...": the state follows the last ')'.
+                if stat.read().rpartition(")")[2].split()[0] == "R":
+                    return True
+        except (OSError, IndexError):  # a thread that just ended
+            continue
+    return False
 
 
 def cpu_seconds(pid: int) -> float:
@@ -209,10 +236,14 @@ def measure(arms: list[Arm], rounds: int) -> dict[str, float]:
         arm.turn(-1)
     for n in range(rounds):
         for arm in arms:
-            before = cpu_seconds(arm.pid)
+            before = idle_cpu_seconds(arm.pid)
             arm.turn(n)
-            arm.cpu.append(cpu_seconds(arm.pid) - before)
+            arm.cpu.append(idle_cpu_seconds(arm.pid) - before)
     return {arm.name: statistics.median(arm.cpu) for arm in arms}
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else math.nan
 
 
 def ws_by_size(ws_arms: dict[int, Arm], rounds: int) -> dict[int, float]:
@@ -275,10 +306,13 @@ def test_turn_server_cpu_by_history(benchmark: Any, servers: tuple[Process, Proc
             info[f"{name}_{size}_us"] = round(seconds * 1e6, 1)
     info["ws_alone_10_us"] = round(ws_alone[10] * 1e6, 1)
     info[f"ws_alone_{largest}_us"] = round(ws_alone[largest] * 1e6, 1)
-    info["ws_ratio_largest_vs_10"] = ws_alone[largest] / ws_alone[10]
-    info["ws_ratio_largest_vs_10_in_table"] = results[largest]["ws"] / results[10]["ws"]
-    info["naive_vs_diffing_largest"] = (
-        results[largest]["http-naive"] / results[largest]["http-diffing"]
+    if timed:  # (a smoke run's single turn may be too quick to see; timed medians not)
+        measured = [*ws_alone.values(), *(v for m in results.values() for v in m.values())]
+        assert all(seconds > 0 for seconds in measured), (results, ws_alone)
+    info["ws_ratio_largest_vs_10"] = ratio(ws_alone[largest], ws_alone[10])
+    info["ws_ratio_largest_vs_10_in_table"] = ratio(results[largest]["ws"], results[10]["ws"])
+    info["naive_vs_diffing_largest"] = ratio(
+        results[largest]["http-naive"], results[largest]["http-diffing"]
     )
     benchmark.extra_info.update(info)
     print("\nserver CPU per turn (median, us):")
