@@ -6,6 +6,7 @@ place, nothing is stored, and bad requests get clear errors."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx2 as httpx
@@ -38,8 +39,22 @@ from warmsocket.compaction_items import (
 MODEL = "warmsocket-mock"
 
 
+_CLIENTS: list[OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Close the test's SDK clients: an unclosed one leaves its pooled socket to the
+    garbage collector, whose ResourceWarning then fails whatever test runs."""
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
+
+
 def client(server: RunningServer) -> OpenAI:
-    return OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+    opened = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+    _CLIENTS.append(opened)
+    return opened
 
 
 def checked_window(
