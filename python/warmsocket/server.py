@@ -435,7 +435,11 @@ class Server:
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
-            connection.wind_down(grace)
+            # Its own deadline is a backstop, a poll later than the drain's: at the
+            # drain's, what is left is counted, then failed (`drain_ended`). Were they
+            # the same, a connection's timer could fail and close it first, and the
+            # drain would report nothing left (a shutdown timeout not logged).
+            connection.wind_down(grace + _DRAIN_POLL_SECONDS)
         background = self.http.background
         while (self.connections or background.running) and loop.time() < deadline:
             await asyncio.sleep(min(_DRAIN_POLL_SECONDS, max(0.0, deadline - loop.time())))
