@@ -231,8 +231,9 @@ class TLSEvents:
         self._unlogged[reason] += 1
         if self._due("handshake"):
             log.info(
-                "TLS handshakes failed (a client that does not trust the certificate, or "
-                "offers no TLS version or cipher the server takes)",
+                "TLS handshakes failed (by reason: a client that does not trust the "
+                "certificate, sends no certificate of its own under --tls-client-ca, or "
+                "shares no TLS version or cipher with the server)",
                 extra={"reasons": dict(self._unlogged)},
             )
             self._unlogged.clear()
