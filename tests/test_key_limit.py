@@ -1,6 +1,7 @@
-"""`--max-connections-per-key`: what one API key holds at once (its open WebSockets and
-its HTTP requests being answered) is bounded; past it, 429 `rate_limit_exceeded` with
-`Retry-After`, and other keys are served as ever."""
+"""`--max-connections-per-key`: what one API key holds at once (its open WebSockets, its
+HTTP creates being answered and its background responses running) is bounded; past it,
+429 `rate_limit_exceeded` with `Retry-After`, other keys are served as ever, and the key
+can still look at and cancel what it runs."""
 
 from __future__ import annotations
 
@@ -94,14 +95,50 @@ def test_an_http_stream_holds_its_key_until_it_ends() -> None:
             b"Content-Length: %d\r\n\r\n%b" % (A.encode(), len(body), body)
         )
         wait_until(lambda: sum(held(srv).values()) == 1)
-        refused = http.get("/models", headers=bearer(A))
+        create = {"model": "m", "input": "another"}
+        refused = http.post("/responses", json=create, headers=bearer(A))
         assert refused.status_code == 429
         assert refused.json()["error"]["code"] == "rate_limit_exceeded"
-        assert http.get("/models", headers=bearer(B)).status_code == 200
-        assert http.get("/models").status_code == 200  # no key: a key of its own
+        compacting = http.post("/responses/compact", json=create, headers=bearer(A))
+        assert compacting.status_code == 429  # a compaction runs the model too
+        assert http.get("/models", headers=bearer(A)).status_code == 200  # runs nothing
+        assert http.post("/responses", json=create, headers=bearer(B)).status_code == 200
+        assert http.post("/responses", json=create).status_code == 200  # no key: one of its own
         assert b"response.completed" in read_until_closed(raw)
         wait_until(lambda: held(srv) == {})
-        assert http.get("/models", headers=bearer(A)).status_code == 200
+        assert http.post("/responses", json=create, headers=bearer(A)).status_code == 200
+        assert held(srv) == {}
+
+
+def test_background_responses_hold_their_key_while_they_run() -> None:
+    with (
+        running_server(max_connections_per_key=2) as srv,
+        httpx.Client(base_url=srv.base_url, timeout=10, headers=bearer(A)) as http,
+    ):
+        runs = []
+        for _ in range(2):
+            created = http.post(
+                "/responses", json={"model": "m", "input": "/sleep 5000 x", "background": True}
+            )
+            assert created.json()["status"] in {"queued", "in_progress"}
+            runs.append(created.json()["id"])
+        assert list(held(srv).values()) == [2]  # both runs, after their creates ended
+        refused = http.post("/responses", json={"model": "m", "input": "x", "background": True})
+        assert refused.status_code == 429
+        assert http.post("/responses", json={"model": "m", "input": "x"}).status_code == 429
+        with pytest.raises(InvalidStatus):
+            connect(srv.ws_url, additional_headers=bearer(A), open_timeout=5).close()
+        other = http.post("/responses", json={"model": "m", "input": "x"}, headers=bearer(B))
+        assert other.status_code == 200
+        # At its limit, the key still sees and cancels what it runs.
+        assert http.get(f"/responses/{runs[0]}").json()["status"] in {"queued", "in_progress"}
+        cancelled = http.post(f"/responses/{runs[0]}/cancel")
+        assert cancelled.json()["status"] == "cancelled"
+        wait_until(lambda: sum(held(srv).values()) == 1)
+        again = http.post("/responses", json={"model": "m", "input": "x"})
+        assert again.json()["output"][0]["content"][0]["text"] == "You said: x"
+        http.post(f"/responses/{runs[1]}/cancel")
+        wait_until(lambda: held(srv) == {})
 
 
 def test_no_limit_by_default() -> None:
@@ -115,15 +152,24 @@ def test_no_limit_by_default() -> None:
 
 def test_key_limit_accounting() -> None:
     limit = KeyLimit(2)
-    assert limit.take("a") and limit.take("a") and not limit.take("a")
-    assert limit.take("b")
-    limit.release("a")
-    assert limit.take("a") and not limit.take("a")
-    for owner in ("a", "a", "b"):
-        limit.release(owner)
+    a1, a2 = limit.take("a"), limit.take("a")
+    assert a1 is not None and a2 is not None and limit.take("a") is None
+    b = limit.take("b")
+    assert b is not None
+    a1.release()
+    a1.release()  # once only
+    assert limit.held == {"a": 1, "b": 1}
+    a3 = limit.take("a")
+    assert a3 is not None and limit.take("a") is None
+    handed = a3.hand_over()  # the same place, now another holder's
+    a3.release()
+    assert limit.held["a"] == 2
+    for slot in (handed, a2, b):
+        slot.release()
     assert limit.held == {} and limit.refused == 2
     unlimited = KeyLimit(None)
-    assert all(unlimited.take("a") for _ in range(1000)) and unlimited.held == {}
+    slots = [unlimited.take("a") for _ in range(1000)]
+    assert all(slots) and unlimited.held == {}
 
 
 def test_the_flag_and_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:

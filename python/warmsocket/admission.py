@@ -19,9 +19,10 @@ Past the limit, in order:
 3. Past `REFUSING_AT_ONCE` refusals in progress, new connections are closed at once.
 
 `--max-connections-per-key` bounds what one API key holds at once (`KeyLimit`): its
-open WebSockets and its HTTP requests being answered, so that one client (a runaway
-agent loop, say) cannot take every connection a process has from the others. A request
-past it gets 429 `rate_limit_exceeded` with `Retry-After`.
+open WebSockets, HTTP creates being answered and background responses running, so that
+one client (a runaway agent loop, say) cannot take every connection a process has, or
+every model turn, from the others. One past it gets 429 `rate_limit_exceeded` with
+`Retry-After`.
 """
 
 from __future__ import annotations
@@ -150,22 +151,47 @@ class Admission:
         self._unlogged = {"refused": 0, "dropped": 0}
 
 
+class KeySlot:
+    """One of an owner's places under `KeyLimit`, freed by `release` (once)."""
+
+    __slots__ = ("_held", "_limit", "owner")
+
+    def __init__(self, limit: KeyLimit, owner: str) -> None:
+        self._limit = limit
+        self.owner = owner
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._limit.free(self.owner)
+
+    def hand_over(self) -> KeySlot:
+        """The same place, now held by whoever gets the returned slot (this one's
+        `release` no longer frees it)."""
+        self._held = False
+        return KeySlot(self._limit, self.owner)
+
+
 class KeyLimit:
     """What each owner (API key, `httpapi.Auth.owner`) holds at once against `limit`
-    (None: no limit): its open WebSockets and HTTP requests being answered."""
+    (None: no limit): its open WebSockets, its HTTP creates (and compactions) being
+    answered, and its background responses running. Requests that run no model
+    (retrieve, cancel, delete, lists) hold nothing: a key at its limit can still
+    look at and cancel what it runs."""
 
     def __init__(self, limit: int | None) -> None:
         self.limit = limit
         self.held = Counter[str]()
         self.refused = 0
-        """Requests refused since the start, for `/metrics`."""
+        """Refusals since the start, for `/metrics`."""
         self._unlogged = 0
         self._logged_at: float | None = None
 
-    def take(self, owner: str) -> bool:
-        """One more for `owner`, if its limit lets it (then `release` it once done)."""
+    def take(self, owner: str) -> KeySlot | None:
+        """A place for `owner` (to `release` once done), or None: it holds its limit."""
         if self.limit is None:
-            return True
+            return KeySlot(self, owner)
         if self.held[owner] >= self.limit:
             self.refused += 1
             self._unlogged += 1
@@ -174,15 +200,16 @@ class KeyLimit:
                 self._logged_at = now
                 log.warning(
                     "an API key is at --max-connections-per-key; its new WebSockets and "
-                    "requests are refused (429) until some end",
+                    "responses are refused (429) until some end",
                     extra={"owner": owner, "limit": self.limit, "refused": self._unlogged},
                 )
                 self._unlogged = 0
-            return False
+            return None
         self.held[owner] += 1
-        return True
+        return KeySlot(self, owner)
 
-    def release(self, owner: str) -> None:
+    def free(self, owner: str) -> None:
+        """(`KeySlot.release`.)"""
         if self.limit is None:
             return
         left = self.held[owner] - 1
@@ -195,15 +222,18 @@ class KeyLimit:
         """`/metrics` lines (none without a limit)."""
         if self.limit is None:
             return
-        yield "# HELP warmsocket_connection_limit_per_key WebSockets and requests one key holds."
+        yield (
+            "# HELP warmsocket_connection_limit_per_key WebSockets, HTTP creates and "
+            "background responses one key holds at once."
+        )
         yield "# TYPE warmsocket_connection_limit_per_key gauge"
         yield f"warmsocket_connection_limit_per_key {self.limit}"
         yield "# HELP warmsocket_keys_at_limit API keys holding their limit now."
         yield "# TYPE warmsocket_keys_at_limit gauge"
         yield f"warmsocket_keys_at_limit {sum(1 for n in self.held.values() if n >= self.limit)}"
         yield (
-            "# HELP warmsocket_key_limit_refused_total WebSockets and requests refused (429) "
-            "because their key held its limit."
+            "# HELP warmsocket_key_limit_refused_total WebSockets, creates and background "
+            "responses refused (429) because their key held its limit."
         )
         yield "# TYPE warmsocket_key_limit_refused_total counter"
         yield f"warmsocket_key_limit_refused_total {self.refused}"

@@ -459,10 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections-per-key",
         default=0,
         type=_non_negative_int,
-        help="WebSockets and HTTP requests one API key (bearer token; requests without "
-        "one count as one key) holds open at once. Past it its new ones get 429 "
+        help="what one API key (bearer token; requests without one count as one key) "
+        "holds at once: open WebSockets, HTTP creates and compactions being answered, "
+        "background responses running. Past it its new ones get 429 "
         "'rate_limit_exceeded' with Retry-After, so that one client cannot take the "
-        "connections of all. 0: no limit but --max-connections",
+        "connections or model turns of all; requests that run no model (retrieve, "
+        "cancel, delete, lists) are not limited. 0: no limit but --max-connections",
     )
     opt.add(
         "--max-lanes", default=32, type=_positive_int, help="named stream_id lanes per connection"

@@ -341,9 +341,10 @@ def origin_not_allowed(origin: str) -> APIError:
 def too_many_for_key(limit: int) -> APIError:
     return APIError(
         "rate_limit_exceeded",
-        f"This API key has {limit} WebSockets and requests open on this server, the most "
-        "it takes per key (--max-connections-per-key). Close some (one WebSocket runs up "
-        "to 16 responses at once, on up to 32 named lanes), or retry when some have ended.",
+        f"This API key holds {limit} WebSockets, responses being created and background "
+        "responses on this server, the most it takes per key (--max-connections-per-key). "
+        "Close some (one WebSocket runs up to 16 responses at once, on up to 32 named "
+        "lanes), or retry when some have ended.",
         status=429,
         type="rate_limit_error",
         headers={"retry-after": "1"},

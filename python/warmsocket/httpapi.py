@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from warmsocket import _core, conversation_routes, errors, ids, item_references
 from warmsocket._core import Rejection, parse_client_message
-from warmsocket.admission import KeyLimit
+from warmsocket.admission import KeyLimit, KeySlot
 from warmsocket.backends.base import TurnFailed
 from warmsocket.background import RETAIN_SECONDS, BackgroundResponses, BackgroundRun
 from warmsocket.compaction import compact, parse_compact_request
@@ -171,29 +171,6 @@ class HTTPApp:
             )
             return 200
         owner = self.auth.owner(request)
-        if not self.key_limit.take(owner):
-            raise errors.too_many_for_key(self.key_limit.limit or 0)
-        try:
-            return await self._owned(
-                request, writer, request_id, route, path_id, sub, connection, owner
-            )
-        finally:
-            self.key_limit.release(owner)
-
-    async def _owned(
-        self,
-        request: Request,
-        writer: ResponseWriter,
-        request_id: str,
-        route: str,
-        path_id: str | None,
-        sub: str | None,
-        connection: int,
-        owner: str,
-    ) -> int:
-        """`_dispatch` for a request whose owner (API key) is known and within its
-        `--max-connections-per-key`."""
-        method = request.method
         if route == "models":
             if method != "GET":
                 raise errors.method_not_allowed(method, request.path)
@@ -309,31 +286,46 @@ class HTTPApp:
             )
         assert isinstance(create, _core.CreateRequest)
         engine = self.engine
-        await self._load_parent(create, owner)
-        await self._fresh_conversation(create, owner)
-        turn = engine.prepare(
-            create,
-            owner=owner,
-            connection=connection,
-            lookup_connection=None,
-            framing="sse" if create.stream or create.background else "json",
-            client_key=self.auth.token(request),
-        )
-        if create.background:
-            await self._start_background(request, writer, request_id, turn, owner)
-        elif create.stream:
-            await self._stream(request, writer, request_id, turn)
-        else:
-            await self._complete(request, writer, request_id, turn)
+        slot = self._key_slot(owner)
+        try:
+            await self._load_parent(create, owner)
+            await self._fresh_conversation(create, owner)
+            turn = engine.prepare(
+                create,
+                owner=owner,
+                connection=connection,
+                lookup_connection=None,
+                framing="sse" if create.stream or create.background else "json",
+                client_key=self.auth.token(request),
+            )
+            if create.background:
+                await self._start_background(request, writer, request_id, turn, slot)
+            elif create.stream:
+                await self._stream(request, writer, request_id, turn)
+            else:
+                await self._complete(request, writer, request_id, turn)
+        finally:
+            slot.release()  # (a background run's is its own: handed over)
         return 200
 
+    def _key_slot(self, owner: str) -> KeySlot:
+        """A place under `owner`'s `--max-connections-per-key`, or 429."""
+        slot = self.key_limit.take(owner)
+        if slot is None:
+            raise errors.too_many_for_key(self.key_limit.limit or 0)
+        return slot
+
     async def _start_background(
-        self, request: Request, writer: ResponseWriter, request_id: str, turn: Turn, owner: str
+        self, request: Request, writer: ResponseWriter, request_id: str, turn: Turn, slot: KeySlot
     ) -> None:
         """Answer a `background: true` create at once (the response `queued`), or with
-        its event stream, which the client may leave: the response runs on."""
+        its event stream, which the client may leave: the response runs on, holding
+        its create's `slot` until it ends."""
         started = turn.start()  # created, queued
-        run = self.background.start(turn, owner, _run_background)
+        run = self.background.start(turn, slot.owner, _run_background)
+        assert run.task is not None
+        held = slot.hand_over()
+        run.task.add_done_callback(lambda _task: held.release())
         run.emit(started)
         if turn.request.stream:
             await self._follow(request, writer, request_id, run, after=-1)
@@ -437,14 +429,18 @@ class HTTPApp:
         create, has_input = parse_compact_request(
             request.body, max_item_bytes=self.engine.cache.max_item_bytes
         )
-        await self._load_parent(create, owner)
-        body = await compact(
-            self.engine,
-            create,
-            has_input=has_input,
-            owner=owner,
-            client_key=self.auth.token(request),
-        )
+        slot = self._key_slot(owner)  # (a compaction runs the model)
+        try:
+            await self._load_parent(create, owner)
+            body = await compact(
+                self.engine,
+                create,
+                has_input=has_input,
+                owner=owner,
+                client_key=self.auth.token(request),
+            )
+        finally:
+            slot.release()
         return self._json(writer, request, request_id, 200, body)
 
     async def _stream(

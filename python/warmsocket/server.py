@@ -56,6 +56,7 @@ from warmsocket.admission import (
     REFUSED_WAIT,
     Admission,
     KeyLimit,
+    KeySlot,
     Verdict,
 )
 from warmsocket.backends.base import Backend, ImmediateBackend, StreamItem
@@ -575,8 +576,8 @@ class Connection(asyncio.Protocol):
         self._verdict: Verdict | None = None
         # An HTTP request has been answered on it: between requests it is idle.
         self._served = False
-        self._key_owner: str | None = None
-        """The owner whose `--max-connections-per-key` this WebSocket counts against."""
+        self._key_slot: KeySlot | None = None
+        """This WebSocket's place under its owner's `--max-connections-per-key`."""
         self._refused_timer: asyncio.TimerHandle | None = None
         # Answered and half-closed: what the client still sends is dropped until it
         # closes or LINGER_SECONDS pass (`_close_lingering`).
@@ -642,9 +643,8 @@ class Connection(asyncio.Protocol):
         self.lost = True
         self._writable.set()
         self.server.connections.discard(self)
-        if self._key_owner is not None:
-            self.server.key_limit.release(self._key_owner)
-            self._key_owner = None
+        if self._key_slot is not None:
+            self._key_slot.release()
         admission = self.server.admission
         admission.busy(self)
         admission.release(self._verdict)
@@ -1148,10 +1148,11 @@ class Connection(asyncio.Protocol):
             # status, in our words and shape.
             self._refuse(_handshake_refusal(response.status_code, protocol.handshake_exc))
             return
-        if not server.key_limit.take(owner):
+        slot = server.key_limit.take(owner)
+        if slot is None:
             self._refuse(errors.too_many_for_key(server.key_limit.limit or 0))
             return
-        self._key_owner = owner  # released as the connection closes
+        self._key_slot = slot  # released as the connection closes
         protocol.send_response(response)
         self.ws = protocol
         server.metrics.connection_opened("websocket")
