@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(mutual TLS; only these CAs are trusted for it). The openai SDK sends one with "
         "http_client=httpx.Client(verify=context) and, for responses.connect(), "
         "websocket_connection_options={'ssl': context}, where context has the client's "
-        "certificate loaded. Read again with --tls-cert",
+        "certificate loaded. Read again when --tls-cert is (SIGHUP, or its files change)",
     )
     opt.add(
         "--allowed-origin",
