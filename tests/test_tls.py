@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -176,6 +177,40 @@ def test_no_file_is_left_behind_by_any_way_a_tls_port_connection_ends(
             time.sleep(0.05)
         with httpx.Client(verify=client_context(pems), timeout=10) as http:
             assert http.get(f"https://127.0.0.1:{srv.port}/healthz").status_code == 200
+
+
+def _few_files() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+
+
+def test_the_tls_port_out_of_files_pauses_accepting_and_recovers(pems: dict[str, Path]) -> None:
+    # --max-connections above what the open-file limit allows: accept() fails (EMFILE).
+    proc, listening = start_serve(
+        "--tls-cert", str(pems["both"]), "--max-connections", "1000", preexec_fn=_few_files
+    )
+    try:
+        port = int(listening["url"].rsplit(":", 1)[1].split("/")[0])
+        stat = Path(f"/proc/{proc.pid}/stat")
+
+        def cpu_seconds() -> float:
+            fields = stat.read_text().rpartition(")")[2].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        with ExitStack() as stack:
+            for _ in range(150):  # more than the server has files for
+                stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
+            time.sleep(0.5)
+            before = cpu_seconds()
+            time.sleep(2)
+            assert cpu_seconds() - before < 0.5  # paused, not spinning on accept()
+        time.sleep(1.5)  # accepting resumes within a second
+        with httpx.Client(verify=client_context(pems), timeout=10) as http:
+            assert http.get(f"https://127.0.0.1:{port}/healthz").status_code == 200
+    finally:
+        rest = _stop(proc)
+    errors = [json.loads(line) for line in rest.splitlines() if "cannot accept" in line]
+    assert len(errors) == 1 and errors[0]["errno"] == 24  # one line per 10 s
+    assert "--max-connections" in errors[0]["message"]
 
 
 def test_failed_handshakes_are_counted_and_logged_with_their_reason(

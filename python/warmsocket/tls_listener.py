@@ -77,6 +77,9 @@ class TLSListener:
         self._waiting: dict[socket.socket, tuple[asyncio.TimerHandle, Verdict]] = {}
         self._closed = asyncio.Event()
         self._paused: asyncio.TimerHandle | None = None
+        self._pauses = 0
+        """Times accepting paused for want of files or memory."""
+        self._logged_pause: float | None = None
         for listening in sockets:
             self._loop.add_reader(listening.fileno(), self._accept, listening)
 
@@ -134,11 +137,16 @@ class TLSListener:
                 return
             except OSError as exc:
                 if exc.errno in _RESOURCE_ERRORS:
-                    log.error(
-                        "cannot accept connections: out of files or memory; lower "
-                        "--max-connections or raise the open-file limit",
-                        extra={"errno": exc.errno},
-                    )
+                    self._pauses += 1
+                    now = time.monotonic()
+                    if self._logged_pause is None or now - self._logged_pause >= LOG_INTERVAL:
+                        self._logged_pause = now
+                        log.error(
+                            "cannot accept connections: out of files or memory; accepting "
+                            "pauses a second at a time. Lower --max-connections or raise "
+                            "the open-file limit",
+                            extra={"errno": exc.errno, "pauses": self._pauses},
+                        )
                     self._pause()
                     return
                 continue  # (ECONNABORTED and the like: that client is gone)
