@@ -22,7 +22,7 @@ from websockets.uri import parse_uri
 from tests.support import RunningServer, WSClient, output_text, running_server
 from tests.test_framing_server import CREATE, _masked
 from warmsocket.backends.base import StreamItem, TextDelta, TurnContext
-from warmsocket.server import HTTP_READ_AHEAD
+from warmsocket.server import HTTP2_PREFACE, HTTP2_REFUSAL, HTTP_READ_AHEAD
 
 UPGRADE = (
     b"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -751,3 +751,28 @@ def test_a_websocket_client_that_stops_reading_fails_the_keepalive(
         raw.sendall(_masked(json.dumps(CREATE).encode()))
         assert backend.started.wait(5)
         wait_for(lambda: "websocket keepalive timed out" in caplog.messages, 3)
+
+
+def test_an_http2_client_with_prior_knowledge_is_told_http_1_1_is_required(
+    server: RunningServer,
+) -> None:
+    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # the client's empty SETTINGS
+    answer = exchange(server.port, HTTP2_PREFACE + settings)
+    assert answer == HTTP2_REFUSAL
+    frames = []
+    while answer:
+        length = int.from_bytes(answer[:3], "big")
+        frames.append((answer[3], answer[9 : 9 + length]))
+        answer = answer[9 + length :]
+    assert [kind for kind, _ in frames] == [0x4, 0x7]  # SETTINGS, GOAWAY
+    goaway = frames[1][1]
+    assert int.from_bytes(goaway[4:8], "big") == 0xD  # HTTP_1_1_REQUIRED
+    assert b"HTTP/1.1" in goaway[8:]
+    assert 'warmsocket_errors_total{code="http2_not_supported"} 1' in server.server.metrics.render()
+    # A request whose first bytes could start the preface is still HTTP/1.1.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+        raw.sendall(b"P")
+        time.sleep(0.05)  # (its own segment)
+        raw.sendall(create("split")[1:])
+        ((status, _headers, body),) = read_responses(raw, 1)
+    assert status == 200 and b"You said: split" in body

@@ -116,6 +116,23 @@ goes on below it, so a client that goes away mid-answer is noticed at once."""
 _DRAIN_POLL_SECONDS = 0.05
 """How often a draining server looks whether anything is left (`Server.drain`)."""
 
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+"""What an HTTP/2 client with prior knowledge sends first (RFC 9113, 3.4)."""
+
+
+def _http2_frame(kind: int, payload: bytes) -> bytes:
+    """An HTTP/2 frame on stream 0 without flags (RFC 9113, 4.1)."""
+    return len(payload).to_bytes(3, "big") + bytes((kind, 0)) + bytes(4) + payload
+
+
+HTTP2_REFUSAL = _http2_frame(0x4, b"") + _http2_frame(  # an empty SETTINGS, then
+    0x7,  # GOAWAY: last stream 0, HTTP_1_1_REQUIRED (0xd), what to do
+    bytes(4) + (0xD).to_bytes(4, "big") + b"warmsocket speaks HTTP/1.1 only",
+)
+"""The whole answer to an HTTP/2 client on this HTTP/1.1 server."""
+_NOT_HTTP11_FIRST_BYTES = frozenset({TLS_HANDSHAKE_RECORD, HTTP2_PREFACE[0]})
+"""First bytes of a connection that may be no HTTP/1.1 client's (a TLS record, the
+HTTP/2 preface); "P" also starts POST, told apart by what follows."""
 HANDSHAKE_TIMEOUT = 60.0
 """Seconds a TLS handshake may take without `--http-head-timeout`."""
 LINGER_SECONDS = 2.0
@@ -614,10 +631,14 @@ class Connection(asyncio.Protocol):
             return  # the rest of a refused request
         if self._served:
             self.server.admission.busy(self)
-        elif data[0] == TLS_HANDSHAKE_RECORD and self._parser.receiving is None:
-            # (No HTTP request starts so; on the TLS port this is plaintext already.)
-            self._tls_on_plain_port()
-            return
+        elif self._parser.receiving is None and data[0] in _NOT_HTTP11_FIRST_BYTES:
+            if data[0] == TLS_HANDSHAKE_RECORD:
+                # (No HTTP request starts so; on the TLS port this is plaintext already.)
+                self._tls_on_plain_port()
+                return
+            if len(data) >= 4 and HTTP2_PREFACE.startswith(bytes(data[: len(HTTP2_PREFACE)])):
+                self._http2_prior_knowledge()
+                return
         self._parser.feed(data)
         if self._http_task is None:
             self._http_next()
@@ -980,6 +1001,16 @@ class Connection(asyncio.Protocol):
         plain answer, so the connection closes; the log says what to change."""
         self.server.tls_events.tls_on_plain_port()
         self.server.metrics.count_error("tls_on_plain_http_port")
+        self._close_transport()
+
+    def _http2_prior_knowledge(self) -> None:
+        """An HTTP/2 client that skipped negotiation (prior knowledge: a proxy's
+        cluster set to HTTP/2, `http2=True, http1=False`): it cannot read an HTTP/1.1
+        answer, so it gets HTTP/2's own: GOAWAY with HTTP_1_1_REQUIRED (RFC 9113,
+        7), after the SETTINGS frame a server's preface starts with; then the
+        connection closes."""
+        self.server.metrics.count_error("http2_not_supported")
+        self.write(HTTP2_REFUSAL)
         self._close_transport()
 
     def _answer_unread(self, error: APIError, *, linger: bool = True) -> None:
