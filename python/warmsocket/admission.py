@@ -30,10 +30,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
-import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Literal, Protocol
+
+from warmsocket.logs import Throttle
 
 log = logging.getLogger("warmsocket.server")
 
@@ -100,7 +101,7 @@ class Admission:
         """Totals since the start, for `/metrics`."""
         self._idle: dict[Reclaimable, None] = {}  # insertion order: oldest idle first
         self._unlogged = {"refused": 0, "dropped": 0}
-        self._logged_at: float | None = None
+        self._throttle = Throttle(LOG_INTERVAL)
 
     def admit(self) -> Verdict:
         """A new connection: counted against the limit (perhaps in place of an idle
@@ -139,10 +140,8 @@ class Admission:
         self._idle.pop(connection, None)
 
     def _log(self) -> None:
-        now = time.monotonic()
-        if self._logged_at is not None and now - self._logged_at < LOG_INTERVAL:
+        if not self._throttle.due():
             return
-        self._logged_at = now
         log.warning(
             "connection limit reached; new connections are refused (503) until some close. "
             "Raise --max-connections (and the open-file limit) or add replicas",
@@ -186,7 +185,7 @@ class KeyLimit:
         self.refused = 0
         """Refusals since the start, for `/metrics`."""
         self._unlogged = 0
-        self._logged_at: float | None = None
+        self._throttle = Throttle(LOG_INTERVAL)
 
     def take(self, owner: str) -> KeySlot | None:
         """A place for `owner` (to `release` once done), or None: it holds its limit."""
@@ -195,9 +194,7 @@ class KeyLimit:
         if self.held[owner] >= self.limit:
             self.refused += 1
             self._unlogged += 1
-            now = time.monotonic()
-            if self._logged_at is None or now - self._logged_at >= LOG_INTERVAL:
-                self._logged_at = now
+            if self._throttle.due():
                 log.warning(
                     "an API key is at --max-connections-per-key; its new WebSockets and "
                     "responses are refused (429) until some end",

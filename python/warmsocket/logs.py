@@ -24,6 +24,23 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message
 FIRST_LINE_LIMIT = 200
 
 
+class Throttle:
+    """Says when a log line that could repeat without end (a refusal per connection, a
+    failure per handshake) is due: at most once every `seconds`. The line then says
+    how many times it happened since the last one; the metrics count every time."""
+
+    def __init__(self, seconds: float = 10.0) -> None:
+        self.seconds = seconds
+        self._last: float | None = None
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.seconds:
+            return False
+        self._last = now
+        return True
+
+
 def written_here(logger: str) -> bool:
     """Whether this package's code writes the records of `logger`. The server's
     `websockets` protocol objects log under "warmsocket.websockets": not ours."""

@@ -28,11 +28,11 @@ import errno
 import logging
 import socket
 import ssl
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 
 from warmsocket.admission import Admission, Verdict
+from warmsocket.logs import Throttle
 
 log = logging.getLogger("warmsocket.server")
 
@@ -79,7 +79,7 @@ class TLSListener:
         self._paused: asyncio.TimerHandle | None = None
         self._pauses = 0
         """Times accepting paused for want of files or memory."""
-        self._logged_pause: float | None = None
+        self._pause_log = Throttle(LOG_INTERVAL)
         for listening in sockets:
             self._loop.add_reader(listening.fileno(), self._accept, listening)
 
@@ -138,9 +138,7 @@ class TLSListener:
             except OSError as exc:
                 if exc.errno in _RESOURCE_ERRORS:
                     self._pauses += 1
-                    now = time.monotonic()
-                    if self._logged_pause is None or now - self._logged_pause >= LOG_INTERVAL:
-                        self._logged_pause = now
+                    if self._pause_log.due():
                         log.error(
                             "cannot accept connections: out of files or memory; accepting "
                             "pauses a second at a time. Lower --max-connections or raise "
@@ -231,13 +229,15 @@ class TLSEvents:
         self.plain_http = 0
         self.tls_on_plain = 0
         self._unlogged = Counter[str]()
-        self._logged_at: dict[str, float] = {}
+        self._handshake_log = Throttle(LOG_INTERVAL)
+        self._plain_log = Throttle(LOG_INTERVAL)
+        self._tls_log = Throttle(LOG_INTERVAL)
 
     def handshake_failed(self, exc: BaseException) -> None:
         reason = handshake_failure_reason(exc)
         self.handshakes_failed[reason] += 1
         self._unlogged[reason] += 1
-        if self._due("handshake"):
+        if self._handshake_log.due():
             log.info(
                 "TLS handshakes failed (by reason: a client that does not trust the "
                 "certificate, sends no certificate of its own under --tls-client-ca, or "
@@ -248,7 +248,7 @@ class TLSEvents:
 
     def plain_http_request(self) -> None:
         self.plain_http += 1
-        if self._due("plain"):
+        if self._plain_log.due():
             log.warning(
                 "plain HTTP on the TLS port: answered 400; clients must use https:// and "
                 "wss:// URLs for this server",
@@ -257,20 +257,12 @@ class TLSEvents:
 
     def tls_on_plain_port(self) -> None:
         self.tls_on_plain += 1
-        if self._due("tls"):
+        if self._tls_log.due():
             log.warning(
                 "a TLS handshake on the plain-HTTP port: closed; clients must use http:// "
                 "and ws:// URLs for this server, or start it with --tls-cert",
                 extra={"tls_handshakes": self.tls_on_plain},
             )
-
-    def _due(self, kind: str) -> bool:
-        now = time.monotonic()
-        last = self._logged_at.get(kind)
-        if last is not None and now - last < LOG_INTERVAL:
-            return False
-        self._logged_at[kind] = now
-        return True
 
     def collect(self) -> Iterable[str]:
         yield (
