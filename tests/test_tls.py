@@ -88,6 +88,17 @@ def test_https_and_wss_on_one_port(secure: RunningServer, pems: dict[str, Path])
         assert output_text(again) == "You said: two"
 
 
+def test_sync_wss_clients_never_hang_at_open(secure: RunningServer, pems: dict[str, Path]) -> None:
+    """The websockets sync client (the openai SDK's sync `responses.connect()`) reads
+    on a thread while it writes: a TLS 1.3 session ticket arriving meanwhile hung
+    about 1 connection in 70 before the upgrade's answer. The server sends none."""
+    assert server_context(pems["cert"], pems["key"]).num_tickets == 0
+    url = f"wss://127.0.0.1:{secure.port}/v1/responses"
+    for n in range(150):
+        with WSClient(url, ssl=client_context(pems)) as ws:
+            assert output_text(ws.turn(model="m", input=f"n{n}")) == f"You said: n{n}"
+
+
 def test_a_plain_http_client_on_the_tls_port_is_told_to_use_https(
     secure: RunningServer, pems: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -177,6 +188,7 @@ def test_no_file_is_left_behind_by_any_way_a_tls_port_connection_ends(
             time.sleep(0.05)
         with httpx.Client(verify=client_context(pems), timeout=10) as http:
             assert http.get(f"https://127.0.0.1:{srv.port}/healthz").status_code == 200
+    assert srv.server.port == 0  # closed: no socket left (the configured port, 0, again)
 
 
 def _few_files() -> None:
@@ -401,12 +413,20 @@ def test_mutual_tls_takes_only_clients_with_a_certificate_from_the_client_ca(
                 pytest.raises(httpx.TransportError),
             ):
                 http.get(f"{base}/models")
-        lines = srv.server.metrics.render().splitlines()
-        failed = [line for line in lines if line.startswith("warmsocket_tls_handshakes_failed")]
-        assert sorted(failed) == [
+        expected = [
             'warmsocket_tls_handshakes_failed_total{reason="certificate_verify_failed"} 1',
             'warmsocket_tls_handshakes_failed_total{reason="peer_did_not_return_a_certificate"} 1',
         ]
+
+        def failed() -> list[str]:
+            lines = srv.server.metrics.render().splitlines()
+            return sorted(line for line in lines if line.startswith("warmsocket_tls_handshakes_f"))
+
+        # (The client may see the alert before the server has counted its failure.)
+        deadline = time.monotonic() + 5
+        while failed() != expected:
+            assert time.monotonic() < deadline, failed()
+            time.sleep(0.02)
     # The bundle is one of the files read again when they change.
     files = CertificateFiles(context, pems["cert"], pems["key"], tmp_path / "client-ca.pem")
     assert not files.changed()

@@ -49,6 +49,12 @@ def server_context(
     # (CLIENT_AUTH: a server's context; it loads no CA, so none is trusted for clients.)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.set_alpn_protocols(["http/1.1"])
+    # No TLS 1.3 session tickets. A ticket arrives after the handshake, and a client
+    # that reads on one thread while it writes on another (the `websockets` sync
+    # client, hence the openai SDK's sync `responses.connect()`) then races inside
+    # OpenSSL: about 1 wss:// connection in 70 hung before its upgrade's answer
+    # (tested). Resumption saves little for connections that stay open.
+    context.num_tickets = 0
     try:
         context.load_cert_chain(cert, key)
     except FileNotFoundError as exc:

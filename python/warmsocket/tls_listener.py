@@ -207,6 +207,7 @@ class TLSListener:
             if self._paused is None:
                 self._loop.remove_reader(listening.fileno())
             listening.close()
+        self.sockets = []  # (as `asyncio.Server.sockets` once closed)
         for sock in list(self._waiting):
             self._admission.release(self._stop_waiting(sock))
             sock.close()
