@@ -239,8 +239,8 @@ class ServerConfig:
     """`--max-connections`: connections kept open at once (`warmsocket.admission`);
     None: no limit."""
     max_connections_per_key: int | None = None
-    """`--max-connections-per-key`: WebSockets and HTTP requests in progress per API key
-    (`admission.KeyLimit`); None: no limit."""
+    """`--max-connections-per-key`: open WebSockets, HTTP creates being answered and
+    background responses running per API key (`admission.KeyLimit`); None: no limit."""
     backlog: int = 1024
     access_log: bool = True
     """A log line per HTTP request (`httpapi.access_line`); `--no-access-log`: none."""
