@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +18,9 @@ from tests.support import RunningServer, WSClient, output_text, running_server
 from tests.test_conversations import strict
 from tests.test_shared_store_serve import two_servers
 from warmsocket import shared_store
+from warmsocket._core import Items
 from warmsocket.conversations import Conversations
+from warmsocket.shared_conversations import SharedConversations
 from warmsocket.shared_store import SharedStore
 
 KEY = {"Authorization": "Bearer sk-test"}
@@ -139,6 +143,130 @@ def test_a_redis_outage_is_a_retriable_503_and_nothing_is_lost(
         assert isinstance(shared, SharedStore)
         assert shared.conversation_board.errors >= 2
         assert a.call(shared.stats)["errors"] >= shared.conversation_board.errors
+
+
+def test_an_addition_redis_does_not_answer_is_written_once_it_does(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A response's addition written behind while Redis does not answer (SIGSTOP) is
+    tried again until it does, and is then in Redis and in every copy."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.2)
+
+    async def main() -> tuple[list[str], list[str], int]:
+        shared = SharedStore.from_url(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
+        await shared.start()
+        board = shared.conversation_board
+        store = Conversations(budget_bytes=1 << 20, max_item_bytes=1 << 20, board=board)
+        made = await store.create("o", {"items": [_message("a")]})
+        with paused(redis_url):
+            store.extend(made, Items.from_objects([_message("b")]))
+            await asyncio.sleep(1.5)  # tries of 2 x 0.2 s, each timed out
+        in_redis, copy = await _after_writes(store, board, made.id)
+        await store.aclose()
+        await shared.aclose()
+        return in_redis, copy, store.write_errors
+
+    in_redis, copy, write_errors = asyncio.run(main())
+    assert in_redis == ["a", "b"] and copy == ["a", "b"]
+    assert write_errors == 0
+
+
+class AnswerDropper:
+    """A TCP proxy to Redis that can drop Redis' answers: what it is sent is done,
+    and the client, told nothing, times out (an answer lost on the way)."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.target = redis_url.removeprefix("redis://").split("/")[0].split(":")
+        self.dropping = False
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = self.target
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    if up or not self.dropping:
+                        dst.write(data)
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+    async def aclose(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def test_an_addition_whose_answer_was_lost_is_not_added_twice(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis did a response's addition but its answer was lost: the client timed out
+    and tried again (redis-py's retry, then `write_retry`'s). The items are in the
+    conversation once, and the copy, read again, is Redis' conversation."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.2)
+
+    async def main() -> tuple[list[str], list[str], int]:
+        dropper = AnswerDropper(redis_url)
+        shared = SharedStore.from_url(await dropper.start(), prefix=f"t{uuid.uuid4().hex[:8]}")
+        await shared.start()
+        board = shared.conversation_board
+        store = Conversations(budget_bytes=1 << 20, max_item_bytes=1 << 20, board=board)
+        made = await store.create("o", {"items": [_message("a")]})
+        store.extend(made, Items.from_objects([_message("b")]))  # (Redis has the script)
+        await _after_writes(store, board, made.id)
+        dropper.dropping = True
+        store.extend(made, Items.from_objects([_message("c")]))
+        await asyncio.sleep(1.0)  # done by Redis, not answered; tried again
+        dropper.dropping = False
+        in_redis, copy = await _after_writes(store, board, made.id)
+        await store.aclose()
+        await shared.aclose()
+        await dropper.aclose()
+        return in_redis, copy, store.write_errors
+
+    in_redis, copy, write_errors = asyncio.run(main())
+    assert in_redis == ["a", "b", "c"] and copy == ["a", "b", "c"]
+    assert write_errors == 0
+
+
+def test_a_create_sent_twice_creates_once(redis_url: str) -> None:
+    """A create tried again after its answer was lost (redis-py's retry) leaves the
+    conversation as the first made it."""
+
+    async def main() -> list[str]:
+        shared = SharedStore.from_url(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
+        board = shared.conversation_board
+        for _ in range(2):
+            await board.create("o", "conv_1", 1, b"{}", [("msg_1", b'{"content":"a"}')])
+        stored = await board.read("o", "conv_1")
+        await shared.client.aclose()
+        assert stored is not None and stored.version == 1
+        return [json.loads(item)["content"] for _id, item in stored.entries]
+
+    assert asyncio.run(main()) == ["a"]
+
+
+def _message(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": text}
+
+
+async def _after_writes(
+    store: Conversations, board: SharedConversations, conv_id: str
+) -> tuple[list[str], list[str]]:
+    """Once the additions are written: the texts in Redis, and in the copy."""
+    assert store._writes is not None
+    await asyncio.wait_for(store._writes.join(), 10)
+    stored = await board.read("o", conv_id)
+    assert stored is not None
+    in_redis = [json.loads(item)["content"] for _id, item in stored.entries]
+    fresh = await store.fresh("o", conv_id)
+    return in_redis, [item["content"] for item in fresh.items.to_objects()]
 
 
 def test_the_keys_expire_with_the_ttl(redis_url: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -17,7 +18,7 @@ import redis
 import redis.asyncio
 
 from tests.redis_support import paused, redis_server
-from warmsocket import shared_background, shared_store
+from warmsocket import shared_background, shared_store, write_retry
 from warmsocket._core import ItemNotJson, SessionCache
 from warmsocket.engine import SharedStoreUnavailable
 from warmsocket.shared_store import SharedStore, failure_reason
@@ -366,6 +367,83 @@ def test_a_load_redis_does_not_answer_is_unavailable_not_a_miss(
         run(main(url))
     (record,) = [r for r in caplog.records if r.getMessage() == "cannot read from Redis"]
     assert record.reason == "timed out"  # type: ignore[attr-defined]
+    assert "secret" not in caplog.text
+
+
+def test_a_write_redis_does_not_answer_is_tried_again_until_it_answers(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis stops answering (SIGSTOP, as a hung Redis or a failover) for longer than a
+    write's try and its one retry: the write is tried again (`write_retry`) and lands
+    once Redis answers, the response queued behind it too: nothing lost, no error."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.2)
+    caplog.set_level(logging.WARNING, logger="warmsocket.shared_store")
+
+    async def main(url: str) -> None:
+        a, b = SessionCache(), SessionCache()
+        store = SharedStore.from_url(url, prefix="w1")
+        await store.start()
+        turn(a, "r0", None, "secret words")
+        turn(a, "r1", "r0", "more")
+        with paused(url):
+            share(store, a, "r0")
+            await asyncio.sleep(1.5)  # tries of 2 x 0.2 s, each timed out
+            share(store, a, "r1")
+            await asyncio.sleep(0.2)
+            assert store.published == 0 and store.stats()["queued"] == 1
+        await asyncio.wait_for(store.flush(), 10)
+        assert (store.published, store.errors) == (2, 0)
+        reader = SharedStore.from_url(url, prefix="w1")
+        assert await reader.load(b, "r1", owner="o")
+        assert b.context("r1", owner="o") == a.context("r1", owner="o")
+        await reader.client.aclose()
+        await store.aclose()
+
+    with redis_server() as url:  # its own: this test stops it
+        run(main(url))
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count("cannot write stored responses to Redis; trying again") == 1
+    assert messages.count("stored responses written to Redis after all") == 1
+    assert "cannot write stored responses to Redis" not in messages  # (never given up)
+    (retrying,) = [r for r in caplog.records if r.getMessage().endswith("trying again")]
+    assert retrying.reason == "timed out"  # type: ignore[attr-defined]
+    assert "secret" not in caplog.text
+
+
+def test_a_write_is_given_up_when_redis_stays_away(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis gone (shut down: connections refused) for longer than
+    `WRITE_RETRY_SECONDS`: the write is given up, logged and counted; the process
+    keeps its response."""
+    monkeypatch.setattr(write_retry, "WRITE_RETRY_SECONDS", 0.6)
+    caplog.set_level(logging.WARNING, logger="warmsocket.shared_store")
+
+    async def main(url: str) -> float:
+        a = SessionCache()
+        store = SharedStore.from_url(url, prefix="w2")
+        await store.start()
+        turn(a, "r0", None, "secret words")
+        with redis.Redis.from_url(url) as raw, contextlib.suppress(redis.ConnectionError):
+            raw.shutdown(nosave=True)
+        started = time.monotonic()
+        share(store, a, "r0")
+        await asyncio.wait_for(store.flush(), 10)
+        took = time.monotonic() - started
+        assert (store.published, store.errors) == (0, 1)
+        assert a.get("r0", owner="o").id == "r0"
+        await store.aclose(flush_timeout=0.1)
+        return took
+
+    with redis_server() as url:
+        took = run(main(url))
+    assert 0.3 <= took < 5  # tried again (after 0.1 s, 0.2 s), then given up
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count("cannot write stored responses to Redis; trying again") == 1
+    (given_up,) = [
+        r for r in caplog.records if r.getMessage() == "cannot write stored responses to Redis"
+    ]
+    assert given_up.reason == "Connection refused"  # type: ignore[attr-defined]
     assert "secret" not in caplog.text
 
 

@@ -31,7 +31,7 @@ from tests.support import (
     running_server,
 )
 from tests.test_cli import _stop, run, start_serve
-from warmsocket import shared_background, shared_store
+from warmsocket import shared_background, shared_store, write_retry
 from warmsocket.shared_store import SharedStore
 
 AUTH = {"Authorization": "Bearer sk-test"}
@@ -546,7 +546,9 @@ def test_another_owner_cannot_load_a_shared_response(redis_url: str, sdk: SDK) -
         assert sdk(b, "sk-one").responses.retrieve(made.id).output_text == "You said: private"
 
 
-def test_a_redis_outage_leaves_local_service_running() -> None:
+def test_a_redis_outage_leaves_local_service_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (Writes are tried again for 30 s, test_shared_store: here they are given up.)
+    monkeypatch.setattr(write_retry, "WRITE_RETRY_SECONDS", 0.5)
     with redis_server() as url, two_servers(url) as (a, b):
         with WSClient(a.ws_url) as ws_a:
             before = ws_a.turn(input="before")[-1]["response"]["id"]

@@ -22,7 +22,8 @@ and this process keeps copies of those it used, the least recently used dropped 
 stay within the budget; every use first checks (`fresh`) that the copy is the
 conversation as Redis has it. Changes through the API are written to Redis before
 they are answered; a response's input and output are added to the copy at once and
-written behind it, in order (`aclose` writes what is left).
+written behind it, in order, tried again while Redis does not answer (`write_retry`;
+`aclose` writes what is left).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from warmsocket._core import InvalidItems, Items
 from warmsocket.client_events import normalize_input, validate_metadata
 from warmsocket.errors import APIError
 from warmsocket.pages import cursor_page
+from warmsocket.write_retry import keep_trying
 
 log = logging.getLogger("warmsocket.conversations")
 
@@ -434,7 +436,7 @@ class Conversations:
         while True:
             conversation, added = await queue.get()
             try:
-                change = await self.board.append(conversation.owner, conversation.id, added)
+                change = await self._write_addition(conversation, added)
             except Exception:
                 # Logged by the board; this copy keeps the items (other processes miss
                 # them), and is not read again over them: its version stays.
@@ -451,6 +453,16 @@ class Conversations:
             finally:
                 conversation.pending -= 1
                 queue.task_done()
+
+    async def _write_addition(self, conversation: Conversation, added: Entries) -> Change | None:
+        """The board's append (done once however often it is tried), tried again
+        while Redis does not answer (`write_retry`; the board logs each failure)."""
+        board = self.board
+        assert board is not None
+        return await keep_trying(
+            lambda: board.append(conversation.owner, conversation.id, added),
+            retriable=(ConnectionError,),  # (engine.SharedStoreUnavailable)
+        )
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """Write the additions still queued (for at most `timeout` seconds)."""

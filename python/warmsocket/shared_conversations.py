@@ -34,7 +34,9 @@ Arg = bytes | str | int
 
 log = logging.getLogger("warmsocket.shared_conversations")
 
+# Creates once (the id is new: a conversation there is an earlier try, see _APPEND).
 _CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'created_at', ARGV[1], 'metadata', ARGV[2], 'version', 1)
 if #ARGV > 3 then
   redis.call('RPUSH', KEYS[2], unpack(ARGV, 4))
@@ -60,8 +62,15 @@ return {{before, after}}
 """
 
 
-# Appends ARGV[2..].
-_APPEND = _change("if #ARGV > 1 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 2)) end")
+# Appends ARGV[2..], once: a try whose answer was lost (a timeout) may have been done
+# (Redis runs what was sent before it stopped answering), and the client tries again
+# (redis-py's one retry, `write_retry`). When the list has the first entry (item ids
+# are unique), nothing is added and {-1, version} is answered: no copy's version.
+_APPEND = _change("""
+if #ARGV > 1 and redis.call('LPOS', KEYS[2], ARGV[2], 'RANK', -1) then
+  return {-1, before}
+end
+if #ARGV > 1 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 2)) end""")
 
 # Sets the metadata to ARGV[2].
 _METADATA = _change("redis.call('HSET', KEYS[1], 'metadata', ARGV[2])")
@@ -172,6 +181,9 @@ class SharedConversations:
     async def append(
         self, owner: str, conv_id: str, entries: list[tuple[str, bytes]]
     ) -> Change | None:
+        """(before, after); None when the conversation is gone; (-1, version) when the
+        entries were there already (an earlier try's answer was lost): no copy's
+        version matches it, so the copy is read again."""
         args: list[Arg] = [self.ttl, *(_entry(e) for e in entries)]
         found = await self._call(conv_id, self._append(keys=self._keys(owner, conv_id), args=args))
         return None if not found else (int(found[0]), int(found[1]))

@@ -52,12 +52,15 @@ Background responses that another process runs, or that failed or were cancelled
 The write-behind queue is flushed within milliseconds; a client that reconnects to
 another process in that window may not find its newest response yet. A Redis outage
 is logged (where Redis is, the error's type and the OS's reason, e.g. 'Connection
-refused'; never content) and counted; local service goes on. A load that Redis does
-not answer (connection refused or lost, timed out: up to about twice `SOCKET_TIMEOUT`
-with the one retry) raises `SharedStoreUnavailable`, and the request is answered with
-a retriable 503 `server_error` (`errors.shared_store_unavailable`), not 'not found':
-the response may well be there, and a client told 'not found' drops its chain. Only a
-record that is missing (expired, never written, deleted) or unreadable is not found.
+refused'; never content) and counted; local service goes on. A write Redis does not
+answer is tried again for up to `write_retry.WRITE_RETRY_SECONDS` (a restart or a
+failover loses nothing; the writes queued behind it wait), then given up. A load
+that Redis does not answer (connection refused or lost, timed out: up to about twice
+`SOCKET_TIMEOUT` with the one retry) raises `SharedStoreUnavailable`, and the request
+is answered with a retriable 503 `server_error` (`errors.shared_store_unavailable`),
+not 'not found': the response may well be there, and a client told 'not found' drops
+its chain. Only a record that is missing (expired, never written, deleted) or
+unreadable is not found.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from warmsocket import _core
+from warmsocket import _core, write_retry
 from warmsocket._core import Binding, Items, SessionCache
 from warmsocket.engine import SharedStoreUnavailable
 from warmsocket.shared_background import (
@@ -90,6 +93,7 @@ from warmsocket.shared_background import (
     parse_announcement,
 )
 from warmsocket.shared_conversations import SharedConversations
+from warmsocket.write_retry import keep_trying
 
 log = logging.getLogger("warmsocket.shared_store")
 
@@ -287,6 +291,8 @@ class SharedStore:
         self._known_settings: dict[str, float] = {}
         # Keys queued but not written yet, and those of them deleted meanwhile.
         self._unwritten: set[str] = set()
+        self._writing = 0
+        """Responses of the batch being written (perhaps tried again)."""
         self._tombstones: set[str] = set()
         # (owner, response id) of the deletions announced lately: a load that read a
         # record before its deletion was announced drops it after inserting it.
@@ -354,7 +360,7 @@ class SharedStore:
         except TimeoutError:
             log.error(
                 "shared store: pending writes dropped at shutdown",
-                extra={"responses": self._queue.qsize()},
+                extra={"responses": self._queue.qsize() + self._writing},
             )
         for task in (self._writer, self._listener):
             if task is not None:
@@ -418,8 +424,9 @@ class SharedStore:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < WRITE_BATCH:
                 batch.append(self._queue.get_nowait())
+            self._writing = len(batch)
             try:
-                await self._write(batch)
+                await self._write_trying_again(batch)
                 self.published += len(batch)
             except Exception as exc:
                 self.errors += len(batch)
@@ -428,10 +435,41 @@ class SharedStore:
                     extra={"responses": len(batch), "redis": self.address, **_failure(exc)},
                 )
             finally:
+                self._writing = 0
                 for record in batch:
                     self._unwritten.discard(record.key)
                     self._tombstones.discard(record.key)
                     self._queue.task_done()
+
+    async def _write_trying_again(self, batch: list[_Record]) -> None:
+        """`_write` (idempotent: HSET, EXPIRE, the chain kept alive), tried again while
+        Redis does not answer (`write_retry`); logs a failure tried again."""
+        started = time.monotonic()
+        tried_again = False
+
+        def retrying(exc: BaseException) -> None:
+            nonlocal tried_again
+            tried_again = True
+            log.warning(
+                "cannot write stored responses to Redis; trying again",
+                extra={
+                    "responses": len(batch),
+                    "redis": self.address,
+                    "retry_seconds": write_retry.WRITE_RETRY_SECONDS,
+                    **_failure(exc),
+                },
+            )
+
+        await keep_trying(
+            lambda: self._write(batch),
+            retriable=(redis.ConnectionError, redis.TimeoutError, OSError),
+            on_retry=retrying,
+        )
+        if tried_again:
+            log.warning(
+                "stored responses written to Redis after all",
+                extra={"responses": len(batch), "seconds": round(time.monotonic() - started, 3)},
+            )
 
     async def _write(self, batch: list[_Record]) -> None:
         now = time.monotonic()
