@@ -752,6 +752,35 @@ def test_serve_processes_share_and_flush_at_shutdown(redis_url: str) -> None:
             b.stderr.close()
 
 
+def test_a_shutdown_while_redis_does_not_answer_ends_in_time() -> None:
+    """Redis hangs (SIGSTOP) when serve is told to stop: what is still to be written
+    gets what the drain left of --shutdown-timeout (at least 2 s), then is dropped and
+    logged: the process does not outlive its orchestrator's grace period."""
+    with redis_server() as url:  # its own: this test stops it
+        proc, base = _serve("--redis-url", url, "--shutdown-timeout", "1")
+        try:
+            with paused(url):
+                body = {"model": "m", "input": "secret words"}
+                assert httpx.post(f"{base}/responses", json=body).status_code == 200
+                started = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=30) == 0
+                took = time.monotonic() - started
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.stderr is not None
+        logs = [json.loads(line) for line in proc.stderr]
+        proc.stderr.close()
+    assert took < 5  # 2 s to write (10 s before the budget was shared)
+    (dropped,) = [
+        r for r in logs if r["message"] == "shared store: pending writes dropped at shutdown"
+    ]
+    assert dropped["responses"] == 1
+    assert "secret" not in json.dumps(logs)
+
+
 def test_an_unreachable_redis_or_a_missing_client_stops_serve_with_advice() -> None:
     result = subprocess.run(
         [WARMSOCKET, "serve", "--port", "0", "--redis-url", "redis://:hunter2@127.0.0.1:1/0"],

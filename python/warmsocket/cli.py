@@ -441,8 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_float,
         help="on SIGTERM or Ctrl-C: seconds the responses under way (streams, background "
         "responses) get to finish while no new connections are taken and /healthz says "
-        "'draining'; then everything closes (a second signal closes at once; 0: at once). "
-        "Keep it under your orchestrator's grace period (Kubernetes: 30 s)",
+        "'draining'; then everything closes (a second signal closes at once; 0: at once), "
+        "and what is still to be written to Redis gets what is left of it (2 to 10 s). "
+        "Keep it 2 s under your orchestrator's grace period (Kubernetes: 30 s)",
     )
     opt.add(
         "--max-connections",

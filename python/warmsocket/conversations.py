@@ -201,6 +201,8 @@ class Conversations:
         self.write_errors = 0
         self._writes: asyncio.Queue[tuple[Conversation, Entries]] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._unwritten = 0
+        """Additions queued or being written."""
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -429,6 +431,7 @@ class Conversations:
             self._writes = asyncio.Queue()
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
         self._writes.put_nowait((conversation, added))
+        self._unwritten += 1
 
     async def _write_loop(self) -> None:
         queue = self._writes
@@ -452,6 +455,7 @@ class Conversations:
                     conversation.settle(change, written_behind=True)
             finally:
                 conversation.pending -= 1
+                self._unwritten -= 1
                 queue.task_done()
 
     async def _write_addition(self, conversation: Conversation, added: Entries) -> Change | None:
@@ -465,10 +469,16 @@ class Conversations:
         )
 
     async def aclose(self, timeout: float = 5.0) -> None:
-        """Write the additions still queued (for at most `timeout` seconds)."""
+        """Write the additions still queued (for at most `timeout` seconds; what is
+        left then is logged, and lost)."""
         if self._writes is not None:
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._writes.join(), timeout)
+            except TimeoutError:
+                log.error(
+                    "responses' additions to shared conversations dropped at shutdown",
+                    extra={"additions": self._unwritten},
+                )
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

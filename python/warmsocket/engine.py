@@ -299,8 +299,9 @@ class SharedResponses(Protocol):
         when any process asks for a background response to be cancelled."""
         ...
 
-    async def aclose(self) -> None:
-        """Write what is still queued (bounded in time), then disconnect."""
+    async def aclose(self, flush_timeout: float = ...) -> None:
+        """Write what is still queued (for at most `flush_timeout` seconds), then
+        disconnect."""
         ...
 
     def publish(self, info: _core.ResponseInfo, input: Items, output: Items) -> None:

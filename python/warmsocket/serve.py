@@ -28,7 +28,13 @@ from warmsocket.engine import (
     tokenizer_for,
 )
 from warmsocket.metrics import Metrics
-from warmsocket.server import MetricsPortError, Server, ServerConfig
+from warmsocket.server import (
+    MIN_SHUTDOWN_WRITE_SECONDS,
+    SHUTDOWN_WRITE_SECONDS,
+    MetricsPortError,
+    Server,
+    ServerConfig,
+)
 
 if TYPE_CHECKING:
     from warmsocket.upstream import UpstreamConfig
@@ -336,9 +342,13 @@ async def _serve(
         probing.cancel()
     if watching is not None:
         watching.cancel()
+    drain_started = time.monotonic()
     await drain(server, stop, config.shutdown_timeout)
     log.info("shutting down")
-    await server.close()
+    # What the drain left of the timeout (a Redis that does not answer must not keep
+    # the process past the orchestrator's grace period), yet a moment at least.
+    left = config.shutdown_timeout - (time.monotonic() - drain_started)
+    await server.close(min(SHUTDOWN_WRITE_SECONDS, max(MIN_SHUTDOWN_WRITE_SECONDS, left)))
     if snapshot is not None:
         entries = cache.stats().stored_entries
         if not _saved(snapshot, cache.snapshot(), "snapshot", entries=entries):

@@ -116,6 +116,12 @@ goes on below it, so a client that goes away mid-answer is noticed at once."""
 _DRAIN_POLL_SECONDS = 0.05
 """How often a draining server looks whether anything is left (`Server.drain`)."""
 
+SHUTDOWN_WRITE_SECONDS = 10.0
+"""At most this long `Server.close` writes what is still queued for Redis; `serve`
+gives it what the drain left of `--shutdown-timeout`, within `MIN_SHUTDOWN_WRITE_SECONDS`
+and this."""
+MIN_SHUTDOWN_WRITE_SECONDS = 2.0
+
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 """What an HTTP/2 client with prior knowledge sends first (RFC 9113, 3.4)."""
 
@@ -466,9 +472,10 @@ class Server:
             connection.drain_ended()
         return left
 
-    async def close(self) -> None:
+    async def close(self, write_seconds: float = SHUTDOWN_WRITE_SECONDS) -> None:
         """Stop listening, close every connection (1001 for WebSockets), release backends,
-        write what the shared store still has queued."""
+        write what is still queued for Redis (conversations' additions, then stored
+        responses) for at most `write_seconds` in all."""
         listeners = [s for s in (self._server, self._probe_server) if s is not None]
         for listener in listeners:
             listener.close()
@@ -480,9 +487,11 @@ class Server:
             await listener.wait_closed()
         await self.http.background.aclose()
         await self.engine.backend.aclose()
-        await self.engine.conversations.aclose()
+        deadline = asyncio.get_running_loop().time() + write_seconds
+        await self.engine.conversations.aclose(write_seconds)
         if self.engine.shared is not None:
-            await self.engine.shared.aclose()
+            left = deadline - asyncio.get_running_loop().time()
+            await self.engine.shared.aclose(flush_timeout=max(0.0, left))
 
     def _forget(self, owner: str, response_id: str) -> None:
         """Another process deleted a shared response: drop the local copy too, and stop

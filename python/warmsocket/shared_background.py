@@ -97,10 +97,10 @@ class BackgroundBoard:
     def start(self) -> None:
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
-    async def aclose(self) -> None:
-        """Write what is queued (the caller bounds the time), then stop."""
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Write what is queued (for at most `timeout` seconds), then stop."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.flush(), 5.0)
+            await asyncio.wait_for(self.flush(), timeout)
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -353,10 +353,12 @@ class SharedStore:
         self.background_board.start()
 
     async def aclose(self, flush_timeout: float = SHUTDOWN_FLUSH_TIMEOUT) -> None:
-        """Flush pending writes (for at most `flush_timeout` seconds), then close."""
-        await self.background_board.aclose()
+        """Flush pending writes (background responses', then stored responses', for at
+        most `flush_timeout` seconds in all), then close."""
+        deadline = time.monotonic() + flush_timeout
+        await self.background_board.aclose(min(5.0, flush_timeout))
         try:
-            await asyncio.wait_for(self.flush(), flush_timeout)
+            await asyncio.wait_for(self.flush(), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             log.error(
                 "shared store: pending writes dropped at shutdown",
