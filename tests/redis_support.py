@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -79,3 +81,41 @@ def paused(url: str) -> Iterator[None]:
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+class AnswerDropper:
+    """A TCP proxy to Redis that can drop Redis' answers: what it is sent is done,
+    and the client, told nothing, times out (an answer lost on the way)."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.target = redis_url.removeprefix("redis://").split("/")[0].split(":")
+        self.dropping = False
+        self.server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = self.target
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    if up or not self.dropping:
+                        dst.write(data)
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+    async def aclose(self) -> None:
+        """Stop, and end the connections (their pipes see the end and return)."""
+        if self.server is not None:
+            self.server.close()
+        for writer in self._writers:
+            writer.close()
+        await asyncio.sleep(0.05)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ import openai
 import pytest
 import redis
 
-from tests.redis_support import paused, redis_server
+from tests.redis_support import AnswerDropper, paused, redis_server
 from tests.support import RunningServer, WSClient, output_text, running_server
 from tests.test_conversations import strict
 from tests.test_shared_store_serve import two_servers
@@ -169,38 +168,6 @@ def test_an_addition_redis_does_not_answer_is_written_once_it_does(
     in_redis, copy, write_errors = asyncio.run(main())
     assert in_redis == ["a", "b"] and copy == ["a", "b"]
     assert write_errors == 0
-
-
-class AnswerDropper:
-    """A TCP proxy to Redis that can drop Redis' answers: what it is sent is done,
-    and the client, told nothing, times out (an answer lost on the way)."""
-
-    def __init__(self, redis_url: str) -> None:
-        self.target = redis_url.removeprefix("redis://").split("/")[0].split(":")
-        self.dropping = False
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        return f"redis://127.0.0.1:{port}/0"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        host, port = self.target
-        up_reader, up_writer = await asyncio.open_connection(host, int(port))
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    if up or not self.dropping:
-                        dst.write(data)
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
-
-    async def aclose(self) -> None:
-        if self.server is not None:
-            self.server.close()
 
 
 def test_an_addition_whose_answer_was_lost_is_not_added_twice(

@@ -17,7 +17,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from tests.redis_support import paused, redis_server
+from tests.redis_support import AnswerDropper, paused, redis_server
 from warmsocket import shared_background, shared_store, write_retry
 from warmsocket._core import ItemNotJson, SessionCache
 from warmsocket.engine import SharedStoreUnavailable
@@ -775,6 +775,44 @@ def test_a_follower_waits_for_a_running_response_with_no_events_yet(redis_url: s
         await reader.aclose()
 
     run(main())
+
+
+def test_background_writes_whose_answers_were_lost_are_tried_again_once_each(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis wrote a run's events but its answers were lost (the client timed out and
+    tried again): the events are in the stream once, in order, and nothing is counted
+    as failed; so are those written while Redis was paused."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.2)
+    caplog.set_level(logging.ERROR, logger="warmsocket.shared_background")
+
+    async def main() -> tuple[list[bytes], int]:
+        dropper = AnswerDropper(redis_url)
+        store = SharedStore.from_url(await dropper.start(), prefix="t-lost")
+        await store.start()
+        board = store.background_board
+        board.append_events("o", "r", 0, [b"data: 0\n\n"])
+        await board.flush()
+        dropper.dropping = True
+        board.append_events("o", "r", 1, [b"data: 1\n\n", b"data: 2\n\n"])
+        await asyncio.sleep(1.0)  # written by Redis, not answered; tried again
+        dropper.dropping = False
+        await asyncio.wait_for(board.flush(), 10)
+        with paused(redis_url):
+            board.append_events("o", "r", 3, [b"data: 3\n\n"])
+            board.end_events("o", "r", 4, "completed", 60)
+            await asyncio.sleep(1.0)
+        await asyncio.wait_for(board.flush(), 10)
+        async with redis.asyncio.Redis.from_url(redis_url) as client:
+            entries = await client.xrange("t-lost:be:o:r")
+        await store.aclose()
+        await dropper.aclose()
+        return [b"".join(fields.values()) for _id, fields in entries], store.errors
+
+    events, errors = run(main())
+    assert events == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n", b"completed"]
+    assert errors == 0
+    assert not [r for r in caplog.records if r.name.startswith("warmsocket")]
 
 
 def test_background_writes_queued_beyond_the_bound_are_dropped_and_counted(

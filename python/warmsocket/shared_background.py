@@ -26,8 +26,9 @@ A cancel asked of another process is announced on the channel ``<prefix>:cancel`
 (which `SharedStore` follows with its deletions); the process that runs the response
 cancels it, and the record says `cancelled`.
 
-Writes are queued and written in order by one task (never on a request's path); a
-Redis outage is logged (without content) and counted, and the run goes on (a follower
+Writes are queued and written in order by one task (never on a request's path), and
+tried again while Redis does not answer (`write_retry`, up to 30 s); an outage longer
+than that is logged (without content) and counted, and the run goes on (a follower
 elsewhere whose stream then misses events ends it there, rather than skip them). A
 read that Redis does not answer raises `SharedStoreUnavailable`, answered with a
 retriable 503.
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections import deque
@@ -46,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as redis
 
 from warmsocket.engine import SharedStoreUnavailable
+from warmsocket.write_retry import keep_trying
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -184,14 +187,26 @@ class BackgroundBoard:
             self._ops.clear()
             self._dropped = 0
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for write in ops:
-                        write(pipe)
-                    await pipe.execute()
+                await keep_trying(
+                    functools.partial(self._write, ops),
+                    retriable=(redis.ConnectionError, redis.TimeoutError, OSError),
+                )
             except Exception as exc:  # Redis and OS errors: the runs go on
                 self._failed("cannot write background responses' state to Redis", exc, len(ops))
             if not self._ops:
                 self._idle.set()
+
+    async def _write(self, ops: list[Write]) -> None:
+        """One try of `ops`, in one pipeline. Idempotent: SET, EXPIRE, DEL, and XADDs
+        whose entries a try whose answer was lost (or redis-py's retry) may have added:
+        those are refused by Redis and ignored."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for write in ops:
+                write(pipe)
+            results = await pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, redis.ResponseError) and not _added_already(result):
+                raise result
 
     # -- reading and asking (any process) -----------------------------------------------
 
@@ -303,6 +318,12 @@ class BackgroundBoard:
         if count > 1:
             fields["writes"] = count
         log.error(message, extra=fields)
+
+
+def _added_already(error: redis.ResponseError) -> bool:
+    """Whether Redis refused an XADD because the stream has the entry's id (or a later
+    one): the event was written before."""
+    return "equal or smaller than the target stream top item" in str(error)
 
 
 def _running(record: bytes | str) -> bool:
