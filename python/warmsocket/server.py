@@ -474,8 +474,8 @@ class Server:
 
     async def close(self, write_seconds: float = SHUTDOWN_WRITE_SECONDS) -> None:
         """Stop listening, close every connection (1001 for WebSockets), release backends,
-        write what is still queued for Redis (conversations' additions, then stored
-        responses) for at most `write_seconds` in all."""
+        write what is still queued for Redis (conversations' additions, background
+        responses' state, stored responses) for at most `write_seconds` in all."""
         listeners = [s for s in (self._server, self._probe_server) if s is not None]
         for listener in listeners:
             listener.close()
