@@ -24,16 +24,32 @@ def _free_port() -> int:
         return port
 
 
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (10000 above it) is free too."""
+    for _ in range(100):
+        port = _free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a Redis cluster node")
+
+
 @contextmanager
-def redis_server() -> Iterator[str]:
-    """Start redis-server and yield its URL. scripts/test.sh installs redis-server."""
+def redis_server(*options: str) -> Iterator[str]:
+    """Start redis-server (with `options` besides ours) and yield its URL.
+    scripts/test.sh installs redis-server."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError(
             "redis-server is not installed: run ./scripts/test.sh (it installs it), "
             "or apt-get install redis-server"
         )
-    port = _free_port()
+    port = _free_cluster_port() if "--cluster-enabled" in options else _free_port()
     with tempfile.TemporaryDirectory() as workdir:
         process = subprocess.Popen(
             [
@@ -48,6 +64,7 @@ def redis_server() -> Iterator[str]:
                 "no",
                 "--dir",
                 workdir,
+                *options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

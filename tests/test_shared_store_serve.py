@@ -32,7 +32,7 @@ from tests.support import (
 )
 from tests.test_cli import _stop, run, start_serve
 from warmsocket import shared_background, shared_store, write_retry
-from warmsocket.shared_store import SharedStore
+from warmsocket.shared_store import RedisClusterUnsupported, SharedStore
 
 AUTH = {"Authorization": "Bearer sk-test"}
 WARMSOCKET = os.path.join(os.path.dirname(sys.executable), "warmsocket")
@@ -800,6 +800,23 @@ def test_an_unreachable_redis_or_a_missing_client_stops_serve_with_advice() -> N
         [sys.executable, "-c", without_redis], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 1 and "pip install 'redis>=5'" in result.stderr
+
+
+def test_a_redis_cluster_stops_serve_with_advice() -> None:
+    """A cluster node answers PING, then refuses the scripts that read a chain (its
+    keys span slots): serve says so at start instead of failing every request."""
+    with redis_server("--cluster-enabled", "yes") as url:
+        result = subprocess.run(
+            [WARMSOCKET, "serve", "--port", "0", "--redis-url", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    (line,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert line["message"] == RedisClusterUnsupported.advice
+    assert line["redis"] == url.removeprefix("redis://").removesuffix("/0")
+    assert "single Redis primary" in line["error"]
 
 
 def test_the_server_does_not_import_redis_without_redis_url() -> None:

@@ -279,10 +279,11 @@ async def _serve(
     try:
         await server.start()
     except ConnectionError as exc:
-        # The shared store's `RedisUnreachable`: where Redis was looked for (host:port,
-        # never the password) and the OS's reason, e.g. 'Connection refused'.
+        # The shared store's `RedisUnreachable` or `RedisClusterUnsupported`: `advice`
+        # says what to do, `address` where Redis was looked for (host:port, never the
+        # password), `reason` the OS's, e.g. 'Connection refused'.
         log.error(
-            "cannot reach Redis; check --redis-url, or start without it",
+            getattr(exc, "advice", "cannot reach Redis; check --redis-url, or start without it"),
             extra={
                 "error": str(exc),
                 "redis": getattr(exc, "address", None),

@@ -201,11 +201,31 @@ return 1
 class RedisUnreachable(ConnectionError):
     """Redis did not answer at start: where it was looked for and why not."""
 
+    advice = "cannot reach Redis; check --redis-url, or start without it"
+
     def __init__(self, address: str, reason: str, error_type: str) -> None:
         super().__init__(f"cannot reach Redis at {address} ({reason})")
         self.address = address
         self.reason = reason
         self.error_type = error_type
+
+
+class RedisClusterUnsupported(ConnectionError):
+    """Redis runs in cluster mode: a chain's records, a conversation's two keys, are
+    read and written together by scripts, which a cluster refuses across its slots."""
+
+    advice = (
+        "Redis runs in cluster mode, which warmsocket does not support; point "
+        "--redis-url at a single Redis primary"
+    )
+
+    def __init__(self, address: str) -> None:
+        super().__init__(
+            f"Redis at {address} runs in cluster mode, which warmsocket does not support: "
+            "point --redis-url at a single Redis primary (replicas with Sentinel, or a "
+            "managed service's failover endpoint, keep it available)"
+        )
+        self.address = address
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -344,13 +364,25 @@ class SharedStore:
         announce. Raises ConnectionError."""
         try:
             await self.client.ping()
+            cluster = await self._cluster_info()
         except (redis.RedisError, OSError) as exc:
             raise RedisUnreachable(self.address, failure_reason(exc), type(exc).__name__) from None
+        if str(cluster.get("cluster_enabled", 0)) == "1":
+            raise RedisClusterUnsupported(self.address)
         loop = asyncio.get_running_loop()
         self._writer = loop.create_task(self._write_loop())
         if on_deleted is not None or on_cancel is not None:
             self._listener = loop.create_task(self._listen(on_deleted, on_cancel))
         self.background_board.start()
+
+    async def _cluster_info(self) -> dict[str, Any]:
+        """`INFO cluster`; empty where the command is not allowed (some managed Redis
+        services rename or forbid it)."""
+        try:
+            info: dict[str, Any] = await self.client.info("cluster")
+        except redis.ResponseError:
+            return {}
+        return info
 
     async def aclose(self, flush_timeout: float = SHUTDOWN_FLUSH_TIMEOUT) -> None:
         """Flush pending writes (background responses', then stored responses', for at
