@@ -19,7 +19,8 @@ import redis.asyncio
 
 from tests.redis_support import AnswerDropper, paused, redis_server
 from warmsocket import shared_background, shared_store, write_retry
-from warmsocket._core import ItemNotJson, SessionCache
+from warmsocket._core import ItemNotJson, Items, SessionCache
+from warmsocket.conversations import Conversations
 from warmsocket.engine import SharedStoreUnavailable
 from warmsocket.shared_store import SharedStore, failure_reason
 
@@ -508,6 +509,34 @@ def test_closing_writes_what_is_still_queued(redis_url: str) -> None:
         await reader.client.aclose()
 
     run(main())
+
+
+def test_closing_with_nothing_queued_and_no_time_left_drops_nothing(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At shutdown the writers may get no time at all (the drain used it up): with
+    nothing queued, nothing is reported dropped."""
+    caplog.set_level(logging.ERROR)
+
+    async def main() -> None:
+        a = SessionCache()
+        store = SharedStore.from_url(redis_url, prefix="t-none")
+        await store.start()
+        conversations = Conversations(
+            budget_bytes=1 << 20, max_item_bytes=1 << 20, board=store.conversation_board
+        )
+        made = await conversations.create("o", {"items": [{"role": "user", "content": "a"}]})
+        conversations.extend(made, Items.from_objects([{"role": "user", "content": "b"}]))
+        turn(a, "r0", None, "x")
+        share(store, a, "r0")
+        await store.flush()
+        assert conversations._writes is not None
+        await conversations._writes.join()
+        await conversations.aclose(0)
+        await store.aclose(flush_timeout=0)
+
+    run(main())
+    assert not [r for r in caplog.records if r.name.startswith("warmsocket")]
 
 
 def test_deletions_reach_the_queue_and_the_other_processes(redis_url: str) -> None:

@@ -471,7 +471,7 @@ class Conversations:
     async def aclose(self, timeout: float = 5.0) -> None:
         """Write the additions still queued (for at most `timeout` seconds; what is
         left then is logged, and lost)."""
-        if self._writes is not None:
+        if self._writes is not None and self._unwritten:  # (see SharedStore.aclose)
             try:
                 await asyncio.wait_for(self._writes.join(), timeout)
             except TimeoutError:
