@@ -468,6 +468,20 @@ def build_parser() -> argparse.ArgumentParser:
         "cancel, delete, lists) are not limited. 0: no limit but --max-connections",
     )
     opt.add(
+        "--requests-per-minute-per-key",
+        default=0,
+        metavar="N",
+        type=_non_negative_int,
+        help="model requests (creates over HTTP and WebSocket, warm-ups, compactions) one "
+        "API key may make per minute. A key may make a minute's worth at once, then one "
+        "every 60/N seconds; past it a request gets 429 'rate_limit_exceeded' with "
+        "Retry-After, retry-after-ms and x-ratelimit-*-requests headers (on a WebSocket "
+        "an error event on the create's lane; the connection and the chain go on). With "
+        "--redis-url the count is shared by all processes on that Redis (one Redis round "
+        "trip per request; while Redis does not answer each process counts its own). "
+        "0: no limit",
+    )
+    opt.add(
         "--max-lanes", default=32, type=_positive_int, help="named stream_id lanes per connection"
     )
     opt.add(

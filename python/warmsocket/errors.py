@@ -36,6 +36,7 @@ Wire shapes (spec §4.1, §6.2, §6.7):
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 INVALID_REQUEST = "invalid_request_error"
@@ -349,6 +350,37 @@ def too_many_for_key(limit: int) -> APIError:
         type="rate_limit_error",
         headers={"retry-after": "1"},
     )
+
+
+def request_rate_exceeded(per_minute: int, wait: float, full_in: float) -> APIError:
+    """`--requests-per-minute-per-key`: `wait` seconds until the key may make its next
+    request, `full_in` until its bucket is full again (`request_rate`)."""
+    wait_ms = max(1, math.ceil(wait * 1000))
+    return APIError(
+        "rate_limit_exceeded",
+        f"Rate limit reached for requests: this API key may make {per_minute} requests "
+        f"per minute on this server (--requests-per-minute-per-key). Please try again "
+        f"in {_duration(wait_ms / 1000)}.",
+        status=429,
+        type=RATE_LIMIT,
+        headers={
+            "retry-after": str(math.ceil(wait_ms / 1000)),
+            "retry-after-ms": str(wait_ms),
+            "x-ratelimit-limit-requests": str(per_minute),
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": _duration(full_in),
+        },
+    )
+
+
+def _duration(seconds: float) -> str:
+    """A duration as OpenAI's rate limit headers write it: '20ms', '1.5s', '6m0s'."""
+    if seconds < 1:
+        return f"{max(1, math.ceil(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{math.ceil(seconds * 1000) / 1000:g}s"
+    minutes, rest = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{rest}s"
 
 
 def plain_http_on_tls_port() -> APIError:

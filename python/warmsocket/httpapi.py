@@ -33,6 +33,7 @@ from warmsocket.errors import APIError
 from warmsocket.http11 import LAST_CHUNK, Request, chunk, encode_response, response_head
 from warmsocket.origins import cors_headers, preflight_headers
 from warmsocket.pages import cursor_page, page_params
+from warmsocket.request_rate import RequestRate
 from warmsocket.response_stream import dumps
 from warmsocket.token_count import parse_count_request
 
@@ -91,11 +92,14 @@ class HTTPApp:
         ready: Callable[[], bool] = lambda: True,
         access_log: bool = True,
         key_limit: KeyLimit | None = None,
+        request_rate: RequestRate | None = None,
     ) -> None:
         """`access_log`: a log line per request answered (`access_line`). `key_limit`:
-        `--max-connections-per-key`, shared with the server's WebSockets."""
+        `--max-connections-per-key`, `request_rate`: `--requests-per-minute-per-key`,
+        both shared with the server's WebSockets."""
         self.engine = engine
         self.key_limit = key_limit or KeyLimit(None)
+        self.request_rate = request_rate or RequestRate(None)
         self.access_log = access_log
         self.auth = auth
         self.models = tuple(models)
@@ -288,6 +292,7 @@ class HTTPApp:
         engine = self.engine
         slot = self._key_slot(owner)
         try:
+            await self._count_request(owner)
             await self._load_parent(create, owner)
             await self._fresh_conversation(create, owner)
             turn = engine.prepare(
@@ -307,6 +312,13 @@ class HTTPApp:
         finally:
             slot.release()  # (a background run's is its own: handed over)
         return 200
+
+    async def _count_request(self, owner: str) -> None:
+        """Count a create or compaction under `--requests-per-minute-per-key`, or 429."""
+        if self.request_rate.limited:
+            refusal = await self.request_rate.check(owner)
+            if refusal is not None:
+                raise refusal
 
     def _key_slot(self, owner: str) -> KeySlot:
         """A place under `owner`'s `--max-connections-per-key`, or 429."""
@@ -431,6 +443,7 @@ class HTTPApp:
         )
         slot = self._key_slot(owner)  # (a compaction runs the model)
         try:
+            await self._count_request(owner)
             await self._load_parent(create, owner)
             body = await compact(
                 self.engine,

@@ -77,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         shutdown_timeout=args.shutdown_timeout,
         conversation_budget=args.conversation_budget,
         max_connections_per_key=args.max_connections_per_key or None,
+        requests_per_minute_per_key=args.requests_per_minute_per_key or None,
         max_connections=args.max_connections
         or admission.auto_max_connections(
             admission.open_file_limit(), upstream=bool(getattr(args, "upstream", None))
@@ -319,6 +320,7 @@ async def _serve(
             "memory_budget": config.memory_budget,
             "max_connections": config.max_connections,
             "max_connections_per_key": config.max_connections_per_key,
+            "requests_per_minute_per_key": config.requests_per_minute_per_key,
             "auth": bool(config.api_keys),
             "client_certificates": config.tls is not None
             and config.tls.verify_mode == ssl.CERT_REQUIRED,

@@ -91,6 +91,7 @@ from warmsocket.metrics import (
     shared_store_collector,
 )
 from warmsocket.origins import OriginPolicy
+from warmsocket.request_rate import RequestRate
 from warmsocket.response_stream import dumps
 from warmsocket.session import (
     CloseConnection,
@@ -247,6 +248,11 @@ class ServerConfig:
     max_connections_per_key: int | None = None
     """`--max-connections-per-key`: open WebSockets, HTTP creates being answered and
     background responses running per API key (`admission.KeyLimit`); None: no limit."""
+    requests_per_minute_per_key: int | None = None
+    """`--requests-per-minute-per-key`: creates and compactions one API key may make a
+    minute (`request_rate.RequestRate`); None: no limit."""
+    request_burst_per_key: int | None = None
+    """How many of them a key may make at once; None: a minute's worth."""
     backlog: int = 1024
     access_log: bool = True
     """A log line per HTTP request (`httpapi.access_line`); `--no-access-log`: none."""
@@ -313,10 +319,17 @@ class Server:
             self.metrics.collectors.append(shared_store_collector(shared.stats))
         self.key_limit = KeyLimit(config.max_connections_per_key)
         self.metrics.collectors.append(self.key_limit.collect)
+        self.request_rate = RequestRate(
+            config.requests_per_minute_per_key,
+            burst=config.request_burst_per_key,
+            shared=getattr(shared, "request_buckets", None),
+        )
+        self.metrics.collectors.append(self.request_rate.collect)
         self.http = HTTPApp(
             self.engine,
             auth=Auth(config.api_keys),
             key_limit=self.key_limit,
+            request_rate=self.request_rate,
             models=config.models if config.listed_models is None else config.listed_models,
             access_log=config.access_log,
         )
@@ -1287,19 +1300,24 @@ class Connection(asyncio.Protocol):
             session.connection_lost()
 
     def _ws_message(self, session: ResponsesSession, data: bytes) -> None:
+        rate = self.server.request_rate
         if self.server.engine.shared is None:
-            session.receive_message(data)
+            if not rate.limited:
+                session.receive_message(data)
+            elif not session.closed:
+                self._receive_counted(session, session.parse_message(data))
             return
         if session.closed:
             return
         message = session.parse_message(data)
         if (
             not self._held
+            and not (rate.needs_io and type(message) is CreateRequest)
             and session.unresolved_parent(message) is None
             and not session.unresolved_references(message)
             and _shared_conversation(message, self.server.engine) is None
         ):
-            session.receive_parsed(message)
+            self._receive_counted(session, message)
             return
         # A parent to load from the shared store first, or messages already waiting
         # for one: this message waits too, so nothing overtakes on this connection.
@@ -1309,11 +1327,35 @@ class Connection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.pause_reading()
 
+    def _receive_counted(self, session: ResponsesSession, message: Message) -> None:
+        """Hand `message` to the session; a create past its key's
+        `--requests-per-minute-per-key` is refused on its lane instead (counted here,
+        in this process)."""
+        if type(message) is CreateRequest:
+            refusal = self.server.request_rate.check_local(session.owner)
+            if refusal is not None:
+                session.refuse_create(message, refusal)
+                return
+        session.receive_parsed(message)
+
     async def _load_held(self, session: ResponsesSession) -> None:
         """Feed the held messages in order, each after its parent was looked up."""
         engine = self.server.engine
+        rate = self.server.request_rate
         try:
             while self._held and not session.closed:
+                if rate.limited and type(self._held[0]) is CreateRequest:
+                    # Counted first: a create refused for its rate loads nothing.
+                    too_fast = await rate.check(session.owner)
+                    if session.closed:
+                        break
+                    if too_fast is not None:
+                        message = self._held.popleft()
+                        assert isinstance(message, CreateRequest)
+                        session.refuse_create(message, too_fast)
+                        if not self._run_actions():
+                            self._flush()
+                        continue
                 parent = session.unresolved_parent(self._held[0])
                 wanted = [] if parent is None else [parent]
                 # The parent first, then the responses its item_references name.

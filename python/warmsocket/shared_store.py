@@ -93,6 +93,7 @@ from warmsocket.shared_background import (
     parse_announcement,
 )
 from warmsocket.shared_conversations import SharedConversations
+from warmsocket.shared_request_rate import SharedBuckets
 from warmsocket.write_retry import keep_trying
 
 log = logging.getLogger("warmsocket.shared_store")
@@ -323,6 +324,8 @@ class SharedStore:
             client, ttl_seconds=ttl_seconds, prefix=prefix, failure_fields=_failure
         )
         """The Conversations API's conversations, for every process."""
+        self.request_buckets = SharedBuckets(client, prefix)
+        """`--requests-per-minute-per-key`'s buckets, for every process."""
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SharedStore:
