@@ -132,8 +132,15 @@ def test_http_creates_and_compactions_are_counted_per_key(
         httpx.Client(base_url=srv.base_url, timeout=10, headers=bearer(A)) as http,
     ):
         create = {"model": "m", "input": "hi"}
-        assert http.post("/responses", json=create).status_code == 200
-        assert http.post("/responses/compact", json=create).status_code == 200
+        created = http.post("/responses", json=create)
+        assert created.status_code == 200
+        # Each answer says what the key has left, as OpenAI's do.
+        assert created.headers["x-ratelimit-limit-requests"] == "6"
+        assert created.headers["x-ratelimit-remaining-requests"] == "1"
+        assert created.headers["x-ratelimit-reset-requests"] in {"9.999s", "10s"}
+        compacted = http.post("/responses/compact", json=create)
+        assert compacted.status_code == 200
+        assert compacted.headers["x-ratelimit-remaining-requests"] == "0"
         # What runs no model, and what is refused before it would, is not counted.
         assert http.get("/models").status_code == 200
         assert http.post("/responses/input_tokens", json=create).status_code == 200
@@ -154,8 +161,15 @@ def test_http_creates_and_compactions_are_counted_per_key(
         with pytest.raises(openai.RateLimitError, match="per minute"):
             sdk.responses.create(model="m", input="again")
         sdk.close()
-        assert http.post("/responses", json=create, headers=bearer(B)).status_code == 200
+        with http.stream(
+            "POST", "/responses", json={**create, "stream": True}, headers=bearer(B)
+        ) as streamed:
+            assert streamed.status_code == 200
+            assert streamed.headers["x-ratelimit-remaining-requests"] == "1"
+            assert b"response.completed" in streamed.read()
         assert "warmsocket_request_rate_refused_total 3" in srv.server.metrics.render()
+        # What is not counted says nothing of it.
+        assert "x-ratelimit-limit-requests" not in http.get("/models").headers
     (warned,) = [r for r in caplog.records if "--requests-per-minute-per-key" in r.getMessage()]
     assert warned.__dict__["owner"].startswith("key_")
     assert "hi" not in warned.getMessage()
@@ -244,12 +258,13 @@ def test_shared_buckets_that_do_not_answer_are_counted_locally(
 
     with caplog.at_level(logging.WARNING):
         first, second = asyncio.run(two())
-    assert first is None and second is not None  # the process's own bucket
+    # The process's own bucket.
+    assert first.refusal is None and second.refusal is not None
     assert silent.asked == 1  # the second did not wait for Redis again
     assert rate.counted_locally == 2
     assert any("cannot count requests per key in Redis" in r.getMessage() for r in caplog.records)
     clock.now += request_rate.LOCAL_FOR + 1.0
-    asyncio.run(rate.check("b"))
+    assert asyncio.run(rate.check("b")).refusal is None
     assert silent.asked == 2  # asked again once LOCAL_FOR is over
 
 

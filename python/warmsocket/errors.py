@@ -360,7 +360,7 @@ def request_rate_exceeded(per_minute: int, wait: float, full_in: float) -> APIEr
         "rate_limit_exceeded",
         f"Rate limit reached for requests: this API key may make {per_minute} requests "
         f"per minute on this server (--requests-per-minute-per-key). Please try again "
-        f"in {_duration(wait_ms / 1000)}.",
+        f"in {reset_duration(wait_ms / 1000)}.",
         status=429,
         type=RATE_LIMIT,
         headers={
@@ -368,12 +368,12 @@ def request_rate_exceeded(per_minute: int, wait: float, full_in: float) -> APIEr
             "retry-after-ms": str(wait_ms),
             "x-ratelimit-limit-requests": str(per_minute),
             "x-ratelimit-remaining-requests": "0",
-            "x-ratelimit-reset-requests": _duration(full_in),
+            "x-ratelimit-reset-requests": reset_duration(full_in),
         },
     )
 
 
-def _duration(seconds: float) -> str:
+def reset_duration(seconds: float) -> str:
     """A duration as OpenAI's rate limit headers write it: '20ms', '1.5s', '6m0s'."""
     if seconds < 1:
         return f"{max(1, math.ceil(seconds * 1000))}ms"

@@ -8,7 +8,7 @@ chunked request bodies, `Expect: 100-continue`, and chunked responses for SSE.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -40,6 +40,9 @@ class Request:
     keep_alive: bool
     head: bytes
     """The raw request head, for handing an upgrade to the WebSocket protocol."""
+    answer_headers: list[tuple[str, str]] = field(default_factory=list)
+    """Headers for the answer to this request, besides those every answer carries
+    (how many requests its key has left: `request_rate`)."""
 
     def header(self, name: str, default: str = "") -> str:
         return self.headers.get(name, default)

@@ -292,7 +292,7 @@ class HTTPApp:
         engine = self.engine
         slot = self._key_slot(owner)
         try:
-            await self._count_request(owner)
+            await self._count_request(request, owner)
             await self._load_parent(create, owner)
             await self._fresh_conversation(create, owner)
             turn = engine.prepare(
@@ -313,12 +313,14 @@ class HTTPApp:
             slot.release()  # (a background run's is its own: handed over)
         return 200
 
-    async def _count_request(self, owner: str) -> None:
-        """Count a create or compaction under `--requests-per-minute-per-key`, or 429."""
+    async def _count_request(self, request: Request, owner: str) -> None:
+        """Count a create or compaction under `--requests-per-minute-per-key`, or 429;
+        its answer says how many the key has left."""
         if self.request_rate.limited:
-            refusal = await self.request_rate.check(owner)
-            if refusal is not None:
-                raise refusal
+            verdict = await self.request_rate.check(owner)
+            if verdict.refusal is not None:
+                raise verdict.refusal
+            request.answer_headers += verdict.headers
 
     def _key_slot(self, owner: str) -> KeySlot:
         """A place under `owner`'s `--max-connections-per-key`, or 429."""
@@ -443,7 +445,7 @@ class HTTPApp:
         )
         slot = self._key_slot(owner)  # (a compaction runs the model)
         try:
-            await self._count_request(owner)
+            await self._count_request(request, owner)
             await self._load_parent(create, owner)
             body = await compact(
                 self.engine,
@@ -680,7 +682,7 @@ def access_line(
 
 def _headers(request: Request, request_id: str) -> list[tuple[str, str]]:
     """The headers every answer to `request` carries."""
-    headers = [("x-request-id", request_id)]
+    headers = [("x-request-id", request_id), *request.answer_headers]
     origin = request.headers.get("origin")
     if origin is not None:  # an allowed web page's (the server refused the others)
         headers += cors_headers(origin)

@@ -77,6 +77,15 @@ def take(full_at: float, now: float, interval: float, burst: int) -> tuple[Taken
     return Taken(True, remaining, 0.0, behind), now + behind
 
 
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """`RequestRate.check`'s answer: the 429 to answer with, or None and the headers
+    of the answer."""
+
+    refusal: APIError | None
+    headers: list[tuple[str, str]]
+
+
 class SharedBuckets(Protocol):
     """The buckets in Redis (`shared_store.SharedStore.request_buckets`)."""
 
@@ -127,6 +136,28 @@ class RequestRate:
         the 429 to answer it with."""
         if self.per_minute is None:
             return None
+        return self._refusal(owner, self._take_local(owner))
+
+    async def check(self, owner: str) -> Verdict:
+        """Count one request of `owner` (in Redis when the buckets are shared): the 429
+        to answer it with, if any, and the `x-ratelimit-*-requests` headers an answer
+        that lets it through carries."""
+        if self.per_minute is None:
+            return Verdict(None, [])
+        taken = await self._take(owner)
+        refusal = self._refusal(owner, taken)
+        if refusal is not None:
+            return Verdict(refusal, [])
+        return Verdict(
+            None,
+            [
+                ("x-ratelimit-limit-requests", str(self.per_minute)),
+                ("x-ratelimit-remaining-requests", str(taken.remaining)),
+                ("x-ratelimit-reset-requests", errors.reset_duration(taken.full_in)),
+            ],
+        )
+
+    def _take_local(self, owner: str) -> Taken:
         now = self._clock()
         taken, full_at = take(self._full_at.get(owner, now), now, self.interval, self.burst)
         if taken.allowed:
@@ -134,17 +165,16 @@ class RequestRate:
             self._counted += 1
             if self._counted % SWEEP_EVERY == 0:
                 self._sweep(now)
-        return self._answer(owner, taken)
+        return taken
 
-    async def check(self, owner: str) -> APIError | None:
-        """`check_local`, with the bucket in Redis when the buckets are shared."""
+    async def _take(self, owner: str) -> Taken:
         if self.shared is None:
-            return self.check_local(owner)
+            return self._take_local(owner)
         if self._clock() < self._local_until:
             self.counted_locally += 1
-            return self.check_local(owner)
+            return self._take_local(owner)
         try:
-            taken = await asyncio.wait_for(
+            return await asyncio.wait_for(
                 self.shared.take(owner, self.interval, self.burst), SHARED_TIMEOUT
             )
         except Exception as exc:  # Redis down, slow or refusing: count it here
@@ -155,10 +185,9 @@ class RequestRate:
                     "cannot count requests per key in Redis; each process counts its own for now",
                     extra={"error_type": type(exc).__name__, "retry_in_seconds": LOCAL_FOR},
                 )
-            return self.check_local(owner)
-        return self._answer(owner, taken)
+            return self._take_local(owner)
 
-    def _answer(self, owner: str, taken: Taken) -> APIError | None:
+    def _refusal(self, owner: str, taken: Taken) -> APIError | None:
         if taken.allowed:
             return None
         self.refused += 1

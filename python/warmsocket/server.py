@@ -1346,7 +1346,7 @@ class Connection(asyncio.Protocol):
             while self._held and not session.closed:
                 if rate.limited and type(self._held[0]) is CreateRequest:
                     # Counted first: a create refused for its rate loads nothing.
-                    too_fast = await rate.check(session.owner)
+                    too_fast = (await rate.check(session.owner)).refusal
                     if session.closed:
                         break
                     if too_fast is not None:
