@@ -355,6 +355,7 @@ def test_the_sdk_over_https_and_wss_trusting_a_private_ca(pems: dict[str, Path])
         (["--tls-cert", "CERT", "--tls-key", "OTHER_KEY"], "cannot load the TLS certificate"),
         (["--tls-cert", "CA_AS_KEY"], "cannot load the TLS certificate"),
         (["--tls-client-ca", "CA"], "--tls-client-ca needs --tls-cert"),
+        (["--tls-cert", "BOTH", "--owner-by-client-certificate"], "needs --tls-client-ca"),
         (["--tls-cert", "BOTH", "--tls-client-ca", "/nonexistent/ca.pem"], "--tls-client-ca"),
         (["--tls-cert", "BOTH", "--tls-client-ca", "KEY"], "cannot load --tls-client-ca"),
     ],

@@ -40,6 +40,9 @@ class Request:
     keep_alive: bool
     head: bytes
     """The raw request head, for handing an upgrade to the WebSocket protocol."""
+    peer_identity: str | None = None
+    """Its connection's verified client certificate's names, with
+    `--owner-by-client-certificate` (`tls.client_identity`)."""
     answer_headers: list[tuple[str, str]] = field(default_factory=list)
     """Headers for the answer to this request, besides those every answer carries
     (how many requests its key has left: `request_rate`)."""

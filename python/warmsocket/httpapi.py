@@ -71,10 +71,18 @@ class Auth:
         return token or None
 
     def owner(self, request: Request) -> str:
-        """The owner key of a request. Raises APIError(401) on a bad or missing key."""
+        """The owner key of a request. Raises APIError(401) on a bad or missing key.
+
+        With `--owner-by-client-certificate` the connection's certificate names are
+        part of it: the same key from two clients whose certificates name different
+        things is two owners."""
         token = self.token(request) or ""
         if self.api_keys and token not in self.api_keys:
             raise errors.invalid_api_key()
+        identity = request.peer_identity
+        if identity is not None:
+            both = identity.encode() + b"\0" + token.encode()
+            return "peer_" + hashlib.sha256(both).hexdigest()[:24]
         if not token:
             return ANONYMOUS_OWNER
         return "key_" + hashlib.sha256(token.encode()).hexdigest()[:24]

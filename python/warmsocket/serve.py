@@ -78,6 +78,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         conversation_budget=args.conversation_budget,
         max_connections_per_key=args.max_connections_per_key or None,
         requests_per_minute_per_key=args.requests_per_minute_per_key or None,
+        owner_by_client_certificate=args.owner_by_client_certificate,
         max_connections=args.max_connections
         or admission.auto_max_connections(
             admission.open_file_limit(), upstream=bool(getattr(args, "upstream", None))
@@ -133,6 +134,12 @@ def flags_fit_together(args: argparse.Namespace, open_files: int) -> bool:
         return False
     if args.tls_client_ca and not args.tls_cert:
         log.error("--tls-client-ca needs --tls-cert (client certificates are asked for in TLS)")
+        return False
+    if args.owner_by_client_certificate and not args.tls_client_ca:
+        log.error(
+            "--owner-by-client-certificate needs --tls-client-ca (and --tls-cert): only "
+            "certificates the server verified can say whose a response is"
+        )
         return False
     unusable = hosts.not_host_names(args.allowed_host or ())
     if unusable:
@@ -324,6 +331,7 @@ async def _serve(
             "auth": bool(config.api_keys),
             "client_certificates": config.tls is not None
             and config.tls.verify_mode == ssl.CERT_REQUIRED,
+            "owner_by_client_certificate": config.owner_by_client_certificate,
             "allowed_origins": list(config.allowed_origins),
             "allowed_hosts": (list(config.allowed_hosts) if server.hosts.checked else ["*"]),
             "shared_store": sharing is not None,

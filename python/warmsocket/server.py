@@ -100,6 +100,7 @@ from warmsocket.session import (
     StartModel,
     StopModel,
 )
+from warmsocket.tls import client_identity
 from warmsocket.tls_listener import TLS_HANDSHAKE_RECORD, TLSEvents, TLSListener
 
 log = logging.getLogger("warmsocket.server")
@@ -235,6 +236,9 @@ class ServerConfig:
     body (then 408). None: no limit."""
     tls: ssl.SSLContext | None = None
     """`--tls-cert`, `--tls-key` (`warmsocket.tls`): https:// and wss://; None: plain."""
+    owner_by_client_certificate: bool = False
+    """`--owner-by-client-certificate`: a verified client certificate's names are part of
+    each request's owner (`tls.client_identity`, `httpapi.Auth.owner`)."""
     allowed_origins: tuple[str, ...] = ()
     """`--allowed-origin`: the web origins whose requests are served
     (`warmsocket.origins`); a request with another `Origin` gets 403."""
@@ -566,6 +570,9 @@ class Connection(asyncio.Protocol):
         https:// (`tls_listener`)."""
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        self.peer_identity: str | None = None
+        """Its verified client certificate's names (`tls.client_identity`), with
+        `--owner-by-client-certificate`; part of its requests' owner."""
         self.lost = False
         self._parser = RequestParser(max_body_bytes=server.config.limits.max_message_bytes)
         self._http_task: asyncio.Task[None] | None = None
@@ -630,6 +637,9 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         self.server.connections.add(self)
+        if self.server.config.owner_by_client_certificate:
+            # (The loop hands a TLS connection over once its handshake is done.)
+            self.peer_identity = client_identity(transport.get_extra_info("peercert"))
         verdict: Verdict | None = self._counted
         if verdict is None and not self.probes_only:
             verdict = self.server.admission.admit()
@@ -887,6 +897,7 @@ class Connection(asyncio.Protocol):
                 self._http_wait()
             return
         self._http_deadline = self._head_since = self._body_since = None
+        request.peer_identity = self.peer_identity
         # (Most requests are neither: no work for them.)
         hosts = self.server.hosts
         refusable = (

@@ -24,10 +24,12 @@ A reload adds the bundle's CAs again; a CA taken out of it stays trusted until r
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import ssl
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("warmsocket")
 
@@ -76,6 +78,20 @@ def server_context(
     if client_ca is not None:
         require_client_certificates(context, client_ca)
     return context
+
+
+def client_identity(peercert: Any) -> str | None:
+    """What a verified client certificate names, as one string: its subject and its
+    subject alternative names (DNS, email, URI such as a SPIFFE ID, IP), each sorted,
+    so that a renewed certificate for the same names is the same client. None without
+    a certificate (`peercert`: the TLS transport's `get_extra_info("peercert")`)."""
+    if not peercert:
+        return None
+    subject = sorted(
+        f"{name}={value}" for rdn in peercert.get("subject", ()) for name, value in rdn
+    )
+    alternatives = sorted(f"{kind}:{value}" for kind, value in peercert.get("subjectAltName", ()))
+    return json.dumps({"subject": subject, "names": alternatives}, separators=(",", ":"))
 
 
 def require_client_certificates(context: ssl.SSLContext, client_ca: Path) -> None:
