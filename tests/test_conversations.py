@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -18,6 +19,7 @@ from pydantic import TypeAdapter
 
 from tests.support import RunningServer, WSClient, check_sse_event, output_text, running_server
 from tests.test_agents_sdk import calls, read_file
+from warmsocket import conversations
 from warmsocket._core import Items
 from warmsocket.conversations import Conversations
 
@@ -543,3 +545,31 @@ def test_a_background_response_adds_to_its_conversation_when_it_ends(sdk: OpenAI
     listed = strict(list(sdk.conversations.items.list(conversation.id, order="asc")))
     assert [item["role"] for item in listed] == ["user", "assistant"]
     assert listed[1]["id"] == done.output[0].id
+
+
+def test_additions_past_the_queue_are_dropped_and_logged_not_kept_without_end(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis not answering for long: what waits to be written is bounded; the copy keeps
+    what was dropped from the shared conversation."""
+    monkeypatch.setattr(conversations, "MAX_QUEUED_ADDITIONS", 2)
+    caplog.set_level(logging.ERROR, logger="warmsocket.conversations")
+
+    async def main() -> tuple[list[str], list[str], int]:
+        board = MemoryBoard()
+        store = Conversations(budget_bytes=1 << 20, max_item_bytes=1 << 20, board=board)
+        made = await store.create("o", {"items": [_message("a")]})
+        (down,) = board.hold(0)  # the first addition waits for "Redis"
+        for text in ("b", "c", "d", "e"):
+            store.extend(made, Items.from_objects([_message(text)]))
+        down.set()
+        assert store._writes is not None
+        await store._writes.join()
+        return _texts(made), board.texts(made.id), store.write_errors
+
+    copy, in_redis, errors = asyncio.run(main())
+    assert copy == ["a", "b", "c", "d", "e"]
+    assert in_redis == ["a", "b", "c"]
+    assert errors == 2
+    (dropped,) = [r for r in caplog.records if "too many queued" in r.getMessage()]
+    assert dropped.__dict__["queued"] == 2

@@ -602,6 +602,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="warmsocket",
         help="prefix of every Redis key and channel (separates deployments sharing one Redis)",
     )
+    opt.add(
+        "--redis-write-retry",
+        default=0.0,
+        type=_non_negative_float,
+        metavar="SECONDS",
+        help="how long a write Redis does not answer (a stored response, a background "
+        "response's state, a conversation's new items) is tried again before it is given "
+        "up (logged, counted; the process keeps what it wrote). 0: until Redis answers, "
+        "so a restart or failover of any length loses nothing while what waits fits the "
+        "queues (10,000 stored responses, 100,000 background writes and conversation "
+        "additions; past them new writes are dropped and logged)",
+    )
     tokens = serve.add_argument_group("token caching and prefix diffing")
     opt.parser = tokens
     opt.add(

@@ -43,6 +43,7 @@ from warmsocket import errors, ids
 from warmsocket._core import InvalidItems, Items
 from warmsocket.client_events import normalize_input, validate_metadata
 from warmsocket.errors import APIError
+from warmsocket.logs import Throttle
 from warmsocket.pages import cursor_page
 from warmsocket.write_retry import keep_trying
 
@@ -52,6 +53,10 @@ DEFAULT_CONVERSATION_BUDGET = 256 * 1024 * 1024
 """Item bytes all conversations may hold (`--conversation-budget`)."""
 
 SNAPSHOT_VERSION = 1
+MAX_QUEUED_ADDITIONS = 100_000
+"""Additions waiting to be written to Redis at most (it does not answer); more are
+dropped from the shared conversation (kept in this process's copy), logged and
+counted."""
 """The format of `Conversations.snapshot`."""
 
 MAX_ITEMS_PER_ADD = 20
@@ -203,6 +208,8 @@ class Conversations:
         self._writer: asyncio.Task[None] | None = None
         self._unwritten = 0
         """Additions queued or being written."""
+        self._dropped_unlogged = 0
+        self._drop_log = Throttle(10.0)
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -423,6 +430,19 @@ class Conversations:
         item_ids = new_item_ids(items)
         self._append(conversation, items, item_ids)
         if self.board is not None:
+            if self._unwritten >= MAX_QUEUED_ADDITIONS:
+                # Redis has not answered for long: this copy keeps the items, the
+                # other processes miss them (as for a write given up).
+                self.write_errors += 1
+                self._dropped_unlogged += 1
+                if self._drop_log.due():
+                    log.error(
+                        "responses' additions to shared conversations dropped: too many "
+                        "queued while Redis does not answer",
+                        extra={"queued": self._unwritten, "dropped": self._dropped_unlogged},
+                    )
+                    self._dropped_unlogged = 0
+                return
             conversation.pending += 1
             self._write_behind(conversation, entries(items, item_ids))
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from warmsocket import admission, hosts, logs, tls, upstream_cli
+from warmsocket import admission, hosts, logs, tls, upstream_cli, write_retry
 from warmsocket._core import SessionCache, SnapshotError, Tokenizer, TokenizerError
 from warmsocket.backends.base import Backend
 from warmsocket.backends.mock import MockBackend
@@ -88,17 +88,21 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class SharedOptions:
-    """`--redis-url`, `--redis-ttl`, `--redis-prefix`."""
+    """`--redis-url`, `--redis-ttl`, `--redis-prefix`, `--redis-write-retry`."""
 
     url: str
     ttl: int
     prefix: str
+    write_retry: float | None = None
+    """Seconds a write is tried again; None: until Redis answers."""
 
 
 def shared_options(args: argparse.Namespace) -> SharedOptions | None:
     if not args.redis_url:
         return None
-    return SharedOptions(args.redis_url, args.redis_ttl, args.redis_prefix)
+    return SharedOptions(
+        args.redis_url, args.redis_ttl, args.redis_prefix, args.redis_write_retry or None
+    )
 
 
 def shared_store(options: SharedOptions | None) -> SharedResponses | None:
@@ -112,6 +116,9 @@ def shared_store(options: SharedOptions | None) -> SharedResponses | None:
         raise RuntimeError(
             "--redis-url needs the Redis client: pip install 'redis>=5' (the redis extra)"
         ) from None
+    # For every writer behind the turn of this process (stored responses, background
+    # responses, conversations), which all write to this Redis.
+    write_retry.WRITE_RETRY_SECONDS = options.write_retry
     try:
         return SharedStore.from_url(options.url, ttl_seconds=options.ttl, prefix=options.prefix)
     except ValueError:

@@ -27,8 +27,9 @@ A cancel asked of another process is announced on the channel ``<prefix>:cancel`
 cancels it, and the record says `cancelled`.
 
 Writes are queued and written in order by one task (never on a request's path), and
-tried again while Redis does not answer (`write_retry`, up to 30 s); an outage longer
-than that is logged (without content) and counted, and the run goes on (a follower
+tried again until Redis answers (`write_retry`; at most `MAX_QUEUED_WRITES` wait); a
+write given up (`--redis-write-retry`) or dropped is logged (without content) and
+counted, and the run goes on (a follower
 elsewhere whose stream then misses events ends it there, rather than skip them). A
 read that Redis does not answer raises `SharedStoreUnavailable`, answered with a
 retriable 503.

@@ -53,8 +53,9 @@ The write-behind queue is flushed within milliseconds; a client that reconnects 
 another process in that window may not find its newest response yet. A Redis outage
 is logged (where Redis is, the error's type and the OS's reason, e.g. 'Connection
 refused'; never content) and counted; local service goes on. A write Redis does not
-answer is tried again for up to `write_retry.WRITE_RETRY_SECONDS` (a restart or a
-failover loses nothing; the writes queued behind it wait), then given up. A load
+answer is tried again until Redis answers (`write_retry`: a restart or a failover
+loses nothing; the writes queued behind it wait, up to `QUEUE_LIMIT`; past that new
+ones are dropped, logged and counted), or for `--redis-write-retry` seconds when set. A load
 that Redis does not answer (connection refused or lost, timed out: up to about twice
 `SOCKET_TIMEOUT` with the one retry) raises `SharedStoreUnavailable`, and the request
 is answered with a retriable 503 `server_error` (`errors.shared_store_unavailable`),
@@ -86,6 +87,7 @@ from redis.backoff import ExponentialBackoff
 from warmsocket import _core, write_retry
 from warmsocket._core import Binding, Items, SessionCache
 from warmsocket.engine import SharedStoreUnavailable
+from warmsocket.logs import Throttle
 from warmsocket.shared_background import (
     BackgroundBoard,
     OnCancel,
@@ -314,6 +316,8 @@ class SharedStore:
         self._unwritten: set[str] = set()
         self._writing = 0
         """Responses of the batch being written (perhaps tried again)."""
+        self._dropped_unlogged = 0
+        self._drop_log = Throttle(10.0)
         self._tombstones: set[str] = set()
         # (owner, response id) of the deletions announced lately: a load that read a
         # record before its deletion was announced drops it after inserting it.
@@ -455,7 +459,14 @@ class SharedStore:
             self._queue.put_nowait(record)
         except asyncio.QueueFull:
             self.errors += 1
-            log.error("shared store queue full; a stored response was not shared")
+            self._dropped_unlogged += 1
+            if self._drop_log.due():
+                log.error(
+                    "stored responses not shared: too many queued while Redis does not "
+                    "answer (they stay in this process)",
+                    extra={"queued": QUEUE_LIMIT, "dropped": self._dropped_unlogged},
+                )
+                self._dropped_unlogged = 0
             return
         self._unwritten.add(record.key)
 
@@ -494,8 +505,10 @@ class SharedStore:
                 "cannot write stored responses to Redis; trying again",
                 extra={
                     "responses": len(batch),
+                    "queued": self._queue.qsize(),
+                    "failing_for_seconds": round(time.monotonic() - started, 1),
+                    "give_up_after_seconds": write_retry.WRITE_RETRY_SECONDS,
                     "redis": self.address,
-                    "retry_seconds": write_retry.WRITE_RETRY_SECONDS,
                     **_failure(exc),
                 },
             )

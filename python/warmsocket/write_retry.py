@@ -1,11 +1,16 @@
 """Writes behind the turn, tried again while Redis does not answer.
 
-Stored responses (`shared_store`) and the items responses add to conversations
-(`conversations`) are written to Redis after the turn. A Redis restart or failover
-takes seconds; a write that failed then and was dropped would leave the response or
-the addition only in the process that made it, and a client sent to another process
-would be told 'not found'. So a failed write is tried again, with a backoff, for up to
-`WRITE_RETRY_SECONDS`, before it is given up (logged and counted by the caller).
+Stored responses (`shared_store`), background responses' state and events
+(`shared_background`) and the items responses add to conversations (`conversations`)
+are written to Redis after the turn. A Redis restart or failover takes seconds to a
+minute or more (Sentinel notices a dead primary after 30 s by default); a write that
+failed then and was dropped would leave the response or the addition only in the
+process that made it, and a client sent to another process would be told 'not found'.
+So a failed write is tried again, with a backoff, until Redis answers: by default for
+as long as it takes (`serve --redis-write-retry SECONDS` gives up after that long, from
+the write's first try). Each writer writes in order, so the writes behind a failing one
+wait in their queue, which is bounded: past it new writes are dropped (logged and
+counted by the writer). A shutdown gives the writers what is left of its timeout.
 
 A write whose answer was lost (a timeout) may have been done: every write tried again
 must be idempotent.
@@ -20,8 +25,11 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-WRITE_RETRY_SECONDS = 30.0
-"""How long a write is tried again while Redis does not answer, from its first try."""
+WRITE_RETRY_SECONDS: float | None = None
+"""How long a write is tried again while Redis does not answer, from its first try;
+None: until it answers (`serve --redis-write-retry`)."""
+STILL_FAILING_SECONDS = 60.0
+"""While a write keeps failing, `on_retry` is called again this often (a log line)."""
 FIRST_DELAY = 0.1
 MAX_DELAY = 2.0
 
@@ -33,21 +41,23 @@ async def keep_trying(
     on_retry: Callable[[BaseException], None] | None = None,
 ) -> T:
     """`write()`'s result. An exception of `retriable` is tried again after a delay
-    (0.1 s, doubling up to 2 s) unless the next try would start more than
-    `WRITE_RETRY_SECONDS` after the first: then it is raised. `on_retry` is called
-    once, at the first failure tried again."""
+    (0.1 s, doubling up to 2 s), unless `WRITE_RETRY_SECONDS` is set and the next try
+    would start later than that after the first: then it is raised. `on_retry` is
+    called at the first failure tried again, and every `STILL_FAILING_SECONDS` while
+    the write keeps failing."""
     limit = WRITE_RETRY_SECONDS
     started = time.monotonic()
     delay = FIRST_DELAY
-    failed = False
+    told: float | None = None
     while True:
         try:
             return await write()
         except retriable as exc:
-            if time.monotonic() - started + delay > limit:
+            now = time.monotonic()
+            if limit is not None and now - started + delay > limit:
                 raise
-            if not failed and on_retry is not None:
+            if on_retry is not None and (told is None or now - told >= STILL_FAILING_SECONDS):
+                told = now
                 on_retry(exc)
-            failed = True
         await asyncio.sleep(delay)
         delay = min(delay * 2, MAX_DELAY)
