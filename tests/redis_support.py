@@ -11,7 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import redis
@@ -39,50 +39,76 @@ def _free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a Redis cluster node")
 
 
-@contextmanager
-def redis_server(*options: str) -> Iterator[str]:
-    """Start redis-server (with `options` besides ours) and yield its URL.
-    scripts/test.sh installs redis-server."""
+def _redis_binary() -> str:
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError(
             "redis-server is not installed: run ./scripts/test.sh (it installs it), "
             "or apt-get install redis-server"
         )
+    return binary
+
+
+def _start_redis(port: int, workdir: str, options: tuple[str, ...]) -> subprocess.Popen[bytes]:
+    """redis-server on `port`, its files in `workdir`, once it takes connections."""
+    process = subprocess.Popen(
+        [
+            _redis_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+            *options,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return process
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError("redis-server did not start") from None
+            time.sleep(0.02)
+
+
+@contextmanager
+def redis_server(*options: str) -> Iterator[str]:
+    """Start redis-server (with `options` besides ours) and yield its URL.
+    scripts/test.sh installs redis-server."""
+    with restartable_redis_server(*options) as (url, _restart):
+        yield url
+
+
+@contextmanager
+def restartable_redis_server(*options: str) -> Iterator[tuple[str, Callable[[], None]]]:
+    """`redis_server`, and a function that restarts it on the same port with its data
+    (saved at shutdown, loaded at start), as a Redis with persistence restarts."""
+    _redis_binary()
     port = _free_cluster_port() if "--cluster-enabled" in options else _free_port()
     with tempfile.TemporaryDirectory() as workdir:
-        process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                workdir,
-                *options,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        processes = [_start_redis(port, workdir, options)]
+
+        def restart() -> None:
+            with redis.Redis(port=port) as client, contextlib.suppress(redis.ConnectionError):
+                client.shutdown(save=True)
+            processes[-1].wait(timeout=10)
+            processes.append(_start_redis(port, workdir, options))
+
         try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or process.poll() is not None:
-                        raise RuntimeError("redis-server did not start") from None
-                    time.sleep(0.02)
-            yield f"redis://127.0.0.1:{port}/0"
+            yield f"redis://127.0.0.1:{port}/0", restart
         finally:
-            process.terminate()
-            process.wait(timeout=10)
+            processes[-1].terminate()
+            processes[-1].wait(timeout=10)
 
 
 @contextmanager
@@ -102,11 +128,13 @@ def paused(url: str) -> Iterator[None]:
 
 class AnswerDropper:
     """A TCP proxy to Redis that can drop Redis' answers: what it is sent is done,
-    and the client, told nothing, times out (an answer lost on the way)."""
+    and the client, told nothing, times out (an answer lost on the way). It can also
+    cut its clients off (`cut`, `mend`)."""
 
     def __init__(self, redis_url: str) -> None:
         self.target = redis_url.removeprefix("redis://").split("/")[0].split(":")
         self.dropping = False
+        self.refusing = False
         self.server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
 
@@ -115,7 +143,20 @@ class AnswerDropper:
         port = self.server.sockets[0].getsockname()[1]
         return f"redis://127.0.0.1:{port}/0"
 
+    def cut(self) -> None:
+        """End every connection, and every new one at once, until `mend` (a network
+        partition between the proxy's clients and Redis)."""
+        self.refusing = True
+        for writer in self._writers:
+            writer.close()
+
+    def mend(self) -> None:
+        self.refusing = False
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.close()
+            return
         host, port = self.target
         up_reader, up_writer = await asyncio.open_connection(host, int(port))
         self._writers += [writer, up_writer]

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -17,8 +16,8 @@ import pytest
 import redis
 import redis.asyncio
 
-from tests.redis_support import AnswerDropper, paused, redis_server
-from warmsocket import shared_background, shared_store, write_retry
+from tests.redis_support import AnswerDropper, paused, redis_server, restartable_redis_server
+from warmsocket import shared_announcements, shared_background, shared_store, write_retry
 from warmsocket._core import ItemNotJson, Items, SessionCache
 from warmsocket.conversations import Conversations
 from warmsocket.engine import SharedStoreUnavailable
@@ -565,47 +564,156 @@ def test_deletions_reach_the_queue_and_the_other_processes(redis_url: str) -> No
     run(main())
 
 
-def test_the_deletion_listener_survives_an_unexpected_error(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from redis.asyncio.client import PubSub
-
-    real = PubSub.get_message
-    failed: list[bool] = []
-
-    async def first_call_fails(self: PubSub, *args: Any, **kwargs: Any) -> Any:
-        if not failed:
-            failed.append(True)
-            raise RuntimeError("a bug below the listener")
-        return await real(self, *args, **kwargs)
-
-    monkeypatch.setattr(PubSub, "get_message", first_call_fails)
-
+def test_the_deletion_listener_survives_an_unexpected_error(redis_url: str) -> None:
     async def main() -> None:
         a = SessionCache()
         writer = SharedStore.from_url(redis_url, prefix="t8")
         reader = SharedStore.from_url(redis_url, prefix="t8")
+        real = reader.client.xread
+        failed: list[bool] = []
+
+        async def first_call_fails(*args: Any, **kwargs: Any) -> Any:
+            if not failed:
+                failed.append(True)
+                raise RuntimeError("a bug below the listener")
+            return await real(*args, **kwargs)
+
+        reader.client.xread = first_call_fails  # type: ignore[method-assign]
         heard: list[tuple[str, str]] = []
         await writer.start()
         await reader.start(on_deleted=lambda owner, rid: heard.append((owner, rid)))
-        for _ in range(150):  # failed once, then subscribed again (after 1 s)
-            if failed and reader.errors:
-                break
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(1.5)
         turn(a, "later", None, "x")
         share(writer, a, "later")
         await writer.flush()
+        # Deleted while the reader waits to try again (1 s): heard all the same.
         assert await writer.delete("later", owner="o")
-        for _ in range(100):
+        for _ in range(150):
             if heard:
                 break
             await asyncio.sleep(0.02)
-        assert heard == [("o", "later")] and reader.errors == 1
+        assert failed and heard == [("o", "later")]
+        assert reader.stats()["errors"] == 1
         await writer.aclose()
         await reader.aclose()  # does not raise the listener's old error
 
     run(main())
+
+
+def test_deletions_and_cancels_made_while_a_process_could_not_read_reach_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis restarted (with its data) while a process followed the announcements: what
+    was announced while that process was not connected still reaches it (pub/sub, used
+    before, lost it: the deleted response stayed in that process's cache)."""
+
+    async def main(url: str, restart: Callable[[], None]) -> list[tuple[str, str, str]]:
+        writer = SharedStore.from_url(url, prefix="t-gap")
+        reader = SharedStore.from_url(url, prefix="t-gap")
+        heard: list[tuple[str, str, str]] = []
+        await writer.start()
+        await reader.start(
+            on_deleted=lambda owner, rid: heard.append(("deleted", owner, rid)),
+            on_cancel=lambda owner, rid: heard.append(("cancel", owner, rid)),
+        )
+        assert await writer.delete("before", owner="o") is False
+        for _ in range(100):
+            if heard:
+                break
+            await asyncio.sleep(0.02)
+        restart()  # the reader's blocked read fails: it tries again every second
+        # Announced before the reader is back: it has not read since the restart.
+        await writer.delete("meanwhile", owner="o")
+        await writer.background_board.request_cancel("o", "run")
+        for _ in range(200):
+            if len(heard) == 3:
+                break
+            await asyncio.sleep(0.02)
+        await writer.aclose()
+        await reader.aclose()
+        return heard
+
+    with restartable_redis_server() as (url, restart):
+        heard = run(main(url, restart))
+    assert heard == [
+        ("deleted", "o", "before"),
+        ("deleted", "o", "meanwhile"),
+        ("cancel", "o", "run"),
+    ]
+
+
+def test_deletions_and_cancels_made_while_a_process_was_cut_off_reach_it(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process cut off from Redis (a partition, its connections reset) while others
+    delete and cancel: once back, it hears all of it. With pub/sub it heard nothing
+    of what was published meanwhile, and kept serving the deleted response."""
+
+    async def main() -> tuple[list[tuple[str, str, str]], int]:
+        proxy = AnswerDropper(redis_url)
+        writer = SharedStore.from_url(redis_url, prefix="t-cut")
+        reader = SharedStore.from_url(await proxy.start(), prefix="t-cut")
+        heard: list[tuple[str, str, str]] = []
+        await writer.start()
+        await reader.start(
+            on_deleted=lambda owner, rid: heard.append(("deleted", owner, rid)),
+            on_cancel=lambda owner, rid: heard.append(("cancel", owner, rid)),
+        )
+        proxy.cut()
+        for _ in range(200):  # the reader's read failed, and its retry
+            if reader.announcements.errors:
+                break
+            await asyncio.sleep(0.02)
+        assert reader.announcements.errors == 1
+        await writer.delete("meanwhile", owner="o")
+        await writer.background_board.request_cancel("o", "run")
+        await asyncio.sleep(1.5)  # the reader tried again (every second): still cut off
+        assert heard == []
+        proxy.mend()
+        for _ in range(200):
+            if len(heard) == 2:
+                break
+            await asyncio.sleep(0.02)
+        await writer.aclose()
+        await reader.aclose()
+        await proxy.aclose()
+        return heard, reader.announcements.missed
+
+    caplog.set_level(logging.INFO, logger="warmsocket.shared_store")
+    heard, missed = run(main())
+    assert heard == [("deleted", "o", "meanwhile"), ("cancel", "o", "run")]
+    assert missed == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count("cannot read Redis deletions and cancels; trying again every second") == 1
+    assert "following Redis deletions and cancels again" in messages
+
+
+def test_announcements_trimmed_before_a_process_read_them_are_reported(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(shared_announcements, "KEEP", 3)
+
+    async def main() -> int:
+        proxy = AnswerDropper(redis_url)
+        writer = SharedStore.from_url(redis_url, prefix="t-trim")
+        reader = SharedStore.from_url(await proxy.start(), prefix="t-trim")
+        await writer.start()
+        await reader.start(on_deleted=lambda owner, rid: None)
+        proxy.cut()
+        await asyncio.sleep(0.3)
+        for n in range(500):  # far more than the stream keeps (trimmed to 3, roughly)
+            await writer.delete(f"r{n}", owner="o")
+        proxy.mend()
+        for _ in range(200):
+            if reader.announcements.missed:
+                break
+            await asyncio.sleep(0.02)
+        await writer.aclose()
+        await reader.aclose()
+        await proxy.aclose()
+        return reader.announcements.missed
+
+    assert run(main()) == 1
+    assert any("dropped before this process read them" in r.getMessage() for r in caplog.records)
 
 
 def test_settings_lost_from_redis_are_written_again(redis_url: str) -> None:
@@ -655,7 +763,7 @@ def test_a_deletion_announced_during_a_load_wins(redis_url: str) -> None:
         async def deleted_meanwhile(records: Any) -> dict[str, bytes]:
             settings = await read_settings(records)
             # What the listener does when A's DELETE is announced now.
-            reader._announce(json.dumps(["o", "leaf"]), lambda o, r: dropped.append((o, r)))
+            reader._deleted_elsewhere("o", "leaf", lambda o, r: dropped.append((o, r)))
             return settings
 
         reader._settings = deleted_meanwhile  # type: ignore[method-assign]

@@ -22,9 +22,9 @@ another one. So the process that runs it keeps, in Redis:
   ended, as the running process's own copy;
 * both deleted with the response.
 
-A cancel asked of another process is announced on the channel ``<prefix>:cancel``
-(which `SharedStore` follows with its deletions); the process that runs the response
-cancels it, and the record says `cancelled`.
+A cancel asked of another process is announced to all (`shared_announcements`, with
+the deletions); the process that runs the response cancels it, and the record says
+`cancelled`.
 
 Writes are queued and written in order by one task (never on a request's path), and
 tried again until Redis answers (`write_retry`; at most `MAX_QUEUED_WRITES` wait); a
@@ -93,10 +93,6 @@ class BackgroundBoard:
         self._idle = asyncio.Event()
         self._idle.set()
         self._writer: asyncio.Task[None] | None = None
-
-    @property
-    def channel(self) -> str:
-        return f"{self._prefix}:cancel"
 
     def start(self) -> None:
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
@@ -298,7 +294,7 @@ class BackgroundBoard:
         """Ask every process to cancel the response (the one that runs it does).
         Raises SharedStoreUnavailable when Redis does not answer."""
         try:
-            await self._client.publish(self.channel, json.dumps([owner, response_id]))
+            await self._store.announcements.announce("cancel", owner, response_id)
         except (redis.RedisError, OSError) as exc:
             self._failed("cannot ask for a cancel through Redis", exc)
             raise SharedStoreUnavailable(response_id) from None
@@ -334,26 +330,3 @@ def _running(record: bytes | str) -> bool:
     except (ValueError, AttributeError):
         return False
     return status in ("queued", "in_progress")
-
-
-def parse_announcement(data: Any, kind: str) -> tuple[str, str] | None:
-    """The (owner, response id) a pub/sub announcement (`[owner, id]`) names; None,
-    logged with its `kind`, when it is malformed."""
-    try:
-        owner, response_id = json.loads(data)
-    except Exception as exc:
-        log.error(f"bad {kind} announcement", extra={"error_type": type(exc).__name__})
-        return None
-    return str(owner), str(response_id)
-
-
-def announced_cancel(data: Any, on_cancel: OnCancel) -> None:
-    """A message of the cancel channel: call `on_cancel` with what it names."""
-    named = parse_announcement(data, "cancel")
-    if named is None:
-        return
-    owner, response_id = named
-    try:
-        on_cancel(owner, response_id)
-    except Exception as exc:
-        log.error("cannot cancel a background response", extra={"error_type": type(exc).__name__})

@@ -41,9 +41,11 @@ missing part is rebuilt oldest first with `SessionCache.create`, so locally cach
 ancestors are shared, not copied. A chain with a missing link is not found: never a
 partial context.
 
-Deletion marks the record and announces ``[owner, id]`` on the pub/sub channel
-``<prefix>:deleted``; every process subscribed (`start(on_deleted=...)`) drops its
-local copy. A response deleted before the writer wrote it is written as deleted.
+Deletion marks the record and announces ``[owner, id]`` to every process
+(`shared_announcements`: a Redis stream each reads from where it stopped, so a
+process that could not read for a while still hears it); each that follows them
+(`start(on_deleted=...)`) drops its local copy. A response deleted before the writer
+wrote it is written as deleted.
 
 Background responses that another process runs, or that failed or were cancelled
 (never stored), are shared through the same Redis by `shared_background` (its
@@ -88,12 +90,8 @@ from warmsocket import _core, write_retry
 from warmsocket._core import Binding, Items, SessionCache
 from warmsocket.engine import SharedStoreUnavailable
 from warmsocket.logs import Throttle
-from warmsocket.shared_background import (
-    BackgroundBoard,
-    OnCancel,
-    announced_cancel,
-    parse_announcement,
-)
+from warmsocket.shared_announcements import Announcements
+from warmsocket.shared_background import BackgroundBoard, OnCancel
 from warmsocket.shared_conversations import SharedConversations
 from warmsocket.shared_request_rate import SharedBuckets
 from warmsocket.write_retry import keep_trying
@@ -109,7 +107,6 @@ QUEUE_LIMIT = 10_000
 WRITE_BATCH = 256
 SOCKET_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
-RESUBSCRIBE_DELAY = 1.0
 ANNOUNCED_MEMORY = 4096
 """Deletion announcements remembered, for loads that read a record before its own."""
 SHUTDOWN_FLUSH_TIMEOUT = 10.0
@@ -330,6 +327,10 @@ class SharedStore:
         """The Conversations API's conversations, for every process."""
         self.request_buckets = SharedBuckets(client, prefix)
         """`--requests-per-minute-per-key`'s buckets, for every process."""
+        self.announcements = Announcements(
+            client, prefix, address=self.address, failure_fields=_failure
+        )
+        """Deletions and background cancels, told to every process."""
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SharedStore:
@@ -354,10 +355,6 @@ class SharedStore:
         host = f"[{host}]" if ":" in host else host
         return f"{host}:{options.get('port', 6379)}"
 
-    @property
-    def channel(self) -> str:
-        return f"{self.prefix}:deleted"
-
     @staticmethod
     def failure_fields(exc: BaseException) -> dict[str, str]:
         """The log fields of a failed Redis call (its type and the OS's reason)."""
@@ -369,6 +366,7 @@ class SharedStore:
         """Check the connection, start the writers and, with `on_deleted` and
         `on_cancel`, follow the deletions and background cancels other processes
         announce. Raises ConnectionError."""
+        listening = on_deleted is not None or on_cancel is not None
         try:
             await self.client.ping()
             cluster = await self._cluster_info()
@@ -376,9 +374,15 @@ class SharedStore:
             raise RedisUnreachable(self.address, failure_reason(exc), type(exc).__name__) from None
         if str(cluster.get("cluster_enabled", 0)) == "1":
             raise RedisClusterUnsupported(self.address)
+        if listening:
+            try:
+                await self.announcements.begin()
+            except (redis.RedisError, OSError) as exc:
+                reason = failure_reason(exc)
+                raise RedisUnreachable(self.address, reason, type(exc).__name__) from None
         loop = asyncio.get_running_loop()
         self._writer = loop.create_task(self._write_loop())
-        if on_deleted is not None or on_cancel is not None:
+        if listening:
             self._listener = loop.create_task(self._listen(on_deleted, on_cancel))
         self.background_board.start()
 
@@ -426,7 +430,7 @@ class SharedStore:
             "load_misses": self.load_misses,
             "load_errors": self.load_errors,
             "deleted": self.deleted,
-            "errors": self.errors + self.conversation_board.errors,
+            "errors": self.errors + self.conversation_board.errors + self.announcements.errors,
             "queued": self._queue.qsize(),
         }
 
@@ -738,7 +742,7 @@ class SharedStore:
                 existed = True
             else:
                 existed = bool(await self._mark_deleted(keys=[key]))
-            await self.client.publish(self.channel, json.dumps([owner, response_id]))
+            await self.announcements.announce("deleted", owner, response_id)
         except (redis.RedisError, OSError) as exc:
             self.errors += 1
             log.error("cannot delete from Redis", extra={"redis": self.address, **_failure(exc)})
@@ -747,54 +751,22 @@ class SharedStore:
         return existed
 
     async def _listen(self, on_deleted: OnDeleted | None, on_cancel: OnCancel | None) -> None:
-        """Follow the deletions and the background cancels other processes announce."""
-        cancels = self.background_board.channel
-        channels = [self.channel] if on_deleted is not None else []
-        if on_cancel is not None:
-            channels.append(cancels)
-        failing = False
-        while True:
-            try:
-                async with self.client.pubsub() as pubsub:
-                    await pubsub.subscribe(*channels)
-                    if failing:
-                        log.info("subscribed to Redis deletions and cancels again")
-                        failing = False
-                    while True:
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=1.0
-                        )
-                        if message is None:
-                            continue
-                        data, channel = message.get("data"), message.get("channel")
-                        if on_cancel is not None and channel in (cancels, cancels.encode()):
-                            announced_cancel(data, on_cancel)
-                        elif on_deleted is not None:
-                            self._announce(data, on_deleted)
-            except Exception as exc:  # Redis and OS errors, and anything else: keep listening
-                self.errors += 1
-                if not failing:  # once per outage, not once per retry
-                    log.error(
-                        "lost the Redis subscription to deletions and cancels; retrying "
-                        "every second",
-                        extra={"redis": self.address, **_failure(exc)},
-                    )
-                    failing = True
-                await asyncio.sleep(RESUBSCRIBE_DELAY)
+        """Follow the deletions and the background cancels any process announces."""
 
-    def _announce(self, data: Any, on_deleted: OnDeleted) -> None:
-        named = parse_announcement(data, "deletion")
-        if named is None:
-            return
-        owner, response_id = named
+        def heard(kind: str, owner: str, response_id: str) -> None:
+            if kind == "deleted" and on_deleted is not None:
+                self._deleted_elsewhere(owner, response_id, on_deleted)
+            elif kind == "cancel" and on_cancel is not None:
+                on_cancel(owner, response_id)
+
+        await self.announcements.follow(heard)
+
+    def _deleted_elsewhere(self, owner: str, response_id: str, on_deleted: OnDeleted) -> None:
         announced = self._announced
         announced[(owner, response_id)] = None
         while len(announced) > ANNOUNCED_MEMORY:
             announced.popitem(last=False)
-        try:
-            on_deleted(owner, response_id)
-        except Exception as exc:
-            log.error("cannot drop a deleted response", extra={"error_type": type(exc).__name__})
+        on_deleted(owner, response_id)
 
     def _key(self, owner: str, response_id: str) -> str:
         return f"{self.prefix}:r:{owner}:{response_id}"

@@ -1,0 +1,185 @@
+"""What one process tells all the others through Redis: a shared response was deleted
+(drop your copy), a background response is to be cancelled (cancel it if you run it).
+
+The announcements go into one Redis stream, ``<prefix>:announced`` (entries
+``{"k": "deleted" | "cancel", "o": owner, "id": response id}``, the newest
+`KEEP` kept), which every process reads from where it stopped. Pub/sub, used before,
+loses what is published while a subscriber reconnects (a Redis restart, a failover, a
+network blip): a deletion missed so would have left that process serving a response
+its owner deleted, for as long as its cache kept it. A stream is read again from the
+last entry read, so nothing is missed unless more than `KEEP` announcements were made
+while a process could not read (logged and counted, on Redis 7), or the stream is
+gone (a Redis that restarted empty).
+
+The same announcements are still published on the channels ``<prefix>:deleted`` and
+``<prefix>:cancel``, for processes of earlier versions during a rolling upgrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("warmsocket.shared_store")
+
+KEEP = 100_000
+"""Announcements kept in the stream (about 100 bytes each)."""
+READ_BLOCK_MS = 1000
+"""How long one read waits for new announcements."""
+READ_BATCH = 256
+RETRY_DELAY = 1.0
+"""Seconds between two tries to read while Redis does not answer."""
+
+Heard = Callable[[str, str, str], None]
+"""Called with (kind, owner, response id) for each announcement."""
+Failed = Callable[[BaseException], dict[str, str]]
+"""The log fields of a failed Redis call (`shared_store.failure_fields`)."""
+
+KINDS = ("deleted", "cancel")
+
+
+class Announcements:
+    """The announcement stream of one `--redis-prefix`."""
+
+    def __init__(self, client: Any, prefix: str, *, address: str, failure_fields: Failed) -> None:
+        self._client = client
+        self.key = f"{prefix}:announced"
+        self._channels = {"deleted": f"{prefix}:deleted", "cancel": f"{prefix}:cancel"}
+        self._address = address
+        self._failure_fields = failure_fields
+        self.position = "0-0"
+        """The id of the last entry read (or of the stream's end when following began)."""
+        self._added_before: int | None = 0
+        """The stream's count of entries ever added when `position` was set."""
+        self._read = 0
+        """Entries read since."""
+        self.errors = 0
+        self.missed = 0
+        """Times announcements were trimmed from the stream before this process read
+        them."""
+
+    async def announce(self, kind: str, owner: str, response_id: str) -> None:
+        """Tell every process. Raises Redis and OS errors."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.xadd(
+                self.key,
+                {"k": kind, "o": owner, "id": response_id},
+                maxlen=KEEP,
+                approximate=True,
+            )
+            pipe.publish(self._channels[kind], json.dumps([owner, response_id]))
+            await pipe.execute()
+
+    async def begin(self) -> None:
+        """Follow from the stream's end as it is now (what was announced before is in
+        the records: loads look at them); from Redis's clock when there is no stream
+        (a millisecond early: hearing an older announcement does no harm). Raises
+        Redis and OS errors."""
+        if await self._client.exists(self.key):
+            info = await self._client.xinfo_stream(self.key)
+            self.position = _text(info["last-generated-id"])
+            self._added_before = info.get("entries-added")  # (Redis 7)
+        else:
+            seconds, microseconds = await self._client.time()
+            self.position = f"{max(int(seconds) * 1000 + int(microseconds) // 1000 - 1, 0)}-0"
+            self._added_before = 0
+        self._read = 0
+
+    async def follow(self, heard: Heard) -> None:
+        """Read the announcements from `position` on, for ever (cancel to stop), and
+        call `heard` with each; while Redis does not answer, try again every second."""
+        failing = False
+        while True:
+            try:
+                if failing:
+                    await self._check_position()
+                reply = await self._client.xread(
+                    {self.key: self.position}, count=READ_BATCH, block=READ_BLOCK_MS
+                )
+                if failing:
+                    log.info("following Redis deletions and cancels again")
+                    failing = False
+                for _key, entries in reply or ():
+                    for entry_id, fields in entries:
+                        self.position = _text(entry_id)
+                        self._read += 1
+                        self._hear(fields, heard)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis and OS errors, and anything else: keep reading
+                self.errors += 1
+                if not failing:  # once per outage, not once per try
+                    log.error(
+                        "cannot read Redis deletions and cancels; trying again every second",
+                        extra={"redis": self._address, **self._failure_fields(exc)},
+                    )
+                    failing = True
+                await asyncio.sleep(RETRY_DELAY)
+
+    async def _newest(self) -> str | None:
+        newest = await self._client.xrevrange(self.key, count=1)
+        return _text(newest[0][0]) if newest else None
+
+    async def _check_position(self) -> None:
+        """After an outage: a stream gone, or started again behind `position` (Redis
+        restarted empty), is read from its start; announcements trimmed from the stream
+        before they were read are logged and counted (on Redis 7, whose count of the
+        entries ever added tells)."""
+        if not await self._client.exists(self.key):
+            self._restart()
+            return
+        info = await self._client.xinfo_stream(self.key)
+        if _id(_text(info["last-generated-id"])) < _id(self.position):
+            self._restart()
+            return
+        added = info.get("entries-added")
+        first = info.get("first-entry")
+        if added is None or self._added_before is None or not first:
+            return
+        if _id(_text(first[0])) <= _id(self.position):
+            return  # nothing after `position` was trimmed
+        unread = int(added) - self._added_before - self._read
+        if unread > int(info["length"]):
+            self.missed += 1
+            log.error(
+                "Redis deletions and cancels were dropped before this process read them; "
+                "responses deleted meanwhile may still be served from this process's cache "
+                "until they leave it",
+                extra={"redis": self._address, "missed": unread - int(info["length"])},
+            )
+
+    def _restart(self) -> None:
+        self.position = "0-0"
+        self._added_before = 0
+        self._read = 0
+
+    def _hear(self, fields: dict[Any, Any], heard: Heard) -> None:
+        try:
+            kind = _text(fields[b"k"] if b"k" in fields else fields["k"])
+            owner = _text(fields[b"o"] if b"o" in fields else fields["o"])
+            response_id = _text(fields[b"id"] if b"id" in fields else fields["id"])
+        except (KeyError, UnicodeDecodeError) as exc:
+            self.errors += 1
+            log.error("bad announcement", extra={"error_type": type(exc).__name__})
+            return
+        if kind not in KINDS:
+            return  # (a kind of a later version)
+        try:
+            heard(kind, owner, response_id)
+        except Exception as exc:
+            log.error(
+                "cannot act on an announcement",
+                extra={"kind": kind, "error_type": type(exc).__name__},
+            )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
