@@ -29,9 +29,9 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol
 
 from warmsocket import _core, errors, ids, item_references
 from warmsocket._core import (
@@ -72,6 +72,7 @@ from warmsocket.conversations import (
     Conversations,
 )
 from warmsocket.errors import APIError
+from warmsocket.memo import Memo
 from warmsocket.metrics import Metrics
 
 log = logging.getLogger("warmsocket.engine")
@@ -85,8 +86,6 @@ WORKING_COPIES = 4096
 pushed out of them already."""
 BYTES_PER_TOKEN_ESTIMATE = 4
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_Key = TypeVar("_Key", bound=Hashable)
-_Value = TypeVar("_Value")
 Usage = tuple[int, int, int, int]
 """(input_tokens, cached_tokens, output_tokens, reasoning_tokens): the reasoning
 tokens are part of the output tokens."""
@@ -149,7 +148,7 @@ def new_cache(
     )
 
 
-_PROMPT_KEYS: dict[tuple[str | None, int | None], str] = {}
+_PROMPT_KEYS: Memo[tuple[str | None, int | None], str] = Memo()
 
 
 def prompt_key(instructions: str | None, tools_digest: int | None = None) -> str | None:
@@ -168,7 +167,7 @@ def prompt_key(instructions: str | None, tools_digest: int | None = None) -> str
             data += b"\0tools:" + tools_digest.to_bytes(8, "little")
         return hashlib.blake2b(data, digest_size=8).hexdigest()
 
-    return _memoised(_PROMPT_KEYS, (instructions, tools_digest), digest)
+    return _PROMPT_KEYS.get((instructions, tools_digest), len(instructions or ""), digest)
 
 
 _INSTRUCTIONS_MEMBER = b'"instructions":'
@@ -362,8 +361,8 @@ class Engine:
             )
         self.conversations = conversations
         self.responses_upstream = bool(getattr(backend, "responses_upstream", False))
-        self._instruction_tokens: dict[str, int] = {}
-        self._tool_tokens: dict[int, int] = {}
+        self._instruction_tokens: Memo[str, int] = Memo()
+        self._tool_tokens: Memo[int, int] = Memo()
         self._forget = getattr(backend, "forget", None)
         self._local_ids: dict[int, deque[str]] = {}
         """By cache connection: its connection-local responses, the most recent
@@ -427,10 +426,8 @@ class Engine:
         tokenizer = self.tokenizer
         if instructions is None or tokenizer is None:
             return 0
-        return _memoised(
-            self._instruction_tokens,
-            instructions,
-            lambda: tokenizer.count_instructions(instructions),
+        return self._instruction_tokens.get(
+            instructions, len(instructions), lambda: tokenizer.count_instructions(instructions)
         )
 
     def tool_tokens(self, request: CreateRequest) -> int:
@@ -440,8 +437,8 @@ class Engine:
         tokenizer = self.tokenizer
         if digest is None or tokenizer is None:
             return 0
-        return _memoised(
-            self._tool_tokens, digest, lambda: tokenizer.count_tools(request.tools_json or b"[]")
+        return self._tool_tokens.get(
+            digest, 0, lambda: tokenizer.count_tools(request.tools_json or b"[]")
         )
 
     def prompt_tokens(self, request: CreateRequest) -> int:
@@ -690,21 +687,6 @@ def context_start(items: Items) -> int | None:
             return found
         end = found
     return None
-
-
-_MEMO_ENTRIES = 256
-
-
-def _memoised(memo: dict[_Key, _Value], key: _Key, count: Callable[[], _Value]) -> _Value:
-    """`memo[key]`, computed first when it is not there (the memo is cleared when
-    full: an agent sends the same instructions and tools every turn)."""
-    found = memo.get(key)
-    if found is None:
-        found = count()
-        if len(memo) >= _MEMO_ENTRIES:
-            memo.clear()
-        memo[key] = found
-    return found
 
 
 def _usage(

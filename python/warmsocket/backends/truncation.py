@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from warmsocket._core import ContextView, Items, Tokenizer
 from warmsocket.backends.base import TurnContext
+from warmsocket.memo import Memo
 
 OUTPUT_RESERVE = 8
 """Without `max_output_tokens`, a window's 1/8 is kept for the answer."""
@@ -113,25 +113,23 @@ class PromptTokens:
     """Tokens of the instructions and tools a request starts with, remembered by
     their content (the tools by digest) for the requests that repeat them."""
 
-    def __init__(self, tokenizer: Tokenizer, entries: int = 256) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.entries = entries
-        self._counts: OrderedDict[tuple[str | None, int | None], int] = OrderedDict()
+        self._counts: Memo[tuple[str | None, int | None], int] = Memo()
 
     def count(self, turn: TurnContext) -> int:
         request = turn.request
-        key = (request.instructions, request.tools_digest)
-        count = self._counts.get(key)
-        if count is None:
-            count = 0
+
+        def count() -> int:
+            counted = 0
             if request.instructions is not None:
-                count += self.tokenizer.count_instructions(request.instructions)
+                counted += self.tokenizer.count_instructions(request.instructions)
             if request.tools_json is not None:
-                count += self.tokenizer.count_tools(request.tools_json)
-            self._counts[key] = count
-            while len(self._counts) > self.entries:
-                self._counts.popitem(last=False)
-        return count
+                counted += self.tokenizer.count_tools(request.tools_json)
+            return counted
+
+        key = (request.instructions, request.tools_digest)
+        return self._counts.get(key, len(request.instructions or ""), count)
 
 
 class ContextWindows:

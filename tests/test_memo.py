@@ -1,0 +1,63 @@
+"""`memo.Memo`: what is computed from instructions and tools is remembered, within a
+bound on entries and on the characters of the keys, so that requests that each send
+other large instructions cannot make a process hold them all."""
+
+from __future__ import annotations
+
+import httpx2 as httpx
+
+from tests.support import running_server
+from warmsocket.memo import Memo
+
+
+def test_a_value_is_computed_once_while_it_is_kept() -> None:
+    memo: Memo[str, int] = Memo(entries=4, key_chars=100)
+    calls: list[str] = []
+
+    def compute(key: str) -> int:
+        calls.append(key)
+        return len(key)
+
+    assert memo.get("abc", 3, lambda: compute("abc")) == 3
+    assert memo.get("abc", 3, lambda: compute("abc")) == 3
+    assert calls == ["abc"] and "abc" in memo and memo.chars == 3
+
+
+def test_the_oldest_go_past_the_entries_or_the_characters() -> None:
+    memo: Memo[str, str] = Memo(entries=3, key_chars=40)
+    for key in ("a", "b", "c", "d"):
+        memo.get(key, 1, lambda key=key: key)  # type: ignore[misc]
+    assert "a" not in memo and len(memo) == 3
+    memo.get("x" * 10, 10, lambda: "ten")
+    memo.get("y" * 10, 10, lambda: "ten")
+    memo.get("z" * 10, 10, lambda: "ten")
+    assert memo.chars <= 40 and len(memo) <= 3
+    assert "z" * 10 in memo and "b" not in memo
+
+
+def test_a_key_larger_than_a_quarter_of_the_bound_is_not_kept() -> None:
+    memo: Memo[str, int] = Memo(entries=8, key_chars=40)
+    memo.get("small", 5, lambda: 1)
+    big = "b" * 11
+    assert memo.get(big, 11, lambda: 2) == 2
+    assert big not in memo and "small" in memo and memo.chars == 5
+
+
+def test_large_instructions_sent_once_each_are_not_held() -> None:
+    """A client sending other 3 MB instructions on every request: counted, not kept."""
+    with (
+        running_server(tokenizer="o200k_base") as srv,
+        httpx.Client(base_url=srv.base_url, timeout=60) as http,
+    ):
+        for n in range(3):
+            instructions = f"{n} " + "rule. " * 500_000
+            created = http.post(
+                "/responses", json={"model": "m", "input": "hi", "instructions": instructions}
+            )
+            assert created.status_code == 200
+            assert created.json()["usage"]["input_tokens"] > 500_000
+        engine = srv.server.engine
+        assert engine._instruction_tokens.chars == 0
+        # Ordinary instructions are kept (the next turn does not count them again).
+        http.post("/responses", json={"model": "m", "input": "hi", "instructions": "Be brief."})
+        assert "Be brief." in engine._instruction_tokens
