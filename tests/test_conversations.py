@@ -186,8 +186,9 @@ def test_bad_item_requests_are_refused(sdk: OpenAI, server: RunningServer) -> No
 
 
 def test_adding_past_the_budget_is_refused_and_keeps_everything() -> None:
+    # A conversation counts 1 KiB, and each item 128 bytes, besides the items' JSON.
     with (
-        running_server(conversation_budget=2048) as server,
+        running_server(conversation_budget=3072) as server,
         OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk,
     ):
         conversation = sdk.conversations.create(items=[{"role": "user", "content": "x" * 1000}])
@@ -203,6 +204,25 @@ def test_adding_past_the_budget_is_refused_and_keeps_everything() -> None:
         assert len(list(sdk.conversations.items.list(conversation.id))) == 1
         sdk.conversations.delete(conversation.id)  # frees its bytes
         sdk.conversations.create(items=[{"role": "user", "content": "y" * 1500}])
+
+
+def test_empty_conversations_fill_the_budget_too() -> None:
+    """Conversations without items are not free: creating them without end is refused
+    once they hold the budget (it was not: each counted 0 bytes)."""
+    with (
+        running_server(conversation_budget=64 * 1024) as server,
+        httpx.Client(
+            base_url=server.base_url, headers={"Authorization": "Bearer sk-test"}
+        ) as http,
+    ):
+        metadata = {f"k{n}": "v" * 500 for n in range(16)}
+        codes = [
+            http.post("/conversations", json={"metadata": metadata}).status_code
+            for _ in range(20)
+        ]
+        assert codes.count(200) == 7 and codes[7:] == [503] * 13  # 9 KiB each
+        store = server.server.engine.conversations
+        assert store.nbytes <= 64 * 1024 and len(store) == 7
 
 
 TWO_RUNS = ["message", "function_call", "function_call_output", "message", "message", "message"]

@@ -53,6 +53,11 @@ DEFAULT_CONVERSATION_BUDGET = 256 * 1024 * 1024
 """Item bytes all conversations may hold (`--conversation-budget`)."""
 
 SNAPSHOT_VERSION = 1
+CONVERSATION_OVERHEAD = 1024
+"""Bytes a conversation counts against the budget besides its items (the object, its
+id, owner and metadata's containers)."""
+ITEM_OVERHEAD = 128
+"""Bytes an item counts besides its JSON (its id, its place in the lists)."""
 MAX_QUEUED_ADDITIONS = 100_000
 """Additions waiting to be written to Redis at most (it does not answer); more are
 dropped from the shared conversation (kept in this process's copy), logged and
@@ -119,6 +124,15 @@ class Conversation:
     """With Redis: the version this copy is (None: to be read again)."""
     pending: int = 0
     """With Redis: additions of responses not written yet (the copy is ahead)."""
+    charged: int = 0
+    """What it counts against the budget now (`cost`, as of its last change)."""
+
+    def cost(self) -> int:
+        """What it counts against `--conversation-budget`: its items' bytes, and what
+        the conversation and each item hold besides (an empty conversation is not
+        free: many of them must fill the budget too)."""
+        metadata = sum(len(key) + len(value) for key, value in self.metadata.items())
+        return CONVERSATION_OVERHEAD + metadata + items_cost(self.items)
 
     def object(self) -> dict[str, Any]:
         """The Conversation object."""
@@ -286,7 +300,7 @@ class Conversations:
         item_ids = new_item_ids(items)
         conversation = Conversation(conversation_id(), owner, int(time.time()), dict(metadata))
         if self.board is None:
-            self.check_room(items.nbytes)
+            self.check_room(conversation.cost() + items_cost(items))
         else:
             await self.board.create(
                 owner,
@@ -325,6 +339,7 @@ class Conversations:
                 raise not_found("conversation", conv_id)
             conversation.settle(change)
         conversation.metadata = dict(metadata)
+        self._charge(conversation)
         return conversation
 
     async def delete(self, owner: str, conv_id: str) -> None:
@@ -374,7 +389,7 @@ class Conversations:
         items = self.validated_items(body["items"], param="items")
         item_ids = new_item_ids(items)
         if self.board is None:
-            self.check_room(items.nbytes)
+            self.check_room(items_cost(items))
         else:
             change = await self.board.append(owner, conv_id, entries(items, item_ids))
             if change is None:
@@ -395,11 +410,10 @@ class Conversations:
                 raise not_found("item", item_id)
             conversation.settle(change)
             position = conversation.position(item_id)  # (the copy may have moved on)
-        before = conversation.items.nbytes
         items = conversation.items
         conversation.items = items.slice(0, position).concat(items.slice(position + 1))
         del conversation.item_ids[position]
-        self.nbytes -= before - conversation.items.nbytes
+        self._charge(conversation)
         return conversation
 
     async def list_items(
@@ -564,18 +578,28 @@ class Conversations:
     def _append(self, conversation: Conversation, items: Items, item_ids: list[str]) -> None:
         conversation.item_ids.extend(item_ids)
         conversation.items = conversation.items.concat(items)
-        self.nbytes += items.nbytes
+        self._charge(conversation)
         self._make_room(conversation)
 
     def _keep(self, conversation: Conversation) -> None:
         self._by_id[conversation.id] = conversation
-        self.nbytes += conversation.items.nbytes
+        conversation.charged = 0
+        self._charge(conversation)
         self._make_room(conversation)
 
     def _forget(self, conversation: Conversation) -> None:
         if self._by_id.get(conversation.id) is conversation:
             del self._by_id[conversation.id]
-            self.nbytes -= conversation.items.nbytes
+            self.nbytes -= conversation.charged
+            conversation.charged = 0
+
+    def _charge(self, conversation: Conversation) -> None:
+        """Count what a kept conversation holds now against the budget."""
+        if self._by_id.get(conversation.id) is not conversation:
+            return
+        cost = conversation.cost()
+        self.nbytes += cost - conversation.charged
+        conversation.charged = cost
 
     def _make_room(self, used: Conversation) -> None:
         """With a board: drop the least recently used copies (not `used`, none with
@@ -587,6 +611,11 @@ class Conversations:
                 return
             if conversation is not used and not conversation.pending:
                 self._forget(conversation)
+
+
+def items_cost(items: Items) -> int:
+    """What items count against the budget: their JSON and `ITEM_OVERHEAD` each."""
+    return items.nbytes + ITEM_OVERHEAD * len(items)
 
 
 def listed(item: dict[str, Any]) -> dict[str, Any]:

@@ -70,6 +70,7 @@ from warmsocket.conversations import (
     DEFAULT_CONVERSATION_BUDGET,
     Conversation,
     Conversations,
+    items_cost,
 )
 from warmsocket.errors import APIError
 from warmsocket.memo import Memo
@@ -1105,7 +1106,7 @@ class Turn:
         added: Items | None = None
         if conversation is not None and self._conversation_input is not None:
             added = self._conversation_input.concat(output)
-            self.engine.conversations.check_room(added.nbytes)
+            self.engine.conversations.check_room(items_cost(added))
         try:
             info = cache.create(
                 self.response_id,
