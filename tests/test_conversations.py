@@ -211,14 +211,11 @@ def test_empty_conversations_fill_the_budget_too() -> None:
     once they hold the budget (it was not: each counted 0 bytes)."""
     with (
         running_server(conversation_budget=64 * 1024) as server,
-        httpx.Client(
-            base_url=server.base_url, headers={"Authorization": "Bearer sk-test"}
-        ) as http,
+        httpx.Client(base_url=server.base_url, headers={"Authorization": "Bearer sk-test"}) as http,
     ):
         metadata = {f"k{n}": "v" * 500 for n in range(16)}
         codes = [
-            http.post("/conversations", json={"metadata": metadata}).status_code
-            for _ in range(20)
+            http.post("/conversations", json={"metadata": metadata}).status_code for _ in range(20)
         ]
         assert codes.count(200) == 7 and codes[7:] == [503] * 13  # 9 KiB each
         store = server.server.engine.conversations

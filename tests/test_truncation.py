@@ -81,6 +81,27 @@ def test_windows_are_asked_once_and_again_only_after_a_while(
     assert asyncio.run(probed.window("m", fetch)) == 4096 and len(asked) == 2
 
 
+def test_models_named_by_clients_neither_grow_the_windows_nor_make_the_upstream_ask(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[int] = []
+
+    async def fetch() -> dict[str, int]:
+        asked.append(1)
+        return {"m": 8192}
+
+    now = [1000.0]
+    monkeypatch.setattr(truncation.time, "monotonic", lambda: now[0])
+    windows = ContextWindows(None)
+    for n in range(1000):
+        assert asyncio.run(windows.window(f"made-up-{n}", fetch)) is None
+    assert len(asked) == 1  # asked once for all of them
+    assert asyncio.run(windows.window("m", fetch)) == 8192
+    now[0] += truncation.RETRY_SECONDS
+    asyncio.run(windows.window("made-up-again", fetch))
+    assert len(asked) == 2
+
+
 def sent_messages(sim: Any) -> list[list[dict[str, Any]]]:
     return [json.loads(r["body"])["messages"] for r in sim.stats(bodies=True)["requests"]]
 

@@ -45,6 +45,8 @@ MARGIN = 32
 REFILL = 0.75
 """A cut leaves the context at this fraction of its budget."""
 RETRY_SECONDS = 60.0
+MAX_MODELS = 4096
+"""Upstream models whose window is kept at most."""
 """How long a model whose window could not be learned goes without asking again."""
 OFF_LOOP_BYTES = 256 * 1024
 """Counting a context larger than this runs in a worker thread."""
@@ -136,12 +138,16 @@ class ContextWindows:
     """The context window of each upstream model: `configured` for all of them, else
     what the upstream's model list says (`fetch`: upstream model id -> its
     `max_model_len`; empty when it could not be asked), asked when a turn first
-    needs it, and again no sooner than `RETRY_SECONDS` later when it did not say."""
+    needs it, and again no sooner than `RETRY_SECONDS` later when it did not say.
+
+    One time of asking for all models, not one per model: clients name the model, and
+    requests that each name another must neither grow this object nor make the
+    upstream list its models on every turn."""
 
     def __init__(self, configured: int | None) -> None:
         self.configured = configured
         self._known: dict[str, int] = {}
-        self._asked: dict[str, float] = {}
+        self._asked: float | None = None
 
     def learn(self, windows: dict[str, int]) -> None:
         """Windows found elsewhere (`serve`'s start-up probe), so no turn waits to ask."""
@@ -156,8 +162,10 @@ class ContextWindows:
         if known is not None:
             return known
         now = time.monotonic()
-        if now - self._asked.get(model, -RETRY_SECONDS) < RETRY_SECONDS:
+        if self._asked is not None and now - self._asked < RETRY_SECONDS:
             return None
-        self._asked[model] = now
-        self._known.update(await fetch())
+        self._asked = now
+        self._known = {**self._known, **await fetch()}
+        if len(self._known) > MAX_MODELS:  # (an upstream listing without end)
+            self._known = dict(list(self._known.items())[-MAX_MODELS:])
         return self._known.get(model)
