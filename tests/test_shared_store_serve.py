@@ -873,3 +873,30 @@ def test_reuse_port_refuses_a_snapshot_and_warns_without_redis(tmp_path: Any) ->
         assert json.loads(proc.stderr.readline())["message"] == "listening"
     finally:
         _stop(proc)
+
+
+def test_an_id_longer_than_any_response_id_is_not_looked_up_nor_announced(
+    redis_url: str,
+) -> None:
+    """Every process remembers the ids announced lately: a DELETE of a 60 KB id was
+    announced to all of them (and kept in the Redis stream) before."""
+    with two_servers(redis_url) as (a, b):
+        shared = a.server.engine.shared
+        assert isinstance(shared, SharedStore)
+        long_id = "resp_" + "x" * 60_000
+        for method in ("DELETE", "GET"):
+            answer = httpx.request(method, f"{a.base_url}/responses/{long_id}", headers=AUTH)
+            assert answer.status_code == 404
+            assert len(answer.text) < 1000  # the id is not echoed whole
+        short = httpx.delete(f"{a.base_url}/responses/resp_nothing", headers=AUTH)
+        assert short.status_code == 404
+        with redis.Redis.from_url(redis_url) as client:
+            assert client.xlen(f"{shared.prefix}:announced") == 1  # only the short one
+        eventually(lambda: any(rid == "resp_nothing" for _o, rid in b_announced(b)))
+        assert all(len(rid) < 100 for _owner, rid in b_announced(b))
+
+
+def b_announced(server: RunningServer) -> list[tuple[str, str]]:
+    shared = server.server.engine.shared
+    assert isinstance(shared, SharedStore)
+    return list(shared._announced)

@@ -39,6 +39,9 @@ from warmsocket.token_count import parse_count_request
 
 log = logging.getLogger("warmsocket.http")
 
+MAX_RESPONSE_ID_CHARS = 256
+"""Longer than any response id (warmsocket's are 53 characters)."""
+
 ANONYMOUS_OWNER = "anonymous"
 
 
@@ -213,6 +216,10 @@ class HTTPApp:
             if method != "POST":
                 raise errors.method_not_allowed(method, request.path)
             return await self._compact(request, writer, request_id, owner)
+        if len(path_id) > MAX_RESPONSE_ID_CHARS:
+            # No response has such an id: not looked up, and a DELETE is not announced
+            # to the other processes (which remember the ids announced lately).
+            raise errors.response_not_found(path_id)
         if path_id == "input_tokens" and sub is None:
             if method != "POST":
                 raise errors.method_not_allowed(method, request.path)
