@@ -674,3 +674,37 @@ def test_proxy_urls_and_which_origins_use_them(monkeypatch: pytest.MonkeyPatch) 
     assert proxy_for(Origin.parse("http://10.0.0.5:8000/v1")) is None  # plain http: direct
     monkeypatch.setenv("NO_PROXY", ".openai.com,localhost")
     assert proxy_for(openai) is None
+
+
+def _head_turn(response_id: str, parent: str | None, instructions: str) -> Any:
+    from types import SimpleNamespace
+
+    settings_ = {"instructions": instructions}
+    request = SimpleNamespace(
+        model_from_prompt=False, include=(), upstream_options_json=None, given_defaults=()
+    )
+    return SimpleNamespace(
+        request=request,
+        settings=settings_,
+        settings_json=json.dumps(settings_).encode(),
+        previous_response_id=parent,
+        response_id=response_id,
+    )
+
+
+def test_request_heads_share_a_chains_settings_and_stay_within_their_bytes() -> None:
+    from warmsocket.backends.responses_http import HeadCache
+
+    heads = HeadCache({"store": False}, max_bytes=100_000)
+    prompt = "Be brief. " * 1000  # 10 KB, in every head of the chain
+    first = heads.head(_head_turn("r0", None, prompt), "m")
+    later = heads.head(_head_turn("r1", "r0", prompt), "m")
+    assert later is first  # the parent's head, and its settings: held once
+    assert heads._heads["r1"][0] is heads._heads["r0"][0]
+    # Chains with other large instructions each: the oldest heads go past the bound.
+    for n in range(50):
+        heads.head(_head_turn(f"other{n}", None, f"{n} " + prompt), "m")
+    assert heads._bytes <= 100_000
+    assert "other49" in heads._heads and "r0" not in heads._heads
+    heads.forget(list(heads._heads))
+    assert heads._bytes == 0

@@ -26,6 +26,9 @@ from warmsocket.response_stream import dumps
 from warmsocket.upstream import RESPONSES_FORWARDED, explicit_settings, upstream_include
 
 MEMO_ENTRIES = 4096
+HEAD_BYTES = 128 * 1024 * 1024
+"""What the request heads kept may count (`HeadCache`; instructions and tools are in
+every head)."""
 _HeadKey = tuple[str | None, bytes, tuple[str, ...], bytes | None, tuple[str, ...]]
 """What a request head is made of: model, settings JSON, include, upstream options,
 the settings given at their default."""
@@ -66,10 +69,20 @@ class HeadCache:
     settings never decodes them.
     """
 
-    def __init__(self, extra: dict[str, Any], *, first: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        extra: dict[str, Any],
+        *,
+        first: dict[str, Any] | None = None,
+        max_bytes: int = HEAD_BYTES,
+    ) -> None:
         self.first = first or {}
         self.extra = extra
+        self.max_bytes = max_bytes
         self._heads: OrderedDict[str, tuple[_HeadKey, bytes]] = OrderedDict()
+        self._bytes = 0
+        """The heads' and settings' bytes, counted per entry (a chain's entries share
+        theirs, so this counts more than is held)."""
 
     def head(self, turn: TurnContext, model: str) -> bytes:
         parent = self._heads.get(turn.previous_response_id) if turn.previous_response_id else None
@@ -83,7 +96,7 @@ class HeadCache:
             request.given_defaults,
         )
         if parent is not None and parent[0] == key:
-            head = parent[1]
+            key, head = parent  # the parent's objects: a chain holds its settings once
         else:
             head = request_head(
                 turn.settings,
@@ -95,14 +108,26 @@ class HeadCache:
                 given_defaults=request.given_defaults,
             )
         heads = self._heads
+        replaced = heads.pop(turn.response_id, None)
+        if replaced is not None:
+            self._bytes -= _head_bytes(replaced)
         heads[turn.response_id] = (key, head)
-        while len(heads) > MEMO_ENTRIES:
-            heads.popitem(last=False)
+        self._bytes += _head_bytes((key, head))
+        while len(heads) > MEMO_ENTRIES or (self._bytes > self.max_bytes and len(heads) > 1):
+            _id, dropped = heads.popitem(last=False)
+            self._bytes -= _head_bytes(dropped)
         return head
 
     def forget(self, response_ids: Iterable[str]) -> None:
         for response_id in response_ids:
-            self._heads.pop(response_id, None)
+            dropped = self._heads.pop(response_id, None)
+            if dropped is not None:
+                self._bytes -= _head_bytes(dropped)
+
+
+def _head_bytes(entry: tuple[_HeadKey, bytes]) -> int:
+    key, head = entry
+    return len(head) + len(key[1])
 
 
 class ContextCache:
