@@ -188,6 +188,20 @@ def test_finished_runs_are_kept_within_their_bounds(
     assert last.status_code == 400
 
 
+def test_a_finished_run_counts_its_request_and_context_not_only_its_events(
+    server: RunningServer, sdk: OpenAI
+) -> None:
+    """What a finished run keeps is its turn too (request, context): counted against
+    MAX_RETAINED_BYTES, else 1,024 runs of large requests were held past any bound."""
+    background_runs = server.server.http.background
+    before = background_runs.stats()["retained_bytes"]
+    big = [{"role": "user", "content": "a" * 1_000_000}, {"role": "user", "content": "b"}]
+    created = sdk.responses.create(model=MODEL, input=big, background=True)  # type: ignore[arg-type]
+    wait_for(sdk, created.id, "completed")
+    assert sdk.responses.retrieve(created.id).output_text == "You said: b"
+    assert background_runs.stats()["retained_bytes"] - before > 2_000_000
+
+
 def test_delete_stops_and_forgets_a_background_response(server: RunningServer, sdk: OpenAI) -> None:
     running = sdk.responses.create(model=MODEL, input="/sleep 5000\nslow", background=True)
     wait_for(sdk, running.id, "in_progress")

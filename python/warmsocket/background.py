@@ -58,8 +58,9 @@ MAX_ENDED_BYTES = 64 * 1024 * 1024
 """Failed and cancelled responses (never stored) whose Response object is kept after
 their run is forgotten, at most, oldest forgotten first."""
 MAX_RETAINED_BYTES = 256 * 1024 * 1024
-"""The events of finished background responses kept at most, in all (older ones are
-forgotten first): they are not part of the session cache's budget."""
+"""What finished background responses kept may hold, in all (older ones are forgotten
+first): their events, and their turn's request and context (which may keep parts of
+a chain the session cache has let go; they are not part of its budget)."""
 
 _EVENT_END = b"\n\n"
 
@@ -73,6 +74,7 @@ class BackgroundRun:
         "events",
         "finished_at",
         "forgotten",
+        "held_bytes",
         "on_events",
         "on_status",
         "owner",
@@ -87,6 +89,8 @@ class BackgroundRun:
         self.events: list[bytes] = []
         """SSE events, one per sequence number (index = `sequence_number`)."""
         self.event_bytes = 0
+        self.held_bytes = 0
+        """What it counts against `MAX_RETAINED_BYTES` once finished (`finish`)."""
         self.changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.finished_at: float | None = None
@@ -123,6 +127,13 @@ class BackgroundRun:
 
     def finish(self) -> None:
         self.finished_at = time.monotonic()
+        request = self.turn.request
+        self.held_bytes = (
+            self.event_bytes
+            + request.input.nbytes
+            + len(request.settings_json)
+            + self.turn.view.nbytes
+        )
         self._wake()
 
     def _wake(self) -> None:
@@ -211,8 +222,8 @@ class BackgroundResponses:
                     turn.release()
                 del self._running[turn.response_id]
                 self._finished[turn.response_id] = run
-                self._finished_bytes += run.event_bytes
                 run.finish()
+                self._finished_bytes += run.held_bytes
                 if turn.stream.status != run.published_status:
                     self._publish(run)
                 if self.board is not None and not run.forgotten:
@@ -264,7 +275,7 @@ class BackgroundResponses:
         if self.board is not None:
             self.board.forget(run.owner, run.turn.response_id)
         if self._finished.pop(run.turn.response_id, None) is not None:
-            self._finished_bytes -= run.event_bytes
+            self._finished_bytes -= run.held_bytes
 
     # -- runs of other processes (with a board) -------------------------------------------
 
@@ -376,7 +387,7 @@ class BackgroundResponses:
             ):
                 break
             finished.popitem(last=False)
-            self._finished_bytes -= run.event_bytes
+            self._finished_bytes -= run.held_bytes
             if run.turn.stream.status in ("failed", "cancelled") and not run.forgotten:
                 self._keep_ended(run)
 
