@@ -590,3 +590,22 @@ def test_additions_past_the_queue_are_dropped_and_logged_not_kept_without_end(
     assert errors == 2
     (dropped,) = [r for r in caplog.records if "too many queued" in r.getMessage()]
     assert dropped.__dict__["queued"] == 2
+
+
+def test_additions_past_the_queued_bytes_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(conversations, "MAX_QUEUED_ADDITION_BYTES", 2500)
+
+    async def main() -> tuple[list[str], int]:
+        board = MemoryBoard()
+        store = Conversations(budget_bytes=1 << 20, max_item_bytes=1 << 20, board=board)
+        made = await store.create("o", {"items": [_message("a")]})
+        (down,) = board.hold(0)
+        for text in ("b" * 1000, "c" * 1000, "d" * 1000):
+            store.extend(made, Items.from_objects([_message(text)]))
+        down.set()
+        assert store._writes is not None
+        await store._writes.join()
+        return [text[0] for text in board.texts(made.id)], store.write_errors
+
+    in_redis, errors = asyncio.run(main())
+    assert in_redis == ["a", "b", "c"] and errors == 1

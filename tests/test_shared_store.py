@@ -973,3 +973,31 @@ def test_background_writes_queued_beyond_the_bound_are_dropped_and_counted(
         run(main())
     dropped = [r for r in caplog.records if "dropped" in r.getMessage()]
     assert len(dropped) == 1 and dropped[0].__dict__["queued"] == 5
+
+
+def test_what_waits_to_be_written_is_bounded_by_its_bytes(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While Redis does not answer, writes wait (tried until it does): what they hold is
+    bounded by bytes as well as by count, for stored responses and background state."""
+    monkeypatch.setattr(shared_store, "QUEUE_BYTES", 3000)
+    monkeypatch.setattr(shared_background, "MAX_QUEUED_BYTES", 3000)
+    caplog.set_level(logging.ERROR)
+
+    async def main() -> tuple[int, int]:
+        cache = SessionCache()
+        store = SharedStore.from_url(redis_url, prefix="t-bytes")  # not started: nothing
+        for n in range(3):  # is written, as while Redis does not answer
+            turn(cache, f"big{n}", None, "x" * 500)  # about 1.1 KB with its output
+            share(store, cache, f"big{n}")
+        board = store.background_board
+        for n in range(3):
+            board.publish("o", f"run{n}", b"{" + b" " * 1200 + b"}", status="in_progress")
+        queued = (store._queue.qsize(), len(board._ops))
+        await store.client.aclose()
+        return queued
+
+    assert run(main()) == (2, 2)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("stored responses not shared: too many queued" in m for m in messages)
+    assert any("background responses' writes to Redis dropped" in m for m in messages)

@@ -612,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
         "up (logged, counted; the process keeps what it wrote). 0: until Redis answers, "
         "so a restart or failover of any length loses nothing while what waits fits the "
         "queues (10,000 stored responses, 100,000 background writes and conversation "
-        "additions; past them new writes are dropped and logged)",
+        "additions, and 256 MiB each; past them new writes are dropped and logged)",
     )
     tokens = serve.add_argument_group("token caching and prefix diffing")
     opt.parser = tokens

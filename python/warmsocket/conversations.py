@@ -62,6 +62,8 @@ MAX_QUEUED_ADDITIONS = 100_000
 """Additions waiting to be written to Redis at most (it does not answer); more are
 dropped from the shared conversation (kept in this process's copy), logged and
 counted."""
+MAX_QUEUED_ADDITION_BYTES = 256 * 1024 * 1024
+"""What they may hold, besides their count."""
 """The format of `Conversations.snapshot`."""
 
 MAX_ITEMS_PER_ADD = 20
@@ -218,10 +220,12 @@ class Conversations:
         """Least recently used first."""
         self.nbytes = 0
         self.write_errors = 0
-        self._writes: asyncio.Queue[tuple[Conversation, Entries]] | None = None
+        self._writes: asyncio.Queue[tuple[Conversation, Entries, int]] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._unwritten = 0
         """Additions queued or being written."""
+        self._unwritten_bytes = 0
+        """What they hold."""
         self._dropped_unlogged = 0
         self._drop_log = Throttle(10.0)
 
@@ -444,7 +448,12 @@ class Conversations:
         item_ids = new_item_ids(items)
         self._append(conversation, items, item_ids)
         if self.board is not None:
-            if self._unwritten >= MAX_QUEUED_ADDITIONS:
+            added = entries(items, item_ids)
+            nbytes = sum(len(item_id) + len(data) for item_id, data in added)
+            if (
+                self._unwritten >= MAX_QUEUED_ADDITIONS
+                or self._unwritten_bytes + nbytes > MAX_QUEUED_ADDITION_BYTES
+            ):
                 # Redis has not answered for long: this copy keeps the items, the
                 # other processes miss them (as for a write given up).
                 self.write_errors += 1
@@ -458,20 +467,21 @@ class Conversations:
                     self._dropped_unlogged = 0
                 return
             conversation.pending += 1
-            self._write_behind(conversation, entries(items, item_ids))
+            self._write_behind(conversation, added, nbytes)
 
-    def _write_behind(self, conversation: Conversation, added: Entries) -> None:
+    def _write_behind(self, conversation: Conversation, added: Entries, nbytes: int) -> None:
         if self._writes is None:
             self._writes = asyncio.Queue()
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
-        self._writes.put_nowait((conversation, added))
+        self._writes.put_nowait((conversation, added, nbytes))
         self._unwritten += 1
+        self._unwritten_bytes += nbytes
 
     async def _write_loop(self) -> None:
         queue = self._writes
         assert queue is not None and self.board is not None
         while True:
-            conversation, added = await queue.get()
+            conversation, added, nbytes = await queue.get()
             try:
                 change = await self._write_addition(conversation, added)
             except Exception:
@@ -490,6 +500,7 @@ class Conversations:
             finally:
                 conversation.pending -= 1
                 self._unwritten -= 1
+                self._unwritten_bytes -= nbytes
                 queue.task_done()
 
     async def _write_addition(self, conversation: Conversation, added: Entries) -> Change | None:

@@ -71,6 +71,8 @@ Write = Callable[["Pipeline"], object]
 MAX_QUEUED_WRITES = 100_000
 """Writes queued at most (Redis slower than the runs, or not answering); more are
 dropped, counted and logged."""
+MAX_QUEUED_BYTES = 256 * 1024 * 1024
+"""What the queued writes may hold (Response objects, events), besides their count."""
 FOLLOW_BLOCK_MS = 1000
 """How long one read of a followed stream waits for new events (well under the
 client's socket timeout); a follower that went away is noticed within it."""
@@ -87,7 +89,10 @@ class BackgroundBoard:
         self._store = store
         self._client: redis.Redis = store.client
         self._prefix = store.prefix
-        self._ops: deque[Write] = deque()
+        self._ops: deque[tuple[Write, int]] = deque()
+        """Writes queued, with the bytes each holds."""
+        self._ops_bytes = 0
+        """What the queued writes, and those being written, hold."""
         self._dropped = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -129,7 +134,7 @@ class BackgroundBoard:
             if running:
                 pipe.expire(events, RUNNING_TTL)
 
-        self._queue(write)
+        self._queue(write, len(response))
 
     def append_events(self, owner: str, response_id: str, first: int, events: list[bytes]) -> None:
         """Queue a run's new events, the first of sequence number `first`; never
@@ -141,7 +146,7 @@ class BackgroundBoard:
                 pipe.xadd(key, {_EVENT: event}, id=f"0-{number + 1}")
             pipe.expire(key, RUNNING_TTL)
 
-        self._queue(write)
+        self._queue(write, sum(len(event) for event in events))
 
     def end_events(
         self, owner: str, response_id: str, count: int, status: str, keep_seconds: int
@@ -162,8 +167,8 @@ class BackgroundBoard:
         keys = (self._key(owner, response_id), self._events_key(owner, response_id))
         self._queue(lambda pipe: pipe.delete(*keys))
 
-    def _queue(self, write: Write) -> None:
-        if len(self._ops) >= MAX_QUEUED_WRITES:
+    def _queue(self, write: Write, nbytes: int = 0) -> None:
+        if len(self._ops) >= MAX_QUEUED_WRITES or self._ops_bytes + nbytes > MAX_QUEUED_BYTES:
             self._dropped += 1
             self._store.errors += 1
             if self._dropped == 1:
@@ -172,7 +177,8 @@ class BackgroundBoard:
                     extra={"redis": self._store.address, "queued": len(self._ops)},
                 )
             return
-        self._ops.append(write)
+        self._ops.append((write, nbytes))
+        self._ops_bytes += nbytes
         self._idle.clear()
         self._wake.set()
 
@@ -180,7 +186,8 @@ class BackgroundBoard:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            ops = list(self._ops)
+            ops = [write for write, _nbytes in self._ops]
+            nbytes = sum(n for _write, n in self._ops)
             self._ops.clear()
             self._dropped = 0
             try:
@@ -190,6 +197,8 @@ class BackgroundBoard:
                 )
             except Exception as exc:  # Redis and OS errors: the runs go on
                 self._failed("cannot write background responses' state to Redis", exc, len(ops))
+            finally:
+                self._ops_bytes -= nbytes  # (held while they were tried)
             if not self._ops:
                 self._idle.set()
 

@@ -104,6 +104,9 @@ DEFAULT_TTL = 30 * 24 * 3600
 LOAD_BATCH = 64
 MAX_CHAIN = 100_000
 QUEUE_LIMIT = 10_000
+QUEUE_BYTES = 256 * 1024 * 1024
+"""What the stored responses waiting to be written may hold (their own items, settings
+and meta), besides `QUEUE_LIMIT` of them: past either, new ones are not shared."""
 WRITE_BATCH = 256
 SOCKET_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
@@ -270,6 +273,10 @@ class _Record:
     settings: bytes
     meta: bytes
 
+    @property
+    def nbytes(self) -> int:
+        return self.input.nbytes + self.output.nbytes + len(self.settings) + len(self.meta)
+
 
 @dataclass(frozen=True, slots=True)
 class _Loaded:
@@ -311,6 +318,8 @@ class SharedStore:
         self._known_settings: dict[str, float] = {}
         # Keys queued but not written yet, and those of them deleted meanwhile.
         self._unwritten: set[str] = set()
+        self._queued_bytes = 0
+        """What the records queued (or being written) hold."""
         self._writing = 0
         """Responses of the batch being written (perhaps tried again)."""
         self._dropped_unlogged = 0
@@ -460,7 +469,10 @@ class SharedStore:
             meta=info.meta,
         )
         try:
+            if self._queued_bytes + record.nbytes > QUEUE_BYTES:
+                raise asyncio.QueueFull
             self._queue.put_nowait(record)
+            self._queued_bytes += record.nbytes
         except asyncio.QueueFull:
             self.errors += 1
             self._dropped_unlogged += 1
@@ -468,7 +480,11 @@ class SharedStore:
                 log.error(
                     "stored responses not shared: too many queued while Redis does not "
                     "answer (they stay in this process)",
-                    extra={"queued": QUEUE_LIMIT, "dropped": self._dropped_unlogged},
+                    extra={
+                        "queued": self._queue.qsize(),
+                        "queued_bytes": self._queued_bytes,
+                        "dropped": self._dropped_unlogged,
+                    },
                 )
                 self._dropped_unlogged = 0
             return
@@ -493,6 +509,7 @@ class SharedStore:
                 self._writing = 0
                 for record in batch:
                     self._unwritten.discard(record.key)
+                    self._queued_bytes -= record.nbytes
                     self._tombstones.discard(record.key)
                     self._queue.task_done()
 
