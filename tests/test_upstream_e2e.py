@@ -180,10 +180,16 @@ def test_chat_memo_stays_within_its_bytes_and_drops_superseded_parents_first(
             # The busy chain's parents went, the idle chain's only turn stayed.
             assert idle in backend._memo and busy in backend._memo
             assert len(backend._memo) < 22
-            # A continuation counts its messages (its parent's too) and its head once.
+            # A continuation counts its messages (its parent's too), its head and its
+            # settings once; the settings are its parent's object, held once by the chain.
             newest = backend._memo[busy]
             assert newest.nbytes == sum(map(len, newest.messages)) + len(newest.head) + len(
                 newest.system or b""
+            ) + len(newest.settings)
+            assert all(
+                rendered.settings is newest.settings
+                for rendered in backend._memo.values()
+                if rendered is not backend._memo[idle]
             )
             done = client.turn(input="/transcript", previous_response_id=idle, store=False)
         lines = output_text(done).splitlines()

@@ -162,7 +162,8 @@ class ChatBackend(HTTPUpstreamBackend):
             parent.logprobs,
             parent.given_defaults,
         ) == (model, settings, logprobs, given):
-            head, system = parent.head, parent.system
+            # The parent's objects: a chain holds its settings and head once.
+            settings, head, system = parent.settings, parent.head, parent.system
         else:
             head = request_head(
                 turn.settings,
@@ -187,7 +188,10 @@ class ChatBackend(HTTPUpstreamBackend):
                 last_role,
                 cut,
                 message_bytes=message_bytes,
-                nbytes=message_bytes + len(head) + (len(system) if system is not None else 0),
+                nbytes=message_bytes
+                + len(head)
+                + len(settings)
+                + (len(system) if system is not None else 0),
             ),
             continued=continued,
         )
