@@ -328,3 +328,16 @@ def test_while_redis_does_not_answer_each_process_counts_its_own(
         assert took < 2.0  # one wait for Redis, then this process's own bucket
         metrics = a.server.metrics.render()
         assert "warmsocket_request_rate_counted_locally_total 3" in metrics
+
+
+def test_the_table_of_keys_is_swept_as_it_grows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many keys, each making one request (no API keys: any token is a key): the table
+    keeps only the buckets not yet full, however fast they come."""
+    monkeypatch.setattr(request_rate, "SWEEP_EVERY", 10**9)
+    monkeypatch.setattr(request_rate, "SWEEP_AT_KEYS", 100)
+    clock = Clock()
+    rate = RequestRate(600, burst=10, clock=clock)  # a bucket is full 0.1 s after a request
+    for n in range(10_000):
+        clock.now += 0.001  # 1,000 keys a second: about 100 not yet full at any time
+        assert rate.check_local(f"key_{n}") is None
+        assert rate.keys_tracked() <= 300

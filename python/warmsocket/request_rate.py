@@ -51,6 +51,10 @@ LOG_INTERVAL = 10.0
 """Seconds between two log lines about refused requests (the metrics count all)."""
 SWEEP_EVERY = 1024
 """Counted requests between two sweeps of the full buckets from the local table."""
+SWEEP_AT_KEYS = 65_536
+"""Keys in the table past which it is swept at once (then again at twice what a sweep
+left, so that sweeps cost O(1) a request): the table holds at most about twice the
+keys whose buckets are not full, whatever the rate."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +116,7 @@ class RequestRate:
         self.shared = shared if per_minute else None
         self._clock = clock
         self._full_at: dict[str, float] = {}
+        self._sweep_at = SWEEP_AT_KEYS
         self._counted = 0
         self._local_until = 0.0
         self.refused = 0
@@ -163,7 +168,7 @@ class RequestRate:
         if taken.allowed:
             self._full_at[owner] = full_at
             self._counted += 1
-            if self._counted % SWEEP_EVERY == 0:
+            if self._counted % SWEEP_EVERY == 0 or len(self._full_at) > self._sweep_at:
                 self._sweep(now)
         return taken
 
@@ -205,6 +210,7 @@ class RequestRate:
     def _sweep(self, now: float) -> None:
         """Forget the buckets that are full: they hold nothing a new one would not."""
         self._full_at = {owner: at for owner, at in self._full_at.items() if at > now}
+        self._sweep_at = max(SWEEP_AT_KEYS, 2 * len(self._full_at))
 
     def keys_tracked(self) -> int:
         return len(self._full_at)
