@@ -547,7 +547,7 @@ def test_another_owner_cannot_load_a_shared_response(redis_url: str, sdk: SDK) -
 
 
 def test_a_redis_outage_leaves_local_service_running(monkeypatch: pytest.MonkeyPatch) -> None:
-    # (Writes are tried again for 30 s, test_shared_store: here they are given up.)
+    # (Writes are tried until Redis answers, test_shared_store: here they are given up.)
     monkeypatch.setattr(write_retry, "WRITE_RETRY_SECONDS", 0.5)
     with redis_server() as url, two_servers(url) as (a, b):
         with WSClient(a.ws_url) as ws_a:
