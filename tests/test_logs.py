@@ -19,6 +19,7 @@ from openai import OpenAI
 from websockets.exceptions import InvalidStatus
 
 from tests.support import WSClient, running_server
+from warmsocket import logs
 from warmsocket.bench.procs import stop
 from warmsocket.logs import ForeignRecords, JSONFormatter, written_here
 
@@ -195,3 +196,16 @@ def test_no_access_lines_when_switched_off(caplog: pytest.LogCaptureFixture) -> 
     ):
         sdk.responses.create(model="m", input="quiet")
     assert not [r for r in caplog.records if r.getMessage() == "http request"]
+
+
+def test_a_tally_reports_how_many_happened_since_its_last_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: now[0])
+    tally = logs.Tally(10.0)
+    assert tally.count() == 1  # the first is reported at once
+    assert [tally.count() for _ in range(3)] == [None, None, None]
+    now[0] += 10.0
+    assert tally.count() == 4  # the three unreported and this one
+    assert tally.count() is None

@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Literal, Protocol
 
-from warmsocket.logs import Throttle
+from warmsocket.logs import Tally, Throttle
 
 log = logging.getLogger("warmsocket.server")
 
@@ -184,8 +184,7 @@ class KeyLimit:
         self.held = Counter[str]()
         self.refused = 0
         """Refusals since the start, for `/metrics`."""
-        self._unlogged = 0
-        self._throttle = Throttle(LOG_INTERVAL)
+        self._refusals = Tally(LOG_INTERVAL)
 
     def take(self, owner: str) -> KeySlot | None:
         """A place for `owner` (to `release` once done), or None: it holds its limit."""
@@ -193,14 +192,12 @@ class KeyLimit:
             return KeySlot(self, owner)
         if self.held[owner] >= self.limit:
             self.refused += 1
-            self._unlogged += 1
-            if self._throttle.due():
+            if (unlogged := self._refusals.count()) is not None:
                 log.warning(
                     "an API key is at --max-connections-per-key; its new WebSockets and "
                     "responses are refused (429) until some end",
-                    extra={"owner": owner, "limit": self.limit, "refused": self._unlogged},
+                    extra={"owner": owner, "limit": self.limit, "refused": unlogged},
                 )
-                self._unlogged = 0
             return None
         self.held[owner] += 1
         return KeySlot(self, owner)

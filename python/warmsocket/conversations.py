@@ -43,7 +43,7 @@ from warmsocket import errors, ids
 from warmsocket._core import InvalidItems, Items
 from warmsocket.client_events import normalize_input, validate_metadata
 from warmsocket.errors import APIError
-from warmsocket.logs import Throttle
+from warmsocket.logs import Tally
 from warmsocket.pages import cursor_page
 from warmsocket.write_retry import keep_trying
 
@@ -226,8 +226,7 @@ class Conversations:
         """Additions queued or being written."""
         self._unwritten_bytes = 0
         """What they hold."""
-        self._dropped_unlogged = 0
-        self._drop_log = Throttle(10.0)
+        self._drops = Tally()
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -457,14 +456,12 @@ class Conversations:
                 # Redis has not answered for long: this copy keeps the items, the
                 # other processes miss them (as for a write given up).
                 self.write_errors += 1
-                self._dropped_unlogged += 1
-                if self._drop_log.due():
+                if (unlogged := self._drops.count()) is not None:
                     log.error(
                         "responses' additions to shared conversations dropped: too many "
                         "queued while Redis does not answer",
-                        extra={"queued": self._unwritten, "dropped": self._dropped_unlogged},
+                        extra={"queued": self._unwritten, "dropped": unlogged},
                     )
-                    self._dropped_unlogged = 0
                 return
             conversation.pending += 1
             self._write_behind(conversation, added, nbytes)

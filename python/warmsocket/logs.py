@@ -41,6 +41,23 @@ class Throttle:
         return True
 
 
+class Tally:
+    """Counts what happens and says when a log line about it is due (`Throttle`), with
+    how many times it happened since the last line."""
+
+    def __init__(self, seconds: float = 10.0) -> None:
+        self._throttle = Throttle(seconds)
+        self._since = 0
+
+    def count(self) -> int | None:
+        """Count one; when a line is due, the count it reports (this one included)."""
+        self._since += 1
+        if not self._throttle.due():
+            return None
+        since, self._since = self._since, 0
+        return since
+
+
 def written_here(logger: str) -> bool:
     """Whether this package's code writes the records of `logger`. The server's
     `websockets` protocol objects log under "warmsocket.websockets": not ours."""

@@ -39,7 +39,7 @@ from typing import Protocol
 
 from warmsocket import errors
 from warmsocket.errors import APIError
-from warmsocket.logs import Throttle
+from warmsocket.logs import Tally, Throttle
 
 log = logging.getLogger("warmsocket.server")
 
@@ -123,8 +123,7 @@ class RequestRate:
         """Requests refused since the start, for `/metrics`."""
         self.counted_locally = 0
         """Requests counted in this process's buckets because Redis did not answer."""
-        self._unlogged = 0
-        self._throttle = Throttle(LOG_INTERVAL)
+        self._refusals = Tally(LOG_INTERVAL)
         self._shared_throttle = Throttle(LOG_INTERVAL)
 
     @property
@@ -196,14 +195,12 @@ class RequestRate:
         if taken.allowed:
             return None
         self.refused += 1
-        self._unlogged += 1
-        if self._throttle.due():
+        if (unlogged := self._refusals.count()) is not None:
             log.warning(
                 "an API key is past --requests-per-minute-per-key; its requests are "
                 "refused (429) until its bucket refills",
-                extra={"owner": owner, "limit": self.per_minute, "refused": self._unlogged},
+                extra={"owner": owner, "limit": self.per_minute, "refused": unlogged},
             )
-            self._unlogged = 0
         assert self.per_minute is not None
         return errors.request_rate_exceeded(self.per_minute, taken.wait, taken.full_in)
 

@@ -89,7 +89,7 @@ from redis.backoff import ExponentialBackoff
 from warmsocket import _core, write_retry
 from warmsocket._core import Binding, Items, SessionCache
 from warmsocket.engine import SharedStoreUnavailable
-from warmsocket.logs import Throttle
+from warmsocket.logs import Tally
 from warmsocket.shared_announcements import Announcements
 from warmsocket.shared_background import BackgroundBoard, OnCancel
 from warmsocket.shared_conversations import SharedConversations
@@ -322,8 +322,7 @@ class SharedStore:
         """What the records queued (or being written) hold."""
         self._writing = 0
         """Responses of the batch being written (perhaps tried again)."""
-        self._dropped_unlogged = 0
-        self._drop_log = Throttle(10.0)
+        self._drops = Tally()
         self._tombstones: set[str] = set()
         # (owner, response id) of the deletions announced lately: a load that read a
         # record before its deletion was announced drops it after inserting it.
@@ -475,18 +474,16 @@ class SharedStore:
             self._queued_bytes += record.nbytes
         except asyncio.QueueFull:
             self.errors += 1
-            self._dropped_unlogged += 1
-            if self._drop_log.due():
+            if (unlogged := self._drops.count()) is not None:
                 log.error(
                     "stored responses not shared: too many queued while Redis does not "
                     "answer (they stay in this process)",
                     extra={
                         "queued": self._queue.qsize(),
                         "queued_bytes": self._queued_bytes,
-                        "dropped": self._dropped_unlogged,
+                        "dropped": unlogged,
                     },
                 )
-                self._dropped_unlogged = 0
             return
         self._unwritten.add(record.key)
 
