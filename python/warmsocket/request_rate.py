@@ -2,12 +2,12 @@
 
 `--max-connections-per-key` (`admission.KeyLimit`) bounds what a key holds at once; a
 key that holds one WebSocket can still send turn after turn as fast as the model
-answers. This bounds the rate: model turns started per minute, per key, as OpenAI's
-requests-per-minute limit does. Counted: creates (WebSocket `response.create`, HTTP
-`POST /v1/responses`, background or not, warm-ups with `generate: false` too) and
-compactions. Not counted: what runs no model (retrieve, cancel, delete, lists, input
-token counts) and requests refused before they would run (invalid, or past another
-limit).
+answers. This bounds the rate: model requests per minute, per key, as OpenAI's
+requests-per-minute limit does. Counted as they arrive: creates (WebSocket
+`response.create`, HTTP `POST /v1/responses`, background or not, warm-ups with
+`generate: false` too) and compactions. Not counted: what runs no model (retrieve,
+cancel, delete, lists, input token counts), invalid requests, and HTTP requests
+refused by `--max-connections-per-key`.
 
 Each key has a bucket of `burst` requests (a minute's worth unless told otherwise)
 that refills at `per_minute` / 60 a second: a key may spend a minute's requests at
