@@ -1,5 +1,5 @@
 """`memo.Memo`: what is computed from instructions and tools is remembered, within a
-bound on entries and on the characters of the keys, so that requests that each send
+bound on entries and on the bytes of the keys, so that requests that each send
 other large instructions cannot make a process hold them all."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from __future__ import annotations
 import httpx2 as httpx
 
 from tests.support import running_server
-from warmsocket.memo import Memo
+from warmsocket.memo import Memo, str_bytes
 
 
 def test_a_value_is_computed_once_while_it_is_kept() -> None:
-    memo: Memo[str, int] = Memo(entries=4, key_chars=100)
+    memo: Memo[str, int] = Memo(entries=4, key_bytes=100)
     calls: list[str] = []
 
     def compute(key: str) -> int:
@@ -20,27 +20,41 @@ def test_a_value_is_computed_once_while_it_is_kept() -> None:
 
     assert memo.get("abc", 3, lambda: compute("abc")) == 3
     assert memo.get("abc", 3, lambda: compute("abc")) == 3
-    assert calls == ["abc"] and "abc" in memo and memo.chars == 3
+    assert calls == ["abc"] and "abc" in memo and memo.held_bytes == 3
 
 
 def test_the_oldest_go_past_the_entries_or_the_characters() -> None:
-    memo: Memo[str, str] = Memo(entries=3, key_chars=40)
+    memo: Memo[str, str] = Memo(entries=3, key_bytes=40)
     for key in ("a", "b", "c", "d"):
         memo.get(key, 1, lambda key=key: key)  # type: ignore[misc]
     assert "a" not in memo and len(memo) == 3
     memo.get("x" * 10, 10, lambda: "ten")
     memo.get("y" * 10, 10, lambda: "ten")
     memo.get("z" * 10, 10, lambda: "ten")
-    assert memo.chars <= 40 and len(memo) <= 3
+    assert memo.held_bytes <= 40 and len(memo) <= 3
     assert "z" * 10 in memo and "b" not in memo
 
 
 def test_a_key_larger_than_a_quarter_of_the_bound_is_not_kept() -> None:
-    memo: Memo[str, int] = Memo(entries=8, key_chars=40)
+    memo: Memo[str, int] = Memo(entries=8, key_bytes=40)
     memo.get("small", 5, lambda: 1)
     big = "b" * 11
     assert memo.get(big, 11, lambda: 2) == 2
-    assert big not in memo and "small" in memo and memo.chars == 5
+    assert big not in memo and "small" in memo and memo.held_bytes == 5
+
+
+def test_keys_are_measured_in_the_bytes_their_strings_take() -> None:
+    """Python keeps a string of 4-byte characters in four times the bytes of an ASCII
+    one as long: a memo that counted characters would hold four times its bound."""
+    ascii_text = "a" * 1_000
+    wide_text = "\U0001f600" * 1_000
+    assert str_bytes(wide_text) > 3 * str_bytes(ascii_text) > 3_000
+    assert str_bytes(None) == 0
+    memo: Memo[str, int] = Memo(entries=8, key_bytes=4 * 2_000)
+    memo.get(ascii_text, str_bytes(ascii_text), lambda: 1)
+    memo.get(wide_text, str_bytes(wide_text), lambda: 2)
+    assert ascii_text in memo and wide_text not in memo
+    assert memo.held_bytes == str_bytes(ascii_text)
 
 
 def test_large_instructions_sent_once_each_are_not_held() -> None:
@@ -57,7 +71,14 @@ def test_large_instructions_sent_once_each_are_not_held() -> None:
             assert created.status_code == 200
             assert created.json()["usage"]["input_tokens"] > 500_000
         engine = srv.server.engine
-        assert engine._instruction_tokens.chars == 0
+        assert engine._instruction_tokens.held_bytes == 0
+        # 600,000 characters of 4 bytes each: fewer characters than a quarter of the
+        # bound's bytes, but more bytes.
+        wide = "\U0001f600" * 600_000
+        created = http.post("/responses", json={"model": "m", "input": "hi", "instructions": wide})
+        assert created.status_code == 200
+        assert wide not in engine._instruction_tokens
+        assert engine._instruction_tokens.held_bytes == 0
         # Ordinary instructions are kept (the next turn does not count them again).
         http.post("/responses", json={"model": "m", "input": "hi", "instructions": "Be brief."})
         assert "Be brief." in engine._instruction_tokens

@@ -73,7 +73,7 @@ from warmsocket.conversations import (
     items_cost,
 )
 from warmsocket.errors import APIError
-from warmsocket.memo import Memo
+from warmsocket.memo import Memo, str_bytes
 from warmsocket.metrics import Metrics
 
 log = logging.getLogger("warmsocket.engine")
@@ -168,7 +168,7 @@ def prompt_key(instructions: str | None, tools_digest: int | None = None) -> str
             data += b"\0tools:" + tools_digest.to_bytes(8, "little")
         return hashlib.blake2b(data, digest_size=8).hexdigest()
 
-    return _PROMPT_KEYS.get((instructions, tools_digest), len(instructions or ""), digest)
+    return _PROMPT_KEYS.get((instructions, tools_digest), str_bytes(instructions), digest)
 
 
 _INSTRUCTIONS_MEMBER = b'"instructions":'
@@ -428,7 +428,9 @@ class Engine:
         if instructions is None or tokenizer is None:
             return 0
         return self._instruction_tokens.get(
-            instructions, len(instructions), lambda: tokenizer.count_instructions(instructions)
+            instructions,
+            str_bytes(instructions),
+            lambda: tokenizer.count_instructions(instructions),
         )
 
     def tool_tokens(self, request: CreateRequest) -> int:

@@ -5,34 +5,43 @@ An agent sends the same instructions and tools on every turn, so what is compute
 from them (token counts, a digest) is remembered by their content. The content can
 be as large as a message (`--max-message-bytes`, 32 MiB): a memo bounded by entries
 alone could be made to hold hundreds of such strings by requests that each send
-other instructions. So a `Memo` also bounds the characters of its keys: one larger
-than a quarter of that is not kept (computed each time, as its request's parsing
-costs in any case), and the oldest entries go to make room.
+other instructions. So a `Memo` also bounds the bytes its keys' strings take in
+memory (`str_bytes`: a string of 4-byte characters takes four times one of ASCII):
+a key larger than a quarter of that is not kept (computed each time, as its
+request's parsing costs in any case), and the oldest entries go to make room.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from sys import getsizeof
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 ENTRIES = 256
-KEY_CHARS = 8 * 1024 * 1024
-"""Characters of string keys a memo keeps at most (8 Mi: 256 prompts of 32 Ki)."""
+KEY_BYTES = 8 * 1024 * 1024
+"""Bytes of string keys a memo keeps at most (8 MiB: 256 ASCII prompts of 32 KiB)."""
+
+
+def str_bytes(text: str | None) -> int:
+    """The bytes a string takes in memory (0 for None): what keeping it costs, which
+    its length does not say (Python stores a string in 1, 2 or 4 bytes a character,
+    by its widest)."""
+    return 0 if text is None else getsizeof(text)
 
 
 class Memo(Generic[K, V]):
-    """`get(key, chars, compute)`: `compute()` once per key while it is kept. `chars`:
-    the size of the key's strings (0 for a digest)."""
+    """`get(key, size, compute)`: `compute()` once per key while it is kept. `size`:
+    the bytes of the key's strings (`str_bytes`; 0 for a digest)."""
 
-    def __init__(self, entries: int = ENTRIES, key_chars: int = KEY_CHARS) -> None:
+    def __init__(self, entries: int = ENTRIES, key_bytes: int = KEY_BYTES) -> None:
         self.entries = entries
-        self.key_chars = key_chars
+        self.key_bytes = key_bytes
         self._values: OrderedDict[K, tuple[V, int]] = OrderedDict()
-        self._chars = 0
+        self._bytes = 0
 
     def __contains__(self, key: K) -> bool:
         return key in self._values
@@ -41,21 +50,21 @@ class Memo(Generic[K, V]):
         return len(self._values)
 
     @property
-    def chars(self) -> int:
-        """Characters of the keys kept."""
-        return self._chars
+    def held_bytes(self) -> int:
+        """Bytes of the keys kept."""
+        return self._bytes
 
-    def get(self, key: K, chars: int, compute: Callable[[], V]) -> V:
+    def get(self, key: K, size: int, compute: Callable[[], V]) -> V:
         found = self._values.get(key)
         if found is not None:
             return found[0]
         value = compute()
-        if chars > self.key_chars // 4:
+        if size > self.key_bytes // 4:
             return value  # too large to keep
         values = self._values
-        while values and (len(values) >= self.entries or self._chars + chars > self.key_chars):
+        while values and (len(values) >= self.entries or self._bytes + size > self.key_bytes):
             _key, (_value, dropped) = values.popitem(last=False)
-            self._chars -= dropped
-        values[key] = (value, chars)
-        self._chars += chars
+            self._bytes -= dropped
+        values[key] = (value, size)
+        self._bytes += size
         return value

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from warmsocket._core import ContextView, Items, Tokenizer
 from warmsocket.backends.base import TurnContext
-from warmsocket.memo import Memo
+from warmsocket.memo import Memo, str_bytes
 
 OUTPUT_RESERVE = 8
 """Without `max_output_tokens`, a window's 1/8 is kept for the answer."""
@@ -131,7 +131,7 @@ class PromptTokens:
             return counted
 
         key = (request.instructions, request.tools_digest)
-        return self._counts.get(key, len(request.instructions or ""), count)
+        return self._counts.get(key, str_bytes(request.instructions), count)
 
 
 class ContextWindows:
