@@ -726,6 +726,18 @@ impl SessionCache {
         st.evicted.drain(..).collect()
     }
 
+    /// `(owner, id)` of every stored entry (not local to a connection), in no order:
+    /// for whoever checks the cache against a store it copies (after missing news of
+    /// that store's deletions).
+    pub fn stored_ids(&self) -> Vec<(Arc<str>, Arc<str>)> {
+        let st = self.shared.state.lock();
+        st.index
+            .values()
+            .filter(|entry| entry.node.scope.is_none())
+            .map(|entry| (entry.node.owner.clone(), entry.node.id.clone()))
+            .collect()
+    }
+
     pub fn stats(&self) -> Stats {
         let st = self.shared.state.lock();
         let entries = st.index.len() as u64;
@@ -1301,6 +1313,38 @@ mod tests {
         ));
         assert!(!c.delete("a", "other"));
         assert!(c.get("a", O, None).is_ok());
+    }
+
+    #[test]
+    fn stored_ids_are_those_not_local_to_a_connection() {
+        let c = big();
+        let conn = c.open_connection();
+        create(&c, "root", None);
+        create(&c, "child", Some("root"));
+        let mut n = new("local", Parent::Id("root"));
+        n.store = false;
+        n.connection = Some(conn);
+        c.create(n).unwrap();
+        let mut n = new("tainted", Parent::Id("local"));
+        n.connection = Some(conn);
+        c.create(n).unwrap();
+        let mut n = new("theirs", Parent::None);
+        n.owner = "other";
+        c.create(n).unwrap();
+        let mut ids: Vec<(String, String)> = c
+            .stored_ids()
+            .iter()
+            .map(|(owner, id)| (owner.to_string(), id.to_string()))
+            .collect();
+        ids.sort();
+        let expected = [("other", "theirs"), (O, "child"), (O, "root")];
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(owner, id)| (owner.to_string(), id.to_string()))
+            .collect();
+        assert_eq!(ids, expected);
+        assert!(c.delete("child", O));
+        assert_eq!(c.stored_ids().len(), 2);
     }
 
     #[test]

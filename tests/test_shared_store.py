@@ -687,33 +687,115 @@ def test_deletions_and_cancels_made_while_a_process_was_cut_off_reach_it(
     assert "following Redis deletions and cancels again" in messages
 
 
-def test_announcements_trimmed_before_a_process_read_them_are_reported(
+def test_deletions_trimmed_before_a_process_read_them_are_found_in_the_records(
     redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """More deletions were announced while a process was cut off than the stream keeps:
+    it reports the gap, then checks each stored response it caches against its record
+    and drops those deleted meanwhile (before, it kept serving them until they left
+    its cache)."""
     monkeypatch.setattr(shared_announcements, "KEEP", 3)
+    monkeypatch.setattr(shared_store, "RECHECK_BATCH", 2)  # more than one round trip
+    cache = SessionCache()
+    for rid in ("gone1", "kept", "gone2", "unwritten"):
+        turn(cache, rid, None, rid)
+    turn(cache, "theirs", None, "x", owner="p")
 
-    async def main() -> int:
+    async def main() -> tuple[int, int, list[tuple[str, str]]]:
         proxy = AnswerDropper(redis_url)
         writer = SharedStore.from_url(redis_url, prefix="t-trim")
         reader = SharedStore.from_url(await proxy.start(), prefix="t-trim")
+        dropped: list[tuple[str, str]] = []
+
+        def deleted(owner: str, rid: str) -> None:
+            dropped.append((owner, rid))
+            cache.delete(rid, owner=owner)
+
         await writer.start()
-        await reader.start(on_deleted=lambda owner, rid: None)
+        await reader.start(on_deleted=deleted, stored_ids=cache.stored_ids)
+        for rid in ("gone1", "kept", "gone2"):
+            share(reader, cache, rid)
+        reader.publish(cache.get("theirs", owner="p"), *cache.own_items("theirs", owner="p"))
+        await reader.flush()
         proxy.cut()
         await asyncio.sleep(0.3)
+        await writer.delete("gone1", owner="o")
+        await writer.delete("gone2", owner="o")
         for n in range(500):  # far more than the stream keeps (trimmed to 3, roughly)
             await writer.delete(f"r{n}", owner="o")
         proxy.mend()
         for _ in range(200):
-            if reader.announcements.missed:
+            if reader.rechecks:
                 break
             await asyncio.sleep(0.02)
         await writer.aclose()
         await reader.aclose()
         await proxy.aclose()
-        return reader.announcements.missed
+        return reader.announcements.missed, reader.rechecks, dropped
 
-    assert run(main()) == 1
-    assert any("dropped before this process read them" in r.getMessage() for r in caplog.records)
+    caplog.set_level(logging.INFO, logger="warmsocket.shared_store")
+    missed, rechecks, dropped = run(main())
+    assert (missed, rechecks) == (1, 1)
+    # (The newest of the 500 are still in the stream, trimmed roughly: heard.)
+    assert sorted(d for d in dropped if d[1].startswith("gone")) == [("o", "gone1"), ("o", "gone2")]
+    assert sorted(cache.stored_ids()) == [("o", "kept"), ("o", "unwritten"), ("p", "theirs")]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("dropped before this process read them" in m for m in messages)
+    [checked] = [r for r in caplog.records if r.getMessage().startswith("checked the cached")]
+    assert (checked.checked, checked.dropped) == (5, 2)  # type: ignore[attr-defined]
+
+
+def test_a_check_redis_did_not_answer_is_made_again(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check after missed deletions found Redis gone again: it is made once Redis
+    answers, not given up."""
+    monkeypatch.setattr(shared_announcements, "KEEP", 3)
+    cache = SessionCache()
+    turn(cache, "gone", None, "x")
+
+    async def main() -> tuple[int, int, bool]:
+        proxy = AnswerDropper(redis_url)
+        writer = SharedStore.from_url(redis_url, prefix="t-recheck")
+        reader = SharedStore.from_url(await proxy.start(), prefix="t-recheck")
+        checks: list[int] = []
+        real_check = reader._recheck_deletions
+
+        async def check(stored: list[tuple[str, str]], on_deleted: Any) -> bool:
+            checks.append(len(stored))
+            if len(checks) == 1:
+                proxy.cut()  # Redis is gone again as the first check begins
+                answered = await real_check(stored, on_deleted)
+                proxy.mend()
+                return answered
+            return await real_check(stored, on_deleted)
+
+        monkeypatch.setattr(reader, "_recheck_deletions", check)
+        await writer.start()
+        await reader.start(
+            on_deleted=lambda owner, rid: cache.delete(rid, owner=owner),
+            stored_ids=cache.stored_ids,
+        )
+        share(reader, cache, "gone")
+        await reader.flush()
+        proxy.cut()
+        await asyncio.sleep(0.3)
+        await writer.delete("gone", owner="o")
+        for n in range(500):
+            await writer.delete(f"r{n}", owner="o")
+        proxy.mend()
+        for _ in range(300):
+            if reader.rechecks:
+                break
+            await asyncio.sleep(0.02)
+        await writer.aclose()
+        await reader.aclose()
+        await proxy.aclose()
+        return len(checks), reader.rechecks, "gone" in {rid for _, rid in cache.stored_ids()}
+
+    checks, rechecks, still_cached = run(main())
+    assert checks == 2 and rechecks == 1
+    assert not still_cached
 
 
 def test_settings_lost_from_redis_are_written_again(redis_url: str) -> None:

@@ -536,6 +536,9 @@ class SessionCache:
         """The ids evicted for the memory budget since the last call (the newest
         4,096; deletes and closed connections are not evictions), so that copies kept
         beside the cache can go too."""
+    def stored_ids(self) -> list[tuple[str, str]]:
+        """`(owner, response id)` of every stored entry (not local to a connection), in
+        no order."""
     def stats(self) -> CacheStats:
         """The cache's counters now."""
     def snapshot(self) -> bytes:

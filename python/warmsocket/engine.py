@@ -293,10 +293,13 @@ class SharedResponses(Protocol):
         self,
         on_deleted: Callable[[str, str], None],
         on_cancel: Callable[[str, str], None] | None = None,
+        stored_ids: Callable[[], list[tuple[str, str]]] | None = None,
     ) -> None:
         """Connect (raises ConnectionError) and start writing; `on_deleted(owner, id)`
         is called when any process deletes a shared response, `on_cancel(owner, id)`
-        when any process asks for a background response to be cancelled."""
+        when any process asks for a background response to be cancelled.
+        `stored_ids()` lists (owner, id) of the stored responses this process caches,
+        to be checked when deletions may have been missed."""
         ...
 
     async def aclose(self, flush_timeout: float = ...) -> None:

@@ -381,7 +381,9 @@ class Server:
         shared = self.engine.shared
         if shared is not None:
             await shared.start(
-                on_deleted=self._forget, on_cancel=self.http.background.cancel_announced
+                on_deleted=self._forget,
+                on_cancel=self.http.background.cancel_announced,
+                stored_ids=self.cache.stored_ids,
             )
         loop = asyncio.get_running_loop()
         config = self.config

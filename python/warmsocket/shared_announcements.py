@@ -9,7 +9,9 @@ network blip): a deletion missed so would have left that process serving a respo
 its owner deleted, for as long as its cache kept it. A stream is read again from the
 last entry read, so nothing is missed unless more than `KEEP` announcements were made
 while a process could not read (logged and counted, on Redis 7), or the stream is
-gone (a Redis that restarted empty).
+gone (a Redis that restarted empty). Then `follow` calls its `missed`: the shared store
+checks every response its process caches against the records in Redis, and drops
+those deleted meanwhile.
 
 The same announcements are still published on the channels ``<prefix>:deleted`` and
 ``<prefix>:cancel``, for processes of earlier versions during a rolling upgrade.
@@ -20,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 log = logging.getLogger("warmsocket.shared_store")
@@ -35,6 +37,9 @@ RETRY_DELAY = 1.0
 
 Heard = Callable[[str, str, str], None]
 """Called with (kind, owner, response id) for each announcement."""
+Missed = Callable[[], Awaitable[bool]]
+"""Called when announcements may have been missed; returns whether it caught up (else
+it is called again after the next read)."""
 Failed = Callable[[BaseException], dict[str, str]]
 """The log fields of a failed Redis call (`shared_store.failure_fields`)."""
 
@@ -60,6 +65,8 @@ class Announcements:
         self.missed = 0
         """Times announcements were trimmed from the stream before this process read
         them."""
+        self._catch_up = False
+        """Whether announcements may have been missed and `missed` has not yet caught up."""
 
     async def announce(self, kind: str, owner: str, response_id: str) -> None:
         """Tell every process. Raises Redis and OS errors."""
@@ -88,20 +95,24 @@ class Announcements:
             self._added_before = 0
         self._read = 0
 
-    async def follow(self, heard: Heard) -> None:
+    async def follow(self, heard: Heard, missed: Missed | None = None) -> None:
         """Read the announcements from `position` on, for ever (cancel to stop), and
-        call `heard` with each; while Redis does not answer, try again every second."""
+        call `heard` with each; while Redis does not answer, try again every second.
+        When announcements may have been missed (the stream was trimmed past `position`,
+        or is gone), await `missed` once Redis answers again, until it returns True."""
         failing = False
         while True:
             try:
-                if failing:
-                    await self._check_position()
+                if failing and await self._check_position():
+                    self._catch_up = True
                 reply = await self._client.xread(
                     {self.key: self.position}, count=READ_BATCH, block=READ_BLOCK_MS
                 )
                 if failing:
                     log.info("following Redis deletions and cancels again")
                     failing = False
+                if self._catch_up and missed is not None:
+                    self._catch_up = not await missed()
                 for _key, entries in reply or ():
                     for entry_id, fields in entries:
                         self.position = _text(entry_id)
@@ -123,33 +134,37 @@ class Announcements:
         newest = await self._client.xrevrange(self.key, count=1)
         return _text(newest[0][0]) if newest else None
 
-    async def _check_position(self) -> None:
+    async def _check_position(self) -> bool:
         """After an outage: a stream gone, or started again behind `position` (Redis
         restarted empty), is read from its start; announcements trimmed from the stream
         before they were read are logged and counted (on Redis 7, whose count of the
-        entries ever added tells)."""
+        entries ever added tells). Returns whether announcements may have been missed."""
         if not await self._client.exists(self.key):
             self._restart()
-            return
+            return True
         info = await self._client.xinfo_stream(self.key)
         if _id(_text(info["last-generated-id"])) < _id(self.position):
             self._restart()
-            return
+            return True
         added = info.get("entries-added")
         first = info.get("first-entry")
         if added is None or self._added_before is None or not first:
-            return
+            return False
         if _id(_text(first[0])) <= _id(self.position):
-            return  # nothing after `position` was trimmed
+            return False  # nothing after `position` was trimmed
         unread = int(added) - self._added_before - self._read
-        if unread > int(info["length"]):
-            self.missed += 1
-            log.error(
-                "Redis deletions and cancels were dropped before this process read them; "
-                "responses deleted meanwhile may still be served from this process's cache "
-                "until they leave it",
-                extra={"redis": self._address, "missed": unread - int(info["length"])},
-            )
+        if unread <= int(info["length"]):
+            return False
+        self.missed += 1
+        log.error(
+            "Redis deletions and cancels were dropped before this process read them; "
+            "checking the responses this process caches against Redis",
+            extra={"redis": self._address, "missed": unread - int(info["length"])},
+        )
+        # Counted once: what follows `position` from here on is read or checked.
+        self._added_before = int(added) - int(info["length"])
+        self._read = 0
+        return True
 
     def _restart(self) -> None:
         self.position = "0-0"

@@ -44,8 +44,10 @@ partial context.
 Deletion marks the record and announces ``[owner, id]`` to every process
 (`shared_announcements`: a Redis stream each reads from where it stopped, so a
 process that could not read for a while still hears it); each that follows them
-(`start(on_deleted=...)`) drops its local copy. A response deleted before the writer
-wrote it is written as deleted.
+(`start(on_deleted=...)`) drops its local copy. A process that missed announcements
+(more were made while it could not read than the stream keeps) checks every stored
+response it caches (`start(stored_ids=...)`) against the records, and drops those
+marked deleted. A response deleted before the writer wrote it is written as deleted.
 
 Background responses that another process runs, or that failed or were cancelled
 (never stored), are shared through the same Redis by `shared_background` (its
@@ -112,6 +114,8 @@ SOCKET_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
 ANNOUNCED_MEMORY = 4096
 """Deletion announcements remembered, for loads that read a record before its own."""
+RECHECK_BATCH = 1000
+"""Records asked of Redis in one round trip when the cache is checked against them."""
 SHUTDOWN_FLUSH_TIMEOUT = 10.0
 _KNOWN_SETTINGS_LIMIT = 4096
 
@@ -256,6 +260,8 @@ def _failure(exc: BaseException) -> dict[str, str]:
 
 
 OnDeleted = Callable[[str, str], None]
+StoredIds = Callable[[], list[tuple[str, str]]]
+"""(owner, response id) of each stored response a process caches."""
 """Called with (owner, response_id) when any process deleted a shared response."""
 
 
@@ -308,6 +314,8 @@ class SharedStore:
         self.load_misses = 0
         self.load_errors = 0
         self.deleted = 0
+        self.rechecks = 0
+        """Times the cached responses were checked against Redis after missed deletions."""
         self._queue: asyncio.Queue[_Record] = asyncio.Queue(QUEUE_LIMIT)
         self._writer: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -369,11 +377,16 @@ class SharedStore:
         return _failure(exc)
 
     async def start(
-        self, on_deleted: OnDeleted | None = None, on_cancel: OnCancel | None = None
+        self,
+        on_deleted: OnDeleted | None = None,
+        on_cancel: OnCancel | None = None,
+        stored_ids: StoredIds | None = None,
     ) -> None:
         """Check the connection, start the writers and, with `on_deleted` and
         `on_cancel`, follow the deletions and background cancels other processes
-        announce. Raises ConnectionError."""
+        announce. With `stored_ids` too, deletions missed (trimmed from the stream
+        before this process read them) are found by checking the responses it lists
+        against their records. Raises ConnectionError."""
         listening = on_deleted is not None or on_cancel is not None
         try:
             await self.client.ping()
@@ -391,7 +404,7 @@ class SharedStore:
         loop = asyncio.get_running_loop()
         self._writer = loop.create_task(self._write_loop())
         if listening:
-            self._listener = loop.create_task(self._listen(on_deleted, on_cancel))
+            self._listener = loop.create_task(self._listen(on_deleted, on_cancel, stored_ids))
         self.background_board.start()
 
     async def _cluster_info(self) -> dict[str, Any]:
@@ -764,7 +777,12 @@ class SharedStore:
         self.deleted += existed
         return existed
 
-    async def _listen(self, on_deleted: OnDeleted | None, on_cancel: OnCancel | None) -> None:
+    async def _listen(
+        self,
+        on_deleted: OnDeleted | None,
+        on_cancel: OnCancel | None,
+        stored_ids: StoredIds | None,
+    ) -> None:
         """Follow the deletions and the background cancels any process announces."""
 
         def heard(kind: str, owner: str, response_id: str) -> None:
@@ -773,7 +791,43 @@ class SharedStore:
             elif kind == "cancel" and on_cancel is not None:
                 on_cancel(owner, response_id)
 
-        await self.announcements.follow(heard)
+        async def missed() -> bool:
+            if on_deleted is None or stored_ids is None:
+                return True
+            return await self._recheck_deletions(stored_ids(), on_deleted)
+
+        await self.announcements.follow(heard, missed)
+
+    async def _recheck_deletions(
+        self, stored: list[tuple[str, str]], on_deleted: OnDeleted
+    ) -> bool:
+        """Drop the responses of `stored` whose records are marked deleted; one round trip
+        per `RECHECK_BATCH`. Returns False (logged) when Redis did not answer."""
+        dropped = 0
+        try:
+            for start in range(0, len(stored), RECHECK_BATCH):
+                batch = stored[start : start + RECHECK_BATCH]
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for owner, response_id in batch:
+                        pipe.hget(self._key(owner, response_id), "deleted")
+                    marks = await pipe.execute()
+                for (owner, response_id), mark in zip(batch, marks, strict=True):
+                    if mark is not None:
+                        self._deleted_elsewhere(owner, response_id, on_deleted)
+                        dropped += 1
+        except (redis.RedisError, OSError) as exc:
+            self.errors += 1
+            log.error(
+                "cannot check the cached responses against Redis; trying again",
+                extra={"redis": self.address, **_failure(exc)},
+            )
+            return False
+        self.rechecks += 1
+        log.info(
+            "checked the cached responses against Redis",
+            extra={"checked": len(stored), "dropped": dropped},
+        )
+        return True
 
     def _deleted_elsewhere(self, owner: str, response_id: str, on_deleted: OnDeleted) -> None:
         announced = self._announced

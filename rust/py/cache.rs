@@ -353,6 +353,17 @@ impl PySessionCache {
             .collect()
     }
 
+    /// `(owner, id)` of every stored entry, in no order.
+    fn stored_ids(&self, py: Python<'_>) -> Vec<(String, String)> {
+        py.detach(|| {
+            self.inner
+                .stored_ids()
+                .iter()
+                .map(|(owner, id)| (owner.to_string(), id.to_string()))
+                .collect()
+        })
+    }
+
     fn stats(&self) -> PyCacheStats {
         PyCacheStats {
             inner: self.inner.stats(),
