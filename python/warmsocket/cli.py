@@ -493,6 +493,19 @@ def build_parser() -> argparse.ArgumentParser:
         "0: no limit",
     )
     opt.add(
+        "--tokens-per-minute-per-key",
+        default=0,
+        metavar="N",
+        type=_non_negative_int,
+        help="input plus output tokens (the responses' usage, compactions' too) one API "
+        "key's responses may use per minute. Each response's tokens are counted when it "
+        "ends, from a bucket of a minute's tokens refilled at N/60 a second; while a "
+        "key's bucket is empty its creates and compactions get 429 'rate_limit_exceeded' "
+        "with Retry-After and x-ratelimit-*-tokens headers, as for "
+        "--requests-per-minute-per-key (and shared through --redis-url the same way). "
+        "0: no limit",
+    )
+    opt.add(
         "--max-lanes", default=32, type=_positive_int, help="named stream_id lanes per connection"
     )
     opt.add(

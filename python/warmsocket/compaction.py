@@ -127,12 +127,16 @@ async def compact(
             upstream = await backend.compact(turn.context(), _without_prompt(turn.view))
             if upstream is not None:
                 engine.metrics.count_compaction()
+                if engine.tokens_used is not None:
+                    engine.tokens_used(owner, _total_tokens(upstream.get("usage")))
                 return dumps(upstream)
         summary, report = await _summarise(engine, turn.context())
         context = turn.view.objects()[:-1]  # less the prompt
         turn.usage_report = report
         turn.output_chars = len(summary)
         input_tokens, cached_tokens, output_tokens, reasoning_tokens = turn.usage()
+        if engine.tokens_used is not None:
+            engine.tokens_used(owner, input_tokens + output_tokens)
     finally:
         turn.release()
     item = {
@@ -152,6 +156,18 @@ async def compact(
         compacted["safety_identifier"] = safety_identifier  # echoed, as OpenAI does
     engine.metrics.count_compaction()
     return dumps(compacted)
+
+
+def _total_tokens(usage: Any) -> int:
+    """Input plus output tokens of an upstream's usage object (0 where it says none)."""
+    if not isinstance(usage, Mapping):
+        return 0
+    total = 0
+    for field in ("input_tokens", "output_tokens"):
+        value = usage.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            total += value
+    return total
 
 
 def window_messages(context: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -365,6 +365,9 @@ class Engine:
             )
         self.conversations = conversations
         self.responses_upstream = bool(getattr(backend, "responses_upstream", False))
+        self.tokens_used: Callable[[str, int], None] | None = None
+        """Told (owner, input + output tokens) of each model pass as it ends, or is
+        abandoned after the model began (`--tokens-per-minute-per-key`)."""
         self._instruction_tokens: Memo[str, int] = Memo()
         self._tool_tokens: Memo[int, int] = Memo()
         self._forget = getattr(backend, "forget", None)
@@ -1157,11 +1160,26 @@ class Turn:
             # may continue it. Write-behind: queued here, written off the turn's path.
             shared.publish(info, self.items, output)
 
+    def abandon(self) -> None:
+        """The client is gone before the response ended: nothing more is sent or
+        stored. What the model did so far still counts against its key's tokens."""
+        self.finished = True
+        self.release()
+        if self.first_token is not None:
+            self._count_tokens_used()
+
+    def _count_tokens_used(self) -> None:
+        tokens_used = self.engine.tokens_used
+        if tokens_used is not None:
+            input_tokens, _cached, output_tokens, _reasoning = self.usage()
+            tokens_used(self.owner, input_tokens + output_tokens)
+
     def _finish(self, status: str) -> None:
         self.finished = True
         self.end_status = status
         self.release()
         engine = self.engine
+        self._count_tokens_used()
         if status not in ("completed", "incomplete"):
             engine.forget((self.response_id,))  # never stored: nothing continues it
         else:

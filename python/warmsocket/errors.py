@@ -352,23 +352,33 @@ def too_many_for_key(limit: int) -> APIError:
     )
 
 
-def request_rate_exceeded(per_minute: int, wait: float, full_in: float) -> APIError:
-    """`--requests-per-minute-per-key`: `wait` seconds until the key may make its next
-    request, `full_in` until its bucket is full again (`request_rate`)."""
+def rate_exceeded(unit: str, per_minute: int, wait: float, full_in: float) -> APIError:
+    """`--requests-per-minute-per-key` (`unit` 'requests') or
+    `--tokens-per-minute-per-key` ('tokens'): `wait` seconds until the key may make its
+    next request, `full_in` until its bucket is full again (`request_rate`)."""
     wait_ms = max(1, math.ceil(wait * 1000))
+    if unit == "tokens":
+        what = (
+            f"this API key may use {per_minute} tokens per minute on this server "
+            "(--tokens-per-minute-per-key), and its responses have used them"
+        )
+    else:
+        what = (
+            f"this API key may make {per_minute} requests per minute on this server "
+            "(--requests-per-minute-per-key)"
+        )
     return APIError(
         "rate_limit_exceeded",
-        f"Rate limit reached for requests: this API key may make {per_minute} requests "
-        f"per minute on this server (--requests-per-minute-per-key). Please try again "
-        f"in {reset_duration(wait_ms / 1000)}.",
+        f"Rate limit reached for {unit}: {what}. Please try again in "
+        f"{reset_duration(wait_ms / 1000)}.",
         status=429,
         type=RATE_LIMIT,
         headers={
             "retry-after": str(math.ceil(wait_ms / 1000)),
             "retry-after-ms": str(wait_ms),
-            "x-ratelimit-limit-requests": str(per_minute),
-            "x-ratelimit-remaining-requests": "0",
-            "x-ratelimit-reset-requests": reset_duration(full_in),
+            f"x-ratelimit-limit-{unit}": str(per_minute),
+            f"x-ratelimit-remaining-{unit}": "0",
+            f"x-ratelimit-reset-{unit}": reset_duration(full_in),
         },
     )
 

@@ -33,7 +33,7 @@ from warmsocket.errors import APIError
 from warmsocket.http11 import LAST_CHUNK, Request, chunk, encode_response, response_head
 from warmsocket.origins import cors_headers, preflight_headers
 from warmsocket.pages import cursor_page, page_params
-from warmsocket.request_rate import RequestRate
+from warmsocket.request_rate import RateLimits, RequestRate, TokenRate
 from warmsocket.response_stream import dumps
 from warmsocket.token_count import parse_count_request
 
@@ -103,14 +103,14 @@ class HTTPApp:
         ready: Callable[[], bool] = lambda: True,
         access_log: bool = True,
         key_limit: KeyLimit | None = None,
-        request_rate: RequestRate | None = None,
+        rate_limits: RateLimits | None = None,
     ) -> None:
         """`access_log`: a log line per request answered (`access_line`). `key_limit`:
-        `--max-connections-per-key`, `request_rate`: `--requests-per-minute-per-key`,
-        both shared with the server's WebSockets."""
+        `--max-connections-per-key`, `rate_limits`: `--requests-per-minute-per-key` and
+        `--tokens-per-minute-per-key`, all shared with the server's WebSockets."""
         self.engine = engine
         self.key_limit = key_limit or KeyLimit(None)
-        self.request_rate = request_rate or RequestRate(None)
+        self.rate_limits = rate_limits or RateLimits(RequestRate(None), TokenRate(None))
         self.access_log = access_log
         self.auth = auth
         self.models = tuple(models)
@@ -329,10 +329,11 @@ class HTTPApp:
         return 200
 
     async def _count_request(self, request: Request, owner: str) -> None:
-        """Count a create or compaction under `--requests-per-minute-per-key`, or 429;
-        its answer says how many the key has left."""
-        if self.request_rate.limited:
-            verdict = await self.request_rate.check(owner)
+        """Count a create or compaction under `--requests-per-minute-per-key` and
+        `--tokens-per-minute-per-key`, or 429; its answer says how many the key has
+        left."""
+        if self.rate_limits.limited:
+            verdict = await self.rate_limits.check(owner)
             if verdict.refusal is not None:
                 raise verdict.refusal
             request.answer_headers += verdict.headers
@@ -743,8 +744,7 @@ async def run_turn(
                 break
             await drain()
             if closing():
-                turn.release()
-                turn.finished = True
+                turn.abandon()
                 return None
     except APIError as error:
         emit(turn.fail(error))

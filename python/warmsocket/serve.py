@@ -78,6 +78,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         conversation_budget=args.conversation_budget,
         max_connections_per_key=args.max_connections_per_key or None,
         requests_per_minute_per_key=args.requests_per_minute_per_key or None,
+        tokens_per_minute_per_key=args.tokens_per_minute_per_key or None,
         owner_by_client_certificate=args.owner_by_client_certificate,
         max_connections=args.max_connections
         or admission.auto_max_connections(
@@ -335,6 +336,7 @@ async def _serve(
             "max_connections": config.max_connections,
             "max_connections_per_key": config.max_connections_per_key,
             "requests_per_minute_per_key": config.requests_per_minute_per_key,
+            "tokens_per_minute_per_key": config.tokens_per_minute_per_key,
             "auth": bool(config.api_keys),
             "client_certificates": config.tls is not None
             and config.tls.verify_mode == ssl.CERT_REQUIRED,

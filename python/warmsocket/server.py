@@ -91,7 +91,7 @@ from warmsocket.metrics import (
     shared_store_collector,
 )
 from warmsocket.origins import OriginPolicy
-from warmsocket.request_rate import RequestRate
+from warmsocket.request_rate import RateLimits, RequestRate, TokenRate
 from warmsocket.response_stream import dumps
 from warmsocket.session import (
     CloseConnection,
@@ -257,6 +257,9 @@ class ServerConfig:
     minute (`request_rate.RequestRate`); None: no limit."""
     request_burst_per_key: int | None = None
     """How many of them a key may make at once; None: a minute's worth."""
+    tokens_per_minute_per_key: int | None = None
+    """`--tokens-per-minute-per-key`: input and output tokens one API key's responses
+    may use a minute (`request_rate.TokenRate`); None: no limit."""
     backlog: int = 1024
     access_log: bool = True
     """A log line per HTTP request (`httpapi.access_line`); `--no-access-log`: none."""
@@ -323,17 +326,23 @@ class Server:
             self.metrics.collectors.append(shared_store_collector(shared.stats))
         self.key_limit = KeyLimit(config.max_connections_per_key)
         self.metrics.collectors.append(self.key_limit.collect)
+        buckets = getattr(shared, "request_buckets", None)
         self.request_rate = RequestRate(
             config.requests_per_minute_per_key,
             burst=config.request_burst_per_key,
-            shared=getattr(shared, "request_buckets", None),
+            shared=buckets,
         )
+        self.token_rate = TokenRate(config.tokens_per_minute_per_key, shared=buckets)
+        if self.token_rate.limited:
+            self.engine.tokens_used = self.token_rate.spend
+        self.rate_limits = RateLimits(self.request_rate, self.token_rate)
         self.metrics.collectors.append(self.request_rate.collect)
+        self.metrics.collectors.append(self.token_rate.collect)
         self.http = HTTPApp(
             self.engine,
             auth=Auth(config.api_keys),
             key_limit=self.key_limit,
-            request_rate=self.request_rate,
+            rate_limits=self.rate_limits,
             models=config.models if config.listed_models is None else config.listed_models,
             access_log=config.access_log,
         )
@@ -1313,7 +1322,7 @@ class Connection(asyncio.Protocol):
             session.connection_lost()
 
     def _ws_message(self, session: ResponsesSession, data: bytes) -> None:
-        rate = self.server.request_rate
+        rate = self.server.rate_limits
         if self.server.engine.shared is None:
             if not rate.limited:
                 session.receive_message(data)
@@ -1342,10 +1351,11 @@ class Connection(asyncio.Protocol):
 
     def _receive_counted(self, session: ResponsesSession, message: Message) -> None:
         """Hand `message` to the session; a create past its key's
-        `--requests-per-minute-per-key` is refused on its lane instead (counted here,
+        `--requests-per-minute-per-key` (or `--tokens-per-minute-per-key`) is refused
+        on its lane instead (counted here,
         in this process)."""
         if type(message) is CreateRequest:
-            refusal = self.server.request_rate.check_local(session.owner)
+            refusal = self.server.rate_limits.check_local(session.owner)
             if refusal is not None:
                 session.refuse_create(message, refusal)
                 return
@@ -1354,7 +1364,7 @@ class Connection(asyncio.Protocol):
     async def _load_held(self, session: ResponsesSession) -> None:
         """Feed the held messages in order, each after its parent was looked up."""
         engine = self.server.engine
-        rate = self.server.request_rate
+        rate = self.server.rate_limits
         try:
             while self._held and not session.closed:
                 if rate.limited and type(self._held[0]) is CreateRequest:

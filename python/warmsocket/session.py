@@ -358,8 +358,7 @@ class ResponsesSession:
         self.closed = True
         for turn, _lane in list(self._active.values()):
             self.outbox.append(StopModel(turn))
-            turn.finished = True
-            turn.release()
+            turn.abandon()
         self._active.clear()
         for lane in self._lanes.values():
             lane.queue.clear()
