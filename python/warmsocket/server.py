@@ -1352,8 +1352,7 @@ class Connection(asyncio.Protocol):
     def _receive_counted(self, session: ResponsesSession, message: Message) -> None:
         """Hand `message` to the session; a create past its key's
         `--requests-per-minute-per-key` (or `--tokens-per-minute-per-key`) is refused
-        on its lane instead (counted here,
-        in this process)."""
+        on its lane instead (counted here, in this process)."""
         if type(message) is CreateRequest:
             refusal = self.server.rate_limits.check_local(session.owner)
             if refusal is not None:
