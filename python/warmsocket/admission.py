@@ -22,7 +22,8 @@ Past the limit, in order:
 open WebSockets, HTTP creates being answered and background responses running, so that
 one client (a runaway agent loop, say) cannot take every connection a process has, or
 every model turn, from the others. One past it gets 429 `rate_limit_exceeded` with
-`Retry-After`.
+`Retry-After`. With `--redis-url`, what the key holds in the other processes counts
+too, as last read (`shared_key_holds`, at most half a second old).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import contextlib
 import logging
 import resource
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal, Protocol
 
 from warmsocket.logs import Tally, Throttle
@@ -179,9 +180,11 @@ class KeyLimit:
     (retrieve, cancel, delete, lists) hold nothing: a key at its limit can still
     look at and cancel what it runs."""
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, elsewhere: Callable[[str], int] | None = None) -> None:
         self.limit = limit
         self.held = Counter[str]()
+        self.elsewhere = elsewhere
+        """What an owner holds in other processes (`SharedKeyHolds.elsewhere`), if any."""
         self.refused = 0
         """Refusals since the start, for `/metrics`."""
         self._refusals = Tally(LOG_INTERVAL)
@@ -190,7 +193,10 @@ class KeyLimit:
         """A place for `owner` (to `release` once done), or None: it holds its limit."""
         if self.limit is None:
             return KeySlot(self, owner)
-        if self.held[owner] >= self.limit:
+        held = self.held[owner]
+        if self.elsewhere is not None:
+            held += self.elsewhere(owner)
+        if held >= self.limit:
             self.refused += 1
             if (unlogged := self._refusals.count()) is not None:
                 log.warning(

@@ -325,6 +325,10 @@ class Server:
         if shared is not None:
             self.metrics.collectors.append(shared_store_collector(shared.stats))
         self.key_limit = KeyLimit(config.max_connections_per_key)
+        holds = getattr(shared, "key_holds", None)
+        if holds is not None and self.key_limit.limit is not None:
+            holds.follow(self.key_limit.held)  # shared as the store starts
+            self.key_limit.elsewhere = holds.elsewhere
         self.metrics.collectors.append(self.key_limit.collect)
         buckets = getattr(shared, "request_buckets", None)
         self.request_rate = RequestRate(

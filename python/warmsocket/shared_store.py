@@ -95,6 +95,7 @@ from warmsocket.logs import Tally
 from warmsocket.shared_announcements import Announcements
 from warmsocket.shared_background import BackgroundBoard, OnCancel
 from warmsocket.shared_conversations import SharedConversations
+from warmsocket.shared_key_holds import SharedKeyHolds
 from warmsocket.shared_request_rate import SharedBuckets
 from warmsocket.write_retry import keep_trying
 
@@ -343,6 +344,8 @@ class SharedStore:
         """The Conversations API's conversations, for every process."""
         self.request_buckets = SharedBuckets(client, prefix)
         """`--requests-per-minute-per-key`'s buckets, for every process."""
+        self.key_holds = SharedKeyHolds(client, prefix, address=self.address)
+        """`--max-connections-per-key`'s counts, for every process (once followed)."""
         self.announcements = Announcements(
             client, prefix, address=self.address, failure_fields=_failure
         )
@@ -406,6 +409,7 @@ class SharedStore:
         if listening:
             self._listener = loop.create_task(self._listen(on_deleted, on_cancel, stored_ids))
         self.background_board.start()
+        self.key_holds.start()
 
     async def _cluster_info(self) -> dict[str, Any]:
         """`INFO cluster`; empty where the command is not allowed (some managed Redis
@@ -436,6 +440,7 @@ class SharedStore:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self.key_holds.aclose()
         await self.client.aclose()
 
     async def flush(self) -> None:
@@ -451,7 +456,10 @@ class SharedStore:
             "load_misses": self.load_misses,
             "load_errors": self.load_errors,
             "deleted": self.deleted,
-            "errors": self.errors + self.conversation_board.errors + self.announcements.errors,
+            "errors": self.errors
+            + self.conversation_board.errors
+            + self.announcements.errors
+            + self.key_holds.errors,
             "queued": self._queue.qsize(),
         }
 

@@ -1,0 +1,169 @@
+"""`--max-connections-per-key` across the processes on one Redis (`shared_key_holds`):
+what a key holds in the other processes counts, as of at most half a second ago; a
+process that stops takes its counts out, and one that dies stops counting a few
+seconds later."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
+import redis.asyncio as aioredis
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from tests.redis_support import paused
+from tests.support import WSClient, output_text
+from tests.test_key_limit import A, B, bearer, held, wait_until
+from tests.test_shared_store_serve import redis_url, two_servers
+from warmsocket import shared_key_holds
+from warmsocket.shared_key_holds import SharedKeyHolds
+
+__all__ = ["redis_url"]  # a fixture
+
+T = TypeVar("T")
+
+
+def test_a_key_is_limited_across_processes(redis_url: str) -> None:
+    with two_servers(redis_url, max_connections_per_key=2) as (a, b):
+        on_a = WSClient(a.ws_url, additional_headers=bearer(A))
+        on_b = WSClient(b.ws_url, additional_headers=bearer(A))
+        (owner,) = held(a)
+        holds_a = a.server.engine.shared.key_holds  # type: ignore[union-attr]
+        wait_until(lambda: a.call(lambda: holds_a.elsewhere(owner)) == 1)
+        # One here and one on B: a second here is past the key's two.
+        with pytest.raises(InvalidStatus) as refused:
+            connect(a.ws_url, additional_headers=bearer(A), open_timeout=5).close()
+        assert refused.value.response.status_code == 429
+        # Another key is served; the key's WebSockets go on.
+        with WSClient(a.ws_url, additional_headers=bearer(B)) as other:
+            assert output_text(other.turn(model="m", input="b")) == "You said: b"
+        assert output_text(on_b.turn(model="m", input="x")) == "You said: x"
+        on_b.close()
+        wait_until(lambda: a.call(lambda: holds_a.elsewhere(owner)) == 0)
+        with WSClient(a.ws_url, additional_headers=bearer(A)) as second:
+            assert output_text(second.turn(model="m", input="y")) == "You said: y"
+        on_a.close()
+
+
+class Processes:
+    """`make(held)`: a SharedKeyHolds sharing `held`, as one process would, all on one
+    Redis under one prefix; their clients closed on leaving."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self.prefix = f"t{uuid.uuid4().hex[:8]}"
+        self.clients: list[aioredis.Redis] = []
+
+    def make(self, held: Counter[str]) -> SharedKeyHolds:
+        client = aioredis.Redis.from_url(self.redis_url)
+        self.clients.append(client)
+        shared = SharedKeyHolds(client, self.prefix)
+        shared.follow(held)
+        return shared
+
+    async def __aenter__(self) -> Processes:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+
+@pytest.fixture
+def holds(redis_url: str) -> Processes:
+    return Processes(redis_url)
+
+
+async def closing(processes: Processes, body: Coroutine[Any, Any, T]) -> T:
+    async with processes:
+        return await body
+
+
+def test_each_process_sees_the_others_counts_and_not_its_own(holds: Processes) -> None:
+    async def main() -> tuple[int, int, int, int]:
+        one = holds.make(Counter({"o": 3, "p": 1}))
+        two = holds.make(Counter({"o": 2}))
+        await one.sync()
+        await two.sync()
+        await one.sync()
+        return one.elsewhere("o"), one.elsewhere("p"), two.elsewhere("o"), two.elsewhere("p")
+
+    assert asyncio.run(closing(holds, main())) == (2, 0, 3, 1)
+
+
+def test_many_owners_are_written_and_read(holds: Processes) -> None:
+    async def main() -> tuple[int, int]:
+        many = holds.make(Counter({f"key_{n}": 1 + n % 3 for n in range(5000)}))
+        reader = holds.make(Counter())
+        await many.sync()
+        await reader.sync()
+        return reader.elsewhere("key_4999"), sum(reader._elsewhere.values())
+
+    assert asyncio.run(closing(holds, main())) == (
+        1 + 4999 % 3,
+        sum(1 + n % 3 for n in range(5000)),
+    )
+
+
+def test_a_process_that_stops_takes_its_counts_out(holds: Processes) -> None:
+    async def main() -> tuple[int, int, int]:
+        stopping = holds.make(Counter({"o": 4}))
+        reader = holds.make(Counter())
+        stopping.start()
+        await asyncio.sleep(0.1)
+        await reader.sync()
+        before = reader.elsewhere("o")
+        await stopping.aclose()
+        await reader.sync()
+        return before, reader.elsewhere("o"), reader.holders
+
+    assert asyncio.run(closing(holds, main())) == (4, 0, 1)
+
+
+def test_a_process_that_died_stops_counting(
+    holds: Processes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shared_key_holds, "TTL_SECONDS", 0.3)
+
+    async def main() -> tuple[int, int, int]:
+        dead = holds.make(Counter({"o": 4}))
+        reader = holds.make(Counter())
+        await dead.sync()  # then it writes no more, and deletes nothing
+        await reader.sync()
+        before = reader.elsewhere("o")
+        await asyncio.sleep(0.4)
+        await reader.sync()
+        return before, reader.elsewhere("o"), reader.holders
+
+    assert asyncio.run(closing(holds, main())) == (4, 0, 1)
+
+
+def test_what_was_read_counts_for_a_while_when_redis_does_not_answer(
+    holds: Processes, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shared_key_holds, "TTL_SECONDS", 1.0)
+
+    async def main() -> tuple[int, int, int]:
+        other = holds.make(Counter({"o": 2}))
+        reader = holds.make(Counter())
+        await other.sync()
+        await reader.sync()
+        with paused(redis_url):
+            with pytest.raises(Exception):  # noqa: B017 (Redis's timeout)
+                await asyncio.wait_for(reader.sync(), 0.3)
+            during = reader.elsewhere("o")
+            await asyncio.sleep(1.1)
+            after = reader.elsewhere("o")
+        await other.sync()  # (not dead: it writes again once Redis answers)
+        await reader.sync()
+        return during, after, reader.elsewhere("o")
+
+    started = time.monotonic()
+    assert asyncio.run(closing(holds, main())) == (2, 0, 2)
+    assert time.monotonic() - started < 10
