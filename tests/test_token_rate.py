@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Any
 
 import httpx2 as httpx
 import openai
@@ -22,6 +23,7 @@ from tests.test_shared_store_serve import redis_url, two_servers
 from warmsocket import request_rate
 from warmsocket.backends.mock import MockBackend
 from warmsocket.cli import build_parser
+from warmsocket.errors import APIError
 from warmsocket.request_rate import TokenRate, take
 from warmsocket.serve import config_from_args
 from warmsocket.shared_request_rate import SharedBuckets
@@ -163,20 +165,62 @@ def test_a_websocket_create_refused_for_tokens_keeps_the_connection_and_the_chai
         assert again[-1]["response"]["previous_response_id"] == first_id
 
 
-def test_a_response_its_client_left_still_spends_what_the_model_did() -> None:
-    with running_server(
-        tokens_per_minute_per_key=100_000, backend=MockBackend(tokens_per_second=20)
-    ) as srv:
+def wait_for_spent(srv: Any) -> int:
+    for _ in range(200):
+        if srv.server.token_rate.spent:
+            break
+        time.sleep(0.02)
+    spent: int = srv.server.token_rate.spent
+    return spent
+
+
+@pytest.mark.parametrize("when", ["mid-answer", "before the first token"])
+def test_a_response_its_websocket_left_still_spends_what_the_model_was_given(when: str) -> None:
+    backend = (
+        MockBackend(tokens_per_second=20) if when == "mid-answer" else MockBackend(ttft_ms=2000)
+    )
+    with running_server(tokens_per_minute_per_key=100_000, backend=backend) as srv:
         ws = WSClient(srv.ws_url, additional_headers=bearer(A))
-        ws.create(model="m", input="a long answer " * 8)
-        while ws.recv()["type"] != "response.output_text.delta":
+        ws.create(model="m", input="a long answer " * 50)
+        awaited = "response.output_text.delta" if when == "mid-answer" else "response.created"
+        while ws.recv()["type"] != awaited:
             pass
-        ws.close()  # gone mid-answer
-        for _ in range(200):
-            if srv.server.token_rate.spent:
-                break
-            time.sleep(0.02)
-        assert srv.server.token_rate.spent > 0
+        time.sleep(0.1)
+        ws.close()
+        assert wait_for_spent(srv) > 100  # the input, at least
+
+
+def test_an_http_stream_its_client_left_before_the_first_token_still_spends() -> None:
+    with (
+        running_server(tokens_per_minute_per_key=100_000, backend=MockBackend(ttft_ms=2000)) as srv,
+        httpx.Client(base_url=srv.base_url, timeout=10, headers=bearer(A)) as http,
+    ):
+        create = {"model": "m", "input": "a long answer " * 50, "stream": True}
+        with http.stream("POST", "/responses", json=create) as streamed:
+            for line in streamed.iter_lines():
+                if "response.in_progress" in line:
+                    break
+        # (Closed: the server's task for it is cancelled while the model waits.)
+        assert wait_for_spent(srv) > 100
+
+
+class RefusesTheRequest(MockBackend):
+    """An upstream that refuses every request before any model work (400)."""
+
+    async def stream(self, turn: Any) -> Any:
+        raise APIError("context_length_exceeded", "Too long.", status=400)
+        yield  # (an async generator)
+
+
+def test_a_request_the_model_refused_spends_nothing() -> None:
+    with (
+        running_server(tokens_per_minute_per_key=100_000, backend=RefusesTheRequest()) as srv,
+        httpx.Client(base_url=srv.base_url, timeout=10, headers=bearer(A)) as http,
+    ):
+        failed = http.post("/responses", json={"model": "m", "input": "word " * 500})
+        assert failed.status_code == 400
+        assert failed.json()["error"]["code"] == "context_length_exceeded"
+        assert srv.server.token_rate.spent == 0
 
 
 def test_redis_buckets_spend_and_check_as_the_local_ones(redis_url: str) -> None:
@@ -202,6 +246,26 @@ def test_redis_buckets_spend_and_check_as_the_local_ones(redis_url: str) -> None
     assert request.allowed and request.remaining == 2
 
 
+def test_redis_buckets_refill_at_the_rate_asked_at_millions_of_tokens(redis_url: str) -> None:
+    """40M tokens a minute is 1.5 microseconds a token: rounded to whole microseconds,
+    the bucket would refill a quarter slower."""
+    interval = 60 / 40_000_000
+
+    async def refilled() -> int:
+        client = aioredis.Redis.from_url(redis_url)
+        buckets = SharedBuckets(client, f"t{uuid.uuid4().hex[:8]}")
+        try:
+            await buckets.take("k", interval, 40_000_000, cost=40_000_000, need=0, force=True)
+            await asyncio.sleep(0.5)
+            checked = await buckets.take("k", interval, 40_000_000, cost=0, need=1)
+            return checked.remaining
+        finally:
+            await client.aclose()
+
+    remaining = asyncio.run(refilled())
+    assert 0.5 * 40_000_000 / 60 <= remaining < 0.6 * 40_000_000 / 60
+
+
 def test_the_token_limit_holds_for_a_key_across_processes(redis_url: str) -> None:
     with (
         two_servers(redis_url, tokens_per_minute_per_key=600) as (a, b),
@@ -218,3 +282,19 @@ def test_the_token_limit_holds_for_a_key_across_processes(redis_url: str) -> Non
             time.sleep(0.05)
         assert refused.status_code == 429
         assert refused.headers["x-ratelimit-limit-tokens"] == "600"
+
+
+def test_a_cancelled_background_response_spends_what_the_model_was_given() -> None:
+    with (
+        running_server(tokens_per_minute_per_key=100_000) as srv,
+        httpx.Client(base_url=srv.base_url, timeout=10, headers=bearer(A)) as http,
+    ):
+        create = {"model": "m", "input": "/sleep 5000\n" + "word " * 300, "background": True}
+        created = http.post("/responses", json=create).json()
+        for _ in range(100):
+            if http.get(f"/responses/{created['id']}").json()["status"] == "in_progress":
+                break
+            time.sleep(0.02)
+        cancelled = http.post(f"/responses/{created['id']}/cancel").json()
+        assert cancelled["status"] == "cancelled"
+        assert wait_for_spent(srv) > 300

@@ -677,6 +677,7 @@ class Engine:
         """The model events of a turn: the backend's, after a server-side compaction
         when the request asks for one and its context has reached the threshold
         (`compaction.compacting_stream`)."""
+        turn.model_started = True
         if turn.request.compact_threshold is None:
             return self.backend.stream(turn.context())
         return compacting_stream(self, turn, turn.request.compact_threshold)
@@ -768,6 +769,9 @@ class Turn:
         self.prompt_key = prompt_key
         self.started = time.perf_counter()
         self.first_token: float | None = None
+        self.model_started = False
+        """Whether the model was asked (`Engine.model_stream`): from then on, what the
+        turn's key is charged under `--tokens-per-minute-per-key` counts."""
         self.finished = False
         self.usage_report: UsageReport | None = None
         self.incomplete_reason: str | None = None
@@ -1040,7 +1044,7 @@ class Turn:
         self._store(now, usage)
         frames = self._unsent + self.stream.complete(usage, completed_at=now)
         self._unsent = b""
-        self._finish("completed")
+        self._finish("completed", usage)
         return frames
 
     def incomplete(self, reason: str) -> bytes:
@@ -1052,7 +1056,7 @@ class Turn:
         self._store(now, usage, incomplete=reason)
         frames = self._unsent + self.stream.incomplete(reason, usage, completed_at=now)
         self._unsent = b""
-        self._finish("incomplete")
+        self._finish("incomplete", usage)
         return frames
 
     def cancel(self) -> bytes:
@@ -1066,10 +1070,13 @@ class Turn:
     def fail(self, error: APIError) -> bytes:
         """`response.failed`. Nothing is stored."""
         failure = _dumps(error.response_error()).encode()
-        frames = self._unsent + self.stream.fail(failure, self.usage())
+        usage = self.usage()
+        frames = self._unsent + self.stream.fail(failure, usage)
         self._unsent = b""
         self.engine.metrics.count_error(error.code or "server_error")
-        self._finish("failed")
+        # Charged only for what the model did: a request it refused (a context too
+        # long, an upstream 429) used no tokens, as OpenAI counts them.
+        self._finish("failed", usage if self._model_answered else None)
         return frames
 
     def rebase(self, start: Items) -> None:
@@ -1162,24 +1169,34 @@ class Turn:
 
     def abandon(self) -> None:
         """The client is gone before the response ended: nothing more is sent or
-        stored. What the model did so far still counts against its key's tokens."""
+        stored. Once the model was asked, its input (and what it wrote so far) still
+        counts against the key's tokens."""
+        if self.model_started and self.engine.tokens_used is not None:
+            self._count_tokens_used(self.usage())
         self.finished = True
         self.release()
-        if self.first_token is not None:
-            self._count_tokens_used()
 
-    def _count_tokens_used(self) -> None:
+    @property
+    def _model_answered(self) -> bool:
+        return self.usage_report is not None or self.first_token is not None
+
+    def _count_tokens_used(self, usage: Usage | None) -> None:
+        """Charge `usage` to the key (`--tokens-per-minute-per-key`), if limited."""
         tokens_used = self.engine.tokens_used
-        if tokens_used is not None:
-            input_tokens, _cached, output_tokens, _reasoning = self.usage()
+        if tokens_used is not None and usage is not None:
+            input_tokens, _cached, output_tokens, _reasoning = usage
             tokens_used(self.owner, input_tokens + output_tokens)
 
-    def _finish(self, status: str) -> None:
+    def _finish(self, status: str, usage: Usage | None = None) -> None:
+        """End the turn; `usage`: what its key is charged (a cancel is charged as an
+        abandoned turn is; a failure the model refused, nothing)."""
+        if status == "cancelled" and self.model_started and self.engine.tokens_used is not None:
+            usage = self.usage()
+        self._count_tokens_used(usage)
         self.finished = True
         self.end_status = status
         self.release()
         engine = self.engine
-        self._count_tokens_used()
         if status not in ("completed", "incomplete"):
             engine.forget((self.response_id,))  # never stored: nothing continues it
         else:

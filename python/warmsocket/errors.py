@@ -384,7 +384,9 @@ def rate_exceeded(unit: str, per_minute: int, wait: float, full_in: float) -> AP
 
 
 def reset_duration(seconds: float) -> str:
-    """A duration as OpenAI's rate limit headers write it: '20ms', '1.5s', '6m0s'."""
+    """A duration as OpenAI's rate limit headers write it: '0s', '20ms', '1.5s', '6m0s'."""
+    if seconds <= 0:
+        return "0s"
     if seconds < 1:
         return f"{max(1, math.ceil(seconds * 1000))}ms"
     if seconds < 60:

@@ -746,6 +746,10 @@ async def run_turn(
             if closing():
                 turn.abandon()
                 return None
+    except asyncio.CancelledError:
+        if not turn.finished and closing():  # the client left while the model ran
+            turn.abandon()
+        raise  # (a background response's cancel: its caller ends the turn)
     except APIError as error:
         emit(turn.fail(error))
         return error
@@ -759,7 +763,7 @@ async def run_turn(
         if aclose is not None:
             await aclose()
         if not turn.finished and closing():
-            turn.release()
+            turn.abandon()
     if failure is not None:
         return failure
     try:

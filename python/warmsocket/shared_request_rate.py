@@ -15,8 +15,9 @@ from typing import Any
 
 from warmsocket.request_rate import Taken
 
-# KEYS[1]: the key's bucket. ARGV: microseconds per unit, units the bucket holds, units
-# to take, units it must hold, 1 to take them whatever it holds (`request_rate.take`).
+# KEYS[1]: the key's bucket. ARGV: microseconds per unit (a fraction, perhaps), units
+# the bucket holds, units to take, units it must hold, 1 to take them whatever it holds
+# (`request_rate.take`).
 # Returns {allowed (0|1), remaining, microseconds to wait, microseconds until full}.
 # Numbers stay below 2^53 (microseconds since 1970), exact in Lua's doubles; written
 # with %.0f, since tostring would round them to 14 digits.
@@ -63,9 +64,11 @@ class SharedBuckets:
         force: bool = False,
         unit: str = "requests",
     ) -> Taken:
-        interval_us = max(1, round(interval * 1_000_000))
+        # Not rounded to whole microseconds: at millions of tokens a minute a unit
+        # is a microsecond or less, and rounding would change the rate.
+        interval_us = max(interval * 1_000_000, 1e-3)
         allowed, remaining, wait_us, full_us = await self._take(
             keys=[f"{self.prefix}:{_KEY_STEMS[unit]}:{owner}"],
-            args=[interval_us, burst, cost, need, 1 if force else 0],
+            args=[repr(interval_us), burst, cost, need, 1 if force else 0],
         )
         return Taken(bool(allowed), int(remaining), wait_us / 1e6, full_us / 1e6)
