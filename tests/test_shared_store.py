@@ -697,9 +697,6 @@ def test_deletions_trimmed_before_a_process_read_them_are_found_in_the_records(
     monkeypatch.setattr(shared_announcements, "KEEP", 3)
     monkeypatch.setattr(shared_store, "RECHECK_BATCH", 2)  # more than one round trip
     cache = SessionCache()
-    for rid in ("gone1", "kept", "gone2", "unwritten"):
-        turn(cache, rid, None, rid)
-    turn(cache, "theirs", None, "x", owner="p")
 
     async def main() -> tuple[int, int, list[tuple[str, str]]]:
         proxy = AnswerDropper(redis_url)
@@ -713,6 +710,9 @@ def test_deletions_trimmed_before_a_process_read_them_are_found_in_the_records(
 
         await writer.start()
         await reader.start(on_deleted=deleted, stored_ids=cache.stored_ids)
+        for rid in ("gone1", "kept", "gone2", "unwritten"):
+            turn(cache, rid, None, rid)
+        turn(cache, "theirs", None, "x", owner="p")
         for rid in ("gone1", "kept", "gone2"):
             share(reader, cache, rid)
         reader.publish(cache.get("theirs", owner="p"), *cache.own_items("theirs", owner="p"))
@@ -745,6 +745,114 @@ def test_deletions_trimmed_before_a_process_read_them_are_found_in_the_records(
     assert (checked.checked, checked.dropped) == (5, 2)  # type: ignore[attr-defined]
 
 
+def test_a_stream_begun_again_is_counted_from_its_own_start(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis lost the stream (restarted empty, flushed) and others announced again
+    before this process looked: its count of what it had read belonged to the old
+    stream, and hid the next trimmed gap (more read than the new stream ever had)."""
+    monkeypatch.setattr(shared_announcements, "KEEP", 3)
+
+    async def main() -> int:
+        proxy = AnswerDropper(redis_url)
+        writer = SharedStore.from_url(redis_url, prefix="t-anew")
+        reader = SharedStore.from_url(await proxy.start(), prefix="t-anew")
+        await writer.start()
+        await reader.start(on_deleted=lambda owner, rid: None)
+        announcements = reader.announcements
+
+        async def until(done: Callable[[], bool]) -> None:
+            for _ in range(500):
+                if done():
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError("not in time")
+
+        for n in range(1000):
+            await writer.delete(f"old{n}", owner="o")
+        await until(lambda: announcements._read >= 1000)
+        proxy.cut()
+        await until(lambda: announcements.errors >= 1)
+        await writer.client.delete(announcements.key)  # the stream is lost
+        for n in range(2):
+            await writer.delete(f"new{n}", owner="o")
+        proxy.mend()
+        await until(lambda: announcements._read == 2)  # read from the new stream's start
+        proxy.cut()
+        await until(lambda: announcements.errors >= 2)
+        for n in range(500):  # trimmed to about 100 before the reader reads again
+            await writer.delete(f"later{n}", owner="o")
+        proxy.mend()
+        await until(lambda: announcements.missed > 0)
+        await writer.aclose()
+        await reader.aclose()
+        await proxy.aclose()
+        return announcements.missed
+
+    assert run(main()) == 1
+
+
+def test_a_response_deleted_elsewhere_before_it_was_written_is_written_deleted(
+    redis_url: str,
+) -> None:
+    """Another process deleted a response this one had not written yet (its write
+    waited for Redis): it is written marked deleted, not loadable again."""
+    cache = SessionCache()
+    turn(cache, "r", None, "x")
+
+    async def main() -> tuple[bytes | None, bool]:
+        proxy = AnswerDropper(redis_url)
+        store = SharedStore.from_url(await proxy.start(), prefix="t-tomb")
+        await store.start()
+        proxy.cut()
+        share(store, cache, "r")  # its write waits
+        await asyncio.sleep(0.2)
+        heard: list[str] = []
+        store._deleted_elsewhere("o", "r", lambda owner, rid: heard.append(rid))
+        proxy.mend()
+        await store.flush()
+        mark = await store.client.hget(store._key("o", "r"), "deleted")
+        other = SessionCache()
+        loaded = await store.load(other, "r", owner="o")
+        await store.aclose()
+        await proxy.aclose()
+        assert heard == ["r"]
+        return mark, loaded
+
+    assert run(main()) == (b"1", False)
+
+
+def test_responses_cached_at_start_are_checked_against_the_records(redis_url: str) -> None:
+    """A process that starts with responses in its cache (restored from a snapshot)
+    did not follow the deletions made while it was down: it checks them first."""
+    other_cache, cache = SessionCache(), SessionCache()
+    for rid in ("deleted_meanwhile", "kept"):
+        turn(other_cache, rid, None, rid)
+        turn(cache, rid, None, rid)  # (as a snapshot of before would restore them)
+
+    async def main() -> list[str]:
+        other = SharedStore.from_url(redis_url, prefix="t-snap")
+        await other.start()
+        for rid in ("deleted_meanwhile", "kept"):
+            share(other, other_cache, rid)
+        await other.flush()
+        await other.delete("deleted_meanwhile", owner="o")
+        starting = SharedStore.from_url(redis_url, prefix="t-snap")
+        await starting.start(
+            on_deleted=lambda owner, rid: cache.delete(rid, owner=owner),
+            stored_ids=cache.stored_ids,
+        )
+        for _ in range(200):
+            if starting.rechecks:
+                break
+            await asyncio.sleep(0.02)
+        await other.aclose()
+        await starting.aclose()
+        return sorted(rid for _, rid in cache.stored_ids())
+
+    assert run(main()) == ["kept"]
+
+
 def test_a_check_redis_did_not_answer_is_made_again(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -752,7 +860,6 @@ def test_a_check_redis_did_not_answer_is_made_again(
     answers, not given up."""
     monkeypatch.setattr(shared_announcements, "KEEP", 3)
     cache = SessionCache()
-    turn(cache, "gone", None, "x")
 
     async def main() -> tuple[int, int, bool]:
         proxy = AnswerDropper(redis_url)
@@ -776,6 +883,7 @@ def test_a_check_redis_did_not_answer_is_made_again(
             on_deleted=lambda owner, rid: cache.delete(rid, owner=owner),
             stored_ids=cache.stored_ids,
         )
+        turn(cache, "gone", None, "x")
         share(reader, cache, "gone")
         await reader.flush()
         proxy.cut()

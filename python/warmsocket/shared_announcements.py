@@ -67,6 +67,8 @@ class Announcements:
         them."""
         self._catch_up = False
         """Whether announcements may have been missed and `missed` has not yet caught up."""
+        self._catch_up_at = 0.0
+        """When `missed` may be tried again (the event loop's clock)."""
 
     async def announce(self, kind: str, owner: str, response_id: str) -> None:
         """Tell every process. Raises Redis and OS errors."""
@@ -95,15 +97,23 @@ class Announcements:
             self._added_before = 0
         self._read = 0
 
-    async def follow(self, heard: Heard, missed: Missed | None = None) -> None:
+    async def follow(
+        self, heard: Heard, missed: Missed | None = None, *, check_first: bool = False
+    ) -> None:
         """Read the announcements from `position` on, for ever (cancel to stop), and
         call `heard` with each; while Redis does not answer, try again every second.
         When announcements may have been missed (the stream was trimmed past `position`,
-        or is gone), await `missed` once Redis answers again, until it returns True."""
+        or is gone), and first with `check_first`, await `missed` once Redis answers,
+        until it returns True (at most once a second)."""
+        loop = asyncio.get_running_loop()
         failing = False
+        behind = False
+        """Whether the last read was a whole batch: more wait, perhaps more than the
+        stream keeps."""
+        self._catch_up = self._catch_up or check_first
         while True:
             try:
-                if failing and await self._check_position():
+                if (failing or behind) and await self._check_position():
                     self._catch_up = True
                 reply = await self._client.xread(
                     {self.key: self.position}, count=READ_BATCH, block=READ_BLOCK_MS
@@ -111,13 +121,14 @@ class Announcements:
                 if failing:
                     log.info("following Redis deletions and cancels again")
                     failing = False
-                if self._catch_up and missed is not None:
-                    self._catch_up = not await missed()
+                read = 0
                 for _key, entries in reply or ():
                     for entry_id, fields in entries:
                         self.position = _text(entry_id)
                         self._read += 1
+                        read += 1
                         self._hear(fields, heard)
+                behind = read >= READ_BATCH
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis and OS errors, and anything else: keep reading
@@ -129,46 +140,71 @@ class Announcements:
                     )
                     failing = True
                 await asyncio.sleep(RETRY_DELAY)
+                continue
+            if self._catch_up and missed is not None and loop.time() >= self._catch_up_at:
+                try:
+                    caught_up = await missed()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # its own failure, not Redis's: logged, tried again
+                    log.error(
+                        "cannot check what announcements were missed",
+                        extra={"error_type": type(exc).__name__},
+                    )
+                    caught_up = False
+                self._catch_up = not caught_up
+                if not caught_up:
+                    self._catch_up_at = loop.time() + RETRY_DELAY
 
     async def _newest(self) -> str | None:
         newest = await self._client.xrevrange(self.key, count=1)
         return _text(newest[0][0]) if newest else None
 
     async def _check_position(self) -> bool:
-        """After an outage: a stream gone, or started again behind `position` (Redis
-        restarted empty), is read from its start; announcements trimmed from the stream
-        before they were read are logged and counted (on Redis 7, whose count of the
-        entries ever added tells). Returns whether announcements may have been missed."""
+        """After an outage, or while far behind: a stream gone, started again behind
+        `position` or counting fewer entries ever added than were seen (Redis restarted
+        empty, then took new announcements) is read from its start; entries after
+        `position` trimmed before they were read are logged and counted (on Redis 7,
+        whose count of the entries ever added tells), and counted once. Returns
+        whether announcements may have been missed."""
         if not await self._client.exists(self.key):
-            self._restart()
+            self._restart(None)
             return True
         info = await self._client.xinfo_stream(self.key)
         if _id(_text(info["last-generated-id"])) < _id(self.position):
-            self._restart()
+            self._restart(info)
             return True
         added = info.get("entries-added")
         first = info.get("first-entry")
         if added is None or self._added_before is None or not first:
             return False
+        if int(added) < self._added_before + self._read:
+            self._restart(info)  # a stream of its own, begun since
+            return True
         if _id(_text(first[0])) <= _id(self.position):
             return False  # nothing after `position` was trimmed
+        length = int(info["length"])
         unread = int(added) - self._added_before - self._read
-        if unread <= int(info["length"]):
+        if unread <= length:
             return False
         self.missed += 1
         log.error(
             "Redis deletions and cancels were dropped before this process read them; "
             "checking the responses this process caches against Redis",
-            extra={"redis": self._address, "missed": unread - int(info["length"])},
+            extra={"redis": self._address, "missed": unread - length},
         )
         # Counted once: what follows `position` from here on is read or checked.
-        self._added_before = int(added) - int(info["length"])
+        self._added_before = int(added) - length
         self._read = 0
         return True
 
-    def _restart(self) -> None:
+    def _restart(self, info: dict[str, Any] | None) -> None:
+        """Read the stream (as `info` describes it, if it exists) from its start."""
         self.position = "0-0"
-        self._added_before = 0
+        added = None if info is None else info.get("entries-added")
+        self._added_before = (
+            0 if info is None or added is None else int(added) - int(info["length"])
+        )
         self._read = 0
 
     def _hear(self, fields: dict[Any, Any], heard: Heard) -> None:

@@ -626,10 +626,19 @@ class SharedStore:
         if len(self._known_settings) + len(written) > _KNOWN_SETTINGS_LIMIT:
             self._known_settings.clear()
         self._known_settings.update(written)
-        # Deleted while being written: mark them now.
-        late = [record.key for record in batch if record.key in self._tombstones]
-        for key in late:
-            await self.client.hset(key, "deleted", "1")
+        # Deleted while being written: mark them now (and those deleted while these
+        # marks were written, until there are none).
+        marked: set[str] = set()
+        while late := [
+            record.key
+            for record in batch
+            if record.key in self._tombstones and record.key not in marked
+        ]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in late:
+                    pipe.hset(key, "deleted", "1")
+                await pipe.execute()
+            marked.update(late)
 
     # -- loading --------------------------------------------------------------------------
 
@@ -804,7 +813,10 @@ class SharedStore:
                 return True
             return await self._recheck_deletions(stored_ids(), on_deleted)
 
-        await self.announcements.follow(heard, missed)
+        # Responses cached already (restored from a snapshot) may have been deleted
+        # while this process was not following: checked first.
+        cached = stored_ids is not None and bool(stored_ids())
+        await self.announcements.follow(heard, missed, check_first=cached)
 
     async def _recheck_deletions(
         self, stored: list[tuple[str, str]], on_deleted: OnDeleted
@@ -820,9 +832,16 @@ class SharedStore:
                         pipe.hget(self._key(owner, response_id), "deleted")
                     marks = await pipe.execute()
                 for (owner, response_id), mark in zip(batch, marks, strict=True):
-                    if mark is not None:
+                    if mark is None:
+                        continue
+                    try:
                         self._deleted_elsewhere(owner, response_id, on_deleted)
-                        dropped += 1
+                    except Exception as exc:  # one response's trouble: the others go on
+                        log.error(
+                            "cannot drop a response deleted elsewhere",
+                            extra={"error_type": type(exc).__name__},
+                        )
+                    dropped += 1
         except (redis.RedisError, OSError) as exc:
             self.errors += 1
             log.error(
@@ -842,6 +861,10 @@ class SharedStore:
         announced[(owner, response_id)] = None
         while len(announced) > ANNOUNCED_MEMORY:
             announced.popitem(last=False)
+        key = self._key(owner, response_id)
+        if key in self._unwritten:
+            # Deleted elsewhere before this process wrote it: written as deleted.
+            self._tombstones.add(key)
         on_deleted(owner, response_id)
 
     def _key(self, owner: str, response_id: str) -> str:
