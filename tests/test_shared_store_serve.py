@@ -31,7 +31,7 @@ from tests.support import (
     running_server,
 )
 from tests.test_cli import _stop, run, start_serve
-from warmsocket import shared_background, shared_store, write_retry
+from warmsocket import background, shared_background, shared_store, write_retry
 from warmsocket.shared_store import RedisClusterUnsupported, SharedStore
 
 AUTH = {"Authorization": "Bearer sk-test"}
@@ -251,6 +251,26 @@ def test_a_background_response_running_elsewhere_is_seen_cancelled_and_deleted(
         board_flush(a)
         assert status_on(on_b, created.id) is None
         assert a.call(lambda: a.server.http.background.stats())["finished"] == 0
+
+
+def test_a_cancel_whose_announcement_was_lost_still_ends_the_run(
+    redis_url: str, sdk: SDK, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process that runs a background response missed the cancel's announcement
+    (trimmed from the stream while it could not read, say): the cancel kept in Redis
+    ends the run at its next heartbeat."""
+    monkeypatch.setattr(background, "HEARTBEAT_SECONDS", 0.3)
+    with two_servers(redis_url) as (a, b):
+        on_a = sdk(a)
+        created = on_a.responses.create(model="m", input="/sleep 20000\nlater", background=True)
+        eventually(lambda: status_on(on_a, created.id) == "in_progress")
+        board = b.server.engine.shared.background_board  # type: ignore[union-attr]
+        owner = a.call(lambda: next(iter(a.server.http.background._running.values())).owner)
+        # As `request_cancel` does, less the announcement.
+        with redis.Redis.from_url(redis_url) as client:
+            client.set(board._cancel_key(owner, created.id), 1, ex=30)
+        eventually(lambda: status_on(on_a, created.id) == "cancelled", timeout=5)
+        assert a.server.metrics.turns["cancelled"] == 1
 
 
 def sse_events(response: httpx.Response) -> list[dict[str, Any]]:

@@ -262,11 +262,23 @@ class BackgroundResponses:
 
     async def _beat(self, board: SharedBackgroundBoard) -> None:
         """Publish the running responses' state again, so their records stay (and
-        show `in_progress` and the output so far) while their process lives."""
+        show `in_progress` and the output so far) while their process lives; cancel
+        those another process asked to cancel (its announcement may have been lost)."""
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
             for run in list(self._running.values()):
                 self._publish(run)
+            runs = [(run.owner, response_id) for response_id, run in self._running.items()]
+            try:
+                asked = await board.cancels_asked(runs)
+            except Exception as exc:  # Redis down: the announcements still reach here
+                log.warning(
+                    "cannot look for background cancels in Redis",
+                    extra={"error_type": type(exc).__name__},
+                )
+                continue
+            for owner, response_id in asked:
+                self.cancel_announced(owner, response_id)
 
     def forget(self, run: BackgroundRun) -> None:
         """Drop a finished run's events and state, here and on the board (the

@@ -277,6 +277,11 @@ class SharedBackgroundBoard(Protocol):
         SharedStoreUnavailable when the store does not answer."""
         ...
 
+    async def cancels_asked(self, runs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Those of `runs` (owner, response id) whose cancel was asked lately. Raises
+        Redis and OS errors."""
+        ...
+
 
 class SharedResponses(Protocol):
     """Stored responses shared with other processes (`shared_store.SharedStore`).

@@ -24,7 +24,10 @@ another one. So the process that runs it keeps, in Redis:
 
 A cancel asked of another process is announced to all (`shared_announcements`, with
 the deletions); the process that runs the response cancels it, and the record says
-`cancelled`.
+`cancelled`. The cancel is also kept, ``<prefix>:bc:<owner>:<id>`` for `RUNNING_TTL`,
+and the process that runs the response looks for its runs' cancels every
+`background.HEARTBEAT_SECONDS`: a cancel whose announcement it missed (trimmed from
+the stream while it could not read) still ends the run, that much later.
 
 Writes are queued and written in order by one task (never on a request's path), and
 tried again until Redis answers (`write_retry`; at most `MAX_QUEUED_WRITES` wait); a
@@ -303,13 +306,28 @@ class BackgroundBoard:
         """Ask every process to cancel the response (the one that runs it does).
         Raises SharedStoreUnavailable when Redis does not answer."""
         try:
+            await self._client.set(self._cancel_key(owner, response_id), 1, ex=RUNNING_TTL)
             await self._store.announcements.announce("cancel", owner, response_id)
         except (redis.RedisError, OSError) as exc:
             self._failed("cannot ask for a cancel through Redis", exc)
             raise SharedStoreUnavailable(response_id) from None
 
+    async def cancels_asked(self, runs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Those of `runs` (owner, response id) whose cancel was asked within
+        `RUNNING_TTL` seconds. Raises Redis and OS errors."""
+        if not runs:
+            return []
+        async with self._client.pipeline(transaction=False) as pipe:
+            for owner, response_id in runs:
+                pipe.exists(self._cancel_key(owner, response_id))
+            asked = await pipe.execute()
+        return [run for run, found in zip(runs, asked, strict=True) if found]
+
     def _key(self, owner: str, response_id: str) -> str:
         return f"{self._prefix}:b:{owner}:{response_id}"
+
+    def _cancel_key(self, owner: str, response_id: str) -> str:
+        return f"{self._prefix}:bc:{owner}:{response_id}"
 
     def _events_key(self, owner: str, response_id: str) -> str:
         return f"{self._prefix}:be:{owner}:{response_id}"
