@@ -298,3 +298,13 @@ def test_a_cancelled_background_response_spends_what_the_model_was_given() -> No
         cancelled = http.post(f"/responses/{created['id']}/cancel").json()
         assert cancelled["status"] == "cancelled"
         assert wait_for_spent(srv) > 300
+
+
+def test_a_compaction_its_client_left_still_spends_its_input() -> None:
+    with (
+        running_server(tokens_per_minute_per_key=100_000, backend=MockBackend(ttft_ms=2000)) as srv,
+        httpx.Client(base_url=srv.base_url, timeout=0.3, headers=bearer(A)) as http,
+    ):
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up, and closes
+            http.post("/responses/compact", json={"model": "m", "input": "word " * 500})
+        assert wait_for_spent(srv) > 500
