@@ -20,7 +20,6 @@ The compaction item it makes, and how backends read it, are in
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -138,10 +137,6 @@ async def compact(
         input_tokens, cached_tokens, output_tokens, reasoning_tokens = turn.usage()
         if engine.tokens_used is not None:
             engine.tokens_used(owner, input_tokens + output_tokens)
-    except asyncio.CancelledError:  # the client left while the model summarised
-        if engine.tokens_used is not None:
-            engine.tokens_used(owner, turn.usage()[0])
-        raise
     finally:
         turn.release()
     item = {
