@@ -433,11 +433,13 @@ def test_input_tokens_count_the_conversation(sdk: OpenAI) -> None:
 
 class MemoryBoard:
     """A `ConversationBoard` in memory whose appends, by their order, wait for the
-    events in `held` (Redis' latency, under the test's control)."""
+    events in `held` (Redis' latency, under the test's control), and fail when their
+    index is in `failing` (a write given up)."""
 
     def __init__(self) -> None:
         self.kept: dict[str, dict[str, Any]] = {}
         self.held: dict[int, asyncio.Event] = {}
+        self.failing: set[int] = set()
         self.appends = 0
 
     def hold(self, *calls: int) -> list[asyncio.Event]:
@@ -468,6 +470,7 @@ class MemoryBoard:
             created_at=kept["created"],
             metadata={},
             entries=list(kept["entries"]),
+            incomplete=kept.get("incomplete", False),
         )
 
     async def append(self, owner: str, conv_id: str, entries: Any) -> tuple[int, int] | None:
@@ -475,10 +478,30 @@ class MemoryBoard:
         self.appends += 1
         if call in self.held:
             await self.held[call].wait()
+        if call in self.failing:
+            raise RuntimeError("given up")
         kept = self.kept.get(conv_id)
         if kept is None:
             return None
         kept["entries"] += entries
+        kept["version"] += 1
+        return kept["version"] - 1, kept["version"]
+
+    async def replace(self, owner: str, conv_id: str, version: int, entries: Any) -> Any:
+        kept = self.kept.get(conv_id)
+        if kept is None:
+            return None
+        if kept["version"] != version:
+            return -2, kept["version"]
+        kept["entries"] = list(entries)
+        kept["version"] += 1
+        return version, kept["version"]
+
+    async def mark_incomplete(self, owner: str, conv_id: str) -> Any:
+        kept = self.kept.get(conv_id)
+        if kept is None:
+            return None
+        kept["incomplete"] = True
         kept["version"] += 1
         return kept["version"] - 1, kept["version"]
 
@@ -564,11 +587,12 @@ def test_a_background_response_adds_to_its_conversation_when_it_ends(sdk: OpenAI
     assert listed[1]["id"] == done.output[0].id
 
 
-def test_additions_past_the_queue_are_dropped_and_logged_not_kept_without_end(
+def test_additions_past_the_queue_are_not_queued_but_written_with_the_conversation(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Redis not answering for long: what waits to be written is bounded; the copy keeps
-    what was dropped from the shared conversation."""
+    """Redis not answering for long: what waits to be written is bounded (the
+    additions, and one writing of the whole copy); what was not queued reaches Redis
+    with the whole copy once it answers."""
     monkeypatch.setattr(conversations, "MAX_QUEUED_ADDITIONS", 2)
     caplog.set_level(logging.ERROR, logger="warmsocket.conversations")
 
@@ -579,20 +603,20 @@ def test_additions_past_the_queue_are_dropped_and_logged_not_kept_without_end(
         (down,) = board.hold(0)  # the first addition waits for "Redis"
         for text in ("b", "c", "d", "e"):
             store.extend(made, Items.from_objects([_message(text)]))
+        assert store._unwritten == 3  # b and c, and the copy to write whole
         down.set()
         assert store._writes is not None
         await store._writes.join()
         return _texts(made), board.texts(made.id), store.write_errors
 
     copy, in_redis, errors = asyncio.run(main())
-    assert copy == ["a", "b", "c", "d", "e"]
-    assert in_redis == ["a", "b", "c"]
-    assert errors == 2
-    (dropped,) = [r for r in caplog.records if "too many queued" in r.getMessage()]
+    assert copy == in_redis == ["a", "b", "c", "d", "e"]
+    assert errors == 1  # d not queued (e went with the copy)
+    (dropped,) = [r for r in caplog.records if "too many while Redis" in r.getMessage()]
     assert dropped.__dict__["queued"] == 2
 
 
-def test_additions_past_the_queued_bytes_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_additions_past_the_queued_bytes_are_not_queued(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(conversations, "MAX_QUEUED_ADDITION_BYTES", 2500)
 
     async def main() -> tuple[list[str], int]:
@@ -608,4 +632,53 @@ def test_additions_past_the_queued_bytes_are_dropped(monkeypatch: pytest.MonkeyP
         return [text[0] for text in board.texts(made.id)], store.write_errors
 
     in_redis, errors = asyncio.run(main())
-    assert in_redis == ["a", "b", "c"] and errors == 1
+    assert in_redis == ["a", "b", "c", "d"] and errors == 1
+
+
+def test_a_hole_left_by_a_failed_addition_is_filled_in_its_place() -> None:
+    """The addition of 'lost' failed after 'd', queued behind it, was written: Redis
+    had a hole. Nobody else changed the conversation, so the whole copy is written."""
+
+    async def main() -> tuple[list[str], list[str], int]:
+        board = MemoryBoard()
+        store = Conversations(budget_bytes=1 << 20, max_item_bytes=1 << 20, board=board)
+        made = await store.create("o", {"items": [_message("a")]})
+        board.failing.add(0)
+        store.extend(made, Items.from_objects([_message("lost")]))
+        store.extend(made, Items.from_objects([_message("d")]))
+        assert store._writes is not None
+        await store._writes.join()
+        fresh = await store.fresh("o", made.id)
+        return board.texts(made.id), _texts(fresh), store.write_errors
+
+    in_board, copy, write_errors = asyncio.run(main())
+    assert in_board == copy == ["a", "lost", "d"]
+    assert write_errors == 1
+
+
+def test_a_hole_another_process_wrote_after_is_marked_incomplete() -> None:
+    """As above, but another process added to the conversation meanwhile: 'lost' has
+    no place left. The conversation is marked incomplete (creates refuse it) rather
+    than left silently without it."""
+
+    async def main() -> tuple[list[str], bool, int]:
+        board = MemoryBoard()
+        store = Conversations(budget_bytes=1 << 20, max_item_bytes=1 << 20, board=board)
+        made = await store.create("o", {"items": [_message("a")]})
+        board.failing.add(0)
+        (d_held,) = board.hold(1)
+        store.extend(made, Items.from_objects([_message("lost")]))
+        store.extend(made, Items.from_objects([_message("d")]))
+        await asyncio.sleep(0.01)
+        kept = board.kept[made.id]
+        kept["entries"].append(("item_x", b'{"content":"x","role":"user","type":"message"}'))
+        kept["version"] += 1  # another process's addition
+        d_held.set()
+        assert store._writes is not None
+        await store._writes.join()
+        fresh = await store.fresh("o", made.id)
+        return board.texts(made.id), fresh.incomplete, store.write_errors
+
+    in_board, incomplete, write_errors = asyncio.run(main())
+    assert in_board == ["a", "x", "d"] and incomplete
+    assert write_errors == 2  # the addition, and the conversation it left incomplete

@@ -16,7 +16,8 @@ from tests.redis_support import AnswerDropper, paused, redis_server
 from tests.support import RunningServer, WSClient, output_text, running_server
 from tests.test_conversations import strict
 from tests.test_shared_store_serve import two_servers
-from warmsocket import shared_store
+from warmsocket import conversations as conversations_module
+from warmsocket import shared_store, write_retry
 from warmsocket._core import Items
 from warmsocket.conversations import Conversations
 from warmsocket.shared_conversations import SharedConversations
@@ -200,6 +201,132 @@ def test_an_addition_whose_answer_was_lost_is_not_added_twice(
     in_redis, copy, write_errors = asyncio.run(main())
     assert in_redis == ["a", "b", "c"] and copy == ["a", "b", "c"]
     assert write_errors == 0
+
+
+async def _store_on(redis_url: str, prefix: str) -> tuple[SharedStore, Conversations]:
+    shared = SharedStore.from_url(redis_url, prefix=prefix)
+    await shared.start()
+    board = shared.conversation_board
+    return shared, Conversations(budget_bytes=1 << 20, max_item_bytes=1 << 20, board=board)
+
+
+def test_an_addition_given_up_leaves_no_hole_once_redis_answers(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --redis-write-retry an addition Redis did not answer is given up. Before,
+    the next addition went in after it, and every other process read the
+    conversation without its items; now the copy is written whole."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.2)
+    monkeypatch.setattr(write_retry, "WRITE_RETRY_SECONDS", 0.3)
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def main() -> tuple[list[str], list[str], list[str], int]:
+        shared, store = await _store_on(redis_url, prefix)
+        made = await store.create("o", {"items": [_message("a")]})
+        with paused(redis_url):
+            store.extend(made, Items.from_objects([_message("b")]))
+            assert store._writes is not None
+            await asyncio.wait_for(store._writes.join(), 10)  # given up
+        # The addition, and the whole copy queued after it: both given up.
+        assert store.write_errors == 2
+        store.extend(made, Items.from_objects([_message("c")]))
+        in_redis, copy = await _after_writes(store, shared.conversation_board, made.id)
+        other_shared, other = await _store_on(redis_url, prefix)
+        elsewhere = await other.fresh("o", made.id)
+        texts = [item["content"] for item in elsewhere.items.to_objects()]
+        for each in (store, other):
+            await each.aclose()
+        for each_shared in (shared, other_shared):
+            await each_shared.aclose()
+        return in_redis, copy, texts, store.write_errors
+
+    in_redis, copy, elsewhere, write_errors = asyncio.run(main())
+    assert in_redis == copy == elsewhere == ["a", "b", "c"]
+    assert write_errors == 2
+
+
+def test_an_addition_not_queued_is_written_with_the_whole_conversation(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the queue's bound, an addition is not queued: its items reach Redis with
+    the whole conversation once Redis answers, with no further addition needed."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.2)
+    monkeypatch.setattr(conversations_module, "MAX_QUEUED_ADDITIONS", 1)
+
+    async def main() -> tuple[list[str], list[str], int]:
+        shared, store = await _store_on(redis_url, f"t{uuid.uuid4().hex[:8]}")
+        made = await store.create("o", {"items": [_message("a")]})
+        with paused(redis_url):
+            store.extend(made, Items.from_objects([_message("b")]))  # queued
+            store.extend(made, Items.from_objects([_message("c")]))  # past the bound
+            store.extend(made, Items.from_objects([_message("d")]))
+            await asyncio.sleep(0.5)
+        in_redis, copy = await _after_writes(store, shared.conversation_board, made.id)
+        await store.aclose()
+        await shared.aclose()
+        return in_redis, copy, store.write_errors
+
+    in_redis, copy, write_errors = asyncio.run(main())
+    assert in_redis == copy == ["a", "b", "c", "d"]
+    assert write_errors == 1
+
+
+def test_items_given_up_while_another_process_added_go_after_its_items(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This process was cut off from Redis (its addition never reached it) while
+    another added to the conversation: its items go in after the other's, as an
+    addition written late does; nothing is lost, nothing is marked."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.2)
+    monkeypatch.setattr(write_retry, "WRITE_RETRY_SECONDS", 0.3)
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def main() -> tuple[list[str], list[str], bool]:
+        proxy = AnswerDropper(redis_url)
+        shared, store = await _store_on(await proxy.start(), prefix)
+        other_shared, other = await _store_on(redis_url, prefix)
+        made = await store.create("o", {"items": [_message("a")]})
+        proxy.cut()
+        store.extend(made, Items.from_objects([_message("late")]))
+        assert store._writes is not None
+        await asyncio.wait_for(store._writes.join(), 10)  # given up
+        proxy.mend()
+        await other.add_items("o", made.id, {"items": [_message("elsewhere")]})
+        store.extend(made, Items.from_objects([_message("c")]))
+        in_redis, copy = await _after_writes(store, shared.conversation_board, made.id)
+        incomplete = (await other.fresh("o", made.id)).incomplete
+        for each in (store, other):
+            await each.aclose()
+        for each_shared in (shared, other_shared):
+            await each_shared.aclose()
+        await proxy.aclose()
+        return in_redis, copy, incomplete
+
+    in_redis, copy, incomplete = asyncio.run(main())
+    assert in_redis == copy == ["a", "elsewhere", "late", "c"]
+    assert not incomplete
+
+
+def test_a_create_refuses_to_continue_an_incomplete_conversation(redis_url: str) -> None:
+    with two_servers(redis_url) as (a, _b), client(a) as on_a:
+        made = on_a.conversations.create(items=[{"role": "user", "content": "a"}])
+        shared = a.server.engine.shared
+        assert isinstance(shared, SharedStore)
+        meta_key, _items_key = shared.conversation_board._keys(a_owner(a), made.id)
+        with redis.Redis.from_url(redis_url) as direct:
+            direct.hset(meta_key, mapping={"incomplete": 1})
+            direct.hincrby(meta_key, "version", 1)
+        with pytest.raises(openai.ConflictError) as refused:
+            on_a.responses.create(model="m", input="x", conversation=made.id)
+        error = refused.value.body
+        assert isinstance(error, dict) and error["code"] == "conversation_incomplete"
+        # Its items can still be listed, to start a new conversation from.
+        assert texts(strict(list(on_a.conversations.items.list(made.id)))) == ["a"]
+
+
+def a_owner(server: RunningServer) -> str:
+    (owner,) = {c.owner for c in conversations(server)._by_id.values()}
+    return owner
 
 
 def test_a_create_sent_twice_creates_once(redis_url: str) -> None:

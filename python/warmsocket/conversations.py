@@ -23,7 +23,12 @@ stay within the budget; every use first checks (`fresh`) that the copy is the
 conversation as Redis has it. Changes through the API are written to Redis before
 they are answered; a response's input and output are added to the copy at once and
 written behind it, in order, tried again while Redis does not answer (`write_retry`;
-`aclose` writes what is left).
+`aclose` writes what is left). An addition Redis did not get (dropped from a full
+queue, or given up with `--redis-write-retry`) is not left as a hole: the copy is
+written whole once Redis answers (`_repair`), if no other process changed the
+conversation since; if one did, the conversation is marked incomplete in Redis, and
+a create refuses to continue it (409 `conversation_incomplete`) rather than answer
+from a context that lacks items.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ class Stored(Protocol):
     created_at: int
     metadata: dict[str, str]
     entries: Entries
+    incomplete: bool
 
 
 class ConversationBoard(Protocol):
@@ -106,6 +112,10 @@ class ConversationBoard(Protocol):
     async def read(self, owner: str, conv_id: str) -> Stored | None: ...
     async def append(self, owner: str, conv_id: str, entries: Entries) -> Change | None: ...
     async def set_metadata(self, owner: str, conv_id: str, metadata: bytes) -> Change | None: ...
+    async def replace(
+        self, owner: str, conv_id: str, version: int, entries: Entries
+    ) -> Change | None: ...
+    async def mark_incomplete(self, owner: str, conv_id: str) -> Change | None: ...
     async def delete_item(self, owner: str, conv_id: str, item_id: str) -> Change | None: ...
     async def delete(self, owner: str, conv_id: str) -> bool: ...
 
@@ -128,6 +138,15 @@ class Conversation:
     """With Redis: additions of responses not written yet (the copy is ahead)."""
     charged: int = 0
     """What it counts against the budget now (`cost`, as of its last change)."""
+    unshared: bool = False
+    """With Redis: the copy holds items Redis lacks (an addition was dropped or given
+    up): it is to be written whole (`Conversations._repair`)."""
+    repair_queued: bool = False
+    unsure: set[str] = field(default_factory=set)
+    """The ids of the items whose addition was given up or dropped: Redis may lack
+    them (a write given up may still have been done)."""
+    incomplete: bool = False
+    """Redis says items of it were lost: it is not continued."""
 
     def cost(self) -> int:
         """What it counts against `--conversation-budget`: its items' bytes, and what
@@ -220,7 +239,8 @@ class Conversations:
         """Least recently used first."""
         self.nbytes = 0
         self.write_errors = 0
-        self._writes: asyncio.Queue[tuple[Conversation, Entries, int]] | None = None
+        self._writes: asyncio.Queue[tuple[Conversation, Entries | None, int]] | None = None
+        """Additions to write (None: the whole copy, `_repair`), in order."""
         self._writer: asyncio.Task[None] | None = None
         self._unwritten = 0
         """Additions queued or being written."""
@@ -284,6 +304,7 @@ class Conversations:
             Items.parse(joined, max_item_bytes=max(self.max_item_bytes, len(joined))),
             [item_id for item_id, _item in stored.entries],
             version=stored.version,
+            incomplete=stored.incomplete,
         )
         if kept is not None:
             self._forget(kept)
@@ -447,26 +468,43 @@ class Conversations:
         item_ids = new_item_ids(items)
         self._append(conversation, items, item_ids)
         if self.board is not None:
+            if conversation.unshared:
+                conversation.unsure.update(item_ids)
+                self._queue_repair(conversation)  # it writes these items too
+                return
             added = entries(items, item_ids)
             nbytes = sum(len(item_id) + len(data) for item_id, data in added)
             if (
                 self._unwritten >= MAX_QUEUED_ADDITIONS
                 or self._unwritten_bytes + nbytes > MAX_QUEUED_ADDITION_BYTES
             ):
-                # Redis has not answered for long: this copy keeps the items, the
-                # other processes miss them (as for a write given up).
+                # Redis has not answered for long: this copy keeps the items, and is
+                # written whole once Redis answers (as for a write given up).
                 self.write_errors += 1
                 if (unlogged := self._drops.count()) is not None:
                     log.error(
-                        "responses' additions to shared conversations dropped: too many "
-                        "queued while Redis does not answer",
+                        "responses' additions to shared conversations not queued: too "
+                        "many while Redis does not answer; the conversations are written "
+                        "whole once it does",
                         extra={"queued": self._unwritten, "dropped": unlogged},
                     )
+                conversation.unshared = True
+                conversation.unsure.update(item_ids)
+                self._queue_repair(conversation)
                 return
             conversation.pending += 1
             self._write_behind(conversation, added, nbytes)
 
-    def _write_behind(self, conversation: Conversation, added: Entries, nbytes: int) -> None:
+    def _queue_repair(self, conversation: Conversation) -> None:
+        """Queue the writing of the whole copy (once: it holds nothing but the copy,
+        which it keeps from being dropped, so the queue takes it past its bounds)."""
+        if conversation.repair_queued:
+            return
+        conversation.repair_queued = True
+        conversation.pending += 1
+        self._write_behind(conversation, None, 0)
+
+    def _write_behind(self, conversation: Conversation, added: Entries | None, nbytes: int) -> None:
         if self._writes is None:
             self._writes = asyncio.Queue()
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
@@ -480,15 +518,22 @@ class Conversations:
         while True:
             conversation, added, nbytes = await queue.get()
             try:
+                if added is None:
+                    await self._repair(conversation)
+                    continue
                 change = await self._write_addition(conversation, added)
             except Exception:
-                # Logged by the board; this copy keeps the items (other processes miss
-                # them), and is not read again over them: its version stays.
+                # Logged by the board; this copy keeps the items, and is not read
+                # again over them (its version stays): it is written whole later.
                 self.write_errors += 1
                 log.error(
                     "a response's items could not be added to its shared conversation",
-                    extra={"conversation": conversation.id, "items": len(added)},
+                    extra={"conversation": conversation.id, "items": len(added or ())},
                 )
+                conversation.unshared = True
+                if added is not None and self._by_id.get(conversation.id) is conversation:
+                    conversation.unsure.update(item_id for item_id, _item in added)
+                    self._queue_repair(conversation)
             else:
                 if change is None:
                     self._forget(conversation)  # deleted elsewhere meanwhile
@@ -499,6 +544,86 @@ class Conversations:
                 self._unwritten -= 1
                 self._unwritten_bytes -= nbytes
                 queue.task_done()
+
+    async def _repair(self, conversation: Conversation) -> None:
+        """Put in Redis the items of the copy whose addition was given up or not
+        queued (`unsure`: a write given up may still have been done). Those missing
+        from Redis's end go after what it has, as any addition does (other processes'
+        additions meanwhile before them). A hole (a later item there, an earlier one
+        not) is filled by writing the whole copy, if no other process changed the
+        conversation; else its items have no place left: the conversation is marked
+        incomplete, and read again. Raises what the board raises (each call tried
+        again while Redis does not answer)."""
+        conversation.repair_queued = False
+        if not conversation.unshared or self._by_id.get(conversation.id) is not conversation:
+            return  # written meanwhile, or deleted or dropped
+        conversation.unshared = False  # what is added from here on is queued after this
+        board = self.board
+        assert board is not None
+        owner, conv_id = conversation.owner, conversation.id
+        written = entries(conversation.items, conversation.item_ids)
+        unsure = set(conversation.unsure)
+        stored = await keep_trying(lambda: board.read(owner, conv_id), retriable=(ConnectionError,))
+        if stored is None:
+            self._forget(conversation)  # deleted elsewhere meanwhile
+            return
+        there = {item_id for item_id, _item in stored.entries}
+        missing = [i for i, (item_id, _) in enumerate(written) if item_id not in there]
+        lost = [i for i in missing if written[i][0] in unsure]
+        change: Change | None
+        if not lost or stored.incomplete:
+            change = (-1, stored.version)  # nothing of its own to put back: read again
+        elif lost == list(range(lost[0], len(written))):
+            tail = written[lost[0] :]
+            change = await keep_trying(
+                lambda: board.append(owner, conv_id, tail), retriable=(ConnectionError,)
+            )
+        elif [item_id for item_id, _ in stored.entries] == [
+            item_id for item_id, _ in written if item_id in there
+        ] and len(missing) == len(lost):
+            version = stored.version
+            change = await keep_trying(
+                lambda: board.replace(owner, conv_id, version, written),
+                retriable=(ConnectionError,),
+            )
+            if change is not None and change[0] == -2:  # changed since it was read
+                conversation.unshared = True
+                self._queue_repair(conversation)
+                return
+        else:
+            await self._lost_items(conversation, len(lost))
+            return
+        conversation.unsure -= unsure
+        if change is None:
+            self._forget(conversation)  # deleted elsewhere meanwhile
+            return
+        conversation.settle(change, written_behind=True)
+        if lost:
+            log.info(
+                "a shared conversation's items Redis lacked were written",
+                extra={"conversation": conv_id, "items": len(lost)},
+            )
+
+    async def _lost_items(self, conversation: Conversation, count: int) -> None:
+        """Mark the conversation incomplete in Redis (every process reads it again, and
+        creates refuse to continue it)."""
+        board = self.board
+        assert board is not None
+        owner, conv_id = conversation.owner, conversation.id
+        marked = await keep_trying(
+            lambda: board.mark_incomplete(owner, conv_id), retriable=(ConnectionError,)
+        )
+        self.write_errors += 1
+        log.error(
+            "a shared conversation lost items: another process changed it before they "
+            "could be put back in their place; it is marked incomplete and cannot be "
+            "continued",
+            extra={"conversation": conv_id, "items": count},
+        )
+        conversation.unsure.clear()
+        conversation.version = None  # read again: as Redis has it, incomplete
+        if marked is None:
+            self._forget(conversation)
 
     async def _write_addition(self, conversation: Conversation, added: Entries) -> Change | None:
         """The board's append (done once however often it is tried), tried again

@@ -539,6 +539,8 @@ class Engine:
             # Its items are the context before the input (never with a
             # previous_response_id): prefix diffing finds the chain that left them.
             conversation = self.conversations.get(owner, request.conversation, param="conversation")
+            if conversation.incomplete:
+                raise errors.conversation_incomplete(conversation.id)
             input_items = conversation.items.concat(input_items)
         previous_response_id = request.previous_response_id
         start = context_start(input_items)

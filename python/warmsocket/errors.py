@@ -383,6 +383,18 @@ def rate_exceeded(unit: str, per_minute: int, wait: float, full_in: float) -> AP
     )
 
 
+def conversation_incomplete(conv_id: str) -> APIError:
+    return APIError(
+        "conversation_incomplete",
+        f"Conversation '{conv_id}' lost items: a server could not save them while Redis "
+        "was unavailable, and the conversation changed elsewhere before it could. It "
+        "cannot be continued without them; its items can still be listed: start a new "
+        "conversation from them.",
+        param="conversation",
+        status=409,
+    )
+
+
 def reset_duration(seconds: float) -> str:
     """A duration as OpenAI's rate limit headers write it: '0s', '20ms', '1.5s', '6m0s'."""
     if seconds <= 0:

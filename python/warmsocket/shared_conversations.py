@@ -4,7 +4,8 @@ With `--redis-url`, Redis holds every conversation (`conversations.Conversations
 keeps a copy of those it used):
 
 * ``<prefix>:c:<owner>:<id>``: a hash of ``created_at``, ``metadata`` (JSON) and
-  ``version``, which every change raises;
+  ``version``, which every change raises, and ``incomplete`` once items a process
+  could not write are known lost (`mark_incomplete`);
 * ``<prefix>:ci:<owner>:<id>``: a list of the items, oldest first, each entry the
   item's id, a space and its canonical JSON.
 
@@ -72,6 +73,26 @@ if #ARGV > 1 and redis.call('LPOS', KEYS[2], ARGV[2], 'RANK', -1) then
 end
 if #ARGV > 1 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 2)) end""")
 
+# Replaces the items with ARGV[3..] if the version is still ARGV[2] (the copy that
+# writes them is the conversation as it was, plus what Redis lacks): {before, after},
+# or {-2, version} when another process changed it since (nothing done).
+_REPLACE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local before = tonumber(redis.call('HGET', KEYS[1], 'version'))
+if before ~= tonumber(ARGV[2]) then return {-2, before} end
+redis.call('DEL', KEYS[2])
+for first = 3, #ARGV, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, first, math.min(first + 999, #ARGV)))
+end
+local after = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return {before, after}
+"""
+
+# Marks the conversation incomplete.
+_INCOMPLETE = _change("redis.call('HSET', KEYS[1], 'incomplete', 1)")
+
 # Sets the metadata to ARGV[2].
 _METADATA = _change("redis.call('HSET', KEYS[1], 'metadata', ARGV[2])")
 
@@ -103,6 +124,8 @@ class Stored:
     metadata: dict[str, str]
     entries: list[tuple[str, bytes]]
     """(item id, canonical JSON), oldest first."""
+    incomplete: bool = False
+    """Items a process could not write are lost from it (`mark_incomplete`)."""
 
 
 Change = tuple[int, int]
@@ -129,6 +152,8 @@ class SharedConversations:
         self._create = client.register_script(_CREATE)
         self._append = client.register_script(_APPEND)
         self._metadata = client.register_script(_METADATA)
+        self._replace = client.register_script(_REPLACE)
+        self._incomplete = client.register_script(_INCOMPLETE)
         self._delete_item = client.register_script(_DELETE_ITEM)
 
     def _keys(self, owner: str, conv_id: str) -> list[str]:
@@ -176,6 +201,7 @@ class SharedConversations:
             created_at=int(fields[b"created_at"]),
             metadata=_metadata(fields[b"metadata"]),
             entries=parsed,
+            incomplete=b"incomplete" in fields,
         )
 
     async def append(
@@ -186,6 +212,24 @@ class SharedConversations:
         version matches it, so the copy is read again."""
         args: list[Arg] = [self.ttl, *(_entry(e) for e in entries)]
         found = await self._call(conv_id, self._append(keys=self._keys(owner, conv_id), args=args))
+        return None if not found else (int(found[0]), int(found[1]))
+
+    async def replace(
+        self, owner: str, conv_id: str, version: int, entries: list[tuple[str, bytes]]
+    ) -> Change | None:
+        """Make the items `entries` if the conversation is still at `version`:
+        (before, after); (-2, version) when it is not (nothing done); None when the
+        conversation is gone."""
+        args: list[Arg] = [self.ttl, version, *(_entry(e) for e in entries)]
+        found = await self._call(conv_id, self._replace(keys=self._keys(owner, conv_id), args=args))
+        return None if not found else (int(found[0]), int(found[1]))
+
+    async def mark_incomplete(self, owner: str, conv_id: str) -> Change | None:
+        """Say the conversation lost items (every process reads it again, and it
+        refuses to be continued)."""
+        found = await self._call(
+            conv_id, self._incomplete(keys=self._keys(owner, conv_id), args=[self.ttl])
+        )
         return None if not found else (int(found[0]), int(found[1]))
 
     async def set_metadata(self, owner: str, conv_id: str, metadata: bytes) -> Change | None:
