@@ -19,9 +19,10 @@ from pydantic import TypeAdapter
 
 from tests.support import RunningServer, WSClient, check_sse_event, output_text, running_server
 from tests.test_agents_sdk import calls, read_file
-from warmsocket import conversations
+from warmsocket import conversations, write_retry
 from warmsocket._core import Items
 from warmsocket.conversations import Conversations
+from warmsocket.engine import SharedStoreUnavailable
 
 ITEM = TypeAdapter(ConversationItem)
 CONVERSATION = TypeAdapter(Conversation)
@@ -441,6 +442,10 @@ class MemoryBoard:
         self.held: dict[int, asyncio.Event] = {}
         self.failing: set[int] = set()
         self.appends = 0
+        self.unreadable = 0
+        """Reads to refuse (Redis not answering), from the next."""
+        self.seen: list[list[str]] = []
+        """The texts of the conversation after each addition."""
 
     def hold(self, *calls: int) -> list[asyncio.Event]:
         """Hold the appends with these indexes (0: the next one) until released."""
@@ -462,6 +467,9 @@ class MemoryBoard:
         return None if kept is None else int(kept["version"])
 
     async def read(self, owner: str, conv_id: str) -> Any:
+        if self.unreadable:
+            self.unreadable -= 1
+            raise SharedStoreUnavailable(conv_id)
         kept = self.kept.get(conv_id)
         if kept is None:
             return None
@@ -483,8 +491,20 @@ class MemoryBoard:
         kept = self.kept.get(conv_id)
         if kept is None:
             return None
+        return await self._add(kept, entries)
+
+    async def append_at(self, owner: str, conv_id: str, version: int, entries: Any) -> Any:
+        kept = self.kept.get(conv_id)
+        if kept is None:
+            return None
+        if kept["version"] != version:
+            return -2, kept["version"]
+        return await self._add(kept, entries)
+
+    async def _add(self, kept: dict[str, Any], entries: Any) -> Any:
         kept["entries"] += entries
         kept["version"] += 1
+        self.seen.append([json.loads(item)["content"] for _id, item in kept["entries"]])
         return kept["version"] - 1, kept["version"]
 
     async def replace(self, owner: str, conv_id: str, version: int, entries: Any) -> Any:
@@ -635,11 +655,12 @@ def test_additions_past_the_queued_bytes_are_not_queued(monkeypatch: pytest.Monk
     assert in_redis == ["a", "b", "c", "d"] and errors == 1
 
 
-def test_a_hole_left_by_a_failed_addition_is_filled_in_its_place() -> None:
-    """The addition of 'lost' failed after 'd', queued behind it, was written: Redis
-    had a hole. Nobody else changed the conversation, so the whole copy is written."""
+def test_additions_queued_behind_a_failed_one_never_go_in_before_it() -> None:
+    """'lost' failed while 'd' waited behind it: 'd' is not appended after the hole
+    (every other process would have read the conversation without 'lost'), both go
+    in with the copy."""
 
-    async def main() -> tuple[list[str], list[str], int]:
+    async def main() -> tuple[list[str], list[list[str]], int]:
         board = MemoryBoard()
         store = Conversations(budget_bytes=1 << 20, max_item_bytes=1 << 20, board=board)
         made = await store.create("o", {"items": [_message("a")]})
@@ -648,12 +669,50 @@ def test_a_hole_left_by_a_failed_addition_is_filled_in_its_place() -> None:
         store.extend(made, Items.from_objects([_message("d")]))
         assert store._writes is not None
         await store._writes.join()
-        fresh = await store.fresh("o", made.id)
-        return board.texts(made.id), _texts(fresh), store.write_errors
+        return board.texts(made.id), board.seen, store.write_errors
 
-    in_board, copy, write_errors = asyncio.run(main())
-    assert in_board == copy == ["a", "lost", "d"]
+    in_board, seen, write_errors = asyncio.run(main())
+    assert in_board == ["a", "lost", "d"]
+    assert all("lost" in texts for texts in seen if "d" in texts)
     assert write_errors == 1
+
+
+def _a_hole(board: MemoryBoard, store: Conversations, made: Any, *, foreign: bool) -> Any:
+    """'lost' fails; meanwhile 'd', added after it, reached Redis anyway (a write
+    given up that Redis did after all), and, with `foreign`, another process added
+    'x': Redis has a hole where 'lost' was."""
+
+    async def arrange() -> None:
+        (lost_held,) = board.hold(0)
+        board.failing.add(0)
+        store.extend(made, Items.from_objects([_message("lost")]))
+        store.extend(made, Items.from_objects([_message("d")]))
+        kept = board.kept[made.id]
+        kept["entries"].append(
+            (made.item_ids[-1], b'{"content":"d","role":"user","type":"message"}')
+        )
+        kept["version"] += 1
+        if foreign:
+            kept["entries"].append(("item_x", b'{"content":"x","role":"user","type":"message"}'))
+            kept["version"] += 1
+        lost_held.set()
+        assert store._writes is not None
+        await store._writes.join()
+
+    return arrange()
+
+
+def test_a_hole_is_filled_in_its_place_when_nobody_else_changed_the_conversation() -> None:
+    async def main() -> tuple[list[str], list[str]]:
+        board = MemoryBoard()
+        store = Conversations(budget_bytes=1 << 20, max_item_bytes=1 << 20, board=board)
+        made = await store.create("o", {"items": [_message("a")]})
+        await _a_hole(board, store, made, foreign=False)
+        fresh = await store.fresh("o", made.id)
+        return board.texts(made.id), _texts(fresh)
+
+    in_board, copy = asyncio.run(main())
+    assert in_board == copy == ["a", "lost", "d"]
 
 
 def test_a_hole_another_process_wrote_after_is_marked_incomplete() -> None:
@@ -661,24 +720,36 @@ def test_a_hole_another_process_wrote_after_is_marked_incomplete() -> None:
     no place left. The conversation is marked incomplete (creates refuse it) rather
     than left silently without it."""
 
-    async def main() -> tuple[list[str], bool, int]:
+    async def main() -> tuple[list[str], bool, bool, int]:
+        board = MemoryBoard()
+        store = Conversations(budget_bytes=1 << 20, max_item_bytes=1 << 20, board=board)
+        made = await store.create("o", {"items": [_message("a")]})
+        await _a_hole(board, store, made, foreign=True)
+        incomplete_here = made.incomplete
+        fresh = await store.fresh("o", made.id)
+        return board.texts(made.id), incomplete_here, fresh.incomplete, store.write_errors
+
+    in_board, here, read_again, write_errors = asyncio.run(main())
+    assert in_board == ["a", "d", "x"] and here and read_again
+    assert write_errors == 2  # the addition, and the conversation it left incomplete
+
+
+def test_writing_the_whole_copy_given_up_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --redis-write-retry, writing the copy whole can be given up too: it is
+    queued again (the copy kept meanwhile), not left undone until another addition."""
+    monkeypatch.setattr(write_retry, "WRITE_RETRY_SECONDS", 0.0)  # give up at once
+
+    async def main() -> tuple[list[str], int]:
         board = MemoryBoard()
         store = Conversations(budget_bytes=1 << 20, max_item_bytes=1 << 20, board=board)
         made = await store.create("o", {"items": [_message("a")]})
         board.failing.add(0)
-        (d_held,) = board.hold(1)
+        board.unreadable = 2  # the first two tries of the copy find Redis down
         store.extend(made, Items.from_objects([_message("lost")]))
-        store.extend(made, Items.from_objects([_message("d")]))
-        await asyncio.sleep(0.01)
-        kept = board.kept[made.id]
-        kept["entries"].append(("item_x", b'{"content":"x","role":"user","type":"message"}'))
-        kept["version"] += 1  # another process's addition
-        d_held.set()
         assert store._writes is not None
-        await store._writes.join()
-        fresh = await store.fresh("o", made.id)
-        return board.texts(made.id), fresh.incomplete, store.write_errors
+        await asyncio.wait_for(store._writes.join(), 5)
+        return board.texts(made.id), store.write_errors
 
-    in_board, incomplete, write_errors = asyncio.run(main())
-    assert in_board == ["a", "x", "d"] and incomplete
-    assert write_errors == 2  # the addition, and the conversation it left incomplete
+    in_board, write_errors = asyncio.run(main())
+    assert in_board == ["a", "lost"]
+    assert write_errors == 3  # the addition, and two tries of the copy

@@ -203,6 +203,16 @@ def test_an_addition_whose_answer_was_lost_is_not_added_twice(
     assert write_errors == 0
 
 
+async def _given_up(store: Conversations) -> None:
+    """Wait until an addition was given up (the whole copy is then tried, again and
+    again, until Redis answers)."""
+    for _ in range(500):
+        if store.write_errors:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("not given up in time")
+
+
 async def _store_on(redis_url: str, prefix: str) -> tuple[SharedStore, Conversations]:
     shared = SharedStore.from_url(redis_url, prefix=prefix)
     await shared.start()
@@ -225,10 +235,7 @@ def test_an_addition_given_up_leaves_no_hole_once_redis_answers(
         made = await store.create("o", {"items": [_message("a")]})
         with paused(redis_url):
             store.extend(made, Items.from_objects([_message("b")]))
-            assert store._writes is not None
-            await asyncio.wait_for(store._writes.join(), 10)  # given up
-        # The addition, and the whole copy queued after it: both given up.
-        assert store.write_errors == 2
+            await _given_up(store)
         store.extend(made, Items.from_objects([_message("c")]))
         in_redis, copy = await _after_writes(store, shared.conversation_board, made.id)
         other_shared, other = await _store_on(redis_url, prefix)
@@ -242,7 +249,7 @@ def test_an_addition_given_up_leaves_no_hole_once_redis_answers(
 
     in_redis, copy, elsewhere, write_errors = asyncio.run(main())
     assert in_redis == copy == elsewhere == ["a", "b", "c"]
-    assert write_errors == 2
+    assert write_errors >= 1  # the addition (and the tries of the whole copy since)
 
 
 def test_an_addition_not_queued_is_written_with_the_whole_conversation(
@@ -288,8 +295,7 @@ def test_items_given_up_while_another_process_added_go_after_its_items(
         made = await store.create("o", {"items": [_message("a")]})
         proxy.cut()
         store.extend(made, Items.from_objects([_message("late")]))
-        assert store._writes is not None
-        await asyncio.wait_for(store._writes.join(), 10)  # given up
+        await _given_up(store)
         proxy.mend()
         await other.add_items("o", made.id, {"items": [_message("elsewhere")]})
         store.extend(made, Items.from_objects([_message("c")]))

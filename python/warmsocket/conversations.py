@@ -115,6 +115,9 @@ class ConversationBoard(Protocol):
     async def replace(
         self, owner: str, conv_id: str, version: int, entries: Entries
     ) -> Change | None: ...
+    async def append_at(
+        self, owner: str, conv_id: str, version: int, entries: Entries
+    ) -> Change | None: ...
     async def mark_incomplete(self, owner: str, conv_id: str) -> Change | None: ...
     async def delete_item(self, owner: str, conv_id: str, item_id: str) -> Change | None: ...
     async def delete(self, owner: str, conv_id: str) -> bool: ...
@@ -521,18 +524,30 @@ class Conversations:
                 if added is None:
                     await self._repair(conversation)
                     continue
+                if conversation.unshared:
+                    # Queued before an addition ahead of it was given up: written with
+                    # the whole copy (queued after it), not after the hole.
+                    conversation.unsure.update(item_id for item_id, _item in added)
+                    self._queue_repair(conversation)
+                    continue
                 change = await self._write_addition(conversation, added)
-            except Exception:
+            except Exception as exc:
                 # Logged by the board; this copy keeps the items, and is not read
                 # again over them (its version stays): it is written whole later.
                 self.write_errors += 1
                 log.error(
-                    "a response's items could not be added to its shared conversation",
+                    "a response's items could not be added to its shared conversation"
+                    if added is not None
+                    else "a shared conversation's items Redis lacks could not be written",
                     extra={"conversation": conversation.id, "items": len(added or ())},
                 )
                 conversation.unshared = True
-                if added is not None and self._by_id.get(conversation.id) is conversation:
+                if added is not None:
                     conversation.unsure.update(item_id for item_id, _item in added)
+                kept = self._by_id.get(conversation.id) is conversation
+                # Given up (Redis did not answer for --redis-write-retry): written whole
+                # later. Not another error (it would fail again at once).
+                if kept and (added is not None or isinstance(exc, ConnectionError)):
                     self._queue_repair(conversation)
             else:
                 if change is None:
@@ -571,17 +586,25 @@ class Conversations:
         missing = [i for i, (item_id, _) in enumerate(written) if item_id not in there]
         lost = [i for i in missing if written[i][0] in unsure]
         change: Change | None
-        if not lost or stored.incomplete:
-            change = (-1, stored.version)  # nothing of its own to put back: read again
+        version = stored.version
+        if stored.incomplete:
+            conversation.incomplete = True
+            change = (-1, version)  # read again
+        elif not lost:
+            change = (-1, version)  # nothing of its own to put back: read again
         elif lost == list(range(lost[0], len(written))):
             tail = written[lost[0] :]
             change = await keep_trying(
-                lambda: board.append(owner, conv_id, tail), retriable=(ConnectionError,)
+                lambda: board.append_at(owner, conv_id, version, tail),
+                retriable=(ConnectionError,),
             )
+            if change is not None and change[0] == -2:  # changed since it was read
+                conversation.unshared = True
+                self._queue_repair(conversation)
+                return
         elif [item_id for item_id, _ in stored.entries] == [
             item_id for item_id, _ in written if item_id in there
         ] and len(missing) == len(lost):
-            version = stored.version
             change = await keep_trying(
                 lambda: board.replace(owner, conv_id, version, written),
                 retriable=(ConnectionError,),
@@ -591,7 +614,7 @@ class Conversations:
                 self._queue_repair(conversation)
                 return
         else:
-            await self._lost_items(conversation, len(lost))
+            await self._lost_items(conversation, unsure, len(lost))
             return
         conversation.unsure -= unsure
         if change is None:
@@ -604,7 +627,7 @@ class Conversations:
                 extra={"conversation": conv_id, "items": len(lost)},
             )
 
-    async def _lost_items(self, conversation: Conversation, count: int) -> None:
+    async def _lost_items(self, conversation: Conversation, unsure: set[str], count: int) -> None:
         """Mark the conversation incomplete in Redis (every process reads it again, and
         creates refuse to continue it)."""
         board = self.board
@@ -620,7 +643,8 @@ class Conversations:
             "continued",
             extra={"conversation": conv_id, "items": count},
         )
-        conversation.unsure.clear()
+        conversation.unsure -= unsure
+        conversation.incomplete = True
         conversation.version = None  # read again: as Redis has it, incomplete
         if marked is None:
             self._forget(conversation)

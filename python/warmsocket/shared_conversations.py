@@ -71,7 +71,17 @@ _APPEND = _change("""
 if #ARGV > 1 and redis.call('LPOS', KEYS[2], ARGV[2], 'RANK', -1) then
   return {-1, before}
 end
-if #ARGV > 1 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 2)) end""")
+for first = 2, #ARGV, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, first, math.min(first + 999, #ARGV)))
+end""")
+
+# Appends ARGV[3..] if the version is still ARGV[2]: {before, after}, or {-2,
+# version} when the conversation changed since (nothing done).
+_APPEND_AT = _change("""
+if before ~= tonumber(ARGV[2]) then return {-2, before} end
+for first = 3, #ARGV, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, first, math.min(first + 999, #ARGV)))
+end""")
 
 # Replaces the items with ARGV[3..] if the version is still ARGV[2] (the copy that
 # writes them is the conversation as it was, plus what Redis lacks): {before, after},
@@ -153,6 +163,7 @@ class SharedConversations:
         self._append = client.register_script(_APPEND)
         self._metadata = client.register_script(_METADATA)
         self._replace = client.register_script(_REPLACE)
+        self._append_at = client.register_script(_APPEND_AT)
         self._incomplete = client.register_script(_INCOMPLETE)
         self._delete_item = client.register_script(_DELETE_ITEM)
 
@@ -222,6 +233,17 @@ class SharedConversations:
         conversation is gone."""
         args: list[Arg] = [self.ttl, version, *(_entry(e) for e in entries)]
         found = await self._call(conv_id, self._replace(keys=self._keys(owner, conv_id), args=args))
+        return None if not found else (int(found[0]), int(found[1]))
+
+    async def append_at(
+        self, owner: str, conv_id: str, version: int, entries: list[tuple[str, bytes]]
+    ) -> Change | None:
+        """Append `entries` if the conversation is still at `version`: (before,
+        after); (-2, version) when it is not (nothing done); None when it is gone."""
+        args: list[Arg] = [self.ttl, version, *(_entry(e) for e in entries)]
+        found = await self._call(
+            conv_id, self._append_at(keys=self._keys(owner, conv_id), args=args)
+        )
         return None if not found else (int(found[0]), int(found[1]))
 
     async def mark_incomplete(self, owner: str, conv_id: str) -> Change | None:
