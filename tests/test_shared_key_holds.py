@@ -60,11 +60,11 @@ class Processes:
         self.prefix = f"t{uuid.uuid4().hex[:8]}"
         self.clients: list[aioredis.Redis] = []
 
-    def make(self, held: Counter[str]) -> SharedKeyHolds:
+    def make(self, held: Counter[str], limit: int = 4) -> SharedKeyHolds:
         client = aioredis.Redis.from_url(self.redis_url)
         self.clients.append(client)
         shared = SharedKeyHolds(client, self.prefix)
-        shared.follow(held)
+        shared.follow(held, limit)
         return shared
 
     async def __aenter__(self) -> Processes:
@@ -85,30 +85,61 @@ async def closing(processes: Processes, body: Coroutine[Any, Any, T]) -> T:
         return await body
 
 
-def test_each_process_sees_the_others_counts_and_not_its_own(holds: Processes) -> None:
-    async def main() -> tuple[int, int, int, int]:
-        one = holds.make(Counter({"o": 3, "p": 1}))
-        two = holds.make(Counter({"o": 2}))
+def test_each_process_knows_what_its_keys_hold_elsewhere(holds: Processes) -> None:
+    """What a key holds elsewhere is known where it holds something too, or where it
+    is at its limit in all (limit 4 here); other keys' first connection here is let
+    in, which is right."""
+
+    async def main() -> dict[str, int]:
+        one = holds.make(Counter({"o": 3, "p": 1, "q": 1}))
+        two = holds.make(Counter({"o": 2, "r": 4}))
         await one.sync()
         await two.sync()
         await one.sync()
-        return one.elsewhere("o"), one.elsewhere("p"), two.elsewhere("o"), two.elsewhere("p")
+        return {
+            "one o": one.elsewhere("o"),
+            "one p": one.elsewhere("p"),
+            "one r": one.elsewhere("r"),  # at its limit on two
+            "two o": two.elsewhere("o"),
+            "two q": two.elsewhere("q"),  # held on one only, below its limit
+            "holders": one.holders,
+        }
 
-    assert asyncio.run(closing(holds, main())) == (2, 0, 3, 1)
+    assert asyncio.run(closing(holds, main())) == {
+        "one o": 2,
+        "one p": 0,
+        "one r": 4,
+        "two o": 3,
+        "two q": 0,
+        "holders": 2,
+    }
 
 
-def test_many_owners_are_written_and_read(holds: Processes) -> None:
-    async def main() -> tuple[int, int]:
+def test_counts_that_change_change_the_totals(holds: Processes) -> None:
+    async def main() -> list[int]:
+        held = Counter({"o": 3})
+        one = holds.make(held)
+        two = holds.make(Counter({"o": 1}))
+        seen = []
+        for count in (3, 1, 0, 2):
+            held["o"] = count
+            await one.sync()
+            await two.sync()
+            seen.append(two.elsewhere("o"))
+        return seen
+
+    assert asyncio.run(closing(holds, main())) == [3, 1, 0, 2]
+
+
+def test_many_owners_cost_what_this_process_holds(holds: Processes) -> None:
+    async def main() -> tuple[int, int, int]:
         many = holds.make(Counter({f"key_{n}": 1 + n % 3 for n in range(5000)}))
-        reader = holds.make(Counter())
+        reader = holds.make(Counter({"key_4999": 1, "key_7": 1}))
         await many.sync()
         await reader.sync()
-        return reader.elsewhere("key_4999"), sum(reader._elsewhere.values())
+        return reader.elsewhere("key_4999"), reader.elsewhere("key_7"), len(reader._elsewhere)
 
-    assert asyncio.run(closing(holds, main())) == (
-        1 + 4999 % 3,
-        sum(1 + n % 3 for n in range(5000)),
-    )
+    assert asyncio.run(closing(holds, main())) == (1 + 4999 % 3, 1 + 7 % 3, 2)
 
 
 def test_a_process_that_stops_takes_its_counts_out(holds: Processes) -> None:
@@ -151,7 +182,7 @@ def test_what_was_read_counts_for_a_while_when_redis_does_not_answer(
 
     async def main() -> tuple[int, int, int]:
         other = holds.make(Counter({"o": 2}))
-        reader = holds.make(Counter())
+        reader = holds.make(Counter({"o": 1}))
         await other.sync()
         await reader.sync()
         with paused(redis_url):

@@ -327,7 +327,7 @@ class Server:
         self.key_limit = KeyLimit(config.max_connections_per_key)
         holds = getattr(shared, "key_holds", None)
         if holds is not None and self.key_limit.limit is not None:
-            holds.follow(self.key_limit.held)  # shared as the store starts
+            holds.follow(self.key_limit.held, self.key_limit.limit)  # shared from start
             self.key_limit.elsewhere = holds.elsewhere
         self.metrics.collectors.append(self.key_limit.collect)
         buckets = getattr(shared, "request_buckets", None)

@@ -5,19 +5,28 @@ A key's WebSockets, HTTP creates and background responses are counted in the pro
 that holds them (`KeyLimit.held`), where a new one is let in or refused at once, with
 no Redis round trip: the WebSocket handshake and the create stay as fast as without
 Redis. So that the limit holds for the key across processes, each process also knows
-what the key holds in the others, as of at most `SYNC_SECONDS` ago:
+what the key holds in the others, as of at most `SYNC_SECONDS` ago. Every
+`SYNC_SECONDS` each process runs one script (`_SYNC`) that:
 
-* every `SYNC_SECONDS` it writes its counts, ``<prefix>:held:<process>`` (a hash of
-  owner -> count, only the owners holding something), which expires `TTL_SECONDS`
-  later unless written again, and its name in ``<prefix>:holders`` (a sorted set
-  scored by that expiry on Redis's clock, so that the processes' clocks do not
-  matter), then reads the others' hashes and sums them (`elsewhere`);
-* a process that stops deletes its hash; one that dies stops writing it, and what its
-  keys held stops counting `TTL_SECONDS` later.
+* adds the difference between its counts now and those it wrote last
+  (``<prefix>:held:<process>``, a hash of owner -> count) to the totals of all
+  processes (``<prefix>:held_total``), and writes its counts;
+* keeps the owners whose total is at the limit in ``<prefix>:held_full``;
+* renews its place in ``<prefix>:holders`` (a sorted set scored by when it is to be
+  thought dead, on Redis's clock, so that the processes' clocks do not matter), and
+  takes the counts of the processes past theirs out of the totals;
+* answers the totals of the owners this process holds, and of those at the limit.
 
-The limit is so exact to within what a key opens in all processes within about
-`SYNC_SECONDS`. While Redis does not answer, each process goes on with what it last
-read for `TTL_SECONDS`, then counts its own only (logged once per outage, counted).
+So the check knows what the key holds elsewhere when it holds something here or is at
+its limit everywhere: a key's first connection to a process is let in when its total
+elsewhere is below the limit, which is right. A sync costs O(owners held in this
+process + owners at the limit), not O(all owners in all processes).
+
+The limit is exact to within what a key opens in all processes within about
+`SYNC_SECONDS`. A process that stops takes its counts out; one that dies stops
+counting `TTL_SECONDS` after its last sync. While Redis does not answer, each process
+goes on with what it last read for `TTL_SECONDS`, then counts its own only (logged
+once per outage, counted).
 """
 
 from __future__ import annotations
@@ -36,55 +45,126 @@ SYNC_SECONDS = 0.5
 """Seconds between two writes of this process's counts (and reads of the others')."""
 TTL_SECONDS = 5.0
 """Seconds a process's counts count after its last write."""
-MAX_HOLDERS = 1024
-"""Processes read at most (the others are not counted: logged)."""
 
-# KEYS[1]: the holders' sorted set, KEYS[2]: this process's hash. ARGV[1]: this
-# process's name, ARGV[2]: milliseconds its counts live, ARGV[3..]: owner, count, ...
-# Writes the counts, drops the holders whose time is over, and returns the others.
-_WRITE = """
+# KEYS: the holders, the totals, the owners at the limit, this process's counts.
+# ARGV: this process's name, milliseconds it lives unless synced again, the limit,
+# the prefix of the processes' counts, then owner, count, ... (this process's now).
+# Answers {owners at the limit, their totals, the totals of ARGV's owners}.
+_SYNC = """
+local holders, totals, full, mine = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local ttl, limit, prefix = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-redis.call('DEL', KEYS[2])
-if #ARGV > 2 then
-  for first = 3, #ARGV, 1000 do
-    redis.call('HSET', KEYS[2], unpack(ARGV, first, math.min(first + 999, #ARGV)))
+local function add(owner, delta)
+  local total = redis.call('HINCRBY', totals, owner, delta)
+  if total <= 0 then
+    redis.call('HDEL', totals, owner)
+    redis.call('SREM', full, owner)
+  elseif total >= limit then
+    redis.call('SADD', full, owner)
+  else
+    redis.call('SREM', full, owner)
   end
-  redis.call('PEXPIRE', KEYS[2], ttl)
 end
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('PEXPIRE', KEYS[1], ttl)
-return redis.call('ZRANGE', KEYS[1], 0, -1)
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', holders, '-inf', now)) do
+  if name ~= ARGV[1] then
+    local key = prefix .. name
+    local held = redis.call('HGETALL', key)
+    for i = 1, #held, 2 do add(held[i], -tonumber(held[i + 1])) end
+    redis.call('DEL', key)
+    redis.call('ZREM', holders, name)
+  end
+end
+local before = {}
+local held = redis.call('HGETALL', mine)
+for i = 1, #held, 2 do before[held[i]] = tonumber(held[i + 1]) end
+local changed = false
+for i = 5, #ARGV, 2 do
+  local owner, count = ARGV[i], tonumber(ARGV[i + 1])
+  local delta = count - (before[owner] or 0)
+  if delta ~= 0 then
+    add(owner, delta)
+    changed = true
+  end
+  before[owner] = nil
+end
+for owner, count in pairs(before) do
+  add(owner, -count)
+  changed = true
+end
+if changed then
+  redis.call('DEL', mine)
+  for first = 5, #ARGV, 1000 do
+    redis.call('HSET', mine, unpack(ARGV, first, math.min(first + 999, #ARGV)))
+  end
+end
+local keep = ttl * 3
+redis.call('PEXPIRE', mine, keep)
+redis.call('ZADD', holders, now + ttl, ARGV[1])
+for _, key in ipairs({holders, totals, full}) do redis.call('PEXPIRE', key, keep) end
+local at_limit = redis.call('SMEMBERS', full)
+local full_totals = {}
+for i, owner in ipairs(at_limit) do
+  full_totals[i] = tonumber(redis.call('HGET', totals, owner) or '0')
+end
+local my_totals = {}
+for i = 5, #ARGV, 2 do
+  my_totals[#my_totals + 1] = tonumber(redis.call('HGET', totals, ARGV[i]) or '0')
+end
+return {at_limit, full_totals, my_totals, redis.call('ZCARD', holders)}
+"""
+
+# Takes a stopping process's counts out (KEYS and ARGV[1], ARGV[3] as `_SYNC`).
+_LEAVE = """
+local totals, full, mine = KEYS[2], KEYS[3], KEYS[4]
+local limit = tonumber(ARGV[3])
+local held = redis.call('HGETALL', mine)
+for i = 1, #held, 2 do
+  local owner = held[i]
+  local total = redis.call('HINCRBY', totals, owner, -tonumber(held[i + 1]))
+  if total <= 0 then redis.call('HDEL', totals, owner) end
+  if total < limit then redis.call('SREM', full, owner) end
+end
+redis.call('DEL', mine)
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
 """
 
 
 class SharedKeyHolds:
-    """This process's share of `<prefix>:held:*`; `follow(held)` to take part."""
+    """This process's share of `<prefix>:held*`; `follow(held, limit)` to take part."""
 
     def __init__(self, client: Any, prefix: str, *, address: str = "") -> None:
         self._client = client
         self._prefix = prefix
         self._address = address
         self.process = uuid.uuid4().hex[:16]
-        self._holders_key = f"{prefix}:holders"
-        self._write = client.register_script(_WRITE)
+        self._keys = [
+            f"{prefix}:holders",
+            f"{prefix}:held_total",
+            f"{prefix}:held_full",
+            f"{prefix}:held:{self.process}",
+        ]
+        self._sync = client.register_script(_SYNC)
+        self._leave = client.register_script(_LEAVE)
         self._held: Counter[str] | None = None
-        self._elsewhere: Counter[str] = Counter()
+        self._limit = 0
+        self._elsewhere: dict[str, int] = {}
         self._read_at: float | None = None
         self._task: asyncio.Task[None] | None = None
         self.errors = 0
         self.holders = 1
-        """Processes whose counts were read last (this one included)."""
+        """Processes sharing the counts at the last sync (this one included)."""
 
     @property
     def following(self) -> bool:
         return self._held is not None
 
-    def follow(self, held: Counter[str]) -> None:
-        """Share `held` (`KeyLimit.held`, owner -> count) once `start` runs."""
+    def follow(self, held: Counter[str], limit: int) -> None:
+        """Share `held` (`KeyLimit.held`, owner -> count; `limit` its limit) once
+        `start` runs."""
         self._held = held
+        self._limit = limit
 
     def elsewhere(self, owner: str) -> int:
         """What `owner` holds in the other processes, as last read (0 once that is
@@ -92,7 +172,7 @@ class SharedKeyHolds:
         if self._read_at is None:
             return 0
         if time.monotonic() - self._read_at > TTL_SECONDS:
-            self._elsewhere = Counter()
+            self._elsewhere = {}
             self._read_at = None
             return 0
         return self._elsewhere.get(owner, 0)
@@ -102,32 +182,22 @@ class SharedKeyHolds:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def sync(self) -> None:
-        """Write this process's counts and read the others'. Raises Redis and OS errors."""
+        """Write this process's counts and read the totals it needs (`_SYNC`). Raises
+        Redis and OS errors."""
         assert self._held is not None
-        args: list[Any] = [self.process, round(TTL_SECONDS * 1000)]
-        for owner, count in self._held.items():
-            if count > 0:
-                args += (owner, count)
-        holders = await self._write(keys=[self._holders_key, self._key(self.process)], args=args)
-        others = [_text(name) for name in holders if _text(name) != self.process]
-        if len(others) > MAX_HOLDERS:
-            log.warning(
-                "more processes share --max-connections-per-key than are read",
-                extra={"processes": len(others) + 1, "read": MAX_HOLDERS},
-            )
-            others = others[:MAX_HOLDERS]
-        elsewhere: Counter[str] = Counter()
-        if others:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for name in others:
-                    pipe.hgetall(self._key(name))
-                counts = await pipe.execute()
-            for held in counts:
-                for owner, count in held.items():
-                    elsewhere[_text(owner)] += int(count)
-        self._elsewhere = elsewhere
+        mine = {owner: count for owner, count in self._held.items() if count > 0}
+        args: list[Any] = [self.process, round(TTL_SECONDS * 1000), self._limit, self._key("")]
+        for owner, count in mine.items():
+            args += (owner, count)
+        at_limit, full_totals, my_totals, holders = await self._sync(keys=self._keys, args=args)
+        elsewhere: dict[str, int] = {}
+        for owner, total in zip(at_limit, full_totals, strict=True):
+            elsewhere[_text(owner)] = int(total)
+        for (owner, count), total in zip(mine.items(), my_totals, strict=True):
+            elsewhere[owner] = int(total) - count
+        self._elsewhere = {owner: n for owner, n in elsewhere.items() if n > 0}
         self._read_at = time.monotonic()
-        self.holders = len(others) + 1
+        self.holders = int(holders)
 
     async def _run(self) -> None:
         failing = False
@@ -160,10 +230,8 @@ class SharedKeyHolds:
             await self._task
         self._task = None
         with contextlib.suppress(Exception):
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.delete(self._key(self.process))
-                pipe.zrem(self._holders_key, self.process)
-                await asyncio.wait_for(pipe.execute(), 1.0)
+            args = [self.process, 0, self._limit]
+            await asyncio.wait_for(self._leave(keys=self._keys, args=args), 1.0)
 
     def _key(self, process: str) -> str:
         return f"{self._prefix}:held:{process}"
