@@ -585,37 +585,31 @@ class Conversations:
         there = {item_id for item_id, _item in stored.entries}
         missing = [i for i, (item_id, _) in enumerate(written) if item_id not in there]
         lost = [i for i in missing if written[i][0] in unsure]
-        change: Change | None
         version = stored.version
+        change: Change | None = (-1, version)  # (no copy's version: read again)
         if stored.incomplete:
             conversation.incomplete = True
-            change = (-1, version)  # read again
-        elif not lost:
-            change = (-1, version)  # nothing of its own to put back: read again
-        elif lost == list(range(lost[0], len(written))):
+        elif lost:
+            at_end = lost == list(range(lost[0], len(written)))
+            # A hole: filled only if Redis has nothing the copy lacks, and lacks only
+            # the copy's unsure items.
+            fillable = len(missing) == len(lost) and [i for i, _ in stored.entries] == [
+                item_id for item_id, _ in written if item_id in there
+            ]
+            if not (at_end or fillable):
+                await self._lost_items(conversation, unsure, len(lost))
+                return
             tail = written[lost[0] :]
             change = await keep_trying(
-                lambda: board.append_at(owner, conv_id, version, tail),
+                (lambda: board.append_at(owner, conv_id, version, tail))
+                if at_end
+                else (lambda: board.replace(owner, conv_id, version, written)),
                 retriable=(ConnectionError,),
             )
             if change is not None and change[0] == -2:  # changed since it was read
                 conversation.unshared = True
                 self._queue_repair(conversation)
                 return
-        elif [item_id for item_id, _ in stored.entries] == [
-            item_id for item_id, _ in written if item_id in there
-        ] and len(missing) == len(lost):
-            change = await keep_trying(
-                lambda: board.replace(owner, conv_id, version, written),
-                retriable=(ConnectionError,),
-            )
-            if change is not None and change[0] == -2:  # changed since it was read
-                conversation.unshared = True
-                self._queue_repair(conversation)
-                return
-        else:
-            await self._lost_items(conversation, unsure, len(lost))
-            return
         conversation.unsure -= unsure
         if change is None:
             self._forget(conversation)  # deleted elsewhere meanwhile
