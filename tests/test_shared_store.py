@@ -687,6 +687,24 @@ def test_deletions_and_cancels_made_while_a_process_was_cut_off_reach_it(
     assert "following Redis deletions and cancels again" in messages
 
 
+async def deleted_while_cut_off(
+    proxy: AnswerDropper, writer: SharedStore, reader: SharedStore, deleted: list[str]
+) -> None:
+    """Delete `deleted`, then far more than the stream keeps (`KEEP` set to 3: trimmed to
+    about 100), while `reader` is cut off; then wait until it checked its cache."""
+    proxy.cut()
+    await asyncio.sleep(0.3)
+    for rid in deleted:
+        await writer.delete(rid, owner="o")
+    for n in range(500):
+        await writer.delete(f"r{n}", owner="o")
+    proxy.mend()
+    for _ in range(300):
+        if reader.rechecks:
+            return
+        await asyncio.sleep(0.02)
+
+
 def test_deletions_trimmed_before_a_process_read_them_are_found_in_the_records(
     redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -717,17 +735,7 @@ def test_deletions_trimmed_before_a_process_read_them_are_found_in_the_records(
             share(reader, cache, rid)
         reader.publish(cache.get("theirs", owner="p"), *cache.own_items("theirs", owner="p"))
         await reader.flush()
-        proxy.cut()
-        await asyncio.sleep(0.3)
-        await writer.delete("gone1", owner="o")
-        await writer.delete("gone2", owner="o")
-        for n in range(500):  # far more than the stream keeps (trimmed to 3, roughly)
-            await writer.delete(f"r{n}", owner="o")
-        proxy.mend()
-        for _ in range(200):
-            if reader.rechecks:
-                break
-            await asyncio.sleep(0.02)
+        await deleted_while_cut_off(proxy, writer, reader, ["gone1", "gone2"])
         await writer.aclose()
         await reader.aclose()
         await proxy.aclose()
@@ -886,16 +894,7 @@ def test_a_check_redis_did_not_answer_is_made_again(
         turn(cache, "gone", None, "x")
         share(reader, cache, "gone")
         await reader.flush()
-        proxy.cut()
-        await asyncio.sleep(0.3)
-        await writer.delete("gone", owner="o")
-        for n in range(500):
-            await writer.delete(f"r{n}", owner="o")
-        proxy.mend()
-        for _ in range(300):
-            if reader.rechecks:
-                break
-            await asyncio.sleep(0.02)
+        await deleted_while_cut_off(proxy, writer, reader, ["gone"])
         await writer.aclose()
         await reader.aclose()
         await proxy.aclose()
