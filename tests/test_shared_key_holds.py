@@ -115,6 +115,24 @@ def test_each_process_knows_what_its_keys_hold_elsewhere(holds: Processes) -> No
     }
 
 
+def test_processes_with_other_limits_each_read_the_keys_at_theirs(holds: Processes) -> None:
+    """During a rolling change of --max-connections-per-key: a key holding 7 on a
+    process whose limit is 10 is at the limit of one whose limit is 5."""
+
+    async def main() -> tuple[int, int]:
+        ten = holds.make(Counter({"o": 7}), limit=10)
+        five = holds.make(Counter(), limit=5)
+        other_ten = holds.make(Counter(), limit=10)
+        for each in (ten, five, other_ten):
+            await each.sync()
+        await ten.sync()  # (the last change made under a limit of 10)
+        await five.sync()
+        await other_ten.sync()
+        return five.elsewhere("o"), other_ten.elsewhere("o")
+
+    assert asyncio.run(closing(holds, main())) == (7, 0)
+
+
 def test_counts_that_change_change_the_totals(holds: Processes) -> None:
     async def main() -> list[int]:
         held = Counter({"o": 3})

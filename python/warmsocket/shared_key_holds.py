@@ -10,12 +10,14 @@ what the key holds in the others, as of at most `SYNC_SECONDS` ago. Every
 
 * adds the difference between its counts now and those it wrote last
   (``<prefix>:held:<process>``, a hash of owner -> count) to the totals of all
-  processes (``<prefix>:held_total``), and writes its counts;
-* keeps the owners whose total is at the limit in ``<prefix>:held_full``;
+  processes (``<prefix>:held_total``, a sorted set of owners by total), and writes its
+  counts;
 * renews its place in ``<prefix>:holders`` (a sorted set scored by when it is to be
   thought dead, on Redis's clock, so that the processes' clocks do not matter), and
   takes the counts of the processes past theirs out of the totals;
-* answers the totals of the owners this process holds, and of those at the limit.
+* answers the totals of the owners this process holds, and of those at its limit or
+  past it (a range of the sorted set: processes with other limits, during a rolling
+  change, each read their own).
 
 So the check knows what the key holds elsewhere when it holds something here or is at
 its limit everywhere: a key's first connection to a process is let in when its total
@@ -46,24 +48,20 @@ SYNC_SECONDS = 0.5
 TTL_SECONDS = 5.0
 """Seconds a process's counts count after its last write."""
 
-# KEYS: the holders, the totals, the owners at the limit, this process's counts.
-# ARGV: this process's name, milliseconds it lives unless synced again, the limit,
-# the prefix of the processes' counts, then owner, count, ... (this process's now).
-# Answers {owners at the limit, their totals, the totals of ARGV's owners}.
+# KEYS: the holders, the totals, this process's counts. ARGV: this process's name,
+# milliseconds it lives unless synced again, its limit, the prefix of the processes'
+# counts, then owner, count, ... (this process's now). Answers {owners at the limit or
+# past it and their totals (flat), the totals of ARGV's owners, the processes}.
+# A process's counts outlive the shared keys (4 against 3 lifetimes): whoever renews
+# those can still take a silent process's counts out.
 _SYNC = """
-local holders, totals, full, mine = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local holders, totals, mine = KEYS[1], KEYS[2], KEYS[3]
 local ttl, limit, prefix = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local function add(owner, delta)
-  local total = redis.call('HINCRBY', totals, owner, delta)
-  if total <= 0 then
-    redis.call('HDEL', totals, owner)
-    redis.call('SREM', full, owner)
-  elseif total >= limit then
-    redis.call('SADD', full, owner)
-  else
-    redis.call('SREM', full, owner)
+  if tonumber(redis.call('ZINCRBY', totals, delta, owner)) <= 0 then
+    redis.call('ZREM', totals, owner)
   end
 end
 for _, name in ipairs(redis.call('ZRANGEBYSCORE', holders, '-inf', now)) do
@@ -98,32 +96,26 @@ if changed then
     redis.call('HSET', mine, unpack(ARGV, first, math.min(first + 999, #ARGV)))
   end
 end
-local keep = ttl * 3
-redis.call('PEXPIRE', mine, keep)
+redis.call('PEXPIRE', mine, ttl * 4)
 redis.call('ZADD', holders, now + ttl, ARGV[1])
-for _, key in ipairs({holders, totals, full}) do redis.call('PEXPIRE', key, keep) end
-local at_limit = redis.call('SMEMBERS', full)
-local full_totals = {}
-for i, owner in ipairs(at_limit) do
-  full_totals[i] = tonumber(redis.call('HGET', totals, owner) or '0')
-end
+redis.call('PEXPIRE', holders, ttl * 3)
+redis.call('PEXPIRE', totals, ttl * 3)
+local at_limit = redis.call('ZRANGEBYSCORE', totals, limit, '+inf', 'WITHSCORES')
 local my_totals = {}
 for i = 5, #ARGV, 2 do
-  my_totals[#my_totals + 1] = tonumber(redis.call('HGET', totals, ARGV[i]) or '0')
+  my_totals[#my_totals + 1] = tonumber(redis.call('ZSCORE', totals, ARGV[i]) or '0')
 end
-return {at_limit, full_totals, my_totals, redis.call('ZCARD', holders)}
+return {at_limit, my_totals, redis.call('ZCARD', holders)}
 """
 
-# Takes a stopping process's counts out (KEYS and ARGV[1], ARGV[3] as `_SYNC`).
+# Takes a stopping process's counts out (KEYS and ARGV[1] as `_SYNC`).
 _LEAVE = """
-local totals, full, mine = KEYS[2], KEYS[3], KEYS[4]
-local limit = tonumber(ARGV[3])
+local totals, mine = KEYS[2], KEYS[3]
 local held = redis.call('HGETALL', mine)
 for i = 1, #held, 2 do
-  local owner = held[i]
-  local total = redis.call('HINCRBY', totals, owner, -tonumber(held[i + 1]))
-  if total <= 0 then redis.call('HDEL', totals, owner) end
-  if total < limit then redis.call('SREM', full, owner) end
+  if tonumber(redis.call('ZINCRBY', totals, -tonumber(held[i + 1]), held[i])) <= 0 then
+    redis.call('ZREM', totals, held[i])
+  end
 end
 redis.call('DEL', mine)
 redis.call('ZREM', KEYS[1], ARGV[1])
@@ -142,7 +134,6 @@ class SharedKeyHolds:
         self._keys = [
             f"{prefix}:holders",
             f"{prefix}:held_total",
-            f"{prefix}:held_full",
             f"{prefix}:held:{self.process}",
         ]
         self._sync = client.register_script(_SYNC)
@@ -189,12 +180,12 @@ class SharedKeyHolds:
         args: list[Any] = [self.process, round(TTL_SECONDS * 1000), self._limit, self._key("")]
         for owner, count in mine.items():
             args += (owner, count)
-        at_limit, full_totals, my_totals, holders = await self._sync(keys=self._keys, args=args)
+        at_limit, my_totals, holders = await self._sync(keys=self._keys, args=args)
         elsewhere: dict[str, int] = {}
-        for owner, total in zip(at_limit, full_totals, strict=True):
-            elsewhere[_text(owner)] = int(total)
+        for owner, total in zip(at_limit[::2], at_limit[1::2], strict=True):
+            elsewhere[_text(owner)] = int(float(total))
         for (owner, count), total in zip(mine.items(), my_totals, strict=True):
-            elsewhere[owner] = int(total) - count
+            elsewhere[owner] = int(float(total)) - count
         self._elsewhere = {owner: n for owner, n in elsewhere.items() if n > 0}
         self._read_at = time.monotonic()
         self.holders = int(holders)
