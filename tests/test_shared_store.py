@@ -7,6 +7,7 @@ import contextlib
 import errno
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -751,6 +752,52 @@ def test_deletions_trimmed_before_a_process_read_them_are_found_in_the_records(
     assert any("dropped before this process read them" in m for m in messages)
     [checked] = [r for r in caplog.records if r.getMessage().startswith("checked the cached")]
     assert (checked.checked, checked.dropped) == (5, 2)  # type: ignore[attr-defined]
+
+
+def test_deletions_trimmed_while_a_process_was_paused_are_found_in_the_records(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process was paused (its event loop held up) while more was announced than
+    the stream keeps; no read failed, so only how long its read took tells."""
+    monkeypatch.setattr(shared_announcements, "KEEP", 3)
+    monkeypatch.setattr(shared_announcements, "STALL_SECONDS", 0.3)
+    cache = SessionCache()
+
+    async def main() -> tuple[int, list[str]]:
+        writer = SharedStore.from_url(redis_url, prefix="t-stall")
+        reader = SharedStore.from_url(redis_url, prefix="t-stall")
+        await writer.start()
+        await reader.start(
+            on_deleted=lambda owner, rid: cache.delete(rid, owner=owner),
+            stored_ids=cache.stored_ids,
+        )
+        turn(cache, "gone", None, "x")
+        share(reader, cache, "gone")
+        await reader.flush()
+        await asyncio.sleep(0.1)  # the reader waits in a read
+
+        def others_meanwhile() -> None:
+            with redis.Redis.from_url(redis_url) as client:
+                key = reader.announcements.key
+                client.xadd(key, {"k": "deleted", "o": "o", "id": "first"})  # wakes the read
+                client.hset(reader._key("o", "gone"), "deleted", "1")
+                for rid in ["gone", *(f"r{n}" for n in range(500))]:
+                    client.xadd(key, {"k": "deleted", "o": "o", "id": rid}, maxlen=3)
+
+        thread = threading.Thread(target=others_meanwhile)
+        thread.start()
+        time.sleep(2.0)  # the reader's process paused (its event loop held up)
+        thread.join()
+        for _ in range(300):
+            if reader.rechecks:
+                break
+            await asyncio.sleep(0.02)
+        await writer.aclose()
+        await reader.aclose()
+        return reader.announcements.missed, sorted(rid for _, rid in cache.stored_ids())
+
+    missed, cached = run(main())
+    assert missed == 1 and cached == []
 
 
 def test_a_stream_begun_again_is_counted_from_its_own_start(

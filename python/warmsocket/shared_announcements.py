@@ -32,6 +32,9 @@ KEEP = 100_000
 READ_BLOCK_MS = 1000
 """How long one read waits for new announcements."""
 READ_BATCH = 256
+STALL_SECONDS = 5.0
+"""Seconds a read may take past its block before the position is checked (the
+process was paused, or its event loop held up: announcements may have been trimmed)."""
 RETRY_DELAY = 1.0
 """Seconds between two tries to read while Redis does not answer."""
 
@@ -107,17 +110,23 @@ class Announcements:
         until it returns True (at most once a second)."""
         loop = asyncio.get_running_loop()
         failing = False
+        # Whether the last read was a whole batch: more wait, perhaps more than the
+        # stream keeps.
         behind = False
-        """Whether the last read was a whole batch: more wait, perhaps more than the
-        stream keeps."""
         self._catch_up = self._catch_up or check_first
+        # Whether the last read took far longer than it blocks: the process was paused
+        # or its event loop held up, and more may have been announced meanwhile than
+        # the stream keeps.
+        stalled = False
         while True:
             try:
-                if (failing or behind) and await self._check_position():
+                if (failing or behind or stalled) and await self._check_position():
                     self._catch_up = True
+                asked = loop.time()
                 reply = await self._client.xread(
                     {self.key: self.position}, count=READ_BATCH, block=READ_BLOCK_MS
                 )
+                stalled = loop.time() - asked > READ_BLOCK_MS / 1000 + STALL_SECONDS
                 if failing:
                     log.info("following Redis deletions and cancels again")
                     failing = False

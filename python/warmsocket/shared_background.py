@@ -24,7 +24,7 @@ another one. So the process that runs it keeps, in Redis:
 
 A cancel asked of another process is announced to all (`shared_announcements`, with
 the deletions); the process that runs the response cancels it, and the record says
-`cancelled`. The cancel is also kept, ``<prefix>:bc:<owner>:<id>`` for `RUNNING_TTL`,
+`cancelled`. The cancel is also kept, ``<prefix>:bc:<owner>:<id>`` for the store's TTL,
 and the process that runs the response looks for its runs' cancels every
 `background.HEARTBEAT_SECONDS`: a cancel whose announcement it missed (trimmed from
 the stream while it could not read) still ends the run, that much later.
@@ -306,11 +306,18 @@ class BackgroundBoard:
         """Ask every process to cancel the response (the one that runs it does).
         Raises SharedStoreUnavailable when Redis does not answer."""
         try:
-            await self._client.set(self._cancel_key(owner, response_id), 1, ex=RUNNING_TTL)
-            await self._store.announcements.announce("cancel", owner, response_id)
+            # Kept as long as a stored response: the process that runs the response may
+            # be cut off from Redis for long, and looks for it when it is back.
+            await self._client.set(self._cancel_key(owner, response_id), 1, ex=self._store.ttl)
         except (redis.RedisError, OSError) as exc:
             self._failed("cannot ask for a cancel through Redis", exc)
             raise SharedStoreUnavailable(response_id) from None
+        try:
+            await self._store.announcements.announce("cancel", owner, response_id)
+        except (redis.RedisError, OSError) as exc:
+            # Asked all the same: the process that runs it finds the kept cancel at its
+            # next heartbeat.
+            self._failed("cannot announce a cancel through Redis", exc)
 
     async def cancels_asked(self, runs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Those of `runs` (owner, response id) whose cancel was asked within

@@ -87,6 +87,7 @@ import msgpack  # type: ignore[import-untyped]
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.typing import EncodableT, FieldT
 
 from warmsocket import _core, write_retry
 from warmsocket._core import Binding, Items, SessionCache
@@ -593,14 +594,14 @@ class SharedStore:
                 }
                 if record.prefix is not None:
                     fields["prefix"] = record.prefix
-                pipe.hset(
-                    record.key,
-                    mapping={
-                        "parent": record.parent or "",
-                        "data": msgpack.packb(fields),
-                        "settings": digest,
-                    },
-                )
+                mapping: dict[FieldT, EncodableT] = {
+                    "parent": record.parent or "",
+                    "data": msgpack.packb(fields),
+                    "settings": digest,
+                }
+                if record.key in self._tombstones:
+                    mapping["deleted"] = "1"  # deleted before it was written
+                pipe.hset(record.key, mapping=mapping)
                 pipe.expire(record.key, self.ttl)
                 await self._keep(  # queued on the pipeline
                     keys=[record.key],
