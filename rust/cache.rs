@@ -217,6 +217,10 @@ struct State {
     pinned: u64,
 }
 
+/// Positions of removed nodes the prefix index keeps before it sweeps them, besides
+/// as many as it has live ones (each keeps its node's allocation, not its items).
+const PREFIX_SWEEP_SLACK: usize = 4096;
+
 /// How many evicted ids wait for `take_evicted` at most (the oldest go first).
 const EVICTED_KEPT: usize = 4096;
 
@@ -738,6 +742,13 @@ impl SessionCache {
             .collect()
     }
 
+    /// Drop the prefix index's positions of removed nodes now, with what they keep
+    /// allocated. The index does so by itself once they are as many as the live
+    /// ones plus `PREFIX_SWEEP_SLACK`; this is for whoever counts the heap and wants no slack.
+    pub fn sweep_prefix_index(&self) {
+        self.shared.state.lock().sweep_prefix();
+    }
+
     pub fn stats(&self) -> Stats {
         let st = self.shared.state.lock();
         let entries = st.index.len() as u64;
@@ -832,7 +843,7 @@ impl State {
                 .push((Arc::downgrade(node), j as u32 + 1));
         }
         self.prefix_positions += node.own_len();
-        if self.prefix_positions > 2 * self.prefix_live + 4096 {
+        if self.prefix_positions > 2 * self.prefix_live + PREFIX_SWEEP_SLACK {
             self.sweep_prefix();
         }
     }
@@ -2026,9 +2037,15 @@ mod tests {
             .unwrap();
             assert!(c.delete(&id, O));
         }
+        {
+            let st = c.shared.state.lock();
+            assert!(st.prefix_positions <= 2 * st.prefix_live + PREFIX_SWEEP_SLACK);
+            assert!(st.prefix.len() <= 4097, "{}", st.prefix.len());
+            assert!(st.prefix_positions > 0, "none left to sweep: a weaker test");
+        }
+        c.sweep_prefix_index();
         let st = c.shared.state.lock();
-        assert!(st.prefix_positions <= 2 * st.prefix_live + 4096);
-        assert!(st.prefix.len() <= 4097, "{}", st.prefix.len());
+        assert_eq!((st.prefix_positions, st.prefix.len()), (0, 0));
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub mod cache;
 pub mod error;
 /// Message framing: client messages in, response events out.
 pub mod framing;
+/// The Rust heap, counted (`rust_heap()`).
+pub mod heap;
 /// Conversation items: validation, canonical JSON, extracted fields.
 pub mod item;
 /// Response nodes: structural sharing, cumulative counts, memory metering.
@@ -26,6 +28,9 @@ mod py;
 pub mod token;
 
 use pyo3::prelude::*;
+
+#[global_allocator]
+static HEAP: heap::CountingAllocator = heap::CountingAllocator;
 
 /// The Python module `warmsocket._core`.
 #[pymodule(gil_used = false)]
@@ -60,6 +65,8 @@ mod _core {
     use crate::py::framing::PyResponseEncoder;
     #[pymodule_export]
     use crate::py::framing::PySteerRequest;
+    #[pymodule_export]
+    use crate::py::heap::rust_heap;
     #[pymodule_export]
     use crate::py::items::PyItemMeta;
     #[pymodule_export]

@@ -7,6 +7,7 @@ pub mod buffer;
 pub mod cache;
 pub mod errors;
 pub mod framing;
+pub mod heap;
 pub mod items;
 pub mod json;
 pub mod token;

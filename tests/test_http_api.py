@@ -74,6 +74,12 @@ def test_metrics_count_turns_errors_and_latency(server: RunningServer) -> None:
     assert "warmsocket_turn_first_token_seconds_count 1" in text
     assert "warmsocket_cache_entries 1" in text
     assert 'warmsocket_http_requests_total{route="responses",status="200"} 1' in text
+    # What the Rust core holds: its tokenizer's tables at least (megabytes).
+    rust_bytes = next(
+        line for line in text.splitlines() if line.startswith("warmsocket_rust_heap_bytes ")
+    )
+    assert int(rust_bytes.split()[1]) > 1_000_000
+    assert "warmsocket_rust_heap_blocks " in text
     for line in text.splitlines():
         assert line.startswith("#") or len(line.split()) == 2, line
 

@@ -8,10 +8,10 @@ refused requests, stored responses listed and deleted, a conversation, a backgro
 response), then undoes what it stored. After warm-up cycles (first-use
 caches, the SDK's pool), more cycles must leave the cache's entries, the server's
 connections and tasks, conversations, background runs, the number of live Python
-objects of each type and the memory blocks each line of warmsocket allocated where
-they were: a leak of one object every four cycles (one memory block a cycle, for
-objects the collector does not see) fails. Bounded caches are made small here, so
-that they are full before anything is measured.
+objects of each type, the memory blocks each line of warmsocket allocated and the
+Rust core's heap blocks where they were: a leak of one object every four cycles (one
+memory block a cycle, for objects the collector does not see) fails. Bounded caches
+are made small here, so that they are full before anything is measured.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from tests.redis_support import redis_server
 from tests.support import RunningServer, WSClient, running_server
 from tests.upstream_support import running_sim, warmsocket_upstream
 from warmsocket import shared_store
+from warmsocket._core import rust_heap
 from warmsocket.backends import chat, responses_http, responses_ws
 from warmsocket.shared_store import SharedStore
 from warmsocket.simulate import server as sim_server
@@ -239,6 +240,19 @@ def blocks_by_line() -> Counter[str]:
     return Counter({str(stat.traceback): stat.count for stat in snapshot.statistics("lineno")})
 
 
+def rust_heap_blocks(server: RunningServer) -> int:
+    """The heap blocks the Rust core holds (the process's: the simulated upstream's
+    too), once the prefix index has let go of removed responses (it keeps their
+    positions for a while, bounded, and would show them as growth here)."""
+
+    def read() -> int:
+        gc.collect()  # what Python objects holding Rust values keep goes with them
+        server.server.cache.sweep_prefix_index()
+        return rust_heap()[1]
+
+    return server.call(read)
+
+
 def test_cycles_of_every_kind_of_use_leave_nothing_behind(server: RunningServer) -> None:
     for _ in range(WARM_UP_CYCLES):
         cycle(server)
@@ -252,12 +266,14 @@ def test_cycles_of_every_kind_of_use_leave_nothing_behind(server: RunningServer)
         live_objects()  # (its first call makes a few objects of its own, once)
         before_objects = live_objects()
         blocks = [blocks_by_line()]
+        heap = [rust_heap_blocks(server)]
         for _half in range(2):
             for _ in range(HALF_CYCLES):
                 cycle(server)
             after_state = state_counts(server)
             after_objects = live_objects()
             blocks.append(blocks_by_line())
+            heap.append(rust_heap_blocks(server))
     finally:
         tracemalloc.stop()
     assert {k: after_state[k] for k in STEADY} == {k: before_state[k] for k in STEADY}
@@ -278,3 +294,6 @@ def test_cycles_of_every_kind_of_use_leave_nothing_behind(server: RunningServer)
         if min(middle[line] - start[line], end[line] - middle[line]) >= HALF_CYCLES
     }
     assert kept == {}, f"blocks kept each cycle, by the line that made them: {kept}"
+    # The same for the Rust core's heap, which neither count above sees.
+    rust_grown = (heap[1] - heap[0], heap[2] - heap[1])
+    assert min(rust_grown) < HALF_CYCLES, f"Rust heap blocks grew {rust_grown} over each half"

@@ -69,6 +69,7 @@ __all__ = [
     "message_stream_id",
     "parse_client_message",
     "parse_response_head",
+    "rust_heap",
     "shared_prefix_blocks",
     "shared_prefix_tokens",
 ]
@@ -539,6 +540,11 @@ class SessionCache:
     def stored_ids(self) -> list[tuple[str, str]]:
         """`(owner, response id)` of every stored entry (not local to a connection), in
         no order."""
+    def sweep_prefix_index(self) -> None:
+        """Drop the prefix index's positions of removed responses now, with the memory
+        they keep. The index does so by itself once they are as many as its live
+        positions plus 4,096 (amortised); this is for a count of the heap with no
+        slack in it (the steady-state test)."""
     def stats(self) -> CacheStats:
         """The cache's counters now."""
     def snapshot(self) -> bytes:
@@ -633,6 +639,13 @@ class Tokenizer:
 
         Raises InvalidItemJson (not a JSON array), TokenizationFailed.
         """
+
+def rust_heap() -> tuple[int, int]:
+    """What this library's Rust code holds on the heap now: `(bytes, blocks)`.
+
+    Counted by its global allocator, as asked of the system allocator (its rounding
+    not included); Python's own memory is not in it.
+    """
 
 def encoding_for_model(model: str) -> str | None:
     """The built-in encoding for a model name, or None when the model is not known.

@@ -333,6 +333,24 @@ def cache_collector(stats: Callable[[], dict[str, int]]) -> Callable[[], Iterabl
     return collect
 
 
+def rust_heap_collector(held: Callable[[], tuple[int, int]]) -> Callable[[], Iterable[str]]:
+    """Render what the Rust core holds on the heap (`_core.rust_heap`)."""
+
+    def collect() -> Iterable[str]:
+        size, blocks = held()
+        yield (
+            "# HELP warmsocket_rust_heap_bytes Bytes the Rust core holds on the heap "
+            "(the session cache, tokenizers, buffers); Python's memory is not in it."
+        )
+        yield "# TYPE warmsocket_rust_heap_bytes gauge"
+        yield f"warmsocket_rust_heap_bytes {size}"
+        yield "# HELP warmsocket_rust_heap_blocks Heap blocks the Rust core holds."
+        yield "# TYPE warmsocket_rust_heap_blocks gauge"
+        yield f"warmsocket_rust_heap_blocks {blocks}"
+
+    return collect
+
+
 def connection_limit_collector(
     limit: int | None, counts: dict[str, int]
 ) -> Callable[[], Iterable[str]]:

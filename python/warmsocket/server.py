@@ -50,7 +50,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from warmsocket import errors, ids
-from warmsocket._core import ClientFrames, CreateRequest, SessionCache
+from warmsocket._core import ClientFrames, CreateRequest, SessionCache, rust_heap
 from warmsocket.admission import (
     REFUSED_BODY_BYTES,
     REFUSED_WAIT,
@@ -88,6 +88,7 @@ from warmsocket.metrics import (
     cache_collector,
     connection_limit_collector,
     conversation_collector,
+    rust_heap_collector,
     shared_store_collector,
 )
 from warmsocket.origins import OriginPolicy
@@ -309,6 +310,7 @@ class Server:
             prefix_diffing=config.prefix_diffing,
         )
         self.metrics.collectors.append(cache_collector(lambda: self.cache.stats().as_dict()))
+        self.metrics.collectors.append(rust_heap_collector(rust_heap))
         self.engine = Engine(
             self.cache,
             backend,

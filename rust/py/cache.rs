@@ -364,6 +364,11 @@ impl PySessionCache {
         })
     }
 
+    /// Drop the prefix index's positions of removed responses now.
+    fn sweep_prefix_index(&self, py: Python<'_>) {
+        py.detach(|| self.inner.sweep_prefix_index());
+    }
+
     fn stats(&self) -> PyCacheStats {
         PyCacheStats {
             inner: self.inner.stats(),
