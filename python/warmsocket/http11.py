@@ -8,6 +8,7 @@ chunked request bodies, `Expect: 100-continue`, and chunked responses for SSE.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -16,6 +17,15 @@ from warmsocket._core import ChunkedBody
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 128
+
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""A header name: an RFC 9110 token."""
+_NOT_IN_FIELD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+"""Control characters other than tab: never in a header value (RFC 9110, 5.5). A
+bare CR or LF would end the line for another parser (a proxy in front, or an
+upstream a forwarded key goes to) and not for this one: a header or a request
+smuggled past one of them."""
+_NOT_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")
 
 
 class HTTPError(Exception):
@@ -110,11 +120,15 @@ class RequestParser:
     def next_request(self) -> Request | None:
         """The next complete request, or None until more bytes arrive. Raises HTTPError."""
         if self._head is None:
+            while self._buffer.startswith(b"\r\n"):
+                # Empty lines before a request line are ignored (RFC 9112, 2.2): some
+                # clients end a body with a CRLF its length does not count.
+                del self._buffer[:2]
             end = self._buffer.find(b"\r\n\r\n")
             if end < 0:
                 if len(self._buffer) > MAX_HEAD_BYTES:
                     raise HTTPError(431, "Request header fields too large.")
-                if self._buffer and not self._buffer[:1].isalpha():
+                if self._buffer and not self._buffer[:1].isalpha() and self._buffer != b"\r":
                     # Not a method: say so now, not when a head that never comes is
                     # complete. A TLS ClientHello sent to this plain-HTTP port gets
                     # its answer at once, as from other servers, and the client can
@@ -224,7 +238,7 @@ def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         raise HTTPError(400, "Invalid request line.")
     method, target = parts[0], parts[1]
-    if not method.isalpha() or not target.startswith("/"):
+    if not method.isalpha() or not target.startswith("/") or _NOT_IN_TARGET.search(target):
         raise HTTPError(400, "Invalid request line.")
     headers: dict[str, str] = {}
     count = 0
@@ -232,8 +246,10 @@ def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
         if not line:
             continue
         name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
+        if not sep or not _FIELD_NAME.fullmatch(name):
             raise HTTPError(400, "Invalid header line.")
+        if _NOT_IN_FIELD_VALUE.search(value):
+            raise HTTPError(400, f"Invalid character in the value of header {name!r}.")
         count += 1
         if count > MAX_HEADERS:
             raise HTTPError(431, "Too many request headers.")
