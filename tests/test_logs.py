@@ -21,7 +21,7 @@ from websockets.exceptions import InvalidStatus
 from tests.support import WSClient, running_server
 from warmsocket import logs
 from warmsocket.bench.procs import stop
-from warmsocket.logs import ForeignRecords, JSONFormatter, written_here
+from warmsocket.logs import ForeignRecords, JSONFormatter, TextFormatter, written_here
 
 CANARY = "zebracorn marmalade"
 UPSTREAM_KEY = "sk-upstream-canary-key"
@@ -35,6 +35,16 @@ def test_own_loggers_are_told_apart_from_libraries() -> None:
     assert written_here("warmsocket") and written_here("warmsocket.server")
     for name in ("warmsocket.websockets", "websockets.client", "asyncio", "warmsocketx", ""):
         assert not written_here(name), name
+
+
+def test_a_text_line_cannot_be_split_into_forged_lines() -> None:
+    """A path or host a client chose (percent-decoded) can hold a line break: in
+    `--log-format text` it is escaped, not the start of a line that looks like ours."""
+    entry = record("warmsocket.http", logging.INFO, "request")
+    entry.path = "/v1/x\n03:00:00 error   warmsocket: forged\r\x00"
+    line = TextFormatter().format(entry)
+    assert "\n" not in line and "\r" not in line and "\x00" not in line
+    assert "path=/v1/x\\n03:00:00 error   warmsocket: forged\\r\\x00" in line
 
 
 def test_foreign_records_keep_only_first_lines_of_warnings_and_errors() -> None:

@@ -107,6 +107,15 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, default=str, separators=(",", ":"))
 
 
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+"""Control characters as escapes: a field a client chose (a path, a host) must not
+start a line of its own, forged to look like the server's."""
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
@@ -114,7 +123,7 @@ class TextFormatter(logging.Formatter):
         line = f"{stamp} {record.levelname.lower():<7} {record.name}: {record.getMessage()}"
         if record.exc_info and record.exc_info[0] is not None:
             extras = f"{extras} error_type={record.exc_info[0].__name__}".strip()
-        return f"{line} {extras}".rstrip()
+        return f"{line} {extras}".rstrip().translate(_CONTROL_ESCAPES)
 
 
 def configure(level: str = "info", fmt: Literal["json", "text"] = "json") -> None:
