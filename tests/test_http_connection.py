@@ -22,7 +22,7 @@ from websockets.uri import parse_uri
 from tests.support import RunningServer, WSClient, output_text, running_server
 from tests.test_framing_server import CREATE, _masked
 from warmsocket.backends.base import StreamItem, TextDelta, TurnContext
-from warmsocket.server import HTTP2_PREFACE, HTTP2_REFUSAL, HTTP_READ_AHEAD
+from warmsocket.server import HTTP2_PREFACE, HTTP2_REFUSAL, HTTP_READ_AHEAD, WRITE_HIGH_WATER
 
 UPGRADE = (
     b"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -280,6 +280,33 @@ def test_a_flood_during_an_answer_stays_bounded_then_gets_431(server: RunningSer
         (status, _, body), (too_large, _, _) = read_responses(raw, 2)
         assert status == 200 and json.loads(body)["status"] == "completed"
         assert too_large == 431
+
+
+def test_pipelined_requests_wait_while_their_client_reads_no_answer(
+    server: RunningServer,
+) -> None:
+    """A client that sends thousands of small requests at once and reads nothing gets
+    them answered as it reads: the answers waiting in the server stay within the write
+    buffer's high-water mark and one answer, not one answer per request sent."""
+    request = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    count = HTTP_READ_AHEAD // len(request)  # all within what the server reads ahead
+    answer_size = len(
+        exchange(server.port, request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    )
+    assert count * answer_size > 8 * WRITE_HIGH_WATER  # the unbounded case is large
+
+    def write_buffers() -> list[int]:
+        return [c.transport.get_write_buffer_size() for c in server.server.connections]
+
+    with small_window_connection(server.port) as raw:
+        raw.sendall(request * count)
+        small_send_buffers(server)
+        time.sleep(0.5)
+        (waiting,) = server.call(write_buffers)
+        assert waiting <= WRITE_HIGH_WATER + 2 * answer_size
+        # Reading, the client gets every answer, in order.
+        answers = read_responses(raw, count)
+    assert [status for status, _, _ in answers] == [200] * count
 
 
 # -- half-closed and vanished clients -------------------------------------------------------------

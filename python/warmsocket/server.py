@@ -1128,6 +1128,13 @@ class Connection(asyncio.Protocol):
             keep_alive = await self.server.http.handle(
                 request, _Writer(self), connection=self._cache_connection
             )
+            if keep_alive and not self._writable.is_set():
+                # The next pipelined request is answered once the client has read this
+                # answer (down to the low-water mark): without the wait, 128 KiB of
+                # small requests (GET /metrics, a large stored response) could pile
+                # gigabytes of answers into the write buffer of a client that reads
+                # none of them. One that never reads is dropped (`_check_writes`).
+                await self._writable.wait()
         except asyncio.CancelledError:
             return
         except Exception:
