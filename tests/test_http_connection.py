@@ -309,6 +309,51 @@ def test_pipelined_requests_wait_while_their_client_reads_no_answer(
     assert [status for status, _, _ in answers] == [200] * count
 
 
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        pytest.param(b"", 401, id="no-key"),
+        pytest.param(b"Authorization: Bearer sk-wrong\r\n", 401, id="wrong-key"),
+        pytest.param(b"Authorization: Bearer sk-1\r\nOrigin: https://evil.example\r\n", 403,
+                     id="origin-not-allowed"),
+    ],
+)  # fmt: skip
+def test_a_refused_head_is_answered_before_its_body(headers: bytes, status: int) -> None:
+    """A request its head has refused (no valid key, a page not allowed) is answered
+    as soon as its head arrives, without a 100 Continue: the server does not hold up
+    to --max-message-bytes of a body it will refuse, for each connection."""
+    body_length = 8 << 20
+    with (
+        running_server(api_keys=frozenset({"sk-1"})) as srv,
+        socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw,
+    ):
+        raw.sendall(
+            b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+            + headers
+            + b"Content-Length: %d\r\n\r\n" % body_length
+            + b"{" * 65536  # some of the body: the rest is never sent
+        )
+        answer = read_head(raw).partition(b"\r\n\r\n")[0]
+        assert answer.startswith(b"HTTP/1.1 %d " % status), answer
+        assert b"connection: close" in answer.lower()
+
+
+def test_a_head_with_a_key_still_gets_its_100_continue_and_answer() -> None:
+    with (
+        running_server(api_keys=frozenset({"sk-1"})) as srv,
+        socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw,
+    ):
+        body = b'{"model": "m", "input": "hi"}'
+        raw.sendall(
+            b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+            b"Authorization: Bearer sk-1\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        assert read_head(raw).startswith(b"HTTP/1.1 100 ")
+        raw.sendall(body)
+        ((status, _, answer),) = read_responses(raw, 1)
+        assert status == 200 and json.loads(answer)["status"] == "completed"
+
+
 # -- half-closed and vanished clients -------------------------------------------------------------
 
 

@@ -108,6 +108,14 @@ class RequestParser:
         self._buffer.clear()
         return data
 
+    def head_of_body(self) -> Request | None:
+        """The request whose body is being received, without its body (empty): its
+        head can be refused before the body is all read. None between requests."""
+        if self._head is None:
+            return None
+        method, target, headers, head = self._head
+        return _request(method, target, headers, b"", head)
+
     def wants_continue(self) -> bool:
         """Whether a `100 Continue` should be sent now (once per request)."""
         if self._head is None or self._continue_sent:
@@ -147,22 +155,7 @@ class RequestParser:
         if body is None:
             return None
         self._head = None
-        try:
-            split = urlsplit(target)
-            query = parse_qs(split.query, keep_blank_values=True)
-        except ValueError:  # e.g. "//[x": an unclosed IPv6 authority
-            raise HTTPError(400, "Invalid request target.") from None
-        connection = headers.get("connection", "").lower()
-        return Request(
-            method=method,
-            target=target,
-            path=unquote(split.path),
-            query=query,
-            headers=headers,
-            body=body,
-            keep_alive="close" not in connection,
-            head=head,
-        )
+        return _request(method, target, headers, body, head)
 
     def _take_body(self, headers: dict[str, str]) -> bytes | None:
         coding = headers.get("transfer-encoding")
@@ -226,6 +219,27 @@ class RequestParser:
         body = b"".join(self._chunks)
         self._chunked, self._chunks, self._chunked_bytes = None, [], 0
         return body
+
+
+def _request(
+    method: str, target: str, headers: dict[str, str], body: bytes, head: bytes
+) -> Request:
+    try:
+        split = urlsplit(target)
+        query = parse_qs(split.query, keep_blank_values=True)
+    except ValueError:  # e.g. "//[x": an unclosed IPv6 authority
+        raise HTTPError(400, "Invalid request target.") from None
+    connection = headers.get("connection", "").lower()
+    return Request(
+        method=method,
+        target=target,
+        path=unquote(split.path),
+        query=query,
+        headers=headers,
+        body=body,
+        keep_alive="close" not in connection,
+        head=head,
+    )
 
 
 def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:

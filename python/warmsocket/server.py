@@ -91,7 +91,7 @@ from warmsocket.metrics import (
     rust_heap_collector,
     shared_store_collector,
 )
-from warmsocket.origins import OriginPolicy
+from warmsocket.origins import OriginPolicy, cors_headers
 from warmsocket.request_rate import RateLimits, RequestRate, TokenRate
 from warmsocket.response_stream import dumps
 from warmsocket.session import (
@@ -604,6 +604,8 @@ class Connection(asyncio.Protocol):
         self._http_timer: asyncio.TimerHandle | None = None
         self._http_deadline: float | None = None
         self._head_since: float | None = None
+        self._head_vetted = False
+        """The head of the request whose body is arriving was checked (`_head_admissible`)."""
         self._body_since: float | None = None
         # Bytes handed to the transport; minus its write buffer, what it has sent. The
         # write-stall check (`_check_writes`) compares that between its runs.
@@ -906,6 +908,10 @@ class Connection(asyncio.Protocol):
             if self._eof or draining:  # half-closed, or shutting down: no more requests
                 self._close_transport()
             else:
+                if self._parser.receiving == "body" and not self._head_vetted:
+                    self._head_vetted = True
+                    if not self._head_admissible():
+                        return
                 if self._parser.wants_continue():
                     if self._verdict == "refused":  # answered now: the body stays unsent
                         self._refuse_past_limit("none")
@@ -914,6 +920,7 @@ class Connection(asyncio.Protocol):
                 self._http_wait()
             return
         self._http_deadline = self._head_since = self._body_since = None
+        self._head_vetted = False
         request.peer_identity = self.peer_identity
         # (Most requests are neither: no work for them.)
         hosts = self.server.hosts
@@ -930,6 +937,37 @@ class Connection(asyncio.Protocol):
             self._upgrade(request)
             return
         self._http_task = self.loop.create_task(self._http_handle(request))
+
+    def _head_admissible(self) -> bool:
+        """Whether the request whose body is arriving may go on sending it. One its head
+        has it refused for (no valid key, a host or origin not allowed, this connection
+        past a limit) is answered now, before a `100 Continue` and before its body:
+        else a client without a key could have the server hold --max-message-bytes of
+        body on each of its connections before being told."""
+        try:
+            request = self._parser.head_of_body()
+        except HTTPError:
+            return True  # (a bad target: answered once the request is complete)
+        if request is None:
+            return True
+        request.peer_identity = self.peer_identity
+        if not self._admissible(request):
+            return False
+        route = route_of(request.path)[0]
+        preflight = (
+            request.method == "OPTIONS" and "access-control-request-method" in request.headers
+        )
+        if preflight or route in PROBES:
+            return True  # (answered without a key)
+        try:
+            self.server.http.auth.owner(request)
+        except APIError as error:
+            origin = request.headers.get("origin")
+            if origin is not None:  # an allowed page's (`_admissible`): it may read why
+                error.headers = {**(error.headers or {}), **dict(cors_headers(origin))}
+            self._answer_and_close(error, route, request)
+            return False
+        return True
 
     def _admissible(self, request: Request) -> bool:
         """Whether `request` goes on to its route: on a connection past
