@@ -368,6 +368,28 @@ def test_queued_bytes_are_bounded_and_the_connection_stays_usable() -> None:
     assert h.events[-1]["type"] != "error"
 
 
+def test_a_full_queue_of_warm_ups_behind_a_turn_all_complete_in_order() -> None:
+    """A client may pipeline as many warm-ups (`generate: false`) as the queue holds
+    behind a running turn: when the turn ends, every one of them completes, in the
+    order sent, and the lane takes the next create (each warm-up ends as it starts,
+    which must not nest one call per warm-up and overflow the stack)."""
+    count = 1000
+    assert count <= Limits().max_queued_requests  # the default queue holds them all
+    h = Harness()
+    h.send(input="running")
+    running = h.started[-1]
+    for i in range(count):
+        h.send(input=f"w{i}", generate=False, metadata={"n": str(i)})
+    assert h.session.queued_requests == count
+    h.reply(running)
+    completed = [e["response"] for e in h.events if e["type"] == "response.completed"]
+    assert [r["metadata"].get("n") for r in completed[1:]] == [str(i) for i in range(count)]
+    assert h.session.queued_requests == 0 and h.session.active_responses == 0
+    assert h.session.lane_head(None) == completed[-1]["id"]
+    h.send(input="next", previous_response_id=completed[-1]["id"])
+    assert h.started[-1] is not running and h.events[-1]["type"] == "response.in_progress"
+
+
 def test_lifetime_expiry_finishes_in_flight_then_closes() -> None:
     h = Harness(Limits(connection_lifetime=60.0, close_grace=10.0))
     h.send(input="running")

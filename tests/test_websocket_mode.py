@@ -350,6 +350,26 @@ def test_sixteen_active_then_queued() -> None:
         assert order.index(("response.created", "lane16")) > first_done
 
 
+def test_a_full_queue_of_warm_ups_behind_a_turn_all_complete_in_order(
+    server: RunningServer,
+) -> None:
+    """A thousand warm-ups pipelined behind a running turn (the default queue holds
+    1,024) each get their terminal event, in order, and the connection stays usable."""
+    count = 1000
+    with WSClient(server.ws_url) as ws:
+        ws.create(input="/sleep 300\nrunning")
+        for i in range(count):
+            ws.create(input=f"w{i}", generate=False, metadata={"n": str(i)})
+        completed: list[dict[str, Any]] = []
+        while len(completed) < count + 1:
+            event = ws.recv()
+            assert event["type"] != "error", event
+            if event["type"] == "response.completed":
+                completed.append(event["response"])
+        assert [r["metadata"].get("n") for r in completed[1:]] == [str(i) for i in range(count)]
+        assert output_text(ws.turn(input="after")) == "You said: after"
+
+
 def test_lane_limit_and_invalid_names(server: RunningServer) -> None:
     with WSClient(server.ws_url) as ws:
         for i in range(32):

@@ -157,6 +157,9 @@ class ResponsesSession:
         self._lanes: dict[str | None, _Lane] = {}
         self._named_lanes = 0
         self._ready: deque[_Lane] = deque()
+        self._pumping = False
+        """A `_pump` loop is running: a response that ends inside it (a warm-up ends at
+        once) only marks its lane ready, and that loop starts what comes next."""
         self._active: dict[str, tuple[Turn, _Lane]] = {}
         self._queued = 0
         self._queued_bytes = 0
@@ -445,6 +448,21 @@ class ResponsesSession:
             self._ready.append(lane)
 
     def _pump(self) -> None:
+        """Start queued requests while there is room.
+
+        Never re-entered: a response that ends while a request starts (a warm-up,
+        `generate: false`, completes inside `_start`) calls back here through
+        `_after_terminal`; recursing would add frames per queued warm-up and overflow
+        the stack with a long pipelined queue, so the running loop goes on instead."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            self._pump_ready()
+        finally:
+            self._pumping = False
+
+    def _pump_ready(self) -> None:
         limit = self.limits.max_active_responses
         while self._ready and len(self._active) < limit and not self.closed:
             lane = self._ready.popleft()
