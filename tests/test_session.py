@@ -411,6 +411,21 @@ def test_lifetime_expiry_finishes_in_flight_then_closes() -> None:
     assert len(h.started) == 2  # the queued request never started
 
 
+def test_a_create_on_a_named_lane_after_the_lifetime_is_refused_on_that_lane() -> None:
+    """Once the lifetime has run out, a new create on a named lane gets its error on
+    that lane (the lanes helper would hand an error without stream_id to the default
+    lane, and the named lane's caller would wait until the socket closes)."""
+    h = Harness(Limits(connection_lifetime=60.0, close_grace=30.0))
+    h.send(input="running", stream_id="a")
+    h.session.tick(60.0)
+    h.drain()
+    h.send(input="too late", stream_id="b")
+    refused = h.events[-1]
+    assert (refused["type"], refused.get("stream_id")) == ("error", "b")
+    assert refused["error"]["code"] == "websocket_connection_limit_reached"
+    assert len(h.started) == 1 and not h.closed
+
+
 def test_lifetime_grace_fails_stragglers() -> None:
     h = Harness(Limits(connection_lifetime=1.0, close_grace=2.0))
     h.send(input="slow")

@@ -405,7 +405,10 @@ class ResponsesSession:
             self._error(errors.draining_connection(), stream_id)
             return
         if self.expired:
-            self._error(errors.connection_limit_reached(self._lifetime_minutes()), None)
+            # On the create's lane, as the queued creates' answers at expiry: the SDK
+            # routes an error without stream_id to the default lane, and a named lane
+            # would wait for its answer until the socket closes (spec Q13).
+            self._error(errors.connection_limit_reached(self._lifetime_minutes()), stream_id)
             return
         lane = self._lanes.get(stream_id)
         if lane is None:
