@@ -350,6 +350,28 @@ def test_limits_of_lanes_and_queue() -> None:
     assert h.last("error")["status"] == 503
 
 
+def test_a_create_refused_for_a_full_queue_does_not_use_up_a_named_lane() -> None:
+    """Creates on new lanes refused while the queue is full (by count or by bytes)
+    open no lane: once the queue has room, new lanes are still available."""
+    limits = Limits(
+        max_named_lanes=2, max_queued_requests=2, max_active_responses=1, max_queued_bytes=3000
+    )
+    h = Harness(limits)
+    h.send(input="run")
+    h.send(input="q" * 2000)  # waits, holding most of the queued bytes
+    h.send(input="x" * 2000, stream_id="a")  # refused: the queued bytes
+    h.send(input="y", stream_id="b")  # waits: the queue is now full
+    h.send(input="z", stream_id="c")  # refused: the queue's count
+    codes = [e["error"]["code"] for e in h.events if e["type"] == "error"]
+    assert codes == ["server_is_overloaded"] * 2
+    assert h.session.named_lanes == 1
+    for _ in range(3):
+        h.reply(h.started[-1])
+    h.send(input="later", stream_id="c")
+    assert h.events[-1]["type"] == "response.in_progress"
+    assert h.started[-1].stream_id == "c" and h.session.named_lanes == 2
+
+
 def test_queued_bytes_are_bounded_and_the_connection_stays_usable() -> None:
     h = Harness(Limits(max_active_responses=1, max_queued_bytes=3000))
     h.send(input="x" * 5000)  # starts at once: nothing waits, nothing counted

@@ -411,27 +411,20 @@ class ResponsesSession:
             self._error(errors.connection_limit_reached(self._lifetime_minutes()), stream_id)
             return
         lane = self._lanes.get(stream_id)
-        if lane is None:
-            if stream_id is not None:
-                if self._named_lanes >= self.limits.max_named_lanes:
-                    self._error(errors.stream_limit_reached(self.limits.max_named_lanes), stream_id)
-                    return
-                self._named_lanes += 1
-            lane = _Lane(stream_id)
-            self._lanes[stream_id] = lane
-        if self._queued >= self.limits.max_queued_requests:
-            self._error(errors.too_many_queued(self.limits.max_queued_requests), stream_id)
+        new_named = lane is None and stream_id is not None
+        if new_named and self._named_lanes >= self.limits.max_named_lanes:
+            self._error(errors.stream_limit_reached(self.limits.max_named_lanes), stream_id)
             return
+        nbytes = 0 if request is None else request.input.nbytes + len(request.settings_json)
+        # Checked before a new lane is made: a create refused for a full queue (a
+        # passing overload) must not use up one of the connection's named lanes.
+        refusal = self._queue_refusal(lane, nbytes)
+        if refusal is not None:
+            self._error(refusal, stream_id)
+            return
+        if lane is None:
+            lane = self._new_lane(stream_id)
         if request is not None:
-            nbytes = request.input.nbytes + len(request.settings_json)
-            starts_now = (
-                lane.active is None
-                and not lane.queue
-                and len(self._active) < self.limits.max_active_responses
-            )
-            if not starts_now and self._queued_bytes + nbytes > self.limits.max_queued_bytes:
-                self._error(errors.queued_bytes_exceeded(self.limits.max_queued_bytes), stream_id)
-                return
             pending = _Pending(request, None, request.previous_response_id, nbytes=nbytes)
         else:
             assert rejection is not None
@@ -444,6 +437,25 @@ class ResponsesSession:
         self._queued_bytes += pending.nbytes
         self._make_ready(lane)
         self._pump()
+
+    def _queue_refusal(self, lane: _Lane | None, nbytes: int) -> APIError | None:
+        """Why a create holding `nbytes` cannot wait on `lane` (None: a new lane), or
+        None. Bytes count only when it would wait: one that starts at once holds nothing."""
+        if self._queued >= self.limits.max_queued_requests:
+            return errors.too_many_queued(self.limits.max_queued_requests)
+        starts_now = (lane is None or (lane.active is None and not lane.queue)) and len(
+            self._active
+        ) < self.limits.max_active_responses
+        if not starts_now and self._queued_bytes + nbytes > self.limits.max_queued_bytes:
+            return errors.queued_bytes_exceeded(self.limits.max_queued_bytes)
+        return None
+
+    def _new_lane(self, stream_id: str | None) -> _Lane:
+        if stream_id is not None:
+            self._named_lanes += 1
+        lane = _Lane(stream_id)
+        self._lanes[stream_id] = lane
+        return lane
 
     def _make_ready(self, lane: _Lane) -> None:
         if lane.active is None and lane.queue and not lane.in_ready:
