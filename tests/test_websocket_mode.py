@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,7 +23,9 @@ from tests.support import (
     output_text,
     running_server,
 )
+from tests.test_http_connection import UPGRADE
 from warmsocket import _core, mockmodel
+from warmsocket import server as server_module
 from warmsocket.backends.base import StreamItem, TextDelta, TurnContext
 from warmsocket.engine import Limits
 
@@ -584,6 +587,36 @@ def test_connection_lifetime_then_clean_close() -> None:
         with pytest.raises(ConnectionClosed) as info:
             ws.recv(timeout=5)
         assert info.value.rcvd is not None and info.value.rcvd.code == 1000
+
+
+def test_a_client_that_never_answers_the_close_is_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After the server's close frame (here: the lifetime ran out), a client that
+    never closes its side is dropped after CLOSE_TIMEOUT: it gives back its key's
+    place under --max-connections-per-key instead of holding it until TCP gives up."""
+    monkeypatch.setattr(server_module, "CLOSE_TIMEOUT", 0.5)
+    limits = Limits(connection_lifetime=0.3, close_grace=1)
+    with running_server(limits=limits, max_connections_per_key=1) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            raw.sendall(
+                b"GET /v1/responses HTTP/1.1\r\n" + UPGRADE + b"Authorization: Bearer k\r\n\r\n"
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += raw.recv(65536)
+            assert head.startswith(b"HTTP/1.1 101 ")
+            opened = time.monotonic()
+            # Read (the close frame comes) but never answer it, until the server ends
+            # the connection.
+            with contextlib.suppress(ConnectionResetError):
+                while raw.recv(65536):
+                    pass
+            dropped_after = time.monotonic() - opened
+        assert 0.3 + 0.5 <= dropped_after < 0.3 + 0.5 + 2
+        assert srv.call(lambda: dict(srv.server.key_limit.held)) == {}
+        with WSClient(srv.ws_url, additional_headers={"Authorization": "Bearer k"}) as ws:
+            assert ws.turn(input="again")[-1]["type"] == "response.completed"
 
 
 def test_disconnect_cancels_work_and_frees_state(server: RunningServer) -> None:

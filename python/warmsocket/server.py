@@ -147,6 +147,10 @@ HANDSHAKE_TIMEOUT = 60.0
 LINGER_SECONDS = 2.0
 """How long a connection that refused a request still reads (and drops) what its client
 sends after the answer (`Connection._close_lingering`)."""
+CLOSE_TIMEOUT = 10.0
+"""Seconds a WebSocket client has to answer the server's close frame before the
+connection is dropped (as `websockets`' own servers' `close_timeout`): until then it
+holds its place under --max-connections and its key's --max-connections-per-key."""
 
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
@@ -604,6 +608,8 @@ class Connection(asyncio.Protocol):
         self._http_timer: asyncio.TimerHandle | None = None
         self._http_deadline: float | None = None
         self._head_since: float | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        """Drops a WebSocket whose client does not answer a close (`CLOSE_TIMEOUT`)."""
         self._head_vetted = False
         """The head of the request whose body is arriving was checked (`_head_admissible`)."""
         self._body_since: float | None = None
@@ -755,6 +761,8 @@ class Connection(asyncio.Protocol):
             self._stall_timer = None
         if self._keepalive is not None:
             self._keepalive.cancel()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
         if self._loading is not None:
             self._loading.cancel()
         self._held.clear()
@@ -1676,6 +1684,10 @@ class Connection(asyncio.Protocol):
         chunks = self._out
         self._out = []
         chunks += ws.data_to_send()
+        if ws.state is State.CLOSING and self._close_timer is None:
+            # The server sent its close frame (or answered the client's): the client
+            # has CLOSE_TIMEOUT to end the connection.
+            self._close_timer = self.loop.call_later(CLOSE_TIMEOUT, self._close_unanswered)
         if not chunks:
             return
         eof = False
@@ -1690,6 +1702,16 @@ class Connection(asyncio.Protocol):
             transport.writelines(chunks)
         if eof:
             self._close_transport()
+
+    def _close_unanswered(self) -> None:
+        transport = self.transport
+        if transport is None or self.lost:
+            return
+        log.info(
+            "websocket close not answered; dropping the connection",
+            extra={"seconds": CLOSE_TIMEOUT},
+        )
+        transport.abort()
 
     def _arm_timer(self) -> None:
         session = self.session
