@@ -107,7 +107,8 @@ impl ClientFrames {
         if self.buffer.is_empty() {
             let (pos, frame_len) = self.split(data, &mut pieces);
             if pos < data.len() {
-                let mut rest = Vec::with_capacity(frame_len.unwrap_or(0));
+                let held = data.len() - pos;
+                let mut rest = Vec::with_capacity(room_for(frame_len, held));
                 rest.extend_from_slice(&data[pos..]);
                 self.buffer = rest;
             }
@@ -117,9 +118,8 @@ impl ClientFrames {
             let (pos, frame_len) = self.split(&joined, &mut pieces);
             if pos < joined.len() {
                 joined.drain(..pos);
-                // Room for the whole frame at once (its length is at most the size
-                // limit), instead of growing by doubling.
-                joined.reserve(frame_len.unwrap_or(0).saturating_sub(joined.len()));
+                let room = room_for(frame_len, joined.len());
+                joined.reserve(room.saturating_sub(joined.len()));
                 self.buffer = joined;
             }
         }
@@ -227,6 +227,20 @@ impl ClientFrames {
     }
 }
 
+/// Bytes reserved past what an incomplete frame has brought so far.
+const RESERVE_AHEAD: usize = 4 << 20;
+
+/// The capacity to hold an incomplete frame of `frame_len` bytes (when its header has
+/// come) of which `held` are here: the whole frame at once when it is within
+/// `RESERVE_AHEAD` of what came, instead of growing by doubling; past that, what came
+/// plus `RESERVE_AHEAD` (then doubling: still linear). A header's length is the
+/// client's word: a frame that says 2^40 bytes must not reserve them.
+fn room_for(frame_len: Option<usize>, held: usize) -> usize {
+    frame_len
+        .unwrap_or(0)
+        .min(held.saturating_add(RESERVE_AHEAD))
+}
+
 fn push_raw(pieces: &mut Vec<Piece>, bytes: &[u8]) {
     if let Some(Piece::Raw(raw)) = pieces.last_mut() {
         raw.extend_from_slice(bytes);
@@ -281,6 +295,27 @@ mod tests {
         out.extend_from_slice(&MASK);
         out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
         out
+    }
+
+    #[test]
+    fn a_declared_length_reserves_no_more_than_what_came_and_a_margin() {
+        // No size limit, a header that says a terabyte, one byte of it.
+        let mut frames = ClientFrames::new(None);
+        let mut header = vec![0x82, 0x80 | 127];
+        header.extend_from_slice(&(1u64 << 40).to_be_bytes());
+        header.extend_from_slice(&MASK);
+        header.push(b'x');
+        assert!(frames.feed(&header).is_empty());
+        assert!(frames.buffer.capacity() <= header.len() + RESERVE_AHEAD);
+        assert!(frames.feed(&[b'y'; 1000]).is_empty());
+        assert!(frames.buffer.capacity() <= 2 * (header.len() + 1000 + RESERVE_AHEAD));
+        // A frame within the margin is still held in one allocation.
+        let mut frames = ClientFrames::new(None);
+        let whole = frame(true, OP_BINARY, &vec![7; 300_000]);
+        assert!(frames.feed(&whole[..20]).is_empty());
+        let room = frames.buffer.capacity();
+        assert!(room >= whole.len(), "{room}");
+        assert!(frames.feed(&whole[20..]).len() == 1);
     }
 
     fn message(text: bool, payload: &[u8]) -> Piece {
