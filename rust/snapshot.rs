@@ -219,6 +219,11 @@ pub fn decode(cache: &SessionCache, data: &[u8]) -> Result<Vec<(Arc<Node>, bool)
         if r.implicit && parent.is_none() {
             return Err(bad("an implicit parent needs a parent".into()));
         }
+        if parent.is_some_and(|p| *specs[p].0.owner != *owner) {
+            // A chain is one owner's: one grafted under another's would show that
+            // owner's context to this one.
+            return Err(bad("its parent belongs to another owner".into()));
+        }
         // One batch for both, as the cache stores a node's items.
         let all = Items::from_vec(items);
         let (input, output) = (all.slice(0..n_input), all.slice(n_input..all.len()));
@@ -378,6 +383,10 @@ mod tests {
         let mut snap: Snapshot = rmp_serde::from_slice(&good).unwrap();
         snap.nodes[3].id = "a".into();
         let twice = rmp_serde::to_vec_named(&snap).unwrap();
+        // Another owner's node put under "o"'s chain: its context would be o's.
+        let mut snap: Snapshot = rmp_serde::from_slice(&good).unwrap();
+        snap.nodes[3].owner = "mallory".into();
+        let grafted = rmp_serde::to_vec_named(&snap).unwrap();
         for bad in [
             &b""[..],
             b"\x93\x01\x02",
@@ -387,6 +396,7 @@ mod tests {
             &bad_version,
             &bad_count,
             &twice,
+            &grafted,
         ] {
             let err = restore(&target, bad).unwrap_err();
             assert!(matches!(err, Error::Snapshot { .. }), "{err:?}");
