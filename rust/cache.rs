@@ -512,7 +512,7 @@ impl SessionCache {
             let (mut lo, mut hi) = (0usize, chains.len());
             while lo < hi {
                 let mid = lo + (hi - lo).div_ceil(2);
-                if st.best_position(&chains[mid - 1], scopes).is_some() {
+                if st.best_position(&chains[mid - 1], scopes, owner).is_some() {
                     lo = mid;
                 } else {
                     hi = mid - 1;
@@ -521,7 +521,7 @@ impl SessionCache {
             match lo {
                 0 => None,
                 m => st
-                    .best_position(&chains[m - 1], scopes)
+                    .best_position(&chains[m - 1], scopes, owner)
                     .map(|(node, own)| (m, node, own)),
             }
         };
@@ -863,7 +863,15 @@ impl State {
     /// The live node holding the prefix with this chain digest in one of `scopes`,
     /// and how many of its own items that prefix covers: preferably a node that
     /// ends exactly there, then the most recently made one.
-    fn best_position(&self, chain: &u128, scopes: &[u64]) -> Option<(Arc<Node>, usize)> {
+    ///
+    /// Only `owner`'s nodes: the digest is seeded with the owner, but it is no secret
+    /// keyed hash, so a collision must not show one owner's context to another.
+    fn best_position(
+        &self,
+        chain: &u128,
+        scopes: &[u64],
+        owner: &str,
+    ) -> Option<(Arc<Node>, usize)> {
         let mut best: Option<(Arc<Node>, usize)> = None;
         for scope in scopes {
             let Some(positions) = self.prefix.get(&(*chain, *scope)) else {
@@ -873,6 +881,9 @@ impl State {
                 let Some(node) = weak.upgrade() else {
                     continue;
                 };
+                if *node.owner != *owner {
+                    continue;
+                }
                 let own = *own as usize;
                 let rank = |n: &Node, o: usize| (o == n.own_len(), n.serial);
                 if best
@@ -1757,6 +1768,31 @@ mod tests {
         view.for_each_item(|i| cfg.tokenizer.encode_item_into(i.json(), &mut ids).unwrap());
         let hashes = crate::blocks::block_hashes(&ids, cfg.block_size, cfg.seed).unwrap();
         (ids, hashes)
+    }
+
+    #[test]
+    fn a_digest_collision_does_not_match_another_owners_chain() {
+        let c = tokenizing(false);
+        conversation(&c);
+        let sent = c.view(Some("c"), O, None, None).unwrap();
+        let sent = parse(std::str::from_utf8(&sent.to_json()).unwrap());
+        assert!(c.match_prefix(O, None, &digests(&sent)).unwrap().items > 0);
+        // Make every chain digest of "mallory" hold O's positions, as a collision would.
+        {
+            let mut st = c.shared.state.lock();
+            let mut chain = chain_seed("mallory");
+            let mut theirs = chain_seed(O);
+            for d in digests(&sent) {
+                chain = chain_step(chain, d);
+                theirs = chain_step(theirs, d);
+                if let Some(positions) = st.prefix.get(&(theirs, 0)).cloned() {
+                    st.prefix.insert((chain, 0), positions);
+                }
+            }
+        }
+        let m = c.match_prefix("mallory", None, &digests(&sent)).unwrap();
+        assert_eq!(m.items, 0);
+        assert!(m.binding.is_none());
     }
 
     fn digests(items: &Items) -> Vec<u128> {
