@@ -589,6 +589,72 @@ def test_a_copy_that_a_response_changed_during_an_api_change_is_read_again() -> 
     assert in_redis == ["a", "c", "b"] and copy == in_redis
 
 
+async def _written(store: Conversations) -> None:
+    """Wait until the additions written behind are written (if any were queued)."""
+    if store._writes is not None:
+        await asyncio.wait_for(store._writes.join(), 5)
+
+
+def _added_elsewhere(board: MemoryBoard, conv_id: str, text: str) -> None:
+    """Another process adds an item to the conversation in "Redis"."""
+    kept = board.kept[conv_id]
+    item = json.dumps({"content": text, "role": "user", "type": "message"}).encode()
+    kept["entries"].append((f"item_{text}", item))
+    kept["version"] += 1
+
+
+def test_a_response_adds_to_the_copy_read_again_while_it_ran() -> None:
+    """Another process added to the conversation while a response ran, and a request
+    here read it again (a new copy). The response's input and output go after the
+    other process's item, here and in Redis; before, they went nowhere, silently."""
+
+    async def main() -> tuple[list[str], list[str]]:
+        board = MemoryBoard()
+        store = Conversations(budget_bytes=1 << 20, max_item_bytes=1 << 20, board=board)
+        made = await store.create("o", {"items": [_message("a")]})
+        joined = store.get("o", made.id)  # the response starts with it as its context
+        _added_elsewhere(board, made.id, "x")
+        await store.fresh("o", made.id)  # e.g. its items listed meanwhile
+        store.extend(joined, Items.from_objects([_message("b")]))
+        await _written(store)
+        fresh = await store.fresh("o", made.id)
+        return _texts(fresh), board.texts(made.id)
+
+    copy, in_redis = asyncio.run(main())
+    assert copy == in_redis == ["a", "x", "b"]
+
+
+def test_a_response_adds_to_a_copy_dropped_to_make_room_while_it_ran() -> None:
+    """The copy was dropped to make room while the response ran (others were used):
+    it is kept again with the response's items, which reach Redis after what another
+    process added meanwhile. A conversation deleted meanwhile is not kept again."""
+    # A conversation counts 1 KiB and each item 128 bytes besides its JSON.
+    budget = 3000
+
+    async def main() -> tuple[list[str], list[str], bool, bool]:
+        board = MemoryBoard()
+        store = Conversations(budget_bytes=budget, max_item_bytes=1 << 20, board=board)
+        made = await store.create("o", {"items": [_message("a")]})
+        joined = store.get("o", made.id)
+        _added_elsewhere(board, made.id, "x")
+        await store.create("o", {"items": [_message("y" * 1000)]})
+        dropped = made.id not in store._by_id
+        store.extend(joined, Items.from_objects([_message("b")]))
+        await _written(store)
+        fresh = await store.fresh("o", made.id)
+        deleted = await store.create("o", {})
+        ended = store.get("o", deleted.id)
+        await store.delete("o", deleted.id)
+        store.extend(ended, Items.from_objects([_message("late")]))
+        kept_again = deleted.id in store._by_id
+        return _texts(fresh), board.texts(made.id), dropped, kept_again
+
+    copy, in_redis, dropped, deleted_kept_again = asyncio.run(main())
+    assert dropped  # (the situation under test)
+    assert copy == in_redis == ["a", "x", "b"]
+    assert not deleted_kept_again
+
+
 def test_a_background_response_adds_to_its_conversation_when_it_ends(sdk: OpenAI) -> None:
     conversation = sdk.conversations.create()
     queued = sdk.responses.create(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -94,6 +95,35 @@ def test_every_process_serves_every_conversation(redis_url: str) -> None:
             on_a.conversations.retrieve(made.id)
         with pytest.raises(openai.NotFoundError):
             on_a.responses.create(model="m", input="x", conversation=made.id)
+
+
+def test_a_response_adds_after_what_another_process_added_while_it_ran(redis_url: str) -> None:
+    """A background response continues the conversation on A; meanwhile B adds an
+    item, and A lists the items (its copy is read again). When the response ends its
+    input and output go after B's item, on both; before, they were silently left out
+    of the conversation."""
+    with two_servers(redis_url) as (a, b), client(a) as on_a, client(b) as on_b:
+        made = on_a.conversations.create(items=[{"role": "user", "content": "first"}])
+        queued = on_a.responses.create(
+            model="m", input="/sleep 800\nsecond", conversation=made.id, background=True
+        )
+        on_b.conversations.items.create(made.id, items=[{"role": "user", "content": "on B"}])
+        assert texts(strict(list(on_a.conversations.items.list(made.id, order="asc")))) == [
+            "first",
+            "on B",
+        ]
+        for _ in range(200):
+            done = on_a.responses.retrieve(queued.id)
+            if done.status == "completed":
+                break
+            time.sleep(0.05)
+        assert done.status == "completed"
+        written(a)
+        expected = ["first", "on B", "/sleep 800\nsecond", done.output_text]
+        for each in (on_a, on_b):
+            assert texts(strict(list(each.conversations.items.list(made.id, order="asc")))) == (
+                expected
+            )
 
 
 def test_another_key_sees_no_shared_conversation(redis_url: str) -> None:

@@ -21,7 +21,8 @@ addition that would pass it is refused (503), nothing already kept is dropped. W
 and this process keeps copies of those it used, the least recently used dropped to
 stay within the budget; every use first checks (`fresh`) that the copy is the
 conversation as Redis has it. Changes through the API are written to Redis before
-they are answered; a response's input and output are added to the copy at once and
+they are answered; a response's input and output are added to the copy at once (the
+copy kept when it ends: read again meanwhile, or kept again if it was dropped) and
 written behind it, in order, tried again while Redis does not answer (`write_retry`;
 `aclose` writes what is left). An addition Redis did not get (dropped from a full
 queue, or given up with `--redis-write-retry`) is not left as a hole: the copy is
@@ -150,6 +151,9 @@ class Conversation:
     them (a write given up may still have been done)."""
     incomplete: bool = False
     """Redis says items of it were lost: it is not continued."""
+    deleted: bool = False
+    """Known deleted (through this process, or Redis no longer has it): a response
+    that continued it adds nothing (`Conversations.extend`)."""
 
     def cost(self) -> int:
         """What it counts against `--conversation-budget`: its items' bytes, and what
@@ -293,7 +297,7 @@ class Conversations:
         stored = None if version is None else await board.read(owner, conv_id)
         if stored is None:
             if kept is not None and kept.owner == owner and not kept.pending:
-                self._forget(kept)
+                self._forget_deleted(kept)
             raise not_found("conversation", conv_id, param)
         kept = self._by_id.get(conv_id)
         if kept is not None and kept.owner == owner and kept.pending:
@@ -378,7 +382,7 @@ class Conversations:
         elif mine is None:
             raise not_found("conversation", conv_id)
         if mine is not None:
-            self._forget(mine)
+            self._forget_deleted(mine)
 
     # -- items ------------------------------------------------------------------------------
 
@@ -462,11 +466,12 @@ class Conversations:
                 "or items you no longer need, or raise the budget."
             )
 
-    def extend(self, conversation: Conversation, items: Items) -> None:
-        """A response that continued `conversation` ended: its input and output go at
-        the end (with a board: written to Redis behind), unless the conversation was
-        deleted meanwhile (then nowhere)."""
-        if self._by_id.get(conversation.id) is not conversation:
+    def extend(self, joined: Conversation, items: Items) -> None:
+        """A response that continued `joined` ended: its input and output go at the
+        end of the conversation's copy kept now (with a board: written to Redis
+        behind), unless the conversation was deleted meanwhile (then nowhere)."""
+        conversation = self._copy_to_extend(joined)
+        if conversation is None:
             return
         item_ids = new_item_ids(items)
         self._append(conversation, items, item_ids)
@@ -497,6 +502,21 @@ class Conversations:
                 return
             conversation.pending += 1
             self._write_behind(conversation, added, nbytes)
+
+    def _copy_to_extend(self, joined: Conversation) -> Conversation | None:
+        """The copy a response that read `joined` adds to. With a board the copy
+        kept may have changed while it ran: `fresh` read the conversation again
+        (another process changed it: that copy has its items, the response's go
+        after them, as in Redis), or it was dropped to make room (kept again: it
+        holds the additions until they are written, then is read again if Redis
+        moved on). None when the conversation was deleted."""
+        kept = self._by_id.get(joined.id)
+        if kept is not None:
+            return kept if kept.owner == joined.owner else None
+        if self.board is None or joined.deleted:
+            return None  # (without a board copies are only ever dropped when deleted)
+        self._keep(joined)
+        return joined
 
     def _queue_repair(self, conversation: Conversation) -> None:
         """Queue the writing of the whole copy (once: it holds nothing but the copy,
@@ -551,7 +571,7 @@ class Conversations:
                     self._queue_repair(conversation)
             else:
                 if change is None:
-                    self._forget(conversation)  # deleted elsewhere meanwhile
+                    self._forget_deleted(conversation)  # deleted elsewhere meanwhile
                 else:
                     conversation.settle(change, written_behind=True)
             finally:
@@ -580,7 +600,7 @@ class Conversations:
         unsure = set(conversation.unsure)
         stored = await keep_trying(lambda: board.read(owner, conv_id), retriable=(ConnectionError,))
         if stored is None:
-            self._forget(conversation)  # deleted elsewhere meanwhile
+            self._forget_deleted(conversation)  # deleted elsewhere meanwhile
             return
         there = {item_id for item_id, _item in stored.entries}
         missing = [i for i, (item_id, _) in enumerate(written) if item_id not in there]
@@ -612,7 +632,7 @@ class Conversations:
                 return
         conversation.unsure -= unsure
         if change is None:
-            self._forget(conversation)  # deleted elsewhere meanwhile
+            self._forget_deleted(conversation)  # deleted elsewhere meanwhile
             return
         conversation.settle(change, written_behind=True)
         if lost:
@@ -641,7 +661,7 @@ class Conversations:
         conversation.incomplete = True
         conversation.version = None  # read again: as Redis has it, incomplete
         if marked is None:
-            self._forget(conversation)
+            self._forget_deleted(conversation)
 
     async def _write_addition(self, conversation: Conversation, added: Entries) -> Change | None:
         """The board's append (done once however often it is tried), tried again
@@ -743,6 +763,12 @@ class Conversations:
             del self._by_id[conversation.id]
             self.nbytes -= conversation.charged
             conversation.charged = 0
+
+    def _forget_deleted(self, conversation: Conversation) -> None:
+        """`_forget` a conversation that no longer exists (not a copy dropped to make
+        room or read again): a response that continued it adds nothing."""
+        conversation.deleted = True
+        self._forget(conversation)
 
     def _charge(self, conversation: Conversation) -> None:
         """Count what a kept conversation holds now against the budget."""
