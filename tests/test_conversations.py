@@ -19,7 +19,7 @@ from pydantic import TypeAdapter
 
 from tests.support import RunningServer, WSClient, check_sse_event, output_text, running_server
 from tests.test_agents_sdk import calls, read_file
-from warmsocket import conversations, write_retry
+from warmsocket import conversations, shared_store, write_retry
 from warmsocket._core import Items
 from warmsocket.conversations import Conversations
 from warmsocket.engine import SharedStoreUnavailable
@@ -560,6 +560,59 @@ def test_an_api_change_waits_for_the_responses_additions_written_behind() -> Non
 
     copy, in_redis = asyncio.run(main())
     assert copy == ["a", "b", "c"] and in_redis == ["a", "b", "c"]
+
+
+def test_an_api_change_waits_for_its_own_conversations_additions_only() -> None:
+    """Another conversation's addition, queued after this one's, waits for "Redis":
+    the change goes ahead once this conversation's own addition is written. Before,
+    it waited for every conversation's additions."""
+
+    async def main() -> tuple[list[str], list[str]]:
+        board = MemoryBoard()
+        store = Conversations(budget_bytes=1 << 20, max_item_bytes=1 << 20, board=board)
+        made = await store.create("o", {"items": [_message("a")]})
+        other = await store.create("o", {"items": [_message("elsewhere")]})
+        mine, stuck = board.hold(0, 1)
+        store.extend(made, Items.from_objects([_message("b")]))
+        store.extend(other, Items.from_objects([_message("waits")]))
+        adding = asyncio.ensure_future(store.add_items("o", made.id, {"items": [_message("c")]}))
+        await asyncio.sleep(0.01)
+        assert not adding.done()  # waits for its own addition
+        mine.set()
+        await asyncio.wait_for(adding, 5)
+        stuck.set()
+        await _written(store)
+        fresh = await store.fresh("o", made.id)
+        return _texts(fresh), board.texts(made.id)
+
+    copy, in_redis = asyncio.run(main())
+    assert copy == in_redis == ["a", "b", "c"]
+
+
+def test_an_api_change_is_a_503_when_the_additions_before_it_are_not_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis does not answer the response's addition: a change to its conversation is
+    refused after twice the socket timeout (a retriable 503, `SharedStoreUnavailable`)
+    instead of hanging until the client gives up. The addition is still written once
+    Redis answers, and the change can then be made."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.05)
+
+    async def main() -> tuple[list[str], list[str]]:
+        board = MemoryBoard()
+        store = Conversations(budget_bytes=1 << 20, max_item_bytes=1 << 20, board=board)
+        made = await store.create("o", {"items": [_message("a")]})
+        (down,) = board.hold(0)
+        store.extend(made, Items.from_objects([_message("b")]))
+        with pytest.raises(SharedStoreUnavailable):
+            await asyncio.wait_for(store.add_items("o", made.id, {"items": [_message("c")]}), 5)
+        down.set()
+        await store.add_items("o", made.id, {"items": [_message("c")]})
+        fresh = await store.fresh("o", made.id)
+        return _texts(fresh), board.texts(made.id)
+
+    copy, in_redis = asyncio.run(main())
+    assert copy == in_redis == ["a", "b", "c"]
 
 
 def test_a_copy_that_a_response_changed_during_an_api_change_is_read_again() -> None:

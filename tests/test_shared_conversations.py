@@ -175,6 +175,38 @@ def test_a_redis_outage_is_a_retriable_503_and_nothing_is_lost(
         assert a.call(shared.stats)["errors"] >= shared.conversation_board.errors
 
 
+def test_a_change_waiting_for_additions_redis_does_not_answer_is_a_503(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A background response on the conversation ended while Redis does not answer
+    (SIGSTOP): its addition waits to be written. A change to the conversation is then
+    a retriable 503 within about twice the socket timeout; before, it hung until the
+    client gave up. Nothing is lost once Redis answers."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.3)
+    with two_servers(redis_url) as (a, _b), client(a) as on_a:
+        made = on_a.conversations.create(items=[{"role": "user", "content": "kept"}])
+        queued = on_a.responses.create(
+            model="m", input="/sleep 300\nlater", conversation=made.id, background=True
+        )
+        with paused(redis_url):
+            pending = 0
+            for _ in range(200):
+                pending = a.call(lambda: conversations(a)._by_id[made.id].pending)
+                if pending:
+                    break
+                time.sleep(0.05)
+            assert pending  # the response ended: its addition waits for Redis
+            started = time.monotonic()
+            with pytest.raises(openai.InternalServerError) as down:
+                on_a.with_options(timeout=8).conversations.update(made.id, metadata={"k": "v"})
+            assert down.value.status_code == 503 and time.monotonic() - started < 5
+        assert on_a.conversations.update(made.id, metadata={"k": "v"}).metadata == {"k": "v"}
+        written(a)
+        done = on_a.responses.retrieve(queued.id)
+        listed = texts(strict(list(on_a.conversations.items.list(made.id, order="asc"))))
+        assert listed == ["kept", "/sleep 300\nlater", done.output_text]
+
+
 def test_an_addition_redis_does_not_answer_is_written_once_it_does(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,9 +21,11 @@ addition that would pass it is refused (503), nothing already kept is dropped. W
 and this process keeps copies of those it used, the least recently used dropped to
 stay within the budget; every use first checks (`fresh`) that the copy is the
 conversation as Redis has it. Changes through the API are written to Redis before
-they are answered; a response's input and output are added to the copy at once (the
-copy kept when it ends: read again meanwhile, or kept again if it was dropped) and
-written behind it, in order, tried again while Redis does not answer (`write_retry`;
+they are answered, after the conversation's additions still written behind (a
+retriable 503 when those are not written in time: Redis does not answer); a
+response's input and output are added to the copy at once (the copy kept when it
+ends: read again meanwhile, or kept again if it was dropped) and written behind it,
+in order, tried again while Redis does not answer (`write_retry`;
 `aclose` writes what is left). An addition Redis did not get (dropped from a full
 queue, or given up with `--redis-write-retry`) is not left as a hole: the copy is
 written whole once Redis answers (`_repair`), if no other process changed the
@@ -140,6 +142,9 @@ class Conversation:
     """With Redis: the version this copy is (None: to be read again)."""
     pending: int = 0
     """With Redis: additions of responses not written yet (the copy is ahead)."""
+    drained: asyncio.Event | None = None
+    """With Redis: set when `pending` falls back to 0, for the API changes waiting for
+    that (`Conversations._written`; made by the first of them)."""
     charged: int = 0
     """What it counts against the budget now (`cost`, as of its last change)."""
     unshared: bool = False
@@ -347,12 +352,38 @@ class Conversations:
 
     async def _changeable(self, owner: str, conv_id: str) -> Conversation:
         """`fresh`, after the additions of this process's responses to it are written:
-        an API change then lands after them in Redis, as in the copy."""
+        an API change then lands after them in Redis, as in the copy. Raises APIError
+        (404), SharedStoreUnavailable."""
         conversation = await self.fresh(owner, conv_id)
-        if conversation.pending and self._writes is not None:
-            await self._writes.join()
+        if conversation.pending:
+            await self._written(conversation)
             conversation = await self.fresh(owner, conv_id)
         return conversation
+
+    async def _written(self, conversation: Conversation) -> None:
+        """Wait until the additions written behind of this conversation are written
+        (not the other conversations' queued after them). Raises
+        SharedStoreUnavailable (a retriable 503) when they are not within twice the
+        shared store's socket timeout, as long as a call to Redis takes to fail
+        (its timeout and redis-py's one retry): they are tried again for as long as
+        Redis does not answer, and the client is not to hang meanwhile."""
+        # (Imported here: both modules import engine, which imports this one.)
+        from warmsocket import shared_store
+        from warmsocket.engine import SharedStoreUnavailable
+
+        try:
+            async with asyncio.timeout(2 * shared_store.SOCKET_TIMEOUT):
+                while conversation.pending:
+                    if conversation.drained is None:
+                        conversation.drained = asyncio.Event()
+                    await conversation.drained.wait()
+        except TimeoutError:
+            log.warning(
+                "a change to a shared conversation is refused: its responses' additions "
+                "are not written yet (Redis does not answer)",
+                extra={"conversation": conversation.id, "additions": conversation.pending},
+            )
+            raise SharedStoreUnavailable(conversation.id) from None
 
     async def update(self, owner: str, conv_id: str, body: Any) -> Conversation:
         """`POST /v1/conversations/{id}`: `{metadata}` replaces the metadata."""
@@ -576,6 +607,9 @@ class Conversations:
                     conversation.settle(change, written_behind=True)
             finally:
                 conversation.pending -= 1
+                if not conversation.pending and conversation.drained is not None:
+                    conversation.drained.set()
+                    conversation.drained = None
                 self._unwritten -= 1
                 self._unwritten_bytes -= nbytes
                 queue.task_done()
