@@ -546,10 +546,13 @@ impl SessionCache {
     /// carries `node`'s settings and meta.
     fn prefix_node(&self, node: &Arc<Node>, own: usize) -> Result<Arc<Node>> {
         let n_in = node.input.len();
+        // Batches of their own: a slice would keep the rest of `node`'s batch (its
+        // output) alive, unmetered, for as long as a response continues this one.
         let (input, output) = if own <= n_in {
-            (node.input.slice(0..own), Items::default())
+            (node.input.slice(0..own).own_batch(), Items::default())
         } else {
-            (node.input.clone(), node.output.slice(0..own - n_in))
+            let output = node.output.slice(0..own - n_in).own_batch();
+            (node.input.own_batch(), output)
         };
         let parent = node.parent.clone();
         let tokens = match &self.shared.tokens {
@@ -1853,6 +1856,36 @@ mod tests {
     }
 
     #[test]
+    fn a_node_keeping_token_ids_holds_only_its_own_items() {
+        // A stateless client re-sends its history; the new turn's input is the last
+        // item of that batch. The node must not keep the rest of the batch (nor its
+        // ids) alive: that was memory growing with the square of the history.
+        let c = tokenizing(true);
+        let sent = c
+            .items(parse(
+                r#"[{"role":"user","content":"one"},{"role":"user","content":"two"},
+                    {"role":"user","content":"three"}]"#,
+            ))
+            .unwrap();
+        let first = sent.get(0).unwrap().clone();
+        c.create(NewResponse {
+            input: sent.slice(2..3),
+            ..turn("r", "[]", "[]", Parent::None)
+        })
+        .unwrap();
+        drop(sent);
+        assert_eq!(
+            Arc::strong_count(&first),
+            1,
+            "the batch outlived the request"
+        );
+        let view = c.view(Some("r"), O, None, None).unwrap();
+        let (ids, _) = recount(&c, &view);
+        assert_eq!(view.token_ids().unwrap().unwrap(), ids);
+        assert_eq!(view.tokens(), ids.len() as u64);
+    }
+
+    #[test]
     fn views_can_leave_new_items_to_be_tokenised_later() {
         let c = tokenizing(false);
         conversation(&c);
@@ -1949,6 +1982,37 @@ mod tests {
         assert_eq!(input.len(), 8);
         assert_eq!(digests(&input), digests(&sent));
         assert_eq!(c.input_items("c", O, None).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_prefix_node_does_not_keep_the_rest_of_its_nodes_items() {
+        let c = tokenizing(false);
+        c.create(turn(
+            "x",
+            r#"[{"role":"user","content":"question"}]"#,
+            r#"[{"role":"assistant","content":"a long answer"}]"#,
+            Parent::None,
+        ))
+        .unwrap();
+        let answer = c.own_items("x", O, None).unwrap().1.get(0).unwrap().clone();
+        // A client re-sends the question only, with something new: a prefix node
+        // ending after x's input, and a response continuing it.
+        let question = c
+            .items(parse(r#"[{"role":"user","content":"question"}]"#))
+            .unwrap();
+        let m = c.match_prefix(O, None, &digests(&question)).unwrap();
+        let b = m.binding.unwrap();
+        assert_eq!(b.response_id(), "x#1");
+        c.create(turn(
+            "y",
+            r#"[{"role":"user","content":"else"}]"#,
+            "[]",
+            Parent::Binding(&b),
+        ))
+        .unwrap();
+        b.release();
+        assert!(c.delete("x", O));
+        assert_eq!(Arc::strong_count(&answer), 1, "x's answer outlived x");
     }
 
     #[test]

@@ -829,6 +829,26 @@ impl Items {
         let take: usize = t.counts[self.range()].iter().map(|&c| c as usize).sum();
         Some(&ids[skip..skip + take])
     }
+    /// These items in a batch of their own when they are a slice of a larger one
+    /// (with their counts and ids): what is stored holds only what it meters, not
+    /// the rest of a batch a client sent (a whole re-sent history). The items are
+    /// shared, never copied.
+    pub fn own_batch(&self) -> Items {
+        if self.is_whole() {
+            return self.clone();
+        }
+        let tokens = self.batch.tokens.as_ref().map(|t| BatchTokens {
+            fingerprint: t.fingerprint,
+            counts: self.token_counts().unwrap_or_default().into(),
+            total: self.tokens(),
+            ids: self.token_ids().map(Into::into),
+        });
+        Items::with_batch(Batch {
+            items: self.as_slice().into(),
+            nbytes: self.nbytes(),
+            tokens,
+        })
+    }
     /// The fingerprint of the tokenizer that counted this batch, if any.
     pub fn tokenized_by(&self) -> Option<u64> {
         self.batch.tokens.as_ref().map(|t| t.fingerprint)

@@ -120,7 +120,7 @@ impl TokenConfig {
             state.last_hash().unwrap_or(ROOT_PARENT),
         );
         if self.keep_ids {
-            Ok((tokens, input, output))
+            Ok((tokens, input.own_batch(), output.own_batch()))
         } else {
             let (input, output) = Items::pair_without_token_ids(&input, &output);
             Ok((tokens, input, output))
