@@ -448,6 +448,80 @@ def test_a_write_is_given_up_when_redis_stays_away(
     assert "secret" not in caplog.text
 
 
+def test_writes_a_demoted_primary_refuses_are_tried_again_until_it_is_primary_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failover demotes the Redis the processes write to (a replica now, of a primary
+    it cannot reach), then promotes it again: what was written meanwhile, refused with
+    READONLY, is written once it takes writes, stored responses and background state
+    alike; nothing given up, and another process finds both."""
+    caplog.set_level(logging.WARNING, logger="warmsocket")
+
+    async def main(url: str) -> None:
+        a, b = SessionCache(), SessionCache()
+        store = SharedStore.from_url(url, prefix="ro")
+        await store.start()
+        board = store.background_board
+        turn(a, "r0", None, "secret words")
+        with redis.Redis.from_url(url) as raw:
+            raw.replicaof("127.0.0.1", 1)  # nothing listens there: read-only meanwhile
+            with pytest.raises(redis.ReadOnlyError):
+                raw.set("probe", 1)
+            share(store, a, "r0")
+            board.publish("o", "bg", b'{"status": "failed"}', status="failed")
+            await asyncio.sleep(1.0)
+            assert (store.published, store.errors) == (0, 0)
+            raw.replicaof("no", "one")
+        await asyncio.wait_for(store.flush(), 10)
+        await asyncio.wait_for(board.flush(), 10)
+        assert (store.published, store.errors) == (1, 0)
+        reader = SharedStore.from_url(url, prefix="ro")
+        assert await reader.load(b, "r0", owner="o")
+        assert await reader.background_board.get("o", "bg") == {"status": "failed"}
+        await reader.client.aclose()
+        await store.aclose()
+
+    with redis_server() as url:  # its own: this test demotes it
+        run(main(url))
+    messages = [r.getMessage() for r in caplog.records]
+    assert "cannot write stored responses to Redis" not in messages  # (never given up)
+    assert "cannot write background responses' state to Redis" not in messages
+    (retrying,) = [r for r in caplog.records if r.getMessage().endswith("trying again")]
+    assert retrying.reason == "ReadOnlyError"  # type: ignore[attr-defined]
+    assert "secret" not in caplog.text
+
+
+def test_writes_follow_a_failover_endpoint_to_the_new_primary() -> None:
+    """Behind a failover endpoint (a name that now leads to the new primary), the
+    connections made before the failover still lead to the demoted primary, which
+    refuses writes: they are closed, and the writes land on the new primary."""
+
+    async def main(old_url: str, new_url: str) -> None:
+        a = SessionCache()
+        endpoint = AnswerDropper(old_url)  # a proxy: new connections go to its target
+        store = SharedStore.from_url(await endpoint.start(), prefix="fo")
+        await store.start()
+        turn(a, "r0", None, "x")
+        share(store, a, "r0")
+        await store.flush()  # a connection to the old primary, idle in the pool
+        turn(a, "r1", "r0", "y")
+        with redis.Redis.from_url(old_url) as raw:
+            raw.replicaof("127.0.0.1", 1)
+        endpoint.target = new_url.removeprefix("redis://").split("/")[0].split(":")
+        share(store, a, "r1")  # alone: a write on a new connection would get there anyway
+        await asyncio.wait_for(store.flush(), 10)
+        store.background_board.publish("o", "bg", b'{"status": "failed"}', status="failed")
+        await asyncio.wait_for(store.background_board.flush(), 10)
+        assert (store.published, store.errors) == (2, 0)
+        async with redis.asyncio.Redis.from_url(new_url) as new:
+            assert await new.exists("fo:r:o:r1", "fo:b:o:bg") == 2
+        await store.aclose()
+        await endpoint.aclose()
+
+    with redis_server() as old_url, redis_server() as new_url:
+        run(main(old_url, new_url))
+
+
 def test_records_that_are_missing_or_unreadable_are_misses_not_outages(redis_url: str) -> None:
     """Only Redis not answering is an outage; a record it answers with but that cannot
     be loaded stays 'not found' (a retry would not help)."""

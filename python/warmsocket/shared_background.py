@@ -30,10 +30,10 @@ and the process that runs the response looks for its runs' cancels every
 the stream while it could not read) still ends the run, that much later.
 
 Writes are queued and written in order by one task (never on a request's path), and
-tried again until Redis answers (`write_retry`; at most `MAX_QUEUED_WRITES` wait); a
-write given up (`--redis-write-retry`) or dropped is logged (without content) and
-counted, and the run goes on (a follower
-elsewhere whose stream then misses events ends it there, rather than skip them). A
+tried again until Redis takes them (`write_retry`, through a failover too; at most
+`MAX_QUEUED_WRITES` wait); a write given up (`--redis-write-retry`) or dropped is
+logged (without content) and counted, and the run goes on (a follower elsewhere whose
+stream then misses events ends it there, rather than skip them). A
 read that Redis does not answer raises `SharedStoreUnavailable`, answered with a
 retriable 503.
 """
@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as redis
 
 from warmsocket.engine import SharedStoreUnavailable
-from warmsocket.write_retry import keep_trying
+from warmsocket.write_retry import keep_writing_to_redis
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -194,10 +194,7 @@ class BackgroundBoard:
             self._ops.clear()
             self._dropped = 0
             try:
-                await keep_trying(
-                    functools.partial(self._write, ops),
-                    retriable=(redis.ConnectionError, redis.TimeoutError, OSError),
-                )
+                await keep_writing_to_redis(self._client, functools.partial(self._write, ops))
             except Exception as exc:  # Redis and OS errors: the runs go on
                 self._failed("cannot write background responses' state to Redis", exc, len(ops))
             finally:

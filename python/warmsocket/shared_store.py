@@ -57,9 +57,10 @@ The write-behind queue is flushed within milliseconds; a client that reconnects 
 another process in that window may not find its newest response yet. A Redis outage
 is logged (where Redis is, the error's type and the OS's reason, e.g. 'Connection
 refused'; never content) and counted; local service goes on. A write Redis does not
-answer is tried again until Redis answers (`write_retry`: a restart or a failover
-loses nothing; the writes queued behind it wait, up to `QUEUE_LIMIT`; past that new
-ones are dropped, logged and counted), or for `--redis-write-retry` seconds when set. A load
+answer, or refuses (READONLY: a primary that a failover demoted), is tried again until
+Redis takes it (`write_retry`: a restart or a failover loses nothing; the writes
+queued behind it wait, up to `QUEUE_LIMIT`; past that new ones are dropped, logged and
+counted), or for `--redis-write-retry` seconds when set. A load
 that Redis does not answer (connection refused or lost, timed out: up to about twice
 `SOCKET_TIMEOUT` with the one retry) raises `SharedStoreUnavailable`, and the request
 is answered with a retriable 503 `server_error` (`errors.shared_store_unavailable`),
@@ -98,7 +99,7 @@ from warmsocket.shared_background import BackgroundBoard, OnCancel
 from warmsocket.shared_conversations import SharedConversations
 from warmsocket.shared_key_holds import SharedKeyHolds
 from warmsocket.shared_request_rate import SharedBuckets
-from warmsocket.write_retry import keep_trying
+from warmsocket.write_retry import keep_writing_to_redis
 
 log = logging.getLogger("warmsocket.shared_store")
 
@@ -553,11 +554,7 @@ class SharedStore:
                 },
             )
 
-        await keep_trying(
-            lambda: self._write(batch),
-            retriable=(redis.ConnectionError, redis.TimeoutError, OSError),
-            on_retry=retrying,
-        )
+        await keep_writing_to_redis(self.client, lambda: self._write(batch), on_retry=retrying)
         if tried_again:
             log.warning(
                 "stored responses written to Redis after all",

@@ -12,6 +12,11 @@ the write's first try). Each writer writes in order, so the writes behind a fail
 wait in their queue, which is bounded: past it new writes are dropped (logged and
 counted by the writer). A shutdown gives the writers what is left of its timeout.
 
+A failover shows in one more way: the primary a connection leads to, demoted to a
+replica, refuses writes (READONLY) until the connection is made again (to the new
+primary, where a failover endpoint now points). So `keep_writing_to_redis` tries such a
+write again too, after closing the idle connections that lead there.
+
 A write whose answer was lost (a timeout) may have been done: every write tried again
 must be idempotent.
 """
@@ -19,9 +24,13 @@ must be idempotent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 T = TypeVar("T")
 
@@ -61,3 +70,38 @@ async def keep_trying(
                 on_retry(exc)
         await asyncio.sleep(delay)
         delay = min(delay * 2, MAX_DELAY)
+
+
+async def keep_writing_to_redis(
+    client: Redis,
+    write: Callable[[], Awaitable[T]],
+    *,
+    on_retry: Callable[[BaseException], None] | None = None,
+) -> T:
+    """`keep_trying(write)` for a write to Redis through `client`: tried again while
+    Redis does not answer (down, restarting, unreachable, hung) or answers READONLY (a
+    failover demoted it). After a READONLY answer the pool's idle connections are
+    closed (as redis-py's Sentinel connections do): they lead to the demoted primary,
+    and new ones reach the new primary where a failover endpoint (a DNS name) points
+    to it now; with the old primary promoted again, they lead there as before."""
+    # Imported here: the server imports this module without --redis-url, where the
+    # Redis client need not be installed.
+    from redis import exceptions as redis_errors
+
+    async def once() -> T:
+        try:
+            return await write()
+        except redis_errors.ReadOnlyError:
+            # (Closing can only fail on a connection already broken: the next try
+            # makes a new one anyway.)
+            with contextlib.suppress(redis_errors.RedisError, OSError):
+                await client.connection_pool.disconnect(inuse_connections=False)
+            raise
+
+    failures = (
+        redis_errors.ConnectionError,
+        redis_errors.TimeoutError,
+        redis_errors.ReadOnlyError,
+        OSError,
+    )
+    return await keep_trying(once, retriable=failures, on_retry=on_retry)
