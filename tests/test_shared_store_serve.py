@@ -425,6 +425,47 @@ def test_a_failed_background_response_is_seen_elsewhere(redis_url: str, sdk: SDK
         assert on_b.responses.cancel(created.id).status == "failed"
 
 
+def test_a_failed_response_deleted_elsewhere_is_gone_where_it_ran(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, sdk: SDK
+) -> None:
+    """A failed response whose run A has let go (it keeps the Response object alone),
+    deleted through B: A no longer serves it, nor deletes it a second time."""
+    monkeypatch.setattr(background, "MAX_FINISHED", 0)  # runs let go at once
+    with two_servers(redis_url) as (a, b):
+        on_a, on_b = sdk(a), sdk(b)
+        created = on_a.responses.create(model="m", input="/fail", background=True)
+        eventually(lambda: status_on(on_a, created.id) == "failed")
+        board_flush(a)
+        on_b.responses.delete(created.id)
+        eventually(lambda: status_on(on_a, created.id) is None)
+        assert status_on(on_b, created.id) is None
+        with pytest.raises(openai.NotFoundError):
+            on_a.responses.delete(created.id)
+
+
+def test_a_failed_response_goes_with_its_record_where_it_ran_too(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, sdk: SDK
+) -> None:
+    """Once the record of a failed response is gone from Redis (its TTL ended, or a
+    deletion whose announcement A missed), A, which ran it and has let its run go,
+    says 'not found' as B does, rather than serve it on for its whole life."""
+    monkeypatch.setattr(background, "MAX_FINISHED", 0)
+    with two_servers(redis_url) as (a, b):
+        on_a, on_b = sdk(a), sdk(b)
+        created = on_a.responses.create(model="m", input="/fail", background=True)
+        eventually(lambda: status_on(on_a, created.id) == "failed")
+        board_flush(a)
+        shared = a.server.engine.shared
+        assert isinstance(shared, SharedStore)
+        with redis.Redis.from_url(redis_url) as client:
+            (record,) = client.scan_iter(f"{shared.prefix}:b:*:{created.id}")
+            client.delete(record)  # as when its TTL ends
+        assert status_on(on_a, created.id) is None
+        assert status_on(on_b, created.id) is None
+        with pytest.raises(openai.NotFoundError):
+            on_a.responses.delete(created.id)
+
+
 def test_background_records_expire_unless_their_process_lives(redis_url: str, sdk: SDK) -> None:
     """A running response's record lives RUNNING_TTL seconds (written again while its
     process runs it); a failed or cancelled one as long as a stored response."""

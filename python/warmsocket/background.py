@@ -13,7 +13,8 @@ end; `GET /v1/responses/{id}` shows the response as it is now (`queued`,
 A completed (or incomplete) background response is stored like any other and can
 be continued by id; a failed or cancelled one is not stored, but stays retrievable
 here: with its events for `RETAIN_SECONDS`, then its Response object alone (at most
-`MAX_ENDED` of them, `MAX_ENDED_BYTES` in all, for the process's life). Finished
+`MAX_ENDED` of them, `MAX_ENDED_BYTES` in all, for the process's life; with a shared
+store, its record there instead, for the store's TTL). Finished
 runs are kept for `RETAIN_SECONDS` (at most `MAX_FINISHED`, and `MAX_RETAINED_BYTES`
 of events) for their events and final state; at most `MAX_RUNNING` run at once
 (more get `server_is_overloaded`). A run is local to its process. With a shared
@@ -56,7 +57,7 @@ TERMINAL = frozenset({"completed", "incomplete", "failed", "cancelled"})
 MAX_ENDED = 10_000
 MAX_ENDED_BYTES = 64 * 1024 * 1024
 """Failed and cancelled responses (never stored) whose Response object is kept after
-their run is forgotten, at most, oldest forgotten first."""
+their run is forgotten (without a board), at most, oldest forgotten first."""
 MAX_RETAINED_BYTES = 256 * 1024 * 1024
 """What finished background responses kept may hold, in all (older ones are forgotten
 first): their events, and their turn's request and context (which may keep parts of
@@ -400,7 +401,15 @@ class BackgroundResponses:
                 break
             finished.popitem(last=False)
             self._finished_bytes -= run.held_bytes
-            if run.turn.stream.status in ("failed", "cancelled") and not run.forgotten:
+            # With a board, a failed or cancelled response's record there answers
+            # instead, in every process: it goes when any of them deletes the response
+            # (even one whose announcement this process missed), or with the store's
+            # TTL, where a copy kept here would be served on.
+            if (
+                self.board is None
+                and run.turn.stream.status in ("failed", "cancelled")
+                and not run.forgotten
+            ):
                 self._keep_ended(run)
 
     def _keep_ended(self, run: BackgroundRun) -> None:
