@@ -393,6 +393,31 @@ def test_a_gap_in_the_shared_events_ends_the_stream_before_it(redis_url: str, sd
         assert [e["sequence_number"] for e in events] == [0, 1, 2, 3]
 
 
+def test_a_starting_after_past_any_sequence_number_is_refused(redis_url: str, sdk: SDK) -> None:
+    """`starting_after` larger than any sequence number (a 64-bit integer) is a 400
+    naming it, on the process that runs the response and on another, rather than an
+    empty stream there and a Redis error counted (an alert on Redis' health)."""
+    with two_servers(redis_url) as (a, b):
+        on_a = sdk(a)
+        created = on_a.responses.create(model="m", input="x", background=True)
+        eventually(lambda: status_on(on_a, created.id) == "completed")
+        board_flush(a)
+        for server in (a, b):
+            with httpx.Client(base_url=server.base_url, headers=AUTH) as http:
+                for after in (str(2**63), "99999999999999999999"):
+                    refused = http.get(
+                        f"responses/{created.id}",
+                        params={"stream": "true", "starting_after": after},
+                    )
+                    assert refused.status_code == 400, after
+                    error = refused.json()["error"]
+                    assert (error["type"], error["param"]) == (
+                        "invalid_request_error",
+                        "starting_after",
+                    )
+        assert shared_stats(b)["errors"] == 0
+
+
 def test_a_running_response_deleted_elsewhere_is_stopped_and_never_stored(
     redis_url: str, sdk: SDK
 ) -> None:

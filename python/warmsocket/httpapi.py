@@ -814,15 +814,26 @@ async def _stream_events(
     writer.write(LAST_CHUNK)
 
 
+MAX_SEQUENCE_NUMBER = 2**63 - 1
+"""The largest `starting_after`: past it, no event's sequence number (and no entry of
+the Redis stream that holds them elsewhere)."""
+
+
 def _starting_after(request: Request) -> int:
     """The `starting_after` query parameter (-1 without one). Raises APIError."""
     value = request.query_value("starting_after")
     if value is None:
         return -1
     try:
-        return int(value)
+        after = int(value)
     except ValueError:
         raise errors.invalid_type("starting_after", "an integer") from None
+    if after > MAX_SEQUENCE_NUMBER:
+        raise errors.invalid_value(
+            "starting_after",
+            f"Invalid 'starting_after': expected at most {MAX_SEQUENCE_NUMBER}.",
+        )
+    return after
 
 
 def sse_event(frame: bytes) -> bytes:
