@@ -393,6 +393,29 @@ def test_a_gap_in_the_shared_events_ends_the_stream_before_it(redis_url: str, sd
         assert [e["sequence_number"] for e in events] == [0, 1, 2, 3]
 
 
+def test_a_stream_asked_from_past_its_end_ends_at_once_elsewhere(redis_url: str, sdk: SDK) -> None:
+    """A client resumes a stream that has ended from past its last event (it saw them
+    all, or asks for more than there were): on another process, as on the one that
+    ran it, the stream ends at once, empty, rather than be held until its events
+    expire (`RETAIN_SECONDS`)."""
+    with two_servers(redis_url) as (a, b):
+        on_a = sdk(a)
+        created = on_a.responses.create(model="m", input="x", background=True)
+        eventually(lambda: status_on(on_a, created.id) == "completed")
+        board_flush(a)
+        with httpx.Client(base_url=b.base_url, headers=AUTH, timeout=5) as http:
+            events = sse_events(http.get(f"responses/{created.id}", params={"stream": "true"}))
+            last = events[-1]["sequence_number"]
+            for after in (last, last + 1, last + 50, 2**63 - 1):
+                started = time.monotonic()
+                tail = http.get(
+                    f"responses/{created.id}", params={"stream": "true", "starting_after": after}
+                )
+                took = time.monotonic() - started
+                assert (tail.status_code, sse_events(tail)) == (200, []), after
+                assert took < shared_background.FOLLOW_BLOCK_MS / 1000, after
+
+
 def test_a_starting_after_past_any_sequence_number_is_refused(redis_url: str, sdk: SDK) -> None:
     """`starting_after` larger than any sequence number (a 64-bit integer) is a 400
     naming it, on the process that runs the response and on another, rather than an

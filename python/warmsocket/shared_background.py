@@ -249,6 +249,20 @@ class BackgroundBoard:
         record = await self._client.get(self._key(owner, response_id))
         return record is not None and _running(record)
 
+    async def _more_to_come(self, owner: str, response_id: str, expected: int) -> bool:
+        """Whether a follower waiting for the event of sequence number `expected` may
+        still get it: the run's events have no end mark at or before it (a client may
+        ask to start past the last event of a run that ended), and are there or their
+        response runs (neither deleted nor expired with its process)."""
+        top: Any = await self._client.xrevrange(self._events_key(owner, response_id), count=1)
+        if top:
+            entry_id: bytes
+            fields: dict[bytes, bytes]
+            entry_id, fields = top[0]
+            # (An end mark past `expected` is read next, after the events before it.)
+            return _END not in fields or int(entry_id.rpartition(b"-")[2]) - 1 > expected
+        return await self._followable(owner, response_id)
+
     async def follow(
         self,
         owner: str,
@@ -260,20 +274,23 @@ class BackgroundBoard:
     ) -> None:
         """Write the response's events after sequence number `after` (each call one or
         more whole events, never none), then the new ones as the running process
-        writes them, until its end mark, until the events are gone and the response
-        does not run (deleted, or its process died), or until the reader goes away. A
-        gap in the events (writes lost in an outage), or Redis not answering, ends it
-        early (logged)."""
+        writes them, until its end mark (at once when `after` is past it), until the
+        events are gone and the response does not run (deleted, or its process died),
+        or until the reader goes away. A gap in the events (writes lost in an outage),
+        or Redis not answering, ends it early (logged)."""
         key = self._events_key(owner, response_id)
         expected = max(after + 1, 0)
         last = f"0-{expected}"
+        reply: Any = None
         while not closing():
             try:
-                reply: Any = await self._client.xread(
+                # Before the first read (`after` may be past the end already), and after
+                # each that found nothing new.
+                if not reply and not await self._more_to_come(owner, response_id, expected):
+                    return
+                reply = await self._client.xread(
                     {key: last}, count=FOLLOW_BATCH, block=FOLLOW_BLOCK_MS
                 )
-                if not reply and not await self._followable(owner, response_id):
-                    return  # deleted, expired (its process died), or never written
             except (redis.RedisError, OSError) as exc:
                 self._failed("cannot read a background response's events from Redis", exc)
                 return
