@@ -1285,6 +1285,64 @@ def test_background_writes_queued_beyond_the_bound_are_dropped_and_counted(
     assert len(dropped) == 1 and dropped[0].__dict__["queued"] == 5
 
 
+def test_background_writes_being_written_count_against_the_bound(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    """While Redis does not answer, the writes being tried again wait as much as those
+    queued behind them: together at most MAX_QUEUED_WRITES, not twice as many."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.2)
+    monkeypatch.setattr(shared_background, "MAX_QUEUED_WRITES", 5)
+
+    async def main() -> tuple[int, int]:
+        dropper = AnswerDropper(redis_url)
+        store = SharedStore.from_url(await dropper.start(), prefix="t-bound-writing")
+        await store.start()
+        board = store.background_board
+        dropper.dropping = True
+        for n in range(5):
+            board.append_events("o", "r", n, [b"data: x\n\n"])
+        await asyncio.sleep(0.1)  # taken by the writer: being written, unanswered
+        for n in range(5, 8):
+            board.append_events("o", "r", n, [b"data: x\n\n"])
+        dropped = store.errors
+        dropper.dropping = False
+        await asyncio.wait_for(board.flush(), 10)
+        async with redis.asyncio.Redis.from_url(redis_url) as client:
+            written = await client.xlen("t-bound-writing:be:o:r")
+        await store.aclose()
+        await dropper.aclose()
+        return dropped, written
+
+    assert run(main()) == (3, 5)
+
+
+def test_background_writes_left_at_shutdown_are_logged(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis does not answer at shutdown: the background writes it could not take in
+    time, being written or queued, are reported dropped (how many, never content), as
+    stored responses' are."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.2)
+    caplog.set_level(logging.ERROR, logger="warmsocket.shared_background")
+
+    async def main() -> None:
+        dropper = AnswerDropper(redis_url)
+        store = SharedStore.from_url(await dropper.start(), prefix="t-shutdown")
+        await store.start()
+        board = store.background_board
+        dropper.dropping = True
+        board.append_events("o", "r", 0, [b"data: secret\n\n"])
+        await asyncio.sleep(0.1)  # being written, unanswered
+        board.publish("o", "r", b'{"status": "in_progress"}', status="in_progress")
+        await store.aclose(flush_timeout=0.5)
+        await dropper.aclose()
+
+    run(main())
+    (dropped,) = [r for r in caplog.records if "dropped at shutdown" in r.getMessage()]
+    assert dropped.__dict__["writes"] == 2
+    assert "secret" not in caplog.text
+
+
 def test_what_waits_to_be_written_is_bounded_by_its_bytes(
     redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -72,8 +72,8 @@ Write = Callable[["Pipeline"], object]
 """One queued write: adds its commands to the writer's pipeline."""
 
 MAX_QUEUED_WRITES = 100_000
-"""Writes queued at most (Redis slower than the runs, or not answering); more are
-dropped, counted and logged."""
+"""Writes waiting at most, queued or being written (Redis slower than the runs, or
+not answering); more are dropped, counted and logged."""
 MAX_QUEUED_BYTES = 256 * 1024 * 1024
 """What the queued writes may hold (Response objects, events), besides their count."""
 FOLLOW_BLOCK_MS = 1000
@@ -96,6 +96,8 @@ class BackgroundBoard:
         """Writes queued, with the bytes each holds."""
         self._ops_bytes = 0
         """What the queued writes, and those being written, hold."""
+        self._writing = 0
+        """Writes being written (perhaps tried again): they wait too."""
         self._dropped = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -106,13 +108,27 @@ class BackgroundBoard:
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     async def aclose(self, timeout: float = 5.0) -> None:
-        """Write what is queued (for at most `timeout` seconds), then stop."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.flush(), timeout)
+        """Write what is queued (for at most `timeout` seconds), then stop; what is
+        left then is dropped (logged)."""
+        # (Only when something is left: `wait_for` with no time left times out before
+        # the flush has looked, on Python 3.11.)
+        if self._waiting:
+            try:
+                await asyncio.wait_for(self.flush(), timeout)
+            except TimeoutError:
+                log.error(
+                    "background responses' writes to Redis dropped at shutdown",
+                    extra={"redis": self._store.address, "writes": self._waiting},
+                )
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
+
+    @property
+    def _waiting(self) -> int:
+        """Writes not written yet: queued, or being written."""
+        return len(self._ops) + self._writing
 
     async def flush(self) -> None:
         """Wait until every queued write was written (or failed)."""
@@ -171,13 +187,13 @@ class BackgroundBoard:
         self._queue(lambda pipe: pipe.delete(*keys))
 
     def _queue(self, write: Write, nbytes: int = 0) -> None:
-        if len(self._ops) >= MAX_QUEUED_WRITES or self._ops_bytes + nbytes > MAX_QUEUED_BYTES:
+        if self._waiting >= MAX_QUEUED_WRITES or self._ops_bytes + nbytes > MAX_QUEUED_BYTES:
             self._dropped += 1
             self._store.errors += 1
             if self._dropped == 1:
                 log.error(
                     "background responses' writes to Redis dropped: too many queued",
-                    extra={"redis": self._store.address, "queued": len(self._ops)},
+                    extra={"redis": self._store.address, "queued": self._waiting},
                 )
             return
         self._ops.append((write, nbytes))
@@ -193,11 +209,13 @@ class BackgroundBoard:
             nbytes = sum(n for _write, n in self._ops)
             self._ops.clear()
             self._dropped = 0
+            self._writing = len(ops)
             try:
                 await keep_writing_to_redis(self._client, functools.partial(self._write, ops))
             except Exception as exc:  # Redis and OS errors: the runs go on
                 self._failed("cannot write background responses' state to Redis", exc, len(ops))
             finally:
+                self._writing = 0
                 self._ops_bytes -= nbytes  # (held while they were tried)
             if not self._ops:
                 self._idle.set()
