@@ -951,6 +951,40 @@ def test_a_response_deleted_elsewhere_before_it_was_written_is_written_deleted(
     assert run(main()) == (b"1", False)
 
 
+def test_a_running_response_deleted_elsewhere_is_written_deleted_after_its_deletion(
+    redis_url: str,
+) -> None:
+    """Another process deleted a background response while this one ran it, and this
+    one wrote its stored response before it heard (or without ever hearing): the record
+    is deleted all the same, and its background state is not shown either; a
+    response that never ran leaves nothing behind."""
+    cache = SessionCache()
+    turn(cache, "r", None, "x")
+
+    async def main() -> tuple[bool, bool, dict[str, Any] | None, int]:
+        runner = SharedStore.from_url(redis_url, prefix="t-race")
+        deleter = SharedStore.from_url(redis_url, prefix="t-race")
+        await runner.start()
+        await deleter.start()
+        board = runner.background_board
+        board.publish("o", "r", b'{"status": "in_progress"}', status="in_progress")
+        await board.flush()
+        existed = await deleter.delete("r", owner="o")
+        share(runner, cache, "r")  # the run ended: stored, and shown as it ended
+        board.publish("o", "r", b'{"status": "completed"}', status="completed")
+        await runner.flush()
+        await board.flush()
+        loaded = await deleter.load(SessionCache(), "r", owner="o")
+        state = await deleter.background_board.get("o", "r")
+        await deleter.delete("never-ran", owner="o")
+        left = await deleter.client.exists("t-race:r:o:never-ran")
+        await runner.aclose()
+        await deleter.aclose()
+        return existed, loaded, state, left
+
+    assert run(main()) == (False, False, None, 0)
+
+
 def test_responses_cached_at_start_are_checked_against_the_records(redis_url: str) -> None:
     """A process that starts with responses in its cache (restored from a snapshot)
     did not follow the deletions made while it was down: it checks them first."""

@@ -458,6 +458,31 @@ def test_a_running_response_deleted_elsewhere_is_stopped_and_never_stored(
             on_b.responses.delete(created.id)
 
 
+def test_a_response_deleted_while_it_ran_elsewhere_stays_deleted(redis_url: str, sdk: SDK) -> None:
+    """B deletes a background response A runs, and A never hears of it (the
+    announcement trimmed before A read it, or A stored the response just before it
+    heard): the run ends and is stored there, but what A writes is deleted already;
+    the other processes neither retrieve it, continue it, nor stream it again."""
+    with two_servers(redis_url) as (a, b):
+        on_a, on_b = sdk(a), sdk(b)
+        shared = a.server.engine.shared
+        assert isinstance(shared, SharedStore)
+        a.call(lambda: shared._listener.cancel())  # A hears no more deletions
+        created = on_a.responses.create(model="m", input="/sleep 1500\nlater", background=True)
+        eventually(lambda: status_on(on_b, created.id) == "in_progress")
+        on_b.responses.delete(created.id)
+        eventually(lambda: status_on(on_a, created.id) == "completed")  # A ran it to its end
+        flush(a)
+        board_flush(a)
+        assert status_on(on_b, created.id) is None
+        with pytest.raises(openai.BadRequestError) as continued:
+            on_b.responses.create(model="m", input="more", previous_response_id=created.id)
+        assert continued.value.code == "previous_response_not_found"
+        with httpx.Client(base_url=b.base_url, headers=AUTH) as http:
+            again = http.get(f"responses/{created.id}", params={"stream": "true"})
+        assert again.status_code == 404
+
+
 def test_a_failed_background_response_is_seen_elsewhere(redis_url: str, sdk: SDK) -> None:
     with two_servers(redis_url) as (a, b):
         on_a, on_b = sdk(a), sdk(b)

@@ -238,11 +238,14 @@ class BackgroundBoard:
         """The Response object another process (or this one) last wrote, None when
         there is none. Raises SharedStoreUnavailable when Redis does not answer."""
         try:
-            value = await self._client.get(self._key(owner, response_id))
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.get(self._key(owner, response_id))
+                pipe.hexists(self._stored_key(owner, response_id), "deleted")
+                value, deleted = await pipe.execute()
         except (redis.RedisError, OSError) as exc:
             self._failed("cannot read a background response's state from Redis", exc)
             raise SharedStoreUnavailable(response_id) from None
-        if value is None:
+        if value is None or deleted:
             return None
         try:
             response: dict[str, Any] = json.loads(value)
@@ -262,10 +265,14 @@ class BackgroundBoard:
             raise SharedStoreUnavailable(response_id) from None
 
     async def _followable(self, owner: str, response_id: str) -> bool:
-        if await self._client.exists(self._events_key(owner, response_id)):
-            return True
-        record = await self._client.get(self._key(owner, response_id))
-        return record is not None and _running(record)
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.exists(self._events_key(owner, response_id))
+            pipe.get(self._key(owner, response_id))
+            pipe.hexists(self._stored_key(owner, response_id), "deleted")
+            events, record, deleted = await pipe.execute()
+        if deleted:
+            return False
+        return bool(events) or (record is not None and _running(record))
 
     async def _more_to_come(self, owner: str, response_id: str, expected: int) -> bool:
         """Whether a follower waiting for the event of sequence number `expected` may
@@ -278,7 +285,8 @@ class BackgroundBoard:
             fields: dict[bytes, bytes]
             entry_id, fields = top[0]
             # (An end mark past `expected` is read next, after the events before it.)
-            return _END not in fields or int(entry_id.rpartition(b"-")[2]) - 1 > expected
+            if _END in fields and int(entry_id.rpartition(b"-")[2]) - 1 <= expected:
+                return False
         return await self._followable(owner, response_id)
 
     async def follow(
@@ -362,8 +370,18 @@ class BackgroundBoard:
             asked = await pipe.execute()
         return [run for run, found in zip(runs, asked, strict=True) if found]
 
+    def record_key(self, owner: str, response_id: str) -> str:
+        """Where the response's record is (`SharedStore.delete` looks for it)."""
+        return self._key(owner, response_id)
+
     def _key(self, owner: str, response_id: str) -> str:
         return f"{self._prefix}:b:{owner}:{response_id}"
+
+    def _stored_key(self, owner: str, response_id: str) -> str:
+        """The `SharedStore` record of the response, marked `deleted` once it was
+        deleted; before the response was stored, too, while it ran (the process that
+        runs it may not have heard yet, and writes its state again)."""
+        return f"{self._prefix}:r:{owner}:{response_id}"
 
     def _cancel_key(self, owner: str, response_id: str) -> str:
         return f"{self._prefix}:bc:{owner}:{response_id}"

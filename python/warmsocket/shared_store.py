@@ -47,7 +47,9 @@ process that could not read for a while still hears it); each that follows them
 (`start(on_deleted=...)`) drops its local copy. A process that missed announcements
 (more were made while it could not read than the stream keeps) checks every stored
 response it caches (`start(stored_ids=...)`) against the records, and drops those
-marked deleted. A response deleted before the writer wrote it is written as deleted.
+marked deleted. A response deleted before the writer wrote it is written as deleted;
+so is a background response deleted while another process runs it (the mark is
+written alone, before its record: `_DELETE`), even if that process never hears of it.
 
 Background responses that another process runs, or that failed or were cancelled
 (never stored), are shared through the same Redis by `shared_background` (its
@@ -199,10 +201,21 @@ redis.call('HSET', KEYS[1], 'live', string.format('%d', horizon))
 return n
 """
 
-# Marks a record deleted; 1 if it existed and was not deleted yet.
+# Marks a record deleted; 1 if it existed and was not deleted yet. KEYS[2]: the
+# response's background record (`shared_background`). A response with no record yet
+# whose background run goes on (elsewhere: its process may miss the deletion's
+# announcement, or store it just before it hears it) gets the mark alone, for ARGV[1]
+# seconds: the record its process writes (HSET, of other fields) is then deleted too.
 _DELETE = """
 local rec = redis.call('HMGET', KEYS[1], 'data', 'deleted')
-if not rec[1] or rec[2] then return 0 end
+if rec[2] then return 0 end
+if not rec[1] then
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('HSET', KEYS[1], 'deleted', '1')
+    redis.call('EXPIRE', KEYS[1], ARGV[1])
+  end
+  return 0
+end
 redis.call('HSET', KEYS[1], 'deleted', '1')
 return 1
 """
@@ -783,7 +796,8 @@ class SharedStore:
                 self._tombstones.add(key)
                 existed = True
             else:
-                existed = bool(await self._mark_deleted(keys=[key]))
+                running = self.background_board.record_key(owner, response_id)
+                existed = bool(await self._mark_deleted(keys=[key, running], args=[self.ttl]))
             await self.announcements.announce("deleted", owner, response_id)
         except (redis.RedisError, OSError) as exc:
             self.errors += 1
