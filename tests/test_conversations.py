@@ -373,6 +373,28 @@ def test_what_a_conversation_refuses(server: RunningServer, sdk: OpenAI) -> None
     assert [part.text for item in items for part in item.content] == ["kept"]  # type: ignore[union-attr]
 
 
+def test_a_store_false_response_reads_a_conversation_but_adds_nothing(
+    server: RunningServer, sdk: OpenAI
+) -> None:
+    """A `store: false` response, over HTTP or WebSocket, reads the conversation's items
+    as its context but leaves the conversation as it was, as OpenAI does: its input and
+    answer are never written to the conversation (which Redis and snapshots keep)."""
+    conversation = sdk.conversations.create(items=[{"role": "user", "content": "kept"}])
+    over_http = sdk.responses.create(
+        model="m", input="/transcript", store=False, conversation=conversation.id
+    )
+    assert over_http.store is False
+    assert over_http.conversation is not None and over_http.conversation.id == conversation.id
+    assert over_http.output_text.splitlines() == ["user: kept", "user: /transcript"]
+    with WSClient(server.ws_url, additional_headers={"Authorization": "Bearer sk-test"}) as ws:
+        over_ws = ws.turn(input="secret", store=False, conversation=conversation.id)
+    assert over_ws[-1]["type"] == "response.completed"
+    items = list(sdk.conversations.items.list(conversation.id))
+    assert [part.text for item in items for part in item.content] == ["kept"]  # type: ignore[union-attr]
+    later = sdk.responses.create(model="m", input="/transcript", conversation=conversation.id)
+    assert later.output_text.splitlines() == ["user: kept", "user: /transcript"]
+
+
 def test_an_agent_runs_in_a_conversation(any_backend: RunningServer) -> None:
     """`Runner.run(..., conversation_id=...)` over the WebSocket transport: each turn
     of the tool loop sends its new items with the conversation, which ends up holding

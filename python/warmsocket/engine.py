@@ -823,7 +823,8 @@ class Turn:
     def join_conversation(self, conversation: Conversation, own_input: Items) -> None:
         """This response reads `conversation` as its context before `own_input` (its
         input, without the conversation's items), and adds both to it when it ends
-        `completed` or `incomplete` (`_store`). Its Response names the conversation."""
+        `completed` or `incomplete` and is stored (`_store`; not with `store: false`).
+        Its Response names the conversation."""
         self.conversation = conversation
         self._conversation_input = own_input
         self.stream.set_response_fields(_dumps({"conversation": {"id": conversation.id}}).encode())
@@ -1104,6 +1105,14 @@ class Turn:
         self.cached_tokens = 0
         self.chain_parent_id = None
 
+    @property
+    def _kept(self) -> bool:
+        """Whether the response is stored, not connection-local: only then do its input
+        and output go into its conversation. A `store: false` one reads the
+        conversation but leaves it as it was (as OpenAI does): conversations are
+        written to Redis and snapshots, and `store: false` content never is."""
+        return self.request.store and not self._local_only
+
     def release(self) -> None:
         if self.binding is not None:
             self.binding.release()
@@ -1126,7 +1135,7 @@ class Turn:
         output = stream.output_items()
         conversation = self.conversation
         added: Items | None = None
-        if conversation is not None and self._conversation_input is not None:
+        if conversation is not None and self._conversation_input is not None and self._kept:
             added = self._conversation_input.concat(output)
             self.engine.conversations.check_room(items_cost(added))
         try:
@@ -1166,7 +1175,7 @@ class Turn:
                 f"The response could not be kept in the session cache ({type(exc).__name__})."
             ) from None
         self._stored_on = info.connection
-        if conversation is not None and added is not None:
+        if conversation is not None and added is not None and info.connection is None:
             self.engine.conversations.extend(conversation, added)
         shared = self.engine.shared
         if shared is not None and info.connection is None:
