@@ -225,6 +225,39 @@ def test_a_connection_s_own_items_resolve_in_websocket_mode(server: RunningServe
     assert error["status"] == 404
 
 
+def test_a_stored_response_that_references_a_store_false_item_stays_on_its_connection(
+    server: RunningServer, sdk: OpenAI
+) -> None:
+    """A `store: true` create on a WebSocket whose `item_reference` names an item of a
+    `store: false` response of the connection reads it, but is kept connection-local,
+    as one built on a `store: false` parent is (the taint rule): once the connection
+    is gone the item cannot be read through it. A reference to a stored item taints
+    nothing."""
+    with WSClient(server.ws_url, additional_headers=AUTH) as ws:
+        private = ws.turn(input="/reply PRIVATE-ANSWER", store=False)[-1]["response"]
+        events = ws.turn(
+            input=[
+                {"type": "item_reference", "id": private["output"][0]["id"]},
+                {"role": "user", "content": "/transcript"},
+            ]
+        )
+        made = events[-1]["response"]
+        assert output_text(events).splitlines() == [
+            "assistant: PRIVATE-ANSWER",
+            "user: /transcript",
+        ]
+        # Its own connection continues it.
+        again = ws.turn(input="more", previous_response_id=made["id"])
+        assert again[-1]["type"] == "response.completed"
+        public = ws.turn(input="/reply PUBLIC-ANSWER")[-1]["response"]
+        stored = ws.turn(input=[{"type": "item_reference", "id": public["output"][0]["id"]}])
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve(made["id"])
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.input_items.list(made["id"])
+    assert sdk.responses.retrieve(stored[-1]["response"]["id"]).status == "completed"
+
+
 def test_compaction_and_token_counts_read_references(server: RunningServer, sdk: OpenAI) -> None:
     first = sdk.responses.create(model=MODEL, input="alpha")
     history = [{"role": "user", "content": "alpha"}, *refs(first.output)]

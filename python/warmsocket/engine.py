@@ -504,6 +504,23 @@ class Engine:
             max_item_bytes=self.cache.max_item_bytes,
         )
 
+    def _input_and_taint(
+        self, request: CreateRequest, *, owner: str, connection: int | None
+    ) -> tuple[Items, bool]:
+        """`resolved_input`, and whether a reference needed the connection's own
+        (`store: false`) responses: then a `store: true` response made from it stays
+        connection-local (the taint rule), or the item would outlive the connection
+        through it. The stored responses are tried alone first, so a reference to
+        stored items never taints; the connection's are read only when they fail."""
+        if not (request.has_item_references and request.store and connection is not None):
+            return self.resolved_input(request, owner=owner, connection=connection), False
+        try:
+            return self.resolved_input(request, owner=owner, connection=None), False
+        except APIError as exc:
+            if exc.status != 404:
+                raise
+        return self.resolved_input(request, owner=owner, connection=connection), True
+
     def prepare(
         self,
         request: CreateRequest,
@@ -530,7 +547,9 @@ class Engine:
             raise errors.needs_responses_upstream(request.responses_only[0])
         prompt = prompt_key(request.instructions, request.tools_digest)
         # Parsing validated the input and made it Items (within the cache's item limit).
-        input_items = self.resolved_input(request, owner=owner, connection=lookup_connection)
+        input_items, tainted = self._input_and_taint(
+            request, owner=owner, connection=lookup_connection
+        )
         if prepend is not None:
             input_items = prepend.concat(input_items)
         conversation: Conversation | None = None
@@ -624,6 +643,7 @@ class Engine:
             framing=framing,
             chain_parent_id=chain_parent,
             prompt_key=prompt,
+            local_only=tainted,
         )
         if conversation is not None:
             turn.join_conversation(conversation, own_input)
@@ -757,10 +777,13 @@ class Turn:
         framing: Framing = "json",
         chain_parent_id: str | None = None,
         prompt_key: str | None = None,
+        local_only: bool = False,
     ) -> None:
         """`cached_tokens`: the tokens of the parent's context this prompt has, and with
         `cached_prompt` its instructions' and tools' too; `prompt_key`:
-        `prompt_key(request.instructions, request.tools_digest)`."""
+        `prompt_key(request.instructions, request.tools_digest)`; `local_only`: its
+        input holds items of the connection's `store: false` responses, so it is kept
+        connection-local whatever its `store`."""
         self.engine = engine
         self.request = request
         self.response_id = response_id
@@ -807,8 +830,9 @@ class Turn:
         )
         # Item .done events produced before storing failed: sent with the failure.
         self._unsent = b""
-        # Rebased on connection-local state (`rebase`): kept connection-local.
-        self._local_only = False
+        # Made from connection-local state (`local_only`, or rebased on it: `rebase`):
+        # kept connection-local.
+        self._local_only = local_only
         self._stored_on: int | None = None
         """The connection the stored response is local to (None: stored, or not yet)."""
         # Rebased (`rebase`): what the client sent, as stored responses list it.
@@ -1097,7 +1121,7 @@ class Turn:
         self._rebased_input = self.request.input.json()
         binding = self.binding
         if binding is not None:
-            self._local_only = binding.info().connection is not None
+            self._local_only |= binding.info().connection is not None
             self.release()
         cache = self.engine.cache
         self.items = start.slice(0, 0)
