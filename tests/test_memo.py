@@ -4,9 +4,13 @@ other large instructions cannot make a process hold them all."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import httpx2 as httpx
 
-from tests.support import running_server
+from tests.support import WSClient, running_server
+from warmsocket._core import Tokenizer
 from warmsocket.memo import Memo, str_bytes
 
 
@@ -82,3 +86,49 @@ def test_large_instructions_sent_once_each_are_not_held() -> None:
         # Ordinary instructions are kept (the next turn does not count them again).
         http.post("/responses", json={"model": "m", "input": "hi", "instructions": "Be brief."})
         assert "Be brief." in engine._instruction_tokens
+
+
+class LoopWatchingTokenizer:
+    """A tokenizer that notes, for each count of instructions, whether it ran on the
+    event loop (where it holds up every other connection) or in a worker thread."""
+
+    def __init__(self, inner: Tokenizer) -> None:
+        self.inner = inner
+        self.on_loop: list[bool] = []
+
+    def count_instructions(self, text: str) -> int:
+        try:
+            asyncio.get_running_loop()
+            self.on_loop.append(True)
+        except RuntimeError:
+            self.on_loop.append(False)
+        return self.inner.count_instructions(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_large_instructions_not_kept_are_counted_once_a_turn_off_the_event_loop() -> None:
+    """Instructions too large for the memo are counted in a worker thread, once a turn:
+    neither the response's usage nor server-side compaction's threshold counts them
+    again on the event loop (3 MB took seconds there, and every other request of the
+    process waited), over HTTP, streamed, and over WebSocket."""
+    instructions = "rule. " * 500_000
+    body = {"model": "m", "input": "hi", "instructions": instructions}
+    compacting = {**body, "context_management": [{"type": "compaction", "compact_threshold": 1000}]}
+    with (
+        running_server(tokenizer="o200k_base") as srv,
+        httpx.Client(base_url=srv.base_url, timeout=60) as http,
+    ):
+        engine = srv.server.engine
+        watching = LoopWatchingTokenizer(engine.tokenizer)
+        engine.tokenizer = watching  # type: ignore[assignment]
+        for sent in (body, {**body, "stream": True}, compacting):
+            created = http.post("/responses", json=sent)
+            assert created.status_code == 200
+            assert watching.on_loop == [False], sent.keys()
+            watching.on_loop.clear()
+        with WSClient(srv.ws_url) as ws:
+            events = ws.turn(input="hi", instructions=instructions)
+        assert events[-1]["response"]["usage"]["input_tokens"] > 500_000
+        assert watching.on_loop == [False]

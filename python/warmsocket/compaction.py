@@ -215,11 +215,9 @@ async def compacting_stream(
     the threshold the turn is the backend's, unchanged."""
     await turn.count_input_tokens_off_loop()
     turn.count_input_tokens()
-    request = turn.request
-    context_tokens = engine.context_tokens(turn.view) + engine.instruction_tokens(
-        request.instructions
-    )
-    if context_tokens + engine.tool_tokens(request) >= threshold:
+    # The turn's counts: large instructions were counted off the event loop just now.
+    context_tokens = engine.context_tokens(turn.view) + turn.instruction_tokens
+    if context_tokens + turn.tool_tokens >= threshold:
         item_id = ids.new_id("cmp")
         started = {"id": item_id, "type": "compaction", "encrypted_content": ""}
         compacting = {"type": "response.compaction.compacting", "item_id": item_id}

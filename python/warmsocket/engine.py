@@ -23,7 +23,6 @@ the instructions and tools when they are the parent's; nothing when either chang
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import logging
@@ -457,7 +456,11 @@ class Engine:
 
     def prompt_tokens(self, request: CreateRequest) -> int:
         """Tokens of what a request's prompt starts with: its instructions and tools."""
-        return self.instruction_tokens(request.instructions) + self.tool_tokens(request)
+        return sum(self.prompt_token_counts(request))
+
+    def prompt_token_counts(self, request: CreateRequest) -> tuple[int, int]:
+        """Tokens of a request's instructions, and of its tools."""
+        return self.instruction_tokens(request.instructions), self.tool_tokens(request)
 
     def prompt_tokenize_off_loop(self, request: CreateRequest) -> bool:
         """Whether the request's instructions and tools are large, and not counted yet:
@@ -818,6 +821,8 @@ class Turn:
         self.interrupt_requested = False
         # Whether `items` still await tokenising (the cache has a tokenizer).
         self._tokens_pending = engine.caches_tokens
+        # The instructions' and tools' tokens, once counted (`_prompt_token_counts`).
+        self._prompt_counts: tuple[int, int] | None = None
         self.stream = ResponseEncoder(
             response_id,
             settings=request.settings_json,
@@ -853,10 +858,29 @@ class Turn:
         self._conversation_input = own_input
         self.stream.set_response_fields(_dumps({"conversation": {"id": conversation.id}}).encode())
 
-    @functools.cached_property
+    @property
     def prompt_tokens(self) -> int:
         """Tokens of the instructions and tools (`Engine.prompt_tokens`), once a turn."""
-        return self.engine.prompt_tokens(self.request)
+        return sum(self._prompt_token_counts())
+
+    @property
+    def instruction_tokens(self) -> int:
+        """Tokens of the instructions (`Engine.instruction_tokens`), once a turn."""
+        return self._prompt_token_counts()[0]
+
+    @property
+    def tool_tokens(self) -> int:
+        """Tokens of the tools (`Engine.tool_tokens`), once a turn."""
+        return self._prompt_token_counts()[1]
+
+    def _prompt_token_counts(self) -> tuple[int, int]:
+        """The instructions' and tools' tokens, kept on the turn: the engine's memo does
+        not keep instructions of more than a quarter of its bytes, so large ones,
+        counted in a worker thread (`count_input_tokens_off_loop`), would otherwise be
+        counted again, on the event loop, each time the turn needs them."""
+        if self._prompt_counts is None:
+            self._prompt_counts = self.engine.prompt_token_counts(self.request)
+        return self._prompt_counts
 
     @property
     def cached_tokens(self) -> int:
@@ -897,7 +921,11 @@ class Turn:
         """Whether the new input, not yet tokenised, or the instructions and tools,
         not yet counted, are large enough to be tokenised in a worker thread
         (`count_input_tokens_off_loop`) before the model starts."""
-        return self._input_off_loop or self.engine.prompt_tokenize_off_loop(self.request)
+        return self._input_off_loop or self._prompt_off_loop
+
+    @property
+    def _prompt_off_loop(self) -> bool:
+        return self._prompt_counts is None and self.engine.prompt_tokenize_off_loop(self.request)
 
     @property
     def _input_off_loop(self) -> bool:
@@ -909,8 +937,9 @@ class Turn:
         other connections."""
         if self._input_off_loop:
             await asyncio.to_thread(self.count_input_tokens)
-        if self.engine.prompt_tokenize_off_loop(self.request):
-            await asyncio.to_thread(self.engine.prompt_tokens, self.request)
+        if self._prompt_off_loop:
+            counts = await asyncio.to_thread(self.engine.prompt_token_counts, self.request)
+            self._prompt_counts = counts
 
     def count_input_tokens(self) -> None:
         """Tokenise this turn's new input items, once.
