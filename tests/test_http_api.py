@@ -203,6 +203,34 @@ def test_a_response_larger_than_the_whole_budget_is_reported(
     assert "secret" not in caplog.text
 
 
+def test_a_warm_up_too_large_to_keep_fails_in_its_own_stream() -> None:
+    """A streamed warm-up (`prompt_cache_options: {"prewarm": true}`) that cannot be
+    stored ends its SSE stream with `response.failed`, as a generated response does:
+    the 200 head and `response.created` have gone out, and an HTTP 503 written after
+    them was garbage in the stream. Unstreamed, it is the failed Response object, as
+    a create's."""
+    with running_server(memory_budget=4096) as srv:
+        url = f"{srv.base_url}/responses"
+        body = {"model": "m", "input": "secret " * 2000, "prompt_cache_options": {"prewarm": True}}
+        streamed = httpx.post(url, json={**body, "stream": True})
+        assert streamed.status_code == 200
+        assert b"HTTP/1.1" not in streamed.content
+        events = [
+            json.loads(line.removeprefix("data: "))
+            for line in streamed.text.splitlines()
+            if line.startswith("data: ")
+        ]
+        assert [event["type"] for event in events] == [
+            "response.created",
+            "response.in_progress",
+            "response.failed",
+        ]
+        assert "--memory-budget" in events[-1]["response"]["error"]["message"]
+        reply = httpx.post(url, json=body).json()
+        assert reply["status"] == "failed"
+        assert "--memory-budget" in reply["error"]["message"]
+
+
 def assert_a_small_request_is_not_held_up(server: RunningServer, path: str, body: Any) -> Any:
     """POST a large request to `path` (about a second of tokenising) and, while it is
     tokenised, a small create: the small one takes a small part of the large one's

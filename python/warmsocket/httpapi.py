@@ -721,8 +721,7 @@ async def run_turn(
     if not started:
         emit(turn.start())
     if not turn.request.generate:
-        emit(turn.complete())
-        return None
+        return _finish(turn, emit)
     if closing():  # gone already: do not start the model
         turn.release()
         turn.finished = True
@@ -766,6 +765,13 @@ async def run_turn(
             turn.abandon()
     if failure is not None:
         return failure
+    return _finish(turn, emit)
+
+
+def _finish(turn: Turn, emit: Callable[[bytes], None]) -> APIError | None:
+    """End the turn `completed` (stored); when storing fails, `response.failed` (the
+    error returned), in the turn's events as any failure: a stream's 200 head and
+    first events have gone out, so no HTTP error can follow them."""
     try:
         emit(turn.complete())
     except APIError as error:
