@@ -5,12 +5,16 @@ widely than the state it was made from."""
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2 as httpx
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai import OpenAI
 
 from tests.support import (
@@ -25,7 +29,15 @@ from warmsocket import errors
 from warmsocket._core import Items
 from warmsocket.backends.base import StreamItem, TurnContext, TurnFailed, UsageReport
 from warmsocket.backends.mock import MockBackend
-from warmsocket.compaction_items import PROMPT, SUMMARY_HEADER, Compacted, encode_content, unpack
+from warmsocket.compaction_items import (
+    CONTENT_PREFIX,
+    PROMPT,
+    SUMMARY_HEADER,
+    Compacted,
+    encode_content,
+    starts_context,
+    unpack,
+)
 from warmsocket.engine import context_start, estimate_tokens
 
 MODEL = "warmsocket-mock"
@@ -446,3 +458,89 @@ def test_the_context_starts_at_the_last_self_contained_item() -> None:
     ]
     for objects, start in cases:
         assert context_start(Items.from_objects(objects)) == start, objects
+
+
+def test_many_compaction_items_are_told_apart_without_decoding_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A create may hold any number of compaction items, each looked at on the event
+    loop to find where the context starts: one of another server's, or one of
+    warmsocket's in place, is told apart from its bytes, without decoding its JSON
+    (100,000 of them held every other connection up for most of a second)."""
+    foreign = {"type": "compaction", "encrypted_content": "gAAAA-another-server"}
+    ours = {"type": "compaction", "encrypted_content": encode_content('T\n"quoted"')}
+    objects = [foreign, ours] * 50_000 + [{"role": "user", "content": "u"}]
+    items = Items.from_objects(objects)
+    decoded: list[str | bytes] = []
+    loads = json.loads
+
+    def counting(text: str | bytes, **kwargs: Any) -> Any:
+        decoded.append(text)
+        return loads(text, **kwargs)
+
+    monkeypatch.setattr(json, "loads", counting)
+    assert context_start(items) is None
+    assert context_start(items.concat(Items.from_objects([self_contained_item()]))) == 100_001
+    assert len(decoded) == 1  # the self-contained item's summary alone
+
+
+def self_contained_item() -> dict[str, str]:
+    return {"type": "compaction", "encrypted_content": encode_content("S", before=[], after=[])}
+
+
+def _payload_texts() -> st.SearchStrategy[bytes]:
+    """JSON texts a compaction item's content may hold: warmsocket's own, and the
+    shapes a client could write by hand (spaces, escaped names, a `before` that is
+    not a member, other encodings, no JSON at all)."""
+    item_lists = st.lists(st.fixed_dictionaries({"role": st.just("user")}), max_size=2)
+    members = st.fixed_dictionaries(
+        {"summary": st.one_of(st.text(max_size=8), st.integers())},
+        optional={
+            "before": st.one_of(item_lists, st.none(), st.just(5), st.just(["x"])),
+            "after": st.one_of(item_lists, st.just("x")),
+            "nested": st.just({"before": []}),
+            "word": st.just("before"),
+        },
+    )
+    return st.tuples(members, st.integers(0, 5)).map(_written)
+
+
+def _written(case: tuple[dict[str, Any], int]) -> bytes:
+    payload, how = case
+    text = json.dumps(payload)
+    if how == 1:
+        return json.dumps(payload, indent=1).encode()
+    if how == 2:
+        return text.replace('"before"', '"\\u0062efore"').encode()
+    if how == 3:
+        return text.encode("utf-16-le")
+    if how == 4:
+        return b"\xef\xbb\xbf" + text.encode()
+    if how == 5:
+        return text.encode()[: len(text) // 2]
+    return text.encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=_payload_texts(),
+    content=st.sampled_from(["urlsafe", "standard", "spoiled", "foreign"]),
+    extra=st.sampled_from(
+        [{}, {"id": "cmp_1"}, {"a": {"encrypted_content": "wsc1.e30"}}, {"z": 1}]
+    ),
+)
+def test_where_a_context_starts_is_what_unpacking_the_item_says(
+    text: bytes, content: str, extra: dict[str, Any]
+) -> None:
+    """The quick look at an item's bytes answers as decoding it whole does."""
+    encoded = {
+        "urlsafe": base64.urlsafe_b64encode(text).decode(),
+        "standard": base64.b64encode(text).decode(),
+        "spoiled": base64.urlsafe_b64encode(text).decode() + "\n",
+        "foreign": "",
+    }[content]
+    prefix = "gAAAA" if content == "foreign" else CONTENT_PREFIX
+    item = {"type": "compaction", "encrypted_content": prefix + encoded, **extra}
+    item_json = Items.from_objects([item]).item_json(0)
+    compacted = unpack(json.loads(item_json))
+    assert starts_context(item_json) == (compacted is not None and compacted.self_contained)

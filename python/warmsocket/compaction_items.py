@@ -93,12 +93,26 @@ def unpack(item: Mapping[str, Any]) -> Compacted | None:
     if item.get("type") != "compaction":
         return None
     content = item.get("encrypted_content")
+    payload = _payload(content)
+    return None if payload is None else _compacted(payload)
+
+
+def _payload(content: Any) -> bytes | None:
+    """The JSON text an `encrypted_content` of warmsocket's holds (None for another)."""
     if not isinstance(content, str) or not content.startswith(CONTENT_PREFIX):
         return None
     try:
-        encoded = content[len(CONTENT_PREFIX) :]
-        payload = json.loads(base64.b64decode(encoded, altchars=b"-_", validate=True))
+        return base64.b64decode(content[len(CONTENT_PREFIX) :], altchars=b"-_", validate=True)
     except (ValueError, binascii.Error):
+        return None
+
+
+def _compacted(text: bytes) -> Compacted | None:
+    """What a compaction item's JSON text (`_payload`) stands for; None when it is not
+    what warmsocket writes."""
+    try:
+        payload = json.loads(text)
+    except ValueError:
         return None
     if not isinstance(payload, dict) or not isinstance(payload.get("summary"), str):
         return None
@@ -157,10 +171,40 @@ def expand_context(
     return out
 
 
+_OURS = b'"encrypted_content":"' + CONTENT_PREFIX.encode()
+_FIRST = b"{" + _OURS
+_LAST = b',"type":"compaction"}'
+_BEFORE = b'"before"'
+
+
 def starts_context(item_json: bytes) -> bool:
-    """Whether an item is a self-contained compaction item made by warmsocket: the
-    context starts at it."""
-    compacted = unpack(json.loads(item_json))
+    """Whether an item (its canonical JSON, as `Items` keeps it) is a self-contained
+    compaction item made by warmsocket: the context starts at it.
+
+    What `unpack` says, mostly without decoding the item: a context may hold any
+    number of compaction items, each looked at on the event loop
+    (`engine.context_start`). Canonical JSON has sorted keys, no spaces and no escapes
+    it does not need: an item whose bytes lack `"encrypted_content":"wsc1.` is not
+    warmsocket's, and one of the usual shape (that member first, `type` last) has
+    its content read from its bytes. A summary's JSON text without `"before"` (nor
+    a `\\u` escape or a NUL, which could spell it otherwise) has no `before` member:
+    the item is in place."""
+    if _OURS not in item_json:
+        return False
+    if item_json.startswith(_FIRST) and item_json.endswith(_LAST):
+        start = len(_FIRST) - len(CONTENT_PREFIX)
+        content = item_json[start : item_json.index(b'"', start)]
+        # A backslash escapes a character base64 has not: not warmsocket's. Without
+        # one, the string's bytes are its text.
+        text = None if b"\\" in content else _payload(content.decode())
+    else:
+        item = json.loads(item_json)
+        if item.get("type") != "compaction":
+            return False
+        text = _payload(item.get("encrypted_content"))
+    if text is None or (_BEFORE not in text and b"\\u" not in text and b"\0" not in text):
+        return False
+    compacted = _compacted(text)
     return compacted is not None and compacted.self_contained
 
 
