@@ -13,7 +13,7 @@ import httpx2 as httpx
 import pytest
 from agents import Agent, ModelSettings, OpenAIConversationsSession, responses_websocket_session
 from agents.tracing import set_tracing_disabled
-from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI
+from openai import AsyncOpenAI, BadRequestError, ConflictError, NotFoundError, OpenAI
 from openai.types.conversations import Conversation, ConversationItem
 from pydantic import TypeAdapter
 
@@ -449,6 +449,34 @@ def test_input_tokens_count_the_conversation(sdk: OpenAI) -> None:
     assert created.usage.input_tokens == counted.input_tokens
     with pytest.raises(NotFoundError):
         sdk.responses.input_tokens.count(model="m", input="x", conversation="conv_nothing")
+
+
+def test_input_tokens_without_input_count_a_conversation_as_a_create_reads_it(
+    server: RunningServer, sdk: OpenAI
+) -> None:
+    """Counted without input, a conversation that a server-side compaction went
+    through counts from its compaction item, as the next create reads it (not the
+    items the compaction stands for); one that lost items is refused, as a create is."""
+    conversation = sdk.conversations.create()
+    compacting = sdk.responses.create(
+        model="m",
+        input="word " * 3000,
+        conversation=conversation.id,
+        context_management=[{"type": "compaction", "compact_threshold": 1000}],
+    )
+    assert compacting.output[0].type == "compaction"
+    history = sdk.responses.input_tokens.count(conversation=conversation.id)
+    hi = sdk.responses.input_tokens.count(model="m", input="hi")
+    with_hi = sdk.responses.input_tokens.count(conversation=conversation.id, input="hi")
+    created = sdk.responses.create(model="m", input="hi", conversation=conversation.id)
+    assert created.usage is not None
+    assert history.input_tokens + hi.input_tokens == with_hi.input_tokens
+    assert with_hi.input_tokens == created.usage.input_tokens
+    server.server.engine.conversations._by_id[conversation.id].incomplete = True
+    for counted in ({}, {"input": "hi"}):
+        with pytest.raises(ConflictError) as refused:
+            sdk.responses.input_tokens.count(conversation=conversation.id, **counted)  # type: ignore[arg-type]
+        assert refused.value.body["code"] == "conversation_incomplete"  # type: ignore[index]
 
 
 # -- the copies kept beside a shared store, against an in-memory board -------------------

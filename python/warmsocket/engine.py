@@ -560,9 +560,7 @@ class Engine:
         if request.conversation is not None:
             # Its items are the context before the input (never with a
             # previous_response_id): prefix diffing finds the chain that left them.
-            conversation = self.conversations.get(owner, request.conversation, param="conversation")
-            if conversation.incomplete:
-                raise errors.conversation_incomplete(conversation.id)
+            conversation = self._conversation(owner, request.conversation)
             input_items = conversation.items.concat(input_items)
         previous_response_id = request.previous_response_id
         start = context_start(input_items)
@@ -672,8 +670,13 @@ class Engine:
                 turn.release()
         tokens = await self.prompt_tokens_off_loop(request)
         if request.conversation is not None:
-            conversation = self.conversations.get(owner, request.conversation, param="conversation")
-            view = self.cache.view(None, owner=owner, connection=None, extra=conversation.items)
+            # As `prepare` reads it: a create's context starts at the last
+            # self-contained compaction item (a server-side compaction's).
+            items = self._conversation(owner, request.conversation).items
+            start = context_start(items)
+            if start is not None:
+                items = items.slice(start)
+            view = self.cache.view(None, owner=owner, connection=None, extra=items)
             return tokens + self.context_tokens(view)
         parent = request.previous_response_id
         if parent is None:
@@ -686,6 +689,14 @@ class Engine:
             return tokens + self.context_tokens(binding.view())
         finally:
             binding.release()
+
+    def _conversation(self, owner: str, conversation_id: str) -> Conversation:
+        """The owner's conversation a request continues. Raises APIError: 404 for
+        none, 409 for one whose additions could not all be written (Redis)."""
+        conversation = self.conversations.get(owner, conversation_id, param="conversation")
+        if conversation.incomplete:
+            raise errors.conversation_incomplete(conversation.id)
+        return conversation
 
     def _cached_prefix(
         self, parent: _core.ResponseInfo, binding: Binding, same_prompt: bool
