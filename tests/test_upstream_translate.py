@@ -379,6 +379,45 @@ def test_calls_without_index_and_whole_arguments_in_one_chunk() -> None:
     ]
 
 
+def test_parallel_calls_all_at_index_zero_are_told_apart_by_their_ids() -> None:
+    # Ollama's OpenAI-compatible stream numbers every parallel call `index: 0`, each
+    # whole with its own id: the client gets two calls, not one call with the second
+    # call's arguments glued onto the first's.
+    data = _sse(
+        _delta({"role": "assistant", "content": ""}),
+        _delta(
+            {"tool_calls": [{"id": "a", "index": 0, "function": {"name": "f", "arguments": "{}"}}]}
+        ),
+        _delta(
+            {
+                "tool_calls": [
+                    {"id": "b", "index": 0, "function": {"name": "g", "arguments": '{"x":1}'}}
+                ]
+            }
+        ),
+        _delta({}, "tool_calls"),
+        "[DONE]",
+    )
+    assert decode(ChatChunkDecoder(), data) == [
+        ToolCallStart("a", "f"),
+        ToolArgumentsDelta("{}"),
+        ToolCallStart("b", "g"),
+        ToolArgumentsDelta('{"x":1}'),
+    ]
+
+
+def test_an_id_repeated_on_every_chunk_continues_the_same_call() -> None:
+    # Some servers repeat the call's id (and name) on each of its chunks.
+    call = {"id": "a", "index": 0, "type": "function"}
+    data = _sse(
+        _delta({"tool_calls": [{**call, "function": {"name": "f", "arguments": '{"a"'}}]}),
+        _delta({"tool_calls": [{**call, "function": {"name": "f", "arguments": ":1}"}}]}),
+        _delta({}, "tool_calls"),
+    )
+    events = decode(ChatChunkDecoder(), data)
+    assert merged(events) == [ToolCallStart("a", "f"), ToolArgumentsDelta('{"a":1}')]
+
+
 def test_arguments_before_the_name_wait_for_it_and_a_missing_id_is_generated() -> None:
     data = _sse(
         _delta({"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]}),

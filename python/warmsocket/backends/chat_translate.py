@@ -280,10 +280,12 @@ def request_head(
 
 
 class _Call:
-    __slots__ = ("call_id", "name", "pending", "started")
+    __slots__ = ("call_id", "given_id", "name", "pending", "started")
 
-    def __init__(self, call_id: str) -> None:
+    def __init__(self, call_id: str, *, given_id: bool) -> None:
         self.call_id = call_id
+        self.given_id = given_id
+        """The upstream named the call (`call_id` is its `id`, not one made here)."""
         self.name = ""
         self.started = False
         self.pending: list[str] = []
@@ -431,10 +433,16 @@ class ChatChunkDecoder:
             else:
                 index = self._current if self._current is not None else position
         call = self._calls.get(index)
+        if call is not None and _another_call(call, call_id):
+            # Ollama numbers every parallel call `index: 0`, each with its own id: a
+            # new id at a taken index starts a new call (OpenAI and vLLM send the id
+            # only on a call's first chunk; servers that repeat it repeat the same).
+            call = None
         if call is None:
             if self._current is not None and index < self._current:
                 raise _interleaved()
-            call = _Call(call_id if isinstance(call_id, str) and call_id else ids.call_id())
+            given = call_id if isinstance(call_id, str) and call_id else None
+            call = _Call(given or ids.call_id(), given_id=given is not None)
             self._calls[index] = call
             self._current = index
         elif index != self._current:
@@ -456,6 +464,11 @@ class ChatChunkDecoder:
                 events.append(ToolArgumentsDelta(arguments))
             else:
                 call.pending.append(arguments)
+
+
+def _another_call(call: _Call, call_id: Any) -> bool:
+    """A delta's `id` names a call other than `call` (one the upstream named too)."""
+    return call.given_id and isinstance(call_id, str) and bool(call_id) and call_id != call.call_id
 
 
 def _interleaved() -> UpstreamError:
