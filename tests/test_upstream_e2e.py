@@ -199,6 +199,58 @@ def test_chat_memo_stays_within_its_bytes_and_drops_superseded_parents_first(
         assert sum(r.nbytes for r in backend._memo.values()) == backend._memo_bytes
 
 
+def test_chat_continues_a_reasoning_chain_without_translating_it_again() -> None:
+    """A reasoning model's turns (`reasoning_content`: DeepSeek-R1, Qwen3 thinking)
+    start with a reasoning item, which has no chat form: each next turn still renders
+    only its new messages after its parent's, and sends exactly the messages a
+    translation of the whole context gives. A call that comes after the reasoning,
+    right after an assistant message the client sent, joins that message as a full
+    translation has it (that turn's child is translated whole)."""
+    call = '/call get_weather {"city": "Oslo"}'
+    turns: list[list[dict[str, Any]]] = [
+        [{"role": "user", "content": "/think Hmm.\nhello"}],
+        [{"role": "user", "content": f"/think Look.\n{call}"}],
+        [{"type": "function_call_output", "output": "cold"}],
+        [{"role": "user", "content": "/think Done.\nthanks"}],
+        [
+            {"role": "user", "content": f"/think Again.\n{call}"},
+            {"role": "assistant", "content": "On it."},
+        ],
+        [{"type": "function_call_output", "output": "warm"}],
+    ]
+    with running_sim() as sim, warmsocket_upstream(sim.base_url, "chat") as (server, _m):
+        backend: Any = server.server.engine.backend
+        context: list[dict[str, Any]] = []
+        contexts: list[list[dict[str, Any]]] = []
+        previous: str | None = None
+        renders: list[int] = []
+        with WSClient(server.ws_url) as client:
+            for new in turns:
+                if new[0].get("type") == "function_call_output":
+                    new[0]["call_id"] = context[-1]["call_id"]
+                context += new
+                contexts.append(list(context))
+                events = client.turn(
+                    input=new,
+                    tools=FUNCTION_TOOLS,
+                    store=False,
+                    **({"previous_response_id": previous} if previous else {}),
+                )
+                assert events[-1]["type"] == "response.completed", events[-1]
+                response = events[-1]["response"]
+                assert response["output"][0]["type"] == "reasoning"
+                previous = response["id"]
+                context += response["output"]
+                renders.append(backend.full_renders)
+        bodies = [json.loads(r["body"]) for r in sim.stats(bodies=True)["requests"]]
+        for body, sent in zip(bodies, contexts, strict=True):
+            assert body["messages"] == chat.chat_messages(sent)
+        assert bodies[-1]["messages"][-2]["content"] == "On it."
+        assert bodies[-1]["messages"][-2]["tool_calls"]  # the call joined the message
+        # Only the first turn, and the one after the joined call, were translated whole.
+        assert renders == [1, 1, 1, 1, 1, 2]
+
+
 def kept_by_backend(backend: Any, response_id: str) -> bool:
     """Whether the upstream backend keeps a working copy of the response (rendered
     messages, a request body or head, its upstream connection)."""

@@ -455,11 +455,22 @@ def test_reasoning_deltas_stream_before_what_follows(field: str) -> None:
             ToolCallStart("a", "f"),
             ReasoningDelta("Done."),
         ]
-    # The recorder's messages split where the reasoning was, as the encoder's items.
+    # The recorder's items are the encoder's: messages split where the reasoning was,
+    # and each run of reasoning deltas is one reasoning item (which the chat backend
+    # counts to continue the next turn's rendering from this one's).
     recorder = OutputRecorder()
-    for event in [TextDelta("a"), *decode(ChatChunkDecoder(), data)[:3]]:
+    for event in [TextDelta("a"), *decode(ChatChunkDecoder(), data)]:
         recorder.add(event)
-    assert [i["content"] for i in recorder.finish()] == [
+    items = recorder.finish()
+    assert [i["type"] for i in items] == [
+        "message",
+        "reasoning",
+        "message",
+        "reasoning",
+        "function_call",
+        "reasoning",
+    ]
+    assert [i["content"] for i in items if i["type"] == "message"] == [
         [{"type": "output_text", "text": "a"}],
         [{"type": "output_text", "text": "Hi"}],
     ]

@@ -79,6 +79,15 @@ def render(items: list[dict[str, Any]]) -> tuple[list[bytes], str | None]:
     return [dumps(m) for m in messages], (messages[-1]["role"] if messages else None)
 
 
+def _opened_by_a_call(messages: list[dict[str, Any]]) -> bool:
+    """Whether the first message is one a `function_call` item started (`content:
+    null`; a message item's content is never null). Rendered after an assistant
+    message, that call would have joined it: only a full render gives that. Items
+    with no chat form (reasoning) may come before the call, so the items cannot
+    tell."""
+    return bool(messages) and messages[0]["role"] == "assistant" and messages[0]["content"] is None
+
+
 class ChatBackend(HTTPUpstreamBackend):
     name = "upstream-chat"
     api: ClassVar[str] = "chat"
@@ -138,12 +147,11 @@ class ChatBackend(HTTPUpstreamBackend):
             and turn.input is not None
             and parent.items + len(parent.output) + turn.new_items == turn.view.items
         ):
-            batch = parent.output + turn.input.to_objects()
-            merges = bool(batch) and batch[0].get("type") == "function_call"
-            if not (merges and parent.last_role == "assistant"):
-                new, last_role = render(batch)
+            batch = chat_messages(parent.output + turn.input.to_objects())
+            if not (parent.last_role == "assistant" and _opened_by_a_call(batch)):
+                new = [dumps(m) for m in batch]
                 messages = parent.messages + new
-                last_role = last_role or parent.last_role
+                last_role = batch[-1]["role"] if batch else parent.last_role
                 message_bytes = parent.message_bytes + sum(map(len, new))
                 continued = True
         if messages is None:

@@ -57,28 +57,39 @@ class Decoder(Protocol):
 class OutputRecorder:
     """The output items a turn's events make, shaped as the engine stores them.
 
-    A run of text deltas is one message; each tool call is one function_call item.
-    Only the fields a translation reads are kept: reasoning (no chat form) only ends
-    a run of text.
+    A run of text deltas is one message; each tool call is one function_call item; a
+    run of reasoning deltas (or a `ReasoningStart` and its deltas) is one reasoning
+    item, as the engine opens one. The chat backend counts these items to continue a
+    parent's rendering, so there must be one per item the engine stores for the chat
+    decoder's events. Only the fields a translation reads are kept: a reasoning item
+    (no chat form) is its type alone.
     """
 
-    __slots__ = ("_parts", "items")
+    __slots__ = ("_parts", "_reasoning", "items")
 
     def __init__(self) -> None:
         self.items: list[dict[str, Any]] = []
         self._parts: list[str] | None = None
+        self._reasoning = False
+        """A reasoning item is open: reasoning deltas continue it."""
 
     def add(self, event: ModelEvent) -> None:
         if isinstance(event, TextDelta):
+            self._reasoning = False
             if self._parts is None:
                 self._parts = []
                 self.items.append({"type": "message", "role": "assistant", "content": []})
             self._parts.append(event.text)
+        elif isinstance(event, ReasoningDelta | ReasoningStart):
+            if isinstance(event, ReasoningStart) or not self._reasoning:
+                self._close()
+                self._reasoning = True
+                self.items.append({"type": "reasoning"})
         elif isinstance(event, ToolCallStart) and event.custom:
-            self._close_text()  # no chat form: only ends a run of text
+            self._close()  # no chat form: only ends a run of text
             self.items.append({"type": "custom_tool_call"})
         elif isinstance(event, ToolCallStart):
-            self._close_text()
+            self._close()
             self.items.append(
                 {
                     "type": "function_call",
@@ -87,10 +98,10 @@ class OutputRecorder:
                     "arguments": "",
                 }
             )
-        elif isinstance(
-            event, OutputItem | HostedCallStart | MessageStart | ReasoningStart | ReasoningDelta
-        ):
-            self._close_text()
+        elif isinstance(event, MessageStart):
+            self._close_text()  # an open reasoning item stays open, as in the engine
+        elif isinstance(event, OutputItem | HostedCallStart):
+            self._close()
         elif (
             isinstance(event, ToolArgumentsDelta)
             and self._parts is None
@@ -104,8 +115,13 @@ class OutputRecorder:
             self.add(event)
 
     def finish(self) -> list[dict[str, Any]]:
-        self._close_text()
+        self._close()
         return self.items
+
+    def _close(self) -> None:
+        """The open item (text or reasoning) ends: a new item starts."""
+        self._close_text()
+        self._reasoning = False
 
     def _close_text(self) -> None:
         if self._parts is not None:
