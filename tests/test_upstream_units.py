@@ -184,6 +184,48 @@ def test_pool_keeps_connections_alive_and_recovers_from_a_closed_idle_one() -> N
     asyncio.run(main())
 
 
+def test_aborted_and_unreusable_responses_hand_their_connection_back() -> None:
+    """The pool counts a connection in use until its response is done with, however
+    it ends: read and kept alive, closed before its end, aborted (a cancelled turn),
+    or aborted after being closed. The count does not drift by one per cancel."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = b"4" if head.startswith(b"GET /partial") else b"2"  # "ok" of 4: unfinished
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %b\r\n\r\nok" % length)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server, port = await _serve(handler)
+        pool = HTTPPool(Origin.parse(f"http://127.0.0.1:{port}"))
+        head = request_head("GET", "/", [("Host", "x")])
+        response = await pool.request([head], timeout=5)
+        assert pool.in_use == 1
+        response.abort()  # cancelled before its body
+        assert pool.in_use == 0
+        partial = request_head("GET", "/partial", [("Host", "x")])
+        response = await pool.request([partial], timeout=5)
+        response.close()  # before the end of its body: not reusable, dropped
+        assert pool.in_use == 0 and pool.idle == 0
+        response = await pool.request([head], timeout=5)
+        assert await response.read() == b"ok"
+        response.close()  # kept alive
+        response.abort()  # no longer its connection: nothing happens
+        assert pool.in_use == 0 and pool.idle == 1
+        pool.close()
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+
+
 def test_pool_timeouts_and_refused_connections() -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -531,14 +531,16 @@ class HTTPConnection(asyncio.Protocol):
 
 
 class HTTPResponse:
-    """A response being read. `close()` returns the connection to the pool when possible."""
+    """A response being read. `close()` returns the connection to the pool when possible;
+    `close()` or `abort()` hands it back (`HTTPPool.in_use`), once whichever comes first."""
 
-    __slots__ = ("_connection", "_pool", "head")
+    __slots__ = ("_connection", "_pool", "_released", "head")
 
     def __init__(self, pool: HTTPPool, connection: HTTPConnection, head: ResponseHead) -> None:
         self._pool = pool
         self._connection = connection
         self.head = head
+        self._released = False
 
     @property
     def status(self) -> int:
@@ -564,14 +566,25 @@ class HTTPResponse:
 
     def close(self) -> None:
         """Release the connection: back to the pool if the body was read to its end."""
-        connection = self._connection
-        if connection.reusable:
-            self._pool.release(connection)
-        else:
-            connection.abort()
+        if self._take():
+            connection = self._connection
+            if connection.reusable:
+                self._pool.release(connection)
+            else:
+                self._pool.discard(connection)
 
     def abort(self) -> None:
-        self._connection.abort()
+        """Drop the connection now (the upstream sees the request cancelled); after
+        `close()` it is no longer this response's: nothing to do."""
+        if self._take():
+            self._pool.discard(self._connection)
+
+    def _take(self) -> bool:
+        """Whether the connection is still this response's to hand back (the pool
+        counts it in use until then, once)."""
+        released = self._released
+        self._released = True
+        return not released
 
 
 class HTTPPool:
