@@ -509,6 +509,19 @@ def test_stream_errors() -> None:
     assert info.value.reason == "protocol"
 
 
+@pytest.mark.parametrize(
+    "chunk",
+    [{"choices": 5}, {"choices": True}, {"choices": [{"delta": {}, "finish_reason": ["stop"]}]}],
+)
+def test_a_chunk_of_the_wrong_shape_is_a_protocol_error(chunk: dict[str, Any]) -> None:
+    # Valid JSON, but not a chat completion chunk: the turn is retried (nothing was
+    # forwarded yet) and counted as the upstream's protocol error, as a non-JSON chunk
+    # is, rather than failing inside the decoder.
+    with pytest.raises(UpstreamError) as info:
+        decode(ChatChunkDecoder(), _sse(chunk, "[DONE]"))
+    assert info.value.retryable and info.value.reason == "protocol"
+
+
 def test_continuous_usage_keeps_the_last_report() -> None:
     usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
     data = _sse(

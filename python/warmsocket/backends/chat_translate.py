@@ -396,7 +396,7 @@ class ChatChunkDecoder:
         service_tier = chunk.get("service_tier")
         if isinstance(service_tier, str):
             self._service_tier = service_tier
-        for choice in chunk.get("choices") or ():
+        for choice in _choices(chunk):
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta")
@@ -418,6 +418,8 @@ class ChatChunkDecoder:
                         if isinstance(call, dict):
                             self._tool_delta(call, position, events)
             finish_reason = choice.get("finish_reason")
+            if finish_reason is not None and not isinstance(finish_reason, str):
+                raise transport_error("protocol")
             if finish_reason:
                 self.finished = True
                 self.cut_short = _CUT_SHORT.get(finish_reason)
@@ -469,6 +471,17 @@ class ChatChunkDecoder:
 def _another_call(call: _Call, call_id: Any) -> bool:
     """A delta's `id` names a call other than `call` (one the upstream named too)."""
     return call.given_id and isinstance(call_id, str) and bool(call_id) and call_id != call.call_id
+
+
+def _choices(chunk: dict[str, Any]) -> list[Any]:
+    """A chunk's `choices` ([] when absent or null). Raises UpstreamError (a protocol
+    error, as for any malformed chunk) when it is not a list."""
+    choices = chunk.get("choices")
+    if choices is None:
+        return []
+    if not isinstance(choices, list):
+        raise transport_error("protocol")
+    return choices
 
 
 def _interleaved() -> UpstreamError:
