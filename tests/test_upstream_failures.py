@@ -3,6 +3,8 @@ timeouts retried only before the first event, cancellation, pooling, rotation.""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import socket
 import threading
@@ -977,6 +979,112 @@ def test_a_stream_that_stalls_times_out(api: str) -> None:
         assert stalled.fault == "stall_after" and stalled.finished is None
         _wait_aborted(stalled)  # warmsocket let the stalled request go
         assert len(records(sim)) == 3
+
+
+def _sse(*events: dict[str, Any] | str) -> bytes:
+    return b"".join(
+        b"data: " + (e.encode() if isinstance(e, str) else json.dumps(e).encode()) + b"\n\n"
+        for e in events
+    )
+
+
+ENDED_STREAMS = {
+    "chat": _sse(
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}},
+        "[DONE]",
+    ),
+    "responses": _sse(
+        {"type": "response.output_text.delta", "item_id": "m", "output_index": 0, "delta": "Hi"},
+        {"type": "response.completed", "response": {"id": "resp_up", "status": "completed"}},
+    ),
+}
+"""A whole answer ("Hi") in each HTTP API's stream, its end marker last."""
+
+
+@contextmanager
+def fake_http_upstream(body_end_after: float | None) -> Iterator[tuple[int, list[str]]]:
+    """An HTTP upstream that answers every request with `ENDED_STREAMS` in one chunk
+    and ends the chunked body `body_end_after` seconds later, or never (None: a proxy
+    that holds the body open). Yields its port and what happened to its connections
+    ("opened", "dropped")."""
+    log: list[str] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        log.append("opened")
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                stream = ENDED_STREAMS["chat" if b"/chat/" in head else "responses"]
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n" % (len(stream), stream)
+                )
+                if body_end_after is None:
+                    await reader.read()  # until warmsocket lets go
+                    log.append("dropped")
+                    return
+                await asyncio.sleep(body_end_after)
+                writer.write(b"0\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            log.append("dropped")
+        finally:
+            writer.close()
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(asyncio.start_server(handler, "127.0.0.1", 0))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.sockets[0].getsockname()[1], log
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        server.close()
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_a_turn_ends_with_its_stream_even_if_the_body_stays_open(api: str) -> None:
+    """An upstream (or a proxy before it) that sends the stream's end marker (`[DONE]`,
+    `response.completed`) but keeps the HTTP body open: the turn completes at once,
+    not failed after --upstream-timeout, and that connection is dropped, not pooled."""
+    with (
+        fake_http_upstream(None) as (port, log),
+        warmsocket_upstream(f"http://127.0.0.1:{port}/v1", api, timeout=5.0) as (server, _m),
+        WSClient(server.ws_url) as client,
+    ):
+        for _ in range(2):
+            start = time.monotonic()
+            events = client.turn(input="hello", store=False)
+            assert events[-1]["type"] == "response.completed", events[-1]
+            assert output_text(events) == "Hi"
+            assert time.monotonic() - start < 2
+        deadline = time.monotonic() + 5
+        while log.count("dropped") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert log == ["opened", "dropped", "opened", "dropped"]
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_a_body_that_ends_just_after_its_stream_keeps_its_connection(api: str) -> None:
+    """The end of the chunked body a moment after the end marker (a server writes
+    them apart): the connection goes back to the pool, as one ending with it does."""
+    with (
+        fake_http_upstream(0.05) as (port, log),
+        warmsocket_upstream(f"http://127.0.0.1:{port}/v1", api, timeout=5.0) as (server, _m),
+        WSClient(server.ws_url) as client,
+    ):
+        for _ in range(3):
+            assert output_text(client.turn(input="hello", store=False)) == "Hi"
+        assert log == ["opened"]
 
 
 FAILURES: dict[str, Callable[[str], dict[str, Any] | None]] = {

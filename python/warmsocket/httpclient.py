@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import ssl
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import NoReturn
 from urllib.parse import unquote, urlsplit
@@ -546,7 +547,7 @@ class HTTPResponse:
     def status(self) -> int:
         return self.head.status
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         connection = self._connection
         while True:
             data = await connection.read()
@@ -563,6 +564,24 @@ class HTTPResponse:
                 pieces.append(data[: limit - size])
                 size += len(pieces[-1])
         return b"".join(pieces)
+
+    async def drain(self, grace: float) -> None:
+        """Read the rest of the body and drop it, for at most `grace` seconds: what an
+        upstream sends after its stream's end marker (`[DONE]`, a terminal event) is
+        the body's end, which keeps the connection reusable; one that keeps the body
+        open past that (a misbehaving proxy) must not hold a finished turn. A body
+        that did not end (or broke) leaves the connection for `close()` to drop."""
+        connection = self._connection
+        if connection.parser.done and not connection.parser.body:
+            return  # the usual case: the body ended with the stream
+        with contextlib.suppress(TimeoutError, HTTPClientError):
+            # wait_for, not asyncio.timeout: as for connecting (see `_connect`).
+            await asyncio.wait_for(self._skip_body(), grace)
+
+    async def _skip_body(self) -> None:
+        connection = self._connection
+        while await connection.read() is not None:
+            pass
 
     def close(self) -> None:
         """Release the connection: back to the pool if the body was read to its end."""

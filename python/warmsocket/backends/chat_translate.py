@@ -331,6 +331,9 @@ class ChatChunkDecoder:
         self._service_tier: str | None = None
         self.finished = False
         """A `finish_reason` or `[DONE]` arrived."""
+        self.ended = False
+        """`[DONE]` arrived: the stream is over (the usage chunk comes before it, after
+        the `finish_reason`), whether or not the HTTP body ends with it."""
         self.cut_short: str | None = None
         """Why the answer stopped short (`incomplete_details.reason`), from its
         `finish_reason`: `length` is `max_output_tokens`, `content_filter` itself."""
@@ -372,9 +375,11 @@ class ChatChunkDecoder:
     def _decode(self, pairs: list[tuple[bytes, bytes]]) -> list[ModelEvent]:
         events: list[ModelEvent] = []
         for _name, payload in pairs:
+            if self.ended:
+                break  # nothing after `[DONE]` is the stream's
             self.events_seen += 1
             if payload == b"[DONE]":
-                self.finished = True
+                self.finished = self.ended = True
                 continue
             try:
                 chunk = small_json.loads(payload)

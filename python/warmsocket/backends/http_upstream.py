@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, ClassVar, Protocol
 
 from warmsocket import __version__
@@ -52,6 +53,16 @@ class Decoder(Protocol):
     def feed(self, data: bytes) -> list[ModelEvent]: ...
 
     def finish(self) -> list[ModelEvent]: ...
+
+    @property
+    def ended(self) -> bool:
+        """The stream's end marker arrived (`[DONE]`, a terminal event)."""
+        ...
+
+
+END_GRACE = 0.25
+"""How long a turn whose stream said it ended waits for the end of its HTTP body
+(to keep the connection alive) before it drops the connection and finishes."""
 
 
 class OutputRecorder:
@@ -283,21 +294,25 @@ class HTTPUpstreamBackend:
                     response = None
                 else:
                     decoder = self.new_decoder()
-                    async for data in response.chunks():
-                        events = decoder.feed(data)
-                        if events:
-                            # The events of one read are ready together: one item.
-                            if recorder is not None:
-                                recorder.add_all(events)
-                            forwarded = True
-                            yield events
+                    async with aclosing(response.chunks()) as chunks:
+                        async for data in chunks:
+                            events = decoder.feed(data)
+                            if events:
+                                # The events of one read are ready together: one item.
+                                if recorder is not None:
+                                    recorder.add_all(events)
+                                forwarded = True
+                                yield events
+                            if decoder.ended:
+                                break  # the turn is over, whenever the body ends
                     events = decoder.finish()
                     if events:
                         if recorder is not None:
                             recorder.add_all(events)
                         forwarded = True
                         yield events
-                    response.close()
+                    await response.drain(END_GRACE)
+                    response.close()  # pooled if the body ended, else dropped
                     response = None
                     outcome = "ok"
                     self.stats.requests[(self.api, "200")] += 1

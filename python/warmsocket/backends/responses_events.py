@@ -76,6 +76,12 @@ class ResponsesSSEDecoder:
         return self.stream.started
 
     @property
+    def ended(self) -> bool:
+        """The terminal event arrived: the stream is over, whether or not the HTTP body
+        ends with it."""
+        return bool(self.stream.done)
+
+    @property
     def response_id(self) -> str | None:
         """The upstream's id of the response (from its terminal event)."""
         return self.stream.response_id
