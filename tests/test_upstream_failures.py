@@ -900,6 +900,63 @@ def test_another_responses_event_after_events_reached_the_client_fails_the_respo
     assert "STALE" not in failure.detail  # type: ignore[attr-defined]
 
 
+class EvictingWSUpstream(ScriptedWSUpstream):
+    """`ScriptedWSUpstream` that keeps each connection's latest response as OpenAI's
+    does (spec 5.1, 5.3): a request chained from any other is
+    `previous_response_not_found`, and one whose input is "reject" is refused (a 400
+    `error` event) and evicts the response it continued."""
+
+    async def __call__(self, ws: Any) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        self.connections += 1
+        number, turns, latest = self.connections, 0, None
+        try:
+            async for message in ws:
+                request = json.loads(message)
+                self.requests.append((number, request))
+                previous = request.get("previous_response_id")
+                text = request["input"][-1]["content"]
+                if previous is not None and previous != latest:
+                    code = "previous_response_not_found"
+                elif text == "reject":
+                    code, latest = "invalid_prompt", None
+                else:
+                    turns += 1
+                    latest = f"resp_{number}_{turns}"
+                    for event in self.answer(latest, text):
+                        await ws.send(json.dumps(event))
+                    continue
+                error = {"type": "invalid_request_error", "code": code, "message": "No."}
+                await ws.send(json.dumps({"type": "error", "status": 400, "error": error}))
+        except ConnectionClosed:
+            pass
+
+
+def test_a_failed_continuation_is_not_chained_from_again_on_its_connection() -> None:
+    """A turn continuing a stored response is refused upstream (4xx), which evicts
+    that parent there (spec 5.3): the next turn continuing the same parent goes with
+    its full context at once, without a previous_response_not_found round trip."""
+    script = EvictingWSUpstream({})
+    with ws_front(script, retries=0) as (_front, metrics, client):
+        parent = client.turn(input="one")[-1]["response"]["id"]
+        refused = client.turn(input="reject", previous_response_id=parent)[-1]
+        assert refused["type"] in ("error", "response.failed"), refused
+        again = client.turn(input="two", previous_response_id=parent)
+        assert output_text(again) == "You said: two"
+        assert metrics.upstream.replays["previous_response_not_found"] == 0
+    assert script.connection_of_each_request() == [1, 1, 1]
+    assert [r.get("previous_response_id") for _n, r in script.requests] == [
+        None,
+        "resp_1_1",
+        None,
+    ]
+    assert [item.get("content") for item in script.requests[2][1]["input"]][::2] == [
+        "one",
+        "two",
+    ]
+
+
 def test_responses_in_order_keep_their_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     """The normal path: OpenAI's shapes (the script) and warmsocket's (the simulated
     upstream) chain turn after turn on one connection, and no message is parsed in

@@ -248,6 +248,11 @@ class ResponsesWSBackend:
                     failure = exc
                     reusable = not exc.retryable  # a rejected request leaves it usable
                     outcome = "failed" if exc.retryable else "ok"
+                    if previous is not None:
+                        # A continuation that fails evicts its parent upstream (spec
+                        # 5.3): chaining from it again would only earn a
+                        # previous_response_not_found round trip.
+                        socket.head = None
                 finally:
                     answered = decoder.started
                     self.router.end(replica, outcome)
