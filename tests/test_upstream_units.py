@@ -545,6 +545,27 @@ def test_a_404_for_a_missing_route_is_a_configuration_error(body: bytes) -> None
     assert "POST /chat/completions" in error.detail and "/v1" in error.detail
 
 
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_a_configuration_error(status: int) -> None:
+    """An http:// upstream URL that the server redirects to https:// (or a moved path)
+    is warmsocket's misconfiguration: a 502 server_error telling the operator to fix
+    --upstream, not the client's invalid request. The log names where it leads (its
+    origin only: no path, query or credentials)."""
+    location = "https://user:secret@llm.example:8443/v1/chat/completions?key=k"
+    error = from_http_status(status, b"", {"location": location}, request="POST /v1/x")
+    assert (error.status, error.type, error.retryable) == (502, "server_error", False)
+    assert error.response_error()["code"] == "server_error"
+    assert f"redirected the request (HTTP {status})" in error.message
+    assert "--upstream" in error.message and "not a problem with the request" in error.message
+    assert error.outcome == str(status)
+    assert error.detail is not None
+    assert "to https://llm.example:8443:" in error.detail and "--upstream" in error.detail
+    assert "secret" not in error.detail and "key=k" not in error.detail
+    relative = from_http_status(status, b"", {"location": "/elsewhere"})
+    assert relative.detail is not None and "elsewhere" not in relative.detail
+    assert from_http_status(204, b"", {}).type == "server_error"
+
+
 @pytest.mark.parametrize("body", MODEL_404_BODIES)
 def test_a_404_for_a_model_passes_through(body: bytes) -> None:
     error = from_http_status(404, body, {}, request="POST /v1/chat/completions")

@@ -11,7 +11,9 @@ Failure mapping (docs/upstreams.md):
   message are kept (`UpstreamError`); 401/403 mean warmsocket's own upstream key is
   wrong and become a 502 `server_error` instead of blaming the client's key; a 404
   for a route the upstream does not have (`unknown_route`: the upstream URL lacks
-  `/v1`, say) is a 502 `server_error` too, not the prompt's fault;
+  `/v1`, say) is a 502 `server_error` too, not the prompt's fault; so is a 3xx (the
+  upstream URL redirects: `http://` for an `https://` server, say), which is not
+  followed: `--upstream` should name where it leads;
 * 5xx, 408, timeouts, refused or broken connections and streams that end early are
   `retryable`: they are retried (on another replica when there is one) only while
   nothing has gone to the client yet, and otherwise end the response
@@ -213,6 +215,8 @@ def _from_http_status(
             detail=f"the upstream has no {request or 'such endpoint'} (HTTP 404); "
             "does --upstream end in /v1?",
         )
+    if status < 400:
+        return _unexpected_status(status, headers)
     if status in {401, 403}:
         return UpstreamError(
             "upstream_auth_failed",
@@ -251,6 +255,42 @@ def _from_http_status(
         param=param,
         reason="status",
     )
+
+
+def _unexpected_status(status: int, headers: Mapping[str, str]) -> UpstreamError:
+    """A non-200 answer below 400: a redirect (not followed: a POST with its body and
+    key should not go where the upstream says unasked) or a success the streaming API
+    never gives. Warmsocket's upstream URL is wrong, not the request."""
+    if 300 <= status < 400:
+        target = _origin(headers.get("location"))
+        what = f"redirected the request (HTTP {status})"
+        detail = f"{what}{f' to {target}' if target else ''}: a redirect is not followed"
+    else:
+        what = detail = f"answered HTTP {status} instead of a stream"
+    return UpstreamError(
+        "upstream_misconfigured",
+        f"The upstream server {what}: warmsocket's upstream URL (--upstream) is "
+        "misconfigured. This is a server error, not a problem with the request.",
+        status=502,
+        type=SERVER_ERROR,
+        reason="status",
+        detail=f"the upstream {detail}; fix --upstream",
+    )
+
+
+def _origin(url: str | None) -> str | None:
+    """The scheme, host and port of a redirect's `Location` (no path, query or
+    credentials: the log keeps only where the upstream lives)."""
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.hostname:
+        return None
+    return f"{parts.scheme}://{parts.hostname}" + (f":{port}" if port else "")
 
 
 def from_error_object(error: Any, *, status: int | None = None) -> UpstreamError:
