@@ -134,6 +134,10 @@ def test_origin_and_request_head() -> None:
     assert (
         request_head("POST", "/v1/x", [("Host", "h")]) == b"POST /v1/x HTTP/1.1\r\nHost: h\r\n\r\n"
     )
+    # A forwarded key with a line break would add a header (or a request).
+    for smuggled in ("Bearer k\r\nX-Injected: 1", "Bearer k\nContent-Length: 0", "k\r"):
+        with pytest.raises(ValueError):
+            request_head("POST", "/v1/x", [("Host", "h"), ("Authorization", smuggled)])
 
 
 # -- the pool against tiny servers ---------------------------------------------------------
@@ -176,6 +180,48 @@ def test_pool_keeps_connections_alive_and_recovers_from_a_closed_idle_one() -> N
             response.close()
             await asyncio.sleep(0.01)
         assert pool.opened == 2 and accepted == 2  # one reconnect, after the server's close
+        pool.close()
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+
+
+def test_an_idle_connection_that_received_bytes_is_not_reused() -> None:
+    """An answer that comes on an idle connection (to a request nobody here sent: one
+    smuggled in, or a server's stray bytes) makes it unfit: reused, the next request
+    would read that answer as its own."""
+    accepted = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+                if b"/first" in head:
+                    await asyncio.sleep(0.05)  # the client is done with the first answer
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server, port = await _serve(handler)
+        pool = HTTPPool(Origin.parse(f"http://127.0.0.1:{port}"))
+        first = await pool.request([request_head("GET", "/first", [("Host", "x")])], timeout=5)
+        assert await first.read() == b"ok"
+        first.close()
+        await asyncio.sleep(0.2)  # the stray answer arrives while the connection is idle
+        second = await pool.request([request_head("GET", "/second", [("Host", "x")])], timeout=5)
+        assert await second.read() == b"ok"
+        second.close()
+        assert (pool.opened, accepted) == (2, 2)
         pool.close()
         server.close()
         await server.wait_closed()

@@ -694,7 +694,10 @@ class HTTPPool:
             now = asyncio.get_running_loop().time()
             while idle:
                 connection = idle.pop()
-                if not connection.closed and now - connection.idle_since < self.idle_timeout:
+                # `reusable`, not only open: bytes that came while it was idle (an
+                # answer nobody asked for) make it unfit; its next answer would be
+                # the wrong one.
+                if connection.reusable and now - connection.idle_since < self.idle_timeout:
                     return connection, True
                 connection.abort()
         return await self._connect(), False
@@ -802,5 +805,10 @@ def connect_failure(exc: BaseException) -> str:
 
 
 def request_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
+    """An HTTP/1.1 request head. Raises ValueError when a part holds a line break: a
+    value passed on from a client (a forwarded key) must never add a header, or a
+    request, to a connection other clients' requests use next."""
     lines = [f"{method} {target} HTTP/1.1", *(f"{k}: {v}" for k, v in headers)]
+    if any("\r" in line or "\n" in line for line in lines):
+        raise ValueError("a line break inside an HTTP request head's line")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
