@@ -11,7 +11,9 @@ import time
 from typing import Any
 
 import httpx2 as httpx
+import openai
 import pytest
+from openai import OpenAI
 
 from tests.support import RunningServer, running_server
 from warmsocket import _core
@@ -82,6 +84,19 @@ def test_metrics_count_turns_errors_and_latency(server: RunningServer) -> None:
     assert "warmsocket_rust_heap_blocks " in text
     for line in text.splitlines():
         assert line.startswith("#") or len(line.split()) == 2, line
+
+
+def test_a_model_id_with_slashes_can_be_retrieved() -> None:
+    """vLLM and Hugging Face name models `org/name`: the SDK asks for
+    /v1/models/Qwen/Qwen2.5-7B-Instruct, slashes and all."""
+    slashed = "Qwen/Qwen2.5-7B-Instruct"
+    with running_server(models=(slashed, "a/b/c")) as srv:
+        sdk = OpenAI(base_url=srv.base_url, api_key="k", max_retries=0)
+        assert [m.id for m in sdk.models.list()] == [slashed, "a/b/c"]
+        assert sdk.models.retrieve(slashed).id == slashed
+        assert sdk.models.retrieve("a/b/c").id == "a/b/c"
+        with pytest.raises(openai.NotFoundError):
+            sdk.models.retrieve("Qwen")
 
 
 def test_error_code_labels_stay_bounded() -> None:

@@ -870,7 +870,11 @@ def route_of(path: str) -> tuple[str, str | None, str | None]:
     head = parts[0]
     if head in {"healthz", "metrics"} and len(parts) == 1:
         return (head, None, None)
-    if head in {"responses", "models"} and len(parts) <= 3:
+    if head == "models":
+        # A model id may hold slashes (`Qwen/Qwen2.5-7B-Instruct`, as vLLM and Hugging
+        # Face name them): all of the rest is the id.
+        return (head, "/".join(parts[1:]) or None, None)
+    if head == "responses" and len(parts) <= 3:
         return (head, parts[1] if len(parts) > 1 else None, parts[2] if len(parts) > 2 else None)
     if head == "conversations" and len(parts) <= 4:
         return (head, parts[1] if len(parts) > 1 else None, "/".join(parts[2:]) or None)
