@@ -99,6 +99,19 @@ def test_a_model_id_with_slashes_can_be_retrieved() -> None:
             sdk.models.retrieve("Qwen")
 
 
+def test_a_request_its_client_left_is_counted(server: RunningServer) -> None:
+    """An SSE stream its client closed is in warmsocket_http_requests_total, as 499
+    (the status the access line gives it), not left out."""
+    sdk = OpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+    with sdk.responses.create(model="m", input="/sleep 2000\nleft", stream=True) as events:
+        assert next(iter(events)).type == "response.created"
+    line = 'warmsocket_http_requests_total{route="responses",status="499"} 1'
+    deadline = time.monotonic() + 5
+    while line not in httpx.get(f"http://127.0.0.1:{server.port}/metrics").text:
+        assert time.monotonic() < deadline, "the abandoned request was not counted"
+        time.sleep(0.02)
+
+
 def test_error_code_labels_stay_bounded() -> None:
     """Upstream error codes pass through to clients: any number of distinct ones must
     not grow the metrics' label set without bound."""

@@ -156,12 +156,15 @@ def test_4xx_becomes_the_matching_error(
         "param": "input",
     }
     assert len(records(sim)) == 1 and metrics.upstream.retries == 0  # a 4xx is not retried
+    counted = server.server.metrics.errors["context_length_exceeded"]
     with OpenAI(base_url=server.base_url, api_key="x", max_retries=0) as sdk:
         sim.control(faults=[CONTEXT_TOO_LONG])
         with pytest.raises(openai.BadRequestError) as info:
             sdk.responses.create(model="m", input="hello")
         assert info.value.status_code == 400
         assert info.value.code == "context_length_exceeded" and info.value.param == "input"
+        # Counted once, though the response failed with it and the request got it.
+        assert server.server.metrics.errors["context_length_exceeded"] == counted + 1
         sim.control(faults=[{"status": 429, "message": "Slow down."}])
         with pytest.raises(openai.RateLimitError):
             sdk.responses.create(model="m", input="hello")

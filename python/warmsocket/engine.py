@@ -1146,6 +1146,7 @@ class Turn:
         frames = self._unsent + self.stream.fail(failure, usage)
         self._unsent = b""
         self.engine.metrics.count_error(error.code or "server_error")
+        error.counted = True
         # Charged only for what the model did: a request it refused (a context too
         # long, an upstream 429) used no tokens, as OpenAI counts them.
         self._finish("failed", usage if self._model_answered else None)

@@ -90,6 +90,9 @@ class APIError(Exception):
         self.status = status
         self.type = type
         self.headers = headers
+        self.counted = False
+        """Counted in warmsocket_errors_total already (a response failed with it, and
+        the request is then answered with it too): not counted again."""
 
     def __repr__(self) -> str:
         return f"APIError(code={self.code!r}, status={self.status}, param={self.param!r})"

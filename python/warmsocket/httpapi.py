@@ -134,7 +134,8 @@ class HTTPApp:
             )
         except APIError as error:
             status, failure = error.status, error
-            self.engine.metrics.count_error(error.code or error.type)
+            if not error.counted:
+                self.engine.metrics.count_error(error.code or error.type)
             writer.write(
                 encode_response(
                     error.status,
@@ -149,7 +150,8 @@ class HTTPApp:
         finally:
             if self.access_log and not (route in PROBES and status == 200):
                 access_line(request, request_id, status, failure, time.perf_counter() - started)
-        self.engine.metrics.http_request(route, status)
+            # (Requests whose client left count too: status 499.)
+            self.engine.metrics.http_request(route, status)
         return request.keep_alive
 
     async def _dispatch(
