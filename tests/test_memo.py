@@ -130,5 +130,16 @@ def test_large_instructions_not_kept_are_counted_once_a_turn_off_the_event_loop(
             watching.on_loop.clear()
         with WSClient(srv.ws_url) as ws:
             events = ws.turn(input="hi", instructions=instructions)
-        assert events[-1]["response"]["usage"]["input_tokens"] > 500_000
-        assert watching.on_loop == [False]
+            assert events[-1]["response"]["usage"]["input_tokens"] > 500_000
+            assert watching.on_loop == [False]
+            watching.on_loop.clear()
+            # A warm-up (generate: false) is counted off the loop too.
+            warmed = ws.turn(input="hi", instructions=instructions, generate=False)
+            assert warmed[-1]["type"] == "response.completed"
+            assert watching.on_loop == [False]
+            watching.on_loop.clear()
+        prewarm = {**body, "prompt_cache_options": {"prewarm": True}}
+        for sent in (prewarm, {**prewarm, "stream": True}):
+            assert http.post("/responses", json=sent).status_code == 200
+            assert watching.on_loop == [False], sent.keys()
+            watching.on_loop.clear()

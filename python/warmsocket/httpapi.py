@@ -723,6 +723,7 @@ async def run_turn(
     if not started:
         emit(turn.start())
     if not turn.request.generate:
+        await turn.count_input_tokens_off_loop()  # (a warm-up's large input too)
         return _finish(turn, emit)
     if closing():  # gone already: do not start the model
         turn.release()

@@ -1629,6 +1629,11 @@ class Connection(asyncio.Protocol):
             if turn.tokenize_off_loop:
                 self._flush()  # `response.created` goes out while the input is tokenised
                 await turn.count_input_tokens_off_loop()
+            if not turn.request.generate:  # a warm-up, counted: nothing to generate
+                session.model_done(turn)
+                self._run_actions()
+                self._flush()
+                return
             stream = engine.model_stream(turn)
             async for event in stream:
                 if type(event) is list:

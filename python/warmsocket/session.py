@@ -520,7 +520,9 @@ class ResponsesSession:
         self._active[turn.response_id] = (turn, lane)
         lane.active = turn
         self.outbox.append(turn.start())
-        if request.generate:
+        if request.generate or turn.tokenize_off_loop:
+            # (A warm-up whose input or prompt is large is counted in a worker thread
+            # by the model task, which then completes it without asking the model.)
             self.outbox.append(StartModel(turn))
         else:
             self._complete(turn)
