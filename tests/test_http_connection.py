@@ -354,6 +354,22 @@ def test_a_head_with_a_key_still_gets_its_100_continue_and_answer() -> None:
         assert status == 200 and json.loads(answer)["status"] == "completed"
 
 
+def test_an_http_1_0_stream_is_not_chunked_and_ends_with_the_connection(
+    server: RunningServer,
+) -> None:
+    """HTTP/1.0 has no chunked coding (RFC 9112, 6.1): an SSE answer to an HTTP/1.0
+    request (nginx proxies with it unless told otherwise) is the events as they are,
+    ended by closing the connection, not chunk framing the client would pass on as
+    part of the events."""
+    body = b'{"model": "m", "input": "hi", "stream": true}'
+    request = b"POST /v1/responses HTTP/1.0\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+    status, headers, events = split_response(exchange(server.port, request))
+    assert status == 200 and "transfer-encoding" not in headers
+    assert headers["connection"] == "close"
+    assert events.startswith(b"event: response.created\ndata: ")
+    assert events.rstrip().split(b"\n\n")[-1].startswith(b"event: response.completed\n")
+
+
 # -- half-closed and vanished clients -------------------------------------------------------------
 
 

@@ -53,6 +53,8 @@ class Request:
     peer_identity: str | None = None
     """Its connection's verified client certificate's names, with
     `--owner-by-client-certificate` (`tls.client_identity`)."""
+    http10: bool = False
+    """Sent as HTTP/1.0: its answer may not be chunked (RFC 9112, 6.1)."""
     answer_headers: list[tuple[str, str]] = field(default_factory=list)
     """Headers for the answer to this request, besides those every answer carries
     (how many requests its key has left: `request_rate`)."""
@@ -239,6 +241,7 @@ def _request(
         body=body,
         keep_alive="close" not in connection,
         head=head,
+        http10=head[: head.find(b"\r\n")].endswith(b" HTTP/1.0"),
     )
 
 

@@ -479,14 +479,14 @@ class HTTPApp:
     async def _stream(
         self, request: Request, writer: ResponseWriter, request_id: str, turn: Turn
     ) -> None:
-        _start_sse(request, writer, request_id)
+        frame, end = _start_sse(request, writer, request_id)
 
         def emit(frames: bytes) -> None:
             if frames:
-                writer.write(chunk(frames))  # already SSE-framed by the turn's encoder
+                writer.write(frame(frames))  # already SSE-framed by the turn's encoder
 
         await run_turn(turn, emit, writer.drain, lambda: writer.closing)
-        writer.write(LAST_CHUNK)
+        writer.write(end)
 
     async def _complete(
         self, request: Request, writer: ResponseWriter, request_id: str, turn: Turn
@@ -783,18 +783,29 @@ def _finish(turn: Turn, emit: Callable[[bytes], None]) -> APIError | None:
     return None
 
 
-def _start_sse(request: Request, writer: ResponseWriter, request_id: str) -> None:
-    """The head of a streamed (SSE, chunked) answer; the connection is a stream now."""
+def _start_sse(
+    request: Request, writer: ResponseWriter, request_id: str
+) -> tuple[Callable[[bytes], bytes], bytes]:
+    """The head of a streamed (SSE) answer; the connection is a stream now. Returns
+    how to frame the body's pieces and what ends it: chunks and the last chunk, or
+    for an HTTP/1.0 request (a proxy's default, nginx's), which may not be answered
+    chunked, the bytes as they are and the connection's close."""
     headers = [
         ("content-type", "text/event-stream; charset=utf-8"),
         ("cache-control", "no-cache"),
-        ("transfer-encoding", "chunked"),
         *_headers(request, request_id),
     ]
+    if request.http10:
+        request.keep_alive = False  # the end of the body is the connection's
+    else:
+        headers.append(("transfer-encoding", "chunked"))
     if not request.keep_alive:
         headers.append(("connection", "close"))
     writer.stream_started()
     writer.write(response_head(200, headers))
+    if request.http10:
+        return bytes, b""
+    return chunk, LAST_CHUNK
 
 
 async def _run_background(run: BackgroundRun) -> None:
@@ -818,9 +829,9 @@ async def _stream_events(
     request: Request, writer: ResponseWriter, request_id: str, follow: EventSource
 ) -> None:
     """Answer with the events `follow` writes, as one SSE body."""
-    _start_sse(request, writer, request_id)
-    await follow(lambda frames: writer.write(chunk(frames)), writer.drain, lambda: writer.closing)
-    writer.write(LAST_CHUNK)
+    frame, end = _start_sse(request, writer, request_id)
+    await follow(lambda frames: writer.write(frame(frames)), writer.drain, lambda: writer.closing)
+    writer.write(end)
 
 
 MAX_SEQUENCE_NUMBER = 2**63 - 1
