@@ -100,6 +100,36 @@ def test_a_conversation_and_its_items_round_trip(sdk: OpenAI) -> None:
         sdk.conversations.items.list(created.id)
 
 
+def test_a_page_converts_only_its_own_items(
+    sdk: OpenAI, server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paging through a long conversation, or a long response input, converts each
+    page's items only: a client reading 2,000 items 20 at a time does not make the
+    server convert all 2,000 for each of its 100 pages."""
+    from warmsocket import httpapi
+
+    items = [{"role": "user", "content": f"m{i}"} for i in range(2000)]
+    conversation = sdk.conversations.create()
+    for start in range(0, len(items), 20):
+        sdk.conversations.items.create(conversation.id, items=items[start : start + 20])  # type: ignore[arg-type]
+    response = sdk.responses.create(model="m", input=items)  # type: ignore[arg-type]
+    listed: list[int] = []
+    for module, name in ((conversations, "listed"), (httpapi, "listed_input_item")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real: listed.append(1) or _real(*a))
+    page = sdk.conversations.items.list(conversation.id, limit=20, order="asc")
+    assert [item.content[0].text for item in page.data] == [f"m{i}" for i in range(20)]  # type: ignore[union-attr]
+    later = sdk.conversations.items.list(conversation.id, limit=5, after=page.data[-1].id)
+    assert [item.content[0].text for item in later.data] == ["m18", "m17", "m16", "m15", "m14"]  # type: ignore[union-attr]
+    inputs = sdk.responses.input_items.list(response.id, limit=20)
+    assert [item.content[0].text for item in inputs.data] == [
+        f"m{i}" for i in range(1999, 1979, -1)
+    ]  # type: ignore[union-attr]
+    more = sdk.responses.input_items.list(response.id, limit=3, after=inputs.data[-1].id)
+    assert [item.content[0].text for item in more.data] == ["m1979", "m1978", "m1977"]  # type: ignore[union-attr]
+    assert len(listed) == 20 + 5 + 20 + 3
+
+
 def test_metrics_count_the_conversations_and_their_bytes(
     server: RunningServer, sdk: OpenAI
 ) -> None:

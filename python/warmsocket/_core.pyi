@@ -134,6 +134,9 @@ class Items:
         """One item's canonical JSON (negative indexes count from the end). Raises IndexError."""
     def item_meta(self, index: int) -> ItemMeta:
         """One item's extracted fields. Raises IndexError."""
+    def ids(self) -> list[str | None]:
+        """Each item's `id` (None where it has none), in order, without converting
+        the items."""
     def last_of_type(self, kind: str) -> int | None:
         """The index of the last item whose `type` is `kind` (`message` for an item with a
         `role` and no `type`), None when there is none. O(items after it)."""

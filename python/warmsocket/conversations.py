@@ -52,7 +52,7 @@ from warmsocket._core import InvalidItems, Items
 from warmsocket.client_events import normalize_input, validate_metadata
 from warmsocket.errors import APIError
 from warmsocket.logs import Tally
-from warmsocket.pages import cursor_page
+from warmsocket.pages import list_object, page_range
 from warmsocket.write_retry import keep_trying
 
 log = logging.getLogger("warmsocket.conversations")
@@ -176,11 +176,15 @@ class Conversation:
             "metadata": self.metadata,
         }
 
-    def listed_items(self) -> list[dict[str, Any]]:
-        """The items as the API lists them, oldest first."""
+    def listed_items(self, start: int = 0, end: int | None = None) -> list[dict[str, Any]]:
+        """The items `[start, end)` as the API lists them, oldest first (only those
+        are converted)."""
+        end = len(self.item_ids) if end is None else end
         return [
             listed({**item, "id": item_id})
-            for item, item_id in zip(self.items.to_objects(), self.item_ids, strict=True)
+            for item, item_id in zip(
+                self.items.slice(start, end).to_objects(), self.item_ids[start:end], strict=True
+            )
         ]
 
     def listed_item(self, item_id: str) -> dict[str, Any]:
@@ -459,7 +463,7 @@ class Conversations:
             conversation.settle(change)
         first = len(conversation.item_ids)
         self._append(conversation, items, item_ids)
-        return conversation.listed_items()[first:]
+        return conversation.listed_items(first)
 
     async def delete_item(self, owner: str, conv_id: str, item_id: str) -> Conversation:
         conversation = await self._changeable(owner, conv_id)
@@ -483,7 +487,9 @@ class Conversations:
     ) -> dict[str, Any]:
         """A page of items, as `GET /v1/conversations/{id}/items` answers it."""
         conversation = await self.fresh(owner, conv_id)
-        return cursor_page(conversation.listed_items(), after=after, limit=limit, order=order)
+        # Only the page's items are converted (a long conversation, paged through).
+        start, end, has_more = page_range(conversation.item_ids, after, limit, order)
+        return list_object(conversation.listed_items(start, end), order=order, has_more=has_more)
 
     # -- a response's input and output ------------------------------------------------------
 

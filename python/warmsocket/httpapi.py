@@ -32,7 +32,7 @@ from warmsocket.engine import (
 from warmsocket.errors import APIError
 from warmsocket.http11 import LAST_CHUNK, Request, chunk, encode_response, response_head
 from warmsocket.origins import cors_headers, preflight_headers
-from warmsocket.pages import cursor_page, page_params
+from warmsocket.pages import cursor_page, list_object, page_params, page_range
 from warmsocket.request_rate import RateLimits, RequestRate, TokenRate
 from warmsocket.response_stream import dumps
 from warmsocket.token_count import parse_count_request
@@ -559,12 +559,21 @@ class HTTPApp:
     ) -> int:
         info, input_items, _output = await self._stored(owner, rid)
         limit, order = page_params(request)
-        sent = stored_input(info)
-        if sent is None:
-            sent = input_items.to_objects()
-        items = [listed_input_item(item, rid, i) for i, item in enumerate(sent)]
         after = request.query_value("after")
-        body = dumps(cursor_page(items, after=after, limit=limit, order=order))
+        sent = stored_input(info)
+        if sent is not None:
+            items = [listed_input_item(item, rid, i) for i, item in enumerate(sent)]
+            body = dumps(cursor_page(items, after=after, limit=limit, order=order))
+            return self._json(writer, request, request_id, 200, body)
+        # Only the page's items are converted: a client paging through a long input
+        # would otherwise convert all of it for every page.
+        item_ids = [
+            item_id or ids.input_item_id(rid, i) for i, item_id in enumerate(input_items.ids())
+        ]
+        start, end, has_more = page_range(item_ids, after, limit, order)
+        page = input_items.slice(start, end).to_objects()
+        listed = [listed_input_item(item, rid, start + i) for i, item in enumerate(page)]
+        body = dumps(list_object(listed, order=order, has_more=has_more))
         return self._json(writer, request, request_id, 200, body)
 
     def _models(

@@ -31,18 +31,40 @@ def cursor_page(
     """The list object of `items` (oldest first, each with an `id`) in `order`, from
     the one after `after`, at most `limit` of them. Raises APIError for an `after`
     that names none."""
+    start, end, has_more = page_range([item["id"] for item in items], after, limit, order)
+    return list_object(items[start:end], order=order, has_more=has_more)
+
+
+def page_range(ids: list[str], after: str | None, limit: int, order: str) -> tuple[int, int, bool]:
+    """Where the page of a list whose items (oldest first) have `ids` is: the items
+    `[start, end)` (in `order`, reversed for `desc`) and whether more follow. Lets a
+    long list convert only its page. Raises APIError for an `after` that names none."""
+    count = len(ids)
+    if after is None:
+        taken = 0  # items of the ordered list before the page
+    else:
+        try:
+            at = ids.index(after) if order == "asc" else count - 1 - ids[::-1].index(after)
+        except ValueError:
+            raise errors.invalid_value(
+                "after", "Invalid 'after': no such item in this list."
+            ) from None
+        taken = at + 1 if order == "asc" else count - at
+    size = min(limit, count - taken)
+    has_more = count - taken > limit
+    if order == "asc":
+        return taken, taken + size, has_more
+    return count - taken - size, count - taken, has_more
+
+
+def list_object(page: list[dict[str, Any]], *, order: str, has_more: bool) -> dict[str, Any]:
+    """The list object of a page (its items oldest first) in `order`."""
     if order == "desc":
-        items = items[::-1]
-    if after is not None:
-        positions = [i for i, item in enumerate(items) if item["id"] == after]
-        if not positions:
-            raise errors.invalid_value("after", "Invalid 'after': no such item in this list.")
-        items = items[positions[0] + 1 :]
-    page = items[:limit]
+        page = page[::-1]
     return {
         "object": "list",
         "data": page,
         "first_id": page[0]["id"] if page else None,
         "last_id": page[-1]["id"] if page else None,
-        "has_more": len(items) > limit,
+        "has_more": has_more,
     }

@@ -206,6 +206,12 @@ impl PyItems {
         })
     }
 
+    /// Each item's `id` (None where it has none), in order: a list's cursor found
+    /// without converting the items.
+    fn ids(&self) -> Vec<Option<&str>> {
+        self.inner.iter().map(|item| item.id()).collect()
+    }
+
     fn last_of_type(&self, kind: &str) -> Option<usize> {
         self.inner.iter().rposition(|item| item.kind() == kind)
     }

@@ -1,0 +1,53 @@
+"""Cursor pages: the range a page covers, found from ids alone, is the page the
+whole list would give."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from warmsocket.errors import APIError
+from warmsocket.pages import cursor_page, page_range
+
+
+def whole_list_page(
+    items: list[dict[str, Any]], after: str | None, limit: int, order: str
+) -> dict[str, Any]:
+    """The page as it was made before: the whole list ordered, then cut."""
+    if order == "desc":
+        items = items[::-1]
+    if after is not None:
+        positions = [i for i, item in enumerate(items) if item["id"] == after]
+        items = items[positions[0] + 1 :]
+    page = items[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(items) > limit,
+    }
+
+
+@given(
+    ids=st.lists(st.sampled_from("abcdef"), max_size=12),
+    limit=st.integers(1, 5),
+    order=st.sampled_from(["asc", "desc"]),
+    after=st.one_of(st.none(), st.sampled_from("abcdef")),
+)
+def test_a_page_from_ids_is_the_whole_lists_page(
+    ids: list[str], limit: int, order: str, after: str | None
+) -> None:
+    items = [{"id": item_id, "n": n} for n, item_id in enumerate(ids)]  # ids may repeat
+    if after is not None and after not in ids:
+        with pytest.raises(APIError):
+            page_range(ids, after, limit, order)
+        return
+    assert cursor_page(items, after=after, limit=limit, order=order) == whole_list_page(
+        items, after, limit, order
+    )
+    start, end, _ = page_range(ids, after, limit, order)
+    assert 0 <= start <= end <= len(ids) and end - start <= limit
