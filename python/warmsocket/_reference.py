@@ -28,7 +28,7 @@ The rules, in one place:
   bytes per block its own tokens completed, 4 bytes per token of its two tails (the
   tokens after the last full block, after its input and after its output), and 4
   bytes per own token when token ids are kept.
-* Prefix matching (with `prefix_index`, which costs 48 bytes per item): the match
+* Prefix matching (with `prefix_index`, which costs 96 bytes per item): the match
   of a sent history is the longest prefix, compared by semantic digest
   (`semantic_digest`), of the context of any live node of the owner visible from
   the connection (stored, or local to it) that covers at least one of that node's
@@ -72,7 +72,7 @@ from warmsocket._core import (
 # Must match rust/node.rs (the property tests compare `stats().bytes`).
 NODE_OVERHEAD = 320
 ITEM_OVERHEAD = 160
-INDEX_OVERHEAD = 48
+INDEX_OVERHEAD = 96
 TOKEN_ID_BYTES = 4
 HASH_BYTES = 8
 DEFAULT_BUDGET = 1 << 30
