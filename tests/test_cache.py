@@ -138,6 +138,12 @@ def test_item_meta() -> None:
         items.item_meta(3)
     with pytest.raises(IndexError):
         items.item_json(-4)
+    # Slices: bounds outside the items, negative ones too, are IndexError (as the
+    # stub says), not OverflowError.
+    assert len(items.slice(1)) == 2 and len(items.slice(0, 0)) == 0
+    for start, end in ((-1, None), (0, -1), (2, 1), (0, 4)):
+        with pytest.raises(IndexError):
+            items.slice(start, end)
 
 
 def test_concat() -> None:
@@ -348,6 +354,10 @@ def test_views() -> None:
     assert json.loads(view.tail(from_last_role="user")) == [user("new")]
     assert json.loads(view.tail(from_last_role="assistant")) == [assistant("b out"), user("new")]
     assert view.tail(from_last_role="tool") == data
+    assert view.json_from(5) == b""
+    for past in (6, -1):
+        with pytest.raises(ValueError):
+            view.json_from(past)
     assert cache.view(None, owner=OWNER, extra=extra).json() == extra.json()
     assert cache.view(None, owner=OWNER).json() == b"[]"
     # A view is frozen: later changes to the cache do not affect it.

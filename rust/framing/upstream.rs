@@ -284,6 +284,12 @@ impl ResponsesDecoder {
         self.decode_sse(pending, out)
     }
 
+    /// Bytes of an SSE event held until its end comes (what a next chunk may complete
+    /// and decode).
+    pub fn sse_buffered(&self) -> usize {
+        self.sse.buffered()
+    }
+
     /// The events left when an SSE body ends without a final blank line.
     pub fn finish_sse(&mut self, out: &mut Vec<Event>) -> Result<(), Stop> {
         let mut pending = Vec::new();

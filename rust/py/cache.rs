@@ -579,8 +579,12 @@ impl PyContextView {
         view_json(py, &self.inner)
     }
 
-    fn json_from<'py>(&self, py: Python<'py>, start: u64) -> PyResult<Bound<'py, PyBytes>> {
-        let Some((len, part)) = self.inner.json_from(start) else {
+    fn json_from<'py>(&self, py: Python<'py>, start: i64) -> PyResult<Bound<'py, PyBytes>> {
+        // (Signed, so that a negative start is the ValueError the stub promises.)
+        let part = u64::try_from(start)
+            .ok()
+            .and_then(|start| self.inner.json_from(start));
+        let Some((len, part)) = part else {
             return Err(PyValueError::new_err(format!(
                 "start {start} is past the view's {} items",
                 self.inner.items()

@@ -217,16 +217,21 @@ impl PyItems {
     }
 
     #[pyo3(signature = (start, end = None))]
-    fn slice(&self, start: usize, end: Option<usize>) -> PyResult<PyItems> {
+    fn slice(&self, start: i64, end: Option<i64>) -> PyResult<PyItems> {
         let len = self.inner.len();
-        let end = end.unwrap_or(len);
-        if start > end || end > len {
-            return Err(PyIndexError::new_err(format!(
-                "slice {start}..{end} is outside the {len} items"
-            )));
-        }
+        // (Signed, so that a negative bound is the IndexError the stub promises.)
+        let bound = |b: i64| usize::try_from(b).ok();
+        let range = match (bound(start), end.map_or(Some(len), bound)) {
+            (Some(s), Some(e)) if s <= e && e <= len => s..e,
+            _ => {
+                let end = end.map_or_else(|| len.to_string(), |e| e.to_string());
+                return Err(PyIndexError::new_err(format!(
+                    "slice {start}..{end} is outside the {len} items"
+                )));
+            }
+        };
         Ok(PyItems {
-            inner: self.inner.slice(start..end),
+            inner: self.inner.slice(range),
         })
     }
 

@@ -29,8 +29,15 @@ impl PyResponsesStreamDecoder {
     }
 
     fn feed<'py>(&mut self, py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyList>> {
-        let mut events = Vec::new();
-        let stop = self.inner.feed_sse(data, &mut events).err();
+        // The work is the event this chunk may complete, held from earlier chunks too
+        // (up to MAX_EVENT_BYTES: a terminal event repeats the whole Response).
+        let size = self.inner.sse_buffered().saturating_add(data.len());
+        let inner = &mut self.inner;
+        let (events, stop) = detach_if(py, size, DETACH_PARSE_BYTES, || {
+            let mut events = Vec::new();
+            let stop = inner.feed_sse(data, &mut events).err();
+            (events, stop)
+        });
         events_list(py, events, stop)
     }
 
