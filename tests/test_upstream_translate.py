@@ -418,6 +418,21 @@ def test_an_id_repeated_on_every_chunk_continues_the_same_call() -> None:
     assert merged(events) == [ToolCallStart("a", "f"), ToolArgumentsDelta('{"a":1}')]
 
 
+def test_another_id_on_a_calls_later_chunks_continues_it() -> None:
+    # Some servers (Poolside) send one id with a call's name, then another id on each
+    # of its later chunks, which carry no name: one call, its arguments whole.
+    data = _sse(
+        _delta(
+            {"tool_calls": [{"id": "A", "index": 0, "function": {"name": "f", "arguments": ""}}]}
+        ),
+        _delta({"tool_calls": [{"id": "B", "index": 0, "function": {"arguments": '{"a"'}}]}),
+        _delta({"tool_calls": [{"id": "B", "index": 0, "function": {"arguments": ":1}"}}]}),
+        _delta({}, "tool_calls"),
+    )
+    events = decode(ChatChunkDecoder(), data)
+    assert merged(events) == [ToolCallStart("A", "f"), ToolArgumentsDelta('{"a":1}')]
+
+
 def test_arguments_before_the_name_wait_for_it_and_a_missing_id_is_generated() -> None:
     data = _sse(
         _delta({"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]}),

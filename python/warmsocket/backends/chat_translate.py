@@ -440,10 +440,12 @@ class ChatChunkDecoder:
             else:
                 index = self._current if self._current is not None else position
         call = self._calls.get(index)
-        if call is not None and _another_call(call, call_id):
-            # Ollama numbers every parallel call `index: 0`, each with its own id: a
-            # new id at a taken index starts a new call (OpenAI and vLLM send the id
-            # only on a call's first chunk; servers that repeat it repeat the same).
+        if call is not None and _another_call(call, call_id, delta.get("function")):
+            # Ollama numbers every parallel call `index: 0`, each whole with its own id
+            # and name: a new id with a name at a taken index starts a new call. (OpenAI
+            # and vLLM send the id only on a call's first chunk; some servers repeat
+            # it; others, such as Poolside, send another id on a call's later chunks,
+            # which carry no name: those continue the call.)
             call = None
         if call is None:
             if self._current is not None and index < self._current:
@@ -473,9 +475,17 @@ class ChatChunkDecoder:
                 call.pending.append(arguments)
 
 
-def _another_call(call: _Call, call_id: Any) -> bool:
-    """A delta's `id` names a call other than `call` (one the upstream named too)."""
-    return call.given_id and isinstance(call_id, str) and bool(call_id) and call_id != call.call_id
+def _another_call(call: _Call, call_id: Any, function: Any) -> bool:
+    """A delta with this `id` and `function` starts a call other than `call` (one the
+    upstream named too): another id, and a name of its own."""
+    named = isinstance(function, dict) and isinstance(function.get("name"), str)
+    return (
+        call.given_id
+        and named
+        and isinstance(call_id, str)
+        and bool(call_id)
+        and call_id != call.call_id
+    )
 
 
 def _choices(chunk: dict[str, Any]) -> list[Any]:
