@@ -788,6 +788,27 @@ def test_a_response_adds_to_a_copy_dropped_to_make_room_while_it_ran() -> None:
     assert not deleted_kept_again
 
 
+def test_a_conversation_deleted_here_is_not_kept_again_from_another_copy() -> None:
+    """A response ran on a copy that was then read again (another process changed
+    the conversation); the conversation was deleted through this process: when the
+    response ends, the copy it read is not kept (and served) again."""
+
+    async def main() -> tuple[bool, bool]:
+        board = MemoryBoard()
+        store = Conversations(budget_bytes=1 << 20, max_item_bytes=1 << 20, board=board)
+        made = await store.create("o", {"items": [_message("a")]})
+        joined = store.get("o", made.id)  # the response starts on this copy
+        _added_elsewhere(board, made.id, "x")
+        replaced = await store.fresh("o", made.id) is not joined  # read again
+        await store.delete("o", made.id)
+        store.extend(joined, Items.from_objects([_message("b")]))  # the response ends
+        return replaced, made.id in store._by_id
+
+    replaced, kept_again = asyncio.run(main())
+    assert replaced  # (the situation under test)
+    assert not kept_again
+
+
 def test_a_background_response_adds_to_its_conversation_when_it_ends(sdk: OpenAI) -> None:
     conversation = sdk.conversations.create()
     queued = sdk.responses.create(

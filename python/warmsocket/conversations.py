@@ -61,6 +61,7 @@ DEFAULT_CONVERSATION_BUDGET = 256 * 1024 * 1024
 """Item bytes all conversations may hold (`--conversation-budget`)."""
 
 SNAPSHOT_VERSION = 1
+"""The format of `Conversations.snapshot`."""
 CONVERSATION_OVERHEAD = 1024
 """Bytes a conversation counts against the budget besides its items (the object, its
 id, owner and metadata's containers)."""
@@ -72,8 +73,8 @@ dropped from the shared conversation (kept in this process's copy), logged and
 counted."""
 MAX_QUEUED_ADDITION_BYTES = 256 * 1024 * 1024
 """What they may hold, besides their count."""
-"""The format of `Conversations.snapshot`."""
-
+DELETED_KEPT = 4096
+"""Conversations deleted through this process it remembers (`Conversations._deleted`)."""
 MAX_ITEMS_PER_ADD = 20
 """Items one request may add (the API's limit)."""
 
@@ -263,6 +264,9 @@ class Conversations:
         self._unwritten_bytes = 0
         """What they hold."""
         self._drops = Tally()
+        self._deleted: OrderedDict[tuple[str, str], None] = OrderedDict()
+        """(owner, id) of conversations deleted here lately (`DELETED_KEPT`): a response
+        that continued one adds nothing, whichever copy of it it read."""
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -416,6 +420,11 @@ class Conversations:
                 raise not_found("conversation", conv_id)
         elif mine is None:
             raise not_found("conversation", conv_id)
+        # Remembered by id: a response running on it may hold another copy (one read
+        # again, or dropped to make room), which must not be kept again when it ends.
+        self._deleted[(owner, conv_id)] = None
+        if len(self._deleted) > DELETED_KEPT:
+            self._deleted.popitem(last=False)
         if mine is not None:
             self._forget_deleted(mine)
 
@@ -550,7 +559,8 @@ class Conversations:
         kept = self._by_id.get(joined.id)
         if kept is not None:
             return kept if kept.owner == joined.owner else None
-        if self.board is None or joined.deleted:
+        deleted = joined.deleted or (joined.owner, joined.id) in self._deleted
+        if self.board is None or deleted:
             return None  # (without a board copies are only ever dropped when deleted)
         self._keep(joined)
         return joined
