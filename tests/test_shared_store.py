@@ -522,6 +522,36 @@ def test_writes_follow_a_failover_endpoint_to_the_new_primary() -> None:
         run(main(old_url, new_url))
 
 
+def test_conversation_writes_leave_a_demoted_primary_too() -> None:
+    """A conversation change refused with READONLY (its connection leads to the
+    demoted primary) is answered 503 and closes the idle connections, so that the
+    client's retry reaches the new primary through the failover endpoint, instead of
+    getting READONLY for as long as the pool keeps the old connections."""
+
+    async def main(old_url: str, new_url: str) -> tuple[bool, int]:
+        endpoint = AnswerDropper(old_url)
+        store = SharedStore.from_url(await endpoint.start(), prefix="cf")
+        await store.start()
+        board = store.conversation_board
+        await board.create("o", "conv_1", 1, b"{}", [])  # a connection, idle in the pool
+        with redis.Redis.from_url(old_url) as raw:
+            raw.replicaof("127.0.0.1", 1)
+        endpoint.target = new_url.removeprefix("redis://").split("/")[0].split(":")
+        with pytest.raises(SharedStoreUnavailable):
+            await board.create("o", "conv_2", 2, b"{}", [])
+        await board.create("o", "conv_2", 2, b"{}", [])  # the client's retry
+        async with redis.asyncio.Redis.from_url(new_url) as new:
+            landed = await board.version("o", "conv_2") is not None
+            keys = len(await new.keys("cf:*conv_2*"))
+        await store.aclose()
+        await endpoint.aclose()
+        return landed, keys
+
+    with redis_server() as old_url, redis_server() as new_url:
+        landed, keys = run(main(old_url, new_url))
+    assert landed and keys > 0
+
+
 def test_records_that_are_missing_or_unreadable_are_misses_not_outages(redis_url: str) -> None:
     """Only Redis not answering is an outage; a record it answers with but that cannot
     be loaded stays 'not found' (a retry would not help)."""

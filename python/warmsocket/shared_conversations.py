@@ -30,6 +30,7 @@ from typing import Any
 import redis.asyncio as redis
 
 from warmsocket.engine import SharedStoreUnavailable
+from warmsocket.write_retry import leave_demoted_primary
 
 Arg = bytes | str | int
 
@@ -174,6 +175,8 @@ class SharedConversations:
         try:
             return await work
         except (redis.RedisError, OSError) as exc:
+            if isinstance(exc, redis.ReadOnlyError):
+                await leave_demoted_primary(self.client)
             self.errors += 1
             log.error("shared conversations: Redis did not answer", extra=self.failure_fields(exc))
             raise SharedStoreUnavailable(conv_id) from None

@@ -92,10 +92,7 @@ async def keep_writing_to_redis(
         try:
             return await write()
         except redis_errors.ReadOnlyError:
-            # (Closing can only fail on a connection already broken: the next try
-            # makes a new one anyway.)
-            with contextlib.suppress(redis_errors.RedisError, OSError):
-                await client.connection_pool.disconnect(inuse_connections=False)
+            await leave_demoted_primary(client)
             raise
 
     failures = (
@@ -105,3 +102,16 @@ async def keep_writing_to_redis(
         OSError,
     )
     return await keep_trying(once, retriable=failures, on_retry=on_retry)
+
+
+async def leave_demoted_primary(client: Redis) -> None:
+    """After a READONLY answer: close the pool's idle connections, which lead to a
+    primary a failover demoted, so that the next command connects again (to where a
+    failover endpoint points now). For every writer, those tried again here and those
+    whose caller is answered 503 and tries again itself."""
+    from redis import exceptions as redis_errors
+
+    # (Closing can only fail on a connection already broken: the next command makes
+    # a new one anyway.)
+    with contextlib.suppress(redis_errors.RedisError, OSError):
+        await client.connection_pool.disconnect(inuse_connections=False)
