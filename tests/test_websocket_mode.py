@@ -23,7 +23,13 @@ from tests.support import (
     output_text,
     running_server,
 )
-from tests.test_http_connection import UPGRADE
+from tests.test_framing_server import _masked
+from tests.test_http_connection import (
+    UPGRADE,
+    read_head,
+    small_send_buffers,
+    small_window_connection,
+)
 from warmsocket import _core, mockmodel
 from warmsocket import server as server_module
 from warmsocket.backends.base import StreamItem, TextDelta, TurnContext
@@ -617,6 +623,32 @@ def test_a_client_that_never_answers_the_close_is_dropped(
         assert srv.call(lambda: dict(srv.server.key_limit.held)) == {}
         with WSClient(srv.ws_url, additional_headers={"Authorization": "Bearer k"}) as ws:
             assert ws.turn(input="again")[-1]["type"] == "response.completed"
+
+
+def test_a_slow_reader_gets_the_last_events_before_the_close_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The close timeout counts from when the client has received what came before
+    the close frame: a client still reading a turn's last events (which repeat the
+    whole output) slowly gets all of them, `response.completed` included."""
+    monkeypatch.setattr(server_module, "CLOSE_TIMEOUT", 0.5)
+    limits = Limits(connection_lifetime=0.3, close_grace=5)
+    create = {"type": "response.create", "model": "m", "input": "/sleep 400\n" + "x" * 60_000}
+    with running_server(limits=limits) as srv, small_window_connection(srv.port) as raw:
+        key = b"Authorization: Bearer k\r\n"
+        raw.sendall(b"GET /v1/responses HTTP/1.1\r\n" + UPGRADE + key + b"\r\n")
+        assert read_head(raw).startswith(b"HTTP/1.1 101 ")
+        small_send_buffers(srv)
+        raw.sendall(_masked(json.dumps(create).encode()))
+        received = b""
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := raw.recv(4096):
+                received += chunk
+                time.sleep(0.02)  # about 200 KB/s
+        took = time.monotonic() - started
+    assert took > 0.3 + 0.5 + 0.5  # (the situation under test: slower than the timeout)
+    assert b'"type":"response.completed"' in received
 
 
 def test_disconnect_cancels_work_and_frees_state(server: RunningServer) -> None:

@@ -610,6 +610,8 @@ class Connection(asyncio.Protocol):
         self._head_since: float | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         """Drops a WebSocket whose client does not answer a close (`CLOSE_TIMEOUT`)."""
+        self._close_delivered = 0
+        self._close_since = 0.0
         self._head_vetted = False
         """The head of the request whose body is arriving was checked (`_head_admissible`)."""
         self._body_since: float | None = None
@@ -1691,8 +1693,11 @@ class Connection(asyncio.Protocol):
         chunks += ws.data_to_send()
         if ws.state is State.CLOSING and self._close_timer is None:
             # The server sent its close frame (or answered the client's): the client
-            # has CLOSE_TIMEOUT to end the connection.
-            self._close_timer = self.loop.call_later(CLOSE_TIMEOUT, self._close_unanswered)
+            # has CLOSE_TIMEOUT to end the connection, from when it has received what
+            # came before the frame (`_close_unanswered`).
+            self._close_delivered = self._delivered(transport)
+            self._close_since = self.loop.time()
+            self._close_timer = self.loop.call_later(CLOSE_TIMEOUT / 4, self._close_unanswered)
         if not chunks:
             return
         eof = False
@@ -1709,8 +1714,20 @@ class Connection(asyncio.Protocol):
             self._close_transport()
 
     def _close_unanswered(self) -> None:
+        """Drop a WebSocket whose client has not closed CLOSE_TIMEOUT after it last
+        received any of what the server sent: a slow reader still taking the turn's
+        last events (megabytes: they repeat the whole output) is not cut off; one
+        that received everything, close frame included, and does not answer is."""
+        self._close_timer = None
         transport = self.transport
         if transport is None or self.lost:
+            return
+        now = self.loop.time()
+        delivered = self._delivered(transport)
+        if delivered != self._close_delivered:
+            self._close_delivered, self._close_since = delivered, now
+        if now - self._close_since < CLOSE_TIMEOUT:
+            self._close_timer = self.loop.call_later(CLOSE_TIMEOUT / 4, self._close_unanswered)
             return
         log.info(
             "websocket close not answered; dropping the connection",
