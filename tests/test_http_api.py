@@ -112,6 +112,30 @@ def test_a_request_its_client_left_is_counted(server: RunningServer) -> None:
         time.sleep(0.02)
 
 
+def test_input_items_with_null_or_empty_ids_can_be_paged_through(server: RunningServer) -> None:
+    """An input item sent with `"id": null` (or "") is listed with the id warmsocket
+    gives it, the one a client can page from (`after`), not with null."""
+    sent = [
+        {"role": "user", "content": "a"},
+        {"type": "message", "role": "user", "content": "b", "id": None},
+        {"type": "message", "role": "user", "content": "c", "id": ""},
+        {"role": "user", "content": "d"},
+    ]
+    created = httpx.post(f"{server.base_url}/responses", json={"model": "m", "input": sent})
+    rid = created.json()["id"]
+    texts, after = [], None
+    for _ in range(len(sent) + 1):
+        query = {"limit": 1, "order": "asc", **({"after": after} if after else {})}
+        page = httpx.get(f"{server.base_url}/responses/{rid}/input_items", params=query).json()
+        (item,) = page["data"]
+        assert isinstance(item["id"], str) and item["id"] == page["last_id"]
+        texts.append(item["content"][0]["text"])
+        after = page["last_id"]
+        if not page["has_more"]:
+            break
+    assert texts == ["a", "b", "c", "d"]
+
+
 def test_error_code_labels_stay_bounded() -> None:
     """Upstream error codes pass through to clients: any number of distinct ones must
     not grow the metrics' label set without bound."""

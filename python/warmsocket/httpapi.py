@@ -879,7 +879,10 @@ def sse_event(frame: bytes) -> bytes:
 def listed_input_item(item: dict[str, Any], response_id: str, index: int) -> dict[str, Any]:
     """An input item as `GET .../input_items` lists it: with an id, content as parts."""
     listed = dict(item)
-    listed.setdefault("id", ids.input_item_id(response_id, index))
+    given = listed.get("id")
+    if not isinstance(given, str) or not given:
+        # (As `page_range` pages it: a null or empty id is no cursor a client could send.)
+        listed["id"] = ids.input_item_id(response_id, index)
     return with_content_parts(listed)
 
 
