@@ -152,6 +152,29 @@ def test_numbers_are_checked_not_clamped(args: list[str], message: str) -> None:
     assert result.returncode == 2 and message in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        # An unset variable given as a value: `--api-key "$KEY"` left auth "on" while
+        # requests without a key were served; `--host "$HOST"` listened everywhere.
+        (["--api-key="], {}, "argument --api-key: an empty key"),
+        (["--api-key", "  "], {}, "argument --api-key: an empty key"),
+        (["--api-key", " sk-1"], {}, "argument --api-key: a key with spaces around it"),
+        (["--host="], {}, "argument --host: an empty address; give 0.0.0.0"),
+        ([], {"WARMSOCKET_HOST": ""}, "WARMSOCKET_HOST: an empty address"),
+        (["--tls-cert="], {}, "argument --tls-cert: an empty path"),
+        (["--tls-key="], {}, "argument --tls-key: an empty path"),
+        (["--tls-client-ca="], {}, "argument --tls-client-ca: an empty path"),
+    ],
+)
+def test_empty_values_that_would_change_the_server_quietly_are_refused(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    result = run(WARMSOCKET, "serve", *args, env=env)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("command", ["serve", "simulate-upstream"])
 @pytest.mark.parametrize("port", ["99999", "65536", "-1", "http"])
 def test_port_out_of_range_is_a_usage_error(command: str, port: str) -> None:

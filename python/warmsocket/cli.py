@@ -67,6 +67,32 @@ def _tokenizer(text: str) -> str:
     )
 
 
+def _api_key(text: str) -> str:
+    """--api-key: a key, not empty and without spaces around it (a request's token is
+    stripped, so such a key could never match; an empty one would let requests
+    without a key in, with auth shown as on)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "an empty key (is the variable it was given from set?); leave --api-key out "
+            "to serve without keys"
+        )
+    if text != text.strip():
+        raise argparse.ArgumentTypeError("a key with spaces around it could never match")
+    return text
+
+
+def _not_empty(what: str, hint: str) -> Callable[[str], str]:
+    """A value that may not be empty: given from an unset variable (`--host "$HOST"`),
+    it would otherwise change what the server does without a word (`hint`)."""
+
+    def parse(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError(f"an empty {what}; {hint}")
+        return text
+
+    return parse
+
+
 def _float(text: str) -> float:
     try:
         value = float(text)
@@ -327,13 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
     opt = _EnvDefaults(serve)
     net = serve.add_argument_group("network")
     opt.parser = net
-    opt.add("--host", default="127.0.0.1", help="address to listen on")
+    opt.add(
+        "--host",
+        default="127.0.0.1",
+        type=_not_empty("address", "give 0.0.0.0 (or ::) to listen on every interface"),
+        help="address to listen on",
+    )
     opt.add("--port", default=8080, type=_port, help="port to listen on (0 picks a free one)")
     opt.add(
         "--api-key",
         default=[],
         action="append",
         env_split=True,
+        type=_api_key,
         help="accept this API key (repeatable; the env var takes a comma-separated list). "
         "When any is given, 'Authorization: Bearer <key>' is required and a bad key gets "
         "HTTP 401 before the WebSocket upgrade. Each key's responses are private to it",
@@ -360,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-cert",
         default=None,
         metavar="PATH",
+        type=_not_empty("path", "leave the flag out to serve without it"),
         help="serve https:// and wss:// with this PEM certificate chain (the server's "
         "certificate first); without it, plain HTTP (end TLS in front of the server, or "
         "keep it on loopback)",
@@ -368,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-key",
         default=None,
         metavar="PATH",
+        type=_not_empty("path", "leave the flag out to serve without it"),
         help="the PEM private key of --tls-cert, without a password (default: in the "
         "certificate file)",
     )
@@ -375,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-client-ca",
         default=None,
         metavar="PATH",
+        type=_not_empty("path", "leave the flag out to serve without it"),
         help="require clients to present a certificate signed by a CA in this PEM bundle "
         "(mutual TLS; only these CAs are trusted for it). The openai SDK sends one with "
         "http_client=httpx.Client(verify=context) and, for responses.connect(), "
