@@ -351,12 +351,19 @@ def test_the_sdk_over_https_and_wss_trusting_a_private_ca(pems: dict[str, Path])
     ("args", "message"),
     [
         (["--tls-key", "KEY"], "--tls-key needs --tls-cert"),
-        (["--tls-cert", "/nonexistent/cert.pem"], "no such file"),
+        # The file that cannot be read is named (the SSL module's own error names none).
+        (
+            ["--tls-cert", "/nonexistent/cert.pem"],
+            "cannot read /nonexistent/cert.pem: no such file",
+        ),
+        (["--tls-cert", "CERT", "--tls-key", "/nonexistent/key.pem"], "read /nonexistent/key.pem"),
+        (["--tls-cert", "/"], "cannot read /: a directory; give --tls-cert a file"),
         (["--tls-cert", "CERT", "--tls-key", "OTHER_KEY"], "cannot load the TLS certificate"),
         (["--tls-cert", "CA_AS_KEY"], "cannot load the TLS certificate"),
         (["--tls-client-ca", "CA"], "--tls-client-ca needs --tls-cert"),
         (["--tls-cert", "BOTH", "--owner-by-client-certificate"], "needs --tls-client-ca"),
         (["--tls-cert", "BOTH", "--tls-client-ca", "/nonexistent/ca.pem"], "--tls-client-ca"),
+        (["--tls-cert", "BOTH", "--tls-client-ca", "/"], "a directory; give --tls-client-ca"),
         (["--tls-cert", "BOTH", "--tls-client-ca", "KEY"], "cannot load --tls-client-ca"),
     ],
 )

@@ -57,16 +57,12 @@ def server_context(
     # OpenSSL: about 1 wss:// connection in 70 hung before its upgrade's answer
     # (tested). Resumption saves little for connections that stay open.
     context.num_tickets = 0
+    # Each file is opened first: `load_cert_chain`'s own OSError names no file.
+    _check_readable(cert, "--tls-cert")
+    if key is not None:
+        _check_readable(key, "--tls-key")
     try:
         context.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise TLSConfigError(
-            f"cannot read {exc.filename}: no such file; fix --tls-cert / --tls-key"
-        ) from None
-    except PermissionError as exc:
-        raise TLSConfigError(
-            f"cannot read {exc.filename}: permission denied; let this user read it"
-        ) from None
     except ssl.SSLError as exc:
         # e.g. KEY_VALUES_MISMATCH, NO_START_LINE (not PEM), a key needing a password.
         reason = exc.reason or "not a PEM certificate chain and matching private key"
@@ -75,9 +71,29 @@ def server_context(
             "certificate chain (the server's certificate first), --tls-key its PEM private "
             "key without a password (or leave it out when the key is in the certificate file)"
         ) from None
+    except OSError as exc:  # (not SSLError, which is one: changed since the check)
+        raise TLSConfigError(f"cannot read --tls-cert / --tls-key: {exc.strerror or exc}") from None
     if client_ca is not None:
         require_client_certificates(context, client_ca)
     return context
+
+
+def _check_readable(path: Path, flag: str) -> None:
+    """Raises TLSConfigError naming `path` and saying what to do when it cannot be
+    read (missing, not allowed, a directory)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise TLSConfigError(f"cannot read {path}: no such file; fix {flag}") from None
+    except PermissionError:
+        raise TLSConfigError(
+            f"cannot read {path}: permission denied; let this user read it ({flag})"
+        ) from None
+    except IsADirectoryError:
+        raise TLSConfigError(f"cannot read {path}: a directory; give {flag} a file") from None
+    except OSError as exc:
+        raise TLSConfigError(f"cannot read {path}: {exc.strerror or exc} ({flag})") from None
 
 
 def client_identity(peercert: Any) -> str | None:
@@ -97,21 +113,16 @@ def client_identity(peercert: Any) -> str | None:
 def require_client_certificates(context: ssl.SSLContext, client_ca: Path) -> None:
     """Mutual TLS: a handshake needs a client certificate signed by a CA of `client_ca`
     (a PEM bundle). Raises TLSConfigError."""
+    _check_readable(client_ca, "--tls-client-ca")
     try:
         context.load_verify_locations(cafile=client_ca)
-    except FileNotFoundError:
-        raise TLSConfigError(
-            f"cannot read {client_ca}: no such file; fix --tls-client-ca"
-        ) from None
-    except PermissionError:
-        raise TLSConfigError(
-            f"cannot read {client_ca}: permission denied; let this user read it"
-        ) from None
     except ssl.SSLError as exc:
         raise TLSConfigError(
             f"cannot load --tls-client-ca ({exc.reason or 'not PEM'}); it takes a PEM bundle "
             "of the CA certificates that sign the clients' certificates"
         ) from None
+    except OSError as exc:  # (not SSLError, which is one: changed since the check)
+        raise TLSConfigError(f"cannot read --tls-client-ca: {exc.strerror or exc}") from None
     context.verify_mode = ssl.CERT_REQUIRED
 
 
