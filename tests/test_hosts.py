@@ -80,6 +80,16 @@ def test_listed_names_are_served_on_loopback() -> None:
         assert upgrade_status(srv.port, REBOUND)[0] == 101
 
 
+def test_a_wildcard_name_is_the_domain_and_the_names_under_it() -> None:
+    """`--allowed-host '*.corp.example'`, as other servers write it, means what
+    `.corp.example` does (it was accepted and matched nothing)."""
+    policy = HostPolicy(["*.corp.example"], loopback_only=True)
+    for host in ("corp.example", "x.corp.example", "a.b.corp.example:8443"):
+        assert policy.allows(host), host
+    for host in ("xcorp.example", "corp.example.attacker.example", "example.com"):
+        assert not policy.allows(host), host
+
+
 def test_the_default_follows_where_the_server_listens() -> None:
     on_loopback = HostPolicy(loopback_only=True)
     assert on_loopback.checked

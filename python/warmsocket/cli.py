@@ -447,8 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
         env_split=True,
         metavar="NAME",
         help="a host name requests may be addressed to, e.g. api.example.com or "
-        ".example.com for the names under it (repeatable; the env var takes a "
-        "comma-separated list; '*' for any). With --host on loopback, a request for a "
+        ".example.com (or *.example.com) for the names under it (repeatable; the env "
+        "var takes a comma-separated list; '*' for any). With --host on loopback, a request for a "
         "name other than localhost, an IP address or these gets HTTP 403 (a web site "
         "could otherwise reach the server through DNS rebinding); on other interfaces "
         "any name is served unless some are listed",

@@ -42,13 +42,16 @@ class HostPolicy:
     """The host names requests may be addressed to.
 
     `allowed`: `--allowed-host` values (`not_host_names` tells the unusable ones); a
-    name, `.example.com` for it and any name under it, `*` for any. `loopback_only`:
+    name, `.example.com` (or `*.example.com`) for it and any name under it, `*` for
+    any. `loopback_only`:
     whether the server listens on loopback only (`listens_on_loopback_only`), where
     other names are refused even when none is listed. `checked`: whether any is."""
 
     def __init__(self, allowed: Iterable[str] = (), *, loopback_only: bool) -> None:
         names = {_host_name(value) or "" for value in allowed if value.strip()}
         names.discard("")
+        # `*.example.com`, the wildcard form, is `.example.com` here.
+        names = {name[1:] if name.startswith("*.") else name for name in names}
         self.loopback_only = loopback_only
         self.checked = "*" not in names and (loopback_only or bool(names))
         self.names = frozenset(name for name in names if not name.startswith("."))
