@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import pytest
 
 from warmsocket import __version__
 from warmsocket.cli import build_parser, parse_size
+from warmsocket.logs import cannot_listen
 
 WARMSOCKET = os.path.join(os.path.dirname(sys.executable), "warmsocket")
 
@@ -519,6 +521,17 @@ def test_port_in_use_says_what_to_do(command: str) -> None:
     assert record["message"] == "cannot listen; pick another --port or --host"
     assert (record["host"], record["port"], record["errno"]) == ("127.0.0.1", port, 98)
     assert record["reason"] == "Address already in use"
+
+
+def test_a_host_that_does_not_resolve_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    # (Not "Unknown error -2": a resolver's error number is no errno. Made here, not
+    # asked of a resolver: the tests send nothing off the machine.)
+    error = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    with caplog.at_level(logging.ERROR):
+        cannot_listen(logging.getLogger("warmsocket"), "no-such-host.invalid", 8080, error)
+    (record,) = caplog.records
+    assert record.getMessage() == "cannot listen; pick another --port or --host"
+    assert record.__dict__["reason"] == "Name or service not known"
 
 
 def _ipv6_loopback() -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from typing import Any, Literal
@@ -159,6 +160,10 @@ def cannot_listen(
             "host": host,
             "port": port,
             "errno": error.errno,
-            "reason": os.strerror(error.errno) if error.errno else error.strerror,
+            # (A name that does not resolve is a gaierror: its errno is negative, its
+            # own text says what it is, os.strerror does not know it.)
+            "reason": error.strerror
+            if isinstance(error, socket.gaierror) or not error.errno
+            else os.strerror(error.errno),
         },
     )
