@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,20 @@ def test_bench_command_writes_results_and_plots(tmp_path: Path) -> None:
     assert document["machine"]["cores"] and document["machine"]["load_average_end"]
     assert (tmp_path / "throughput.png").exists()
     assert "throughput    1 conns" in result.stdout
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_the_run(
+    tmp_path: Path,
+) -> None:
+    # Not after 30-45 minutes of a full run, with its results lost.
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    started = time.monotonic()
+    result = _warmsocket("bench", "--output-dir", str(blocked / "out"))
+    assert result.returncode == 2
+    assert f"cannot write to --output-dir {blocked / 'out'}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 30  # (no suite ran)
 
 
 def test_plots_that_cannot_be_drawn_fail_the_command_after_writing_results(

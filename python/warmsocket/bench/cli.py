@@ -179,6 +179,17 @@ def bench_command(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         time_limit=args.time_limit if args.time_limit is not None else options.time_limit,
     )
+    try:
+        # Checked first: a full run takes most of an hour, and its results would be
+        # lost at the end for want of a place to write them.
+        runner.check_output_dir(options.output_dir)
+    except OSError as exc:
+        print(
+            f"warmsocket bench: cannot write to --output-dir {options.output_dir}: "
+            f"{exc.strerror or exc}; give a directory this user can write",
+            file=sys.stderr,
+        )
+        return 2
     results = runner.run(options)
     plots_failed = False
     try:

@@ -14,6 +14,7 @@ skipped, and the agent loop stops between runs; the result file says what was cu
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,14 @@ def run(options: BenchOptions) -> dict[str, Any]:
         results["targets"] = [t.as_dict() for t in targets.evaluate(results)]
         progress.close()
     return results
+
+
+def check_output_dir(directory: Path) -> None:
+    """Make the output directory and check that a file can be written in it, before
+    the suites run. Raises OSError."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+        pass
 
 
 def write(results: dict[str, Any], options: BenchOptions) -> list[Path]:
