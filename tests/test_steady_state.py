@@ -36,7 +36,7 @@ import warmsocket
 from tests.redis_support import redis_server
 from tests.support import RunningServer, WSClient, running_server
 from tests.upstream_support import running_sim, warmsocket_upstream
-from warmsocket import shared_store
+from warmsocket import conversations, shared_store
 from warmsocket._core import rust_heap
 from warmsocket.backends import chat, responses_http, responses_ws
 from warmsocket.shared_store import SharedStore
@@ -69,6 +69,7 @@ def server(
     monkeypatch.setattr(responses_ws, "MAX_CHAINS", BOUND)
     monkeypatch.setattr(sim_server, "KEPT_REQUESTS", BOUND)
     monkeypatch.setattr(shared_store, "ANNOUNCED_MEMORY", BOUND)
+    monkeypatch.setattr(conversations, "DELETED_KEPT", BOUND)
     with ExitStack() as stack:
         if request.param == "builtin":
             yield stack.enter_context(running_server())
