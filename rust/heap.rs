@@ -19,21 +19,11 @@ static BLOCKS: AtomicUsize = AtomicUsize::new(0);
 // `GlobalAlloc` requires them to free with.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let block = System.alloc(layout);
-        if !block.is_null() {
-            BYTES.fetch_add(layout.size(), Ordering::Relaxed);
-            BLOCKS.fetch_add(1, Ordering::Relaxed);
-        }
-        block
+        counted(System.alloc(layout), layout)
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let block = System.alloc_zeroed(layout);
-        if !block.is_null() {
-            BYTES.fetch_add(layout.size(), Ordering::Relaxed);
-            BLOCKS.fetch_add(1, Ordering::Relaxed);
-        }
-        block
+        counted(System.alloc_zeroed(layout), layout)
     }
 
     unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
@@ -53,6 +43,15 @@ unsafe impl GlobalAlloc for CountingAllocator {
         }
         moved
     }
+}
+
+/// A new block, counted when the allocation succeeded.
+fn counted(block: *mut u8, layout: Layout) -> *mut u8 {
+    if !block.is_null() {
+        BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        BLOCKS.fetch_add(1, Ordering::Relaxed);
+    }
+    block
 }
 
 /// What the Rust heap holds now: `(bytes, blocks)`, as asked (the allocator's own
