@@ -669,8 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         type=_tokenizer,
         help="how tokens are counted for usage and block-hashed: o200k_base, cl100k_base, "
-        "the path of a Hugging Face tokenizer.json, or 'none' (estimate from bytes). "
-        "Default: the encoding of the first --model name (o200k_base when unknown)",
+        "the path of a Hugging Face tokenizer.json, 'none' (estimate from bytes), or "
+        "'auto': the encoding of the first --model name (o200k_base when unknown), the "
+        "default",
     )
     opt.add(
         "--no-prefix-diffing",
