@@ -516,27 +516,56 @@ def test_a_failed_response_deleted_elsewhere_is_gone_where_it_ran(
             on_a.responses.delete(created.id)
 
 
+def _drop_background_record(redis_url: str, server: RunningServer, response_id: str) -> None:
+    """Delete a background response's record from Redis (as when its TTL ends, or as
+    if its final write never reached Redis)."""
+    shared = server.server.engine.shared
+    assert isinstance(shared, SharedStore)
+    with redis.Redis.from_url(redis_url) as client:
+        (record,) = client.scan_iter(f"{shared.prefix}:b:*:{response_id}")
+        client.delete(record)
+
+
 def test_a_failed_response_goes_with_its_record_where_it_ran_too(
     monkeypatch: pytest.MonkeyPatch, redis_url: str, sdk: SDK
 ) -> None:
-    """Once the record of a failed response is gone from Redis (its TTL ended, or a
-    deletion whose announcement A missed), A, which ran it and has let its run go,
-    says 'not found' as B does, rather than serve it on for its whole life."""
+    """Once the record of a failed response is gone from Redis because its TTL ended,
+    A, which ran it and has let its run go, says 'not found' as B does, rather than
+    serve it on for its whole life."""
+    monkeypatch.setattr(background, "MAX_FINISHED", 0)
+    with two_servers(redis_url) as (a, b):
+        on_a, on_b = sdk(a), sdk(b)
+        shared = a.server.engine.shared
+        assert isinstance(shared, SharedStore)
+        shared.ttl = 1  # --redis-ttl 1: the record is written to last a second
+        created = on_a.responses.create(model="m", input="/fail", background=True)
+        eventually(lambda: status_on(on_a, created.id) == "failed")
+        board_flush(a)
+        time.sleep(1.2)  # Redis lets it go, and A's copy is as old
+        assert status_on(on_a, created.id) is None
+        assert status_on(on_b, created.id) is None
+        with pytest.raises(openai.NotFoundError):
+            on_a.responses.delete(created.id)
+
+
+def test_a_failed_response_whose_record_was_lost_is_still_served_where_it_ran(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, sdk: SDK
+) -> None:
+    """A failed response whose record Redis does not have, within its TTL and not
+    deleted (its final write was dropped from a full queue, given up, or lost at a
+    shutdown), is still served by the process that ran it, as without Redis, rather
+    than 'not found' everywhere; and deleted there."""
     monkeypatch.setattr(background, "MAX_FINISHED", 0)
     with two_servers(redis_url) as (a, b):
         on_a, on_b = sdk(a), sdk(b)
         created = on_a.responses.create(model="m", input="/fail", background=True)
         eventually(lambda: status_on(on_a, created.id) == "failed")
         board_flush(a)
-        shared = a.server.engine.shared
-        assert isinstance(shared, SharedStore)
-        with redis.Redis.from_url(redis_url) as client:
-            (record,) = client.scan_iter(f"{shared.prefix}:b:*:{created.id}")
-            client.delete(record)  # as when its TTL ends
+        _drop_background_record(redis_url, a, created.id)
+        assert status_on(on_a, created.id) == "failed"
+        assert status_on(on_b, created.id) is None  # (B never had it)
+        on_a.responses.delete(created.id)
         assert status_on(on_a, created.id) is None
-        assert status_on(on_b, created.id) is None
-        with pytest.raises(openai.NotFoundError):
-            on_a.responses.delete(created.id)
 
 
 def test_background_records_expire_unless_their_process_lives(redis_url: str, sdk: SDK) -> None:

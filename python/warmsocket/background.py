@@ -14,7 +14,8 @@ A completed (or incomplete) background response is stored like any other and can
 be continued by id; a failed or cancelled one is not stored, but stays retrievable
 here: with its events for `RETAIN_SECONDS`, then its Response object alone (at most
 `MAX_ENDED` of them, `MAX_ENDED_BYTES` in all, for the process's life; with a shared
-store, its record there instead, for the store's TTL). Finished
+store, its record there answers first, for the store's TTL, and the copy kept here
+only when that record was never written and the response not deleted). Finished
 runs are kept for `RETAIN_SECONDS` (at most `MAX_FINISHED`, and `MAX_RETAINED_BYTES`
 of events) for their events and final state; at most `MAX_RUNNING` run at once
 (more get `server_is_overloaded`). A run is local to its process. With a shared
@@ -179,9 +180,9 @@ class BackgroundResponses:
         self._finished: OrderedDict[str, BackgroundRun] = OrderedDict()
         """Oldest first: expired from the front."""
         self._finished_bytes = 0
-        self._ended: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._ended: OrderedDict[str, tuple[str, bytes, float]] = OrderedDict()
         """Failed and cancelled responses whose run was forgotten: (owner, Response
-        object), oldest first."""
+        object, when kept), oldest first."""
         self._ended_bytes = 0
 
     def get(self, response_id: str, owner: str) -> BackgroundRun | None:
@@ -299,12 +300,22 @@ class BackgroundResponses:
         the board. None when there is none. Raises SharedStoreUnavailable."""
         self._expire()
         kept = self._ended.get(response_id)
-        if kept is not None and kept[0] == owner:
-            state: dict[str, Any] = json.loads(kept[1])
+        if kept is not None and kept[0] != owner:
+            kept = None
+        board = self.board
+        if board is None:
+            return None if kept is None else _loads(kept[1])
+        # With a board its record answers, in every process: a deletion made through
+        # any of them (its announcement missed here, even) holds. The copy kept here
+        # answers only when Redis has neither the record nor a deletion, within the
+        # record's TTL: its final write was lost (a full queue, a give-up, a shutdown).
+        state = await board.get(owner, response_id)
+        if state is not None or kept is None:
             return state
-        if self.board is None:
+        if time.monotonic() - kept[2] >= board.ttl or await board.deleted(owner, response_id):
+            self.forget_ended(response_id, owner)
             return None
-        return await self.board.get(owner, response_id)
+        return _loads(kept[1])
 
     async def cancel_elsewhere(self, response_id: str, owner: str) -> dict[str, Any] | None:
         """Cancel a background response another process runs: ask it, then wait (at
@@ -333,7 +344,9 @@ class BackgroundResponses:
             self._spawn(self.cancel(run))
 
     def delete_announced(self, owner: str, response_id: str) -> None:
-        """Another process deleted the response: stop and forget the run if it is here."""
+        """Another process deleted the response: stop and forget the run if it is here,
+        or the failed or cancelled response kept after it."""
+        self.forget_ended(response_id, owner)
         run = self.get(response_id, owner)
         if run is None:
             return
@@ -401,24 +414,16 @@ class BackgroundResponses:
                 break
             finished.popitem(last=False)
             self._finished_bytes -= run.held_bytes
-            # With a board, a failed or cancelled response's record there answers
-            # instead, in every process: it goes when any of them deletes the response
-            # (even one whose announcement this process missed), or with the store's
-            # TTL, where a copy kept here would be served on.
-            if (
-                self.board is None
-                and run.turn.stream.status in ("failed", "cancelled")
-                and not run.forgotten
-            ):
-                self._keep_ended(run)
+            if run.turn.stream.status in ("failed", "cancelled") and not run.forgotten:
+                self._keep_ended(run)  # (with a board: see `state_elsewhere`)
 
     def _keep_ended(self, run: BackgroundRun) -> None:
         """Keep a failed or cancelled response's Response object (it is not stored)."""
         response = run.response_json()
-        self._ended[run.turn.response_id] = (run.owner, response)
+        self._ended[run.turn.response_id] = (run.owner, response, time.monotonic())
         self._ended_bytes += len(response)
         while len(self._ended) > MAX_ENDED or self._ended_bytes > MAX_ENDED_BYTES:
-            _id, (_owner, dropped) = self._ended.popitem(last=False)
+            _id, (_owner, dropped, _kept_at) = self._ended.popitem(last=False)
             self._ended_bytes -= len(dropped)
 
     def forget_ended(self, response_id: str, owner: str) -> bool:
@@ -430,3 +435,9 @@ class BackgroundResponses:
         del self._ended[response_id]
         self._ended_bytes -= len(kept[1])
         return True
+
+
+def _loads(response: bytes) -> dict[str, Any]:
+    """A kept Response object, decoded."""
+    state: dict[str, Any] = json.loads(response)
+    return state

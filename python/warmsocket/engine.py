@@ -266,6 +266,16 @@ class SharedBackgroundBoard(Protocol):
         its run ends or the reader goes away."""
         ...
 
+    @property
+    def ttl(self) -> int:
+        """Seconds a failed or cancelled response's record is kept."""
+        ...
+
+    async def deleted(self, owner: str, response_id: str) -> bool:
+        """Whether the response was deleted (its stored record is marked so). Raises
+        SharedStoreUnavailable when the store does not answer."""
+        ...
+
     async def get(self, owner: str, response_id: str) -> dict[str, Any] | None:
         """The Response object last published by any process, if any. Raises
         SharedStoreUnavailable when the store does not answer."""

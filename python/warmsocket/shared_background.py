@@ -254,6 +254,21 @@ class BackgroundBoard:
             return None
         return response
 
+    @property
+    def ttl(self) -> int:
+        """Seconds a failed or cancelled response's record is kept (the store's)."""
+        return self._store.ttl
+
+    async def deleted(self, owner: str, response_id: str) -> bool:
+        """Whether the response was deleted (its stored record is marked so, by any
+        process). Raises SharedStoreUnavailable when Redis does not answer."""
+        try:
+            marked = await self._client.hexists(self._stored_key(owner, response_id), "deleted")
+        except (redis.RedisError, OSError) as exc:
+            self._failed("cannot read a background response's state from Redis", exc)
+            raise SharedStoreUnavailable(response_id) from None
+        return bool(marked)
+
     async def can_follow(self, owner: str, response_id: str) -> bool:
         """Whether the response's events can be streamed from here: a process keeps
         them (it runs the response, or ended it at most `RETAIN_SECONDS` ago), or one
