@@ -165,7 +165,7 @@ class HTTPApp:
         connection: int,
     ) -> int:
         method = request.method
-        if method == "OPTIONS" and "access-control-request-method" in request.headers:
+        if is_preflight(request):
             return self._preflight(writer, request, request_id)
         if route == "healthz":
             if method != "GET":
@@ -886,6 +886,17 @@ def listed_input_item(item: dict[str, Any], response_id: str, index: int) -> dic
     return with_content_parts(listed)
 
 
+def is_preflight(request: Request) -> bool:
+    """A browser's CORS preflight (answered without a key)."""
+    return request.method == "OPTIONS" and "access-control-request-method" in request.headers
+
+
+def needs_key(request: Request, route: str) -> bool:
+    """Whether answering `request` (to `route`) checks its API key: all but preflights
+    and the probes (`/healthz`, `/metrics`), as `HTTPApp` answers them."""
+    return not is_preflight(request) and route not in PROBES
+
+
 def route_of(path: str) -> tuple[str, str | None, str | None]:
     """(route, id, sub-resource) of a path; `/v1` is optional."""
     parts = [p for p in path.split("/") if p]
@@ -919,4 +930,4 @@ def _error_headers(error: APIError) -> list[tuple[str, str]]:
     return list(error.headers.items()) if error.headers else []
 
 
-__all__ = ["Auth", "HTTPApp", "route_of", "run_turn", "sse_event"]
+__all__ = ["Auth", "HTTPApp", "needs_key", "route_of", "run_turn", "sse_event"]

@@ -81,7 +81,7 @@ from warmsocket.http11 import (
     RequestParser,
     encode_response,
 )
-from warmsocket.httpapi import PROBES, Auth, HTTPApp, access_line, route_of
+from warmsocket.httpapi import PROBES, Auth, HTTPApp, access_line, needs_key, route_of
 from warmsocket.metrics import (
     Metrics,
     background_collector,
@@ -964,11 +964,8 @@ class Connection(asyncio.Protocol):
         if not self._admissible(request):
             return False
         route = route_of(request.path)[0]
-        preflight = (
-            request.method == "OPTIONS" and "access-control-request-method" in request.headers
-        )
-        if preflight or route in PROBES:
-            return True  # (answered without a key)
+        if not needs_key(request, route):
+            return True
         try:
             self.server.http.auth.owner(request)
         except APIError as error:
