@@ -35,8 +35,11 @@
 //!
 //! Locking: one `parking_lot::Mutex` around the index, held for O(1)-ish work per call
 //! (plus the entries a call removes). Nodes removed by `delete`, `evict` and
-//! `close_connection` are dropped after the lock is released; only budget eviction
-//! drops under the lock, because it must see the memory go to know when to stop.
+//! `close_connection` are let go of after the lock is released; budget eviction lets
+//! go of them under the lock, because it must see the memory go to know when to
+//! stop. Either way a node leaves the meter at once, and what is slow to free of it
+//! (its items) goes to the reaper thread (`reaper.rs`), off the caller's thread: the
+//! event loop does not stall for a long chain's frees.
 //! Nothing here calls into Python, so holding the lock can never wait for the GIL.
 
 use std::cell::Cell;
@@ -49,7 +52,10 @@ use parking_lot::Mutex;
 use crate::blocks::ROOT_PARENT;
 use crate::error::{Error, Result};
 use crate::item::Items;
-use crate::node::{chain_seed, chain_step, Meter, Node, NodeSpec, NodeTokens, TokenConfig};
+use crate::node::{
+    chain_seed, chain_step, Meter, Node, NodeSpec, NodeTokens, Remains, TokenConfig,
+};
+use crate::reaper;
 use crate::view::ContextView;
 
 /// Where a new response's parent comes from.
@@ -299,6 +305,27 @@ struct Garbage {
     bindings: Vec<Arc<Binding>>,
 }
 
+impl Garbage {
+    /// Let go of everything: the nodes leave the meter now, and what is slow to
+    /// free of them is freed by the reaper thread, off the caller's (the event loop).
+    fn free(mut self) {
+        // Children first (a child is built after its parent), so each node is let go
+        // of by its last holder here and its remains are taken, not freed in place.
+        self.nodes
+            .sort_unstable_by_key(|node| std::cmp::Reverse(node.serial));
+        let remains: Vec<Remains> = self.nodes.drain(..).filter_map(Node::release).collect();
+        drop(self.bindings);
+        free_later(remains);
+    }
+}
+
+/// Hand nodes' remains to the reaper thread (nothing to hand: nothing to do).
+fn free_later(remains: Vec<Remains>) {
+    if !remains.is_empty() {
+        reaper::free_later(remains);
+    }
+}
+
 /// The scope part of a prefix-index key: 0 for stored nodes (connection ids start
 /// at 1).
 fn scope_key(scope: Option<u64>) -> u64 {
@@ -421,7 +448,7 @@ impl SessionCache {
             }
             removed
         };
-        drop(garbage);
+        garbage.free();
         removed
     }
 
@@ -506,12 +533,14 @@ impl SessionCache {
             st.touch_node(parent);
         }
         let anchor = st.nearest_indexed_ancestor(&node);
-        st.evict_for_budget(shared, anchor.as_deref());
+        let evicted = st.evict_for_budget(shared, anchor.as_deref());
         let info = ResponseInfo::of(&node);
         if shared.prefix_index {
             st.index_positions(&node);
         }
         st.insert(node);
+        drop(st);
+        free_later(evicted);
         Ok(info)
     }
 
@@ -846,11 +875,13 @@ impl SessionCache {
         }
         // Free what nothing indexed needs outside the lock, and before applying the
         // budget: the eviction loop must not count those bytes as live.
-        drop(unused);
-        self.shared
+        unused.free();
+        let evicted = self
+            .shared
             .state
             .lock()
             .evict_for_budget(&self.shared, None);
+        free_later(evicted);
         added
     }
 
@@ -869,8 +900,12 @@ impl SessionCache {
                 _ => None,
             }
         };
-        // The node (and any chain only it held) is freed here, outside the lock.
-        removed.is_some()
+        // The node (and any chain only it held) is let go of outside the lock.
+        let Some((node, _)) = removed else {
+            return false;
+        };
+        free_later(Node::release(node).into_iter().collect());
+        true
     }
 }
 
@@ -1117,9 +1152,12 @@ impl State {
     }
 
     /// Evict the oldest candidates (never `protected`) while the live bytes exceed
-    /// the budget. Evicted nodes are dropped here, under the lock, so the meter
-    /// shows what each eviction really freed.
-    fn evict_for_budget(&mut self, shared: &Shared, protected: Option<&str>) {
+    /// the budget. Evicted nodes are let go of here, under the lock, so the meter
+    /// shows what each eviction really freed; what is slow to free of them is
+    /// returned, to be freed once the lock is released.
+    #[must_use]
+    fn evict_for_budget(&mut self, shared: &Shared, protected: Option<&str>) -> Vec<Remains> {
+        let mut evicted = Vec::new();
         while shared.meter.bytes() > shared.memory_budget {
             let victim = self
                 .candidates
@@ -1127,7 +1165,7 @@ impl State {
                 .find(|(_, id)| Some(id.as_ref()) != protected)
                 .map(|(tick, id)| (*tick, id.clone()));
             let Some((tick, mut victim)) = victim else {
-                return;
+                return evicted;
             };
             if !self.index.contains_key(&victim) {
                 // Cannot happen (candidates are indexed); never loop on it regardless.
@@ -1136,7 +1174,9 @@ impl State {
             }
             // The cascade: the chain goes up to a pinned or shared ancestor.
             while let Some((node, anchor)) = self.remove(&victim, true) {
-                drop(node);
+                // A leaf first: its parent is let go of with it, so the next victim
+                // (that parent, when it is the anchor) is last held here too.
+                evicted.extend(Node::release(node));
                 match anchor {
                     Some(a)
                         if Some(a.as_ref()) != protected
@@ -1148,6 +1188,7 @@ impl State {
                 }
             }
         }
+        evicted
     }
 }
 
@@ -1266,6 +1307,7 @@ impl Drop for Binding {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::item::Item;
     use crate::node::tests::items;
     use crate::node::{ITEM_OVERHEAD, NODE_OVERHEAD};
 
@@ -1542,6 +1584,78 @@ mod tests {
         // A delete is not an eviction.
         assert!(c.delete("a1", O));
         assert!(c.take_evicted().is_empty());
+    }
+
+    /// Keeps the reaper thread busy until told to go on, so a test can see what
+    /// waits for it.
+    struct HoldReaper(std::sync::mpsc::Receiver<()>);
+
+    impl Drop for HoldReaper {
+        fn drop(&mut self) {
+            let _ = self.0.recv_timeout(std::time::Duration::from_secs(10));
+        }
+    }
+
+    /// Holds the reaper until the returned sender sends (or is dropped).
+    fn hold_reaper() -> std::sync::mpsc::Sender<()> {
+        let (go_on, wait) = std::sync::mpsc::channel();
+        reaper::free_later(HoldReaper(wait));
+        go_on
+    }
+
+    fn first_item(c: &SessionCache, id: &str, connection: Option<u64>) -> Weak<Item> {
+        Arc::downgrade(&c.own_items(id, O, connection).unwrap().0.as_slice()[0])
+    }
+
+    #[test]
+    fn evicted_state_leaves_the_meter_at_once_and_is_freed_off_the_callers_thread() {
+        let unit = entry_cost(&big());
+        let c = SessionCache::new(unit * 2 + unit / 2, 1 << 20);
+        create(&c, "a0", None);
+        create(&c, "a1", Some("a0"));
+        let (a0, a1) = (first_item(&c, "a0", None), first_item(&c, "a1", None));
+        let go_on = hold_reaper();
+        // The third entry does not fit: the idle chain a0 <- a1 is evicted.
+        create(&c, "b0", None);
+        let s = c.stats();
+        assert_eq!(s.evictions, 2);
+        assert!(s.bytes <= s.memory_budget, "the meter saw them go");
+        assert!(
+            a0.upgrade().is_some() && a1.upgrade().is_some(),
+            "freed by the caller"
+        );
+        go_on.send(()).unwrap();
+        assert!(reaper::settle(std::time::Duration::from_secs(10)));
+        assert!(
+            a0.upgrade().is_none() && a1.upgrade().is_none(),
+            "never freed"
+        );
+    }
+
+    #[test]
+    fn closed_and_deleted_state_leaves_the_meter_at_once_and_is_freed_off_the_callers_thread() {
+        let c = big();
+        let conn = c.open_connection();
+        for (id, parent) in [("l0", Parent::None), ("l1", Parent::Id("l0"))] {
+            let mut n = new(id, parent);
+            n.store = false;
+            n.connection = Some(conn);
+            c.create(n).unwrap();
+        }
+        create(&c, "s0", None);
+        let local = [
+            first_item(&c, "l0", Some(conn)),
+            first_item(&c, "l1", Some(conn)),
+        ];
+        let stored = first_item(&c, "s0", None);
+        let go_on = hold_reaper();
+        assert_eq!(c.close_connection(conn), 2);
+        assert!(c.delete("s0", O));
+        assert_eq!(c.stats().bytes, 0, "the meter saw them go");
+        assert!(local.iter().chain([&stored]).all(|i| i.upgrade().is_some()));
+        go_on.send(()).unwrap();
+        assert!(reaper::settle(std::time::Duration::from_secs(10)));
+        assert!(local.iter().chain([&stored]).all(|i| i.upgrade().is_none()));
     }
 
     #[test]
@@ -2094,6 +2208,8 @@ mod tests {
         .unwrap();
         b.release();
         assert!(c.delete("x", O));
+        // Deleted state is freed by the reaper thread.
+        assert!(reaper::settle(std::time::Duration::from_secs(10)));
         assert_eq!(Arc::strong_count(&answer), 1, "x's answer outlived x");
     }
 

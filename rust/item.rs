@@ -748,6 +748,12 @@ impl Default for Items {
 }
 
 impl Items {
+    /// No items, shared by all callers: allocates nothing after the first call.
+    pub fn empty() -> Items {
+        static EMPTY: std::sync::OnceLock<Items> = std::sync::OnceLock::new();
+        EMPTY.get_or_init(Items::default).clone()
+    }
+
     pub fn from_vec(items: Vec<Arc<Item>>) -> Items {
         let nbytes = items.iter().map(|i| i.nbytes() as u64).sum();
         Items::with_batch(Batch {

@@ -16,6 +16,8 @@ pub mod heap;
 pub mod item;
 /// Response nodes: structural sharing, cumulative counts, memory metering.
 pub mod node;
+/// Freeing evicted and closed state on a background thread, off the event loop.
+pub mod reaper;
 /// Versioned msgpack snapshots of the stored entries.
 pub mod snapshot;
 /// Context views: materialising a chain as one JSON array.

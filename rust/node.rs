@@ -395,6 +395,38 @@ impl Node {
     }
 }
 
+/// What is slow to free of a released node (see [`Node::release`]): its items,
+/// block hashes and metadata. Holding it keeps that memory, not the node.
+pub struct Remains {
+    _input: Items,
+    _output: Items,
+    _meta: Arc<[u8]>,
+    _hashes: Box<[BlockHash]>,
+    _tails: Box<[u32]>,
+}
+
+/// Empty metadata, shared: a released node's placeholder allocates nothing.
+fn no_meta() -> Arc<[u8]> {
+    static EMPTY: std::sync::OnceLock<Arc<[u8]>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| Arc::from(&[][..])).clone()
+}
+
+impl Node {
+    /// Let go of `node`. When this was the last hold on it, the node goes now (its
+    /// cost leaves the meter, its parent is let go of) and what is slow to free is
+    /// returned, to be freed elsewhere (`crate::reaper`); otherwise nothing is.
+    pub fn release(node: Arc<Node>) -> Option<Remains> {
+        let mut node = Arc::into_inner(node)?;
+        Some(Remains {
+            _input: std::mem::replace(&mut node.input, Items::empty()),
+            _output: std::mem::replace(&mut node.output, Items::empty()),
+            _meta: std::mem::replace(&mut node.meta, no_meta()),
+            _hashes: std::mem::take(&mut node.hashes),
+            _tails: std::mem::take(&mut node.tails),
+        })
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         self.meter.bytes.fetch_sub(self.cost, Ordering::AcqRel);

@@ -244,12 +244,13 @@ def blocks_by_line() -> Counter[str]:
 def rust_heap_blocks(server: RunningServer) -> int:
     """The heap blocks the Rust core holds (the process's: the simulated upstream's
     too), once the prefix index has let go of removed responses (it keeps their
-    positions for a while, bounded, and would show them as growth here)."""
+    positions for a while, bounded, and would show them as growth here) and the
+    reaper thread has freed what it was handed."""
 
     def read() -> int:
         gc.collect()  # what Python objects holding Rust values keep goes with them
         server.server.cache.sweep_prefix_index()
-        return rust_heap()[1]
+        return rust_heap(settle=True)[1]
 
     return server.call(read)
 

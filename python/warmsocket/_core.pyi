@@ -643,11 +643,13 @@ class Tokenizer:
         Raises InvalidItemJson (not a JSON array), TokenizationFailed.
         """
 
-def rust_heap() -> tuple[int, int]:
+def rust_heap(*, settle: bool = False) -> tuple[int, int]:
     """What this library's Rust code holds on the heap now: `(bytes, blocks)`.
 
     Counted by its global allocator, as asked of the system allocator (its rounding
-    not included); Python's own memory is not in it.
+    not included); Python's own memory is not in it. The items of evicted, deleted
+    and closed responses are freed by a background thread: with `settle`, first
+    wait (at most 5 s, without the GIL) until what it was handed is freed.
     """
 
 def encoding_for_model(model: str) -> str | None:
