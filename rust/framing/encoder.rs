@@ -649,6 +649,13 @@ impl ResponseEncoder {
         let Some(ty) = object.get("type").and_then(Value::as_str) else {
             return Err(invalid());
         };
+        // The type names the SSE event: a line break in it would end that line and
+        // start fields (or whole events) of the upstream's choosing.
+        if !is_event_name(ty) {
+            return Err(Error::invalid_argument(
+                "event type must be letters, digits, '.', '_' or '-'",
+            ));
+        }
         self.out.clear();
         let Some(hosted) = &self.hosted else {
             return Ok(&self.out);
@@ -1443,9 +1450,8 @@ pub fn frame_event(event: &[u8], framing: Framing, out: &mut Vec<u8>) -> Result<
             };
             if framing == Framing::Sse {
                 let ty = object.get("type").and_then(Value::as_str).unwrap_or("");
-                out.extend_from_slice(b"event: ");
-                out.extend_from_slice(ty.as_bytes());
-                out.extend_from_slice(b"\ndata: ");
+                event_line(out, ty);
+                out.extend_from_slice(b"data: ");
                 out.extend_from_slice(event);
                 out.extend_from_slice(b"\n\n");
             } else {
@@ -1473,6 +1479,25 @@ pub fn frame_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
     }
 }
 
+/// Whether `ty` can name an SSE event as it is: every type the API has does.
+fn is_event_name(ty: &str) -> bool {
+    !ty.is_empty()
+        && ty
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The `event:` line of an SSE event of type `ty`, left out when `ty` is not an
+/// event name (a line break in it would end the line early): the event is then
+/// data only, and its data still carries the type.
+fn event_line(out: &mut Vec<u8>, ty: &str) {
+    if is_event_name(ty) {
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(ty.as_bytes());
+        out.push(b'\n');
+    }
+}
+
 /// Bytes reserved in front of a WebSocket payload: the header of a payload under 64 KiB.
 const RESERVED: usize = 4;
 
@@ -1485,9 +1510,8 @@ fn emit(out: &mut Vec<u8>, framing: Framing, ty: &str, body: impl FnOnce(&mut dy
             out.push(b'\n');
         }
         Framing::Sse => {
-            out.extend_from_slice(b"event: ");
-            out.extend_from_slice(ty.as_bytes());
-            out.extend_from_slice(b"\ndata: ");
+            event_line(out, ty);
+            out.extend_from_slice(b"data: ");
             body(&mut JsonSink(out));
             out.extend_from_slice(b"\n\n");
         }
@@ -3171,5 +3195,31 @@ mod tests {
             Some(&Value::Int(400))
         );
         assert!(frame_event(b"nope", Framing::Msgpack, &mut out).is_err());
+    }
+
+    /// An upstream's hosted-call event whose type carries line breaks must not
+    /// write SSE fields or events of its own into the client's stream.
+    #[test]
+    fn an_event_type_cannot_break_out_of_its_sse_event_line() {
+        let forged =
+            br#"{"type":"response.x\n\ndata: {\"injected\":1}\n\nevent: y","item_id":"ws_1"}"#;
+        let mut e = encoder(Framing::Sse, None);
+        e.start();
+        e.item_start(br#"{"id":"ws_1","type":"web_search_call","status":"in_progress"}"#)
+            .unwrap();
+        let seq = e.sequence_number();
+        assert!(e.item_event(forged).is_err());
+        assert_eq!(e.sequence_number(), seq, "nothing changed");
+        for ty in ["response.web_search_call.searching", "a_b-c.d1"] {
+            assert!(is_event_name(ty), "{ty}");
+        }
+        for ty in ["", "a\nb", "a\rb", "a b", "a:b"] {
+            assert!(!is_event_name(ty), "{ty:?}");
+        }
+        // A stand-alone event with such a type is data only: one event, its type
+        // still in the data.
+        let mut out = Vec::new();
+        frame_event(br#"{"type":"x\ndata: {}"}"#, Framing::Sse, &mut out).unwrap();
+        assert_eq!(out, b"data: {\"type\":\"x\\ndata: {}\"}\n\n");
     }
 }
