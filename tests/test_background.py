@@ -255,3 +255,37 @@ def test_failed_and_cancelled_responses_outlive_their_runs(
     sdk.responses.create(model=MODEL, input="x", background=True)
     with pytest.raises(openai.NotFoundError):
         sdk.responses.retrieve(cancelled.id)
+
+
+def test_input_items_of_a_response_that_is_not_stored(
+    monkeypatch: pytest.MonkeyPatch, sdk: OpenAI
+) -> None:
+    """A queued, running, cancelled or failed background response is retrievable, so
+    `input_items.list` lists what it was sent too (a 404 before), with the ids and
+    paging of a stored response's, also once its run is forgotten."""
+
+    def texts(rid: str, **page: Any) -> list[tuple[str, str]]:
+        listed = sdk.responses.input_items.list(rid, order="asc", **page)
+        return [(item.id, item.content[0].text) for item in listed]  # type: ignore[union-attr]
+
+    monkeypatch.setattr(background, "MAX_FINISHED", 1)
+    sent = [{"role": "user", "content": "first"}, {"role": "user", "content": "/sleep 5000\nslow"}]
+    running = sdk.responses.create(model=MODEL, input=sent, background=True)  # type: ignore[arg-type]
+    listed = texts(running.id)
+    assert [text for _id, text in listed] == ["first", "/sleep 5000\nslow"]
+    assert texts(running.id, limit=1) == listed  # paged by id, one at a time
+    wait_for(sdk, running.id, "in_progress")
+    assert texts(running.id) == listed
+    assert sdk.responses.cancel(running.id).status == "cancelled"
+    assert texts(running.id) == listed
+    failed = sdk.responses.create(model=MODEL, input="/fail", background=True)
+    wait_for(sdk, failed.id, "failed")
+    assert [text for _id, text in texts(failed.id)] == ["/fail"]
+    completed = sdk.responses.create(model=MODEL, input="done", background=True)
+    wait_for(sdk, completed.id, "completed")  # and forgets the runs before it
+    assert texts(running.id) == listed
+    assert [text for _id, text in texts(failed.id)] == ["/fail"]
+    assert [text for _id, text in texts(completed.id)] == ["done"]
+    sdk.responses.delete(running.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.input_items.list(running.id)

@@ -12,10 +12,13 @@ end; `GET /v1/responses/{id}` shows the response as it is now (`queued`,
 
 A completed (or incomplete) background response is stored like any other and can
 be continued by id; a failed or cancelled one is not stored, but stays retrievable
-here: with its events for `RETAIN_SECONDS`, then its Response object alone (at most
-`MAX_ENDED` of them, `MAX_ENDED_BYTES` in all, for the process's life; with a shared
-store, its record there answers first, for the store's TTL, and the copy kept here
-only when that record was never written and the response not deleted). Finished
+here: with its events for `RETAIN_SECONDS`, then its Response object and input
+alone (at most `MAX_ENDED` of them, `MAX_ENDED_BYTES` in all, for the process's life;
+with a shared store, its record there answers first, for the store's TTL, and the
+copy kept here only when that record was never written and the response not
+deleted). While it runs, and as long as it is kept, `GET .../input_items` lists its
+input from here (a run's input is not shared: another process has it stored only
+once it completed). Finished
 runs are kept for `RETAIN_SECONDS` (at most `MAX_FINISHED`, and `MAX_RETAINED_BYTES`
 of events) for their events and final state; at most `MAX_RUNNING` run at once
 (more get `server_is_overloaded`). A run is local to its process. With a shared
@@ -37,9 +40,10 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, NamedTuple
 
 from warmsocket import errors
+from warmsocket._core import Items
 from warmsocket.engine import SharedBackgroundBoard, Turn
 
 log = logging.getLogger("warmsocket.background")
@@ -57,14 +61,29 @@ HEARTBEAT_SECONDS = 10.0
 TERMINAL = frozenset({"completed", "incomplete", "failed", "cancelled"})
 MAX_ENDED = 10_000
 MAX_ENDED_BYTES = 64 * 1024 * 1024
-"""Failed and cancelled responses (never stored) whose Response object is kept after
-their run is forgotten (without a board), at most, oldest forgotten first."""
+"""Failed and cancelled responses (never stored) whose Response object and input are
+kept after their run is forgotten (without a board), at most, oldest forgotten first."""
 MAX_RETAINED_BYTES = 256 * 1024 * 1024
 """What finished background responses kept may hold, in all (older ones are forgotten
 first): their events, and their turn's request and context (which may keep parts of
 a chain the session cache has let go; they are not part of its budget)."""
 
 _EVENT_END = b"\n\n"
+
+
+class _Ended(NamedTuple):
+    """A failed or cancelled response kept after its run was forgotten."""
+
+    owner: str
+    response: bytes
+    """Its Response object (GET, cancel)."""
+    kept_at: float
+    input: Items
+    """What its request sent (`GET .../input_items`)."""
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.response) + self.input.nbytes
 
 
 class BackgroundRun:
@@ -180,9 +199,8 @@ class BackgroundResponses:
         self._finished: OrderedDict[str, BackgroundRun] = OrderedDict()
         """Oldest first: expired from the front."""
         self._finished_bytes = 0
-        self._ended: OrderedDict[str, tuple[str, bytes, float]] = OrderedDict()
-        """Failed and cancelled responses whose run was forgotten: (owner, Response
-        object, when kept), oldest first."""
+        self._ended: OrderedDict[str, _Ended] = OrderedDict()
+        """Failed and cancelled responses whose run was forgotten, oldest first."""
         self._ended_bytes = 0
 
     def get(self, response_id: str, owner: str) -> BackgroundRun | None:
@@ -300,11 +318,11 @@ class BackgroundResponses:
         the board. None when there is none. Raises SharedStoreUnavailable."""
         self._expire()
         kept = self._ended.get(response_id)
-        if kept is not None and kept[0] != owner:
+        if kept is not None and kept.owner != owner:
             kept = None
         board = self.board
         if board is None:
-            return None if kept is None else _loads(kept[1])
+            return None if kept is None else _loads(kept.response)
         # With a board its record answers, in every process: a deletion made through
         # any of them (its announcement missed here, even) holds. The copy kept here
         # answers only when Redis has neither the record nor a deletion, within the
@@ -312,10 +330,10 @@ class BackgroundResponses:
         state = await board.get(owner, response_id)
         if state is not None or kept is None:
             return state
-        if time.monotonic() - kept[2] >= board.ttl or await board.deleted(owner, response_id):
+        if time.monotonic() - kept.kept_at >= board.ttl or await board.deleted(owner, response_id):
             self.forget_ended(response_id, owner)
             return None
-        return _loads(kept[1])
+        return _loads(kept.response)
 
     async def cancel_elsewhere(self, response_id: str, owner: str) -> dict[str, Any] | None:
         """Cancel a background response another process runs: ask it, then wait (at
@@ -418,22 +436,29 @@ class BackgroundResponses:
                 self._keep_ended(run)  # (with a board: see `state_elsewhere`)
 
     def _keep_ended(self, run: BackgroundRun) -> None:
-        """Keep a failed or cancelled response's Response object (it is not stored)."""
-        response = run.response_json()
-        self._ended[run.turn.response_id] = (run.owner, response, time.monotonic())
-        self._ended_bytes += len(response)
+        """Keep a failed or cancelled response's Response object and input (it is not
+        stored)."""
+        kept = _Ended(run.owner, run.response_json(), time.monotonic(), run.turn.request.input)
+        self._ended[run.turn.response_id] = kept
+        self._ended_bytes += kept.nbytes
         while len(self._ended) > MAX_ENDED or self._ended_bytes > MAX_ENDED_BYTES:
-            _id, (_owner, dropped, _kept_at) = self._ended.popitem(last=False)
-            self._ended_bytes -= len(dropped)
+            _id, dropped = self._ended.popitem(last=False)
+            self._ended_bytes -= dropped.nbytes
+
+    def ended_input(self, response_id: str, owner: str) -> Items | None:
+        """The input of a failed or cancelled response kept after its run (whether it
+        still exists is `state_elsewhere`'s to say); None when none is kept here."""
+        kept = self._ended.get(response_id)
+        return kept.input if kept is not None and kept.owner == owner else None
 
     def forget_ended(self, response_id: str, owner: str) -> bool:
         """Drop a failed or cancelled response kept after its run (it was deleted);
         whether there was one."""
         kept = self._ended.get(response_id)
-        if kept is None or kept[0] != owner:
+        if kept is None or kept.owner != owner:
             return False
         del self._ended[response_id]
-        self._ended_bytes -= len(kept[1])
+        self._ended_bytes -= kept.nbytes
         return True
 
 

@@ -557,14 +557,36 @@ class HTTPApp:
     async def _input_items(
         self, writer: ResponseWriter, request: Request, request_id: str, owner: str, rid: str
     ) -> int:
-        info, input_items, _output = await self._stored(owner, rid)
-        limit, order = page_params(request)
-        after = request.query_value("after")
+        run = self.background.get(rid, owner)
+        if run is not None and run.turn.stream.status not in STORED_STATUSES:
+            # Retrievable but not stored (queued, in progress, failed, cancelled):
+            # listed from the run's request, with the ids the stored one would get.
+            return self._input_page(writer, request, request_id, rid, run.turn.request.input)
+        try:
+            info, input_items, _output = await self._stored(owner, rid)
+        except APIError as error:
+            sent_input = await self._unstored_input(error, owner, rid, run)
+            return self._input_page(writer, request, request_id, rid, sent_input)
         sent = stored_input(info)
         if sent is not None:
+            limit, order = page_params(request)
+            after = request.query_value("after")
             items = [listed_input_item(item, rid, i) for i, item in enumerate(sent)]
             body = dumps(cursor_page(items, after=after, limit=limit, order=order))
             return self._json(writer, request, request_id, 200, body)
+        return self._input_page(writer, request, request_id, rid, input_items)
+
+    def _input_page(
+        self,
+        writer: ResponseWriter,
+        request: Request,
+        request_id: str,
+        rid: str,
+        input_items: _core.Items,
+    ) -> int:
+        """The page of `input_items` the request asks for (`after`, `limit`, `order`)."""
+        limit, order = page_params(request)
+        after = request.query_value("after")
         # Only the page's items are converted: a client paging through a long input
         # would otherwise convert all of it for every page.
         item_ids = [
@@ -575,6 +597,23 @@ class HTTPApp:
         listed = [listed_input_item(item, rid, start + i) for i, item in enumerate(page)]
         body = dumps(list_object(listed, order=order, has_more=has_more))
         return self._json(writer, request, request_id, 200, body)
+
+    async def _unstored_input(
+        self, error: APIError, owner: str, rid: str, run: BackgroundRun | None
+    ) -> _core.Items:
+        """After `error` from the stored responses: the input of a background response
+        that is retrievable but not stored (its run's, or the one kept after a failed
+        or cancelled run), or `error` again. Another process's run does not share its
+        input, so it is not found here."""
+        if error.status != 404:
+            raise error
+        if run is not None:  # (completed, then evicted from the cache)
+            return run.turn.request.input
+        await self._elsewhere(error, owner, rid)  # not deleted, and still kept
+        kept = self.background.ended_input(rid, owner)
+        if kept is None:
+            raise error
+        return kept
 
     def _models(
         self, writer: ResponseWriter, request: Request, request_id: str, model_id: str | None
@@ -676,6 +715,8 @@ class HTTPApp:
         return 204
 
 
+STORED_STATUSES = frozenset({"completed", "incomplete"})
+"""How a background response ends when it is stored (otherwise it is not)."""
 CLIENT_CLOSED = 499
 """The status an access line gives a request whose client went away first (nginx's)."""
 PROBES = frozenset({"healthz", "metrics"})
