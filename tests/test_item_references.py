@@ -19,7 +19,7 @@ from tests.redis_support import redis_server
 from tests.support import FUNCTION_TOOLS, RunningServer, WSClient, output_text
 from tests.test_shared_store_serve import flush, shared_stats, two_servers
 from tests.upstream_support import running_sim, warmsocket_upstream
-from warmsocket import errors
+from warmsocket import errors, ids
 from warmsocket._core import Items, SessionCache
 from warmsocket.item_references import referenced_responses, resolve, response_of_item
 
@@ -50,6 +50,14 @@ def test_item_ids_name_their_response() -> None:
         {"type": "item_reference", "id": "rs_up"},
     ]
     assert referenced_responses(items) == ["resp_r1"]
+    # The ids `input_items` gives input items that came without one name their
+    # response and index (and only in the form it writes them).
+    response_id = ids.response_id()
+    listed = ids.input_item_id(response_id, 5)
+    assert ids.input_item_of(listed) == (response_id, 5)
+    assert referenced_responses([{"type": "item_reference", "id": listed}]) == [response_id]
+    for other in (listed[:-1], listed[:-4] + "00005", listed.upper(), "msg_" + "g" * 52):
+        assert ids.input_item_of(other) is None, other
 
 
 @settings(max_examples=80, deadline=None)
@@ -168,6 +176,50 @@ def test_an_unknown_reference_is_not_found(server: RunningServer, sdk: OpenAI) -
         assert (error["type"], error["status"], error["error"]["param"]) == ("error", 404, "input")
         after = ws.turn(input=[*refs(mine.output), {"role": "user", "content": "/transcript"}])
     assert output_text(after).splitlines() == ["assistant: You said: mine", "user: /transcript"]
+
+
+def test_listed_input_items_can_be_referenced(server: RunningServer, sdk: OpenAI) -> None:
+    """`input_items.list` gives the input items that came without an id ids of
+    warmsocket's; a reference to one is that item, as a reference to an output item
+    is (it was a 404), and so is it on a WebSocket. A listed id past the input, or
+    another owner's, is not found."""
+    first = sdk.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "user", "content": "one"},
+            {"role": "user", "content": "two", "id": "msg_client_two"},
+            {"role": "user", "content": "three"},
+        ],
+    )
+    one, two, three = sdk.responses.input_items.list(first.id, order="asc").data
+    assert two.id == "msg_client_two"
+    history = [*refs([three, one]), *refs(first.output), {"role": "user", "content": "/transcript"}]
+    after = sdk.responses.create(model=MODEL, input=history)  # type: ignore[arg-type]
+    assert after.output_text.splitlines() == [
+        "user: three",
+        "user: one",
+        "assistant: You said: three",
+        "user: /transcript",
+    ]
+    # A continuation's own input, and a conversation's response's (listed from what
+    # its request sent), listed and referenced the same way.
+    second = sdk.responses.create(model=MODEL, input="four", previous_response_id=first.id)
+    (four,) = sdk.responses.input_items.list(second.id).data
+    conversation = sdk.conversations.create()
+    third = sdk.responses.create(model=MODEL, input="five", conversation=conversation.id)
+    (five,) = sdk.responses.input_items.list(third.id).data
+    with WSClient(server.ws_url, additional_headers=AUTH) as ws:
+        events = ws.turn(input=[*refs([four, five]), {"role": "user", "content": "/transcript"}])
+    assert output_text(events).splitlines() == ["user: four", "user: five", "user: /transcript"]
+    past_the_input = three.id[:-4] + "0003"
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.responses.create(model=MODEL, input=[{"type": "item_reference", "id": past_the_input}])
+    assert f"Item with id '{past_the_input}' not found." in missing.value.message
+    with (
+        OpenAI(base_url=server.base_url, api_key="sk-other", max_retries=0) as other,
+        pytest.raises(openai.NotFoundError),
+    ):
+        other.responses.create(model=MODEL, input=refs([one]))
 
 
 def test_items_of_other_names_resolve_through_the_chain(sdk: OpenAI) -> None:

@@ -6,6 +6,9 @@ import os
 
 # 24 random bytes = 48 hex characters, close to the 50 the real service uses.
 _RANDOM_BYTES = 24
+_INPUT_ITEM_PREFIX = "msg_"
+_MAX_INPUT_INDEX_DIGITS = 8
+"""Hex digits of an input item's index (`input_item_id`): far more than any input has."""
 
 
 def new_id(prefix: str) -> str:
@@ -39,6 +42,25 @@ def request_id() -> str:
 def input_item_id(response_id: str, index: int) -> str:
     """A stable id for the index-th input item of a stored response that came without one.
 
-    Derived, not stored, so `GET .../input_items` can page with `after=<id>`.
+    Derived, not stored, so `GET .../input_items` can page with `after=<id>`, and an
+    `item_reference` can name the item (`input_item_of`).
     """
-    return f"msg_{response_id.removeprefix('resp_')}{index:04x}"
+    return f"{_INPUT_ITEM_PREFIX}{response_id.removeprefix('resp_')}{index:04x}"
+
+
+def input_item_of(item_id: str) -> tuple[str, int] | None:
+    """The (response id, index) an `input_item_id` was made from; None for an id of
+    another form.
+
+    The form has no separator (the ids already given out keep working), so it is
+    read by length: a response id's random part, then the index in hex."""
+    digits = item_id.removeprefix(_INPUT_ITEM_PREFIX)
+    stem, index = digits[: 2 * _RANDOM_BYTES], digits[2 * _RANDOM_BYTES :]
+    if digits == item_id or not 4 <= len(index) <= _MAX_INPUT_INDEX_DIGITS:
+        return None
+    if not all(c in "0123456789abcdef" for c in digits):
+        return None
+    response_id = "resp_" + stem
+    named = (response_id, int(index, 16))
+    # Only the form `input_item_id` writes (no extra leading zeros): one id per item.
+    return named if input_item_id(*named) == item_id else None
