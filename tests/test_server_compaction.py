@@ -27,8 +27,9 @@ from tests.support import (
 )
 from warmsocket import errors
 from warmsocket._core import Items
-from warmsocket.backends.base import StreamItem, TurnContext, TurnFailed, UsageReport
+from warmsocket.backends.base import StreamItem, TextDelta, TurnContext, TurnFailed, UsageReport
 from warmsocket.backends.mock import MockBackend
+from warmsocket.compaction import last_turn_start
 from warmsocket.compaction_items import (
     CONTENT_PREFIX,
     PROMPT,
@@ -372,6 +373,87 @@ def test_a_backend_s_usage_of_the_summary_turn_is_added() -> None:
     assert usage["output_tokens"] == 53
     assert usage["output_tokens_details"]["reasoning_tokens"] == 2
     assert usage["total_tokens"] == 1060
+
+
+class BriefSummary(MockBackend):
+    """The built-in model, summarising any context in one sentence (its own summary
+    is the whole transcript, as long as the context)."""
+
+    def immediate(self, turn: TurnContext) -> None:
+        return None
+
+    async def stream(self, turn: TurnContext) -> AsyncIterator[StreamItem]:
+        if PROMPT.encode() in turn.view.tail():
+            yield TextDelta("The user asked thirty questions.")
+            return
+        async for item in super().stream(turn):
+            yield item
+
+
+def test_a_history_the_cache_has_not_seen_compacts_to_less() -> None:
+    """The first request of a history the cache has not seen (a new or restarted
+    server, another replica, an evicted chain) has no parent: all of it is input.
+    The compaction item summarises it up to its last turn (the last answer and the
+    new input), which it keeps as it is, so the model reads less than the context
+    that crossed the threshold (it kept all of it after the summary: more)."""
+    answer = " ".join(f"detail{i}" for i in range(60))
+    history: list[dict[str, Any]] = []
+    for i in range(30):
+        history.append({"role": "user", "content": f"question {i}"})
+        history.append({"type": "message", "role": "assistant", "content": f"{i}: {answer}"})
+    history.append({"role": "user", "content": "/transcript"})
+    with (
+        running_server(backend=BriefSummary()) as server,
+        OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk,
+    ):
+        response = sdk.responses.create(
+            model=MODEL,
+            input=history,  # type: ignore[arg-type]
+            context_management=COMPACT,
+        )
+        item = response.output[0].model_dump(exclude_none=True)
+        count = sdk.responses.input_tokens.count
+        compacted_tokens = count(model=MODEL, input=[item]).input_tokens  # type: ignore[list-item]
+        history_tokens = count(model=MODEL, input=history).input_tokens  # type: ignore[arg-type]
+    compacted = compacted_item(item)
+    assert texts(compacted.before or []) == [f"question {i}" for i in range(30)]
+    assert texts(compacted.after) == [f"29: {answer}", "/transcript"]
+    assert compacted_tokens < history_tokens / 2
+    assert response.output_text.splitlines()[-4:] == [
+        "user: question 29",
+        "compaction: The user asked thirty questions.",
+        f"assistant: 29: {answer}",
+        "user: /transcript",
+    ]
+
+
+def test_the_last_turn_of_a_history_keeps_its_tool_calls_answered() -> None:
+    """Where a history sent whole is split when it has no cached parent: at the
+    last run of model items (the last response's output), else at the last user
+    message; never between a tool call and the output that answers it."""
+
+    def user(text: str) -> dict[str, Any]:
+        return {"role": "user", "content": text}
+
+    def call(call_id: str) -> dict[str, Any]:
+        return {"type": "function_call", "call_id": call_id, "name": "f", "arguments": "{}"}
+
+    def output(call_id: str) -> dict[str, Any]:
+        return {"type": "function_call_output", "call_id": call_id, "output": "x"}
+
+    reply = {"type": "message", "role": "assistant", "content": "a"}
+    reasoning = {"type": "reasoning", "summary": []}
+    cases: list[tuple[list[dict[str, Any]], int]] = [
+        ([user("1"), reply, user("2"), reply, user("3")], 3),  # a chat
+        ([user("1"), call("a"), output("a"), reasoning, call("b"), output("b")], 3),  # a loop
+        ([user(str(i)) for i in range(61)], 60),  # no model item
+        ([user("1"), call("a"), call("b"), output("a"), user("2"), output("b")], 1),
+        ([user("1"), call("a"), user("2"), reply, user("3"), output("a")], 1),
+        ([], 0),
+        ([reply], 0),
+    ]
+    for items, start in cases:
+        assert last_turn_start(items) == start, items
 
 
 class RecordsSettings(MockBackend):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from warmsocket import errors, ids
@@ -244,7 +244,8 @@ async def _self_contained(
     model's summary of the context, the user messages before the summary, and after
     it the last response's output and this turn's input as they are (a tool call
     and the output that answers it stay together; a compaction item among them is
-    left out, the summary covers it, and the user messages it holds go before)."""
+    left out, the summary covers it, and the user messages it holds go before).
+    With no cached parent, the input's last turn stands for those (`last_turn_start`)."""
     ask = parse_client_message(_summary_request(turn.request), websocket=False)
     assert isinstance(ask, CreateRequest), ask
     extra = turn.items.concat(Items.from_objects([_prompt_message()]))
@@ -278,7 +279,10 @@ async def _self_contained(
         output_chars=len(summary),
     )
     items = turn.view.objects()
-    split = len(items) - kept - len(turn.items)
+    # With no cached parent (a history a new or restarted server, another replica or
+    # an evicted chain has not seen) all of it is input: kept whole after the summary,
+    # it would make the context larger than the one that crossed the threshold.
+    split = len(items) - kept - len(turn.items) if binding is not None else last_turn_start(items)
     tail = items[split:]
     after = [item for item in tail if item.get("type") != "compaction"]
     # The user messages of the compaction items left out of `after` stay too.
@@ -286,6 +290,73 @@ async def _self_contained(
     before = window_messages([*items[:split], *folded])
     content = encode_content(summary, before=before, after=after)
     return {"id": item_id, "type": "compaction", "encrypted_content": content}, usage
+
+
+_ANSWERS = {"mcp_approval_response": "approval_request_id"}
+"""Items that answer a model's item by another field than `call_id`: the field."""
+_ASKS = {"mcp_approval_request": "id"}
+"""Model items that another field than `call_id` names: the field."""
+_NOT_MODEL_MADE = frozenset({"compaction", "item_reference", *_ANSWERS})
+
+
+def last_turn_start(items: Sequence[Mapping[str, Any]]) -> int:
+    """Where the last turn of a history sent whole begins: the last response's
+    output, i.e. the last run of items a model makes (assistant messages, reasoning,
+    tool calls), then this turn's input; the last user message when no model item
+    is there. A server-side compaction keeps the items from there on as they are,
+    as it keeps the last response's output and the input after a cached parent.
+    Moved back so that a tool call and the output that answers it stay together."""
+    start = len(items)
+    while start > 0 and not _model_made(items[start - 1]):
+        start -= 1  # this turn's input
+    if start == 0:
+        users = [i for i, item in enumerate(items) if _role(item) == "user"]
+        start = users[-1] if users else 0
+    while start > 0 and _model_made(items[start - 1]):
+        start -= 1  # the last response's output
+    return _with_the_calls_answered(items, start)
+
+
+def _with_the_calls_answered(items: Sequence[Mapping[str, Any]], start: int) -> int:
+    """`start`, moved back to the earliest model item (a tool call, an approval
+    request) that an item from `start` on answers, until none is left before it."""
+    asked: dict[str, int] = {}  # the key an answer names -> where the model asked
+    for index, item in enumerate(items[:start]):
+        key = _key(item, _ASKS) if _model_made(item) else None
+        if key is not None:
+            asked.setdefault(key, index)
+    # From the end back: an answer at or after the start moves the start back to its
+    # call, and so brings the items between them in, whose answers are read next.
+    index = len(items) - 1
+    while index >= start:
+        item = items[index]
+        key = None if _model_made(item) else _key(item, _ANSWERS)
+        call = asked.get(key) if key is not None else None
+        if call is not None and call < start:
+            start = call
+        index -= 1
+    return start
+
+
+def _key(item: Mapping[str, Any], fields: Mapping[str, str]) -> str | None:
+    """The call id an item has (`call_id`, or the field `fields` gives its type)."""
+    kind = item.get("type")
+    key = item.get(fields.get(kind, "call_id") if isinstance(kind, str) else "call_id")
+    return key if isinstance(key, str) else None
+
+
+def _role(item: Mapping[str, Any]) -> object:
+    return item.get("role") if item.get("type", "message") == "message" else None
+
+
+def _model_made(item: Mapping[str, Any]) -> bool:
+    """Whether a model makes such an item: an assistant message, reasoning, a tool
+    call; not a user's, system's or developer's message, a tool's output, an
+    approval or a compaction item."""
+    kind = item.get("type", "message")
+    if kind == "message":
+        return item.get("role") == "assistant"
+    return isinstance(kind, str) and not kind.endswith("_output") and kind not in _NOT_MODEL_MADE
 
 
 def _prompt_tokens(engine: Engine) -> int:
