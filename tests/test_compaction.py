@@ -5,6 +5,7 @@ place, nothing is stored, and bad requests get clear errors."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -18,20 +19,22 @@ from openai.types.responses.response_compaction_item import ResponseCompactionIt
 from openai.types.responses.response_input_message_item import ResponseInputMessageItem
 from openai.types.responses.response_usage import ResponseUsage
 
-from tests.support import FUNCTION_TOOLS, RunningServer
+from tests.support import FUNCTION_TOOLS, RunningServer, WSClient, output_text
 from tests.upstream_support import (
     RESPONSES_UPSTREAMS,
     running_sim,
     sim_compaction_summary,
     warmsocket_upstream,
 )
-from warmsocket import compaction_items
+from warmsocket import _core, compaction_items
 from warmsocket.compaction_items import (
     PROMPT,
     SUMMARY_HEADER,
     encode_content,
+    expand_context,
     expand_items_json,
     expanded_items,
+    starts_context,
     summary_of,
     unpack,
 )
@@ -274,6 +277,72 @@ def test_a_foreign_compaction_item(any_backend: RunningServer) -> None:
     assert response.output_text == "user: hi\ncompaction\nuser: /transcript"
 
 
+def ours(payload: bytes) -> dict[str, Any]:
+    """A compaction item that looks like warmsocket's: its prefix and the base64url of
+    `payload`, which a client may well have forged."""
+    content = compaction_items.CONTENT_PREFIX + base64.urlsafe_b64encode(payload).decode()
+    return {"type": "compaction", "encrypted_content": content}
+
+
+# 5 KB: nested too deeply for Python's JSON decoder (RecursionError).
+FORGED = ours(b'{"summary":"s","before":' + b"[" * 2000 + b"]" * 2000 + b"}")
+NOT_JSON = ours(b'{"summary":')
+
+
+def test_a_forged_compaction_item_is_read_as_any_invalid_one(any_backend: RunningServer) -> None:
+    """A compaction item with warmsocket's prefix whose payload is nested too deeply
+    is not warmsocket's, as one whose payload is not JSON: a chat upstream refuses it
+    (400), the others list it. It was a 500 (RecursionError), on every later turn of
+    the chain too."""
+    backend = any_backend.server.engine.backend.name
+    with httpx.Client(base_url=any_backend.base_url, timeout=10) as http:
+        for item in (NOT_JSON, FORGED):
+            request = {
+                "model": MODEL,
+                "input": [
+                    {"role": "user", "content": "hi"},
+                    item,
+                    {"role": "user", "content": "/transcript"},
+                ],
+            }
+            answer = http.post("responses", json=request)
+            if backend == "upstream-chat":
+                assert answer.status_code == 400, answer.text
+                assert answer.json()["error"]["param"] == "input"
+                assert "made by another server" in answer.json()["error"]["message"]
+                continue
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert body["output"][-1]["content"][0]["text"] == (
+                "user: hi\ncompaction\nuser: /transcript"
+            )
+            later = {"model": MODEL, "previous_response_id": body["id"], "input": "/transcript"}
+            onward = http.post("responses", json=later)
+            assert onward.status_code == 200, onward.text
+
+
+def test_a_forged_compaction_item_leaves_the_websocket_usable(server: RunningServer) -> None:
+    """Over a WebSocket, the forged item's lane gets its answer and the other lanes
+    theirs, and the connection goes on (the RecursionError aborted the connection, with
+    no close frame, and every lane on it)."""
+    forged_input = [
+        {"role": "user", "content": "hi"},
+        FORGED,
+        {"role": "user", "content": "/transcript"},
+    ]
+    with WSClient(server.ws_url) as ws:
+        ws.create(stream_id="other", input="/sleep 200\n/reply still here")
+        ws.create(stream_id="forged", input=forged_input)
+        lanes: dict[str, list[dict[str, Any]]] = {"other": [], "forged": []}
+        while any(not e or e[-1]["type"] != "response.completed" for e in lanes.values()):
+            event = ws.recv()
+            lanes[event["stream_id"]].append(event)
+            assert event["type"] not in ("error", "response.failed"), event
+        assert output_text(lanes["forged"]) == "user: hi\ncompaction\nuser: /transcript"
+        assert output_text(lanes["other"]) == "still here"
+        assert output_text(ws.turn(input="again")) == "You said: again"
+
+
 def test_compaction_on_every_backend(any_backend: RunningServer) -> None:
     """The summary comes from the backend's model (the simulated upstream answers the
     prompt with its transcript, as the built-in model does); a chain continued from the
@@ -343,6 +412,104 @@ def test_a_summary_round_trips_and_other_items_are_left_alone() -> None:
         {"type": "message", "role": "user", "content": "wsc1.x"},
     ):
         assert summary_of(other) is None and expanded_items(other) is None
+
+
+_TOKENIZER = _core.Tokenizer.builtin("o200k_base")
+
+
+def rust_reads_as_warmsocket_s(item: dict[str, Any]) -> bool:
+    """Whether the Rust token counter reads `item` as a compaction item made by
+    warmsocket: otherwise it counts the item's JSON text, as any unknown item's."""
+    text = json.dumps(item, separators=(",", ":"), sort_keys=True)
+    start, sep, end = _TOKENIZER.framing
+    unknown = [start, *_TOKENIZER.encode("compaction"), sep, *_TOKENIZER.encode(text), end]
+    return list(_TOKENIZER.encode_item(text)) != unknown
+
+
+def _without_padding(item: dict[str, Any]) -> dict[str, Any]:
+    return {**item, "encrypted_content": item["encrypted_content"].rstrip("=")}
+
+
+def _with_stray_bits(item: dict[str, Any]) -> dict[str, Any]:
+    """The last character before the padding one up: the same bytes decoded, with bits
+    base64url leaves zero set."""
+    content = item["encrypted_content"]
+    body = content.rstrip("=")
+    stray = body[:-1] + chr(ord(body[-1]) + 1) + content[len(body) :]
+    assert base64.urlsafe_b64decode(stray[5:]) == base64.urlsafe_b64decode(content[5:])
+    return {**item, "encrypted_content": stray}
+
+
+SELF_CONTAINED = b'{"summary":"s?>","before":[{"role":"user","content":"x"}],"after":[]}'
+
+
+def nested(depth: int) -> bytes:
+    """A self-contained payload `depth` arrays and objects deep (the Rust decoder
+    takes 512)."""
+    arrays = depth - 3  # the payload, `before` and its item
+    return b'{"summary":"s","before":[{"a":' + b"[" * arrays + b"]" * arrays + b"}]}"
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        FORGED,
+        ours(nested(513)),
+        ours(b'{"summary":"s","before":[],"after":[{"type":"x","n":NaN}]}'),
+        ours(b'{"summary":"s","before":[],"after":[{"type":"x","n":-Infinity}]}'),
+        ours(b'{"summary":"s","before":[],"after":[{"type":"x","n":1e400}]}'),
+        ours(b'{"summary":"\\ud800","before":[]}'),  # a lone surrogate
+        ours(b"\xef\xbb\xbf" + SELF_CONTAINED),  # a BOM
+        ours(SELF_CONTAINED.decode().encode("utf-16")),
+        # base64 of the standard alphabet ("+" and "/"), unpadded, with stray bits
+        {
+            "type": "compaction",
+            "encrypted_content": "wsc1." + base64.b64encode(SELF_CONTAINED).decode(),
+        },
+        _without_padding(ours(SELF_CONTAINED + b" ")),
+        _with_stray_bits(ours(SELF_CONTAINED + b" ")),
+    ],
+    ids=[
+        "2000-deep",
+        "513-deep",
+        "nan",
+        "infinity",
+        "overflow",
+        "lone-surrogate",
+        "bom",
+        "utf-16",
+        "standard-alphabet",
+        "unpadded",
+        "stray-bits",
+    ],
+)
+def test_only_strict_payloads_are_warmsocket_s(item: dict[str, Any]) -> None:
+    """What the Rust token counter does not read as warmsocket's (JSON it rejects,
+    base64url other than `encode_content` writes) is not warmsocket's here either: the
+    model reads the item as it came, as the counter counts it, and an invalid number
+    is not re-sent upstream as invalid JSON."""
+    item_json = json.dumps(item, separators=(",", ":"), sort_keys=True).encode()
+    assert not rust_reads_as_warmsocket_s(item)
+    assert unpack(item) is None and summary_of(item) is None and expanded_items(item) is None
+    assert not starts_context(item_json)
+    assert expand_context([item]) == [item]
+    assert expand_items_json(b"[" + item_json + b"]") == b"[" + item_json + b"]"
+
+
+def test_strict_payloads_are_still_read() -> None:
+    """The strict reading still takes what warmsocket writes, and nesting up to the
+    counter's limit (512)."""
+    for payload in (
+        SELF_CONTAINED,
+        nested(512),
+        b'{"summary":"s","before":[],"after":[{"type":"x","n":1e300,"m":-0.5}]}',
+    ):
+        item = ours(payload)
+        item_json = json.dumps(item, separators=(",", ":"), sort_keys=True).encode()
+        assert rust_reads_as_warmsocket_s(item)
+        compacted = unpack(item)
+        assert compacted is not None and compacted.self_contained
+        assert starts_context(item_json)
 
 
 def test_expanding_items_json_keeps_every_other_byte() -> None:

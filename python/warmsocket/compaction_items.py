@@ -35,6 +35,8 @@ from typing import Any
 
 from warmsocket import errors
 from warmsocket._core import Items
+from warmsocket.client_events import decode_json
+from warmsocket.errors import APIError
 
 PROMPT = (
     "Write a summary of the conversation so far, to continue it from. Another "
@@ -98,21 +100,36 @@ def unpack(item: Mapping[str, Any]) -> Compacted | None:
 
 
 def _payload(content: Any) -> bytes | None:
-    """The JSON text an `encrypted_content` of warmsocket's holds (None for another)."""
+    """The JSON text an `encrypted_content` of warmsocket's holds (None for another).
+
+    Only the base64url `encode_content` writes (padded, no other characters, no stray
+    bits in the last one), as the Rust token counter (`rust/token/render.rs`) reads
+    it: an item both read as warmsocket's, or both as any other, counts the same."""
     if not isinstance(content, str) or not content.startswith(CONTENT_PREFIX):
         return None
+    encoded = content[len(CONTENT_PREFIX) :]
     try:
-        return base64.b64decode(content[len(CONTENT_PREFIX) :], altchars=b"-_", validate=True)
+        text = base64.urlsafe_b64decode(encoded)
     except (ValueError, binascii.Error):
         return None
+    # Decoding skips characters outside the alphabet and ignores stray bits: only the
+    # text that encodes back to itself is canonical.
+    if base64.urlsafe_b64encode(text).decode("ascii") != encoded:
+        return None
+    return text
 
 
 def _compacted(text: bytes) -> Compacted | None:
     """What a compaction item's JSON text (`_payload`) stands for; None when it is not
-    what warmsocket writes."""
+    what warmsocket writes.
+
+    Strict JSON, as the Rust token counter reads it (`decode_json`): a payload nested
+    too deeply (json.loads would raise RecursionError), with NaN or an overflowing
+    number (re-sent upstream as invalid JSON), a BOM or a lone surrogate is not
+    warmsocket's, as a payload that is not JSON at all."""
     try:
-        payload = json.loads(text)
-    except ValueError:
+        payload = decode_json(text)
+    except APIError:
         return None
     if not isinstance(payload, dict) or not isinstance(payload.get("summary"), str):
         return None
