@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
+import httpx2 as httpx
 import pytest
 
+from tests.support import RunningServer
+from tests.test_schema_example import HUGE_EXAMPLES
 from warmsocket.mockmodel import (
     AUTO,
     Call,
@@ -137,6 +142,55 @@ def test_tool_choice_required_and_named_tools_force_a_call() -> None:
     # The output of a forced call is reported, as a directive's is.
     answered = [user("hi"), call("get_weather", "c1"), output("c1", "sunny")]
     assert plan(answered, tools) == Reply("text", "get_weather returned: sunny")
+
+
+def test_a_forced_call_whose_arguments_are_too_large_to_make_is_explained() -> None:
+    """As for any other call it cannot make, the model says why in text."""
+    schema = HUGE_EXAMPLES["self-references"]
+    reply = plan([user("hi")], choice=ToolChoice("required"), schemas={"get_weather": schema})
+    assert reply == Reply(
+        "text",
+        "Cannot call get_weather: the simplest value its schema accepts is too large to make "
+        "(over 10,000 steps or 65,536 bytes).",
+    )
+
+
+def test_huge_forced_arguments_leave_the_server_responsive(server: RunningServer) -> None:
+    """Each schema asking for a huge value gets its answer within a second while
+    `/healthz` keeps answering (one froze the server: 640 MB, no health check)."""
+    health: list[float] = []
+    done = threading.Event()
+
+    def check_health() -> None:
+        with httpx.Client(base_url=server.base_url.removesuffix("/v1"), timeout=5) as http:
+            while not done.is_set():
+                started = time.monotonic()
+                assert http.get("/healthz").status_code == 200
+                health.append(time.monotonic() - started)
+
+    checker = threading.Thread(target=check_health, daemon=True)
+    checker.start()
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=5) as http:
+            for name, schema in HUGE_EXAMPLES.items():
+                request = {
+                    "model": "warmsocket-mock",
+                    "input": "hi",
+                    "tools": [{"type": "function", "name": "f", "parameters": schema}],
+                    "tool_choice": "required",
+                }
+                started = time.monotonic()
+                answer = http.post("responses", json=request)
+                assert time.monotonic() - started < 1, name
+                assert answer.status_code == 200, answer.text
+                text = answer.json()["output"][0]["content"][0]["text"]
+                assert text.startswith(
+                    "Cannot call f: the simplest value its schema accepts is too large"
+                ), text
+    finally:
+        done.set()
+        checker.join(10)
+    assert health and max(health) < 1
 
 
 def test_function_parameters_of_both_apis_tools() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import enum
 import json
+import time
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -17,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
-from warmsocket.schema_example import example_arguments, example_value
+from warmsocket.schema_example import ExampleTooLarge, example_arguments, example_value
 
 
 def test_plain_types_and_required_members() -> None:
@@ -109,6 +110,34 @@ def test_recursive_and_broken_refs_end() -> None:
     assert example_value({"$ref": "#/$defs/Missing"}) is None
     assert example_value({"$ref": "https://example.com/schema"}) is None
     assert example_value({"allOf": [{"$ref": "#"}]}) is None
+
+
+def _requiring(**members: Any) -> dict[str, Any]:
+    return {"type": "object", "required": list(members), "properties": members}
+
+
+# Small schemas whose simplest value is huge: three members that each are the whole
+# schema again (3**32 objects: it froze the server), 2,000 arrays of 2,000 (8 MB of
+# arguments after 6 s), a string of 10**11 characters (100 GB asked for), an integer
+# one past the largest JSON number Python reads (ValueError when written).
+HUGE_EXAMPLES = {
+    "self-references": _requiring(a={"$ref": "#"}, b={"$ref": "#"}, c={"$ref": "#"}),
+    "min-items": _requiring(
+        s={"type": "array", "minItems": 2000, "items": {"type": "array", "minItems": 2000}}
+    ),
+    "min-length": _requiring(s={"type": "string", "minLength": 10**11}),
+    "past-a-bound": _requiring(n={"type": "integer", "exclusiveMinimum": 10**4300 - 1}),
+}
+
+
+@pytest.mark.parametrize("schema", HUGE_EXAMPLES.values(), ids=HUGE_EXAMPLES.keys())
+def test_a_huge_simplest_value_is_refused_at_once(schema: dict[str, Any]) -> None:
+    """The work is bounded for the whole value, not only its depth: the model (on the
+    event loop) gives up within a fraction of a second instead of building it."""
+    started = time.monotonic()
+    with pytest.raises(ExampleTooLarge):
+        example_arguments(schema)
+    assert time.monotonic() - started < 1
 
 
 class Unit(enum.Enum):

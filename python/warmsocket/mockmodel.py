@@ -46,8 +46,9 @@ state handling is right. Read from the newest user message:
 Within the request's `tool_choice` and `parallel_tool_calls` (`ToolChoice`): `none`
 answers in text; `required` calls what the directives ask, else the first tool; a
 named tool is called alone (a call no directive asked for gets the simplest
-arguments its `parameters` schema accepts: `schema_example`); without parallel
-calls, several ``/call`` lines come one call a response. Calls made without a directive, once
+arguments its `parameters` schema accepts: `schema_example`; when those are too
+large to make, the answer is ``Cannot call NAME: ...``); without parallel calls,
+several ``/call`` lines come one call a response. Calls made without a directive, once
 answered, are reported as ``NAME returned: ...``.
 
 The simulated upstream (`warmsocket simulate-upstream`) answers with the same rules.
@@ -63,7 +64,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from warmsocket.compaction_items import PROMPT, SUMMARY_HEADER, summary_of
-from warmsocket.schema_example import example_arguments
+from warmsocket.schema_example import ExampleTooLarge, example_arguments
 
 _WORD_RE = re.compile(r"\s*\S+")
 MAX_SLEEP_MS = 600_000
@@ -228,7 +229,10 @@ def _decide(
         directive = None  # no tool may be called: the answer is text
     elif choice.mode == "required":
         function_names = tuple(function_names)  # read twice
-        directive = _forced(directive, choice, function_names, custom_names, parameters)
+        forced = _forced(directive, choice, function_names, custom_names, parameters)
+        if isinstance(forced, Reply):
+            return forced  # the call cannot be made
+        directive = forced
     if directive is None:
         # Calls made without a directive (a forced `tool_choice`) and answered since:
         # the answer reports their outputs, as a directive's would.
@@ -282,11 +286,12 @@ def _forced(
     function_names: Iterable[str],
     custom_names: Callable[[], Iterable[str]],
     parameters: Callable[[str], Any],
-) -> _Directive | None:
+) -> _Directive | Reply | None:
     """The directive under `tool_choice: required` or a named tool: the calls asked
     for (to the named tool only), else one call to the named tool, or to the first
     tool, with the simplest arguments its `parameters` accept (a custom tool's input
-    empty). None when the request has no tool to call."""
+    empty). None when the request has no tool to call; a text reply saying why when
+    those arguments are too large to make (`ExampleTooLarge`)."""
     if directive is not None and directive.kind not in ("call", "repeat"):
         return directive  # /fail and /transcript are not calls
     if directive is not None:
@@ -302,7 +307,11 @@ def _forced(
             name, custom = next(iter(custom_names()), None), True
     if name is None:
         return None
-    arguments = "" if custom else example_arguments(parameters(name))
+    try:
+        arguments = "" if custom else example_arguments(parameters(name))
+    except ExampleTooLarge as too_large:
+        # As for any other call it cannot make: the answer says why, in text.
+        return Reply("text", f"Cannot call {name}: {too_large}.")
     return _Directive("call", (Call(name, arguments, custom),))
 
 
