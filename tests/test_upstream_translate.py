@@ -524,6 +524,14 @@ def test_stream_errors() -> None:
     assert info.value.reason == "protocol"
 
 
+def test_a_chunk_nested_too_deeply_is_a_protocol_error() -> None:
+    # 100,000 nested arrays: the decoder gives up (RecursionError), and the chunk is
+    # the upstream's protocol error (retried), as a non-JSON one is, not a crash.
+    with pytest.raises(UpstreamError) as info:
+        decode(ChatChunkDecoder(), b"data: " + b"[" * 100_000 + b"\n\n")
+    assert info.value.retryable and info.value.reason == "protocol"
+
+
 @pytest.mark.parametrize(
     "chunk",
     [{"choices": 5}, {"choices": True}, {"choices": [{"delta": {}, "finish_reason": ["stop"]}]}],

@@ -18,7 +18,16 @@ _scan_once: Callable[[str, int], tuple[Any, int]] = make_scanner(json.JSONDecode
 
 
 def loads(data: bytes) -> Any:
-    """The JSON value at the start of `data` (UTF-8). Raises ValueError."""
+    """The JSON value at the start of `data` (UTF-8). Raises ValueError, also for a
+    value nested too deeply for the decoder (which raises RecursionError: callers
+    catching ValueError for "not JSON" would let it through)."""
+    try:
+        return _loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _loads(data: bytes) -> Any:
     try:
         value, _end = _scan_once(data.decode(), 0)
     except StopIteration:
