@@ -5,6 +5,7 @@ other large instructions cannot make a process hold them all."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import httpx2 as httpx
@@ -45,6 +46,35 @@ def test_a_key_larger_than_a_quarter_of_the_bound_is_not_kept() -> None:
     big = "b" * 11
     assert memo.get(big, 11, lambda: 2) == 2
     assert big not in memo and "small" in memo and memo.held_bytes == 5
+
+
+def test_a_key_computed_by_two_threads_at_once_is_counted_once() -> None:
+    """Token counts are computed in worker threads, by a tokenizer that releases the
+    GIL: two requests with the same new instructions compute them at once. Each added
+    the key's size, so the bytes held drifted up with every such race until the bound
+    was all phantom and the memo kept one entry at most."""
+    memo: Memo[str, int] = Memo(entries=8, key_bytes=400)
+    both_computing = threading.Barrier(2, timeout=5)
+
+    def compute() -> int:
+        both_computing.wait()  # neither has kept the key yet
+        return 42
+
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(memo.get("rules", 100, compute)))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert results == [42, 42]
+    assert len(memo) == 1 and memo.held_bytes == 100
+    # The bound still holds what it says: three more keys of 100 bytes fit beside it.
+    for key in ("a", "b", "c"):
+        memo.get(key, 100, lambda: 0)
+    assert "rules" in memo and len(memo) == 4 and memo.held_bytes == 400
 
 
 def test_keys_are_measured_in_the_bytes_their_strings_take() -> None:

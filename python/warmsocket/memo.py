@@ -9,10 +9,15 @@ other instructions. So a `Memo` also bounds the bytes its keys' strings take in
 memory (`str_bytes`: a string of 4-byte characters takes four times one of ASCII):
 a key larger than a quarter of that is not kept (computed each time, as its
 request's parsing costs in any case), and the oldest entries go to make room.
+
+A memo is used from worker threads (token counts are computed off the event loop,
+by a tokenizer that releases the GIL): its bookkeeping is under a lock, `compute`
+is not (two threads may compute one key at once; it is kept, and counted, once).
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from sys import getsizeof
@@ -42,6 +47,7 @@ class Memo(Generic[K, V]):
         self.key_bytes = key_bytes
         self._values: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()
 
     def __contains__(self, key: K) -> bool:
         return key in self._values
@@ -55,16 +61,24 @@ class Memo(Generic[K, V]):
         return self._bytes
 
     def get(self, key: K, size: int, compute: Callable[[], V]) -> V:
-        found = self._values.get(key)
+        with self._lock:
+            found = self._values.get(key)
         if found is not None:
             return found[0]
-        value = compute()
+        value = compute()  # not under the lock: it may take long, and other keys wait not
         if size > self.key_bytes // 4:
             return value  # too large to keep
+        with self._lock:
+            self._keep(key, value, size)
+        return value
+
+    def _keep(self, key: K, value: V, size: int) -> None:
+        """Keep `key` (under the lock), the oldest entries dropped to make room."""
         values = self._values
+        if key in values:
+            return  # another thread computed it meanwhile: its size is counted already
         while values and (len(values) >= self.entries or self._bytes + size > self.key_bytes):
             _key, (_value, dropped) = values.popitem(last=False)
             self._bytes -= dropped
         values[key] = (value, size)
         self._bytes += size
-        return value
