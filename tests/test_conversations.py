@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from itertools import islice
 from types import SimpleNamespace
 from typing import Any
 
@@ -128,6 +129,24 @@ def test_a_page_converts_only_its_own_items(
     more = sdk.responses.input_items.list(response.id, limit=3, after=inputs.data[-1].id)
     assert [item.content[0].text for item in more.data] == ["m1979", "m1978", "m1977"]  # type: ignore[union-attr]
     assert len(listed) == 20 + 5 + 20 + 3
+
+
+def test_paging_a_conversation_that_holds_an_id_twice_ends(
+    sdk: OpenAI, server: RunningServer
+) -> None:
+    """A conversation kept with an item id twice (added before such items were
+    refused, or by two responses at once) is paged through to its end: the SDK's
+    auto-pagination, one item a page, was sent x, y, x, y, ... forever."""
+    conversation = sdk.conversations.create(
+        items=[_message(text) for text in ("one", "two", "three", "four")]  # type: ignore[misc]
+    )
+    kept = server.server.engine.conversations._by_id[conversation.id]
+    kept.item_ids[2] = kept.item_ids[0]
+    for order in ("asc", "desc"):
+        pages = sdk.conversations.items.list(conversation.id, limit=1, order=order)  # type: ignore[arg-type]
+        texts = [item.content[0].text for item in islice(pages, 10)]  # type: ignore[union-attr]
+        assert len(texts) < 10 and len(texts) == len(set(texts))
+        assert texts[0] == ("one" if order == "asc" else "four")
 
 
 def test_metrics_count_the_conversations_and_their_bytes(

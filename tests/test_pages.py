@@ -20,8 +20,9 @@ def whole_list_page(
     if order == "desc":
         items = items[::-1]
     if after is not None:
+        # An id listed twice is taken where it is listed last (`page_range`).
         positions = [i for i, item in enumerate(items) if item["id"] == after]
-        items = items[positions[0] + 1 :]
+        items = items[positions[-1] + 1 :]
     page = items[:limit]
     return {
         "object": "list",
@@ -51,3 +52,28 @@ def test_a_page_from_ids_is_the_whole_lists_page(
     )
     start, end, _ = page_range(ids, after, limit, order)
     assert 0 <= start <= end <= len(ids) and end - start <= limit
+
+
+@given(
+    ids=st.lists(st.sampled_from("abcdef"), max_size=12),
+    limit=st.integers(1, 5),
+    order=st.sampled_from(["asc", "desc"]),
+)
+def test_following_last_id_always_ends(ids: list[str], limit: int, order: str) -> None:
+    """A client following `last_id` while `has_more` (as the SDK's auto-pagination
+    does) reaches the end, and never sees an item twice: with ids x, y, x, z it was
+    sent x, y, x, y, x, ... forever. Ids that do not repeat give every item once."""
+    items = [{"id": item_id, "n": n} for n, item_id in enumerate(ids)]  # ids may repeat
+    seen: list[int] = []
+    after = None
+    for _ in range(len(ids) + 1):
+        page = cursor_page(items, after=after, limit=limit, order=order)
+        seen += [item["n"] for item in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    else:
+        pytest.fail(f"still more pages after {len(ids) + 1}: {seen}")
+    assert len(seen) == len(set(seen))
+    if len(set(ids)) == len(ids):
+        assert seen == sorted(range(len(ids)), reverse=order == "desc")

@@ -38,13 +38,19 @@ def cursor_page(
 def page_range(ids: list[str], after: str | None, limit: int, order: str) -> tuple[int, int, bool]:
     """Where the page of a list whose items (oldest first) have `ids` is: the items
     `[start, end)` (in `order`, reversed for `desc`) and whether more follow. Lets a
-    long list convert only its page. Raises APIError for an `after` that names none."""
+    long list convert only its page. Raises APIError for an `after` that names none.
+
+    An id the list holds twice (kept before such items were refused) is taken where it
+    appears last in `order`: a page that ended on either of them is then followed by
+    items past both, so following `last_id` always moves on and ends (the items
+    between the two are skipped); taken where it first appears, a client would be sent
+    back to them, and round again, forever."""
     count = len(ids)
     if after is None:
         taken = 0  # items of the ordered list before the page
     else:
         try:
-            at = ids.index(after) if order == "asc" else count - 1 - ids[::-1].index(after)
+            at = count - 1 - ids[::-1].index(after) if order == "asc" else ids.index(after)
         except ValueError:
             raise errors.invalid_value(
                 "after", "Invalid 'after': no such item in this list."
