@@ -235,6 +235,31 @@ def test_bad_item_requests_are_refused(sdk: OpenAI, server: RunningServer) -> No
     assert list(sdk.conversations.items.list(conversation.id)) == []
 
 
+def test_an_item_id_given_twice_is_refused(sdk: OpenAI) -> None:
+    """An id given twice, or one the conversation holds, is refused as OpenAI refuses
+    it: kept twice, the items list was paged x, y, x, y, ... forever (the SDK's
+    auto-pagination never ended)."""
+    twice = [_message("one") | {"id": "x"}, _message("two") | {"id": "x"}]
+    with pytest.raises(BadRequestError) as created:
+        sdk.conversations.create(items=twice)  # type: ignore[arg-type]
+    assert created.value.body["param"] == "items"  # type: ignore[index]
+    assert created.value.body["message"].startswith("Duplicate item found with id x.")  # type: ignore[index]
+    conversation = sdk.conversations.create(items=[twice[0], _message("two") | {"id": "y"}])  # type: ignore[list-item]
+    with pytest.raises(BadRequestError) as added:
+        sdk.conversations.items.create(conversation.id, items=[_message("three") | {"id": "y"}])  # type: ignore[list-item]
+    assert added.value.body["param"] == "items"  # type: ignore[index]
+    with pytest.raises(BadRequestError) as continued:
+        sdk.responses.create(
+            model="m",
+            input=[_message("three") | {"id": "x"}],
+            conversation=conversation.id,  # type: ignore[list-item]
+        )
+    assert continued.value.body["param"] == "input"  # type: ignore[index]
+    sdk.conversations.items.create(conversation.id, items=[_message("three") | {"id": "z"}])  # type: ignore[list-item]
+    listed = sdk.conversations.items.list(conversation.id, limit=1, order="asc")
+    assert [item.content[0].text for item in listed] == ["one", "two", "three"]  # type: ignore[union-attr]
+
+
 def test_adding_past_the_budget_is_refused_and_keeps_everything() -> None:
     # A conversation counts 1 KiB, and each item 128 bytes, besides the items' JSON.
     with (

@@ -136,6 +136,41 @@ def test_input_items_with_null_or_empty_ids_can_be_paged_through(server: Running
     assert texts == ["a", "b", "c", "d"]
 
 
+def test_an_item_id_given_twice_is_refused(server: RunningServer, sdk: OpenAI) -> None:
+    """Input items with ids x, y, x are refused as OpenAI refuses them: stored, their
+    `input_items` were paged x, y, x, y, ... forever (the SDK's auto-pagination never
+    ended). Two `item_reference`s to one item are the item twice too."""
+    sent = [
+        {"type": "message", "role": "user", "content": "one", "id": "x"},
+        {"type": "message", "role": "user", "content": "two", "id": "y"},
+        {"type": "message", "role": "user", "content": "three", "id": "x"},
+        {"role": "user", "content": "four"},
+    ]
+    with pytest.raises(openai.BadRequestError) as twice:
+        sdk.responses.create(model="m", input=sent)  # type: ignore[arg-type]
+    assert twice.value.body == {  # type: ignore[comparison-overlap]
+        "message": "Duplicate item found with id x. Remove duplicate items from your input "
+        "and try again.",
+        "type": "invalid_request_error",
+        "param": "input",
+        "code": None,
+    }
+    unique = [*sent[:2], {**sent[2], "id": "z"}, sent[3]]
+    response = sdk.responses.create(model="m", input=unique)  # type: ignore[arg-type]
+    listed = sdk.responses.input_items.list(response.id, limit=1, order="asc")
+    assert [item.content[0].text for item in listed] == ["one", "two", "three", "four"]  # type: ignore[union-attr]
+    first = response.output[0].id
+    with pytest.raises(openai.BadRequestError) as referenced:
+        sdk.responses.create(
+            model="m",
+            input=[
+                {"type": "item_reference", "id": first},
+                {"type": "item_reference", "id": first},
+            ],
+        )
+    assert referenced.value.body["param"] == "input"  # type: ignore[index]
+
+
 def test_error_code_labels_stay_bounded() -> None:
     """Upstream error codes pass through to clients: any number of distinct ones must
     not grow the metrics' label set without bound."""

@@ -394,7 +394,7 @@ def test_lane_limit_and_invalid_names(server: RunningServer) -> None:
         assert error["error"]["code"] == "invalid_stream_id" and "stream_id" not in error
 
 
-BAD_INPUTS: list[tuple[Any, str, str | None]] = [
+BAD_INPUTS: list[tuple[Any, str | None, str | None]] = [
     ("{oops", "invalid_json", None),
     (b"\x80\x81", "invalid_json", None),
     ("[]", "invalid_type", None),
@@ -417,12 +417,25 @@ BAD_INPUTS: list[tuple[Any, str, str | None]] = [
         "unsupported_parameter",
         None,
     ),
+    (  # OpenAI's "Duplicate item found" (it has no code)
+        {
+            "type": "response.create",
+            "model": "m",
+            "input": [
+                {"role": "user", "content": "a", "id": "msg_1"},
+                {"role": "user", "content": "b", "id": "msg_1"},
+            ],
+            "stream_id": "s",
+        },
+        None,
+        "s",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("message", "code", "stream_id"), BAD_INPUTS)
 def test_bad_input_gets_an_error_and_the_connection_stays_usable(
-    server: RunningServer, message: Any, code: str, stream_id: str | None
+    server: RunningServer, message: Any, code: str | None, stream_id: str | None
 ) -> None:
     with WSClient(server.ws_url) as ws:
         ws.send(message)

@@ -42,6 +42,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -232,6 +233,23 @@ def new_item_ids(items: Items) -> list[str]:
         meta = items.item_meta(index)
         found.append(meta.id or ids.new_id(ID_PREFIXES.get(meta.type, "item")))
     return found
+
+
+def refuse_duplicate_ids(
+    item_ids: Iterable[str | None], *, param: str, kept: Iterable[str] = ()
+) -> None:
+    """Raises APIError (400, OpenAI's "Duplicate item found") for an id given twice in
+    `item_ids`, or one `kept` (the conversation's) holds: a list holding an id twice
+    cannot be paged through by it (`pages.page_range`), nor an item read by it. Items
+    without an id get new ones."""
+    given = [item_id for item_id in item_ids if item_id]
+    if not given:
+        return  # (the conversation's ids are not even gathered)
+    seen = set(kept)
+    for item_id in given:
+        if item_id in seen:
+            raise errors.duplicate_item(item_id, param)
+        seen.add(item_id)
 
 
 def entries(items: Items, item_ids: list[str]) -> Entries:
@@ -430,8 +448,9 @@ class Conversations:
 
     # -- items ------------------------------------------------------------------------------
 
-    def validated_items(self, value: Any, *, param: str) -> Items:
-        """Items to add, validated as a create's input is. Raises APIError."""
+    def validated_items(self, value: Any, *, param: str, kept: Iterable[str] = ()) -> Items:
+        """Items to add (to a conversation holding `kept`), validated as a create's
+        input is. Raises APIError."""
         if value is None:
             value = []
         if not isinstance(value, list):
@@ -450,9 +469,11 @@ class Conversations:
                     "not references to them; send the item itself.",
                 )
         try:
-            return Items.from_objects(normalized, max_item_bytes=self.max_item_bytes)
+            items = Items.from_objects(normalized, max_item_bytes=self.max_item_bytes)
         except InvalidItems as exc:
             raise errors.invalid_value(param, f"Invalid '{param}': {exc}") from None
+        refuse_duplicate_ids(items.ids(), param=param, kept=kept)
+        return items
 
     async def add_items(self, owner: str, conv_id: str, body: Any) -> list[dict[str, Any]]:
         """`POST /v1/conversations/{id}/items`: `{items}`; the items added, as listed."""
@@ -461,7 +482,7 @@ class Conversations:
             raise errors.invalid_type("body", "a JSON object")
         if "items" not in body:
             raise errors.missing_parameter("items")
-        items = self.validated_items(body["items"], param="items")
+        items = self.validated_items(body["items"], param="items", kept=conversation.item_ids)
         item_ids = new_item_ids(items)
         if self.board is None:
             self.check_room(items_cost(items))

@@ -70,6 +70,7 @@ from warmsocket.conversations import (
     Conversation,
     Conversations,
     items_cost,
+    refuse_duplicate_ids,
 )
 from warmsocket.errors import APIError
 from warmsocket.memo import Memo, str_bytes
@@ -572,6 +573,13 @@ class Engine:
             # previous_response_id): prefix diffing finds the chain that left them.
             conversation = self._conversation(owner, request.conversation)
             input_items = conversation.items.concat(input_items)
+        # OpenAI refuses an item id given twice, or one the conversation holds: lists
+        # are paged by id. (Resolved: two `item_reference`s to one item are two too.)
+        refuse_duplicate_ids(
+            own_input.ids(),
+            param="input",
+            kept=() if conversation is None else conversation.item_ids,
+        )
         previous_response_id = request.previous_response_id
         start = context_start(input_items)
         if start is not None:

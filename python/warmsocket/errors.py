@@ -264,6 +264,17 @@ def item_not_found(item_id: str) -> APIError:
     )
 
 
+def duplicate_item(item_id: str, param: str) -> APIError:
+    """An item id a request gives twice, or one the conversation it adds to holds
+    already (OpenAI's 400, in its words): the list would hold the id twice."""
+    return APIError(
+        None,
+        f"Duplicate item found with id {_id(item_id)}. Remove duplicate items from your "
+        f"{param} and try again.",
+        param=param,
+    )
+
+
 def response_not_found(response_id: str) -> APIError:
     return APIError(
         None,
