@@ -58,6 +58,13 @@ def test_response_processed_is_ignored() -> None:
         ({"model": None}, "missing_required_parameter", "model"),
         ({"model": 3}, "invalid_type", "model"),
         ({"input": 5}, "invalid_type", "input"),
+        # `"type": null` is no easy message (it was kept with type null, unread).
+        (
+            {"input": [{"role": "user", "content": "x", "type": None}]},
+            "invalid_type",
+            "input[0].type",
+        ),
+        ({"input": [{"type": None}]}, "invalid_type", "input[0].type"),
         ({"input": [5]}, "invalid_type", "input[0]"),
         ({"input": [{"content": "x"}]}, "missing_required_parameter", "input[0].type"),
         ({"input": [{"role": "robot", "content": "x"}]}, "invalid_value", "input[0].role"),

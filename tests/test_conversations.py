@@ -196,6 +196,7 @@ def test_a_conversation_is_private_to_the_key_that_made_it(server: RunningServer
         ({"items": [{"type": "item_reference", "id": "msg_1"}]}, "items[0].type"),
         ({"items": [{"type": "no_such_item"}]}, "items[0].type"),
         ({"items": [{"role": "robot", "content": "x"}]}, "items[0].role"),
+        ({"items": [{"role": "user", "content": "x", "type": None}]}, "items[0].type"),
         ({"metadata": {"k": 1}}, "metadata"),
         ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
         ({"metadata": {"k": "v" * 513}}, "metadata"),

@@ -136,6 +136,16 @@ def test_input_items_with_null_or_empty_ids_can_be_paged_through(server: Running
     assert texts == ["a", "b", "c", "d"]
 
 
+def test_an_input_message_with_a_null_type_is_refused(server: RunningServer) -> None:
+    """`"type": null` on an easy message is refused: it was kept with type null, its
+    content not made parts, and the model answered as if there were no message."""
+    sent = [{"role": "user", "content": "hello", "type": None}]
+    reply = httpx.post(f"{server.base_url}/responses", json={"model": "m", "input": sent})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_type", "input[0].type")
+
+
 def test_an_item_id_given_twice_is_refused(server: RunningServer, sdk: OpenAI) -> None:
     """Input items with ids x, y, x are refused as OpenAI refuses them: stored, their
     `input_items` were paged x, y, x, y, ... forever (the SDK's auto-pagination never

@@ -417,6 +417,16 @@ BAD_INPUTS: list[tuple[Any, str | None, str | None]] = [
         "unsupported_parameter",
         None,
     ),
+    (  # kept, it was an item of type null that no model reads
+        {
+            "type": "response.create",
+            "model": "m",
+            "input": [{"role": "user", "content": "x", "type": None}],
+            "stream_id": "s",
+        },
+        "invalid_type",
+        "s",
+    ),
     (  # OpenAI's "Duplicate item found" (it has no code)
         {
             "type": "response.create",

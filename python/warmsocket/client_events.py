@@ -739,12 +739,13 @@ def normalize_input(value: Any, *, param: str) -> list[dict[str, Any]]:
         where = f"{param}[{index}]"
         if not isinstance(item, dict):
             raise errors.invalid_type(where, "an object")
-        item_type = item.get("type")
-        if item_type is None:
+        if "type" not in item:
             if "role" not in item:
                 raise errors.missing_parameter(f"{where}.type")
             item = {"type": "message", **item}
-            item_type = "message"
+        item_type = item["type"]
+        # An explicit null is no easy message: refused like any other non-string (kept,
+        # it was stored with type null, which no model, upstream or SDK reads).
         if not isinstance(item_type, str):
             raise errors.invalid_type(f"{where}.type", "a string")
         _check_item(item, item_type, where)

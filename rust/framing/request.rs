@@ -1088,14 +1088,15 @@ fn normalize_input(value: Option<&Value<'_>>) -> Result<Vec<Normalized>, Request
             ));
         };
         let (item_type, add_type) = match item.get("type") {
-            None | Some(Value::Null) => {
+            None => {
                 if !item.contains_key("role") {
                     return Err(RequestError::missing(format!("input[{index}].type")));
                 }
-                // `{"type": "message", **item}`: an explicit null type stays null.
-                ("message", !item.contains_key("type"))
+                // `{"type": "message", **item}` (an easy message).
+                ("message", true)
             }
             Some(Value::Str(t)) => (t.as_ref(), false),
+            // An explicit null too: refused as any other non-string.
             Some(_) => {
                 return Err(RequestError::invalid_type(
                     format!("input[{index}].type"),
@@ -1997,12 +1998,16 @@ mod tests {
             easy.input.to_json(),
             br#"[{"content":"x","role":"user","type":"message"}]"#
         );
-        let null_type = created(
-            r#"{"type":"response.create","model":"m","input":[{"type":null,"role":"user","content":"x"}]}"#,
-        );
+        // An explicit null type is refused (it was kept as null, an item nothing reads).
         assert_eq!(
-            null_type.input.to_json(),
-            br#"[{"content":"x","role":"user","type":null}]"#
+            error(
+                r#"{"type":"response.create","model":"m","input":[{"type":null,"role":"user","content":"x"}]}"#
+            ),
+            (
+                Stage::Create,
+                "invalid_type",
+                Some("input[0].type".to_owned())
+            )
         );
         let prompt = created(r#"{"type":"response.create","prompt":{"id":"p"},"input":"x"}"#);
         assert_eq!(prompt.model, "default");
