@@ -588,6 +588,52 @@ def test_fallback_reasons_for_missing_root_and_tools(monkeypatch: pytest.MonkeyP
     link.teardown()
 
 
+class ListingRunner(FakeRunner):
+    """A FakeRunner whose `ip -j ...` listings show the given links and namespaces."""
+
+    def __init__(self, links: Sequence[dict[str, object]], netns: Sequence[str]) -> None:
+        super().__init__(fail_on=None)
+        self.links = json.dumps(links)
+        self.netns = json.dumps([{"name": n} for n in netns])
+
+    def __call__(
+        self, argv: Sequence[str], *, check: bool = True, timeout: float = 10.0
+    ) -> CommandResult:
+        result = super().__call__(argv, check=check, timeout=timeout)
+        if "-j" not in argv:
+            return result
+        out = self.netns if "netns" in argv else self.links
+        return CommandResult(tuple(argv), 0, out, "")
+
+    def deleted(self) -> list[str]:
+        return [c[-1] for c in self.calls if "del" in c]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.usefixtures("fake_tools")
+def test_cleanup_touches_only_objects_named_like_the_harness() -> None:
+    """Stale cleanup runs on every setup: it must never delete someone else's
+    interface or namespace just because its name starts with the prefix."""
+    dead = "warmsocket-netem pid=999999999 start=1"
+    runner = ListingRunner(
+        links=[
+            {"ifname": "zz-1a2b3s", "ifalias": dead},  # ours, owner gone
+            {"ifname": "zz-4c5d6s"},  # ours, crashed before its alias was set
+            {"ifname": "zz-br0"},  # another program's bridge
+            {"ifname": "zz-7e8f9s", "ifalias": "docker veth"},  # our name, not our alias
+            {"ifname": "zz-0a0b0sx", "ifalias": dead},  # one character too many
+        ],
+        netns=["zz-1a2b3", "zz-4c5d6", "zz-unrelated", "zz-0a0b0x", "zz-ABCDE"],
+    )
+    report = cleanup(Tools(ip="ip", tc="tc"), runner=runner, prefix="zz-")
+    assert sorted(report.removed_links) == ["zz-1a2b3s", "zz-4c5d6s"]
+    assert sorted(report.removed_netns) == ["zz-1a2b3", "zz-4c5d6"]
+    assert sorted(runner.deleted()) == ["zz-1a2b3", "zz-1a2b3s", "zz-4c5d6", "zz-4c5d6s"]
+    assert not report.errors
+    inv = inventory(runner, Tools(ip="ip", tc="tc"), "zz-")  # what `list` shows
+    assert [link.name for link in inv.links] == ["zz-1a2b3s", "zz-4c5d6s"]
+
+
 # -- real namespaces (root only) ---------------------------------------------
 
 

@@ -1,4 +1,10 @@
-"""Finding and removing `ws-bench-*` namespaces and links (e.g. of a crashed run)."""
+"""Finding and removing `ws-bench-*` namespaces and links (e.g. of a crashed run).
+
+Only objects named exactly as the harness names them (prefix + 5 hex digits,
+plus `s` for the root-side veth) are ever touched, and a link only if it has
+no alias or the harness's owner alias: cleanup runs on every link setup, and
+a bare prefix match would delete other software's interfaces and namespaces.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,15 @@ import logging
 from dataclasses import dataclass, field
 
 from warmsocket.netem.commands import CommandError, CommandRunner, Tools, run_command
-from warmsocket.netem.plan import DEFAULT_PREFIX, harness_lock, owner_alive, parse_owner
+from warmsocket.netem.plan import (
+    ALIAS_TAG,
+    DEFAULT_PREFIX,
+    harness_lock,
+    is_harness_netns,
+    is_harness_veth,
+    owner_alive,
+    parse_owner,
+)
 
 log = logging.getLogger("warmsocket.netem")
 
@@ -62,7 +76,7 @@ def _json_list(runner: CommandRunner, argv: list[str]) -> list[dict[str, object]
 def list_netns(runner: CommandRunner, tools: Tools, prefix: str = DEFAULT_PREFIX) -> list[str]:
     rows = _json_list(runner, [tools.ip, "-j", "netns", "list"])
     names = [str(r.get("name", "")) for r in rows]
-    return sorted(n for n in names if n.startswith(prefix))
+    return sorted(n for n in names if is_harness_netns(n, prefix))
 
 
 def list_addresses(runner: CommandRunner, tools: Tools) -> list[LinkInfo]:
@@ -87,8 +101,19 @@ def list_addresses(runner: CommandRunner, tools: Tools) -> list[LinkInfo]:
     return links
 
 
+def is_harness_link(link: LinkInfo, prefix: str) -> bool:
+    """A root-side veth of this harness: its exact name, and our alias or none.
+
+    No alias still counts: a crash between `ip link add` and setting the alias
+    leaves exactly that.  Another alias means the name is someone else's.
+    """
+    if not is_harness_veth(link.name, prefix):
+        return False
+    return link.alias is None or link.alias.startswith(ALIAS_TAG)
+
+
 def inventory(runner: CommandRunner, tools: Tools, prefix: str = DEFAULT_PREFIX) -> Inventory:
-    links = [i for i in list_addresses(runner, tools) if i.name.startswith(prefix)]
+    links = [i for i in list_addresses(runner, tools) if is_harness_link(i, prefix)]
     return Inventory(netns=list_netns(runner, tools, prefix), links=links)
 
 
@@ -109,8 +134,9 @@ def cleanup(
 
     A namespace belongs to the server-side veth with the same name plus `s`;
     a namespace without that veth is debris (links are built under a lock, so
-    no live harness is ever caught half-way).  With include_live=True,
-    everything with the prefix is removed, even objects of a running harness.
+    no live harness is ever caught half-way).  With include_live=True, every
+    harness object with the prefix is removed, even those of a running harness.
+    Objects that merely start with the prefix are never touched.
     """
     report = CleanupReport()
     with harness_lock(lock_timeout):

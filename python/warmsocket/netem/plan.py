@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import ipaddress
 import os
+import re
 import secrets
 import tempfile
 import time
@@ -32,6 +33,7 @@ SUBNET_PREFIXLEN = 30
 _SUBNETS = NETWORK.num_addresses // 4
 _IFNAMSIZ = 15  # usable characters in a Linux interface name
 _SUFFIX_LEN = 5
+_SUFFIX_RE = re.compile(f"[0-9a-f]{{{_SUFFIX_LEN}}}")
 ALIAS_TAG = "warmsocket-netem"
 _LOCK_NAME = "ws-bench-netem.lock"
 
@@ -86,6 +88,20 @@ def validate_prefix(prefix: str) -> None:
         )
     if not all(c.isalnum() or c in "-_." for c in prefix):
         raise ValueError(f"prefix {prefix!r} may only contain letters, digits, '-', '_', '.'")
+
+
+def is_harness_netns(name: str, prefix: str) -> bool:
+    """True if `name` is exactly how this harness names a client namespace.
+
+    A mere prefix match is not enough: cleanup deletes what matches, and short
+    prefixes (`veth`, `br-`, `d`) would catch other software's objects.
+    """
+    return name.startswith(prefix) and _SUFFIX_RE.fullmatch(name[len(prefix) :]) is not None
+
+
+def is_harness_veth(name: str, prefix: str) -> bool:
+    """True if `name` is exactly how this harness names a server-side veth end."""
+    return name.endswith("s") and is_harness_netns(name[:-1], prefix)
 
 
 def subnet_index_of(address: str) -> int | None:
