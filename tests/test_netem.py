@@ -763,6 +763,27 @@ def test_subprocess_in_client_namespace_reaches_root_server() -> None:
     _assert_gone(netns)
 
 
+def _inet6_addresses(argv: list[str]) -> list[str]:
+    rows = json.loads(run_command(argv).stdout)
+    return [a["local"] for row in rows for a in row["addr_info"] if a["family"] == "inet6"]
+
+
+@needs_netns
+@pytest.mark.timeout(60)
+def test_link_is_ipv4_only() -> None:
+    """No IPv6 on either veth end: an IPv6 link-local address would let the client
+    reach a root-namespace server listening on "::" directly, without the delay."""
+    tools = _tools()
+    with EmulatedLink(LAN, require=True) as link:
+        assert link.plan is not None and link.netns is not None
+        time.sleep(0.2)  # the kernel adds link-local addresses as the ends come up
+        server_end = [tools.ip, "-j", "addr", "show", "dev", link.plan.veth_server]
+        client_end = [tools.ip, "-n", link.netns, "-j", "addr", "show", "dev",
+                      link.plan.veth_client]  # fmt: skip
+        assert _inet6_addresses(server_end) == []
+        assert _inet6_addresses(client_end) == []
+
+
 def _make_debris(tools: Tools, owner: str, prefix: str) -> str:
     """A namespace + veth looking like a harness link owned by `owner`."""
     ns = new_plan([], prefix=prefix).netns

@@ -97,6 +97,11 @@ def _preflight() -> Tools | str:
     return find_tools()
 
 
+def _kernel_has_ipv6() -> bool:
+    """False on kernels booted with ipv6.disable=1 (no addrgenmode to set there)."""
+    return os.path.exists("/proc/sys/net/ipv6")
+
+
 class EmulatedLink:
     """A client namespace behind a rate-limited veth, plus delay proxies.
 
@@ -214,6 +219,12 @@ class EmulatedLink:
         self._run(ip, "link", "add", plan.veth_server, "type", "veth", "peer", "name",
                   plan.veth_client, "netns", ns)  # fmt: skip
         self._run(ip, "link", "set", "dev", plan.veth_server, "alias", owner_alias())
+        if _kernel_has_ipv6():
+            # IPv4 only: with link-local addresses the client could reach a
+            # root-namespace server listening on "::" past the delay proxy, and
+            # DAD/RS/MLD packets would cross the tbf.  Set before the ends go up.
+            self._run(ip, "link", "set", "dev", plan.veth_server, "addrgenmode", "none")
+            self._run(ip, "-n", ns, "link", "set", "dev", plan.veth_client, "addrgenmode", "none")
         self._run(ip, "addr", "add", plan.server_cidr, "dev", plan.veth_server)
         self._run(ip, "-n", ns, "addr", "add", plan.client_cidr, "dev", plan.veth_client)
         self._run(ip, "-n", ns, "link", "set", "dev", "lo", "up")
