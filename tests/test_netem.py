@@ -562,6 +562,44 @@ def test_fallback_after_partial_setup_removes_what_was_created() -> None:
     assert any(c.startswith("ip netns del ws-bench-") for c in joined)
 
 
+class InterruptingRunner(FakeRunner):
+    """A FakeRunner that raises `exc` (not a CommandError) at the `fail_on` step."""
+
+    def __init__(self, fail_on: str, exc: BaseException) -> None:
+        super().__init__(fail_on=None)
+        self.interrupt_on = fail_on
+        self.exc = exc
+
+    def __call__(
+        self, argv: Sequence[str], *, check: bool = True, timeout: float = 10.0
+    ) -> CommandResult:
+        if self.interrupt_on in " ".join(argv):
+            self.calls.append(list(argv))
+            raise self.exc
+        return super().__call__(argv, check=check, timeout=timeout)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.usefixtures("fake_tools")
+@pytest.mark.parametrize(
+    "exc",
+    [KeyboardInterrupt(), RuntimeError("unexpected"), KeyError("ifname")],
+    ids=["ctrl-c", "runtime-error", "odd-ip-output"],
+)
+def test_setup_interrupted_midway_removes_what_was_created(exc: BaseException) -> None:
+    """Ctrl-C or an unexpected error during setup is raised, not turned into a
+    fallback, but the namespace and veth created so far are removed first."""
+    runner = InterruptingRunner("qdisc replace", exc)
+    link = EmulatedLink(WAN, runner=runner)
+    with pytest.raises(type(exc)):
+        link.setup()
+    joined = [" ".join(c) for c in runner.calls]
+    assert any(c.startswith("ip netns add ws-bench-") for c in joined)
+    assert any(c.startswith("ip link del dev ws-bench-") for c in joined)
+    assert any(c.startswith("ip netns del ws-bench-") for c in joined)
+    assert not link.emulated
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.usefixtures("fake_tools")
 def test_require_raises_instead_of_falling_back() -> None:

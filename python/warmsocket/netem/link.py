@@ -200,6 +200,12 @@ class EmulatedLink:
             self._destroy()
             self._fall_back(str(exc))
             return self
+        except BaseException:
+            # Anything else (Ctrl-C, no free /30, odd `ip -j` output) is no reason
+            # to fall back, but must not leave a half-built namespace and veth.
+            self._destroy()
+            self._up = False
+            raise
         _registry.add(self)
         self.emulated = True
         self.rate_limiter = "tbf" if self.profile.rate_mbit is not None else "none"
