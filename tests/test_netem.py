@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import signal
 import statistics
 import struct
 import subprocess
@@ -1014,3 +1015,47 @@ def test_cli_run_wraps_a_command_in_the_client_namespace() -> None:
     assert reply == "pong:ping" and profile == "LAN"
     assert local.startswith("198.18.")
     assert "netem: LAN" in err and "Traceback" not in err
+
+
+def _alive(pid: int) -> bool:
+    """True if pid runs (a zombie waiting for its parent counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+@needs_netns
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_cli_run_stopped_by_signal_removes_link_and_command(signum: int, tmp_path: Path) -> None:
+    """`kill` (or a closed terminal) on `netem run` stops the wrapped command and
+    removes the namespace and veth, as Ctrl-C does, instead of leaving them."""
+    # stderr goes to a file: a pipe would stay open as long as a surviving command.
+    log_path = tmp_path / "stderr"
+    argv = [*_CLI, "run", "--profile", "lan", "--require", "--target", "127.0.0.1:9"]
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen([*argv, "--", "sleep", "30"], stderr=log_file)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 20
+        while not pids and time.monotonic() < deadline and proc.poll() is None:
+            err = log_path.read_text()  # "netem: LAN ... -- namespace X, client ..."
+            if "netem: proxy" in err:  # the command is started right after this line
+                netns = err.split("namespace ", 1)[1].split(",", 1)[0]
+                listed = run_command([_tools().ip, "netns", "pids", netns]).stdout
+                pids = [int(p) for p in listed.split()]  # `ip netns exec` execs: same pid
+            time.sleep(0.05)
+        assert pids, log_path.read_text()
+        proc.send_signal(signum)
+        rc = proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    err = log_path.read_text()
+    assert not [pid for pid in pids if _alive(pid)], f"the wrapped command survived: {err}"
+    _assert_gone(netns)
+    assert rc == 128 + signum, err  # the shell's convention for "ended by a signal"
+    assert "Traceback" not in err

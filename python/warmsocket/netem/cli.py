@@ -8,8 +8,10 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from warmsocket.cli import _port
@@ -22,6 +24,9 @@ from warmsocket.netem.profiles import BUILTIN_PROFILES, NetworkProfile, get_prof
 from warmsocket.netem.timers import TimerfdScheduler
 
 _CHECK_TIMEOUT = 60.0
+# Signals that stop `run` and `check` the way Ctrl-C does (SIGINT is asyncio's).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_CHILD_GRACE_S = 5.0  # how long `run` waits for its command after passing a signal on
 
 
 def _run(coro: Coroutine[Any, Any, Any], loop_name: str) -> Any:
@@ -30,6 +35,43 @@ def _run(coro: Coroutine[Any, Any, Any], loop_name: str) -> Any:
 
         return uvloop.run(coro)
     return asyncio.run(coro)
+
+
+@dataclass(slots=True)
+class _Stop:
+    """The stop signal that arrived, if any."""
+
+    signum: int | None = None
+
+
+async def _stoppable(main: Callable[[_Stop], Coroutine[Any, Any, int]]) -> int:
+    """Run main; SIGTERM/SIGHUP cancel it, and the exit status is 128 + signal.
+
+    Cancelling (instead of dying of the signal) lets every `async with` unwind:
+    the command is stopped, the proxy closed, the namespace and veth removed.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    stop = _Stop()
+
+    def on_signal(signum: int) -> None:
+        if stop.signum is None:  # a second signal must not cut the teardown short
+            stop.signum = signum
+            task.cancel()
+
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await main(stop)
+    except asyncio.CancelledError:
+        if stop.signum is None:
+            raise
+        print(f"netem: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        for sig in _STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
 
 
 def probe_netem_qdisc(link: EmulatedLink) -> str:
@@ -203,7 +245,19 @@ def _host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def _run_command(args: argparse.Namespace) -> int:
+async def _stop_child(proc: asyncio.subprocess.Process, signum: int) -> None:
+    """Pass `signum` on to the command; kill it if it outlives the grace period."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signum)
+    try:
+        async with asyncio.timeout(_CHILD_GRACE_S):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
+async def _run_command(args: argparse.Namespace, stop: _Stop) -> int:
     """Link + proxy in front of --target, then the command in the client namespace."""
     target_host, target_port = args.target
     profile = get_profile(args.profile)
@@ -238,13 +292,7 @@ async def _run_command(args: argparse.Namespace) -> int:
             return 124
         finally:
             if proc.returncode is None:
-                proc.terminate()
-                try:
-                    async with asyncio.timeout(5):
-                        await proc.wait()
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+                await _stop_child(proc, stop.signum or signal.SIGTERM)
 
 
 def _substitute(arg: str, subst: dict[str, str]) -> str:
@@ -255,8 +303,6 @@ def _substitute(arg: str, subst: dict[str, str]) -> str:
 
 async def _proxy(args: argparse.Namespace) -> int:
     """A standalone delay proxy (no namespace), until SIGINT/SIGTERM or --duration."""
-    import signal
-
     from warmsocket.netem.proxy import DelayProxy
 
     profile = get_profile(args.profile)
@@ -340,8 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
-        "check": lambda a: int(_run(_check(a), a.loop)),
-        "run": lambda a: int(_run(_run_command(a), "asyncio")),
+        "check": lambda a: int(_run(_stoppable(lambda _stop: _check(a)), a.loop)),
+        "run": lambda a: int(_run(_stoppable(lambda stop: _run_command(a, stop)), "asyncio")),
         "proxy": lambda a: int(_run(_proxy(a), a.loop)),
         "cleanup": _cleanup,
         "list": _list,
