@@ -937,6 +937,25 @@ def test_cli_check_json_on_loopback() -> None:
     assert row["measurement"]["rtt_ms"] < 10
 
 
+def _no_json_constants(name: str) -> object:
+    raise AssertionError(f"{name} is not JSON")
+
+
+@pytest.mark.timeout(60)
+def test_cli_check_json_stays_json_when_a_transfer_is_too_small_to_time() -> None:
+    """100 bytes arrive in one read, so there is no rate to report: that is null,
+    not `Infinity`, which JSON parsers other than Python's reject."""
+    argv = [*_CLI, "check", "--profile", "loopback", "--json", "--samples", "3"]
+    proc = subprocess.run(
+        [*argv, "--bulk-bytes", "100"], capture_output=True, text=True, timeout=50
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout, parse_constant=_no_json_constants)
+    (row,) = report["profiles"]
+    assert row["measurement"]["down_mbit"] is None
+    assert row["measurement"]["up_mbit"] is None or row["measurement"]["up_mbit"] > 0
+
+
 @needs_netns
 @pytest.mark.timeout(60)
 def test_cli_check_reports_every_profile() -> None:

@@ -18,7 +18,7 @@ from warmsocket.cli import _port
 from warmsocket.netem.cleanup import cleanup, inventory
 from warmsocket.netem.commands import CommandError, Tools, find_tools, run_command
 from warmsocket.netem.link import EmulatedLink
-from warmsocket.netem.measure import LinkMeasurement, measure_link
+from warmsocket.netem.measure import LinkMeasurement, format_mbit, measure_link
 from warmsocket.netem.plan import DEFAULT_PREFIX
 from warmsocket.netem.profiles import BUILTIN_PROFILES, NetworkProfile, get_profile
 from warmsocket.netem.timers import TimerfdScheduler
@@ -190,7 +190,8 @@ def _print_row(
     )
     print(f"  connect:  {result.connect_rtt_ms:.2f} ms for TCP connect + first echo")
     print(
-        f"  rate:     down {result.down_mbit:.1f} Mbit/s, up {result.up_mbit:.1f} Mbit/s{rate}, "
+        f"  rate:     down {format_mbit(result.down_mbit)}, "
+        f"up {format_mbit(result.up_mbit)}{rate}, "
         f"{result.bulk_bytes / 1e6:.1f} MB each way"
     )
     print()

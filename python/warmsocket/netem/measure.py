@@ -8,7 +8,8 @@ the client namespace and measures:
   handshake emulation this is about 2 RTT, like connect + request on a real path);
 - `rtt_ms`: median of small echoes on an established connection (1 RTT);
 - `down_mbit` / `up_mbit`: a bounded bulk transfer each way, timed by the
-  receiver from its first to its last byte (so the one-way delay drops out).
+  receiver from its first to its last byte (so the one-way delay drops out);
+  None if the whole transfer arrived in one read, which leaves nothing to time.
 
 Protocol (one command per connection): b"E" echo until EOF; b"D"+u64 n: the
 server sends n bytes; b"U"+u64 n: the server answers b"R" (ready), the client
@@ -193,7 +194,7 @@ async def measure_rtt(
 
 async def measure_download(
     host: str, port: int, nbytes: int, *, connect: Connector = _direct
-) -> float:
+) -> float | None:
     """Mbit/s from server to client over `nbytes`, timed first-to-last byte."""
     reader, writer = await connect(host, port)
     try:
@@ -216,7 +217,7 @@ async def measure_download(
 
 async def measure_upload(
     host: str, port: int, nbytes: int, *, connect: Connector = _direct
-) -> float:
+) -> float | None:
     """Mbit/s from client to server over `nbytes`, timed by the server."""
     reader, writer = await connect(host, port)
     try:
@@ -237,9 +238,14 @@ async def measure_upload(
     return _mbit(after_first, seconds)
 
 
-def _mbit(nbytes: int, seconds: float) -> float:
+def _mbit(nbytes: int, seconds: float) -> float | None:
+    """The rate, or None when nothing arrived after the first read.
+
+    Not infinity: that is what a too-small transfer means, and it would be
+    written as `Infinity`, which is not JSON.
+    """
     if nbytes <= 0 or seconds <= 0:
-        return float("inf")
+        return None
     return nbytes * 8 / seconds / 1e6
 
 
@@ -257,8 +263,8 @@ class LinkMeasurement:
     rtt_ms: float
     rtt_min_ms: float
     rtt_max_ms: float
-    down_mbit: float
-    up_mbit: float
+    down_mbit: float | None  # None: the transfer was too small to time
+    up_mbit: float | None
     bulk_bytes: int
 
     def as_dict(self) -> dict[str, object]:
@@ -270,8 +276,14 @@ class LinkMeasurement:
             f"{self.profile}: RTT {self.rtt_ms:.2f} ms (nominal {self.nominal_rtt_ms:g}, "
             f"min {self.rtt_min_ms:.2f}, max {self.rtt_max_ms:.2f}), "
             f"connect+first echo {self.connect_rtt_ms:.2f} ms, "
-            f"down {self.down_mbit:.1f} / up {self.up_mbit:.1f} Mbit/s (nominal {rate})"
+            f"down {format_mbit(self.down_mbit)} / up {format_mbit(self.up_mbit)} "
+            f"(nominal {rate} Mbit/s)"
         )
+
+
+def format_mbit(mbit: float | None) -> str:
+    """`47.9 Mbit/s`, or why there is no number."""
+    return "not measured (too few bytes to time)" if mbit is None else f"{mbit:.1f} Mbit/s"
 
 
 def default_bulk_bytes(profile: NetworkProfile) -> int:
