@@ -923,6 +923,19 @@ def test_cli_run_refuses_a_listen_port_out_of_range() -> None:
     assert "argument --listen-port: not a port: '70000'" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--samples", "0"), ("--bulk-bytes", "0"), ("--timeout", "0")],
+)
+def test_cli_check_refuses_values_it_cannot_measure_with(option: str, value: str) -> None:
+    """A usage message naming the option, not a traceback from inside the measurement."""
+    argv = [*_CLI, "check", "--profile", "loopback", option, value]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=50)
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"argument {option}: expected" in proc.stderr
+
+
 @pytest.mark.timeout(60)
 def test_cli_check_json_on_loopback() -> None:
     argv = [*_CLI, "check", "--profile", "loopback", "--json", "--samples", "3"]

@@ -18,8 +18,8 @@ from warmsocket.cli import _port
 from warmsocket.netem.cleanup import cleanup, inventory
 from warmsocket.netem.commands import CommandError, Tools, find_tools, run_command
 from warmsocket.netem.link import EmulatedLink
-from warmsocket.netem.measure import LinkMeasurement, format_mbit, measure_link
-from warmsocket.netem.plan import DEFAULT_PREFIX
+from warmsocket.netem.measure import MAX_BULK_BYTES, LinkMeasurement, format_mbit, measure_link
+from warmsocket.netem.plan import DEFAULT_PREFIX, validate_prefix
 from warmsocket.netem.profiles import BUILTIN_PROFILES, NetworkProfile, get_profile
 from warmsocket.netem.timers import TimerfdScheduler
 
@@ -296,6 +296,40 @@ async def _run_command(args: argparse.Namespace, stop: _Stop) -> int:
                 await _stop_child(proc, stop.signum or signal.SIGTERM)
 
 
+# Option types: a bad value is a usage error (exit 2) here, not a traceback later.
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer {low}..{high}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _prefix(text: str) -> str:
+    try:
+        validate_prefix(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _substitute(arg: str, subst: dict[str, str]) -> str:
     for key, value in subst.items():
         arg = arg.replace(key, value)
@@ -338,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m warmsocket.netem",
         description="Network emulation harness: namespaces + tbf + delay proxy.",
     )
-    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="name prefix of harness objects")
+    parser.add_argument(
+        "--prefix", type=_prefix, default=DEFAULT_PREFIX, help="name prefix of harness objects"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the harness does")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="probe capabilities and measure each profile")
@@ -348,9 +384,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[p.lower() for p in BUILTIN_PROFILES] + list(BUILTIN_PROFILES),
         help="profile to measure (repeatable; default: all)",
     )
-    check.add_argument("--samples", type=int, default=20, help="RTT samples per profile")
-    check.add_argument("--bulk-bytes", type=int, default=None, help="bytes per bulk transfer")
-    check.add_argument("--timeout", type=float, default=_CHECK_TIMEOUT, help="seconds per profile")
+    check.add_argument(
+        "--samples", type=_int_in(1, 100_000), default=20, help="RTT samples per profile"
+    )
+    check.add_argument(
+        "--bulk-bytes",
+        type=_int_in(1, MAX_BULK_BYTES),
+        default=None,
+        help="bytes per bulk transfer",
+    )
+    check.add_argument(
+        "--timeout", type=_seconds, default=_CHECK_TIMEOUT, help="seconds per profile"
+    )
     check.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     profiles = [p.lower() for p in BUILTIN_PROFILES] + list(BUILTIN_PROFILES)
@@ -365,14 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     runp.add_argument("--listen-port", type=_port, default=0, help="proxy port (default: any)")
     runp.add_argument("--require", action="store_true", help="fail instead of falling back")
     runp.add_argument("--measure", action="store_true", help="measure the link first")
-    runp.add_argument("--timeout", type=float, default=3600.0, help="stop the command after")
+    runp.add_argument("--timeout", type=_seconds, default=3600.0, help="stop the command after")
     runp.add_argument("cmd", nargs="+", help="the command (put it after --)")
     px = sub.add_parser("proxy", help="run a standalone delay proxy (no namespace)")
     px.add_argument("--profile", choices=profiles, default="WAN")
     px.add_argument("--listen", type=_host_port, default=("127.0.0.1", 0), help="HOST:PORT")
     px.add_argument("--target", type=_host_port, required=True, help="real server HOST:PORT")
     px.add_argument("--rate-limit", action="store_true", help="also apply the profile's rate")
-    px.add_argument("--duration", type=float, default=24 * 3600.0, help="stop after seconds")
+    px.add_argument("--duration", type=_seconds, default=24 * 3600.0, help="stop after seconds")
     px.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     cl = sub.add_parser("cleanup", help="remove namespaces/links left by crashed runs")
     cl.add_argument("--all", action="store_true", help="also remove those of running harnesses")
