@@ -46,6 +46,7 @@ from warmsocket.netem import (
     measure_path,
     run_command,
 )
+from warmsocket.netem import cli as netem_cli
 from warmsocket.netem import link as link_module
 from warmsocket.netem import plan as plan_module
 from warmsocket.netem.plan import DEFAULT_PREFIX, new_plan, owner_alias, parse_owner
@@ -921,6 +922,17 @@ def test_cli_run_refuses_a_listen_port_out_of_range() -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=50)
     assert proc.returncode == 2
     assert "argument --listen-port: not a port: '70000'" in proc.stderr
+
+
+def test_cli_run_require_without_root_says_why_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    argv = ["run", "--require", "--target", "127.0.0.1:9", "--", "true"]
+    assert netem_cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "cannot emulate WAN link: not running as root" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from typing import Any
 from warmsocket.cli import _port
 from warmsocket.netem.cleanup import cleanup, inventory
 from warmsocket.netem.commands import CommandError, Tools, find_tools, run_command
-from warmsocket.netem.link import EmulatedLink
+from warmsocket.netem.link import EmulatedLink, LinkUnavailable
 from warmsocket.netem.measure import MAX_BULK_BYTES, LinkMeasurement, format_mbit, measure_link
 from warmsocket.netem.plan import DEFAULT_PREFIX, validate_prefix
 from warmsocket.netem.profiles import BUILTIN_PROFILES, NetworkProfile, get_profile
@@ -443,6 +443,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except LinkUnavailable as exc:
+        # `run --require`: the expected outcome without root or iproute2, so the
+        # reason alone (it names the failing step), without a traceback.
+        print(f"netem: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # Output piped into e.g. `head`: not an error worth a traceback.
         with contextlib.suppress(OSError):
