@@ -924,6 +924,21 @@ def test_cli_run_refuses_a_listen_port_out_of_range() -> None:
     assert "argument --listen-port: not a port: '70000'" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--prefix", "ws-btest-", "-v", "check"],
+        ["check", "--prefix", "ws-btest-", "-v"],
+        ["-v", "check", "--prefix", "ws-btest-"],
+    ],
+    ids=["before", "after", "both"],
+)
+def test_cli_common_options_before_or_after_the_subcommand(argv: list[str]) -> None:
+    """`check -v` (as the docs show it) works as well as `-v check`."""
+    args = netem_cli.build_parser().parse_args(argv)
+    assert (args.command, args.prefix, args.verbose) == ("check", "ws-btest-", True)
+
+
 def test_cli_run_require_without_root_says_why_without_a_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -367,17 +367,39 @@ async def _proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_common_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--prefix and -v, taken before the subcommand and after it.
+
+    Only the top-level parser sets defaults: on a subcommand they are
+    suppressed, so leaving them out there keeps a value given before it.
+    """
+    parser.add_argument(
+        "--prefix",
+        type=_prefix,
+        default=DEFAULT_PREFIX if defaults else argparse.SUPPRESS,
+        help="name prefix of harness objects",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=False if defaults else argparse.SUPPRESS,
+        help="log what the harness does",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m warmsocket.netem",
         description="Network emulation harness: namespaces + tbf + delay proxy.",
     )
-    parser.add_argument(
-        "--prefix", type=_prefix, default=DEFAULT_PREFIX, help="name prefix of harness objects"
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what the harness does")
+    _add_common_options(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common_options(common, defaults=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="probe capabilities and measure each profile")
+    check = sub.add_parser(
+        "check", parents=[common], help="probe capabilities and measure each profile"
+    )
     check.add_argument(
         "--profile",
         action="append",
@@ -401,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     profiles = [p.lower() for p in BUILTIN_PROFILES] + list(BUILTIN_PROFILES)
     runp = sub.add_parser(
         "run",
+        parents=[common],
         help="set up a link and a proxy to --target, run a command in the client namespace",
         description="Placeholders {host} and {port} in the command are replaced by the "
         "proxy's address; it is also exported as NETEM_HOST / NETEM_PORT.",
@@ -412,16 +435,20 @@ def build_parser() -> argparse.ArgumentParser:
     runp.add_argument("--measure", action="store_true", help="measure the link first")
     runp.add_argument("--timeout", type=_seconds, default=3600.0, help="stop the command after")
     runp.add_argument("cmd", nargs="+", help="the command (put it after --)")
-    px = sub.add_parser("proxy", help="run a standalone delay proxy (no namespace)")
+    px = sub.add_parser(
+        "proxy", parents=[common], help="run a standalone delay proxy (no namespace)"
+    )
     px.add_argument("--profile", choices=profiles, default="WAN")
     px.add_argument("--listen", type=_host_port, default=("127.0.0.1", 0), help="HOST:PORT")
     px.add_argument("--target", type=_host_port, required=True, help="real server HOST:PORT")
     px.add_argument("--rate-limit", action="store_true", help="also apply the profile's rate")
     px.add_argument("--duration", type=_seconds, default=24 * 3600.0, help="stop after seconds")
     px.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
-    cl = sub.add_parser("cleanup", help="remove namespaces/links left by crashed runs")
+    cl = sub.add_parser(
+        "cleanup", parents=[common], help="remove namespaces/links left by crashed runs"
+    )
     cl.add_argument("--all", action="store_true", help="also remove those of running harnesses")
-    sub.add_parser("list", help="list harness namespaces and links")
+    sub.add_parser("list", parents=[common], help="list harness namespaces and links")
     return parser
 
 
