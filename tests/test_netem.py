@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import statistics
 import struct
 import subprocess
@@ -393,6 +394,58 @@ def test_proxy_backpressure_bounds_buffering() -> None:
     assert max(samples) <= bound, max(samples)
     assert peak <= bound, peak
     assert hashlib.sha256(received).digest() == hashlib.sha256(blob).digest()
+
+
+@pytest.mark.timeout(30)
+def test_proxy_notices_a_client_reset_while_it_is_not_reading_the_client() -> None:
+    """The server stopped reading, so the proxy stopped reading the client; the
+    client then resets. The connection and its buffers must go, not wait (up to
+    max_buffer_bytes held) until the server reads again."""
+
+    async def main() -> tuple[bool, int, float]:
+        connected, release = asyncio.Event(), asyncio.Event()
+
+        async def not_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connected.set()
+            await release.wait()
+
+        async with (
+            tcp_server(not_reading) as port,
+            DelayProxy("127.0.0.1", port, delay_s=0.005, max_buffer_bytes=256 * 1024) as proxy,
+        ):
+            _reader, writer = await asyncio.open_connection(*proxy.address)
+            await connected.wait()
+
+            async def send() -> None:
+                for _ in range(64):
+                    writer.write(bytes(1 << 20))
+                    await writer.drain()
+
+            sender = asyncio.create_task(send())
+            # The server does not read: kernel buffers fill, then the proxy must
+            # stop reading the client (backpressure) and the sender stalls.
+            await asyncio.sleep(0.5)
+            stalled = not sender.done() and proxy.stats.peak_buffered_bytes >= 64 * 1024
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # with SO_LINGER 0: a real RST
+            t0 = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    while proxy.open_connections:
+                        await asyncio.sleep(0.01)
+            noticed = time.monotonic() - t0
+            left = proxy.open_connections
+            release.set()
+            return stalled, left, noticed
+
+    stalled, left, noticed = run(main())
+    assert stalled, "the proxy should have stopped reading the client"
+    assert left == 0, f"the reset client's connection was still open after {noticed:.1f} s"
+    assert noticed < 2.0
 
 
 @pytest.mark.timeout(30)

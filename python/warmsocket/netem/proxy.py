@@ -14,6 +14,10 @@ plus the destination transport's write buffer) reach `max_buffer_bytes` and
 resumes below half of that, so a slow reader cannot make the proxy buffer
 without bound.  That limit behaves like a TCP window: at most
 `max_buffer_bytes / delay` bytes per second can be in flight per direction.
+A source that is not being read reports no reset, so while paused it is
+probed for one (SO_ERROR) every `_PAUSED_PROBE_S`; a reset found that way
+travels like any other (after the data before it), so the connection and its
+buffers do not stay held until the other side reads again.
 
 Connection set-up: the client's `connect()` to the proxy completes at once (the
 kernel accepts it), which would make a new connection one round trip cheaper
@@ -47,6 +51,9 @@ DEFAULT_MAX_BUFFER_BYTES = 4 * 1024 * 1024
 # With a rate limit, chunks are split into pieces of about 1 ms of line rate
 # (at least this many bytes) so delivery is smooth rather than 256 KiB lumps.
 _MIN_PIECE_BYTES = 16 * 1024
+# While a source is paused, how often to look for a reset the event loop cannot
+# report (it does not watch a paused socket).
+_PAUSED_PROBE_S = 0.5
 
 
 class _Marker(enum.Enum):
@@ -78,6 +85,7 @@ class _Pipe:
         "_last_deliver",
         "_limit",
         "_piece",
+        "_probe_timer",
         "_proxy",
         "_queue",
         "_queue_s",
@@ -106,6 +114,7 @@ class _Pipe:
         self._queue_s = proxy.queue_s
         self._piece = 0 if self._rate is None else max(_MIN_PIECE_BYTES, int(self._rate / 1000))
         self._resume_timer: TimerHandle | None = None
+        self._probe_timer: TimerHandle | None = None
         self._limit = proxy.max_buffer_bytes
         self._queue: deque[tuple[float, bytes | _Marker]] = deque()
         self._queued_bytes = 0
@@ -274,6 +283,7 @@ class _Pipe:
                 self.reading_paused = True
                 if not src.is_closing():
                     src.pause_reading()
+                self._arm_probe()
         elif (
             held <= self._limit // 2 and not self.dst_write_paused and backlog <= self._queue_s / 2
         ):
@@ -286,6 +296,22 @@ class _Pipe:
             when = self._serial_free - self._queue_s / 2
             self._resume_timer = self._proxy.scheduler.call_at(when, self._on_resume_timer)
 
+    def _arm_probe(self) -> None:
+        if self._probe_timer is None:
+            when = self._proxy.scheduler.now() + _PAUSED_PROBE_S
+            self._probe_timer = self._proxy.scheduler.call_at(when, self._probe_paused_src)
+
+    def _probe_paused_src(self) -> None:
+        """A paused source is not read, so its reset would go unnoticed: look."""
+        self._probe_timer = None
+        src = self.src
+        if self._closed or self.src_eof or not self.reading_paused or src is None:
+            return
+        if _socket_failed(src):
+            self._conn.source_failed(self)
+        else:
+            self._arm_probe()
+
     def on_dst_pause_writing(self) -> None:
         self.dst_write_paused = True
         self._update_pause()
@@ -296,12 +322,23 @@ class _Pipe:
 
     def close(self) -> None:
         self._closed = True
-        for timer in (self._timer, self._resume_timer):
+        for timer in (self._timer, self._resume_timer, self._probe_timer):
             if timer is not None:
                 timer.cancel()
-        self._timer = self._resume_timer = None
+        self._timer = self._resume_timer = self._probe_timer = None
         self._queue.clear()
         self._queued_bytes = 0
+
+
+def _socket_failed(transport: asyncio.Transport) -> bool:
+    """True if the transport's socket has a pending error (e.g. ECONNRESET)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    except OSError:
+        return True  # no usable socket left behind the transport
 
 
 class _Connection:
@@ -360,6 +397,12 @@ class _Connection:
         transport.set_write_buffer_limits(high=self.proxy.write_high_water)
         self.down.src = transport
         self.up.attach_dst(transport)
+
+    def source_failed(self, pipe: _Pipe) -> None:
+        """`pipe`'s source was found reset: as if its protocol saw connection_lost(exc)."""
+        other = self.down if pipe is self.up else self.up
+        other.close()  # nothing can be delivered to the failed side any more
+        pipe.feed_marker(_Marker.ABORT)
 
     def maybe_finished(self) -> None:
         if self.up.eof_delivered and self.down.eof_delivered:
