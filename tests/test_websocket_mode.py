@@ -456,6 +456,37 @@ def test_bad_input_gets_an_error_and_the_connection_stays_usable(
         assert output_text(ws.turn(input="still here")) == "You said: still here"
 
 
+def test_a_bug_handling_a_message_closes_with_1011_and_touches_no_other_connection(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected error while handling a client's message (a bug: a RecursionError
+    from a forged item was one) is logged by type and closes that connection with
+    1011 and a reason; the transport used to be aborted (the client saw 1006, no
+    reason). Other connections are not touched."""
+    from warmsocket.session import ResponsesSession
+
+    receive = ResponsesSession.receive_message
+
+    def buggy(self: ResponsesSession, data: bytes) -> None:
+        if b"trigger-the-bug" in data:
+            raise RecursionError("maximum recursion depth exceeded")
+        receive(self, data)
+
+    monkeypatch.setattr(ResponsesSession, "receive_message", buggy)
+    with WSClient(server.ws_url) as other, WSClient(server.ws_url) as ws:
+        ws.create(stream_id="a", input="/sleep 5000\nslow")
+        assert ws.recv()["type"] == "response.created"
+        ws.create(input="trigger-the-bug")
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+        assert "internal error" in closed.value.rcvd.reason
+        assert output_text(other.turn(input="still here")) == "You said: still here"
+    assert "unhandled error on a WebSocket connection" in caplog.text
+    assert "trigger-the-bug" not in caplog.text
+
+
 def test_oversize_message_is_rejected_and_connection_survives() -> None:
     with running_server(limits=Limits(max_message_bytes=10_000)) as srv, WSClient(srv.ws_url) as ws:
         ws.create(input="x" * 20_000)

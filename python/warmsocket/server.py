@@ -684,7 +684,10 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.server.metrics.bytes_received += len(data)
         if self.ws is not None:
-            self._ws_data(data)
+            try:
+                self._ws_data(data)
+            except Exception:
+                self._ws_failed()
             return
         if self._lingering is not None:
             return  # the rest of a refused request
@@ -1352,6 +1355,24 @@ class Connection(asyncio.Protocol):
             self._flush()
         # else: a model task starts in this iteration; the flush scheduled after it
         # writes `response.created` together with what its first step produced.
+
+    def _ws_failed(self) -> None:
+        """A bug met while handling what the client sent (logged with its type, never
+        its text): the connection closes with 1011 and a reason, rather than the
+        transport being aborted (uvloop's "Fatal error on transport"), which the
+        client saw as 1006 with no reason, and every other lane with it."""
+        log.exception("unhandled error on a WebSocket connection")
+        session, ws = self.session, self.ws
+        if session is not None and not session.closed:
+            session.connection_lost()  # its responses stop, its state is freed
+            try:
+                self._run_actions()
+            except Exception:
+                log.exception("unhandled error stopping a WebSocket's responses")
+        if ws is not None and ws.state is State.OPEN:
+            ws.send_close(1011, "internal error: see the server's log")
+        self._frames = None
+        self._flush()
 
     def _ws_events(self) -> None:
         assert self.ws is not None
