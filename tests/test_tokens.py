@@ -8,6 +8,7 @@ checked against the pure-Python reference in `warmsocket._reference_tokens`.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import threading
@@ -392,6 +393,15 @@ def _compaction(summary: str, before: list[Any] | None, after: list[Any], spoil:
         content = content[:-2] + "!" + content[-1:]
     elif spoil == 2:  # another server's
         content = "gAAAA" + content[5:]
+    elif spoil == 3:  # JSON the strict reader refuses (a BOM; NaN)
+        payload = base64.urlsafe_b64decode(content[len("wsc1.") :])
+        content = "wsc1." + base64.urlsafe_b64encode(b"\xef\xbb\xbf" + payload).decode()
+    elif spoil == 4:
+        payload = base64.urlsafe_b64decode(content[len("wsc1.") :])
+        spoilt = payload.replace(b'"summary":', b'"n":NaN,"summary":', 1)
+        content = "wsc1." + base64.urlsafe_b64encode(spoilt).decode()
+    elif spoil == 5:  # the standard base64 alphabet
+        content = "wsc1." + content[len("wsc1.") :].replace("-", "+").replace("_", "/")
     return {"type": "compaction", "encrypted_content": content, "id": "cmp_1"}
 
 
@@ -401,7 +411,7 @@ compactions = st.builds(
     texts,
     st.none() | st.lists(items, max_size=2),
     st.lists(items, max_size=2),
-    st.sampled_from([0, 0, 1, 2]),
+    st.sampled_from([0, 0, 1, 2, 3, 4, 5]),
 )
 
 
@@ -410,6 +420,10 @@ compactions = st.builds(
 # Found by this test: an integer outside 64 bits in a compaction item's kept items
 # (Rust read the payload as floats then).
 @example(item=_compaction("", [], [{"type": -9_223_372_036_854_775_809}], 0))
+# The reference read these leniently, Rust strictly (found by a review).
+@example(item=_compaction("s", None, [], 3))
+@example(item=_compaction("s", None, [], 4))
+@example(item=_compaction("s?>", None, [{"type": "a>?"}], 5))
 def test_item_tokens_match_the_reference(o200k: _core.Tokenizer, item: dict[str, Any]) -> None:
     data = canonical(item)
     expected = ref.framed_tokens(

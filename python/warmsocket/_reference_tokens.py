@@ -127,10 +127,22 @@ def _compaction(content: Any) -> tuple[str, list[str]] | None:
     """A compaction item made by warmsocket: the segments of what it stands for."""
     if not isinstance(content, str) or not content.startswith("wsc1."):
         return None
+    # As strict as the Rust reader: the exact base64url `encode_content` writes, and
+    # JSON without NaN, BOM, lone surrogates or nesting past 512 (the decoder itself
+    # is the server's, `client_events.decode_json`: what is checked here is rendering).
+    from warmsocket.client_events import decode_json
+    from warmsocket.errors import APIError
+
+    encoded = content[len("wsc1.") :]
     try:
-        encoded = content[len("wsc1.") :]
-        payload = json.loads(base64.b64decode(encoded, altchars=b"-_", validate=True))
+        raw = base64.urlsafe_b64decode(encoded)
     except (ValueError, binascii.Error):
+        return None
+    if base64.urlsafe_b64encode(raw).decode("ascii") != encoded:
+        return None
+    try:
+        payload = decode_json(raw)
+    except APIError:
         return None
     if not isinstance(payload, dict) or not isinstance(payload.get("summary"), str):
         return None
