@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from websockets.sync.client import connect
 
 from tests.support import FUNCTION_TOOLS, check_sse_event
-from tests.upstream_support import RunningSim, running_sim
+from tests.upstream_support import RunningSim, running_sim, sim_compaction_summary
 from warmsocket import mockmodel
 from warmsocket.prefixhash import PromptHasher, count_tokens
 from warmsocket.simulate import server as sim_server
@@ -117,6 +117,41 @@ def test_a_running_simulator_follows_its_latency_model(api: str) -> None:
         assert decode >= 0.03
         took = record["finished"] - record["first_token"]
         assert decode - EARLY * len(deltas) <= took < decode + LATE
+
+
+WHOLE = LatencyModel(
+    overhead_ms=20, prefill_tokens_per_second=10_000, decode_tokens_per_second=1_000
+)
+LONG_REPLY = "/reply " + " ".join(f"word{i}" for i in range(60))  # ~120 output tokens
+
+
+def test_non_streamed_answers_take_their_decode_time_too() -> None:
+    """A non-streamed answer arrives when a streamed one would end: overhead + prefill
+    of the uncached prompt + its output tokens / decode rate. A compaction likewise:
+    the input's prefill, then the summary's decode time."""
+    messages = [{"role": "user", "content": LONG_REPLY}]
+    compact_input = [
+        {"type": "message", "role": "user", "content": " ".join(f"fact{i}" for i in range(80))}
+    ]
+    with running_sim(latency=WHOLE) as sim, httpx.Client(base_url=sim.base_url, timeout=10) as h:
+        assert h.post("/chat/completions", json={"model": "m", "messages": messages}).is_success
+        chat = sim.stats()["requests"][-1]
+        assert h.post("/responses", json={"model": "m", "input": LONG_REPLY + " again"}).is_success
+        responses = sim.stats()["requests"][-1]
+        compacted = h.post("/responses/compact", json={"model": "m", "input": compact_input})
+        compact = sim.stats()["requests"][-1]
+    for record in (chat, responses):
+        assert record["stream"] is False and record["output_tokens"] > 100
+        uncached = record["prompt_tokens"] - record["cached_tokens"]
+        took = record["finished"] - record["started"]
+        whole = 0.020 + uncached / 10_000 + record["output_tokens"] / 1_000
+        assert whole - EARLY <= took < whole + LATE, (record["api"], took, whole)
+    summary = sim_compaction_summary(compacted.json()["output"][-1])
+    assert summary is not None
+    prompt_tokens, _blocks = PromptHasher(BLOCK).hash(None, [], canonical_items(compact_input))
+    whole = 0.020 + prompt_tokens / 10_000 + count_tokens(summary) / 1_000
+    took = compact["finished"] - compact["started"]
+    assert count_tokens(summary) > 80 and whole - EARLY <= took < whole + LATE, (took, whole)
 
 
 # -- the prefix cache ---------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Latency model of one request: `overhead_ms`, then prefill at
 `prefill_tokens_per_second` for the prompt tokens not already in the prefix cache
-(plus any `/sleep`), then one delta per `decode_tokens_per_second` token. A rate of
-0 means instant.
+(plus any `/sleep`), then one delta per `decode_tokens_per_second` token; a
+non-streamed answer comes whole after that same decode time. A rate of 0 means
+instant.
 
 Prefix cache: the prompt (instructions, tools, then each item; chat messages are
 turned back into items first) is tokenised with the item template and cut into
@@ -48,6 +49,12 @@ class LatencyModel:
         if self.decode_tokens_per_second <= 0:
             return 0.0
         return max(1, count_tokens(text)) / self.decode_tokens_per_second
+
+    def output_seconds(self, output_tokens: int) -> float:
+        """The decode time of a whole output, for an answer sent in one piece."""
+        if self.decode_tokens_per_second <= 0:
+            return 0.0
+        return output_tokens / self.decode_tokens_per_second
 
 
 @dataclass(frozen=True, slots=True)

@@ -441,7 +441,7 @@ class _Connection(asyncio.Protocol):
             await self._responses(request)
             return
         if method == "POST" and path == "/responses/compact":
-            self._compact(request)
+            await self._compact(request)
             return
         self._not_found(request)
 
@@ -568,6 +568,14 @@ class _Connection(asyncio.Protocol):
         if self.record is not None and self.record.first_token is None:
             self.record.first_token = time.monotonic()
 
+    async def _whole_answer_time(self, answer: _Answer) -> None:
+        """Wait until a non-streamed answer is done: the prefill, then the decode time of
+        all its output tokens (the model generates them whether or not they stream)."""
+        latency = self.server.config.latency
+        delay = answer.first_delay + latency.output_seconds(answer.output_tokens)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
     async def _pace(self, pieces: list[bytes], answer: _Answer, texts: list[str]) -> None:
         """Write `pieces` (first one after the first-token delay), paced by the decode rate."""
         latency = self.server.config.latency
@@ -610,8 +618,7 @@ class _Connection(asyncio.Protocol):
             record.status = 500
             raise errors.model_failed()
         if not stream:
-            if answer.first_delay:
-                await asyncio.sleep(answer.first_delay)
+            await self._whole_answer_time(answer)
             self._json(request, 200, self._chat_completion(answer, model))
             record.finished = time.monotonic()
             return
@@ -748,8 +755,7 @@ class _Connection(asyncio.Protocol):
         )
         frames, texts, _stream = self._response_events(body, answer, previous_response_id=None)
         if not stream:
-            if answer.first_delay:
-                await asyncio.sleep(answer.first_delay)
+            await self._whole_answer_time(answer)
             terminal = json.loads(frames[-1])
             self._json(request, 200, terminal["response"])
             record.finished = time.monotonic()
@@ -764,12 +770,13 @@ class _Connection(asyncio.Protocol):
         await self._pace(pieces, answer, texts)
         record.finished = time.monotonic()
 
-    def _compact(self, request: Request) -> None:
+    async def _compact(self, request: Request) -> None:
         """`POST /v1/responses/compact`, as OpenAI answers it: the window of the input
         (its user messages, then one compaction item only this server reads: its
         `encrypted_content` is `SIM_COMPACTION` and the base64 of the input's
-        transcript, the summary). A queued fault with a status answers instead."""
-        body, _raw = _decode_request(request.body)
+        transcript, the summary), after the latency model's time for reading the input
+        and writing the summary. A queued fault with a status answers instead."""
+        body, raw_items = _decode_request(request.body)
         if not isinstance(body, dict):
             raise errors.invalid_type("body", "a JSON object")
         record = self.server.stats.new(
@@ -785,6 +792,8 @@ class _Connection(asyncio.Protocol):
             raise APIError(None, "Simulated failure.", status=fault["status"], type="server_error")
         items = items_from_input(body.get("input"))
         summary = mockmodel.transcript(items, None)
+        aligned = raw_items is not None and len(raw_items) == len(items)
+        await self._compaction_time(body, items, raw_items if aligned else None, summary)
         sealed = SIM_COMPACTION + base64.b64encode(summary.encode()).decode()
         window = [
             _user_message(item, f"msg_sim{record.seq}_{index}")
@@ -804,6 +813,30 @@ class _Connection(asyncio.Protocol):
         }
         self._json(request, 200, answer)
         record.finished = time.monotonic()
+
+    async def _compaction_time(
+        self,
+        body: dict[str, Any],
+        items: list[dict[str, Any]],
+        encoded: list[bytes] | None,
+        summary: str,
+    ) -> None:
+        """Wait as a model compacting the input would: the overhead, the prefill of the
+        input's tokens not in the prefix cache, then the decode time of the summary."""
+        instructions = body.get("instructions")
+        tools = body.get("tools")
+        prefill = self.server.cache.prefill(
+            instructions if isinstance(instructions, str) else None,
+            tools if isinstance(tools, list) else [],
+            canonical_items(items) if encoded is None else encoded,
+        )
+        latency = self.server.config.latency
+        uncached = prefill.prompt_tokens - prefill.cached_tokens
+        delay = latency.first_token_seconds(uncached) + latency.output_seconds(
+            count_tokens(summary)
+        )
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     def _response_events(
         self, body: dict[str, Any], answer: _Answer, *, previous_response_id: str | None
