@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx2 as httpx
@@ -117,6 +119,53 @@ def test_a_running_simulator_follows_its_latency_model(api: str) -> None:
         assert decode >= 0.03
         took = record["finished"] - record["first_token"]
         assert decode - EARLY * len(deltas) <= took < decode + LATE
+
+
+PREFILL_ONLY = LatencyModel(prefill_tokens_per_second=20_000)
+
+
+def test_a_prompt_is_cached_only_once_its_prefill_has_run() -> None:
+    """Two identical prompts sent at once both pay the prefill (neither's blocks are
+    cached before its prefill ends), and a request refused for the context window or
+    cut off during its prefill caches nothing: the same prompt again pays in full."""
+
+    def body(instructions: str, **more: Any) -> dict[str, Any]:
+        text = instructions + LONG_INSTRUCTIONS  # ~3,000 tokens: 0.15 s of prefill
+        return {"model": "m", "instructions": text, "input": "hi", "stream": True, **more}
+
+    def records_of(sim: RunningSim, instructions: str) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in sim.stats(bodies=True)["requests"]
+            if json.loads(r["body"])["instructions"].startswith(instructions)
+        ]
+
+    with (
+        running_sim(latency=PREFILL_ONLY, max_model_len=4_000) as sim,
+        httpx.Client(base_url=sim.base_url, timeout=10) as http,
+    ):
+        with ThreadPoolExecutor(2) as pool:
+            same = body("Twins. ")
+            answers = list(pool.map(lambda _n: http.post("/responses", json=same), range(2)))
+        assert [a.status_code for a in answers] == [200, 200]
+        refused = http.post("/responses", json=body("Refused. ", max_output_tokens=2_000))
+        assert refused.status_code == 400
+        http.post("/responses", json=body("Refused. "))
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up during the prefill
+            http.post("/responses", json=body("Cut. "), timeout=httpx.Timeout(10, read=0.05))
+        for _wait in range(200):  # until the simulator has seen the client go
+            if records_of(sim, "Cut. ")[0]["aborted"] is not None:
+                break
+            time.sleep(0.005)
+        http.post("/responses", json=body("Cut. "))
+        twins = records_of(sim, "Twins. ")
+        after_refusal = records_of(sim, "Refused. ")[-1]
+        after_cut = records_of(sim, "Cut. ")[-1]
+    for record in twins:
+        assert record["cached_tokens"] == 0
+        assert record["first_token"] - record["started"] >= record["prompt_tokens"] / 20_000 - EARLY
+    assert after_refusal["status"] == 200 and after_refusal["cached_tokens"] == 0
+    assert after_cut["status"] == 200 and after_cut["cached_tokens"] == 0
 
 
 WHOLE = LatencyModel(

@@ -11,7 +11,11 @@ turned back into items first) is tokenised with the item template and cut into
 token blocks with chained hashes (`warmsocket.prefixhash`); the cache holds up to
 `cache_blocks` block hashes and evicts the least recently used. A block is stamped
 as used after its descendants, so eviction takes leaves first and the cached blocks
-of any prompt always form a prefix (found by binary search), as in vLLM.
+of any prompt always form a prefix (found by binary search), as in vLLM. A request
+looks its prompt up when it arrives and adds its blocks only once its prefill has
+run (`PrefixCache.fill`): a request refused or cut off before that adds nothing, and
+an identical prompt arriving meanwhile pays its own prefill (vLLM would let it wait
+for the blocks being computed; the simulator does not model that).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from json.scanner import make_scanner
 from typing import Any
 
@@ -61,6 +65,8 @@ class LatencyModel:
 class Prefill:
     prompt_tokens: int
     cached_tokens: int
+    blocks: Sequence[bytes] = field(default=(), repr=False)
+    """The prompt's block hashes, which `PrefixCache.fill` adds once the prefill is done."""
 
 
 class PrefixCache:
@@ -89,10 +95,14 @@ class PrefixCache:
     def prefill(
         self, instructions: str | None, tools: Sequence[Any], items: list[bytes]
     ) -> Prefill:
-        """Look the prompt's blocks up, then cache them all. Returns token counts.
+        """Look the prompt's blocks up, then cache them all (a prefill that runs at
+        once). Returns token counts. `items` are the context's items as JSON."""
+        found = self.lookup(instructions, tools, items)
+        self.fill(found)
+        return found
 
-        `items` are the context's items as canonical JSON.
-        """
+    def lookup(self, instructions: str | None, tools: Sequence[Any], items: list[bytes]) -> Prefill:
+        """How much of the prompt is cached, without caching anything."""
         prompt_tokens, keys = self._hasher.hash(instructions, tools, items)
         blocks = self._blocks
         low, high = 0, len(keys)
@@ -102,7 +112,15 @@ class PrefixCache:
                 low = mid
             else:
                 high = mid - 1
-        cached_blocks = low
+        self.lookups += 1
+        self.hits += low > 0
+        cached_tokens = min(prompt_tokens, low * self.block_tokens)
+        return Prefill(prompt_tokens, cached_tokens, keys)
+
+    def fill(self, prefill: Prefill) -> None:
+        """Cache a looked-up prompt's blocks: its prefill has run."""
+        keys = prefill.blocks
+        blocks = self._blocks
         # Stamp every block; a block's stamp is newer than its descendants', so the
         # oldest blocks are always leaves and what is cached of a prompt is a prefix.
         clock = self._clock
@@ -110,9 +128,6 @@ class PrefixCache:
         self._clock = clock + len(keys) + 1
         if len(blocks) > self.capacity:
             self._evict()
-        self.lookups += 1
-        self.hits += cached_blocks > 0
-        return Prefill(prompt_tokens, min(prompt_tokens, cached_blocks * self.block_tokens))
 
     def _evict(self) -> None:
         """Drop the least recently used blocks, down to 90% of the capacity."""

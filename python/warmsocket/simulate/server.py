@@ -484,7 +484,7 @@ class _Connection(asyncio.Protocol):
         if encoded is None:
             encoded = canonical_items(items)
         tool_list = tools if isinstance(tools, list) else []
-        prefill = self.server.cache.prefill(instructions, tool_list, encoded)
+        prefill = self.server.cache.lookup(instructions, tool_list, encoded)
         _check_context_window(record, prefill.prompt_tokens, max_tokens, self.server.config)
         reply = plan(items, tools=tools, instructions=instructions, choice=choice)
         reply, cut_short = _within(reply, max_tokens)
@@ -568,19 +568,25 @@ class _Connection(asyncio.Protocol):
         if self.record is not None and self.record.first_token is None:
             self.record.first_token = time.monotonic()
 
+    async def _prefill_time(self, first_delay: float, prefill: Prefill) -> None:
+        """Wait out the time to the first token, then cache the prompt's blocks: only a
+        prefill that ran to its end leaves them (a request cut off before adds none)."""
+        if first_delay > 0:
+            await asyncio.sleep(first_delay)
+        self.server.cache.fill(prefill)
+
     async def _whole_answer_time(self, answer: _Answer) -> None:
         """Wait until a non-streamed answer is done: the prefill, then the decode time of
         all its output tokens (the model generates them whether or not they stream)."""
-        latency = self.server.config.latency
-        delay = answer.first_delay + latency.output_seconds(answer.output_tokens)
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await self._prefill_time(answer.first_delay, answer.prefill)
+        decode = self.server.config.latency.output_seconds(answer.output_tokens)
+        if decode > 0:
+            await asyncio.sleep(decode)
 
     async def _pace(self, pieces: list[bytes], answer: _Answer, texts: list[str]) -> None:
         """Write `pieces` (first one after the first-token delay), paced by the decode rate."""
         latency = self.server.config.latency
-        if answer.first_delay > 0:
-            await asyncio.sleep(answer.first_delay)
+        await self._prefill_time(answer.first_delay, answer.prefill)
         self._mark_first_token()
         if latency.decode_tokens_per_second <= 0:
             if self.transport is not None and not self.lost:
@@ -825,18 +831,17 @@ class _Connection(asyncio.Protocol):
         input's tokens not in the prefix cache, then the decode time of the summary."""
         instructions = body.get("instructions")
         tools = body.get("tools")
-        prefill = self.server.cache.prefill(
+        prefill = self.server.cache.lookup(
             instructions if isinstance(instructions, str) else None,
             tools if isinstance(tools, list) else [],
             canonical_items(items) if encoded is None else encoded,
         )
         latency = self.server.config.latency
         uncached = prefill.prompt_tokens - prefill.cached_tokens
-        delay = latency.first_token_seconds(uncached) + latency.output_seconds(
-            count_tokens(summary)
-        )
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await self._prefill_time(latency.first_token_seconds(uncached), prefill)
+        decode = latency.output_seconds(count_tokens(summary))
+        if decode > 0:
+            await asyncio.sleep(decode)
 
     def _response_events(
         self, body: dict[str, Any], answer: _Answer, *, previous_response_id: str | None
@@ -1081,8 +1086,7 @@ class _Connection(asyncio.Protocol):
 
     async def _ws_paced(self, frames: list[bytes], answer: _Answer, texts: list[str]) -> None:
         latency = self.server.config.latency
-        if answer.first_delay > 0:
-            await asyncio.sleep(answer.first_delay)
+        await self._prefill_time(answer.first_delay, answer.prefill)
         self._mark_first_token()
         if latency.decode_tokens_per_second <= 0:
             self._ws_send(frames)
