@@ -617,3 +617,83 @@ def test_stats_keep_the_most_recent_requests_and_count_them_all(
         assert [r["seq"] for r in sim.stats(since=4)["requests"]] == [4]
         assert [r["seq"] for r in sim.stats(since=1)["requests"]] == [2, 3, 4]
         assert sim.stats(since=5)["requests"] == []
+
+
+# -- malformed input ------------------------------------------------------------------------------
+
+
+def test_malformed_requests_get_a_400_naming_the_field() -> None:
+    """Fields the simulator reads, in a shape it cannot use, are refused at once with
+    a 400 naming them (the client used to wait forever for an answer)."""
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    hi = [{"role": "user", "content": "hi"}]
+    cases = [
+        (
+            "/chat/completions",
+            {"model": "m", "messages": [{"role": "assistant", "tool_calls": [1]}]},
+            "messages[0].tool_calls[0]",
+        ),
+        (
+            "/chat/completions",
+            {"model": "m", "messages": hi, "stream": True, "stream_options": "x"},
+            "stream_options",
+        ),
+        (
+            "/responses",
+            {
+                "model": "m",
+                "tools": tools,
+                "input": [
+                    {"role": "user", "content": "/call f {}"},
+                    {"type": "function_call_output", "call_id": {"a": 1}, "output": "x"},
+                ],
+            },
+            "input[1].call_id",
+        ),
+    ]
+    with running_sim() as sim, httpx.Client(base_url=sim.base_url, timeout=1) as http:
+        for path, body, param in cases:
+            answer = http.post(path, json=body)
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["error"]["param"] == param
+        since = http.get(f"http://127.0.0.1:{sim.port}/stats?since=abc")
+        assert since.status_code == 400 and since.json()["error"]["param"] == "since"
+        assert [r["status"] for r in sim.stats()["requests"]] == [400, 400, 400]
+
+
+def test_an_unexpected_error_is_answered_as_a_server_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever goes wrong inside the simulator, the request is answered (a 500
+    `server_error`, an `error` event in WebSocket mode), its /stats record ends with
+    status 500, the connection still serves, and the log names the error's type only."""
+
+    def broken_model(*_args: Any, **_kwargs: Any) -> mockmodel.Reply:
+        raise RuntimeError("secret conversation text")
+
+    monkeypatch.setattr(sim_server, "plan", broken_model)
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with (
+        caplog.at_level("ERROR", logger="warmsocket.simulate"),
+        running_sim() as sim,
+        httpx.Client(base_url=sim.base_url, timeout=1) as http,
+    ):
+        answers = [
+            http.post("/chat/completions", json=chat),
+            http.post("/responses", json={"model": "m", "input": "hi", "stream": True}),
+        ]
+        with connect(sim.base_url.replace("http", "ws") + "/responses", open_timeout=5) as ws:
+            ws.send(json.dumps({"type": "response.create", "model": "m", "input": "hi"}))
+            event = json.loads(ws.recv(timeout=1))
+        assert http.get("/models").status_code == 200  # the same connection still serves
+        records = sim.stats()["requests"]
+    for answer in answers:
+        assert answer.status_code == 500
+        assert answer.json()["error"]["type"] == "server_error"
+    assert (event["type"], event["status"], event["error"]["type"]) == (
+        "error",
+        500,
+        "server_error",
+    )
+    assert [(r["status"], r["finished"] is not None) for r in records] == [(500, True)] * 3
+    assert "RuntimeError" in caplog.text and "secret" not in caplog.text

@@ -319,6 +319,8 @@ class _Connection(asyncio.Protocol):
         self._lifetime_timer: asyncio.TimerHandle | None = None
         self.received = 0.0
         """When the request being answered was read in full."""
+        self.answering = False
+        """Something of the HTTP answer has been written (too late to send an error)."""
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -352,8 +354,24 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     def write(self, data: bytes) -> None:
+        self.answering = True
         if self.transport is not None and not self.lost:
             self.transport.write(data)
+
+    def _unexpected(self, error: Exception) -> None:
+        """An error nothing in the simulator expected (malformed input it did not check,
+        or a bug): log its type (no content in logs) and end the request's record as
+        the 500 it is answered with."""
+        record = self.record
+        log.error(
+            "request %s on connection %d failed: %s",
+            "-" if record is None else record.seq,
+            self.id,
+            type(error).__name__,
+        )
+        if record is not None:
+            record.status = 500
+            record.finished = time.monotonic()
 
     # -- HTTP --------------------------------------------------------------------------------
 
@@ -375,6 +393,7 @@ class _Connection(asyncio.Protocol):
         self.task = self.loop.create_task(self._handle(request))
 
     async def _handle(self, request: Request) -> None:
+        self.answering = False
         try:
             await self._route(request)
         except APIError as error:
@@ -388,6 +407,13 @@ class _Connection(asyncio.Protocol):
         except _Abort:
             self.abort()
             return
+        except Exception as error:  # answered, so the client does not wait forever
+            self._unexpected(error)
+            if self.answering:  # a streamed answer has begun: it cannot become an error
+                self.abort()
+                return
+            body = dumps(errors.server_error().http_body())
+            self.write(encode_response(500, body, keep_alive=request.keep_alive))
         finally:
             self.task = None
             self.record = None
@@ -413,7 +439,7 @@ class _Connection(asyncio.Protocol):
             return
         if method == "GET" and path == "/stats":
             bodies = request.query_value("bodies") in {"1", "true"}
-            since = int(request.query_value("since") or 0)
+            since = _since(request.query_value("since"))
             self._json(request, 200, self.server.stats.report(bodies=bodies, since=since))
             return
         if method == "POST" and path == "/control":
@@ -608,6 +634,7 @@ class _Connection(asyncio.Protocol):
             "chat", self.id, request.body, body.get("model"), stream, self.received
         )
         self.record = record
+        _check_chat(record, body)
         fault = await self._fault(record)
         instructions, items = items_from_chat(body["messages"])
         limit = body.get("max_completion_tokens")
@@ -628,7 +655,8 @@ class _Connection(asyncio.Protocol):
             self._json(request, 200, self._chat_completion(answer, model))
             record.finished = time.monotonic()
             return
-        include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+        options = body.get("stream_options") or {}  # an object: `_check_chat`
+        include_usage = options.get("include_usage") is True
         top = body.get("top_logprobs")
         logprobs = (top if isinstance(top, int) else 0) if body.get("logprobs") is True else None
         chunks, texts = self._chat_chunks(answer, model, include_usage, logprobs)
@@ -747,6 +775,7 @@ class _Connection(asyncio.Protocol):
             record.status = 400
             raise errors.previous_response_not_found(str(previous))
         fault = await self._fault(record)
+        _check_call_items(record, body.get("input"))
         items = items_from_input(body.get("input"))
         _refuse_unpersisted(record, items, store=body.get("store") is not False)
         instructions = _instructions(record, body, self.server.prompts)
@@ -1023,6 +1052,11 @@ class _Connection(asyncio.Protocol):
                     await self._ws_create(message, state)
                 except APIError as error:
                     self._ws_send([dumps(error.ws_event())])
+                except _Abort:
+                    raise
+                except Exception as error:  # answered, so the client does not wait forever
+                    self._unexpected(error)
+                    self._ws_send([dumps(errors.server_error().ws_event())])
                 finally:
                     self.record = None
         except asyncio.CancelledError:
@@ -1053,6 +1087,7 @@ class _Connection(asyncio.Protocol):
             _id, context, context_encoded = state.latest
             record.chained = True
         fault = await self._fault(record)
+        _check_call_items(record, body.get("input"))
         new = items_from_input(body.get("input"))
         _refuse_unpersisted(record, new, store=body.get("store") is not False)
         if raw_items is None or len(raw_items) != len(new):
@@ -1305,6 +1340,75 @@ def _check_context_window(
         "in the completion). Please reduce the length of the messages or completion.",
         type="BadRequestError",
     )
+
+
+def _since(value: str | None) -> int:
+    """`/stats?since=N`: a request count."""
+    try:
+        return int(value or 0)
+    except ValueError:
+        raise errors.invalid_type("since", "an integer") from None
+
+
+_CALL_ITEMS = frozenset(
+    {"function_call", "function_call_output", "custom_tool_call", "custom_tool_call_output"}
+)
+
+
+def _check_call_items(record: RequestRecord, value: Any) -> None:
+    """Refuse a tool call or output item whose `call_id` or `name` is not a string, as
+    the API does (the model matches outputs to calls by them)."""
+    for index, item in enumerate(value if isinstance(value, list) else ()):
+        if not isinstance(item, dict) or item.get("type") not in _CALL_ITEMS:
+            continue
+        for name in ("call_id", "name"):
+            if item.get(name) is not None and not isinstance(item[name], str):
+                record.status = 400
+                raise errors.invalid_type(f"input[{index}].{name}", "a string")
+
+
+def _check_chat(record: RequestRecord, body: dict[str, Any]) -> None:
+    """Refuse the Chat Completions fields the simulator reads in a shape vLLM would
+    refuse too, with a 400 rather than a failure inside the model."""
+    error = _chat_error(body)
+    if error is not None:
+        record.status = 400
+        raise error
+
+
+def _chat_error(body: dict[str, Any]) -> APIError | None:
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        return errors.invalid_type("stream_options", "an object")
+    for index, message in enumerate(body["messages"]):
+        if isinstance(message, dict):
+            error = _chat_message_error(message, f"messages[{index}]")
+            if error is not None:
+                return error
+    return None
+
+
+def _chat_message_error(message: dict[str, Any], param: str) -> APIError | None:
+    tool_call_id = message.get("tool_call_id")
+    if tool_call_id is not None and not isinstance(tool_call_id, str):
+        return errors.invalid_type(f"{param}.tool_call_id", "a string")
+    calls = message.get("tool_calls")
+    if calls is None:
+        return None
+    if not isinstance(calls, list):
+        return errors.invalid_type(f"{param}.tool_calls", "an array")
+    for index, call in enumerate(calls):
+        where = f"{param}.tool_calls[{index}]"
+        if not isinstance(call, dict):
+            return errors.invalid_type(where, "an object")
+        if call.get("id") is not None and not isinstance(call["id"], str):
+            return errors.invalid_type(f"{where}.id", "a string")
+        function = call.get("function")
+        if function is not None and not isinstance(function, dict):
+            return errors.invalid_type(f"{where}.function", "an object")
+        if function is not None and not isinstance(function.get("name", ""), str):
+            return errors.invalid_type(f"{where}.function.name", "a string")
+    return None
 
 
 def _tool_choice(body: dict[str, Any]) -> mockmodel.ToolChoice:
