@@ -245,6 +245,15 @@ def test_repeat_counts_outputs_after_the_user_message() -> None:
     assert plan(two) == Reply("text", "done after 2 calls")
 
 
+@pytest.mark.parametrize("count", ["²", "٣", "1" * 5_000, "1" * 10])
+def test_repeat_without_a_plain_count_is_not_a_directive(count: str) -> None:
+    """A count that is not up to nine ASCII digits (a superscript, another script's
+    digit, one longer than `int` takes) is plain text, as any non-directive line:
+    echoed back, not a failed response."""
+    text = f"/repeat {count} get_weather {{}}"
+    assert plan([user(text)]) == Reply("text", f"You said: {text}")
+
+
 def test_reply_sets_the_answer_after_any_calls() -> None:
     answer = '{"city": "Lima", "sky": "sunny"}'
     assert plan([user(f"/reply {answer}")]) == Reply("text", answer)

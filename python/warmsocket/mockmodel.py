@@ -15,7 +15,8 @@ state handling is right. Read from the newest user message:
   ``custom_tool_call_output`` has come back, replies ``NAME returned: <output>``
   (combines with ``/call`` lines: parallel calls)
 * ``/repeat N NAME JSON``: calls NAME once per turn until N outputs for it have come back
-  after that user message, then replies ``done after N calls``
+  after that user message, then replies ``done after N calls`` (N: up to nine ASCII
+  digits; any other line is not the directive)
 * ``/transcript``: one line per item of the full context, in order:
   ``instructions: <text>`` when set, ``<role>: <text>`` for messages,
   ``function_call <name> <call_id>``, ``function_call_output <call_id> <output>``
@@ -511,6 +512,16 @@ def _parse_sleep(rest: str) -> int:
     return max(0, min(value, MAX_SLEEP_MS))
 
 
+MAX_COUNT_DIGITS = 9
+"""The longest `/repeat` count: far more calls than any conversation makes."""
+
+
+def _is_count(word: str) -> bool:
+    """ASCII digits only (`str.isdigit` also takes '²', which `int` refuses), and few
+    enough that `int` takes them (it refuses more than 4,300)."""
+    return word.isascii() and word.isdigit() and len(word) <= MAX_COUNT_DIGITS
+
+
 def _parse_directive(command: str, rest: str) -> _Directive | None:
     if command == "/fail":
         return _Directive("fail")
@@ -527,7 +538,7 @@ def _parse_directive(command: str, rest: str) -> _Directive | None:
             return _Directive("call", (custom,))
     if command == "/repeat":
         parts = rest.split(maxsplit=2)
-        if len(parts) >= 2 and parts[0].isdigit():
+        if len(parts) >= 2 and _is_count(parts[0]):
             wanted = Call(parts[1], parts[2] if len(parts) > 2 else "{}")
             return _Directive("repeat", (wanted,), int(parts[0]))
     return None
