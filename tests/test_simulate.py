@@ -619,6 +619,23 @@ def test_stats_keep_the_most_recent_requests_and_count_them_all(
         assert sim.stats(since=5)["requests"] == []
 
 
+def test_reset_stats_keeps_counting_the_open_connections() -> None:
+    """`{"reset_stats": true}` starts the request counts afresh, but the connections
+    open then are still open: `connections_open` counts them, and drops to 0 (not
+    below) once they close."""
+    with running_sim() as sim:
+        with httpx.Client(base_url=f"http://127.0.0.1:{sim.port}", timeout=10) as http:
+            http.post("/v1/responses", json={"model": "m", "input": "hi"})
+            assert http.post("/control", json={"reset_stats": True}).status_code == 200
+            report = http.get("/stats").json()
+            assert (report["requests_total"], report["connections_open"]) == (0, 1)
+        for _wait in range(200):  # until the simulator has seen the client go
+            if not sim.call(lambda: sim.server.connections):
+                break
+            time.sleep(0.005)
+        assert sim.call(lambda: sim.server.stats.connections_open) == 0
+
+
 # -- malformed input ------------------------------------------------------------------------------
 
 

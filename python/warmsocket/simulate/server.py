@@ -263,7 +263,10 @@ class SimServer:
         if isinstance(prompts, dict):
             self.prompts.update({k: v for k, v in prompts.items() if isinstance(v, str)})
         if body.get("reset_stats"):
+            still_open = self.stats.connections_open
             self.stats = SimStats(self.config.record_bodies)
+            # Counted down as they close (`connection_lost`): carried over, else negative.
+            self.stats.connections_open = still_open
         if body.get("reset_cache"):
             self.cache.clear()
         for connection in list(self.connections):
