@@ -447,6 +447,34 @@ def test_non_streaming_responses() -> None:
         assert sim.stats()["requests"][-1]["cached_tokens"] > 0
 
 
+def test_call_ids_depend_on_the_conversation_not_its_json() -> None:
+    """The same conversation gets the same call id however its JSON is spaced or
+    escaped, whatever ids and statuses its items carry, over HTTP or WebSocket; a
+    different conversation gets another."""
+    ask_call = {"type": "message", "role": "user", "content": '/call get_weather {"city": "Oslo"}'}
+    body = {"model": "m", "tools": FUNCTION_TOOLS, "input": [ask_call]}
+    with_ids = {**body, "input": [{**ask_call, "id": "msg_1", "status": "completed"}]}
+    sent = [
+        json.dumps(body, separators=(",", ":")).encode(),
+        json.dumps(body).encode(),
+        json.dumps(body, indent=2).encode(),
+        json.dumps(body, ensure_ascii=False, separators=(" ,", " : ")).encode(),
+        json.dumps(with_ids).encode(),
+    ]
+    other = {**body, "input": [{**ask_call, "content": '/call get_weather {"city": "Rome"}'}]}
+    with running_sim() as sim, httpx.Client(base_url=sim.base_url, timeout=10) as http:
+        headers = {"content-type": "application/json"}
+        ids = [http.post("/responses", content=raw, headers=headers).json() for raw in sent]
+        with connect(sim.base_url.replace("http", "ws") + "/responses", open_timeout=5) as ws:
+            ws.send(json.dumps({"type": "response.create", **body}, indent=1))
+            while (event := json.loads(ws.recv(timeout=10)))["type"] != "response.completed":
+                pass
+        elsewhere = http.post("/responses", json=other).json()
+    call_ids = {answer["output"][0]["call_id"] for answer in ids}
+    assert call_ids == {event["response"]["output"][0]["call_id"]}
+    assert elsewhere["output"][0]["call_id"] not in call_ids
+
+
 def test_an_answer_over_the_output_limit_is_cut_short() -> None:
     """As an inference server stops at its token limit: the text cut to fit, with
     `finish_reason: length` (chat, streamed or not) or `response.incomplete`."""

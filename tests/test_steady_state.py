@@ -68,6 +68,7 @@ def server(
     monkeypatch.setattr(responses_http, "MEMO_ENTRIES", BOUND)
     monkeypatch.setattr(responses_ws, "MAX_CHAINS", BOUND)
     monkeypatch.setattr(sim_server, "KEPT_REQUESTS", BOUND)
+    monkeypatch.setattr(sim_server, "CALL_ID_MEMORY", BOUND)
     monkeypatch.setattr(shared_store, "ANNOUNCED_MEMORY", BOUND)
     monkeypatch.setattr(conversations, "DELETED_KEPT", BOUND)
     with ExitStack() as stack:

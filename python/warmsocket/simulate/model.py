@@ -24,6 +24,7 @@ import base64
 import hashlib
 import hmac
 import json
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from json.scanner import make_scanner
@@ -135,6 +136,43 @@ class PrefixCache:
         ordered = sorted(self._blocks.items(), key=lambda entry: entry[1])
         for key, _stamp in ordered[: len(ordered) - keep]:
             del self._blocks[key]
+
+
+class CallIds:
+    """Deterministic call ids: the same conversation gets the same ids whoever sends it.
+
+    The id is a digest of the instructions and of each item's canonical JSON (compact,
+    sorted keys) without its `id` and `status`, which differ by who made the item, so
+    neither the JSON's spacing nor item ids change it. Each item's digest is remembered
+    by a hash of its bytes as sent, so a conversation's items are made canonical once,
+    not again on every turn.
+    """
+
+    def __init__(self, memory: int = 1 << 16) -> None:
+        self.memory = memory
+        self._digests: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def first(
+        self, instructions: str | None, items: Sequence[Mapping[str, Any]], encoded: list[bytes]
+    ) -> str:
+        """The id of a reply's first call (`encoded`: each item's JSON as sent)."""
+        digest = hashlib.sha256(hashlib.sha256((instructions or "").encode()).digest())
+        for item, sent in zip(items, encoded, strict=True):
+            digest.update(self._item_digest(item, sent))
+        return "call_" + digest.hexdigest()[:24]
+
+    def _item_digest(self, item: Mapping[str, Any], sent: bytes) -> bytes:
+        key = hashlib.sha256(sent).digest()
+        digests = self._digests
+        known = digests.get(key)
+        if known is not None:
+            digests.move_to_end(key)
+            return known
+        kept = {k: v for k, v in item.items() if k not in {"id", "status"}}
+        known = digests[key] = hashlib.sha256(_canonical(kept).encode()).digest()
+        if len(digests) > self.memory:
+            digests.popitem(last=False)
+        return known
 
 
 def canonical_items(items: Sequence[Mapping[str, Any]]) -> list[bytes]:

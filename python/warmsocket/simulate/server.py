@@ -68,6 +68,7 @@ from warmsocket.http11 import (
 from warmsocket.prefixhash import count_tokens, tokenizer
 from warmsocket.response_stream import ResponseStream, dumps, usage_object
 from warmsocket.simulate.model import (
+    CallIds,
     LatencyModel,
     Prefill,
     PrefixCache,
@@ -146,6 +147,8 @@ class RequestRecord:
 
 KEPT_REQUESTS = 100_000
 """The requests `/stats` reports, the most recent (a long run keeps no more)."""
+CALL_ID_MEMORY = 1 << 16
+"""Item digests remembered for making call ids (`CallIds`), the most recent."""
 
 
 class SimStats:
@@ -216,6 +219,7 @@ class SimServer:
         self.config = config
         self.stats = SimStats(config.record_bodies)
         self.cache = PrefixCache(config.cache_blocks, config.block_tokens)
+        self.call_ids = CallIds(CALL_ID_MEMORY)
         self.faults: deque[dict[str, Any]] = deque()
         self.prompts: dict[str, str] = {}
         """Prompt templates by id (`POST /control {"prompts": {id: instructions}}`):
@@ -534,13 +538,22 @@ class _Connection(asyncio.Protocol):
         first = latency.first_token_seconds(uncached, reply.sleep_ms)
         if self.server.config.record_bodies > 0:
             record.context = _canonical(items)
-        # Deterministic call ids: the same context gets the same calls, whoever sends it.
-        digest = hashlib.sha256((instructions or "").encode())
-        for item in encoded:
-            digest.update(item)
-        call_id = "call_" + digest.hexdigest()[:24]
-        call_ids = [call_id if n == 0 else f"{call_id}_{n}" for n in range(len(reply.calls))]
+        call_ids = self._call_ids(reply, instructions, items, encoded)
         return _Answer(reply, prefill, first, call_ids, output_tokens, reasoning_tokens, cut_short)
+
+    def _call_ids(
+        self,
+        reply: mockmodel.Reply,
+        instructions: str | None,
+        items: list[dict[str, Any]],
+        encoded: list[bytes],
+    ) -> list[str]:
+        """One id per call of the reply, from the context (`CallIds`): the same context
+        gets the same calls, whoever sends it."""
+        if not reply.calls:
+            return []
+        first = self.server.call_ids.first(instructions, items, encoded)
+        return [first if n == 0 else f"{first}_{n}" for n in range(len(reply.calls))]
 
     async def _fault(self, record: RequestRecord) -> dict[str, Any] | None:
         """Apply a queued fault that acts before the answer; return one that acts during it."""
