@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,6 +26,7 @@ from warmsocket.prefixhash import PromptHasher, count_tokens
 from warmsocket.simulate import server as sim_server
 from warmsocket.simulate.model import (
     LatencyModel,
+    Prefill,
     PrefixCache,
     canonical_items,
     seal_reasoning,
@@ -229,15 +232,78 @@ def test_the_prefix_cache_evicts_least_recently_used_leaves_first() -> None:
     assert cache.prefill(*a).cached_tokens == 8 * BLOCK  # used again: now newer than b
     assert len(cache) == 16
     assert cache.prefill(*c).cached_tokens == 0
-    # 24 blocks > 20: down to 90 % (18) by dropping the 6 least recently used, which are
-    # b's last blocks (a block is stamped newer than the blocks after it).
-    assert len(cache) == 18
+    # 24 blocks > 20: back to 20 by dropping the 4 least recently used, which are b's
+    # last blocks (a block is marked used after the blocks that follow it).
+    assert len(cache) == 20
     assert (cached(cache, *a), cached(cache, *b), cached(cache, *c)) == (
         "11111111",
-        "11......",
+        "1111....",
         "11111111",
     )
-    assert cache.prefill(*b).cached_tokens == 2 * BLOCK
+    assert cache.prefill(*b).cached_tokens == 4 * BLOCK
+
+
+class CountingTable(OrderedDict[bytes, Any]):
+    """A prefix cache's block table that counts the entries walked through (iterating
+    it, or its keys, values or items) and the blocks evicted from it."""
+
+    walked = 0
+    evicted = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.walked += len(self)
+        return super().__iter__()
+
+    def keys(self) -> Any:
+        self.walked += len(self)
+        return super().keys()
+
+    def values(self) -> Any:
+        self.walked += len(self)
+        return super().values()
+
+    def items(self) -> Any:
+        self.walked += len(self)
+        return super().items()
+
+    def popitem(self, last: bool = True) -> tuple[bytes, Any]:
+        self.evicted += 1
+        return super().popitem(last)
+
+    def __delitem__(self, key: bytes) -> None:
+        self.evicted += 1
+        super().__delitem__(key)
+
+
+def test_the_prefix_cache_evicts_without_walking_its_table() -> None:
+    """Going over capacity evicts one least recently used block per block added, and
+    walks none of the table (sorting it all stalled every stream for half a second at
+    the default --cache-blocks); what is cached of any prompt stays a prefix, while
+    requests look up and fill in any order."""
+    rng = random.Random(7)
+    capacity = 2_000
+    cache = PrefixCache(capacity=capacity, block_tokens=BLOCK)
+    table = cache._blocks = CountingTable()  # how much work eviction does
+    chains = [[f"root{n}".encode() for n in range(capacity)]]
+    cache.fill(Prefill(0, 0, chains[0]))
+    assert len(cache) == capacity and table.evicted == 0
+    in_flight: list[list[bytes]] = []
+    for step in range(600):
+        base = rng.choice(chains)  # continue or fork a cached prompt by a few blocks
+        new = [f"s{step}b{n}".encode() for n in range(rng.randint(1, 4))]
+        in_flight.append(base[: rng.randint(1, len(base))] + new)
+        if rng.random() < 0.5:  # a prefill ends: its blocks are cached now
+            chain = in_flight.pop(rng.randrange(len(in_flight)))
+            before = len(cache) + sum(key not in cache for key in chain)
+            evicted = table.evicted
+            cache.fill(Prefill(0, 0, chain))
+            assert len(cache) == capacity
+            assert table.evicted - evicted == before - capacity  # only as many as needed
+            chains.append(chain)
+        for chain in chains[-8:]:
+            held = "".join("1" if key in cache else "." for key in chain)
+            assert "1" not in held.lstrip("1"), held  # a prefix: no hole, no tail alone
+    assert table.walked == 0 and table.evicted > 500
 
 
 def test_the_prefix_cache_stays_within_capacity_and_caches_prefixes() -> None:

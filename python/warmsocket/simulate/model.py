@@ -9,9 +9,10 @@ instant.
 Prefix cache: the prompt (instructions, tools, then each item; chat messages are
 turned back into items first) is tokenised with the item template and cut into
 token blocks with chained hashes (`warmsocket.prefixhash`); the cache holds up to
-`cache_blocks` block hashes and evicts the least recently used. A block is stamped
-as used after its descendants, so eviction takes leaves first and the cached blocks
-of any prompt always form a prefix (found by binary search), as in vLLM. A request
+`cache_blocks` block hashes and evicts the least recently used, one block for each
+block added past that (no pass over the whole table). A block is marked as used
+after its descendants, so eviction takes leaves first and the cached blocks of any
+prompt always form a prefix (found by binary search), as in vLLM. A request
 looks its prompt up when it arrives and adds its blocks only once its prefill has
 run (`PrefixCache.fill`): a request refused or cut off before that adds nothing, and
 an identical prompt arriving meanwhile pays its own prefill (vLLM would let it wait
@@ -71,13 +72,14 @@ class Prefill:
 
 
 class PrefixCache:
-    """Block hashes with last-use stamps, at most `capacity` of them."""
+    """Block hashes in least-recently-used order, at most `capacity` of them."""
 
     def __init__(self, capacity: int, block_tokens: int = 16) -> None:
         self.capacity = capacity
         self.block_tokens = block_tokens
-        self._blocks: dict[bytes, int] = {}
-        self._clock = 0
+        self._blocks: OrderedDict[bytes, None] = OrderedDict()
+        """Least recently used first; every block after (more recent than) its
+        descendants, so the first block is always a leaf."""
         self._hasher = PromptHasher(block_tokens)
         self.hits = 0
         self.lookups = 0
@@ -119,23 +121,18 @@ class PrefixCache:
         return Prefill(prompt_tokens, cached_tokens, keys)
 
     def fill(self, prefill: Prefill) -> None:
-        """Cache a looked-up prompt's blocks: its prefill has run."""
-        keys = prefill.blocks
+        """Cache a looked-up prompt's blocks (its prefill has run), then evict the least
+        recently used past the capacity: work for the blocks added, whatever the size
+        of the table."""
         blocks = self._blocks
-        # Stamp every block; a block's stamp is newer than its descendants', so the
-        # oldest blocks are always leaves and what is cached of a prompt is a prefix.
-        clock = self._clock
-        blocks.update(zip(keys, range(clock + len(keys), clock, -1), strict=True))
-        self._clock = clock + len(keys) + 1
-        if len(blocks) > self.capacity:
-            self._evict()
-
-    def _evict(self) -> None:
-        """Drop the least recently used blocks, down to 90% of the capacity."""
-        keep = int(self.capacity * 0.9)
-        ordered = sorted(self._blocks.items(), key=lambda entry: entry[1])
-        for key, _stamp in ordered[: len(ordered) - keep]:
-            del self._blocks[key]
+        # Mark every block used, the last first: each block ends up more recent than
+        # its descendants (here and in any other prompt), so the least recent blocks
+        # are always leaves and what is cached of a prompt stays a prefix.
+        for key in reversed(prefill.blocks):
+            blocks[key] = None
+            blocks.move_to_end(key)
+        while len(blocks) > self.capacity:
+            blocks.popitem(last=False)
 
 
 class CallIds:
