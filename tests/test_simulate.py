@@ -730,6 +730,38 @@ def test_reset_stats_keeps_counting_the_open_connections() -> None:
         assert sim.call(lambda: sim.server.stats.connections_open) == 0
 
 
+def test_the_context_is_recorded_when_stats_read_it_not_per_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The full context of a recorded request (`context`, `context_sha256`) is made
+    from it when /stats reads it, once, not while answering: the simulator's own cost
+    per request does not grow with the conversation. As `body`, it is kept for the
+    latest --record-bodies requests."""
+    digests: list[int] = []  # the length of each context made
+    real_digest = sim_server.context_digest
+
+    def counted_digest(items: list[dict[str, Any]]) -> str:
+        digests.append(len(items))
+        return real_digest(items)
+
+    monkeypatch.setattr(sim_server, "context_digest", counted_digest)
+    history: list[dict[str, Any]] = []
+    with running_sim(record_bodies=2) as sim, httpx.Client(base_url=sim.base_url) as http:
+        for turn in range(3):
+            history.append({"type": "message", "role": "user", "content": f"turn {turn}"})
+            answer = http.post("/responses", json={"model": "m", "input": history})
+            history += answer.json()["output"]
+        assert digests == []  # nothing made while answering
+        first, second, third = sim.stats(bodies=True)["requests"]
+        assert digests == [3, 5]  # the two kept contexts, when read
+        assert sim.stats(bodies=True)["requests"][1:] == [second, third]
+        assert digests == [3, 5]  # once
+    assert (first["context"], first["context_sha256"]) == (None, "")
+    assert json.loads(third["context"]) == history[:5]
+    assert third["context_sha256"] == real_digest(history[:5])
+    assert "context_items" not in third
+
+
 # -- malformed input ------------------------------------------------------------------------------
 
 

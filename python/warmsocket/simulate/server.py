@@ -134,15 +134,20 @@ class RequestRecord:
     chained: bool = False
     """responses-ws: continued the connection's remembered response."""
     context_sha256: str = ""
-    """Of the full context (items) as the model saw it, ids and statuses left out (only
-    computed when bodies are recorded)."""
+    """Of the full context (items) as the model saw it, ids and statuses left out; like
+    `context`, for the latest `record_bodies` requests, computed when /stats reads them."""
     reply: str = ""
     fault: str | None = None
     finished: float | None = None
     aborted: float | None = None
     body: str | None = None
     context: str | None = None
-    """The full context (items, canonical JSON) the model saw; kept like `body`."""
+    """The full context (items, canonical JSON) the model saw; kept like `body`, and
+    made when /stats reads it (not on the request's path: its cost grows with the
+    conversation)."""
+    context_items: list[dict[str, Any]] | None = field(default=None, repr=False)
+    """That context until /stats makes `context` and `context_sha256` of it (not
+    reported; nothing changes the items once answered)."""
 
 
 KEPT_REQUESTS = 100_000
@@ -187,7 +192,7 @@ class SimStats:
             self._bodies.append(record)
             while len(self._bodies) > self.record_bodies:
                 dropped = self._bodies.popleft()
-                dropped.body = dropped.context = None
+                dropped.body = dropped.context = dropped.context_items = None
         self.requests.append(record)
         self.requests_total += 1
         return record
@@ -198,7 +203,9 @@ class SimStats:
         records = []
         first_kept = self.requests_total - len(self.requests)
         for record in itertools.islice(self.requests, max(0, since - first_kept), None):
+            _render_context(record)
             entry = asdict(record)
+            del entry["context_items"]
             if not bodies:
                 entry.pop("body")
                 entry.pop("context")
@@ -210,6 +217,15 @@ class SimStats:
             "requests_total": self.requests_total,
             "requests": records,
         }
+
+
+def _render_context(record: RequestRecord) -> None:
+    """Make a record's `context` and `context_sha256` from the items it keeps, once."""
+    items = record.context_items
+    if items is not None:
+        record.context = _canonical(items)
+        record.context_sha256 = context_digest(items)
+        record.context_items = None
 
 
 class SimServer:
@@ -531,13 +547,11 @@ class _Connection(asyncio.Protocol):
             output = reply.text
         reasoning_tokens = count_tokens(reply.reasoning) if reply.reasoning else 0
         record.output_tokens = output_tokens = count_tokens(output) + reasoning_tokens
-        if self.server.config.record_bodies > 0:
-            record.context_sha256 = context_digest(items)
+        if record.body is not None:  # kept for /stats?bodies=1: the context too
+            record.context_items = items
         latency = self.server.config.latency
         uncached = prefill.prompt_tokens - prefill.cached_tokens
         first = latency.first_token_seconds(uncached, reply.sleep_ms)
-        if self.server.config.record_bodies > 0:
-            record.context = _canonical(items)
         call_ids = self._call_ids(reply, instructions, items, encoded)
         return _Answer(reply, prefill, first, call_ids, output_tokens, reasoning_tokens, cut_short)
 
