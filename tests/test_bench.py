@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -609,3 +610,94 @@ def test_bench_command_runs_the_agent_loop_into_results_and_plots(tmp_path: Path
         "agent_e2e.png", "agent_turn_latency.png", "agent_breakdown.png",
     }  # fmt: skip
     assert "agent loop, LAN" in result.stdout
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (children, their children, ...)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _links_owned_by(pid: int) -> list[str]:
+    """Names of the emulated links (server-side veths) a process made, if any."""
+    from warmsocket.netem import find_tools, inventory, run_command
+    from warmsocket.netem.plan import parse_owner
+
+    tools = find_tools()
+    if isinstance(tools, str):
+        return []
+    owned = []
+    for link in inventory(run_command, tools).links:
+        owner = parse_owner(link.alias)
+        if owner is not None and owner.pid == pid:
+            owned.append(link.name)
+    return owned
+
+
+def _bench_until(label: str, *args: str) -> subprocess.Popen[str]:
+    """`warmsocket bench` in the background, returned once its progress shows `label`."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "warmsocket", "bench", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    for line in process.stderr:  # (the test's timeout bounds this)
+        if label in line:
+            return process
+    process.kill()
+    raise AssertionError(f"the bench ended before {label!r}: {process.communicate()}")
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_every_server_and_removes_the_link(tmp_path: Path) -> None:
+    """`timeout`, a cancelled CI job or a supervisor sends SIGTERM: the bench must
+    stop the servers it started and remove its network namespace, as Ctrl-C does,
+    not die at once and leave them behind."""
+    process = _bench_until(
+        "LAN N=30 websocket", "--suites", "agent-loop", "--profiles", "lan",
+        "--modes", "websocket", "--tool-calls", "30", "--tool-ms", "200",
+        "--time-limit", "100", "--output-dir", str(tmp_path),
+    )  # fmt: skip
+    children = _descendants(process.pid)
+    links = _links_owned_by(process.pid)
+    with process:  # (closes its pipes)
+        try:
+            names = [Path(f"/proc/{pid}/cmdline").read_text() for pid in children]
+            assert any("simulate-upstream" in n for n in names) and any("serve" in n for n in names)
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)  # (not its pipes: orphans would hold them open)
+            time.sleep(0.5)  # (killed children of a gone parent are reaped by init)
+            survivors = [
+                Path(f"/proc/{pid}/cmdline").read_text() for pid in children if _running(pid)
+            ]
+            assert survivors == []
+            if links:  # the link was emulated (root): nothing of it may stay behind
+                assert _links_owned_by(process.pid) == []
+            assert process.returncode != -signal.SIGTERM  # it unwound instead of dying
+        except BaseException:  # leave nothing running for the next test
+            for pid in [process.pid, *children]:
+                if _running(pid):
+                    os.kill(pid, signal.SIGKILL)
+            raise

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from warmsocket.bench import MODES, PROFILES, SUITES
@@ -125,6 +129,39 @@ def add_command(commands: Any) -> None:
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+UNWIND_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+"""Signals that stop a run the way Ctrl-C does: `timeout`, a cancelled CI job or a
+supervisor sends SIGTERM, a closed terminal SIGHUP."""
+
+
+def _interrupt_like_ctrl_c(signum: int, frame: FrameType | None) -> None:
+    # Whatever handles SIGINT right now: asyncio's while the agent loop runs (it
+    # cancels the main task, so the links and servers are torn down by their context
+    # managers), else Python's default, which raises KeyboardInterrupt.
+    on_sigint = signal.getsignal(signal.SIGINT)
+    if callable(on_sigint):
+        on_sigint(signal.SIGINT, frame)
+    else:  # SIGINT ignored (started in the background): unwind all the same
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def _signals_unwind_like_ctrl_c() -> Iterator[None]:
+    """Make SIGTERM and SIGHUP unwind like Ctrl-C while the suites run: without it they
+    kill this process at once, skipping every `finally`, and leave the servers running
+    and the emulated link (namespace, veth, tbf) behind. A signal that was ignored when
+    the command started (`nohup` ignores SIGHUP) stays ignored."""
+    previous = {}
+    for signum in UNWIND_SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, _interrupt_like_ctrl_c)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def bench_command(args: argparse.Namespace) -> int:
     from warmsocket.bench import runner
 
@@ -190,7 +227,8 @@ def bench_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    results = runner.run(options)
+    with _signals_unwind_like_ctrl_c():
+        results = runner.run(options)
     plots_failed = False
     try:
         written = runner.write(results, options)

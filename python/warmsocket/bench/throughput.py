@@ -58,6 +58,10 @@ def run_loadgen(job: dict[str, Any], timeout: float) -> dict[str, Any]:
         process.kill()
         process.communicate()
         raise RuntimeError(f"the load generator did not finish within {timeout:g} s") from None
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM): leave no load generator behind
+        process.kill()
+        process.communicate()
+        raise
     if process.returncode != 0:
         raise RuntimeError(f"the load generator failed: {err[-2000:]}")
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
