@@ -695,9 +695,40 @@ def test_sigterm_stops_every_server_and_removes_the_link(tmp_path: Path) -> None
             assert survivors == []
             if links:  # the link was emulated (root): nothing of it may stay behind
                 assert _links_owned_by(process.pid) == []
-            assert process.returncode != -signal.SIGTERM  # it unwound instead of dying
+            assert process.returncode == 128 + signal.SIGTERM  # it unwound instead of dying
+            document = json.loads((tmp_path / "results.json").read_text())
+            assert document["interrupted"] is True and document["interrupted_by"] == "SIGTERM"
         except BaseException:  # leave nothing running for the next test
             for pid in [process.pid, *children]:
                 if _running(pid):
                     os.kill(pid, signal.SIGKILL)
             raise
+
+
+@pytest.mark.timeout(120)
+def test_an_interrupted_bench_writes_what_finished(tmp_path: Path) -> None:
+    """Ctrl-C part-way keeps the finished suites and agent-loop runs in results.json,
+    marked interrupted, and exits 130 as a shell reports an interrupted command."""
+    process = _bench_until(
+        "LAN N=30 websocket", "--suites", "throughput,agent-loop,memory",
+        "--connections", "1", "--seconds", "0.2", "--profiles", "lan", "--modes", "websocket",
+        "--tool-calls", "1,30", "--tool-ms", "200", "--reps", "1", "--time-limit", "100",
+        "--output-dir", str(tmp_path),
+    )  # fmt: skip
+    with process:
+        process.send_signal(signal.SIGINT)
+        _out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "interrupted (SIGINT); results.json keeps what finished" in err
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["interrupted"] is True and document["interrupted_by"] == "SIGINT"
+    assert [p["connections"] for p in document["throughput"]["points"]] == [1]
+    lan = document["agent_loop"]["profiles"]["LAN"]
+    assert lan["truncated"] == "interrupted"
+    assert [(r["mode"], r["tool_calls"]) for r in lan["runs"]] == [("websocket", 1)]
+    assert lan["summary"]["1"]["websocket"]["runs"] == 1
+    assert document["skipped"] == {
+        "agent-loop": "interrupted before it finished",
+        "memory": "interrupted before it finished",
+    }
+    assert "memory" not in document and document["errors"] == {}

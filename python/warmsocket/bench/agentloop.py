@@ -238,6 +238,7 @@ class _Harness:
 
 
 TIME_LIMIT_REACHED = "the time limit was reached"
+INTERRUPTED = "interrupted"
 
 
 def _past(deadline: float | None) -> bool:
@@ -258,16 +259,23 @@ def _schedule(
 
 
 async def run_agent_loop(
-    config: AgentLoopConfig, progress: Progress, *, deadline: float | None = None
+    config: AgentLoopConfig,
+    progress: Progress,
+    *,
+    deadline: float | None = None,
+    out: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark; returns the `agent_loop` section of the result file."""
+    """Run the benchmark; returns the `agent_loop` section of the result file. `out`,
+    when given, is that section, filled as runs finish: a caller keeps the finished
+    runs when the loop is interrupted (cancelled)."""
     modes = [m for m in config.modes if m in MODES]
     workloads = {
         n: WorkloadSpec(**{**config.workload.as_dict(), "tool_calls": n}).build()
         for n in sorted(set(config.sizes))
     }
     largest = workloads[max(workloads)]
-    out: dict[str, Any] = {
+    out = {} if out is None else out
+    out |= {
         "config": {
             "sizes": config.sizes,
             "modes": modes,
@@ -309,15 +317,20 @@ async def run_agent_loop(
                 for mode in modes:  # warms the upstream's cache of the shared prompt
                     await harness.run(mode, smallest, -1)
                 runs: list[Run] = []
-                for rep, size, mode in _schedule(config, modes, shuffle):
-                    if _past(deadline):
-                        section["truncated"] = TIME_LIMIT_REACHED
-                        break
-                    progress(f"{profile.name} N={size} {mode} rep {rep + 1}")
-                    runs.append(await harness.run(mode, size, rep))
-                section["runs"] = [r.as_dict() for r in runs]
-                section["summary"] = summarize(runs, modes, config.sizes)
-                section["checks"] = check_runs(runs)
+                try:
+                    for rep, size, mode in _schedule(config, modes, shuffle):
+                        if _past(deadline):
+                            section["truncated"] = TIME_LIMIT_REACHED
+                            break
+                        progress(f"{profile.name} N={size} {mode} rep {rep + 1}")
+                        runs.append(await harness.run(mode, size, rep))
+                except (asyncio.CancelledError, KeyboardInterrupt):
+                    section["truncated"] = INTERRUPTED
+                    raise
+                finally:  # also when interrupted: the finished runs are results
+                    section["runs"] = [r.as_dict() for r in runs]
+                    section["summary"] = summarize(runs, modes, config.sizes)
+                    section["checks"] = check_runs(runs)
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -134,32 +134,48 @@ UNWIND_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 supervisor sends SIGTERM, a closed terminal SIGHUP."""
 
 
-def _interrupt_like_ctrl_c(signum: int, frame: FrameType | None) -> None:
-    # Whatever handles SIGINT right now: asyncio's while the agent loop runs (it
-    # cancels the main task, so the links and servers are torn down by their context
-    # managers), else Python's default, which raises KeyboardInterrupt.
-    on_sigint = signal.getsignal(signal.SIGINT)
-    if callable(on_sigint):
-        on_sigint(signal.SIGINT, frame)
-    else:  # SIGINT ignored (started in the background): unwind all the same
-        raise KeyboardInterrupt
+def _interrupt_like_ctrl_c(received: list[int]) -> Callable[[int, FrameType | None], None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        # Whatever handles SIGINT right now: asyncio's while the agent loop runs (it
+        # cancels the main task, so the links and servers are torn down by their
+        # context managers), else Python's default, which raises KeyboardInterrupt.
+        on_sigint = signal.getsignal(signal.SIGINT)
+        if callable(on_sigint):
+            on_sigint(signal.SIGINT, frame)
+        else:  # SIGINT ignored (started in the background): unwind all the same
+            raise KeyboardInterrupt
+
+    return handler
 
 
 @contextmanager
-def _signals_unwind_like_ctrl_c() -> Iterator[None]:
+def _signals_unwind_like_ctrl_c() -> Iterator[list[int]]:
     """Make SIGTERM and SIGHUP unwind like Ctrl-C while the suites run: without it they
     kill this process at once, skipping every `finally`, and leave the servers running
     and the emulated link (namespace, veth, tbf) behind. A signal that was ignored when
-    the command started (`nohup` ignores SIGHUP) stays ignored."""
+    the command started (`nohup` ignores SIGHUP) stays ignored. Yields the list of
+    those signals received."""
+    received: list[int] = []
+    handler = _interrupt_like_ctrl_c(received)
     previous = {}
     for signum in UNWIND_SIGNALS:
         if signal.getsignal(signum) is signal.SIG_DFL:
-            previous[signum] = signal.signal(signum, _interrupt_like_ctrl_c)
+            previous[signum] = signal.signal(signum, handler)
     try:
-        yield
+        yield received
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _exit_status(results: dict[str, Any], received: list[int], plots_failed: bool) -> int:
+    """128 + the signal for an interrupted run (130 for Ctrl-C, 143 for SIGTERM, 129 for
+    SIGHUP), as a shell reports a command killed by it; 1 when a suite failed or the
+    plots asked for were not drawn (a failure a script should see); else 0."""
+    if results.get("interrupted"):
+        return 128 + (received[0] if received else signal.SIGINT)
+    return 1 if results["errors"] or plots_failed else 0
 
 
 def bench_command(args: argparse.Namespace) -> int:
@@ -227,8 +243,15 @@ def bench_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    with _signals_unwind_like_ctrl_c():
+    with _signals_unwind_like_ctrl_c() as received:
         results = runner.run(options)
+    if results.get("interrupted"):
+        name = signal.Signals(received[0]).name if received else "SIGINT"
+        results["interrupted_by"] = name
+        print(
+            f"warmsocket bench: interrupted ({name}); results.json keeps what finished",
+            file=sys.stderr,
+        )
     plots_failed = False
     try:
         written = runner.write(results, options)
@@ -245,5 +268,4 @@ def bench_command(args: argparse.Namespace) -> int:
         print(line)
     for path in written:
         print(f"wrote {path}")
-    # Plots asked for and not drawn is a failure a script should see.
-    return 1 if results["errors"] or plots_failed else 0
+    return _exit_status(results, received, plots_failed)

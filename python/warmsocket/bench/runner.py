@@ -28,6 +28,7 @@ from warmsocket.bench.throughput import ThroughputConfig, run_throughput
 from warmsocket.bench.workload import WorkloadSpec
 
 SCHEMA = "warmsocket-bench/1"
+INTERRUPTED = "interrupted before it finished"
 
 
 @dataclass(slots=True)
@@ -77,10 +78,30 @@ def _steps(options: BenchOptions) -> int:
     return steps
 
 
-def run(options: BenchOptions) -> dict[str, Any]:
-    """Run the selected suites; the result document (also when a suite fails)."""
+def _run_suite(
+    suite: str,
+    options: BenchOptions,
+    progress: Progress,
+    deadline: float,
+    results: dict[str, Any],
+) -> None:
+    """Run one suite into `results`."""
     from warmsocket.cli import run_async
 
+    if suite == "agent-loop":
+        # Filled as runs finish, so an interrupted loop keeps the runs it finished.
+        section: dict[str, Any] = {}
+        results["agent_loop"] = section
+        run_async(run_agent_loop(options.agent_loop, progress, deadline=deadline, out=section))
+    elif suite == "throughput":
+        results["throughput"] = run_throughput(options.throughput, progress)
+    elif suite == "memory":
+        results["memory"] = run_memory(options.memory, progress)
+
+
+def run(options: BenchOptions) -> dict[str, Any]:
+    """Run the selected suites; the result document (also when a suite fails, and with
+    `"interrupted": true` and what finished when interrupted)."""
     progress = Progress(_steps(options), enabled=options.progress)
     deadline = time.monotonic() + options.time_limit
     results: dict[str, Any] = {
@@ -90,24 +111,26 @@ def run(options: BenchOptions) -> dict[str, Any]:
         "errors": {},
         "skipped": {},
     }
+    finished: list[str] = []
     try:
         for suite in options.suites:
             if time.monotonic() > deadline:
                 results["skipped"][suite] = "the time limit was reached"
                 continue
             try:
-                if suite == "agent-loop":
-                    section = run_async(
-                        run_agent_loop(options.agent_loop, progress, deadline=deadline)
-                    )
-                    results["agent_loop"] = section
-                elif suite == "throughput":
-                    results["throughput"] = run_throughput(options.throughput, progress)
-                elif suite == "memory":
-                    results["memory"] = run_memory(options.memory, progress)
+                _run_suite(suite, options, progress, deadline, results)
             except Exception as exc:  # reported in the result file, and the run goes on
                 results["errors"][suite] = f"{type(exc).__name__}: {exc}"
                 progress.note(f"{suite} failed: {exc}")
+            finished.append(suite)
+    except KeyboardInterrupt:
+        # Ctrl-C, or SIGTERM/SIGHUP made into one by the command: the servers are
+        # stopped by now; what finished (agent-loop runs included) is kept and written.
+        results["interrupted"] = True
+        for suite in options.suites:
+            if suite not in finished:
+                results["skipped"].setdefault(suite, INTERRUPTED)
+        progress.note("interrupted: keeping the results of what finished")
     finally:
         results["machine"]["load_average_end"] = machine.load_average()
         results["targets"] = [t.as_dict() for t in targets.evaluate(results)]
