@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager, contextmanager
 import pytest
 
 from warmsocket import _core
-from warmsocket.bench.procs import Process, stop
+from warmsocket.bench.procs import Process, child_env, stop
 
 BARE_SERVER = """
 import asyncio, json, sys, uvloop
@@ -60,6 +60,7 @@ def _bare_server(handler: str, stdin: str | None = None) -> Iterator[Process]:
         stdin=subprocess.PIPE if stdin is not None else None,
         stdout=subprocess.PIPE,
         text=True,
+        env=child_env(),
     )
     try:
         if stdin is not None:

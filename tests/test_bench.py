@@ -732,3 +732,45 @@ def test_an_interrupted_bench_writes_what_finished(tmp_path: Path) -> None:
         "memory": "interrupted before it finished",
     }
     assert "memory" not in document and document["errors"] == {}
+
+
+def test_bench_servers_ignore_the_callers_warmsocket_variables(tmp_path: Path) -> None:
+    """A WARMSOCKET_* variable left in the shell (an API key, a mock latency) must not
+    reach the servers the bench measures: with WARMSOCKET_API_KEY set every throughput
+    handshake failed with 401, with WARMSOCKET_MOCK_TTFT_MS=20 the rate fell 60-fold,
+    and results.json did not say why. The file names the variables it ignored."""
+    result = _warmsocket(
+        "bench", "--suites", "throughput", "--connections", "1", "--seconds", "0.2",
+        "--no-plots", "--output-dir", str(tmp_path),
+        env={"WARMSOCKET_API_KEY": "secret", "WARMSOCKET_MOCK_TTFT_MS": "20"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["errors"] == {}
+    (point,) = document["throughput"]["points"]
+    assert point["warmsocket"]["ops_per_second"] > 100  # not 1 turn per 20 ms or more
+    assert document["ignored_environment"] == ["WARMSOCKET_API_KEY", "WARMSOCKET_MOCK_TTFT_MS"]
+    assert "secret" not in (tmp_path / "results.json").read_text()
+
+
+def test_every_bench_process_starts_without_warmsocket_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WARMSOCKET_SIM_OVERHEAD_MS", "500")
+    monkeypatch.setenv("WARMSOCKET_MAX_LANES", "1")
+
+    def variables(pid: int) -> set[str]:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            return {v.split(b"=", 1)[0].decode() for v in environ.read().split(b"\0") if v}
+
+    with (
+        procs.simulated_upstream() as upstream,
+        procs.warmsocket_server(env={"WARMSOCKET_LOG_LEVEL": "info"}) as server,
+        procs.echo_server() as echo,
+    ):
+        assert not {v for v in variables(upstream.pid) if v.startswith("WARMSOCKET_")}
+        assert not {v for v in variables(echo.pid) if v.startswith("WARMSOCKET_")}
+        # What the harness sets on purpose still gets through.
+        assert {v for v in variables(server.pid) if v.startswith("WARMSOCKET_")} == {
+            "WARMSOCKET_LOG_LEVEL"
+        }

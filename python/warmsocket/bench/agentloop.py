@@ -204,6 +204,7 @@ class _Harness:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            env=procs.child_env(),
         )
         payload = json.dumps(asdict(job)).encode()
         try:

@@ -87,6 +87,7 @@ def measure_idle(config: MemoryConfig) -> dict[str, Any]:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            env=procs.child_env(),
         )
         try:
             assert process.stdin is not None and process.stdout is not None

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
@@ -110,9 +110,33 @@ def _drain(stream: IO[str]) -> None:
     threading.Thread(target=run, name="drain-log", daemon=True).start()
 
 
+ENV_PREFIX = "WARMSOCKET_"
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a process the benchmark starts: this one's without any
+    WARMSOCKET_* variable, plus `extra` (what the harness sets on purpose).
+
+    `warmsocket serve` and `simulate-upstream` take their flags' defaults from
+    WARMSOCKET_* variables: inherited from the caller's shell they would change what
+    is measured and nothing would say so (WARMSOCKET_MOCK_TTFT_MS=20 slows every turn
+    of the throughput suite, WARMSOCKET_API_KEY fails its handshakes with 401)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update(extra or {})
+    return env
+
+
+def ignored_environment() -> list[str]:
+    """Names (never values) of the caller's WARMSOCKET_* variables the children do not
+    get, for the result file."""
+    return sorted(k for k in os.environ if k.startswith(ENV_PREFIX))
+
+
 @contextmanager
-def _json_logged(argv: Sequence[str], what: str, env: dict[str, str] | None) -> Iterator[Process]:
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+def _json_logged(
+    argv: Sequence[str], what: str, env: Mapping[str, str] | None = None
+) -> Iterator[Process]:
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=child_env(env))
     try:
         assert process.stderr is not None
         port = _read_listening(process.stderr, what, process)
@@ -132,12 +156,14 @@ def simulated_upstream(*args: str) -> Iterator[Process]:
         "simulate-upstream", "--port", "0", "--record-bodies", "0", "--log-format", "json",
         *args,
     )  # fmt: skip
-    with _json_logged(argv, "simulate-upstream", None) as process:
+    with _json_logged(argv, "simulate-upstream") as process:
         yield process
 
 
 @contextmanager
-def warmsocket_server(*args: str, env: dict[str, str] | None = None) -> Iterator[Process]:
+def warmsocket_server(*args: str, env: Mapping[str, str] | None = None) -> Iterator[Process]:
+    """`warmsocket serve` with `args`; `env`: variables set on purpose (the caller's
+    WARMSOCKET_* are not passed on, see `child_env`)."""
     argv = warmsocket_command(
         "serve", "--port", "0", "--log-format", "json", "--log-level", "info",
         "--ws-ping-interval", "0", *args,
@@ -168,7 +194,7 @@ def agentic_api(upstream_port: int) -> Iterator[Process]:
         raise RuntimeError("agentic-api is not installed (pip install agentic-api==0.9.0)")
     home = tempfile.mkdtemp(prefix="agentic-home-")
     port = free_port()
-    env = {**os.environ, "HOME": home, "RUST_LOG": "warn", "NO_COLOR": "1"}
+    env = child_env({"HOME": home, "RUST_LOG": "warn", "NO_COLOR": "1"})
     env.pop("OPENAI_API_KEY", None)
     argv = [
         binary, "--llm-api-base", f"http://127.0.0.1:{upstream_port}",
@@ -199,7 +225,7 @@ def agentic_api(upstream_port: int) -> Iterator[Process]:
 @contextmanager
 def echo_server() -> Iterator[Process]:
     process = subprocess.Popen(
-        [sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True, env=child_env()
     )
     try:
         assert process.stdout is not None

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from warmsocket.bench import SUITES, machine, targets
+from warmsocket.bench import SUITES, machine, procs, targets
 from warmsocket.bench.agentloop import AgentLoopConfig, run_agent_loop
 from warmsocket.bench.memory import MemoryConfig, run_memory
 from warmsocket.bench.progress import Progress
@@ -108,6 +108,9 @@ def run(options: BenchOptions) -> dict[str, Any]:
         "schema": SCHEMA,
         "size": options.size,
         "machine": machine.describe(),
+        # Not passed on to the servers (see procs.child_env); named so a reader of
+        # the file knows they were set and had no effect.
+        "ignored_environment": procs.ignored_environment(),
         "errors": {},
         "skipped": {},
     }

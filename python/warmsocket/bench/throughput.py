@@ -51,6 +51,7 @@ def run_loadgen(job: dict[str, Any], timeout: float) -> dict[str, Any]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=procs.child_env(),
     )
     try:
         out, err = process.communicate(json.dumps(job) + "\n", timeout=timeout)
