@@ -726,7 +726,8 @@ def test_an_interrupted_bench_writes_what_finished(tmp_path: Path) -> None:
     lan = document["agent_loop"]["profiles"]["LAN"]
     assert lan["truncated"] == "interrupted"
     assert [(r["mode"], r["tool_calls"]) for r in lan["runs"]] == [("websocket", 1)]
-    assert lan["summary"]["1"]["websocket"]["runs"] == 1
+    assert list(lan["summary"]) == ["1"] and lan["summary"]["1"]["websocket"]["runs"] == 1
+    assert (tmp_path / "agent_e2e.png").exists()  # the plots of what finished
     assert document["skipped"] == {
         "agent-loop": "interrupted before it finished",
         "memory": "interrupted before it finished",
@@ -774,3 +775,40 @@ def test_every_bench_process_starts_without_warmsocket_variables(
         assert {v for v in variables(server.pid) if v.startswith("WARMSOCKET_")} == {
             "WARMSOCKET_LOG_LEVEL"
         }
+
+
+def _run(mode: str, tool_calls: int, e2e: float) -> Any:
+    from warmsocket.bench.agentloop import Run
+    from warmsocket.bench.timeline import TurnBreakdown
+
+    turn = TurnBreakdown(
+        index=0, total=0.3, upload=0.05, server=0.001, ttft=0.02, decode=0.2, ret=0.029,
+        tool=0.02, client_ttft=0.1, wire_up=4096, wire_down=2048, request_bytes=4000,
+        upstream_bytes=5000, upstream_items=3, prompt_tokens=500, cached_tokens=400,
+        output_tokens=30,
+    )  # fmt: skip
+    turns = [turn] * (tool_calls + 1)
+    return Run("LAN", mode, tool_calls, 0, e2e, 0.01, turns, 0.5)
+
+
+def test_a_time_limit_leaves_sizes_out_of_the_summary_and_the_plots_draw(
+    tmp_path: Path,
+) -> None:
+    """`--tool-calls 1,10,20 --time-limit ...` cut short: N=10 ran in one mode only and
+    N=20 not at all. The summary has no entry for N=20, and the plots draw what ran
+    instead of failing ("writing plots failed", exit 1, no PNG)."""
+    from warmsocket.bench.agentloop import summarize
+    from warmsocket.bench.plots import draw_all
+
+    runs = [_run("websocket", 1, 0.6), _run("http-replay", 1, 0.7), _run("http-replay", 10, 5.6)]
+    summary = summarize(runs, ["websocket", "http-replay"], [1, 10, 20])
+    assert list(summary) == ["1", "10"]
+    assert set(summary["10"]) == {"http-replay"}
+    written = draw_all({"agent_loop": {"profiles": {"LAN": {"summary": summary}}}}, tmp_path)
+    assert {p.name for p in written} == {
+        "agent_e2e.png", "agent_turn_latency.png", "agent_breakdown.png",
+    }  # fmt: skip
+    # A result file written before the fix, with an empty entry for N=20, draws too.
+    summary["20"] = {}
+    written = draw_all({"agent_loop": {"profiles": {"LAN": {"summary": summary}}}}, tmp_path)
+    assert len(written) == 3

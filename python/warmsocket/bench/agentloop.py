@@ -340,8 +340,8 @@ def _median(values: list[float]) -> float:
 
 
 def summarize(runs: list[Run], modes: list[str], sizes: list[int]) -> dict[str, Any]:
-    """Per size: each mode's median end-to-end time, mean segments per turn, bytes, and
-    the reduction against HTTP full replay."""
+    """Per size that ran: each mode that ran's median end-to-end time, mean segments per
+    turn, bytes, and the reduction against HTTP full replay (when that ran too)."""
     out: dict[str, Any] = {}
     for size in sizes:
         per_mode: dict[str, Any] = {}
@@ -380,6 +380,8 @@ def summarize(runs: list[Run], modes: list[str], sizes: list[int]) -> dict[str, 
                 },
             }
             per_mode[mode] = entry
+        if not per_mode:  # cut by the time limit or an interrupt before any run
+            continue
         base = per_mode.get(BASELINE)
         if base is not None:
             for entry in per_mode.values():

@@ -57,9 +57,17 @@ def _pyplot() -> Any:
     return plt
 
 
+def _sizes(summary: dict[str, Any]) -> list[str]:
+    """The sizes with at least one mode's runs, smallest first: a time limit or an
+    interrupt can leave a size with only some of the modes, or none."""
+    return sorted((size for size, per_mode in summary.items() if per_mode), key=int)
+
+
 def _profiles(agent_loop: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [
-        (name, sec) for name, sec in agent_loop.get("profiles", {}).items() if sec.get("summary")
+        (name, sec)
+        for name, sec in agent_loop.get("profiles", {}).items()
+        if _sizes(sec.get("summary") or {})
     ]
 
 
@@ -69,7 +77,7 @@ def plot_e2e(agent_loop: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(profiles), figsize=(6 * len(profiles), 4.2), squeeze=False)
     for ax, (name, section) in zip(axes[0], profiles, strict=True):
         summary = section["summary"]
-        sizes = sorted(summary, key=int)
+        sizes = _sizes(summary)
         modes = [m for m in MODE_COLORS if any(m in summary[s] for s in sizes)]
         width = 0.8 / max(len(modes), 1)
         for i, mode in enumerate(modes):
@@ -78,7 +86,8 @@ def plot_e2e(agent_loop: dict[str, Any], path: Path) -> Path:
             ax.bar(xs, ys, width, label=mode, color=MODE_COLORS[mode])
             if mode == "websocket":
                 for x, size, y in zip(xs, sizes, ys, strict=True):
-                    reduction = summary[size][mode].get("e2e_reduction_vs_http_replay")
+                    entry = summary[size].get(mode, {})  # (not run at every size)
+                    reduction = entry.get("e2e_reduction_vs_http_replay")
                     if reduction is not None:  # less time shows as a negative change
                         label = f"{-reduction:+.0%}"
                         ax.annotate(label, (x, y), ha="center", va="bottom", fontsize=8)
@@ -95,7 +104,7 @@ def plot_e2e(agent_loop: dict[str, Any], path: Path) -> Path:
 def plot_turn_latency(agent_loop: dict[str, Any], path: Path) -> Path:
     plt = _pyplot()
     profiles = _profiles(agent_loop)
-    sizes = sorted({s for _n, sec in profiles for s in sec["summary"]}, key=int)
+    sizes = sorted({s for _n, sec in profiles for s in _sizes(sec["summary"])}, key=int)
     fig, axes = plt.subplots(
         len(profiles), len(sizes), figsize=(4.5 * len(sizes), 3.2 * len(profiles)), squeeze=False
     )
@@ -120,14 +129,16 @@ def plot_turn_latency(agent_loop: dict[str, Any], path: Path) -> Path:
 def plot_breakdown(agent_loop: dict[str, Any], path: Path) -> Path:
     plt = _pyplot()
     profiles = _profiles(agent_loop)
-    modes = [m for m in MODE_COLORS if any(m in sec["summary"][max(sec["summary"], key=int)]
-                                           for _n, sec in profiles)]  # fmt: skip
+    # The largest size that ran, per profile (not the largest configured one).
+    largest = {name: _sizes(sec["summary"])[-1] for name, sec in profiles}
+    modes = [m for m in MODE_COLORS
+             if any(m in sec["summary"][largest[name]] for name, sec in profiles)]  # fmt: skip
     fig, axes = plt.subplots(
         len(profiles), len(modes), figsize=(4 * len(modes), 3.2 * len(profiles)),
         squeeze=False, sharey="row",
     )  # fmt: skip
     for row, (name, section) in enumerate(profiles):
-        size = max(section["summary"], key=int)
+        size = largest[name]
         for col, mode in enumerate(modes):
             ax = axes[row][col]
             entry = section["summary"][size].get(mode)
