@@ -61,6 +61,7 @@ def _check_section(section: dict[str, Any]) -> None:
         assert "not installed" in section["skipped"]["agentic-api"], section["skipped"]
     for name, profile in section["profiles"].items():
         _check_link_was_removed(profile["link"])
+        assert profile["failed"] == [], profile["failed"]  # (kept out of the summary)
         assert profile["checks"]["same_prompts_in_every_mode"], profile["checks"]
         for run in profile["runs"]:
             assert len(run["turns"]) == run["tool_calls"] + 1, (name, run["mode"])

@@ -812,3 +812,60 @@ def test_a_time_limit_leaves_sizes_out_of_the_summary_and_the_plots_draw(
     summary["20"] = {}
     written = draw_all({"agent_loop": {"profiles": {"LAN": {"summary": summary}}}}, tmp_path)
     assert len(written) == 3
+
+
+@pytest.mark.timeout(120)
+def test_one_failed_run_keeps_the_other_runs_and_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that fails (a timeout, a wrong answer) is recorded with its mode, size and
+    reason; the profile's other runs and its summary are kept, not the whole agent-loop
+    section thrown away. agentic-api failing to start skips that mode only."""
+    from contextlib import contextmanager
+    from dataclasses import replace
+
+    from warmsocket.bench import agentloop, runner
+    from warmsocket.cli import run_async
+
+    real_run = agentloop._Harness.run
+    calls: list[tuple[str, int]] = []
+
+    async def third_measured_run_fails(
+        self: Any, mode: str, tool_calls: int, rep: int
+    ) -> agentloop.Run:
+        calls.append((mode, rep))
+        if len(calls) == 5:  # two warm-up runs, then the third measured one
+            raise agentloop.RunFailed(f"{mode} N={tool_calls}: simulated failure")
+        return await real_run(self, mode, tool_calls, rep)
+
+    @contextmanager
+    def agentic_does_not_start(_port: int) -> Any:
+        raise RuntimeError("agentic-server exited before listening")
+        yield
+
+    monkeypatch.setattr(agentloop._Harness, "run", third_measured_run_fails)
+    monkeypatch.setattr(procs, "agentic_server_binary", lambda: "/usr/bin/agentic-server")
+    monkeypatch.setattr(procs, "agentic_api", agentic_does_not_start)
+    config = replace(
+        runner.options_for("smoke").agent_loop,
+        profiles=["lan"],
+        modes=["websocket", "http-replay", "agentic-api"],
+        reps=2,
+    )
+    section = run_async(agentloop.run_agent_loop(config, lambda _label: None))
+    assert section["skipped"] == {
+        "agentic-api": "agentic-api did not start: agentic-server exited before listening"
+    }
+    lan = section["profiles"]["LAN"]
+    assert len(calls) == 6 and len(lan["runs"]) == 3
+    (failed,) = lan["failed"]
+    failed_mode = calls[4][0]
+    assert failed == {
+        "profile": "LAN", "mode": failed_mode, "tool_calls": 2, "rep": 1, "warm_up": False,
+        "reason": f"{failed_mode} N=2: simulated failure",
+    }  # fmt: skip
+    assert lan["summary"]["2"][failed_mode]["runs"] == 1
+    assert {mode: e["runs"] for mode, e in lan["summary"]["2"].items()} == {
+        failed_mode: 1,
+        ({"websocket", "http-replay"} - {failed_mode}).pop(): 2,
+    }
+    lines = runner.summary_lines({"agent_loop": section, "errors": {}})
+    assert f"agent loop, LAN: 1 run(s) FAILED ({failed_mode} N=2; see results.json)" in lines

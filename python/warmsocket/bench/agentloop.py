@@ -124,9 +124,13 @@ def _servers(config: AgentLoopConfig) -> Iterator[_Env]:
         if procs.agentic_server_binary() is None:
             yield _Env(upstream, gateways, "agentic-api is not installed")
             return
-        with procs.agentic_api(upstream.port) as agentic:
-            gateways["agentic-api"] = agentic
-            yield _Env(upstream, gateways, None)
+        with contextlib.ExitStack() as stack:
+            reason = None
+            try:
+                gateways["agentic-api"] = stack.enter_context(procs.agentic_api(upstream.port))
+            except (RuntimeError, OSError) as exc:  # skips that mode only, not the others
+                reason = f"agentic-api did not start: {exc}"
+            yield _Env(upstream, gateways, reason)
 
 
 def _gateway(mode: str) -> str:
@@ -259,6 +263,31 @@ def _schedule(
                 yield rep, size, mode
 
 
+WARM_UP = -1
+"""The repetition number of the warm-up runs (not measured)."""
+
+
+async def _attempt(
+    harness: _Harness, mode: str, size: int, rep: int, failed: list[dict[str, Any]]
+) -> Run | None:
+    """One run; None when it failed, recorded in `failed`: one failed run (a timeout, a
+    wrong answer) loses that run, not the profile's other runs and profiles."""
+    try:
+        return await harness.run(mode, size, rep)
+    except RunFailed as exc:
+        failed.append(
+            {
+                "profile": harness.link.profile.name,
+                "mode": mode,
+                "tool_calls": size,
+                "rep": rep,
+                "warm_up": rep == WARM_UP,
+                "reason": str(exc),
+            }
+        )
+        return None
+
+
 async def run_agent_loop(
     config: AgentLoopConfig,
     progress: Progress,
@@ -315,8 +344,10 @@ async def run_agent_loop(
                 await harness.start()
                 progress(f"{profile.name}: warm-up")
                 smallest = min(workloads)
+                failed: list[dict[str, Any]] = []
+                section["failed"] = failed
                 for mode in modes:  # warms the upstream's cache of the shared prompt
-                    await harness.run(mode, smallest, -1)
+                    await _attempt(harness, mode, smallest, WARM_UP, failed)
                 runs: list[Run] = []
                 try:
                     for rep, size, mode in _schedule(config, modes, shuffle):
@@ -324,7 +355,8 @@ async def run_agent_loop(
                             section["truncated"] = TIME_LIMIT_REACHED
                             break
                         progress(f"{profile.name} N={size} {mode} rep {rep + 1}")
-                        runs.append(await harness.run(mode, size, rep))
+                        if (run := await _attempt(harness, mode, size, rep, failed)) is not None:
+                            runs.append(run)
                 except (asyncio.CancelledError, KeyboardInterrupt):
                     section["truncated"] = INTERRUPTED
                     raise

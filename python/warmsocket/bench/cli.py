@@ -78,7 +78,8 @@ def add_command(commands: Any) -> None:
         type=_csv(MODES),
         default=None,
         help=f"agent-loop modes (default: all of {','.join(MODES)}; agentic-api is "
-        "skipped, with the reason in the results, when it is not installed)",
+        "skipped, with the reason in the results, when it is not installed or does not "
+        "start)",
     )
     bench.add_argument(
         "--tool-calls", type=_ints, default=None, help="agent-loop sizes N (full: 8,20,50)"
@@ -171,11 +172,14 @@ def _signals_unwind_like_ctrl_c() -> Iterator[list[int]]:
 
 def _exit_status(results: dict[str, Any], received: list[int], plots_failed: bool) -> int:
     """128 + the signal for an interrupted run (130 for Ctrl-C, 143 for SIGTERM, 129 for
-    SIGHUP), as a shell reports a command killed by it; 1 when a suite failed or the
-    plots asked for were not drawn (a failure a script should see); else 0."""
+    SIGHUP), as a shell reports a command killed by it; 1 when a suite or an agent-loop
+    run failed or the plots asked for were not drawn (a failure a script should see);
+    else 0."""
+    from warmsocket.bench.runner import failed_runs
+
     if results.get("interrupted"):
         return 128 + (received[0] if received else signal.SIGINT)
-    return 1 if results["errors"] or plots_failed else 0
+    return 1 if results["errors"] or failed_runs(results) or plots_failed else 0
 
 
 def bench_command(args: argparse.Namespace) -> int:

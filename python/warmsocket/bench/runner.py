@@ -163,6 +163,12 @@ def write(results: dict[str, Any], options: BenchOptions) -> list[Path]:
     return written
 
 
+def failed_runs(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The agent-loop runs that failed, by profile (profiles without failures left out)."""
+    profiles = (results.get("agent_loop") or {}).get("profiles", {})
+    return {name: sec["failed"] for name, sec in profiles.items() if sec.get("failed")}
+
+
 def summary_lines(results: dict[str, Any]) -> list[str]:
     """A short human-readable summary of a result document."""
     lines = []
@@ -185,6 +191,9 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
             f"(p50 {ws['p50_s'] * 1e3:.1f} ms, p99 {ws['p99_s'] * 1e3:.1f} ms), echo "
             f"{echo['ops_per_second']:8.0f}/s, ratio {point['turns_per_echo']:.3f}"
         )
+    for name, failed in failed_runs(results).items():
+        which = ", ".join(f"{f['mode']} N={f['tool_calls']}" for f in failed)
+        lines.append(f"agent loop, {name}: {len(failed)} run(s) FAILED ({which}; see results.json)")
     for suite, error in results.get("errors", {}).items():
         lines.append(f"{suite} FAILED: {error}")
     lines += [targets.Target(**t).line() for t in results.get("targets", [])]
