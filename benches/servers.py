@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager, contextmanager
 import pytest
 
 from warmsocket import _core
-from warmsocket.bench.procs import Process, child_env, stop
+from warmsocket.bench.procs import Process, child_env, printed_port, stop, wait_for_port
 
 BARE_SERVER = """
 import asyncio, json, sys, uvloop
@@ -68,7 +68,7 @@ def _bare_server(handler: str, stdin: str | None = None) -> Iterator[Process]:
             process.stdin.write(stdin + "\n")
             process.stdin.close()
         assert process.stdout is not None
-        port = int(process.stdout.readline())
+        port = wait_for_port(process, process.stdout, f"the {handler} server", printed_port)
         yield Process(process, port, handler)
     finally:
         stop(process)

@@ -869,3 +869,34 @@ def test_one_failed_run_keeps_the_other_runs_and_modes(monkeypatch: pytest.Monke
     }
     lines = runner.summary_lines({"agent_loop": section, "errors": {}})
     assert f"agent loop, LAN: 1 run(s) FAILED ({failed_mode} N=2; see results.json)" in lines
+
+
+_SILENT = "import time; time.sleep(30)"
+_CHATTY = (
+    "import sys, time\nwhile True: print('starting', file=sys.stderr, flush=True); time.sleep(0.01)"
+)
+
+
+@pytest.mark.parametrize(
+    ("server", "child"),
+    [("simulated_upstream", _SILENT), ("echo_server", _SILENT), ("simulated_upstream", _CHATTY)],
+    ids=["silent-json-log", "silent-echo", "chatty"],
+)
+def test_a_server_that_never_listens_is_killed_after_the_start_timeout(
+    monkeypatch: pytest.MonkeyPatch, server: str, child: str
+) -> None:
+    """Every start waits a bounded time: a child that hangs before listening is killed
+    after START_TIMEOUT, with a message that says so, not waited for as long as it
+    likes and then reported as having "exited before listening (status None)"."""
+    monkeypatch.setattr(procs, "START_TIMEOUT", 1.0)
+    monkeypatch.setattr(procs, "warmsocket_command", lambda *_args: [sys.executable, "-c", child])
+    monkeypatch.setattr(procs, "ECHO_SERVER", child)
+    started = time.monotonic()
+    with (
+        pytest.raises(RuntimeError, match="did not start listening within 1 s"),
+        getattr(procs, server)(),
+    ):
+        pass
+    assert time.monotonic() - started < 5
+    children = [Path(f"/proc/{pid}/cmdline").read_text() for pid in _descendants(os.getpid())]
+    assert not [c for c in children if child in c.replace("\0", " ")]

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -83,31 +85,71 @@ def stop(process: subprocess.Popen[str], timeout: float = 10.0) -> None:
             stream.close()
 
 
-def _read_listening(stream: IO[str], what: str, process: subprocess.Popen[str]) -> int:
-    """The port from the first JSON log line with message 'listening'."""
+def listening_port(line: str) -> int | None:
+    """The port of a JSON log line with message 'listening' (warmsocket's servers)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("message") != "listening":
+        return None
+    return int(str(record["url"]).rsplit(":", 1)[1].split("/")[0])
+
+
+def printed_port(line: str) -> int | None:
+    """The port of a line that is only a number (the bare servers print theirs)."""
+    text = line.strip()
+    return int(text) if text.isdigit() else None
+
+
+def wait_for_port(
+    process: subprocess.Popen[str],
+    stream: IO[str],
+    what: str,
+    parse: Callable[[str], int | None],
+) -> int:
+    """The port of the first line of `stream` that `parse` finds one in, waiting at most
+    START_TIMEOUT seconds; the child is killed when it does not listen by then.
+
+    The pipe is read by a thread (a blocking readline could wait forever on a child
+    that prints nothing), which keeps draining it afterwards so that the child never
+    blocks on a full pipe. Raises RuntimeError."""
+    lines: queue.Queue[str | None] = queue.Queue()
+    found = threading.Event()
+
+    def read() -> None:
+        with suppress(ValueError, OSError):  # (closed by `stop`)
+            for line in stream:
+                if not found.is_set():  # afterwards lines are only drained
+                    lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, name=f"log-{what}", daemon=True).start()
     deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        line = stream.readline()
-        if not line:
-            raise RuntimeError(f"{what} exited before listening (status {process.poll()})")
+    while True:
+        remaining = deadline - time.monotonic()
         try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("message") == "listening":
-            return int(str(record["url"]).rsplit(":", 1)[1].split("/")[0])
-    raise RuntimeError(f"{what} did not listen within {START_TIMEOUT:g} s")
+            if remaining <= 0:  # (also for a child that logs much but never listens)
+                raise queue.Empty
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
+            process.kill()
+            raise RuntimeError(
+                f"{what} did not start listening within {START_TIMEOUT:g} s (killed)"
+            ) from None
+        if line is None:
+            raise RuntimeError(f"{what} exited before listening ({_how_it_ended(process)})")
+        port = parse(line)
+        if port is not None:
+            found.set()
+            return port
 
 
-def _drain(stream: IO[str]) -> None:
-    """Keep reading a child's log pipe so it can never block on a full pipe."""
-    import threading
-
-    def run() -> None:
-        for _line in stream:
-            pass
-
-    threading.Thread(target=run, name="drain-log", daemon=True).start()
+def _how_it_ended(process: subprocess.Popen[str]) -> str:
+    try:
+        return f"status {process.wait(timeout=5)}"
+    except subprocess.TimeoutExpired:  # it closed its output and goes on running
+        return "its output closed; still running"
 
 
 ENV_PREFIX = "WARMSOCKET_"
@@ -139,8 +181,7 @@ def _json_logged(
     process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=child_env(env))
     try:
         assert process.stderr is not None
-        port = _read_listening(process.stderr, what, process)
-        _drain(process.stderr)
+        port = wait_for_port(process, process.stderr, what, listening_port)
         yield Process(process, port, what)
     finally:
         stop(process)
@@ -229,10 +270,8 @@ def echo_server() -> Iterator[Process]:
     )
     try:
         assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError("the echo server exited before listening")
-        yield Process(process, int(line), "echo")
+        port = wait_for_port(process, process.stdout, "the echo server", printed_port)
+        yield Process(process, port, "echo")
     finally:
         stop(process)
 
