@@ -223,6 +223,29 @@ def test_bench_help_lists_every_option() -> None:
     assert bad.returncode == 2 and "choose from wan, lan, loopback" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--system-tokens", "50", "must be >= 100"),
+        ("--call-tokens", "5", "must be >= 10"),
+        ("--tool-ms", "-1", "must be >= 0"),
+        ("--seconds", "-1", "must be > 0"),
+        ("--reps", "0", "must be >= 1"),
+        ("--decode-tps", "0", "must be > 0"),
+        ("--time-limit", "nan", "must be > 0"),
+    ],
+)
+def test_bad_workload_flags_are_usage_errors(
+    tmp_path: Path, flag: str, value: str, message: str
+) -> None:
+    """Refused at once with a usage error, not a traceback from building the workload,
+    nor accepted and then run as something else (--reps 0 ran once)."""
+    result = _warmsocket("bench", flag, value, "--suites", "memory", "--output-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert f"argument {flag}: {message}" in result.stderr and "usage:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_bench_command_writes_results_and_plots(tmp_path: Path) -> None:
     result = _warmsocket(
         "bench", "--suites", "throughput", "--connections", "1,2", "--seconds", "0.2",

@@ -21,3 +21,6 @@ MODES = ("websocket", "http-replay", "http-chained", "agentic-api")
 previous_response_id (store=true); vLLM's agentic-api in WebSocket mode."""
 SUITES = ("agent-loop", "throughput", "memory")
 PROFILES = ("wan", "lan", "loopback")
+MIN_SYSTEM_TOKENS = 100
+MIN_CALL_TOKENS = 10
+"""The smallest workload the agent loop can build (`--system-tokens`, `--call-tokens`)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from warmsocket.bench import MODES, PROFILES, SUITES
+from warmsocket.bench import MIN_CALL_TOKENS, MIN_SYSTEM_TOKENS, MODES, PROFILES, SUITES
 
 
 def _csv(choices: tuple[str, ...]) -> Any:
@@ -36,6 +37,23 @@ def _ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"integers >= 1: {text!r}")
     return values
+
+
+def _bounded(kind: Callable[[str], float], low: float, *, above: bool = False) -> Any:
+    """An argparse type: a `kind` number >= `low` (> `low` with `above`), so that a bad
+    value is a usage error at once, not a traceback from the workload or a run that
+    measures nothing."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if math.isnan(value) or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low:g}: {text}")
+        return value
+
+    return parse
 
 
 def add_command(commands: Any) -> None:
@@ -84,7 +102,9 @@ def add_command(commands: Any) -> None:
     bench.add_argument(
         "--tool-calls", type=_ints, default=None, help="agent-loop sizes N (full: 8,20,50)"
     )
-    bench.add_argument("--reps", type=int, default=None, help="agent-loop repetitions (full: 3)")
+    bench.add_argument(
+        "--reps", type=_bounded(int, 1), default=None, help="agent-loop repetitions (full: 3)"
+    )
     bench.add_argument(
         "--connections",
         type=_ints,
@@ -92,25 +112,44 @@ def add_command(commands: Any) -> None:
         help="throughput connection counts (full: 1,16,64,256)",
     )
     bench.add_argument(
-        "--seconds", type=float, default=None, help="throughput: seconds per point (full: 10)"
+        "--seconds",
+        type=_bounded(float, 0, above=True),
+        default=None,
+        help="throughput: seconds per point (full: 10)",
     )
     work = bench.add_argument_group("workload and upstream latency model (agent loop)")
-    work.add_argument("--tool-ms", type=float, default=None, help="tool time per call (20)")
     work.add_argument(
-        "--call-tokens", type=int, default=None, help="output tokens of each tool call (250)"
+        "--tool-ms", type=_bounded(float, 0), default=None, help="tool time per call (20)"
     )
-    work.add_argument("--system-tokens", type=int, default=None, help="system prompt tokens (5000)")
+    work.add_argument(
+        "--call-tokens",
+        type=_bounded(int, MIN_CALL_TOKENS),
+        default=None,
+        help=f"output tokens of each tool call, >= {MIN_CALL_TOKENS} (250)",
+    )
+    work.add_argument(
+        "--system-tokens",
+        type=_bounded(int, MIN_SYSTEM_TOKENS),
+        default=None,
+        help=f"system prompt tokens, >= {MIN_SYSTEM_TOKENS} (5000)",
+    )
     work.add_argument(
         "--prefill-tps",
-        type=float,
+        type=_bounded(float, 0, above=True),
         default=None,
         help="upstream prefill speed for uncached tokens, tokens/s (50000)",
     )
     work.add_argument(
-        "--decode-tps", type=float, default=None, help="upstream decode speed, tokens/s (1000)"
+        "--decode-tps",
+        type=_bounded(float, 0, above=True),
+        default=None,
+        help="upstream decode speed, tokens/s (1000)",
     )
     work.add_argument(
-        "--overhead-ms", type=float, default=None, help="upstream fixed overhead per request (0)"
+        "--overhead-ms",
+        type=_bounded(float, 0),
+        default=None,
+        help="upstream fixed overhead per request (0)",
     )
     work.add_argument("--seed", type=int, default=None, help="workload and order seed")
     bench.add_argument(
@@ -121,7 +160,7 @@ def add_command(commands: Any) -> None:
     )
     bench.add_argument(
         "--time-limit",
-        type=float,
+        type=_bounded(float, 0, above=True),
         default=None,
         help="seconds the whole run may take; later work is skipped and reported "
         "(smoke: 600, full: 5400)",
@@ -218,7 +257,7 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.tool_calls:
         loop = replace(loop, sizes=args.tool_calls)
     if args.reps is not None:
-        loop = replace(loop, reps=max(1, args.reps))
+        loop = replace(loop, reps=args.reps)
     if args.seed is not None:
         loop = replace(loop, seed=args.seed)
     throughput = options.throughput

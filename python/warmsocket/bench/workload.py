@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
 
+from warmsocket.bench import MIN_CALL_TOKENS, MIN_SYSTEM_TOKENS
 from warmsocket.prefixhash import count_tokens
 
 TOOL_NAME = "shell"
@@ -62,8 +63,15 @@ class WorkloadSpec:
             raise ValueError("tool_calls must be >= 1")
         if not 0 < self.output_tokens_min <= self.output_tokens_max:
             raise ValueError("need 0 < output_tokens_min <= output_tokens_max")
-        if self.system_tokens < 100 or self.call_tokens < 10 or self.tool_ms < 0:
-            raise ValueError("system_tokens >= 100, call_tokens >= 10, tool_ms >= 0")
+        if (
+            self.system_tokens < MIN_SYSTEM_TOKENS
+            or self.call_tokens < MIN_CALL_TOKENS
+            or self.tool_ms < 0
+        ):
+            raise ValueError(
+                f"system_tokens >= {MIN_SYSTEM_TOKENS}, call_tokens >= {MIN_CALL_TOKENS}, "
+                "tool_ms >= 0"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
