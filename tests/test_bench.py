@@ -923,3 +923,19 @@ def test_a_server_that_never_listens_is_killed_after_the_start_timeout(
     assert time.monotonic() - started < 5
     children = [Path(f"/proc/{pid}/cmdline").read_text() for pid in _descendants(os.getpid())]
     assert not [c for c in children if child in c.replace("\0", " ")]
+
+
+def test_summary_compares_with_http_replay_only_where_it_ran() -> None:
+    """`--modes websocket` printed "(+0.0% vs http-replay)" though http-replay never
+    ran: a comparison that was not made."""
+    from warmsocket.bench import runner
+
+    summary = _results()["agent_loop"]["profiles"]["WAN"]["summary"]
+    summary["8"].pop("http-replay")
+    for entry in summary["8"].values():
+        entry.pop("e2e_reduction_vs_http_replay")
+    lines = runner.summary_lines({"agent_loop": {"profiles": {"WAN": {"summary": summary}}}})
+    (n8,) = [line for line in lines if line.startswith("  N=  8")]
+    assert "websocket" in n8 and "vs http-replay" not in n8 and "e2e   6.000 s, turn" in n8
+    (n20,) = [line for line in lines if line.startswith("  N= 20 websocket")]
+    assert "(-40.0% vs http-replay)" in n20

@@ -178,10 +178,12 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         lines.append(f"agent loop, {link.get('describe', name)}")
         for size, per_mode in section.get("summary", {}).items():
             for mode, entry in per_mode.items():
-                reduction = entry.get("e2e_reduction_vs_http_replay", 0.0)
+                reduction = entry.get("e2e_reduction_vs_http_replay")
+                # Without http-replay at this size there is nothing to compare with.
+                versus = "" if reduction is None else f" ({-reduction:+.1%} vs http-replay)"
                 lines.append(
-                    f"  N={size:>3} {mode:<13} e2e {entry['e2e_s']:7.3f} s "
-                    f"({-reduction:+.1%} vs http-replay), turn {entry['turn_s'] * 1e3:6.1f} ms, "
+                    f"  N={size:>3} {mode:<13} e2e {entry['e2e_s']:7.3f} s{versus}, "
+                    f"turn {entry['turn_s'] * 1e3:6.1f} ms, "
                     f"{entry['wire_up_per_turn'] / 1024:7.1f} KiB up/turn"
                 )
     for point in (results.get("throughput") or {}).get("points", []):
