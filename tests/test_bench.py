@@ -939,3 +939,19 @@ def test_summary_compares_with_http_replay_only_where_it_ran() -> None:
     assert "websocket" in n8 and "vs http-replay" not in n8 and "e2e   6.000 s, turn" in n8
     (n20,) = [line for line in lines if line.startswith("  N= 20 websocket")]
     assert "(-40.0% vs http-replay)" in n20
+
+
+def test_progress_counts_only_the_agent_loop_modes_that_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """agentic-api, skipped when not installed, is not counted in the progress bar's
+    total (it never reached 100 % before "done", and the time left was overestimated)."""
+    from dataclasses import replace
+
+    from warmsocket.bench import MODES, runner
+
+    config = replace(runner.options_for("smoke").agent_loop, profiles=["lan"], modes=list(MODES))
+    monkeypatch.setattr(procs, "agentic_server_binary", lambda: None)
+    assert config.steps() == 1 + 3  # the warm-up, then one run in each of three modes
+    monkeypatch.setattr(procs, "agentic_server_binary", lambda: "/usr/bin/agentic-server")
+    assert config.steps() == 1 + 4

@@ -72,8 +72,16 @@ class AgentLoopConfig:
     seed: int = 1
     measure_link: bool = True
 
+    def runnable_modes(self) -> list[str]:
+        """The modes that will run: agentic-api only when it is installed (one that does
+        not start is found out later)."""
+        installed = procs.agentic_server_binary() is not None
+        return [m for m in self.modes if m in MODES and (m != "agentic-api" or installed)]
+
     def steps(self) -> int:
-        return len(self.profiles) * (1 + self.reps * len(self.sizes) * len(self.modes))
+        """Progress steps: a warm-up per profile, then every measured run."""
+        runs = self.reps * len(self.sizes) * len(self.runnable_modes())
+        return len(self.profiles) * (1 + runs)
 
 
 @dataclass(slots=True)
