@@ -68,6 +68,9 @@ def _check_section(section: dict[str, Any]) -> None:
             for turn in run["turns"]:
                 parts = [turn[s] for s in ("upload", "server", "ttft", "decode", "return")]
                 assert min(parts) >= 0, (name, run["mode"], turn)
+                # (Holds by construction: the segments are differences of consecutive
+                # instants. Their order, which can fail, is checked by breakdown();
+                # a run out of order would be listed under failed, asserted empty.)
                 assert abs(sum(parts) - turn["total"]) < 1e-6, turn
         for size, per_mode in profile["summary"].items():
             # Every mode ran: agentic-api too when it is installed.

@@ -104,6 +104,25 @@ def test_breakdown_segments_add_up_to_the_turn() -> None:
         breakdown(turns, records, WriteLog())
 
 
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (_record(10.06, 10.26, 10.25), "turn 0: finished before first_token"),
+        (_record(10.06, 10.10, 10.31), "turn 0: done before finished"),
+        (_record(10.06, 10.05, 10.25), "turn 0: first_token before received"),
+    ],
+    ids=["first-token-after-finish", "finished-after-done", "token-before-request"],
+)
+def test_breakdown_refuses_a_timeline_out_of_order(record: dict[str, Any], message: str) -> None:
+    """Segments that add up by construction prove nothing: a turn whose events are out
+    of order (an upstream record matched to the wrong turn) is refused, not reported
+    with a negative segment."""
+    log = WriteLog()
+    log.times, log.up, log.down = [10.02, 10.05], [300, 200], [0, 0]
+    with pytest.raises(TimelineError, match=f"{message}: events out of order"):
+        breakdown([_turn(0, 10.0, 10.3)], [record], log)
+
+
 def test_lean_client_frames_and_exchanges() -> None:
     assert encode_frame(1, b"")[:2] == b"\x81\x80"
     assert len(encode_frame(1, b"x" * 200)) == 2 + 2 + 4 + 200

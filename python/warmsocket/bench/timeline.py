@@ -31,6 +31,7 @@ turn's wall time exactly:
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -122,6 +123,17 @@ class TimelineError(ValueError):
     """The three records do not line up (a request missing, or out of order)."""
 
 
+def _check_order(index: int, **instants: float) -> None:
+    """The instants of a turn, in the order given, must not go backwards. The segments
+    are their differences, so they add up to the turn whatever the clocks say; a
+    negative one (a record matched to the wrong turn, a clock read in the wrong place)
+    is what shows a measurement gone wrong. Raises TimelineError."""
+    names = list(instants)
+    for earlier, later in itertools.pairwise(names):
+        if instants[later] < instants[earlier]:
+            raise TimelineError(f"turn {index}: {later} before {earlier}: events out of order")
+
+
 def breakdown(
     turns: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]], log: WriteLog
 ) -> list[TurnBreakdown]:
@@ -140,6 +152,16 @@ def breakdown(
         arrived = log.last_up_between(send, received)
         if arrived is None:
             raise TimelineError(f"turn {turn['index']}: no request bytes crossed the link")
+        _check_order(
+            int(turn["index"]),
+            send=send,
+            arrived=arrived,
+            received=received,
+            first_token=float(first),
+            finished=float(finished),
+            done=done,
+            tool_done=float(turn["tool_done"]),
+        )
         following = turns[position + 1]["send"] if position + 1 < len(turns) else float("inf")
         up, down = log.bytes_between(send, float(following))
         out.append(
