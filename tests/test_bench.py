@@ -180,8 +180,9 @@ def _results() -> dict[str, Any]:
         "warmsocket": {"ops_per_second": 1200.0, "p50_s": 0.02, "p99_s": 0.06},
         "echo": {"ops_per_second": 10_000.0, "p50_s": 0.005, "p99_s": 0.01},
     }
+    link = {"emulated": True, "fallback_reason": None, "link_ok": True}
     return {
-        "agent_loop": {"profiles": {"WAN": {"summary": summary}}},
+        "agent_loop": {"profiles": {"WAN": {"summary": summary, "link": link}}},
         "throughput": {"points": [{**point, "connections": 1}, point]},
         "memory": {
             "idle": {"bytes_per_connection": 9000.0, "connections": 1000},
@@ -974,3 +975,53 @@ def test_progress_counts_only_the_agent_loop_modes_that_run(
     assert config.steps() == 1 + 3  # the warm-up, then one run in each of three modes
     monkeypatch.setattr(procs, "agentic_server_binary", lambda: "/usr/bin/agentic-server")
     assert config.steps() == 1 + 4
+
+
+def test_targets_are_not_met_from_a_smoke_run_or_a_link_that_is_not_the_profile() -> None:
+    """A smoke run's memory (100 connections, an 88 KB fill: below what the resident
+    set size resolves) and a WAN result measured over the loopback fallback, an
+    unmeasured link or one off its nominal RTT or rate are reported, never "met"."""
+    results = _results()
+    results["memory"]["idle"]["connections"] = 100
+    results["memory"]["cache"]["tokens"] = 19_536
+    rows = {t.name: t for t in targets.evaluate(results)}
+    idle = rows["memory: resident bytes per idle connection"]
+    assert idle.met is None and idle.value == 9000.0
+    assert idle.line().endswith("not measured (smoke size: 100 connections; judged at 1,000)")
+    cache = rows["memory: resident growth over raw item bytes of cached context"]
+    assert cache.met is None and "judged at 1,000,000 tokens" in cache.note
+
+    wan20 = "agent loop WAN N=20: end-to-end reduction, WebSocket vs HTTP full replay"
+    link = results["agent_loop"]["profiles"]["WAN"]["link"]
+    for change, note in [
+        ({"emulated": False, "fallback_reason": "not root"}, "fell back to loopback (not root)"),
+        ({"link_ok": None}, "the link was not measured"),
+        ({"link_ok": False}, "measured RTT or rate is off the profile's"),
+    ]:
+        results["agent_loop"]["profiles"]["WAN"]["link"] = {**link, **change}
+        target = {t.name: t for t in targets.evaluate(results)}[wan20]
+        assert target.met is None and target.value == pytest.approx(0.4)
+        assert note in target.note
+
+
+def test_link_is_ok_within_5_ms_and_85_percent_of_its_profile() -> None:
+    from warmsocket.bench import runner
+    from warmsocket.bench.agentloop import link_ok
+    from warmsocket.netem.measure import LinkMeasurement
+
+    def measured(rtt: float, down: float, emulated: bool = True) -> LinkMeasurement:
+        return LinkMeasurement(
+            profile="WAN", emulated=emulated, rate_limiter="tbf", fallback_reason=None,
+            nominal_rtt_ms=40.0, nominal_rate_mbit=50.0, connect_rtt_ms=rtt * 2, rtt_ms=rtt,
+            rtt_min_ms=rtt, rtt_max_ms=rtt, down_mbit=down, up_mbit=48.0, bulk_bytes=1 << 21,
+        )  # fmt: skip
+
+    assert link_ok(measured(40.3, 47.9))  # the documented WAN run
+    assert not link_ok(measured(46.0, 47.9))  # RTT too long
+    assert not link_ok(measured(40.3, 40.0))  # rate under 85 %
+    assert not link_ok(measured(40.3, 47.9, emulated=False))
+    line = runner._link_line(measured(46.0, 47.9).as_dict(), False)
+    assert line == (
+        "  link measured: RTT 46.0 ms (nominal 40), 47.9 down / 48.0 up Mbit/s (nominal 50): "
+        "OFF NOMINAL: targets not judged"
+    )

@@ -40,6 +40,7 @@ from warmsocket.bench.machine import load_average
 from warmsocket.bench.timeline import SEGMENTS, TimelineError, TurnBreakdown, WriteLog, breakdown
 from warmsocket.bench.workload import Workload, WorkloadSpec
 from warmsocket.netem import EmulatedLink, get_profile, measure_link
+from warmsocket.netem.measure import LinkMeasurement
 
 BASELINE = "http-replay"
 
@@ -271,6 +272,22 @@ def _schedule(
                 yield rep, size, mode
 
 
+RTT_SLACK_MS = 5.0
+RATE_SHARE = 0.85
+
+
+def link_ok(measured: LinkMeasurement) -> bool:
+    """Whether a measured link is the profile it stands for: emulated, its RTT at most
+    RTT_SLACK_MS over the nominal one, its rate at least RATE_SHARE of the nominal rate
+    each way. A target judged over a link that is not would say nothing of the
+    profile."""
+    rate_ok = measured.nominal_rate_mbit is None or (
+        min(measured.down_mbit, measured.up_mbit) >= RATE_SHARE * measured.nominal_rate_mbit
+    )
+    rtt_ok = measured.rtt_ms <= measured.nominal_rtt_ms + RTT_SLACK_MS
+    return measured.emulated and rtt_ok and rate_ok
+
+
 WARM_UP = -1
 """The repetition number of the warm-up runs (not measured)."""
 
@@ -344,10 +361,12 @@ async def run_agent_loop(
                     "emulated": link.emulated,
                     "fallback_reason": link.fallback_reason,
                     "netns": link.netns,
+                    "link_ok": None,  # not measured (smoke size)
                 }
                 if config.measure_link:
                     measured = await measure_link(link, rtt_samples=10)
                     section["link"]["measured"] = measured.as_dict()
+                    section["link"]["link_ok"] = link_ok(measured)
                 harness = _Harness(config, env, link, workloads, nonces)
                 await harness.start()
                 progress(f"{profile.name}: warm-up")

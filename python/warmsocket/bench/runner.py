@@ -163,6 +163,18 @@ def write(results: dict[str, Any], options: BenchOptions) -> list[Path]:
     return written
 
 
+def _link_line(measured: dict[str, Any], ok: bool | None) -> str:
+    """The link as measured next to its profile's nominal values."""
+    nominal_rate = measured["nominal_rate_mbit"]
+    rate = "unlimited" if nominal_rate is None else f"{nominal_rate:g}"
+    return (
+        f"  link measured: RTT {measured['rtt_ms']:.1f} ms (nominal "
+        f"{measured['nominal_rtt_ms']:g}), {measured['down_mbit']:.1f} down / "
+        f"{measured['up_mbit']:.1f} up Mbit/s (nominal {rate}): "
+        f"{'as nominal' if ok else 'OFF NOMINAL: targets not judged'}"
+    )
+
+
 def failed_runs(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """The agent-loop runs that failed, by profile (profiles without failures left out)."""
     profiles = (results.get("agent_loop") or {}).get("profiles", {})
@@ -176,6 +188,8 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     for name, section in loop.get("profiles", {}).items():
         link = section.get("link", {})
         lines.append(f"agent loop, {link.get('describe', name)}")
+        if measured := link.get("measured"):
+            lines.append(_link_line(measured, link.get("link_ok")))
         for size, per_mode in section.get("summary", {}).items():
             for mode, entry in per_mode.items():
                 reduction = entry.get("e2e_reduction_vs_http_replay")

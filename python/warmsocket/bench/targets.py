@@ -15,6 +15,10 @@ P99_SECONDS = 0.050
 THROUGHPUT_CONNECTIONS = 64
 BYTES_PER_IDLE_CONNECTION = 32 * 1024
 CACHE_OVERHEAD = 1.5
+IDLE_CONNECTIONS = 1_000
+CACHED_TOKENS = 1_000_000
+"""The sizes the memory targets are judged at: a smoke run's growth (100 connections,
+an 88 KB fill) is too small for the resident set size to resolve."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +39,17 @@ class Target:
         return f"{self.name}: {value} (goal {self.goal}): {status}{note}"
 
 
+def _unjudged_link(link: dict[str, Any]) -> str:
+    """Why a profile's results cannot be judged against its target ("" if they can)."""
+    if not link.get("emulated"):
+        return f"not judged: the link fell back to loopback ({link.get('fallback_reason')})"
+    if link.get("link_ok") is None:
+        return "not judged: the link was not measured (smoke size)"
+    if not link["link_ok"]:
+        return "not judged: the link's measured RTT or rate is off the profile's"
+    return ""
+
+
 def agent_loop_targets(section: dict[str, Any] | None) -> list[Target]:
     out = []
     profiles = (section or {}).get("profiles", {})
@@ -43,7 +58,9 @@ def agent_loop_targets(section: dict[str, Any] | None) -> list[Target]:
             summary = profiles.get(profile, {}).get("summary", {}).get(size, {})
             value = summary.get("websocket", {}).get("e2e_reduction_vs_http_replay")
             checked = profile == "WAN" and size in {"20", "50"}
-            met = None if value is None or not checked else value >= E2E_REDUCTION
+            link = profiles.get(profile, {}).get("link", {})
+            unjudged = _unjudged_link(link) if checked else ""
+            met = None if value is None or not checked or unjudged else value >= E2E_REDUCTION
             out.append(
                 Target(
                     name=f"agent loop {profile} N={size}: end-to-end reduction, WebSocket vs "
@@ -51,6 +68,7 @@ def agent_loop_targets(section: dict[str, Any] | None) -> list[Target]:
                     goal=f">= {E2E_REDUCTION:.0%}" if checked else "reported",
                     value=value,
                     met=met,
+                    note=unjudged if value is not None else "",
                 )
             )
     return out
@@ -84,24 +102,34 @@ def memory_targets(section: dict[str, Any] | None) -> list[Target]:
     cache = (section or {}).get("cache")
     per_conn = idle["bytes_per_connection"] if idle else None
     overhead = cache["overhead_vs_item_bytes"] if cache else None
+    # Judged at the documented sizes only: smaller fills are within the RSS's noise.
+    idle_small = idle is not None and idle["connections"] < IDLE_CONNECTIONS
+    # (A fill lands near its size; the memory bench accepts 90 % of it.)
+    cache_small = cache is not None and cache["tokens"] < CACHED_TOKENS * 0.9
+    idle_note = f"{idle['connections']} connections" if idle else ""
+    cache_note = (
+        f"{cache['tokens']:,} tokens, {cache['bytes_per_token']:.2f} B/token" if cache else ""
+    )
     return [
         Target(
             name="memory: resident bytes per idle connection",
             goal=f"< {BYTES_PER_IDLE_CONNECTION}",
             value=per_conn,
-            met=None if per_conn is None else per_conn < BYTES_PER_IDLE_CONNECTION,
-            note=f"{idle['connections']} connections" if idle else "",
+            met=None if per_conn is None or idle_small else per_conn < BYTES_PER_IDLE_CONNECTION,
+            note=_smoke(idle_note, f"{IDLE_CONNECTIONS:,}") if idle_small else idle_note,
         ),
         Target(
             name="memory: resident growth over raw item bytes of cached context",
             goal=f"< {CACHE_OVERHEAD}",
             value=overhead,
-            met=None if overhead is None else overhead < CACHE_OVERHEAD,
-            note=f"{cache['tokens']:,} tokens, {cache['bytes_per_token']:.2f} B/token"
-            if cache
-            else "",
+            met=None if overhead is None or cache_small else overhead < CACHE_OVERHEAD,
+            note=_smoke(cache_note, f"{CACHED_TOKENS:,} tokens") if cache_small else cache_note,
         ),
     ]
+
+
+def _smoke(note: str, judged_at: str) -> str:
+    return f"smoke size: {note}; judged at {judged_at}"
 
 
 def evaluate(results: dict[str, Any]) -> list[Target]:
