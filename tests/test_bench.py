@@ -1025,3 +1025,35 @@ def test_link_is_ok_within_5_ms_and_85_percent_of_its_profile() -> None:
         "  link measured: RTT 46.0 ms (nominal 40), 47.9 down / 48.0 up Mbit/s (nominal 50): "
         "OFF NOMINAL: targets not judged"
     )
+
+
+def test_the_commit_recorded_is_warmsocket_s_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An installed (non-editable) warmsocket inside another project's git repository
+    (its virtualenv in that repository) recorded that project's commit as the commit
+    measured; only a warmsocket checkout's commit is recorded."""
+    from warmsocket.bench import machine
+
+    def repository(root: Path, project: str, package: str) -> Path:
+        (root / package).mkdir(parents=True)
+        (root / "pyproject.toml").write_text(f'[project]\nname = "{project}"\n')
+        (root / package / "machine.py").write_text("")
+        git = ["git", "-C", str(root), "-c", "user.email=x@x", "-c", "user.name=x"]
+        subprocess.run([*git, "init", "-q"], check=True)
+        subprocess.run([*git, "add", "-A"], check=True)
+        subprocess.run([*git, "commit", "-qm", "one"], check=True)
+        return root / package / "machine.py"
+
+    installed = repository(
+        tmp_path / "other", "someapp", ".venv/lib/python3.11/site-packages/warmsocket/bench"
+    )
+    monkeypatch.setattr(machine, "__file__", str(installed))
+    assert machine.git_commit() is None
+    checkout = repository(tmp_path / "warmsocket", "warmsocket", "python/warmsocket/bench")
+    monkeypatch.setattr(machine, "__file__", str(checkout))
+    head = subprocess.run(
+        ["git", "-C", str(tmp_path / "warmsocket"), "rev-parse", "--short", "HEAD"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert machine.git_commit() == head

@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,33 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def checkout_root(package_dir: Path) -> Path | None:
+    """The root of the warmsocket source tree a package directory lies in: the nearest
+    parent whose pyproject.toml names the project warmsocket. None for an installed
+    package (site-packages), even one that lies inside some other git repository."""
+    for parent in package_dir.parents:
+        pyproject = parent / "pyproject.toml"
+        if not pyproject.is_file():
+            continue
+        try:
+            name = tomllib.loads(pyproject.read_text()).get("project", {}).get("name")
+        except (OSError, ValueError):
+            continue
+        if name == "warmsocket":
+            return parent
+    return None
+
+
 def git_commit() -> str | None:
-    """The commit of the source tree the package runs from, if it is a git checkout."""
-    here = Path(__file__).resolve().parent
+    """The commit of the warmsocket checkout the package runs from, None when it is not
+    run from one (an installed package must not report the commit of a repository it
+    merely sits in, such as a project's virtualenv)."""
+    root = checkout_root(Path(__file__).resolve().parent)
+    if root is None:
+        return None
     try:
         out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            ["git", "-C", str(root), "rev-parse", "--show-toplevel", "--short", "HEAD"],
             capture_output=True,
             text=True,
             timeout=5,
@@ -34,13 +56,16 @@ def git_commit() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
+    toplevel, commit = out.stdout.splitlines()
+    if Path(toplevel).resolve() != root.resolve():  # not a repository of its own
+        return None
     dirty = subprocess.run(
-        ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+        ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
         capture_output=True,
         text=True,
         timeout=5,
     ).stdout.strip()
-    return out.stdout.strip() + ("-dirty" if dirty else "")
+    return commit + ("-dirty" if dirty else "")
 
 
 def load_average() -> list[float]:
