@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.support import (
     FUNCTION_TOOLS,
+    TERMINAL,
     RunningServer,
     WSClient,
     check_sequence,
@@ -485,6 +486,37 @@ def test_a_bug_handling_a_message_closes_with_1011_and_touches_no_other_connecti
         assert output_text(other.turn(input="still here")) == "You said: still here"
     assert "unhandled error on a WebSocket connection" in caplog.text
     assert "trigger-the-bug" not in caplog.text
+
+
+def test_a_bug_starting_a_queued_create_answers_it_and_its_lane_goes_on(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queued create starts when the response before it on its lane ends, from the
+    model task: an unexpected error preparing it used to go unanswered (logged as
+    the finished turn's backend error), and the lane behind it stalled."""
+    from warmsocket.engine import Engine
+
+    prepare = Engine.prepare
+
+    def buggy(self: Engine, request: Any, **kwargs: Any) -> Any:
+        if b"trigger-the-bug" in request.input.json():
+            raise RecursionError("maximum recursion depth exceeded")
+        return prepare(self, request, **kwargs)
+
+    monkeypatch.setattr(Engine, "prepare", buggy)
+    with WSClient(server.ws_url) as ws:
+        ws.create(input="/sleep 300\nslow")
+        assert ws.recv()["type"] == "response.created"
+        ws.create(input="trigger-the-bug")  # queued behind the slow one
+        ws.create(input="after")
+        events = []
+        while len([e for e in events if e["type"] in TERMINAL or e["type"] == "error"]) < 3:
+            events.append(ws.recv(timeout=5))
+        ends = [e["type"] for e in events if e["type"] in TERMINAL or e["type"] == "error"]
+        assert ends == ["response.completed", "error", "response.completed"]
+        error = next(e for e in events if e["type"] == "error")
+        assert error["status"] == 500 and error["error"]["code"] == "server_error"
+        assert output_text(events[events.index(error) + 1 :]) == "You said: after"
 
 
 def test_oversize_message_is_rejected_and_connection_survives() -> None:

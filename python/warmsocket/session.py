@@ -515,6 +515,16 @@ class ResponsesSession:
                 self._steer_failed_ids(pending, error, lane)
             self._reject(lane, error, request.previous_response_id)
             return
+        except Exception:
+            # A bug (logged by type; the formatters never write its text). A queued
+            # create starts from a model task's end, where nothing else would answer
+            # it: it gets a server_error on its lane, and the lane goes on.
+            log.exception("unhandled error starting a response")
+            error = errors.server_error()
+            if pending.steer_ids:
+                self._steer_failed_ids(pending, error, lane)
+            self._reject(lane, error, request.previous_response_id)
+            return
         if prepend is not None:
             lane.pending_steer = None
         self._active[turn.response_id] = (turn, lane)
