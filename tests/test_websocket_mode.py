@@ -35,6 +35,7 @@ from warmsocket import _core, mockmodel
 from warmsocket import server as server_module
 from warmsocket.backends.base import StreamItem, TextDelta, TurnContext
 from warmsocket.engine import Limits
+from warmsocket.logs import JSONFormatter, TextFormatter
 
 TEXT_SEQUENCE = [
     "response.created",
@@ -470,7 +471,7 @@ def test_a_bug_handling_a_message_closes_with_1011_and_touches_no_other_connecti
 
     def buggy(self: ResponsesSession, data: bytes) -> None:
         if b"trigger-the-bug" in data:
-            raise RecursionError("maximum recursion depth exceeded")
+            raise RecursionError(bytes(data).decode())  # its text holds the content
         receive(self, data)
 
     monkeypatch.setattr(ResponsesSession, "receive_message", buggy)
@@ -484,8 +485,43 @@ def test_a_bug_handling_a_message_closes_with_1011_and_touches_no_other_connecti
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
         assert "internal error" in closed.value.rcvd.reason
         assert output_text(other.turn(input="still here")) == "You said: still here"
-    assert "unhandled error on a WebSocket connection" in caplog.text
-    assert "trigger-the-bug" not in caplog.text
+    (record,) = [r for r in caplog.records if r.exc_info and r.name == "warmsocket.server"]
+    assert record.getMessage() == "unhandled error on a WebSocket connection"
+    for formatter in (JSONFormatter(), TextFormatter()):
+        logged = formatter.format(record)
+        assert "RecursionError" in logged and "trigger-the-bug" not in logged
+
+
+def test_a_bug_handling_a_message_sent_with_the_handshake_closes_with_1011(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message in the same write as the upgrade request is handled as the upgrade
+    completes: a bug there closes with 1011 too (it aborted the transport)."""
+    from warmsocket.session import ResponsesSession
+
+    receive = ResponsesSession.receive_message
+
+    def buggy(self: ResponsesSession, data: bytes) -> None:
+        if b"trigger-the-bug" in data:
+            raise RecursionError("maximum recursion depth exceeded")
+        receive(self, data)
+
+    monkeypatch.setattr(ResponsesSession, "receive_message", buggy)
+    message = json.dumps({"type": "response.create", "model": "m", "input": "trigger-the-bug"})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(
+            b"GET /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n" + _masked(message.encode())
+        )
+        received = b""
+        while b"internal error" not in received and (chunk := sock.recv(65536)):
+            received += chunk
+    head, _, frames = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    # One close frame: opcode 8, then the code 1011 and the reason.
+    assert frames[0] == 0x88 and frames[2:4] == (1011).to_bytes(2, "big"), frames[:40]
+    assert b"internal error" in frames
 
 
 def test_a_bug_starting_a_queued_create_answers_it_and_its_lane_goes_on(

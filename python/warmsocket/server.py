@@ -684,10 +684,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.server.metrics.bytes_received += len(data)
         if self.ws is not None:
-            try:
-                self._ws_data(data)
-            except Exception:
-                self._ws_failed()
+            self._ws_safely(self._ws_data, data)
             return
         if self._lingering is not None:
             return  # the rest of a refused request
@@ -708,9 +705,7 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.ws is not None:
-            self.ws.receive_eof()
-            self._ws_events()
-            self._flush()
+            self._ws_safely(self._ws_eof)
             return None
         if self._http_task is None or self._streaming:
             # Between requests: nothing to answer. During a stream (SSE): a client that
@@ -1309,7 +1304,7 @@ class Connection(asyncio.Protocol):
             self._keepalive = self.loop.create_task(self._keepalive_loop())
         leftover = self._parser.take_buffer()
         if leftover:
-            self._ws_data(leftover)
+            self._ws_safely(self._ws_data, leftover)
         else:
             self._flush()
         self._opened_at = time.monotonic()
@@ -1356,6 +1351,19 @@ class Connection(asyncio.Protocol):
         # else: a model task starts in this iteration; the flush scheduled after it
         # writes `response.created` together with what its first step produced.
 
+    def _ws_eof(self) -> None:
+        assert self.ws is not None
+        self.ws.receive_eof()
+        self._ws_events()
+        self._flush()
+
+    def _ws_safely(self, handle: Callable[..., None], *args: Any) -> None:
+        """`handle(*args)`, for what the client sent; a bug there is `_ws_failed`."""
+        try:
+            handle(*args)
+        except Exception:
+            self._ws_failed()
+
     def _ws_failed(self) -> None:
         """A bug met while handling what the client sent (logged with its type, never
         its text): the connection closes with 1011 and a reason, rather than the
@@ -1371,7 +1379,8 @@ class Connection(asyncio.Protocol):
                 log.exception("unhandled error stopping a WebSocket's responses")
         if ws is not None and ws.state is State.OPEN:
             ws.send_close(1011, "internal error: see the server's log")
-        self._frames = None
+        # (A partial frame held by `_frames` goes to the protocol object with the next
+        # read, as on any close: `_ws_data`.)
         self._flush()
 
     def _ws_events(self) -> None:
