@@ -520,10 +520,10 @@ class ResponsesSession:
             # create starts from a model task's end, where nothing else would answer
             # it: it gets a server_error on its lane, and the lane goes on.
             log.exception("unhandled error starting a response")
-            error = errors.server_error()
+            failure = errors.server_error()
             if pending.steer_ids:
-                self._steer_failed_ids(pending, error, lane)
-            self._reject(lane, error, request.previous_response_id)
+                self._steer_failed_ids(pending, failure, lane)
+            self._reject(lane, failure, request.previous_response_id)
             return
         if prepend is not None:
             lane.pending_steer = None

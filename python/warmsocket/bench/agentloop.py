@@ -279,10 +279,12 @@ RATE_SHARE = 0.85
 def link_ok(measured: LinkMeasurement) -> bool:
     """Whether a measured link is the profile it stands for: emulated, its RTT at most
     RTT_SLACK_MS over the nominal one, its rate at least RATE_SHARE of the nominal rate
-    each way. A target judged over a link that is not would say nothing of the
-    profile."""
-    rate_ok = measured.nominal_rate_mbit is None or (
-        min(measured.down_mbit, measured.up_mbit) >= RATE_SHARE * measured.nominal_rate_mbit
+    each way (a rate too fast to time counts as met). A target judged over a link
+    that is not would say nothing of the profile."""
+    nominal = measured.nominal_rate_mbit
+    rate_ok = nominal is None or all(
+        rate is None or rate >= RATE_SHARE * nominal
+        for rate in (measured.down_mbit, measured.up_mbit)
     )
     rtt_ok = measured.rtt_ms <= measured.nominal_rtt_ms + RTT_SLACK_MS
     return measured.emulated and rtt_ok and rate_ok
