@@ -1659,6 +1659,37 @@ mod tests {
     }
 
     #[test]
+    fn a_chain_whose_last_holder_is_a_view_is_freed_off_the_callers_thread() {
+        let c = big();
+        create(&c, "v0", None);
+        create(&c, "v1", Some("v0"));
+        create(&c, "v2", Some("v1"));
+        let ancestors = [first_item(&c, "v0", None), first_item(&c, "v1", None)];
+        // A turn's view of the chain outlives its entries (the client left mid-turn).
+        let view = c.view(Some("v2"), O, None, None).unwrap();
+        for id in ["v2", "v1", "v0"] {
+            assert!(c.delete(id, O));
+        }
+        assert!(
+            ancestors.iter().all(|i| i.upgrade().is_some()),
+            "the view holds them"
+        );
+        let go_on = hold_reaper();
+        drop(view);
+        assert_eq!(c.stats().bytes, 0, "the meter saw them go");
+        assert!(
+            ancestors.iter().all(|i| i.upgrade().is_some()),
+            "freed by the caller"
+        );
+        go_on.send(()).unwrap();
+        assert!(reaper::settle(std::time::Duration::from_secs(10)));
+        assert!(
+            ancestors.iter().all(|i| i.upgrade().is_none()),
+            "never freed"
+        );
+    }
+
+    #[test]
     fn evicted_ids_wait_for_take_evicted_up_to_a_bound() {
         let unit = entry_cost(&big());
         let c = SessionCache::new(unit + unit / 2, 1 << 20); // room for one

@@ -416,14 +416,17 @@ impl Node {
     /// cost leaves the meter, its parent is let go of) and what is slow to free is
     /// returned, to be freed elsewhere (`crate::reaper`); otherwise nothing is.
     pub fn release(node: Arc<Node>) -> Option<Remains> {
-        let mut node = Arc::into_inner(node)?;
-        Some(Remains {
-            _input: std::mem::replace(&mut node.input, Items::empty()),
-            _output: std::mem::replace(&mut node.output, Items::empty()),
-            _meta: std::mem::replace(&mut node.meta, no_meta()),
-            _hashes: std::mem::take(&mut node.hashes),
-            _tails: std::mem::take(&mut node.tails),
-        })
+        Arc::into_inner(node).map(|mut node| node.take_remains())
+    }
+
+    fn take_remains(&mut self) -> Remains {
+        Remains {
+            _input: std::mem::replace(&mut self.input, Items::empty()),
+            _output: std::mem::replace(&mut self.output, Items::empty()),
+            _meta: std::mem::replace(&mut self.meta, no_meta()),
+            _hashes: std::mem::take(&mut self.hashes),
+            _tails: std::mem::take(&mut self.tails),
+        }
     }
 }
 
@@ -431,13 +434,22 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.meter.bytes.fetch_sub(self.cost, Ordering::AcqRel);
         // Free an unshared tail of ancestors in a loop, not by recursion, so dropping
-        // a very long chain cannot overflow the stack.
+        // a very long chain cannot overflow the stack. The ancestors leave the meter
+        // here; their items go to the reaper thread (a view or binding dropped on the
+        // event loop may hold the last reference to a whole chain).
         let mut next = self.parent.take();
+        let mut remains = Vec::new();
         while let Some(parent) = next {
             next = match Arc::into_inner(parent) {
-                Some(mut node) => node.parent.take(),
+                Some(mut node) => {
+                    remains.push(node.take_remains());
+                    node.parent.take()
+                }
                 None => None,
             };
+        }
+        if !remains.is_empty() {
+            crate::reaper::free_later(remains);
         }
     }
 }
