@@ -872,6 +872,17 @@ impl Items {
         self.as_slice().iter()
     }
 
+    /// The first `id` (in order) that an earlier item has too, or that `taken` holds:
+    /// lists are paged by item id, so OpenAI refuses an id given twice. Empty ids are
+    /// not ids.
+    pub fn first_duplicate_id(&self, mut taken: impl FnMut(&str) -> bool) -> Option<&str> {
+        let mut seen = rustc_hash::FxHashSet::default();
+        self.iter()
+            .filter_map(|item| item.id())
+            .filter(|id| !id.is_empty())
+            .find(|id| !seen.insert(*id) || taken(id))
+    }
+
     /// The items in `range` (relative to this handle), sharing the batch.
     ///
     /// # Panics
@@ -1637,5 +1648,19 @@ pub(crate) mod tests {
                 items.to_json().len() as u64
             );
         }
+    }
+
+    #[test]
+    fn the_first_duplicate_id_is_found_in_order() {
+        let items = parse(
+            r#"[{"id":"a","role":"user","content":"x"},{"role":"user","content":"y"},
+                {"id":"","role":"user","content":"z"},{"id":"","role":"user","content":"z"},
+                {"id":"b","role":"user","content":"x"},{"id":"a","role":"user","content":"x"},
+                {"id":"b","role":"user","content":"x"}]"#,
+        )
+        .unwrap();
+        assert_eq!(items.first_duplicate_id(|_| false), Some("a"));
+        assert_eq!(items.first_duplicate_id(|id| id == "b"), Some("b"));
+        assert_eq!(items.slice(0..5).first_duplicate_id(|_| false), None);
     }
 }

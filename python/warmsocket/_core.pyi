@@ -137,6 +137,9 @@ class Items:
     def ids(self) -> list[str | None]:
         """Each item's `id` (None where it has none), in order, without converting
         the items."""
+    def first_duplicate_id(self, taken: set[str] | None = None) -> str | None:
+        """The first item `id` (in order) an earlier item has too, or that `taken`
+        holds; None when there is none. Empty ids are not ids."""
     def last_of_type(self, kind: str) -> int | None:
         """The index of the last item whose `type` is `kind` (`message` for an item with a
         `role` and no `type`), None when there is none. O(items after it)."""

@@ -42,7 +42,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -235,21 +235,17 @@ def new_item_ids(items: Items) -> list[str]:
     return found
 
 
-def refuse_duplicate_ids(
-    item_ids: Iterable[str | None], *, param: str, kept: Iterable[str] = ()
-) -> None:
+def refuse_duplicate_ids(items: Items, *, param: str, kept: Collection[str] = ()) -> None:
     """Raises APIError (400, OpenAI's "Duplicate item found") for an id given twice in
-    `item_ids`, or one `kept` (the conversation's) holds: a list holding an id twice
+    `items`, or one `kept` (the conversation's) holds: a list holding an id twice
     cannot be paged through by it (`pages.page_range`), nor an item read by it. Items
-    without an id get new ones."""
-    given = [item_id for item_id in item_ids if item_id]
-    if not given:
-        return  # (the conversation's ids are not even gathered)
-    seen = set(kept)
-    for item_id in given:
-        if item_id in seen:
-            raise errors.duplicate_item(item_id, param)
-        seen.add(item_id)
+    without an id get new ones. One pass in Rust (a full replay re-sends hundreds of
+    items with ids every turn); the conversation's ids are gathered only for a
+    request whose items have ids."""
+    taken = set(kept) if kept and any(items.ids()) else None
+    duplicate = items.first_duplicate_id(taken)
+    if duplicate is not None:
+        raise errors.duplicate_item(duplicate, param)
 
 
 def entries(items: Items, item_ids: list[str]) -> Entries:
@@ -448,7 +444,7 @@ class Conversations:
 
     # -- items ------------------------------------------------------------------------------
 
-    def validated_items(self, value: Any, *, param: str, kept: Iterable[str] = ()) -> Items:
+    def validated_items(self, value: Any, *, param: str, kept: Collection[str] = ()) -> Items:
         """Items to add (to a conversation holding `kept`), validated as a create's
         input is. Raises APIError."""
         if value is None:
@@ -472,7 +468,7 @@ class Conversations:
             items = Items.from_objects(normalized, max_item_bytes=self.max_item_bytes)
         except InvalidItems as exc:
             raise errors.invalid_value(param, f"Invalid '{param}': {exc}") from None
-        refuse_duplicate_ids(items.ids(), param=param, kept=kept)
+        refuse_duplicate_ids(items, param=param, kept=kept)
         return items
 
     async def add_items(self, owner: str, conv_id: str, body: Any) -> list[dict[str, Any]]:

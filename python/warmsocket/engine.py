@@ -576,7 +576,7 @@ class Engine:
         # OpenAI refuses an item id given twice, or one the conversation holds: lists
         # are paged by id. (Resolved: two `item_reference`s to one item are two too.)
         refuse_duplicate_ids(
-            own_input.ids(),
+            own_input,
             param="input",
             kept=() if conversation is None else conversation.item_ids,
         )

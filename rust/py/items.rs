@@ -212,6 +212,26 @@ impl PyItems {
         self.inner.iter().map(|item| item.id()).collect()
     }
 
+    /// The first item id given twice, or that `taken` (a set) holds; None when none is.
+    #[pyo3(signature = (taken = None))]
+    fn first_duplicate_id(
+        &self,
+        taken: Option<&Bound<'_, pyo3::types::PySet>>,
+    ) -> PyResult<Option<String>> {
+        let mut failed = None;
+        let found = self.inner.first_duplicate_id(|id| match taken {
+            None => false,
+            Some(set) => set.contains(id).unwrap_or_else(|err| {
+                failed.get_or_insert(err);
+                false
+            }),
+        });
+        match failed {
+            Some(err) => Err(err),
+            None => Ok(found.map(str::to_owned)),
+        }
+    }
+
     fn last_of_type(&self, kind: &str) -> Option<usize> {
         self.inner.iter().rposition(|item| item.kind() == kind)
     }
