@@ -22,7 +22,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1138,18 +1138,26 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-@needs_netns
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_cli_run_stopped_by_signal_removes_link_and_command(signum: int, tmp_path: Path) -> None:
-    """`kill` (or a closed terminal) on `netem run` stops the wrapped command and
-    removes the namespace and veth, as Ctrl-C does, instead of leaving them."""
+def _kill_survivors(pids: list[int]) -> list[int]:
+    """The pids still running, killed so that a failing test leaves none behind."""
+    survivors = [pid for pid in pids if _alive(pid)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    return survivors
+
+
+@contextlib.contextmanager
+def _netem_run(
+    log_path: Path, *args: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str, list[int]]]:
+    """`netem run --profile lan --require --target 127.0.0.1:9 ARGS`, its stderr in
+    log_path; yields it once its command runs, with the namespace and the command's
+    pids. Killed if it is still running at the end."""
+    argv = [*_CLI, "run", "--profile", "lan", "--require", "--target", "127.0.0.1:9", *args]
     # stderr goes to a file: a pipe would stay open as long as a surviving command.
-    log_path = tmp_path / "stderr"
-    argv = [*_CLI, "run", "--profile", "lan", "--require", "--target", "127.0.0.1:9"]
     with log_path.open("wb") as log_file:
-        proc = subprocess.Popen([*argv, "--", "sleep", "30"], stderr=log_file)
-    pids: list[int] = []
+        proc = subprocess.Popen(argv, stderr=log_file)
+    netns, pids = "", []
     try:
         deadline = time.monotonic() + 20
         while not pids and time.monotonic() < deadline and proc.poll() is None:
@@ -1160,14 +1168,63 @@ def test_cli_run_stopped_by_signal_removes_link_and_command(signum: int, tmp_pat
                 pids = [int(p) for p in listed.split()]  # `ip netns exec` execs: same pid
             time.sleep(0.05)
         assert pids, log_path.read_text()
-        proc.send_signal(signum)
-        rc = proc.wait(timeout=20)
+        yield proc, netns, pids
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@needs_netns
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
+def test_cli_run_stopped_by_signal_removes_link_and_command(signum: int, tmp_path: Path) -> None:
+    """Ctrl-C, `kill` or a closed terminal on `netem run` stops the wrapped command
+    and removes the namespace and veth instead of leaving them."""
+    log_path = tmp_path / "stderr"
+    with _netem_run(log_path, "--", "sleep", "30") as (proc, netns, pids):
+        proc.send_signal(signum)
+        rc = proc.wait(timeout=20)
     err = log_path.read_text()
-    assert not [pid for pid in pids if _alive(pid)], f"the wrapped command survived: {err}"
+    assert not _kill_survivors(pids), f"the wrapped command survived: {err}"
     _assert_gone(netns)
     assert rc == 128 + signum, err  # the shell's convention for "ended by a signal"
     assert "Traceback" not in err
+
+
+# Ignored signals stay ignored across exec: `sleep` itself ignores SIGTERM and SIGINT.
+_IGNORES_TERM = ["sh", "-c", "trap '' TERM INT; exec sleep 30"]
+
+
+@needs_netns
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("second", ["SIGTERM after --timeout", "Ctrl-C after SIGTERM"])
+def test_cli_run_a_signal_while_stopping_the_command_still_kills_it(
+    second: str, tmp_path: Path
+) -> None:
+    """A command that ignores SIGTERM gets 5 s, then SIGKILL. A signal during those
+    5 s (a `kill` after --timeout began the stop, Ctrl-C after a `kill`) cut them
+    short: `run` exited 143 with the command still running, outside any namespace."""
+    log_path = tmp_path / "stderr"
+    timed_out = second == "SIGTERM after --timeout"
+    options = ["--timeout", "1"] if timed_out else []
+    with _netem_run(log_path, *options, "--", *_IGNORES_TERM) as (proc, netns, pids):
+        if timed_out:
+            deadline = time.monotonic() + 10
+            while "stopping it" not in log_path.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # well inside the 5 s grace
+            proc.send_signal(signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=20)
+    err = log_path.read_text()
+    assert not _kill_survivors(pids), f"the wrapped command survived: {err}"
+    _assert_gone(netns)
+    # The first cause decides the exit status: the timeout, or the SIGTERM.
+    assert rc == (124 if timed_out else 128 + signal.SIGTERM), err
+    assert "already stopping" in err and "Traceback" not in err

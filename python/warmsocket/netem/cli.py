@@ -24,8 +24,13 @@ from warmsocket.netem.profiles import BUILTIN_PROFILES, NetworkProfile, get_prof
 from warmsocket.netem.timers import TimerfdScheduler
 
 _CHECK_TIMEOUT = 60.0
-# Signals that stop `run` and `check` the way Ctrl-C does (SIGINT is asyncio's).
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# Signals that stop `run` and `check`. SIGINT is taken over from asyncio so that all
+# three go through one handler that lets a stop already under way finish: asyncio's
+# own would cancel the teardown part-way (and a further Ctrl-C raise
+# KeyboardInterrupt wherever the loop happens to be).
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# What `run` passes on to its command.
+_PASSED_ON = (signal.SIGTERM, signal.SIGHUP)
 _CHILD_GRACE_S = 5.0  # how long `run` waits for its command after passing a signal on
 
 
@@ -39,13 +44,21 @@ def _run(coro: Coroutine[Any, Any, Any], loop_name: str) -> Any:
 
 @dataclass(slots=True)
 class _Stop:
-    """The stop signal that arrived, if any."""
+    """Whether `run` or `check` is stopping, and the stop signal that arrived, if any."""
 
     signum: int | None = None
+    stopping: bool = False  # set by the first stop signal, or by `run --timeout`
+
+    def passed_on(self) -> int:
+        """The signal for the command: the one received, but SIGTERM for --timeout
+        and for Ctrl-C (the terminal has already sent the command its own SIGINT)."""
+        if self.signum is not None and self.signum in _PASSED_ON:
+            return self.signum
+        return signal.SIGTERM
 
 
 async def _stoppable(main: Callable[[_Stop], Coroutine[Any, Any, int]]) -> int:
-    """Run main; SIGTERM/SIGHUP cancel it, and the exit status is 128 + signal.
+    """Run main; SIGINT/SIGTERM/SIGHUP cancel it, and the exit status is 128 + signal.
 
     Cancelling (instead of dying of the signal) lets every `async with` unwind:
     the command is stopped, the proxy closed, the namespace and veth removed.
@@ -56,9 +69,19 @@ async def _stoppable(main: Callable[[_Stop], Coroutine[Any, Any, int]]) -> int:
     stop = _Stop()
 
     def on_signal(signum: int) -> None:
-        if stop.signum is None:  # a second signal must not cut the teardown short
-            stop.signum = signum
-            task.cancel()
+        if stop.stopping:
+            # A second signal, or one after --timeout began stopping the command:
+            # cancelling now would cut the command's grace period short and skip
+            # its kill, leaving it running after `run` exits.
+            print(
+                f"netem: {signal.Signals(signum).name}: already stopping (a command "
+                f"still running is killed {_CHILD_GRACE_S:g} s after its signal)",
+                file=sys.stderr,
+            )
+            return
+        stop.signum = signum
+        stop.stopping = True
+        task.cancel()
 
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
@@ -247,15 +270,23 @@ def _host_port(value: str) -> tuple[str, int]:
 
 
 async def _stop_child(proc: asyncio.subprocess.Process, signum: int) -> None:
-    """Pass `signum` on to the command; kill it if it outlives the grace period."""
+    """Pass `signum` on to the command; kill it if it outlives the grace period.
+
+    Also killed when this wait is cancelled: the command must not outlive `run`
+    (left running, reparented to init, in a namespace that is then removed).
+    """
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(signum)
     try:
         async with asyncio.timeout(_CHILD_GRACE_S):
             await proc.wait()
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
+        pass
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
 
 
 async def _run_command(args: argparse.Namespace, stop: _Stop) -> int:
@@ -293,7 +324,8 @@ async def _run_command(args: argparse.Namespace, stop: _Stop) -> int:
             return 124
         finally:
             if proc.returncode is None:
-                await _stop_child(proc, stop.signum or signal.SIGTERM)
+                stop.stopping = True  # from here on a signal must not interrupt the stop
+                await _stop_child(proc, stop.passed_on())
 
 
 # Option types: a bad value is a usage error (exit 2) here, not a traceback later.
