@@ -1228,3 +1228,37 @@ def test_cli_run_a_signal_while_stopping_the_command_still_kills_it(
     # The first cause decides the exit status: the timeout, or the SIGTERM.
     assert rc == (124 if timed_out else 128 + signal.SIGTERM), err
     assert "already stopping" in err and "Traceback" not in err
+
+
+@contextlib.contextmanager
+def _ignoring(signum: int) -> Iterator[None]:
+    """Processes started inside have `signum` ignored, as `nohup` does for SIGHUP."""
+    previous = signal.signal(signum, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+
+
+@needs_netns
+@pytest.mark.timeout(60)
+def test_cli_run_under_nohup_keeps_running_when_the_terminal_closes(tmp_path: Path) -> None:
+    """`nohup netem run ...`: the terminal closing (SIGHUP) stopped the run all the
+    same, exit 129, because run handled SIGHUP whether it was ignored or not. An
+    ignored SIGHUP now stays ignored; SIGTERM still stops the run cleanly."""
+    log_path = tmp_path / "stderr"
+    with (
+        _ignoring(signal.SIGHUP),
+        _netem_run(log_path, "--", "sleep", "30") as (proc, netns, pids),
+    ):
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        kept_running = proc.poll() is None and all(_alive(pid) for pid in pids)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=20)
+    err = log_path.read_text()
+    assert kept_running, err
+    assert not _kill_survivors(pids), f"the wrapped command survived: {err}"
+    _assert_gone(netns)
+    assert rc == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err

@@ -83,7 +83,8 @@ async def _stoppable(main: Callable[[_Stop], Coroutine[Any, Any, int]]) -> int:
         stop.stopping = True
         task.cancel()
 
-    for sig in _STOP_SIGNALS:
+    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS if _stops_us(sig)}
+    for sig in previous:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         return await main(stop)
@@ -93,8 +94,22 @@ async def _stoppable(main: Callable[[_Stop], Coroutine[Any, Any, int]]) -> int:
         print(f"netem: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
         return 128 + stop.signum
     finally:
-        for sig in _STOP_SIGNALS:
+        for sig, handler in previous.items():
             loop.remove_signal_handler(sig)
+            # What was there before (asyncio's SIGINT handler), not the default
+            # remove_signal_handler leaves.
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _stops_us(sig: int) -> bool:
+    """Whether `sig` had its usual effect, ending the process, when we started. One
+    ignored then stays ignored: `nohup` ignores SIGHUP so that closing the terminal
+    does not stop the run, and `cmd &` in a script starts it with SIGINT ignored."""
+    handler = signal.getsignal(sig)
+    if sig == signal.SIGINT:  # Python's (or asyncio's) KeyboardInterrupt handler
+        return handler is not signal.SIG_IGN
+    return handler is signal.SIG_DFL
 
 
 def probe_netem_qdisc(link: EmulatedLink) -> str:
