@@ -160,6 +160,7 @@ def _results() -> dict[str, Any]:
         segments = {"upload": upload, "server": 0.001, "ttft": 0.02, "decode": 0.2}
         segments |= {"return": 0.02, "tool": 0.02}
         return {
+            "runs": 3,
             "e2e_s": e2e,
             "turn_s": 0.3,
             "wire_up_per_turn": 4096.0,
@@ -182,7 +183,10 @@ def _results() -> dict[str, Any]:
     }
     link = {"emulated": True, "fallback_reason": None, "link_ok": True}
     return {
-        "agent_loop": {"profiles": {"WAN": {"summary": summary, "link": link}}},
+        "agent_loop": {
+            "config": {"reps": 3},
+            "profiles": {"WAN": {"summary": summary, "link": link, "failed": []}},
+        },
         "throughput": {"points": [{**point, "connections": 1}, point]},
         "memory": {
             "idle": {"bytes_per_connection": 9000.0, "connections": 1000},
@@ -1002,6 +1006,39 @@ def test_targets_are_not_met_from_a_smoke_run_or_a_link_that_is_not_the_profile(
         target = {t.name: t for t in targets.evaluate(results)}[wan20]
         assert target.met is None and target.value == pytest.approx(0.4)
         assert note in target.note
+
+
+def test_targets_are_not_judged_from_partial_agent_loop_runs() -> None:
+    """An interrupted WAN profile with one run per mode (the other http-replay run
+    failed) read "0.45 (goal >= 40%): met", a median of one run each. A profile cut
+    short, or a size with fewer runs of a compared mode than --reps (failed, or lost
+    to an error part-way through), is reported, not judged."""
+    wan20 = "agent loop WAN N=20: end-to-end reduction, WebSocket vs HTTP full replay"
+    failed = {"mode": "http-replay", "tool_calls": 20, "rep": 1, "warm_up": False}
+    cases: list[tuple[dict[str, Any], dict[str, int], str]] = [
+        (
+            {"truncated": "interrupted", "failed": [failed]},
+            {"websocket": 1, "http-replay": 1},
+            "not judged: interrupted",
+        ),
+        ({"truncated": "the time limit was reached"}, {}, "not judged: the time limit was reached"),
+        (
+            {"failed": [failed]},
+            {"http-replay": 2},
+            "not judged: 2 of 3 http-replay runs (1 failed)",
+        ),
+        ({}, {"websocket": 1}, "not judged: 1 of 3 websocket runs"),  # an error part-way
+    ]
+    for change, runs, note in cases:
+        results = _results()
+        wan = results["agent_loop"]["profiles"]["WAN"]
+        wan |= change
+        for mode, count in runs.items():
+            wan["summary"]["20"][mode]["runs"] = count
+        target = {t.name: t for t in targets.evaluate(results)}[wan20]
+        assert target.met is None and target.value == pytest.approx(0.4), note
+        assert target.note == note
+        assert target.line().endswith(f"not measured ({note})")
 
 
 def test_link_is_ok_within_5_ms_and_85_percent_of_its_profile() -> None:

@@ -50,16 +50,48 @@ def _unjudged_link(link: dict[str, Any]) -> str:
     return ""
 
 
+COMPARED_MODES = ("websocket", "http-replay")
+"""The modes an agent-loop target compares: each needs all its runs to be judged."""
+
+
+def _unjudged_runs(profile: dict[str, Any], size: str, reps: int | None) -> str:
+    """Why a profile's runs at `size` cannot be judged ("" if they can): the profile
+    was cut short, or a compared mode has fewer runs than the repetitions asked for
+    (failed, or lost to an error part-way). A median of what is left could pass on
+    one lucky run."""
+    if truncated := profile.get("truncated"):
+        return f"not judged: {truncated}"
+    if reps is None:
+        return "not judged: the number of repetitions is not recorded"
+    per_mode = profile.get("summary", {}).get(size, {})
+    for mode in COMPARED_MODES:
+        runs = per_mode.get(mode, {}).get("runs", 0)
+        if runs != reps:
+            failed = sum(
+                1
+                for f in profile.get("failed", [])
+                if f["mode"] == mode and str(f["tool_calls"]) == size and not f["warm_up"]
+            )
+            also = f" ({failed} failed)" if failed else ""
+            return f"not judged: {runs} of {reps} {mode} runs{also}"
+    return ""
+
+
 def agent_loop_targets(section: dict[str, Any] | None) -> list[Target]:
     out = []
     profiles = (section or {}).get("profiles", {})
+    reps = (section or {}).get("config", {}).get("reps")
     for profile in ("WAN", "LAN"):
         for size in ("8", "20", "50"):
             summary = profiles.get(profile, {}).get("summary", {}).get(size, {})
             value = summary.get("websocket", {}).get("e2e_reduction_vs_http_replay")
             checked = profile == "WAN" and size in {"20", "50"}
             link = profiles.get(profile, {}).get("link", {})
-            unjudged = _unjudged_link(link) if checked else ""
+            unjudged = (
+                _unjudged_link(link) or _unjudged_runs(profiles[profile], size, reps)
+                if checked and value is not None
+                else ""
+            )
             met = None if value is None or not checked or unjudged else value >= E2E_REDUCTION
             out.append(
                 Target(
@@ -68,7 +100,7 @@ def agent_loop_targets(section: dict[str, Any] | None) -> list[Target]:
                     goal=f">= {E2E_REDUCTION:.0%}" if checked else "reported",
                     value=value,
                     met=met,
-                    note=unjudged if value is not None else "",
+                    note=unjudged,
                 )
             )
     return out
