@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -446,6 +448,66 @@ def test_proxy_notices_a_client_reset_while_it_is_not_reading_the_client() -> No
     assert stalled, "the proxy should have stopped reading the client"
     assert left == 0, f"the reset client's connection was still open after {noticed:.1f} s"
     assert noticed < 2.0
+
+
+def _unacked(sock: socket.socket) -> int:
+    """Bytes sock has sent or queued that its peer has not acknowledged (SIOCOUTQ)."""
+    queued: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    return queued
+
+
+@pytest.mark.timeout(30)
+def test_proxy_passes_on_the_data_before_a_reset_on_a_side_it_is_not_reading() -> None:
+    """The proxy stopped reading the server (its FIFO was full); the server sent more,
+    which the proxy's socket took, then reset. Finding that reset consumed it and
+    ended the stream after what the FIFO held: the rest never reached the client.
+    Now the client gets every byte the server sent, then the end of the connection."""
+    delay, limit = 1.0, 64 * 1024  # the delay outlasts one probe of the paused side
+    first, rest = random.Random(3).randbytes(limit), random.Random(4).randbytes(limit // 4)
+
+    async def main() -> tuple[bytes, str, int]:
+        loop = asyncio.get_running_loop()
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            listener.setblocking(False)
+            async with DelayProxy(
+                "127.0.0.1", listener.getsockname()[1], delay_s=delay,
+                max_buffer_bytes=limit, emulate_handshake=False,
+            ) as proxy:  # fmt: skip
+                reader, writer = await asyncio.open_connection(*proxy.address)
+                received = bytearray()
+
+                async def read_all() -> str:
+                    try:
+                        while data := await reader.read(1 << 16):
+                            received.extend(data)
+                    except ConnectionResetError:
+                        return "reset"
+                    return "EOF"
+
+                reading = asyncio.create_task(read_all())
+                server, _ = await loop.sock_accept(listener)
+                with server:
+                    await loop.sock_sendall(server, first)
+                    while proxy.buffered_bytes < limit:  # then it stops reading the server
+                        await asyncio.sleep(0.01)
+                    await loop.sock_sendall(server, rest)  # taken by the proxy's socket
+                    while _unacked(server):
+                        await asyncio.sleep(0.01)
+                    linger = struct.pack("ii", 1, 0)
+                    server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                # (closed with SO_LINGER 0: a real RST)
+                async with asyncio.timeout(10):
+                    end = await reading
+                    while proxy.open_connections:
+                        await asyncio.sleep(0.01)
+                await close_writer(writer)
+                return bytes(received), end, proxy.open_connections
+
+    received, end, left = run(main())
+    arrived, sent = len(received), len(first) + len(rest)
+    assert arrived == sent, f"{arrived} of the {sent} bytes sent before the reset arrived"
+    assert received == first + rest
+    assert end in ("EOF", "reset") and left == 0
 
 
 @pytest.mark.timeout(30)

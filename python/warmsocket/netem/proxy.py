@@ -15,9 +15,11 @@ resumes below half of that, so a slow reader cannot make the proxy buffer
 without bound.  That limit behaves like a TCP window: at most
 `max_buffer_bytes / delay` bytes per second can be in flight per direction.
 A source that is not being read reports no reset, so while paused it is
-probed for one (SO_ERROR) every `_PAUSED_PROBE_S`; a reset found that way
-travels like any other (after the data before it), so the connection and its
-buffers do not stay held until the other side reads again.
+polled for one every `_PAUSED_PROBE_S` (which leaves the error pending). A
+source found reset will send nothing more, so it is read out, unpaused: the
+data its socket still holds goes through the FIFO, then the reset that the
+event loop reports after it, as for a source being read. So the connection and
+its buffers do not stay held until the other side reads again.
 
 Connection set-up: the client's `connect()` to the proxy completes at once (the
 kernel accepts it), which would make a new connection one round trip cheaper
@@ -35,6 +37,7 @@ import contextlib
 import enum
 import logging
 import random
+import select
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -100,6 +103,7 @@ class _Pipe:
         "not_before",
         "reading_paused",
         "src",
+        "src_ended",
         "src_eof",
         "upstream",
     )
@@ -129,6 +133,7 @@ class _Pipe:
         self.dst_write_paused = False
         self.eof_delivered = False
         self.src_eof = False
+        self.src_ended = False  # found reset while paused: being read out, never paused
 
     # -- input side ---------------------------------------------------------
 
@@ -269,7 +274,7 @@ class _Pipe:
 
     def _update_pause(self) -> None:
         src = self.src
-        if src is None or self._closed or self.src_eof:
+        if src is None or self._closed or self.src_eof or self.src_ended:
             return
         held = self.buffered()
         stats = self._proxy.stats
@@ -307,10 +312,15 @@ class _Pipe:
         src = self.src
         if self._closed or self.src_eof or not self.reading_paused or src is None:
             return
-        if _socket_failed(src):
-            self._conn.source_failed(self)
-        else:
+        if src.is_closing() or not _socket_ended(src):
             self._arm_probe()
+            return
+        # It sends nothing more, so reading it is bounded by what its socket holds:
+        # that data, then the reset, are passed on as for a source being read.
+        self.src_ended = True
+        self.reading_paused = False
+        self._conn.source_ended(self)
+        src.resume_reading()
 
     def on_dst_pause_writing(self) -> None:
         self.dst_write_paused = True
@@ -330,15 +340,18 @@ class _Pipe:
         self._queued_bytes = 0
 
 
-def _socket_failed(transport: asyncio.Transport) -> bool:
-    """True if the transport's socket has a pending error (e.g. ECONNRESET)."""
+def _socket_ended(transport: asyncio.Transport) -> bool:
+    """True if the transport's socket was reset (a pending error) or closed both ways.
+
+    poll() leaves the error pending; reading SO_ERROR would clear it, and reading
+    the socket would then end in a clean EOF after its data instead of the reset.
+    """
     sock = transport.get_extra_info("socket")
-    if sock is None:
-        return False
-    try:
-        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
-    except OSError:
-        return True  # no usable socket left behind the transport
+    if sock is None or sock.fileno() < 0:
+        return False  # nothing to look at: the transport reports its own end
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)  # POLLERR and POLLHUP always count
+    return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poller.poll(0))
 
 
 class _Connection:
@@ -398,11 +411,10 @@ class _Connection:
         self.down.src = transport
         self.up.attach_dst(transport)
 
-    def source_failed(self, pipe: _Pipe) -> None:
-        """`pipe`'s source was found reset: as if its protocol saw connection_lost(exc)."""
-        other = self.down if pipe is self.up else self.up
-        other.close()  # nothing can be delivered to the failed side any more
-        pipe.feed_marker(_Marker.ABORT)
+    def source_ended(self, pipe: _Pipe) -> None:
+        """`pipe`'s source was found reset: nothing can be delivered to it any more
+        (writing to it would also take its pending error before its reader does)."""
+        (self.down if pipe is self.up else self.up).close()
 
     def maybe_finished(self) -> None:
         if self.up.eof_delivered and self.down.eof_delivered:
