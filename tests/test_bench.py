@@ -257,13 +257,17 @@ def test_bench_help_lists_every_option() -> None:
         ("--reps", "0", "must be >= 1"),
         ("--decode-tps", "0", "must be > 0"),
         ("--time-limit", "nan", "must be > 0"),
+        ("--tool-ms", "inf", "must be a finite number"),
+        ("--seconds", "inf", "must be a finite number"),
+        ("--overhead-ms", "inf", "must be a finite number"),
     ],
 )
 def test_bad_workload_flags_are_usage_errors(
     tmp_path: Path, flag: str, value: str, message: str
 ) -> None:
     """Refused at once with a usage error, not a traceback from building the workload,
-    nor accepted and then run as something else (--reps 0 ran once)."""
+    nor accepted and then run as something else (--reps 0 ran once; `--tool-ms inf`
+    ended in an OverflowError)."""
     result = _warmsocket("bench", flag, value, "--suites", "memory", "--output-dir", str(tmp_path))
     assert result.returncode == 2
     assert f"argument {flag}: {message}" in result.stderr and "usage:" in result.stderr

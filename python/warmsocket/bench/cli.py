@@ -51,6 +51,8 @@ def _bounded(kind: Callable[[str], float], low: float, *, above: bool = False) -
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if math.isnan(value) or value < low or (above and value == low):
             raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low:g}: {text}")
+        if math.isinf(value):  # not a duration or a speed: sleeps and timeouts overflow
+            raise argparse.ArgumentTypeError(f"must be a finite number: {text}")
         return value
 
     return parse
