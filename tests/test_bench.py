@@ -1068,6 +1068,27 @@ def test_link_is_ok_within_5_ms_and_85_percent_of_its_profile() -> None:
     )
 
 
+def test_the_summary_shows_a_link_rate_too_quick_to_time() -> None:
+    """A transfer too quick to time has no rate (None, which counts as nominal). The
+    summary printed after a whole run raised TypeError on it: results.json was
+    written, but no summary, and the command ended in a traceback."""
+    from warmsocket.bench import runner
+    from warmsocket.bench.agentloop import link_ok
+    from warmsocket.netem.measure import LinkMeasurement
+
+    measured = LinkMeasurement(
+        profile="LAN", emulated=True, rate_limiter="tbf", fallback_reason=None,
+        nominal_rtt_ms=0.5, nominal_rate_mbit=1000.0, connect_rtt_ms=0.3, rtt_ms=0.4,
+        rtt_min_ms=0.3, rtt_max_ms=0.6, down_mbit=None, up_mbit=940.2, bulk_bytes=1 << 21,
+    )  # fmt: skip
+    assert link_ok(measured)
+    line = runner._link_line(measured.as_dict(), True)
+    assert line == (
+        "  link measured: RTT 0.4 ms (nominal 0.5), - down / 940.2 up Mbit/s "
+        "(nominal 1000; - too quick to time): as nominal"
+    )
+
+
 def test_the_commit_recorded_is_warmsocket_s_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -163,14 +163,25 @@ def write(results: dict[str, Any], options: BenchOptions) -> list[Path]:
     return written
 
 
+UNTIMED = "-"
+"""A measured rate that is None: the transfer was too quick to time (it counts as
+meeting the nominal rate)."""
+
+
+def _mbit(rate: float | None) -> str:
+    return UNTIMED if rate is None else f"{rate:.1f}"
+
+
 def _link_line(measured: dict[str, Any], ok: bool | None) -> str:
     """The link as measured next to its profile's nominal values."""
     nominal_rate = measured["nominal_rate_mbit"]
     rate = "unlimited" if nominal_rate is None else f"{nominal_rate:g}"
+    rates = (measured["down_mbit"], measured["up_mbit"])
+    untimed = f"; {UNTIMED} too quick to time" if None in rates else ""
     return (
         f"  link measured: RTT {measured['rtt_ms']:.1f} ms (nominal "
-        f"{measured['nominal_rtt_ms']:g}), {measured['down_mbit']:.1f} down / "
-        f"{measured['up_mbit']:.1f} up Mbit/s (nominal {rate}): "
+        f"{measured['nominal_rtt_ms']:g}), {_mbit(rates[0])} down / "
+        f"{_mbit(rates[1])} up Mbit/s (nominal {rate}{untimed}): "
         f"{'as nominal' if ok else 'OFF NOMINAL: targets not judged'}"
     )
 
