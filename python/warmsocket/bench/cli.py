@@ -72,6 +72,9 @@ def add_command(commands: Any) -> None:
         "loopback and says so). throughput: turns/s and p50/p99 latency against "
         "concurrent connections next to a websockets echo server. memory: resident bytes "
         "per idle connection and per cached token. See docs/benchmarks.md.",
+        epilog="Ctrl-C, SIGTERM or SIGHUP stop the run cleanly (servers, the emulated "
+        "link): what finished is still written, marked interrupted, and the exit status "
+        "is 128 plus the signal's number. A failed run or suite makes it 1.",
     )
     bench.add_argument(
         "--size",
