@@ -967,6 +967,9 @@ def test_summary_compares_with_http_replay_only_where_it_ran() -> None:
     assert "websocket" in n8 and "vs http-replay" not in n8 and "e2e   6.000 s, turn" in n8
     (n20,) = [line for line in lines if line.startswith("  N= 20 websocket")]
     assert "(-40.0% vs http-replay)" in n20
+    # The baseline is not compared with itself (it printed "(-0.0% vs http-replay)").
+    (baseline,) = [line for line in lines if line.startswith("  N= 20 http-replay")]
+    assert "vs http-replay" not in baseline
 
 
 def test_progress_counts_only_the_agent_loop_modes_that_run(

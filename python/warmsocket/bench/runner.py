@@ -204,8 +204,10 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         for size, per_mode in section.get("summary", {}).items():
             for mode, entry in per_mode.items():
                 reduction = entry.get("e2e_reduction_vs_http_replay")
-                # Without http-replay at this size there is nothing to compare with.
-                versus = "" if reduction is None else f" ({-reduction:+.1%} vs http-replay)"
+                # Without http-replay at this size there is nothing to compare with;
+                # http-replay itself is the baseline, not compared with itself.
+                compared = reduction is not None and mode != "http-replay"
+                versus = f" ({-reduction:+.1%} vs http-replay)" if compared else ""
                 lines.append(
                     f"  N={size:>3} {mode:<13} e2e {entry['e2e_s']:7.3f} s{versus}, "
                     f"turn {entry['turn_s'] * 1e3:6.1f} ms, "
