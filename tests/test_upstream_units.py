@@ -390,6 +390,26 @@ def test_sse_decoder() -> None:
         assert events == [(b"a", b'{"x":1}'), (b"", b"two\nlines"), (b"", b"tail")]
 
 
+def test_sse_decoder_reads_lone_cr_line_ends_and_skips_a_leading_byte_order_mark() -> None:
+    # The format's three line ends, mixed, and the stream's one optional BOM (WHATWG
+    # HTML, "Interpreting an event stream"); at every split of the stream.
+    data = b'\xef\xbb\xbfevent: a\rdata: {"x":1}\r\rdata:two\r\ndata: lines\n\r\ndata: tail\r'
+    expected = [(b"a", b'{"x":1}'), (b"", b"two\nlines"), (b"", b"tail")]
+    for step in range(1, len(data) + 1):
+        decoder = SSEDecoder()
+        events = []
+        for start in range(0, len(data), step):
+            events += decoder.feed(data[start : start + step])
+        events += decoder.finish()
+        assert events == expected, step
+    # Only the stream's first bytes may be a BOM: later, it makes a line no field.
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: x\n\n\xef\xbb\xbfdata: y\n\n") == [(b"", b"x")]
+    # A stream that is only part of a BOM holds no event.
+    decoder = SSEDecoder()
+    assert decoder.feed(b"\xef\xbb") == [] and decoder.finish() == []
+
+
 # -- token blocks ----------------------------------------------------------------------------
 
 

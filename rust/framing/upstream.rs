@@ -692,7 +692,9 @@ fn to_json(value: &Value<'_>) -> Vec<u8> {
 
 /// The lines of a `text/event-stream` body grouped into `(event name, data)`
 /// pairs: `data:` lines joined with newlines, comments and other fields ignored,
-/// LF or CRLF line ends (the same rules as `warmsocket/sse.py`).
+/// LF, CRLF or lone CR line ends, and one UTF-8 byte order mark skipped at the start
+/// of the body (the same rules as `warmsocket/sse.py`, from WHATWG HTML,
+/// "Interpreting an event stream").
 ///
 /// The data of an event named in [`SKIPPED`] is not kept (the pair comes out with
 /// empty data): those events repeat the whole Response. That takes the `event:`
@@ -706,14 +708,48 @@ struct SseLines {
     data: Vec<u8>,
     data_lines: usize,
     skip: bool,
+    /// Whether the body's first bytes were looked at for a byte order mark.
+    started: bool,
+    /// Whether the last chunk ended with a CR: a LF starting the next one is the
+    /// second half of a CRLF, not a line end of its own.
+    after_cr: bool,
 }
+
+const BOM: &[u8] = b"\xef\xbb\xbf";
 
 impl SseLines {
     fn feed(&mut self, chunk: &[u8], out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
+        if !self.started {
+            if chunk.is_empty() {
+                return;
+            }
+            let mut head = std::mem::take(&mut self.partial);
+            head.extend_from_slice(chunk);
+            if head.len() < BOM.len() && BOM.starts_with(&head) {
+                self.partial = head; // (at most two bytes)
+                return;
+            }
+            self.started = true;
+            let body = head.strip_prefix(BOM).unwrap_or(&head);
+            self.feed(body, out);
+            return;
+        }
         let mut rest = chunk;
-        while let Some(end) = memchr::memchr(b'\n', rest) {
+        if self.after_cr && !rest.is_empty() {
+            self.after_cr = false;
+            rest = rest.strip_prefix(b"\n").unwrap_or(rest);
+        }
+        while let Some(end) = memchr::memchr2(b'\n', b'\r', rest) {
             let line_part = &rest[..end];
+            let cr = rest[end] == b'\r';
             rest = &rest[end + 1..];
+            if cr {
+                if rest.is_empty() {
+                    self.after_cr = true;
+                } else {
+                    rest = rest.strip_prefix(b"\n").unwrap_or(rest);
+                }
+            }
             if self.partial.is_empty() {
                 self.line(line_part, out);
             } else {
@@ -731,14 +767,15 @@ impl SseLines {
     }
 
     fn finish(&mut self, out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
+        self.started = true; // (a partial byte order mark is a line of its own)
         if !self.partial.is_empty() || self.data_lines > 0 {
             self.feed(b"\n\n", out);
         }
         self.partial.clear();
+        self.after_cr = false;
     }
 
     fn line(&mut self, line: &[u8], out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
             if self.data_lines > 0 {
                 out.push((
@@ -876,6 +913,37 @@ mod tests {
         }
         assert_eq!(result, Err(Stop::Protocol));
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn sse_lines_read_every_line_end_and_skip_a_leading_byte_order_mark() {
+        // LF, CRLF and lone CR, mixed, and the body's one optional BOM (WHATWG HTML,
+        // "Interpreting an event stream"); at every split of the body.
+        let body: &[u8] =
+            b"\xef\xbb\xbfevent: a\rdata: {}\r\rdata:two\r\ndata: lines\n\r\ndata: tail\r";
+        let expected: Vec<(Vec<u8>, Vec<u8>)> = vec![
+            (b"a".to_vec(), b"{}".to_vec()),
+            (Vec::new(), b"two\nlines".to_vec()),
+            (Vec::new(), b"tail".to_vec()),
+        ];
+        for step in 1..=body.len() {
+            let mut lines = SseLines::default();
+            let mut out = Vec::new();
+            for chunk in body.chunks(step) {
+                lines.feed(chunk, &mut out);
+            }
+            lines.finish(&mut out);
+            assert_eq!(out, expected, "step {step}");
+        }
+        // Only the body's first bytes may be a BOM; a body of part of one has no event.
+        let mut lines = SseLines::default();
+        let mut out = Vec::new();
+        lines.feed(b"data: x\n\n\xef\xbb\xbfdata: y\n\n", &mut out);
+        assert_eq!(out, vec![(Vec::new(), b"x".to_vec())]);
+        let mut lines = SseLines::default();
+        lines.feed(b"\xef\xbb", &mut out);
+        lines.finish(&mut out);
+        assert_eq!(out.len(), 1);
     }
 
     #[test]
