@@ -906,17 +906,6 @@ def _starting_after(request: Request) -> int:
     return after
 
 
-def sse_event(frame: bytes) -> bytes:
-    """One event's JSON as an SSE event (`event:` line, `data:` line, blank line).
-
-    Turns frame their own events (`ResponseEncoder(framing="sse")`); this is for
-    single events built elsewhere.
-    """
-    start = frame.find(b'"type":"') + 8
-    end = frame.find(b'"', start)
-    return b"event: " + frame[start:end] + b"\ndata: " + frame + b"\n\n"
-
-
 def listed_input_item(item: dict[str, Any], response_id: str, index: int) -> dict[str, Any]:
     """An input item as `GET .../input_items` lists it: with an id, content as parts."""
     listed = dict(item)
@@ -971,4 +960,4 @@ def _error_headers(error: APIError) -> list[tuple[str, str]]:
     return list(error.headers.items()) if error.headers else []
 
 
-__all__ = ["Auth", "HTTPApp", "needs_key", "route_of", "run_turn", "sse_event"]
+__all__ = ["Auth", "HTTPApp", "needs_key", "route_of", "run_turn"]

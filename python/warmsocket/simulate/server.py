@@ -1265,7 +1265,8 @@ def _chat_usage(answer: _Answer) -> dict[str, Any]:
 
 
 def sse_event(frame: bytes) -> bytes:
-    """One event frame as an SSE event (as `warmsocket.httpapi.sse_event`, without the server)."""
+    """One of the simulator's own event frames as an SSE event (its type, from the built-in
+    model, is a plain event name)."""
     start = frame.find(b'"type":"') + 8
     end = frame.find(b'"', start)
     return b"event: " + frame[start:end] + b"\ndata: " + frame + b"\n\n"
