@@ -192,9 +192,13 @@ def test_an_upstream_url_without_v1_is_a_configuration_error(
             assert dict(metrics.upstream.requests) == {(api, "404"): 1}
             assert metrics.upstream.retries == 0
             with OpenAI(base_url=server.base_url, api_key="x", max_retries=0) as sdk:
-                response = sdk.responses.create(model="m", input="hello")
-                assert response.status == "failed" and response.error is not None
-                assert response.error.code == "server_error"
+                # Without `stream`: the 502 itself, which the SDK raises (a 200 with a
+                # failed Response reads as an empty answer).
+                with pytest.raises(openai.InternalServerError) as info:
+                    sdk.responses.create(model="m", input="hello")
+                assert info.value.status_code == 502 and info.value.type == "server_error"
+                assert info.value.code == "upstream_endpoint_not_found"
+                assert "no such endpoint" in info.value.message
     failed = [r for r in caplog.records if r.getMessage() == "upstream request failed"]
     path = "/chat/completions" if api == "chat" else "/responses"
     detail: str = failed[0].detail  # type: ignore[attr-defined]
@@ -441,11 +445,18 @@ def test_upstream_auth_failure_is_not_blamed_on_the_client(
                 assert terminal["type"] == "response.failed"
                 assert terminal["response"]["error"]["type"] == "server_error"
                 assert "--upstream-api-key" in terminal["response"]["error"]["message"]
+                with OpenAI(base_url=server.base_url, api_key="x", max_retries=0) as sdk:
+                    with pytest.raises(openai.InternalServerError) as info:
+                        sdk.responses.create(model="m", input="hi")  # without `stream`
+                    assert info.value.status_code == 502
+                    assert "--upstream-api-key" in info.value.message
+                    stream = sdk.responses.create(model="m", input="hi", stream=True)
+                    assert [e.type for e in stream][-1] == "response.failed"
                 # The log and the metric carry the upstream's own status, not the 502
                 # the client gets (docs/upstreams.md: outcome is the upstream's status).
-                assert dict(metrics.upstream.requests) == {(api, "401"): 1}
+                assert dict(metrics.upstream.requests) == {(api, "401"): 3}
                 failed = [r for r in caplog.records if r.getMessage() == "upstream request failed"]
-                assert [(r.outcome, r.retry) for r in failed] == [("401", False)]  # type: ignore[attr-defined]
+                assert [(r.outcome, r.retry) for r in failed] == [("401", False)] * 3  # type: ignore[attr-defined]
                 assert "--upstream-api-key" in failed[0].detail  # type: ignore[attr-defined]
         with (
             warmsocket_upstream(sim.base_url, "responses-ws", api_key="upstream-key") as (

@@ -18,8 +18,10 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import openai
 import pytest
 import trustme
+from openai import OpenAI
 
 from tests.support import WSClient, output_text
 from tests.upstream_support import running_sim, warmsocket_upstream
@@ -157,8 +159,13 @@ def test_an_https_url_for_a_plain_http_upstream_fails_at_once_and_says_so(
         assert terminal["type"] == "response.failed"
         assert terminal["response"]["error"]["code"] == "server_error"
         assert metrics.upstream.retries == 0
+        # Without `stream`: the configuration error's 502 itself, which the SDK raises.
+        with OpenAI(base_url=server.base_url, api_key="x", max_retries=0) as sdk:
+            with pytest.raises(openai.InternalServerError) as info:
+                sdk.responses.create(model="m", input="hello", store=False)
+            assert info.value.status_code == 502
     failures = [r for r in caplog.records if r.getMessage() == "upstream request failed"]
-    assert [(r.outcome, r.retry) for r in failures] == [("connect", False)]  # type: ignore[attr-defined]
+    assert [(r.outcome, r.retry) for r in failures] == [("connect", False)] * 2  # type: ignore[attr-defined]
     detail = failures[0].detail  # type: ignore[attr-defined]
     assert detail.endswith("the server does not speak TLS; is the upstream plain http://?")
 

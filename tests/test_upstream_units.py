@@ -547,9 +547,15 @@ def test_http_error_mapping() -> None:
         "rate_limit_exceeded"
     )
     for status in (500, 502, 503, 408):
-        assert from_http_status(status, b"oops", {}).retryable
+        server = from_http_status(status, b"oops", {})
+        assert server.retryable and not server.misconfigured
     auth = from_http_status(401, b"", {})
     assert auth.status == 502 and not auth.retryable and "--upstream-api-key" in auth.message
+    assert auth.misconfigured and from_http_status(403, b"", {}).misconfigured
+    assert not error.misconfigured and not limited.misconfigured
+    assert transport_error("connect", retryable=False).misconfigured
+    assert not transport_error("connect").misconfigured
+    assert not from_error_object({"code": "server_error"}, status=500).misconfigured
     # Metrics and logs name the upstream's status, not the client's.
     assert (auth.upstream_status, auth.outcome) == (401, "401")
     assert from_http_status(503, b"", {}).outcome == "503"
@@ -604,6 +610,7 @@ MODEL_404_BODIES = [
 def test_a_404_for_a_missing_route_is_a_configuration_error(body: bytes) -> None:
     error = from_http_status(404, body, {}, request="POST /chat/completions")
     assert (error.status, error.type, error.retryable) == (502, "server_error", False)
+    assert error.misconfigured  # (a create without `stream` answers HTTP 502)
     assert error.response_error()["code"] == "server_error"
     assert "no such endpoint" in error.message and "request" in error.message
     assert error.outcome == "404"
@@ -620,6 +627,7 @@ def test_a_redirect_is_a_configuration_error(status: int) -> None:
     location = "https://user:secret@llm.example:8443/v1/chat/completions?key=k"
     error = from_http_status(status, b"", {"location": location}, request="POST /v1/x")
     assert (error.status, error.type, error.retryable) == (502, "server_error", False)
+    assert error.misconfigured
     assert error.response_error()["code"] == "server_error"
     assert f"redirected the request (HTTP {status})" in error.message
     assert "--upstream" in error.message and "not a problem with the request" in error.message
@@ -635,7 +643,7 @@ def test_a_redirect_is_a_configuration_error(status: int) -> None:
 @pytest.mark.parametrize("body", MODEL_404_BODIES)
 def test_a_404_for_a_model_passes_through(body: bytes) -> None:
     error = from_http_status(404, body, {}, request="POST /v1/chat/completions")
-    assert error.status == 404 and not error.retryable
+    assert error.status == 404 and not error.retryable and not error.misconfigured
     assert error.response_error()["code"] == "invalid_prompt"
     assert "odel" in error.message and error.outcome == "404"
 

@@ -36,6 +36,7 @@ from warmsocket.pages import cursor_page, list_object, page_params, page_range
 from warmsocket.request_rate import RateLimits, RequestRate, TokenRate
 from warmsocket.response_stream import dumps
 from warmsocket.token_count import parse_count_request
+from warmsocket.upstream import UpstreamError
 
 log = logging.getLogger("warmsocket.http")
 
@@ -499,9 +500,14 @@ class HTTPApp:
             return None
 
         failure = await run_turn(turn, discard, nothing, lambda: writer.closing)
-        if failure is not None and 400 <= failure.status < 500:
-            # The model's upstream rejected the request (e.g. context too long): nothing
-            # was sent yet, so answer with that error as the upstream would have.
+        if failure is not None and (
+            400 <= failure.status < 500
+            or (isinstance(failure, UpstreamError) and failure.misconfigured)
+        ):
+            # The model's upstream rejected the request (e.g. context too long), or
+            # warmsocket's upstream configuration is wrong (a 502 saying what to fix):
+            # nothing was sent yet, so answer with that error, which the SDK raises
+            # (a 200 with a failed Response would read as an empty answer).
             raise failure
         self._json(writer, request, request_id, 200, turn.stream.response_json())
 

@@ -134,9 +134,14 @@ class UpstreamError(APIError):
         upstream_code: str | None = None,
         detail: str | None = None,
         upstream_status: int | None = None,
+        misconfigured: bool = False,
     ) -> None:
         super().__init__(code, message, param=param, status=status, type=type, headers=headers)
         self.retryable = retryable
+        self.misconfigured = misconfigured
+        """warmsocket's upstream configuration is wrong (credentials, URL, scheme): a
+        server error whatever the request, never retried. A create without `stream`
+        answers it with its HTTP status (502) rather than a failed Response."""
         self.reason = reason
         """A short label for metrics and logs: 'status', 'timeout', 'connect', 'stream',
         'out_of_step' (a WebSocket-mode upstream sent another response's events)..."""
@@ -214,6 +219,7 @@ def _from_http_status(
             reason="status",
             detail=f"the upstream has no {request or 'such endpoint'} (HTTP 404); "
             "does --upstream end in /v1?",
+            misconfigured=True,
         )
     if status < 400:
         return _unexpected_status(status, headers)
@@ -226,6 +232,7 @@ def _from_http_status(
             type=SERVER_ERROR,
             reason="status",
             detail="the upstream rejected warmsocket's credentials; check --upstream-api-key",
+            misconfigured=True,
         )
     if status == 408 or status >= 500:
         return UpstreamError(
@@ -275,6 +282,7 @@ def _unexpected_status(status: int, headers: Mapping[str, str]) -> UpstreamError
         type=SERVER_ERROR,
         reason="status",
         detail=f"the upstream {detail}; fix --upstream",
+        misconfigured=True,
     )
 
 
@@ -369,6 +377,7 @@ def transport_error(
         retryable=retryable,
         reason=kind,
         detail=detail,
+        misconfigured=not retryable,
     )
 
 
