@@ -728,10 +728,17 @@ class ScriptedWSUpstream:
     `inject[(connection, turn)] = (index, messages)` sends `messages` before the event
     at `index` of that answer: 0 is before its `response.created` (a message that was
     still in flight from the previous turn when this turn took the connection), 4 is
-    after its first text delta ("You said: ") went out."""
+    after its first text delta ("You said: ") went out. `pause[(connection, turn)]`
+    waits that many seconds after the injected messages before the rest of the answer
+    (an upstream slow to answer after a message that was not the answer)."""
 
-    def __init__(self, inject: dict[tuple[int, int], tuple[int, list[dict[str, Any]]]]) -> None:
+    def __init__(
+        self,
+        inject: dict[tuple[int, int], tuple[int, list[dict[str, Any]]]],
+        pause: dict[tuple[int, int], float] | None = None,
+    ) -> None:
         self.inject = inject
+        self.pause = pause or {}
         self.requests: list[tuple[int, dict[str, Any]]] = []
         self.connections = 0
 
@@ -770,7 +777,10 @@ class ScriptedWSUpstream:
                 self.requests.append((number, request))
                 events = self.answer(f"resp_{number}_{turns}", request["input"][-1]["content"])
                 index, extra = self.inject.get((number, turns), (0, []))
-                for event in events[:index] + extra + events[index:]:
+                for event in events[:index] + extra:
+                    await ws.send(jsonlib.dumps(event))
+                await asyncio.sleep(self.pause.get((number, turns), 0.0))
+                for event in events[index:]:
                     await ws.send(jsonlib.dumps(event))
         except ConnectionClosed:
             pass  # warmsocket discarded the connection
@@ -831,6 +841,53 @@ def test_a_message_in_flight_when_a_turn_takes_a_pooled_connection_is_not_its_ow
     assert detail.startswith(f"the upstream sent {stray['type']}")
     assert "before response.created" in detail or "resp_1_1, a response" in detail
     assert "STALE" not in detail
+
+
+def test_a_connection_a_turn_ended_on_with_an_error_is_not_used_again() -> None:
+    """An `error` message before the turn's response.created is read as the upstream's
+    answer to it, but it may be a stray one (a late error of an earlier request, a
+    connection-level error), with the real answer still to come. The connection is
+    not pooled again: the next turn, whoever's, would take that answer as its own."""
+    stray_error = {
+        "type": "error",
+        "status": 400,
+        "error": {"type": "invalid_request_error", "code": "invalid_value", "message": "no"},
+    }
+    script = ScriptedWSUpstream({(1, 2): (0, [stray_error])}, pause={(1, 2): 0.5})
+    with ws_front(script, retries=0) as (_front, _metrics, client):
+        assert output_text(client.turn(input="one", store=False)) == "You said: one"
+        assert client.turn(input="two", store=False)[-1]["type"] == "response.failed"
+        # The answer to "two" is still on its way on connection 1.
+        assert output_text(client.turn(input="three", store=False)) == "You said: three"
+        assert output_text(client.turn(input="four", store=False)) == "You said: four"
+    assert script.connection_of_each_request() == [1, 1, 2, 2]
+
+
+def test_a_chain_replayed_after_previous_response_not_found_leaves_the_connection() -> None:
+    """previous_response_not_found before response.created: the turn is sent again in
+    full on the same connection and answered. Were that error a stray one, the first
+    request's answer is read and the replay's is still to come: the connection is not
+    pooled again."""
+    lost = {
+        "type": "error",
+        "status": 400,
+        "error": {
+            "type": "invalid_request_error",
+            "code": "previous_response_not_found",
+            "message": "Previous response with id 'resp_1_1' not found.",
+            "param": "previous_response_id",
+        },
+    }
+    # (The replay's answer comes late: a next turn would have taken the connection.)
+    script = ScriptedWSUpstream({(1, 2): (0, [lost])}, pause={(1, 3): 0.5})
+    with ws_front(script, retries=0) as (_front, metrics, client):
+        chain = Chain(client)
+        assert output_text([chain.turn("one")]) == "You said: one"
+        assert output_text([chain.turn("two")]) == "You said: two"
+        assert metrics.upstream.replays["previous_response_not_found"] == 1
+        assert output_text(client.turn(input="three", store=False)) == "You said: three"
+    # "two" went on connection 1 twice (chained, then in full); "three" on a new one.
+    assert script.connection_of_each_request() == [1, 1, 1, 2]
 
 
 @pytest.mark.parametrize(
@@ -959,7 +1016,8 @@ def test_a_failed_continuation_is_not_chained_from_again_on_its_connection() -> 
         again = client.turn(input="two", previous_response_id=parent)
         assert output_text(again) == "You said: two"
         assert metrics.upstream.replays["previous_response_not_found"] == 0
-    assert script.connection_of_each_request() == [1, 1, 1]
+    # (The refusal was an `error` message: that connection is not used again.)
+    assert script.connection_of_each_request() == [1, 1, 2]
     assert [r.get("previous_response_id") for _n, r in script.requests] == [
         None,
         "resp_1_1",

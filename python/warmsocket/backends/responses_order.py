@@ -126,7 +126,7 @@ class ResponseOrder:
     decoder, and raises `UpstreamError` (reason `out_of_step`, or `protocol` for a
     message that is not a JSON object)."""
 
-    __slots__ = ("_had", "response_id", "sequence_number")
+    __slots__ = ("_had", "erred", "response_id", "sequence_number")
 
     def __init__(self, had: Container[str] = ()) -> None:
         self._had = had
@@ -134,12 +134,18 @@ class ResponseOrder:
         self.response_id: str | None = None
         """The upstream's id of this turn's response, from its `response.created`."""
         self.sequence_number = -1
+        self.erred = False
+        """An `error` message came. Nothing in one says which request it answers: it
+        may be a stray one (a late error of an earlier request, a connection-level
+        error), the answer it stood for still to come. The connection is not in step
+        for certain any more."""
 
     def opening(self, raw: bytes) -> bool:
         """A message before this turn's `response.created`: True if it is that event,
         False for an `error` event (the decoder reads it); anything else raises."""
         kind, number, at = peek(raw)
         if kind == ERROR:
+            self.erred = True
             return False
         if kind is None:
             raise transport_error("protocol", "a message that is not a JSON object")
@@ -162,6 +168,7 @@ class ResponseOrder:
         reads, then goes to `ended`."""
         kind, number, at = peek(raw)
         if kind == ERROR:
+            self.erred = True
             return None  # (it stops the response; its number may be the connection's)
         if kind is None:
             raise transport_error("protocol", "a message that is not a JSON object")

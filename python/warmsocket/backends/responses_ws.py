@@ -87,6 +87,7 @@ class UpstreamSocket:
     __slots__ = (
         "__weakref__",
         "busy",
+        "erred",
         "expiring",
         "expiry",
         "had",
@@ -118,6 +119,10 @@ class UpstreamSocket:
         response finishes (within the upstream's grace period), then it is closed."""
         self.expiry: asyncio.TimerHandle | None = None
         """Closes the connection at the end of its lifetime if it is idle then."""
+        self.erred = False
+        """An `error` message came on it (`ResponseOrder.erred`): it is not pooled
+        again, as the next turn, whoever's, could read an answer still to come as its
+        own."""
 
     @property
     def open(self) -> bool:
@@ -246,7 +251,9 @@ class ResponsesWSBackend:
                     self.router.remember(turn.response_id, replica)
                 except UpstreamError as exc:
                     failure = exc
-                    reusable = not exc.retryable  # a rejected request leaves it usable
+                    # A rejected request leaves the connection usable, unless the
+                    # rejection was an `error` message (`UpstreamSocket.erred`).
+                    reusable = not exc.retryable
                     outcome = "failed" if exc.retryable else "ok"
                     if previous is not None:
                         # A continuation that fails evicts its parent upstream (spec
@@ -330,6 +337,7 @@ class ResponsesWSBackend:
                 turn.request_sent()
             raw = await self._receive(socket)
             created = order.opening(raw)  # else an error event
+            socket.erred = socket.erred or order.erred
             try:
                 events = _model_events(decoder.message(raw))
             except UpstreamError as error:
@@ -357,6 +365,7 @@ class ResponsesWSBackend:
                 return
             raw = await self._receive(socket)
             terminal = order.during(raw)
+            socket.erred = socket.erred or order.erred
             decoded = decoder.message(raw)
             if terminal is not None:
                 order.ended(terminal, decoder.response_id)
@@ -486,7 +495,7 @@ class ResponsesWSBackend:
     def _release(self, socket: UpstreamSocket, *, reusable: bool) -> None:
         socket.busy = False
         socket.last_used = time.monotonic()
-        if not reusable or not socket.open or self._closing:
+        if not reusable or socket.erred or not socket.open or self._closing:
             socket.abort()
             return
         age = time.monotonic() - socket.opened
