@@ -20,6 +20,7 @@ from openai import OpenAI
 
 from tests.support import RunningServer, WSClient, output_text
 from tests.upstream_support import RunningSim, running_sim, warmsocket_upstream
+from warmsocket.logs import written_here
 from warmsocket.metrics import Metrics
 
 APIS = ["chat", "responses", "responses-ws"]
@@ -169,6 +170,43 @@ def test_4xx_becomes_the_matching_error(
         with pytest.raises(openai.RateLimitError):
             sdk.responses.create(model="m", input="hello")
         assert sdk.responses.create(model="m", input="fine").output_text == "You said: fine"
+
+
+def test_an_upstream_error_s_free_text_fields_stay_out_of_logs_and_metrics(
+    api: str, stack: tuple[RunningSim, RunningServer, Metrics], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream that puts request text into its error's code, type or param: the
+    client that sent it gets them back, but the log and the /metrics labels show only
+    values that look like identifiers ("other" for the rest)."""
+    caplog.set_level(logging.DEBUG)
+    sim, server, _metrics = stack
+    quoted = {
+        "status": 400,
+        "code": "bad value: my secret plan",
+        "type": "bad: my secret plan",
+        "message": "Rejected.",
+        "param": "my secret plan",
+    }
+    with OpenAI(base_url=server.base_url, api_key="x", max_retries=0) as sdk:
+        sim.control(faults=[quoted])
+        with pytest.raises(openai.BadRequestError) as info:
+            sdk.responses.create(model="m", input="hello")
+        assert info.value.code == "bad value: my secret plan"  # (to the client who sent it)
+        assert info.value.param == "my secret plan"
+    with WSClient(server.ws_url) as client:
+        sim.control(faults=[quoted])
+        assert Chain(client).turn("hello")["type"] == "response.failed"
+    errors = server.server.metrics.errors
+    assert errors["other"] >= 2 and not any("secret" in code for code in errors)
+    with httpx.Client() as http:
+        scraped = http.get(server.base_url.removesuffix("/v1") + "/metrics").text
+    assert "secret" not in scraped
+    access = [r for r in caplog.records if r.getMessage() == "http request"]
+    assert any(r.code == "other" for r in access)  # type: ignore[attr-defined]
+    # (The websockets library's frame traces are not warmsocket's: the server's log
+    # configuration drops them, logs.ForeignRecords.)
+    ours = [r for r in caplog.records if written_here(r.name)]
+    assert ours and all("secret" not in str(r.__dict__) for r in ours)
 
 
 def test_an_upstream_url_without_v1_is_a_configuration_error(

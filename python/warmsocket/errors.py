@@ -37,6 +37,7 @@ Wire shapes (spec §4.1, §6.2, §6.7):
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 INVALID_REQUEST = "invalid_request_error"
@@ -53,6 +54,21 @@ RESPONSE_ERROR_CODES = frozenset(
         "failed_to_download_image", "image_file_not_found",
     }
 )  # fmt: skip
+_LABEL = re.compile(r"[A-Za-z0-9_.\[\]]{1,64}")
+OTHER_LABEL = "other"
+
+
+def log_label(value: object) -> str | None:
+    """An error's code, type or param as logs and metrics may show it: the value if it
+    looks like an identifier (`context_length_exceeded`, `BadRequestError`,
+    `input[3].content`), else "other". An upstream's errors pass through to the client
+    that caused them, but a server that put request text into a code or param would
+    otherwise write conversation content into the log and the /metrics labels."""
+    if value is None:
+        return None
+    return value if isinstance(value, str) and _LABEL.fullmatch(value) else OTHER_LABEL
+
+
 AUTHENTICATION = "authentication_error"
 NOT_FOUND = "not_found_error"
 RATE_LIMIT = "rate_limit_error"

@@ -747,8 +747,8 @@ def access_line(
             "method": request.method[:16] if request is not None else None,
             "path": request.path[:200] if request is not None else None,
             "status": status,
-            "error_type": error.type if error is not None else None,
-            "code": error.code if error is not None else None,
+            "error_type": errors.log_label(error.type) if error is not None else None,
+            "code": errors.log_label(error.code) if error is not None else None,
             "seconds": round(seconds, 6) if seconds is not None else None,
         },
     )

@@ -1,6 +1,7 @@
 """Counters and histograms, rendered in the Prometheus text exposition format.
 
-Labels never carry conversation content: only status names, error codes and routes.
+Labels never carry conversation content: only status names, error codes (those that
+look like identifiers: `errors.log_label`) and routes.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+
+from warmsocket.errors import OTHER_LABEL, log_label
 
 LATENCY_BUCKETS = (
     0.0001,
@@ -109,8 +112,9 @@ class Metrics:
         not a fixed set: past `MAX_ERROR_CODES` distinct ones, new codes count as
         'other' (the label set of an unauthenticated endpoint stays bounded)."""
         errors = self.errors
-        if code not in errors and (len(errors) >= MAX_ERROR_CODES or len(code) > 64):
-            code = "other"
+        code = log_label(code) or OTHER_LABEL  # (not an identifier: "other" too)
+        if code not in errors and len(errors) >= MAX_ERROR_CODES:
+            code = OTHER_LABEL
         errors[code] += 1
 
     def http_request(self, route: str, status: int) -> None:

@@ -797,7 +797,11 @@ class ResponsesSession:
         self.engine.metrics.count_error(error.code or error.type)
         log.info(
             "request rejected",
-            extra={"code": error.code, "status": error.status, "param": error.param},
+            extra={
+                "code": errors.log_label(error.code),
+                "status": error.status,
+                "param": errors.log_label(error.param),
+            },
         )
         self.outbox.append(frame_event(dumps(error.ws_event(stream_id=stream_id)), self.framing))
 
