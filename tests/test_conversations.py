@@ -14,7 +14,14 @@ import httpx2 as httpx
 import pytest
 from agents import Agent, ModelSettings, OpenAIConversationsSession, responses_websocket_session
 from agents.tracing import set_tracing_disabled
-from openai import AsyncOpenAI, BadRequestError, ConflictError, NotFoundError, OpenAI
+from openai import (
+    AsyncOpenAI,
+    BadRequestError,
+    ConflictError,
+    InternalServerError,
+    NotFoundError,
+    OpenAI,
+)
 from openai.types.conversations import Conversation, ConversationItem
 from pydantic import TypeAdapter
 
@@ -280,6 +287,28 @@ def test_adding_past_the_budget_is_refused_and_keeps_everything() -> None:
         assert len(list(sdk.conversations.items.list(conversation.id))) == 1
         sdk.conversations.delete(conversation.id)  # frees its bytes
         sdk.conversations.create(items=[{"role": "user", "content": "y" * 1500}])
+
+
+def test_a_response_whose_input_the_conversation_cannot_take_is_refused_before_the_model() -> None:
+    """Past --conversation-budget a response in a conversation is refused with 503 before
+    it runs (it used to run, spending the upstream's tokens, then end failed); one with
+    `store: false` adds nothing, so it runs."""
+    with (
+        running_server(conversation_budget=4096) as server,
+        OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk,
+    ):
+        conversation = sdk.conversations.create(items=[{"role": "user", "content": "x" * 1000}])
+        turns = dict(server.server.metrics.turns)
+        with pytest.raises(InternalServerError) as info:
+            sdk.responses.create(model="m", input="y" * 3000, conversation=conversation.id)
+        assert info.value.status_code == 503 and info.value.code == "server_is_overloaded"
+        assert "--conversation-budget" in info.value.message
+        assert dict(server.server.metrics.turns) == turns  # the model never ran
+        kept = sdk.responses.create(
+            model="m", input="y" * 3000, conversation=conversation.id, store=False
+        )
+        assert kept.status == "completed"
+        assert len(list(sdk.conversations.items.list(conversation.id))) == 1
 
 
 def test_empty_conversations_fill_the_budget_too() -> None:

@@ -580,6 +580,10 @@ class Engine:
             param="input",
             kept=() if conversation is None else conversation.item_ids,
         )
+        if conversation is not None and request.store:
+            # Its input must fit before the model runs (with the output, once more
+            # when it ends): a response the conversation cannot take costs no tokens.
+            self.conversations.check_room(items_cost(own_input))
         previous_response_id = request.previous_response_id
         start = context_start(input_items)
         if start is not None:
