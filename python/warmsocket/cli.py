@@ -60,7 +60,7 @@ def _tokenizer(text: str) -> str:
     exists (whether it can be read is checked at start, with the OS's reason)."""
     if text in _TOKENIZER_NAMES or text == "auto" or os.path.exists(text):
         return text
-    names = ", ".join(map(repr, _TOKENIZER_NAMES))
+    names = ", ".join(map(repr, (*_TOKENIZER_NAMES, "auto")))
     raise argparse.ArgumentTypeError(
         f"{text!r} is neither a tokenizer name nor an existing file "
         f"(choose from {names}, or the path of a Hugging Face tokenizer.json)"
@@ -345,9 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the server (WebSocket mode and HTTP mode on one port)",
         description="Serve the Responses API on one port: GET /v1/responses upgraded to a "
-        "WebSocket (WebSocket mode), POST /v1/responses (JSON or SSE), GET/DELETE "
-        "/v1/responses/{id}, GET /v1/responses/{id}/input_items, GET /v1/models, "
-        "GET /healthz and GET /metrics (Prometheus).",
+        "WebSocket (WebSocket mode), POST /v1/responses (JSON or SSE; background: true "
+        "too), GET/DELETE /v1/responses/{id} (?stream=true&starting_after=N for a "
+        "background one), POST /v1/responses/{id}/cancel, GET /v1/responses/{id}/"
+        "input_items, POST /v1/responses/compact, POST /v1/responses/input_tokens, "
+        "/v1/conversations (and their items), GET /v1/models, GET /healthz and GET "
+        "/metrics (Prometheus). README.md has the table.",
         epilog="Every flag can also be set with the environment variable shown.",
     )
     opt = _EnvDefaults(serve)
@@ -460,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="32M",
         min_size="1K",
         help="largest client message (WebSocket message or HTTP body); larger ones get a "
-        "'message_too_large' error and the connection stays usable",
+        "'message_too_large' error: on a WebSocket on their lane, and the connection stays "
+        "usable; over HTTP a 413, and the connection closes",
     )
     opt.add(
         "--max-item-bytes",
@@ -486,8 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=25.0,
         type=_non_negative_float,
         help="on SIGTERM or Ctrl-C: seconds the responses under way (streams, background "
-        "responses) get to finish while no new connections are taken and /healthz says "
-        "'draining'; then everything closes (a second signal closes at once; 0: at once), "
+        "responses) get to finish while no new connections are taken (/healthz on "
+        "--metrics-port says 'draining'; the API port refuses connections); then "
+        "everything closes (a second signal closes at once; 0: at once), "
         "and what is still to be written to Redis gets what is left of it (2 to 10 s). "
         "Keep it 2 s under your orchestrator's grace period (Kubernetes: 30 s)",
     )

@@ -480,7 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     runp.add_argument("--listen-port", type=_port, default=0, help="proxy port (default: any)")
     runp.add_argument("--require", action="store_true", help="fail instead of falling back")
     runp.add_argument("--measure", action="store_true", help="measure the link first")
-    runp.add_argument("--timeout", type=_seconds, default=3600.0, help="stop the command after")
+    runp.add_argument(
+        "--timeout", type=_seconds, default=3600.0, help="stop the command after this many seconds"
+    )
     runp.add_argument("cmd", nargs="+", help="the command (put it after --)")
     px = sub.add_parser(
         "proxy", parents=[common], help="run a standalone delay proxy (no namespace)"
