@@ -73,6 +73,30 @@ def test_environment_defaults_and_command_line_precedence() -> None:
     assert args.model == ["x", "y"]
 
 
+def test_upstream_variables_without_an_upstream_are_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Allowed from the environment (shared configurations), but the built-in model
+    then answers: the log says so, naming the variables (not their values)."""
+    from warmsocket.backends.mock import MockBackend
+    from warmsocket.serve import backend_from_args
+
+    caplog.set_level(logging.WARNING, logger="warmsocket")
+    for name in [n for n in os.environ if n.startswith("WARMSOCKET_")]:
+        monkeypatch.delenv(name)
+    assert isinstance(backend_from_args(build_parser().parse_args(["serve"])), MockBackend)
+    assert not caplog.records
+    monkeypatch.setenv("WARMSOCKET_UPSTREAM_API_KEY", "sk-upstream-secret")
+    monkeypatch.setenv("WARMSOCKET_AFFINITY_COOLDOWN", "5")
+    assert isinstance(backend_from_args(build_parser().parse_args(["serve"])), MockBackend)
+    [warning] = caplog.records
+    assert (
+        warning.getMessage() == "upstream settings without an upstream: the built-in model answers"
+    )
+    assert warning.variables == ["WARMSOCKET_AFFINITY_COOLDOWN", "WARMSOCKET_UPSTREAM_API_KEY"]  # type: ignore[attr-defined]
+    assert "sk-upstream-secret" not in str(warning.__dict__)
+
+
 def test_http_timeouts_reach_the_server_config() -> None:
     from warmsocket.serve import config_from_args
 

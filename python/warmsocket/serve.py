@@ -132,7 +132,23 @@ def shared_store(options: SharedOptions | None) -> SharedResponses | None:
 def backend_from_args(args: argparse.Namespace, metrics: Metrics | None = None) -> Backend:
     if getattr(args, "upstream", None):
         return upstream_cli.backend_from_args(args, metrics)
+    # Upstream settings from the environment are allowed without an upstream (shared
+    # configurations), but one set while WARMSOCKET_UPSTREAM is not (a typo, a variable
+    # not passed on) would leave the built-in model answering real clients unnoticed.
+    stray = sorted(name for name in os.environ if name.startswith(UPSTREAM_VARIABLES))
+    if stray:
+        log.warning(
+            "upstream settings without an upstream: the built-in model answers",
+            extra={
+                "variables": stray,
+                "advice": "set --upstream (WARMSOCKET_UPSTREAM) to the upstream's URL",
+            },
+        )
     return MockBackend(ttft_ms=args.mock_ttft_ms, tokens_per_second=args.mock_tokens_per_second)
+
+
+UPSTREAM_VARIABLES = ("WARMSOCKET_UPSTREAM_", "WARMSOCKET_AFFINITY_")
+"""The prefixes of the environment variables of the upstream flags."""
 
 
 def flags_fit_together(args: argparse.Namespace, open_files: int) -> bool:
