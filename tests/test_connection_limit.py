@@ -249,6 +249,9 @@ def test_admission_counts() -> None:
 def test_the_default_limit_follows_the_open_file_limit() -> None:
     assert auto_max_connections(1024, upstream=False) == 1024 - admission.FILE_RESERVE
     assert auto_max_connections(1024, upstream=True) == (1024 - admission.FILE_RESERVE) // 2
+    # With Redis, its connections (at most REDIS_CONNECTIONS) are kept out too.
+    reserved = admission.FILE_RESERVE + admission.REDIS_CONNECTIONS
+    assert auto_max_connections(1024, upstream=False, redis=True) == 1024 - reserved
     assert auto_max_connections(10, upstream=False) >= 1
 
 

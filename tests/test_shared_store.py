@@ -85,6 +85,42 @@ def test_a_chain_published_by_one_process_loads_in_another(redis_url: str) -> No
     run(main())
 
 
+def test_many_calls_at_once_wait_for_a_connection_instead_of_failing(redis_url: str) -> None:
+    """More Redis calls at once than the pool holds (a busy process: loads, conversation
+    reads, rate checks) wait their turn: redis-py's own pool failed the 101st at once
+    (MaxConnectionsError), which read as Redis not answering (503s). Followers' blocking
+    reads have connections of their own, so many of them do not hold the rest up."""
+
+    async def main() -> None:
+        a, b = SessionCache(), SessionCache()
+        store_a = SharedStore.from_url(redis_url, prefix="t_pool")
+        store_b = SharedStore.from_url(redis_url, prefix="t_pool")
+        await store_a.start()
+        await store_b.start()
+        turn(a, "r0", None, "t0")
+        share(store_a, a, "r0")
+        await store_a.flush()
+        # Followers waiting for events that do not come (each blocks a second).
+        followers = [
+            asyncio.create_task(store_b.followers.xread({f"t_pool:none{i}": "0-0"}, block=1000))
+            for i in range(shared_store.FOLLOW_CONNECTIONS * 2)
+        ]
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        values = await asyncio.gather(
+            *(store_b.client.exists(f"t_pool:key{i}") for i in range(400)),
+            store_b.load(b, "r0", owner="o"),
+        )
+        assert values == [0] * 400 + [True]
+        assert time.monotonic() - started < 0.9  # not behind the followers' reads
+        assert store_b.load_errors == 0
+        await asyncio.gather(*followers)
+        await store_a.aclose()
+        await store_b.aclose()
+
+    run(main())
+
+
 class CrowdedCache:
     """A cache whose every `create` first makes another chain's response, as other
     connections' turns do while a load inserts in its worker thread: the budget

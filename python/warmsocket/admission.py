@@ -40,8 +40,11 @@ from warmsocket.logs import Tally, Throttle
 log = logging.getLogger("warmsocket.server")
 
 FILE_RESERVE = 64
-"""Open files kept out of `auto_max_connections`' count: the listening socket, Redis,
-the snapshot, the tokenizer file, logs."""
+"""Open files kept out of `auto_max_connections`' count: the listening socket, the
+snapshot, the tokenizer file, logs."""
+REDIS_CONNECTIONS = 64
+"""Connections to Redis one process opens at most (`shared_store.SharedStore.from_url`):
+kept out of `auto_max_connections`' count too, with `--redis-url`."""
 REFUSING_AT_ONCE = 64
 """Connections past the limit answered 503 at once; more are closed unanswered."""
 REFUSED_BODY_BYTES = 64 * 1024
@@ -79,12 +82,17 @@ def raise_open_file_limit() -> int:
     return open_file_limit()
 
 
-def auto_max_connections(open_files: int, *, upstream: bool) -> int:
+def auto_max_connections(open_files: int, *, upstream: bool, redis: bool = False) -> int:
     """What `--max-connections 0` means: as many connections as the open-file limit
-    leaves room for after `FILE_RESERVE`; with an upstream, half that, since each
-    connection's turn holds an upstream connection too."""
-    room = max(open_files - FILE_RESERVE, 2)
+    leaves room for after `FILE_RESERVE` (and `REDIS_CONNECTIONS` with `redis`); with an
+    upstream, half that, since each connection's turn holds an upstream connection too."""
+    room = max(open_files - reserved_files(redis=redis), 2)
     return room // 2 if upstream else room
+
+
+def reserved_files(*, redis: bool) -> int:
+    """Open files the server keeps for other things than its clients' connections."""
+    return FILE_RESERVE + (REDIS_CONNECTIONS if redis else 0)
 
 
 class Admission:

@@ -82,7 +82,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         owner_by_client_certificate=args.owner_by_client_certificate,
         max_connections=args.max_connections
         or admission.auto_max_connections(
-            admission.open_file_limit(), upstream=bool(getattr(args, "upstream", None))
+            admission.open_file_limit(),
+            upstream=bool(getattr(args, "upstream", None)),
+            redis=bool(getattr(args, "redis_url", None)),
         ),
     )
 
@@ -185,7 +187,8 @@ def flags_fit_together(args: argparse.Namespace, open_files: int) -> bool:
             "found by the others (HTTP previous_response_id, GET /v1/responses/{id}, "
             "conversations); give every process the same --redis-url"
         )
-    if args.max_connections and args.max_connections > open_files - admission.FILE_RESERVE:
+    reserved = admission.reserved_files(redis=bool(getattr(args, "redis_url", None)))
+    if args.max_connections and args.max_connections > open_files - reserved:
         log.warning(
             "--max-connections is more than the open-file limit leaves room for: past that, "
             "connections are closed unanswered and upstream connections fail. Raise the "

@@ -91,6 +91,7 @@ class BackgroundBoard:
     def __init__(self, store: SharedStore) -> None:
         self._store = store
         self._client: redis.Redis = store.client
+        self._followers: redis.Redis = store.followers
         self._prefix = store.prefix
         self._ops: deque[tuple[Write, int]] = deque()
         """Writes queued, with the bytes each holds."""
@@ -329,7 +330,7 @@ class BackgroundBoard:
                 # each that found nothing new.
                 if not reply and not await self._more_to_come(owner, response_id, expected):
                     return
-                reply = await self._client.xread(
+                reply = await self._followers.xread(
                     {key: last}, count=FOLLOW_BATCH, block=FOLLOW_BLOCK_MS
                 )
             except (redis.RedisError, OSError) as exc:

@@ -94,6 +94,7 @@ from redis.typing import EncodableT, FieldT
 
 from warmsocket import _core, write_retry
 from warmsocket._core import Binding, Items, SessionCache
+from warmsocket.admission import REDIS_CONNECTIONS
 from warmsocket.engine import SharedStoreUnavailable
 from warmsocket.logs import Tally
 from warmsocket.shared_announcements import Announcements
@@ -117,6 +118,15 @@ and meta), besides `QUEUE_LIMIT` of them: past either, new ones are not shared."
 WRITE_BATCH = 256
 SOCKET_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
+FOLLOW_CONNECTIONS = 16
+"""Redis connections for background responses' followers (`BackgroundBoard.follow`):
+each holds one through a blocking read; more followers wait their turn."""
+REQUEST_CONNECTIONS = REDIS_CONNECTIONS - FOLLOW_CONNECTIONS
+"""Redis connections for everything else. More calls at once wait for one, for at
+most `SOCKET_TIMEOUT` (then they fail as when Redis does not answer)."""
+FOLLOW_WAIT = 30.0
+"""Seconds a follower waits for a connection before its stream ends (the client may
+stream again from where it got to)."""
 ANNOUNCED_MEMORY = 4096
 """Deletion announcements remembered, for loads that read a record before its own."""
 RECHECK_BATCH = 1000
@@ -319,8 +329,12 @@ class SharedStore:
         *,
         ttl_seconds: int = DEFAULT_TTL,
         prefix: str = "warmsocket",
+        followers: redis.Redis | None = None,
     ) -> None:
         self.client = client
+        self.followers = client if followers is None else followers
+        """The client of background responses' followers' blocking reads: on a pool of
+        its own (`from_url`), so that many followers cannot take every connection."""
         self.ttl = ttl_seconds
         self.prefix = prefix
         self.errors = 0
@@ -368,15 +382,26 @@ class SharedStore:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SharedStore:
-        """A store on a new connection pool, with short timeouts and one retry: a Redis
-        outage must cost a request milliseconds to seconds, not minutes."""
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=CONNECT_TIMEOUT,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
-        )
-        return cls(client, **kwargs)
+        """A store on new connection pools, with short timeouts and one retry: a Redis
+        outage must cost a request milliseconds to seconds, not minutes. The pools are
+        bounded (`REDIS_CONNECTIONS` in all, which `--max-connections 0` leaves room
+        for) and calls past the bound wait for a connection: redis-py's own pool fails
+        the 101st call at once, which read as Redis not answering."""
+
+        def pool(connections: int, wait: float) -> redis.BlockingConnectionPool:
+            return redis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=connections,
+                timeout=wait,
+                socket_timeout=SOCKET_TIMEOUT,
+                socket_connect_timeout=CONNECT_TIMEOUT,
+                retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+            )
+
+        # (Each client owns its pool: closing it closes the pool's connections.)
+        client = redis.Redis.from_pool(pool(REQUEST_CONNECTIONS, SOCKET_TIMEOUT))
+        followers = redis.Redis.from_pool(pool(FOLLOW_CONNECTIONS, FOLLOW_WAIT))
+        return cls(client, followers=followers, **kwargs)
 
     @property
     def address(self) -> str:
@@ -457,6 +482,8 @@ class SharedStore:
                     await task
         await self.key_holds.aclose()
         await self.client.aclose()
+        if self.followers is not self.client:
+            await self.followers.aclose()
 
     async def flush(self) -> None:
         """Wait until everything published so far was written (or failed)."""
