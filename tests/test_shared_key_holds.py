@@ -175,6 +175,27 @@ def test_a_process_that_stops_takes_its_counts_out(holds: Processes) -> None:
     assert asyncio.run(closing(holds, main())) == (4, 0, 1)
 
 
+def test_counts_are_added_again_after_the_shared_keys_expired(holds: Processes) -> None:
+    """Redis paused (or cut off) longer than the totals' lifetime but not the processes'
+    own counts' (3 against 4 TTLs): the totals expire. Each process then adds all it
+    holds again, not just what changed since it last wrote (which is nothing): the key
+    stayed limited at 2 + 3, not 0, after Redis came back."""
+
+    async def main() -> tuple[int, int]:
+        one = holds.make(Counter({"o": 2}))
+        two = holds.make(Counter({"o": 3}))
+        for each in (one, two, one):
+            await each.sync()
+        assert (one.elsewhere("o"), two.elsewhere("o")) == (3, 2)
+        client = holds.clients[0]
+        await client.delete(f"{holds.prefix}:holders", f"{holds.prefix}:held_total")
+        for each in (one, two, one):
+            await each.sync()
+        return one.elsewhere("o"), two.elsewhere("o")
+
+    assert asyncio.run(closing(holds, main())) == (3, 2)
+
+
 def test_a_process_that_died_stops_counting(
     holds: Processes, monkeypatch: pytest.MonkeyPatch
 ) -> None:

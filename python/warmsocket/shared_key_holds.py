@@ -53,12 +53,19 @@ TTL_SECONDS = 5.0
 # counts, then owner, count, ... (this process's now). Answers {owners at the limit or
 # past it and their totals (flat), the totals of ARGV's owners, the processes}.
 # A process's counts outlive the shared keys (4 against 3 lifetimes): whoever renews
-# those can still take a silent process's counts out.
+# those can still take a silent process's counts out. A process not among the holders
+# (its first sync; or the shared keys expired, as when Redis was paused or unreachable
+# for their lifetime; or another took it for dead) has none of its counts in the
+# totals: its own are dropped first, so that all of them are added again, not only
+# what changed since it last wrote them.
 _SYNC = """
 local holders, totals, mine = KEYS[1], KEYS[2], KEYS[3]
 local ttl, limit, prefix = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+if not redis.call('ZSCORE', holders, ARGV[1]) then
+  redis.call('DEL', mine)
+end
 local function add(owner, delta)
   if tonumber(redis.call('ZINCRBY', totals, delta, owner)) <= 0 then
     redis.call('ZREM', totals, owner)
