@@ -196,6 +196,36 @@ def test_counts_are_added_again_after_the_shared_keys_expired(holds: Processes) 
     assert asyncio.run(closing(holds, main())) == (3, 2)
 
 
+def test_what_a_key_lets_go_of_is_written_at_once(holds: Processes) -> None:
+    """A key that closes a WebSocket here to open one on another process (a load
+    balancer's choice) must not be refused there for up to two sync periods: a
+    release nudges the next write to come at once, not at the next period."""
+
+    async def main() -> tuple[float, float]:
+        held = Counter({"o": 2})
+        one = holds.make(held)
+        one.start()
+        client = holds.clients[0]
+        total = f"{holds.prefix}:held_total"
+        while await client.zscore(total, "o") != 2:
+            await asyncio.sleep(0.005)
+        started = time.monotonic()
+        held["o"] = 1
+        one.nudge()
+        while await client.zscore(total, "o") != 1:
+            await asyncio.sleep(0.005)
+        nudged = time.monotonic() - started
+        held["o"] = 0  # not nudged: at the next period
+        started = time.monotonic()
+        while await client.zscore(total, "o") is not None:
+            await asyncio.sleep(0.005)
+        await one.aclose()
+        return nudged, time.monotonic() - started
+
+    nudged, periodic = asyncio.run(closing(holds, main()))
+    assert nudged < 0.2 < periodic, (nudged, periodic)
+
+
 def test_a_process_that_died_stops_counting(
     holds: Processes, monkeypatch: pytest.MonkeyPatch
 ) -> None:

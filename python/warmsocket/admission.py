@@ -193,6 +193,9 @@ class KeyLimit:
         self.held = Counter[str]()
         self.elsewhere = elsewhere
         """What an owner holds in other processes (`SharedKeyHolds.elsewhere`), if any."""
+        self.on_release: Callable[[], None] | None = None
+        """Told when an owner lets go of a place (`SharedKeyHolds.nudge`: the other
+        processes learn it sooner than at the next periodic sync)."""
         self.refused = 0
         """Refusals since the start, for `/metrics`."""
         self._refusals = Tally(LOG_INTERVAL)
@@ -225,6 +228,8 @@ class KeyLimit:
             self.held[owner] = left
         else:
             del self.held[owner]
+        if self.on_release is not None:
+            self.on_release()
 
     def collect(self) -> Iterator[str]:
         """`/metrics` lines (none without a limit)."""

@@ -373,7 +373,8 @@ def too_many_for_key(limit: int) -> APIError:
     return APIError(
         "rate_limit_exceeded",
         f"This API key holds {limit} WebSockets, responses being created and background "
-        "responses on this server, the most it takes per key (--max-connections-per-key). "
+        "responses on this server (and the servers sharing its Redis, if any), the most "
+        "it takes per key (--max-connections-per-key). "
         "Close some (one WebSocket runs up to 16 responses at once, on up to 32 named "
         "lanes), or retry when some have ended.",
         status=429,

@@ -335,6 +335,7 @@ class Server:
         if holds is not None and self.key_limit.limit is not None:
             holds.follow(self.key_limit.held, self.key_limit.limit)  # shared from start
             self.key_limit.elsewhere = holds.elsewhere
+            self.key_limit.on_release = holds.nudge
         self.metrics.collectors.append(self.key_limit.collect)
         buckets = getattr(shared, "request_buckets", None)
         self.request_rate = RequestRate(

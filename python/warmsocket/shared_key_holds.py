@@ -45,6 +45,10 @@ log = logging.getLogger("warmsocket.shared_store")
 
 SYNC_SECONDS = 0.5
 """Seconds between two writes of this process's counts (and reads of the others')."""
+NUDGED_SYNC_SECONDS = 0.05
+"""After a key let go of something here (`nudge`), the next write comes this soon: a
+key that closes a WebSocket here and opens one on another process at once is not
+refused there for what it no longer holds here, for as long."""
 TTL_SECONDS = 5.0
 """Seconds a process's counts count after its last write."""
 
@@ -150,6 +154,7 @@ class SharedKeyHolds:
         self._elsewhere: dict[str, int] = {}
         self._read_at: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._nudged: asyncio.Event | None = None
         self.errors = 0
         self.holders = 1
         """Processes sharing the counts at the last sync (this one included)."""
@@ -177,7 +182,14 @@ class SharedKeyHolds:
 
     def start(self) -> None:
         if self._held is not None and self._task is None:
+            self._nudged = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def nudge(self) -> None:
+        """A key let go of something here: write the counts soon, not at the next
+        periodic sync (`NUDGED_SYNC_SECONDS`)."""
+        if self._nudged is not None:
+            self._nudged.set()
 
     async def sync(self) -> None:
         """Write this process's counts and read the totals it needs (`_SYNC`). Raises
@@ -217,7 +229,17 @@ class SharedKeyHolds:
                         extra={"redis": self._address, "error_type": type(exc).__name__},
                     )
                     failing = True
-            await asyncio.sleep(SYNC_SECONDS)
+            await self._pause()
+
+    async def _pause(self) -> None:
+        """Until the next sync: `SYNC_SECONDS`, or `NUDGED_SYNC_SECONDS` once nudged."""
+        nudged = self._nudged
+        assert nudged is not None
+        if not nudged.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(nudged.wait(), SYNC_SECONDS - NUDGED_SYNC_SECONDS)
+        await asyncio.sleep(NUDGED_SYNC_SECONDS)
+        nudged.clear()
 
     async def aclose(self) -> None:
         """Stop, and take this process's counts out of Redis (best effort)."""
