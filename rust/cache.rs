@@ -250,9 +250,9 @@ struct State {
     connections: HashMap<u64, Connection>,
     /// Prefix index: (chain digest, scope or 0) -> positions, oldest first.
     prefix: HashMap<(u128, u64), Positions>,
-    /// Positions in `prefix`, and how many were alive at the last sweep.
+    /// Positions in `prefix`, live or dead (`Meter::indexed_positions` counts the
+    /// live ones).
     prefix_positions: usize,
-    prefix_live: usize,
     next_connection: u64,
     next_serial: u64,
     tick: u64,
@@ -268,7 +268,7 @@ struct State {
 }
 
 /// Positions of removed nodes the prefix index keeps before it sweeps them, besides
-/// as many as it has live ones (each keeps its node's allocation, not its items).
+/// a quarter of its live ones (each keeps its node's allocation, not its items).
 const PREFIX_SWEEP_SLACK: usize = 4096;
 
 /// How many evicted ids wait for `take_evicted` at most (the oldest go first).
@@ -819,7 +819,7 @@ impl SessionCache {
     }
 
     /// Drop the prefix index's positions of removed nodes now, with what they keep
-    /// allocated. The index does so by itself once they are as many as the live
+    /// allocated. The index does so by itself once they pass a quarter of the live
     /// ones plus `PREFIX_SWEEP_SLACK`; this is for whoever counts the heap and wants no slack.
     pub fn sweep_prefix_index(&self) {
         self.shared.state.lock().sweep_prefix();
@@ -927,19 +927,33 @@ impl State {
                 }
             }
         }
-        self.prefix_positions += node.own_len();
-        if self.prefix_positions > 2 * self.prefix_live + PREFIX_SWEEP_SLACK {
+        let added = node.own_len();
+        node.note_indexed(u32::try_from(added).unwrap_or(u32::MAX));
+        self.prefix_positions += added;
+        self.sweep_prefix_if_dead(node.meter());
+    }
+
+    /// Sweep when the dead positions (each holding its node's allocation, which the
+    /// meter no longer counts) pass a quarter of the live ones plus
+    /// `PREFIX_SWEEP_SLACK`: what the meter misses stays a small share of what it
+    /// counts, and a sweep, O(positions), frees at least a fifth of them, so it costs
+    /// amortised O(1) per position.
+    fn sweep_prefix_if_dead(&mut self, meter: &Meter) {
+        let live = usize::try_from(meter.indexed_positions()).unwrap_or(usize::MAX);
+        let dead = self.prefix_positions.saturating_sub(live);
+        if dead > live / 4 + PREFIX_SWEEP_SLACK {
             self.sweep_prefix();
         }
     }
 
-    /// Drop the positions of dead nodes. Runs when the index has doubled since the
-    /// last sweep, so it costs amortised O(1) per indexed item.
+    /// Drop the positions of dead nodes, and the map's room they leave.
     fn sweep_prefix(&mut self) {
         self.prefix.retain(|_, positions| positions.retain_live());
-        let live = self.prefix.values().map(|p| p.as_slice().len()).sum();
-        self.prefix_positions = live;
-        self.prefix_live = live;
+        self.prefix_positions = self.prefix.values().map(|p| p.as_slice().len()).sum();
+        let len = self.prefix.len();
+        if self.prefix.capacity() > 2 * len + PREFIX_SWEEP_SLACK {
+            self.prefix.shrink_to(len + len / 4);
+        }
     }
 
     /// The live node holding the prefix with this chain digest in one of `scopes`,
@@ -2353,6 +2367,41 @@ mod tests {
     }
 
     #[test]
+    fn dead_positions_stay_a_small_share_of_the_live_ones_under_churn() {
+        // Each dead position keeps its node's allocation, which the meter no longer
+        // counts: under steady churn (eviction, deletes) they must not grow to as many
+        // as the live ones (they did: swept only once the index had doubled since the
+        // last sweep, so the heap ran some 38 % past the meter).
+        let c = tokenizing(false);
+        let items = |i: usize| {
+            let json: Vec<String> = (0..10)
+                .map(|j| format!(r#"{{"role":"user","content":"{i} {j}"}}"#))
+                .collect();
+            format!("[{}]", json.join(","))
+        };
+        let live_nodes = 2000;
+        for i in 0..live_nodes {
+            c.create(turn(&format!("r{i}"), &items(i), "[]", Parent::None))
+                .unwrap();
+        }
+        let mut worst = 0;
+        for i in live_nodes..live_nodes * 6 {
+            assert!(c.delete(&format!("r{}", i - live_nodes), O));
+            c.create(turn(&format!("r{i}"), &items(i), "[]", Parent::None))
+                .unwrap();
+            let st = c.shared.state.lock();
+            let live = c.shared.meter.indexed_positions() as usize;
+            assert_eq!(live, live_nodes * 10);
+            worst = worst.max(st.prefix_positions - live);
+        }
+        assert!(worst <= live_nodes * 10 / 4 + PREFIX_SWEEP_SLACK, "{worst}");
+        assert!(
+            worst > PREFIX_SWEEP_SLACK,
+            "no sweep was needed: a weaker test"
+        );
+    }
+
+    #[test]
     fn dead_positions_are_swept() {
         let c = tokenizing(false);
         for i in 0..3000 {
@@ -2368,7 +2417,9 @@ mod tests {
         }
         {
             let st = c.shared.state.lock();
-            assert!(st.prefix_positions <= 2 * st.prefix_live + PREFIX_SWEEP_SLACK);
+            let live = c.shared.meter.indexed_positions() as usize;
+            assert_eq!(live, 0, "every node was deleted");
+            assert!(st.prefix_positions <= live / 4 + PREFIX_SWEEP_SLACK + 1);
             assert!(st.prefix.len() <= 4097, "{}", st.prefix.len());
             assert!(st.prefix_positions > 0, "none left to sweep: a weaker test");
         }

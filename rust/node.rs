@@ -18,7 +18,7 @@
 //! Memory accounting: a node adds its estimated cost to a shared [`Meter`] when built
 //! and subtracts it in `Drop`, so the meter counts exactly the nodes alive anywhere.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use xxhash_rust::xxh3::xxh3_128;
@@ -46,11 +46,18 @@ pub struct Meter {
     bytes: AtomicU64,
     /// Nodes built so far: each node's `serial`.
     nodes: AtomicU64,
+    /// Prefix index positions of the nodes alive now (`Node::note_indexed`): the
+    /// index's other positions are dead, and hold their node's allocation until swept.
+    indexed: AtomicU64,
 }
 
 impl Meter {
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Acquire)
+    }
+
+    pub fn indexed_positions(&self) -> u64 {
+        self.indexed.load(Ordering::Acquire)
     }
 }
 
@@ -277,6 +284,8 @@ pub struct Node {
     pub serial: u64,
     /// What this node added to the meter.
     pub cost: u64,
+    /// Its positions in the prefix index (`note_indexed`).
+    indexed: AtomicU32,
     meter: Arc<Meter>,
 }
 
@@ -333,8 +342,23 @@ impl Node {
             chain,
             serial,
             cost,
+            indexed: AtomicU32::new(0),
             meter: meter.clone(),
         }
+    }
+
+    /// The meter this node counts on.
+    pub(crate) fn meter(&self) -> &Meter {
+        &self.meter
+    }
+
+    /// The prefix index took `positions` positions of this node: counted live until
+    /// the node is dropped.
+    pub(crate) fn note_indexed(&self, positions: u32) {
+        self.indexed.fetch_add(positions, Ordering::AcqRel);
+        self.meter
+            .indexed
+            .fetch_add(u64::from(positions), Ordering::AcqRel);
     }
 
     /// This node and its ancestors, newest first.
@@ -433,6 +457,10 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.meter.bytes.fetch_sub(self.cost, Ordering::AcqRel);
+        let indexed = u64::from(*self.indexed.get_mut());
+        if indexed > 0 {
+            self.meter.indexed.fetch_sub(indexed, Ordering::AcqRel);
+        }
         // Free an unshared tail of ancestors in a loop, not by recursion, so dropping
         // a very long chain cannot overflow the stack. The ancestors leave the meter
         // here; their items go to the reaper thread (a view or binding dropped on the

@@ -548,7 +548,7 @@ class SessionCache:
         no order."""
     def sweep_prefix_index(self) -> None:
         """Drop the prefix index's positions of removed responses now, with the memory
-        they keep. The index does so by itself once they are as many as its live
+        they keep. The index does so by itself once they pass a quarter of its live
         positions plus 4,096 (amortised); this is for a count of the heap with no
         slack in it (the steady-state test)."""
     def stats(self) -> CacheStats:
