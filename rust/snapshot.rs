@@ -156,11 +156,25 @@ fn encode(leaves: &[Arc<Node>]) -> Vec<u8> {
     rmp_serde::to_vec_named(&snapshot).unwrap_or_default()
 }
 
+/// What went wrong decoding a snapshot, in fixed words: the decoder's own messages
+/// quote what they found, which may be an item's content or an owner.
+fn decode_failure(error: &rmp_serde::decode::Error) -> &'static str {
+    use rmp_serde::decode::Error as E;
+    match error {
+        E::InvalidMarkerRead(_) | E::InvalidDataRead(_) => "it ends too early",
+        E::TypeMismatch(_) | E::Syntax(_) | E::Uncategorized(_) => "unexpected structure",
+        E::OutOfRange => "a number out of range",
+        E::LengthMismatch(_) => "a length that does not match",
+        E::Utf8Error(_) => "text that is not UTF-8",
+        E::DepthLimitExceeded => "nested too deeply",
+    }
+}
+
 /// Decode and validate a snapshot into nodes (parents first) paired with whether
 /// each should be indexed. Touches no cache state.
 pub fn decode(cache: &SessionCache, data: &[u8]) -> Result<Vec<(Arc<Node>, bool)>> {
     let snapshot: Snapshot = rmp_serde::from_slice(data)
-        .map_err(|e| Error::snapshot(format!("not a cache snapshot ({e})")))?;
+        .map_err(|e| Error::snapshot(format!("not a cache snapshot ({})", decode_failure(&e))))?;
     if snapshot.format != FORMAT {
         return Err(Error::snapshot("not a warmsocket cache snapshot"));
     }
@@ -402,6 +416,28 @@ mod tests {
             assert!(matches!(err, Error::Snapshot { .. }), "{err:?}");
             assert_eq!(target.stats(), before);
         }
+    }
+
+    #[test]
+    fn a_snapshot_that_does_not_decode_is_refused_without_quoting_it() {
+        // The decoder's own message quotes the string it found where a node record
+        // should be: an item's content, here.
+        let forged = rmp_serde::to_vec_named(&serde_json::json!({
+            "format": FORMAT,
+            "version": VERSION,
+            "nodes": [r#"{"role":"user","content":"my card is 4111-1111"}"#],
+        }))
+        .unwrap();
+        let target = SessionCache::new(1 << 30, 1 << 20);
+        let err = restore(&target, &forged).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "Cannot restore the snapshot: not a cache snapshot (unexpected structure)."
+        );
+        let err = restore(&target, &forged[..forged.len() - 5])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("4111"), "{err}");
     }
 
     #[test]
