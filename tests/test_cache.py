@@ -6,6 +6,8 @@ import gc
 import json
 import subprocess
 import sys
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
@@ -179,6 +181,32 @@ def test_item_errors_name_the_index() -> None:
         Items.parse(b'[{"a": 1}, 2]')
     with pytest.raises(ItemTooLarge, match="Item 2 is 11 bytes"):
         Items.parse(b'[{}, {}, {"a": 12345}]', max_item_bytes=10)
+
+
+def test_a_dict_changed_while_it_is_read_is_no_panic() -> None:
+    """A value's conversion can run Python code (a Mapping's `items`) that changes the
+    dict being read: PyO3's dict iterator panicked (PanicException, a BaseException,
+    across the boundary); the dict is read from a list of its pairs."""
+
+    outer: dict[str, object] = {"role": "user"}
+
+    class Growing(Mapping[str, int]):
+        def __getitem__(self, key: str) -> int:
+            return 1
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(["a"])
+
+        def __len__(self) -> int:
+            return 1
+
+        def items(self) -> Any:
+            outer["added"] = 1  # the dict being read grows
+            return [("a", 1)]
+
+    outer["content"] = Growing()
+    items = Items.from_objects([outer])  # what it held when its pairs were listed
+    assert items.to_objects() == [{"role": "user", "content": {"a": 1}}]
 
 
 def test_from_objects_errors() -> None:

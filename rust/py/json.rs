@@ -44,8 +44,14 @@ pub fn to_value(obj: &Bound<'_, PyAny>, depth: usize) -> Result<Value, NotJson> 
             .ok_or_else(|| "a float is not finite (NaN or infinity)".to_owned());
     }
     if let Ok(d) = obj.cast::<PyDict>() {
+        // A list of its pairs, not the dict itself: PyO3's dict iterator panics when
+        // the dict changes size meanwhile (a value's conversion may run Python code,
+        // and other threads may run without the GIL on free-threaded builds).
         let mut map = Map::new();
-        for (k, v) in d.iter() {
+        for pair in d.items().iter() {
+            let (k, v): (Bound<'_, PyAny>, Bound<'_, PyAny>) = pair
+                .extract()
+                .map_err(|_| "a dict could not be read".to_owned())?;
             map.insert(key(&k)?, to_value(&v, depth + 1)?);
         }
         return Ok(Value::Object(map));
