@@ -30,6 +30,7 @@ from warmsocket import (
     ResponseNotFound,
     SessionCache,
     SnapshotError,
+    Tokenizer,
     WarmsocketError,
 )
 from warmsocket import _reference as ref
@@ -749,6 +750,24 @@ def test_json_releases_the_gil() -> None:
     assert gil_stall_fraction(lambda: text.encode("utf-16")) > 0.5
     # ...while materialising a context lets it run.
     assert gil_stall_fraction(view.json) < 0.3
+
+
+@pytest.mark.timeout(60)
+def test_tokenising_a_large_extra_or_match_input_releases_the_gil() -> None:
+    """`view(extra=...)` tokenises the extra items, and `match` with decoded values (one
+    item may be megabytes) tokenises what did not match: both grow with their input, so
+    neither may hold the GIL (they did: about 6 ms per MB held)."""
+    cache = SessionCache(tokenizer=Tokenizer.builtin("o200k_base"))
+    words = " ".join(f"word{n}" for n in range(600_000))  # about 5 MB
+    big = [{"role": "user", "content": words}]
+    extra = Items.from_objects(big)
+    assert gil_stall_fraction(lambda: cache.view(None, owner=OWNER, extra=extra)) < 0.3
+    cache.create("r0", owner=OWNER, input=[{"role": "user", "content": "hi"}])
+    binding = cache.bind("r0", owner=OWNER)
+    assert gil_stall_fraction(lambda: binding.view(extra)) < 0.3
+    binding.release()
+    text = json.dumps(big)
+    assert gil_stall_fraction(lambda: cache.match(text, owner=OWNER)) < 0.3
 
 
 FLOATS = [

@@ -110,8 +110,9 @@ impl PySessionCache {
         let sent = sent_arg(py, input)?;
         let (weight, total) = match &sent {
             Sent::Items(items) => (items.nbytes() as usize, items.len()),
-            // Decoded values: no size at hand; a few items are cheap either way.
-            Sent::Values(values) => (values.len() * 1024, values.len()),
+            // Decoded values: no size at hand (one may be megabytes), so the GIL is
+            // released whatever their count.
+            Sent::Values(values) => (usize::MAX, values.len()),
         };
         let inner = &self.inner;
         let owner = owner.to_owned();
@@ -278,8 +279,10 @@ impl PySessionCache {
     }
 
     #[pyo3(signature = (response_id, *, owner, connection = None, extra = None, tokenize = true))]
+    #[allow(clippy::too_many_arguments)]
     fn view(
         &self,
+        py: Python<'_>,
         response_id: Option<&str>,
         owner: &str,
         connection: Option<u64>,
@@ -287,11 +290,16 @@ impl PySessionCache {
         tokenize: bool,
     ) -> PyResult<PyContextView> {
         let extra = extra.map(|e| e.inner.clone());
-        Ok(PyContextView {
-            inner: self
-                .inner
-                .view_with(response_id, owner, connection, extra, tokenize)?,
-        })
+        // Tokenising `extra` grows with it: without the GIL past a size.
+        let size = match &extra {
+            Some(items) if tokenize => items.nbytes() as usize,
+            _ => 0,
+        };
+        let inner = &self.inner;
+        let view = detach_if(py, size, DETACH_TOKENIZE_BYTES, || {
+            inner.view_with(response_id, owner, connection, extra, tokenize)
+        })?;
+        Ok(PyContextView { inner: view })
     }
 
     #[pyo3(signature = (response_id, *, owner, connection = None))]
@@ -678,12 +686,23 @@ impl PyBinding {
     }
 
     #[pyo3(signature = (extra = None, *, tokenize = true))]
-    fn view(&self, extra: Option<&PyItems>, tokenize: bool) -> PyResult<PyContextView> {
-        Ok(PyContextView {
-            inner: self
-                .inner
-                .view_with(extra.map(|e| e.inner.clone()), tokenize)?,
-        })
+    fn view(
+        &self,
+        py: Python<'_>,
+        extra: Option<&PyItems>,
+        tokenize: bool,
+    ) -> PyResult<PyContextView> {
+        let extra = extra.map(|e| e.inner.clone());
+        // Tokenising `extra` grows with it: without the GIL past a size.
+        let size = match &extra {
+            Some(items) if tokenize => items.nbytes() as usize,
+            _ => 0,
+        };
+        let inner = &self.inner;
+        let view = detach_if(py, size, DETACH_TOKENIZE_BYTES, || {
+            inner.view_with(extra, tokenize)
+        })?;
+        Ok(PyContextView { inner: view })
     }
 
     #[getter]
