@@ -29,8 +29,9 @@ from tests.support import RunningServer, WSClient, check_sse_event, output_text,
 from tests.test_agents_sdk import calls, read_file
 from warmsocket import conversations, shared_store, write_retry
 from warmsocket._core import Items
-from warmsocket.conversations import Conversations
+from warmsocket.conversations import Conversations, items_cost
 from warmsocket.engine import SharedStoreUnavailable
+from warmsocket.errors import APIError
 
 ITEM = TypeAdapter(ConversationItem)
 CONVERSATION = TypeAdapter(Conversation)
@@ -309,6 +310,55 @@ def test_a_response_whose_input_the_conversation_cannot_take_is_refused_before_t
         )
         assert kept.status == "completed"
         assert len(list(sdk.conversations.items.list(conversation.id))) == 1
+
+
+def test_copies_ahead_of_a_redis_that_does_not_answer_stay_within_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With Redis, a conversation whose additions Redis has not taken yet is served
+    from its copy, which cannot be dropped to make room: while Redis did not answer,
+    responses' additions grew the copies without bound (15 times the budget in a
+    review). Past the budget they are refused (503) until Redis takes what waits."""
+    monkeypatch.setattr(conversations, "MAX_QUEUED_ADDITION_BYTES", 100_000)
+    answering = True
+
+    class Board:
+        async def create(self, *args: object) -> None:
+            return None
+
+        async def version(self, *args: object) -> int:
+            if not answering:
+                await asyncio.sleep(3600)
+            return 1
+
+        async def read(self, *args: object) -> None:
+            await asyncio.sleep(3600)
+
+        async def append(self, *args: object) -> None:
+            await asyncio.sleep(3600)  # Redis does not answer
+
+    async def main() -> tuple[int, int]:
+        nonlocal answering
+        store = Conversations(budget_bytes=64 * 1024, max_item_bytes=1 << 25, board=Board())  # type: ignore[arg-type]
+        conversation = await store.create("o", {})
+        added = 0
+        for turn in range(50):
+            copy = await store.fresh("o", conversation.id)
+            answering = False  # (the copy is ahead of Redis from the first addition on)
+            items = Items.from_objects([{"role": "user", "content": f"{turn} " + "x" * 20_000}])
+            try:
+                store.check_room(items_cost(items), used=copy)
+            except APIError as exc:
+                assert exc.status == 503 and exc.code == "server_is_overloaded"
+                break
+            store.extend(copy, items)
+            added += 1
+            await asyncio.sleep(0)
+        return added, store.nbytes
+
+    added, held = asyncio.run(asyncio.wait_for(main(), 10))
+    assert 0 < added < 50
+    assert held <= 64 * 1024
 
 
 def test_empty_conversations_fill_the_budget_too() -> None:

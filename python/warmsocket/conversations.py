@@ -519,14 +519,30 @@ class Conversations:
 
     # -- a response's input and output ------------------------------------------------------
 
-    def check_room(self, nbytes: int) -> None:
-        """Raises APIError (503) when `nbytes` more would pass the budget (without a
-        board: with one, copies are dropped to make room)."""
-        if self.board is None and self.nbytes + nbytes > self.budget_bytes:
+    def check_room(self, nbytes: int, used: Conversation | None = None) -> None:
+        """Raises APIError (503) when `nbytes` more would pass the budget. With a board,
+        copies other than `used` are dropped to make room first (they are read again
+        from Redis when used), and `used` itself may pass the budget: only copies with
+        additions Redis has not taken yet (it does not answer) fill it, and then the
+        additions to them wait too (they grew without bound)."""
+        if self.nbytes + nbytes <= self.budget_bytes:
+            return
+        if self.board is None:
             raise errors.server_overloaded(
                 "The conversations on this server hold all the item bytes they may "
                 f"({self.budget_bytes} bytes, --conversation-budget): delete conversations "
                 "or items you no longer need, or raise the budget."
+            )
+        self._make_room(used)
+        held = self.nbytes
+        settled = used is not None and not used.pending and not used.unshared
+        if used is not None and settled and self._by_id.get(used.id) is used:
+            held -= used.charged
+        if held + nbytes > self.budget_bytes:
+            raise errors.server_overloaded(
+                "The conversations on this server hold all the item bytes they may "
+                f"({self.budget_bytes} bytes, --conversation-budget) with additions "
+                "Redis has not taken yet: it does not answer. Try again later."
             )
 
     def extend(self, joined: Conversation, items: Items) -> None:
@@ -845,7 +861,7 @@ class Conversations:
         self.nbytes += cost - conversation.charged
         conversation.charged = cost
 
-    def _make_room(self, used: Conversation) -> None:
+    def _make_room(self, used: Conversation | None) -> None:
         """With a board: drop the least recently used copies (not `used`, none with
         additions still being written) while past the budget."""
         if self.board is None:

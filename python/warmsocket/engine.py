@@ -583,7 +583,7 @@ class Engine:
         if conversation is not None and request.store:
             # Its input must fit before the model runs (with the output, once more
             # when it ends): a response the conversation cannot take costs no tokens.
-            self.conversations.check_room(items_cost(own_input))
+            self.conversations.check_room(items_cost(own_input), used=conversation)
         previous_response_id = request.previous_response_id
         start = context_start(input_items)
         if start is not None:
@@ -1224,7 +1224,7 @@ class Turn:
         added: Items | None = None
         if conversation is not None and self._conversation_input is not None and self._kept:
             added = self._conversation_input.concat(output)
-            self.engine.conversations.check_room(items_cost(added))
+            self.engine.conversations.check_room(items_cost(added), used=conversation)
         try:
             info = cache.create(
                 self.response_id,
