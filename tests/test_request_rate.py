@@ -263,9 +263,21 @@ def test_shared_buckets_that_do_not_answer_are_counted_locally(
     assert silent.asked == 1  # the second did not wait for Redis again
     assert rate.counted_locally == 2
     assert any("cannot count requests per key in Redis" in r.getMessage() for r in caplog.records)
-    clock.now += request_rate.LOCAL_FOR + 1.0
+    clock.now += request_rate.LOCAL_FOR + 0.1
     assert asyncio.run(rate.check("b")).refusal is None
     assert silent.asked == 2  # asked again once LOCAL_FOR is over
+    # Still silent: asked again only after twice as long (each ask makes a request
+    # wait SHARED_TIMEOUT), and so on, up to LOCAL_FOR_MAX.
+    clock.now += 2 * request_rate.LOCAL_FOR - 0.1
+    assert asyncio.run(rate.check("c")).refusal is None
+    assert silent.asked == 2
+    clock.now += 0.2
+    asyncio.run(rate.check("d"))
+    assert silent.asked == 3
+    for _ in range(8):
+        clock.now += request_rate.LOCAL_FOR_MAX + 0.1
+        asyncio.run(rate.check("e"))
+    assert silent.asked == 11  # (at most LOCAL_FOR_MAX apart)
 
 
 # -- shared by the processes on one Redis -------------------------------------------------

@@ -56,7 +56,11 @@ log = logging.getLogger("warmsocket.server")
 SHARED_TIMEOUT = 0.5
 """Seconds a counted request waits for Redis's answer before its own process counts it."""
 LOCAL_FOR = 1.0
-"""Seconds buckets stay local after Redis did not answer (then Redis is asked again)."""
+"""Seconds buckets stay local after Redis did not answer (then Redis is asked again).
+Doubled each time it still does not answer, up to `LOCAL_FOR_MAX`: each time Redis is
+asked, the request that asks waits up to `SHARED_TIMEOUT` (with those arriving
+meanwhile), which a long outage should not cost every second."""
+LOCAL_FOR_MAX = 30.0
 LOG_INTERVAL = 10.0
 """Seconds between two log lines about refused requests (the metrics count all)."""
 SWEEP_EVERY = 1024
@@ -178,6 +182,7 @@ class RateLimit:
         self._sweep_at = SWEEP_AT_KEYS
         self._counted = 0
         self._local_until = 0.0
+        self._local_for = LOCAL_FOR
         self.refused = 0
         """Requests refused since the start, for `/metrics`."""
         self.counted_locally = 0
@@ -239,19 +244,23 @@ class RateLimit:
             self.counted_locally += 1
             return self._take_local(owner, cost, need, force)
         try:
-            return await asyncio.wait_for(
+            taken = await asyncio.wait_for(
                 self._take_shared(owner, cost, need, force), SHARED_TIMEOUT
             )
         except Exception as exc:  # Redis down, slow or refusing: count it here
-            self._local_until = self._clock() + LOCAL_FOR
+            local_for = self._local_for
+            self._local_until = self._clock() + local_for
+            self._local_for = min(2 * local_for, LOCAL_FOR_MAX)
             self.counted_locally += 1
             if self._shared_throttle.due():
                 log.warning(
                     f"cannot count {self.UNIT.name} per key in Redis; each process counts "
                     "its own for now",
-                    extra={"error_type": type(exc).__name__, "retry_in_seconds": LOCAL_FOR},
+                    extra={"error_type": type(exc).__name__, "retry_in_seconds": local_for},
                 )
             return self._take_local(owner, cost, need, force)
+        self._local_for = LOCAL_FOR
+        return taken
 
     async def _take_shared(self, owner: str, cost: int, need: int, force: bool) -> Taken:
         assert self.shared is not None
