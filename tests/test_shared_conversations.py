@@ -162,6 +162,11 @@ def test_a_redis_outage_is_a_retriable_503_and_nothing_is_lost(
             with pytest.raises(openai.InternalServerError) as down:
                 on_a.conversations.items.list(made.id)
             assert down.value.status_code == 503
+            assert f"while loading '{made.id}'" in down.value.message
+            with pytest.raises(openai.InternalServerError) as down:
+                on_a.conversations.create()  # (no id was given out: none is named)
+            assert down.value.status_code == 503
+            assert "did not answer. This is temporary" in down.value.message
             with pytest.raises(openai.InternalServerError):
                 on_a.responses.create(model="m", input="x", conversation=made.id)
             with WSClient(a.ws_url, additional_headers=KEY) as ws:

@@ -252,15 +252,17 @@ def previous_response_not_found(response_id: str) -> APIError:
 
 
 def shared_store_unavailable(
-    response_id: str, *, param: str | None = "previous_response_id"
+    response_id: str | None, *, param: str | None = "previous_response_id"
 ) -> APIError:
     """Redis (the store of responses shared between replicas) did not answer while
-    `response_id` was loaded: a retriable 503, never 'not found' (the response may
-    well exist; a client told 'not found' drops its conversation)."""
+    `response_id` was loaded (None: while something was created): a retriable 503,
+    never 'not found' (the response may well exist; a client told 'not found' drops
+    its conversation)."""
+    what = "" if response_id is None else f" while loading '{_id(response_id)}'"
     return APIError(
         "server_error",
-        f"The shared response store (Redis) did not answer while loading "
-        f"'{_id(response_id)}'. This is temporary and nothing was lost: retry the request.",
+        f"The shared response store (Redis) did not answer{what}. This is temporary "
+        "and nothing was lost: retry the request.",
         param=param,
         status=503,
         type=SERVER_ERROR,

@@ -200,6 +200,8 @@ class HTTPApp:
                     self.engine.conversations, request, owner, path
                 )
             except SharedStoreUnavailable as exc:
+                if not path:  # a create: its id was never given out
+                    raise errors.shared_store_unavailable(None, param=None) from None
                 raise errors.shared_store_unavailable(exc.response_id, param=None) from None
             return self._json(writer, request, request_id, code, dumps(value))
         if route != "responses":
