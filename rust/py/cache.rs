@@ -290,15 +290,13 @@ impl PySessionCache {
         tokenize: bool,
     ) -> PyResult<PyContextView> {
         let extra = extra.map(|e| e.inner.clone());
-        // Tokenising `extra` grows with it: without the GIL past a size.
-        let size = match &extra {
-            Some(items) if tokenize => items.nbytes() as usize,
-            _ => 0,
-        };
         let inner = &self.inner;
-        let view = detach_if(py, size, DETACH_TOKENIZE_BYTES, || {
-            inner.view_with(response_id, owner, connection, extra, tokenize)
-        })?;
+        let view = detach_if(
+            py,
+            extra_work(&extra, tokenize),
+            DETACH_TOKENIZE_BYTES,
+            || inner.view_with(response_id, owner, connection, extra, tokenize),
+        )?;
         Ok(PyContextView { inner: view })
     }
 
@@ -398,6 +396,15 @@ impl PySessionCache {
             "<SessionCache: {} entries, {} of {} bytes>",
             s.entries, s.bytes, s.memory_budget
         )
+    }
+}
+
+/// The bytes a view's `extra` items make it tokenise (0 when it does not): that work
+/// grows with them, so past a size it runs without the GIL.
+fn extra_work(extra: &Option<Items>, tokenize: bool) -> usize {
+    match extra {
+        Some(items) if tokenize => items.nbytes() as usize,
+        _ => 0,
     }
 }
 
@@ -693,15 +700,13 @@ impl PyBinding {
         tokenize: bool,
     ) -> PyResult<PyContextView> {
         let extra = extra.map(|e| e.inner.clone());
-        // Tokenising `extra` grows with it: without the GIL past a size.
-        let size = match &extra {
-            Some(items) if tokenize => items.nbytes() as usize,
-            _ => 0,
-        };
         let inner = &self.inner;
-        let view = detach_if(py, size, DETACH_TOKENIZE_BYTES, || {
-            inner.view_with(extra, tokenize)
-        })?;
+        let view = detach_if(
+            py,
+            extra_work(&extra, tokenize),
+            DETACH_TOKENIZE_BYTES,
+            || inner.view_with(extra, tokenize),
+        )?;
         Ok(PyContextView { inner: view })
     }
 
