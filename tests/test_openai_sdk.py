@@ -509,6 +509,31 @@ def test_lanes_concurrent_fork_and_warmup(any_backend: RunningServer) -> None:
     asyncio.run(main())
 
 
+def test_a_create_that_is_not_valid_json_is_refused_on_its_lane(server: RunningServer) -> None:
+    """The SDK serialises a NaN as `NaN` and a lone surrogate (a filename decoded with
+    surrogateescape) as `\\ud800`: not valid JSON for the server. The error must come on
+    the create's lane: on the default lane the named lane waited for ever, and every
+    later send on it failed ("Consume the current response...")."""
+
+    async def main() -> None:
+        async with (
+            aclient(server) as sdk,
+            sdk.responses.connect() as connection,
+            AsyncResponsesWebSocketSession(connection, limits=LIMITS) as session,
+        ):
+            lane = session.lane("a")
+            for bad in ({"temperature": float("nan")}, {"input": "file \udcff.txt"}):
+                await lane.send({"type": "response.create", "model": MODEL, "input": "x", **bad})
+                with pytest.raises(ResponsesWebSocketError) as info:
+                    await asyncio.wait_for(lane.get_final_response(), 5)
+                assert info.value.event.error.code == "invalid_json"  # type: ignore[union-attr]
+            await lane.send({"type": "response.create", "model": MODEL, "input": "fine"})
+            done = await asyncio.wait_for(lane.get_final_response(), 5)
+            assert done.output_text == "You said: fine"
+
+    asyncio.run(main())
+
+
 CUSTOM_TOOLS = [{"type": "custom", "name": "apply_patch", "description": "Apply a patch."}]
 
 

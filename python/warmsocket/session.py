@@ -77,8 +77,9 @@ class CloseConnection:
 
 @dataclass(frozen=True, slots=True)
 class LaneRejection:
-    """A message refused unparsed (too large) that names its lane: its error goes
-    to that lane, in order, as a refused create's does."""
+    """A message refused before it was read as a request (too large, not valid JSON,
+    not a known event) that names its lane: its error goes to that lane, in order, as
+    a refused create's does."""
 
     error: APIError
     stream_id: str
@@ -187,7 +188,17 @@ class ResponsesSession:
             error = errors.message_too_large(size, self.limits.max_message_bytes)
             lane = message_stream_id(data) if self._format == "json" else None
             return error if lane is None else LaneRejection(error, lane)
-        return parse_client_message(data, max_item_bytes=self._max_item_bytes, format=self._format)
+        parsed = parse_client_message(
+            data, max_item_bytes=self._max_item_bytes, format=self._format
+        )
+        if type(parsed) is Rejection and self._format == "json":
+            assert isinstance(parsed, Rejection)
+            if parsed.stage == "message" and (lane := message_stream_id(data)) is not None:
+                # Not valid JSON (a lone surrogate, a NaN, too deep) or no known event,
+                # but its lane can be read: the SDK's lane waits for an answer there
+                # (on the default lane it would wait for ever).
+                return LaneRejection(_api_error(parsed), lane)
+        return parsed
 
     def receive_parsed(self, parsed: Message) -> None:
         """One client message, as `parse_message` returned it."""
