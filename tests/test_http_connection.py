@@ -820,6 +820,34 @@ def test_a_client_that_never_answers_pings_is_failed_by_the_keepalive(
     assert "websocket keepalive timed out" in caplog.messages
 
 
+def test_a_client_uploading_a_large_message_slowly_is_not_failed_by_the_keepalive(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client cannot answer a ping before the data frame it is sending has gone out:
+    a large create over a slow link (an agent re-sending its whole transcript) got
+    `1011 keepalive ping timeout` mid-upload. Bytes arriving are a sign of life."""
+    with (
+        caplog.at_level(logging.INFO),
+        running_server(http_idle_timeout=None, ws_ping_interval=0.2, ws_ping_timeout=0.2) as srv,
+        socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw,
+    ):
+        raw.sendall(b"GET /v1/responses HTTP/1.1\r\n" + UPGRADE + b"\r\n")
+        assert read_head(raw).startswith(b"HTTP/1.1 101 ")
+        text = "x" * 60_000
+        frame = _masked(json.dumps({**CREATE, "input": text}).encode())
+        pieces = [frame[i : i + 2_000] for i in range(0, len(frame), 2_000)]
+        for piece in pieces:  # about 1.5 s: several ping intervals and timeouts
+            raw.sendall(piece)
+            time.sleep(0.05)
+        received = b""
+        while b"response.completed" not in received:
+            chunk = raw.recv(65536)
+            assert chunk, "closed before the answer"
+            assert b"keepalive ping timeout" not in chunk
+            received += chunk
+    assert "websocket keepalive timed out" not in caplog.messages
+
+
 def test_a_websocket_client_that_stops_reading_fails_the_keepalive(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

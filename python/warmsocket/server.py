@@ -619,6 +619,8 @@ class Connection(asyncio.Protocol):
         # Bytes handed to the transport; minus its write buffer, what it has sent. The
         # write-stall check (`_check_writes`) compares that between its runs.
         self._written = 0
+        self._received = 0
+        """Bytes read from the client (`_pong_within`: an upload going on)."""
         self._stall_timer: asyncio.TimerHandle | None = None
         self._stall_sent = 0
         self._stall_since = 0.0
@@ -684,6 +686,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.server.metrics.bytes_received += len(data)
+        self._received += len(data)
         if self.ws is not None:
             self._ws_safely(self._ws_data, data)
             return
@@ -1813,12 +1816,14 @@ class Connection(asyncio.Protocol):
 
         The ping waits behind what was written before it, so a client that reads
         slowly gets it late: while the client has not received the ping yet and has
-        received more since the last look, the wait goes on. A client that receives
-        nothing at all is left to the write-stall check (`_check_writes`) or, without
-        it, fails here."""
+        received more since the last look, the wait goes on. The pong waits behind what
+        the client is sending too (a large message over a slow link): while more of it
+        has arrived since the last look, the wait goes on as well. Otherwise it fails
+        (a client that receives nothing at all, and sends nothing)."""
         ping_end = self._written
         transport = self.transport
         seen = self._delivered(transport) if transport is not None else -1
+        received = self._received
         while True:
             try:
                 await asyncio.wait_for(self._pong.wait(), timeout)
@@ -1827,6 +1832,9 @@ class Connection(asyncio.Protocol):
                 transport = self.transport
                 if transport is None or self.lost:
                     return False
+                if self._received > received:  # uploading: its pong comes after
+                    received = self._received
+                    continue
                 delivered = self._delivered(transport)
                 if delivered >= ping_end or delivered == seen:
                     return False
