@@ -372,6 +372,21 @@ def test_a_create_refused_for_a_full_queue_does_not_use_up_a_named_lane() -> Non
     assert h.started[-1].stream_id == "c" and h.session.named_lanes == 2
 
 
+def test_a_create_that_starts_at_once_is_not_refused_for_other_lanes_full_queue() -> None:
+    """The queue's limits are for creates that wait: one on an idle lane with a free
+    active slot starts at once, however full the other lanes' queues are (it got
+    server_is_overloaded although a slot was free)."""
+    h = Harness(Limits(max_active_responses=2, max_queued_requests=3))
+    for n in range(4):  # one runs on lane a, three wait behind it: the queue is full
+        h.send(input=f"a{n}", stream_id="a")
+    assert len(h.started) == 1 and not any(e["type"] == "error" for e in h.events)
+    h.send(input="b", stream_id="b")
+    assert not any(e["type"] == "error" for e in h.events)
+    assert len(h.started) == 2 and h.started[-1].stream_id == "b"
+    h.send(input="c", stream_id="c")  # no slot free now: it would wait, and cannot
+    assert h.last("error")["error"]["code"] == "server_is_overloaded"
+
+
 def test_queued_bytes_are_bounded_and_the_connection_stays_usable() -> None:
     h = Harness(Limits(max_active_responses=1, max_queued_bytes=3000))
     h.send(input="x" * 5000)  # starts at once: nothing waits, nothing counted

@@ -451,13 +451,16 @@ class ResponsesSession:
 
     def _queue_refusal(self, lane: _Lane | None, nbytes: int) -> APIError | None:
         """Why a create holding `nbytes` cannot wait on `lane` (None: a new lane), or
-        None. Bytes count only when it would wait: one that starts at once holds nothing."""
-        if self._queued >= self.limits.max_queued_requests:
-            return errors.too_many_queued(self.limits.max_queued_requests)
+        None. The queue's limits count only when it would wait: one that starts at once
+        (an idle lane, a free active slot) waits in no queue."""
         starts_now = (lane is None or (lane.active is None and not lane.queue)) and len(
             self._active
         ) < self.limits.max_active_responses
-        if not starts_now and self._queued_bytes + nbytes > self.limits.max_queued_bytes:
+        if starts_now:
+            return None
+        if self._queued >= self.limits.max_queued_requests:
+            return errors.too_many_queued(self.limits.max_queued_requests)
+        if self._queued_bytes + nbytes > self.limits.max_queued_bytes:
             return errors.queued_bytes_exceeded(self.limits.max_queued_bytes)
         return None
 
