@@ -337,6 +337,28 @@ def test_steer_pending_then_prepended_to_the_explicit_continuation() -> None:
     assert [i["type"] for i in cont.items.to_objects()] == ["message", "function_call_output"]
 
 
+def test_steer_events_after_a_terminal_event_go_on_with_its_numbers() -> None:
+    """`response.steer.pending` and later `response.steer.failed` events of a finished
+    response go on with its sequence numbers, one each: the failed ones repeated the
+    first pending event's number."""
+    h = Harness()
+    h.send(input="go")
+    turn = h.started[-1]
+    h.session.model_event(turn, ToolCallStart("call_9", "lookup"))
+    steer = {"type": "response.steer", "previous_response_id": turn.response_id}
+    h.raw(json.dumps({**steer, "input": "one"}))
+    h.raw(json.dumps({**steer, "input": "two"}))
+    h.session.model_done(turn)
+    h.drain()
+    for late in ("three", "four"):
+        h.raw(json.dumps({**steer, "input": late}))
+    h.drain()
+    numbers = [e["sequence_number"] for e in h.events if "sequence_number" in e]
+    assert numbers == list(range(len(numbers)))
+    kinds = [e["type"] for e in h.events if e["type"].startswith("response.steer.")]
+    assert kinds[-4:] == ["response.steer.pending"] * 2 + ["response.steer.failed"] * 2
+
+
 def test_limits_of_lanes_and_queue() -> None:
     h = Harness(Limits(max_named_lanes=2, max_queued_requests=3, max_active_responses=1))
     h.send(input="1", stream_id="a")

@@ -717,6 +717,7 @@ class ResponsesSession:
                     "required_input": required,
                 }
                 self.outbox.append(turn.stream.event(dumps(pending)))
+            self._remember_finished(turn)  # (its numbers went on: a later steer's too)
             return
         successor = self.engine.successor_request(turn, items)
         lane.queue.appendleft(_Pending(successor, None, turn.response_id, tuple(steer_ids)))
@@ -763,6 +764,8 @@ class ResponsesSession:
         finished = self._finished.get(target_id)
         if finished is not None:
             stream_id, sequence_number = finished
+            # The response's numbering goes on past its terminal event, one per event.
+            self._finished[target_id] = (stream_id, sequence_number + 1)
         else:
             sequence_number = 0
         if stream_id is not None:
