@@ -190,6 +190,40 @@ def test_steer_waits_for_the_open_item_then_interrupts() -> None:
     ]
 
 
+def test_a_steer_that_interrupts_after_a_tool_call_waits_for_its_output() -> None:
+    """The steer lands while the model writes its first call; the second call is the
+    steer point, so the target ends `incomplete` with the first call in its output. A
+    client-owned call needs its output first: no automatic successor (its context
+    would hold a call without an output, which an upstream refuses), the steer is
+    pending, and goes in front of the client's continuation with the output."""
+    h = Harness()
+    h.send(input="go", stream_id="s")
+    turn = h.started[-1]
+    h.session.model_event(turn, ToolCallStart("call_1", "f"))
+    h.session.model_event(turn, ToolArgumentsDelta("{}"))
+    h.raw(
+        json.dumps(
+            {"type": "response.steer", "previous_response_id": turn.response_id, "input": "hm"}
+        )
+    )
+    h.session.model_event(turn, ToolCallStart("call_2", "g"))  # a new item: steer point
+    h.drain()
+    incomplete = h.last("response.incomplete")["response"]
+    assert [item["call_id"] for item in incomplete["output"]] == ["call_1"]
+    assert h.started == [turn]  # no successor
+    pending = h.last("response.steer.pending")
+    assert pending["required_input"] == [
+        {"type": "function_call_output", "call_id": "call_1", "name": "f"}
+    ]
+    h.send(
+        stream_id="s",
+        input=[{"type": "function_call_output", "call_id": "call_1", "output": "x"}],
+        previous_response_id=turn.response_id,
+    )
+    continued = h.started[-1].items.to_objects()
+    assert [i["type"] for i in continued] == ["message", "function_call_output"]
+
+
 def test_steer_lets_a_streamed_reasoning_item_finish_whole() -> None:
     # The whole reasoning item that finishes the streamed one (with its
     # encrypted_content, which the upstream needs back) is not a new item: the

@@ -701,13 +701,19 @@ class ResponsesSession:
             return
         output = turn.stream.output_items()
         calls = [output.item_meta(i) for i in range(len(output))]
-        required = [
-            {"type": "function_call_output", "call_id": c.call_id, "name": c.name}
-            for c in calls
-            if c.type == "function_call"
-        ]
-        if status == "completed" and required:
-            # Stopped for client-owned tool output: no automatic successor (spec §3.7).
+        required: list[dict[str, Any]] = []
+        for c in calls:
+            if c.type == "function_call":
+                required.append(
+                    {"type": "function_call_output", "call_id": c.call_id, "name": c.name}
+                )
+            elif c.type == "custom_tool_call":
+                required.append({"type": "custom_tool_call_output", "call_id": c.call_id})
+        if required:
+            # Stopped for client-owned tool output: no automatic successor (spec §3.7),
+            # also when the steer interrupted it (`incomplete`) after a call was made:
+            # a successor's context would hold a call without its output, which an
+            # upstream refuses.
             lane.pending_steer = _PendingSteer(turn.response_id, items, steer_ids)
             for steer_id in steer_ids:
                 pending = {
