@@ -487,21 +487,44 @@ def test_lifetime_expiry_finishes_in_flight_then_closes() -> None:
     h = Harness(Limits(connection_lifetime=60.0, close_grace=10.0))
     h.send(input="running")
     running = h.started[-1]
-    h.send(input="queued behind the limit", stream_id="q")
+    h.send(input="running on q", stream_id="q")
     h.send(input="queued", stream_id="q")
     assert h.session.next_deadline() == 60.0
     h.session.tick(60.0)
-    errors = [e for e in h.drain() if e["type"] == "error"]
-    assert [e["error"]["code"] for e in errors] == ["websocket_connection_limit_reached"] * 2
-    # Connection-scoped, then the queued request's own answer on its lane (spec Q13).
-    assert [e.get("stream_id") for e in errors] == [None, "q"] and not h.closed
-    assert "stream_id" not in errors[0]
-    h.send(input="too late")
-    assert h.events[-1]["error"]["code"] == "websocket_connection_limit_reached"
-    h.reply(running)
+    # No connection-scoped notice while the default lane's response runs: the SDK
+    # would take it as that response's error. The queued create's answer comes on its
+    # lane after the lane's running response (spec Q13; a lane's events never overlap).
+    assert not [e for e in h.drain() if e["type"] == "error"] and not h.closed
+    h.send(input="too late", stream_id="r")
+    assert (h.events[-1]["error"]["code"], h.events[-1]["stream_id"]) == (
+        "websocket_connection_limit_reached",
+        "r",
+    )
     h.reply(h.started[1])
+    refused = h.last("error")
+    assert (refused["stream_id"], refused["error"]["code"]) == (
+        "q",
+        "websocket_connection_limit_reached",
+    )
+    assert h.events.index(refused) > h.events.index(h.last("response.completed"))
+    h.reply(running)
+    assert h.last("response.completed")["response"]["id"] == running.response_id
     assert h.closed == [CloseConnection(1000, "connection lifetime reached")]
     assert len(h.started) == 2  # the queued request never started
+
+
+def test_lifetime_expiry_of_an_idle_default_lane_sends_the_notice() -> None:
+    """With nothing on its way on the default lane, the connection-scoped notice goes
+    out at once (as OpenAI sends it on idle connections)."""
+    h = Harness(Limits(connection_lifetime=60.0, close_grace=10.0))
+    h.send(input="running", stream_id="a")
+    h.session.tick(60.0)
+    h.drain()
+    notice = h.last("error")
+    assert notice["error"]["code"] == "websocket_connection_limit_reached"
+    assert "stream_id" not in notice and not h.closed
+    h.reply(h.started[-1])
+    assert h.closed == [CloseConnection(1000, "connection lifetime reached")]
 
 
 def test_a_create_on_a_named_lane_after_the_lifetime_is_refused_on_that_lane() -> None:

@@ -702,16 +702,24 @@ def test_steer_failures(server: RunningServer) -> None:
 
 
 def test_connection_lifetime_then_clean_close() -> None:
+    """The lifetime runs out while the default lane's response runs: it finishes, with
+    no error in its events (the SDK took the connection-scoped notice as that
+    response's error and dropped the response), then the connection closes with 1000.
+    An idle connection gets the connection-scoped notice, then the close."""
     limits = Limits(connection_lifetime=0.5, close_grace=5)
     with running_server(limits=limits) as srv, WSClient(srv.ws_url) as ws:
         ws.create(input="/sleep 800\nlast words")
-        error = ws.recv(timeout=5)
-        while error["type"] != "error":
-            error = ws.recv(timeout=5)
-        assert error["error"]["code"] == "websocket_connection_limit_reached"
-        assert "stream_id" not in error
-        rest = ws.until_terminal()
-        assert output_text(rest) == "You said: /sleep 800\nlast words"
+        events = ws.until_terminal()
+        assert not [e for e in events if e["type"] == "error"]
+        assert output_text(events) == "You said: /sleep 800\nlast words"
+        with pytest.raises(ConnectionClosed) as info:
+            ws.recv(timeout=5)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1000
+    with running_server(limits=limits) as srv, WSClient(srv.ws_url) as ws:
+        assert output_text(ws.turn(input="quick")) == "You said: quick"
+        notice = ws.recv(timeout=5)  # idle at the end of its lifetime
+        assert notice["error"]["code"] == "websocket_connection_limit_reached"
+        assert "stream_id" not in notice
         with pytest.raises(ConnectionClosed) as info:
             ws.recv(timeout=5)
         assert info.value.rcvd is not None and info.value.rcvd.code == 1000

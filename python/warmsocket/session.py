@@ -337,7 +337,7 @@ class ResponsesSession:
         if ending and self.close_deadline is not None and now >= self.close_deadline:
             if self.draining:
                 reason = "The server shut down first."
-                self._drop_queued(errors.draining_connection(), default_lane=True)
+                self._drop_queued(errors.draining_connection())
             else:
                 reason = "The connection lifetime ended first."
             for turn, _lane in list(self._active.values()):
@@ -782,20 +782,36 @@ class ResponsesSession:
     # -- lifetime -----------------------------------------------------------------------
 
     def _expire(self, now: float) -> None:
+        """The lifetime ran out: what runs finishes (within the grace), what waits is
+        refused, each on its lane in turn, and new creates are refused at once."""
         self.expired = True
         self.close_deadline = now + self.limits.close_grace
         error = errors.connection_limit_reached(self._lifetime_minutes())
-        self._error(error, None)  # connection-scoped: the default lane's answer too
-        self._drop_queued(error, default_lane=False)
+        default = self._lanes.get(None)
+        if default is None or (default.active is None and not default.queue):
+            # The connection-scoped notice (OpenAI sends it on idle connections). Not
+            # while the default lane has an answer on its way: the SDK would take the
+            # notice as that response's error and drop the response.
+            self._error(error, None)
+        self._refuse_queued(error)
 
-    def _drop_queued(self, error: APIError, *, default_lane: bool) -> None:
-        """Drop every queued request, each answered with `error` on its lane (spec Q13:
-        a named lane would otherwise wait for an answer that never comes); on the
-        default lane too when `default_lane`."""
+    def _refuse_queued(self, error: APIError) -> None:
+        """Every queued create is answered with `error` instead, on its lane when its
+        turn comes (after the lane's running response: a lane's events never overlap;
+        spec Q13: a named lane would otherwise wait for an answer that never comes)."""
         for lane in self._lanes.values():
-            if lane.name is not None or default_lane:
-                for _pending in lane.queue:
-                    self._error(error, lane.name)
+            if lane.queue:
+                refused = [_Pending(None, error, p.previous_response_id) for p in lane.queue]
+                lane.queue = deque(refused)
+        self._queued_bytes = 0
+        self._pump()
+
+    def _drop_queued(self, error: APIError) -> None:
+        """Drop every queued request now, each answered with `error` on its lane (the
+        end of a drain's grace: what ran has just ended)."""
+        for lane in self._lanes.values():
+            for _pending in lane.queue:
+                self._error(error, lane.name)
             lane.queue.clear()
             lane.in_ready = False
         self._ready.clear()
