@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from typing import Any
 
 import pytest
 
 from tests.support import check_ws_event
-from warmsocket._core import ResponseEncoder, SessionCache, Tokenizer
+from warmsocket._core import Items, ResponseEncoder, SessionCache, Tokenizer
 from warmsocket.backends.base import (
     HostedCallEvent,
     HostedCallStart,
@@ -391,6 +393,36 @@ def test_steer_events_after_a_terminal_event_go_on_with_its_numbers() -> None:
     assert numbers == list(range(len(numbers)))
     kinds = [e["type"] for e in h.events if e["type"].startswith("response.steer.")]
     assert kinds[-4:] == ["response.steer.pending"] * 2 + ["response.steer.failed"] * 2
+
+
+def test_usage_asked_while_a_worker_counts_the_input_waits_for_its_counts() -> None:
+    """A large input is tokenised in a worker thread; a steer (or the lifetime's end)
+    meanwhile asks for the response's usage on the event loop. It read the input as
+    not counted yet (`input_tokens: 0`); it waits for the worker's counts."""
+
+    class SlowItems:
+        """The cache, with `items` (tokenising) slowed down."""
+
+        def __init__(self, cache: SessionCache) -> None:
+            self._cache = cache
+
+        def items(self, items: Items) -> Items:
+            time.sleep(0.3)
+            return self._cache.items(items)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._cache, name)
+
+    h = Harness(cache=SessionCache(tokenizer=Tokenizer.builtin("o200k_base")))
+    h.send(input="word " * 2000)
+    turn = h.started[-1]
+    h.engine.cache = SlowItems(h.cache)  # type: ignore[assignment]
+    worker = threading.Thread(target=turn.count_input_tokens)
+    worker.start()
+    time.sleep(0.05)  # the worker is tokenising
+    input_tokens = turn.usage()[0]
+    worker.join()
+    assert input_tokens > 2000
 
 
 def test_limits_of_lanes_and_queue() -> None:

@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -852,8 +853,10 @@ class Turn:
         # Steering queued on this response (spec §3.7).
         self.steers: list[tuple[str, Items]] = []
         self.interrupt_requested = False
-        # Whether `items` still await tokenising (the cache has a tokenizer).
+        # Whether `items` still await tokenising (the cache has a tokenizer), and the
+        # lock of that work (a worker thread may be doing it: `count_input_tokens`).
         self._tokens_pending = engine.caches_tokens
+        self._tokens_lock = threading.Lock()
         # The instructions' and tools' tokens, once counted (`_prompt_token_counts`).
         self._prompt_counts: tuple[int, int] | None = None
         self.stream = ResponseEncoder(
@@ -984,7 +987,17 @@ class Turn:
         """
         if not self._tokens_pending:
             return
-        self._tokens_pending = False
+        # A worker thread may be at it (`count_input_tokens_off_loop`) when a steer or
+        # the lifetime's end asks for the usage: that waits for its counts (it read 0).
+        with self._tokens_lock:
+            if not self._tokens_pending:
+                return
+            try:
+                self._count_input_tokens()
+            finally:
+                self._tokens_pending = False
+
+    def _count_input_tokens(self) -> None:
         cache = self.engine.cache
         try:
             items = cache.items(self.items)
