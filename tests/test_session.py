@@ -425,6 +425,33 @@ def test_usage_asked_while_a_worker_counts_the_input_waits_for_its_counts() -> N
     assert input_tokens > 2000
 
 
+def test_pending_steering_taken_over_by_a_later_response_is_failed() -> None:
+    """Steering pending on one response (waiting for its tool output) that the client
+    never continued, then a later response on the lane with steering pending too: the
+    older steering will never be applied, and its steers are told so (they were
+    dropped unanswered)."""
+    h = Harness()
+    targets = []
+    for name in ("first", "second"):
+        h.send(input=name, stream_id="s")
+        turn = h.started[-1]
+        targets.append(turn.response_id)
+        h.session.model_event(turn, ToolCallStart(f"call_{name}", "lookup"))
+        steer = {"type": "response.steer", "previous_response_id": turn.response_id}
+        h.raw(json.dumps({**steer, "input": f"steer {name}"}))
+        h.session.model_done(turn)
+        h.drain()
+    first_id = h.events[[e["type"] for e in h.events].index("response.steer.accepted")]["steer"][
+        "id"
+    ]
+    failed = h.last("response.steer.failed")
+    assert failed["steer"]["id"] == first_id and failed["stream_id"] == "s"
+    assert failed["steer"]["previous_response_id"] == targets[0]
+    assert failed["error"]["code"] == "response_not_active"
+    assert h.last("response.steer.pending")["steer"]["previous_response_id"] == targets[1]
+    assert h.events.index(failed) < h.events.index(h.last("response.steer.pending"))
+
+
 def test_limits_of_lanes_and_queue() -> None:
     h = Harness(Limits(max_named_lanes=2, max_queued_requests=3, max_active_responses=1))
     h.send(input="1", stream_id="a")

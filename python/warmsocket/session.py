@@ -714,6 +714,7 @@ class ResponsesSession:
             # also when the steer interrupted it (`incomplete`) after a call was made:
             # a successor's context would hold a call without its output, which an
             # upstream refuses.
+            self._supersede_pending_steer(lane)
             lane.pending_steer = _PendingSteer(turn.response_id, items, steer_ids)
             for steer_id in steer_ids:
                 pending = {
@@ -733,6 +734,23 @@ class ResponsesSession:
         self, target_id: str, raw_input: Any, error: APIError, turn: Turn | None
     ) -> None:
         self._steer_failed_event(target_id, raw_input, error, turn, None)
+
+    def _supersede_pending_steer(self, lane: _Lane) -> None:
+        """A newer response on the lane waits for its own steering: the older one's will
+        never be applied (the client continued elsewhere), which its steers are told."""
+        old = lane.pending_steer
+        if old is None:
+            return
+        lane.pending_steer = None
+        failure = errors.steer_error(
+            "response_not_active",
+            "A later response on this lane took the pending steering's place: send it "
+            "again with the next create.",
+        )
+        for steer_id in old.steer_ids:
+            self._steer_failed_event(
+                old.target_id, old.items.to_objects(), failure, None, steer_id, lane.name
+            )
 
     def _steer_failed_ids(self, pending: _Pending, error: APIError, lane: _Lane) -> None:
         failure = errors.steer_error("successor_creation_failed", error.message)
