@@ -452,6 +452,24 @@ def test_pending_steering_taken_over_by_a_later_response_is_failed() -> None:
     assert h.events.index(failed) < h.events.index(h.last("response.steer.pending"))
 
 
+def test_waiting_steering_counts_against_the_queued_bytes() -> None:
+    """Steering accepted but not applied yet is held for the connection, as waiting
+    creates are: past --max-queued-bytes it is refused (too_many_pending_steers), and
+    the response and the connection go on."""
+    h = Harness(Limits(max_queued_bytes=5000))
+    h.send(input="go")
+    turn = h.started[-1]
+    h.session.model_event(turn, TextDelta("partial"))
+    steer = {"type": "response.steer", "previous_response_id": turn.response_id}
+    h.raw(json.dumps({**steer, "input": "a" * 3000}))
+    assert h.last("response.steer.accepted")
+    h.raw(json.dumps({**steer, "input": "b" * 3000}))
+    refused = h.last("response.steer.failed")
+    assert refused["error"]["code"] == "too_many_pending_steers"
+    assert "--max-queued-bytes" in refused["error"]["message"]
+    assert len(turn.steers) == 1
+
+
 def test_limits_of_lanes_and_queue() -> None:
     h = Harness(Limits(max_named_lanes=2, max_queued_requests=3, max_active_responses=1))
     h.send(input="1", stream_id="a")

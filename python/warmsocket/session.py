@@ -673,6 +673,18 @@ class ResponsesSession:
             )
             self._steer_failed(target_id, json.loads(steer.input_json), error, turn)
             return
+        held = self._queued_bytes + self._steering_bytes()
+        if held + steer.input.nbytes > self.limits.max_queued_bytes:
+            # Waiting steering counts with the waiting creates: --max-queued-bytes is
+            # what a connection may make the server hold for it (8 steers of 32 MiB
+            # on each of 16 responses were 4 GiB).
+            error = errors.steer_error(
+                "too_many_pending_steers",
+                f"The steering inputs and requests waiting on this connection would hold "
+                f"more than {self.limits.max_queued_bytes} bytes (--max-queued-bytes).",
+            )
+            self._steer_failed(target_id, json.loads(steer.input_json), error, turn)
+            return
         steer_id = ids.steer_id()
         turn.steers.append((steer_id, steer.input))
         accepted = {
@@ -684,6 +696,17 @@ class ResponsesSession:
             turn.interrupt_requested = True
             if turn.stream.open_kind is None:
                 self._interrupt(turn)
+
+    def _steering_bytes(self) -> int:
+        """What the steering waiting on this connection holds: on its running responses
+        and pending on its lanes (at most `max_pending_steers` per response)."""
+        total = sum(
+            items.nbytes for turn, _lane in self._active.values() for _, items in turn.steers
+        )
+        for lane in self._lanes.values():
+            if lane.pending_steer is not None:
+                total += lane.pending_steer.items.nbytes
+        return total
 
     def _settle_steers(self, turn: Turn, lane: _Lane, status: str) -> None:
         steer_ids = [steer_id for steer_id, _items in turn.steers]
