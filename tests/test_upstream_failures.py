@@ -490,11 +490,16 @@ def test_upstream_auth_failure_is_not_blamed_on_the_client(
                     assert "--upstream-api-key" in info.value.message
                     stream = sdk.responses.create(model="m", input="hi", stream=True)
                     assert [e.type for e in stream][-1] == "response.failed"
+                # The SDK's own retries (two by default) are waived: x-should-retry.
+                with OpenAI(base_url=server.base_url, api_key="x") as sdk:
+                    with pytest.raises(openai.InternalServerError) as info:
+                        sdk.responses.create(model="m", input="hi")
+                    assert info.value.response.headers["x-should-retry"] == "false"
                 # The log and the metric carry the upstream's own status, not the 502
                 # the client gets (docs/upstreams.md: outcome is the upstream's status).
-                assert dict(metrics.upstream.requests) == {(api, "401"): 3}
+                assert dict(metrics.upstream.requests) == {(api, "401"): 4}
                 failed = [r for r in caplog.records if r.getMessage() == "upstream request failed"]
-                assert [(r.outcome, r.retry) for r in failed] == [("401", False)] * 3  # type: ignore[attr-defined]
+                assert [(r.outcome, r.retry) for r in failed] == [("401", False)] * 4  # type: ignore[attr-defined]
                 assert "--upstream-api-key" in failed[0].detail  # type: ignore[attr-defined]
         with (
             warmsocket_upstream(sim.base_url, "responses-ws", api_key="upstream-key") as (
@@ -588,12 +593,17 @@ def test_an_upstream_without_websocket_mode_is_a_configuration_error(
             WSClient(front.ws_url) as client,
         ):
             failed = client.turn(input="hi")[-1]
+            # Without `stream`: the configuration error's 502 itself, which the SDK raises.
+            with OpenAI(base_url=front.base_url, api_key="x", max_retries=0) as sdk:
+                with pytest.raises(openai.InternalServerError) as info:
+                    sdk.responses.create(model="m", input="hi")
+                assert "does not offer WebSocket mode" in info.value.message
     finally:
         listener.close()
     assert failed["type"] == "response.failed"
     assert failed["response"]["error"]["code"] == "server_error"
     assert "does not offer WebSocket mode" in failed["response"]["error"]["message"]
-    assert len(upgrades) == 1  # not retried
+    assert len(upgrades) == 2  # one per request: not retried
     failures = [r for r in caplog.records if r.getMessage() == "upstream request failed"]
     assert f"with HTTP {status}" in failures[-1].detail  # type: ignore[attr-defined]
 

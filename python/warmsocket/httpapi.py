@@ -509,7 +509,10 @@ class HTTPApp:
             # The model's upstream rejected the request (e.g. context too long), or
             # warmsocket's upstream configuration is wrong (a 502 saying what to fix):
             # nothing was sent yet, so answer with that error, which the SDK raises
-            # (a 200 with a failed Response would read as an empty answer).
+            # (a 200 with a failed Response would read as an empty answer). Trying
+            # again cannot help a configuration: the SDK is told not to.
+            if isinstance(failure, UpstreamError) and failure.misconfigured:
+                failure.headers = {**(failure.headers or {}), "x-should-retry": "false"}
             raise failure
         self._json(writer, request, request_id, 200, turn.stream.response_json())
 

@@ -567,6 +567,7 @@ class ResponsesWSBackend:
                     reason="status",
                     detail=f"the upstream answered the WebSocket upgrade with HTTP {status}; "
                     "does it speak WebSocket mode? (else --upstream-api responses)",
+                    misconfigured=True,
                 ) from None
             headers = {k.lower(): v for k, v in response.headers.raw_items()}
             raise from_http_status(
