@@ -280,6 +280,29 @@ def test_shared_buckets_that_do_not_answer_are_counted_locally(
     assert silent.asked == 11  # (at most LOCAL_FOR_MAX apart)
 
 
+def test_requests_that_ask_a_silent_redis_at_once_double_its_pause_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Eight requests asking Redis at the same moment, all timing out: the local period
+    doubles once (1 s, then 2 s), not once per request (it reached 30 s at once)."""
+    monkeypatch.setattr(request_rate, "SHARED_TIMEOUT", 0.05)
+
+    class Silent:
+        async def take(self, owner: str, interval: float, burst: int) -> Taken:
+            await asyncio.sleep(10)
+            raise AssertionError("not reached")
+
+    clock = Clock()
+    rate = RequestRate(600, burst=100, shared=Silent(), clock=clock)
+
+    async def at_once() -> None:
+        await asyncio.gather(*(rate.check(f"k{n}") for n in range(8)))
+
+    asyncio.run(at_once())
+    assert rate._local_until == clock.now + request_rate.LOCAL_FOR
+    assert rate._local_for == 2 * request_rate.LOCAL_FOR
+
+
 # -- shared by the processes on one Redis -------------------------------------------------
 
 

@@ -249,8 +249,11 @@ class RateLimit:
             )
         except Exception as exc:  # Redis down, slow or refusing: count it here
             local_for = self._local_for
-            self._local_until = self._clock() + local_for
-            self._local_for = min(2 * local_for, LOCAL_FOR_MAX)
+            if self._clock() >= self._local_until:
+                # The first of the requests that asked Redis at once to give up: one
+                # doubling per silent period, not one per request that asked.
+                self._local_until = self._clock() + local_for
+                self._local_for = min(2 * local_for, LOCAL_FOR_MAX)
             self.counted_locally += 1
             if self._shared_throttle.due():
                 log.warning(
