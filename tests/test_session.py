@@ -33,7 +33,13 @@ from warmsocket.engine import (
     stored_prompt_key,
 )
 from warmsocket.errors import model_failed, shared_store_unavailable
-from warmsocket.session import CloseConnection, ResponsesSession, StartModel, StopModel
+from warmsocket.session import (
+    CloseConnection,
+    ResponsesSession,
+    StartModel,
+    StopModel,
+    required_input,
+)
 
 
 class Harness:
@@ -468,6 +474,65 @@ def test_waiting_steering_counts_against_the_queued_bytes() -> None:
     assert refused["error"]["code"] == "too_many_pending_steers"
     assert "--max-queued-bytes" in refused["error"]["message"]
     assert len(turn.steers) == 1
+
+
+def test_every_client_owned_item_is_required_input() -> None:
+    """What a steered response waits for from the client, whichever client-owned item
+    holds it up (a Responses upstream passes them all through), as the SDK's
+    `ResponseSteerRequiredInput` stubs: with any of them in its output, a steered
+    response gets no automatic successor (its context would lack their answers)."""
+    from openai.types.responses.response_steer_required_input import (
+        ResponseSteerRequiredInput,
+    )
+    from pydantic import TypeAdapter
+
+    output = Items.from_objects(
+        [
+            {"type": "message", "role": "assistant", "content": "working"},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "custom_tool_call", "call_id": "c2", "name": "p", "input": "x"},
+            {"type": "computer_call", "id": "cu_1", "call_id": "c3", "action": {}},
+            {"type": "shell_call", "id": "sh_1", "call_id": "c4", "action": {}},
+            {"type": "apply_patch_call", "id": "ap_1", "call_id": "c5", "operation": {}},
+            {"type": "mcp_approval_request", "id": "mcpr_1", "name": "t", "server_label": "s"},
+            {"type": "tool_search_call", "call_id": "c6", "execution": "client"},
+            {"type": "tool_search_call", "call_id": "c7", "execution": "server"},
+            {"type": "web_search_call", "id": "ws_1", "status": "completed"},
+        ]
+    )
+    required = required_input(output)
+    adapter = TypeAdapter(ResponseSteerRequiredInput)
+    for stub in required:
+        adapter.validate_python(stub)
+    assert [(r["type"], r.get("call_id") or r.get("approval_request_id")) for r in required] == [
+        ("function_call_output", "c1"),
+        ("custom_tool_call_output", "c2"),
+        ("computer_call_output", "c3"),
+        ("shell_call_output", "c4"),
+        ("apply_patch_call_output", "c5"),
+        ("mcp_approval_response", "mcpr_1"),
+        ("tool_search_output", "c6"),
+    ]
+    h = Harness()
+    h.send(input="go")
+    turn = h.started[-1]
+    computer = {
+        "type": "computer_call",
+        "id": "cu_1",
+        "call_id": "c3",
+        "action": {"type": "screenshot"},
+        "pending_safety_checks": [],
+        "status": "completed",
+    }
+    h.session.model_event(turn, OutputItem(json.dumps(computer).encode()))
+    steer = {"type": "response.steer", "previous_response_id": turn.response_id}
+    h.raw(json.dumps({**steer, "input": "stop"}))
+    h.session.model_event(turn, TextDelta("more"))  # a new item: the steer point
+    h.drain()
+    assert h.started == [turn]
+    assert h.last("response.steer.pending")["required_input"] == [
+        {"type": "computer_call_output", "call_id": "c3"}
+    ]
 
 
 def test_limits_of_lanes_and_queue() -> None:

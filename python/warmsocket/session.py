@@ -722,16 +722,7 @@ class ResponsesSession:
                     turn.response_id, batch.to_objects(), error, turn, steer_id
                 )
             return
-        output = turn.stream.output_items()
-        calls = [output.item_meta(i) for i in range(len(output))]
-        required: list[dict[str, Any]] = []
-        for c in calls:
-            if c.type == "function_call":
-                required.append(
-                    {"type": "function_call_output", "call_id": c.call_id, "name": c.name}
-                )
-            elif c.type == "custom_tool_call":
-                required.append({"type": "custom_tool_call_output", "call_id": c.call_id})
+        required = required_input(turn.stream.output_items())
         if required:
             # Stopped for client-owned tool output: no automatic successor (spec §3.7),
             # also when the steer interrupted it (`incomplete`) after a call was made:
@@ -895,6 +886,39 @@ def _api_error(rejection: Rejection) -> APIError:
         status=rejection.status,
         type=rejection.type,
     )
+
+
+_OUTPUT_OF_CALL = {
+    "function_call": "function_call_output",
+    "custom_tool_call": "custom_tool_call_output",
+    "computer_call": "computer_call_output",
+    "shell_call": "shell_call_output",
+    "apply_patch_call": "apply_patch_call_output",
+}
+"""Client-owned calls and the input item each waits for (`ResponseSteerRequiredInput`)."""
+
+
+def required_input(output: Items) -> list[dict[str, Any]]:
+    """The `required_input` stubs of what `output` waits for from the client: its
+    client-owned tool calls' outputs and its MCP approval requests' responses."""
+    required: list[dict[str, Any]] = []
+    for index in range(len(output)):
+        meta = output.item_meta(index)
+        kind = meta.type
+        if kind in _OUTPUT_OF_CALL and meta.call_id is not None:
+            stub: dict[str, Any] = {"type": _OUTPUT_OF_CALL[kind], "call_id": meta.call_id}
+            if kind == "function_call":
+                stub["name"] = meta.name or ""
+            required.append(stub)
+        elif kind == "mcp_approval_request" and meta.id is not None:
+            required.append({"type": "mcp_approval_response", "approval_request_id": meta.id})
+        elif kind == "tool_search_call" and meta.call_id is not None:
+            item = output.slice(index, index + 1).to_objects()[0]
+            if item.get("execution") == "client":
+                required.append(
+                    {"type": "tool_search_output", "call_id": meta.call_id, "execution": "client"}
+                )
+    return required
 
 
 def _steer_input_echo(raw: Any) -> Any:
