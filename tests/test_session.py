@@ -655,6 +655,26 @@ def test_lifetime_expiry_finishes_in_flight_then_closes() -> None:
     assert len(h.started) == 2  # the queued request never started
 
 
+def test_lifetime_expiry_answers_a_lane_waiting_for_a_slot_at_once() -> None:
+    """A create queued on a lane with nothing running (it waits for an active slot) is
+    refused at once at expiry, not when a slot frees or the grace ends."""
+    h = Harness(Limits(max_active_responses=1, connection_lifetime=100.0, close_grace=30.0))
+    h.send(input="running", stream_id="a")
+    h.send(input="waits for a slot", stream_id="b")
+    assert len(h.started) == 1
+    h.session.tick(100.0)
+    h.drain()
+    refused = h.last("error")
+    assert (refused["stream_id"], refused["error"]["code"]) == (
+        "b",
+        "websocket_connection_limit_reached",
+    )
+    assert h.session.queued_requests == 0
+    h.reply(h.started[-1])
+    assert len(h.started) == 1
+    assert h.closed == [CloseConnection(1000, "connection lifetime reached")]
+
+
 def test_lifetime_expiry_of_an_idle_default_lane_sends_the_notice() -> None:
     """With nothing on its way on the default lane, the connection-scoped notice goes
     out at once (as OpenAI sends it on idle connections)."""

@@ -832,10 +832,17 @@ class ResponsesSession:
         turn comes (after the lane's running response: a lane's events never overlap;
         spec Q13: a named lane would otherwise wait for an answer that never comes)."""
         for lane in self._lanes.values():
-            if lane.queue:
-                refused = [_Pending(None, error, p.previous_response_id) for p in lane.queue]
-                lane.queue = deque(refused)
-        self._queued_bytes = 0
+            if not lane.queue:
+                continue
+            if lane.active is None:  # (waiting for an active slot): answered now
+                for _pending in lane.queue:
+                    self._error(error, lane.name)
+                self._queued -= len(lane.queue)
+                lane.queue.clear()
+                continue
+            refused = [_Pending(None, error, p.previous_response_id) for p in lane.queue]
+            lane.queue = deque(refused)
+        self._queued_bytes = 0  # (a lane left ready with nothing queued is passed over)
         self._pump()
 
     def _drop_queued(self, error: APIError) -> None:
