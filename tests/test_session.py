@@ -675,6 +675,40 @@ def test_lifetime_expiry_answers_a_lane_waiting_for_a_slot_at_once() -> None:
     assert h.closed == [CloseConnection(1000, "connection lifetime reached")]
 
 
+def test_lifetime_expiry_fails_the_steering_of_a_successor_still_waiting() -> None:
+    """An automatic successor waiting for an active slot holds its steering's bytes
+    (--max-queued-bytes), and at expiry its steers get response.steer.failed; the lane
+    gets no error for a create the client never sent."""
+    h = Harness(Limits(max_active_responses=1, connection_lifetime=100.0, close_grace=30.0))
+    h.send(input="target", stream_id="a")
+    target = h.started[-1]
+    h.send(input="waits", stream_id="b")
+    h.session.model_event(target, TextDelta("partial"))
+    steer = {"type": "response.steer", "previous_response_id": target.response_id}
+    h.raw(json.dumps({**steer, "input": "s" * 3000}))
+    steer_id = h.last("response.steer.accepted")["steer"]["id"]
+    h.session.model_event(target, ToolCallStart("c", "f"))  # the steer point
+    h.drain()
+    assert h.last("response.incomplete") and len(h.started) == 2  # b took the slot
+    assert h.session._queued_bytes >= 3000  # the successor's steering, waiting
+    h.session.tick(100.0)
+    h.drain()
+    failed = h.last("response.steer.failed")
+    assert failed["steer"]["id"] == steer_id and failed["stream_id"] == "a"
+    assert not [e for e in h.events if e["type"] == "error" and e.get("stream_id") == "a"]
+    assert h.session.queued_requests == 0
+
+
+def test_a_message_refused_unread_on_a_new_lane_opens_no_lane() -> None:
+    h = Harness(Limits(max_named_lanes=1))
+    h.raw('{"type": "response.create", "stream_id": "z", "model": "m", "input": "\\ud800"}')
+    refused = h.last("error")
+    assert (refused["stream_id"], refused["error"]["code"]) == ("z", "invalid_json")
+    assert h.session.named_lanes == 0
+    h.send(input="fine", stream_id="y")  # the one named lane is still there to take
+    assert h.started[-1].stream_id == "y"
+
+
 def test_lifetime_expiry_of_an_idle_default_lane_sends_the_notice() -> None:
     """With nothing on its way on the default lane, the connection-scoped notice goes
     out at once (as OpenAI sends it on idle connections)."""

@@ -221,7 +221,12 @@ class ResponsesSession:
             self._receive_steer(parsed)
         elif kind is LaneRejection:
             assert isinstance(parsed, LaneRejection)
-            self._receive_create(None, parsed.stream_id, parsed.error)
+            if parsed.stream_id not in self._lanes:
+                # Nothing on that lane to keep in order with: answered now, and no lane
+                # is opened (nor counted against --max-lanes) for a message not read.
+                self._error(parsed.error, parsed.stream_id)
+            else:
+                self._receive_create(None, parsed.stream_id, parsed.error)
         elif isinstance(parsed, APIError):
             self._error(parsed, None)
         # None: `response.processed` (Codex), ignored (spec §2.3).
@@ -741,8 +746,12 @@ class ResponsesSession:
             self._remember_finished(turn)  # (its numbers went on: a later steer's too)
             return
         successor = self.engine.successor_request(turn, items)
-        lane.queue.appendleft(_Pending(successor, None, turn.response_id, tuple(steer_ids)))
+        nbytes = items.nbytes  # (still held for the connection: --max-queued-bytes)
+        lane.queue.appendleft(
+            _Pending(successor, None, turn.response_id, tuple(steer_ids), nbytes=nbytes)
+        )
         self._queued += 1
+        self._queued_bytes += nbytes
 
     def _steer_failed(
         self, target_id: str, raw_input: Any, error: APIError, turn: Turn | None
@@ -834,14 +843,22 @@ class ResponsesSession:
         for lane in self._lanes.values():
             if not lane.queue:
                 continue
+            waiting: list[_Pending] = []
+            for pending in lane.queue:
+                if pending.steer_ids:
+                    # An automatic successor: the client sent no create, only steering,
+                    # which will never apply now (its steers are told so).
+                    self._steer_failed_ids(pending, error, lane)
+                else:
+                    waiting.append(pending)
+            self._queued -= len(lane.queue) - len(waiting)
             if lane.active is None:  # (waiting for an active slot): answered now
-                for _pending in lane.queue:
+                for _pending in waiting:
                     self._error(error, lane.name)
-                self._queued -= len(lane.queue)
+                self._queued -= len(waiting)
                 lane.queue.clear()
                 continue
-            refused = [_Pending(None, error, p.previous_response_id) for p in lane.queue]
-            lane.queue = deque(refused)
+            lane.queue = deque(_Pending(None, error, p.previous_response_id) for p in waiting)
         self._queued_bytes = 0  # (a lane left ready with nothing queued is passed over)
         self._pump()
 
