@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from warmsocket.errors import APIError
-from warmsocket.pages import cursor_page, page_range
+from warmsocket.pages import cursor_page, page_params, page_range
 
 
 def whole_list_page(
@@ -77,3 +77,24 @@ def test_following_last_id_always_ends(ids: list[str], limit: int, order: str) -
     assert len(seen) == len(set(seen))
     if len(set(ids)) == len(ids):
         assert seen == sorted(range(len(ids)), reverse=order == "desc")
+
+
+class Query:
+    """The query of a list request."""
+
+    def __init__(self, **values: str) -> None:
+        self.values = values
+
+    def query_value(self, name: str) -> str | None:
+        return self.values.get(name)
+
+
+@pytest.mark.parametrize("text", ["1_0", " 5", "5 ", "+5", "\uff15", "\u0665", "5.0", "x"])
+def test_a_limit_is_ascii_digits(text: str) -> None:
+    """`int()` reads "1_0", " 5", "+5" and other scripts' digits: the API's `limit` is an
+    integer written in ASCII digits, anything else a 400 `invalid_type`."""
+    with pytest.raises(APIError) as info:
+        page_params(Query(limit=text))  # type: ignore[arg-type]
+    assert (info.value.status, info.value.param) == (400, "limit")
+    assert page_params(Query(limit="7"))[0] == 7  # type: ignore[arg-type]
+    assert page_params(Query())[0] == 20  # type: ignore[arg-type]

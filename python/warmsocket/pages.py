@@ -13,10 +13,10 @@ def page_params(request: Request) -> tuple[int, str]:
     """`limit` (1 to 100, 20 by default) and `order` (`desc` by default). Raises
     APIError."""
     text = request.query_value("limit") or "20"
-    try:
-        limit = int(text)
-    except ValueError:
-        raise errors.invalid_type("limit", "an integer") from None
+    # ASCII digits only: int() takes "1_0", " 5", "+5" and other scripts' digits too.
+    if not (text.isascii() and text.lstrip("-").isdigit()) or len(text) > 12:
+        raise errors.invalid_type("limit", "an integer")
+    limit = int(text)
     if not 1 <= limit <= 100:
         raise errors.invalid_value("limit", "Invalid 'limit': expected 1 to 100.")
     order = request.query_value("order") or "desc"
