@@ -126,6 +126,10 @@ def test_http_timeouts_reach_the_server_config() -> None:
         ("serve", "WARMSOCKET_HTTP_BODY_TIMEOUT", "soon", "not a number: 'soon'"),
         ("simulate-upstream", "WARMSOCKET_SIM_LOG_LEVEL", "loud", "invalid choice: 'loud'"),
         ("simulate-upstream", "WARMSOCKET_SIM_RECORD_BODIES", "x", "not an integer: 'x'"),
+        # "$K1,$K2" with both unset, or "$K" unset: no key at all would turn auth off.
+        ("serve", "WARMSOCKET_API_KEY", ",", "an empty key (is the variable it was given"),
+        ("serve", "WARMSOCKET_API_KEY", "k1,,k2", "an empty key"),
+        ("serve", "WARMSOCKET_API_KEY", "", "an empty key"),
     ],
 )
 def test_bad_environment_value_is_a_usage_error(

@@ -229,6 +229,10 @@ class _EnvDefault:
         if self.kind == "flag":
             return _env_flag(raw)
         if self.kind == "list":
+            if action.type is _api_key:
+                # Every entry is a key: an empty one ("$K1,$K2" with a variable unset,
+                # or the whole variable empty) would leave the server without keys.
+                return [_checked(action, part.strip()) for part in raw.split(",")]
             return [_checked(action, part.strip()) for part in raw.split(",") if part.strip()]
         return _checked(action, raw)
 
