@@ -298,6 +298,23 @@ def _stop(proc: subprocess.Popen[str]) -> str:
     return rest
 
 
+def test_sighup_without_tls_does_not_end_the_server(tmp_path: Path) -> None:
+    """SIGHUP reads the TLS files again; without TLS there is nothing to read, and its
+    default action ended the process at once: no drain, no snapshot saved (every stored
+    response since the start lost)."""
+    snapshot = tmp_path / "state.msgpack"
+    proc, base = _start("--snapshot", str(snapshot))
+    try:
+        kept = httpx.post(f"{base}/responses", json={"model": "m", "input": "keep"}).json()
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        assert proc.poll() is None
+        assert httpx.get(f"{base}/responses/{kept['id']}").status_code == 200
+    finally:
+        logs = _stop(proc)
+    assert "SIGHUP: nothing to read again" in logs and "snapshot saved" in logs
+
+
 def test_snapshot_keeps_stored_responses_across_a_restart(tmp_path: Path) -> None:
     snapshot = tmp_path / "state.msgpack"
     proc, base = _start("--snapshot", str(snapshot))

@@ -198,6 +198,10 @@ def flags_fit_together(args: argparse.Namespace, open_files: int) -> bool:
     return True
 
 
+def _nothing_to_reload() -> None:
+    log.info("SIGHUP: nothing to read again (no --tls-cert); SIGTERM stops the server")
+
+
 def serve_command(args: argparse.Namespace) -> int:
     logs.configure(args.log_level, args.log_format)
     open_files = admission.raise_open_file_limit()
@@ -376,6 +380,11 @@ async def _serve(
     if certificates is not None:
         loop.add_signal_handler(signal.SIGHUP, certificates.reload, "SIGHUP")
         watching = asyncio.create_task(_watch_certificates(certificates))
+    else:
+        # SIGHUP means "read your files again" here: without TLS there are none. Its
+        # default action would end the process at once, without the drain or the
+        # snapshot (every stored response since the start lost).
+        loop.add_signal_handler(signal.SIGHUP, _nothing_to_reload)
     await stop.wait()
     if probing is not None:
         probing.cancel()
