@@ -298,6 +298,41 @@ def _stop(proc: subprocess.Popen[str]) -> str:
     return rest
 
 
+def test_a_snapshot_larger_than_the_memory_budget_is_not_lost(tmp_path: Path) -> None:
+    """Restarted with a smaller --memory-budget than the snapshot needs, the server
+    refused nothing: the budget dropped what did not fit, silently, and the shutdown
+    then saved the smaller cache over the file. It now refuses to start, saying what to
+    do, and the file stays as it was."""
+    snapshot = tmp_path / "state.msgpack"
+    proc, base = _start("--snapshot", str(snapshot))
+    try:
+        for n in range(20):
+            httpx.post(f"{base}/responses", json={"model": "m", "input": f"{n} " + "x" * 100_000})
+    finally:
+        _stop(proc)
+    saved = snapshot.read_bytes()
+    assert len(saved) > 2_000_000
+    result = subprocess.run(
+        [WARMSOCKET, "serve", "--port", "0", "--snapshot", str(snapshot), "--memory-budget", "1M"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "raise --memory-budget, or move the file" in result.stderr
+    assert snapshot.read_bytes() == saved
+    # A snapshot the flags refuse says why (it said only "SnapshotError").
+    result = subprocess.run(
+        [WARMSOCKET, "serve", "--port", "0", "--snapshot", str(snapshot), "--max-item-bytes", "1K"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    (record,) = [json.loads(line) for line in result.stderr.splitlines() if "snapshot" in line]
+    assert "bytes" in record["reason"] and "x" * 20 not in result.stderr
+
+
 def test_sighup_without_tls_does_not_end_the_server(tmp_path: Path) -> None:
     """SIGHUP reads the TLS files again; without TLS there is nothing to read, and its
     default action ended the process at once: no drain, no snapshot saved (every stored

@@ -298,7 +298,27 @@ async def _serve(
         except (OSError, SnapshotError) as exc:
             log.error(
                 "cannot restore the snapshot; fix or move the file, or start without --snapshot",
-                extra={"path": str(snapshot), "error_type": type(exc).__name__},
+                extra={
+                    "path": str(snapshot),
+                    "error_type": type(exc).__name__,
+                    # (Its messages name sizes, counts and positions, never content.)
+                    "reason": str(exc) if isinstance(exc, SnapshotError) else exc.strerror,
+                },
+            )
+            return 1
+        evicted = cache.stats().evictions
+        if evicted:
+            # Serving on would save the smaller cache over the file at shutdown: the
+            # responses the budget let go of would be gone for good.
+            log.error(
+                "the snapshot holds more than --memory-budget keeps: raise --memory-budget, "
+                "or move the file to start without its responses",
+                extra={
+                    "path": str(snapshot),
+                    "responses": restored,
+                    "dropped": evicted,
+                    "memory_budget": config.memory_budget,
+                },
             )
             return 1
         log.info("snapshot restored", extra={"path": str(snapshot), "responses": restored})
