@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -124,6 +125,8 @@ def test_http_timeouts_reach_the_server_config() -> None:
         ("serve", "WARMSOCKET_NO_PREFIX_DIFFING", "maybe", "invalid value: 'maybe'"),
         ("serve", "WARMSOCKET_HTTP_HEAD_TIMEOUT", "-1", "must be >= 0: -1"),
         ("serve", "WARMSOCKET_HTTP_BODY_TIMEOUT", "soon", "not a number: 'soon'"),
+        ("serve", "WARMSOCKET_SHUTDOWN_TIMEOUT", "inf", "not a finite number: 'inf'"),
+        ("serve", "WARMSOCKET_HTTP_IDLE_TIMEOUT", "1e999", "not a finite number: '1e999'"),
         ("simulate-upstream", "WARMSOCKET_SIM_LOG_LEVEL", "loud", "invalid choice: 'loud'"),
         ("simulate-upstream", "WARMSOCKET_SIM_RECORD_BODIES", "x", "not an integer: 'x'"),
         # "$K1,$K2" with both unset, or "$K" unset: no key at all would turn auth off.
@@ -224,6 +227,18 @@ def test_port_range_includes_zero_and_65535() -> None:
 )
 def test_sizes(text: str, value: int) -> None:
     assert parse_size(text) == value
+
+
+def test_a_size_too_large_is_a_usage_error() -> None:
+    """Past 1 PiB no machine has the memory, and the Rust core's counters overflowed:
+    a traceback (OverflowError), not a usage error."""
+    assert parse_size("1024T") == 1 << 50
+    for text in ("1025T", "99999999999999T", "9" * 400):
+        with pytest.raises(argparse.ArgumentTypeError, match="too large"):
+            parse_size(text)
+    result = run(WARMSOCKET, "serve", "--memory-budget", "99999999999999T")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "argument --memory-budget: too large" in result.stderr
 
 
 def test_serve_process_answers_and_stops_cleanly(tmp_path: object) -> None:

@@ -22,6 +22,11 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
+MAX_SIZE = 1 << 50
+"""The largest size a flag takes (1 PiB): past it no machine has the memory, and the
+Rust core's counters would overflow (a traceback, not a usage error)."""
+
+
 def parse_size(text: str) -> int:
     """Bytes from '1048576', '512k', '64MiB', '1G' (binary units)."""
     match = _SIZE_RE.match(text)
@@ -29,7 +34,10 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1048576, 512K, 64M, 1G)")
     number, unit = match.groups()
     factor = _SIZE_UNITS[(unit or "")[:1].lower()]
-    return int(float(number) * factor)
+    value = float(number) * factor
+    if not value <= MAX_SIZE:  # (also an overflow to infinity)
+        raise argparse.ArgumentTypeError(f"too large: {text!r} (at most 1024T)")
+    return int(value)
 
 
 def _size_at_least(minimum: str) -> Callable[[str], int]:
@@ -100,6 +108,10 @@ def _float(text: str) -> float:
         value = math.nan
     if math.isnan(value):
         raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    if math.isinf(value):
+        # ('inf', '1e999': no timer takes it, and the JSON log would write Infinity,
+        # which strict JSON readers refuse.)
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     return value
 
 
