@@ -327,21 +327,15 @@ def test_a_snapshot_larger_than_the_memory_budget_is_not_lost(tmp_path: Path) ->
         _stop(proc)
     saved = snapshot.read_bytes()
     assert len(saved) > 2_000_000
-    result = subprocess.run(
-        [WARMSOCKET, "serve", "--port", "0", "--snapshot", str(snapshot), "--memory-budget", "1M"],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run(
+        WARMSOCKET, "serve", "--port", "0", "--snapshot", str(snapshot), "--memory-budget", "1M"
     )
     assert result.returncode == 1
     assert "raise --memory-budget, or move the file" in result.stderr
     assert snapshot.read_bytes() == saved
     # A snapshot the flags refuse says why (it said only "SnapshotError").
-    result = subprocess.run(
-        [WARMSOCKET, "serve", "--port", "0", "--snapshot", str(snapshot), "--max-item-bytes", "1K"],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run(
+        WARMSOCKET, "serve", "--port", "0", "--snapshot", str(snapshot), "--max-item-bytes", "1K"
     )
     assert result.returncode == 1
     (record,) = [json.loads(line) for line in result.stderr.splitlines() if "snapshot" in line]
