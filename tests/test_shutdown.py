@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx2 as httpx
+import openai
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
@@ -267,3 +268,62 @@ def test_a_second_signal_ends_the_drain_at_once(
         assert proc.wait(timeout=10) == 0
     assert time.monotonic() - started < 5
     assert "drain cut short by a second signal" in [r["message"] for r in _log(proc)]
+
+
+@pytest.mark.parametrize("serve_process", [("--shutdown-timeout", "0.3")], indirect=True)
+def test_sigterm_ends_http_answers_that_outlast_the_shutdown_timeout(
+    serve_process: tuple[subprocess.Popen[str], str],
+) -> None:
+    """What is still under way over HTTP when the timeout ends is told so, through the
+    SDK: a stream ends with `response.failed`, a request not yet answered gets a 503
+    (which the SDK retries); a background response's follower ends whole, as it does
+    when the response is cancelled (there is no event for that), not cut."""
+    proc, url = serve_process
+    sdk = openai.OpenAI(
+        base_url=url.replace("ws://", "http://").removesuffix("/responses"),
+        api_key="sk-test",
+        max_retries=0,
+    )
+    seen: dict[str, Any] = {}
+    begun = {name: threading.Event() for name in ("stream", "follower")}
+
+    def stream() -> None:
+        events = []
+        for event in sdk.responses.create(model="m", input="/sleep 9000 x", stream=True):
+            events.append(event)
+            begun["stream"].set()
+        seen["stream"] = events
+
+    def complete() -> None:
+        try:
+            sdk.responses.create(model="m", input="/sleep 9000 y")
+        except openai.APIStatusError as error:
+            seen["complete"] = error
+
+    def follower() -> None:
+        queued = sdk.responses.create(model="m", input="/sleep 9000 z", background=True)
+        events: list[Any] = []
+        try:
+            for event in sdk.responses.retrieve(queued.id, stream=True):
+                events.append(event)
+                begun["follower"].set()
+        except openai.APIError as error:
+            events.append(error)
+        seen["follower"] = events
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (stream, complete, follower)]
+    for thread in threads:
+        thread.start()
+    assert all(event.wait(5) for event in begun.values())
+    time.sleep(0.3)  # (the create without a stream has no sign that it began)
+    proc.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(10)
+    assert proc.wait(timeout=10) == 0
+    failed = seen["stream"][-1]
+    assert failed.type == "response.failed"
+    assert failed.response.error.message == "The server shut down first."
+    assert [e.sequence_number for e in seen["stream"]] == list(range(len(seen["stream"])))
+    assert isinstance(seen["complete"], openai.InternalServerError)
+    assert seen["complete"].status_code == 503
+    assert seen["follower"][-1].type == "response.in_progress"

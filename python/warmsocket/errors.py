@@ -350,6 +350,20 @@ def draining_server() -> APIError:
     )
 
 
+def shut_down_first() -> APIError:
+    """An HTTP request still under way when the server's shutdown timeout ended."""
+    return APIError(
+        "server_error",
+        "The server shut down before this request was answered; retry it.",
+        status=503,
+        type=SERVER_ERROR,
+    )
+
+
+SHUT_DOWN_FIRST = "The server shut down first."
+"""Why a response still under way when the shutdown timeout ended failed."""
+
+
 def too_many_connections(limit: int) -> APIError:
     return APIError(
         "server_is_overloaded",

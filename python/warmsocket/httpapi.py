@@ -60,6 +60,16 @@ class ResponseWriter(Protocol):
     @property
     def closing(self) -> bool: ...
 
+    @property
+    def shutting_down(self) -> bool:
+        """The server's shutdown timeout has ended with this request under way: its
+        handler is cancelled (`Server.close`) and should end the answer at once, with
+        a terminal event where one has begun (`_shut_down`)."""
+
+    @property
+    def answered(self) -> bool:
+        """Bytes of the answer have been written."""
+
 
 @dataclass(frozen=True, slots=True)
 class Auth:
@@ -146,8 +156,23 @@ class HTTPApp:
                 )
             )
         except asyncio.CancelledError:
-            status = CLIENT_CLOSED  # the client went away before the answer ended
-            raise
+            if not _shut_down(writer):
+                status = CLIENT_CLOSED  # the client went away before the answer ended
+                raise
+            # The handler had nothing to end (a stream ends itself): a refusal the SDK
+            # retries, unless part of an answer went out already.
+            request.keep_alive = False
+            failure = errors.shut_down_first()
+            status = failure.status if not writer.answered else CLIENT_CLOSED
+            if not writer.answered:
+                writer.write(
+                    encode_response(
+                        failure.status,
+                        dumps(failure.http_body()),
+                        headers=_headers(request, request_id),
+                        keep_alive=False,
+                    )
+                )
         finally:
             if self.access_log and not (route in PROBES and status == 200):
                 access_line(request, request_id, status, failure, time.perf_counter() - started)
@@ -488,7 +513,14 @@ class HTTPApp:
             if frames:
                 writer.write(frame(frames))  # already SSE-framed by the turn's encoder
 
-        await run_turn(turn, emit, writer.drain, lambda: writer.closing)
+        try:
+            await run_turn(turn, emit, writer.drain, lambda: writer.closing)
+        except asyncio.CancelledError:
+            if not _shut_down(writer):
+                raise
+            if not turn.finished:
+                emit(turn.fail(errors.server_error(errors.SHUT_DOWN_FIRST)))
+            request.keep_alive = False
         writer.write(end)
 
     async def _complete(
@@ -501,7 +533,12 @@ class HTTPApp:
         async def nothing() -> None:
             return None
 
-        failure = await run_turn(turn, discard, nothing, lambda: writer.closing)
+        try:
+            failure = await run_turn(turn, discard, nothing, lambda: writer.closing)
+        except asyncio.CancelledError:
+            if not turn.finished and writer.shutting_down:
+                turn.fail(errors.server_error(errors.SHUT_DOWN_FIRST))  # (`handle` answers)
+            raise
         if failure is not None and (
             400 <= failure.status < 500
             or (isinstance(failure, UpstreamError) and failure.misconfigured)
@@ -891,8 +928,29 @@ async def _stream_events(
 ) -> None:
     """Answer with the events `follow` writes, as one SSE body."""
     frame, end = _start_sse(request, writer, request_id)
-    await follow(lambda frames: writer.write(frame(frames)), writer.drain, lambda: writer.closing)
+    try:
+        await follow(
+            lambda frames: writer.write(frame(frames)), writer.drain, lambda: writer.closing
+        )
+    except asyncio.CancelledError:
+        # At shutdown the body ends where it is, as when the response is cancelled
+        # (this process's runs are, next: `Server.close`), not cut in the middle.
+        if not _shut_down(writer):
+            raise
+        request.keep_alive = False
     writer.write(end)
+
+
+def _shut_down(writer: ResponseWriter) -> bool:
+    """Whether the cancellation being handled is the server's shutdown
+    (`ResponseWriter.shutting_down`), not the client leaving; if so it is taken: the
+    task goes on, to end its answer."""
+    if not writer.shutting_down:
+        return False
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    return True
 
 
 MAX_SEQUENCE_NUMBER = 2**63 - 1

@@ -125,6 +125,10 @@ gives it what the drain left of `--shutdown-timeout`, within `MIN_SHUTDOWN_WRITE
 and this."""
 MIN_SHUTDOWN_WRITE_SECONDS = 2.0
 
+HTTP_END_SECONDS = 1.0
+"""At most this long `Server.close` waits for the HTTP answers it ended to be written
+(`Connection.end_http_request`) before it closes their connections."""
+
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 """What an HTTP/2 client with prior knowledge sends first (RFC 9113, 3.4)."""
 
@@ -520,6 +524,7 @@ class Server:
             listener.close()
         for handshake in list(self._handshakes):
             handshake.cancel()
+        await self._end_http_requests()
         for connection in list(self.connections):
             connection.shutdown()
         for listener in listeners:
@@ -531,6 +536,14 @@ class Server:
         if self.engine.shared is not None:
             left = deadline - asyncio.get_running_loop().time()
             await self.engine.shared.aclose(flush_timeout=max(0.0, left))
+
+    async def _end_http_requests(self) -> None:
+        """End the HTTP answers still under way before their connections close, each
+        as its client can tell from a cut connection (`Connection.end_http_request`);
+        wait at most `HTTP_END_SECONDS` for them to be written."""
+        ending = [t for c in list(self.connections) if (t := c.end_http_request()) is not None]
+        if ending:
+            await asyncio.wait(ending, timeout=HTTP_END_SECONDS)
 
     def _forget(self, owner: str, response_id: str) -> None:
         """Another process deleted a shared response: drop the local copy too, and stop
@@ -552,8 +565,10 @@ class _Writer:
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
+        self.answered = False
 
     def write(self, data: bytes) -> None:
+        self.answered = True
         self._connection.write(data)
 
     async def drain(self) -> None:
@@ -567,6 +582,10 @@ class _Writer:
         connection = self._connection
         transport = connection.transport
         return connection.lost or (transport is not None and transport.is_closing())
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._connection.http_shutting_down
 
 
 class Connection(asyncio.Protocol):
@@ -605,6 +624,8 @@ class Connection(asyncio.Protocol):
         self._eof = False
         # The request in progress streams its answer (SSE).
         self._streaming = False
+        self.http_shutting_down = False
+        """The server's shutdown ended the request in progress (`end_http_request`)."""
         # The HTTP timeouts (`_http_wait`): one timer, moved lazily to the deadline.
         self._http_timer: asyncio.TimerHandle | None = None
         self._http_deadline: float | None = None
@@ -823,6 +844,18 @@ class Connection(asyncio.Protocol):
         session.tick(max(self.loop.time(), session.close_deadline or 0.0))
         self._run_actions()
         self._flush()
+
+    def end_http_request(self) -> asyncio.Task[None] | None:
+        """Server shutdown: the HTTP request under way is cancelled to end its answer
+        (a stream with a terminal event, `response.failed`; a request not yet answered
+        with a 503 the SDK retries: `HTTPApp.handle`). Its task, to wait for; None
+        without one."""
+        task = self._http_task
+        if self.ws is not None or task is None or task.done() or self.lost:
+            return None
+        self.http_shutting_down = True
+        task.cancel()
+        return task
 
     def shutdown(self) -> None:
         """Server shutdown: WebSockets get 1001 (going away); HTTP connections close."""

@@ -341,7 +341,7 @@ class ResponsesSession:
         ending = self.expired or self.draining
         if ending and self.close_deadline is not None and now >= self.close_deadline:
             if self.draining:
-                reason = "The server shut down first."
+                reason = errors.SHUT_DOWN_FIRST
                 self._drop_queued(errors.draining_connection())
             else:
                 reason = "The connection lifetime ended first."
