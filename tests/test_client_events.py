@@ -145,6 +145,7 @@ def test_response_processed_is_ignored() -> None:
         ({"metadata": {str(i): "v" for i in range(17)}}, "invalid_value", "metadata"),
         ({"metadata": {"a": 1}}, "invalid_type", "metadata"),
         ({"truncation": "sometimes"}, "invalid_value", "truncation"),
+        ({"background": "true"}, "invalid_type", "background"),
     ],
 )
 def test_body_errors(fields: dict[str, Any], code: str | None, param: str | None) -> None:
@@ -163,6 +164,16 @@ def test_http_rejects_websocket_only_fields() -> None:
         with pytest.raises(APIError) as info:
             validate_create(body, websocket=False)
         assert (info.value.code, info.value.param) == ("unknown_parameter", name)
+
+
+def test_http_background_must_be_a_boolean() -> None:
+    """`"background": "true"` (a shell's or a form's) is refused, not run in the
+    foreground: the client would wait the whole generation with no way to cancel."""
+    for value in ("true", 1, {}):
+        with pytest.raises(APIError) as info:
+            validate_create({"model": "m", "input": "hi", "background": value}, websocket=False)
+        assert (info.value.code, info.value.param) == ("invalid_type", "background")
+    assert validate_create({"model": "m", "input": "hi", "background": None}, websocket=False)
 
 
 def test_normalisation_and_defaults() -> None:

@@ -446,7 +446,7 @@ def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
             raise errors.invalid_type("conversation.id", "a non-empty string")
     elif conversation is not None and (not isinstance(conversation, str) or not conversation):
         raise errors.invalid_type("conversation", "a conversation id, or an object with its id")
-    background = body.get("background") is True
+    background = _bool(body, "background", False)
     if background and websocket:
         raise errors.unsupported_parameter(
             "background",

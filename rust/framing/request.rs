@@ -689,7 +689,7 @@ fn validate_create(
             ))
         }
     };
-    let background = matches!(body.get("background"), Some(Value::Bool(true)));
+    let background = boolean(&body, "background", false)?;
     if background && websocket {
         return Err(RequestError::UnsupportedParameter {
             param: "background".into(),
@@ -1840,6 +1840,7 @@ mod tests {
             (r#""input":[]"#, "invalid_value", "input"),
             (r#""store":"yes""#, "invalid_type", "store"),
             (r#""generate":1"#, "invalid_type", "generate"),
+            (r#""background":"true""#, "invalid_type", "background"),
             (
                 r#""background":true"#,
                 "unsupported_parameter",
