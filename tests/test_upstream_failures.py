@@ -1181,11 +1181,13 @@ ENDED_STREAMS = {
 
 
 @contextmanager
-def fake_http_upstream(body_end_after: float | None) -> Iterator[tuple[int, list[str]]]:
-    """An HTTP upstream that answers every request with `ENDED_STREAMS` in one chunk
-    and ends the chunked body `body_end_after` seconds later, or never (None: a proxy
-    that holds the body open). Yields its port and what happened to its connections
-    ("opened", "dropped")."""
+def fake_http_upstream(
+    body_end_after: float | None, streams: dict[str, bytes] = ENDED_STREAMS
+) -> Iterator[tuple[int, list[str]]]:
+    """An HTTP upstream that answers every request with its API's stream of `streams`
+    in one chunk and ends the chunked body `body_end_after` seconds later, or never
+    (None: a proxy that holds the body open). Yields its port and what happened to its
+    connections ("opened", "dropped")."""
     log: list[str] = []
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -1195,7 +1197,7 @@ def fake_http_upstream(body_end_after: float | None) -> Iterator[tuple[int, list
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
                 await reader.readexactly(length)
-                stream = ENDED_STREAMS["chat" if b"/chat/" in head else "responses"]
+                stream = streams["chat" if b"/chat/" in head else "responses"]
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                     b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n" % (len(stream), stream)
@@ -1388,3 +1390,34 @@ def test_shutdown_does_not_wait_long_for_an_upstream_that_does_not_answer_a_clos
                 assert output_text(client.turn(input="hi")) == "You said: hi"
             started = time.monotonic()
         assert time.monotonic() - started < CLOSE_TIMEOUT + 1.5
+
+
+LLAMA_CPP_ERROR = (
+    b'error: {"code":400,"message":"the request exceeds the available context size, '
+    b'try increasing it","type":"exceed_context_size_error"}\n\n'
+)
+"""How llama.cpp's server reports a failure in a stream: an `error:` line (a field SSE
+does not have), then `data: [DONE]`."""
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_a_llama_cpp_error_line_fails_the_response(partial: bool) -> None:
+    """Taken for the end of an answer, its `[DONE]` made an empty (or cut) response
+    `completed`, stored and continued from; it is the upstream's refusal: a 400 the
+    SDK raises before anything was sent, `response.failed` after."""
+    head = _sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "par"}}]})
+    stream = (head if partial else b"") + LLAMA_CPP_ERROR + _sse("[DONE]")
+    with (
+        fake_http_upstream(0.0, {"chat": stream}) as (port, _log),
+        warmsocket_upstream(f"http://127.0.0.1:{port}/v1", "chat") as (server, _m),
+    ):
+        sdk = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+        if not partial:
+            with pytest.raises(openai.BadRequestError) as info:
+                sdk.responses.create(model="m", input="a long prompt")
+            assert "exceeds the available context size" in info.value.message
+        events = list(sdk.responses.create(model="m", input="a long prompt", stream=True))
+    failed = events[-1]
+    assert failed.type == "response.failed"
+    assert failed.response.error is not None
+    assert "exceeds the available context size" in failed.response.error.message

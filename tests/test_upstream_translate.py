@@ -524,6 +524,25 @@ def test_stream_errors() -> None:
     assert info.value.reason == "protocol"
 
 
+def test_a_llama_cpp_error_line_is_the_upstream_s_error() -> None:
+    """llama.cpp writes `error: {...}` (no `data:`), then `data: [DONE]`."""
+    data = (
+        _sse(_delta({"role": "assistant"}))
+        + b'error: {"code":400,"message":"too long","type":"exceed_context_size_error"}\r\n\r\n'
+        + b"data: [DONE]\n\n"
+    )
+    with pytest.raises(UpstreamError) as info:
+        decode(ChatChunkDecoder(), data)
+    assert (info.value.status, info.value.message) == (400, "too long")
+    assert not info.value.retryable
+    # An `event: error` whose data is `{"error": {...}}`, its code no HTTP status: a
+    # failure of the upstream's (as an error without a status is), not the request's.
+    data = b'event: error\ndata: {"error": {"message": "gone", "code": 7}}\n\n'
+    with pytest.raises(UpstreamError) as info:
+        decode(ChatChunkDecoder(), data)
+    assert (info.value.status, info.value.retryable) == (500, True)
+
+
 def test_a_chunk_nested_too_deeply_is_a_protocol_error() -> None:
     # 100,000 nested arrays: the decoder gives up (RecursionError), and the chunk is
     # the upstream's protocol error (retried), as a non-JSON one is, not a crash.

@@ -6,7 +6,9 @@ starting with `:`) and `id:`/`retry:` fields are ignored. Lines may end with LF,
 or a lone CR, and one UTF-8 byte order mark at the start of the stream is skipped, as
 the format's specification (WHATWG HTML, "Interpreting an event stream") says. With
 `max_event_bytes`, an event (or a line) that grows past it raises ValueError: what a
-broken server's stream can make the decoder hold is bounded.
+broken server's stream can make the decoder hold is bounded. With `error_field`, a line
+`error: X` (llama.cpp's server reports a failure in a stream so, a field the format
+does not have) is taken as the event `error` with data `X`.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ class SSEDecoder:
         "_partial",
         "_partial_bytes",
         "_started",
+        "error_field",
         "max_event_bytes",
     )
 
-    def __init__(self, max_event_bytes: int | None = None) -> None:
+    def __init__(self, max_event_bytes: int | None = None, *, error_field: bool = False) -> None:
         self.max_event_bytes = max_event_bytes
+        self.error_field = error_field
         self._partial: list[bytes] = []
         """The pieces of a line not ended yet (joined once, when it ends)."""
         self._partial_bytes = 0
@@ -92,6 +96,11 @@ class SSEDecoder:
             elif line[:6] == b"event:":
                 value = line[6:]
                 self._event = value[1:] if value[:1] == b" " else value
+            elif line[:6] == b"error:" and self.error_field:
+                value = line[6:]
+                data.append(value[1:] if value[:1] == b" " else value)
+                self._data_bytes += len(value)
+                self._event = b"error"
             # comments (':') and other fields are ignored
         self._check()
         return events

@@ -35,7 +35,7 @@ the content or tool call after them closes.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from warmsocket import ids, small_json
 from warmsocket._core import MAX_UPSTREAM_EVENT_BYTES
@@ -320,11 +320,22 @@ def _content_logprobs(value: Any) -> list[dict[str, Any]]:
     return logprobs
 
 
+def _stream_error(error: Any) -> NoReturn:
+    """Raise the upstream's error reported in its stream (its `code`, when a number,
+    is the HTTP status it would have answered with)."""
+    if isinstance(error, dict) and isinstance(error.get("error"), dict):
+        error = error["error"]  # (`{"error": {...}}` as an `error` event's data)
+    status = error.get("code") if isinstance(error, dict) else None
+    if type(status) is not int or not 400 <= status <= 599:
+        status = None
+    raise from_error_object(error, status=status)
+
+
 class ChatChunkDecoder:
     """Chat completion chunks (SSE) -> model events."""
 
     def __init__(self) -> None:
-        self._sse = SSEDecoder(MAX_UPSTREAM_EVENT_BYTES)
+        self._sse = SSEDecoder(MAX_UPSTREAM_EVENT_BYTES, error_field=True)
         self._calls: dict[int, _Call] = {}
         self._current: int | None = None
         self._usage: dict[str, Any] | None = None
@@ -374,7 +385,7 @@ class ChatChunkDecoder:
 
     def _decode(self, pairs: list[tuple[bytes, bytes]]) -> list[ModelEvent]:
         events: list[ModelEvent] = []
-        for _name, payload in pairs:
+        for name, payload in pairs:
             if self.ended:
                 break  # nothing after `[DONE]` is the stream's
             self.events_seen += 1
@@ -387,14 +398,15 @@ class ChatChunkDecoder:
                 raise transport_error("protocol") from None
             if not isinstance(chunk, dict):
                 raise transport_error("protocol")
+            if name == b"error":  # llama.cpp's `error: {...}` (then `[DONE]`)
+                _stream_error(chunk)
             self._chunk(chunk, events)
         return events
 
     def _chunk(self, chunk: dict[str, Any], events: list[ModelEvent]) -> None:
         error = chunk.get("error")
         if error is not None and not chunk.get("choices"):
-            status = error.get("code") if isinstance(error, dict) else None
-            raise from_error_object(error, status=status if isinstance(status, int) else None)
+            _stream_error(error)
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self._usage = usage
