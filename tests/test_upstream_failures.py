@@ -1421,3 +1421,46 @@ def test_a_llama_cpp_error_line_fails_the_response(partial: bool) -> None:
     assert failed.type == "response.failed"
     assert failed.response.error is not None
     assert "exceeds the available context size" in failed.response.error.message
+
+
+BAD_USAGE_STREAMS = {
+    "chat": _sse(
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"prompt_tokens": -5, "completion_tokens": 2**64}},
+        "[DONE]",
+    ),
+    "responses": _sse(
+        {"type": "response.output_text.delta", "item_id": "m", "output_index": 0, "delta": "Hi"},
+        {
+            "type": "response.completed",
+            "response": {
+                "id": "resp_up",
+                "status": "completed",
+                "usage": {"input_tokens": -5, "output_tokens": 2**64},
+            },
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_token_counts_out_of_range_from_the_upstream_are_not_believed(api: str) -> None:
+    """A negative count (or one past 64 bits) made storing the response raise: the
+    lane never got a terminal event and the next create on it never ran; an SSE
+    stream got a second HTTP head inside its body. Such counts are warmsocket's own
+    now, as when the upstream gives none."""
+    with (
+        fake_http_upstream(0.0, BAD_USAGE_STREAMS) as (port, _log),
+        warmsocket_upstream(f"http://127.0.0.1:{port}/v1", api) as (server, _m),
+        WSClient(server.ws_url) as client,
+    ):
+        for _ in range(2):  # (the second on the same lane)
+            events = client.turn(input="hello", store=False)
+            assert events[-1]["type"] == "response.completed", events[-1]
+            usage = events[-1]["response"]["usage"]
+            assert usage["input_tokens"] > 0 and 0 < usage["output_tokens"] < 100
+        sdk = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+        streamed = list(sdk.responses.create(model="m", input="hello", stream=True))
+    assert streamed[-1].type == "response.completed"
+    assert streamed[-1].response.output_text == "Hi"

@@ -104,15 +104,28 @@ class HostedCallEvent:
     event: bytes
 
 
+MAX_REPORTED_TOKENS = 2**53
+"""A backend's token count past this (or below 0) is not believed: no model reads
+so many, and sums of them must fit the response's unsigned 64-bit usage (and a
+JavaScript client's numbers)."""
+
+
 @dataclass(frozen=True, slots=True)
 class UsageReport:
-    """The backend's own token accounting; any field left None is computed by the server."""
+    """The backend's own token accounting; any field left None is computed by the
+    server, as is one the backend gave out of range (`MAX_REPORTED_TOKENS`)."""
 
     input_tokens: int | None = None
     cached_tokens: int | None = None
     output_tokens: int | None = None
     reasoning_tokens: int | None = None
     """Of the output tokens, those spent reasoning."""
+
+    def __post_init__(self) -> None:
+        for name in ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_REPORTED_TOKENS:
+                object.__setattr__(self, name, None)
 
 
 @dataclass(frozen=True, slots=True)
