@@ -373,3 +373,51 @@ def test_large_tools_over_http_do_not_hold_up_other_requests(server: RunningServ
     canonical = json.dumps(tools, separators=(",", ":"), sort_keys=True)
     expected = _core.Tokenizer.builtin("o200k_base").count_tools(canonical)
     assert counted["input_tokens"] == expected
+
+
+def test_a_bug_ending_a_stream_fails_its_response_in_the_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unexpected error as a streamed response ends (a bug, or an upstream's value
+    warmsocket did not expect) wrote a second HTTP head (a 500) inside the SSE body:
+    the SDK read garbage. The stream ends with `response.failed` now."""
+    from warmsocket.engine import Turn
+
+    def broken(self: Turn) -> bytes:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Turn, "complete", broken)
+    with running_server() as srv:
+        sdk = OpenAI(base_url=srv.base_url, api_key="sk-test", max_retries=0)
+        events = list(sdk.responses.create(model="m", input="hello", stream=True))
+        again = httpx.get(f"http://127.0.0.1:{srv.port}/healthz")
+    assert events[-1].type == "response.failed"
+    assert events[-1].response.error is not None
+    assert events[-1].response.error.code == "server_error"
+    assert again.status_code == 200
+
+
+def test_a_bug_after_a_stream_began_closes_it_without_a_second_head(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When not even `response.failed` can be written, the connection closes: an error
+    answer's head inside a body under way is garbage to every client."""
+    from warmsocket.engine import Turn
+
+    def broken(self: Turn, *args: Any) -> bytes:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Turn, "complete", broken)
+    monkeypatch.setattr(Turn, "fail", broken)
+    body = json.dumps({"model": "m", "input": "hello", "stream": True}).encode()
+    with running_server() as srv, socket.create_connection(("127.0.0.1", srv.port)) as sock:
+        sock.sendall(
+            b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        sock.settimeout(5)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200")
+    assert received.count(b"HTTP/1.1") == 1

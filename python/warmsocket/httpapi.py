@@ -878,6 +878,11 @@ def _finish(turn: Turn, emit: Callable[[bytes], None]) -> APIError | None:
     except APIError as error:
         emit(turn.fail(error))
         return error
+    except Exception as exc:  # a bug: the client is told, the turn ends failed
+        log.error("cannot end a response", extra={"error_type": type(exc).__name__})
+        failure = errors.server_error()
+        emit(turn.fail(failure))
+        return failure
     return None
 
 

@@ -1204,9 +1204,10 @@ class Connection(asyncio.Protocol):
         keep_alive = False
         if self.server.draining:
             request.keep_alive = False  # answered with `Connection: close`
+        writer = _Writer(self)
         try:
             keep_alive = await self.server.http.handle(
-                request, _Writer(self), connection=self._cache_connection
+                request, writer, connection=self._cache_connection
             )
             if keep_alive and not self._writable.is_set():
                 # The next pipelined request is answered once the client has read this
@@ -1219,7 +1220,8 @@ class Connection(asyncio.Protocol):
             return
         except Exception:
             log.exception("unhandled error in an HTTP handler")
-            self.write(_error_response(errors.server_error()))
+            if not writer.answered:  # (else a head in the body: the connection closes)
+                self.write(_error_response(errors.server_error()))
         finally:
             self._http_task = None
             self._streaming = False
