@@ -478,7 +478,10 @@ impl SessionCache {
                     Some(st.lookup(pid, new.owner, new.connection)?.node.clone()),
                     false,
                 ),
-                Parent::Binding(b) => (Some(b.parent_for(new.owner, new.connection)?), b.implicit),
+                Parent::Binding(b) => (
+                    Some(b.parent_for(shared, new.owner, new.connection)?),
+                    b.implicit,
+                ),
             }
         };
         let scope = match (&parent, new.store) {
@@ -628,19 +631,32 @@ impl SessionCache {
             (node.input.own_batch(), output)
         };
         let parent = node.parent.clone();
-        let tokens = match &self.shared.tokens {
+        // The state after the input is stored: no tokenising. (Its block hashes are
+        // there unless the node was made with other settings: then they are made.)
+        let stored = match &self.shared.tokens {
             Some(cfg) if own == n_in => {
-                // The state after the input is stored: no tokenising.
                 let before = node.parent_tokens() / cfg.block_size as u64;
                 let after = (node.parent_tokens() + input.tokens()) / cfg.block_size as u64;
-                let hashes: Box<[_]> = node.hashes[..(after - before) as usize].into();
+                usize::try_from(after.saturating_sub(before))
+                    .ok()
+                    .and_then(|blocks| node.hashes.get(..blocks))
+            }
+            _ => None,
+        };
+        let tokens = match stored {
+            Some(hashes) => {
                 let last_hash = match hashes.last() {
                     Some(&h) => h,
                     None => parent.as_deref().map_or(ROOT_PARENT, |p| p.last_hash),
                 };
-                NodeTokens::new(hashes, node.input_tail(), node.input_tail(), last_hash)
+                NodeTokens::new(
+                    hashes.into(),
+                    node.input_tail(),
+                    node.input_tail(),
+                    last_hash,
+                )
             }
-            _ => {
+            None => {
                 let (tokens, _, _) =
                     self.node_tokens(parent.as_deref(), input.clone(), output.clone())?;
                 tokens
@@ -1277,9 +1293,24 @@ impl Binding {
         self.node.lock().is_none()
     }
 
-    /// The bound node as a parent for `owner` on `connection`: the same visibility
-    /// rule as a lookup.
-    fn parent_for(&self, owner: &str, connection: Option<u64>) -> Result<Arc<Node>> {
+    /// The bound node as a parent in `cache` for `owner` on `connection`: the same
+    /// visibility rule as a lookup. A binding of another cache is refused: its node
+    /// would be another cache's memory (its meter, its connections, its tokenizer).
+    fn parent_for(
+        &self,
+        cache: &Shared,
+        owner: &str,
+        connection: Option<u64>,
+    ) -> Result<Arc<Node>> {
+        if !std::ptr::eq(self.cache.as_ptr(), cache) {
+            return Err(Error::InvalidArgument {
+                detail: format!(
+                    "the binding of {:?} was made by another SessionCache: pass a \
+                     binding of this cache (its bind() or match()), or the response id",
+                    &*self.id
+                ),
+            });
+        }
         let node = self.node()?;
         if node.scope.is_some() && node.scope != connection {
             return Err(Error::not_found(&self.id));
@@ -1747,6 +1778,22 @@ mod tests {
         binding.release();
         binding.release();
         assert_eq!(c.stats().pinned, 0);
+    }
+
+    #[test]
+    fn a_binding_of_another_cache_is_no_parent() {
+        let (a, b) = (
+            SessionCache::new(1 << 20, 1 << 20),
+            SessionCache::new(1 << 20, 1 << 20),
+        );
+        create(&a, "root", None);
+        let binding = a.bind("root", O, None).unwrap();
+        let err = b
+            .create(new("child", Parent::Binding(&binding)))
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err:?}");
+        assert!(b.get("child", O, None).is_err());
+        assert!(a.create(new("child", Parent::Binding(&binding))).is_ok());
     }
 
     #[test]

@@ -556,6 +556,19 @@ def test_bindings() -> None:
     binding.release()  # idempotent
 
 
+def test_a_binding_of_another_cache_is_refused() -> None:
+    """It used to be taken: the child was another cache's memory (kept past that
+    cache's `close_connection`, metered there), and a match over it could panic when
+    the two caches tokenise differently."""
+    first, second = SessionCache(), SessionCache()
+    turn(first, "a")
+    with first.bind("a", owner=OWNER) as binding:
+        with pytest.raises(ValueError, match="another SessionCache"):
+            second.create("b", owner=OWNER, input=[user("x")], previous_response_id=binding)
+        assert second.stats().entries == 0
+        first.create("b", owner=OWNER, input=[user("x")], previous_response_id=binding)
+
+
 def test_binding_released_when_collected() -> None:
     cache = SessionCache()
     turn(cache, "a")

@@ -468,8 +468,9 @@ class SessionCache:
     ) -> ResponseInfo:
         """Add a response whose own items are `input` followed by `output`.
 
-        `previous_response_id` is a parent id (looked up like `get`) or a Binding
-        (which must be visible from `connection`, like a lookup). `store=False`
+        `previous_response_id` is a parent id (looked up like `get`) or a Binding of
+        this cache (which must be visible from `connection`, like a lookup; one of
+        another cache is a ValueError). `store=False`
         requires an open `connection` (ValueError otherwise). Raises ResponseNotFound /
         OwnerMismatch for the parent, DuplicateResponseId, InvalidItems subclasses,
         CacheFull. On any error the cache is unchanged (except the miss counter of a
