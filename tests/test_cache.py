@@ -223,6 +223,11 @@ def test_from_objects_errors() -> None:
         Items.from_objects([{"a": 2**70}])
     with pytest.raises(TypeError):
         Items.from_objects({"role": "user"})  # type: ignore[arg-type]
+    cache = SessionCache()
+    for buffer in (bytearray(b'[{"a": 1}]'), memoryview(b'[{"a": 1}]')):
+        # (Its bytes, iterated, read as numbers: "Item 0 is a JSON number".)
+        with pytest.raises(TypeError, match=r"bytes\(buffer\)"):
+            cache.create("r", owner=OWNER, input=buffer)  # type: ignore[arg-type]
     deep: dict[str, object] = {}
     cursor = deep
     for _ in range(200):

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use pyo3::exceptions::{PyIndexError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyString};
+use pyo3::types::{PyByteArray, PyBytes, PyList, PyMemoryView, PyString};
 
 use crate::error::Error;
 use crate::item::{Item, Items};
@@ -79,6 +79,13 @@ pub fn sent_arg(py: Python<'_>, arg: &Bound<'_, PyAny>) -> PyResult<Sent> {
 
 /// The JSON values of a sequence of mappings.
 fn values_from_objects(items: &Bound<'_, PyAny>) -> PyResult<Vec<Value>> {
+    if items.is_instance_of::<PyByteArray>() || items.is_instance_of::<PyMemoryView>() {
+        // (Iterated, its bytes would read as numbers: "Item 0 is a JSON number".)
+        return Err(PyTypeError::new_err(
+            "items as JSON text are bytes or str: pass bytes(buffer) for a bytearray \
+             or memoryview",
+        ));
+    }
     if items.is_instance_of::<PyString>()
         || items.is_instance_of::<PyBytes>()
         || items.is_instance_of::<pyo3::types::PyDict>()

@@ -64,6 +64,10 @@ impl fmt::Display for TokenError {
                  `tokenizer.save(path)` from the `tokenizers` library or \
                  `AutoTokenizer.from_pretrained(...).save_pretrained(dir)`"
             ),
+            Self::InvalidItem { reason } if reason.starts_with("tools") => write!(
+                f,
+                "{reason}; pass the request's tools as the UTF-8 JSON of an array"
+            ),
             Self::InvalidItem { reason } => write!(
                 f,
                 "{reason}; pass one Responses API item as the UTF-8 JSON of an object"
@@ -614,6 +618,7 @@ mod tests {
             let err = t.count_tools(bad).unwrap_err();
             assert!(matches!(err, TokenError::InvalidItem { .. }), "{err}");
             assert!(err.to_string().contains("tools"), "{err}");
+            assert!(err.to_string().ends_with("JSON of an array"), "{err}");
         }
     }
 
