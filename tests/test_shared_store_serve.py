@@ -962,7 +962,7 @@ def test_an_unreachable_redis_or_a_missing_client_stops_serve_with_advice() -> N
     result = subprocess.run(
         [sys.executable, "-c", without_redis], capture_output=True, text=True, timeout=60
     )
-    assert result.returncode == 1 and "pip install 'redis>=5'" in result.stderr
+    assert result.returncode == 1 and "pip install 'redis>=5.0.1'" in result.stderr
 
 
 def test_a_redis_cluster_stops_serve_with_advice() -> None:

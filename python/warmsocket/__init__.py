@@ -34,6 +34,8 @@ from warmsocket._core import (
     UnknownEncoding,
     WarmsocketError,
     __version__,
+    block_hashes,
+    shared_prefix_tokens,
 )
 
 __all__ = [
@@ -66,4 +68,6 @@ __all__ = [
     "UnknownEncoding",
     "WarmsocketError",
     "__version__",
+    "block_hashes",
+    "shared_prefix_tokens",
 ]

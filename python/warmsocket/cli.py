@@ -645,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a response made on one process can be continued by previous_response_id, "
         "retrieved or deleted on any other, and a background response is polled, "
         "cancelled or deleted on any of them. Needs the redis client: "
-        "pip install 'redis>=5' (the redis extra).",
+        "pip install 'redis>=5.0.1' (the redis extra).",
     )
     opt.parser = sharing
     opt.add(

@@ -117,7 +117,7 @@ def shared_store(options: SharedOptions | None) -> SharedResponses | None:
         from warmsocket.shared_store import SharedStore
     except ImportError:
         raise RuntimeError(
-            "--redis-url needs the Redis client: pip install 'redis>=5' (the redis extra)"
+            "--redis-url needs the Redis client: pip install 'redis>=5.0.1' (the redis extra)"
         ) from None
     # For every writer behind the turn of this process (stored responses, background
     # responses, conversations), which all write to this Redis.
