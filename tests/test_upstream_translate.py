@@ -39,6 +39,7 @@ from warmsocket.backends.chat_translate import (
 from warmsocket.backends.http_upstream import OutputRecorder
 from warmsocket.backends.responses_events import ResponsesSSEDecoder
 from warmsocket.client_events import validate_create
+from warmsocket.errors import APIError
 from warmsocket.sse import SSEDecoder
 from warmsocket.upstream import UpstreamConfig, UpstreamError
 
@@ -830,3 +831,58 @@ def test_an_endless_upstream_event_is_a_protocol_error(monkeypatch: pytest.Monke
         for _ in range(MAX_UPSTREAM_EVENT_BYTES // len(block) + 1):
             responses.feed(block)
     assert info.value.reason == "protocol"
+
+
+LOOK = {"type": "input_text", "text": "look"}
+
+
+def test_content_a_chat_upstream_cannot_take_is_refused_not_dropped() -> None:
+    """An image by `file_id` vanished from the message (the model answered without
+    it); a file by `file_url` went out as an empty `file` the upstream refused with
+    an unhelpful error. Both are the client's 400 on `input` now, saying what to send."""
+    image = {"type": "input_image", "file_id": "file_1", "detail": "auto"}
+    by_url = {"type": "input_file", "file_url": "https://example.invalid/a.pdf"}
+    for part, hint in [(image, "image_url"), (by_url, "file_data")]:
+        message = {"type": "message", "role": "user", "content": [LOOK, part]}
+        with pytest.raises(APIError) as info:
+            chat_messages([message])
+        assert (info.value.status, info.value.param) == (400, "input")
+        assert hint in info.value.message
+    kept = {"type": "input_file", "file_id": "file_1", "filename": "a.pdf"}
+    message = {"type": "message", "role": "user", "content": [LOOK, kept]}
+    assert chat_messages([message])[0]["content"][1] == {
+        "type": "file",
+        "file": {"file_id": "file_1", "filename": "a.pdf"},
+    }
+
+
+def test_a_json_schema_description_goes_upstream() -> None:
+    schema = {"type": "json_schema", "name": "out", "description": "d", "schema": {}}
+    body = {"model": "m", "input": "hi", "text": {"format": schema}}
+    fields = chat_request_fields(validate_create(body, websocket=False).settings, "up")
+    assert fields["response_format"]["json_schema"]["description"] == "d"
+
+
+def test_a_tool_call_without_a_name_is_a_protocol_error() -> None:
+    """Its arguments were held until a name came, then dropped: `completed`, nothing."""
+    data = _sse(
+        _delta({"tool_calls": [{"index": 0, "id": "c", "function": {"arguments": "{}"}}]}),
+        _delta({}, "tool_calls"),
+        "[DONE]",
+    )
+    with pytest.raises(UpstreamError) as info:
+        decode(ChatChunkDecoder(), data)
+    assert info.value.reason == "protocol" and "without a name" in info.value.message
+
+
+def test_a_legacy_function_call_is_a_tool_call() -> None:
+    """`delta.function_call` (the deprecated `functions` API) from older servers."""
+    data = _sse(
+        _delta({"role": "assistant", "function_call": {"name": "f", "arguments": '{"a"'}}),
+        _delta({"function_call": {"arguments": ": 1}"}}),
+        _delta({}, "function_call"),
+        "[DONE]",
+    )
+    events = decode(ChatChunkDecoder(), data)
+    assert isinstance(events[0], ToolCallStart) and events[0].name == "f"
+    assert "".join(e.delta for e in events if isinstance(e, ToolArgumentsDelta)) == '{"a": 1}'

@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, NoReturn
 
-from warmsocket import ids, small_json
+from warmsocket import errors, ids, small_json
 from warmsocket._core import MAX_UPSTREAM_EVENT_BYTES
 from warmsocket.backends.base import (
     ModelEvent,
@@ -127,7 +127,12 @@ def message_content(content: Any, role: str | None) -> Any:
             parts.append({"type": "text", "text": part.get("text", "")})
         elif kind == "refusal":
             parts.append({"type": "text", "text": part.get("refusal", "")})
-        elif kind == "input_image" and isinstance(part.get("image_url"), str):
+        elif kind == "input_image":
+            if not isinstance(part.get("image_url"), str):
+                raise _not_expressible(
+                    "an input_image given by file_id",
+                    "give its image_url (a URL or a data: URL)",
+                )
             text_only = False
             parts.append(
                 {
@@ -136,6 +141,10 @@ def message_content(content: Any, role: str | None) -> Any:
                 }
             )
         elif kind == "input_file":
+            if "file_data" not in part and "file_id" not in part:
+                raise _not_expressible(
+                    "an input_file given by file_url", "give its file_data (base64) or file_id"
+                )
             text_only = False
             file = {k: part[k] for k in ("file_data", "file_id", "filename") if k in part}
             parts.append({"type": "file", "file": file})
@@ -145,6 +154,16 @@ def message_content(content: Any, role: str | None) -> Any:
     if text_only and (len(parts) <= 1 or role != "user"):
         return "".join(p["text"] for p in parts)
     return parts
+
+
+def _not_expressible(what: str, instead: str) -> errors.APIError:
+    """Content a Chat Completions upstream cannot take (left out, the model would
+    answer without it and nobody would know)."""
+    return errors.invalid_value(
+        "input",
+        f"Invalid 'input': {what} cannot be sent to this server's upstream (a Chat "
+        f"Completions API): {instead}.",
+    )
 
 
 def _plain_text(value: Any) -> str:
@@ -241,7 +260,8 @@ def chat_request_fields(
     text_format = (explicit.get("text") or {}).get("format")
     if isinstance(text_format, dict):
         if text_format.get("type") == "json_schema":
-            schema = {k: text_format[k] for k in ("name", "schema", "strict") if k in text_format}
+            keys = ("name", "description", "schema", "strict")
+            schema = {k: text_format[k] for k in keys if k in text_format}
             fields["response_format"] = {"type": "json_schema", "json_schema": schema}
         elif text_format.get("type") == "json_object":
             fields["response_format"] = {"type": "json_object"}
@@ -363,6 +383,10 @@ class ChatChunkDecoder:
         events = self._decode(self._sse.finish())
         if not self.finished:
             raise transport_error("closed")
+        if any(not call.started for call in self._calls.values()):
+            error = transport_error("protocol")
+            error.message = "The upstream sent a tool call without a name."
+            raise error
         if self.cut_short is not None:
             events.append(TurnIncomplete(self.cut_short))
         if self._service_tier is not None:  # OpenAI's: the tier that served the request
@@ -434,6 +458,10 @@ class ChatChunkDecoder:
                     for position, call in enumerate(tool_calls):
                         if isinstance(call, dict):
                             self._tool_delta(call, position, events)
+                legacy = delta.get("function_call")
+                if isinstance(legacy, dict) and not tool_calls:
+                    # The deprecated single call (`functions`), from older servers.
+                    self._tool_delta({"index": 0, "function": legacy}, 0, events)
             finish_reason = choice.get("finish_reason")
             if finish_reason is not None and not isinstance(finish_reason, str):
                 raise transport_error("protocol")
