@@ -289,3 +289,40 @@ def test_input_items_of_a_response_that_is_not_stored(
     sdk.responses.delete(running.id)
     with pytest.raises(openai.NotFoundError):
         sdk.responses.input_items.list(running.id)
+
+
+def test_a_cancel_whose_caller_is_cancelled_does_not_go_on() -> None:
+    """`cancel` waits for the run's end; a DELETE whose client left meanwhile had its
+    own cancellation swallowed there and went on to forget a run still running (which
+    then came back as finished, retrievable for 10 minutes after its deletion)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    async def scenario() -> tuple[bool, bool]:
+        responses = background.BackgroundResponses()
+
+        async def body() -> None:
+            try:
+                await asyncio.sleep(100)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.2)  # a cleanup that awaits (an upstream's close)
+                raise
+
+        run: Any = SimpleNamespace(task=asyncio.create_task(body()))
+        await asyncio.sleep(0)
+        went_on = False
+
+        async def delete() -> None:
+            nonlocal went_on
+            await responses.cancel(run)
+            went_on = True
+
+        handler = asyncio.create_task(delete())
+        await asyncio.sleep(0.05)
+        handler.cancel()  # the client went away
+        await asyncio.sleep(0.01)
+        cancelled = handler.cancelled()
+        await asyncio.sleep(0.3)
+        return cancelled, went_on
+
+    assert asyncio.run(scenario()) == (True, False)

@@ -206,7 +206,7 @@ class BackgroundResponses:
     def get(self, response_id: str, owner: str) -> BackgroundRun | None:
         self._expire()
         run = self._running.get(response_id) or self._finished.get(response_id)
-        return run if run is not None and run.owner == owner else None
+        return run if run is not None and run.owner == owner and not run.forgotten else None
 
     def start(
         self, turn: Turn, owner: str, body: Callable[[BackgroundRun], Awaitable[None]]
@@ -241,9 +241,10 @@ class BackgroundResponses:
                 if not turn.finished:
                     turn.release()
                 del self._running[turn.response_id]
-                self._finished[turn.response_id] = run
                 run.finish()
-                self._finished_bytes += run.held_bytes
+                if not run.forgotten:  # (deleted as it ran: not to be found again)
+                    self._finished[turn.response_id] = run
+                    self._finished_bytes += run.held_bytes
                 if turn.stream.status != run.published_status:
                     self._publish(run)
                 if self.board is not None and not run.forgotten:
@@ -402,8 +403,12 @@ class BackgroundResponses:
         if task is None or task.done():
             return
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the caller's own (its client left): not the run's, to swallow
 
     async def aclose(self) -> None:
         """Cancel the runs still going (server shutdown), and publish how they ended."""
