@@ -89,7 +89,9 @@ class Query:
         return self.values.get(name)
 
 
-@pytest.mark.parametrize("text", ["1_0", " 5", "5 ", "+5", "\uff15", "\u0665", "5.0", "x"])
+@pytest.mark.parametrize(
+    "text", ["1_0", " 5", "5 ", "+5", "\uff15", "\u0665", "5.0", "x", "--5", "-"]
+)
 def test_a_limit_is_ascii_digits(text: str) -> None:
     """`int()` reads "1_0", " 5", "+5" and other scripts' digits: the API's `limit` is an
     integer written in ASCII digits, anything else a 400 `invalid_type`."""

@@ -14,7 +14,8 @@ def page_params(request: Request) -> tuple[int, str]:
     APIError."""
     text = request.query_value("limit") or "20"
     # ASCII digits only: int() takes "1_0", " 5", "+5" and other scripts' digits too.
-    if not (text.isascii() and text.lstrip("-").isdigit()) or len(text) > 12:
+    digits = text.removeprefix("-")  # (one sign: "--5" is no number)
+    if not (digits.isascii() and digits.isdigit()) or len(text) > 12:
         raise errors.invalid_type("limit", "an integer")
     limit = int(text)
     if not 1 <= limit <= 100:
