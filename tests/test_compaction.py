@@ -253,6 +253,25 @@ def test_bad_compact_requests_get_clear_errors(server: RunningServer) -> None:
     assert wrong_method.status_code == 405
 
 
+def test_a_compact_request_with_a_conversation_is_refused(server: RunningServer) -> None:
+    """Compaction takes no `conversation` (the SDK's params have none). It was taken:
+    with no input of its own, the compaction ran on nothing and failed with a 500;
+    with input, the conversation's items were silently left out."""
+    with httpx.Client(base_url=server.base_url) as http:
+        conversation = http.post("conversations", json={}).json()["id"]
+        answers = [
+            http.post("responses/compact", json={"model": MODEL, **extra})
+            for extra in (
+                {"conversation": conversation},
+                {"conversation": conversation, "input": []},
+                {"conversation": conversation, "input": "hi"},
+            )
+        ]
+    for answer in answers:
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["param"] == "conversation"
+
+
 def test_a_foreign_compaction_item(any_backend: RunningServer) -> None:
     """OpenAI's compaction items cannot be read by a chat upstream (400, nothing kept);
     a Responses upstream gets them as they came; the built-in model lists them."""

@@ -77,6 +77,7 @@ def parse_compact_request(body: bytes, *, max_item_bytes: int) -> tuple[CreateRe
         "stream": request.stream,
         "background": request.background,
         "store": not request.store,
+        "conversation": request.conversation is not None,
     }
     for field, present in refused.items():
         # The create fields a compaction could not honour; any other field is ignored,

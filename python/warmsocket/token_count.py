@@ -35,7 +35,8 @@ def parse_count_request(
     input, or unless `require_model` a missing model)."""
     parsed = parse_client_message(body, websocket=False, max_item_bytes=max_item_bytes)
     if isinstance(parsed, CreateRequest):
-        return parsed, True
+        # (Empty input is taken with a `conversation`: the body has none of its own.)
+        return parsed, len(parsed.input) > 0
     assert isinstance(parsed, Rejection)
     if parsed.param not in ("model", "input") or (require_model and parsed.param == "model"):
         raise _refused(parsed)
