@@ -650,3 +650,27 @@ def test_a_responses_upstream_compacts_itself(api: str) -> None:
         if kind == "responses_compact"
     }
     assert counted == {"200": 1, "404": 1, "503": 1, "connect": 1}
+
+
+def test_a_forged_compaction_item_with_invalid_items_is_the_client_s_400(
+    any_backend: RunningServer,
+) -> None:
+    """Anyone can write a payload under warmsocket's prefix: its items reached the
+    backends unchecked (a chat upstream's translation raised TypeError: a 500-like
+    `server_error` failure; a Responses upstream got them as they were). They are
+    checked as input is, and the create refused."""
+    forged = ours(
+        json.dumps(
+            {
+                "summary": "s",
+                "after": [{"role": "user", "content": [{"type": "output_text", "text": 5}]}],
+            }
+        ).encode()
+    )
+    sdk = client(any_backend)
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.responses.create(model=MODEL, input=[forged, {"role": "user", "content": "next"}])  # type: ignore[list-item]
+    assert info.value.param == "input[0].encrypted_content"
+    valid = ours(json.dumps({"summary": "s", "after": [{"role": "user", "content": "x"}]}).encode())
+    answer = sdk.responses.create(model=MODEL, input=[valid, {"role": "user", "content": "next"}])  # type: ignore[list-item]
+    assert answer.status == "completed"

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from warmsocket import errors
-from warmsocket._core import Items
+from warmsocket._core import Items, Rejection, parse_client_message
 from warmsocket.client_events import decode_json
 from warmsocket.errors import APIError
 
@@ -141,6 +141,35 @@ def _compacted(text: bytes) -> Compacted | None:
 
 def _item_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+
+
+_ANY_SIZE = 1 << 62
+"""The item size limit of `check_sent`: the items passed the server's when sent."""
+
+
+def check_sent(items: Items) -> None:
+    """Refuse a client's compaction item of warmsocket's whose items a create would
+    not take as input. Anyone can send a payload under warmsocket's prefix, and the
+    backends read the items it expands to as they read checked input (one that is
+    not failed the response with a 500). One call into Rust without compaction items.
+    Raises APIError (400 on `input[i]`)."""
+    end = len(items)
+    while (found := items.slice(0, end).last_of_type("compaction")) is not None:
+        end = found
+        compacted = unpack(json.loads(items.item_json(found)))
+        if compacted is None:
+            continue  # (another server's: read by none of warmsocket's backends)
+        lists = [compacted.after] + ([] if compacted.before is None else [compacted.before])
+        for value in filter(None, lists):
+            body = json.dumps({"model": "m", "input": value}).encode()
+            checked = parse_client_message(body, websocket=False, max_item_bytes=_ANY_SIZE)
+            if isinstance(checked, Rejection):
+                param = f"input[{found}].encrypted_content"
+                raise errors.invalid_value(
+                    param,
+                    f"Invalid '{param}': this compaction item's content holds items that "
+                    "are not valid input. Send the compaction item as warmsocket made it.",
+                )
 
 
 def summary_of(item: Mapping[str, Any]) -> str | None:

@@ -65,7 +65,7 @@ from warmsocket.backends.base import (
     UsageReport,
 )
 from warmsocket.compaction import compacting_stream
-from warmsocket.compaction_items import starts_context
+from warmsocket.compaction_items import check_sent, starts_context
 from warmsocket.conversations import (
     DEFAULT_CONVERSATION_BUDGET,
     Conversation,
@@ -567,6 +567,7 @@ class Engine:
         )
         if prepend is not None:
             input_items = prepend.concat(input_items)
+        check_sent(request.input)
         conversation: Conversation | None = None
         own_input = input_items
         if request.conversation is not None:
