@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from warmsocket.server import _finish, _Resumed
+from warmsocket.server import _Resumed
 
 
 async def _body(log: list[Any], future: asyncio.Future[str]) -> None:
@@ -34,7 +34,7 @@ def _run(case: Any) -> list[Any]:
         coro = _body(log, future)
         pending = coro.send(None)  # the eager first step, outside any task
         assert pending is future and log == ["first step"]
-        task = asyncio.get_running_loop().create_task(_finish(_Resumed(coro, pending)))
+        task = asyncio.get_running_loop().create_task(_Resumed(coro, pending))
         await case(task, future)
 
     uvloop.run(main())
@@ -64,6 +64,21 @@ def test_cancelling_the_task_throws_into_the_coroutine_and_its_cleanup_still_wai
     async def case(task: asyncio.Task[None], future: asyncio.Future[str]) -> None:
         await asyncio.sleep(0)
         task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled() and future.cancelled()
+
+    assert _run(case) == ["first step", "CancelledError", "finally"]
+
+
+def test_a_task_cancelled_before_its_first_step_still_throws_into_the_coroutine() -> None:
+    """A client that closes in the same event-loop pass as its create: the task is
+    cancelled before it ever ran. The coroutine still gets the cancellation, so its
+    handlers and cleanup run (an upstream connection it was opening is let go);
+    as a coroutine awaiting it, the task never started it and it stayed suspended."""
+
+    async def case(task: asyncio.Task[None], future: asyncio.Future[str]) -> None:
+        task.cancel()  # (no await before: its first step has not run)
         with pytest.raises(asyncio.CancelledError):
             await task
         assert task.cancelled() and future.cancelled()

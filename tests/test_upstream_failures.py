@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -1464,3 +1465,28 @@ def test_token_counts_out_of_range_from_the_upstream_are_not_believed(api: str) 
         streamed = list(sdk.responses.create(model="m", input="hello", stream=True))
     assert streamed[-1].type == "response.completed"
     assert streamed[-1].response.output_text == "Hi"
+
+
+def test_a_create_closed_in_the_same_write_leaves_no_upstream_connection() -> None:
+    """A client that sends a create and its close frame in one write: the turn's
+    model task (its first step run eagerly, its upstream connection being opened)
+    was cancelled before it ever ran as a task, and on Python 3.11 the cancellation
+    never reached it: the upstream connection, opened anyway, leaked each time."""
+    from tests.test_framing_server import _masked, _raw_upgrade
+
+    def open_files() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with running_sim() as sim, warmsocket_upstream(sim.base_url, "chat") as (server, _m):
+        before = open_files()
+        create = json.dumps({"type": "response.create", "model": "m", "input": "hi"}).encode()
+        for _ in range(20):
+            sock, _rest = _raw_upgrade(server.port)
+            with sock:
+                sock.sendall(_masked(create) + _masked(b"\x03\xe8", opcode=0x8))
+                while sock.recv(65536):
+                    pass
+        deadline = time.monotonic() + 5
+        while open_files() - before > 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert open_files() - before <= 4

@@ -1681,7 +1681,7 @@ class Connection(asyncio.Protocol):
         except Exception as exc:
             self._first_step_failed(session, turn, exc)
             return
-        self._tasks[turn.response_id] = self.loop.create_task(_finish(_Resumed(coro, pending)))
+        self._tasks[turn.response_id] = self.loop.create_task(_Resumed(coro, pending))
 
     def _first_step_failed(
         self, session: ResponsesSession, turn: Turn, error: BaseException
@@ -1903,11 +1903,19 @@ def _handshake_refusal(status: int, reason: Exception | None) -> APIError:
     return errors.invalid_websocket_handshake(header, missing=missing, status=status)
 
 
-class _Resumed:
-    """Awaiting this drives a coroutine whose first step already ran and yielded
-    `pending` (the future it waits for, or None for a bare yield): what awaiting the
-    coroutine would do from there on, as `yield from` delegates. The task awaiting
-    it waits for `pending`; cancelling the task throws into the coroutine."""
+_FIRST_STEP_TAKEN = object()
+
+
+class _Resumed(Coroutine[Any, Any, None]):
+    """A coroutine whose first step already ran and yielded `pending` (the future it
+    waits for, or None for a bare yield), continued as a task: `create_task(_Resumed(
+    coro, pending))`. The task's first step yields `pending`, then it drives `coro`
+    (`send`, `throw`, `close`), as a task of `coro` would have from there on.
+
+    A coroutine object itself, not a coroutine awaiting `coro`: a task cancelled
+    before its first step throws the cancellation in (`throw`), so `coro` runs its
+    handlers; a coroutine function's body would never have started, leaving `coro`
+    suspended and what it waited for (an upstream connection) never taken."""
 
     __slots__ = ("_coro", "_pending")
 
@@ -1915,28 +1923,27 @@ class _Resumed:
         self._coro = coro
         self._pending = pending
 
+    def send(self, value: Any) -> Any:
+        pending, self._pending = self._pending, _FIRST_STEP_TAKEN
+        if pending is not _FIRST_STEP_TAKEN:
+            return pending  # (what `coro` waits for: the task waits for it in turn)
+        return self._coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        pending, self._pending = self._pending, _FIRST_STEP_TAKEN
+        cancelled = isinstance(typ, asyncio.CancelledError) or typ is asyncio.CancelledError
+        if cancelled and isinstance(pending, asyncio.Future):
+            pending.cancel()  # (as a task cancelled while it waits cancels what it waits for)
+        if val is None and tb is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)
+
+    def close(self) -> None:
+        self._pending = _FIRST_STEP_TAKEN
+        self._coro.close()
+
     def __await__(self) -> Generator[Any, Any, None]:
-        coro, pending = self._coro, self._pending
-        while True:
-            try:
-                sent = yield pending
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:
-                try:
-                    pending = coro.throw(exc)
-                except StopIteration:
-                    return
-            else:
-                try:
-                    pending = coro.send(sent)
-                except StopIteration:
-                    return
-
-
-async def _finish(resumed: _Resumed) -> None:
-    await resumed
+        raise TypeError("a _Resumed is run as a task (create_task), not awaited")
 
 
 async def run_server(
