@@ -146,6 +146,21 @@ def test_response_processed_is_ignored() -> None:
         ({"metadata": {"a": 1}}, "invalid_type", "metadata"),
         ({"truncation": "sometimes"}, "invalid_value", "truncation"),
         ({"background": "true"}, "invalid_type", "background"),
+        (
+            {"text": {"format": {"type": "json_schema", "schema": {}}}},
+            "missing_required_parameter",
+            "text.format.name",
+        ),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "n", "schema": None}}},
+            "missing_required_parameter",
+            "text.format.schema",
+        ),
+        (
+            {"text": {"format": {"type": "json_schema", "name": 1, "schema": {}}}},
+            "invalid_type",
+            "text.format.name",
+        ),
     ],
 )
 def test_body_errors(fields: dict[str, Any], code: str | None, param: str | None) -> None:

@@ -856,6 +856,13 @@ def test_content_a_chat_upstream_cannot_take_is_refused_not_dropped() -> None:
     }
 
 
+def test_a_text_format_a_chat_upstream_cannot_take_is_refused() -> None:
+    body = {"model": "m", "input": "hi", "text": {"format": {"type": "json_objict"}}}
+    with pytest.raises(APIError) as info:
+        chat_request_fields(validate_create(body, websocket=False).settings, "up")
+    assert (info.value.status, info.value.param) == (400, "text.format.type")
+
+
 def test_a_json_schema_description_goes_upstream() -> None:
     schema = {"type": "json_schema", "name": "out", "description": "d", "schema": {}}
     body = {"model": "m", "input": "hi", "text": {"format": schema}}

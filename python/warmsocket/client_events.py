@@ -887,6 +887,13 @@ def _settings(body: dict[str, Any]) -> dict[str, Any]:
         isinstance(text_format, dict) and isinstance(text_format.get("type"), str)
     ):
         raise errors.invalid_type("text.format", "an object with a 'type'")
+    if text_format is not None and text_format["type"] == "json_schema":
+        for member, kind, expected in (("name", str, "a string"), ("schema", dict, "an object")):
+            value = text_format.get(member)
+            if value is None:
+                raise errors.missing_parameter(f"text.format.{member}")
+            if not isinstance(value, kind):
+                raise errors.invalid_type(f"text.format.{member}", expected)
     truncation = settings["truncation"]
     if not (isinstance(truncation, str) and truncation in {"auto", "disabled"}):
         raise errors.invalid_value(

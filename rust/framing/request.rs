@@ -978,14 +978,33 @@ fn settings(body: &Object<'_>, model: &str) -> Result<Settings, RequestError> {
         .as_object()
         .and_then(|t| present(t.get("format")))
     {
-        if !matches!(
+        let (Some(format), Some(Value::Str(kind))) = (
+            format.as_object(),
             format.as_object().and_then(|f| f.get("type")),
-            Some(Value::Str(_))
-        ) {
+        ) else {
             return Err(RequestError::invalid_type(
                 "text.format",
                 "an object with a 'type'",
             ));
+        };
+        if kind == "json_schema" {
+            // Both required (OpenAI refuses the format without them; a chat upstream
+            // would be sent a response_format it refuses).
+            match present(format.get("name")) {
+                None => return Err(RequestError::missing("text.format.name")),
+                Some(Value::Str(_)) => {}
+                Some(_) => return Err(RequestError::invalid_type("text.format.name", "a string")),
+            }
+            match present(format.get("schema")) {
+                None => return Err(RequestError::missing("text.format.schema")),
+                Some(Value::Object(_)) => {}
+                Some(_) => {
+                    return Err(RequestError::invalid_type(
+                        "text.format.schema",
+                        "an object",
+                    ))
+                }
+            }
         }
     }
     if !matches!(get("truncation"), Value::Str(s) if matches!(s.as_ref(), "auto" | "disabled")) {
@@ -1841,6 +1860,16 @@ mod tests {
             (r#""store":"yes""#, "invalid_type", "store"),
             (r#""generate":1"#, "invalid_type", "generate"),
             (r#""background":"true""#, "invalid_type", "background"),
+            (
+                r#""text":{"format":{"type":"json_schema","schema":{}}}"#,
+                "missing_required_parameter",
+                "text.format.name",
+            ),
+            (
+                r#""text":{"format":{"type":"json_schema","name":"n","schema":[]}}"#,
+                "invalid_type",
+                "text.format.schema",
+            ),
             (
                 r#""background":true"#,
                 "unsupported_parameter",

@@ -265,6 +265,12 @@ def chat_request_fields(
             fields["response_format"] = {"type": "json_schema", "json_schema": schema}
         elif text_format.get("type") == "json_object":
             fields["response_format"] = {"type": "json_object"}
+        elif text_format.get("type") != "text":  # (left out, the format would be lost)
+            raise errors.invalid_value(
+                "text.format.type",
+                "Invalid 'text.format.type': this server's upstream (a Chat Completions "
+                "API) takes 'text', 'json_object' or 'json_schema'.",
+            )
     effort = (explicit.get("reasoning") or {}).get("effort")
     if isinstance(effort, str):
         fields["reasoning_effort"] = effort
