@@ -108,6 +108,10 @@ impl ChunkedDecoder {
                         }
                         return Ok(pos);
                     };
+                    if line > MAX_SIZE_LINE {
+                        // (Arrived whole in one read: the limit holds all the same.)
+                        return Err(ChunkError::InvalidSize);
+                    }
                     let size = chunk_size(&buf[pos..pos + line])?;
                     if size == 0 {
                         // The last chunk: the trailers follow, up to an empty line.
@@ -228,6 +232,13 @@ mod tests {
         assert_eq!(decode_in(b"2\r\nabXY", 8).1, Err(ChunkError::MissingCrlf));
         let long = vec![b'1'; MAX_SIZE_LINE + 1];
         assert_eq!(decode_in(&long, long.len()).1, Err(ChunkError::InvalidSize));
+        // A long extension arriving whole, its line end with it, in one read or many.
+        let mut extended = b"1;".to_vec();
+        extended.extend(vec![b'x'; MAX_SIZE_LINE]);
+        extended.extend_from_slice(b"\r\na\r\n0\r\n\r\n");
+        for step in [extended.len(), 7] {
+            assert_eq!(decode_in(&extended, step).1, Err(ChunkError::InvalidSize));
+        }
         assert_eq!(
             decode_in(b"1ffffffffffffffff\r\n", 40).1,
             Err(ChunkError::InvalidSize)
