@@ -843,6 +843,7 @@ SETTINGS_BODY = {
 model_events = st.lists(
     st.one_of(
         st.tuples(st.just("text"), st.text(st.characters(codec="utf-8"), max_size=8)),
+        st.tuples(st.just("refusal"), st.text(st.characters(codec="utf-8"), max_size=8)),
         st.tuples(st.just("call"), st.sampled_from(["call_1", "call_2"]), st.sampled_from(["f"])),
         st.tuples(st.just("args"), st.text(max_size=6)),
         st.tuples(st.just("close")),
@@ -860,6 +861,8 @@ def _drive_python(
     for event in events:
         if event[0] == "text":
             frames += stream.text_delta(event[1])
+        elif event[0] == "refusal":
+            frames += stream.refusal_delta(event[1])
         elif event[0] == "call":
             frames += stream.tool_call_start(event[1], event[2])
         elif event[0] == "args":
@@ -885,6 +888,8 @@ def _drive_rust(
     for event in events:
         if event[0] == "text":
             out.append(encoder.text_delta(event[1]))
+        elif event[0] == "refusal":
+            out.append(encoder.refusal_delta(event[1]))
         elif event[0] == "call":
             out.append(encoder.tool_call_start(event[1], event[2]))
         elif event[0] == "args":

@@ -1411,8 +1411,8 @@ def test_a_llama_cpp_error_line_fails_the_response(partial: bool) -> None:
     with (
         fake_http_upstream(0.0, {"chat": stream}) as (port, _log),
         warmsocket_upstream(f"http://127.0.0.1:{port}/v1", "chat") as (server, _m),
+        OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk,
     ):
-        sdk = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
         if not partial:
             with pytest.raises(openai.BadRequestError) as info:
                 sdk.responses.create(model="m", input="a long prompt")
@@ -1461,8 +1461,8 @@ def test_token_counts_out_of_range_from_the_upstream_are_not_believed(api: str) 
             assert events[-1]["type"] == "response.completed", events[-1]
             usage = events[-1]["response"]["usage"]
             assert usage["input_tokens"] > 0 and 0 < usage["output_tokens"] < 100
-        sdk = OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
-        streamed = list(sdk.responses.create(model="m", input="hello", stream=True))
+        with OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk:
+            streamed = list(sdk.responses.create(model="m", input="hello", stream=True))
     assert streamed[-1].type == "response.completed"
     assert streamed[-1].response.output_text == "Hi"
 
@@ -1490,3 +1490,61 @@ def test_a_create_closed_in_the_same_write_leaves_no_upstream_connection() -> No
         while open_files() - before > 4 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert open_files() - before <= 4
+
+
+REFUSAL_STREAMS = {
+    "chat": _sse(
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "refusal": "I can"}}]},
+        {"choices": [{"index": 0, "delta": {"refusal": "'t help."}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        "[DONE]",
+    ),
+    "responses": _sse(
+        {"type": "response.output_item.added", "item": {"id": "m", "type": "message"}},
+        {"type": "response.refusal.delta", "item_id": "m", "delta": "I can"},
+        {"type": "response.refusal.delta", "item_id": "m", "delta": "'t help."},
+        {"type": "response.refusal.done", "item_id": "m", "refusal": "I can't help."},
+        {
+            "type": "response.output_item.done",
+            "item": {
+                "id": "m",
+                "type": "message",
+                "content": [{"type": "refusal", "refusal": "I can't help."}],
+            },
+        },
+        {"type": "response.completed", "response": {"id": "resp_up", "status": "completed"}},
+    ),
+}
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_an_upstream_s_refusal_reaches_the_client_as_one(api: str) -> None:
+    """A refusal (chat's `delta.refusal`, the Responses API's `response.refusal.*`)
+    was dropped: `completed` with no output, so `responses.parse` callers got an empty
+    answer instead of the refusal that structured outputs rely on."""
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        city: str
+
+    with (
+        fake_http_upstream(0.0, REFUSAL_STREAMS) as (port, _log),
+        warmsocket_upstream(f"http://127.0.0.1:{port}/v1", api) as (server, _m),
+        OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk,
+    ):
+        parsed = sdk.responses.parse(model="m", input="where?", text_format=Answer)
+        events = list(sdk.responses.create(model="m", input="where?", stream=True))
+        with WSClient(server.ws_url) as client:
+            ws_events = client.turn(input="where?")
+    assert parsed.output_parsed is None
+    content = parsed.output[0].content  # type: ignore[union-attr]
+    assert [(part.type, getattr(part, "refusal", None)) for part in content] == [
+        ("refusal", "I can't help.")
+    ]
+    types = [event.type for event in events]
+    assert types.count("response.refusal.delta") == 2 and "response.refusal.done" in types
+    done = next(e for e in events if e.type == "response.refusal.done")
+    assert done.refusal == "I can't help."  # type: ignore[union-attr]
+    assert ws_events[-1]["response"]["output"][0]["content"] == [
+        {"type": "refusal", "refusal": "I can't help."}
+    ]

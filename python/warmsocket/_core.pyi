@@ -949,6 +949,9 @@ class ResponseEncoder:
         """Assistant text (opens a message item when none is open)."""
     def text_deltas(self, texts: list[str]) -> bytes:
         """`text_delta` of each text, in order, in one call: one event per text."""
+    def refusal_delta(self, text: str) -> bytes:
+        """The model's refusal (`response.refusal.delta`): opens a message whose one
+        content part is a `refusal` when none is open (closing the open item)."""
     def tool_call_start(self, call_id: str, name: str, *, custom: bool = False) -> bytes:
         """Close the open item and start a function_call item (with `custom`, a
         custom_tool_call item)."""
@@ -1030,7 +1033,10 @@ class ResponseEncoder:
     @property
     def open_kind(
         self,
-    ) -> Literal["message", "function_call", "custom_tool_call", "reasoning", "hosted"] | None: ...
+    ) -> (
+        Literal["message", "refusal", "function_call", "custom_tool_call", "reasoning", "hosted"]
+        | None
+    ): ...
     @property
     def open_item_id(self) -> str | None:
         """The id of the item under way, of any kind."""

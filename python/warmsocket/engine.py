@@ -52,6 +52,7 @@ from warmsocket.backends.base import (
     OutputItem,
     ReasoningDelta,
     ReasoningStart,
+    RefusalDelta,
     ResponseFields,
     StreamItem,
     TextAnnotation,
@@ -1024,6 +1025,9 @@ class Turn:
         if isinstance(event, TextDelta):
             self.output_chars += len(event.text)
             return self.stream.text_delta(event.text)
+        if isinstance(event, RefusalDelta):
+            self.output_chars += len(event.text)
+            return self.stream.refusal_delta(event.text)
         if isinstance(event, ToolArgumentsDelta):
             self.output_chars += len(event.delta)
             return self.stream.tool_arguments_delta(event.delta)
@@ -1048,7 +1052,8 @@ class Turn:
             return frames
         if isinstance(event, MessageStart):
             # The next text opens a message of its own.
-            return self.stream.close_item() if self.stream.open_kind == "message" else b""
+            open_kind = self.stream.open_kind
+            return self.stream.close_item() if open_kind in ("message", "refusal") else b""
         if isinstance(event, TextAnnotation):
             return _or_left_out(self.stream.text_annotation, event.annotation, "text annotation")
         if isinstance(event, HostedCallEvent):
@@ -1095,8 +1100,10 @@ class Turn:
             return self.stream.open_kind != "reasoning"
         if isinstance(event, TextDelta | TextAnnotation):
             return self.stream.open_kind != "message"
+        if isinstance(event, RefusalDelta):
+            return self.stream.open_kind != "refusal"
         if isinstance(event, MessageStart):
-            return self.stream.open_kind == "message"
+            return self.stream.open_kind in ("message", "refusal")
         return False
 
     def usage(self) -> Usage:

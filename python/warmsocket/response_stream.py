@@ -152,6 +152,20 @@ class ResponseStream:
         )
         return frames
 
+    def refusal_delta(self, text: str) -> list[bytes]:
+        """The model's refusal: a message whose one content part is a `refusal`."""
+        frames, item = self._message("refusal")
+        item.parts.append(text)
+        frames.append(
+            self._event(
+                b'"type":"response.refusal.delta",'
+                + item.locator
+                + b',"content_index":0,"delta":'
+                + dumps(text)
+            )
+        )
+        return frames
+
     def text_annotation(self, annotation: dict[str, Any]) -> list[bytes]:
         """An annotation of the open message's text (`url_citation`, ...), as OpenAI
         streams it: `response.output_text.annotation.added`, then in the part."""
@@ -310,7 +324,25 @@ class ResponseStream:
         self._open = None
         status = "incomplete" if incomplete else "completed"
         full = "".join(item.parts)
-        if item.kind == "message":
+        part: dict[str, Any]
+        if item.kind == "refusal":
+            part = {"type": "refusal", "refusal": full}
+            body = {**item.body, "status": status, "content": [part]}
+            frames = [
+                self._event(
+                    b'"type":"response.refusal.done",'
+                    + item.locator
+                    + b',"content_index":0,"refusal":'
+                    + dumps(full)
+                ),
+                self._event(
+                    b'"type":"response.content_part.done",'
+                    + item.locator
+                    + b',"content_index":0,"part":'
+                    + dumps(part)
+                ),
+            ]
+        elif item.kind == "message":
             part = {
                 "type": "output_text",
                 "text": full,
@@ -350,7 +382,7 @@ class ResponseStream:
 
     @property
     def open_kind(self) -> str | None:
-        """ "message" or "function_call" while an item is open, else None."""
+        """ "message", "refusal" or "function_call" while an item is open, else None."""
         return None if self._open is None else self._open.kind
 
     # -- other events carrying this response's sequence numbers --------------------------
@@ -362,13 +394,14 @@ class ResponseStream:
 
     # -- encoding -------------------------------------------------------------------------
 
-    def _message(self) -> tuple[list[bytes], _OpenItem]:
-        """The open message, and the events that opened it (closing another item)."""
+    def _message(self, kind: str = "message") -> tuple[list[bytes], _OpenItem]:
+        """The open message (of text, or with `kind` "refusal" of a refusal), and the
+        events that opened it (closing another item)."""
         item = self._open
-        if item is not None and item.kind == "message":
+        if item is not None and item.kind == kind:
             return [], item
         frames = self.close_item()
-        item = self._open_message()
+        item = self._open_message(kind)
         return frames + item.opened, item
 
     def _item_id(self, prefix: str, index: int) -> str:
@@ -377,7 +410,7 @@ class ResponseStream:
         stem = self.response_id.partition("_")[2] or self.response_id
         return f"{prefix}_{stem}_{index}"
 
-    def _open_message(self) -> _OpenItem:
+    def _open_message(self, kind: str = "message") -> _OpenItem:
         index = len(self.output)
         item_id = self._item_id("msg", index)
         body = {
@@ -387,15 +420,20 @@ class ResponseStream:
             "role": "assistant",
             "content": [],
         }
-        item = _OpenItem("message", item_id, index, body)
+        item = _OpenItem(kind, item_id, index, body)
         self._open = item
+        empty = (
+            b'{"type":"refusal","refusal":""}'
+            if kind == "refusal"
+            else b'{"type":"output_text","text":"","annotations":[],"logprobs":[]}'
+        )
         item.opened = [
             self._item_event("response.output_item.added", index, body),
             self._event(
                 b'"type":"response.content_part.added",'
                 + item.locator
-                + b',"content_index":0,"part":{"type":"output_text","text":"","annotations":[],'
-                b'"logprobs":[]}'
+                + b',"content_index":0,"part":'
+                + empty
             ),
         ]
         return item

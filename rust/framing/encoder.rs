@@ -107,6 +107,8 @@ pub struct ResponseHead<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ItemKind {
     Message,
+    /// A message whose one content part is the model's refusal (`refusal_delta`).
+    Refusal,
     FunctionCall,
     /// A custom (freeform) tool call: its text is the call's input.
     CustomToolCall,
@@ -116,6 +118,7 @@ impl ItemKind {
     pub fn name(self) -> &'static str {
         match self {
             ItemKind::Message => "message",
+            ItemKind::Refusal => "refusal",
             ItemKind::FunctionCall => "function_call",
             ItemKind::CustomToolCall => "custom_tool_call",
         }
@@ -464,6 +467,33 @@ impl ResponseEncoder {
         &self.out
     }
 
+    /// The model's refusal: opens a message whose one content part is a `refusal`
+    /// first when none is open (closing the open item, a message of text too).
+    pub fn refusal_delta(&mut self, text: &str) -> &[u8] {
+        self.out.clear();
+        if self.open_kind() != Some(ItemKind::Refusal) {
+            self.close_open();
+            self.open_item(ItemKind::Refusal, String::new(), String::new());
+        }
+        let Some(item) = self.open.as_mut() else {
+            return &self.out;
+        };
+        item.text.push_str(text);
+        let (stream_id, seq) = (self.stream_id.as_deref(), self.sequence_number);
+        let ty = "response.refusal.delta";
+        emit(&mut self.out, self.framing, ty, |s| {
+            head(s, stream_id, seq, ty, 4);
+            locate(s, item);
+            s.key("content_index");
+            s.uint(0);
+            s.key("delta");
+            s.str(text);
+            s.end();
+        });
+        self.sequence_number += 1;
+        &self.out
+    }
+
     /// The log probabilities of the next text delta (a JSON array, as an upstream's
     /// `response.output_text.delta` carried them): written in that delta's event and
     /// kept with the message (its `output_text.done` and its part, where each gets
@@ -500,7 +530,11 @@ impl ResponseEncoder {
     /// call; nothing when neither is open.
     pub fn tool_arguments_delta(&mut self, delta: &str) -> &[u8] {
         self.out.clear();
-        let Some(item) = self.open.as_mut().filter(|i| i.kind != ItemKind::Message) else {
+        let Some(item) = self
+            .open
+            .as_mut()
+            .filter(|i| !matches!(i.kind, ItemKind::Message | ItemKind::Refusal))
+        else {
             return &self.out;
         };
         item.text.push_str(delta);
@@ -1150,7 +1184,7 @@ impl ResponseEncoder {
 
     fn open_item(&mut self, kind: ItemKind, call_id: String, name: String) {
         let prefix = match kind {
-            ItemKind::Message => "msg",
+            ItemKind::Message | ItemKind::Refusal => "msg",
             ItemKind::FunctionCall => "fc",
             ItemKind::CustomToolCall => "ctc",
         };
@@ -1172,7 +1206,7 @@ impl ResponseEncoder {
             s.uint(item.index as u64);
             s.key("item");
             match kind {
-                ItemKind::Message => {
+                ItemKind::Message | ItemKind::Refusal => {
                     s.begin(5);
                     s.key("id");
                     s.str(&item.id);
@@ -1221,7 +1255,7 @@ impl ResponseEncoder {
             s.end();
         });
         self.sequence_number += 1;
-        if kind == ItemKind::Message {
+        if matches!(kind, ItemKind::Message | ItemKind::Refusal) {
             let seq = self.sequence_number;
             let ty = "response.content_part.added";
             emit(&mut self.out, self.framing, ty, |s| {
@@ -1230,7 +1264,11 @@ impl ResponseEncoder {
                 s.key("content_index");
                 s.uint(0);
                 s.key("part");
-                text_part(s, "", &[], &[]);
+                if kind == ItemKind::Refusal {
+                    refusal_part(s, "");
+                } else {
+                    text_part(s, "", &[], &[]);
+                }
                 s.end();
             });
             self.sequence_number += 1;
@@ -1266,6 +1304,37 @@ impl ResponseEncoder {
         let framing = self.framing;
         let mut seq = self.sequence_number;
         let value = match item.kind {
+            ItemKind::Refusal => {
+                let ty = "response.refusal.done";
+                emit(&mut self.out, framing, ty, |s| {
+                    head(s, stream_id, seq, ty, 4);
+                    locate(s, &item);
+                    s.key("content_index");
+                    s.uint(0);
+                    s.key("refusal");
+                    s.str(&item.text);
+                    s.end();
+                });
+                seq += 1;
+                let ty = "response.content_part.done";
+                emit(&mut self.out, framing, ty, |s| {
+                    head(s, stream_id, seq, ty, 4);
+                    locate(s, &item);
+                    s.key("content_index");
+                    s.uint(0);
+                    s.key("part");
+                    refusal_part(s, &item.text);
+                    s.end();
+                });
+                seq += 1;
+                serde_json::json!({
+                    "id": item.id,
+                    "type": "message",
+                    "status": self.open_item_status,
+                    "role": "assistant",
+                    "content": [{"type": "refusal", "refusal": item.text}],
+                })
+            }
             ItemKind::Message => {
                 let ty = "response.output_text.done";
                 emit(&mut self.out, framing, ty, |s| {
@@ -1850,6 +1919,16 @@ fn text_part(
     json_array(s, annotations);
     s.key("logprobs");
     json_array(s, logprobs);
+    s.end();
+}
+
+/// A message's `refusal` content part.
+fn refusal_part(s: &mut dyn Sink, refusal: &str) {
+    s.begin(2);
+    s.key("type");
+    s.str("refusal");
+    s.key("refusal");
+    s.str(refusal);
     s.end();
 }
 
@@ -2847,6 +2926,49 @@ mod tests {
             mp.last().unwrap()["response"]["output"][0]["content"],
             events.last().unwrap()["response"]["output"][0]["content"]
         );
+    }
+
+    #[test]
+    fn a_refusal_is_a_message_with_one_refusal_part() {
+        let mut e = encoder(Framing::Json, None);
+        let mut all = e.start().to_vec();
+        all.extend_from_slice(e.text_delta("Hm."));
+        all.extend_from_slice(e.refusal_delta("I can"));
+        assert_eq!(e.open_kind(), Some(ItemKind::Refusal));
+        all.extend_from_slice(e.refusal_delta("'t."));
+        all.extend_from_slice(e.tool_arguments_delta("ignored"));
+        all.extend_from_slice(e.complete(Usage::default(), 9));
+        let events = lines(&all);
+        let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            &types[8..],
+            [
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.refusal.delta",
+                "response.refusal.delta",
+                "response.refusal.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        assert_eq!(
+            events[9]["part"],
+            serde_json::json!({"type": "refusal", "refusal": ""})
+        );
+        assert_eq!(events[11]["content_index"], 0);
+        assert_eq!(events[12]["refusal"], "I can't.");
+        let output = &events.last().unwrap()["response"]["output"];
+        assert_eq!(output[0]["content"][0]["text"], "Hm.");
+        assert_eq!(
+            output[1]["content"],
+            serde_json::json!([{"type": "refusal", "refusal": "I can't."}])
+        );
+        assert_eq!(output[1]["type"], "message");
+        for (i, event) in events.iter().enumerate() {
+            assert_eq!(event["sequence_number"], i as u64);
+        }
     }
 
     #[test]

@@ -29,6 +29,8 @@ use super::value::{write_canonical, Value};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Text(String),
+    /// The model's refusal (a message's `refusal` content part).
+    Refusal(String),
     /// A function call starts, or (`custom`) a custom tool call, whose input then
     /// comes as `Arguments`.
     Call {
@@ -430,6 +432,22 @@ impl ResponsesDecoder {
                     out.push(Event::Text(delta.to_owned()));
                 }
             }
+            "response.refusal.delta" => {
+                if let Some(delta) = nonempty_str(data.get("delta")) {
+                    let item_id = text_of(data.get("item_id"));
+                    // The message streams: its whole item at the end brings nothing new.
+                    self.emitted.entry(item_id.clone()).or_insert(0);
+                    *self.emitted.entry(refusal_key(&item_id)).or_default() +=
+                        delta.chars().count();
+                    out.push(Event::Refusal(delta.to_owned()));
+                }
+            }
+            "response.refusal.done" => {
+                let key = refusal_key(&text_of(data.get("item_id")));
+                if let Some(rest) = self.rest(&key, data.get("refusal")) {
+                    out.push(Event::Refusal(rest));
+                }
+            }
             "response.function_call_arguments.delta" | "response.custom_tool_call_input.delta" => {
                 if let Some(delta) = nonempty_str(data.get("delta")) {
                     self.count(data, delta);
@@ -537,10 +555,15 @@ impl ResponsesDecoder {
                         }
                     }
                     Some("message") if !self.emitted.contains_key(&item_id) => {
-                        // Not streamed: its text and its annotations, whole.
+                        // Not streamed: its text and its annotations, whole (or its
+                        // refusal).
                         let text = message_text(item);
                         if let Some(rest) = self.rest_of(&item_id, &text) {
                             out.push(Event::Text(rest));
+                        }
+                        let refusal = message_refusal(item);
+                        if let Some(rest) = self.rest_of(&refusal_key(&item_id), &refusal) {
+                            out.push(Event::Refusal(rest));
                         }
                         for annotation in message_annotations(item) {
                             out.push(Event::Annotation(to_json(annotation)));
@@ -613,6 +636,24 @@ impl ResponsesDecoder {
         self.emitted.insert(item_id.to_owned(), total);
         Some(full.chars().skip(sent).collect())
     }
+}
+
+/// Where the characters of an item's refusal already emitted are counted (its text's
+/// are under its id).
+fn refusal_key(item_id: &str) -> String {
+    format!("{item_id}\u{0}refusal")
+}
+
+/// The `refusal` parts of a message item, joined.
+fn message_refusal(item: &Value<'_>) -> String {
+    let Some(Value::Array(parts)) = item.get("content") else {
+        return String::new();
+    };
+    parts
+        .iter()
+        .filter(|p| p.get("type").and_then(Value::as_str) == Some("refusal"))
+        .filter_map(|p| p.get("refusal").and_then(Value::as_str))
+        .collect()
 }
 
 /// The `output_text` parts of a message item, joined.
@@ -976,13 +1017,54 @@ mod tests {
     }
 
     #[test]
+    fn a_streamed_refusal_is_emitted_once() {
+        let body = [
+            (
+                "response.output_item.added",
+                r#"{"type":"response.output_item.added","item":{"id":"m","type":"message","content":[]}}"#,
+            ),
+            (
+                "response.refusal.delta",
+                r#"{"type":"response.refusal.delta","item_id":"m","delta":"I can"}"#,
+            ),
+            (
+                "response.refusal.done",
+                r#"{"type":"response.refusal.done","item_id":"m","refusal":"I can't"}"#,
+            ),
+            (
+                "response.output_item.done",
+                r#"{"type":"response.output_item.done","item":{"id":"m","type":"message","content":[{"type":"refusal","refusal":"I can't"}]}}"#,
+            ),
+        ]
+        .iter()
+        .map(|(kind, data)| sse(kind, data))
+        .collect::<String>()
+            + "data: {\"type\":\"response.completed\",\"response\":{\"id\":\"r\"}}\n\n";
+        for step in [1, 7, body.len()] {
+            let (_decoder, events) = decode(&body, step);
+            let expected = vec![
+                Event::MessageStart,
+                Event::Refusal("I can".into()),
+                Event::Refusal("'t".into()),
+            ];
+            assert_eq!(events, Ok(expected), "step {step}");
+        }
+    }
+
+    #[test]
     fn finished_items_without_deltas_are_emitted_whole() {
         let body = sse(
             "response.output_item.done",
             r#"{"type":"response.output_item.done","item":{"id":"m","type":"message","content":[{"type":"output_text","text":"All "},{"type":"refusal","refusal":"x"},{"type":"output_text","text":"at once"}]}}"#,
         ) + "data: {\"type\":\"response.completed\",\"response\":{\"id\":\"r\"}}";
         let (decoder, events) = decode(&body, 5);
-        assert_eq!(events, Ok(vec![Event::Text("All at once".into())]));
+        assert_eq!(
+            events,
+            Ok(vec![
+                Event::Text("All at once".into()),
+                Event::Refusal("x".into())
+            ])
+        );
         assert!(
             decoder.done,
             "a last event without a blank line still counts"

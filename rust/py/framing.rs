@@ -451,6 +451,14 @@ impl PyResponseEncoder {
         PyBytes::new(py, self.inner.text_delta(&self::text(text)))
     }
 
+    fn refusal_delta<'py>(
+        &mut self,
+        py: Python<'py>,
+        text: &Bound<'py, PyString>,
+    ) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.refusal_delta(&self::text(text)))
+    }
+
     #[pyo3(signature = (item_id = None))]
     fn reasoning_start<'py>(
         &mut self,

@@ -82,6 +82,7 @@ fn events_list<'py>(
     for event in events {
         let tuple = match event {
             Event::Text(text) => ("text", text).into_pyobject(py)?,
+            Event::Refusal(text) => ("refusal", text).into_pyobject(py)?,
             Event::Arguments(delta) => ("args", delta).into_pyobject(py)?,
             Event::Call {
                 call_id,

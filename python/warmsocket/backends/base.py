@@ -34,6 +34,13 @@ class ToolCallStart:
 
 
 @dataclass(frozen=True, slots=True)
+class RefusalDelta:
+    """The model's refusal (a message whose content part is a `refusal`)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class ToolArgumentsDelta:
     """Arguments of the open function_call item."""
 
@@ -173,6 +180,7 @@ class TurnFailed:
 
 ModelEvent = (
     TextDelta
+    | RefusalDelta
     | ToolCallStart
     | ToolArgumentsDelta
     | ReasoningStart

@@ -42,6 +42,7 @@ from warmsocket._core import MAX_UPSTREAM_EVENT_BYTES
 from warmsocket.backends.base import (
     ModelEvent,
     ReasoningDelta,
+    RefusalDelta,
     ResponseFields,
     TextDelta,
     TextLogprobs,
@@ -459,6 +460,9 @@ class ChatChunkDecoder:
                     if logprobs:
                         events.append(TextLogprobs(dumps(logprobs)))
                     events.append(TextDelta(content))
+                refusal = delta.get("refusal")
+                if isinstance(refusal, str) and refusal:
+                    events.append(RefusalDelta(refusal))
                 tool_calls = delta.get("tool_calls")
                 if isinstance(tool_calls, list):
                     for position, call in enumerate(tool_calls):

@@ -40,6 +40,7 @@ from warmsocket.backends.base import (
     OutputItem,
     ReasoningDelta,
     ReasoningStart,
+    RefusalDelta,
     ResponseFields,
     TextAnnotation,
     TextDelta,
@@ -95,6 +96,8 @@ def model_events(decoded: list[tuple[Any, ...]]) -> list[ModelEvent]:
         kind = event[0]
         if kind == "text":
             out.append(TextDelta(event[1]))
+        elif kind == "refusal":
+            out.append(RefusalDelta(event[1]))
         elif kind == "args":
             out.append(ToolArgumentsDelta(event[1]))
         elif kind == "call":
