@@ -326,3 +326,20 @@ def test_a_cancel_whose_caller_is_cancelled_does_not_go_on() -> None:
         return cancelled, went_on
 
     assert asyncio.run(scenario()) == (True, False)
+
+
+def test_finished_runs_expire_without_anything_asking(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer, sdk: OpenAI
+) -> None:
+    """Expiry ran only when something looked (a background request, a `/metrics`
+    scrape): a quiet server kept up to 1,024 finished runs, their events and
+    contexts, past their retention."""
+    monkeypatch.setattr(background, "RETAIN_SECONDS", 0.3)
+    created = sdk.responses.create(model=MODEL, input="quiet", background=True)
+    wait_for(sdk, created.id, "completed")
+    runs = server.server.http.background
+    assert created.id in runs._finished
+    deadline = time.monotonic() + 5
+    while runs._finished and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not runs._finished

@@ -193,6 +193,8 @@ class BackgroundResponses:
         """`board`: where the runs' state is shared with other processes, if anywhere."""
         self.board = board
         self._heartbeat: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        """When the oldest finished run is past its retention (`_expire_later`)."""
         self._announced: set[asyncio.Task[None]] = set()
         """Cancels and deletions other processes asked for, under way."""
         self._running: dict[str, BackgroundRun] = {}
@@ -245,6 +247,7 @@ class BackgroundResponses:
                 if not run.forgotten:  # (deleted as it ran: not to be found again)
                     self._finished[turn.response_id] = run
                     self._finished_bytes += run.held_bytes
+                    self._expire_later()
                 if turn.stream.status != run.published_status:
                     self._publish(run)
                 if self.board is not None and not run.forgotten:
@@ -416,11 +419,30 @@ class BackgroundResponses:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         running = list(self._running.values())
         if running:
             log.info("cancelling background responses", extra={"responses": len(running)})
         for run in running:
             await self.cancel(run)
+
+    def _expire_later(self) -> None:
+        """Expire the oldest finished run when its retention ends, then the next: the
+        runs go without anything asking for one (a request, a `/metrics` scrape)."""
+        if self._expiry is not None or not self._finished:
+            return
+        oldest = next(iter(self._finished.values()))
+        assert oldest.finished_at is not None
+        wait = max(0.0, oldest.finished_at + RETAIN_SECONDS - time.monotonic()) + 0.01
+
+        def expire() -> None:
+            self._expiry = None
+            self._expire()
+            self._expire_later()
+
+        self._expiry = asyncio.get_running_loop().call_later(wait, expire)
 
     def _expire(self) -> None:
         """Forget finished runs past their retention, oldest first."""
