@@ -389,6 +389,8 @@ impl ResponseEncoder {
     /// for a cancellation; the stream ends.
     pub fn cancel(&mut self) -> &[u8] {
         self.out.clear();
+        // Cut short, as an item a response ends `incomplete` in is.
+        self.open_item_status = "incomplete";
         self.close_open();
         self.status = Status::Cancelled;
         &self.out
@@ -3245,6 +3247,7 @@ mod tests {
         e.text_delta("partial");
         let closed = frame_events(e.cancel());
         assert_eq!(closed.last().unwrap()["type"], "response.output_item.done");
+        assert_eq!(closed.last().unwrap()["item"]["status"], "incomplete");
         assert_eq!(e.status(), Status::Cancelled);
         let response: serde_json::Value = serde_json::from_slice(&e.response_json()).unwrap();
         assert_eq!(response["status"], "cancelled");
