@@ -235,10 +235,10 @@ class ResponseInfo:
         """Items this response produced."""
     @property
     def settings(self) -> builtins.bytes:
-        """The JSON object the response was created with as `settings`."""
+        """The bytes the response was created with as `settings` (as given)."""
     @property
     def meta(self) -> builtins.bytes:
-        """The JSON object the response was created with as `meta`."""
+        """The bytes the response was created with as `meta` (as given)."""
 
 @final
 class PrefixMatch:
@@ -468,6 +468,8 @@ class SessionCache:
     ) -> ResponseInfo:
         """Add a response whose own items are `input` followed by `output`.
 
+        `settings` and `meta` are the caller's bytes, kept and snapshotted as they
+        are (warmsocket's server gives JSON objects; they are not parsed here).
         `previous_response_id` is a parent id (looked up like `get`) or a Binding of
         this cache (which must be visible from `connection`, like a lookup; one of
         another cache is a ValueError). `store=False`
