@@ -89,6 +89,9 @@ impl PySessionCache {
         self.inner.prefix_index()
     }
 
+    /// Validate items and, with a tokenizer, count their tokens (ids kept until they
+    /// enter a chain, so `create` hashes them without tokenising again). Raises the
+    /// InvalidItems subclasses, TokenizationFailed.
     fn items(&self, py: Python<'_>, items: &Bound<'_, PyAny>) -> PyResult<PyItems> {
         let items = items_arg(py, Some(items), self.inner.max_item_bytes())?;
         items.check_item_limit(self.inner.max_item_bytes())?;
@@ -98,6 +101,15 @@ impl PySessionCache {
         Ok(PyItems { inner: items })
     }
 
+    /// Match a re-sent history against the cached chains of `owner` (stored ones,
+    /// and those local to `connection`) by the items' semantic digests.
+    ///
+    /// Finds the longest cached prefix in O(items sent) hashing and O(log items)
+    /// index lookups; only the unmatched suffix is validated and tokenised
+    /// (`PrefixMatch.new_items`). With `tokenize=False` the suffix is validated only
+    /// (`items` tokenises it later; `create` does, at the latest). Without
+    /// `prefix_index` nothing ever matches. Raises the InvalidItems subclasses for
+    /// the suffix, TokenizationFailed.
     #[pyo3(signature = (input, *, owner, connection = None, tokenize = true))]
     fn r#match(
         &self,
@@ -161,6 +173,9 @@ impl PySessionCache {
         })
     }
 
+    /// The input the client sent for a response: its own input items, preceded by
+    /// its parent's whole context when the parent was found by `match` (the client
+    /// re-sent that history; listed as cached, i.e. the first form seen).
     #[pyo3(signature = (response_id, *, owner, connection = None))]
     fn input_items(
         &self,
@@ -173,25 +188,44 @@ impl PySessionCache {
         })
     }
 
+    /// Bytes the LRU eviction keeps the cache under (see `CacheStats.bytes`).
     #[getter]
     fn memory_budget(&self) -> u64 {
         self.inner.memory_budget()
     }
 
+    /// The largest item accepted, as canonical JSON.
     #[getter]
     fn max_item_bytes(&self) -> usize {
         self.inner.max_item_bytes()
     }
 
+    /// A new connection id for connection-local entries.
     fn open_connection(&self) -> u64 {
         self.inner.open_connection()
     }
 
+    /// Remove every entry local to the connection and release its bindings.
+    ///
+    /// Entries local to it include stored (`store=True`) descendants of its
+    /// `store=False` responses. Returns the number of entries removed. Unknown ids
+    /// are a no-op.
     fn close_connection(&self, py: Python<'_>, connection: u64) -> usize {
         // Frees the connection's chains: that grows with their size.
         py.detach(|| self.inner.close_connection(connection))
     }
 
+    /// Add a response whose own items are `input` followed by `output`.
+    ///
+    /// `settings` and `meta` are the caller's bytes, kept and snapshotted as they
+    /// are (warmsocket's server gives JSON objects; they are not parsed here).
+    /// `previous_response_id` is a parent id (looked up like `get`) or a Binding of
+    /// this cache (which must be visible from `connection`, like a lookup; one of
+    /// another cache is a ValueError). `store=False`
+    /// requires an open `connection` (ValueError otherwise). Raises ResponseNotFound /
+    /// OwnerMismatch for the parent, DuplicateResponseId, InvalidItems subclasses,
+    /// CacheFull. On any error the cache is unchanged (except the miss counter of a
+    /// failed parent lookup). May evict least-recently-used entries to fit.
     #[pyo3(signature = (
         response_id, *, owner, input = None, output = None, previous_response_id = None,
         settings = &b"{}"[..], meta = &b"{}"[..], store = true, connection = None,
@@ -259,6 +293,7 @@ impl PySessionCache {
         Ok(PyResponseInfo { inner: info })
     }
 
+    /// Look up a response: stored entries of `owner`, plus entries local to `connection`.
     #[pyo3(signature = (response_id, *, owner, connection = None))]
     fn get(
         &self,
@@ -271,6 +306,7 @@ impl PySessionCache {
         })
     }
 
+    /// Look up a response like `get` and pin it (see `Binding`).
     #[pyo3(signature = (response_id, *, owner, connection = None))]
     fn bind(&self, response_id: &str, owner: &str, connection: Option<u64>) -> PyResult<PyBinding> {
         Ok(PyBinding {
@@ -278,6 +314,10 @@ impl PySessionCache {
         })
     }
 
+    /// The context of `response_id` followed by `extra`; None gives just `extra`.
+    ///
+    /// `extra` is tokenised now (with a tokenizer) unless `tokenize` is false, as in
+    /// `Binding.view`.
     #[pyo3(signature = (response_id, *, owner, connection = None, extra = None, tokenize = true))]
     #[allow(clippy::too_many_arguments)]
     fn view(
@@ -300,6 +340,7 @@ impl PySessionCache {
         Ok(PyContextView { inner: view })
     }
 
+    /// The full context of a response as one JSON array (`view(...).json()`).
     #[pyo3(signature = (response_id, *, owner, connection = None))]
     fn context<'py>(
         &self,
@@ -314,6 +355,7 @@ impl PySessionCache {
         view_json(py, &view)
     }
 
+    /// The full context of a response decoded to Python dicts.
     #[pyo3(signature = (response_id, *, owner, connection = None))]
     fn context_objects<'py>(
         &self,
@@ -328,6 +370,7 @@ impl PySessionCache {
         view_objects(py, &view)
     }
 
+    /// This response's own (input, output) items.
     #[pyo3(signature = (response_id, *, owner, connection = None))]
     fn own_items<'py>(
         &self,
@@ -340,17 +383,26 @@ impl PySessionCache {
         PyTuple::new(py, [PyItems { inner: input }, PyItems { inner: output }])
     }
 
+    /// Remove a connection-local entry of `connection` (the failed-continuation rule).
+    ///
+    /// Stored entries are left alone (they stay loadable). Descendants keep their
+    /// context. Returns whether an entry was removed.
     #[pyo3(signature = (response_id, *, owner, connection))]
     fn evict(&self, response_id: &str, owner: &str, connection: u64) -> bool {
         self.inner.evict(response_id, owner, connection)
     }
 
+    /// Remove a stored entry (HTTP DELETE). Descendants keep their context.
+    ///
+    /// Returns whether an entry was removed (False for another owner's entry).
     #[pyo3(signature = (response_id, *, owner))]
     fn delete(&self, response_id: &str, owner: &str) -> bool {
         self.inner.delete(response_id, owner)
     }
 
-    /// The ids evicted for the budget since the last call (the newest 4,096).
+    /// The ids evicted for the memory budget since the last call (the newest
+    /// 4,096; deletes and closed connections are not evictions), so that copies kept
+    /// beside the cache can go too.
     fn take_evicted(&self) -> Vec<String> {
         self.inner
             .take_evicted()
@@ -359,7 +411,8 @@ impl PySessionCache {
             .collect()
     }
 
-    /// `(owner, id)` of every stored entry, in no order.
+    /// `(owner, response id)` of every stored entry (not local to a connection), in
+    /// no order.
     fn stored_ids(&self, py: Python<'_>) -> Vec<(String, String)> {
         py.detach(|| {
             self.inner
@@ -370,22 +423,32 @@ impl PySessionCache {
         })
     }
 
-    /// Drop the prefix index's positions of removed responses now.
+    /// Drop the prefix index's positions of removed responses now, with the memory
+    /// they keep. The index does so by itself once they pass a quarter of its live
+    /// positions plus 4,096 (amortised); this is for a count of the heap with no
+    /// slack in it (the steady-state test).
     fn sweep_prefix_index(&self, py: Python<'_>) {
         py.detach(|| self.inner.sweep_prefix_index());
     }
 
+    /// The cache's counters now.
     fn stats(&self) -> PyCacheStats {
         PyCacheStats {
             inner: self.inner.stats(),
         }
     }
 
+    /// The stored entries (and the nodes their chains need) as msgpack bytes.
     fn snapshot<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         let data = py.detach(|| snapshot::snapshot(&self.inner));
         PyBytes::new(py, &data)
     }
 
+    /// Add the entries of a snapshot, skipping ids already present. Returns entries added.
+    ///
+    /// Everything is validated first (items against this cache's `max_item_bytes`);
+    /// bad data raises SnapshotError and changes nothing. The memory budget applies
+    /// afterwards, as for `create`.
     fn restore(&self, py: Python<'_>, data: &[u8]) -> PyResult<usize> {
         Ok(py.detach(|| snapshot::restore(&self.inner, data))?)
     }
@@ -437,10 +500,16 @@ impl PyResponseInfo {
     fn id(&self) -> &str {
         &self.inner.id
     }
+    /// The `previous_response_id` the response was created with: the parent's id,
+    /// or None for a root and for a response whose parent was found by prefix matching
+    /// (`SessionCache.match`; the client sent none).
     #[getter]
     fn previous_response_id(&self) -> Option<&str> {
         self.inner.previous_response_id.as_deref()
     }
+    /// The id of the node this response continues, also when it was found by
+    /// prefix matching (then it may be `<id>#<n>`: the first n own items of `<id>`).
+    /// The parent may have left the index since.
     #[getter]
     fn parent_id(&self) -> Option<&str> {
         self.inner.parent_id.as_deref()
@@ -449,42 +518,57 @@ impl PyResponseInfo {
     fn owner(&self) -> &str {
         &self.inner.owner
     }
+    /// The `store` flag the response was created with.
     #[getter]
     fn store(&self) -> bool {
         self.inner.store
     }
+    /// The connection whose lifetime bounds this entry, or None for a stored entry.
+    ///
+    /// An entry is connection-local when it was created with `store=False` or when any
+    /// ancestor is connection-local (content sent with `store=false` never outlives
+    /// its connection, even through a stored descendant).
     #[getter]
     fn connection(&self) -> Option<u64> {
         self.inner.connection
     }
+    /// Number of responses in the chain, this one included.
     #[getter]
     fn depth(&self) -> u32 {
         self.inner.depth
     }
+    /// Number of items in the full context (the whole chain).
     #[getter]
     fn items(&self) -> u64 {
         self.inner.items
     }
+    /// Size of the full context as one JSON array, in bytes.
     #[getter]
     fn bytes(&self) -> u64 {
         self.inner.bytes
     }
+    /// Tokens of the full context (0 without a tokenizer): each item tokenised once,
+    /// when it entered the cache, framing included (docs/tokens.md).
     #[getter]
     fn tokens(&self) -> u64 {
         self.inner.tokens
     }
+    /// Items this response was sent (its own, not its ancestors').
     #[getter]
     fn input_items(&self) -> usize {
         self.inner.input_items
     }
+    /// Items this response produced.
     #[getter]
     fn output_items(&self) -> usize {
         self.inner.output_items
     }
+    /// The bytes the response was created with as `settings` (as given).
     #[getter]
     fn settings<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.inner.settings)
     }
+    /// The bytes the response was created with as `meta` (as given).
     #[getter]
     fn meta<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.inner.meta)
@@ -505,47 +589,61 @@ pub struct PyCacheStats {
 
 #[pymethods]
 impl PyCacheStats {
+    /// Responses addressable by id.
     #[getter]
     fn entries(&self) -> u64 {
         self.inner.entries
     }
+    /// Entries visible from any connection of their owner.
     #[getter]
     fn stored_entries(&self) -> u64 {
         self.inner.stored_entries
     }
+    /// Entries bound to a connection (`store=False`, or descendants of one).
     #[getter]
     fn local_entries(&self) -> u64 {
         self.inner.local_entries
     }
+    /// Estimated bytes held by live nodes: entries, the ancestors they need, and
+    /// chains still held by bindings and views. Own item bytes, settings and meta,
+    /// plus a fixed overhead per item and per node; settings shared with the parent
+    /// are counted once.
     #[getter]
     fn bytes(&self) -> u64 {
         self.inner.bytes
     }
+    /// The budget the LRU eviction keeps `bytes` under (pins permitting).
     #[getter]
     fn memory_budget(&self) -> u64 {
         self.inner.memory_budget
     }
+    /// Lookups (get, bind, view, context, create's parent) that found their entry.
     #[getter]
     fn hits(&self) -> u64 {
         self.inner.hits
     }
+    /// Lookups that found nothing (including owner mismatches).
     #[getter]
     fn misses(&self) -> u64 {
         self.inner.misses
     }
+    /// Entries removed by the memory budget (not by evict/delete/close).
     #[getter]
     fn evictions(&self) -> u64 {
         self.inner.evictions
     }
+    /// Open connections.
     #[getter]
     fn connections(&self) -> u64 {
         self.inner.connections
     }
+    /// Entries with at least one live Binding.
     #[getter]
     fn pinned(&self) -> u64 {
         self.inner.pinned
     }
 
+    /// All the counters by name.
     fn as_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let dict = PyDict::new(py);
         for (name, value) in self.inner.fields() {
@@ -573,27 +671,41 @@ pub struct PyContextView {
 
 #[pymethods]
 impl PyContextView {
+    /// Number of items in the view.
     #[getter]
     fn items(&self) -> u64 {
         self.inner.items()
     }
+    /// Size of `json()` in bytes.
     #[getter]
     fn nbytes(&self) -> u64 {
         self.inner.nbytes()
     }
+    /// Tokens of the view (0 without a tokenizer): a sum of cached counts, O(1).
     #[getter]
     fn tokens(&self) -> u64 {
         self.inner.tokens()
     }
 
+    /// The `call_id` of the first `function_call_output` among the view's new items
+    /// that answers no `function_call` before it in the context (None when all do).
+    /// Walks back from the end until every new output is matched, not the whole
+    /// context.
     fn unanswered_call_output(&self) -> Option<String> {
         self.inner.unanswered_call_output()
     }
 
+    /// The whole context as one JSON array: one allocation, one copy of each item.
+    ///
+    /// Results of 256 KiB or more are copied with the GIL released.
     fn json<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         view_json(py, &self.inner)
     }
 
+    /// The bytes of `json()` between the first `start` items (with the `[` before
+    /// them) and the closing `]`: `json()` less its `]` is `b"[" + json_from(0)`, and
+    /// appending `json_from(k)` to that part of a view whose items are this view's
+    /// first `k` gives this view's. ValueError when `start` is past the last item.
     fn json_from<'py>(&self, py: Python<'py>, start: i64) -> PyResult<Bound<'py, PyBytes>> {
         // (Signed, so that a negative start is the ValueError the stub promises.)
         let part = u64::try_from(start)
@@ -608,10 +720,15 @@ impl PyContextView {
         bytes_with(py, len, |sink| part.write(|c| sink.write(c)))
     }
 
+    /// The items decoded to Python dicts, oldest first.
     fn objects<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         view_objects(py, &self.inner)
     }
 
+    /// The context's token ids as `array('I')` (None without a tokenizer).
+    ///
+    /// Concatenated from the kept ids when the cache keeps them (`keep_token_ids`);
+    /// otherwise every item is tokenised again (O(context)).
     fn token_ids<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
         let view = &self.inner;
         let ids = py
@@ -620,6 +737,13 @@ impl PyContextView {
         ids.map(|ids| token_array(py, &ids)).transpose()
     }
 
+    /// Where `truncation: "auto"` cuts the context to at most `budget` tokens:
+    /// `(head, start)`, to keep the first `head` items (the system and developer
+    /// messages it starts with) and the items from `start` on, `start` being the
+    /// earliest user message from which they fit (whole turns go: no tool output
+    /// loses its call). `start == head` when nothing need go; None when not even the
+    /// last user message onward fits. Items count their cached tokens, else
+    /// `tokenizer`'s count, else four bytes a token.
     #[pyo3(signature = (budget, tokenizer=None))]
     fn truncation(
         &self,
@@ -633,12 +757,18 @@ impl PyContextView {
             .map_err(|e| to_py_err(py, e))
     }
 
+    /// Tokens of the context counted from scratch with `tokenizer`: every item
+    /// tokenised again, O(context) (what a server without token caching pays per
+    /// turn; `tokens` is the cached count).
     fn count_tokens(&self, py: Python<'_>, tokenizer: &Tokenizer) -> PyResult<u64> {
         let (view, tokenizer) = (&self.inner, &tokenizer.inner);
         py.detach(|| view.count_tokens(tokenizer))
             .map_err(|e| to_py_err(py, e))
     }
 
+    /// The block hashes of the context's tokens, 8 bytes per full block (None
+    /// without a tokenizer): the chain's stored hashes, then those of the new items.
+    /// The same as `block_hashes(self.token_ids(), block_size, seed=seed)`.
     fn block_hashes<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
         let view = &self.inner;
         let hashes = py
@@ -647,6 +777,9 @@ impl PyContextView {
         Ok(hashes.map(|h| hash_bytes(py, &h)))
     }
 
+    /// Tokens covered by the equal leading block hashes of two views; None unless
+    /// both come from caches with the same tokenizer, block size and seed.
+    /// O(shared blocks) plus hashing each view's new items.
     fn shared_prefix_tokens(&self, py: Python<'_>, other: &PyContextView) -> PyResult<Option<u64>> {
         let (a, b) = (&self.inner, &other.inner);
         let blocks = py
@@ -656,6 +789,9 @@ impl PyContextView {
         Ok(blocks.map(|n| (n * block_size) as u64))
     }
 
+    /// JSON array from the last message with this role (inclusive) to the end.
+    ///
+    /// The whole context when there is no such message. Costs O(items returned).
     #[pyo3(signature = (*, from_last_role = "user"))]
     fn tail<'py>(&self, py: Python<'py>, from_last_role: &str) -> PyResult<Bound<'py, PyBytes>> {
         let tail = self.inner.tail(from_last_role);
@@ -681,17 +817,22 @@ pub struct PyBinding {
 
 #[pymethods]
 impl PyBinding {
+    /// The bound response's id (`<id>#<n>` for a prefix of a response's items).
     #[getter]
     fn response_id(&self) -> &str {
         self.inner.response_id()
     }
 
+    /// The bound response, as it was when bound.
     fn info(&self) -> PyResult<PyResponseInfo> {
         Ok(PyResponseInfo {
             inner: self.inner.info()?,
         })
     }
 
+    /// The bound response's context followed by `extra`, which is tokenised now
+    /// (with a tokenizer) unless `tokenize` is false: then the view's `tokens`
+    /// leave `extra` out until a tokenised copy (`SessionCache.items`) replaces it.
     #[pyo3(signature = (extra = None, *, tokenize = true))]
     fn view(
         &self,
@@ -710,11 +851,14 @@ impl PyBinding {
         Ok(PyContextView { inner: view })
     }
 
+    /// Made by `SessionCache.match`: a response created on it records no
+    /// `previous_response_id`.
     #[getter]
     fn implicit(&self) -> bool {
         self.inner.is_implicit()
     }
 
+    /// Drop the pin. Idempotent; also done when the binding is garbage-collected.
     fn release(&self) {
         self.inner.release();
     }
@@ -723,6 +867,7 @@ impl PyBinding {
         slf
     }
 
+    /// Release the binding.
     #[pyo3(signature = (*_exc_info))]
     fn __exit__(&self, _exc_info: &Bound<'_, PyTuple>) {
         self.inner.release();
@@ -751,26 +896,35 @@ pub struct PyPrefixMatch {
 
 #[pymethods]
 impl PyPrefixMatch {
+    /// Holds the node whose context is the matched prefix (pinning it when it is a
+    /// cached response); pass it as `previous_response_id` to `create`, then release
+    /// it. None when nothing matched. When the prefix ends inside a response's own
+    /// items, the node is made on the spot and shares those items (`<id>#<n>`).
     #[getter]
     fn binding(&self, py: Python<'_>) -> Option<Py<PyBinding>> {
         self.binding.as_ref().map(|b| b.clone_ref(py))
     }
+    /// Leading items of the input that matched.
     #[getter]
     fn items(&self) -> usize {
         self.items
     }
+    /// Tokens of the matched prefix (0 without a tokenizer).
     #[getter]
     fn tokens(&self) -> u64 {
         self.tokens
     }
+    /// Items of the input.
     #[getter]
     fn sent(&self) -> usize {
         self.sent
     }
+    /// The binding's node id (None when nothing matched).
     #[getter]
     fn parent_id(&self) -> Option<&str> {
         self.parent_id.as_deref()
     }
+    /// The input after the matched prefix: validated and, with a tokenizer, counted.
     #[getter]
     fn new_items(&self) -> PyItems {
         PyItems {

@@ -101,6 +101,7 @@ impl PyCreateRequest {
     fn model(&self) -> &str {
         &self.inner.model
     }
+    /// The lane (WebSocket only).
     #[getter]
     fn stream_id(&self) -> Option<&str> {
         self.inner.stream_id.as_deref()
@@ -109,6 +110,7 @@ impl PyCreateRequest {
     fn previous_response_id(&self) -> Option<&str> {
         self.inner.previous_response_id.as_deref()
     }
+    /// False for a warm-up (`generate: false` or `prompt_cache_options.prewarm`).
     #[getter]
     fn generate(&self) -> bool {
         self.inner.generate
@@ -117,6 +119,7 @@ impl PyCreateRequest {
     fn store(&self) -> bool {
         self.inner.store
     }
+    /// `background: true` (HTTP only): the response runs on after the request.
     #[getter]
     fn background(&self) -> bool {
         self.inner.background
@@ -125,16 +128,19 @@ impl PyCreateRequest {
     fn stream(&self) -> bool {
         self.inner.stream
     }
+    /// The new input items, normalised (a string or an "easy" message is a typed message).
     #[getter]
     fn input(&self) -> PyItems {
         PyItems {
             inner: self.inner.input.clone(),
         }
     }
+    /// The echoed Response fields and `model` as one canonical JSON object.
     #[getter]
     fn settings_json<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.inner.settings)
     }
+    /// `settings_json` decoded, without `model` (decoded once, then shared).
     #[getter]
     fn settings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let dict = self
@@ -152,6 +158,7 @@ impl PyCreateRequest {
     fn instructions(&self) -> Option<&str> {
         self.inner.instructions.as_deref()
     }
+    /// Names of the `function` tools, in order.
     #[getter]
     fn function_names<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, &self.inner.function_names)
@@ -160,64 +167,97 @@ impl PyCreateRequest {
     fn has_tools(&self) -> bool {
         self.inner.has_tools
     }
+    /// The `tools` array as canonical JSON (as in `settings_json`); None when
+    /// there is no tool.
     #[getter]
     fn tools_json<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
         let span = self.inner.tools_span.clone()?;
         Some(PyBytes::new(py, self.inner.settings.get(span)?))
     }
+    /// Bytes of the instructions (UTF-8) and of `tools_json`: what the prompt
+    /// starts with, for deciding where to tokenise it.
     #[getter]
     fn prompt_bytes(&self) -> usize {
         let tools = self.inner.tools_span.as_ref().map_or(0, |span| span.len());
         self.inner.instructions.as_ref().map_or(0, String::len) + tools
     }
+    /// XXH3-64 of `tools_json` (to tell one set of tools from another without
+    /// comparing them); None when there is no tool.
     #[getter]
     fn tools_digest(&self) -> Option<u64> {
         let span = self.inner.tools_span.clone()?;
         Some(xxhash_rust::xxh3::xxh3_64(self.inner.settings.get(span)?))
     }
+    /// Server-side compaction asked for (`context_management`, validated as the
+    /// API's schema has it): the first entry's `compact_threshold` in tokens (at least
+    /// 1,000), else 100,000; None when none was asked for.
     #[getter]
     fn compact_threshold(&self) -> Option<u64> {
         self.inner.compact_threshold
     }
+    /// The input has an `item_reference` item (`{"type": "item_reference", "id"}`),
+    /// which the engine replaces with the stored item it names.
     #[getter]
     fn has_item_references(&self) -> bool {
         self.inner.has_item_references
     }
+    /// `max_output_tokens` (as in `settings`; at most 2**64 - 1), without decoding
+    /// the settings.
     #[getter]
     fn max_output_tokens(&self) -> Option<u64> {
         self.inner.max_output_tokens
     }
+    /// The body fields only an upstream acts on, for a Responses upstream: `image`,
+    /// `prompt` and `moderation` (`responses_only`), `access_programs`, and
+    /// `prompt_cache_options` less `prewarm` (warmsocket's own) and
+    /// `comparison_response_id` (a response id), null members left out, as one
+    /// canonical JSON object; None when there is none.
     #[getter]
     fn upstream_options_json<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
         let json = self.inner.upstream_options.as_ref()?;
         Some(PyBytes::new(py, json))
     }
+    /// `include` as sent (validated: an array of strings, or null), such as
+    /// `("reasoning.encrypted_content",)`; empty when absent or null.
     #[getter]
     fn include<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, &self.inner.include)
     }
+    /// Of `prompt` (a template stored at OpenAI) and `moderation` (moderated
+    /// completions), in that order, those the body has: only a Responses upstream
+    /// can honour them (they are in `upstream_options_json`), so another backend
+    /// refuses them.
     #[getter]
     fn responses_only<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, &self.inner.responses_only)
     }
+    /// The body gave no `model` (its `prompt`'s template names one): `model` is
+    /// `"default"`, and an upstream is sent none.
     #[getter]
     fn model_from_prompt(&self) -> bool {
         self.inner.model_from_prompt
     }
+    /// The `conversation`'s id (sent as it, or as an object's `id`): its items come
+    /// before the input, and it gets this response's input and output.
     #[getter]
     fn conversation(&self) -> Option<&str> {
         self.inner.conversation.as_deref()
     }
+    /// Of `temperature`, `top_p` and `service_tier` (in that order), those the
+    /// client gave at the API's default value (1, 1, `"default"`), which `settings`
+    /// cannot tell from leaving them out. They are still forwarded: an upstream's
+    /// own default may differ (a model's sampling defaults; OpenAI's `auto` tier).
     #[getter]
     fn given_defaults<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, &self.inner.given_defaults)
     }
+    /// Body fields the API does not know (ignored), sorted.
     #[getter]
     fn ignored_fields<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, &self.inner.ignored_fields)
     }
 
-    /// The automatic successor of a steered response: same settings, new input.
+    /// The same request with new input, chained to `previous_response_id`, generating.
     fn successor(&self, input: &PyItems, previous_response_id: &str) -> PyCreateRequest {
         let mut inner = self.inner.clone();
         inner.input = input.inner.clone();
@@ -253,12 +293,14 @@ impl PySteerRequest {
     fn previous_response_id(&self) -> &str {
         &self.inner.previous_response_id
     }
+    /// The steering input as user messages.
     #[getter]
     fn input(&self) -> PyItems {
         PyItems {
             inner: self.inner.input.clone(),
         }
     }
+    /// The `input` field as sent (a string or an array), as JSON.
     #[getter]
     fn input_json<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.inner.input_json)
@@ -278,6 +320,7 @@ impl PySteerRequest {
 pub struct PyRejection {
     #[pyo3(get)]
     code: &'static str,
+    /// Never holds conversation content.
     #[pyo3(get)]
     message: String,
     #[pyo3(get)]
@@ -286,10 +329,15 @@ pub struct PyRejection {
     status: u16,
     #[pyo3(get)]
     r#type: &'static str,
+    /// `message`: step 1 (JSON, type, stream_id), report at once; `create`: a create
+    /// body error, reported on its lane when the request reaches the front; `steer`: an
+    /// invalid `response.steer` (`response.steer.failed` with `invalid_input`).
     #[pyo3(get)]
     stage: &'static str,
+    /// The create's lane, once step 1 passed.
     #[pyo3(get)]
     stream_id: Option<String>,
+    /// The body's `previous_response_id` when it is a string.
     #[pyo3(get)]
     previous_response_id: Option<String>,
     steer_input_json: Option<Vec<u8>>,
@@ -319,6 +367,8 @@ impl PyRejection {
 
 #[pymethods]
 impl PyRejection {
+    /// A refused steer's input as canonical JSON when the input itself is valid
+    /// (another field was wrong), for `response.steer.failed` to give back.
     #[getter]
     fn steer_input_json<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
         self.steer_input_json
@@ -431,18 +481,24 @@ impl PyResponseEncoder {
         Ok(PyResponseEncoder { inner })
     }
 
+    /// `response.created` and `response.in_progress`; for a background response
+    /// `response.created` and `response.queued` (status `queued` until `in_progress`).
     fn start<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, self.inner.start())
     }
 
+    /// A queued (background) response starts: `response.in_progress`.
     fn in_progress<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, self.inner.in_progress())
     }
 
+    /// A background response is cancelled: the open item's `.done` events; the
+    /// status is `cancelled` (no terminal event: the API has none for it).
     fn cancel<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, self.inner.cancel())
     }
 
+    /// Assistant text (opens a message item when none is open).
     fn text_delta<'py>(
         &mut self,
         py: Python<'py>,
@@ -451,6 +507,8 @@ impl PyResponseEncoder {
         PyBytes::new(py, self.inner.text_delta(&self::text(text)))
     }
 
+    /// The model's refusal (`response.refusal.delta`): opens a message whose one
+    /// content part is a `refusal` when none is open (closing the open item).
     fn refusal_delta<'py>(
         &mut self,
         py: Python<'py>,
@@ -459,6 +517,10 @@ impl PyResponseEncoder {
         PyBytes::new(py, self.inner.refusal_delta(&self::text(text)))
     }
 
+    /// Close the open item and open a reasoning item (`output_item.added`) whose
+    /// parts then come as `reasoning_delta`s; it ends with `output_item` (the whole
+    /// item, adding what was not streamed) or when another item starts (built from
+    /// its deltas). `item_id`: the upstream's (a new `rs_` id when None).
     #[pyo3(signature = (item_id = None))]
     fn reasoning_start<'py>(
         &mut self,
@@ -469,6 +531,9 @@ impl PyResponseEncoder {
         PyBytes::new(py, self.inner.reasoning_start(id.as_deref()))
     }
 
+    /// A delta of summary part `index` (`summary`) or of `reasoning_text` content
+    /// part `index`; opens a reasoning item when none is open, and closes the last
+    /// part when this is another.
     fn reasoning_delta<'py>(
         &mut self,
         py: Python<'py>,
@@ -479,6 +544,7 @@ impl PyResponseEncoder {
         PyBytes::new(py, self.inner.reasoning_delta(summary, index, &text(delta)))
     }
 
+    /// `text_delta` of each text, in order, in one call: one event per text.
     fn text_deltas<'py>(
         &mut self,
         py: Python<'py>,
@@ -491,6 +557,8 @@ impl PyResponseEncoder {
         PyBytes::new(py, &out)
     }
 
+    /// Close the open item and start a function_call item (with `custom`, a
+    /// custom_tool_call item).
     #[pyo3(signature = (call_id, name, *, custom = false))]
     fn tool_call_start<'py>(
         &mut self,
@@ -508,6 +576,8 @@ impl PyResponseEncoder {
         PyBytes::new(py, out)
     }
 
+    /// Arguments of the open function_call item, or input of the open custom tool
+    /// call (nothing when neither is open).
     fn tool_arguments_delta<'py>(
         &mut self,
         py: Python<'py>,
@@ -516,6 +586,8 @@ impl PyResponseEncoder {
         PyBytes::new(py, self.inner.tool_arguments_delta(&text(delta)))
     }
 
+    /// The open item's `.done` events, if an item is open; with `incomplete`, a
+    /// message or function call is closed `status: incomplete` (cut short).
     #[pyo3(signature = (*, incomplete = false))]
     fn close_item<'py>(&mut self, py: Python<'py>, incomplete: bool) -> Bound<'py, PyBytes> {
         if incomplete {
@@ -525,6 +597,7 @@ impl PyResponseEncoder {
         }
     }
 
+    /// Close the open item; `response.completed`.
     #[pyo3(signature = (usage, *, completed_at))]
     fn complete<'py>(
         &mut self,
@@ -535,6 +608,8 @@ impl PyResponseEncoder {
         PyBytes::new(py, self.inner.complete(self::usage(usage), completed_at))
     }
 
+    /// Close the open item; `response.failed` with `error`, a JSON object (`{code,
+    /// message}`, plus `type` and `param` for upstream errors). ValueError otherwise.
     #[pyo3(signature = (error, usage = None))]
     fn fail<'py>(
         &mut self,
@@ -546,6 +621,7 @@ impl PyResponseEncoder {
         Ok(PyBytes::new(py, self.inner.fail(error, usage)?))
     }
 
+    /// Close the open item; `response.incomplete` with `incomplete_details.reason`.
     #[pyo3(signature = (reason, usage, *, completed_at))]
     fn incomplete<'py>(
         &mut self,
@@ -561,24 +637,50 @@ impl PyResponseEncoder {
         )
     }
 
+    /// Another event (a JSON object, e.g. steering) numbered in this response's
+    /// sequence, with its `stream_id`. ValueError when it is not a JSON object.
     fn event<'py>(&mut self, py: Python<'py>, event: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
         Ok(PyBytes::new(py, self.inner.event(event)?))
     }
 
+    /// A whole output item of a type not built from deltas (a JSON object): closes
+    /// the open item. A `reasoning` item gives its events in OpenAI's order (added;
+    /// per summary part and per `reasoning_text` content part: part added, one
+    /// delta, text done, part done; done) and keeps `id` (a new `rs_` id when it has
+    /// none), `summary`, `content` and `encrypted_content`; any other type (custom
+    /// and hosted tool calls) is given as it is in `output_item.added` and
+    /// `output_item.done`. ValueError, with nothing changed, for a `message`, a
+    /// `function_call`, an object without a string `type`, or a malformed
+    /// reasoning item. A reasoning item finishes the streamed one (`reasoning_start`)
+    /// of its id: only the parts not streamed are given, then `output_item.done`; an
+    /// item of the id of the hosted tool call under way (`item_start`) finishes it
+    /// with only its `output_item.done`, and one of a call closed early replaces it
+    /// (its `output_item.done` again, at its index).
     fn output_item<'py>(&mut self, py: Python<'py>, item: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
         self.encode_json(py, item, ResponseEncoder::output_item)
     }
 
-    /// The log probabilities of the next text delta (a JSON array).
+    /// The log probabilities of the next text delta (a JSON array, as an upstream's
+    /// `response.output_text.delta` carried them): written in that delta's event and
+    /// kept with the message (`output_text.done`, and its text part, where each gets
+    /// its token's `bytes` when it has none). ValueError for anything but an array.
     fn text_logprobs(&mut self, logprobs: &[u8]) -> PyResult<()> {
         Ok(self.inner.text_logprobs(logprobs)?)
     }
 
-    /// Fields of the upstream's Response about what it did (a JSON object).
+    /// Fields the upstream's Response gave about what it did (a JSON object, as
+    /// `ResponsesStreamDecoder` returns them: `service_tier`, `moderation`, ...): the
+    /// Response object has them from now on, each in place of the setting of its name
+    /// or added, and `meta_json` and `terminal_meta` keep them (`response_fields`).
+    /// ValueError for anything but an object.
     fn set_response_fields(&mut self, fields: &[u8]) -> PyResult<()> {
         Ok(self.inner.set_response_fields(fields)?)
     }
 
+    /// An annotation of the message's text (a JSON object with a string `type`: a web
+    /// search's `url_citation`, ...): `response.output_text.annotation.added` with its
+    /// `annotation_index`, and kept in the text part. Opens a message first when none
+    /// is open. ValueError, with nothing changed, for anything else.
     fn text_annotation<'py>(
         &mut self,
         py: Python<'py>,
@@ -587,14 +689,26 @@ impl PyResponseEncoder {
         self.encode_json(py, annotation, ResponseEncoder::text_annotation)
     }
 
+    /// A hosted tool call starts (web search, code interpreter, an MCP call...: any
+    /// item type but message, function, custom tool call and reasoning): closes the
+    /// open item and gives `output_item.added` with the item as it is. Its progress
+    /// events then go through `item_event`, and `output_item` with the whole item of
+    /// the same id finishes it; closed before that, it is kept as it started.
+    /// ValueError, with nothing changed, without a non-empty string `id` or for a
+    /// type built from deltas.
     fn item_start<'py>(&mut self, py: Python<'py>, item: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
         self.encode_json(py, item, ResponseEncoder::item_start)
     }
 
+    /// A progress event of the hosted tool call under way (a JSON object naming its
+    /// `item_id`), given whole with this response's `sequence_number`, `stream_id`
+    /// and the call's `output_index`; nothing when it names no call under way.
+    /// ValueError when it is not a JSON object with a string `type`.
     fn item_event<'py>(&mut self, py: Python<'py>, event: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
         self.encode_json(py, event, ResponseEncoder::item_event)
     }
 
+    /// The number the next event gets.
     #[getter]
     fn sequence_number(&self) -> u64 {
         self.inner.sequence_number()
@@ -613,6 +727,7 @@ impl PyResponseEncoder {
         }
         self.inner.open_kind().map(|k| k.name())
     }
+    /// The id of the item under way, of any kind.
     #[getter]
     fn open_item_id(&self) -> Option<&str> {
         self.inner.open_item_id()
@@ -630,20 +745,28 @@ impl PyResponseEncoder {
         self.inner.completed_at()
     }
 
+    /// The finished output items, ready for `SessionCache.create(output=...)`.
     fn output_items(&self) -> PyItems {
         PyItems {
             inner: self.inner.output_items(),
         }
     }
 
+    /// The Response object now (after a terminal event: the one it carried).
     fn response_json<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.inner.response_json())
     }
 
+    /// status, created_at, completed_at, usage, error, incomplete_details, and
+    /// `response_fields` once `set_response_fields` gave any (JSON).
     fn meta_json<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.inner.meta_json())
     }
 
+    /// The `meta_json` this response will have once it ends `completed` (or,
+    /// with `incomplete` as the reason, `incomplete`), plus `instructions` (the
+    /// prompt's instructions key), last: what the cache stores before the terminal
+    /// event is sent. Changes nothing.
     #[pyo3(signature = (usage, *, completed_at, incomplete = None, instructions = None))]
     fn terminal_meta<'py>(
         &self,
@@ -697,6 +820,9 @@ impl PyClientFrames {
         }
     }
 
+    /// What `data` completes, in order: `(True, payload)` for a whole message,
+    /// `(False, raw)` for bytes to pass to the protocol object's `receive_data`
+    /// (adjacent raw frames joined). A partial frame at the end is kept.
     fn feed<'py>(
         &mut self,
         py: Python<'py>,
@@ -715,16 +841,20 @@ impl PyClientFrames {
             .collect())
     }
 
+    /// The stream goes to the protocol object for good.
     #[getter]
     fn handed_over(&self) -> bool {
         self.inner.handed_over()
     }
 
+    /// Bytes of an incomplete frame held until the rest arrives.
     #[getter]
     fn buffered(&self) -> usize {
         self.inner.buffered()
     }
 
+    /// The held bytes of an incomplete frame, taken out (for the protocol object
+    /// when the caller stops using this reader).
     fn take_buffered<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.inner.take_buffered())
     }

@@ -158,6 +158,8 @@ pub fn items_json<'py>(py: Python<'py>, items: &Items) -> PyResult<Bound<'py, Py
 
 #[pymethods]
 impl PyItems {
+    /// Validate a JSON array of objects, each nested at most 100 levels (the item is
+    /// level 1). Raises ItemNotJson, ItemNotObject, ItemTooLarge.
     #[staticmethod]
     #[pyo3(signature = (data, *, max_item_bytes = 33554432))]
     fn parse(py: Python<'_>, data: &Bound<'_, PyAny>, max_item_bytes: usize) -> PyResult<PyItems> {
@@ -166,6 +168,11 @@ impl PyItems {
         })
     }
 
+    /// Build a batch from Python dicts, with the same canonical form as `parse`.
+    ///
+    /// Keys must be str; values str, int (64-bit), finite float, bool, None, list,
+    /// tuple or mapping, nested at most 100 levels. Anything else raises ItemNotJson;
+    /// a non-mapping element raises ItemNotObject.
     #[staticmethod]
     #[pyo3(signature = (items, *, max_item_bytes = 33554432))]
     fn from_objects(items: &Bound<'_, PyAny>, max_item_bytes: usize) -> PyResult<PyItems> {
@@ -174,24 +181,30 @@ impl PyItems {
         })
     }
 
+    /// Number of items.
     fn __len__(&self) -> usize {
         self.inner.len()
     }
 
+    /// Total canonical JSON bytes of the items (without array brackets and commas).
     #[getter]
     fn nbytes(&self) -> u64 {
         self.inner.nbytes()
     }
 
+    /// Tokens of the items when a tokenising cache built them (`SessionCache.items`),
+    /// else 0.
     #[getter]
     fn tokens(&self) -> u64 {
         self.inner.tokens()
     }
 
+    /// The batch as one JSON array.
     fn json<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         items_json(py, &self.inner)
     }
 
+    /// The items decoded to Python dicts.
     fn to_objects<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let list = PyList::empty(py);
         for item in self.inner.iter() {
@@ -200,11 +213,13 @@ impl PyItems {
         Ok(list)
     }
 
+    /// One item's canonical JSON (negative indexes count from the end). Raises IndexError.
     fn item_json<'py>(&self, py: Python<'py>, index: isize) -> PyResult<Bound<'py, PyBytes>> {
         let i = self::index(self.inner.len(), index)?;
         Ok(PyBytes::new(py, self.inner.as_slice()[i].json()))
     }
 
+    /// One item's extracted fields. Raises IndexError.
     fn item_meta(&self, index: isize) -> PyResult<PyItemMeta> {
         let i = self::index(self.inner.len(), index)?;
         Ok(PyItemMeta {
@@ -213,13 +228,14 @@ impl PyItems {
         })
     }
 
-    /// Each item's `id` (None where it has none), in order: a list's cursor found
-    /// without converting the items.
+    /// Each item's `id` (None where it has none), in order, without converting
+    /// the items.
     fn ids(&self) -> Vec<Option<&str>> {
         self.inner.iter().map(|item| item.id()).collect()
     }
 
-    /// The first item id given twice, or that `taken` (a set) holds; None when none is.
+    /// The first item `id` (in order) an earlier item has too, or that `taken`
+    /// holds; None when there is none. Empty ids are not ids.
     #[pyo3(signature = (taken = None))]
     fn first_duplicate_id(
         &self,
@@ -239,10 +255,14 @@ impl PyItems {
         }
     }
 
+    /// The index of the last item whose `type` is `kind` (`message` for an item with a
+    /// `role` and no `type`), None when there is none. O(items after it).
     fn last_of_type(&self, kind: &str) -> Option<usize> {
         self.inner.iter().rposition(|item| item.kind() == kind)
     }
 
+    /// The items `start` to `end` (the end when None), sharing this batch: no copy.
+    /// IndexError outside the items.
     #[pyo3(signature = (start, end = None))]
     fn slice(&self, start: i64, end: Option<i64>) -> PyResult<PyItems> {
         let len = self.inner.len();
@@ -262,6 +282,7 @@ impl PyItems {
         })
     }
 
+    /// This batch's items followed by `other`'s (the items are shared, not copied).
     fn concat(&self, other: &PyItems) -> PyItems {
         PyItems {
             inner: self.inner.concat(&other.inner),
@@ -286,34 +307,46 @@ pub struct PyItemMeta {
 
 #[pymethods]
 impl PyItemMeta {
+    /// The item's `type`; `"message"` when absent but `role` is present, else `""`.
     #[getter]
     fn r#type(&self) -> &str {
         self.item.kind()
     }
+    /// The item's `id` when it is a string.
     #[getter]
     fn id(&self) -> Option<&str> {
         self.item.id()
     }
+    /// The item's `role` when it is a string.
     #[getter]
     fn role(&self) -> Option<&str> {
         self.item.role()
     }
+    /// The item's `call_id` when it is a string.
     #[getter]
     fn call_id(&self) -> Option<&str> {
         self.item.call_id()
     }
+    /// The item's `name` when it is a string.
     #[getter]
     fn name(&self) -> Option<&str> {
         self.item.name()
     }
+    /// Size of the item's canonical JSON.
     #[getter]
     fn nbytes(&self) -> usize {
         self.item.nbytes()
     }
+    /// The item's tokens, framing included, when a tokenising cache built its batch.
     #[getter]
     fn tokens(&self) -> Option<u32> {
         self.tokens
     }
+    /// The item's semantic digest (16 bytes): XXH3-128 of its canonical JSON with
+    /// the differences that do not change its meaning normalised away (top-level `id`,
+    /// `status` and null members; an easy message's missing `type`; a lone
+    /// `input_text`/`output_text` part vs a string; empty `annotations`/`logprobs`).
+    /// Re-sent histories are matched by it (docs/architecture.md).
     #[getter]
     fn digest<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.item.digest().to_be_bytes())

@@ -203,6 +203,10 @@ impl Tokenizer {
 
 #[pymethods]
 impl Tokenizer {
+    /// `"o200k_base"` or `"cl100k_base"`. Raises UnknownEncoding.
+    ///
+    /// The first use of an encoding in a process builds its rank table
+    /// (about 0.2 s); later calls share it.
     #[staticmethod]
     fn builtin(py: Python<'_>, name: &str) -> PyResult<Self> {
         let inner = py
@@ -213,6 +217,7 @@ impl Tokenizer {
         })
     }
 
+    /// The encoding of a model by name (see `encoding_for_model`); `o200k_base` when unknown.
     #[staticmethod]
     fn for_model(py: Python<'_>, model: &str) -> Self {
         Self {
@@ -220,6 +225,10 @@ impl Tokenizer {
         }
     }
 
+    /// A Hugging Face tokenizer from a local tokenizer.json.
+    ///
+    /// Truncation and padding set in the file are ignored. Raises
+    /// TokenizerFileUnreadable, InvalidTokenizerFile.
     #[staticmethod]
     fn from_file(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         let inner = py
@@ -230,6 +239,9 @@ impl Tokenizer {
         })
     }
 
+    /// A Hugging Face tokenizer from the contents of a tokenizer.json.
+    ///
+    /// Raises InvalidTokenizerFile.
     #[staticmethod]
     #[pyo3(signature = (data, *, name = "<tokenizer.json>"))]
     fn from_json(py: Python<'_>, data: &Bound<'_, PyAny>, name: &str) -> PyResult<Self> {
@@ -242,31 +254,39 @@ impl Tokenizer {
         })
     }
 
+    /// `"o200k_base"`, `"cl100k_base"`, or the tokenizer.json path (or `name`).
     #[getter]
     fn name(&self) -> &str {
         self.inner.name()
     }
 
+    /// The (start, sep, end) token ids that frame each rendered message.
     #[getter]
     fn framing(&self) -> (u32, u32, u32) {
         let f = self.inner.framing();
         (f.start, f.sep, f.end)
     }
 
+    /// Number of tokens of `text`. Raises TokenizationFailed.
     fn count(&self, py: Python<'_>, text: &str) -> PyResult<usize> {
         self.run(py, |t| t.count(text))
     }
 
+    /// Token ids of `text` as `array('I')`. Raises TokenizationFailed.
     fn encode<'py>(&self, py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyAny>> {
         let ids = self.run(py, |t| t.encode(text))?;
         token_array(py, &ids)
     }
 
+    /// Tokens of one Responses API item, framing included (docs/tokens.md).
+    ///
+    /// Raises InvalidItemJson, TokenizationFailed.
     fn count_item(&self, py: Python<'_>, item_json: &Bound<'_, PyAny>) -> PyResult<usize> {
         let json = json_arg(item_json)?;
         self.run(py, |t| t.count_item(json))
     }
 
+    /// Token ids of one item, framing included: `start role sep content... end`.
     fn encode_item<'py>(
         &self,
         py: Python<'py>,
@@ -277,15 +297,21 @@ impl Tokenizer {
         token_array(py, &ids)
     }
 
+    /// Tokens of the instructions rendered as a `system` message, framing included.
     fn count_instructions(&self, py: Python<'_>, instructions: &str) -> PyResult<usize> {
         self.run(py, |t| t.count_instructions(instructions))
     }
 
+    /// Tokens of a request's tools (a JSON array) rendered as one `system` message
+    /// whose segments are the tools' JSON texts, framing included; 0 for no tools.
+    ///
+    /// Raises InvalidItemJson (not a JSON array), TokenizationFailed.
     fn count_tools(&self, py: Python<'_>, tools_json: &Bound<'_, PyAny>) -> PyResult<usize> {
         let json = json_arg(tools_json)?;
         self.run(py, |t| t.count_tools(json))
     }
 
+    /// Token ids of the instructions rendered as a `system` message, framing included.
     fn encode_instructions<'py>(
         &self,
         py: Python<'py>,
@@ -347,26 +373,31 @@ impl BlockHasher {
         self.inner.seed()
     }
 
+    /// Full blocks hashed so far.
     #[getter]
     fn blocks(&self) -> u64 {
         self.inner.blocks()
     }
 
+    /// Tokens seen so far (full blocks and tail).
     #[getter]
     fn tokens(&self) -> u64 {
         self.inner.tokens()
     }
 
+    /// Tokens covered by full blocks (`blocks * block_size`).
     #[getter]
     fn block_tokens(&self) -> u64 {
         self.inner.block_tokens()
     }
 
+    /// The tokens after the last full block.
     #[getter]
     fn tail<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         token_array(py, self.inner.tail())
     }
 
+    /// The last full block's hash, or None before the first block is full.
     #[getter]
     fn last_hash<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
         self.inner
@@ -374,6 +405,7 @@ impl BlockHasher {
             .map(|h| PyBytes::new(py, &h.to_be_bytes()))
     }
 
+    /// The state after appending `tokens`, and the hashes of the blocks they complete.
     fn extend<'py>(
         &self,
         py: Python<'py>,
@@ -386,6 +418,9 @@ impl BlockHasher {
         })
     }
 
+    /// `extend(tokenizer.encode_item(item_json))` in one call.
+    ///
+    /// The item's token count is `new.tokens - self.tokens`.
     fn extend_item<'py>(
         &self,
         py: Python<'py>,
@@ -400,6 +435,7 @@ impl BlockHasher {
         })
     }
 
+    /// `extend(tokenizer.encode_instructions(instructions))` in one call.
     fn extend_instructions<'py>(
         &self,
         py: Python<'py>,

@@ -28,6 +28,7 @@ impl PyResponsesStreamDecoder {
         Self::default()
     }
 
+    /// The events completed by a chunk of the SSE body.
     fn feed<'py>(&mut self, py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyList>> {
         // The work is the event this chunk may complete, held from earlier chunks too
         // (up to MAX_EVENT_BYTES: a terminal event repeats the whole Response).
@@ -41,12 +42,17 @@ impl PyResponsesStreamDecoder {
         events_list(py, events, stop)
     }
 
+    /// The events left when the SSE body ends without a final blank line.
     fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let mut events = Vec::new();
         let stop = self.inner.finish_sse(&mut events).err();
         events_list(py, events, stop)
     }
 
+    /// One event as a JSON message (WebSocket mode). Its `type` is read first:
+    /// `response.created` / `in_progress` (which repeat the whole Response) are not
+    /// parsed, terminal events are read for their id, usage and relayed fields
+    /// only; the GIL is released for a large message.
     fn message<'py>(&mut self, py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyList>> {
         let inner = &mut self.inner;
         let (events, stop) = detach_if(py, data.len(), DETACH_PARSE_BYTES, || {
@@ -57,16 +63,19 @@ impl PyResponsesStreamDecoder {
         events_list(py, events, stop)
     }
 
+    /// A terminal event (`response.completed` / `response.incomplete`) arrived.
     #[getter]
     fn done(&self) -> bool {
         self.inner.done
     }
 
+    /// An event other than an error arrived.
     #[getter]
     fn started(&self) -> bool {
         self.inner.started
     }
 
+    /// The upstream's id of the response, from its terminal event.
     #[getter]
     fn response_id(&self) -> Option<&str> {
         self.inner.response_id.as_deref()
@@ -167,6 +176,9 @@ impl PyChunkedBody {
         Self::default()
     }
 
+    /// The body bytes `data` completes. ValueError for an invalid chunk size line
+    /// (hexadecimal digits only, at most 1 KiB with extensions), chunk data not
+    /// followed by CRLF, or trailers over 64 KiB.
     fn feed<'py>(&mut self, py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
         let mut out = Vec::with_capacity(data.len());
         self.inner
@@ -175,21 +187,25 @@ impl PyChunkedBody {
         Ok(PyBytes::new(py, &out))
     }
 
+    /// The last chunk and its trailers were read.
     #[getter]
     fn done(&self) -> bool {
         self.inner.done
     }
 
+    /// Bytes came after the end of the body (do not reuse the connection).
     #[getter]
     fn trailing(&self) -> bool {
         self.inner.trailing
     }
 
+    /// Data bytes of the current chunk not received yet (0 between chunks).
     #[getter]
     fn chunk_left(&self) -> usize {
         self.inner.chunk_left()
     }
 
+    /// The bytes that came after the body in the read that ended it (once).
     fn take_rest<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &std::mem::take(&mut self.inner.rest))
     }
