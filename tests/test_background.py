@@ -343,3 +343,14 @@ def test_finished_runs_expire_without_anything_asking(
     while runs._finished and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not runs._finished
+
+
+def test_continuing_a_background_response_still_running_says_so(sdk: OpenAI) -> None:
+    """It said "not found" of a response the client had just created and could poll."""
+    running = sdk.responses.create(model=MODEL, input="/sleep 3000 slow", background=True)
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.responses.create(model=MODEL, input="next", previous_response_id=running.id)
+    assert info.value.code == "previous_response_not_found"
+    assert "still in progress" in info.value.message
+    assert "GET /v1/responses/{id}" in info.value.message
+    sdk.responses.cancel(running.id)

@@ -251,6 +251,18 @@ def previous_response_not_found(response_id: str) -> APIError:
     )
 
 
+def previous_response_running(response_id: str) -> APIError:
+    """`previous_response_not_found` for a background response still running (it is
+    stored, and can be continued, once it has ended)."""
+    return APIError(
+        "previous_response_not_found",
+        f"Previous response with id '{_id(response_id)}' is still in progress (a "
+        "background response): continue from it once it has ended (poll it with "
+        "GET /v1/responses/{id}, or stream it).",
+        param="previous_response_id",
+    )
+
+
 def shared_store_unavailable(
     response_id: str | None, *, param: str | None = "previous_response_id"
 ) -> APIError:

@@ -340,14 +340,22 @@ class HTTPApp:
             await self._count_request(request, owner)
             await self._load_parent(create, owner)
             await self._fresh_conversation(create, owner)
-            turn = engine.prepare(
-                create,
-                owner=owner,
-                connection=connection,
-                lookup_connection=None,
-                framing="sse" if create.stream or create.background else "json",
-                client_key=self.auth.token(request),
-            )
+            try:
+                turn = engine.prepare(
+                    create,
+                    owner=owner,
+                    connection=connection,
+                    lookup_connection=None,
+                    framing="sse" if create.stream or create.background else "json",
+                    client_key=self.auth.token(request),
+                )
+            except APIError as error:
+                parent = create.previous_response_id
+                if error.code == "previous_response_not_found" and parent is not None:
+                    run = self.background.get(parent, owner)
+                    if run is not None and not run.finished:
+                        raise errors.previous_response_running(parent) from None
+                raise
             if create.background:
                 await self._start_background(request, writer, request_id, turn, slot)
             elif create.stream:
