@@ -674,3 +674,25 @@ def test_a_forged_compaction_item_with_invalid_items_is_the_client_s_400(
     valid = ours(json.dumps({"summary": "s", "after": [{"role": "user", "content": "x"}]}).encode())
     answer = sdk.responses.create(model=MODEL, input=[valid, {"role": "user", "content": "next"}])  # type: ignore[list-item]
     assert answer.status == "completed"
+
+
+def test_a_forged_compaction_item_is_checked_nested_and_in_a_conversation(
+    server: RunningServer,
+) -> None:
+    """The items of a compaction item inside another one (a chat upstream expands them
+    all), and compaction items added to a conversation (every later response in it
+    failed), are checked too."""
+    wrong = {"role": "user", "content": [{"type": "output_text", "text": 5}]}
+    bad = ours(json.dumps({"summary": "s", "after": [wrong]}).encode())
+    nested = ours(json.dumps({"summary": "outer", "after": [bad]}).encode())
+    sdk = client(server)
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.responses.create(model=MODEL, input=[nested, {"role": "user", "content": "next"}])  # type: ignore[list-item]
+    assert info.value.param == "input[0].encrypted_content"
+    with httpx.Client(base_url=server.base_url) as http:
+        created = http.post("conversations", json={"items": [bad]})
+        conversation = http.post("conversations", json={}).json()["id"]
+        added = http.post(f"conversations/{conversation}/items", json={"items": [nested]})
+    assert created.status_code == 400
+    assert created.json()["error"]["param"] == "items[0].encrypted_content"
+    assert added.status_code == 400

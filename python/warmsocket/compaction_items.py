@@ -147,29 +147,40 @@ _ANY_SIZE = 1 << 62
 """The item size limit of `check_sent`: the items passed the server's when sent."""
 
 
-def check_sent(items: Items) -> None:
+def check_sent(items: Items, *, param: str = "input") -> None:
     """Refuse a client's compaction item of warmsocket's whose items a create would
-    not take as input. Anyone can send a payload under warmsocket's prefix, and the
-    backends read the items it expands to as they read checked input (one that is
-    not failed the response with a 500). One call into Rust without compaction items.
-    Raises APIError (400 on `input[i]`)."""
+    not take as input (as a create's input or a conversation's new items: `param`).
+    Anyone can send a payload under warmsocket's prefix, and the backends read the
+    items it expands to as they read checked input (one that is not failed the
+    response with a 500). One call into Rust without compaction items. Raises
+    APIError (400 on `param[i]`)."""
     end = len(items)
     while (found := items.slice(0, end).last_of_type("compaction")) is not None:
         end = found
         compacted = unpack(json.loads(items.item_json(found)))
-        if compacted is None:
-            continue  # (another server's: read by none of warmsocket's backends)
-        lists = [compacted.after] + ([] if compacted.before is None else [compacted.before])
-        for value in filter(None, lists):
-            body = json.dumps({"model": "m", "input": value}).encode()
-            checked = parse_client_message(body, websocket=False, max_item_bytes=_ANY_SIZE)
-            if isinstance(checked, Rejection):
-                param = f"input[{found}].encrypted_content"
-                raise errors.invalid_value(
-                    param,
-                    f"Invalid '{param}': this compaction item's content holds items that "
-                    "are not valid input. Send the compaction item as warmsocket made it.",
-                )
+        if compacted is not None and not _valid_expansion(compacted):
+            at = f"{param}[{found}].encrypted_content"
+            raise errors.invalid_value(
+                at,
+                f"Invalid '{at}': this compaction item's content holds items that are not "
+                "valid input. Send the compaction item as warmsocket made it.",
+            )
+
+
+def _valid_expansion(compacted: Compacted) -> bool:
+    """Whether the items a compaction item of warmsocket's stands for are valid input,
+    those of compaction items of warmsocket's among them too (a chat upstream expands
+    them all). Their depth is bounded by the payload's (`decode_json`)."""
+    for value in filter(None, (compacted.after, compacted.before)):
+        body = json.dumps({"model": "m", "input": value}).encode()
+        checked = parse_client_message(body, websocket=False, max_item_bytes=_ANY_SIZE)
+        if isinstance(checked, Rejection):
+            return False
+        for item in value:
+            inner = unpack(item) if item.get("type") == "compaction" else None
+            if inner is not None and not _valid_expansion(inner):
+                return False
+    return True
 
 
 def summary_of(item: Mapping[str, Any]) -> str | None:

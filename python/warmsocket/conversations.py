@@ -51,6 +51,7 @@ import msgpack  # type: ignore[import-untyped]
 from warmsocket import errors, ids
 from warmsocket._core import InvalidItems, Items
 from warmsocket.client_events import normalize_input, validate_metadata
+from warmsocket.compaction_items import check_sent
 from warmsocket.errors import APIError
 from warmsocket.logs import Tally
 from warmsocket.pages import list_object, page_range
@@ -469,6 +470,7 @@ class Conversations:
         except InvalidItems as exc:
             raise errors.invalid_value(param, f"Invalid '{param}': {exc}") from None
         refuse_duplicate_ids(items, param=param, kept=kept)
+        check_sent(items, param=param)
         return items
 
     async def add_items(self, owner: str, conv_id: str, body: Any) -> list[dict[str, Any]]:
