@@ -162,6 +162,8 @@ def test_shutdown_cancels_the_runs_still_going() -> None:
     assert time.monotonic() - started < 5
     (run,) = runs._finished.values()
     assert run.turn.response_id == created.id and run.turn.stream.status == "cancelled"
+    # No expiry timer left armed by the run's end (it would hold the runs 10 minutes).
+    assert runs._expiry is None
 
 
 def test_finished_runs_are_kept_within_their_bounds(

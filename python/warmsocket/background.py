@@ -195,6 +195,7 @@ class BackgroundResponses:
         self._heartbeat: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
         """When the oldest finished run is past its retention (`_expire_later`)."""
+        self._closed = False
         self._announced: set[asyncio.Task[None]] = set()
         """Cancels and deletions other processes asked for, under way."""
         self._running: dict[str, BackgroundRun] = {}
@@ -419,19 +420,20 @@ class BackgroundResponses:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
         running = list(self._running.values())
         if running:
             log.info("cancelling background responses", extra={"responses": len(running)})
         for run in running:
             await self.cancel(run)
+        self._closed = True
+        if self._expiry is not None:  # (after the runs: each one ending arms it)
+            self._expiry.cancel()
+            self._expiry = None
 
     def _expire_later(self) -> None:
         """Expire the oldest finished run when its retention ends, then the next: the
         runs go without anything asking for one (a request, a `/metrics` scrape)."""
-        if self._expiry is not None or not self._finished:
+        if self._expiry is not None or not self._finished or self._closed:
             return
         oldest = next(iter(self._finished.values()))
         assert oldest.finished_at is not None
