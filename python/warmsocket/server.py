@@ -524,6 +524,9 @@ class Server:
             listener.close()
         for handshake in list(self._handshakes):
             handshake.cancel()
+        # (Without a drain before: a request arriving while those under way end is
+        # refused with a 503, not started and then cut.)
+        self.draining = self.http.draining = True
         await self._end_http_requests()
         for connection in list(self.connections):
             connection.shutdown()
