@@ -893,3 +893,14 @@ def test_a_legacy_function_call_is_a_tool_call() -> None:
     events = decode(ChatChunkDecoder(), data)
     assert isinstance(events[0], ToolCallStart) and events[0].name == "f"
     assert "".join(e.delta for e in events if isinstance(e, ToolArgumentsDelta)) == '{"a": 1}'
+
+
+@pytest.mark.parametrize("reason", ["abort", "error"])
+def test_a_finish_reason_of_a_request_given_up_is_a_failure(reason: str) -> None:
+    """vLLM and SGLang end a request their engine dropped with `finish_reason: abort`:
+    read as the answer's end, the cut answer was `completed`, stored and continued."""
+    data = _sse(_delta({"role": "assistant", "content": "par"}), _delta({}, reason), "[DONE]")
+    with pytest.raises(UpstreamError) as info:
+        decode(ChatChunkDecoder(), data)
+    assert (info.value.status, info.value.retryable) == (500, True)
+    assert reason in info.value.message

@@ -52,6 +52,7 @@ from warmsocket.backends.base import (
     UsageReport,
 )
 from warmsocket.compaction_items import expanded_items, foreign_compaction
+from warmsocket.errors import SERVER_ERROR
 from warmsocket.response_stream import dumps
 from warmsocket.sse import SSEDecoder
 from warmsocket.upstream import (
@@ -321,6 +322,10 @@ class _Call:
 _CUT_SHORT = {"length": "max_output_tokens", "content_filter": "content_filter"}
 """`finish_reason`s of an answer cut short -> the Response's `incomplete_details.reason`."""
 
+_STOPPED_BY_SERVER = frozenset({"abort", "error"})
+"""`finish_reason`s of an answer the server gave up on (vLLM and SGLang `abort`, as
+when the engine drops the request): a failure, not the answer's end."""
+
 
 def _content_logprobs(value: Any) -> list[dict[str, Any]]:
     """A chunk's `logprobs.content` as the Responses API's delta has them: `token`,
@@ -475,6 +480,16 @@ class ChatChunkDecoder:
             finish_reason = choice.get("finish_reason")
             if finish_reason is not None and not isinstance(finish_reason, str):
                 raise transport_error("protocol")
+            if finish_reason in _STOPPED_BY_SERVER:
+                raise UpstreamError(
+                    "server_error",
+                    "The upstream stopped generating the response "
+                    f"(finish_reason '{finish_reason}').",
+                    status=500,
+                    type=SERVER_ERROR,
+                    retryable=True,
+                    reason="stream",
+                )
             if finish_reason:
                 self.finished = True
                 self.cut_short = _CUT_SHORT.get(finish_reason)
