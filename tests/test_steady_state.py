@@ -183,8 +183,25 @@ def cycle(server: RunningServer) -> None:
             sdk.responses.delete(response_id)
 
 
+def written(server: RunningServer) -> None:
+    """Wait until what the cycles queued for Redis is written: a write in flight holds
+    its commands (lists) for a moment, which a loaded machine can catch."""
+
+    async def flushed() -> None:
+        engine = server.server.engine
+        if engine.shared is not None:
+            await engine.shared.flush()
+        queue = engine.conversations._writes
+        if queue is not None:
+            await queue.join()
+
+    asyncio.run_coroutine_threadsafe(flushed(), server.loop).result(timeout=10)
+
+
 def state_counts(server: RunningServer) -> dict[str, int]:
-    """What the server holds, read on its loop once every connection has gone."""
+    """What the server holds, read on its loop once every connection has gone (and
+    what was queued for Redis is written)."""
+    written(server)
 
     def read() -> dict[str, Any]:
         gc.collect()
