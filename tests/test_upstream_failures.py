@@ -314,6 +314,92 @@ def test_5xx_is_retried_before_the_first_event_then_fails(
         assert events[-1]["error"]["code"] == "previous_response_not_found"
 
 
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_an_upstream_s_short_retry_after_is_waited_out(api: str) -> None:
+    """A 503 asking for a second: the one replica is tried again after it, not at once
+    (which an overloaded server would only refuse again)."""
+    with running_sim() as sim, warmsocket_upstream(sim.base_url, api) as (server, metrics):
+        sim.control(faults=[{"status": 503, "retry_after": "1"}])
+        with OpenAI(base_url=server.base_url, api_key="x", max_retries=0) as sdk:
+            start = time.monotonic()
+            response = sdk.responses.create(model="m", input="hello")
+            waited = time.monotonic() - start
+        assert response.output_text == "You said: hello"
+        assert [r["status"] for r in records(sim)] == [503, 200]
+        assert 1.0 <= waited < 5
+        assert metrics.upstream.retries == 1
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_an_upstream_s_long_retry_after_reaches_the_client(api: str) -> None:
+    """A 503 asking for 30 s is not waited out in the request (nor retried at once):
+    the client gets the 503 and its Retry-After, which the SDK honours."""
+    with running_sim() as sim, warmsocket_upstream(sim.base_url, api) as (server, _metrics):
+        sim.control(faults=[{"status": 503, "retry_after": "30"}])
+        with OpenAI(base_url=server.base_url, api_key="x", max_retries=0) as sdk:
+            start = time.monotonic()
+            with pytest.raises(openai.InternalServerError) as info:
+                sdk.responses.create(model="m", input="hello")
+            assert time.monotonic() - start < 2
+        assert info.value.status_code == 503
+        assert info.value.response.headers["retry-after"] == "30"
+        assert info.value.response.headers["retry-after-ms"] == "30000"
+        assert info.value.code == "server_is_overloaded"
+        assert [r["status"] for r in records(sim)] == [503]
+        # Over a WebSocket the create's response fails, saying the upstream is busy.
+        sim.control(faults=[{"status": 503, "retry_after": "30"}])
+        with WSClient(server.ws_url) as client:
+            terminal = Chain(client).turn("hi")
+        assert terminal["type"] == "response.failed"
+        assert terminal["response"]["error"]["code"] == "server_error"
+        assert "overloaded" in terminal["response"]["error"]["message"]
+
+
+def test_a_long_retry_after_sends_the_retry_to_another_replica_at_once() -> None:
+    with (
+        running_sim() as first,
+        running_sim() as second,
+        warmsocket_upstream([first.base_url, second.base_url]) as (server, metrics),
+    ):
+        for sim in (first, second):
+            sim.control(faults=[{"status": 503, "retry_after": "30"}])
+        with OpenAI(base_url=server.base_url, api_key="x", max_retries=0) as sdk:
+            start = time.monotonic()
+            with pytest.raises(openai.InternalServerError) as info:
+                sdk.responses.create(model="m", input="hello")
+            assert time.monotonic() - start < 2
+            assert info.value.status_code == 503
+            assert [len(records(sim)) for sim in (first, second)] == [1, 1]
+            assert metrics.upstream.retries == 1
+            # One replica busy, the other not: answered by the other, without waiting.
+            first.control(reset_stats=True, faults=[{"status": 503, "retry_after": "30"}])
+            second.control(reset_stats=True)
+            for n in range(40):  # new chains spread over both replicas by their prompt
+                if records(first):
+                    break
+                text = f"prompt {n} " + "word " * 200
+                start = time.monotonic()
+                answer = sdk.responses.create(model="m", input=text)
+                assert time.monotonic() - start < 2
+                assert answer.output_text == f"You said: {text}"
+        assert [r["status"] for r in records(first)] == [503]
+        assert records(second)[-1]["status"] == 200
+
+
+def test_5xx_retries_on_the_same_replica_back_off() -> None:
+    with running_sim() as sim, warmsocket_upstream(sim.base_url) as (server, metrics):
+        sim.control(faults=[{"status": 500}] * 3)
+        with OpenAI(base_url=server.base_url, api_key="x", max_retries=0) as sdk:
+            start = time.monotonic()
+            with pytest.raises(openai.InternalServerError) as info:
+                sdk.responses.create(model="m", input="hello")
+            waited = time.monotonic() - start
+        assert info.value.status_code == 500
+        assert [r["status"] for r in records(sim)] == [500, 500, 500]
+        assert 0.75 <= waited < 5  # 0.25 s, then 0.5 s
+        assert metrics.upstream.retries == 2
+
+
 def test_timeouts_are_retried_then_fail(api: str) -> None:
     with (
         running_sim() as sim,

@@ -4,7 +4,9 @@ the affinity router, error mapping, configuration."""
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
+import time
 from typing import Any
 
 import pytest
@@ -35,6 +37,8 @@ from warmsocket.upstream import (
     from_error_object,
     from_http_status,
     parse_model_map,
+    retry_after_seconds,
+    retry_delay,
     transport_error,
 )
 
@@ -543,9 +547,8 @@ def test_http_error_mapping() -> None:
     assert from_http_status(400, vllm.encode(), {}).message == "bad"
     assert from_http_status(422, b'{"detail": "nope"}', {}).message == "nope"
     limited = from_http_status(429, b"", {"retry-after": "3", "x-other": "1"})
-    assert limited.headers == {"retry-after": "3"} and limited.response_error()["code"] == (
-        "rate_limit_exceeded"
-    )
+    assert limited.headers == {"retry-after": "3", "retry-after-ms": "3000"}
+    assert limited.response_error()["code"] == "rate_limit_exceeded"
     for status in (500, 502, 503, 408):
         server = from_http_status(status, b"oops", {})
         assert server.retryable and not server.misconfigured
@@ -845,3 +848,58 @@ def test_request_heads_share_a_chains_settings_and_stay_within_their_bytes() -> 
     assert "other49" in heads._heads and "r0" not in heads._heads
     heads.forget(list(heads._heads))
     assert heads._bytes == 0
+
+
+def test_retry_after_is_read_in_every_form_and_nonsense_is_ignored() -> None:
+    assert retry_after_seconds({"retry-after": "7"}) == 7.0
+    assert retry_after_seconds({"retry-after": " 1.5 "}) == 1.5
+    # retry-after-ms (OpenAI's) is more precise and wins.
+    assert retry_after_seconds({"retry-after": "7", "retry-after-ms": "250"}) == 0.25
+    soon = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 27 <= (retry_after_seconds({"retry-after": soon}) or 0) <= 30
+    past = email.utils.formatdate(time.time() - 30, usegmt=True)
+    assert retry_after_seconds({"retry-after": past}) == 0.0
+    assert retry_after_seconds({"retry-after": "99999999999"}) == 24 * 3600.0
+    for nonsense in ("", "soon", "-1", "nan", "inf", "1e999", "Mon, 99 Foo 2026 10:00:00 GMT"):
+        assert retry_after_seconds({"retry-after": nonsense}) is None, nonsense
+    assert retry_after_seconds({}) is None
+
+
+def test_an_upstream_5xx_keeps_its_wait_and_a_503_stays_a_503() -> None:
+    overloaded = from_http_status(503, b"{}", {"retry-after": "4"})
+    assert (overloaded.status, overloaded.code, overloaded.type) == (
+        503,
+        "server_is_overloaded",
+        "server_error",
+    )
+    assert overloaded.retryable and overloaded.retry_after == 4.0
+    assert overloaded.headers == {"retry-after": "4", "retry-after-ms": "4000"}
+    assert overloaded.response_error()["code"] == "server_error"  # the Response's enum
+    # A fraction of a second rounds up in whole seconds; the upstream's text never
+    # reaches the client as it came.
+    failed = from_http_status(500, b"", {"retry-after-ms": "1200", "retry-after": "x\x7f"})
+    assert (failed.status, failed.headers) == (
+        500,
+        {"retry-after": "2", "retry-after-ms": "1200"},
+    )
+    assert from_http_status(502, b"", {"retry-after": "soon"}).headers is None
+
+
+def test_retry_delay_waits_only_for_the_replica_that_failed() -> None:
+    def status(code: int, **headers: str) -> UpstreamError:
+        return from_http_status(code, b"", headers)
+
+    # Another replica is tried at once, whatever the failed one asked.
+    assert retry_delay(status(503, **{"retry-after": "60"}), 0, same_replica=False) == 0.0
+    # The same one: its short Retry-After is waited out, a long one goes to the client.
+    assert retry_delay(status(503, **{"retry-after": "1"}), 0, same_replica=True) == 1.0
+    assert retry_delay(status(503, **{"retry-after": "2"}), 0, same_replica=True) == 2.0
+    assert retry_delay(status(503, **{"retry-after": "3"}), 0, same_replica=True) is None
+    # Without one, an HTTP 5xx backs off, doubling; a broken connection does not wait.
+    assert [retry_delay(status(500), n, same_replica=True) for n in range(3)] == [
+        0.25,
+        0.5,
+        1.0,
+    ]
+    assert retry_delay(transport_error("closed"), 0, same_replica=True) == 0.0
+    assert retry_delay(transport_error("timeout"), 1, same_replica=True) == 0.0

@@ -548,14 +548,14 @@ class HTTPApp:
                 turn.fail(errors.server_error(errors.SHUT_DOWN_FIRST))  # (`handle` answers)
             raise
         if failure is not None and (
-            400 <= failure.status < 500
-            or (isinstance(failure, UpstreamError) and failure.misconfigured)
+            400 <= failure.status < 500 or isinstance(failure, UpstreamError)
         ):
-            # The model's upstream rejected the request (e.g. context too long), or
-            # warmsocket's upstream configuration is wrong (a 502 saying what to fix):
-            # nothing was sent yet, so answer with that error, which the SDK raises
-            # (a 200 with a failed Response would read as an empty answer). Trying
-            # again cannot help a configuration: the SDK is told not to.
+            # The model's upstream rejected the request (e.g. context too long), failed
+            # (a 5xx, a 503 with the Retry-After it asked for), or warmsocket's upstream
+            # configuration is wrong (a 502 saying what to fix): nothing was sent yet,
+            # so answer with that error, which the SDK raises or retries (a 200 with a
+            # failed Response would read as an empty answer). Trying again cannot help
+            # a configuration: the SDK is told not to.
             if isinstance(failure, UpstreamError) and failure.misconfigured:
                 failure.headers = {**(failure.headers or {}), "x-should-retry": "false"}
             raise failure

@@ -17,15 +17,22 @@ Failure mapping (docs/upstreams.md):
 * 5xx, 408, timeouts, refused or broken connections and streams that end early are
   `retryable`: they are retried (on another replica when there is one) only while
   nothing has gone to the client yet, and otherwise end the response
-  `response.failed` with `server_error`.
+  `response.failed` with `server_error`. A retry on the replica that just answered
+  5xx waits first (`retry_delay`): its `Retry-After` when it gave one of at most
+  `RETRY_AFTER_LIMIT`, a short backoff otherwise; a longer `Retry-After` is not waited
+  out here: the client gets the upstream's 503 (`server_is_overloaded`) or 5xx with
+  that `Retry-After`, which the SDKs honour.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -135,6 +142,7 @@ class UpstreamError(APIError):
         detail: str | None = None,
         upstream_status: int | None = None,
         misconfigured: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(code, message, param=param, status=status, type=type, headers=headers)
         self.retryable = retryable
@@ -153,6 +161,9 @@ class UpstreamError(APIError):
         self.upstream_status = upstream_status
         """The HTTP status the upstream answered (`reason` 'status'); `status` is what
         the client gets, which differs (a 401 from the upstream is the client's 502)."""
+        self.retry_after = retry_after
+        """Seconds the upstream asked to be left alone (its `Retry-After` or
+        `retry-after-ms`), None when it did not say."""
 
     @property
     def outcome(self) -> str:
@@ -234,6 +245,17 @@ def _from_http_status(
             detail="the upstream rejected warmsocket's credentials; check --upstream-api-key",
             misconfigured=True,
         )
+    if status == 503:
+        return UpstreamError(
+            "server_is_overloaded",
+            "The upstream server is overloaded or not ready (HTTP 503); try again later.",
+            status=503,
+            type=SERVER_ERROR,
+            retryable=True,
+            reason="status",
+            headers=_retry_headers(headers),
+            retry_after=retry_after_seconds(headers),
+        )
     if status == 408 or status >= 500:
         return UpstreamError(
             "server_error",
@@ -242,17 +264,20 @@ def _from_http_status(
             type=SERVER_ERROR,
             retryable=True,
             reason="status",
+            headers=_retry_headers(headers),
+            retry_after=retry_after_seconds(headers),
         )
     if status == 429:
-        kept = {k: v for k, v in headers.items() if k.startswith("retry-after")}
+        kept = _retry_headers(headers)
         return UpstreamError(
             code or "rate_limit_exceeded",
             message or "The upstream's rate limit was reached.",
             status=429,
             type=RATE_LIMIT,
             param=param,
-            headers=kept or None,
+            headers=kept,
             reason="status",
+            retry_after=retry_after_seconds(headers),
         )
     return UpstreamError(
         code,
@@ -262,6 +287,72 @@ def _from_http_status(
         param=param,
         reason="status",
     )
+
+
+RETRY_AFTER_LIMIT = 2.0
+"""The longest `Retry-After` warmsocket waits out itself before trying the replica
+that asked for it again; a longer one goes to the client (whose SDK waits it out)."""
+RETRY_BACKOFF = 0.25
+"""The wait before the first retry on a replica that answered 5xx without
+`Retry-After` (doubled for each further one)."""
+MAX_RETRY_AFTER = 24 * 3600.0
+"""A `Retry-After` past this is not believed (a date years away, a typo)."""
+
+
+def _retry_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
+    """The wait the upstream asked for, as the client's `retry-after` (whole seconds)
+    and `retry-after-ms` headers (rewritten: never the upstream's text as it came)."""
+    seconds = retry_after_seconds(headers)
+    if seconds is None:
+        return None
+    return {"retry-after": str(math.ceil(seconds)), "retry-after-ms": str(round(seconds * 1000))}
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """How long an answer's `retry-after-ms` or `Retry-After` (seconds, or an HTTP
+    date) asks to wait; None when it says nothing usable."""
+    millis = _number(headers.get("retry-after-ms"))
+    if millis is not None:
+        return min(millis / 1000.0, MAX_RETRY_AFTER)
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    seconds = _number(value)
+    if seconds is None:
+        try:
+            when = parsedate_to_datetime(value.strip())
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:  # not an HTTP date (which is always GMT)
+            return None
+        seconds = max(0.0, when.timestamp() - time.time())
+    return min(seconds, MAX_RETRY_AFTER)
+
+
+def _number(text: str | None) -> float | None:
+    """A header's non-negative finite number, None for anything else."""
+    if text is None:
+        return None
+    try:
+        value = float(text.strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def retry_delay(error: UpstreamError, retries_made: int, *, same_replica: bool) -> float | None:
+    """Seconds to wait before trying a failed request again (`retries_made` retries of
+    it made so far), or None: not again, the client gets `error`. Another replica is
+    tried at once; the replica that failed waits out its own `Retry-After` (up to
+    `RETRY_AFTER_LIMIT`) or, after an HTTP 5xx, a short backoff. A broken or
+    timed-out connection is retried at once."""
+    if not same_replica:
+        return 0.0
+    if error.retry_after is not None:
+        return error.retry_after if error.retry_after <= RETRY_AFTER_LIMIT else None
+    if error.reason == "status":
+        return RETRY_BACKOFF * 2.0**retries_made
+    return 0.0
 
 
 def _unexpected_status(status: int, headers: Mapping[str, str]) -> UpstreamError:

@@ -11,6 +11,7 @@ HTTP upstream learns that a request is cancelled.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -44,7 +45,13 @@ from warmsocket.httpclient import (
 )
 from warmsocket.metrics import Metrics, UpstreamMetrics
 from warmsocket.router import Outcome, Replica, Router, RouterConfig
-from warmsocket.upstream import UpstreamConfig, UpstreamError, from_http_status, transport_error
+from warmsocket.upstream import (
+    UpstreamConfig,
+    UpstreamError,
+    from_http_status,
+    retry_delay,
+    transport_error,
+)
 
 log = logging.getLogger("warmsocket.upstream")
 
@@ -179,9 +186,11 @@ def failed_attempt(
     turn: TurnContext,
     replica: Replica,
     can_retry: bool,
+    delay: float | None = 0.0,
 ) -> bool:
     """Count and log one failed upstream attempt. Whether to retry it: a retryable
-    failure when `can_retry` (nothing forwarded to the client yet, retries left)."""
+    failure when `can_retry` (nothing forwarded to the client yet, retries left), after
+    `delay` seconds."""
     label = error.outcome
     stats.requests[(api, label)] += 1
     retry = error.retryable and can_retry
@@ -191,6 +200,10 @@ def failed_attempt(
         "outcome": label,
         "retry": retry,
     }
+    if retry and delay:
+        extra["retry_in"] = round(delay, 3)
+    if error.retry_after is not None:
+        extra["retry_after"] = round(error.retry_after, 3)
     if error.detail is not None:
         extra["detail"] = error.detail
     log.warning("upstream request failed", extra=extra)
@@ -329,13 +342,20 @@ class HTTPUpstreamBackend:
                 if error is not None:
                     outcome = "failed" if error.retryable else "ok"
                 self.router.end(replica, outcome)
-            can_retry = not forwarded and retries_left > 0
-            if not failed_attempt(self.stats, self.api, error, turn, replica, can_retry):
+            exclude.add(replica.index)
+            delay = retry_delay(
+                error,
+                self.config.retries - retries_left,
+                same_replica=len(exclude) >= len(self.pools),
+            )
+            can_retry = not forwarded and retries_left > 0 and delay is not None
+            if not failed_attempt(self.stats, self.api, error, turn, replica, can_retry, delay):
                 yield TurnFailed(error)
                 return
             retries_left -= 1
             self.stats.retries += 1
-            exclude.add(replica.index)
+            if delay:
+                await asyncio.sleep(delay)
 
     async def aclose(self) -> None:
         for pool in self.pools:

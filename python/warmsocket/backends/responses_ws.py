@@ -67,6 +67,7 @@ from warmsocket.upstream import (
     UpstreamConfig,
     UpstreamError,
     from_http_status,
+    retry_delay,
     transport_error,
 )
 
@@ -282,8 +283,16 @@ class ResponsesWSBackend:
             free = free_replay and (
                 (failure.reason == "closed" and not answered) or failure.reason == "out_of_step"
             )
-            can_retry = not forwarded and (retries_left > 0 or free)
-            if not failed_attempt(self.stats, self.api, failure, turn, replica, can_retry):
+            replica_failed = failure.reason not in {"closed", "out_of_step"}
+            if replica_failed:
+                exclude.add(replica.index)
+            delay = retry_delay(
+                failure,
+                self.config.retries - retries_left,
+                same_replica=replica_failed and len(exclude) >= len(self.router.replicas),
+            )
+            can_retry = not forwarded and (retries_left > 0 or free) and delay is not None
+            if not failed_attempt(self.stats, self.api, failure, turn, replica, can_retry, delay):
                 yield TurnFailed(failure)
                 return
             if free:
@@ -291,10 +300,10 @@ class ResponsesWSBackend:
             else:
                 retries_left -= 1
                 self.stats.retries += 1
-            if failure.reason in {"closed", "out_of_step"}:
+            if not replica_failed:
                 fresh = True  # the connection failed, not the replica: another connection
-            else:
-                exclude.add(replica.index)
+            elif delay:
+                await asyncio.sleep(delay)
 
     async def compact(self, turn: TurnContext, context: bytes) -> dict[str, Any] | None:
         """The upstream's own compaction of the turn's context, over HTTP to the same

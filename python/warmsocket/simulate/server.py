@@ -23,7 +23,8 @@ Routes (the API only under `/v1`, as vLLM serves it: elsewhere a 404
 * `GET /stats[?bodies=1][&since=N]` — what it received (see `RequestRecord`; the
   last `KEPT_REQUESTS`, `requests_total` counts them all);
 * `POST /control` — test hooks: `{"faults": [...]}` queues faults for the next
-  requests (`{"status": 503}`, `{"status": 400, "code": ..., "message": ...,
+  requests (`{"status": 503}`, `{"status": 503, "retry_after": "3"}` (its
+  `Retry-After` header), `{"status": 400, "code": ..., "message": ...,
   "param": ...}`, `{"break_after": N}` closes the connection after N streamed events,
   `{"stall_after": N}` sends N streamed events then nothing more (the connection
   stays open), `{"hang": true}` never answers, `{"delay_ms": N}`), `{"forget": true}`
@@ -422,7 +423,10 @@ class _Connection(asyncio.Protocol):
         except APIError as error:
             self.write(
                 encode_response(
-                    error.status, dumps(error.http_body()), keep_alive=request.keep_alive
+                    error.status,
+                    dumps(error.http_body()),
+                    headers=list(error.headers.items()) if error.headers else None,
+                    keep_alive=request.keep_alive,
                 )
             )
         except asyncio.CancelledError:
@@ -591,6 +595,9 @@ class _Connection(asyncio.Protocol):
                 type=fault.get(
                     "type", "server_error" if status >= 500 else "invalid_request_error"
                 ),
+                headers={"retry-after": str(fault["retry_after"])}
+                if "retry_after" in fault
+                else None,
             )
         return fault
 
