@@ -448,3 +448,26 @@ def test_the_keys_expire_with_the_ttl(redis_url: str) -> None:
         assert [k.decode().split(":")[1] for k in keys] == ["c", "ci"]
         assert all(0 < raw.ttl(k) <= 50 for k in keys)
         assert any(made.id in k.decode() for k in keys)
+
+
+def test_item_ids_with_spaces_and_percents_are_kept_apart(redis_url: str) -> None:
+    """A client chooses item ids: one with a space (or what looks escaped) is read
+    back as it was on another process, and deleting one leaves its look-alikes."""
+    odd = ["x y", "x", "x%20y", "x ", "%", " lead"]
+    with two_servers(redis_url) as (a, b), client(a) as on_a, client(b) as on_b:
+        made = on_a.conversations.create(
+            items=[
+                {"type": "message", "role": "user", "id": item_id, "content": item_id}
+                for item_id in odd
+            ]
+        )
+        listed = strict(list(on_b.conversations.items.list(made.id, order="asc")))
+        assert [item["id"] for item in listed] == odd
+        assert texts(listed) == odd
+        on_b.conversations.items.delete("x", conversation_id=made.id)
+        kept = [i for i in odd if i != "x"]
+        for side in (on_a, on_b):
+            listed = strict(list(side.conversations.items.list(made.id, order="asc")))
+            assert [item["id"] for item in listed] == kept
+        answer = on_b.responses.create(model="m", input="/transcript", conversation=made.id)
+        assert answer.output_text.splitlines()[:-1] == [f"user: {i}" for i in kept]

@@ -7,7 +7,8 @@ keeps a copy of those it used):
   ``version``, which every change raises, and ``incomplete`` once items a process
   could not write are known lost (`mark_incomplete`);
 * ``<prefix>:ci:<owner>:<id>``: a list of the items, oldest first, each entry the
-  item's id, a space and its canonical JSON.
+  item's id (its `%` and spaces written `%25` and `%20`: a client may choose an id
+  with a space), a space and its canonical JSON.
 
 Every change is one script (atomic): it answers the version before and after it, so
 the process that made it knows whether its copy is the conversation as it now is
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -209,7 +211,7 @@ class SharedConversations:
         parsed: list[tuple[str, bytes]] = []
         for entry in entries:
             item_id, _, item = bytes(entry).partition(b" ")
-            parsed.append((item_id.decode(), item))
+            parsed.append((_unescape(item_id).decode(), item))
         return Stored(
             version=int(fields[b"version"]),
             created_at=int(fields[b"created_at"]),
@@ -267,7 +269,7 @@ class SharedConversations:
     async def delete_item(self, owner: str, conv_id: str, item_id: str) -> Change | None:
         """(before, after) when the item was removed, (v, v) when there was none; None
         when the conversation is gone."""
-        args: list[Arg] = [self.ttl, item_id + " "]
+        args: list[Arg] = [self.ttl, _escape(item_id.encode()) + b" "]
         found = await self._call(
             conv_id, self._delete_item(keys=self._keys(owner, conv_id), args=args)
         )
@@ -280,7 +282,19 @@ class SharedConversations:
 
 def _entry(entry: tuple[str, bytes]) -> bytes:
     item_id, item = entry
-    return item_id.encode() + b" " + item
+    return _escape(item_id.encode()) + b" " + item
+
+
+def _escape(item_id: bytes) -> bytes:
+    """An item id without spaces, so that an entry's first space ends it."""
+    return item_id.replace(b"%", b"%25").replace(b" ", b"%20")
+
+
+def _unescape(item_id: bytes) -> bytes:
+    return _ESCAPED.sub(lambda m: b" " if m[1] == b"20" else b"%", item_id)
+
+
+_ESCAPED = re.compile(rb"%(20|25)")
 
 
 def _metadata(value: bytes) -> dict[str, str]:
