@@ -696,3 +696,33 @@ def test_a_forged_compaction_item_is_checked_nested_and_in_a_conversation(
     assert created.status_code == 400
     assert created.json()["error"]["param"] == "items[0].encrypted_content"
     assert added.status_code == 400
+
+
+def test_an_item_reference_inside_a_compaction_item_is_refused(server: RunningServer) -> None:
+    """References are resolved (as the owner's items) in a request's own input; one
+    inside a compaction item reached the model unresolved, so a Responses upstream
+    would resolve it with warmsocket's key, as nobody's. warmsocket compacts what a
+    reference resolves to, so its own items never hold one."""
+    sdk = client(server)
+    first = sdk.responses.create(model=MODEL, input="secret words")
+    reference = {"type": "item_reference", "id": first.output[0].id}
+    forged = ours(json.dumps({"summary": "s", "after": [reference]}).encode())
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.responses.create(
+            model=MODEL, input=[forged, {"role": "user", "content": "/transcript"}]
+        )  # type: ignore[list-item]
+    assert info.value.param == "input[0].encrypted_content"
+    # A compaction of input holding the reference keeps what it resolved to, and is
+    # taken back.
+    compacted = sdk.responses.compact(
+        model=MODEL,
+        input=[reference, {"role": "user", "content": "more"}],  # type: ignore[list-item]
+    )
+    again = sdk.responses.create(
+        model=MODEL,
+        input=[
+            *window_input(compacted),
+            {"role": "user", "content": "/transcript"},
+        ],  # type: ignore[misc]
+    )
+    assert "secret words" in again.output_text

@@ -170,8 +170,13 @@ def check_sent(items: Items, *, param: str = "input") -> None:
 def _valid_expansion(compacted: Compacted) -> bool:
     """Whether the items a compaction item of warmsocket's stands for are valid input,
     those of compaction items of warmsocket's among them too (a chat upstream expands
-    them all). Their depth is bounded by the payload's (`decode_json`)."""
+    them all). Their depth is bounded by the payload's (`decode_json`). An
+    `item_reference` is not: references are resolved (as their owner's items) in a
+    request's own input, and warmsocket compacts what they resolved to; one inside
+    would reach the upstream unresolved, which may resolve it as nobody's."""
     for value in filter(None, (compacted.after, compacted.before)):
+        if any(item.get("type") == "item_reference" for item in value):
+            return False
         body = json.dumps({"model": "m", "input": value}).encode()
         checked = parse_client_message(body, websocket=False, max_item_bytes=_ANY_SIZE)
         if isinstance(checked, Rejection):
