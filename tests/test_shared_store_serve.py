@@ -709,6 +709,28 @@ def test_another_owner_cannot_load_a_shared_response(redis_url: str, sdk: SDK) -
         assert sdk(b, "sk-one").responses.retrieve(made.id).output_text == "You said: private"
 
 
+def test_another_owner_s_failed_delete_leaves_the_owner_s_upstream_copies(
+    redis_url: str, sdk: SDK
+) -> None:
+    """Every deletion is announced, deleted or not: the process holding the owner's
+    response dropped the backend's working copies of it (its next turn upstream then
+    sent the whole context again) for another key's failed try at its id."""
+    keys = frozenset({"sk-one", "sk-two"})
+    with two_servers(redis_url, api_keys=keys) as (a, b):
+        forgotten: list[str] = []
+        a.server.engine.forget = forgotten.extend  # type: ignore[method-assign]
+        made = sdk(a, "sk-one").responses.create(model="m", input="private")
+        flush(a)
+        with pytest.raises(openai.NotFoundError):
+            sdk(b, "sk-two").responses.delete(made.id)
+        # Announcements arrive in order: once the owner's own deletion is heard, the
+        # other key's was too.
+        sdk(b, "sk-one").responses.delete(made.id)
+        eventually(lambda: bool(forgotten))
+        time.sleep(0.2)
+        assert forgotten == [made.id]
+
+
 def test_a_redis_outage_leaves_local_service_running(monkeypatch: pytest.MonkeyPatch) -> None:
     # (Writes are tried until Redis answers, test_shared_store: here they are given up.)
     monkeypatch.setattr(write_retry, "WRITE_RETRY_SECONDS", 0.5)

@@ -550,9 +550,13 @@ class Server:
 
     def _forget(self, owner: str, response_id: str) -> None:
         """Another process deleted a shared response: drop the local copy too, and stop
-        the background response if it runs here."""
-        self.cache.delete(response_id, owner=owner)
-        self.engine.forget((response_id,))
+        the background response if it runs here. Deletions are announced whether they
+        deleted anything or not (`SharedStore.delete`): the backend's copies go only
+        with the owner's response, never for another key's failed try at its id (which
+        would make the owner's next turn send its whole context again); not cached
+        here, the response has no copies (they go when it is evicted)."""
+        if self.cache.delete(response_id, owner=owner):
+            self.engine.forget((response_id,))
         self.http.background.delete_announced(owner, response_id)
 
     async def __aenter__(self) -> Server:
