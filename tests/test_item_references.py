@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai import OpenAI
 
-from tests.redis_support import redis_server
+from tests.redis_support import paused, redis_server
 from tests.support import FUNCTION_TOOLS, RunningServer, WSClient, output_text
 from tests.test_shared_store_serve import flush, shared_stats, two_servers
 from tests.upstream_support import running_sim, warmsocket_upstream
-from warmsocket import errors, ids
+from warmsocket import errors, ids, shared_store
 from warmsocket._core import Items, SessionCache
 from warmsocket.item_references import referenced_responses, resolve, response_of_item
 
@@ -375,3 +375,73 @@ def test_references_to_another_process_s_responses_load_from_redis() -> None:
         "assistant: You said: for ws",
         "user: /transcript",
     ]
+
+
+def test_references_to_made_up_responses_cost_one_redis_round_trip() -> None:
+    """Each response a reference names was loaded from Redis in turn: a message of
+    made-up references (one per item, hundreds of thousands fit) held a create slot
+    for a Redis round trip each. Redis is asked which it has, once, and only those
+    are loaded."""
+    made_up = [{"type": "item_reference", "id": f"msg_{n:032x}_0"} for n in range(300)]
+    with redis_server() as url, two_servers(url) as (a, b):
+        with OpenAI(base_url=a.base_url, api_key="sk-test", max_retries=0) as on_a:
+            first = on_a.responses.create(model=MODEL, input="one")
+            second = on_a.responses.create(model=MODEL, input="two")
+        flush(a)
+        both = [
+            *refs(first.output),
+            *refs(second.output),
+            {"role": "user", "content": "/transcript"},
+        ]
+        with OpenAI(base_url=b.base_url, api_key="sk-test", max_retries=0) as on_b:
+            answer = on_b.responses.create(model=MODEL, input=both)  # type: ignore[arg-type]
+            assert answer.output_text.splitlines() == [
+                "assistant: You said: one",
+                "assistant: You said: two",
+                "user: /transcript",
+            ]
+            with pytest.raises(openai.NotFoundError):
+                on_b.responses.create(model=MODEL, input=[*made_up, *refs(first.output)])  # type: ignore[list-item]
+        with WSClient(b.ws_url, additional_headers=AUTH) as ws:
+            error = ws.turn(input=[*made_up, {"role": "user", "content": "x"}])[-1]
+            assert (error["type"], error["status"], error["error"]["param"]) == (
+                "error",
+                404,
+                "input",
+            )
+            assert ws.turn(input="still usable")[-1]["type"] == "response.completed"
+        stats = shared_stats(b)
+    assert (stats["load_hits"], stats["load_misses"]) == (2, 0)
+
+
+def test_references_while_redis_does_not_answer_are_a_retriable_503(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Asking Redis which named responses it has is a load like another: while Redis
+    does not answer, a 503 to retry (over WebSocket on the create's lane, the
+    connection going on), never 'not found'."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.2)
+    with redis_server() as url, two_servers(url) as (a, b):
+        with OpenAI(base_url=a.base_url, api_key="sk-test", max_retries=0) as on_a:
+            made = [on_a.responses.create(model=MODEL, input=text) for text in ("one", "two")]
+        flush(a)
+        both = [*refs(made[0].output), *refs(made[1].output)]
+        with (
+            OpenAI(base_url=b.base_url, api_key="sk-test", max_retries=0) as on_b,
+            WSClient(b.ws_url, additional_headers=AUTH) as ws,
+        ):
+            with paused(url):
+                with pytest.raises(openai.InternalServerError) as refused:
+                    on_b.responses.create(model=MODEL, input=both)  # type: ignore[arg-type]
+                assert (refused.value.status_code, refused.value.param) == (503, "input")
+                error = ws.turn(input=both)[-1]
+                assert (error["type"], error["status"], error["error"]["param"]) == (
+                    "error",
+                    503,
+                    "input",
+                )
+            again = ws.turn(input=[*both, {"role": "user", "content": "/transcript"}])
+            assert output_text(again).splitlines()[:2] == [
+                "assistant: You said: one",
+                "assistant: You said: two",
+            ]

@@ -335,6 +335,11 @@ class SharedResponses(Protocol):
         timeout errors), SharedStoreUnavailable (logged and counted)."""
         ...
 
+    async def having_records(self, response_ids: list[str], *, owner: str) -> list[str]:
+        """Those of `response_ids` (in order) the store has a record of for `owner`,
+        in one round trip however many; SharedStoreUnavailable when it does not answer."""
+        ...
+
     async def delete(self, response_id: str, *, owner: str) -> bool:
         """Mark a response deleted for every process; whether it existed there.
         ConnectionError when the other processes could not be told."""
@@ -443,6 +448,16 @@ class Engine:
         if self.shared is None:
             return False
         return await self.shared.load(self.cache, response_id, owner=owner)
+
+    async def shared_candidates(self, response_ids: list[str], *, owner: str) -> list[str]:
+        """Of the responses a create's `item_reference`s name and this process lacks,
+        those worth loading one by one (`load_shared`): with several, only those the
+        shared store has a record of, asked in one round trip. A reference can name
+        anything (one per item, hundreds of thousands in a message): without this
+        each made-up one would be a Redis round trip. Raises SharedStoreUnavailable."""
+        if self.shared is None or len(response_ids) < 2:
+            return response_ids
+        return await self.shared.having_records(response_ids, owner=owner)
 
     def instruction_tokens(self, instructions: str | None) -> int:
         """Tokens of the instructions as a `system` message (memoised; 0 without a

@@ -454,17 +454,18 @@ class HTTPApp:
         if engine.shared is None:
             return
         parent = create.previous_response_id
-        wanted = [] if parent is None else [parent]
-        if create.has_item_references:
-            wanted += item_references.referenced_responses(create.input.to_objects())
-        for response_id in wanted:
-            if engine.cached(response_id, owner=owner):
-                continue
-            try:
-                await engine.load_shared(response_id, owner=owner)
-            except SharedStoreUnavailable:
-                param = "previous_response_id" if response_id == parent else "input"
-                raise errors.shared_store_unavailable(response_id, param=param) from None
+        try:
+            if parent is not None and not engine.cached(parent, owner=owner):
+                await engine.load_shared(parent, owner=owner)
+            if create.has_item_references:
+                # Those Redis has a record of, found in one round trip for all of them.
+                named = item_references.referenced_responses(create.input.to_objects())
+                missing = [r for r in named if r != parent and not engine.cached(r, owner=owner)]
+                for response_id in await engine.shared_candidates(missing, owner=owner):
+                    await engine.load_shared(response_id, owner=owner)
+        except SharedStoreUnavailable as exc:
+            param = "previous_response_id" if exc.response_id == parent else "input"
+            raise errors.shared_store_unavailable(exc.response_id, param=param) from None
 
     async def _fresh_conversation(self, create: _core.CreateRequest, owner: str) -> None:
         """Make the copy of the create's conversation, if it has one, the conversation as

@@ -1494,6 +1494,38 @@ class Connection(asyncio.Protocol):
                 return
         session.receive_parsed(message)
 
+    async def _load_named(self, session: ResponsesSession, message: Message) -> APIError | None:
+        """Load what a held create names and this process lacks from the shared store:
+        its parent first, then the responses its item_references name (those Redis
+        has a record of, found in one round trip for all of them). A retriable error
+        for the create's lane when Redis does not answer (the response may well exist;
+        the connection and the lane go on); a miss is the session's not found."""
+        engine = self.server.engine
+        parent = session.unresolved_parent(message)
+        references = [r for r in session.unresolved_references(message) if r != parent]
+        try:
+            if parent is not None:
+                await self._load_one(parent, session.owner)
+            if references and not session.closed:
+                for response_id in await engine.shared_candidates(references, owner=session.owner):
+                    if session.closed:
+                        break
+                    await self._load_one(response_id, session.owner)
+        except SharedStoreUnavailable as exc:
+            param = "previous_response_id" if exc.response_id == parent else "input"
+            return errors.shared_store_unavailable(exc.response_id, param=param)
+        return None
+
+    async def _load_one(self, response_id: str, owner: str) -> None:
+        """`Engine.load_shared`, a failure other than SharedStoreUnavailable logged (the
+        session then answers not found)."""
+        try:
+            await self.server.engine.load_shared(response_id, owner=owner)
+        except SharedStoreUnavailable:
+            raise
+        except Exception as exc:
+            log.error("shared store load failed", extra={"error_type": type(exc).__name__})
+
     async def _load_held(self, session: ResponsesSession) -> None:
         """Feed the held messages in order, each after its parent was looked up."""
         engine = self.server.engine
@@ -1512,28 +1544,9 @@ class Connection(asyncio.Protocol):
                         if not self._run_actions():
                             self._flush()
                         continue
-                parent = session.unresolved_parent(self._held[0])
-                wanted = [] if parent is None else [parent]
-                # The parent first, then the responses its item_references name.
-                wanted += session.unresolved_references(self._held[0])
-                refusal: APIError | None = None
-                for response_id in wanted:
-                    try:
-                        await engine.load_shared(response_id, owner=session.owner)
-                    except SharedStoreUnavailable:
-                        # Not a miss: the response may well exist. A retriable error on
-                        # the create's lane; the connection and the lane go on.
-                        refusal = errors.shared_store_unavailable(
-                            response_id,
-                            param="previous_response_id" if response_id == parent else "input",
-                        )
-                        break
-                    except Exception as exc:  # a miss: the session answers not found
-                        log.error(
-                            "shared store load failed", extra={"error_type": type(exc).__name__}
-                        )
-                    if session.closed:
-                        break
+                refusal = await self._load_named(session, self._held[0])
+                if session.closed:
+                    break
                 conversation = _shared_conversation(self._held[0], engine)
                 if conversation is not None and refusal is None and not session.closed:
                     # Its copy made the conversation as Redis has it, last (nothing

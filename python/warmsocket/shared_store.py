@@ -111,6 +111,8 @@ DEFAULT_TTL = 30 * 24 * 3600
 """Seconds a record lives after it was written: OpenAI's retention of stored responses."""
 LOAD_BATCH = 64
 MAX_CHAIN = 100_000
+EXISTS_BATCH = 10_000
+"""Record ids asked about in one pipeline (`having_records`)."""
 QUEUE_LIMIT = 10_000
 QUEUE_BYTES = 256 * 1024 * 1024
 """What the stored responses waiting to be written may hold (their own items, settings
@@ -905,6 +907,24 @@ class SharedStore:
             # Deleted elsewhere before this process wrote it: written as deleted.
             self._tombstones.add(key)
         on_deleted(owner, response_id)
+
+    async def having_records(self, response_ids: list[str], *, owner: str) -> list[str]:
+        """Those of `response_ids` (in order) Redis has a record of for `owner`: one
+        pipeline of EXISTS, sent in pieces of `EXISTS_BATCH`."""
+        found: list[str] = []
+        try:
+            for first in range(0, len(response_ids), EXISTS_BATCH):
+                batch = response_ids[first : first + EXISTS_BATCH]
+                pipe = self.client.pipeline(transaction=False)
+                for response_id in batch:
+                    pipe.exists(self._key(owner, response_id))
+                answers = await pipe.execute()
+                found += [rid for rid, there in zip(batch, answers, strict=True) if there]
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self.errors += 1
+            log.error("cannot read from Redis", extra={"redis": self.address, **_failure(exc)})
+            raise SharedStoreUnavailable(response_ids[0]) from None
+        return found
 
     def _key(self, owner: str, response_id: str) -> str:
         return f"{self.prefix}:r:{owner}:{response_id}"
