@@ -38,6 +38,11 @@ def test_the_identity_is_the_certificates_names_in_any_order() -> None:
     assert client_identity(one) == client_identity(renewed)
     other = {**one, "subjectAltName": (("URI", "spiffe://acme/agent-b"),)}
     assert client_identity(other) != client_identity(one)
+    # The same names from another CA of the bundle are another client.
+    one["issuer"] = renewed["issuer"] = ((("commonName", "acme CA"),),)
+    assert client_identity(one) == client_identity(renewed)
+    impostor = {**one, "issuer": ((("commonName", "partner CA"),),)}
+    assert client_identity(impostor) != client_identity(one)
 
 
 class Agents:

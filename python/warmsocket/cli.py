@@ -439,12 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--owner-by-client-certificate",
         default=False,
         action="store_true",
-        help="with --tls-client-ca: each client certificate's names (its subject and "
-        "subject alternative names, e.g. a SPIFFE ID) are part of who owns a response, "
+        help="with --tls-client-ca: each client certificate's issuer and names (its "
+        "subject and subject alternative names, e.g. a SPIFFE ID) are part of who owns a response, "
         "besides the API key, so that clients with different certificates never see or "
         "continue each other's responses, conversations or background runs, even on one "
-        "key or none. A renewed certificate with the same names keeps its owner. Without "
-        "it the certificate only admits a client",
+        "key or none. A renewed certificate with the same names from the same CA keeps "
+        "its owner. Without it the certificate only admits a client",
     )
     opt.add(
         "--allowed-origin",

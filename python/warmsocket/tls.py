@@ -97,17 +97,22 @@ def _check_readable(path: Path, flag: str) -> None:
 
 
 def client_identity(peercert: Any) -> str | None:
-    """What a verified client certificate names, as one string: its subject and its
-    subject alternative names (DNS, email, URI such as a SPIFFE ID, IP), each sorted,
-    so that a renewed certificate for the same names is the same client. None without
-    a certificate (`peercert`: the TLS transport's `get_extra_info("peercert")`)."""
+    """What a verified client certificate names, as one string: its issuer, its
+    subject and its subject alternative names (DNS, email, URI such as a SPIFFE ID,
+    IP), each sorted, so that a renewed certificate for the same names from the same
+    CA is the same client, and one of another CA of `--tls-client-ca`'s bundle with
+    the same names is not. None without a certificate (`peercert`: the TLS
+    transport's `get_extra_info("peercert")`)."""
     if not peercert:
         return None
-    subject = sorted(
-        f"{name}={value}" for rdn in peercert.get("subject", ()) for name, value in rdn
+    issuer, subject = (
+        sorted(f"{name}={value}" for rdn in peercert.get(part, ()) for name, value in rdn)
+        for part in ("issuer", "subject")
     )
     alternatives = sorted(f"{kind}:{value}" for kind, value in peercert.get("subjectAltName", ()))
-    return json.dumps({"subject": subject, "names": alternatives}, separators=(",", ":"))
+    return json.dumps(
+        {"issuer": issuer, "subject": subject, "names": alternatives}, separators=(",", ":")
+    )
 
 
 def require_client_certificates(context: ssl.SSLContext, client_ca: Path) -> None:
