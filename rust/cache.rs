@@ -834,6 +834,20 @@ impl SessionCache {
             .collect()
     }
 
+    /// Evict for the budget now, as the next insert would: the cache may be over it
+    /// (a new response's parent is never evicted for it, pinned heads never are, and
+    /// nothing is evicted when pins are released). Returns how many entries went.
+    pub fn apply_budget(&self) -> u64 {
+        let (evicted, count) = {
+            let mut st = self.shared.state.lock();
+            let before = st.evictions;
+            let evicted = st.evict_for_budget(&self.shared, None);
+            (evicted, st.evictions - before)
+        };
+        free_later(evicted);
+        count
+    }
+
     /// Drop the prefix index's positions of removed nodes now, with what they keep
     /// allocated. The index does so by itself once they pass a quarter of the live
     /// ones plus `PREFIX_SWEEP_SLACK`; this is for whoever counts the heap and wants no slack.
@@ -1629,6 +1643,24 @@ mod tests {
         // A delete is not an eviction.
         assert!(c.delete("a1", O));
         assert!(c.take_evicted().is_empty());
+    }
+
+    #[test]
+    fn apply_budget_evicts_what_the_next_insert_would() {
+        let unit = entry_cost(&big());
+        let c = SessionCache::new(unit + unit / 2, 1 << 20);
+        create(&c, "a0", None);
+        // A parent is never evicted to make room for its child: over the budget.
+        create(&c, "a1", Some("a0"));
+        let over = c.stats();
+        assert!(over.bytes > over.memory_budget, "{over:?}");
+        assert_eq!(over.evictions, 0);
+        let went = c.apply_budget();
+        let s = c.stats();
+        assert!(went > 0 && s.bytes <= s.memory_budget, "{went} {s:?}");
+        assert_eq!(s.evictions, went);
+        assert_eq!(c.take_evicted().len() as u64, went);
+        assert_eq!(c.apply_budget(), 0, "within the budget, nothing more goes");
     }
 
     /// Keeps the reaper thread busy until told to go on, so a test can see what

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -340,6 +341,35 @@ def test_a_snapshot_larger_than_the_memory_budget_is_not_lost(tmp_path: Path) ->
     assert result.returncode == 1
     (record,) = [json.loads(line) for line in result.stderr.splitlines() if "snapshot" in line]
     assert "bytes" in record["reason"] and "x" * 20 not in result.stderr
+
+
+def test_a_server_over_its_budget_restarts_with_the_same_flags(tmp_path: Path) -> None:
+    """A response's parent is never evicted to make room for it, so a chain can hold
+    more than --memory-budget; the snapshot saved that, and the restart with the same
+    flags refused it (a restart loop under an orchestrator). What the next write
+    would evict is evicted before the snapshot."""
+    snapshot = tmp_path / "state.msgpack"
+    flags = ("--snapshot", str(snapshot), "--memory-budget", "1M")
+    proc, base = _start(*flags)
+    try:
+        first = httpx.post(f"{base}/responses", json={"model": "m", "input": "a" * 300_000})
+        second = httpx.post(
+            f"{base}/responses",
+            json={"model": "m", "input": "b" * 250_000, "previous_response_id": first.json()["id"]},
+        )
+        assert second.json()["status"] == "completed"
+        metrics = httpx.get(f"{base}/metrics").text
+        held = int(re.search(r"^warmsocket_cache_bytes (\d+)", metrics, re.M)[1])  # type: ignore[index]
+        assert held > 1024 * 1024  # over the budget, nothing evicted
+    finally:
+        logs = _stop(proc)
+    proc, base = _start(*flags)
+    try:
+        kept = httpx.post(f"{base}/responses", json={"model": "m", "input": "after"})
+        assert kept.json()["status"] == "completed"
+    finally:
+        _stop(proc)
+    assert "responses over --memory-budget evicted before the snapshot" in logs
 
 
 def test_sighup_without_tls_does_not_end_the_server(tmp_path: Path) -> None:

@@ -549,6 +549,12 @@ class SessionCache:
     def stored_ids(self) -> list[tuple[str, str]]:
         """`(owner, response id)` of every stored entry (not local to a connection), in
         no order."""
+    def apply_budget(self) -> int:
+        """Evict for the memory budget now, as the next `create` would, and return how
+        many entries went. The cache may be over its budget: a new response's parent
+        is never evicted to make room for it, nor an entry a `Binding` pins, and
+        nothing is evicted when those are released (e.g. before a `snapshot` that a
+        cache with the same budget must restore whole)."""
     def sweep_prefix_index(self) -> None:
         """Drop the prefix index's positions of removed responses now, with the memory
         they keep. The index does so by itself once they pass a quarter of its live

@@ -418,6 +418,16 @@ async def _serve(
     left = config.shutdown_timeout - (time.monotonic() - drain_started)
     await server.close(min(SHUTDOWN_WRITE_SECONDS, max(MIN_SHUTDOWN_WRITE_SECONDS, left)))
     if snapshot is not None:
+        # The cache may be over its budget (a parent is never evicted for its child,
+        # nor a lane's head while its connection lives, and releasing them evicts
+        # nothing): the next write would have evicted that much, and the restart with
+        # the same --memory-budget would refuse the snapshot. Evicted now instead.
+        over = cache.apply_budget()
+        if over:
+            log.warning(
+                "responses over --memory-budget evicted before the snapshot",
+                extra={"evicted": over, "memory_budget": config.memory_budget},
+            )
         entries = cache.stats().stored_entries
         if not _saved(snapshot, cache.snapshot(), "snapshot", entries=entries):
             return 1

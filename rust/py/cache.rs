@@ -423,6 +423,15 @@ impl PySessionCache {
         })
     }
 
+    /// Evict for the memory budget now, as the next `create` would, and return how
+    /// many entries went. The cache may be over its budget: a new response's parent
+    /// is never evicted to make room for it, nor an entry a `Binding` pins, and
+    /// nothing is evicted when those are released (e.g. before a `snapshot` that a
+    /// cache with the same budget must restore whole).
+    fn apply_budget(&self, py: Python<'_>) -> u64 {
+        py.detach(|| self.inner.apply_budget())
+    }
+
     /// Drop the prefix index's positions of removed responses now, with the memory
     /// they keep. The index does so by itself once they pass a quarter of its live
     /// positions plus 4,096 (amortised); this is for a count of the heap with no
