@@ -260,7 +260,7 @@ struct State {
     hits: Cell<u64>,
     misses: Cell<u64>,
     evictions: u64,
-    /// Ids evicted for the budget since `take_evicted` last ran, the newest
+    /// Ids evicted for the budget since `take_evicted` last ran, the first
     /// `EVICTED_KEPT`.
     evicted: VecDeque<Arc<str>>,
     stored_entries: u64,
@@ -271,7 +271,9 @@ struct State {
 /// a quarter of its live ones (each keeps its node's allocation, not its items).
 const PREFIX_SWEEP_SLACK: usize = 4096;
 
-/// How many evicted ids wait for `take_evicted` at most (the oldest go first).
+/// How many evicted ids wait for `take_evicted` at most (later ones are not kept: an
+/// eviction pass takes a chain from its newest response back, and the newest are
+/// those whose copies beside the cache matter).
 const EVICTED_KEPT: usize = 4096;
 
 struct Entry {
@@ -812,7 +814,7 @@ impl SessionCache {
         self.remove_if(id, |node| node.scope.is_none() && *node.owner == *owner)
     }
 
-    /// The ids evicted for the budget since the last call (the newest `EVICTED_KEPT`),
+    /// The ids evicted for the budget since the last call (the first `EVICTED_KEPT`),
     /// so that whoever keeps copies beside the cache can drop theirs.
     pub fn take_evicted(&self) -> Vec<Arc<str>> {
         let mut st = self.shared.state.lock();
@@ -1180,10 +1182,9 @@ impl State {
         }
         if evicted {
             self.evictions += 1;
-            if self.evicted.len() == EVICTED_KEPT {
-                self.evicted.pop_front();
+            if self.evicted.len() < EVICTED_KEPT {
+                self.evicted.push_back(key.clone());
             }
-            self.evicted.push_back(key.clone());
         }
         let anchor = self.nearest_indexed_ancestor(&entry.node);
         if let Some(anchor) = &anchor {
@@ -1777,14 +1778,31 @@ mod tests {
         assert_eq!(c.stats().evictions, (total - 1) as u64);
         let evicted = c.take_evicted();
         assert_eq!(evicted.len(), EVICTED_KEPT);
-        assert_eq!(
-            &*evicted[0],
-            format!("r{}", total - 1 - EVICTED_KEPT).as_str()
-        );
+        assert_eq!(&*evicted[0], "r0");
         assert_eq!(
             &*evicted[EVICTED_KEPT - 1],
-            format!("r{}", total - 2).as_str()
+            format!("r{}", EVICTED_KEPT - 1).as_str()
         );
+    }
+
+    #[test]
+    fn a_long_chain_evicted_at_once_names_its_newest_responses() {
+        // The copies kept beside the cache are of the newest responses: an eviction
+        // pass taking more than `EVICTED_KEPT` names those, not the chain's oldest.
+        let unit = entry_cost(&big());
+        let total = EVICTED_KEPT + 100;
+        let c = SessionCache::new(unit * (total as u64 + 1), 1 << 20);
+        for i in 0..total {
+            let parent = (i > 0).then(|| format!("r{}", i - 1));
+            create(&c, &format!("r{i}"), parent.as_deref());
+        }
+        assert!(c.take_evicted().is_empty());
+        create(&c, "other0", None);
+        create(&c, "other1", None); // over: the whole chain goes (its leaf is the LRU)
+        let evicted = c.take_evicted();
+        assert_eq!(c.stats().evictions, total as u64);
+        assert_eq!(evicted.len(), EVICTED_KEPT);
+        assert_eq!(&*evicted[0], format!("r{}", total - 1).as_str());
     }
 
     #[test]

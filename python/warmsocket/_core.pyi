@@ -543,7 +543,7 @@ class SessionCache:
         Returns whether an entry was removed (False for another owner's entry).
         """
     def take_evicted(self) -> list[str]:
-        """The ids evicted for the memory budget since the last call (the newest
+        """The ids evicted for the memory budget since the last call (the first
         4,096; deletes and closed connections are not evictions), so that copies kept
         beside the cache can go too."""
     def stored_ids(self) -> list[tuple[str, str]]:

@@ -400,7 +400,7 @@ impl PySessionCache {
         self.inner.delete(response_id, owner)
     }
 
-    /// The ids evicted for the memory budget since the last call (the newest
+    /// The ids evicted for the memory budget since the last call (the first
     /// 4,096; deletes and closed connections are not evictions), so that copies kept
     /// beside the cache can go too.
     fn take_evicted(&self) -> Vec<String> {
