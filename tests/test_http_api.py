@@ -15,8 +15,11 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.support import RunningServer, running_server
+from tests.support import RunningServer, WSClient, running_server
+from tests.upstream_support import running_sim
 from warmsocket import _core
+from warmsocket.upstream import UpstreamConfig
+from warmsocket.upstream_cli import build_backend
 
 
 def test_health_models_and_request_ids(server: RunningServer) -> None:
@@ -284,8 +287,10 @@ def test_a_response_larger_than_the_whole_budget_is_reported(
     # the Response object's code; counted as server_is_overloaded), the error and
     # the log say why (never with content).
     with running_server(memory_budget=4096) as srv, caplog.at_level(logging.WARNING):
+        # The input fits in the budget (else it is refused before the model runs);
+        # the input and its echo together do not.
         reply = httpx.post(
-            f"{srv.base_url}/responses", json={"model": "m", "input": "secret " * 2000}
+            f"{srv.base_url}/responses", json={"model": "m", "input": "secret " * 500}
         ).json()
         assert reply["status"] == "failed"
         assert reply["error"]["code"] == "server_error"
@@ -308,7 +313,8 @@ def test_a_warm_up_too_large_to_keep_fails_in_its_own_stream() -> None:
     a create's."""
     with running_server(memory_budget=4096) as srv:
         url = f"{srv.base_url}/responses"
-        body = {"model": "m", "input": "secret " * 2000, "prompt_cache_options": {"prewarm": True}}
+        # Under the budget as bytes, over it with what the cache keeps beside them.
+        body = {"model": "m", "input": "secret " * 560, "prompt_cache_options": {"prewarm": True}}
         streamed = httpx.post(url, json={**body, "stream": True})
         assert streamed.status_code == 200
         assert b"HTTP/1.1" not in streamed.content
@@ -326,6 +332,40 @@ def test_a_warm_up_too_large_to_keep_fails_in_its_own_stream() -> None:
         reply = httpx.post(url, json=body).json()
         assert reply["status"] == "failed"
         assert "--memory-budget" in reply["error"]["message"]
+
+
+def test_an_input_larger_than_the_whole_budget_is_refused_before_the_model_runs() -> None:
+    """The response could never be kept: the model ran (spending an upstream's
+    tokens, streaming the whole answer over a WebSocket) and the turn failed at its
+    end. Now a 413 on `input` first; over WebSocket an error event, the connection
+    and its chains going on."""
+    with (
+        running_sim() as sim,
+        running_server(
+            backend=build_backend(UpstreamConfig(urls=(sim.base_url,))), memory_budget=8192
+        ) as srv,
+    ):
+        with OpenAI(base_url=srv.base_url, api_key="x", max_retries=0) as sdk:
+            with pytest.raises(openai.APIStatusError) as refused:
+                sdk.responses.create(model="m", input="secret " * 2000)
+            assert (refused.value.status_code, refused.value.param) == (413, "input")
+            assert refused.value.code == "input_too_large"
+            assert "--memory-budget" in refused.value.message
+            assert "secret" not in refused.value.message
+        with WSClient(srv.ws_url) as ws:
+            first = ws.turn(input="hello", store=False)[-1]
+            assert first["type"] == "response.completed"
+            error = ws.turn(input="secret " * 2000, store=False)[-1]  # a new chain
+            assert (error["type"], error["status"], error["error"]["param"]) == (
+                "error",
+                413,
+                "input",
+            )
+            after = ws.turn(
+                input="again", store=False, previous_response_id=first["response"]["id"]
+            )
+            assert after[-1]["type"] == "response.completed"
+        assert len(sim.stats()["requests"]) == 2  # the refused ones never went upstream
 
 
 def assert_a_small_request_is_not_held_up(server: RunningServer, path: str, body: Any) -> Any:

@@ -640,6 +640,10 @@ class Engine:
 
         chain_parent: str | None = None
         try:
+            if items.nbytes > cache.memory_budget:
+                # The response could never be kept (`CacheFull` when it ends): refused
+                # before the model spends tokens on it.
+                raise errors.input_over_memory_budget(items.nbytes, cache.memory_budget)
             if binding is not None:
                 view = binding.view(items, tokenize=False)
                 parent = binding.info()

@@ -243,6 +243,17 @@ def message_too_large(size: int, limit: int) -> APIError:
     )
 
 
+def input_over_memory_budget(size: int, budget: int) -> APIError:
+    return APIError(
+        "input_too_large",
+        f"The input is {size} bytes, more than this server's whole session cache holds "
+        f"({budget} bytes), so its response could not be kept. Send less, or raise "
+        "--memory-budget.",
+        param="input",
+        status=413,
+    )
+
+
 def previous_response_not_found(response_id: str) -> APIError:
     return APIError(
         "previous_response_not_found",
