@@ -1097,3 +1097,89 @@ def test_writing_the_whole_copy_given_up_is_tried_again(monkeypatch: pytest.Monk
     in_board, write_errors = asyncio.run(main())
     assert in_board == ["a", "lost"]
     assert write_errors == 3  # the addition, and two tries of the copy
+
+
+def test_one_response_at_a_time_adds_to_a_conversation(server: RunningServer, sdk: OpenAI) -> None:
+    """Two responses to one conversation at once each read it without the other's
+    items and added theirs in the order they ended: a slow turn's input came after
+    a turn it never saw. The second is refused with OpenAI's 400
+    `conversation_locked` while the first runs (over HTTP and on another WebSocket
+    lane), reads that add nothing are not, and once it ended the next goes on."""
+    conversation = sdk.conversations.create(items=[{"role": "user", "content": "start"}])
+    auth = {"Authorization": "Bearer sk-test"}
+    with WSClient(server.ws_url, additional_headers=auth) as ws:
+        ws.create(input="/sleep 800 first", conversation=conversation.id, stream_id="a")
+        assert ws.recv()["type"] == "response.created"
+        with pytest.raises(BadRequestError) as locked:
+            sdk.responses.create(model="m", input="second", conversation=conversation.id)
+        assert (locked.value.code, locked.value.param) == ("conversation_locked", "conversation")
+        error = ws.turn(input="third", conversation=conversation.id, stream_id="b")[-1]
+        assert (error["type"], error["status"], error["error"]["code"]) == (
+            "error",
+            400,
+            "conversation_locked",
+        )
+        # Reading it is not adding to it: store: false and token counts go on.
+        read = sdk.responses.create(
+            model="m", input="/transcript", store=False, conversation=conversation.id
+        )
+        assert read.output_text.splitlines() == ["user: start", "user: /transcript"]
+        counted = sdk.responses.input_tokens.count(
+            model="m", input="x", conversation=conversation.id
+        )
+        assert counted.input_tokens > 0
+        assert ws.until_terminal("a")[-1]["type"] == "response.completed"
+    after = sdk.responses.create(model="m", input="/transcript", conversation=conversation.id)
+    assert after.output_text.splitlines() == [
+        "user: start",
+        "user: /sleep 800 first",
+        "assistant: You said: /sleep 800 first",
+        "user: /transcript",
+    ]
+    # A response that failed or whose client left frees the conversation too.
+    with WSClient(server.ws_url, additional_headers=auth) as ws:
+        ws.create(input="/sleep 5000 left", conversation=conversation.id)
+        assert ws.recv()["type"] == "response.created"
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            sdk.responses.create(model="m", input="back", conversation=conversation.id)
+            break
+        except BadRequestError:
+            assert time.monotonic() < deadline, "the conversation stayed locked"
+            time.sleep(0.05)
+
+
+def test_a_conversation_response_cannot_keep_connection_local_items(server: RunningServer) -> None:
+    """A store: true response to a conversation whose input referenced a store: false
+    item was connection-local, so it was told `completed` and added nothing to the
+    conversation: the turn vanished from the agent's history. It is refused."""
+    with OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk:
+        conversation = sdk.conversations.create(items=[{"role": "user", "content": "start"}])
+    auth = {"Authorization": "Bearer sk-test"}
+    with WSClient(server.ws_url, additional_headers=auth) as ws:
+        private = ws.turn(input="private", store=False)[-1]["response"]["output"][0]["id"]
+        reference = {"type": "item_reference", "id": private}
+        error = ws.turn(
+            input=[reference, {"role": "user", "content": "next"}], conversation=conversation.id
+        )[-1]
+        assert (error["type"], error["status"], error["error"]["param"]) == ("error", 400, "input")
+        assert "store: false" in error["error"]["message"]
+        read = ws.turn(input=[reference], store=False, conversation=conversation.id)
+        assert read[-1]["type"] == "response.completed"
+
+
+def test_counting_tokens_in_a_conversation_is_not_held_to_its_budget() -> None:
+    """input_tokens with a conversation stores nothing, yet it was refused as a
+    response the conversation could not take (503)."""
+    with (
+        running_server(conversation_budget=4096) as srv,
+        OpenAI(base_url=srv.base_url, api_key="sk-test", max_retries=0) as sdk,
+    ):
+        conversation = sdk.conversations.create(items=[{"role": "user", "content": "start"}])
+        counted = sdk.responses.input_tokens.count(
+            model="m", input="w " * 1500, conversation=conversation.id
+        )
+        assert counted.input_tokens > 1500
+        with pytest.raises(InternalServerError):  # a response would have to be kept
+            sdk.responses.create(model="m", input="w " * 1500, conversation=conversation.id)

@@ -41,6 +41,7 @@ import contextlib
 import json
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -257,6 +258,13 @@ def _metadata_json(metadata: dict[str, str]) -> bytes:
     return json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+class Answering(Protocol):
+    """A response being generated (`engine.Turn`)."""
+
+    @property
+    def finished(self) -> bool: ...
+
+
 class Conversations:
     """The conversations this process serves: all of them, or with a board the copies
     of those it used."""
@@ -282,6 +290,8 @@ class Conversations:
         self._deleted: OrderedDict[tuple[str, str], None] = OrderedDict()
         """(owner, id) of conversations deleted here lately (`DELETED_KEPT`): a response
         that continued one adds nothing, whichever copy of it it read."""
+        self._answering: dict[tuple[str, str], weakref.ref[Answering]] = {}
+        """(owner, id) -> the response being generated that will add to it (`take`)."""
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -295,6 +305,35 @@ class Conversations:
         }
 
     # -- finding ----------------------------------------------------------------------------
+
+    # -- one response at a time ------------------------------------------------------------
+
+    def check_free(self, owner: str, conv_id: str) -> None:
+        """Raises APIError (400 `conversation_locked`, as OpenAI answers) while a
+        response that will add to the conversation is being generated here: a second
+        one would read the conversation without the first's items, and add its own
+        before them or between them."""
+        held = self._answering.get((owner, conv_id))
+        holder = None if held is None else held()
+        if holder is not None and not holder.finished:
+            raise errors.conversation_locked(conv_id)
+
+    def take(self, owner: str, conv_id: str, response: Answering) -> None:
+        """`response` will add to the conversation when it ends (`check_free` first);
+        it is free again once `response` is finished (`leave`), or gone."""
+        key = (owner, conv_id)
+        answering = self._answering
+
+        def gone(ref: weakref.ref[Answering]) -> None:
+            if answering.get(key) is ref:
+                del answering[key]
+
+        answering[key] = weakref.ref(response, gone)
+
+    def leave(self, owner: str, conv_id: str, response: Answering) -> None:
+        held = self._answering.get((owner, conv_id))
+        if held is not None and held() is response:
+            del self._answering[(owner, conv_id)]
 
     def get(self, owner: str, conv_id: str, *, param: str = "conversation_id") -> Conversation:
         """The conversation as this process has it (with a board: as `fresh` left it).

@@ -563,6 +563,7 @@ class Engine:
         prepend: Items | None = None,
         framing: Framing = "json",
         client_key: str | None = None,
+        counting: bool = False,
     ) -> Turn:
         """Validate against state and bind the parent. Raises APIError; nothing is kept then.
 
@@ -571,7 +572,8 @@ class Engine:
         stored responses (the WebSocket connection; None over HTTP). `prepend` goes
         before the request's input (queued steering); `framing` is how the turn's
         events are framed; `client_key` the client's bearer token
-        (`TurnContext.client_key`).
+        (`TurnContext.client_key`). `counting`: the turn only counts the input's
+        tokens (`input_tokens`): it will add nothing to its conversation.
         """
         started = time.perf_counter()
         if request.responses_only and not self.responses_upstream:
@@ -598,7 +600,18 @@ class Engine:
             param="input",
             kept=() if conversation is None else conversation.item_ids,
         )
-        if conversation is not None and request.store:
+        adds_to_conversation = conversation is not None and request.store and not counting
+        if conversation is not None and adds_to_conversation:
+            if tainted:
+                raise errors.invalid_value(
+                    "input",
+                    "Invalid 'input': it references items of a store: false response "
+                    "(this connection's only), which a conversation cannot keep, and "
+                    "this response would be added to one (store: true). Send the items "
+                    "themselves, or use store: false.",
+                )
+            # One response at a time adds to a conversation (as OpenAI has it).
+            self.conversations.check_free(owner, conversation.id)
             # Its input must fit before the model runs (with the output, once more
             # when it ends): a response the conversation cannot take costs no tokens.
             self.conversations.check_room(items_cost(own_input), used=conversation)
@@ -692,6 +705,8 @@ class Engine:
         )
         if conversation is not None:
             turn.join_conversation(conversation, own_input)
+            if adds_to_conversation:
+                turn.hold_conversation()
         turn.client_key = client_key
         self.metrics.observe_rebuild(time.perf_counter() - started)
         return turn
@@ -705,7 +720,9 @@ class Engine:
         `include_input` is false), the instructions and the tools. Nothing is stored.
         Raises APIError as `prepare` does."""
         if include_input:
-            turn = self.prepare(request, owner=owner, connection=None, lookup_connection=None)
+            turn = self.prepare(
+                request, owner=owner, connection=None, lookup_connection=None, counting=True
+            )
             try:
                 await turn.count_input_tokens_off_loop()
                 turn.count_input_tokens()
@@ -903,8 +920,23 @@ class Turn:
         # adds there before its output: its own input.
         self.conversation: Conversation | None = None
         self._conversation_input: Items | None = None
+        self._holds_conversation = False
         self.client_key: str | None = None
         """The client's bearer token (`TurnContext.client_key`)."""
+
+    def hold_conversation(self) -> None:
+        """Keep other responses from adding to the conversation until this one ends
+        (`Conversations.take`)."""
+        conversation = self.conversation
+        if conversation is not None:
+            self.engine.conversations.take(self.owner, conversation.id, self)
+            self._holds_conversation = True
+
+    def _leave_conversation(self) -> None:
+        conversation = self.conversation
+        if self._holds_conversation and conversation is not None:
+            self._holds_conversation = False
+            self.engine.conversations.leave(self.owner, conversation.id, self)
 
     def join_conversation(self, conversation: Conversation, own_input: Items) -> None:
         """This response reads `conversation` as its context before `own_input` (its
@@ -1318,6 +1350,7 @@ class Turn:
             self._count_tokens_used(self.usage())
         self.finished = True
         self.release()
+        self._leave_conversation()
 
     @property
     def _model_answered(self) -> bool:
@@ -1339,6 +1372,7 @@ class Turn:
         self.finished = True
         self.end_status = status
         self.release()
+        self._leave_conversation()
         engine = self.engine
         if status not in ("completed", "incomplete"):
             engine.forget((self.response_id,))  # never stored: nothing continues it

@@ -453,6 +453,16 @@ def rate_exceeded(unit: str, per_minute: int, wait: float, full_in: float) -> AP
     )
 
 
+def conversation_locked(conv_id: str) -> APIError:
+    return APIError(
+        "conversation_locked",
+        f"Another process is currently operating on conversation '{_id(conv_id)}': a "
+        "response to it is still being generated. Please try again once it has ended.",
+        param="conversation",
+        status=400,
+    )
+
+
 def conversation_incomplete(conv_id: str) -> APIError:
     return APIError(
         "conversation_incomplete",
