@@ -1183,3 +1183,22 @@ def test_counting_tokens_in_a_conversation_is_not_held_to_its_budget() -> None:
         assert counted.input_tokens > 1500
         with pytest.raises(InternalServerError):  # a response would have to be kept
             sdk.responses.create(model="m", input="w " * 1500, conversation=conversation.id)
+
+
+def test_an_item_id_with_a_slash_can_be_read_and_deleted(sdk: OpenAI) -> None:
+    """The SDK sends an id's '/' as %2F; the path was decoded whole before it was
+    split, so such an item could be added but never retrieved nor deleted (nor
+    popped by openai-agents' session)."""
+    odd = ["msg/x", "a%2Fb", "sp ace", "q?#"]
+    conversation = sdk.conversations.create(
+        items=[{"type": "message", "role": "user", "id": i, "content": i} for i in odd]  # type: ignore[misc]
+    )
+    for item_id in odd:
+        item = sdk.conversations.items.retrieve(item_id, conversation_id=conversation.id)
+        assert item.id == item_id
+    sdk.conversations.items.delete("msg/x", conversation_id=conversation.id)
+    listed = [item.id for item in sdk.conversations.items.list(conversation.id, order="asc")]
+    assert listed == odd[1:]
+    with httpx.Client(base_url=sdk.base_url, headers={"Authorization": "Bearer sk-test"}) as http:
+        # Sent unencoded, a '/' is a separator still: no such route.
+        assert http.get(f"conversations/{conversation.id}/items/a/b").status_code == 404

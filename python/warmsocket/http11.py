@@ -63,6 +63,16 @@ class Request:
         return self.headers.get(name, default)
 
     @property
+    def segments(self) -> list[str]:
+        """The path's segments (empty ones left out), each percent-decoded on its own:
+        an id may hold an encoded '/' (`%2F`), which `path`, decoded whole, cannot
+        tell from a separator."""
+        raw = self.target.partition("?")[0].partition("#")[0]
+        if "://" in raw:  # absolute-form (RFC 9112, 3.2.2): the path after the authority
+            raw = "/" + raw.split("://", 1)[1].partition("/")[2]
+        return [unquote(part) for part in raw.split("/") if part]
+
+    @property
     def is_websocket_upgrade(self) -> bool:
         return (
             self.method == "GET"

@@ -136,7 +136,7 @@ class HTTPApp:
     async def handle(self, request: Request, writer: ResponseWriter, *, connection: int) -> bool:
         """Answer one request. Returns whether the connection may be kept alive."""
         request_id = ids.request_id()
-        route, path_id, sub = route_of(request.path)
+        route, path_id, sub = route_of(request.segments)
         started = time.perf_counter()
         status, failure = 500, None
         try:
@@ -219,7 +219,7 @@ class HTTPApp:
                 raise errors.method_not_allowed(method, request.path)
             return self._models(writer, request, request_id, path_id)
         if route == "conversations":
-            path = conversation_path(request.path)
+            path = conversation_path(request.segments)
             try:
                 code, value = await conversation_routes.answer(
                     self.engine.conversations, request, owner, path
@@ -1010,9 +1010,10 @@ def needs_key(request: Request, route: str) -> bool:
     return not is_preflight(request) and route not in PROBES
 
 
-def route_of(path: str) -> tuple[str, str | None, str | None]:
-    """(route, id, sub-resource) of a path; `/v1` is optional."""
-    parts = [p for p in path.split("/") if p]
+def route_of(segments: list[str]) -> tuple[str, str | None, str | None]:
+    """(route, id, sub-resource) of a path's segments (`Request.segments`); `/v1` is
+    optional."""
+    parts = segments
     if parts and parts[0] == "v1":
         parts = parts[1:]
     if not parts:
@@ -1031,9 +1032,9 @@ def route_of(path: str) -> tuple[str, str | None, str | None]:
     return ("unknown", None, None)
 
 
-def conversation_path(path: str) -> list[str]:
-    """The parts of a `/v1/conversations/...` path after `conversations`."""
-    parts = [p for p in path.split("/") if p]
+def conversation_path(segments: list[str]) -> list[str]:
+    """The segments of a `/v1/conversations/...` path after `conversations`."""
+    parts = segments
     if parts and parts[0] == "v1":
         parts = parts[1:]
     return parts[1:]

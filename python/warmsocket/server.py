@@ -1005,7 +1005,7 @@ class Connection(asyncio.Protocol):
         request.peer_identity = self.peer_identity
         if not self._admissible(request):
             return False
-        route = route_of(request.path)[0]
+        route = route_of(request.segments)[0]
         if not needs_key(request, route):
             return True
         try:
@@ -1023,7 +1023,7 @@ class Connection(asyncio.Protocol):
         --max-connections only a probe does, only one for a host `--allowed-host`
         allows (`warmsocket.hosts`), and only a web page `--allowed-origin` lets in
         (`warmsocket.origins`). Answers and closes otherwise."""
-        route = route_of(request.path)[0]
+        route = route_of(request.segments)[0]
         probe = request.method == "GET" and route in PROBES
         if self.plain_on_tls_port:
             self.server.tls_events.plain_http_request()
@@ -1279,7 +1279,7 @@ class Connection(asyncio.Protocol):
 
     def _upgrade(self, request: Request) -> None:
         server = self.server
-        route, path_id, _sub = route_of(request.path)
+        route, path_id, _sub = route_of(request.segments)
         if route != "responses" or path_id is not None:
             error = errors.not_found_route("GET", request.path)
             self._refuse(error)
