@@ -1202,3 +1202,21 @@ def test_an_item_id_with_a_slash_can_be_read_and_deleted(sdk: OpenAI) -> None:
     with httpx.Client(base_url=sdk.base_url, headers={"Authorization": "Bearer sk-test"}) as http:
         # Sent unencoded, a '/' is a separator still: no such route.
         assert http.get(f"conversations/{conversation.id}/items/a/b").status_code == 404
+
+
+def test_listed_output_text_parts_carry_their_annotations(sdk: OpenAI) -> None:
+    """A client may send an assistant's output_text part without `annotations`; the
+    SDK's types require them in what is listed (OpenAI always lists them)."""
+    assistant = {
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": "earlier answer"}],
+    }
+    conversation = sdk.conversations.create(items=[assistant])  # type: ignore[list-item]
+    listed = strict(list(sdk.conversations.items.list(conversation.id)))
+    assert listed[0]["content"] == [
+        {"type": "output_text", "text": "earlier answer", "annotations": []}
+    ]
+    response = sdk.responses.create(model="m", input=[assistant, {"role": "user", "content": "x"}])  # type: ignore[list-item]
+    (first, _) = sdk.responses.input_items.list(response.id, order="asc")
+    assert first.content[0].annotations == []  # type: ignore[union-attr]

@@ -929,15 +929,16 @@ def listed(item: dict[str, Any]) -> dict[str, Any]:
 
 def with_content_parts(item: dict[str, Any]) -> dict[str, Any]:
     """A listed item (changed in place): a message's string content as one part (an
-    assistant's `output_text`, with its `annotations`; else `input_text`), and its
-    `status`."""
+    assistant's `output_text`, else `input_text`), every `output_text` part with its
+    `annotations` (which the SDK's types require: a client may leave them out), and
+    its `status`."""
     if item.get("type") == "message":
         content = item.get("content")
         if isinstance(content, str):
             part_type = "output_text" if item.get("role") == "assistant" else "input_text"
-            part: dict[str, Any] = {"type": part_type, "text": content}
-            if part_type == "output_text":
-                part["annotations"] = []
-            item["content"] = [part]
+            item["content"] = [{"type": part_type, "text": content}]
+        for part in item["content"] if isinstance(item.get("content"), list) else ():
+            if isinstance(part, dict) and part.get("type") == "output_text":
+                part.setdefault("annotations", [])
         item.setdefault("status", "completed")
     return item
