@@ -153,7 +153,7 @@ class Metrics:
             value = self.connections_active[kind]
             lines.append(f'warmsocket_connections{{kind="{kind}"}} {value}')
         family("warmsocket_turns_total", "counter", "Responses finished, by terminal status.")
-        for status in ("completed", "incomplete", "failed"):
+        for status in ("completed", "incomplete", "failed", "cancelled"):
             lines.append(f'warmsocket_turns_total{{status="{status}"}} {self.turns[status]}')
         family("warmsocket_errors_total", "counter", "Errors sent to clients, by error code.")
         for code, count in sorted(self.errors.items()):
