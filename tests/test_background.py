@@ -5,6 +5,7 @@ its request and ends at shutdown."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.support import RunningServer, check_sse_event, running_server
+from tests.support import RunningServer, WSClient, check_sse_event, running_server
 from warmsocket import background
 
 MODEL = "warmsocket-mock"
@@ -355,4 +356,52 @@ def test_continuing_a_background_response_still_running_says_so(sdk: OpenAI) -> 
     assert info.value.code == "previous_response_not_found"
     assert "still in progress" in info.value.message
     assert "GET /v1/responses/{id}" in info.value.message
+    sdk.responses.cancel(running.id)
+
+
+def _delete(
+    server: RunningServer, response_id: str, barrier: threading.Barrier, statuses: list[int]
+) -> None:
+    with http_client(server) as http:
+        barrier.wait()
+        statuses.append(http.delete(f"responses/{response_id}").status_code)
+
+
+def test_two_deletes_at_once_delete_once(server: RunningServer, sdk: OpenAI) -> None:
+    """Both found the run while the first waited for its cancellation, and both
+    answered 200; a stored response deleted twice at once gets one 200 and one 404."""
+    for _ in range(10):
+        running = sdk.responses.create(model=MODEL, input="/sleep 5000 slow", background=True)
+        wait_for(sdk, running.id, "in_progress")
+        barrier = threading.Barrier(2)
+        statuses: list[int] = []
+        args = (running.id, barrier, statuses)
+        threads = [threading.Thread(target=_delete, args=(server, *args)) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert sorted(statuses) == [200, 404]
+
+
+def test_cancelled_turns_are_counted_with_the_others(server: RunningServer, sdk: OpenAI) -> None:
+    running = sdk.responses.create(model=MODEL, input="/sleep 5000 slow", background=True)
+    wait_for(sdk, running.id, "in_progress")
+    sdk.responses.cancel(running.id)
+    with http_client(server) as http:
+        text = http.get("metrics").text
+    assert 'warmsocket_turns_total{status="cancelled"} 1' in text
+    assert "warmsocket_turn_seconds_count 1" in text
+
+
+def test_a_websocket_create_continuing_a_running_one_is_told_so(
+    server: RunningServer, sdk: OpenAI
+) -> None:
+    """Over HTTP the create was told the parent is still in progress; over a
+    WebSocket it was told "not found" of a response it could poll."""
+    running = sdk.responses.create(model=MODEL, input="/sleep 3000 slow", background=True)
+    with WSClient(server.ws_url, additional_headers={"Authorization": "Bearer sk-test"}) as ws:
+        error = ws.turn(input="next", previous_response_id=running.id)[-1]
+    assert (error["type"], error["error"]["code"]) == ("error", "previous_response_not_found")
+    assert "still in progress" in error["error"]["message"]
     sdk.responses.cancel(running.id)

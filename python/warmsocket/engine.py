@@ -390,6 +390,9 @@ class Engine:
         self.tokens_used: Callable[[str, int], None] | None = None
         """Told (owner, input + output tokens) of each model pass as it ends, or is
         abandoned after the model began (`--tokens-per-minute-per-key`)."""
+        self.still_running: Callable[[str, str], bool] = lambda response_id, owner: False
+        """Whether (response id, owner) is a background response still being generated
+        here (not stored yet): a create continuing it is told so, not 'not found'."""
         self._instruction_tokens: Memo[str, int] = Memo()
         self._tool_tokens: Memo[int, int] = Memo()
         self._forget = getattr(backend, "forget", None)
@@ -648,6 +651,8 @@ class Engine:
                 )
             except _core.ResponseNotFound:
                 self.metrics.cache_lookup(hit=False)
+                if self.still_running(previous_response_id, owner):
+                    raise errors.previous_response_running(previous_response_id) from None
                 raise errors.previous_response_not_found(previous_response_id) from None
             self.metrics.cache_lookup(hit=True)
 

@@ -132,6 +132,11 @@ class HTTPApp:
         self.background = BackgroundResponses(
             board=shared.background_board if shared is not None else None
         )
+        engine.still_running = self._still_running
+
+    def _still_running(self, response_id: str, owner: str) -> bool:
+        run = self.background.get(response_id, owner)
+        return run is not None and not run.finished
 
     async def handle(self, request: Request, writer: ResponseWriter, *, connection: int) -> bool:
         """Answer one request. Returns whether the connection may be kept alive."""
@@ -340,22 +345,14 @@ class HTTPApp:
             await self._count_request(request, owner)
             await self._load_parent(create, owner)
             await self._fresh_conversation(create, owner)
-            try:
-                turn = engine.prepare(
-                    create,
-                    owner=owner,
-                    connection=connection,
-                    lookup_connection=None,
-                    framing="sse" if create.stream or create.background else "json",
-                    client_key=self.auth.token(request),
-                )
-            except APIError as error:
-                parent = create.previous_response_id
-                if error.code == "previous_response_not_found" and parent is not None:
-                    run = self.background.get(parent, owner)
-                    if run is not None and not run.finished:
-                        raise errors.previous_response_running(parent) from None
-                raise
+            turn = engine.prepare(
+                create,
+                owner=owner,
+                connection=connection,
+                lookup_connection=None,
+                framing="sse" if create.stream or create.background else "json",
+                client_key=self.auth.token(request),
+            )
             if create.background:
                 await self._start_background(request, writer, request_id, turn, slot)
             elif create.stream:
@@ -575,7 +572,10 @@ class HTTPApp:
         run = self.background.get(rid, owner)
         if run is not None:
             # A background response: stopped if it still runs (then it is not stored),
-            # and its events and state forgotten.
+            # and its events and state forgotten. Found by no other request from now
+            # on (a second DELETE meanwhile is a 404, as for a stored response): its
+            # cancellation is asked for at once, so it can only end `cancelled`.
+            run.forgotten = True
             await self.background.cancel(run)
             self.background.forget(run)
         shared_deleted = False
