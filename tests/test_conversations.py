@@ -1220,3 +1220,24 @@ def test_listed_output_text_parts_carry_their_annotations(sdk: OpenAI) -> None:
     response = sdk.responses.create(model="m", input=[assistant, {"role": "user", "content": "x"}])  # type: ignore[list-item]
     (first, _) = sdk.responses.input_items.list(response.id, order="asc")
     assert first.content[0].annotations == []  # type: ignore[union-attr]
+
+
+def test_metadata_that_would_pass_the_budget_is_refused() -> None:
+    """Metadata updates were charged but not checked: every conversation could grow
+    by its 16 keys of 512 characters past --conversation-budget."""
+    big = {f"k{n}": "v" * 512 for n in range(16)}
+    with (
+        running_server(conversation_budget=4096) as server,
+        OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as sdk,
+    ):
+        conversation = sdk.conversations.create(items=[{"role": "user", "content": "x" * 1500}])
+        with pytest.raises(InternalServerError) as refused:
+            sdk.conversations.update(conversation.id, metadata=big)
+        assert refused.value.status_code == 503
+        assert "--conversation-budget" in refused.value.message
+        assert sdk.conversations.retrieve(conversation.id).metadata == {}
+        assert server.server.engine.conversations.nbytes <= 4096
+        # Smaller metadata fits; shrinking it never needs room.
+        sdk.conversations.update(conversation.id, metadata={"k": "v" * 100})
+        sdk.conversations.update(conversation.id, metadata={"k": "v"})
+        assert sdk.conversations.retrieve(conversation.id).metadata == {"k": "v"}

@@ -168,8 +168,7 @@ class Conversation:
         """What it counts against `--conversation-budget`: its items' bytes, and what
         the conversation and each item hold besides (an empty conversation is not
         free: many of them must fill the budget too)."""
-        metadata = sum(len(key) + len(value) for key, value in self.metadata.items())
-        return CONVERSATION_OVERHEAD + metadata + items_cost(self.items)
+        return CONVERSATION_OVERHEAD + _metadata_cost(self.metadata) + items_cost(self.items)
 
     def object(self) -> dict[str, Any]:
         """The Conversation object."""
@@ -252,6 +251,10 @@ def refuse_duplicate_ids(items: Items, *, param: str, kept: Collection[str] = ()
 
 def entries(items: Items, item_ids: list[str]) -> Entries:
     return [(item_id, items.item_json(i)) for i, item_id in enumerate(item_ids)]
+
+
+def _metadata_cost(metadata: dict[str, str]) -> int:
+    return sum(len(key) + len(value) for key, value in metadata.items())
 
 
 def _metadata_json(metadata: dict[str, str]) -> bytes:
@@ -457,6 +460,9 @@ class Conversations:
         metadata = body["metadata"]
         metadata = {} if metadata is None else metadata
         validate_metadata(metadata)
+        grown = _metadata_cost(metadata) - _metadata_cost(conversation.metadata)
+        if grown > 0:  # (else every conversation could pass the budget by its metadata)
+            self.check_room(grown, used=conversation)
         if self.board is not None:
             change = await self.board.set_metadata(owner, conv_id, _metadata_json(metadata))
             if change is None:
