@@ -266,8 +266,43 @@ def test_a_second_signal_ends_the_drain_at_once(
                 break
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 0
+        # The turn still ends with its terminal event before the close (it got only
+        # the close: a failure with no event, for the SDK a broken connection).
+        events, code = events_until_closed(ws)
     assert time.monotonic() - started < 5
     assert "drain cut short by a second signal" in [r["message"] for r in _log(proc)]
+    assert code == 1001
+    assert [e["type"] for e in events][-1:] == ["response.failed"]
+    assert events[-1]["response"]["error"]["message"] == "The server shut down first."
+
+
+@pytest.mark.parametrize(
+    "serve_process",
+    [
+        (
+            "--shutdown-timeout",
+            "0",
+        )
+    ],
+    indirect=True,
+)
+def test_no_drain_still_ends_each_lane_s_turn_before_the_close(
+    serve_process: tuple[subprocess.Popen[str], str],
+) -> None:
+    proc, url = serve_process
+    with connect(url, open_timeout=5) as ws:
+        create = {"type": "response.create", "model": "m", "input": "/sleep 9000 x"}
+        ws.send(json.dumps(create))
+        ws.send(json.dumps({**create, "stream_id": "other"}))
+        created = 0
+        while created < 2:
+            created += json.loads(ws.recv(timeout=5))["type"] == "response.created"
+        proc.send_signal(signal.SIGTERM)
+        events, code = events_until_closed(ws)
+        assert proc.wait(timeout=10) == 0
+    assert code == 1001
+    failed = [e for e in events if e["type"] == "response.failed"]
+    assert sorted(str(e.get("stream_id")) for e in failed) == ["None", "other"]
 
 
 @pytest.mark.parametrize("serve_process", [("--shutdown-timeout", "0.3")], indirect=True)

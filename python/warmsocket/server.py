@@ -865,7 +865,14 @@ class Connection(asyncio.Protocol):
         return task
 
     def shutdown(self) -> None:
-        """Server shutdown: WebSockets get 1001 (going away); HTTP connections close."""
+        """Server shutdown: WebSockets get 1001 (going away), after a terminal event for
+        each response still under way (`response.failed`, as when a drain's time is up:
+        without a drain, or one a second signal cut short, a close in the middle of a
+        turn is all the client would get); HTTP connections close."""
+        session = self.session
+        if session is not None and not session.closed:
+            session.drain(self.loop.time(), 0.0)
+            self.drain_ended()
         if self.ws is not None and self.ws.state is State.OPEN:
             self.ws.send_close(1001, "server shutting down")
             self._flush()
