@@ -405,3 +405,22 @@ def test_a_websocket_create_continuing_a_running_one_is_told_so(
     assert (error["type"], error["error"]["code"]) == ("error", "previous_response_not_found")
     assert "still in progress" in error["error"]["message"]
     sdk.responses.cancel(running.id)
+
+
+def test_a_turn_its_client_left_is_counted_and_forgotten(server: RunningServer) -> None:
+    """A WebSocket dropped mid-turn: the turn never appeared in the turn metrics
+    (dashboards of started minus finished drifted), and the backend was not told to
+    forget the response it will never store."""
+    forgotten: list[str] = []
+    server.server.engine.forget = forgotten.extend  # type: ignore[method-assign]
+    with WSClient(server.ws_url) as ws:
+        ws.create(input="/sleep 5000 slow")
+        started = ws.recv()
+        assert started["type"] == "response.created"
+    deadline = time.monotonic() + 5
+    with http_client(server) as http:
+        while 'warmsocket_turns_total{status="abandoned"} 1' not in http.get("metrics").text:
+            assert time.monotonic() < deadline, "the abandoned turn was not counted"
+            time.sleep(0.02)
+        assert "warmsocket_turn_seconds_count 1" in http.get("metrics").text
+    assert started["response"]["id"] in forgotten

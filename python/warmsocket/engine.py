@@ -1350,12 +1350,19 @@ class Turn:
     def abandon(self) -> None:
         """The client is gone before the response ended: nothing more is sent or
         stored. Once the model was asked, its input (and what it wrote so far) still
-        counts against the key's tokens."""
+        counts against the key's tokens. Counted in `warmsocket_turns_total` as
+        `abandoned` (once, however often it is called)."""
+        if self.finished:
+            self.release()
+            return
         if self.model_started and self.engine.tokens_used is not None:
             self._count_tokens_used(self.usage())
         self.finished = True
         self.release()
         self._leave_conversation()
+        engine = self.engine
+        engine.forget((self.response_id,))  # never stored: nothing continues it
+        engine.metrics.observe_turn(time.perf_counter() - self.started, "abandoned")
 
     @property
     def _model_answered(self) -> bool:

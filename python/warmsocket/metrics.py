@@ -152,8 +152,12 @@ class Metrics:
         for kind in ("websocket", "http"):
             value = self.connections_active[kind]
             lines.append(f'warmsocket_connections{{kind="{kind}"}} {value}')
-        family("warmsocket_turns_total", "counter", "Responses finished, by terminal status.")
-        for status in ("completed", "incomplete", "failed", "cancelled"):
+        family(
+            "warmsocket_turns_total",
+            "counter",
+            "Responses finished, by terminal status (abandoned: the client left first).",
+        )
+        for status in ("completed", "incomplete", "failed", "cancelled", "abandoned"):
             lines.append(f'warmsocket_turns_total{{status="{status}"}} {self.turns[status]}')
         family("warmsocket_errors_total", "counter", "Errors sent to clients, by error code.")
         for code, count in sorted(self.errors.items()):
