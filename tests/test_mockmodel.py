@@ -19,6 +19,7 @@ from warmsocket.mockmodel import (
     argument_deltas,
     custom_tool_names,
     function_parameters,
+    iter_text_deltas,
     plan_reply,
     text_deltas,
     tool_choice,
@@ -402,12 +403,15 @@ def test_fail_and_sleep_combine() -> None:
     assert plan([user("/sleep 20\nhello")]).sleep_ms == 20
 
 
-@pytest.mark.parametrize("text", ["", "one", "You said: a b c", "  lead\nnew line  "])
+@pytest.mark.parametrize("text", ["", "one", "You said: a b c", "  lead\nnew line  ", "   "])
 def test_text_deltas_rebuild_the_text(text: str) -> None:
     assert "".join(text_deltas(text)) == text
+    assert list(iter_text_deltas(text)) == text_deltas(text)
 
 
 def test_deltas_are_words() -> None:
+    assert text_deltas("   ") == ["   "]
+    assert text_deltas("a b  ") == ["a", " b  "]
     assert text_deltas("You said: a b c d e f") == [
         "You",
         " said:",

@@ -951,3 +951,19 @@ def test_large_instructions_are_counted_without_holding_up_other_connections(
     assert 0 <= first["input_tokens"] - counted < 32
     cached = again[-1]["response"]["usage"]["input_tokens_details"]["cached_tokens"]
     assert first["input_tokens"] < cached < again[-1]["response"]["usage"]["input_tokens"]
+
+
+def test_a_huge_answer_of_the_built_in_model_starts_at_once(server: RunningServer) -> None:
+    """The built-in model made every event of its answer (one per word) before the
+    first went out, on the event loop: 2M words held every connection still for
+    seconds (and a client that did not read held them all in memory). They are
+    made as they are sent."""
+    with WSClient(server.ws_url) as ws:
+        assert ws.turn(input="warm")[-1]["type"] == "response.completed"
+        started = time.monotonic()
+        ws.create(input="word " * 2_000_000)
+        while ws.recv(timeout=30)["type"] != "response.output_text.delta":
+            pass
+        assert time.monotonic() - started < 1.5
+        # Gone at once (a close handshake would wait behind the rest of the answer).
+        ws.conn.socket.shutdown(socket.SHUT_RDWR)

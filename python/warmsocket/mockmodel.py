@@ -60,7 +60,7 @@ from __future__ import annotations
 import json
 import re
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -439,13 +439,22 @@ def output_text(item: dict[str, Any]) -> str:
 
 def text_deltas(text: str) -> list[str]:
     """Split a reply into streamed deltas: one per word, with its leading whitespace."""
-    pieces = _WORD_RE.findall(text)
-    if not pieces:
-        return [text] if text else []
-    trailing = text[sum(map(len, pieces)) :]
-    if trailing:
-        pieces[-1] += trailing
-    return pieces
+    return list(iter_text_deltas(text))
+
+
+def iter_text_deltas(text: str) -> Iterator[str]:
+    """`text_deltas` one at a time (a reply of millions of words is never a list)."""
+    previous: str | None = None
+    end = 0
+    for match in _WORD_RE.finditer(text):
+        if previous is not None:
+            yield previous
+        previous, end = match.group(), match.end()
+    if previous is None:
+        if text:
+            yield text
+        return
+    yield previous + text[end:]  # trailing whitespace goes with the last word
 
 
 LOGPROBS = "message.output_text.logprobs"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
+from itertools import islice
 from typing import Any
 
 from warmsocket import errors, ids, mockmodel, small_json
@@ -30,6 +31,9 @@ READY_BATCH = 256
 """Events of a ready answer handed to the server at once: more wait for the
 connection's write buffer to drain (a 100k-word answer would otherwise sit whole in
 it, and the client's pings behind it)."""
+IMMEDIATE_TEXT = 64 * 1024
+"""A reply text longer than this is streamed (`stream`) without being split into
+events first to see whether it fits in `READY_BATCH`."""
 
 
 class MockBackend:
@@ -52,16 +56,22 @@ class MockBackend:
             await asyncio.sleep(delay)
         events = self._events(reply, turn)
         if not self.delta_interval:
-            # No pacing: the answer is ready at once; handed over in batches, so
-            # the server's write backpressure holds between them.
-            for start in range(0, len(events), READY_BATCH):
-                if start:
-                    await asyncio.sleep(0)  # other connections' turn between batches
-                yield events[start : start + READY_BATCH]
+            # No pacing: the answer is ready at once; made and handed over in batches
+            # (never all of it at once: a reply of millions of words), so the server's
+            # write backpressure holds between them and other connections get their
+            # turn.
+            first = True
+            while batch := list(islice(events, READY_BATCH)):
+                if not first:
+                    await asyncio.sleep(0)
+                first = False
+                yield batch
             return
-        for i, event in enumerate(events):
-            if i and not isinstance(events[i - 1], TextLogprobs):  # they go with their delta
-                await self._pace()
+        previous: ModelEvent | None = None
+        for event in events:
+            if previous is not None and not isinstance(previous, TextLogprobs):
+                await self._pace()  # (log probabilities go with their delta)
+            previous = event
             yield event
 
     def immediate(self, turn: TurnContext) -> list[ModelEvent] | None:
@@ -70,11 +80,11 @@ class MockBackend:
         if self.ttft or self.delta_interval:
             return None
         reply = self._plan(turn)
-        if reply.sleep_ms:
+        if reply.sleep_ms or len(reply.text) > IMMEDIATE_TEXT:
             return None
-        events = self._events(reply, turn)
         # A long answer goes through `stream`, whose batches wait for a slow reader
         # (an immediate answer is written whole, however large).
+        events = list(islice(self._events(reply, turn), READY_BATCH + 1))
         return events if len(events) <= READY_BATCH else None
 
     def _plan(self, turn: TurnContext) -> mockmodel.Reply:
@@ -96,7 +106,8 @@ class MockBackend:
         )
 
     @staticmethod
-    def _events(reply: mockmodel.Reply, turn: TurnContext) -> list[ModelEvent]:
+    def _events(reply: mockmodel.Reply, turn: TurnContext) -> Iterator[ModelEvent]:
+        """The answer's events, made as they are taken."""
         events = MockBackend._answer(reply)
         max_output_tokens = turn.request.max_output_tokens
         if max_output_tokens is not None:
@@ -107,27 +118,25 @@ class MockBackend:
         return events
 
     @staticmethod
-    def _answer(reply: mockmodel.Reply) -> list[ModelEvent]:
-        events: list[ModelEvent] = []
+    def _answer(reply: mockmodel.Reply) -> Iterator[ModelEvent]:
         if reply.reasoning is not None:
-            events.append(OutputItem(mockmodel.reasoning_item(reply.reasoning)))
+            yield OutputItem(mockmodel.reasoning_item(reply.reasoning))
         if reply.search is not None:
-            events += _web_search(reply.search)
+            yield from _web_search(reply.search)
         if reply.kind == "fail":
-            events.append(TurnFailed(errors.model_failed()))
+            yield TurnFailed(errors.model_failed())
         elif reply.kind == "call":
             for call in reply.calls:
-                events.append(ToolCallStart(ids.call_id(), call.name, custom=call.custom))
+                yield ToolCallStart(ids.call_id(), call.name, custom=call.custom)
                 deltas = (mockmodel.text_deltas if call.custom else mockmodel.argument_deltas)(
                     call.arguments
                 )
-                events += map(ToolArgumentsDelta, deltas)
+                yield from map(ToolArgumentsDelta, deltas)
         else:
-            events += map(TextDelta, mockmodel.text_deltas(reply.text))
+            yield from map(TextDelta, mockmodel.iter_text_deltas(reply.text))
             if reply.search is not None:
                 citation = mockmodel.search_citation(reply.search, reply.text)
-                events.append(TextAnnotation(json.dumps(citation).encode()))
-        return events
+                yield TextAnnotation(json.dumps(citation).encode())
 
     async def _pace(self) -> None:
         if self.delta_interval:
@@ -147,8 +156,8 @@ def _tool_choice(turn: TurnContext) -> mockmodel.ToolChoice:
 
 
 def _within(
-    events: list[ModelEvent], max_output_tokens: int, reasoning: str | None
-) -> list[ModelEvent]:
+    events: Iterable[ModelEvent], max_output_tokens: int, reasoning: str | None
+) -> Iterator[ModelEvent]:
     """The answer cut at `max_output_tokens`, counted as its usage counts them when
     no backend reports any (`BYTES_PER_TOKEN_ESTIMATE` characters a token, the
     reasoning's included): the text or arguments that fit, then `TurnIncomplete`
@@ -156,32 +165,30 @@ def _within(
     per_token = BYTES_PER_TOKEN_ESTIMATE
     reasoning_tokens = -(-len(reasoning) // per_token) if reasoning else 0
     budget = (max_output_tokens - reasoning_tokens) * per_token
-    for index, event in enumerate(events):
+    for event in events:
         if isinstance(event, TextDelta | ToolArgumentsDelta | ToolCallStart):
             text = event.name if isinstance(event, ToolCallStart) else _text_of(event)
             if len(text) > budget:
-                kept: list[ModelEvent] = events[:index]
                 if budget > 0 and isinstance(event, TextDelta):
-                    kept.append(TextDelta(event.text[:budget]))
+                    yield TextDelta(event.text[:budget])
                 elif budget > 0 and isinstance(event, ToolArgumentsDelta):
-                    kept.append(ToolArgumentsDelta(event.delta[:budget]))
-                return [*kept, TurnIncomplete("max_output_tokens")]
+                    yield ToolArgumentsDelta(event.delta[:budget])
+                yield TurnIncomplete("max_output_tokens")
+                return
             budget -= len(text)
+        yield event
     if budget < 0:  # the reasoning alone is over the limit
-        return [*events, TurnIncomplete("max_output_tokens")]
-    return events
+        yield TurnIncomplete("max_output_tokens")
 
 
-def _with_logprobs(events: list[ModelEvent], top: int) -> list[ModelEvent]:
+def _with_logprobs(events: Iterable[ModelEvent], top: int) -> Iterator[ModelEvent]:
     """Each text delta after its log probabilities (`mockmodel.text_logprobs`), as
     the client's `include` asked: the text as it goes out, after any cut."""
-    out: list[ModelEvent] = []
     for event in events:
         if isinstance(event, TextDelta):
             logprobs = mockmodel.text_logprobs(event.text, top)
-            out.append(TextLogprobs(json.dumps(logprobs, ensure_ascii=False).encode()))
-        out.append(event)
-    return out
+            yield TextLogprobs(json.dumps(logprobs, ensure_ascii=False).encode())
+        yield event
 
 
 def _text_of(event: TextDelta | ToolArgumentsDelta) -> str:
