@@ -967,3 +967,33 @@ def test_a_huge_answer_of_the_built_in_model_starts_at_once(server: RunningServe
         assert time.monotonic() - started < 1.5
         # Gone at once (a close handshake would wait behind the rest of the answer).
         ws.conn.socket.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"Authorization: Bearer " + b"k" * 9000 + b"\r\n",  # a long token or JWT
+        b"Cookie: " + b"c=1; " * 2000 + b"\r\n",
+        b"Content-Length: 0\r\n",  # some clients and proxies add it to a GET
+    ],
+    ids=["long-authorization", "long-cookie", "content-length-0"],
+)
+def test_an_upgrade_this_server_takes_is_not_refused_by_the_websocket_library(
+    server: RunningServer, extra: bytes
+) -> None:
+    """The raw head went to the websockets library, whose own limits (8 KiB a header
+    line, no Content-Length on a GET) refused what warmsocket's parser takes (64 KiB
+    heads) with an unexplained 400. It is given the headers it reads; the messages go
+    on as on any connection."""
+    message = json.dumps({"type": "response.create", "model": "m", "input": "hi"})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(
+            b"GET /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n" + extra + b"\r\n" + _masked(message.encode())
+        )
+        received = b""
+        while b"response.completed" not in received and (chunk := sock.recv(65536)):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 101")
+    assert b"You said: hi" in received
