@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+
 import pytest
+import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warmsocket.http11 import HTTPError, RequestParser, chunk, encode_response
+from warmsocket.http11 import (
+    MAX_WRITE_BUFFERS,
+    HTTPError,
+    RequestParser,
+    chunk,
+    coalesced,
+    encode_response,
+)
 
 
 def parse(data: bytes, max_body: int = 1 << 20) -> list[object]:
@@ -211,3 +222,44 @@ def test_pipelined_requests_at_any_split(
             bodies.append(request.body)
     assert bodies == [body for _request, body in cases]
     assert parser.take_buffer() == b""
+
+
+def test_many_small_pieces_are_written_in_blocks_uvloop_takes() -> None:
+    """uvloop fails a write of more than 2**20 buffers (EINVAL) and drops the
+    connection: the simulated upstream's answer of a million words, written at once,
+    reached warmsocket as a 200 with no body. `coalesced` joins such pieces."""
+    assert coalesced([b"a", b"b"]) == [b"a", b"b"]  # few: as they are
+    pieces = [b"%d," % n for n in range(1_100_000)]
+    blocks = coalesced(pieces)
+    assert b"".join(blocks) == b"".join(pieces)
+    assert len(blocks) <= MAX_WRITE_BUFFERS
+
+    async def send(data: Sequence[bytes | bytearray]) -> tuple[int, list[Exception | None]]:
+        received = bytearray()
+        done = asyncio.Event()
+
+        async def read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while chunk := await reader.read(1 << 20):
+                received.extend(chunk)
+            writer.close()
+            await writer.wait_closed()
+            done.set()
+
+        server = await asyncio.start_server(read, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        lost: list[Exception | None] = []
+
+        class Client(asyncio.Protocol):
+            def connection_lost(self, exc: Exception | None) -> None:
+                lost.append(exc)
+
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_connection(Client, "127.0.0.1", port)
+        transport.writelines(data)
+        transport.close()
+        await asyncio.wait_for(done.wait(), 30)
+        server.close()
+        await server.wait_closed()
+        return len(received), lost
+
+    assert uvloop.run(send(blocks)) == (sum(map(len, pieces)), [None])

@@ -9,6 +9,7 @@ chunked request bodies, `Expect: 100-continue`, and chunked responses for SSE.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -311,6 +312,32 @@ def encode_response(
     if not keep_alive:
         all_headers.append(("connection", "close"))
     return response_head(status, all_headers) + body
+
+
+MAX_WRITE_BUFFERS = 4096
+"""Buffers passed to one `writelines` at most (`coalesced`)."""
+_BLOCK_BYTES = 1 << 20
+
+
+def coalesced(pieces: Sequence[bytes | bytearray]) -> Sequence[bytes | bytearray]:
+    """`pieces` to write at once, joined into blocks of about 1 MiB when there are
+    more than `MAX_WRITE_BUFFERS` of them: uvloop keeps the buffers it could not write
+    yet in one list and fails a write of more than 2**20 of them (EINVAL), dropping
+    the connection (an answer of a million small SSE events written at once)."""
+    if len(pieces) <= MAX_WRITE_BUFFERS:
+        return pieces
+    blocks: list[bytes | bytearray] = []
+    block: list[bytes | bytearray] = []
+    size = 0
+    for piece in pieces:
+        block.append(piece)
+        size += len(piece)
+        if size >= _BLOCK_BYTES:
+            blocks.append(b"".join(block))
+            block, size = [], 0
+    if block:
+        blocks.append(b"".join(block))
+    return blocks
 
 
 def chunk(data: bytes) -> bytes:

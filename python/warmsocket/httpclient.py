@@ -33,6 +33,7 @@ from typing import NoReturn
 from urllib.parse import unquote, urlsplit
 
 from warmsocket._core import ChunkedBody, parse_response_head
+from warmsocket.http11 import coalesced
 
 MAX_HEAD_BYTES = 64 * 1024
 READ_HIGH_WATER = 1024 * 1024
@@ -429,7 +430,7 @@ class HTTPConnection(asyncio.Protocol):
         self.requests += 1
         self._timeout = timeout
         self._last_activity = self.loop.time()
-        self.transport.writelines(data)
+        self.transport.writelines(coalesced(data))
         self._arm_timer()
         if on_sent is not None:
             on_sent()

@@ -79,6 +79,7 @@ from warmsocket.http11 import (
     HTTPError,
     Request,
     RequestParser,
+    coalesced,
     encode_response,
 )
 from warmsocket.httpapi import PROBES, Auth, HTTPApp, access_line, needs_key, route_of
@@ -1828,7 +1829,7 @@ class Connection(asyncio.Protocol):
             size = sum(map(len, chunks))
             self.server.metrics.bytes_sent += size
             self._written += size
-            transport.writelines(chunks)
+            transport.writelines(coalesced(chunks))
         if eof:
             self._close_transport()
 

@@ -63,6 +63,7 @@ from warmsocket.http11 import (
     Request,
     RequestParser,
     chunk,
+    coalesced,
     encode_response,
     response_head,
 )
@@ -653,7 +654,7 @@ class _Connection(asyncio.Protocol):
         self._mark_first_token()
         if latency.decode_tokens_per_second <= 0:
             if self.transport is not None and not self.lost:
-                self.transport.writelines(pieces)
+                self.transport.writelines(coalesced(pieces))
             return
         for piece, text in zip(pieces, texts, strict=False):
             self.write(piece)
@@ -1047,7 +1048,7 @@ class _Connection(asyncio.Protocol):
         eof = bool(chunks) and chunks[-1] == b""
         data = [c for c in chunks if c]
         if data:
-            self.transport.writelines(data)
+            self.transport.writelines(coalesced(data))
         if eof:
             self.transport.close()
 
