@@ -6,6 +6,7 @@ tests/test_third_party_licenses.py fails while the file is out of date.
 
     python3 scripts/third_party_licenses.py          # rewrite the file
     python3 scripts/third_party_licenses.py --check  # exit 1 if it is out of date
+                                                     # (2: crate sources not fetched)
 
 The crates are those of `cargo metadata` reached from warmsocket through normal
 (not build or dev) dependencies with the default features, on every target (a
@@ -61,14 +62,22 @@ THE USE OR OTHER DEALINGS IN THE SOFTWARE.
 """
 
 
+class SourcesMissing(RuntimeError):
+    """cargo has not fetched every crate's source (and this script fetches nothing)."""
+
+
 def metadata() -> dict[str, Any]:
     result = subprocess.run(
-        ["cargo", "metadata", "--format-version", "1", "--locked"],
+        ["cargo", "metadata", "--format-version", "1", "--locked", "--offline"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        check=True,
     )
+    if result.returncode != 0:
+        raise SourcesMissing(
+            "cargo metadata --offline failed; fetch the crates first (`cargo fetch`, or "
+            f"any build): {result.stderr.strip()[-500:]}"
+        )
     parsed: dict[str, Any] = json.loads(result.stdout)
     return parsed
 
@@ -144,7 +153,12 @@ def render(packages: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = render(linked_packages(metadata()))
+    try:
+        meta = metadata()
+    except SourcesMissing as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    text = render(linked_packages(meta))
     if "--check" in argv:
         if not OUTPUT.exists() or OUTPUT.read_text(encoding="utf-8") != text:
             print(

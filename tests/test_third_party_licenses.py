@@ -21,6 +21,8 @@ def test_the_notices_list_every_linked_crate_as_cargo_lock_has_it() -> None:
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True, timeout=120
     )
+    if result.returncode == 2:  # (nothing is downloaded while the tests run)
+        pytest.skip(f"the crates' sources are not all fetched: {result.stderr[-300:]}")
     assert result.returncode == 0, result.stderr
 
 
