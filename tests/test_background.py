@@ -4,6 +4,7 @@ its request and ends at shutdown."""
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -424,3 +425,27 @@ def test_a_turn_its_client_left_is_counted_and_forgotten(server: RunningServer) 
             time.sleep(0.02)
         assert "warmsocket_turn_seconds_count 1" in http.get("metrics").text
     assert started["response"]["id"] in forgotten
+
+
+def test_a_background_create_refused_for_too_many_leaves_its_conversation_free(
+    monkeypatch: pytest.MonkeyPatch, sdk: OpenAI
+) -> None:
+    """Refused with a 503 after it was prepared, the turn held its conversation until
+    the garbage collector happened to free it: the SDK's retry of the 503 got a 400
+    conversation_locked, which it does not retry."""
+    monkeypatch.setattr(background, "MAX_RUNNING", 1)
+    conversation = sdk.conversations.create(items=[{"role": "user", "content": "start"}])
+    first = sdk.responses.create(model=MODEL, input="/sleep 5000\nslow", background=True)
+    gc.disable()  # (what frees the turn must not be the collector)
+    try:
+        for _ in range(2):
+            with pytest.raises(openai.InternalServerError) as overloaded:
+                sdk.responses.create(
+                    model=MODEL, input="x", background=True, conversation=conversation.id
+                )
+            assert overloaded.value.code == "server_is_overloaded"
+    finally:
+        gc.enable()
+    sdk.responses.cancel(first.id)
+    answer = sdk.responses.create(model=MODEL, input="after", conversation=conversation.id)
+    assert answer.status == "completed"

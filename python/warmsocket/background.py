@@ -215,11 +215,11 @@ class BackgroundResponses:
         self, turn: Turn, owner: str, body: Callable[[BackgroundRun], Awaitable[None]]
     ) -> BackgroundRun:
         """Register `turn` and run `body(run)` in a task of its own; a cancellation
-        ends the turn `cancelled`. Raises APIError (the turn released) when too many
+        ends the turn `cancelled`. Raises APIError (the turn discarded) when too many
         run already."""
         self._expire()
         if len(self._running) >= MAX_RUNNING:
-            turn.release()
+            turn.discard()
             raise errors.server_overloaded(
                 f"This server runs at most {MAX_RUNNING} background responses at once; "
                 "retry later, or stream the response instead."

@@ -1347,6 +1347,13 @@ class Turn:
             # may continue it. Write-behind: queued here, written off the turn's path.
             shared.publish(info, self.items, output)
 
+    def discard(self) -> None:
+        """The turn will not run (refused after `Engine.prepare`, e.g. too many
+        background responses): what it holds is let go of now, not when it is
+        collected (its parent's pin, its conversation)."""
+        self.release()
+        self._leave_conversation()
+
     def abandon(self) -> None:
         """The client is gone before the response ended: nothing more is sent or
         stored. Once the model was asked, its input (and what it wrote so far) still

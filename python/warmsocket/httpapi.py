@@ -353,12 +353,18 @@ class HTTPApp:
                 framing="sse" if create.stream or create.background else "json",
                 client_key=self.auth.token(request),
             )
-            if create.background:
+            if create.background:  # (refused: `BackgroundResponses.start` discards it)
                 await self._start_background(request, writer, request_id, turn, slot)
-            elif create.stream:
-                await self._stream(request, writer, request_id, turn)
-            else:
-                await self._complete(request, writer, request_id, turn)
+                return 200
+            try:
+                if create.stream:
+                    await self._stream(request, writer, request_id, turn)
+                else:
+                    await self._complete(request, writer, request_id, turn)
+            except BaseException:
+                if not turn.finished:
+                    turn.discard()  # (its pin and conversation now, not when collected)
+                raise
         finally:
             slot.release()  # (a background run's is its own: handed over)
         return 200
@@ -833,8 +839,7 @@ async def run_turn(
         await turn.count_input_tokens_off_loop()  # (a warm-up's large input too)
         return _finish(turn, emit)
     if closing():  # gone already: do not start the model
-        turn.release()
-        turn.finished = True
+        turn.abandon()
         return None
     engine = turn.engine
     failure: APIError | None = None
