@@ -11,6 +11,7 @@ from typing import Any
 
 import openai
 import pytest
+import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai import OpenAI
@@ -445,3 +446,28 @@ def test_references_while_redis_does_not_answer_are_a_retriable_503(
                 "assistant: You said: one",
                 "assistant: You said: two",
             ]
+
+
+def test_references_load_one_by_one_when_redis_refuses_the_batch_question() -> None:
+    """Redis answering the EXISTS pipeline with an error (an ACL without EXISTS, say)
+    made the create a 500, and closed a WebSocket with 1011: the references are
+    loaded one by one then, as before."""
+    with redis_server() as url, two_servers(url) as (a, b):
+        with OpenAI(base_url=a.base_url, api_key="sk-test", max_retries=0) as on_a:
+            made = [on_a.responses.create(model=MODEL, input=text) for text in ("one", "two")]
+        flush(a)
+        with redis.Redis.from_url(url) as admin:
+            admin.acl_setuser("default", enabled=True, nopass=True, commands=["-exists"])
+        try:
+            history = [*refs(made[0].output), *refs(made[1].output)]
+            transcript = {"role": "user", "content": "/transcript"}
+            with OpenAI(base_url=b.base_url, api_key="sk-test", max_retries=0) as on_b:
+                answer = on_b.responses.create(model=MODEL, input=[*history, transcript])  # type: ignore[list-item]
+            with WSClient(b.ws_url, additional_headers=AUTH) as ws:
+                again = ws.turn(input=[*history, transcript])
+        finally:
+            with redis.Redis.from_url(url) as admin:
+                admin.acl_setuser("default", commands=["+exists"])
+    expected = ["assistant: You said: one", "assistant: You said: two", "user: /transcript"]
+    assert answer.output_text.splitlines() == expected
+    assert output_text(again).splitlines() == expected

@@ -924,6 +924,10 @@ class SharedStore:
             self.errors += 1
             log.error("cannot read from Redis", extra={"redis": self.address, **_failure(exc)})
             raise SharedStoreUnavailable(response_ids[0]) from None
+        except redis.RedisError as exc:  # Redis answered, with an error (e.g. NOPERM)
+            self.errors += 1
+            log.error("cannot read from Redis", extra={"redis": self.address, **_failure(exc)})
+            return response_ids  # each loaded (`load`) as before: a miss at worst
         return found
 
     def _key(self, owner: str, response_id: str) -> str:
