@@ -352,6 +352,11 @@ def test_an_input_larger_than_the_whole_budget_is_refused_before_the_model_runs(
             assert refused.value.code == "input_too_large"
             assert "--memory-budget" in refused.value.message
             assert "secret" not in refused.value.message
+            # What keeps nothing is not held to it: a token count, a compaction.
+            counted = sdk.responses.input_tokens.count(model="m", input="secret " * 2000)
+            assert counted.input_tokens > 2000
+            compacted = sdk.responses.compact(model="m", input="secret " * 2000)
+            assert compacted.output
         with WSClient(srv.ws_url) as ws:
             first = ws.turn(input="hello", store=False)[-1]
             assert first["type"] == "response.completed"
@@ -365,7 +370,8 @@ def test_an_input_larger_than_the_whole_budget_is_refused_before_the_model_runs(
                 input="again", store=False, previous_response_id=first["response"]["id"]
             )
             assert after[-1]["type"] == "response.completed"
-        assert len(sim.stats()["requests"]) == 2  # the refused ones never went upstream
+        # The refused ones never went upstream (the compaction did, once).
+        assert len(sim.stats()["requests"]) == 3
 
 
 def assert_a_small_request_is_not_held_up(server: RunningServer, path: str, body: Any) -> Any:

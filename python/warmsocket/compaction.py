@@ -120,6 +120,7 @@ async def compact(
         lookup_connection=None,
         prepend=engine.resolved_input(request, owner=owner, connection=None) if has_input else None,
         client_key=client_key,
+        counting=True,  # (the compacted window is answered, not kept)
     )
     try:
         await turn.count_input_tokens_off_loop()

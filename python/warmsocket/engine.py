@@ -575,8 +575,9 @@ class Engine:
         stored responses (the WebSocket connection; None over HTTP). `prepend` goes
         before the request's input (queued steering); `framing` is how the turn's
         events are framed; `client_key` the client's bearer token
-        (`TurnContext.client_key`). `counting`: the turn only counts the input's
-        tokens (`input_tokens`): it will add nothing to its conversation.
+        (`TurnContext.client_key`). `counting`: nothing of the turn is kept (a
+        token count, a compaction): its input is not held to the memory budget, and
+        it adds nothing to a conversation.
         """
         started = time.perf_counter()
         if request.responses_only and not self.responses_upstream:
@@ -658,7 +659,7 @@ class Engine:
 
         chain_parent: str | None = None
         try:
-            if items.nbytes > cache.memory_budget:
+            if items.nbytes > cache.memory_budget and not counting:
                 # The response could never be kept (`CacheFull` when it ends): refused
                 # before the model spends tokens on it.
                 raise errors.input_over_memory_budget(items.nbytes, cache.memory_budget)
