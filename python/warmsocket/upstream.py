@@ -294,7 +294,7 @@ RETRY_AFTER_LIMIT = 2.0
 that asked for it again; a longer one goes to the client (whose SDK waits it out)."""
 RETRY_BACKOFF = 0.25
 """The wait before the first retry on a replica that answered 5xx without
-`Retry-After` (doubled for each further one)."""
+`Retry-After` (doubled for each further one, up to `RETRY_AFTER_LIMIT`)."""
 MAX_RETRY_AFTER = 24 * 3600.0
 """A `Retry-After` past this is not believed (a date years away, a typo)."""
 
@@ -344,14 +344,14 @@ def retry_delay(error: UpstreamError, retries_made: int, *, same_replica: bool) 
     """Seconds to wait before trying a failed request again (`retries_made` retries of
     it made so far), or None: not again, the client gets `error`. Another replica is
     tried at once; the replica that failed waits out its own `Retry-After` (up to
-    `RETRY_AFTER_LIMIT`) or, after an HTTP 5xx, a short backoff. A broken or
+    `RETRY_AFTER_LIMIT`) or, after an HTTP 5xx, a short backoff (at most as long). A broken or
     timed-out connection is retried at once."""
     if not same_replica:
         return 0.0
     if error.retry_after is not None:
         return error.retry_after if error.retry_after <= RETRY_AFTER_LIMIT else None
     if error.reason == "status":
-        return RETRY_BACKOFF * 2.0**retries_made
+        return min(RETRY_BACKOFF * 2.0**retries_made, RETRY_AFTER_LIMIT)
     return 0.0
 
 

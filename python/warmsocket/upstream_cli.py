@@ -97,8 +97,8 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
         type=_non_negative_int,
         help="extra attempts after an upstream 5xx, timeout or broken connection, only "
         "while nothing has reached the client yet (on another replica at once; on the "
-        "same one after its Retry-After up to 2 s, else 0.25 s doubling; a longer "
-        "Retry-After goes to the client instead)",
+        "same one after its Retry-After up to 2 s, else 0.25 s doubling up to 2 s; a "
+        "longer Retry-After goes to the client instead)",
     )
     opt.add(
         "--upstream-context-window",
