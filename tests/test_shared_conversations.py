@@ -471,3 +471,21 @@ def test_item_ids_with_spaces_and_percents_are_kept_apart(redis_url: str) -> Non
             assert [item["id"] for item in listed] == kept
         answer = on_b.responses.create(model="m", input="/transcript", conversation=made.id)
         assert answer.output_text.splitlines()[:-1] == [f"user: {i}" for i in kept]
+
+
+def test_an_entry_written_before_ids_were_escaped_can_still_be_deleted(redis_url: str) -> None:
+    """An item id with a '%' was written as it is before ids were escaped; the delete
+    matched only the escaped form, and answered 404 until the conversation expired."""
+    with two_servers(redis_url) as (a, b), client(a) as on_a, client(b) as on_b:
+        made = on_a.conversations.create(
+            items=[{"type": "message", "role": "user", "id": "p%q", "content": "old"}]
+        )
+        with redis.Redis.from_url(redis_url) as plain:
+            (key,) = plain.keys(f"*:ci:*:{made.id}")
+            (entry,) = plain.lrange(key, 0, -1)
+            assert entry.startswith(b"p%25q ")
+            plain.lset(key, 0, b"p%q " + entry.partition(b" ")[2])  # the old form
+            plain.hincrby(key.replace(b":ci:", b":c:"), "version", 1)
+        assert [i.id for i in on_b.conversations.items.list(made.id)] == ["p%q"]
+        on_b.conversations.items.delete("p%q", conversation_id=made.id)
+        assert list(on_a.conversations.items.list(made.id)) == []

@@ -109,14 +109,16 @@ _INCOMPLETE = _change("redis.call('HSET', KEYS[1], 'incomplete', 1)")
 # Sets the metadata to ARGV[2].
 _METADATA = _change("redis.call('HSET', KEYS[1], 'metadata', ARGV[2])")
 
-# Removes the item whose entry starts with ARGV[2] (its id and a space):
+# Removes the item whose entry starts with ARGV[2] (its id and a space), or with
+# ARGV[3] when given (an entry written before ids were escaped):
 # {before, after, removed (0 or 1)}, or nil when the conversation is gone.
 _DELETE_ITEM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local before = tonumber(redis.call('HGET', KEYS[1], 'version'))
 local entries = redis.call('LRANGE', KEYS[2], 0, -1)
 for _, entry in ipairs(entries) do
-  if string.sub(entry, 1, #ARGV[2]) == ARGV[2] then
+  if string.sub(entry, 1, #ARGV[2]) == ARGV[2]
+      or (ARGV[3] and string.sub(entry, 1, #ARGV[3]) == ARGV[3]) then
     redis.call('LREM', KEYS[2], 1, entry)
     local after = redis.call('HINCRBY', KEYS[1], 'version', 1)
     redis.call('EXPIRE', KEYS[1], ARGV[1])
@@ -269,7 +271,12 @@ class SharedConversations:
     async def delete_item(self, owner: str, conv_id: str, item_id: str) -> Change | None:
         """(before, after) when the item was removed, (v, v) when there was none; None
         when the conversation is gone."""
-        args: list[Arg] = [self.ttl, _escape(item_id.encode()) + b" "]
+        raw = item_id.encode()
+        args: list[Arg] = [self.ttl, _escape(raw) + b" "]
+        if b"%" in raw and b" " not in raw and _ESCAPED.search(raw) is None:
+            # Written before ids were escaped, the entry starts with the id as it is
+            # (unambiguous: no escaped id has a '%' but before 20 or 25).
+            args.append(raw + b" ")
         found = await self._call(
             conv_id, self._delete_item(keys=self._keys(owner, conv_id), args=args)
         )
