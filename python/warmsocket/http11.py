@@ -39,6 +39,18 @@ class HTTPError(Exception):
         self.code = code
 
 
+_HANDSHAKE_HEADERS = (
+    "host",
+    "upgrade",
+    "connection",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+    "sec-websocket-protocol",
+)
+"""What of an upgrade request the websockets library reads to answer it."""
+
+
 @dataclass(slots=True)
 class Request:
     method: str
@@ -49,8 +61,6 @@ class Request:
     """Header names lowercased; repeated headers joined with ', '."""
     body: bytes
     keep_alive: bool
-    head: bytes
-    """The raw request head, for handing an upgrade to the WebSocket protocol."""
     peer_identity: str | None = None
     """Its connection's verified client certificate's names, with
     `--owner-by-client-certificate` (`tls.client_identity`)."""
@@ -62,6 +72,19 @@ class Request:
 
     def header(self, name: str, default: str = "") -> str:
         return self.headers.get(name, default)
+
+    def handshake_head(self) -> bytes:
+        """The upgrade request as the websockets library is given it: the request line
+        and the headers it reads (the parser here has taken the rest). As it came, a
+        head this server takes could be refused there for the library's own limits: a
+        header line over 8 KiB (a long Authorization or Cookie), a `Content-Length: 0`
+        some clients and proxies add to a GET."""
+        lines = ["GET /v1/responses HTTP/1.1"]
+        for name in _HANDSHAKE_HEADERS:
+            value = self.headers.get(name)
+            if value is not None:
+                lines.append(f"{name}: {value}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     @property
     def segments(self) -> list[str]:
@@ -251,7 +274,6 @@ def _request(
         headers=headers,
         body=body,
         keep_alive="close" not in connection,
-        head=head,
         http10=head[: head.find(b"\r\n")].endswith(b" HTTP/1.0"),
     )
 

@@ -568,32 +568,6 @@ class Server:
         await self.close()
 
 
-_HANDSHAKE_HEADERS = (
-    "host",
-    "upgrade",
-    "connection",
-    "sec-websocket-key",
-    "sec-websocket-version",
-    "sec-websocket-extensions",
-    "sec-websocket-protocol",
-)
-"""What of an upgrade request the websockets library reads to answer it."""
-
-
-def _handshake_head(request: Request) -> bytes:
-    """The upgrade request as the websockets library is given it: the headers it
-    reads (warmsocket's own parser has checked the rest: keys, origin, host). As it
-    came, a head this server takes could be refused there for its own reasons: a
-    header line over 8 KiB (a long Authorization or Cookie), a `Content-Length: 0`
-    some clients and proxies add to a GET."""
-    lines = ["GET /v1/responses HTTP/1.1"]
-    for name in _HANDSHAKE_HEADERS:
-        value = request.headers.get(name)
-        if value is not None:
-            lines.append(f"{name}: {value}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
 class _Writer:
     """The HTTP handlers' view of the transport."""
 
@@ -1334,7 +1308,7 @@ class Connection(asyncio.Protocol):
             max_size=max(2 * limit, limit + 16 * 1024 * 1024),
             logger=logging.getLogger("warmsocket.websockets"),
         )
-        protocol.receive_data(_handshake_head(request))
+        protocol.receive_data(request.handshake_head())
         handshake = protocol.events_received()
         if not handshake or not isinstance(handshake[0], WSRequest):
             self._refuse(APIError(None, "Invalid WebSocket handshake.", status=400))

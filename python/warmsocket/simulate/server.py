@@ -999,7 +999,7 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
             return
         protocol = ServerProtocol(max_size=MAX_BODY_BYTES)
-        protocol.receive_data(request.head)
+        protocol.receive_data(request.handshake_head())
         handshake = protocol.events_received()
         if not handshake or not isinstance(handshake[0], WSRequest):
             self.abort()
