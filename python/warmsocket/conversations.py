@@ -43,7 +43,7 @@ import logging
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,6 +53,7 @@ from warmsocket import errors, ids
 from warmsocket._core import InvalidItems, Items
 from warmsocket.client_events import normalize_input, validate_metadata
 from warmsocket.compaction_items import check_sent
+from warmsocket.conversation_holds import HoldBoard, SharedHolds
 from warmsocket.errors import APIError
 from warmsocket.logs import Tally
 from warmsocket.pages import list_object, page_range
@@ -108,9 +109,10 @@ class Stored(Protocol):
     incomplete: bool
 
 
-class ConversationBoard(Protocol):
-    """Where conversations are shared with other processes (`shared_conversations`).
-    Every call raises `engine.SharedStoreUnavailable` when Redis does not answer."""
+class ConversationBoard(HoldBoard, Protocol):
+    """Where conversations are shared with other processes (`shared_conversations`),
+    and held by the one generating a response to them (`conversation_holds`). Every
+    call raises `engine.SharedStoreUnavailable` when Redis does not answer."""
 
     async def create(
         self, owner: str, conv_id: str, created_at: int, metadata: bytes, entries: Entries
@@ -268,6 +270,10 @@ class Answering(Protocol):
     def finished(self) -> bool: ...
 
 
+def _nothing() -> None:
+    pass
+
+
 class Conversations:
     """The conversations this process serves: all of them, or with a board the copies
     of those it used."""
@@ -278,12 +284,15 @@ class Conversations:
         self.budget_bytes = budget_bytes
         self.max_item_bytes = max_item_bytes
         self.board = board
+        self.holds = None if board is None else SharedHolds(board)
+        """With a board: this process's holds on conversations across processes."""
         self._by_id: OrderedDict[str, Conversation] = OrderedDict()
         """Least recently used first."""
         self.nbytes = 0
         self.write_errors = 0
-        self._writes: asyncio.Queue[tuple[Conversation, Entries | None, int]] | None = None
-        """Additions to write (None: the whole copy, `_repair`), in order."""
+        self._writes: asyncio.Queue[tuple[Conversation, Entries | None, int, bool]] | None = None
+        """Additions to write (None: the whole copy, `_repair`), in order, and whether
+        each holds its conversation (`holds`) until it is written."""
         self._writer: asyncio.Task[None] | None = None
         self._unwritten = 0
         """Additions queued or being written."""
@@ -300,11 +309,13 @@ class Conversations:
         return len(self._by_id)
 
     def stats(self) -> dict[str, int]:
-        """For `/metrics`: conversations kept, their item bytes, failed writes."""
+        """For `/metrics`: conversations kept, their item bytes, failed writes, holds
+        found taken by another process."""
         return {
             "conversations": len(self._by_id),
             "bytes": self.nbytes,
             "write_errors": self.write_errors,
+            "hold_conflicts": 0 if self.holds is None else self.holds.conflicts,
         }
 
     # -- finding ----------------------------------------------------------------------------
@@ -321,9 +332,11 @@ class Conversations:
         if holder is not None and not holder.finished:
             raise errors.conversation_locked(conv_id)
 
-    def take(self, owner: str, conv_id: str, response: Answering) -> None:
+    def take(self, owner: str, conv_id: str, response: Answering) -> Callable[[], None]:
         """`response` will add to the conversation when it ends (`check_free` first);
-        it is free again once `response` is finished (`leave`), or gone."""
+        it is free again once `response` is finished (`leave`), or gone. With a board
+        the response holds it across processes (`SharedHolds.adopt`) until the
+        callable returned is called (once `leave` was; or when `response` is gone)."""
         key = (owner, conv_id)
         answering = self._answering
 
@@ -332,11 +345,30 @@ class Conversations:
                 del answering[key]
 
         answering[key] = weakref.ref(response, gone)
+        holds = self.holds
+        if holds is None:
+            return _nothing
+        holds.adopt(owner, conv_id)
+        let_go = weakref.finalize(response, holds.release, owner, conv_id)
+        let_go.atexit = False  # (no loop then: the hold expires)
+        return let_go
 
     def leave(self, owner: str, conv_id: str, response: Answering) -> None:
         held = self._answering.get((owner, conv_id))
         if held is not None and held() is response:
             del self._answering[(owner, conv_id)]
+
+    async def claim(self, owner: str, conv_id: str) -> None:
+        """With a board, before a create that will add to the conversation reads it
+        (`fresh`): hold it across processes (`SharedHolds.claim`; `unclaim` once the
+        create started or was refused). Raises APIError (400 `conversation_locked`:
+        another process generates a response to it), SharedStoreUnavailable."""
+        if self.holds is not None:
+            await self.holds.claim(owner, conv_id)
+
+    def unclaim(self, owner: str, conv_id: str) -> None:
+        if self.holds is not None:
+            self.holds.release(owner, conv_id)
 
     def get(self, owner: str, conv_id: str, *, param: str = "conversation_id") -> Conversation:
         """The conversation as this process has it (with a board: as `fresh` left it).
@@ -627,7 +659,11 @@ class Conversations:
                 self._queue_repair(conversation)
                 return
             conversation.pending += 1
-            self._write_behind(conversation, added, nbytes)
+            if self.holds is not None:
+                # Held (across processes) until the addition is written: another
+                # process reads the conversation with it.
+                self.holds.adopt(conversation.owner, conversation.id)
+            self._write_behind(conversation, added, nbytes, held=True)
 
     def _copy_to_extend(self, joined: Conversation) -> Conversation | None:
         """The copy a response that read `joined` adds to. With a board the copy
@@ -654,11 +690,18 @@ class Conversations:
         conversation.pending += 1
         self._write_behind(conversation, None, 0)
 
-    def _write_behind(self, conversation: Conversation, added: Entries | None, nbytes: int) -> None:
+    def _write_behind(
+        self,
+        conversation: Conversation,
+        added: Entries | None,
+        nbytes: int,
+        *,
+        held: bool = False,
+    ) -> None:
         if self._writes is None:
             self._writes = asyncio.Queue()
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
-        self._writes.put_nowait((conversation, added, nbytes))
+        self._writes.put_nowait((conversation, added, nbytes, held))
         self._unwritten += 1
         self._unwritten_bytes += nbytes
 
@@ -666,7 +709,7 @@ class Conversations:
         queue = self._writes
         assert queue is not None and self.board is not None
         while True:
-            conversation, added, nbytes = await queue.get()
+            conversation, added, nbytes, held = await queue.get()
             try:
                 if added is None:
                     await self._repair(conversation)
@@ -708,6 +751,8 @@ class Conversations:
                     conversation.drained = None
                 self._unwritten -= 1
                 self._unwritten_bytes -= nbytes
+                if held and self.holds is not None:
+                    self.holds.release(conversation.owner, conversation.id)
                 queue.task_done()
 
     async def _repair(self, conversation: Conversation) -> None:
@@ -818,6 +863,8 @@ class Conversations:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
+        if self.holds is not None:
+            await self.holds.aclose()
 
     # -- snapshots --------------------------------------------------------------------------
 

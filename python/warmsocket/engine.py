@@ -795,6 +795,10 @@ class Engine:
         return target.request.successor(steer_items, target.response_id)
 
 
+def _nothing() -> None:
+    pass
+
+
 def context_start(items: Items) -> int | None:
     """The index of the last self-contained compaction item made by warmsocket among
     `items` (the context starts there), None when there is none. One call into Rust
@@ -927,6 +931,8 @@ class Turn:
         self.conversation: Conversation | None = None
         self._conversation_input: Items | None = None
         self._holds_conversation = False
+        self._let_go: Callable[[], None] = _nothing
+        """Lets go of the conversation across processes (`Conversations.take`)."""
         self.client_key: str | None = None
         """The client's bearer token (`TurnContext.client_key`)."""
 
@@ -935,7 +941,7 @@ class Turn:
         (`Conversations.take`)."""
         conversation = self.conversation
         if conversation is not None:
-            self.engine.conversations.take(self.owner, conversation.id, self)
+            self._let_go = self.engine.conversations.take(self.owner, conversation.id, self)
             self._holds_conversation = True
 
     def _leave_conversation(self) -> None:
@@ -943,6 +949,7 @@ class Turn:
         if self._holds_conversation and conversation is not None:
             self._holds_conversation = False
             self.engine.conversations.leave(self.owner, conversation.id, self)
+            self._let_go()  # (after the addition took its own hold: `_store`)
 
     def join_conversation(self, conversation: Conversation, own_input: Items) -> None:
         """This response reads `conversation` as its context before `own_input` (its

@@ -344,15 +344,20 @@ class HTTPApp:
         try:
             await self._count_request(request, owner)
             await self._load_parent(create, owner)
-            await self._fresh_conversation(create, owner)
-            turn = engine.prepare(
-                create,
-                owner=owner,
-                connection=connection,
-                lookup_connection=None,
-                framing="sse" if create.stream or create.background else "json",
-                client_key=self.auth.token(request),
-            )
+            claimed = await self._claim_conversation(create, owner)
+            try:
+                await self._fresh_conversation(create, owner)
+                turn = engine.prepare(
+                    create,
+                    owner=owner,
+                    connection=connection,
+                    lookup_connection=None,
+                    framing="sse" if create.stream or create.background else "json",
+                    client_key=self.auth.token(request),
+                )
+            finally:
+                if claimed is not None:
+                    engine.conversations.unclaim(owner, claimed)  # (the turn holds it)
             if create.background:  # (refused: `BackgroundResponses.start` discards it)
                 await self._start_background(request, writer, request_id, turn, slot)
                 return 200
@@ -469,6 +474,20 @@ class HTTPApp:
         except SharedStoreUnavailable as exc:
             param = "previous_response_id" if exc.response_id == parent else "input"
             raise errors.shared_store_unavailable(exc.response_id, param=param) from None
+
+    async def _claim_conversation(self, create: _core.CreateRequest, owner: str) -> str | None:
+        """Hold the conversation a create will add to across processes, before it
+        reads it (`Conversations.claim`; nothing without Redis): its id, to
+        `unclaim` once the create started or was refused. Raises APIError (400
+        `conversation_locked`, or a retriable 503 when Redis does not answer)."""
+        conv_id = create.conversation
+        if conv_id is None or not create.store or self.engine.conversations.holds is None:
+            return None
+        try:
+            await self.engine.conversations.claim(owner, conv_id)
+        except SharedStoreUnavailable:
+            raise errors.shared_store_unavailable(conv_id, param="conversation") from None
+        return conv_id
 
     async def _fresh_conversation(self, create: _core.CreateRequest, owner: str) -> None:
         """Make the copy of the create's conversation, if it has one, the conversation as

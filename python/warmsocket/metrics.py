@@ -432,6 +432,13 @@ def conversation_collector(stats: Callable[[], dict[str, int]]) -> Callable[[], 
         )
         yield "# TYPE warmsocket_conversation_write_errors_total counter"
         yield f"warmsocket_conversation_write_errors_total {values['write_errors']}"
+        yield (
+            "# HELP warmsocket_conversation_hold_conflicts_total With --redis-url: "
+            "responses that added to a conversation another process held (a queued "
+            "WebSocket create, or a hold Redis did not renew in time)."
+        )
+        yield "# TYPE warmsocket_conversation_hold_conflicts_total counter"
+        yield f"warmsocket_conversation_hold_conflicts_total {values['hold_conflicts']}"
 
     return collect
 

@@ -1556,25 +1556,22 @@ class Connection(asyncio.Protocol):
                 if session.closed:
                     break
                 conversation = _shared_conversation(self._held[0], engine)
-                if conversation is not None and refusal is None and not session.closed:
-                    # Its copy made the conversation as Redis has it, last (nothing
-                    # waits between this and the create; a 404 is the create's own, from
-                    # `Engine.prepare`).
-                    try:
-                        await engine.conversations.fresh(session.owner, conversation)
-                    except SharedStoreUnavailable:
-                        refusal = errors.shared_store_unavailable(
-                            conversation, param="conversation"
+                claimed = None
+                try:
+                    if conversation is not None and refusal is None and not session.closed:
+                        refusal, claimed = await self._claim_and_read(
+                            session.owner, conversation, self._held[0]
                         )
-                    except APIError:
-                        pass
-                if session.closed:
-                    break
-                message = self._held.popleft()
-                if refusal is not None and isinstance(message, CreateRequest):
-                    session.refuse_create(message, refusal)
-                else:
-                    session.receive_parsed(message)
+                    if session.closed:
+                        break
+                    message = self._held.popleft()
+                    if refusal is not None and isinstance(message, CreateRequest):
+                        session.refuse_create(message, refusal)
+                    else:
+                        session.receive_parsed(message)
+                finally:
+                    if claimed is not None:
+                        engine.conversations.unclaim(session.owner, claimed)
                 if not self._run_actions():
                     self._flush()
         except Exception as exc:
@@ -1591,6 +1588,32 @@ class Connection(asyncio.Protocol):
             self._loading = None
         if self.transport is not None and not self.lost and self._writable.is_set():
             self.transport.resume_reading()
+
+    async def _claim_and_read(
+        self, owner: str, conv_id: str, message: Message
+    ) -> tuple[APIError | None, str | None]:
+        """Before a create with a shared conversation: hold it across processes when
+        the create will add to it (`Conversations.claim`), then make its copy the
+        conversation as Redis has it, last (nothing waits between this and the
+        create; a 404 is the create's own, from `Engine.prepare`). Answers the
+        create's refusal, if any, and the id to `unclaim` once it started."""
+        conversations = self.server.engine.conversations
+        claimed = None
+        try:
+            if isinstance(message, CreateRequest) and message.store:
+                await conversations.claim(owner, conv_id)
+                claimed = conv_id
+            await conversations.fresh(owner, conv_id)
+        except SharedStoreUnavailable:
+            return errors.shared_store_unavailable(conv_id, param="conversation"), claimed
+        except APIError as error:
+            if claimed is None and error.code == "conversation_locked":
+                return error, None
+        except BaseException:
+            if claimed is not None:  # (cancelled: the connection was lost)
+                conversations.unclaim(owner, claimed)
+            raise
+        return None, claimed
 
     def _run_actions(self) -> bool:
         """Carry out the session's outbox. Returns whether a model task was started."""

@@ -8,7 +8,10 @@ keeps a copy of those it used):
   could not write are known lost (`mark_incomplete`);
 * ``<prefix>:ci:<owner>:<id>``: a list of the items, oldest first, each entry the
   item's id (its `%` and spaces written `%25` and `%20`: a client may choose an id
-  with a space), a space and its canonical JSON.
+  with a space), a space and its canonical JSON;
+* ``<prefix>:cl:<owner>:<id>``: while a process generates a response that will add
+  to the conversation, and until the addition is written, the token of its hold
+  (`conversation_holds`), set only if absent and expiring unless renewed.
 
 Every change is one script (atomic): it answers the version before and after it, so
 the process that made it knows whether its copy is the conversation as it now is
@@ -129,6 +132,29 @@ end
 return {before, before, 0}
 """
 
+# Renews the holds of KEYS whose token is still ARGV[i + 1] for ARGV[1] ms; answers
+# the (1-based) indices of those that are not (expired, and perhaps taken since).
+_RENEW = """
+local lost = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i + 1] then
+    redis.call('PEXPIRE', key, ARGV[1])
+  else
+    lost[#lost + 1] = i
+  end
+end
+return lost
+"""
+
+# Deletes the hold KEYS[1] if its token is still ARGV[1] (not one taken after it
+# expired).
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Stored:
@@ -171,6 +197,8 @@ class SharedConversations:
         self._append_at = client.register_script(_APPEND_AT)
         self._incomplete = client.register_script(_INCOMPLETE)
         self._delete_item = client.register_script(_DELETE_ITEM)
+        self._renew = client.register_script(_RENEW)
+        self._unlock = client.register_script(_UNLOCK)
 
     def _keys(self, owner: str, conv_id: str) -> list[str]:
         return [f"{self.prefix}:c:{owner}:{conv_id}", f"{self.prefix}:ci:{owner}:{conv_id}"]
@@ -285,6 +313,31 @@ class SharedConversations:
     async def delete(self, owner: str, conv_id: str) -> bool:
         removed = await self._call(conv_id, self.client.delete(*self._keys(owner, conv_id)))
         return bool(removed)
+
+    # -- holds (`conversation_holds`) --------------------------------------------------------
+
+    def _hold_key(self, owner: str, conv_id: str) -> str:
+        return f"{self.prefix}:cl:{owner}:{conv_id}"
+
+    async def lock(self, owner: str, conv_id: str, token: str, lease_ms: int) -> bool:
+        """Hold the conversation with `token` for `lease_ms`, unless another hold is
+        there: whether it was taken."""
+        key = self._hold_key(owner, conv_id)
+        taken = await self._call(conv_id, self.client.set(key, token, nx=True, px=lease_ms))
+        return bool(taken)
+
+    async def renew(self, held: list[tuple[str, str, str]], lease_ms: int) -> list[int]:
+        """Renew the holds `held` ((owner, id, token) each) for `lease_ms`: the
+        indices in `held` of those that expired (another process may hold them now)."""
+        keys = [self._hold_key(owner, conv_id) for owner, conv_id, _token in held]
+        args: list[Arg] = [lease_ms, *(token for _owner, _id, token in held)]
+        lost = await self._call(held[0][1], self._renew(keys=keys, args=args))
+        return [int(i) - 1 for i in lost]
+
+    async def unlock(self, owner: str, conv_id: str, token: str) -> None:
+        """Let go of the hold taken with `token` (nothing if it expired meanwhile)."""
+        key = self._hold_key(owner, conv_id)
+        await self._call(conv_id, self._unlock(keys=[key], args=[token]))
 
 
 def _entry(entry: tuple[str, bytes]) -> bytes:
