@@ -59,7 +59,7 @@ def test_a_second_process_is_refused_while_a_response_adds_to_the_conversation(
     with two_servers(redis_url) as (a, b), client(a) as on_a, client(b) as on_b:
         made = on_a.conversations.create(items=[{"role": "user", "content": "start"}])
         with WSClient(a.ws_url, additional_headers=KEY) as ws:
-            ws.create(input="/sleep 1500 first", conversation=made.id)
+            ws.create(input="/sleep 4000 first", conversation=made.id)
             assert ws.recv()["type"] == "response.created"
             with pytest.raises(openai.BadRequestError) as locked:
                 on_b.responses.create(model="m", input="second", conversation=made.id)
@@ -81,10 +81,10 @@ def test_a_second_process_is_refused_while_a_response_adds_to_the_conversation(
             assert ws.until_terminal()[-1]["type"] == "response.completed"
         # At once: the hold lasts until A's addition is written, and B waits for that.
         after = on_b.responses.create(model="m", input="/transcript", conversation=made.id)
-        assert after.output_text.splitlines()[:2] == ["user: start", "user: /sleep 1500 first"]
+        assert after.output_text.splitlines()[:2] == ["user: start", "user: /sleep 4000 first"]
         written(b)
         listed = list(on_a.conversations.items.list(made.id, order="asc"))
-        assert texts([item.model_dump() for item in listed])[:2] == ["start", "/sleep 1500 first"]
+        assert texts([item.model_dump() for item in listed])[:2] == ["start", "/sleep 4000 first"]
         assert len(listed) == 5  # start, first and its answer, /transcript and its answer
         eventually_free(redis_url, a)
 

@@ -47,7 +47,7 @@ LEASE_SECONDS = 20.0
 """How long a hold lasts in Redis unless renewed (a dead process's, at most)."""
 RENEW_SECONDS = 5.0
 """Seconds between two renewals of this process's holds."""
-WAIT_SECONDS = 0.5
+WAIT_SECONDS = 1.0
 """How long a claim tries again while another process holds the conversation."""
 RENEW_BATCH = 1000
 """Holds renewed by one script at most."""
