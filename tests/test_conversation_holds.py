@@ -69,6 +69,8 @@ def test_a_second_process_is_refused_while_a_response_adds_to_the_conversation(
             )
             with WSClient(b.ws_url, additional_headers=KEY) as on_b_ws:
                 error = on_b_ws.turn(input="third", conversation=made.id)[-1]
+                read_ws = on_b_ws.turn(input="/transcript", store=False, conversation=made.id)
+            assert read_ws[-1]["type"] == "response.completed"
             assert (error["type"], error["status"], error["error"]["code"]) == (
                 "error",
                 400,
@@ -291,7 +293,7 @@ def test_a_hold_taken_without_a_claim_counts_a_conflict(redis_url: str) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}"
 
     async def main() -> tuple[int, int, bool]:
-        shared_a, on_a = await _holds(redis_url, prefix, renew_seconds=0.05)
+        shared_a, on_a = await _holds(redis_url, prefix, renew_seconds=0.05, wait_seconds=0.0)
         shared_b, on_b = await _holds(redis_url, prefix, renew_seconds=0.05)
         await on_b.claim("o", "conv_1")
         on_a.adopt("o", "conv_1")
@@ -340,3 +342,161 @@ def test_a_websocket_lost_while_its_create_reads_the_conversation_holds_nothing(
         a.call(may_read.set)
         answer = on_b.responses.create(model="m", input="/transcript", conversation=made.id)
         assert answer.output_text.splitlines() == ["user: start", "user: /transcript"]
+
+
+def test_a_take_redis_ran_late_holds_nothing_for_long(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis stalls while a create claims the conversation: the client gets a 503, and
+    once Redis resumes it runs the take it was sent (after the let-go, also sent
+    meanwhile). Before, that hold stayed for its whole lease (20 s), refusing every
+    create in every process, this one too; now this process replaces its own, and
+    lets go of it again at its next renewal."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.3)
+    with two_servers(redis_url) as (a, b), client(a) as on_a, client(b) as on_b:
+        holds = a.server.engine.conversations.holds
+        assert holds is not None
+        a.call(setattr, holds, "_renew_seconds", 0.2)
+        made = on_a.conversations.create(items=[{"role": "user", "content": "kept"}])
+        with paused(redis_url):
+            with pytest.raises(openai.InternalServerError):
+                on_a.responses.create(model="m", input="x", conversation=made.id)
+            time.sleep(2.0)  # (the let-go times out too)
+        time.sleep(0.5)
+        started = time.monotonic()
+        on_b.responses.create(model="m", input="on b", conversation=made.id)
+        on_a.responses.create(model="m", input="on a", conversation=made.id)
+        assert time.monotonic() - started < 5
+
+
+def test_a_claim_and_a_queued_response_in_one_process_both_hold(redis_url: str) -> None:
+    """A queued response of this process starts (`adopt`) while a create's claim waits
+    for Redis: before, the claim's hold replaced the response's, one release let go
+    of it in Redis while the response still ran, and another process took it."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def main() -> tuple[int, bool, str]:
+        shared_a, on_a = await _holds(redis_url, prefix)
+        shared_b, on_b = await _holds(redis_url, prefix, wait_seconds=0.0)
+        claim = asyncio.create_task(on_a.claim("o", "conv_1"))
+        await asyncio.sleep(0)  # (the claim waits for Redis)
+        on_a.adopt("o", "conv_1")
+        await claim
+        refs = on_a._held[("o", "conv_1")].refs
+        on_a.release("o", "conv_1")  # (the create was refused: the response runs on)
+        await asyncio.sleep(0.1)
+        with redis.Redis.from_url(redis_url) as direct:
+            held_in_redis = direct.exists(f"{prefix}:cl:o:conv_1") == 1
+        try:
+            await on_b.claim("o", "conv_1")
+            elsewhere = "taken"
+        except APIError as refused:
+            elsewhere = refused.code
+        for holds in (on_a, on_b):
+            await holds.aclose()
+        for shared in (shared_a, shared_b):
+            await shared.aclose()
+        return refs, held_in_redis, elsewhere
+
+    assert asyncio.run(main()) == (2, True, "conversation_locked")
+
+
+def test_a_queued_websocket_create_is_judged_when_it_starts(redis_url: str) -> None:
+    """A create pipelined behind a long response on its lane was refused when it came,
+    for a short response another process ran then, long over when its turn came."""
+    with two_servers(redis_url) as (a, b), client(a) as on_a, client(b) as on_b:
+        made = on_a.conversations.create(items=[{"role": "user", "content": "start"}])
+        short = threading.Thread(
+            target=lambda: on_b.responses.create(
+                model="m", input="/sleep 1500 short", conversation=made.id
+            )
+        )
+        short.start()
+        time.sleep(0.3)
+        with WSClient(a.ws_url, additional_headers=KEY) as ws:
+            ws.create(input="/sleep 3000 long, no conversation")
+            ws.create(input="queued", conversation=made.id)
+            assert ws.until_terminal()[-1]["type"] == "response.completed"
+            assert ws.until_terminal()[-1]["type"] == "response.completed"
+        short.join()
+
+
+def test_shutdown_lets_go_of_holds_within_its_time(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With Redis hung at shutdown, letting go of the holds waited for Redis's timeouts
+    past the time shutdown had (10 s for 1 s): they expire with their lease anyway."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 2.5)
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def main() -> float:
+        shared = SharedStore.from_url(redis_url, prefix=prefix)
+        await shared.start()
+        store = Conversations(
+            budget_bytes=1 << 20, max_item_bytes=1 << 20, board=shared.conversation_board
+        )
+        await store.claim("o", "conv_1")
+        with paused(redis_url):
+            started = time.monotonic()
+            await store.aclose(1.0)
+            took = time.monotonic() - started
+        await shared.aclose()
+        return took
+
+    assert asyncio.run(main()) < 1.5
+
+
+def test_a_hold_lost_in_a_redis_stall_is_taken_again(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis stalled past a hold's lease: it is marked lost. Before, it was never taken
+    again while its response ran: another process could take the conversation."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.2)
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    timing = {"lease_seconds": 0.6, "renew_seconds": 0.2, "wait_seconds": 0.0}
+
+    async def main() -> str:
+        shared_a, on_a = await _holds(redis_url, prefix, **timing)
+        shared_b, on_b = await _holds(redis_url, prefix, **timing)
+        await on_a.claim("o", "conv_1")
+        with paused(redis_url):
+            await asyncio.sleep(1.2)  # two leases
+        await asyncio.sleep(0.6)  # (renewals: lost, then taken again)
+        try:
+            await on_b.claim("o", "conv_1")
+            elsewhere = "taken"
+        except APIError as refused:
+            elsewhere = refused.code
+        for holds in (on_a, on_b):
+            await holds.aclose()
+        for shared in (shared_a, shared_b):
+            await shared.aclose()
+        return elsewhere
+
+    assert asyncio.run(main()) == "conversation_locked"
+
+
+def test_a_process_replaces_its_own_hold_left_in_redis_and_lets_go_at_close(
+    redis_url: str,
+) -> None:
+    """A token of this process's own in Redis (a take whose answer was lost) is not
+    another process's hold: a claim replaces it. A hold taken for a queued response
+    (`adopt`) is in Redis; closing lets go of every hold."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def main() -> tuple[bool, bool, list[bytes]]:
+        shared, holds = await _holds(redis_url, prefix, wait_seconds=0.0)
+        key = f"{prefix}:cl:o:conv_1"
+        with redis.Redis.from_url(redis_url) as direct:
+            direct.set(key, f"{holds._process}:999", px=20_000)
+            await holds.claim("o", "conv_1")
+            holds.adopt("o", "conv_2")
+            await asyncio.sleep(0.2)
+            adopted = direct.exists(f"{prefix}:cl:o:conv_2") == 1
+            claimed = direct.get(key) != f"{holds._process}:999".encode()
+            await holds.aclose()
+            left = list(direct.scan_iter(f"{prefix}:cl:*"))
+        await shared.aclose()
+        return claimed, adopted, left
+
+    assert asyncio.run(main()) == (True, True, [])

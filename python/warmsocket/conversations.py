@@ -850,7 +850,9 @@ class Conversations:
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """Write the additions still queued (for at most `timeout` seconds; what is
-        left then is logged, and lost)."""
+        left then is logged, and lost), then let go of the holds (within what is left
+        of `timeout`: those not let go of expire with their lease)."""
+        deadline = time.monotonic() + timeout
         if self._writes is not None and self._unwritten:  # (see SharedStore.aclose)
             try:
                 await asyncio.wait_for(self._writes.join(), timeout)
@@ -864,7 +866,8 @@ class Conversations:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
         if self.holds is not None:
-            await self.holds.aclose()
+            # (at least a moment: a Redis that answers lets go of them in it)
+            await self.holds.aclose(max(deadline - time.monotonic(), 0.05))
 
     # -- snapshots --------------------------------------------------------------------------
 

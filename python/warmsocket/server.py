@@ -1560,7 +1560,7 @@ class Connection(asyncio.Protocol):
                 try:
                     if conversation is not None and refusal is None and not session.closed:
                         refusal, claimed = await self._claim_and_read(
-                            session.owner, conversation, self._held[0]
+                            session, conversation, self._held[0]
                         )
                     if session.closed:
                         break
@@ -1590,17 +1590,24 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     async def _claim_and_read(
-        self, owner: str, conv_id: str, message: Message
+        self, session: ResponsesSession, conv_id: str, message: Message
     ) -> tuple[APIError | None, str | None]:
         """Before a create with a shared conversation: hold it across processes when
-        the create will add to it (`Conversations.claim`), then make its copy the
-        conversation as Redis has it, last (nothing waits between this and the
-        create; a 404 is the create's own, from `Engine.prepare`). Answers the
-        create's refusal, if any, and the id to `unclaim` once it started."""
+        the create will add to it and starts at once (`Conversations.claim`; one
+        queued behind its lane's responses takes the hold when it starts, or it would
+        be refused for what runs now), then make its copy the conversation as Redis
+        has it, last (nothing waits between this and the create; a 404 is the
+        create's own, from `Engine.prepare`). Answers the create's refusal, if any,
+        and the id to `unclaim` once it started."""
         conversations = self.server.engine.conversations
+        owner = session.owner
         claimed = None
         try:
-            if isinstance(message, CreateRequest) and message.store:
+            if (
+                isinstance(message, CreateRequest)
+                and message.store
+                and session.starts_now(message.stream_id)
+            ):
                 await conversations.claim(owner, conv_id)
                 claimed = conv_id
             await conversations.fresh(owner, conv_id)

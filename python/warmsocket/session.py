@@ -454,14 +454,20 @@ class ResponsesSession:
         self._make_ready(lane)
         self._pump()
 
+    def starts_now(self, stream_id: str | None) -> bool:
+        """Whether a create on lane `stream_id` received now would start at once (an
+        idle lane, a free active slot), not wait in the lane's queue."""
+        return self._starts_now(self._lanes.get(stream_id))
+
+    def _starts_now(self, lane: _Lane | None) -> bool:
+        idle = lane is None or (lane.active is None and not lane.queue)
+        return idle and len(self._active) < self.limits.max_active_responses
+
     def _queue_refusal(self, lane: _Lane | None, nbytes: int) -> APIError | None:
         """Why a create holding `nbytes` cannot wait on `lane` (None: a new lane), or
         None. The queue's limits count only when it would wait: one that starts at once
         (an idle lane, a free active slot) waits in no queue."""
-        starts_now = (lane is None or (lane.active is None and not lane.queue)) and len(
-            self._active
-        ) < self.limits.max_active_responses
-        if starts_now:
+        if self._starts_now(lane):
             return None
         if self._queued >= self.limits.max_queued_requests:
             return errors.too_many_queued(self.limits.max_queued_requests)

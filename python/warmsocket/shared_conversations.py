@@ -11,7 +11,8 @@ keeps a copy of those it used):
   with a space), a space and its canonical JSON;
 * ``<prefix>:cl:<owner>:<id>``: while a process generates a response that will add
   to the conversation, and until the addition is written, the token of its hold
-  (`conversation_holds`), set only if absent and expiring unless renewed.
+  (`conversation_holds`), set only if no other process's is there, and expiring
+  unless renewed.
 
 Every change is one script (atomic): it answers the version before and after it, so
 the process that made it knows whether its copy is the conversation as it now is
@@ -132,6 +133,19 @@ end
 return {before, before, 0}
 """
 
+# Takes the hold KEYS[1] with token ARGV[1] for ARGV[2] ms unless another process
+# holds it: a token of this process's own (ARGV[1] up to its ':') left there is one it
+# no longer holds (a take or let-go whose answer was lost), and is replaced.
+_LOCK = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then
+  local mine = string.match(ARGV[1], '^[^:]*:')
+  if string.sub(held, 1, #mine) ~= mine then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
 # Renews the holds of KEYS whose token is still ARGV[i + 1] for ARGV[1] ms; answers
 # the (1-based) indices of those that are not (expired, and perhaps taken since).
 _RENEW = """
@@ -197,6 +211,7 @@ class SharedConversations:
         self._append_at = client.register_script(_APPEND_AT)
         self._incomplete = client.register_script(_INCOMPLETE)
         self._delete_item = client.register_script(_DELETE_ITEM)
+        self._lock = client.register_script(_LOCK)
         self._renew = client.register_script(_RENEW)
         self._unlock = client.register_script(_UNLOCK)
 
@@ -320,10 +335,10 @@ class SharedConversations:
         return f"{self.prefix}:cl:{owner}:{conv_id}"
 
     async def lock(self, owner: str, conv_id: str, token: str, lease_ms: int) -> bool:
-        """Hold the conversation with `token` for `lease_ms`, unless another hold is
-        there: whether it was taken."""
+        """Hold the conversation with `token` ('<process>:<n>') for `lease_ms`, unless
+        another process holds it: whether it was taken."""
         key = self._hold_key(owner, conv_id)
-        taken = await self._call(conv_id, self.client.set(key, token, nx=True, px=lease_ms))
+        taken = await self._call(conv_id, self._lock(keys=[key], args=[token, lease_ms]))
         return bool(taken)
 
     async def renew(self, held: list[tuple[str, str, str]], lease_ms: int) -> list[int]:
