@@ -1469,3 +1469,24 @@ def test_what_waits_to_be_written_is_bounded_by_its_bytes(
     messages = [r.getMessage() for r in caplog.records]
     assert any("stored responses not shared: too many queued" in m for m in messages)
     assert any("background responses' writes to Redis dropped" in m for m in messages)
+
+
+def test_deleting_a_response_deletes_its_published_background_input(redis_url: str) -> None:
+    """A background response's input, published for `input_items` on every process, is
+    deleted with the response, also when no process runs it any more to forget it
+    (the record's TTL is the store's for a failed or cancelled one)."""
+
+    async def main() -> tuple[bytes | None, bytes | None, int]:
+        store = SharedStore.from_url(redis_url, prefix="t-bi")
+        await store.start()
+        board = store.background_board
+        board.publish("o", "resp_x", b'{"status": "failed"}', status="failed", input_json=b"[1]")
+        await board.flush()
+        before = await board.get_input("o", "resp_x")
+        await store.delete("resp_x", owner="o")
+        after = await board.get_input("o", "resp_x")
+        left = await store.client.exists(board.input_key("o", "resp_x"))
+        await store.aclose()
+        return before, after, int(left)
+
+    assert run(main()) == (b"[1]", None, 0)

@@ -253,6 +253,34 @@ def test_a_background_response_running_elsewhere_is_seen_cancelled_and_deleted(
         assert a.call(lambda: a.server.http.background.stats())["finished"] == 0
 
 
+def test_a_background_responses_input_is_listed_on_every_process(redis_url: str, sdk: SDK) -> None:
+    """`input_items` of a background response running on A, asked of B: a 404 before
+    (its input was A's alone until stored), also for a cancelled one, for good. Now
+    listed as A lists it, and deleted from Redis with the response."""
+    with two_servers(redis_url) as (a, b):
+        on_a, on_b = sdk(a), sdk(b)
+        sent = [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]},
+            {"role": "user", "content": "/sleep 20000"},
+        ]
+        created = on_a.responses.create(model="m", input=sent, background=True)  # type: ignore[arg-type]
+        eventually(lambda: status_on(on_b, created.id) == "in_progress")
+        on_a_items = [item.model_dump() for item in on_a.responses.input_items.list(created.id)]
+        on_b_items = [item.model_dump() for item in on_b.responses.input_items.list(created.id)]
+        assert on_b_items == on_a_items and len(on_b_items) == 2
+        assert on_b.responses.cancel(created.id).status == "cancelled"
+        board_flush(a)
+        listed = on_b.responses.input_items.list(created.id, order="asc")
+        assert [item.model_dump() for item in listed] == on_a_items[::-1]
+        on_b.responses.delete(created.id)
+        shared = b.server.engine.shared
+        assert isinstance(shared, SharedStore)
+        with redis.Redis.from_url(redis_url) as client:
+            assert not list(client.scan_iter(f"{shared.prefix}:bi:*"))
+        with pytest.raises(openai.NotFoundError):
+            on_b.responses.input_items.list(created.id)
+
+
 def test_a_cancel_whose_announcement_was_lost_still_ends_the_run(
     redis_url: str, sdk: SDK, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,8 +17,8 @@ alone (at most `MAX_ENDED` of them, `MAX_ENDED_BYTES` in all, for the process's 
 with a shared store, its record there answers first, for the store's TTL, and the
 copy kept here only when that record was never written and the response not
 deleted). While it runs, and as long as it is kept, `GET .../input_items` lists its
-input from here (a run's input is not shared: another process has it stored only
-once it completed). Finished
+input (from here, or on another process from the input its process published
+beside its state). Finished
 runs are kept for `RETAIN_SECONDS` (at most `MAX_FINISHED`, and `MAX_RETAINED_BYTES`
 of events) for their events and final state; at most `MAX_RUNNING` run at once
 (more get `server_is_overloaded`). A run is local to its process. With a shared
@@ -275,8 +275,15 @@ class BackgroundResponses:
         if self.board is None or run.forgotten:
             return
         stream = run.turn.stream
+        first = run.published_status is None
         run.published_status = status = stream.status
-        self.board.publish(run.owner, run.turn.response_id, stream.response_json(), status=status)
+        self.board.publish(
+            run.owner,
+            run.turn.response_id,
+            stream.response_json(),
+            status=status,
+            input_json=run.turn.request.input.json() if first else None,
+        )
 
     def _share_events(self, run: BackgroundRun, first: int) -> None:
         """Share the run's events from sequence number `first` on (with a board,

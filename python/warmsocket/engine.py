@@ -233,8 +233,23 @@ class SharedBackgroundBoard(Protocol):
     """Background responses' state and cancels shared with other processes
     (`shared_background.BackgroundBoard`)."""
 
-    def publish(self, owner: str, response_id: str, response: bytes, *, status: str) -> None:
-        """Queue the Response object as it is now; never blocks, never raises."""
+    def publish(
+        self,
+        owner: str,
+        response_id: str,
+        response: bytes,
+        *,
+        status: str,
+        input_json: bytes | None = None,
+    ) -> None:
+        """Queue the Response object as it is now (with the first, what its request
+        sent: `input_json`); never blocks, never raises."""
+        ...
+
+    async def get_input(self, owner: str, response_id: str) -> bytes | None:
+        """What a background response's request sent, as a JSON array of items, if a
+        process published it. Raises SharedStoreUnavailable when the store does not
+        answer."""
         ...
 
     def append_events(self, owner: str, response_id: str, first: int, events: list[bytes]) -> None:

@@ -684,18 +684,31 @@ class HTTPApp:
         self, error: APIError, owner: str, rid: str, run: BackgroundRun | None
     ) -> _core.Items:
         """After `error` from the stored responses: the input of a background response
-        that is retrievable but not stored (its run's, or the one kept after a failed
-        or cancelled run), or `error` again. Another process's run does not share its
-        input, so it is not found here."""
+        that is retrievable but not stored (its run's, the one kept after a failed or
+        cancelled run, or what another process running it published), or `error`
+        again."""
         if error.status != 404:
             raise error
         if run is not None:  # (completed, then evicted from the cache)
             return run.turn.request.input
         await self._elsewhere(error, owner, rid)  # not deleted, and still kept
         kept = self.background.ended_input(rid, owner)
-        if kept is None:
+        if kept is not None:
+            return kept
+        board = self.background.board
+        if board is None:
             raise error
-        return kept
+        try:
+            published = await board.get_input(owner, rid)
+        except SharedStoreUnavailable:
+            raise errors.shared_store_unavailable(rid, param="response_id") from None
+        if published is None:
+            raise error
+        try:
+            return _core.Items.parse(published, max_item_bytes=max(len(published), 1))
+        except (_core.InvalidItems, ValueError):
+            log.error("an unreadable background response input was ignored")
+            raise error from None
 
     def _models(
         self, writer: ResponseWriter, request: Request, request_id: str, model_id: str | None

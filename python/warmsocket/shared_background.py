@@ -20,7 +20,10 @@ another one. So the process that runs it keeps, in Redis:
   again (`follow`): the ones written so far, then live until the end mark. The
   stream expires with the record while the run goes on, and `RETAIN_SECONDS` after it
   ended, as the running process's own copy;
-* both deleted with the response.
+* what its request sent (`GET .../input_items` on any process), under
+  ``<prefix>:bi:<owner>:<id>``: a JSON array of the input items, written with the
+  first record and expiring with the record;
+* all deleted with the response.
 
 A cancel asked of another process is announced to all (`shared_announcements`, with
 the deletions); the process that runs the response cancels it, and the record says
@@ -138,23 +141,38 @@ class BackgroundBoard:
 
     # -- writing (the process that runs the response) ---------------------------------
 
-    def publish(self, owner: str, response_id: str, response: bytes, *, status: str) -> None:
-        """Queue the Response object as it is now; never blocks, never raises. While
-        the run goes on, its events' expiry is put off with the record's."""
+    def publish(
+        self,
+        owner: str,
+        response_id: str,
+        response: bytes,
+        *,
+        status: str,
+        input_json: bytes | None = None,
+    ) -> None:
+        """Queue the Response object as it is now (with the first, `input_json`: what
+        its request sent, as JSON items); never blocks, never raises. While the run
+        goes on, its events' expiry is put off with the record's; its input's always
+        is."""
         if status in ("queued", "in_progress", "completed", "incomplete"):
             ttl = RUNNING_TTL
         else:
             ttl = self._store.ttl  # failed, cancelled: never stored otherwise
         key = self._key(owner, response_id)
         events = self._events_key(owner, response_id)
+        sent = self.input_key(owner, response_id)
         running = status in ("queued", "in_progress")
 
         def write(pipe: Pipeline) -> None:
             pipe.set(key, response, ex=ttl)
+            if input_json is not None:
+                pipe.set(sent, input_json, ex=ttl)
+            else:
+                pipe.expire(sent, ttl)
             if running:
                 pipe.expire(events, RUNNING_TTL)
 
-        self._queue(write, len(response))
+        self._queue(write, len(response) + len(input_json or b""))
 
     def append_events(self, owner: str, response_id: str, first: int, events: list[bytes]) -> None:
         """Queue a run's new events, the first of sequence number `first`; never
@@ -184,7 +202,11 @@ class BackgroundBoard:
     def forget(self, owner: str, response_id: str) -> None:
         """Queue the deletion of the record and the events (after any write queued
         before)."""
-        keys = (self._key(owner, response_id), self._events_key(owner, response_id))
+        keys = (
+            self._key(owner, response_id),
+            self._events_key(owner, response_id),
+            self.input_key(owner, response_id),
+        )
         self._queue(lambda pipe: pipe.delete(*keys))
 
     def _queue(self, write: Write, nbytes: int = 0) -> None:
@@ -254,6 +276,21 @@ class BackgroundBoard:
             log.error("an unreadable background response record was ignored")
             return None
         return response
+
+    async def get_input(self, owner: str, response_id: str) -> bytes | None:
+        """What the request of a background response another process (or this one)
+        runs or ran sent, as a JSON array of items; None when there is none (not
+        written yet, expired, or the response deleted). Raises SharedStoreUnavailable
+        when Redis does not answer."""
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.get(self.input_key(owner, response_id))
+                pipe.hexists(self._stored_key(owner, response_id), "deleted")
+                value, deleted = await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self._failed("cannot read a background response's input from Redis", exc)
+            raise SharedStoreUnavailable(response_id) from None
+        return None if value is None or deleted else bytes(value)
 
     @property
     def ttl(self) -> int:
@@ -389,6 +426,10 @@ class BackgroundBoard:
     def record_key(self, owner: str, response_id: str) -> str:
         """Where the response's record is (`SharedStore.delete` looks for it)."""
         return self._key(owner, response_id)
+
+    def input_key(self, owner: str, response_id: str) -> str:
+        """Where what the response's request sent is (`SharedStore.delete` deletes it)."""
+        return f"{self._prefix}:bi:{owner}:{response_id}"
 
     def _key(self, owner: str, response_id: str) -> str:
         return f"{self._prefix}:b:{owner}:{response_id}"

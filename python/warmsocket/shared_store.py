@@ -218,7 +218,9 @@ return n
 # whose background run goes on (elsewhere: its process may miss the deletion's
 # announcement, or store it just before it hears it) gets the mark alone, for ARGV[1]
 # seconds: the record its process writes (HSET, of other fields) is then deleted too.
+# KEYS[3]: its published input (`shared_background`), deleted.
 _DELETE = """
+if KEYS[3] then redis.call('DEL', KEYS[3]) end
 local rec = redis.call('HMGET', KEYS[1], 'data', 'deleted')
 if rec[2] then return 0 end
 if not rec[1] then
@@ -825,8 +827,10 @@ class SharedStore:
                 self._tombstones.add(key)
                 existed = True
             else:
-                running = self.background_board.record_key(owner, response_id)
-                existed = bool(await self._mark_deleted(keys=[key, running], args=[self.ttl]))
+                board = self.background_board
+                running = board.record_key(owner, response_id)
+                sent = board.input_key(owner, response_id)
+                existed = bool(await self._mark_deleted(keys=[key, running, sent], args=[self.ttl]))
             await self.announcements.announce("deleted", owner, response_id)
         except (redis.RedisError, OSError) as exc:
             self.errors += 1
