@@ -500,3 +500,101 @@ def test_a_process_replaces_its_own_hold_left_in_redis_and_lets_go_at_close(
         return claimed, adopted, left
 
     assert asyncio.run(main()) == (True, True, [])
+
+
+def test_a_take_answered_after_its_hold_was_let_go_of_is_let_go_of_too(
+    redis_url: str,
+) -> None:
+    """A queued response's background take was still trying when the response ended:
+    it took the conversation after this process had let go of it, and nothing renewed
+    or let go of that: every process was refused for the lease (20 s)."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def main() -> tuple[int, str]:
+        shared_a, on_a = await _holds(redis_url, prefix)
+        shared_b, on_b = await _holds(redis_url, prefix, wait_seconds=0.0)
+        await on_b.claim("o", "conv_1")
+        on_a.adopt("o", "conv_1")  # (B has it: a conflict)
+        await asyncio.sleep(0.05)
+        on_a.release("o", "conv_1")
+        await asyncio.sleep(0.05)
+        on_b.release("o", "conv_1")
+        await asyncio.sleep(0.5)
+        with redis.Redis.from_url(redis_url) as direct:
+            left = int(direct.exists(f"{prefix}:cl:o:conv_1"))
+        try:
+            await on_b.claim("o", "conv_1")
+            again = "taken"
+        except APIError as refused:
+            again = refused.code
+        for holds in (on_a, on_b):
+            await holds.aclose()
+        for shared in (shared_a, shared_b):
+            await shared.aclose()
+        return left, again
+
+    assert asyncio.run(main()) == (0, "taken")
+
+
+def test_claims_waiting_together_are_refused_together(redis_url: str) -> None:
+    """Creates on one process waiting for a conversation another process holds: each
+    waited for the one before it, the k-th refused after about k seconds."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def main() -> list[tuple[str, float]]:
+        shared_a, on_a = await _holds(redis_url, prefix)
+        shared_b, on_b = await _holds(redis_url, prefix)
+        await on_b.claim("o", "conv_1")
+
+        async def claim() -> tuple[str, float]:
+            started = time.monotonic()
+            try:
+                await on_a.claim("o", "conv_1")
+                return "taken", time.monotonic() - started
+            except APIError as refused:
+                return refused.code, time.monotonic() - started
+
+        results = await asyncio.gather(*(claim() for _ in range(4)))
+        for holds in (on_a, on_b):
+            await holds.aclose()
+        for shared in (shared_a, shared_b):
+            await shared.aclose()
+        return list(results)
+
+    results = asyncio.run(main())
+    assert [code for code, _took in results] == ["conversation_locked"] * 4
+    assert max(took for _code, took in results) < 1.8
+
+
+def test_a_claim_redis_does_not_answer_is_a_503_even_on_a_hold_it_lost(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim on a conversation this process holds but lost in Redis (a queued
+    response's, another process had it) while Redis does not answer was a 400
+    conversation_locked, which clients do not retry; it is the retriable 503."""
+    monkeypatch.setattr(shared_store, "SOCKET_TIMEOUT", 0.3)
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def main() -> str:
+        shared_a, on_a = await _holds(redis_url, prefix)
+        shared_b, on_b = await _holds(redis_url, prefix, wait_seconds=0.0)
+        await on_b.claim("o", "conv_1")
+        on_a.adopt("o", "conv_1")
+        await asyncio.sleep(0.1)
+        on_b.release("o", "conv_1")
+        await asyncio.sleep(0.1)
+        with paused(redis_url):
+            try:
+                await on_a.claim("o", "conv_1")
+                answer = "taken"
+            except SharedStoreUnavailable:
+                answer = "unavailable"
+            except APIError as refused:
+                answer = refused.code
+        for holds in (on_a, on_b):
+            await holds.aclose(1.0)
+        for shared in (shared_a, shared_b):
+            await shared.aclose()
+        return answer
+
+    assert asyncio.run(main()) == "unavailable"

@@ -20,15 +20,19 @@ meanwhile is refused as a second one here is:
 
 A hold is a key set unless another process's token is there, with a lease
 (`LEASE_SECONDS`) renewed every `RENEW_SECONDS` while held: a process that dies holds
-nothing for longer than the lease. While Redis does not answer, a claim is a
-retriable 503 and a hold is kept locally only (it expires in Redis; what is written
-meanwhile goes after what another process added, as without holds); a hold that
-expired so is taken again by the next renewal that can. A take or let-go whose
-answer was lost may still run in Redis later: its token is let go of again at each
-renewal for a lease, and this process replaces a token of its own it finds there.
-A response started from a queue (a WebSocket create that waited behind its lane's
-responses) adopts a hold nobody claimed for it: this takes it in Redis behind the
-response's back, and only counts and logs a conflict when another process has it.
+nothing for longer than the lease. Every call to Redis for one conversation is made
+by one task at a time (`_work`), which decides what to do from the state after each
+call: a hold let go of here while it was being taken is let go of in Redis once the
+take answered, never before. While Redis does not answer, a claim is a retriable 503
+and a hold is kept locally only (it expires in Redis; what is written meanwhile goes
+after what another process added, as without holds); a hold that expired so is taken
+again by the next renewal that can. A take or let-go whose answer was lost may still
+run in Redis later: its token is let go of again at each renewal for a lease (the
+hold goes on with a new token), and this process replaces a token of its own it
+finds there. A response started from a queue (a WebSocket create that waited behind
+its lane's responses) adopts a hold nobody claimed for it: this takes it in Redis
+behind the response's back, and only counts and logs a conflict when another
+process has it.
 """
 
 from __future__ import annotations
@@ -69,16 +73,22 @@ class HoldBoard(Protocol):
     async def unlock(self, owner: str, conv_id: str, token: str) -> None: ...
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Hold:
     token: str
-    refs: int
+    refs: int = 0
     """Claims, responses and unwritten additions holding it here."""
-    taking: asyncio.Future[None] | None = None
-    """Set while the hold is being taken in Redis (done when that is known)."""
-    lost: bool = False
-    """Another process holds it in Redis (`adopt` found it taken, or it expired):
-    taken again by the next renewal or claim that can."""
+    held: bool = False
+    """Redis has `token` (as of the last call that answered)."""
+    take: bool = False
+    """A take is asked of the worker (a claim waiting, a response without one)."""
+    unclaimed: bool = False
+    """Taken for a response nobody claimed it for (`adopt`): a conflict is counted."""
+    failure: BaseException | None = None
+    """Why the last take did not answer."""
+    settled: asyncio.Event | None = None
+    """Set (and replaced) each time a take answered or failed."""
+    worker: asyncio.Task[None] | None = None
 
 
 class SharedHolds:
@@ -98,11 +108,9 @@ class SharedHolds:
         self._lease_seconds = lease_seconds
         self._renew_seconds = renew_seconds
         self._held: dict[Key, _Hold] = {}
-        self._releasing: dict[Key, asyncio.Future[None]] = {}
-        """Holds being let go of in Redis: a new one there waits for that."""
         self._doubtful: dict[tuple[Key, str], float] = {}
         """Tokens perhaps set in Redis (a take or let-go Redis did not answer: it may
-        run what it was sent later), unlocked again at each renewal until their lease
+        run what it was sent later), let go of again at each renewal until their lease
         is surely over (monotonic time)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -115,47 +123,41 @@ class SharedHolds:
         or lost while held (Redis did not renew them in time)."""
 
     def __len__(self) -> int:
-        return len(self._held)
+        """Conversations something here holds."""
+        return sum(1 for hold in self._held.values() if hold.refs > 0)
 
     def holds(self, owner: str, conv_id: str) -> bool:
-        return (owner, conv_id) in self._held
+        hold = self._held.get((owner, conv_id))
+        return hold is not None and hold.refs > 0
 
     async def claim(self, owner: str, conv_id: str) -> None:
         """Hold the conversation (once more, if this process holds it already). Raises
-        APIError (400 `conversation_locked`) when another process holds it,
-        SharedStoreUnavailable when Redis does not answer."""
+        APIError (400 `conversation_locked`) when another process holds it still after
+        `WAIT_SECONDS`, SharedStoreUnavailable when Redis does not answer."""
         self._loop = asyncio.get_running_loop()
         key = (owner, conv_id)
-        while True:
-            hold = self._held.get(key)
-            if hold is not None and hold.taking is not None:
-                await asyncio.wait([hold.taking])
-                continue
-            if hold is not None:
-                if hold.lost and not await self._retake(key, hold):
-                    raise errors.conversation_locked(conv_id)
-                hold.refs += 1
-                return
-            releasing = self._releasing.get(key)
-            if releasing is None:
-                break
-            await asyncio.wait([releasing])
-        hold = self._held[key] = _Hold(self._new_token(), 1, self._loop.create_future())
+        hold = self._hold(key)
+        hold.refs += 1
         try:
-            taken = await self._lock(owner, conv_id, hold.token, wait=True)
+            deadline = time.monotonic() + self._wait_seconds
+            pause = 0.01
+            while not hold.held:
+                assert hold.settled is not None
+                settled = hold.settled
+                hold.take = True
+                self._kick(key, hold)
+                await settled.wait()
+                if hold.held:
+                    break
+                if hold.failure is not None:
+                    raise hold.failure
+                if time.monotonic() + pause > deadline:
+                    raise errors.conversation_locked(conv_id)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.1)
         except BaseException:
-            # Redis may set it later (the call was sent): let go of it then too.
-            self._doubt(key, hold.token)
-            self._settled(hold)
-            self._release(key, hold)
+            self._let_go(key, hold)
             raise
-        self._settled(hold)
-        if not taken:
-            hold.lost = True
-            self._release(key, hold)
-            if self._held.get(key) is hold:
-                self.conflicts += 1  # (a queued response adopted it meanwhile)
-            raise errors.conversation_locked(conv_id)
         self._start_renewing()
 
     def adopt(self, owner: str, conv_id: str) -> None:
@@ -165,12 +167,11 @@ class SharedHolds:
             return
         self._loop = asyncio.get_running_loop()
         key = (owner, conv_id)
-        hold = self._held.get(key)
-        if hold is not None:
-            hold.refs += 1
-            return
-        hold = self._held[key] = _Hold(self._new_token(), 1, self._loop.create_future())
-        self._spawn(self._take_unclaimed(key, hold))
+        hold = self._hold(key)
+        hold.refs += 1
+        if not hold.held:
+            hold.take = hold.unclaimed = True
+            self._kick(key, hold)
         self._start_renewing()
 
     def release(self, owner: str, conv_id: str) -> None:
@@ -184,7 +185,7 @@ class SharedHolds:
         key = (owner, conv_id)
         hold = self._held.get(key)
         if hold is not None:
-            self._release(key, hold)
+            self._let_go(key, hold)
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """Let go of every hold (shutdown: their additions were written or given up),
@@ -193,11 +194,9 @@ class SharedHolds:
         if self._renewer is not None:
             self._renewer.cancel()
         for key, hold in list(self._held.items()):
-            del self._held[key]
-            if not hold.lost:
-                self._spawn(self._unlock(key, hold.token))
+            self._kick(key, hold)  # (closed: it lets go of the hold, after a take)
         for (key, token), _until in list(self._doubtful.items()):
-            self._spawn(self._unlock(key, token))
+            self._spawn(self._unlock_quietly(key, token))
         self._doubtful.clear()
         pending = [*self._tasks, *([self._renewer] if self._renewer is not None else [])]
         if pending:
@@ -208,94 +207,95 @@ class SharedHolds:
                 await asyncio.wait(late)
         self._renewer = None
 
-    # -- in Redis -----------------------------------------------------------------------------
+    # -- the worker: every Redis call for one conversation, one at a time ---------------------
+
+    def _hold(self, key: Key) -> _Hold:
+        hold = self._held.get(key)
+        if hold is None:
+            hold = self._held[key] = _Hold(self._new_token(), settled=asyncio.Event())
+        return hold
 
     def _new_token(self) -> str:
         return f"{self._process}:{next(self._tokens)}"
 
-    def _release(self, key: Key, hold: _Hold) -> None:
+    def _let_go(self, key: Key, hold: _Hold) -> None:
         hold.refs -= 1
-        if hold.refs > 0 or self._held.get(key) is not hold:
-            return
-        del self._held[key]
-        if hold.lost or self._closed:
-            return
-        releasing = self._releasing[key] = asyncio.get_running_loop().create_future()
+        if hold.refs <= 0:
+            hold.take = False
+            self._kick(key, hold)
 
-        def released(_task: asyncio.Task[None]) -> None:
-            releasing.set_result(None)
-            if self._releasing.get(key) is releasing:
-                del self._releasing[key]
+    def _kick(self, key: Key, hold: _Hold) -> None:
+        """Have the worker bring Redis in line with the hold (once it is done with
+        the call it is making, if any)."""
+        if hold.worker is None or hold.worker.done():
+            hold.worker = self._spawn(self._work(key, hold))
 
-        self._spawn(self._unlock(key, hold.token)).add_done_callback(released)
+    async def _work(self, key: Key, hold: _Hold) -> None:
+        owner, conv_id = key
+        while True:
+            wanted = hold.refs > 0 and not self._closed
+            if wanted and hold.take and not hold.held:
+                hold.take = False
+                token = hold.token
+                try:
+                    taken = await self._board.lock(owner, conv_id, token, self._lease_ms)
+                except Exception as exc:  # (SharedStoreUnavailable; the board logged it)
+                    self._doubt(key, token)
+                    hold.token = self._new_token()
+                    hold.failure = exc
+                else:
+                    hold.held, hold.failure = taken, None
+                    if taken:
+                        hold.unclaimed = False
+                    elif hold.unclaimed:
+                        hold.unclaimed = False
+                        self._conflict(
+                            "a queued response adds to a shared conversation another "
+                            "process holds: the two responses' items may interleave",
+                            conv_id,
+                        )
+                self._settle(hold)
+                continue
+            if not wanted and hold.held:
+                # Not held from here on: a claim meanwhile takes it again after this.
+                token, hold.held = hold.token, False
+                try:
+                    await self._board.unlock(owner, conv_id, token)
+                except Exception:
+                    self._doubt(key, token)  # (tried again at the renewals, or it expires)
+                    hold.token = self._new_token()
+                continue
+            if not wanted and self._held.get(key) is hold:
+                del self._held[key]
+                self._settle(hold)  # (no claim waits on it now: refs are 0)
+            return
 
     @staticmethod
-    def _settled(hold: _Hold) -> None:
-        taking, hold.taking = hold.taking, None
-        if taking is not None and not taking.done():
-            taking.set_result(None)
+    def _settle(hold: _Hold) -> None:
+        settled, hold.settled = hold.settled, asyncio.Event()
+        if settled is not None:
+            settled.set()
+
+    def _conflict(self, message: str, conv_id: str) -> None:
+        self.conflicts += 1
+        log.warning(message, extra={"conversation": conv_id})
 
     def _doubt(self, key: Key, token: str) -> None:
         self._doubtful[(key, token)] = time.monotonic() + self._lease_seconds + 1.0
         self._start_renewing()
 
-    async def _lock(self, owner: str, conv_id: str, token: str, *, wait: bool) -> bool:
-        """Take the hold (or one of this process's own left in Redis, `_doubt`); while
-        another process has it, try again for at most `self._wait_seconds` if `wait`:
-        a response that just ended elsewhere holds it until its addition is written
-        (milliseconds), and the client's next create, sent at once, is not refused
-        for that."""
-        deadline = time.monotonic() + (self._wait_seconds if wait else 0.0)
-        pause = 0.01
-        while not await self._board.lock(owner, conv_id, token, self._lease_ms):
-            if time.monotonic() + pause > deadline:
-                return False
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.1)
-        return True
-
-    async def _retake(self, key: Key, hold: _Hold) -> bool:
-        """Take a lost hold again in Redis, if no other process has it now."""
+    async def _unlock_quietly(self, key: Key, token: str) -> None:
         owner, conv_id = key
-        try:
-            taken = await self._board.lock(owner, conv_id, hold.token, self._lease_ms)
-        except Exception:
-            return False  # (the board logged it)
-        if taken:
-            hold.lost = False
-        return taken
-
-    async def _take_unclaimed(self, key: Key, hold: _Hold) -> None:
-        owner, conv_id = key
-        try:
-            releasing = self._releasing.get(key)
-            if releasing is not None:
-                await asyncio.wait([releasing])  # (this process's last one, let go of)
-            if not await self._lock(owner, conv_id, hold.token, wait=True):
-                hold.lost = True
-                self.conflicts += 1
-                log.warning(
-                    "a queued response adds to a shared conversation another process "
-                    "holds: the two responses' items may interleave",
-                    extra={"conversation": conv_id},
-                )
-        except Exception:
-            self._doubt(key, hold.token)  # (the board logged Redis's failure)
-        finally:
-            self._settled(hold)
-
-    async def _unlock(self, key: Key, token: str) -> None:
-        owner, conv_id = key
-        try:
+        with contextlib.suppress(Exception):  # (the board logged it; it expires)
             await self._board.unlock(owner, conv_id, token)
-        except Exception:
-            self._doubt(key, token)  # (the board logged it; tried again, or it expires)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    # -- renewals ------------------------------------------------------------------------
 
     def _start_renewing(self) -> None:
         if self._closed:
@@ -310,28 +310,28 @@ class SharedHolds:
             await self._unlock_doubtful()
 
     async def _renew(self) -> None:
-        holds = [(key, hold) for key, hold in self._held.items() if hold.taking is None]
-        for key, hold in holds:
-            if hold.lost and self._held.get(key) is hold:
-                await self._retake(key, hold)
-        holds = [(key, hold) for key, hold in holds if not hold.lost]
+        for key, hold in list(self._held.items()):
+            if hold.refs > 0 and not hold.held:
+                hold.take = True  # (lost, or never taken: taken again if it can be)
+                self._kick(key, hold)
+        holds = [(key, hold, hold.token) for key, hold in self._held.items() if hold.held]
         for first in range(0, len(holds), RENEW_BATCH):
             batch = holds[first : first + RENEW_BATCH]
-            held = [(owner, conv_id, hold.token) for (owner, conv_id), hold in batch]
+            held = [(owner, conv_id, token) for (owner, conv_id), _hold, token in batch]
             try:
                 lost = await self._board.renew(held, self._lease_ms)
             except Exception:
                 continue  # (logged by the board; renewed next time, if not expired)
             for index in lost:
-                (_owner, conv_id), hold = batch[index]
-                hold.lost = True
-                self.conflicts += 1
-                log.warning(
-                    "a shared conversation's hold expired before it was let go of "
-                    "(Redis did not renew it in time): another process may add to "
-                    "the conversation meanwhile",
-                    extra={"conversation": conv_id},
-                )
+                (_owner, conv_id), hold, token = batch[index]
+                if hold.held and hold.token == token and hold.refs > 0:
+                    hold.held = False
+                    self._conflict(
+                        "a shared conversation's hold expired before it was let go of "
+                        "(Redis did not renew it in time): another process may add to "
+                        "the conversation meanwhile",
+                        conv_id,
+                    )
 
     async def _unlock_doubtful(self) -> None:
         now = time.monotonic()
@@ -339,12 +339,7 @@ class SharedHolds:
             if now > until:
                 del self._doubtful[(key, token)]
                 continue
-            owner, conv_id = key
-            held = self._held.get(key)
-            if held is not None and held.token == token:
-                continue  # (held again with it: a take whose answer was lost)
-            with contextlib.suppress(Exception):
-                await self._board.unlock(owner, conv_id, token)
+            await self._unlock_quietly(key, token)
 
 
 def _on(loop: asyncio.AbstractEventLoop) -> bool:
