@@ -146,6 +146,23 @@ async def _holds(redis_url: str, prefix: str, **timing: float) -> tuple[SharedSt
     return shared, SharedHolds(shared.conversation_board, **timing)
 
 
+async def _try_claim(holds: SharedHolds) -> str:
+    """'taken', the code of the claim's refusal, or 'unavailable' (Redis)."""
+    try:
+        await holds.claim("o", "conv_1")
+    except APIError as refused:
+        return refused.code
+    except SharedStoreUnavailable:
+        return "unavailable"
+    return "taken"
+
+
+async def _close(*processes: tuple[SharedStore, SharedHolds]) -> None:
+    for shared, holds in processes:
+        await holds.aclose()
+        await shared.aclose()
+
+
 def test_a_dead_process_holds_nothing_past_the_lease(redis_url: str) -> None:
     """A hold is renewed while held (past its lease), let go of when released, and a
     process that stops renewing (it died) holds nothing past the lease."""
@@ -158,10 +175,7 @@ def test_a_dead_process_holds_nothing_past_the_lease(redis_url: str) -> None:
         seen = []
         await on_a.claim("o", "conv_1")
         await asyncio.sleep(1.0)  # 2.5 leases: renewed
-        try:
-            await on_b.claim("o", "conv_1")
-        except APIError as refused:
-            seen.append(refused.code)
+        seen.append(await _try_claim(on_b))
         on_a.release("o", "conv_1")
         await asyncio.sleep(0.05)
         await on_b.claim("o", "conv_1")  # free at once
@@ -169,10 +183,7 @@ def test_a_dead_process_holds_nothing_past_the_lease(redis_url: str) -> None:
         # B dies holding it: no renewal, no release.
         assert on_b._renewer is not None
         on_b._renewer.cancel()
-        try:
-            await on_a.claim("o", "conv_1")
-        except APIError as refused:
-            seen.append(refused.code)
+        seen.append(await _try_claim(on_a))
         await asyncio.sleep(0.6)
         await on_a.claim("o", "conv_1")
         seen.append("taken by a after the lease")
@@ -277,10 +288,7 @@ def test_a_claim_waits_a_little_for_a_hold_about_to_be_let_go_of(redis_url: str)
         await on_b.claim("o", "conv_1")
         waited = time.monotonic() - started
         on_b.release("o", "conv_1")
-        for holds in (on_a, on_b):
-            await holds.aclose()
-        for shared in (shared_a, shared_b):
-            await shared.aclose()
+        await _close((shared_a, on_a), (shared_b, on_b))
         return waited
 
     assert 0.1 < asyncio.run(main()) < 0.5
@@ -387,15 +395,8 @@ def test_a_claim_and_a_queued_response_in_one_process_both_hold(redis_url: str) 
         await asyncio.sleep(0.1)
         with redis.Redis.from_url(redis_url) as direct:
             held_in_redis = direct.exists(f"{prefix}:cl:o:conv_1") == 1
-        try:
-            await on_b.claim("o", "conv_1")
-            elsewhere = "taken"
-        except APIError as refused:
-            elsewhere = refused.code
-        for holds in (on_a, on_b):
-            await holds.aclose()
-        for shared in (shared_a, shared_b):
-            await shared.aclose()
+        elsewhere = await _try_claim(on_b)
+        await _close((shared_a, on_a), (shared_b, on_b))
         return refs, held_in_redis, elsewhere
 
     assert asyncio.run(main()) == (2, True, "conversation_locked")
@@ -462,15 +463,8 @@ def test_a_hold_lost_in_a_redis_stall_is_taken_again(
         with paused(redis_url):
             await asyncio.sleep(1.2)  # two leases
         await asyncio.sleep(0.6)  # (renewals: lost, then taken again)
-        try:
-            await on_b.claim("o", "conv_1")
-            elsewhere = "taken"
-        except APIError as refused:
-            elsewhere = refused.code
-        for holds in (on_a, on_b):
-            await holds.aclose()
-        for shared in (shared_a, shared_b):
-            await shared.aclose()
+        elsewhere = await _try_claim(on_b)
+        await _close((shared_a, on_a), (shared_b, on_b))
         return elsewhere
 
     assert asyncio.run(main()) == "conversation_locked"
@@ -522,15 +516,8 @@ def test_a_take_answered_after_its_hold_was_let_go_of_is_let_go_of_too(
         await asyncio.sleep(0.5)
         with redis.Redis.from_url(redis_url) as direct:
             left = int(direct.exists(f"{prefix}:cl:o:conv_1"))
-        try:
-            await on_b.claim("o", "conv_1")
-            again = "taken"
-        except APIError as refused:
-            again = refused.code
-        for holds in (on_a, on_b):
-            await holds.aclose()
-        for shared in (shared_a, shared_b):
-            await shared.aclose()
+        again = await _try_claim(on_b)
+        await _close((shared_a, on_a), (shared_b, on_b))
         return left, again
 
     assert asyncio.run(main()) == (0, "taken")
@@ -548,17 +535,10 @@ def test_claims_waiting_together_are_refused_together(redis_url: str) -> None:
 
         async def claim() -> tuple[str, float]:
             started = time.monotonic()
-            try:
-                await on_a.claim("o", "conv_1")
-                return "taken", time.monotonic() - started
-            except APIError as refused:
-                return refused.code, time.monotonic() - started
+            return await _try_claim(on_a), time.monotonic() - started
 
         results = await asyncio.gather(*(claim() for _ in range(4)))
-        for holds in (on_a, on_b):
-            await holds.aclose()
-        for shared in (shared_a, shared_b):
-            await shared.aclose()
+        await _close((shared_a, on_a), (shared_b, on_b))
         return list(results)
 
     results = asyncio.run(main())
@@ -584,17 +564,8 @@ def test_a_claim_redis_does_not_answer_is_a_503_even_on_a_hold_it_lost(
         on_b.release("o", "conv_1")
         await asyncio.sleep(0.1)
         with paused(redis_url):
-            try:
-                await on_a.claim("o", "conv_1")
-                answer = "taken"
-            except SharedStoreUnavailable:
-                answer = "unavailable"
-            except APIError as refused:
-                answer = refused.code
-        for holds in (on_a, on_b):
-            await holds.aclose(1.0)
-        for shared in (shared_a, shared_b):
-            await shared.aclose()
+            answer = await _try_claim(on_a)
+        await _close((shared_a, on_a), (shared_b, on_b))
         return answer
 
     assert asyncio.run(main()) == "unavailable"

@@ -260,15 +260,8 @@ class BackgroundBoard:
     async def get(self, owner: str, response_id: str) -> dict[str, Any] | None:
         """The Response object another process (or this one) last wrote, None when
         there is none. Raises SharedStoreUnavailable when Redis does not answer."""
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.get(self._key(owner, response_id))
-                pipe.hexists(self._stored_key(owner, response_id), "deleted")
-                value, deleted = await pipe.execute()
-        except (redis.RedisError, OSError) as exc:
-            self._failed("cannot read a background response's state from Redis", exc)
-            raise SharedStoreUnavailable(response_id) from None
-        if value is None or deleted:
+        value = await self._unless_deleted(self._key(owner, response_id), owner, response_id)
+        if value is None:
             return None
         try:
             response: dict[str, Any] = json.loads(value)
@@ -282,13 +275,19 @@ class BackgroundBoard:
         runs or ran sent, as a JSON array of items; None when there is none (not
         written yet, expired, or the response deleted). Raises SharedStoreUnavailable
         when Redis does not answer."""
+        key = self.input_key(owner, response_id)
+        return await self._unless_deleted(key, owner, response_id)
+
+    async def _unless_deleted(self, key: str, owner: str, response_id: str) -> bytes | None:
+        """The value at `key`, one of the response's, unless the response was deleted
+        (None then, or when there is none)."""
         try:
             async with self._client.pipeline(transaction=False) as pipe:
-                pipe.get(self.input_key(owner, response_id))
+                pipe.get(key)
                 pipe.hexists(self._stored_key(owner, response_id), "deleted")
                 value, deleted = await pipe.execute()
         except (redis.RedisError, OSError) as exc:
-            self._failed("cannot read a background response's input from Redis", exc)
+            self._failed("cannot read a background response from Redis", exc)
             raise SharedStoreUnavailable(response_id) from None
         return None if value is None or deleted else bytes(value)
 
