@@ -237,6 +237,19 @@ def _warmsocket(
     )
 
 
+def _why(result: subprocess.CompletedProcess[str], output_dir: Path) -> str:
+    """What a failed `warmsocket bench` said (the summary, with FAILED lines, goes to
+    stdout) and the failures its results.json records."""
+    recorded = ""
+    path = output_dir / "results.json"
+    if path.exists():
+        document = json.loads(path.read_text())
+        profiles = (document.get("agent_loop") or {}).get("profiles", {})
+        failed = {name: section.get("failed") for name, section in profiles.items()}
+        recorded = json.dumps({"errors": document.get("errors"), "failed": failed})[:4000]
+    return f"stderr:\n{result.stderr}\nstdout:\n{result.stdout}\nrecorded: {recorded}"
+
+
 def test_bench_help_lists_every_option() -> None:
     result = _warmsocket("bench", "--help")
     assert result.returncode == 0
@@ -646,7 +659,7 @@ def test_bench_command_runs_the_agent_loop_into_results_and_plots(tmp_path: Path
         "bench", "--suites", "agent-loop", "--profiles", "lan",
         "--modes", "websocket,http-replay", "--output-dir", str(tmp_path),
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, _why(result, tmp_path)
     assert "done in" in result.stderr
     document = json.loads((tmp_path / "results.json").read_text())
     lan = document["agent_loop"]["profiles"]["LAN"]
