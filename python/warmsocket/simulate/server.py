@@ -647,19 +647,35 @@ class _Connection(asyncio.Protocol):
         if decode > 0:
             await asyncio.sleep(decode)
 
-    async def _pace(self, pieces: list[bytes], answer: _Answer, texts: list[str]) -> None:
-        """Write `pieces` (first one after the first-token delay), paced by the decode rate."""
+    async def _pace(
+        self, pieces: list[bytes], answer: _Answer, texts: list[str], *, last: bool = True
+    ) -> None:
+        """Write `pieces` (first one after the first-token delay), paced by the decode
+        rate; when they are the answer's `last`, its record is finished before the last
+        one is written (`_mark_finished`)."""
         latency = self.server.config.latency
         await self._prefill_time(answer.first_delay, answer.prefill)
         self._mark_first_token()
         if latency.decode_tokens_per_second <= 0:
+            if last:
+                self._mark_finished()
             if self.transport is not None and not self.lost:
                 self.transport.writelines(coalesced(pieces))
             return
-        for piece, text in zip(pieces, texts, strict=False):
+        for index, (piece, text) in enumerate(zip(pieces, texts, strict=False)):
+            if last and index == len(pieces) - 1:
+                self._mark_finished()
             self.write(piece)
             if text:
                 await asyncio.sleep(latency.decode_seconds(text))
+
+    def _mark_finished(self) -> None:
+        """The answer's record is finished now, before its last bytes are written: once
+        they are, a client in another process may see the answer end before this
+        process runs again (on a busy machine), and the bench's timeline would have the
+        upstream finish after the client got the end."""
+        if self.record is not None and self.record.finished is None:
+            self.record.finished = time.monotonic()
 
     # -- Chat Completions --------------------------------------------------------------------
 
@@ -690,8 +706,8 @@ class _Connection(asyncio.Protocol):
             raise errors.model_failed()
         if not stream:
             await self._whole_answer_time(answer)
+            self._mark_finished()
             self._json(request, 200, self._chat_completion(answer, model))
-            record.finished = time.monotonic()
             return
         options = body.get("stream_options") or {}  # an object: `_check_chat`
         include_usage = options.get("include_usage") is True
@@ -707,10 +723,9 @@ class _Connection(asyncio.Protocol):
         self.write(_sse_head(request))
         cut = _cut_after(fault)
         if cut is not None:
-            await self._pace(pieces[:cut], answer, texts)
+            await self._pace(pieces[:cut], answer, texts, last=False)
             await _break_or_stall(fault)
         await self._pace(pieces, answer, texts)
-        record.finished = time.monotonic()
 
     def _chat_chunks(
         self, answer: _Answer, model: str, include_usage: bool, logprobs: int | None = None
@@ -830,18 +845,17 @@ class _Connection(asyncio.Protocol):
         if not stream:
             await self._whole_answer_time(answer)
             terminal = json.loads(frames[-1])
+            self._mark_finished()
             self._json(request, 200, terminal["response"])
-            record.finished = time.monotonic()
             return
         pieces = [chunk(sse_event(frame)) for frame in frames]
         pieces[-1] += LAST_CHUNK
         self.write(_sse_head(request))
         cut = _cut_after(fault)
         if cut is not None:
-            await self._pace(pieces[:cut], answer, texts)
+            await self._pace(pieces[:cut], answer, texts, last=False)
             await _break_or_stall(fault)
         await self._pace(pieces, answer, texts)
-        record.finished = time.monotonic()
 
     async def _compact(self, request: Request) -> None:
         """`POST /v1/responses/compact`, as OpenAI answers it: the window of the input
@@ -884,8 +898,8 @@ class _Connection(asyncio.Protocol):
             "output": window,
             "usage": usage,
         }
+        self._mark_finished()
         self._json(request, 200, answer)
-        record.finished = time.monotonic()
 
     async def _compaction_time(
         self,
@@ -1147,7 +1161,7 @@ class _Connection(asyncio.Protocol):
         )
         cut = _cut_after(fault)
         if cut is not None:
-            await self._ws_paced(frames[:cut], answer, texts)
+            await self._ws_paced(frames[:cut], answer, texts, last=False)
             await _break_or_stall(fault)
         await self._ws_paced(frames, answer, texts)
         if answer.reply.kind != "fail":
@@ -1155,16 +1169,22 @@ class _Connection(asyncio.Protocol):
             state.latest = (response.response_id, items + output, encoded + canonical_items(output))
         else:
             state.latest = None
-        record.finished = time.monotonic()
 
-    async def _ws_paced(self, frames: list[bytes], answer: _Answer, texts: list[str]) -> None:
+    async def _ws_paced(
+        self, frames: list[bytes], answer: _Answer, texts: list[str], *, last: bool = True
+    ) -> None:
+        """`_pace` for WebSocket frames."""
         latency = self.server.config.latency
         await self._prefill_time(answer.first_delay, answer.prefill)
         self._mark_first_token()
         if latency.decode_tokens_per_second <= 0:
+            if last:
+                self._mark_finished()
             self._ws_send(frames)
             return
-        for frame, text in zip(frames, texts, strict=False):
+        for index, (frame, text) in enumerate(zip(frames, texts, strict=False)):
+            if last and index == len(frames) - 1:
+                self._mark_finished()
             self._ws_send([frame])
             if text:
                 await asyncio.sleep(latency.decode_seconds(text))
