@@ -194,6 +194,9 @@ def written(server: RunningServer) -> None:
         queue = engine.conversations._writes
         if queue is not None:
             await queue.join()
+        holds = engine.conversations.holds
+        if holds is not None:
+            await holds.settled()  # (the holds let go of once the writes were done)
 
     asyncio.run_coroutine_threadsafe(flushed(), server.loop).result(timeout=10)
 

@@ -187,6 +187,12 @@ class SharedHolds:
         if hold is not None:
             self._let_go(key, hold)
 
+    async def settled(self) -> None:
+        """Wait until no call to Redis is under way (as `Conversations` waits for its
+        writes)."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
     async def aclose(self, timeout: float = 5.0) -> None:
         """Let go of every hold (shutdown: their additions were written or given up),
         waiting for Redis at most `timeout` seconds (the leases expire anyway)."""
@@ -268,6 +274,9 @@ class SharedHolds:
             if not wanted and self._held.get(key) is hold:
                 del self._held[key]
                 self._settle(hold)  # (no claim waits on it now: refs are 0)
+                if not self._held and not self._doubtful and self._renewer is not None:
+                    self._renewer.cancel()  # (nothing to renew: not left sleeping)
+                    self._renewer = None
             return
 
     @staticmethod
