@@ -270,8 +270,8 @@ class Answering(Protocol):
     def finished(self) -> bool: ...
 
 
-def _nothing() -> None:
-    pass
+def let_go_of_nothing() -> None:
+    """What `Conversations.take` answers without a board: nothing to let go of."""
 
 
 class Conversations:
@@ -347,7 +347,7 @@ class Conversations:
         answering[key] = weakref.ref(response, gone)
         holds = self.holds
         if holds is None:
-            return _nothing
+            return let_go_of_nothing
         holds.adopt(owner, conv_id)
         let_go = weakref.finalize(response, holds.release, owner, conv_id)
         let_go.atexit = False  # (no loop then: the hold expires)

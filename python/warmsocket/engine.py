@@ -72,6 +72,7 @@ from warmsocket.conversations import (
     Conversation,
     Conversations,
     items_cost,
+    let_go_of_nothing,
     refuse_duplicate_ids,
 )
 from warmsocket.errors import APIError
@@ -810,10 +811,6 @@ class Engine:
         return target.request.successor(steer_items, target.response_id)
 
 
-def _nothing() -> None:
-    pass
-
-
 def context_start(items: Items) -> int | None:
     """The index of the last self-contained compaction item made by warmsocket among
     `items` (the context starts there), None when there is none. One call into Rust
@@ -946,7 +943,7 @@ class Turn:
         self.conversation: Conversation | None = None
         self._conversation_input: Items | None = None
         self._holds_conversation = False
-        self._let_go: Callable[[], None] = _nothing
+        self._let_go: Callable[[], None] = let_go_of_nothing
         """Lets go of the conversation across processes (`Conversations.take`)."""
         self.client_key: str | None = None
         """The client's bearer token (`TurnContext.client_key`)."""
