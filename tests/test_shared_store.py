@@ -1362,6 +1362,31 @@ def test_background_writes_whose_answers_were_lost_are_tried_again_once_each(
     assert not [r for r in caplog.records if r.name.startswith("warmsocket")]
 
 
+def test_background_written_waits_for_the_writes_queued_before_it(redis_url: str) -> None:
+    """`written` returns once the writes queued before it are in Redis, not waiting for
+    later ones; with Redis paused it gives up after its timeout, saying so."""
+
+    async def main() -> None:
+        store = SharedStore.from_url(redis_url, prefix="t-written")
+        await store.start()
+        board = store.background_board
+        async with redis.asyncio.Redis.from_url(redis_url) as client:
+            board.append_events("o", "r", 0, [b"data: 0\n\n"])
+            assert await board.written(5.0)
+            assert await client.xlen("t-written:be:o:r") == 1
+            with paused(redis_url):
+                board.append_events("o", "r", 1, [b"data: 1\n\n"])
+                started = time.monotonic()
+                assert not await board.written(0.3)
+                assert 0.3 <= time.monotonic() - started < 2.0
+            assert await board.written(10.0)
+            assert await client.xlen("t-written:be:o:r") == 2
+            assert await board.written(0.0)  # nothing queued since
+        await store.aclose()
+
+    run(main())
+
+
 def test_background_writes_queued_beyond_the_bound_are_dropped_and_counted(
     monkeypatch: pytest.MonkeyPatch, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -378,6 +378,34 @@ def test_a_background_response_is_streamed_again_on_another_process(
         assert gone.status_code == 404
 
 
+def test_a_background_response_is_on_every_process_once_created(
+    redis_url: str, sdk: SDK, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The create is answered once its response is on the board, however slow Redis
+    is (within `SHARE_WAIT_SECONDS`): a client that polls or streams it next through
+    another process finds it there, never 'not found'."""
+    written = shared_background.BackgroundBoard._write
+
+    async def slow_write(board: shared_background.BackgroundBoard, ops: Any) -> None:
+        await asyncio.sleep(0.3)
+        await written(board, ops)
+
+    monkeypatch.setattr(shared_background.BackgroundBoard, "_write", slow_write)
+    with two_servers(redis_url) as (a, b):
+        on_a, on_b = sdk(a), sdk(b)
+        for streamed in (False, True):
+            started = time.monotonic()
+            created = on_a.responses.create(model="m", input="/sleep 3000\nx", background=True)
+            assert 0.3 <= time.monotonic() - started < background.SHARE_WAIT_SECONDS + 0.5
+            if streamed:
+                with on_b.responses.retrieve(created.id, stream=True) as stream:
+                    first = next(iter(stream))
+                assert first.type == "response.created"
+            else:
+                assert on_b.responses.retrieve(created.id).status in {"queued", "in_progress"}
+            on_a.responses.cancel(created.id)
+
+
 def test_a_stream_followed_elsewhere_ends_when_its_events_go(redis_url: str, sdk: SDK) -> None:
     """A follower on another process is not left waiting for a run that is gone:
     deleted, or expired because its process died."""

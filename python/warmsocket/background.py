@@ -58,6 +58,11 @@ CANCEL_WAIT_SECONDS = 5.0
 """How long a cancel asked of another process waits to see the response cancelled."""
 HEARTBEAT_SECONDS = 10.0
 """How often a running response's state is published again (with a board)."""
+SHARE_WAIT_SECONDS = 1.0
+"""How long a background create waits, with a board, for its response's first state
+and events to be on it before it is answered, at most: a client that polls or
+streams it next through another process finds it there (Redis not answering: the
+create is answered after this, and the run goes on here)."""
 TERMINAL = frozenset({"completed", "incomplete", "failed", "cancelled"})
 MAX_ENDED = 10_000
 MAX_ENDED_BYTES = 64 * 1024 * 1024
@@ -269,6 +274,12 @@ class BackgroundResponses:
             if self._heartbeat is None:
                 self._heartbeat = loop.create_task(self._beat(self.board))
         return run
+
+    async def shared(self) -> None:
+        """Wait until what the runs published so far is on the board (with one; at
+        most `SHARE_WAIT_SECONDS`)."""
+        if self.board is not None:
+            await self.board.written(SHARE_WAIT_SECONDS)
 
     def _publish(self, run: BackgroundRun) -> None:
         """Share the run's state now (with a board, unless it was deleted)."""

@@ -257,6 +257,11 @@ class SharedBackgroundBoard(Protocol):
         """Queue a run's new events (SSE frames), the first of sequence number `first`."""
         ...
 
+    async def written(self, timeout: float) -> bool:
+        """Wait until the writes queued so far were written, for at most `timeout`
+        seconds; whether they were."""
+        ...
+
     def end_events(
         self, owner: str, response_id: str, count: int, status: str, keep_seconds: int
     ) -> None:

@@ -403,6 +403,8 @@ class HTTPApp:
         held = slot.hand_over()
         run.task.add_done_callback(lambda _task: held.release())
         run.emit(started)
+        # On the board before its id is given out: another process finds it at once.
+        await self.background.shared()
         if turn.request.stream:
             await self._follow(request, writer, request_id, run, after=-1)
         else:

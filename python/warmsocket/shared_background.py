@@ -32,8 +32,9 @@ and the process that runs the response looks for its runs' cancels every
 `background.HEARTBEAT_SECONDS`: a cancel whose announcement it missed (trimmed from
 the stream while it could not read) still ends the run, that much later.
 
-Writes are queued and written in order by one task (never on a request's path), and
-tried again until Redis takes them (`write_retry`, through a failover too; at most
+Writes are queued and written in order by one task (on a request's path only in
+that a background create waits, briefly, for its first writes: `written`), and tried
+again until Redis takes them (`write_retry`, through a failover too; at most
 `MAX_QUEUED_WRITES` wait); a write given up (`--redis-write-retry`) or dropped is
 logged (without content) and counted, and the run goes on (a follower elsewhere whose
 stream then misses events ends it there, rather than skip them). A
@@ -103,6 +104,12 @@ class BackgroundBoard:
         self._writing = 0
         """Writes being written (perhaps tried again): they wait too."""
         self._dropped = 0
+        self._queued_total = 0
+        """Writes queued since the start (not those dropped)."""
+        self._done_total = 0
+        """Of those, the ones written or given up (in queue order)."""
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        """`written` calls waiting: until `_done_total` reaches each's count."""
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -138,6 +145,22 @@ class BackgroundBoard:
         """Wait until every queued write was written (or failed)."""
         if self._writer is not None and not self._writer.done():
             await self._idle.wait()
+
+    async def written(self, timeout: float) -> bool:
+        """Wait until the writes queued so far were written (or given up), for at most
+        `timeout` seconds; whether they were. Those queued later are not waited for."""
+        target = self._queued_total
+        if self._done_total >= target or self._writer is None or self._writer.done():
+            return self._done_total >= target
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, done))
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            self._waiters = [(t, f) for t, f in self._waiters if f is not done]
+        return True
 
     # -- writing (the process that runs the response) ---------------------------------
 
@@ -220,6 +243,7 @@ class BackgroundBoard:
                 )
             return
         self._ops.append((write, nbytes))
+        self._queued_total += 1
         self._ops_bytes += nbytes
         self._idle.clear()
         self._wake.set()
@@ -240,8 +264,16 @@ class BackgroundBoard:
             finally:
                 self._writing = 0
                 self._ops_bytes -= nbytes  # (held while they were tried)
+                self._done_total += len(ops)
+                self._wake_waiters()
             if not self._ops:
                 self._idle.set()
+
+    def _wake_waiters(self) -> None:
+        """Let the `written` calls whose writes are all done go on."""
+        for target, done in self._waiters:
+            if target <= self._done_total and not done.done():
+                done.set_result(None)
 
     async def _write(self, ops: list[Write]) -> None:
         """One try of `ops`, in one pipeline. Idempotent: SET, EXPIRE, DEL, and XADDs
