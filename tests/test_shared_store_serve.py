@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -32,6 +33,8 @@ from tests.support import (
 )
 from tests.test_cli import _stop, run, start_serve
 from warmsocket import background, shared_background, shared_store, write_retry
+from warmsocket.background import BackgroundRun
+from warmsocket.conversations import Conversation
 from warmsocket.shared_store import RedisClusterUnsupported, SharedStore
 
 AUTH = {"Authorization": "Bearer sk-test"}
@@ -1141,3 +1144,36 @@ def b_announced(server: RunningServer) -> list[tuple[str, str]]:
     shared = server.server.engine.shared
     assert isinstance(shared, SharedStore)
     return list(shared._announced)
+
+
+def test_what_was_written_to_redis_is_held_by_nothing_once_deleted(
+    redis_url: str, sdk: SDK, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once Redis has what the writers were given, and the responses and the
+    conversation were deleted, nothing keeps them in the process: not the writers
+    waiting for their next write, not the heartbeat waiting for its next beat."""
+    monkeypatch.setattr(background, "HEARTBEAT_SECONDS", 0.2)
+    with two_servers(redis_url) as (a, _b):
+        on_a = sdk(a)
+        made = on_a.conversations.create(items=[{"role": "user", "content": "one"}])
+        said = on_a.responses.create(model="m", input="two", conversation=made.id)
+        later = on_a.responses.create(model="m", input="/sleep 600\nlater", background=True)
+        eventually(lambda: status_on(on_a, later.id) == "completed")
+        time.sleep(0.3)  # a beat after the run ended
+        flush(a)
+        board_flush(a)
+        on_a.conversations.delete(made.id)
+        on_a.responses.delete(said.id)
+        on_a.responses.delete(later.id)
+        board_flush(a)
+
+        def held() -> list[str]:
+            gc.collect()
+            kept = [
+                o
+                for o in gc.get_objects()
+                if isinstance(o, (Conversation, BackgroundRun, shared_store._Record))
+            ]
+            return [type(o).__name__ for o in kept]
+
+        assert a.call(held) == []

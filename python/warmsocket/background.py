@@ -309,19 +309,23 @@ class BackgroundResponses:
         those another process asked to cancel (its announcement may have been lost)."""
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
-            for run in list(self._running.values()):
-                self._publish(run)
-            runs = [(run.owner, response_id) for response_id, run in self._running.items()]
-            try:
-                asked = await board.cancels_asked(runs)
-            except Exception as exc:  # Redis down: the announcements still reach here
-                log.warning(
-                    "cannot look for background cancels in Redis",
-                    extra={"error_type": type(exc).__name__},
-                )
-                continue
-            for owner, response_id in asked:
-                self.cancel_announced(owner, response_id)
+            # (A call of its own: no run is held while the loop sleeps.)
+            await self._beat_once(board)
+
+    async def _beat_once(self, board: SharedBackgroundBoard) -> None:
+        for run in list(self._running.values()):
+            self._publish(run)
+        runs = [(run.owner, response_id) for response_id, run in self._running.items()]
+        try:
+            asked = await board.cancels_asked(runs)
+        except Exception as exc:  # Redis down: the announcements still reach here
+            log.warning(
+                "cannot look for background cancels in Redis",
+                extra={"error_type": type(exc).__name__},
+            )
+            return
+        for owner, response_id in asked:
+            self.cancel_announced(owner, response_id)
 
     def forget(self, run: BackgroundRun) -> None:
         """Drop a finished run's events and state, here and on the board (the

@@ -707,53 +707,65 @@ class Conversations:
 
     async def _write_loop(self) -> None:
         queue = self._writes
-        assert queue is not None and self.board is not None
+        assert queue is not None
         while True:
-            conversation, added, nbytes, held = await queue.get()
-            try:
-                if added is None:
-                    await self._repair(conversation)
-                    continue
-                if conversation.unshared:
-                    # Queued before an addition ahead of it was given up: written with
-                    # the whole copy (queued after it), not after the hole.
-                    conversation.unsure.update(item_id for item_id, _item in added)
-                    self._queue_repair(conversation)
-                    continue
-                change = await self._write_addition(conversation, added)
-            except Exception as exc:
-                # Logged by the board; this copy keeps the items, and is not read
-                # again over them (its version stays): it is written whole later.
-                self.write_errors += 1
-                log.error(
-                    "a response's items could not be added to its shared conversation"
-                    if added is not None
-                    else "a shared conversation's items Redis lacks could not be written",
-                    extra={"conversation": conversation.id, "items": len(added or ())},
-                )
-                conversation.unshared = True
-                if added is not None:
-                    conversation.unsure.update(item_id for item_id, _item in added)
-                kept = self._by_id.get(conversation.id) is conversation
-                # Given up (Redis did not answer for --redis-write-retry): written whole
-                # later. Not another error (it would fail again at once).
-                if kept and (added is not None or isinstance(exc, ConnectionError)):
-                    self._queue_repair(conversation)
+            # (A call of its own: nothing of a write is held while the loop waits.)
+            await self._write_one(queue, *await queue.get())
+
+    async def _write_one(
+        self,
+        queue: asyncio.Queue[tuple[Conversation, Entries | None, int, bool]],
+        conversation: Conversation,
+        added: Entries | None,
+        nbytes: int,
+        held: bool,
+    ) -> None:
+        """Write one queued addition (`added`; None: the whole copy, `_repair`)."""
+        assert self.board is not None
+        try:
+            if added is None:
+                await self._repair(conversation)
+                return
+            if conversation.unshared:
+                # Queued before an addition ahead of it was given up: written with
+                # the whole copy (queued after it), not after the hole.
+                conversation.unsure.update(item_id for item_id, _item in added)
+                self._queue_repair(conversation)
+                return
+            change = await self._write_addition(conversation, added)
+        except Exception as exc:
+            # Logged by the board; this copy keeps the items, and is not read
+            # again over them (its version stays): it is written whole later.
+            self.write_errors += 1
+            log.error(
+                "a response's items could not be added to its shared conversation"
+                if added is not None
+                else "a shared conversation's items Redis lacks could not be written",
+                extra={"conversation": conversation.id, "items": len(added or ())},
+            )
+            conversation.unshared = True
+            if added is not None:
+                conversation.unsure.update(item_id for item_id, _item in added)
+            kept = self._by_id.get(conversation.id) is conversation
+            # Given up (Redis did not answer for --redis-write-retry): written whole
+            # later. Not another error (it would fail again at once).
+            if kept and (added is not None or isinstance(exc, ConnectionError)):
+                self._queue_repair(conversation)
+        else:
+            if change is None:
+                self._forget_deleted(conversation)  # deleted elsewhere meanwhile
             else:
-                if change is None:
-                    self._forget_deleted(conversation)  # deleted elsewhere meanwhile
-                else:
-                    conversation.settle(change, written_behind=True)
-            finally:
-                conversation.pending -= 1
-                if not conversation.pending and conversation.drained is not None:
-                    conversation.drained.set()
-                    conversation.drained = None
-                self._unwritten -= 1
-                self._unwritten_bytes -= nbytes
-                if held and self.holds is not None:
-                    self.holds.release(conversation.owner, conversation.id)
-                queue.task_done()
+                conversation.settle(change, written_behind=True)
+        finally:
+            conversation.pending -= 1
+            if not conversation.pending and conversation.drained is not None:
+                conversation.drained.set()
+                conversation.drained = None
+            self._unwritten -= 1
+            self._unwritten_bytes -= nbytes
+            if held and self.holds is not None:
+                self.holds.release(conversation.owner, conversation.id)
+            queue.task_done()
 
     async def _repair(self, conversation: Conversation) -> None:
         """Put in Redis the items of the copy whose addition was given up or not

@@ -123,20 +123,11 @@ class Announcements:
                 if (failing or behind or stalled) and await self._check_position():
                     self._catch_up = True
                 asked = loop.time()
-                reply = await self._client.xread(
-                    {self.key: self.position}, count=READ_BATCH, block=READ_BLOCK_MS
-                )
+                read = await self._read_some(heard)
                 stalled = loop.time() - asked > READ_BLOCK_MS / 1000 + STALL_SECONDS
                 if failing:
                     log.info("following Redis deletions and cancels again")
                     failing = False
-                read = 0
-                for _key, entries in reply or ():
-                    for entry_id, fields in entries:
-                        self.position = _text(entry_id)
-                        self._read += 1
-                        read += 1
-                        self._hear(fields, heard)
                 behind = read >= READ_BATCH
             except asyncio.CancelledError:
                 raise
@@ -164,6 +155,22 @@ class Announcements:
                 self._catch_up = not caught_up
                 if not caught_up:
                     self._catch_up_at = loop.time() + RETRY_DELAY
+
+    async def _read_some(self, heard: Heard) -> int:
+        """Read the announcements after `position` (waiting up to `READ_BLOCK_MS` for
+        one), and call `heard` with each; how many were read. (A call of its own:
+        nothing of them is held while the next read waits.)"""
+        reply = await self._client.xread(
+            {self.key: self.position}, count=READ_BATCH, block=READ_BLOCK_MS
+        )
+        read = 0
+        for _key, entries in reply or ():
+            for entry_id, fields in entries:
+                self.position = _text(entry_id)
+                self._read += 1
+                read += 1
+                self._hear(fields, heard)
+        return read
 
     async def _newest(self) -> str | None:
         newest = await self._client.xrevrange(self.key, count=1)

@@ -252,22 +252,27 @@ class BackgroundBoard:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            ops = [write for write, _nbytes in self._ops]
-            nbytes = sum(n for _write, n in self._ops)
-            self._ops.clear()
-            self._dropped = 0
-            self._writing = len(ops)
-            try:
-                await keep_writing_to_redis(self._client, functools.partial(self._write, ops))
-            except Exception as exc:  # Redis and OS errors: the runs go on
-                self._failed("cannot write background responses' state to Redis", exc, len(ops))
-            finally:
-                self._writing = 0
-                self._ops_bytes -= nbytes  # (held while they were tried)
-                self._done_total += len(ops)
-                self._wake_waiters()
+            # (A call of its own: nothing of the writes is held while the loop waits.)
+            await self._write_queued()
             if not self._ops:
                 self._idle.set()
+
+    async def _write_queued(self) -> None:
+        """Write what is queued now, in one pipeline (tried again: `write_retry`)."""
+        ops = [write for write, _nbytes in self._ops]
+        nbytes = sum(n for _write, n in self._ops)
+        self._ops.clear()
+        self._dropped = 0
+        self._writing = len(ops)
+        try:
+            await keep_writing_to_redis(self._client, functools.partial(self._write, ops))
+        except Exception as exc:  # Redis and OS errors: the runs go on
+            self._failed("cannot write background responses' state to Redis", exc, len(ops))
+        finally:
+            self._writing = 0
+            self._ops_bytes -= nbytes  # (held while they were tried)
+            self._done_total += len(ops)
+            self._wake_waiters()
 
     def _wake_waiters(self) -> None:
         """Let the `written` calls whose writes are all done go on."""

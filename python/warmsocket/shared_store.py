@@ -556,26 +556,31 @@ class SharedStore:
 
     async def _write_loop(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while not self._queue.empty() and len(batch) < WRITE_BATCH:
-                batch.append(self._queue.get_nowait())
-            self._writing = len(batch)
-            try:
-                await self._write_trying_again(batch)
-                self.published += len(batch)
-            except Exception as exc:
-                self.errors += len(batch)
-                log.error(
-                    "cannot write stored responses to Redis",
-                    extra={"responses": len(batch), "redis": self.address, **_failure(exc)},
-                )
-            finally:
-                self._writing = 0
-                for record in batch:
-                    self._unwritten.discard(record.key)
-                    self._queued_bytes -= record.nbytes
-                    self._tombstones.discard(record.key)
-                    self._queue.task_done()
+            # (A call of its own: nothing of a batch is held while the loop waits.)
+            await self._write_batch(await self._queue.get())
+
+    async def _write_batch(self, first: _Record) -> None:
+        """Write `first` and what is queued behind it, up to `WRITE_BATCH` in all."""
+        batch = [first]
+        while not self._queue.empty() and len(batch) < WRITE_BATCH:
+            batch.append(self._queue.get_nowait())
+        self._writing = len(batch)
+        try:
+            await self._write_trying_again(batch)
+            self.published += len(batch)
+        except Exception as exc:
+            self.errors += len(batch)
+            log.error(
+                "cannot write stored responses to Redis",
+                extra={"responses": len(batch), "redis": self.address, **_failure(exc)},
+            )
+        finally:
+            self._writing = 0
+            for record in batch:
+                self._unwritten.discard(record.key)
+                self._queued_bytes -= record.nbytes
+                self._tombstones.discard(record.key)
+                self._queue.task_done()
 
     async def _write_trying_again(self, batch: list[_Record]) -> None:
         """`_write` (idempotent: HSET, EXPIRE, the chain kept alive), tried again while
