@@ -191,6 +191,9 @@ def written(server: RunningServer) -> None:
         engine = server.server.engine
         if engine.shared is not None:
             await engine.shared.flush()
+        board = server.server.http.background.board
+        if board is not None:
+            await board.flush()
         queue = engine.conversations._writes
         if queue is not None:
             await queue.join()
