@@ -78,7 +78,11 @@ def server(
             # Stored responses, background runs and conversations shared through Redis.
             url = stack.enter_context(redis_server())
             shared = SharedStore.from_url(url, prefix=f"steady-{uuid.uuid4().hex}")
-            yield stack.enter_context(running_server(shared=shared))
+            running = stack.enter_context(running_server(shared=shared))
+            # Its connection pools, bounded, full from the start: a connection opened
+            # when the calls at once reach a new high is not a leak.
+            asyncio.run_coroutine_threadsafe(_fill_pools(shared), running.loop).result(30)
+            yield running
         else:
             sim = stack.enter_context(running_sim(record_bodies=BOUND, cache_blocks=BOUND))
             server, _metrics = stack.enter_context(warmsocket_upstream(sim.base_url, request.param))
@@ -86,6 +90,14 @@ def server(
             if contexts is not None:
                 contexts.max_bytes = 8 * 1024
             yield server
+
+
+async def _fill_pools(shared: SharedStore) -> None:
+    """Open every connection the store's pools may: as many calls at once."""
+    await asyncio.gather(
+        *(shared.client.ping() for _ in range(shared_store.REQUEST_CONNECTIONS)),
+        *(shared.followers.ping() for _ in range(shared_store.FOLLOW_CONNECTIONS)),
+    )
 
 
 def websocket_cycle(server: RunningServer) -> list[str]:
