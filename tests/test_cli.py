@@ -446,6 +446,24 @@ def test_snapshot_keeps_conversations_across_a_restart(tmp_path: Path) -> None:
         "user: /transcript",
     ]
     assert 'warmsocket_prefix_matches_total{result="hit"} 1' in metrics
+    # A budget now smaller than what the file holds stops `serve`, saying what to do.
+    too_small = subprocess.run(
+        [
+            WARMSOCKET,
+            "serve",
+            "--port",
+            "0",
+            "--snapshot",
+            str(snapshot),
+            "--conversation-budget",
+            "1K",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert too_small.returncode == 1
+    assert "raise --conversation-budget, or move the file" in too_small.stderr
     (tmp_path / "state.msgpack.conversations").write_bytes(b"not msgpack")
     failed = subprocess.run(
         [WARMSOCKET, "serve", "--port", "0", "--snapshot", str(snapshot)],

@@ -334,6 +334,22 @@ async def _serve(
                 extra={"path": str(kept), "error_type": type(exc).__name__},
             )
             return 1
+        conversations = server.engine.conversations
+        if conversations.nbytes > conversations.budget_bytes:
+            # Served on, every new conversation and addition would be refused (503)
+            # until enough were deleted: --conversation-budget would not hold.
+            log.error(
+                "the conversations snapshot holds more than --conversation-budget keeps: "
+                "raise --conversation-budget, or move the file to start without its "
+                "conversations",
+                extra={
+                    "path": str(kept),
+                    "conversations": count,
+                    "bytes": conversations.nbytes,
+                    "conversation_budget": config.conversation_budget,
+                },
+            )
+            return 1
         log.info("conversations restored", extra={"path": str(kept), "conversations": count})
     try:
         await server.start()
