@@ -474,6 +474,55 @@ def test_snapshot_keeps_conversations_across_a_restart(tmp_path: Path) -> None:
     assert failed.returncode == 1 and "cannot restore the conversations" in failed.stderr
 
 
+def test_snapshot_keeps_failed_and_cancelled_background_responses(tmp_path: Path) -> None:
+    """Without Redis, `--snapshot PATH` keeps the background responses that failed or
+    were cancelled (they are not stored responses), the one shutdown cancelled too, in
+    `PATH.background`: after a restart each is retrieved as it ended, its input listed,
+    and it can be deleted. They were lost: a client polling one got a 404. A bad file
+    stops `serve`."""
+    snapshot = tmp_path / "state.msgpack"
+    proc, base = _start("--snapshot", str(snapshot), "--shutdown-timeout", "0.3")
+    try:
+        with httpx.Client(base_url=base, timeout=10) as http:
+
+            def background(text: str) -> str:
+                body = {"model": "m", "input": text, "background": True}
+                rid: str = http.post("/responses", json=body).json()["id"]
+                return rid
+
+            failed = background("/fail")
+            cancelled = background("/sleep 30000 cancel me")
+            assert http.post(f"/responses/{cancelled}/cancel").json()["status"] == "cancelled"
+            cut = background("/sleep 30000 cut by the shutdown")
+            deadline = time.monotonic() + 10
+            while http.get(f"/responses/{failed}").json()["status"] != "failed":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            before = {rid: http.get(f"/responses/{rid}").json() for rid in (failed, cancelled)}
+    finally:
+        logs = _stop(proc)
+    assert "background responses saved" in logs
+    proc, base = _start("--snapshot", str(snapshot))
+    try:
+        with httpx.Client(base_url=base, timeout=10) as http:
+            after = {rid: http.get(f"/responses/{rid}").json() for rid in (failed, cancelled)}
+            shut = http.get(f"/responses/{cut}").json()
+            listed = http.get(f"/responses/{cut}/input_items").json()["data"]
+            assert http.delete(f"/responses/{failed}").status_code == 200
+            gone = http.get(f"/responses/{failed}").status_code
+    finally:
+        _stop(proc)
+    assert after == before
+    assert (after[failed]["status"], after[cancelled]["status"]) == ("failed", "cancelled")
+    assert (shut["id"], shut["status"]) == (cut, "cancelled")
+    assert [part["text"] for part in listed[0]["content"]] == ["/sleep 30000 cut by the shutdown"]
+    assert gone == 404
+    (tmp_path / "state.msgpack.background").write_bytes(b"not msgpack")
+    refused = run(WARMSOCKET, "serve", "--port", "0", "--snapshot", str(snapshot))
+    assert refused.returncode == 1
+    assert "cannot restore the failed and cancelled background responses" in refused.stderr
+
+
 def test_deep_items_never_break_input_items_or_a_restart(tmp_path: Path) -> None:
     # Items nested up to the limit (100 levels, rust/item.rs `MAX_DEPTH`) are stored,
     # listed and restored; deeper ones are refused with a 400 before anything is stored

@@ -13,12 +13,12 @@ end; `GET /v1/responses/{id}` shows the response as it is now (`queued`,
 A completed (or incomplete) background response is stored like any other and can
 be continued by id; a failed or cancelled one is not stored, but stays retrievable
 here: with its events for `RETAIN_SECONDS`, then its Response object and input
-alone (at most `MAX_ENDED` of them, `MAX_ENDED_BYTES` in all, for the process's life;
-with a shared store, its record there answers first, for the store's TTL, and the
-copy kept here only when that record was never written and the response not
-deleted). While it runs, and as long as it is kept, `GET .../input_items` lists its
-input (from here, or on another process from the input its process published
-beside its state). Finished
+alone (at most `MAX_ENDED` of them, `MAX_ENDED_BYTES` in all, for the process's life,
+and across a restart with `--snapshot`: `snapshot`, `restore`; with a shared store,
+its record there answers first, for the store's TTL, and the copy kept here only
+when that record was never written and the response not deleted). While it runs,
+and as long as it is kept, `GET .../input_items` lists its input (from here, or on
+another process from the input its process published beside its state). Finished
 runs are kept for `RETAIN_SECONDS` (at most `MAX_FINISHED`, and `MAX_RETAINED_BYTES`
 of events) for their events and final state; at most `MAX_RUNNING` run at once
 (more get `server_is_overloaded`). A run is local to its process. With a shared
@@ -42,8 +42,10 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NamedTuple
 
+import msgpack  # type: ignore[import-untyped]
+
 from warmsocket import errors
-from warmsocket._core import Items
+from warmsocket._core import InvalidItems, Items
 from warmsocket.engine import SharedBackgroundBoard, Turn
 
 log = logging.getLogger("warmsocket.background")
@@ -72,6 +74,9 @@ MAX_RETAINED_BYTES = 256 * 1024 * 1024
 """What finished background responses kept may hold, in all (older ones are forgotten
 first): their events, and their turn's request and context (which may keep parts of
 a chain the session cache has let go; they are not part of its budget)."""
+
+SNAPSHOT_VERSION = 1
+"""Of `BackgroundResponses.snapshot`'s format."""
 
 _EVENT_END = b"\n\n"
 
@@ -490,7 +495,13 @@ class BackgroundResponses:
         """Keep a failed or cancelled response's Response object and input (it is not
         stored)."""
         kept = _Ended(run.owner, run.response_json(), time.monotonic(), run.turn.request.input)
-        self._ended[run.turn.response_id] = kept
+        self._keep(run.turn.response_id, kept)
+
+    def _keep(self, response_id: str, kept: _Ended) -> None:
+        before = self._ended.pop(response_id, None)
+        if before is not None:
+            self._ended_bytes -= before.nbytes
+        self._ended[response_id] = kept
         self._ended_bytes += kept.nbytes
         while len(self._ended) > MAX_ENDED or self._ended_bytes > MAX_ENDED_BYTES:
             _id, dropped = self._ended.popitem(last=False)
@@ -511,6 +522,54 @@ class BackgroundResponses:
         del self._ended[response_id]
         self._ended_bytes -= kept.nbytes
         return True
+
+    def unstored(self) -> list[tuple[str, _Ended]]:
+        """The failed and cancelled responses kept here, those of finished runs too,
+        oldest first (`snapshot`)."""
+        kept = list(self._ended.items())
+        kept += [
+            (rid, _Ended(run.owner, run.response_json(), 0.0, run.turn.request.input))
+            for rid, run in self._finished.items()
+            if run.turn.stream.status in ("failed", "cancelled") and not run.forgotten
+        ]
+        return kept
+
+    def snapshot(self) -> bytes:
+        """`unstored` as msgpack (`restore` reads it back): for `--snapshot` without
+        Redis, taken after `aclose` (which cancelled the runs still going)."""
+        responses = [
+            {"id": rid, "owner": e.owner, "response": e.response, "input": e.input.json()}
+            for rid, e in self.unstored()
+        ]
+        packed = msgpack.packb({"v": SNAPSHOT_VERSION, "responses": responses}, use_bin_type=True)
+        return bytes(packed)
+
+    def restore(self, data: bytes) -> int:
+        """Keep the failed and cancelled responses of a `snapshot` (within `MAX_ENDED`
+        and `MAX_ENDED_BYTES`, the oldest dropped first); how many it held. Raises
+        ValueError for data that is not one (nothing kept then)."""
+        try:
+            parsed = msgpack.unpackb(data, raw=False)
+            if not isinstance(parsed, dict) or parsed.get("v") != SNAPSHOT_VERSION:
+                raise ValueError("not a background responses snapshot of this version")
+            restored = []
+            now = time.monotonic()
+            for entry in parsed["responses"]:
+                response = bytes(entry["response"])
+                if not isinstance(json.loads(response), dict):
+                    raise ValueError("a response that is not a JSON object")
+                joined = bytes(entry["input"])
+                items = Items.parse(joined, max_item_bytes=max(len(joined), 1))
+                restored.append(
+                    (str(entry["id"]), _Ended(str(entry["owner"]), response, now, items))
+                )
+        except (ValueError, KeyError, TypeError, InvalidItems, msgpack.UnpackException) as exc:
+            raise ValueError(
+                f"cannot read the background responses snapshot ({type(exc).__name__})"
+            ) from None
+        for response_id, kept in restored:
+            self._keep(response_id, kept)
+        return len(restored)
 
 
 def _loads(response: bytes) -> dict[str, Any]:

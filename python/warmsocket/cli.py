@@ -635,9 +635,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--snapshot",
         default=None,
         help="file to restore stored (store=true) responses from at start and save them "
-        "to at shutdown (without --redis-url, conversations too, in PATH.conversations); "
-        "store=false state is never written. Its directory must exist and be writable "
-        "(checked at start)",
+        "to at shutdown (without --redis-url, conversations too, in PATH.conversations, "
+        "and the background responses that failed or were cancelled, shutdown's cancels "
+        "included, in PATH.background); store=false state is never written. Its "
+        "directory must exist and be writable (checked at start)",
     )
     sharing = serve.add_argument_group(
         "several processes",

@@ -257,6 +257,7 @@ async def _serve(
         try:
             check_writable(snapshot)
             check_writable(conversations_file(snapshot))
+            check_writable(background_file(snapshot))
         except OSError as exc:
             # Found now, not at shutdown when the stored responses would be lost.
             log.error(
@@ -351,6 +352,18 @@ async def _serve(
             )
             return 1
         log.info("conversations restored", extra={"path": str(kept), "conversations": count})
+    ended = background_file(snapshot) if snapshot is not None and shared is None else None
+    if ended is not None and ended.exists():
+        try:
+            count = server.http.background.restore(ended.read_bytes())
+        except (OSError, ValueError) as exc:
+            log.error(
+                "cannot restore the failed and cancelled background responses; fix or move "
+                "the file, or start without --snapshot",
+                extra={"path": str(ended), "error_type": type(exc).__name__},
+            )
+            return 1
+        log.info("background responses restored", extra={"path": str(ended), "responses": count})
     try:
         await server.start()
     except ConnectionError as exc:
@@ -453,12 +466,20 @@ async def _serve(
             kept, conversations.snapshot(), "conversations", conversations=len(conversations)
         ):
             return 1
+    if ended is not None:
+        # (After `close`: the background responses still running were cancelled.)
+        background = server.http.background
+        responses = len(background.unstored())
+        if not _saved(ended, background.snapshot(), "background responses", responses=responses):
+            return 1
     return 0
 
 
 _SAVE_FAILED = {
     "snapshot": "cannot save the snapshot; the stored responses are not kept",
     "conversations": "cannot save the conversations; they are not kept",
+    "background responses": "cannot save the failed and cancelled background responses; "
+    "they are not kept",
 }
 
 
@@ -470,9 +491,9 @@ async def _watch_certificates(certificates: tls.CertificateFiles) -> None:
 
 
 def _saved(path: Path, data: bytes, what: str, **counts: int) -> bool:
-    """Write a file of `--snapshot` (`write_atomically`: the `snapshot` or the
-    `conversations`) and log it; False, logged with the reason, when it could not
-    be written."""
+    """Write a file of `--snapshot` (`write_atomically`: the `snapshot`, the
+    `conversations` or the `background responses`) and log it; False, logged with
+    the reason, when it could not be written."""
     try:
         write_atomically(path, data)
     except OSError as exc:
@@ -488,6 +509,13 @@ def _saved(path: Path, data: bytes, what: str, **counts: int) -> bool:
 def conversations_file(snapshot: Path) -> Path:
     """Where `--snapshot PATH` keeps the conversations (without Redis): `PATH.conversations`."""
     return snapshot.with_name(snapshot.name + ".conversations")
+
+
+def background_file(snapshot: Path) -> Path:
+    """Where `--snapshot PATH` keeps the background responses that failed or were
+    cancelled, shutdown's cancels too (without Redis; the completed ones are stored
+    responses): `PATH.background`."""
+    return snapshot.with_name(snapshot.name + ".background")
 
 
 async def drain(server: Server, stop: asyncio.Event, grace: float) -> None:
