@@ -461,12 +461,12 @@ def reads(frame: bytes, read_size: int) -> list[bytes]:
 def reassemble(chunks: list[bytes]) -> bytes:
     """The message `ClientFrames` makes of a frame delivered as `chunks`."""
     frames = _core.ClientFrames(64 << 20)
-    pieces: list[tuple[bool, bytes]] = []
+    pieces: list[tuple[bool, bool, bytes]] = []
     for chunk in chunks:
         pieces.extend(frames.feed(chunk))
     assert frames.buffered == 0
     assert len(pieces) == 1 and pieces[0][0], "one whole message"
-    return pieces[0][1]
+    return pieces[0][2]
 
 
 @pytest.mark.benchmark(group="framing-reassembly")

@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 import pytest
 from websockets.asyncio.client import connect as async_connect
+from websockets.exceptions import ConnectionClosedError
 from websockets.sync.client import ClientConnection, connect
 
 from tests.support import (
@@ -115,6 +116,38 @@ def test_json_messages_in_binary_frames_are_read_as_json(server: RunningServer) 
         while not events or events[-1]["type"] not in TERMINAL:
             events.append(json.loads(conn.recv(timeout=10)))
         assert output_text(events) == "You said: hello there"
+
+
+@pytest.mark.parametrize("compression", [None, "deflate"])
+@pytest.mark.parametrize("fragmented", [False, True])
+def test_a_text_message_that_is_not_utf8_fails_its_connection_with_1007(
+    server: RunningServer, compression: str | None, fragmented: bool
+) -> None:
+    """RFC 6455 §8.1: a text message that is not UTF-8 fails the connection (1007);
+    it got an `invalid_json` error event. The same bytes in a binary message still
+    get that error, and the connection goes on; another connection's chain is not
+    touched."""
+    bad = json.dumps(CREATE).encode().replace(b"hello", b"h\xffllo")
+    with _connect(server, compression=compression) as other:
+        first = _turn(other, CREATE, binary=False)
+        with _connect(server, compression=compression) as conn:
+            conn.send([bad[:20], bad[20:]] if fragmented else bad, text=True)
+            with pytest.raises(ConnectionClosedError) as closed:
+                conn.recv(timeout=10)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1007
+        assert "UTF-8" in closed.value.rcvd.reason
+        with _connect(server, compression=compression) as conn:
+            conn.send([bad[:20], bad[20:]] if fragmented else bad)  # binary
+            error = json.loads(conn.recv(timeout=10))
+            assert (error["type"], error["error"]["code"]) == ("error", "invalid_json")
+            assert output_text(_turn(conn, CREATE, binary=False)) == "You said: hello there"
+        follow = {
+            **CREATE,
+            "input": "/transcript",
+            "previous_response_id": first[-1]["response"]["id"],
+        }
+        assert "user: hello there" in output_text(_turn(other, follow, binary=False))
 
 
 def test_control_frames_stay_ordered_with_direct_writes(server: RunningServer) -> None:

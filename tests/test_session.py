@@ -844,6 +844,20 @@ def test_bad_messages_never_raise(message: bytes, code: str) -> None:
     assert h.events[-2]["type"] == "response.created"
 
 
+def test_a_text_message_that_is_not_utf8_closes_with_1007_and_stops_the_responses() -> None:
+    bad = b'{"type":"response.create","model":"m","input":"\xff"}'
+    h = Harness()
+    h.raw(bad)  # a binary message: an error event, and the session goes on
+    assert h.events[-1]["error"]["code"] == "invalid_json" and h.closed == []
+    h.send(input="slow", stream_id="a")
+    running = h.started[-1]
+    h.session.receive_message(bad, text=True)
+    h.drain()
+    assert [(c.code, "UTF-8" in c.reason) for c in h.closed] == [(1007, True)]
+    assert h.stopped == [running] and h.session.closed
+    assert h.cache.stats().connections == 0
+
+
 def test_unresolved_parent_names_what_a_shared_store_could_supply() -> None:
     h = Harness()
     session = h.session

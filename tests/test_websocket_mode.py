@@ -469,10 +469,10 @@ def test_a_bug_handling_a_message_closes_with_1011_and_touches_no_other_connecti
 
     receive = ResponsesSession.receive_message
 
-    def buggy(self: ResponsesSession, data: bytes) -> None:
+    def buggy(self: ResponsesSession, data: bytes, *, text: bool = False) -> None:
         if b"trigger-the-bug" in data:
             raise RecursionError(bytes(data).decode())  # its text holds the content
-        receive(self, data)
+        receive(self, data, text=text)
 
     monkeypatch.setattr(ResponsesSession, "receive_message", buggy)
     with WSClient(server.ws_url) as other, WSClient(server.ws_url) as ws:
@@ -501,10 +501,10 @@ def test_a_bug_handling_a_message_sent_with_the_handshake_closes_with_1011(
 
     receive = ResponsesSession.receive_message
 
-    def buggy(self: ResponsesSession, data: bytes) -> None:
+    def buggy(self: ResponsesSession, data: bytes, *, text: bool = False) -> None:
         if b"trigger-the-bug" in data:
             raise RecursionError("maximum recursion depth exceeded")
-        receive(self, data)
+        receive(self, data, text=text)
 
     monkeypatch.setattr(ResponsesSession, "receive_message", buggy)
     message = json.dumps({"type": "response.create", "model": "m", "input": "trigger-the-bug"})

@@ -1197,10 +1197,11 @@ class ClientFrames:
     """
 
     def __new__(cls, max_size: int | None = None) -> ClientFrames: ...
-    def feed(self, data: bytes) -> list[tuple[bool, bytes]]:
-        """What `data` completes, in order: `(True, payload)` for a whole message,
-        `(False, raw)` for bytes to pass to the protocol object's `receive_data`
-        (adjacent raw frames joined). A partial frame at the end is kept."""
+    def feed(self, data: bytes) -> list[tuple[bool, bool, bytes]]:
+        """What `data` completes, in order: `(True, text, payload)` for a whole message
+        (`text`: of a text frame), `(False, False, raw)` for bytes to pass to the
+        protocol object's `receive_data` (adjacent raw frames joined). A partial
+        frame at the end is kept."""
     @property
     def handed_over(self) -> bool:
         """The stream goes to the protocol object for good."""

@@ -666,6 +666,8 @@ class Connection(asyncio.Protocol):
         self.session: ResponsesSession | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._fragments: list[bytes] = []
+        self._text = False
+        """The message whose frames `_fragments` holds is a text message."""
         self._timer: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.Task[None] | None = None
         self._pong = asyncio.Event()
@@ -1392,14 +1394,14 @@ class Connection(asyncio.Protocol):
             self._ws_events()
         else:
             session = self.session
-            for whole_message, chunk in frames.feed(data):
+            for whole_message, text, chunk in frames.feed(data):
                 if not whole_message:
                     ws.receive_data(chunk)
                     self._ws_events()
                 elif ws.state is State.OPEN and session is not None:
                     # (After a close frame or a protocol error in this read, the
                     # protocol object discards what follows: so is this.)
-                    self._ws_message(session, chunk)
+                    self._ws_message(session, chunk, text)
         if not self._run_actions():
             self._flush()
         # else: a model task starts in this iteration; the flush scheduled after it
@@ -1446,34 +1448,35 @@ class Connection(asyncio.Protocol):
             opcode = event.opcode
             data = bytes(event.data)  # already bytes for data frames: no copy
             if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                text = self._text = opcode is Opcode.TEXT
                 if not event.fin:
                     self._fragments = [data]
                 elif session is not None:
-                    self._ws_message(session, data)
+                    self._ws_message(session, data, text)
             elif opcode is Opcode.CONT:
                 self._fragments.append(data)
                 if event.fin:
                     message = b"".join(self._fragments)
                     self._fragments = []
                     if session is not None:
-                        self._ws_message(session, message)
+                        self._ws_message(session, message, self._text)
             elif opcode is Opcode.PONG:
                 self._pong.set()
         closing = self.ws.state is State.CLOSED or self.ws.state is State.CLOSING
         if closing and session is not None and not session.closed:
             session.connection_lost()
 
-    def _ws_message(self, session: ResponsesSession, data: bytes) -> None:
+    def _ws_message(self, session: ResponsesSession, data: bytes, text: bool) -> None:
         rate = self.server.rate_limits
         if self.server.engine.shared is None:
             if not rate.limited:
-                session.receive_message(data)
+                session.receive_message(data, text=text)
             elif not session.closed:
-                self._receive_counted(session, session.parse_message(data))
+                self._receive_counted(session, session.parse_message(data, text=text))
             return
         if session.closed:
             return
-        message = session.parse_message(data)
+        message = session.parse_message(data, text=text)
         if (
             not self._held
             and not (rate.needs_io and type(message) is CreateRequest)

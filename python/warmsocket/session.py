@@ -86,9 +86,14 @@ class LaneRejection:
 
 
 Action = bytes | StartModel | StopModel | CloseConnection
-Message = CreateRequest | SteerRequest | Rejection | LaneRejection | APIError | None
+Message = (
+    CreateRequest | SteerRequest | Rejection | LaneRejection | APIError | CloseConnection | None
+)
 """A decoded client message (`parse_message`); an APIError or LaneRejection when it
-was too large."""
+was too large; a CloseConnection (1007) for a text message that is not UTF-8."""
+
+NOT_UTF8 = CloseConnection(1007, "a text message must be UTF-8: send JSON encoded as UTF-8")
+"""RFC 6455 §8.1: a text message that is not UTF-8 fails the connection."""
 
 
 @dataclass(slots=True)
@@ -169,13 +174,14 @@ class ResponsesSession:
 
     # -- inputs -------------------------------------------------------------------------
 
-    def receive_message(self, data: bytes | str) -> None:
-        """One client message (a text or binary WebSocket message)."""
+    def receive_message(self, data: bytes | str, *, text: bool = False) -> None:
+        """One client message (a text or binary WebSocket message; `text`: the bytes
+        of a text message, which must be UTF-8)."""
         if self.closed:
             return
-        self.receive_parsed(self.parse_message(data))
+        self.receive_parsed(self.parse_message(data, text=text))
 
-    def parse_message(self, data: bytes | str) -> Message:
+    def parse_message(self, data: bytes | str, *, text: bool = False) -> Message:
         """Decode and validate one client message; changes no state.
 
         With `receive_parsed`, this is `receive_message` in two steps, so that the
@@ -191,6 +197,9 @@ class ResponsesSession:
         parsed = parse_client_message(
             data, max_item_bytes=self._max_item_bytes, format=self._format
         )
+        if text and type(parsed) is Rejection and not _is_utf8(data):
+            # (Checked only for a message refused: the parser reads UTF-8 alone.)
+            return NOT_UTF8
         if type(parsed) is Rejection and self._format == "json":
             assert isinstance(parsed, Rejection)
             if parsed.stage == "message" and (lane := message_stream_id(data)) is not None:
@@ -227,6 +236,12 @@ class ResponsesSession:
                 self._error(parsed.error, parsed.stream_id)
             else:
                 self._receive_create(None, parsed.stream_id, parsed.error)
+        elif kind is CloseConnection:
+            assert isinstance(parsed, CloseConnection)
+            self.engine.metrics.count_error("invalid_utf8")
+            log.info("connection failed: a text message was not UTF-8", extra={"code": 1007})
+            self.outbox.append(parsed)
+            self.connection_lost()
         elif isinstance(parsed, APIError):
             self._error(parsed, None)
         # None: `response.processed` (Codex), ignored (spec §2.3).
@@ -963,3 +978,11 @@ def _steer_input_echo(raw: Any) -> Any:
             for item in raw
         ]
     return ""
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -820,14 +820,15 @@ impl PyClientFrames {
         }
     }
 
-    /// What `data` completes, in order: `(True, payload)` for a whole message,
-    /// `(False, raw)` for bytes to pass to the protocol object's `receive_data`
-    /// (adjacent raw frames joined). A partial frame at the end is kept.
+    /// What `data` completes, in order: `(True, text, payload)` for a whole message
+    /// (`text`: of a text frame), `(False, False, raw)` for bytes to pass to the
+    /// protocol object's `receive_data` (adjacent raw frames joined). A partial
+    /// frame at the end is kept.
     fn feed<'py>(
         &mut self,
         py: Python<'py>,
         data: &[u8],
-    ) -> PyResult<Vec<(bool, Bound<'py, PyBytes>)>> {
+    ) -> PyResult<Vec<(bool, bool, Bound<'py, PyBytes>)>> {
         let inner = &mut self.inner;
         // A read that completes a large buffered frame unmasks all of it.
         let work = data.len().saturating_add(inner.buffered());
@@ -835,8 +836,8 @@ impl PyClientFrames {
         Ok(pieces
             .into_iter()
             .map(|piece| match piece {
-                Piece::Message { payload, .. } => (true, PyBytes::new(py, &payload)),
-                Piece::Raw(raw) => (false, PyBytes::new(py, &raw)),
+                Piece::Message { text, payload } => (true, text, PyBytes::new(py, &payload)),
+                Piece::Raw(raw) => (false, false, PyBytes::new(py, &raw)),
             })
             .collect())
     }
