@@ -244,7 +244,9 @@ output_items = st.fixed_dictionaries(
 other_items = st.fixed_dictionaries(
     {
         "type": field(
-            one_of("reasoning", "compaction", "web_search_call"), "nonsense", "item_reference"
+            one_of("reasoning", "compaction", "web_search_call", "program", "compaction_trigger"),
+            "nonsense",
+            "item_reference",
         )
     },
     optional={

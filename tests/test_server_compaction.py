@@ -112,6 +112,136 @@ def test_a_chain_compacts_at_the_threshold_over_websocket(any_backend: RunningSe
     )
 
 
+TRIGGER = [{"type": "compaction_trigger"}]
+
+
+def test_a_compaction_trigger_compacts_the_context_and_nothing_else(
+    any_backend: RunningServer,
+) -> None:
+    """A create whose input ends with a `compaction_trigger` item: its context (the
+    trigger left out) is compacted, the compaction item is the whole output, the
+    model does not answer, and the chain goes on from the item. The trigger reaches
+    no upstream (a Responses upstream refuses one that is not the last item)."""
+    with WSClient(any_backend.ws_url) as ws:
+        first = ws.turn(input="Start the task.")
+        second = ws.turn(input="Go on.", previous_response_id=first[-1]["response"]["id"])
+        second_id = second[-1]["response"]["id"]
+        third = ws.turn(input=TRIGGER, previous_response_id=second_id)
+        check_sequence(third)
+        assert [event["type"] for event in third] == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.compaction.compacting",
+            "response.output_item.done",
+            "response.completed",
+        ]
+        response = third[-1]["response"]
+        assert [item["type"] for item in response["output"]] == ["compaction"]
+        assert response["previous_response_id"] == second_id
+        compacted = compacted_item(response["output"][0])
+        # The user messages before the summary; the last response's output after it.
+        assert texts(compacted.before or []) == ["Start the task.", "Go on."]
+        assert texts(compacted.after) == ["You said: Go on."]
+        assert "compaction_trigger" not in compacted.summary
+        fourth = ws.turn(input="/transcript", previous_response_id=response["id"])
+    assert output_text(fourth).splitlines() == [
+        "user: Start the task.",
+        "user: Go on.",
+        *in_place(any_backend, compacted.summary).splitlines(),
+        "assistant: You said: Go on.",
+        "user: /transcript",
+    ]
+    with httpx.Client(base_url=any_backend.base_url) as http:  # (the same owner: no key)
+        listed = http.get(f"responses/{response['id']}/input_items").json()["data"]
+        stored = http.get(f"responses/{response['id']}").json()
+    assert [item["type"] for item in listed] == ["compaction_trigger"]
+    assert stored == response
+    if any_backend.server.engine.backend.name == "mock":  # (an upstream counts its own)
+        assert response["usage"]["output_tokens"] == estimate_tokens(len(compacted.summary))
+
+
+def test_a_compaction_trigger_must_be_the_last_input_item(server: RunningServer) -> None:
+    misplaced = [*TRIGGER, {"role": "user", "content": "x"}]
+    with WSClient(server.ws_url) as ws:
+        ws.create(input=misplaced, stream_id="s")
+        error = ws.recv()
+        assert output_text(ws.turn(input="still here")) == "You said: still here"
+    assert (error["type"], error["stream_id"], error["error"]["param"]) == (
+        "error",
+        "s",
+        "input[0].type",
+    )
+    assert "final input item" in error["error"]["message"]
+    with httpx.Client(base_url=server.base_url) as http:
+        refused = http.post("responses", json={"model": MODEL, "input": misplaced})
+        made = http.post("conversations", json={"items": TRIGGER})
+        alone = http.post("responses", json={"model": MODEL, "input": TRIGGER})
+        hello = [{"role": "user", "content": "hello"}]
+        window = http.post("responses/compact", json={"model": MODEL, "input": hello + TRIGGER})
+    assert (refused.status_code, refused.json()["error"]["code"]) == (400, "invalid_value")
+    assert (made.status_code, made.json()["error"]["param"]) == (400, "items[0].type")
+    # Nothing before it: refused before any model runs (the summary turn failed).
+    assert (alone.status_code, alone.json()["error"]["param"]) == (400, "input")
+    assert alone.json()["error"]["message"].startswith("Nothing to compact")
+    # The compact endpoint compacts anyway: a trigger at the end is no part of the context.
+    output = window.json()["output"]
+    assert [item["type"] for item in output] == ["message", "compaction"]
+    unpacked = unpack(output[1])
+    assert unpacked is not None and unpacked.summary == "user: hello"
+
+
+def test_a_compaction_trigger_compacts_a_conversation(sdk: OpenAI) -> None:
+    """The trigger and the compaction item are added to the conversation; its next
+    response reads the context from the compaction item on."""
+    conversation = sdk.conversations.create(items=[{"role": "user", "content": "Start."}])
+    sdk.responses.create(model=MODEL, input="Go on.", conversation=conversation.id)
+    compacted = sdk.responses.create(
+        model=MODEL,
+        input=TRIGGER,  # type: ignore[arg-type]
+        conversation=conversation.id,
+    )
+    assert [item.type for item in compacted.output] == ["compaction"]
+    listed = sdk.conversations.items.list(conversation.id, order="asc").data
+    assert [item.type for item in listed][-2:] == ["compaction_trigger", "compaction"]
+    after = sdk.responses.create(model=MODEL, input="/transcript", conversation=conversation.id)
+    lines = after.output_text.splitlines()
+    assert lines[:2] == ["user: Start.", "user: Go on."]
+    assert lines[2].startswith("compaction: ")
+    assert lines[-2:] == ["assistant: You said: Go on.", "user: /transcript"]
+
+
+def test_programmatic_tool_calling_items_and_additional_tools_are_input(sdk: OpenAI) -> None:
+    """Items of the API's input union warmsocket does not make itself are kept and
+    listed as sent (they were refused as an unknown item type)."""
+    items: list[Any] = [
+        {"type": "additional_tools", "role": "developer", "tools": FUNCTION_TOOLS},
+        {"type": "program", "id": "cm_1", "call_id": "p1", "code": "f()", "fingerprint": "x"},
+        {
+            "type": "program_output",
+            "id": "cmo_1",
+            "call_id": "p1",
+            "result": "done",
+            "status": "completed",
+        },
+        {"role": "user", "content": "/transcript"},
+    ]
+    made = sdk.responses.create(model=MODEL, input=items)
+    listed = sdk.responses.input_items.list(made.id, order="asc").data
+    assert made.output_text.splitlines() == [
+        "additional_tools",
+        "program",
+        "program_output",
+        "user: /transcript",
+    ]
+    assert [item.type for item in listed] == [
+        "additional_tools",
+        "program",
+        "program_output",
+        "message",
+    ]
+
+
 def test_below_the_threshold_nothing_changes(server: RunningServer) -> None:
     with WSClient(server.ws_url) as ws:
         events = ws.turn(input="hello", context_management=COMPACT)

@@ -856,6 +856,33 @@ def test_content_a_chat_upstream_cannot_take_is_refused_not_dropped() -> None:
     }
 
 
+def test_programmatic_tool_calling_and_additional_tools_in_chat_form() -> None:
+    """A program and its output have no chat form (the platform ran the program) and
+    are left out, as hosted calls are; so is an additional_tools item of hosted tools
+    only. One with function tools is refused: left out, the model could not call
+    them, and a chat request has one list of tools, the request's."""
+    user = {"type": "message", "role": "user", "content": "go"}
+    program = {"type": "program", "id": "cm_1", "call_id": "p1", "code": "1", "fingerprint": "f"}
+    output = {
+        "type": "program_output",
+        "id": "cmo_1",
+        "call_id": "p1",
+        "result": "1",
+        "status": "completed",
+    }
+    hosted = {"type": "additional_tools", "role": "developer", "tools": [{"type": "web_search"}]}
+    odd = {"type": "additional_tools", "role": "developer", "tools": "not a list"}
+    assert chat_messages([user, program, output, hosted, odd]) == [
+        {"role": "user", "content": "go"}
+    ]
+    function = {"type": "function", "name": "f", "parameters": {}}
+    added = {"type": "additional_tools", "role": "developer", "tools": [function]}
+    with pytest.raises(APIError) as info:
+        chat_messages([user, added])
+    assert (info.value.status, info.value.param) == (400, "input")
+    assert "put them in the request's 'tools'" in info.value.message
+
+
 def test_a_text_format_a_chat_upstream_cannot_take_is_refused() -> None:
     body = {"model": "m", "input": "hi", "text": {"format": {"type": "json_objict"}}}
     with pytest.raises(APIError) as info:

@@ -123,8 +123,14 @@ ITEM_TYPES = frozenset(
         "mcp_approval_response",
         "tool_search_call",
         "tool_search_output",
+        "additional_tools",
+        "program",
+        "program_output",
+        "compaction_trigger",
     }
 )
+COMPACTION_TRIGGER = "compaction_trigger"
+"""The item that asks for a compaction of the context: the input's last item only."""
 _TEXT_PARTS = frozenset({"input_text", "output_text", "summary_text", "reasoning_text"})
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
@@ -749,6 +755,12 @@ def normalize_input(value: Any, *, param: str) -> list[dict[str, Any]]:
         if not isinstance(item_type, str):
             raise errors.invalid_type(f"{where}.type", "a string")
         _check_item(item, item_type, where)
+        if item_type == COMPACTION_TRIGGER and index + 1 < len(value):
+            raise errors.invalid_value(
+                f"{where}.type",
+                f"Invalid value for '{where}.type': a compaction_trigger must be the final "
+                "input item (re-sending a history, leave out the triggers of earlier turns).",
+            )
         items.append(item)
     return items
 

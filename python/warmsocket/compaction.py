@@ -38,6 +38,7 @@ from warmsocket.backends.base import (
     TurnFailed,
     UsageReport,
 )
+from warmsocket.client_events import COMPACTION_TRIGGER
 from warmsocket.compaction_items import PROMPT, encode_content, unpack
 from warmsocket.response_stream import dumps, usage_object
 from warmsocket.token_count import parse_count_request
@@ -118,7 +119,9 @@ async def compact(
         owner=owner,
         connection=None,
         lookup_connection=None,
-        prepend=engine.resolved_input(request, owner=owner, connection=None) if has_input else None,
+        prepend=_without_trigger(engine.resolved_input(request, owner=owner, connection=None))
+        if has_input
+        else None,
         client_key=client_key,
         counting=True,  # (the compacted window is answered, not kept)
     )
@@ -158,6 +161,12 @@ async def compact(
         compacted["safety_identifier"] = safety_identifier  # echoed, as OpenAI does
     engine.metrics.count_compaction()
     return dumps(compacted)
+
+
+def _without_trigger(items: Items) -> Items:
+    """A compact body's input less its last item when that is a `compaction_trigger`
+    (the endpoint compacts anyway; the trigger is no part of the context)."""
+    return items.slice(0, len(items) - 1) if ends_with_trigger(items) else items
 
 
 def _total_tokens(usage: Any) -> int:
@@ -215,20 +224,10 @@ async def compacting_stream(
     written), and the turn is rebased on it (`Turn.rebase`): the model then answers from the
     compaction item alone, and the chain goes on from this response's output. Below
     the threshold the turn is the backend's, unchanged."""
-    await turn.count_input_tokens_off_loop()
-    turn.count_input_tokens()
-    # The turn's counts: large instructions were counted off the event loop just now.
-    context_tokens = engine.context_tokens(turn.view) + turn.instruction_tokens
+    context_tokens = await _context_tokens(engine, turn)
     if context_tokens + turn.tool_tokens >= threshold:
-        item_id = ids.new_id("cmp")
-        started = {"id": item_id, "type": "compaction", "encrypted_content": ""}
-        compacting = {"type": "response.compaction.compacting", "item_id": item_id}
-        yield [HostedCallStart(dumps(started)), HostedCallEvent(dumps(compacting))]
-        item, summary_usage = await _self_contained(engine, turn, item_id, context_tokens)
-        turn.earlier_usage = summary_usage  # added to the response's usage
-        engine.metrics.count_compaction()
-        yield OutputItem(dumps(item))
-        turn.rebase(Items.from_objects([item]))
+        async for batch in _compaction(engine, turn, context_tokens, triggered=False):
+            yield batch
     stream = engine.backend.stream(turn.context())
     try:
         async for batch in stream:
@@ -237,8 +236,55 @@ async def compacting_stream(
         await _close(stream)
 
 
+def triggered(turn: Turn) -> bool:
+    """Whether the turn's input ends with a `compaction_trigger` item (parsing let it
+    be the last item only)."""
+    return ends_with_trigger(turn.items)
+
+
+def ends_with_trigger(items: Items) -> bool:
+    return len(items) > 0 and items.item_meta(-1).type == COMPACTION_TRIGGER
+
+
+async def triggered_compaction(engine: Engine, turn: Turn) -> AsyncIterator[StreamItem]:
+    """The model events of a turn whose input ends with a `compaction_trigger` item:
+    its context (the trigger left out) is compacted as `compacting_stream` does past
+    its threshold, and the compaction item is the response's whole output; the model
+    does not answer. Its usage is the summary's. The chain goes on from the item."""
+    context_tokens = await _context_tokens(engine, turn)
+    async for batch in _compaction(engine, turn, context_tokens, triggered=True):
+        yield batch
+    yield UsageReport(input_tokens=0, cached_tokens=0, output_tokens=0, reasoning_tokens=0)
+
+
+async def _context_tokens(engine: Engine, turn: Turn) -> int:
+    """The tokens of the turn's context, its instructions included."""
+    await turn.count_input_tokens_off_loop()
+    turn.count_input_tokens()
+    # The turn's counts: large instructions were counted off the event loop just now.
+    return engine.context_tokens(turn.view) + turn.instruction_tokens
+
+
+async def _compaction(
+    engine: Engine, turn: Turn, context_tokens: int, *, triggered: bool
+) -> AsyncIterator[StreamItem]:
+    """Compact the turn's context (`triggered`: its last input item, the trigger, left
+    out) into its first output item, and rebase the turn on that item."""
+    item_id = ids.new_id("cmp")
+    started = {"id": item_id, "type": "compaction", "encrypted_content": ""}
+    compacting = {"type": "response.compaction.compacting", "item_id": item_id}
+    yield [HostedCallStart(dumps(started)), HostedCallEvent(dumps(compacting))]
+    item, summary_usage = await _self_contained(
+        engine, turn, item_id, context_tokens, triggered=triggered
+    )
+    turn.earlier_usage = summary_usage  # added to the response's usage
+    engine.metrics.count_compaction()
+    yield OutputItem(dumps(item))
+    turn.rebase(Items.from_objects([item]))
+
+
 async def _self_contained(
-    engine: Engine, turn: Turn, item_id: str, context_tokens: int
+    engine: Engine, turn: Turn, item_id: str, context_tokens: int, *, triggered: bool
 ) -> tuple[dict[str, Any], Usage]:
     """The compaction item that stands for a turn's whole context, and the usage of
     the summary turn that wrote it (`context_tokens`: the context's tokens, the
@@ -247,10 +293,12 @@ async def _self_contained(
     it the last response's output and this turn's input as they are (a tool call
     and the output that answers it stay together; a compaction item among them is
     left out, the summary covers it, and the user messages it holds go before).
-    With no cached parent, the input's last turn stands for those (`last_turn_start`)."""
+    With no cached parent, the input's last turn stands for those (`last_turn_start`).
+    `triggered`: the input's last item, a `compaction_trigger`, is in neither."""
     ask = parse_client_message(_summary_request(turn.request), websocket=False)
     assert isinstance(ask, CreateRequest), ask
-    extra = turn.items.concat(Items.from_objects([_prompt_message()]))
+    own = turn.items.slice(0, len(turn.items) - 1) if triggered else turn.items
+    extra = own.concat(Items.from_objects([_prompt_message()]))
     cache = engine.cache
     binding = turn.binding
     if binding is not None:
@@ -281,10 +329,12 @@ async def _self_contained(
         output_chars=len(summary),
     )
     items = turn.view.objects()
+    if triggered:
+        items.pop()
     # With no cached parent (a history a new or restarted server, another replica or
     # an evicted chain has not seen) all of it is input: kept whole after the summary,
     # it would make the context larger than the one that crossed the threshold.
-    split = len(items) - kept - len(turn.items) if binding is not None else last_turn_start(items)
+    split = len(items) - kept - len(own) if binding is not None else last_turn_start(items)
     tail = items[split:]
     after = [item for item in tail if item.get("type") != "compaction"]
     # The user messages of the compaction items left out of `after` stay too.

@@ -51,7 +51,7 @@ import msgpack  # type: ignore[import-untyped]
 
 from warmsocket import errors, ids
 from warmsocket._core import InvalidItems, Items
-from warmsocket.client_events import normalize_input, validate_metadata
+from warmsocket.client_events import COMPACTION_TRIGGER, normalize_input, validate_metadata
 from warmsocket.compaction_items import check_sent
 from warmsocket.conversation_holds import HoldBoard, SharedHolds
 from warmsocket.errors import APIError
@@ -89,6 +89,9 @@ ID_PREFIXES = {
     "custom_tool_call": "ctc",
     "custom_tool_call_output": "ctco",
     "reasoning": "rs",
+    "program": "cm",
+    "program_output": "cmo",
+    "additional_tools": "at",
 }
 """The prefix of a new item id, by item type (`item` for the others)."""
 
@@ -541,6 +544,14 @@ class Conversations:
                     f"{param}[{index}].type",
                     f"Invalid value for '{param}[{index}].type': a conversation holds items, "
                     "not references to them; send the item itself.",
+                )
+            if item.get("type") == COMPACTION_TRIGGER:
+                # (In a conversation's items it would be in the middle of a context.)
+                raise errors.invalid_value(
+                    f"{param}[{index}].type",
+                    f"Invalid value for '{param}[{index}].type': a compaction_trigger asks a "
+                    "response for a compaction; send it as the last input item of a create "
+                    "that continues the conversation.",
                 )
         try:
             items = Items.from_objects(normalized, max_item_bytes=self.max_item_bytes)

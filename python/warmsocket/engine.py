@@ -65,7 +65,12 @@ from warmsocket.backends.base import (
     TurnIncomplete,
     UsageReport,
 )
-from warmsocket.compaction import compacting_stream
+from warmsocket.compaction import (
+    compacting_stream,
+    ends_with_trigger,
+    triggered,
+    triggered_compaction,
+)
 from warmsocket.compaction_items import check_sent, starts_context
 from warmsocket.conversations import (
     DEFAULT_CONVERSATION_BUDGET,
@@ -700,6 +705,14 @@ class Engine:
                     None, owner=owner, connection=connection, extra=items, tokenize=False
                 )
                 cached_tokens, cached_prompt = 0, False
+            if view.items == 1 and ends_with_trigger(items):
+                raise errors.APIError(
+                    None,
+                    "Nothing to compact: a compaction_trigger compacts the context before "
+                    "it; send it after input, with a previous_response_id, or in a "
+                    "conversation.",
+                    param="input",
+                )
             unanswered = view.unanswered_call_output()
             if unanswered is not None:
                 raise errors.invalid_value(
@@ -805,8 +818,11 @@ class Engine:
     def model_stream(self, turn: Turn) -> AsyncIterator[StreamItem]:
         """The model events of a turn: the backend's, after a server-side compaction
         when the request asks for one and its context has reached the threshold
-        (`compaction.compacting_stream`)."""
+        (`compaction.compacting_stream`); a compaction alone when its input ends with
+        a `compaction_trigger` (`compaction.triggered_compaction`)."""
         turn.model_started = True
+        if triggered(turn):
+            return triggered_compaction(self, turn)
         if turn.request.compact_threshold is None:
             return self.backend.stream(turn.context())
         return compacting_stream(self, turn, turn.request.compact_threshold)
@@ -1293,6 +1309,12 @@ class Turn:
         self.view = cache.view(None, owner=self.owner, connection=self.connection, extra=start)
         self.cached_tokens = 0
         self.chain_parent_id = None
+
+    @property
+    def may_compact(self) -> bool:
+        """The turn may start with a compaction (`Engine.model_stream`), which runs in
+        the model's task: its events never come at once."""
+        return self.request.compact_threshold is not None or triggered(self)
 
     @property
     def _kept(self) -> bool:

@@ -1685,11 +1685,7 @@ class Connection(asyncio.Protocol):
         wait for all of it: a turn took ~15 % longer end to end).
         """
         immediate = self._immediate
-        if (
-            immediate is None
-            or turn.tokenize_off_loop
-            or turn.request.compact_threshold is not None
-        ):
+        if immediate is None or turn.tokenize_off_loop or turn.may_compact:
             # (a large input is tokenised off the loop, in the model task; a turn that
             # may be compacted runs there too)
             return False

@@ -678,9 +678,9 @@ class ResponsesSession:
                 )
             self._steer_failed(target_id, raw_input, error, None)
             return
-        if turn.request.compact_threshold is not None or turn.conversation is not None:
+        if turn.may_compact or turn.conversation is not None:
             what = (
-                "server-side compaction (context_management)"
+                "server-side compaction (context_management, compaction_trigger)"
                 if turn.conversation is None
                 else "a conversation"
             )

@@ -471,7 +471,7 @@ const TEXT_PARTS: [&str; 4] = [
     "summary_text",
     "reasoning_text",
 ];
-const ITEM_TYPES: [&str; 25] = [
+const ITEM_TYPES: [&str; 29] = [
     "message",
     "function_call",
     "function_call_output",
@@ -497,7 +497,13 @@ const ITEM_TYPES: [&str; 25] = [
     "mcp_approval_response",
     "tool_search_call",
     "tool_search_output",
+    "additional_tools",
+    "program",
+    "program_output",
+    "compaction_trigger",
 ];
+/// The item that asks for a compaction of the context: the input's last item only.
+pub const COMPACTION_TRIGGER: &str = "compaction_trigger";
 const MAX_METADATA_PAIRS: usize = 16;
 /// The longest `metadata` key and value, in characters (the API's documentation).
 const MAX_METADATA_KEY_CHARS: usize = 64;
@@ -1124,6 +1130,14 @@ fn normalize_input(value: Option<&Value<'_>>) -> Result<Vec<Normalized>, Request
             }
         };
         check_item(item, item_type, index)?;
+        if item_type == COMPACTION_TRIGGER && index + 1 < items.len() {
+            let param = format!("input[{index}].type");
+            let message = format!(
+                "Invalid value for '{param}': a compaction_trigger must be the final input \
+                 item (re-sending a history, leave out the triggers of earlier turns)."
+            );
+            return Err(RequestError::invalid_value(param, message));
+        }
         out.push(Normalized::Element { add_type });
     }
     Ok(out)
@@ -1457,6 +1471,27 @@ mod tests {
         // Not a setting: the Response gets it from the server, not from the echo.
         assert!(!String::from_utf8_lossy(&object.settings).contains("conv_2"));
         assert_eq!(created(&body("null")).conversation, None);
+    }
+
+    #[test]
+    fn a_compaction_trigger_is_the_last_input_item_only() {
+        let body =
+            |input: &str| format!(r#"{{"type":"response.create","model":"m","input":{input}}}"#);
+        let trigger = r#"{"type":"compaction_trigger"}"#;
+        let user = r#"{"role":"user","content":"x"}"#;
+        assert_eq!(
+            created(&body(&format!("[{user},{trigger}]"))).input.len(),
+            2
+        );
+        assert_eq!(created(&body(&format!("[{trigger}]"))).input.len(), 1);
+        assert_eq!(
+            error(&body(&format!("[{user},{trigger},{user}]"))),
+            (Stage::Create, "invalid_value", Some("input[1].type".into()))
+        );
+        for kind in ["program", "program_output", "additional_tools"] {
+            let item = format!(r#"[{{"type":"{kind}"}},{user}]"#);
+            assert_eq!(created(&body(&item)).input.len(), 2, "{kind}");
+        }
     }
 
     #[test]

@@ -14,7 +14,10 @@ Request side, in order:
 * a compaction item made by warmsocket -> the messages of what it stands for, its
   summary as a `user` message (`warmsocket.compaction_items`); one another server
   made cannot be read: 400;
-* other items (reasoning, hosted tools) have no chat form and are left out;
+* other items (reasoning, hosted tools, programmatic tool calling's `program` and
+  `program_output`) have no chat form and are left out; so is an `additional_tools`
+  item of hosted tools alone (hosted tools are left out), and one with function
+  tools, which a chat request can only take in its one list of tools, is a 400;
 * function tools -> `{"type": "function", "function": {...}}`; other tools are left
   out; `tool_choice` and `parallel_tool_calls` follow, only when tools remain;
 * `max_output_tokens` -> `max_tokens` (OpenAI: `max_completion_tokens`, and its own
@@ -102,6 +105,11 @@ def chat_messages(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             if expansion is None:
                 raise foreign_compaction()
             out += chat_messages(expansion)
+        elif kind == "additional_tools" and chat_tools(_listed(item.get("tools"))):
+            raise _not_expressible(
+                "an additional_tools item with function tools",
+                "a chat request has one list of tools; put them in the request's 'tools'",
+            )
     return out
 
 
@@ -166,6 +174,10 @@ def _not_expressible(what: str, instead: str) -> errors.APIError:
         f"Invalid 'input': {what} cannot be sent to this server's upstream (a Chat "
         f"Completions API): {instead}.",
     )
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _plain_text(value: Any) -> str:
