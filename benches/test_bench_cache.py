@@ -139,6 +139,43 @@ def test_target_append_cost_does_not_grow_with_the_chain(stopwatch: Any) -> None
     assert long <= 1.5 * short
 
 
+def delete_seconds(stopwatch: Any, turns: int) -> float:
+    """Best time per deletion, deleting a chain of `turns` turns oldest first (as a
+    client deleting its history in order does), built anew before each timing."""
+    cache = make_cache("rust")
+    ids = itertools.count()
+    made: list[str] = []
+
+    def build() -> None:
+        made.clear()
+        prev = None
+        for _ in range(turns):
+            rid = f"d{next(ids)}"
+            cache.create(
+                rid, owner=OWNER, input=NEW_INPUT, output=NEW_OUTPUT, previous_response_id=prev
+            )
+            made.append(rid)
+            prev = rid
+
+    def delete_oldest_first() -> None:
+        for rid in made:
+            assert cache.delete(rid, owner=OWNER)
+
+    seconds: float = stopwatch(delete_oldest_first, setup=build, repeats=5)
+    assert cache.stats().entries == 0
+    return seconds / turns
+
+
+def test_target_delete_cost_does_not_grow_with_the_chain(stopwatch: Any) -> None:
+    """Each deletion looked for the nearest ancestor still cached, up the whole chain
+    of deleted ones: O(depth) each, O(depth^2) for a history deleted oldest first."""
+    rounds = [(delete_seconds(stopwatch, 10), delete_seconds(stopwatch, 10_000)) for _ in range(3)]
+    short = min(r[0] for r in rounds)
+    long = min(r[1] for r in rounds)
+    print(f"\ndelete: {short * 1e6:.2f} us at 10 turns, {long * 1e6:.2f} us at 10,000 turns")
+    assert long <= 2 * short
+
+
 def test_target_materialise_at_1_gb_per_second(stopwatch: Any) -> None:
     _, _, expected = chain("rust", 1000)
     rate = len(expected) / context_seconds(stopwatch, "rust", 1000)

@@ -1080,12 +1080,17 @@ impl State {
 
     /// The id of the closest ancestor of `node` that is indexed (as that very node).
     fn nearest_indexed_ancestor(&self, node: &Node) -> Option<Arc<str>> {
-        node.ancestors()
-            .skip(1)
-            .find_map(|a| match self.index.get_key_value(&*a.id) {
-                Some((key, e)) if std::ptr::eq(&*e.node, a) => Some(key.clone()),
-                _ => None,
-            })
+        for a in node.ancestors().skip(1) {
+            if a.is_unanchored() {
+                return None; // neither it nor any ancestor of it is indexed
+            }
+            if let Some((key, e)) = self.index.get_key_value(&*a.id) {
+                if std::ptr::eq(&*e.node, a) {
+                    return Some(key.clone());
+                }
+            }
+        }
+        None
     }
 
     /// Apply `f` to an entry's counts and keep its candidacy in step.
@@ -1187,11 +1192,14 @@ impl State {
             }
         }
         let anchor = self.nearest_indexed_ancestor(&entry.node);
-        if let Some(anchor) = &anchor {
-            let moved = entry.live_children;
-            self.update(anchor, |e| {
-                e.live_children = (e.live_children + moved).saturating_sub(1)
-            });
+        match &anchor {
+            Some(anchor) => {
+                let moved = entry.live_children;
+                self.update(anchor, |e| {
+                    e.live_children = (e.live_children + moved).saturating_sub(1)
+                });
+            }
+            None => entry.node.mark_unanchored(),
         }
         Some((entry.node, anchor))
     }
@@ -1997,6 +2005,43 @@ mod tests {
         assert!(!has(&c, "r0"));
         assert_eq!(c.stats().evictions, 3);
         assert_eq!(c.stats().entries, 2);
+    }
+
+    #[test]
+    fn a_chain_deleted_oldest_first_keeps_its_leaves_evictable() {
+        let unit = entry_cost(&big());
+        let c = SessionCache::new(unit * 8 + unit / 2, 1 << 20);
+        // New roots until `gone` is evicted: the order in which the rest went with it.
+        let roots = std::cell::Cell::new(0);
+        let evict_until_gone = |gone: &str, watched: &[&str]| -> Vec<bool> {
+            for _ in 0..20 {
+                if !has(&c, gone) {
+                    return watched.iter().map(|id| has(&c, id)).collect();
+                }
+                roots.set(roots.get() + 1);
+                create(&c, &format!("n{}", roots.get()), None);
+            }
+            panic!("{gone} was never evicted");
+        };
+        chain(&c, "r", 4); // r0 <- r1 <- r2 <- r3
+        create(&c, "s", Some("r2"));
+        // r0 goes with no indexed ancestor (marked unanchored); r1's search for one
+        // stops at it. Then r2, whose children r3 and s are left with none.
+        assert!(c.delete("r0", O));
+        assert!(c.delete("r1", O));
+        assert!(c.delete("r2", O));
+        assert_eq!(c.stats().entries, 2);
+        // Both are leaves, evicted oldest first.
+        assert_eq!(evict_until_gone("r3", &["s"]), [true]);
+        evict_until_gone("s", &[]);
+        // Deleting below an indexed ancestor still moves the children to it: x0 is a
+        // leaf again once x1 and x2 are gone (x2's search passes x1 to reach x0), and
+        // evicted in its turn.
+        chain(&c, "x", 3);
+        assert!(c.delete("x1", O));
+        assert!(c.delete("x2", O));
+        let newest = format!("n{}", roots.get() + 1);
+        assert_eq!(evict_until_gone("x0", &[&newest]), [true]);
     }
 
     #[test]

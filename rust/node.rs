@@ -18,7 +18,7 @@
 //! Memory accounting: a node adds its estimated cost to a shared [`Meter`] when built
 //! and subtracts it in `Drop`, so the meter counts exactly the nodes alive anywhere.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use xxhash_rust::xxh3::xxh3_128;
@@ -286,6 +286,8 @@ pub struct Node {
     pub cost: u64,
     /// Its positions in the prefix index (`note_indexed`).
     indexed: AtomicU32,
+    /// Out of the cache's index with no indexed ancestor (`mark_unanchored`).
+    unanchored: AtomicBool,
     meter: Arc<Meter>,
 }
 
@@ -343,8 +345,21 @@ impl Node {
             serial,
             cost,
             indexed: AtomicU32::new(0),
+            unanchored: AtomicBool::new(false),
             meter: meter.clone(),
         }
+    }
+
+    /// The cache removed this node from its index when no ancestor of it was indexed.
+    /// That lasts: only new nodes are indexed, and a node's ancestors are fixed. So
+    /// the search for a removed descendant's nearest indexed ancestor stops here
+    /// (deleting a chain oldest first costs O(1) per response, not O(depth)).
+    pub(crate) fn mark_unanchored(&self) {
+        self.unanchored.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_unanchored(&self) -> bool {
+        self.unanchored.load(Ordering::Acquire)
     }
 
     /// The meter this node counts on.
