@@ -474,6 +474,30 @@ def test_http_bodies_get_the_reference_verdict(data: bytes) -> None:
     same_verdict(data, websocket=False)
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"generate": False},
+        {"prompt_cache_options": {"prewarm": True}},
+        {"input": [{"type": "compaction_trigger"}, {"role": "user", "content": "x"}]},
+        {"input": [{"type": "compaction_trigger"}], "generate": False},
+        {"input": [], "generate": False},
+    ],
+)
+def test_compaction_triggers_get_the_reference_verdict(fields: dict[str, Any]) -> None:
+    """Where a trigger may be (the last item, of a create that generates): rare in the
+    drawn messages, so named here."""
+    body = {
+        "type": "response.create",
+        "model": "m",
+        "input": [{"role": "user", "content": "a"}, {"type": "compaction_trigger"}],
+        **fields,
+    }
+    same_verdict(json.dumps(body).encode())
+    same_verdict(json.dumps(body).encode(), websocket=False)
+
+
 @SETTINGS
 @given(bodies())
 def test_msgpack_messages_get_the_reference_verdict(body: Any) -> None:

@@ -477,6 +477,13 @@ def validate_create(body: dict[str, Any], *, websocket: bool) -> CreateRequest:
     input_items = normalize_input(body.get("input"), param="input")
     if not input_items and generate and previous is None and conversation is None:
         raise errors.invalid_value("input", "Input must not be empty.")
+    if input_items and input_items[-1]["type"] == COMPACTION_TRIGGER and not generate:
+        raise errors.invalid_value(
+            "input",
+            "Invalid 'input': a compaction_trigger asks for a compaction, which a warm-up "
+            "(generate: false, or prompt_cache_options.prewarm) does not run; send it in a "
+            "create that generates.",
+        )
 
     return CreateRequest(
         model=model,

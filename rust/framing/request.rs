@@ -504,6 +504,9 @@ const ITEM_TYPES: [&str; 29] = [
 ];
 /// The item that asks for a compaction of the context: the input's last item only.
 pub const COMPACTION_TRIGGER: &str = "compaction_trigger";
+const NO_WARM_UP_COMPACTION: &str = "Invalid 'input': a compaction_trigger asks for a \
+     compaction, which a warm-up (generate: false, or prompt_cache_options.prewarm) does not \
+     run; send it in a create that generates.";
 const MAX_METADATA_PAIRS: usize = 16;
 /// The longest `metadata` key and value, in characters (the API's documentation).
 const MAX_METADATA_KEY_CHARS: usize = 64;
@@ -736,6 +739,15 @@ fn validate_create(
             "input",
             "Input must not be empty.",
         ));
+    }
+    let triggers = match body.get("input") {
+        Some(Value::Array(values)) => values
+            .last()
+            .is_some_and(|v| v.get("type").and_then(Value::as_str) == Some(COMPACTION_TRIGGER)),
+        _ => false,
+    };
+    if triggers && !generate {
+        return Err(RequestError::invalid_value("input", NO_WARM_UP_COMPACTION));
     }
     let mut ignored_fields: Vec<String> = body
         .iter()
@@ -1487,6 +1499,14 @@ mod tests {
         assert_eq!(
             error(&body(&format!("[{user},{trigger},{user}]"))),
             (Stage::Create, "invalid_value", Some("input[1].type".into()))
+        );
+        // A warm-up runs no compaction: the trigger would be left in the chain.
+        let warm_up = format!(
+            r#"{{"type":"response.create","model":"m","generate":false,"input":[{trigger}]}}"#
+        );
+        assert_eq!(
+            error(&warm_up),
+            (Stage::Create, "invalid_value", Some("input".into()))
         );
         for kind in ["program", "program_output", "additional_tools"] {
             let item = format!(r#"[{{"type":"{kind}"}},{user}]"#);
