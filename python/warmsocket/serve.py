@@ -10,7 +10,7 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -326,14 +326,8 @@ async def _serve(
     server = Server(config, backend, cache=cache, metrics=metrics, shared=shared)
     kept = conversations_file(snapshot) if snapshot is not None and shared is None else None
     if kept is not None and kept.exists():
-        try:
-            count = server.engine.conversations.restore(kept.read_bytes())
-        except (OSError, ValueError) as exc:
-            log.error(
-                "cannot restore the conversations; fix or move the file, or start without "
-                "--snapshot",
-                extra={"path": str(kept), "error_type": type(exc).__name__},
-            )
+        count = _restored(kept, server.engine.conversations.restore, "conversations")
+        if count is None:
             return 1
         conversations = server.engine.conversations
         if conversations.nbytes > conversations.budget_bytes:
@@ -354,14 +348,9 @@ async def _serve(
         log.info("conversations restored", extra={"path": str(kept), "conversations": count})
     ended = background_file(snapshot) if snapshot is not None and shared is None else None
     if ended is not None and ended.exists():
-        try:
-            count = server.http.background.restore(ended.read_bytes())
-        except (OSError, ValueError) as exc:
-            log.error(
-                "cannot restore the failed and cancelled background responses; fix or move "
-                "the file, or start without --snapshot",
-                extra={"path": str(ended), "error_type": type(exc).__name__},
-            )
+        what = "failed and cancelled background responses"
+        count = _restored(ended, server.http.background.restore, what)
+        if count is None:
             return 1
         log.info("background responses restored", extra={"path": str(ended), "responses": count})
     try:
@@ -488,6 +477,20 @@ async def _watch_certificates(certificates: tls.CertificateFiles) -> None:
     while True:
         await asyncio.sleep(tls.RELOAD_CHECK_SECONDS)
         certificates.reload_if_changed()
+
+
+def _restored(path: Path, restore: Callable[[bytes], int], what: str) -> int | None:
+    """`restore` of a file of `--snapshot` (the `conversations` or the background
+    responses): how many it held, or None, logged with what to do, when it cannot be
+    read (the server then does not start)."""
+    try:
+        return restore(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        log.error(
+            f"cannot restore the {what}; fix or move the file, or start without --snapshot",
+            extra={"path": str(path), "error_type": type(exc).__name__},
+        )
+        return None
 
 
 def _saved(path: Path, data: bytes, what: str, **counts: int) -> bool:
