@@ -634,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add(
         "--snapshot",
         default=None,
+        metavar="PATH",
         help="file to restore stored (store=true) responses from at start and save them "
         "to at shutdown (without --redis-url, conversations too, in PATH.conversations, "
         "and the background responses that failed or were cancelled, shutdown's cancels "
