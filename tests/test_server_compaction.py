@@ -211,6 +211,36 @@ def test_a_compaction_trigger_compacts_a_conversation(sdk: OpenAI) -> None:
     assert lines[-2:] == ["assistant: You said: Go on.", "user: /transcript"]
 
 
+def test_tools_a_developer_added_outlive_a_compaction(sdk: OpenAI) -> None:
+    """An `additional_tools` item is kept verbatim through a compaction, as the user
+    messages are: summarised away, the tools it added could no longer be called."""
+    added = {"type": "additional_tools", "role": "developer", "tools": FUNCTION_TOOLS}
+    first = sdk.responses.create(
+        model=MODEL,
+        input=[added, {"role": "user", "content": "Start."}],  # type: ignore[list-item]
+    )
+    compacted = sdk.responses.create(
+        model=MODEL,
+        input=TRIGGER,  # type: ignore[arg-type]
+        previous_response_id=first.id,
+    )
+    item = compacted.output[0].model_dump(exclude_none=True)
+    kept = compacted_item(item).before or []
+    assert [entry["type"] for entry in kept] == ["additional_tools", "message"]
+    assert kept[0]["tools"] == FUNCTION_TOOLS and kept[0]["id"].startswith("at_")
+    after = sdk.responses.create(
+        model=MODEL, input="/transcript", previous_response_id=compacted.id
+    )
+    assert after.output_text.splitlines()[:2] == ["additional_tools", "user: Start."]
+    window = sdk.responses.compact(model=MODEL, previous_response_id=first.id)
+    assert [entry.type for entry in window.output] == ["additional_tools", "message", "compaction"]
+    # Made by a developer, not a model: a history that ends with one after a user
+    # message is that user's turn (it was read as the model's answer, kept whole).
+    user = {"type": "message", "role": "user", "content": "a"}
+    assert last_turn_start([user, added, {**user, "content": "b"}]) == 2
+    assert last_turn_start([user, {"type": "program", "call_id": "p"}, user]) == 1
+
+
 def test_programmatic_tool_calling_items_and_additional_tools_are_input(sdk: OpenAI) -> None:
     """Items of the API's input union warmsocket does not make itself are kept and
     listed as sent (they were refused as an unknown item type)."""

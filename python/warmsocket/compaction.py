@@ -1,8 +1,9 @@
 """Compaction: `POST /v1/responses/compact`, and the compaction items it makes.
 
 A compaction turns a long context into a short *window*: every user message of the
-context, verbatim, followed by one `compaction` item that stands for everything
-else (spec §5.7). The client starts a new chain with the window as its `input`
+context, verbatim (and every `additional_tools` item: the tools it adds stay
+callable), followed by one `compaction` item that stands for everything else (spec
+§5.7). The client starts a new chain with the window as its `input`
 (over HTTP or on its WebSocket), and the model continues from it.
 
 In front of a Responses upstream the upstream compacts: its own
@@ -153,7 +154,7 @@ async def compact(
         "id": ids.new_id("cmp"),
         "object": "response.compaction",
         "created_at": int(time.time()),
-        "output": [*window_messages(context), item],
+        "output": [*window_items(context), item],
         "usage": usage_object(input_tokens, cached_tokens, output_tokens, reasoning_tokens),
     }
     safety_identifier = request.settings.get("safety_identifier")
@@ -181,15 +182,21 @@ def _total_tokens(usage: Any) -> int:
     return total
 
 
-def window_messages(context: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The user messages of a context, in order, as the output items of a window
-    (also those a self-contained compaction item keeps)."""
+def window_items(context: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The user messages of a context and its `additional_tools` items (the tools they
+    add stay callable), in order, as the output items of a window (also those a
+    self-contained compaction item keeps)."""
     messages: list[dict[str, Any]] = []
     for item in context:
         if item.get("type") == "compaction":
             compacted = unpack(item)
             if compacted is not None and compacted.self_contained:
-                messages += window_messages([*(compacted.before or ()), *compacted.after])
+                messages += window_items([*(compacted.before or ()), *compacted.after])
+            continue
+        if item.get("type") == "additional_tools":
+            tools_id = item.get("id")
+            added = {**item, "id": tools_id if isinstance(tools_id, str) else ids.new_id("at")}
+            messages.append(added)
             continue
         if item.get("type", "message") != "message" or item.get("role") != "user":
             continue
@@ -339,7 +346,7 @@ async def _self_contained(
     after = [item for item in tail if item.get("type") != "compaction"]
     # The user messages of the compaction items left out of `after` stay too.
     folded = [item for item in tail if item.get("type") == "compaction"]
-    before = window_messages([*items[:split], *folded])
+    before = window_items([*items[:split], *folded])
     content = encode_content(summary, before=before, after=after)
     return {"id": item_id, "type": "compaction", "encrypted_content": content}, usage
 
@@ -348,7 +355,9 @@ _ANSWERS = {"mcp_approval_response": "approval_request_id"}
 """Items that answer a model's item by another field than `call_id`: the field."""
 _ASKS = {"mcp_approval_request": "id"}
 """Model items that another field than `call_id` names: the field."""
-_NOT_MODEL_MADE = frozenset({"compaction", "item_reference", *_ANSWERS})
+_NOT_MODEL_MADE = frozenset(
+    {"compaction", "item_reference", "additional_tools", COMPACTION_TRIGGER, *_ANSWERS}
+)
 
 
 def last_turn_start(items: Sequence[Mapping[str, Any]]) -> int:
@@ -403,8 +412,8 @@ def _role(item: Mapping[str, Any]) -> object:
 
 def _model_made(item: Mapping[str, Any]) -> bool:
     """Whether a model makes such an item: an assistant message, reasoning, a tool
-    call; not a user's, system's or developer's message, a tool's output, an
-    approval or a compaction item."""
+    call, a program; not a user's, system's or developer's message, a tool's output,
+    an approval, tools a developer added, or a compaction item or trigger."""
     kind = item.get("type", "message")
     if kind == "message":
         return item.get("role") == "assistant"
