@@ -5,6 +5,7 @@ widely than the state it was made from."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
@@ -345,6 +346,30 @@ def test_a_resent_history_starts_at_the_compaction_item(server: RunningServer) -
     )
     assert third.output_text.count("user: Start the task.") == 2  # the line and the summary's
     assert summary.splitlines()[0] == "user: Start the task."
+
+
+class SlowSummary(MockBackend):
+    """The built-in model, taking its time over a summary."""
+
+    async def stream(self, turn: TurnContext) -> AsyncIterator[StreamItem]:
+        if PROMPT.encode() in turn.view.tail():
+            await asyncio.sleep(0.3)
+        async for item in super().stream(turn):
+            yield item
+
+
+def test_a_triggered_compaction_cannot_be_steered() -> None:
+    """It has no answer for steering to join: refused as for `context_management`."""
+    with running_server(backend=SlowSummary()) as server, WSClient(server.ws_url) as ws:
+        first = ws.turn(input="Start the task.")
+        ws.create(input=TRIGGER, previous_response_id=first[-1]["response"]["id"])
+        rid = ws.recv()["response"]["id"]
+        ws.send({"type": "response.steer", "previous_response_id": rid, "input": "faster"})
+        events = ws.until_terminal()
+    failed = next(event for event in events if event["type"] == "response.steer.failed")
+    assert failed["error"]["code"] == "steering_not_supported"
+    assert "compaction_trigger" in failed["error"]["message"]
+    assert [item["type"] for item in events[-1]["response"]["output"]] == ["compaction"]
 
 
 def test_a_compacting_response_cannot_be_steered(server: RunningServer) -> None:
